@@ -1,0 +1,172 @@
+"""The ``gatekeeper`` command (also ``python -m gatekeeper``).
+
+Exit codes: 0 success (``check``: valid), 1 failure (``check``: invalid), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from gatekeeper import __version__
+from gatekeeper.config import Config, ConfigError, find_default_config, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+log = logging.getLogger("gatekeeper")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="gatekeeper",
+        description="Gate escrow releases, notifications and CI/CD pipelines on facts.",
+    )
+    parser.add_argument("--version", action="version", version=f"gatekeeper {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    _add_config_option(serve)
+    serve.add_argument("--listen", help="HOST:PORT to listen on (overrides the config)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    check = commands.add_parser("check", help="validate rule files (dry run, for CI)")
+    _add_config_option(check)
+    check.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="files or folders")
+    check.add_argument("--format", choices=["text", "json", "github"], default="text")
+    return parser
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help="gatekeeper.yaml (default: ./gatekeeper.yaml when present)",
+    )
+
+
+def _load_config(path: Path | None) -> Config:
+    return load_config(path if path is not None else find_default_config(Path.cwd()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if args.config is not None and not args.config.is_file():
+        print(f"gatekeeper: config file {args.config} not found", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = _load_config(args.config)
+    except ConfigError as exc:
+        print("gatekeeper: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_USAGE if args.command == "check" else EXIT_FAILED
+    if args.command == "check":
+        return _check(args, config)
+    return _serve(args, config)
+
+
+def _check(args: argparse.Namespace, config: Config) -> int:
+    from gatekeeper.check import run_check
+
+    paths: list[Path] = args.paths or [config.rules_dir]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        for path in missing:
+            print(f"gatekeeper check: {path}: no such file or directory", file=sys.stderr)
+        return EXIT_USAGE
+    return run_check(paths, config, args.format, sys.stdout)
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if args.listen:
+        host, _, port = args.listen.rpartition(":")
+        if not host or not port.isdigit():
+            print(f"gatekeeper serve: --listen must be HOST:PORT, got {args.listen!r}")
+            return EXIT_USAGE
+        from dataclasses import replace
+
+        config = replace(config, listen_host=host, listen_port=int(port))
+    if not _is_loopback(config.listen_host):
+        print(
+            f"gatekeeper serve: refusing to listen on {config.listen_host}: no API tokens are "
+            "configured, so only a loopback address (127.0.0.1, ::1, localhost) is allowed",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return asyncio.run(_serve_async(config))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+async def _serve_async(config: Config) -> int:
+    from gatekeeper.daemon import Daemon, StartupError
+    from gatekeeper.server import create_app
+
+    daemon = Daemon(config, os.environ)
+    try:
+        await daemon.start()
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        await daemon.store.close()
+        return EXIT_FAILED
+    runner = web.AppRunner(create_app(daemon), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.listen_host, config.listen_port)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", config.listen_host, config.listen_port, exc)
+        await runner.cleanup()
+        await daemon.stop()
+        return EXIT_FAILED
+    log.info(
+        "gatekeeper %s listening on http://%s:%d (database %s, rules %s)",
+        __version__,
+        config.listen_host,
+        config.listen_port,
+        config.database,
+        config.rules_dir,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    received: list[str] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda s=sig: (received.append(s.name), stop.set()))
+    await stop.wait()
+    log.info("shutting down on %s", received[0] if received else "request")
+    await runner.cleanup()
+    await daemon.stop()
+    log.info(
+        "shutdown complete: %d action(s) delivered, %d dead-lettered in this run",
+        daemon.dispatcher.delivered,
+        daemon.dispatcher.dead,
+    )
+    return EXIT_OK

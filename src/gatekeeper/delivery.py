@@ -1,0 +1,263 @@
+"""The outbox dispatcher: delivers queued actions, at least once, with retries.
+
+Each due action is POSTed to its target (see ``actions``). A 2xx answer marks it delivered.
+Connection errors, timeouts, 408, 429 and 5xx are retried after a delay drawn with "full
+jitter" (AWS Architecture Blog, "Exponential Backoff And Jitter"): uniform in
+``[0, min(backoff_cap_s, backoff_base_s * 2**(attempt-1))]``, or the server's
+``Retry-After`` (seconds) when it is longer. Any other answer, or running out of attempts
+(``max_attempts``) or time (``max_age_s``), makes the action a dead letter, kept with its
+last error and visible in ``GET /v1/actions?status=dead``. Nothing is dropped silently.
+
+Delivery is at-least-once: a crash between the receiver's answer and the commit of that
+answer means the action is sent again, with the same ``webhook-id`` (and, for a release,
+the same ``Idempotency-Key``), so receivers can deduplicate.
+
+Every attempt is recorded (time, latency, HTTP status or error). Actions are delivered
+concurrently, so one slow or unreachable target does not hold up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import aiohttp
+
+from gatekeeper.actions import build_request
+from gatekeeper.clock import Clock, format_rfc3339, parse_rfc3339
+from gatekeeper.config import DeliveryPolicy, Target
+from gatekeeper.store import ActionStatus, Attempt, OutboxEntry, SqliteStore
+
+log = logging.getLogger("gatekeeper.delivery")
+
+RETRYABLE_STATUS = frozenset({408, 429})
+MAX_CONCURRENT_DELIVERIES = 32
+MAX_ERROR_CHARS = 500
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    """What one attempt came to: ``status_code`` (None when no answer), ``error`` text,
+    whether to retry, and the server's ``Retry-After`` in seconds when it sent one."""
+
+    status_code: int | None
+    error: str | None
+    retryable: bool
+    retry_after_s: float | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+def backoff_delay_s(policy: DeliveryPolicy, attempt: int, rng: random.Random) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1-based), full jitter."""
+    ceiling = min(policy.backoff_cap_s, policy.backoff_base_s * 2 ** (attempt - 1))
+    return rng.uniform(0, ceiling)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds (only the delay-seconds form; an HTTP date is ignored)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+class Dispatcher:
+    """Delivers due actions from the outbox until stopped.
+
+    ``targets`` and ``secrets`` are read through callables so a config reload is picked up.
+    Call ``wake()`` after committing new actions.
+    """
+
+    def __init__(
+        self,
+        store: SqliteStore,
+        targets: Callable[[], Mapping[str, Target]],
+        secrets: Callable[[], Mapping[str, str]],
+        clock: Clock,
+        *,
+        rng: random.Random | None = None,
+        idle_poll_s: float = 5.0,
+    ) -> None:
+        self._store = store
+        self._targets = targets
+        self._secrets = secrets
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._idle_poll_s = idle_poll_s
+        self._wakeup = asyncio.Event()
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_DELIVERIES)
+        self._session: aiohttp.ClientSession | None = None
+        self._stopping = False
+        self.delivered = 0
+        self.dead = 0
+
+    def wake(self) -> None:
+        """Look at the outbox now (new actions were committed)."""
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Deliver until ``stop()``; meant to run as a background task."""
+        self._session = aiohttp.ClientSession()
+        try:
+            while not self._stopping:
+                await self._dispatch_due()
+                await self._sleep_until_due()
+        finally:
+            await self._session.close()
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop taking new work; let deliveries in progress finish for up to ``grace_s``."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight.values()), timeout=grace_s)
+        for task in self._in_flight.values():
+            task.cancel()
+
+    async def _dispatch_due(self) -> None:
+        due = await self._store.due_actions(self._clock.now(), limit=MAX_CONCURRENT_DELIVERIES)
+        for entry in due:
+            if entry.action_id in self._in_flight or self._stopping:
+                continue
+            task = asyncio.create_task(self._deliver(entry))
+            self._in_flight[entry.action_id] = task
+            task.add_done_callback(lambda _t, aid=entry.action_id: self._finished(aid))
+
+    def _finished(self, action_id: str) -> None:
+        self._in_flight.pop(action_id, None)
+        self._wakeup.set()
+
+    async def _sleep_until_due(self) -> None:
+        self._wakeup.clear()
+        timeout = self._idle_poll_s
+        next_at = await self._store.next_attempt_at()
+        if next_at is not None:
+            wait = (parse_rfc3339(next_at) - self._clock.now()).total_seconds()
+            timeout = max(0.0, min(timeout, wait))
+        if timeout > 0 or self._in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=max(timeout, 0.01))
+
+    async def _deliver(self, entry: OutboxEntry) -> None:
+        async with self._slots:
+            target = self._targets().get(entry.target)
+            attempt_no = entry.attempts + 1
+            started = self._clock.now()
+            t0 = time.perf_counter()
+            if target is None:
+                outcome = AttemptOutcome(None, f"target {entry.target!r} is not configured", True)
+            else:
+                outcome = await self._attempt(entry, target)
+            latency_ms = (time.perf_counter() - t0) * 1000
+            status, next_at = self._next_state(entry, target, outcome, attempt_no, started)
+            await self._store.record_attempt(
+                Attempt(
+                    entry.action_id,
+                    attempt_no,
+                    format_rfc3339(started),
+                    round(latency_ms, 3),
+                    outcome.status_code,
+                    outcome.error,
+                ),
+                status,
+                next_at,
+            )
+            self._log(entry, status, outcome, attempt_no)
+
+    async def _attempt(self, entry: OutboxEntry, target: Target) -> AttemptOutcome:
+        assert self._session is not None
+        secret = self._secrets().get(target.name, "")
+        request = build_request(entry, target, secret, self._clock.now())
+        timeout = aiohttp.ClientTimeout(total=target.delivery.timeout_s)
+        try:
+            async with self._session.request(
+                request.method,
+                request.url,
+                data=request.body,
+                headers=dict(request.headers),
+                timeout=timeout,
+                allow_redirects=False,
+            ) as response:
+                text = (await response.text(errors="replace"))[:MAX_ERROR_CHARS]
+                return _classify(response.status, text, response.headers.get("Retry-After"))
+        except TimeoutError:
+            return AttemptOutcome(None, f"timed out after {target.delivery.timeout_s} s", True)
+        except aiohttp.ClientError as exc:
+            return AttemptOutcome(None, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS], True)
+
+    def _next_state(
+        self,
+        entry: OutboxEntry,
+        target: Target | None,
+        outcome: AttemptOutcome,
+        attempt_no: int,
+        started: datetime,
+    ) -> tuple[ActionStatus, str | None]:
+        if outcome.delivered:
+            return "delivered", None
+        policy = target.delivery if target else DeliveryPolicy()
+        age_s = (started - parse_rfc3339(entry.created_at)).total_seconds()
+        if not outcome.retryable or attempt_no >= policy.max_attempts:
+            return "dead", None
+        delay = backoff_delay_s(policy, attempt_no, self._rng)
+        if outcome.retry_after_s is not None:
+            delay = max(delay, min(outcome.retry_after_s, policy.backoff_cap_s))
+        if age_s + delay > policy.max_age_s:
+            return "dead", None
+        return "pending", format_rfc3339(started + timedelta(seconds=delay))
+
+    def _log(
+        self, entry: OutboxEntry, status: ActionStatus, outcome: AttemptOutcome, attempt: int
+    ) -> None:
+        if status == "delivered":
+            self.delivered += 1
+            log.info(
+                "action delivered: %s %s to %s (rule %s, attempt %d, HTTP %s)",
+                entry.kind,
+                entry.action_id,
+                entry.target,
+                entry.rule_id,
+                attempt,
+                outcome.status_code,
+            )
+        elif status == "dead":
+            self.dead += 1
+            log.error(
+                "action dead-lettered: %s %s to %s (rule %s) after %d attempt(s): %s",
+                entry.kind,
+                entry.action_id,
+                entry.target,
+                entry.rule_id,
+                attempt,
+                outcome.error,
+            )
+        else:
+            log.warning(
+                "action delivery failed, will retry: %s %s to %s (attempt %d): %s",
+                entry.kind,
+                entry.action_id,
+                entry.target,
+                attempt,
+                outcome.error,
+            )
+
+
+def _classify(status: int, body: str, retry_after: str | None) -> AttemptOutcome:
+    if 200 <= status < 300:
+        return AttemptOutcome(status, None, False)
+    error = f"HTTP {status}: {body}" if body else f"HTTP {status}"
+    retryable = status in RETRYABLE_STATUS or status >= 500
+    return AttemptOutcome(status, error, retryable, parse_retry_after(retry_after))

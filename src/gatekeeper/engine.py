@@ -1,0 +1,417 @@
+"""Rule evaluation, pure: facts in, decisions and queued actions out, no I/O.
+
+The engine keeps an index from the fact keys each rule reads (found statically from its
+``when`` expression, see ``Condition.reads``) to the rules, so a fact re-evaluates only the
+rules that read it: the cost of a fact does not grow with the size of the ruleset.
+
+A rule's *gate* is its condition together with its approvals (``approvals: {required: N}``).
+Firing follows the rule's ``fire`` mode:
+
+- ``once``: the first time the gate is open, and never again for that rule id (the count of
+  firings is persisted, so this holds across restarts and reloads);
+- ``each_time``: on every closed -> open edge of the gate (a rule never seen before counts
+  as closed, so a newly loaded rule whose gate is already open fires at once).
+
+The caller (``daemon``) commits the returned ``Transition`` in one transaction and only then
+applies it to its in-memory state.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Literal
+
+from gatekeeper.clock import format_rfc3339
+from gatekeeper.expressions import Evaluation, FactRef
+from gatekeeper.rules import Action, NotifyAction, PipelineAction, ReleaseAction, Rule, Ruleset
+from gatekeeper.templates import render_template
+
+FactKey = tuple[str, str, str]
+"""(project, kind, id)"""
+
+Trigger = Literal["fact", "reload", "time"]
+Outcome = Literal["fired", "not_met", "already_fired", "still_met", "awaiting_approvals"]
+
+
+@dataclass(frozen=True)
+class FactInput:
+    """A fact as posted: ``data`` replaces the previous data of ``(project, kind, id)``."""
+
+    project: str
+    kind: str
+    id: str
+    data: Mapping[str, Any]
+
+    @property
+    def key(self) -> FactKey:
+        return (self.project, self.kind, self.id)
+
+
+@dataclass(frozen=True)
+class RuleState:
+    """What the engine remembers of a rule between evaluations (persisted by the store).
+
+    ``gate_open`` is the last value of the gate (None before the first evaluation);
+    ``fired_count`` only ever grows; ``rule_hash`` is the content hash last evaluated.
+    """
+
+    rule_id: str
+    gate_open: bool | None = None
+    fired_count: int = 0
+    last_fired_at: str | None = None
+    rule_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class QueuedAction:
+    """An action to deliver, as it goes into the outbox.
+
+    ``action_id`` is stable across retries (it is the Standard Webhooks ``webhook-id``; for a
+    release it is also the ``release_id`` and the ``Idempotency-Key``). ``payload`` is the
+    rendered action (JSON-ready); ``target`` names a target of ``gatekeeper.yaml``.
+    """
+
+    action_id: str
+    kind: str
+    target: str
+    rule_id: str
+    firing_id: str
+    payload: Mapping[str, Any]
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The engine's verdict on one rule at one moment, with everything needed to explain it.
+
+    ``fact_index`` points into the transition's ``facts`` (the store turns it into the fact's
+    sequence number); ``evaluation`` holds the sub-condition values, missing names and the
+    facts seen; ``firing_id`` (``<rule id>#<n>``) is set when the rule fired.
+    """
+
+    rule_id: str
+    rule_hash: str
+    ruleset_version: str
+    git_commit: str | None
+    trigger: Trigger
+    outcome: Outcome
+    gate_open: bool
+    evaluation: Evaluation
+    decided_at: str
+    fact_index: int | None = None
+    firing_id: str | None = None
+    approvals: Mapping[str, Any] | None = None
+
+
+@dataclass
+class Transition:
+    """Everything one ingest, reload or clock tick changes, committed atomically:
+    facts to append, decisions to record, rule states to write and actions to queue.
+    ``ruleset`` is set when the transition activates a ruleset version."""
+
+    facts: list[FactInput] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    rule_states: dict[str, RuleState] = field(default_factory=dict)
+    actions: list[QueuedAction] = field(default_factory=list)
+    ruleset: Ruleset | None = None
+    request_id: str | None = None
+
+    @property
+    def fired(self) -> list[Decision]:
+        return [d for d in self.decisions if d.outcome == "fired"]
+
+
+class ProjectFacts:
+    """The current facts of one project, seen through pending (uncommitted) changes.
+
+    Implements ``expressions.FactLookup``.
+    """
+
+    def __init__(self, project: str, facts: FactTable) -> None:
+        self._project = project
+        self._facts = facts
+
+    def get(self, kind: str, id: str) -> Mapping[str, Any] | None:
+        return self._facts.get((self._project, kind, id))
+
+    def of_kind(self, kind: str) -> Mapping[str, Mapping[str, Any]]:
+        return self._facts.of_kind(self._project, kind)
+
+
+class FactTable:
+    """Current facts in memory, keyed by (project, kind, id), with a per-kind index.
+
+    ``overlay`` returns a copy-on-write view for planning a transition before it commits.
+    """
+
+    def __init__(self, facts: Mapping[FactKey, Mapping[str, Any]] | None = None) -> None:
+        self._data: dict[FactKey, Mapping[str, Any]] = {}
+        self._by_kind: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = defaultdict(dict)
+        self._parent: FactTable | None = None
+        for key, data in (facts or {}).items():
+            self.put(key, data)
+
+    def overlay(self) -> FactTable:
+        """A view that reads through to this table and records its own writes."""
+        view = FactTable()
+        view._parent = self
+        return view
+
+    def put(self, key: FactKey, data: Mapping[str, Any]) -> None:
+        self._data[key] = data
+        self._by_kind[(key[0], key[1])][key[2]] = data
+
+    def get(self, key: FactKey) -> Mapping[str, Any] | None:
+        if key in self._data:
+            return self._data[key]
+        return self._parent.get(key) if self._parent else None
+
+    def of_kind(self, project: str, kind: str) -> Mapping[str, Mapping[str, Any]]:
+        merged: dict[str, Mapping[str, Any]] = {}
+        if self._parent:
+            merged.update(self._parent.of_kind(project, kind))
+        merged.update(self._by_kind.get((project, kind), {}))
+        return merged
+
+    def __len__(self) -> int:
+        return len(self._data) + (len(self._parent) if self._parent else 0)
+
+    def items(self) -> Iterable[tuple[FactKey, Mapping[str, Any]]]:
+        return self._data.items()
+
+
+class Engine:
+    """A ruleset with its fact-key index. Immutable once built; a reload builds a new one."""
+
+    def __init__(self, ruleset: Ruleset) -> None:
+        self.ruleset = ruleset
+        self.rules: dict[str, Rule] = ruleset.by_id()
+        self._by_fact: dict[FactKey, list[Rule]] = defaultdict(list)
+        self._by_kind: dict[tuple[str, str], list[Rule]] = defaultdict(list)
+        self.time_dependent: tuple[Rule, ...] = tuple(
+            r for r in ruleset.rules if r.condition.uses_time
+        )
+        for rule in ruleset.rules:
+            for ref in rule.condition.reads:
+                self._index(rule, ref)
+
+    def _index(self, rule: Rule, ref: FactRef) -> None:
+        if ref.id is None:
+            self._by_kind[(rule.project, ref.kind)].append(rule)
+        else:
+            self._by_fact[(rule.project, ref.kind, ref.id)].append(rule)
+
+    def rules_reading(self, key: FactKey) -> list[Rule]:
+        """The rules whose condition reads fact ``key`` (by id or by its whole kind)."""
+        return self._by_fact.get(key, []) + self._by_kind.get((key[0], key[1]), [])
+
+    def plan_ingest(
+        self,
+        facts: FactTable,
+        states: Mapping[str, RuleState],
+        batch: list[FactInput],
+        now: datetime,
+    ) -> Transition:
+        """Plan applying ``batch`` atomically: every rule reading any of its facts is evaluated
+        once, against the facts with the whole batch applied."""
+        view = facts.overlay()
+        touched: dict[str, int] = {}
+        for index, fact in enumerate(batch):
+            view.put(fact.key, fact.data)
+            for rule in self.rules_reading(fact.key):
+                touched[rule.id] = index
+        transition = Transition(facts=list(batch))
+        for rule_id, index in touched.items():
+            self._decide(transition, self.rules[rule_id], view, states, now, "fact", index)
+        return transition
+
+    def plan_rules(
+        self,
+        facts: FactTable,
+        states: Mapping[str, RuleState],
+        rules: Iterable[Rule],
+        now: datetime,
+        trigger: Trigger,
+        *,
+        record_unchanged: bool = True,
+    ) -> Transition:
+        """Plan evaluating ``rules`` without a new fact (a reload, or the clock moving on).
+
+        With ``record_unchanged`` False, a decision is kept only when the gate changed or the
+        rule fired (clock ticks would otherwise flood the audit log).
+        """
+        transition = Transition()
+        for rule in rules:
+            before = states.get(rule.id, RuleState(rule.id))
+            self._decide(transition, rule, facts, states, now, trigger, None)
+            decision = transition.decisions[-1]
+            unchanged = (
+                decision.outcome != "fired"
+                and before.gate_open == decision.gate_open
+                and before.rule_hash == rule.content_hash
+            )
+            if unchanged and not record_unchanged:
+                transition.decisions.pop()
+                transition.rule_states.pop(rule.id, None)
+        return transition
+
+    def explain(
+        self, rule: Rule, facts: FactTable, state: RuleState | None, now: datetime
+    ) -> dict[str, Any]:
+        """The rule's current explanation (JSON-ready): gate, sub-conditions, missing facts."""
+        evaluation = rule.condition.evaluate(ProjectFacts(rule.project, facts), now)
+        approvals = approvals_status(rule)
+        state = state or RuleState(rule.id)
+        return {
+            "gate_open": evaluation.value and approvals["satisfied"],
+            "condition": evaluation_to_json(evaluation),
+            "approvals": approvals,
+            "fired_count": state.fired_count,
+            "last_fired_at": state.last_fired_at,
+            "evaluated_at": format_rfc3339(now),
+        }
+
+    def _decide(
+        self,
+        transition: Transition,
+        rule: Rule,
+        facts: FactTable,
+        states: Mapping[str, RuleState],
+        now: datetime,
+        trigger: Trigger,
+        fact_index: int | None,
+    ) -> None:
+        state = transition.rule_states.get(rule.id) or states.get(rule.id) or RuleState(rule.id)
+        evaluation = rule.condition.evaluate(ProjectFacts(rule.project, facts), now)
+        approvals = approvals_status(rule)
+        gate_open = evaluation.value and bool(approvals["satisfied"])
+        outcome = _outcome(rule, state, evaluation.value, gate_open)
+        decided_at = format_rfc3339(now)
+        firing_id = None
+        new_state = replace(state, gate_open=gate_open, rule_hash=rule.content_hash)
+        if outcome == "fired":
+            firing_id = f"{rule.id}#{state.fired_count + 1}"
+            new_state = replace(
+                new_state, fired_count=state.fired_count + 1, last_fired_at=decided_at
+            )
+            transition.actions.extend(render_actions(rule, firing_id, decided_at))
+        transition.rule_states[rule.id] = new_state
+        transition.decisions.append(
+            Decision(
+                rule_id=rule.id,
+                rule_hash=rule.content_hash,
+                ruleset_version=self.ruleset.version,
+                git_commit=self.ruleset.git_commit,
+                trigger=trigger,
+                outcome=outcome,
+                gate_open=gate_open,
+                evaluation=evaluation,
+                decided_at=decided_at,
+                fact_index=fact_index,
+                firing_id=firing_id,
+                approvals=approvals if rule.approvals else None,
+            )
+        )
+
+
+def _outcome(rule: Rule, state: RuleState, condition: bool, gate_open: bool) -> Outcome:
+    if not condition:
+        return "not_met"
+    if not gate_open:
+        return "awaiting_approvals"
+    if rule.fire == "once":
+        return "already_fired" if state.fired_count > 0 else "fired"
+    return "still_met" if state.gate_open else "fired"
+
+
+def approvals_status(rule: Rule) -> dict[str, Any]:
+    """How the rule's sign-off stands: required, approvers counted, rejects, satisfied.
+
+    Approvals are not accepted by this version of the daemon yet, so a rule that requires
+    them stays closed and its explanation says so.
+    """
+    if rule.approvals is None:
+        return {"required": 0, "approved_by": [], "rejected_by": [], "satisfied": True}
+    return {
+        "required": rule.approvals.required,
+        "from": list(rule.approvals.from_),
+        "approved_by": [],
+        "rejected_by": [],
+        "satisfied": False,
+    }
+
+
+def template_values(rule: Rule, fired_at: str) -> dict[str, str]:
+    """The ``${name}`` values of a rule's messages: rule_id, project, fired_at and the fields
+    of its own ``release`` action (amount, currency, payee, escrow)."""
+    values = {"rule_id": rule.id, "project": rule.project, "fired_at": fired_at}
+    release = rule.release
+    if release is not None:
+        values.update(
+            amount=release.amount,
+            currency=release.currency,
+            payee=release.payee,
+            escrow=release.escrow,
+        )
+    return values
+
+
+def render_actions(rule: Rule, firing_id: str, fired_at: str) -> list[QueuedAction]:
+    """The actions one firing queues, each with a fresh stable id."""
+    values = template_values(rule, fired_at)
+    queued = []
+    for action in rule.actions:
+        action_id = f"act_{uuid.uuid4().hex}"
+        payload = {"project": rule.project, **_render_payload(action, values)}
+        if isinstance(action, ReleaseAction):
+            payload["release_id"] = action_id
+        queued.append(
+            QueuedAction(
+                action_id=action_id,
+                kind=action.kind,
+                target=action.target,
+                rule_id=rule.id,
+                firing_id=firing_id,
+                payload=payload,
+                created_at=fired_at,
+            )
+        )
+    return queued
+
+
+def _render_payload(action: Action, values: Mapping[str, str]) -> dict[str, Any]:
+    if isinstance(action, ReleaseAction):
+        return {
+            "escrow": action.escrow,
+            "amount": action.amount,
+            "currency": action.currency,
+            "payee": action.payee,
+        }
+    if isinstance(action, NotifyAction):
+        return {"message": render_template(action.message, values)}
+    if isinstance(action, PipelineAction):
+        return {"ref": action.ref, "inputs": dict(action.inputs)}
+    raise TypeError(f"unknown action {action!r}")
+
+
+def evaluation_to_json(evaluation: Evaluation) -> dict[str, Any]:
+    """An evaluation as stored in the audit log and shown by the API."""
+    return {
+        "value": evaluation.value,
+        "clauses": [
+            {
+                "text": c.text,
+                "value": c.value,
+                **({"missing": list(c.missing)} if c.missing else {}),
+                **({"error": c.error} if c.error else {}),
+            }
+            for c in evaluation.clauses
+        ],
+        "missing": list(evaluation.missing),
+        "error": evaluation.error,
+        "seen": dict(evaluation.seen),
+    }

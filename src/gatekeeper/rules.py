@@ -1,0 +1,108 @@
+"""Typed rules and rulesets: what the loader produces and the engine runs.
+
+Nothing here parses YAML; see ``loader`` for that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gatekeeper.expressions import Condition
+
+FireMode = Literal["once", "each_time"]
+
+
+@dataclass(frozen=True)
+class Approvals:
+    """N-of-M sign-off: ``required`` distinct approvers out of ``from_`` (subjects)."""
+
+    required: int
+    from_: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReleaseAction:
+    """Ask an escrow/payment provider to release funds.
+
+    ``amount`` is a decimal string with at most two decimals (e.g. ``"5000.00"``), never a float.
+    """
+
+    target: str
+    escrow: str
+    amount: str
+    currency: str
+    payee: str
+    kind: Literal["release"] = "release"
+
+
+@dataclass(frozen=True)
+class NotifyAction:
+    """Tell people: ``message`` is a ``${name}`` template (see ``templates``)."""
+
+    target: str
+    message: str
+    kind: Literal["notify"] = "notify"
+
+
+@dataclass(frozen=True)
+class PipelineAction:
+    """Start a CI/CD run on ``ref`` with string ``inputs``."""
+
+    target: str
+    ref: str
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    kind: Literal["pipeline"] = "pipeline"
+
+
+Action = ReleaseAction | NotifyAction | PipelineAction
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule of a ruleset.
+
+    ``content_hash`` is the SHA-256 (hex) of the rule's canonical JSON form: it changes
+    whenever anything about the rule changes and is recorded with every decision.
+    ``file`` is relative to the rules directory; ``line`` is 1-based.
+    """
+
+    id: str
+    project: str
+    description: str
+    condition: Condition
+    fire: FireMode
+    actions: tuple[Action, ...]
+    approvals: Approvals | None
+    content_hash: str
+    file: str
+    line: int
+    source: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def release(self) -> ReleaseAction | None:
+        """The rule's own ``release`` action, if it has one (its fields feed templates)."""
+        for action in self.actions:
+            if isinstance(action, ReleaseAction):
+                return action
+        return None
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """A validated set of rules, content-addressed.
+
+    ``files`` maps each file (relative to the rules directory, ``/``-separated) to its text;
+    ``version`` is the SHA-256 (hex) over those files, so the same text always gives the same
+    version. ``git_commit`` is the HEAD commit when the rules directory is a git checkout.
+    """
+
+    rules: tuple[Rule, ...]
+    files: Mapping[str, str]
+    version: str
+    git_commit: str | None = None
+
+    def by_id(self) -> dict[str, Rule]:
+        """The rules keyed by id."""
+        return {rule.id: rule for rule in self.rules}

@@ -1,0 +1,223 @@
+"""The HTTP API (aiohttp): facts in; rules, facts and the outbox out.
+
+Errors are always JSON, ``{"error": {"status": 400, "message": ..., "problems": [...]}}``,
+never a traceback, and a request that is refused changes nothing:
+
+- malformed JSON: 400; a body of the wrong shape: 400 listing each problem with its JSON path
+  (``$.facts[1].kind``); a content type other than ``application/json``: 415; a body over
+  ``max_body_bytes`` (default 1 MiB): 413; an unknown route: 404; a wrong method: 405.
+
+``POST /v1/facts`` answers only after the facts, the decisions they caused and the actions
+those queued are committed (fsynced), with the facts' sequence numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import jsonschema
+from aiohttp import web
+
+from gatekeeper import __version__
+from gatekeeper.daemon import Daemon
+from gatekeeper.engine import FactInput
+from gatekeeper.schemas import load_schema
+from gatekeeper.store import ActionStatus
+
+log = logging.getLogger("gatekeeper.server")
+
+DAEMON_KEY = web.AppKey("daemon", Daemon)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ACTION_STATUSES: tuple[ActionStatus, ...] = ("pending", "delivered", "dead")
+MAX_LIST_LIMIT = 1000
+
+
+class ApiError(web.HTTPException):
+    """An error answered as JSON: ``status``, a message and optional located problems."""
+
+    def __init__(self, status: int, message: str, problems: list[dict[str, Any]] | None = None):
+        self.status_code = status
+        super().__init__(
+            text=json.dumps(_error_body(status, message, problems)),
+            content_type="application/json",
+        )
+
+
+def _error_body(status: int, message: str, problems: Any = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"status": status, "message": message}
+    if problems:
+        error["problems"] = problems
+    return {"error": error}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into a JSON answer; an unexpected one is logged, never shown."""
+    try:
+        return await handler(request)
+    except ApiError:
+        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = {
+            404: "no such resource",
+            405: f"method {request.method} is not allowed here",
+            413: "request body too large",
+        }.get(exc.status, exc.reason)
+        return web.json_response(_error_body(exc.status, message), status=exc.status)
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return web.json_response(_error_body(500, "internal error"), status=500)
+
+
+def _fact_validators() -> tuple[jsonschema.Draft202012Validator, jsonschema.Draft202012Validator]:
+    schema = load_schema("facts-request.schema.json")
+    defs = schema["$defs"]
+    single = {"$defs": defs, "$ref": "#/$defs/fact"}
+    batch = {"$defs": defs, **schema["oneOf"][1]}
+    return jsonschema.Draft202012Validator(single), jsonschema.Draft202012Validator(batch)
+
+
+_SINGLE_FACT, _FACT_BATCH = _fact_validators()
+
+
+def _json_path(path: Any) -> str:
+    out = "$"
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def parse_facts(body: Any) -> list[FactInput]:
+    """Validate a ``POST /v1/facts`` body; raise ``ApiError`` 400 listing every problem."""
+    is_batch = isinstance(body, dict) and "facts" in body
+    validator = _FACT_BATCH if is_batch else _SINGLE_FACT
+    errors = sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))
+    if errors:
+        problems = [{"path": _json_path(e.absolute_path), "message": e.message} for e in errors]
+        raise ApiError(400, "the request body is not a valid fact or batch of facts", problems)
+    items = body["facts"] if is_batch else [body]
+    return [FactInput(f["project"], f["kind"], f["id"], f["data"]) for f in items]
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body; 415 for another content type, 400 for malformed JSON."""
+    if request.content_type != "application/json":
+        raise ApiError(415, f"expected Content-Type application/json, got {request.content_type!r}")
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON: {exc}") from None
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    if given and len(given) <= 128 and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+def _daemon(request: web.Request) -> Daemon:
+    return request.app[DAEMON_KEY]
+
+
+def _limit(request: web.Request, default: int = 100) -> int:
+    text = request.query.get("limit", str(default))
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIST_LIMIT:
+        raise ApiError(400, f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
+    return int(text)
+
+
+async def post_facts(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    batch = parse_facts(body)
+    request_id = _request_id(request)
+    seqs = await _daemon(request).ingest(batch, request_id)
+    return web.json_response(
+        {"accepted": len(seqs), "seqs": seqs, "request_id": request_id},
+        headers={"X-Request-Id": request_id},
+    )
+
+
+async def get_facts(request: web.Request) -> web.Response:
+    project = request.query.get("project")
+    facts = await _daemon(request).store.list_facts(project)
+    return web.json_response({"facts": facts})
+
+
+async def get_rules(request: web.Request) -> web.Response:
+    daemon = _daemon(request)
+    engine = daemon.engine
+    rules = [daemon.rule_view(r, explain=False) for r in engine.ruleset.rules] if engine else []
+    return web.json_response(
+        {
+            "ruleset": _ruleset_view(daemon),
+            "reload": daemon.reload_status.to_json(),
+            "rules": rules,
+        }
+    )
+
+
+def _ruleset_view(daemon: Daemon) -> dict[str, Any] | None:
+    if daemon.engine is None:
+        return None
+    ruleset = daemon.engine.ruleset
+    return {
+        "version": ruleset.version,
+        "git_commit": ruleset.git_commit,
+        "rules": len(ruleset.rules),
+        "files": sorted(ruleset.files),
+    }
+
+
+async def get_rule(request: web.Request) -> web.Response:
+    daemon = _daemon(request)
+    rule_id = request.match_info["rule_id"]
+    rule = daemon.engine.rules.get(rule_id) if daemon.engine else None
+    if rule is None:
+        raise ApiError(404, f"no rule {rule_id!r} in the active ruleset")
+    view = daemon.rule_view(rule, explain=True)
+    view["ruleset_version"] = daemon.engine.ruleset.version if daemon.engine else None
+    view["recent_decisions"] = await daemon.store.list_decisions(rule_id, limit=_limit(request, 20))
+    return web.json_response(view)
+
+
+async def get_actions(request: web.Request) -> web.Response:
+    status = request.query.get("status")
+    if status is not None and status not in ACTION_STATUSES:
+        raise ApiError(400, f"status must be one of: {', '.join(ACTION_STATUSES)}")
+    entries = await _daemon(request).store.list_actions(status, _limit(request))  # type: ignore[arg-type]
+    return web.json_response({"actions": [e.to_json() for e in entries]})
+
+
+async def get_healthz(request: web.Request) -> web.Response:
+    daemon = _daemon(request)
+    return web.json_response(
+        {
+            "status": "ok",
+            "version": __version__,
+            "ruleset": daemon.engine.ruleset.version if daemon.engine else None,
+            "ruleset_ok": daemon.reload_status.ok,
+        }
+    )
+
+
+def create_app(daemon: Daemon) -> web.Application:
+    """The aiohttp application serving ``daemon`` (which the caller starts and stops)."""
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=daemon.config.max_body_bytes
+    )
+    app[DAEMON_KEY] = daemon
+    app.router.add_post("/v1/facts", post_facts)
+    app.router.add_get("/v1/facts", get_facts)
+    app.router.add_get("/v1/rules", get_rules)
+    app.router.add_get("/v1/rules/{rule_id:.+}", get_rule)
+    app.router.add_get("/v1/actions", get_actions)
+    app.router.add_get("/healthz", get_healthz)
+    return app

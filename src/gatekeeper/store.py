@@ -1,0 +1,581 @@
+"""Storage: the one narrow interface the daemon writes through, and its SQLite backend.
+
+``Store`` is a Protocol so that a PostgreSQL backend can stand beside ``SqliteStore``.
+Every write goes through one connection under one lock (a single writer), and everything a
+fact causes is committed in one transaction (``commit_transition``): the fact, the decisions
+it causes, the rule states and the actions they queue (a transactional outbox).
+
+SQLite runs in WAL mode with ``synchronous=FULL``: a committed transaction is on disk
+(fsynced) before ``commit_transition`` returns, so an acknowledged fact survives a crash.
+The schema is versioned with ``PRAGMA user_version`` and upgraded by ``MIGRATIONS`` in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import aiosqlite
+
+from gatekeeper.clock import format_rfc3339
+from gatekeeper.engine import Decision, FactKey, RuleState, Transition, evaluation_to_json
+from gatekeeper.rules import Ruleset
+
+ActionStatus = Literal["pending", "delivered", "dead"]
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the first schema
+    """
+    CREATE TABLE fact_log (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        project TEXT NOT NULL, kind TEXT NOT NULL, id TEXT NOT NULL,
+        data TEXT NOT NULL,
+        received_at TEXT NOT NULL,
+        request_id TEXT
+    );
+    CREATE TABLE facts (
+        project TEXT NOT NULL, kind TEXT NOT NULL, id TEXT NOT NULL,
+        data TEXT NOT NULL,
+        seq INTEGER NOT NULL REFERENCES fact_log(seq),
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (project, kind, id)
+    );
+    CREATE TABLE rulesets (
+        version TEXT PRIMARY KEY,
+        files TEXT NOT NULL,
+        git_commit TEXT,
+        first_activated_at TEXT NOT NULL,
+        last_activated_at TEXT NOT NULL
+    );
+    CREATE TABLE rule_state (
+        rule_id TEXT PRIMARY KEY,
+        gate_open INTEGER,
+        fired_count INTEGER NOT NULL DEFAULT 0,
+        last_fired_at TEXT,
+        rule_hash TEXT
+    );
+    CREATE TABLE decisions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        decided_at TEXT NOT NULL,
+        rule_id TEXT NOT NULL,
+        rule_hash TEXT NOT NULL,
+        ruleset_version TEXT NOT NULL,
+        git_commit TEXT,
+        trigger TEXT NOT NULL,
+        fact_seq INTEGER REFERENCES fact_log(seq),
+        outcome TEXT NOT NULL,
+        gate_open INTEGER NOT NULL,
+        evaluation TEXT NOT NULL,
+        approvals TEXT,
+        firing_id TEXT UNIQUE,
+        request_id TEXT
+    );
+    CREATE INDEX decisions_rule ON decisions(rule_id, id);
+    CREATE TABLE outbox (
+        action_id TEXT PRIMARY KEY,
+        decision_id INTEGER NOT NULL REFERENCES decisions(id),
+        rule_id TEXT NOT NULL,
+        firing_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL,
+        next_attempt_at TEXT NOT NULL,
+        last_error TEXT,
+        delivered_at TEXT
+    );
+    CREATE INDEX outbox_due ON outbox(status, next_attempt_at);
+    CREATE TABLE delivery_attempts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        action_id TEXT NOT NULL REFERENCES outbox(action_id),
+        attempt INTEGER NOT NULL,
+        started_at TEXT NOT NULL,
+        latency_ms REAL NOT NULL,
+        status_code INTEGER,
+        error TEXT
+    );
+    CREATE INDEX delivery_attempts_action ON delivery_attempts(action_id, attempt);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+)
+
+
+@dataclass(frozen=True)
+class StoredRuleset:
+    """A ruleset version as kept in the database: its files' text and where it came from."""
+
+    version: str
+    files: Mapping[str, str]
+    git_commit: str | None
+    first_activated_at: str
+    last_activated_at: str
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """One queued action and its delivery state. Times are RFC 3339 strings (UTC)."""
+
+    action_id: str
+    rule_id: str
+    firing_id: str
+    kind: str
+    target: str
+    payload: Mapping[str, Any]
+    status: ActionStatus
+    attempts: int
+    created_at: str
+    next_attempt_at: str
+    last_error: str | None
+    delivered_at: str | None
+    decision_id: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action_id": self.action_id,
+            "rule_id": self.rule_id,
+            "firing_id": self.firing_id,
+            "kind": self.kind,
+            "target": self.target,
+            "payload": dict(self.payload),
+            "status": self.status,
+            "attempts": self.attempts,
+            "created_at": self.created_at,
+            "next_attempt_at": self.next_attempt_at,
+            "last_error": self.last_error,
+            "delivered_at": self.delivered_at,
+            "decision_id": self.decision_id,
+        }
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One delivery attempt: when, how long (milliseconds), HTTP status or error text."""
+
+    action_id: str
+    attempt: int
+    started_at: str
+    latency_ms: float
+    status_code: int | None
+    error: str | None
+
+
+class Store(Protocol):
+    """What the daemon needs from storage. All methods are coroutines; writes are atomic."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def commit_transition(self, transition: Transition) -> list[int]: ...
+    async def load_facts(self) -> dict[FactKey, dict[str, Any]]: ...
+    async def load_rule_states(self) -> dict[str, RuleState]: ...
+    async def last_ruleset(self) -> StoredRuleset | None: ...
+    async def list_facts(self, project: str | None = None) -> list[dict[str, Any]]: ...
+    async def list_decisions(
+        self, rule_id: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]: ...
+    async def list_actions(
+        self, status: ActionStatus | None = None, limit: int = 100
+    ) -> list[OutboxEntry]: ...
+    async def due_actions(self, now: datetime, limit: int) -> list[OutboxEntry]: ...
+    async def next_attempt_at(self) -> str | None: ...
+    async def record_attempt(
+        self,
+        attempt: Attempt,
+        status: ActionStatus,
+        next_attempt_at: str | None,
+    ) -> None: ...
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+class SqliteStore:
+    """``Store`` on one SQLite file (WAL, ``synchronous=FULL``) through aiosqlite."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        """Open (creating if needed) the database and bring its schema up to date."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        await self.db.execute("PRAGMA journal_mode=WAL")
+        await self.db.execute("PRAGMA synchronous=FULL")
+        await self.db.execute("PRAGMA foreign_keys=ON")
+        await self.db.execute("PRAGMA busy_timeout=5000")
+        await self._migrate()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        current = int(row[0]) if row else 0
+        if current > len(MIGRATIONS):
+            raise RuntimeError(
+                f"database {self.path} has schema version {current}, newer than this "
+                f"gatekeeper knows ({len(MIGRATIONS)}); upgrade gatekeeper"
+            )
+        for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            async with self._write_lock:
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            await self.db.execute(statement)
+                    await self.db.execute(f"PRAGMA user_version={version}")
+                    await self.db.execute("COMMIT")
+                except BaseException:
+                    await self.db.execute("ROLLBACK")
+                    raise
+
+    async def commit_transition(self, transition: Transition) -> list[int]:
+        """Commit a transition in one transaction; return the facts' sequence numbers.
+
+        Raises ``sqlite3.Error`` (after rolling back; nothing is changed) when the write fails,
+        e.g. when a ``firing_id`` was already recorded, which would mean a double firing.
+        """
+        async with self._write_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                seqs = await self._write_transition(transition)
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            return seqs
+
+    async def _write_transition(self, t: Transition) -> list[int]:
+        db = self.db
+        now = t.decisions[0].decided_at if t.decisions else None
+        seqs: list[int] = []
+        for fact in t.facts:
+            received_at = now or _now_text()
+            data = _dumps(fact.data)
+            cursor = await db.execute(
+                "INSERT INTO fact_log (project, kind, id, data, received_at, request_id)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (fact.project, fact.kind, fact.id, data, received_at, t.request_id),
+            )
+            seq = int(cursor.lastrowid or 0)
+            seqs.append(seq)
+            await db.execute(
+                "INSERT INTO facts (project, kind, id, data, seq, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project, kind, id) DO UPDATE SET"
+                " data = excluded.data, seq = excluded.seq, updated_at = excluded.updated_at",
+                (fact.project, fact.kind, fact.id, data, seq, received_at),
+            )
+        if t.ruleset is not None:
+            await self._write_ruleset(t.ruleset, now or _now_text())
+        decision_ids: dict[str, int] = {}
+        for decision in t.decisions:
+            decision_id = await self._write_decision(decision, seqs, t.request_id)
+            if decision.firing_id:
+                decision_ids[decision.firing_id] = decision_id
+        await db.executemany(
+            "INSERT INTO rule_state (rule_id, gate_open, fired_count, last_fired_at, rule_hash)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (rule_id) DO UPDATE SET"
+            " gate_open = excluded.gate_open, fired_count = excluded.fired_count,"
+            " last_fired_at = excluded.last_fired_at, rule_hash = excluded.rule_hash",
+            [
+                (s.rule_id, s.gate_open, s.fired_count, s.last_fired_at, s.rule_hash)
+                for s in t.rule_states.values()
+            ],
+        )
+        await db.executemany(
+            "INSERT INTO outbox (action_id, decision_id, rule_id, firing_id, kind, target,"
+            " payload, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    a.action_id,
+                    decision_ids[a.firing_id],
+                    a.rule_id,
+                    a.firing_id,
+                    a.kind,
+                    a.target,
+                    _dumps(a.payload),
+                    a.created_at,
+                    a.created_at,
+                )
+                for a in t.actions
+            ],
+        )
+        return seqs
+
+    async def _write_decision(
+        self, d: Decision, seqs: Sequence[int], request_id: str | None
+    ) -> int:
+        fact_seq = seqs[d.fact_index] if d.fact_index is not None else None
+        cursor = await self.db.execute(
+            "INSERT INTO decisions (decided_at, rule_id, rule_hash, ruleset_version, git_commit,"
+            " trigger, fact_seq, outcome, gate_open, evaluation, approvals, firing_id,"
+            " request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                d.decided_at,
+                d.rule_id,
+                d.rule_hash,
+                d.ruleset_version,
+                d.git_commit,
+                d.trigger,
+                fact_seq,
+                d.outcome,
+                d.gate_open,
+                _dumps(evaluation_to_json(d.evaluation)),
+                _dumps(d.approvals) if d.approvals is not None else None,
+                d.firing_id,
+                request_id,
+            ),
+        )
+        return int(cursor.lastrowid or 0)
+
+    async def _write_ruleset(self, ruleset: Ruleset, now: str) -> None:
+        await self.db.execute(
+            "INSERT INTO rulesets (version, files, git_commit, first_activated_at,"
+            " last_activated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (version) DO UPDATE SET"
+            " last_activated_at = excluded.last_activated_at, git_commit = excluded.git_commit",
+            (ruleset.version, _dumps(dict(ruleset.files)), ruleset.git_commit, now, now),
+        )
+        await self.db.execute(
+            "INSERT INTO meta (key, value) VALUES ('active_ruleset', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (ruleset.version,),
+        )
+
+    async def load_facts(self) -> dict[FactKey, dict[str, Any]]:
+        """Every current fact: {(project, kind, id): data}."""
+        async with self.db.execute("SELECT project, kind, id, data FROM facts") as cursor:
+            return {(r[0], r[1], r[2]): json.loads(r[3]) async for r in cursor}
+
+    async def load_rule_states(self) -> dict[str, RuleState]:
+        """Every rule's persisted state, by rule id (rules no longer loaded included)."""
+        sql = "SELECT rule_id, gate_open, fired_count, last_fired_at, rule_hash FROM rule_state"
+        async with self.db.execute(sql) as cursor:
+            return {
+                r[0]: RuleState(
+                    rule_id=r[0],
+                    gate_open=None if r[1] is None else bool(r[1]),
+                    fired_count=int(r[2]),
+                    last_fired_at=r[3],
+                    rule_hash=r[4],
+                )
+                async for r in cursor
+            }
+
+    async def last_ruleset(self) -> StoredRuleset | None:
+        """The ruleset version that was last active, or None in a new database."""
+        sql = (
+            "SELECT version, files, git_commit, first_activated_at, last_activated_at"
+            " FROM rulesets WHERE version = (SELECT value FROM meta WHERE key = 'active_ruleset')"
+        )
+        async with self.db.execute(sql) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        return StoredRuleset(row[0], json.loads(row[1]), row[2], row[3], row[4])
+
+    async def list_facts(self, project: str | None = None) -> list[dict[str, Any]]:
+        """Current facts (optionally of one project) with their sequence numbers."""
+        sql = "SELECT project, kind, id, data, seq, updated_at FROM facts"
+        params: tuple[Any, ...] = ()
+        if project is not None:
+            sql += " WHERE project = ?"
+            params = (project,)
+        sql += " ORDER BY project, kind, id"
+        async with self.db.execute(sql, params) as cursor:
+            return [
+                {
+                    "project": r[0],
+                    "kind": r[1],
+                    "id": r[2],
+                    "data": json.loads(r[3]),
+                    "seq": r[4],
+                    "updated_at": r[5],
+                }
+                async for r in cursor
+            ]
+
+    async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        """The append-only log of accepted facts, from ``after_seq`` on, oldest first."""
+        sql = (
+            "SELECT seq, project, kind, id, data, received_at, request_id FROM fact_log"
+            " WHERE seq > ? ORDER BY seq LIMIT ?"
+        )
+        async with self.db.execute(sql, (after_seq, limit)) as cursor:
+            return [
+                {
+                    "seq": r[0],
+                    "project": r[1],
+                    "kind": r[2],
+                    "id": r[3],
+                    "data": json.loads(r[4]),
+                    "received_at": r[5],
+                    "request_id": r[6],
+                }
+                async for r in cursor
+            ]
+
+    async def list_decisions(
+        self, rule_id: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Recent decisions, newest first, optionally of one rule."""
+        sql = (
+            "SELECT id, decided_at, rule_id, rule_hash, ruleset_version, git_commit, trigger,"
+            " fact_seq, outcome, gate_open, evaluation, approvals, firing_id, request_id"
+            " FROM decisions"
+        )
+        params: list[Any] = []
+        if rule_id is not None:
+            sql += " WHERE rule_id = ?"
+            params.append(rule_id)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        async with self.db.execute(sql, params) as cursor:
+            return [
+                {
+                    "id": r[0],
+                    "decided_at": r[1],
+                    "rule_id": r[2],
+                    "rule_hash": r[3],
+                    "ruleset_version": r[4],
+                    "git_commit": r[5],
+                    "trigger": r[6],
+                    "fact_seq": r[7],
+                    "outcome": r[8],
+                    "gate_open": bool(r[9]),
+                    "evaluation": json.loads(r[10]),
+                    "approvals": json.loads(r[11]) if r[11] else None,
+                    "firing_id": r[12],
+                    "request_id": r[13],
+                }
+                async for r in cursor
+            ]
+
+    _OUTBOX_COLUMNS = (
+        "action_id, rule_id, firing_id, kind, target, payload, status, attempts, created_at,"
+        " next_attempt_at, last_error, delivered_at, decision_id"
+    )
+
+    @staticmethod
+    def _outbox_entry(r: Any) -> OutboxEntry:
+        return OutboxEntry(
+            action_id=r[0],
+            rule_id=r[1],
+            firing_id=r[2],
+            kind=r[3],
+            target=r[4],
+            payload=json.loads(r[5]),
+            status=r[6],
+            attempts=int(r[7]),
+            created_at=r[8],
+            next_attempt_at=r[9],
+            last_error=r[10],
+            delivered_at=r[11],
+            decision_id=int(r[12]),
+        )
+
+    async def list_actions(
+        self, status: ActionStatus | None = None, limit: int = 100
+    ) -> list[OutboxEntry]:
+        """The outbox (dead letters included), newest first, optionally of one status."""
+        sql = f"SELECT {self._OUTBOX_COLUMNS} FROM outbox"
+        params: list[Any] = []
+        if status is not None:
+            sql += " WHERE status = ?"
+            params.append(status)
+        sql += " ORDER BY created_at DESC, action_id LIMIT ?"
+        params.append(limit)
+        async with self.db.execute(sql, params) as cursor:
+            return [self._outbox_entry(r) async for r in cursor]
+
+    async def get_action(self, action_id: str) -> OutboxEntry | None:
+        sql = f"SELECT {self._OUTBOX_COLUMNS} FROM outbox WHERE action_id = ?"
+        async with self.db.execute(sql, (action_id,)) as cursor:
+            row = await cursor.fetchone()
+        return self._outbox_entry(row) if row else None
+
+    async def due_actions(self, now: datetime, limit: int) -> list[OutboxEntry]:
+        """Pending actions whose next attempt is due at ``now``, oldest first."""
+        sql = (
+            f"SELECT {self._OUTBOX_COLUMNS} FROM outbox WHERE status = 'pending'"
+            " AND next_attempt_at <= ? ORDER BY next_attempt_at, action_id LIMIT ?"
+        )
+        async with self.db.execute(sql, (format_rfc3339(now), limit)) as cursor:
+            return [self._outbox_entry(r) async for r in cursor]
+
+    async def next_attempt_at(self) -> str | None:
+        """When the earliest pending action is due (RFC 3339), or None when none is pending."""
+        sql = "SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending'"
+        async with self.db.execute(sql) as cursor:
+            row = await cursor.fetchone()
+        return row[0] if row else None
+
+    async def list_attempts(self, action_id: str) -> list[Attempt]:
+        sql = (
+            "SELECT action_id, attempt, started_at, latency_ms, status_code, error"
+            " FROM delivery_attempts WHERE action_id = ? ORDER BY attempt"
+        )
+        async with self.db.execute(sql, (action_id,)) as cursor:
+            return [Attempt(*r) async for r in cursor]
+
+    async def record_attempt(
+        self,
+        attempt: Attempt,
+        status: ActionStatus,
+        next_attempt_at: str | None,
+    ) -> None:
+        """Record a delivery attempt and the action's new status, atomically."""
+        async with self._write_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.execute(
+                    "INSERT INTO delivery_attempts (action_id, attempt, started_at, latency_ms,"
+                    " status_code, error) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        attempt.action_id,
+                        attempt.attempt,
+                        attempt.started_at,
+                        attempt.latency_ms,
+                        attempt.status_code,
+                        attempt.error,
+                    ),
+                )
+                delivered_at = attempt.started_at if status == "delivered" else None
+                await self.db.execute(
+                    "UPDATE outbox SET status = ?, attempts = ?, last_error = ?,"
+                    " next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ?"
+                    " WHERE action_id = ?",
+                    (
+                        status,
+                        attempt.attempt,
+                        attempt.error,
+                        next_attempt_at,
+                        delivered_at,
+                        attempt.action_id,
+                    ),
+                )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+
+def _now_text() -> str:
+    return format_rfc3339(datetime.now(UTC))
