@@ -89,7 +89,8 @@ def _check(args: argparse.Namespace, config: Config) -> int:
         for path in missing:
             print(f"gatekeeper check: {path}: no such file or directory", file=sys.stderr)
         return EXIT_USAGE
-    return run_check(paths, config, args.format, sys.stdout)
+    exit_code: int = run_check(paths, config, args.format, sys.stdout)
+    return exit_code
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
@@ -158,8 +159,13 @@ async def _serve_async(config: Config) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda s=sig: (received.append(s.name), stop.set()))
+        loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
     log.info("shutting down on %s", received[0] if received else "request")
     await runner.cleanup()

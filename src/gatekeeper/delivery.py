@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -98,6 +99,7 @@ class Dispatcher:
         self._idle_poll_s = idle_poll_s
         self._wakeup = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._finished_during_query: set[str] = set()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_DELIVERIES)
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
@@ -128,16 +130,21 @@ class Dispatcher:
             task.cancel()
 
     async def _dispatch_due(self) -> None:
+        # A delivery that finishes while the query runs may be read as still pending: such
+        # ids land in _finished_during_query and are skipped (no duplicate send).
+        self._finished_during_query = set()
         due = await self._store.due_actions(self._clock.now(), limit=MAX_CONCURRENT_DELIVERIES)
+        skip = self._finished_during_query
         for entry in due:
-            if entry.action_id in self._in_flight or self._stopping:
+            if entry.action_id in self._in_flight or entry.action_id in skip or self._stopping:
                 continue
             task = asyncio.create_task(self._deliver(entry))
             self._in_flight[entry.action_id] = task
-            task.add_done_callback(lambda _t, aid=entry.action_id: self._finished(aid))
+            task.add_done_callback(functools.partial(self._finished, entry.action_id))
 
-    def _finished(self, action_id: str) -> None:
+    def _finished(self, action_id: str, _task: asyncio.Task[None]) -> None:
         self._in_flight.pop(action_id, None)
+        self._finished_during_query.add(action_id)
         self._wakeup.set()
 
     async def _sleep_until_due(self) -> None:

@@ -1,4 +1,9 @@
-"""The JSON Schemas (draft 2020-12) shipped in the repository's ``schemas/`` folder."""
+"""The JSON Schemas (draft 2020-12) of rule files, ``gatekeeper.yaml`` and request bodies.
+
+They live in the repository's ``schemas/`` folder (editors point at them through a
+``# yaml-language-server: $schema=...`` comment); a package that carries its own copy in
+``gatekeeper/schemas/`` is looked at first.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,25 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-SCHEMAS_DIR = Path(__file__).resolve().parent.parent.parent / "schemas"
+SCHEMA_DIRS = (
+    Path(__file__).resolve().parent / "schemas",
+    Path(__file__).resolve().parents[2] / "schemas",
+)
+
+
+def schema_path(name: str) -> Path:
+    """Where schema file ``name`` (e.g. ``rules.schema.json``) lives.
+
+    Raises ``FileNotFoundError`` naming the folders looked in.
+    """
+    for folder in SCHEMA_DIRS:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"schema {name!r} not found in {', '.join(map(str, SCHEMA_DIRS))}")
 
 
 @cache
 def load_schema(name: str) -> dict[str, Any]:
-    """The parsed schema ``schemas/<name>`` (e.g. ``rules.schema.json``), cached.
-
-    Raises ``FileNotFoundError`` when gatekeeper was installed without its schemas folder.
-    """
-    with open(SCHEMAS_DIR / name, encoding="utf-8") as handle:
-        schema: dict[str, Any] = json.load(handle)
+    """The parsed schema ``name``, cached. Raises ``FileNotFoundError`` when it is missing."""
+    schema: dict[str, Any] = json.loads(schema_path(name).read_text(encoding="utf-8"))
     return schema

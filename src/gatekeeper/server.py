@@ -192,7 +192,7 @@ async def get_actions(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in ACTION_STATUSES:
         raise ApiError(400, f"status must be one of: {', '.join(ACTION_STATUSES)}")
-    entries = await _daemon(request).store.list_actions(status, _limit(request))  # type: ignore[arg-type]
+    entries = await _daemon(request).store.list_actions(status, _limit(request))
     return web.json_response({"actions": [e.to_json() for e in entries]})
 
 

@@ -1,0 +1,262 @@
+"""``gatekeeper.yaml``: where the daemon listens, its database, rules, targets and escrows.
+
+Durations are seconds and say so in their names (``timeout_s``). URLs and secrets live here
+and in the environment, never in rule files: a target names the environment variable that
+holds its secret (``secret_env``), and ``resolve_secrets`` reads them at startup.
+
+``load_config`` validates the file against ``schemas/config.schema.json`` (unknown keys are
+errors) plus the checks a schema cannot express (``listen`` is ``host:port``, backoff base
+not above its cap), and raises ``ConfigError`` with every problem, each with line and column.
+Relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from gatekeeper.problems import Problem
+from gatekeeper.yamlsource import YamlDocument, parse_document, schema_problems, sorted_problems
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_DATABASE = "gatekeeper.db"
+DEFAULT_RULES_DIR = "rules"
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_CONFIG_NAME = "gatekeeper.yaml"
+CONFIG_SCHEMA = "config.schema.json"
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    """How hard to try a target: attempts, total age, exponential backoff, per-request timeout.
+
+    Delay before attempt n+1 is a random value in [0, min(backoff_cap_s, backoff_base_s * 2**(n-1))]
+    ("full jitter"); an action is dead-lettered after ``max_attempts`` attempts or once it is
+    older than ``max_age_s`` seconds.
+    """
+
+    max_attempts: int = 12
+    max_age_s: float = 86400.0
+    backoff_base_s: float = 5.0
+    backoff_cap_s: float = 3600.0
+    timeout_s: float = 15.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where actions go. ``kind`` ``webhook`` is a signed JSON POST to ``url``;
+    ``format`` ``slack`` sends notify messages as ``{"text": ...}``.
+    ``secret_env`` names the environment variable holding the Standard Webhooks secret.
+    """
+
+    name: str
+    url: str
+    secret_env: str
+    kind: Literal["webhook"] = "webhook"
+    format: Literal["json", "slack"] = "json"
+    delivery: DeliveryPolicy = field(default_factory=DeliveryPolicy)
+
+
+@dataclass(frozen=True)
+class Escrow:
+    """An escrow account: its currency (ISO 4217 code) and release limit (a Decimal)."""
+
+    name: str
+    currency: str
+    limit: Decimal
+
+
+@dataclass(frozen=True)
+class Config:
+    """A loaded ``gatekeeper.yaml``. Relative paths are resolved against the config's folder
+    (or the working directory when there is no config file)."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    database: Path = Path(DEFAULT_DATABASE)
+    rules_dir: Path = Path(DEFAULT_RULES_DIR)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    targets: Mapping[str, Target] = field(default_factory=dict)
+    escrows: Mapping[str, Escrow] = field(default_factory=dict)
+    path: Path | None = None
+
+
+class ConfigError(Exception):
+    """Raised when a config cannot be used; ``problems`` says every place and what is wrong."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+def find_default_config(cwd: Path) -> Path | None:
+    """``cwd/gatekeeper.yaml`` when that file exists, else None."""
+    candidate = cwd / DEFAULT_CONFIG_NAME
+    return candidate if candidate.is_file() else None
+
+
+def load_config(path: Path | None) -> Config:
+    """Load and validate ``gatekeeper.yaml`` (``None``: the defaults, relative to the cwd).
+
+    ``database`` and ``rules_dir`` come back absolute, resolved against the file's folder.
+    An empty file means every default. Raises ``ConfigError`` listing every problem: an
+    unreadable file, YAML syntax, schema errors (unknown keys included), a bad ``listen``.
+    """
+    if path is None:
+        return _defaults(Path.cwd())
+    text = _read_text(path)
+    doc, problems = parse_document(text, str(path))
+    if doc is None:
+        raise ConfigError(problems)
+    if doc.data is not None and not isinstance(doc.data, dict):
+        message = "gatekeeper.yaml must be a mapping of settings (listen, database, targets, ...)"
+        raise ConfigError([*problems, doc.problem((), message)])
+    if doc.data is not None:
+        problems += schema_problems(doc, CONFIG_SCHEMA)
+    data = cast(dict[str, Any], doc.data or {})
+    problems += _semantic_problems(doc, data)
+    if problems:
+        raise ConfigError(sorted_problems(problems))
+    return _build(data, path)
+
+
+def resolve_secrets(config: Config, environ: Mapping[str, str]) -> dict[str, str]:
+    """Map each target name to its secret read from ``environ`` (key: ``secret_env``).
+
+    Raises ``ConfigError`` naming every missing or empty variable and the targets that need
+    it; a secret's value never appears in a message.
+    """
+    secrets: dict[str, str] = {}
+    needed_by: dict[str, list[str]] = {}
+    for name, target in sorted(config.targets.items()):
+        value = environ.get(target.secret_env)
+        if value:
+            secrets[name] = value
+        else:
+            needed_by.setdefault(target.secret_env, []).append(name)
+    if needed_by:
+        file = str(config.path) if config.path else DEFAULT_CONFIG_NAME
+        problems = [
+            _missing_secret_problem(file, variable, names, variable in environ)
+            for variable, names in sorted(needed_by.items())
+        ]
+        raise ConfigError(problems)
+    return secrets
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"host:port"`` to ``(host, port)``; ``[::1]:8080`` gives ``("::1", 8080)``.
+
+    Raises ``ValueError`` with a plain sentence when ``text`` is not ``host:port`` or the
+    port is not in 0..65535 (0: any free port).
+    """
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: put an IPv6 address in brackets, e.g. [::1]:8080")
+    if not colon or not host or not port.isdigit() or any(c.isspace() for c in host):
+        raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:8080)")
+    if int(port) > 65535:
+        raise ValueError(f"{text!r}: port {port} is not in 0..65535")
+    return host, int(port)
+
+
+def _defaults(folder: Path) -> Config:
+    host, port = parse_listen(DEFAULT_LISTEN)
+    return Config(
+        listen_host=host,
+        listen_port=port,
+        database=folder.absolute() / DEFAULT_DATABASE,
+        rules_dir=folder.absolute() / DEFAULT_RULES_DIR,
+    )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigError(
+            [Problem(str(path), 0, 0, f"cannot read the config file: {reason}")]
+        ) from None
+    except UnicodeDecodeError as error:
+        message = f"not UTF-8 text (bad byte at offset {error.start})"
+        raise ConfigError([Problem(str(path), 0, 0, message)]) from None
+
+
+def _semantic_problems(doc: YamlDocument, data: Mapping[str, Any]) -> list[Problem]:
+    """What the schema cannot say: ``listen`` is host:port, backoff base <= cap."""
+    problems = []
+    listen = data.get("listen")
+    if isinstance(listen, str) and listen:
+        try:
+            parse_listen(listen)
+        except ValueError as error:
+            problems.append(doc.problem(("listen",), str(error)))
+    targets = data.get("targets")
+    for name, target in targets.items() if isinstance(targets, dict) else []:
+        delivery = target.get("delivery") if isinstance(target, dict) else None
+        if isinstance(delivery, dict) and not _backoff_ok(delivery):
+            path = ("targets", name, "delivery", "backoff_base_s")
+            message = "backoff_base_s must not be greater than backoff_cap_s"
+            problems.append(doc.problem(path, message))
+    return problems
+
+
+def _backoff_ok(delivery: Mapping[str, Any]) -> bool:
+    base = delivery.get("backoff_base_s", DeliveryPolicy.backoff_base_s)
+    cap = delivery.get("backoff_cap_s", DeliveryPolicy.backoff_cap_s)
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (base, cap))
+    return not numbers or base <= cap
+
+
+def _build(data: Mapping[str, Any], path: Path) -> Config:
+    """A ``Config`` from schema-valid ``data`` read from ``path``."""
+    folder = path.absolute().parent
+    host, port = parse_listen(data.get("listen", DEFAULT_LISTEN))
+    return Config(
+        listen_host=host,
+        listen_port=port,
+        database=folder / Path(data.get("database", DEFAULT_DATABASE)).expanduser(),
+        rules_dir=folder / Path(data.get("rules_dir", DEFAULT_RULES_DIR)).expanduser(),
+        max_body_bytes=int(data.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)),
+        targets={name: _build_target(name, t) for name, t in data.get("targets", {}).items()},
+        escrows={name: _build_escrow(name, e) for name, e in data.get("escrows", {}).items()},
+        path=path,
+    )
+
+
+def _build_target(name: str, data: Mapping[str, Any]) -> Target:
+    delivery = data.get("delivery", {})
+    defaults = DeliveryPolicy()
+    policy = DeliveryPolicy(
+        max_attempts=int(delivery.get("max_attempts", defaults.max_attempts)),
+        max_age_s=float(delivery.get("max_age_s", defaults.max_age_s)),
+        backoff_base_s=float(delivery.get("backoff_base_s", defaults.backoff_base_s)),
+        backoff_cap_s=float(delivery.get("backoff_cap_s", defaults.backoff_cap_s)),
+        timeout_s=float(delivery.get("timeout_s", defaults.timeout_s)),
+    )
+    return Target(
+        name=name,
+        url=data["url"],
+        secret_env=data["secret_env"],
+        kind=data.get("kind", "webhook"),
+        format=data.get("format", "json"),
+        delivery=policy,
+    )
+
+
+def _build_escrow(name: str, data: Mapping[str, Any]) -> Escrow:
+    return Escrow(name=name, currency=data["currency"], limit=Decimal(data["limit"]))
+
+
+def _missing_secret_problem(file: str, variable: str, targets: list[str], empty: bool) -> Problem:
+    state = "is set but empty" if empty else "is not set"
+    noun = "target" if len(targets) == 1 else "targets"
+    needed = ", ".join(repr(name) for name in targets)
+    message = f"environment variable {variable} {state} (needed by {noun} {needed})"
+    return Problem(file, 0, 0, message, f"targets.{targets[0]}.secret_env")

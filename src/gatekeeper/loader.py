@@ -1,0 +1,544 @@
+"""Rule files to a validated ``Ruleset``: the only place rule YAML is parsed.
+
+Like Prometheus' ``rulefmt``, loading checks everything and reports every problem, each with
+file, line, column, key path and rule id: YAML syntax, the rule schema
+(``schemas/rules.schema.json``), every ``when`` expression (``expressions.compile_condition``),
+notify message templates, approvals that cannot be met, duplicate rule ids across files, and,
+when a ``Config`` is given, the targets and escrows that actions name (an escrow's currency
+must match; a single release above the escrow's limit could never be sent). A ruleset is
+built only when there is no problem at all, so a reload is all-or-nothing.
+
+Hashes (SHA-256, hex):
+
+- ``Rule.content_hash`` is over the rule's canonical JSON (``json.dumps`` with sorted keys,
+  compact separators, UTF-8) after defaults are applied: ``description`` ``""``, ``fire``
+  ``"once"``, pipeline ``inputs`` ``{}``; ``when`` is stripped of leading and trailing
+  whitespace. Writing a default out, reordering keys, changing comments, quoting or block
+  style, or moving the rule to another file does not change the hash; any other change to
+  what the rule says does (its description included). An absent ``approvals`` stays absent.
+- ``Ruleset.version`` is over the canonical JSON of the sorted ``[path, text]`` pairs of
+  ``Ruleset.files``, so the same files always give the same version, whether they are read
+  from a directory or from stored text.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, cast
+
+from gatekeeper.config import Config
+from gatekeeper.expressions import (
+    MAX_EXPRESSION_CHARS,
+    Condition,
+    ExpressionError,
+    ExpressionProblem,
+    compile_condition,
+)
+from gatekeeper.problems import Problem, format_path
+from gatekeeper.rules import (
+    Action,
+    Approvals,
+    FireMode,
+    NotifyAction,
+    PipelineAction,
+    ReleaseAction,
+    Rule,
+    Ruleset,
+)
+from gatekeeper.templates import allowed_names, check_template
+from gatekeeper.yamlsource import (
+    PathParts,
+    YamlDocument,
+    parse_document,
+    scalar_position,
+    schema_problems,
+    shorten,
+    sorted_problems,
+)
+
+RULES_SCHEMA = "rules.schema.json"
+RULE_SUFFIXES = (".yaml", ".yml")
+TEST_SUFFIXES = (".test.yaml", ".test.yml")
+GIT_TIMEOUT_S = 5.0
+
+_ACTION_KINDS = ("release", "notify", "pipeline")
+_GIT_COMMIT = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """The outcome of loading rule files.
+
+    ``ruleset`` is None exactly when ``problems`` is not empty. ``rule_count`` counts the rule
+    mappings found (valid or not), ``file_count`` the rule files read.
+    """
+
+    ruleset: Ruleset | None
+    problems: tuple[Problem, ...]
+    rule_count: int
+    file_count: int
+
+    @property
+    def ok(self) -> bool:
+        """True when the rules are valid (there is a ruleset)."""
+        return self.ruleset is not None
+
+
+def load_rules_dir(rules_dir: Path, config: Config | None) -> LoadResult:
+    """Load every rule file below ``rules_dir`` (see ``rule_files``).
+
+    File names in problems and rules are relative to ``rules_dir``, ``/``-separated. The
+    ruleset's ``git_commit`` is the HEAD commit when the directory is in a git checkout.
+    Never raises for bad input: an unreadable or missing directory is a problem.
+    """
+    if not rules_dir.is_dir():
+        return _failed(str(rules_dir), "rules directory does not exist or is not a directory")
+    files = {path.relative_to(rules_dir).as_posix(): path for path in rule_files(rules_dir)}
+    sources, problems = _read_files(files)
+    commit = git_commit_of(rules_dir)
+    return _load(sources, problems, config, commit, where=str(rules_dir))
+
+
+def load_rule_paths(paths: Sequence[Path], config: Config | None) -> LoadResult:
+    """Load the rule files ``paths`` name, for ``gatekeeper check PATH...``.
+
+    A directory stands for the rule files below it (see ``rule_files``); a file is read
+    whatever its name. File names are as given (made relative to the cwd when possible).
+    Never raises for bad input: a path that does not exist is a problem.
+    """
+    files: dict[str, Path] = {}
+    problems: list[Problem] = []
+    for path in paths:
+        if path.is_dir():
+            files.update({_display_name(found): found for found in rule_files(path)})
+        elif path.exists():
+            files[_display_name(path)] = path
+        else:
+            problems.append(Problem(_display_name(path), 0, 0, "no such file or directory"))
+    sources, read_problems = _read_files(files)
+    where = ", ".join(_display_name(path) for path in paths)
+    return _load(sources, problems + read_problems, config, None, where=where)
+
+
+def load_rule_texts(
+    files: Mapping[str, str], config: Config | None, git_commit: str | None = None
+) -> LoadResult:
+    """Load rules from stored text, ``{relative path: text}`` (e.g. the last good ruleset
+    kept in the database); the same checks and the same version as from a directory."""
+    return _load(dict(files), [], config, git_commit, where="the stored ruleset")
+
+
+def rule_files(folder: Path) -> list[Path]:
+    """The rule files below ``folder``, recursively, sorted by relative path.
+
+    Rule files end in ``.yaml`` or ``.yml``; rule unit tests (``*.test.yaml``,
+    ``*.test.yml``) and hidden files and folders (``.git`` included) are skipped.
+    """
+    found: list[Path] = []
+    for current, dirs, names in os.walk(folder):
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        for name in names:
+            if _is_rule_file_name(name):
+                found.append(Path(current) / name)
+    return sorted(found, key=lambda path: path.relative_to(folder).as_posix())
+
+
+def git_commit_of(path: Path) -> str | None:
+    """The HEAD commit (hex) of the git checkout holding ``path``; None when there is none,
+    git is missing, or it does not answer within ``GIT_TIMEOUT_S`` seconds."""
+    command = ["git", "-C", str(path), "rev-parse", "HEAD"]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and _GIT_COMMIT.match(commit) else None
+
+
+def rule_content_hash(rule: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of schema-valid ``rule`` with defaults applied."""
+    canonical = json.dumps(
+        canonical_rule(rule), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def canonical_rule(rule: Mapping[str, Any]) -> dict[str, Any]:
+    """``rule`` with defaults written out (description ``""``, fire ``once``, pipeline inputs
+    ``{}``) and ``when`` stripped of surrounding whitespace (a ``>`` block's final newline)."""
+    out = dict(rule)
+    if isinstance(out.get("when"), str):
+        out["when"] = out["when"].strip()
+    out.setdefault("description", "")
+    out.setdefault("fire", "once")
+    out["actions"] = [_canonical_action(action) for action in rule.get("actions", [])]
+    return out
+
+
+def ruleset_version(files: Mapping[str, str]) -> str:
+    """SHA-256 (hex) of the canonical JSON of the sorted ``[path, text]`` pairs."""
+    pairs = sorted(files.items())
+    canonical = json.dumps(pairs, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _is_rule_file_name(name: str) -> bool:
+    return (
+        not name.startswith(".")
+        and name.endswith(RULE_SUFFIXES)
+        and not name.endswith(TEST_SUFFIXES)
+    )
+
+
+def _display_name(path: Path) -> str:
+    """``path`` as given, or relative to the cwd when it is an absolute path below it."""
+    if path.is_absolute():
+        try:
+            return path.relative_to(Path.cwd()).as_posix()
+        except ValueError:
+            return path.as_posix()
+    return path.as_posix()
+
+
+def _read_files(files: Mapping[str, Path]) -> tuple[dict[str, str], list[Problem]]:
+    """{name: text} of the files that could be read, and a problem for each that could not."""
+    sources: dict[str, str] = {}
+    problems: list[Problem] = []
+    for name, path in files.items():
+        try:
+            sources[name] = path.read_bytes().decode("utf-8-sig")
+        except OSError as error:
+            reason = error.strerror or str(error)
+            problems.append(Problem(name, 0, 0, f"cannot read the file: {reason}"))
+        except UnicodeDecodeError as error:
+            message = f"not UTF-8 text (bad byte at offset {error.start})"
+            problems.append(Problem(name, 0, 0, message))
+    return sources, problems
+
+
+def _failed(file: str, message: str) -> LoadResult:
+    return LoadResult(None, (Problem(file, 0, 0, message),), 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking
+
+
+@dataclass
+class _Candidate:
+    """A rule mapping found in a file, with what checking it produced."""
+
+    doc: YamlDocument
+    prefix: PathParts
+    data: dict[str, Any]
+    condition: Condition | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def rule_id(self) -> str | None:
+        value = self.data.get("id")
+        return value if isinstance(value, str) else None
+
+    def problem(self, path: PathParts, message: str, *, at_key: bool = False) -> Problem:
+        return self.doc.problem((*self.prefix, *path), message, rule_id=self.rule_id, at_key=at_key)
+
+
+def _load(
+    sources: Mapping[str, str],
+    problems: list[Problem],
+    config: Config | None,
+    git_commit: str | None,
+    where: str,
+) -> LoadResult:
+    """Check every file of ``sources``; build the ruleset only when nothing is wrong."""
+    problems = list(problems)
+    candidates: list[_Candidate] = []
+    for name in sorted(sources):
+        found, file_problems = _check_file(name, sources[name], config)
+        candidates += found
+        problems += file_problems
+    problems += _duplicate_id_problems(candidates)
+    if not candidates and not problems:
+        problems.append(Problem(where, 0, 0, f"no rules found in {where}"))
+    counts = (len(candidates), len(sources))
+    if problems:
+        return LoadResult(None, tuple(sorted_problems(problems)), *counts)
+    rules = tuple(_build_rule(candidate) for candidate in candidates)
+    ruleset = Ruleset(rules, dict(sources), ruleset_version(sources), git_commit)
+    return LoadResult(ruleset, (), *counts)
+
+
+def _rule_id_of(data: Any, path: PathParts) -> str | None:
+    """The id of the rule ``path`` points into (a one-rule file or a list of rules)."""
+    rule = data
+    if isinstance(data, list):
+        index = path[0] if path else None
+        rule = data[index] if isinstance(index, int) and 0 <= index < len(data) else None
+    value = rule.get("id") if isinstance(rule, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _check_file(
+    name: str, text: str, config: Config | None
+) -> tuple[list[_Candidate], list[Problem]]:
+    """The rule mappings of one file and every problem found in it."""
+    doc, problems = parse_document(text, name, _rule_id_of)
+    if doc is None:
+        return [], problems
+    shape = _shape_problem(doc)
+    if shape is not None:
+        return [], [*problems, shape]
+    problems += schema_problems(doc, RULES_SCHEMA, _rule_id_of)
+    items = list(enumerate(doc.data)) if isinstance(doc.data, list) else [(None, doc.data)]
+    candidates = []
+    for index, item in items:
+        if isinstance(item, dict):
+            prefix: PathParts = () if index is None else (index,)
+            candidate = _Candidate(doc, prefix, item)
+            _check_rule(candidate, config)
+            problems += candidate.problems
+            candidates.append(candidate)
+    return candidates, problems
+
+
+def _shape_problem(doc: YamlDocument) -> Problem | None:
+    """A problem when the file is empty or holds neither a rule nor a list of rules."""
+    if doc.data is None:
+        return doc.problem((), "the file is empty: write a rule (a mapping) or a list of rules")
+    if isinstance(doc.data, list) and not doc.data:
+        return doc.problem((), "the list of rules is empty")
+    if not isinstance(doc.data, dict | list):
+        what = type(doc.data).__name__
+        message = f"a rule file must hold a rule (a mapping) or a list of rules, not a {what}"
+        return doc.problem((), message)
+    return None
+
+
+def _check_rule(candidate: _Candidate, config: Config | None) -> None:
+    """Check what the schema cannot: ``when``, templates, approvals, references."""
+    _check_when(candidate)
+    _check_approvals(candidate)
+    actions = candidate.data.get("actions")
+    if not isinstance(actions, list):
+        return
+    has_release = any(isinstance(a, dict) and "release" in a for a in actions)
+    for index, kind, body in _well_formed_actions(actions):
+        path: PathParts = ("actions", index, kind)
+        if kind == "notify":
+            _check_message(candidate, path, body, has_release)
+        if config is not None:
+            _check_references(candidate, path, kind, body, config)
+
+
+def _well_formed_actions(actions: list[Any]) -> list[tuple[int, str, dict[str, Any]]]:
+    """(index, kind, body) of each action shaped like ``{kind: {...}}``."""
+    found = []
+    for index, action in enumerate(actions):
+        if isinstance(action, dict) and len(action) == 1:
+            kind, body = next(iter(action.items()))
+            if kind in _ACTION_KINDS and isinstance(body, dict):
+                found.append((index, kind, body))
+    return found
+
+
+def _check_when(candidate: _Candidate) -> None:
+    text = candidate.data.get("when")
+    if not isinstance(text, str) or not text or len(text) > MAX_EXPRESSION_CHARS:
+        return  # the schema says what is wrong
+    try:
+        candidate.condition = compile_condition(text)
+    except ExpressionError as error:
+        node = candidate.doc.node_at((*candidate.prefix, "when"))
+        for found in error.problems:
+            line, column = scalar_position(candidate.doc.text, node, found.offset)
+            candidate.problems.append(
+                Problem(
+                    candidate.doc.file,
+                    line,
+                    column,
+                    _expression_message(found),
+                    format_path((*candidate.prefix, "when")),
+                    candidate.rule_id,
+                )
+            )
+
+
+def _expression_message(found: ExpressionProblem) -> str:
+    fragment = found.fragment.strip()
+    if not fragment or fragment in found.message:
+        return found.message
+    return f"{found.message} at {shorten(fragment)!r}"
+
+
+def _check_approvals(candidate: _Candidate) -> None:
+    approvals = candidate.data.get("approvals")
+    if not isinstance(approvals, dict):
+        return
+    required, approvers = approvals.get("required"), approvals.get("from")
+    if isinstance(required, int) and isinstance(approvers, list) and required > len(approvers):
+        noun = "approver is" if len(approvers) == 1 else "approvers are"
+        message = f"requires {required} approvals but only {len(approvers)} {noun} listed in 'from'"
+        candidate.problems.append(candidate.problem(("approvals", "required"), message))
+
+
+def _check_message(
+    candidate: _Candidate, path: PathParts, body: Mapping[str, Any], has_release: bool
+) -> None:
+    message = body.get("message")
+    if not isinstance(message, str):
+        return
+    node = candidate.doc.node_at((*candidate.prefix, *path, "message"))
+    for found in check_template(message, allowed_names(has_release=has_release)):
+        line, column = scalar_position(candidate.doc.text, node, found.offset)
+        candidate.problems.append(
+            Problem(
+                candidate.doc.file,
+                line,
+                column,
+                found.message,
+                format_path((*candidate.prefix, *path, "message")),
+                candidate.rule_id,
+            )
+        )
+
+
+def _check_references(
+    candidate: _Candidate, path: PathParts, kind: str, body: Mapping[str, Any], config: Config
+) -> None:
+    target = body.get("target")
+    if isinstance(target, str) and target not in config.targets:
+        message = _unknown_name_message("target", target, list(config.targets), config)
+        candidate.problems.append(candidate.problem((*path, "target"), message))
+    if kind == "release":
+        _check_escrow(candidate, path, body, config)
+
+
+def _check_escrow(
+    candidate: _Candidate, path: PathParts, body: Mapping[str, Any], config: Config
+) -> None:
+    name = body.get("escrow")
+    if not isinstance(name, str):
+        return
+    escrow = config.escrows.get(name)
+    if escrow is None:
+        message = _unknown_name_message("escrow", name, list(config.escrows), config)
+        candidate.problems.append(candidate.problem((*path, "escrow"), message))
+        return
+    currency = body.get("currency")
+    if isinstance(currency, str) and currency != escrow.currency:
+        message = (
+            f"currency {currency} does not match escrow {name!r}, which holds {escrow.currency}"
+        )
+        candidate.problems.append(candidate.problem((*path, "currency"), message))
+    amount = _decimal(body.get("amount"))
+    if amount is not None and amount > escrow.limit:
+        message = (
+            f"amount {amount} is above the limit of escrow {name!r} "
+            f"({escrow.limit} {escrow.currency}): this release could never be sent"
+        )
+        candidate.problems.append(candidate.problem((*path, "amount"), message))
+
+
+def _decimal(value: Any) -> Decimal | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        return None
+    return amount if amount.is_finite() else None
+
+
+def _unknown_name_message(what: str, name: str, known: list[str], config: Config) -> str:
+    where = config.path.name if config.path is not None else "the config"
+    message = f"unknown {what} {name!r}"
+    if not known:
+        return message + f": no {what}s are declared in {where}"
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        message += f"; did you mean {close[0]!r}?"
+    return message + f" ({what}s in {where}: {', '.join(sorted(known))})"
+
+
+def _duplicate_id_problems(candidates: list[_Candidate]) -> list[Problem]:
+    """A problem at each repeated rule id, naming where the id was first used."""
+    first: dict[str, _Candidate] = {}
+    problems = []
+    for candidate in candidates:
+        rule_id = candidate.rule_id
+        if rule_id is None:
+            continue
+        if rule_id not in first:
+            first[rule_id] = candidate
+            continue
+        earlier = first[rule_id]
+        line, column = earlier.doc.position((*earlier.prefix, "id"))
+        message = (
+            f"duplicate rule id {rule_id!r}: already used at {earlier.doc.file}:{line}:{column}"
+        )
+        problems.append(candidate.problem(("id",), message))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def _build_rule(candidate: _Candidate) -> Rule:
+    """The typed ``Rule`` of a candidate that passed every check."""
+    data = candidate.data
+    assert candidate.condition is not None  # set by _check_when for every valid rule
+    return Rule(
+        id=data["id"],
+        project=data["project"],
+        description=data.get("description", ""),
+        condition=candidate.condition,
+        fire=cast(FireMode, data.get("fire", "once")),
+        actions=tuple(_build_action(action) for action in data["actions"]),
+        approvals=_build_approvals(data.get("approvals")),
+        content_hash=rule_content_hash(data),
+        file=candidate.doc.file,
+        line=candidate.doc.position(candidate.prefix)[0],
+        source=data,
+    )
+
+
+def _build_action(action: Mapping[str, Any]) -> Action:
+    kind, body = next(iter(action.items()))
+    if kind == "release":
+        fields = ("target", "escrow", "amount", "currency", "payee")
+        return ReleaseAction(**{name: body[name] for name in fields})
+    if kind == "notify":
+        return NotifyAction(target=body["target"], message=body["message"])
+    return PipelineAction(
+        target=body["target"], ref=body["ref"], inputs=dict(body.get("inputs", {}))
+    )
+
+
+def _build_approvals(data: Mapping[str, Any] | None) -> Approvals | None:
+    if data is None:
+        return None
+    return Approvals(required=data["required"], from_=tuple(data["from"]))
+
+
+def _canonical_action(action: Any) -> Any:
+    if isinstance(action, dict) and isinstance(action.get("pipeline"), dict):
+        pipeline = dict(action["pipeline"])
+        pipeline.setdefault("inputs", {})
+        return {"pipeline": pipeline}
+    return action

@@ -1,0 +1,131 @@
+"""`gatekeeper check`: exit codes, the three formats, GitHub escaping, every problem shown."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from gatekeeper.check import (
+    escape_data,
+    escape_property,
+    format_problems,
+    github_command,
+    run_check,
+)
+from gatekeeper.config import Config, load_config
+from gatekeeper.problems import Problem
+
+REPO = Path(__file__).parent.parent
+DATA = Path(__file__).parent / "data"
+MULTI = """\
+id: multi
+project: tower-a
+when: opn(task.t1.done)
+fire: always
+actions:
+  - notify: {target: nowhere, message: "hi ${nobody}"}
+"""
+
+
+@pytest.fixture(scope="module")
+def config() -> Config:
+    return load_config(DATA / "good_rules" / "gatekeeper.yaml")
+
+
+def check(paths: list[Path], config: Config | None, fmt: str = "text") -> tuple[int, str]:
+    out = io.StringIO()
+    code = run_check(paths, config, fmt, out)  # type: ignore[arg-type]
+    return code, out.getvalue()
+
+
+@pytest.fixture
+def multi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    Path("multi.yaml").write_text(MULTI)
+    return Path("multi.yaml")
+
+
+def test_bundled_rules_pass(config: Config) -> None:
+    code, out = check([REPO / "rules"], config)
+    assert code == 0
+    assert out == "SUCCESS: 5 rules found in 3 files\n"
+
+
+def test_no_paths_checks_the_configured_rules_dir(config: Config) -> None:
+    code, out = check([], config)
+    assert (code, out) == (0, "SUCCESS: 4 rules found in 3 files\n")
+
+
+def test_text_lists_every_problem_then_fails(config: Config, multi: Path) -> None:
+    code, out = check([multi], config)
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[-1] == "FAILED: 4 problems in 1 file"
+    assert [line.split(": ", 3)[:3] for line in lines[:-1]] == [
+        ["multi.yaml:3:7", "rule 'multi'", "when"],
+        ["multi.yaml:4:7", "rule 'multi'", "fire"],
+        ["multi.yaml:6:22", "rule 'multi'", "actions[0].notify.target"],
+        ["multi.yaml:6:44", "rule 'multi'", "actions[0].notify.message"],
+    ]
+
+
+def test_json_report_parses(config: Config, multi: Path) -> None:
+    code, out = check([multi], config, "json")
+    report = json.loads(out)
+    assert code == 1
+    assert (report["valid"], report["rules"], report["files"]) == (False, 1, 1)
+    assert len(report["problems"]) == 4
+    assert set(report["problems"][0]) == {"file", "line", "column", "path", "rule_id", "message"}
+    code, out = check([REPO / "rules"], config, "json")
+    assert (code, json.loads(out)) == (0, {"valid": True, "rules": 5, "files": 3, "problems": []})
+
+
+def test_github_annotations(config: Config, multi: Path) -> None:
+    code, out = check([multi], config, "github")
+    lines = out.splitlines()
+    assert code == 1
+    assert lines[-1] == "FAILED: 4 problems in 1 file"
+    assert all(line.startswith("::error file=multi.yaml,line=") for line in lines[:-1])
+    assert lines[2].startswith(
+        "::error file=multi.yaml,line=6,col=22,title=gatekeeper check::"
+        "rule 'multi': actions[0].notify.target: unknown target 'nowhere'"
+    )
+    code, out = check([REPO / "rules"], config, "github")
+    assert (code, out) == (0, "SUCCESS: 5 rules found in 3 files\n")
+
+
+def test_github_escaping() -> None:
+    assert escape_data("100% done\r\nnext: a, b") == "100%25 done%0D%0Anext: a, b"
+    assert escape_property("dir: a,b%\n") == "dir%3A a%2Cb%25%0A"
+    problem = Problem("odd,name:1.yaml", 3, 4, "bad\nthing: 50%", "when", "r,1")
+    assert github_command(problem) == (
+        "::error file=odd%2Cname%3A1.yaml,line=3,col=4,title=gatekeeper check::"
+        "rule 'r,1': when: bad%0Athing: 50%25"
+    )
+    no_line = Problem("gone.yaml", 0, 0, "no such file or directory")
+    assert github_command(no_line) == (
+        "::error file=gone.yaml,title=gatekeeper check::no such file or directory"
+    )
+
+
+def test_without_config_references_are_not_checked(multi: Path) -> None:
+    code, out = check([multi], None)
+    assert code == 1
+    assert "unknown target" not in out
+    assert out.splitlines()[-1] == "FAILED: 3 problems in 1 file"
+
+
+def test_several_paths_and_files(config: Config, tmp_path: Path) -> None:
+    bad = DATA / "bad_rules"
+    code, out = check([bad / "bad_fire.yaml", bad / "duplicate_id", tmp_path / "gone.yaml"], config)
+    assert code == 1
+    assert out.splitlines()[-1] == "FAILED: 3 problems in 3 files"
+    assert "already used at" in out
+
+
+def test_format_problems_is_one_line_each() -> None:
+    problems = [Problem("a.yaml", 1, 2, "m", "id", "r"), Problem("b.yaml", 0, 0, "gone")]
+    assert format_problems(problems) == ["a.yaml:1:2: rule 'r': id: m", "b.yaml: gone"]

@@ -1,0 +1,223 @@
+"""gatekeeper.yaml: defaults, paths relative to the file, every problem located, secrets."""
+
+from __future__ import annotations
+
+import textwrap
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from gatekeeper.config import (
+    Config,
+    ConfigError,
+    DeliveryPolicy,
+    find_default_config,
+    load_config,
+    parse_listen,
+    resolve_secrets,
+)
+
+GOOD_CONFIG = Path(__file__).parent / "data" / "good_rules" / "gatekeeper.yaml"
+
+
+def write_config(folder: Path, text: str) -> Path:
+    path = folder / "gatekeeper.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems_of(path: Path) -> list[tuple[int, int, str, str]]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return [(p.line, p.column, p.path, p.message) for p in caught.value.problems]
+
+
+def test_no_config_means_defaults_relative_to_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None)
+    assert (config.listen_host, config.listen_port) == ("127.0.0.1", 8080)
+    assert config.database == tmp_path / "gatekeeper.db"
+    assert config.rules_dir == tmp_path / "rules"
+    assert config.max_body_bytes == 1024 * 1024
+    assert (config.targets, config.escrows, config.path) == ({}, {}, None)
+
+
+def test_empty_file_means_defaults_relative_to_its_folder(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "# nothing set\n")
+    config = load_config(path)
+    assert config.rules_dir == tmp_path / "rules"
+    assert config.path == path
+
+
+def test_paths_are_resolved_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "deploy").mkdir()
+    monkeypatch.chdir(tmp_path)
+    absolute = tmp_path / "elsewhere" / "gk.db"
+    write_config(
+        tmp_path / "deploy",
+        f"""\
+        database: {absolute}
+        rules_dir: ../rules
+        """,
+    )
+    config = load_config(Path("deploy/gatekeeper.yaml"))
+    assert config.database == absolute
+    assert config.rules_dir == tmp_path / "deploy" / ".." / "rules"
+    assert config.rules_dir.resolve() == tmp_path / "rules"
+
+
+def test_full_config_is_typed() -> None:
+    config = load_config(GOOD_CONFIG)
+    bank = config.targets["escrow-bank"]
+    assert (bank.url, bank.secret_env, bank.kind, bank.format) == (
+        "https://bank.example/api/releases",
+        "ESCROW_BANK_SECRET",
+        "webhook",
+        "json",
+    )
+    assert bank.delivery == DeliveryPolicy(12, 86400.0, 5.0, 3600.0, 15.0)
+    assert isinstance(bank.delivery.max_age_s, float)
+    assert config.targets["finance-chat"].format == "slack"
+    assert config.targets["finance-chat"].delivery == DeliveryPolicy()
+    escrow = config.escrows["tower-a-escrow"]
+    assert (escrow.currency, escrow.limit) == ("USD", Decimal("50000.00"))
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("127.0.0.1:8080", ("127.0.0.1", 8080)),
+        ("localhost:0", ("localhost", 0)),
+        ("[::1]:9000", ("::1", 9000)),
+        ("0.0.0.0:65535", ("0.0.0.0", 65535)),
+    ],
+)
+def test_listen_is_host_and_port(listen: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(listen) == expected
+
+
+@pytest.mark.parametrize(
+    ("listen", "fragment"),
+    [
+        ("localhost", "is not host:port"),
+        (":8080", "is not host:port"),
+        ("host:http", "is not host:port"),
+        ("host:70000", "port 70000 is not in 0..65535"),
+        ("::1:8080", "put an IPv6 address in brackets"),
+    ],
+)
+def test_bad_listen_is_located(tmp_path: Path, listen: str, fragment: str) -> None:
+    path = write_config(tmp_path, f'database: x.db\nlisten: "{listen}"\n')
+    [(line, column, key, message)] = problems_of(path)
+    assert (line, column, key) == (2, 9, "listen")
+    assert fragment in message
+
+
+def test_unknown_key_is_an_error(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        """\
+        listen: 127.0.0.1:8080
+        tokens:
+          - {subject: alice, sha256: abc}
+        """,
+    )
+    [(line, column, key, message)] = problems_of(path)
+    assert (line, column, key) == (2, 1, "tokens")
+    assert message.startswith("unknown key 'tokens' (allowed: listen, database, rules_dir,")
+
+
+def test_every_problem_is_reported(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        """\
+        listen: nowhere
+        max_body_bytes: 0
+        targets:
+          Bank:
+            url: ftp://bank.example
+            secret_env: bank-secret
+            format: xml
+            delivery: {backoff_base_s: 10, backoff_cap_s: 5, max_attempts: 0, retries: 3}
+          chat: {secret_env: CHAT}
+        escrows:
+          tower-a-escrow: {currency: usd, limit: 20000.00}
+        """,
+    )
+    found = problems_of(path)
+    assert [(line, key) for line, _, key, _ in found] == [
+        (1, "listen"),
+        (2, "max_body_bytes"),
+        (4, "targets.Bank"),
+        (5, "targets.Bank.url"),
+        (6, "targets.Bank.secret_env"),
+        (7, "targets.Bank.format"),
+        (8, "targets.Bank.delivery.backoff_base_s"),
+        (8, "targets.Bank.delivery.max_attempts"),
+        (8, "targets.Bank.delivery.retries"),
+        (9, "targets.chat"),
+        (11, "escrows.tower-a-escrow.currency"),
+        (11, "escrows.tower-a-escrow.limit"),
+    ]
+    messages = {key: message for _, _, key, message in found}
+    assert messages["targets.Bank"].startswith("'Bank' is not a valid target name")
+    assert messages["targets.Bank.url"] == (
+        "'ftp://bank.example' is not an http(s) URL (e.g. https://bank.example/api/releases)"
+    )
+    assert messages["targets.Bank.format"] == "must be one of: json, slack (got the string 'xml')"
+    assert messages["targets.chat"] == "missing required key 'url'"
+    assert messages["max_body_bytes"] == "must be at least 1 (got 0)"
+    assert 'quote it: "20000.00"' in messages["escrows.tower-a-escrow.limit"]
+
+
+def test_yaml_syntax_error_is_located(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "targets: {a: 1\nlisten: x\n")
+    [(line, _, _, message)] = problems_of(path)
+    assert line == 2
+    assert message.startswith("invalid YAML:")
+
+
+def test_not_a_mapping_and_missing_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "- listen\n")
+    assert "must be a mapping of settings" in problems_of(path)[0][3]
+    [(line, _, _, message)] = problems_of(tmp_path / "missing.yaml")
+    assert line == 0
+    assert message.startswith("cannot read the config file")
+
+
+def test_missing_secrets_name_the_variable_never_a_value() -> None:
+    config = load_config(GOOD_CONFIG)
+    environ = {"ESCROW_BANK_SECRET": "whsec_top-secret-value", "CI_SECRET": ""}
+    with pytest.raises(ConfigError) as caught:
+        resolve_secrets(config, environ)
+    messages = [p.message for p in caught.value.problems]
+    assert messages == [
+        "environment variable CHAT_SECRET is not set "
+        "(needed by targets 'finance-chat', 'site-ops')",
+        "environment variable CI_SECRET is set but empty (needed by target 'ci-construction-docs')",
+    ]
+    assert "top-secret" not in str(caught.value)
+    assert caught.value.problems[0].file == str(GOOD_CONFIG)
+
+
+def test_secrets_resolve_per_target() -> None:
+    config = load_config(GOOD_CONFIG)
+    environ = {"ESCROW_BANK_SECRET": "a", "CHAT_SECRET": "b", "CI_SECRET": "c", "OTHER": "d"}
+    assert resolve_secrets(config, environ) == {
+        "escrow-bank": "a",
+        "finance-chat": "b",
+        "site-ops": "b",
+        "ci-construction-docs": "c",
+    }
+    assert resolve_secrets(Config(), {}) == {}
+
+
+def test_find_default_config(tmp_path: Path) -> None:
+    assert find_default_config(tmp_path) is None
+    path = write_config(tmp_path, "")
+    assert find_default_config(tmp_path) == path
