@@ -100,6 +100,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     if args.listen:
         host, _, port = args.listen.rpartition(":")
         if not host or not port.isdigit():

@@ -245,6 +245,16 @@ class Daemon:
             return False
         self.config = config
         self.secrets = secrets
+        if self.engine is not None and self.engine.ruleset.version == result.ruleset.version:
+            now = format_rfc3339(self.clock.now())
+            self.reload_status = ReloadStatus(
+                ok=True,
+                attempted_at=now,
+                active_since=self.reload_status.active_since,
+                source="rules directory",
+            )
+            log.info("ruleset %s unchanged", result.ruleset.version[:12])
+            return True
         await self._activate(result.ruleset, trigger_source="rules directory")
         return True
 
@@ -313,7 +323,7 @@ class Daemon:
             "id": rule.id,
             "project": rule.project,
             "description": rule.description,
-            "when": rule.condition.text,
+            "when": rule.condition.text.strip(),
             "fire": rule.fire,
             "file": rule.file,
             "line": rule.line,

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from gatekeeper.clock import format_rfc3339
 from gatekeeper.expressions import Evaluation, FactRef
 from gatekeeper.rules import Action, NotifyAction, PipelineAction, ReleaseAction, Rule, Ruleset
-from gatekeeper.templates import render_template
+from gatekeeper.templates import render_template, template_values
 
 FactKey = tuple[str, str, str]
 """(project, kind, id)"""
@@ -298,7 +298,7 @@ class Engine:
             new_state = replace(
                 new_state, fired_count=state.fired_count + 1, last_fired_at=decided_at
             )
-            transition.actions.extend(render_actions(rule, firing_id, decided_at))
+            transition.actions.extend(render_actions(rule, firing_id, now))
         transition.rule_states[rule.id] = new_state
         transition.decisions.append(
             Decision(
@@ -345,23 +345,8 @@ def approvals_status(rule: Rule) -> dict[str, Any]:
     }
 
 
-def template_values(rule: Rule, fired_at: str) -> dict[str, str]:
-    """The ``${name}`` values of a rule's messages: rule_id, project, fired_at and the fields
-    of its own ``release`` action (amount, currency, payee, escrow)."""
-    values = {"rule_id": rule.id, "project": rule.project, "fired_at": fired_at}
-    release = rule.release
-    if release is not None:
-        values.update(
-            amount=release.amount,
-            currency=release.currency,
-            payee=release.payee,
-            escrow=release.escrow,
-        )
-    return values
-
-
-def render_actions(rule: Rule, firing_id: str, fired_at: str) -> list[QueuedAction]:
-    """The actions one firing queues, each with a fresh stable id."""
+def render_actions(rule: Rule, firing_id: str, fired_at: datetime) -> list[QueuedAction]:
+    """The actions one firing queues, each with a fresh id that stays stable across retries."""
     values = template_values(rule, fired_at)
     queued = []
     for action in rule.actions:
@@ -377,7 +362,7 @@ def render_actions(rule: Rule, firing_id: str, fired_at: str) -> list[QueuedActi
                 rule_id=rule.id,
                 firing_id=firing_id,
                 payload=payload,
-                created_at=fired_at,
+                created_at=values["fired_at"],
             )
         )
     return queued
