@@ -42,6 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(check)
     check.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="files or folders")
     check.add_argument("--format", choices=["text", "json", "github"], default="text")
+
+    actions = commands.add_parser("actions", help="the outbox of a running daemon")
+    actions_commands = actions.add_subparsers(dest="actions_command", required=True)
+    listing = actions_commands.add_parser("list", help="list queued, delivered and dead actions")
+    listing.add_argument("--status", choices=["pending", "delivered", "dead"])
+    listing.add_argument("--limit", type=int, default=100)
+    retry = actions_commands.add_parser("retry", help="requeue dead letters")
+    retry.add_argument("action_ids", nargs="+", metavar="ACTION_ID")
+    retry.add_argument("--reason", help="why (kept in the audit log)")
+    for sub in (listing, retry):
+        _add_config_option(sub)
+        sub.add_argument(
+            "--url", help="the daemon's base URL (default: from the config's listen address)"
+        )
+        sub.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -77,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if args.command == "check" else EXIT_FAILED
     if args.command == "check":
         return _check(args, config)
+    if args.command == "actions":
+        from gatekeeper.client import run_actions_command
+
+        return run_actions_command(args, config)
     return _serve(args, config)
 
 
@@ -139,7 +158,9 @@ async def _serve_async(config: Config) -> int:
         log.error("cannot start: %s", exc)
         await daemon.store.close()
         return EXIT_FAILED
-    runner = web.AppRunner(create_app(daemon), handle_signals=False)
+    runner = web.AppRunner(
+        create_app(daemon), handle_signals=False, shutdown_timeout=config.shutdown_grace_s
+    )
     await runner.setup()
     site = web.TCPSite(runner, config.listen_host, config.listen_port)
     try:

@@ -82,6 +82,9 @@ class Config:
     targets: Mapping[str, Target] = field(default_factory=dict)
     escrows: Mapping[str, Escrow] = field(default_factory=dict)
     path: Path | None = None
+    alert_target: str | None = None
+    idempotency_window_s: float = 86400.0
+    shutdown_grace_s: float = 10.0
 
 
 class ConfigError(Exception):
@@ -198,6 +201,11 @@ def _semantic_problems(doc: YamlDocument, data: Mapping[str, Any]) -> list[Probl
         except ValueError as error:
             problems.append(doc.problem(("listen",), str(error)))
     targets = data.get("targets")
+    alert = data.get("alert_target")
+    if isinstance(alert, str) and alert not in (targets if isinstance(targets, dict) else {}):
+        known = ", ".join(sorted(targets)) if isinstance(targets, dict) and targets else "none"
+        message = f"alert_target {alert!r} is not one of the targets (known: {known})"
+        problems.append(doc.problem(("alert_target",), message))
     for name, target in targets.items() if isinstance(targets, dict) else []:
         delivery = target.get("delivery") if isinstance(target, dict) else None
         if isinstance(delivery, dict) and not _backoff_ok(delivery):
@@ -227,6 +235,9 @@ def _build(data: Mapping[str, Any], path: Path) -> Config:
         targets={name: _build_target(name, t) for name, t in data.get("targets", {}).items()},
         escrows={name: _build_escrow(name, e) for name, e in data.get("escrows", {}).items()},
         path=path,
+        alert_target=data.get("alert_target"),
+        idempotency_window_s=float(data.get("idempotency_window_s", 86400.0)),
+        shutdown_grace_s=float(data.get("shutdown_grace_s", 10.0)),
     )
 
 

@@ -17,8 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import ChainMap
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import watchfiles
@@ -26,17 +29,60 @@ import watchfiles
 from gatekeeper.clock import Clock, SystemClock, format_rfc3339
 from gatekeeper.config import Config, ConfigError, Target, load_config, resolve_secrets
 from gatekeeper.delivery import Dispatcher
-from gatekeeper.engine import Engine, FactInput, FactTable, RuleState, Transition
+from gatekeeper.engine import (
+    Engine,
+    FactInput,
+    FactTable,
+    IdempotencyRecord,
+    RuleState,
+    Transition,
+)
+from gatekeeper.ledger import EscrowBook
 from gatekeeper.loader import LoadResult, load_rule_texts, load_rules_dir
 from gatekeeper.problems import Problem
 from gatekeeper.rules import Rule, Ruleset
-from gatekeeper.store import SqliteStore
+from gatekeeper.store import OutboxEntry, SqliteStore
 
 log = logging.getLogger("gatekeeper.daemon")
 
 
+MAX_GROUP_COMMIT = 256
+"""At most this many fact batches share one transaction."""
+HOUSEKEEPING_INTERVAL_S = 60.0
+
+
 class StartupError(Exception):
     """The daemon cannot start; the message says why (never a secret's value)."""
+
+
+class ShuttingDown(Exception):
+    """The daemon is stopping and takes no new facts."""
+
+
+class IdempotencyConflict(Exception):
+    """An ``Idempotency-Key`` was reused with a different request."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"Idempotency-Key {key!r} was already used with a different request")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """The answer to an ingest: the facts' sequence numbers, the request id that applied
+    them, and whether this is a repeat answered from an ``Idempotency-Key``."""
+
+    seqs: list[int]
+    request_id: str | None
+    replayed: bool
+
+
+@dataclass
+class _IngestJob:
+    batch: list[FactInput]
+    request_id: str | None
+    idempotency: IdempotencyRecord | None
+    result: asyncio.Future[IngestResult]
 
 
 @dataclass
@@ -84,12 +130,15 @@ class Daemon:
         self.facts = FactTable()
         self.states: dict[str, RuleState] = {}
         self.engine: Engine | None = None
+        self.book = EscrowBook(config.escrows)
         self.reload_status = ReloadStatus()
         self.secrets: dict[str, str] = {}
         self.dispatcher = Dispatcher(
             self.store, lambda: self.config.targets, lambda: self.secrets, self.clock
         )
         self._write_lock = asyncio.Lock()
+        self._ingest_queue: asyncio.Queue[_IngestJob] = asyncio.Queue()
+        self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_watching = asyncio.Event()
 
@@ -107,15 +156,31 @@ class Daemon:
         await self.store.open()
         self.facts = FactTable(await self.store.load_facts())
         self.states = await self.store.load_rule_states()
+        committed = await self.store.escrow_totals()
+        self.book = EscrowBook(
+            self.config.escrows,
+            {
+                escrow: sum(by_status.values(), Decimal(0))
+                for escrow, by_status in committed.items()
+            },
+        )
         await self._load_initial_ruleset()
+        self._tasks.append(asyncio.create_task(self._write_forever(), name="writer"))
         self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="dispatcher"))
         self._tasks.append(asyncio.create_task(self._tick_forever(), name="clock-ticks"))
+        self._tasks.append(asyncio.create_task(self._housekeep_forever(), name="housekeeping"))
         if self.watch:
             self._tasks.append(asyncio.create_task(self._watch_forever(), name="watcher"))
 
-    async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop watching and ticking, let deliveries in progress finish, close the store."""
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop in stages: take no new facts, commit the ones already queued, stop watching
+        and ticking, let deliveries in progress finish for up to ``grace_s`` seconds
+        (default: the config's ``shutdown_grace_s``), then close the store. Actions not yet
+        delivered stay in the outbox and resume at the next start."""
+        grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
+        self._closing = True
         self._stop_watching.set()
+        await self._drain_ingest_queue(grace_s)
         await self.dispatcher.stop(grace_s)
         for task in self._tasks:
             task.cancel()
@@ -125,6 +190,14 @@ class Daemon:
         self._tasks.clear()
         async with self._write_lock:
             await self.store.close()
+
+    async def _drain_ingest_queue(self, grace_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while not self._ingest_queue.empty() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        async with self._write_lock:  # the group being committed, if any, is done
+            pass
 
     async def _load_initial_ruleset(self) -> None:
         result = load_rules_dir(self.config.rules_dir, self.config)
@@ -158,22 +231,149 @@ class Daemon:
 
     # -- ingest -------------------------------------------------------------------------
 
-    async def ingest(self, batch: list[FactInput], request_id: str | None = None) -> list[int]:
-        """Apply a batch of facts atomically; return their sequence numbers once committed."""
+    async def ingest(
+        self,
+        batch: list[FactInput],
+        request_id: str | None = None,
+        idempotency: IdempotencyRecord | None = None,
+    ) -> IngestResult:
+        """Apply a batch of facts atomically; answer once it is committed (fsynced).
+
+        Batches arriving together are committed in one transaction (group commit), each
+        still all-or-nothing. With ``idempotency``, a key seen before with the same request
+        hash returns the first answer (``replayed``) and applies nothing; with another hash
+        it raises ``IdempotencyConflict``. Raises ``ShuttingDown`` once ``stop()`` began.
+        """
+        if self._closing:
+            raise ShuttingDown("gatekeeper is shutting down")
+        job = _IngestJob(batch, request_id, idempotency, asyncio.get_running_loop().create_future())
+        self._ingest_queue.put_nowait(job)
+        # the commit goes on even if the client goes away: shield the job from cancellation
+        return await asyncio.shield(job.result)
+
+    async def _write_forever(self) -> None:
+        """The single writer: takes every batch queued meanwhile and commits them together."""
+        while True:
+            jobs = [await self._ingest_queue.get()]
+            while not self._ingest_queue.empty() and len(jobs) < MAX_GROUP_COMMIT:
+                jobs.append(self._ingest_queue.get_nowait())
+            try:
+                await self._commit_group(jobs)
+            except Exception as exc:  # never let the writer die; fail these jobs instead
+                log.exception("committing %d fact batch(es) failed", len(jobs))
+                for job in jobs:
+                    if not job.result.done():
+                        job.result.set_exception(exc)
+
+    async def _commit_group(self, jobs: list[_IngestJob]) -> None:
         async with self._write_lock:
-            engine = self._engine()
-            transition = engine.plan_ingest(self.facts, self.states, batch, self.clock.now())
-            transition.request_id = request_id
-            seqs = await self.store.commit_transition(transition)
-            self._apply(transition)
+            planned = await self._plan_group(jobs)
+            if not planned:
+                return
+            try:
+                results = await self.store.commit_transitions([t for _, t in planned])
+            except Exception:
+                if len(planned) == 1:
+                    raise
+                log.warning(
+                    "group commit of %d batches failed; committing one by one", len(planned)
+                )
+                planned_jobs = [job for job, _ in planned]
+                for job in planned_jobs:
+                    await self._commit_alone(job)
+                return
+            for (job, transition), seqs in zip(planned, results, strict=True):
+                self._apply(transition)
+                job.result.set_result(IngestResult(seqs, job.request_id, replayed=False))
+                self._log_firings(transition)
+
+    async def _commit_alone(self, job: _IngestJob) -> None:
+        try:
+            planned = await self._plan_group([job])
+            if planned:
+                _, transition = planned[0]
+                seqs = await self.store.commit_transition(transition)
+                self._apply(transition)
+                job.result.set_result(IngestResult(seqs, job.request_id, replayed=False))
+                self._log_firings(transition)
+        except Exception as exc:
+            log.exception("committing a fact batch failed; nothing of it was applied")
+            job.result.set_exception(exc)
+
+    async def _plan_group(self, jobs: list[_IngestJob]) -> list[tuple[_IngestJob, Transition]]:
+        """Plan each job on top of the ones before it (nothing is applied yet); answer the
+        idempotent repeats and conflicts right away."""
+        engine = self._engine()
+        now = self.clock.now()
+        facts = self.facts.overlay()
+        states: dict[str, RuleState] = {}
+        all_states = ChainMap(states, self.states)
+        book = self.book.copy()
+        keys: dict[str, _IngestJob] = {}
+        planned: list[tuple[_IngestJob, Transition]] = []
+        for job in jobs:
+            if job.idempotency is not None:
+                earlier = keys.get(job.idempotency.key)
+                if earlier is not None:  # the same key twice in one group: wait for the first
+                    self._answer_after(earlier, job)
+                    continue
+                if await self._answer_repeat(job):
+                    continue
+                keys[job.idempotency.key] = job
+            transition = engine.plan_ingest(facts, all_states, job.batch, now, book)
+            transition.request_id = job.request_id
+            transition.idempotency = job.idempotency
+            for fact in job.batch:
+                facts.put(fact.key, fact.data)
+            states.update(transition.rule_states)
+            planned.append((job, transition))
+        return planned
+
+    async def _answer_repeat(self, job: _IngestJob) -> bool:
+        """Answer ``job`` from its stored idempotency key, if it has been seen."""
+        assert job.idempotency is not None
+        stored = await self.store.find_idempotency_key(job.idempotency.key)
+        if stored is None:
+            return False
+        if stored["request_hash"] != job.idempotency.request_hash:
+            job.result.set_exception(IdempotencyConflict(job.idempotency.key))
+        else:
+            job.result.set_result(IngestResult(stored["seqs"], stored["request_id"], replayed=True))
+        return True
+
+    def _answer_after(self, first: _IngestJob, job: _IngestJob) -> None:
+        assert job.idempotency is not None and first.idempotency is not None
+        if first.idempotency.request_hash != job.idempotency.request_hash:
+            job.result.set_exception(IdempotencyConflict(job.idempotency.key))
+            return
+
+        def copy(done: asyncio.Future[IngestResult]) -> None:
+            if done.exception() is not None:
+                job.result.set_exception(done.exception())  # type: ignore[arg-type]
+            else:
+                result = done.result()
+                job.result.set_result(IngestResult(result.seqs, result.request_id, True))
+
+        first.result.add_done_callback(copy)
+
+    def _log_firings(self, transition: Transition) -> None:
         for decision in transition.fired:
-            log.info("rule fired: %s (%s)", decision.rule_id, decision.firing_id)
-        return seqs
+            if decision.outcome == "blocked":
+                log.error(
+                    "rule %s blocked (%s): %s",
+                    decision.rule_id,
+                    decision.firing_id,
+                    decision.reason,
+                )
+            else:
+                log.info("rule fired: %s (%s)", decision.rule_id, decision.firing_id)
 
     def _apply(self, transition: Transition) -> None:
         for fact in transition.facts:
             self.facts.put(fact.key, fact.data)
         self.states.update(transition.rule_states)
+        for entry in transition.ledger:
+            self.book.commit(entry.escrow, entry.amount)
         if transition.actions:
             self.dispatcher.wake()
 
@@ -187,14 +387,14 @@ class Daemon:
     async def _activate(self, ruleset: Ruleset, trigger_source: str) -> None:
         """Make ``ruleset`` live: store it and evaluate new and changed rules at once."""
         async with self._write_lock:
-            engine = Engine(ruleset)
+            engine = Engine(ruleset, alert_target=self.config.alert_target)
             changed = [
                 rule
                 for rule in ruleset.rules
                 if self.states.get(rule.id, RuleState(rule.id)).rule_hash != rule.content_hash
             ]
             transition = engine.plan_rules(
-                self.facts, self.states, changed, self.clock.now(), "reload"
+                self.facts, self.states, changed, self.clock.now(), "reload", book=self.book.copy()
             )
             transition.ruleset = ruleset
             await self.store.commit_transition(transition)
@@ -213,8 +413,7 @@ class Daemon:
             len(changed),
             "" if previous is None else f", replacing {previous.ruleset.version[:12]}",
         )
-        for decision in transition.fired:
-            log.info("rule fired: %s (%s)", decision.rule_id, decision.firing_id)
+        self._log_firings(transition)
 
     async def reload(self) -> bool:
         """Re-read ``gatekeeper.yaml`` (when there is one) and the rules directory.
@@ -245,6 +444,7 @@ class Daemon:
             return False
         self.config = config
         self.secrets = secrets
+        self.book = EscrowBook(config.escrows, self.book.committed)
         if self.engine is not None and self.engine.ruleset.version == result.ruleset.version:
             now = format_rfc3339(self.clock.now())
             self.reload_status = ReloadStatus(
@@ -305,14 +505,27 @@ class Daemon:
                 engine.time_dependent,
                 self.clock.now(),
                 "time",
+                book=self.book.copy(),
                 record_unchanged=False,
             )
             if transition.decisions:
                 await self.store.commit_transition(transition)
                 self._apply(transition)
-        for decision in transition.fired:
-            log.info("rule fired: %s (%s) as time passed", decision.rule_id, decision.firing_id)
+        self._log_firings(transition)
         return transition
+
+    async def _housekeep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+            try:
+                await self.purge_idempotency_keys()
+            except Exception:
+                log.exception("housekeeping failed; retrying later")
+
+    async def purge_idempotency_keys(self) -> int:
+        """Forget ``Idempotency-Key``s older than the config's ``idempotency_window_s``."""
+        window = timedelta(seconds=self.config.idempotency_window_s)
+        return await self.store.purge_idempotency_keys(format_rfc3339(self.clock.now() - window))
 
     # -- views ----------------------------------------------------------------------------
 
@@ -342,10 +555,42 @@ class Daemon:
     def targets(self) -> Mapping[str, Target]:
         return self.config.targets
 
+    async def retry_action(
+        self, action_id: str, *, actor: str, reason: str | None
+    ) -> OutboxEntry | None:
+        """Requeue dead letter ``action_id``, an audited admin act (``Store.requeue_action``)."""
+        entry = await self.store.requeue_action(
+            action_id, format_rfc3339(self.clock.now()), actor, reason
+        )
+        if entry is not None:
+            log.warning("action %s requeued by %s: %s", action_id, actor, reason or "no reason")
+            self.dispatcher.wake()
+        return entry
+
+    async def escrow_report(self) -> list[dict[str, Any]]:
+        """Per escrow: currency, limit, released (delivered), pending, dead (unconfirmed:
+        counted as possibly paid) and remaining, as decimal strings."""
+        totals = await self.store.escrow_totals()
+        report = []
+        for name in sorted(set(self.config.escrows) | set(totals)):
+            account = self.config.escrows.get(name)
+            by_status = totals.get(name, {})
+            committed = sum(by_status.values(), Decimal(0))
+            report.append(
+                {
+                    "escrow": name,
+                    "currency": account.currency if account else None,
+                    "limit": str(account.limit) if account else None,
+                    "released": str(by_status.get("delivered", Decimal("0.00"))),
+                    "pending": str(by_status.get("pending", Decimal("0.00"))),
+                    "unconfirmed": str(by_status.get("dead", Decimal("0.00"))),
+                    "remaining": str(account.limit - committed) if account else None,
+                }
+            )
+        return report
+
 
 def _keep_listen_and_database(new: Config, old: Config) -> Config:
-    from dataclasses import replace
-
     return replace(
         new,
         database=old.database,

@@ -216,8 +216,10 @@ class Dispatcher:
         if outcome.delivered:
             return "delivered", None
         policy = target.delivery if target else DeliveryPolicy()
-        age_s = (started - parse_rfc3339(entry.created_at)).total_seconds()
-        if not outcome.retryable or attempt_no >= policy.max_attempts:
+        # a requeued dead letter gets a fresh allowance of attempts and age
+        since = parse_rfc3339(entry.requeued_at or entry.created_at)
+        age_s = (started - since).total_seconds()
+        if not outcome.retryable or attempt_no - entry.attempts_at_requeue >= policy.max_attempts:
             return "dead", None
         delay = backoff_delay_s(policy, attempt_no, self._rng)
         if outcome.retry_after_s is not None:

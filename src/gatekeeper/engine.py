@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from gatekeeper.clock import format_rfc3339
 from gatekeeper.expressions import Evaluation, FactRef
+from gatekeeper.ledger import EscrowBook, LedgerEntry
 from gatekeeper.rules import Action, NotifyAction, PipelineAction, ReleaseAction, Rule, Ruleset
 from gatekeeper.templates import render_template, template_values
 
@@ -34,7 +35,7 @@ FactKey = tuple[str, str, str]
 """(project, kind, id)"""
 
 Trigger = Literal["fact", "reload", "time"]
-Outcome = Literal["fired", "not_met", "already_fired", "still_met", "awaiting_approvals"]
+Outcome = Literal["fired", "blocked", "not_met", "already_fired", "still_met", "awaiting_approvals"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,16 @@ class Decision:
     fact_index: int | None = None
     firing_id: str | None = None
     approvals: Mapping[str, Any] | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """An ``Idempotency-Key`` and the SHA-256 (hex) of the request it came with, stored with
+    the facts it applied so that a repeat can be answered without applying anything."""
+
+    key: str
+    request_hash: str
 
 
 @dataclass
@@ -119,10 +130,13 @@ class Transition:
     actions: list[QueuedAction] = field(default_factory=list)
     ruleset: Ruleset | None = None
     request_id: str | None = None
+    ledger: list[LedgerEntry] = field(default_factory=list)
+    idempotency: IdempotencyRecord | None = None
 
     @property
     def fired(self) -> list[Decision]:
-        return [d for d in self.decisions if d.outcome == "fired"]
+        """Decisions that fired a rule (``blocked`` ones included: they count as its firing)."""
+        return [d for d in self.decisions if d.firing_id is not None]
 
 
 class ProjectFacts:
@@ -187,8 +201,9 @@ class FactTable:
 class Engine:
     """A ruleset with its fact-key index. Immutable once built; a reload builds a new one."""
 
-    def __init__(self, ruleset: Ruleset) -> None:
+    def __init__(self, ruleset: Ruleset, *, alert_target: str | None = None) -> None:
         self.ruleset = ruleset
+        self.alert_target = alert_target
         self.rules: dict[str, Rule] = ruleset.by_id()
         self._by_fact: dict[FactKey, list[Rule]] = defaultdict(list)
         self._by_kind: dict[tuple[str, str], list[Rule]] = defaultdict(list)
@@ -215,9 +230,16 @@ class Engine:
         states: Mapping[str, RuleState],
         batch: list[FactInput],
         now: datetime,
+        book: EscrowBook | None = None,
     ) -> Transition:
         """Plan applying ``batch`` atomically: every rule reading any of its facts is evaluated
-        once, against the facts with the whole batch applied."""
+        once, against the facts with the whole batch applied.
+
+        ``book`` holds the escrows' limits and committed amounts; releases planned here are
+        committed to it (pass a copy to plan without committing). Without a book no escrow
+        is configured, so every release is blocked.
+        """
+        book = book if book is not None else EscrowBook({})
         view = facts.overlay()
         touched: dict[str, int] = {}
         for index, fact in enumerate(batch):
@@ -226,7 +248,8 @@ class Engine:
                 touched[rule.id] = index
         transition = Transition(facts=list(batch))
         for rule_id, index in touched.items():
-            self._decide(transition, self.rules[rule_id], view, states, now, "fact", index)
+            rule = self.rules[rule_id]
+            self._decide(transition, rule, view, states, now, "fact", index, book)
         return transition
 
     def plan_rules(
@@ -237,6 +260,7 @@ class Engine:
         now: datetime,
         trigger: Trigger,
         *,
+        book: EscrowBook | None = None,
         record_unchanged: bool = True,
     ) -> Transition:
         """Plan evaluating ``rules`` without a new fact (a reload, or the clock moving on).
@@ -244,10 +268,11 @@ class Engine:
         With ``record_unchanged`` False, a decision is kept only when the gate changed or the
         rule fired (clock ticks would otherwise flood the audit log).
         """
+        book = book if book is not None else EscrowBook({})
         transition = Transition()
         for rule in rules:
             before = states.get(rule.id, RuleState(rule.id))
-            self._decide(transition, rule, facts, states, now, trigger, None)
+            self._decide(transition, rule, facts, states, now, trigger, None, book)
             decision = transition.decisions[-1]
             unchanged = (
                 decision.outcome != "fired"
@@ -284,6 +309,7 @@ class Engine:
         now: datetime,
         trigger: Trigger,
         fact_index: int | None,
+        book: EscrowBook,
     ) -> None:
         state = transition.rule_states.get(rule.id) or states.get(rule.id) or RuleState(rule.id)
         evaluation = rule.condition.evaluate(ProjectFacts(rule.project, facts), now)
@@ -292,13 +318,19 @@ class Engine:
         outcome = _outcome(rule, state, evaluation.value, gate_open)
         decided_at = format_rfc3339(now)
         firing_id = None
+        reason = None
         new_state = replace(state, gate_open=gate_open, rule_hash=rule.content_hash)
         if outcome == "fired":
             firing_id = f"{rule.id}#{state.fired_count + 1}"
             new_state = replace(
                 new_state, fired_count=state.fired_count + 1, last_fired_at=decided_at
             )
-            transition.actions.extend(render_actions(rule, firing_id, now))
+            reason = book.refusal(rule.release) if rule.release else None
+            if reason is None:
+                self._queue_firing(transition, rule, firing_id, now, book)
+            else:
+                outcome = "blocked"
+                self._queue_alert(transition, rule, firing_id, now, reason)
         transition.rule_states[rule.id] = new_state
         transition.decisions.append(
             Decision(
@@ -314,6 +346,63 @@ class Engine:
                 fact_index=fact_index,
                 firing_id=firing_id,
                 approvals=approvals if rule.approvals else None,
+                reason=reason,
+            )
+        )
+
+    def _queue_firing(
+        self,
+        transition: Transition,
+        rule: Rule,
+        firing_id: str,
+        now: datetime,
+        book: EscrowBook,
+    ) -> None:
+        actions = render_actions(rule, firing_id, now)
+        transition.actions.extend(actions)
+        for action in actions:
+            if action.kind == "release":
+                payload = action.payload
+                book.commit(payload["escrow"], payload["amount"])
+                transition.ledger.append(
+                    LedgerEntry(
+                        release_id=payload["release_id"],
+                        escrow=payload["escrow"],
+                        amount=payload["amount"],
+                        currency=payload["currency"],
+                        payee=payload["payee"],
+                        rule_id=rule.id,
+                        firing_id=firing_id,
+                        recorded_at=action.created_at,
+                    )
+                )
+
+    def _queue_alert(
+        self, transition: Transition, rule: Rule, firing_id: str, now: datetime, reason: str
+    ) -> None:
+        """Tell the alert target (when configured) that a release was blocked."""
+        if self.alert_target is None:
+            return
+        release = rule.release
+        assert release is not None
+        message = (
+            f"gatekeeper blocked the release of {release.amount} {release.currency} from "
+            f"{release.escrow} to {release.payee} by rule {rule.id}: {reason}"
+        )
+        transition.actions.append(
+            QueuedAction(
+                action_id=f"act_{uuid.uuid4().hex}",
+                kind="notify",
+                target=self.alert_target,
+                rule_id=rule.id,
+                firing_id=firing_id,
+                payload={
+                    "project": rule.project,
+                    "message": message,
+                    "alert": "release_blocked",
+                    "reason": reason,
+                },
+                created_at=format_rfc3339(now),
             )
         )
 

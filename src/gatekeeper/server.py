@@ -13,18 +13,20 @@ those queued are committed (fsynced), with the facts' sequence numbers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import Any
 
 import jsonschema
 from aiohttp import web
 
 from gatekeeper import __version__
-from gatekeeper.daemon import Daemon
-from gatekeeper.engine import FactInput
+from gatekeeper.daemon import Daemon, IdempotencyConflict, ShuttingDown
+from gatekeeper.engine import FactInput, IdempotencyRecord
 from gatekeeper.schemas import load_schema
 from gatekeeper.store import ActionStatus
 
@@ -34,6 +36,7 @@ DAEMON_KEY = web.AppKey("daemon", Daemon)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACTION_STATUSES: tuple[ActionStatus, ...] = ("pending", "delivered", "dead")
 MAX_LIST_LIMIT = 1000
+MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
 class ApiError(web.HTTPException):
@@ -134,14 +137,39 @@ def _limit(request: web.Request, default: int = 100) -> int:
     return int(text)
 
 
+def idempotency_record(request: web.Request, body: Any) -> IdempotencyRecord | None:
+    """The request's ``Idempotency-Key`` with the SHA-256 of its canonical JSON body; 400 for
+    a key that is empty, longer than 255 characters or not printable ASCII."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not all(" " < c <= "~" for c in key):
+        raise ApiError(
+            400,
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII "
+            "characters without spaces",
+        )
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return IdempotencyRecord(key, hashlib.sha256(canonical.encode()).hexdigest())
+
+
 async def post_facts(request: web.Request) -> web.Response:
     body = await read_json(request)
     batch = parse_facts(body)
+    idempotency = idempotency_record(request, body)
     request_id = _request_id(request)
-    seqs = await _daemon(request).ingest(batch, request_id)
+    try:
+        result = await _daemon(request).ingest(batch, request_id, idempotency)
+    except IdempotencyConflict as exc:
+        raise ApiError(422, str(exc)) from None
+    except ShuttingDown:
+        raise ApiError(503, "gatekeeper is shutting down; try again shortly") from None
+    headers = {"X-Request-Id": result.request_id or request_id}
+    if result.replayed:
+        headers["Idempotent-Replayed"] = "true"
     return web.json_response(
-        {"accepted": len(seqs), "seqs": seqs, "request_id": request_id},
-        headers={"X-Request-Id": request_id},
+        {"accepted": len(result.seqs), "seqs": result.seqs, "request_id": result.request_id},
+        headers=headers,
     )
 
 
@@ -196,6 +224,38 @@ async def get_actions(request: web.Request) -> web.Response:
     return web.json_response({"actions": [e.to_json() for e in entries]})
 
 
+async def get_action(request: web.Request) -> web.Response:
+    store = _daemon(request).store
+    action_id = request.match_info["action_id"]
+    entry = await store.get_action(action_id)
+    if entry is None:
+        raise ApiError(404, f"no action {action_id!r}")
+    attempts = await store.list_attempts(action_id)
+    return web.json_response({**entry.to_json(), "attempts": [asdict(a) for a in attempts]})
+
+
+async def post_action_retry(request: web.Request) -> web.Response:
+    daemon = _daemon(request)
+    action_id = request.match_info["action_id"]
+    reason = None
+    if request.can_read_body:
+        body = await read_json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("reason", ""), str):
+            raise ApiError(400, 'the body must be {"reason": "..."} or empty')
+        reason = body.get("reason")
+    try:
+        entry = await daemon.retry_action(action_id, actor="api", reason=reason)
+    except ValueError as exc:
+        raise ApiError(409, str(exc)) from None
+    if entry is None:
+        raise ApiError(404, f"no action {action_id!r}")
+    return web.json_response(entry.to_json())
+
+
+async def get_escrows(request: web.Request) -> web.Response:
+    return web.json_response({"escrows": await _daemon(request).escrow_report()})
+
+
 async def get_healthz(request: web.Request) -> web.Response:
     daemon = _daemon(request)
     return web.json_response(
@@ -219,5 +279,8 @@ def create_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/v1/rules", get_rules)
     app.router.add_get("/v1/rules/{rule_id:.+}", get_rule)
     app.router.add_get("/v1/actions", get_actions)
+    app.router.add_get("/v1/actions/{action_id}", get_action)
+    app.router.add_post("/v1/actions/{action_id}/retry", post_action_retry)
+    app.router.add_get("/v1/escrows", get_escrows)
     app.router.add_get("/healthz", get_healthz)
     return app

@@ -17,6 +17,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -104,6 +105,40 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX delivery_attempts_action ON delivery_attempts(action_id, attempt);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: the release ledger, blocked decisions, idempotent ingest, requeued dead letters,
+    #    admin acts
+    """
+    ALTER TABLE decisions ADD COLUMN reason TEXT;
+    CREATE TABLE ledger (
+        release_id TEXT PRIMARY KEY REFERENCES outbox(action_id),
+        escrow TEXT NOT NULL,
+        amount TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        payee TEXT NOT NULL,
+        rule_id TEXT NOT NULL,
+        firing_id TEXT NOT NULL,
+        recorded_at TEXT NOT NULL
+    );
+    CREATE INDEX ledger_escrow ON ledger(escrow);
+    CREATE TABLE idempotency_keys (
+        key TEXT PRIMARY KEY,
+        request_hash TEXT NOT NULL,
+        seqs TEXT NOT NULL,
+        request_id TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
+    ALTER TABLE outbox ADD COLUMN requeued_at TEXT;
+    ALTER TABLE outbox ADD COLUMN attempts_at_requeue INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE admin_acts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        act TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        reason TEXT
+    );
+    """,
 )
 
 
@@ -135,6 +170,8 @@ class OutboxEntry:
     last_error: str | None
     delivered_at: str | None
     decision_id: int
+    requeued_at: str | None = None
+    attempts_at_requeue: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -151,6 +188,7 @@ class OutboxEntry:
             "last_error": self.last_error,
             "delivered_at": self.delivered_at,
             "decision_id": self.decision_id,
+            "requeued_at": self.requeued_at,
         }
 
 
@@ -190,6 +228,16 @@ class Store(Protocol):
         status: ActionStatus,
         next_attempt_at: str | None,
     ) -> None: ...
+    async def commit_transitions(self, transitions: Sequence[Transition]) -> list[list[int]]: ...
+    async def escrow_totals(self) -> dict[str, dict[str, Decimal]]: ...
+    async def find_idempotency_key(self, key: str) -> dict[str, Any] | None: ...
+    async def purge_idempotency_keys(self, before: str) -> int: ...
+    async def requeue_action(
+        self, action_id: str, now: str, actor: str, reason: str | None
+    ) -> OutboxEntry | None: ...
+    async def get_action(self, action_id: str) -> OutboxEntry | None: ...
+    async def list_attempts(self, action_id: str) -> list[Attempt]: ...
+    async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]: ...
 
 
 def _dumps(value: Any) -> str:
@@ -253,10 +301,15 @@ class SqliteStore:
         Raises ``sqlite3.Error`` (after rolling back; nothing is changed) when the write fails,
         e.g. when a ``firing_id`` was already recorded, which would mean a double firing.
         """
+        return (await self.commit_transitions([transition]))[0]
+
+    async def commit_transitions(self, transitions: Sequence[Transition]) -> list[list[int]]:
+        """Commit several transitions in ONE transaction (group commit: one fsync for all);
+        return each one's fact sequence numbers. All or nothing, as ``commit_transition``."""
         async with self._write_lock:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
-                seqs = await self._write_transition(transition)
+                seqs = [await self._write_transition(t) for t in transitions]
                 await self.db.execute("COMMIT")
             except BaseException:
                 await self.db.execute("ROLLBACK")
@@ -318,6 +371,35 @@ class SqliteStore:
                 for a in t.actions
             ],
         )
+        await db.executemany(
+            "INSERT INTO ledger (release_id, escrow, amount, currency, payee, rule_id,"
+            " firing_id, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    e.release_id,
+                    e.escrow,
+                    e.amount,
+                    e.currency,
+                    e.payee,
+                    e.rule_id,
+                    e.firing_id,
+                    e.recorded_at,
+                )
+                for e in t.ledger
+            ],
+        )
+        if t.idempotency is not None:
+            await db.execute(
+                "INSERT INTO idempotency_keys (key, request_hash, seqs, request_id, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    t.idempotency.key,
+                    t.idempotency.request_hash,
+                    _dumps(seqs),
+                    t.request_id,
+                    now or _now_text(),
+                ),
+            )
         return seqs
 
     async def _write_decision(
@@ -327,7 +409,7 @@ class SqliteStore:
         cursor = await self.db.execute(
             "INSERT INTO decisions (decided_at, rule_id, rule_hash, ruleset_version, git_commit,"
             " trigger, fact_seq, outcome, gate_open, evaluation, approvals, firing_id,"
-            " request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " request_id, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 d.decided_at,
                 d.rule_id,
@@ -342,6 +424,7 @@ class SqliteStore:
                 _dumps(d.approvals) if d.approvals is not None else None,
                 d.firing_id,
                 request_id,
+                d.reason,
             ),
         )
         return int(cursor.lastrowid or 0)
@@ -438,7 +521,7 @@ class SqliteStore:
         """Recent decisions, newest first, optionally of one rule."""
         sql = (
             "SELECT id, decided_at, rule_id, rule_hash, ruleset_version, git_commit, trigger,"
-            " fact_seq, outcome, gate_open, evaluation, approvals, firing_id, request_id"
+            " fact_seq, outcome, gate_open, evaluation, approvals, firing_id, request_id, reason"
             " FROM decisions"
         )
         params: list[Any] = []
@@ -464,13 +547,15 @@ class SqliteStore:
                     "approvals": json.loads(r[11]) if r[11] else None,
                     "firing_id": r[12],
                     "request_id": r[13],
+                    "reason": r[14],
                 }
                 async for r in cursor
             ]
 
     _OUTBOX_COLUMNS = (
         "action_id, rule_id, firing_id, kind, target, payload, status, attempts, created_at,"
-        " next_attempt_at, last_error, delivered_at, decision_id"
+        " next_attempt_at, last_error, delivered_at, decision_id, requeued_at,"
+        " attempts_at_requeue"
     )
 
     @staticmethod
@@ -489,6 +574,8 @@ class SqliteStore:
             last_error=r[10],
             delivered_at=r[11],
             decision_id=int(r[12]),
+            requeued_at=r[13],
+            attempts_at_requeue=int(r[14]),
         )
 
     async def list_actions(
@@ -535,6 +622,73 @@ class SqliteStore:
         async with self.db.execute(sql, (action_id,)) as cursor:
             return [Attempt(*r) async for r in cursor]
 
+    async def escrow_totals(self) -> dict[str, dict[str, Decimal]]:
+        """Per escrow, the sum of its recorded releases by delivery status:
+        ``{escrow: {"pending": Decimal, "delivered": Decimal, "dead": Decimal}}``
+        (statuses with no release are absent). Summed as Decimal, never as floats."""
+        sql = (
+            "SELECT ledger.escrow, outbox.status, ledger.amount FROM ledger"
+            " JOIN outbox ON outbox.action_id = ledger.release_id"
+        )
+        async with self.db.execute(sql) as cursor:
+            return await _sum_amounts(cursor)
+
+    async def find_idempotency_key(self, key: str) -> dict[str, Any] | None:
+        """The stored outcome of ``key``: request_hash, seqs, request_id, created_at."""
+        sql = (
+            "SELECT request_hash, seqs, request_id, created_at FROM idempotency_keys WHERE key = ?"
+        )
+        async with self.db.execute(sql, (key,)) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        return {
+            "request_hash": row[0],
+            "seqs": json.loads(row[1]),
+            "request_id": row[2],
+            "created_at": row[3],
+        }
+
+    async def purge_idempotency_keys(self, before: str) -> int:
+        """Forget keys created before ``before`` (RFC 3339); return how many were removed."""
+        async with self._write_lock:
+            cursor = await self.db.execute(
+                "DELETE FROM idempotency_keys WHERE created_at < ?", (before,)
+            )
+            return int(cursor.rowcount)
+
+    async def requeue_action(
+        self, action_id: str, now: str, actor: str, reason: str | None
+    ) -> OutboxEntry | None:
+        """Put dead letter ``action_id`` back in the queue, due at ``now``, with a fresh
+        allowance of attempts and age; the act is recorded in ``admin_acts``.
+
+        Returns the updated entry; None when there is no such action. Raises ``ValueError``
+        when the action is not dead (pending or delivered actions are not requeued).
+        """
+        async with self._write_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                entry = await self.get_action(action_id)
+                if entry is not None and entry.status != "dead":
+                    raise ValueError(f"action {action_id} is {entry.status}, not dead")
+                if entry is not None:
+                    await self.db.execute(
+                        "UPDATE outbox SET status = 'pending', next_attempt_at = ?,"
+                        " requeued_at = ?, attempts_at_requeue = attempts WHERE action_id = ?",
+                        (now, now, action_id),
+                    )
+                    await self.db.execute(
+                        "INSERT INTO admin_acts (at, actor, act, subject, reason)"
+                        " VALUES (?, ?, 'retry_action', ?, ?)",
+                        (now, actor, action_id, reason),
+                    )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return await self.get_action(action_id)
+
     async def record_attempt(
         self,
         attempt: Attempt,
@@ -575,6 +729,14 @@ class SqliteStore:
             except BaseException:
                 await self.db.execute("ROLLBACK")
                 raise
+
+
+async def _sum_amounts(cursor: aiosqlite.Cursor) -> dict[str, dict[str, Decimal]]:
+    totals: dict[str, dict[str, Decimal]] = {}
+    async for escrow, status, amount in cursor:
+        by_status = totals.setdefault(escrow, {})
+        by_status[status] = by_status.get(status, Decimal(0)) + Decimal(amount)
+    return totals
 
 
 def _now_text() -> str:
