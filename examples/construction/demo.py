@@ -141,6 +141,18 @@ class Demo:
             if got[kind] != count:
                 self.failures.append(f"after {where!r}: expected {count} {kind}, got {got[kind]}")
 
+    async def show_escrows(self, session: aiohttp.ClientSession) -> None:
+        self.say("GET /v1/escrows")
+        async with session.get(self.url + "/v1/escrows") as response:
+            for escrow in (await response.json())["escrows"]:
+                print(
+                    f"   {escrow['escrow']}: limit {escrow['limit']} {escrow['currency']}, "
+                    f"released {escrow['released']}, pending {escrow['pending']}, "
+                    f"remaining {escrow['remaining']}"
+                )
+                if escrow["released"] != "5000.00":
+                    self.failures.append(f"expected 5000.00 released, got {escrow['released']}")
+
     async def run(self) -> int:
         self.check_rules()
         runner = web.AppRunner(self.receiver.app())
@@ -161,6 +173,7 @@ class Demo:
                     dead = (await response.json())["actions"]
                 if dead:
                     self.failures.append(f"{len(dead)} action(s) were dead-lettered")
+                await self.show_escrows(session)
             finally:
                 self.stop_daemon()
         await runner.cleanup()
