@@ -19,13 +19,14 @@ concurrently, so one slow or unreachable target does not hold up the others.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import aiohttp
@@ -33,12 +34,13 @@ import aiohttp
 from gatekeeper.actions import build_request
 from gatekeeper.clock import Clock, format_rfc3339, parse_rfc3339
 from gatekeeper.config import DeliveryPolicy, Target
-from gatekeeper.store import ActionStatus, Attempt, OutboxEntry, SqliteStore
+from gatekeeper.store import ActionStatus, Attempt, OutboxEntry, OutboxFilter, SqliteStore
 
 log = logging.getLogger("gatekeeper.delivery")
 
 RETRYABLE_STATUS = frozenset({408, 429})
-MAX_CONCURRENT_DELIVERIES = 32
+MAX_CONCURRENT_DELIVERIES = 64
+MAX_DELIVERIES_PER_TARGET = 8
 MAX_ERROR_CHARS = 500
 
 
@@ -100,7 +102,7 @@ class Dispatcher:
         self._wakeup = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._finished_during_query: set[str] = set()
-        self._slots = asyncio.Semaphore(MAX_CONCURRENT_DELIVERIES)
+        self._per_target: collections.Counter[str] = collections.Counter()
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
         self.delivered = 0
@@ -130,59 +132,84 @@ class Dispatcher:
             task.cancel()
 
     async def _dispatch_due(self) -> None:
-        # A delivery that finishes while the query runs may be read as still pending: such
+        """Start deliveries of due actions, per target, up to the concurrency limits."""
+        # A delivery that finishes while a query runs may be read as still pending: such
         # ids land in _finished_during_query and are skipped (no duplicate send).
         self._finished_during_query = set()
-        due = await self._store.due_actions(self._clock.now(), limit=MAX_CONCURRENT_DELIVERIES)
-        skip = self._finished_during_query
-        for entry in due:
-            if entry.action_id in self._in_flight or entry.action_id in skip or self._stopping:
+        now = self._clock.now()
+        configured = sorted(self._targets())
+        buckets = [OutboxFilter(target=name) for name in configured]
+        buckets.append(OutboxFilter(not_targets=configured))  # targets no longer configured
+        for bucket in buckets:
+            free = MAX_CONCURRENT_DELIVERIES - len(self._in_flight)
+            if bucket.target is not None:
+                free = min(free, MAX_DELIVERIES_PER_TARGET - self._per_target[bucket.target])
+            if free <= 0 or self._stopping:
                 continue
-            task = asyncio.create_task(self._deliver(entry))
-            self._in_flight[entry.action_id] = task
-            task.add_done_callback(functools.partial(self._finished, entry.action_id))
+            only = replace(bucket, exclude_ids=tuple(self._in_flight))
+            for entry in await self._store.due_actions(now, free, only=only):
+                self._start(entry)
 
-    def _finished(self, action_id: str, _task: asyncio.Task[None]) -> None:
-        self._in_flight.pop(action_id, None)
-        self._finished_during_query.add(action_id)
+    def _start(self, entry: OutboxEntry) -> None:
+        skip = self._finished_during_query
+        if entry.action_id in self._in_flight or entry.action_id in skip or self._stopping:
+            return
+        if self._per_target[entry.target] >= MAX_DELIVERIES_PER_TARGET:
+            return
+        self._per_target[entry.target] += 1
+        task = asyncio.create_task(self._deliver(entry))
+        self._in_flight[entry.action_id] = task
+        task.add_done_callback(functools.partial(self._finished, entry))
+
+    def _finished(self, entry: OutboxEntry, _task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(entry.action_id, None)
+        self._per_target[entry.target] -= 1
+        self._finished_during_query.add(entry.action_id)
         self._wakeup.set()
 
     async def _sleep_until_due(self) -> None:
+        """Sleep until the next attempt is due, a delivery finishes or ``wake()`` is called.
+
+        Actions being delivered, and targets at their concurrency limit, are left out of
+        "next due", so a hanging receiver does not make this loop spin."""
         self._wakeup.clear()
         timeout = self._idle_poll_s
-        next_at = await self._store.next_attempt_at()
-        if next_at is not None:
-            wait = (parse_rfc3339(next_at) - self._clock.now()).total_seconds()
-            timeout = max(0.0, min(timeout, wait))
-        if timeout > 0 or self._in_flight:
+        if len(self._in_flight) < MAX_CONCURRENT_DELIVERIES:
+            full = [t for t, n in self._per_target.items() if n >= MAX_DELIVERIES_PER_TARGET]
+            only = OutboxFilter(not_targets=full, exclude_ids=tuple(self._in_flight))
+            next_at = await self._store.next_attempt_at(only=only)
+            if next_at is not None:
+                wait = (parse_rfc3339(next_at) - self._clock.now()).total_seconds()
+                timeout = max(0.0, min(timeout, wait))
+        if timeout > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=max(timeout, 0.01))
+                await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
 
     async def _deliver(self, entry: OutboxEntry) -> None:
-        async with self._slots:
-            target = self._targets().get(entry.target)
-            attempt_no = entry.attempts + 1
-            started = self._clock.now()
-            t0 = time.perf_counter()
-            if target is None:
-                outcome = AttemptOutcome(None, f"target {entry.target!r} is not configured", True)
-            else:
-                outcome = await self._attempt(entry, target)
-            latency_ms = (time.perf_counter() - t0) * 1000
-            status, next_at = self._next_state(entry, target, outcome, attempt_no, started)
-            await self._store.record_attempt(
-                Attempt(
-                    entry.action_id,
-                    attempt_no,
-                    format_rfc3339(started),
-                    round(latency_ms, 3),
-                    outcome.status_code,
-                    outcome.error,
-                ),
-                status,
-                next_at,
-            )
-            self._log(entry, status, outcome, attempt_no)
+        target = self._targets().get(entry.target)
+        attempt_no = entry.attempts + 1
+        started = self._clock.now()
+        t0 = time.perf_counter()
+        if target is None:
+            outcome = AttemptOutcome(None, f"target {entry.target!r} is not configured", True)
+        else:
+            outcome = await self._attempt(entry, target)
+        latency_ms = (time.perf_counter() - t0) * 1000
+        finished = self._clock.now()  # backoff and Retry-After count from the answer
+        status, next_at = self._next_state(entry, target, outcome, attempt_no, finished)
+        await self._store.record_attempt(
+            Attempt(
+                entry.action_id,
+                attempt_no,
+                format_rfc3339(started),
+                round(latency_ms, 3),
+                outcome.status_code,
+                outcome.error,
+            ),
+            status,
+            next_at,
+        )
+        self._log(entry, status, outcome, attempt_no)
 
     async def _attempt(self, entry: OutboxEntry, target: Target) -> AttemptOutcome:
         assert self._session is not None
@@ -211,14 +238,14 @@ class Dispatcher:
         target: Target | None,
         outcome: AttemptOutcome,
         attempt_no: int,
-        started: datetime,
+        finished: datetime,
     ) -> tuple[ActionStatus, str | None]:
         if outcome.delivered:
             return "delivered", None
         policy = target.delivery if target else DeliveryPolicy()
         # a requeued dead letter gets a fresh allowance of attempts and age
         since = parse_rfc3339(entry.requeued_at or entry.created_at)
-        age_s = (started - since).total_seconds()
+        age_s = (finished - since).total_seconds()
         if not outcome.retryable or attempt_no - entry.attempts_at_requeue >= policy.max_attempts:
             return "dead", None
         delay = backoff_delay_s(policy, attempt_no, self._rng)
@@ -226,7 +253,7 @@ class Dispatcher:
             delay = max(delay, min(outcome.retry_after_s, policy.backoff_cap_s))
         if age_s + delay > policy.max_age_s:
             return "dead", None
-        return "pending", format_rfc3339(started + timedelta(seconds=delay))
+        return "pending", format_rfc3339(finished + timedelta(seconds=delay))
 
     def _log(
         self, entry: OutboxEntry, status: ActionStatus, outcome: AttemptOutcome, attempt: int

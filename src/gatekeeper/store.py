@@ -204,6 +204,31 @@ class Attempt:
     error: str | None
 
 
+@dataclass(frozen=True)
+class OutboxFilter:
+    """Narrows outbox queries: ``target`` only that target; ``not_targets`` none of these;
+    ``exclude_ids`` never these actions (e.g. the ones being delivered right now)."""
+
+    target: str | None = None
+    not_targets: Sequence[str] = ()
+    exclude_ids: Sequence[str] = ()
+
+    def sql(self) -> tuple[str, tuple[str, ...]]:
+        """The ``AND ...`` clause and its parameters."""
+        where = ""
+        params: tuple[str, ...] = ()
+        if self.target is not None:
+            where += " AND target = ?"
+            params += (self.target,)
+        if self.not_targets:
+            where += f" AND target NOT IN ({', '.join('?' * len(self.not_targets))})"
+            params += tuple(self.not_targets)
+        if self.exclude_ids:
+            where += f" AND action_id NOT IN ({', '.join('?' * len(self.exclude_ids))})"
+            params += tuple(self.exclude_ids)
+        return where, params
+
+
 class Store(Protocol):
     """What the daemon needs from storage. All methods are coroutines; writes are atomic."""
 
@@ -220,8 +245,10 @@ class Store(Protocol):
     async def list_actions(
         self, status: ActionStatus | None = None, limit: int = 100
     ) -> list[OutboxEntry]: ...
-    async def due_actions(self, now: datetime, limit: int) -> list[OutboxEntry]: ...
-    async def next_attempt_at(self) -> str | None: ...
+    async def due_actions(
+        self, now: datetime, limit: int, *, only: OutboxFilter | None = None
+    ) -> list[OutboxEntry]: ...
+    async def next_attempt_at(self, *, only: OutboxFilter | None = None) -> str | None: ...
     async def record_attempt(
         self,
         attempt: Attempt,
@@ -598,19 +625,25 @@ class SqliteStore:
             row = await cursor.fetchone()
         return self._outbox_entry(row) if row else None
 
-    async def due_actions(self, now: datetime, limit: int) -> list[OutboxEntry]:
-        """Pending actions whose next attempt is due at ``now``, oldest first."""
+    async def due_actions(
+        self, now: datetime, limit: int, *, only: OutboxFilter | None = None
+    ) -> list[OutboxEntry]:
+        """Pending actions whose next attempt is due at ``now``, oldest first, narrowed by
+        ``only`` (one target, or none of some targets; never the excluded ids)."""
+        where, params = (only or OutboxFilter()).sql()
         sql = (
             f"SELECT {self._OUTBOX_COLUMNS} FROM outbox WHERE status = 'pending'"
-            " AND next_attempt_at <= ? ORDER BY next_attempt_at, action_id LIMIT ?"
+            f" AND next_attempt_at <= ?{where} ORDER BY next_attempt_at, action_id LIMIT ?"
         )
-        async with self.db.execute(sql, (format_rfc3339(now), limit)) as cursor:
+        async with self.db.execute(sql, (format_rfc3339(now), *params, limit)) as cursor:
             return [self._outbox_entry(r) async for r in cursor]
 
-    async def next_attempt_at(self) -> str | None:
-        """When the earliest pending action is due (RFC 3339), or None when none is pending."""
-        sql = "SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending'"
-        async with self.db.execute(sql) as cursor:
+    async def next_attempt_at(self, *, only: OutboxFilter | None = None) -> str | None:
+        """When the earliest pending action (narrowed by ``only``) is due, as RFC 3339, or
+        None when there is none."""
+        where, params = (only or OutboxFilter()).sql()
+        sql = f"SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending'{where}"
+        async with self.db.execute(sql, params) as cursor:
             row = await cursor.fetchone()
         return row[0] if row else None
 
