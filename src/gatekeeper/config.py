@@ -12,6 +12,8 @@ Relative paths are resolved against the config file's folder.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -134,20 +136,48 @@ def resolve_secrets(config: Config, environ: Mapping[str, str]) -> dict[str, str
     """
     secrets: dict[str, str] = {}
     needed_by: dict[str, list[str]] = {}
+    unusable: dict[str, list[str]] = {}
     for name, target in sorted(config.targets.items()):
         value = environ.get(target.secret_env)
-        if value:
+        if value and not _usable_secret(value):
+            unusable.setdefault(target.secret_env, []).append(name)
+        elif value:
             secrets[name] = value
         else:
             needed_by.setdefault(target.secret_env, []).append(name)
+    file = str(config.path) if config.path else DEFAULT_CONFIG_NAME
+    if unusable:
+        raise ConfigError(
+            [
+                Problem(
+                    file,
+                    0,
+                    0,
+                    f"environment variable {variable} holds a whsec_ secret whose key is not "
+                    f"valid base64 or is empty (needed by {', '.join(map(repr, names))})",
+                    f"targets.{names[0]}.secret_env",
+                )
+                for variable, names in sorted(unusable.items())
+            ]
+        )
     if needed_by:
-        file = str(config.path) if config.path else DEFAULT_CONFIG_NAME
         problems = [
             _missing_secret_problem(file, variable, names, variable in environ)
             for variable, names in sorted(needed_by.items())
         ]
         raise ConfigError(problems)
     return secrets
+
+
+def _usable_secret(value: str) -> bool:
+    """A ``whsec_`` secret must hold non-empty base64 (Standard Webhooks); any other
+    non-empty string is used as raw key bytes."""
+    if not value.startswith("whsec_"):
+        return True
+    try:
+        return len(base64.b64decode(value[len("whsec_") :] + "==")) > 0
+    except (binascii.Error, ValueError):
+        return False
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -258,7 +258,8 @@ class Daemon:
             while not self._ingest_queue.empty() and len(jobs) < MAX_GROUP_COMMIT:
                 jobs.append(self._ingest_queue.get_nowait())
             try:
-                await self._commit_group(jobs)
+                # shielded: a shutdown never interrupts a group between plan and apply
+                await asyncio.shield(self._commit_group(jobs))
             except Exception as exc:  # never let the writer die; fail these jobs instead
                 log.exception("committing %d fact batch(es) failed", len(jobs))
                 for job in jobs:
@@ -271,7 +272,7 @@ class Daemon:
             if not planned:
                 return
             try:
-                results = await self.store.commit_transitions([t for _, t in planned])
+                results = await self._commit_and_apply([t for _, t in planned])
             except Exception:
                 if len(planned) == 1:
                     raise
@@ -283,7 +284,6 @@ class Daemon:
                     await self._commit_alone(job)
                 return
             for (job, transition), seqs in zip(planned, results, strict=True):
-                self._apply(transition)
                 job.result.set_result(IngestResult(seqs, job.request_id, replayed=False))
                 self._log_firings(transition)
 
@@ -292,8 +292,7 @@ class Daemon:
             planned = await self._plan_group([job])
             if planned:
                 _, transition = planned[0]
-                seqs = await self.store.commit_transition(transition)
-                self._apply(transition)
+                (seqs,) = await self._commit_and_apply([transition])
                 job.result.set_result(IngestResult(seqs, job.request_id, replayed=False))
                 self._log_firings(transition)
         except Exception as exc:
@@ -356,6 +355,20 @@ class Daemon:
 
         first.result.add_done_callback(copy)
 
+    async def _commit_and_apply(self, transitions: list[Transition]) -> list[list[int]]:
+        """Commit ``transitions`` in one transaction, then apply them in memory.
+
+        Shielded: a caller cancelled meanwhile (at shutdown) does not leave a committed
+        transition unapplied, so memory never disagrees with the database."""
+
+        async def commit_then_apply() -> list[list[int]]:
+            results = await self.store.commit_transitions(transitions)
+            for transition in transitions:
+                self._apply(transition)
+            return results
+
+        return await asyncio.shield(commit_then_apply())
+
     def _log_firings(self, transition: Transition) -> None:
         for decision in transition.fired:
             if decision.outcome == "blocked":
@@ -384,20 +397,38 @@ class Daemon:
 
     # -- rulesets -------------------------------------------------------------------------
 
-    async def _activate(self, ruleset: Ruleset, trigger_source: str) -> None:
-        """Make ``ruleset`` live: store it and evaluate new and changed rules at once."""
+    async def _activate(
+        self,
+        ruleset: Ruleset,
+        trigger_source: str,
+        config: Config | None = None,
+        secrets: dict[str, str] | None = None,
+    ) -> None:
+        """Make ``ruleset`` (with ``config`` and its ``secrets``, when given) live: store it
+        and evaluate, at once, the rules that are new, changed, or were not in the previous
+        ruleset (a rule removed and put back may have missed facts meanwhile).
+
+        All or nothing: if the commit fails, the previous ruleset, config and secrets stay.
+        """
+        config = config or self.config
         async with self._write_lock:
-            engine = Engine(ruleset, alert_target=self.config.alert_target)
+            engine = Engine(ruleset, alert_target=config.alert_target)
+            book = EscrowBook(config.escrows, self.book.committed)
+            previous_rules = self.engine.rules if self.engine else {}
             changed = [
                 rule
                 for rule in ruleset.rules
-                if self.states.get(rule.id, RuleState(rule.id)).rule_hash != rule.content_hash
+                if rule.id not in previous_rules
+                or self.states.get(rule.id, RuleState(rule.id)).rule_hash != rule.content_hash
             ]
             transition = engine.plan_rules(
-                self.facts, self.states, changed, self.clock.now(), "reload", book=self.book.copy()
+                self.facts, self.states, changed, self.clock.now(), "reload", book=book.copy()
             )
             transition.ruleset = ruleset
             await self.store.commit_transition(transition)
+            self.config = config
+            self.secrets = secrets if secrets is not None else self.secrets
+            self.book = book
             self._apply(transition)
             previous = self.engine
             self.engine = engine
@@ -442,10 +473,10 @@ class Daemon:
         if result.ruleset is None:
             self._report_refused(result)
             return False
-        self.config = config
-        self.secrets = secrets
-        self.book = EscrowBook(config.escrows, self.book.committed)
-        if self.engine is not None and self.engine.ruleset.version == result.ruleset.version:
+        unchanged = (
+            self.engine is not None and self.engine.ruleset.version == result.ruleset.version
+        )
+        if unchanged and config == self.config and secrets == self.secrets:
             now = format_rfc3339(self.clock.now())
             self.reload_status = ReloadStatus(
                 ok=True,
@@ -455,7 +486,13 @@ class Daemon:
             )
             log.info("ruleset %s unchanged", result.ruleset.version[:12])
             return True
-        await self._activate(result.ruleset, trigger_source="rules directory")
+        try:
+            await self._activate(result.ruleset, "rules directory", config, secrets)
+        except Exception as exc:
+            log.exception("activating the new ruleset failed")
+            message = f"activating the ruleset failed ({type(exc).__name__}); nothing changed"
+            self._report_refused_problems([Problem(str(config.rules_dir), 0, 0, message)])
+            return False
         return True
 
     def _report_refused(self, result: LoadResult) -> None:
@@ -496,7 +533,12 @@ class Daemon:
                 log.exception("evaluating time-dependent rules failed; retrying next tick")
 
     async def tick(self) -> Transition:
-        """Re-evaluate time-dependent rules (those calling days_since, now, ...)."""
+        """Re-evaluate time-dependent rules (those calling days_since, now, ...).
+
+        Shielded like every write: cancelling the caller never interrupts it halfway."""
+        return await asyncio.shield(self._tick())
+
+    async def _tick(self) -> Transition:
         async with self._write_lock:
             engine = self._engine()
             transition = engine.plan_rules(
@@ -509,8 +551,7 @@ class Daemon:
                 record_unchanged=False,
             )
             if transition.decisions:
-                await self.store.commit_transition(transition)
-                self._apply(transition)
+                await self._commit_and_apply([transition])
         self._log_firings(transition)
         return transition
 

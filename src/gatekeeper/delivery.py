@@ -42,6 +42,8 @@ RETRYABLE_STATUS = frozenset({408, 429})
 MAX_CONCURRENT_DELIVERIES = 64
 MAX_DELIVERIES_PER_TARGET = 8
 MAX_ERROR_CHARS = 500
+HOLD_BASE_S = 5.0
+HOLD_CAP_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,11 @@ class Dispatcher:
         self._per_target: collections.Counter[str] = collections.Counter()
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
+        self._running = False
+        self._done = asyncio.Event()
+        self._grace_s = 10.0
+        self._held_until: dict[str, float] = {}
+        self._hold_count: collections.Counter[str] = collections.Counter()
         self.delivered = 0
         self.dead = 0
 
@@ -115,21 +122,40 @@ class Dispatcher:
     async def run(self) -> None:
         """Deliver until ``stop()``; meant to run as a background task."""
         self._session = aiohttp.ClientSession()
+        self._running = True
         try:
             while not self._stopping:
-                await self._dispatch_due()
-                await self._sleep_until_due()
+                # cleared before looking, so a wake() while looking is not lost
+                self._wakeup.clear()
+                try:
+                    await self._dispatch_due()
+                    await self._sleep_until_due()
+                except Exception:  # e.g. the database is locked: never let delivery die
+                    log.exception("the dispatcher failed; retrying in %.0f s", self._idle_poll_s)
+                    await asyncio.sleep(self._idle_poll_s)
         finally:
+            await self._finish_in_flight()
             await self._session.close()
+            self._running = False
+            self._done.set()
+
+    async def _finish_in_flight(self) -> None:
+        """Let deliveries in progress finish for up to the grace period, then cancel them
+        (their actions stay pending and are sent again at the next start)."""
+        tasks = list(self._in_flight.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._grace_s)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop taking new work; let deliveries in progress finish for up to ``grace_s``."""
+        self._grace_s = grace_s
         self._stopping = True
         self._wakeup.set()
-        if self._in_flight:
-            await asyncio.wait(list(self._in_flight.values()), timeout=grace_s)
-        for task in self._in_flight.values():
-            task.cancel()
+        if self._running:
+            await self._done.wait()
 
     async def _dispatch_due(self) -> None:
         """Start deliveries of due actions, per target, up to the concurrency limits."""
@@ -146,7 +172,7 @@ class Dispatcher:
                 free = min(free, MAX_DELIVERIES_PER_TARGET - self._per_target[bucket.target])
             if free <= 0 or self._stopping:
                 continue
-            only = replace(bucket, exclude_ids=tuple(self._in_flight))
+            only = replace(bucket, exclude_ids=self._excluded_ids())
             for entry in await self._store.due_actions(now, free, only=only):
                 self._start(entry)
 
@@ -172,20 +198,47 @@ class Dispatcher:
 
         Actions being delivered, and targets at their concurrency limit, are left out of
         "next due", so a hanging receiver does not make this loop spin."""
-        self._wakeup.clear()
         timeout = self._idle_poll_s
         if len(self._in_flight) < MAX_CONCURRENT_DELIVERIES:
             full = [t for t, n in self._per_target.items() if n >= MAX_DELIVERIES_PER_TARGET]
-            only = OutboxFilter(not_targets=full, exclude_ids=tuple(self._in_flight))
+            only = OutboxFilter(not_targets=full, exclude_ids=self._excluded_ids())
             next_at = await self._store.next_attempt_at(only=only)
             if next_at is not None:
                 wait = (parse_rfc3339(next_at) - self._clock.now()).total_seconds()
+                timeout = max(0.0, min(timeout, wait))
+            if self._held_until:
+                wait = min(self._held_until.values()) - time.monotonic()
                 timeout = max(0.0, min(timeout, wait))
         if timeout > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
 
     async def _deliver(self, entry: OutboxEntry) -> None:
+        try:
+            await self._deliver_once(entry)
+            self._hold_count.pop(entry.action_id, None)
+        except Exception:
+            # the attempt could not even be recorded (e.g. the database is locked or full):
+            # hold the action back in memory so it is not resent in a tight loop
+            self._hold_count[entry.action_id] += 1
+            hold_s = min(HOLD_CAP_S, HOLD_BASE_S * 2 ** (self._hold_count[entry.action_id] - 1))
+            self._held_until[entry.action_id] = time.monotonic() + hold_s
+            log.exception(
+                "delivering %s %s failed before its outcome was recorded; holding it %.0f s",
+                entry.kind,
+                entry.action_id,
+                hold_s,
+            )
+
+    def _excluded_ids(self) -> tuple[str, ...]:
+        """Actions not to pick: in flight, or held back after a failure to record."""
+        now = time.monotonic()
+        for action_id, until in list(self._held_until.items()):
+            if until <= now:
+                del self._held_until[action_id]
+        return (*self._in_flight, *self._held_until)
+
+    async def _deliver_once(self, entry: OutboxEntry) -> None:
         target = self._targets().get(entry.target)
         attempt_no = entry.attempts + 1
         started = self._clock.now()
@@ -214,7 +267,10 @@ class Dispatcher:
     async def _attempt(self, entry: OutboxEntry, target: Target) -> AttemptOutcome:
         assert self._session is not None
         secret = self._secrets().get(target.name, "")
-        request = build_request(entry, target, secret, self._clock.now())
+        try:
+            request = build_request(entry, target, secret, self._clock.now())
+        except Exception as exc:  # an unusable secret: no retry can help, a person must
+            return AttemptOutcome(None, f"cannot sign the request: {type(exc).__name__}", False)
         timeout = aiohttp.ClientTimeout(total=target.delivery.timeout_s)
         try:
             async with self._session.request(

@@ -275,7 +275,7 @@ class Engine:
             self._decide(transition, rule, facts, states, now, trigger, None, book)
             decision = transition.decisions[-1]
             unchanged = (
-                decision.outcome != "fired"
+                decision.firing_id is None
                 and before.gate_open == decision.gate_open
                 and before.rule_hash == rule.content_hash
             )
@@ -325,7 +325,7 @@ class Engine:
             new_state = replace(
                 new_state, fired_count=state.fired_count + 1, last_fired_at=decided_at
             )
-            reason = book.refusal(rule.release) if rule.release else None
+            reason = book.refusal_of_all(r for r in rule.actions if isinstance(r, ReleaseAction))
             if reason is None:
                 self._queue_firing(transition, rule, firing_id, now, book)
             else:
@@ -383,12 +383,12 @@ class Engine:
         """Tell the alert target (when configured) that a release was blocked."""
         if self.alert_target is None:
             return
-        release = rule.release
-        assert release is not None
-        message = (
-            f"gatekeeper blocked the release of {release.amount} {release.currency} from "
-            f"{release.escrow} to {release.payee} by rule {rule.id}: {reason}"
+        releases = "; ".join(
+            f"{a.amount} {a.currency} from {a.escrow} to {a.payee}"
+            for a in rule.actions
+            if isinstance(a, ReleaseAction)
         )
+        message = f"gatekeeper blocked the release of {releases} by rule {rule.id}: {reason}"
         transition.actions.append(
             QueuedAction(
                 action_id=f"act_{uuid.uuid4().hex}",

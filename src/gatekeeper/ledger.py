@@ -12,7 +12,7 @@ Amounts are ``Decimal`` throughout, parsed from decimal strings; never floats.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -73,6 +73,17 @@ class EscrowBook:
                 f"release of {amount} {release.currency} exceeds what is left of escrow "
                 f"{release.escrow!r}: {left} of {account.limit} {account.currency}"
             )
+        return None
+
+    def refusal_of_all(self, releases: Iterable[ReleaseAction]) -> str | None:
+        """Why the releases of one firing cannot all be sent (checked in order, each on top
+        of the ones before it), or None when they all fit. A firing is all or nothing."""
+        trial = self.copy()
+        for release in releases:
+            reason = trial.refusal(release)
+            if reason is not None:
+                return reason
+            trial.commit(release.escrow, release.amount)
         return None
 
     def commit(self, escrow: str, amount: str) -> None:

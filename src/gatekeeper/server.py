@@ -27,6 +27,7 @@ from aiohttp import web
 from gatekeeper import __version__
 from gatekeeper.daemon import Daemon, IdempotencyConflict, ShuttingDown
 from gatekeeper.engine import FactInput, IdempotencyRecord
+from gatekeeper.openapi import build_openapi
 from gatekeeper.schemas import load_schema
 from gatekeeper.store import ActionStatus
 
@@ -114,9 +115,16 @@ async def read_json(request: web.Request) -> Any:
         raise ApiError(415, f"expected Content-Type application/json, got {request.content_type!r}")
     raw = await request.read()
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
         raise ApiError(400, f"malformed JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, NaN, a 5,000-digit number, ...
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ApiError(400, f"malformed JSON: {reason}"[:300]) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
 
 
 def _request_id(request: web.Request) -> str:
@@ -132,7 +140,7 @@ def _daemon(request: web.Request) -> Daemon:
 
 def _limit(request: web.Request, default: int = 100) -> int:
     text = request.query.get("limit", str(default))
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIST_LIMIT:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIST_LIMIT:
         raise ApiError(400, f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
     return int(text)
 
@@ -149,7 +157,7 @@ def idempotency_record(request: web.Request, body: Any) -> IdempotencyRecord | N
             f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII "
             "characters without spaces",
         )
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return IdempotencyRecord(key, hashlib.sha256(canonical.encode()).hexdigest())
 
 
@@ -268,6 +276,11 @@ async def get_healthz(request: web.Request) -> web.Response:
     )
 
 
+async def get_openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 description of this API."""
+    return web.json_response(build_openapi())
+
+
 def create_app(daemon: Daemon) -> web.Application:
     """The aiohttp application serving ``daemon`` (which the caller starts and stops)."""
     app = web.Application(
@@ -283,4 +296,5 @@ def create_app(daemon: Daemon) -> web.Application:
     app.router.add_post("/v1/actions/{action_id}/retry", post_action_retry)
     app.router.add_get("/v1/escrows", get_escrows)
     app.router.add_get("/healthz", get_healthz)
+    app.router.add_get("/openapi.json", get_openapi)
     return app

@@ -13,8 +13,9 @@ The schema is versioned with ``PRAGMA user_version`` and upgraded by ``MIGRATION
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -277,13 +278,42 @@ class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
 
     @property
     def db(self) -> aiosqlite.Connection:
+        """The writer connection: every write, inside ``_transaction``."""
         if self._db is None:
             raise RuntimeError("store is not open")
         return self._db
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        """The reader connection: each query sees only committed data (a WAL snapshot), so
+        nothing reads rows of a transaction that may still roll back."""
+        if self._reader is None:
+            raise RuntimeError("store is not open")
+        return self._reader
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` on the writer, under the write lock.
+
+        COMMIT is shielded from cancellation, so a cancelled caller cannot leave it half
+        done; on any error the transaction is rolled back (if still open) and the original
+        exception is raised, never one from the rollback.
+        """
+        async with self._write_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                if self.db.in_transaction:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self.db.execute("ROLLBACK"))
+                raise
+            await asyncio.shield(self.db.execute("COMMIT"))
 
     async def open(self) -> None:
         """Open (creating if needed) the database and bring its schema up to date."""
@@ -294,14 +324,22 @@ class SqliteStore:
         await self.db.execute("PRAGMA foreign_keys=ON")
         await self.db.execute("PRAGMA busy_timeout=5000")
         await self._migrate()
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        await self.reader.execute("PRAGMA busy_timeout=5000")
+        await self.reader.execute("PRAGMA query_only=ON")
 
     async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        """Close both connections (waiting for the write in progress, if any)."""
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        async with self._write_lock:
+            if self._db is not None:
+                await self._db.close()
+                self._db = None
 
     async def _migrate(self) -> None:
-        async with self.db.execute("PRAGMA user_version") as cursor:
+        async with self.db.execute("PRAGMA user_version") as cursor:  # writer: migrating
             row = await cursor.fetchone()
         current = int(row[0]) if row else 0
         if current > len(MIGRATIONS):
@@ -310,17 +348,11 @@ class SqliteStore:
                 f"gatekeeper knows ({len(MIGRATIONS)}); upgrade gatekeeper"
             )
         for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-            async with self._write_lock:
-                await self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    for statement in script.split(";"):
-                        if statement.strip():
-                            await self.db.execute(statement)
-                    await self.db.execute(f"PRAGMA user_version={version}")
-                    await self.db.execute("COMMIT")
-                except BaseException:
-                    await self.db.execute("ROLLBACK")
-                    raise
+            async with self._transaction() as db:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        await db.execute(statement)
+                await db.execute(f"PRAGMA user_version={version}")
 
     async def commit_transition(self, transition: Transition) -> list[int]:
         """Commit a transition in one transaction; return the facts' sequence numbers.
@@ -333,15 +365,9 @@ class SqliteStore:
     async def commit_transitions(self, transitions: Sequence[Transition]) -> list[list[int]]:
         """Commit several transitions in ONE transaction (group commit: one fsync for all);
         return each one's fact sequence numbers. All or nothing, as ``commit_transition``."""
-        async with self._write_lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                seqs = [await self._write_transition(t) for t in transitions]
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
-            return seqs
+        async with self._transaction():
+            seqs = [await self._write_transition(t) for t in transitions]
+        return seqs
 
     async def _write_transition(self, t: Transition) -> list[int]:
         db = self.db
@@ -471,13 +497,13 @@ class SqliteStore:
 
     async def load_facts(self) -> dict[FactKey, dict[str, Any]]:
         """Every current fact: {(project, kind, id): data}."""
-        async with self.db.execute("SELECT project, kind, id, data FROM facts") as cursor:
+        async with self.reader.execute("SELECT project, kind, id, data FROM facts") as cursor:
             return {(r[0], r[1], r[2]): json.loads(r[3]) async for r in cursor}
 
     async def load_rule_states(self) -> dict[str, RuleState]:
         """Every rule's persisted state, by rule id (rules no longer loaded included)."""
         sql = "SELECT rule_id, gate_open, fired_count, last_fired_at, rule_hash FROM rule_state"
-        async with self.db.execute(sql) as cursor:
+        async with self.reader.execute(sql) as cursor:
             return {
                 r[0]: RuleState(
                     rule_id=r[0],
@@ -495,7 +521,7 @@ class SqliteStore:
             "SELECT version, files, git_commit, first_activated_at, last_activated_at"
             " FROM rulesets WHERE version = (SELECT value FROM meta WHERE key = 'active_ruleset')"
         )
-        async with self.db.execute(sql) as cursor:
+        async with self.reader.execute(sql) as cursor:
             row = await cursor.fetchone()
         if row is None:
             return None
@@ -509,7 +535,7 @@ class SqliteStore:
             sql += " WHERE project = ?"
             params = (project,)
         sql += " ORDER BY project, kind, id"
-        async with self.db.execute(sql, params) as cursor:
+        async with self.reader.execute(sql, params) as cursor:
             return [
                 {
                     "project": r[0],
@@ -528,7 +554,7 @@ class SqliteStore:
             "SELECT seq, project, kind, id, data, received_at, request_id FROM fact_log"
             " WHERE seq > ? ORDER BY seq LIMIT ?"
         )
-        async with self.db.execute(sql, (after_seq, limit)) as cursor:
+        async with self.reader.execute(sql, (after_seq, limit)) as cursor:
             return [
                 {
                     "seq": r[0],
@@ -557,7 +583,7 @@ class SqliteStore:
             params.append(rule_id)
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(limit)
-        async with self.db.execute(sql, params) as cursor:
+        async with self.reader.execute(sql, params) as cursor:
             return [
                 {
                     "id": r[0],
@@ -616,12 +642,12 @@ class SqliteStore:
             params.append(status)
         sql += " ORDER BY created_at DESC, action_id LIMIT ?"
         params.append(limit)
-        async with self.db.execute(sql, params) as cursor:
+        async with self.reader.execute(sql, params) as cursor:
             return [self._outbox_entry(r) async for r in cursor]
 
     async def get_action(self, action_id: str) -> OutboxEntry | None:
         sql = f"SELECT {self._OUTBOX_COLUMNS} FROM outbox WHERE action_id = ?"
-        async with self.db.execute(sql, (action_id,)) as cursor:
+        async with self.reader.execute(sql, (action_id,)) as cursor:
             row = await cursor.fetchone()
         return self._outbox_entry(row) if row else None
 
@@ -635,7 +661,7 @@ class SqliteStore:
             f"SELECT {self._OUTBOX_COLUMNS} FROM outbox WHERE status = 'pending'"
             f" AND next_attempt_at <= ?{where} ORDER BY next_attempt_at, action_id LIMIT ?"
         )
-        async with self.db.execute(sql, (format_rfc3339(now), *params, limit)) as cursor:
+        async with self.reader.execute(sql, (format_rfc3339(now), *params, limit)) as cursor:
             return [self._outbox_entry(r) async for r in cursor]
 
     async def next_attempt_at(self, *, only: OutboxFilter | None = None) -> str | None:
@@ -643,7 +669,7 @@ class SqliteStore:
         None when there is none."""
         where, params = (only or OutboxFilter()).sql()
         sql = f"SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending'{where}"
-        async with self.db.execute(sql, params) as cursor:
+        async with self.reader.execute(sql, params) as cursor:
             row = await cursor.fetchone()
         return row[0] if row else None
 
@@ -652,7 +678,7 @@ class SqliteStore:
             "SELECT action_id, attempt, started_at, latency_ms, status_code, error"
             " FROM delivery_attempts WHERE action_id = ? ORDER BY attempt"
         )
-        async with self.db.execute(sql, (action_id,)) as cursor:
+        async with self.reader.execute(sql, (action_id,)) as cursor:
             return [Attempt(*r) async for r in cursor]
 
     async def escrow_totals(self) -> dict[str, dict[str, Decimal]]:
@@ -663,7 +689,7 @@ class SqliteStore:
             "SELECT ledger.escrow, outbox.status, ledger.amount FROM ledger"
             " JOIN outbox ON outbox.action_id = ledger.release_id"
         )
-        async with self.db.execute(sql) as cursor:
+        async with self.reader.execute(sql) as cursor:
             return await _sum_amounts(cursor)
 
     async def find_idempotency_key(self, key: str) -> dict[str, Any] | None:
@@ -671,7 +697,7 @@ class SqliteStore:
         sql = (
             "SELECT request_hash, seqs, request_id, created_at FROM idempotency_keys WHERE key = ?"
         )
-        async with self.db.execute(sql, (key,)) as cursor:
+        async with self.reader.execute(sql, (key,)) as cursor:
             row = await cursor.fetchone()
         if row is None:
             return None
@@ -684,11 +710,11 @@ class SqliteStore:
 
     async def purge_idempotency_keys(self, before: str) -> int:
         """Forget keys created before ``before`` (RFC 3339); return how many were removed."""
-        async with self._write_lock:
-            cursor = await self.db.execute(
+        async with self._transaction() as db:
+            cursor = await db.execute(
                 "DELETE FROM idempotency_keys WHERE created_at < ?", (before,)
             )
-            return int(cursor.rowcount)
+        return int(cursor.rowcount)
 
     async def requeue_action(
         self, action_id: str, now: str, actor: str, reason: str | None
@@ -699,27 +725,21 @@ class SqliteStore:
         Returns the updated entry; None when there is no such action. Raises ``ValueError``
         when the action is not dead (pending or delivered actions are not requeued).
         """
-        async with self._write_lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                entry = await self.get_action(action_id)
-                if entry is not None and entry.status != "dead":
-                    raise ValueError(f"action {action_id} is {entry.status}, not dead")
-                if entry is not None:
-                    await self.db.execute(
-                        "UPDATE outbox SET status = 'pending', next_attempt_at = ?,"
-                        " requeued_at = ?, attempts_at_requeue = attempts WHERE action_id = ?",
-                        (now, now, action_id),
-                    )
-                    await self.db.execute(
-                        "INSERT INTO admin_acts (at, actor, act, subject, reason)"
-                        " VALUES (?, ?, 'retry_action', ?, ?)",
-                        (now, actor, action_id, reason),
-                    )
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._transaction():
+            entry = await self.get_action(action_id)
+            if entry is not None and entry.status != "dead":
+                raise ValueError(f"action {action_id} is {entry.status}, not dead")
+            if entry is not None:
+                await self.db.execute(
+                    "UPDATE outbox SET status = 'pending', next_attempt_at = ?,"
+                    " requeued_at = ?, attempts_at_requeue = attempts WHERE action_id = ?",
+                    (now, now, action_id),
+                )
+                await self.db.execute(
+                    "INSERT INTO admin_acts (at, actor, act, subject, reason)"
+                    " VALUES (?, ?, 'retry_action', ?, ?)",
+                    (now, actor, action_id, reason),
+                )
         return await self.get_action(action_id)
 
     async def record_attempt(
@@ -729,39 +749,33 @@ class SqliteStore:
         next_attempt_at: str | None,
     ) -> None:
         """Record a delivery attempt and the action's new status, atomically."""
-        async with self._write_lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                await self.db.execute(
-                    "INSERT INTO delivery_attempts (action_id, attempt, started_at, latency_ms,"
-                    " status_code, error) VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        attempt.action_id,
-                        attempt.attempt,
-                        attempt.started_at,
-                        attempt.latency_ms,
-                        attempt.status_code,
-                        attempt.error,
-                    ),
-                )
-                delivered_at = attempt.started_at if status == "delivered" else None
-                await self.db.execute(
-                    "UPDATE outbox SET status = ?, attempts = ?, last_error = ?,"
-                    " next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ?"
-                    " WHERE action_id = ?",
-                    (
-                        status,
-                        attempt.attempt,
-                        attempt.error,
-                        next_attempt_at,
-                        delivered_at,
-                        attempt.action_id,
-                    ),
-                )
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._transaction():
+            await self.db.execute(
+                "INSERT INTO delivery_attempts (action_id, attempt, started_at, latency_ms,"
+                " status_code, error) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    attempt.action_id,
+                    attempt.attempt,
+                    attempt.started_at,
+                    attempt.latency_ms,
+                    attempt.status_code,
+                    attempt.error,
+                ),
+            )
+            delivered_at = attempt.started_at if status == "delivered" else None
+            await self.db.execute(
+                "UPDATE outbox SET status = ?, attempts = ?, last_error = ?,"
+                " next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ?"
+                " WHERE action_id = ?",
+                (
+                    status,
+                    attempt.attempt,
+                    attempt.error,
+                    next_attempt_at,
+                    delivered_at,
+                    attempt.action_id,
+                ),
+            )
 
 
 async def _sum_amounts(cursor: aiosqlite.Cursor) -> dict[str, dict[str, Decimal]]:
