@@ -260,7 +260,7 @@ async def test_dead_letter_requeued_over_api_and_cli(
     assert status == 409
     assert "delivered" in again["error"]["message"]
     status, detail = await gk.get(f"/v1/actions/{first}")
-    assert [a["status_code"] for a in detail["attempts"]] == [422, 200]
+    assert [a["status_code"] for a in detail["delivery_attempts"]] == [422, 200]
 
     listing = await asyncio.to_thread(
         subprocess.run,

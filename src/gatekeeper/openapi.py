@@ -248,9 +248,9 @@ def _response_schemas(rule_source: JsonObject) -> JsonObject:
         ),
         "Fact": _obj(
             {
-                "project": STRING,
-                "kind": STRING,
-                "id": STRING,
+                "project": _ref("fact/properties/project"),
+                "kind": _ref("fact/properties/kind"),
+                "id": _ref("fact/properties/id"),
                 "data": {**ANY_OBJECT, "description": "The fact's data as last posted."},
                 "seq": {**SEQ, "description": "The sequence number of the last update."},
                 "updated_at": timestamp,
@@ -449,11 +449,14 @@ def _response_schemas(rule_source: JsonObject) -> JsonObject:
             "unevaluatedProperties": False,
         },
         "ActionWithAttempts": {
-            "description": "An action with its delivery attempts, oldest first. Note: here "
-            "`attempts` is the list of attempts, not their number.",
+            "description": "An action with its number of attempts and every delivery "
+            "attempt, oldest first.",
             "allOf": [_ref("ActionFields")],
-            "properties": {"attempts": {"type": "array", "items": _ref("Attempt")}},
-            "required": ["attempts"],
+            "properties": {
+                "attempts": {**COUNT, "description": "Delivery attempts made so far."},
+                "delivery_attempts": {"type": "array", "items": _ref("Attempt")},
+            },
+            "required": ["attempts", "delivery_attempts"],
             "unevaluatedProperties": False,
         },
         "ActionList": _obj({"actions": {"type": "array", "items": _ref("Action")}}),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -73,7 +74,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             405: f"method {request.method} is not allowed here",
             413: "request body too large",
         }.get(exc.status, exc.reason)
-        return web.json_response(_error_body(exc.status, message), status=exc.status)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response(
+            _error_body(exc.status, message), status=exc.status, headers=headers
+        )
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return web.json_response(_error_body(500, "internal error"), status=500)
@@ -115,12 +119,19 @@ async def read_json(request: web.Request) -> Any:
         raise ApiError(415, f"expected Content-Type application/json, got {request.content_type!r}")
     raw = await request.read()
     try:
-        return json.loads(raw, parse_constant=_refuse_constant)
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"malformed JSON: {exc}") from None
     except (ValueError, RecursionError) as exc:  # bad UTF-8, NaN, a 5,000-digit number, ...
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise ApiError(400, f"malformed JSON: {reason}"[:300]) from None
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large for a JSON number here")
+    return value
 
 
 def _refuse_constant(name: str) -> Any:
@@ -140,7 +151,9 @@ def _daemon(request: web.Request) -> Daemon:
 
 def _limit(request: web.Request, default: int = 100) -> int:
     text = request.query.get("limit", str(default))
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIST_LIMIT:
+    if not (len(text) <= 6 and text.isascii() and text.isdigit()) or not (
+        1 <= int(text) <= MAX_LIST_LIMIT
+    ):
         raise ApiError(400, f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
     return int(text)
 
@@ -239,7 +252,9 @@ async def get_action(request: web.Request) -> web.Response:
     if entry is None:
         raise ApiError(404, f"no action {action_id!r}")
     attempts = await store.list_attempts(action_id)
-    return web.json_response({**entry.to_json(), "attempts": [asdict(a) for a in attempts]})
+    return web.json_response(
+        {**entry.to_json(), "delivery_attempts": [asdict(a) for a in attempts]}
+    )
 
 
 async def post_action_retry(request: web.Request) -> web.Response:
