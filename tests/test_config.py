@@ -123,13 +123,13 @@ def test_unknown_key_is_an_error(tmp_path: Path) -> None:
         tmp_path,
         """\
         listen: 127.0.0.1:8080
-        tokens:
-          - {subject: alice, sha256: abc}
+        secrets:
+          - {name: bank, value: abc}
         """,
     )
     [(line, column, key, message)] = problems_of(path)
-    assert (line, column, key) == (2, 1, "tokens")
-    assert message.startswith("unknown key 'tokens' (allowed: listen, database, rules_dir,")
+    assert (line, column, key) == (2, 1, "secrets")
+    assert message.startswith("unknown key 'secrets' (allowed: listen, database, rules_dir,")
 
 
 def test_every_problem_is_reported(tmp_path: Path) -> None:

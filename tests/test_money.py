@@ -273,8 +273,8 @@ async def test_dead_letter_requeued_over_api_and_cli(
     db = sqlite3.connect(project.root / "state" / "gatekeeper.db")
     acts = db.execute("SELECT actor, act, subject, reason FROM admin_acts ORDER BY id").fetchall()
     assert acts == [
-        ("api", "retry_action", first, "receiver fixed"),
-        ("api", "retry_action", second, None),
+        ("local", "retry_action", first, "receiver fixed"),
+        ("local", "retry_action", second, None),
     ]
 
 

@@ -251,6 +251,15 @@ def fuzz(
                 continue
             for value in ids:
                 try:
+                    if "act" in operation.path_parameters:  # pause, then resume: both 200
+                        for act in ("pause", "resume"):
+                            case = operation.Case(
+                                path_parameters={name: value, "act": act},
+                                body={"reason": "fuzzing the live daemon"},
+                                media_type="application/json",
+                            )
+                            run(case)
+                        continue
                     run(operation.Case(path_parameters={name: value}))
                 except Exception as error:
                     failures.append(f"{operation.label} {name}={value!r}: {error}")
@@ -275,8 +284,16 @@ async def test_live_daemon_keeps_to_the_document(live: Running) -> None:
     for (label, status), _count in seen.items():
         statuses.setdefault(label, set()).add(status)
     summary = {label: sorted(codes) for label, codes in statuses.items()}
-    assert all(200 in codes for codes in statuses.values()), summary
-    assert len(statuses) == 10, summary
+    # these cannot succeed against this daemon: approvals need API tokens (the approver is
+    # the token's subject) and it has no hook sources; tests/test_auth.py and
+    # tests/test_hooks_http.py cover their 200s
+    cannot_succeed = {"POST /v1/approvals", "POST /v1/hooks/{source}"}
+    assert all(200 in codes for label, codes in statuses.items() if label not in cannot_succeed), (
+        summary
+    )
+    assert {403} <= statuses["POST /v1/approvals"], summary
+    assert {404} <= statuses["POST /v1/hooks/{source}"], summary
+    assert len(statuses) == 13, summary
     assert {200, 400, 422} <= statuses["POST /v1/facts"], summary
     assert {200, 404, 409} <= statuses["POST /v1/actions/{action_id}/retry"], summary
     assert elapsed < 60, f"the fuzzing took {elapsed:.0f} s"

@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -42,6 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(check)
     check.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="files or folders")
     check.add_argument("--format", choices=["text", "json", "github"], default="text")
+
+    token = commands.add_parser("token", help="API tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    new = token_commands.add_parser(
+        "new", help="print a fresh token (once) and the gatekeeper.yaml entry holding its hash"
+    )
+    new.add_argument("--subject", required=True, help="who holds it (the approver name)")
+    new.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        choices=["facts:write", "approve", "read", "admin"],
+        help="repeat for several",
+    )
+    new.add_argument(
+        "--project", action="append", help="repeat for several (default: every project)"
+    )
 
     actions = commands.add_parser("actions", help="the outbox of a running daemon")
     actions_commands = actions.add_subparsers(dest="actions_command", required=True)
@@ -80,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    if args.command == "token":
+        return _new_token(args)
     if args.config is not None and not args.config.is_file():
         print(f"gatekeeper: config file {args.config} not found", file=sys.stderr)
         return EXIT_USAGE
@@ -97,6 +117,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_actions_command(args, config)
     return _serve(args, config)
+
+
+def _new_token(args: argparse.Namespace) -> int:
+    from gatekeeper.auth import config_entry, new_token
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}", args.subject):
+        print(f"gatekeeper token new: {args.subject!r} is not a valid subject", file=sys.stderr)
+        return EXIT_USAGE
+    token = new_token()
+    projects = args.project or ["*"]
+    print(f"token (shown once; give it to {args.subject}, keep it secret):")
+    print(f"  {token}")
+    print("gatekeeper.yaml entry (under tokens:):")
+    print(config_entry(args.subject, token, sorted(set(args.scope)), projects))
+    return EXIT_OK
 
 
 def _check(args: argparse.Namespace, config: Config) -> int:
@@ -128,10 +163,11 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         from dataclasses import replace
 
         config = replace(config, listen_host=host, listen_port=int(port))
-    if not _is_loopback(config.listen_host):
+    if not config.tokens and not _is_loopback(config.listen_host):
         print(
             f"gatekeeper serve: refusing to listen on {config.listen_host}: no API tokens are "
-            "configured, so only a loopback address (127.0.0.1, ::1, localhost) is allowed",
+            "configured, so only a loopback address (127.0.0.1, ::1, localhost) is allowed "
+            "(see gatekeeper token new)",
             file=sys.stderr,
         )
         return EXIT_FAILED

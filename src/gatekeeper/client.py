@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.parse
@@ -17,6 +18,8 @@ from typing import Any
 from gatekeeper.config import Config
 
 TIMEOUT_S = 10.0
+TOKEN_ENV = "GATEKEEPER_TOKEN"
+"""The environment variable the command-line clients read their API token from."""
 
 
 class ClientError(Exception):
@@ -36,6 +39,9 @@ def call(url: str, method: str = "GET", body: Any = None) -> Any:
     """One JSON request; raises ``ClientError`` with the daemon's error message."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
+    token = os.environ.get(TOKEN_ENV)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:

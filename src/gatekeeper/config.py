@@ -71,6 +71,49 @@ class Escrow:
     limit: Decimal
 
 
+Scope = Literal["facts:write", "approve", "read", "admin"]
+
+
+@dataclass(frozen=True)
+class Token:
+    """An API token as configured: only the SHA-256 (hex) of the token is kept.
+
+    ``projects`` holds the projects it may act on, ``("*",)`` for all.
+    """
+
+    subject: str
+    sha256: str
+    scopes: frozenset[str]
+    projects: tuple[str, ...] = ("*",)
+
+    def allows_project(self, project: str) -> bool:
+        return "*" in self.projects or project in self.projects
+
+
+@dataclass(frozen=True)
+class HookFact:
+    """How one inbound event becomes a fact: ``id`` and ``data`` values are ``${path}``
+    templates over the event's JSON payload; ``match`` maps payload paths to required values."""
+
+    event: str
+    kind: str
+    id: str
+    data: Mapping[str, str] = field(default_factory=dict)
+    match: Mapping[str, str | int | float | bool | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """An inbound webhook source served at ``POST /v1/hooks/{name}``: GitHub events verified
+    with ``X-Hub-Signature-256``, GitLab events with ``X-Gitlab-Token``."""
+
+    name: str
+    kind: Literal["github", "gitlab"]
+    secret_env: str
+    project: str
+    facts: tuple[HookFact, ...]
+
+
 @dataclass(frozen=True)
 class Config:
     """A loaded ``gatekeeper.yaml``. Relative paths are resolved against the config's folder
@@ -87,6 +130,8 @@ class Config:
     alert_target: str | None = None
     idempotency_window_s: float = 86400.0
     shutdown_grace_s: float = 10.0
+    tokens: tuple[Token, ...] = ()
+    hooks: Mapping[str, Hook] = field(default_factory=dict)
 
 
 class ConfigError(Exception):
@@ -165,6 +210,26 @@ def resolve_secrets(config: Config, environ: Mapping[str, str]) -> dict[str, str
             _missing_secret_problem(file, variable, names, variable in environ)
             for variable, names in sorted(needed_by.items())
         ]
+        raise ConfigError(problems)
+    return secrets
+
+
+def resolve_hook_secrets(config: Config, environ: Mapping[str, str]) -> dict[str, str]:
+    """Map each inbound hook source to its secret (``secret_env``) read from ``environ``.
+
+    Raises ``ConfigError`` naming every missing or empty variable (never a value)."""
+    secrets: dict[str, str] = {}
+    problems = []
+    file = str(config.path) if config.path else DEFAULT_CONFIG_NAME
+    for name, hook in sorted(config.hooks.items()):
+        value = environ.get(hook.secret_env)
+        if value:
+            secrets[name] = value
+        else:
+            state = "is set but empty" if hook.secret_env in environ else "is not set"
+            message = f"environment variable {hook.secret_env} {state} (needed by hook {name!r})"
+            problems.append(Problem(file, 0, 0, message, f"hooks.{name}.secret_env"))
+    if problems:
         raise ConfigError(problems)
     return secrets
 
@@ -268,7 +333,32 @@ def _build(data: Mapping[str, Any], path: Path) -> Config:
         alert_target=data.get("alert_target"),
         idempotency_window_s=float(data.get("idempotency_window_s", 86400.0)),
         shutdown_grace_s=float(data.get("shutdown_grace_s", 10.0)),
+        tokens=tuple(_build_token(t) for t in data.get("tokens", [])),
+        hooks={name: _build_hook(name, h) for name, h in data.get("hooks", {}).items()},
     )
+
+
+def _build_token(data: Mapping[str, Any]) -> Token:
+    return Token(
+        subject=data["subject"],
+        sha256=data["sha256"],
+        scopes=frozenset(data["scopes"]),
+        projects=tuple(data.get("projects", ["*"])),
+    )
+
+
+def _build_hook(name: str, data: Mapping[str, Any]) -> Hook:
+    facts = tuple(
+        HookFact(
+            event=f["event"],
+            kind=f["kind"],
+            id=f["id"],
+            data=dict(f.get("data", {})),
+            match=dict(f.get("match", {})),
+        )
+        for f in data["facts"]
+    )
+    return Hook(name, data["kind"], data["secret_env"], data["project"], facts)
 
 
 def _build_target(name: str, data: Mapping[str, Any]) -> Target:

@@ -27,9 +27,18 @@ from typing import Any
 import watchfiles
 
 from gatekeeper.clock import Clock, SystemClock, format_rfc3339
-from gatekeeper.config import Config, ConfigError, Target, load_config, resolve_secrets
+from gatekeeper.config import (
+    Config,
+    ConfigError,
+    Target,
+    load_config,
+    resolve_hook_secrets,
+    resolve_secrets,
+)
 from gatekeeper.delivery import Dispatcher
 from gatekeeper.engine import (
+    AdminAct,
+    ApprovalInput,
     Engine,
     FactInput,
     FactTable,
@@ -53,6 +62,14 @@ HOUSEKEEPING_INTERVAL_S = 60.0
 
 class StartupError(Exception):
     """The daemon cannot start; the message says why (never a secret's value)."""
+
+
+class UnknownRule(LookupError):
+    """No rule with that id in the active ruleset."""
+
+
+class NotAnApprover(ValueError):
+    """The approval does not count: the rule takes none, or the approver is not listed."""
 
 
 class ShuttingDown(Exception):
@@ -129,10 +146,12 @@ class Daemon:
         self.store = SqliteStore(config.database)
         self.facts = FactTable()
         self.states: dict[str, RuleState] = {}
+        self.approvals: dict[str, dict[str, str]] = {}
         self.engine: Engine | None = None
         self.book = EscrowBook(config.escrows)
         self.reload_status = ReloadStatus()
         self.secrets: dict[str, str] = {}
+        self.hook_secrets: dict[str, str] = {}
         self.dispatcher = Dispatcher(
             self.store, lambda: self.config.targets, lambda: self.secrets, self.clock
         )
@@ -151,11 +170,13 @@ class Daemon:
         """
         try:
             self.secrets = resolve_secrets(self.config, self.environ)
+            self.hook_secrets = resolve_hook_secrets(self.config, self.environ)
         except ConfigError as exc:
             raise StartupError(str(exc)) from None
         await self.store.open()
         self.facts = FactTable(await self.store.load_facts())
         self.states = await self.store.load_rule_states()
+        self.approvals = await self.store.load_approvals()
         committed = await self.store.escrow_totals()
         self.book = EscrowBook(
             self.config.escrows,
@@ -319,7 +340,9 @@ class Daemon:
                 if await self._answer_repeat(job):
                     continue
                 keys[job.idempotency.key] = job
-            transition = engine.plan_ingest(facts, all_states, job.batch, now, book)
+            transition = engine.plan_ingest(
+                facts, all_states, job.batch, now, book, approvals=self.approvals
+            )
             transition.request_id = job.request_id
             transition.idempotency = job.idempotency
             for fact in job.batch:
@@ -385,10 +408,72 @@ class Daemon:
         for fact in transition.facts:
             self.facts.put(fact.key, fact.data)
         self.states.update(transition.rule_states)
+        for approval in transition.approvals:
+            standing = self.approvals.setdefault(approval.rule_id, {})
+            if approval.decision == "withdraw":
+                standing.pop(approval.subject, None)
+            else:
+                standing[approval.subject] = approval.decision
         for entry in transition.ledger:
             self.book.commit(entry.escrow, entry.amount)
         if transition.actions:
             self.dispatcher.wake()
+
+    async def approve(self, approval: ApprovalInput, request_id: str | None = None) -> IngestResult:
+        """Record an approver's decision and re-evaluate its rule, in one transaction.
+
+        Raises ``UnknownRule`` when the rule is not in the active ruleset, ``ValueError``
+        when it takes no approvals or the approver is not in its ``from`` list (the API
+        answers 403 for that), ``ShuttingDown`` once ``stop()`` began.
+        """
+        if self._closing:
+            raise ShuttingDown("gatekeeper is shutting down")
+        return await asyncio.shield(self._approve(approval, request_id))
+
+    async def _approve(self, approval: ApprovalInput, request_id: str | None) -> IngestResult:
+        async with self._write_lock:
+            engine = self._engine()
+            rule = engine.rules.get(approval.rule_id)
+            if rule is None:
+                raise UnknownRule(approval.rule_id)
+            if rule.approvals is None:
+                raise NotAnApprover(f"rule {rule.id} takes no approvals")
+            if approval.subject not in rule.approvals.from_:
+                raise NotAnApprover(
+                    f"{approval.subject!r} is not one of the approvers of rule {rule.id}"
+                )
+            approval = replace(approval, project=rule.project)
+            transition = engine.plan_approval(
+                self.facts,
+                self.states,
+                self.approvals,
+                approval,
+                self.clock.now(),
+                self.book.copy(),
+            )
+            transition.request_id = request_id
+            (seqs,) = await self._commit_and_apply([transition])
+        log.info("approval: %s %ss rule %s", approval.subject, approval.decision, approval.rule_id)
+        self._log_firings(transition)
+        return IngestResult(seqs, request_id, replayed=False)
+
+    async def administer(self, act: AdminAct) -> dict[str, Any]:
+        """Carry out an admin act on a rule (pause, resume, rearm), audited with who and why,
+        and re-evaluate the rule under its new state. Returns the rule's view.
+
+        Raises ``UnknownRule``, or ``ValueError`` when the act does not apply."""
+        async with self._write_lock:
+            engine = self._engine()
+            rule = engine.rules.get(act.rule_id)
+            if rule is None:
+                raise UnknownRule(act.rule_id)
+            transition = engine.plan_admin(
+                self.facts, self.states, self.approvals, act, self.clock.now(), self.book.copy()
+            )
+            await self._commit_and_apply([transition])
+        log.warning("admin: %s %s rule %s: %s", act.actor, act.act, act.rule_id, act.reason)
+        self._log_firings(transition)
+        return self.rule_view(rule, explain=True)
 
     def _engine(self) -> Engine:
         if self.engine is None:
@@ -422,7 +507,13 @@ class Daemon:
                 or self.states.get(rule.id, RuleState(rule.id)).rule_hash != rule.content_hash
             ]
             transition = engine.plan_rules(
-                self.facts, self.states, changed, self.clock.now(), "reload", book=book.copy()
+                self.facts,
+                self.states,
+                changed,
+                self.clock.now(),
+                "reload",
+                book=book.copy(),
+                approvals=self.approvals,
             )
             transition.ruleset = ruleset
             await self.store.commit_transition(transition)
@@ -457,6 +548,7 @@ class Daemon:
             try:
                 config = load_config(config.path)
                 secrets = resolve_secrets(config, self.environ)
+                hook_secrets = resolve_hook_secrets(config, self.environ)
             except ConfigError as exc:
                 self._report_refused_problems(exc.problems)
                 return False
@@ -468,7 +560,7 @@ class Daemon:
                 log.warning("listen and database changes in the config take effect on restart")
                 config = _keep_listen_and_database(config, self.config)
         else:
-            secrets = self.secrets
+            secrets, hook_secrets = self.secrets, self.hook_secrets
         result = load_rules_dir(config.rules_dir, config)
         if result.ruleset is None:
             self._report_refused(result)
@@ -476,6 +568,7 @@ class Daemon:
         unchanged = (
             self.engine is not None and self.engine.ruleset.version == result.ruleset.version
         )
+        self.hook_secrets = hook_secrets  # hooks do not depend on the ruleset
         if unchanged and config == self.config and secrets == self.secrets:
             now = format_rfc3339(self.clock.now())
             self.reload_status = ReloadStatus(
@@ -548,6 +641,7 @@ class Daemon:
                 self.clock.now(),
                 "time",
                 book=self.book.copy(),
+                approvals=self.approvals,
                 record_unchanged=False,
             )
             if transition.decisions:
@@ -589,7 +683,9 @@ class Daemon:
         }
         if explain:
             view["source"] = dict(rule.source)
-            view["explanation"] = self._engine().explain(rule, self.facts, state, self.clock.now())
+            view["explanation"] = self._engine().explain(
+                rule, self.facts, state, self.clock.now(), self.approvals
+            )
         return view
 
     @property

@@ -34,8 +34,12 @@ from gatekeeper.templates import render_template, template_values
 FactKey = tuple[str, str, str]
 """(project, kind, id)"""
 
-Trigger = Literal["fact", "reload", "time"]
-Outcome = Literal["fired", "blocked", "not_met", "already_fired", "still_met", "awaiting_approvals"]
+Trigger = Literal["fact", "reload", "time", "approval", "admin"]
+Outcome = Literal[
+    "fired", "blocked", "paused", "not_met", "already_fired", "still_met", "awaiting_approvals"
+]
+ApprovalStanding = Mapping[str, Mapping[str, str]]
+"""rule id -> approver subject -> their standing decision, "approve" or "reject"."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,31 @@ class RuleState:
     fired_count: int = 0
     last_fired_at: str | None = None
     rule_hash: str | None = None
+    paused: bool = False
+    rearms: int = 0
+    """A ``once`` rule may fire while ``fired_count <= rearms`` (re-arming sets it)."""
+
+
+@dataclass(frozen=True)
+class ApprovalInput:
+    """An approver's decision on a rule: ``approve``, ``reject`` or ``withdraw`` (which
+    removes that approver's standing decision). ``subject`` is the token's subject."""
+
+    rule_id: str
+    project: str
+    subject: str
+    decision: Literal["approve", "reject", "withdraw"]
+    comment: str | None = None
+
+
+@dataclass(frozen=True)
+class AdminAct:
+    """An audited admin act: who (``actor``), what (``act``), on which rule, and why."""
+
+    act: Literal["pause", "resume", "rearm"]
+    rule_id: str
+    actor: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -132,6 +161,8 @@ class Transition:
     request_id: str | None = None
     ledger: list[LedgerEntry] = field(default_factory=list)
     idempotency: IdempotencyRecord | None = None
+    approvals: list[ApprovalInput] = field(default_factory=list)
+    admin_acts: list[AdminAct] = field(default_factory=list)
 
     @property
     def fired(self) -> list[Decision]:
@@ -231,6 +262,7 @@ class Engine:
         batch: list[FactInput],
         now: datetime,
         book: EscrowBook | None = None,
+        approvals: ApprovalStanding | None = None,
     ) -> Transition:
         """Plan applying ``batch`` atomically: every rule reading any of its facts is evaluated
         once, against the facts with the whole batch applied.
@@ -249,7 +281,7 @@ class Engine:
         transition = Transition(facts=list(batch))
         for rule_id, index in touched.items():
             rule = self.rules[rule_id]
-            self._decide(transition, rule, view, states, now, "fact", index, book)
+            self._decide(transition, rule, view, states, now, "fact", index, book, approvals)
         return transition
 
     def plan_rules(
@@ -261,6 +293,7 @@ class Engine:
         trigger: Trigger,
         *,
         book: EscrowBook | None = None,
+        approvals: ApprovalStanding | None = None,
         record_unchanged: bool = True,
     ) -> Transition:
         """Plan evaluating ``rules`` without a new fact (a reload, or the clock moving on).
@@ -272,7 +305,7 @@ class Engine:
         transition = Transition()
         for rule in rules:
             before = states.get(rule.id, RuleState(rule.id))
-            self._decide(transition, rule, facts, states, now, trigger, None, book)
+            self._decide(transition, rule, facts, states, now, trigger, None, book, approvals)
             decision = transition.decisions[-1]
             unchanged = (
                 decision.firing_id is None
@@ -285,20 +318,87 @@ class Engine:
         return transition
 
     def explain(
-        self, rule: Rule, facts: FactTable, state: RuleState | None, now: datetime
+        self,
+        rule: Rule,
+        facts: FactTable,
+        state: RuleState | None,
+        now: datetime,
+        approvals: ApprovalStanding | None = None,
     ) -> dict[str, Any]:
-        """The rule's current explanation (JSON-ready): gate, sub-conditions, missing facts."""
+        """The rule's current explanation (JSON-ready): gate, sub-conditions, missing facts,
+        approvals counted, whether it is paused and how often it fired."""
         evaluation = rule.condition.evaluate(ProjectFacts(rule.project, facts), now)
-        approvals = approvals_status(rule)
+        standing = approvals_status(rule, (approvals or {}).get(rule.id, {}))
         state = state or RuleState(rule.id)
         return {
-            "gate_open": evaluation.value and approvals["satisfied"],
+            "gate_open": evaluation.value and standing["satisfied"],
             "condition": evaluation_to_json(evaluation),
-            "approvals": approvals,
+            "approvals": standing,
+            "paused": state.paused,
             "fired_count": state.fired_count,
+            "rearms": state.rearms,
             "last_fired_at": state.last_fired_at,
             "evaluated_at": format_rfc3339(now),
         }
+
+    def plan_approval(
+        self,
+        facts: FactTable,
+        states: Mapping[str, RuleState],
+        approvals: ApprovalStanding,
+        approval: ApprovalInput,
+        now: datetime,
+        book: EscrowBook | None = None,
+    ) -> Transition:
+        """Plan recording ``approval`` and re-evaluating its rule with it counted."""
+        rule = self.rules[approval.rule_id]
+        standing = dict(approvals.get(rule.id, {}))
+        if approval.decision == "withdraw":
+            standing.pop(approval.subject, None)
+        else:
+            standing[approval.subject] = approval.decision
+        view = {**approvals, rule.id: standing}
+        transition = Transition(approvals=[approval])
+        book = book if book is not None else EscrowBook({})
+        self._decide(transition, rule, facts, states, now, "approval", 0, book, view)
+        return transition
+
+    def plan_admin(
+        self,
+        facts: FactTable,
+        states: Mapping[str, RuleState],
+        approvals: ApprovalStanding,
+        act: AdminAct,
+        now: datetime,
+        book: EscrowBook | None = None,
+    ) -> Transition:
+        """Plan an admin act on a rule (pause, resume, rearm) and re-evaluate the rule under
+        its new state: a resumed or re-armed rule whose gate is open fires at once.
+
+        Raises ``ValueError`` when the act does not apply (re-arming an each_time rule, or
+        a rule that has not fired; pausing a paused rule; resuming a running one)."""
+        rule = self.rules[act.rule_id]
+        state = states.get(rule.id, RuleState(rule.id))
+        if act.act == "pause":
+            if state.paused:
+                raise ValueError(f"rule {rule.id} is already paused")
+            state = replace(state, paused=True)
+        elif act.act == "resume":
+            if not state.paused:
+                raise ValueError(f"rule {rule.id} is not paused")
+            state = replace(state, paused=False)
+        else:
+            if rule.fire != "once":
+                raise ValueError(f"rule {rule.id} fires each_time; only once rules are re-armed")
+            if state.fired_count <= state.rearms:
+                raise ValueError(f"rule {rule.id} has not fired since it was last armed")
+            # the next open gate fires again; an open gate now counts as a fresh edge
+            state = replace(state, rearms=state.fired_count, gate_open=False)
+        transition = Transition(admin_acts=[act])
+        transition.rule_states[rule.id] = state
+        book = book if book is not None else EscrowBook({})
+        self._decide(transition, rule, facts, states, now, "admin", None, book, approvals)
+        return transition
 
     def _decide(
         self,
@@ -310,10 +410,11 @@ class Engine:
         trigger: Trigger,
         fact_index: int | None,
         book: EscrowBook,
+        standing: ApprovalStanding | None = None,
     ) -> None:
         state = transition.rule_states.get(rule.id) or states.get(rule.id) or RuleState(rule.id)
         evaluation = rule.condition.evaluate(ProjectFacts(rule.project, facts), now)
-        approvals = approvals_status(rule)
+        approvals = approvals_status(rule, (standing or {}).get(rule.id, {}))
         gate_open = evaluation.value and bool(approvals["satisfied"])
         outcome = _outcome(rule, state, evaluation.value, gate_open)
         decided_at = format_rfc3339(now)
@@ -412,25 +513,31 @@ def _outcome(rule: Rule, state: RuleState, condition: bool, gate_open: bool) -> 
         return "not_met"
     if not gate_open:
         return "awaiting_approvals"
-    if rule.fire == "once":
-        return "already_fired" if state.fired_count > 0 else "fired"
-    return "still_met" if state.gate_open else "fired"
+    if rule.fire == "once" and state.fired_count > state.rearms:
+        return "already_fired"
+    if rule.fire == "each_time" and state.gate_open:
+        return "still_met"
+    return "paused" if state.paused else "fired"
 
 
-def approvals_status(rule: Rule) -> dict[str, Any]:
-    """How the rule's sign-off stands: required, approvers counted, rejects, satisfied.
+def approvals_status(rule: Rule, standing: Mapping[str, str]) -> dict[str, Any]:
+    """How the rule's sign-off stands, from each approver's standing decision
+    (``{subject: "approve" | "reject"}``): required, from, approved_by, rejected_by, satisfied.
 
-    Approvals are not accepted by this version of the daemon yet, so a rule that requires
-    them stays closed and its explanation says so.
+    Only approvers listed in the rule's ``from`` count; distinct approvers are counted; a
+    standing reject from any of them blocks the rule until withdrawn.
     """
     if rule.approvals is None:
         return {"required": 0, "approved_by": [], "rejected_by": [], "satisfied": True}
+    listed = rule.approvals.from_
+    approved = sorted(s for s in listed if standing.get(s) == "approve")
+    rejected = sorted(s for s in listed if standing.get(s) == "reject")
     return {
         "required": rule.approvals.required,
-        "from": list(rule.approvals.from_),
-        "approved_by": [],
-        "rejected_by": [],
-        "satisfied": False,
+        "from": list(listed),
+        "approved_by": approved,
+        "rejected_by": rejected,
+        "satisfied": len(approved) >= rule.approvals.required and not rejected,
     }
 
 

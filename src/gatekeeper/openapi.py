@@ -41,6 +41,12 @@ ERROR_STATUSES: Mapping[int, tuple[str, str]] = {
         "BadRequest",
         "The request is malformed: bad JSON, a body or parameter of the wrong shape.",
     ),
+    401: (
+        "Unauthorized",
+        "No or an unknown API token (when tokens are configured), or, for a hook, a bad "
+        "signature or token. Comes with `WWW-Authenticate: Bearer` for API tokens.",
+    ),
+    403: ("Forbidden", "The token lacks the scope, or may not act on the project."),
     404: ("NotFound", "No such resource (also the answer to any path the API does not have)."),
     405: ("MethodNotAllowed", "The path exists but not with this method."),
     409: ("Conflict", "The request conflicts with the resource's state."),
@@ -103,7 +109,16 @@ def _document() -> JsonObject:
             {"name": "meta", "description": "Liveness and this description."},
         ],
         "paths": _paths(),
+        "security": [{"bearer": []}],
         "components": {
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API token from `gatekeeper token new`; the config holds "
+                    "its SHA-256. With no tokens configured (loopback only) none is needed.",
+                }
+            },
             "schemas": schemas,
             "responses": _error_responses(),
             "parameters": _parameters(),
@@ -375,7 +390,12 @@ def _response_schemas(rule_source: JsonObject) -> JsonObject:
                 "gate_open": {"type": "boolean"},
                 "condition": _ref("Evaluation"),
                 "approvals": _ref("ApprovalStatus"),
+                "paused": {"type": "boolean"},
                 "fired_count": COUNT,
+                "rearms": {
+                    **COUNT,
+                    "description": "A once rule may fire while fired_count <= rearms.",
+                },
                 "last_fired_at": nullable_timestamp,
                 "evaluated_at": timestamp,
             },
@@ -389,12 +409,13 @@ def _response_schemas(rule_source: JsonObject) -> JsonObject:
                 "rule_hash": SHA256_HEX,
                 "ruleset_version": SHA256_HEX,
                 "git_commit": NULLABLE_STRING,
-                "trigger": {"enum": ["fact", "reload", "time"]},
+                "trigger": {"enum": ["fact", "reload", "time", "approval", "admin"]},
                 "fact_seq": {"type": ["integer", "null"], "minimum": 1},
                 "outcome": {
                     "enum": [
                         "fired",
                         "blocked",
+                        "paused",
                         "not_met",
                         "already_fired",
                         "still_met",
@@ -506,6 +527,38 @@ def _response_schemas(rule_source: JsonObject) -> JsonObject:
             "properties": {"reason": {"type": "string", "description": "Recorded in the audit."}},
             "description": "Why the dead letter is requeued (optional; other keys are ignored).",
         },
+        "ApprovalRequest": {
+            "type": "object",
+            "description": "An approver's decision; the approver is the token's subject.",
+            "properties": {
+                "rule": {"type": "string", "minLength": 1, "description": "The rule id."},
+                "decision": {"enum": ["approve", "reject", "withdraw"]},
+                "comment": {"type": ["string", "null"], "maxLength": 2000},
+            },
+            "required": ["rule", "decision"],
+            "additionalProperties": False,
+        },
+        "ApprovalAccepted": _obj(
+            {
+                "seq": SEQ,
+                "request_id": STRING,
+                "rule": STRING,
+                "approver": STRING,
+                "decision": {"enum": ["approve", "reject", "withdraw"]},
+                "approvals": _ref("ApprovalStatus"),
+            },
+            description="The approval is committed; how the rule's sign-off now stands.",
+        ),
+        "AdminActRequest": {
+            "type": "object",
+            "description": "Why (required: every admin act is audited with who and why).",
+            "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 2000}},
+            "required": ["reason"],
+        },
+        "HookIgnored": _obj(
+            {"accepted": {"const": 0}, "ignored": {"const": True}},
+            description="The event was verified but no mapping fits it: nothing applied.",
+        ),
         "OpenApiDocument": {
             "type": "object",
             "required": ["openapi", "info", "paths"],
@@ -625,10 +678,12 @@ def _json(schema: JsonObject, description: str, **extra: Any) -> JsonObject:
     }
 
 
-def _errors(*statuses: int) -> JsonObject:
+def _errors(*statuses: int, secured: bool = True) -> JsonObject:
+    """Error responses: ``statuses``, 500, and for a secured operation 401 and 403."""
+    extra = (401, 403) if secured else ()
     return {
         str(status): {"$ref": f"#/components/responses/{ERROR_STATUSES[status][0]}"}
-        for status in (*statuses, 500)
+        for status in sorted({*statuses, *extra, 500})
     }
 
 
@@ -795,12 +850,86 @@ def _paths() -> JsonObject:
                 "responses": {"200": _json(_ref("EscrowList"), "The escrows."), **_errors()},
             }
         },
+        "/v1/approvals": {
+            "post": {
+                "operationId": "postApproval",
+                "tags": ["rules"],
+                "summary": "Approve, reject or withdraw on a rule that takes approvals",
+                "description": "The approver is the token's subject and must be in the "
+                "rule's `from` list (403 otherwise); a standing reject blocks the rule until "
+                "withdrawn. The approval is appended to the fact log and re-evaluates the rule.",
+                "parameters": [{"$ref": "#/components/parameters/RequestId"}],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("ApprovalRequest")}},
+                },
+                "responses": {
+                    "200": _json(_ref("ApprovalAccepted"), "The approval is committed."),
+                    **_errors(400, 404, 413, 415, 503),
+                },
+            }
+        },
+        "/v1/rules/{rule_id}/{act}": {
+            "post": {
+                "operationId": "actOnRule",
+                "tags": ["rules"],
+                "summary": "Pause, resume or re-arm a rule (an audited admin act)",
+                "description": "A paused rule is evaluated and explained but does not fire. "
+                "Re-arming a once rule that fired lets it fire once more. The rule is "
+                "re-evaluated at once: a resumed or re-armed rule whose gate is open fires.",
+                "parameters": [
+                    rule_id,
+                    {
+                        "name": "act",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"enum": ["pause", "resume", "rearm"]},
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("AdminActRequest")}},
+                },
+                "responses": {
+                    "200": _json(_ref("Rule"), "The rule after the act."),
+                    # 405: an act other than pause/resume/rearm makes the path a rule id,
+                    # which only GET serves
+                    **_errors(400, 404, 405, 409, 413, 415),
+                },
+            }
+        },
+        "/v1/hooks/{source}": {
+            "post": {
+                "operationId": "postHook",
+                "tags": ["facts"],
+                "summary": "An event from a CI system, mapped to facts",
+                "description": "Verified with the source's own secret (GitHub: "
+                "`X-Hub-Signature-256`; GitLab: `X-Gitlab-Token`), not a bearer token, and "
+                "mapped to facts by the `hooks` section of gatekeeper.yaml. The delivery id "
+                "(`X-GitHub-Delivery`, `X-Gitlab-Event-UUID`) makes redeliveries idempotent.",
+                "security": [],
+                "parameters": [_path_param("source", "The hook source name in the config.")],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": ANY_OBJECT},
+                        "application/x-www-form-urlencoded": {"schema": ANY_OBJECT},
+                    },
+                },
+                "responses": {
+                    "200": _json(_ref("FactsAccepted"), "The event's facts are committed."),
+                    "202": _json(_ref("HookIgnored"), "No mapping fits: ignored."),
+                    **_errors(400, 401, 404, 413, 422, 503, secured=False),
+                },
+            }
+        },
         "/healthz": {
             "get": {
                 "operationId": "health",
                 "tags": ["meta"],
                 "summary": "Liveness, ruleset version, whether the last reload succeeded",
-                "responses": {"200": _json(_ref("Health"), "Alive."), **_errors()},
+                "security": [],
+                "responses": {"200": _json(_ref("Health"), "Alive."), **_errors(secured=False)},
             }
         },
         "/openapi.json": {

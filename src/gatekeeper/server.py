@@ -20,14 +20,25 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal, cast
 
 import jsonschema
 from aiohttp import web
+from aiohttp.web_urldispatcher import SystemRoute
 
 from gatekeeper import __version__
-from gatekeeper.daemon import Daemon, IdempotencyConflict, ShuttingDown
-from gatekeeper.engine import FactInput, IdempotencyRecord
+from gatekeeper.auth import authenticate, bearer_token
+from gatekeeper.config import Token
+from gatekeeper.daemon import (
+    Daemon,
+    IdempotencyConflict,
+    NotAnApprover,
+    ShuttingDown,
+    UnknownRule,
+)
+from gatekeeper.engine import AdminAct, ApprovalInput, FactInput, IdempotencyRecord
+from gatekeeper.hooks import RESERVED_KINDS, HookRejected
+from gatekeeper.hooks import handle as handle_hook
 from gatekeeper.openapi import build_openapi
 from gatekeeper.schemas import load_schema
 from gatekeeper.store import ActionStatus
@@ -35,6 +46,7 @@ from gatekeeper.store import ActionStatus
 log = logging.getLogger("gatekeeper.server")
 
 DAEMON_KEY = web.AppKey("daemon", Daemon)
+PRINCIPAL_KEY: web.RequestKey[Token | None] = web.RequestKey("principal", Token | None)  # type: ignore[arg-type]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACTION_STATUSES: tuple[ActionStatus, ...] = ("pending", "delivered", "dead")
 MAX_LIST_LIMIT = 1000
@@ -44,11 +56,18 @@ MAX_IDEMPOTENCY_KEY_CHARS = 255
 class ApiError(web.HTTPException):
     """An error answered as JSON: ``status``, a message and optional located problems."""
 
-    def __init__(self, status: int, message: str, problems: list[dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        problems: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         self.status_code = status
         super().__init__(
             text=json.dumps(_error_body(status, message, problems)),
             content_type="application/json",
+            headers=headers,
         )
 
 
@@ -57,6 +76,70 @@ def _error_body(status: int, message: str, problems: Any = None) -> dict[str, An
     if problems:
         error["problems"] = problems
     return {"error": error}
+
+
+def requires(scope: str | None) -> Callable[[Handler], Handler]:
+    """Mark a handler with the token scope it needs (None: open, e.g. ``/healthz``)."""
+
+    def mark(handler: Handler) -> Handler:
+        handler.required_scope = scope  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Check ``Authorization: Bearer <token>`` against the configured token hashes.
+
+    With no tokens configured (the daemon then listens on loopback only) every request is
+    let through with no principal. Otherwise: no or an unknown token is 401, a token
+    without the route's scope is 403. Unknown routes fall through to 404/405.
+    """
+    route = request.match_info.route
+    if isinstance(route, SystemRoute):  # no such route or method: 404/405 as usual
+        return await handler(request)
+    # a handler that forgot to say what it needs requires the most: admin
+    scope = getattr(route.handler, "required_scope", "admin")
+    tokens = _daemon(request).config.tokens
+    request[PRINCIPAL_KEY] = None
+    if not tokens or scope is None:
+        return await handler(request)
+    principal = authenticate(tokens, bearer_token(request.headers.get("Authorization")))
+    if principal is None:
+        raise ApiError(
+            401,
+            "missing or unknown API token (send Authorization: Bearer <token>)",
+            headers={"WWW-Authenticate": 'Bearer realm="gatekeeper"'},
+        )
+    if scope not in principal.scopes:
+        raise ApiError(403, f"token of {principal.subject!r} lacks the {scope!r} scope")
+    request[PRINCIPAL_KEY] = principal
+    return await handler(request)
+
+
+def principal(request: web.Request) -> Token | None:
+    """The authenticated token of ``request`` (None when no tokens are configured)."""
+    return request.get(PRINCIPAL_KEY)
+
+
+def actor(request: web.Request) -> str:
+    """Who acts, for the audit log: the token's subject, or ``local`` without tokens."""
+    token = principal(request)
+    return token.subject if token else "local"
+
+
+def check_project(request: web.Request, project: str) -> None:
+    """403 unless the request's token may act on ``project``."""
+    token = principal(request)
+    if token is not None and not token.allows_project(project):
+        raise ApiError(403, f"token of {token.subject!r} may not act on project {project!r}")
+
+
+def visible(request: web.Request, project: str | None) -> bool:
+    """Whether the request's token may see things of ``project``."""
+    token = principal(request)
+    return token is None or project is None or token.allows_project(project)
 
 
 @web.middleware
@@ -110,6 +193,15 @@ def parse_facts(body: Any) -> list[FactInput]:
         problems = [{"path": _json_path(e.absolute_path), "message": e.message} for e in errors]
         raise ApiError(400, "the request body is not a valid fact or batch of facts", problems)
     items = body["facts"] if is_batch else [body]
+    reserved = [
+        {"path": f"$.facts[{i}].kind" if is_batch else "$.kind", "message": "is reserved"}
+        for i, f in enumerate(items)
+        if f["kind"] in RESERVED_KINDS
+    ]
+    if reserved:
+        raise ApiError(
+            400, "kind 'approval' is reserved: post approvals to /v1/approvals", reserved
+        )
     return [FactInput(f["project"], f["kind"], f["id"], f["data"]) for f in items]
 
 
@@ -174,9 +266,12 @@ def idempotency_record(request: web.Request, body: Any) -> IdempotencyRecord | N
     return IdempotencyRecord(key, hashlib.sha256(canonical.encode()).hexdigest())
 
 
+@requires("facts:write")
 async def post_facts(request: web.Request) -> web.Response:
     body = await read_json(request)
     batch = parse_facts(body)
+    for project in sorted({fact.project for fact in batch}):
+        check_project(request, project)
     idempotency = idempotency_record(request, body)
     request_id = _request_id(request)
     try:
@@ -194,16 +289,22 @@ async def post_facts(request: web.Request) -> web.Response:
     )
 
 
+@requires("read")
 async def get_facts(request: web.Request) -> web.Response:
     project = request.query.get("project")
     facts = await _daemon(request).store.list_facts(project)
-    return web.json_response({"facts": facts})
+    return web.json_response({"facts": [f for f in facts if visible(request, f["project"])]})
 
 
+@requires("read")
 async def get_rules(request: web.Request) -> web.Response:
     daemon = _daemon(request)
     engine = daemon.engine
-    rules = [daemon.rule_view(r, explain=False) for r in engine.ruleset.rules] if engine else []
+    rules = [
+        daemon.rule_view(rule, explain=False)
+        for rule in (engine.ruleset.rules if engine else ())
+        if visible(request, rule.project)
+    ]
     return web.json_response(
         {
             "ruleset": _ruleset_view(daemon),
@@ -225,38 +326,52 @@ def _ruleset_view(daemon: Daemon) -> dict[str, Any] | None:
     }
 
 
+@requires("read")
 async def get_rule(request: web.Request) -> web.Response:
     daemon = _daemon(request)
     rule_id = request.match_info["rule_id"]
     rule = daemon.engine.rules.get(rule_id) if daemon.engine else None
     if rule is None:
         raise ApiError(404, f"no rule {rule_id!r} in the active ruleset")
-    view = daemon.rule_view(rule, explain=True)
-    view["ruleset_version"] = daemon.engine.ruleset.version if daemon.engine else None
-    view["recent_decisions"] = await daemon.store.list_decisions(rule_id, limit=_limit(request, 20))
-    return web.json_response(view)
+    check_project(request, rule.project)
+    return web.json_response(await _rule_detail(daemon, rule.id, _limit(request, 20)))
 
 
+async def _rule_detail(daemon: Daemon, rule_id: str, decisions: int) -> dict[str, Any]:
+    """A rule's full view: state, source, explanation, recent decisions."""
+    engine = daemon.engine
+    assert engine is not None
+    view = daemon.rule_view(engine.rules[rule_id], explain=True)
+    view["ruleset_version"] = engine.ruleset.version
+    view["recent_decisions"] = await daemon.store.list_decisions(rule_id, limit=decisions)
+    return view
+
+
+@requires("read")
 async def get_actions(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in ACTION_STATUSES:
         raise ApiError(400, f"status must be one of: {', '.join(ACTION_STATUSES)}")
     entries = await _daemon(request).store.list_actions(status, _limit(request))
-    return web.json_response({"actions": [e.to_json() for e in entries]})
+    shown = [e.to_json() for e in entries if visible(request, e.payload.get("project"))]
+    return web.json_response({"actions": shown})
 
 
+@requires("read")
 async def get_action(request: web.Request) -> web.Response:
     store = _daemon(request).store
     action_id = request.match_info["action_id"]
     entry = await store.get_action(action_id)
     if entry is None:
         raise ApiError(404, f"no action {action_id!r}")
+    check_project(request, entry.payload.get("project", ""))
     attempts = await store.list_attempts(action_id)
     return web.json_response(
         {**entry.to_json(), "delivery_attempts": [asdict(a) for a in attempts]}
     )
 
 
+@requires("admin")
 async def post_action_retry(request: web.Request) -> web.Response:
     daemon = _daemon(request)
     action_id = request.match_info["action_id"]
@@ -266,8 +381,11 @@ async def post_action_retry(request: web.Request) -> web.Response:
         if not isinstance(body, dict) or not isinstance(body.get("reason", ""), str):
             raise ApiError(400, 'the body must be {"reason": "..."} or empty')
         reason = body.get("reason")
+    existing = await daemon.store.get_action(action_id)
+    if existing is not None:
+        check_project(request, existing.payload.get("project", ""))
     try:
-        entry = await daemon.retry_action(action_id, actor="api", reason=reason)
+        entry = await daemon.retry_action(action_id, actor=actor(request), reason=reason)
     except ValueError as exc:
         raise ApiError(409, str(exc)) from None
     if entry is None:
@@ -275,10 +393,147 @@ async def post_action_retry(request: web.Request) -> web.Response:
     return web.json_response(entry.to_json())
 
 
+APPROVAL_DECISIONS = ("approve", "reject", "withdraw")
+AdminActName = Literal["pause", "resume", "rearm"]
+MAX_COMMENT_CHARS = 2000
+
+
+@requires("approve")
+async def post_approvals(request: web.Request) -> web.Response:
+    """``{"rule": ID, "decision": "approve" | "reject" | "withdraw", "comment": ...}``; the
+    approver is the token's subject, never a body field."""
+    body = await read_json(request)
+    problems = _approval_problems(body)
+    if problems:
+        raise ApiError(400, "the request body is not a valid approval", problems)
+    token = principal(request)
+    if token is None:
+        raise ApiError(
+            403, "approvals need API tokens: the approver is the token's subject (see tokens)"
+        )
+    daemon = _daemon(request)
+    rule = daemon.engine.rules.get(body["rule"]) if daemon.engine else None
+    if rule is None:
+        raise ApiError(404, f"no rule {body['rule']!r} in the active ruleset")
+    check_project(request, rule.project)
+    approval = ApprovalInput(
+        body["rule"], rule.project, token.subject, body["decision"], body.get("comment")
+    )
+    request_id = _request_id(request)
+    try:
+        result = await daemon.approve(approval, request_id)
+    except NotAnApprover as exc:
+        raise ApiError(403, str(exc)) from None
+    except UnknownRule as exc:
+        raise ApiError(404, f"no rule {exc} in the active ruleset") from None
+    except ShuttingDown:
+        raise ApiError(503, "gatekeeper is shutting down; try again shortly") from None
+    view = daemon.rule_view(rule, explain=True)
+    return web.json_response(
+        {
+            "seq": result.seqs[0],
+            "request_id": request_id,
+            "rule": rule.id,
+            "approver": token.subject,
+            "decision": approval.decision,
+            "approvals": view["explanation"]["approvals"],
+        },
+        headers={"X-Request-Id": request_id},
+    )
+
+
+def _approval_problems(body: Any) -> list[dict[str, str]]:
+    if not isinstance(body, dict):
+        return [{"path": "$", "message": "must be an object"}]
+    problems = []
+    for key in sorted(set(body) - {"rule", "decision", "comment"}):
+        problems.append({"path": f"$.{key}", "message": f"unknown key {key!r}"})
+    if not isinstance(body.get("rule"), str) or not body.get("rule"):
+        problems.append({"path": "$.rule", "message": "must be a rule id (a string)"})
+    if body.get("decision") not in APPROVAL_DECISIONS:
+        problems.append(
+            {"path": "$.decision", "message": f"must be one of: {', '.join(APPROVAL_DECISIONS)}"}
+        )
+    comment = body.get("comment")
+    if comment is not None and (not isinstance(comment, str) or len(comment) > MAX_COMMENT_CHARS):
+        message = f"must be a string of at most {MAX_COMMENT_CHARS} characters"
+        problems.append({"path": "$.comment", "message": message})
+    return problems
+
+
+@requires("admin")
+async def post_rule_act(request: web.Request) -> web.Response:
+    """``POST /v1/rules/{id}/pause|resume|rearm`` with ``{"reason": ...}`` (required)."""
+    daemon = _daemon(request)
+    rule_id, act = request.match_info["rule_id"], request.match_info["act"]
+    body = await read_json(request)
+    reason = body.get("reason") if isinstance(body, dict) else None
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_COMMENT_CHARS:
+        raise ApiError(
+            400,
+            f'the body must be {{"reason": "..."}}: every admin act says why '
+            f"(at most {MAX_COMMENT_CHARS} characters)",
+        )
+    rule = daemon.engine.rules.get(rule_id) if daemon.engine else None
+    if rule is None:
+        raise ApiError(404, f"no rule {rule_id!r} in the active ruleset")
+    check_project(request, rule.project)
+    try:
+        admin_act = AdminAct(cast(AdminActName, act), rule_id, actor(request), reason.strip())
+        await daemon.administer(admin_act)
+    except UnknownRule:
+        raise ApiError(404, f"no rule {rule_id!r} in the active ruleset") from None
+    except ValueError as exc:
+        raise ApiError(409, str(exc)) from None
+    return web.json_response(await _rule_detail(daemon, rule_id, 20))
+
+
+HOOK_DELIVERY_HEADERS = ("X-GitHub-Delivery", "X-Gitlab-Event-UUID")
+
+
+@requires(None)  # authenticated by the source's own signature or token, not a bearer token
+async def post_hook(request: web.Request) -> web.Response:
+    """An event from a CI system (GitHub, GitLab), verified with the source's secret and
+    mapped to facts by the ``hooks`` mapping of gatekeeper.yaml. An event no mapping fits
+    is acknowledged (202) and ignored. The delivery id header is the idempotency key, so a
+    redelivered event applies nothing twice."""
+    daemon = _daemon(request)
+    source = request.match_info["source"]
+    hook = daemon.config.hooks.get(source)
+    if hook is None:
+        raise ApiError(404, f"no hook source {source!r} is configured")
+    body = await request.read()
+    try:
+        facts = handle_hook(hook, daemon.hook_secrets.get(source, ""), request.headers, body)
+    except HookRejected as exc:
+        raise ApiError(exc.status, exc.message) from None
+    if not facts:
+        return web.json_response({"accepted": 0, "ignored": True}, status=202)
+    delivery = next(
+        (request.headers[h] for h in HOOK_DELIVERY_HEADERS if h in request.headers), None
+    )
+    idempotency = None
+    if delivery and len(delivery) <= MAX_IDEMPOTENCY_KEY_CHARS - len(source) - 6:
+        digest = hashlib.sha256(body).hexdigest()
+        idempotency = IdempotencyRecord(f"hook:{source}:{delivery}", digest)
+    request_id = _request_id(request)
+    try:
+        result = await daemon.ingest(facts, request_id, idempotency)
+    except IdempotencyConflict as exc:
+        raise ApiError(422, str(exc)) from None
+    except ShuttingDown:
+        raise ApiError(503, "gatekeeper is shutting down; try again shortly") from None
+    return web.json_response(
+        {"accepted": len(result.seqs), "seqs": result.seqs, "request_id": result.request_id}
+    )
+
+
+@requires("read")
 async def get_escrows(request: web.Request) -> web.Response:
     return web.json_response({"escrows": await _daemon(request).escrow_report()})
 
 
+@requires(None)
 async def get_healthz(request: web.Request) -> web.Response:
     daemon = _daemon(request)
     return web.json_response(
@@ -291,6 +546,7 @@ async def get_healthz(request: web.Request) -> web.Response:
     )
 
 
+@requires("read")
 async def get_openapi(request: web.Request) -> web.Response:
     """The OpenAPI 3.1 description of this API."""
     return web.json_response(build_openapi())
@@ -299,13 +555,17 @@ async def get_openapi(request: web.Request) -> web.Response:
 def create_app(daemon: Daemon) -> web.Application:
     """The aiohttp application serving ``daemon`` (which the caller starts and stops)."""
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=daemon.config.max_body_bytes
+        middlewares=[error_middleware, auth_middleware],
+        client_max_size=daemon.config.max_body_bytes,
     )
     app[DAEMON_KEY] = daemon
     app.router.add_post("/v1/facts", post_facts)
     app.router.add_get("/v1/facts", get_facts)
     app.router.add_get("/v1/rules", get_rules)
+    app.router.add_post("/v1/rules/{rule_id:.+}/{act:pause|resume|rearm}", post_rule_act)
     app.router.add_get("/v1/rules/{rule_id:.+}", get_rule)
+    app.router.add_post("/v1/approvals", post_approvals)
+    app.router.add_post("/v1/hooks/{source}", post_hook)
     app.router.add_get("/v1/actions", get_actions)
     app.router.add_get("/v1/actions/{action_id}", get_action)
     app.router.add_post("/v1/actions/{action_id}/retry", post_action_retry)

@@ -25,7 +25,14 @@ from typing import Any, Literal, Protocol
 import aiosqlite
 
 from gatekeeper.clock import format_rfc3339
-from gatekeeper.engine import Decision, FactKey, RuleState, Transition, evaluation_to_json
+from gatekeeper.engine import (
+    ApprovalInput,
+    Decision,
+    FactKey,
+    RuleState,
+    Transition,
+    evaluation_to_json,
+)
 from gatekeeper.rules import Ruleset
 
 ActionStatus = Literal["pending", "delivered", "dead"]
@@ -139,6 +146,21 @@ MIGRATIONS: tuple[str, ...] = (
         subject TEXT NOT NULL,
         reason TEXT
     );
+    """,
+    # 3: approvals (each also appended to fact_log as kind 'approval'), paused and
+    #    re-armed rules
+    """
+    CREATE TABLE approvals (
+        rule_id TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        comment TEXT,
+        seq INTEGER NOT NULL REFERENCES fact_log(seq),
+        decided_at TEXT NOT NULL,
+        PRIMARY KEY (rule_id, subject)
+    );
+    ALTER TABLE rule_state ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE rule_state ADD COLUMN rearms INTEGER NOT NULL DEFAULT 0;
     """,
 )
 
@@ -389,6 +411,13 @@ class SqliteStore:
                 " data = excluded.data, seq = excluded.seq, updated_at = excluded.updated_at",
                 (fact.project, fact.kind, fact.id, data, seq, received_at),
             )
+        for approval in t.approvals:
+            seqs.append(await self._write_approval(approval, now or _now_text(), t.request_id))
+        for act in t.admin_acts:
+            await db.execute(
+                "INSERT INTO admin_acts (at, actor, act, subject, reason) VALUES (?, ?, ?, ?, ?)",
+                (now or _now_text(), act.actor, act.act, act.rule_id, act.reason),
+            )
         if t.ruleset is not None:
             await self._write_ruleset(t.ruleset, now or _now_text())
         decision_ids: dict[str, int] = {}
@@ -397,12 +426,21 @@ class SqliteStore:
             if decision.firing_id:
                 decision_ids[decision.firing_id] = decision_id
         await db.executemany(
-            "INSERT INTO rule_state (rule_id, gate_open, fired_count, last_fired_at, rule_hash)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (rule_id) DO UPDATE SET"
+            "INSERT INTO rule_state (rule_id, gate_open, fired_count, last_fired_at, rule_hash,"
+            " paused, rearms) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rule_id) DO UPDATE SET"
             " gate_open = excluded.gate_open, fired_count = excluded.fired_count,"
-            " last_fired_at = excluded.last_fired_at, rule_hash = excluded.rule_hash",
+            " last_fired_at = excluded.last_fired_at, rule_hash = excluded.rule_hash,"
+            " paused = excluded.paused, rearms = excluded.rearms",
             [
-                (s.rule_id, s.gate_open, s.fired_count, s.last_fired_at, s.rule_hash)
+                (
+                    s.rule_id,
+                    s.gate_open,
+                    s.fired_count,
+                    s.last_fired_at,
+                    s.rule_hash,
+                    s.paused,
+                    s.rearms,
+                )
                 for s in t.rule_states.values()
             ],
         )
@@ -455,6 +493,53 @@ class SqliteStore:
             )
         return seqs
 
+    async def _write_approval(
+        self, approval: ApprovalInput, now: str, request_id: str | None
+    ) -> int:
+        """Append ``approval`` to the fact log (kind ``approval``, id the approver) and set,
+        or for ``withdraw`` remove, the approver's standing decision on the rule."""
+        data = {
+            "rule": approval.rule_id,
+            "decision": approval.decision,
+            "comment": approval.comment,
+        }
+        cursor = await self.db.execute(
+            "INSERT INTO fact_log (project, kind, id, data, received_at, request_id)"
+            " VALUES (?, 'approval', ?, ?, ?, ?)",
+            (approval.project, approval.subject, _dumps(data), now, request_id),
+        )
+        seq = int(cursor.lastrowid or 0)
+        if approval.decision == "withdraw":
+            await self.db.execute(
+                "DELETE FROM approvals WHERE rule_id = ? AND subject = ?",
+                (approval.rule_id, approval.subject),
+            )
+        else:
+            await self.db.execute(
+                "INSERT INTO approvals (rule_id, subject, decision, comment, seq, decided_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rule_id, subject) DO UPDATE SET"
+                " decision = excluded.decision, comment = excluded.comment,"
+                " seq = excluded.seq, decided_at = excluded.decided_at",
+                (
+                    approval.rule_id,
+                    approval.subject,
+                    approval.decision,
+                    approval.comment,
+                    seq,
+                    now,
+                ),
+            )
+        return seq
+
+    async def load_approvals(self) -> dict[str, dict[str, str]]:
+        """Every standing approval decision: {rule id: {subject: "approve" | "reject"}}."""
+        sql = "SELECT rule_id, subject, decision FROM approvals"
+        standing: dict[str, dict[str, str]] = {}
+        async with self.reader.execute(sql) as cursor:
+            async for rule_id, subject, decision in cursor:
+                standing.setdefault(rule_id, {})[subject] = decision
+        return standing
+
     async def _write_decision(
         self, d: Decision, seqs: Sequence[int], request_id: str | None
     ) -> int:
@@ -502,7 +587,10 @@ class SqliteStore:
 
     async def load_rule_states(self) -> dict[str, RuleState]:
         """Every rule's persisted state, by rule id (rules no longer loaded included)."""
-        sql = "SELECT rule_id, gate_open, fired_count, last_fired_at, rule_hash FROM rule_state"
+        sql = (
+            "SELECT rule_id, gate_open, fired_count, last_fired_at, rule_hash, paused, rearms"
+            " FROM rule_state"
+        )
         async with self.reader.execute(sql) as cursor:
             return {
                 r[0]: RuleState(
@@ -511,6 +599,8 @@ class SqliteStore:
                     fired_count=int(r[2]),
                     last_fired_at=r[3],
                     rule_hash=r[4],
+                    paused=bool(r[5]),
+                    rearms=int(r[6]),
                 )
                 async for r in cursor
             }
