@@ -326,3 +326,26 @@ def test_token_new_prints_a_token_once_and_its_hash() -> None:
     assert hash_token(token.group(0)) in entry
     assert result.stdout.count(token.group(0)) == 1
     assert 'projects: ["tower-a"]' in entry
+
+
+async def test_rules_cli_pauses_with_the_token_from_the_environment(gk: Running) -> None:
+    import asyncio
+    import os
+
+    command = [
+        sys.executable, "-m", "gatekeeper", "rules", "pause", "tower-a/deploy-docs",
+        "--reason", "freeze before handover", "--url", gk.url,
+    ]  # fmt: skip
+    env = {**os.environ, "GATEKEEPER_TOKEN": TOKENS["ops"]}
+    result = await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "tower-a/deploy-docs: pause done; paused" in result.stdout
+    env["GATEKEEPER_TOKEN"] = TOKENS["alice"]  # no admin scope
+    result = await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 1
+    assert "HTTP 403" in result.stderr
+    assert TOKENS["alice"] not in result.stderr

@@ -69,7 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     retry = actions_commands.add_parser("retry", help="requeue dead letters")
     retry.add_argument("action_ids", nargs="+", metavar="ACTION_ID")
     retry.add_argument("--reason", help="why (kept in the audit log)")
-    for sub in (listing, retry):
+    rules = commands.add_parser("rules", help="admin acts on a running daemon's rules")
+    rules_commands = rules.add_subparsers(dest="rules_command", required=True)
+    rule_acts = []
+    for act, text in (
+        ("pause", "evaluate and explain the rule, but do not fire it"),
+        ("resume", "let a paused rule fire again"),
+        ("rearm", "let a once rule that fired fire once more"),
+    ):
+        parser_act = rules_commands.add_parser(act, help=text)
+        parser_act.add_argument("rule_id", metavar="RULE")
+        parser_act.add_argument("--reason", required=True, help="why (kept in the audit log)")
+        rule_acts.append(parser_act)
+    for sub in (listing, retry, *rule_acts):
         _add_config_option(sub)
         sub.add_argument(
             "--url", help="the daemon's base URL (default: from the config's listen address)"
@@ -116,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gatekeeper.client import run_actions_command
 
         return run_actions_command(args, config)
+    if args.command == "rules":
+        from gatekeeper.client import run_rules_command
+
+        return run_rules_command(args, config)
     return _serve(args, config)
 
 

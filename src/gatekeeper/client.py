@@ -70,6 +70,26 @@ def run_actions_command(args: argparse.Namespace, config: Config) -> int:
         return 1
 
 
+def run_rules_command(args: argparse.Namespace, config: Config) -> int:
+    """``gatekeeper rules pause|resume|rearm RULE --reason ...``; 0 done, 1 refused."""
+    url = base_url(config, args.url)
+    path = f"{url}/v1/rules/{urllib.parse.quote(args.rule_id, safe='/')}/{args.rules_command}"
+    try:
+        view = call(path, "POST", {"reason": args.reason})
+    except ClientError as exc:
+        print(f"gatekeeper rules {args.rules_command}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        state = "paused" if view["explanation"]["paused"] else "active"
+        print(
+            f"{view['id']}: {args.rules_command} done; {state}, fired {view['fired_count']} "
+            f"time(s), gate {'open' if view['explanation']['gate_open'] else 'closed'}"
+        )
+    return 0
+
+
 def _list(url: str, args: argparse.Namespace) -> int:
     query = {"limit": str(args.limit), **({"status": args.status} if args.status else {})}
     answer = call(f"{url}/v1/actions?{urllib.parse.urlencode(query)}")
