@@ -35,6 +35,7 @@ from gatekeeper.config import (
     resolve_hook_secrets,
     resolve_secrets,
 )
+from gatekeeper.deadlines import DeadlineSchedule, mark_due, schedule_rules
 from gatekeeper.delivery import Dispatcher
 from gatekeeper.engine import (
     AdminAct,
@@ -126,7 +127,7 @@ class Daemon:
     """gatekeeper's runtime. ``start()`` it, use ``ingest``, ``stop()`` it.
 
     ``environ`` supplies target secrets (``secret_env``); ``clock`` is injectable for tests.
-    ``tick_s`` is how often time-dependent rules are re-evaluated without a new fact.
+    ``tick_s`` is the longest the deadline loop sleeps before looking at the clock again.
     """
 
     def __init__(
@@ -135,7 +136,7 @@ class Daemon:
         environ: Mapping[str, str],
         *,
         clock: Clock | None = None,
-        tick_s: float = 1.0,
+        tick_s: float = 60.0,
         watch: bool = True,
     ) -> None:
         self.config = config
@@ -160,6 +161,8 @@ class Daemon:
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_watching = asyncio.Event()
+        self.deadlines = DeadlineSchedule()
+        self._deadline_changed = asyncio.Event()
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -416,6 +419,7 @@ class Daemon:
                 standing[approval.subject] = approval.decision
         for entry in transition.ledger:
             self.book.commit(entry.escrow, entry.amount)
+        self._reschedule(transition)
         if transition.actions:
             self.dispatcher.wake()
 
@@ -523,6 +527,11 @@ class Daemon:
             self._apply(transition)
             previous = self.engine
             self.engine = engine
+            # every time-dependent rule is due at once: deadlines that passed while the
+            # daemon was down (or while the rule was out) fire now
+            self.deadlines.clear()
+            mark_due(self.deadlines, engine.time_dependent, self.clock.now())
+            self._deadline_changed.set()
         now = format_rfc3339(self.clock.now())
         self.reload_status = ReloadStatus(
             ok=True, attempted_at=now, active_since=now, source=trigger_source
@@ -618,15 +627,26 @@ class Daemon:
     # -- time ---------------------------------------------------------------------------
 
     async def _tick_forever(self) -> None:
+        """Sleep until the next deadline (or a wake-up: a new fact moved one earlier), then
+        evaluate the rules that are due. Never longer than ``tick_s``, since deadlines are
+        wall-clock times and the clock may jump."""
         while True:
-            await asyncio.sleep(self.tick_s)
+            self._deadline_changed.clear()
+            wait = self.deadlines.seconds_until_next(self.clock.now(), cap=self.tick_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._deadline_changed.wait(), self.tick_s if wait is None else wait
+                )
             try:
                 await self.tick()
             except Exception:
-                log.exception("evaluating time-dependent rules failed; retrying next tick")
+                log.exception("evaluating due time-dependent rules failed; retrying shortly")
+                await asyncio.sleep(min(self.tick_s, 1.0))
 
     async def tick(self) -> Transition:
-        """Re-evaluate time-dependent rules (those calling days_since, now, ...).
+        """Evaluate the time-dependent rules whose deadline has come (see ``deadlines``):
+        each rule is scheduled at the instant its condition can next change with the facts
+        as they are, so an idle daemon does no work and a deadline fires on time.
 
         Shielded like every write: cancelling the caller never interrupts it halfway."""
         return await asyncio.shield(self._tick())
@@ -634,20 +654,45 @@ class Daemon:
     async def _tick(self) -> Transition:
         async with self._write_lock:
             engine = self._engine()
+            now = self.clock.now()
+            due = [engine.rules[i] for i in self.deadlines.pop_due(now) if i in engine.rules]
             transition = engine.plan_rules(
                 self.facts,
                 self.states,
-                engine.time_dependent,
-                self.clock.now(),
+                due,
+                now,
                 "time",
                 book=self.book.copy(),
                 approvals=self.approvals,
                 record_unchanged=False,
             )
             if transition.decisions:
-                await self._commit_and_apply([transition])
+                try:
+                    await self._commit_and_apply([transition])
+                except BaseException:
+                    mark_due(self.deadlines, due, now)  # not lost: tried again next pass
+                    raise
+            schedule_rules(self.deadlines, due, self.facts, now)
         self._log_firings(transition)
         return transition
+
+    def _reschedule(self, transition: Transition) -> None:
+        """After ``transition`` is applied: reschedule the time-dependent rules it evaluated,
+        from the same "now" it was planned at."""
+        engine = self.engine
+        if engine is None or transition.planned_at is None:
+            return
+        rules = [
+            engine.rules[d.rule_id]
+            for d in transition.decisions
+            if d.rule_id in engine.time_dependent_ids
+        ]
+        if rules:
+            before = self.deadlines.next_due()
+            schedule_rules(self.deadlines, rules, self.facts, transition.planned_at)
+            after = self.deadlines.next_due()
+            if after is not None and (before is None or after < before):
+                self._deadline_changed.set()
 
     async def _housekeep_forever(self) -> None:
         while True:

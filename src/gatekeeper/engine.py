@@ -163,6 +163,8 @@ class Transition:
     idempotency: IdempotencyRecord | None = None
     approvals: list[ApprovalInput] = field(default_factory=list)
     admin_acts: list[AdminAct] = field(default_factory=list)
+    planned_at: datetime | None = None
+    """The "now" the transition was planned at (deadlines are rescheduled from it)."""
 
     @property
     def fired(self) -> list[Decision]:
@@ -241,6 +243,7 @@ class Engine:
         self.time_dependent: tuple[Rule, ...] = tuple(
             r for r in ruleset.rules if r.condition.uses_time
         )
+        self.time_dependent_ids = frozenset(r.id for r in self.time_dependent)
         for rule in ruleset.rules:
             for ref in rule.condition.reads:
                 self._index(rule, ref)
@@ -278,7 +281,7 @@ class Engine:
             view.put(fact.key, fact.data)
             for rule in self.rules_reading(fact.key):
                 touched[rule.id] = index
-        transition = Transition(facts=list(batch))
+        transition = Transition(facts=list(batch), planned_at=now)
         for rule_id, index in touched.items():
             rule = self.rules[rule_id]
             self._decide(transition, rule, view, states, now, "fact", index, book, approvals)
@@ -302,7 +305,7 @@ class Engine:
         rule fired (clock ticks would otherwise flood the audit log).
         """
         book = book if book is not None else EscrowBook({})
-        transition = Transition()
+        transition = Transition(planned_at=now)
         for rule in rules:
             before = states.get(rule.id, RuleState(rule.id))
             self._decide(transition, rule, facts, states, now, trigger, None, book, approvals)
@@ -358,7 +361,7 @@ class Engine:
         else:
             standing[approval.subject] = approval.decision
         view = {**approvals, rule.id: standing}
-        transition = Transition(approvals=[approval])
+        transition = Transition(approvals=[approval], planned_at=now)
         book = book if book is not None else EscrowBook({})
         self._decide(transition, rule, facts, states, now, "approval", 0, book, view)
         return transition
@@ -394,7 +397,7 @@ class Engine:
                 raise ValueError(f"rule {rule.id} has not fired since it was last armed")
             # the next open gate fires again; an open gate now counts as a fresh edge
             state = replace(state, rearms=state.fired_count, gate_open=False)
-        transition = Transition(admin_acts=[act])
+        transition = Transition(admin_acts=[act], planned_at=now)
         transition.rule_states[rule.id] = state
         book = book if book is not None else EscrowBook({})
         self._decide(transition, rule, facts, states, now, "admin", None, book, approvals)

@@ -71,6 +71,16 @@ Bounds at run time
 ``+`` and ``*`` cannot build a string, list or tuple of more than 10,000 items; integer
 ``*`` and ``**`` results are limited to 10,000 bits; ``%`` does not format strings;
 ``round`` takes at most 100 digits.
+
+When time alone changes a condition
+-----------------------------------
+``CompiledCondition.next_change_at(facts, now)`` tells the daemon when to evaluate a
+condition again if no fact changes. A comparison of ``days_since(ts)``, ``hours_since(ts)``
+or ``minutes_since(ts)`` with a number (``days_since(milestone.design.approved_at) >= 7``,
+``1 <= hours_since(x.y.at) < 48``, ``days_since(a.b.at) >= policy.hold.days``) is solved
+exactly: the rule is evaluated again at the microsecond its value changes. Any other use of
+time (``now()``, ``days_since(ts) * 24 > 5``, ``days_since(a) > days_since(b)``) is
+re-checked every second.
 """
 
 from __future__ import annotations
@@ -86,7 +96,8 @@ import tokenize
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from typing import Any, Protocol
 
 from simpleeval import SimpleEval
@@ -1157,7 +1168,16 @@ class CompiledCondition:
     ``minutes_since``/``now``), ``clause_texts`` (the top-level and/or leaves). Immutable.
     """
 
-    __slots__ = ("_leaves", "_plan", "_source", "clause_texts", "reads", "text", "uses_time")
+    __slots__ = (
+        "_leaves",
+        "_plan",
+        "_source",
+        "_time_sites",
+        "clause_texts",
+        "reads",
+        "text",
+        "uses_time",
+    )
 
     text: str
     reads: frozenset[FactRef]
@@ -1166,6 +1186,7 @@ class CompiledCondition:
     _source: _Source
     _plan: _Plan
     _leaves: tuple[ast.expr, ...]
+    _time_sites: _TimeSites
 
     def __init__(
         self,
@@ -1177,14 +1198,17 @@ class CompiledCondition:
     ) -> None:
         leaves: list[ast.expr] = []
         plan = _split(tree, leaves)
+        clause_texts = tuple(source.snippet(leaf) for leaf in leaves)
+        lowered = tuple(_lower(leaf) for leaf in leaves)
         values = {
             "text": text,
             "reads": reads,
             "uses_time": uses_time,
-            "clause_texts": tuple(source.snippet(leaf) for leaf in leaves),
+            "clause_texts": clause_texts,
             "_source": source,
             "_plan": plan,
-            "_leaves": tuple(_lower(leaf) for leaf in leaves),
+            "_leaves": lowered,
+            "_time_sites": _find_time_sites(lowered),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -1228,6 +1252,62 @@ class CompiledCondition:
         except Exception as exc:  # defensive: nothing above is expected to raise
             return Evaluation(value=False, clauses=(), error=f"internal error: {exc!r}")
 
+    def next_change_at(self, facts: FactLookup, now: datetime) -> datetime | None:
+        """The earliest instant strictly after ``now`` at which the condition's value may
+        change while ``facts`` stay as they are; None when the passing of time cannot
+        change it. A naive ``now`` is taken as UTC; the answer is an aware UTC datetime.
+
+        Guarantee: ``evaluate(facts, t)`` gives the same value for every ``t`` in
+        ``[now, T)``, where ``T`` is the answer (for every ``t >= now`` when it is None).
+        ``T`` is not promised to be a change: it is when to evaluate again.
+
+        How it is computed (the sites are found once, when the condition is compiled):
+
+        - *Threshold sites*: a comparison ``X_since(ts) OP e`` or ``e OP X_since(ts)``
+          where ``X_since`` is ``days_since`` / ``hours_since`` / ``minutes_since``, ``OP``
+          is one of ``< <= > >= == !=`` and neither ``ts`` nor ``e`` calls a time function
+          (each adjacent pair of a chained comparison such as ``1 <= days_since(ts) < 7``
+          is one site). ``ts`` and ``e`` are evaluated against ``facts`` (time cannot
+          change them); the elapsed value ``(t - ts) / unit`` grows with ``t``, so the
+          comparison changes at the threshold ``ts + e * unit`` only:
+
+          * ``>=`` and ``<`` change at the first microsecond at which the elapsed value is
+            ``>= e``; ``>`` and ``<=`` at the first one at which it is ``> e`` (strict: just
+            after the threshold, i.e. the threshold plus 1 µs when it falls on a whole
+            microsecond);
+          * ``==`` becomes true at the first microsecond at which the value is ``>= e``
+            and false again at the first one at which it is ``> e``; ``!=`` the other way
+            round. When no microsecond gives exactly ``e`` (the value steps over it), they
+            never change.
+
+          Instants are whole microseconds (``datetime``'s resolution) and are found with
+          the very float arithmetic ``evaluate`` uses, so ``evaluate`` at ``T`` gives the
+          new value and at ``T - 1 µs`` the old one. A threshold at or before ``now`` has
+          already taken effect and is not a candidate; nor is one beyond ``datetime.max``.
+        - A site whose ``ts`` is missing, fails, or is not an RFC 3339 timestamp with a
+          zone, or whose ``e`` is missing, fails or is not a finite number, contributes
+          nothing: its comparison gives the same value (or error) at every instant.
+        - *Fallback*: any other use of a time function (``now()``; arithmetic on, or the
+          truth of, ``X_since(...)``; a comparison whose other side uses time too;
+          ``in``; a time function of a time-dependent argument) cannot be solved: it
+          contributes ``now + 1 s`` (``TIME_RECHECK``), so a caller polling at that
+          rate still meets a 1-second bound, unless it is ``X_since(ts)`` with a ``ts``
+          that fails as above.
+
+        The answer is the earliest candidate. The analysis does not look at the rest of
+        the expression: in ``a and days_since(ts) >= 7`` the threshold is returned even
+        when ``a`` is false (conservative: an early re-evaluation only confirms the value).
+        Never raises: an unexpected error gives ``now + 1 s``.
+        """
+        now = now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
+        sites = self._time_sites
+        if not sites.thresholds and not sites.unsolved and not sites.always_poll:
+            return None
+        try:
+            return sites.next_change(_Evaluator(self._source, facts, now), now)
+        except Exception:  # defensive: nothing in next_change is expected to raise
+            return _recheck(now)
+
 
 def _clause(text: str, outcome: _Outcome) -> Clause:
     missing = () if outcome.missing is None else (outcome.missing,)
@@ -1241,3 +1321,304 @@ def _missing_names(overall: _Outcome, outcomes: list[_Outcome]) -> tuple[str, ..
     names = [overall.missing]
     names.extend(o.missing for o in outcomes if o.missing is not None)
     return tuple(dict.fromkeys(names))
+
+
+# --------------------------------------------------------------------------------------
+# When time alone changes a condition (see CompiledCondition.next_change_at)
+
+
+TIME_RECHECK = timedelta(seconds=1)
+"""How soon ``next_change_at`` asks for a re-evaluation of a condition whose dependence on
+time it cannot solve (``now()``, arithmetic on ``days_since``, ...): 1 second."""
+
+_SECONDS_PER_UNIT: dict[str, int] = {"days_since": 86400, "hours_since": 3600, "minutes_since": 60}
+"""The elapsed-time functions and the length of their unit, in seconds."""
+
+_MIRRORED: dict[type[ast.cmpop], type[ast.cmpop]] = {
+    ast.Lt: ast.Gt,
+    ast.LtE: ast.GtE,
+    ast.Gt: ast.Lt,
+    ast.GtE: ast.LtE,
+    ast.Eq: ast.Eq,
+    ast.NotEq: ast.NotEq,
+}
+"""``e OP x`` is ``x MIRRORED[OP] e``, for the comparisons a threshold can solve."""
+
+_MICROSECOND = timedelta(microseconds=1)
+_LATEST = datetime.max.replace(tzinfo=UTC)
+
+
+def next_change_at(condition: Condition, facts: FactLookup, now: datetime) -> datetime | None:
+    """When ``condition`` may next change through the passing of time alone.
+
+    A ``CompiledCondition`` answers with its ``next_change_at`` (see there); any other
+    ``Condition`` that uses time gets ``now + 1 s`` (``TIME_RECHECK``), one that does not
+    gets None. A naive ``now`` is taken as UTC.
+    """
+    if isinstance(condition, CompiledCondition):
+        return condition.next_change_at(facts, now)
+    if not condition.uses_time:
+        return None
+    now = now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
+    return _recheck(now)
+
+
+def _recheck(now: datetime) -> datetime:
+    """``now + TIME_RECHECK``, or the last representable instant when that overflows."""
+    return now + TIME_RECHECK if now <= _LATEST - TIME_RECHECK else _LATEST
+
+
+@dataclass(frozen=True)
+class _Threshold:
+    """A solvable comparison ``X_since(timestamp) op bound`` (the time function on the
+    left: ``e < days_since(ts)`` is stored as ``days_since(ts) > e``)."""
+
+    seconds_per_unit: int
+    timestamp: ast.expr
+    op: type[ast.cmpop]
+    bound: ast.expr
+
+
+@dataclass(frozen=True)
+class _TimeSites:
+    """Where a condition uses time: ``thresholds`` it can solve, the ``timestamp``
+    arguments of ``X_since`` calls used otherwise (``unsolved``: each means a 1-second
+    re-check while its timestamp is valid), and ``always_poll`` when ``now()`` or a time
+    function of a time-dependent argument is used (a 1-second re-check always)."""
+
+    thresholds: tuple[_Threshold, ...] = ()
+    unsolved: tuple[ast.expr, ...] = ()
+    always_poll: bool = False
+
+    def next_change(self, evaluator: _Evaluator, now: datetime) -> datetime | None:
+        """The earliest candidate after ``now`` (see ``CompiledCondition.next_change_at``)."""
+        soonest: datetime | None = None
+        if self.always_poll:
+            soonest = _recheck(now)
+        else:
+            for timestamp in self.unsolved:
+                if _timestamp(evaluator, timestamp) is not None:
+                    soonest = _recheck(now)
+                    break
+        for site in self.thresholds:
+            start = _timestamp(evaluator, site.timestamp)
+            if start is None:
+                continue
+            bound = _number(evaluator, site.bound)
+            if bound is None:
+                continue
+            at = _crossing(site.seconds_per_unit, start, site.op, bound, now)
+            if at is not None and (soonest is None or at < soonest):
+                soonest = at
+        return soonest
+
+
+def _timestamp(evaluator: _Evaluator, node: ast.expr) -> datetime | None:
+    """The UTC instant ``node`` gives as an RFC 3339 timestamp; None when it fails."""
+    outcome = evaluator.outcome(node)
+    if outcome.failed or not isinstance(outcome.value, str):
+        return None
+    try:
+        return parse_rfc3339(outcome.value)
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
+def _number(evaluator: _Evaluator, node: ast.expr) -> int | float | None:
+    """The finite number ``node`` gives; None when it fails or gives anything else."""
+    if isinstance(node, ast.Constant):
+        value = node.value
+    else:
+        outcome = evaluator.outcome(node)
+        if outcome.failed:
+            return None
+        value = outcome.value
+    if isinstance(value, int):  # bool included: Python compares it as 0 / 1
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return None
+
+
+def _crossing(
+    seconds_per_unit: int, start: datetime, op: type[ast.cmpop], bound: float, now: datetime
+) -> datetime | None:
+    """The first instant after ``now`` at which ``X_since(start) op bound`` changes value.
+
+    ``X_since`` at ``start + k µs`` is ``(k / 10**6) / seconds_per_unit`` in floats, exactly
+    as ``_Evaluator`` computes it (``timedelta.total_seconds()`` divides the whole number
+    of microseconds by 10**6), which never decreases as ``k`` grows.
+    """
+
+    def elapsed(k: int) -> float:
+        return (k / 1_000_000) / seconds_per_unit
+
+    k_now = (now - start) // _MICROSECOND
+    k_max = (_LATEST - start) // _MICROSECOND
+    exact = Fraction(bound) * seconds_per_unit * 1_000_000
+    guess = math.ceil(exact)
+
+    def at_least(k: int) -> bool:
+        return elapsed(k) >= bound
+
+    def above(k: int) -> bool:
+        return elapsed(k) > bound
+
+    if op in (ast.GtE, ast.Lt):
+        k = _first_after(at_least, k_now, k_max, guess)
+    elif op in (ast.Gt, ast.LtE):
+        k = _first_after(above, k_now, k_max, guess)
+    elif above(k_now):  # == / != : past the only stretch where the value equals bound
+        return None
+    elif at_least(k_now):  # equal now: changes when the value moves past bound
+        k = _first_after(above, k_now, k_max, guess)
+    else:
+        k = _first_after(at_least, k_now, k_max, guess)
+        if k is not None and elapsed(k) != bound:
+            return None  # the value steps over bound: == is never true, != never false
+    return None if k is None else start + k * _MICROSECOND
+
+
+def _first_after(predicate: Callable[[int], bool], low: int, high: int, guess: int) -> int | None:
+    """The least ``k`` in ``(low, high]`` with ``predicate(k)`` true, for a predicate that
+    is false then true as ``k`` grows; None when it already holds at ``low`` or never does
+    up to ``high``. ``guess`` is where to start looking (usually within a few steps)."""
+    if high <= low or predicate(low) or not predicate(high):
+        return None
+    guess = min(max(guess, low + 1), high)
+    if predicate(guess):
+        true_at, step = guess, 1
+        false_at = guess - 1
+        while false_at > low and predicate(false_at):
+            true_at = false_at
+            false_at = max(low, false_at - step)
+            step *= 2
+    else:
+        false_at, step = guess, 1
+        true_at = guess + 1
+        while true_at < high and not predicate(true_at):
+            false_at = true_at
+            true_at = min(high, true_at + step)
+            step *= 2
+    while true_at - false_at > 1:  # predicate(false_at) is false, predicate(true_at) true
+        middle = (false_at + true_at) // 2
+        if predicate(middle):
+            true_at = middle
+        else:
+            false_at = middle
+    return true_at
+
+
+def _calls_time_function(node: ast.expr) -> bool:
+    """Whether ``node`` itself is a call of a time function."""
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in TIME_FUNCTIONS
+    )
+
+
+def _children(node: ast.expr) -> list[ast.expr]:
+    """The sub-expressions of a lowered node."""
+    if isinstance(node, _KindRead):
+        return []
+    if isinstance(node, _FactRead):
+        return [] if node.key is None else [node.key]
+    if isinstance(node, _Lookup):
+        return [node.value, node.key]
+    if isinstance(node, ast.Call):
+        return list(node.args)
+    return [child for child in ast.iter_child_nodes(node) if isinstance(child, ast.expr)]
+
+
+class _TimeAnalysis:
+    """Finds the ``_TimeSites`` of lowered clauses (once, at compile time)."""
+
+    def __init__(self) -> None:
+        self.thresholds: list[_Threshold] = []
+        self.unsolved: list[ast.expr] = []
+        self.always_poll = False
+        self._uses_time: dict[int, bool] = {}  # by id(node); the tree outlives the analysis
+
+    def uses_time(self, node: ast.expr) -> bool:
+        """Whether ``node`` calls a time function anywhere (memoised per node)."""
+        known = self._uses_time.get(id(node))
+        if known is None:
+            known = _calls_time_function(node) or any(
+                [self.uses_time(child) for child in _children(node)]
+            )
+            self._uses_time[id(node)] = known
+        return known
+
+    def elapsed_call(self, node: ast.expr) -> tuple[int, ast.expr] | None:
+        """``(seconds per unit, timestamp)`` when ``node`` is ``X_since(timestamp)`` with a
+        timestamp that does not itself depend on time."""
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in _SECONDS_PER_UNIT
+            and len(node.args) == 1
+            and not self.uses_time(node.args[0])
+        ):
+            return _SECONDS_PER_UNIT[node.func.id], node.args[0]
+        return None
+
+    def visit(self, node: ast.expr) -> None:
+        if not self.uses_time(node):
+            return
+        if isinstance(node, ast.Compare):
+            self._compare(node)
+            return
+        call = self.elapsed_call(node)
+        if call is not None:
+            self.unsolved.append(call[1])  # X_since(ts) used other than in a comparison
+            return
+        if _calls_time_function(node):  # now(), or X_since(<depends on time>)
+            self.always_poll = True
+            return
+        for child in _children(node):
+            self.visit(child)
+
+    def _compare(self, node: ast.Compare) -> None:
+        operands = [node.left, *node.comparators]
+        for index, operand in enumerate(operands):
+            call = self.elapsed_call(operand)
+            if call is None:
+                self.visit(operand)
+                continue
+            seconds_per_unit, timestamp = call
+            solved = True
+            if index > 0:  # the pair (operands[index - 1], operand)
+                op = _MIRRORED.get(type(node.ops[index - 1]))
+                solved &= self._pair(seconds_per_unit, timestamp, op, operands[index - 1])
+            if index < len(node.ops):  # the pair (operand, operands[index + 1])
+                op = type(node.ops[index])
+                solved &= self._pair(
+                    seconds_per_unit,
+                    timestamp,
+                    op if op in _MIRRORED else None,
+                    operands[index + 1],
+                )
+            if not solved:
+                self.unsolved.append(timestamp)
+
+    def _pair(
+        self,
+        seconds_per_unit: int,
+        timestamp: ast.expr,
+        op: type[ast.cmpop] | None,
+        other: ast.expr,
+    ) -> bool:
+        """Record ``X_since(timestamp) op other`` as a threshold if it is one."""
+        if op is None or self.uses_time(other):
+            return False
+        self.thresholds.append(_Threshold(seconds_per_unit, timestamp, op, other))
+        return True
+
+
+def _find_time_sites(leaves: tuple[ast.expr, ...]) -> _TimeSites:
+    """The time sites of a condition's lowered clauses."""
+    analysis = _TimeAnalysis()
+    for leaf in leaves:
+        analysis.visit(leaf)
+    return _TimeSites(tuple(analysis.thresholds), tuple(analysis.unsolved), analysis.always_poll)
