@@ -71,3 +71,20 @@ async def test_idle_daemon_with_deadlines_far_away_does_no_work(
     assert calls == 0  # nothing is due for a minute: no evaluation at all
     assert time.process_time() - cpu < 0.2
     assert len(gk.daemon.deadlines) == 200
+
+
+async def test_deadline_that_passed_while_down_fires_at_start(
+    project_factory: Callable[..., Project], receiver: Receiver, start_daemon: Any
+) -> None:
+    from gatekeeper.clock import FixedClock
+
+    project = project_factory(receiver.url)
+    project.write_rule("hold.yaml", HOLD_RULE)
+    clock = FixedClock(datetime(2026, 11, 1, 9, 0, tzinfo=UTC))
+    gk = await start_daemon(project, clock=clock)
+    await gk.post("/v1/facts", fact("task", "T-1", status="done", done_at="2026-11-01T09:00:00Z"))
+    await gk.stop()
+    assert receiver.received == []
+    clock.set(datetime(2026, 11, 1, 9, 5, tzinfo=UTC))  # the deadline (09:01) passed while down
+    await start_daemon(project, clock=clock)
+    await receiver.wait_for(1, timeout_s=5)
