@@ -19,13 +19,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gatekeeper.config import Config, load_config
-from gatekeeper.loader import LoadResult, load_rule_texts, rule_content_hash, ruleset_version
+from gatekeeper.loader import (
+    LoadResult,
+    load_rule_texts,
+    rule_content_hash,
+    rule_files,
+    ruleset_version,
+)
 from gatekeeper.rules import NotifyAction, PipelineAction, ReleaseAction
 
 REPO = Path(__file__).resolve().parent.parent
 RULE_FILES = {
     path.relative_to(REPO / "rules").as_posix(): path.read_text(encoding="utf-8")
-    for path in sorted((REPO / "rules").rglob("*.yaml"))
+    for path in rule_files(REPO / "rules")  # the loader's own choice: no *.test.yaml
 }
 CONFIG: Config = load_config(REPO / "gatekeeper.yaml")
 WHERE = "the stored ruleset"  # what load_rule_texts names when there is no file at all

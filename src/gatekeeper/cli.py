@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="files or folders")
     check.add_argument("--format", choices=["text", "json", "github"], default="text")
 
+    from gatekeeper.plan import add_explain_parser, add_plan_parser
+    from gatekeeper.ruletest import add_test_parser
+
+    add_test_parser(commands)
+    add_plan_parser(commands)
+    add_explain_parser(commands)
+
     token = commands.add_parser("token", help="API tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     new = token_commands.add_parser(
@@ -112,6 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.command == "token":
         return _new_token(args)
+    if args.command in ("test", "plan", "explain"):  # these load their config themselves
+        from gatekeeper.plan import run_explain, run_plan
+        from gatekeeper.ruletest import run_test
+
+        runner = {"test": run_test, "plan": run_plan, "explain": run_explain}[args.command]
+        exit_code: int = runner(args)
+        return exit_code
     if args.config is not None and not args.config.is_file():
         print(f"gatekeeper: config file {args.config} not found", file=sys.stderr)
         return EXIT_USAGE

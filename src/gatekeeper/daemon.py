@@ -46,6 +46,7 @@ from gatekeeper.engine import (
     IdempotencyRecord,
     RuleState,
     Transition,
+    apply_transition,
 )
 from gatekeeper.ledger import EscrowBook
 from gatekeeper.loader import LoadResult, load_rule_texts, load_rules_dir
@@ -408,17 +409,7 @@ class Daemon:
                 log.info("rule fired: %s (%s)", decision.rule_id, decision.firing_id)
 
     def _apply(self, transition: Transition) -> None:
-        for fact in transition.facts:
-            self.facts.put(fact.key, fact.data)
-        self.states.update(transition.rule_states)
-        for approval in transition.approvals:
-            standing = self.approvals.setdefault(approval.rule_id, {})
-            if approval.decision == "withdraw":
-                standing.pop(approval.subject, None)
-            else:
-                standing[approval.subject] = approval.decision
-        for entry in transition.ledger:
-            self.book.commit(entry.escrow, entry.amount)
+        apply_transition(transition, self.facts, self.states, self.approvals, self.book)
         self._reschedule(transition)
         if transition.actions:
             self.dispatcher.wake()

@@ -523,6 +523,29 @@ def _outcome(rule: Rule, state: RuleState, condition: bool, gate_open: bool) -> 
     return "paused" if state.paused else "fired"
 
 
+def apply_transition(
+    transition: Transition,
+    facts: FactTable,
+    states: dict[str, RuleState],
+    approvals: dict[str, dict[str, str]],
+    book: EscrowBook,
+) -> None:
+    """Apply a committed ``transition`` to in-memory state: the current facts, the rule
+    states, the approvers' standing decisions and the escrows' committed amounts. The daemon
+    does it after each commit; ``gatekeeper test`` and ``plan`` after each planned step."""
+    for fact in transition.facts:
+        facts.put(fact.key, fact.data)
+    states.update(transition.rule_states)
+    for approval in transition.approvals:
+        standing = approvals.setdefault(approval.rule_id, {})
+        if approval.decision == "withdraw":
+            standing.pop(approval.subject, None)
+        else:
+            standing[approval.subject] = approval.decision
+    for entry in transition.ledger:
+        book.commit(entry.escrow, entry.amount)
+
+
 def approvals_status(rule: Rule, standing: Mapping[str, str]) -> dict[str, Any]:
     """How the rule's sign-off stands, from each approver's standing decision
     (``{subject: "approve" | "reject"}``): required, from, approved_by, rejected_by, satisfied.

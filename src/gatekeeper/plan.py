@@ -1,0 +1,1126 @@
+"""``gatekeeper plan`` and ``gatekeeper explain``: what a ruleset would do, and why, against
+the current state of a deployment, without touching it.
+
+``plan`` is the terraform-plan of rules. Given a candidate ruleset (a pull request's) and the
+state of a deployment (a snapshot file, or a running daemon with ``--from URL``), it lists the
+rules added, removed and changed (by content hash) and every rule that would fire the moment
+the ruleset is deployed, with its rendered actions and the total released per escrow. It
+evaluates exactly what the daemon evaluates on a reload: the rules that are new or whose
+content hash changed (``Engine.plan_rules(..., trigger="reload")``), with the deployment's
+firing counts (so a ``once`` rule that already fired stays quiet), standing approvals and the
+amounts already committed against each escrow. ``--fail-on release`` exits 1 when a release
+would be sent, ``--fail-on any`` when anything would fire, so CI can stop a pull request that
+would move money on merge.
+
+``explain RULE`` shows one rule's explanation against the same kind of state: each
+sub-condition with its value, the facts that are missing, the approvals counted, whether the
+rule is paused or already fired, and for time conditions (``days_since(...) >= 7``) when they
+change and how long is left.
+
+Snapshot file (JSON)::
+
+    {
+      "facts": [{"project", "kind", "id", "data", ...}],         # as GET /v1/facts answers
+      "rule_states": [{"rule_id", "fired_count", "gate_open",
+                       "rearms"?, "paused"?, "last_fired_at"?}],  # which rules fired
+      "approvals": {rule_id: {subject: "approve" | "reject"}},  # standing decisions
+      "ruleset": {"version", "rules": {rule_id: content_hash}},   # what is deployed
+      "escrows": [{"escrow", "released", "pending", "unconfirmed", ...}]  # GET /v1/escrows
+    }
+
+Only ``facts`` is required, so a plain ``GET /v1/facts`` body is a snapshot too; what it does
+not say is reported as unknown (no ``rule_states``: every ``once`` rule is taken as never
+fired; no ``ruleset``: every rule is evaluated as if new; no ``escrows``: nothing is taken as
+committed). ``--from URL`` builds the same snapshot from ``GET /v1/facts``, ``GET /v1/rules``,
+``GET /v1/rules/{id}`` (paused, re-arms and approvals of the rules the plan evaluates) and
+``GET /v1/escrows``, sending ``Authorization: Bearer $GATEKEEPER_TOKEN`` when it is set.
+
+Nothing here writes anywhere but the output stream: the engine is pure and the daemon is only
+read. Exit codes: 0 done (nothing tripped ``--fail-on``), 1 ``--fail-on`` tripped, 2 usage
+error (bad arguments, config, snapshot or ruleset, or the daemon cannot be reached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+from jsonschema import Draft202012Validator  # type: ignore[import-untyped, unused-ignore]
+
+from gatekeeper import expressions
+from gatekeeper.check import escape_data, escape_property, format_problems, github_commands
+from gatekeeper.client import ClientError, base_url, call
+from gatekeeper.clock import SystemClock, format_rfc3339, parse_rfc3339
+from gatekeeper.config import Config, ConfigError, find_default_config, load_config
+from gatekeeper.engine import (
+    Decision,
+    Engine,
+    FactTable,
+    ProjectFacts,
+    QueuedAction,
+    RuleState,
+)
+from gatekeeper.ledger import EscrowBook
+from gatekeeper.loader import LoadResult, load_rule_texts, load_rules_dir
+from gatekeeper.rules import Rule, Ruleset
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PlanFormat = Literal["text", "json", "github"]
+FailOn = Literal["never", "release", "any"]
+GITHUB_TITLE = "gatekeeper plan"
+
+SNAPSHOT_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "gatekeeper state snapshot",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["facts"],
+    "properties": {
+        "taken_at": {"type": "string", "description": "When the snapshot was taken."},
+        "source": {"type": "string", "description": "Where it was taken from."},
+        "facts": {
+            "type": "array",
+            "description": "Current facts, as GET /v1/facts answers (extra keys ignored).",
+            "items": {
+                "type": "object",
+                "required": ["project", "kind", "id", "data"],
+                "properties": {
+                    "project": {"type": "string", "minLength": 1},
+                    "kind": {"type": "string", "minLength": 1},
+                    "id": {"type": "string", "minLength": 1},
+                    "data": {"type": "object"},
+                },
+            },
+        },
+        "rule_states": {
+            "type": "array",
+            "description": "What the deployment remembers of each rule.",
+            "items": {
+                "type": "object",
+                "required": ["rule_id"],
+                "properties": {
+                    "rule_id": {"type": "string", "minLength": 1},
+                    "fired_count": {"type": "integer", "minimum": 0},
+                    "gate_open": {"type": ["boolean", "null"]},
+                    "rearms": {"type": "integer", "minimum": 0},
+                    "paused": {"type": "boolean"},
+                    "last_fired_at": {"type": ["string", "null"]},
+                },
+            },
+        },
+        "approvals": {
+            "type": "object",
+            "description": "rule id -> approver -> standing decision.",
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": {"enum": ["approve", "reject"]},
+            },
+        },
+        "ruleset": {
+            "type": ["object", "null"],
+            "description": "The deployed ruleset: its version and each rule's content hash.",
+            "properties": {
+                "version": {"type": ["string", "null"]},
+                "rules": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+        "escrows": {
+            "type": "array",
+            "description": "Per escrow, as GET /v1/escrows answers (decimal strings).",
+            "items": {
+                "type": "object",
+                "required": ["escrow"],
+                "properties": {
+                    "escrow": {"type": "string"},
+                    "released": {"type": ["string", "null"]},
+                    "pending": {"type": ["string", "null"]},
+                    "unconfirmed": {"type": ["string", "null"]},
+                },
+            },
+        },
+    },
+}
+
+
+class SnapshotError(Exception):
+    """A snapshot that cannot be used; ``problems`` lists each thing wrong, with its JSON path."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__(f"{source}: " + "; ".join(problems))
+        self.source = source
+        self.problems = problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots
+
+
+@dataclass
+class Snapshot:
+    """The state of a deployment, as far as it is known.
+
+    ``deployed`` maps each deployed rule id to its content hash (None: unknown). ``committed``
+    is what each escrow has committed so far (released, pending and unconfirmed). ``notes``
+    say what the snapshot did not tell.
+    """
+
+    source: str
+    facts: FactTable
+    states: dict[str, RuleState]
+    approvals: dict[str, dict[str, str]]
+    deployed: dict[str, str] | None
+    deployed_version: str | None
+    committed: dict[str, Decimal]
+    notes: list[str] = field(default_factory=list)
+    fact_count: int = 0
+
+
+def load_snapshot(path: Path) -> Snapshot:
+    """Read a snapshot file (see the module docstring). Raises ``SnapshotError``."""
+    source = display_path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except OSError as error:
+        raise SnapshotError(source, [f"cannot read the file: {error.strerror or error}"]) from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SnapshotError(source, [f"not JSON: {error}"]) from None
+    return snapshot_from_json(data, source)
+
+
+def snapshot_from_json(data: Any, source: str) -> Snapshot:
+    """Build a ``Snapshot`` from its JSON form. Raises ``SnapshotError`` listing every problem
+    (each with its JSON path, e.g. ``$.facts[1].kind``)."""
+    validator = Draft202012Validator(SNAPSHOT_SCHEMA)
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise SnapshotError(source, [f"{_json_path(e.absolute_path)}: {e.message}" for e in errors])
+    facts = FactTable()
+    for item in data["facts"]:
+        facts.put((item["project"], item["kind"], item["id"]), item["data"])
+    ruleset = data.get("ruleset") or None
+    deployed = dict(ruleset["rules"]) if ruleset and "rules" in ruleset else None
+    notes: list[str] = []
+    states = {
+        item["rule_id"]: RuleState(
+            rule_id=item["rule_id"],
+            gate_open=item.get("gate_open"),
+            fired_count=item.get("fired_count", 0),
+            last_fired_at=item.get("last_fired_at"),
+            rule_hash=(deployed or {}).get(item["rule_id"]),
+            paused=item.get("paused", False),
+            rearms=item.get("rearms", 0),
+        )
+        for item in data.get("rule_states", [])
+    }
+    if "rule_states" not in data:
+        notes.append(
+            "the snapshot holds no rule states (a plain GET /v1/facts body?): which once rules "
+            "already fired is unknown, so every rule is taken as never fired"
+        )
+    if deployed is None:
+        notes.append(
+            "the snapshot does not say which ruleset is deployed: every rule is evaluated "
+            "as if new, and added, removed and changed rules cannot be listed"
+        )
+    if "escrows" not in data:
+        notes.append(
+            "the snapshot holds no escrow totals: nothing is taken as already committed "
+            "against the escrow limits"
+        )
+    return Snapshot(
+        source=source,
+        facts=facts,
+        states=states,
+        approvals={rule: dict(standing) for rule, standing in data.get("approvals", {}).items()},
+        deployed=deployed,
+        deployed_version=ruleset.get("version") if ruleset else None,
+        committed=_committed(data.get("escrows", []), source),
+        notes=notes,
+        fact_count=len(data["facts"]),
+    )
+
+
+def _committed(escrows: Iterable[Mapping[str, Any]], source: str) -> dict[str, Decimal]:
+    """Per escrow, the amount committed: released + pending + unconfirmed (dead) releases."""
+    committed: dict[str, Decimal] = {}
+    problems = []
+    for index, item in enumerate(escrows):
+        total = Decimal(0)
+        for key in ("released", "pending", "unconfirmed"):
+            text = item.get(key)
+            if text is None:
+                continue
+            try:
+                total += Decimal(text)
+            except InvalidOperation:
+                problems.append(f"$.escrows[{index}].{key}: {text!r} is not a decimal amount")
+        committed[item["escrow"]] = total
+    if problems:
+        raise SnapshotError(source, problems)
+    return committed
+
+
+def _json_path(parts: Iterable[Any]) -> str:
+    out = "$"
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def fetch_snapshot(url: str, detail: Callable[[Mapping[str, str]], Iterable[str]]) -> Snapshot:
+    """Build a snapshot from the running daemon at ``url`` (``GET /v1/facts``, ``/v1/rules``,
+    ``/v1/escrows``, and ``/v1/rules/{id}`` for each rule id ``detail`` picks from the deployed
+    ``{rule id: content hash}``: those get their paused state, re-arms and approvals).
+
+    Raises ``ClientError`` when the daemon cannot be reached or refuses, ``SnapshotError``
+    when it answers something unexpected.
+    """
+    facts = call(f"{url}/v1/facts")
+    rules = call(f"{url}/v1/rules")
+    escrows = call(f"{url}/v1/escrows")
+    try:
+        hashes = {rule["id"]: rule["content_hash"] for rule in rules["rules"]}
+        states = {
+            rule["id"]: {
+                "rule_id": rule["id"],
+                "fired_count": rule["fired_count"],
+                "gate_open": rule["gate_open"],
+                "last_fired_at": rule.get("last_fired_at"),
+            }
+            for rule in rules["rules"]
+        }
+        approvals: dict[str, dict[str, str]] = {}
+        for rule_id in detail(hashes):
+            view = call(f"{url}/v1/rules/{urllib.parse.quote(rule_id, safe='/')}")
+            explanation = view["explanation"]
+            states[rule_id]["paused"] = bool(explanation.get("paused", False))
+            states[rule_id]["rearms"] = int(explanation.get("rearms", 0))
+            standing = explanation.get("approvals") or {}
+            approvals[rule_id] = {
+                **{subject: "approve" for subject in standing.get("approved_by", [])},
+                **{subject: "reject" for subject in standing.get("rejected_by", [])},
+            }
+        ruleset = rules.get("ruleset") or {}
+        data = {
+            "facts": facts["facts"],
+            "rule_states": list(states.values()),
+            "approvals": approvals,
+            "ruleset": {"version": ruleset.get("version"), "rules": hashes},
+            "escrows": escrows["escrows"],
+        }
+    except (KeyError, TypeError, ValueError) as error:
+        raise SnapshotError(url, [f"unexpected answer from the daemon: {error!r}"]) from None
+    return snapshot_from_json(data, url)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass(frozen=True)
+class PlannedFiring:
+    """A rule that would fire (or be blocked) on deploy, with the actions it would queue."""
+
+    rule: Rule
+    decision: Decision
+    actions: tuple[QueuedAction, ...]
+
+    @property
+    def blocked(self) -> bool:
+        return self.decision.outcome == "blocked"
+
+
+@dataclass(frozen=True)
+class EscrowTotal:
+    """What the planned firings would release from one escrow."""
+
+    escrow: str
+    currency: str
+    amount: Decimal
+    limit: Decimal | None
+    remaining_after: Decimal | None
+
+
+@dataclass
+class Plan:
+    """What deploying ``ruleset`` on top of a snapshot would do, at ``at``.
+
+    ``added``, ``removed``, ``changed`` and ``unchanged`` are empty when the snapshot does not
+    say what is deployed (``deployment_known`` False); then every rule is ``evaluated``.
+    """
+
+    ruleset: Ruleset
+    rules_dir: Path
+    snapshot: Snapshot
+    at: datetime
+    added: list[Rule]
+    removed: list[str]
+    changed: list[Rule]
+    unchanged: list[Rule]
+    evaluated: list[Rule]
+    decisions: list[Decision]
+    firings: list[PlannedFiring]
+    releases: list[EscrowTotal]
+
+    @property
+    def deployment_known(self) -> bool:
+        """True when the snapshot says which rules (and which texts) are deployed."""
+        return self.snapshot.deployed is not None
+
+    @property
+    def sends_release(self) -> bool:
+        """True when some firing would send a release (blocked ones send none)."""
+        return any(a.kind == "release" for f in self.firings for a in f.actions)
+
+    def trips(self, fail_on: FailOn) -> bool:
+        """Whether ``--fail-on fail_on`` makes the plan fail."""
+        if fail_on == "release":
+            return self.sends_release
+        return fail_on == "any" and bool(self.firings)
+
+
+def plan_deploy(
+    ruleset: Ruleset, rules_dir: Path, snapshot: Snapshot, config: Config, now: datetime
+) -> Plan:
+    """Plan deploying ``ruleset`` on top of ``snapshot`` at ``now``: evaluate, as the daemon does
+    on a reload, every rule that is new or whose content hash changed."""
+    engine = Engine(ruleset, alert_target=config.alert_target)
+    deployed = snapshot.deployed
+    added: list[Rule] = []
+    changed: list[Rule] = []
+    unchanged: list[Rule] = []
+    removed: list[str] = []
+    if deployed is None:
+        evaluated = list(ruleset.rules)  # nothing is known to be deployed: all may be new
+    else:
+        added = [r for r in ruleset.rules if r.id not in deployed]
+        changed = [
+            r for r in ruleset.rules if r.id in deployed and deployed[r.id] != r.content_hash
+        ]
+        unchanged = [r for r in ruleset.rules if deployed.get(r.id) == r.content_hash]
+        removed = sorted(set(deployed) - set(engine.rules))
+        evaluated = [r for r in ruleset.rules if deployed.get(r.id) != r.content_hash]
+    book = EscrowBook(config.escrows, dict(snapshot.committed))
+    transition = engine.plan_rules(
+        snapshot.facts,
+        snapshot.states,
+        evaluated,
+        now,
+        "reload",
+        book=book,
+        approvals=snapshot.approvals,
+    )
+    firings = [
+        PlannedFiring(
+            engine.rules[d.rule_id],
+            d,
+            tuple(a for a in transition.actions if a.firing_id == d.firing_id),
+        )
+        for d in transition.fired
+    ]
+    return Plan(
+        ruleset=ruleset,
+        rules_dir=rules_dir,
+        snapshot=snapshot,
+        at=now,
+        added=added,
+        removed=removed,
+        changed=changed,
+        unchanged=unchanged,
+        evaluated=evaluated,
+        decisions=transition.decisions,
+        firings=firings,
+        releases=_release_totals(transition.ledger, book),
+    )
+
+
+def _release_totals(ledger: Iterable[Any], book: EscrowBook) -> list[EscrowTotal]:
+    amounts: dict[tuple[str, str], Decimal] = {}
+    for entry in ledger:
+        key = (entry.escrow, entry.currency)
+        amounts[key] = amounts.get(key, Decimal(0)) + Decimal(entry.amount)
+    totals = []
+    for (escrow, currency), amount in sorted(amounts.items()):
+        account = book.escrows.get(escrow)
+        totals.append(
+            EscrowTotal(
+                escrow,
+                currency,
+                amount,
+                account.limit if account else None,
+                book.remaining(escrow),
+            )
+        )
+    return totals
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan reports
+
+
+def plan_report(plan: Plan, fail_on: FailOn) -> dict[str, Any]:
+    """The JSON report of a plan."""
+    return {
+        "at": format_rfc3339(plan.at),
+        "ruleset": {
+            "version": plan.ruleset.version,
+            "rules_dir": display_path(plan.rules_dir),
+            "rules": len(plan.ruleset.rules),
+        },
+        "snapshot": {
+            "source": plan.snapshot.source,
+            "deployed_version": plan.snapshot.deployed_version,
+            "facts": plan.snapshot.fact_count,
+        },
+        **_changes_report(plan),
+        "evaluated": [r.id for r in plan.evaluated],
+        "fires": [
+            {
+                **_rule_ref(plan, f.rule),
+                "fire": f.rule.fire,
+                "outcome": f.decision.outcome,
+                "firing_id": f.decision.firing_id,
+                "reason": f.decision.reason,
+                "actions": [
+                    {"kind": a.kind, "target": a.target, "payload": dict(a.payload)}
+                    for a in f.actions
+                ],
+            }
+            for f in plan.firings
+        ],
+        "not_firing": [
+            {"id": d.rule_id, "outcome": d.outcome, "why": _why_not(plan, d)}
+            for d in plan.decisions
+            if d.firing_id is None
+        ],
+        "releases": [
+            {
+                "escrow": t.escrow,
+                "currency": t.currency,
+                "amount": str(t.amount),
+                "limit": None if t.limit is None else str(t.limit),
+                "remaining_after": None if t.remaining_after is None else str(t.remaining_after),
+            }
+            for t in plan.releases
+        ],
+        "notes": plan.snapshot.notes,
+        "fail_on": fail_on,
+        "failed": plan.trips(fail_on),
+    }
+
+
+def _changes_report(plan: Plan) -> dict[str, Any]:
+    """Added, removed, changed and unchanged rules; None each when the deployment is unknown."""
+    if not plan.deployment_known:
+        return dict.fromkeys(("added", "removed", "changed", "unchanged"))
+    return {
+        "added": [_rule_ref(plan, r) for r in plan.added],
+        "removed": plan.removed,
+        "changed": [_rule_ref(plan, r) for r in plan.changed],
+        "unchanged": len(plan.unchanged),
+    }
+
+
+def plan_text(plan: Plan, fail_on: FailOn) -> list[str]:
+    """The plan as lines of text for a terminal or a CI log."""
+    snapshot = plan.snapshot
+    deployed = f" (deployed {snapshot.deployed_version[:12]})" if snapshot.deployed_version else ""
+    lines = [
+        f"Plan: ruleset {plan.ruleset.version[:12]} from {display_path(plan.rules_dir)} "
+        f"against {snapshot.source}{deployed}, at {format_rfc3339(plan.at)}",
+        *(f"note: {note}" for note in snapshot.notes),
+        "",
+    ]
+    if plan.deployment_known:
+        lines.append(
+            f"Rules: {len(plan.added)} added, {len(plan.removed)} removed, "
+            f"{len(plan.changed)} changed, {len(plan.unchanged)} unchanged"
+        )
+        lines += [f"  + {r.id}  ({_location(plan, r)})" for r in plan.added]
+        lines += [f"  ~ {r.id}  ({_location(plan, r)})" for r in plan.changed]
+        lines += [f"  - {rule_id}" for rule_id in plan.removed]
+        lines.append("")
+    fired = [f for f in plan.firings if not f.blocked]
+    blocked = [f for f in plan.firings if f.blocked]
+    lines.append(f"Would fire on deploy: {_plural(len(fired), 'rule')}")
+    for firing in fired:
+        lines.append(f"  {firing.rule.id}  ({firing.rule.fire}, {_location(plan, firing.rule)})")
+        lines += [f"    {describe_action(a)}" for a in firing.actions]
+    if blocked:
+        lines.append(f"Would be blocked on deploy: {_plural(len(blocked), 'rule')}")
+        for firing in blocked:
+            lines.append(f"  {firing.rule.id}  ({_location(plan, firing.rule)})")
+            lines.append(f"    blocked: {firing.decision.reason}")
+            lines += [f"    {describe_action(a)}" for a in firing.actions]
+    quiet = [d for d in plan.decisions if d.firing_id is None]
+    if quiet:
+        lines.append(f"Evaluated, would not fire: {_plural(len(quiet), 'rule')}")
+        lines += [f"  {d.rule_id}: {_why_not(plan, d)}" for d in quiet]
+    if plan.releases:
+        lines.append("Releases by escrow:")
+        for total in plan.releases:
+            left = (
+                f" (remaining after: {total.remaining_after} of {total.limit})"
+                if total.limit is not None
+                else ""
+            )
+            lines.append(f"  {total.escrow}: {total.amount} {total.currency}{left}")
+    lines.append(plan_summary(plan, fail_on))
+    return lines
+
+
+def plan_summary(plan: Plan, fail_on: FailOn) -> str:
+    """One line: what would happen, and whether ``--fail-on`` trips."""
+    if not plan.firings:
+        text = "nothing would fire on deploy"
+    else:
+        text = f"{_plural(len(plan.firings), 'rule')} would fire on deploy"
+        money = ", ".join(f"{t.amount} {t.currency} from {t.escrow}" for t in plan.releases)
+        text += f", releasing {money}" if money else ", releasing nothing"
+    verdict = "FAILED" if plan.trips(fail_on) else "PLAN"
+    if verdict == "FAILED":
+        text += f" (--fail-on {fail_on})"
+    return f"{verdict}: {text}"
+
+
+def plan_github(plan: Plan, fail_on: FailOn) -> list[str]:
+    """GitHub Actions workflow commands: an ``::error`` (when it trips ``--fail-on``) or
+    ``::warning`` per firing, a ``::notice`` per added, changed and removed rule, then the
+    summary line."""
+    lines = []
+    for firing in plan.firings:
+        level = "error" if _firing_trips(firing, fail_on) else "warning"
+        verb = "would be blocked on deploy" if firing.blocked else "would fire on deploy"
+        what = "; ".join(describe_action(a) for a in firing.actions) or "no actions"
+        message = f"rule {firing.rule.id} {verb}: {what}"
+        if firing.blocked:
+            message += f" ({firing.decision.reason})"
+        lines.append(_github_line(level, plan, firing.rule, message))
+    for rule in plan.added:
+        lines.append(_github_line("notice", plan, rule, f"rule {rule.id} is added"))
+    for rule in plan.changed:
+        lines.append(_github_line("notice", plan, rule, f"rule {rule.id} is changed"))
+    for rule_id in plan.removed:
+        lines.append(
+            f"::notice title={escape_property(GITHUB_TITLE)}::"
+            f"{escape_data(f'rule {rule_id} is removed')}"
+        )
+    lines += [f"::notice::{escape_data(note)}" for note in plan.snapshot.notes]
+    lines.append(plan_summary(plan, fail_on))
+    return lines
+
+
+def _firing_trips(firing: PlannedFiring, fail_on: FailOn) -> bool:
+    if fail_on == "any":
+        return True
+    return fail_on == "release" and any(a.kind == "release" for a in firing.actions)
+
+
+def _github_line(level: str, plan: Plan, rule: Rule, message: str) -> str:
+    properties = ",".join(
+        [
+            f"file={escape_property(rule_path(plan.rules_dir, rule))}",
+            f"line={rule.line}",
+            f"title={escape_property(GITHUB_TITLE)}",
+        ]
+    )
+    return f"::{level} {properties}::{escape_data(message)}"
+
+
+def _rule_ref(plan: Plan, rule: Rule) -> dict[str, Any]:
+    return {
+        "id": rule.id,
+        "file": rule_path(plan.rules_dir, rule),
+        "line": rule.line,
+        "content_hash": rule.content_hash,
+    }
+
+
+def _location(plan: Plan, rule: Rule) -> str:
+    return f"{rule_path(plan.rules_dir, rule)}:{rule.line}"
+
+
+def _why_not(plan: Plan, decision: Decision) -> str:
+    """Why a decision did not fire, in a few words."""
+    state = plan.snapshot.states.get(decision.rule_id, RuleState(decision.rule_id))
+    if decision.outcome == "already_fired":
+        return f"already fired ({_plural(state.fired_count, 'time')}; fire: once)"
+    if decision.outcome == "still_met":
+        return "its gate was already open (each_time fires on the next closed -> open change)"
+    if decision.outcome == "paused":
+        return "paused"
+    if decision.outcome == "awaiting_approvals":
+        standing = decision.approvals or {}
+        approved = standing.get("approved_by", [])
+        rejected = standing.get("rejected_by", [])
+        text = f"awaiting approvals ({len(approved)} of {standing.get('required', '?')}"
+        return text + (f", rejected by {', '.join(rejected)})" if rejected else ")")
+    evaluation = decision.evaluation
+    if evaluation.missing:
+        return f"condition false: missing {', '.join(evaluation.missing)}"
+    if evaluation.error:
+        return f"condition false: {evaluation.error}"
+    false = [c.text for c in evaluation.clauses if c.value is False]
+    return "condition false" + (f": `{_one_line(false[0])}` is false" if false else "")
+
+
+def describe_action(action: QueuedAction) -> str:
+    """One line for a rendered action, e.g. ``release escrow-bank: 5000.00 USD from
+    tower-a-escrow to acme-architects``."""
+    payload = action.payload
+    if action.kind == "release":
+        return (
+            f"release {action.target}: {payload.get('amount')} {payload.get('currency')} "
+            f"from {payload.get('escrow')} to {payload.get('payee')}"
+        )
+    if action.kind == "notify":
+        return f"notify {action.target}: {json.dumps(payload.get('message'))}"
+    if action.kind == "pipeline":
+        inputs = json.dumps(payload.get("inputs", {}), sort_keys=True)
+        return f"pipeline {action.target}: ref {payload.get('ref')}, inputs {inputs}"
+    return f"{action.kind} {action.target}: {json.dumps(dict(payload), sort_keys=True)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Explanations (shared with ``gatekeeper test``)
+
+
+@dataclass(frozen=True)
+class ClauseDeadline:
+    """When a time sub-condition next changes while the facts stay as they are.
+
+    ``polled`` is True when no exact instant can be computed (``now()``, arithmetic on
+    ``days_since``...): the daemon re-checks such a clause every second.
+    """
+
+    at: datetime
+    left: timedelta
+    polled: bool
+
+
+def clause_deadlines(
+    rule: Rule, explanation: Mapping[str, Any], facts: FactTable, now: datetime
+) -> dict[int, ClauseDeadline]:
+    """For each sub-condition (index into the explanation's clauses) that depends on time,
+    when it next changes. Needs ``next_change_at`` on compiled conditions; empty without it."""
+    if not rule.condition.uses_time:
+        return {}
+    lookup = ProjectFacts(rule.project, facts)
+    recheck = getattr(expressions, "TIME_RECHECK", timedelta(seconds=1))
+    found: dict[int, ClauseDeadline] = {}
+    for index, clause in enumerate(explanation["condition"]["clauses"]):
+        try:
+            compiled = expressions.compile_condition(clause["text"])
+        except expressions.ExpressionError:
+            continue
+        next_change = getattr(compiled, "next_change_at", None)
+        if not compiled.uses_time or next_change is None:
+            continue
+        at = next_change(lookup, now)
+        if isinstance(at, datetime):
+            found[index] = ClauseDeadline(at, at - now, at - now == recheck)
+    return found
+
+
+def explanation_lines(
+    rule: Rule,
+    explanation: Mapping[str, Any],
+    deadlines: Mapping[int, ClauseDeadline] | None = None,
+) -> list[str]:
+    """A rule's explanation (``Engine.explain``) as lines of text: the gate, each
+    sub-condition with its value (and deadline), missing facts, approvals and state."""
+    condition = explanation["condition"]
+    gate = "open" if explanation["gate_open"] else "closed"
+    lines = [f"gate {gate} at {explanation['evaluated_at']}: condition {_json(condition['value'])}"]
+    for index, clause in enumerate(condition["clauses"]):
+        text = f"  [{_clause_mark(clause)}] {_one_line(clause['text'])}"
+        if clause.get("missing"):
+            text += f"  (missing: {', '.join(clause['missing'])})"
+        if clause.get("error"):
+            text += f"  (error: {clause['error']})"
+        deadline = (deadlines or {}).get(index)
+        if deadline is not None:
+            text += f"  {_deadline_text(deadline, clause.get('value'))}"
+        lines.append(text)
+    if condition.get("missing"):
+        lines.append(f"missing: {', '.join(condition['missing'])}")
+    if condition.get("error"):
+        lines.append(f"error: {condition['error']}")
+    approvals = explanation["approvals"]
+    if rule.approvals is not None:
+        approved = ", ".join(approvals["approved_by"]) or "nobody"
+        text = f"approvals: {len(approvals['approved_by'])} of {approvals['required']} required"
+        text += f" (approved by {approved}"
+        if approvals["rejected_by"]:
+            text += f"; rejected by {', '.join(approvals['rejected_by'])}: blocked"
+        lines.append(text + f"; from {', '.join(approvals['from'])})")
+    state = f"fired {_plural(explanation['fired_count'], 'time')} (fire: {rule.fire})"
+    if explanation.get("rearms"):
+        state += f", re-armed {_plural(explanation['rearms'], 'time')}"
+    if explanation.get("last_fired_at"):
+        state += f", last at {explanation['last_fired_at']}"
+    lines.append(state + (", PAUSED" if explanation["paused"] else ""))
+    return lines
+
+
+def _clause_mark(clause: Mapping[str, Any]) -> str:
+    if clause.get("missing"):
+        return "missing"
+    if clause.get("error"):
+        return "error"
+    value = clause.get("value")
+    return "true " if value is True else "false" if value is False else _json(value)
+
+
+def _deadline_text(deadline: ClauseDeadline, value: Any) -> str:
+    if deadline.polled:
+        return "(depends on the time: re-checked every second)"
+    when = format_rfc3339(deadline.at)
+    left = format_duration(deadline.left)
+    if value is False:
+        return f"(deadline {when}: {left} left)"
+    return f"(changes at {when}, in {left})"
+
+
+def format_duration(delta: timedelta) -> str:
+    """``3d 4h 5m``, ``2h 0m``, ``45m 10s``, ``12s`` (rounded down to the second)."""
+    seconds = max(0, int(delta.total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h {minutes}m"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def explain_rule(
+    rule: Rule, engine: Engine, snapshot: Snapshot, now: datetime, file: str | None = None
+) -> dict[str, Any]:
+    """The JSON explanation ``gatekeeper explain`` prints: the rule (``file`` as shown,
+    default the rule's own), its explanation and the deadlines of its time sub-conditions
+    (with the condition's next change)."""
+    state = snapshot.states.get(rule.id)
+    explanation = engine.explain(rule, snapshot.facts, state, now, snapshot.approvals)
+    deadlines = clause_deadlines(rule, explanation, snapshot.facts, now)
+    next_change = getattr(rule.condition, "next_change_at", None)
+    changes_at = (
+        next_change(ProjectFacts(rule.project, snapshot.facts), now) if next_change else None
+    )
+    return {
+        "rule": {
+            "id": rule.id,
+            "project": rule.project,
+            "description": rule.description,
+            "when": rule.condition.text.strip(),
+            "fire": rule.fire,
+            "file": file or rule.file,
+            "line": rule.line,
+            "content_hash": rule.content_hash,
+        },
+        "source": snapshot.source,
+        "explanation": explanation,
+        "deadlines": [
+            {
+                "clause": explanation["condition"]["clauses"][index]["text"],
+                "changes_at": format_rfc3339(deadline.at),
+                "left_s": deadline.left.total_seconds(),
+                "polled": deadline.polled,
+            }
+            for index, deadline in sorted(deadlines.items())
+        ],
+        "next_change_at": format_rfc3339(changes_at) if isinstance(changes_at, datetime) else None,
+        "notes": snapshot.notes,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_plan_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add ``gatekeeper plan`` to the subparsers ``commands``."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "plan",
+        help="show what a ruleset would fire the moment it is deployed (dry run, for CI)",
+        description="Compare a ruleset with the state of a deployment (a snapshot file or a "
+        "running daemon) and list the rules added, removed and changed and every rule that "
+        "would fire on deploy, with its actions and the total released per escrow.",
+    )
+    _add_common_options(parser)
+    parser.add_argument(
+        "--rules", type=Path, metavar="DIR", help="the candidate ruleset (default: rules_dir)"
+    )
+    parser.add_argument(
+        "--fail-on",
+        choices=["never", "release", "any"],
+        default="never",
+        help="exit 1 when a release would be sent (release) or anything would fire (any)",
+    )
+    parser.add_argument("--format", choices=["text", "json", "github"], default="text")
+    return parser
+
+
+def add_explain_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add ``gatekeeper explain`` to the subparsers ``commands``."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "explain",
+        help="explain a rule against a snapshot or a running daemon",
+        description="Show a rule's sub-conditions with their values, missing facts, approvals "
+        "counted, its fired and paused state, and the time left on its deadlines.",
+    )
+    parser.add_argument("rule_id", metavar="RULE", help="the rule's id")
+    _add_common_options(parser)
+    parser.add_argument(
+        "--rules",
+        type=Path,
+        metavar="DIR",
+        help="take the rule from this rules folder (default: the daemon's rule with --from, "
+        "else rules_dir)",
+    )
+    parser.add_argument("--format", choices=["text", "json"], default="text")
+    return parser
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help="gatekeeper.yaml (default: ./gatekeeper.yaml when present)",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--snapshot", type=Path, metavar="FILE", help="a state snapshot (JSON)")
+    source.add_argument(
+        "--from",
+        dest="from_url",
+        metavar="URL",
+        help="a running daemon's base URL (default: the config's listen address)",
+    )
+    parser.add_argument(
+        "--at", metavar="TIME", help="evaluate at this RFC 3339 time (default: now)"
+    )
+
+
+def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """``gatekeeper plan``: returns 0, 1 (``--fail-on`` tripped) or 2 (usage error)."""
+    out = out or sys.stdout
+    config = cli_config(args.config, "plan")
+    now = _cli_time(args.at, "plan")
+    if config is None or now is None:
+        return EXIT_USAGE
+    rules_dir: Path = args.rules or config.rules_dir
+    result = load_rules_dir(rules_dir, config)
+    if result.ruleset is None:
+        _print_load_problems(result, args.format, out)
+        return EXIT_USAGE
+    candidate = result.ruleset.by_id()
+
+    def changed_ids(deployed: Mapping[str, str]) -> list[str]:
+        return [i for i, h in deployed.items() if i in candidate and candidate[i].content_hash != h]
+
+    snapshot = _cli_snapshot(args, config, "plan", changed_ids)
+    if snapshot is None:
+        return EXIT_USAGE
+    plan = plan_deploy(result.ruleset, rules_dir, snapshot, config, now)
+    if args.format == "json":
+        out.write(json.dumps(plan_report(plan, args.fail_on), indent=2) + "\n")
+    else:
+        lines = (
+            plan_github(plan, args.fail_on)
+            if args.format == "github"
+            else plan_text(plan, args.fail_on)
+        )
+        out.write("\n".join(lines) + "\n")
+    return EXIT_FAILED if plan.trips(args.fail_on) else EXIT_OK
+
+
+def run_explain(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """``gatekeeper explain RULE``: returns 0, or 2 (usage error, unknown rule, unreachable
+    daemon)."""
+    out = out or sys.stdout
+    config = cli_config(args.config, "explain")
+    now = _cli_time(args.at, "explain")
+    if config is None or now is None:
+        return EXIT_USAGE
+    rule_id: str = args.rule_id
+    local = args.rules is not None or args.snapshot is not None
+    ruleset: Ruleset | None = None
+    rules_dir: Path | None = None
+    if local:
+        rules_dir = args.rules or config.rules_dir
+        result = load_rules_dir(rules_dir, config)
+        if result.ruleset is None:
+            _print_load_problems(result, "text", sys.stderr)
+            return EXIT_USAGE
+        ruleset = result.ruleset
+        if rule_id not in ruleset.by_id():
+            _unknown_rule(rule_id, [r.id for r in ruleset.rules], display_path(rules_dir))
+            return EXIT_USAGE
+    snapshot = _cli_snapshot(
+        args, config, "explain", lambda deployed: [rule_id] if rule_id in deployed else []
+    )
+    if snapshot is None:
+        return EXIT_USAGE
+    if ruleset is None:
+        if snapshot.deployed is None or rule_id not in snapshot.deployed:
+            _unknown_rule(rule_id, list(snapshot.deployed or {}), snapshot.source)
+            return EXIT_USAGE
+        ruleset = _daemon_rule(base_url(config, args.from_url), rule_id)
+        if ruleset is None:
+            return EXIT_USAGE
+    rule = ruleset.by_id()[rule_id]
+    engine = Engine(ruleset, alert_target=config.alert_target)
+    file = rule_path(rules_dir, rule) if rules_dir is not None else None
+    report = explain_rule(rule, engine, snapshot, now, file)
+    if args.format == "json":
+        out.write(json.dumps(report, indent=2) + "\n")
+        return EXIT_OK
+    out.write("\n".join(explain_text(rule, report, snapshot, now)) + "\n")
+    return EXIT_OK
+
+
+def explain_text(
+    rule: Rule, report: Mapping[str, Any], snapshot: Snapshot, now: datetime
+) -> list[str]:
+    """``gatekeeper explain``'s text output."""
+    info = report["rule"]
+    lines = [f"rule {rule.id}  ({info['file']}:{info['line']}, project {rule.project})"]
+    if rule.description:
+        lines.append(f"  {rule.description}")
+    lines.append(f"when: {_one_line(info['when'])}")
+    lines.append(f"against: {snapshot.source}")
+    lines += [f"note: {note}" for note in snapshot.notes]
+    deadlines = clause_deadlines(rule, report["explanation"], snapshot.facts, now)
+    lines += explanation_lines(rule, report["explanation"], deadlines)
+    if report["next_change_at"] and not report["explanation"]["gate_open"]:
+        lines.append(f"next re-evaluation by the clock: {report['next_change_at']}")
+    seen = report["explanation"]["condition"].get("seen") or {}
+    if seen:
+        lines.append("facts seen:")
+        lines += [f"  {name} = {_json(value)}" for name, value in sorted(seen.items())]
+    return lines
+
+
+def _daemon_rule(url: str, rule_id: str) -> Ruleset | None:
+    """The daemon's own version of ``rule_id`` (from ``GET /v1/rules/{id}``'s source), as a
+    one-rule ruleset."""
+    try:
+        view = call(f"{url}/v1/rules/{urllib.parse.quote(rule_id, safe='/')}")
+    except ClientError as error:
+        print(f"gatekeeper explain: {error}", file=sys.stderr)
+        return None
+    name = str(view.get("file") or "rule.yaml")
+    result = load_rule_texts({name: json.dumps(view["source"])}, None)
+    if result.ruleset is None:
+        _print_load_problems(result, "text", sys.stderr)
+        return None
+    rule = result.ruleset.rules[0]
+    located = replace(rule, line=int(view.get("line") or rule.line))
+    return Ruleset((located,), result.ruleset.files, result.ruleset.version)
+
+
+def cli_config(path: Path | None, command: str) -> Config | None:
+    """Load the config as every command does (``-c FILE``, else ``./gatekeeper.yaml`` when
+    present, else the defaults); print the problems and return None when it is unusable."""
+    if path is not None and not path.is_file():
+        print(f"gatekeeper {command}: config file {path} not found", file=sys.stderr)
+        return None
+    try:
+        return load_config(path if path is not None else find_default_config(Path.cwd()))
+    except ConfigError as error:
+        print(f"gatekeeper {command}: invalid configuration:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _cli_time(text: str | None, command: str) -> datetime | None:
+    if text is None:
+        return SystemClock().now()
+    try:
+        return parse_rfc3339(text)
+    except ValueError as error:
+        print(f"gatekeeper {command}: --at: {error}", file=sys.stderr)
+        return None
+
+
+def _cli_snapshot(
+    args: argparse.Namespace,
+    config: Config,
+    command: str,
+    detail: Callable[[Mapping[str, str]], Iterable[str]],
+) -> Snapshot | None:
+    try:
+        if args.snapshot is not None:
+            return load_snapshot(args.snapshot)
+        return fetch_snapshot(base_url(config, args.from_url), detail)
+    except SnapshotError as error:
+        print(f"gatekeeper {command}: invalid snapshot {error.source}:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+    except ClientError as error:
+        print(f"gatekeeper {command}: {error}", file=sys.stderr)
+    return None
+
+
+def _print_load_problems(result: LoadResult, fmt: str, out: TextIO) -> None:
+    lines = (
+        github_commands(result.problems) if fmt == "github" else format_problems(result.problems)
+    )
+    if fmt == "json":
+        body = {"valid": False, "problems": [p.to_json() for p in result.problems]}
+        out.write(json.dumps(body, indent=2) + "\n")
+        return
+    count = len(result.problems)
+    out.write(
+        "\n".join([*lines, f"FAILED: the ruleset is invalid ({_plural(count, 'problem')})"]) + "\n"
+    )
+
+
+def _unknown_rule(rule_id: str, known: Sequence[str], where: str) -> None:
+    message = f"gatekeeper explain: no rule {rule_id!r} in {where}"
+    close = difflib.get_close_matches(rule_id, list(known), n=1)
+    print(message + (f"; did you mean {close[0]!r}?" if close else ""), file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, ``/``-separated."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def rule_path(rules_dir: Path, rule: Rule) -> str:
+    """The rule's file as seen from the working directory (for annotations and reports)."""
+    return display_path(rules_dir / rule.file)
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
