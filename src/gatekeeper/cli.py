@@ -44,9 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="files or folders")
     check.add_argument("--format", choices=["text", "json", "github"], default="text")
 
+    from gatekeeper.emit import add_emit_parser
     from gatekeeper.plan import add_explain_parser, add_plan_parser
     from gatekeeper.ruletest import add_test_parser
 
+    add_emit_parser(commands)
     add_test_parser(commands)
     add_plan_parser(commands)
     add_explain_parser(commands)
@@ -119,6 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.command == "token":
         return _new_token(args)
+    if args.command == "emit":  # a client: reads GATEKEEPER_URL and GATEKEEPER_TOKEN
+        from gatekeeper.emit import run_emit
+
+        emitted: int = run_emit(args)
+        return emitted
     if args.command in ("test", "plan", "explain"):  # these load their config themselves
         from gatekeeper.plan import run_explain, run_plan
         from gatekeeper.ruletest import run_test

@@ -47,19 +47,76 @@ class DeliveryPolicy:
     timeout_s: float = 15.0
 
 
+TargetKind = Literal["webhook", "github_actions", "gitlab", "jenkins"]
+GITHUB_API_URL = "https://api.github.com"
+GITLAB_API_URL = "https://gitlab.com/api/v4"
+DEFAULT_API_URLS: Mapping[str, str] = {"github_actions": GITHUB_API_URL, "gitlab": GITLAB_API_URL}
+
+
 @dataclass(frozen=True)
 class Target:
-    """Where actions go. ``kind`` ``webhook`` is a signed JSON POST to ``url``;
-    ``format`` ``slack`` sends notify messages as ``{"text": ...}``.
-    ``secret_env`` names the environment variable holding the Standard Webhooks secret.
+    """Where actions go, by ``kind``:
+
+    - ``webhook`` (the default): a JSON POST to ``url`` signed per Standard Webhooks with the
+      secret in the environment variable ``secret_env``; ``format: slack`` sends notify
+      messages as ``{"text": ...}``. Takes release, notify and pipeline actions.
+    - ``github_actions``: a ``workflow_dispatch`` of ``workflow`` (file name or numeric id) in
+      ``repo`` (``owner/name``) through the REST API at ``api_url``, with the token in
+      ``token_env``.
+    - ``gitlab``: a pipeline trigger of project ``project_id`` (numeric id or path) through
+      the REST API at ``api_url``, with the pipeline trigger token in ``token_env``.
+    - ``jenkins``: ``buildWithParameters`` of ``job`` (folders as ``a/b``) on the Jenkins at
+      ``url``, as ``user`` with the API token in ``token_env``; the rule's ``ref`` goes in
+      the build parameter ``ref_parameter``.
+
+    The three CI kinds take pipeline actions only (``refusal`` says why another is refused).
     """
 
     name: str
-    url: str
-    secret_env: str
-    kind: Literal["webhook"] = "webhook"
+    url: str = ""
+    secret_env: str = ""
+    kind: TargetKind = "webhook"
     format: Literal["json", "slack"] = "json"
     delivery: DeliveryPolicy = field(default_factory=DeliveryPolicy)
+    token_env: str = ""
+    api_url: str = ""
+    repo: str = ""
+    workflow: str = ""
+    project_id: str = ""
+    job: str = ""
+    user: str = ""
+    ref_parameter: str = "ref"
+
+    @property
+    def secret_variable(self) -> str:
+        """The environment variable this target's secret is read from: ``secret_env`` for a
+        webhook (its signing secret), ``token_env`` for the CI kinds (their API token)."""
+        return self.secret_env if self.kind == "webhook" else self.token_env
+
+    @property
+    def secret_field(self) -> str:
+        """The config key naming :attr:`secret_variable` (``secret_env`` or ``token_env``)."""
+        return "secret_env" if self.kind == "webhook" else "token_env"
+
+    @property
+    def base_url(self) -> str:
+        """The API or server base URL without a trailing slash: ``url`` for webhook and
+        jenkins targets, ``api_url`` (or the public service's default) for the others."""
+        if self.kind in DEFAULT_API_URLS:
+            return (self.api_url or DEFAULT_API_URLS[self.kind]).rstrip("/")
+        return self.url.rstrip("/") if self.kind == "jenkins" else self.url
+
+    def refusal(self, action_kind: str) -> str | None:
+        """Why this target cannot take an action of ``action_kind``, or None when it can.
+
+        Webhook targets take every kind; GitHub Actions, GitLab and Jenkins targets start
+        pipelines only (their APIs have no notion of a release or a message)."""
+        if self.kind == "webhook" or action_kind == "pipeline":
+            return None
+        return (
+            f"target {self.name!r} is a {self.kind} target, which only starts pipelines; "
+            f"a {action_kind} action needs a webhook target"
+        )
 
 
 @dataclass(frozen=True)
@@ -174,22 +231,25 @@ def load_config(path: Path | None) -> Config:
 
 
 def resolve_secrets(config: Config, environ: Mapping[str, str]) -> dict[str, str]:
-    """Map each target name to its secret read from ``environ`` (key: ``secret_env``).
+    """Map each target name to the secret it needs, read from ``environ``: the signing
+    secret (``secret_env``) of a webhook target, the API token (``token_env``) of a GitHub
+    Actions, GitLab or Jenkins target.
 
     Raises ``ConfigError`` naming every missing or empty variable and the targets that need
     it; a secret's value never appears in a message.
     """
     secrets: dict[str, str] = {}
-    needed_by: dict[str, list[str]] = {}
+    needed_by: dict[str, list[Target]] = {}
     unusable: dict[str, list[str]] = {}
     for name, target in sorted(config.targets.items()):
-        value = environ.get(target.secret_env)
-        if value and not _usable_secret(value):
-            unusable.setdefault(target.secret_env, []).append(name)
+        variable = target.secret_variable
+        value = environ.get(variable)
+        if value and target.kind == "webhook" and not _usable_secret(value):
+            unusable.setdefault(variable, []).append(name)
         elif value:
             secrets[name] = value
         else:
-            needed_by.setdefault(target.secret_env, []).append(name)
+            needed_by.setdefault(variable, []).append(target)
     file = str(config.path) if config.path else DEFAULT_CONFIG_NAME
     if unusable:
         raise ConfigError(
@@ -207,8 +267,8 @@ def resolve_secrets(config: Config, environ: Mapping[str, str]) -> dict[str, str
         )
     if needed_by:
         problems = [
-            _missing_secret_problem(file, variable, names, variable in environ)
-            for variable, names in sorted(needed_by.items())
+            _missing_secret_problem(file, variable, targets, variable in environ)
+            for variable, targets in sorted(needed_by.items())
         ]
         raise ConfigError(problems)
     return secrets
@@ -301,6 +361,14 @@ def _semantic_problems(doc: YamlDocument, data: Mapping[str, Any]) -> list[Probl
         known = ", ".join(sorted(targets)) if isinstance(targets, dict) and targets else "none"
         message = f"alert_target {alert!r} is not one of the targets (known: {known})"
         problems.append(doc.problem(("alert_target",), message))
+    elif isinstance(alert, str) and isinstance(targets, dict):
+        kind = targets[alert].get("kind", "webhook") if isinstance(targets[alert], dict) else None
+        if isinstance(kind, str) and kind != "webhook":
+            message = (
+                f"alert_target {alert!r} is a {kind} target, which only starts pipelines; "
+                "alerts are notify actions and need a webhook target"
+            )
+            problems.append(doc.problem(("alert_target",), message))
     for name, target in targets.items() if isinstance(targets, dict) else []:
         delivery = target.get("delivery") if isinstance(target, dict) else None
         if isinstance(delivery, dict) and not _backoff_ok(delivery):
@@ -371,13 +439,22 @@ def _build_target(name: str, data: Mapping[str, Any]) -> Target:
         backoff_cap_s=float(delivery.get("backoff_cap_s", defaults.backoff_cap_s)),
         timeout_s=float(delivery.get("timeout_s", defaults.timeout_s)),
     )
+    kind: TargetKind = data.get("kind", "webhook")
     return Target(
         name=name,
-        url=data["url"],
-        secret_env=data["secret_env"],
-        kind=data.get("kind", "webhook"),
+        url=data.get("url", ""),
+        secret_env=data.get("secret_env", ""),
+        kind=kind,
         format=data.get("format", "json"),
         delivery=policy,
+        token_env=data.get("token_env", ""),
+        api_url=data.get("api_url", DEFAULT_API_URLS.get(kind, "")),
+        repo=data.get("repo", ""),
+        workflow=str(data.get("workflow", "")),
+        project_id=str(data.get("project_id", "")),
+        job=data.get("job", ""),
+        user=data.get("user", ""),
+        ref_parameter=data.get("ref_parameter", "ref"),
     )
 
 
@@ -385,9 +462,12 @@ def _build_escrow(name: str, data: Mapping[str, Any]) -> Escrow:
     return Escrow(name=name, currency=data["currency"], limit=Decimal(data["limit"]))
 
 
-def _missing_secret_problem(file: str, variable: str, targets: list[str], empty: bool) -> Problem:
+def _missing_secret_problem(
+    file: str, variable: str, targets: list[Target], empty: bool
+) -> Problem:
     state = "is set but empty" if empty else "is not set"
     noun = "target" if len(targets) == 1 else "targets"
-    needed = ", ".join(repr(name) for name in targets)
+    needed = ", ".join(repr(target.name) for target in targets)
     message = f"environment variable {variable} {state} (needed by {noun} {needed})"
-    return Problem(file, 0, 0, message, f"targets.{targets[0]}.secret_env")
+    first = targets[0]
+    return Problem(file, 0, 0, message, f"targets.{first.name}.{first.secret_field}")

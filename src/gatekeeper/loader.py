@@ -424,6 +424,8 @@ def _check_references(
     if isinstance(target, str) and target not in config.targets:
         message = _unknown_name_message("target", target, list(config.targets), config)
         candidate.problems.append(candidate.problem((*path, "target"), message))
+    elif isinstance(target, str) and (refusal := config.targets[target].refusal(kind)):
+        candidate.problems.append(candidate.problem((*path, "target"), refusal))
     if kind == "release":
         _check_escrow(candidate, path, body, config)
 
