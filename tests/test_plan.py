@@ -78,10 +78,10 @@ def test_adding_the_design_rule_shows_its_release(
     code, out = gatekeeper("plan", "-c", CONFIG, "--snapshot", without_design, "--at", AT)
     assert code == 0
     assert "Rules: 1 added, 0 removed, 0 changed, 4 unchanged" in out
-    assert "  + tower-a/design-release  (rules/tower-a/milestones.yaml:7)" in out
+    assert "  + tower-a/design-release  (rules/tower-a/milestones.yaml:8)" in out
     assert (
         "Would fire on deploy: 1 rule\n"
-        "  tower-a/design-release  (once, rules/tower-a/milestones.yaml:7)\n"
+        "  tower-a/design-release  (once, rules/tower-a/milestones.yaml:8)\n"
         "    release escrow-bank: 5000.00 USD from tower-a-escrow to acme-architects\n"
         '    notify finance-chat: "Released 5000.00 USD to acme-architects from '
         'tower-a-escrow (tower-a/design-release)"\n'
@@ -108,7 +108,7 @@ def test_plan_json(without_design: Path) -> None:
     assert [rule["id"] for rule in report["added"]] == [DESIGN]
     assert (report["removed"], report["changed"], report["unchanged"]) == ([], [], 4)
     (firing,) = report["fires"]
-    assert (firing["id"], firing["outcome"], firing["line"]) == (DESIGN, "fired", 7)
+    assert (firing["id"], firing["outcome"], firing["line"]) == (DESIGN, "fired", 8)
     release = firing["actions"][0]
     assert (release["kind"], release["target"]) == ("release", "escrow-bank")
     assert release["payload"]["amount"] == "5000.00"
@@ -134,18 +134,18 @@ def test_github_annotations(without_design: Path, monkeypatch: pytest.MonkeyPatc
     lines = out.splitlines()
     assert code == 1
     assert lines[0].startswith(
-        "::error file=rules/tower-a/milestones.yaml,line=7,title=gatekeeper plan::"
+        "::error file=rules/tower-a/milestones.yaml,line=8,title=gatekeeper plan::"
         "rule tower-a/design-release would fire on deploy: release escrow-bank: 5000.00 USD"
     )
     assert lines[1] == (
-        "::notice file=rules/tower-a/milestones.yaml,line=7,title=gatekeeper plan::"
+        "::notice file=rules/tower-a/milestones.yaml,line=8,title=gatekeeper plan::"
         "rule tower-a/design-release is added"
     )
     code, out = gatekeeper(
         "plan", "-c", CONFIG, "--snapshot", without_design, "--at", AT, "--format", "github"
     )
     assert code == 0
-    assert out.startswith("::warning file=rules/tower-a/milestones.yaml,line=7,")
+    assert out.startswith("::warning file=rules/tower-a/milestones.yaml,line=8,")
 
 
 def test_once_rule_that_already_fired_shows_nothing(tmp_path: Path) -> None:
@@ -268,7 +268,7 @@ def test_explain_against_a_snapshot(without_design: Path, monkeypatch: pytest.Mo
         "explain", DESIGN, "-c", CONFIG, "--snapshot", without_design, "--at", at
     )
     assert code == 0
-    assert "rule tower-a/design-release  (rules/tower-a/milestones.yaml:7, project tower-a)" in out
+    assert "rule tower-a/design-release  (rules/tower-a/milestones.yaml:8, project tower-a)" in out
     assert "gate closed at 2026-03-05T09:00:00.000Z: condition false" in out
     assert '  [true ] milestone.design.status == "approved"' in out
     assert "  [false] days_since(milestone.design.approved_at) >= 7" in out
