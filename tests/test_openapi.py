@@ -270,9 +270,12 @@ def fuzz(
 @pytest.mark.timeout(120)
 async def test_live_daemon_keeps_to_the_document(live: Running) -> None:
     _, actions = await live.get("/v1/actions")
+    _, rulesets = await live.get("/v1/rulesets")
     known = {
         "rule_id": ["tower-a/design-release", "tower-a/deploy-docs"],
         "action_id": [action["action_id"] for action in actions["actions"]],
+        "release_id": [a["action_id"] for a in actions["actions"] if a["kind"] == "release"],
+        "version": [r["version"] for r in rulesets["rulesets"]],
     }
     assert {a["status"] for a in actions["actions"]} >= {"dead", "pending"}
     started = time.monotonic()
@@ -293,7 +296,7 @@ async def test_live_daemon_keeps_to_the_document(live: Running) -> None:
     )
     assert {403} <= statuses["POST /v1/approvals"], summary
     assert {404} <= statuses["POST /v1/hooks/{source}"], summary
-    assert len(statuses) == 13, summary
+    assert len(statuses) == 17, summary
     assert {200, 400, 422} <= statuses["POST /v1/facts"], summary
     assert {200, 404, 409} <= statuses["POST /v1/actions/{action_id}/retry"], summary
     assert elapsed < 60, f"the fuzzing took {elapsed:.0f} s"

@@ -94,6 +94,7 @@ class AdminAct:
     rule_id: str
     actor: str
     reason: str
+    project: str = ""
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class Decision:
     firing_id: str | None = None
     approvals: Mapping[str, Any] | None = None
     reason: str | None = None
+    project: str = ""
 
 
 @dataclass(frozen=True)
@@ -451,6 +453,7 @@ class Engine:
                 firing_id=firing_id,
                 approvals=approvals if rule.approvals else None,
                 reason=reason,
+                project=rule.project,
             )
         )
 

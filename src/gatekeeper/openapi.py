@@ -555,6 +555,88 @@ def _response_schemas(rule_source: JsonObject) -> JsonObject:
             "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 2000}},
             "required": ["reason"],
         },
+        "AuditEntry": _obj(
+            {
+                "kind": {"enum": ["decision", "admin_act", "approval"]},
+                "id": SEQ,
+                "at": timestamp,
+                "rule_id": NULLABLE_STRING,
+                "project": NULLABLE_STRING,
+                "what": {
+                    **NULLABLE_STRING,
+                    "description": "A decision's outcome, the admin act, or the approval's "
+                    "decision.",
+                },
+                "actor": {**NULLABLE_STRING, "description": "Who acted or approved."},
+                "reason": {**NULLABLE_STRING, "description": "Why (a comment, a reason)."},
+                "firing_id": NULLABLE_STRING,
+                "fact_seq": {"type": ["integer", "null"]},
+                "request_id": NULLABLE_STRING,
+                "trigger": NULLABLE_STRING,
+            },
+            description="One entry of the audit log.",
+        ),
+        "AuditPage": _obj(
+            {
+                "entries": {"type": "array", "items": _ref("AuditEntry")},
+                "next_cursor": {
+                    **NULLABLE_STRING,
+                    "description": "Pass as `cursor` for the next page; null on the last.",
+                },
+            }
+        ),
+        "RulesetVersion": _obj(
+            {
+                "version": SHA256_HEX,
+                "git_commit": NULLABLE_STRING,
+                "first_activated_at": timestamp,
+                "last_activated_at": timestamp,
+                "files": STRING_LIST,
+            },
+            description="A ruleset version that went live (content-addressed).",
+        ),
+        "RulesetVersionList": _obj(
+            {"rulesets": {"type": "array", "items": _ref("RulesetVersion")}}
+        ),
+        "RulesetText": _obj(
+            {
+                "version": SHA256_HEX,
+                "git_commit": NULLABLE_STRING,
+                "first_activated_at": timestamp,
+                "last_activated_at": timestamp,
+                "files": {"type": "object", "additionalProperties": STRING},
+            },
+            description="A stored ruleset version: each file's exact text.",
+        ),
+        "ReleaseStory": _obj(
+            {
+                "release": _obj(
+                    {
+                        "release_id": STRING,
+                        "escrow": STRING,
+                        "amount": decimal,
+                        "currency": STRING,
+                        "payee": STRING,
+                        "rule_id": STRING,
+                        "firing_id": STRING,
+                        "recorded_at": timestamp,
+                    }
+                ),
+                "decision": _nullable(_ref("Decision")),
+                "triggered_by": {
+                    "type": ["object", "null"],
+                    "description": "The fact log entry whose arrival made the decision.",
+                },
+                "rule": {
+                    "type": ["object", "null"],
+                    "description": "The rule as it stood in the ruleset version in force: "
+                    "file, line, content hash, source and the file's exact text.",
+                },
+                "action": _nullable(_ref("Action")),
+                "delivery_attempts": {"type": "array", "items": _ref("Attempt")},
+            },
+            description="Everything about one release, from its release id.",
+        ),
         "HookIgnored": _obj(
             {"accepted": {"const": 0}, "ignored": {"const": True}},
             description="The event was verified but no mapping fits it: nothing applied.",
@@ -694,6 +776,16 @@ def _limit(default: int) -> JsonObject:
         "required": False,
         "description": f"How many to list, newest first (1 to {MAX_LIST_LIMIT}).",
         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": default},
+    }
+
+
+def _query(name: str, description: str, **schema: Any) -> JsonObject:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string", **schema},
     }
 
 
@@ -920,6 +1012,64 @@ def _paths() -> JsonObject:
                     "200": _json(_ref("FactsAccepted"), "The event's facts are committed."),
                     "202": _json(_ref("HookIgnored"), "No mapping fits: ignored."),
                     **_errors(400, 401, 404, 413, 422, 503, secured=False),
+                },
+            }
+        },
+        "/v1/audit": {
+            "get": {
+                "operationId": "listAudit",
+                "tags": ["rules"],
+                "summary": "The audit log: decisions, admin acts, approvals (newest first)",
+                "parameters": [
+                    _query("project", "Only entries of this project."),
+                    _query("rule", "Only entries of this rule id."),
+                    _query(
+                        "kind",
+                        "Comma-separated kinds of entry: decision, admin_act, approval.",
+                        pattern="^(decision|admin_act|approval)(,(decision|admin_act|approval))*$",
+                    ),
+                    _query("outcome", "Only decisions with this outcome (e.g. fired)."),
+                    _query("since", "From this time on (RFC 3339, inclusive)."),
+                    _query("until", "Before this time (RFC 3339, exclusive)."),
+                    _query("cursor", "The next_cursor of the previous page."),
+                    _limit(100),
+                ],
+                "responses": {"200": _json(_ref("AuditPage"), "A page."), **_errors(400)},
+            }
+        },
+        "/v1/rulesets": {
+            "get": {
+                "operationId": "listRulesets",
+                "tags": ["rules"],
+                "summary": "Every ruleset version that went live, most recent first",
+                "parameters": [_limit(100)],
+                "responses": {
+                    "200": _json(_ref("RulesetVersionList"), "The versions."),
+                    **_errors(400),
+                },
+            }
+        },
+        "/v1/rulesets/{version}": {
+            "get": {
+                "operationId": "getRuleset",
+                "tags": ["rules"],
+                "summary": "One stored ruleset version with the exact text of its files",
+                "parameters": [_path_param("version", "The ruleset version (SHA-256 hex).")],
+                "responses": {
+                    "200": _json(_ref("RulesetText"), "The version."),
+                    **_errors(404),
+                },
+            }
+        },
+        "/v1/releases/{release_id}": {
+            "get": {
+                "operationId": "getRelease",
+                "tags": ["escrows"],
+                "summary": "The whole story of a release, from its release id",
+                "parameters": [_path_param("release_id", "A release id (`act_<hex>`).")],
+                "responses": {
+                    "200": _json(_ref("ReleaseStory"), "The story."),
+                    **_errors(404),
                 },
             }
         },

@@ -13,6 +13,7 @@ those queued are committed (fsynced), with the facts' sequence numbers.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from aiohttp.web_urldispatcher import SystemRoute
 
 from gatekeeper import __version__
 from gatekeeper.auth import authenticate, bearer_token
+from gatekeeper.clock import format_rfc3339, parse_rfc3339
 from gatekeeper.config import Token
 from gatekeeper.daemon import (
     Daemon,
@@ -39,9 +41,10 @@ from gatekeeper.daemon import (
 from gatekeeper.engine import AdminAct, ApprovalInput, FactInput, IdempotencyRecord
 from gatekeeper.hooks import RESERVED_KINDS, HookRejected
 from gatekeeper.hooks import handle as handle_hook
+from gatekeeper.loader import load_rule_texts
 from gatekeeper.openapi import build_openapi
 from gatekeeper.schemas import load_schema
-from gatekeeper.store import ActionStatus
+from gatekeeper.store import AUDIT_KINDS, ActionStatus, AuditKind, AuditQuery, SqliteStore
 
 log = logging.getLogger("gatekeeper.server")
 
@@ -479,7 +482,9 @@ async def post_rule_act(request: web.Request) -> web.Response:
         raise ApiError(404, f"no rule {rule_id!r} in the active ruleset")
     check_project(request, rule.project)
     try:
-        admin_act = AdminAct(cast(AdminActName, act), rule_id, actor(request), reason.strip())
+        admin_act = AdminAct(
+            cast(AdminActName, act), rule_id, actor(request), reason.strip(), rule.project
+        )
         await daemon.administer(admin_act)
     except UnknownRule:
         raise ApiError(404, f"no rule {rule_id!r} in the active ruleset") from None
@@ -529,6 +534,140 @@ async def post_hook(request: web.Request) -> web.Response:
 
 
 @requires("read")
+async def get_audit(request: web.Request) -> web.Response:
+    """The audit log, newest first: decisions, admin acts and approvals, filtered by
+    ``project``, ``rule``, ``kind`` (comma-separated), ``outcome``, ``since``/``until``
+    (RFC 3339), paged by ``cursor`` (the ``next_cursor`` of the previous page)."""
+    query = request.query
+    if "project" in query:
+        check_project(request, query["project"])
+    kinds = tuple(k for k in query.get("kind", ",".join(AUDIT_KINDS)).split(",") if k)
+    if not kinds or any(k not in AUDIT_KINDS for k in kinds):
+        raise ApiError(400, f"kind must be a comma-separated list of: {', '.join(AUDIT_KINDS)}")
+    audit_query = AuditQuery(
+        project=query.get("project"),
+        rule_id=query.get("rule"),
+        kinds=cast(tuple[AuditKind, ...], kinds),
+        outcome=query.get("outcome"),
+        since=_time_param(request, "since"),
+        until=_time_param(request, "until"),
+        after=_decode_cursor(query.get("cursor")),
+        limit=_limit(request),
+    )
+    entries = await _daemon(request).store.audit(audit_query)
+    last = entries[-1] if len(entries) == audit_query.limit else None
+    shown = [e for e in entries if visible(request, e["project"])]
+    return web.json_response(
+        {
+            "entries": shown,
+            "next_cursor": _encode_cursor(last["at"], last["kind"], last["id"]) if last else None,
+        }
+    )
+
+
+def _time_param(request: web.Request, name: str) -> str | None:
+    text = request.query.get(name)
+    if text is None:
+        return None
+    try:
+        return format_rfc3339(parse_rfc3339(text))
+    except ValueError:
+        raise ApiError(
+            400, f"{name} must be an RFC 3339 time with a zone, got {text[:40]!r}"
+        ) from None
+
+
+def _encode_cursor(at: str, kind: str, id_: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps([at, kind, id_]).encode()).decode()
+
+
+def _decode_cursor(text: str | None) -> tuple[str, str, int] | None:
+    if text is None:
+        return None
+    try:
+        at, kind, id_ = json.loads(base64.urlsafe_b64decode(text.encode()))
+        if isinstance(at, str) and isinstance(kind, str) and isinstance(id_, int):
+            return at, kind, id_
+    except (ValueError, TypeError, UnicodeError):
+        pass
+    raise ApiError(400, "cursor is not a next_cursor this API gave out")
+
+
+@requires("read")
+async def get_rulesets(request: web.Request) -> web.Response:
+    """Every ruleset version that went live, most recent first (content-addressed)."""
+    rulesets = await _daemon(request).store.list_rulesets(_limit(request))
+    return web.json_response({"rulesets": rulesets})
+
+
+@requires("read")
+async def get_ruleset(request: web.Request) -> web.Response:
+    """One stored ruleset version with the exact text of its files."""
+    version = request.match_info["version"]
+    stored = await _daemon(request).store.get_ruleset(version)
+    if stored is None:
+        raise ApiError(404, f"no ruleset version {version[:80]!r}")
+    return web.json_response(
+        {
+            "version": stored.version,
+            "git_commit": stored.git_commit,
+            "first_activated_at": stored.first_activated_at,
+            "last_activated_at": stored.last_activated_at,
+            "files": dict(stored.files),
+        }
+    )
+
+
+@requires("read")
+async def get_release(request: web.Request) -> web.Response:
+    """The whole story of one release, from its release id: the ledger entry, the decision
+    that made it (facts seen, sub-conditions, approvals counted), the fact that triggered it,
+    the exact rule text of the ruleset version in force, and every delivery attempt."""
+    store = _daemon(request).store
+    release_id = request.match_info["release_id"]
+    release = await store.release_record(release_id)
+    if release is None:
+        raise ApiError(404, f"no release {release_id[:80]!r}")
+    decision = await store.decision_of_firing(release["firing_id"])
+    action = await store.get_action(release_id)
+    project = action.payload.get("project", "") if action else ""
+    check_project(request, project)
+    attempts = await store.list_attempts(release_id)
+    fact = await store.fact_at(decision["fact_seq"]) if decision and decision["fact_seq"] else None
+    rule_text = await _rule_text(store, decision) if decision else None
+    return web.json_response(
+        {
+            "release": release,
+            "decision": decision,
+            "triggered_by": fact,
+            "rule": rule_text,
+            "action": action.to_json() if action else None,
+            "delivery_attempts": [asdict(a) for a in attempts],
+        }
+    )
+
+
+async def _rule_text(store: SqliteStore, decision: dict[str, Any]) -> dict[str, Any] | None:
+    """The file and source of the decision's rule in the ruleset version it ran under."""
+    stored = await store.get_ruleset(decision["ruleset_version"])
+    if stored is None:
+        return None
+    rules = load_rule_texts(stored.files, None).ruleset
+    rule = rules.by_id().get(decision["rule_id"]) if rules else None
+    if rule is None:
+        return None
+    return {
+        "ruleset_version": stored.version,
+        "git_commit": stored.git_commit,
+        "file": rule.file,
+        "line": rule.line,
+        "content_hash": rule.content_hash,
+        "source": dict(rule.source),
+        "file_text": stored.files[rule.file],
+    }
+
+
+@requires("read")
 async def get_escrows(request: web.Request) -> web.Response:
     return web.json_response({"escrows": await _daemon(request).escrow_report()})
 
@@ -570,6 +709,10 @@ def create_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/v1/actions/{action_id}", get_action)
     app.router.add_post("/v1/actions/{action_id}/retry", post_action_retry)
     app.router.add_get("/v1/escrows", get_escrows)
+    app.router.add_get("/v1/audit", get_audit)
+    app.router.add_get("/v1/rulesets", get_rulesets)
+    app.router.add_get("/v1/rulesets/{version}", get_ruleset)
+    app.router.add_get("/v1/releases/{release_id}", get_release)
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/openapi.json", get_openapi)
     return app

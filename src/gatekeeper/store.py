@@ -162,6 +162,13 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE rule_state ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE rule_state ADD COLUMN rearms INTEGER NOT NULL DEFAULT 0;
     """,
+    # 4: the audit log is filtered by project
+    """
+    ALTER TABLE decisions ADD COLUMN project TEXT;
+    ALTER TABLE admin_acts ADD COLUMN project TEXT;
+    CREATE INDEX decisions_time ON decisions(decided_at, id);
+    CREATE INDEX admin_acts_time ON admin_acts(at, id);
+    """,
 )
 
 
@@ -250,6 +257,58 @@ class OutboxFilter:
             where += f" AND action_id NOT IN ({', '.join('?' * len(self.exclude_ids))})"
             params += tuple(self.exclude_ids)
         return where, params
+
+
+AuditKind = Literal["decision", "admin_act", "approval"]
+AUDIT_KINDS: tuple[AuditKind, ...] = ("decision", "admin_act", "approval")
+_AUDIT_UNION = (
+    "SELECT 'decision' AS kind, id, decided_at AS at, rule_id, project, outcome AS what,"
+    " NULL AS actor, reason, firing_id, fact_seq, request_id, trigger FROM decisions"
+    " UNION ALL SELECT 'admin_act', id, at, subject, project, act, actor, reason, NULL, NULL,"
+    " NULL, NULL FROM admin_acts"
+    " UNION ALL SELECT 'approval', seq, received_at, json_extract(data, '$.rule'), project,"
+    " json_extract(data, '$.decision'), id, json_extract(data, '$.comment'), NULL, seq,"
+    " request_id, NULL FROM fact_log WHERE kind = 'approval'"
+)
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """Filters of the audit log: project, rule, kinds of entry, outcome (of decisions),
+    time range (RFC 3339, ``since`` inclusive, ``until`` exclusive), and ``after`` = the
+    ``(at, kind, id)`` of the last entry of the previous page."""
+
+    project: str | None = None
+    rule_id: str | None = None
+    kinds: tuple[AuditKind, ...] = AUDIT_KINDS
+    outcome: str | None = None
+    since: str | None = None
+    until: str | None = None
+    after: tuple[str, str, int] | None = None
+    limit: int = 100
+
+    def sql(self) -> tuple[str, tuple[Any, ...]]:
+        """The WHERE clause over the union of entries, and its parameters."""
+        clauses = [f"kind IN ({', '.join('?' * len(self.kinds))})"]
+        params: list[Any] = list(self.kinds)
+        for column, value in (("project", self.project), ("rule_id", self.rule_id)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if self.outcome is not None:
+            clauses.append("(kind != 'decision' OR what = ?)")
+            params.append(self.outcome)
+        if self.since is not None:
+            clauses.append("at >= ?")
+            params.append(self.since)
+        if self.until is not None:
+            clauses.append("at < ?")
+            params.append(self.until)
+        if self.after is not None:
+            at, kind, id_ = self.after
+            clauses.append("(at < ? OR (at = ? AND (kind < ? OR (kind = ? AND id < ?))))")
+            params += [at, at, kind, kind, id_]
+        return " WHERE " + " AND ".join(clauses), tuple(params)
 
 
 class Store(Protocol):
@@ -415,8 +474,16 @@ class SqliteStore:
             seqs.append(await self._write_approval(approval, now or _now_text(), t.request_id))
         for act in t.admin_acts:
             await db.execute(
-                "INSERT INTO admin_acts (at, actor, act, subject, reason) VALUES (?, ?, ?, ?, ?)",
-                (now or _now_text(), act.actor, act.act, act.rule_id, act.reason),
+                "INSERT INTO admin_acts (at, actor, act, subject, reason, project)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    now or _now_text(),
+                    act.actor,
+                    act.act,
+                    act.rule_id,
+                    act.reason,
+                    act.project or None,
+                ),
             )
         if t.ruleset is not None:
             await self._write_ruleset(t.ruleset, now or _now_text())
@@ -547,7 +614,7 @@ class SqliteStore:
         cursor = await self.db.execute(
             "INSERT INTO decisions (decided_at, rule_id, rule_hash, ruleset_version, git_commit,"
             " trigger, fact_seq, outcome, gate_open, evaluation, approvals, firing_id,"
-            " request_id, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " request_id, reason, project) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 d.decided_at,
                 d.rule_id,
@@ -563,6 +630,7 @@ class SqliteStore:
                 d.firing_id,
                 request_id,
                 d.reason,
+                d.project or None,
             ),
         )
         return int(cursor.lastrowid or 0)
@@ -662,18 +730,19 @@ class SqliteStore:
         self, rule_id: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
         """Recent decisions, newest first, optionally of one rule."""
+        if rule_id is None:
+            return await self._decisions("", (), limit)
+        return await self._decisions("WHERE rule_id = ?", (rule_id,), limit)
+
+    async def _decisions(
+        self, where: str, params: tuple[Any, ...], limit: int
+    ) -> list[dict[str, Any]]:
         sql = (
             "SELECT id, decided_at, rule_id, rule_hash, ruleset_version, git_commit, trigger,"
             " fact_seq, outcome, gate_open, evaluation, approvals, firing_id, request_id, reason"
-            " FROM decisions"
+            f" FROM decisions {where} ORDER BY id DESC LIMIT ?"
         )
-        params: list[Any] = []
-        if rule_id is not None:
-            sql += " WHERE rule_id = ?"
-            params.append(rule_id)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(limit)
-        async with self.reader.execute(sql, params) as cursor:
+        async with self.reader.execute(sql, (*params, limit)) as cursor:
             return [
                 {
                     "id": r[0],
@@ -770,6 +839,80 @@ class SqliteStore:
         )
         async with self.reader.execute(sql, (action_id,)) as cursor:
             return [Attempt(*r) async for r in cursor]
+
+    async def audit(self, query: AuditQuery) -> list[dict[str, Any]]:
+        """Audit entries newest first: decisions, admin acts and approvals, one shape.
+
+        Each entry: kind (``decision``, ``admin_act``, ``approval``), id, at (RFC 3339),
+        rule_id, project, what (a decision's outcome, the act, the approval's decision),
+        actor, reason, firing_id, fact_seq, request_id, trigger. ``query.after`` continues
+        from an entry (its ``(at, kind, id)``), for cursor pagination.
+        """
+        where, params = query.sql()
+        sql = (
+            f"SELECT kind, id, at, rule_id, project, what, actor, reason, firing_id, fact_seq,"
+            f" request_id, trigger FROM ({_AUDIT_UNION}) AS entries{where}"
+            " ORDER BY at DESC, kind DESC, id DESC LIMIT ?"
+        )
+        columns = (
+            "kind", "id", "at", "rule_id", "project", "what", "actor", "reason",
+            "firing_id", "fact_seq", "request_id", "trigger",
+        )  # fmt: skip
+        async with self.reader.execute(sql, (*params, query.limit)) as cursor:
+            return [dict(zip(columns, row, strict=True)) async for row in cursor]
+
+    async def list_rulesets(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Stored ruleset versions, the most recently activated first (without their text)."""
+        sql = (
+            "SELECT version, git_commit, first_activated_at, last_activated_at, files"
+            " FROM rulesets ORDER BY last_activated_at DESC LIMIT ?"
+        )
+        async with self.reader.execute(sql, (limit,)) as cursor:
+            return [
+                {
+                    "version": r[0],
+                    "git_commit": r[1],
+                    "first_activated_at": r[2],
+                    "last_activated_at": r[3],
+                    "files": sorted(json.loads(r[4])),
+                }
+                async for r in cursor
+            ]
+
+    async def get_ruleset(self, version: str) -> StoredRuleset | None:
+        """One stored ruleset version with the text of its files, or None."""
+        sql = (
+            "SELECT version, files, git_commit, first_activated_at, last_activated_at"
+            " FROM rulesets WHERE version = ?"
+        )
+        async with self.reader.execute(sql, (version,)) as cursor:
+            row = await cursor.fetchone()
+        return StoredRuleset(row[0], json.loads(row[1]), row[2], row[3], row[4]) if row else None
+
+    async def release_record(self, release_id: str) -> dict[str, Any] | None:
+        """A release's ledger row, or None: escrow, amount, currency, payee, rule_id,
+        firing_id, recorded_at."""
+        sql = (
+            "SELECT escrow, amount, currency, payee, rule_id, firing_id, recorded_at"
+            " FROM ledger WHERE release_id = ?"
+        )
+        async with self.reader.execute(sql, (release_id,)) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        keys = ("escrow", "amount", "currency", "payee", "rule_id", "firing_id", "recorded_at")
+        return {"release_id": release_id, **dict(zip(keys, row, strict=True))}
+
+    async def decision_of_firing(self, firing_id: str) -> dict[str, Any] | None:
+        """The decision that fired (or blocked) ``firing_id``, in full."""
+        for decision in await self._decisions("WHERE firing_id = ?", (firing_id,), 1):
+            return decision
+        return None
+
+    async def fact_at(self, seq: int) -> dict[str, Any] | None:
+        """The fact log entry with sequence number ``seq``."""
+        rows = await self.fact_log(after_seq=seq - 1, limit=1)
+        return rows[0] if rows and rows[0]["seq"] == seq else None
 
     async def escrow_totals(self) -> dict[str, dict[str, Decimal]]:
         """Per escrow, the sum of its recorded releases by delivery status:
