@@ -110,3 +110,55 @@ async def test_rulesets_are_stored_content_addressed(
     assert status == 200
     assert 'task["T-17"]' in old["files"]["deploy.yaml"]
     assert (await gk.get("/v1/rulesets/deadbeef"))[0] == 404
+
+
+async def test_export_is_a_snapshot_plan_reads_and_audit_cli(
+    project_factory: Callable[..., Project],
+    receiver: Receiver,
+    start_daemon: Any,
+    tmp_path: Any,
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from gatekeeper.plan import load_snapshot
+
+    project = project_factory(receiver.url)
+    project.write_rule("design.yaml", DESIGN_RULE)
+    gk = await start_daemon(project)
+    await gk.post("/v1/facts", BATCH)
+    await wait_status(gk, "delivered", 2)
+    out = tmp_path / "snapshot.json"
+    base = [sys.executable, "-m", "gatekeeper"]
+    url = ["--url", gk.url, "-c", str(project.config_path)]
+    done = await asyncio.to_thread(
+        subprocess.run, [*base, "export", "-o", str(out), *url], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    snapshot = json.loads(out.read_text())
+    assert [s["fired_count"] for s in snapshot["rule_states"]] == [1]
+    assert snapshot["escrows"][0]["released"] == "5000.00"
+    loaded = load_snapshot(out)  # what gatekeeper plan --snapshot reads
+    assert loaded is not None
+
+    listing = await asyncio.to_thread(
+        subprocess.run,
+        [*base, "audit", "--kind", "decision", "--outcome", "fired", *url],
+        capture_output=True,
+        text=True,
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert "tower-a/design-release  fired" in listing.stdout
+    release_id = next(
+        a["action_id"]
+        for a in (await gk.get("/v1/actions"))[1]["actions"]
+        if a["kind"] == "release"
+    )
+    story = await asyncio.to_thread(
+        subprocess.run,
+        [*base, "audit", "--release", release_id, *url],
+        capture_output=True,
+        text=True,
+    )
+    assert json.loads(story.stdout)["release"]["amount"] == "5000.00"

@@ -8,13 +8,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import logging
 import os
 import re
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -38,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(serve)
     serve.add_argument("--listen", help="HOST:PORT to listen on (overrides the config)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text lines, or one JSON object per line (time, level, logger, message, fields)",
+    )
 
     check = commands.add_parser("check", help="validate rule files (dry run, for CI)")
     _add_config_option(check)
@@ -91,12 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
         parser_act.add_argument("--reason", required=True, help="why (kept in the audit log)")
         rule_acts.append(parser_act)
     for sub in (listing, retry, *rule_acts):
-        _add_config_option(sub)
-        sub.add_argument(
-            "--url", help="the daemon's base URL (default: from the config's listen address)"
-        )
-        sub.add_argument("--json", action="store_true", help="print JSON")
+        _add_client_options(sub)
+
+    from gatekeeper.client import add_audit_parsers
+
+    add_audit_parsers(commands, _add_client_options)
     return parser
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    _add_config_option(parser)
+    parser.add_argument(
+        "--url", help="the daemon's base URL (default: from the config's listen address)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -153,6 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gatekeeper.client import run_rules_command
 
         return run_rules_command(args, config)
+    if args.command in ("audit", "export"):
+        from gatekeeper.client import run_audit_command, run_export_command
+
+        run = run_audit_command if args.command == "audit" else run_export_command
+        return run(args, config)
     return _serve(args, config)
 
 
@@ -184,12 +206,46 @@ def _check(args: argparse.Namespace, config: Config) -> int:
     return exit_code
 
 
+_LOG_RECORD_FIELDS = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
+)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (RFC 3339, UTC), ``level``, ``logger``,
+    ``message``, the fields given with ``extra=`` (``request_id``, ``rule_id``,
+    ``action_id``, ...), and ``exception`` (the traceback) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created, UTC)
+        entry: dict[str, Any] = {
+            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _LOG_RECORD_FIELDS and not key.startswith("_") and value is not None:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def setup_logging(level: str, log_format: str) -> None:
+    """Log to stderr at ``level``, as text lines or JSON lines (``log_format``)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
 def _serve(args: argparse.Namespace, config: Config) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level, args.log_format)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     if args.listen:

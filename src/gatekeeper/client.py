@@ -119,3 +119,77 @@ def _retry(url: str, args: argparse.Namespace) -> int:
             continue
         print(json.dumps(answer) if args.json else f"{action_id}: requeued")
     return 1 if failed else 0
+
+
+def add_audit_parsers(commands: Any, add_client_options: Any) -> None:
+    """``gatekeeper audit`` and ``gatekeeper export`` (clients of a running daemon)."""
+    audit = commands.add_parser("audit", help="the audit log of a running daemon")
+    audit.add_argument("--release", metavar="RELEASE_ID", help="the whole story of a release")
+    audit.add_argument("--rule", help="only this rule")
+    audit.add_argument("--project", help="only this project")
+    audit.add_argument("--kind", help="decision, admin_act, approval (comma-separated)")
+    audit.add_argument("--outcome", help="only decisions with this outcome, e.g. fired")
+    audit.add_argument("--since", help="from this RFC 3339 time")
+    audit.add_argument("--until", help="before this RFC 3339 time")
+    audit.add_argument("--limit", type=int, default=100)
+    export = commands.add_parser(
+        "export", help="a snapshot of a running daemon's state (what plan --snapshot reads)"
+    )
+    export.add_argument("-o", "--output", help="write to this file (default: standard output)")
+    for parser in (audit, export):
+        add_client_options(parser)
+
+
+def run_audit_command(args: argparse.Namespace, config: Config) -> int:
+    """``gatekeeper audit [filters] | --release ID``; 0 done, 1 the daemon refused."""
+    url = base_url(config, args.url)
+    try:
+        if args.release:
+            path = f"{url}/v1/releases/{urllib.parse.quote(args.release, safe='')}"
+            print(json.dumps(call(path), indent=2))
+            return 0
+        query = {
+            key: value
+            for key, value in (
+                ("rule", args.rule),
+                ("project", args.project),
+                ("kind", args.kind),
+                ("outcome", args.outcome),
+                ("since", args.since),
+                ("until", args.until),
+                ("limit", str(args.limit)),
+            )
+            if value
+        }
+        page = call(f"{url}/v1/audit?{urllib.parse.urlencode(query)}")
+    except ClientError as exc:
+        print(f"gatekeeper audit: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return 0
+    for entry in page["entries"]:
+        who = f" by {entry['actor']}" if entry["actor"] else ""
+        why = f": {entry['reason']}" if entry["reason"] else ""
+        print(f"{entry['at']}  {entry['kind']:<9} {entry['rule_id']}  {entry['what']}{who}{why}")
+    more = (
+        " (more: narrow the filters or use --json for next_cursor)" if page["next_cursor"] else ""
+    )
+    print(f"{len(page['entries'])} entr{'y' if len(page['entries']) == 1 else 'ies'}{more}")
+    return 0
+
+
+def run_export_command(args: argparse.Namespace, config: Config) -> int:
+    """``gatekeeper export [-o FILE]``: GET /v1/export as JSON; 0 done, 1 failed."""
+    try:
+        snapshot = call(f"{base_url(config, args.url)}/v1/export")
+    except ClientError as exc:
+        print(f"gatekeeper export: {exc}", file=sys.stderr)
+        return 1
+    text = json.dumps(snapshot, indent=2) + "\n"
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -50,6 +51,7 @@ from gatekeeper.engine import (
 )
 from gatekeeper.ledger import EscrowBook
 from gatekeeper.loader import LoadResult, load_rule_texts, load_rules_dir
+from gatekeeper.metrics import Metrics
 from gatekeeper.problems import Problem
 from gatekeeper.rules import Rule, Ruleset
 from gatekeeper.store import OutboxEntry, SqliteStore
@@ -154,8 +156,13 @@ class Daemon:
         self.reload_status = ReloadStatus()
         self.secrets: dict[str, str] = {}
         self.hook_secrets: dict[str, str] = {}
+        self.metrics = Metrics()
         self.dispatcher = Dispatcher(
-            self.store, lambda: self.config.targets, lambda: self.secrets, self.clock
+            self.store,
+            lambda: self.config.targets,
+            lambda: self.secrets,
+            self.clock,
+            metrics=self.metrics,
         )
         self._write_lock = asyncio.Lock()
         self._ingest_queue: asyncio.Queue[_IngestJob] = asyncio.Queue()
@@ -344,9 +351,11 @@ class Daemon:
                 if await self._answer_repeat(job):
                     continue
                 keys[job.idempotency.key] = job
+            t0 = time.perf_counter()
             transition = engine.plan_ingest(
                 facts, all_states, job.batch, now, book, approvals=self.approvals
             )
+            self._planned("fact", t0, len(transition.decisions))
             transition.request_id = job.request_id
             transition.idempotency = job.idempotency
             for fact in job.batch:
@@ -397,22 +406,62 @@ class Daemon:
         return await asyncio.shield(commit_then_apply())
 
     def _log_firings(self, transition: Transition) -> None:
+        request_id = transition.request_id
         for decision in transition.fired:
+            extra = {
+                "rule_id": decision.rule_id,
+                "firing_id": decision.firing_id,
+                "outcome": decision.outcome,
+                "trigger": decision.trigger,
+                "ruleset_version": decision.ruleset_version,
+                "request_id": request_id,
+            }
             if decision.outcome == "blocked":
                 log.error(
-                    "rule %s blocked (%s): %s",
+                    "rule %s blocked (%s, request %s): %s",
                     decision.rule_id,
                     decision.firing_id,
+                    request_id or "-",
                     decision.reason,
+                    extra={**extra, "reason": decision.reason},
                 )
             else:
-                log.info("rule fired: %s (%s)", decision.rule_id, decision.firing_id)
+                log.info(
+                    "rule fired: %s (%s, trigger %s, request %s)",
+                    decision.rule_id,
+                    decision.firing_id,
+                    decision.trigger,
+                    request_id or "-",
+                    extra=extra,
+                )
+
+    def _planned(self, trigger: str, started: float, evaluated: int) -> None:
+        """Record a planning pass begun at ``started`` (``time.perf_counter()``) that
+        evaluated ``evaluated`` rules."""
+        self.metrics.evaluation_seconds.labels(trigger=trigger).observe(
+            time.perf_counter() - started
+        )
+        if evaluated:
+            self.metrics.evaluations.labels(trigger=trigger).inc(evaluated)
 
     def _apply(self, transition: Transition) -> None:
         apply_transition(transition, self.facts, self.states, self.approvals, self.book)
         self._reschedule(transition)
+        self._count(transition)
         if transition.actions:
             self.dispatcher.wake()
+
+    def _count(self, transition: Transition) -> None:
+        """Update the metrics of a committed transition (in memory, no database access)."""
+        metrics = self.metrics
+        if transition.facts:
+            metrics.facts_accepted.inc(len(transition.facts))
+        for decision in transition.decisions:
+            metrics.decisions.labels(outcome=decision.outcome).inc()
+        for action in transition.actions:
+            metrics.actions.labels(target=action.target, status="queued").inc()
+            if transition.request_id:
+                self.dispatcher.note_request_id(action.action_id, transition.request_id)
 
     async def approve(self, approval: ApprovalInput, request_id: str | None = None) -> IngestResult:
         """Record an approver's decision and re-evaluate its rule, in one transaction.
@@ -438,6 +487,7 @@ class Daemon:
                     f"{approval.subject!r} is not one of the approvers of rule {rule.id}"
                 )
             approval = replace(approval, project=rule.project)
+            t0 = time.perf_counter()
             transition = engine.plan_approval(
                 self.facts,
                 self.states,
@@ -446,9 +496,22 @@ class Daemon:
                 self.clock.now(),
                 self.book.copy(),
             )
+            self._planned("approval", t0, len(transition.decisions))
             transition.request_id = request_id
             (seqs,) = await self._commit_and_apply([transition])
-        log.info("approval: %s %ss rule %s", approval.subject, approval.decision, approval.rule_id)
+        log.info(
+            "approval: %s %ss rule %s (request %s)",
+            approval.subject,
+            approval.decision,
+            approval.rule_id,
+            request_id or "-",
+            extra={
+                "rule_id": approval.rule_id,
+                "approver": approval.subject,
+                "decision": approval.decision,
+                "request_id": request_id,
+            },
+        )
         self._log_firings(transition)
         return IngestResult(seqs, request_id, replayed=False)
 
@@ -462,11 +525,25 @@ class Daemon:
             rule = engine.rules.get(act.rule_id)
             if rule is None:
                 raise UnknownRule(act.rule_id)
+            t0 = time.perf_counter()
             transition = engine.plan_admin(
                 self.facts, self.states, self.approvals, act, self.clock.now(), self.book.copy()
             )
+            self._planned("admin", t0, len(transition.decisions))
             await self._commit_and_apply([transition])
-        log.warning("admin: %s %s rule %s: %s", act.actor, act.act, act.rule_id, act.reason)
+        log.warning(
+            "admin: %s %s rule %s: %s",
+            act.actor,
+            act.act,
+            act.rule_id,
+            act.reason,
+            extra={
+                "actor": act.actor,
+                "act": act.act,
+                "rule_id": act.rule_id,
+                "reason": act.reason,
+            },
+        )
         self._log_firings(transition)
         return self.rule_view(rule, explain=True)
 
@@ -501,6 +578,7 @@ class Daemon:
                 if rule.id not in previous_rules
                 or self.states.get(rule.id, RuleState(rule.id)).rule_hash != rule.content_hash
             ]
+            t0 = time.perf_counter()
             transition = engine.plan_rules(
                 self.facts,
                 self.states,
@@ -510,6 +588,7 @@ class Daemon:
                 book=book.copy(),
                 approvals=self.approvals,
             )
+            self._planned("reload", t0, len(changed))
             transition.ruleset = ruleset
             await self.store.commit_transition(transition)
             self.config = config
@@ -527,6 +606,7 @@ class Daemon:
         self.reload_status = ReloadStatus(
             ok=True, attempted_at=now, active_since=now, source=trigger_source
         )
+        self.metrics.ruleset_loaded(ruleset.version, self.clock.now().timestamp())
         log.info(
             "ruleset %s loaded from %s: %d rules (%d new or changed)%s",
             ruleset.version[:12],
@@ -534,6 +614,13 @@ class Daemon:
             len(ruleset.rules),
             len(changed),
             "" if previous is None else f", replacing {previous.ruleset.version[:12]}",
+            extra={
+                "ruleset_version": ruleset.version,
+                "git_commit": ruleset.git_commit,
+                "source": trigger_source,
+                "rules": len(ruleset.rules),
+                "changed": len(changed),
+            },
         )
         self._log_firings(transition)
 
@@ -577,7 +664,12 @@ class Daemon:
                 active_since=self.reload_status.active_since,
                 source="rules directory",
             )
-            log.info("ruleset %s unchanged", result.ruleset.version[:12])
+            self.metrics.ruleset_loaded(result.ruleset.version, self.clock.now().timestamp())
+            log.info(
+                "ruleset %s unchanged",
+                result.ruleset.version[:12],
+                extra={"ruleset_version": result.ruleset.version},
+            )
             return True
         try:
             await self._activate(result.ruleset, "rules directory", config, secrets)
@@ -596,9 +688,11 @@ class Daemon:
         self.reload_status.ok = False
         self.reload_status.problems = problems
         self.reload_status.attempted_at = now
+        self.metrics.ruleset_refused()
         log.error(
             "ruleset refused, %d problem(s); the last good ruleset stays active",
             len(problems),
+            extra={"problems": [str(p) for p in problems]},
         )
         for problem in problems:
             log.error("  %s", problem)
@@ -646,7 +740,12 @@ class Daemon:
         async with self._write_lock:
             engine = self._engine()
             now = self.clock.now()
+            earliest = self.deadlines.next_due()
             due = [engine.rules[i] for i in self.deadlines.pop_due(now) if i in engine.rules]
+            if due and earliest is not None:
+                lag_s = max(0.0, (now - earliest).total_seconds())
+                self.metrics.deadline_lag_seconds.observe(lag_s)
+            t0 = time.perf_counter()
             transition = engine.plan_rules(
                 self.facts,
                 self.states,
@@ -657,6 +756,8 @@ class Daemon:
                 approvals=self.approvals,
                 record_unchanged=False,
             )
+            if due:
+                self._planned("time", t0, len(due))
             if transition.decisions:
                 try:
                     await self._commit_and_apply([transition])
@@ -736,7 +837,13 @@ class Daemon:
             action_id, format_rfc3339(self.clock.now()), actor, reason
         )
         if entry is not None:
-            log.warning("action %s requeued by %s: %s", action_id, actor, reason or "no reason")
+            log.warning(
+                "action %s requeued by %s: %s",
+                action_id,
+                actor,
+                reason or "no reason",
+                extra={"action_id": action_id, "actor": actor, "reason": reason},
+            )
             self.dispatcher.wake()
         return entry
 

@@ -34,6 +34,7 @@ import aiohttp
 from gatekeeper.actions import build_request
 from gatekeeper.clock import Clock, format_rfc3339, parse_rfc3339
 from gatekeeper.config import DeliveryPolicy, Target
+from gatekeeper.metrics import Metrics
 from gatekeeper.store import ActionStatus, Attempt, OutboxEntry, OutboxFilter, SqliteStore
 
 log = logging.getLogger("gatekeeper.delivery")
@@ -42,6 +43,8 @@ RETRYABLE_STATUS = frozenset({408, 429})
 MAX_CONCURRENT_DELIVERIES = 64
 MAX_DELIVERIES_PER_TARGET = 8
 MAX_ERROR_CHARS = 500
+MAX_REQUEST_IDS = 100_000
+"""At most this many action -> request id notes are kept for the delivery log lines."""
 HOLD_BASE_S = 5.0
 HOLD_CAP_S = 300.0
 
@@ -94,6 +97,7 @@ class Dispatcher:
         *,
         rng: random.Random | None = None,
         idle_poll_s: float = 5.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._targets = targets
@@ -114,6 +118,15 @@ class Dispatcher:
         self._hold_count: collections.Counter[str] = collections.Counter()
         self.delivered = 0
         self.dead = 0
+        self.metrics = metrics or Metrics()
+        self._request_ids: dict[str, str] = {}
+
+    def note_request_id(self, action_id: str, request_id: str) -> None:
+        """Remember the HTTP request that caused ``action_id``, for its delivery log lines
+        (in memory only: after a restart those lines carry no request id)."""
+        if len(self._request_ids) >= MAX_REQUEST_IDS:
+            del self._request_ids[next(iter(self._request_ids))]
+        self._request_ids[action_id] = request_id
 
     def wake(self) -> None:
         """Look at the outbox now (new actions were committed)."""
@@ -248,6 +261,8 @@ class Dispatcher:
         else:
             outcome = await self._attempt(entry, target)
         latency_ms = (time.perf_counter() - t0) * 1000
+        if target is not None:
+            self.metrics.attempt(entry.target, outcome.status_code, latency_ms / 1000)
         finished = self._clock.now()  # backoff and Retry-After count from the answer
         status, next_at = self._next_state(entry, target, outcome, attempt_no, finished)
         await self._store.record_attempt(
@@ -314,27 +329,46 @@ class Dispatcher:
     def _log(
         self, entry: OutboxEntry, status: ActionStatus, outcome: AttemptOutcome, attempt: int
     ) -> None:
+        request_id = self._request_ids.get(entry.action_id)
+        extra = {
+            "action_id": entry.action_id,
+            "action_kind": entry.kind,
+            "target": entry.target,
+            "rule_id": entry.rule_id,
+            "firing_id": entry.firing_id,
+            "attempt": attempt,
+            "http_status": outcome.status_code,
+            "request_id": request_id,
+        }
+        if status == "delivered":  # a dead letter keeps it: it may be requeued
+            self._request_ids.pop(entry.action_id, None)
+        if status != "pending":
+            self.metrics.actions.labels(target=entry.target, status=status).inc()
         if status == "delivered":
             self.delivered += 1
             log.info(
-                "action delivered: %s %s to %s (rule %s, attempt %d, HTTP %s)",
+                "action delivered: %s %s to %s (rule %s, attempt %d, HTTP %s, request %s)",
                 entry.kind,
                 entry.action_id,
                 entry.target,
                 entry.rule_id,
                 attempt,
                 outcome.status_code,
+                request_id or "-",
+                extra=extra,
             )
         elif status == "dead":
             self.dead += 1
             log.error(
-                "action dead-lettered: %s %s to %s (rule %s) after %d attempt(s): %s",
+                "action dead-lettered: %s %s to %s (rule %s, request %s) after %d attempt(s): %s",
                 entry.kind,
                 entry.action_id,
                 entry.target,
                 entry.rule_id,
+                request_id or "-",
                 attempt,
                 outcome.error,
+                extra={**extra, "error": outcome.error},
             )
         else:
             log.warning(
@@ -344,6 +378,7 @@ class Dispatcher:
                 entry.target,
                 attempt,
                 outcome.error,
+                extra={**extra, "error": outcome.error},
             )
 
 

@@ -555,6 +555,39 @@ def _response_schemas(rule_source: JsonObject) -> JsonObject:
             "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 2000}},
             "required": ["reason"],
         },
+        "Snapshot": _obj(
+            {
+                "facts": {"type": "array", "items": _ref("Fact")},
+                "rule_states": {
+                    "type": "array",
+                    "items": _obj(
+                        {
+                            "rule_id": STRING,
+                            "fired_count": COUNT,
+                            "gate_open": {"type": ["boolean", "null"]},
+                            "rearms": COUNT,
+                            "paused": {"type": "boolean"},
+                            "last_fired_at": nullable_timestamp,
+                        }
+                    ),
+                },
+                "approvals": {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "additionalProperties": {"enum": ["approve", "reject"]},
+                    },
+                },
+                "ruleset": _obj(
+                    {
+                        "version": {"anyOf": [SHA256_HEX, {"type": "null"}]},
+                        "rules": {"type": "object", "additionalProperties": SHA256_HEX},
+                    }
+                ),
+                "escrows": {"type": "array", "items": _ref("Escrow")},
+            },
+            description="What `gatekeeper export` writes and `gatekeeper plan` reads.",
+        ),
         "AuditEntry": _obj(
             {
                 "kind": {"enum": ["decision", "admin_act", "approval"]},
@@ -1035,6 +1068,28 @@ def _paths() -> JsonObject:
                     _limit(100),
                 ],
                 "responses": {"200": _json(_ref("AuditPage"), "A page."), **_errors(400)},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "tags": ["meta"],
+                "summary": "Prometheus metrics (text exposition format 0.0.4)",
+                "responses": {
+                    "200": {
+                        "description": "The metrics.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(),
+                },
+            }
+        },
+        "/v1/export": {
+            "get": {
+                "operationId": "export",
+                "tags": ["facts"],
+                "summary": "A snapshot of the state, as `gatekeeper plan --snapshot` reads it",
+                "responses": {"200": _json(_ref("Snapshot"), "The snapshot."), **_errors()},
             }
         },
         "/v1/rulesets": {

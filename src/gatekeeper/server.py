@@ -42,6 +42,7 @@ from gatekeeper.engine import AdminAct, ApprovalInput, FactInput, IdempotencyRec
 from gatekeeper.hooks import RESERVED_KINDS, HookRejected
 from gatekeeper.hooks import handle as handle_hook
 from gatekeeper.loader import load_rule_texts
+from gatekeeper.metrics import metrics_response
 from gatekeeper.openapi import build_openapi
 from gatekeeper.schemas import load_schema
 from gatekeeper.store import AUDIT_KINDS, ActionStatus, AuditKind, AuditQuery, SqliteStore
@@ -145,12 +146,25 @@ def visible(request: web.Request, project: str | None) -> bool:
     return token is None or project is None or token.allows_project(project)
 
 
+REJECTION_REASONS = {400: "malformed", 413: "too_large", 415: "unsupported_media_type"}
+
+
+def _count_rejected_fact(request: web.Request, status: int) -> None:
+    """Count a refused ``POST /v1/facts`` in gatekeeper_facts_rejected_total."""
+    if request.method != "POST" or request.path != "/v1/facts":
+        return
+    reason = REJECTION_REASONS.get(status, "invalid" if status == 422 else None)
+    if reason is not None:
+        _daemon(request).metrics.fact_rejected(reason)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every error into a JSON answer; an unexpected one is logged, never shown."""
     try:
         return await handler(request)
-    except ApiError:
+    except ApiError as exc:
+        _count_rejected_fact(request, exc.status)
         raise
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -160,6 +174,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             405: f"method {request.method} is not allowed here",
             413: "request body too large",
         }.get(exc.status, exc.reason)
+        _count_rejected_fact(request, exc.status)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return web.json_response(
             _error_body(exc.status, message), status=exc.status, headers=headers
@@ -594,6 +609,44 @@ def _decode_cursor(text: str | None) -> tuple[str, str, int] | None:
 
 
 @requires("read")
+async def get_export(request: web.Request) -> web.Response:
+    """A snapshot of the state, in the format ``gatekeeper plan --snapshot`` reads: current
+    facts, every rule's firing state, standing approvals, the active ruleset's content
+    hashes and the escrows. Limited to the token's projects."""
+    daemon = _daemon(request)
+    facts = await daemon.store.list_facts()
+    engine = daemon.engine
+    rules = engine.rules if engine else {}
+    return web.json_response(
+        {
+            "facts": [f for f in facts if visible(request, f["project"])],
+            "rule_states": [
+                {
+                    "rule_id": s.rule_id,
+                    "fired_count": s.fired_count,
+                    "gate_open": s.gate_open,
+                    "rearms": s.rearms,
+                    "paused": s.paused,
+                    "last_fired_at": s.last_fired_at,
+                }
+                for s in sorted(daemon.states.values(), key=lambda s: s.rule_id)
+                if s.rule_id not in rules or visible(request, rules[s.rule_id].project)
+            ],
+            "approvals": {
+                rule_id: dict(standing)
+                for rule_id, standing in sorted(daemon.approvals.items())
+                if standing and (rule_id not in rules or visible(request, rules[rule_id].project))
+            },
+            "ruleset": {
+                "version": engine.ruleset.version if engine else None,
+                "rules": {r.id: r.content_hash for r in rules.values()},
+            },
+            "escrows": await daemon.escrow_report(),
+        }
+    )
+
+
+@requires("read")
 async def get_rulesets(request: web.Request) -> web.Response:
     """Every ruleset version that went live, most recent first (content-addressed)."""
     rulesets = await _daemon(request).store.list_rulesets(_limit(request))
@@ -672,6 +725,12 @@ async def get_escrows(request: web.Request) -> web.Response:
     return web.json_response({"escrows": await _daemon(request).escrow_report()})
 
 
+@requires("read")
+async def get_metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics (text format 0.0.4); a scraper sends a token with ``read``."""
+    return await metrics_response(_daemon(request))
+
+
 @requires(None)
 async def get_healthz(request: web.Request) -> web.Response:
     daemon = _daemon(request)
@@ -710,9 +769,11 @@ def create_app(daemon: Daemon) -> web.Application:
     app.router.add_post("/v1/actions/{action_id}/retry", post_action_retry)
     app.router.add_get("/v1/escrows", get_escrows)
     app.router.add_get("/v1/audit", get_audit)
+    app.router.add_get("/v1/export", get_export)
     app.router.add_get("/v1/rulesets", get_rulesets)
     app.router.add_get("/v1/rulesets/{version}", get_ruleset)
     app.router.add_get("/v1/releases/{release_id}", get_release)
     app.router.add_get("/healthz", get_healthz)
+    app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/openapi.json", get_openapi)
     return app

@@ -1,0 +1,192 @@
+"""Operational metrics in the Prometheus text format (``GET /metrics``), via prometheus-client.
+
+Each ``Metrics`` owns its own ``CollectorRegistry`` (not the process-wide default), so
+several daemons in one process (the tests) do not collide. Counters and histograms are
+updated where things happen (cheap, no database access); the gauges that describe the
+store (outbox depth, dead letters, escrows) and the deadline schedule are refreshed at
+scrape time by ``refresh``, which ``metrics_response`` calls before rendering.
+
+Label values are bounded: targets and escrows come from ``gatekeeper.yaml``, outcomes and
+results from fixed sets; never a fact id, a request id or a secret.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from gatekeeper.daemon import Daemon
+
+EVALUATION_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+DELIVERY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The classic Prometheus text format, which every scraper reads."""
+LAG_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class Metrics:
+    """Every gatekeeper metric, registered in ``self.registry``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.facts_accepted = Counter(
+            "gatekeeper_facts_accepted", "Facts accepted and committed.", registry=r
+        )
+        self.facts_rejected = Counter(
+            "gatekeeper_facts_rejected",
+            "Fact requests refused, by reason (malformed, too_large, unsupported_media_type, "
+            "invalid, ...).",
+            ["reason"],
+            registry=r,
+        )
+        self.evaluations = Counter(
+            "gatekeeper_evaluations",
+            "Rule evaluations recorded as decisions, by trigger "
+            "(fact, reload, time, approval, admin).",
+            ["trigger"],
+            registry=r,
+        )
+        self.evaluation_seconds = Histogram(
+            "gatekeeper_evaluation_seconds",
+            "Time to plan one transition (evaluate the rules it touches), by trigger.",
+            ["trigger"],
+            buckets=EVALUATION_BUCKETS_S,
+            registry=r,
+        )
+        self.decisions = Counter(
+            "gatekeeper_decisions",
+            "Committed decisions, by outcome (fired, blocked, paused, not_met, ...).",
+            ["outcome"],
+            registry=r,
+        )
+        self.actions = Counter(
+            "gatekeeper_actions",
+            "Actions by target and status: queued (committed to the outbox), delivered, dead.",
+            ["target", "status"],
+            registry=r,
+        )
+        self.delivery_seconds = Histogram(
+            "gatekeeper_delivery_seconds",
+            "Latency of one delivery attempt (request to answer or error), by target.",
+            ["target"],
+            buckets=DELIVERY_BUCKETS_S,
+            registry=r,
+        )
+        self.delivery_attempts = Counter(
+            "gatekeeper_delivery_attempts",
+            "Delivery attempts by target and result (2xx, 3xx, 4xx, 5xx, error: no answer).",
+            ["target", "result"],
+            registry=r,
+        )
+        self.outbox_pending = Gauge(
+            "gatekeeper_outbox_pending",
+            "Actions in the outbox not yet delivered (pending, retries included).",
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            "gatekeeper_dead_letters",
+            "Actions that are dead letters (until requeued).",
+            registry=r,
+        )
+        self.escrow_released = Gauge(
+            "gatekeeper_escrow_released",
+            "Amount released (delivered) from each escrow, in the escrow's currency units, "
+            "as a float: for dashboards only; the exact decimal is in GET /v1/escrows.",
+            ["escrow"],
+            registry=r,
+        )
+        self.escrow_remaining = Gauge(
+            "gatekeeper_escrow_remaining",
+            "Amount left in each escrow (limit minus pending, delivered and unconfirmed "
+            "releases), in the escrow's currency units, as a float: for dashboards only.",
+            ["escrow"],
+            registry=r,
+        )
+        self.ruleset_reloads = Counter(
+            "gatekeeper_ruleset_reloads",
+            "Ruleset load attempts, by result (success, failure); the initial load counts.",
+            ["result"],
+            registry=r,
+        )
+        self.ruleset_last_success = Gauge(
+            "gatekeeper_ruleset_last_success_timestamp_seconds",
+            "Unix time of the last successful ruleset load or reload.",
+            registry=r,
+        )
+        self.ruleset_info = Gauge(
+            "gatekeeper_ruleset_info",
+            "The active ruleset: 1, labelled with its version (content hash).",
+            ["version"],
+            registry=r,
+        )
+        self.deadlines_pending = Gauge(
+            "gatekeeper_deadlines_pending",
+            "Time-dependent rules scheduled for evaluation at a future instant.",
+            registry=r,
+        )
+        self.deadline_lag_seconds = Histogram(
+            "gatekeeper_deadline_lag_seconds",
+            "Delay between a deadline's due time and its evaluation (per deadline pass: the "
+            "earliest rule due in it).",
+            buckets=LAG_BUCKETS_S,
+            registry=r,
+        )
+        for result in ("success", "failure"):
+            self.ruleset_reloads.labels(result=result)
+
+    # -- calls from the code that does the work -------------------------------------------
+
+    def fact_rejected(self, reason: str) -> None:
+        """A fact request was refused (the server: 400 ``malformed``, 413 ``too_large``,
+        415 ``unsupported_media_type``, 422 ``invalid``). Keep ``reason`` to a fixed set."""
+        self.facts_rejected.labels(reason=reason).inc()
+
+    def ruleset_loaded(self, version: str, timestamp_s: float) -> None:
+        """A ruleset load or reload succeeded (``version`` is now, or still, active)."""
+        self.ruleset_reloads.labels(result="success").inc()
+        self.ruleset_last_success.set(timestamp_s)
+        self.ruleset_info.clear()
+        self.ruleset_info.labels(version=version).set(1)
+
+    def ruleset_refused(self) -> None:
+        self.ruleset_reloads.labels(result="failure").inc()
+
+    def attempt(self, target: str, status_code: int | None, latency_s: float) -> None:
+        """One delivery attempt to ``target``: its HTTP status (None: no answer)."""
+        result = "error" if status_code is None else f"{status_code // 100}xx"
+        self.delivery_attempts.labels(target=target, result=result).inc()
+        self.delivery_seconds.labels(target=target).observe(latency_s)
+
+    # -- scrape time ----------------------------------------------------------------------
+
+    async def refresh(self, daemon: Daemon) -> None:
+        """Set the gauges read from the store and the deadline schedule."""
+        self.deadlines_pending.set(len(daemon.deadlines))
+        counts = {"pending": 0, "dead": 0}
+        sql = "SELECT status, COUNT(*) FROM outbox WHERE status IN ('pending', 'dead') GROUP BY 1"
+        async with daemon.store.reader.execute(sql) as cursor:
+            async for status, count in cursor:
+                counts[str(status)] = int(count)
+        self.outbox_pending.set(counts["pending"])
+        self.dead_letters.set(counts["dead"])
+        for row in await daemon.escrow_report():
+            escrow = str(row["escrow"])
+            self.escrow_released.labels(escrow=escrow).set(float(row["released"]))
+            if row["remaining"] is not None:
+                self.escrow_remaining.labels(escrow=escrow).set(float(row["remaining"]))
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+async def metrics_response(daemon: Daemon) -> web.Response:
+    """The answer to ``GET /metrics``: refresh the scrape-time gauges, then render."""
+    await daemon.metrics.refresh(daemon)
+    return web.Response(body=daemon.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
