@@ -349,3 +349,28 @@ async def test_rules_cli_pauses_with_the_token_from_the_environment(gk: Running)
     assert result.returncode == 1
     assert "HTTP 403" in result.stderr
     assert TOKENS["alice"] not in result.stderr
+
+
+async def test_approval_with_idempotency_key_applies_once(gk: Running) -> None:
+    rule = "tower-a/structure-release"
+    body = {"rule": rule, "decision": "approve", "comment": "ok"}
+    headers = {"Authorization": f"Bearer {TOKENS['alice']}", "Idempotency-Key": "a-1"}
+    url = gk.url + "/v1/approvals"
+    async with gk.session.post(url, json=body, headers=headers) as response:
+        first = await response.json()
+        assert response.status == 200
+    async with gk.session.post(url, json=body, headers=headers) as response:
+        again = await response.json()
+        assert response.headers["Idempotent-Replayed"] == "true"
+    assert again["seq"] == first["seq"]
+    async with gk.session.post(url, json={**body, "decision": "reject"}, headers=headers) as r:
+        assert r.status == 422
+    # the same key from another approver is theirs, not alice's
+    bob = {**headers, "Authorization": f"Bearer {TOKENS['bob']}"}
+    async with gk.session.post(url, json=body, headers=bob) as response:
+        assert response.status == 200 and "Idempotent-Replayed" not in response.headers
+    log = await gk.daemon.store.fact_log()
+    assert [(r["id"], r["data"]["decision"]) for r in log if r["kind"] == "approval"] == [
+        ("alice", "approve"),
+        ("bob", "approve"),
+    ]

@@ -463,7 +463,12 @@ class Daemon:
             if transition.request_id:
                 self.dispatcher.note_request_id(action.action_id, transition.request_id)
 
-    async def approve(self, approval: ApprovalInput, request_id: str | None = None) -> IngestResult:
+    async def approve(
+        self,
+        approval: ApprovalInput,
+        request_id: str | None = None,
+        idempotency: IdempotencyRecord | None = None,
+    ) -> IngestResult:
         """Record an approver's decision and re-evaluate its rule, in one transaction.
 
         Raises ``UnknownRule`` when the rule is not in the active ruleset, ``ValueError``
@@ -472,10 +477,21 @@ class Daemon:
         """
         if self._closing:
             raise ShuttingDown("gatekeeper is shutting down")
-        return await asyncio.shield(self._approve(approval, request_id))
+        return await asyncio.shield(self._approve(approval, request_id, idempotency))
 
-    async def _approve(self, approval: ApprovalInput, request_id: str | None) -> IngestResult:
+    async def _approve(
+        self,
+        approval: ApprovalInput,
+        request_id: str | None,
+        idempotency: IdempotencyRecord | None,
+    ) -> IngestResult:
         async with self._write_lock:
+            if idempotency is not None:
+                stored = await self.store.find_idempotency_key(idempotency.key)
+                if stored is not None and stored["request_hash"] != idempotency.request_hash:
+                    raise IdempotencyConflict(idempotency.key)
+                if stored is not None:
+                    return IngestResult(stored["seqs"], stored["request_id"], replayed=True)
             engine = self._engine()
             rule = engine.rules.get(approval.rule_id)
             if rule is None:
@@ -498,6 +514,7 @@ class Daemon:
             )
             self._planned("approval", t0, len(transition.decisions))
             transition.request_id = request_id
+            transition.idempotency = idempotency
             (seqs,) = await self._commit_and_apply([transition])
         log.info(
             "approval: %s %ss rule %s (request %s)",

@@ -983,14 +983,17 @@ def _paths() -> JsonObject:
                 "description": "The approver is the token's subject and must be in the "
                 "rule's `from` list (403 otherwise); a standing reject blocks the rule until "
                 "withdrawn. The approval is appended to the fact log and re-evaluates the rule.",
-                "parameters": [{"$ref": "#/components/parameters/RequestId"}],
+                "parameters": [
+                    {"$ref": "#/components/parameters/IdempotencyKey"},
+                    {"$ref": "#/components/parameters/RequestId"},
+                ],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("ApprovalRequest")}},
                 },
                 "responses": {
                     "200": _json(_ref("ApprovalAccepted"), "The approval is committed."),
-                    **_errors(400, 404, 413, 415, 503),
+                    **_errors(400, 404, 413, 415, 422, 503),
                 },
             }
         },

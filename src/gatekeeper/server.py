@@ -20,7 +20,7 @@ import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Literal, cast
 
 import jsonschema
@@ -438,8 +438,13 @@ async def post_approvals(request: web.Request) -> web.Response:
         body["rule"], rule.project, token.subject, body["decision"], body.get("comment")
     )
     request_id = _request_id(request)
+    idempotency = idempotency_record(request, body)
+    if idempotency is not None:  # each approver's keys are their own
+        idempotency = replace(idempotency, key=f"approval:{token.subject}:{idempotency.key}")
     try:
-        result = await daemon.approve(approval, request_id)
+        result = await daemon.approve(approval, request_id, idempotency)
+    except IdempotencyConflict:
+        raise ApiError(422, "Idempotency-Key was already used with a different approval") from None
     except NotAnApprover as exc:
         raise ApiError(403, str(exc)) from None
     except UnknownRule as exc:
@@ -447,16 +452,19 @@ async def post_approvals(request: web.Request) -> web.Response:
     except ShuttingDown:
         raise ApiError(503, "gatekeeper is shutting down; try again shortly") from None
     view = daemon.rule_view(rule, explain=True)
+    headers = {"X-Request-Id": result.request_id or request_id}
+    if result.replayed:
+        headers["Idempotent-Replayed"] = "true"
     return web.json_response(
         {
             "seq": result.seqs[0],
-            "request_id": request_id,
+            "request_id": result.request_id or request_id,
             "rule": rule.id,
             "approver": token.subject,
             "decision": approval.decision,
             "approvals": view["explanation"]["approvals"],
         },
-        headers={"X-Request-Id": request_id},
+        headers=headers,
     )
 
 
