@@ -156,6 +156,29 @@ actions:
 """
 
 
+def outbox_entry(
+    kind: str, payload: dict[str, Any], *, target: str = "t", rule_id: str = "tower-a/r"
+) -> Any:
+    """A pending outbox entry (action ``act_0123``, first firing of ``rule_id``)."""
+    from gatekeeper.store import OutboxEntry
+
+    return OutboxEntry(
+        action_id="act_0123",
+        rule_id=rule_id,
+        firing_id=f"{rule_id}#1",
+        kind=kind,
+        target=target,
+        payload=payload,
+        status="pending",
+        attempts=0,
+        created_at="2026-11-01T09:00:00.000Z",
+        next_attempt_at="2026-11-01T09:00:00.000Z",
+        last_error=None,
+        delivered_at=None,
+        decision_id=1,
+    )
+
+
 def fact(kind: str, id: str, **data: Any) -> dict[str, Any]:
     return {"project": "tower-a", "kind": kind, "id": id, "data": data}
 

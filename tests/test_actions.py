@@ -13,25 +13,12 @@ from gatekeeper.actions import build_request
 from gatekeeper.config import Target
 from gatekeeper.store import OutboxEntry
 
-from .conftest import SECRET
+from .conftest import SECRET, outbox_entry
 
 
 def entry(kind: str, payload: dict[str, object]) -> OutboxEntry:
-    return OutboxEntry(
-        action_id="act_0123",
-        rule_id="tower-a/design-release",
-        firing_id="tower-a/design-release#1",
-        kind=kind,
-        target="t",
-        payload=payload,
-        status="pending",
-        attempts=0,
-        created_at="2026-11-01T09:00:00.000Z",
-        next_attempt_at="2026-11-01T09:00:00.000Z",
-        last_error=None,
-        delivered_at=None,
-        decision_id=1,
-    )
+    entry: OutboxEntry = outbox_entry(kind, dict(payload), rule_id="tower-a/design-release")
+    return entry
 
 
 RELEASE = {

@@ -504,6 +504,8 @@ def test_event_names_come_from_the_event_headers() -> None:
         ("application/json", b"{not json"),
         ("application/json", b"[1, 2]"),
         ("application/json", b'{"duration": NaN}'),
+        ("application/json", b'{"duration": 1e400}'),  # overflows to inf: not JSON again
+        ("application/json", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),  # too deep
         ("application/json", b"\xff\xfe\xfa"),
     ],
 )

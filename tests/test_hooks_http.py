@@ -106,3 +106,18 @@ async def test_bad_signature_unknown_source_and_unmapped_events(gk: Running) -> 
     status, _ = await post(gk, requested, signed(requested, "workflow_run", "d-4"))
     assert status == 202  # only completed runs are mapped
     assert await gk.daemon.store.fact_log() == []
+
+
+async def test_a_broken_hook_mapping_is_refused_at_start(
+    project_factory: Callable[..., Project], start_daemon: Any
+) -> None:
+    from gatekeeper.daemon import StartupError
+
+    broken = {"github": {**HOOKS["github"], "facts": [{**HOOKS["github"]["facts"][0]}]}}
+    broken["github"]["facts"][0]["id"] = "$workflow_run.name"  # ${...} needed for a path
+    project = project_factory(hooks=broken)
+    project.write_rule("next.yaml", NEXT_STEP)
+    with pytest.raises(StartupError) as caught:
+        await start_daemon(project, env={**ENV, "GH_HOOK_SECRET": HOOK_SECRET})
+    assert "hooks.github.facts[0].id" in str(caught.value)
+    assert HOOK_SECRET not in str(caught.value)

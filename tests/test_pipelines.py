@@ -31,7 +31,7 @@ from gatekeeper.config import (
 )
 from gatekeeper.store import OutboxEntry
 
-from .conftest import ENV, SECRET, Project, fact
+from .conftest import ENV, SECRET, Project, fact, outbox_entry
 
 GH_TOKEN = "ghp_test-token-0123456789"
 GL_TOKEN = "glptt-trigger-token-0123"
@@ -41,21 +41,8 @@ NOW = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 
 
 def entry(kind: str, payload: dict[str, Any], target: str = "ci") -> OutboxEntry:
-    return OutboxEntry(
-        action_id="act_0123",
-        rule_id="tower-a/deploy-docs",
-        firing_id="tower-a/deploy-docs#1",
-        kind=kind,
-        target=target,
-        payload=payload,
-        status="pending",
-        attempts=0,
-        created_at="2026-11-01T09:00:00.000Z",
-        next_attempt_at="2026-11-01T09:00:00.000Z",
-        last_error=None,
-        delivered_at=None,
-        decision_id=1,
-    )
+    entry: OutboxEntry = outbox_entry(kind, payload, target=target, rule_id="tower-a/deploy-docs")
+    return entry
 
 
 PIPELINE = {"project": "tower-a", "ref": "main", "inputs": {"stage": "docs & more", "n": "1"}}

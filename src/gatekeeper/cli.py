@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from gatekeeper import __version__
+from gatekeeper.auth import SCOPES
 from gatekeeper.config import Config, ConfigError, find_default_config, load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scope",
         action="append",
         required=True,
-        choices=["facts:write", "approve", "read", "admin"],
+        choices=SCOPES,
         help="repeat for several",
     )
     new.add_argument(

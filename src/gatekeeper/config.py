@@ -128,9 +128,6 @@ class Escrow:
     limit: Decimal
 
 
-Scope = Literal["facts:write", "approve", "read", "admin"]
-
-
 @dataclass(frozen=True)
 class Token:
     """An API token as configured: only the SHA-256 (hex) of the token is kept.

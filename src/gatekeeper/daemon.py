@@ -31,7 +31,6 @@ from gatekeeper.clock import Clock, SystemClock, format_rfc3339
 from gatekeeper.config import (
     Config,
     ConfigError,
-    Target,
     load_config,
     resolve_hook_secrets,
     resolve_secrets,
@@ -49,12 +48,13 @@ from gatekeeper.engine import (
     Transition,
     apply_transition,
 )
+from gatekeeper.hooks import check_hook
 from gatekeeper.ledger import EscrowBook
 from gatekeeper.loader import LoadResult, load_rule_texts, load_rules_dir
 from gatekeeper.metrics import Metrics
 from gatekeeper.problems import Problem
 from gatekeeper.rules import Rule, Ruleset
-from gatekeeper.store import OutboxEntry, SqliteStore
+from gatekeeper.store import OutboxEntry, SqliteStore, Store
 
 log = logging.getLogger("gatekeeper.daemon")
 
@@ -147,7 +147,7 @@ class Daemon:
         self.clock: Clock = clock or SystemClock()
         self.tick_s = tick_s
         self.watch = watch
-        self.store = SqliteStore(config.database)
+        self.store: Store = SqliteStore(config.database)
         self.facts = FactTable()
         self.states: dict[str, RuleState] = {}
         self.approvals: dict[str, dict[str, str]] = {}
@@ -182,6 +182,7 @@ class Daemon:
         try:
             self.secrets = resolve_secrets(self.config, self.environ)
             self.hook_secrets = resolve_hook_secrets(self.config, self.environ)
+            check_hooks(self.config)
         except ConfigError as exc:
             raise StartupError(str(exc)) from None
         await self.store.open()
@@ -653,6 +654,7 @@ class Daemon:
                 config = load_config(config.path)
                 secrets = resolve_secrets(config, self.environ)
                 hook_secrets = resolve_hook_secrets(config, self.environ)
+                check_hooks(config)
             except ConfigError as exc:
                 self._report_refused_problems(exc.problems)
                 return False
@@ -842,10 +844,6 @@ class Daemon:
             )
         return view
 
-    @property
-    def targets(self) -> Mapping[str, Target]:
-        return self.config.targets
-
     async def retry_action(
         self, action_id: str, *, actor: str, reason: str | None
     ) -> OutboxEntry | None:
@@ -885,6 +883,19 @@ class Daemon:
                 }
             )
         return report
+
+
+def check_hooks(config: Config) -> None:
+    """Raise ``ConfigError`` when a hook mapping is broken (a malformed ``${path}`` template,
+    a reserved fact kind), so it is refused at start or reload, not when an event arrives."""
+    file = str(config.path) if config.path else "gatekeeper.yaml"
+    problems = [
+        Problem(file, 0, 0, message.split(": ", 1)[1], f"hooks.{name}.{message.split(':', 1)[0]}")
+        for name, hook in sorted(config.hooks.items())
+        for message in check_hook(hook)
+    ]
+    if problems:
+        raise ConfigError(problems)
 
 
 def _keep_listen_and_database(new: Config, old: Config) -> Config:

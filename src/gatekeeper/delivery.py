@@ -35,7 +35,7 @@ from gatekeeper.actions import build_request
 from gatekeeper.clock import Clock, format_rfc3339, parse_rfc3339
 from gatekeeper.config import DeliveryPolicy, Target
 from gatekeeper.metrics import Metrics
-from gatekeeper.store import ActionStatus, Attempt, OutboxEntry, OutboxFilter, SqliteStore
+from gatekeeper.store import ActionStatus, Attempt, OutboxEntry, OutboxFilter, Store
 
 log = logging.getLogger("gatekeeper.delivery")
 
@@ -90,7 +90,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         targets: Callable[[], Mapping[str, Target]],
         secrets: Callable[[], Mapping[str, str]],
         clock: Clock,

@@ -226,12 +226,6 @@ class FactTable:
         merged.update(self._by_kind.get((project, kind), {}))
         return merged
 
-    def __len__(self) -> int:
-        return len(self._data) + (len(self._parent) if self._parent else 0)
-
-    def items(self) -> Iterable[tuple[FactKey, Mapping[str, Any]]]:
-        return self._data.items()
-
 
 class Engine:
     """A ruleset with its fact-key index. Immutable once built; a reload builds a new one."""

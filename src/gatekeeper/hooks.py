@@ -45,6 +45,7 @@ from typing import Any, Final
 
 from gatekeeper.config import Hook, HookFact
 from gatekeeper.engine import FactInput
+from gatekeeper.jsonwire import loads_strict
 from gatekeeper.schemas import load_schema
 
 GITHUB_SIGNATURE_HEADER: Final = "X-Hub-Signature-256"
@@ -257,16 +258,12 @@ def _form_payload(body: bytes) -> bytes:
 
 def _json_object(text: bytes) -> dict[str, Any]:
     try:
-        payload = json.loads(text, parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError) as error:
+        payload = loads_strict(text)
+    except ValueError as error:
         raise HookRejected(400, f"the payload is not valid JSON: {error}") from None
     if not isinstance(payload, dict):
         raise HookRejected(400, "the payload must be a JSON object")
     return payload
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _step(value: Any, part: str) -> Any:

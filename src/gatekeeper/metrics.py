@@ -168,13 +168,9 @@ class Metrics:
     async def refresh(self, daemon: Daemon) -> None:
         """Set the gauges read from the store and the deadline schedule."""
         self.deadlines_pending.set(len(daemon.deadlines))
-        counts = {"pending": 0, "dead": 0}
-        sql = "SELECT status, COUNT(*) FROM outbox WHERE status IN ('pending', 'dead') GROUP BY 1"
-        async with daemon.store.reader.execute(sql) as cursor:
-            async for status, count in cursor:
-                counts[str(status)] = int(count)
-        self.outbox_pending.set(counts["pending"])
-        self.dead_letters.set(counts["dead"])
+        counts = await daemon.store.count_actions()
+        self.outbox_pending.set(counts.get("pending", 0))
+        self.dead_letters.set(counts.get("dead", 0))
         for row in await daemon.escrow_report():
             escrow = str(row["escrow"])
             self.escrow_released.labels(escrow=escrow).set(float(row["released"]))

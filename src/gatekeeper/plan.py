@@ -70,6 +70,7 @@ from gatekeeper.engine import (
     QueuedAction,
     RuleState,
 )
+from gatekeeper.jsonwire import json_path
 from gatekeeper.ledger import EscrowBook
 from gatekeeper.loader import LoadResult, load_rule_texts, load_rules_dir
 from gatekeeper.rules import Rule, Ruleset
@@ -203,7 +204,7 @@ def snapshot_from_json(data: Any, source: str) -> Snapshot:
     validator = Draft202012Validator(SNAPSHOT_SCHEMA)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        raise SnapshotError(source, [f"{_json_path(e.absolute_path)}: {e.message}" for e in errors])
+        raise SnapshotError(source, [f"{json_path(e.absolute_path)}: {e.message}" for e in errors])
     facts = FactTable()
     for item in data["facts"]:
         facts.put((item["project"], item["kind"], item["id"]), item["data"])
@@ -268,13 +269,6 @@ def _committed(escrows: Iterable[Mapping[str, Any]], source: str) -> dict[str, D
     if problems:
         raise SnapshotError(source, problems)
     return committed
-
-
-def _json_path(parts: Iterable[Any]) -> str:
-    out = "$"
-    for part in parts:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return out
 
 
 def fetch_snapshot(url: str, detail: Callable[[Mapping[str, str]], Iterable[str]]) -> Snapshot:

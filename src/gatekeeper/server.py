@@ -17,7 +17,6 @@ import base64
 import hashlib
 import json
 import logging
-import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
@@ -41,11 +40,12 @@ from gatekeeper.daemon import (
 from gatekeeper.engine import AdminAct, ApprovalInput, FactInput, IdempotencyRecord
 from gatekeeper.hooks import RESERVED_KINDS, HookRejected
 from gatekeeper.hooks import handle as handle_hook
+from gatekeeper.jsonwire import json_path, loads_strict
 from gatekeeper.loader import load_rule_texts
 from gatekeeper.metrics import metrics_response
 from gatekeeper.openapi import build_openapi
 from gatekeeper.schemas import load_schema
-from gatekeeper.store import AUDIT_KINDS, ActionStatus, AuditKind, AuditQuery, SqliteStore
+from gatekeeper.store import AUDIT_KINDS, ActionStatus, AuditKind, AuditQuery, Store
 
 log = logging.getLogger("gatekeeper.server")
 
@@ -195,20 +195,13 @@ def _fact_validators() -> tuple[jsonschema.Draft202012Validator, jsonschema.Draf
 _SINGLE_FACT, _FACT_BATCH = _fact_validators()
 
 
-def _json_path(path: Any) -> str:
-    out = "$"
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return out
-
-
 def parse_facts(body: Any) -> list[FactInput]:
     """Validate a ``POST /v1/facts`` body; raise ``ApiError`` 400 listing every problem."""
     is_batch = isinstance(body, dict) and "facts" in body
     validator = _FACT_BATCH if is_batch else _SINGLE_FACT
     errors = sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))
     if errors:
-        problems = [{"path": _json_path(e.absolute_path), "message": e.message} for e in errors]
+        problems = [{"path": json_path(e.absolute_path), "message": e.message} for e in errors]
         raise ApiError(400, "the request body is not a valid fact or batch of facts", problems)
     items = body["facts"] if is_batch else [body]
     reserved = [
@@ -229,23 +222,9 @@ async def read_json(request: web.Request) -> Any:
         raise ApiError(415, f"expected Content-Type application/json, got {request.content_type!r}")
     raw = await request.read()
     try:
-        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, f"malformed JSON: {exc}") from None
-    except (ValueError, RecursionError) as exc:  # bad UTF-8, NaN, a 5,000-digit number, ...
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise ApiError(400, f"malformed JSON: {reason}"[:300]) from None
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {text[:40]} is too large for a JSON number here")
-    return value
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+        return loads_strict(raw)
+    except ValueError as exc:  # bad UTF-8, NaN, 1e400, a 5,000-digit number, deep nesting
+        raise ApiError(400, f"malformed JSON: {exc}"[:300]) from None
 
 
 def _request_id(request: web.Request) -> str:
@@ -708,7 +687,7 @@ async def get_release(request: web.Request) -> web.Response:
     )
 
 
-async def _rule_text(store: SqliteStore, decision: dict[str, Any]) -> dict[str, Any] | None:
+async def _rule_text(store: Store, decision: dict[str, Any]) -> dict[str, Any] | None:
     """The file and source of the decision's rule in the ruleset version it ran under."""
     stored = await store.get_ruleset(decision["ruleset_version"])
     if stored is None:
