@@ -1,0 +1,519 @@
+"""Peak memory of the daemon with 10,000 rules and 100,000 current facts, beside baselines.
+
+Run: ``python bench/bench_memory.py`` (about 60 s on 2 cores); ``--help`` for the knobs;
+``--where`` adds a tracemalloc breakdown of the daemon's startup (top allocation sites).
+
+What runs (everything on 127.0.0.1, in a temporary directory that is removed afterwards):
+
+1. A project with ``--rules`` generated rules (``_common.ruleset_files``: rule *i* reads
+   ``task["T-<i//5>"]``, with a ``days_since`` clause, so they are time-dependent and
+   scheduled) and a database holding ``--facts`` current facts ``task`` ``T-0`` ..
+   ``T-<facts-1>`` of project ``bench`` (the first ``rules/5`` of them read by the rules),
+   each ``{"status", "priority", "updated_at", "title", "assignee", "estimate_h"}`` (about
+   150 bytes of JSON). The facts are written with the daemon's own store API
+   (``SqliteStore.commit_transitions``, batches of 1,000) before the daemon starts, so the
+   daemon *loads* them at start: the realistic peak of a restart with a full database, and
+   much faster than posting 100,000 facts through the HTTP API.
+2. ``python -m gatekeeper serve`` is started on that project (``--runs`` times, one after
+   the other, on the same database), then exercised: ``--posts`` facts posted one per
+   request over 8 connections (updates of facts the rules read, so the count of current
+   facts stays the same), then ``GET /v1/rules`` and ``GET /v1/facts`` (each a JSON
+   document of every rule or fact). Peak (``VmHWM``) and current (``VmRSS``) RSS are read
+   from ``/proc/<pid>/status`` after each stage.
+
+Baselines, measured in the same run: a bare process that imports what the daemon imports
+(``gatekeeper.cli``, ``gatekeeper.daemon``, ``gatekeeper.server``); the same facts as plain
+Python dicts in a bare process (``json.loads`` of each row, keyed by ``(project, kind,
+id)``, as ``SqliteStore.load_facts`` builds them); and the raw sizes (rule files, facts'
+JSON, database file). Target: the daemon's peak RSS under 250 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    BENCH_PROJECT,
+    BENCH_TARGET,
+    RULES_PER_FACT,
+    Targets,
+    add_strict_options,
+    fact_count,
+    fmt,
+    machine_header,
+    median,
+    ruleset_files,
+    spread,
+    table,
+)
+from bench_ingest import Server, free_port, start_process
+
+HOST = "127.0.0.1"
+SECRET_ENV = "GATEKEEPER_BENCH_SECRET"
+TARGET_PEAK_MB = 250.0
+MIB = 1024 * 1024
+DAEMON_IMPORTS = "import gatekeeper.cli, gatekeeper.daemon, gatekeeper.server"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rules", type=int, default=10_000, help="generated rules")
+    parser.add_argument("--facts", type=int, default=100_000, help="current facts in the db")
+    parser.add_argument("--posts", type=int, default=3_000, help="facts posted to exercise it")
+    parser.add_argument("--runs", type=int, default=3, help="daemon starts (median)")
+    parser.add_argument(
+        "--where", action="store_true", help="also a tracemalloc breakdown of the startup"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    add_strict_options(parser)
+    # Internal modes.
+    parser.add_argument("--dicts-of", metavar="DB", help=argparse.SUPPRESS)
+    parser.add_argument("--trace-config", metavar="YAML", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc
+
+
+def rss_mib(pid: int | str = "self") -> tuple[float, float]:
+    """(peak RSS ``VmHWM``, current RSS ``VmRSS``) of process ``pid`` in MiB (Linux)."""
+    values: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("VmHWM", "VmRSS"):
+            values[name] = int(rest.split()[0]) / 1024  # kB
+    return values["VmHWM"], values["VmRSS"]
+
+
+def child_rss(code: str) -> dict[str, float]:
+    """Run ``code`` in a fresh interpreter that then prints its own RSS figures (MiB) as
+    JSON ``{"peak", "rss"}`` (read from ``/proc/self/status`` with nothing else imported)."""
+    probe = (
+        f"{code}\n"
+        "status = dict(line.split(':', 1) for line in open('/proc/self/status'))\n"
+        "print(int(status['VmHWM'].split()[0]) / 1024, int(status['VmRSS'].split()[0]) / 1024)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=False, timeout=600
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"baseline process failed:\n{done.stdout}\n{done.stderr}")
+    peak, rss = done.stdout.split()
+    return {"peak": float(peak), "rss": float(rss)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The project
+
+
+def fact_data(i: int) -> dict[str, Any]:
+    """The data of fact ``task`` ``T-<i>``: an open task (no rule fires)."""
+    return {
+        "status": "open",
+        "priority": i % 7,
+        "updated_at": f"2026-11-{1 + i % 28:02d}T{i % 24:02d}:00:00.000Z",
+        "title": f"Inspect level {i % 40} formwork, bay {i % 97}",
+        "assignee": f"crew-{i % 50}",
+        "estimate_h": (i % 16) / 2,
+    }
+
+
+async def write_facts(database: Path, count: int) -> None:
+    """``count`` current facts through the daemon's store API, 1,000 per transaction."""
+    from gatekeeper.engine import FactInput, Transition
+    from gatekeeper.store import SqliteStore
+
+    store = SqliteStore(database)
+    await store.open()
+    try:
+        for start in range(0, count, 1000):
+            facts = [
+                FactInput(BENCH_PROJECT, "task", f"T-{i}", fact_data(i))
+                for i in range(start, min(count, start + 1000))
+            ]
+            await store.commit_transitions([Transition(facts=facts)])
+    finally:
+        await store.close()
+
+
+def write_project(folder: Path, rules: int) -> tuple[Path, int]:
+    """Rule files and ``gatekeeper.yaml`` in ``folder``; returns the config and its port."""
+    rules_dir = folder / "rules"
+    rules_dir.mkdir()
+    for name, text in ruleset_files(rules, time_clause=True).items():
+        (rules_dir / name).write_text(text, encoding="utf-8")
+    port, closed_port = free_port(), free_port()
+    config = folder / "gatekeeper.yaml"
+    config.write_text(
+        textwrap.dedent(
+            f"""\
+            listen: {HOST}:{port}
+            database: gatekeeper.db
+            rules_dir: rules
+            targets:
+              {BENCH_TARGET}:
+                url: http://{HOST}:{closed_port}/nobody-listens
+                secret_env: {SECRET_ENV}
+                delivery: {{max_attempts: 1, timeout_s: 1}}
+            """
+        ),
+        encoding="utf-8",
+    )
+    return config, port
+
+
+def daemon_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env[SECRET_ENV] = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    return env
+
+
+def start_gatekeeper(folder: Path, config: Path, port: int, run: int) -> Server:
+    command = [sys.executable, "-m", "gatekeeper", "serve", "-c", str(config)]
+    command += ["--log-level", "warning"]
+    log = folder / f"gatekeeper-{run}.log"
+    server = start_process("gatekeeper", command, port, log, env=daemon_env())
+    server.wait_ready("/healthz")
+    return server
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercising the daemon
+
+
+async def post_facts(url: str, count: int, facts_read: int, offset: int) -> int:
+    """Post ``count`` facts one per request over 8 connections; returns how many were
+    accepted. The ids cycle over the facts the rules read (updates, not new facts)."""
+    import aiohttp
+
+    accepted = 0
+    queue = list(range(offset, offset + count))
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal accepted
+        while queue:
+            n = queue.pop()
+            body = {
+                "project": BENCH_PROJECT,
+                "kind": "task",
+                "id": f"T-{n % facts_read}",
+                "data": {**fact_data(n % facts_read), "n": n},
+            }
+            async with session.post(url, json=body) as response:
+                await response.read()
+                accepted += response.status == 200
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(worker(session) for _ in range(8)))
+    return accepted
+
+
+async def get_size(url: str) -> int:
+    """``GET url``; the size of the answer in bytes (raises on a non-200 answer)."""
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+        response.raise_for_status()
+        return len(await response.read())
+
+
+STAGES = ("started", "after posts", "after GET /v1/rules", "after GET /v1/facts")
+
+
+def exercise(server: Server, args: argparse.Namespace, run: int) -> dict[str, Any]:
+    """RSS after each stage (``STAGES``), and what each stage did."""
+    pid = server.process.pid
+    base = f"http://{HOST}:{server.port}"
+    out: dict[str, Any] = {"stages": {}}
+    out["stages"]["started"] = rss_mib(pid)
+    t0 = time.perf_counter()
+    facts_read = max(1, min(args.facts, fact_count(args.rules)))
+    accepted = asyncio.run(post_facts(f"{base}/v1/facts", args.posts, facts_read, run * args.posts))
+    out["posted"] = accepted
+    out["post_rate"] = accepted / (time.perf_counter() - t0)
+    out["stages"]["after posts"] = rss_mib(pid)
+    out["rules_bytes"] = asyncio.run(get_size(f"{base}/v1/rules"))
+    out["stages"]["after GET /v1/rules"] = rss_mib(pid)
+    out["facts_bytes"] = asyncio.run(get_size(f"{base}/v1/facts"))
+    out["stages"]["after GET /v1/facts"] = rss_mib(pid)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines and the breakdown (their own processes)
+
+
+def dicts_of(database: str) -> None:
+    """Print the cost of the current facts as plain dicts built as ``load_facts`` builds them
+    (``json.loads`` of each row, keyed by ``(project, kind, id)``), in a bare interpreter
+    (sqlite3 and json only): the RSS growth, and the bytes tracemalloc counts for a second
+    copy built the same way."""
+    import sqlite3
+    import tracemalloc
+
+    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    sql = "SELECT project, kind, id, data FROM facts"
+    json_bytes = db.execute("SELECT coalesce(sum(length(data)), 0) FROM facts").fetchone()[0]
+    before = rss_mib()[1]
+    facts = {(r[0], r[1], r[2]): json.loads(r[3]) for r in db.execute(sql)}
+    grown = rss_mib()[1] - before
+    tracemalloc.start()
+    copy = {(r[0], r[1], r[2]): json.loads(r[3]) for r in db.execute(sql)}
+    traced = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    db.close()
+    print(
+        json.dumps(
+            {
+                "facts": len(facts),
+                "copy": len(copy),
+                "json_bytes": json_bytes,
+                "delta": grown,
+                "traced_mib": traced / MIB,
+            }
+        )
+    )
+
+
+def trace_startup(config_path: str, top: int = 15) -> None:
+    """Start the daemon in this process under tracemalloc; print where the memory that is
+    still allocated after ``start()`` was allocated (by file and line, and by file)."""
+    import tracemalloc
+
+    from gatekeeper.config import load_config
+    from gatekeeper.daemon import Daemon
+
+    config = load_config(Path(config_path))
+
+    async def start_stop() -> tracemalloc.Snapshot:
+        daemon = Daemon(config, daemon_env(), watch=False)
+        await daemon.start()
+        snapshot = tracemalloc.take_snapshot()
+        await daemon.stop()
+        return snapshot
+
+    tracemalloc.start()
+    snapshot = asyncio.run(start_stop())
+    traced_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    snapshot = snapshot.filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<unknown>")]
+    )
+    total = sum(stat.size for stat in snapshot.statistics("filename"))
+    print(
+        f"   held after start(): {total / MIB:.1f} MiB traced "
+        f"(traced peak during start: {traced_peak / MIB:.1f} MiB); top sites:"
+    )
+    rows = []
+    for stat in snapshot.statistics("lineno")[:top]:
+        frame = stat.traceback[0]
+        rows.append(
+            [f"{short(frame.filename)}:{frame.lineno}", f"{stat.size / MIB:.1f}", f"{stat.count:,}"]
+        )
+    print(table(["allocated at (file:line)", "MiB", "blocks"], rows))
+    print()
+    rows = []
+    for stat in snapshot.statistics("filename")[:top]:
+        frame = stat.traceback[0]
+        rows.append([short(frame.filename), f"{stat.size / MIB:.1f}", f"{stat.count:,}"])
+    print(table(["allocated in (file)", "MiB", "blocks"], rows))
+
+
+def short(filename: str) -> str:
+    """A file name relative to site-packages, the source tree or the standard library."""
+    for marker in ("/site-packages/", "/src/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    match = re.search(r"/lib/python3\.\d+/(.*)$", filename)
+    return f"stdlib {match.group(1)}" if match else filename
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def run(args: argparse.Namespace) -> int:
+    targets = Targets(strict=args.strict, strict_later=args.strict_later)
+    print(machine_header("bench_memory: daemon RSS with many rules and facts"))
+    print(
+        f"   {args.rules:,} rules ({RULES_PER_FACT} per fact, days_since clause), "
+        f"{args.facts:,} current facts written with the store API before start; "
+        f"{args.runs} daemon starts, each exercised with {args.posts:,} posted facts"
+    )
+    folder = Path(tempfile.mkdtemp(prefix="gatekeeper-bench-memory-"))
+    started = time.perf_counter()
+    servers: list[Server] = []
+    try:
+        config, port = write_project(folder, args.rules)
+        t0 = time.perf_counter()
+        asyncio.run(write_facts(folder / "gatekeeper.db", args.facts))
+        print(f"   wrote {args.facts:,} facts in {time.perf_counter() - t0:.1f} s")
+        bare = child_rss("import sys")
+        imports = child_rss(DAEMON_IMPORTS)
+        dicts = json.loads(
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--dicts-of",
+                    str(folder / "gatekeeper.db"),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=600,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        rule_bytes = sum(p.stat().st_size for p in (folder / "rules").iterdir())
+        runs: list[dict[str, Any]] = []
+        start_s: list[float] = []
+        for n in range(args.runs):
+            t0 = time.perf_counter()
+            server = start_gatekeeper(folder, config, port, n)
+            servers.append(server)
+            start_s.append(time.perf_counter() - t0)
+            runs.append(exercise(server, args, n))
+            server.stop()
+            servers.remove(server)
+        db_bytes = sum(
+            p.stat().st_size for p in folder.iterdir() if p.name.startswith("gatekeeper.db")
+        )
+        trace = None
+        if args.where:
+            done = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), "--trace-config", str(config)],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=900,
+                cwd=folder,
+            )
+            trace = done.stdout if done.returncode == 0 else done.stdout + done.stderr
+    finally:
+        for server in servers:
+            server.stop()
+        if args.keep:
+            print(f"   kept {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    print(
+        f"   daemon start (to /healthz answering): {fmt(median(start_s))} s median, "
+        f"{spread(start_s)}; posts: {fmt(median([r['post_rate'] for r in runs]))} facts/s, "
+        f"{sum(r['posted'] for r in runs):,} accepted of {args.posts * args.runs:,}"
+    )
+    print()
+    rows = [
+        ["baseline: bare interpreter", f"{bare['peak']:.1f}", "", f"{bare['rss']:.1f}", ""],
+        [
+            "baseline: interpreter + the daemon's imports",
+            f"{imports['peak']:.1f}",
+            "",
+            f"{imports['rss']:.1f}",
+            "",
+        ],
+    ]
+    for stage in STAGES:
+        peaks = [r["stages"][stage][0] for r in runs]
+        now = [r["stages"][stage][1] for r in runs]
+        rows.append(
+            [
+                f"gatekeeper daemon, {stage}",
+                f"{median(peaks):.1f}",
+                spread(peaks),
+                f"{median(now):.1f}",
+                spread(now),
+            ]
+        )
+    print(
+        table(
+            [
+                "process",
+                "peak RSS MiB",
+                f"min..max of {args.runs}",
+                "RSS MiB",
+                f"min..max of {args.runs}",
+            ],
+            rows,
+        )
+    )
+    started_rss = median([r["stages"]["started"][1] for r in runs])
+    print("\n-- raw size of the data")
+    print(
+        table(
+            ["what", "MiB"],
+            [
+                [f"rule files ({args.rules:,} rules, YAML)", f"{rule_bytes / MIB:.1f}"],
+                [
+                    f"facts' data as JSON ({dicts['facts']:,} facts)",
+                    f"{dicts['json_bytes'] / MIB:.1f}",
+                ],
+                ["database files (after the runs)", f"{db_bytes / MIB:.1f}"],
+                [
+                    "the facts as plain Python dicts: RSS growth of a bare process",
+                    f"{dicts['delta']:.1f}",
+                ],
+                [
+                    "the facts as plain Python dicts: bytes tracemalloc counts",
+                    f"{dicts['traced_mib']:.1f}",
+                ],
+                ["GET /v1/rules answer", f"{median([r['rules_bytes'] for r in runs]) / MIB:.1f}"],
+                ["GET /v1/facts answer", f"{median([r['facts_bytes'] for r in runs]) / MIB:.1f}"],
+            ],
+        )
+    )
+    over_imports = started_rss - imports["rss"]
+    print(
+        f"\n   daemon RSS after start - (imports): {over_imports:.1f} MiB, of which plain "
+        f"dicts of the facts would be {dicts['delta']:.1f} MiB; the rest is the ruleset "
+        "(parsed rules, compiled conditions, index, states, deadline schedule) and caches"
+    )
+    exercised_peak = median([r["stages"]["after posts"][0] for r in runs])
+    api_peak = median([r["stages"]["after GET /v1/facts"][0] for r in runs])
+    targets.check(
+        "peak RSS MiB, started and exercised with posts", exercised_peak, "<=", TARGET_PEAK_MB
+    )
+    targets.check(
+        "peak RSS MiB, after GET /v1/rules and /v1/facts",
+        api_peak,
+        "<=",
+        TARGET_PEAK_MB,
+        later=True,
+    )
+    if trace is not None:
+        print("\n-- where the memory goes: tracemalloc of Daemon.start() in-process (--where)")
+        print(trace.rstrip())
+    print(f"\n   done in {time.perf_counter() - started:.0f} s wall time")
+    return targets.exit_code()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dicts_of is not None:
+        dicts_of(args.dicts_of)
+        return 0
+    if args.trace_config is not None:
+        trace_startup(args.trace_config)
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
