@@ -83,47 +83,30 @@ MODE_WEIGHTS = (4, 3, 2, 1)
 SLOW_COMMIT = '''\
 """gatekeeper serve with a slow COMMIT (fault injection for tests/crashkit.py): a transaction
 that queued actions (it inserted rows into the outbox) waits CRASHKIT_COMMIT_DELAY_S seconds
-before its COMMIT is sent, as if the disk were slow or the rest of a large group commit were
-still being written. Nothing else is changed."""
+on the store's writer thread before its COMMIT is sent, as if the disk were slow or the rest
+of a large group commit were still being written. Nothing else is changed."""
 
-import asyncio
 import os
 import sys
-
-import aiosqlite
-from aiosqlite.context import contextmanager
+import time
 
 from gatekeeper.cli import main
+from gatekeeper.store import SqliteStore
 
 DELAY_S = float(os.environ["CRASHKIT_COMMIT_DELAY_S"])
-_execute = aiosqlite.Connection.execute.__wrapped__
-_executemany = aiosqlite.Connection.executemany.__wrapped__
-_queued_actions = set()
+_write_transition = SqliteStore._write_transition
 
 
-@contextmanager
-async def execute(self, sql, parameters=None):
-    verb = sql.strip().upper()
-    if verb == "COMMIT" and id(self) in _queued_actions:
-        _queued_actions.discard(id(self))
+def write_transition(self, db, transition):
+    seqs = _write_transition(self, db, transition)
+    if transition.actions:
         print(f"crashkit: holding a COMMIT that queued actions for {DELAY_S} s",
               file=sys.stderr, flush=True)
-        await asyncio.sleep(DELAY_S)
-    elif verb.startswith(("BEGIN", "ROLLBACK")):
-        _queued_actions.discard(id(self))
-    return await _execute(self, sql, parameters)
+        time.sleep(DELAY_S)
+    return seqs
 
 
-@contextmanager
-async def executemany(self, sql, parameters):
-    parameters = list(parameters)
-    if parameters and sql.lstrip().upper().startswith("INSERT INTO OUTBOX"):
-        _queued_actions.add(id(self))
-    return await _executemany(self, sql, parameters)
-
-
-aiosqlite.Connection.execute = execute
-aiosqlite.Connection.executemany = executemany
+SqliteStore._write_transition = write_transition
 sys.exit(main(sys.argv[1:]))
 '''
 

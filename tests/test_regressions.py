@@ -63,10 +63,10 @@ async def test_dispatcher_never_sends_an_action_whose_transaction_did_not_commit
     store = gk.daemon.store
     original = store._write_transition
 
-    async def slow_commit_then_fail(transition: Any) -> list[int]:
-        seqs = await original(transition)
+    def slow_commit_then_fail(db: Any, transition: Any) -> list[int]:
+        seqs = original(db, transition)  # on the writer thread, inside the transaction
         if transition.actions:
-            await asyncio.sleep(0.5)  # the COMMIT's fsync taking its time ...
+            time.sleep(0.5)  # the COMMIT's fsync taking its time ...
             raise sqlite3.OperationalError("disk I/O error")  # ... and failing
         return seqs
 
@@ -360,28 +360,23 @@ async def test_cancel_during_commit_is_not_swallowed(
     gk = await start_daemon(project, clock=clock, tick_s=0.05)
     await gk.post("/v1/facts", fact("task", "t", at="2026-11-01T09:00:00Z"))
 
-    db = gk.daemon.store.db
-    original_execute = db.execute
+    store = gk.daemon.store
+    original_transact = store._transact
     in_commit = asyncio.Event()
+    loop = asyncio.get_running_loop()
 
-    def slow_commit(sql: str, *args: Any) -> Any:
-        if sql != "COMMIT":
-            return original_execute(sql, *args)
+    def slow_commit(body: Any) -> Any:  # on the writer thread: BEGIN ... COMMIT
+        result = original_transact(body)  # committed (and fsynced) ...
+        loop.call_soon_threadsafe(in_commit.set)
+        time.sleep(0.5)  # ... but the awaiting task has not resumed yet
+        return result
 
-        async def run() -> Any:
-            result = await original_execute(sql, *args)  # committed (and fsynced) ...
-            in_commit.set()
-            await asyncio.sleep(0.5)  # ... but the awaiting task has not resumed yet
-            return result
-
-        return run()
-
-    db.execute = slow_commit  # type: ignore[method-assign]
+    store._transact = slow_commit  # type: ignore[method-assign]
     ticks = next(t for t in gk.daemon._tasks if t.get_name() == "clock-ticks")
     clock.advance(timedelta(minutes=2))
     await asyncio.wait_for(in_commit.wait(), 5)
     ticks.cancel()  # what Daemon.stop does to its tasks
-    db.execute = original_execute  # type: ignore[method-assign]
+    store._transact = original_transact  # type: ignore[method-assign]
     done, _ = await asyncio.wait({ticks}, timeout=2)
     async with gk.daemon._write_lock:  # the shielded write goes on to its end
         pass

@@ -1,9 +1,10 @@
 """Storage: the one narrow interface the daemon writes through, and its SQLite backend.
 
 ``Store`` is a Protocol so that a PostgreSQL backend can stand beside ``SqliteStore``.
-Every write goes through one connection under one lock (a single writer), and everything a
+Every write goes through one connection on one thread (a single writer), and everything a
 fact causes is committed in one transaction (``commit_transition``): the fact, the decisions
-it causes, the rule states and the actions they queue (a transactional outbox).
+it causes, the rule states and the actions they queue (a transactional outbox). A whole
+transaction, ``BEGIN IMMEDIATE`` to ``COMMIT``, is one call on the writer's thread.
 
 SQLite runs in WAL mode with ``synchronous=FULL``: a committed transaction is on disk
 (fsynced) before ``commit_transition`` returns, so an acknowledged fact survives a crash.
@@ -14,13 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from queue import SimpleQueue
+from typing import Any, Literal, Protocol, TypeVar
 
 import aiosqlite
 
@@ -357,25 +362,123 @@ class Store(Protocol):
     async def decision_of_firing(self, firing_id: str) -> dict[str, Any] | None: ...
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=str)
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+    """Canonical JSON text as stored: compact, keys sorted, anything else as ``str``."""
+    return _ENCODER.encode(value)
+
+
+T = TypeVar("T")
+
+
+class WriterThread:
+    """One dedicated thread that owns the writer connection and runs calls on it, in order.
+
+    ``run(fn)`` is one round trip: ``fn`` is queued to the thread, the awaiting task resumes
+    when it has returned (through ``call_soon_threadsafe``). A call, once queued, runs to its
+    end even if the awaiting task is cancelled meanwhile (the caller then sees
+    ``CancelledError``, the call's effect stands). This is aiosqlite's design (its connection
+    thread) reduced to what the store needs: a whole transaction is one call, so it costs one
+    round trip instead of one per statement, and its Python side is lighter than
+    ``loop.run_in_executor`` (about 30 µs of CPU per round trip here against 55 µs).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: SimpleQueue[tuple[asyncio.Future[Any], Callable[[], Any]] | None] = (
+            SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (item := self._calls.get()) is not None:
+            future, call = item
+            try:
+                result = call()
+            except BaseException as exc:
+                _resolve(future, _set_exception, exc)
+            else:
+                _resolve(future, _set_result, result)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the thread and return its result (or raise its exception)."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._calls.put((future, functools.partial(fn, *args)))
+        return await asyncio.shield(future)
+
+    async def stop(self) -> None:
+        """Let the queued calls finish, then end the thread."""
+        self._calls.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+
+def _resolve(future: asyncio.Future[Any], setter: Callable[..., None], value: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+        future.get_loop().call_soon_threadsafe(setter, future, value)
+
+
+def _set_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+_INSERT_FACT_LOG = (
+    "INSERT INTO fact_log (project, kind, id, data, received_at, request_id)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_FACT = (
+    "INSERT INTO facts (project, kind, id, data, seq, updated_at)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project, kind, id) DO UPDATE SET"
+    " data = excluded.data, seq = excluded.seq, updated_at = excluded.updated_at"
+)
+_INSERT_DECISION = (
+    "INSERT INTO decisions (decided_at, rule_id, rule_hash, ruleset_version, git_commit,"
+    " trigger, fact_seq, outcome, gate_open, evaluation, approvals, firing_id,"
+    " request_id, reason, project) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_RULE_STATE = (
+    "INSERT INTO rule_state (rule_id, gate_open, fired_count, last_fired_at, rule_hash,"
+    " paused, rearms) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rule_id) DO UPDATE SET"
+    " gate_open = excluded.gate_open, fired_count = excluded.fired_count,"
+    " last_fired_at = excluded.last_fired_at, rule_hash = excluded.rule_hash,"
+    " paused = excluded.paused, rearms = excluded.rearms"
+)
+# decision_id: the decision of the same firing, written just before in this transaction
+# (firing_id is UNIQUE in decisions; no such decision leaves it NULL, which NOT NULL refuses)
+_INSERT_OUTBOX = (
+    "INSERT INTO outbox (action_id, decision_id, rule_id, firing_id, kind, target,"
+    " payload, created_at, next_attempt_at)"
+    " VALUES (?, (SELECT id FROM decisions WHERE firing_id = ?), ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_LEDGER = (
+    "INSERT INTO ledger (release_id, escrow, amount, currency, payee, rule_id,"
+    " firing_id, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 class SqliteStore:
-    """``Store`` on one SQLite file (WAL, ``synchronous=FULL``) through aiosqlite."""
+    """``Store`` on one SQLite file (WAL, ``synchronous=FULL``).
+
+    Writes go through one stdlib ``sqlite3`` connection owned by a ``WriterThread``: each
+    write is ONE call on that thread running ``BEGIN IMMEDIATE``, every statement and
+    ``COMMIT`` (``_transact``), so a group commit costs one round trip between the event loop
+    and the thread. Reads go through a second, read-only connection (aiosqlite), which sees
+    only committed data.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: aiosqlite.Connection | None = None
+        self._writer: WriterThread | None = None
+        self._db: sqlite3.Connection | None = None
+        """The writer connection; only ever used on the writer thread."""
         self._reader: aiosqlite.Connection | None = None
-        self._write_lock = asyncio.Lock()
-
-    @property
-    def db(self) -> aiosqlite.Connection:
-        """The writer connection: every write, inside ``_transaction``."""
-        if self._db is None:
-            raise RuntimeError("store is not open")
-        return self._db
 
     @property
     def reader(self) -> aiosqlite.Connection:
@@ -385,51 +488,85 @@ class SqliteStore:
             raise RuntimeError("store is not open")
         return self._reader
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT`` on the writer, under the write lock.
+    async def _transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``body(connection)`` inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` on the writer
+        thread, in one round trip, and return its result (see ``_transact``).
 
-        COMMIT is shielded from cancellation, so a cancelled caller cannot leave it half
-        done; on any error the transaction is rolled back (if still open) and the original
-        exception is raised, never one from the rollback.
+        Once queued the transaction runs to its end (COMMIT or ROLLBACK) whatever happens
+        to the awaiting task: a cancelled caller cannot leave it half done.
         """
-        async with self._write_lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-            except BaseException:
-                if self.db.in_transaction:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(self.db.execute("ROLLBACK"))
-                raise
-            await asyncio.shield(self.db.execute("COMMIT"))
+        if self._writer is None:
+            raise RuntimeError("store is not open")
+        return await self._writer.run(self._transact, body)
+
+    def _transact(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """On the writer thread: ``BEGIN IMMEDIATE``, ``body``, ``COMMIT``. On any error the
+        transaction is rolled back (if still open) and the original exception is raised,
+        never one from the rollback."""
+        db = self._db
+        if db is None:
+            raise RuntimeError("store is not open")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = body(db)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                with contextlib.suppress(Exception):
+                    db.execute("ROLLBACK")
+            raise
+        return result
 
     async def open(self) -> None:
         """Open (creating if needed) the database and bring its schema up to date."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self.db.execute("PRAGMA journal_mode=WAL")
-        await self.db.execute("PRAGMA synchronous=FULL")
-        await self.db.execute("PRAGMA foreign_keys=ON")
-        await self.db.execute("PRAGMA busy_timeout=5000")
-        await self._migrate()
+        self._writer = WriterThread(f"gatekeeper-writer {self.path.name}")
+        try:
+            await self._writer.run(self._connect_writer)
+        except BaseException:
+            await self._writer.stop()
+            self._writer = None
+            raise
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self.reader.execute("PRAGMA busy_timeout=5000")
         await self.reader.execute("PRAGMA query_only=ON")
 
+    def _connect_writer(self) -> None:
+        """On the writer thread: connect, set the pragmas, migrate."""
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=5000")
+            self._db = db
+            self._migrate()
+        except BaseException:
+            self._db = None
+            db.close()
+            raise
+
     async def close(self) -> None:
-        """Close both connections (waiting for the write in progress, if any)."""
+        """Close both connections (after the writes already queued, if any)."""
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
-        async with self._write_lock:
-            if self._db is not None:
-                await self._db.close()
-                self._db = None
+        writer = self._writer
+        if writer is not None:
+            self._writer = None
+            await writer.run(self._close_writer)
+            await writer.stop()
 
-    async def _migrate(self) -> None:
-        async with self.db.execute("PRAGMA user_version") as cursor:  # writer: migrating
-            row = await cursor.fetchone()
+    def _close_writer(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _migrate(self) -> None:
+        """On the writer thread: run the migrations the database has not had yet, each in
+        its own transaction together with its new ``user_version``."""
+        assert self._db is not None
+        row = self._db.execute("PRAGMA user_version").fetchone()
         current = int(row[0]) if row else 0
         if current > len(MIGRATIONS):
             raise RuntimeError(
@@ -437,11 +574,14 @@ class SqliteStore:
                 f"gatekeeper knows ({len(MIGRATIONS)}); upgrade gatekeeper"
             )
         for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-            async with self._transaction() as db:
+
+            def migrate(db: sqlite3.Connection, script: str = script, v: int = version) -> None:
                 for statement in script.split(";"):
                     if statement.strip():
-                        await db.execute(statement)
-                await db.execute(f"PRAGMA user_version={version}")
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={v}")
+
+            self._transact(migrate)
 
     async def commit_transition(self, transition: Transition) -> list[int]:
         """Commit a transition in one transaction; return the facts' sequence numbers.
@@ -452,159 +592,113 @@ class SqliteStore:
         return (await self.commit_transitions([transition]))[0]
 
     async def commit_transitions(self, transitions: Sequence[Transition]) -> list[list[int]]:
-        """Commit several transitions in ONE transaction (group commit: one fsync for all);
-        return each one's fact sequence numbers. All or nothing, as ``commit_transition``."""
-        async with self._transaction():
-            seqs = [await self._write_transition(t) for t in transitions]
-        return seqs
+        """Commit several transitions in ONE transaction (group commit: one fsync for all,
+        one round trip to the writer thread); return each one's fact sequence numbers, in
+        order. All or nothing, as ``commit_transition``."""
+        transitions = list(transitions)
 
-    async def _write_transition(self, t: Transition) -> list[int]:
-        db = self.db
+        def write(db: sqlite3.Connection) -> list[list[int]]:
+            return [self._write_transition(db, t) for t in transitions]
+
+        return await self._transaction(write)
+
+    def _write_transition(self, db: sqlite3.Connection, t: Transition) -> list[int]:
+        """On the writer thread, inside the open transaction: write everything ``t`` changes
+        (fact log, facts, approvals, admin acts, ruleset, decisions, rule states, outbox,
+        ledger, idempotency key); return the facts' (and approvals') sequence numbers."""
         now = t.decisions[0].decided_at if t.decisions else None
         seqs: list[int] = []
+        request_id = t.request_id
         for fact in t.facts:
             received_at = now or _now_text()
             data = _dumps(fact.data)
-            cursor = await db.execute(
-                "INSERT INTO fact_log (project, kind, id, data, received_at, request_id)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (fact.project, fact.kind, fact.id, data, received_at, t.request_id),
+            cursor = db.execute(
+                _INSERT_FACT_LOG, (fact.project, fact.kind, fact.id, data, received_at, request_id)
             )
             seq = int(cursor.lastrowid or 0)
             seqs.append(seq)
-            await db.execute(
-                "INSERT INTO facts (project, kind, id, data, seq, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project, kind, id) DO UPDATE SET"
-                " data = excluded.data, seq = excluded.seq, updated_at = excluded.updated_at",
-                (fact.project, fact.kind, fact.id, data, seq, received_at),
-            )
+            db.execute(_UPSERT_FACT, (fact.project, fact.kind, fact.id, data, seq, received_at))
         for approval in t.approvals:
-            seqs.append(await self._write_approval(approval, now or _now_text(), t.request_id))
-        for act in t.admin_acts:
-            await db.execute(
+            seqs.append(_write_approval(db, approval, now or _now_text(), request_id))
+        if t.admin_acts:
+            db.executemany(
                 "INSERT INTO admin_acts (at, actor, act, subject, reason, project)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    now or _now_text(),
-                    act.actor,
-                    act.act,
-                    act.rule_id,
-                    act.reason,
-                    act.project or None,
-                ),
+                [
+                    (now or _now_text(), a.actor, a.act, a.rule_id, a.reason, a.project or None)
+                    for a in t.admin_acts
+                ],
             )
         if t.ruleset is not None:
-            await self._write_ruleset(t.ruleset, now or _now_text())
-        decision_ids: dict[str, int] = {}
-        for decision in t.decisions:
-            decision_id = await self._write_decision(decision, seqs, t.request_id)
-            if decision.firing_id:
-                decision_ids[decision.firing_id] = decision_id
-        await db.executemany(
-            "INSERT INTO rule_state (rule_id, gate_open, fired_count, last_fired_at, rule_hash,"
-            " paused, rearms) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rule_id) DO UPDATE SET"
-            " gate_open = excluded.gate_open, fired_count = excluded.fired_count,"
-            " last_fired_at = excluded.last_fired_at, rule_hash = excluded.rule_hash,"
-            " paused = excluded.paused, rearms = excluded.rearms",
-            [
-                (
-                    s.rule_id,
-                    s.gate_open,
-                    s.fired_count,
-                    s.last_fired_at,
-                    s.rule_hash,
-                    s.paused,
-                    s.rearms,
-                )
-                for s in t.rule_states.values()
-            ],
-        )
-        await db.executemany(
-            "INSERT INTO outbox (action_id, decision_id, rule_id, firing_id, kind, target,"
-            " payload, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    a.action_id,
-                    decision_ids[a.firing_id],
-                    a.rule_id,
-                    a.firing_id,
-                    a.kind,
-                    a.target,
-                    _dumps(a.payload),
-                    a.created_at,
-                    a.created_at,
-                )
-                for a in t.actions
-            ],
-        )
-        await db.executemany(
-            "INSERT INTO ledger (release_id, escrow, amount, currency, payee, rule_id,"
-            " firing_id, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    e.release_id,
-                    e.escrow,
-                    e.amount,
-                    e.currency,
-                    e.payee,
-                    e.rule_id,
-                    e.firing_id,
-                    e.recorded_at,
-                )
-                for e in t.ledger
-            ],
-        )
+            _write_ruleset(db, t.ruleset, now or _now_text())
+        if t.decisions:
+            db.executemany(
+                _INSERT_DECISION, [_decision_row(d, seqs, request_id) for d in t.decisions]
+            )
+        if t.rule_states:
+            db.executemany(
+                _UPSERT_RULE_STATE,
+                [
+                    (
+                        s.rule_id,
+                        s.gate_open,
+                        s.fired_count,
+                        s.last_fired_at,
+                        s.rule_hash,
+                        s.paused,
+                        s.rearms,
+                    )
+                    for s in t.rule_states.values()
+                ],
+            )
+        if t.actions:
+            db.executemany(
+                _INSERT_OUTBOX,
+                [
+                    (
+                        a.action_id,
+                        a.firing_id,
+                        a.rule_id,
+                        a.firing_id,
+                        a.kind,
+                        a.target,
+                        _dumps(a.payload),
+                        a.created_at,
+                        a.created_at,
+                    )
+                    for a in t.actions
+                ],
+            )
+        if t.ledger:
+            db.executemany(
+                _INSERT_LEDGER,
+                [
+                    (
+                        e.release_id,
+                        e.escrow,
+                        e.amount,
+                        e.currency,
+                        e.payee,
+                        e.rule_id,
+                        e.firing_id,
+                        e.recorded_at,
+                    )
+                    for e in t.ledger
+                ],
+            )
         if t.idempotency is not None:
-            await db.execute(
+            db.execute(
                 "INSERT INTO idempotency_keys (key, request_hash, seqs, request_id, created_at)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (
                     t.idempotency.key,
                     t.idempotency.request_hash,
                     _dumps(seqs),
-                    t.request_id,
+                    request_id,
                     now or _now_text(),
                 ),
             )
         return seqs
-
-    async def _write_approval(
-        self, approval: ApprovalInput, now: str, request_id: str | None
-    ) -> int:
-        """Append ``approval`` to the fact log (kind ``approval``, id the approver) and set,
-        or for ``withdraw`` remove, the approver's standing decision on the rule."""
-        data = {
-            "rule": approval.rule_id,
-            "decision": approval.decision,
-            "comment": approval.comment,
-        }
-        cursor = await self.db.execute(
-            "INSERT INTO fact_log (project, kind, id, data, received_at, request_id)"
-            " VALUES (?, 'approval', ?, ?, ?, ?)",
-            (approval.project, approval.subject, _dumps(data), now, request_id),
-        )
-        seq = int(cursor.lastrowid or 0)
-        if approval.decision == "withdraw":
-            await self.db.execute(
-                "DELETE FROM approvals WHERE rule_id = ? AND subject = ?",
-                (approval.rule_id, approval.subject),
-            )
-        else:
-            await self.db.execute(
-                "INSERT INTO approvals (rule_id, subject, decision, comment, seq, decided_at)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rule_id, subject) DO UPDATE SET"
-                " decision = excluded.decision, comment = excluded.comment,"
-                " seq = excluded.seq, decided_at = excluded.decided_at",
-                (
-                    approval.rule_id,
-                    approval.subject,
-                    approval.decision,
-                    approval.comment,
-                    seq,
-                    now,
-                ),
-            )
-        return seq
 
     async def load_approvals(self) -> dict[str, dict[str, str]]:
         """Every standing approval decision: {rule id: {subject: "approve" | "reject"}}."""
@@ -614,47 +708,6 @@ class SqliteStore:
             async for rule_id, subject, decision in cursor:
                 standing.setdefault(rule_id, {})[subject] = decision
         return standing
-
-    async def _write_decision(
-        self, d: Decision, seqs: Sequence[int], request_id: str | None
-    ) -> int:
-        fact_seq = seqs[d.fact_index] if d.fact_index is not None else None
-        cursor = await self.db.execute(
-            "INSERT INTO decisions (decided_at, rule_id, rule_hash, ruleset_version, git_commit,"
-            " trigger, fact_seq, outcome, gate_open, evaluation, approvals, firing_id,"
-            " request_id, reason, project) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                d.decided_at,
-                d.rule_id,
-                d.rule_hash,
-                d.ruleset_version,
-                d.git_commit,
-                d.trigger,
-                fact_seq,
-                d.outcome,
-                d.gate_open,
-                _dumps(evaluation_to_json(d.evaluation)),
-                _dumps(d.approvals) if d.approvals is not None else None,
-                d.firing_id,
-                request_id,
-                d.reason,
-                d.project or None,
-            ),
-        )
-        return int(cursor.lastrowid or 0)
-
-    async def _write_ruleset(self, ruleset: Ruleset, now: str) -> None:
-        await self.db.execute(
-            "INSERT INTO rulesets (version, files, git_commit, first_activated_at,"
-            " last_activated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (version) DO UPDATE SET"
-            " last_activated_at = excluded.last_activated_at, git_commit = excluded.git_commit",
-            (ruleset.version, _dumps(dict(ruleset.files)), ruleset.git_commit, now, now),
-        )
-        await self.db.execute(
-            "INSERT INTO meta (key, value) VALUES ('active_ruleset', ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (ruleset.version,),
-        )
 
     async def load_facts(self) -> dict[FactKey, dict[str, Any]]:
         """Every current fact: {(project, kind, id): data}."""
@@ -957,11 +1010,12 @@ class SqliteStore:
 
     async def purge_idempotency_keys(self, before: str) -> int:
         """Forget keys created before ``before`` (RFC 3339); return how many were removed."""
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                "DELETE FROM idempotency_keys WHERE created_at < ?", (before,)
-            )
-        return int(cursor.rowcount)
+
+        def purge(db: sqlite3.Connection) -> int:
+            cursor = db.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (before,))
+            return int(cursor.rowcount)
+
+        return await self._transaction(purge)
 
     async def requeue_action(
         self, action_id: str, now: str, actor: str, reason: str | None
@@ -972,21 +1026,27 @@ class SqliteStore:
         Returns the updated entry; None when there is no such action. Raises ``ValueError``
         when the action is not dead (pending or delivered actions are not requeued).
         """
-        async with self._transaction():
-            entry = await self.get_action(action_id)
-            if entry is not None and entry.status != "dead":
-                raise ValueError(f"action {action_id} is {entry.status}, not dead")
-            if entry is not None:
-                await self.db.execute(
-                    "UPDATE outbox SET status = 'pending', next_attempt_at = ?,"
-                    " requeued_at = ?, attempts_at_requeue = attempts WHERE action_id = ?",
-                    (now, now, action_id),
-                )
-                await self.db.execute(
-                    "INSERT INTO admin_acts (at, actor, act, subject, reason)"
-                    " VALUES (?, ?, 'retry_action', ?, ?)",
-                    (now, actor, action_id, reason),
-                )
+
+        def requeue(db: sqlite3.Connection) -> None:
+            row = db.execute(
+                "SELECT status FROM outbox WHERE action_id = ?", (action_id,)
+            ).fetchone()
+            if row is None:
+                return
+            if row[0] != "dead":
+                raise ValueError(f"action {action_id} is {row[0]}, not dead")
+            db.execute(
+                "UPDATE outbox SET status = 'pending', next_attempt_at = ?,"
+                " requeued_at = ?, attempts_at_requeue = attempts WHERE action_id = ?",
+                (now, now, action_id),
+            )
+            db.execute(
+                "INSERT INTO admin_acts (at, actor, act, subject, reason)"
+                " VALUES (?, ?, 'retry_action', ?, ?)",
+                (now, actor, action_id, reason),
+            )
+
+        await self._transaction(requeue)
         return await self.get_action(action_id)
 
     async def record_attempt(
@@ -996,8 +1056,10 @@ class SqliteStore:
         next_attempt_at: str | None,
     ) -> None:
         """Record a delivery attempt and the action's new status, atomically."""
-        async with self._transaction():
-            await self.db.execute(
+        delivered_at = attempt.started_at if status == "delivered" else None
+
+        def record(db: sqlite3.Connection) -> None:
+            db.execute(
                 "INSERT INTO delivery_attempts (action_id, attempt, started_at, latency_ms,"
                 " status_code, error) VALUES (?, ?, ?, ?, ?, ?)",
                 (
@@ -1009,8 +1071,7 @@ class SqliteStore:
                     attempt.error,
                 ),
             )
-            delivered_at = attempt.started_at if status == "delivered" else None
-            await self.db.execute(
+            db.execute(
                 "UPDATE outbox SET status = ?, attempts = ?, last_error = ?,"
                 " next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ?"
                 " WHERE action_id = ?",
@@ -1023,6 +1084,75 @@ class SqliteStore:
                     attempt.action_id,
                 ),
             )
+
+        await self._transaction(record)
+
+
+def _write_approval(
+    db: sqlite3.Connection, approval: ApprovalInput, now: str, request_id: str | None
+) -> int:
+    """Append ``approval`` to the fact log (kind ``approval``, id the approver) and set, or
+    for ``withdraw`` remove, the approver's standing decision on the rule; return its seq."""
+    data = {
+        "rule": approval.rule_id,
+        "decision": approval.decision,
+        "comment": approval.comment,
+    }
+    cursor = db.execute(
+        "INSERT INTO fact_log (project, kind, id, data, received_at, request_id)"
+        " VALUES (?, 'approval', ?, ?, ?, ?)",
+        (approval.project, approval.subject, _dumps(data), now, request_id),
+    )
+    seq = int(cursor.lastrowid or 0)
+    if approval.decision == "withdraw":
+        db.execute(
+            "DELETE FROM approvals WHERE rule_id = ? AND subject = ?",
+            (approval.rule_id, approval.subject),
+        )
+    else:
+        db.execute(
+            "INSERT INTO approvals (rule_id, subject, decision, comment, seq, decided_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rule_id, subject) DO UPDATE SET"
+            " decision = excluded.decision, comment = excluded.comment,"
+            " seq = excluded.seq, decided_at = excluded.decided_at",
+            (approval.rule_id, approval.subject, approval.decision, approval.comment, seq, now),
+        )
+    return seq
+
+
+def _decision_row(d: Decision, seqs: Sequence[int], request_id: str | None) -> tuple[Any, ...]:
+    """The ``decisions`` row of ``d`` (its evaluation and approvals as JSON text)."""
+    return (
+        d.decided_at,
+        d.rule_id,
+        d.rule_hash,
+        d.ruleset_version,
+        d.git_commit,
+        d.trigger,
+        seqs[d.fact_index] if d.fact_index is not None else None,
+        d.outcome,
+        d.gate_open,
+        _dumps(evaluation_to_json(d.evaluation)),
+        _dumps(d.approvals) if d.approvals is not None else None,
+        d.firing_id,
+        request_id,
+        d.reason,
+        d.project or None,
+    )
+
+
+def _write_ruleset(db: sqlite3.Connection, ruleset: Ruleset, now: str) -> None:
+    db.execute(
+        "INSERT INTO rulesets (version, files, git_commit, first_activated_at,"
+        " last_activated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (version) DO UPDATE SET"
+        " last_activated_at = excluded.last_activated_at, git_commit = excluded.git_commit",
+        (ruleset.version, _dumps(dict(ruleset.files)), ruleset.git_commit, now, now),
+    )
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES ('active_ruleset', ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (ruleset.version,),
+    )
 
 
 async def _sum_amounts(cursor: aiosqlite.Cursor) -> dict[str, dict[str, Decimal]]:
