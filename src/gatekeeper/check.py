@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Literal, TextIO
 
 from gatekeeper.config import DEFAULT_RULES_DIR, Config
+from gatekeeper.hooks import hook_problems
 from gatekeeper.loader import LoadResult, load_rule_paths
 from gatekeeper.problems import Problem
+from gatekeeper.yamlsource import sorted_problems
 
 OutputFormat = Literal["text", "json", "github"]
 FORMATS: tuple[OutputFormat, ...] = ("text", "json", "github")
@@ -37,6 +39,8 @@ def run_check(paths: Sequence[Path], config: Config | None, fmt: OutputFormat, o
     if not paths:
         paths = [config.rules_dir if config is not None else Path(DEFAULT_RULES_DIR)]
     result = load_rule_paths(paths, config)
+    if config is not None:
+        result = _with_hook_problems(result, config)
     if fmt == "json":
         out.write(json.dumps(check_report(result), indent=2) + "\n")
     else:
@@ -48,6 +52,16 @@ def run_check(paths: Sequence[Path], config: Config | None, fmt: OutputFormat, o
         for line in [*lines, summary_line(result)]:
             out.write(line + "\n")
     return 0 if result.ok else 1
+
+
+def _with_hook_problems(result: LoadResult, config: Config) -> LoadResult:
+    """``result`` plus the config's broken hook mappings (``hooks.hook_problems``), which
+    the daemon would refuse at start or reload."""
+    problems = hook_problems(config)
+    if not problems:
+        return result
+    merged = tuple(sorted_problems([*result.problems, *problems]))
+    return LoadResult(None, merged, result.rule_count, result.file_count)
 
 
 def check_report(result: LoadResult) -> dict[str, object]:

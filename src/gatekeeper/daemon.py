@@ -48,9 +48,9 @@ from gatekeeper.engine import (
     Transition,
     apply_transition,
 )
-from gatekeeper.hooks import check_hook
+from gatekeeper.hooks import hook_problems
 from gatekeeper.ledger import EscrowBook
-from gatekeeper.loader import LoadResult, load_rule_texts, load_rules_dir
+from gatekeeper.loader import LoadResult, RuleFileCache, load_rule_texts, load_rules_dir
 from gatekeeper.metrics import Metrics
 from gatekeeper.problems import Problem
 from gatekeeper.rules import Rule, Ruleset
@@ -233,7 +233,9 @@ class Daemon:
             pass
 
     async def _load_initial_ruleset(self) -> None:
-        result = load_rules_dir(self.config.rules_dir, self.config)
+        # checked rule files by content hash: a reload parses and checks only what changed
+        self.rule_cache = RuleFileCache()
+        result = load_rules_dir(self.config.rules_dir, self.config, self.rule_cache)
         if result.ruleset is not None:
             await self._activate(result.ruleset, trigger_source="rules directory")
             return
@@ -615,11 +617,7 @@ class Daemon:
             self._apply(transition)
             previous = self.engine
             self.engine = engine
-            # every time-dependent rule is due at once: deadlines that passed while the
-            # daemon was down (or while the rule was out) fire now
-            self.deadlines.clear()
-            mark_due(self.deadlines, engine.time_dependent, self.clock.now())
-            self._deadline_changed.set()
+            self._schedule_activated(engine, previous, changed)
         now = format_rfc3339(self.clock.now())
         self.reload_status = ReloadStatus(
             ok=True, attempted_at=now, active_since=now, source=trigger_source
@@ -641,6 +639,26 @@ class Daemon:
             },
         )
         self._log_firings(transition)
+
+    def _schedule_activated(
+        self, engine: Engine, previous: Engine | None, changed: list[Rule]
+    ) -> None:
+        """Deadlines for a ruleset going live. At start every time-dependent rule is due at
+        once: deadlines that passed while the daemon was down fire now. At a reload, so are
+        the new and changed ones (they may have missed facts or deadlines while out); a rule
+        that did not change keeps its deadline, since its condition and facts are the same;
+        a rule no longer time-dependent (or gone) is dropped."""
+        now = self.clock.now()
+        if previous is None:
+            self.deadlines.clear()
+            mark_due(self.deadlines, engine.time_dependent, now)
+        else:
+            for rule in previous.time_dependent:
+                if rule.id not in engine.time_dependent_ids:
+                    self.deadlines.set(rule.id, None)
+            changed_ids = {rule.id for rule in changed}
+            mark_due(self.deadlines, (r for r in engine.time_dependent if r.id in changed_ids), now)
+        self._deadline_changed.set()
 
     async def reload(self) -> bool:
         """Re-read ``gatekeeper.yaml`` (when there is one) and the rules directory.
@@ -667,7 +685,7 @@ class Daemon:
                 config = _keep_listen_and_database(config, self.config)
         else:
             secrets, hook_secrets = self.secrets, self.hook_secrets
-        result = load_rules_dir(config.rules_dir, config)
+        result = load_rules_dir(config.rules_dir, config, self.rule_cache)
         if result.ruleset is None:
             self._report_refused(result)
             return False
@@ -721,7 +739,7 @@ class Daemon:
         if self.config.path is not None:
             paths.append(self.config.path)
         async for _changes in watchfiles.awatch(
-            *paths, stop_event=self._stop_watching, debounce=200, step=50, recursive=True
+            *paths, stop_event=self._stop_watching, debounce=200, step=20, recursive=True
         ):
             try:
                 await self.reload()
@@ -888,12 +906,7 @@ class Daemon:
 def check_hooks(config: Config) -> None:
     """Raise ``ConfigError`` when a hook mapping is broken (a malformed ``${path}`` template,
     a reserved fact kind), so it is refused at start or reload, not when an event arrives."""
-    file = str(config.path) if config.path else "gatekeeper.yaml"
-    problems = [
-        Problem(file, 0, 0, message.split(": ", 1)[1], f"hooks.{name}.{message.split(':', 1)[0]}")
-        for name, hook in sorted(config.hooks.items())
-        for message in check_hook(hook)
-    ]
+    problems = hook_problems(config)
     if problems:
         raise ConfigError(problems)
 

@@ -43,9 +43,10 @@ from functools import cache
 from string import Template
 from typing import Any, Final
 
-from gatekeeper.config import Hook, HookFact
+from gatekeeper.config import Config, Hook, HookFact
 from gatekeeper.engine import FactInput
 from gatekeeper.jsonwire import loads_strict
+from gatekeeper.problems import Problem
 from gatekeeper.schemas import load_schema
 
 GITHUB_SIGNATURE_HEADER: Final = "X-Hub-Signature-256"
@@ -198,6 +199,19 @@ def render(template: str, payload: Any, *, keep_type: bool = True) -> Any:
         raise HookRejected(422, f"template {template!r} has an invalid placeholder: {_HOW}")
     values = {path: _as_text(path, _resolve(payload, path)) for path in parsed.get_identifiers()}
     return parsed.substitute(values)
+
+
+def hook_problems(config: Config) -> list[Problem]:
+    """``check_hook`` for every hook of ``config``, as problems of the config file at path
+    ``hooks.<source>.facts[i].<field>`` (no line: the config's schema was checked on load).
+    The daemon refuses a config with any at start or reload; ``gatekeeper check`` reports
+    them."""
+    file = str(config.path) if config.path else "gatekeeper.yaml"
+    return [
+        Problem(file, 0, 0, message.split(": ", 1)[1], f"hooks.{name}.{message.split(':', 1)[0]}")
+        for name, hook in sorted(config.hooks.items())
+        for message in check_hook(hook)
+    ]
 
 
 def check_hook(hook: Hook) -> list[str]:

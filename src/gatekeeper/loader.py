@@ -23,13 +23,15 @@ Hashes (SHA-256, hex):
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import gc
 import hashlib
 import json
 import os
 import re
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -93,19 +95,24 @@ class LoadResult:
         return self.ruleset is not None
 
 
-def load_rules_dir(rules_dir: Path, config: Config | None) -> LoadResult:
+def load_rules_dir(
+    rules_dir: Path, config: Config | None, cache: RuleFileCache | None = None
+) -> LoadResult:
     """Load every rule file below ``rules_dir`` (see ``rule_files``).
 
     File names in problems and rules are relative to ``rules_dir``, ``/``-separated. The
     ruleset's ``git_commit`` is the HEAD commit when the directory is in a git checkout.
-    Never raises for bad input: an unreadable or missing directory is a problem.
+    With a ``cache`` (the daemon keeps one across reloads), a file whose bytes did not change
+    since the previous load is neither parsed nor validated nor compiled again; the checks
+    that span files or read the config run every time. Never raises for bad input: an
+    unreadable or missing directory is a problem.
     """
     if not rules_dir.is_dir():
         return _failed(str(rules_dir), "rules directory does not exist or is not a directory")
-    files = {path.relative_to(rules_dir).as_posix(): path for path in rule_files(rules_dir)}
+    files = {name: os.path.join(rules_dir, name) for name in rule_file_names(rules_dir)}
     sources, problems = _read_files(files)
     commit = git_commit_of(rules_dir)
-    return _load(sources, problems, config, commit, where=str(rules_dir))
+    return _load(sources, problems, config, commit, where=str(rules_dir), cache=cache)
 
 
 def load_rule_paths(paths: Sequence[Path], config: Config | None) -> LoadResult:
@@ -115,11 +122,14 @@ def load_rule_paths(paths: Sequence[Path], config: Config | None) -> LoadResult:
     whatever its name. File names are as given (made relative to the cwd when possible).
     Never raises for bad input: a path that does not exist is a problem.
     """
-    files: dict[str, Path] = {}
+    files: dict[str, str | Path] = {}
     problems: list[Problem] = []
     for path in paths:
         if path.is_dir():
-            files.update({_display_name(found): found for found in rule_files(path)})
+            shown = _display_name(path)
+            prefix = "" if shown == "." else shown.rstrip("/") + "/"
+            found = rule_file_names(path)
+            files.update({prefix + name: os.path.join(path, name) for name in found})
         elif path.exists():
             files[_display_name(path)] = path
         else:
@@ -130,11 +140,15 @@ def load_rule_paths(paths: Sequence[Path], config: Config | None) -> LoadResult:
 
 
 def load_rule_texts(
-    files: Mapping[str, str], config: Config | None, git_commit: str | None = None
+    files: Mapping[str, str],
+    config: Config | None,
+    git_commit: str | None = None,
+    cache: RuleFileCache | None = None,
 ) -> LoadResult:
     """Load rules from stored text, ``{relative path: text}`` (e.g. the last good ruleset
     kept in the database); the same checks and the same version as from a directory."""
-    return _load(dict(files), [], config, git_commit, where="the stored ruleset")
+    sources = {name: (text, _text_digest(text)) for name, text in files.items()}
+    return _load(sources, [], config, git_commit, where="the stored ruleset", cache=cache)
 
 
 def rule_files(folder: Path) -> list[Path]:
@@ -143,13 +157,19 @@ def rule_files(folder: Path) -> list[Path]:
     Rule files end in ``.yaml`` or ``.yml``; rule unit tests (``*.test.yaml``,
     ``*.test.yml``) and hidden files and folders (``.git`` included) are skipped.
     """
-    found: list[Path] = []
-    for current, dirs, names in os.walk(folder):
+    return [folder / name for name in rule_file_names(folder)]
+
+
+def rule_file_names(folder: Path) -> list[str]:
+    """The names of ``rule_files(folder)`` relative to ``folder``, ``/``-separated, sorted."""
+    found: list[str] = []
+    root = os.fspath(folder)
+    for current, dirs, names in os.walk(root):
         dirs[:] = [name for name in dirs if not name.startswith(".")]
-        for name in names:
-            if _is_rule_file_name(name):
-                found.append(Path(current) / name)
-    return sorted(found, key=lambda path: path.relative_to(folder).as_posix())
+        relative = os.path.relpath(current, root)
+        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+        found.extend(prefix + name for name in names if _is_rule_file_name(name))
+    return sorted(found)
 
 
 def git_commit_of(path: Path) -> str | None:
@@ -215,13 +235,15 @@ def _display_name(path: Path) -> str:
     return path.as_posix()
 
 
-def _read_files(files: Mapping[str, Path]) -> tuple[dict[str, str], list[Problem]]:
-    """{name: text} of the files that could be read, and a problem for each that could not."""
-    sources: dict[str, str] = {}
+def _read_files(files: Mapping[str, str | Path]) -> tuple[dict[str, _Source], list[Problem]]:
+    """{name: (text, SHA-256 hex of the bytes)} of the files that could be read, and a
+    problem for each that could not."""
+    sources: dict[str, _Source] = {}
     problems: list[Problem] = []
     for name, path in files.items():
         try:
-            sources[name] = path.read_bytes().decode("utf-8-sig")
+            raw = _read_bytes(path)
+            sources[name] = (raw.decode("utf-8-sig"), hashlib.sha256(raw).hexdigest())
         except OSError as error:
             reason = error.strerror or str(error)
             problems.append(Problem(name, 0, 0, f"cannot read the file: {reason}"))
@@ -229,6 +251,23 @@ def _read_files(files: Mapping[str, Path]) -> tuple[dict[str, str], list[Problem
             message = f"not UTF-8 text (bad byte at offset {error.start})"
             problems.append(Problem(name, 0, 0, message))
     return sources, problems
+
+
+def _read_bytes(path: str | Path) -> bytes:
+    """The bytes of the file at ``path`` (``os.read``: a third of the cost of
+    ``Path.read_bytes`` for small files). Raises ``OSError``."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _failed(file: str, message: str) -> LoadResult:
@@ -239,9 +278,77 @@ def _failed(file: str, message: str) -> LoadResult:
 # Checking
 
 
+_Source = tuple[str, str]
+"""A rule file's text and the SHA-256 (hex) of its bytes."""
+
+
+@dataclass(frozen=True)
+class CheckedRule:
+    """A rule mapping of a ``CheckedFile``: where it is (``prefix``: its index in a list of
+    rules, or ``()``; ``line``: 1-based), its data, its compiled condition (None when the
+    ``when`` is not valid) and, when the file has no problem of its own, the built ``Rule``."""
+
+    prefix: PathParts
+    data: dict[str, Any]
+    line: int
+    condition: Condition | None
+    rule: Rule | None
+
+    @property
+    def rule_id(self) -> str | None:
+        """The rule's id when it is a string, else None."""
+        value = self.data.get("id")
+        return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class CheckedFile:
+    """One rule file after every check that reads only the file itself: YAML, the schema,
+    ``when`` expressions, message templates, approvals. ``problems`` are those checks'
+    problems; what spans files or reads the config (duplicate ids, targets and escrows) is
+    checked at each load. ``digest`` is the SHA-256 (hex) of the file's bytes."""
+
+    name: str
+    text: str
+    digest: str
+    rules: tuple[CheckedRule, ...]
+    problems: tuple[Problem, ...]
+
+
+class RuleFileCache:
+    """Checked rule files kept between loads, by (file name, SHA-256 of its bytes).
+
+    Only the files of the latest load are kept, so a file changed and changed back is
+    checked again. ``checked`` counts the files parsed and checked (cache misses), ``reused``
+    the files taken from the cache; both only grow. Not thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[tuple[str, str], CheckedFile] = {}
+        self.checked = 0
+        self.reused = 0
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def check(self, name: str, source: _Source) -> CheckedFile:
+        """The checked file ``name`` with ``source``, from the cache when its digest is known."""
+        key = (name, source[1])
+        found = self._files.get(key)
+        if found is not None:
+            self.reused += 1
+            return found
+        self.checked += 1
+        return _check_file(name, *source)
+
+    def keep(self, files: Sequence[CheckedFile]) -> None:
+        """Keep exactly ``files`` (those of the latest load) for the next load."""
+        self._files = {(file.name, file.digest): file for file in files}
+
+
 @dataclass
 class _Candidate:
-    """A rule mapping found in a file, with what checking it produced."""
+    """A rule mapping found in a file being checked, with what checking it produced."""
 
     doc: YamlDocument
     prefix: PathParts
@@ -259,28 +366,76 @@ class _Candidate:
 
 
 def _load(
-    sources: Mapping[str, str],
+    sources: Mapping[str, _Source],
     problems: list[Problem],
     config: Config | None,
     git_commit: str | None,
     where: str,
+    cache: RuleFileCache | None = None,
 ) -> LoadResult:
     """Check every file of ``sources``; build the ruleset only when nothing is wrong."""
     problems = list(problems)
-    candidates: list[_Candidate] = []
-    for name in sorted(sources):
-        found, file_problems = _check_file(name, sources[name], config)
-        candidates += found
-        problems += file_problems
-    problems += _duplicate_id_problems(candidates)
-    if not candidates and not problems:
+    files: list[CheckedFile] = []
+    with _collector_paused():
+        for name in sorted(sources):
+            source = sources[name]
+            files.append(
+                cache.check(name, source) if cache is not None else _check_file(name, *source)
+            )
+    if cache is not None:
+        cache.keep(files)
+    docs = _Documents()
+    for file in files:
+        problems += file.problems
+        if config is not None:
+            problems += _reference_problems(file, config, docs)
+    problems += _duplicate_id_problems(files, docs)
+    rule_count = sum(len(file.rules) for file in files)
+    if not rule_count and not problems:
         problems.append(Problem(where, 0, 0, f"no rules found in {where}"))
-    counts = (len(candidates), len(sources))
+    counts = (rule_count, len(sources))
     if problems:
         return LoadResult(None, tuple(sorted_problems(problems)), *counts)
-    rules = tuple(_build_rule(candidate) for candidate in candidates)
-    ruleset = Ruleset(rules, dict(sources), ruleset_version(sources), git_commit)
+    rules = tuple(checked.rule for file in files for checked in file.rules if checked.rule)
+    texts = {name: source[0] for name, source in sources.items()}
+    ruleset = Ruleset(rules, texts, ruleset_version(texts), git_commit)
     return LoadResult(ruleset, (), *counts)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while files are checked: checking allocates many small
+    objects that live on (data, compiled conditions, rules), and each full collection
+    would walk all of them again (about a fifth of the time of loading 10,000 files).
+    What checking leaves as cyclic garbage is collected after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class _Documents:
+    """Files parsed again, once per load, to locate a problem found after their check."""
+
+    def __init__(self) -> None:
+        self._docs: dict[str, YamlDocument] = {}
+
+    def of(self, file: CheckedFile) -> YamlDocument:
+        doc = self._docs.get(file.name)
+        if doc is None:
+            parsed, _ = parse_document(file.text, file.name, _rule_id_of)
+            assert parsed is not None  # it parsed when it was checked
+            doc = self._docs[file.name] = parsed
+        return doc
+
+    def problem(
+        self, file: CheckedFile, rule: CheckedRule, path: PathParts, message: str
+    ) -> Problem:
+        doc = self.of(file)
+        return doc.problem((*rule.prefix, *path), message, rule_id=rule.rule_id)
 
 
 def _rule_id_of(data: Any, path: PathParts) -> str | None:
@@ -293,16 +448,14 @@ def _rule_id_of(data: Any, path: PathParts) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _check_file(
-    name: str, text: str, config: Config | None
-) -> tuple[list[_Candidate], list[Problem]]:
-    """The rule mappings of one file and every problem found in it."""
+def _check_file(name: str, text: str, digest: str) -> CheckedFile:
+    """Check one file on its own (see ``CheckedFile``); its node tree is not kept."""
     doc, problems = parse_document(text, name, _rule_id_of)
     if doc is None:
-        return [], problems
+        return CheckedFile(name, text, digest, (), tuple(problems))
     shape = _shape_problem(doc)
     if shape is not None:
-        return [], [*problems, shape]
+        return CheckedFile(name, text, digest, (), (*problems, shape))
     problems += schema_problems(doc, RULES_SCHEMA, _rule_id_of)
     items = list(enumerate(doc.data)) if isinstance(doc.data, list) else [(None, doc.data)]
     candidates = []
@@ -310,10 +463,20 @@ def _check_file(
         if isinstance(item, dict):
             prefix: PathParts = () if index is None else (index,)
             candidate = _Candidate(doc, prefix, item)
-            _check_rule(candidate, config)
+            _check_rule(candidate)
             problems += candidate.problems
             candidates.append(candidate)
-    return candidates, problems
+    rules = tuple(
+        CheckedRule(
+            candidate.prefix,
+            candidate.data,
+            doc.position(candidate.prefix)[0],
+            candidate.condition,
+            None if problems else _build_rule(candidate),
+        )
+        for candidate in candidates
+    )
+    return CheckedFile(name, text, digest, rules, tuple(problems))
 
 
 def _shape_problem(doc: YamlDocument) -> Problem | None:
@@ -329,8 +492,8 @@ def _shape_problem(doc: YamlDocument) -> Problem | None:
     return None
 
 
-def _check_rule(candidate: _Candidate, config: Config | None) -> None:
-    """Check what the schema cannot: ``when``, templates, approvals, references."""
+def _check_rule(candidate: _Candidate) -> None:
+    """Check what the schema cannot, within the rule: ``when``, templates, approvals."""
     _check_when(candidate)
     _check_approvals(candidate)
     actions = candidate.data.get("actions")
@@ -338,11 +501,22 @@ def _check_rule(candidate: _Candidate, config: Config | None) -> None:
         return
     has_release = any(isinstance(a, dict) and "release" in a for a in actions)
     for index, kind, body in _well_formed_actions(actions):
-        path: PathParts = ("actions", index, kind)
         if kind == "notify":
-            _check_message(candidate, path, body, has_release)
-        if config is not None:
-            _check_references(candidate, path, kind, body, config)
+            _check_message(candidate, ("actions", index, kind), body, has_release)
+
+
+def _reference_problems(file: CheckedFile, config: Config, docs: _Documents) -> list[Problem]:
+    """The targets and escrows the file's rules name that ``config`` does not declare, or
+    that cannot take the action (located by parsing the file again, only when there are)."""
+    problems = []
+    for rule in file.rules:
+        actions = rule.data.get("actions")
+        if not isinstance(actions, list):
+            continue
+        for index, kind, body in _well_formed_actions(actions):
+            for path, message in _reference_findings(kind, body, config):
+                problems.append(docs.problem(file, rule, ("actions", index, kind, *path), message))
+    return problems
 
 
 def _well_formed_actions(actions: list[Any]) -> list[tuple[int, str, dict[str, Any]]]:
@@ -417,43 +591,46 @@ def _check_message(
         )
 
 
-def _check_references(
-    candidate: _Candidate, path: PathParts, kind: str, body: Mapping[str, Any], config: Config
-) -> None:
+_Findings = list[tuple[PathParts, str]]
+
+
+def _reference_findings(kind: str, body: Mapping[str, Any], config: Config) -> _Findings:
+    """(path inside the action body, message) for each unknown or unfit target or escrow."""
+    found: _Findings = []
     target = body.get("target")
     if isinstance(target, str) and target not in config.targets:
         message = _unknown_name_message("target", target, list(config.targets), config)
-        candidate.problems.append(candidate.problem((*path, "target"), message))
+        found.append((("target",), message))
     elif isinstance(target, str) and (refusal := config.targets[target].refusal(kind)):
-        candidate.problems.append(candidate.problem((*path, "target"), refusal))
+        found.append((("target",), refusal))
     if kind == "release":
-        _check_escrow(candidate, path, body, config)
+        found += _escrow_findings(body, config)
+    return found
 
 
-def _check_escrow(
-    candidate: _Candidate, path: PathParts, body: Mapping[str, Any], config: Config
-) -> None:
+def _escrow_findings(body: Mapping[str, Any], config: Config) -> _Findings:
     name = body.get("escrow")
     if not isinstance(name, str):
-        return
+        return []
     escrow = config.escrows.get(name)
     if escrow is None:
         message = _unknown_name_message("escrow", name, list(config.escrows), config)
-        candidate.problems.append(candidate.problem((*path, "escrow"), message))
-        return
+        return [(("escrow",), message)]
+    found: _Findings = []
     currency = body.get("currency")
     if isinstance(currency, str) and currency != escrow.currency:
         message = (
             f"currency {currency} does not match escrow {name!r}, which holds {escrow.currency}"
         )
-        candidate.problems.append(candidate.problem((*path, "currency"), message))
+        found.append((("currency",), message))
     amount = _decimal(body.get("amount"))
     if amount is not None and amount > escrow.limit:
         message = (
             f"amount {amount} is above the limit of escrow {name!r} "
             f"({escrow.limit} {escrow.currency}): this release could never be sent"
         )
-        candidate.problems.append(candidate.problem((*path, "amount"), message))
+        found.append((("amount",), message))
+    return found
 
 
 def _decimal(value: Any) -> Decimal | None:
@@ -477,23 +654,23 @@ def _unknown_name_message(what: str, name: str, known: list[str], config: Config
     return message + f" ({what}s in {where}: {', '.join(sorted(known))})"
 
 
-def _duplicate_id_problems(candidates: list[_Candidate]) -> list[Problem]:
+def _duplicate_id_problems(files: list[CheckedFile], docs: _Documents) -> list[Problem]:
     """A problem at each repeated rule id, naming where the id was first used."""
-    first: dict[str, _Candidate] = {}
+    first: dict[str, tuple[CheckedFile, CheckedRule]] = {}
     problems = []
-    for candidate in candidates:
-        rule_id = candidate.rule_id
-        if rule_id is None:
-            continue
-        if rule_id not in first:
-            first[rule_id] = candidate
-            continue
-        earlier = first[rule_id]
-        line, column = earlier.doc.position((*earlier.prefix, "id"))
-        message = (
-            f"duplicate rule id {rule_id!r}: already used at {earlier.doc.file}:{line}:{column}"
-        )
-        problems.append(candidate.problem(("id",), message))
+    for file in files:
+        for rule in file.rules:
+            rule_id = rule.rule_id
+            if rule_id is None:
+                continue
+            if rule_id not in first:
+                first[rule_id] = (file, rule)
+                continue
+            earlier_file, earlier = first[rule_id]
+            line, column = docs.of(earlier_file).position((*earlier.prefix, "id"))
+            where = f"{earlier_file.name}:{line}:{column}"
+            message = f"duplicate rule id {rule_id!r}: already used at {where}"
+            problems.append(docs.problem(file, rule, ("id",), message))
     return problems
 
 
