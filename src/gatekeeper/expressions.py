@@ -1,9 +1,14 @@
 """The ``when`` language: a small, sandboxed expression language over a project's facts.
 
 A rule's ``when`` is one expression. ``compile_condition`` parses it once (Python syntax,
-``ast`` in "eval" mode), checks it statically and returns a ``Condition`` whose
-``evaluate(facts, now)`` runs it with simpleeval on the pre-parsed tree. This docstring is
-the reference for rule authors.
+``ast`` in "eval" mode), checks it statically, makes fact access explicit and turns the
+result into one Python function (generated source, compiled once, with no builtins: it can
+only call the fact accessors, JSON-only lookups, bounded operators and the functions below).
+``evaluate(facts, now)`` is one call of that function. simpleeval walking the same checked
+tree is the reference: it defines the results, and whenever a clause fails for any other
+reason than a missing fact or field, the clause is run again on it to get its exact error
+(tests/test_expressions_compiled.py checks that both always agree). This docstring is the
+reference for rule authors.
 
 Names and facts
 ---------------
@@ -915,6 +920,48 @@ def _round(value: Any, ndigits: Any = None) -> Any:
     return round(value, ndigits)
 
 
+def _load_fact(
+    fact_data: dict[str, dict[str, Any] | None],
+    kind_data: dict[str, dict[str, Any]],
+    facts: FactLookup,
+    kind: str,
+    fact_id: str,
+    name: str,
+) -> dict[str, Any] | None:
+    """The data of fact (``kind``, ``fact_id``), None when there is none; read once per
+    evaluation: cached in ``fact_data`` under ``name`` (``"kind.id"``, its ``seen`` name),
+    taken from ``kind_data`` when the whole kind was read already."""
+    if name in fact_data:
+        return fact_data[name]
+    if kind in kind_data:
+        data = kind_data[kind].get(fact_id)
+    else:
+        found = facts.get(kind, fact_id)
+        data = None if found is None else dict(found)
+    fact_data[name] = data
+    return data
+
+
+def _load_kind(
+    kind_data: dict[str, dict[str, Any]], facts: FactLookup, kind: str
+) -> dict[str, dict[str, Any]]:
+    """Every fact of ``kind`` as {id: data}; read once per evaluation (cached in
+    ``kind_data``)."""
+    data = kind_data.get(kind)
+    if data is None:
+        data = {fact_id: dict(found) for fact_id, found in facts.of_kind(kind).items()}
+        kind_data[kind] = data
+    return data
+
+
+def _seen(
+    fact_data: dict[str, dict[str, Any] | None], kind_data: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """``Evaluation.seen``: {"kind": {id: data}} for each kind read as a whole, then
+    {"kind.id": data} for each fact read (None for a fact that does not exist)."""
+    return {**kind_data, **fact_data} if kind_data else fact_data
+
+
 @dataclass(frozen=True)
 class _Outcome:
     """What evaluating one clause gave: a value, or what was missing, or an error."""
@@ -936,7 +983,14 @@ class _Evaluator(SimpleEval):  # type: ignore[misc]  # simpleeval ships no type 
     ``seen``).
     """
 
-    def __init__(self, source: _Source, facts: FactLookup, now: datetime) -> None:
+    def __init__(
+        self,
+        source: _Source,
+        facts: FactLookup,
+        now: datetime,
+        fact_data: dict[str, dict[str, Any] | None] | None = None,
+        kind_data: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(operators=_OPERATORS, functions=self._make_functions(), names={})
         self.nodes = {
             ast.Constant: self._eval_constant,
@@ -956,8 +1010,10 @@ class _Evaluator(SimpleEval):  # type: ignore[misc]  # simpleeval ships no type 
         self.source = source
         self.facts = facts
         self.now = now
-        self.fact_data: dict[tuple[str, str], dict[str, Any] | None] = {}
-        self.kind_data: dict[str, dict[str, Any]] = {}
+        # Facts read so far, by their ``seen`` name ("kind.id"; shared with the compiled
+        # form of the condition when it hands a clause over), and kinds read as a whole.
+        self.fact_data = {} if fact_data is None else fact_data
+        self.kind_data = {} if kind_data is None else kind_data
         self.computed_ids: dict[_FactRead, str] = {}  # ids of task[expr] reads, for names
 
     def _make_functions(self) -> dict[str, Callable[..., Any]]:
@@ -988,10 +1044,7 @@ class _Evaluator(SimpleEval):  # type: ignore[misc]  # simpleeval ships no type 
 
     def seen(self) -> dict[str, Any]:
         """{"kind.id": data} for each fact read, {"kind": {id: data}} for each kind read."""
-        seen: dict[str, Any] = dict(self.kind_data)
-        for (kind, fact_id), data in self.fact_data.items():
-            seen[f"{kind}.{fact_id}"] = data
-        return seen
+        return _seen(self.fact_data, self.kind_data)
 
     def _eval(self, node: ast.expr) -> Any:
         try:
@@ -1085,22 +1138,11 @@ class _Evaluator(SimpleEval):  # type: ignore[misc]  # simpleeval ships no type 
     # -- facts ---------------------------------------------------------------------------
 
     def _fact(self, kind: str, fact_id: str) -> dict[str, Any] | None:
-        key = (kind, fact_id)
-        if key in self.fact_data:
-            return self.fact_data[key]
-        if kind in self.kind_data:
-            data = self.kind_data[kind].get(fact_id)
-        else:
-            found = self.facts.get(kind, fact_id)
-            data = None if found is None else dict(found)
-        self.fact_data[key] = data
-        return data
+        name = f"{kind}.{fact_id}"
+        return _load_fact(self.fact_data, self.kind_data, self.facts, kind, fact_id, name)
 
     def _kind(self, kind: str) -> dict[str, Any]:
-        if kind not in self.kind_data:
-            facts = self.facts.of_kind(kind)
-            self.kind_data[kind] = {fact_id: dict(data) for fact_id, data in facts.items()}
-        return self.kind_data[kind]
+        return _load_kind(self.kind_data, self.facts, kind)
 
     # -- time functions ------------------------------------------------------------------
 
@@ -1160,6 +1202,429 @@ def _combine(plan: _Plan, outcomes: list[_Outcome]) -> _Outcome:
     return result
 
 
+# --------------------------------------------------------------------------------------
+# Compiled evaluation: each condition becomes one Python function, built once
+
+
+class _Fallback(Exception):
+    """Raised by the compiled form when the reference evaluator must decide a clause
+    (any failure other than a plainly missing fact or field, or data that is not JSON)."""
+
+
+_ABSENT = object()
+_PLAIN_TYPES = frozenset({dict, list, tuple, str, int, float, bool, type(None)})
+"""The types of values the compiled form passes on: JSON data and tuples. Anything else
+found in fact data goes to the reference evaluator."""
+
+
+def _fact_or_missing(
+    fact_data: dict[str, dict[str, Any] | None],
+    kind_data: dict[str, dict[str, Any]],
+    facts: FactLookup,
+    name: str,
+) -> dict[str, Any]:
+    """The data of the fact named ``name`` (``"kind.id"``: a kind holds no ``.``, so the
+    first one separates it from the id); raises ``_Missing`` when there is none."""
+    kind, _, fact_id = name.partition(".")
+    data = _load_fact(fact_data, kind_data, facts, kind, fact_id, name)
+    if data is None:
+        raise _Missing(_fact_name(kind, fact_id))
+    return data
+
+
+def _fact_at(
+    fact_data: dict[str, dict[str, Any] | None],
+    kind_data: dict[str, dict[str, Any]],
+    facts: FactLookup,
+    kind: str,
+    fact_id: Any,
+) -> dict[str, Any]:
+    """``kind[expr]``: the data of the fact whose id ``expr`` computed."""
+    if not isinstance(fact_id, str):
+        raise _Fallback
+    return _fact_or_missing(fact_data, kind_data, facts, kind + "." + fact_id)
+
+
+def _get(container: Any, key: Any, prefix: str | None) -> Any:
+    """``container[key]`` on JSON data, as ``_Evaluator._eval_lookup`` does it: a string key
+    of a dict or an integer index of a list/tuple, nothing else (never ``getattr``).
+    ``prefix`` names the container for a ``_Missing``; None when only run time knows it."""
+    container_type = type(container)
+    if container_type is dict:
+        if type(key) is not str:
+            raise _Fallback
+        value = container.get(key, _ABSENT)
+        if value is _ABSENT:
+            if prefix is None:
+                raise _Fallback
+            raise _Missing(prefix + _render_key(key))
+    elif container_type is list or container_type is tuple:
+        if type(key) is not int:
+            raise _Fallback
+        if not -len(container) <= key < len(container):
+            if prefix is None:
+                raise _Fallback
+            raise _Missing(prefix + _render_key(key))
+        value = container[key]
+    else:
+        raise _Fallback
+    if type(value) not in _PLAIN_TYPES:
+        raise _Fallback
+    return value
+
+
+def _dict_put(target: dict[Any, Any], key: Any, value: Any) -> dict[Any, Any]:
+    """One more item of a dict literal (keys and values are evaluated in source order)."""
+    target[key] = value
+    return target
+
+
+def _min(*args: Any) -> Any:
+    result = min(*args)
+    if type(result) not in _PLAIN_TYPES:
+        raise _Fallback
+    return result
+
+
+def _max(*args: Any) -> Any:
+    result = max(*args)
+    if type(result) not in _PLAIN_TYPES:
+        raise _Fallback
+    return result
+
+
+_INSTANTS: dict[str, datetime] = {}
+"""RFC 3339 timestamps already parsed (``parse_rfc3339`` is pure; a datetime is immutable)."""
+_MAX_INSTANTS = 4096
+
+
+def _instant(timestamp: Any) -> datetime:
+    """``parse_rfc3339(timestamp)``, remembered for the next evaluations."""
+    found = _INSTANTS.get(timestamp)  # an unhashable timestamp raises: the reference decides
+    if found is None:
+        found = parse_rfc3339(timestamp)
+        if type(timestamp) is str:
+            if len(_INSTANTS) >= _MAX_INSTANTS:
+                _INSTANTS.clear()
+            _INSTANTS[timestamp] = found
+    return found
+
+
+def _days_since(now: datetime, timestamp: Any) -> float:
+    return (now - _instant(timestamp)).total_seconds() / 86400
+
+
+def _hours_since(now: datetime, timestamp: Any) -> float:
+    return (now - _instant(timestamp)).total_seconds() / 3600
+
+
+def _minutes_since(now: datetime, timestamp: Any) -> float:
+    return (now - _instant(timestamp)).total_seconds() / 60
+
+
+def _note_failure(
+    failures: dict[int, Exception] | None, index: int, exc: Exception
+) -> dict[int, Exception]:
+    if failures is None:
+        failures = {}
+    failures[index] = exc
+    return failures
+
+
+_COMPILED_FUNCTIONS: dict[str, tuple[str, bool]] = {
+    # language function -> (helper in the compiled namespace, takes "now" first)
+    "days_since": ("_days_since", True),
+    "hours_since": ("_hours_since", True),
+    "minutes_since": ("_minutes_since", True),
+    "now": ("_now_text", True),
+    "len": ("_len", False),
+    "min": ("_min", False),
+    "max": ("_max", False),
+    "abs": ("_abs", False),
+    "round": ("_round", False),
+}
+
+_COMPILED_OPERATORS: dict[type[ast.operator], str] = {
+    ast.Add: "_add",
+    ast.Mult: "_mul",
+    ast.Pow: "_pow",
+    ast.Mod: "_mod",
+}
+"""The bounded binary operators; ``-``, ``/`` and ``//`` are native."""
+
+_RUNTIME: dict[str, Any] = {
+    "__builtins__": {},
+    "_Error": Exception,
+    "_bool": bool,
+    "_fact": _fact_or_missing,
+    "_fact_at": _fact_at,
+    "_kind": _load_kind,
+    "_get": _get,
+    "_dict": dict,
+    "_type": type,
+    "_PLAIN": _PLAIN_TYPES,
+    "_ABSENT": _ABSENT,
+    "_Evaluation": Evaluation,
+    "_new": object.__new__,
+    "_set": object.__setattr__,
+    "_add": _add,
+    "_mul": _mul,
+    "_pow": _pow,
+    "_mod": _mod,
+    "_dict_put": _dict_put,
+    "_days_since": _days_since,
+    "_hours_since": _hours_since,
+    "_minutes_since": _minutes_since,
+    "_now_text": format_rfc3339,
+    "_len": len,
+    "_min": _min,
+    "_max": _max,
+    "_abs": abs,
+    "_round": _round,
+    "_note": _note_failure,
+    "_inf": math.inf,
+}
+"""Everything compiled code can name besides its own constants: no builtins."""
+
+_PARAMETERS = ("_fd", "_kd", "_facts", "_now")
+"""The compiled function's parameters: fact data read (by "kind.id"), kinds read, the
+``FactLookup`` and the evaluation's "now"."""
+
+
+class _Unsupported(Exception):
+    """A node the code generator does not know (the condition then runs on the reference)."""
+
+
+def _lookup_prefix(source: _Source, node: ast.expr) -> str | None:
+    """How ``_Evaluator._path`` names the container ``node`` when something in it is
+    missing, or None when that name depends on a fact id computed at run time."""
+    if isinstance(node, _FactRead):
+        if node.fact_id is None:
+            return None
+        return _fact_name(node.kind, node.fact_id)
+    if isinstance(node, _KindRead):
+        return node.kind
+    if isinstance(node, _Lookup) and isinstance(node.key, ast.Constant):
+        inner = _lookup_prefix(source, node.value)
+        return None if inner is None else inner + _render_key(node.key.value)
+    text = source.snippet(node)
+    atomic = isinstance(node, _FactRead | _Lookup | ast.Call | ast.List | ast.Dict)
+    return text if atomic else f"({text})"
+
+
+def _literal(value: object) -> str:
+    """Python source giving exactly ``value`` (a constant of the checked tree)."""
+    if value is None or isinstance(value, bool | str):
+        return repr(value)  # a str's repr is a literal of the very same string
+    if isinstance(value, int):
+        return f"({value:#x})"  # hexadecimal: no limit on the digits of a big integer
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "_inf" if value > 0 else "(-_inf)"
+        if math.isfinite(value):
+            return f"({value!r})"  # repr round-trips every finite float
+    raise _Unsupported(f"constant {value!r}")
+
+
+_NATIVE_BINARY: dict[type[ast.operator], str] = {ast.Sub: "-", ast.Div: "/", ast.FloorDiv: "//"}
+_NATIVE_UNARY: dict[type[ast.unaryop], str] = {ast.Not: "not ", ast.USub: "-", ast.UAdd: "+"}
+
+
+class _CodeGenerator:
+    """Turns a lowered clause into Python source over the compiled namespace.
+
+    Fact reads become calls of the cached accessors, lookups calls of ``_get`` (JSON only),
+    ``+ * ** %`` the bounded operators, functions their helpers; comparisons, ``and``/
+    ``or``/``not``, unary ``-``/``+``, ``- / //``, ``if``/``else``, lists and tuples stay
+    native Python, whose semantics the reference evaluator shares (same operations, same
+    order). The source names only the compiled namespace and the function's parameters;
+    every value taken from the text is a literal (``_literal``), every operand is
+    parenthesised.
+    """
+
+    def __init__(self, source: _Source) -> None:
+        self.source = source
+        self.temporaries = 0
+
+    def expr(self, node: ast.expr) -> str:
+        if isinstance(node, ast.Constant):
+            return _literal(node.value)
+        if isinstance(node, _KindRead):
+            return f"_kind(_kd, _facts, {node.kind!r})"
+        if isinstance(node, _FactRead):
+            return self._fact_read(node)
+        if isinstance(node, _Lookup):
+            return self._lookup(node)
+        if isinstance(node, ast.BinOp):
+            left, right = self.expr(node.left), self.expr(node.right)
+            helper = _COMPILED_OPERATORS.get(type(node.op))
+            if helper is not None:
+                return f"{helper}({left}, {right})"
+            return f"({left} {_NATIVE_BINARY[type(node.op)]} {right})"
+        if isinstance(node, ast.UnaryOp):
+            return f"({_NATIVE_UNARY[type(node.op)]}{self.expr(node.operand)})"
+        if isinstance(node, ast.BoolOp):
+            joiner = " and " if isinstance(node.op, ast.And) else " or "
+            return "(" + joiner.join(self.expr(value) for value in node.values) + ")"
+        if isinstance(node, ast.Compare):
+            parts = [self.expr(node.left)]
+            for op, comparator in zip(node.ops, node.comparators, strict=True):
+                parts += [_COMPARISONS[type(op)], self.expr(comparator)]
+            return "(" + " ".join(parts) + ")"
+        if isinstance(node, ast.IfExp):
+            test, body, orelse = (self.expr(n) for n in (node.test, node.body, node.orelse))
+            return f"({body} if {test} else {orelse})"
+        if isinstance(node, ast.Call):
+            return self._function_call(node)
+        if isinstance(node, ast.List):
+            return "[" + ", ".join(self.expr(item) for item in node.elts) + "]"
+        if isinstance(node, ast.Tuple):
+            return "(" + "".join(self.expr(item) + ", " for item in node.elts) + ")"
+        if isinstance(node, ast.Dict):
+            return self._dict(node)
+        raise _Unsupported(type(node).__name__)
+
+    def _lookup(self, node: _Lookup) -> str:
+        prefix = _lookup_prefix(self.source, node.value)
+        key = node.key
+        if not (isinstance(key, ast.Constant) and type(key.value) is str):
+            return f"_get({self.expr(node.value)}, {self.expr(key)}, {prefix!r})"
+        # ``.field`` of a dict holding JSON data, the usual lookup, is done inline; "_get"
+        # does the rest (a missing field, another container, data that is not JSON)
+        # exactly as for any other key.
+        self.temporaries += 1
+        found, field = f"_r{self.temporaries}", repr(key.value)
+        base = node.value
+        if isinstance(base, _FactRead) and base.fact_id is not None:
+            # The data of a fact is always a dict: no need to check the container's type.
+            name = repr(f"{base.kind}.{base.fact_id}")
+            return (
+                f"({found} if _type({found} := {self.expr(base)}.get({field}, _ABSENT))"
+                f" in _PLAIN else _get(_fd[{name}], {field}, {prefix!r}))"
+            )
+        held = f"_c{self.temporaries}"
+        return (
+            f"({found} if _type({held} := {self.expr(base)}) is _dict"
+            f" and _type({found} := {held}.get({field}, _ABSENT)) in _PLAIN"
+            f" else _get({held}, {field}, {prefix!r}))"
+        )
+
+    def _fact_read(self, node: _FactRead) -> str:
+        if node.fact_id is None:
+            assert node.key is not None
+            kind = repr(node.kind)
+            return f"_fact_at(_fd, _kd, _facts, {kind}, {self.expr(node.key)})"
+        name = repr(f"{node.kind}.{node.fact_id}")
+        # A cached non-empty object is the common case; "_fact" handles the rest (the
+        # first read, an empty object, a fact that does not exist).
+        return f"(_fd.get({name}) or _fact(_fd, _kd, _facts, {name}))"
+
+    def _function_call(self, node: ast.Call) -> str:
+        if not isinstance(node.func, ast.Name) or node.func.id not in _COMPILED_FUNCTIONS:
+            raise _Unsupported("call")
+        helper, takes_now = _COMPILED_FUNCTIONS[node.func.id]
+        args = [*(["_now"] if takes_now else []), *(self.expr(arg) for arg in node.args)]
+        return f"{helper}({', '.join(args)})"
+
+    def _dict(self, node: ast.Dict) -> str:
+        if any(key is None for key in node.keys):
+            raise _Unsupported("dict unpacking")
+        pairs = [
+            (self.expr(key), self.expr(value))
+            for key, value in zip(node.keys, node.values, strict=True)
+            if key is not None
+        ]
+        if not pairs:
+            return "{}"
+        (key, value), *rest = pairs
+        # {k1: v1, k2: v2} as _dict_put({k1: v1}, k2, v2): each key is inserted before the
+        # next pair is evaluated, as the reference does (an unhashable key fails first).
+        result = f"{{{key}: {value}}}"
+        for key, value in rest:
+            result = f"_dict_put({result}, {key}, {value})"
+        return result
+
+
+def _plan_source(plan: _Plan) -> str:
+    """The plan as a Python expression over the clause values ``_v0``, ``_v1``..."""
+    if isinstance(plan, int):
+        return f"_v{plan}"
+    is_and, parts = plan
+    return "(" + (" and " if is_and else " or ").join(_plan_source(p) for p in parts) + ")"
+
+
+_Run = Callable[
+    [dict[str, Any], dict[str, Any], FactLookup, datetime],
+    "Evaluation | tuple[dict[int, Exception], tuple[Any, ...]]",
+]
+
+
+def _compile_clauses(
+    source: _Source, leaves: tuple[ast.expr, ...], plan: _Plan, clause_texts: tuple[str, ...]
+) -> _Run | None:
+    """One Python function evaluating every clause of a condition, or None when a clause
+    holds something the code generator does not know (then the reference evaluates).
+
+    ``run(fact_data, kind_data, facts, now)`` returns the ``Evaluation`` when every clause
+    gave a value, else ``(failures, values)`` with ``failures`` mapping a clause index to
+    what it raised (``_Missing``: that is its outcome; anything else: the reference
+    decides) and ``values`` the clause values (None for those that failed).
+    The function's globals are ``_RUNTIME`` and the clauses' constant ``Clause`` objects:
+    no builtins.
+    """
+    generator = _CodeGenerator(source)
+    try:
+        expressions = [generator.expr(leaf) for leaf in leaves]
+    except _Unsupported:
+        return None
+    lines = [f"def _run({', '.join(_PARAMETERS)}):", "    _failed = None"]
+    for index, expression in enumerate(expressions):
+        lines += [
+            "    try:",
+            f"        _v{index} = {expression}",
+            "    except _Error as _e:",
+            f"        _v{index} = None",
+            f"        _failed = _note(_failed, {index}, _e)",
+        ]
+    indexes = range(len(expressions))
+    clauses = "".join(
+        f"_T{i} if _v{i} is True else _F{i} if _v{i} is False else _clause({i}, _v{i}), "
+        for i in indexes
+    )
+    values = "".join(f"_v{i}, " for i in indexes)
+    lines += [
+        "    if _failed is not None:",
+        f"        return _failed, ({values})",
+        # Evaluation(value, clauses, (), None, seen) without the frozen dataclass's
+        # __init__ (five object.__setattr__ calls): the very same instance, built faster.
+        "    _result = _new(_Evaluation)",
+        "    _set(_result, '__dict__', {",
+        f"        'value': _bool({_plan_source(plan)}),",
+        f"        'clauses': ({clauses}),",
+        "        'missing': (),",
+        "        'error': None,",
+        "        'seen': {**_kd, **_fd} if _kd else _fd,",
+        "    })",
+        "    return _result",
+    ]
+    namespace = dict(_RUNTIME)
+
+    def clause(index: int, value: Any) -> Clause:
+        return Clause(clause_texts[index], _jsonable(value))
+
+    namespace["_clause"] = clause
+    for index, text in enumerate(clause_texts):
+        namespace[f"_T{index}"] = Clause(text, True)
+        namespace[f"_F{index}"] = Clause(text, False)
+    try:
+        code = compile("\n".join(lines), "<when>", "exec")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # defensive
+        return None
+    exec(code, namespace)
+    run: _Run = namespace["_run"]
+    return run
+
+
 class CompiledCondition:
     """A checked ``when`` expression, ready to evaluate; made by ``compile_condition``.
 
@@ -1171,6 +1636,7 @@ class CompiledCondition:
     __slots__ = (
         "_leaves",
         "_plan",
+        "_run",
         "_source",
         "_time_sites",
         "clause_texts",
@@ -1186,6 +1652,7 @@ class CompiledCondition:
     _source: _Source
     _plan: _Plan
     _leaves: tuple[ast.expr, ...]
+    _run: _Run | None
     _time_sites: _TimeSites
 
     def __init__(
@@ -1208,6 +1675,7 @@ class CompiledCondition:
             "_source": source,
             "_plan": plan,
             "_leaves": lowered,
+            "_run": _compile_clauses(source, lowered, plan, clause_texts),
             "_time_sites": _find_time_sites(lowered),
         }
         for name, value in values.items():
@@ -1235,20 +1703,31 @@ class CompiledCondition:
         ``missing`` / ``error`` set (see ``Evaluation``). Every clause is evaluated for the
         explanation; the overall value follows Python's short-circuit ``and``/``or``.
         """
+        run = self._run
+        if run is None:
+            return _evaluate_reference(self, facts, now)
         if now.tzinfo is None:
             now = now.replace(tzinfo=UTC)
+        fact_data: dict[str, dict[str, Any] | None] = {}
+        kind_data: dict[str, dict[str, Any]] = {}
         try:
-            evaluator = _Evaluator(self._source, facts, now)
-            outcomes = [evaluator.outcome(leaf) for leaf in self._leaves]
-            overall = _combine(self._plan, outcomes)
-            clauses = tuple(_clause(t, o) for t, o in zip(self.clause_texts, outcomes, strict=True))
-            return Evaluation(
-                value=not overall.failed and bool(overall.value),
-                clauses=clauses,
-                missing=_missing_names(overall, outcomes),
-                error=overall.error,
-                seen=evaluator.seen(),
-            )
+            result = run(fact_data, kind_data, facts, now)
+            if isinstance(result, Evaluation):  # every clause gave a value: the common case
+                return result
+            failures, values = result
+            evaluator: _Evaluator | None = None
+            outcomes: list[_Outcome] = []
+            for index, leaf in enumerate(self._leaves):
+                failure = failures.get(index)
+                if failure is None:
+                    outcomes.append(_Outcome(value=values[index]))
+                elif type(failure) is _Missing:
+                    outcomes.append(_Outcome(missing=failure.name))
+                else:  # the reference says how exactly it fails, reading the same facts
+                    if evaluator is None:
+                        evaluator = _Evaluator(self._source, facts, now, fact_data, kind_data)
+                    outcomes.append(evaluator.outcome(leaf))
+            return _conclude(self, outcomes, _seen(fact_data, kind_data))
         except Exception as exc:  # defensive: nothing above is expected to raise
             return Evaluation(value=False, clauses=(), error=f"internal error: {exc!r}")
 
@@ -1307,6 +1786,39 @@ class CompiledCondition:
             return sites.next_change(_Evaluator(self._source, facts, now), now)
         except Exception:  # defensive: nothing in next_change is expected to raise
             return _recheck(now)
+
+
+def _evaluate_reference(
+    condition: CompiledCondition, facts: FactLookup, now: datetime
+) -> Evaluation:
+    """``condition.evaluate(facts, now)`` done by the reference evaluator alone: simpleeval
+    (``_Evaluator``) walking the lowered clauses. The compiled form must give the very same
+    ``Evaluation``; it also hands it the clauses that fail in any other way than a missing
+    fact or field, to get their exact error message."""
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    try:
+        evaluator = _Evaluator(condition._source, facts, now)
+        outcomes = [evaluator.outcome(leaf) for leaf in condition._leaves]
+        return _conclude(condition, outcomes, evaluator.seen())
+    except Exception as exc:  # defensive: nothing above is expected to raise
+        return Evaluation(value=False, clauses=(), error=f"internal error: {exc!r}")
+
+
+def _conclude(
+    condition: CompiledCondition, outcomes: list[_Outcome], seen: dict[str, Any]
+) -> Evaluation:
+    """The ``Evaluation`` from the outcomes of a condition's clauses."""
+    overall = _combine(condition._plan, outcomes)
+    texts = condition.clause_texts
+    clauses = tuple(_clause(text, outcome) for text, outcome in zip(texts, outcomes, strict=True))
+    return Evaluation(
+        value=not overall.failed and bool(overall.value),
+        clauses=clauses,
+        missing=_missing_names(overall, outcomes),
+        error=overall.error,
+        seen=seen,
+    )
 
 
 def _clause(text: str, outcome: _Outcome) -> Clause:
