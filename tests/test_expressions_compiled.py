@@ -609,14 +609,29 @@ def test_compiled_code_cannot_reach_builtins() -> None:
     namespace = run.__globals__
     assert namespace["__builtins__"] == {}
     assert namespace is not expressions.__dict__
-    # Every name the code loads is in its own namespace (or a parameter); the only
-    # attribute it ever takes is the ``get`` of its fact cache, a plain dict.
+    # Every global name the code loads is in its namespace; the only attributes it takes
+    # are the ``get`` of its fact cache and of the (dict) data of a fact, and the
+    # ``__dict__`` of the Evaluation it builds.
     names = set(run.__code__.co_names)
-    assert names - set(namespace) <= {"get"}
+    assert names - set(namespace) == {"get", "__dict__"}
     assert set(run.__code__.co_varnames) >= {"_fd", "_kd", "_facts", "_now"}
     for name in names & set(namespace):
         assert name.startswith("_"), name
     assert not any(name in namespace for name in ("getattr", "__import__", "eval", "open"))
+    # The values taken from the text are in closure cells, never in the code.
+    cells = [cell.cell_contents for cell in run.__closure__ or ()]
+    assert "a.b" in cells and "c" in cells and "task" in cells
+
+
+def test_conditions_of_one_shape_share_their_code() -> None:
+    first = compiled("milestone.design.status == 'approved' and days_since(x.y.at) >= 7")
+    second = compiled("task['T-1'].n == 3 and days_since(qg.x.status) >= 1.5")
+    assert first._run is not None and second._run is not None
+    assert first._run.__code__ is second._run.__code__
+    evaluation = both("milestone.design.status == 'approved' and qg.x.n == 0.5", GATE_FACTS)
+    assert evaluation is not None and evaluation.value is True
+    evaluation = both("milestone.design.status == 'open' and qg.x.n == 0.5", GATE_FACTS)
+    assert evaluation is not None and evaluation.value is False
 
 
 def test_generated_source_holds_only_literals_from_the_text() -> None:

@@ -98,6 +98,7 @@ import math
 import operator
 import re
 import tokenize
+import types
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -1222,11 +1223,20 @@ def _fact_or_missing(
     kind_data: dict[str, dict[str, Any]],
     facts: FactLookup,
     name: str,
+    kind: str,
+    fact_id: str,
 ) -> dict[str, Any]:
-    """The data of the fact named ``name`` (``"kind.id"``: a kind holds no ``.``, so the
-    first one separates it from the id); raises ``_Missing`` when there is none."""
-    kind, _, fact_id = name.partition(".")
-    data = _load_fact(fact_data, kind_data, facts, kind, fact_id, name)
+    """The data of fact (``kind``, ``fact_id``), named ``name`` (``"kind.id"``) in
+    ``fact_data``; raises ``_Missing`` when there is none."""
+    if name in fact_data:  # _load_fact, inlined: this is on every evaluation's path
+        data = fact_data[name]
+    else:
+        if kind in kind_data:
+            data = kind_data[kind].get(fact_id)
+        else:
+            found = facts.get(kind, fact_id)
+            data = None if found is None else dict(found)
+        fact_data[name] = data
     if data is None:
         raise _Missing(_fact_name(kind, fact_id))
     return data
@@ -1242,7 +1252,7 @@ def _fact_at(
     """``kind[expr]``: the data of the fact whose id ``expr`` computed."""
     if not isinstance(fact_id, str):
         raise _Fallback
-    return _fact_or_missing(fact_data, kind_data, facts, kind + "." + fact_id)
+    return _fact_or_missing(fact_data, kind_data, facts, kind + "." + fact_id, kind, fact_id)
 
 
 def _get(container: Any, key: Any, prefix: str | None) -> Any:
@@ -1311,15 +1321,18 @@ def _instant(timestamp: Any) -> datetime:
 
 
 def _days_since(now: datetime, timestamp: Any) -> float:
-    return (now - _instant(timestamp)).total_seconds() / 86400
+    start = _INSTANTS.get(timestamp) or _instant(timestamp)
+    return (now - start).total_seconds() / 86400
 
 
 def _hours_since(now: datetime, timestamp: Any) -> float:
-    return (now - _instant(timestamp)).total_seconds() / 3600
+    start = _INSTANTS.get(timestamp) or _instant(timestamp)
+    return (now - start).total_seconds() / 3600
 
 
 def _minutes_since(now: datetime, timestamp: Any) -> float:
-    return (now - _instant(timestamp)).total_seconds() / 60
+    start = _INSTANTS.get(timestamp) or _instant(timestamp)
+    return (now - start).total_seconds() / 60
 
 
 def _note_failure(
@@ -1355,7 +1368,6 @@ _COMPILED_OPERATORS: dict[type[ast.operator], str] = {
 _RUNTIME: dict[str, Any] = {
     "__builtins__": {},
     "_Error": Exception,
-    "_bool": bool,
     "_fact": _fact_or_missing,
     "_fact_at": _fact_at,
     "_kind": _load_kind,
@@ -1366,7 +1378,6 @@ _RUNTIME: dict[str, Any] = {
     "_ABSENT": _ABSENT,
     "_Evaluation": Evaluation,
     "_new": object.__new__,
-    "_set": object.__setattr__,
     "_add": _add,
     "_mul": _mul,
     "_pow": _pow,
@@ -1382,7 +1393,6 @@ _RUNTIME: dict[str, Any] = {
     "_abs": abs,
     "_round": _round,
     "_note": _note_failure,
-    "_inf": math.inf,
 }
 """Everything compiled code can name besides its own constants: no builtins."""
 
@@ -1412,20 +1422,6 @@ def _lookup_prefix(source: _Source, node: ast.expr) -> str | None:
     return text if atomic else f"({text})"
 
 
-def _literal(value: object) -> str:
-    """Python source giving exactly ``value`` (a constant of the checked tree)."""
-    if value is None or isinstance(value, bool | str):
-        return repr(value)  # a str's repr is a literal of the very same string
-    if isinstance(value, int):
-        return f"({value:#x})"  # hexadecimal: no limit on the digits of a big integer
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "_inf" if value > 0 else "(-_inf)"
-        if math.isfinite(value):
-            return f"({value!r})"  # repr round-trips every finite float
-    raise _Unsupported(f"constant {value!r}")
-
-
 _NATIVE_BINARY: dict[type[ast.operator], str] = {ast.Sub: "-", ast.Div: "/", ast.FloorDiv: "//"}
 _NATIVE_UNARY: dict[type[ast.unaryop], str] = {ast.Not: "not ", ast.USub: "-", ast.UAdd: "+"}
 
@@ -1437,20 +1433,32 @@ class _CodeGenerator:
     ``+ * ** %`` the bounded operators, functions their helpers; comparisons, ``and``/
     ``or``/``not``, unary ``-``/``+``, ``- / //``, ``if``/``else``, lists and tuples stay
     native Python, whose semantics the reference evaluator shares (same operations, same
-    order). The source names only the compiled namespace and the function's parameters;
-    every value taken from the text is a literal (``_literal``), every operand is
-    parenthesised.
+    order). The source names only the compiled namespace, the function's parameters and
+    closure cells holding the values taken from the text (``const``): no text of the
+    expression is ever pasted into it. Every operand is parenthesised.
     """
 
     def __init__(self, source: _Source) -> None:
         self.source = source
         self.temporaries = 0
+        self.constants: list[Any] = []
+
+    def const(self, value: object) -> str:
+        """The source naming ``value``: a keyword for None/True/False, else the name of a
+        closure cell (``_k0``, ``_k1``...) that will hold it, so that conditions differing
+        only in their constants share their code."""
+        if value is None or isinstance(value, bool):
+            return repr(value)
+        if not isinstance(value, str | int | float):
+            raise _Unsupported(f"constant of type {type(value).__name__}")
+        self.constants.append(value)
+        return f"_k{len(self.constants) - 1}"
 
     def expr(self, node: ast.expr) -> str:
         if isinstance(node, ast.Constant):
-            return _literal(node.value)
+            return self.const(node.value)
         if isinstance(node, _KindRead):
-            return f"_kind(_kd, _facts, {node.kind!r})"
+            return f"_kind(_kd, _facts, {self.const(node.kind)})"
         if isinstance(node, _FactRead):
             return self._fact_read(node)
         if isinstance(node, _Lookup):
@@ -1488,36 +1496,39 @@ class _CodeGenerator:
         prefix = _lookup_prefix(self.source, node.value)
         key = node.key
         if not (isinstance(key, ast.Constant) and type(key.value) is str):
-            return f"_get({self.expr(node.value)}, {self.expr(key)}, {prefix!r})"
+            return f"_get({self.expr(node.value)}, {self.expr(key)}, {self.const(prefix)})"
         # ``.field`` of a dict holding JSON data, the usual lookup, is done inline; "_get"
         # does the rest (a missing field, another container, data that is not JSON)
         # exactly as for any other key.
         self.temporaries += 1
-        found, field = f"_r{self.temporaries}", repr(key.value)
+        found, field = f"_r{self.temporaries}", self.const(key.value)
         base = node.value
         if isinstance(base, _FactRead) and base.fact_id is not None:
             # The data of a fact is always a dict: no need to check the container's type.
-            name = repr(f"{base.kind}.{base.fact_id}")
+            data = self.expr(base)
+            name = self.const(f"{base.kind}.{base.fact_id}")
             return (
-                f"({found} if _type({found} := {self.expr(base)}.get({field}, _ABSENT))"
-                f" in _PLAIN else _get(_fd[{name}], {field}, {prefix!r}))"
+                f"({found} if _type({found} := {data}.get({field}, _ABSENT))"
+                f" in _PLAIN else _get(_fd[{name}], {field}, {self.const(prefix)}))"
             )
         held = f"_c{self.temporaries}"
+        container = self.expr(base)
         return (
-            f"({found} if _type({held} := {self.expr(base)}) is _dict"
+            f"({found} if _type({held} := {container}) is _dict"
             f" and _type({found} := {held}.get({field}, _ABSENT)) in _PLAIN"
-            f" else _get({held}, {field}, {prefix!r}))"
+            f" else _get({held}, {field}, {self.const(prefix)}))"
         )
 
     def _fact_read(self, node: _FactRead) -> str:
         if node.fact_id is None:
             assert node.key is not None
-            kind = repr(node.kind)
+            kind = self.const(node.kind)
             return f"_fact_at(_fd, _kd, _facts, {kind}, {self.expr(node.key)})"
-        name = repr(f"{node.kind}.{node.fact_id}")
+        name = self.const(f"{node.kind}.{node.fact_id}")
         # A cached non-empty object is the common case; "_fact" handles the rest (the
         # first read, an empty object, a fact that does not exist).
-        return f"(_fd.get({name}) or _fact(_fd, _kd, _facts, {name}))"
+        kind, fact_id = self.const(node.kind), self.const(node.fact_id)
+        return f"(_fd.get({name}) or _fact(_fd, _kd, _facts, {name}, {kind}, {fact_id}))"
 
     def _function_call(self, node: ast.Call) -> str:
         if not isinstance(node.func, ast.Name) or node.func.id not in _COMPILED_FUNCTIONS:
@@ -1559,6 +1570,12 @@ _Run = Callable[
 ]
 
 
+_SHAPES: dict[str, Callable[..., _Run]] = {}
+"""Compiled code by shape (the generated source, constants left out): conditions that
+differ only in their constants (ids, keys, numbers, strings) share it."""
+_MAX_SHAPES = 4096
+
+
 def _compile_clauses(
     source: _Source, leaves: tuple[ast.expr, ...], plan: _Plan, clause_texts: tuple[str, ...]
 ) -> _Run | None:
@@ -1569,60 +1586,69 @@ def _compile_clauses(
     gave a value, else ``(failures, values)`` with ``failures`` mapping a clause index to
     what it raised (``_Missing``: that is its outcome; anything else: the reference
     decides) and ``values`` the clause values (None for those that failed).
-    The function's globals are ``_RUNTIME`` and the clauses' constant ``Clause`` objects:
-    no builtins.
+
+    The source is ``def _make(<constants>, <clauses>): def _run(...): ...; return _run``,
+    compiled once per shape (``_SHAPES``) with ``_RUNTIME`` as its globals (no builtins);
+    ``_make`` called with this condition's constants and ``Clause`` objects gives ``run``.
     """
     generator = _CodeGenerator(source)
     try:
         expressions = [generator.expr(leaf) for leaf in leaves]
     except _Unsupported:
         return None
-    lines = [f"def _run({', '.join(_PARAMETERS)}):", "    _failed = None"]
+    count = len(expressions)
+    cells = [f"_k{i}" for i in range(len(generator.constants))]
+    cells += [f"_T{i}" for i in range(count)] + [f"_F{i}" for i in range(count)]
+    lines = [f"def _make({', '.join([*cells, '_clause'])}):"]
+    lines += [f"    def _run({', '.join(_PARAMETERS)}):", "        _failed = None"]
     for index, expression in enumerate(expressions):
         lines += [
-            "    try:",
-            f"        _v{index} = {expression}",
-            "    except _Error as _e:",
-            f"        _v{index} = None",
-            f"        _failed = _note(_failed, {index}, _e)",
+            "        try:",
+            f"            _v{index} = {expression}",
+            "        except _Error as _e:",
+            f"            _v{index} = None",
+            f"            _failed = _note(_failed, {index}, _e)",
         ]
-    indexes = range(len(expressions))
     clauses = "".join(
         f"_T{i} if _v{i} is True else _F{i} if _v{i} is False else _clause({i}, _v{i}), "
-        for i in indexes
+        for i in range(count)
     )
-    values = "".join(f"_v{i}, " for i in indexes)
+    values = "".join(f"_v{i}, " for i in range(count))
     lines += [
-        "    if _failed is not None:",
-        f"        return _failed, ({values})",
+        "        if _failed is not None:",
+        f"            return _failed, ({values})",
         # Evaluation(value, clauses, (), None, seen) without the frozen dataclass's
-        # __init__ (five object.__setattr__ calls): the very same instance, built faster.
-        "    _result = _new(_Evaluation)",
-        "    _set(_result, '__dict__', {",
-        f"        'value': _bool({_plan_source(plan)}),",
-        f"        'clauses': ({clauses}),",
-        "        'missing': (),",
-        "        'error': None,",
-        "        'seen': {**_kd, **_fd} if _kd else _fd,",
-        "    })",
-        "    return _result",
+        # __init__ (five object.__setattr__ calls): the very same instance (its fields set
+        # in the same order), built three times faster.
+        "        _result = _new(_Evaluation)",
+        "        _fields = _result.__dict__",
+        f"        _fields['value'] = True if {_plan_source(plan)} else False",
+        f"        _fields['clauses'] = ({clauses})",
+        "        _fields['missing'] = ()",
+        "        _fields['error'] = None",
+        "        _fields['seen'] = {**_kd, **_fd} if _kd else _fd",
+        "        return _result",
+        "    return _run",
     ]
-    namespace = dict(_RUNTIME)
+    text = "\n".join(lines)
+    make = _SHAPES.get(text)
+    if make is None:
+        try:
+            module = compile(text, "<when>", "exec")
+        except (SyntaxError, ValueError, RecursionError, MemoryError):  # defensive
+            return None
+        code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
+        make = types.FunctionType(code, _RUNTIME, "_make")
+        if len(_SHAPES) >= _MAX_SHAPES:
+            _SHAPES.clear()
+        _SHAPES[text] = make
 
     def clause(index: int, value: Any) -> Clause:
         return Clause(clause_texts[index], _jsonable(value))
 
-    namespace["_clause"] = clause
-    for index, text in enumerate(clause_texts):
-        namespace[f"_T{index}"] = Clause(text, True)
-        namespace[f"_F{index}"] = Clause(text, False)
-    try:
-        code = compile("\n".join(lines), "<when>", "exec")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):  # defensive
-        return None
-    exec(code, namespace)
-    run: _Run = namespace["_run"]
-    return run
+    true_clauses = [Clause(text, True) for text in clause_texts]
+    false_clauses = [Clause(text, False) for text in clause_texts]
+    return make(*generator.constants, *true_clauses, *false_clauses, clause)
 
 
 class CompiledCondition:
