@@ -18,6 +18,7 @@ applies it to its in-memory state.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -471,13 +472,20 @@ class Engine:
     ) -> None:
         state = transition.rule_states.get(rule.id) or states.get(rule.id) or RuleState(rule.id)
         evaluation = rule.condition.evaluate(ProjectFacts(rule.project, facts), now)
-        approvals = approvals_status(rule, (standing or {}).get(rule.id, {}))
-        gate_open = evaluation.value and bool(approvals["satisfied"])
+        if rule.approvals is None:  # no sign-off: the gate is the condition
+            approvals = None
+            gate_open = evaluation.value
+        else:
+            approvals = approvals_status(rule, (standing or {}).get(rule.id, {}))
+            gate_open = evaluation.value and bool(approvals["satisfied"])
         outcome = _outcome(rule, state, evaluation.value, gate_open)
-        decided_at = format_rfc3339(now)
+        decided_at = _format_now(now)
         firing_id = None
         reason = None
-        new_state = replace(state, gate_open=gate_open, rule_hash=rule.content_hash)
+        if state.gate_open is gate_open and state.rule_hash == rule.content_hash:
+            new_state = state  # unchanged (the common case): no copy
+        else:
+            new_state = replace(state, gate_open=gate_open, rule_hash=rule.content_hash)
         if outcome == "fired":
             firing_id = f"{rule.id}#{state.fired_count + 1}"
             new_state = replace(
@@ -564,6 +572,10 @@ class Engine:
                 created_at=format_rfc3339(now),
             )
         )
+
+
+_format_now = functools.lru_cache(maxsize=4)(format_rfc3339)
+"""``format_rfc3339`` of the planning "now", formatted once per plan, not once per rule."""
 
 
 def _outcome(rule: Rule, state: RuleState, condition: bool, gate_open: bool) -> Outcome:

@@ -362,7 +362,10 @@ class Store(Protocol):
     async def decision_of_firing(self, firing_id: str) -> dict[str, Any] | None: ...
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=str)
+_ENCODER = json.JSONEncoder(
+    separators=(",", ":"), sort_keys=True, default=str, check_circular=False
+)
+"""Stored JSON is built from parsed JSON and our own records, which hold no cycles."""
 
 
 def _dumps(value: Any) -> str:
