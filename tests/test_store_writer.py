@@ -238,7 +238,7 @@ async def test_a_failed_group_leaves_the_daemons_memory_unchanged(
     gk = await start_daemon(project)
     daemon = gk.daemon
     engine = daemon.engine
-    facts_before = dict(daemon.facts._data)
+    facts_before = daemon.facts.snapshot()
     states_before = dict(daemon.states)
     approved = fact("milestone", "design", status="approved", approved_at="2026-11-01T09:00:00Z")
     passed = fact("quality_gate", "qg1", passed=True)
@@ -249,7 +249,7 @@ async def test_a_failed_group_leaves_the_daemons_memory_unchanged(
 
     with pytest.raises(sqlite3.IntegrityError):
         await daemon._commit_and_apply([fires, again])
-    assert dict(daemon.facts._data) == facts_before
+    assert daemon.facts.snapshot() == facts_before
     assert daemon.states == states_before
     assert await daemon.store.fact_log() == []
     assert await daemon.store.list_actions() == []
