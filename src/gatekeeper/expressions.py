@@ -1594,7 +1594,7 @@ def _compile_clauses(
     generator = _CodeGenerator(source)
     try:
         expressions = [generator.expr(leaf) for leaf in leaves]
-    except _Unsupported:
+    except (_Unsupported, RecursionError, MemoryError):  # the checker rules both out
         return None
     count = len(expressions)
     cells = [f"_k{i}" for i in range(len(generator.constants))]
