@@ -1728,6 +1728,10 @@ class CompiledCondition:
         Never raises: missing facts/fields and run-time errors give ``value=False`` with
         ``missing`` / ``error`` set (see ``Evaluation``). Every clause is evaluated for the
         explanation; the overall value follows Python's short-circuit ``and``/``or``.
+
+        One call of the compiled function; a clause that fails other than by a missing
+        fact or field (or meets fact data that is not JSON) is evaluated again by the
+        simpleeval reference, over the facts already read, for its exact outcome.
         """
         run = self._run
         if run is None:
