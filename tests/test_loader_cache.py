@@ -5,9 +5,12 @@ schema gate (``jsonschema_rs``) agreeing with ``jsonschema``, and hook templates
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import textwrap
+from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +20,13 @@ import yaml
 from gatekeeper import loader
 from gatekeeper.check import run_check
 from gatekeeper.cli import main
+from gatekeeper.clock import FixedClock
 from gatekeeper.config import Config, load_config
 from gatekeeper.loader import RuleFileCache, load_rule_texts, load_rules_dir
 from gatekeeper.rules import Rule
 from gatekeeper.yamlsource import fast_schema_check, schema_validator
+
+from .conftest import Project, fact
 
 DATA = Path(__file__).parent / "data"
 GOOD_CONFIG = DATA / "good_rules" / "gatekeeper.yaml"
@@ -305,3 +311,65 @@ def test_check_reports_a_broken_hook_template(
 def test_check_without_a_config_has_no_hooks_to_check(rules_dir: Path) -> None:
     out = io.StringIO()
     assert run_check([rules_dir], None, "text", out) == 0
+
+
+# --- deadlines across a reload ----------------------------------------------------------------
+
+
+def timed_rule(rule_id: str, days: int) -> str:
+    return textwrap.dedent(
+        f"""\
+        id: {rule_id}
+        project: tower-a
+        when: days_since(task["T-1"].started_at) >= {days}
+        actions:
+          - pipeline: {{target: ci, ref: main}}
+        """
+    )
+
+
+async def test_a_reload_keeps_the_deadlines_of_unchanged_rules(
+    project_factory: Callable[..., Project], start_daemon: Any
+) -> None:
+    start = datetime(2026, 11, 5, tzinfo=UTC)
+    clock = FixedClock(start)
+    project = project_factory()
+    project.write_rule("a.yaml", timed_rule("t/a", 3))
+    project.write_rule("b.yaml", timed_rule("t/b", 5))
+    project.write_rule("c.yaml", timed_rule("t/c", 7))
+    gk = await start_daemon(project, clock=clock)
+    await gk.post("/v1/facts", fact("task", "T-1", started_at="2026-11-05T00:00:00Z"))
+    await gk.daemon.tick()
+    deadlines = gk.daemon.deadlines
+    assert deadlines.due_at("t/b") == start + timedelta(days=5)
+
+    clock.advance(timedelta(hours=1))
+    project.write_rule("a.yaml", timed_rule("t/a", 4))
+    (project.rules_dir / "c.yaml").unlink()
+    assert await gk.daemon.reload()
+
+    assert deadlines.due_at("t/a") == clock.now()  # changed: evaluated at once
+    assert deadlines.due_at("t/b") == start + timedelta(days=5)  # unchanged: kept
+    assert deadlines.due_at("t/c") is None  # gone
+    await gk.daemon.tick()
+    assert deadlines.due_at("t/a") == start + timedelta(days=4)
+
+
+async def test_a_large_ruleset_going_live_is_frozen_out_of_the_collector(
+    project_factory: Callable[..., Project], start_daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gatekeeper import daemon
+
+    monkeypatch.setattr(daemon, "FREEZE_AT_RULES", 1)  # "large" for the test
+    project = project_factory()
+    project.write_rule("a.yaml", timed_rule("t/a", 3))
+    gc.unfreeze()
+    try:
+        gk = await start_daemon(project)
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        project.write_rule("a.yaml", timed_rule("t/a", 4))
+        assert await gk.daemon.reload()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -21,7 +21,7 @@ from typing import Literal, TextIO
 
 from gatekeeper.config import DEFAULT_RULES_DIR, Config
 from gatekeeper.hooks import hook_problems
-from gatekeeper.loader import LoadResult, load_rule_paths
+from gatekeeper.loader import LoadResult, collector_paused, load_rule_paths
 from gatekeeper.problems import Problem
 from gatekeeper.yamlsource import sorted_problems
 
@@ -38,20 +38,21 @@ def run_check(paths: Sequence[Path], config: Config | None, fmt: OutputFormat, o
     """
     if not paths:
         paths = [config.rules_dir if config is not None else Path(DEFAULT_RULES_DIR)]
-    result = load_rule_paths(paths, config)
-    if config is not None:
-        result = _with_hook_problems(result, config)
-    if fmt == "json":
-        out.write(json.dumps(check_report(result), indent=2) + "\n")
-    else:
-        lines = (
-            github_commands(result.problems)
-            if fmt == "github"
-            else format_problems(result.problems)
-        )
-        for line in [*lines, summary_line(result)]:
-            out.write(line + "\n")
-    return 0 if result.ok else 1
+    with collector_paused():  # until the report is written: see loader.collector_paused
+        result = load_rule_paths(paths, config)
+        if config is not None:
+            result = _with_hook_problems(result, config)
+        if fmt == "json":
+            out.write(json.dumps(check_report(result), indent=2) + "\n")
+        else:
+            lines = (
+                github_commands(result.problems)
+                if fmt == "github"
+                else format_problems(result.problems)
+            )
+            for line in [*lines, summary_line(result)]:
+                out.write(line + "\n")
+        return 0 if result.ok else 1
 
 
 def _with_hook_problems(result: LoadResult, config: Config) -> LoadResult:

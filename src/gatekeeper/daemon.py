@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -62,6 +63,9 @@ log = logging.getLogger("gatekeeper.daemon")
 MAX_GROUP_COMMIT = 256
 """At most this many fact batches share one transaction."""
 HOUSEKEEPING_INTERVAL_S = 60.0
+FREEZE_AT_RULES = 1000
+"""From this many rules, objects alive when a ruleset goes live are frozen (see
+``Daemon._freeze_long_lived``)."""
 
 
 class StartupError(Exception):
@@ -630,6 +634,7 @@ class Daemon:
             previous = self.engine
             self.engine = engine
             self._schedule_activated(engine, previous, changed)
+        self._freeze_long_lived(ruleset)
         now = format_rfc3339(self.clock.now())
         self.reload_status = ReloadStatus(
             ok=True, attempted_at=now, active_since=now, source=trigger_source
@@ -671,6 +676,22 @@ class Daemon:
             changed_ids = {rule.id for rule in changed}
             mark_due(self.deadlines, (r for r in engine.time_dependent if r.id in changed_ids), now)
         self._deadline_changed.set()
+
+    @staticmethod
+    def _freeze_long_lived(ruleset: Ruleset) -> None:
+        """With a large ruleset live, move every object then alive out of the cyclic
+        collector's reach (``gc.freeze``): the rules, engine, facts and states are long-lived,
+        and a full collection would walk them all again (about 800,000 objects and 1 to 2 s
+        with 10,000 rules, a pause that hits a reload or a request). The collection run
+        first walks only the objects made since the previous freeze (all of them at start),
+        so cyclic garbage left by evaluations is not frozen with them; what a reload replaces
+        is freed by reference counting (a reload leaves no cyclic garbage). Small rulesets
+        are left alone."""
+        if len(ruleset.rules) >= FREEZE_AT_RULES:
+            started = time.perf_counter()
+            gc.collect()  # walks only what is not frozen yet: what was made since the last time
+            gc.freeze()
+            log.debug("collected and froze in %.3f s", time.perf_counter() - started)
 
     async def reload(self) -> bool:
         """Re-read ``gatekeeper.yaml`` (when there is one) and the rules directory.
