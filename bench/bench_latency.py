@@ -72,7 +72,7 @@ DRAIN_TIMEOUT_S = 60.0
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rules", type=int, default=1000, help="generated rules (never fire)")
-    parser.add_argument("--channels", type=int, default=256, help="facts posted round-robin")
+    parser.add_argument("--channels", type=int, default=1024, help="facts posted round-robin")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per open-loop run")
     parser.add_argument("--runs", type=int, default=3, help="open-loop runs per figure (median)")
     parser.add_argument(

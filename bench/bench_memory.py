@@ -291,7 +291,7 @@ def dicts_of(database: str) -> None:
 
 
 def trace_startup(config_path: str, top: int = 20) -> None:
-    """Start the daemon in this process under tracemalloc (25 frames); print where the
+    """Start the daemon in this process under tracemalloc (8 frames); print where the
     memory still allocated after ``start()`` was allocated: by the innermost gatekeeper
     line on the way (what asked for it) and the allocating line, then by file."""
     import tracemalloc
@@ -309,7 +309,7 @@ def trace_startup(config_path: str, top: int = 20) -> None:
         await daemon.stop()
         return snapshot
 
-    tracemalloc.start(25)
+    tracemalloc.start(8)
     snapshot = asyncio.run(start_stop())
     traced_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

@@ -107,6 +107,10 @@ class Dispatcher:
         self._idle_poll_s = idle_poll_s
         self._wakeup = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        """Deliveries in progress, from the request to the recorded outcome."""
+        self._holding: set[str] = set()
+        """Deliveries whose request is not answered yet: they hold a slot of their target
+        (``MAX_DELIVERIES_PER_TARGET``) and of ``MAX_CONCURRENT_DELIVERIES``."""
         self._finished_during_query: set[str] = set()
         self._per_target: collections.Counter[str] = collections.Counter()
         self._session: aiohttp.ClientSession | None = None
@@ -180,7 +184,7 @@ class Dispatcher:
         buckets = [OutboxFilter(target=name) for name in configured]
         buckets.append(OutboxFilter(not_targets=configured))  # targets no longer configured
         for bucket in buckets:
-            free = MAX_CONCURRENT_DELIVERIES - len(self._in_flight)
+            free = MAX_CONCURRENT_DELIVERIES - len(self._holding)
             if bucket.target is not None:
                 free = min(free, MAX_DELIVERIES_PER_TARGET - self._per_target[bucket.target])
             if free <= 0 or self._stopping:
@@ -196,13 +200,23 @@ class Dispatcher:
         if self._per_target[entry.target] >= MAX_DELIVERIES_PER_TARGET:
             return
         self._per_target[entry.target] += 1
+        self._holding.add(entry.action_id)
         task = asyncio.create_task(self._deliver(entry))
         self._in_flight[entry.action_id] = task
         task.add_done_callback(functools.partial(self._finished, entry))
 
+    def _release_slot(self, entry: OutboxEntry) -> None:
+        """The request of ``entry`` is over: its target may take another one while the
+        outcome is being recorded (``entry`` itself stays in flight, so it is not picked
+        again until its outcome is committed)."""
+        if entry.action_id in self._holding:
+            self._holding.discard(entry.action_id)
+            self._per_target[entry.target] -= 1
+            self._wakeup.set()
+
     def _finished(self, entry: OutboxEntry, _task: asyncio.Task[None]) -> None:
+        self._release_slot(entry)
         self._in_flight.pop(entry.action_id, None)
-        self._per_target[entry.target] -= 1
         self._finished_during_query.add(entry.action_id)
         self._wakeup.set()
 
@@ -211,8 +225,10 @@ class Dispatcher:
 
         Actions being delivered, and targets at their concurrency limit, are left out of
         "next due", so a hanging receiver does not make this loop spin."""
+        if self._wakeup.is_set():  # woken while dispatching: look again at once
+            return
         timeout = self._idle_poll_s
-        if len(self._in_flight) < MAX_CONCURRENT_DELIVERIES:
+        if len(self._holding) < MAX_CONCURRENT_DELIVERIES:
             full = [t for t, n in self._per_target.items() if n >= MAX_DELIVERIES_PER_TARGET]
             only = OutboxFilter(not_targets=full, exclude_ids=self._excluded_ids())
             next_at = await self._store.next_attempt_at(only=only)
@@ -261,6 +277,7 @@ class Dispatcher:
         else:
             outcome = await self._attempt(entry, target)
         latency_ms = (time.perf_counter() - t0) * 1000
+        self._release_slot(entry)
         if target is not None:
             self.metrics.attempt(entry.target, outcome.status_code, latency_ms / 1000)
         finished = self._clock.now()  # backoff and Retry-After count from the answer
