@@ -273,11 +273,6 @@ class FactTable:
             for id, data in ids.items()
         }
 
-    @property
-    def _data(self) -> dict[FactKey, Mapping[str, Any]]:
-        """``snapshot()``, under the name of the former key index (which tests read)."""
-        return self.snapshot()
-
     def of_kind(self, project: str, kind: str) -> Mapping[str, Mapping[str, Any]]:
         merged: dict[str, Mapping[str, Any]] = {}
         if self._parent:
