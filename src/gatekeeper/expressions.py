@@ -91,6 +91,7 @@ re-checked every second.
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import json
 import keyword
@@ -1660,10 +1661,9 @@ class CompiledCondition:
     """
 
     __slots__ = (
-        "_leaves",
+        "_kept_leaves",
         "_plan",
         "_run",
-        "_source",
         "_time_sites",
         "clause_texts",
         "reads",
@@ -1675,9 +1675,8 @@ class CompiledCondition:
     reads: frozenset[FactRef]
     uses_time: bool
     clause_texts: tuple[str, ...]
-    _source: _Source
     _plan: _Plan
-    _leaves: tuple[ast.expr, ...]
+    _kept_leaves: tuple[ast.expr, ...] | None
     _run: _Run | None
     _time_sites: _TimeSites
 
@@ -1693,19 +1692,34 @@ class CompiledCondition:
         plan = _split(tree, leaves)
         clause_texts = tuple(source.snippet(leaf) for leaf in leaves)
         lowered = tuple(_lower(leaf) for leaf in leaves)
+        run = _compile_clauses(source, lowered, plan, clause_texts)
         values = {
             "text": text,
             "reads": reads,
             "uses_time": uses_time,
             "clause_texts": clause_texts,
-            "_source": source,
             "_plan": plan,
-            "_leaves": lowered,
-            "_run": _compile_clauses(source, lowered, plan, clause_texts),
+            # The syntax tree is most of a condition's memory (several KB); once compiled,
+            # only the reference evaluator needs it, rarely: it is parsed again then.
+            "_kept_leaves": lowered if run is None else None,
+            "_run": run,
             "_time_sites": _find_time_sites(lowered),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
+
+    @property
+    def _source(self) -> _Source:
+        """The text's positions, for the reference evaluator's messages (built on demand)."""
+        return _Source(self.text)
+
+    @property
+    def _leaves(self) -> tuple[ast.expr, ...]:
+        """The lowered clauses the reference evaluator walks: kept when there is no
+        compiled form, else parsed again from ``text`` (the same tree: parsing is
+        deterministic), the last few cached."""
+        kept = self._kept_leaves
+        return kept if kept is not None else _lowered_leaves(self.text)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"CompiledCondition is immutable (cannot set {name!r})")
@@ -1816,6 +1830,15 @@ class CompiledCondition:
             return sites.next_change(_Evaluator(self._source, facts, now), now)
         except Exception:  # defensive: nothing in next_change is expected to raise
             return _recheck(now)
+
+
+@functools.lru_cache(maxsize=64)
+def _lowered_leaves(text: str) -> tuple[ast.expr, ...]:
+    """The lowered top-level clauses of ``text``, an expression ``compile_condition``
+    accepted (so parsing cannot fail here)."""
+    leaves: list[ast.expr] = []
+    _split(_parse(_Source(text)), leaves)
+    return tuple(_lower(leaf) for leaf in leaves)
 
 
 def _evaluate_reference(
