@@ -608,11 +608,13 @@ class Daemon:
             engine = Engine(ruleset, alert_target=config.alert_target)
             book = EscrowBook(config.escrows, self.book.committed)
             previous_rules = self.engine.rules if self.engine else {}
+            states = self.states
             changed = [
                 rule
                 for rule in ruleset.rules
                 if rule.id not in previous_rules
-                or self.states.get(rule.id, RuleState(rule.id)).rule_hash != rule.content_hash
+                or (state := states.get(rule.id)) is None
+                or state.rule_hash != rule.content_hash
             ]
             t0 = time.perf_counter()
             transition = engine.plan_rules(

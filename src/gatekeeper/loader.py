@@ -23,6 +23,7 @@ Hashes (SHA-256, hex):
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import difflib
 import gc
@@ -243,7 +244,8 @@ def _read_files(files: Mapping[str, str | Path]) -> tuple[dict[str, _Source], li
     for name, path in files.items():
         try:
             raw = _read_bytes(path)
-            sources[name] = (raw.decode("utf-8-sig"), hashlib.sha256(raw).hexdigest())
+            text = raw.decode("utf-8-sig" if raw.startswith(codecs.BOM_UTF8) else "utf-8")
+            sources[name] = (text, hashlib.sha256(raw).hexdigest())
         except OSError as error:
             reason = error.strerror or str(error)
             problems.append(Problem(name, 0, 0, f"cannot read the file: {reason}"))
@@ -352,15 +354,19 @@ class RuleFileCache:
             key: found for key, found in self._references.items() if key in self._files
         }
 
-    def reference_problems(
-        self, file: CheckedFile, config: Config, docs: _Documents
-    ) -> list[Problem]:
-        """``_reference_problems`` of ``file``, from the cache when the file and the config's
-        targets, escrows and path are those it was checked against."""
+    def use_config(self, config: Config) -> None:
+        """Forget the reference problems unless ``config``'s targets, escrows and path are
+        those they were found with (call once per load, before ``reference_problems``)."""
         scope = (config.path, config.targets, config.escrows)
         if scope != self._reference_scope:
             self._references = {}
             self._reference_scope = scope
+
+    def reference_problems(
+        self, file: CheckedFile, config: Config, docs: _Documents
+    ) -> list[Problem]:
+        """``_reference_problems`` of ``file``, from the cache when it was found for this
+        file against the config given to ``use_config``."""
         key = (file.name, file.digest)
         found = self._references.get(key)
         if found is None:
@@ -416,6 +422,8 @@ def _load_unpaused(
     if cache is not None:
         cache.keep(files)
     docs = _Documents()
+    if cache is not None and config is not None:
+        cache.use_config(config)
     for file in files:
         problems += file.problems
         if config is not None and cache is not None:
