@@ -17,7 +17,7 @@ import pytest
 
 from gatekeeper.engine import Engine, FactInput, FactTable, RuleState, Transition
 from gatekeeper.loader import load_rule_texts
-from gatekeeper.store import SqliteStore
+from gatekeeper.store import SqliteStore, _Insert
 
 from .conftest import DESIGN_RULE, Project, fact
 
@@ -111,7 +111,12 @@ async def test_a_failed_statement_mid_group_rolls_back_every_row_of_the_group(
     assert rows["outbox"] == len(first.actions) + len(second.actions) == 4
 
 
-async def test_outbox_rows_point_at_the_decision_of_their_firing(store: SqliteStore) -> None:
+@pytest.mark.parametrize("rows_per_insert", [None, 2])
+async def test_outbox_rows_point_at_the_decision_of_their_firing(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch, rows_per_insert: int | None
+) -> None:
+    if rows_per_insert is not None:  # several multi-row statements per table
+        monkeypatch.setattr(_Insert, "MAX_ROWS", rows_per_insert)
     engine = _engine()
     facts, states = FactTable(), {}
     group = [
@@ -147,6 +152,16 @@ async def test_outbox_rows_point_at_the_decision_of_their_firing(store: SqliteSt
     assert all(firing == decision_firing for firing, _, decision_firing in outbox)
     assert all(decision_id == fired[firing] for firing, decision_id, _ in outbox)
     assert facts_rows == [("task", "b", 2), ("task", "a", 3), ("task", "c", 4)]
+
+
+async def test_a_fact_twice_in_one_batch_keeps_the_last(store: SqliteStore) -> None:
+    engine = _engine()
+    batch = [_task("a", done=False, v=1), _task("b", done=True), _task("a", done=True, v=2)]
+    transition = _plan(engine, FactTable(), {}, *batch)
+    assert await store.commit_transition(transition) == [1, 2, 3]
+    current = {(f["id"], f["seq"]): f["data"] for f in await store.list_facts()}
+    assert current == {("a", 3): {"done": True, "v": 2}, ("b", 2): {"done": True}}
+    assert [r["data"] for r in await store.fact_log()] == [f.data for f in batch]
 
 
 async def test_a_cancelled_caller_does_not_interrupt_the_transaction(

@@ -295,8 +295,6 @@ class Daemon:
         """The single writer: takes every batch queued meanwhile and commits them together."""
         while True:
             jobs = [await self._ingest_queue.get()]
-            while not self._ingest_queue.empty() and len(jobs) < MAX_GROUP_COMMIT:
-                jobs.append(self._ingest_queue.get_nowait())
             try:
                 # shielded: a shutdown never interrupts a group between plan and apply
                 await asyncio.shield(self._commit_group(jobs))
@@ -307,6 +305,13 @@ class Daemon:
                         job.result.set_exception(exc)
 
     async def _commit_group(self, jobs: list[_IngestJob]) -> None:
+        """Commit ``jobs`` and every batch queued by the time it starts (added to ``jobs``)
+        as one group."""
+        # one turn of the loop first: requests already readable on other connections are
+        # parsed and queued, and join this group instead of waiting for the next one
+        await asyncio.sleep(0)
+        while not self._ingest_queue.empty() and len(jobs) < MAX_GROUP_COMMIT:
+            jobs.append(self._ingest_queue.get_nowait())
         async with self._write_lock:
             planned = await self._plan_group(jobs)
             if not planned:

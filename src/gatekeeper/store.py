@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import sqlite3
 import threading
@@ -432,37 +433,68 @@ def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
+@dataclass(frozen=True)
+class _Insert:
+    """An INSERT of many rows in one statement: ``head VALUES row, row, ... tail``, at most
+    ``MAX_ROWS`` rows per statement (one ``sqlite3_step``, where ``executemany`` steps,
+    and gives the GIL away and back, once per row). Rows go in in order, so ids are given
+    in order and a later upsert of the same key wins, as row by row."""
+
+    head: str
+    row: str
+    tail: str = ""
+
+    MAX_ROWS = 50
+    """Rows per statement: 50 rows of 15 columns stay under SQLite's historical limit of
+    999 parameters."""
+
+    def run(self, db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert ``rows`` (tuples in the order of ``row``'s parameters)."""
+        for start in range(0, len(rows), self.MAX_ROWS):
+            chunk = rows[start : start + self.MAX_ROWS]
+            db.execute(self._sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+
+    @functools.cache  # noqa: B019 -- a handful of module-level constants, never freed anyway
+    def _sql(self, rows: int) -> str:
+        return f"{self.head} VALUES {', '.join([self.row] * rows)}{self.tail}"
+
+
 _INSERT_FACT_LOG = (
     "INSERT INTO fact_log (project, kind, id, data, received_at, request_id)"
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
-_UPSERT_FACT = (
-    "INSERT INTO facts (project, kind, id, data, seq, updated_at)"
-    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project, kind, id) DO UPDATE SET"
-    " data = excluded.data, seq = excluded.seq, updated_at = excluded.updated_at"
+_UPSERT_FACTS = _Insert(
+    "INSERT INTO facts (project, kind, id, data, seq, updated_at)",
+    "(?, ?, ?, ?, ?, ?)",
+    " ON CONFLICT (project, kind, id) DO UPDATE SET"
+    " data = excluded.data, seq = excluded.seq, updated_at = excluded.updated_at",
 )
-_INSERT_DECISION = (
+_INSERT_DECISIONS = _Insert(
     "INSERT INTO decisions (decided_at, rule_id, rule_hash, ruleset_version, git_commit,"
     " trigger, fact_seq, outcome, gate_open, evaluation, approvals, firing_id,"
-    " request_id, reason, project) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " request_id, reason, project)",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
 )
-_UPSERT_RULE_STATE = (
+_UPSERT_RULE_STATES = _Insert(
     "INSERT INTO rule_state (rule_id, gate_open, fired_count, last_fired_at, rule_hash,"
-    " paused, rearms) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rule_id) DO UPDATE SET"
+    " paused, rearms)",
+    "(?, ?, ?, ?, ?, ?, ?)",
+    " ON CONFLICT (rule_id) DO UPDATE SET"
     " gate_open = excluded.gate_open, fired_count = excluded.fired_count,"
     " last_fired_at = excluded.last_fired_at, rule_hash = excluded.rule_hash,"
-    " paused = excluded.paused, rearms = excluded.rearms"
+    " paused = excluded.paused, rearms = excluded.rearms",
 )
 # decision_id: the decision of the same firing, written just before in this transaction
 # (firing_id is UNIQUE in decisions; no such decision leaves it NULL, which NOT NULL refuses)
-_INSERT_OUTBOX = (
+_INSERT_OUTBOX = _Insert(
     "INSERT INTO outbox (action_id, decision_id, rule_id, firing_id, kind, target,"
-    " payload, created_at, next_attempt_at)"
-    " VALUES (?, (SELECT id FROM decisions WHERE firing_id = ?), ?, ?, ?, ?, ?, ?, ?)"
+    " payload, created_at, next_attempt_at)",
+    "(?, (SELECT id FROM decisions WHERE firing_id = ?), ?, ?, ?, ?, ?, ?, ?)",
 )
-_INSERT_LEDGER = (
+_INSERT_LEDGER = _Insert(
     "INSERT INTO ledger (release_id, escrow, amount, currency, payee, rule_id,"
-    " firing_id, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " firing_id, recorded_at)",
+    "(?, ?, ?, ?, ?, ?, ?, ?)",
 )
 
 
@@ -536,7 +568,8 @@ class SqliteStore:
 
     def _connect_writer(self) -> None:
         """On the writer thread: connect, set the pragmas, migrate."""
-        db = sqlite3.connect(self.path, isolation_level=None)
+        # statements of 1 to _Insert.MAX_ROWS rows per table: keep them all prepared
+        db = sqlite3.connect(self.path, isolation_level=None, cached_statements=512)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -612,6 +645,7 @@ class SqliteStore:
         now = t.decisions[0].decided_at if t.decisions else None
         seqs: list[int] = []
         request_id = t.request_id
+        fact_rows = []
         for fact in t.facts:
             received_at = now or _now_text()
             data = _dumps(fact.data)
@@ -620,7 +654,9 @@ class SqliteStore:
             )
             seq = int(cursor.lastrowid or 0)
             seqs.append(seq)
-            db.execute(_UPSERT_FACT, (fact.project, fact.kind, fact.id, data, seq, received_at))
+            fact_rows.append((fact.project, fact.kind, fact.id, data, seq, received_at))
+        if fact_rows:
+            _UPSERT_FACTS.run(db, fact_rows)
         for approval in t.approvals:
             seqs.append(_write_approval(db, approval, now or _now_text(), request_id))
         if t.admin_acts:
@@ -635,12 +671,10 @@ class SqliteStore:
         if t.ruleset is not None:
             _write_ruleset(db, t.ruleset, now or _now_text())
         if t.decisions:
-            db.executemany(
-                _INSERT_DECISION, [_decision_row(d, seqs, request_id) for d in t.decisions]
-            )
+            _INSERT_DECISIONS.run(db, [_decision_row(d, seqs, request_id) for d in t.decisions])
         if t.rule_states:
-            db.executemany(
-                _UPSERT_RULE_STATE,
+            _UPSERT_RULE_STATES.run(
+                db,
                 [
                     (
                         s.rule_id,
@@ -655,8 +689,8 @@ class SqliteStore:
                 ],
             )
         if t.actions:
-            db.executemany(
-                _INSERT_OUTBOX,
+            _INSERT_OUTBOX.run(
+                db,
                 [
                     (
                         a.action_id,
@@ -673,8 +707,8 @@ class SqliteStore:
                 ],
             )
         if t.ledger:
-            db.executemany(
-                _INSERT_LEDGER,
+            _INSERT_LEDGER.run(
+                db,
                 [
                     (
                         e.release_id,
