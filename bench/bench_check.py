@@ -1,6 +1,6 @@
 """``gatekeeper check`` and live reload over 10,000 rule files, beside a same-run baseline.
 
-Run: ``python bench/bench_check.py`` (about 90 s on 2 cores); ``--help`` for the knobs.
+Run: ``python bench/bench_check.py`` (60 to 90 s on 2 cores); ``--help`` for the knobs.
 
 Everything runs in a temporary directory (removed afterwards; ``--keep`` keeps it) holding
 ``--files`` generated rule files (one rule each: a multi-line ``when``, two or three actions,
