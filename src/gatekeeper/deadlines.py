@@ -25,12 +25,14 @@ How the daemon uses it
 All instants are aware UTC ``datetime`` values from the injectable clock
 (``gatekeeper.clock``); a naive one is taken as UTC, other offsets are converted.
 
-- **At start, and after every reload** (``clear()`` first, as rules may have gone): mark
-  every time-dependent rule of the active engine due now (``mark_due(schedule,
-  engine.time_dependent, now)``). The loop's first pass then evaluates them all with
-  trigger ``"time"``: a deadline that passed while the daemon was down (or while the rule
-  was not loaded) fires at start, because the rule's persisted gate is still closed and the
-  evaluation finds it open. That pass reschedules them (next point).
+- **At start** (``clear()`` first): mark every time-dependent rule of the active engine
+  due now (``mark_due(schedule, engine.time_dependent, now)``). The loop's first pass then
+  evaluates them all with trigger ``"time"``: a deadline that passed while the daemon was
+  down fires at start, because the rule's persisted gate is still closed and the
+  evaluation finds it open. That pass reschedules them (next point). **After a reload**,
+  only the new and changed rules are marked due (one that was not loaded may have missed
+  its deadline); an unchanged rule keeps its entry, and one gone or no longer
+  time-dependent is removed (``set(rule_id, None)``).
 - **After every committed transition**, reschedule with ``schedule_rules`` the rules it
   evaluated: the rules reading its facts (``Engine.rules_reading(fact.key)`` for each fact
   of an ingest, exactly the rules ``plan_ingest`` evaluated), the rule of an approval or
