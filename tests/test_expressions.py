@@ -1087,3 +1087,25 @@ def test_arbitrary_small_asts_never_raise(tree: ast.expr) -> None:
     except Exception:  # pragma: no cover - a node the unparser cannot render
         return
     check_never_raises_unexpectedly(text)
+
+
+_BRACKETY = st.lists(
+    st.sampled_from(["a", "a.b", "1", " or ", " + ", "(", ")", "[", "]", "{", "}", '")"', "#)\n"]),
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_BRACKETY)
+def test_the_bracket_shortcut_never_hides_an_unmatched_closer(text: str) -> None:
+    """The cheap square-bracket parse may only say "no early closer" when tokenizing the
+    text agrees, on any text the parenthesised parse accepts."""
+    from gatekeeper.expressions import _brackets_hold, _Source, _unmatched_closer
+
+    source = _Source(text)
+    try:
+        ast.parse(source.parsed, mode="eval")
+    except (SyntaxError, ValueError):
+        return
+    if _brackets_hold(source):
+        assert _unmatched_closer(source) is None

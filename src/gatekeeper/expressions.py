@@ -415,10 +415,26 @@ def _parse(source: _Source) -> ast.expr:
             raise ExpressionError([source.problem("expression is empty", 0, len(text))])
         message = "a top-level ',' makes a tuple, which is always true; use 'and' / 'or'"
         raise ExpressionError([source.problem(message, 0, len(text))])
-    closer = _unmatched_closer(source)
+    closer = None if _brackets_hold(source) else _unmatched_closer(source)
     if closer is not None:
         raise ExpressionError([_closer_problem(source, closer)])
     return body
+
+
+def _brackets_hold(source: _Source) -> bool:
+    """Whether the text also parses inside square brackets, which proves that no closing
+    bracket in it ends the parentheses it is parsed in: a ``)`` that closed them early
+    would meet ``[`` instead, which is a syntax error (and so would a ``]`` in the
+    parenthesised parse, which succeeded). Much cheaper than tokenizing; when it says no
+    (for whatever reason), ``_unmatched_closer`` decides."""
+    bracketed = "[" + source.parsed[1:-1] + "]"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ast.parse(bracketed, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return True
 
 
 def _closer_problem(source: _Source, position: tuple[int, int]) -> ExpressionProblem:
@@ -1652,6 +1668,13 @@ def _compile_clauses(
     return make(*generator.constants, *true_clauses, *false_clauses, clause)
 
 
+class _Pending:
+    """The compiled form of a condition not evaluated yet."""
+
+
+_PENDING = _Pending()
+
+
 class CompiledCondition:
     """A checked ``when`` expression, ready to evaluate; made by ``compile_condition``.
 
@@ -1661,9 +1684,9 @@ class CompiledCondition:
     """
 
     __slots__ = (
+        "_compiled",
         "_kept_leaves",
         "_plan",
-        "_run",
         "_time_sites",
         "clause_texts",
         "reads",
@@ -1677,7 +1700,7 @@ class CompiledCondition:
     clause_texts: tuple[str, ...]
     _plan: _Plan
     _kept_leaves: tuple[ast.expr, ...] | None
-    _run: _Run | None
+    _compiled: _Run | _Pending | None
     _time_sites: _TimeSites
 
     def __init__(
@@ -1692,21 +1715,39 @@ class CompiledCondition:
         plan = _split(tree, leaves)
         clause_texts = tuple(source.snippet(leaf) for leaf in leaves)
         lowered = tuple(_lower(leaf) for leaf in leaves)
-        run = _compile_clauses(source, lowered, plan, clause_texts)
         values = {
             "text": text,
             "reads": reads,
             "uses_time": uses_time,
             "clause_texts": clause_texts,
             "_plan": plan,
-            # The syntax tree is most of a condition's memory (several KB); once compiled,
-            # only the reference evaluator needs it, rarely: it is parsed again then.
-            "_kept_leaves": lowered if run is None else None,
-            "_run": run,
+            # The syntax tree is most of a condition's memory (several KB): it is not kept.
+            # The Python function is generated at the first evaluation (``gatekeeper check``
+            # never evaluates), from the text parsed again; so is the tree the reference
+            # evaluator walks, when it is needed (rarely).
+            "_kept_leaves": None,
+            "_compiled": _PENDING,
             "_time_sites": _find_time_sites(lowered),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
+
+    @property
+    def _run(self) -> _Run | None:
+        """The compiled form (generated on first use); None when the reference evaluator
+        does all the work."""
+        compiled = self._compiled
+        return self._compile() if isinstance(compiled, _Pending) else compiled
+
+    def _compile(self) -> _Run | None:
+        """Generate and keep the compiled form (the same on every call: only the first one
+        generates). Without one, the lowered clauses are kept for the reference."""
+        leaves = _lowered_leaves(self.text)
+        run = _compile_clauses(_Source(self.text), leaves, self._plan, self.clause_texts)
+        if run is None:
+            object.__setattr__(self, "_kept_leaves", leaves)
+        object.__setattr__(self, "_compiled", run)
+        return run
 
     @property
     def _source(self) -> _Source:
@@ -1747,7 +1788,9 @@ class CompiledCondition:
         fact or field (or meets fact data that is not JSON) is evaluated again by the
         simpleeval reference, over the facts already read, for its exact outcome.
         """
-        run = self._run
+        run = self._compiled
+        if isinstance(run, _Pending):
+            run = self._compile()
         if run is None:
             return _evaluate_reference(self, facts, now)
         if now.tzinfo is None:
