@@ -1,8 +1,8 @@
 """The JSON Schemas (draft 2020-12) of rule files, ``gatekeeper.yaml`` and request bodies.
 
-They live in the repository's ``schemas/`` folder (editors point at them through a
-``# yaml-language-server: $schema=...`` comment); a package that carries its own copy in
-``gatekeeper/schemas/`` is looked at first.
+They are package data, ``gatekeeper/schemas/*.json`` (in a wheel too); the repository's
+``schemas/`` is a link to that folder, which editors point at through a
+``# yaml-language-server: $schema=...`` comment.
 """
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-SCHEMA_DIRS = (
-    Path(__file__).resolve().parent / "schemas",
-    Path(__file__).resolve().parents[2] / "schemas",
-)
+SCHEMA_DIRS = (Path(__file__).resolve().parent / "schemas",)
 
 
 def schema_path(name: str) -> Path:
