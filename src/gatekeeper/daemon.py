@@ -469,8 +469,8 @@ class Daemon:
         apply_transition(transition, self.facts, self.states, self.approvals, self.book)
         self._reschedule(transition)
         self._count(transition)
-        if transition.actions:
-            self.dispatcher.wake()
+        if transition.actions:  # committed: the dispatcher may send them
+            self.dispatcher.hand_over(transition.actions, transition.request_id)
 
     def _count(self, transition: Transition) -> None:
         """Update the metrics of a committed transition (in memory, no database access)."""
@@ -484,8 +484,6 @@ class Daemon:
             self._labelled(metrics.decisions, outcome).inc(count)
         for action in transition.actions:
             self._labelled(metrics.actions, action.target, "queued").inc()
-            if transition.request_id:
-                self.dispatcher.note_request_id(action.action_id, transition.request_id)
 
     async def approve(
         self,

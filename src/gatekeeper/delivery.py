@@ -23,9 +23,10 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -34,8 +35,17 @@ import aiohttp
 from gatekeeper.actions import build_request
 from gatekeeper.clock import Clock, format_rfc3339, parse_rfc3339
 from gatekeeper.config import DeliveryPolicy, Target
+from gatekeeper.engine import QueuedAction
 from gatekeeper.metrics import Metrics
-from gatekeeper.store import ActionStatus, Attempt, OutboxEntry, OutboxFilter, Store
+from gatekeeper.store import (
+    ActionStatus,
+    Attempt,
+    AttemptRecord,
+    OutboxEntry,
+    OutboxFilter,
+    Store,
+    outbox_entry_of,
+)
 
 log = logging.getLogger("gatekeeper.delivery")
 
@@ -43,8 +53,10 @@ RETRYABLE_STATUS = frozenset({408, 429})
 MAX_CONCURRENT_DELIVERIES = 64
 MAX_DELIVERIES_PER_TARGET = 8
 MAX_ERROR_CHARS = 500
-MAX_REQUEST_IDS = 100_000
-"""At most this many action -> request id notes are kept for the delivery log lines."""
+MAX_READY = 10_000
+"""At most this many handed-over actions wait in memory for a slot; more are left to an
+outbox query."""
+MAX_RECENTLY_FINISHED = 4096
 HOLD_BASE_S = 5.0
 HOLD_CAP_S = 300.0
 
@@ -85,7 +97,16 @@ class Dispatcher:
     """Delivers due actions from the outbox until stopped.
 
     ``targets`` and ``secrets`` are read through callables so a config reload is picked up.
-    Call ``wake()`` after committing new actions.
+    Call ``hand_over(actions)`` after committing new actions (they are started from memory,
+    with no outbox query), ``wake()`` after any other change to the outbox (a requeued dead
+    letter): the outbox is then queried for due actions. The outbox is also queried at
+    start, when a retry falls due, when a hold ends, when a target's slot frees after a
+    query left due actions behind, and every ``idle_poll_s`` seconds.
+
+    Outcomes are recorded in groups: the outcomes that arrive while one group is being
+    committed are committed together next (one transaction, one fsync). An action stays
+    "in flight" (never picked again) until its outcome is committed, and nothing that
+    depends on an outcome (the log line, the next attempt) happens before that.
     """
 
     def __init__(
@@ -111,7 +132,21 @@ class Dispatcher:
         self._holding: set[str] = set()
         """Deliveries whose request is not answered yet: they hold a slot of their target
         (``MAX_DELIVERIES_PER_TARGET``) and of ``MAX_CONCURRENT_DELIVERIES``."""
+        self._ready: dict[str, collections.deque[OutboxEntry]] = {}
+        """Committed actions handed over in memory and not started yet, per target, oldest
+        first; an entry counts only while its id is in ``_ready_ids`` (a query may start it
+        first)."""
+        self._ready_ids: set[str] = set()
+        self._recently_finished: dict[str, None] = {}
+        """The last ``MAX_RECENTLY_FINISHED`` actions whose delivery task ended (a late
+        hand-over of one of them is ignored)."""
+        self._scanning = False
         self._finished_during_query: set[str] = set()
+        self._query_needed = True
+        """Look at the outbox at the next turn (at start: whatever is pending)."""
+        self._query_at: datetime | None = None
+        """When the earliest pending action not in memory falls due (a retry)."""
+        self._last_query = -math.inf
         self._per_target: collections.Counter[str] = collections.Counter()
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
@@ -120,20 +155,40 @@ class Dispatcher:
         self._grace_s = 10.0
         self._held_until: dict[str, float] = {}
         self._hold_count: collections.Counter[str] = collections.Counter()
+        self._outcomes: list[tuple[AttemptRecord, asyncio.Future[None]]] = []
+        self._recorder: asyncio.Task[None] | None = None
         self.delivered = 0
         self.dead = 0
         self.metrics = metrics or Metrics()
-        self._request_ids: dict[str, str] = {}
 
-    def note_request_id(self, action_id: str, request_id: str) -> None:
-        """Remember the HTTP request that caused ``action_id``, for its delivery log lines
-        (in memory only: after a restart those lines carry no request id)."""
-        if len(self._request_ids) >= MAX_REQUEST_IDS:
-            del self._request_ids[next(iter(self._request_ids))]
-        self._request_ids[action_id] = request_id
+    def hand_over(self, actions: Sequence[QueuedAction], request_id: str | None) -> None:
+        """Deliver ``actions``, caused by request ``request_id``, without querying the
+        outbox for them. Call only once their outbox rows are COMMITTED: an action is never
+        sent before its row is durable. Beyond ``MAX_READY`` waiting actions the rest are
+        left to an outbox query."""
+        if self._stopping:
+            return
+        for action in actions:
+            action_id = action.action_id
+            if (
+                action_id in self._in_flight
+                or action_id in self._ready_ids
+                or action_id in self._recently_finished
+            ):
+                continue
+            if len(self._ready_ids) >= MAX_READY:
+                self._query_needed = True
+                continue
+            queue = self._ready.get(action.target)
+            if queue is None:
+                queue = self._ready[action.target] = collections.deque()
+            queue.append(outbox_entry_of(action, request_id))
+            self._ready_ids.add(action_id)
+        self._wakeup.set()
 
     def wake(self) -> None:
-        """Look at the outbox now (new actions were committed)."""
+        """Look at the outbox now (it changed other than by ``hand_over``)."""
+        self._query_needed = True
         self._wakeup.set()
 
     async def run(self) -> None:
@@ -145,13 +200,18 @@ class Dispatcher:
                 # cleared before looking, so a wake() while looking is not lost
                 self._wakeup.clear()
                 try:
-                    await self._dispatch_due()
+                    if self._query_due():
+                        await self._dispatch_due()
+                    self._start_ready()
                     await self._sleep_until_due()
                 except Exception:  # e.g. the database is locked: never let delivery die
+                    self._query_needed = True
                     log.exception("the dispatcher failed; retrying in %.0f s", self._idle_poll_s)
                     await asyncio.sleep(self._idle_poll_s)
         finally:
             await self._finish_in_flight()
+            if self._recorder is not None:  # outcomes of deliveries cancelled meanwhile
+                await asyncio.wait([self._recorder], timeout=self._grace_s)
             await self._session.close()
             self._running = False
             self._done.set()
@@ -174,24 +234,78 @@ class Dispatcher:
         if self._running:
             await self._done.wait()
 
+    def _query_due(self) -> bool:
+        """Whether to look at the outbox this turn."""
+        if self._held_until and self._expire_holds():
+            self._query_needed = True
+        if self._query_needed:
+            return True
+        if self._query_at is not None and self._clock.now() >= self._query_at:
+            return True
+        return time.monotonic() - self._last_query >= self._idle_poll_s
+
     async def _dispatch_due(self) -> None:
-        """Start deliveries of due actions, per target, up to the concurrency limits."""
+        """Start deliveries of due actions found in the outbox, per target, up to the
+        concurrency limits; then note when the next one falls due."""
         # A delivery that finishes while a query runs may be read as still pending: such
         # ids land in _finished_during_query and are skipped (no duplicate send).
+        self._scanning = True
         self._finished_during_query = set()
-        now = self._clock.now()
-        configured = sorted(self._targets())
-        buckets = [OutboxFilter(target=name) for name in configured]
-        buckets.append(OutboxFilter(not_targets=configured))  # targets no longer configured
-        for bucket in buckets:
-            free = MAX_CONCURRENT_DELIVERIES - len(self._holding)
-            if bucket.target is not None:
-                free = min(free, MAX_DELIVERIES_PER_TARGET - self._per_target[bucket.target])
-            if free <= 0 or self._stopping:
-                continue
-            only = replace(bucket, exclude_ids=self._excluded_ids())
-            for entry in await self._store.due_actions(now, free, only=only):
-                self._start(entry)
+        self._query_needed = False
+        self._query_at = None
+        self._last_query = time.monotonic()
+        complete = True  # every due action was seen
+        try:
+            now = self._clock.now()
+            configured = sorted(self._targets())
+            buckets = [OutboxFilter(target=name) for name in configured]
+            buckets.append(OutboxFilter(not_targets=configured))  # targets no longer configured
+            for bucket in buckets:
+                free = MAX_CONCURRENT_DELIVERIES - len(self._holding)
+                if bucket.target is not None:
+                    free = min(free, MAX_DELIVERIES_PER_TARGET - self._per_target[bucket.target])
+                if self._stopping:
+                    return
+                if free <= 0:
+                    complete = False
+                    continue
+                only = replace(bucket, exclude_ids=self._excluded_ids())
+                entries = await self._store.due_actions(now, free, only=only)
+                if len(entries) >= free:
+                    complete = False
+                for entry in entries:
+                    self._start(entry)
+            if len(self._holding) < MAX_CONCURRENT_DELIVERIES:
+                # targets at their limit are left out: a slot freeing up wakes the loop
+                full = [t for t, n in self._per_target.items() if n >= MAX_DELIVERIES_PER_TARGET]
+                only = OutboxFilter(not_targets=full, exclude_ids=self._excluded_ids())
+                next_at = await self._store.next_attempt_at(only=only)
+                if next_at is not None:
+                    self._note_due(parse_rfc3339(next_at))
+        finally:
+            self._scanning = False
+            self._finished_during_query = set()
+            if not complete:
+                self._query_needed = True
+
+    def _note_due(self, when: datetime) -> None:
+        if self._query_at is None or when < self._query_at:
+            self._query_at = when
+
+    def _start_ready(self) -> None:
+        """Start the handed-over actions whose targets have a free slot, oldest first."""
+        if not self._ready_ids:
+            return
+        for target, queue in list(self._ready.items()):
+            while queue and len(self._holding) < MAX_CONCURRENT_DELIVERIES:
+                if self._per_target[target] >= MAX_DELIVERIES_PER_TARGET:
+                    break
+                entry = queue.popleft()
+                if entry.action_id in self._ready_ids:  # else a query started it
+                    self._ready_ids.discard(entry.action_id)
+                    self._start(entry)
+            if not queue:
+                del self._ready[target]
 
     def _start(self, entry: OutboxEntry) -> None:
         skip = self._finished_during_query
@@ -199,6 +313,7 @@ class Dispatcher:
             return
         if self._per_target[entry.target] >= MAX_DELIVERIES_PER_TARGET:
             return
+        self._ready_ids.discard(entry.action_id)
         self._per_target[entry.target] += 1
         self._holding.add(entry.action_id)
         task = asyncio.create_task(self._deliver(entry))
@@ -217,27 +332,24 @@ class Dispatcher:
     def _finished(self, entry: OutboxEntry, _task: asyncio.Task[None]) -> None:
         self._release_slot(entry)
         self._in_flight.pop(entry.action_id, None)
-        self._finished_during_query.add(entry.action_id)
+        if self._scanning:
+            self._finished_during_query.add(entry.action_id)
+        if len(self._recently_finished) >= MAX_RECENTLY_FINISHED:
+            del self._recently_finished[next(iter(self._recently_finished))]
+        self._recently_finished[entry.action_id] = None
         self._wakeup.set()
 
     async def _sleep_until_due(self) -> None:
-        """Sleep until the next attempt is due, a delivery finishes or ``wake()`` is called.
-
-        Actions being delivered, and targets at their concurrency limit, are left out of
-        "next due", so a hanging receiver does not make this loop spin."""
+        """Sleep until a wake-up (a hand-over, ``wake()``, a slot freed, a delivery
+        finished), the next retry falls due, a hold ends or the next periodic look."""
         if self._wakeup.is_set():  # woken while dispatching: look again at once
             return
-        timeout = self._idle_poll_s
-        if len(self._holding) < MAX_CONCURRENT_DELIVERIES:
-            full = [t for t, n in self._per_target.items() if n >= MAX_DELIVERIES_PER_TARGET]
-            only = OutboxFilter(not_targets=full, exclude_ids=self._excluded_ids())
-            next_at = await self._store.next_attempt_at(only=only)
-            if next_at is not None:
-                wait = (parse_rfc3339(next_at) - self._clock.now()).total_seconds()
-                timeout = max(0.0, min(timeout, wait))
-            if self._held_until:
-                wait = min(self._held_until.values()) - time.monotonic()
-                timeout = max(0.0, min(timeout, wait))
+        timeout = self._idle_poll_s - (time.monotonic() - self._last_query)
+        if self._query_at is not None:
+            timeout = min(timeout, (self._query_at - self._clock.now()).total_seconds())
+        if self._held_until:
+            timeout = min(timeout, min(self._held_until.values()) - time.monotonic())
+        timeout = max(0.0, timeout)
         if timeout > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
@@ -259,12 +371,18 @@ class Dispatcher:
                 hold_s,
             )
 
+    def _expire_holds(self) -> bool:
+        """Forget the holds that have ended; True when there were any."""
+        now = time.monotonic()
+        ended = [action_id for action_id, until in self._held_until.items() if until <= now]
+        for action_id in ended:
+            del self._held_until[action_id]
+        return bool(ended)
+
     def _excluded_ids(self) -> tuple[str, ...]:
         """Actions not to pick: in flight, or held back after a failure to record."""
-        now = time.monotonic()
-        for action_id, until in list(self._held_until.items()):
-            if until <= now:
-                del self._held_until[action_id]
+        if self._expire_holds():
+            self._query_needed = True
         return (*self._in_flight, *self._held_until)
 
     async def _deliver_once(self, entry: OutboxEntry) -> None:
@@ -282,19 +400,64 @@ class Dispatcher:
             self.metrics.attempt(entry.target, outcome.status_code, latency_ms / 1000)
         finished = self._clock.now()  # backoff and Retry-After count from the answer
         status, next_at = self._next_state(entry, target, outcome, attempt_no, finished)
-        await self._store.record_attempt(
-            Attempt(
-                entry.action_id,
-                attempt_no,
-                format_rfc3339(started),
-                round(latency_ms, 3),
-                outcome.status_code,
-                outcome.error,
-            ),
-            status,
-            next_at,
+        attempt = Attempt(
+            entry.action_id,
+            attempt_no,
+            format_rfc3339(started),
+            round(latency_ms, 3),
+            outcome.status_code,
+            outcome.error,
         )
+        await self._record(AttemptRecord(attempt, status, next_at))
+        if next_at is not None:  # a retry: the outbox is looked at again when it falls due
+            self._note_due(parse_rfc3339(next_at))
         self._log(entry, status, outcome, attempt_no)
+
+    async def _record(self, record: AttemptRecord) -> None:
+        """Commit ``record``; return once it is durable. Raises what the store raised.
+
+        Records arriving while a group is being committed wait and are committed together
+        in the next group (``Store.record_attempts``): one transaction and one fsync for
+        many outcomes. A group that fails is committed again one record at a time, so one
+        bad record fails only its own delivery."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outcomes.append((record, future))
+        if self._recorder is None:
+            self._recorder = asyncio.create_task(self._record_groups())
+        await future
+
+    async def _record_groups(self) -> None:
+        """Commit the waiting records, group after group, until none is left."""
+        try:
+            while self._outcomes:
+                group, self._outcomes = self._outcomes, []
+                try:
+                    if len(group) == 1:
+                        record = group[0][0]
+                        await self._store.record_attempt(
+                            record.attempt, record.status, record.next_attempt_at
+                        )
+                    else:
+                        await self._store.record_attempts([r for r, _ in group])
+                except Exception as exc:
+                    if len(group) == 1:
+                        _settle(group[0][1], exc)
+                        continue
+                    log.warning("recording %d delivery outcomes together failed", len(group))
+                    for record, future in group:
+                        try:
+                            await self._store.record_attempt(
+                                record.attempt, record.status, record.next_attempt_at
+                            )
+                        except Exception as one:
+                            _settle(future, one)
+                        else:
+                            _settle(future, None)
+                else:
+                    for _, future in group:
+                        _settle(future, None)
+        finally:
+            self._recorder = None
 
     async def _attempt(self, entry: OutboxEntry, target: Target) -> AttemptOutcome:
         assert self._session is not None
@@ -346,7 +509,7 @@ class Dispatcher:
     def _log(
         self, entry: OutboxEntry, status: ActionStatus, outcome: AttemptOutcome, attempt: int
     ) -> None:
-        request_id = self._request_ids.get(entry.action_id)
+        request_id = entry.request_id
         extra = {
             "action_id": entry.action_id,
             "action_kind": entry.kind,
@@ -357,8 +520,6 @@ class Dispatcher:
             "http_status": outcome.status_code,
             "request_id": request_id,
         }
-        if status == "delivered":  # a dead letter keeps it: it may be requeued
-            self._request_ids.pop(entry.action_id, None)
         if status != "pending":
             self.metrics.actions.labels(target=entry.target, status=status).inc()
         if status == "delivered":
@@ -397,6 +558,16 @@ class Dispatcher:
                 outcome.error,
                 extra={**extra, "error": outcome.error},
             )
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    """Resolve ``future`` (its waiter may have been cancelled meanwhile)."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 def _classify(status: int, body: str, retry_after: str | None) -> AttemptOutcome:

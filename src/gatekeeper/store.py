@@ -35,6 +35,7 @@ from gatekeeper.engine import (
     ApprovalInput,
     Decision,
     FactKey,
+    QueuedAction,
     RuleState,
     Transition,
     evaluation_to_json,
@@ -191,7 +192,12 @@ class StoredRuleset:
 
 @dataclass(frozen=True)
 class OutboxEntry:
-    """One queued action and its delivery state. Times are RFC 3339 strings (UTC)."""
+    """One queued action and its delivery state. Times are RFC 3339 strings (UTC).
+
+    ``decision_id`` is None for an entry handed to the dispatcher in memory right after its
+    commit (``outbox_entry_of``); ``request_id`` is the HTTP request that caused the
+    decision (``decisions.request_id``), None when there was none.
+    """
 
     action_id: str
     rule_id: str
@@ -205,9 +211,10 @@ class OutboxEntry:
     next_attempt_at: str
     last_error: str | None
     delivered_at: str | None
-    decision_id: int
+    decision_id: int | None
     requeued_at: str | None = None
     attempts_at_requeue: int = 0
+    request_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -241,6 +248,39 @@ class Attempt:
 
 
 @dataclass(frozen=True)
+class AttemptRecord:
+    """A delivery attempt with the action's state after it: ``status`` and, for a retry,
+    ``next_attempt_at`` (RFC 3339; None keeps the current one)."""
+
+    attempt: Attempt
+    status: ActionStatus
+    next_attempt_at: str | None
+
+
+def outbox_entry_of(action: QueuedAction, request_id: str | None) -> OutboxEntry:
+    """The pending outbox entry of ``action`` as its row reads once committed (no attempt
+    yet, due at once), without reading it back: the payload goes through the same JSON
+    text as the stored one, so a first attempt sends what a retry loaded from the database
+    sends. ``decision_id`` is not known here (None)."""
+    return OutboxEntry(
+        action_id=action.action_id,
+        rule_id=action.rule_id,
+        firing_id=action.firing_id,
+        kind=action.kind,
+        target=action.target,
+        payload=json.loads(_dumps(action.payload)),
+        status="pending",
+        attempts=0,
+        created_at=action.created_at,
+        next_attempt_at=action.created_at,
+        last_error=None,
+        delivered_at=None,
+        decision_id=None,
+        request_id=request_id,
+    )
+
+
+@dataclass(frozen=True)
 class OutboxFilter:
     """Narrows outbox queries: ``target`` only that target; ``not_targets`` none of these;
     ``exclude_ids`` never these actions (e.g. the ones being delivered right now)."""
@@ -254,13 +294,13 @@ class OutboxFilter:
         where = ""
         params: tuple[str, ...] = ()
         if self.target is not None:
-            where += " AND target = ?"
+            where += " AND outbox.target = ?"
             params += (self.target,)
         if self.not_targets:
-            where += f" AND target NOT IN ({', '.join('?' * len(self.not_targets))})"
+            where += f" AND outbox.target NOT IN ({', '.join('?' * len(self.not_targets))})"
             params += tuple(self.not_targets)
         if self.exclude_ids:
-            where += f" AND action_id NOT IN ({', '.join('?' * len(self.exclude_ids))})"
+            where += f" AND outbox.action_id NOT IN ({', '.join('?' * len(self.exclude_ids))})"
             params += tuple(self.exclude_ids)
         return where, params
 
@@ -343,6 +383,7 @@ class Store(Protocol):
         status: ActionStatus,
         next_attempt_at: str | None,
     ) -> None: ...
+    async def record_attempts(self, outcomes: Sequence[AttemptRecord]) -> None: ...
     async def commit_transitions(self, transitions: Sequence[Transition]) -> list[list[int]]: ...
     async def escrow_totals(self) -> dict[str, dict[str, Decimal]]: ...
     async def find_idempotency_key(self, key: str) -> dict[str, Any] | None: ...
@@ -495,6 +536,13 @@ _INSERT_LEDGER = _Insert(
     "INSERT INTO ledger (release_id, escrow, amount, currency, payee, rule_id,"
     " firing_id, recorded_at)",
     "(?, ?, ?, ?, ?, ?, ?, ?)",
+)
+
+
+_INSERT_ATTEMPTS = _Insert(
+    "INSERT INTO delivery_attempts (action_id, attempt, started_at, latency_ms,"
+    " status_code, error)",
+    "(?, ?, ?, ?, ?, ?)",
 )
 
 
@@ -863,10 +911,14 @@ class SqliteStore:
             ]
 
     _OUTBOX_COLUMNS = (
-        "action_id, rule_id, firing_id, kind, target, payload, status, attempts, created_at,"
-        " next_attempt_at, last_error, delivered_at, decision_id, requeued_at,"
-        " attempts_at_requeue"
+        "outbox.action_id, outbox.rule_id, outbox.firing_id, outbox.kind, outbox.target,"
+        " outbox.payload, outbox.status, outbox.attempts, outbox.created_at,"
+        " outbox.next_attempt_at, outbox.last_error, outbox.delivered_at, outbox.decision_id,"
+        " outbox.requeued_at, outbox.attempts_at_requeue, decisions.request_id"
     )
+    _OUTBOX_FROM = "outbox LEFT JOIN decisions ON decisions.firing_id = outbox.firing_id"
+    """The outbox with each action's decision (firing_id is UNIQUE there), for the
+    request id that caused it."""
 
     @staticmethod
     def _outbox_entry(r: Any) -> OutboxEntry:
@@ -886,18 +938,19 @@ class SqliteStore:
             decision_id=int(r[12]),
             requeued_at=r[13],
             attempts_at_requeue=int(r[14]),
+            request_id=r[15],
         )
 
     async def list_actions(
         self, status: ActionStatus | None = None, limit: int = 100
     ) -> list[OutboxEntry]:
         """The outbox (dead letters included), newest first, optionally of one status."""
-        sql = f"SELECT {self._OUTBOX_COLUMNS} FROM outbox"
+        sql = f"SELECT {self._OUTBOX_COLUMNS} FROM {self._OUTBOX_FROM}"
         params: list[Any] = []
         if status is not None:
-            sql += " WHERE status = ?"
+            sql += " WHERE outbox.status = ?"
             params.append(status)
-        sql += " ORDER BY created_at DESC, action_id LIMIT ?"
+        sql += " ORDER BY outbox.created_at DESC, outbox.action_id LIMIT ?"
         params.append(limit)
         async with self.reader.execute(sql, params) as cursor:
             return [self._outbox_entry(r) async for r in cursor]
@@ -909,7 +962,7 @@ class SqliteStore:
             return {str(status): int(count) async for status, count in cursor}
 
     async def get_action(self, action_id: str) -> OutboxEntry | None:
-        sql = f"SELECT {self._OUTBOX_COLUMNS} FROM outbox WHERE action_id = ?"
+        sql = f"SELECT {self._OUTBOX_COLUMNS} FROM {self._OUTBOX_FROM} WHERE outbox.action_id = ?"
         async with self.reader.execute(sql, (action_id,)) as cursor:
             row = await cursor.fetchone()
         return self._outbox_entry(row) if row else None
@@ -921,8 +974,9 @@ class SqliteStore:
         ``only`` (one target, or none of some targets; never the excluded ids)."""
         where, params = (only or OutboxFilter()).sql()
         sql = (
-            f"SELECT {self._OUTBOX_COLUMNS} FROM outbox WHERE status = 'pending'"
-            f" AND next_attempt_at <= ?{where} ORDER BY next_attempt_at, action_id LIMIT ?"
+            f"SELECT {self._OUTBOX_COLUMNS} FROM {self._OUTBOX_FROM}"
+            f" WHERE outbox.status = 'pending' AND outbox.next_attempt_at <= ?{where}"
+            " ORDER BY outbox.next_attempt_at, outbox.action_id LIMIT ?"
         )
         async with self.reader.execute(sql, (format_rfc3339(now), *params, limit)) as cursor:
             return [self._outbox_entry(r) async for r in cursor]
@@ -1093,36 +1147,46 @@ class SqliteStore:
         next_attempt_at: str | None,
     ) -> None:
         """Record a delivery attempt and the action's new status, atomically."""
-        delivered_at = attempt.started_at if status == "delivered" else None
+        await self.record_attempts([AttemptRecord(attempt, status, next_attempt_at)])
+
+    async def record_attempts(self, outcomes: Sequence[AttemptRecord]) -> None:
+        """Record several delivery attempts and their actions' new states in ONE
+        transaction (one fsync for all): all or nothing. Raises ``sqlite3.Error`` (after
+        rolling back) when the write fails."""
+        attempts = [
+            (
+                o.attempt.action_id,
+                o.attempt.attempt,
+                o.attempt.started_at,
+                o.attempt.latency_ms,
+                o.attempt.status_code,
+                o.attempt.error,
+            )
+            for o in outcomes
+        ]
+        updates = [
+            (
+                o.status,
+                o.attempt.attempt,
+                o.attempt.error,
+                o.next_attempt_at,
+                o.attempt.started_at if o.status == "delivered" else None,
+                o.attempt.action_id,
+            )
+            for o in outcomes
+        ]
 
         def record(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO delivery_attempts (action_id, attempt, started_at, latency_ms,"
-                " status_code, error) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    attempt.action_id,
-                    attempt.attempt,
-                    attempt.started_at,
-                    attempt.latency_ms,
-                    attempt.status_code,
-                    attempt.error,
-                ),
-            )
-            db.execute(
+            _INSERT_ATTEMPTS.run(db, attempts)
+            db.executemany(
                 "UPDATE outbox SET status = ?, attempts = ?, last_error = ?,"
                 " next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ?"
                 " WHERE action_id = ?",
-                (
-                    status,
-                    attempt.attempt,
-                    attempt.error,
-                    next_attempt_at,
-                    delivered_at,
-                    attempt.action_id,
-                ),
+                updates,
             )
 
-        await self._transaction(record)
+        if outcomes:
+            await self._transaction(record)
 
 
 def _write_approval(
