@@ -98,6 +98,7 @@ import keyword
 import math
 import operator
 import re
+import sys
 import tokenize
 import types
 import warnings
@@ -1451,7 +1452,7 @@ class _CodeGenerator:
     ``or``/``not``, unary ``-``/``+``, ``- / //``, ``if``/``else``, lists and tuples stay
     native Python, whose semantics the reference evaluator shares (same operations, same
     order). The source names only the compiled namespace, the function's parameters and
-    closure cells holding the values taken from the text (``const``): no text of the
+    parameter defaults holding the values taken from the text (``const``): no text of the
     expression is ever pasted into it. Every operand is parenthesised.
     """
 
@@ -1459,15 +1460,25 @@ class _CodeGenerator:
         self.source = source
         self.temporaries = 0
         self.constants: list[Any] = []
+        self.numbers: dict[tuple[type, object], int | float] = {}
 
     def const(self, value: object) -> str:
         """The source naming ``value``: a keyword for None/True/False, else the name of a
-        closure cell (``_k0``, ``_k1``...) that will hold it, so that conditions differing
-        only in their constants share their code."""
+        parameter (``_k0``, ``_k1``...) whose default will hold it, so that conditions
+        differing only in their constants share their code."""
         if value is None or isinstance(value, bool):
             return repr(value)
         if not isinstance(value, str | int | float):
             raise _Unsupported(f"constant of type {type(value).__name__}")
+        if isinstance(value, str):
+            # One shared object per string: the rules reading one fact name its id (and
+            # "kind.id") with the very same object, the key of the evaluation's fact data,
+            # so that lookups find it by identity and touch one string, not several.
+            value = sys.intern(value)
+        else:  # equal numbers of one type are one object too (floats by their text: 0.0
+            # is not -0.0)
+            key = (type(value), repr(value) if isinstance(value, float) else value)
+            value = self.numbers.setdefault(key, value)
         self.constants.append(value)
         return f"_k{len(self.constants) - 1}"
 
@@ -1614,10 +1625,15 @@ def _compile_clauses(
     except (_Unsupported, RecursionError, MemoryError):  # the checker rules both out
         return None
     count = len(expressions)
-    cells = [f"_k{i}" for i in range(len(generator.constants))]
-    cells += [f"_T{i}" for i in range(count)] + [f"_F{i}" for i in range(count)]
-    lines = [f"def _make({', '.join([*cells, '_clause'])}):"]
-    lines += [f"    def _run({', '.join(_PARAMETERS)}):", "        _failed = None"]
+    names = [f"_k{i}" for i in range(len(generator.constants))]
+    names += [f"_T{i}" for i in range(count)] + [f"_F{i}" for i in range(count)]
+    names.append("_clause")
+    # The condition's values are the defaults of ``_run``'s trailing parameters (never
+    # passed): one tuple of them, read as fast locals, rather than one closure cell each,
+    # so that an evaluation touches few of this condition's objects.
+    defaults = [f"{name}={name}" for name in names]
+    lines = [f"def _make({', '.join(names)}):"]
+    lines += [f"    def _run({', '.join([*_PARAMETERS, *defaults])}):", "        _failed = None"]
     for index, expression in enumerate(expressions):
         lines += [
             "        try:",

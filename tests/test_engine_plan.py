@@ -1,0 +1,93 @@
+"""Engine.plan_ingest straight, without the daemon: which rules a fact wakes, in which order,
+with which fact index, and that the per-rule entries decide as the rules themselves do."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from gatekeeper.engine import Engine, FactInput, FactTable, RuleState
+from gatekeeper.loader import load_rule_texts
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def _engine(rules: dict[str, str]) -> Engine:
+    lines = []
+    for rule_id, when in rules.items():
+        lines += [
+            f"- id: {rule_id}",
+            "  project: p",
+            f"  when: '{when}'",
+            "  fire: each_time",
+            "  actions:",
+            '    - notify: {target: chat, message: "rule ${rule_id} fired"}',
+        ]
+    result = load_rule_texts({"rules.yaml": "\n".join(lines) + "\n"}, config=None)
+    assert result.ruleset is not None, result.problems
+    return Engine(result.ruleset)
+
+
+RULES = {
+    "by-id": 'task["T-1"].status == "done"',
+    "by-kind": "len(task) >= 2",
+    "both": 'task["T-1"].status == "done" and len(task) >= 1',
+    "other": 'task["T-2"].status == "done"',
+}
+
+
+def test_a_fact_wakes_each_rule_reading_it_once_in_index_order() -> None:
+    engine = _engine(RULES)
+    key = ("p", "task", "T-1")
+    listed = [rule.id for rule in engine.rules_reading(key)]
+    assert sorted(listed) == ["both", "both", "by-id", "by-kind"]  # by id and by kind
+    plan = engine.plan_ingest(FactTable(), {}, [FactInput(*key, {"status": "done"})], NOW)
+    assert [d.rule_id for d in plan.decisions] == list(dict.fromkeys(listed))
+    assert [d.fact_index for d in plan.decisions] == [0, 0, 0]
+    assert [d.outcome for d in plan.decisions] == ["fired", "fired", "not_met"]
+    assert {d.project for d in plan.decisions} == {"p"}
+    assert all(d.rule_hash == engine.rules[d.rule_id].content_hash for d in plan.decisions)
+
+
+def test_a_batch_decides_each_rule_once_with_the_last_fact_it_reads() -> None:
+    engine = _engine(RULES)
+    batch = [
+        FactInput("p", "task", "T-1", {"status": "done"}),
+        FactInput("p", "task", "T-2", {"status": "open"}),
+        FactInput("p", "task", "T-9", {"status": "open"}),
+    ]
+    plan = engine.plan_ingest(FactTable(), {}, batch, NOW)
+    indexes = {d.rule_id: d.fact_index for d in plan.decisions}
+    assert indexes == {"by-id": 0, "by-kind": 2, "both": 2, "other": 1}
+    first_seen = list(dict.fromkeys(r.id for f in batch for r in engine.rules_reading(f.key)))
+    assert [d.rule_id for d in plan.decisions] == first_seen
+    gates = {d.rule_id: d.gate_open for d in plan.decisions}
+    assert gates == {"by-id": True, "both": True, "by-kind": True, "other": False}
+
+
+def test_entries_decide_as_plan_rules_does() -> None:
+    engine = _engine(RULES)
+    facts = FactTable({("p", "task", "T-1"): {"status": "done"}})
+    states = {"both": RuleState("both", gate_open=True, fired_count=1, rule_hash="old")}
+    fact = FactInput("p", "task", "T-1", {"status": "done"})
+    ingest = engine.plan_ingest(facts, states, [fact], NOW)
+    view = facts.overlay()
+    view.put(fact.key, fact.data)
+    rules = [engine.rules[d.rule_id] for d in ingest.decisions]
+    reference = engine.plan_rules(view, states, rules, NOW, "fact")
+    for ours, theirs in zip(ingest.decisions, reference.decisions, strict=True):
+        assert (ours.outcome, ours.gate_open, ours.evaluation, ours.firing_id) == (
+            theirs.outcome,
+            theirs.gate_open,
+            theirs.evaluation,
+            theirs.firing_id,
+        )
+    assert ingest.rule_states == reference.rule_states
+    assert ingest.rule_states["both"].fired_count == 1  # each_time, gate already open
+    assert ingest.rule_states["both"].rule_hash == engine.rules["both"].content_hash
+
+
+def test_conditions_reading_one_fact_share_its_name() -> None:
+    engine = _engine(RULES)
+    runs = [engine.rules[i].condition._run for i in ("by-id", "both")]  # type: ignore[attr-defined]
+    ids = [next(v for v in run.__defaults__ if v == "T-1") for run in runs]
+    assert ids[0] is ids[1]
