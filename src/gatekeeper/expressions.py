@@ -1460,12 +1460,15 @@ class _CodeGenerator:
         self.source = source
         self.temporaries = 0
         self.constants: list[Any] = []
+        self.spare: list[Any] = []
         self.numbers: dict[tuple[type, object], int | float] = {}
 
-    def const(self, value: object) -> str:
+    def const(self, value: object, spare: bool = False) -> str:
         """The source naming ``value``: a keyword for None/True/False, else the name of a
         parameter (``_k0``, ``_k1``...) whose default will hold it, so that conditions
-        differing only in their constants share their code."""
+        differing only in their constants share their code. A ``spare`` value (one only
+        a failing lookup uses: the name of what is missing) goes into the tuple ``_P``
+        instead (``_P[0]``, ``_P[1]``...), which the usual evaluation does not touch."""
         if value is None or isinstance(value, bool):
             return repr(value)
         if not isinstance(value, str | int | float):
@@ -1479,6 +1482,9 @@ class _CodeGenerator:
             # is not -0.0)
             key = (type(value), repr(value) if isinstance(value, float) else value)
             value = self.numbers.setdefault(key, value)
+        if spare:
+            self.spare.append(value)
+            return f"_P[{len(self.spare) - 1}]"
         self.constants.append(value)
         return f"_k{len(self.constants) - 1}"
 
@@ -1524,7 +1530,8 @@ class _CodeGenerator:
         prefix = _lookup_prefix(self.source, node.value)
         key = node.key
         if not (isinstance(key, ast.Constant) and type(key.value) is str):
-            return f"_get({self.expr(node.value)}, {self.expr(key)}, {self.const(prefix)})"
+            value, key_source = self.expr(node.value), self.expr(key)
+            return f"_get({value}, {key_source}, {self.const(prefix, spare=True)})"
         # ``.field`` of a dict holding JSON data, the usual lookup, is done inline; "_get"
         # does the rest (a missing field, another container, data that is not JSON)
         # exactly as for any other key.
@@ -1534,17 +1541,17 @@ class _CodeGenerator:
         if isinstance(base, _FactRead) and base.fact_id is not None:
             # The data of a fact is always a dict: no need to check the container's type.
             data = self.expr(base)
-            name = self.const(f"{base.kind}.{base.fact_id}")
+            name = self.const(f"{base.kind}.{base.fact_id}", spare=True)
             return (
                 f"({found} if _type({found} := {data}.get({field}, _ABSENT))"
-                f" in _PLAIN else _get(_fd[{name}], {field}, {self.const(prefix)}))"
+                f" in _PLAIN else _get(_fd[{name}], {field}, {self.const(prefix, spare=True)}))"
             )
         held = f"_c{self.temporaries}"
         container = self.expr(base)
         return (
             f"({found} if _type({held} := {container}) is _dict"
             f" and _type({found} := {held}.get({field}, _ABSENT)) in _PLAIN"
-            f" else _get({held}, {field}, {self.const(prefix)}))"
+            f" else _get({held}, {field}, {self.const(prefix, spare=True)}))"
         )
 
     def _fact_read(self, node: _FactRead) -> str:
@@ -1625,12 +1632,12 @@ def _compile_clauses(
     except (_Unsupported, RecursionError, MemoryError):  # the checker rules both out
         return None
     count = len(expressions)
-    names = [f"_k{i}" for i in range(len(generator.constants))]
-    names += [f"_T{i}" for i in range(count)] + [f"_F{i}" for i in range(count)]
-    names.append("_clause")
+    names = [f"_k{i}" for i in range(len(generator.constants))] + ["_P", "_C"]
     # The condition's values are the defaults of ``_run``'s trailing parameters (never
     # passed): one tuple of them, read as fast locals, rather than one closure cell each,
-    # so that an evaluation touches few of this condition's objects.
+    # so that an evaluation touches few of this condition's objects. ``_C`` holds the
+    # clauses' True and False ``Clause`` objects and the function making any other, so
+    # that only those used are touched.
     defaults = [f"{name}={name}" for name in names]
     lines = [f"def _make({', '.join(names)}):"]
     lines += [f"    def _run({', '.join([*_PARAMETERS, *defaults])}):", "        _failed = None"]
@@ -1643,7 +1650,8 @@ def _compile_clauses(
             f"            _failed = _note(_failed, {index}, _e)",
         ]
     clauses = "".join(
-        f"_T{i} if _v{i} is True else _F{i} if _v{i} is False else _clause({i}, _v{i}), "
+        f"_C[{i}] if _v{i} is True else _C[{count + i}] if _v{i} is False"
+        f" else _C[{2 * count}]({i}, _v{i}), "
         for i in range(count)
     )
     values = "".join(f"_v{i}, " for i in range(count))
@@ -1681,7 +1689,9 @@ def _compile_clauses(
 
     true_clauses = [Clause(text, True) for text in clause_texts]
     false_clauses = [Clause(text, False) for text in clause_texts]
-    return make(*generator.constants, *true_clauses, *false_clauses, clause)
+    return make(
+        *generator.constants, tuple(generator.spare), (*true_clauses, *false_clauses, clause)
+    )
 
 
 class _Pending:
