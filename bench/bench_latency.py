@@ -668,8 +668,17 @@ def run(args: argparse.Namespace) -> int:
     targets.check("gatekeeper p99 ms, fact posted -> action received", gk_p99, "<=", TARGET_P99_MS)
     targets.check("gatekeeper failed delivery attempts", failed, "<=", 0)
     targets.check("gatekeeper facts not delivered exactly once", missing + duplicates, "<=", 0)
-    print(f"\n   done in {time.perf_counter() - started:.0f} s wall time")
+    print(f"\n   done in {time.perf_counter() - started:.0f} s wall time{_load_at_end()}")
     return targets.exit_code()
+
+
+def _load_at_end() -> str:
+    """``; load average <1 min> <5 min> at the end`` (other work during the run shows)."""
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return ""
+    return f"; load average {one:.2f} (1 min), {five:.2f} (5 min) at the end"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -351,8 +351,10 @@ class Dispatcher:
             timeout = min(timeout, min(self._held_until.values()) - time.monotonic())
         timeout = max(0.0, timeout)
         if timeout > 0:
+            # asyncio.timeout, not wait_for: no task per turn of the loop
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
 
     async def _deliver(self, entry: OutboxEntry) -> None:
         try:
@@ -476,6 +478,9 @@ class Dispatcher:
                 timeout=timeout,
                 allow_redirects=False,
             ) as response:
+                if 200 <= response.status < 300:  # the body is read, not decoded
+                    await response.read()
+                    return AttemptOutcome(response.status, None, False)
                 text = (await response.text(errors="replace"))[:MAX_ERROR_CHARS]
                 return _classify(response.status, text, response.headers.get("Retry-After"))
         except TimeoutError:
