@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from gatekeeper.engine import Engine, FactInput, FactTable, RuleState
+from gatekeeper.engine import Engine, FactInput, FactTable, ProjectFacts, RuleState
 from gatekeeper.loader import load_rule_texts
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -88,6 +88,9 @@ def test_entries_decide_as_plan_rules_does() -> None:
 
 def test_conditions_reading_one_fact_share_its_name() -> None:
     engine = _engine(RULES)
-    runs = [engine.rules[i].condition._run for i in ("by-id", "both")]  # type: ignore[attr-defined]
-    ids = [next(v for v in run.__defaults__ if v == "T-1") for run in runs]
+    conditions = [engine.rules[i].condition for i in ("by-id", "both")]
+    for condition in conditions:
+        condition.evaluate(ProjectFacts("p", FactTable()), NOW)  # compiles it
+    values = [condition._values for condition in conditions]  # type: ignore[attr-defined]
+    ids = [next(v for v in tuple_ if v == "T-1") for tuple_ in values]
     assert ids[0] is ids[1]

@@ -1414,9 +1414,9 @@ _RUNTIME: dict[str, Any] = {
 }
 """Everything compiled code can name besides its own constants: no builtins."""
 
-_PARAMETERS = ("_fd", "_kd", "_facts", "_now")
+_PARAMETERS = ("_fd", "_kd", "_facts", "_now", "_D")
 """The compiled function's parameters: fact data read (by "kind.id"), kinds read, the
-``FactLookup`` and the evaluation's "now"."""
+``FactLookup``, the evaluation's "now" and the condition's values."""
 
 
 class _Unsupported(Exception):
@@ -1600,31 +1600,36 @@ def _plan_source(plan: _Plan) -> str:
 
 
 _Run = Callable[
-    [dict[str, Any], dict[str, Any], FactLookup, datetime],
+    [dict[str, Any], dict[str, Any], FactLookup, datetime, tuple[Any, ...]],
     "Evaluation | tuple[dict[int, Exception], tuple[Any, ...]]",
 ]
 
 
-_SHAPES: dict[str, Callable[..., _Run]] = {}
-"""Compiled code by shape (the generated source, constants left out): conditions that
-differ only in their constants (ids, keys, numbers, strings) share it."""
+_SHAPES: dict[str, _Run] = {}
+"""Compiled functions by shape (the generated source, constants left out): conditions that
+differ only in their constants (ids, keys, numbers, strings) share one."""
 _MAX_SHAPES = 4096
 
 
 def _compile_clauses(
     source: _Source, leaves: tuple[ast.expr, ...], plan: _Plan, clause_texts: tuple[str, ...]
-) -> _Run | None:
-    """One Python function evaluating every clause of a condition, or None when a clause
-    holds something the code generator does not know (then the reference evaluates).
+) -> tuple[_Run, tuple[Any, ...]] | None:
+    """``(run, values)``: one Python function evaluating every clause of a condition and the
+    condition's values it takes; None when a clause holds something the code generator
+    does not know (then the reference evaluates).
 
-    ``run(fact_data, kind_data, facts, now)`` returns the ``Evaluation`` when every clause
-    gave a value, else ``(failures, values)`` with ``failures`` mapping a clause index to
-    what it raised (``_Missing``: that is its outcome; anything else: the reference
-    decides) and ``values`` the clause values (None for those that failed).
+    ``run(fact_data, kind_data, facts, now, values)`` returns the ``Evaluation`` when every
+    clause gave a value, else ``(failures, clause_values)`` with ``failures`` mapping a
+    clause index to what it raised (``_Missing``: that is its outcome; anything else: the
+    reference decides) and ``clause_values`` the clause values (None for those that
+    failed).
 
-    The source is ``def _make(<constants>, <clauses>): def _run(...): ...; return _run``,
-    compiled once per shape (``_SHAPES``) with ``_RUNTIME`` as its globals (no builtins);
-    ``_make`` called with this condition's constants and ``Clause`` objects gives ``run``.
+    The source is ``def _run(...): <unpack values>; ...``, compiled once per shape
+    (``_SHAPES``) with ``_RUNTIME`` as its globals (no builtins): conditions of one shape
+    share the function; ``values`` holds this condition's constants, its spare names
+    (``_P``) and its ``Clause`` objects (``_C``), in one tuple, so that an evaluation
+    touches few objects of its own condition: one tuple rather than a function, its
+    defaults or closure cells.
     """
     generator = _CodeGenerator(source)
     try:
@@ -1633,14 +1638,13 @@ def _compile_clauses(
         return None
     count = len(expressions)
     names = [f"_k{i}" for i in range(len(generator.constants))] + ["_P", "_C"]
-    # The condition's values are the defaults of ``_run``'s trailing parameters (never
-    # passed): one tuple of them, read as fast locals, rather than one closure cell each,
-    # so that an evaluation touches few of this condition's objects. ``_C`` holds the
-    # clauses' True and False ``Clause`` objects and the function making any other, so
-    # that only those used are touched.
-    defaults = [f"{name}={name}" for name in names]
-    lines = [f"def _make({', '.join(names)}):"]
-    lines += [f"    def _run({', '.join([*_PARAMETERS, *defaults])}):", "        _failed = None"]
+    # ``_C`` holds the clauses' True and False ``Clause`` objects and the function making
+    # any other, so that only those used are touched.
+    lines = [
+        f"    def _run({', '.join(_PARAMETERS)}):",
+        f"        {', '.join(names)}, = _D",
+        "        _failed = None",
+    ]
     for index, expression in enumerate(expressions):
         lines += [
             "        try:",
@@ -1669,29 +1673,31 @@ def _compile_clauses(
         "        _fields['error'] = None",
         "        _fields['seen'] = {**_kd, **_fd} if _kd else _fd",
         "        return _result",
-        "    return _run",
     ]
-    text = "\n".join(lines)
-    make = _SHAPES.get(text)
-    if make is None:
+    text = "\n".join(line[4:] for line in lines)
+    run = _SHAPES.get(text)
+    if run is None:
         try:
             module = compile(text, "<when>", "exec")
         except (SyntaxError, ValueError, RecursionError, MemoryError):  # defensive
             return None
         code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
-        make = types.FunctionType(code, _RUNTIME, "_make")
+        run = types.FunctionType(code, _RUNTIME, "_run")
         if len(_SHAPES) >= _MAX_SHAPES:
             _SHAPES.clear()
-        _SHAPES[text] = make
+        _SHAPES[text] = run
 
     def clause(index: int, value: Any) -> Clause:
         return Clause(clause_texts[index], _jsonable(value))
 
     true_clauses = [Clause(text, True) for text in clause_texts]
     false_clauses = [Clause(text, False) for text in clause_texts]
-    return make(
-        *generator.constants, tuple(generator.spare), (*true_clauses, *false_clauses, clause)
+    condition_values = (
+        *generator.constants,
+        tuple(generator.spare),
+        (*true_clauses, *false_clauses, clause),
     )
+    return run, condition_values
 
 
 class _Pending:
@@ -1714,6 +1720,7 @@ class CompiledCondition:
         "_kept_leaves",
         "_plan",
         "_time_sites",
+        "_values",
         "clause_texts",
         "reads",
         "text",
@@ -1727,6 +1734,7 @@ class CompiledCondition:
     _plan: _Plan
     _kept_leaves: tuple[ast.expr, ...] | None
     _compiled: _Run | _Pending | None
+    _values: tuple[Any, ...]
     _time_sites: _TimeSites
 
     def __init__(
@@ -1753,6 +1761,7 @@ class CompiledCondition:
             # evaluator walks, when it is needed (rarely).
             "_kept_leaves": None,
             "_compiled": _PENDING,
+            "_values": (),
             "_time_sites": _find_time_sites(lowered),
         }
         for name, value in values.items():
@@ -1760,8 +1769,9 @@ class CompiledCondition:
 
     @property
     def _run(self) -> _Run | None:
-        """The compiled form (generated on first use); None when the reference evaluator
-        does all the work."""
+        """The compiled function (generated on first use; shared by the conditions of one
+        shape, called with ``_values``); None when the reference evaluator does all the
+        work."""
         compiled = self._compiled
         return self._compile() if isinstance(compiled, _Pending) else compiled
 
@@ -1769,9 +1779,13 @@ class CompiledCondition:
         """Generate and keep the compiled form (the same on every call: only the first one
         generates). Without one, the lowered clauses are kept for the reference."""
         leaves = _lowered_leaves(self.text)
-        run = _compile_clauses(_Source(self.text), leaves, self._plan, self.clause_texts)
-        if run is None:
+        compiled = _compile_clauses(_Source(self.text), leaves, self._plan, self.clause_texts)
+        if compiled is None:
             object.__setattr__(self, "_kept_leaves", leaves)
+            run = None
+        else:
+            run, values = compiled
+            object.__setattr__(self, "_values", values)
         object.__setattr__(self, "_compiled", run)
         return run
 
@@ -1824,7 +1838,7 @@ class CompiledCondition:
         fact_data: dict[str, dict[str, Any] | None] = {}
         kind_data: dict[str, dict[str, Any]] = {}
         try:
-            result = run(fact_data, kind_data, facts, now)
+            result = run(fact_data, kind_data, facts, now, self._values)
             if isinstance(result, Evaluation):  # every clause gave a value: the common case
                 return result
             failures, values = result
