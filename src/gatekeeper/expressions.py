@@ -1456,19 +1456,17 @@ class _CodeGenerator:
     expression is ever pasted into it. Every operand is parenthesised.
     """
 
-    def __init__(self, source: _Source) -> None:
+    def __init__(self, source: _Source, first: int) -> None:
         self.source = source
         self.temporaries = 0
+        self.first = first
         self.constants: list[Any] = []
-        self.spare: list[Any] = []
         self.numbers: dict[tuple[type, object], int | float] = {}
 
-    def const(self, value: object, spare: bool = False) -> str:
-        """The source naming ``value``: a keyword for None/True/False, else the name of a
-        parameter (``_k0``, ``_k1``...) whose default will hold it, so that conditions
-        differing only in their constants share their code. A ``spare`` value (one only
-        a failing lookup uses: the name of what is missing) goes into the tuple ``_P``
-        instead (``_P[0]``, ``_P[1]``...), which the usual evaluation does not touch."""
+    def const(self, value: object) -> str:
+        """The source naming ``value``: a keyword for None/True/False, else an item of the
+        condition's values (``_D[first]``, ``_D[first + 1]``...), so that conditions
+        differing only in their constants share their code."""
         if value is None or isinstance(value, bool):
             return repr(value)
         if not isinstance(value, str | int | float):
@@ -1482,11 +1480,8 @@ class _CodeGenerator:
             # is not -0.0)
             key = (type(value), repr(value) if isinstance(value, float) else value)
             value = self.numbers.setdefault(key, value)
-        if spare:
-            self.spare.append(value)
-            return f"_P[{len(self.spare) - 1}]"
         self.constants.append(value)
-        return f"_k{len(self.constants) - 1}"
+        return f"_D[{self.first + len(self.constants) - 1}]"
 
     def expr(self, node: ast.expr) -> str:
         if isinstance(node, ast.Constant):
@@ -1531,7 +1526,7 @@ class _CodeGenerator:
         key = node.key
         if not (isinstance(key, ast.Constant) and type(key.value) is str):
             value, key_source = self.expr(node.value), self.expr(key)
-            return f"_get({value}, {key_source}, {self.const(prefix, spare=True)})"
+            return f"_get({value}, {key_source}, {self.const(prefix)})"
         # ``.field`` of a dict holding JSON data, the usual lookup, is done inline; "_get"
         # does the rest (a missing field, another container, data that is not JSON)
         # exactly as for any other key.
@@ -1541,17 +1536,17 @@ class _CodeGenerator:
         if isinstance(base, _FactRead) and base.fact_id is not None:
             # The data of a fact is always a dict: no need to check the container's type.
             data = self.expr(base)
-            name = self.const(f"{base.kind}.{base.fact_id}", spare=True)
+            name = self.const(f"{base.kind}.{base.fact_id}")
             return (
                 f"({found} if _type({found} := {data}.get({field}, _ABSENT))"
-                f" in _PLAIN else _get(_fd[{name}], {field}, {self.const(prefix, spare=True)}))"
+                f" in _PLAIN else _get(_fd[{name}], {field}, {self.const(prefix)}))"
             )
         held = f"_c{self.temporaries}"
         container = self.expr(base)
         return (
             f"({found} if _type({held} := {container}) is _dict"
             f" and _type({found} := {held}.get({field}, _ABSENT)) in _PLAIN"
-            f" else _get({held}, {field}, {self.const(prefix, spare=True)}))"
+            f" else _get({held}, {field}, {self.const(prefix)}))"
         )
 
     def _fact_read(self, node: _FactRead) -> str:
@@ -1624,27 +1619,22 @@ def _compile_clauses(
     reference decides) and ``clause_values`` the clause values (None for those that
     failed).
 
-    The source is ``def _run(...): <unpack values>; ...``, compiled once per shape
-    (``_SHAPES``) with ``_RUNTIME`` as its globals (no builtins): conditions of one shape
-    share the function; ``values`` holds this condition's constants, its spare names
-    (``_P``) and its ``Clause`` objects (``_C``), in one tuple, so that an evaluation
-    touches few objects of its own condition: one tuple rather than a function, its
-    defaults or closure cells.
+    The source is ``def _run(...): ...``, compiled once per shape (``_SHAPES``) with
+    ``_RUNTIME`` as its globals (no builtins): conditions of one shape share the function.
+    ``values`` (``_D`` in the source) is one flat tuple: each clause's True ``Clause``,
+    each one's False ``Clause``, the function making any other ``Clause``, then the
+    constants (see ``_CodeGenerator.const``). An evaluation touches only the items it uses
+    and no other object of its condition (no function, defaults or closure cells): with
+    thousands of rules, most of a rule's objects are out of the CPU caches when a fact
+    wakes it, and each object touched costs a cache miss.
     """
-    generator = _CodeGenerator(source)
+    count = len(leaves)
+    generator = _CodeGenerator(source, 2 * count + 1)
     try:
         expressions = [generator.expr(leaf) for leaf in leaves]
     except (_Unsupported, RecursionError, MemoryError):  # the checker rules both out
         return None
-    count = len(expressions)
-    names = [f"_k{i}" for i in range(len(generator.constants))] + ["_P", "_C"]
-    # ``_C`` holds the clauses' True and False ``Clause`` objects and the function making
-    # any other, so that only those used are touched.
-    lines = [
-        f"    def _run({', '.join(_PARAMETERS)}):",
-        f"        {', '.join(names)}, = _D",
-        "        _failed = None",
-    ]
+    lines = [f"    def _run({', '.join(_PARAMETERS)}):", "        _failed = None"]
     for index, expression in enumerate(expressions):
         lines += [
             "        try:",
@@ -1654,8 +1644,8 @@ def _compile_clauses(
             f"            _failed = _note(_failed, {index}, _e)",
         ]
     clauses = "".join(
-        f"_C[{i}] if _v{i} is True else _C[{count + i}] if _v{i} is False"
-        f" else _C[{2 * count}]({i}, _v{i}), "
+        f"_D[{i}] if _v{i} is True else _D[{count + i}] if _v{i} is False"
+        f" else _D[{2 * count}]({i}, _v{i}), "
         for i in range(count)
     )
     values = "".join(f"_v{i}, " for i in range(count))
@@ -1692,11 +1682,7 @@ def _compile_clauses(
 
     true_clauses = [Clause(text, True) for text in clause_texts]
     false_clauses = [Clause(text, False) for text in clause_texts]
-    condition_values = (
-        *generator.constants,
-        tuple(generator.spare),
-        (*true_clauses, *false_clauses, clause),
-    )
+    condition_values = (*true_clauses, *false_clauses, clause, *generator.constants)
     return run, condition_values
 
 
