@@ -3,9 +3,12 @@ with which fact index, and that the per-rule entries decide as the rules themsel
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 
-from gatekeeper.engine import Engine, FactInput, FactTable, ProjectFacts, RuleState
+import pytest
+
+from gatekeeper.engine import Decision, Engine, FactInput, FactTable, ProjectFacts, RuleState
 from gatekeeper.loader import load_rule_texts
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -94,3 +97,17 @@ def test_conditions_reading_one_fact_share_its_name() -> None:
     values = [condition._values for condition in conditions]  # type: ignore[attr-defined]
     ids = [next(v for v in tuple_ if v == "T-1") for tuple_ in values]
     assert ids[0] is ids[1]
+
+
+def test_decisions_are_the_dataclass_instances_their_fields_make() -> None:
+    engine = _engine(RULES)
+    fact = FactInput("p", "task", "T-1", {"status": "done"})
+    plan = engine.plan_ingest(FactTable(), {}, [fact], NOW)
+    names = [f.name for f in dataclasses.fields(Decision)]
+    for decision in plan.decisions:
+        assert type(decision) is Decision
+        assert list(vars(decision)) == names
+        rebuilt = Decision(**{name: getattr(decision, name) for name in names})
+        assert rebuilt == decision and repr(rebuilt) == repr(decision)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            decision.outcome = "fired"  # type: ignore[misc]

@@ -579,24 +579,25 @@ class Engine:
                 outcome = "blocked"
                 self._queue_alert(transition, rule, firing_id, now, reason)
         transition.rule_states[rule_id] = new_state
-        transition.decisions.append(
-            Decision(
-                rule_id=rule_id,
-                rule_hash=content_hash,
-                ruleset_version=self.ruleset.version,
-                git_commit=self.ruleset.git_commit,
-                trigger=trigger,
-                outcome=outcome,
-                gate_open=gate_open,
-                evaluation=evaluation,
-                decided_at=decided_at,
-                fact_index=fact_index,
-                firing_id=firing_id,
-                approvals=approvals if approvals_rule else None,
-                reason=reason,
-                project=entry.project,
-            )
-        )
+        # Decision(...) without the frozen dataclass's __init__ (fourteen object.__setattr__
+        # calls, about 1 µs): the very same instance, its fields set in the same order.
+        decision = _new(Decision)
+        fields = decision.__dict__
+        fields["rule_id"] = rule_id
+        fields["rule_hash"] = content_hash
+        fields["ruleset_version"] = self.ruleset.version
+        fields["git_commit"] = self.ruleset.git_commit
+        fields["trigger"] = trigger
+        fields["outcome"] = outcome
+        fields["gate_open"] = gate_open
+        fields["evaluation"] = evaluation
+        fields["decided_at"] = decided_at
+        fields["fact_index"] = fact_index
+        fields["firing_id"] = firing_id
+        fields["approvals"] = approvals if approvals_rule else None
+        fields["reason"] = reason
+        fields["project"] = entry.project
+        transition.decisions.append(decision)
 
     def _queue_firing(
         self,
@@ -654,6 +655,8 @@ class Engine:
             )
         )
 
+
+_new = object.__new__
 
 _format_now = functools.lru_cache(maxsize=4)(format_rfc3339)
 """``format_rfc3339`` of the planning "now", formatted once per plan, not once per rule."""
