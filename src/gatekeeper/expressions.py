@@ -256,7 +256,7 @@ class ExpressionError(Exception):
         self.problems = problems
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Clause:
     """A sub-condition (a leaf of the top-level and/or tree) and its value.
 
@@ -1701,12 +1701,12 @@ class CompiledCondition:
     ``minutes_since``/``now``), ``clause_texts`` (the top-level and/or leaves). Immutable.
     """
 
-    __slots__ = (
+    __slots__ = (  # what an evaluation reads first, together  # noqa: RUF023
         "_compiled",
+        "_values",
         "_kept_leaves",
         "_plan",
         "_time_sites",
-        "_values",
         "clause_texts",
         "reads",
         "text",
