@@ -188,10 +188,24 @@ def run_fanout(args: argparse.Namespace, targets: Targets) -> None:
     rows = []
     for case in cases:
         value = median(samples[case.name])
-        rows.append([case.name, fmt(value), spread(samples[case.name]), f"{value / base:.2f}"])
+        rows.append(
+            [
+                case.name,
+                fmt(value),
+                spread(samples[case.name]),
+                f"{value / base:.2f}",
+                f"{value - base:+.1f}",
+            ]
+        )
     print(
         table(
-            ["ruleset", "µs/fact (median)", f"min..max of {args.runs}", "÷ baseline"],
+            [
+                "ruleset",
+                "µs/fact (median)",
+                f"min..max of {args.runs}",
+                "÷ baseline",
+                "µs − baseline",
+            ],
             rows,
         )
     )
