@@ -307,9 +307,10 @@ class _Entry:
         self.approvals = rule.approvals
 
 
-def _entries(entries: Mapping[int, _Entry], rules: Iterable[Rule]) -> tuple[_Entry, ...]:
-    """The entries of ``rules`` (keyed by ``id(rule)``), each rule once, first seen first."""
-    unique = {id(rule): entries[id(rule)] for rule in rules}
+def _entries(entries: Mapping[str, _Entry], rules: Iterable[Rule]) -> tuple[_Entry, ...]:
+    """The entries of ``rules`` (``entries`` is keyed by rule id), each rule id once, first
+    seen first."""
+    unique = {rule.id: entries[rule.id] for rule in rules}
     return tuple(unique.values())
 
 
@@ -332,8 +333,8 @@ class Engine:
         # One entry per rule, allocated in rule order; one tuple of entries per fact key
         # (the rules reading it by id, then those reading its whole kind, each once).
         projects: dict[str, str] = {}
-        entries = {
-            id(rule): _Entry(rule, projects.setdefault(rule.project, rule.project))
+        entries = {  # as in self.rules, the last rule of an id is the one
+            rule.id: _Entry(rule, projects.setdefault(rule.project, rule.project))
             for rule in ruleset.rules
         }
         self._entries_by_fact: dict[FactKey, tuple[_Entry, ...]] = {
