@@ -417,3 +417,49 @@ async def test_every_release_of_a_firing_is_checked_against_the_limit(
     remaining = {e["escrow"]: e["remaining"] for e in escrows["escrows"]}
     assert not remaining["tower-a-escrow"].startswith("-"), escrows  # FAILS: -10000.00
     assert len([r for r in receiver.received if r.path == "/bank"]) <= 1
+
+
+# -- YAML anchors chained into data deeper than the text shows ----------------------------------
+
+
+def _chained_anchor_rule() -> str:
+    """A rule file whose anchors each nest 60 levels around the previous one: about 2,400
+    levels once expanded, while no line of the text nests more than 61."""
+    anchors = ["a0: &a0 x"] + [
+        f"a{i}: &a{i} " + "[" * 60 + f"*a{i - 1}" + "]" * 60 for i in range(1, 40)
+    ]
+    return (
+        "id: tower-a/anchors\nproject: tower-a\nwhen: milestone.design.status == 'x'\n"
+        "actions: [{notify: {target: site-chat, message: m}}]\nx:\n  " + "\n  ".join(anchors) + "\n"
+    )
+
+
+def test_chained_anchors_are_a_problem_of_the_file_not_a_crash(tmp_path: Any) -> None:
+    """jsonschema's message for the unknown key ``x`` took the repr of the expanded data and
+    raised RecursionError out of ``load_rules_dir`` (documented never to raise for bad input):
+    ``gatekeeper check`` printed a traceback."""
+    from gatekeeper.loader import load_rules_dir
+
+    (tmp_path / "anchors.yaml").write_text(_chained_anchor_rule())
+    result = load_rules_dir(tmp_path, None)
+    assert result.ruleset is None
+    assert [p.message for p in result.problems] == [
+        "nested more than 64 levels deep once aliases are expanded"
+    ]
+
+
+async def test_chained_anchors_at_restart_fall_back_to_the_last_good_ruleset(
+    project_factory: Callable[..., Project], receiver: Receiver, start_daemon: Any
+) -> None:
+    """The same file at start stopped the daemon (RecursionError out of the load) instead of
+    running the last good ruleset stored in the database."""
+    project = project_factory(receiver.url)
+    (project.rules_dir / "design.yaml").write_text(DESIGN_RULE)
+    first = await start_daemon(project)
+    await first.stop()
+    (project.rules_dir / "anchors.yaml").write_text(_chained_anchor_rule())
+    second = await start_daemon(project)
+    status, rules = await second.get("/v1/rules")
+    assert status == 200
+    assert [rule["id"] for rule in rules["rules"]] == ["tower-a/design-release"]
+    assert second.daemon.reload_status.ok is False

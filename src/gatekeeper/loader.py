@@ -491,7 +491,16 @@ def _rule_id_of(data: Any, path: PathParts) -> str | None:
 
 
 def _check_file(name: str, text: str, digest: str) -> CheckedFile:
-    """Check one file on its own (see ``CheckedFile``); its node tree is not kept."""
+    """Check one file on its own (see ``CheckedFile``); its node tree is not kept. Never
+    raises for bad input: data too deep for the checks to walk is a problem of the file."""
+    try:
+        return _check_file_contents(name, text, digest)
+    except RecursionError:
+        problem = Problem(name, 1, 1, "the file's data is nested too deeply to check")
+        return CheckedFile(name, text, digest, (), (problem,))
+
+
+def _check_file_contents(name: str, text: str, digest: str) -> CheckedFile:
     doc, problems = parse_document(text, name, _rule_id_of)
     if doc is None:
         return CheckedFile(name, text, digest, (), tuple(problems))

@@ -164,11 +164,14 @@ def parse_document(
     if root is None:
         return YamlDocument(file, text, None, None), []
     findings = scan.findings
-    size = _expanded_size(root, {}) if scan.shared else scan.nodes
+    size, depth = _expanded_shape(root, {}) if scan.shared else (scan.nodes, 0)
     if size > MAX_EXPANDED_NODES:
         message = (
             f"document is too large once aliases are expanded (over {MAX_EXPANDED_NODES} nodes)"
         )
+        return None, [Problem(file, 1, 1, message)]
+    if depth > MAX_DEPTH:  # aliases chained into data deeper than the text shows
+        message = f"nested more than {MAX_DEPTH} levels deep once aliases are expanded"
         return None, [Problem(file, 1, 1, message)]
     try:
         data = _Constructor().construct_document(root)
@@ -313,18 +316,27 @@ def _key_type_message(key_node: yaml.Node, key: str) -> str:
     return f"key {key!r} is read by YAML as {what}, not a string; quote it: '{key}'"
 
 
-def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
-    """Number of nodes once aliases are expanded (recursive aliases count as too many)."""
+def _expanded_shape(node: yaml.Node, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(number of nodes, depth of nested collections) once aliases are expanded; recursive
+    aliases count as too many nodes. Aliased nodes come before their aliases in a document,
+    so with ``memo`` the recursion goes no deeper than the text itself nests."""
     known = memo.get(id(node))
     if known is not None:
         return known
-    memo[id(node)] = MAX_EXPANDED_NODES + 1  # in progress: a cycle means "too large"
-    size = 1
-    if isinstance(node, yaml.SequenceNode):
-        size += sum(_expanded_size(child, memo) for child in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
-    memo[id(node)] = min(size, MAX_EXPANDED_NODES + 1)
+    memo[id(node)] = (MAX_EXPANDED_NODES + 1, 0)  # in progress: a cycle means "too large"
+    size, depth = 1, 0
+    if isinstance(node, yaml.SequenceNode | yaml.MappingNode):
+        children = (
+            node.value
+            if isinstance(node, yaml.SequenceNode)
+            else [child for pair in node.value for child in pair]
+        )
+        for child in children:
+            child_size, child_depth = _expanded_shape(child, memo)
+            size += child_size
+            depth = max(depth, child_depth)
+        depth += 1
+    memo[id(node)] = (min(size, MAX_EXPANDED_NODES + 1), depth)
     return memo[id(node)]
 
 
