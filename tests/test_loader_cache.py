@@ -373,3 +373,24 @@ async def test_a_large_ruleset_going_live_is_frozen_out_of_the_collector(
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("tag", ["!!pairs", "!!omap"])
+def test_yaml_pairs_are_lists_so_both_validators_read_them_alike(tag: str) -> None:
+    """The safe loader builds ``!!pairs``/``!!omap`` items as tuples, which jsonschema_rs
+    takes as arrays and Python's jsonschema does not: a schema accepting arrays of arrays
+    would have been passed by the fast gate and refused by the real one."""
+    from jsonschema import Draft202012Validator
+
+    from gatekeeper.yamlsource import parse_document
+
+    doc, problems = parse_document(f"from: {tag} [{{alice: bob}}]\n", "f.yaml")
+    assert problems == [] and doc is not None
+    assert doc.data == {"from": [["alice", "bob"]]}
+    schema = {
+        "type": "object",
+        "properties": {"from": {"type": "array", "items": {"type": "array"}}},
+    }
+    assert Draft202012Validator(schema).is_valid(doc.data)
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    assert jsonschema_rs.Draft202012Validator(schema).is_valid(doc.data)

@@ -351,6 +351,22 @@ class _Constructor(yaml.constructor.SafeConstructor):
             mapping[_key_text(key_node)] = self.construct_object(value_node, deep=deep)
         return mapping
 
+    def construct_pairs_as_lists(self, node: yaml.Node) -> Iterator[list[Any]]:
+        """``!!pairs`` / ``!!omap`` as a list of ``[key, value]`` lists: JSON data, never
+        tuples (which Python's jsonschema and Rust's take differently)."""
+        pairs: list[list[Any]] = []
+        yield pairs
+        steps = self.construct_yaml_pairs(node)
+        built = next(steps)
+        for _ in steps:  # the second step fills ``built`` (or raises ConstructorError)
+            pass
+        pairs.extend([key, value] for key, value in built)
+
+
+# types-PyYAML binds add_constructor to loader classes; a constructor subclass works the same
+for _tag in ("tag:yaml.org,2002:pairs", "tag:yaml.org,2002:omap"):
+    _Constructor.add_constructor(_tag, _Constructor.construct_pairs_as_lists)  # type: ignore[type-var]
+
 
 # ---------------------------------------------------------------------------------------------
 # Schema validation
@@ -381,7 +397,8 @@ def fast_schema_check(name: str) -> Callable[[Any], bool] | None:
     Only a yes is trusted: on False, or on data it cannot take (a YAML date, set or binary),
     ``schema_problems`` asks ``schema_validator``, whose errors it reports. Both implement
     draft 2020-12; formats are not asserted by either. Meant for data built by this module's
-    YAML constructor (no tuples, which Rust would take as arrays).
+    YAML constructor (no tuples, which Rust would take as arrays: ``!!pairs`` and ``!!omap``
+    are built as lists).
     """
     schema = load_schema(name)
     try:
