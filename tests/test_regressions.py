@@ -463,3 +463,49 @@ async def test_chained_anchors_at_restart_fall_back_to_the_last_good_ruleset(
     assert status == 200
     assert [rule["id"] for rule in rules["rules"]] == ["tower-a/design-release"]
     assert second.daemon.reload_status.ok is False
+
+
+# -- a failure applying a committed transition in memory ---------------------------------------
+
+
+async def test_a_committed_transition_that_fails_to_apply_is_not_committed_again(
+    project_factory: Callable[..., Project],
+    receiver: Receiver,
+    start_daemon: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``_commit_and_apply`` committed, then ``_apply`` raised: the caller took it for a failed
+    commit (500 for facts that were durable; a group was committed again one by one) and
+    memory lacked the transition, so posting the facts again fired the once rule a second
+    time: a second release. Now memory is rebuilt from the database."""
+    project = project_factory(receiver.url)
+    project.write_rule("design.yaml", RELEASE_ONLY)
+    gk = await start_daemon(project)
+    daemon = gk.daemon
+    original = daemon._apply
+    failures: list[int] = []
+
+    def apply_failing_once(transition: Any) -> None:
+        if transition.actions and not failures:
+            failures.append(1)
+            raise RuntimeError("bookkeeping bug")
+        original(transition)
+
+    monkeypatch.setattr(daemon, "_apply", apply_failing_once)
+    status, body = await gk.post("/v1/facts", {"facts": [APPROVED, QA_PASSED]})
+    assert failures == [1]
+    assert status == 200, body  # committed: accepted, not an error
+    await receiver.wait_for(1)
+    status, again = await gk.post("/v1/facts", {"facts": [APPROVED, QA_PASSED]})
+    assert status == 200, again
+    await asyncio.sleep(0.3)
+    assert len(receiver.received) == 1  # one release, not two
+    _, facts = await gk.get("/v1/facts")
+    assert len(facts["facts"]) == 2
+    db = sqlite3.connect(project.root / "state" / "gatekeeper.db")
+    try:
+        releases = db.execute("SELECT count(*) FROM ledger").fetchone()[0]
+        logged = db.execute("SELECT count(*) FROM fact_log").fetchone()[0]
+    finally:
+        db.close()
+    assert (releases, logged) == (1, 4)

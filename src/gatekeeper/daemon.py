@@ -191,17 +191,7 @@ class Daemon:
         except ConfigError as exc:
             raise StartupError(str(exc)) from None
         await self.store.open()
-        self.facts = FactTable(await self.store.load_facts())
-        self.states = await self.store.load_rule_states()
-        self.approvals = await self.store.load_approvals()
-        committed = await self.store.escrow_totals()
-        self.book = EscrowBook(
-            self.config.escrows,
-            {
-                escrow: sum(by_status.values(), Decimal(0))
-                for escrow, by_status in committed.items()
-            },
-        )
+        await self._load_state()
         await self._load_initial_ruleset()
         self._tasks.append(asyncio.create_task(self._write_forever(), name="writer"))
         self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="dispatcher"))
@@ -412,11 +402,46 @@ class Daemon:
 
         async def commit_then_apply() -> list[list[int]]:
             results = await self.store.commit_transitions(transitions)
-            for transition in transitions:
-                self._apply(transition)
+            try:
+                for transition in transitions:
+                    self._apply(transition)
+            except Exception:
+                # Committed: retrying would record the facts (and fire the rules) twice.
+                # The database is the truth; memory is rebuilt from it.
+                log.critical(
+                    "applying %d committed transition(s) in memory failed; reloading the "
+                    "daemon's state from the database",
+                    len(transitions),
+                    exc_info=True,
+                )
+                await self._reload_state()
             return results
 
         return await asyncio.shield(commit_then_apply())
+
+    async def _load_state(self) -> None:
+        """Current facts, rule states, approvals and escrow totals, from the database."""
+        self.facts = FactTable(await self.store.load_facts())
+        self.states = await self.store.load_rule_states()
+        self.approvals = await self.store.load_approvals()
+        committed = await self.store.escrow_totals()
+        self.book = EscrowBook(
+            self.config.escrows,
+            {
+                escrow: sum(by_status.values(), Decimal(0))
+                for escrow, by_status in committed.items()
+            },
+        )
+
+    async def _reload_state(self) -> None:
+        """Rebuild memory from the database after a failure to apply what it committed: the
+        state, every time-dependent rule due at once (as at start), and the dispatcher told
+        to look at the outbox (committed actions it was not handed)."""
+        await self._load_state()
+        now = self.clock.now()
+        mark_due(self.deadlines, self._engine().time_dependent, now)
+        self._deadline_changed.set()
+        self.dispatcher.wake()
 
     def _log_firings(self, transition: Transition) -> None:
         request_id = transition.request_id
