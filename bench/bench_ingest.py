@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_strict_options(parser)
     # Internal modes: this file is also the bare server and the aiohttp load generator.
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve-bare-durable", nargs=2, metavar=("PORT", "DB"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -271,6 +274,79 @@ def serve_bare(port: int) -> None:
         return web.json_response({"status": "ok"})
 
     app = web.Application()
+    app.router.add_post("/v1/facts", post_facts)
+    app.router.add_get("/healthz", healthz)
+    web.run_app(app, host=HOST, port=port, access_log=None, print=None)
+
+
+def start_bare_durable(folder: Path) -> Server:
+    port = free_port()
+    command = [sys.executable, str(Path(__file__).resolve()), "--serve-bare-durable", str(port)]
+    command.append(str(folder / "bare-durable.db"))
+    server = start_process("bare durable", command, port, folder / "bare-durable.log")
+    server.wait_ready("/healthz")
+    return server
+
+
+def serve_bare_durable(port: int, path: str) -> None:
+    """Baseline (c): an aiohttp endpoint that parses the JSON body, queues it, and answers
+    once a single writer (stdlib sqlite3 on one thread, WAL, ``synchronous=FULL``) has
+    committed it, every body queued meanwhile in the same transaction (group commit): the
+    floor of durable ingest on this machine, with none of gatekeeper's validation, rules,
+    decisions or audit rows."""
+    import concurrent.futures
+    import sqlite3
+
+    from aiohttp import web
+
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE IF NOT EXISTS fact_log (seq INTEGER PRIMARY KEY, body TEXT)")
+    thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="writer")
+    queue: asyncio.Queue[tuple[str, asyncio.Future[int]]] = asyncio.Queue()
+
+    def commit(bodies: list[str]) -> list[int]:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            insert = "INSERT INTO fact_log (body) VALUES (?)"
+            seqs = [int(db.execute(insert, (body,)).lastrowid or 0) for body in bodies]
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return seqs
+
+    async def write_forever() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            group = [await queue.get()]
+            while not queue.empty():
+                group.append(queue.get_nowait())
+            try:
+                seqs = await loop.run_in_executor(thread, commit, [body for body, _ in group])
+            except Exception as exc:
+                for _, done in group:
+                    done.set_exception(exc)
+                continue
+            for (_, done), seq in zip(group, seqs, strict=True):
+                done.set_result(seq)
+
+    async def post_facts(request: web.Request) -> web.Response:
+        text = await request.text()
+        json.loads(text)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        await queue.put((text, done))
+        return web.json_response({"accepted": 1, "seqs": [await done]})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def start_writer(app: web.Application) -> None:
+        app["writer"] = asyncio.create_task(write_forever())
+
+    app = web.Application()
+    app.on_startup.append(start_writer)
     app.router.add_post("/v1/facts", post_facts)
     app.router.add_get("/healthz", healthz)
     web.run_app(app, host=HOST, port=port, access_log=None, print=None)
@@ -509,14 +585,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"{time.perf_counter() - load_started:.1f} s")
         bare = start_bare(folder)
         servers.append(bare)
+        durable = start_bare_durable(folder)
+        servers.append(durable)
         answer = check_one_post(gatekeeper)
         assert answer.get("seqs"), answer
         check_one_post(bare)
-        results: dict[str, list[RunResult]] = {"bare": [], "gatekeeper": [], "sqlite": []}
+        check_one_post(durable)
+        results: dict[str, list[RunResult]] = {
+            "bare": [],
+            "durable": [],
+            "gatekeeper": [],
+            "sqlite": [],
+        }
         warmups = {s.name: measure(s, args, generator, script, args.warmup) for s in servers}
         sqlite_run(folder / "raw.db", min(args.warmup, 1.0))
         for _ in range(args.runs):
             results["bare"].append(measure(bare, args, generator, script, args.seconds))
+            results["durable"].append(measure(durable, args, generator, script, args.seconds))
             results["gatekeeper"].append(measure(gatekeeper, args, generator, script, args.seconds))
             results["sqlite"].append(sqlite_run(folder / "raw.db", args.sqlite_seconds))
         for server in servers:
@@ -546,6 +631,7 @@ def run(args: argparse.Namespace) -> int:
             ],
             [
                 summarize("(a) bare aiohttp: parse JSON, answer", results["bare"]),
+                summarize("(c) (a) + queue + group commit, FULL", results["durable"]),
                 summarize("gatekeeper POST /v1/facts, durable", results["gatekeeper"]),
                 summarize("(b) raw SQLite: 1 row/commit, FULL", results["sqlite"]),
             ],
@@ -554,9 +640,14 @@ def run(args: argparse.Namespace) -> int:
     gk = median([r.rps for r in results["gatekeeper"]])
     bare_rps = median([r.rps for r in results["bare"]])
     sqlite_rps = median([r.rps for r in results["sqlite"]])
+    durable_rps = median([r.rps for r in results["durable"]])
     print(
         f"\n   gatekeeper ÷ bare aiohttp: {gk / bare_rps:.3f}; "
         f"gatekeeper ÷ raw SQLite commits: {gk / sqlite_rps:.3f}"
+    )
+    print(
+        f"   (c) bare durable ÷ bare aiohttp: {durable_rps / bare_rps:.3f}; "
+        f"gatekeeper ÷ (c) bare durable: {gk / durable_rps:.3f}"
     )
     print(
         f"   durability check: {acknowledged:,} facts acknowledged (warm-up included), "
@@ -577,6 +668,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_bare is not None:
         serve_bare(args.serve_bare)
+        return 0
+    if args.serve_bare_durable is not None:
+        port, path = args.serve_bare_durable
+        serve_bare_durable(int(port), path)
         return 0
     if args.load is not None:
         facts = fact_count(args.rules)
