@@ -19,8 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from gatekeeper import __version__
 from gatekeeper.auth import SCOPES
 from gatekeeper.config import Config, ConfigError, find_default_config, load_config
@@ -278,6 +276,9 @@ def _is_loopback(host: str) -> bool:
 
 
 async def _serve_async(config: Config) -> int:
+    # the HTTP stack is imported only to serve: check, test and plan start faster without it
+    from aiohttp import web
+
     from gatekeeper.daemon import Daemon, StartupError
     from gatekeeper.server import create_app
 
