@@ -268,3 +268,24 @@ async def test_a_failed_group_leaves_the_daemons_memory_unchanged(
     assert daemon.states == states_before
     assert await daemon.store.fact_log() == []
     assert await daemon.store.list_actions() == []
+
+
+async def test_a_store_that_fails_to_open_leaves_no_writer_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer thread was started and left running when the reader connection failed."""
+    import aiosqlite
+
+    async def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(aiosqlite, "connect", refuse)
+    store = SqliteStore(tmp_path / "gatekeeper.db")
+    with pytest.raises(sqlite3.OperationalError):
+        await store.open()
+    for _ in range(50):
+        writers = [t for t in threading.enumerate() if t.name.startswith("gatekeeper-writer")]
+        if not writers:
+            break
+        await asyncio.sleep(0.02)
+    assert writers == []

@@ -610,9 +610,13 @@ class SqliteStore:
             await self._writer.stop()
             self._writer = None
             raise
-        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-        await self.reader.execute("PRAGMA busy_timeout=5000")
-        await self.reader.execute("PRAGMA query_only=ON")
+        try:
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await self.reader.execute("PRAGMA busy_timeout=5000")
+            await self.reader.execute("PRAGMA query_only=ON")
+        except BaseException:  # no half-open store: the writer thread is stopped too
+            await self.close()
+            raise
 
     def _connect_writer(self) -> None:
         """On the writer thread: connect, set the pragmas, migrate."""
