@@ -149,11 +149,14 @@ def test_serve_logs_json_lines_without_secrets(project_factory: Callable[..., Pr
         text=True,
     )
     try:
-        for _ in range(100):
+        ready_by = time.monotonic() + 30  # a loaded CI machine can take a while to start it
+        while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz"):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5):
                     break
             except OSError:
+                assert process.poll() is None, "gatekeeper serve exited at start"
+                assert time.monotonic() < ready_by, "gatekeeper serve not ready in 30 s"
                 time.sleep(0.1)
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/facts",
