@@ -213,13 +213,24 @@ def start_process(name: str, command: list[str], port: int, log: Path, **kw: Any
     return Server(name, process, port, log)
 
 
-def write_gatekeeper_setup(folder: Path, rules: int, time_rules: bool) -> tuple[Path, int]:
-    """Rules and ``gatekeeper.yaml`` in ``folder``; returns the config path and the port."""
+def write_gatekeeper_setup(
+    folder: Path,
+    rules: int,
+    time_rules: bool,
+    target_url: str | None = None,
+    delivery: str = "{max_attempts: 1, timeout_s: 1}",
+) -> tuple[Path, int]:
+    """Rules and ``gatekeeper.yaml`` in ``folder``; returns the config path and the port.
+
+    The bench target posts to ``target_url`` (default: a closed 127.0.0.1 port) with the
+    ``delivery`` settings given as a YAML flow mapping."""
     rules_dir = folder / "rules"
     rules_dir.mkdir()
     for name, text in ruleset_files(rules, time_clause=time_rules).items():
         (rules_dir / name).write_text(text, encoding="utf-8")
-    port, closed_port = free_port(), free_port()
+    port = free_port()
+    if target_url is None:
+        target_url = f"http://{HOST}:{free_port()}/nobody-listens"
     config = folder / "gatekeeper.yaml"
     config.write_text(
         textwrap.dedent(
@@ -229,9 +240,9 @@ def write_gatekeeper_setup(folder: Path, rules: int, time_rules: bool) -> tuple[
             rules_dir: rules
             targets:
               {BENCH_TARGET}:
-                url: http://{HOST}:{closed_port}/nobody-listens
+                url: {target_url}
                 secret_env: {SECRET_ENV}
-                delivery: {{max_attempts: 1, timeout_s: 1}}
+                delivery: {delivery}
             """
         ),
         encoding="utf-8",
@@ -239,10 +250,16 @@ def write_gatekeeper_setup(folder: Path, rules: int, time_rules: bool) -> tuple[
     return config, port
 
 
-def start_gatekeeper(folder: Path, args: argparse.Namespace) -> Server:
-    config, port = write_gatekeeper_setup(folder, args.rules, args.time_rules)
+def daemon_env() -> dict[str, str]:
+    """This process's environment plus a fresh random secret for the bench target."""
     env = dict(os.environ)
     env[SECRET_ENV] = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    return env
+
+
+def start_gatekeeper(folder: Path, args: argparse.Namespace) -> Server:
+    config, port = write_gatekeeper_setup(folder, args.rules, args.time_rules)
+    env = daemon_env()
     command = [sys.executable, "-m", "gatekeeper", "serve", "-c", str(config)]
     command += ["--log-level", "warning"]
     server = start_process("gatekeeper", command, port, folder / "gatekeeper.log", env=env)

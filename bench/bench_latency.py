@@ -33,14 +33,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import shutil
 import sqlite3
 import sys
 import tempfile
-import textwrap
 import time
 import urllib.request
 from collections import Counter
@@ -56,14 +54,20 @@ from _common import (
     fmt,
     machine_header,
     median,
-    ruleset_files,
     spread,
     table,
 )
-from bench_ingest import Server, cpu_seconds, free_port, percentile, start_process
+from bench_ingest import (
+    HOST,
+    Server,
+    cpu_seconds,
+    daemon_env,
+    free_port,
+    percentile,
+    start_process,
+    write_gatekeeper_setup,
+)
 
-HOST = "127.0.0.1"
-SECRET_ENV = "GATEKEEPER_BENCH_SECRET"
 LAT_PROJECT = "lat"
 TARGET_P99_MS = 25.0
 DRAIN_TIMEOUT_S = 60.0
@@ -262,33 +266,19 @@ def latency_rules_yaml(channels: int) -> str:
 
 
 def start_gatekeeper(folder: Path, args: argparse.Namespace, receiver_port: int) -> Server:
-    rules_dir = folder / "rules"
-    rules_dir.mkdir()
-    for name, text in ruleset_files(args.rules, time_clause=False).items():
-        (rules_dir / name).write_text(text, encoding="utf-8")
-    (rules_dir / "latency.yaml").write_text(latency_rules_yaml(args.channels), encoding="utf-8")
-    port = free_port()
-    config = folder / "gatekeeper.yaml"
-    config.write_text(
-        textwrap.dedent(
-            f"""\
-            listen: {HOST}:{port}
-            database: gatekeeper.db
-            rules_dir: rules
-            targets:
-              {BENCH_TARGET}:
-                url: http://{HOST}:{receiver_port}/hook
-                secret_env: {SECRET_ENV}
-                delivery: {{max_attempts: 3, timeout_s: 10}}
-            """
-        ),
-        encoding="utf-8",
+    config, port = write_gatekeeper_setup(
+        folder,
+        args.rules,
+        time_rules=False,
+        target_url=f"http://{HOST}:{receiver_port}/hook",
+        delivery="{max_attempts: 3, timeout_s: 10}",
     )
-    env = dict(os.environ)
-    env[SECRET_ENV] = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    (folder / "rules" / "latency.yaml").write_text(
+        latency_rules_yaml(args.channels), encoding="utf-8"
+    )
     command = [sys.executable, "-m", "gatekeeper", "serve", "-c", str(config)]
     command += ["--log-level", args.log_level]
-    server = start_process("gatekeeper", command, port, folder / "gatekeeper.log", env=env)
+    server = start_process("gatekeeper", command, port, folder / "gatekeeper.log", env=daemon_env())
     server.wait_ready("/healthz")
     return server
 

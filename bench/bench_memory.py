@@ -32,22 +32,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 from _common import (
     BENCH_PROJECT,
-    BENCH_TARGET,
     RULES_PER_FACT,
     Targets,
     add_strict_options,
@@ -55,14 +51,17 @@ from _common import (
     fmt,
     machine_header,
     median,
-    ruleset_files,
     spread,
     table,
 )
-from bench_ingest import Server, free_port, start_process
+from bench_ingest import (
+    HOST,
+    Server,
+    daemon_env,
+    start_process,
+    write_gatekeeper_setup,
+)
 
-HOST = "127.0.0.1"
-SECRET_ENV = "GATEKEEPER_BENCH_SECRET"
 TARGET_PEAK_MB = 250.0
 MIB = 1024 * 1024
 DAEMON_IMPORTS = "import gatekeeper.cli, gatekeeper.daemon, gatekeeper.server"
@@ -148,38 +147,6 @@ async def write_facts(database: Path, count: int) -> None:
             await store.commit_transitions([Transition(facts=facts)])
     finally:
         await store.close()
-
-
-def write_project(folder: Path, rules: int) -> tuple[Path, int]:
-    """Rule files and ``gatekeeper.yaml`` in ``folder``; returns the config and its port."""
-    rules_dir = folder / "rules"
-    rules_dir.mkdir()
-    for name, text in ruleset_files(rules, time_clause=True).items():
-        (rules_dir / name).write_text(text, encoding="utf-8")
-    port, closed_port = free_port(), free_port()
-    config = folder / "gatekeeper.yaml"
-    config.write_text(
-        textwrap.dedent(
-            f"""\
-            listen: {HOST}:{port}
-            database: gatekeeper.db
-            rules_dir: rules
-            targets:
-              {BENCH_TARGET}:
-                url: http://{HOST}:{closed_port}/nobody-listens
-                secret_env: {SECRET_ENV}
-                delivery: {{max_attempts: 1, timeout_s: 1}}
-            """
-        ),
-        encoding="utf-8",
-    )
-    return config, port
-
-
-def daemon_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env[SECRET_ENV] = "whsec_" + base64.b64encode(os.urandom(32)).decode()
-    return env
 
 
 def start_gatekeeper(folder: Path, config: Path, port: int, run: int) -> Server:
@@ -368,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     servers: list[Server] = []
     try:
-        config, port = write_project(folder, args.rules)
+        config, port = write_gatekeeper_setup(folder, args.rules, time_rules=True)
         t0 = time.perf_counter()
         asyncio.run(write_facts(folder / "gatekeeper.db", args.facts))
         print(f"   wrote {args.facts:,} facts in {time.perf_counter() - t0:.1f} s")
