@@ -267,6 +267,18 @@ def start_gatekeeper(folder: Path, args: argparse.Namespace) -> Server:
     return server
 
 
+def serve_app(app: Any, port: int) -> None:
+    """Run the aiohttp application ``app`` on 127.0.0.1:``port`` until killed, with the
+    ``GET /healthz`` that ``Server.wait_ready`` polls."""
+    from aiohttp import web
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app.router.add_get("/healthz", healthz)
+    web.run_app(app, host=HOST, port=port, access_log=None, print=None)
+
+
 def start_bare(folder: Path) -> Server:
     port = free_port()
     command = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port)]
@@ -287,13 +299,9 @@ def serve_bare(port: int) -> None:
         counter += 1
         return web.json_response({"accepted": 1, "seqs": [counter]})
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
     app = web.Application()
     app.router.add_post("/v1/facts", post_facts)
-    app.router.add_get("/healthz", healthz)
-    web.run_app(app, host=HOST, port=port, access_log=None, print=None)
+    serve_app(app, port)
 
 
 def start_bare_durable(folder: Path) -> Server:
@@ -356,17 +364,13 @@ def serve_bare_durable(port: int, path: str) -> None:
         await queue.put((text, done))
         return web.json_response({"accepted": 1, "seqs": [await done]})
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
     async def start_writer(app: web.Application) -> None:
         app["writer"] = asyncio.create_task(write_forever())
 
     app = web.Application()
     app.on_startup.append(start_writer)
     app.router.add_post("/v1/facts", post_facts)
-    app.router.add_get("/healthz", healthz)
-    web.run_app(app, host=HOST, port=port, access_log=None, print=None)
+    serve_app(app, port)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ from bench_ingest import (
     daemon_env,
     free_port,
     percentile,
+    serve_app,
     start_process,
     write_gatekeeper_setup,
 )
@@ -133,14 +134,10 @@ def serve_receiver(port: int) -> None:
         records.clear()
         return web.json_response(out)
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
     app = web.Application()
-    app.router.add_get("/healthz", healthz)
     app.router.add_get("/records", drain)
     app.router.add_post("/{tail:.*}", hook)
-    web.run_app(app, host=HOST, port=port, access_log=None, print=None)
+    serve_app(app, port)
 
 
 def serve_relay(port: int, forward_to: str) -> None:
@@ -158,9 +155,6 @@ def serve_relay(port: int, forward_to: str) -> None:
             status = response.status
         return web.json_response({"accepted": 1, "forwarded": status})
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
     async def client(app: web.Application) -> Any:
         app["session"] = aiohttp.ClientSession()
         yield
@@ -169,8 +163,7 @@ def serve_relay(port: int, forward_to: str) -> None:
     app = web.Application()
     app.cleanup_ctx.append(client)
     app.router.add_post("/v1/facts", post_facts)
-    app.router.add_get("/healthz", healthz)
-    web.run_app(app, host=HOST, port=port, access_log=None, print=None)
+    serve_app(app, port)
 
 
 # ---------------------------------------------------------------------------------------------
