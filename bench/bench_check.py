@@ -13,7 +13,7 @@ name. Measured, each figure the median of ``--runs`` interleaved runs:
    tool that parses and schema-checks these files must spend.
 2. **gatekeeper check**: ``python -m gatekeeper check -c gatekeeper.yaml`` as a subprocess
    with this interpreter (wall time, everything included), and in this process
-   ``gatekeeper.loader.load_rules_dir(rules_dir, config)`` (CPU time), which separates the
+   ``gatekeeper.rules.loader.load_rules_dir(rules_dir, config)`` (CPU time), which separates the
    interpreter's start-up and imports from the work itself.
 3. **reload**: ``python -m gatekeeper serve -c gatekeeper.yaml`` with those files; its
    start-up time (spawn to ``/healthz`` answering), then ``--reloads`` times: rewrite one
@@ -173,7 +173,7 @@ def bare_baseline(rules_dir: Path) -> tuple[float, float, int]:
 def in_process_load(rules_dir: Path, config_path: Path) -> tuple[float, float, int]:
     """``load_rules_dir`` in this process: (wall s, CPU s, rules loaded)."""
     from gatekeeper.config import load_config
-    from gatekeeper.loader import load_rules_dir
+    from gatekeeper.rules.loader import load_rules_dir
 
     config = load_config(config_path)
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -189,7 +189,7 @@ def compile_share(rules_dir: Path) -> float:
     compiler's share of ``load_rules_dir``)."""
     import yaml
 
-    from gatekeeper.expressions import compile_condition
+    from gatekeeper.expr.condition import compile_condition
 
     paths = sorted(rules_dir.rglob("*.yaml"))
     whens = [yaml.load(p.read_text(), Loader=yaml.CSafeLoader)["when"] for p in paths]
@@ -211,8 +211,8 @@ def subprocess_check(folder: Path, config_path: Path) -> float:
 
 
 def interpreter_start(folder: Path) -> float:
-    """Wall seconds of ``python -c 'import gatekeeper.cli'``: start-up and imports."""
-    command = [sys.executable, "-c", "import gatekeeper.cli, gatekeeper.check"]
+    """Wall seconds of ``python -c 'import gatekeeper.cli.main'``: start-up and imports."""
+    command = [sys.executable, "-c", "import gatekeeper.cli.main, gatekeeper.cli.check"]
     started = time.perf_counter()
     subprocess.run(command, cwd=folder, check=True)
     return time.perf_counter() - started

@@ -12,7 +12,7 @@ each, in one ``FactTable``, and runs three phases in one asyncio event loop agai
 1. **ticks (baseline)**: the first daemon's approach, ``sleep(1)`` then re-evaluate every
    time-dependent rule (``Engine.plan_rules(..., trigger="time", record_unchanged=False)``),
    for ``--baseline-seconds`` while the rules' deadlines fall due over that window.
-2. **deadlines**: ``gatekeeper.deadlines``: ``schedule_rules`` computes each rule's next
+2. **deadlines**: ``gatekeeper.engine.deadlines``: ``schedule_rules`` computes each rule's next
    change (``CompiledCondition.next_change_at``), the loop sleeps until
    ``DeadlineSchedule.next_due()``, plans ``pop_due(now)`` with the same ``plan_rules`` call
    and reschedules those rules. The deadlines are spread at random over ``--seconds``.
@@ -49,10 +49,10 @@ from datetime import UTC, datetime, timedelta, timezone
 from _common import Targets, add_strict_options, fmt, machine_header, table
 
 from gatekeeper.clock import Clock, SystemClock
-from gatekeeper.deadlines import DeadlineSchedule, schedule_rules
-from gatekeeper.engine import Engine, FactTable, RuleState
-from gatekeeper.expressions import compile_condition
-from gatekeeper.rules import NotifyAction, Rule, Ruleset
+from gatekeeper.engine.core import Engine, FactTable, RuleState
+from gatekeeper.engine.deadlines import DeadlineSchedule, schedule_rules
+from gatekeeper.expr.condition import compile_condition
+from gatekeeper.rules.model import NotifyAction, Rule, Ruleset
 
 PROJECT = "bench"
 MAX_SLEEP_S = 60.0

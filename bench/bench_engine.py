@@ -48,9 +48,9 @@ from _common import (
 from simpleeval import EvalWithCompoundTypes
 
 from gatekeeper.clock import parse_rfc3339
-from gatekeeper.engine import Engine, FactInput, FactTable, ProjectFacts, RuleState
-from gatekeeper.expressions import compile_condition
-from gatekeeper.loader import load_rule_texts
+from gatekeeper.engine.core import Engine, FactInput, FactTable, ProjectFacts, RuleState
+from gatekeeper.expr.condition import compile_condition
+from gatekeeper.rules.loader import load_rule_texts
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 

@@ -22,10 +22,10 @@ What runs (everything on 127.0.0.1, in a temporary directory that is removed aft
    from ``/proc/<pid>/status`` after each stage.
 
 Baselines, measured in the same run: a bare process that imports what the daemon imports
-(``gatekeeper.cli``, ``gatekeeper.daemon``, ``gatekeeper.server``); the same facts as plain
-Python dicts in a bare process (``json.loads`` of each row, keyed by ``(project, kind,
-id)``, as ``SqliteStore.load_facts`` builds them); and the raw sizes (rule files, facts'
-JSON, database file). Target: the daemon's peak RSS under 250 MB.
+(``gatekeeper.cli.main``, ``gatekeeper.runtime.daemon``, ``gatekeeper.http.app``); the same
+facts as plain Python dicts in a bare process (``json.loads`` of each row, keyed by
+``(project, kind, id)``, as ``SqliteStore.load_facts`` builds them); and the raw sizes
+(rule files, facts' JSON, database file). Target: the daemon's peak RSS under 250 MB.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from bench_ingest import (
 
 TARGET_PEAK_MB = 250.0
 MIB = 1024 * 1024
-DAEMON_IMPORTS = "import gatekeeper.cli, gatekeeper.daemon, gatekeeper.server"
+DAEMON_IMPORTS = "import gatekeeper.cli.main, gatekeeper.runtime.daemon, gatekeeper.http.app"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -133,8 +133,8 @@ def fact_data(i: int) -> dict[str, Any]:
 
 async def write_facts(database: Path, count: int) -> None:
     """``count`` current facts through the daemon's store API, 1,000 per transaction."""
-    from gatekeeper.engine import FactInput, Transition
-    from gatekeeper.store import SqliteStore
+    from gatekeeper.engine.core import FactInput, Transition
+    from gatekeeper.store.sqlite import SqliteStore
 
     store = SqliteStore(database)
     await store.open()
@@ -265,7 +265,7 @@ def trace_startup(config_path: str, top: int = 20) -> None:
     from collections import Counter
 
     from gatekeeper.config import load_config
-    from gatekeeper.daemon import Daemon
+    from gatekeeper.runtime.daemon import Daemon
 
     config = load_config(Path(config_path))
 

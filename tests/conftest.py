@@ -160,7 +160,7 @@ def outbox_entry(
     kind: str, payload: dict[str, Any], *, target: str = "t", rule_id: str = "tower-a/r"
 ) -> Any:
     """A pending outbox entry (action ``act_0123``, first firing of ``rule_id``)."""
-    from gatekeeper.store import OutboxEntry
+    from gatekeeper.store.sqlite import OutboxEntry
 
     return OutboxEntry(
         action_id="act_0123",
@@ -214,8 +214,8 @@ class Running:
 @pytest.fixture
 async def start_daemon() -> AsyncIterator[Callable[..., Any]]:
     from gatekeeper.config import load_config
-    from gatekeeper.daemon import Daemon
-    from gatekeeper.server import create_app
+    from gatekeeper.http.app import create_app
+    from gatekeeper.runtime.daemon import Daemon
 
     running: list[Running] = []
     session = aiohttp.ClientSession()

@@ -90,8 +90,8 @@ import os
 import sys
 import time
 
-from gatekeeper.cli import main
-from gatekeeper.store import SqliteStore
+from gatekeeper.cli.main import main
+from gatekeeper.store.sqlite import SqliteStore
 
 DELAY_S = float(os.environ["CRASHKIT_COMMIT_DELAY_S"])
 _write_transition = SqliteStore._write_transition

@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from gatekeeper.actions import build_request
 from gatekeeper.config import Target
-from gatekeeper.store import OutboxEntry
+from gatekeeper.delivery.requests import build_request
+from gatekeeper.store.sqlite import OutboxEntry
 
 from .conftest import SECRET, outbox_entry
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from gatekeeper.auth import authenticate, bearer_token, hash_token
 from gatekeeper.config import Token
-from gatekeeper.server import create_app
+from gatekeeper.http.app import create_app
+from gatekeeper.http.auth import authenticate, bearer_token, hash_token
 
 from .conftest import DEPLOY_RULE, DESIGN_RULE, ENV, Project, Running, fact
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from gatekeeper.config import DeliveryPolicy
-from gatekeeper.delivery import backoff_delay_s, parse_retry_after
+from gatekeeper.delivery.dispatcher import backoff_delay_s, parse_retry_after
 
 
 def test_backoff_grows_exponentially_within_cap() -> None:

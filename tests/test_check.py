@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gatekeeper.check import (
+from gatekeeper.cli.check import (
     escape_data,
     escape_property,
     format_problems,

@@ -281,7 +281,7 @@ async def test_restart_on_broken_rules_runs_last_good_ruleset(
 async def test_missing_secret_is_a_startup_error_naming_the_variable(
     project_factory: Callable[..., Project], start_daemon: Any
 ) -> None:
-    from gatekeeper.daemon import StartupError
+    from gatekeeper.runtime.daemon import StartupError
 
     project = project_factory()
     project.write_rule("deploy.yaml", DEPLOY_RULE)

@@ -1,4 +1,4 @@
-"""Deadlines: ``CompiledCondition.next_change_at`` and ``gatekeeper.deadlines``.
+"""Deadlines: ``CompiledCondition.next_change_at`` and ``gatekeeper.engine.deadlines``.
 
 Every "now" comes from an injected ``FixedClock``; facts are real ``FactTable`` rows seen
 through ``ProjectFacts``, as the engine sees them.
@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatekeeper.clock import FixedClock, format_rfc3339
-from gatekeeper.deadlines import DeadlineSchedule, mark_due, schedule_rules
-from gatekeeper.engine import Engine, FactTable, ProjectFacts, RuleState
-from gatekeeper.expressions import (
+from gatekeeper.engine.core import Engine, FactTable, ProjectFacts, RuleState
+from gatekeeper.engine.deadlines import DeadlineSchedule, mark_due, schedule_rules
+from gatekeeper.expr.condition import (
     TIME_RECHECK,
     CompiledCondition,
     Evaluation,
@@ -27,7 +27,7 @@ from gatekeeper.expressions import (
     compile_condition,
     next_change_at,
 )
-from gatekeeper.rules import NotifyAction, Rule, Ruleset
+from gatekeeper.rules.model import NotifyAction, Rule, Ruleset
 
 PROJECT = "tower-a"
 START = datetime(2026, 11, 5, 12, 0, tzinfo=UTC)

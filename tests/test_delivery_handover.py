@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from gatekeeper.cli import JsonLogFormatter
-from gatekeeper.store import AttemptRecord
+from gatekeeper.cli.main import JsonLogFormatter
+from gatekeeper.store.sqlite import AttemptRecord
 
 from .conftest import DEPLOY_RULE, Project, Receiver, fact
 
@@ -33,7 +33,7 @@ class JsonLines(logging.Handler):
 
 @pytest.fixture
 def delivery_log() -> Iterator[JsonLines]:
-    logger = logging.getLogger("gatekeeper.delivery")
+    logger = logging.getLogger("gatekeeper.delivery.dispatcher")
     handler = JsonLines()
     level = logger.level
     logger.addHandler(handler)

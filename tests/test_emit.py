@@ -19,7 +19,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from gatekeeper.emit import add_emit_parser, build_fact, run_emit
+from gatekeeper.cli.emit import add_emit_parser, build_fact, run_emit
 
 from .conftest import DEPLOY_RULE, Project, Receiver
 
@@ -197,7 +197,7 @@ def test_unreachable_daemon_never_fails_the_build_unless_strict(
     env.pop("GATEKEEPER_TOKEN", None)
     argv = [*FACT_ARGS, "--set", "status=completed", "--retries", "2", "--backoff-s", "0.01"]
     done = subprocess.run(
-        [sys.executable, "-m", "gatekeeper.emit", *argv, *strict],
+        [sys.executable, "-m", "gatekeeper.cli.emit", *argv, *strict],
         env=env,
         capture_output=True,
         text=True,
@@ -217,7 +217,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_pre_commit_hook_checks_changed_rule_files(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from gatekeeper.cli import main
+    from gatekeeper.cli.main import main
 
     [hook] = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())
     assert hook["id"] == "gatekeeper-check" and hook["language"] == "python"

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gatekeeper.engine import Decision, Engine, FactInput, FactTable, ProjectFacts, RuleState
-from gatekeeper.loader import load_rule_texts
+from gatekeeper.engine.core import Decision, Engine, FactInput, FactTable, ProjectFacts, RuleState
+from gatekeeper.rules.loader import load_rule_texts
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 

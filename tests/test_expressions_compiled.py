@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import gatekeeper.expressions as expressions
-from gatekeeper.expressions import (
+import gatekeeper.expr.condition as expressions
+from gatekeeper.expr.condition import (
     CompiledCondition,
     Evaluation,
     ExpressionError,

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gatekeeper.http.app import _FACT_SHAPE, ApiError, FactShape, parse_facts
 from gatekeeper.schemas import load_schema
-from gatekeeper.server import _FACT_SHAPE, ApiError, FactShape, parse_facts
 
 SCHEMA = load_schema("facts-request.schema.json")
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from gatekeeper.config import Hook, HookFact, load_config
-from gatekeeper.engine import FactInput
-from gatekeeper.hooks import (
+from gatekeeper.engine.core import FactInput
+from gatekeeper.runtime.hooks import (
     HookRejected,
     check_hook,
     event_name,

@@ -111,7 +111,7 @@ async def test_bad_signature_unknown_source_and_unmapped_events(gk: Running) -> 
 async def test_a_broken_hook_mapping_is_refused_at_start(
     project_factory: Callable[..., Project], start_daemon: Any
 ) -> None:
-    from gatekeeper.daemon import StartupError
+    from gatekeeper.runtime.daemon import StartupError
 
     broken = {"github": {**HOOKS["github"], "facts": [{**HOOKS["github"]["facts"][0]}]}}
     broken["github"]["facts"][0]["id"] = "$workflow_run.name"  # ${...} needed for a path

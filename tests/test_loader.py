@@ -14,7 +14,7 @@ import yaml
 
 from gatekeeper import yamlsource
 from gatekeeper.config import Config, load_config
-from gatekeeper.loader import (
+from gatekeeper.rules.loader import (
     LoadResult,
     canonical_rule,
     git_commit_of,
@@ -25,7 +25,7 @@ from gatekeeper.loader import (
     rule_files,
     ruleset_version,
 )
-from gatekeeper.rules import NotifyAction, PipelineAction, ReleaseAction
+from gatekeeper.rules.model import NotifyAction, PipelineAction, ReleaseAction
 from gatekeeper.schemas import schema_path
 from gatekeeper.yamlsource import schema_validator
 

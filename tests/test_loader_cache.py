@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import yaml
 
-from gatekeeper import loader
-from gatekeeper.check import run_check
-from gatekeeper.cli import main
+from gatekeeper.cli.check import run_check
+from gatekeeper.cli.main import main
 from gatekeeper.clock import FixedClock
 from gatekeeper.config import Config, load_config
-from gatekeeper.loader import RuleFileCache, load_rule_texts, load_rules_dir
-from gatekeeper.rules import Rule
+from gatekeeper.rules import loader
+from gatekeeper.rules.loader import RuleFileCache, load_rule_texts, load_rules_dir
+from gatekeeper.rules.model import Rule
 from gatekeeper.yamlsource import fast_schema_check, schema_validator
 
 from .conftest import Project, fact
@@ -358,7 +358,7 @@ async def test_a_reload_keeps_the_deadlines_of_unchanged_rules(
 async def test_a_large_ruleset_going_live_is_frozen_out_of_the_collector(
     project_factory: Callable[..., Project], start_daemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gatekeeper import daemon
+    from gatekeeper.runtime import daemon
 
     monkeypatch.setattr(daemon, "FREEZE_AT_RULES", 1)  # "large" for the test
     project = project_factory()

@@ -19,14 +19,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gatekeeper.config import Config, load_config
-from gatekeeper.loader import (
+from gatekeeper.rules.loader import (
     LoadResult,
     load_rule_texts,
     rule_content_hash,
     rule_files,
     ruleset_version,
 )
-from gatekeeper.rules import NotifyAction, PipelineAction, ReleaseAction
+from gatekeeper.rules.model import NotifyAction, PipelineAction, ReleaseAction
 
 REPO = Path(__file__).resolve().parent.parent
 RULE_FILES = {

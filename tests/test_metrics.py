@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gatekeeper.metrics import Metrics, metrics_response
+from gatekeeper.http.app import metrics_response
+from gatekeeper.metrics import Metrics
 
 from .conftest import DEPLOY_RULE, DESIGN_RULE, ENV, SECRET, Project, Receiver, fact
 from .test_cli import free_port

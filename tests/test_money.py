@@ -15,8 +15,8 @@ from typing import Any
 from standardwebhooks.webhooks import Webhook
 
 from gatekeeper.config import Escrow
-from gatekeeper.ledger import EscrowBook
-from gatekeeper.rules import ReleaseAction
+from gatekeeper.engine.ledger import EscrowBook
+from gatekeeper.rules.model import ReleaseAction
 
 from .conftest import DEPLOY_RULE, ENV, SECRET, Project, Receiver, Running, fact
 from .test_delivery import wait_status
@@ -281,8 +281,8 @@ async def test_dead_letter_requeued_over_api_and_cli(
 async def test_ingest_refused_once_shutdown_began(
     project_factory: Callable[..., Project], start_daemon: Any
 ) -> None:
-    from gatekeeper.daemon import ShuttingDown
-    from gatekeeper.engine import FactInput
+    from gatekeeper.engine.core import FactInput
+    from gatekeeper.runtime.daemon import ShuttingDown
 
     project = project_factory()
     project.write_rule("deploy.yaml", DEPLOY_RULE)

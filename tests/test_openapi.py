@@ -29,9 +29,9 @@ from schemathesis.specs.openapi.checks import (
 
 from gatekeeper import __version__
 from gatekeeper.config import load_config
-from gatekeeper.daemon import Daemon
-from gatekeeper.openapi import build_openapi
-from gatekeeper.server import create_app
+from gatekeeper.http.app import create_app
+from gatekeeper.http.openapi import build_openapi
+from gatekeeper.runtime.daemon import Daemon
 
 from .conftest import DEPLOY_RULE, DESIGN_RULE, ENV, Project, Running, fact
 

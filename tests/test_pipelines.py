@@ -22,14 +22,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gatekeeper.actions import build_request
 from gatekeeper.config import (
     ConfigError,
     Target,
     load_config,
     resolve_secrets,
 )
-from gatekeeper.store import OutboxEntry
+from gatekeeper.delivery.requests import build_request
+from gatekeeper.store.sqlite import OutboxEntry
 
 from .conftest import ENV, SECRET, Project, fact, outbox_entry
 
@@ -531,7 +531,7 @@ async def test_a_wrong_token_is_a_dead_letter_that_names_no_secret(
 
 
 def test_check_refuses_a_release_or_notify_to_a_ci_target(tmp_path: Path) -> None:
-    from gatekeeper.loader import load_rule_texts
+    from gatekeeper.rules.loader import load_rule_texts
 
     targets = """\
           gh: {kind: github_actions, repo: acme/tower, workflow: docs.yml, token_env: GH_TOKEN}

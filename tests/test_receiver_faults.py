@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
-from gatekeeper.delivery import MAX_DELIVERIES_PER_TARGET
+from gatekeeper.delivery.dispatcher import MAX_DELIVERIES_PER_TARGET
 
 from .conftest import SECRET, Project, fact
 

@@ -438,7 +438,7 @@ def test_chained_anchors_are_a_problem_of_the_file_not_a_crash(tmp_path: Any) ->
     """jsonschema's message for the unknown key ``x`` took the repr of the expanded data and
     raised RecursionError out of ``load_rules_dir`` (documented never to raise for bad input):
     ``gatekeeper check`` printed a traceback."""
-    from gatekeeper.loader import load_rules_dir
+    from gatekeeper.rules.loader import load_rules_dir
 
     (tmp_path / "anchors.yaml").write_text(_chained_anchor_rule())
     result = load_rules_dir(tmp_path, None)

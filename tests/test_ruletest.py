@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from gatekeeper.expressions import CompiledCondition
-from gatekeeper.ruletest import add_test_parser, is_subset, parse_duration, run_test
+from gatekeeper.cli.ruletest import add_test_parser, is_subset, parse_duration, run_test
+from gatekeeper.expr.condition import CompiledCondition
 
 REPO = Path(__file__).parent.parent
 DATA = Path(__file__).parent / "data" / "ruletests"

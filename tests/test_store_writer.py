@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from gatekeeper.engine import Engine, FactInput, FactTable, RuleState, Transition
-from gatekeeper.loader import load_rule_texts
-from gatekeeper.store import SqliteStore, _Insert
+from gatekeeper.engine.core import Engine, FactInput, FactTable, RuleState, Transition
+from gatekeeper.rules.loader import load_rule_texts
+from gatekeeper.store.sqlite import SqliteStore, _Insert
 
 from .conftest import DESIGN_RULE, Project, fact
 
@@ -203,7 +203,7 @@ async def test_requeue_and_attempts_are_transactions_on_the_writer(store: Sqlite
         await store.requeue_action(action.action_id, "2026-11-01T10:00:00.000Z", "ops", "x")
     assert await store.requeue_action("act_nope", "2026-11-01T10:00:00.000Z", "ops", None) is None
 
-    from gatekeeper.store import Attempt
+    from gatekeeper.store.sqlite import Attempt
 
     attempt = Attempt(action.action_id, 1, "2026-11-01T09:00:01.000Z", 12.5, 500, "HTTP 500")
     await store.record_attempt(attempt, "dead", None)

@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gatekeeper.clock import format_rfc3339
-from gatekeeper.loader import load_rule_texts
-from gatekeeper.rules import NotifyAction, Rule
-from gatekeeper.templates import (
+from gatekeeper.rules.loader import load_rule_texts
+from gatekeeper.rules.model import NotifyAction, Rule
+from gatekeeper.rules.templates import (
     COMMON_NAMES,
     RELEASE_NAMES,
     TEMPLATE_NAMES,

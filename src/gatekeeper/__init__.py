@@ -1,20 +1,22 @@
 """gatekeeper: gate escrow releases, notifications and CI/CD pipelines on facts.
 
-Modules, one concept each:
+One package per part of the design; imports point one way, down this list (each package's
+``__init__`` says what it owns and what it may import):
 
-- ``problems``    a located error (file, line, column, key path) shared by loaders and ``check``
-- ``config``      ``gatekeeper.yaml``: listen address, database, targets, escrows
-- ``expressions`` the sandboxed ``when`` language (simpleeval)
-- ``templates``   ``${name}`` message templates
-- ``rules``       typed rules and rulesets (what the loader produces, what the engine runs)
-- ``loader``      YAML rule files to a validated ``Ruleset`` (the only place YAML is parsed)
-- ``engine``      pure evaluation: facts in, decisions and queued actions out, no I/O
-- ``store``       the storage interface and its SQLite implementation
-- ``actions``     turning a queued action into a signed HTTP request
-- ``delivery``    the outbox dispatcher: retries with backoff, dead letters
-- ``daemon``      wiring: the live ruleset, ingest, hot reload
-- ``server``      the aiohttp HTTP API
-- ``cli``         the ``gatekeeper`` command
+- ``cli``       the ``gatekeeper`` command, one module per command
+- ``http``      the aiohttp HTTP API: auth, routes, JSON views, OpenAPI
+- ``runtime``   the daemon: ingest, the live ruleset and its reload, deadlines, hooks
+- ``delivery``  signed requests for actions and the outbox dispatcher
+- ``store``     durable state behind one storage interface (SQLite today)
+- ``engine``    pure evaluation: facts in, decisions and queued actions out; ledger, deadlines
+- ``rules``     the rule model, the rule-file loader, ``${name}`` templates
+- ``expr``      the sandboxed ``when`` language
+
+The ground floor, which every package may import and which imports none of them:
+``clock`` (RFC 3339 times, the injectable clock), ``problems`` (a located error),
+``config`` (``gatekeeper.yaml``), ``yamlsource`` (YAML with line numbers and schema
+checks), ``schemas`` (the JSON Schemas, package data), ``jsonwire`` (strict JSON helpers)
+and ``metrics`` (Prometheus metrics, fed plain values).
 """
 
 __version__ = "0.1.0"

@@ -2,6 +2,6 @@
 
 import sys
 
-from gatekeeper.cli import main
+from gatekeeper.cli.main import main
 
 sys.exit(main())

@@ -4,7 +4,8 @@ Each ``Metrics`` owns its own ``CollectorRegistry`` (not the process-wide defaul
 several daemons in one process (the tests) do not collide. Counters and histograms are
 updated where things happen (cheap, no database access); the gauges that describe the
 store (outbox depth, dead letters, escrows) and the deadline schedule are refreshed at
-scrape time by ``refresh``, which ``metrics_response`` calls before rendering.
+scrape time by ``refresh``, which the HTTP layer calls with plain values before rendering
+(this module imports no other part of gatekeeper).
 
 Label values are bounded: targets and escrows come from ``gatekeeper.yaml``, outcomes and
 results from fixed sets; never a fact id, a request id or a secret.
@@ -12,13 +13,10 @@ results from fixed sets; never a fact id, a request id or a secret.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-if TYPE_CHECKING:
-    from gatekeeper.daemon import Daemon
 
 EVALUATION_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -165,24 +163,27 @@ class Metrics:
 
     # -- scrape time ----------------------------------------------------------------------
 
-    async def refresh(self, daemon: Daemon) -> None:
-        """Set the gauges read from the store and the deadline schedule."""
-        self.deadlines_pending.set(len(daemon.deadlines))
-        counts = await daemon.store.count_actions()
-        self.outbox_pending.set(counts.get("pending", 0))
-        self.dead_letters.set(counts.get("dead", 0))
-        for row in await daemon.escrow_report():
-            escrow = str(row["escrow"])
-            self.escrow_released.labels(escrow=escrow).set(float(row["released"]))
-            if row["remaining"] is not None:
-                self.escrow_remaining.labels(escrow=escrow).set(float(row["remaining"]))
+    def refresh(
+        self,
+        *,
+        deadlines_pending: int,
+        action_counts: Mapping[str, int],
+        escrows: Iterable[tuple[str, Decimal, Decimal | None]],
+    ) -> None:
+        """Set the scrape-time gauges from plain values.
+
+        ``action_counts`` maps an outbox status (``pending``, ``dead``, ...) to its number of
+        actions; ``escrows`` gives ``(escrow, released, remaining)`` per escrow, amounts as
+        ``Decimal`` (``remaining`` None where the escrow has no configured limit).
+        """
+        self.deadlines_pending.set(deadlines_pending)
+        self.outbox_pending.set(action_counts.get("pending", 0))
+        self.dead_letters.set(action_counts.get("dead", 0))
+        for escrow, released, remaining in escrows:
+            self.escrow_released.labels(escrow=escrow).set(float(released))
+            if remaining is not None:
+                self.escrow_remaining.labels(escrow=escrow).set(float(remaining))
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""
         return generate_latest(self.registry)
-
-
-async def metrics_response(daemon: Daemon) -> web.Response:
-    """The answer to ``GET /metrics``: refresh the scrape-time gauges, then render."""
-    await daemon.metrics.refresh(daemon)
-    return web.Response(body=daemon.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

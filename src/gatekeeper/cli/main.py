@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from gatekeeper import __version__
-from gatekeeper.auth import SCOPES
 from gatekeeper.config import Config, ConfigError, find_default_config, load_config
+from gatekeeper.http.auth import SCOPES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("gatekeeper")
@@ -52,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="files or folders")
     check.add_argument("--format", choices=["text", "json", "github"], default="text")
 
-    from gatekeeper.emit import add_emit_parser
-    from gatekeeper.plan import add_explain_parser, add_plan_parser
-    from gatekeeper.ruletest import add_test_parser
+    from gatekeeper.cli.emit import add_emit_parser
+    from gatekeeper.cli.plan import add_explain_parser, add_plan_parser
+    from gatekeeper.cli.ruletest import add_test_parser
 
     add_emit_parser(commands)
     add_test_parser(commands)
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (listing, retry, *rule_acts):
         _add_client_options(sub)
 
-    from gatekeeper.client import add_audit_parsers
+    from gatekeeper.cli.client import add_audit_parsers
 
     add_audit_parsers(commands, _add_client_options)
     return parser
@@ -138,13 +138,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "token":
         return _new_token(args)
     if args.command == "emit":  # a client: reads GATEKEEPER_URL and GATEKEEPER_TOKEN
-        from gatekeeper.emit import run_emit
+        from gatekeeper.cli.emit import run_emit
 
         emitted: int = run_emit(args)
         return emitted
     if args.command in ("test", "plan", "explain"):  # these load their config themselves
-        from gatekeeper.plan import run_explain, run_plan
-        from gatekeeper.ruletest import run_test
+        from gatekeeper.cli.plan import run_explain, run_plan
+        from gatekeeper.cli.ruletest import run_test
 
         runner = {"test": run_test, "plan": run_plan, "explain": run_explain}[args.command]
         exit_code: int = runner(args)
@@ -162,15 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return _check(args, config)
     if args.command == "actions":
-        from gatekeeper.client import run_actions_command
+        from gatekeeper.cli.client import run_actions_command
 
         return run_actions_command(args, config)
     if args.command == "rules":
-        from gatekeeper.client import run_rules_command
+        from gatekeeper.cli.client import run_rules_command
 
         return run_rules_command(args, config)
     if args.command in ("audit", "export"):
-        from gatekeeper.client import run_audit_command, run_export_command
+        from gatekeeper.cli.client import run_audit_command, run_export_command
 
         run = run_audit_command if args.command == "audit" else run_export_command
         return run(args, config)
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _new_token(args: argparse.Namespace) -> int:
-    from gatekeeper.auth import config_entry, new_token
+    from gatekeeper.http.auth import config_entry, new_token
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}", args.subject):
         print(f"gatekeeper token new: {args.subject!r} is not a valid subject", file=sys.stderr)
@@ -193,7 +193,7 @@ def _new_token(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace, config: Config) -> int:
-    from gatekeeper.check import run_check
+    from gatekeeper.cli.check import run_check
 
     paths: list[Path] = args.paths or [config.rules_dir]
     missing = [p for p in paths if not p.exists()]
@@ -279,8 +279,8 @@ async def _serve_async(config: Config) -> int:
     # the HTTP stack is imported only to serve: check, test and plan start faster without it
     from aiohttp import web
 
-    from gatekeeper.daemon import Daemon, StartupError
-    from gatekeeper.server import create_app
+    from gatekeeper.http.app import create_app
+    from gatekeeper.runtime.daemon import Daemon, StartupError
 
     daemon = Daemon(config, os.environ)
     try:

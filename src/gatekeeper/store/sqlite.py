@@ -31,7 +31,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import aiosqlite
 
 from gatekeeper.clock import format_rfc3339
-from gatekeeper.engine import (
+from gatekeeper.engine.core import (
     ApprovalInput,
     Decision,
     FactKey,
@@ -40,7 +40,7 @@ from gatekeeper.engine import (
     Transition,
     evaluation_to_json,
 )
-from gatekeeper.rules import Ruleset
+from gatekeeper.rules.model import Ruleset
 
 ActionStatus = Literal["pending", "delivered", "dead"]
 

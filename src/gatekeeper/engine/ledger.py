@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from gatekeeper.config import Escrow
-from gatekeeper.rules import ReleaseAction
+from gatekeeper.rules.model import ReleaseAction
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-SCHEMA_DIRS = (Path(__file__).resolve().parent / "schemas",)
+SCHEMA_DIRS = (Path(__file__).resolve().parent,)
 
 
 def schema_path(name: str) -> Path:

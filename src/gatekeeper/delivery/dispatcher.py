@@ -32,12 +32,12 @@ from datetime import datetime, timedelta
 
 import aiohttp
 
-from gatekeeper.actions import build_request
 from gatekeeper.clock import Clock, format_rfc3339, parse_rfc3339
 from gatekeeper.config import DeliveryPolicy, Target
-from gatekeeper.engine import QueuedAction
+from gatekeeper.delivery.requests import build_request
+from gatekeeper.engine.core import QueuedAction
 from gatekeeper.metrics import Metrics
-from gatekeeper.store import (
+from gatekeeper.store.sqlite import (
     ActionStatus,
     Attempt,
     AttemptRecord,
@@ -47,7 +47,7 @@ from gatekeeper.store import (
     outbox_entry_of,
 )
 
-log = logging.getLogger("gatekeeper.delivery")
+log = logging.getLogger("gatekeeper.delivery.dispatcher")
 
 RETRYABLE_STATUS = frozenset({408, 429})
 MAX_CONCURRENT_DELIVERIES = 64

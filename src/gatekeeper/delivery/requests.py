@@ -60,7 +60,7 @@ from standardwebhooks.webhooks import Webhook
 
 from gatekeeper import __version__
 from gatekeeper.config import Target
-from gatekeeper.store import OutboxEntry
+from gatekeeper.store.sqlite import OutboxEntry
 
 USER_AGENT = f"gatekeeper/{__version__}"
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Literal, TextIO
 
 from gatekeeper.config import DEFAULT_RULES_DIR, Config
-from gatekeeper.hooks import hook_problems
-from gatekeeper.loader import LoadResult, collector_paused, load_rule_paths
 from gatekeeper.problems import Problem
+from gatekeeper.rules.loader import LoadResult, collector_paused, load_rule_paths
+from gatekeeper.runtime.hooks import hook_problems
 from gatekeeper.yamlsource import sorted_problems
 
 OutputFormat = Literal["text", "json", "github"]

@@ -57,12 +57,11 @@ from typing import Any, Literal, TextIO
 
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped, unused-ignore]
 
-from gatekeeper import expressions
-from gatekeeper.check import escape_data, escape_property, format_problems, github_commands
-from gatekeeper.client import ClientError, base_url, call
+from gatekeeper.cli.check import escape_data, escape_property, format_problems, github_commands
+from gatekeeper.cli.client import ClientError, base_url, call
 from gatekeeper.clock import SystemClock, format_rfc3339, parse_rfc3339
 from gatekeeper.config import Config, ConfigError, find_default_config, load_config
-from gatekeeper.engine import (
+from gatekeeper.engine.core import (
     Decision,
     Engine,
     FactTable,
@@ -70,10 +69,11 @@ from gatekeeper.engine import (
     QueuedAction,
     RuleState,
 )
+from gatekeeper.engine.ledger import EscrowBook
+from gatekeeper.expr import condition as expressions
 from gatekeeper.jsonwire import json_path
-from gatekeeper.ledger import EscrowBook
-from gatekeeper.loader import LoadResult, load_rule_texts, load_rules_dir
-from gatekeeper.rules import Rule, Ruleset
+from gatekeeper.rules.loader import LoadResult, load_rule_texts, load_rules_dir
+from gatekeeper.rules.model import Rule, Ruleset
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PlanFormat = Literal["text", "json", "github"]

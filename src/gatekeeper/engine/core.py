@@ -27,9 +27,9 @@ from datetime import datetime
 from typing import Any, Literal
 
 from gatekeeper.clock import format_rfc3339
-from gatekeeper.expressions import Evaluation, FactRef
-from gatekeeper.ledger import EscrowBook, LedgerEntry
-from gatekeeper.rules import (
+from gatekeeper.engine.ledger import EscrowBook, LedgerEntry
+from gatekeeper.expr.condition import Evaluation, FactRef
+from gatekeeper.rules.model import (
     Action,
     FireMode,
     NotifyAction,
@@ -38,7 +38,7 @@ from gatekeeper.rules import (
     Rule,
     Ruleset,
 )
-from gatekeeper.templates import render_template, template_values
+from gatekeeper.rules.templates import render_template, template_values
 
 FactKey = tuple[str, str, str]
 """(project, kind, id)"""

@@ -22,7 +22,7 @@ when set; it needs the ``facts:write`` scope for the project).
 - Exit 2 is a usage error of emit's own arguments (``--data`` not a JSON object,
   ``--set`` without ``=``), found before anything is sent.
 
-``python -m gatekeeper.emit`` runs this command on its own.
+``python -m gatekeeper.cli.emit`` runs this command on its own.
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ def _seconds(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gatekeeper.emit ...``: the same as ``gatekeeper emit ...``."""
+    """``python -m gatekeeper.cli.emit ...``: the same as ``gatekeeper emit ...``."""
     parser = argparse.ArgumentParser(prog=PROG, description="Post one fact to a running daemon.")
     _add_arguments(parser)
     try:

@@ -16,7 +16,7 @@ from datetime import datetime
 from string import Template
 
 from gatekeeper.clock import format_rfc3339
-from gatekeeper.rules import Rule
+from gatekeeper.rules.model import Rule
 
 COMMON_NAMES: tuple[str, ...] = ("rule_id", "project", "fired_at")
 RELEASE_NAMES: tuple[str, ...] = ("amount", "currency", "payee", "escrow")

@@ -21,6 +21,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
+from decimal import Decimal
 from typing import Any, Literal, cast
 
 import jsonschema
@@ -28,27 +29,27 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import SystemRoute
 
 from gatekeeper import __version__
-from gatekeeper.auth import authenticate, bearer_token
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
 from gatekeeper.config import Token
-from gatekeeper.daemon import (
+from gatekeeper.engine.core import AdminAct, ApprovalInput, FactInput, IdempotencyRecord
+from gatekeeper.http.auth import authenticate, bearer_token
+from gatekeeper.http.openapi import build_openapi
+from gatekeeper.jsonwire import json_path, loads_strict
+from gatekeeper.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gatekeeper.rules.loader import load_rule_texts
+from gatekeeper.runtime.daemon import (
     Daemon,
     IdempotencyConflict,
     NotAnApprover,
     ShuttingDown,
     UnknownRule,
 )
-from gatekeeper.engine import AdminAct, ApprovalInput, FactInput, IdempotencyRecord
-from gatekeeper.hooks import RESERVED_KINDS, HookRejected
-from gatekeeper.hooks import handle as handle_hook
-from gatekeeper.jsonwire import json_path, loads_strict
-from gatekeeper.loader import load_rule_texts
-from gatekeeper.metrics import metrics_response
-from gatekeeper.openapi import build_openapi
+from gatekeeper.runtime.hooks import RESERVED_KINDS, HookRejected
+from gatekeeper.runtime.hooks import handle as handle_hook
 from gatekeeper.schemas import load_schema
-from gatekeeper.store import AUDIT_KINDS, ActionStatus, AuditKind, AuditQuery, Store
+from gatekeeper.store.sqlite import AUDIT_KINDS, ActionStatus, AuditKind, AuditQuery, Store
 
-log = logging.getLogger("gatekeeper.server")
+log = logging.getLogger("gatekeeper.http.app")
 
 DAEMON_KEY = web.AppKey("daemon", Daemon)
 PRINCIPAL_KEY: web.RequestKey[Token | None] = web.RequestKey("principal", Token | None)  # type: ignore[arg-type]
@@ -820,6 +821,25 @@ async def get_escrows(request: web.Request) -> web.Response:
 async def get_metrics(request: web.Request) -> web.Response:
     """Prometheus metrics (text format 0.0.4); a scraper sends a token with ``read``."""
     return await metrics_response(_daemon(request))
+
+
+async def metrics_response(daemon: Daemon) -> web.Response:
+    """The answer to ``GET /metrics``: refresh the scrape-time gauges, then render."""
+    daemon.metrics.refresh(
+        deadlines_pending=len(daemon.deadlines),
+        action_counts=await daemon.store.count_actions(),
+        escrows=[
+            (
+                str(row["escrow"]),
+                Decimal(row["released"]),
+                None if row["remaining"] is None else Decimal(row["remaining"]),
+            )
+            for row in await daemon.escrow_report()
+        ],
+    )
+    return web.Response(
+        body=daemon.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+    )
 
 
 @requires(None)

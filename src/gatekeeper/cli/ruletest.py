@@ -48,9 +48,16 @@ from typing import Any, Literal, TextIO
 
 import yaml
 
+from gatekeeper.cli.plan import (
+    clause_deadlines,
+    cli_config,
+    describe_action,
+    display_path,
+    explanation_lines,
+)
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
 from gatekeeper.config import Config, Escrow
-from gatekeeper.engine import (
+from gatekeeper.engine.core import (
     ApprovalInput,
     Decision,
     Engine,
@@ -61,17 +68,10 @@ from gatekeeper.engine import (
     Transition,
     apply_transition,
 )
-from gatekeeper.ledger import EscrowBook
-from gatekeeper.loader import TEST_SUFFIXES, LoadResult, load_rules_dir
-from gatekeeper.plan import (
-    clause_deadlines,
-    cli_config,
-    describe_action,
-    display_path,
-    explanation_lines,
-)
+from gatekeeper.engine.ledger import EscrowBook
 from gatekeeper.problems import Problem, format_path
-from gatekeeper.rules import Rule, Ruleset
+from gatekeeper.rules.loader import TEST_SUFFIXES, LoadResult, load_rules_dir
+from gatekeeper.rules.model import Rule, Ruleset
 from gatekeeper.yamlsource import (
     PathParts,
     YamlDocument,

@@ -36,9 +36,8 @@ from gatekeeper.config import (
     resolve_hook_secrets,
     resolve_secrets,
 )
-from gatekeeper.deadlines import DeadlineSchedule, mark_due, schedule_rules
-from gatekeeper.delivery import Dispatcher
-from gatekeeper.engine import (
+from gatekeeper.delivery.dispatcher import Dispatcher
+from gatekeeper.engine.core import (
     AdminAct,
     ApprovalInput,
     Engine,
@@ -49,15 +48,16 @@ from gatekeeper.engine import (
     Transition,
     apply_transition,
 )
-from gatekeeper.hooks import hook_problems
-from gatekeeper.ledger import EscrowBook
-from gatekeeper.loader import LoadResult, RuleFileCache, load_rule_texts, load_rules_dir
+from gatekeeper.engine.deadlines import DeadlineSchedule, mark_due, schedule_rules
+from gatekeeper.engine.ledger import EscrowBook
 from gatekeeper.metrics import Metrics
 from gatekeeper.problems import Problem
-from gatekeeper.rules import Rule, Ruleset
-from gatekeeper.store import OutboxEntry, SqliteStore, Store
+from gatekeeper.rules.loader import LoadResult, RuleFileCache, load_rule_texts, load_rules_dir
+from gatekeeper.rules.model import Rule, Ruleset
+from gatekeeper.runtime.hooks import hook_problems
+from gatekeeper.store.sqlite import OutboxEntry, SqliteStore, Store
 
-log = logging.getLogger("gatekeeper.daemon")
+log = logging.getLogger("gatekeeper.runtime.daemon")
 
 
 MAX_GROUP_COMMIT = 256

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from gatekeeper.config import Config
-from gatekeeper.expressions import (
+from gatekeeper.expr.condition import (
     MAX_EXPRESSION_CHARS,
     Condition,
     ExpressionError,
@@ -47,7 +47,7 @@ from gatekeeper.expressions import (
     compile_condition,
 )
 from gatekeeper.problems import Problem, format_path
-from gatekeeper.rules import (
+from gatekeeper.rules.model import (
     Action,
     Approvals,
     FireMode,
@@ -57,7 +57,7 @@ from gatekeeper.rules import (
     Rule,
     Ruleset,
 )
-from gatekeeper.templates import allowed_names, check_template
+from gatekeeper.rules.templates import allowed_names, check_template
 from gatekeeper.yamlsource import (
     PathParts,
     YamlDocument,
