@@ -189,7 +189,7 @@ def compile_share(rules_dir: Path) -> float:
     compiler's share of ``load_rules_dir``)."""
     import yaml
 
-    from gatekeeper.expr.condition import compile_condition
+    from gatekeeper.expr import compile_condition
 
     paths = sorted(rules_dir.rglob("*.yaml"))
     whens = [yaml.load(p.read_text(), Loader=yaml.CSafeLoader)["when"] for p in paths]

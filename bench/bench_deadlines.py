@@ -51,7 +51,7 @@ from _common import Targets, add_strict_options, fmt, machine_header, table
 from gatekeeper.clock import Clock, SystemClock
 from gatekeeper.engine.core import Engine, FactTable, RuleState
 from gatekeeper.engine.deadlines import DeadlineSchedule, schedule_rules
-from gatekeeper.expr.condition import compile_condition
+from gatekeeper.expr import compile_condition
 from gatekeeper.rules.model import NotifyAction, Rule, Ruleset
 
 PROJECT = "bench"

@@ -49,7 +49,7 @@ from simpleeval import EvalWithCompoundTypes
 
 from gatekeeper.clock import parse_rfc3339
 from gatekeeper.engine.core import Engine, FactInput, FactTable, ProjectFacts, RuleState
-from gatekeeper.expr.condition import compile_condition
+from gatekeeper.expr import compile_condition
 from gatekeeper.rules.loader import load_rule_texts
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from gatekeeper.clock import FixedClock, format_rfc3339
 from gatekeeper.engine.core import Engine, FactTable, ProjectFacts, RuleState
 from gatekeeper.engine.deadlines import DeadlineSchedule, mark_due, schedule_rules
-from gatekeeper.expr.condition import (
+from gatekeeper.expr import (
     TIME_RECHECK,
     CompiledCondition,
     Evaluation,

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
-from gatekeeper.expr.condition import (
+from gatekeeper.expr import (
     FUNCTIONS,
     MAX_EXPRESSION_CHARS,
     Clause,
@@ -1100,7 +1100,7 @@ _BRACKETY = st.lists(
 def test_the_bracket_shortcut_never_hides_an_unmatched_closer(text: str) -> None:
     """The cheap square-bracket parse may only say "no early closer" when tokenizing the
     text agrees, on any text the parenthesised parse accepts."""
-    from gatekeeper.expr.condition import _brackets_hold, _Source, _unmatched_closer
+    from gatekeeper.expr.language import _brackets_hold, _Source, _unmatched_closer
 
     source = _Source(text)
     try:

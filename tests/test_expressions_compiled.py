@@ -18,14 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import gatekeeper.expr.condition as expressions
-from gatekeeper.expr.condition import (
-    CompiledCondition,
-    Evaluation,
-    ExpressionError,
-    _evaluate_reference,
-    compile_condition,
-)
+import gatekeeper.expr.compiler as expressions
+from gatekeeper.expr import CompiledCondition, Evaluation, ExpressionError, compile_condition
+from gatekeeper.expr.compiler import _evaluate_reference
 from tests.test_expressions import ESCAPE_FACTS, ESCAPES, FACTS, DictFacts
 
 NOW = datetime(2026, 11, 9, 9, 0, tzinfo=UTC)

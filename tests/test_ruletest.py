@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gatekeeper.cli.ruletest import add_test_parser, is_subset, parse_duration, run_test
-from gatekeeper.expr.condition import CompiledCondition
+from gatekeeper.expr import CompiledCondition
 
 REPO = Path(__file__).parent.parent
 DATA = Path(__file__).parent / "data" / "ruletests"

@@ -57,6 +57,7 @@ from typing import Any, Literal, TextIO
 
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped, unused-ignore]
 
+import gatekeeper.expr as expressions
 from gatekeeper.cli.check import escape_data, escape_property, format_problems, github_commands
 from gatekeeper.cli.client import ClientError, base_url, call
 from gatekeeper.clock import SystemClock, format_rfc3339, parse_rfc3339
@@ -70,7 +71,6 @@ from gatekeeper.engine.core import (
     RuleState,
 )
 from gatekeeper.engine.ledger import EscrowBook
-from gatekeeper.expr import condition as expressions
 from gatekeeper.jsonwire import json_path
 from gatekeeper.rules.loader import LoadResult, load_rule_texts, load_rules_dir
 from gatekeeper.rules.model import Rule, Ruleset

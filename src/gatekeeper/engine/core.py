@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from gatekeeper.clock import format_rfc3339
 from gatekeeper.engine.ledger import EscrowBook, LedgerEntry
-from gatekeeper.expr.condition import Evaluation, FactRef
+from gatekeeper.expr import Evaluation, FactRef
 from gatekeeper.rules.model import (
     Action,
     FireMode,
@@ -186,7 +186,7 @@ class Transition:
 class ProjectFacts:
     """The current facts of one project, seen through pending (uncommitted) changes.
 
-    Implements ``expressions.FactLookup``.
+    Implements ``gatekeeper.expr.FactLookup``.
     """
 
     def __init__(self, project: str, facts: FactTable) -> None:

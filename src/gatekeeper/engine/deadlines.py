@@ -7,7 +7,7 @@ instant, ``approved_at + 7 days``, and at no other while its facts stay the same
 every time-dependent rule every second (the first daemon's clock tick) costs the whole
 ruleset's evaluation each second whether or not anything is due: with 10,000 such rules, a
 large share of a core for nothing (``bench/bench_deadlines.py`` measures it). Instead,
-``CompiledCondition.next_change_at`` (see ``gatekeeper.expr.condition``) computes, from a
+``CompiledCondition.next_change_at`` (see ``gatekeeper.expr.timing``) computes, from a
 rule's current facts, the earliest instant at which its condition may change, to the
 microsecond; a ``DeadlineSchedule`` keeps those instants in a min-heap, and the daemon
 sleeps until the earliest one. An idle daemon then wakes only when something is due, and a
@@ -65,7 +65,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from gatekeeper.engine.core import FactTable, ProjectFacts
-from gatekeeper.expr.condition import next_change_at
+from gatekeeper.expr import next_change_at
 from gatekeeper.rules.model import Rule
 
 _COMPACT_SLACK = 1024

@@ -2,7 +2,64 @@
 
 Owns: the language check (what ``gatekeeper check`` refuses), the reference evaluator,
 the compiled fast path, and the time analysis that says when a condition can next change.
+The reference for rule authors is the docstring of ``gatekeeper.expr.language``.
+
+Modules, in import order (each imports only the ones before it):
+
+- ``language``: the language itself: parse, static check, limits, the bounded operators
+  of the sandbox, lowering to explicit fact reads, ``ExpressionProblem``/``ExpressionError``
+  and the records an evaluation gives (``Evaluation``, ``Clause``, ``FactRef``...).
+- ``reference``: the simpleeval reference evaluator, which defines every result.
+- ``timing``: when time alone changes a condition (threshold sites and their crossings).
+- ``compiler``: the generated-source fast path, ``CompiledCondition``,
+  ``compile_condition`` and ``next_change_at``.
 
 May import: the ground floor (``gatekeeper.clock``, ``gatekeeper.problems``). Nothing else
 of gatekeeper: the language knows facts only through the ``FactLookup`` protocol.
 """
+
+from gatekeeper.expr.compiler import CompiledCondition, compile_condition, next_change_at
+from gatekeeper.expr.language import (
+    FUNCTIONS,
+    MAX_DEPTH,
+    MAX_EXPONENT,
+    MAX_EXPRESSION_CHARS,
+    MAX_INT_BITS,
+    MAX_NODES,
+    MAX_ROUND_DIGITS,
+    MAX_SEQUENCE_ITEMS,
+    MAX_STRING_LITERAL_CHARS,
+    TIME_FUNCTIONS,
+    Clause,
+    Condition,
+    Evaluation,
+    ExpressionError,
+    ExpressionProblem,
+    FactLookup,
+    FactRef,
+)
+from gatekeeper.expr.timing import TIME_RECHECK
+
+__all__ = [
+    "FUNCTIONS",
+    "MAX_DEPTH",
+    "MAX_EXPONENT",
+    "MAX_EXPRESSION_CHARS",
+    "MAX_INT_BITS",
+    "MAX_NODES",
+    "MAX_ROUND_DIGITS",
+    "MAX_SEQUENCE_ITEMS",
+    "MAX_STRING_LITERAL_CHARS",
+    "TIME_FUNCTIONS",
+    "TIME_RECHECK",
+    "Clause",
+    "CompiledCondition",
+    "Condition",
+    "Evaluation",
+    "ExpressionError",
+    "ExpressionProblem",
+    "FactLookup",
+    "FactRef",
+    "compile_condition",
+    "next_change_at",
+]

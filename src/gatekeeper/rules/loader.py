@@ -2,7 +2,7 @@
 
 Like Prometheus' ``rulefmt``, loading checks everything and reports every problem, each with
 file, line, column, key path and rule id: YAML syntax, the rule schema
-(``schemas/rules.schema.json``), every ``when`` expression (``expressions.compile_condition``),
+(``schemas/rules.schema.json``), every ``when`` expression (``gatekeeper.expr.compile_condition``),
 notify message templates, approvals that cannot be met, duplicate rule ids across files, and,
 when a ``Config`` is given, the targets and escrows that actions name (an escrow's currency
 must match; a single release above the escrow's limit could never be sent). A ruleset is
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from gatekeeper.config import Config
-from gatekeeper.expr.condition import (
+from gatekeeper.expr import (
     MAX_EXPRESSION_CHARS,
     Condition,
     ExpressionError,

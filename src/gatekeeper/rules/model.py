@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gatekeeper.expr.condition import Condition
+from gatekeeper.expr import Condition
 
 FireMode = Literal["once", "each_time"]
 

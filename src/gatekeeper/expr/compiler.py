@@ -1,0 +1,830 @@
+"""The fast path: each condition becomes one generated Python function, built once.
+
+``compile_condition`` checks the text (``language``), and the ``CompiledCondition`` it
+returns evaluates with one call of that function; clauses that fail in any other way than
+a missing fact or field go to the reference evaluator (``reference``). Also the public
+``next_change_at`` (the analysis itself lives in ``timing``).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import sys
+import types
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from gatekeeper.clock import format_rfc3339, parse_rfc3339
+from gatekeeper.expr.language import (
+    _COMPARISONS,
+    Clause,
+    Condition,
+    Evaluation,
+    ExpressionError,
+    ExpressionProblem,
+    FactLookup,
+    FactRef,
+    _add,
+    _Checker,
+    _fact_name,
+    _FactRead,
+    _jsonable,
+    _KindRead,
+    _Lookup,
+    _lower,
+    _Missing,
+    _mod,
+    _mul,
+    _parse,
+    _Plan,
+    _pow,
+    _render_key,
+    _round,
+    _Source,
+    _split,
+    _type_name,
+)
+from gatekeeper.expr.reference import (
+    _combine,
+    _Evaluator,
+    _load_kind,
+    _Outcome,
+    _seen,
+)
+from gatekeeper.expr.timing import (
+    _find_time_sites,
+    _recheck,
+    _TimeSites,
+)
+
+
+def compile_condition(text: str) -> Condition:
+    """Parse and statically check ``text``; raises ``ExpressionError`` listing every problem.
+
+    Returns a ``CompiledCondition`` (``text``, ``reads``, ``uses_time``, ``evaluate``).
+    Each ``ExpressionProblem`` carries a message, the 0-based character offset into
+    ``text`` and the offending fragment. Only ``ExpressionError`` is ever raised.
+    """
+    if not isinstance(text, str):
+        problem = ExpressionProblem(f"expression must be a string, not {_type_name(text)}", 0, "")
+        raise ExpressionError([problem])
+    source = _Source(text)
+    tree = _parse(source)
+    checker = _Checker(source)
+    checker.check(tree)
+    if checker.problems:
+        raise ExpressionError(sorted(checker.problems, key=lambda p: p.offset))
+    return CompiledCondition(text, tree, source, frozenset(checker.reads), checker.uses_time)
+
+
+# --------------------------------------------------------------------------------------
+# Compiled evaluation: each condition becomes one Python function, built once
+
+
+class _Fallback(Exception):
+    """Raised by the compiled form when the reference evaluator must decide a clause
+    (any failure other than a plainly missing fact or field, or data that is not JSON)."""
+
+
+_ABSENT = object()
+_PLAIN_TYPES = frozenset({dict, list, tuple, str, int, float, bool, type(None)})
+"""The types of values the compiled form passes on: JSON data and tuples. Anything else
+found in fact data goes to the reference evaluator."""
+
+
+def _fact_or_missing(
+    fact_data: dict[str, dict[str, Any] | None],
+    kind_data: dict[str, dict[str, Any]],
+    facts: FactLookup,
+    name: str,
+    kind: str,
+    fact_id: str,
+) -> dict[str, Any]:
+    """The data of fact (``kind``, ``fact_id``), named ``name`` (``"kind.id"``) in
+    ``fact_data``; raises ``_Missing`` when there is none."""
+    if name in fact_data:  # _load_fact, inlined: this is on every evaluation's path
+        data = fact_data[name]
+    else:
+        if kind in kind_data:
+            data = kind_data[kind].get(fact_id)
+        else:
+            found = facts.get(kind, fact_id)
+            data = None if found is None else dict(found)
+        fact_data[name] = data
+    if data is None:
+        raise _Missing(_fact_name(kind, fact_id))
+    return data
+
+
+def _fact_at(
+    fact_data: dict[str, dict[str, Any] | None],
+    kind_data: dict[str, dict[str, Any]],
+    facts: FactLookup,
+    kind: str,
+    fact_id: Any,
+) -> dict[str, Any]:
+    """``kind[expr]``: the data of the fact whose id ``expr`` computed."""
+    if not isinstance(fact_id, str):
+        raise _Fallback
+    return _fact_or_missing(fact_data, kind_data, facts, kind + "." + fact_id, kind, fact_id)
+
+
+def _get(container: Any, key: Any, prefix: str | None) -> Any:
+    """``container[key]`` on JSON data, as ``_Evaluator._eval_lookup`` does it: a string key
+    of a dict or an integer index of a list/tuple, nothing else (never ``getattr``).
+    ``prefix`` names the container for a ``_Missing``; None when only run time knows it."""
+    container_type = type(container)
+    if container_type is dict:
+        if type(key) is not str:
+            raise _Fallback
+        value = container.get(key, _ABSENT)
+        if value is _ABSENT:
+            if prefix is None:
+                raise _Fallback
+            raise _Missing(prefix + _render_key(key))
+    elif container_type is list or container_type is tuple:
+        if type(key) is not int:
+            raise _Fallback
+        if not -len(container) <= key < len(container):
+            if prefix is None:
+                raise _Fallback
+            raise _Missing(prefix + _render_key(key))
+        value = container[key]
+    else:
+        raise _Fallback
+    if type(value) not in _PLAIN_TYPES:
+        raise _Fallback
+    return value
+
+
+def _dict_put(target: dict[Any, Any], key: Any, value: Any) -> dict[Any, Any]:
+    """One more item of a dict literal (keys and values are evaluated in source order)."""
+    target[key] = value
+    return target
+
+
+def _min(*args: Any) -> Any:
+    result = min(*args)
+    if type(result) not in _PLAIN_TYPES:
+        raise _Fallback
+    return result
+
+
+def _max(*args: Any) -> Any:
+    result = max(*args)
+    if type(result) not in _PLAIN_TYPES:
+        raise _Fallback
+    return result
+
+
+_INSTANTS: dict[str, datetime] = {}
+"""RFC 3339 timestamps already parsed (``parse_rfc3339`` is pure; a datetime is immutable)."""
+_MAX_INSTANTS = 4096
+
+
+def _instant(timestamp: Any) -> datetime:
+    """``parse_rfc3339(timestamp)``, remembered for the next evaluations."""
+    found = _INSTANTS.get(timestamp)  # an unhashable timestamp raises: the reference decides
+    if found is None:
+        found = parse_rfc3339(timestamp)
+        if type(timestamp) is str:
+            if len(_INSTANTS) >= _MAX_INSTANTS:
+                _INSTANTS.clear()
+            _INSTANTS[timestamp] = found
+    return found
+
+
+def _days_since(now: datetime, timestamp: Any) -> float:
+    start = _INSTANTS.get(timestamp) or _instant(timestamp)
+    return (now - start).total_seconds() / 86400
+
+
+def _hours_since(now: datetime, timestamp: Any) -> float:
+    start = _INSTANTS.get(timestamp) or _instant(timestamp)
+    return (now - start).total_seconds() / 3600
+
+
+def _minutes_since(now: datetime, timestamp: Any) -> float:
+    start = _INSTANTS.get(timestamp) or _instant(timestamp)
+    return (now - start).total_seconds() / 60
+
+
+def _note_failure(
+    failures: dict[int, Exception] | None, index: int, exc: Exception
+) -> dict[int, Exception]:
+    if failures is None:
+        failures = {}
+    failures[index] = exc
+    return failures
+
+
+_COMPILED_FUNCTIONS: dict[str, tuple[str, bool]] = {
+    # language function -> (helper in the compiled namespace, takes "now" first)
+    "days_since": ("_days_since", True),
+    "hours_since": ("_hours_since", True),
+    "minutes_since": ("_minutes_since", True),
+    "now": ("_now_text", True),
+    "len": ("_len", False),
+    "min": ("_min", False),
+    "max": ("_max", False),
+    "abs": ("_abs", False),
+    "round": ("_round", False),
+}
+
+_COMPILED_OPERATORS: dict[type[ast.operator], str] = {
+    ast.Add: "_add",
+    ast.Mult: "_mul",
+    ast.Pow: "_pow",
+    ast.Mod: "_mod",
+}
+"""The bounded binary operators; ``-``, ``/`` and ``//`` are native."""
+
+_RUNTIME: dict[str, Any] = {
+    "__builtins__": {},
+    "_Error": Exception,
+    "_fact": _fact_or_missing,
+    "_fact_at": _fact_at,
+    "_kind": _load_kind,
+    "_get": _get,
+    "_dict": dict,
+    "_type": type,
+    "_PLAIN": _PLAIN_TYPES,
+    "_ABSENT": _ABSENT,
+    "_Evaluation": Evaluation,
+    "_new": object.__new__,
+    "_add": _add,
+    "_mul": _mul,
+    "_pow": _pow,
+    "_mod": _mod,
+    "_dict_put": _dict_put,
+    "_days_since": _days_since,
+    "_hours_since": _hours_since,
+    "_minutes_since": _minutes_since,
+    "_now_text": format_rfc3339,
+    "_len": len,
+    "_min": _min,
+    "_max": _max,
+    "_abs": abs,
+    "_round": _round,
+    "_note": _note_failure,
+}
+"""Everything compiled code can name besides its own constants: no builtins."""
+
+_PARAMETERS = ("_fd", "_kd", "_facts", "_now", "_D")
+"""The compiled function's parameters: fact data read (by "kind.id"), kinds read, the
+``FactLookup``, the evaluation's "now" and the condition's values."""
+
+
+class _Unsupported(Exception):
+    """A node the code generator does not know (the condition then runs on the reference)."""
+
+
+def _lookup_prefix(source: _Source, node: ast.expr) -> str | None:
+    """How ``_Evaluator._path`` names the container ``node`` when something in it is
+    missing, or None when that name depends on a fact id computed at run time."""
+    if isinstance(node, _FactRead):
+        if node.fact_id is None:
+            return None
+        return _fact_name(node.kind, node.fact_id)
+    if isinstance(node, _KindRead):
+        return node.kind
+    if isinstance(node, _Lookup) and isinstance(node.key, ast.Constant):
+        inner = _lookup_prefix(source, node.value)
+        return None if inner is None else inner + _render_key(node.key.value)
+    text = source.snippet(node)
+    atomic = isinstance(node, _FactRead | _Lookup | ast.Call | ast.List | ast.Dict)
+    return text if atomic else f"({text})"
+
+
+_NATIVE_BINARY: dict[type[ast.operator], str] = {ast.Sub: "-", ast.Div: "/", ast.FloorDiv: "//"}
+_NATIVE_UNARY: dict[type[ast.unaryop], str] = {ast.Not: "not ", ast.USub: "-", ast.UAdd: "+"}
+
+
+class _CodeGenerator:
+    """Turns a lowered clause into Python source over the compiled namespace.
+
+    Fact reads become calls of the cached accessors, lookups calls of ``_get`` (JSON only),
+    ``+ * ** %`` the bounded operators, functions their helpers; comparisons, ``and``/
+    ``or``/``not``, unary ``-``/``+``, ``- / //``, ``if``/``else``, lists and tuples stay
+    native Python, whose semantics the reference evaluator shares (same operations, same
+    order). The source names only the compiled namespace, the function's parameters and
+    parameter defaults holding the values taken from the text (``const``): no text of the
+    expression is ever pasted into it. Every operand is parenthesised.
+    """
+
+    def __init__(self, source: _Source, first: int) -> None:
+        self.source = source
+        self.temporaries = 0
+        self.first = first
+        self.constants: list[Any] = []
+        self.numbers: dict[tuple[type, object], int | float] = {}
+
+    def const(self, value: object) -> str:
+        """The source naming ``value``: a keyword for None/True/False, else an item of the
+        condition's values (``_D[first]``, ``_D[first + 1]``...), so that conditions
+        differing only in their constants share their code."""
+        if value is None or isinstance(value, bool):
+            return repr(value)
+        if not isinstance(value, str | int | float):
+            raise _Unsupported(f"constant of type {type(value).__name__}")
+        if isinstance(value, str):
+            # One shared object per string: the rules reading one fact name its id (and
+            # "kind.id") with the very same object, the key of the evaluation's fact data,
+            # so that lookups find it by identity and touch one string, not several.
+            value = sys.intern(value)
+        else:  # equal numbers of one type are one object too (floats by their text: 0.0
+            # is not -0.0)
+            key = (type(value), repr(value) if isinstance(value, float) else value)
+            value = self.numbers.setdefault(key, value)
+        self.constants.append(value)
+        return f"_D[{self.first + len(self.constants) - 1}]"
+
+    def expr(self, node: ast.expr) -> str:
+        if isinstance(node, ast.Constant):
+            return self.const(node.value)
+        if isinstance(node, _KindRead):
+            return f"_kind(_kd, _facts, {self.const(node.kind)})"
+        if isinstance(node, _FactRead):
+            return self._fact_read(node)
+        if isinstance(node, _Lookup):
+            return self._lookup(node)
+        if isinstance(node, ast.BinOp):
+            left, right = self.expr(node.left), self.expr(node.right)
+            helper = _COMPILED_OPERATORS.get(type(node.op))
+            if helper is not None:
+                return f"{helper}({left}, {right})"
+            return f"({left} {_NATIVE_BINARY[type(node.op)]} {right})"
+        if isinstance(node, ast.UnaryOp):
+            return f"({_NATIVE_UNARY[type(node.op)]}{self.expr(node.operand)})"
+        if isinstance(node, ast.BoolOp):
+            joiner = " and " if isinstance(node.op, ast.And) else " or "
+            return "(" + joiner.join(self.expr(value) for value in node.values) + ")"
+        if isinstance(node, ast.Compare):
+            parts = [self.expr(node.left)]
+            for op, comparator in zip(node.ops, node.comparators, strict=True):
+                parts += [_COMPARISONS[type(op)], self.expr(comparator)]
+            return "(" + " ".join(parts) + ")"
+        if isinstance(node, ast.IfExp):
+            test, body, orelse = (self.expr(n) for n in (node.test, node.body, node.orelse))
+            return f"({body} if {test} else {orelse})"
+        if isinstance(node, ast.Call):
+            return self._function_call(node)
+        if isinstance(node, ast.List):
+            return "[" + ", ".join(self.expr(item) for item in node.elts) + "]"
+        if isinstance(node, ast.Tuple):
+            return "(" + "".join(self.expr(item) + ", " for item in node.elts) + ")"
+        if isinstance(node, ast.Dict):
+            return self._dict(node)
+        raise _Unsupported(type(node).__name__)
+
+    def _lookup(self, node: _Lookup) -> str:
+        prefix = _lookup_prefix(self.source, node.value)
+        key = node.key
+        if not (isinstance(key, ast.Constant) and type(key.value) is str):
+            value, key_source = self.expr(node.value), self.expr(key)
+            return f"_get({value}, {key_source}, {self.const(prefix)})"
+        # ``.field`` of a dict holding JSON data, the usual lookup, is done inline; "_get"
+        # does the rest (a missing field, another container, data that is not JSON)
+        # exactly as for any other key.
+        self.temporaries += 1
+        found, field = f"_r{self.temporaries}", self.const(key.value)
+        base = node.value
+        if isinstance(base, _FactRead) and base.fact_id is not None:
+            # The data of a fact is always a dict: no need to check the container's type.
+            data = self.expr(base)
+            name = self.const(f"{base.kind}.{base.fact_id}")
+            return (
+                f"({found} if _type({found} := {data}.get({field}, _ABSENT))"
+                f" in _PLAIN else _get(_fd[{name}], {field}, {self.const(prefix)}))"
+            )
+        held = f"_c{self.temporaries}"
+        container = self.expr(base)
+        return (
+            f"({found} if _type({held} := {container}) is _dict"
+            f" and _type({found} := {held}.get({field}, _ABSENT)) in _PLAIN"
+            f" else _get({held}, {field}, {self.const(prefix)}))"
+        )
+
+    def _fact_read(self, node: _FactRead) -> str:
+        if node.fact_id is None:
+            assert node.key is not None
+            kind = self.const(node.kind)
+            return f"_fact_at(_fd, _kd, _facts, {kind}, {self.expr(node.key)})"
+        name = self.const(f"{node.kind}.{node.fact_id}")
+        # A cached non-empty object is the common case; "_fact" handles the rest (the
+        # first read, an empty object, a fact that does not exist).
+        kind, fact_id = self.const(node.kind), self.const(node.fact_id)
+        return f"(_fd.get({name}) or _fact(_fd, _kd, _facts, {name}, {kind}, {fact_id}))"
+
+    def _function_call(self, node: ast.Call) -> str:
+        if not isinstance(node.func, ast.Name) or node.func.id not in _COMPILED_FUNCTIONS:
+            raise _Unsupported("call")
+        helper, takes_now = _COMPILED_FUNCTIONS[node.func.id]
+        args = [*(["_now"] if takes_now else []), *(self.expr(arg) for arg in node.args)]
+        return f"{helper}({', '.join(args)})"
+
+    def _dict(self, node: ast.Dict) -> str:
+        if any(key is None for key in node.keys):
+            raise _Unsupported("dict unpacking")
+        pairs = [
+            (self.expr(key), self.expr(value))
+            for key, value in zip(node.keys, node.values, strict=True)
+            if key is not None
+        ]
+        if not pairs:
+            return "{}"
+        (key, value), *rest = pairs
+        # {k1: v1, k2: v2} as _dict_put({k1: v1}, k2, v2): each key is inserted before the
+        # next pair is evaluated, as the reference does (an unhashable key fails first).
+        result = f"{{{key}: {value}}}"
+        for key, value in rest:
+            result = f"_dict_put({result}, {key}, {value})"
+        return result
+
+
+def _plan_source(plan: _Plan) -> str:
+    """The plan as a Python expression over the clause values ``_v0``, ``_v1``..."""
+    if isinstance(plan, int):
+        return f"_v{plan}"
+    is_and, parts = plan
+    return "(" + (" and " if is_and else " or ").join(_plan_source(p) for p in parts) + ")"
+
+
+_Run = Callable[
+    [dict[str, Any], dict[str, Any], FactLookup, datetime, tuple[Any, ...]],
+    "Evaluation | tuple[dict[int, Exception], tuple[Any, ...]]",
+]
+
+
+_SHAPES: dict[str, _Run] = {}
+"""Compiled functions by shape (the generated source, constants left out): conditions that
+differ only in their constants (ids, keys, numbers, strings) share one."""
+_MAX_SHAPES = 4096
+
+
+def _compile_clauses(
+    source: _Source, leaves: tuple[ast.expr, ...], plan: _Plan, clause_texts: tuple[str, ...]
+) -> tuple[_Run, tuple[Any, ...]] | None:
+    """``(run, values)``: one Python function evaluating every clause of a condition and the
+    condition's values it takes; None when a clause holds something the code generator
+    does not know (then the reference evaluates).
+
+    ``run(fact_data, kind_data, facts, now, values)`` returns the ``Evaluation`` when every
+    clause gave a value, else ``(failures, clause_values)`` with ``failures`` mapping a
+    clause index to what it raised (``_Missing``: that is its outcome; anything else: the
+    reference decides) and ``clause_values`` the clause values (None for those that
+    failed).
+
+    The source is ``def _run(...): ...``, compiled once per shape (``_SHAPES``) with
+    ``_RUNTIME`` as its globals (no builtins): conditions of one shape share the function.
+    ``values`` (``_D`` in the source) is one flat tuple: each clause's True ``Clause``,
+    each one's False ``Clause``, the function making any other ``Clause``, then the
+    constants (see ``_CodeGenerator.const``). An evaluation touches only the items it uses
+    and no other object of its condition (no function, defaults or closure cells): with
+    thousands of rules, most of a rule's objects are out of the CPU caches when a fact
+    wakes it, and each object touched costs a cache miss.
+    """
+    count = len(leaves)
+    generator = _CodeGenerator(source, 2 * count + 1)
+    try:
+        expressions = [generator.expr(leaf) for leaf in leaves]
+    except (_Unsupported, RecursionError, MemoryError):  # the checker rules both out
+        return None
+    lines = [f"    def _run({', '.join(_PARAMETERS)}):", "        _failed = None"]
+    for index, expression in enumerate(expressions):
+        lines += [
+            "        try:",
+            f"            _v{index} = {expression}",
+            "        except _Error as _e:",
+            f"            _v{index} = None",
+            f"            _failed = _note(_failed, {index}, _e)",
+        ]
+    clauses = "".join(
+        f"_D[{i}] if _v{i} is True else _D[{count + i}] if _v{i} is False"
+        f" else _D[{2 * count}]({i}, _v{i}), "
+        for i in range(count)
+    )
+    values = "".join(f"_v{i}, " for i in range(count))
+    lines += [
+        "        if _failed is not None:",
+        f"            return _failed, ({values})",
+        # Evaluation(value, clauses, (), None, seen) without the frozen dataclass's
+        # __init__ (five object.__setattr__ calls): the very same instance (its fields set
+        # in the same order), built three times faster.
+        "        _result = _new(_Evaluation)",
+        "        _fields = _result.__dict__",
+        f"        _fields['value'] = True if {_plan_source(plan)} else False",
+        f"        _fields['clauses'] = ({clauses})",
+        "        _fields['missing'] = ()",
+        "        _fields['error'] = None",
+        "        _fields['seen'] = {**_kd, **_fd} if _kd else _fd",
+        "        return _result",
+    ]
+    text = "\n".join(line[4:] for line in lines)
+    run = _SHAPES.get(text)
+    if run is None:
+        try:
+            module = compile(text, "<when>", "exec")
+        except (SyntaxError, ValueError, RecursionError, MemoryError):  # defensive
+            return None
+        code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
+        run = types.FunctionType(code, _RUNTIME, "_run")
+        if len(_SHAPES) >= _MAX_SHAPES:
+            _SHAPES.clear()
+        _SHAPES[text] = run
+
+    def clause(index: int, value: Any) -> Clause:
+        return Clause(clause_texts[index], _jsonable(value))
+
+    true_clauses = [Clause(text, True) for text in clause_texts]
+    false_clauses = [Clause(text, False) for text in clause_texts]
+    condition_values = (*true_clauses, *false_clauses, clause, *generator.constants)
+    return run, condition_values
+
+
+class _Pending:
+    """The compiled form of a condition not evaluated yet."""
+
+
+_PENDING = _Pending()
+
+
+class CompiledCondition:
+    """A checked ``when`` expression, ready to evaluate; made by ``compile_condition``.
+
+    Attributes: ``text`` (the source), ``reads`` (the ``FactRef`` keys it reads; id None
+    for a kind-level read), ``uses_time`` (calls ``days_since``/``hours_since``/
+    ``minutes_since``/``now``), ``clause_texts`` (the top-level and/or leaves). Immutable.
+    """
+
+    __slots__ = (  # what an evaluation reads first, together  # noqa: RUF023
+        "_compiled",
+        "_values",
+        "_kept_leaves",
+        "_plan",
+        "_time_sites",
+        "clause_texts",
+        "reads",
+        "text",
+        "uses_time",
+    )
+
+    text: str
+    reads: frozenset[FactRef]
+    uses_time: bool
+    clause_texts: tuple[str, ...]
+    _plan: _Plan
+    _kept_leaves: tuple[ast.expr, ...] | None
+    _compiled: _Run | _Pending | None
+    _values: tuple[Any, ...]
+    _time_sites: _TimeSites
+
+    def __init__(
+        self,
+        text: str,
+        tree: ast.expr,
+        source: _Source,
+        reads: frozenset[FactRef],
+        uses_time: bool,
+    ) -> None:
+        leaves: list[ast.expr] = []
+        plan = _split(tree, leaves)
+        clause_texts = tuple(source.snippet(leaf) for leaf in leaves)
+        lowered = tuple(_lower(leaf) for leaf in leaves)
+        values = {
+            "text": text,
+            "reads": reads,
+            "uses_time": uses_time,
+            "clause_texts": clause_texts,
+            "_plan": plan,
+            # The syntax tree is most of a condition's memory (several KB): it is not kept.
+            # The Python function is generated at the first evaluation (``gatekeeper check``
+            # never evaluates), from the text parsed again; so is the tree the reference
+            # evaluator walks, when it is needed (rarely).
+            "_kept_leaves": None,
+            "_compiled": _PENDING,
+            "_values": (),
+            "_time_sites": _find_time_sites(lowered),
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def _run(self) -> _Run | None:
+        """The compiled function (generated on first use; shared by the conditions of one
+        shape, called with ``_values``); None when the reference evaluator does all the
+        work."""
+        compiled = self._compiled
+        return self._compile() if isinstance(compiled, _Pending) else compiled
+
+    def _compile(self) -> _Run | None:
+        """Generate and keep the compiled form (the same on every call: only the first one
+        generates). Without one, the lowered clauses are kept for the reference."""
+        leaves = _lowered_leaves(self.text)
+        compiled = _compile_clauses(_Source(self.text), leaves, self._plan, self.clause_texts)
+        if compiled is None:
+            object.__setattr__(self, "_kept_leaves", leaves)
+            run = None
+        else:
+            run, values = compiled
+            object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "_compiled", run)
+        return run
+
+    @property
+    def _source(self) -> _Source:
+        """The text's positions, for the reference evaluator's messages (built on demand)."""
+        return _Source(self.text)
+
+    @property
+    def _leaves(self) -> tuple[ast.expr, ...]:
+        """The lowered clauses the reference evaluator walks: kept when there is no
+        compiled form, else parsed again from ``text`` (the same tree: parsing is
+        deterministic), the last few cached."""
+        kept = self._kept_leaves
+        return kept if kept is not None else _lowered_leaves(self.text)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"CompiledCondition is immutable (cannot set {name!r})")
+
+    def __repr__(self) -> str:
+        return f"CompiledCondition({self.text!r})"
+
+    def __copy__(self) -> CompiledCondition:
+        return self  # immutable
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompiledCondition:
+        return self  # immutable
+
+    def __reduce__(self) -> tuple[Callable[[str], Condition], tuple[str]]:
+        return (compile_condition, (self.text,))
+
+    def evaluate(self, facts: FactLookup, now: datetime) -> Evaluation:
+        """Evaluate against ``facts`` at time ``now`` (a naive ``now`` is taken as UTC).
+
+        Never raises: missing facts/fields and run-time errors give ``value=False`` with
+        ``missing`` / ``error`` set (see ``Evaluation``). Every clause is evaluated for the
+        explanation; the overall value follows Python's short-circuit ``and``/``or``.
+
+        One call of the compiled function; a clause that fails other than by a missing
+        fact or field (or meets fact data that is not JSON) is evaluated again by the
+        simpleeval reference, over the facts already read, for its exact outcome.
+        """
+        run = self._compiled
+        if isinstance(run, _Pending):
+            run = self._compile()
+        if run is None:
+            return _evaluate_reference(self, facts, now)
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+        fact_data: dict[str, dict[str, Any] | None] = {}
+        kind_data: dict[str, dict[str, Any]] = {}
+        try:
+            result = run(fact_data, kind_data, facts, now, self._values)
+            if isinstance(result, Evaluation):  # every clause gave a value: the common case
+                return result
+            failures, values = result
+            evaluator: _Evaluator | None = None
+            outcomes: list[_Outcome] = []
+            for index, leaf in enumerate(self._leaves):
+                failure = failures.get(index)
+                if failure is None:
+                    outcomes.append(_Outcome(value=values[index]))
+                elif type(failure) is _Missing:
+                    outcomes.append(_Outcome(missing=failure.name))
+                else:  # the reference says how exactly it fails, reading the same facts
+                    if evaluator is None:
+                        evaluator = _Evaluator(self._source, facts, now, fact_data, kind_data)
+                    outcomes.append(evaluator.outcome(leaf))
+            return _conclude(self, outcomes, _seen(fact_data, kind_data))
+        except Exception as exc:  # defensive: nothing above is expected to raise
+            return Evaluation(value=False, clauses=(), error=f"internal error: {exc!r}")
+
+    def next_change_at(self, facts: FactLookup, now: datetime) -> datetime | None:
+        """The earliest instant strictly after ``now`` at which the condition's value may
+        change while ``facts`` stay as they are; None when the passing of time cannot
+        change it. A naive ``now`` is taken as UTC; the answer is an aware UTC datetime.
+
+        Guarantee: ``evaluate(facts, t)`` gives the same value for every ``t`` in
+        ``[now, T)``, where ``T`` is the answer (for every ``t >= now`` when it is None).
+        ``T`` is not promised to be a change: it is when to evaluate again.
+
+        How it is computed (the sites are found once, when the condition is compiled):
+
+        - *Threshold sites*: a comparison ``X_since(ts) OP e`` or ``e OP X_since(ts)``
+          where ``X_since`` is ``days_since`` / ``hours_since`` / ``minutes_since``, ``OP``
+          is one of ``< <= > >= == !=`` and neither ``ts`` nor ``e`` calls a time function
+          (each adjacent pair of a chained comparison such as ``1 <= days_since(ts) < 7``
+          is one site). ``ts`` and ``e`` are evaluated against ``facts`` (time cannot
+          change them); the elapsed value ``(t - ts) / unit`` grows with ``t``, so the
+          comparison changes at the threshold ``ts + e * unit`` only:
+
+          * ``>=`` and ``<`` change at the first microsecond at which the elapsed value is
+            ``>= e``; ``>`` and ``<=`` at the first one at which it is ``> e`` (strict: just
+            after the threshold, i.e. the threshold plus 1 µs when it falls on a whole
+            microsecond);
+          * ``==`` becomes true at the first microsecond at which the value is ``>= e``
+            and false again at the first one at which it is ``> e``; ``!=`` the other way
+            round. When no microsecond gives exactly ``e`` (the value steps over it), they
+            never change.
+
+          Instants are whole microseconds (``datetime``'s resolution) and are found with
+          the very float arithmetic ``evaluate`` uses, so ``evaluate`` at ``T`` gives the
+          new value and at ``T - 1 µs`` the old one. A threshold at or before ``now`` has
+          already taken effect and is not a candidate; nor is one beyond ``datetime.max``.
+        - A site whose ``ts`` is missing, fails, or is not an RFC 3339 timestamp with a
+          zone, or whose ``e`` is missing, fails or is not a finite number, contributes
+          nothing: its comparison gives the same value (or error) at every instant.
+        - *Fallback*: any other use of a time function (``now()``; arithmetic on, or the
+          truth of, ``X_since(...)``; a comparison whose other side uses time too;
+          ``in``; a time function of a time-dependent argument) cannot be solved: it
+          contributes ``now + 1 s`` (``TIME_RECHECK``), so a caller polling at that
+          rate still meets a 1-second bound, unless it is ``X_since(ts)`` with a ``ts``
+          that fails as above.
+
+        The answer is the earliest candidate. The analysis does not look at the rest of
+        the expression: in ``a and days_since(ts) >= 7`` the threshold is returned even
+        when ``a`` is false (conservative: an early re-evaluation only confirms the value).
+        Never raises: an unexpected error gives ``now + 1 s``.
+        """
+        now = now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
+        sites = self._time_sites
+        if not sites.thresholds and not sites.unsolved and not sites.always_poll:
+            return None
+        try:
+            return sites.next_change(_Evaluator(self._source, facts, now), now)
+        except Exception:  # defensive: nothing in next_change is expected to raise
+            return _recheck(now)
+
+
+@functools.lru_cache(maxsize=64)
+def _lowered_leaves(text: str) -> tuple[ast.expr, ...]:
+    """The lowered top-level clauses of ``text``, an expression ``compile_condition``
+    accepted (so parsing cannot fail here)."""
+    leaves: list[ast.expr] = []
+    _split(_parse(_Source(text)), leaves)
+    return tuple(_lower(leaf) for leaf in leaves)
+
+
+def _evaluate_reference(
+    condition: CompiledCondition, facts: FactLookup, now: datetime
+) -> Evaluation:
+    """``condition.evaluate(facts, now)`` done by the reference evaluator alone: simpleeval
+    (``_Evaluator``) walking the lowered clauses. The compiled form must give the very same
+    ``Evaluation``; it also hands it the clauses that fail in any other way than a missing
+    fact or field, to get their exact error message."""
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    try:
+        evaluator = _Evaluator(condition._source, facts, now)
+        outcomes = [evaluator.outcome(leaf) for leaf in condition._leaves]
+        return _conclude(condition, outcomes, evaluator.seen())
+    except Exception as exc:  # defensive: nothing above is expected to raise
+        return Evaluation(value=False, clauses=(), error=f"internal error: {exc!r}")
+
+
+def _conclude(
+    condition: CompiledCondition, outcomes: list[_Outcome], seen: dict[str, Any]
+) -> Evaluation:
+    """The ``Evaluation`` from the outcomes of a condition's clauses."""
+    overall = _combine(condition._plan, outcomes)
+    texts = condition.clause_texts
+    clauses = tuple(_clause(text, outcome) for text, outcome in zip(texts, outcomes, strict=True))
+    return Evaluation(
+        value=not overall.failed and bool(overall.value),
+        clauses=clauses,
+        missing=_missing_names(overall, outcomes),
+        error=overall.error,
+        seen=seen,
+    )
+
+
+def _clause(text: str, outcome: _Outcome) -> Clause:
+    missing = () if outcome.missing is None else (outcome.missing,)
+    value = None if outcome.failed else _jsonable(outcome.value)
+    return Clause(text=text, value=value, missing=missing, error=outcome.error)
+
+
+def _missing_names(overall: _Outcome, outcomes: list[_Outcome]) -> tuple[str, ...]:
+    if overall.missing is None:
+        return ()
+    names = [overall.missing]
+    names.extend(o.missing for o in outcomes if o.missing is not None)
+    return tuple(dict.fromkeys(names))
+
+
+def next_change_at(condition: Condition, facts: FactLookup, now: datetime) -> datetime | None:
+    """When ``condition`` may next change through the passing of time alone.
+
+    A ``CompiledCondition`` answers with its ``next_change_at`` (see there); any other
+    ``Condition`` that uses time gets ``now + 1 s`` (``TIME_RECHECK``), one that does not
+    gets None. A naive ``now`` is taken as UTC.
+    """
+    if isinstance(condition, CompiledCondition):
+        return condition.next_change_at(facts, now)
+    if not condition.uses_time:
+        return None
+    now = now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
+    return _recheck(now)

@@ -1,0 +1,915 @@
+"""The ``when`` language: a small, sandboxed expression language over a project's facts.
+
+A rule's ``when`` is one expression. ``compile_condition`` parses it once (Python syntax,
+``ast`` in "eval" mode), checks it statically (this module: the parse, the static check,
+the limits, the bounded operators of the sandbox, ``ExpressionProblem``/``ExpressionError``
+and the records an evaluation gives), makes fact access explicit and turns the result into
+one Python function (``compiler``: generated source, compiled once, with no builtins: it
+can only call the fact accessors, JSON-only lookups, bounded operators and the functions
+below). ``evaluate(facts, now)`` is one call of that function. simpleeval walking the same
+checked tree is the reference (``reference``): it defines the results, and whenever a
+clause fails for any other reason than a missing fact or field, the clause is run again on
+it to get its exact error (tests/test_expressions_compiled.py checks that both always
+agree). ``timing`` says when time alone changes a condition. This docstring is the
+reference for rule authors.
+
+Names and facts
+---------------
+Names are the fact kinds of the rule's project (``[a-z][a-z0-9_]*``). The expression may
+span several lines and hold ``#`` comments.
+
+- ``milestone.design`` is the ``data`` of fact (kind ``milestone``, id ``design``);
+  ``task["T-17"]`` does the same for ids that are not identifiers (``-``, ``.``, digits).
+- Further ``.field``, ``["field"]`` and ``[0]`` walk into that JSON data (objects by key,
+  arrays by index; negative indexes count from the end). Nothing else can be reached:
+  ``.items`` is the *field* ``items``, never a Python method.
+- A kind on its own (``len(task)``, ``"T-17" in task``) is every fact of that kind as an
+  object ``{id: data}``; so is ``task[expr]`` with a computed id (it reads one fact, but
+  which one is only known at run time). ``"T-17" in task`` and
+  ``"approved_at" in milestone.design`` test whether a fact / field exists.
+- ``true``, ``false`` and ``null`` (and Python's ``True``, ``False``, ``None``) are
+  literals, so they cannot be kind names; the function names below are reserved too.
+
+Literals and operators
+----------------------
+Numbers, strings (at most 1,000 characters), ``true``/``false``/``null``, lists, tuples
+and objects (``{"a": 1}``). Comparisons ``== != < <= > >= in not in`` (chainable:
+``1 <= x < 5``), ``and``/``or``/``not``, ``+ - * / // % **``, unary ``-``/``+``,
+``a if cond else b``. Python semantics throughout (``and``/``or`` short-circuit, ``/``
+gives a float, ``round`` rounds half to even).
+
+Functions (positional arguments only)
+-------------------------------------
+- ``days_since(ts)``, ``hours_since(ts)``, ``minutes_since(ts)``: time elapsed from the
+  RFC 3339 timestamp ``ts`` (which must carry a zone: ``Z`` or ``+hh:mm``) until the
+  evaluation's "now", as a float (negative when ``ts`` is in the future).
+- ``now()``: the evaluation's "now" as an RFC 3339 UTC string. Compare times with the
+  ``*_since`` functions rather than as strings.
+- ``len(x)``, ``min(...)``, ``max(...)``, ``abs(x)``, ``round(x[, ndigits])``: as in Python.
+
+Truth, missing data and errors
+------------------------------
+- The condition holds when the expression's value is truthy (Python rules: ``0``, ``""``,
+  ``[]``, ``{}`` and ``null`` are false); the explanation shows the raw value.
+- A fact that does not exist, a missing field or an index out of range, anywhere the
+  evaluation reaches, makes the whole condition false, never an error: the
+  ``Evaluation`` names it (``milestone.design``, ``milestone.design.approved_at``,
+  ``task["T-17"].reviewers[2]``).
+- Any other run-time failure (comparing a string with a number, a timestamp without a
+  zone, division by zero, a bound exceeded) makes the condition false and sets ``error``.
+  ``evaluate`` never raises.
+- For the explanation, each operand of the top-level ``and``/``or`` tree is a *clause*,
+  evaluated on its own (all of them, with its own value, missing name or error); the
+  condition's value is what Python's short-circuit evaluation of the whole gives.
+
+Rejected by ``compile_condition`` (every problem is listed, with its position)
+------------------------------------------------------------------------------
+Syntax errors; unknown functions; calls of anything but a function name (``x.lower()``);
+keyword or ``*`` arguments, or the wrong number of arguments; a function name used
+without calling it; names that are not kinds; attributes or keys starting with ``_``;
+lambdas, comprehensions, f-strings, ``:=``, ``*``/``**`` unpacking, sets, slices
+(``x[1:3]``), ``is``/``is not`` (use ``==``), bitwise operators, bytes and complex
+literals; ``**`` unless the exponent is a number literal between -64 and 64; strings over
+1,000 characters; expressions over 4,096 characters, 400 expression nodes (names,
+literals, operations, calls...) or 32 levels of nesting; a bare top-level ``a, b`` (a
+tuple, always true). A constant expression such as ``true`` is allowed.
+
+Bounds at run time
+------------------
+``+`` and ``*`` cannot build a string, list or tuple of more than 10,000 items; integer
+``*`` and ``**`` results are limited to 10,000 bits; ``%`` does not format strings;
+``round`` takes at most 100 digits.
+
+When time alone changes a condition
+-----------------------------------
+``CompiledCondition.next_change_at(facts, now)`` tells the daemon when to evaluate a
+condition again if no fact changes. A comparison of ``days_since(ts)``, ``hours_since(ts)``
+or ``minutes_since(ts)`` with a number (``days_since(milestone.design.approved_at) >= 7``,
+``1 <= hours_since(x.y.at) < 48``, ``days_since(a.b.at) >= policy.hold.days``) is solved
+exactly: the rule is evaluated again at the microsecond its value changes. Any other use of
+time (``now()``, ``days_since(ts) * 24 > 5``, ``days_since(a) > days_since(b)``) is
+re-checked every second.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import keyword
+import math
+import operator
+import re
+import tokenize
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+MAX_EXPRESSION_CHARS = 4096
+
+FUNCTIONS = (
+    "days_since",
+    "hours_since",
+    "minutes_since",
+    "now",
+    "len",
+    "min",
+    "max",
+    "abs",
+    "round",
+)
+
+MAX_STRING_LITERAL_CHARS = 1000
+"""Longest string literal allowed in an expression."""
+MAX_DEPTH = 32
+"""Deepest nesting of expression nodes allowed."""
+MAX_NODES = 400
+"""Most expression nodes allowed."""
+MAX_EXPONENT = 64
+"""Largest absolute value of a ``**`` exponent."""
+MAX_SEQUENCE_ITEMS = 10_000
+"""Longest string/list/tuple that ``+`` or ``*`` may build at run time."""
+MAX_INT_BITS = 10_000
+"""Largest integer (in bits) that ``*`` or ``**`` may build at run time."""
+MAX_ROUND_DIGITS = 100
+"""Largest absolute ``ndigits`` accepted by ``round``."""
+
+TIME_FUNCTIONS = frozenset({"days_since", "hours_since", "minutes_since", "now"})
+
+_LITERAL_NAMES: dict[str, bool | None] = {"true": True, "false": False, "null": None}
+_KIND_RE = re.compile(r"[a-z][a-z0-9_]*\Z")
+_NEWLINE_RUN_RE = re.compile(r"\s*\n\s*")
+_MAX_FRAGMENT_CHARS = 200
+_MAX_MESSAGE_FRAGMENT_CHARS = 80
+
+# name -> (minimum, maximum or None) number of positional arguments
+_ARITY: dict[str, tuple[int, int | None]] = {
+    "days_since": (1, 1),
+    "hours_since": (1, 1),
+    "minutes_since": (1, 1),
+    "now": (0, 0),
+    "len": (1, 1),
+    "min": (1, None),
+    "max": (1, None),
+    "abs": (1, 1),
+    "round": (1, 2),
+}
+
+_BINARY_OPERATORS: dict[type[ast.operator], str] = {
+    ast.Add: "+",
+    ast.Sub: "-",
+    ast.Mult: "*",
+    ast.Div: "/",
+    ast.FloorDiv: "//",
+    ast.Mod: "%",
+    ast.Pow: "**",
+}
+_UNARY_OPERATORS: dict[type[ast.unaryop], str] = {ast.Not: "not", ast.USub: "-", ast.UAdd: "+"}
+_COMPARISONS: dict[type[ast.cmpop], str] = {
+    ast.Eq: "==",
+    ast.NotEq: "!=",
+    ast.Lt: "<",
+    ast.LtE: "<=",
+    ast.Gt: ">",
+    ast.GtE: ">=",
+    ast.In: "in",
+    ast.NotIn: "not in",
+}
+_REJECTED_OPERATORS: dict[type[ast.AST], str] = {
+    ast.LShift: "<<",
+    ast.RShift: ">>",
+    ast.BitOr: "|",
+    ast.BitXor: "^",
+    ast.BitAnd: "&",
+    ast.MatMult: "@",
+    ast.Invert: "~",
+}
+_REJECTED_NODES: dict[type[ast.AST], str] = {
+    ast.Lambda: "lambda functions are not allowed",
+    ast.ListComp: "comprehensions are not allowed",
+    ast.SetComp: "comprehensions are not allowed",
+    ast.DictComp: "comprehensions are not allowed",
+    ast.GeneratorExp: "generator expressions are not allowed",
+    ast.JoinedStr: "f-strings are not allowed",
+    ast.Starred: "unpacking with '*' is not allowed",
+    ast.NamedExpr: "assignment expressions (':=') are not allowed",
+    ast.Await: "'await' is not allowed",
+    ast.Yield: "'yield' is not allowed",
+    ast.YieldFrom: "'yield' is not allowed",
+    ast.Slice: "slices are not supported; use an index such as [0]",
+    ast.Set: "set literals are not supported; use a list [...]",
+}
+
+
+# --------------------------------------------------------------------------------------
+# Public interface
+
+
+@dataclass(frozen=True)
+class FactRef:
+    """A fact key a condition reads, inside the rule's project.
+
+    ``id`` is None when the condition reads every fact of ``kind`` (e.g. ``len(task)`` or a
+    subscript whose id is not a literal).
+    """
+
+    kind: str
+    id: str | None
+
+
+class FactLookup(Protocol):
+    """Read access to the current facts of one project."""
+
+    def get(self, kind: str, id: str) -> Mapping[str, Any] | None:
+        """The ``data`` of fact (kind, id), or None when there is no such fact."""
+
+    def of_kind(self, kind: str) -> Mapping[str, Mapping[str, Any]]:
+        """Every fact of ``kind`` as {id: data}."""
+
+
+@dataclass(frozen=True)
+class ExpressionProblem:
+    """One thing wrong with an expression: ``offset`` is the 0-based character offset of
+    ``fragment`` in the expression text.
+
+    ``fragment`` is always ``text[offset:offset + len(fragment)]`` (possibly shortened to
+    its first 200 characters, possibly empty when the problem is at the end of the text).
+    """
+
+    message: str
+    offset: int
+    fragment: str
+
+
+class ExpressionError(Exception):
+    """Raised by ``compile_condition``; ``problems`` lists every problem found."""
+
+    def __init__(self, problems: list[ExpressionProblem]) -> None:
+        super().__init__("; ".join(p.message for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Clause:
+    """A sub-condition (a leaf of the top-level and/or tree) and its value.
+
+    ``value`` is JSON-ready; ``missing`` names what was missing when the clause could not be
+    evaluated (then ``value`` is None); ``error`` holds a runtime error message.
+    """
+
+    text: str
+    value: Any
+    missing: tuple[str, ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The outcome of evaluating a condition.
+
+    ``value`` is the condition's truth; a missing fact/field or a runtime error makes it False.
+    ``missing`` lists dotted names that were missing (``milestone.design`` for a fact,
+    ``milestone.design.approved_at`` for a field). ``seen`` maps each fact the evaluation read
+    (``kind.id``) to its data, for the audit log.
+
+    Details: ``missing`` is non-empty exactly when the value is False because the evaluation
+    reached something missing; it then names that first, followed by whatever else the
+    clauses found missing. ``error`` is set when the value is False because of a run-time
+    error (the clauses say where). ``seen`` covers every clause (each clause is evaluated,
+    even those the short-circuit evaluation of the whole did not need); a fact that does
+    not exist is recorded as None, a kind-level read as ``{"kind": {id: data}}``.
+    """
+
+    value: bool
+    clauses: tuple[Clause, ...]
+    missing: tuple[str, ...] = ()
+    error: str | None = None
+    seen: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Condition(Protocol):
+    """A compiled, checked ``when`` expression."""
+
+    text: str
+    reads: frozenset[FactRef]
+    uses_time: bool
+
+    def evaluate(self, facts: FactLookup, now: datetime) -> Evaluation: ...
+
+
+# --------------------------------------------------------------------------------------
+# Source positions
+
+
+_Located = ast.expr | ast.keyword
+"""AST nodes that carry source positions."""
+
+
+class _Source:
+    """The expression text, and the parenthesised copy that is actually parsed.
+
+    The text is parsed as ``"(" + text + "\\n)"`` so that it may span several lines (YAML
+    block scalars) and end with a comment. ``\\r`` line ends are replaced by same-length
+    ``\\n`` ones, so character offsets are shared by the text and the parsed source.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        normalised = text.replace("\r\n", " \n").replace("\r", "\n")
+        self.parsed = "(" + normalised + "\n)"
+        self._lines = self.parsed.split("\n")
+        self._starts: list[int] = []
+        position = 0
+        for line in self._lines:
+            self._starts.append(position)
+            position += len(line) + 1
+
+    @property
+    def line_count(self) -> int:
+        """Lines in the parsed source (the last one holds only the closing parenthesis)."""
+        return len(self._lines)
+
+    def offset(self, lineno: int, col_byte: int) -> int:
+        """Character offset in ``text`` of an ast position (1-based line, UTF-8 byte column)."""
+        line = self._lines[lineno - 1]
+        column = len(line.encode("utf-8")[:col_byte].decode("utf-8", "ignore"))
+        return self.clamp(self._starts[lineno - 1] + column - 1)
+
+    def char_offset(self, lineno: int, column: int) -> int:
+        """Character offset in ``text`` of a tokenizer/SyntaxError position (1-based line,
+        0-based character column)."""
+        return self.clamp(self._starts[lineno - 1] + column - 1)
+
+    def clamp(self, offset: int) -> int:
+        return max(0, min(offset, len(self.text)))
+
+    def span(self, node: _Located) -> tuple[int, int]:
+        """(start, end) character offsets of ``node`` in ``text``."""
+        start = self.offset(node.lineno, node.col_offset)
+        end_lineno = node.end_lineno if node.end_lineno is not None else node.lineno
+        end_col = node.end_col_offset if node.end_col_offset is not None else node.col_offset
+        return start, max(start, self.offset(end_lineno, end_col))
+
+    def problem(self, message: str, start: int, end: int) -> ExpressionProblem:
+        fragment = self.text[start:end][:_MAX_FRAGMENT_CHARS]
+        return ExpressionProblem(message, start, fragment)
+
+    def node_problem(self, node: _Located, message: str) -> ExpressionProblem:
+        return self.problem(message, *self.span(node))
+
+    def snippet(self, node: _Located) -> str:
+        """The node's source with line breaks (and the indentation around them) collapsed."""
+        start, end = self.span(node)
+        return _NEWLINE_RUN_RE.sub(" ", self.text[start:end].replace("\r", "\n")).strip()
+
+
+def _parse(source: _Source) -> ast.expr:
+    """Parse ``source``; raise ``ExpressionError`` for an empty, over-long or invalid text."""
+    text = source.text
+    if len(text) > MAX_EXPRESSION_CHARS:
+        message = f"expression is {len(text)} characters long; the limit is {MAX_EXPRESSION_CHARS}"
+        raise ExpressionError([source.problem(message, MAX_EXPRESSION_CHARS, len(text))])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. invalid escape sequences: harmless here
+            tree = ast.parse(source.parsed, mode="eval")
+    except SyntaxError as exc:
+        closer = _unmatched_closer(source)
+        if closer is not None:
+            raise ExpressionError([_closer_problem(source, closer)]) from None
+        raise ExpressionError([_syntax_problem(source, exc)]) from None
+    except (RecursionError, MemoryError):
+        message = "expression is too deeply nested to parse"
+        raise ExpressionError([source.problem(message, 0, len(text))]) from None
+    except ValueError as exc:  # e.g. lone surrogates that cannot be encoded
+        raise ExpressionError([source.problem(f"invalid text: {exc}", 0, 0)]) from None
+    body = tree.body
+    if isinstance(body, ast.Tuple) and body.lineno == 1 and body.col_offset == 0:
+        # The tuple's parentheses are ours: the text is empty or a bare "a, b".
+        if not body.elts:
+            raise ExpressionError([source.problem("expression is empty", 0, len(text))])
+        message = "a top-level ',' makes a tuple, which is always true; use 'and' / 'or'"
+        raise ExpressionError([source.problem(message, 0, len(text))])
+    closer = None if _brackets_hold(source) else _unmatched_closer(source)
+    if closer is not None:
+        raise ExpressionError([_closer_problem(source, closer)])
+    return body
+
+
+def _brackets_hold(source: _Source) -> bool:
+    """Whether the text also parses inside square brackets, which proves that no closing
+    bracket in it ends the parentheses it is parsed in: a ``)`` that closed them early
+    would meet ``[`` instead, which is a syntax error (and so would a ``]`` in the
+    parenthesised parse, which succeeded). Much cheaper than tokenizing; when it says no
+    (for whatever reason), ``_unmatched_closer`` decides."""
+    bracketed = "[" + source.parsed[1:-1] + "]"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ast.parse(bracketed, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return True
+
+
+def _closer_problem(source: _Source, position: tuple[int, int]) -> ExpressionProblem:
+    start = source.char_offset(*position)
+    return source.problem(f"unmatched {source.text[start]!r}", start, start + 1)
+
+
+def _syntax_problem(source: _Source, exc: SyntaxError) -> ExpressionProblem:
+    text = source.text
+    if exc.lineno is None or exc.offset is None:
+        start = text.find("\0") if "\0" in text else 0
+        return source.problem(f"syntax error: {exc.msg}", start, start + 1)
+    start = source.char_offset(exc.lineno, exc.offset - 1)
+    end = start
+    if exc.end_lineno is not None and exc.end_offset is not None:
+        end = max(start, source.char_offset(exc.end_lineno, exc.end_offset - 1))
+    if start >= len(text.rstrip()):
+        return source.problem(f"syntax error: expression ends too early ({exc.msg})", start, end)
+    return source.problem(f"syntax error: {exc.msg}", start, max(end, start + 1))
+
+
+def _unmatched_closer(source: _Source) -> tuple[int, int] | None:
+    """Position of a closing bracket in the text with no opening one, if any.
+
+    Needed because the text is parsed inside parentheses: ``a) or (b`` would otherwise
+    parse as ``(a) or (b)``.
+    """
+    depth = 0
+    tokens = tokenize.generate_tokens(io.StringIO(source.parsed).readline)
+    try:
+        for token in tokens:
+            if token.type != tokenize.OP:
+                continue
+            if token.string in "([{":
+                depth += 1
+            elif token.string in ")]}":
+                depth -= 1
+                if depth == 0 and token.start[0] < source.line_count:
+                    return token.start
+    except (tokenize.TokenError, SyntaxError, ValueError):
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Static checks
+
+
+def _is_kind_name(name: str) -> bool:
+    return bool(_KIND_RE.match(name)) and name not in _LITERAL_NAMES and name not in _ARITY
+
+
+def _kind_of(node: ast.expr) -> str | None:
+    """The kind named by ``node`` when it is a bare kind name, else None."""
+    if isinstance(node, ast.Name) and _is_kind_name(node.id):
+        return node.id
+    return None
+
+
+class _Checker:
+    """Walks the tree (iteratively, so depth cannot hurt) collecting problems and reads."""
+
+    def __init__(self, source: _Source) -> None:
+        self.source = source
+        self.problems: list[ExpressionProblem] = []
+        self.reads: set[FactRef] = set()
+        self.uses_time = False
+        self._count = 0
+        self._reported_depth = False
+
+    def check(self, root: ast.expr) -> None:
+        stack: list[tuple[ast.expr, int]] = [(root, 1)]
+        while stack:
+            node, depth = stack.pop()
+            self._measure(root, node, depth)
+            stack.extend((child, depth + 1) for child in self._visit(node))
+
+    def _report(self, node: _Located, message: str) -> None:
+        self.problems.append(self.source.node_problem(node, message))
+
+    def _measure(self, root: ast.expr, node: ast.expr, depth: int) -> None:
+        self._count += 1
+        if self._count == MAX_NODES + 1:
+            self._report(root, f"expression is too large: more than {MAX_NODES} AST nodes")
+        if depth > MAX_DEPTH and not self._reported_depth:
+            self._reported_depth = True
+            self._report(node, f"expression is nested more than {MAX_DEPTH} levels deep")
+
+    def _visit(self, node: ast.expr) -> list[ast.expr]:
+        """Check ``node`` itself; return the children still to check."""
+        if isinstance(node, ast.Constant):
+            self._constant(node)
+            return []
+        if isinstance(node, ast.Name):
+            self._name(node)
+            return []
+        if isinstance(node, ast.Attribute):
+            return self._attribute(node)
+        if isinstance(node, ast.Subscript):
+            return self._subscript(node)
+        if isinstance(node, ast.Call):
+            return self._call(node)
+        if isinstance(node, ast.BinOp):
+            return self._binop(node)
+        if isinstance(node, ast.UnaryOp):
+            self._operator(node, node.op)
+            return [node.operand]
+        if isinstance(node, ast.BoolOp):
+            return list(node.values)
+        if isinstance(node, ast.Compare):
+            return self._compare(node)
+        if isinstance(node, ast.IfExp):
+            return [node.test, node.body, node.orelse]
+        if isinstance(node, ast.List | ast.Tuple):
+            return list(node.elts)
+        if isinstance(node, ast.Dict):
+            return self._dict(node)
+        message = _REJECTED_NODES.get(type(node), f"{type(node).__name__} is not allowed")
+        self._report(node, message)
+        return []
+
+    def _constant(self, node: ast.Constant) -> None:
+        value = node.value
+        if isinstance(value, str) and len(value) > MAX_STRING_LITERAL_CHARS:
+            self._report(
+                node,
+                f"string literal is {len(value)} characters long; "
+                f"the limit is {MAX_STRING_LITERAL_CHARS}",
+            )
+        elif isinstance(value, bytes):
+            self._report(node, "bytes literals are not allowed")
+        elif isinstance(value, complex):
+            self._report(node, "complex numbers are not allowed")
+        elif value is Ellipsis:
+            self._report(node, "'...' is not allowed")
+
+    def _name(self, node: ast.Name) -> None:
+        name = node.id
+        if name in _LITERAL_NAMES:
+            return
+        if name in _ARITY:
+            self._report(node, f"function {name!r} must be called, e.g. {name}(...)")
+        elif name.startswith("_"):
+            self._report(node, f"names starting with '_' are not allowed: {name!r}")
+        elif not _KIND_RE.match(name):
+            self._report(
+                node, f"{name!r} is not a fact kind (kinds are lower-case: [a-z][a-z0-9_]*)"
+            )
+        else:
+            self.reads.add(FactRef(name, None))
+
+    def _attribute(self, node: ast.Attribute) -> list[ast.expr]:
+        bad = node.attr.startswith("_")
+        if bad:
+            start, end = self.source.span(node)
+            start = max(start, end - len(node.attr))
+            message = f"names starting with '_' are not allowed: {node.attr!r}"
+            self.problems.append(self.source.problem(message, start, end))
+        kind = _kind_of(node.value)
+        if kind is None:
+            return [node.value]
+        if not bad:
+            self.reads.add(FactRef(kind, node.attr))
+        return []
+
+    def _subscript(self, node: ast.Subscript) -> list[ast.expr]:
+        key = node.slice
+        if isinstance(key, ast.Constant) and isinstance(key.value, str) and key.value[:1] == "_":
+            self._report(key, f"keys starting with '_' are not allowed: {key.value!r}")
+        kind = _kind_of(node.value)
+        if kind is None:
+            return [node.value, key]
+        if isinstance(key, ast.Constant):
+            if not isinstance(key.value, str):
+                literal = ast.unparse(key)
+                self._report(key, f'fact ids are strings: write {kind}["{literal}"]')
+            elif not key.value.startswith("_"):
+                self.reads.add(FactRef(kind, key.value))
+            return []
+        if not isinstance(key, ast.Slice):
+            self.reads.add(FactRef(kind, None))
+        return [key]
+
+    def _call(self, node: ast.Call) -> list[ast.expr]:
+        children: list[ast.expr] = list(node.args)
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in _ARITY:
+            self._arity(node, func.id)
+            self.uses_time = self.uses_time or func.id in TIME_FUNCTIONS
+        elif isinstance(func, ast.Name):
+            self._report(func, f"unknown function {func.id!r}; available: {', '.join(FUNCTIONS)}")
+        elif isinstance(func, ast.Attribute):
+            self._report(
+                node,
+                f"method calls are not allowed ('.{func.attr}(...)'); "
+                f"only these functions can be called: {', '.join(FUNCTIONS)}",
+            )
+            children.append(func)
+        else:
+            self._report(node, f"only these functions can be called: {', '.join(FUNCTIONS)}")
+            children.append(func)
+        for kw in node.keywords:
+            self._report(kw, "keyword arguments are not allowed")
+            children.append(kw.value)
+        return children
+
+    def _arity(self, node: ast.Call, name: str) -> None:
+        low, high = _ARITY[name]
+        given = len(node.args)
+        if node.keywords or any(isinstance(arg, ast.Starred) for arg in node.args):
+            return  # those report themselves; the count would mislead
+        if given < low or (high is not None and given > high):
+            if high is None:
+                wanted = f"at least {low}"
+            elif low == high:
+                wanted = str(low)
+            else:
+                wanted = f"{low} to {high}"
+            plural = "" if high == 1 or (high is None and low == 1) else "s"
+            self._report(node, f"{name}() takes {wanted} argument{plural}, {given} given")
+
+    def _operator(self, node: ast.expr, op: ast.AST) -> None:
+        if type(op) in _REJECTED_OPERATORS:
+            self._report(node, f"operator {_REJECTED_OPERATORS[type(op)]!r} is not allowed")
+
+    def _binop(self, node: ast.BinOp) -> list[ast.expr]:
+        self._operator(node, node.op)
+        if isinstance(node.op, ast.Pow) and not _small_exponent(node.right):
+            self._report(
+                node.right,
+                f"the exponent of '**' must be a number literal between "
+                f"-{MAX_EXPONENT} and {MAX_EXPONENT}",
+            )
+        return [node.left, node.right]
+
+    def _compare(self, node: ast.Compare) -> list[ast.expr]:
+        for op in node.ops:
+            if isinstance(op, ast.Is | ast.IsNot):
+                self._report(node, "'is' / 'is not' are not allowed; use == or !=")
+                break
+        return [node.left, *node.comparators]
+
+    def _dict(self, node: ast.Dict) -> list[ast.expr]:
+        children: list[ast.expr] = []
+        for key, value in zip(node.keys, node.values, strict=True):
+            if key is None:
+                self._report(value, "unpacking with '**' is not allowed")
+            else:
+                children.append(key)
+            children.append(value)
+        return children
+
+
+def _small_exponent(node: ast.expr) -> bool:
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        node = node.operand
+    if not isinstance(node, ast.Constant):
+        return False
+    value = node.value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return abs(value) <= MAX_EXPONENT
+
+
+# --------------------------------------------------------------------------------------
+# Lowering: the checked tree with fact access made explicit
+
+
+class _KindRead(ast.expr):
+    """Every fact of ``kind``, as {id: data}."""
+
+    def __init__(self, kind: str, origin: ast.expr) -> None:
+        super().__init__()
+        self.kind = kind
+        ast.copy_location(self, origin)
+
+
+class _FactRead(ast.expr):
+    """The data of fact (``kind``, ``fact_id``); ``key`` computes the id when it is None."""
+
+    def __init__(self, kind: str, fact_id: str | None, key: ast.expr | None, origin: ast.expr):
+        super().__init__()
+        self.kind = kind
+        self.fact_id = fact_id
+        self.key = key
+        ast.copy_location(self, origin)
+
+
+class _Lookup(ast.expr):
+    """``value[key]`` / ``value.key`` on JSON data: key lookup or list index, nothing else."""
+
+    def __init__(self, value: ast.expr, key: ast.expr, origin: ast.expr) -> None:
+        super().__init__()
+        self.value = value
+        self.key = key
+        ast.copy_location(self, origin)
+
+
+def _lower(node: ast.expr) -> ast.expr:
+    """Rewrite names, attributes and subscripts into explicit fact reads and lookups."""
+    if isinstance(node, ast.Name):
+        if node.id in _LITERAL_NAMES:
+            return ast.copy_location(ast.Constant(_LITERAL_NAMES[node.id]), node)
+        return _KindRead(node.id, node)
+    if isinstance(node, ast.Attribute):
+        kind = _kind_of(node.value)
+        if kind is not None:
+            return _FactRead(kind, node.attr, None, node)
+        key = ast.copy_location(ast.Constant(node.attr), node)
+        return _Lookup(_lower(node.value), key, node)
+    if isinstance(node, ast.Subscript):
+        kind = _kind_of(node.value)
+        if kind is not None and isinstance(node.slice, ast.Constant):
+            return _FactRead(kind, str(node.slice.value), None, node)
+        if kind is not None:
+            return _FactRead(kind, None, _lower(node.slice), node)
+        return _Lookup(_lower(node.value), _lower(node.slice), node)
+    if isinstance(node, ast.Call):
+        node.args = [_lower(arg) for arg in node.args]
+        return node
+    for name, value in ast.iter_fields(node):
+        if isinstance(value, ast.expr):
+            setattr(node, name, _lower(value))
+        elif isinstance(value, list):
+            setattr(node, name, [_lower(v) if isinstance(v, ast.expr) else v for v in value])
+    return node
+
+
+# A plan says how clause outcomes combine: a clause index, or (is_and, sub-plans).
+_Plan = int | tuple[bool, tuple["_Plan", ...]]
+
+
+def _split(node: ast.expr, leaves: list[ast.expr]) -> _Plan:
+    """Flatten the top-level and/or tree: append its leaves, return how they combine."""
+    if isinstance(node, ast.BoolOp):
+        parts = tuple(_split(value, leaves) for value in node.values)
+        return (isinstance(node.op, ast.And), parts)
+    leaves.append(node)
+    return len(leaves) - 1
+
+
+# --------------------------------------------------------------------------------------
+# Names and values
+
+
+def _render_key(key: object) -> str:
+    """``.field`` for identifier-like keys, ``["a-b"]`` / ``[0]`` otherwise."""
+    if isinstance(key, str):
+        if key.isidentifier() and key.isascii() and not keyword.iskeyword(key):
+            return "." + key
+        return "[" + json.dumps(key, ensure_ascii=False) + "]"
+    if key is None or isinstance(key, bool):
+        return f"[{json.dumps(key)}]"
+    if isinstance(key, int | float) and abs(key) < 1e15:
+        return f"[{key!r}]"
+    return f"[<{_type_name(key)}>]"
+
+
+def _fact_name(kind: str, fact_id: str) -> str:
+    """``milestone.design``, or ``task["T-17"]`` for ids that are not identifiers."""
+    return kind + _render_key(fact_id)
+
+
+def _type_name(value: object) -> str:
+    """The JSON name of a value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, Mapping):
+        return "object"
+    if isinstance(value, list | tuple):
+        return "array"
+    return type(value).__name__
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as JSON-ready data; what JSON cannot hold becomes a string."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return value if value.bit_length() <= 13_000 else f"<integer of {value.bit_length()} bits>"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------
+# Run time
+
+
+class _Missing(Exception):
+    """A fact, field or index that is not there; ``name`` says which."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class _Failure(Exception):
+    """A run-time error; ``located`` once the failing expression has been appended."""
+
+    def __init__(self, message: str, located: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.located = located
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_SEQUENCE_ITEMS:
+        raise _Failure(f"result would hold {size} items; the limit is {MAX_SEQUENCE_ITEMS}")
+
+
+def _check_bits(bits: int) -> None:
+    if bits > MAX_INT_BITS:
+        raise _Failure(f"integer result would exceed {MAX_INT_BITS} bits")
+
+
+_SEQUENCE = (str, list, tuple)
+
+
+def _add(a: Any, b: Any) -> Any:
+    if isinstance(a, _SEQUENCE) and isinstance(b, _SEQUENCE):
+        _check_size(len(a) + len(b))
+    return a + b
+
+
+def _mul(a: Any, b: Any) -> Any:
+    if isinstance(a, _SEQUENCE) and isinstance(b, int):
+        _check_size(len(a) * max(b, 0))
+    elif isinstance(b, _SEQUENCE) and isinstance(a, int):
+        _check_size(len(b) * max(a, 0))
+    elif isinstance(a, int) and isinstance(b, int):
+        _check_bits(a.bit_length() + b.bit_length())
+    return a * b
+
+
+def _pow(a: Any, b: Any) -> Any:
+    if isinstance(b, int | float) and abs(b) > MAX_EXPONENT:
+        raise _Failure(f"exponent {b} is out of range (at most {MAX_EXPONENT})")
+    if isinstance(a, int) and isinstance(b, int) and b > 0:
+        _check_bits(a.bit_length() * b)
+    result = a**b
+    if isinstance(result, complex):
+        raise _Failure("'**' result is not a real number")
+    return result
+
+
+def _mod(a: Any, b: Any) -> Any:
+    if isinstance(a, str | bytes):
+        raise _Failure("'%' formatting of strings is not supported")
+    return a % b
+
+
+def _contains(item: Any, container: Any) -> bool:
+    return bool(item in container)
+
+
+def _not_contains(item: Any, container: Any) -> bool:
+    return bool(item not in container)
+
+
+_OPERATORS: dict[type[ast.AST], Callable[..., Any]] = {
+    ast.Add: _add,
+    ast.Sub: operator.sub,
+    ast.Mult: _mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: _mod,
+    ast.Pow: _pow,
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.In: _contains,
+    ast.NotIn: _not_contains,
+    ast.Not: operator.not_,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+}
+
+
+def _round(value: Any, ndigits: Any = None) -> Any:
+    if ndigits is None:
+        return round(value)
+    if not isinstance(ndigits, int) or isinstance(ndigits, bool):
+        raise _Failure(f"round(): ndigits must be an integer, not {_type_name(ndigits)}")
+    if abs(ndigits) > MAX_ROUND_DIGITS:
+        limit = MAX_ROUND_DIGITS
+        raise _Failure(f"round(): ndigits must be between -{limit} and {limit}")
+    return round(value, ndigits)
