@@ -49,8 +49,10 @@ from datetime import UTC, datetime, timedelta, timezone
 from _common import Targets, add_strict_options, fmt, machine_header, table
 
 from gatekeeper.clock import Clock, SystemClock
-from gatekeeper.engine.core import Engine, FactTable, RuleState
 from gatekeeper.engine.deadlines import DeadlineSchedule, schedule_rules
+from gatekeeper.engine.evaluate import Engine
+from gatekeeper.engine.facts import FactTable
+from gatekeeper.engine.model import RuleState
 from gatekeeper.expr import compile_condition
 from gatekeeper.rules.model import NotifyAction, Rule, Ruleset
 

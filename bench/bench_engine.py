@@ -48,7 +48,9 @@ from _common import (
 from simpleeval import EvalWithCompoundTypes
 
 from gatekeeper.clock import parse_rfc3339
-from gatekeeper.engine.core import Engine, FactInput, FactTable, ProjectFacts, RuleState
+from gatekeeper.engine.evaluate import Engine
+from gatekeeper.engine.facts import FactTable, ProjectFacts
+from gatekeeper.engine.model import FactInput, RuleState
 from gatekeeper.expr import compile_condition
 from gatekeeper.rules.loader import load_rule_texts
 

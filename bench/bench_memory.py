@@ -133,7 +133,7 @@ def fact_data(i: int) -> dict[str, Any]:
 
 async def write_facts(database: Path, count: int) -> None:
     """``count`` current facts through the daemon's store API, 1,000 per transaction."""
-    from gatekeeper.engine.core import FactInput, Transition
+    from gatekeeper.engine.model import FactInput, Transition
     from gatekeeper.store.sqlite import SqliteStore
 
     store = SqliteStore(database)

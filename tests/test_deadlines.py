@@ -16,8 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatekeeper.clock import FixedClock, format_rfc3339
-from gatekeeper.engine.core import Engine, FactTable, ProjectFacts, RuleState
 from gatekeeper.engine.deadlines import DeadlineSchedule, mark_due, schedule_rules
+from gatekeeper.engine.evaluate import Engine
+from gatekeeper.engine.facts import FactTable, ProjectFacts
+from gatekeeper.engine.model import RuleState
 from gatekeeper.expr import (
     TIME_RECHECK,
     CompiledCondition,

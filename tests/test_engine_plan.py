@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gatekeeper.engine.core import Decision, Engine, FactInput, FactTable, ProjectFacts, RuleState
+from gatekeeper.engine.evaluate import Engine
+from gatekeeper.engine.facts import FactTable, ProjectFacts
+from gatekeeper.engine.model import Decision, FactInput, RuleState
 from gatekeeper.rules.loader import load_rule_texts
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gatekeeper.engine.core import FactTable
+from gatekeeper.engine.facts import FactTable
 
 
 def decoded(i: int) -> dict[str, Any]:

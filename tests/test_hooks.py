@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from gatekeeper.config import Hook, HookFact, load_config
-from gatekeeper.engine.core import FactInput
+from gatekeeper.engine.model import FactInput
 from gatekeeper.runtime.hooks import (
     HookRejected,
     check_hook,

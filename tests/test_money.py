@@ -281,7 +281,7 @@ async def test_dead_letter_requeued_over_api_and_cli(
 async def test_ingest_refused_once_shutdown_began(
     project_factory: Callable[..., Project], start_daemon: Any
 ) -> None:
-    from gatekeeper.engine.core import FactInput
+    from gatekeeper.engine.model import FactInput
     from gatekeeper.runtime.daemon import ShuttingDown
 
     project = project_factory()

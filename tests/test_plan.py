@@ -16,7 +16,7 @@ import pytest
 
 from gatekeeper.cli.plan import add_explain_parser, add_plan_parser, run_explain, run_plan
 from gatekeeper.config import load_config
-from gatekeeper.engine.core import ApprovalInput
+from gatekeeper.engine.model import ApprovalInput
 from gatekeeper.rules.loader import load_rules_dir
 
 from .conftest import DESIGN_RULE, Project, Receiver, fact

@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
-from gatekeeper.engine.core import Engine, FactInput, FactTable, RuleState, Transition
+from gatekeeper.engine.evaluate import Engine
+from gatekeeper.engine.facts import FactTable
+from gatekeeper.engine.model import FactInput, RuleState, Transition
 from gatekeeper.rules.loader import load_rule_texts
 from gatekeeper.store.sqlite import SqliteStore, _Insert
 

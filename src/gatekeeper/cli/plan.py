@@ -62,15 +62,10 @@ from gatekeeper.cli.check import escape_data, escape_property, format_problems, 
 from gatekeeper.cli.client import ClientError, base_url, call
 from gatekeeper.clock import SystemClock, format_rfc3339, parse_rfc3339
 from gatekeeper.config import Config, ConfigError, find_default_config, load_config
-from gatekeeper.engine.core import (
-    Decision,
-    Engine,
-    FactTable,
-    ProjectFacts,
-    QueuedAction,
-    RuleState,
-)
+from gatekeeper.engine.evaluate import Engine
+from gatekeeper.engine.facts import FactTable, ProjectFacts
 from gatekeeper.engine.ledger import EscrowBook
+from gatekeeper.engine.model import Decision, QueuedAction, RuleState
 from gatekeeper.jsonwire import json_path
 from gatekeeper.rules.loader import LoadResult, load_rule_texts, load_rules_dir
 from gatekeeper.rules.model import Rule, Ruleset

@@ -57,18 +57,17 @@ from gatekeeper.cli.plan import (
 )
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
 from gatekeeper.config import Config, Escrow
-from gatekeeper.engine.core import (
+from gatekeeper.engine.evaluate import Engine, apply_transition
+from gatekeeper.engine.facts import FactTable
+from gatekeeper.engine.ledger import EscrowBook
+from gatekeeper.engine.model import (
     ApprovalInput,
     Decision,
-    Engine,
     FactInput,
-    FactTable,
     QueuedAction,
     RuleState,
     Transition,
-    apply_transition,
 )
-from gatekeeper.engine.ledger import EscrowBook
 from gatekeeper.problems import Problem, format_path
 from gatekeeper.rules.loader import TEST_SUFFIXES, LoadResult, load_rules_dir
 from gatekeeper.rules.model import Rule, Ruleset

@@ -35,7 +35,7 @@ import aiohttp
 from gatekeeper.clock import Clock, format_rfc3339, parse_rfc3339
 from gatekeeper.config import DeliveryPolicy, Target
 from gatekeeper.delivery.requests import build_request
-from gatekeeper.engine.core import QueuedAction
+from gatekeeper.engine.model import QueuedAction
 from gatekeeper.metrics import Metrics
 from gatekeeper.store.sqlite import (
     ActionStatus,

@@ -2,8 +2,12 @@
 No I/O, no clock reads of its own (time is passed in), no ids of its own making beyond
 those derived from its inputs.
 
-Owns: ``core`` (the records the engine produces, ``FactTable`` and ``Engine``), ``ledger``
-(escrow limits), ``deadlines`` (when a time-dependent rule must be looked at again).
+Owns: ``model`` (the records the engine takes and produces, shared by the rooms above:
+``FactInput``, ``RuleState``, ``ApprovalInput``, ``AdminAct``, ``QueuedAction``,
+``Decision``, ``IdempotencyRecord``, ``Transition``), ``facts`` (``FactTable`` and
+``ProjectFacts``, the current facts in memory), ``evaluate`` (``Engine``: a ruleset's
+fact-key index and the planning of transitions; ``apply_transition``), ``ledger`` (escrow
+limits), ``deadlines`` (when a time-dependent rule must be looked at again).
 
 May import: ``gatekeeper.rules``, ``gatekeeper.expr`` and the ground floor.
 """

@@ -64,7 +64,7 @@ import itertools
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from gatekeeper.engine.core import FactTable, ProjectFacts
+from gatekeeper.engine.facts import FactTable, ProjectFacts
 from gatekeeper.expr import next_change_at
 from gatekeeper.rules.model import Rule
 

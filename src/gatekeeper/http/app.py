@@ -31,7 +31,7 @@ from aiohttp.web_urldispatcher import SystemRoute
 from gatekeeper import __version__
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
 from gatekeeper.config import Token
-from gatekeeper.engine.core import AdminAct, ApprovalInput, FactInput, IdempotencyRecord
+from gatekeeper.engine.model import AdminAct, ApprovalInput, FactInput, IdempotencyRecord
 from gatekeeper.http.auth import authenticate, bearer_token
 from gatekeeper.http.openapi import build_openapi
 from gatekeeper.jsonwire import json_path, loads_strict

@@ -37,19 +37,18 @@ from gatekeeper.config import (
     resolve_secrets,
 )
 from gatekeeper.delivery.dispatcher import Dispatcher
-from gatekeeper.engine.core import (
+from gatekeeper.engine.deadlines import DeadlineSchedule, mark_due, schedule_rules
+from gatekeeper.engine.evaluate import Engine, apply_transition
+from gatekeeper.engine.facts import FactTable
+from gatekeeper.engine.ledger import EscrowBook
+from gatekeeper.engine.model import (
     AdminAct,
     ApprovalInput,
-    Engine,
     FactInput,
-    FactTable,
     IdempotencyRecord,
     RuleState,
     Transition,
-    apply_transition,
 )
-from gatekeeper.engine.deadlines import DeadlineSchedule, mark_due, schedule_rules
-from gatekeeper.engine.ledger import EscrowBook
 from gatekeeper.metrics import Metrics
 from gatekeeper.problems import Problem
 from gatekeeper.rules.loader import LoadResult, RuleFileCache, load_rule_texts, load_rules_dir

@@ -44,7 +44,7 @@ from string import Template
 from typing import Any, Final
 
 from gatekeeper.config import Config, Hook, HookFact
-from gatekeeper.engine.core import FactInput
+from gatekeeper.engine.model import FactInput
 from gatekeeper.jsonwire import loads_strict
 from gatekeeper.problems import Problem
 from gatekeeper.schemas import load_schema

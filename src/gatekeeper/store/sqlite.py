@@ -31,7 +31,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import aiosqlite
 
 from gatekeeper.clock import format_rfc3339
-from gatekeeper.engine.core import (
+from gatekeeper.engine.model import (
     ApprovalInput,
     Decision,
     FactKey,

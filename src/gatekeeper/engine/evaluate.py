@@ -22,13 +22,28 @@ import functools
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from gatekeeper.clock import format_rfc3339
+from gatekeeper.engine.facts import FactTable, ProjectFacts
 from gatekeeper.engine.ledger import EscrowBook, LedgerEntry
-from gatekeeper.expr import Evaluation, FactRef
+from gatekeeper.engine.model import (
+    AdminAct,
+    ApprovalInput,
+    ApprovalStanding,
+    Decision,
+    FactInput,
+    FactKey,
+    Outcome,
+    QueuedAction,
+    RuleState,
+    Transition,
+    Trigger,
+    evaluation_to_json,
+)
+from gatekeeper.expr import FactRef
 from gatekeeper.rules.model import (
     Action,
     FireMode,
@@ -39,254 +54,6 @@ from gatekeeper.rules.model import (
     Ruleset,
 )
 from gatekeeper.rules.templates import render_template, template_values
-
-FactKey = tuple[str, str, str]
-"""(project, kind, id)"""
-
-Trigger = Literal["fact", "reload", "time", "approval", "admin"]
-Outcome = Literal[
-    "fired", "blocked", "paused", "not_met", "already_fired", "still_met", "awaiting_approvals"
-]
-ApprovalStanding = Mapping[str, Mapping[str, str]]
-"""rule id -> approver subject -> their standing decision, "approve" or "reject"."""
-
-
-@dataclass(frozen=True)
-class FactInput:
-    """A fact as posted: ``data`` replaces the previous data of ``(project, kind, id)``."""
-
-    project: str
-    kind: str
-    id: str
-    data: Mapping[str, Any]
-
-    @property
-    def key(self) -> FactKey:
-        return (self.project, self.kind, self.id)
-
-
-@dataclass(frozen=True, slots=True)
-class RuleState:
-    """What the engine remembers of a rule between evaluations (persisted by the store).
-
-    ``gate_open`` is the last value of the gate (None before the first evaluation);
-    ``fired_count`` only ever grows; ``rule_hash`` is the content hash last evaluated.
-    """
-
-    rule_id: str
-    gate_open: bool | None = None
-    fired_count: int = 0
-    last_fired_at: str | None = None
-    rule_hash: str | None = None
-    paused: bool = False
-    rearms: int = 0
-    """A ``once`` rule may fire while ``fired_count <= rearms`` (re-arming sets it)."""
-
-
-@dataclass(frozen=True)
-class ApprovalInput:
-    """An approver's decision on a rule: ``approve``, ``reject`` or ``withdraw`` (which
-    removes that approver's standing decision). ``subject`` is the token's subject."""
-
-    rule_id: str
-    project: str
-    subject: str
-    decision: Literal["approve", "reject", "withdraw"]
-    comment: str | None = None
-
-
-@dataclass(frozen=True)
-class AdminAct:
-    """An audited admin act: who (``actor``), what (``act``), on which rule, and why."""
-
-    act: Literal["pause", "resume", "rearm"]
-    rule_id: str
-    actor: str
-    reason: str
-    project: str = ""
-
-
-@dataclass(frozen=True)
-class QueuedAction:
-    """An action to deliver, as it goes into the outbox.
-
-    ``action_id`` is stable across retries (it is the Standard Webhooks ``webhook-id``; for a
-    release it is also the ``release_id`` and the ``Idempotency-Key``). ``payload`` is the
-    rendered action (JSON-ready); ``target`` names a target of ``gatekeeper.yaml``.
-    """
-
-    action_id: str
-    kind: str
-    target: str
-    rule_id: str
-    firing_id: str
-    payload: Mapping[str, Any]
-    created_at: str
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The engine's verdict on one rule at one moment, with everything needed to explain it.
-
-    ``fact_index`` points into the transition's ``facts`` (the store turns it into the fact's
-    sequence number); ``evaluation`` holds the sub-condition values, missing names and the
-    facts seen; ``firing_id`` (``<rule id>#<n>``) is set when the rule fired.
-    """
-
-    rule_id: str
-    rule_hash: str
-    ruleset_version: str
-    git_commit: str | None
-    trigger: Trigger
-    outcome: Outcome
-    gate_open: bool
-    evaluation: Evaluation
-    decided_at: str
-    fact_index: int | None = None
-    firing_id: str | None = None
-    approvals: Mapping[str, Any] | None = None
-    reason: str | None = None
-    project: str = ""
-
-
-@dataclass(frozen=True)
-class IdempotencyRecord:
-    """An ``Idempotency-Key`` and the SHA-256 (hex) of the request it came with, stored with
-    the facts it applied so that a repeat can be answered without applying anything."""
-
-    key: str
-    request_hash: str
-
-
-@dataclass
-class Transition:
-    """Everything one ingest, reload or clock tick changes, committed atomically:
-    facts to append, decisions to record, rule states to write and actions to queue.
-    ``ruleset`` is set when the transition activates a ruleset version."""
-
-    facts: list[FactInput] = field(default_factory=list)
-    decisions: list[Decision] = field(default_factory=list)
-    rule_states: dict[str, RuleState] = field(default_factory=dict)
-    actions: list[QueuedAction] = field(default_factory=list)
-    ruleset: Ruleset | None = None
-    request_id: str | None = None
-    ledger: list[LedgerEntry] = field(default_factory=list)
-    idempotency: IdempotencyRecord | None = None
-    approvals: list[ApprovalInput] = field(default_factory=list)
-    admin_acts: list[AdminAct] = field(default_factory=list)
-    planned_at: datetime | None = None
-    """The "now" the transition was planned at (deadlines are rescheduled from it)."""
-
-    @property
-    def fired(self) -> list[Decision]:
-        """Decisions that fired a rule (``blocked`` ones included: they count as its firing)."""
-        return [d for d in self.decisions if d.firing_id is not None]
-
-
-class ProjectFacts:
-    """The current facts of one project, seen through pending (uncommitted) changes.
-
-    Implements ``gatekeeper.expr.FactLookup``.
-    """
-
-    def __init__(self, project: str, facts: FactTable) -> None:
-        self._project = project
-        self._facts = facts
-
-    def get(self, kind: str, id: str) -> Mapping[str, Any] | None:
-        return self._facts.get((self._project, kind, id))
-
-    def of_kind(self, kind: str) -> Mapping[str, Mapping[str, Any]]:
-        return self._facts.of_kind(self._project, kind)
-
-
-class FactTable:
-    """Current facts in memory, keyed by (project, kind, id): one dict of ids per
-    (project, kind), so ``get`` and ``of_kind`` read the same index.
-
-    ``overlay`` returns a copy-on-write view for planning a transition before it commits.
-
-    The root table (not an overlay) stores each fact's data in a compact form: a copy in
-    which equal dict keys, projects, kinds and short strings (up to ``SHARED_MAX_CHARS``
-    characters: statuses, codes) are one shared ``str`` object, not one per fact (as
-    ``json.loads`` makes them). The copy is equal to the data given; only memory changes
-    (about a third less for facts of a few fields). At most ``SHARED_MAX_STRINGS`` distinct
-    strings are shared, so unique values cannot grow the pool without bound.
-    """
-
-    SHARED_MAX_CHARS = 16
-    SHARED_MAX_STRINGS = 65_536
-    COMPACT_MAX_DEPTH = 32
-    """Data nested deeper than this is kept as given."""
-
-    def __init__(self, facts: Mapping[FactKey, Mapping[str, Any]] | None = None) -> None:
-        self._by_kind: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = defaultdict(dict)
-        self._parent: FactTable | None = None
-        self._strings: dict[str, str] = {}
-        for key, data in (facts or {}).items():
-            self.put(key, data)
-
-    def overlay(self) -> FactTable:
-        """A view that reads through to this table and records its own writes."""
-        view = FactTable()
-        view._parent = self
-        return view
-
-    def put(self, key: FactKey, data: Mapping[str, Any]) -> None:
-        """Set the data of fact ``key`` (the root table keeps a compact, equal copy)."""
-        project, kind, id = key
-        if self._parent is None:
-            project, kind = self._shared(project), self._shared(kind)
-            data = self._compact_mapping(data, 0)
-        self._by_kind[(project, kind)][id] = data
-
-    def _shared(self, text: str) -> str:
-        """The pool's ``str`` equal to ``text`` (adding it while the pool has room)."""
-        pooled = self._strings.get(text)
-        if pooled is not None:
-            return pooled
-        if len(self._strings) < self.SHARED_MAX_STRINGS:
-            self._strings[text] = text
-        return text
-
-    def _compact_mapping(self, data: Mapping[str, Any], depth: int) -> dict[str, Any]:
-        return {self._shared(k): self._compact(v, depth + 1) for k, v in data.items()}
-
-    def _compact(self, value: Any, depth: int) -> Any:
-        if depth > self.COMPACT_MAX_DEPTH:
-            return value
-        if isinstance(value, str):
-            return self._shared(value) if len(value) <= self.SHARED_MAX_CHARS else value
-        if isinstance(value, dict):
-            return self._compact_mapping(value, depth)
-        if isinstance(value, list):
-            return [self._compact(v, depth + 1) for v in value]
-        return value
-
-    def get(self, key: FactKey) -> Mapping[str, Any] | None:
-        if self._by_kind:  # an overlay often holds nothing yet
-            ids = self._by_kind.get((key[0], key[1]))
-            if ids is not None:
-                data = ids.get(key[2])
-                if data is not None:
-                    return data
-        return self._parent.get(key) if self._parent else None
-
-    def snapshot(self) -> dict[FactKey, Mapping[str, Any]]:
-        """This table's own facts (not its parent's), ``{(project, kind, id): data}``, in a
-        new dict."""
-        return {
-            (project, kind, id): data
-            for (project, kind), ids in self._by_kind.items()
-            for id, data in ids.items()
-        }
-
-    def of_kind(self, project: str, kind: str) -> Mapping[str, Mapping[str, Any]]:
-        merged: dict[str, Mapping[str, Any]] = {}
-        if self._parent:
-            merged.update(self._parent.of_kind(project, kind))
-        merged.update(self._by_kind.get((project, kind), {}))
-        return merged
 
 
 class _Entry:
@@ -755,22 +522,3 @@ def _render_payload(action: Action, values: Mapping[str, str]) -> dict[str, Any]
     if isinstance(action, PipelineAction):
         return {"ref": action.ref, "inputs": dict(action.inputs)}
     raise TypeError(f"unknown action {action!r}")
-
-
-def evaluation_to_json(evaluation: Evaluation) -> dict[str, Any]:
-    """An evaluation as stored in the audit log and shown by the API."""
-    return {
-        "value": evaluation.value,
-        "clauses": [
-            {
-                "text": c.text,
-                "value": c.value,
-                **({"missing": list(c.missing)} if c.missing else {}),
-                **({"error": c.error} if c.error else {}),
-            }
-            for c in evaluation.clauses
-        ],
-        "missing": list(evaluation.missing),
-        "error": evaluation.error,
-        "seen": dict(evaluation.seen),
-    }

@@ -1,0 +1,118 @@
+"""The current facts in memory: ``FactTable`` (keyed by (project, kind, id), with
+copy-on-write overlays for planning) and ``ProjectFacts``, one project's view of it as the
+``gatekeeper.expr.FactLookup`` conditions read.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+from gatekeeper.engine.model import FactKey
+
+
+class ProjectFacts:
+    """The current facts of one project, seen through pending (uncommitted) changes.
+
+    Implements ``gatekeeper.expr.FactLookup``.
+    """
+
+    def __init__(self, project: str, facts: FactTable) -> None:
+        self._project = project
+        self._facts = facts
+
+    def get(self, kind: str, id: str) -> Mapping[str, Any] | None:
+        return self._facts.get((self._project, kind, id))
+
+    def of_kind(self, kind: str) -> Mapping[str, Mapping[str, Any]]:
+        return self._facts.of_kind(self._project, kind)
+
+
+class FactTable:
+    """Current facts in memory, keyed by (project, kind, id): one dict of ids per
+    (project, kind), so ``get`` and ``of_kind`` read the same index.
+
+    ``overlay`` returns a copy-on-write view for planning a transition before it commits.
+
+    The root table (not an overlay) stores each fact's data in a compact form: a copy in
+    which equal dict keys, projects, kinds and short strings (up to ``SHARED_MAX_CHARS``
+    characters: statuses, codes) are one shared ``str`` object, not one per fact (as
+    ``json.loads`` makes them). The copy is equal to the data given; only memory changes
+    (about a third less for facts of a few fields). At most ``SHARED_MAX_STRINGS`` distinct
+    strings are shared, so unique values cannot grow the pool without bound.
+    """
+
+    SHARED_MAX_CHARS = 16
+    SHARED_MAX_STRINGS = 65_536
+    COMPACT_MAX_DEPTH = 32
+    """Data nested deeper than this is kept as given."""
+
+    def __init__(self, facts: Mapping[FactKey, Mapping[str, Any]] | None = None) -> None:
+        self._by_kind: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = defaultdict(dict)
+        self._parent: FactTable | None = None
+        self._strings: dict[str, str] = {}
+        for key, data in (facts or {}).items():
+            self.put(key, data)
+
+    def overlay(self) -> FactTable:
+        """A view that reads through to this table and records its own writes."""
+        view = FactTable()
+        view._parent = self
+        return view
+
+    def put(self, key: FactKey, data: Mapping[str, Any]) -> None:
+        """Set the data of fact ``key`` (the root table keeps a compact, equal copy)."""
+        project, kind, id = key
+        if self._parent is None:
+            project, kind = self._shared(project), self._shared(kind)
+            data = self._compact_mapping(data, 0)
+        self._by_kind[(project, kind)][id] = data
+
+    def _shared(self, text: str) -> str:
+        """The pool's ``str`` equal to ``text`` (adding it while the pool has room)."""
+        pooled = self._strings.get(text)
+        if pooled is not None:
+            return pooled
+        if len(self._strings) < self.SHARED_MAX_STRINGS:
+            self._strings[text] = text
+        return text
+
+    def _compact_mapping(self, data: Mapping[str, Any], depth: int) -> dict[str, Any]:
+        return {self._shared(k): self._compact(v, depth + 1) for k, v in data.items()}
+
+    def _compact(self, value: Any, depth: int) -> Any:
+        if depth > self.COMPACT_MAX_DEPTH:
+            return value
+        if isinstance(value, str):
+            return self._shared(value) if len(value) <= self.SHARED_MAX_CHARS else value
+        if isinstance(value, dict):
+            return self._compact_mapping(value, depth)
+        if isinstance(value, list):
+            return [self._compact(v, depth + 1) for v in value]
+        return value
+
+    def get(self, key: FactKey) -> Mapping[str, Any] | None:
+        if self._by_kind:  # an overlay often holds nothing yet
+            ids = self._by_kind.get((key[0], key[1]))
+            if ids is not None:
+                data = ids.get(key[2])
+                if data is not None:
+                    return data
+        return self._parent.get(key) if self._parent else None
+
+    def snapshot(self) -> dict[FactKey, Mapping[str, Any]]:
+        """This table's own facts (not its parent's), ``{(project, kind, id): data}``, in a
+        new dict."""
+        return {
+            (project, kind, id): data
+            for (project, kind), ids in self._by_kind.items()
+            for id, data in ids.items()
+        }
+
+    def of_kind(self, project: str, kind: str) -> Mapping[str, Mapping[str, Any]]:
+        merged: dict[str, Mapping[str, Any]] = {}
+        if self._parent:
+            merged.update(self._parent.of_kind(project, kind))
+        merged.update(self._by_kind.get((project, kind), {}))
+        return merged

@@ -1,0 +1,179 @@
+"""The records the engine takes and gives, shared by the rooms above it: facts, approvals
+and admin acts in; rule states, decisions, queued actions and the ``Transition`` that
+commits them out. Plain frozen dataclasses (``Transition`` is built up while planning),
+no behaviour beyond small derived properties.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from gatekeeper.engine.ledger import LedgerEntry
+from gatekeeper.expr import Evaluation
+from gatekeeper.rules.model import (
+    Ruleset,
+)
+
+FactKey = tuple[str, str, str]
+"""(project, kind, id)"""
+
+Trigger = Literal["fact", "reload", "time", "approval", "admin"]
+Outcome = Literal[
+    "fired", "blocked", "paused", "not_met", "already_fired", "still_met", "awaiting_approvals"
+]
+ApprovalStanding = Mapping[str, Mapping[str, str]]
+"""rule id -> approver subject -> their standing decision, "approve" or "reject"."""
+
+
+@dataclass(frozen=True)
+class FactInput:
+    """A fact as posted: ``data`` replaces the previous data of ``(project, kind, id)``."""
+
+    project: str
+    kind: str
+    id: str
+    data: Mapping[str, Any]
+
+    @property
+    def key(self) -> FactKey:
+        return (self.project, self.kind, self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleState:
+    """What the engine remembers of a rule between evaluations (persisted by the store).
+
+    ``gate_open`` is the last value of the gate (None before the first evaluation);
+    ``fired_count`` only ever grows; ``rule_hash`` is the content hash last evaluated.
+    """
+
+    rule_id: str
+    gate_open: bool | None = None
+    fired_count: int = 0
+    last_fired_at: str | None = None
+    rule_hash: str | None = None
+    paused: bool = False
+    rearms: int = 0
+    """A ``once`` rule may fire while ``fired_count <= rearms`` (re-arming sets it)."""
+
+
+@dataclass(frozen=True)
+class ApprovalInput:
+    """An approver's decision on a rule: ``approve``, ``reject`` or ``withdraw`` (which
+    removes that approver's standing decision). ``subject`` is the token's subject."""
+
+    rule_id: str
+    project: str
+    subject: str
+    decision: Literal["approve", "reject", "withdraw"]
+    comment: str | None = None
+
+
+@dataclass(frozen=True)
+class AdminAct:
+    """An audited admin act: who (``actor``), what (``act``), on which rule, and why."""
+
+    act: Literal["pause", "resume", "rearm"]
+    rule_id: str
+    actor: str
+    reason: str
+    project: str = ""
+
+
+@dataclass(frozen=True)
+class QueuedAction:
+    """An action to deliver, as it goes into the outbox.
+
+    ``action_id`` is stable across retries (it is the Standard Webhooks ``webhook-id``; for a
+    release it is also the ``release_id`` and the ``Idempotency-Key``). ``payload`` is the
+    rendered action (JSON-ready); ``target`` names a target of ``gatekeeper.yaml``.
+    """
+
+    action_id: str
+    kind: str
+    target: str
+    rule_id: str
+    firing_id: str
+    payload: Mapping[str, Any]
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The engine's verdict on one rule at one moment, with everything needed to explain it.
+
+    ``fact_index`` points into the transition's ``facts`` (the store turns it into the fact's
+    sequence number); ``evaluation`` holds the sub-condition values, missing names and the
+    facts seen; ``firing_id`` (``<rule id>#<n>``) is set when the rule fired.
+    """
+
+    rule_id: str
+    rule_hash: str
+    ruleset_version: str
+    git_commit: str | None
+    trigger: Trigger
+    outcome: Outcome
+    gate_open: bool
+    evaluation: Evaluation
+    decided_at: str
+    fact_index: int | None = None
+    firing_id: str | None = None
+    approvals: Mapping[str, Any] | None = None
+    reason: str | None = None
+    project: str = ""
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """An ``Idempotency-Key`` and the SHA-256 (hex) of the request it came with, stored with
+    the facts it applied so that a repeat can be answered without applying anything."""
+
+    key: str
+    request_hash: str
+
+
+@dataclass
+class Transition:
+    """Everything one ingest, reload or clock tick changes, committed atomically:
+    facts to append, decisions to record, rule states to write and actions to queue.
+    ``ruleset`` is set when the transition activates a ruleset version."""
+
+    facts: list[FactInput] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    rule_states: dict[str, RuleState] = field(default_factory=dict)
+    actions: list[QueuedAction] = field(default_factory=list)
+    ruleset: Ruleset | None = None
+    request_id: str | None = None
+    ledger: list[LedgerEntry] = field(default_factory=list)
+    idempotency: IdempotencyRecord | None = None
+    approvals: list[ApprovalInput] = field(default_factory=list)
+    admin_acts: list[AdminAct] = field(default_factory=list)
+    planned_at: datetime | None = None
+    """The "now" the transition was planned at (deadlines are rescheduled from it)."""
+
+    @property
+    def fired(self) -> list[Decision]:
+        """Decisions that fired a rule (``blocked`` ones included: they count as its firing)."""
+        return [d for d in self.decisions if d.firing_id is not None]
+
+
+def evaluation_to_json(evaluation: Evaluation) -> dict[str, Any]:
+    """An evaluation as stored in the audit log and shown by the API."""
+    return {
+        "value": evaluation.value,
+        "clauses": [
+            {
+                "text": c.text,
+                "value": c.value,
+                **({"missing": list(c.missing)} if c.missing else {}),
+                **({"error": c.error} if c.error else {}),
+            }
+            for c in evaluation.clauses
+        ],
+        "missing": list(evaluation.missing),
+        "error": evaluation.error,
+        "seen": dict(evaluation.seen),
+    }
