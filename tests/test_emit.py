@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.utils
 import os
 import re
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,14 @@ import pytest
 import yaml
 from aiohttp import web
 
-from gatekeeper.cli.emit import add_emit_parser, build_fact, run_emit
+from gatekeeper.cli.emit import (
+    MAX_RETRY_AFTER_S,
+    add_emit_parser,
+    build_fact,
+    post_fact,
+    run_emit,
+)
+from gatekeeper.clock import FixedClock
 
 from .conftest import DEPLOY_RULE, Project, Receiver
 
@@ -180,6 +189,53 @@ async def test_out_of_retries_warns_and_4xx_is_not_retried(
     assert await emit(*FACT_ARGS, "--strict", "--backoff-s", "0.01") == 1
     assert len(flaky.requests) == 3  # refused: no retry
     assert "refused: HTTP 403" in capsys.readouterr().err
+
+
+async def test_retry_after_in_either_form_is_honoured_up_to_the_limit() -> None:
+    now = datetime(2026, 11, 9, 9, 0, 0, tzinfo=UTC)
+    answers = [
+        {"Retry-After": "3"},
+        {"Retry-After": email.utils.format_datetime(now + timedelta(seconds=7), usegmt=True)},
+        {"Retry-After": email.utils.format_datetime(now - timedelta(hours=1), usegmt=True)},
+        {"Retry-After": "3600"},
+        {"Retry-After": "whenever"},
+    ]
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        if not answers:
+            return web.json_response({"accepted": 1, "seqs": [7], "request_id": "r"})
+        return web.json_response({"error": {}}, status=429, headers=answers.pop(0))
+
+    app = web.Application()
+    app.router.add_post("/v1/facts", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    sleeps: list[float] = []
+    try:
+        outcome = await asyncio.to_thread(
+            post_fact,
+            f"http://127.0.0.1:{port}",
+            {"project": "tower-a", "kind": "task", "id": "T-17", "data": {}},
+            token=None,
+            idempotency_key="k",
+            retries=5,
+            timeout_s=5,
+            backoff_s=0.001,
+            sleep=sleeps.append,
+            clock=FixedClock(now),
+        )
+    finally:
+        await runner.cleanup()
+    assert outcome.ok and outcome.attempts == 6
+    # seconds; an HTTP-date from the clock's now; a past date: the backoff alone; the
+    # limit; garbage: the backoff alone
+    assert sleeps[:2] == [3.0, 7.0]
+    assert sleeps[2] < 0.1 and sleeps[4] < 0.1
+    assert sleeps[3] == MAX_RETRY_AFTER_S
 
 
 def free_port() -> int:

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import inspect
 import json
+import math
 import random
 import socket
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -476,6 +480,29 @@ async def test_retry_after_counts_from_the_answer(
     first, second = recv.by_id()[action["action_id"]]
     assert first.answered_at is not None
     assert second.arrived_at - first.answered_at >= 0.95
+
+
+async def test_retry_after_as_an_http_date_is_honoured(
+    project_factory: Callable[..., Project], receivers: Any, start_daemon: Any
+) -> None:
+    # RFC 9110 allows an HTTP-date: "retry at 12:00:02 GMT". The date is the next whole
+    # second but one, so the wait it asks for is more than 1 s (the backoff alone: 20 ms).
+    def retry_at_date(hit: Hit, n: int) -> Answer:
+        if n > 1:
+            return Answer()
+        at = datetime.fromtimestamp(math.floor(time.time()) + 2, UTC)
+        return Answer(429, "slow down", {"Retry-After": email.utils.format_datetime(at, True)})
+
+    recv = await receivers(retry_at_date)
+    project = project_factory()
+    deploy(project, {"bank": (recv.url, FAST | {"backoff_cap_s": 5})}, {"T-1": [release("bank")]})
+    gk = await start_daemon(project)
+    await fire(gk, "T-1")
+
+    [action] = await wait_actions(gk, "delivered", 1)
+    first, second = recv.by_id()[action["action_id"]]
+    assert first.status == 429 and second.status == 200
+    assert 0.95 <= second.arrived_at - first.arrived_at < 4.0
 
 
 # -- 5. 400 / 422: dead at once -----------------------------------------------------------

@@ -14,8 +14,9 @@ when set; it needs the ``facts:write`` scope for the project).
   sent with every retry, so a retry after a lost answer applies nothing twice: the daemon
   replays its first answer (``POST /v1/facts``, see the README).
 - Connection errors, timeouts, 408, 429 and 5xx are retried ``--retries`` times with
-  exponential backoff (``--backoff-s``, doubled each time, with jitter; a longer
-  ``Retry-After`` is honoured up to ``MAX_RETRY_AFTER_S``).
+  exponential backoff (``--backoff-s``, doubled each time, with jitter: between half and
+  all of it); a longer ``Retry-After`` (seconds or an HTTP-date) is honoured up to
+  ``MAX_RETRY_AFTER_S`` (``gatekeeper.delivery.retry``).
 - By default emit never fails the build that calls it: when the daemon cannot be reached,
   or refuses the fact (a 4xx: a bad kind or id, a token without the scope), it prints a
   warning or the error on stderr and exits 0. ``--strict`` makes those exit 1.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import random
 import sys
@@ -39,7 +41,11 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TextIO
+
+from gatekeeper.clock import Clock, SystemClock
+from gatekeeper.delivery.retry import backoff_delay_s, parse_retry_after, retry_delay_s
 
 URL_ENV = "GATEKEEPER_URL"
 """The environment variable holding the daemon's base URL."""
@@ -47,6 +53,8 @@ TOKEN_ENV = "GATEKEEPER_TOKEN"
 """The environment variable holding the API token (the same one the other clients read)."""
 DEFAULT_URL = "http://127.0.0.1:8080"
 MAX_RETRY_AFTER_S = 30.0
+BACKOFF_JITTER = 0.5
+"""Each delay is between half and all of ``--backoff-s`` doubled per attempt."""
 RETRYABLE_STATUS = frozenset({408, 429})
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PROG = "gatekeeper emit"
@@ -220,11 +228,15 @@ def post_fact(
     backoff_s: float,
     sleep: Callable[[float], None] = time.sleep,
     rng: random.Random | None = None,
+    clock: Clock | None = None,
 ) -> EmitOutcome:
     """POST ``fact`` to ``{url}/v1/facts``, retrying connection errors, timeouts, 408, 429
     and 5xx up to ``retries`` times; every attempt sends the same body and
-    ``Idempotency-Key``. Never raises for network or HTTP trouble: the outcome says."""
+    ``Idempotency-Key``. Never raises for network or HTTP trouble: the outcome says.
+    ``timeout_s`` and ``backoff_s`` are seconds; ``clock`` (the system clock by default)
+    dates an HTTP-date ``Retry-After``."""
     rng = rng or random.Random()
+    clock = clock or SystemClock()
     body = json.dumps(fact, separators=(",", ":")).encode()
     headers = {
         "Content-Type": "application/json",
@@ -246,15 +258,15 @@ def post_fact(
             message = f"HTTP {exc.code} from {endpoint}: {_error_message(exc)}"
             if exc.code not in RETRYABLE_STATUS and exc.code < 500:
                 return EmitOutcome(False, attempt, message, refused=True)
-            retry_after = _retry_after(exc.headers.get("Retry-After"))
+            retry_after = _retry_after(exc, clock.now())
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc
             message = f"cannot reach gatekeeper at {url}: {reason}"
         if attempt <= retries:
-            delay = backoff_s * 2 ** (attempt - 1) * rng.uniform(0.5, 1.0)
-            if retry_after is not None:
-                delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
-            sleep(delay)
+            backoff = backoff_delay_s(
+                attempt, base_s=backoff_s, cap_s=math.inf, rng=rng, jitter=BACKOFF_JITTER
+            )
+            sleep(retry_delay_s(backoff, retry_after, MAX_RETRY_AFTER_S))
     return EmitOutcome(False, retries + 1, message)
 
 
@@ -278,12 +290,9 @@ def _error_message(exc: urllib.error.HTTPError) -> str:
     return f"{text} ({details})" if details else text
 
 
-def _retry_after(value: str | None) -> float | None:
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and seconds >= 0 else None
+def _retry_after(exc: urllib.error.HTTPError, now: datetime) -> float | None:
+    """The answer's ``Retry-After`` in seconds from ``now`` (None when absent or unusable)."""
+    return parse_retry_after(exc.headers.get("Retry-After"), now)
 
 
 def _count(text: str) -> int:

@@ -4,7 +4,8 @@ Each due action is POSTed to its target (see ``actions``). A 2xx answer marks it
 Connection errors, timeouts, 408, 429 and 5xx are retried after a delay drawn with "full
 jitter" (AWS Architecture Blog, "Exponential Backoff And Jitter"): uniform in
 ``[0, min(backoff_cap_s, backoff_base_s * 2**(attempt-1))]``, or the server's
-``Retry-After`` (seconds) when it is longer. Any other answer, or running out of attempts
+``Retry-After`` (delay-seconds or an HTTP-date; at most ``backoff_cap_s``) when it is
+longer (``retry``). Any other answer, or running out of attempts
 (``max_attempts``) or time (``max_age_s``), makes the action a dead letter, kept with its
 last error and visible in ``GET /v1/actions?status=dead``. Nothing is dropped silently.
 
@@ -35,6 +36,7 @@ import aiohttp
 from gatekeeper.clock import Clock, format_rfc3339, parse_rfc3339
 from gatekeeper.config import DeliveryPolicy, Target
 from gatekeeper.delivery.requests import build_request
+from gatekeeper.delivery.retry import backoff_delay_s, parse_retry_after, retry_delay_s
 from gatekeeper.engine.model import QueuedAction
 from gatekeeper.metrics import Metrics
 from gatekeeper.store.sqlite import (
@@ -74,23 +76,6 @@ class AttemptOutcome:
     @property
     def delivered(self) -> bool:
         return self.status_code is not None and 200 <= self.status_code < 300
-
-
-def backoff_delay_s(policy: DeliveryPolicy, attempt: int, rng: random.Random) -> float:
-    """Seconds to wait after failed attempt number ``attempt`` (1-based), full jitter."""
-    ceiling = min(policy.backoff_cap_s, policy.backoff_base_s * 2 ** (attempt - 1))
-    return rng.uniform(0, ceiling)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds (only the delay-seconds form; an HTTP date is ignored)."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    return seconds if seconds >= 0 else None
 
 
 class Dispatcher:
@@ -482,7 +467,10 @@ class Dispatcher:
                     await response.read()
                     return AttemptOutcome(response.status, None, False)
                 text = (await response.text(errors="replace"))[:MAX_ERROR_CHARS]
-                return _classify(response.status, text, response.headers.get("Retry-After"))
+                retry_after = parse_retry_after(
+                    response.headers.get("Retry-After"), self._clock.now()
+                )
+                return _classify(response.status, text, retry_after)
         except TimeoutError:
             return AttemptOutcome(None, f"timed out after {target.delivery.timeout_s} s", True)
         except aiohttp.ClientError as exc:
@@ -504,9 +492,10 @@ class Dispatcher:
         age_s = (finished - since).total_seconds()
         if not outcome.retryable or attempt_no - entry.attempts_at_requeue >= policy.max_attempts:
             return "dead", None
-        delay = backoff_delay_s(policy, attempt_no, self._rng)
-        if outcome.retry_after_s is not None:
-            delay = max(delay, min(outcome.retry_after_s, policy.backoff_cap_s))
+        backoff_s = backoff_delay_s(
+            attempt_no, base_s=policy.backoff_base_s, cap_s=policy.backoff_cap_s, rng=self._rng
+        )
+        delay = retry_delay_s(backoff_s, outcome.retry_after_s, policy.backoff_cap_s)
         if age_s + delay > policy.max_age_s:
             return "dead", None
         return "pending", format_rfc3339(finished + timedelta(seconds=delay))
@@ -575,9 +564,9 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_exception(error)
 
 
-def _classify(status: int, body: str, retry_after: str | None) -> AttemptOutcome:
+def _classify(status: int, body: str, retry_after_s: float | None) -> AttemptOutcome:
     if 200 <= status < 300:
         return AttemptOutcome(status, None, False)
     error = f"HTTP {status}: {body}" if body else f"HTTP {status}"
     retryable = status in RETRYABLE_STATUS or status >= 500
-    return AttemptOutcome(status, error, retryable, parse_retry_after(retry_after))
+    return AttemptOutcome(status, error, retryable, retry_after_s)
