@@ -8,13 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gatekeeper.cli.check import (
-    escape_data,
-    escape_property,
-    format_problems,
-    github_command,
-    run_check,
-)
+from gatekeeper.cli.check import run_check
+from gatekeeper.cli.output import escape_data, escape_property, format_problems, github_command
 from gatekeeper.config import Config, load_config
 from gatekeeper.problems import Problem
 

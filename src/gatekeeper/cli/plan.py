@@ -58,8 +58,8 @@ from typing import Any, Literal, TextIO
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped, unused-ignore]
 
 import gatekeeper.expr as expressions
-from gatekeeper.cli.check import escape_data, escape_property, format_problems, github_commands
 from gatekeeper.cli.client import ClientError, base_url, call
+from gatekeeper.cli.output import format_problems, github_commands, plural, workflow_command
 from gatekeeper.clock import SystemClock, format_rfc3339, parse_rfc3339
 from gatekeeper.config import Config, ConfigError, find_default_config, load_config
 from gatekeeper.engine.evaluate import Engine
@@ -541,19 +541,19 @@ def plan_text(plan: Plan, fail_on: FailOn) -> list[str]:
         lines.append("")
     fired = [f for f in plan.firings if not f.blocked]
     blocked = [f for f in plan.firings if f.blocked]
-    lines.append(f"Would fire on deploy: {_plural(len(fired), 'rule')}")
+    lines.append(f"Would fire on deploy: {plural(len(fired), 'rule')}")
     for firing in fired:
         lines.append(f"  {firing.rule.id}  ({firing.rule.fire}, {_location(plan, firing.rule)})")
         lines += [f"    {describe_action(a)}" for a in firing.actions]
     if blocked:
-        lines.append(f"Would be blocked on deploy: {_plural(len(blocked), 'rule')}")
+        lines.append(f"Would be blocked on deploy: {plural(len(blocked), 'rule')}")
         for firing in blocked:
             lines.append(f"  {firing.rule.id}  ({_location(plan, firing.rule)})")
             lines.append(f"    blocked: {firing.decision.reason}")
             lines += [f"    {describe_action(a)}" for a in firing.actions]
     quiet = [d for d in plan.decisions if d.firing_id is None]
     if quiet:
-        lines.append(f"Evaluated, would not fire: {_plural(len(quiet), 'rule')}")
+        lines.append(f"Evaluated, would not fire: {plural(len(quiet), 'rule')}")
         lines += [f"  {d.rule_id}: {_why_not(plan, d)}" for d in quiet]
     if plan.releases:
         lines.append("Releases by escrow:")
@@ -573,7 +573,7 @@ def plan_summary(plan: Plan, fail_on: FailOn) -> str:
     if not plan.firings:
         text = "nothing would fire on deploy"
     else:
-        text = f"{_plural(len(plan.firings), 'rule')} would fire on deploy"
+        text = f"{plural(len(plan.firings), 'rule')} would fire on deploy"
         money = ", ".join(f"{t.amount} {t.currency} from {t.escrow}" for t in plan.releases)
         text += f", releasing {money}" if money else ", releasing nothing"
     verdict = "FAILED" if plan.trips(fail_on) else "PLAN"
@@ -600,11 +600,8 @@ def plan_github(plan: Plan, fail_on: FailOn) -> list[str]:
     for rule in plan.changed:
         lines.append(_github_line("notice", plan, rule, f"rule {rule.id} is changed"))
     for rule_id in plan.removed:
-        lines.append(
-            f"::notice title={escape_property(GITHUB_TITLE)}::"
-            f"{escape_data(f'rule {rule_id} is removed')}"
-        )
-    lines += [f"::notice::{escape_data(note)}" for note in plan.snapshot.notes]
+        lines.append(workflow_command("notice", f"rule {rule_id} is removed", title=GITHUB_TITLE))
+    lines += [workflow_command("notice", note) for note in plan.snapshot.notes]
     lines.append(plan_summary(plan, fail_on))
     return lines
 
@@ -616,14 +613,8 @@ def _firing_trips(firing: PlannedFiring, fail_on: FailOn) -> bool:
 
 
 def _github_line(level: str, plan: Plan, rule: Rule, message: str) -> str:
-    properties = ",".join(
-        [
-            f"file={escape_property(rule_path(plan.rules_dir, rule))}",
-            f"line={rule.line}",
-            f"title={escape_property(GITHUB_TITLE)}",
-        ]
-    )
-    return f"::{level} {properties}::{escape_data(message)}"
+    file = rule_path(plan.rules_dir, rule)
+    return workflow_command(level, message, file=file, line=rule.line, title=GITHUB_TITLE)
 
 
 def _rule_ref(plan: Plan, rule: Rule) -> dict[str, Any]:
@@ -643,7 +634,7 @@ def _why_not(plan: Plan, decision: Decision) -> str:
     """Why a decision did not fire, in a few words."""
     state = plan.snapshot.states.get(decision.rule_id, RuleState(decision.rule_id))
     if decision.outcome == "already_fired":
-        return f"already fired ({_plural(state.fired_count, 'time')}; fire: once)"
+        return f"already fired ({plural(state.fired_count, 'time')}; fire: once)"
     if decision.outcome == "still_met":
         return "its gate was already open (each_time fires on the next closed -> open change)"
     if decision.outcome == "paused":
@@ -753,9 +744,9 @@ def explanation_lines(
         if approvals["rejected_by"]:
             text += f"; rejected by {', '.join(approvals['rejected_by'])}: blocked"
         lines.append(text + f"; from {', '.join(approvals['from'])})")
-    state = f"fired {_plural(explanation['fired_count'], 'time')} (fire: {rule.fire})"
+    state = f"fired {plural(explanation['fired_count'], 'time')} (fire: {rule.fire})"
     if explanation.get("rearms"):
-        state += f", re-armed {_plural(explanation['rearms'], 'time')}"
+        state += f", re-armed {plural(explanation['rearms'], 'time')}"
     if explanation.get("last_fired_at"):
         state += f", last at {explanation['last_fired_at']}"
     lines.append(state + (", PAUSED" if explanation["paused"] else ""))
@@ -1076,7 +1067,7 @@ def _print_load_problems(result: LoadResult, fmt: str, out: TextIO) -> None:
         return
     count = len(result.problems)
     out.write(
-        "\n".join([*lines, f"FAILED: the ruleset is invalid ({_plural(count, 'problem')})"]) + "\n"
+        "\n".join([*lines, f"FAILED: the ruleset is invalid ({plural(count, 'problem')})"]) + "\n"
     )
 
 
@@ -1109,7 +1100,3 @@ def _one_line(text: str) -> str:
 
 def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

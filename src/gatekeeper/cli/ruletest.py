@@ -48,6 +48,7 @@ from typing import Any, Literal, TextIO
 
 import yaml
 
+from gatekeeper.cli.output import plural
 from gatekeeper.cli.plan import (
     clause_deadlines,
     cli_config,
@@ -813,17 +814,17 @@ def summary_line(report: TestReport) -> str:
     ``ERROR: P problems ...``."""
     passed, failed = report.count("passed"), report.count("failed")
     skipped = report.count("skipped")
-    files = _plural(len(report.files), "file")
+    files = plural(len(report.files), "file")
     tail = f" ({skipped} skipped by --run)" if skipped else ""
     problems = report.all_problems
     if problems:
         return (
-            f"ERROR: {_plural(len(problems), 'problem')} in the test files or rules; "
+            f"ERROR: {plural(len(problems), 'problem')} in the test files or rules; "
             f"{passed} passed, {failed} failed{tail}"
         )
     if failed:
-        return f"FAILED: {failed} of {_plural(passed + failed, 'case')} failed in {files}{tail}"
-    return f"SUCCESS: {_plural(passed, 'case')} passed in {files}{tail}"
+        return f"FAILED: {failed} of {plural(passed + failed, 'case')} failed in {files}{tail}"
+    return f"SUCCESS: {plural(passed, 'case')} passed in {files}{tail}"
 
 
 def report_json(report: TestReport) -> dict[str, Any]:
@@ -930,14 +931,14 @@ def _case_element(suite: ET.Element, file: str, case: CaseResult) -> None:
         first = case.failures[0]
         message = f"step {first.step} at {first.at}: {first.rule_id}: {first.message}"
         if len(case.failures) > 1:
-            message += f" (and {_plural(len(case.failures) - 1, 'more failure')})"
+            message += f" (and {plural(len(case.failures) - 1, 'more failure')})"
         failure = ET.SubElement(element, "failure", message=message, type="ExpectationFailed")
         failure.text = "\n".join(case_failure_lines(case))
 
 
 def _error_case(suite: ET.Element, file: str, name: str, problems: Sequence[Problem]) -> None:
     element = ET.SubElement(suite, "testcase", name=name, classname=_classname(file), time="0")
-    message = f"{_plural(len(problems), 'problem')}: {problems[0]}"
+    message = f"{plural(len(problems), 'problem')}: {problems[0]}"
     error = ET.SubElement(element, "error", message=message, type="InvalidTestFile")
     error.text = "\n".join(str(problem) for problem in problems)
 
@@ -950,10 +951,6 @@ def _classname(file: str) -> str:
             stem = stem[: -len(suffix)]
             break
     return stem.strip("/.").replace("/", ".")
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 # ---------------------------------------------------------------------------------------------
