@@ -5,11 +5,14 @@ see (filtered in the query, before LIMIT), admin acts on actions included."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from gatekeeper.config import load_config
 from gatekeeper.http.auth import hash_token
 
 from .conftest import DEPLOY_RULE, ENV, Project, Receiver, Running, fact
@@ -197,3 +200,39 @@ async def test_a_retry_is_seen_only_by_tokens_that_may_see_the_actions_project(
     assert retries(await call(gk, "GET", "/v1/audit?kind=admin_act", "ops")) == expected
     assert retries(await call(gk, "GET", "/v1/audit?kind=admin_act", "reader-a")) == expected
     assert retries(await call(gk, "GET", "/v1/audit?kind=admin_act", "reader-b")) == []
+
+
+def test_serve_refuses_a_database_url_of_another_scheme_naming_it(
+    project_factory: Callable[..., Project],
+) -> None:
+    project = project_factory()
+    project.write_rule("deploy.yaml", DEPLOY_RULE)
+    text = project.config_path.read_text().replace(
+        "database: state/gatekeeper.db", "database: postgresql://gk:s3cret@db.example/gk"
+    )
+    project.config_path.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "gatekeeper", "serve", "-c", str(project.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **ENV},
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "'postgresql' is not supported" in result.stderr
+    assert "s3cret" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_sqlite_url_in_the_config_is_resolved_like_a_path(tmp_path: Path) -> None:
+    config_path = tmp_path / "gatekeeper.yaml"
+    for database, expected in (
+        ("state/gk.db", tmp_path / "state" / "gk.db"),
+        ("sqlite:///state/gk.db", f"sqlite:///{tmp_path / 'state' / 'gk.db'}"),
+        ("sqlite:////var/gk.db", "sqlite:////var/gk.db"),
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+        ("postgresql://db.example/gk", "postgresql://db.example/gk"),
+    ):
+        config_path.write_text(f'database: "{database}"\n')
+        assert load_config(config_path).database == expected, database
