@@ -24,11 +24,6 @@ class Conflict(StoreError):
     requeuing an action that is not dead)."""
 
 
-class NotFound(StoreError):
-    """The operation names a row that does not exist (where returning None is not the
-    documented answer)."""
-
-
 class SchemaTooNew(StoreUnavailable):
     """The database was written by a newer gatekeeper (its schema version is higher than
     any migration this one knows)."""

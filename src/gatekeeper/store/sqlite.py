@@ -312,7 +312,9 @@ class SqliteStore:
     ``COMMIT`` (``_transact``), so a group commit costs one round trip between the event loop
     and the thread. Reads go through a second, read-only connection (aiosqlite), which sees
     only committed data. ``path`` may be ``:memory:``: then both connections share one
-    in-memory database (a named shared cache), gone at ``close``.
+    in-memory database (a named shared cache), gone at ``close``; meant for tests and dry
+    runs: shared-cache locks are not waited for, so a read that meets a write in progress
+    raises ``StoreUnavailable`` (table locked) instead of waiting.
     """
 
     def __init__(self, path: Path | str) -> None:
