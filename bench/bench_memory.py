@@ -11,7 +11,7 @@ What runs (everything on 127.0.0.1, in a temporary directory that is removed aft
    ``T-<facts-1>`` of project ``bench`` (the first ``rules/5`` of them read by the rules),
    each ``{"status", "priority", "updated_at", "title", "assignee", "estimate_h"}`` (about
    150 bytes of JSON). The facts are written with the daemon's own store API
-   (``SqliteStore.commit_transitions``, batches of 1,000) before the daemon starts, so the
+   (``Store.commit_transitions``, batches of 1,000) before the daemon starts, so the
    daemon *loads* them at start: the realistic peak of a restart with a full database, and
    much faster than posting 100,000 facts through the HTTP API.
 2. ``python -m gatekeeper serve`` is started on that project (``--runs`` times, one after
@@ -24,7 +24,7 @@ What runs (everything on 127.0.0.1, in a temporary directory that is removed aft
 Baselines, measured in the same run: a bare process that imports what the daemon imports
 (``gatekeeper.cli.main``, ``gatekeeper.runtime.daemon``, ``gatekeeper.http.app``); the same
 facts as plain Python dicts in a bare process (``json.loads`` of each row, keyed by
-``(project, kind, id)``, as ``SqliteStore.load_facts`` builds them); and the raw sizes
+``(project, kind, id)``, as ``Store.load_facts`` builds them); and the raw sizes
 (rule files, facts' JSON, database file). Target: the daemon's peak RSS under 250 MB.
 """
 
@@ -133,18 +133,20 @@ def fact_data(i: int) -> dict[str, Any]:
 
 async def write_facts(database: Path, count: int) -> None:
     """``count`` current facts through the daemon's store API, 1,000 per transaction."""
-    from gatekeeper.engine.model import FactInput, Transition
-    from gatekeeper.store.sqlite import SqliteStore
+    from datetime import UTC, datetime
 
-    store = SqliteStore(database)
-    await store.open()
+    from gatekeeper.engine.model import FactInput, Transition
+    from gatekeeper.store import open_store
+
+    store = await open_store(database)
     try:
         for start in range(0, count, 1000):
             facts = [
                 FactInput(BENCH_PROJECT, "task", f"T-{i}", fact_data(i))
                 for i in range(start, min(count, start + 1000))
             ]
-            await store.commit_transitions([Transition(facts=facts)])
+            now = datetime.now(UTC)  # the store reads no clock: rows are stamped with this
+            await store.commit_transitions([Transition(facts=facts, planned_at=now)])
     finally:
         await store.close()
 

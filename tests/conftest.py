@@ -9,6 +9,7 @@ import json
 import textwrap
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,7 @@ def outbox_entry(
     kind: str, payload: dict[str, Any], *, target: str = "t", rule_id: str = "tower-a/r"
 ) -> Any:
     """A pending outbox entry (action ``act_0123``, first firing of ``rule_id``)."""
-    from gatekeeper.store.sqlite import OutboxEntry
+    from gatekeeper.store.records import OutboxEntry
 
     return OutboxEntry(
         action_id="act_0123",
@@ -171,8 +172,8 @@ def outbox_entry(
         payload=payload,
         status="pending",
         attempts=0,
-        created_at="2026-11-01T09:00:00.000Z",
-        next_attempt_at="2026-11-01T09:00:00.000Z",
+        created_at=datetime(2026, 11, 1, 9, 0, tzinfo=UTC),
+        next_attempt_at=datetime(2026, 11, 1, 9, 0, tzinfo=UTC),
         last_error=None,
         delivered_at=None,
         decision_id=1,
@@ -244,6 +245,6 @@ async def start_daemon() -> AsyncIterator[Callable[..., Any]]:
 
     yield start
     for item in running:
-        if item.daemon.store._db is not None:
+        if item.daemon.store.is_open:
             await item.stop()
     await session.close()

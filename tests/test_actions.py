@@ -11,7 +11,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from gatekeeper.config import Target
 from gatekeeper.delivery.requests import build_request
-from gatekeeper.store.sqlite import OutboxEntry
+from gatekeeper.store.records import OutboxEntry
 
 from .conftest import SECRET, outbox_entry
 

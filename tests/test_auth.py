@@ -204,7 +204,7 @@ async def test_two_of_three_approvals_reject_blocks_withdraw_unblocks(gk: Runnin
     assert view["fired_count"] == 1
     assert view["recent_decisions"][0]["trigger"] == "approval"
     log = await gk.daemon.store.fact_log()
-    approvals = [(r["id"], r["data"]["decision"]) for r in log if r["kind"] == "approval"]
+    approvals = [(r.id, r.data["decision"]) for r in log if r.kind == "approval"]
     assert approvals == [
         ("alice", "approve"),
         ("carol", "reject"),
@@ -370,7 +370,7 @@ async def test_approval_with_idempotency_key_applies_once(gk: Running) -> None:
     async with gk.session.post(url, json=body, headers=bob) as response:
         assert response.status == 200 and "Idempotent-Replayed" not in response.headers
     log = await gk.daemon.store.fact_log()
-    assert [(r["id"], r["data"]["decision"]) for r in log if r["kind"] == "approval"] == [
+    assert [(r.id, r.data["decision"]) for r in log if r.kind == "approval"] == [
         ("alice", "approve"),
         ("bob", "approve"),
     ]

@@ -178,7 +178,7 @@ async def test_sequence_numbers_increase_and_log_keeps_history(
     task = next(f for f in facts["facts"] if f["kind"] == "task")
     assert task["data"] == {"status": "done"}
     log = await gk.daemon.store.fact_log()
-    assert [row["data"] for row in log if row["kind"] == "task"] == [
+    assert [row.data for row in log if row.kind == "task"] == [
         {"status": "started"},
         {"status": "done"},
     ]

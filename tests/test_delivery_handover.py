@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from gatekeeper.cli.main import JsonLogFormatter
-from gatekeeper.store.sqlite import AttemptRecord
+from gatekeeper.store.records import AttemptRecord
 
 from .conftest import DEPLOY_RULE, Project, Receiver, fact
 
@@ -167,11 +167,11 @@ async def _block_first_record(
     groups: list[int] = []
     real_record_attempts = store.record_attempts
 
-    async def record_attempt(attempt: Any, status: Any, next_attempt_at: Any) -> None:
+    async def record_attempt(record: AttemptRecord) -> None:
         groups.append(1)
         if len(groups) == 1:
             await release.wait()
-        await real_record_attempts([AttemptRecord(attempt, status, next_attempt_at)])
+        await real_record_attempts([record])
 
     async def record_attempts(records: list[AttemptRecord]) -> None:
         groups.append(len(records))

@@ -140,7 +140,7 @@ async def test_idempotency_key_repeat_returns_first_answer_and_applies_nothing(
         assert response.status == 422
         assert "build-42-started" in (await response.json())["error"]["message"]
     log = await gk.daemon.store.fact_log()
-    assert [row["data"] for row in log] == [{"status": "started"}]
+    assert [row.data for row in log] == [{"status": "started"}]
 
 
 async def test_concurrent_repeats_of_one_key_apply_once(
@@ -212,7 +212,7 @@ async def test_concurrent_posts_group_commit_and_each_time_edges_stay_exact(
     seqs = [body["seqs"][0] for _, body in answers]
     assert len(set(seqs)) == 60
     log = await gk.daemon.store.fact_log(limit=100)
-    applied = [row["data"]["status"] for row in log]
+    applied = [row.data["status"] for row in log]
     edges = sum(
         1
         for i, s in enumerate(applied)

@@ -29,7 +29,7 @@ from gatekeeper.config import (
     resolve_secrets,
 )
 from gatekeeper.delivery.requests import build_request
-from gatekeeper.store.sqlite import OutboxEntry
+from gatekeeper.store.records import OutboxEntry
 
 from .conftest import ENV, SECRET, Project, fact, outbox_entry
 

@@ -19,6 +19,8 @@ from gatekeeper.engine.evaluate import Engine
 from gatekeeper.engine.facts import FactTable
 from gatekeeper.engine.model import FactInput, RuleState, Transition
 from gatekeeper.rules.loader import load_rule_texts
+from gatekeeper.store.errors import Conflict, StoreUnavailable
+from gatekeeper.store.records import Attempt, AttemptRecord
 from gatekeeper.store.sqlite import SqliteStore, _Insert
 
 from .conftest import DESIGN_RULE, Project, fact
@@ -99,7 +101,7 @@ async def test_a_failed_statement_mid_group_rolls_back_every_row_of_the_group(
     double = engine.plan_ingest(FactTable(), {}, [_task("a", done=True)], NOW)
     assert first.fired and double.fired[0].firing_id == first.fired[0].firing_id
 
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(Conflict):
         await store.commit_transitions([first, double, second])
     assert _count_rows(store.path) == dict.fromkeys(TABLES, 0)
 
@@ -161,9 +163,9 @@ async def test_a_fact_twice_in_one_batch_keeps_the_last(store: SqliteStore) -> N
     batch = [_task("a", done=False, v=1), _task("b", done=True), _task("a", done=True, v=2)]
     transition = _plan(engine, FactTable(), {}, *batch)
     assert await store.commit_transition(transition) == [1, 2, 3]
-    current = {(f["id"], f["seq"]): f["data"] for f in await store.list_facts()}
+    current = {(f.id, f.seq): f.data for f in await store.list_facts()}
     assert current == {("a", 3): {"done": True, "v": 2}, ("b", 2): {"done": True}}
-    assert [r["data"] for r in await store.fact_log()] == [f.data for f in batch]
+    assert [r.data for r in await store.fact_log()] == [f.data for f in batch]
 
 
 async def test_a_cancelled_caller_does_not_interrupt_the_transaction(
@@ -191,7 +193,8 @@ async def test_a_cancelled_caller_does_not_interrupt_the_transaction(
     with pytest.raises(asyncio.CancelledError):
         await task
     monkeypatch.undo()
-    assert await store.purge_idempotency_keys("0") == 0  # queued after it: it has finished
+    # queued after it: it has finished
+    assert await store.purge_idempotency_keys(datetime(2000, 1, 1, tzinfo=UTC)) == 0
     rows = _count_rows(store.path)
     assert rows["fact_log"] == 1 and rows["outbox"] == len(transition.actions) == 2
 
@@ -201,15 +204,15 @@ async def test_requeue_and_attempts_are_transactions_on_the_writer(store: Sqlite
     transition = _plan(engine, FactTable(), {}, _task("b", done=True))
     await store.commit_transition(transition)
     (action,) = transition.actions
-    with pytest.raises(ValueError, match="not dead"):
-        await store.requeue_action(action.action_id, "2026-11-01T10:00:00.000Z", "ops", "x")
-    assert await store.requeue_action("act_nope", "2026-11-01T10:00:00.000Z", "ops", None) is None
+    later = datetime(2026, 11, 1, 10, 0, tzinfo=UTC)
+    with pytest.raises(Conflict, match="not dead"):
+        await store.requeue_action(action.action_id, later, "ops", "x")
+    assert await store.requeue_action("act_nope", later, "ops", None) is None
 
-    from gatekeeper.store.sqlite import Attempt
-
-    attempt = Attempt(action.action_id, 1, "2026-11-01T09:00:01.000Z", 12.5, 500, "HTTP 500")
-    await store.record_attempt(attempt, "dead", None)
-    entry = await store.requeue_action(action.action_id, "2026-11-01T10:00:00.000Z", "ops", "x")
+    started = datetime(2026, 11, 1, 9, 0, 1, tzinfo=UTC)
+    attempt = Attempt(action.action_id, 1, started, 12.5, 500, "HTTP 500")
+    await store.record_attempt(AttemptRecord(attempt, "dead", None, "attempts_exhausted"))
+    entry = await store.requeue_action(action.action_id, later, "ops", "x")
     assert entry is not None and entry.status == "pending" and entry.attempts == 1
     assert [a.status_code for a in await store.list_attempts(action.action_id)] == [500]
     db = sqlite3.connect(store.path)
@@ -229,13 +232,13 @@ async def test_close_ends_the_writer_thread_and_reopen_migrates_nothing(tmp_path
     assert len(writers) == 1
     await store.close()
     assert not writers[0].is_alive()
-    with pytest.raises(RuntimeError, match="not open"):
+    with pytest.raises(StoreUnavailable, match="not open"):
         await store.commit_transition(Transition())
 
     again = SqliteStore(path)
     await again.open()
     try:
-        assert [r["seq"] for r in await again.fact_log()] == [1]
+        assert [r.seq for r in await again.fact_log()] == [1]
         db = sqlite3.connect(path)
         try:
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -264,7 +267,7 @@ async def test_a_failed_group_leaves_the_daemons_memory_unchanged(
     assert fires.fired
     again = engine.plan_ingest(daemon.facts, daemon.states, batch, daemon.clock.now())
 
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(Conflict):
         await daemon._commit_and_apply([fires, again])
     assert daemon.facts.snapshot() == facts_before
     assert daemon.states == states_before
@@ -283,7 +286,7 @@ async def test_a_store_that_fails_to_open_leaves_no_writer_thread(
 
     monkeypatch.setattr(aiosqlite, "connect", refuse)
     store = SqliteStore(tmp_path / "gatekeeper.db")
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StoreUnavailable):
         await store.open()
     for _ in range(50):
         writers = [t for t in threading.enumerate() if t.name.startswith("gatekeeper-writer")]

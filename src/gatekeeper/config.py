@@ -175,7 +175,9 @@ class Config:
 
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
-    database: Path = Path(DEFAULT_DATABASE)
+    database: Path | str = Path(DEFAULT_DATABASE)
+    """A file path, or a database URL as written (``sqlite:///...``; see
+    ``gatekeeper.store.store_for``)."""
     rules_dir: Path = Path(DEFAULT_RULES_DIR)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     targets: Mapping[str, Target] = field(default_factory=dict)
@@ -382,6 +384,17 @@ def _backoff_ok(delivery: Mapping[str, Any]) -> bool:
     return not numbers or base <= cap
 
 
+def _database(folder: Path, text: str) -> Path | str:
+    """The ``database:`` setting: a path resolved against ``folder``; a URL kept as written,
+    except that the path of a ``sqlite:///`` URL is resolved against ``folder`` as well."""
+    if "://" not in text:
+        return folder / Path(text).expanduser()
+    prefix = "sqlite:///"
+    if text.startswith(prefix) and text[len(prefix) :] not in ("", ":memory:"):
+        return prefix + str(folder / Path(text[len(prefix) :]).expanduser())
+    return text
+
+
 def _build(data: Mapping[str, Any], path: Path) -> Config:
     """A ``Config`` from schema-valid ``data`` read from ``path``."""
     folder = path.absolute().parent
@@ -389,7 +402,7 @@ def _build(data: Mapping[str, Any], path: Path) -> Config:
     return Config(
         listen_host=host,
         listen_port=port,
-        database=folder / Path(data.get("database", DEFAULT_DATABASE)).expanduser(),
+        database=_database(folder, data.get("database", DEFAULT_DATABASE)),
         rules_dir=folder / Path(data.get("rules_dir", DEFAULT_RULES_DIR)).expanduser(),
         max_body_bytes=int(data.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)),
         targets={name: _build_target(name, t) for name, t in data.get("targets", {}).items()},

@@ -98,6 +98,9 @@ def _list(url: str, args: argparse.Namespace) -> int:
         return 0
     for action in answer["actions"]:
         error = f"  last error: {action['last_error']}" if action["last_error"] else ""
+        if action.get("dead_reason"):
+            status = f" (HTTP {action['dead_status']})" if action.get("dead_status") else ""
+            error = f"  dead: {action['dead_reason']}{status}{error}"
         print(
             f"{action['action_id']}  {action['status']:<9} {action['kind']:<8} "
             f"-> {action['target']}  rule {action['rule_id']}  "

@@ -281,11 +281,16 @@ async def _serve_async(config: Config) -> int:
 
     from gatekeeper.http.app import create_app
     from gatekeeper.runtime.daemon import Daemon, StartupError
+    from gatekeeper.store.errors import StoreError
 
-    daemon = Daemon(config, os.environ)
+    try:
+        daemon = Daemon(config, os.environ)
+    except StoreError as exc:  # a database: no backend serves
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILED
     try:
         await daemon.start()
-    except StartupError as exc:
+    except (StartupError, StoreError) as exc:
         log.error("cannot start: %s", exc)
         await daemon.store.close()
         return EXIT_FAILED

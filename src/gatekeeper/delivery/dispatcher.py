@@ -33,19 +33,20 @@ from datetime import datetime, timedelta
 
 import aiohttp
 
-from gatekeeper.clock import Clock, format_rfc3339, parse_rfc3339
+from gatekeeper.clock import Clock
 from gatekeeper.config import DeliveryPolicy, Target
 from gatekeeper.delivery.requests import build_request
 from gatekeeper.delivery.retry import backoff_delay_s, parse_retry_after, retry_delay_s
 from gatekeeper.engine.model import QueuedAction
 from gatekeeper.metrics import Metrics
-from gatekeeper.store.sqlite import (
+from gatekeeper.store.contract import DeliveryQueue
+from gatekeeper.store.queries import OutboxFilter
+from gatekeeper.store.records import (
     ActionStatus,
     Attempt,
     AttemptRecord,
+    DeadReason,
     OutboxEntry,
-    OutboxFilter,
-    Store,
     outbox_entry_of,
 )
 
@@ -96,7 +97,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        store: Store,
+        store: DeliveryQueue,
         targets: Callable[[], Mapping[str, Target]],
         secrets: Callable[[], Mapping[str, str]],
         clock: Clock,
@@ -266,7 +267,7 @@ class Dispatcher:
                 only = OutboxFilter(not_targets=full, exclude_ids=self._excluded_ids())
                 next_at = await self._store.next_attempt_at(only=only)
                 if next_at is not None:
-                    self._note_due(parse_rfc3339(next_at))
+                    self._note_due(next_at)
         finally:
             self._scanning = False
             self._finished_during_query = set()
@@ -386,18 +387,20 @@ class Dispatcher:
         if target is not None:
             self.metrics.attempt(entry.target, outcome.status_code, latency_ms / 1000)
         finished = self._clock.now()  # backoff and Retry-After count from the answer
-        status, next_at = self._next_state(entry, target, outcome, attempt_no, finished)
+        status, next_at, dead_reason = self._next_state(
+            entry, target, outcome, attempt_no, finished
+        )
         attempt = Attempt(
             entry.action_id,
             attempt_no,
-            format_rfc3339(started),
+            started,
             round(latency_ms, 3),
             outcome.status_code,
             outcome.error,
         )
-        await self._record(AttemptRecord(attempt, status, next_at))
+        await self._record(AttemptRecord(attempt, status, next_at, dead_reason))
         if next_at is not None:  # a retry: the outbox is looked at again when it falls due
-            self._note_due(parse_rfc3339(next_at))
+            self._note_due(next_at)
         self._log(entry, status, outcome, attempt_no)
 
     async def _record(self, record: AttemptRecord) -> None:
@@ -420,10 +423,7 @@ class Dispatcher:
                 group, self._outcomes = self._outcomes, []
                 try:
                     if len(group) == 1:
-                        record = group[0][0]
-                        await self._store.record_attempt(
-                            record.attempt, record.status, record.next_attempt_at
-                        )
+                        await self._store.record_attempt(group[0][0])
                     else:
                         await self._store.record_attempts([r for r, _ in group])
                 except Exception as exc:
@@ -433,9 +433,7 @@ class Dispatcher:
                     log.warning("recording %d delivery outcomes together failed", len(group))
                     for record, future in group:
                         try:
-                            await self._store.record_attempt(
-                                record.attempt, record.status, record.next_attempt_at
-                            )
+                            await self._store.record_attempt(record)
                         except Exception as one:
                             _settle(future, one)
                         else:
@@ -483,22 +481,28 @@ class Dispatcher:
         outcome: AttemptOutcome,
         attempt_no: int,
         finished: datetime,
-    ) -> tuple[ActionStatus, str | None]:
+    ) -> tuple[ActionStatus, datetime | None, DeadReason | None]:
+        """The action's state after an attempt: its status, when it is due again (a retry)
+        and why it died (a dead letter)."""
         if outcome.delivered:
-            return "delivered", None
+            return "delivered", None, None
         policy = target.delivery if target else DeliveryPolicy()
         # a requeued dead letter gets a fresh allowance of attempts and age
-        since = parse_rfc3339(entry.requeued_at or entry.created_at)
+        since = entry.requeued_at or entry.created_at
         age_s = (finished - since).total_seconds()
-        if not outcome.retryable or attempt_no - entry.attempts_at_requeue >= policy.max_attempts:
-            return "dead", None
+        if not outcome.retryable:
+            code = outcome.status_code
+            refused = code is not None and 400 <= code < 500
+            return "dead", None, "refused" if refused else "not_retryable"
+        if attempt_no - entry.attempts_at_requeue >= policy.max_attempts:
+            return "dead", None, "attempts_exhausted"
         backoff_s = backoff_delay_s(
             attempt_no, base_s=policy.backoff_base_s, cap_s=policy.backoff_cap_s, rng=self._rng
         )
         delay = retry_delay_s(backoff_s, outcome.retry_after_s, policy.backoff_cap_s)
         if age_s + delay > policy.max_age_s:
-            return "dead", None
-        return "pending", format_rfc3339(finished + timedelta(seconds=delay))
+            return "dead", None, "too_old"
+        return "pending", finished + timedelta(seconds=delay), None
 
     def _log(
         self, entry: OutboxEntry, status: ActionStatus, outcome: AttemptOutcome, attempt: int

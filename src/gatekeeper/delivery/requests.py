@@ -59,8 +59,9 @@ from typing import Any
 from standardwebhooks.webhooks import Webhook
 
 from gatekeeper import __version__
+from gatekeeper.clock import format_rfc3339
 from gatekeeper.config import Target
-from gatekeeper.store.sqlite import OutboxEntry
+from gatekeeper.store.records import OutboxEntry
 
 USER_AGENT = f"gatekeeper/{__version__}"
 
@@ -84,7 +85,7 @@ def request_body(entry: OutboxEntry, target: Target) -> dict[str, Any]:
         "action_id": entry.action_id,
         "rule_id": entry.rule_id,
         "firing_id": entry.firing_id,
-        "fired_at": entry.created_at,
+        "fired_at": format_rfc3339(entry.created_at),
         **dict(entry.payload),
     }
 

@@ -20,7 +20,8 @@ import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal, cast
 
@@ -47,7 +48,16 @@ from gatekeeper.runtime.daemon import (
 from gatekeeper.runtime.hooks import RESERVED_KINDS, HookRejected
 from gatekeeper.runtime.hooks import handle as handle_hook
 from gatekeeper.schemas import load_schema
-from gatekeeper.store.sqlite import AUDIT_KINDS, ActionStatus, AuditKind, AuditQuery, Store
+from gatekeeper.store.contract import RulesetReads
+from gatekeeper.store.errors import Conflict
+from gatekeeper.store.queries import AuditQuery
+from gatekeeper.store.records import (
+    AUDIT_KINDS,
+    ActionStatus,
+    AuditCursor,
+    AuditKind,
+    StoredDecision,
+)
 
 log = logging.getLogger("gatekeeper.http.app")
 
@@ -146,6 +156,14 @@ def visible(request: web.Request, project: str | None) -> bool:
     """Whether the request's token may see things of ``project``."""
     token = principal(request)
     return token is None or project is None or token.allows_project(project)
+
+
+def visible_projects(request: web.Request) -> frozenset[str] | None:
+    """The projects the request's token may see, for store queries: None for all."""
+    token = principal(request)
+    if token is None or "*" in token.projects:
+        return None
+    return frozenset(token.projects)
 
 
 REJECTION_REASONS = {400: "malformed", 413: "too_large", 415: "unsupported_media_type"}
@@ -394,8 +412,8 @@ async def post_facts(request: web.Request) -> web.Response:
 @requires("read")
 async def get_facts(request: web.Request) -> web.Response:
     project = request.query.get("project")
-    facts = await _daemon(request).store.list_facts(project)
-    return web.json_response({"facts": [f for f in facts if visible(request, f["project"])]})
+    facts = await _daemon(request).store.list_facts(project, projects=visible_projects(request))
+    return web.json_response({"facts": [f.to_json() for f in facts]})
 
 
 @requires("read")
@@ -445,7 +463,8 @@ async def _rule_detail(daemon: Daemon, rule_id: str, decisions: int) -> dict[str
     assert engine is not None
     view = daemon.rule_view(engine.rules[rule_id], explain=True)
     view["ruleset_version"] = engine.ruleset.version
-    view["recent_decisions"] = await daemon.store.list_decisions(rule_id, limit=decisions)
+    recent = await daemon.store.list_decisions(rule_id, limit=decisions)
+    view["recent_decisions"] = [d.to_json() for d in recent]
     return view
 
 
@@ -454,9 +473,10 @@ async def get_actions(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in ACTION_STATUSES:
         raise ApiError(400, f"status must be one of: {', '.join(ACTION_STATUSES)}")
-    entries = await _daemon(request).store.list_actions(status, _limit(request))
-    shown = [e.to_json() for e in entries if visible(request, e.payload.get("project"))]
-    return web.json_response({"actions": shown})
+    entries = await _daemon(request).store.list_actions(
+        status, _limit(request), projects=visible_projects(request)
+    )
+    return web.json_response({"actions": [e.to_json() for e in entries]})
 
 
 @requires("read")
@@ -469,7 +489,7 @@ async def get_action(request: web.Request) -> web.Response:
     check_project(request, entry.payload.get("project", ""))
     attempts = await store.list_attempts(action_id)
     return web.json_response(
-        {**entry.to_json(), "delivery_attempts": [asdict(a) for a in attempts]}
+        {**entry.to_json(), "delivery_attempts": [a.to_json() for a in attempts]}
     )
 
 
@@ -488,7 +508,7 @@ async def post_action_retry(request: web.Request) -> web.Response:
         check_project(request, existing.payload.get("project", ""))
     try:
         entry = await daemon.retry_action(action_id, actor=actor(request), reason=reason)
-    except ValueError as exc:
+    except Conflict as exc:
         raise ApiError(409, str(exc)) from None
     if entry is None:
         raise ApiError(404, f"no action {action_id!r}")
@@ -659,42 +679,43 @@ async def get_audit(request: web.Request) -> web.Response:
         since=_time_param(request, "since"),
         until=_time_param(request, "until"),
         after=_decode_cursor(query.get("cursor")),
+        projects=visible_projects(request),
         limit=_limit(request),
     )
     entries = await _daemon(request).store.audit(audit_query)
     last = entries[-1] if len(entries) == audit_query.limit else None
-    shown = [e for e in entries if visible(request, e["project"])]
     return web.json_response(
         {
-            "entries": shown,
-            "next_cursor": _encode_cursor(last["at"], last["kind"], last["id"]) if last else None,
+            "entries": [e.to_json() for e in entries],
+            "next_cursor": _encode_cursor(last.cursor) if last else None,
         }
     )
 
 
-def _time_param(request: web.Request, name: str) -> str | None:
+def _time_param(request: web.Request, name: str) -> datetime | None:
     text = request.query.get(name)
     if text is None:
         return None
     try:
-        return format_rfc3339(parse_rfc3339(text))
+        return parse_rfc3339(text)
     except ValueError:
         raise ApiError(
             400, f"{name} must be an RFC 3339 time with a zone, got {text[:40]!r}"
         ) from None
 
 
-def _encode_cursor(at: str, kind: str, id_: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps([at, kind, id_]).encode()).decode()
+def _encode_cursor(cursor: AuditCursor) -> str:
+    fields = [format_rfc3339(cursor.at), cursor.kind, cursor.id]
+    return base64.urlsafe_b64encode(json.dumps(fields).encode()).decode()
 
 
-def _decode_cursor(text: str | None) -> tuple[str, str, int] | None:
+def _decode_cursor(text: str | None) -> AuditCursor | None:
     if text is None:
         return None
     try:
         at, kind, id_ = json.loads(base64.urlsafe_b64decode(text.encode()))
         if isinstance(at, str) and isinstance(kind, str) and isinstance(id_, int):
-            return at, kind, id_
+            return AuditCursor(parse_rfc3339(at), kind, id_)
     except (ValueError, TypeError, UnicodeError):
         pass
     raise ApiError(400, "cursor is not a next_cursor this API gave out")
@@ -706,12 +727,12 @@ async def get_export(request: web.Request) -> web.Response:
     facts, every rule's firing state, standing approvals, the active ruleset's content
     hashes and the escrows. Limited to the token's projects."""
     daemon = _daemon(request)
-    facts = await daemon.store.list_facts()
+    facts = await daemon.store.list_facts(projects=visible_projects(request))
     engine = daemon.engine
     rules = engine.rules if engine else {}
     return web.json_response(
         {
-            "facts": [f for f in facts if visible(request, f["project"])],
+            "facts": [f.to_json() for f in facts],
             "rule_states": [
                 {
                     "rule_id": s.rule_id,
@@ -742,7 +763,7 @@ async def get_export(request: web.Request) -> web.Response:
 async def get_rulesets(request: web.Request) -> web.Response:
     """Every ruleset version that went live, most recent first (content-addressed)."""
     rulesets = await _daemon(request).store.list_rulesets(_limit(request))
-    return web.json_response({"rulesets": rulesets})
+    return web.json_response({"rulesets": [r.to_json() for r in rulesets]})
 
 
 @requires("read")
@@ -752,15 +773,7 @@ async def get_ruleset(request: web.Request) -> web.Response:
     stored = await _daemon(request).store.get_ruleset(version)
     if stored is None:
         raise ApiError(404, f"no ruleset version {version[:80]!r}")
-    return web.json_response(
-        {
-            "version": stored.version,
-            "git_commit": stored.git_commit,
-            "first_activated_at": stored.first_activated_at,
-            "last_activated_at": stored.last_activated_at,
-            "files": dict(stored.files),
-        }
-    )
+    return web.json_response(stored.to_json())
 
 
 @requires("read")
@@ -773,32 +786,32 @@ async def get_release(request: web.Request) -> web.Response:
     release = await store.release_record(release_id)
     if release is None:
         raise ApiError(404, f"no release {release_id[:80]!r}")
-    decision = await store.decision_of_firing(release["firing_id"])
+    decision = await store.decision_of_firing(release.firing_id)
     action = await store.get_action(release_id)
     project = action.payload.get("project", "") if action else ""
     check_project(request, project)
     attempts = await store.list_attempts(release_id)
-    fact = await store.fact_at(decision["fact_seq"]) if decision and decision["fact_seq"] else None
+    fact = await store.fact_at(decision.fact_seq) if decision and decision.fact_seq else None
     rule_text = await _rule_text(store, decision) if decision else None
     return web.json_response(
         {
-            "release": release,
-            "decision": decision,
-            "triggered_by": fact,
+            "release": release.to_json(),
+            "decision": decision.to_json() if decision else None,
+            "triggered_by": fact.to_json() if fact else None,
             "rule": rule_text,
             "action": action.to_json() if action else None,
-            "delivery_attempts": [asdict(a) for a in attempts],
+            "delivery_attempts": [a.to_json() for a in attempts],
         }
     )
 
 
-async def _rule_text(store: Store, decision: dict[str, Any]) -> dict[str, Any] | None:
+async def _rule_text(store: RulesetReads, decision: StoredDecision) -> dict[str, Any] | None:
     """The file and source of the decision's rule in the ruleset version it ran under."""
-    stored = await store.get_ruleset(decision["ruleset_version"])
+    stored = await store.get_ruleset(decision.ruleset_version)
     if stored is None:
         return None
     rules = load_rule_texts(stored.files, None).ruleset
-    rule = rules.by_id().get(decision["rule_id"]) if rules else None
+    rule = rules.by_id().get(decision.rule_id) if rules else None
     if rule is None:
         return None
     return {

@@ -718,6 +718,17 @@ def _action_fields(timestamp: JsonObject, nullable_timestamp: JsonObject) -> Jso
             "delivered_at": nullable_timestamp,
             "decision_id": SEQ,
             "requeued_at": nullable_timestamp,
+            "dead_reason": {
+                "enum": ["attempts_exhausted", "too_old", "refused", "not_retryable", None],
+                "description": "Why a dead letter died: its attempts ran out, it grew older "
+                "than max_age_s, the receiver refused it (4xx), or no retry could help. null "
+                "unless status is dead (and for dead letters recorded before this field).",
+            },
+            "dead_status": {
+                "type": ["integer", "null"],
+                "description": "The HTTP status of the attempt that made it a dead letter "
+                "(null when no answer came, and unless status is dead).",
+            },
         }
     )
     del schema["additionalProperties"]

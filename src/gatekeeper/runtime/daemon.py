@@ -54,7 +54,8 @@ from gatekeeper.problems import Problem
 from gatekeeper.rules.loader import LoadResult, RuleFileCache, load_rule_texts, load_rules_dir
 from gatekeeper.rules.model import Rule, Ruleset
 from gatekeeper.runtime.hooks import hook_problems
-from gatekeeper.store.sqlite import OutboxEntry, SqliteStore, Store
+from gatekeeper.store import Store, store_for
+from gatekeeper.store.records import OutboxEntry
 
 log = logging.getLogger("gatekeeper.runtime.daemon")
 
@@ -150,7 +151,7 @@ class Daemon:
         self.clock: Clock = clock or SystemClock()
         self.tick_s = tick_s
         self.watch = watch
-        self.store: Store = SqliteStore(config.database)
+        self.store: Store = store_for(config.database)
         self.facts = FactTable()
         self.states: dict[str, RuleState] = {}
         self.approvals: dict[str, dict[str, str]] = {}
@@ -251,7 +252,7 @@ class Daemon:
             "RUNNING THE LAST GOOD RULESET %s (activated %s) FROM THE DATABASE: the rules "
             "directory %s is invalid; fix it and gatekeeper reloads it",
             stored.version[:12],
-            stored.last_activated_at,
+            format_rfc3339(stored.last_activated_at),
             self.config.rules_dir,
         )
         await self._activate(fallback.ruleset, trigger_source="database (last good ruleset)")
@@ -372,10 +373,10 @@ class Daemon:
         stored = await self.store.find_idempotency_key(job.idempotency.key)
         if stored is None:
             return False
-        if stored["request_hash"] != job.idempotency.request_hash:
+        if stored.request_hash != job.idempotency.request_hash:
             job.result.set_exception(IdempotencyConflict(job.idempotency.key))
         else:
-            job.result.set_result(IngestResult(stored["seqs"], stored["request_id"], replayed=True))
+            job.result.set_result(IngestResult(stored.seqs, stored.request_id, replayed=True))
         return True
 
     def _answer_after(self, first: _IngestJob, job: _IngestJob) -> None:
@@ -534,10 +535,10 @@ class Daemon:
         async with self._write_lock:
             if idempotency is not None:
                 stored = await self.store.find_idempotency_key(idempotency.key)
-                if stored is not None and stored["request_hash"] != idempotency.request_hash:
+                if stored is not None and stored.request_hash != idempotency.request_hash:
                     raise IdempotencyConflict(idempotency.key)
                 if stored is not None:
-                    return IngestResult(stored["seqs"], stored["request_id"], replayed=True)
+                    return IngestResult(stored.seqs, stored.request_id, replayed=True)
             engine = self._engine()
             rule = engine.rules.get(approval.rule_id)
             if rule is None:
@@ -896,7 +897,7 @@ class Daemon:
     async def purge_idempotency_keys(self) -> int:
         """Forget ``Idempotency-Key``s older than the config's ``idempotency_window_s``."""
         window = timedelta(seconds=self.config.idempotency_window_s)
-        return await self.store.purge_idempotency_keys(format_rfc3339(self.clock.now() - window))
+        return await self.store.purge_idempotency_keys(self.clock.now() - window)
 
     # -- views ----------------------------------------------------------------------------
 
@@ -928,9 +929,7 @@ class Daemon:
         self, action_id: str, *, actor: str, reason: str | None
     ) -> OutboxEntry | None:
         """Requeue dead letter ``action_id``, an audited admin act (``Store.requeue_action``)."""
-        entry = await self.store.requeue_action(
-            action_id, format_rfc3339(self.clock.now()), actor, reason
-        )
+        entry = await self.store.requeue_action(action_id, self.clock.now(), actor, reason)
         if entry is not None:
             log.warning(
                 "action %s requeued by %s: %s",

@@ -1,8 +1,64 @@
 """Durable state: the fact log, decisions, rule states, the outbox, the ledger, rulesets and
-the audit log, behind one storage interface.
+the audit log, behind one storage contract.
 
-Owns: ``sqlite`` (the embedded backend: WAL, ``synchronous=FULL``, one writer thread).
+Owns: ``contract`` (the Store Protocols, split by concern), ``records`` (the typed rows
+they return), ``queries`` (query types: plain data), ``errors`` (the ``StoreError``
+family), ``migrations`` (schema migrations as files, per backend), ``sqlite`` (the embedded
+backend: WAL, ``synchronous=FULL``, one writer thread) and ``open_store`` (the backend a
+``database:`` setting names).
 
 May import: ``gatekeeper.engine`` (the records it stores), ``gatekeeper.rules`` and the
 ground floor. Never the runtime, delivery or HTTP layers.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gatekeeper.store.contract import Store
+from gatekeeper.store.errors import UnsupportedDatabase
+
+__all__ = ["SQLITE_PREFIX", "Store", "open_store", "store_for"]
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+def store_for(database: str | Path) -> Store:
+    """The (not yet opened) store a ``database:`` setting names.
+
+    ``database`` is a plain path (``state/gatekeeper.db``), ``sqlite:///<path>`` (three
+    slashes then the path, so ``sqlite:////var/lib/gk.db`` is absolute and
+    ``sqlite:///gk.db`` relative to the working folder) or ``sqlite:///:memory:`` (a private
+    in-memory database, gone when the store closes). Raises ``UnsupportedDatabase`` naming
+    the scheme for any other URL (e.g. ``postgresql://``: no such backend yet).
+    """
+    from gatekeeper.store.sqlite import SqliteStore
+
+    if isinstance(database, Path):
+        return SqliteStore(database)
+    scheme, sep, _ = database.partition("://")
+    if not sep:
+        return SqliteStore(Path(database))
+    if database.startswith(SQLITE_PREFIX):
+        path = database[len(SQLITE_PREFIX) :]
+        if not path:
+            raise UnsupportedDatabase(f"database URL {database!r} names no file")
+        return SqliteStore(path if path == ":memory:" else Path(path))
+    if scheme == "sqlite":
+        raise UnsupportedDatabase(
+            f"database URL {database!r}: write sqlite:///<path> (three slashes)"
+        )
+    raise UnsupportedDatabase(
+        f"database URL scheme {scheme!r} is not supported (supported: a file path or "
+        "sqlite:///<path>)"
+    )
+
+
+async def open_store(database: str | Path) -> Store:
+    """The store ``database`` names (see ``store_for``), opened: its schema is up to date.
+
+    Raises ``UnsupportedDatabase`` for an unknown scheme, ``StoreUnavailable`` when the
+    database cannot be opened, ``SchemaTooNew`` when a newer gatekeeper wrote it."""
+    store = store_for(database)
+    await store.open()
+    return store

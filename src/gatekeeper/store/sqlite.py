@@ -1,6 +1,5 @@
-"""Storage: the one narrow interface the daemon writes through, and its SQLite backend.
+"""The SQLite backend of the Store contract (``gatekeeper.store.contract``).
 
-``Store`` is a Protocol so that a PostgreSQL backend can stand beside ``SqliteStore``.
 Every write goes through one connection on one thread (a single writer), and everything a
 fact causes is committed in one transaction (``commit_transition``): the fact, the decisions
 it causes, the rule states and the actions they queue (a transactional outbox). A whole
@@ -8,7 +7,13 @@ transaction, ``BEGIN IMMEDIATE`` to ``COMMIT``, is one call on the writer's thre
 
 SQLite runs in WAL mode with ``synchronous=FULL``: a committed transaction is on disk
 (fsynced) before ``commit_transition`` returns, so an acknowledged fact survives a crash.
-The schema is versioned with ``PRAGMA user_version`` and upgraded by ``MIGRATIONS`` in order.
+The schema is versioned with ``PRAGMA user_version`` and upgraded by the migration files of
+``gatekeeper/store/migrations/sqlite`` in order.
+
+Times are RFC 3339 text in UTC with milliseconds (``format_rfc3339``: fixed width, so the
+text sorts as the time does) in the columns, aware ``datetime``s at the interface. The
+query types are translated to SQL here (``_outbox_where``, ``_audit_where``). Driver
+errors leave as the ``StoreError`` family (``_store_error``).
 """
 
 from __future__ import annotations
@@ -20,399 +25,152 @@ import itertools
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from queue import SimpleQueue
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 
-from gatekeeper.clock import format_rfc3339
+from gatekeeper.clock import format_rfc3339, parse_rfc3339
 from gatekeeper.engine.model import (
     ApprovalInput,
     Decision,
     FactKey,
-    QueuedAction,
     RuleState,
     Transition,
     evaluation_to_json,
 )
 from gatekeeper.rules.model import Ruleset
-
-ActionStatus = Literal["pending", "delivered", "dead"]
-
-MIGRATIONS: tuple[str, ...] = (
-    # 1: the first schema
-    """
-    CREATE TABLE fact_log (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        project TEXT NOT NULL, kind TEXT NOT NULL, id TEXT NOT NULL,
-        data TEXT NOT NULL,
-        received_at TEXT NOT NULL,
-        request_id TEXT
-    );
-    CREATE TABLE facts (
-        project TEXT NOT NULL, kind TEXT NOT NULL, id TEXT NOT NULL,
-        data TEXT NOT NULL,
-        seq INTEGER NOT NULL REFERENCES fact_log(seq),
-        updated_at TEXT NOT NULL,
-        PRIMARY KEY (project, kind, id)
-    );
-    CREATE TABLE rulesets (
-        version TEXT PRIMARY KEY,
-        files TEXT NOT NULL,
-        git_commit TEXT,
-        first_activated_at TEXT NOT NULL,
-        last_activated_at TEXT NOT NULL
-    );
-    CREATE TABLE rule_state (
-        rule_id TEXT PRIMARY KEY,
-        gate_open INTEGER,
-        fired_count INTEGER NOT NULL DEFAULT 0,
-        last_fired_at TEXT,
-        rule_hash TEXT
-    );
-    CREATE TABLE decisions (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        decided_at TEXT NOT NULL,
-        rule_id TEXT NOT NULL,
-        rule_hash TEXT NOT NULL,
-        ruleset_version TEXT NOT NULL,
-        git_commit TEXT,
-        trigger TEXT NOT NULL,
-        fact_seq INTEGER REFERENCES fact_log(seq),
-        outcome TEXT NOT NULL,
-        gate_open INTEGER NOT NULL,
-        evaluation TEXT NOT NULL,
-        approvals TEXT,
-        firing_id TEXT UNIQUE,
-        request_id TEXT
-    );
-    CREATE INDEX decisions_rule ON decisions(rule_id, id);
-    CREATE TABLE outbox (
-        action_id TEXT PRIMARY KEY,
-        decision_id INTEGER NOT NULL REFERENCES decisions(id),
-        rule_id TEXT NOT NULL,
-        firing_id TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        target TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        status TEXT NOT NULL DEFAULT 'pending',
-        attempts INTEGER NOT NULL DEFAULT 0,
-        created_at TEXT NOT NULL,
-        next_attempt_at TEXT NOT NULL,
-        last_error TEXT,
-        delivered_at TEXT
-    );
-    CREATE INDEX outbox_due ON outbox(status, next_attempt_at);
-    CREATE TABLE delivery_attempts (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        action_id TEXT NOT NULL REFERENCES outbox(action_id),
-        attempt INTEGER NOT NULL,
-        started_at TEXT NOT NULL,
-        latency_ms REAL NOT NULL,
-        status_code INTEGER,
-        error TEXT
-    );
-    CREATE INDEX delivery_attempts_action ON delivery_attempts(action_id, attempt);
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    """,
-    # 2: the release ledger, blocked decisions, idempotent ingest, requeued dead letters,
-    #    admin acts
-    """
-    ALTER TABLE decisions ADD COLUMN reason TEXT;
-    CREATE TABLE ledger (
-        release_id TEXT PRIMARY KEY REFERENCES outbox(action_id),
-        escrow TEXT NOT NULL,
-        amount TEXT NOT NULL,
-        currency TEXT NOT NULL,
-        payee TEXT NOT NULL,
-        rule_id TEXT NOT NULL,
-        firing_id TEXT NOT NULL,
-        recorded_at TEXT NOT NULL
-    );
-    CREATE INDEX ledger_escrow ON ledger(escrow);
-    CREATE TABLE idempotency_keys (
-        key TEXT PRIMARY KEY,
-        request_hash TEXT NOT NULL,
-        seqs TEXT NOT NULL,
-        request_id TEXT,
-        created_at TEXT NOT NULL
-    );
-    CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
-    ALTER TABLE outbox ADD COLUMN requeued_at TEXT;
-    ALTER TABLE outbox ADD COLUMN attempts_at_requeue INTEGER NOT NULL DEFAULT 0;
-    CREATE TABLE admin_acts (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        act TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        reason TEXT
-    );
-    """,
-    # 3: approvals (each also appended to fact_log as kind 'approval'), paused and
-    #    re-armed rules
-    """
-    CREATE TABLE approvals (
-        rule_id TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        decision TEXT NOT NULL,
-        comment TEXT,
-        seq INTEGER NOT NULL REFERENCES fact_log(seq),
-        decided_at TEXT NOT NULL,
-        PRIMARY KEY (rule_id, subject)
-    );
-    ALTER TABLE rule_state ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE rule_state ADD COLUMN rearms INTEGER NOT NULL DEFAULT 0;
-    """,
-    # 4: the audit log is filtered by project
-    """
-    ALTER TABLE decisions ADD COLUMN project TEXT;
-    ALTER TABLE admin_acts ADD COLUMN project TEXT;
-    CREATE INDEX decisions_time ON decisions(decided_at, id);
-    CREATE INDEX admin_acts_time ON admin_acts(at, id);
-    """,
+from gatekeeper.store.errors import (
+    Conflict,
+    SchemaTooNew,
+    StoreError,
+    StoreUnavailable,
+)
+from gatekeeper.store.migrations import Migration, load_migrations
+from gatekeeper.store.queries import AuditQuery, OutboxFilter, Projects
+from gatekeeper.store.records import (
+    ActionStatus,
+    Attempt,
+    AttemptRecord,
+    AuditEntry,
+    EscrowTotals,
+    IdempotencyOutcome,
+    LoggedFact,
+    OutboxEntry,
+    ReleaseRecord,
+    RulesetSummary,
+    StandingApprovals,
+    StoredDecision,
+    StoredFact,
+    StoredRuleset,
+    canonical_json,
 )
 
+MIGRATIONS: tuple[Migration, ...] = load_migrations("sqlite")
+"""The schema's migrations, in version order (``PRAGMA user_version`` = the last applied)."""
 
-@dataclass(frozen=True)
-class StoredRuleset:
-    """A ruleset version as kept in the database: its files' text and where it came from."""
-
-    version: str
-    files: Mapping[str, str]
-    git_commit: str | None
-    first_activated_at: str
-    last_activated_at: str
+_dumps = canonical_json
 
 
-@dataclass(frozen=True)
-class OutboxEntry:
-    """One queued action and its delivery state. Times are RFC 3339 strings (UTC).
-
-    ``decision_id`` is None for an entry handed to the dispatcher in memory right after its
-    commit (``outbox_entry_of``); ``request_id`` is the HTTP request that caused the
-    decision (``decisions.request_id``), None when there was none.
-    """
-
-    action_id: str
-    rule_id: str
-    firing_id: str
-    kind: str
-    target: str
-    payload: Mapping[str, Any]
-    status: ActionStatus
-    attempts: int
-    created_at: str
-    next_attempt_at: str
-    last_error: str | None
-    delivered_at: str | None
-    decision_id: int | None
-    requeued_at: str | None = None
-    attempts_at_requeue: int = 0
-    request_id: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "action_id": self.action_id,
-            "rule_id": self.rule_id,
-            "firing_id": self.firing_id,
-            "kind": self.kind,
-            "target": self.target,
-            "payload": dict(self.payload),
-            "status": self.status,
-            "attempts": self.attempts,
-            "created_at": self.created_at,
-            "next_attempt_at": self.next_attempt_at,
-            "last_error": self.last_error,
-            "delivered_at": self.delivered_at,
-            "decision_id": self.decision_id,
-            "requeued_at": self.requeued_at,
-        }
+def _store_error(exc: sqlite3.Error) -> StoreError:
+    """The contract's error for a driver error: a unique/foreign key refused ->
+    ``Conflict``; a misuse of the driver -> ``StoreError``; anything else (locked, disk
+    full, I/O error, a file that is not a database) -> ``StoreUnavailable``."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        return Conflict(str(exc))
+    if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError):
+        return StoreError(str(exc))
+    return StoreUnavailable(str(exc))
 
 
-@dataclass(frozen=True)
-class Attempt:
-    """One delivery attempt: when, how long (milliseconds), HTTP status or error text."""
-
-    action_id: str
-    attempt: int
-    started_at: str
-    latency_ms: float
-    status_code: int | None
-    error: str | None
+def _in(column: str, values: Iterable[str]) -> tuple[str, list[Any]]:
+    """``column IN (?, ...)`` and its parameters (``0``, false, for no value)."""
+    listed = list(values)
+    if not listed:
+        return "0", []
+    return f"{column} IN ({', '.join('?' * len(listed))})", listed
 
 
-@dataclass(frozen=True)
-class AttemptRecord:
-    """A delivery attempt with the action's state after it: ``status`` and, for a retry,
-    ``next_attempt_at`` (RFC 3339; None keeps the current one)."""
-
-    attempt: Attempt
-    status: ActionStatus
-    next_attempt_at: str | None
-
-
-def outbox_entry_of(action: QueuedAction, request_id: str | None) -> OutboxEntry:
-    """The pending outbox entry of ``action`` as its row reads once committed (no attempt
-    yet, due at once), without reading it back: the payload goes through the same JSON
-    text as the stored one, so a first attempt sends what a retry loaded from the database
-    sends. ``decision_id`` is not known here (None)."""
-    return OutboxEntry(
-        action_id=action.action_id,
-        rule_id=action.rule_id,
-        firing_id=action.firing_id,
-        kind=action.kind,
-        target=action.target,
-        payload=json.loads(_dumps(action.payload)),
-        status="pending",
-        attempts=0,
-        created_at=action.created_at,
-        next_attempt_at=action.created_at,
-        last_error=None,
-        delivered_at=None,
-        decision_id=None,
-        request_id=request_id,
-    )
+def _visible(column: str, projects: Projects) -> tuple[str, list[Any]]:
+    """The clause keeping rows whose project (``column``) ``projects`` may see: no project,
+    or one of them. ``1`` when every project is visible."""
+    if projects is None:
+        return "1", []
+    clause, params = _in(column, sorted(projects))
+    return f"({column} IS NULL OR {clause})", params
 
 
-@dataclass(frozen=True)
-class OutboxFilter:
-    """Narrows outbox queries: ``target`` only that target; ``not_targets`` none of these;
-    ``exclude_ids`` never these actions (e.g. the ones being delivered right now)."""
-
-    target: str | None = None
-    not_targets: Sequence[str] = ()
-    exclude_ids: Sequence[str] = ()
-
-    def sql(self) -> tuple[str, tuple[str, ...]]:
-        """The ``AND ...`` clause and its parameters."""
-        where = ""
-        params: tuple[str, ...] = ()
-        if self.target is not None:
-            where += " AND outbox.target = ?"
-            params += (self.target,)
-        if self.not_targets:
-            where += f" AND outbox.target NOT IN ({', '.join('?' * len(self.not_targets))})"
-            params += tuple(self.not_targets)
-        if self.exclude_ids:
-            where += f" AND outbox.action_id NOT IN ({', '.join('?' * len(self.exclude_ids))})"
-            params += tuple(self.exclude_ids)
-        return where, params
+def _outbox_where(only: OutboxFilter | None) -> tuple[str, list[Any]]:
+    """The ``AND ...`` clause of an ``OutboxFilter`` over ``outbox``, and its parameters."""
+    if only is None:
+        return "", []
+    where = ""
+    params: list[Any] = []
+    if only.target is not None:
+        where += " AND outbox.target = ?"
+        params.append(only.target)
+    if only.not_targets:
+        where += f" AND outbox.target NOT IN ({', '.join('?' * len(only.not_targets))})"
+        params += only.not_targets
+    if only.exclude_ids:
+        where += f" AND outbox.action_id NOT IN ({', '.join('?' * len(only.exclude_ids))})"
+        params += only.exclude_ids
+    return where, params
 
 
-AuditKind = Literal["decision", "admin_act", "approval"]
-AUDIT_KINDS: tuple[AuditKind, ...] = ("decision", "admin_act", "approval")
 _AUDIT_UNION = (
     "SELECT 'decision' AS kind, id, decided_at AS at, rule_id, project, outcome AS what,"
-    " NULL AS actor, reason, firing_id, fact_seq, request_id, trigger FROM decisions"
+    " NULL AS actor, reason, firing_id, fact_seq, request_id, trigger, project AS scope"
+    " FROM decisions"
     " UNION ALL SELECT 'admin_act', id, at, subject, project, act, actor, reason, NULL, NULL,"
-    " NULL, NULL FROM admin_acts"
+    " NULL, NULL, COALESCE(project, CASE WHEN act = 'retry_action' THEN"
+    " (SELECT json_extract(outbox.payload, '$.project') FROM outbox"
+    " WHERE outbox.action_id = admin_acts.subject) END) FROM admin_acts"
     " UNION ALL SELECT 'approval', seq, received_at, json_extract(data, '$.rule'), project,"
     " json_extract(data, '$.decision'), id, json_extract(data, '$.comment'), NULL, seq,"
-    " request_id, NULL FROM fact_log WHERE kind = 'approval'"
+    " request_id, NULL, project FROM fact_log WHERE kind = 'approval'"
 )
+"""Every audit entry in one shape. ``scope`` is the project that decides who may see the
+entry: its own, or for an act on an action stored without one (``retry_action``), the
+action's project."""
 
 
-@dataclass(frozen=True)
-class AuditQuery:
-    """Filters of the audit log: project, rule, kinds of entry, outcome (of decisions),
-    time range (RFC 3339, ``since`` inclusive, ``until`` exclusive), and ``after`` = the
-    ``(at, kind, id)`` of the last entry of the previous page."""
-
-    project: str | None = None
-    rule_id: str | None = None
-    kinds: tuple[AuditKind, ...] = AUDIT_KINDS
-    outcome: str | None = None
-    since: str | None = None
-    until: str | None = None
-    after: tuple[str, str, int] | None = None
-    limit: int = 100
-
-    def sql(self) -> tuple[str, tuple[Any, ...]]:
-        """The WHERE clause over the union of entries, and its parameters."""
-        clauses = [f"kind IN ({', '.join('?' * len(self.kinds))})"]
-        params: list[Any] = list(self.kinds)
-        for column, value in (("project", self.project), ("rule_id", self.rule_id)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        if self.outcome is not None:
-            clauses.append("(kind != 'decision' OR what = ?)")
-            params.append(self.outcome)
-        if self.since is not None:
-            clauses.append("at >= ?")
-            params.append(self.since)
-        if self.until is not None:
-            clauses.append("at < ?")
-            params.append(self.until)
-        if self.after is not None:
-            at, kind, id_ = self.after
-            clauses.append("(at < ? OR (at = ? AND (kind < ? OR (kind = ? AND id < ?))))")
-            params += [at, at, kind, kind, id_]
-        return " WHERE " + " AND ".join(clauses), tuple(params)
+def _audit_where(query: AuditQuery) -> tuple[str, list[Any]]:
+    """The WHERE clause of ``query`` over ``_AUDIT_UNION``, and its parameters."""
+    clause, params = _in("kind", query.kinds)
+    clauses = [clause]
+    for column, value in (("project", query.project), ("rule_id", query.rule_id)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if query.outcome is not None:
+        clauses.append("(kind != 'decision' OR what = ?)")
+        params.append(query.outcome)
+    if query.since is not None:
+        clauses.append("at >= ?")
+        params.append(format_rfc3339(query.since))
+    if query.until is not None:
+        clauses.append("at < ?")
+        params.append(format_rfc3339(query.until))
+    if query.after is not None:
+        at = format_rfc3339(query.after.at)
+        kind, id_ = query.after.kind, query.after.id
+        clauses.append("(at < ? OR (at = ? AND (kind < ? OR (kind = ? AND id < ?))))")
+        params += [at, at, kind, kind, id_]
+    if query.projects is not None:
+        visible, visible_params = _visible("scope", query.projects)
+        clauses.append(visible)
+        params += visible_params
+    return " WHERE " + " AND ".join(clauses), params
 
 
-class Store(Protocol):
-    """What the daemon needs from storage. All methods are coroutines; writes are atomic."""
-
-    async def open(self) -> None: ...
-    async def close(self) -> None: ...
-    async def commit_transition(self, transition: Transition) -> list[int]: ...
-    async def load_facts(self) -> dict[FactKey, dict[str, Any]]: ...
-    async def load_rule_states(self) -> dict[str, RuleState]: ...
-    async def last_ruleset(self) -> StoredRuleset | None: ...
-    async def list_facts(self, project: str | None = None) -> list[dict[str, Any]]: ...
-    async def list_decisions(
-        self, rule_id: str | None = None, limit: int = 100
-    ) -> list[dict[str, Any]]: ...
-    async def list_actions(
-        self, status: ActionStatus | None = None, limit: int = 100
-    ) -> list[OutboxEntry]: ...
-    async def due_actions(
-        self, now: datetime, limit: int, *, only: OutboxFilter | None = None
-    ) -> list[OutboxEntry]: ...
-    async def next_attempt_at(self, *, only: OutboxFilter | None = None) -> str | None: ...
-    async def record_attempt(
-        self,
-        attempt: Attempt,
-        status: ActionStatus,
-        next_attempt_at: str | None,
-    ) -> None: ...
-    async def record_attempts(self, outcomes: Sequence[AttemptRecord]) -> None: ...
-    async def commit_transitions(self, transitions: Sequence[Transition]) -> list[list[int]]: ...
-    async def escrow_totals(self) -> dict[str, dict[str, Decimal]]: ...
-    async def find_idempotency_key(self, key: str) -> dict[str, Any] | None: ...
-    async def purge_idempotency_keys(self, before: str) -> int: ...
-    async def requeue_action(
-        self, action_id: str, now: str, actor: str, reason: str | None
-    ) -> OutboxEntry | None: ...
-    async def get_action(self, action_id: str) -> OutboxEntry | None: ...
-    async def list_attempts(self, action_id: str) -> list[Attempt]: ...
-    async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]: ...
-    async def fact_at(self, seq: int) -> dict[str, Any] | None: ...
-    async def load_approvals(self) -> dict[str, dict[str, str]]: ...
-    async def count_actions(self) -> dict[str, int]: ...
-    async def audit(self, query: AuditQuery) -> list[dict[str, Any]]: ...
-    async def list_rulesets(self, limit: int = 100) -> list[dict[str, Any]]: ...
-    async def get_ruleset(self, version: str) -> StoredRuleset | None: ...
-    async def release_record(self, release_id: str) -> dict[str, Any] | None: ...
-    async def decision_of_firing(self, firing_id: str) -> dict[str, Any] | None: ...
-
-
-_ENCODER = json.JSONEncoder(
-    separators=(",", ":"), sort_keys=True, default=str, check_circular=False
-)
-"""Stored JSON is built from parsed JSON and our own records, which hold no cycles."""
-
-
-def _dumps(value: Any) -> str:
-    """Canonical JSON text as stored: compact, keys sorted, anything else as ``str``."""
-    return _ENCODER.encode(value)
+def _time(text: str | None) -> datetime | None:
+    return None if text is None else parse_rfc3339(text)
 
 
 T = TypeVar("T")
@@ -553,34 +311,64 @@ class SqliteStore:
     write is ONE call on that thread running ``BEGIN IMMEDIATE``, every statement and
     ``COMMIT`` (``_transact``), so a group commit costs one round trip between the event loop
     and the thread. Reads go through a second, read-only connection (aiosqlite), which sees
-    only committed data.
+    only committed data. ``path`` may be ``:memory:``: then both connections share one
+    in-memory database (a named shared cache), gone at ``close``; meant for tests and dry
+    runs: shared-cache locks are not waited for, so a read that meets a write in progress
+    raises ``StoreUnavailable`` (table locked) instead of waiting.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._memory = str(path) == ":memory:"
+        self._uri = f"file:gatekeeper-{id(self)}?mode=memory&cache=shared"
         self._writer: WriterThread | None = None
         self._db: sqlite3.Connection | None = None
         """The writer connection; only ever used on the writer thread."""
         self._reader: aiosqlite.Connection | None = None
 
     @property
+    def is_open(self) -> bool:
+        return self._reader is not None and self._db is not None
+
+    @property
     def reader(self) -> aiosqlite.Connection:
         """The reader connection: each query sees only committed data (a WAL snapshot), so
-        nothing reads rows of a transaction that may still roll back."""
+        nothing reads rows of a transaction that may still roll back. Raises
+        ``StoreUnavailable`` when the store is not open."""
         if self._reader is None:
-            raise RuntimeError("store is not open")
+            raise StoreUnavailable("store is not open")
         return self._reader
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Every row of a read query (on the reader connection)."""
+        try:
+            async with self.reader.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as exc:
+            raise _store_error(exc) from exc
+
+    async def _row(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """The first row of a read query, or None."""
+        try:
+            async with self.reader.execute(sql, params) as cursor:
+                return await cursor.fetchone()
+        except sqlite3.Error as exc:
+            raise _store_error(exc) from exc
 
     async def _transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``body(connection)`` inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` on the writer
-        thread, in one round trip, and return its result (see ``_transact``).
+        thread, in one round trip, and return its result (see ``_transact``). Driver errors
+        leave as the ``StoreError`` family.
 
         Once queued the transaction runs to its end (COMMIT or ROLLBACK) whatever happens
         to the awaiting task: a cancelled caller cannot leave it half done.
         """
         if self._writer is None:
-            raise RuntimeError("store is not open")
-        return await self._writer.run(self._transact, body)
+            raise StoreUnavailable("store is not open")
+        try:
+            return await self._writer.run(self._transact, body)
+        except sqlite3.Error as exc:
+            raise _store_error(exc) from exc
 
     def _transact(self, body: Callable[[sqlite3.Connection], T]) -> T:
         """On the writer thread: ``BEGIN IMMEDIATE``, ``body``, ``COMMIT``. On any error the
@@ -588,7 +376,7 @@ class SqliteStore:
         never one from the rollback."""
         db = self._db
         if db is None:
-            raise RuntimeError("store is not open")
+            raise StoreUnavailable("store is not open")
         db.execute("BEGIN IMMEDIATE")
         try:
             result = body(db)
@@ -602,26 +390,40 @@ class SqliteStore:
 
     async def open(self) -> None:
         """Open (creating if needed) the database and bring its schema up to date."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._memory:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot create {self.path.parent}: {exc}") from exc
         self._writer = WriterThread(f"gatekeeper-writer {self.path.name}")
         try:
             await self._writer.run(self._connect_writer)
-        except BaseException:
+        except BaseException as exc:
             await self._writer.stop()
             self._writer = None
+            if isinstance(exc, sqlite3.Error):
+                raise _store_error(exc) from exc
             raise
         try:
-            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            if self._memory:
+                self._reader = await aiosqlite.connect(self._uri, uri=True, isolation_level=None)
+            else:
+                self._reader = await aiosqlite.connect(self.path, isolation_level=None)
             await self.reader.execute("PRAGMA busy_timeout=5000")
             await self.reader.execute("PRAGMA query_only=ON")
-        except BaseException:  # no half-open store: the writer thread is stopped too
+        except BaseException as exc:  # no half-open store: the writer thread is stopped too
             await self.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _store_error(exc) from exc
             raise
 
     def _connect_writer(self) -> None:
         """On the writer thread: connect, set the pragmas, migrate."""
         # statements of 1 to _Insert.MAX_ROWS rows per table: keep them all prepared
-        db = sqlite3.connect(self.path, isolation_level=None, cached_statements=512)
+        if self._memory:
+            db = sqlite3.connect(self._uri, uri=True, isolation_level=None, cached_statements=512)
+        else:
+            db = sqlite3.connect(self.path, isolation_level=None, cached_statements=512)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -657,32 +459,25 @@ class SqliteStore:
         row = self._db.execute("PRAGMA user_version").fetchone()
         current = int(row[0]) if row else 0
         if current > len(MIGRATIONS):
-            raise RuntimeError(
+            raise SchemaTooNew(
                 f"database {self.path} has schema version {current}, newer than this "
                 f"gatekeeper knows ({len(MIGRATIONS)}); upgrade gatekeeper"
             )
-        for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+        for migration in MIGRATIONS[current:]:
 
-            def migrate(db: sqlite3.Connection, script: str = script, v: int = version) -> None:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version={v}")
+            def migrate(db: sqlite3.Connection, m: Migration = migration) -> None:
+                for statement in m.statements:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={m.version}")
 
             self._transact(migrate)
 
-    async def commit_transition(self, transition: Transition) -> list[int]:
-        """Commit a transition in one transaction; return the facts' sequence numbers.
+    # -- StateStore ---------------------------------------------------------------------
 
-        Raises ``sqlite3.Error`` (after rolling back; nothing is changed) when the write fails,
-        e.g. when a ``firing_id`` was already recorded, which would mean a double firing.
-        """
+    async def commit_transition(self, transition: Transition) -> list[int]:
         return (await self.commit_transitions([transition]))[0]
 
     async def commit_transitions(self, transitions: Sequence[Transition]) -> list[list[int]]:
-        """Commit several transitions in ONE transaction (group commit: one fsync for all,
-        one round trip to the writer thread); return each one's fact sequence numbers, in
-        order. All or nothing, as ``commit_transition``."""
         transitions = list(transitions)
 
         def write(db: sqlite3.Connection) -> list[list[int]]:
@@ -694,34 +489,40 @@ class SqliteStore:
         """On the writer thread, inside the open transaction: write everything ``t`` changes
         (fact log, facts, approvals, admin acts, ruleset, decisions, rule states, outbox,
         ledger, idempotency key); return the facts' (and approvals') sequence numbers."""
-        now = t.decisions[0].decided_at if t.decisions else None
+        if t.decisions:
+            now = t.decisions[0].decided_at
+        elif t.planned_at is not None:
+            now = format_rfc3339(t.planned_at)
+        elif t.facts or t.approvals or t.admin_acts or t.ruleset or t.idempotency:
+            raise ValueError("a transition without decisions needs planned_at")
+        else:
+            now = ""
         seqs: list[int] = []
         request_id = t.request_id
         fact_rows = []
         for fact in t.facts:
-            received_at = now or _now_text()
             data = _dumps(fact.data)
             cursor = db.execute(
-                _INSERT_FACT_LOG, (fact.project, fact.kind, fact.id, data, received_at, request_id)
+                _INSERT_FACT_LOG, (fact.project, fact.kind, fact.id, data, now, request_id)
             )
             seq = int(cursor.lastrowid or 0)
             seqs.append(seq)
-            fact_rows.append((fact.project, fact.kind, fact.id, data, seq, received_at))
+            fact_rows.append((fact.project, fact.kind, fact.id, data, seq, now))
         if fact_rows:
             _UPSERT_FACTS.run(db, fact_rows)
         for approval in t.approvals:
-            seqs.append(_write_approval(db, approval, now or _now_text(), request_id))
+            seqs.append(_write_approval(db, approval, now, request_id))
         if t.admin_acts:
             db.executemany(
                 "INSERT INTO admin_acts (at, actor, act, subject, reason, project)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (now or _now_text(), a.actor, a.act, a.rule_id, a.reason, a.project or None)
+                    (now, a.actor, a.act, a.rule_id, a.reason, a.project or None)
                     for a in t.admin_acts
                 ],
             )
         if t.ruleset is not None:
-            _write_ruleset(db, t.ruleset, now or _now_text())
+            _write_ruleset(db, t.ruleset, now)
         if t.decisions:
             _INSERT_DECISIONS.run(db, [_decision_row(d, seqs, request_id) for d in t.decisions])
         if t.rule_states:
@@ -779,360 +580,189 @@ class SqliteStore:
             db.execute(
                 "INSERT INTO idempotency_keys (key, request_hash, seqs, request_id, created_at)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (
-                    t.idempotency.key,
-                    t.idempotency.request_hash,
-                    _dumps(seqs),
-                    request_id,
-                    now or _now_text(),
-                ),
+                (t.idempotency.key, t.idempotency.request_hash, _dumps(seqs), request_id, now),
             )
         return seqs
 
-    async def load_approvals(self) -> dict[str, dict[str, str]]:
-        """Every standing approval decision: {rule id: {subject: "approve" | "reject"}}."""
-        sql = "SELECT rule_id, subject, decision FROM approvals"
-        standing: dict[str, dict[str, str]] = {}
-        async with self.reader.execute(sql) as cursor:
-            async for rule_id, subject, decision in cursor:
-                standing.setdefault(rule_id, {})[subject] = decision
-        return standing
-
-    async def load_facts(self) -> dict[FactKey, dict[str, Any]]:
-        """Every current fact: {(project, kind, id): data}."""
-        async with self.reader.execute("SELECT project, kind, id, data FROM facts") as cursor:
-            return {(r[0], r[1], r[2]): json.loads(r[3]) async for r in cursor}
-
-    async def load_rule_states(self) -> dict[str, RuleState]:
-        """Every rule's persisted state, by rule id (rules no longer loaded included)."""
-        sql = (
-            "SELECT rule_id, gate_open, fired_count, last_fired_at, rule_hash, paused, rearms"
-            " FROM rule_state"
+    async def find_idempotency_key(self, key: str) -> IdempotencyOutcome | None:
+        row = await self._row(
+            "SELECT request_hash, seqs, request_id, created_at FROM idempotency_keys WHERE key = ?",
+            (key,),
         )
-        async with self.reader.execute(sql) as cursor:
-            return {
-                r[0]: RuleState(
-                    rule_id=r[0],
-                    gate_open=None if r[1] is None else bool(r[1]),
-                    fired_count=int(r[2]),
-                    last_fired_at=r[3],
-                    rule_hash=r[4],
-                    paused=bool(r[5]),
-                    rearms=int(r[6]),
-                )
-                async for r in cursor
-            }
-
-    async def last_ruleset(self) -> StoredRuleset | None:
-        """The ruleset version that was last active, or None in a new database."""
-        sql = (
-            "SELECT version, files, git_commit, first_activated_at, last_activated_at"
-            " FROM rulesets WHERE version = (SELECT value FROM meta WHERE key = 'active_ruleset')"
-        )
-        async with self.reader.execute(sql) as cursor:
-            row = await cursor.fetchone()
         if row is None:
             return None
-        return StoredRuleset(row[0], json.loads(row[1]), row[2], row[3], row[4])
+        return IdempotencyOutcome(row[0], json.loads(row[1]), row[2], parse_rfc3339(row[3]))
 
-    async def list_facts(self, project: str | None = None) -> list[dict[str, Any]]:
-        """Current facts (optionally of one project) with their sequence numbers."""
-        sql = "SELECT project, kind, id, data, seq, updated_at FROM facts"
-        params: tuple[Any, ...] = ()
-        if project is not None:
-            sql += " WHERE project = ?"
-            params = (project,)
-        sql += " ORDER BY project, kind, id"
-        async with self.reader.execute(sql, params) as cursor:
-            return [
-                {
-                    "project": r[0],
-                    "kind": r[1],
-                    "id": r[2],
-                    "data": json.loads(r[3]),
-                    "seq": r[4],
-                    "updated_at": r[5],
-                }
-                async for r in cursor
-            ]
-
-    async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
-        """The append-only log of accepted facts, from ``after_seq`` on, oldest first."""
-        sql = (
-            "SELECT seq, project, kind, id, data, received_at, request_id FROM fact_log"
-            " WHERE seq > ? ORDER BY seq LIMIT ?"
-        )
-        async with self.reader.execute(sql, (after_seq, limit)) as cursor:
-            return [
-                {
-                    "seq": r[0],
-                    "project": r[1],
-                    "kind": r[2],
-                    "id": r[3],
-                    "data": json.loads(r[4]),
-                    "received_at": r[5],
-                    "request_id": r[6],
-                }
-                async for r in cursor
-            ]
-
-    async def list_decisions(
-        self, rule_id: str | None = None, limit: int = 100
-    ) -> list[dict[str, Any]]:
-        """Recent decisions, newest first, optionally of one rule."""
-        if rule_id is None:
-            return await self._decisions("", (), limit)
-        return await self._decisions("WHERE rule_id = ?", (rule_id,), limit)
-
-    async def _decisions(
-        self, where: str, params: tuple[Any, ...], limit: int
-    ) -> list[dict[str, Any]]:
-        sql = (
-            "SELECT id, decided_at, rule_id, rule_hash, ruleset_version, git_commit, trigger,"
-            " fact_seq, outcome, gate_open, evaluation, approvals, firing_id, request_id, reason"
-            f" FROM decisions {where} ORDER BY id DESC LIMIT ?"
-        )
-        async with self.reader.execute(sql, (*params, limit)) as cursor:
-            return [
-                {
-                    "id": r[0],
-                    "decided_at": r[1],
-                    "rule_id": r[2],
-                    "rule_hash": r[3],
-                    "ruleset_version": r[4],
-                    "git_commit": r[5],
-                    "trigger": r[6],
-                    "fact_seq": r[7],
-                    "outcome": r[8],
-                    "gate_open": bool(r[9]),
-                    "evaluation": json.loads(r[10]),
-                    "approvals": json.loads(r[11]) if r[11] else None,
-                    "firing_id": r[12],
-                    "request_id": r[13],
-                    "reason": r[14],
-                }
-                async for r in cursor
-            ]
-
-    _OUTBOX_COLUMNS = (
-        "outbox.action_id, outbox.rule_id, outbox.firing_id, outbox.kind, outbox.target,"
-        " outbox.payload, outbox.status, outbox.attempts, outbox.created_at,"
-        " outbox.next_attempt_at, outbox.last_error, outbox.delivered_at, outbox.decision_id,"
-        " outbox.requeued_at, outbox.attempts_at_requeue, decisions.request_id"
-    )
-    _OUTBOX_FROM = "outbox LEFT JOIN decisions ON decisions.firing_id = outbox.firing_id"
-    """The outbox with each action's decision (firing_id is UNIQUE there), for the
-    request id that caused it."""
-
-    @staticmethod
-    def _outbox_entry(r: Any) -> OutboxEntry:
-        return OutboxEntry(
-            action_id=r[0],
-            rule_id=r[1],
-            firing_id=r[2],
-            kind=r[3],
-            target=r[4],
-            payload=json.loads(r[5]),
-            status=r[6],
-            attempts=int(r[7]),
-            created_at=r[8],
-            next_attempt_at=r[9],
-            last_error=r[10],
-            delivered_at=r[11],
-            decision_id=int(r[12]),
-            requeued_at=r[13],
-            attempts_at_requeue=int(r[14]),
-            request_id=r[15],
-        )
-
-    async def list_actions(
-        self, status: ActionStatus | None = None, limit: int = 100
-    ) -> list[OutboxEntry]:
-        """The outbox (dead letters included), newest first, optionally of one status."""
-        sql = f"SELECT {self._OUTBOX_COLUMNS} FROM {self._OUTBOX_FROM}"
-        params: list[Any] = []
-        if status is not None:
-            sql += " WHERE outbox.status = ?"
-            params.append(status)
-        sql += " ORDER BY outbox.created_at DESC, outbox.action_id LIMIT ?"
-        params.append(limit)
-        async with self.reader.execute(sql, params) as cursor:
-            return [self._outbox_entry(r) async for r in cursor]
-
-    async def count_actions(self) -> dict[str, int]:
-        """How many actions the outbox holds, by status: {"pending": n, "dead": n, ...}."""
-        sql = "SELECT status, COUNT(*) FROM outbox GROUP BY status"
-        async with self.reader.execute(sql) as cursor:
-            return {str(status): int(count) async for status, count in cursor}
-
-    async def get_action(self, action_id: str) -> OutboxEntry | None:
-        sql = f"SELECT {self._OUTBOX_COLUMNS} FROM {self._OUTBOX_FROM} WHERE outbox.action_id = ?"
-        async with self.reader.execute(sql, (action_id,)) as cursor:
-            row = await cursor.fetchone()
-        return self._outbox_entry(row) if row else None
-
-    async def due_actions(
-        self, now: datetime, limit: int, *, only: OutboxFilter | None = None
-    ) -> list[OutboxEntry]:
-        """Pending actions whose next attempt is due at ``now``, oldest first, narrowed by
-        ``only`` (one target, or none of some targets; never the excluded ids)."""
-        where, params = (only or OutboxFilter()).sql()
-        sql = (
-            f"SELECT {self._OUTBOX_COLUMNS} FROM {self._OUTBOX_FROM}"
-            f" WHERE outbox.status = 'pending' AND outbox.next_attempt_at <= ?{where}"
-            " ORDER BY outbox.next_attempt_at, outbox.action_id LIMIT ?"
-        )
-        async with self.reader.execute(sql, (format_rfc3339(now), *params, limit)) as cursor:
-            return [self._outbox_entry(r) async for r in cursor]
-
-    async def next_attempt_at(self, *, only: OutboxFilter | None = None) -> str | None:
-        """When the earliest pending action (narrowed by ``only``) is due, as RFC 3339, or
-        None when there is none."""
-        where, params = (only or OutboxFilter()).sql()
-        sql = f"SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending'{where}"
-        async with self.reader.execute(sql, params) as cursor:
-            row = await cursor.fetchone()
-        return row[0] if row else None
-
-    async def list_attempts(self, action_id: str) -> list[Attempt]:
-        sql = (
-            "SELECT action_id, attempt, started_at, latency_ms, status_code, error"
-            " FROM delivery_attempts WHERE action_id = ? ORDER BY attempt"
-        )
-        async with self.reader.execute(sql, (action_id,)) as cursor:
-            return [Attempt(*r) async for r in cursor]
-
-    async def audit(self, query: AuditQuery) -> list[dict[str, Any]]:
-        """Audit entries newest first: decisions, admin acts and approvals, one shape.
-
-        Each entry: kind (``decision``, ``admin_act``, ``approval``), id, at (RFC 3339),
-        rule_id, project, what (a decision's outcome, the act, the approval's decision),
-        actor, reason, firing_id, fact_seq, request_id, trigger. ``query.after`` continues
-        from an entry (its ``(at, kind, id)``), for cursor pagination.
-        """
-        where, params = query.sql()
-        sql = (
-            f"SELECT kind, id, at, rule_id, project, what, actor, reason, firing_id, fact_seq,"
-            f" request_id, trigger FROM ({_AUDIT_UNION}) AS entries{where}"
-            " ORDER BY at DESC, kind DESC, id DESC LIMIT ?"
-        )
-        columns = (
-            "kind", "id", "at", "rule_id", "project", "what", "actor", "reason",
-            "firing_id", "fact_seq", "request_id", "trigger",
-        )  # fmt: skip
-        async with self.reader.execute(sql, (*params, query.limit)) as cursor:
-            return [dict(zip(columns, row, strict=True)) async for row in cursor]
-
-    async def list_rulesets(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Stored ruleset versions, the most recently activated first (without their text)."""
-        sql = (
-            "SELECT version, git_commit, first_activated_at, last_activated_at, files"
-            " FROM rulesets ORDER BY last_activated_at DESC LIMIT ?"
-        )
-        async with self.reader.execute(sql, (limit,)) as cursor:
-            return [
-                {
-                    "version": r[0],
-                    "git_commit": r[1],
-                    "first_activated_at": r[2],
-                    "last_activated_at": r[3],
-                    "files": sorted(json.loads(r[4])),
-                }
-                async for r in cursor
-            ]
-
-    async def get_ruleset(self, version: str) -> StoredRuleset | None:
-        """One stored ruleset version with the text of its files, or None."""
-        sql = (
-            "SELECT version, files, git_commit, first_activated_at, last_activated_at"
-            " FROM rulesets WHERE version = ?"
-        )
-        async with self.reader.execute(sql, (version,)) as cursor:
-            row = await cursor.fetchone()
-        return StoredRuleset(row[0], json.loads(row[1]), row[2], row[3], row[4]) if row else None
-
-    async def release_record(self, release_id: str) -> dict[str, Any] | None:
-        """A release's ledger row, or None: escrow, amount, currency, payee, rule_id,
-        firing_id, recorded_at."""
-        sql = (
-            "SELECT escrow, amount, currency, payee, rule_id, firing_id, recorded_at"
-            " FROM ledger WHERE release_id = ?"
-        )
-        async with self.reader.execute(sql, (release_id,)) as cursor:
-            row = await cursor.fetchone()
-        if row is None:
-            return None
-        keys = ("escrow", "amount", "currency", "payee", "rule_id", "firing_id", "recorded_at")
-        return {"release_id": release_id, **dict(zip(keys, row, strict=True))}
-
-    async def decision_of_firing(self, firing_id: str) -> dict[str, Any] | None:
-        """The decision that fired (or blocked) ``firing_id``, in full."""
-        for decision in await self._decisions("WHERE firing_id = ?", (firing_id,), 1):
-            return decision
-        return None
-
-    async def fact_at(self, seq: int) -> dict[str, Any] | None:
-        """The fact log entry with sequence number ``seq``."""
-        rows = await self.fact_log(after_seq=seq - 1, limit=1)
-        return rows[0] if rows and rows[0]["seq"] == seq else None
-
-    async def escrow_totals(self) -> dict[str, dict[str, Decimal]]:
-        """Per escrow, the sum of its recorded releases by delivery status:
-        ``{escrow: {"pending": Decimal, "delivered": Decimal, "dead": Decimal}}``
-        (statuses with no release are absent). Summed as Decimal, never as floats."""
-        sql = (
-            "SELECT ledger.escrow, outbox.status, ledger.amount FROM ledger"
-            " JOIN outbox ON outbox.action_id = ledger.release_id"
-        )
-        async with self.reader.execute(sql) as cursor:
-            return await _sum_amounts(cursor)
-
-    async def find_idempotency_key(self, key: str) -> dict[str, Any] | None:
-        """The stored outcome of ``key``: request_hash, seqs, request_id, created_at."""
-        sql = (
-            "SELECT request_hash, seqs, request_id, created_at FROM idempotency_keys WHERE key = ?"
-        )
-        async with self.reader.execute(sql, (key,)) as cursor:
-            row = await cursor.fetchone()
-        if row is None:
-            return None
-        return {
-            "request_hash": row[0],
-            "seqs": json.loads(row[1]),
-            "request_id": row[2],
-            "created_at": row[3],
-        }
-
-    async def purge_idempotency_keys(self, before: str) -> int:
-        """Forget keys created before ``before`` (RFC 3339); return how many were removed."""
+    async def purge_idempotency_keys(self, before: datetime) -> int:
+        cutoff = format_rfc3339(before)
 
         def purge(db: sqlite3.Connection) -> int:
-            cursor = db.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (before,))
+            cursor = db.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (cutoff,))
             return int(cursor.rowcount)
 
         return await self._transaction(purge)
 
+    async def load_facts(self) -> dict[FactKey, dict[str, Any]]:
+        rows = await self._rows("SELECT project, kind, id, data FROM facts")
+        return {(r[0], r[1], r[2]): json.loads(r[3]) for r in rows}
+
+    async def load_rule_states(self) -> dict[str, RuleState]:
+        rows = await self._rows(
+            "SELECT rule_id, gate_open, fired_count, last_fired_at, rule_hash, paused, rearms"
+            " FROM rule_state"
+        )
+        return {
+            r[0]: RuleState(
+                rule_id=r[0],
+                gate_open=None if r[1] is None else bool(r[1]),
+                fired_count=int(r[2]),
+                last_fired_at=r[3],
+                rule_hash=r[4],
+                paused=bool(r[5]),
+                rearms=int(r[6]),
+            )
+            for r in rows
+        }
+
+    async def load_approvals(self) -> StandingApprovals:
+        standing: StandingApprovals = {}
+        for rule_id, subject, decision in await self._rows(
+            "SELECT rule_id, subject, decision FROM approvals"
+        ):
+            standing.setdefault(rule_id, {})[subject] = decision
+        return standing
+
+    async def escrow_totals(self) -> EscrowTotals:
+        totals: EscrowTotals = {}
+        for escrow, status, amount in await self._rows(
+            "SELECT ledger.escrow, outbox.status, ledger.amount FROM ledger"
+            " JOIN outbox ON outbox.action_id = ledger.release_id"
+        ):
+            by_status = totals.setdefault(escrow, {})
+            by_status[status] = by_status.get(status, Decimal(0)) + Decimal(amount)
+        return totals
+
+    async def last_ruleset(self) -> StoredRuleset | None:
+        row = await self._row(
+            f"SELECT {_RULESET_COLUMNS} FROM rulesets"
+            " WHERE version = (SELECT value FROM meta WHERE key = 'active_ruleset')"
+        )
+        return _stored_ruleset(row) if row else None
+
+    # -- DeliveryQueue ------------------------------------------------------------------
+
+    async def due_actions(
+        self, now: datetime, limit: int, *, only: OutboxFilter | None = None
+    ) -> list[OutboxEntry]:
+        where, params = _outbox_where(only)
+        rows = await self._rows(
+            f"SELECT {_OUTBOX_COLUMNS} FROM {_OUTBOX_FROM}"
+            f" WHERE outbox.status = 'pending' AND outbox.next_attempt_at <= ?{where}"
+            " ORDER BY outbox.next_attempt_at, outbox.action_id LIMIT ?",
+            (format_rfc3339(now), *params, limit),
+        )
+        return [_outbox_entry(r) for r in rows]
+
+    async def next_attempt_at(self, *, only: OutboxFilter | None = None) -> datetime | None:
+        where, params = _outbox_where(only)
+        row = await self._row(
+            f"SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending'{where}", params
+        )
+        return _time(row[0]) if row else None
+
+    async def record_attempt(self, record: AttemptRecord) -> None:
+        await self.record_attempts([record])
+
+    async def record_attempts(self, records: Sequence[AttemptRecord]) -> None:
+        attempts = []
+        updates = []
+        for r in records:
+            a = r.attempt
+            started_at = format_rfc3339(a.started_at)
+            attempts.append(
+                (a.action_id, a.attempt, started_at, a.latency_ms, a.status_code, a.error)
+            )
+            updates.append(
+                (
+                    r.status,
+                    a.attempt,
+                    a.error,
+                    None if r.next_attempt_at is None else format_rfc3339(r.next_attempt_at),
+                    started_at if r.status == "delivered" else None,
+                    r.dead_reason if r.status == "dead" else None,
+                    a.status_code if r.status == "dead" else None,
+                    a.action_id,
+                )
+            )
+
+        def record(db: sqlite3.Connection) -> None:
+            _INSERT_ATTEMPTS.run(db, attempts)
+            db.executemany(
+                "UPDATE outbox SET status = ?, attempts = ?, last_error = ?,"
+                " next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ?,"
+                " dead_reason = ?, dead_status = ? WHERE action_id = ?",
+                updates,
+            )
+
+        if records:
+            await self._transaction(record)
+
+    # -- OutboxAdmin --------------------------------------------------------------------
+
+    async def get_action(self, action_id: str) -> OutboxEntry | None:
+        row = await self._row(
+            f"SELECT {_OUTBOX_COLUMNS} FROM {_OUTBOX_FROM} WHERE outbox.action_id = ?",
+            (action_id,),
+        )
+        return _outbox_entry(row) if row else None
+
+    async def list_actions(
+        self,
+        status: ActionStatus | None = None,
+        limit: int = 100,
+        *,
+        projects: Projects = None,
+    ) -> list[OutboxEntry]:
+        where, params = _visible("json_extract(outbox.payload, '$.project')", projects)
+        if status is not None:
+            where += " AND outbox.status = ?"
+            params.append(status)
+        rows = await self._rows(
+            f"SELECT {_OUTBOX_COLUMNS} FROM {_OUTBOX_FROM} WHERE {where}"
+            " ORDER BY outbox.created_at DESC, outbox.action_id LIMIT ?",
+            (*params, limit),
+        )
+        return [_outbox_entry(r) for r in rows]
+
+    async def count_actions(self) -> dict[str, int]:
+        rows = await self._rows("SELECT status, COUNT(*) FROM outbox GROUP BY status")
+        return {str(status): int(count) for status, count in rows}
+
+    async def list_attempts(self, action_id: str) -> list[Attempt]:
+        rows = await self._rows(
+            "SELECT action_id, attempt, started_at, latency_ms, status_code, error"
+            " FROM delivery_attempts WHERE action_id = ? ORDER BY attempt",
+            (action_id,),
+        )
+        return [Attempt(r[0], r[1], parse_rfc3339(r[2]), r[3], r[4], r[5]) for r in rows]
+
     async def requeue_action(
-        self, action_id: str, now: str, actor: str, reason: str | None
+        self, action_id: str, at: datetime, actor: str, reason: str | None
     ) -> OutboxEntry | None:
-        """Put dead letter ``action_id`` back in the queue, due at ``now``, with a fresh
-        allowance of attempts and age; the act is recorded in ``admin_acts``.
+        now = format_rfc3339(at)
 
-        Returns the updated entry; None when there is no such action. Raises ``ValueError``
-        when the action is not dead (pending or delivered actions are not requeued).
-        """
-
-        def requeue(db: sqlite3.Connection) -> None:
+        def requeue(db: sqlite3.Connection) -> bool:
             row = db.execute(
                 "SELECT status FROM outbox WHERE action_id = ?", (action_id,)
             ).fetchone()
             if row is None:
-                return
+                return False
             if row[0] != "dead":
-                raise ValueError(f"action {action_id} is {row[0]}, not dead")
+                raise Conflict(f"action {action_id} is {row[0]}, not dead")
             db.execute(
-                "UPDATE outbox SET status = 'pending', next_attempt_at = ?,"
-                " requeued_at = ?, attempts_at_requeue = attempts WHERE action_id = ?",
+                "UPDATE outbox SET status = 'pending', next_attempt_at = ?, requeued_at = ?,"
+                " attempts_at_requeue = attempts, dead_reason = NULL, dead_status = NULL"
+                " WHERE action_id = ?",
                 (now, now, action_id),
             )
             db.execute(
@@ -1140,57 +770,182 @@ class SqliteStore:
                 " VALUES (?, ?, 'retry_action', ?, ?)",
                 (now, actor, action_id, reason),
             )
+            return True
 
-        await self._transaction(requeue)
+        if not await self._transaction(requeue):
+            return None
         return await self.get_action(action_id)
 
-    async def record_attempt(
-        self,
-        attempt: Attempt,
-        status: ActionStatus,
-        next_attempt_at: str | None,
-    ) -> None:
-        """Record a delivery attempt and the action's new status, atomically."""
-        await self.record_attempts([AttemptRecord(attempt, status, next_attempt_at)])
+    # -- AuditReads ---------------------------------------------------------------------
 
-    async def record_attempts(self, outcomes: Sequence[AttemptRecord]) -> None:
-        """Record several delivery attempts and their actions' new states in ONE
-        transaction (one fsync for all): all or nothing. Raises ``sqlite3.Error`` (after
-        rolling back) when the write fails."""
-        attempts = [
-            (
-                o.attempt.action_id,
-                o.attempt.attempt,
-                o.attempt.started_at,
-                o.attempt.latency_ms,
-                o.attempt.status_code,
-                o.attempt.error,
-            )
-            for o in outcomes
-        ]
-        updates = [
-            (
-                o.status,
-                o.attempt.attempt,
-                o.attempt.error,
-                o.next_attempt_at,
-                o.attempt.started_at if o.status == "delivered" else None,
-                o.attempt.action_id,
-            )
-            for o in outcomes
+    async def list_facts(
+        self, project: str | None = None, *, projects: Projects = None
+    ) -> list[StoredFact]:
+        where, params = _visible("project", projects)
+        if project is not None:
+            where += " AND project = ?"
+            params.append(project)
+        rows = await self._rows(
+            "SELECT project, kind, id, data, seq, updated_at FROM facts"
+            f" WHERE {where} ORDER BY project, kind, id",
+            params,
+        )
+        return [
+            StoredFact(r[0], r[1], r[2], json.loads(r[3]), r[4], parse_rfc3339(r[5])) for r in rows
         ]
 
-        def record(db: sqlite3.Connection) -> None:
-            _INSERT_ATTEMPTS.run(db, attempts)
-            db.executemany(
-                "UPDATE outbox SET status = ?, attempts = ?, last_error = ?,"
-                " next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ?"
-                " WHERE action_id = ?",
-                updates,
-            )
+    async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[LoggedFact]:
+        rows = await self._rows(
+            f"SELECT {_FACT_LOG_COLUMNS} FROM fact_log WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
+        return [_logged_fact(r) for r in rows]
 
-        if outcomes:
-            await self._transaction(record)
+    async def fact_at(self, seq: int) -> LoggedFact | None:
+        row = await self._row(f"SELECT {_FACT_LOG_COLUMNS} FROM fact_log WHERE seq = ?", (seq,))
+        return _logged_fact(row) if row else None
+
+    async def list_decisions(
+        self, rule_id: str | None = None, limit: int = 100
+    ) -> list[StoredDecision]:
+        if rule_id is None:
+            return await self._decisions("", (), limit)
+        return await self._decisions("WHERE rule_id = ?", (rule_id,), limit)
+
+    async def decision_of_firing(self, firing_id: str) -> StoredDecision | None:
+        for decision in await self._decisions("WHERE firing_id = ?", (firing_id,), 1):
+            return decision
+        return None
+
+    async def _decisions(
+        self, where: str, params: tuple[Any, ...], limit: int
+    ) -> list[StoredDecision]:
+        rows = await self._rows(
+            "SELECT id, decided_at, rule_id, rule_hash, ruleset_version, git_commit, trigger,"
+            " fact_seq, outcome, gate_open, evaluation, approvals, firing_id, request_id, reason"
+            f" FROM decisions {where} ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [
+            StoredDecision(
+                id=r[0],
+                decided_at=parse_rfc3339(r[1]),
+                rule_id=r[2],
+                rule_hash=r[3],
+                ruleset_version=r[4],
+                git_commit=r[5],
+                trigger=r[6],
+                fact_seq=r[7],
+                outcome=r[8],
+                gate_open=bool(r[9]),
+                evaluation=json.loads(r[10]),
+                approvals=json.loads(r[11]) if r[11] else None,
+                firing_id=r[12],
+                request_id=r[13],
+                reason=r[14],
+            )
+            for r in rows
+        ]
+
+    async def audit(self, query: AuditQuery) -> list[AuditEntry]:
+        where, params = _audit_where(query)
+        rows = await self._rows(
+            "SELECT kind, id, at, rule_id, project, what, actor, reason, firing_id, fact_seq,"
+            f" request_id, trigger FROM ({_AUDIT_UNION}) AS entries{where}"
+            " ORDER BY at DESC, kind DESC, id DESC LIMIT ?",
+            (*params, query.limit),
+        )
+        return [AuditEntry(r[0], r[1], parse_rfc3339(r[2]), *r[3:]) for r in rows]
+
+    async def release_record(self, release_id: str) -> ReleaseRecord | None:
+        row = await self._row(
+            "SELECT release_id, escrow, amount, currency, payee, rule_id, firing_id,"
+            " recorded_at FROM ledger WHERE release_id = ?",
+            (release_id,),
+        )
+        if row is None:
+            return None
+        release_id, escrow, amount, currency, payee, rule_id, firing_id, recorded_at = row
+        return ReleaseRecord(
+            release_id,
+            escrow,
+            amount,
+            currency,
+            payee,
+            rule_id,
+            firing_id,
+            parse_rfc3339(recorded_at),
+        )
+
+    # -- RulesetReads -------------------------------------------------------------------
+
+    async def list_rulesets(self, limit: int = 100) -> list[RulesetSummary]:
+        rows = await self._rows(
+            "SELECT version, git_commit, first_activated_at, last_activated_at, files"
+            " FROM rulesets ORDER BY last_activated_at DESC LIMIT ?",
+            (limit,),
+        )
+        return [
+            RulesetSummary(
+                r[0], r[1], parse_rfc3339(r[2]), parse_rfc3339(r[3]), sorted(json.loads(r[4]))
+            )
+            for r in rows
+        ]
+
+    async def get_ruleset(self, version: str) -> StoredRuleset | None:
+        row = await self._row(
+            f"SELECT {_RULESET_COLUMNS} FROM rulesets WHERE version = ?", (version,)
+        )
+        return _stored_ruleset(row) if row else None
+
+
+_OUTBOX_COLUMNS = (
+    "outbox.action_id, outbox.rule_id, outbox.firing_id, outbox.kind, outbox.target,"
+    " outbox.payload, outbox.status, outbox.attempts, outbox.created_at,"
+    " outbox.next_attempt_at, outbox.last_error, outbox.delivered_at, outbox.decision_id,"
+    " outbox.requeued_at, outbox.attempts_at_requeue, decisions.request_id,"
+    " outbox.dead_reason, outbox.dead_status"
+)
+_OUTBOX_FROM = "outbox LEFT JOIN decisions ON decisions.firing_id = outbox.firing_id"
+"""The outbox with each action's decision (firing_id is UNIQUE there), for the request id
+that caused it."""
+
+
+def _outbox_entry(r: Any) -> OutboxEntry:
+    return OutboxEntry(
+        action_id=r[0],
+        rule_id=r[1],
+        firing_id=r[2],
+        kind=r[3],
+        target=r[4],
+        payload=json.loads(r[5]),
+        status=r[6],
+        attempts=int(r[7]),
+        created_at=parse_rfc3339(r[8]),
+        next_attempt_at=parse_rfc3339(r[9]),
+        last_error=r[10],
+        delivered_at=_time(r[11]),
+        decision_id=int(r[12]),
+        requeued_at=_time(r[13]),
+        attempts_at_requeue=int(r[14]),
+        request_id=r[15],
+        dead_reason=r[16],
+        dead_status=r[17],
+    )
+
+
+_FACT_LOG_COLUMNS = "seq, project, kind, id, data, received_at, request_id"
+
+
+def _logged_fact(r: Any) -> LoggedFact:
+    return LoggedFact(r[0], r[1], r[2], r[3], json.loads(r[4]), parse_rfc3339(r[5]), r[6])
+
+
+_RULESET_COLUMNS = "version, files, git_commit, first_activated_at, last_activated_at"
+
+
+def _stored_ruleset(r: Any) -> StoredRuleset:
+    return StoredRuleset(r[0], json.loads(r[1]), r[2], parse_rfc3339(r[3]), parse_rfc3339(r[4]))
 
 
 def _write_approval(
@@ -1258,15 +1013,3 @@ def _write_ruleset(db: sqlite3.Connection, ruleset: Ruleset, now: str) -> None:
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (ruleset.version,),
     )
-
-
-async def _sum_amounts(cursor: aiosqlite.Cursor) -> dict[str, dict[str, Decimal]]:
-    totals: dict[str, dict[str, Decimal]] = {}
-    async for escrow, status, amount in cursor:
-        by_status = totals.setdefault(escrow, {})
-        by_status[status] = by_status.get(status, Decimal(0)) + Decimal(amount)
-    return totals
-
-
-def _now_text() -> str:
-    return format_rfc3339(datetime.now(UTC))

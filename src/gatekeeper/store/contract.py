@@ -1,0 +1,261 @@
+"""The Store contract: what gatekeeper needs from durable storage, split by concern so a
+component asks only for what it uses.
+
+- ``StoreLifecycle``: open and close.
+- ``StateStore``: the ingest/write path (commit transitions atomically, idempotency keys)
+  and the state the daemon loads at start (facts, rule states, approvals, escrow totals,
+  the last active ruleset).
+- ``DeliveryQueue``: what the dispatcher uses: due actions, when the next one is due, and
+  recording attempts.
+- ``OutboxAdmin``: reading the outbox and requeuing dead letters.
+- ``AuditReads``: the fact log, current facts, decisions, the audit log, the ledger.
+- ``RulesetReads``: stored ruleset versions.
+
+``Store`` is all of them, for wiring. Every backend passes the contract test suite
+(``tests/store_contract``).
+
+Rules every method follows:
+
+- Times are timezone-aware ``datetime``s (UTC) in and out. The store never reads a clock:
+  the caller passes ``now``/``at`` (the engine's records carry their own times).
+- Writes are atomic: all or nothing, durable (on disk) when the coroutine returns.
+- Errors are the ``gatekeeper.store.errors`` family, never a driver's exception:
+  ``StoreUnavailable`` (locked, disk full, I/O, not open), ``Conflict`` (a unique key
+  already stored, a wrong state), ``StoreError`` for anything else. Every method may
+  raise ``StoreUnavailable``; the others are named where they apply.
+- Reads see only committed data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from gatekeeper.engine.model import FactKey, RuleState, Transition
+from gatekeeper.store.queries import AuditQuery, OutboxFilter, Projects
+from gatekeeper.store.records import (
+    ActionStatus,
+    Attempt,
+    AttemptRecord,
+    AuditEntry,
+    EscrowTotals,
+    IdempotencyOutcome,
+    LoggedFact,
+    OutboxEntry,
+    ReleaseRecord,
+    RulesetSummary,
+    StandingApprovals,
+    StoredDecision,
+    StoredFact,
+    StoredRuleset,
+)
+
+
+class StoreLifecycle(Protocol):
+    """Opening and closing the store."""
+
+    @property
+    def is_open(self) -> bool:
+        """Whether ``open`` succeeded and ``close`` has not been called since."""
+        ...
+
+    async def open(self) -> None:
+        """Connect, creating the database if needed, and bring its schema up to date
+        (migrations run in order, each recorded with its version).
+
+        Raises ``StoreUnavailable`` when the database cannot be opened, ``SchemaTooNew``
+        when it was written by a newer gatekeeper. A failed ``open`` leaves nothing open.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Finish the writes already queued, then release every connection. Idempotent."""
+        ...
+
+
+class StateStore(Protocol):
+    """The write path of ingest, reloads, ticks and admin acts, and the state loaded at
+    start."""
+
+    async def commit_transition(self, transition: Transition) -> list[int]:
+        """Commit everything ``transition`` changes in one transaction: facts (appended to
+        the fact log, current facts upserted), approvals, admin acts, the ruleset version it
+        activates, decisions, rule states, queued actions (the outbox), ledger entries and
+        its idempotency key. Returns the sequence numbers of its facts then approvals, in
+        order.
+
+        Rows are stamped with the first decision's ``decided_at``, or else with
+        ``transition.planned_at``. Raises ``ValueError`` (before writing) when a row needs a
+        time and the transition has neither; ``Conflict`` when a unique key is already
+        stored (a ``firing_id``, ``action_id``, release id or idempotency key: a double
+        firing); nothing is written then.
+        """
+        ...
+
+    async def commit_transitions(self, transitions: Sequence[Transition]) -> list[list[int]]:
+        """Commit several transitions in ONE transaction (group commit: one durable write
+        for all), in order; return each one's sequence numbers as ``commit_transition``.
+        All or nothing; raises as ``commit_transition``."""
+        ...
+
+    async def find_idempotency_key(self, key: str) -> IdempotencyOutcome | None:
+        """What the request stored under ``Idempotency-Key`` ``key`` got, or None."""
+        ...
+
+    async def purge_idempotency_keys(self, before: datetime) -> int:
+        """Forget the idempotency keys stored before ``before``; return how many."""
+        ...
+
+    async def load_facts(self) -> dict[FactKey, dict[str, Any]]:
+        """Every current fact: ``{(project, kind, id): data}``."""
+        ...
+
+    async def load_rule_states(self) -> dict[str, RuleState]:
+        """Every rule's persisted state by rule id (rules no longer loaded included)."""
+        ...
+
+    async def load_approvals(self) -> StandingApprovals:
+        """Every standing approval: ``{rule id: {subject: "approve" | "reject"}}``."""
+        ...
+
+    async def escrow_totals(self) -> EscrowTotals:
+        """Per escrow, the ``Decimal`` sum of its releases by delivery status (absent
+        statuses have no release). Summed exactly, never as floats."""
+        ...
+
+    async def last_ruleset(self) -> StoredRuleset | None:
+        """The ruleset version that was last activated, or None in a new database."""
+        ...
+
+
+class DeliveryQueue(Protocol):
+    """What the dispatcher needs: the due actions and recording what became of them."""
+
+    async def due_actions(
+        self, now: datetime, limit: int, *, only: OutboxFilter | None = None
+    ) -> list[OutboxEntry]:
+        """At most ``limit`` pending actions due at ``now`` (``next_attempt_at <= now``),
+        the earliest due first (ties by ``action_id``), narrowed by ``only``."""
+        ...
+
+    async def next_attempt_at(self, *, only: OutboxFilter | None = None) -> datetime | None:
+        """When the earliest pending action (narrowed by ``only``) falls due; None when no
+        action is pending."""
+        ...
+
+    async def record_attempt(self, record: AttemptRecord) -> None:
+        """Record one delivery attempt and its action's new state (status, attempts,
+        ``last_error``, ``next_attempt_at`` unless None, ``delivered_at`` for a delivery,
+        ``dead_reason`` and ``dead_status`` for a dead letter), atomically. Raises
+        ``Conflict`` when the action does not exist."""
+        ...
+
+    async def record_attempts(self, records: Sequence[AttemptRecord]) -> None:
+        """``record_attempt`` for several records in ONE transaction (one durable write):
+        all or nothing. An empty sequence writes nothing."""
+        ...
+
+
+class OutboxAdmin(Protocol):
+    """Reading the outbox (dead letters included) and requeuing dead letters."""
+
+    async def get_action(self, action_id: str) -> OutboxEntry | None:
+        """One outbox entry, or None."""
+        ...
+
+    async def list_actions(
+        self,
+        status: ActionStatus | None = None,
+        limit: int = 100,
+        *,
+        projects: Projects = None,
+    ) -> list[OutboxEntry]:
+        """At most ``limit`` entries, newest first (``created_at`` descending, ties by
+        ``action_id``), optionally of one ``status``, only of ``projects`` (the payload's
+        project; entries without one are visible to all)."""
+        ...
+
+    async def count_actions(self) -> dict[str, int]:
+        """How many entries the outbox holds by status (an ``ActionStatus``; absent
+        statuses: none)."""
+        ...
+
+    async def list_attempts(self, action_id: str) -> list[Attempt]:
+        """Every recorded attempt of ``action_id``, first first (empty when none or no such
+        action)."""
+        ...
+
+    async def requeue_action(
+        self, action_id: str, at: datetime, actor: str, reason: str | None
+    ) -> OutboxEntry | None:
+        """Put dead letter ``action_id`` back in the queue, due at ``at``, with a fresh
+        allowance of attempts and age (``requeued_at = at``, ``attempts_at_requeue =
+        attempts``, ``dead_reason``/``dead_status`` cleared) and record the admin act
+        ``retry_action`` by ``actor``, atomically. Returns the updated entry, None when
+        there is no such action. Raises ``Conflict`` when the action is not dead."""
+        ...
+
+
+class AuditReads(Protocol):
+    """The history: the fact log, current facts, decisions, the audit log, the ledger."""
+
+    async def list_facts(
+        self, project: str | None = None, *, projects: Projects = None
+    ) -> list[StoredFact]:
+        """Current facts ordered by ``(project, kind, id)``, of ``project`` when given, only
+        of ``projects``."""
+        ...
+
+    async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[LoggedFact]:
+        """At most ``limit`` fact log entries with ``seq > after_seq``, in ``seq`` order."""
+        ...
+
+    async def fact_at(self, seq: int) -> LoggedFact | None:
+        """The fact log entry ``seq``, or None."""
+        ...
+
+    async def list_decisions(
+        self, rule_id: str | None = None, limit: int = 100
+    ) -> list[StoredDecision]:
+        """At most ``limit`` decisions, newest first (id descending), of ``rule_id`` when
+        given."""
+        ...
+
+    async def decision_of_firing(self, firing_id: str) -> StoredDecision | None:
+        """The decision that fired (or blocked) ``firing_id``, or None."""
+        ...
+
+    async def audit(self, query: AuditQuery) -> list[AuditEntry]:
+        """At most ``query.limit`` audit entries (decisions, admin acts, approvals) matching
+        ``query``, newest first: ``at``, then ``kind``, then ``id``, all descending. A page
+        continues strictly after ``query.after``."""
+        ...
+
+    async def release_record(self, release_id: str) -> ReleaseRecord | None:
+        """A release's ledger row, or None."""
+        ...
+
+
+class RulesetReads(Protocol):
+    """Stored ruleset versions (content-addressed; each activation is recorded)."""
+
+    async def list_rulesets(self, limit: int = 100) -> list[RulesetSummary]:
+        """At most ``limit`` versions, the most recently activated first."""
+        ...
+
+    async def get_ruleset(self, version: str) -> StoredRuleset | None:
+        """One version with the text of its files, or None."""
+        ...
+
+
+class Store(
+    StoreLifecycle,
+    StateStore,
+    DeliveryQueue,
+    OutboxAdmin,
+    AuditReads,
+    RulesetReads,
+    Protocol,
+):
+    """The whole contract, for wiring: a backend implements all of it."""

@@ -1,0 +1,408 @@
+"""The rows the store hands back, as typed records (frozen dataclasses), and what callers
+hand in besides the engine's ``Transition``.
+
+Times are timezone-aware ``datetime``s in UTC everywhere in these records; a backend keeps
+them in its own column type (SQLite: RFC 3339 text). Money amounts are decimal strings as
+written (``"1250.00"``) or ``Decimal`` sums, never floats. ``to_json()`` gives the JSON
+shape the HTTP API shows (times as RFC 3339 with milliseconds and ``Z``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from gatekeeper.clock import format_rfc3339, parse_rfc3339
+from gatekeeper.engine.model import QueuedAction
+
+ActionStatus = Literal["pending", "delivered", "dead"]
+"""An outbox entry's delivery state: ``pending`` (due now or later), ``delivered`` (a 2xx
+answer), ``dead`` (a dead letter: no further attempt unless an admin requeues it)."""
+
+ACTION_STATUSES: tuple[ActionStatus, ...] = ("pending", "delivered", "dead")
+
+DeadReason = Literal["attempts_exhausted", "too_old", "refused", "not_retryable"]
+"""Why an action died: ``attempts_exhausted`` (``max_attempts`` spent), ``too_old`` (the
+next attempt would come after ``max_age_s``), ``refused`` (the receiver answered 4xx: the
+status is in the attempt), ``not_retryable`` (a failure no retry can help: an unsignable
+request, a target refusing the action's kind)."""
+
+DEAD_REASONS: tuple[DeadReason, ...] = (
+    "attempts_exhausted",
+    "too_old",
+    "refused",
+    "not_retryable",
+)
+
+AuditKind = Literal["decision", "admin_act", "approval"]
+AUDIT_KINDS: tuple[AuditKind, ...] = ("decision", "admin_act", "approval")
+
+EscrowTotals = dict[str, dict[str, Decimal]]
+"""Per escrow, the sum of its recorded releases by their delivery status (statuses with no
+release are absent): ``{"escrow-a": {"pending": Decimal("10.00"), ...}}``."""
+
+StandingApprovals = dict[str, dict[str, str]]
+"""rule id -> approver subject -> standing decision (``"approve"`` or ``"reject"``)."""
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else format_rfc3339(value)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFact:
+    """A current fact: the latest ``data`` of ``(project, kind, id)``, the sequence number
+    of the fact log entry that set it and when it was received."""
+
+    project: str
+    kind: str
+    id: str
+    data: Mapping[str, Any]
+    seq: int
+    updated_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "project": self.project,
+            "kind": self.kind,
+            "id": self.id,
+            "data": self.data,
+            "seq": self.seq,
+            "updated_at": format_rfc3339(self.updated_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedFact:
+    """One entry of the append-only fact log (approvals included, as kind ``approval``):
+    ``seq`` grows by one per entry; ``request_id`` is the HTTP request that brought it."""
+
+    seq: int
+    project: str
+    kind: str
+    id: str
+    data: Mapping[str, Any]
+    received_at: datetime
+    request_id: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "project": self.project,
+            "kind": self.kind,
+            "id": self.id,
+            "data": self.data,
+            "received_at": format_rfc3339(self.received_at),
+            "request_id": self.request_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDecision:
+    """A recorded decision: the engine's ``Decision`` with its id, its triggering fact's
+    sequence number (``fact_seq``) and the HTTP request that caused it. ``evaluation`` and
+    ``approvals`` are the JSON the engine produced, as stored."""
+
+    id: int
+    decided_at: datetime
+    rule_id: str
+    rule_hash: str
+    ruleset_version: str
+    git_commit: str | None
+    trigger: str
+    fact_seq: int | None
+    outcome: str
+    gate_open: bool
+    evaluation: Mapping[str, Any]
+    approvals: Mapping[str, Any] | None
+    firing_id: str | None
+    request_id: str | None
+    reason: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "decided_at": format_rfc3339(self.decided_at),
+            "rule_id": self.rule_id,
+            "rule_hash": self.rule_hash,
+            "ruleset_version": self.ruleset_version,
+            "git_commit": self.git_commit,
+            "trigger": self.trigger,
+            "fact_seq": self.fact_seq,
+            "outcome": self.outcome,
+            "gate_open": self.gate_open,
+            "evaluation": self.evaluation,
+            "approvals": self.approvals,
+            "firing_id": self.firing_id,
+            "request_id": self.request_id,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One queued action and its delivery state.
+
+    ``decision_id`` is None for an entry handed to the dispatcher in memory right after its
+    commit (``outbox_entry_of``); ``request_id`` is the HTTP request that caused the
+    decision, None when there was none. ``attempts_at_requeue`` is ``attempts`` when an
+    admin last requeued it (a requeued dead letter gets a fresh allowance of attempts).
+    ``dead_reason`` says why a dead letter died and ``dead_status`` is the HTTP status of
+    the attempt that made it one (None when no answer came); both None unless ``status`` is
+    ``dead``, and for dead letters recorded before gatekeeper kept them.
+    """
+
+    action_id: str
+    rule_id: str
+    firing_id: str
+    kind: str
+    target: str
+    payload: Mapping[str, Any]
+    status: ActionStatus
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime
+    last_error: str | None
+    delivered_at: datetime | None
+    decision_id: int | None
+    requeued_at: datetime | None = None
+    attempts_at_requeue: int = 0
+    request_id: str | None = None
+    dead_reason: DeadReason | None = None
+    dead_status: int | None = None
+
+    @property
+    def project(self) -> str | None:
+        """The project of the rule that queued the action (its payload's ``project``)."""
+        project = self.payload.get("project")
+        return project if isinstance(project, str) else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action_id": self.action_id,
+            "rule_id": self.rule_id,
+            "firing_id": self.firing_id,
+            "kind": self.kind,
+            "target": self.target,
+            "payload": dict(self.payload),
+            "status": self.status,
+            "attempts": self.attempts,
+            "created_at": format_rfc3339(self.created_at),
+            "next_attempt_at": format_rfc3339(self.next_attempt_at),
+            "last_error": self.last_error,
+            "delivered_at": _time(self.delivered_at),
+            "decision_id": self.decision_id,
+            "requeued_at": _time(self.requeued_at),
+            "dead_reason": self.dead_reason,
+            "dead_status": self.dead_status,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One delivery attempt of an action: its number (1, 2, ...), when it started, how long
+    it took (milliseconds), the HTTP status (None when no answer came) or the error text."""
+
+    action_id: str
+    attempt: int
+    started_at: datetime
+    latency_ms: float
+    status_code: int | None
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action_id": self.action_id,
+            "attempt": self.attempt,
+            "started_at": format_rfc3339(self.started_at),
+            "latency_ms": self.latency_ms,
+            "status_code": self.status_code,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """A delivery attempt with the action's state after it: ``status``; for a retry,
+    ``next_attempt_at`` (None keeps the current one); for a dead letter, ``dead_reason``
+    (its ``dead_status`` is the attempt's ``status_code``)."""
+
+    attempt: Attempt
+    status: ActionStatus
+    next_attempt_at: datetime | None
+    dead_reason: DeadReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One entry of the audit log, whatever its kind.
+
+    ``what`` is a decision's outcome, an admin act's name (``pause``, ``retry_action``, ...)
+    or an approval's decision; ``rule_id`` is the act's subject for admin acts (an action id
+    for ``retry_action``); ``actor`` the token subject of acts and approvals; ``id`` the
+    decision id, admin act id or fact log ``seq`` (unique within its kind).
+    """
+
+    kind: AuditKind
+    id: int
+    at: datetime
+    rule_id: str | None
+    project: str | None
+    what: str | None
+    actor: str | None
+    reason: str | None
+    firing_id: str | None
+    fact_seq: int | None
+    request_id: str | None
+    trigger: str | None
+
+    @property
+    def cursor(self) -> AuditCursor:
+        """Where a page ending with this entry ends (``AuditQuery.after``)."""
+        return AuditCursor(self.at, self.kind, self.id)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "id": self.id,
+            "at": format_rfc3339(self.at),
+            "rule_id": self.rule_id,
+            "project": self.project,
+            "what": self.what,
+            "actor": self.actor,
+            "reason": self.reason,
+            "firing_id": self.firing_id,
+            "fact_seq": self.fact_seq,
+            "request_id": self.request_id,
+            "trigger": self.trigger,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AuditCursor:
+    """The position of an audit entry in the log's order (newest first: ``at``, then
+    ``kind``, then ``id``, all descending)."""
+
+    at: datetime
+    kind: str
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRuleset:
+    """A ruleset version as kept in the database: its files' text (file name -> YAML text)
+    and where it came from."""
+
+    version: str
+    files: Mapping[str, str]
+    git_commit: str | None
+    first_activated_at: datetime
+    last_activated_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "git_commit": self.git_commit,
+            "first_activated_at": format_rfc3339(self.first_activated_at),
+            "last_activated_at": format_rfc3339(self.last_activated_at),
+            "files": dict(self.files),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RulesetSummary:
+    """A stored ruleset version without its text: the sorted names of its files."""
+
+    version: str
+    git_commit: str | None
+    first_activated_at: datetime
+    last_activated_at: datetime
+    files: Sequence[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "git_commit": self.git_commit,
+            "first_activated_at": format_rfc3339(self.first_activated_at),
+            "last_activated_at": format_rfc3339(self.last_activated_at),
+            "files": list(self.files),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRecord:
+    """A release's ledger row: ``amount`` is the decimal string as written (``"1250.00"``)
+    in ``currency``; ``release_id`` is also the release action's id."""
+
+    release_id: str
+    escrow: str
+    amount: str
+    currency: str
+    payee: str
+    rule_id: str
+    firing_id: str
+    recorded_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "release_id": self.release_id,
+            "escrow": self.escrow,
+            "amount": self.amount,
+            "currency": self.currency,
+            "payee": self.payee,
+            "rule_id": self.rule_id,
+            "firing_id": self.firing_id,
+            "recorded_at": format_rfc3339(self.recorded_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyOutcome:
+    """What a stored ``Idempotency-Key`` answered: the SHA-256 (hex) of its request, the
+    sequence numbers it was given, its request id and when it was stored."""
+
+    request_hash: str
+    seqs: list[int]
+    request_id: str | None
+    created_at: datetime
+
+
+_ENCODER = json.JSONEncoder(
+    separators=(",", ":"), sort_keys=True, default=str, check_circular=False
+)
+"""Stored JSON is built from parsed JSON and our own records, which hold no cycles."""
+
+
+def canonical_json(value: Any) -> str:
+    """Canonical JSON text, as every backend stores JSON: compact, keys sorted, anything
+    not JSON (a ``Decimal``, a ``datetime``) as ``str``."""
+    return _ENCODER.encode(value)
+
+
+def outbox_entry_of(action: QueuedAction, request_id: str | None) -> OutboxEntry:
+    """The pending outbox entry of ``action`` as its row reads once committed (no attempt
+    yet, due at once), without reading it back: the payload goes through the same JSON
+    text as the stored one, so a first attempt sends what a retry loaded from the database
+    sends. ``decision_id`` is not known here (None). Raises ``ValueError`` when
+    ``action.created_at`` is not an RFC 3339 time."""
+    created_at = parse_rfc3339(action.created_at)
+    return OutboxEntry(
+        action_id=action.action_id,
+        rule_id=action.rule_id,
+        firing_id=action.firing_id,
+        kind=action.kind,
+        target=action.target,
+        payload=json.loads(canonical_json(action.payload)),
+        status="pending",
+        attempts=0,
+        created_at=created_at,
+        next_attempt_at=created_at,
+        last_error=None,
+        delivered_at=None,
+        decision_id=None,
+        request_id=request_id,
+    )

@@ -1,0 +1,139 @@
+"""The SQLite backend's migrations as files: versions 1-4 build exactly the schema the store
+built before they were files (``tests/data/sqlite_schema_v4.sql``, dumped from that code), a
+database of that schema opens, is upgraded and works, and a newer one is refused."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gatekeeper.store import open_store
+from gatekeeper.store.errors import SchemaTooNew
+from gatekeeper.store.migrations import load_migrations
+from gatekeeper.store.queries import AuditQuery
+from gatekeeper.store.records import Attempt, AttemptRecord
+
+from . import build
+
+OLD_SCHEMA = Path(__file__).parents[1] / "data" / "sqlite_schema_v4.sql"
+MIGRATIONS = load_migrations("sqlite")
+
+
+def _schema(db: sqlite3.Connection) -> list[tuple[str, str, str]]:
+    return db.execute(
+        "SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL"
+        " AND name != 'sqlite_sequence' ORDER BY name"
+    ).fetchall()
+
+
+def _migrated(path: Path | str, up_to: int) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None)
+    for migration in MIGRATIONS[:up_to]:
+        for statement in migration.statements:
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version={migration.version}")
+    return db
+
+
+def _old_database(path: Path) -> None:
+    """A database as the store of schema version 4 left it, with a few rows."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.executescript(OLD_SCHEMA.read_text())
+        db.execute("PRAGMA user_version=4")
+        t = "2026-11-01T09:00:00.000Z"
+        db.execute(
+            "INSERT INTO fact_log (project, kind, id, data, received_at, request_id)"
+            " VALUES ('tower-a', 'task', 'T-1', '{\"done\":true}', ?, 'req-1')",
+            (t,),
+        )
+        db.execute(
+            "INSERT INTO facts (project, kind, id, data, seq, updated_at)"
+            " VALUES ('tower-a', 'task', 'T-1', '{\"done\":true}', 1, ?)",
+            (t,),
+        )
+        db.execute(
+            "INSERT INTO decisions (decided_at, rule_id, rule_hash, ruleset_version, trigger,"
+            " fact_seq, outcome, gate_open, evaluation, firing_id, request_id, project)"
+            " VALUES (?, 'tower-a/r', 'h', 'v1', 'fact', 1, 'fired', 1, '{}', 'tower-a/r#1',"
+            " 'req-1', 'tower-a')",
+            (t,),
+        )
+        db.execute(
+            "INSERT INTO outbox (action_id, decision_id, rule_id, firing_id, kind, target,"
+            " payload, status, attempts, created_at, next_attempt_at, last_error)"
+            " VALUES ('act-1', 1, 'tower-a/r', 'tower-a/r#1', 'pipeline', 'ci',"
+            " '{\"project\":\"tower-a\"}', 'dead', 1, ?, ?, 'HTTP 422')",
+            (t, t),
+        )
+        db.execute(
+            "INSERT INTO delivery_attempts (action_id, attempt, started_at, latency_ms,"
+            " status_code, error) VALUES ('act-1', 1, ?, 3.5, 422, 'HTTP 422')",
+            (t,),
+        )
+        db.execute(
+            "INSERT INTO admin_acts (at, actor, act, subject, reason)"
+            " VALUES (?, 'ops', 'retry_action', 'act-0', NULL)",
+            (t,),
+        )
+
+
+def test_the_migration_files_are_numbered_and_package_data() -> None:
+    assert [m.version for m in MIGRATIONS] == list(range(1, len(MIGRATIONS) + 1))
+    assert all(m.statements for m in MIGRATIONS)
+
+
+def test_migrations_1_to_4_build_the_schema_of_before(tmp_path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(tmp_path / "old.db")) as old:
+        old.executescript(OLD_SCHEMA.read_text())
+        expected = _schema(old)
+    with contextlib.closing(_migrated(tmp_path / "new.db", 4)) as new:
+        assert _schema(new) == expected
+
+
+async def test_a_database_of_schema_4_opens_upgraded_and_works(tmp_path: Path) -> None:
+    path = tmp_path / "gatekeeper.db"
+    _old_database(path)
+    store = await open_store(path)
+    try:
+        [dead] = await store.list_actions()
+        assert (dead.action_id, dead.status, dead.request_id) == ("act-1", "dead", "req-1")
+        assert (dead.dead_reason, dead.dead_status) == (None, None)  # not recorded back then
+        assert [a.status_code for a in await store.list_attempts("act-1")] == [422]
+        assert [f.data for f in await store.fact_log()] == [{"done": True}]
+        entries = await store.audit(AuditQuery())
+        assert [e.what for e in entries] == ["fired", "retry_action"]  # same time: by kind
+        # ... and new rows go in beside the old ones
+        requeued = await store.requeue_action("act-1", build.at(60), "ops", None)
+        assert requeued is not None and requeued.status == "pending"
+        attempt = Attempt("act-1", 2, build.at(61), 1.0, 404, "HTTP 404")
+        await store.record_attempt(AttemptRecord(attempt, "dead", None, "refused"))
+        again = await store.get_action("act-1")
+        assert again is not None and (again.dead_reason, again.dead_status) == ("refused", 404)
+        assert await store.commit_transition(build.firing("tower-a/s", 1, build.at(62))) == [2]
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        upgraded = _schema(db)
+    with contextlib.closing(_migrated(tmp_path / "fresh.db", len(MIGRATIONS))) as fresh:
+        assert upgraded == _schema(fresh)
+
+
+async def test_a_database_of_a_newer_gatekeeper_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "gatekeeper.db"
+    with contextlib.closing(_migrated(path, len(MIGRATIONS))) as db:
+        db.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    with pytest.raises(SchemaTooNew, match="upgrade gatekeeper"):
+        await open_store(path)
+
+
+async def test_reopening_runs_no_migration_again(tmp_path: Path) -> None:
+    path = tmp_path / "gatekeeper.db"
+    for _ in range(2):
+        store = await open_store(path)
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
