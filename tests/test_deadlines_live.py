@@ -58,19 +58,19 @@ async def test_idle_daemon_with_deadlines_far_away_does_no_work(
     )
     await asyncio.sleep(0.2)
     calls = 0
-    real = gk.daemon.engine.plan_rules
+    real = gk.daemon.writer.engine.plan_rules
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         return real(*args, **kwargs)
 
-    gk.daemon.engine.plan_rules = counting
+    gk.daemon.writer.engine.plan_rules = counting
     cpu = time.process_time()
     await asyncio.sleep(1.5)
     assert calls == 0  # nothing is due for a minute: no evaluation at all
     assert time.process_time() - cpu < 0.2
-    assert len(gk.daemon.deadlines) == 200
+    assert len(gk.daemon.ticker.deadlines) == 200
 
 
 async def test_deadline_that_passed_while_down_fires_at_start(

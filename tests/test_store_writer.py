@@ -251,7 +251,7 @@ async def test_a_failed_group_leaves_the_daemons_memory_unchanged(
     project = project_factory()
     project.write_rule("design.yaml", DESIGN_RULE)
     gk = await start_daemon(project)
-    daemon = gk.daemon
+    daemon = gk.daemon.writer
     engine = daemon.engine
     facts_before = daemon.facts.snapshot()
     states_before = dict(daemon.states)
@@ -263,7 +263,7 @@ async def test_a_failed_group_leaves_the_daemons_memory_unchanged(
     again = engine.plan_ingest(daemon.facts, daemon.states, batch, daemon.clock.now())
 
     with pytest.raises(sqlite3.IntegrityError):
-        await daemon._commit_and_apply([fires, again])
+        await daemon.commit_and_apply([fires, again])
     assert daemon.facts.snapshot() == facts_before
     assert daemon.states == states_before
     assert await daemon.store.fact_log() == []
