@@ -110,3 +110,34 @@ async def test_action_ids_come_from_the_generator_the_runtime_passes(
         assert [a.action_id for a in actions] == ["act_test1"]
     finally:
         await daemon.stop(grace_s=0)
+
+
+def test_the_http_layer_uses_only_the_daemon_facade() -> None:
+    """Handlers call the daemon's methods; its parts (store, writer, rulesets, ticker,
+    dispatcher, metrics, config) are the runtime's business."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import gatekeeper.http
+
+    facade = {
+        name
+        for name, member in inspect.getmembers(Daemon)
+        if not name.startswith("_") and inspect.isfunction(member)
+    } - {"start", "stop", "running"}
+    used: dict[str, str] = {}
+    for path in Path(gatekeeper.http.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Attribute):
+                continue
+            value = node.value
+            is_daemon = (isinstance(value, ast.Name) and value.id == "daemon") or (
+                isinstance(value, ast.Call)
+                and isinstance(value.func, ast.Name)
+                and value.func.id == "_daemon"
+            )
+            if is_daemon:
+                used[node.attr] = f"{path.name}:{node.lineno}"
+    assert used, "no daemon call found: the check no longer sees the handlers"
+    assert {name: where for name, where in used.items() if name not in facade} == {}
