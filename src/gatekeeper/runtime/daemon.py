@@ -44,7 +44,7 @@ from gatekeeper.runtime.ingest import (
     UnknownRule,
     Writer,
 )
-from gatekeeper.runtime.rulesets import ReloadStatus, Rulesets, StartupError, check_hooks
+from gatekeeper.runtime.rulesets import Rulesets, StartupError
 from gatekeeper.runtime.ticker import Ticker
 from gatekeeper.store.sqlite import (
     ActionStatus,
@@ -62,11 +62,9 @@ __all__ = [
     "IdempotencyConflict",
     "IngestResult",
     "NotAnApprover",
-    "ReloadStatus",
     "ShuttingDown",
     "StartupError",
     "UnknownRule",
-    "check_hooks",
 ]
 
 log = logging.getLogger("gatekeeper.runtime.daemon")

@@ -270,11 +270,6 @@ class Writer:
         # the commit goes on even if the client goes away: shield the job from cancellation
         return await asyncio.shield(job.result)
 
-    @property
-    def closing(self) -> bool:
-        """True once ``close()`` was called: new writes of requests are refused."""
-        return self._closing
-
     def close(self) -> None:
         """Refuse new fact batches and approvals (``ShuttingDown``); queued ones go on."""
         self._closing = True
