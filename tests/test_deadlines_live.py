@@ -77,14 +77,14 @@ async def test_idle_daemon_with_deadlines_far_away_does_no_work(
     clock = CountingClock()
     gk = await start_daemon(project, clock=clock, tick_s=60.0)
     calls = 0
-    real = gk.daemon.engine.plan_rules
+    real = gk.daemon.writer.engine.plan_rules
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         return real(*args, **kwargs)
 
-    gk.daemon.engine.plan_rules = counting
+    gk.daemon.writer.engine.plan_rules = counting
     soon = format_rfc3339(datetime.now(UTC))
     await gk.post(
         "/v1/facts",
@@ -99,7 +99,7 @@ async def test_idle_daemon_with_deadlines_far_away_does_no_work(
     # nor any other work: nothing woke up to as much as look at the clock (a daemon that
     # polled anything, even without evaluating, would)
     assert clock.reads == reads, f"{clock.reads - reads} clock reads while idle"
-    assert len(gk.daemon.deadlines) == 200
+    assert len(gk.daemon.ticker.deadlines) == 200
 
 
 async def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:

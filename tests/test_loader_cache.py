@@ -340,7 +340,7 @@ async def test_a_reload_keeps_the_deadlines_of_unchanged_rules(
     gk = await start_daemon(project, clock=clock)
     await gk.post("/v1/facts", fact("task", "T-1", started_at="2026-11-05T00:00:00Z"))
     await gk.daemon.tick()
-    deadlines = gk.daemon.deadlines
+    deadlines = gk.daemon.ticker.deadlines
     assert deadlines.due_at("t/b") == start + timedelta(days=5)
 
     clock.advance(timedelta(hours=1))
@@ -358,9 +358,9 @@ async def test_a_reload_keeps_the_deadlines_of_unchanged_rules(
 async def test_a_large_ruleset_going_live_is_frozen_out_of_the_collector(
     project_factory: Callable[..., Project], start_daemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gatekeeper.runtime import daemon
+    from gatekeeper.runtime import rulesets
 
-    monkeypatch.setattr(daemon, "FREEZE_AT_RULES", 1)  # "large" for the test
+    monkeypatch.setattr(rulesets, "FREEZE_AT_RULES", 1)  # "large" for the test
     project = project_factory()
     project.write_rule("a.yaml", timed_rule("t/a", 3))
     gc.unfreeze()

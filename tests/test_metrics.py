@@ -87,7 +87,7 @@ async def test_metrics_after_a_release_is_delivered(
     assert value(samples, "gatekeeper_dead_letters") == 0
     assert value(samples, "gatekeeper_ruleset_reloads_total", result="success") == 1
     assert value(samples, "gatekeeper_ruleset_reloads_total", result="failure") == 0
-    version = gk.daemon.engine.ruleset.version
+    version = gk.daemon.writer.engine.ruleset.version
     assert value(samples, "gatekeeper_ruleset_info", version=version) == 1
     assert (value(samples, "gatekeeper_ruleset_last_success_timestamp_seconds") or 0) > 0
     assert (value(samples, "gatekeeper_evaluations_total", trigger="fact") or 0) >= 1

@@ -251,7 +251,7 @@ async def test_failed_activation_keeps_the_old_config(
     monkeypatch.setattr(gk.daemon.store, "commit_transition", failing_commit)
     assert await gk.daemon.reload() is False
     assert gk.daemon.config is before  # FAILS: the new config went live
-    assert gk.daemon.reload_status.ok is False
+    assert gk.daemon.rulesets.status.ok is False
 
 
 # -- 7. 32 deliveries in flight to one slow target hold up every other target ------------------
@@ -384,9 +384,9 @@ async def test_cancel_during_commit_is_not_swallowed(
     ticks.cancel()  # what Daemon.stop does to its tasks
     store._transact = original_transact  # type: ignore[method-assign]
     done, _ = await asyncio.wait({ticks}, timeout=2)
-    async with gk.daemon._write_lock:  # the shielded write goes on to its end
+    async with gk.daemon.writer.lock:  # the shielded write goes on to its end
         pass
-    state = gk.daemon.states.get("tower-a/late")
+    state = gk.daemon.writer.states.get("tower-a/late")
     stored = await gk.daemon.store.load_rule_states()
     assert ticks in done, "the tick task survived cancel(): Daemon.stop would hang"
     assert state == stored["tower-a/late"]
@@ -468,7 +468,7 @@ async def test_chained_anchors_at_restart_fall_back_to_the_last_good_ruleset(
     status, rules = await second.get("/v1/rules")
     assert status == 200
     assert [rule["id"] for rule in rules["rules"]] == ["tower-a/design-release"]
-    assert second.daemon.reload_status.ok is False
+    assert second.daemon.rulesets.status.ok is False
 
 
 # -- a failure applying a committed transition in memory ---------------------------------------
@@ -487,7 +487,7 @@ async def test_a_committed_transition_that_fails_to_apply_is_not_committed_again
     project = project_factory(receiver.url)
     project.write_rule("design.yaml", RELEASE_ONLY)
     gk = await start_daemon(project)
-    daemon = gk.daemon
+    daemon = gk.daemon.writer
     original = daemon._apply
     failures: list[int] = []
 

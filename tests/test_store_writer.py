@@ -256,7 +256,7 @@ async def test_a_failed_group_leaves_the_daemons_memory_unchanged(
     project = project_factory()
     project.write_rule("design.yaml", DESIGN_RULE)
     gk = await start_daemon(project)
-    daemon = gk.daemon
+    daemon = gk.daemon.writer
     engine = daemon.engine
     facts_before = daemon.facts.snapshot()
     states_before = dict(daemon.states)
@@ -268,7 +268,7 @@ async def test_a_failed_group_leaves_the_daemons_memory_unchanged(
     again = engine.plan_ingest(daemon.facts, daemon.states, batch, daemon.clock.now())
 
     with pytest.raises(Conflict):
-        await daemon._commit_and_apply([fires, again])
+        await daemon.commit_and_apply([fires, again])
     assert daemon.facts.snapshot() == facts_before
     assert daemon.states == states_before
     assert await daemon.store.fact_log() == []

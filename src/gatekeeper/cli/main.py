@@ -288,23 +288,21 @@ async def _serve_async(config: Config) -> int:
     except StoreError as exc:  # a database: no backend serves
         log.error("cannot start: %s", exc)
         return EXIT_FAILED
-    try:
-        await daemon.start()
-    except (StartupError, StoreError) as exc:
-        log.error("cannot start: %s", exc)
-        await daemon.store.close()
-        return EXIT_FAILED
+    # the application starts the daemon at setup and stops it at cleanup (cleanup_ctx)
     runner = web.AppRunner(
         create_app(daemon), handle_signals=False, shutdown_timeout=config.shutdown_grace_s
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except (StartupError, StoreError) as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILED
     site = web.TCPSite(runner, config.listen_host, config.listen_port)
     try:
         await site.start()
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.listen_host, config.listen_port, exc)
         await runner.cleanup()
-        await daemon.stop()
         return EXIT_FAILED
     log.info(
         "gatekeeper %s listening on http://%s:%d (database %s, rules %s)",
@@ -326,8 +324,7 @@ async def _serve_async(config: Config) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
     log.info("shutting down on %s", received[0] if received else "request")
-    await runner.cleanup()
-    await daemon.stop()
+    await runner.cleanup()  # the requests in progress, then the daemon's stop()
     log.info(
         "shutdown complete: %d action(s) delivered, %d dead-lettered in this run",
         daemon.dispatcher.delivered,

@@ -347,7 +347,7 @@ def _ruleset_problems(test_file: str, folder: Path, loaded: LoadResult) -> list[
 class Simulation:
     """A deployment in memory: the engine with its facts, rule states, standing approvals and
     escrow book, and a clock that only moves when told. Each planned transition is applied
-    as ``Daemon._apply`` applies a committed one."""
+    as ``Writer.apply`` applies a committed one."""
 
     def __init__(self, engine: Engine, escrows: Mapping[str, Escrow], now: datetime) -> None:
         self.engine = engine

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -81,12 +81,30 @@ def _entries(entries: Mapping[str, _Entry], rules: Iterable[Rule]) -> tuple[_Ent
     return tuple(unique.values())
 
 
-class Engine:
-    """A ruleset with its fact-key index. Immutable once built; a reload builds a new one."""
+def uuid_action_id() -> str:
+    """A fresh action id, ``act_`` and 32 hex digits of a random UUID (the default
+    ``new_action_id`` of ``Engine``)."""
+    return f"act_{uuid.uuid4().hex}"
 
-    def __init__(self, ruleset: Ruleset, *, alert_target: str | None = None) -> None:
+
+class Engine:
+    """A ruleset with its fact-key index. Immutable once built; a reload builds a new one.
+
+    ``new_action_id`` makes the id of each queued action (``act_...``, unique for good: it
+    is the outbox key and a release's id); the runtime passes it, tests may pass a
+    deterministic one. The engine makes no other ids and reads no clock.
+    """
+
+    def __init__(
+        self,
+        ruleset: Ruleset,
+        *,
+        alert_target: str | None = None,
+        new_action_id: Callable[[], str] = uuid_action_id,
+    ) -> None:
         self.ruleset = ruleset
         self.alert_target = alert_target
+        self.new_action_id = new_action_id
         self.rules: dict[str, Rule] = ruleset.by_id()
         self._by_fact: dict[FactKey, list[Rule]] = defaultdict(list)
         self._by_kind: dict[tuple[str, str], list[Rule]] = defaultdict(list)
@@ -375,7 +393,7 @@ class Engine:
         now: datetime,
         book: EscrowBook,
     ) -> None:
-        actions = render_actions(rule, firing_id, now)
+        actions = render_actions(rule, firing_id, now, self.new_action_id)
         transition.actions.extend(actions)
         for action in actions:
             if action.kind == "release":
@@ -408,7 +426,7 @@ class Engine:
         message = f"gatekeeper blocked the release of {releases} by rule {rule.id}: {reason}"
         transition.actions.append(
             QueuedAction(
-                action_id=f"act_{uuid.uuid4().hex}",
+                action_id=self.new_action_id(),
                 kind="notify",
                 target=self.alert_target,
                 rule_id=rule.id,
@@ -486,12 +504,18 @@ def approvals_status(rule: Rule, standing: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
-def render_actions(rule: Rule, firing_id: str, fired_at: datetime) -> list[QueuedAction]:
-    """The actions one firing queues, each with a fresh id that stays stable across retries."""
+def render_actions(
+    rule: Rule,
+    firing_id: str,
+    fired_at: datetime,
+    new_action_id: Callable[[], str] = uuid_action_id,
+) -> list[QueuedAction]:
+    """The actions one firing queues, each with a fresh id from ``new_action_id`` that stays
+    stable across retries."""
     values = template_values(rule, fired_at)
     queued = []
     for action in rule.actions:
-        action_id = f"act_{uuid.uuid4().hex}"
+        action_id = new_action_id()
         payload = {"project": rule.project, **_render_payload(action, values)}
         if isinstance(action, ReleaseAction):
             payload["release_id"] = action_id

@@ -19,10 +19,9 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
-from decimal import Decimal
 from typing import Any, Literal, cast
 
 import jsonschema
@@ -37,7 +36,6 @@ from gatekeeper.http.auth import authenticate, bearer_token
 from gatekeeper.http.openapi import build_openapi
 from gatekeeper.jsonwire import json_path, loads_strict
 from gatekeeper.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from gatekeeper.rules.loader import load_rule_texts
 from gatekeeper.runtime.daemon import (
     Daemon,
     IdempotencyConflict,
@@ -48,16 +46,9 @@ from gatekeeper.runtime.daemon import (
 from gatekeeper.runtime.hooks import RESERVED_KINDS, HookRejected
 from gatekeeper.runtime.hooks import handle as handle_hook
 from gatekeeper.schemas import load_schema
-from gatekeeper.store.contract import RulesetReads
 from gatekeeper.store.errors import Conflict
 from gatekeeper.store.queries import AuditQuery
-from gatekeeper.store.records import (
-    AUDIT_KINDS,
-    ActionStatus,
-    AuditCursor,
-    AuditKind,
-    StoredDecision,
-)
+from gatekeeper.store.records import AUDIT_KINDS, ActionStatus, AuditCursor, AuditKind
 
 log = logging.getLogger("gatekeeper.http.app")
 
@@ -117,7 +108,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     # a handler that forgot to say what it needs requires the most: admin
     scope = getattr(route.handler, "required_scope", "admin")
-    tokens = _daemon(request).config.tokens
+    tokens = _daemon(request).tokens()
     request[PRINCIPAL_KEY] = None
     if not tokens or scope is None:
         return await handler(request)
@@ -175,7 +166,7 @@ def _count_rejected_fact(request: web.Request, status: int) -> None:
         return
     reason = REJECTION_REASONS.get(status, "invalid" if status == 422 else None)
     if reason is not None:
-        _daemon(request).metrics.fact_rejected(reason)
+        _daemon(request).fact_rejected(reason)
 
 
 @web.middleware
@@ -412,60 +403,36 @@ async def post_facts(request: web.Request) -> web.Response:
 @requires("read")
 async def get_facts(request: web.Request) -> web.Response:
     project = request.query.get("project")
-    facts = await _daemon(request).store.list_facts(project, projects=visible_projects(request))
+    facts = await _daemon(request).list_facts(project, projects=visible_projects(request))
     return web.json_response({"facts": [f.to_json() for f in facts]})
 
 
 @requires("read")
 async def get_rules(request: web.Request) -> web.Response:
     daemon = _daemon(request)
-    engine = daemon.engine
     rules = [
         daemon.rule_view(rule, explain=False)
-        for rule in (engine.ruleset.rules if engine else ())
+        for rule in daemon.rules()
         if visible(request, rule.project)
     ]
     return web.json_response(
         {
-            "ruleset": _ruleset_view(daemon),
-            "reload": daemon.reload_status.to_json(),
+            "ruleset": daemon.ruleset_view(),
+            "reload": daemon.reload_view(),
             "rules": rules,
         }
     )
-
-
-def _ruleset_view(daemon: Daemon) -> dict[str, Any] | None:
-    if daemon.engine is None:
-        return None
-    ruleset = daemon.engine.ruleset
-    return {
-        "version": ruleset.version,
-        "git_commit": ruleset.git_commit,
-        "rules": len(ruleset.rules),
-        "files": sorted(ruleset.files),
-    }
 
 
 @requires("read")
 async def get_rule(request: web.Request) -> web.Response:
     daemon = _daemon(request)
     rule_id = request.match_info["rule_id"]
-    rule = daemon.engine.rules.get(rule_id) if daemon.engine else None
+    rule = daemon.rule(rule_id)
     if rule is None:
         raise ApiError(404, f"no rule {rule_id!r} in the active ruleset")
     check_project(request, rule.project)
-    return web.json_response(await _rule_detail(daemon, rule.id, _limit(request, 20)))
-
-
-async def _rule_detail(daemon: Daemon, rule_id: str, decisions: int) -> dict[str, Any]:
-    """A rule's full view: state, source, explanation, recent decisions."""
-    engine = daemon.engine
-    assert engine is not None
-    view = daemon.rule_view(engine.rules[rule_id], explain=True)
-    view["ruleset_version"] = engine.ruleset.version
-    recent = await daemon.store.list_decisions(rule_id, limit=decisions)
-    view["recent_decisions"] = [d.to_json() for d in recent]
-    return view
+    return web.json_response(await daemon.rule_detail(rule.id, _limit(request, 20)))
 
 
 @requires("read")
@@ -473,7 +440,7 @@ async def get_actions(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in ACTION_STATUSES:
         raise ApiError(400, f"status must be one of: {', '.join(ACTION_STATUSES)}")
-    entries = await _daemon(request).store.list_actions(
+    entries = await _daemon(request).list_actions(
         status, _limit(request), projects=visible_projects(request)
     )
     return web.json_response({"actions": [e.to_json() for e in entries]})
@@ -481,13 +448,13 @@ async def get_actions(request: web.Request) -> web.Response:
 
 @requires("read")
 async def get_action(request: web.Request) -> web.Response:
-    store = _daemon(request).store
+    daemon = _daemon(request)
     action_id = request.match_info["action_id"]
-    entry = await store.get_action(action_id)
+    entry = await daemon.get_action(action_id)
     if entry is None:
         raise ApiError(404, f"no action {action_id!r}")
     check_project(request, entry.payload.get("project", ""))
-    attempts = await store.list_attempts(action_id)
+    attempts = await daemon.list_attempts(action_id)
     return web.json_response(
         {**entry.to_json(), "delivery_attempts": [a.to_json() for a in attempts]}
     )
@@ -503,7 +470,7 @@ async def post_action_retry(request: web.Request) -> web.Response:
         if not isinstance(body, dict) or not isinstance(body.get("reason", ""), str):
             raise ApiError(400, 'the body must be {"reason": "..."} or empty')
         reason = body.get("reason")
-    existing = await daemon.store.get_action(action_id)
+    existing = await daemon.get_action(action_id)
     if existing is not None:
         check_project(request, existing.payload.get("project", ""))
     try:
@@ -534,7 +501,7 @@ async def post_approvals(request: web.Request) -> web.Response:
             403, "approvals need API tokens: the approver is the token's subject (see tokens)"
         )
     daemon = _daemon(request)
-    rule = daemon.engine.rules.get(body["rule"]) if daemon.engine else None
+    rule = daemon.rule(body["rule"])
     if rule is None:
         raise ApiError(404, f"no rule {body['rule']!r} in the active ruleset")
     check_project(request, rule.project)
@@ -604,7 +571,7 @@ async def post_rule_act(request: web.Request) -> web.Response:
             f'the body must be {{"reason": "..."}}: every admin act says why '
             f"(at most {MAX_COMMENT_CHARS} characters)",
         )
-    rule = daemon.engine.rules.get(rule_id) if daemon.engine else None
+    rule = daemon.rule(rule_id)
     if rule is None:
         raise ApiError(404, f"no rule {rule_id!r} in the active ruleset")
     check_project(request, rule.project)
@@ -617,7 +584,7 @@ async def post_rule_act(request: web.Request) -> web.Response:
         raise ApiError(404, f"no rule {rule_id!r} in the active ruleset") from None
     except ValueError as exc:
         raise ApiError(409, str(exc)) from None
-    return web.json_response(await _rule_detail(daemon, rule_id, 20))
+    return web.json_response(await daemon.rule_detail(rule_id, 20))
 
 
 HOOK_DELIVERY_HEADERS = ("X-GitHub-Delivery", "X-Gitlab-Event-UUID")
@@ -631,12 +598,13 @@ async def post_hook(request: web.Request) -> web.Response:
     redelivered event applies nothing twice."""
     daemon = _daemon(request)
     source = request.match_info["source"]
-    hook = daemon.config.hooks.get(source)
-    if hook is None:
+    configured = daemon.hook(source)
+    if configured is None:
         raise ApiError(404, f"no hook source {source!r} is configured")
+    hook, secret = configured
     body = await request.read()
     try:
-        facts = handle_hook(hook, daemon.hook_secrets.get(source, ""), request.headers, body)
+        facts = handle_hook(hook, secret, request.headers, body)
     except HookRejected as exc:
         raise ApiError(exc.status, exc.message) from None
     if not facts:
@@ -682,7 +650,7 @@ async def get_audit(request: web.Request) -> web.Response:
         projects=visible_projects(request),
         limit=_limit(request),
     )
-    entries = await _daemon(request).store.audit(audit_query)
+    entries = await _daemon(request).audit(audit_query)
     last = entries[-1] if len(entries) == audit_query.limit else None
     return web.json_response(
         {
@@ -726,43 +694,17 @@ async def get_export(request: web.Request) -> web.Response:
     """A snapshot of the state, in the format ``gatekeeper plan --snapshot`` reads: current
     facts, every rule's firing state, standing approvals, the active ruleset's content
     hashes and the escrows. Limited to the token's projects."""
-    daemon = _daemon(request)
-    facts = await daemon.store.list_facts(projects=visible_projects(request))
-    engine = daemon.engine
-    rules = engine.rules if engine else {}
     return web.json_response(
-        {
-            "facts": [f.to_json() for f in facts],
-            "rule_states": [
-                {
-                    "rule_id": s.rule_id,
-                    "fired_count": s.fired_count,
-                    "gate_open": s.gate_open,
-                    "rearms": s.rearms,
-                    "paused": s.paused,
-                    "last_fired_at": s.last_fired_at,
-                }
-                for s in sorted(daemon.states.values(), key=lambda s: s.rule_id)
-                if s.rule_id not in rules or visible(request, rules[s.rule_id].project)
-            ],
-            "approvals": {
-                rule_id: dict(standing)
-                for rule_id, standing in sorted(daemon.approvals.items())
-                if standing and (rule_id not in rules or visible(request, rules[rule_id].project))
-            },
-            "ruleset": {
-                "version": engine.ruleset.version if engine else None,
-                "rules": {r.id: r.content_hash for r in rules.values()},
-            },
-            "escrows": await daemon.escrow_report(),
-        }
+        await _daemon(request).export(
+            lambda project: visible(request, project), visible_projects(request)
+        )
     )
 
 
 @requires("read")
 async def get_rulesets(request: web.Request) -> web.Response:
     """Every ruleset version that went live, most recent first (content-addressed)."""
-    rulesets = await _daemon(request).store.list_rulesets(_limit(request))
+    rulesets = await _daemon(request).list_rulesets(_limit(request))
     return web.json_response({"rulesets": [r.to_json() for r in rulesets]})
 
 
@@ -770,7 +712,7 @@ async def get_rulesets(request: web.Request) -> web.Response:
 async def get_ruleset(request: web.Request) -> web.Response:
     """One stored ruleset version with the exact text of its files."""
     version = request.match_info["version"]
-    stored = await _daemon(request).store.get_ruleset(version)
+    stored = await _daemon(request).stored_ruleset(version)
     if stored is None:
         raise ApiError(404, f"no ruleset version {version[:80]!r}")
     return web.json_response(stored.to_json())
@@ -781,48 +723,13 @@ async def get_release(request: web.Request) -> web.Response:
     """The whole story of one release, from its release id: the ledger entry, the decision
     that made it (facts seen, sub-conditions, approvals counted), the fact that triggered it,
     the exact rule text of the ruleset version in force, and every delivery attempt."""
-    store = _daemon(request).store
     release_id = request.match_info["release_id"]
-    release = await store.release_record(release_id)
-    if release is None:
+    found = await _daemon(request).release(release_id)
+    if found is None:
         raise ApiError(404, f"no release {release_id[:80]!r}")
-    decision = await store.decision_of_firing(release.firing_id)
-    action = await store.get_action(release_id)
-    project = action.payload.get("project", "") if action else ""
+    project, story = found
     check_project(request, project)
-    attempts = await store.list_attempts(release_id)
-    fact = await store.fact_at(decision.fact_seq) if decision and decision.fact_seq else None
-    rule_text = await _rule_text(store, decision) if decision else None
-    return web.json_response(
-        {
-            "release": release.to_json(),
-            "decision": decision.to_json() if decision else None,
-            "triggered_by": fact.to_json() if fact else None,
-            "rule": rule_text,
-            "action": action.to_json() if action else None,
-            "delivery_attempts": [a.to_json() for a in attempts],
-        }
-    )
-
-
-async def _rule_text(store: RulesetReads, decision: StoredDecision) -> dict[str, Any] | None:
-    """The file and source of the decision's rule in the ruleset version it ran under."""
-    stored = await store.get_ruleset(decision.ruleset_version)
-    if stored is None:
-        return None
-    rules = load_rule_texts(stored.files, None).ruleset
-    rule = rules.by_id().get(decision.rule_id) if rules else None
-    if rule is None:
-        return None
-    return {
-        "ruleset_version": stored.version,
-        "git_commit": stored.git_commit,
-        "file": rule.file,
-        "line": rule.line,
-        "content_hash": rule.content_hash,
-        "source": dict(rule.source),
-        "file_text": stored.files[rule.file],
-    }
+    return web.json_response(story)
 
 
 @requires("read")
@@ -838,32 +745,20 @@ async def get_metrics(request: web.Request) -> web.Response:
 
 async def metrics_response(daemon: Daemon) -> web.Response:
     """The answer to ``GET /metrics``: refresh the scrape-time gauges, then render."""
-    daemon.metrics.refresh(
-        deadlines_pending=len(daemon.deadlines),
-        action_counts=await daemon.store.count_actions(),
-        escrows=[
-            (
-                str(row["escrow"]),
-                Decimal(row["released"]),
-                None if row["remaining"] is None else Decimal(row["remaining"]),
-            )
-            for row in await daemon.escrow_report()
-        ],
-    )
     return web.Response(
-        body=daemon.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+        body=await daemon.metrics_text(), headers={"Content-Type": METRICS_CONTENT_TYPE}
     )
 
 
 @requires(None)
 async def get_healthz(request: web.Request) -> web.Response:
-    daemon = _daemon(request)
+    health = _daemon(request).health()
     return web.json_response(
         {
             "status": "ok",
             "version": __version__,
-            "ruleset": daemon.engine.ruleset.version if daemon.engine else None,
-            "ruleset_ok": daemon.reload_status.ok,
+            "ruleset": health.ruleset,
+            "ruleset_ok": health.ruleset_ok,
         }
     )
 
@@ -874,13 +769,22 @@ async def get_openapi(request: web.Request) -> web.Response:
     return web.json_response(build_openapi())
 
 
+async def _daemon_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """The daemon's background tasks live as long as the application (``cleanup_ctx``)."""
+    async with app[DAEMON_KEY].running():
+        yield
+
+
 def create_app(daemon: Daemon) -> web.Application:
-    """The aiohttp application serving ``daemon`` (which the caller starts and stops)."""
+    """The aiohttp application serving ``daemon``. The application starts the daemon when
+    it starts and stops it at cleanup, unless the caller started it (then the caller
+    stops it)."""
     app = web.Application(
         middlewares=[error_middleware, auth_middleware],
-        client_max_size=daemon.config.max_body_bytes,
+        client_max_size=daemon.max_body_bytes(),
     )
     app[DAEMON_KEY] = daemon
+    app.cleanup_ctx.append(_daemon_lifecycle)
     app.router.add_post("/v1/facts", post_facts)
     app.router.add_get("/v1/facts", get_facts)
     app.router.add_get("/v1/rules", get_rules)

@@ -1,0 +1,574 @@
+"""The one write path: the in-memory mirror of what the store committed, and every write.
+
+``Writer`` holds the live engine and the current facts, rule states, standing approvals and
+escrow totals, and the lock that every write takes. A write is planned by the pure
+``Engine``, committed by the store in one transaction, and only then applied in memory
+(``commit_and_apply``); a failed commit changes nothing, and a failure to apply what was
+committed rebuilds memory from the database (the database is the truth).
+
+Fact batches go through a queue to a single writer task that commits every batch queued
+meanwhile in one transaction (group commit, one fsync), each batch still all-or-nothing; an
+``Idempotency-Key`` seen before answers with the first answer and applies nothing.
+Approvals and admin acts are written under the same lock, one transaction each.
+
+The writer knows nothing of deadlines or rulesets: after each applied transition it tells
+its ``Schedule`` (the deadline loop), and a ruleset manager swaps ``engine`` and ``book``
+under ``lock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from typing import Any, Protocol
+
+from prometheus_client.metrics import MetricWrapperBase
+
+from gatekeeper.clock import Clock
+from gatekeeper.config import Escrow
+from gatekeeper.delivery.dispatcher import Dispatcher
+from gatekeeper.engine.evaluate import Engine, apply_transition
+from gatekeeper.engine.facts import FactTable
+from gatekeeper.engine.ledger import EscrowBook
+from gatekeeper.engine.model import (
+    AdminAct,
+    ApprovalInput,
+    FactInput,
+    IdempotencyRecord,
+    RuleState,
+    Transition,
+)
+from gatekeeper.metrics import Metrics
+from gatekeeper.rules.model import Rule
+from gatekeeper.store import Store
+
+log = logging.getLogger("gatekeeper.runtime.ingest")
+
+MAX_GROUP_COMMIT = 256
+"""At most this many fact batches share one transaction."""
+
+
+class UnknownRule(LookupError):
+    """No rule with that id in the active ruleset."""
+
+
+class NotAnApprover(ValueError):
+    """The approval does not count: the rule takes none, or the approver is not listed."""
+
+
+class ShuttingDown(Exception):
+    """The daemon is stopping and takes no new facts."""
+
+
+class IdempotencyConflict(Exception):
+    """An ``Idempotency-Key`` was reused with a different request."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"Idempotency-Key {key!r} was already used with a different request")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """The answer to an ingest: the facts' sequence numbers, the request id that applied
+    them, and whether this is a repeat answered from an ``Idempotency-Key``."""
+
+    seqs: list[int]
+    request_id: str | None
+    replayed: bool
+
+
+@dataclass
+class _IngestJob:
+    batch: list[FactInput]
+    request_id: str | None
+    idempotency: IdempotencyRecord | None
+    result: asyncio.Future[IngestResult]
+
+
+class Schedule(Protocol):
+    """What the writer tells the deadline loop (``ticker.Ticker``)."""
+
+    def reschedule(self, transition: Transition, engine: Engine, facts: FactTable) -> None:
+        """``transition`` was applied: reschedule the time-dependent rules it evaluated."""
+
+    def all_due(self, engine: Engine) -> None:
+        """Memory was rebuilt: every time-dependent rule of ``engine`` is due now."""
+
+
+class Counters:
+    """The evaluation and outcome metrics of committed work (in memory, no I/O), with each
+    labelled child looked up once (``labels`` costs more than the ``inc``/``observe`` done
+    on it once per request)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
+
+    def labelled(self, metric: MetricWrapperBase, *values: str) -> Any:
+        """``metric.labels(*values)``, cached."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
+    def planned(self, trigger: str, started: float, evaluated: int) -> None:
+        """Record a planning pass begun at ``started`` (``time.perf_counter()``) that
+        evaluated ``evaluated`` rules, triggered by ``trigger`` (fact, time, approval,
+        admin, reload)."""
+        metrics = self.metrics
+        self.labelled(metrics.evaluation_seconds, trigger).observe(time.perf_counter() - started)
+        if evaluated:
+            self.labelled(metrics.evaluations, trigger).inc(evaluated)
+
+    def applied(self, transition: Transition) -> None:
+        """Count the facts, decisions by outcome and queued actions of a committed
+        ``transition``."""
+        metrics = self.metrics
+        if transition.facts:
+            metrics.facts_accepted.inc(len(transition.facts))
+        outcomes: dict[str, int] = {}
+        for decision in transition.decisions:
+            outcomes[decision.outcome] = outcomes.get(decision.outcome, 0) + 1
+        for outcome, count in outcomes.items():
+            self.labelled(metrics.decisions, outcome).inc(count)
+        for action in transition.actions:
+            self.labelled(metrics.actions, action.target, "queued").inc()
+
+
+class Writer:
+    """The in-memory mirror and the one write path into ``store`` (see the module doc).
+
+    ``run()`` is the writer task (started by the daemon); ``ingest``, ``approve`` and
+    ``administer`` are the writes of requests; ``commit_and_apply`` under ``lock`` is the
+    write of everything else (ticks, ruleset activation). ``engine`` is None until a
+    ruleset is live.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        counters: Counters,
+        dispatcher: Dispatcher,
+        schedule: Schedule,
+        escrows: Mapping[str, Escrow],
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.counters = counters
+        self.dispatcher = dispatcher
+        self.schedule = schedule
+        self.engine: Engine | None = None
+        self.facts = FactTable()
+        self.states: dict[str, RuleState] = {}
+        self.approvals: dict[str, dict[str, str]] = {}
+        self.book = EscrowBook(escrows)
+        self.lock = asyncio.Lock()
+        """Held by every write from plan to apply: one write at a time."""
+        self._queue: asyncio.Queue[_IngestJob] = asyncio.Queue()
+        self._closing = False
+
+    def live_engine(self) -> Engine:
+        """The live engine; ``RuntimeError`` before a ruleset went live."""
+        if self.engine is None:
+            raise RuntimeError("the daemon has not started")
+        return self.engine
+
+    # -- state ------------------------------------------------------------------------
+
+    async def load_state(self) -> None:
+        """Current facts, rule states, approvals and escrow totals, from the database (the
+        escrow limits stay those of the current ``book``)."""
+        self.facts = FactTable(await self.store.load_facts())
+        self.states = await self.store.load_rule_states()
+        self.approvals = await self.store.load_approvals()
+        committed = await self.store.escrow_totals()
+        self.book = EscrowBook(
+            self.book.escrows,
+            {
+                escrow: sum(by_status.values(), Decimal(0))
+                for escrow, by_status in committed.items()
+            },
+        )
+
+    async def _reload_state(self) -> None:
+        """Rebuild memory from the database after a failure to apply what it committed: the
+        state, every time-dependent rule due at once (as at start), and the dispatcher told
+        to look at the outbox (committed actions it was not handed)."""
+        await self.load_state()
+        self.schedule.all_due(self.live_engine())
+        self.dispatcher.wake()
+
+    async def commit_and_apply(self, transitions: list[Transition]) -> list[list[int]]:
+        """Commit ``transitions`` in one transaction, then apply them in memory; returns
+        each transition's fact sequence numbers. Call with ``lock`` held.
+
+        Raises what the store raises when the commit fails (nothing is applied then).
+        Shielded: a caller cancelled meanwhile (at shutdown) does not leave a committed
+        transition unapplied, so memory never disagrees with the database."""
+
+        async def commit_then_apply() -> list[list[int]]:
+            results = await self.store.commit_transitions(transitions)
+            try:
+                for transition in transitions:
+                    self._apply(transition)
+            except Exception:
+                # Committed: retrying would record the facts (and fire the rules) twice.
+                # The database is the truth; memory is rebuilt from it.
+                log.critical(
+                    "applying %d committed transition(s) in memory failed; reloading the "
+                    "daemon's state from the database",
+                    len(transitions),
+                    exc_info=True,
+                )
+                await self._reload_state()
+            return results
+
+        return await asyncio.shield(commit_then_apply())
+
+    def apply(self, transition: Transition) -> None:
+        """Apply a COMMITTED ``transition`` in memory (see ``commit_and_apply``)."""
+        self._apply(transition)
+
+    def _apply(self, transition: Transition) -> None:
+        apply_transition(transition, self.facts, self.states, self.approvals, self.book)
+        engine = self.engine
+        if engine is not None:
+            self.schedule.reschedule(transition, engine, self.facts)
+        self.counters.applied(transition)
+        if transition.actions:  # committed: the dispatcher may send them
+            self.dispatcher.hand_over(transition.actions, transition.request_id)
+
+    # -- fact batches -----------------------------------------------------------------
+
+    async def ingest(
+        self,
+        batch: list[FactInput],
+        request_id: str | None = None,
+        idempotency: IdempotencyRecord | None = None,
+    ) -> IngestResult:
+        """Apply a batch of facts atomically; answer once it is committed (fsynced).
+
+        Batches arriving together are committed in one transaction (group commit), each
+        still all-or-nothing. With ``idempotency``, a key seen before with the same request
+        hash returns the first answer (``replayed``) and applies nothing; with another hash
+        it raises ``IdempotencyConflict``. Raises ``ShuttingDown`` once ``close()`` was
+        called.
+        """
+        if self._closing:
+            raise ShuttingDown("gatekeeper is shutting down")
+        job = _IngestJob(batch, request_id, idempotency, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(job)
+        # the commit goes on even if the client goes away: shield the job from cancellation
+        return await asyncio.shield(job.result)
+
+    def close(self) -> None:
+        """Refuse new fact batches and approvals (``ShuttingDown``); queued ones go on."""
+        self._closing = True
+
+    async def drain(self, grace_s: float) -> None:
+        """Wait, for up to ``grace_s`` seconds, until every queued batch is answered, then
+        for the write in progress, if any. Batches still queued after that are answered
+        ``ShuttingDown`` (nothing of them was applied). Call after ``close()``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                await self._queue.join()
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            self._queue.task_done()
+            if not job.result.done():
+                job.result.set_exception(ShuttingDown("gatekeeper is shutting down"))
+        async with self.lock:  # the group being committed, if any, is done
+            pass
+
+    async def run(self) -> None:
+        """The writer task: takes every batch queued meanwhile and commits them together."""
+        while True:
+            jobs = [await self._queue.get()]
+            try:
+                # shielded: a shutdown never interrupts a group between plan and apply
+                await asyncio.shield(self._commit_group(jobs))
+            except Exception as exc:  # never let the writer die; fail these jobs instead
+                log.exception("committing %d fact batch(es) failed", len(jobs))
+                for job in jobs:
+                    if not job.result.done():
+                        job.result.set_exception(exc)
+            for _ in jobs:
+                self._queue.task_done()
+
+    async def _commit_group(self, jobs: list[_IngestJob]) -> None:
+        """Commit ``jobs`` and every batch queued by the time it starts (added to ``jobs``)
+        as one group."""
+        # one turn of the loop first: requests already readable on other connections are
+        # parsed and queued, and join this group instead of waiting for the next one
+        await asyncio.sleep(0)
+        while not self._queue.empty() and len(jobs) < MAX_GROUP_COMMIT:
+            jobs.append(self._queue.get_nowait())
+        async with self.lock:
+            planned = await self._plan_group(jobs)
+            if not planned:
+                return
+            try:
+                results = await self.commit_and_apply([t for _, t in planned])
+            except Exception:
+                if len(planned) == 1:
+                    raise
+                log.warning(
+                    "group commit of %d batches failed; committing one by one", len(planned)
+                )
+                planned_jobs = [job for job, _ in planned]
+                for job in planned_jobs:
+                    await self._commit_alone(job)
+                return
+            for (job, transition), seqs in zip(planned, results, strict=True):
+                job.result.set_result(IngestResult(seqs, job.request_id, replayed=False))
+                log_firings(transition)
+
+    async def _commit_alone(self, job: _IngestJob) -> None:
+        try:
+            planned = await self._plan_group([job])
+            if planned:
+                _, transition = planned[0]
+                (seqs,) = await self.commit_and_apply([transition])
+                job.result.set_result(IngestResult(seqs, job.request_id, replayed=False))
+                log_firings(transition)
+        except Exception as exc:
+            log.exception("committing a fact batch failed; nothing of it was applied")
+            job.result.set_exception(exc)
+
+    async def _plan_group(self, jobs: list[_IngestJob]) -> list[tuple[_IngestJob, Transition]]:
+        """Plan each job on top of the ones before it (nothing is applied yet); answer the
+        idempotent repeats and conflicts right away."""
+        engine = self.live_engine()
+        now = self.clock.now()
+        facts = self.facts.overlay()
+        states: dict[str, RuleState] = {}
+        all_states = PlannedStates(states, self.states)
+        book = self.book.copy()
+        keys: dict[str, _IngestJob] = {}
+        planned: list[tuple[_IngestJob, Transition]] = []
+        for job in jobs:
+            if job.idempotency is not None:
+                earlier = keys.get(job.idempotency.key)
+                if earlier is not None:  # the same key twice in one group: wait for the first
+                    _answer_after(earlier, job)
+                    continue
+                if await self._answer_repeat(job):
+                    continue
+                keys[job.idempotency.key] = job
+            t0 = time.perf_counter()
+            transition = engine.plan_ingest(
+                facts, all_states, job.batch, now, book, approvals=self.approvals
+            )
+            self.counters.planned("fact", t0, len(transition.decisions))
+            transition.request_id = job.request_id
+            transition.idempotency = job.idempotency
+            for fact in job.batch:
+                facts.put(fact.key, fact.data)
+            states.update(transition.rule_states)
+            planned.append((job, transition))
+        return planned
+
+    async def _answer_repeat(self, job: _IngestJob) -> bool:
+        """Answer ``job`` from its stored idempotency key, if it has been seen."""
+        assert job.idempotency is not None
+        stored = await self.store.find_idempotency_key(job.idempotency.key)
+        if stored is None:
+            return False
+        if stored.request_hash != job.idempotency.request_hash:
+            job.result.set_exception(IdempotencyConflict(job.idempotency.key))
+        else:
+            job.result.set_result(IngestResult(stored.seqs, stored.request_id, replayed=True))
+        return True
+
+    # -- approvals and admin acts -----------------------------------------------------
+
+    async def approve(
+        self,
+        approval: ApprovalInput,
+        request_id: str | None = None,
+        idempotency: IdempotencyRecord | None = None,
+    ) -> IngestResult:
+        """Record an approver's decision and re-evaluate its rule, in one transaction.
+
+        Raises ``UnknownRule`` when the rule is not in the active ruleset, ``NotAnApprover``
+        (a ``ValueError``) when it takes no approvals or the approver is not in its ``from``
+        list (the API answers 403 for that), ``IdempotencyConflict``, and ``ShuttingDown``
+        once ``close()`` was called.
+        """
+        if self._closing:
+            raise ShuttingDown("gatekeeper is shutting down")
+        return await asyncio.shield(self._approve(approval, request_id, idempotency))
+
+    async def _approve(
+        self,
+        approval: ApprovalInput,
+        request_id: str | None,
+        idempotency: IdempotencyRecord | None,
+    ) -> IngestResult:
+        async with self.lock:
+            if idempotency is not None:
+                stored = await self.store.find_idempotency_key(idempotency.key)
+                if stored is not None and stored.request_hash != idempotency.request_hash:
+                    raise IdempotencyConflict(idempotency.key)
+                if stored is not None:
+                    return IngestResult(stored.seqs, stored.request_id, replayed=True)
+            engine = self.live_engine()
+            rule = engine.rules.get(approval.rule_id)
+            if rule is None:
+                raise UnknownRule(approval.rule_id)
+            if rule.approvals is None:
+                raise NotAnApprover(f"rule {rule.id} takes no approvals")
+            if approval.subject not in rule.approvals.from_:
+                raise NotAnApprover(
+                    f"{approval.subject!r} is not one of the approvers of rule {rule.id}"
+                )
+            approval = replace(approval, project=rule.project)
+            t0 = time.perf_counter()
+            transition = engine.plan_approval(
+                self.facts,
+                self.states,
+                self.approvals,
+                approval,
+                self.clock.now(),
+                self.book.copy(),
+            )
+            self.counters.planned("approval", t0, len(transition.decisions))
+            transition.request_id = request_id
+            transition.idempotency = idempotency
+            (seqs,) = await self.commit_and_apply([transition])
+        log.info(
+            "approval: %s %ss rule %s (request %s)",
+            approval.subject,
+            approval.decision,
+            approval.rule_id,
+            request_id or "-",
+            extra={
+                "rule_id": approval.rule_id,
+                "approver": approval.subject,
+                "decision": approval.decision,
+                "request_id": request_id,
+            },
+        )
+        log_firings(transition)
+        return IngestResult(seqs, request_id, replayed=False)
+
+    async def administer(self, act: AdminAct) -> Rule:
+        """Carry out an admin act on a rule (pause, resume, rearm), audited with who and why,
+        and re-evaluate the rule under its new state. Returns the rule.
+
+        Raises ``UnknownRule``, or ``ValueError`` when the act does not apply."""
+        async with self.lock:
+            engine = self.live_engine()
+            rule = engine.rules.get(act.rule_id)
+            if rule is None:
+                raise UnknownRule(act.rule_id)
+            t0 = time.perf_counter()
+            transition = engine.plan_admin(
+                self.facts, self.states, self.approvals, act, self.clock.now(), self.book.copy()
+            )
+            self.counters.planned("admin", t0, len(transition.decisions))
+            await self.commit_and_apply([transition])
+        log.warning(
+            "admin: %s %s rule %s: %s",
+            act.actor,
+            act.act,
+            act.rule_id,
+            act.reason,
+            extra={
+                "actor": act.actor,
+                "act": act.act,
+                "rule_id": act.rule_id,
+                "reason": act.reason,
+            },
+        )
+        log_firings(transition)
+        return rule
+
+
+def _answer_after(first: _IngestJob, job: _IngestJob) -> None:
+    """Answer ``job``, which repeats the ``Idempotency-Key`` of ``first`` in the same group,
+    with ``first``'s answer once it has one (or a conflict at once)."""
+    assert job.idempotency is not None and first.idempotency is not None
+    if first.idempotency.request_hash != job.idempotency.request_hash:
+        job.result.set_exception(IdempotencyConflict(job.idempotency.key))
+        return
+
+    def copy(done: asyncio.Future[IngestResult]) -> None:
+        if done.exception() is not None:
+            job.result.set_exception(done.exception())  # type: ignore[arg-type]
+        else:
+            result = done.result()
+            job.result.set_result(IngestResult(result.seqs, result.request_id, True))
+
+    first.result.add_done_callback(copy)
+
+
+def log_firings(transition: Transition) -> None:
+    """Log each decision of ``transition`` that fired (info) or was blocked (error)."""
+    request_id = transition.request_id
+    for decision in transition.fired:
+        extra = {
+            "rule_id": decision.rule_id,
+            "firing_id": decision.firing_id,
+            "outcome": decision.outcome,
+            "trigger": decision.trigger,
+            "ruleset_version": decision.ruleset_version,
+            "request_id": request_id,
+        }
+        if decision.outcome == "blocked":
+            log.error(
+                "rule %s blocked (%s, request %s): %s",
+                decision.rule_id,
+                decision.firing_id,
+                request_id or "-",
+                decision.reason,
+                extra={**extra, "reason": decision.reason},
+            )
+        else:
+            log.info(
+                "rule fired: %s (%s, trigger %s, request %s)",
+                decision.rule_id,
+                decision.firing_id,
+                decision.trigger,
+                request_id or "-",
+                extra=extra,
+            )
+
+
+class PlannedStates(Mapping[str, RuleState]):
+    """Rule states as a group of transitions sees them while it is planned: the states
+    ``planned`` so far in the group over the ``committed`` ones (a read-only view of two
+    dicts; ``get``, which the engine calls for each rule it evaluates, is two dict lookups,
+    where ``collections.ChainMap.get`` costs several times that)."""
+
+    __slots__ = ("committed", "planned")
+
+    def __init__(self, planned: dict[str, RuleState], committed: dict[str, RuleState]) -> None:
+        self.planned = planned
+        self.committed = committed
+
+    def get(self, key: str, default: Any = None) -> Any:
+        state = self.planned.get(key)
+        return self.committed.get(key, default) if state is None else state
+
+    def __getitem__(self, key: str) -> RuleState:
+        state = self.planned.get(key)
+        return self.committed[key] if state is None else state
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.planned or key in self.committed
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.planned
+        yield from (key for key in self.committed if key not in self.planned)
+
+    def __len__(self) -> int:
+        return len(self.planned) + sum(1 for key in self.committed if key not in self.planned)

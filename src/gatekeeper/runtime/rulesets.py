@@ -1,0 +1,344 @@
+"""The ruleset manager: loads, activates, reloads and watches the rules and the config.
+
+Reloads are all-or-nothing, like Prometheus' rules manager: the whole rules directory (and
+``gatekeeper.yaml``) is validated; if anything is wrong the last good ruleset and config
+stay active, the problems are logged and kept in ``status`` (``GET /v1/rules`` shows them).
+Every ruleset that goes live is stored, content-addressed, so a daemon restarted on a broken
+rules directory keeps running the last good ruleset from its database (and says so loudly).
+
+The manager only loads and swaps: going live is a write like any other (planned by the
+engine, committed, then applied) done through the ``Writer`` under its lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import watchfiles
+
+from gatekeeper.clock import Clock, format_rfc3339
+from gatekeeper.config import (
+    Config,
+    ConfigError,
+    load_config,
+    resolve_hook_secrets,
+    resolve_secrets,
+)
+from gatekeeper.engine.evaluate import Engine
+from gatekeeper.engine.ledger import EscrowBook
+from gatekeeper.metrics import Metrics
+from gatekeeper.problems import Problem
+from gatekeeper.rules.loader import LoadResult, RuleFileCache, load_rule_texts, load_rules_dir
+from gatekeeper.rules.model import Ruleset
+from gatekeeper.runtime.hooks import hook_problems
+from gatekeeper.runtime.ingest import Writer, log_firings
+from gatekeeper.runtime.ticker import Ticker
+
+log = logging.getLogger("gatekeeper.runtime.rulesets")
+
+FREEZE_AT_RULES = 1000
+"""From this many rules, objects alive when a ruleset goes live are frozen (see
+``freeze_long_lived``)."""
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why (never a secret's value)."""
+
+
+@dataclass
+class ReloadStatus:
+    """The outcome of the last reload attempt, for ``GET /v1/rules`` and the log."""
+
+    ok: bool = True
+    problems: list[Problem] = field(default_factory=list)
+    attempted_at: str | None = None
+    active_since: str | None = None
+    source: str = "rules directory"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "problems": [p.to_json() for p in self.problems],
+            "attempted_at": self.attempted_at,
+            "active_since": self.active_since,
+            "source": self.source,
+        }
+
+
+class Rulesets:
+    """The live config, its secrets, and the ruleset going live through ``writer``.
+
+    ``environ`` supplies target and hook secrets (``secret_env``); ``new_action_id`` is
+    given to each engine built (see ``Engine``).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        environ: Mapping[str, str],
+        writer: Writer,
+        ticker: Ticker,
+        clock: Clock,
+        metrics: Metrics,
+        new_action_id: Callable[[], str],
+    ) -> None:
+        self.config = config
+        self.environ = dict(environ)
+        self.writer = writer
+        self.ticker = ticker
+        self.clock = clock
+        self.metrics = metrics
+        self.new_action_id = new_action_id
+        self.secrets: dict[str, str] = {}
+        self.hook_secrets: dict[str, str] = {}
+        self.status = ReloadStatus()
+        self.rule_cache = RuleFileCache()
+        """Checked rule files by content hash: a reload parses and checks only what changed."""
+        self._stop_watching = asyncio.Event()
+
+    def resolve_secrets(self) -> None:
+        """Read the config's target and hook secrets from ``environ`` and check the hook
+        mappings; ``StartupError`` naming what is missing or broken (never a value)."""
+        try:
+            self.secrets = resolve_secrets(self.config, self.environ)
+            self.hook_secrets = resolve_hook_secrets(self.config, self.environ)
+            check_hooks(self.config)
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
+
+    async def load_initial(self) -> None:
+        """Make the rules directory live, or when it is invalid the last good ruleset stored
+        in the database (``status`` then says why). ``StartupError`` when neither is usable.
+        """
+        config = self.config
+        result = load_rules_dir(config.rules_dir, config, self.rule_cache)
+        if result.ruleset is not None:
+            await self.activate(result.ruleset, trigger_source="rules directory")
+            return
+        self._report_refused(result)
+        stored = await self.writer.store.last_ruleset()
+        if stored is None:
+            raise StartupError(
+                f"the rules in {config.rules_dir} are invalid and the database holds no "
+                "earlier ruleset to fall back on:\n" + "\n".join(str(p) for p in result.problems)
+            )
+        fallback = load_rule_texts(stored.files, config, stored.git_commit)
+        if fallback.ruleset is None:
+            raise StartupError(
+                f"the rules in {config.rules_dir} are invalid, and so is the last good "
+                f"ruleset {stored.version[:12]} against the current config:\n"
+                + "\n".join(str(p) for p in fallback.problems)
+            )
+        log.error(
+            "RUNNING THE LAST GOOD RULESET %s (activated %s) FROM THE DATABASE: the rules "
+            "directory %s is invalid; fix it and gatekeeper reloads it",
+            stored.version[:12],
+            format_rfc3339(stored.last_activated_at),
+            config.rules_dir,
+        )
+        await self.activate(fallback.ruleset, trigger_source="database (last good ruleset)")
+        self.status.ok = False
+        self.status.problems = list(result.problems)
+
+    async def activate(
+        self,
+        ruleset: Ruleset,
+        trigger_source: str,
+        config: Config | None = None,
+        secrets: dict[str, str] | None = None,
+    ) -> None:
+        """Make ``ruleset`` (with ``config`` and its ``secrets``, when given) live: store it
+        and evaluate, at once, the rules that are new, changed, or were not in the previous
+        ruleset (a rule removed and put back may have missed facts meanwhile).
+
+        All or nothing: if the commit fails (the store's error is raised), the previous
+        ruleset, config and secrets stay.
+        """
+        config = config or self.config
+        writer = self.writer
+        async with writer.lock:
+            engine = Engine(
+                ruleset, alert_target=config.alert_target, new_action_id=self.new_action_id
+            )
+            book = EscrowBook(config.escrows, writer.book.committed)
+            previous_rules = writer.engine.rules if writer.engine else {}
+            states = writer.states
+            changed = [
+                rule
+                for rule in ruleset.rules
+                if rule.id not in previous_rules
+                or (state := states.get(rule.id)) is None
+                or state.rule_hash != rule.content_hash
+            ]
+            t0 = time.perf_counter()
+            transition = engine.plan_rules(
+                writer.facts,
+                writer.states,
+                changed,
+                self.clock.now(),
+                "reload",
+                book=book.copy(),
+                approvals=writer.approvals,
+            )
+            writer.counters.planned("reload", t0, len(changed))
+            transition.ruleset = ruleset
+            await writer.store.commit_transition(transition)
+            self.config = config
+            self.secrets = secrets if secrets is not None else self.secrets
+            writer.book = book
+            writer.apply(transition)
+            previous = writer.engine
+            writer.engine = engine
+            self.ticker.activated(engine, previous, changed)
+        freeze_long_lived(ruleset)
+        now = format_rfc3339(self.clock.now())
+        self.status = ReloadStatus(
+            ok=True, attempted_at=now, active_since=now, source=trigger_source
+        )
+        self.metrics.ruleset_loaded(ruleset.version, self.clock.now().timestamp())
+        log.info(
+            "ruleset %s loaded from %s: %d rules (%d new or changed)%s",
+            ruleset.version[:12],
+            trigger_source,
+            len(ruleset.rules),
+            len(changed),
+            "" if previous is None else f", replacing {previous.ruleset.version[:12]}",
+            extra={
+                "ruleset_version": ruleset.version,
+                "git_commit": ruleset.git_commit,
+                "source": trigger_source,
+                "rules": len(ruleset.rules),
+                "changed": len(changed),
+            },
+        )
+        log_firings(transition)
+
+    async def reload(self) -> bool:
+        """Re-read ``gatekeeper.yaml`` (when there is one) and the rules directory.
+
+        All-or-nothing: returns False, keeping the active ruleset and config, when anything
+        is invalid; the problems are in ``status``.
+        """
+        config = self.config
+        if config.path is not None:
+            try:
+                config = load_config(config.path)
+                secrets = resolve_secrets(config, self.environ)
+                hook_secrets = resolve_hook_secrets(config, self.environ)
+                check_hooks(config)
+            except ConfigError as exc:
+                self._report_refused_problems(exc.problems)
+                return False
+            if (config.database, config.listen_host, config.listen_port) != (
+                self.config.database,
+                self.config.listen_host,
+                self.config.listen_port,
+            ):
+                log.warning("listen and database changes in the config take effect on restart")
+                config = _keep_listen_and_database(config, self.config)
+        else:
+            secrets, hook_secrets = self.secrets, self.hook_secrets
+        result = load_rules_dir(config.rules_dir, config, self.rule_cache)
+        if result.ruleset is None:
+            self._report_refused(result)
+            return False
+        engine = self.writer.engine
+        unchanged = engine is not None and engine.ruleset.version == result.ruleset.version
+        self.hook_secrets = hook_secrets  # hooks do not depend on the ruleset
+        if unchanged and config == self.config and secrets == self.secrets:
+            now = format_rfc3339(self.clock.now())
+            self.status = ReloadStatus(
+                ok=True,
+                attempted_at=now,
+                active_since=self.status.active_since,
+                source="rules directory",
+            )
+            self.metrics.ruleset_loaded(result.ruleset.version, self.clock.now().timestamp())
+            log.info(
+                "ruleset %s unchanged",
+                result.ruleset.version[:12],
+                extra={"ruleset_version": result.ruleset.version},
+            )
+            return True
+        try:
+            await self.activate(result.ruleset, "rules directory", config, secrets)
+        except Exception as exc:
+            log.exception("activating the new ruleset failed")
+            message = f"activating the ruleset failed ({type(exc).__name__}); nothing changed"
+            self._report_refused_problems([Problem(str(config.rules_dir), 0, 0, message)])
+            return False
+        return True
+
+    def _report_refused(self, result: LoadResult) -> None:
+        self._report_refused_problems(list(result.problems))
+
+    def _report_refused_problems(self, problems: list[Problem]) -> None:
+        now = format_rfc3339(self.clock.now())
+        self.status.ok = False
+        self.status.problems = problems
+        self.status.attempted_at = now
+        self.metrics.ruleset_refused()
+        log.error(
+            "ruleset refused, %d problem(s); the last good ruleset stays active",
+            len(problems),
+            extra={"problems": [str(p) for p in problems]},
+        )
+        for problem in problems:
+            log.error("  %s", problem)
+
+    async def watch(self) -> None:
+        """The watcher task: reload whenever the rules directory or ``gatekeeper.yaml``
+        changes, until ``stop_watching()``."""
+        paths = [self.config.rules_dir]
+        if self.config.path is not None:
+            paths.append(self.config.path)
+        async for _changes in watchfiles.awatch(
+            *paths, stop_event=self._stop_watching, debounce=200, step=20, recursive=True
+        ):
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("reload failed; the last good ruleset stays active")
+
+    def stop_watching(self) -> None:
+        """End ``watch()`` (at its next look at the files, within ``step`` ms)."""
+        self._stop_watching.set()
+
+
+def freeze_long_lived(ruleset: Ruleset) -> None:
+    """With a large ruleset live, move every object then alive out of the cyclic
+    collector's reach (``gc.freeze``): the rules, engine, facts and states are long-lived,
+    and a full collection would walk them all again (about 800,000 objects and 1 to 2 s
+    with 10,000 rules, a pause that hits a reload or a request). The collection run
+    first walks only the objects made since the previous freeze (all of them at start),
+    so cyclic garbage left by evaluations is not frozen with them; what a reload replaces
+    is freed by reference counting (a reload leaves no cyclic garbage). Small rulesets
+    (under ``FREEZE_AT_RULES``) are left alone."""
+    if len(ruleset.rules) >= FREEZE_AT_RULES:
+        started = time.perf_counter()
+        gc.collect()  # walks only what is not frozen yet: what was made since the last time
+        gc.freeze()
+        log.debug("collected and froze in %.3f s", time.perf_counter() - started)
+
+
+def check_hooks(config: Config) -> None:
+    """Raise ``ConfigError`` when a hook mapping is broken (a malformed ``${path}`` template,
+    a reserved fact kind), so it is refused at start or reload, not when an event arrives."""
+    problems = hook_problems(config)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _keep_listen_and_database(new: Config, old: Config) -> Config:
+    return replace(
+        new,
+        database=old.database,
+        listen_host=old.listen_host,
+        listen_port=old.listen_port,
+    )

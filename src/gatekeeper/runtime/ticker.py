@@ -1,0 +1,137 @@
+"""The deadline loop: time-dependent rules evaluated when the clock can change them.
+
+Each time-dependent rule is scheduled (``engine.deadlines``) at the instant its condition
+can next change with the facts as they are; ``Ticker.run`` sleeps until the earliest one (or
+until a new fact moves one earlier), then evaluates the rules that are due, through the
+writer like any other write. An idle daemon does no work and a deadline fires on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+from gatekeeper.clock import Clock
+from gatekeeper.engine.deadlines import DeadlineSchedule, mark_due, schedule_rules
+from gatekeeper.engine.evaluate import Engine
+from gatekeeper.engine.facts import FactTable
+from gatekeeper.engine.model import Transition
+from gatekeeper.metrics import Metrics
+from gatekeeper.rules.model import Rule
+from gatekeeper.runtime.ingest import Writer, log_firings
+
+log = logging.getLogger("gatekeeper.runtime.ticker")
+
+
+class Ticker:
+    """The deadlines of the live ruleset and the loop that acts on them.
+
+    ``tick_s`` is the longest ``run`` sleeps before looking at the clock again (deadlines
+    are wall-clock times and the clock may jump). Implements the writer's ``Schedule``:
+    ``reschedule`` after each applied transition, ``all_due`` after memory was rebuilt.
+    """
+
+    def __init__(self, clock: Clock, metrics: Metrics, tick_s: float = 60.0) -> None:
+        self.clock = clock
+        self.metrics = metrics
+        self.tick_s = tick_s
+        self.deadlines = DeadlineSchedule()
+        self._changed = asyncio.Event()
+
+    def reschedule(self, transition: Transition, engine: Engine, facts: FactTable) -> None:
+        """After ``transition`` is applied: reschedule the time-dependent rules it evaluated,
+        from the same "now" it was planned at; wake the loop when the next deadline moved
+        earlier."""
+        if transition.planned_at is None:
+            return
+        rules = [
+            engine.rules[d.rule_id]
+            for d in transition.decisions
+            if d.rule_id in engine.time_dependent_ids
+        ]
+        if rules:
+            deadlines = self.deadlines
+            before = deadlines.next_due()
+            schedule_rules(deadlines, rules, facts, transition.planned_at)
+            after = deadlines.next_due()
+            if after is not None and (before is None or after < before):
+                self._changed.set()
+
+    def all_due(self, engine: Engine) -> None:
+        """Every time-dependent rule of ``engine`` is due now (memory was rebuilt)."""
+        mark_due(self.deadlines, engine.time_dependent, self.clock.now())
+        self._changed.set()
+
+    def activated(self, engine: Engine, previous: Engine | None, changed: Sequence[Rule]) -> None:
+        """Deadlines for a ruleset going live. At start every time-dependent rule is due at
+        once: deadlines that passed while the daemon was down fire now. At a reload, so are
+        the new and changed ones (they may have missed facts or deadlines while out); a rule
+        that did not change keeps its deadline, since its condition and facts are the same;
+        a rule no longer time-dependent (or gone) is dropped."""
+        now = self.clock.now()
+        if previous is None:
+            self.deadlines.clear()
+            mark_due(self.deadlines, engine.time_dependent, now)
+        else:
+            for rule in previous.time_dependent:
+                if rule.id not in engine.time_dependent_ids:
+                    self.deadlines.set(rule.id, None)
+            changed_ids = {rule.id for rule in changed}
+            mark_due(self.deadlines, (r for r in engine.time_dependent if r.id in changed_ids), now)
+        self._changed.set()
+
+    async def run(self, writer: Writer) -> None:
+        """The deadline task: sleep until the next deadline (or a wake-up: a new fact moved
+        one earlier), then evaluate the rules that are due. Never longer than ``tick_s``."""
+        while True:
+            self._changed.clear()
+            wait = self.deadlines.seconds_until_next(self.clock.now(), cap=self.tick_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self.tick_s if wait is None else wait)
+            try:
+                await self.tick(writer)
+            except Exception:
+                log.exception("evaluating due time-dependent rules failed; retrying shortly")
+                await asyncio.sleep(min(self.tick_s, 1.0))
+
+    async def tick(self, writer: Writer) -> Transition:
+        """Evaluate, through ``writer``, the time-dependent rules whose deadline has come;
+        returns the transition (committed when it has decisions).
+
+        Shielded like every write: cancelling the caller never interrupts it halfway."""
+        return await asyncio.shield(self._tick(writer))
+
+    async def _tick(self, writer: Writer) -> Transition:
+        async with writer.lock:
+            engine = writer.live_engine()
+            now = self.clock.now()
+            earliest = self.deadlines.next_due()
+            due = [engine.rules[i] for i in self.deadlines.pop_due(now) if i in engine.rules]
+            if due and earliest is not None:
+                lag_s = max(0.0, (now - earliest).total_seconds())
+                self.metrics.deadline_lag_seconds.observe(lag_s)
+            t0 = time.perf_counter()
+            transition = engine.plan_rules(
+                writer.facts,
+                writer.states,
+                due,
+                now,
+                "time",
+                book=writer.book.copy(),
+                approvals=writer.approvals,
+                record_unchanged=False,
+            )
+            if due:
+                writer.counters.planned("time", t0, len(due))
+            if transition.decisions:
+                try:
+                    await writer.commit_and_apply([transition])
+                except BaseException:
+                    mark_due(self.deadlines, due, now)  # not lost: tried again next pass
+                    raise
+            schedule_rules(self.deadlines, due, writer.facts, now)
+        log_firings(transition)
+        return transition

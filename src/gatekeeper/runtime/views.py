@@ -1,0 +1,183 @@
+"""The JSON views the API serves, built from the writer's mirror and the store.
+
+Plain functions returning JSON-ready values (dicts, lists, strings; amounts as decimal
+strings, times as RFC 3339 text). They read only: nothing here writes or changes memory.
+Who may see what is the caller's business: the views that list several projects' things
+take a ``visible(project)`` predicate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from typing import Any
+
+from gatekeeper.config import Escrow
+from gatekeeper.engine.evaluate import Engine
+from gatekeeper.rules.loader import load_rule_texts
+from gatekeeper.rules.model import Rule
+from gatekeeper.runtime.ingest import Writer
+from gatekeeper.store import Store
+from gatekeeper.store.contract import RulesetReads
+from gatekeeper.store.queries import Projects
+from gatekeeper.store.records import StoredDecision
+
+Visible = Callable[[str | None], bool]
+"""Whether the asker may see the things of a project (None: things of no project)."""
+
+
+def rule_view(writer: Writer, rule: Rule, *, explain: bool) -> dict[str, Any]:
+    """A rule as ``GET /v1/rules`` shows it: what it is and its firing state; with
+    ``explain`` also its source and current explanation (``Engine.explain``)."""
+    state = writer.states.get(rule.id)
+    view: dict[str, Any] = {
+        "id": rule.id,
+        "project": rule.project,
+        "description": rule.description,
+        "when": rule.condition.text.strip(),
+        "fire": rule.fire,
+        "file": rule.file,
+        "line": rule.line,
+        "content_hash": rule.content_hash,
+        "actions": [{a.kind: {"target": a.target}} for a in rule.actions],
+        "fired_count": state.fired_count if state else 0,
+        "last_fired_at": state.last_fired_at if state else None,
+        "gate_open": state.gate_open if state else None,
+    }
+    if explain:
+        view["source"] = dict(rule.source)
+        view["explanation"] = writer.live_engine().explain(
+            rule, writer.facts, state, writer.clock.now(), writer.approvals
+        )
+    return view
+
+
+async def rule_detail(writer: Writer, rule_id: str, decisions: int) -> dict[str, Any]:
+    """A rule's full view: state, source, explanation, the ruleset version and its
+    ``decisions`` most recent decisions. ``KeyError`` when the live ruleset has no rule
+    ``rule_id``."""
+    engine = writer.live_engine()
+    view = rule_view(writer, engine.rules[rule_id], explain=True)
+    view["ruleset_version"] = engine.ruleset.version
+    recent = await writer.store.list_decisions(rule_id, limit=decisions)
+    view["recent_decisions"] = [d.to_json() for d in recent]
+    return view
+
+
+def ruleset_view(engine: Engine | None) -> dict[str, Any] | None:
+    """The live ruleset: version, git commit, number of rules, file names (None before a
+    ruleset went live)."""
+    if engine is None:
+        return None
+    ruleset = engine.ruleset
+    return {
+        "version": ruleset.version,
+        "git_commit": ruleset.git_commit,
+        "rules": len(ruleset.rules),
+        "files": sorted(ruleset.files),
+    }
+
+
+async def escrow_report(store: Store, escrows: Mapping[str, Escrow]) -> list[dict[str, Any]]:
+    """Per escrow, by name: currency, limit, released (delivered), pending, unconfirmed
+    (dead: counted as possibly paid) and remaining, as decimal strings; an escrow with
+    releases but no longer configured has None for currency, limit and remaining."""
+    totals = await store.escrow_totals()
+    report = []
+    for name in sorted(set(escrows) | set(totals)):
+        account = escrows.get(name)
+        by_status = totals.get(name, {})
+        committed = sum(by_status.values(), Decimal(0))
+        report.append(
+            {
+                "escrow": name,
+                "currency": account.currency if account else None,
+                "limit": str(account.limit) if account else None,
+                "released": str(by_status.get("delivered", Decimal("0.00"))),
+                "pending": str(by_status.get("pending", Decimal("0.00"))),
+                "unconfirmed": str(by_status.get("dead", Decimal("0.00"))),
+                "remaining": str(account.limit - committed) if account else None,
+            }
+        )
+    return report
+
+
+async def export_view(
+    writer: Writer, escrows: Mapping[str, Escrow], visible: Visible, projects: Projects
+) -> dict[str, Any]:
+    """A snapshot of the state, in the format ``gatekeeper plan --snapshot`` reads: current
+    facts, every rule's firing state, standing approvals, the live ruleset's content
+    hashes and the escrows; facts, states and approvals only of ``visible`` projects (facts
+    filtered by the store, by ``projects``: the same set)."""
+    facts = await writer.store.list_facts(projects=projects)
+    engine = writer.engine
+    rules = engine.rules if engine else {}
+    return {
+        "facts": [f.to_json() for f in facts],
+        "rule_states": [
+            {
+                "rule_id": s.rule_id,
+                "fired_count": s.fired_count,
+                "gate_open": s.gate_open,
+                "rearms": s.rearms,
+                "paused": s.paused,
+                "last_fired_at": s.last_fired_at,
+            }
+            for s in sorted(writer.states.values(), key=lambda s: s.rule_id)
+            if s.rule_id not in rules or visible(rules[s.rule_id].project)
+        ],
+        "approvals": {
+            rule_id: dict(standing)
+            for rule_id, standing in sorted(writer.approvals.items())
+            if standing and (rule_id not in rules or visible(rules[rule_id].project))
+        },
+        "ruleset": {
+            "version": engine.ruleset.version if engine else None,
+            "rules": {r.id: r.content_hash for r in rules.values()},
+        },
+        "escrows": await escrow_report(writer.store, escrows),
+    }
+
+
+async def release_view(store: Store, release_id: str) -> tuple[str, dict[str, Any]] | None:
+    """The whole story of one release, with the project it belongs to ("" when its action
+    is gone): the ledger entry, the decision that made it, the fact that triggered it, the
+    exact rule text of the ruleset version in force, the action and every delivery
+    attempt. None when there is no such release."""
+    release = await store.release_record(release_id)
+    if release is None:
+        return None
+    decision = await store.decision_of_firing(release.firing_id)
+    action = await store.get_action(release_id)
+    project = action.payload.get("project", "") if action else ""
+    attempts = await store.list_attempts(release_id)
+    fact = await store.fact_at(decision.fact_seq) if decision and decision.fact_seq else None
+    rule_text = await _rule_text(store, decision) if decision else None
+    return project, {
+        "release": release.to_json(),
+        "decision": decision.to_json() if decision else None,
+        "triggered_by": fact.to_json() if fact else None,
+        "rule": rule_text,
+        "action": action.to_json() if action else None,
+        "delivery_attempts": [a.to_json() for a in attempts],
+    }
+
+
+async def _rule_text(store: RulesetReads, decision: StoredDecision) -> dict[str, Any] | None:
+    """The file and source of the decision's rule in the ruleset version it ran under."""
+    stored = await store.get_ruleset(decision.ruleset_version)
+    if stored is None:
+        return None
+    rules = load_rule_texts(stored.files, None).ruleset
+    rule = rules.by_id().get(decision.rule_id) if rules else None
+    if rule is None:
+        return None
+    return {
+        "ruleset_version": stored.version,
+        "git_commit": stored.git_commit,
+        "file": rule.file,
+        "line": rule.line,
+        "content_hash": rule.content_hash,
+        "source": dict(rule.source),
+        "file_text": stored.files[rule.file],
+    }
