@@ -5,9 +5,9 @@ One package per part of the design; imports point one way, down this list (each 
 
 - ``cli``       the ``gatekeeper`` command, one module per command
 - ``http``      the aiohttp HTTP API: auth, routes, JSON views, OpenAPI
-- ``runtime``   the daemon: ingest, the live ruleset and its reload, deadlines, hooks
-- ``delivery``  signed requests for actions and the outbox dispatcher
-- ``store``     durable state behind one storage interface (SQLite today)
+- ``runtime``   the daemon: ingest, the live ruleset and its reload, deadlines, views, hooks
+- ``delivery``  signed requests for actions, the outbox dispatcher, the retry policy
+- ``store``     durable state behind the Store contract (SQLite today)
 - ``engine``    pure evaluation: facts in, decisions and queued actions out; ledger, deadlines
 - ``rules``     the rule model, the rule-file loader, ``${name}`` templates
 - ``expr``      the sandboxed ``when`` language

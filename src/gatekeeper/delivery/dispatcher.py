@@ -1,6 +1,6 @@
 """The outbox dispatcher: delivers queued actions, at least once, with retries.
 
-Each due action is POSTed to its target (see ``actions``). A 2xx answer marks it delivered.
+Each due action is POSTed to its target (see ``requests``). A 2xx answer marks it delivered.
 Connection errors, timeouts, 408, 429 and 5xx are retried after a delay drawn with "full
 jitter" (AWS Architecture Blog, "Exponential Backoff And Jitter"): uniform in
 ``[0, min(backoff_cap_s, backoff_base_s * 2**(attempt-1))]``, or the server's

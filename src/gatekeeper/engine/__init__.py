@@ -1,6 +1,7 @@
 """Pure evaluation: facts, approvals and admin acts in; decisions and queued actions out.
-No I/O, no clock reads of its own (time is passed in), no ids of its own making beyond
-those derived from its inputs.
+No I/O, no clock reads of its own (time is passed in); the ids of queued actions come from
+an injected generator (``Engine(new_action_id=...)``), every other id is derived from the
+inputs.
 
 Owns: ``model`` (the records the engine takes and produces, shared by the rooms above:
 ``FactInput``, ``RuleState``, ``ApprovalInput``, ``AdminAct``, ``QueuedAction``,

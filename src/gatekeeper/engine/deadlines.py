@@ -43,7 +43,7 @@ All instants are aware UTC ``datetime`` values from the injectable clock
   already past. Rules that do not use time can be passed too (they are removed). If a
   commit fails, the popped rules must be marked due again (``mark_due``), or they would
   be forgotten.
-- **The loop** (replacing ``_tick_forever``): sleep ``seconds_until_next(clock.now(),
+- **The loop** (``gatekeeper.runtime.ticker``): sleep ``seconds_until_next(clock.now(),
   cap=...)`` or until a wake-up event set whenever a reschedule happened (an ingest may
   have brought a deadline closer); then, under the write lock, ``now = clock.now()``,
   ``due = [engine.rules[i] for i in schedule.pop_due(now) if i in engine.rules]``,

@@ -12,8 +12,8 @@ Firing follows the rule's ``fire`` mode:
 - ``each_time``: on every closed -> open edge of the gate (a rule never seen before counts
   as closed, so a newly loaded rule whose gate is already open fires at once).
 
-The caller (``daemon``) commits the returned ``Transition`` in one transaction and only then
-applies it to its in-memory state.
+The caller (the runtime's ``Writer``, ``gatekeeper.runtime.ingest``) commits the returned
+``Transition`` in one transaction and only then applies it to its in-memory state.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ fact batches with group commit and idempotency, approvals, admin acts), ``rulese
 activate, reload, watch; all-or-nothing), ``ticker`` (the deadline loop), ``views`` (the
 JSON the API serves), ``hooks`` (inbound CI events mapped to facts).
 
-Inside, imports point one way: daemon -> views, rulesets -> ticker -> ingest.
+Inside, imports point one way: daemon -> rulesets -> ticker -> ingest, daemon -> views ->
+ingest, rulesets -> hooks.
 
 May import: ``gatekeeper.delivery``, ``gatekeeper.store``, ``gatekeeper.engine``,
 ``gatekeeper.rules``, ``gatekeeper.expr`` and the ground floor. Never ``gatekeeper.http``
