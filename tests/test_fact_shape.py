@@ -1,6 +1,6 @@
-"""The fast check of ``POST /v1/facts`` bodies (``gatekeeper.http.app.FactShape``) never says yes to a
-body the JSON Schema refuses, and says yes to the usual valid bodies (so the fast path is
-the one taken)."""
+"""The fast check of ``POST /v1/facts`` bodies (``gatekeeper.http.app.FactShape``) never
+says yes to a body the JSON Schema refuses, and says yes to the usual valid bodies (so the
+fast path is the one taken)."""
 
 from __future__ import annotations
 

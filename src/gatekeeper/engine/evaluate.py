@@ -171,7 +171,7 @@ class Engine:
             fact = batch[0]
             view.put(fact.key, fact.data)
             for entry in self._entries_reading(fact.key):
-                self._decide_entry(transition, entry, view, states, now, "fact", 0, book, approvals)
+                self._decide(transition, entry, view, states, now, "fact", 0, book, approvals)
             return transition
         touched: dict[str, int] = {}
         picked: dict[str, _Entry] = {}
@@ -182,7 +182,7 @@ class Engine:
                 picked.setdefault(entry.id, entry)
         for rule_id, index in touched.items():
             entry = picked[rule_id]
-            self._decide_entry(transition, entry, view, states, now, "fact", index, book, approvals)
+            self._decide(transition, entry, view, states, now, "fact", index, book, approvals)
         return transition
 
     def plan_rules(
@@ -206,7 +206,8 @@ class Engine:
         transition = Transition(planned_at=now)
         for rule in rules:
             before = states.get(rule.id, RuleState(rule.id))
-            self._decide(transition, rule, facts, states, now, trigger, None, book, approvals)
+            entry = _Entry(rule, rule.project)
+            self._decide(transition, entry, facts, states, now, trigger, None, book, approvals)
             decision = transition.decisions[-1]
             unchanged = (
                 decision.firing_id is None
@@ -254,14 +255,12 @@ class Engine:
         """Plan recording ``approval`` and re-evaluating its rule with it counted."""
         rule = self.rules[approval.rule_id]
         standing = dict(approvals.get(rule.id, {}))
-        if approval.decision == "withdraw":
-            standing.pop(approval.subject, None)
-        else:
-            standing[approval.subject] = approval.decision
+        _stand(standing, approval)
         view = {**approvals, rule.id: standing}
         transition = Transition(approvals=[approval], planned_at=now)
         book = book if book is not None else EscrowBook({})
-        self._decide(transition, rule, facts, states, now, "approval", 0, book, view)
+        entry = _Entry(rule, rule.project)
+        self._decide(transition, entry, facts, states, now, "approval", 0, book, view)
         return transition
 
     def plan_admin(
@@ -298,27 +297,11 @@ class Engine:
         transition = Transition(admin_acts=[act], planned_at=now)
         transition.rule_states[rule.id] = state
         book = book if book is not None else EscrowBook({})
-        self._decide(transition, rule, facts, states, now, "admin", None, book, approvals)
+        entry = _Entry(rule, rule.project)
+        self._decide(transition, entry, facts, states, now, "admin", None, book, approvals)
         return transition
 
     def _decide(
-        self,
-        transition: Transition,
-        rule: Rule,
-        facts: FactTable,
-        states: Mapping[str, RuleState],
-        now: datetime,
-        trigger: Trigger,
-        fact_index: int | None,
-        book: EscrowBook,
-        standing: ApprovalStanding | None = None,
-    ) -> None:
-        entry = _Entry(rule, rule.project)
-        self._decide_entry(
-            transition, entry, facts, states, now, trigger, fact_index, book, standing
-        )
-
-    def _decide_entry(
         self,
         transition: Transition,
         entry: _Entry,
@@ -330,8 +313,9 @@ class Engine:
         book: EscrowBook,
         standing: ApprovalStanding | None = None,
     ) -> None:
-        """Evaluate the rule of ``entry`` and add its decision, new state and any queued
-        actions to ``transition``."""
+        """Evaluate the rule of ``entry`` (``_Entry(rule, rule.project)`` for a rule picked
+        outside the fact index) and add its decision, new state and any queued actions to
+        ``transition``."""
         rule_id = entry.id
         state = transition.rule_states.get(rule_id) or states.get(rule_id) or RuleState(rule_id)
         evaluation = entry.condition.evaluate(ProjectFacts(entry.project, facts), now)
@@ -474,13 +458,18 @@ def apply_transition(
         facts.put(fact.key, fact.data)
     states.update(transition.rule_states)
     for approval in transition.approvals:
-        standing = approvals.setdefault(approval.rule_id, {})
-        if approval.decision == "withdraw":
-            standing.pop(approval.subject, None)
-        else:
-            standing[approval.subject] = approval.decision
+        _stand(approvals.setdefault(approval.rule_id, {}), approval)
     for entry in transition.ledger:
         book.commit(entry.escrow, entry.amount)
+
+
+def _stand(standing: dict[str, str], approval: ApprovalInput) -> None:
+    """Record ``approval`` in one rule's ``standing`` (``{subject: decision}``): a withdrawal
+    removes the subject's decision, any other decision replaces it."""
+    if approval.decision == "withdraw":
+        standing.pop(approval.subject, None)
+    else:
+        standing[approval.subject] = approval.decision
 
 
 def approvals_status(rule: Rule, standing: Mapping[str, str]) -> dict[str, Any]:
