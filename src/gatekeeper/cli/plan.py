@@ -57,7 +57,6 @@ from typing import Any, Literal, TextIO
 
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped, unused-ignore]
 
-import gatekeeper.expr as expressions
 from gatekeeper.cli.client import ClientError, base_url, call
 from gatekeeper.cli.output import format_problems, github_commands, plural, workflow_command
 from gatekeeper.clock import SystemClock, format_rfc3339, parse_rfc3339
@@ -66,6 +65,7 @@ from gatekeeper.engine.evaluate import Engine
 from gatekeeper.engine.facts import FactTable, ProjectFacts
 from gatekeeper.engine.ledger import EscrowBook
 from gatekeeper.engine.model import Decision, QueuedAction, RuleState
+from gatekeeper.expr import TIME_RECHECK, ExpressionError, compile_condition, next_change_at
 from gatekeeper.jsonwire import json_path
 from gatekeeper.rules.loader import LoadResult, load_rule_texts, load_rules_dir
 from gatekeeper.rules.model import Rule, Ruleset
@@ -692,23 +692,21 @@ def clause_deadlines(
     rule: Rule, explanation: Mapping[str, Any], facts: FactTable, now: datetime
 ) -> dict[int, ClauseDeadline]:
     """For each sub-condition (index into the explanation's clauses) that depends on time,
-    when it next changes. Needs ``next_change_at`` on compiled conditions; empty without it."""
+    when it next changes (``gatekeeper.expr.next_change_at``)."""
     if not rule.condition.uses_time:
         return {}
     lookup = ProjectFacts(rule.project, facts)
-    recheck = getattr(expressions, "TIME_RECHECK", timedelta(seconds=1))
     found: dict[int, ClauseDeadline] = {}
     for index, clause in enumerate(explanation["condition"]["clauses"]):
         try:
-            compiled = expressions.compile_condition(clause["text"])
-        except expressions.ExpressionError:
+            compiled = compile_condition(clause["text"])
+        except ExpressionError:
             continue
-        next_change = getattr(compiled, "next_change_at", None)
-        if not compiled.uses_time or next_change is None:
+        if not compiled.uses_time:
             continue
-        at = next_change(lookup, now)
-        if isinstance(at, datetime):
-            found[index] = ClauseDeadline(at, at - now, at - now == recheck)
+        at = next_change_at(compiled, lookup, now)
+        if at is not None:
+            found[index] = ClauseDeadline(at, at - now, at - now == TIME_RECHECK)
     return found
 
 
@@ -796,10 +794,7 @@ def explain_rule(
     state = snapshot.states.get(rule.id)
     explanation = engine.explain(rule, snapshot.facts, state, now, snapshot.approvals)
     deadlines = clause_deadlines(rule, explanation, snapshot.facts, now)
-    next_change = getattr(rule.condition, "next_change_at", None)
-    changes_at = (
-        next_change(ProjectFacts(rule.project, snapshot.facts), now) if next_change else None
-    )
+    changes_at = next_change_at(rule.condition, ProjectFacts(rule.project, snapshot.facts), now)
     return {
         "rule": {
             "id": rule.id,
@@ -822,7 +817,7 @@ def explain_rule(
             }
             for index, deadline in sorted(deadlines.items())
         ],
-        "next_change_at": format_rfc3339(changes_at) if isinstance(changes_at, datetime) else None,
+        "next_change_at": format_rfc3339(changes_at) if changes_at is not None else None,
         "notes": snapshot.notes,
     }
 
