@@ -392,6 +392,15 @@ class _Candidate:
     def problem(self, path: PathParts, message: str, *, at_key: bool = False) -> Problem:
         return self.doc.problem((*self.prefix, *path), message, rule_id=self.rule_id, at_key=at_key)
 
+    def problem_inside(self, path: PathParts, offset: int, message: str) -> Problem:
+        """A problem at character ``offset`` of the string value at ``path`` (an expression,
+        a message template), located at that character's line and column in the file."""
+        node = self.doc.node_at((*self.prefix, *path))
+        line, column = scalar_position(self.doc.text, node, offset)
+        return Problem(
+            self.doc.file, line, column, message, format_path((*self.prefix, *path)), self.rule_id
+        )
+
 
 def _load(
     sources: Mapping[str, _Source],
@@ -588,19 +597,9 @@ def _check_when(candidate: _Candidate) -> None:
     try:
         candidate.condition = compile_condition(text)
     except ExpressionError as error:
-        node = candidate.doc.node_at((*candidate.prefix, "when"))
         for found in error.problems:
-            line, column = scalar_position(candidate.doc.text, node, found.offset)
-            candidate.problems.append(
-                Problem(
-                    candidate.doc.file,
-                    line,
-                    column,
-                    _expression_message(found),
-                    format_path((*candidate.prefix, "when")),
-                    candidate.rule_id,
-                )
-            )
+            message = _expression_message(found)
+            candidate.problems.append(candidate.problem_inside(("when",), found.offset, message))
 
 
 def _expression_message(found: ExpressionProblem) -> str:
@@ -627,19 +626,9 @@ def _check_message(
     message = body.get("message")
     if not isinstance(message, str):
         return
-    node = candidate.doc.node_at((*candidate.prefix, *path, "message"))
     for found in check_template(message, allowed_names(has_release=has_release)):
-        line, column = scalar_position(candidate.doc.text, node, found.offset)
-        candidate.problems.append(
-            Problem(
-                candidate.doc.file,
-                line,
-                column,
-                found.message,
-                format_path((*candidate.prefix, *path, "message")),
-                candidate.rule_id,
-            )
-        )
+        where = (*path, "message")
+        candidate.problems.append(candidate.problem_inside(where, found.offset, found.message))
 
 
 _Findings = list[tuple[PathParts, str]]
