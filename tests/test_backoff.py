@@ -6,7 +6,12 @@ import math
 import random
 from datetime import UTC, datetime, timedelta
 
-from gatekeeper.delivery.retry import backoff_delay_s, parse_retry_after, retry_delay_s
+from gatekeeper.delivery.retry import (
+    backoff_ceiling_s,
+    backoff_delay_s,
+    parse_retry_after,
+    retry_delay_s,
+)
 
 NOW = datetime(2015, 10, 21, 7, 28, 0, tzinfo=UTC)
 
@@ -17,6 +22,12 @@ def test_backoff_grows_exponentially_within_cap() -> None:
         delays = [backoff_delay_s(attempt, base_s=5, cap_s=60, rng=rng) for _ in range(200)]
         assert all(0 <= d <= ceiling for d in delays)
         assert max(delays) > ceiling * 0.8  # jitter spans the whole range
+
+
+def test_the_ceiling_doubles_up_to_the_cap_and_never_overflows() -> None:
+    got = [backoff_ceiling_s(n, base_s=5, cap_s=300) for n in (0, 1, 2, 3, 7, 8, 10**6)]
+    assert got == [5, 5, 10, 20, 300, 300, 300]
+    assert backoff_ceiling_s(10**6, base_s=1, cap_s=math.inf) == 2.0**1000
 
 
 def test_partial_jitter_keeps_the_lower_part_of_the_ceiling() -> None:

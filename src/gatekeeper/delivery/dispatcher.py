@@ -36,7 +36,12 @@ import aiohttp
 from gatekeeper.clock import Clock
 from gatekeeper.config import DeliveryPolicy, Target
 from gatekeeper.delivery.requests import build_request
-from gatekeeper.delivery.retry import backoff_delay_s, parse_retry_after, retry_delay_s
+from gatekeeper.delivery.retry import (
+    backoff_ceiling_s,
+    backoff_delay_s,
+    parse_retry_after,
+    retry_delay_s,
+)
 from gatekeeper.engine.model import QueuedAction
 from gatekeeper.metrics import Metrics
 from gatekeeper.store.contract import DeliveryQueue
@@ -350,7 +355,9 @@ class Dispatcher:
             # the attempt could not even be recorded (e.g. the database is locked or full):
             # hold the action back in memory so it is not resent in a tight loop
             self._hold_count[entry.action_id] += 1
-            hold_s = min(HOLD_CAP_S, HOLD_BASE_S * 2 ** (self._hold_count[entry.action_id] - 1))
+            hold_s = backoff_ceiling_s(
+                self._hold_count[entry.action_id], base_s=HOLD_BASE_S, cap_s=HOLD_CAP_S
+            )
             self._held_until[entry.action_id] = time.monotonic() + hold_s
             log.exception(
                 "delivering %s %s failed before its outcome was recorded; holding it %.0f s",

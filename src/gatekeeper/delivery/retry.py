@@ -3,7 +3,8 @@
 - ``backoff_delay_s``: exponential backoff with jitter, capped (AWS Architecture Blog,
   "Exponential Backoff And Jitter"). With ``jitter=1`` ("full jitter", the dispatcher's)
   the delay is uniform in ``[0, ceiling]``; with ``jitter=0.5`` (``gatekeeper emit``'s) in
-  ``[ceiling / 2, ceiling]``, where ``ceiling = min(cap_s, base_s * 2**(attempt - 1))``.
+  ``[ceiling / 2, ceiling]``, where ``ceiling = min(cap_s, base_s * 2**(attempt - 1))``
+  (``backoff_ceiling_s``, also the dispatcher's hold when an outcome cannot be recorded).
 - ``parse_retry_after``: the server's ``Retry-After`` (RFC 9110 section 10.2.3) in either
   form, delay-seconds or an HTTP-date, as seconds from ``now``.
 - ``retry_delay_s``: the delay to wait: the backoff, or the server's ``Retry-After`` when
@@ -33,11 +34,18 @@ def backoff_delay_s(
     ``[0, 1)`` by ``rng``: ``jitter`` is the share of the ceiling that is random, 1 for
     full jitter (uniform in ``[0, ceiling]``), 0 for none. ``jitter`` must be in [0, 1].
     """
-    exponent = min(max(attempt - 1, 0), MAX_EXPONENT)
-    ceiling = min(cap_s, base_s * 2.0**exponent)
+    ceiling = backoff_ceiling_s(attempt, base_s=base_s, cap_s=cap_s)
     if jitter == 1.0:
         return rng.uniform(0, ceiling)
     return ceiling * rng.uniform(1.0 - jitter, 1.0)
+
+
+def backoff_ceiling_s(attempt: int, *, base_s: float, cap_s: float) -> float:
+    """The longest wait after failed attempt number ``attempt`` (1-based), in seconds:
+    ``min(cap_s, base_s * 2**(attempt - 1))``, doubling no further after ``MAX_EXPONENT``
+    attempts. With no jitter, this is the wait itself."""
+    exponent = min(max(attempt - 1, 0), MAX_EXPONENT)
+    return min(cap_s, base_s * 2.0**exponent)
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
