@@ -342,7 +342,7 @@ def _expanded_shape(node: yaml.Node, memo: dict[int, tuple[int, int]]) -> tuple[
 
 class _Constructor(yaml.constructor.SafeConstructor):
     """``safe_load``'s constructor, except that every mapping key becomes its string text
-    (problems about non-string keys are reported by ``_structure_findings``)."""
+    (problems about non-string keys are reported by ``_scan``)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         self.flatten_mapping(node)
