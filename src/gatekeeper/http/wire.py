@@ -165,8 +165,8 @@ _SINGLE_FACT, _FACT_BATCH = _fact_validators()
 
 
 def decode_facts(raw: bytes) -> tuple[list[FactInput], Any]:
-    """A ``POST /v1/facts`` body: its facts, and the body as JSON builtins (for the
-    idempotency hash; only built when asked, see ``FactsRequest.body``).
+    """A ``POST /v1/facts`` body: its facts, and the body for ``idempotency_record`` (JSON
+    builtins, or a ``_LazyBody`` that builds them only when an Idempotency-Key is given).
 
     The wire model (``FactsBody``) decides the usual bodies in one pass. Anything it refuses
     — and anything nested deeper than ``MAX_TRUSTED_DEPTH`` — is parsed again with
