@@ -280,6 +280,11 @@ class RuleActionSummary(Model):
     pipeline: ActionTarget | UnsetType = UNSET
 
 
+OneAction = Annotated[
+    RuleActionSummary, Meta(extra_json_schema={"minProperties": 1, "maxProperties": 1})
+]
+
+
 class Clause(Model):
     """A sub-condition of `when` and its value."""
 
@@ -374,7 +379,7 @@ class RuleSummary(Model):
     file: Annotated[str, Meta(description="Relative to the rules directory.")]
     line: Annotated[int, Meta(ge=1, description="1-based line where the rule starts.")]
     content_hash: Sha256Hex
-    actions: list[RuleActionSummary]
+    actions: list[OneAction]
     fired_count: Count
     last_fired_at: Timestamp | None
     gate_open: Annotated[bool | None, Meta(description="null: never evaluated.")]
@@ -391,7 +396,7 @@ class Rule(Model):
     file: Annotated[str, Meta(description="Relative to the rules directory.")]
     line: Annotated[int, Meta(ge=1, description="1-based line where the rule starts.")]
     content_hash: Sha256Hex
-    actions: list[RuleActionSummary]
+    actions: list[OneAction]
     fired_count: Count
     last_fired_at: Timestamp | None
     gate_open: Annotated[bool | None, Meta(description="null: never evaluated.")]
