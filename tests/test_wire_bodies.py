@@ -51,6 +51,18 @@ DEEP = "[" * 5000 + "]" * 5000
             {"rule": RULE, "decision": "maybe"},
             {"path": "$.decision", "message": "must be one of: approve, reject, withdraw"},
         ),
+        (  # every problem, unknown keys first (as before the wire model)
+            {"approver": "alice", "decision": "maybe", "comment": 7},
+            [
+                {"path": "$.approver", "message": "unknown key 'approver'"},
+                {"path": "$.rule", "message": "must be a rule id (a string)"},
+                {"path": "$.decision", "message": "must be one of: approve, reject, withdraw"},
+                {
+                    "path": "$.comment",
+                    "message": "must be a string of at most 2000 characters",
+                },
+            ],
+        ),
         (
             {"rule": RULE, "decision": "approve", "comment": "x" * 2001},
             {"path": "$.comment", "message": "must be a string of at most 2000 characters"},
@@ -60,12 +72,12 @@ DEEP = "[" * 5000 + "]" * 5000
 async def test_an_approval_of_the_wrong_shape_is_a_worded_400(
     gk: Running,  # noqa: F811
     body: Any,
-    problem: dict[str, str],
+    problem: dict[str, str] | list[dict[str, str]],
 ) -> None:
     status, answer = await call(gk, "POST", "/v1/approvals", "alice", body)
     assert status == 400, answer
     assert answer["error"]["message"] == "the request body is not a valid approval"
-    assert answer["error"]["problems"] == [problem]
+    assert answer["error"]["problems"] == (problem if isinstance(problem, list) else [problem])
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ from gatekeeper.http.wire import (
     read_model,
     request_id_of,
     respond,
+    shape_problems,
     time_param,
 )
 from gatekeeper.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -202,23 +203,10 @@ async def rule_detail(daemon: Daemon, rule_id: str, decisions: int) -> m.Rule:
 
 _APPROVAL_DECODER = msgspec.json.Decoder(m.ApprovalRequest)
 _APPROVAL_MESSAGES = {
-    "$.rule": "must be a rule id (a string)",
-    "$.decision": f"must be one of: {', '.join(APPROVAL_DECISIONS)}",
-    "$.comment": f"must be a string of at most {MAX_COMMENT_CHARS} characters",
+    "rule": "must be a rule id (a string)",
+    "decision": f"must be one of: {', '.join(APPROVAL_DECISIONS)}",
+    "comment": f"must be a string of at most {MAX_COMMENT_CHARS} characters",
 }
-
-
-def _approval_problem(error: BodyShapeError) -> dict[str, str]:
-    """The problem of an approval body the model refused, worded as the API always has."""
-    if not isinstance(error.body, dict):
-        return {"path": "$", "message": "must be an object"}
-    if error.message.startswith("Object contains unknown field"):
-        key = error.message.partition("`")[2].rpartition("`")[0]
-        return {"path": f"$.{key}", "message": f"unknown key {key!r}"}
-    if error.message.startswith("Object missing required field"):
-        key = error.message.partition("`")[2].rpartition("`")[0]
-        return {"path": f"$.{key}", "message": _APPROVAL_MESSAGES[f"$.{key}"]}
-    return {"path": error.path, "message": _APPROVAL_MESSAGES.get(error.path, error.message)}
 
 
 async def post_approvals(request: web.Request) -> web.Response:
@@ -227,7 +215,7 @@ async def post_approvals(request: web.Request) -> web.Response:
     try:
         body, raw = await read_model(request, _APPROVAL_DECODER)
     except BodyShapeError as error:
-        problems = [_approval_problem(error)]
+        problems = shape_problems(m.ApprovalRequest, error.body, _APPROVAL_MESSAGES)
         raise ApiError(400, "the request body is not a valid approval", problems) from None
     token = principal(request)
     if token is None:

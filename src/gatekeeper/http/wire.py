@@ -150,6 +150,34 @@ def decode_model(raw: bytes, decoder: msgspec.json.Decoder[M]) -> M:
         raise BodyShapeError(message, where.rstrip("`") or "$", body) from None
 
 
+def shape_problems(
+    model: type[msgspec.Struct], body: Any, messages: dict[str, str]
+) -> list[dict[str, str]]:
+    """Every problem of ``body`` (parsed JSON) against request model ``model``, as located
+    problems: ``$`` when it is not an object, then each unknown key (when the model forbids
+    them), then each field that is missing or does not convert, in field order, worded by
+    ``messages[field]`` (msgspec's own message for a field not in ``messages``)."""
+    if not isinstance(body, dict):
+        return [{"path": "$", "message": "must be an object"}]
+    fields = msgspec.structs.fields(model)
+    names = {f.encode_name for f in fields}
+    problems = []
+    if model.__struct_config__.forbid_unknown_fields:
+        for key in sorted(set(body) - names):
+            problems.append({"path": f"$.{key}", "message": f"unknown key {key!r}"})
+    for f in fields:
+        if f.encode_name not in body:
+            if f.required:
+                problems.append({"path": f"$.{f.encode_name}", "message": messages[f.name]})
+            continue
+        try:
+            msgspec.convert(body[f.encode_name], f.type)
+        except msgspec.ValidationError as exc:
+            message = messages.get(f.name, str(exc))
+            problems.append({"path": f"$.{f.encode_name}", "message": message})
+    return problems
+
+
 _FACTS_DECODER = msgspec.json.Decoder(FactsBody)
 
 
