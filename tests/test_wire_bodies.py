@@ -5,9 +5,12 @@ a body of the wrong shape is a 400 worded as before, deep nesting is a 400 (msgs
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
+
+from gatekeeper.http.wire import new_request_id
 
 from .conftest import Running
 from .test_auth import TOKENS, call, gk  # noqa: F401 (gk is a fixture)
@@ -126,3 +129,12 @@ async def test_an_approval_is_idempotent_on_its_json_not_its_bytes(gk: Running) 
     other = json.dumps({"rule": RULE, "decision": "reject"})
     status, refused, _ = await post_raw(gk, "/v1/approvals", "alice", other, key)
     assert status == 422, refused
+
+
+def test_a_new_request_id_is_a_uuid4_in_hex() -> None:
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for text in ids:
+        parsed = uuid.UUID(hex=text)
+        assert parsed.hex == text and parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122

