@@ -30,7 +30,7 @@ import msgspec
 
 from gatekeeper import __version__
 from gatekeeper.http import models
-from gatekeeper.http.routes import FACTS_REQUEST, ROUTES, Route
+from gatekeeper.http.routes import FACTS_REQUEST, OPENAPI_DOCUMENT, ROUTES, Route
 from gatekeeper.http.wire import MAX_IDEMPOTENCY_KEY_CHARS
 from gatekeeper.schemas import load_schema
 
@@ -199,7 +199,7 @@ def _model_schemas() -> JsonObject:
             if isinstance(model, type) and issubclass(model, msgspec.Struct) and model not in types:
                 types.append(model)
     _, components = msgspec.json.schema_components(types, ref_template=COMPONENT_REF)
-    components["OpenApiDocument"] = {
+    components[OPENAPI_DOCUMENT] = {
         "type": "object",
         "required": ["openapi", "info", "paths"],
         "description": "This document.",

@@ -26,16 +26,19 @@ JsonObject = dict[str, Any]
 
 FACTS_REQUEST = "FactsRequest"
 """The request body of ``POST /v1/facts``: the published ``facts-request.schema.json``."""
+OPENAPI_DOCUMENT = "OpenApiDocument"
+"""The answer of ``GET /openapi.json`` (a component ``openapi`` writes by hand)."""
 
 
 @dataclass(frozen=True)
 class Route:
     """One operation of the API.
 
-    ``request`` is a request model, ``FACTS_REQUEST`` (the published schema) or None (no
-    body); ``response`` the model of the 200 answer (None: ``text/plain``, for ``/metrics``;
-    ``dict``: any JSON object). ``errors`` lists the 4xx/5xx statuses beyond 401, 403 and 500
-    (which every secured operation may answer). ``parameters`` are OpenAPI parameter objects.
+    ``request`` is a request model, ``FACTS_REQUEST`` (the published schema), ``dict`` (any
+    JSON object) or None (no body); ``response`` the model of the 200 answer, or the name
+    of a component (``OPENAPI_DOCUMENT``), or None (``text/plain``, for ``/metrics``).
+    ``errors`` lists the 4xx/5xx statuses beyond 401, 403 and 500 (which every secured
+    operation may answer). ``parameters`` are OpenAPI parameter objects.
     """
 
     method: str
@@ -45,7 +48,7 @@ class Route:
     operation_id: str
     tag: str
     summary: str
-    response: type[Any] | None
+    response: type[Any] | str | None
     request: type[Any] | str | None = None
     request_required: bool = True
     description: str | None = None
@@ -401,7 +404,7 @@ ROUTES: tuple[Route, ...] = (
         "openapi",
         "meta",
         "This description of the API (OpenAPI 3.1)",
-        dict,
+        OPENAPI_DOCUMENT,
         response_description="The document.",
     ),
 )
