@@ -199,6 +199,19 @@ def _model_schemas() -> JsonObject:
             if isinstance(model, type) and issubclass(model, msgspec.Struct) and model not in types:
                 types.append(model)
     _, components = msgspec.json.schema_components(types, ref_template=COMPONENT_REF)
+    # an action's payload is shaped by its kind (msgspec has no conditional schemas)
+    for name in ("Action", "ActionWithAttempts"):
+        components[name]["allOf"] = [
+            {
+                "if": {"properties": {"kind": {"const": kind}}},
+                "then": {"properties": {"payload": _ref(payload.__name__)}},
+            }
+            for kind, payload in (
+                ("release", models.ReleasePayload),
+                ("notify", models.NotifyPayload),
+                ("pipeline", models.PipelinePayload),
+            )
+        ]
     components[OPENAPI_DOCUMENT] = {
         "type": "object",
         "required": ["openapi", "info", "paths"],
