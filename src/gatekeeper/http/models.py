@@ -385,21 +385,9 @@ class RuleSummary(Model):
     gate_open: Annotated[bool | None, Meta(description="null: never evaluated.")]
 
 
-class Rule(Model):
+class Rule(RuleSummary):
     """One rule, its state and its current explanation."""
 
-    id: str
-    project: str
-    description: str
-    when: str
-    fire: Literal["once", "each_time"]
-    file: Annotated[str, Meta(description="Relative to the rules directory.")]
-    line: Annotated[int, Meta(ge=1, description="1-based line where the rule starts.")]
-    content_hash: Sha256Hex
-    actions: list[OneAction]
-    fired_count: Count
-    last_fired_at: Timestamp | None
-    gate_open: Annotated[bool | None, Meta(description="null: never evaluated.")]
     source: Annotated[
         JsonObject,
         Meta(
@@ -498,23 +486,9 @@ class Attempt(Model):
     error: str | None
 
 
-class ActionWithAttempts(Model):
+class ActionWithAttempts(Action):
     """An action with its number of attempts and every delivery attempt, oldest first."""
 
-    action_id: Annotated[str, Meta(description="Stable across retries (the webhook-id).")]
-    rule_id: str
-    firing_id: str
-    kind: ActionKind
-    target: str
-    payload: Annotated[JsonObject, Meta(extra_json_schema=PAYLOAD_SCHEMA)]
-    status: ActionStatusName
-    attempts: Annotated[int, Meta(ge=0, description="Delivery attempts made so far.")]
-    created_at: Timestamp
-    next_attempt_at: Timestamp
-    last_error: str | None
-    delivered_at: Timestamp | None
-    decision_id: Seq
-    requeued_at: Timestamp | None
     delivery_attempts: list[Attempt]
 
 
