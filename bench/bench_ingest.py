@@ -88,6 +88,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="give the rules a days_since clause (the daemon then re-evaluates them every s)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="LABEL=SPEC",
+        help="another gatekeeper measured in the same run, interleaved with this tree's: SPEC "
+        "is a comma-separated list of src:DIR (the src directory of another checkout, e.g. a "
+        "`git archive` of an older commit, put first on PYTHONPATH) and/or loop:asyncio|uvloop "
+        "(GATEKEEPER_EVENT_LOOP); repeatable. E.g. --also before=src:/tmp/old/src",
+    )
     add_strict_options(parser)
     # Internal modes: this file is also the bare server and the aiohttp load generator.
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -257,12 +267,23 @@ def daemon_env() -> dict[str, str]:
     return env
 
 
-def start_gatekeeper(folder: Path, args: argparse.Namespace) -> Server:
+def start_gatekeeper(
+    folder: Path, args: argparse.Namespace, name: str = "gatekeeper", spec: str = ""
+) -> Server:
+    """``gatekeeper serve`` in ``folder``; ``spec`` as ``--also`` takes it (src:DIR, loop:X)."""
     config, port = write_gatekeeper_setup(folder, args.rules, args.time_rules)
     env = daemon_env()
+    for part in filter(None, spec.split(",")):
+        key, _, value = part.partition(":")
+        if key == "src":
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [value, env.get("PYTHONPATH")]))
+        elif key == "loop":
+            env["GATEKEEPER_EVENT_LOOP"] = value
+        else:
+            raise SystemExit(f"--also: unknown part {part!r} (src:DIR or loop:NAME)")
     command = [sys.executable, "-m", "gatekeeper", "serve", "-c", str(config)]
     command += ["--log-level", "warning"]
-    server = start_process("gatekeeper", command, port, folder / "gatekeeper.log", env=env)
+    server = start_process(name, command, port, folder / "gatekeeper.log", env=env)
     server.wait_ready("/healthz")
     return server
 
@@ -604,6 +625,15 @@ def run(args: argparse.Namespace) -> int:
         servers.append(gatekeeper)
         print(f"   gatekeeper started with {args.rules:,} rules in ", end="")
         print(f"{time.perf_counter() - load_started:.1f} s")
+        others: list[tuple[str, Server]] = []
+        for also in args.also:
+            label, _, spec = also.partition("=")
+            subfolder = folder / f"also-{len(others)}"
+            subfolder.mkdir()
+            other = start_gatekeeper(subfolder, args, f"gatekeeper {label}", spec)
+            servers.append(other)
+            others.append((label, other))
+            check_one_post(other)
         bare = start_bare(folder)
         servers.append(bare)
         durable = start_bare_durable(folder)
@@ -617,6 +647,7 @@ def run(args: argparse.Namespace) -> int:
             "durable": [],
             "gatekeeper": [],
             "sqlite": [],
+            **{f"also {label}": [] for label, _ in others},
         }
         warmups = {s.name: measure(s, args, generator, script, args.warmup) for s in servers}
         sqlite_run(folder / "raw.db", min(args.warmup, 1.0))
@@ -624,6 +655,9 @@ def run(args: argparse.Namespace) -> int:
             results["bare"].append(measure(bare, args, generator, script, args.seconds))
             results["durable"].append(measure(durable, args, generator, script, args.seconds))
             results["gatekeeper"].append(measure(gatekeeper, args, generator, script, args.seconds))
+            for label, other in others:
+                run_result = measure(other, args, generator, script, args.seconds)
+                results[f"also {label}"].append(run_result)
             results["sqlite"].append(sqlite_run(folder / "raw.db", args.sqlite_seconds))
         for server in servers:
             server.stop()
@@ -654,6 +688,10 @@ def run(args: argparse.Namespace) -> int:
                 summarize("(a) bare aiohttp: parse JSON, answer", results["bare"]),
                 summarize("(c) (a) + queue + group commit, FULL", results["durable"]),
                 summarize("gatekeeper POST /v1/facts, durable", results["gatekeeper"]),
+                *(
+                    summarize(f"gatekeeper {label}", results[f"also {label}"])
+                    for label, _ in others
+                ),
                 summarize("(b) raw SQLite: 1 row/commit, FULL", results["sqlite"]),
             ],
         )
@@ -675,6 +713,15 @@ def run(args: argparse.Namespace) -> int:
         f"{facts_logged:,} in fact_log, {decisions:,} fact decisions "
         f"({decisions / max(1, facts_logged):.1f} per fact)"
     )
+    this_cpu = median([r.server_cpu_us or 0.0 for r in results["gatekeeper"]])
+    for label, _ in others:
+        runs = results[f"also {label}"]
+        other_cpu = median([r.server_cpu_us or 0.0 for r in runs])
+        print(
+            f"   gatekeeper {label} ÷ (c) bare durable: "
+            f"{median([r.rps for r in runs]) / durable_rps:.3f}; its CPU µs/req ÷ this "
+            f"tree's: {other_cpu / this_cpu if this_cpu else float('nan'):.2f}"
+        )
     if acknowledged > facts_logged:
         print("   ERROR: fewer facts in the log than were acknowledged")
         targets.failed += 1

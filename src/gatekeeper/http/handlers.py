@@ -1,0 +1,415 @@
+"""The request handlers, by resource: facts, rules (with approvals and admin acts), actions,
+audit, rulesets and releases, escrows, export, and the meta routes.
+
+Each takes the aiohttp request and answers a response model encoded by ``wire.respond``
+(or raises ``wire.ApiError``). Scopes, paths and documentation live in ``routes.ROUTES``.
+``POST /v1/facts`` answers only after the facts, the decisions they caused and the actions
+those queued are committed (fsynced), with the facts' sequence numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from typing import Literal, cast
+
+import msgspec
+from aiohttp import web
+
+from gatekeeper import __version__
+from gatekeeper.engine.model import AdminAct, ApprovalInput, IdempotencyRecord
+from gatekeeper.http import models as m
+from gatekeeper.http.context import (
+    actor,
+    check_project,
+    daemon_of,
+    principal,
+    visible,
+    visible_projects,
+)
+from gatekeeper.http.models import MAX_COMMENT_CHARS, convert
+from gatekeeper.http.wire import (
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    ApiError,
+    BodyShapeError,
+    check_json_content_type,
+    decode_cursor,
+    decode_facts,
+    encode_cursor,
+    idempotency_record,
+    limit_param,
+    read_model,
+    request_id_of,
+    respond,
+    shape_problems,
+    time_param,
+)
+from gatekeeper.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gatekeeper.runtime.daemon import (
+    Daemon,
+    IdempotencyConflict,
+    NotAnApprover,
+    ShuttingDown,
+    UnknownRule,
+)
+from gatekeeper.runtime.hooks import HookRejected
+from gatekeeper.runtime.hooks import handle as handle_hook
+from gatekeeper.store.errors import Conflict
+from gatekeeper.store.queries import AuditQuery
+from gatekeeper.store.records import AUDIT_KINDS, ActionStatus, AuditKind
+
+ACTION_STATUSES: tuple[ActionStatus, ...] = ("pending", "delivered", "dead")
+APPROVAL_DECISIONS = ("approve", "reject", "withdraw")
+AdminActName = Literal["pause", "resume", "rearm"]
+HOOK_DELIVERY_HEADERS = ("X-GitHub-Delivery", "X-Gitlab-Event-UUID")
+SHUTTING_DOWN = "gatekeeper is shutting down; try again shortly"
+
+
+# ---------------------------------------------------------------------------------------------
+# Facts
+
+
+async def post_facts(request: web.Request) -> web.Response:
+    """``POST /v1/facts``: one fact or a batch, committed before the answer."""
+    check_json_content_type(request)
+    batch, body = decode_facts(await request.read())
+    for project in sorted({fact.project for fact in batch}):
+        check_project(request, project)
+    idempotency = idempotency_record(request, body)
+    request_id = request_id_of(request)
+    try:
+        result = await daemon_of(request).ingest(batch, request_id, idempotency)
+    except IdempotencyConflict as exc:
+        raise ApiError(422, str(exc)) from None
+    except ShuttingDown:
+        raise ApiError(503, SHUTTING_DOWN) from None
+    headers = {"X-Request-Id": result.request_id or request_id}
+    if result.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    accepted = m.FactsAccepted(len(result.seqs), result.seqs, result.request_id)
+    return respond(accepted, headers=headers)
+
+
+async def get_facts(request: web.Request) -> web.Response:
+    """``GET /v1/facts[?project=]``: the current facts the token may see."""
+    project = request.query.get("project")
+    facts = await daemon_of(request).list_facts(project, projects=visible_projects(request))
+    return respond(convert({"facts": [f.to_json() for f in facts]}, m.FactList))
+
+
+async def post_hook(request: web.Request) -> web.Response:
+    """An event from a CI system (GitHub, GitLab), verified with the source's secret and
+    mapped to facts by the ``hooks`` mapping of gatekeeper.yaml. An event no mapping fits
+    is acknowledged (202) and ignored. The delivery id header is the idempotency key, so a
+    redelivered event applies nothing twice."""
+    daemon = daemon_of(request)
+    source = request.match_info["source"]
+    configured = daemon.hook(source)
+    if configured is None:
+        raise ApiError(404, f"no hook source {source!r} is configured")
+    hook, secret = configured
+    body = await request.read()
+    try:
+        facts = handle_hook(hook, secret, request.headers, body)
+    except HookRejected as exc:
+        raise ApiError(exc.status, exc.message) from None
+    if not facts:
+        return respond(m.HookIgnored(0, True), status=202)
+    delivery = next(
+        (request.headers[h] for h in HOOK_DELIVERY_HEADERS if h in request.headers), None
+    )
+    idempotency = None
+    if delivery and len(delivery) <= MAX_IDEMPOTENCY_KEY_CHARS - len(source) - 6:
+        digest = hashlib.sha256(body).hexdigest()
+        idempotency = IdempotencyRecord(f"hook:{source}:{delivery}", digest)
+    request_id = request_id_of(request)
+    try:
+        result = await daemon.ingest(facts, request_id, idempotency)
+    except IdempotencyConflict as exc:
+        raise ApiError(422, str(exc)) from None
+    except ShuttingDown:
+        raise ApiError(503, SHUTTING_DOWN) from None
+    return respond(m.FactsAccepted(len(result.seqs), result.seqs, result.request_id))
+
+
+async def get_export(request: web.Request) -> web.Response:
+    """A snapshot of the state, in the format ``gatekeeper plan --snapshot`` reads: current
+    facts, every rule's firing state, standing approvals, the active ruleset's content
+    hashes and the escrows. Limited to the token's projects."""
+    snapshot = await daemon_of(request).export(
+        lambda project: visible(request, project), visible_projects(request)
+    )
+    return respond(convert(snapshot, m.Snapshot))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules, approvals, admin acts
+
+
+async def get_rules(request: web.Request) -> web.Response:
+    """``GET /v1/rules``: the active ruleset, the last reload's outcome, every rule's state."""
+    daemon = daemon_of(request)
+    rules = [
+        daemon.rule_view(rule, explain=False)
+        for rule in daemon.rules()
+        if visible(request, rule.project)
+    ]
+    body = {"ruleset": daemon.ruleset_view(), "reload": daemon.reload_view(), "rules": rules}
+    return respond(convert(body, m.RuleList))
+
+
+async def get_rule(request: web.Request) -> web.Response:
+    """``GET /v1/rules/{rule_id}``: source, state, explanation, ``limit`` recent decisions."""
+    daemon = daemon_of(request)
+    rule_id = request.match_info["rule_id"]
+    rule = daemon.rule(rule_id)
+    if rule is None:
+        raise ApiError(404, f"no rule {rule_id!r} in the active ruleset")
+    check_project(request, rule.project)
+    return respond(await rule_detail(daemon, rule.id, limit_param(request, 20)))
+
+
+async def rule_detail(daemon: Daemon, rule_id: str, decisions: int) -> m.Rule:
+    """A rule's full view: state, source, explanation, its ``decisions`` latest decisions."""
+    return convert(await daemon.rule_detail(rule_id, decisions), m.Rule)
+
+
+_APPROVAL_DECODER = msgspec.json.Decoder(m.ApprovalRequest)
+_APPROVAL_MESSAGES = {
+    "rule": "must be a rule id (a string)",
+    "decision": f"must be one of: {', '.join(APPROVAL_DECISIONS)}",
+    "comment": f"must be a string of at most {MAX_COMMENT_CHARS} characters",
+}
+
+
+async def post_approvals(request: web.Request) -> web.Response:
+    """``{"rule": ID, "decision": "approve" | "reject" | "withdraw", "comment": ...}``; the
+    approver is the token's subject, never a body field."""
+    try:
+        body, raw = await read_model(request, _APPROVAL_DECODER)
+    except BodyShapeError as error:
+        problems = shape_problems(m.ApprovalRequest, error.body, _APPROVAL_MESSAGES)
+        raise ApiError(400, "the request body is not a valid approval", problems) from None
+    token = principal(request)
+    if token is None:
+        raise ApiError(
+            403, "approvals need API tokens: the approver is the token's subject (see tokens)"
+        )
+    daemon = daemon_of(request)
+    rule = daemon.rule(body.rule)
+    if rule is None:
+        raise ApiError(404, f"no rule {body.rule!r} in the active ruleset")
+    check_project(request, rule.project)
+    approval = ApprovalInput(body.rule, rule.project, token.subject, body.decision, body.comment)
+    request_id = request_id_of(request)
+    idempotency = idempotency_record(request, raw)
+    if idempotency is not None:  # each approver's keys are their own
+        idempotency = replace(idempotency, key=f"approval:{token.subject}:{idempotency.key}")
+    try:
+        result = await daemon.approve(approval, request_id, idempotency)
+    except IdempotencyConflict:
+        raise ApiError(422, "Idempotency-Key was already used with a different approval") from None
+    except NotAnApprover as exc:
+        raise ApiError(403, str(exc)) from None
+    except UnknownRule as exc:
+        raise ApiError(404, f"no rule {exc} in the active ruleset") from None
+    except ShuttingDown:
+        raise ApiError(503, SHUTTING_DOWN) from None
+    view = daemon.rule_view(rule, explain=True)
+    headers = {"X-Request-Id": result.request_id or request_id}
+    if result.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    accepted = m.ApprovalAccepted(
+        seq=result.seqs[0],
+        request_id=result.request_id or request_id,
+        rule=rule.id,
+        approver=token.subject,
+        decision=body.decision,
+        approvals=convert(view["explanation"]["approvals"], m.ApprovalStatus),
+    )
+    return respond(accepted, headers=headers)
+
+
+_ADMIN_ACT_DECODER = msgspec.json.Decoder(m.AdminActRequest)
+
+
+async def post_rule_act(request: web.Request) -> web.Response:
+    """``POST /v1/rules/{id}/pause|resume|rearm`` with ``{"reason": ...}`` (required)."""
+    daemon = daemon_of(request)
+    rule_id, act = request.match_info["rule_id"], request.match_info["act"]
+    try:
+        reason = (await read_model(request, _ADMIN_ACT_DECODER))[0].reason.strip()
+    except BodyShapeError:
+        reason = ""
+    if not reason:
+        raise ApiError(
+            400,
+            f'the body must be {{"reason": "..."}}: every admin act says why '
+            f"(at most {MAX_COMMENT_CHARS} characters)",
+        )
+    rule = daemon.rule(rule_id)
+    if rule is None:
+        raise ApiError(404, f"no rule {rule_id!r} in the active ruleset")
+    check_project(request, rule.project)
+    try:
+        admin_act = AdminAct(cast(AdminActName, act), rule_id, actor(request), reason, rule.project)
+        await daemon.administer(admin_act)
+    except UnknownRule:
+        raise ApiError(404, f"no rule {rule_id!r} in the active ruleset") from None
+    except ValueError as exc:
+        raise ApiError(409, str(exc)) from None
+    return respond(await rule_detail(daemon, rule_id, 20))
+
+
+# ---------------------------------------------------------------------------------------------
+# Actions
+
+
+async def get_actions(request: web.Request) -> web.Response:
+    """``GET /v1/actions[?status=&limit=]``: the outbox and dead letters, newest first."""
+    status = request.query.get("status")
+    if status is not None and status not in ACTION_STATUSES:
+        raise ApiError(400, f"status must be one of: {', '.join(ACTION_STATUSES)}")
+    entries = await daemon_of(request).list_actions(
+        status, limit_param(request), projects=visible_projects(request)
+    )
+    return respond(convert({"actions": [e.to_json() for e in entries]}, m.ActionList))
+
+
+async def get_action(request: web.Request) -> web.Response:
+    """``GET /v1/actions/{action_id}``: one action and its delivery attempts."""
+    daemon = daemon_of(request)
+    action_id = request.match_info["action_id"]
+    entry = await daemon.get_action(action_id)
+    if entry is None:
+        raise ApiError(404, f"no action {action_id!r}")
+    check_project(request, entry.payload.get("project", ""))
+    attempts = await daemon.list_attempts(action_id)
+    body = {**entry.to_json(), "delivery_attempts": [a.to_json() for a in attempts]}
+    return respond(convert(body, m.ActionWithAttempts))
+
+
+_RETRY_DECODER = msgspec.json.Decoder(m.RetryRequest)
+
+
+async def post_action_retry(request: web.Request) -> web.Response:
+    """``POST /v1/actions/{action_id}/retry``: requeue a dead letter (an audited admin act)."""
+    daemon = daemon_of(request)
+    action_id = request.match_info["action_id"]
+    reason = None
+    if request.can_read_body:
+        try:
+            retry, _ = await read_model(request, _RETRY_DECODER)
+        except BodyShapeError:
+            raise ApiError(400, 'the body must be {"reason": "..."} or empty') from None
+        reason = retry.reason if isinstance(retry.reason, str) else None
+    existing = await daemon.get_action(action_id)
+    if existing is not None:
+        check_project(request, existing.payload.get("project", ""))
+    try:
+        entry = await daemon.retry_action(action_id, actor=actor(request), reason=reason)
+    except Conflict as exc:
+        raise ApiError(409, str(exc)) from None
+    if entry is None:
+        raise ApiError(404, f"no action {action_id!r}")
+    return respond(convert(entry.to_json(), m.Action))
+
+
+# ---------------------------------------------------------------------------------------------
+# Audit, rulesets, releases, escrows
+
+
+async def get_audit(request: web.Request) -> web.Response:
+    """The audit log, newest first: decisions, admin acts and approvals, filtered by
+    ``project``, ``rule``, ``kind`` (comma-separated), ``outcome``, ``since``/``until``
+    (RFC 3339), paged by ``cursor`` (the ``next_cursor`` of the previous page)."""
+    query = request.query
+    if "project" in query:
+        check_project(request, query["project"])
+    kinds = tuple(k for k in query.get("kind", ",".join(AUDIT_KINDS)).split(",") if k)
+    if not kinds or any(k not in AUDIT_KINDS for k in kinds):
+        raise ApiError(400, f"kind must be a comma-separated list of: {', '.join(AUDIT_KINDS)}")
+    audit_query = AuditQuery(
+        project=query.get("project"),
+        rule_id=query.get("rule"),
+        kinds=cast(tuple[AuditKind, ...], kinds),
+        outcome=query.get("outcome"),
+        since=time_param(request, "since"),
+        until=time_param(request, "until"),
+        after=decode_cursor(query.get("cursor")),
+        projects=visible_projects(request),
+        limit=limit_param(request),
+    )
+    entries = await daemon_of(request).audit(audit_query)
+    last = entries[-1] if len(entries) == audit_query.limit else None
+    page = {
+        "entries": [e.to_json() for e in entries],
+        "next_cursor": encode_cursor(last.cursor) if last else None,
+    }
+    return respond(convert(page, m.AuditPage))
+
+
+async def get_rulesets(request: web.Request) -> web.Response:
+    """Every ruleset version that went live, most recent first (content-addressed)."""
+    rulesets = await daemon_of(request).list_rulesets(limit_param(request))
+    return respond(convert({"rulesets": [r.to_json() for r in rulesets]}, m.RulesetVersionList))
+
+
+async def get_ruleset(request: web.Request) -> web.Response:
+    """One stored ruleset version with the exact text of its files."""
+    version = request.match_info["version"]
+    stored = await daemon_of(request).stored_ruleset(version)
+    if stored is None:
+        raise ApiError(404, f"no ruleset version {version[:80]!r}")
+    return respond(convert(stored.to_json(), m.RulesetText))
+
+
+async def get_release(request: web.Request) -> web.Response:
+    """The whole story of one release, from its release id: the ledger entry, the decision
+    that made it (facts seen, sub-conditions, approvals counted), the fact that triggered it,
+    the exact rule text of the ruleset version in force, and every delivery attempt."""
+    release_id = request.match_info["release_id"]
+    found = await daemon_of(request).release(release_id)
+    if found is None:
+        raise ApiError(404, f"no release {release_id[:80]!r}")
+    project, story = found
+    check_project(request, project)
+    return respond(convert(story, m.ReleaseStory))
+
+
+async def get_escrows(request: web.Request) -> web.Response:
+    """``GET /v1/escrows``: each escrow's limit, released, pending, unconfirmed, remaining."""
+    escrows = await daemon_of(request).escrow_report()
+    return respond(convert({"escrows": escrows}, m.EscrowList))
+
+
+# ---------------------------------------------------------------------------------------------
+# Meta
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics (text format 0.0.4); a scraper sends a token with ``read``."""
+    return await metrics_response(daemon_of(request))
+
+
+async def metrics_response(daemon: Daemon) -> web.Response:
+    """The answer to ``GET /metrics``: refresh the scrape-time gauges, then render."""
+    return web.Response(
+        body=await daemon.metrics_text(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+    )
+
+
+async def get_healthz(request: web.Request) -> web.Response:
+    """Liveness: gatekeeper's version, the active ruleset, whether the last reload succeeded."""
+    health = daemon_of(request).health()
+    answer = m.Health(
+        status="ok", version=__version__, ruleset=health.ruleset, ruleset_ok=health.ruleset_ok
+    )
+    return respond(answer)
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 description of this API."""
+    from gatekeeper.http.openapi import openapi_bytes  # the document is built from ROUTES
+
+    return web.Response(body=openapi_bytes(), content_type="application/json", charset="utf-8")

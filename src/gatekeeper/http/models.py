@@ -1,0 +1,672 @@
+"""The wire model: every request and response body of the HTTP API as a msgspec ``Struct``.
+
+One set of types does three jobs: request models decode and validate bodies in one pass
+(``msgspec.json.Decoder``), response models encode answers (``encode``), and both generate
+the OpenAPI components (``http.openapi``). Field order is the order on the wire.
+
+Why msgspec and not pydantic v2 (``bench/bench_wire.py``, one run on the shared 2-core
+machine, CPU µs per call, medians): decoding and validating a one-fact body took 2.5 µs with
+msgspec, 6.6 with pydantic and 9.3 with the former ``loads_strict`` + ``FactShape`` path; a
+100-fact batch 245, 984 and 378; a list answer of 100 fact rows cost 77 µs converted into
+the response model and encoded by msgspec, 434 with pydantic and 305 with ``json.dumps``.
+msgspec also validates patterns with Python's ``re`` (as jsonschema does; pydantic's default
+Rust engine refuses the schema's look-ahead ``$(?!\n)``), is strict JSON like
+``jsonwire.loads_strict`` (no NaN or Infinity, no number beyond the float range), and is one
+small C extension with no dependencies.
+
+Conventions (as before): times are RFC 3339 strings in UTC with milliseconds; money is a
+decimal string; a field typed ``X | UnsetType`` is left out of the answer when unset.
+Response structs forbid unknown fields, so their schemas are closed objects and converting
+a row with a key the model does not know fails loudly (a 500 in tests, not a silent drift).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from gatekeeper.schemas import load_schema
+from gatekeeper.store.records import DeadReason
+
+# ---------------------------------------------------------------------------------------------
+# Scalars
+
+MAX_COMMENT_CHARS = 2000
+"""The longest approval comment or admin-act reason, in characters."""
+
+
+def documented(pattern: str, description: str | None = None, **schema: Any) -> Meta:
+    """A constraint of a response field that the OpenAPI document states and the
+    conformance tests check, but encoding does not: a regex per field per row would cost
+    more than the encoding itself (about 3 µs per row of a fact list)."""
+    return Meta(description=description, extra_json_schema={"pattern": pattern, **schema})
+
+
+Timestamp = Annotated[
+    str,
+    documented(
+        r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$",
+        "An RFC 3339 time in UTC with milliseconds: 2026-11-01T09:00:00.000Z.",
+        format="date-time",
+    ),
+]
+DecimalString = Annotated[
+    str,
+    documented(
+        r"^-?[0-9]+(\.[0-9]+)?$", 'A decimal amount as a string, e.g. "5000.00"; never a number.'
+    ),
+]
+Sha256Hex = Annotated[str, documented("^[0-9a-f]{64}$")]
+Currency = Annotated[str, documented("^[A-Z]{3}$")]
+Count = Annotated[int, Meta(ge=0)]
+Seq = Annotated[int, Meta(ge=1)]
+_FACT = load_schema("facts-request.schema.json")["$defs"]["fact"]["properties"]
+_BATCH = load_schema("facts-request.schema.json")["oneOf"][1]["properties"]["facts"]
+# the identifiers' patterns and descriptions are the published schema's (one source of truth)
+ProjectName = Annotated[
+    str, Meta(pattern=_FACT["project"]["pattern"], description=_FACT["project"]["description"])
+]
+FactKind = Annotated[
+    str, Meta(pattern=_FACT["kind"]["pattern"], description=_FACT["kind"]["description"])
+]
+FactId = Annotated[
+    str, Meta(pattern=_FACT["id"]["pattern"], description=_FACT["id"]["description"])
+]
+JsonObject = dict[str, Any]
+ApprovalDecision = Literal["approve", "reject", "withdraw"]
+ActionKind = Literal["release", "notify", "pipeline"]
+ActionStatusName = Literal["pending", "delivered", "dead"]
+
+
+class Model(Struct, forbid_unknown_fields=True):
+    """A closed JSON object (no keys beyond its fields)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+class FactIn(Struct, forbid_unknown_fields=True):
+    """One fact as posted: the latest known state of one thing, identified by (project,
+    kind, id). Posting it replaces the previous data of that key."""
+
+    project: ProjectName
+    kind: FactKind
+    id: FactId
+    data: JsonObject
+
+
+class FactsBody(Struct, forbid_unknown_fields=True):
+    """``POST /v1/facts``: one fact (``project``, ``kind``, ``id``, ``data``), or a batch
+    ``{"facts": [fact, ...]}`` of 1 to 1,000 facts applied atomically.
+
+    msgspec has no untagged union of objects, so both forms are one struct with every key
+    optional; ``facts_of`` says which form it is and refuses a mix (the published schema,
+    ``schemas/facts-request.schema.json``, is a ``oneOf``; a test keeps the two in agreement).
+    """
+
+    project: ProjectName | UnsetType = UNSET
+    kind: FactKind | UnsetType = UNSET
+    id: FactId | UnsetType = UNSET
+    data: JsonObject | UnsetType = UNSET
+    facts: (
+        Annotated[list[FactIn], Meta(min_length=_BATCH["minItems"], max_length=_BATCH["maxItems"])]
+        | UnsetType
+    ) = UNSET
+
+
+def facts_of(body: FactsBody) -> list[FactIn] | None:
+    """The facts of a decoded ``POST /v1/facts`` body, or None when the body is neither a
+    whole fact nor a batch alone (the caller then words the problems from the schema)."""
+    single = (body.project, body.kind, body.id, body.data)
+    if body.facts is not UNSET:
+        return body.facts if all(v is UNSET for v in single) else None
+    project, kind, id_, data = single
+    if (
+        isinstance(project, UnsetType)
+        or isinstance(kind, UnsetType)
+        or isinstance(id_, UnsetType)
+        or isinstance(data, UnsetType)
+    ):
+        return None
+    return [FactIn(project, kind, id_, data)]
+
+
+class ApprovalRequest(Struct, forbid_unknown_fields=True):
+    """An approver's decision; the approver is the token's subject."""
+
+    rule: Annotated[str, Meta(min_length=1, description="The rule id.")]
+    decision: ApprovalDecision
+    comment: Annotated[str, Meta(max_length=MAX_COMMENT_CHARS)] | None = None
+
+
+class AdminActRequest(Struct):
+    """Why (required: every admin act is audited with who and why)."""
+
+    reason: Annotated[str, Meta(min_length=1, max_length=MAX_COMMENT_CHARS)]
+
+
+class RetryRequest(Struct):
+    """Why the dead letter is requeued (optional; other keys are ignored)."""
+
+    reason: Annotated[str, Meta(description="Recorded in the audit.")] | UnsetType = UNSET
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class BodyProblem(Model):
+    """One problem of a request body."""
+
+    path: Annotated[
+        str,
+        documented(r"^\$", "The JSON path of the bad value, e.g. $.facts[1].kind."),
+    ]
+    message: str
+
+
+class ErrorDetail(Model):
+    status: Annotated[int, Meta(ge=400, le=599, description="The HTTP status, repeated.")]
+    message: Annotated[str, Meta(description="What is wrong.")]
+    problems: (
+        Annotated[
+            list[BodyProblem],
+            Meta(min_length=1, description="Each problem of a body of the wrong shape."),
+        ]
+        | UnsetType
+    ) = UNSET
+
+
+class Error(Model):
+    """Every error: {"error": {"status", "message", "problems"?}}."""
+
+    error: ErrorDetail
+
+
+# ---------------------------------------------------------------------------------------------
+# Facts
+
+
+class FactsAccepted(Model):
+    """The facts are committed (fsynced), with the decisions and actions they caused."""
+
+    accepted: Annotated[int, Meta(ge=1, description="How many facts were applied.")]
+    seqs: Annotated[
+        list[Seq],
+        Meta(min_length=1, description="The sequence numbers of the facts, in the order posted."),
+    ]
+    request_id: Annotated[
+        str | None,
+        Meta(
+            description="The id of the request that applied the facts (the first one, for a "
+            "repeat answered from its Idempotency-Key)."
+        ),
+    ]
+
+
+class HookIgnored(Model):
+    """The event was verified but no mapping fits it: nothing applied."""
+
+    accepted: Literal[0]
+    ignored: Literal[True]
+
+
+class Fact(Model):
+    """The current state of one fact."""
+
+    project: Annotated[str, documented(_FACT["project"]["pattern"])]
+    kind: Annotated[str, documented(_FACT["kind"]["pattern"])]
+    id: Annotated[str, documented(_FACT["id"]["pattern"])]
+    data: Annotated[JsonObject, Meta(description="The fact's data as last posted.")]
+    seq: Annotated[int, Meta(ge=1, description="The sequence number of the last update.")]
+    updated_at: Timestamp
+
+
+class FactList(Model):
+    facts: list[Fact]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+
+
+class Problem(Model):
+    """A problem found in a rule file or in gatekeeper.yaml."""
+
+    file: str
+    line: Annotated[int, Meta(ge=0, description="1-based; 0 when unknown.")]
+    column: Annotated[int, Meta(ge=0, description="1-based; 0 when unknown.")]
+    message: str
+    path: Annotated[str, Meta(description="Key path in the file, or empty.")]
+    rule_id: str | None
+
+
+class RulesetInfo(Model):
+    """The active ruleset."""
+
+    version: Annotated[str, documented("^[0-9a-f]{64}$", "Content hash of the rule files.")]
+    git_commit: Annotated[str, documented("^[0-9a-f]{40}([0-9a-f]{24})?$")] | None
+    rules: Count
+    files: list[str]
+
+
+class ReloadStatus(Model):
+    """The outcome of the last reload; while it failed the last good ruleset stays active."""
+
+    ok: Annotated[bool, Meta(description="Whether the last reload succeeded.")]
+    problems: list[Problem]
+    attempted_at: Timestamp | None
+    active_since: Timestamp | None
+    source: Annotated[
+        str,
+        Meta(
+            description="Where the active ruleset came from: the rules directory, or the "
+            "database (the last good ruleset)."
+        ),
+    ]
+
+
+class ActionTarget(Model):
+    target: str
+
+
+class RuleActionSummary(Model):
+    """An action of the rule: its kind and target (exactly one of the three keys)."""
+
+    release: ActionTarget | UnsetType = UNSET
+    notify: ActionTarget | UnsetType = UNSET
+    pipeline: ActionTarget | UnsetType = UNSET
+
+
+OneAction = Annotated[
+    RuleActionSummary, Meta(extra_json_schema={"minProperties": 1, "maxProperties": 1})
+]
+
+
+class Clause(Model):
+    """A sub-condition of `when` and its value."""
+
+    text: str
+    value: Annotated[
+        Any, Meta(description="The sub-condition's value (any JSON); null when missing.")
+    ]
+    missing: Annotated[list[str], Meta(min_length=1)] | UnsetType = UNSET
+    error: str | UnsetType = UNSET
+
+
+class Evaluation(Model):
+    """The value of a `when` condition and of its sub-conditions."""
+
+    value: bool
+    clauses: list[Clause]
+    missing: Annotated[list[str], Meta(description="Dotted names of missing facts or fields.")]
+    error: str | None
+    seen: Annotated[
+        JsonObject,
+        Meta(
+            description="The facts the evaluation read (`kind.id` to data, null for a fact "
+            "that does not exist)."
+        ),
+    ]
+
+
+class ApprovalStatus(Model, kw_only=True, rename={"from_": "from"}):
+    """How the rule's sign-off stands."""
+
+    required: Count
+    from_: list[str] | UnsetType = UNSET
+    approved_by: list[str]
+    rejected_by: list[str]
+    satisfied: bool
+
+
+class Explanation(Model):
+    """Why the rule's gate is open or closed right now."""
+
+    gate_open: bool
+    condition: Evaluation
+    approvals: ApprovalStatus
+    paused: bool
+    fired_count: Count
+    rearms: Annotated[
+        int, Meta(ge=0, description="A once rule may fire while fired_count <= rearms.")
+    ]
+    last_fired_at: Timestamp | None
+    evaluated_at: Timestamp
+
+
+DecisionOutcome = Literal[
+    "fired", "blocked", "paused", "not_met", "already_fired", "still_met", "awaiting_approvals"
+]
+
+
+class Decision(Model):
+    """A recorded decision of the engine about one rule (the audit log)."""
+
+    id: Seq
+    decided_at: Timestamp
+    rule_id: str
+    rule_hash: Sha256Hex
+    ruleset_version: Sha256Hex
+    git_commit: str | None
+    trigger: Literal["fact", "reload", "time", "approval", "admin"]
+    fact_seq: Seq | None
+    outcome: DecisionOutcome
+    gate_open: bool
+    evaluation: Evaluation
+    approvals: ApprovalStatus | None
+    firing_id: Annotated[
+        str | None, Meta(description="`<rule id>#<n>` when the rule fired (or was blocked).")
+    ]
+    request_id: str | None
+    reason: Annotated[str | None, Meta(description="Why a firing was blocked.")]
+
+
+RULE_SOURCE_REF = "#/components/schemas/RuleFile.rule"
+"""The schema of a rule as written (``schemas/rules.schema.json``), under components."""
+
+
+class RuleSummary(Model):
+    """A rule and its state, as ``GET /v1/rules`` lists it."""
+
+    id: str
+    project: str
+    description: str
+    when: str
+    fire: Literal["once", "each_time"]
+    file: Annotated[str, Meta(description="Relative to the rules directory.")]
+    line: Annotated[int, Meta(ge=1, description="1-based line where the rule starts.")]
+    content_hash: Sha256Hex
+    actions: list[OneAction]
+    fired_count: Count
+    last_fired_at: Timestamp | None
+    gate_open: Annotated[bool | None, Meta(description="null: never evaluated.")]
+
+
+class Rule(RuleSummary):
+    """One rule, its state and its current explanation."""
+
+    source: Annotated[
+        JsonObject,
+        Meta(
+            description="The rule as written in its file.",
+            extra_json_schema={"$ref": RULE_SOURCE_REF},
+        ),
+    ]
+    explanation: Explanation
+    ruleset_version: Sha256Hex | None
+    recent_decisions: Annotated[
+        list[Decision], Meta(description="The rule's latest decisions, newest first.")
+    ]
+
+
+class RuleList(Model):
+    ruleset: RulesetInfo | None
+    reload: ReloadStatus
+    rules: list[RuleSummary]
+
+
+class ApprovalAccepted(Model):
+    """The approval is committed; how the rule's sign-off now stands."""
+
+    seq: Seq
+    request_id: str
+    rule: str
+    approver: str
+    decision: ApprovalDecision
+    approvals: ApprovalStatus
+
+
+# ---------------------------------------------------------------------------------------------
+# Actions
+
+
+class ReleasePayload(Model):
+    project: str
+    escrow: str
+    amount: DecimalString
+    currency: Currency
+    payee: str
+    release_id: Annotated[str, Meta(description="The action id, sent as Idempotency-Key.")]
+
+
+class NotifyPayload(Model):
+    """A rendered notification, or an alert that a release was blocked."""
+
+    project: str
+    message: str
+    alert: Literal["release_blocked"] | UnsetType = UNSET
+    reason: str | UnsetType = UNSET
+
+
+class PipelinePayload(Model):
+    project: str
+    ref: str
+    inputs: dict[str, str]
+
+
+PAYLOAD_SCHEMA = {
+    "description": "What is sent; shaped by `kind`.",
+    "anyOf": [
+        {"$ref": f"#/components/schemas/{name}"}
+        for name in ("ReleasePayload", "NotifyPayload", "PipelinePayload")
+    ],
+}
+
+
+class Action(Model):
+    """An action in the outbox (or a dead letter)."""
+
+    action_id: Annotated[str, Meta(description="Stable across retries (the webhook-id).")]
+    rule_id: str
+    firing_id: str
+    kind: ActionKind
+    target: str
+    payload: Annotated[JsonObject, Meta(extra_json_schema=PAYLOAD_SCHEMA)]
+    status: ActionStatusName
+    attempts: Annotated[int, Meta(ge=0, description="Delivery attempts made so far.")]
+    created_at: Timestamp
+    next_attempt_at: Timestamp
+    last_error: str | None
+    delivered_at: Timestamp | None
+    decision_id: Seq
+    requeued_at: Timestamp | None
+    dead_reason: Annotated[
+        DeadReason | None,
+        Meta(
+            description="Why a dead letter died: its attempts ran out, it grew older than "
+            "max_age_s, the receiver refused it (4xx), or no retry could help. null unless "
+            "status is dead (and for dead letters recorded before this field)."
+        ),
+    ]
+    dead_status: Annotated[
+        int | None,
+        Meta(
+            description="The HTTP status of the attempt that made it a dead letter (null "
+            "when no answer came, and unless status is dead)."
+        ),
+    ]
+
+
+class Attempt(Model):
+    """One delivery attempt: HTTP status, or the error."""
+
+    action_id: str
+    attempt: Seq
+    started_at: Timestamp
+    latency_ms: Annotated[float, Meta(ge=0)]
+    status_code: int | None
+    error: str | None
+
+
+class ActionWithAttempts(Action):
+    """An action with its number of attempts and every delivery attempt, oldest first."""
+
+    delivery_attempts: list[Attempt]
+
+
+class ActionList(Model):
+    actions: list[Action]
+
+
+# ---------------------------------------------------------------------------------------------
+# Escrows, releases, audit, rulesets, export, health
+
+
+class Escrow(Model):
+    """One escrow account; currency, limit and remaining are null for an escrow no longer in
+    gatekeeper.yaml."""
+
+    escrow: str
+    currency: Currency | None
+    limit: DecimalString | None
+    released: Annotated[DecimalString, Meta(description="Releases delivered.")]
+    pending: Annotated[DecimalString, Meta(description="Releases queued, not yet delivered.")]
+    unconfirmed: Annotated[
+        DecimalString, Meta(description="Releases dead-lettered: counted as possibly paid.")
+    ]
+    remaining: DecimalString | None
+
+
+class EscrowList(Model):
+    escrows: list[Escrow]
+
+
+class ReleaseRecord(Model):
+    release_id: str
+    escrow: str
+    amount: DecimalString
+    currency: str
+    payee: str
+    rule_id: str
+    firing_id: str
+    recorded_at: Timestamp
+
+
+class ReleaseStory(Model):
+    """Everything about one release, from its release id."""
+
+    release: ReleaseRecord
+    decision: Decision | None
+    triggered_by: Annotated[
+        JsonObject | None,
+        Meta(description="The fact log entry whose arrival made the decision."),
+    ]
+    rule: Annotated[
+        JsonObject | None,
+        Meta(
+            description="The rule as it stood in the ruleset version in force: file, line, "
+            "content hash, source and the file's exact text."
+        ),
+    ]
+    action: Action | None
+    delivery_attempts: list[Attempt]
+
+
+class AuditEntry(Model):
+    """One entry of the audit log."""
+
+    kind: Literal["decision", "admin_act", "approval"]
+    id: Seq
+    at: Timestamp
+    rule_id: str | None
+    project: str | None
+    what: Annotated[
+        str | None,
+        Meta(description="A decision's outcome, the admin act, or the approval's decision."),
+    ]
+    actor: Annotated[str | None, Meta(description="Who acted or approved.")]
+    reason: Annotated[str | None, Meta(description="Why (a comment, a reason).")]
+    firing_id: str | None
+    fact_seq: int | None
+    request_id: str | None
+    trigger: str | None
+
+
+class AuditPage(Model):
+    entries: list[AuditEntry]
+    next_cursor: Annotated[
+        str | None, Meta(description="Pass as `cursor` for the next page; null on the last.")
+    ]
+
+
+class RulesetVersion(Model):
+    """A ruleset version that went live (content-addressed)."""
+
+    version: Sha256Hex
+    git_commit: str | None
+    first_activated_at: Timestamp
+    last_activated_at: Timestamp
+    files: list[str]
+
+
+class RulesetVersionList(Model):
+    rulesets: list[RulesetVersion]
+
+
+class RulesetText(Model):
+    """A stored ruleset version: each file's exact text."""
+
+    version: Sha256Hex
+    git_commit: str | None
+    first_activated_at: Timestamp
+    last_activated_at: Timestamp
+    files: dict[str, str]
+
+
+class RuleStateRow(Model):
+    rule_id: str
+    fired_count: Count
+    gate_open: bool | None
+    rearms: Count
+    paused: bool
+    last_fired_at: Timestamp | None
+
+
+class SnapshotRuleset(Model):
+    version: Sha256Hex | None
+    rules: dict[str, Sha256Hex]
+
+
+class Snapshot(Model):
+    """What `gatekeeper export` writes and `gatekeeper plan` reads."""
+
+    facts: list[Fact]
+    rule_states: list[RuleStateRow]
+    approvals: dict[str, dict[str, Literal["approve", "reject"]]]
+    ruleset: SnapshotRuleset
+    escrows: list[Escrow]
+
+
+class Health(Model):
+    status: Literal["ok"]
+    version: Annotated[str, Meta(description="gatekeeper's version.")]
+    ruleset: Sha256Hex | None
+    ruleset_ok: Annotated[bool, Meta(description="Whether the last reload succeeded.")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+T = TypeVar("T")
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def encode(value: Any) -> bytes:
+    """``value`` (a Struct, or JSON-ready builtins) as compact UTF-8 JSON bytes.
+
+    Non-finite floats become ``null`` (the answer stays RFC 8259 JSON); raises
+    ``TypeError`` for a value msgspec cannot encode."""
+    return _ENCODER.encode(value)
+
+
+def convert(value: Any, model: type[T]) -> T:
+    """``value`` (a dict row, a dataclass, or a record with attributes) as ``model``.
+
+    Raises ``msgspec.ValidationError`` when it does not fit: a missing or unknown key, a
+    wrong type, a broken constraint (a bug in the view, answered 500)."""
+    return msgspec.convert(value, model, from_attributes=True)

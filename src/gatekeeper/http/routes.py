@@ -1,0 +1,410 @@
+"""The route table: one ``Route`` per operation drives both ``create_app``'s router and the
+``paths`` of the OpenAPI document, so a route cannot be served undocumented (or documented
+and not served).
+
+A route names its method, its aiohttp path (``{name:regex}`` where a parameter needs one;
+the document shows ``{name}``), its handler, the token scope it needs (None: open, e.g.
+``/healthz``; a hook authenticates by its source's own signature), the request and response
+models, and its documentation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from gatekeeper.http import handlers as h
+from gatekeeper.http import models as m
+from gatekeeper.http.wire import MAX_LIST_LIMIT
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+JsonObject = dict[str, Any]
+
+FACTS_REQUEST = "FactsRequest"
+"""The request body of ``POST /v1/facts``: the published ``facts-request.schema.json``."""
+OPENAPI_DOCUMENT = "OpenApiDocument"
+"""The answer of ``GET /openapi.json`` (a component ``openapi`` writes by hand)."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """One operation of the API.
+
+    ``request`` is a request model, ``FACTS_REQUEST`` (the published schema), ``dict`` (any
+    JSON object) or None (no body); ``response`` the model of the 200 answer, or the name
+    of a component (``OPENAPI_DOCUMENT``), or None (``text/plain``, for ``/metrics``).
+    ``errors`` lists the 4xx/5xx statuses beyond 401, 403 and 500 (which every secured
+    operation may answer). ``parameters`` are OpenAPI parameter objects.
+    """
+
+    method: str
+    path: str
+    handler: Handler
+    scope: str | None
+    operation_id: str
+    tag: str
+    summary: str
+    response: type[Any] | str | None
+    request: type[Any] | str | None = None
+    request_required: bool = True
+    description: str | None = None
+    parameters: tuple[JsonObject, ...] = ()
+    errors: tuple[int, ...] = ()
+    headers: Mapping[str, JsonObject] = field(default_factory=dict)
+    extra_responses: Mapping[int, tuple[type[Any], str]] = field(default_factory=dict)
+    response_description: str = "OK."
+    request_media_types: tuple[str, ...] = ("application/json",)
+
+    @property
+    def openapi_path(self) -> str:
+        """The path as OpenAPI writes it: ``{rule_id:.+}`` becomes ``{rule_id}``."""
+        return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", self.path)
+
+
+def _limit(default: int) -> JsonObject:
+    return {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "description": f"How many to list, newest first (1 to {MAX_LIST_LIMIT}).",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": default},
+    }
+
+
+def _query(name: str, description: str, **schema: Any) -> JsonObject:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string", **schema},
+    }
+
+
+def _path_param(name: str, description: str) -> JsonObject:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string", "minLength": 1},
+    }
+
+
+IDEMPOTENCY = {"$ref": "#/components/parameters/IdempotencyKey"}
+REQUEST_ID = {"$ref": "#/components/parameters/RequestId"}
+RULE_ID = _path_param(
+    "rule_id",
+    "A rule id, e.g. `tower-a/design-release`. Ids contain `/`: send it as is or "
+    "percent-encoded (`%2F`); either way the rest of the path is the id.",
+)
+ACTION_ID = _path_param("action_id", "An action id (`act_<hex>`).")
+ACCEPTED_HEADERS = {
+    "X-Request-Id": {
+        "description": "The request's id (the first request's, for a replay).",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1},
+    },
+    "Idempotent-Replayed": {
+        "description": "Present on a repeat answered from its Idempotency-Key: nothing was "
+        "applied.",
+        "required": False,
+        "schema": {"const": "true"},
+    },
+}
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "POST",
+        "/v1/facts",
+        h.post_facts,
+        "facts:write",
+        "postFacts",
+        "facts",
+        "Post one fact, or a batch applied atomically",
+        m.FactsAccepted,
+        request=FACTS_REQUEST,
+        description="Answers after the facts, the decisions they caused and the actions those "
+        "queued are committed (fsynced) in one transaction.",
+        parameters=(IDEMPOTENCY, REQUEST_ID),
+        errors=(400, 413, 415, 422, 503),
+        headers=ACCEPTED_HEADERS,
+        response_description="The facts are committed.",
+    ),
+    Route(
+        "GET",
+        "/v1/facts",
+        h.get_facts,
+        "read",
+        "listFacts",
+        "facts",
+        "The current facts with their sequence numbers",
+        m.FactList,
+        parameters=(_query("project", "Only this project's facts."),),
+        response_description="The facts.",
+    ),
+    Route(
+        "GET",
+        "/v1/rules",
+        h.get_rules,
+        "read",
+        "listRules",
+        "rules",
+        "The active ruleset, the last reload's outcome, every rule's state",
+        m.RuleList,
+        response_description="The ruleset and its rules.",
+    ),
+    Route(
+        "POST",
+        "/v1/rules/{rule_id:.+}/{act:pause|resume|rearm}",
+        h.post_rule_act,
+        "admin",
+        "actOnRule",
+        "rules",
+        "Pause, resume or re-arm a rule (an audited admin act)",
+        m.Rule,
+        request=m.AdminActRequest,
+        description="A paused rule is evaluated and explained but does not fire. Re-arming a "
+        "once rule that fired lets it fire once more. The rule is re-evaluated at once: a "
+        "resumed or re-armed rule whose gate is open fires.",
+        parameters=(
+            RULE_ID,
+            {
+                "name": "act",
+                "in": "path",
+                "required": True,
+                "schema": {"enum": ["pause", "resume", "rearm"]},
+            },
+        ),
+        # 405: an act other than pause/resume/rearm makes the path a rule id, which only
+        # GET serves
+        errors=(400, 404, 405, 409, 413, 415),
+        response_description="The rule after the act.",
+    ),
+    Route(
+        "GET",
+        "/v1/rules/{rule_id:.+}",
+        h.get_rule,
+        "read",
+        "getRule",
+        "rules",
+        "One rule: source, state, explanation, recent decisions",
+        m.Rule,
+        parameters=(RULE_ID, _limit(20)),
+        errors=(400, 404),
+        response_description="The rule.",
+    ),
+    Route(
+        "POST",
+        "/v1/approvals",
+        h.post_approvals,
+        "approve",
+        "postApproval",
+        "rules",
+        "Approve, reject or withdraw on a rule that takes approvals",
+        m.ApprovalAccepted,
+        request=m.ApprovalRequest,
+        description="The approver is the token's subject and must be in the rule's `from` "
+        "list (403 otherwise); a standing reject blocks the rule until withdrawn. The "
+        "approval is appended to the fact log and re-evaluates the rule.",
+        parameters=(IDEMPOTENCY, REQUEST_ID),
+        errors=(400, 404, 413, 415, 422, 503),
+        response_description="The approval is committed.",
+    ),
+    Route(
+        "POST",
+        "/v1/hooks/{source}",
+        h.post_hook,
+        None,
+        "postHook",
+        "facts",
+        "An event from a CI system, mapped to facts",
+        m.FactsAccepted,
+        request=dict,
+        request_media_types=("application/json", "application/x-www-form-urlencoded"),
+        description="Verified with the source's own secret (GitHub: `X-Hub-Signature-256`; "
+        "GitLab: `X-Gitlab-Token`), not a bearer token, and mapped to facts by the `hooks` "
+        "section of gatekeeper.yaml. The delivery id (`X-GitHub-Delivery`, "
+        "`X-Gitlab-Event-UUID`) makes redeliveries idempotent.",
+        parameters=(_path_param("source", "The hook source name in the config."),),
+        errors=(400, 401, 404, 413, 422, 503),
+        extra_responses={202: (m.HookIgnored, "No mapping fits: ignored.")},
+        response_description="The event's facts are committed.",
+    ),
+    Route(
+        "GET",
+        "/v1/actions",
+        h.get_actions,
+        "read",
+        "listActions",
+        "actions",
+        "The outbox and dead letters, newest first",
+        m.ActionList,
+        parameters=(
+            {
+                "name": "status",
+                "in": "query",
+                "required": False,
+                "description": "Only actions with this status.",
+                "schema": {"enum": ["pending", "delivered", "dead"]},
+            },
+            _limit(100),
+        ),
+        errors=(400,),
+        response_description="The actions.",
+    ),
+    Route(
+        "GET",
+        "/v1/actions/{action_id}",
+        h.get_action,
+        "read",
+        "getAction",
+        "actions",
+        "One action and its delivery attempts",
+        m.ActionWithAttempts,
+        parameters=(ACTION_ID,),
+        errors=(404,),
+        response_description="The action.",
+    ),
+    Route(
+        "POST",
+        "/v1/actions/{action_id}/retry",
+        h.post_action_retry,
+        "admin",
+        "retryAction",
+        "actions",
+        "Requeue a dead letter (an audited admin act)",
+        m.Action,
+        request=m.RetryRequest,
+        request_required=False,
+        description="The action is due at once, with a fresh allowance of attempts and age. "
+        "Only a dead action can be requeued (409 otherwise).",
+        parameters=(ACTION_ID,),
+        errors=(400, 404, 409, 413, 415),
+        response_description="The requeued action.",
+    ),
+    Route(
+        "GET",
+        "/v1/escrows",
+        h.get_escrows,
+        "read",
+        "listEscrows",
+        "escrows",
+        "Each escrow: limit, released, pending, unconfirmed, remaining",
+        m.EscrowList,
+        response_description="The escrows.",
+    ),
+    Route(
+        "GET",
+        "/v1/audit",
+        h.get_audit,
+        "read",
+        "listAudit",
+        "rules",
+        "The audit log: decisions, admin acts, approvals (newest first)",
+        m.AuditPage,
+        parameters=(
+            _query("project", "Only entries of this project."),
+            _query("rule", "Only entries of this rule id."),
+            _query(
+                "kind",
+                "Comma-separated kinds of entry: decision, admin_act, approval.",
+                pattern="^(decision|admin_act|approval)(,(decision|admin_act|approval))*$",
+            ),
+            _query("outcome", "Only decisions with this outcome (e.g. fired)."),
+            _query("since", "From this time on (RFC 3339, inclusive)."),
+            _query("until", "Before this time (RFC 3339, exclusive)."),
+            _query("cursor", "The next_cursor of the previous page."),
+            _limit(100),
+        ),
+        errors=(400,),
+        response_description="A page.",
+    ),
+    Route(
+        "GET",
+        "/v1/export",
+        h.get_export,
+        "read",
+        "export",
+        "facts",
+        "A snapshot of the state, as `gatekeeper plan --snapshot` reads it",
+        m.Snapshot,
+        response_description="The snapshot.",
+    ),
+    Route(
+        "GET",
+        "/v1/rulesets",
+        h.get_rulesets,
+        "read",
+        "listRulesets",
+        "rules",
+        "Every ruleset version that went live, most recent first",
+        m.RulesetVersionList,
+        parameters=(_limit(100),),
+        errors=(400,),
+        response_description="The versions.",
+    ),
+    Route(
+        "GET",
+        "/v1/rulesets/{version}",
+        h.get_ruleset,
+        "read",
+        "getRuleset",
+        "rules",
+        "One stored ruleset version with the exact text of its files",
+        m.RulesetText,
+        parameters=(_path_param("version", "The ruleset version (SHA-256 hex)."),),
+        errors=(404,),
+        response_description="The version.",
+    ),
+    Route(
+        "GET",
+        "/v1/releases/{release_id}",
+        h.get_release,
+        "read",
+        "getRelease",
+        "escrows",
+        "The whole story of a release, from its release id",
+        m.ReleaseStory,
+        parameters=(_path_param("release_id", "A release id (`act_<hex>`)."),),
+        errors=(404,),
+        response_description="The story.",
+    ),
+    Route(
+        "GET",
+        "/healthz",
+        h.get_healthz,
+        None,
+        "health",
+        "meta",
+        "Liveness, ruleset version, whether the last reload succeeded",
+        m.Health,
+        response_description="Alive.",
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        h.get_metrics,
+        "read",
+        "metrics",
+        "meta",
+        "Prometheus metrics (text exposition format 0.0.4)",
+        None,
+        response_description="The metrics.",
+    ),
+    Route(
+        "GET",
+        "/openapi.json",
+        h.get_openapi,
+        "read",
+        "openapi",
+        "meta",
+        "This description of the API (OpenAPI 3.1)",
+        OPENAPI_DOCUMENT,
+        response_description="The document.",
+    ),
+)
