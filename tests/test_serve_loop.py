@@ -1,10 +1,11 @@
-"""``gatekeeper serve`` chooses its event loop: uvloop when installed (``auto``), or what
-``GATEKEEPER_EVENT_LOOP`` says."""
+"""``gatekeeper serve`` chooses its event loop: uvloop when installed (``auto``; it is a
+dependency wherever it builds), or what ``GATEKEEPER_EVENT_LOOP`` says."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import sys
 
 import pytest
 
@@ -35,8 +36,10 @@ def test_uvloop_is_chosen_when_installed(choice: str) -> None:
         loop.close()
 
 
-@pytest.mark.skipif(HAS_UVLOOP, reason="uvloop is installed")
-def test_without_uvloop_auto_falls_back_and_uvloop_is_an_error() -> None:
+def test_without_uvloop_auto_falls_back_and_uvloop_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # ``import uvloop`` raises ImportError
     assert event_loop_factory("auto") is None
     with pytest.raises(SystemExit, match="not installed"):
         event_loop_factory("uvloop")

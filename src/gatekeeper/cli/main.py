@@ -274,8 +274,8 @@ asyncio's own loop; ``uvloop``: uvloop, or exit with an error when it is not ins
 
 
 def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop ``serve`` runs on (None: asyncio's default). uvloop (optional:
-    ``pip install gatekeeper[speed]``) takes about a tenth off the CPU of an ingested fact
+    """The event loop ``serve`` runs on (None: asyncio's default). uvloop (a
+    dependency wherever it builds) takes about a fifth off the CPU of an ingested fact
     (bench/bench_ingest.py). Raises ``SystemExit`` for an unknown choice, or ``uvloop``
     when it is not installed."""
     if choice not in ("auto", "asyncio", "uvloop"):
