@@ -164,10 +164,14 @@ def parse_document(
     if root is None:
         return YamlDocument(file, text, None, None), []
     findings = scan.findings
-    size, depth = _expanded_shape(root, {}) if scan.shared else (scan.nodes, 0)
-    if size > MAX_EXPANDED_NODES:
+    # without aliases the data is no bigger than the text (whose size the caller caps): only
+    # the nodes that aliases add count against MAX_EXPANDED_NODES
+    limit = scan.nodes + MAX_EXPANDED_NODES
+    size, depth = _expanded_shape(root, {}, limit) if scan.shared else (scan.nodes, 0)
+    if size > limit:
         message = (
-            f"document is too large once aliases are expanded (over {MAX_EXPANDED_NODES} nodes)"
+            f"document is too large once aliases are expanded (they add over "
+            f"{MAX_EXPANDED_NODES} nodes)"
         )
         return None, [Problem(file, 1, 1, message)]
     if depth > MAX_DEPTH:  # aliases chained into data deeper than the text shows
@@ -316,14 +320,17 @@ def _key_type_message(key_node: yaml.Node, key: str) -> str:
     return f"key {key!r} is read by YAML as {what}, not a string; quote it: '{key}'"
 
 
-def _expanded_shape(node: yaml.Node, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
-    """(number of nodes, depth of nested collections) once aliases are expanded; recursive
-    aliases count as too many nodes. Aliased nodes come before their aliases in a document,
-    so with ``memo`` the recursion goes no deeper than the text itself nests."""
+def _expanded_shape(
+    node: yaml.Node, memo: dict[int, tuple[int, int]], limit: int
+) -> tuple[int, int]:
+    """(number of nodes, at most ``limit`` + 1; depth of nested collections) once aliases
+    are expanded; recursive aliases count as too many nodes. Aliased nodes come before
+    their aliases in a document, so with ``memo`` the recursion goes no deeper than the
+    text itself nests."""
     known = memo.get(id(node))
     if known is not None:
         return known
-    memo[id(node)] = (MAX_EXPANDED_NODES + 1, 0)  # in progress: a cycle means "too large"
+    memo[id(node)] = (limit + 1, 0)  # in progress: a cycle means "too large"
     size, depth = 1, 0
     if isinstance(node, yaml.SequenceNode | yaml.MappingNode):
         children = (
@@ -332,11 +339,11 @@ def _expanded_shape(node: yaml.Node, memo: dict[int, tuple[int, int]]) -> tuple[
             else [child for pair in node.value for child in pair]
         )
         for child in children:
-            child_size, child_depth = _expanded_shape(child, memo)
+            child_size, child_depth = _expanded_shape(child, memo, limit)
             size += child_size
             depth = max(depth, child_depth)
         depth += 1
-    memo[id(node)] = (min(size, MAX_EXPANDED_NODES + 1), depth)
+    memo[id(node)] = (min(size, limit + 1), depth)
     return memo[id(node)]
 
 
