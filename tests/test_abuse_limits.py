@@ -3,12 +3,25 @@ directory, secrets written where a variable name belongs, and CI request limits.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gatekeeper.expr import ExpressionError, compile_condition
-from gatekeeper.rules.loader import load_rule_texts
+from gatekeeper.rules.loader import (
+    MAX_RULE_FILE_BYTES,
+    load_rule_paths,
+    load_rule_texts,
+    load_rules_dir,
+)
+
+from .conftest import DEPLOY_RULE, Project, Receiver
 
 # ---------------------------------------------------------------------------------------------
 # Limits that surprise
@@ -69,3 +82,101 @@ def test_check_refuses_what_run_time_refuses(tmp_path: Path) -> None:
     text += "actions:\n  - pipeline: {target: ci-construction-docs, ref: main}\n"
     result = load_rule_texts({"big.yaml": text}, None)
     assert [p.message for p in result.problems if "limit is 10000" in p.message]
+
+
+# ---------------------------------------------------------------------------------------------
+# Special files in the rules directory
+
+RULE = """\
+id: tower-a/deploy-docs
+project: tower-a
+when: task["T-17"].status == "completed"
+fire: each_time
+actions:
+  - pipeline: {target: ci, ref: main, inputs: {stage: docs}}
+"""
+
+
+def special_rules_dir(folder: Path) -> Path:
+    """A rules directory holding a good rule, a link to it, a FIFO, a link to /dev/zero, a
+    file over the size cap and a link to a file outside the directory."""
+    folder.mkdir()
+    (folder / "good.yaml").write_text(RULE)
+    (folder / "again.yml").symlink_to(folder / "good.yaml")
+    os.mkfifo(folder / "pipe.yaml")
+    (folder / "zero.yaml").symlink_to("/dev/zero")
+    with (folder / "huge.yaml").open("wb") as huge:
+        huge.truncate(MAX_RULE_FILE_BYTES + 1)
+    (folder.parent / "elsewhere.yaml").write_text(RULE.replace("deploy-docs", "elsewhere"))
+    (folder / "out.yaml").symlink_to(folder.parent / "elsewhere.yaml")
+    return folder
+
+
+SPECIAL_PROBLEMS = {
+    ("huge.yaml", "not read: 2,097,153 bytes, over the limit of 2,097,152 bytes (2 MiB)"),
+    ("out.yaml", "not read: a symbolic link to a file outside the rules directory"),
+    ("pipe.yaml", "not read: not a regular file (a FIFO)"),
+    ("zero.yaml", "not read: a symbolic link to a file outside the rules directory"),
+}
+
+
+@pytest.mark.timeout(20)
+def test_special_files_are_problems_of_their_own(tmp_path: Path) -> None:
+    rules = special_rules_dir(tmp_path / "rules")
+    result = load_rules_dir(rules, None)
+    found = {(p.file, p.message) for p in result.problems}
+    # the good file and the link to it inside the directory are read (one id, twice)
+    duplicate = {(file, message) for file, message in found if "not read" not in message}
+    assert [message for _, message in duplicate] == [
+        "duplicate rule id 'tower-a/deploy-docs': already used at again.yml:1:5"
+    ]
+    assert found - duplicate == SPECIAL_PROBLEMS
+    named = load_rule_paths([rules / "zero.yaml", rules / "pipe.yaml"], None)
+    assert [p.message for p in named.problems] == [
+        "not read: not a regular file (a FIFO)",
+        "not read: not a regular file (a character device)",
+    ]
+
+
+@pytest.mark.timeout(40)
+def test_check_names_each_special_file_and_exits_1(tmp_path: Path) -> None:
+    rules = special_rules_dir(tmp_path / "rules")
+    done = subprocess.run(
+        [sys.executable, "-m", "gatekeeper", "check", str(rules)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    for file, message in SPECIAL_PROBLEMS:
+        assert f"rules/{file}: {message}" in done.stdout
+    assert "MemoryError" not in done.stdout + done.stderr
+
+
+@pytest.mark.timeout(40)
+async def test_reload_refuses_special_files_and_keeps_serving(
+    project_factory: Callable[..., Project], receiver: Receiver, start_daemon: Any
+) -> None:
+    project = project_factory(receiver.url)
+    project.write_rule("deploy.yaml", DEPLOY_RULE)
+    gk = await start_daemon(project)
+    _, before = await gk.get("/v1/rules")
+    os.mkfifo(project.rules_dir / "pipe.yaml")
+    (project.rules_dir / "zero.yaml").symlink_to("/dev/zero")
+    reloading = asyncio.ensure_future(gk.daemon.reload())
+    status, _ = await gk.get("/healthz")  # the loop serves while the files are read
+    assert status == 200
+    assert await asyncio.wait_for(reloading, 20) is False
+    _, after = await gk.get("/v1/rules")
+    assert after["reload"]["ok"] is False
+    assert after["ruleset"]["version"] == before["ruleset"]["version"]
+    problems = {(p["file"], p["message"]) for p in after["reload"]["problems"]}
+    assert problems == {
+        ("pipe.yaml", "not read: not a regular file (a FIFO)"),
+        ("zero.yaml", "not read: a symbolic link to a file outside the rules directory"),
+    }
+    os.unlink(project.rules_dir / "pipe.yaml")
+    os.unlink(project.rules_dir / "zero.yaml")
+    assert await gk.daemon.reload() is True
