@@ -4,6 +4,8 @@ directory, secrets written where a variable name belongs, and CI request limits.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from gatekeeper.config import ConfigError, load_config, looks_like_secret
 from gatekeeper.expr import ExpressionError, compile_condition
 from gatekeeper.rules.loader import (
     MAX_RULE_FILE_BYTES,
@@ -180,3 +183,104 @@ async def test_reload_refuses_special_files_and_keeps_serving(
     os.unlink(project.rules_dir / "pipe.yaml")
     os.unlink(project.rules_dir / "zero.yaml")
     assert await gk.daemon.reload() is True
+
+
+# ---------------------------------------------------------------------------------------------
+# A secret written where the name of its environment variable belongs
+
+WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+GITHUB_TOKEN = "ghp_16C7e42F292c6912E7710c838347Ae178B4a"
+AWS_KEY_ID = "AKIAIOSFODNN7EXAMPLE"
+LEAKS = (WEBHOOK_SECRET, GITHUB_TOKEN, AWS_KEY_ID, "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "16C7e42F")
+SECRET_CONFIG = f"""\
+rules_dir: rules
+targets:
+  bank: {{url: https://bank.example/api, secret_env: {WEBHOOK_SECRET}}}
+  gh: {{kind: github_actions, repo: o/r, workflow: w.yml, token_env: {GITHUB_TOKEN}}}
+  gh2: {{kind: github_actions, repo: o/r, workflow: w.yml, token_env: {AWS_KEY_ID}}}
+  fine: {{url: https://bank.example/api, secret_env: BANK_SECRET_2}}
+hooks:
+  gl: {{kind: gitlab, secret_env: "glpat-{GITHUB_TOKEN}", project: tower-a,
+        facts: [{{kind: pipeline, id: x, event: Pipeline Hook}}]}}
+"""
+
+
+def assert_no_secret(text: str) -> None:
+    for leak in LEAKS:
+        assert leak not in text
+
+
+def test_a_secret_in_place_of_a_variable_name_is_named_by_key_only(tmp_path: Path) -> None:
+    path = tmp_path / "gatekeeper.yaml"
+    path.write_text(SECRET_CONFIG)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert_no_secret(str(raised.value))
+    flagged = {p.path for p in raised.value.problems if "looks like a secret" in p.message}
+    assert flagged == {
+        "targets.bank.secret_env",
+        "targets.gh.token_env",
+        "targets.gh2.token_env",
+        "hooks.gl.secret_env",
+    }
+    assert all("the value is not shown" in p.message for p in raised.value.problems)
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("BANK_SECRET", False),
+        ("GITHUB_TOKEN", False),
+        ("CI_SECRET_2026", False),
+        ("TOWER_A_CONSTRUCTION_DOCS_TOKEN", False),
+        (AWS_KEY_ID, True),
+        ("A1B2C3D4E5F6A7B8C9D0", True),
+        ("ABCDEFGHIJKLMNOPQRSTUVWXYZ", True),
+        ("whsec_abc", True),
+        ("glpat-abc", True),
+    ],
+)
+def test_looks_like_secret(name: str, secret: bool) -> None:
+    assert looks_like_secret(name) is secret
+
+
+@pytest.mark.timeout(40)
+def test_check_output_never_shows_the_secret(tmp_path: Path) -> None:
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "gatekeeper.yaml").write_text(SECRET_CONFIG)
+    for fmt in ("text", "json", "github"):
+        done = subprocess.run(
+            [sys.executable, "-m", "gatekeeper", "check", "-c", "gatekeeper.yaml", "--format", fmt],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            cwd=tmp_path,
+        )
+        assert done.returncode != 0
+        assert "looks like a secret" in done.stdout + done.stderr
+        assert_no_secret(done.stdout + done.stderr)
+
+
+async def test_reload_problem_and_log_never_show_the_secret(
+    project_factory: Callable[..., Project],
+    receiver: Receiver,
+    start_daemon: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    project = project_factory(receiver.url)
+    project.write_rule("deploy.yaml", DEPLOY_RULE)
+    gk = await start_daemon(project)
+    good = project.config_path.read_text()
+    project.config_path.write_text(
+        good.replace("secret_env: CI_SECRET", f"secret_env: {WEBHOOK_SECRET}")
+    )
+    with caplog.at_level(logging.DEBUG):
+        assert await gk.daemon.reload() is False
+    _, rules = await gk.get("/v1/rules")
+    assert rules["reload"]["ok"] is False
+    assert [p["path"] for p in rules["reload"]["problems"]] == ["targets.ci.secret_env"]
+    assert "looks like a secret" in rules["reload"]["problems"][0]["message"]
+    assert_no_secret(json.dumps(rules))
+    assert_no_secret(caplog.text)
+    assert_no_secret(json.dumps([record.__dict__ for record in caplog.records], default=str))

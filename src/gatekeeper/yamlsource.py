@@ -39,6 +39,14 @@ YAML_LOADER: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = getattr(
 MAX_EXPANDED_NODES = 100_000
 MAX_DEPTH = 64
 MAX_SHOWN_CHARS = 60
+SECRET_NOT_NAME_MESSAGE = (
+    "this looks like a secret, not a variable name: give the name of the environment "
+    "variable that holds it (capital letters, digits and _, not starting with a digit); "
+    "the value is not shown"
+)
+"""The problem of a setting that names an environment variable holding a secret (a schema
+property marked ``x-secret-name``) when its value is no such name: the value itself is
+never shown, as it is likely the secret."""
 
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -475,6 +483,8 @@ _Reworded = list[tuple[PathParts, bool, str]]
 def _reword(doc: YamlDocument, error: Any) -> _Reworded:
     """Plain sentences for one jsonschema error: [(path, at_key, message)]."""
     path: PathParts = tuple(error.absolute_path)
+    if isinstance(error.schema, dict) and error.schema.get("x-secret-name"):
+        return [(path, False, SECRET_NOT_NAME_MESSAGE)]  # never the value: it may be a secret
     if "propertyNames" in error.relative_schema_path:
         return [((*path, str(error.instance)), True, _pattern_message(error))]
     handler = _REWORDERS.get(str(error.validator))
