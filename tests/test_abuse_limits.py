@@ -4,6 +4,7 @@ directory, secrets written where a variable name belongs, and CI request limits.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from gatekeeper.cli.check import run_check
 from gatekeeper.config import ConfigError, load_config, looks_like_secret
 from gatekeeper.expr import ExpressionError, compile_condition
 from gatekeeper.rules.loader import (
@@ -284,3 +286,76 @@ async def test_reload_problem_and_log_never_show_the_secret(
     assert_no_secret(json.dumps(rules))
     assert_no_secret(caplog.text)
     assert_no_secret(json.dumps([record.__dict__ for record in caplog.records], default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# The documented limits of the CI services pipeline actions start
+
+CI_CONFIG = """\
+rules_dir: rules
+targets:
+  gh: {kind: github_actions, repo: acme/tower, workflow: docs.yml, token_env: GH_TOKEN}
+  gl: {kind: gitlab, project_id: "1234", token_env: GL_TRIGGER}
+  jk: {kind: jenkins, url: "https://ci.example/jenkins", job: docs/build, user: bot,
+       token_env: JENKINS_TOKEN}
+"""
+
+
+def pipeline_rule(target: str, inputs: dict[str, str]) -> str:
+    body = json.dumps({"target": target, "ref": "main", "inputs": inputs})
+    return (
+        f"id: ci/{target}\nproject: tower-a\nwhen: task.t1.done\nactions:\n  - pipeline: {body}\n"
+    )
+
+
+def ci_problems(tmp_path: Path, target: str, inputs: dict[str, str]) -> list[str]:
+    (tmp_path / "gatekeeper.yaml").write_text(CI_CONFIG)
+    config = load_config(tmp_path / "gatekeeper.yaml")
+    result = load_rule_texts({"ci.yaml": pipeline_rule(target, inputs)}, config)
+    return [f"{p.path}: {p.message}" for p in result.problems]
+
+
+def test_github_dispatch_takes_at_most_25_inputs(tmp_path: Path) -> None:
+    inputs = {f"in{i}": "x" for i in range(25)}
+    assert ci_problems(tmp_path, "gh", inputs) == []
+    inputs["in25"] = "x"
+    assert ci_problems(tmp_path, "gh", inputs) == [
+        "actions[0].pipeline.inputs: 26 inputs; GitHub's workflow_dispatch takes at most 25 "
+        "(target 'gh')"
+    ]
+
+
+def test_github_dispatch_inputs_payload_is_bounded(tmp_path: Path) -> None:
+    found = ci_problems(tmp_path, "gh", {"notes": "x" * 65_530})
+    assert found == [
+        "actions[0].pipeline.inputs: the inputs are 65,542 characters as JSON; GitHub's "
+        "workflow_dispatch takes at most 65,535 (target 'gh')"
+    ]
+
+
+def test_gitlab_variable_names_are_letters_digits_and_underscore(tmp_path: Path) -> None:
+    assert ci_problems(tmp_path, "gl", {"STAGE_2": "docs", "k" * 255: "x"}) == []
+    found = ci_problems(tmp_path, "gl", {"stage-2": "docs", "k" * 256: "x"})
+    assert len(found) == 1
+    assert found[0].startswith(
+        "actions[0].pipeline.inputs: GitLab pipeline variable names are letters, digits and _"
+    )
+    assert "'stage-2'" in found[0]
+
+
+def test_jenkins_parameters_must_fit_the_request_line(tmp_path: Path) -> None:
+    assert ci_problems(tmp_path, "jk", {"NOTES": "x" * 6000}) == []
+    found = ci_problems(tmp_path, "jk", {"NOTES": "x" * 7200})
+    assert len(found) == 1
+    assert "Jenkins refuses a request header over 8,192 bytes" in found[0]
+
+
+def test_check_refuses_26_github_inputs(tmp_path: Path) -> None:
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "gatekeeper.yaml").write_text(CI_CONFIG)
+    inputs = {f"in{i}": "x" for i in range(26)}
+    (tmp_path / "rules" / "ci.yaml").write_text(pipeline_rule("gh", inputs))
+    out = io.StringIO()
+    code = run_check([tmp_path / "rules"], load_config(tmp_path / "gatekeeper.yaml"), "text", out)
+    assert code == 1
+    assert "26 inputs; GitHub's workflow_dispatch takes at most 25" in out.getvalue()

@@ -39,7 +39,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, cast
 
-from gatekeeper.config import Config
+from gatekeeper.config import Config, Target
 from gatekeeper.expr import (
     MAX_EXPRESSION_CHARS,
     Condition,
@@ -58,6 +58,7 @@ from gatekeeper.rules.model import (
     Rule,
     Ruleset,
 )
+from gatekeeper.rules.pipelines import pipeline_limit_problems
 from gatekeeper.rules.templates import allowed_names, check_template
 from gatekeeper.yamlsource import (
     PathParts,
@@ -716,9 +717,21 @@ def _reference_findings(kind: str, body: Mapping[str, Any], config: Config) -> _
         found.append((("target",), message))
     elif isinstance(target, str) and (refusal := config.targets[target].refusal(kind)):
         found.append((("target",), refusal))
+    elif isinstance(target, str) and kind == "pipeline":
+        found += _pipeline_limit_findings(body, config.targets[target])
     if kind == "release":
         found += _escrow_findings(body, config)
     return found
+
+
+def _pipeline_limit_findings(body: Mapping[str, Any], target: Target) -> _Findings:
+    """The documented limits of ``target``'s CI service that the pipeline action exceeds
+    (see ``gatekeeper.rules.pipelines``)."""
+    ref, inputs = body.get("ref"), body.get("inputs", {})
+    if not isinstance(ref, str) or not isinstance(inputs, dict):
+        return []  # the schema reports these
+    texts = {str(key): str(value) for key, value in inputs.items()}
+    return [((key,), message) for key, message in pipeline_limit_problems(target, ref, texts)]
 
 
 def _escrow_findings(body: Mapping[str, Any], config: Config) -> _Findings:
