@@ -34,7 +34,7 @@ from gatekeeper.config import Token
 from gatekeeper.engine.model import AdminAct, ApprovalInput, FactInput, IdempotencyRecord
 from gatekeeper.http.auth import authenticate, bearer_token
 from gatekeeper.http.openapi import build_openapi
-from gatekeeper.jsonwire import json_path, loads_strict
+from gatekeeper.jsonwire import MAX_FACT_DEPTH, json_path, loads_strict, too_deep
 from gatekeeper.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gatekeeper.runtime.daemon import (
     Daemon,
@@ -327,7 +327,17 @@ def parse_facts(body: Any) -> list[FactInput]:
         raise ApiError(
             400, "kind 'approval' is reserved: post approvals to /v1/approvals", reserved
         )
+    deep = [
+        {"path": f"$.facts[{i}].data" if is_batch else "$.data", "message": _TOO_DEEP}
+        for i, f in enumerate(items)
+        if too_deep(f["data"])
+    ]
+    if deep:  # accept only what every read endpoint can serve back
+        raise ApiError(400, f"fact data is limited to {MAX_FACT_DEPTH} levels of nesting", deep)
     return [FactInput(f["project"], f["kind"], f["id"], f["data"]) for f in items]
+
+
+_TOO_DEEP = f"is nested more than {MAX_FACT_DEPTH} levels deep (the limit is {MAX_FACT_DEPTH})"
 
 
 async def read_json(request: web.Request) -> Any:
