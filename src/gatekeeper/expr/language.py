@@ -482,6 +482,9 @@ class _Checker:
         self.uses_time = False
         self._count = 0
         self._reported_depth = False
+        self._grows = False
+        """Whether the expression has a ``+``, ``*`` or ``**``: the only operators whose
+        work grows with their operands (else there is nothing to fold)."""
 
     def check(self, root: ast.expr) -> None:
         stack: list[tuple[ast.expr, int]] = [(root, 1)]
@@ -489,7 +492,7 @@ class _Checker:
             node, depth = stack.pop()
             self._measure(root, node, depth)
             stack.extend((child, depth + 1) for child in self._visit(node))
-        if not self.problems:
+        if self._grows and not self.problems:
             self._fold_constants(root)
 
     def _fold_constants(self, root: ast.expr) -> None:
@@ -680,6 +683,7 @@ class _Checker:
 
     def _binop(self, node: ast.BinOp) -> list[ast.expr]:
         self._operator(node, node.op)
+        self._grows = self._grows or isinstance(node.op, ast.Add | ast.Mult | ast.Pow)
         if isinstance(node.op, ast.Pow) and not _small_exponent(node.right):
             self._report(
                 node.right,
