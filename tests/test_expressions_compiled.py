@@ -575,12 +575,12 @@ def test_sandbox_escape_corpus_on_both_paths(text: str) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "'a' * 10**9",
-        "[1] * 10**9",
-        "10**9 * (1, 2)",
-        "('x' * 6000) + ('y' * 6000)",
-        "((2**64)**64)**64 > 0",
-        "(2**64)**64 * (2**64)**64 * (2**64)**64 > 0",
+        "'a' * (milestone.design.n * 10**9)",
+        "[milestone.design.n] * 10**9",
+        "10**9 * (milestone.design.n, 2)",
+        "(milestone.design.status * 1000) + ('y' * 6000)",
+        "((milestone.design.n * 2**64)**64)**64 > 0",
+        "(milestone.design.n * 2**64)**64 * (2**64)**64 * (2**64)**64 > 0",
         "'%999999999d' % 1",
         "(-8) ** 0.5",
         "1e300 ** 64 > 0",

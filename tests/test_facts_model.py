@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from gatekeeper.http.models import FactsBody, facts_of
 from gatekeeper.http.wire import ApiError, decode_facts, parse_facts
+from gatekeeper.jsonwire import MAX_FACT_DEPTH
 from gatekeeper.schemas import load_schema
 
 SCHEMA = load_schema("facts-request.schema.json")
@@ -136,9 +137,17 @@ def test_nesting_the_stdlib_refuses_is_refused_as_before() -> None:
 
 
 def test_a_batch_of_deep_facts_is_checked_fact_by_fact() -> None:
-    deep = json.loads("[" * 600 + "]" * 600)
+    # more brackets in the body than MAX_FACT_DEPTH, but each fact's data within it
+    deep = json.loads("[" * (MAX_FACT_DEPTH - 1) + "]" * (MAX_FACT_DEPTH - 1))
     facts, _ = decode_facts(json.dumps({"facts": [{**FACT, "data": {"x": deep}}] * 3}).encode())
     assert len(facts) == 3
+    too_deep = json.loads("[" * MAX_FACT_DEPTH + "]" * MAX_FACT_DEPTH)
+    body = {"facts": [{**FACT, "data": {"x": deep}}, {**FACT, "data": {"x": too_deep}}]}
+    with pytest.raises(ApiError) as refused:
+        decode_facts(json.dumps(body).encode())
+    assert refused.value.status == 400
+    assert b"$.facts[1].data" in refused.value.body
+    assert b"$.facts[0]" not in refused.value.body
 
 
 def _matching(pattern: str) -> st.SearchStrategy[str]:

@@ -1,7 +1,15 @@
-"""Injectable clocks: the daemon uses the system clock, tests and dry runs set "now"."""
+"""Injectable clocks: the daemon uses the system clock, tests and dry runs set "now".
+
+``JumpDetector`` measures, against the monotonic clock, how far the wall clock has jumped
+inside this process, so durations (a delivery's age, how long an idempotency key has been
+kept, a retry's wait) are not stretched or shrunk by a jump while timestamps that are
+stored stay in wall time.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -33,6 +41,86 @@ class FixedClock:
 
     def advance(self, delta: timedelta) -> None:
         self._now += delta
+
+
+class JumpDetector:
+    """The wall clock ``clock`` watched against ``monotonic`` (seconds) for jumps.
+
+    The *offset* is how far the wall clock has moved beyond the monotonic clock since the
+    detector was made: 0 at first, +3600 after the wall clock jumped an hour forward. Each
+    ``now()`` looks at both clocks; a change of the offset by more than ``tolerance_s``
+    since the last jump seen starts a new *segment* (the wall time it was seen at, and the
+    offset from then on). A wall timestamp taken in this process belongs to the last
+    segment that started at or before it: a forward jump is attributed exactly, a backward
+    one (where wall times repeat) in the way that makes durations shorter, never longer.
+    Timestamps from before the detector was made belong to the first segment (offset 0):
+    a jump while the process was not running cannot be seen.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        monotonic: Callable[[], float] = time.monotonic,
+        *,
+        tolerance_s: float = 1.0,
+        max_segments: int = 64,
+    ) -> None:
+        self._clock = clock
+        self._monotonic = monotonic
+        self._tolerance_s = tolerance_s
+        self._max_segments = max(2, max_segments)
+        self._wall0 = clock.now()
+        self._mono0 = monotonic()
+        self._offset_s = 0.0
+        self._segments: list[tuple[datetime, float]] = [(self._wall0, 0.0)]
+        self._min_offset_s = 0.0
+        self._max_offset_s = 0.0
+
+    def now(self) -> datetime:
+        """The wall clock's time (aware UTC), noting a jump when there was one."""
+        wall = self._clock.now()
+        offset = (wall - self._wall0).total_seconds() - (self._monotonic() - self._mono0)
+        self._offset_s = offset
+        if abs(offset - self._segments[-1][1]) > self._tolerance_s:
+            self._segments.append((wall, offset))
+            self._min_offset_s = min(self._min_offset_s, offset)
+            self._max_offset_s = max(self._max_offset_s, offset)
+            if len(self._segments) > self._max_segments:
+                self._merge_oldest()
+        return wall
+
+    def elapsed_s(self, since: datetime, now: datetime) -> float:
+        """Seconds that passed from the wall timestamp ``since`` to ``now`` (a value of
+        ``now()``), without the jumps of the wall clock in between that this process saw:
+        after a forward jump of an hour, an action stamped just before it is seconds old,
+        not an hour."""
+        return (now - since).total_seconds() - (self._offset_s - self._offset_at(since))
+
+    def due_now(self, now: datetime) -> datetime:
+        """The time to compare stored due times with: ``now`` (a value of ``now()``), moved
+        forward by a backward jump seen in this process (so a retry due in a minute when
+        the clock went back an hour is still due in a minute, not in an hour and a
+        minute). A forward jump is not undone: what was stored before it is due early."""
+        return now + timedelta(seconds=self._max_offset_s - self._offset_s)
+
+    def keep_since(self, now: datetime, window_s: float) -> datetime:
+        """The oldest wall timestamp still within ``window_s`` seconds of ``now`` (a value
+        of ``now()``) whatever jumps this process saw: after a forward jump of an hour, a
+        window of a day ends an hour further back, so nothing is forgotten early."""
+        extra_s = max(0.0, self._offset_s - self._min_offset_s)
+        return now - timedelta(seconds=window_s + extra_s)
+
+    def _offset_at(self, when: datetime) -> float:
+        for start, offset in reversed(self._segments):
+            if start <= when:
+                return offset
+        return self._segments[0][1]
+
+    def _merge_oldest(self) -> None:
+        """Keep at most ``max_segments``: the two oldest after the first become one, with
+        the smaller offset (which makes durations across it shorter, never longer)."""
+        (start, first), (_, second) = self._segments[1], self._segments[2]
+        self._segments[1:3] = [(start, min(first, second))]
 
 
 def parse_rfc3339(text: str) -> datetime:

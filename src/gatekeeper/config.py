@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -21,7 +22,13 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from gatekeeper.problems import Problem
-from gatekeeper.yamlsource import YamlDocument, parse_document, schema_problems, sorted_problems
+from gatekeeper.yamlsource import (
+    SECRET_NOT_NAME_MESSAGE,
+    YamlDocument,
+    parse_document,
+    schema_problems,
+    sorted_problems,
+)
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_DATABASE = "gatekeeper.db"
@@ -368,12 +375,46 @@ def _semantic_problems(doc: YamlDocument, data: Mapping[str, Any]) -> list[Probl
                 "alerts are notify actions and need a webhook target"
             )
             problems.append(doc.problem(("alert_target",), message))
+    problems += _secret_like_name_problems(doc, data)
     for name, target in targets.items() if isinstance(targets, dict) else []:
         delivery = target.get("delivery") if isinstance(target, dict) else None
         if isinstance(delivery, dict) and not _backoff_ok(delivery):
             path = ("targets", name, "delivery", "backoff_base_s")
             message = "backoff_base_s must not be greater than backoff_cap_s"
             problems.append(doc.problem(path, message))
+    return problems
+
+
+def looks_like_secret(name: str) -> bool:
+    """True when ``name``, written where an environment variable's name belongs, looks like
+    a secret instead: not a variable name at all (``whsec_...``, ``ghp_...``, ``glpat-...``),
+    an AWS access key id (``AKIA`` + 16), or a part between underscores of 24 characters or
+    more, or of 16 or more holding at least 4 digits (names are words: ``BANK_SECRET``)."""
+    if not _ENV_NAME.fullmatch(name) or _AWS_KEY_ID.fullmatch(name):
+        return True
+    return any(
+        len(part) >= 24 or (len(part) >= 16 and sum(c.isdigit() for c in part) >= 4)
+        for part in name.split("_")
+    )
+
+
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+_AWS_KEY_ID = re.compile(r"A[KS]IA[A-Z0-9]{16}")
+_SECRET_NAME_KEYS = {"targets": ("secret_env", "token_env"), "hooks": ("secret_env",)}
+
+
+def _secret_like_name_problems(doc: YamlDocument, data: Mapping[str, Any]) -> list[Problem]:
+    """A problem (naming the key, never the value) for each variable name that is a valid
+    name but looks like a secret; the schema reports those that are no names at all."""
+    problems = []
+    for section, keys in _SECRET_NAME_KEYS.items():
+        entries = data.get(section)
+        for name, entry in entries.items() if isinstance(entries, dict) else []:
+            for key in keys:
+                value = entry.get(key) if isinstance(entry, dict) else None
+                named = isinstance(value, str) and _ENV_NAME.fullmatch(value) is not None
+                if named and looks_like_secret(cast(str, value)):
+                    problems.append(doc.problem((section, name, key), SECRET_NOT_NAME_MESSAGE))
     return problems
 
 

@@ -13,6 +13,13 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+MAX_FACT_DEPTH = 64
+"""Deepest nesting of objects and arrays accepted in a fact's ``data`` (``data`` itself is
+level 1). Every answer that serves facts back (``GET /v1/facts``, ``/v1/export``, a rule's
+decisions and explanation) wraps the data in under 10 more levels, and the JSON encoder and
+the database's JSON functions manage several hundred, so whatever is accepted can be read
+back, before and after a restart, with a wide margin."""
+
 
 def loads_strict(data: bytes | str) -> Any:
     """Parse ``data`` as RFC 8259 JSON.
@@ -25,6 +32,25 @@ def loads_strict(data: bytes | str) -> Any:
         return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+
+
+def too_deep(value: Any, limit: int = MAX_FACT_DEPTH) -> bool:
+    """True when ``value`` nests objects and arrays (dicts, lists, tuples) more than
+    ``limit`` levels deep: ``{}`` is 1, ``{"a": [1]}`` 2, a scalar 0. Iterative, and stops
+    at the first container beyond ``limit``, so any depth is safe to ask about."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def json_path(parts: Iterable[Any]) -> str:

@@ -39,6 +39,14 @@ YAML_LOADER: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = getattr(
 MAX_EXPANDED_NODES = 100_000
 MAX_DEPTH = 64
 MAX_SHOWN_CHARS = 60
+SECRET_NOT_NAME_MESSAGE = (
+    "this looks like a secret, not a variable name: give the name of the environment "
+    "variable that holds it (capital letters, digits and _, not starting with a digit); "
+    "the value is not shown"
+)
+"""The problem of a setting that names an environment variable holding a secret (a schema
+property marked ``x-secret-name``) when its value is no such name: the value itself is
+never shown, as it is likely the secret."""
 
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -164,10 +172,14 @@ def parse_document(
     if root is None:
         return YamlDocument(file, text, None, None), []
     findings = scan.findings
-    size, depth = _expanded_shape(root, {}) if scan.shared else (scan.nodes, 0)
-    if size > MAX_EXPANDED_NODES:
+    # without aliases the data is no bigger than the text (whose size the caller caps): only
+    # the nodes that aliases add count against MAX_EXPANDED_NODES
+    limit = scan.nodes + MAX_EXPANDED_NODES
+    size, depth = _expanded_shape(root, {}, limit) if scan.shared else (scan.nodes, 0)
+    if size > limit:
         message = (
-            f"document is too large once aliases are expanded (over {MAX_EXPANDED_NODES} nodes)"
+            f"document is too large once aliases are expanded (they add over "
+            f"{MAX_EXPANDED_NODES} nodes)"
         )
         return None, [Problem(file, 1, 1, message)]
     if depth > MAX_DEPTH:  # aliases chained into data deeper than the text shows
@@ -316,14 +328,17 @@ def _key_type_message(key_node: yaml.Node, key: str) -> str:
     return f"key {key!r} is read by YAML as {what}, not a string; quote it: '{key}'"
 
 
-def _expanded_shape(node: yaml.Node, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
-    """(number of nodes, depth of nested collections) once aliases are expanded; recursive
-    aliases count as too many nodes. Aliased nodes come before their aliases in a document,
-    so with ``memo`` the recursion goes no deeper than the text itself nests."""
+def _expanded_shape(
+    node: yaml.Node, memo: dict[int, tuple[int, int]], limit: int
+) -> tuple[int, int]:
+    """(number of nodes, at most ``limit`` + 1; depth of nested collections) once aliases
+    are expanded; recursive aliases count as too many nodes. Aliased nodes come before
+    their aliases in a document, so with ``memo`` the recursion goes no deeper than the
+    text itself nests."""
     known = memo.get(id(node))
     if known is not None:
         return known
-    memo[id(node)] = (MAX_EXPANDED_NODES + 1, 0)  # in progress: a cycle means "too large"
+    memo[id(node)] = (limit + 1, 0)  # in progress: a cycle means "too large"
     size, depth = 1, 0
     if isinstance(node, yaml.SequenceNode | yaml.MappingNode):
         children = (
@@ -332,11 +347,11 @@ def _expanded_shape(node: yaml.Node, memo: dict[int, tuple[int, int]]) -> tuple[
             else [child for pair in node.value for child in pair]
         )
         for child in children:
-            child_size, child_depth = _expanded_shape(child, memo)
+            child_size, child_depth = _expanded_shape(child, memo, limit)
             size += child_size
             depth = max(depth, child_depth)
         depth += 1
-    memo[id(node)] = (min(size, MAX_EXPANDED_NODES + 1), depth)
+    memo[id(node)] = (min(size, limit + 1), depth)
     return memo[id(node)]
 
 
@@ -468,6 +483,8 @@ _Reworded = list[tuple[PathParts, bool, str]]
 def _reword(doc: YamlDocument, error: Any) -> _Reworded:
     """Plain sentences for one jsonschema error: [(path, at_key, message)]."""
     path: PathParts = tuple(error.absolute_path)
+    if isinstance(error.schema, dict) and error.schema.get("x-secret-name"):
+        return [(path, False, SECRET_NOT_NAME_MESSAGE)]  # never the value: it may be a secret
     if "propertyNames" in error.relative_schema_path:
         return [((*path, str(error.instance)), True, _pattern_message(error))]
     handler = _REWORDERS.get(str(error.validator))

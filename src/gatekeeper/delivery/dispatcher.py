@@ -15,6 +15,12 @@ the same ``Idempotency-Key``), so receivers can deduplicate.
 
 Every attempt is recorded (time, latency, HTTP status or error). Actions are delivered
 concurrently, so one slow or unreachable target does not hold up the others.
+
+Time: attempts and due times are stored in wall time (so they survive a restart), but what
+is a duration inside this process follows the monotonic clock (``JumpDetector``): an
+action's age for ``max_age_s`` leaves out a jump of the wall clock, a retry scheduled here
+waits its delay on the monotonic clock (a forward jump does not make it due early), and a
+due time stored before a backward jump is not made later by it.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from datetime import datetime, timedelta
 
 import aiohttp
 
-from gatekeeper.clock import Clock
+from gatekeeper.clock import Clock, JumpDetector
 from gatekeeper.config import DeliveryPolicy, Target
 from gatekeeper.delivery.requests import build_request
 from gatekeeper.delivery.retry import (
@@ -67,6 +73,9 @@ outbox query."""
 MAX_RECENTLY_FINISHED = 4096
 HOLD_BASE_S = 5.0
 HOLD_CAP_S = 300.0
+MAX_TIMED_RETRIES = 1024
+"""At most this many retries scheduled in this process are also timed on the monotonic
+clock (the rest follow their stored due time only)."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,10 @@ class Dispatcher:
         self._targets = targets
         self._secrets = secrets
         self._clock = clock
+        self._time = JumpDetector(clock)
+        self._retry_due: dict[str, float] = {}
+        """Retries scheduled in this process: monotonic time they fall due; until then
+        they are not picked, whatever the wall clock says."""
         self._rng = rng or random.Random()
         self._idle_poll_s = idle_poll_s
         self._wakeup = asyncio.Event()
@@ -229,9 +242,11 @@ class Dispatcher:
         """Whether to look at the outbox this turn."""
         if self._held_until and self._expire_holds():
             self._query_needed = True
+        if self._retry_due and self._expire_retry_waits():
+            self._query_needed = True
         if self._query_needed:
             return True
-        if self._query_at is not None and self._clock.now() >= self._query_at:
+        if self._query_at is not None and self._due_now() >= self._query_at:
             return True
         return time.monotonic() - self._last_query >= self._idle_poll_s
 
@@ -247,7 +262,7 @@ class Dispatcher:
         self._last_query = time.monotonic()
         complete = True  # every due action was seen
         try:
-            now = self._clock.now()
+            now = self._due_now()
             configured = sorted(self._targets())
             buckets = [OutboxFilter(target=name) for name in configured]
             buckets.append(OutboxFilter(not_targets=configured))  # targets no longer configured
@@ -337,9 +352,11 @@ class Dispatcher:
             return
         timeout = self._idle_poll_s - (time.monotonic() - self._last_query)
         if self._query_at is not None:
-            timeout = min(timeout, (self._query_at - self._clock.now()).total_seconds())
+            timeout = min(timeout, (self._query_at - self._due_now()).total_seconds())
         if self._held_until:
             timeout = min(timeout, min(self._held_until.values()) - time.monotonic())
+        if self._retry_due:
+            timeout = min(timeout, min(self._retry_due.values()) - time.monotonic())
         timeout = max(0.0, timeout)
         if timeout > 0:
             # asyncio.timeout, not wait_for: no task per turn of the loop
@@ -374,16 +391,29 @@ class Dispatcher:
             del self._held_until[action_id]
         return bool(ended)
 
+    def _expire_retry_waits(self) -> bool:
+        """Forget the monotonic waits of retries that have ended; True when there were any."""
+        now = time.monotonic()
+        ended = [action_id for action_id, due in self._retry_due.items() if due <= now]
+        for action_id in ended:
+            del self._retry_due[action_id]
+        return bool(ended)
+
+    def _due_now(self) -> datetime:
+        """The time stored due times are compared with (see ``JumpDetector.due_now``)."""
+        return self._time.due_now(self._time.now())
+
     def _excluded_ids(self) -> tuple[str, ...]:
-        """Actions not to pick: in flight, or held back after a failure to record."""
-        if self._expire_holds():
+        """Actions not to pick: in flight, held back after a failure to record, or a retry
+        whose delay has not passed on the monotonic clock."""
+        if self._expire_holds() | self._expire_retry_waits():
             self._query_needed = True
-        return (*self._in_flight, *self._held_until)
+        return (*self._in_flight, *self._held_until, *self._retry_due)
 
     async def _deliver_once(self, entry: OutboxEntry) -> None:
         target = self._targets().get(entry.target)
         attempt_no = entry.attempts + 1
-        started = self._clock.now()
+        started = self._time.now()
         t0 = time.perf_counter()
         if target is None:
             outcome = AttemptOutcome(None, f"target {entry.target!r} is not configured", True)
@@ -393,10 +423,11 @@ class Dispatcher:
         self._release_slot(entry)
         if target is not None:
             self.metrics.attempt(entry.target, outcome.status_code, latency_ms / 1000)
-        finished = self._clock.now()  # backoff and Retry-After count from the answer
+        finished = self._time.now()  # backoff and Retry-After count from the answer
         status, next_at, dead_reason = self._next_state(
             entry, target, outcome, attempt_no, finished
         )
+        waits_from = time.monotonic()
         attempt = Attempt(
             entry.action_id,
             attempt_no,
@@ -408,6 +439,9 @@ class Dispatcher:
         await self._record(AttemptRecord(attempt, status, next_at, dead_reason))
         if next_at is not None:  # a retry: the outbox is looked at again when it falls due
             self._note_due(next_at)
+            if len(self._retry_due) < MAX_TIMED_RETRIES:
+                delay_s = (next_at - finished).total_seconds()
+                self._retry_due[entry.action_id] = waits_from + delay_s
         self._log(entry, status, outcome, attempt_no)
 
     async def _record(self, record: AttemptRecord) -> None:
@@ -496,7 +530,7 @@ class Dispatcher:
         policy = target.delivery if target else DeliveryPolicy()
         # a requeued dead letter gets a fresh allowance of attempts and age
         since = entry.requeued_at or entry.created_at
-        age_s = (finished - since).total_seconds()
+        age_s = self._time.elapsed_s(since, finished)  # a wall-clock jump is not age
         if not outcome.retryable:
             code = outcome.status_code
             refused = code is not None and 400 <= code < 500

@@ -39,6 +39,9 @@ the service authenticates gatekeeper by its token, read from ``token_env``):
   CSRF crumb is needed with an API token); Jenkins answers ``201 Created`` with the queue
   item in ``Location``.
 
+Their documented limits (GitHub's 25 inputs, GitLab's variable names, the size of Jenkins'
+request line) are checked when the rules load: see ``gatekeeper.rules.pipelines``.
+
 None of these APIs takes an idempotency key, and gatekeeper adds nothing to the inputs the
 rule wrote (a workflow rejects inputs it does not declare). Delivery therefore stays
 at-least-once: when the service's answer is lost (a timeout after it started the run), the
@@ -61,6 +64,7 @@ from standardwebhooks.webhooks import Webhook
 from gatekeeper import __version__
 from gatekeeper.clock import format_rfc3339
 from gatekeeper.config import Target
+from gatekeeper.rules.pipelines import jenkins_request_target
 from gatekeeper.store.records import OutboxEntry
 
 USER_AGENT = f"gatekeeper/{__version__}"
@@ -184,12 +188,9 @@ def jenkins_build_request(
     Jenkins answers 201 with the queue item's URL in ``Location``.
     https://www.jenkins.io/doc/book/using/remote-access-api/
     """
-    job = "/".join(f"job/{_segment(part)}" for part in target.job.split("/"))
-    parameters = {target.ref_parameter: ref, **inputs}
-    query = urllib.parse.urlencode(parameters, quote_via=urllib.parse.quote)
     credentials = base64.b64encode(f"{target.user}:{token}".encode()).decode()
     headers = {"Authorization": f"Basic {credentials}", "User-Agent": USER_AGENT}
-    url = f"{target.base_url}/{job}/buildWithParameters?{query}"
+    url = f"{target.base_url}{jenkins_request_target(target, ref, inputs)}"
     return OutgoingRequest("POST", url, headers, b"")
 
 

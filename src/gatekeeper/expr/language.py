@@ -142,6 +142,7 @@ _LITERAL_NAMES: dict[str, bool | None] = {"true": True, "false": False, "null": 
 _KIND_RE = re.compile(r"[a-z][a-z0-9_]*\Z")
 _NEWLINE_RUN_RE = re.compile(r"\s*\n\s*")
 _MAX_FRAGMENT_CHARS = 200
+_NOT_CONSTANT = object()
 _MAX_MESSAGE_FRAGMENT_CHARS = 80
 
 # name -> (minimum, maximum or None) number of positional arguments
@@ -481,6 +482,9 @@ class _Checker:
         self.uses_time = False
         self._count = 0
         self._reported_depth = False
+        self._grows = False
+        """Whether the expression has a ``+``, ``*`` or ``**``: the only operators whose
+        work grows with their operands (else there is nothing to fold)."""
 
     def check(self, root: ast.expr) -> None:
         stack: list[tuple[ast.expr, int]] = [(root, 1)]
@@ -488,6 +492,46 @@ class _Checker:
             node, depth = stack.pop()
             self._measure(root, node, depth)
             stack.extend((child, depth + 1) for child in self._visit(node))
+        if self._grows and not self.problems:
+            self._fold_constants(root)
+
+    def _fold_constants(self, root: ast.expr) -> None:
+        """Compute the operators whose operands are all literals (``"a" * 10**8``) with the
+        run time's bounded operators, so that what run time would refuse as unbounded work
+        (``MAX_SEQUENCE_ITEMS``, ``MAX_INT_BITS``, ``MAX_EXPONENT``) is refused here
+        instead: ``check`` and run time agree. Bottom-up and iterative (the depth is not
+        bounded yet); other run-time errors (``1 / 0``) are left to run time."""
+        order: list[ast.AST] = []
+        stack: list[ast.AST] = [root]
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(ast.iter_child_nodes(node))
+        values: dict[int, Any] = {}
+        for node in reversed(order):  # children before their parents
+            folded = self._fold(node, values)
+            if folded is not _NOT_CONSTANT:
+                values[id(node)] = folded
+
+    def _fold(self, node: ast.AST, values: dict[int, Any]) -> Any:
+        """``node``'s value when its operands are in ``values``, else ``_NOT_CONSTANT``."""
+        try:
+            if isinstance(node, ast.Constant):
+                return node.value
+            if isinstance(node, ast.UnaryOp) and id(node.operand) in values:
+                return _OPERATORS[type(node.op)](values[id(node.operand)])
+            if isinstance(node, ast.BinOp) and id(node.left) in values and id(node.right) in values:
+                operation = _OPERATORS[type(node.op)]
+                return operation(values[id(node.left)], values[id(node.right)])
+            if isinstance(node, ast.List | ast.Tuple) and all(id(e) in values for e in node.elts):
+                items = [values[id(element)] for element in node.elts]
+                return items if isinstance(node, ast.List) else tuple(items)
+        except _Unbounded as failure:
+            if isinstance(node, ast.expr):
+                self._report(node, failure.message)
+        except (_Failure, ArithmeticError, TypeError, ValueError, KeyError):
+            pass  # run time reports these as it always has
+        return _NOT_CONSTANT
 
     def _report(self, node: _Located, message: str) -> None:
         self.problems.append(self.source.node_problem(node, message))
@@ -639,6 +683,7 @@ class _Checker:
 
     def _binop(self, node: ast.BinOp) -> list[ast.expr]:
         self._operator(node, node.op)
+        self._grows = self._grows or isinstance(node.op, ast.Add | ast.Mult | ast.Pow)
         if isinstance(node.op, ast.Pow) and not _small_exponent(node.right):
             self._report(
                 node.right,
@@ -828,14 +873,19 @@ class _Failure(Exception):
         self.located = located
 
 
+class _Unbounded(_Failure):
+    """Work over the sandbox's bounds (``MAX_SEQUENCE_ITEMS``, ``MAX_INT_BITS``,
+    ``MAX_EXPONENT``): refused at check time when the operands are literals."""
+
+
 def _check_size(size: int) -> None:
     if size > MAX_SEQUENCE_ITEMS:
-        raise _Failure(f"result would hold {size} items; the limit is {MAX_SEQUENCE_ITEMS}")
+        raise _Unbounded(f"result would hold {size} items; the limit is {MAX_SEQUENCE_ITEMS}")
 
 
 def _check_bits(bits: int) -> None:
     if bits > MAX_INT_BITS:
-        raise _Failure(f"integer result would exceed {MAX_INT_BITS} bits")
+        raise _Unbounded(f"integer result would exceed {MAX_INT_BITS} bits")
 
 
 _SEQUENCE = (str, list, tuple)
@@ -859,7 +909,7 @@ def _mul(a: Any, b: Any) -> Any:
 
 def _pow(a: Any, b: Any) -> Any:
     if isinstance(b, int | float) and abs(b) > MAX_EXPONENT:
-        raise _Failure(f"exponent {b} is out of range (at most {MAX_EXPONENT})")
+        raise _Unbounded(f"exponent {b} is out of range (at most {MAX_EXPONENT})")
     if isinstance(a, int) and isinstance(b, int) and b > 0:
         _check_bits(a.bit_length() * b)
     result = a**b

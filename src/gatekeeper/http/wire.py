@@ -31,7 +31,7 @@ from gatekeeper.http.models import (
     encode,
     facts_of,
 )
-from gatekeeper.jsonwire import json_path, loads_strict
+from gatekeeper.jsonwire import MAX_FACT_DEPTH, json_path, loads_strict, too_deep
 from gatekeeper.runtime.hooks import RESERVED_KINDS
 from gatekeeper.schemas import load_schema
 from gatekeeper.store.records import AuditCursor
@@ -39,9 +39,6 @@ from gatekeeper.store.records import AuditCursor
 MAX_LIST_LIMIT = 1000
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 FACTS_SCHEMA = "facts-request.schema.json"
-MAX_TRUSTED_DEPTH = 512
-"""Bodies nested deeper are parsed again by ``loads_strict`` (whose limit, the interpreter's
-recursion limit, is what the API has always applied) before they are trusted."""
 
 M = TypeVar("M")
 
@@ -199,10 +196,11 @@ def decode_facts(raw: bytes) -> tuple[list[FactInput], Any]:
     builtins, or a ``_LazyBody`` that builds them only when an Idempotency-Key is given).
 
     The wire model (``FactsBody``) decides the usual bodies in one pass. Anything it refuses
-    — and anything nested deeper than ``MAX_TRUSTED_DEPTH`` — is parsed again with
-    ``loads_strict`` and checked with the published JSON Schema, which decides and words
-    the errors exactly as the API always has: 400 for malformed JSON, 400 listing each
-    problem with its JSON path for a body of the wrong shape, 400 for a reserved kind.
+    — and any body with a fact's data nested deeper than ``MAX_FACT_DEPTH`` — is parsed
+    again with ``loads_strict`` and checked with the published JSON Schema, which decides
+    and words the errors exactly as the API always has: 400 for malformed JSON, 400 listing
+    each problem with its JSON path for a body of the wrong shape, 400 for a reserved kind,
+    400 naming the depth limit for data nested too deeply.
     """
     facts = None
     try:
@@ -211,8 +209,9 @@ def decode_facts(raw: bytes) -> tuple[list[FactInput], Any]:
     except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deeply
         pass
     if facts is not None and (
-        raw.count(b"[") + raw.count(b"{") < MAX_TRUSTED_DEPTH
-        or all(_depth_below(f.data, MAX_TRUSTED_DEPTH - 4) for f in facts)
+        # fewer brackets in the whole body than the limit: no fact's data can be too deep
+        raw.count(b"[") + raw.count(b"{") <= MAX_FACT_DEPTH
+        or not any(too_deep(f.data) for f in facts)
     ):
         batch = not isinstance(body.facts, UnsetType)
         reserved = [
@@ -246,20 +245,6 @@ class _LazyBody:
         return {"facts": items} if self.batch else items[0]
 
 
-def _depth_below(value: Any, limit: int) -> bool:
-    """Whether JSON ``value`` nests fewer than ``limit`` levels (iterative: no recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth >= limit:
-            return False
-        if type(node) is dict:
-            stack.extend((v, depth + 1) for v in node.values() if type(v) in (dict, list))
-        elif type(node) is list:
-            stack.extend((v, depth + 1) for v in node if type(v) in (dict, list))
-    return True
-
-
 def parse_facts(body: Any) -> list[FactInput]:
     """Validate a parsed ``POST /v1/facts`` body against ``facts-request.schema.json``;
     raise ``ApiError`` 400 listing every problem (or naming a reserved kind)."""
@@ -279,7 +264,17 @@ def parse_facts(body: Any) -> list[FactInput]:
         raise ApiError(
             400, "kind 'approval' is reserved: post approvals to /v1/approvals", reserved
         )
+    deep = [
+        {"path": f"$.facts[{i}].data" if is_batch else "$.data", "message": _TOO_DEEP}
+        for i, f in enumerate(items)
+        if too_deep(f["data"])
+    ]
+    if deep:  # accept only what every read endpoint can serve back
+        raise ApiError(400, f"fact data is limited to {MAX_FACT_DEPTH} levels of nesting", deep)
     return [FactInput(f["project"], f["kind"], f["id"], f["data"]) for f in items]
+
+
+_TOO_DEEP = f"is nested more than {MAX_FACT_DEPTH} levels deep (the limit is {MAX_FACT_DEPTH})"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 that turns rule files into one validated ``Ruleset``.
 
 Owns: ``model`` (``Rule``, ``Ruleset``, actions), ``templates``, ``loader`` (the only place
-rule YAML is read; all-or-nothing, every problem located by file, line and key path).
+rule YAML is read; all-or-nothing, every problem located by file, line and key path),
+``pipelines`` (the documented limits of the CI services pipeline actions start).
 
 May import: ``gatekeeper.expr`` and the ground floor (``config``, ``yamlsource``,
 ``schemas``, ``problems``, ``clock``).

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, cast
 
-from gatekeeper.config import Config
+from gatekeeper.config import Config, Target
 from gatekeeper.expr import (
     MAX_EXPRESSION_CHARS,
     Condition,
@@ -57,6 +58,7 @@ from gatekeeper.rules.model import (
     Rule,
     Ruleset,
 )
+from gatekeeper.rules.pipelines import pipeline_limit_problems
 from gatekeeper.rules.templates import allowed_names, check_template
 from gatekeeper.yamlsource import (
     PathParts,
@@ -72,6 +74,10 @@ RULES_SCHEMA = "rules.schema.json"
 RULE_SUFFIXES = (".yaml", ".yml")
 TEST_SUFFIXES = (".test.yaml", ".test.yml")
 GIT_TIMEOUT_S = 5.0
+MAX_RULE_FILE_BYTES = 2 * 1024 * 1024
+"""Largest rule file read (2 MiB, about 12,000 rules of five lines): a bigger one is a
+problem of that file, found from its size before anything is read. The YAML of a file
+without aliases is no bigger than its text, so this also bounds what parsing it takes."""
 
 _ACTION_KINDS = ("release", "notify", "pipeline")
 _GIT_COMMIT = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
@@ -111,7 +117,7 @@ def load_rules_dir(
     if not rules_dir.is_dir():
         return _failed(str(rules_dir), "rules directory does not exist or is not a directory")
     files = {name: os.path.join(rules_dir, name) for name in rule_file_names(rules_dir)}
-    sources, problems = _read_files(files)
+    sources, problems = _read_files(files, dict.fromkeys(files, rules_dir))
     commit = git_commit_of(rules_dir)
     return _load(sources, problems, config, commit, where=str(rules_dir), cache=cache)
 
@@ -124,6 +130,7 @@ def load_rule_paths(paths: Sequence[Path], config: Config | None) -> LoadResult:
     Never raises for bad input: a path that does not exist is a problem.
     """
     files: dict[str, str | Path] = {}
+    roots: dict[str, Path] = {}
     problems: list[Problem] = []
     for path in paths:
         if path.is_dir():
@@ -131,11 +138,12 @@ def load_rule_paths(paths: Sequence[Path], config: Config | None) -> LoadResult:
             prefix = "" if shown == "." else shown.rstrip("/") + "/"
             found = rule_file_names(path)
             files.update({prefix + name: os.path.join(path, name) for name in found})
+            roots.update(dict.fromkeys((prefix + name for name in found), path))
         elif path.exists():
             files[_display_name(path)] = path
         else:
             problems.append(Problem(_display_name(path), 0, 0, "no such file or directory"))
-    sources, read_problems = _read_files(files)
+    sources, read_problems = _read_files(files, roots)
     where = ", ".join(_display_name(path) for path in paths)
     return _load(sources, problems + read_problems, config, None, where=where)
 
@@ -236,16 +244,25 @@ def _display_name(path: Path) -> str:
     return path.as_posix()
 
 
-def _read_files(files: Mapping[str, str | Path]) -> tuple[dict[str, _Source], list[Problem]]:
+def _read_files(
+    files: Mapping[str, str | Path], roots: Mapping[str, Path]
+) -> tuple[dict[str, _Source], list[Problem]]:
     """{name: (text, SHA-256 hex of the bytes)} of the files that could be read, and a
-    problem for each that could not."""
+    problem for each that could not (see ``_read_bytes``). A file found in a rules
+    directory (its name is in ``roots``, which gives the directory) that is a symbolic
+    link is read only when it leads to a file inside that directory."""
     sources: dict[str, _Source] = {}
     problems: list[Problem] = []
     for name, path in files.items():
         try:
+            root = roots.get(name)
+            if root is not None and not _resolves_inside(path, root):
+                raise _Unreadable("a symbolic link to a file outside the rules directory")
             raw = _read_bytes(path)
             text = raw.decode("utf-8-sig" if raw.startswith(codecs.BOM_UTF8) else "utf-8")
             sources[name] = (text, hashlib.sha256(raw).hexdigest())
+        except _Unreadable as error:
+            problems.append(Problem(name, 0, 0, f"not read: {error}"))
         except OSError as error:
             reason = error.strerror or str(error)
             problems.append(Problem(name, 0, 0, f"cannot read the file: {reason}"))
@@ -255,17 +272,63 @@ def _read_files(files: Mapping[str, str | Path]) -> tuple[dict[str, _Source], li
     return sources, problems
 
 
+class _Unreadable(Exception):
+    """A rule file that is not read at all: not a regular file, too big, a link outside."""
+
+
+def _resolves_inside(path: str | Path, root: Path) -> bool:
+    """True when ``path`` is no symbolic link, or resolves to a place below ``root``."""
+    if not os.path.islink(path):
+        return True
+    return os.path.realpath(path).startswith(os.path.realpath(root).rstrip(os.sep) + os.sep)
+
+
 def _read_bytes(path: str | Path) -> bytes:
-    """The bytes of the file at ``path`` (``os.read``: a third of the cost of
-    ``Path.read_bytes`` for small files). Raises ``OSError``."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    """The bytes of the regular file at ``path``, at most ``MAX_RULE_FILE_BYTES`` (read with
+    ``os.read``: a third of the cost of ``Path.read_bytes`` for small files).
+
+    The file is opened non-blocking (a FIFO cannot hang the reader) only after ``stat``
+    says it is a regular file (a device is never opened), and checked again once open.
+    Raises ``_Unreadable`` for anything else or a bigger file, ``OSError`` when it cannot
+    be read."""
+    _check_regular(os.stat(path))
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)
     try:
+        _check_regular(os.fstat(fd))
         chunks = []
-        while chunk := os.read(fd, 1 << 20):
+        size = 0
+        while size <= MAX_RULE_FILE_BYTES and (chunk := os.read(fd, 1 << 20)):
             chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_RULE_FILE_BYTES:  # it grew after the check
+            raise _Unreadable(_too_big(size))
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _check_regular(info: os.stat_result) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise _Unreadable(f"not a regular file ({_file_type(info.st_mode)})")
+    if info.st_size > MAX_RULE_FILE_BYTES:
+        raise _Unreadable(_too_big(info.st_size))
+
+
+def _too_big(size: int) -> str:
+    return f"{size:,} bytes, over the limit of {MAX_RULE_FILE_BYTES:,} bytes (2 MiB)"
+
+
+def _file_type(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a directory" if stat.S_ISDIR(mode) else "a special file"
 
 
 def _text_digest(text: str) -> str:
@@ -643,9 +706,21 @@ def _reference_findings(kind: str, body: Mapping[str, Any], config: Config) -> _
         found.append((("target",), message))
     elif isinstance(target, str) and (refusal := config.targets[target].refusal(kind)):
         found.append((("target",), refusal))
+    elif isinstance(target, str) and kind == "pipeline":
+        found += _pipeline_limit_findings(body, config.targets[target])
     if kind == "release":
         found += _escrow_findings(body, config)
     return found
+
+
+def _pipeline_limit_findings(body: Mapping[str, Any], target: Target) -> _Findings:
+    """The documented limits of ``target``'s CI service that the pipeline action exceeds
+    (see ``gatekeeper.rules.pipelines``)."""
+    ref, inputs = body.get("ref"), body.get("inputs", {})
+    if not isinstance(ref, str) or not isinstance(inputs, dict):
+        return []  # the schema reports these
+    texts = {str(key): str(value) for key, value in inputs.items()}
+    return [((key,), message) for key, message in pipeline_limit_problems(target, ref, texts)]
 
 
 def _escrow_findings(body: Mapping[str, Any], config: Config) -> _Findings:

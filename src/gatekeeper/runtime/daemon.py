@@ -17,11 +17,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
-from gatekeeper.clock import Clock, SystemClock
+from gatekeeper.clock import Clock, JumpDetector, SystemClock
 from gatekeeper.config import Config, Hook, Token
 from gatekeeper.delivery.dispatcher import Dispatcher
 from gatekeeper.engine.evaluate import uuid_action_id
@@ -106,6 +105,8 @@ class Daemon:
         new_action_id: Callable[[], str] = uuid_action_id,
     ) -> None:
         self.clock: Clock = clock or SystemClock()
+        self._clock_jumps = JumpDetector(self.clock)
+        """Wall-clock jumps seen by this process: a key is never forgotten early."""
         self.watch = watch
         self.store: Store = store_for(config.database)
         self.metrics = Metrics()
@@ -206,8 +207,9 @@ class Daemon:
     async def purge_idempotency_keys(self) -> int:
         """Forget ``Idempotency-Key``s older than the config's ``idempotency_window_s``;
         returns how many."""
-        window = timedelta(seconds=self.config.idempotency_window_s)
-        return await self.store.purge_idempotency_keys(self.clock.now() - window)
+        window_s = self.config.idempotency_window_s
+        cutoff = self._clock_jumps.keep_since(self._clock_jumps.now(), window_s)
+        return await self.store.purge_idempotency_keys(cutoff)
 
     # -- writes -------------------------------------------------------------------------
 

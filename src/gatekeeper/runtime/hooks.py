@@ -45,7 +45,7 @@ from typing import Any, Final
 
 from gatekeeper.config import Config, Hook, HookFact
 from gatekeeper.engine.model import FactInput
-from gatekeeper.jsonwire import loads_strict
+from gatekeeper.jsonwire import MAX_FACT_DEPTH, loads_strict, too_deep
 from gatekeeper.problems import Problem
 from gatekeeper.schemas import load_schema
 
@@ -327,6 +327,9 @@ def _same(value: Any, required: Any) -> bool:
 def _make_fact(hook: Hook, mapping: HookFact, payload: Any) -> FactInput:
     fact_id = render(mapping.id, payload, keep_type=False)
     data = {name: render(text, payload) for name, text in mapping.data.items()}
+    if too_deep(data):  # the same limit as POST /v1/facts: only what can be served back
+        message = f"the mapped fact data is nested more than {MAX_FACT_DEPTH} levels deep"
+        raise HookRejected(422, message)
     _check_identifiers(hook.project, mapping.kind, fact_id)
     return FactInput(project=hook.project, kind=mapping.kind, id=fact_id, data=data)
 

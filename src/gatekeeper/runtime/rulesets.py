@@ -101,6 +101,7 @@ class Rulesets:
         self.rule_cache = RuleFileCache()
         """Checked rule files by content hash: a reload parses and checks only what changed."""
         self._stop_watching = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
 
     def resolve_secrets(self) -> None:
         """Read the config's target and hook secrets from ``environ`` and check the hook
@@ -223,12 +224,17 @@ class Rulesets:
         """Re-read ``gatekeeper.yaml`` (when there is one) and the rules directory.
 
         All-or-nothing: returns False, keeping the active ruleset and config, when anything
-        is invalid; the problems are in ``status``.
+        is invalid; the problems are in ``status``. The files are read and checked in a
+        worker thread, so the event loop keeps serving meanwhile; reloads run one at a time.
         """
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         config = self.config
         if config.path is not None:
             try:
-                config = load_config(config.path)
+                config = await asyncio.to_thread(load_config, config.path)
                 secrets = resolve_secrets(config, self.environ)
                 hook_secrets = resolve_hook_secrets(config, self.environ)
                 check_hooks(config)
@@ -244,7 +250,7 @@ class Rulesets:
                 config = _keep_listen_and_database(config, self.config)
         else:
             secrets, hook_secrets = self.secrets, self.hook_secrets
-        result = load_rules_dir(config.rules_dir, config, self.rule_cache)
+        result = await asyncio.to_thread(load_rules_dir, config.rules_dir, config, self.rule_cache)
         if result.ruleset is None:
             self._report_refused(result)
             return False
