@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from gatekeeper.engine.model import Transition
+from gatekeeper.engine.model import FactInput, Transition
 from gatekeeper.store import Store
 from gatekeeper.store.queries import AuditQuery
 from gatekeeper.store.records import Attempt, AttemptRecord, AuditEntry
@@ -66,9 +66,9 @@ async def test_decisions_newest_first_by_rule_and_by_firing(store: Store) -> Non
     blocked.decisions = [
         build.decision("tower-a/s", build.at(1), outcome="blocked", reason="r", fact_index=0)
     ]
-    await store.commit_transitions(
-        [build.firing("tower-a/r", 1, build.T0, request_id="req-7"), blocked]
-    )
+    first = build.firing("tower-a/r", 1, build.T0, request_id="req-7")
+    first.facts.append(FactInput("tower-a", "task", "T-1", {"done": True}))  # what it saw
+    await store.commit_transitions([first, blocked])
     not_met = build.decision("tower-a/r", build.at(2), outcome="not_met", firing=None)
     await store.commit_transition(Transition(decisions=[not_met], planned_at=build.at(2)))
     decisions = await store.list_decisions()

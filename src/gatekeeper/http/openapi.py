@@ -353,8 +353,13 @@ def _response_schemas(rule_source: JsonObject) -> JsonObject:
                 },
                 "missing": {**STRING_LIST, "minItems": 1},
                 "error": STRING,
+                "value_omitted": {
+                    **COUNT,
+                    "description": "In a recorded decision: the value was longer than "
+                    "1,024 characters of JSON (this many) and is not kept (value is null).",
+                },
             },
-            optional=("missing", "error"),
+            optional=("missing", "error", "value_omitted"),
             description="A sub-condition of `when` and its value.",
         ),
         "Evaluation": _obj(
@@ -369,9 +374,22 @@ def _response_schemas(rule_source: JsonObject) -> JsonObject:
                 "seen": {
                     **ANY_OBJECT,
                     "description": "The facts the evaluation read (`kind.id` to data, null "
-                    "for a fact that does not exist).",
+                    "for a fact that does not exist). A live explanation also maps each kind "
+                    "read whole (`len(task)`) to its facts (`task` to {id: data}); a recorded "
+                    "decision keeps the facts it read by id (rebuilt from the fact log) and "
+                    "summarises a kind read whole in `seen_kinds` instead.",
+                },
+                "seen_kinds": {
+                    "type": "object",
+                    "additionalProperties": _obj(
+                        {"facts": COUNT, "as_of_seq": {"type": "integer", "minimum": 0}}
+                    ),
+                    "description": "In a recorded decision: each kind read whole, how many "
+                    "facts it had and the fact log's last seq then (the kind as read is, per "
+                    "id, the latest fact log entry up to that seq).",
                 },
             },
+            optional=("seen_kinds",),
             description="The value of a `when` condition and of its sub-conditions.",
         ),
         "ApprovalStatus": _obj(

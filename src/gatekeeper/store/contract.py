@@ -86,7 +86,12 @@ class StateStore(Protocol):
         order.
 
         Rows are stamped with the first decision's ``decided_at``, or else with
-        ``transition.planned_at``. Raises ``ValueError`` (before writing) when a row needs a
+        ``transition.planned_at``. A decision's evaluation is stored by reference
+        (``gatekeeper.store.evidence.stored_evaluation``): the ``seq`` of the current data
+        of each fact it read by id (looked up without a statement per fact: a transition's
+        own facts are known), a count and the fact log's last ``seq`` for each kind read
+        whole, clause values over ``MAX_STORED_VALUE_CHARS`` as their size. Raises
+        ``ValueError`` (before writing) when a row needs a
         time and the transition has neither; ``Conflict`` when a unique key is already
         stored (a ``firing_id``, ``action_id``, release id or idempotency key: a double
         firing); nothing is written then.
@@ -219,7 +224,9 @@ class AuditReads(Protocol):
         self, rule_id: str | None = None, limit: int = 100
     ) -> list[StoredDecision]:
         """At most ``limit`` decisions, newest first (id descending), of ``rule_id`` when
-        given."""
+        given. A decision keeps what it saw by reference (``gatekeeper.store.evidence``):
+        its ``evaluation`` is shown with ``seen`` rebuilt from the fact log, so what one
+        decision stores is bounded whatever its rule reads."""
         ...
 
     async def decision_of_firing(self, firing_id: str) -> StoredDecision | None:

@@ -104,8 +104,10 @@ class LoggedFact:
 @dataclass(frozen=True, slots=True)
 class StoredDecision:
     """A recorded decision: the engine's ``Decision`` with its id, its triggering fact's
-    sequence number (``fact_seq``) and the HTTP request that caused it. ``evaluation`` and
-    ``approvals`` are the JSON the engine produced, as stored."""
+    sequence number (``fact_seq``) and the HTTP request that caused it. ``approvals`` is the
+    JSON the engine produced; ``evaluation`` too, with ``seen`` rebuilt from the fact log
+    (``gatekeeper.store.evidence.shown_evaluation``: facts read by id with the data they
+    had then, kinds read whole summarised in ``seen_kinds``)."""
 
     id: int
     decided_at: datetime

@@ -42,7 +42,6 @@ from gatekeeper.engine.model import (
     FactKey,
     RuleState,
     Transition,
-    evaluation_to_json,
 )
 from gatekeeper.rules.model import Ruleset
 from gatekeeper.store.errors import (
@@ -50,6 +49,12 @@ from gatekeeper.store.errors import (
     SchemaTooNew,
     StoreError,
     StoreUnavailable,
+)
+from gatekeeper.store.evidence import (
+    fact_reads,
+    referenced_seqs,
+    shown_evaluation,
+    stored_evaluation,
 )
 from gatekeeper.store.migrations import Migration, load_migrations
 from gatekeeper.store.queries import AuditQuery, OutboxFilter, Projects
@@ -481,14 +486,18 @@ class SqliteStore:
         transitions = list(transitions)
 
         def write(db: sqlite3.Connection) -> list[list[int]]:
-            return [self._write_transition(db, t) for t in transitions]
+            written = _Written(db)
+            return [self._write_transition(db, t, written) for t in transitions]
 
         return await self._transaction(write)
 
-    def _write_transition(self, db: sqlite3.Connection, t: Transition) -> list[int]:
+    def _write_transition(
+        self, db: sqlite3.Connection, t: Transition, written: _Written
+    ) -> list[int]:
         """On the writer thread, inside the open transaction: write everything ``t`` changes
         (fact log, facts, approvals, admin acts, ruleset, decisions, rule states, outbox,
-        ledger, idempotency key); return the facts' (and approvals') sequence numbers."""
+        ledger, idempotency key); return the facts' (and approvals') sequence numbers.
+        ``written`` follows the fact log through the transaction's transitions."""
         if t.decisions:
             now = t.decisions[0].decided_at
         elif t.planned_at is not None:
@@ -508,10 +517,13 @@ class SqliteStore:
             seq = int(cursor.lastrowid or 0)
             seqs.append(seq)
             fact_rows.append((fact.project, fact.kind, fact.id, data, seq, now))
+            written.facts[(fact.project, fact.kind, fact.id)] = seq
         if fact_rows:
             _UPSERT_FACTS.run(db, fact_rows)
         for approval in t.approvals:
             seqs.append(_write_approval(db, approval, now, request_id))
+        if seqs:
+            written.last = seqs[-1]
         if t.admin_acts:
             db.executemany(
                 "INSERT INTO admin_acts (at, actor, act, subject, reason, project)"
@@ -524,7 +536,10 @@ class SqliteStore:
         if t.ruleset is not None:
             _write_ruleset(db, t.ruleset, now)
         if t.decisions:
-            _INSERT_DECISIONS.run(db, [_decision_row(d, seqs, request_id) for d in t.decisions])
+            written.resolve(t.decisions)
+            _INSERT_DECISIONS.run(
+                db, [_decision_row(d, seqs, request_id, written) for d in t.decisions]
+            )
         if t.rule_states:
             _UPSERT_RULE_STATES.run(
                 db,
@@ -826,6 +841,10 @@ class SqliteStore:
             f" FROM decisions {where} ORDER BY id DESC LIMIT ?",
             (*params, limit),
         )
+        stored = [json.loads(r[10]) for r in rows]
+        data_of = await self._fact_data(
+            {seq for evaluation in stored for seq in referenced_seqs(evaluation)}
+        )
         return [
             StoredDecision(
                 id=r[0],
@@ -838,14 +857,27 @@ class SqliteStore:
                 fact_seq=r[7],
                 outcome=r[8],
                 gate_open=bool(r[9]),
-                evaluation=json.loads(r[10]),
+                evaluation=shown_evaluation(evaluation, data_of),
                 approvals=json.loads(r[11]) if r[11] else None,
                 firing_id=r[12],
                 request_id=r[13],
                 reason=r[14],
             )
-            for r in rows
+            for r, evaluation in zip(rows, stored, strict=True)
         ]
+
+    async def _fact_data(self, seqs: Iterable[int]) -> dict[int, Any]:
+        """The data of the fact log entries ``seqs``, by seq."""
+        wanted = sorted(seqs)
+        data: dict[int, Any] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            rows = await self._rows(
+                f"SELECT seq, data FROM fact_log WHERE seq IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            data.update((seq, json.loads(text)) for seq, text in rows)
+        return data
 
     async def audit(self, query: AuditQuery) -> list[AuditEntry]:
         where, params = _audit_where(query)
@@ -980,8 +1012,60 @@ def _write_approval(
     return seq
 
 
-def _decision_row(d: Decision, seqs: Sequence[int], request_id: str | None) -> tuple[Any, ...]:
-    """The ``decisions`` row of ``d`` (its evaluation and approvals as JSON text)."""
+_SEQS_OF_FACTS = (
+    "SELECT facts.project, facts.kind, facts.id, facts.seq FROM json_each(?) AS keys"
+    " CROSS JOIN facts ON facts.project = keys.value ->> 0 AND facts.kind = keys.value ->> 1"
+    " AND facts.id = keys.value ->> 2"
+)
+"""The current ``seq`` of each ``[project, kind, id]`` of a JSON list, in one statement."""
+
+
+class _Written:
+    """Inside one write transaction (on the writer thread): the fact log ``seq`` of the
+    current data of each fact key written or looked up so far, and the last ``seq``
+    written; what a decision's references are made of (``gatekeeper.store.evidence``)."""
+
+    __slots__ = ("db", "facts", "last")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.facts: dict[FactKey, int] = {}
+        self.last: int | None = None
+
+    def resolve(self, decisions: Sequence[Decision]) -> None:
+        """Look up, in one statement, the ``seq`` of the facts ``decisions`` read by id that
+        this transaction has not written (usually none: a rule mostly reads the fact that
+        triggered it)."""
+        unknown: set[FactKey] = set()
+        for d in decisions:
+            for _, kind, fact_id in fact_reads(d.evaluation.seen)[0]:
+                key = (d.project, kind, fact_id)
+                if key not in self.facts:
+                    unknown.add(key)
+        if unknown:
+            for project, kind, fact_id, seq in self.db.execute(
+                _SEQS_OF_FACTS, (_dumps(sorted(unknown)),)
+            ):
+                self.facts[(project, kind, fact_id)] = seq
+
+    def as_of(self) -> int:
+        """The fact log's last ``seq`` (0 for an empty log)."""
+        if self.last is None:
+            row = self.db.execute("SELECT MAX(seq) FROM fact_log").fetchone()
+            self.last = int(row[0] or 0)
+        return self.last
+
+
+def _decision_row(
+    d: Decision, seqs: Sequence[int], request_id: str | None, written: _Written
+) -> tuple[Any, ...]:
+    """The ``decisions`` row of ``d`` (its evaluation, by reference, and approvals as JSON
+    text)."""
+    project = d.project
+    facts = written.facts
+    evaluation = stored_evaluation(
+        d.evaluation, lambda kind, fact_id: facts.get((project, kind, fact_id)), written.as_of
+    )
     return (
         d.decided_at,
         d.rule_id,
@@ -992,7 +1076,7 @@ def _decision_row(d: Decision, seqs: Sequence[int], request_id: str | None) -> t
         seqs[d.fact_index] if d.fact_index is not None else None,
         d.outcome,
         d.gate_open,
-        _dumps(evaluation_to_json(d.evaluation)),
+        _dumps(evaluation),
         _dumps(d.approvals) if d.approvals is not None else None,
         d.firing_id,
         request_id,
