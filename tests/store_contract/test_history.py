@@ -3,7 +3,10 @@ its filters, cursors and visibility, the ledger, stored rulesets."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from dataclasses import replace
+from pathlib import Path
 
 from gatekeeper.engine.model import FactInput, Transition
 from gatekeeper.store import Store
@@ -248,3 +251,40 @@ async def test_rulesets_most_recently_activated_first(backend: Backend) -> None:
         "files": {"x.yaml": "- id: x\n"},
     }
     assert await store.get_ruleset("v9") is None
+
+
+async def test_rulesets_page_by_cursor(store: Store) -> None:
+    for n in range(5):
+        await store.commit_transition(build.ruleset(f"v{n}", build.at(n), {"a.yaml": f"{n}\n"}))
+    await store.commit_transition(build.ruleset("v5", build.at(4), {"a.yaml": "5\n"}))  # a tie
+    pages: list[list[str]] = []
+    after = None
+    while page := await store.list_rulesets(limit=2, after=after):
+        pages.append([r.version for r in page])
+        after = page[-1].cursor
+    assert pages == [["v5", "v4"], ["v3", "v2"], ["v1", "v0"]]
+
+
+async def test_a_file_text_is_stored_once_whatever_the_versions_holding_it(
+    backend: Backend,
+) -> None:
+    store = await backend.open()
+    big = "# a large rule file\n" + "- id: big/r\n  when: x.y\n" * 40_000  # about 1 MB
+    for n in range(10):
+        files = {"big.yaml": big, "small.yaml": f"# edit {n}\n"}
+        await store.commit_transition(build.ruleset(f"v{n}", build.at(n), files))
+    again = await store.get_ruleset("v3")
+    assert again is not None and again.files == {"big.yaml": big, "small.yaml": "# edit 3\n"}
+    assert [list(r.files) for r in await store.list_rulesets(limit=1)] == [
+        ["big.yaml", "small.yaml"]
+    ]
+    if backend.name == "sqlite":
+        path = Path(backend.url.removeprefix("sqlite:///"))
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            [(count, chars)] = db.execute("SELECT COUNT(*), SUM(length(text)) FROM ruleset_files")
+            assert count == 11  # the big file once, each edit of the small one
+            assert chars < len(big) + 100
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            size = pages * db.execute("PRAGMA page_size").fetchone()[0]
+        print(f"\ndatabase {size:,} bytes for a {len(big):,}-character file in 10 versions")
+        assert size < 2 * len(big)

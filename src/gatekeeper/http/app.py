@@ -31,7 +31,13 @@ from aiohttp.web_urldispatcher import SystemRoute
 from gatekeeper import __version__
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
 from gatekeeper.config import Token
-from gatekeeper.engine.model import AdminAct, ApprovalInput, FactInput, IdempotencyRecord
+from gatekeeper.engine.model import (
+    AdminAct,
+    ApprovalInput,
+    FactInput,
+    FactKey,
+    IdempotencyRecord,
+)
 from gatekeeper.http.auth import authenticate, bearer_token
 from gatekeeper.http.openapi import build_openapi
 from gatekeeper.jsonwire import json_path, loads_strict
@@ -48,7 +54,14 @@ from gatekeeper.runtime.hooks import handle as handle_hook
 from gatekeeper.schemas import load_schema
 from gatekeeper.store.errors import Conflict
 from gatekeeper.store.queries import AuditQuery
-from gatekeeper.store.records import AUDIT_KINDS, ActionStatus, AuditCursor, AuditKind
+from gatekeeper.store.records import (
+    AUDIT_KINDS,
+    ActionStatus,
+    AuditCursor,
+    AuditKind,
+    RulesetCursor,
+    StoredFact,
+)
 
 log = logging.getLogger("gatekeeper.http.app")
 
@@ -402,9 +415,50 @@ async def post_facts(request: web.Request) -> web.Response:
 
 @requires("read")
 async def get_facts(request: web.Request) -> web.Response:
+    """The current facts in (project, kind, id) order, a page of ``limit`` (default
+    ``FACTS_PAGE``) after ``cursor`` (the ``next_cursor`` of the page before)."""
     project = request.query.get("project")
-    facts = await _daemon(request).list_facts(project, projects=visible_projects(request))
-    return web.json_response({"facts": [f.to_json() for f in facts]})
+    after, limit = _fact_page(request)
+    facts = await _daemon(request).list_facts(
+        project, projects=visible_projects(request), after=after, limit=limit
+    )
+    return web.json_response(
+        {"facts": [f.to_json() for f in facts], "next_cursor": _next_fact_cursor(facts, limit)}
+    )
+
+
+FACTS_PAGE = 1000
+"""The default (and largest) page of ``GET /v1/facts`` and ``/v1/export``, in facts."""
+
+
+def _fact_page(request: web.Request) -> tuple[FactKey | None, int]:
+    """The ``cursor`` (a fact key) and ``limit`` of a page of facts."""
+    text = request.query.get("cursor")
+    return (None if text is None else _decode_key(text, 3)), _limit(request, FACTS_PAGE)
+
+
+def _next_fact_cursor(facts: list[StoredFact], limit: int) -> str | None:
+    last = facts[-1] if len(facts) == limit else None
+    return _encode_key([last.project, last.kind, last.id]) if last else None
+
+
+def _encode_key(fields: list[str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(fields).encode()).decode()
+
+
+def _decode_key(text: str, size: int) -> Any:
+    """The ``size`` strings of a cursor ``_encode_key`` gave out; 400 for anything else."""
+    try:
+        fields = json.loads(base64.urlsafe_b64decode(text.encode()))
+        if (
+            isinstance(fields, list)
+            and len(fields) == size
+            and all(isinstance(field, str) for field in fields)
+        ):
+            return tuple(fields)
+    except (ValueError, TypeError, UnicodeError):
+        pass
+    raise ApiError(400, "cursor is not a next_cursor this API gave out")
 
 
 @requires("read")
@@ -693,19 +747,38 @@ def _decode_cursor(text: str | None) -> AuditCursor | None:
 async def get_export(request: web.Request) -> web.Response:
     """A snapshot of the state, in the format ``gatekeeper plan --snapshot`` reads: current
     facts, every rule's firing state, standing approvals, the active ruleset's content
-    hashes and the escrows. Limited to the token's projects."""
-    return web.json_response(
-        await _daemon(request).export(
-            lambda project: visible(request, project), visible_projects(request)
-        )
+    hashes and the escrows. Limited to the token's projects. The facts are paged as in
+    ``GET /v1/facts``; a page after the first holds only facts."""
+    after, limit = _fact_page(request)
+    snapshot = await _daemon(request).export(
+        lambda project: visible(request, project),
+        visible_projects(request),
+        after=after,
+        limit=limit,
     )
+    facts = snapshot["facts"]
+    last = facts[-1] if len(facts) == limit else None
+    cursor = _encode_key([last["project"], last["kind"], last["id"]]) if last else None
+    return web.json_response({**snapshot, "next_cursor": cursor})
 
 
 @requires("read")
 async def get_rulesets(request: web.Request) -> web.Response:
-    """Every ruleset version that went live, most recent first (content-addressed)."""
-    rulesets = await _daemon(request).list_rulesets(_limit(request))
-    return web.json_response({"rulesets": [r.to_json() for r in rulesets]})
+    """Every ruleset version that went live, most recent first (content-addressed), a page
+    of ``limit`` after ``cursor``, without the files' text."""
+    text = request.query.get("cursor")
+    after = None
+    if text is not None:
+        at, version = _decode_key(text, 2)
+        try:
+            after = RulesetCursor(parse_rfc3339(at), version)
+        except ValueError:
+            raise ApiError(400, "cursor is not a next_cursor this API gave out") from None
+    limit = _limit(request)
+    rulesets = await _daemon(request).list_rulesets(limit, after)
+    last = rulesets[-1] if len(rulesets) == limit else None
+    cursor = _encode_key([format_rfc3339(last.last_activated_at), last.version]) if last else None
+    return web.json_response({"rulesets": [r.to_json() for r in rulesets], "next_cursor": cursor})
 
 
 @requires("read")

@@ -35,6 +35,7 @@ RULES_SCHEMA = "rules.schema.json"
 RULE_FILE_PREFIX = "RuleFile."
 
 MAX_LIST_LIMIT = 1000  # server.MAX_LIST_LIMIT (not imported: server imports this module)
+FACTS_PAGE = 1000  # server.FACTS_PAGE
 MAX_IDEMPOTENCY_KEY_CHARS = 255  # server.MAX_IDEMPOTENCY_KEY_CHARS
 ERROR_STATUSES: Mapping[int, tuple[str, str]] = {
     400: (
@@ -197,6 +198,10 @@ def _response_schemas(rule_source: JsonObject) -> JsonObject:
     timestamp = _ref("Timestamp")
     nullable_timestamp = _nullable(timestamp)
     decimal = _ref("DecimalString")
+    next_cursor = {
+        **NULLABLE_STRING,
+        "description": "Pass as `cursor` for the next page; null on the last.",
+    }
     return {
         "Timestamp": {
             "type": "string",
@@ -272,7 +277,14 @@ def _response_schemas(rule_source: JsonObject) -> JsonObject:
             },
             description="The current state of one fact.",
         ),
-        "FactList": _obj({"facts": {"type": "array", "items": _ref("Fact")}}),
+        "FactList": _obj(
+            {
+                "facts": {"type": "array", "items": _ref("Fact")},
+                "next_cursor": next_cursor,
+            },
+            optional=("next_cursor",),
+            description=f"A page of facts (at most {FACTS_PAGE} unless `limit` says fewer).",
+        ),
         "Problem": _obj(
             {
                 "file": STRING,
@@ -603,8 +615,13 @@ def _response_schemas(rule_source: JsonObject) -> JsonObject:
                     }
                 ),
                 "escrows": {"type": "array", "items": _ref("Escrow")},
+                "next_cursor": next_cursor,
             },
-            description="What `gatekeeper export` writes and `gatekeeper plan` reads.",
+            optional=("rule_states", "approvals", "ruleset", "escrows", "next_cursor"),
+            description="What `gatekeeper export` writes and `gatekeeper plan` reads. From "
+            "`GET /v1/export`, a page: its facts are paged as `GET /v1/facts`'s; the first "
+            "page holds everything else, a later one (with `cursor`) only facts. "
+            "`gatekeeper export` follows the pages and writes one snapshot.",
         ),
         "AuditEntry": _obj(
             {
@@ -647,7 +664,11 @@ def _response_schemas(rule_source: JsonObject) -> JsonObject:
             description="A ruleset version that went live (content-addressed).",
         ),
         "RulesetVersionList": _obj(
-            {"rulesets": {"type": "array", "items": _ref("RulesetVersion")}}
+            {
+                "rulesets": {"type": "array", "items": _ref("RulesetVersion")},
+                "next_cursor": next_cursor,
+            },
+            optional=("next_cursor",),
         ),
         "RulesetText": _obj(
             {
@@ -841,6 +862,25 @@ def _limit(default: int) -> JsonObject:
     }
 
 
+def _fact_page_params() -> list[JsonObject]:
+    return [
+        _query("cursor", "The next_cursor of the previous page."),
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "description": f"How many facts to list, in (project, kind, id) order (1 to "
+            f"{FACTS_PAGE}); follow next_cursor for the rest.",
+            "schema": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": FACTS_PAGE,
+                "default": FACTS_PAGE,
+            },
+        },
+    ]
+
+
 def _query(name: str, description: str, **schema: Any) -> JsonObject:
     return {
         "name": name,
@@ -917,9 +957,13 @@ def _paths() -> JsonObject:
                         "required": False,
                         "description": "Only this project's facts.",
                         "schema": {"type": "string"},
-                    }
+                    },
+                    *_fact_page_params(),
                 ],
-                "responses": {"200": _json(_ref("FactList"), "The facts."), **_errors()},
+                "responses": {
+                    "200": _json(_ref("FactList"), "A page of facts."),
+                    **_errors(400),
+                },
             },
         },
         "/v1/rules": {
@@ -1121,7 +1165,11 @@ def _paths() -> JsonObject:
                 "operationId": "export",
                 "tags": ["facts"],
                 "summary": "A snapshot of the state, as `gatekeeper plan --snapshot` reads it",
-                "responses": {"200": _json(_ref("Snapshot"), "The snapshot."), **_errors()},
+                "parameters": _fact_page_params(),
+                "responses": {
+                    "200": _json(_ref("Snapshot"), "The snapshot (a page of it)."),
+                    **_errors(400),
+                },
             }
         },
         "/v1/rulesets": {
@@ -1129,7 +1177,10 @@ def _paths() -> JsonObject:
                 "operationId": "listRulesets",
                 "tags": ["rules"],
                 "summary": "Every ruleset version that went live, most recent first",
-                "parameters": [_limit(100)],
+                "parameters": [
+                    _query("cursor", "The next_cursor of the previous page."),
+                    _limit(100),
+                ],
                 "responses": {
                     "200": _json(_ref("RulesetVersionList"), "The versions."),
                     **_errors(400),

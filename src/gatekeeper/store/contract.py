@@ -44,6 +44,7 @@ from gatekeeper.store.records import (
     LoggedFact,
     OutboxEntry,
     ReleaseRecord,
+    RulesetCursor,
     RulesetSummary,
     StandingApprovals,
     StoredDecision,
@@ -206,10 +207,16 @@ class AuditReads(Protocol):
     """The history: the fact log, current facts, decisions, the audit log, the ledger."""
 
     async def list_facts(
-        self, project: str | None = None, *, projects: Projects = None
+        self,
+        project: str | None = None,
+        *,
+        projects: Projects = None,
+        after: FactKey | None = None,
+        limit: int | None = None,
     ) -> list[StoredFact]:
         """Current facts ordered by ``(project, kind, id)``, of ``project`` when given, only
-        of ``projects``."""
+        of ``projects``; a page: those strictly after the key ``after`` (keyset paging: the
+        key of the last fact of the page before), at most ``limit`` (None: all)."""
         ...
 
     async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[LoggedFact]:
@@ -245,14 +252,22 @@ class AuditReads(Protocol):
 
 
 class RulesetReads(Protocol):
-    """Stored ruleset versions (content-addressed; each activation is recorded)."""
+    """Stored ruleset versions (content-addressed; each activation is recorded; each file
+    text kept once per content hash)."""
 
-    async def list_rulesets(self, limit: int = 100) -> list[RulesetSummary]:
-        """At most ``limit`` versions, the most recently activated first."""
+    async def list_rulesets(
+        self, limit: int = 100, *, after: RulesetCursor | None = None
+    ) -> list[RulesetSummary]:
+        """At most ``limit`` versions, the most recently activated first
+        (``last_activated_at``, then ``version``, descending), without their files' text;
+        a page continues strictly after ``after`` (the ``cursor`` of the last summary of
+        the page before)."""
         ...
 
     async def get_ruleset(self, version: str) -> StoredRuleset | None:
-        """One version with the text of its files, or None."""
+        """One version with the text of its files, or None. Each file's text is stored
+        once per content (SHA-256 of its text), whatever the number of versions holding
+        it. Raises ``StoreError`` when a text the version names is not stored."""
         ...
 
 

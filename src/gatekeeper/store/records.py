@@ -325,6 +325,11 @@ class RulesetSummary:
     last_activated_at: datetime
     files: Sequence[str]
 
+    @property
+    def cursor(self) -> RulesetCursor:
+        """Where a page ending with this version ends (``list_rulesets(after=...)``)."""
+        return RulesetCursor(self.last_activated_at, self.version)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version,
@@ -333,6 +338,15 @@ class RulesetSummary:
             "last_activated_at": format_rfc3339(self.last_activated_at),
             "files": list(self.files),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class RulesetCursor:
+    """The position of a ruleset version in the listing's order (the most recently
+    activated first: ``last_activated_at``, then ``version``, both descending)."""
+
+    last_activated_at: datetime
+    version: str
 
 
 @dataclass(frozen=True, slots=True)

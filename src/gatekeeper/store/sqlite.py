@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import itertools
 import json
 import sqlite3
@@ -68,6 +69,7 @@ from gatekeeper.store.records import (
     LoggedFact,
     OutboxEntry,
     ReleaseRecord,
+    RulesetCursor,
     RulesetSummary,
     StandingApprovals,
     StoredDecision,
@@ -78,6 +80,18 @@ from gatekeeper.store.records import (
 
 MIGRATIONS: tuple[Migration, ...] = load_migrations("sqlite")
 """The schema's migrations, in version order (``PRAGMA user_version`` = the last applied)."""
+
+
+def content_hash(text: str) -> str:
+    """The content hash a ruleset file's text is kept under: SHA-256 (hex) of its UTF-8."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def add_functions(db: sqlite3.Connection) -> None:
+    """Register the SQL functions the migrations use on ``db``: ``gk_sha256(text)``
+    (``content_hash``)."""
+    db.create_function("gk_sha256", 1, content_hash, deterministic=True)
+
 
 _dumps = canonical_json
 
@@ -461,6 +475,7 @@ class SqliteStore:
         """On the writer thread: run the migrations the database has not had yet, each in
         its own transaction together with its new ``user_version``."""
         assert self._db is not None
+        add_functions(self._db)
         row = self._db.execute("PRAGMA user_version").fetchone()
         current = int(row[0]) if row else 0
         if current > len(MIGRATIONS):
@@ -662,7 +677,23 @@ class SqliteStore:
             f"SELECT {_RULESET_COLUMNS} FROM rulesets"
             " WHERE version = (SELECT value FROM meta WHERE key = 'active_ruleset')"
         )
-        return _stored_ruleset(row) if row else None
+        return await self._stored_ruleset(row) if row else None
+
+    async def _stored_ruleset(self, r: Any) -> StoredRuleset:
+        """The ruleset version of row ``r`` (``_RULESET_COLUMNS``) with its files' text."""
+        hashes: dict[str, str] = json.loads(r[1])
+        wanted = sorted(set(hashes.values()))
+        rows = await self._rows(
+            "SELECT content_hash, text FROM ruleset_files"
+            f" WHERE content_hash IN ({', '.join('?' * len(wanted))})",
+            wanted,
+        )
+        texts = dict(rows)
+        missing = sorted(name for name, h in hashes.items() if h not in texts)
+        if missing:
+            raise StoreError(f"ruleset {r[0]}: the text of {', '.join(missing)} is not stored")
+        files = {name: texts[h] for name, h in hashes.items()}
+        return StoredRuleset(r[0], files, r[2], parse_rfc3339(r[3]), parse_rfc3339(r[4]))
 
     # -- DeliveryQueue ------------------------------------------------------------------
 
@@ -794,16 +825,24 @@ class SqliteStore:
     # -- AuditReads ---------------------------------------------------------------------
 
     async def list_facts(
-        self, project: str | None = None, *, projects: Projects = None
+        self,
+        project: str | None = None,
+        *,
+        projects: Projects = None,
+        after: FactKey | None = None,
+        limit: int | None = None,
     ) -> list[StoredFact]:
         where, params = _visible("project", projects)
         if project is not None:
             where += " AND project = ?"
             params.append(project)
+        if after is not None:
+            where += " AND (project, kind, id) > (?, ?, ?)"
+            params += after
         rows = await self._rows(
             "SELECT project, kind, id, data, seq, updated_at FROM facts"
-            f" WHERE {where} ORDER BY project, kind, id",
-            params,
+            f" WHERE {where} ORDER BY project, kind, id LIMIT ?",
+            (*params, -1 if limit is None else limit),
         )
         return [
             StoredFact(r[0], r[1], r[2], json.loads(r[3]), r[4], parse_rfc3339(r[5])) for r in rows
@@ -911,11 +950,19 @@ class SqliteStore:
 
     # -- RulesetReads -------------------------------------------------------------------
 
-    async def list_rulesets(self, limit: int = 100) -> list[RulesetSummary]:
+    async def list_rulesets(
+        self, limit: int = 100, *, after: RulesetCursor | None = None
+    ) -> list[RulesetSummary]:
+        where = ""
+        params: list[Any] = []
+        if after is not None:
+            at = format_rfc3339(after.last_activated_at)
+            where = " WHERE (last_activated_at, version) < (?, ?)"
+            params = [at, after.version]
         rows = await self._rows(
             "SELECT version, git_commit, first_activated_at, last_activated_at, files"
-            " FROM rulesets ORDER BY last_activated_at DESC LIMIT ?",
-            (limit,),
+            f" FROM rulesets{where} ORDER BY last_activated_at DESC, version DESC LIMIT ?",
+            (*params, limit),
         )
         return [
             RulesetSummary(
@@ -928,7 +975,7 @@ class SqliteStore:
         row = await self._row(
             f"SELECT {_RULESET_COLUMNS} FROM rulesets WHERE version = ?", (version,)
         )
-        return _stored_ruleset(row) if row else None
+        return await self._stored_ruleset(row) if row else None
 
 
 _OUTBOX_COLUMNS = (
@@ -974,10 +1021,6 @@ def _logged_fact(r: Any) -> LoggedFact:
 
 
 _RULESET_COLUMNS = "version, files, git_commit, first_activated_at, last_activated_at"
-
-
-def _stored_ruleset(r: Any) -> StoredRuleset:
-    return StoredRuleset(r[0], json.loads(r[1]), r[2], parse_rfc3339(r[3]), parse_rfc3339(r[4]))
 
 
 def _write_approval(
@@ -1086,12 +1129,34 @@ def _decision_row(
 
 
 def _write_ruleset(db: sqlite3.Connection, ruleset: Ruleset, now: str) -> None:
-    db.execute(
-        "INSERT INTO rulesets (version, files, git_commit, first_activated_at,"
-        " last_activated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (version) DO UPDATE SET"
-        " last_activated_at = excluded.last_activated_at, git_commit = excluded.git_commit",
-        (ruleset.version, _dumps(dict(ruleset.files)), ruleset.git_commit, now, now),
+    """Record the activation of ``ruleset``: a version seen before gets its new
+    ``last_activated_at`` and git commit; a new one its row, file name -> content hash, and
+    the text of each file not stored yet (each text once per content hash, whatever the
+    number of versions holding it)."""
+    cursor = db.execute(
+        "UPDATE rulesets SET last_activated_at = ?, git_commit = ? WHERE version = ?",
+        (now, ruleset.git_commit, ruleset.version),
     )
+    if cursor.rowcount == 0:
+        hashes = {name: content_hash(text) for name, text in ruleset.files.items()}
+        stored = {
+            h
+            for (h,) in db.execute(
+                "SELECT content_hash FROM ruleset_files WHERE content_hash IN"
+                " (SELECT value FROM json_each(?))",
+                (_dumps(sorted(set(hashes.values()))),),
+            )
+        }
+        db.executemany(
+            "INSERT INTO ruleset_files (content_hash, text) VALUES (?, ?)"
+            " ON CONFLICT (content_hash) DO NOTHING",
+            [(h, ruleset.files[name]) for name, h in hashes.items() if h not in stored],
+        )
+        db.execute(
+            "INSERT INTO rulesets (version, files, git_commit, first_activated_at,"
+            " last_activated_at) VALUES (?, ?, ?, ?, ?)",
+            (ruleset.version, _dumps(hashes), ruleset.git_commit, now, now),
+        )
     db.execute(
         "INSERT INTO meta (key, value) VALUES ('active_ruleset', ?)"
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
