@@ -47,6 +47,34 @@ async def test_current_facts_by_project_and_visible_projects(store: Store) -> No
     }
 
 
+async def test_current_facts_page_by_key(store: Store) -> None:
+    items = [
+        (project, kind, fact_id, {})
+        for project in ("tower-a", "tower-b", "tower-c")
+        for kind in ("milestone", "task")
+        for fact_id in ("a", "a-1", "b")
+    ]
+    await store.commit_transition(build.facts(build.T0, *reversed(items)))
+    everything = [(f.project, f.kind, f.id) for f in await store.list_facts()]
+    assert everything == [item[:3] for item in items]
+    pages = []
+    after = None
+    while page := await store.list_facts(after=after, limit=4):
+        assert len(page) <= 4
+        pages.append([(f.project, f.kind, f.id) for f in page])
+        last = page[-1]
+        after = (last.project, last.kind, last.id)
+    assert [key for page in pages for key in page] == everything and len(pages) == 5
+    visible = frozenset({"tower-a", "tower-c"})
+    page = await store.list_facts(projects=visible, after=("tower-a", "task", "b"), limit=2)
+    assert [(f.project, f.kind, f.id) for f in page] == [
+        ("tower-c", "milestone", "a"),
+        ("tower-c", "milestone", "a-1"),
+    ]
+    page = await store.list_facts("tower-b", after=("tower-b", "task", "a"))
+    assert [(f.kind, f.id) for f in page] == [("task", "a-1"), ("task", "b")]
+
+
 async def test_the_fact_log_pages_by_sequence_number(store: Store) -> None:
     for n in range(5):
         await store.commit_transition(build.facts(build.at(n), ("p", "task", "t", {"n": n})))

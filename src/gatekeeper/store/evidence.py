@@ -33,71 +33,82 @@ from gatekeeper.store.records import canonical_json
 MAX_STORED_VALUE_CHARS = 1024
 """A clause value longer than this as JSON is stored as ``null`` with ``value_omitted``."""
 
-_SMALL_TYPES = (bool, int, float, type(None))
+_SMALL_TYPES = frozenset({bool, int, float, type(None)})
 
 
-def fact_reads(seen: Mapping[str, Any]) -> tuple[list[tuple[str, str, str]], list[str]]:
-    """The facts ``seen`` read by id, as ``(name, kind, id)`` of those that existed, and
-    the kinds read as a whole. ``seen`` is ``Evaluation.seen``: ``"kind.id"`` names (a kind
-    never holds a dot) and plain ``"kind"`` names."""
-    by_id = []
-    kinds = []
-    for name, data in seen.items():
-        kind, dot, fact_id = name.partition(".")
-        if not dot:
-            kinds.append(name)
-        elif data is not None:
-            by_id.append((name, kind, fact_id))
-    return by_id, kinds
+Unresolved = list[tuple[dict[str, int | None], str, tuple[str, str, str]]]
+"""Facts read by id whose ``seq`` ``stored_evaluation`` did not know: the stored ``facts``
+mapping to complete, the name in it and the fact's key (project, kind, id)."""
 
 
 def stored_evaluation(
     evaluation: Evaluation,
-    seq_of: Callable[[str, str], int | None],
+    project: str,
+    seqs: Mapping[tuple[str, str, str], int],
+    unresolved: Unresolved,
     as_of: Callable[[], int],
 ) -> dict[str, Any]:
-    """The stored form of ``evaluation`` (JSON-ready). ``seq_of(kind, id)`` gives the fact
-    log ``seq`` of the current data of a fact ``seen`` read by id (None: no such fact);
-    ``as_of()`` the fact log's last ``seq``, asked only when a kind was read whole."""
+    """The stored form of ``evaluation`` (JSON-ready) of a rule of ``project``.
+
+    ``seqs`` gives the fact log ``seq`` of the current data of facts by key; a fact
+    ``seen`` read by id that it does not hold is stored as None and appended to
+    ``unresolved``, for the caller to complete (``resolve``) before storing. ``as_of()``
+    is the fact log's last ``seq``, asked only when a kind was read whole."""
     facts: dict[str, int | None] = {}
-    kinds: dict[str, int] = {}
+    kinds: dict[str, int] | None = None
     for name, data in evaluation.seen.items():
         kind, dot, fact_id = name.partition(".")
-        if dot:
-            facts[name] = None if data is None else seq_of(kind, fact_id)
-        else:
+        if not dot:
+            if kinds is None:
+                kinds = {}
             kinds[name] = len(data)
+        elif data is None:
+            facts[name] = None
+        else:
+            key = (project, kind, fact_id)
+            seq = seqs.get(key)
+            if seq is None:
+                unresolved.append((facts, name, key))
+            facts[name] = seq
     reads: dict[str, Any] = {"facts": facts}
     if kinds:
         reads["kinds"] = kinds
         reads["as_of"] = as_of()
+    clauses = []
+    for c in evaluation.clauses:
+        value = c.value
+        if value.__class__ in _SMALL_TYPES or (
+            value.__class__ is str and len(value) <= MAX_STORED_VALUE_CHARS
+        ):
+            clause: dict[str, Any] = {"text": c.text, "value": value}
+        else:
+            clause = _stored_value(c.text, value)
+        if c.missing:
+            clause["missing"] = list(c.missing)
+        if c.error:
+            clause["error"] = c.error
+        clauses.append(clause)
     return {
         "value": evaluation.value,
-        "clauses": [
-            _stored_clause(c.text, c.value, c.missing, c.error) for c in evaluation.clauses
-        ],
+        "clauses": clauses,
         "missing": list(evaluation.missing),
         "error": evaluation.error,
         "reads": reads,
     }
 
 
-def _stored_clause(
-    text: str, value: Any, missing: tuple[str, ...], error: str | None
-) -> dict[str, Any]:
-    clause: dict[str, Any] = {"text": text, "value": value}
-    if not isinstance(value, _SMALL_TYPES) and not (
-        isinstance(value, str) and len(value) <= MAX_STORED_VALUE_CHARS
-    ):
-        size = len(canonical_json(value))
-        if size > MAX_STORED_VALUE_CHARS:
-            clause["value"] = None
-            clause["value_omitted"] = size
-    if missing:
-        clause["missing"] = list(missing)
-    if error:
-        clause["error"] = error
-    return clause
+def resolve(unresolved: Unresolved, found: Mapping[tuple[str, str, str], int]) -> None:
+    """Complete the stored evaluations of ``unresolved`` with the ``seq`` of each key in
+    ``found`` (a key not there stays None: the fact did not exist)."""
+    for facts, name, key in unresolved:
+        facts[name] = found.get(key)
+
+
+def _stored_value(text: str, value: Any) -> dict[str, Any]:
+    size = len(canonical_json(value))
+    if size > MAX_STORED_VALUE_CHARS:
+        return {"text": text, "value": None, "value_omitted": size}
+    return {"text": text, "value": value}
 
 
 def referenced_seqs(stored: Mapping[str, Any]) -> Iterable[int]:

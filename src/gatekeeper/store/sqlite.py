@@ -52,8 +52,9 @@ from gatekeeper.store.errors import (
     StoreUnavailable,
 )
 from gatekeeper.store.evidence import (
-    fact_reads,
+    Unresolved,
     referenced_seqs,
+    resolve,
     shown_evaluation,
     stored_evaluation,
 )
@@ -551,10 +552,7 @@ class SqliteStore:
         if t.ruleset is not None:
             _write_ruleset(db, t.ruleset, now)
         if t.decisions:
-            written.resolve(t.decisions)
-            _INSERT_DECISIONS.run(
-                db, [_decision_row(d, seqs, request_id, written) for d in t.decisions]
-            )
+            _INSERT_DECISIONS.run(db, written.decision_rows(t.decisions, seqs, request_id))
         if t.rule_states:
             _UPSERT_RULE_STATES.run(
                 db,
@@ -1075,21 +1073,27 @@ class _Written:
         self.facts: dict[FactKey, int] = {}
         self.last: int | None = None
 
-    def resolve(self, decisions: Sequence[Decision]) -> None:
-        """Look up, in one statement, the ``seq`` of the facts ``decisions`` read by id that
-        this transaction has not written (usually none: a rule mostly reads the fact that
-        triggered it)."""
-        unknown: set[FactKey] = set()
-        for d in decisions:
-            for _, kind, fact_id in fact_reads(d.evaluation.seen)[0]:
-                key = (d.project, kind, fact_id)
-                if key not in self.facts:
-                    unknown.add(key)
-        if unknown:
-            for project, kind, fact_id, seq in self.db.execute(
-                _SEQS_OF_FACTS, (_dumps(sorted(unknown)),)
-            ):
+    def decision_rows(
+        self, decisions: Sequence[Decision], seqs: Sequence[int], request_id: str | None
+    ) -> list[tuple[Any, ...]]:
+        """The ``decisions`` rows of ``decisions`` (their evaluations by reference, their
+        approvals as JSON text). The ``seq`` of the facts they read by id that this
+        transaction has not written (usually none: a rule mostly reads the fact that
+        triggered it) are looked up in one statement."""
+        unresolved: Unresolved = []
+        stored = [
+            stored_evaluation(d.evaluation, d.project, self.facts, unresolved, self.as_of)
+            for d in decisions
+        ]
+        if unresolved:
+            keys = sorted({key for _, _, key in unresolved})
+            for project, kind, fact_id, seq in self.db.execute(_SEQS_OF_FACTS, (_dumps(keys),)):
                 self.facts[(project, kind, fact_id)] = seq
+            resolve(unresolved, self.facts)
+        return [
+            _decision_row(d, evaluation, seqs, request_id)
+            for d, evaluation in zip(decisions, stored, strict=True)
+        ]
 
     def as_of(self) -> int:
         """The fact log's last ``seq`` (0 for an empty log)."""
@@ -1100,15 +1104,9 @@ class _Written:
 
 
 def _decision_row(
-    d: Decision, seqs: Sequence[int], request_id: str | None, written: _Written
+    d: Decision, evaluation: dict[str, Any], seqs: Sequence[int], request_id: str | None
 ) -> tuple[Any, ...]:
-    """The ``decisions`` row of ``d`` (its evaluation, by reference, and approvals as JSON
-    text)."""
-    project = d.project
-    facts = written.facts
-    evaluation = stored_evaluation(
-        d.evaluation, lambda kind, fact_id: facts.get((project, kind, fact_id)), written.as_of
-    )
+    """The ``decisions`` row of ``d`` with its stored ``evaluation`` (as JSON text)."""
     return (
         d.decided_at,
         d.rule_id,
