@@ -345,6 +345,8 @@ class SqliteStore:
         self._db: sqlite3.Connection | None = None
         """The writer connection; only ever used on the writer thread."""
         self._reader: aiosqlite.Connection | None = None
+        self._written: _Written | None = None
+        """The fact log as written so far by the transaction in progress (writer thread)."""
 
     @property
     def is_open(self) -> bool:
@@ -502,18 +504,20 @@ class SqliteStore:
         transitions = list(transitions)
 
         def write(db: sqlite3.Connection) -> list[list[int]]:
-            written = _Written(db)
-            return [self._write_transition(db, t, written) for t in transitions]
+            self._written = _Written(db)
+            try:
+                return [self._write_transition(db, t) for t in transitions]
+            finally:
+                self._written = None
 
         return await self._transaction(write)
 
-    def _write_transition(
-        self, db: sqlite3.Connection, t: Transition, written: _Written
-    ) -> list[int]:
+    def _write_transition(self, db: sqlite3.Connection, t: Transition) -> list[int]:
         """On the writer thread, inside the open transaction: write everything ``t`` changes
         (fact log, facts, approvals, admin acts, ruleset, decisions, rule states, outbox,
         ledger, idempotency key); return the facts' (and approvals') sequence numbers.
-        ``written`` follows the fact log through the transaction's transitions."""
+        ``self._written`` follows the fact log through the transaction's transitions."""
+        written = self._written or _Written(db)
         if t.decisions:
             now = t.decisions[0].decided_at
         elif t.planned_at is not None:
