@@ -3,9 +3,12 @@ its filters, cursors and visibility, the ledger, stored rulesets."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from dataclasses import replace
+from pathlib import Path
 
-from gatekeeper.engine.model import Transition
+from gatekeeper.engine.model import FactInput, Transition
 from gatekeeper.store import Store
 from gatekeeper.store.queries import AuditQuery
 from gatekeeper.store.records import Attempt, AttemptRecord, AuditEntry
@@ -44,6 +47,34 @@ async def test_current_facts_by_project_and_visible_projects(store: Store) -> No
     }
 
 
+async def test_current_facts_page_by_key(store: Store) -> None:
+    items = [
+        (project, kind, fact_id, {})
+        for project in ("tower-a", "tower-b", "tower-c")
+        for kind in ("milestone", "task")
+        for fact_id in ("a", "a-1", "b")
+    ]
+    await store.commit_transition(build.facts(build.T0, *reversed(items)))
+    everything = [(f.project, f.kind, f.id) for f in await store.list_facts()]
+    assert everything == [item[:3] for item in items]
+    pages = []
+    after = None
+    while page := await store.list_facts(after=after, limit=4):
+        assert len(page) <= 4
+        pages.append([(f.project, f.kind, f.id) for f in page])
+        last = page[-1]
+        after = (last.project, last.kind, last.id)
+    assert [key for page in pages for key in page] == everything and len(pages) == 5
+    visible = frozenset({"tower-a", "tower-c"})
+    page = await store.list_facts(projects=visible, after=("tower-a", "task", "b"), limit=2)
+    assert [(f.project, f.kind, f.id) for f in page] == [
+        ("tower-c", "milestone", "a"),
+        ("tower-c", "milestone", "a-1"),
+    ]
+    page = await store.list_facts("tower-b", after=("tower-b", "task", "a"))
+    assert [(f.kind, f.id) for f in page] == [("task", "a-1"), ("task", "b")]
+
+
 async def test_the_fact_log_pages_by_sequence_number(store: Store) -> None:
     for n in range(5):
         await store.commit_transition(build.facts(build.at(n), ("p", "task", "t", {"n": n})))
@@ -66,9 +97,9 @@ async def test_decisions_newest_first_by_rule_and_by_firing(store: Store) -> Non
     blocked.decisions = [
         build.decision("tower-a/s", build.at(1), outcome="blocked", reason="r", fact_index=0)
     ]
-    await store.commit_transitions(
-        [build.firing("tower-a/r", 1, build.T0, request_id="req-7"), blocked]
-    )
+    first = build.firing("tower-a/r", 1, build.T0, request_id="req-7")
+    first.facts.append(FactInput("tower-a", "task", "T-1", {"done": True}))  # what it saw
+    await store.commit_transitions([first, blocked])
     not_met = build.decision("tower-a/r", build.at(2), outcome="not_met", firing=None)
     await store.commit_transition(Transition(decisions=[not_met], planned_at=build.at(2)))
     decisions = await store.list_decisions()
@@ -248,3 +279,40 @@ async def test_rulesets_most_recently_activated_first(backend: Backend) -> None:
         "files": {"x.yaml": "- id: x\n"},
     }
     assert await store.get_ruleset("v9") is None
+
+
+async def test_rulesets_page_by_cursor(store: Store) -> None:
+    for n in range(5):
+        await store.commit_transition(build.ruleset(f"v{n}", build.at(n), {"a.yaml": f"{n}\n"}))
+    await store.commit_transition(build.ruleset("v5", build.at(4), {"a.yaml": "5\n"}))  # a tie
+    pages: list[list[str]] = []
+    after = None
+    while page := await store.list_rulesets(limit=2, after=after):
+        pages.append([r.version for r in page])
+        after = page[-1].cursor
+    assert pages == [["v5", "v4"], ["v3", "v2"], ["v1", "v0"]]
+
+
+async def test_a_file_text_is_stored_once_whatever_the_versions_holding_it(
+    backend: Backend,
+) -> None:
+    store = await backend.open()
+    big = "# a large rule file\n" + "- id: big/r\n  when: x.y\n" * 40_000  # about 1 MB
+    for n in range(10):
+        files = {"big.yaml": big, "small.yaml": f"# edit {n}\n"}
+        await store.commit_transition(build.ruleset(f"v{n}", build.at(n), files))
+    again = await store.get_ruleset("v3")
+    assert again is not None and again.files == {"big.yaml": big, "small.yaml": "# edit 3\n"}
+    assert [list(r.files) for r in await store.list_rulesets(limit=1)] == [
+        ["big.yaml", "small.yaml"]
+    ]
+    if backend.name == "sqlite":
+        path = Path(backend.url.removeprefix("sqlite:///"))
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            [(count, chars)] = db.execute("SELECT COUNT(*), SUM(length(text)) FROM ruleset_files")
+            assert count == 11  # the big file once, each edit of the small one
+            assert chars < len(big) + 100
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            size = pages * db.execute("PRAGMA page_size").fetchone()[0]
+        print(f"\ndatabase {size:,} bytes for a {len(big):,}-character file in 10 versions")
+        assert size < 2 * len(big)

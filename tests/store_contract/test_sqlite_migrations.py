@@ -5,6 +5,7 @@ database of that schema opens, is upgraded and works, and a newer one is refused
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from gatekeeper.store.errors import SchemaTooNew
 from gatekeeper.store.migrations import load_migrations
 from gatekeeper.store.queries import AuditQuery
 from gatekeeper.store.records import Attempt, AttemptRecord
+from gatekeeper.store.sqlite import add_functions, content_hash
 
 from . import build
 
@@ -31,6 +33,7 @@ def _schema(db: sqlite3.Connection) -> list[tuple[str, str, str]]:
 
 def _migrated(path: Path | str, up_to: int) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None)
+    add_functions(db)
     for migration in MIGRATIONS[:up_to]:
         for statement in migration.statements:
             db.execute(statement)
@@ -137,3 +140,35 @@ async def test_reopening_runs_no_migration_again(tmp_path: Path) -> None:
         await store.close()
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+async def test_rulesets_stored_with_their_texts_move_to_one_text_per_content(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "gatekeeper.db"
+    big = "- id: big/r\n  when: x.y\n" * 1000
+    with contextlib.closing(_migrated(path, 5)) as db:
+        for n, at in enumerate(("2026-11-01T09:00:00.000Z", "2026-11-01T09:00:01.000Z")):
+            files = json.dumps({"big.yaml": big, "small.yaml": f"# {n}\n"}, sort_keys=True)
+            db.execute(
+                "INSERT INTO rulesets (version, files, git_commit, first_activated_at,"
+                " last_activated_at) VALUES (?, ?, NULL, ?, ?)",
+                (f"v{n}", files, at, at),
+            )
+        db.execute("INSERT INTO meta (key, value) VALUES ('active_ruleset', 'v1')")
+    store = await open_store(path)
+    try:
+        v0 = await store.get_ruleset("v0")
+        assert v0 is not None and v0.files == {"big.yaml": big, "small.yaml": "# 0\n"}
+        last = await store.last_ruleset()
+        assert last is not None and last.files == {"big.yaml": big, "small.yaml": "# 1\n"}
+        assert [(r.version, list(r.files)) for r in await store.list_rulesets()] == [
+            ("v1", ["big.yaml", "small.yaml"]),
+            ("v0", ["big.yaml", "small.yaml"]),
+        ]
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT COUNT(*) FROM ruleset_files").fetchone()[0] == 3
+        [(files,)] = db.execute("SELECT files FROM rulesets WHERE version = 'v0'")
+        assert json.loads(files)["big.yaml"] == content_hash(big)

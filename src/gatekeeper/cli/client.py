@@ -35,6 +35,30 @@ def base_url(config: Config, given: str | None) -> str:
     return f"http://{host}:{config.listen_port}"
 
 
+def call_pages(url: str, key: str) -> dict[str, Any]:
+    """A paged listing (``GET url``, then ``url?cursor=<next_cursor>`` until there is none)
+    as one answer: the first page with the ``key`` lists of the others appended, without
+    ``next_cursor``. Raises ``ClientError`` as ``call``, and for an answer that is not a
+    page of ``key``."""
+    answer = call(url)
+    seen: set[str] = set()
+    while True:
+        if not isinstance(answer, dict) or not isinstance(answer.get(key), list):
+            raise ClientError(f"{url} did not answer a list of {key}")
+        cursor = answer.pop("next_cursor", None)
+        if cursor is None:
+            return answer
+        if not isinstance(cursor, str) or cursor in seen:
+            raise ClientError(f"{url} gave a bad next_cursor")
+        seen.add(cursor)
+        separator = "&" if "?" in url else "?"
+        page = call(f"{url}{separator}cursor={urllib.parse.quote(cursor, safe='')}")
+        if not isinstance(page, dict) or not isinstance(page.get(key), list):
+            raise ClientError(f"{url} did not answer a list of {key}")
+        answer[key].extend(page[key])
+        answer["next_cursor"] = page.get("next_cursor")
+
+
 def call(url: str, method: str = "GET", body: Any = None) -> Any:
     """One JSON request; raises ``ClientError`` with the daemon's error message."""
     data = None if body is None else json.dumps(body).encode()
@@ -183,9 +207,10 @@ def run_audit_command(args: argparse.Namespace, config: Config) -> int:
 
 
 def run_export_command(args: argparse.Namespace, config: Config) -> int:
-    """``gatekeeper export [-o FILE]``: GET /v1/export as JSON; 0 done, 1 failed."""
+    """``gatekeeper export [-o FILE]``: GET /v1/export, every page, as one JSON snapshot;
+    0 done, 1 failed."""
     try:
-        snapshot = call(f"{base_url(config, args.url)}/v1/export")
+        snapshot = call_pages(f"{base_url(config, args.url)}/v1/export", "facts")
     except ClientError as exc:
         print(f"gatekeeper export: {exc}", file=sys.stderr)
         return 1

@@ -57,7 +57,7 @@ from typing import Any, Literal, TextIO
 
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped, unused-ignore]
 
-from gatekeeper.cli.client import ClientError, base_url, call
+from gatekeeper.cli.client import ClientError, base_url, call, call_pages
 from gatekeeper.cli.output import format_problems, github_commands, plural, workflow_command
 from gatekeeper.clock import SystemClock, format_rfc3339, parse_rfc3339
 from gatekeeper.config import Config, ConfigError, find_default_config, load_config
@@ -84,6 +84,11 @@ SNAPSHOT_SCHEMA: dict[str, Any] = {
     "properties": {
         "taken_at": {"type": "string", "description": "When the snapshot was taken."},
         "source": {"type": "string", "description": "Where it was taken from."},
+        "next_cursor": {
+            "type": "null",
+            "description": "null or absent: a page of GET /v1/facts or /v1/export with a "
+            "next_cursor is not a whole snapshot (gatekeeper export follows the pages).",
+        },
         "facts": {
             "type": "array",
             "description": "Current facts, as GET /v1/facts answers (extra keys ignored).",
@@ -274,7 +279,7 @@ def fetch_snapshot(url: str, detail: Callable[[Mapping[str, str]], Iterable[str]
     Raises ``ClientError`` when the daemon cannot be reached or refuses, ``SnapshotError``
     when it answers something unexpected.
     """
-    facts = call(f"{url}/v1/facts")
+    facts = call_pages(f"{url}/v1/facts", "facts")
     rules = call(f"{url}/v1/rules")
     escrows = call(f"{url}/v1/escrows")
     try:

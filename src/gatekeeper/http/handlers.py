@@ -36,11 +36,16 @@ from gatekeeper.http.wire import (
     decode_cursor,
     decode_facts,
     encode_cursor,
+    encode_key,
+    fact_page_param,
     idempotency_record,
     limit_param,
+    next_fact_cursor,
+    next_ruleset_cursor,
     read_model,
     request_id_of,
     respond,
+    ruleset_cursor_param,
     shape_problems,
     time_param,
 )
@@ -91,10 +96,16 @@ async def post_facts(request: web.Request) -> web.Response:
 
 
 async def get_facts(request: web.Request) -> web.Response:
-    """``GET /v1/facts[?project=]``: the current facts the token may see."""
+    """``GET /v1/facts[?project=&cursor=&limit=]``: the current facts the token may see, in
+    (project, kind, id) order, a page of ``limit`` (default ``FACTS_PAGE``) after ``cursor``
+    (the ``next_cursor`` of the page before)."""
     project = request.query.get("project")
-    facts = await daemon_of(request).list_facts(project, projects=visible_projects(request))
-    return respond(convert({"facts": [f.to_json() for f in facts]}, m.FactList))
+    after, limit = fact_page_param(request)
+    facts = await daemon_of(request).list_facts(
+        project, projects=visible_projects(request), after=after, limit=limit
+    )
+    page = {"facts": [f.to_json() for f in facts], "next_cursor": next_fact_cursor(facts, limit)}
+    return respond(convert(page, m.FactList))
 
 
 async def post_hook(request: web.Request) -> web.Response:
@@ -135,11 +146,19 @@ async def post_hook(request: web.Request) -> web.Response:
 async def get_export(request: web.Request) -> web.Response:
     """A snapshot of the state, in the format ``gatekeeper plan --snapshot`` reads: current
     facts, every rule's firing state, standing approvals, the active ruleset's content
-    hashes and the escrows. Limited to the token's projects."""
+    hashes and the escrows. Limited to the token's projects. The facts are paged as in
+    ``GET /v1/facts``; a page after the first holds only facts."""
+    after, limit = fact_page_param(request)
     snapshot = await daemon_of(request).export(
-        lambda project: visible(request, project), visible_projects(request)
+        lambda project: visible(request, project),
+        visible_projects(request),
+        after=after,
+        limit=limit,
     )
-    return respond(convert(snapshot, m.Snapshot))
+    facts = snapshot["facts"]
+    last = facts[-1] if len(facts) == limit else None
+    cursor = encode_key([last["project"], last["kind"], last["id"]]) if last else None
+    return respond(convert({**snapshot, "next_cursor": cursor}, m.Snapshot))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,9 +369,16 @@ async def get_audit(request: web.Request) -> web.Response:
 
 
 async def get_rulesets(request: web.Request) -> web.Response:
-    """Every ruleset version that went live, most recent first (content-addressed)."""
-    rulesets = await daemon_of(request).list_rulesets(limit_param(request))
-    return respond(convert({"rulesets": [r.to_json() for r in rulesets]}, m.RulesetVersionList))
+    """Every ruleset version that went live, most recent first (content-addressed), a page
+    of ``limit`` after ``cursor``, without the files' text."""
+    after = ruleset_cursor_param(request)
+    limit = limit_param(request)
+    rulesets = await daemon_of(request).list_rulesets(limit, after)
+    page = {
+        "rulesets": [r.to_json() for r in rulesets],
+        "next_cursor": next_ruleset_cursor(rulesets, limit),
+    }
+    return respond(convert(page, m.RulesetVersionList))
 
 
 async def get_ruleset(request: web.Request) -> web.Response:

@@ -226,7 +226,12 @@ class Fact(Model):
 
 
 class FactList(Model):
+    """A page of facts, in (project, kind, id) order (at most `limit`, 1,000 by default)."""
+
     facts: list[Fact]
+    next_cursor: Annotated[
+        str | None, Meta(description="Pass as `cursor` for the next page; null on the last.")
+    ] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +300,25 @@ class Clause(Model):
     ]
     missing: Annotated[list[str], Meta(min_length=1)] | UnsetType = UNSET
     error: str | UnsetType = UNSET
+    value_omitted: (
+        Annotated[
+            int,
+            Meta(
+                ge=0,
+                description="In a recorded decision: the value was longer than 1,024 characters "
+                "of JSON (this many) and is not kept (value is null).",
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+
+
+class SeenKind(Model):
+    """A kind a recorded decision read whole: how many facts it had, and the fact log's
+    last seq then (the kind as read is, per id, the latest entry up to that seq)."""
+
+    facts: Count
+    as_of_seq: Annotated[int, Meta(ge=0)]
 
 
 class Evaluation(Model):
@@ -308,9 +332,18 @@ class Evaluation(Model):
         JsonObject,
         Meta(
             description="The facts the evaluation read (`kind.id` to data, null for a fact "
-            "that does not exist)."
+            "that does not exist). A live explanation also maps each kind read whole "
+            "(`len(task)`) to its facts (`task` to {id: data}); a recorded decision keeps the "
+            "facts it read by id (rebuilt from the fact log) and summarises a kind read "
+            "whole in `seen_kinds` instead."
         ),
     ]
+    seen_kinds: (
+        Annotated[
+            dict[str, SeenKind], Meta(description="In a recorded decision: each kind read whole.")
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class ApprovalStatus(Model, kw_only=True, rename={"from_": "from"}):
@@ -605,6 +638,9 @@ class RulesetVersion(Model):
 
 class RulesetVersionList(Model):
     rulesets: list[RulesetVersion]
+    next_cursor: Annotated[
+        str | None, Meta(description="Pass as `cursor` for the next page; null on the last.")
+    ] = None
 
 
 class RulesetText(Model):
@@ -632,13 +668,19 @@ class SnapshotRuleset(Model):
 
 
 class Snapshot(Model):
-    """What `gatekeeper export` writes and `gatekeeper plan` reads."""
+    """What `gatekeeper export` writes and `gatekeeper plan` reads. From `GET /v1/export`, a
+    page: its facts are paged as `GET /v1/facts`'s; the first page holds everything else, a
+    later one (with `cursor`) only facts. `gatekeeper export` follows the pages and writes
+    one snapshot."""
 
     facts: list[Fact]
-    rule_states: list[RuleStateRow]
-    approvals: dict[str, dict[str, Literal["approve", "reject"]]]
-    ruleset: SnapshotRuleset
-    escrows: list[Escrow]
+    rule_states: list[RuleStateRow] | UnsetType = UNSET
+    approvals: dict[str, dict[str, Literal["approve", "reject"]]] | UnsetType = UNSET
+    ruleset: SnapshotRuleset | UnsetType = UNSET
+    escrows: list[Escrow] | UnsetType = UNSET
+    next_cursor: Annotated[
+        str | None, Meta(description="Pass as `cursor` for the next page; null on the last.")
+    ] = None
 
 
 class Health(Model):

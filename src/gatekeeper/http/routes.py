@@ -19,7 +19,7 @@ from aiohttp import web
 
 from gatekeeper.http import handlers as h
 from gatekeeper.http import models as m
-from gatekeeper.http.wire import MAX_LIST_LIMIT
+from gatekeeper.http.wire import FACTS_PAGE, MAX_LIST_LIMIT
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JsonObject = dict[str, Any]
@@ -75,6 +75,25 @@ def _limit(default: int) -> JsonObject:
     }
 
 
+def _fact_page() -> tuple[JsonObject, ...]:
+    return (
+        _query("cursor", "The next_cursor of the previous page."),
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "description": f"How many facts to list, in (project, kind, id) order (1 to "
+            f"{FACTS_PAGE}); follow next_cursor for the rest.",
+            "schema": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": FACTS_PAGE,
+                "default": FACTS_PAGE,
+            },
+        },
+    )
+
+
 def _query(name: str, description: str, **schema: Any) -> JsonObject:
     return {
         "name": name,
@@ -97,6 +116,7 @@ def _path_param(name: str, description: str) -> JsonObject:
 
 IDEMPOTENCY = {"$ref": "#/components/parameters/IdempotencyKey"}
 REQUEST_ID = {"$ref": "#/components/parameters/RequestId"}
+FACT_PAGE = _fact_page()
 RULE_ID = _path_param(
     "rule_id",
     "A rule id, e.g. `tower-a/design-release`. Ids contain `/`: send it as is or "
@@ -144,8 +164,9 @@ ROUTES: tuple[Route, ...] = (
         "facts",
         "The current facts with their sequence numbers",
         m.FactList,
-        parameters=(_query("project", "Only this project's facts."),),
-        response_description="The facts.",
+        parameters=(_query("project", "Only this project's facts."), *FACT_PAGE),
+        errors=(400,),
+        response_description="A page of facts.",
     ),
     Route(
         "GET",
@@ -333,7 +354,9 @@ ROUTES: tuple[Route, ...] = (
         "facts",
         "A snapshot of the state, as `gatekeeper plan --snapshot` reads it",
         m.Snapshot,
-        response_description="The snapshot.",
+        parameters=FACT_PAGE,
+        errors=(400,),
+        response_description="The snapshot (a page of it).",
     ),
     Route(
         "GET",
@@ -344,7 +367,7 @@ ROUTES: tuple[Route, ...] = (
         "rules",
         "Every ruleset version that went live, most recent first",
         m.RulesetVersionList,
-        parameters=(_limit(100),),
+        parameters=(_query("cursor", "The next_cursor of the previous page."), _limit(100)),
         errors=(400,),
         response_description="The versions.",
     ),

@@ -12,7 +12,7 @@ import base64
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -22,7 +22,7 @@ from aiohttp import web
 from msgspec import UnsetType
 
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
-from gatekeeper.engine.model import FactInput, IdempotencyRecord
+from gatekeeper.engine.model import FactInput, FactKey, IdempotencyRecord
 from gatekeeper.http.models import (
     BodyProblem,
     Error,
@@ -34,9 +34,11 @@ from gatekeeper.http.models import (
 from gatekeeper.jsonwire import MAX_FACT_DEPTH, json_path, loads_strict, too_deep
 from gatekeeper.runtime.hooks import RESERVED_KINDS
 from gatekeeper.schemas import load_schema
-from gatekeeper.store.records import AuditCursor
+from gatekeeper.store.records import AuditCursor, RulesetCursor, RulesetSummary, StoredFact
 
 MAX_LIST_LIMIT = 1000
+FACTS_PAGE = 1000
+"""The default (and largest) page of ``GET /v1/facts`` and ``/v1/export``, in facts."""
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 FACTS_SCHEMA = "facts-request.schema.json"
 
@@ -329,6 +331,61 @@ def limit_param(request: web.Request, default: int = 100) -> int:
     ):
         raise ApiError(400, f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
     return int(text)
+
+
+def fact_page_param(request: web.Request) -> tuple[FactKey | None, int]:
+    """The ``cursor`` (the fact key of the previous page's last fact) and ``limit`` (1 to
+    ``FACTS_PAGE``, default ``FACTS_PAGE``) of a page of facts; 400 for anything else."""
+    text = request.query.get("cursor")
+    after = None
+    if text is not None:
+        project, kind, id_ = decode_key(text, 3)
+        after = (project, kind, id_)
+    return after, limit_param(request, FACTS_PAGE)
+
+
+def next_fact_cursor(facts: Sequence[StoredFact], limit: int) -> str | None:
+    """The cursor of the page after ``facts`` (a full page of ``limit``), else None."""
+    last = facts[-1] if len(facts) == limit else None
+    return encode_key([last.project, last.kind, last.id]) if last else None
+
+
+def ruleset_cursor_param(request: web.Request) -> RulesetCursor | None:
+    """The ``cursor`` of a page of ruleset versions; 400 for one this API did not give."""
+    text = request.query.get("cursor")
+    if text is None:
+        return None
+    at, version = decode_key(text, 2)
+    try:
+        return RulesetCursor(parse_rfc3339(at), version)
+    except ValueError:
+        raise ApiError(400, "cursor is not a next_cursor this API gave out") from None
+
+
+def next_ruleset_cursor(rulesets: Sequence[RulesetSummary], limit: int) -> str | None:
+    """The cursor of the page after ``rulesets`` (a full page of ``limit``), else None."""
+    last = rulesets[-1] if len(rulesets) == limit else None
+    return encode_key([format_rfc3339(last.last_activated_at), last.version]) if last else None
+
+
+def encode_key(fields: list[str]) -> str:
+    """An opaque page cursor: URL-safe base64 of a JSON list of strings."""
+    return base64.urlsafe_b64encode(json.dumps(fields).encode()).decode()
+
+
+def decode_key(text: str, size: int) -> tuple[str, ...]:
+    """The ``size`` strings of a cursor ``encode_key`` gave out; 400 for anything else."""
+    try:
+        fields = json.loads(base64.urlsafe_b64decode(text.encode()))
+        if (
+            isinstance(fields, list)
+            and len(fields) == size
+            and all(isinstance(field, str) for field in fields)
+        ):
+            return tuple(fields)
+    except (ValueError, TypeError, UnicodeError):
+        pass
+    raise ApiError(400, "cursor is not a next_cursor this API gave out")
 
 
 def time_param(request: web.Request, name: str) -> datetime | None:

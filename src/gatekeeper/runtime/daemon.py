@@ -28,6 +28,7 @@ from gatekeeper.engine.model import (
     AdminAct,
     ApprovalInput,
     FactInput,
+    FactKey,
     IdempotencyRecord,
     Transition,
 )
@@ -52,6 +53,7 @@ from gatekeeper.store.records import (
     Attempt,
     AuditEntry,
     OutboxEntry,
+    RulesetCursor,
     RulesetSummary,
     StoredFact,
     StoredRuleset,
@@ -323,10 +325,16 @@ class Daemon:
         return Health(engine.ruleset.version if engine else None, self.rulesets.status.ok)
 
     async def list_facts(
-        self, project: str | None = None, *, projects: Projects = None
+        self,
+        project: str | None = None,
+        *,
+        projects: Projects = None,
+        after: FactKey | None = None,
+        limit: int | None = None,
     ) -> list[StoredFact]:
-        """The current facts (of ``project``, when given; only of ``projects``)."""
-        return await self.store.list_facts(project, projects=projects)
+        """The current facts (of ``project``, when given; only of ``projects``) in
+        ``(project, kind, id)`` order, after ``after``, at most ``limit`` (None: all)."""
+        return await self.store.list_facts(project, projects=projects, after=after, limit=limit)
 
     async def list_actions(
         self, status: ActionStatus | None = None, limit: int = 100, *, projects: Projects = None
@@ -347,9 +355,12 @@ class Daemon:
         """The audit log entries ``query`` selects, newest first."""
         return await self.store.audit(query)
 
-    async def list_rulesets(self, limit: int) -> list[RulesetSummary]:
-        """The ruleset versions that went live, most recent first, at most ``limit``."""
-        return await self.store.list_rulesets(limit)
+    async def list_rulesets(
+        self, limit: int, after: RulesetCursor | None = None
+    ) -> list[RulesetSummary]:
+        """The ruleset versions that went live, most recent first, at most ``limit``,
+        continuing after ``after``; without their files' text."""
+        return await self.store.list_rulesets(limit, after=after)
 
     async def stored_ruleset(self, version: str) -> StoredRuleset | None:
         """One stored ruleset version with its files' text, or None."""
@@ -359,11 +370,20 @@ class Daemon:
         """The project and whole story of one release (``views.release_view``), or None."""
         return await views.release_view(self.store, release_id)
 
-    async def export(self, visible: views.Visible, projects: Projects) -> dict[str, Any]:
+    async def export(
+        self,
+        visible: views.Visible,
+        projects: Projects,
+        *,
+        after: FactKey | None = None,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
         """A snapshot of the state for ``gatekeeper plan --snapshot``, limited to the
         ``visible`` projects (the same set as ``projects``, which the store filters by;
-        ``views.export_view``)."""
-        return await views.export_view(self.writer, self.config.escrows, visible, projects)
+        ``views.export_view``), its facts paged by ``after`` and ``limit``."""
+        return await views.export_view(
+            self.writer, self.config.escrows, visible, projects, after=after, limit=limit
+        )
 
     async def escrow_report(self) -> list[dict[str, Any]]:
         """Per escrow: currency, limit, released (delivered), pending, unconfirmed (dead:

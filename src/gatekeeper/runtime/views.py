@@ -14,6 +14,7 @@ from typing import Any
 
 from gatekeeper.config import Escrow
 from gatekeeper.engine.evaluate import Engine
+from gatekeeper.engine.model import FactKey
 from gatekeeper.rules.loader import load_rule_texts
 from gatekeeper.rules.model import Rule
 from gatekeeper.runtime.ingest import Writer
@@ -103,13 +104,25 @@ async def escrow_report(store: Store, escrows: Mapping[str, Escrow]) -> list[dic
 
 
 async def export_view(
-    writer: Writer, escrows: Mapping[str, Escrow], visible: Visible, projects: Projects
+    writer: Writer,
+    escrows: Mapping[str, Escrow],
+    visible: Visible,
+    projects: Projects,
+    *,
+    after: FactKey | None = None,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """A snapshot of the state, in the format ``gatekeeper plan --snapshot`` reads: current
     facts, every rule's firing state, standing approvals, the live ruleset's content
     hashes and the escrows; facts, states and approvals only of ``visible`` projects (facts
-    filtered by the store, by ``projects``: the same set)."""
-    facts = await writer.store.list_facts(projects=projects)
+    filtered by the store, by ``projects``: the same set).
+
+    The facts are paged: at most ``limit`` (None: all) in ``(project, kind, id)`` order,
+    after ``after``. The first page (``after`` None) holds everything else too; a later
+    page only ``facts``."""
+    facts = await writer.store.list_facts(projects=projects, after=after, limit=limit)
+    if after is not None:
+        return {"facts": [f.to_json() for f in facts]}
     engine = writer.engine
     rules = engine.rules if engine else {}
     return {

@@ -44,6 +44,7 @@ from gatekeeper.store.records import (
     LoggedFact,
     OutboxEntry,
     ReleaseRecord,
+    RulesetCursor,
     RulesetSummary,
     StandingApprovals,
     StoredDecision,
@@ -86,7 +87,12 @@ class StateStore(Protocol):
         order.
 
         Rows are stamped with the first decision's ``decided_at``, or else with
-        ``transition.planned_at``. Raises ``ValueError`` (before writing) when a row needs a
+        ``transition.planned_at``. A decision's evaluation is stored by reference
+        (``gatekeeper.store.evidence.stored_evaluation``): the ``seq`` of the current data
+        of each fact it read by id (looked up without a statement per fact: a transition's
+        own facts are known), a count and the fact log's last ``seq`` for each kind read
+        whole, clause values over ``MAX_STORED_VALUE_CHARS`` as their size. Raises
+        ``ValueError`` (before writing) when a row needs a
         time and the transition has neither; ``Conflict`` when a unique key is already
         stored (a ``firing_id``, ``action_id``, release id or idempotency key: a double
         firing); nothing is written then.
@@ -201,10 +207,16 @@ class AuditReads(Protocol):
     """The history: the fact log, current facts, decisions, the audit log, the ledger."""
 
     async def list_facts(
-        self, project: str | None = None, *, projects: Projects = None
+        self,
+        project: str | None = None,
+        *,
+        projects: Projects = None,
+        after: FactKey | None = None,
+        limit: int | None = None,
     ) -> list[StoredFact]:
         """Current facts ordered by ``(project, kind, id)``, of ``project`` when given, only
-        of ``projects``."""
+        of ``projects``; a page: those strictly after the key ``after`` (keyset paging: the
+        key of the last fact of the page before), at most ``limit`` (None: all)."""
         ...
 
     async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[LoggedFact]:
@@ -219,7 +231,9 @@ class AuditReads(Protocol):
         self, rule_id: str | None = None, limit: int = 100
     ) -> list[StoredDecision]:
         """At most ``limit`` decisions, newest first (id descending), of ``rule_id`` when
-        given."""
+        given. A decision keeps what it saw by reference (``gatekeeper.store.evidence``):
+        its ``evaluation`` is shown with ``seen`` rebuilt from the fact log, so what one
+        decision stores is bounded whatever its rule reads."""
         ...
 
     async def decision_of_firing(self, firing_id: str) -> StoredDecision | None:
@@ -238,14 +252,22 @@ class AuditReads(Protocol):
 
 
 class RulesetReads(Protocol):
-    """Stored ruleset versions (content-addressed; each activation is recorded)."""
+    """Stored ruleset versions (content-addressed; each activation is recorded; each file
+    text kept once per content hash)."""
 
-    async def list_rulesets(self, limit: int = 100) -> list[RulesetSummary]:
-        """At most ``limit`` versions, the most recently activated first."""
+    async def list_rulesets(
+        self, limit: int = 100, *, after: RulesetCursor | None = None
+    ) -> list[RulesetSummary]:
+        """At most ``limit`` versions, the most recently activated first
+        (``last_activated_at``, then ``version``, descending), without their files' text;
+        a page continues strictly after ``after`` (the ``cursor`` of the last summary of
+        the page before)."""
         ...
 
     async def get_ruleset(self, version: str) -> StoredRuleset | None:
-        """One version with the text of its files, or None."""
+        """One version with the text of its files, or None. Each file's text is stored
+        once per content (SHA-256 of its text), whatever the number of versions holding
+        it. Raises ``StoreError`` when a text the version names is not stored."""
         ...
 
 

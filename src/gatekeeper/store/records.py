@@ -104,8 +104,10 @@ class LoggedFact:
 @dataclass(frozen=True, slots=True)
 class StoredDecision:
     """A recorded decision: the engine's ``Decision`` with its id, its triggering fact's
-    sequence number (``fact_seq``) and the HTTP request that caused it. ``evaluation`` and
-    ``approvals`` are the JSON the engine produced, as stored."""
+    sequence number (``fact_seq``) and the HTTP request that caused it. ``approvals`` is the
+    JSON the engine produced; ``evaluation`` too, with ``seen`` rebuilt from the fact log
+    (``gatekeeper.store.evidence.shown_evaluation``: facts read by id with the data they
+    had then, kinds read whole summarised in ``seen_kinds``)."""
 
     id: int
     decided_at: datetime
@@ -323,6 +325,11 @@ class RulesetSummary:
     last_activated_at: datetime
     files: Sequence[str]
 
+    @property
+    def cursor(self) -> RulesetCursor:
+        """Where a page ending with this version ends (``list_rulesets(after=...)``)."""
+        return RulesetCursor(self.last_activated_at, self.version)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version,
@@ -331,6 +338,15 @@ class RulesetSummary:
             "last_activated_at": format_rfc3339(self.last_activated_at),
             "files": list(self.files),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class RulesetCursor:
+    """The position of a ruleset version in the listing's order (the most recently
+    activated first: ``last_activated_at``, then ``version``, both descending)."""
+
+    last_activated_at: datetime
+    version: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import itertools
 import json
 import sqlite3
@@ -42,7 +43,6 @@ from gatekeeper.engine.model import (
     FactKey,
     RuleState,
     Transition,
-    evaluation_to_json,
 )
 from gatekeeper.rules.model import Ruleset
 from gatekeeper.store.errors import (
@@ -50,6 +50,13 @@ from gatekeeper.store.errors import (
     SchemaTooNew,
     StoreError,
     StoreUnavailable,
+)
+from gatekeeper.store.evidence import (
+    Unresolved,
+    referenced_seqs,
+    resolve,
+    shown_evaluation,
+    stored_evaluation,
 )
 from gatekeeper.store.migrations import Migration, load_migrations
 from gatekeeper.store.queries import AuditQuery, OutboxFilter, Projects
@@ -63,6 +70,7 @@ from gatekeeper.store.records import (
     LoggedFact,
     OutboxEntry,
     ReleaseRecord,
+    RulesetCursor,
     RulesetSummary,
     StandingApprovals,
     StoredDecision,
@@ -73,6 +81,18 @@ from gatekeeper.store.records import (
 
 MIGRATIONS: tuple[Migration, ...] = load_migrations("sqlite")
 """The schema's migrations, in version order (``PRAGMA user_version`` = the last applied)."""
+
+
+def content_hash(text: str) -> str:
+    """The content hash a ruleset file's text is kept under: SHA-256 (hex) of its UTF-8."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def add_functions(db: sqlite3.Connection) -> None:
+    """Register the SQL functions the migrations use on ``db``: ``gk_sha256(text)``
+    (``content_hash``)."""
+    db.create_function("gk_sha256", 1, content_hash, deterministic=True)
+
 
 _dumps = canonical_json
 
@@ -325,6 +345,8 @@ class SqliteStore:
         self._db: sqlite3.Connection | None = None
         """The writer connection; only ever used on the writer thread."""
         self._reader: aiosqlite.Connection | None = None
+        self._written: _Written | None = None
+        """The fact log as written so far by the transaction in progress (writer thread)."""
 
     @property
     def is_open(self) -> bool:
@@ -456,6 +478,7 @@ class SqliteStore:
         """On the writer thread: run the migrations the database has not had yet, each in
         its own transaction together with its new ``user_version``."""
         assert self._db is not None
+        add_functions(self._db)
         row = self._db.execute("PRAGMA user_version").fetchone()
         current = int(row[0]) if row else 0
         if current > len(MIGRATIONS):
@@ -481,14 +504,20 @@ class SqliteStore:
         transitions = list(transitions)
 
         def write(db: sqlite3.Connection) -> list[list[int]]:
-            return [self._write_transition(db, t) for t in transitions]
+            self._written = _Written(db)
+            try:
+                return [self._write_transition(db, t) for t in transitions]
+            finally:
+                self._written = None
 
         return await self._transaction(write)
 
     def _write_transition(self, db: sqlite3.Connection, t: Transition) -> list[int]:
         """On the writer thread, inside the open transaction: write everything ``t`` changes
         (fact log, facts, approvals, admin acts, ruleset, decisions, rule states, outbox,
-        ledger, idempotency key); return the facts' (and approvals') sequence numbers."""
+        ledger, idempotency key); return the facts' (and approvals') sequence numbers.
+        ``self._written`` follows the fact log through the transaction's transitions."""
+        written = self._written or _Written(db)
         if t.decisions:
             now = t.decisions[0].decided_at
         elif t.planned_at is not None:
@@ -508,10 +537,13 @@ class SqliteStore:
             seq = int(cursor.lastrowid or 0)
             seqs.append(seq)
             fact_rows.append((fact.project, fact.kind, fact.id, data, seq, now))
+            written.facts[(fact.project, fact.kind, fact.id)] = seq
         if fact_rows:
             _UPSERT_FACTS.run(db, fact_rows)
         for approval in t.approvals:
             seqs.append(_write_approval(db, approval, now, request_id))
+        if seqs:
+            written.last = seqs[-1]
         if t.admin_acts:
             db.executemany(
                 "INSERT INTO admin_acts (at, actor, act, subject, reason, project)"
@@ -524,7 +556,7 @@ class SqliteStore:
         if t.ruleset is not None:
             _write_ruleset(db, t.ruleset, now)
         if t.decisions:
-            _INSERT_DECISIONS.run(db, [_decision_row(d, seqs, request_id) for d in t.decisions])
+            _INSERT_DECISIONS.run(db, written.decision_rows(t.decisions, seqs, request_id))
         if t.rule_states:
             _UPSERT_RULE_STATES.run(
                 db,
@@ -647,7 +679,23 @@ class SqliteStore:
             f"SELECT {_RULESET_COLUMNS} FROM rulesets"
             " WHERE version = (SELECT value FROM meta WHERE key = 'active_ruleset')"
         )
-        return _stored_ruleset(row) if row else None
+        return await self._stored_ruleset(row) if row else None
+
+    async def _stored_ruleset(self, r: Any) -> StoredRuleset:
+        """The ruleset version of row ``r`` (``_RULESET_COLUMNS``) with its files' text."""
+        hashes: dict[str, str] = json.loads(r[1])
+        wanted = sorted(set(hashes.values()))
+        rows = await self._rows(
+            "SELECT content_hash, text FROM ruleset_files"
+            f" WHERE content_hash IN ({', '.join('?' * len(wanted))})",
+            wanted,
+        )
+        texts = dict(rows)
+        missing = sorted(name for name, h in hashes.items() if h not in texts)
+        if missing:
+            raise StoreError(f"ruleset {r[0]}: the text of {', '.join(missing)} is not stored")
+        files = {name: texts[h] for name, h in hashes.items()}
+        return StoredRuleset(r[0], files, r[2], parse_rfc3339(r[3]), parse_rfc3339(r[4]))
 
     # -- DeliveryQueue ------------------------------------------------------------------
 
@@ -779,16 +827,24 @@ class SqliteStore:
     # -- AuditReads ---------------------------------------------------------------------
 
     async def list_facts(
-        self, project: str | None = None, *, projects: Projects = None
+        self,
+        project: str | None = None,
+        *,
+        projects: Projects = None,
+        after: FactKey | None = None,
+        limit: int | None = None,
     ) -> list[StoredFact]:
         where, params = _visible("project", projects)
         if project is not None:
             where += " AND project = ?"
             params.append(project)
+        if after is not None:
+            where += " AND (project, kind, id) > (?, ?, ?)"
+            params += after
         rows = await self._rows(
             "SELECT project, kind, id, data, seq, updated_at FROM facts"
-            f" WHERE {where} ORDER BY project, kind, id",
-            params,
+            f" WHERE {where} ORDER BY project, kind, id LIMIT ?",
+            (*params, -1 if limit is None else limit),
         )
         return [
             StoredFact(r[0], r[1], r[2], json.loads(r[3]), r[4], parse_rfc3339(r[5])) for r in rows
@@ -826,6 +882,10 @@ class SqliteStore:
             f" FROM decisions {where} ORDER BY id DESC LIMIT ?",
             (*params, limit),
         )
+        stored = [json.loads(r[10]) for r in rows]
+        data_of = await self._fact_data(
+            {seq for evaluation in stored for seq in referenced_seqs(evaluation)}
+        )
         return [
             StoredDecision(
                 id=r[0],
@@ -838,14 +898,27 @@ class SqliteStore:
                 fact_seq=r[7],
                 outcome=r[8],
                 gate_open=bool(r[9]),
-                evaluation=json.loads(r[10]),
+                evaluation=shown_evaluation(evaluation, data_of),
                 approvals=json.loads(r[11]) if r[11] else None,
                 firing_id=r[12],
                 request_id=r[13],
                 reason=r[14],
             )
-            for r in rows
+            for r, evaluation in zip(rows, stored, strict=True)
         ]
+
+    async def _fact_data(self, seqs: Iterable[int]) -> dict[int, Any]:
+        """The data of the fact log entries ``seqs``, by seq."""
+        wanted = sorted(seqs)
+        data: dict[int, Any] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            rows = await self._rows(
+                f"SELECT seq, data FROM fact_log WHERE seq IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            data.update((seq, json.loads(text)) for seq, text in rows)
+        return data
 
     async def audit(self, query: AuditQuery) -> list[AuditEntry]:
         where, params = _audit_where(query)
@@ -879,11 +952,19 @@ class SqliteStore:
 
     # -- RulesetReads -------------------------------------------------------------------
 
-    async def list_rulesets(self, limit: int = 100) -> list[RulesetSummary]:
+    async def list_rulesets(
+        self, limit: int = 100, *, after: RulesetCursor | None = None
+    ) -> list[RulesetSummary]:
+        where = ""
+        params: list[Any] = []
+        if after is not None:
+            at = format_rfc3339(after.last_activated_at)
+            where = " WHERE (last_activated_at, version) < (?, ?)"
+            params = [at, after.version]
         rows = await self._rows(
             "SELECT version, git_commit, first_activated_at, last_activated_at, files"
-            " FROM rulesets ORDER BY last_activated_at DESC LIMIT ?",
-            (limit,),
+            f" FROM rulesets{where} ORDER BY last_activated_at DESC, version DESC LIMIT ?",
+            (*params, limit),
         )
         return [
             RulesetSummary(
@@ -896,7 +977,7 @@ class SqliteStore:
         row = await self._row(
             f"SELECT {_RULESET_COLUMNS} FROM rulesets WHERE version = ?", (version,)
         )
-        return _stored_ruleset(row) if row else None
+        return await self._stored_ruleset(row) if row else None
 
 
 _OUTBOX_COLUMNS = (
@@ -944,10 +1025,6 @@ def _logged_fact(r: Any) -> LoggedFact:
 _RULESET_COLUMNS = "version, files, git_commit, first_activated_at, last_activated_at"
 
 
-def _stored_ruleset(r: Any) -> StoredRuleset:
-    return StoredRuleset(r[0], json.loads(r[1]), r[2], parse_rfc3339(r[3]), parse_rfc3339(r[4]))
-
-
 def _write_approval(
     db: sqlite3.Connection, approval: ApprovalInput, now: str, request_id: str | None
 ) -> int:
@@ -980,8 +1057,60 @@ def _write_approval(
     return seq
 
 
-def _decision_row(d: Decision, seqs: Sequence[int], request_id: str | None) -> tuple[Any, ...]:
-    """The ``decisions`` row of ``d`` (its evaluation and approvals as JSON text)."""
+_SEQS_OF_FACTS = (
+    "SELECT facts.project, facts.kind, facts.id, facts.seq FROM json_each(?) AS keys"
+    " CROSS JOIN facts ON facts.project = keys.value ->> 0 AND facts.kind = keys.value ->> 1"
+    " AND facts.id = keys.value ->> 2"
+)
+"""The current ``seq`` of each ``[project, kind, id]`` of a JSON list, in one statement."""
+
+
+class _Written:
+    """Inside one write transaction (on the writer thread): the fact log ``seq`` of the
+    current data of each fact key written or looked up so far, and the last ``seq``
+    written; what a decision's references are made of (``gatekeeper.store.evidence``)."""
+
+    __slots__ = ("db", "facts", "last")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.facts: dict[FactKey, int] = {}
+        self.last: int | None = None
+
+    def decision_rows(
+        self, decisions: Sequence[Decision], seqs: Sequence[int], request_id: str | None
+    ) -> list[tuple[Any, ...]]:
+        """The ``decisions`` rows of ``decisions`` (their evaluations by reference, their
+        approvals as JSON text). The ``seq`` of the facts they read by id that this
+        transaction has not written (usually none: a rule mostly reads the fact that
+        triggered it) are looked up in one statement."""
+        unresolved: Unresolved = []
+        stored = [
+            stored_evaluation(d.evaluation, d.project, self.facts, unresolved, self.as_of)
+            for d in decisions
+        ]
+        if unresolved:
+            keys = sorted({key for _, _, key in unresolved})
+            for project, kind, fact_id, seq in self.db.execute(_SEQS_OF_FACTS, (_dumps(keys),)):
+                self.facts[(project, kind, fact_id)] = seq
+            resolve(unresolved, self.facts)
+        return [
+            _decision_row(d, evaluation, seqs, request_id)
+            for d, evaluation in zip(decisions, stored, strict=True)
+        ]
+
+    def as_of(self) -> int:
+        """The fact log's last ``seq`` (0 for an empty log)."""
+        if self.last is None:
+            row = self.db.execute("SELECT MAX(seq) FROM fact_log").fetchone()
+            self.last = int(row[0] or 0)
+        return self.last
+
+
+def _decision_row(
+    d: Decision, evaluation: dict[str, Any], seqs: Sequence[int], request_id: str | None
+) -> tuple[Any, ...]:
+    """The ``decisions`` row of ``d`` with its stored ``evaluation`` (as JSON text)."""
     return (
         d.decided_at,
         d.rule_id,
@@ -992,7 +1121,7 @@ def _decision_row(d: Decision, seqs: Sequence[int], request_id: str | None) -> t
         seqs[d.fact_index] if d.fact_index is not None else None,
         d.outcome,
         d.gate_open,
-        _dumps(evaluation_to_json(d.evaluation)),
+        _dumps(evaluation),
         _dumps(d.approvals) if d.approvals is not None else None,
         d.firing_id,
         request_id,
@@ -1002,12 +1131,34 @@ def _decision_row(d: Decision, seqs: Sequence[int], request_id: str | None) -> t
 
 
 def _write_ruleset(db: sqlite3.Connection, ruleset: Ruleset, now: str) -> None:
-    db.execute(
-        "INSERT INTO rulesets (version, files, git_commit, first_activated_at,"
-        " last_activated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (version) DO UPDATE SET"
-        " last_activated_at = excluded.last_activated_at, git_commit = excluded.git_commit",
-        (ruleset.version, _dumps(dict(ruleset.files)), ruleset.git_commit, now, now),
+    """Record the activation of ``ruleset``: a version seen before gets its new
+    ``last_activated_at`` and git commit; a new one its row, file name -> content hash, and
+    the text of each file not stored yet (each text once per content hash, whatever the
+    number of versions holding it)."""
+    cursor = db.execute(
+        "UPDATE rulesets SET last_activated_at = ?, git_commit = ? WHERE version = ?",
+        (now, ruleset.git_commit, ruleset.version),
     )
+    if cursor.rowcount == 0:
+        hashes = {name: content_hash(text) for name, text in ruleset.files.items()}
+        stored = {
+            h
+            for (h,) in db.execute(
+                "SELECT content_hash FROM ruleset_files WHERE content_hash IN"
+                " (SELECT value FROM json_each(?))",
+                (_dumps(sorted(set(hashes.values()))),),
+            )
+        }
+        db.executemany(
+            "INSERT INTO ruleset_files (content_hash, text) VALUES (?, ?)"
+            " ON CONFLICT (content_hash) DO NOTHING",
+            [(h, ruleset.files[name]) for name, h in hashes.items() if h not in stored],
+        )
+        db.execute(
+            "INSERT INTO rulesets (version, files, git_commit, first_activated_at,"
+            " last_activated_at) VALUES (?, ?, ?, ?, ?)",
+            (ruleset.version, _dumps(hashes), ruleset.git_commit, now, now),
+        )
     db.execute(
         "INSERT INTO meta (key, value) VALUES ('active_ruleset', ?)"
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
