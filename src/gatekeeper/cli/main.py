@@ -36,7 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gatekeeper {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the daemon")
+    serve = commands.add_parser(
+        "serve",
+        help="run the daemon",
+        description="Run the daemon. One daemon per database file: it holds <database>.lock "
+        "while it runs. A new database is created only where no file exists; an existing "
+        "file must be a gatekeeper database (an empty file or another application's is "
+        "refused).",
+    )
     _add_config_option(serve)
     serve.add_argument("--listen", help="HOST:PORT to listen on (overrides the config)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -283,10 +290,11 @@ async def _serve_async(config: Config) -> int:
     from gatekeeper.runtime.daemon import Daemon, StartupError
     from gatekeeper.store.errors import StoreError
 
+    debug = log.isEnabledFor(logging.DEBUG)  # a traceback only with --log-level debug
     try:
         daemon = Daemon(config, os.environ)
     except StoreError as exc:  # a database: no backend serves
-        log.error("cannot start: %s", exc)
+        log.error("cannot start: %s", exc, exc_info=debug)
         return EXIT_FAILED
     # the application starts the daemon at setup and stops it at cleanup (cleanup_ctx)
     runner = web.AppRunner(
@@ -295,7 +303,10 @@ async def _serve_async(config: Config) -> int:
     try:
         await runner.setup()
     except (StartupError, StoreError) as exc:
-        log.error("cannot start: %s", exc)
+        log.error("cannot start: %s", exc, exc_info=debug)
+        return EXIT_FAILED
+    except Exception as exc:  # anything else: still one line, an exit, no hang
+        log.error("cannot start: %s: %s", type(exc).__name__, exc, exc_info=debug)
         return EXIT_FAILED
     site = web.TCPSite(runner, config.listen_host, config.listen_port)
     try:

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequenc
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from gatekeeper.clock import Clock, SystemClock
@@ -46,7 +47,8 @@ from gatekeeper.runtime.ingest import (
 )
 from gatekeeper.runtime.rulesets import Rulesets, StartupError
 from gatekeeper.runtime.ticker import Ticker
-from gatekeeper.store import Store, store_for
+from gatekeeper.store import SQLITE_PREFIX, Store, store_for
+from gatekeeper.store.errors import ADVICE, StoreUnavailable
 from gatekeeper.store.queries import AuditQuery, Projects
 from gatekeeper.store.records import (
     ActionStatus,
@@ -72,6 +74,16 @@ __all__ = [
 log = logging.getLogger("gatekeeper.runtime.daemon")
 
 HOUSEKEEPING_INTERVAL_S = 60.0
+
+
+def _database_name(database: Path | str) -> str:
+    """A ``database:`` setting fit for a log line: a path as is, a URL by its scheme only
+    (a URL may hold a password)."""
+    if isinstance(database, Path) or "://" not in database:
+        return str(database)
+    if database.startswith(SQLITE_PREFIX):
+        return database[len(SQLITE_PREFIX) :]
+    return database.partition("://")[0] + "://..."
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,7 @@ class Daemon:
         self.clock: Clock = clock or SystemClock()
         self.watch = watch
         self.store: Store = store_for(config.database)
+        self._database = config.database
         self.metrics = Metrics()
         self.dispatcher = Dispatcher(
             self.store,
@@ -149,6 +162,13 @@ class Daemon:
         try:
             await self.writer.load_state()
             await self.rulesets.load_initial()
+        except StoreUnavailable as exc:
+            await self.store.close()
+            raise StoreUnavailable(
+                f"cannot load the state from database {_database_name(self._database)}: "
+                f"{exc}; {ADVICE[exc.condition]}",
+                exc.condition,
+            ) from exc
         except BaseException:
             await self.store.close()
             raise
