@@ -46,7 +46,7 @@ from gatekeeper.runtime.daemon import (
 from gatekeeper.runtime.hooks import RESERVED_KINDS, HookRejected
 from gatekeeper.runtime.hooks import handle as handle_hook
 from gatekeeper.schemas import load_schema
-from gatekeeper.store.errors import Conflict
+from gatekeeper.store.errors import Conflict, StoreUnavailable
 from gatekeeper.store.queries import AuditQuery
 from gatekeeper.store.records import AUDIT_KINDS, ActionStatus, AuditCursor, AuditKind
 
@@ -189,6 +189,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return web.json_response(
             _error_body(exc.status, message), status=exc.status, headers=headers
+        )
+    except StoreUnavailable as exc:  # disk full, locked, ...: logged once per interval
+        retry_after = _daemon(request).store_unavailable(exc)
+        message = f"the database is unavailable ({exc.condition}); retry in {retry_after} s"
+        return web.json_response(
+            _error_body(503, message), status=503, headers={"Retry-After": str(retry_after)}
         )
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
@@ -753,12 +759,13 @@ async def metrics_response(daemon: Daemon) -> web.Response:
 @requires(None)
 async def get_healthz(request: web.Request) -> web.Response:
     health = _daemon(request).health()
-    return web.json_response(
+    return web.json_response(  # 200 while the process serves: "degraded" says the rest
         {
-            "status": "ok",
+            "status": "ok" if health.store is None else "degraded",
             "version": __version__,
             "ruleset": health.ruleset,
             "ruleset_ok": health.ruleset_ok,
+            "store": health.store,
         }
     )
 

@@ -54,7 +54,12 @@ ERROR_STATUSES: Mapping[int, tuple[str, str]] = {
     415: ("UnsupportedMediaType", "The body's Content-Type is not `application/json`."),
     422: ("UnprocessableContent", "The request is well formed but cannot be processed."),
     500: ("InternalError", "An unexpected error (a bug): logged by the daemon, never shown."),
-    503: ("ServiceUnavailable", "The daemon is shutting down; try again shortly."),
+    503: (
+        "ServiceUnavailable",
+        "The daemon is shutting down, or its database cannot take writes right now (disk "
+        "full, locked by another process): nothing was applied; retry after `Retry-After` "
+        "seconds.",
+    ),
 }
 
 DESCRIPTION = """\
@@ -513,13 +518,36 @@ def _response_schemas(rule_source: JsonObject) -> JsonObject:
         "EscrowList": _obj({"escrows": {"type": "array", "items": _ref("Escrow")}}),
         "Health": _obj(
             {
-                "status": {"const": "ok"},
+                "status": {
+                    "enum": ["ok", "degraded"],
+                    "description": "`degraded` while the database cannot take writes.",
+                },
                 "version": {"type": "string", "description": "gatekeeper's version."},
                 "ruleset": {"anyOf": [SHA256_HEX, {"type": "null"}]},
                 "ruleset_ok": {
                     "type": "boolean",
                     "description": "Whether the last reload succeeded.",
                 },
+                "store": _nullable(
+                    _obj(
+                        {
+                            "condition": {
+                                "enum": [
+                                    "locked",
+                                    "disk_full",
+                                    "io_error",
+                                    "read_only",
+                                    "damaged",
+                                    "unavailable",
+                                ]
+                            },
+                            "since": {"type": "string", "format": "date-time"},
+                            "message": {"type": "string"},
+                        },
+                        description="Why the database cannot take writes (null: it can); "
+                        "cleared by the next write that succeeds.",
+                    )
+                ),
             }
         ),
         "RetryRequest": {

@@ -45,6 +45,7 @@ from gatekeeper.runtime.ingest import (
     UnknownRule,
     Writer,
 )
+from gatekeeper.runtime.outage import RETRY_AFTER_S, StoreOutage
 from gatekeeper.runtime.rulesets import Rulesets, StartupError
 from gatekeeper.runtime.ticker import Ticker
 from gatekeeper.store import SQLITE_PREFIX, Store, store_for
@@ -88,11 +89,13 @@ def _database_name(database: Path | str) -> str:
 
 @dataclass(frozen=True)
 class Health:
-    """What ``/healthz`` tells: the live ruleset version (None before one went live) and
-    whether the last reload attempt was good."""
+    """What ``/healthz`` tells: the live ruleset version (None before one went live),
+    whether the last reload attempt was good, and the database's condition when it cannot
+    take writes (``StoreOutage.current``: condition, since, message; None when fine)."""
 
     ruleset: str | None
     ruleset_ok: bool
+    store: dict[str, Any] | None = None
 
 
 class Daemon:
@@ -137,6 +140,7 @@ class Daemon:
             self.dispatcher,
             self.ticker,
             config.escrows,
+            StoreOutage(self.clock.now),
         )
         self.rulesets = Rulesets(
             config, environ, self.writer, self.ticker, self.clock, self.metrics, new_action_id
@@ -338,7 +342,18 @@ class Daemon:
     def health(self) -> Health:
         """The live ruleset version and whether the last reload was good."""
         engine = self.writer.engine
-        return Health(engine.ruleset.version if engine else None, self.rulesets.status.ok)
+        return Health(
+            engine.ruleset.version if engine else None,
+            self.rulesets.status.ok,
+            self.writer.outage.current(),
+        )
+
+    def store_unavailable(self, exc: StoreUnavailable) -> int:
+        """A request met a database that cannot serve it (``exc``): report it (logged once
+        per condition per interval) and return the seconds a client should wait before
+        retrying (``Retry-After``)."""
+        self.writer.outage.failed(exc)
+        return RETRY_AFTER_S
 
     async def list_facts(
         self, project: str | None = None, *, projects: Projects = None
