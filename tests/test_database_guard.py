@@ -388,3 +388,40 @@ def test_serve_refuses_unsupported_database_url_without_creating_a_file(
 def test_store_unavailable_names_its_condition() -> None:
     assert StoreUnavailable("x").condition == "unavailable"
     assert StoreUnavailable("x", "disk_full").condition == "disk_full"
+
+
+# -- SIGHUP ------------------------------------------------------------------------------
+
+
+def test_sighup_reloads_the_rules_and_never_kills_the_daemon(
+    project_factory: Callable[..., Project],
+) -> None:
+    project = project_factory()
+    project.write_rule("deploy.yaml", DEPLOY_RULE)
+    port = free_port()
+    process = serve(project, port=port)
+    try:
+        wait_healthy(port, process)
+        for _ in range(3):  # several in a row, none fatal
+            process.send_signal(signal.SIGHUP)
+            time.sleep(0.2)
+        project.write_rule("design.yaml", DESIGN_RULE)
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        rules: list[str] = []
+        while time.monotonic() < deadline and len(rules) < 2:
+            assert process.poll() is None, "SIGHUP ended the daemon"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/rules", timeout=5) as r:
+                rules = [rule["id"] for rule in json.loads(r.read())["rules"]]
+            time.sleep(0.1)
+        assert sorted(rules) == ["tower-a/deploy-docs", "tower-a/design-release"]
+        assert wait_healthy(port, process)["status"] == "ok"
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, err
+    assert err.count("reloading the config and rules on SIGHUP") == 4, err
+    assert "Traceback" not in err
