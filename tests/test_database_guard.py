@@ -316,7 +316,33 @@ def test_serve_where_the_database_folder_cannot_be_made_exits_1_with_one_line(
     project.write_rule("deploy.yaml", DEPLOY_RULE)
     (project.root / "state").write_text("a file where the database's folder should be")
     code, err, seconds = serve_to_the_end(project)
-    _assert_one_clear_line(code, err, seconds, str(database_of(project)), "create")
+    _assert_one_clear_line(
+        code, err, seconds, str(database_of(project)), "create", "a file is in the way"
+    )
+
+
+def _unwritable_folder() -> Path | None:
+    """A folder even root cannot create files in (sysfs), or None."""
+    folder = Path("/sys")
+    try:
+        (folder / "gatekeeper-probe").touch()
+    except OSError:
+        return folder if folder.is_dir() else None
+    (folder / "gatekeeper-probe").unlink()
+    return None
+
+
+@pytest.mark.skipif(_unwritable_folder() is None, reason="no unwritable folder here")
+def test_serve_in_an_unwritable_folder_exits_1_with_one_line(
+    project_factory: Callable[..., Project],
+) -> None:
+    project = project_factory()
+    project.write_rule("deploy.yaml", DEPLOY_RULE)
+    database = f"{_unwritable_folder()}/gatekeeper.db"
+    text = project.config_path.read_text()
+    project.config_path.write_text(text.replace("state/gatekeeper.db", database))
+    code, err, seconds = serve_to_the_end(project)
+    _assert_one_clear_line(code, err, seconds, database, "needs to write in the database's folder")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files anyway")

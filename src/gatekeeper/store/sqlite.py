@@ -507,9 +507,14 @@ class SqliteStore:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
+                why = (
+                    "a file is in the way"
+                    if isinstance(exc, FileExistsError | NotADirectoryError)
+                    else exc.strerror
+                )
                 raise StoreUnavailable(
                     f"cannot create the folder {self.path.parent} of database {self.path}: "
-                    f"{exc.strerror}; create it or point database: elsewhere"
+                    f"{why}; create it or point database: elsewhere"
                 ) from exc
             self._lock = DatabaseLock(self.path)
         self._writer = WriterThread(f"gatekeeper-writer {self.path.name}")
