@@ -6,6 +6,7 @@ comes from SQLite itself (``PRAGMA max_page_count`` on the store's own connectio
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from .conftest import DEPLOY_RULE, Project, Running, fact
 
@@ -120,3 +122,57 @@ async def test_a_database_locked_by_another_process_answers_503_then_recovers(
     assert status == 200, body
     await assert_memory_matches_the_database(gk)
     assert len(await gk.daemon.store.list_actions()) == 1
+
+
+async def test_delivery_outcomes_the_database_cannot_record_are_logged_once(
+    project_factory: Callable[..., Project],
+    start_daemon: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The dispatcher's writes meet the same condition: reported to the same once-per-
+    interval line, no traceback, and the action is delivered (again) once it clears."""
+    answer = asyncio.Event()
+    arrived: list[str] = []
+
+    async def slow_receiver(request: web.Request) -> web.Response:
+        arrived.append(request.path)
+        await answer.wait()
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", slow_receiver)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        project = project_factory(f"http://127.0.0.1:{port}")
+        project.write_rule("deploy.yaml", DEPLOY_RULE)
+        gk = await start_daemon(project)
+        caplog.set_level(logging.INFO)
+        status, _, _ = await post(gk, fact("task", "T-17", status="completed"))
+        assert status == 200
+        while not arrived:
+            await asyncio.sleep(0.01)
+        database = project.root / "state" / "gatekeeper.db"
+        with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as other:
+            other.execute("BEGIN EXCLUSIVE")
+            answer.set()  # the receiver answers; recording it waits, then fails: locked
+            for _ in range(200):
+                if (await healthz(gk))[1]["store"] is not None:
+                    break
+                await asyncio.sleep(0.05)
+            status, health = await healthz(gk)
+            assert health["store"]["condition"] == "locked"
+            other.execute("ROLLBACK")
+        assert len(_store_log(caplog, "locked")) == 1
+        assert not [r for r in caplog.records if r.exc_info], "no traceback"
+        for _ in range(400):  # held back a few seconds, then sent again and recorded
+            if [a.status for a in await gk.daemon.store.list_actions()] == ["delivered"]:
+                break
+            await asyncio.sleep(0.05)
+        assert [a.status for a in await gk.daemon.store.list_actions()] == ["delivered"]
+        assert (await healthz(gk))[1]["status"] == "ok"
+    finally:
+        await runner.cleanup()

@@ -125,12 +125,14 @@ class Daemon:
         self.store: Store = store_for(config.database)
         self._database = config.database
         self.metrics = Metrics()
+        outage = StoreOutage(self.clock.now)
         self.dispatcher = Dispatcher(
             self.store,
             lambda: self.rulesets.config.targets,
             lambda: self.rulesets.secrets,
             self.clock,
             metrics=self.metrics,
+            outage=outage,
         )
         self.ticker = Ticker(self.clock, self.metrics, tick_s)
         self.writer = Writer(
@@ -140,7 +142,7 @@ class Daemon:
             self.dispatcher,
             self.ticker,
             config.escrows,
-            StoreOutage(self.clock.now),
+            outage,
         )
         self.rulesets = Rulesets(
             config, environ, self.writer, self.ticker, self.clock, self.metrics, new_action_id
