@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -17,11 +18,14 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gatekeeper import __version__
 from gatekeeper.config import Config, ConfigError, find_default_config, load_config
 from gatekeeper.http.auth import SCOPES
+
+if TYPE_CHECKING:
+    from gatekeeper.runtime.daemon import Daemon
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("gatekeeper")
@@ -36,7 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gatekeeper {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the daemon")
+    serve = commands.add_parser(
+        "serve",
+        help="run the daemon",
+        description="Run the daemon. One daemon per database file: it holds <database>.lock "
+        "while it runs. A new database is created only where no file exists; an existing "
+        "file must be a gatekeeper database (an empty file or another application's is "
+        "refused). SIGHUP reloads the config's reloadable parts and the rules, as an edit "
+        "does.",
+    )
     _add_config_option(serve)
     serve.add_argument("--listen", help="HOST:PORT to listen on (overrides the config)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -312,10 +324,31 @@ async def _serve_async(config: Config) -> int:
     from gatekeeper.runtime.daemon import Daemon, StartupError
     from gatekeeper.store.errors import StoreError
 
+    debug = log.isEnabledFor(logging.DEBUG)  # a traceback only with --log-level debug
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[str] = []
+    serving: list[Daemon] = []
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    def on_hangup() -> None:
+        if not serving:
+            log.info("SIGHUP ignored: still starting (the ruleset being loaded is current)")
+            return
+        task = loop.create_task(_reload_on_hangup(serving[0]), name="sighup-reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    # SIGHUP from the start: a daemon never dies of it, even while starting
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         daemon = Daemon(config, os.environ)
     except StoreError as exc:  # a database: no backend serves
-        log.error("cannot start: %s", exc)
+        log.error("cannot start: %s", exc, exc_info=debug)
         return EXIT_FAILED
     # the application starts the daemon at setup and stops it at cleanup (cleanup_ctx)
     runner = web.AppRunner(
@@ -324,7 +357,10 @@ async def _serve_async(config: Config) -> int:
     try:
         await runner.setup()
     except (StartupError, StoreError) as exc:
-        log.error("cannot start: %s", exc)
+        log.error("cannot start: %s", exc, exc_info=debug)
+        return EXIT_FAILED
+    except Exception as exc:  # anything else: still one line, an exit, no hang
+        log.error("cannot start: %s: %s", type(exc).__name__, exc, exc_info=debug)
         return EXIT_FAILED
     site = web.TCPSite(runner, config.listen_host, config.listen_port)
     try:
@@ -341,18 +377,15 @@ async def _serve_async(config: Config) -> int:
         config.database,
         config.rules_dir,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    received: list[str] = []
-
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
-        stop.set()
-
+    serving.append(daemon)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
+    serving.clear()
     log.info("shutting down on %s", received[0] if received else "request")
+    for task in list(reloads):
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await task
     await runner.cleanup()  # the requests in progress, then the daemon's stop()
     log.info(
         "shutdown complete: %d action(s) delivered, %d dead-lettered in this run",
@@ -360,3 +393,18 @@ async def _serve_async(config: Config) -> int:
         daemon.dispatcher.dead,
     )
     return EXIT_OK
+
+
+async def _reload_on_hangup(daemon: Daemon) -> None:
+    """SIGHUP: reload the rules and the config's reloadable parts, as the watcher does
+    (all-or-nothing; listen and database changes wait for a restart)."""
+    log.info("reloading the config and rules on SIGHUP")
+    try:
+        good = await daemon.reload()
+    except Exception:
+        log.exception("reload on SIGHUP failed; the last good ruleset stays active")
+        return
+    if good:
+        log.info("reload on SIGHUP done")
+    else:
+        log.error("reload on SIGHUP refused; the last good ruleset stays active")

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Protocol
 
 import aiohttp
 
@@ -51,6 +52,7 @@ from gatekeeper.delivery.retry import (
 from gatekeeper.engine.model import QueuedAction
 from gatekeeper.metrics import Metrics
 from gatekeeper.store.contract import DeliveryQueue
+from gatekeeper.store.errors import StoreUnavailable
 from gatekeeper.store.queries import OutboxFilter
 from gatekeeper.store.records import (
     ActionStatus,
@@ -93,6 +95,16 @@ class AttemptOutcome:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+class OutageReport(Protocol):
+    """Where the database's run-time condition is reported (``runtime.outage``)."""
+
+    def failed(self, exc: StoreUnavailable) -> None:
+        """A write failed with ``exc``."""
+
+    def recovered(self) -> None:
+        """A write succeeded."""
+
+
 class Dispatcher:
     """Delivers due actions from the outbox until stopped.
 
@@ -119,8 +131,13 @@ class Dispatcher:
         rng: random.Random | None = None,
         idle_poll_s: float = 5.0,
         metrics: Metrics | None = None,
+        outage: OutageReport | None = None,
     ) -> None:
         self._store = store
+        self._outage = outage
+        """Told when the database cannot take the dispatcher's writes (it logs that once
+        per interval) and when they succeed again; without it such a failure is logged
+        here, like any other."""
         self._targets = targets
         self._secrets = secrets
         self._clock = clock
@@ -190,6 +207,14 @@ class Dispatcher:
             self._ready_ids.add(action_id)
         self._wakeup.set()
 
+    def _reported(self, exc: Exception) -> bool:
+        """Hand ``exc`` to ``outage`` if it is the database's condition (it
+        logs that once per interval); False: log it here."""
+        if self._outage is None or not isinstance(exc, StoreUnavailable):
+            return False
+        self._outage.failed(exc)
+        return True
+
     def wake(self) -> None:
         """Look at the outbox now (it changed other than by ``hand_over``)."""
         self._query_needed = True
@@ -208,9 +233,12 @@ class Dispatcher:
                         await self._dispatch_due()
                     self._start_ready()
                     await self._sleep_until_due()
-                except Exception:  # e.g. the database is locked: never let delivery die
+                except Exception as exc:  # e.g. the database is locked: never let delivery die
                     self._query_needed = True
-                    log.exception("the dispatcher failed; retrying in %.0f s", self._idle_poll_s)
+                    if not self._reported(exc):
+                        log.exception(
+                            "the dispatcher failed; retrying in %.0f s", self._idle_poll_s
+                        )
                     await asyncio.sleep(self._idle_poll_s)
         finally:
             await self._finish_in_flight()
@@ -368,7 +396,9 @@ class Dispatcher:
         try:
             await self._deliver_once(entry)
             self._hold_count.pop(entry.action_id, None)
-        except Exception:
+            if self._outage is not None:
+                self._outage.recovered()  # its outcome was recorded
+        except Exception as exc:
             # the attempt could not even be recorded (e.g. the database is locked or full):
             # hold the action back in memory so it is not resent in a tight loop
             self._hold_count[entry.action_id] += 1
@@ -376,6 +406,8 @@ class Dispatcher:
                 self._hold_count[entry.action_id], base_s=HOLD_BASE_S, cap_s=HOLD_CAP_S
             )
             self._held_until[entry.action_id] = time.monotonic() + hold_s
+            if self._reported(exc):
+                return
             log.exception(
                 "delivering %s %s failed before its outcome was recorded; holding it %.0f s",
                 entry.kind,

@@ -28,6 +28,7 @@ from gatekeeper.http.handlers import metrics_response
 from gatekeeper.http.routes import ROUTES, Handler
 from gatekeeper.http.wire import ApiError, error_response
 from gatekeeper.runtime.daemon import Daemon
+from gatekeeper.store.errors import StoreUnavailable
 
 __all__ = ["DAEMON_KEY", "ApiError", "create_app", "metrics_response"]
 
@@ -97,6 +98,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         _count_rejected_fact(request, exc.status)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return error_response(exc.status, message, headers=headers)
+    except StoreUnavailable as exc:  # disk full, locked, ...: logged once per interval
+        retry_after = daemon_of(request).store_unavailable(exc)
+        message = f"the database is unavailable ({exc.condition}); retry in {retry_after} s"
+        return error_response(503, message, headers={"Retry-After": str(retry_after)})
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return error_response(500, "internal error")

@@ -428,8 +428,12 @@ async def metrics_response(daemon: Daemon) -> web.Response:
 async def get_healthz(request: web.Request) -> web.Response:
     """Liveness: gatekeeper's version, the active ruleset, whether the last reload succeeded."""
     health = daemon_of(request).health()
-    answer = m.Health(
-        status="ok", version=__version__, ruleset=health.ruleset, ruleset_ok=health.ruleset_ok
+    answer = m.Health(  # 200 while the process serves: "degraded" says the rest
+        status="ok" if health.store is None else "degraded",
+        version=__version__,
+        ruleset=health.ruleset,
+        ruleset_ok=health.ruleset_ok,
+        store=None if health.store is None else convert(health.store, m.StoreCondition),
     )
     return respond(answer)
 

@@ -683,11 +683,26 @@ class Snapshot(Model):
     ] = None
 
 
+class StoreCondition(Model):
+    """Why the database cannot take writes; cleared by the next write that succeeds."""
+
+    condition: Literal["locked", "disk_full", "io_error", "read_only", "damaged", "unavailable"]
+    since: Timestamp
+    message: str
+
+
 class Health(Model):
-    status: Literal["ok"]
+    status: Annotated[
+        Literal["ok", "degraded"],
+        Meta(description="`degraded` while the database cannot take writes."),
+    ]
     version: Annotated[str, Meta(description="gatekeeper's version.")]
     ruleset: Sha256Hex | None
     ruleset_ok: Annotated[bool, Meta(description="Whether the last reload succeeded.")]
+    store: Annotated[
+        StoreCondition | None,
+        Meta(description="Why the database cannot take writes (null: it can)."),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,7 +61,12 @@ ERROR_STATUSES: Mapping[int, tuple[str, str]] = {
     415: ("UnsupportedMediaType", "The body's Content-Type is not `application/json`."),
     422: ("UnprocessableContent", "The request is well formed but cannot be processed."),
     500: ("InternalError", "An unexpected error (a bug): logged by the daemon, never shown."),
-    503: ("ServiceUnavailable", "The daemon is shutting down; try again shortly."),
+    503: (
+        "ServiceUnavailable",
+        "The daemon is shutting down, or its database cannot take writes right now (disk "
+        "full, locked by another process): nothing was applied; retry after `Retry-After` "
+        "seconds.",
+    ),
 }
 
 DESCRIPTION = """\

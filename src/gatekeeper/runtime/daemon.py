@@ -18,6 +18,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from gatekeeper.clock import Clock, JumpDetector, SystemClock
@@ -44,9 +45,11 @@ from gatekeeper.runtime.ingest import (
     UnknownRule,
     Writer,
 )
+from gatekeeper.runtime.outage import RETRY_AFTER_S, StoreOutage
 from gatekeeper.runtime.rulesets import Rulesets, StartupError
 from gatekeeper.runtime.ticker import Ticker
-from gatekeeper.store import Store, store_for
+from gatekeeper.store import SQLITE_PREFIX, Store, store_for
+from gatekeeper.store.errors import ADVICE, StoreUnavailable
 from gatekeeper.store.queries import AuditQuery, Projects
 from gatekeeper.store.records import (
     ActionStatus,
@@ -75,13 +78,25 @@ log = logging.getLogger("gatekeeper.runtime.daemon")
 HOUSEKEEPING_INTERVAL_S = 60.0
 
 
+def _database_name(database: Path | str) -> str:
+    """A ``database:`` setting fit for a log line: a path as is, a URL by its scheme only
+    (a URL may hold a password)."""
+    if isinstance(database, Path) or "://" not in database:
+        return str(database)
+    if database.startswith(SQLITE_PREFIX):
+        return database[len(SQLITE_PREFIX) :]
+    return database.partition("://")[0] + "://..."
+
+
 @dataclass(frozen=True)
 class Health:
-    """What ``/healthz`` tells: the live ruleset version (None before one went live) and
-    whether the last reload attempt was good."""
+    """What ``/healthz`` tells: the live ruleset version (None before one went live),
+    whether the last reload attempt was good, and the database's condition when it cannot
+    take writes (``StoreOutage.current``: condition, since, message; None when fine)."""
 
     ruleset: str | None
     ruleset_ok: bool
+    store: dict[str, Any] | None = None
 
 
 class Daemon:
@@ -111,13 +126,16 @@ class Daemon:
         """Wall-clock jumps seen by this process: a key is never forgotten early."""
         self.watch = watch
         self.store: Store = store_for(config.database)
+        self._database = config.database
         self.metrics = Metrics()
+        outage = StoreOutage(self.clock.now)
         self.dispatcher = Dispatcher(
             self.store,
             lambda: self.rulesets.config.targets,
             lambda: self.rulesets.secrets,
             self.clock,
             metrics=self.metrics,
+            outage=outage,
         )
         self.ticker = Ticker(self.clock, self.metrics, tick_s)
         self.writer = Writer(
@@ -127,6 +145,7 @@ class Daemon:
             self.dispatcher,
             self.ticker,
             config.escrows,
+            outage,
         )
         self.rulesets = Rulesets(
             config, environ, self.writer, self.ticker, self.clock, self.metrics, new_action_id
@@ -152,6 +171,13 @@ class Daemon:
         try:
             await self.writer.load_state()
             await self.rulesets.load_initial()
+        except StoreUnavailable as exc:
+            await self.store.close()
+            raise StoreUnavailable(
+                f"cannot load the state from database {_database_name(self._database)}: "
+                f"{exc}; {ADVICE[exc.condition]}",
+                exc.condition,
+            ) from exc
         except BaseException:
             await self.store.close()
             raise
@@ -322,7 +348,18 @@ class Daemon:
     def health(self) -> Health:
         """The live ruleset version and whether the last reload was good."""
         engine = self.writer.engine
-        return Health(engine.ruleset.version if engine else None, self.rulesets.status.ok)
+        return Health(
+            engine.ruleset.version if engine else None,
+            self.rulesets.status.ok,
+            self.writer.outage.current(),
+        )
+
+    def store_unavailable(self, exc: StoreUnavailable) -> int:
+        """A request met a database that cannot serve it (``exc``): report it (logged once
+        per condition per interval) and return the seconds a client should wait before
+        retrying (``Retry-After``)."""
+        self.writer.outage.failed(exc)
+        return RETRY_AFTER_S
 
     async def list_facts(
         self,

@@ -45,7 +45,9 @@ from gatekeeper.engine.model import (
 )
 from gatekeeper.metrics import Metrics
 from gatekeeper.rules.model import Rule
+from gatekeeper.runtime.outage import StoreOutage
 from gatekeeper.store import Store
+from gatekeeper.store.errors import StoreUnavailable
 
 log = logging.getLogger("gatekeeper.runtime.ingest")
 
@@ -159,8 +161,11 @@ class Writer:
         dispatcher: Dispatcher,
         schedule: Schedule,
         escrows: Mapping[str, Escrow],
+        outage: StoreOutage | None = None,
     ) -> None:
         self.store = store
+        self.outage = outage or StoreOutage(clock.now)
+        """Where a database that cannot take writes is reported (once per interval)."""
         self.clock = clock
         self.counters = counters
         self.dispatcher = dispatcher
@@ -210,12 +215,18 @@ class Writer:
         """Commit ``transitions`` in one transaction, then apply them in memory; returns
         each transition's fact sequence numbers. Call with ``lock`` held.
 
-        Raises what the store raises when the commit fails (nothing is applied then).
-        Shielded: a caller cancelled meanwhile (at shutdown) does not leave a committed
-        transition unapplied, so memory never disagrees with the database."""
+        Raises what the store raises when the commit fails (nothing is applied then; a
+        ``StoreUnavailable`` is reported to ``outage``, a success clears it). Shielded: a
+        caller cancelled meanwhile (at shutdown) does not leave a committed transition
+        unapplied, so memory never disagrees with the database."""
 
         async def commit_then_apply() -> list[list[int]]:
-            results = await self.store.commit_transitions(transitions)
+            try:
+                results = await self.store.commit_transitions(transitions)
+            except StoreUnavailable as exc:
+                self.outage.failed(exc)
+                raise
+            self.outage.recovered()
             try:
                 for transition in transitions:
                     self._apply(transition)
@@ -296,7 +307,8 @@ class Writer:
                 # shielded: a shutdown never interrupts a group between plan and apply
                 await asyncio.shield(self._commit_group(jobs))
             except Exception as exc:  # never let the writer die; fail these jobs instead
-                log.exception("committing %d fact batch(es) failed", len(jobs))
+                if not isinstance(exc, StoreUnavailable):  # that one: the outage log says it
+                    log.exception("committing %d fact batch(es) failed", len(jobs))
                 for job in jobs:
                     if not job.result.done():
                         job.result.set_exception(exc)
@@ -317,9 +329,9 @@ class Writer:
                 return
             try:
                 results = await self.commit_and_apply([t for _, t in planned])
-            except Exception:
-                if len(planned) == 1:
-                    raise
+            except Exception as exc:
+                if len(planned) == 1 or isinstance(exc, StoreUnavailable):
+                    raise  # one by one would meet the same database
                 log.warning(
                     "group commit of %d batches failed; committing one by one", len(planned)
                 )

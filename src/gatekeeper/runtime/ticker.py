@@ -22,6 +22,7 @@ from gatekeeper.engine.model import Transition
 from gatekeeper.metrics import Metrics
 from gatekeeper.rules.model import Rule
 from gatekeeper.runtime.ingest import Writer, log_firings
+from gatekeeper.store.errors import StoreUnavailable
 
 log = logging.getLogger("gatekeeper.runtime.ticker")
 
@@ -93,8 +94,9 @@ class Ticker:
                 await asyncio.wait_for(self._changed.wait(), self.tick_s if wait is None else wait)
             try:
                 await self.tick(writer)
-            except Exception:
-                log.exception("evaluating due time-dependent rules failed; retrying shortly")
+            except Exception as exc:
+                if not isinstance(exc, StoreUnavailable):  # that one: the writer's outage log
+                    log.exception("evaluating due time-dependent rules failed; retrying shortly")
                 await asyncio.sleep(min(self.tick_s, 1.0))
 
     async def tick(self, writer: Writer) -> Transition:

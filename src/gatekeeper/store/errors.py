@@ -14,7 +14,34 @@ class StoreError(Exception):
 class StoreUnavailable(StoreError):
     """The database cannot be used right now or at all: locked by another process past the
     busy timeout, disk full, an I/O error, a file that cannot be opened, a store that is
-    not open. Retrying later may succeed."""
+    not open. Retrying later may succeed.
+
+    ``condition`` names the cause for health reports and logs: ``locked`` (another
+    connection holds the write lock), ``disk_full``, ``io_error``, ``read_only``,
+    ``damaged`` (a corrupted page or a file that is not a database) or ``unavailable``
+    (anything else, e.g. a store that is not open)."""
+
+    def __init__(self, message: str, condition: str = "unavailable") -> None:
+        super().__init__(message)
+        self.condition = condition
+
+
+class DatabaseInUse(StoreUnavailable):
+    """Another gatekeeper daemon serves this database file (it holds the file's lock):
+    one daemon per SQLite database. ``holder_pid`` is that daemon's process id when known."""
+
+    def __init__(self, message: str, holder_pid: int | None) -> None:
+        super().__init__(message, "locked")
+        self.holder_pid = holder_pid
+
+
+class NotAGatekeeperDatabase(StoreUnavailable):
+    """The file at the database path exists but is not a gatekeeper database (empty, not
+    SQLite, or another application's SQLite database): it is refused, never overwritten
+    or migrated."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "damaged")
 
 
 class Conflict(StoreError):
@@ -28,7 +55,25 @@ class SchemaTooNew(StoreUnavailable):
     """The database was written by a newer gatekeeper (its schema version is higher than
     any migration this one knows)."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "unavailable")
+
 
 class UnsupportedDatabase(StoreError, ValueError):
     """``open_store`` was given a ``database:`` it has no backend for (an unknown URL
     scheme)."""
+
+
+ADVICE = {
+    "locked": "another process holds the database's write lock; stop that process (one "
+    "gatekeeper daemon per database file) or wait for it to finish, then start again",
+    "disk_full": "the disk is full; free space on it, then start again",
+    "io_error": "the file system reported an I/O error; check the disk, then start again",
+    "read_only": "it cannot be written; give gatekeeper's user write access to the file, "
+    "its folder and its -wal and -shm files, then start again",
+    "damaged": "the file is damaged; restore it from a backup (sqlite3's .recover may save "
+    "what is left), then start again",
+    "unavailable": "check that the file and its folder exist and gatekeeper's user may read "
+    "and write them, then start again",
+}
+"""What an operator can do about a ``StoreUnavailable.condition`` at startup (one clause)."""

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
 import itertools
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -46,7 +49,10 @@ from gatekeeper.engine.model import (
 )
 from gatekeeper.rules.model import Ruleset
 from gatekeeper.store.errors import (
+    ADVICE,
     Conflict,
+    DatabaseInUse,
+    NotAGatekeeperDatabase,
     SchemaTooNew,
     StoreError,
     StoreUnavailable,
@@ -97,15 +103,113 @@ def add_functions(db: sqlite3.Connection) -> None:
 _dumps = canonical_json
 
 
+_CONDITIONS = {
+    sqlite3.SQLITE_BUSY: "locked",
+    sqlite3.SQLITE_LOCKED: "locked",
+    sqlite3.SQLITE_FULL: "disk_full",
+    sqlite3.SQLITE_IOERR: "io_error",
+    sqlite3.SQLITE_READONLY: "read_only",
+    sqlite3.SQLITE_CORRUPT: "damaged",
+    sqlite3.SQLITE_NOTADB: "damaged",
+}
+"""``StoreUnavailable.condition`` by SQLite primary result code."""
+
+
+def _condition(exc: sqlite3.Error) -> str:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return "unavailable" if code is None else _CONDITIONS.get(code & 0xFF, "unavailable")
+
+
 def _store_error(exc: sqlite3.Error) -> StoreError:
     """The contract's error for a driver error: a unique/foreign key refused ->
     ``Conflict``; a misuse of the driver -> ``StoreError``; anything else (locked, disk
-    full, I/O error, a file that is not a database) -> ``StoreUnavailable``."""
+    full, I/O error, a file that is not a database) -> ``StoreUnavailable`` with its
+    ``condition``."""
     if isinstance(exc, sqlite3.IntegrityError):
         return Conflict(str(exc))
     if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError):
         return StoreError(str(exc))
-    return StoreUnavailable(str(exc))
+    return StoreUnavailable(str(exc), _condition(exc))
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> StoreUnavailable:
+    """The error for a driver error while opening ``path``: what, which file, what to do."""
+    condition = _condition(exc)
+    if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
+        condition = "unavailable"
+    return StoreUnavailable(f"cannot open database {path}: {exc}; {ADVICE[condition]}", condition)
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+"""The first 16 bytes of every SQLite database file."""
+
+GATEKEEPER_TABLE = "fact_log"
+"""A table every gatekeeper schema has had since its first migration: a SQLite file with
+a schema version but without it belongs to another application."""
+
+STARTUP_BUSY_TIMEOUT_MS = 500
+"""How long opening waits for another process's write lock before refusing to start."""
+
+BUSY_TIMEOUT_MS = 5000
+"""How long a write waits for another connection's lock at run time before it fails
+with ``StoreUnavailable`` (condition ``locked``)."""
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+class DatabaseLock:
+    """The OS lock (``fcntl.flock``, exclusive) on ``<database>.lock`` that makes a daemon
+    the only one serving a SQLite database file. The file holds the holder's pid. The lock
+    is released when ``release`` is called or the process ends, however it ends (the
+    kernel drops it with the file descriptor); the file itself stays (removing it would
+    let two processes each lock a different file)."""
+
+    def __init__(self, path: Path) -> None:
+        """Lock ``path``'s lock file. Raises ``DatabaseInUse`` naming the holder's pid when
+        another process holds it, ``StoreUnavailable`` when the lock file cannot be
+        created."""
+        self.path = _lock_path(path)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"cannot create the lock file {self.path} of database {path}: "
+                f"{exc.strerror}; gatekeeper needs to write in the database's folder",
+                "read_only" if exc.errno in (errno.EACCES, errno.EROFS) else "unavailable",
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise StoreUnavailable(
+                    f"cannot lock {self.path} (database {path}): {exc.strerror}"
+                ) from exc
+            who = f"pid {holder}" if holder is not None else "pid unknown"
+            raise DatabaseInUse(
+                f"database {path} is in use by another gatekeeper daemon ({who}, lock file "
+                f"{self.path}): one daemon per SQLite database; stop that daemon or give "
+                "this one another database:",
+                holder,
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Unlock (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(fd, 32, 0).decode().strip())
+    return None
 
 
 def _in(column: str, values: Iterable[str]) -> tuple[str, list[Any]]:
@@ -347,6 +451,7 @@ class SqliteStore:
         self._reader: aiosqlite.Connection | None = None
         self._written: _Written | None = None
         """The fact log as written so far by the transaction in progress (writer thread)."""
+        self._lock: DatabaseLock | None = None
 
     @property
     def is_open(self) -> bool:
@@ -411,55 +516,175 @@ class SqliteStore:
         return result
 
     async def open(self) -> None:
-        """Open (creating if needed) the database and bring its schema up to date."""
+        """Open the database and bring its schema up to date.
+
+        A file database is first locked (``DatabaseLock``: one daemon per file; another
+        holder raises ``DatabaseInUse``). A new database is created only where no file
+        exists, and whole: built under ``<name>.new`` and renamed into place once its
+        schema is written, so a file at the path is a gatekeeper database or is refused
+        (``NotAGatekeeperDatabase``: empty, not SQLite, another application's). Errors name
+        the file and what to do; the write lock of another process is waited for
+        ``STARTUP_BUSY_TIMEOUT_MS`` at most."""
         if not self._memory:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise StoreUnavailable(f"cannot create {self.path.parent}: {exc}") from exc
+                why = (
+                    "a file is in the way"
+                    if isinstance(exc, FileExistsError | NotADirectoryError)
+                    else exc.strerror
+                )
+                raise StoreUnavailable(
+                    f"cannot create the folder {self.path.parent} of database {self.path}: "
+                    f"{why}; create it or point database: elsewhere"
+                ) from exc
+            self._lock = DatabaseLock(self.path)
         self._writer = WriterThread(f"gatekeeper-writer {self.path.name}")
         try:
             await self._writer.run(self._connect_writer)
         except BaseException as exc:
             await self._writer.stop()
             self._writer = None
+            self._release_lock()
             if isinstance(exc, sqlite3.Error):
-                raise _store_error(exc) from exc
+                raise _open_error(self.path, exc) from exc
             raise
         try:
             if self._memory:
                 self._reader = await aiosqlite.connect(self._uri, uri=True, isolation_level=None)
             else:
                 self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-            await self.reader.execute("PRAGMA busy_timeout=5000")
+            await self.reader.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             await self.reader.execute("PRAGMA query_only=ON")
         except BaseException as exc:  # no half-open store: the writer thread is stopped too
             await self.close()
             if isinstance(exc, sqlite3.Error):
-                raise _store_error(exc) from exc
+                raise _open_error(self.path, exc) from exc
             raise
 
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def _connect_writer(self) -> None:
-        """On the writer thread: connect, set the pragmas, migrate."""
+        """On the writer thread: check the file (creating a new database where none is),
+        connect, set the pragmas, make sure no other process holds the write lock,
+        migrate."""
+        if not self._memory:
+            self._check_file()
         # statements of 1 to _Insert.MAX_ROWS rows per table: keep them all prepared
         if self._memory:
             db = sqlite3.connect(self._uri, uri=True, isolation_level=None, cached_statements=512)
         else:
             db = sqlite3.connect(self.path, isolation_level=None, cached_statements=512)
         try:
+            db.execute(f"PRAGMA busy_timeout={STARTUP_BUSY_TIMEOUT_MS}")
+            if not self._memory:
+                self._check_schema(db)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=5000")
+            db.execute("BEGIN IMMEDIATE")  # another process's write lock: refuse now
+            db.execute("ROLLBACK")
             self._db = db
             self._migrate()
+            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         except BaseException:
             self._db = None
             db.close()
             raise
 
+    def _check_file(self) -> None:
+        """On the writer thread: refuse what is at ``path`` unless it is a SQLite file;
+        create a new database where nothing is."""
+        path = self.path
+        try:
+            with path.open("rb") as file:
+                header = file.read(len(SQLITE_HEADER))
+        except FileNotFoundError:
+            wal = path.with_name(path.name + "-wal")
+            if wal.exists():
+                raise NotAGatekeeperDatabase(
+                    f"database {path} does not exist but its write-ahead log {wal} does "
+                    "(a partial copy or restore?); restore the database file beside it, or "
+                    "remove the log to start a new, empty database"
+                ) from None
+            self._create_file()
+            return
+        except IsADirectoryError:
+            raise NotAGatekeeperDatabase(
+                f"database {path} is a folder, not a database file; point database: at a file"
+            ) from None
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"cannot read database {path}: {exc.strerror}; give gatekeeper's user read "
+                "and write access to it",
+                "read_only" if exc.errno in (errno.EACCES, errno.EROFS) else "unavailable",
+            ) from exc
+        if not header:
+            raise NotAGatekeeperDatabase(
+                f"database {path} is an empty file (0 bytes), not a gatekeeper database "
+                "(a failed copy or restore?); restore it from a backup, or delete it to "
+                "start a new, empty database (gatekeeper creates one only where no file is)"
+            )
+        if header != SQLITE_HEADER:
+            raise NotAGatekeeperDatabase(
+                f"database {path} is not a SQLite database (it does not start with the "
+                "SQLite header); point database: at gatekeeper's database file, or restore "
+                "it from a backup"
+            )
+
+    def _check_schema(self, db: sqlite3.Connection) -> None:
+        """Refuse a SQLite database that is not gatekeeper's (before writing anything to
+        it). A newer gatekeeper's (a schema version above ours) is left to ``_migrate``."""
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        application = int(db.execute("PRAGMA application_id").fetchone()[0])
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        if version > len(MIGRATIONS):
+            return
+        if application == 0 and version > 0 and GATEKEEPER_TABLE in tables:
+            return
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        what = f"tables: {shown}" if tables else "no tables"
+        raise NotAGatekeeperDatabase(
+            f"database {self.path} is a SQLite database but not gatekeeper's "
+            f"(schema version {version}, {what}); point database: at gatekeeper's database "
+            "file (gatekeeper creates a new one only where no file is)"
+        )
+
+    def _create_file(self) -> None:
+        """On the writer thread: create a new database at ``path`` (where no file is),
+        whole: schema written under ``<name>.new``, fsynced, then renamed into place."""
+        path = self.path
+        scratch = path.with_name(path.name + ".new")
+        for stale in (scratch, *(scratch.with_name(scratch.name + s) for s in ("-wal", "-shm"))):
+            stale.unlink(missing_ok=True)  # left by a start that died (we hold the lock)
+        db = sqlite3.connect(scratch, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._db = db
+            self._migrate()
+        finally:
+            self._db = None
+            db.close()  # the last connection: the log is checkpointed and removed
+        fd = os.open(scratch, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(scratch, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
     async def close(self) -> None:
-        """Close both connections (after the writes already queued, if any)."""
+        """Close both connections (after the writes already queued, if any), then release
+        the database's lock."""
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
@@ -468,6 +693,7 @@ class SqliteStore:
             self._writer = None
             await writer.run(self._close_writer)
             await writer.stop()
+        self._release_lock()
 
     def _close_writer(self) -> None:
         if self._db is not None:
