@@ -121,3 +121,104 @@ async def test_a_broken_hook_mapping_is_refused_at_start(
         await start_daemon(project, env={**ENV, "GH_HOOK_SECRET": HOOK_SECRET})
     assert "hooks.github.facts[0].id" in str(caught.value)
     assert HOOK_SECRET not in str(caught.value)
+
+
+# --- GitLab: Idempotency-Key, not X-Gitlab-Event-UUID ----------------------------------------
+
+GITLAB_TOKEN = "gitlab-hook-token-5b2e"
+GITLAB_HOOKS = {
+    "gitlab": {
+        "kind": "gitlab",
+        "secret_env": "GL_HOOK_TOKEN",
+        "project": "tower-a",
+        "facts": [
+            {
+                "event": "Pipeline Hook",
+                "match": {"object_kind": "pipeline"},
+                "kind": "ci_pipeline",
+                "id": "gitlab-${project.id}-${object_attributes.ref}",
+                "data": {
+                    "status": "${object_attributes.status}",
+                    "pipeline_id": "${object_attributes.id}",
+                },
+            },
+            {
+                "event": "Job Hook",
+                "kind": "ci_job",
+                "id": "job-${build_id}",
+                "data": {"status": "${build_status}"},
+            },
+        ],
+    }
+}
+
+
+@pytest.fixture
+async def gl(project_factory: Callable[..., Project], start_daemon: Any) -> Running:
+    project = project_factory(hooks=GITLAB_HOOKS)
+    project.write_rule("next.yaml", NEXT_STEP)
+    running: Running = await start_daemon(project, env={**ENV, "GL_HOOK_TOKEN": GITLAB_TOKEN})
+    return running
+
+
+def gitlab_headers(
+    event_uuid: str, idempotency_key: str | None, event: str = "Pipeline Hook"
+) -> dict[str, str]:
+    """The headers GitLab 17.4+ sends ("Webhooks", Delivery headers)."""
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "GitLab/17.4.0",
+        "X-Gitlab-Event": event,
+        "X-Gitlab-Instance": "https://gitlab.example.com",
+        "X-Gitlab-Webhook-UUID": "02affd2d-2cba-4033-917d-ec22d5dc4b38",
+        "X-Gitlab-Event-UUID": event_uuid,
+        "X-Gitlab-Token": GITLAB_TOKEN,
+    }
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
+    return headers
+
+
+def pipeline(status: str, pipeline_id: int) -> bytes:
+    published = json.loads((PAYLOADS / "published" / "gitlab_pipeline_hook.json").read_text())
+    published["object_attributes"].update(status=status, id=pipeline_id)
+    return json.dumps(published).encode()
+
+
+async def test_gitlab_resend_keeps_its_idempotency_key_and_applies_nothing(gl: Running) -> None:
+    """GitLab's "Resend Request" sends the same data with the same Idempotency-Key and a fresh
+    X-Gitlab-Event-UUID: an older result must not roll the fact back."""
+    failed, success = pipeline("failed", 31), pipeline("success", 32)
+    status, first = await post(gl, failed, gitlab_headers("uuid-1", "key-1"), source="gitlab")
+    assert status == 200, first
+    status, _ = await post(gl, success, gitlab_headers("uuid-2", "key-2"), source="gitlab")
+    assert status == 200
+
+    status, again = await post(gl, failed, gitlab_headers("uuid-3", "key-1"), source="gitlab")
+    assert status == 200 and again["seqs"] == first["seqs"]
+    _, facts = await gl.get("/v1/facts")
+    [current] = facts["facts"]
+    assert current["id"] == "gitlab-1-master"
+    assert current["data"] == {"status": "success", "pipeline_id": 32}
+    assert len(await gl.daemon.store.fact_log()) == 2
+
+
+async def test_gitlab_events_sharing_an_event_uuid_are_each_applied(gl: Running) -> None:
+    """Events triggered by an earlier webhook share its X-Gitlab-Event-UUID: that header is no
+    per-event key (with or without an Idempotency-Key, from GitLab before 17.4)."""
+    job = json.dumps({"object_kind": "build", "build_id": 1977, "build_status": "success"})
+    shared = "13792a34-cac6-4fda-95a8-c58e00a3954e"
+    status, _ = await post(gl, pipeline("running", 31), gitlab_headers(shared, "k-a"), "gitlab")
+    assert status == 200
+    status, answer = await post(
+        gl, job.encode(), gitlab_headers(shared, "k-b", "Job Hook"), source="gitlab"
+    )
+    assert status == 200, answer
+    status, answer = await post(gl, pipeline("success", 31), gitlab_headers(shared, None), "gitlab")
+    assert status == 200, answer
+    _, facts = await gl.get("/v1/facts")
+    assert {(f["id"], f["data"]["status"]) for f in facts["facts"]} == {
+        ("gitlab-1-master", "success"),
+        ("job-1977", "success"),
+    }
+    assert len(await gl.daemon.store.fact_log()) == 3

@@ -53,6 +53,8 @@ GITHUB_SIGNATURE_HEADER: Final = "X-Hub-Signature-256"
 GITHUB_EVENT_HEADER: Final = "X-GitHub-Event"
 GITLAB_TOKEN_HEADER: Final = "X-Gitlab-Token"
 GITLAB_EVENT_HEADER: Final = "X-Gitlab-Event"
+GITHUB_DELIVERY_HEADER: Final = "X-GitHub-Delivery"
+GITLAB_IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 
 RESERVED_KINDS: Final = frozenset({"approval"})
 """Fact kinds a hook may not produce (approvals come only from authenticated approvers);
@@ -159,6 +161,25 @@ def map_event(hook: Hook, event: str, payload: Any) -> list[FactInput]:
         if mapping.event == event and _matches(mapping, payload):
             return [_make_fact(hook, mapping, payload)]
     return []
+
+
+def delivery_id(hook: Hook, headers: Mapping[str, str]) -> str | None:
+    """The sender's id of this delivery, the same on every redelivery of it, or ``None``.
+
+    - ``github``: ``X-GitHub-Delivery``, a GUID that GitHub's "Redeliver" keeps.
+    - ``gitlab``: ``Idempotency-Key``. GitLab's "Webhooks" documentation, section
+      "Delivery headers" (doc/user/project/integrations/webhooks.md, GitLab 17.4+), gives it as
+      "Unique ID consistent across webhook retries", and "Resend Request" sends "the same data
+      and the same ``Idempotency-Key`` header". ``X-Gitlab-Event-UUID`` is no per-event key:
+      a resend gets a fresh one, and "Recursive webhooks (triggered by earlier webhooks) share
+      the same value", so two different events can carry it. A GitLab older than 17.4 sends
+      no ``Idempotency-Key``: its deliveries are applied as they come, never deduplicated.
+
+    An empty or blank header counts as absent.
+    """
+    name = GITHUB_DELIVERY_HEADER if hook.kind == "github" else GITLAB_IDEMPOTENCY_HEADER
+    value = (header(headers, name) or "").strip()
+    return value or None
 
 
 def header(headers: Mapping[str, str], name: str) -> str | None:
