@@ -3,14 +3,17 @@ fact that fires the next step; bad signatures, unknown sources and redeliveries.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from standardwebhooks.webhooks import Webhook
 
 from .conftest import ENV, Project, Receiver, Running
 
@@ -222,3 +225,113 @@ async def test_gitlab_events_sharing_an_event_uuid_are_each_applied(gl: Running)
         ("job-1977", "success"),
     }
     assert len(await gl.daemon.store.fact_log()) == 3
+
+
+# --- Other senders: Standard Webhooks --------------------------------------------------------
+
+STANDARD_SECRET = "whsec_" + base64.b64encode(b"jenkins-to-gatekeeper-7d41").decode()
+STANDARD_HOOKS = {
+    "jenkins": {
+        "kind": "standard",
+        "secret_env": "JENKINS_HOOK_SECRET",
+        "project": "tower-a",
+        "facts": [
+            {
+                "event": "build.completed",
+                "match": {"data.job": "tower-docs"},
+                "kind": "ci_build",
+                "id": "jenkins-tower-docs",
+                "data": {"result": "${data.result}", "build": "${data.number}"},
+            }
+        ],
+    }
+}
+AFTER_BUILD = """\
+id: tower-a/after-docs-build
+project: tower-a
+when: ci_build["jenkins-tower-docs"].result == "SUCCESS"
+fire: each_time
+actions:
+  - pipeline: {target: ci, ref: main, inputs: {stage: publish}}
+"""
+
+
+@pytest.fixture
+async def std(
+    project_factory: Callable[..., Project], start_daemon: Any, receiver: Receiver
+) -> Running:
+    project = project_factory(receiver.url, hooks=STANDARD_HOOKS)
+    project.write_rule("next.yaml", AFTER_BUILD)
+    env = {**ENV, "JENKINS_HOOK_SECRET": STANDARD_SECRET}
+    running: Running = await start_daemon(project, env=env)
+    return running
+
+
+def build_event(result: str, number: int) -> bytes:
+    data = {"job": "tower-docs", "number": number, "result": result}
+    return json.dumps(
+        {"type": "build.completed", "timestamp": "2026-12-07T05:00:00Z", "data": data}
+    ).encode()
+
+
+def standard_signed(
+    body: bytes, msg_id: str, *, at: datetime | None = None, secret: str = STANDARD_SECRET
+) -> dict[str, str]:
+    when = at or datetime.now(UTC)
+    return {
+        "Content-Type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(when.timestamp())),
+        "webhook-signature": Webhook(secret).sign(msg_id, when, body),
+    }
+
+
+async def test_a_standard_webhook_becomes_a_fact_and_fires_the_next_step(
+    std: Running, receiver: Receiver
+) -> None:
+    body = build_event("SUCCESS", 42)
+    status, answer = await post(std, body, standard_signed(body, "msg-42"), source="jenkins")
+    assert status == 200, answer
+    _, facts = await std.get("/v1/facts")
+    [build] = facts["facts"]
+    assert (build["kind"], build["id"]) == ("ci_build", "jenkins-tower-docs")
+    assert build["data"] == {"result": "SUCCESS", "build": 42}
+    received = await receiver.wait_for(1)
+    assert json.loads(received[0].raw)["inputs"] == {"stage": "publish"}
+
+
+async def test_a_standard_webhook_with_a_bad_signature_or_an_old_timestamp_is_401(
+    std: Running,
+) -> None:
+    body = build_event("SUCCESS", 42)
+    wrong = "whsec_" + base64.b64encode(b"not the shared secret").decode()
+    status, error = await post(std, body, standard_signed(body, "m-1", secret=wrong), "jenkins")
+    assert status == 401, error
+    assert STANDARD_SECRET not in json.dumps(error)
+    status, error = await post(std, body + b"\n", standard_signed(body, "m-2"), "jenkins")
+    assert status == 401, error
+    old = datetime.now(UTC) - timedelta(minutes=6)
+    status, error = await post(std, body, standard_signed(body, "m-3", at=old), "jenkins")
+    assert status == 401 and "5 minutes" in error["error"]["message"]
+    assert await std.daemon.store.fact_log() == []
+
+
+async def test_a_replayed_standard_webhook_is_not_applied_twice(std: Running) -> None:
+    success = build_event("SUCCESS", 42)
+    status, first = await post(std, success, standard_signed(success, "msg-42"), "jenkins")
+    assert status == 200
+    failure = build_event("FAILURE", 43)
+    status, _ = await post(std, failure, standard_signed(failure, "msg-43"), "jenkins")
+    assert status == 200
+
+    # the same message again (a retry, or a captured request replayed): answered as the first
+    status, again = await post(std, success, standard_signed(success, "msg-42"), "jenkins")
+    assert status == 200 and again["seqs"] == first["seqs"]
+    # the same webhook-id, validly signed, on another body: refused
+    forged = build_event("SUCCESS", 44)
+    status, error = await post(std, forged, standard_signed(forged, "msg-42"), "jenkins")
+    assert status == 422 and "hook:jenkins:msg-42" in error["error"]["message"]
+
+    assert len(await std.daemon.store.fact_log()) == 2
+    _, facts = await std.get("/v1/facts")
+    assert facts["facts"][0]["data"] == {"result": "FAILURE", "build": 43}

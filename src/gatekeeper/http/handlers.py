@@ -131,6 +131,8 @@ async def post_hook(request: web.Request) -> web.Response:
     if delivery and len(delivery) <= MAX_IDEMPOTENCY_KEY_CHARS - len(source) - 6:
         digest = hashlib.sha256(body).hexdigest()
         idempotency = IdempotencyRecord(f"hook:{source}:{delivery}", digest)
+    elif hook.kind == "standard":  # its replay refusal rests on webhook-id: never go without
+        raise ApiError(400, "webhook-id is too long to be remembered")
     request_id = request_id_of(request)
     try:
         result = await daemon.ingest(facts, request_id, idempotency)
