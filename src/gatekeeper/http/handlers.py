@@ -108,11 +108,12 @@ async def get_facts(request: web.Request) -> web.Response:
 
 
 async def post_hook(request: web.Request) -> web.Response:
-    """An event from a CI system (GitHub, GitLab), verified with the source's secret and
-    mapped to facts by the ``hooks`` mapping of gatekeeper.yaml. An event no mapping fits
-    is acknowledged (202) and ignored. The sender's delivery id (``hooks.delivery_id``:
-    GitHub ``X-GitHub-Delivery``, GitLab ``Idempotency-Key``) is the idempotency key, so a
-    redelivered event applies nothing twice."""
+    """An event from a CI system (GitHub, GitLab, or any Standard Webhooks sender), verified
+    with the source's secret and mapped to facts by the ``hooks`` mapping of gatekeeper.yaml.
+    An event no mapping fits is acknowledged (202) and ignored. The sender's delivery id
+    (``hooks.delivery_id``: GitHub ``X-GitHub-Delivery``, GitLab ``Idempotency-Key``,
+    Standard Webhooks ``webhook-id``) is the idempotency key, so a redelivered event applies
+    nothing twice."""
     daemon = daemon_of(request)
     source = request.match_info["source"]
     configured = daemon.hook(source)
