@@ -25,6 +25,7 @@ from gatekeeper.engine.model import FactInput
 from gatekeeper.runtime.hooks import (
     HookRejected,
     check_hook,
+    delivery_id,
     event_name,
     handle,
     lookup,
@@ -595,3 +596,14 @@ def test_payloads_are_not_mutated_by_mapping() -> None:
 
     assert run == before
     assert facts == [EXPECTED_RUN]
+
+
+def test_the_delivery_id_is_github_delivery_or_gitlab_idempotency_key() -> None:
+    body = encode(payload("gitlab_pipeline_success"))
+    github = github_request("workflow_run", body)
+    assert delivery_id(GITHUB, github) == "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+    # X-Gitlab-Event-UUID is shared by events triggered by one webhook and changes on resend
+    assert delivery_id(GITLAB, gitlab_request()) is None
+    resend = {**gitlab_request(), "idempotency-key": "f5e5f430-f57b-4e6e-9fac-d9128cd7232f"}
+    assert delivery_id(GITLAB, resend) == "f5e5f430-f57b-4e6e-9fac-d9128cd7232f"
+    assert delivery_id(GITLAB, {**gitlab_request(), "Idempotency-Key": " "}) is None

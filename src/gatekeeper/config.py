@@ -166,10 +166,12 @@ class HookFact:
 @dataclass(frozen=True)
 class Hook:
     """An inbound webhook source served at ``POST /v1/hooks/{name}``: GitHub events verified
-    with ``X-Hub-Signature-256``, GitLab events with ``X-Gitlab-Token``."""
+    with ``X-Hub-Signature-256``, GitLab events with ``X-Gitlab-Token``, and any other sender
+    (``standard``) with a Standard Webhooks signature (``webhook-id``, ``webhook-timestamp``,
+    ``webhook-signature``), its event being the payload's ``type``."""
 
     name: str
-    kind: Literal["github", "gitlab"]
+    kind: Literal["github", "gitlab", "standard"]
     secret_env: str
     project: str
     facts: tuple[HookFact, ...]
@@ -289,7 +291,13 @@ def resolve_hook_secrets(config: Config, environ: Mapping[str, str]) -> dict[str
     file = str(config.path) if config.path else DEFAULT_CONFIG_NAME
     for name, hook in sorted(config.hooks.items()):
         value = environ.get(hook.secret_env)
-        if value:
+        if value and hook.kind == "standard" and not _usable_secret(value):
+            message = (
+                f"environment variable {hook.secret_env} holds a whsec_ secret that is not "
+                f"base64 (needed by hook {name!r})"
+            )
+            problems.append(Problem(file, 0, 0, message, f"hooks.{name}.secret_env"))
+        elif value:
             secrets[name] = value
         else:
             state = "is set but empty" if hook.secret_env in environ else "is not set"

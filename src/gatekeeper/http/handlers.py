@@ -57,7 +57,7 @@ from gatekeeper.runtime.daemon import (
     ShuttingDown,
     UnknownRule,
 )
-from gatekeeper.runtime.hooks import HookRejected
+from gatekeeper.runtime.hooks import HookRejected, delivery_id
 from gatekeeper.runtime.hooks import handle as handle_hook
 from gatekeeper.store.errors import Conflict
 from gatekeeper.store.queries import AuditQuery
@@ -66,7 +66,6 @@ from gatekeeper.store.records import AUDIT_KINDS, ActionStatus, AuditKind
 ACTION_STATUSES: tuple[ActionStatus, ...] = ("pending", "delivered", "dead")
 APPROVAL_DECISIONS = ("approve", "reject", "withdraw")
 AdminActName = Literal["pause", "resume", "rearm"]
-HOOK_DELIVERY_HEADERS = ("X-GitHub-Delivery", "X-Gitlab-Event-UUID")
 SHUTTING_DOWN = "gatekeeper is shutting down; try again shortly"
 
 
@@ -109,10 +108,12 @@ async def get_facts(request: web.Request) -> web.Response:
 
 
 async def post_hook(request: web.Request) -> web.Response:
-    """An event from a CI system (GitHub, GitLab), verified with the source's secret and
-    mapped to facts by the ``hooks`` mapping of gatekeeper.yaml. An event no mapping fits
-    is acknowledged (202) and ignored. The delivery id header is the idempotency key, so a
-    redelivered event applies nothing twice."""
+    """An event from a CI system (GitHub, GitLab, or any Standard Webhooks sender), verified
+    with the source's secret and mapped to facts by the ``hooks`` mapping of gatekeeper.yaml.
+    An event no mapping fits is acknowledged (202) and ignored. The sender's delivery id
+    (``hooks.delivery_id``: GitHub ``X-GitHub-Delivery``, GitLab ``Idempotency-Key``,
+    Standard Webhooks ``webhook-id``) is the idempotency key, so a redelivered event applies
+    nothing twice."""
     daemon = daemon_of(request)
     source = request.match_info["source"]
     configured = daemon.hook(source)
@@ -126,13 +127,13 @@ async def post_hook(request: web.Request) -> web.Response:
         raise ApiError(exc.status, exc.message) from None
     if not facts:
         return respond(m.HookIgnored(0, True), status=202)
-    delivery = next(
-        (request.headers[h] for h in HOOK_DELIVERY_HEADERS if h in request.headers), None
-    )
+    delivery = delivery_id(hook, request.headers)
     idempotency = None
     if delivery and len(delivery) <= MAX_IDEMPOTENCY_KEY_CHARS - len(source) - 6:
         digest = hashlib.sha256(body).hexdigest()
         idempotency = IdempotencyRecord(f"hook:{source}:{delivery}", digest)
+    elif hook.kind == "standard":  # its replay refusal rests on webhook-id: never go without
+        raise ApiError(400, "webhook-id is too long to be remembered")
     request_id = request_id_of(request)
     try:
         result = await daemon.ingest(facts, request_id, idempotency)

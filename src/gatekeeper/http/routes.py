@@ -248,9 +248,13 @@ ROUTES: tuple[Route, ...] = (
         request=dict,
         request_media_types=("application/json", "application/x-www-form-urlencoded"),
         description="Verified with the source's own secret (GitHub: `X-Hub-Signature-256`; "
-        "GitLab: `X-Gitlab-Token`), not a bearer token, and mapped to facts by the `hooks` "
-        "section of gatekeeper.yaml. The delivery id (`X-GitHub-Delivery`, "
-        "`X-Gitlab-Event-UUID`) makes redeliveries idempotent.",
+        "GitLab: `X-Gitlab-Token`; other senders: a Standard Webhooks `webhook-signature` "
+        "with a `webhook-timestamp` within 5 minutes), not a bearer token, and mapped to "
+        "facts by the `hooks` "
+        "section of gatekeeper.yaml. The sender's delivery id (GitHub: `X-GitHub-Delivery`; "
+        "GitLab: `Idempotency-Key`, never `X-Gitlab-Event-UUID`, which events triggered by "
+        "one webhook share; Standard Webhooks: `webhook-id`) makes redeliveries idempotent; "
+        "a `webhook-id` replayed with another body is refused (422).",
         parameters=(_path_param("source", "The hook source name in the config."),),
         errors=(400, 401, 404, 413, 422, 503),
         extra_responses={202: (m.HookIgnored, "No mapping fits: ignored.")},

@@ -11,14 +11,24 @@ facts. ``handle`` does the whole job for one request:
      (https://docs.github.com/en/webhooks/using-webhooks/validating-webhook-deliveries);
    - ``gitlab``: the ``X-Gitlab-Token`` header holds the secret token itself, as in GitLab's
      "Webhooks" documentation
-     (https://docs.gitlab.com/user/project/integrations/webhooks/#create-a-webhook).
+     (https://docs.gitlab.com/user/project/integrations/webhooks/#create-a-webhook);
+   - ``standard`` (any other sender): Standard Webhooks (https://www.standardwebhooks.com/),
+     checked by the ``standardwebhooks`` library: ``webhook-signature`` holds
+     ``v1,<base64 HMAC-SHA256 of "<webhook-id>.<webhook-timestamp>.<body>">`` and
+     ``webhook-timestamp`` (Unix seconds) is within the library's tolerance, 5 minutes, of now.
 
-   Both comparisons are constant time (``hmac.compare_digest``).
+   All comparisons are constant time (``hmac.compare_digest``).
 2. Parse the body: ``application/json``, or (GitHub only) ``application/x-www-form-urlencoded``
    with the JSON in its ``payload`` field.
 3. ``map_event``: the first mapping whose ``event`` is the event name (``X-GitHub-Event``,
-   e.g. ``workflow_run``; ``X-Gitlab-Event``, e.g. ``Pipeline Hook``) and whose ``match``
-   entries all hold produces one fact. No mapping fits: no fact (the route answers 202).
+   e.g. ``workflow_run``; ``X-Gitlab-Event``, e.g. ``Pipeline Hook``; for ``standard`` the
+   payload's ``type``, as the spec's ``{"type", "timestamp", "data"}`` payload carries it)
+   and whose ``match`` entries all hold produces one fact. No mapping fits: no fact (the
+   route answers 202).
+
+``delivery_id`` is the sender's id of a delivery, which the route makes the idempotency key
+(``hook:<source>:<id>``): a redelivery applies nothing twice, and for ``standard`` a replayed
+``webhook-id`` with another body is refused.
 
 Templates (a fact's ``id`` and ``data`` values) use ``${dotted.path}`` placeholders over the
 payload, with list indexes as path parts (``${workflow_run.pull_requests.0.number}``), and
@@ -38,10 +48,17 @@ import hmac
 import json
 import re
 import urllib.parse
+from binascii import Error as Base64Error
 from collections.abc import Mapping
 from functools import cache
 from string import Template
 from typing import Any, Final
+
+from standardwebhooks.webhooks import (
+    EmptyWebhookSecretError,
+    Webhook,
+    WebhookVerificationError,
+)
 
 from gatekeeper.config import Config, Hook, HookFact
 from gatekeeper.engine.model import FactInput
@@ -53,6 +70,13 @@ GITHUB_SIGNATURE_HEADER: Final = "X-Hub-Signature-256"
 GITHUB_EVENT_HEADER: Final = "X-GitHub-Event"
 GITLAB_TOKEN_HEADER: Final = "X-Gitlab-Token"
 GITLAB_EVENT_HEADER: Final = "X-Gitlab-Event"
+GITHUB_DELIVERY_HEADER: Final = "X-GitHub-Delivery"
+GITLAB_IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
+STANDARD_ID_HEADER: Final = "webhook-id"
+STANDARD_HEADERS: Final = (STANDARD_ID_HEADER, "webhook-timestamp", "webhook-signature")
+STANDARD_TOLERANCE_S: Final = 300
+"""The ``standardwebhooks`` library's timestamp tolerance (5 minutes), each way."""
+STANDARD_EVENT_FIELD: Final = "type"
 
 RESERVED_KINDS: Final = frozenset({"approval"})
 """Fact kinds a hook may not produce (approvals come only from authenticated approvers);
@@ -98,6 +122,9 @@ def handle(hook: Hook, secret: str, headers: Mapping[str, str], body: bytes) -> 
     event (answer 202). Raises ``HookRejected`` (401, 400 or 422).
     """
     verify(hook, secret, headers, body)
+    if hook.kind == "standard":
+        payload = parse_payload(hook, headers, body)
+        return map_event(hook, event_name(hook, headers, payload), payload)
     event = event_name(hook, headers)
     payload = parse_payload(hook, headers, body)
     return map_event(hook, event, payload)
@@ -109,19 +136,31 @@ def verify(hook: Hook, secret: str, headers: Mapping[str, str], body: bytes) -> 
     GitHub ("Validating webhook deliveries"): ``X-Hub-Signature-256`` must be ``sha256=``
     followed by the hex HMAC-SHA256 of the raw ``body`` keyed with ``secret``.
     GitLab ("Webhooks", secret token): ``X-Gitlab-Token`` must equal ``secret``.
+    Standard Webhooks: ``webhook-signature`` must hold a ``v1`` signature of ``webhook-id``,
+    ``webhook-timestamp`` and ``body`` made with ``secret`` (``whsec_<base64>``, or any other
+    text as raw key bytes), and the timestamp be within ``STANDARD_TOLERANCE_S`` of now.
     Compared in constant time; an empty ``secret`` verifies nothing.
     """
     if not secret:
         raise HookRejected(401, f"hook {hook.name!r} has no secret configured")
     if hook.kind == "github":
         _verify_github(secret, headers, body)
-    else:
+    elif hook.kind == "gitlab":
         _verify_gitlab(secret, headers)
+    else:
+        _verify_standard(hook, secret, headers, body)
 
 
-def event_name(hook: Hook, headers: Mapping[str, str]) -> str:
-    """The event type: ``X-GitHub-Event`` (``workflow_run``) or ``X-Gitlab-Event``
-    (``Pipeline Hook``). Raises ``HookRejected`` 400 when the header is missing or empty."""
+def event_name(hook: Hook, headers: Mapping[str, str], payload: Any = None) -> str:
+    """The event type: ``X-GitHub-Event`` (``workflow_run``), ``X-Gitlab-Event``
+    (``Pipeline Hook``), or for ``standard`` the ``type`` string of ``payload``.
+    Raises ``HookRejected`` 400 when it is missing or empty."""
+    if hook.kind == "standard":
+        event = payload.get(STANDARD_EVENT_FIELD) if isinstance(payload, dict) else None
+        if not isinstance(event, str) or not event.strip():
+            message = 'the payload has no "type" string (Standard Webhooks: type, timestamp, data)'
+            raise HookRejected(400, message)
+        return event.strip()
     name = GITHUB_EVENT_HEADER if hook.kind == "github" else GITLAB_EVENT_HEADER
     event = (header(headers, name) or "").strip()
     if not event:
@@ -159,6 +198,29 @@ def map_event(hook: Hook, event: str, payload: Any) -> list[FactInput]:
         if mapping.event == event and _matches(mapping, payload):
             return [_make_fact(hook, mapping, payload)]
     return []
+
+
+def delivery_id(hook: Hook, headers: Mapping[str, str]) -> str | None:
+    """The sender's id of this delivery, the same on every redelivery of it, or ``None``.
+
+    - ``github``: ``X-GitHub-Delivery``, a GUID that GitHub's "Redeliver" keeps.
+    - ``gitlab``: ``Idempotency-Key``. GitLab's "Webhooks" documentation, section
+      "Delivery headers" (doc/user/project/integrations/webhooks.md, GitLab 17.4+), gives it as
+      "Unique ID consistent across webhook retries", and "Resend Request" sends "the same data
+      and the same ``Idempotency-Key`` header". ``X-Gitlab-Event-UUID`` is no per-event key:
+      a resend gets a fresh one, and "Recursive webhooks (triggered by earlier webhooks) share
+      the same value", so two different events can carry it. A GitLab older than 17.4 sends
+      no ``Idempotency-Key``: its deliveries are applied as they come, never deduplicated.
+
+    - ``standard``: ``webhook-id``, which the Standard Webhooks spec keeps the same when a
+      message is retried (and which the signature covers).
+
+    An empty or blank header counts as absent.
+    """
+    names = {"github": GITHUB_DELIVERY_HEADER, "gitlab": GITLAB_IDEMPOTENCY_HEADER}
+    name = names.get(hook.kind, STANDARD_ID_HEADER)
+    value = (header(headers, name) or "").strip()
+    return value or None
 
 
 def header(headers: Mapping[str, str], name: str) -> str | None:
@@ -204,14 +266,24 @@ def render(template: str, payload: Any, *, keep_type: bool = True) -> Any:
 def hook_problems(config: Config) -> list[Problem]:
     """``check_hook`` for every hook of ``config``, as problems of the config file at path
     ``hooks.<source>.facts[i].<field>`` (no line: the config's schema was checked on load).
-    The daemon refuses a config with any at start or reload; ``gatekeeper check`` reports
-    them."""
+    A ``standard`` hook also needs ``idempotency_window_s`` of at least
+    ``STANDARD_TOLERANCE_S``, or a replay still inside the timestamp tolerance would be
+    forgotten. The daemon refuses a config with any at start or reload; ``gatekeeper check``
+    reports them."""
     file = str(config.path) if config.path else "gatekeeper.yaml"
-    return [
+    problems = [
         Problem(file, 0, 0, message.split(": ", 1)[1], f"hooks.{name}.{message.split(':', 1)[0]}")
         for name, hook in sorted(config.hooks.items())
         for message in check_hook(hook)
     ]
+    standard = sorted(name for name, hook in config.hooks.items() if hook.kind == "standard")
+    if standard and config.idempotency_window_s < STANDARD_TOLERANCE_S:
+        message = (
+            f"is below {STANDARD_TOLERANCE_S} s, the timestamp tolerance of standard hooks "
+            f"({', '.join(standard)}): a replayed webhook-id could be applied twice"
+        )
+        problems.append(Problem(file, 0, 0, message, "idempotency_window_s"))
+    return problems
 
 
 def check_hook(hook: Hook) -> list[str]:
@@ -247,6 +319,31 @@ def _verify_gitlab(secret: str, headers: Mapping[str, str]) -> None:
         raise HookRejected(401, f"missing {GITLAB_TOKEN_HEADER} header")
     if not hmac.compare_digest(secret.encode("utf-8"), _bytes(received)):
         raise HookRejected(401, f"{GITLAB_TOKEN_HEADER} is not this hook's secret token")
+
+
+def _verify_standard(hook: Hook, secret: str, headers: Mapping[str, str], body: bytes) -> None:
+    try:
+        webhook = Webhook(secret if secret.startswith("whsec_") else secret.encode("utf-8"))
+    except (EmptyWebhookSecretError, Base64Error, ValueError):
+        raise HookRejected(401, f"hook {hook.name!r} has no usable secret configured") from None
+    # only the three headers, as text that encodes: a lone surrogate cannot raise inside
+    received = {
+        name: _bytes(value).decode("utf-8")
+        for name in STANDARD_HEADERS
+        if (value := header(headers, name)) is not None
+    }
+    missing = [name for name in STANDARD_HEADERS if not received.get(name)]
+    if missing:
+        raise HookRejected(401, f"missing {', '.join(missing)} header(s) (Standard Webhooks)")
+    try:
+        webhook.verify(body, received, json_parse=False)
+    except WebhookVerificationError as error:
+        reason = {
+            "Message timestamp too old": "webhook-timestamp is more than 5 minutes old",
+            "Message timestamp too new": "webhook-timestamp is more than 5 minutes ahead",
+            "Invalid Signature Headers": "webhook-timestamp is not a Unix time in seconds",
+        }.get(str(error), "webhook-signature does not match the body")
+        raise HookRejected(401, reason) from None
 
 
 def _bytes(text: str) -> bytes:
