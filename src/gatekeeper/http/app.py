@@ -35,6 +35,8 @@ log = logging.getLogger("gatekeeper.http.app")
 
 SCOPES_KEY = web.AppKey("scopes", dict[Handler, str | None])
 """Each handler's required token scope (None: open), from the route table."""
+QUERY_KEY = web.AppKey("query", dict[Handler, frozenset[str]])
+"""Each handler's declared query parameters, from the route table (as OpenAPI shows them)."""
 
 REJECTION_REASONS = {400: "malformed", 413: "too_large", 415: "unsupported_media_type"}
 
@@ -45,7 +47,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
     With no tokens configured (the daemon then listens on loopback only) every request is
     let through with no principal. Otherwise: no or an unknown token is 401, a token
-    without the route's scope is 403. Unknown routes fall through to 404/405.
+    without the route's scope is 403. Unknown routes fall through to 404/405. Then a query
+    parameter the route does not declare is 400 (checked only when there is a query string).
     """
     route = request.match_info.route
     if isinstance(route, SystemRoute):  # no such route or method: 404/405 as usual
@@ -55,6 +58,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     tokens = daemon_of(request).tokens()
     request[PRINCIPAL_KEY] = None
     if not tokens or scope is None:
+        if request.query_string:
+            _check_query(request, route.handler)
         return await handler(request)
     principal = authenticate(tokens, bearer_token(request.headers.get("Authorization")))
     if principal is None:
@@ -66,7 +71,23 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if scope not in principal.scopes:
         raise ApiError(403, f"token of {principal.subject!r} lacks the {scope!r} scope")
     request[PRINCIPAL_KEY] = principal
+    if request.query_string:
+        _check_query(request, route.handler)
     return await handler(request)
+
+
+def _check_query(request: web.Request, handler: Handler) -> None:
+    """Raise ``ApiError`` 400 naming each query parameter the route does not declare."""
+    known = request.app[QUERY_KEY].get(handler, frozenset())
+    unknown = sorted({name for name in request.query if name not in known})
+    if unknown:
+        names = ", ".join(repr(name) for name in unknown)
+        takes = ", ".join(sorted(known)) or "none"
+        noun = "parameter" if len(unknown) == 1 else "parameters"
+        raise ApiError(
+            400,
+            f"unknown query {noun} {names} for {request.method} {request.path} (it takes: {takes})",
+        )
 
 
 def _count_rejected_fact(request: web.Request, status: int) -> None:
@@ -119,6 +140,7 @@ def create_app(daemon: Daemon) -> web.Application:
     app[DAEMON_KEY] = daemon
     app.cleanup_ctx.append(_daemon_lifecycle)
     app[SCOPES_KEY] = {route.handler: route.scope for route in ROUTES}
+    app[QUERY_KEY] = {route.handler: route.query_names for route in ROUTES}
     for route in ROUTES:
         if route.method == "GET":
             app.router.add_get(route.path, route.handler)  # and HEAD
