@@ -305,7 +305,7 @@ def _errors(*statuses: int, secured: bool = True, body: bool = False) -> JsonObj
     """Error responses: ``statuses``, 400 (every operation refuses a query parameter it does
     not declare), 500, for a secured operation 401, 403 and 429 (its token's rate limit),
     and for one with a request ``body`` 408 (the body read timeout)."""
-    extra = (400, 401, 403, 429) if secured else (400,)
+    extra: tuple[int, ...] = (400, 401, 403, 429) if secured else (400,)
     if body:
         extra += (408,)
     return {
