@@ -409,3 +409,65 @@ def test_serve_with_an_unreadable_certificate_exits_1_with_one_line(
     assert process.returncode == 1
     assert "TLS certificate or key" in stderr.decode()
     assert "Traceback" not in stderr.decode()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "auto"])
+def test_a_real_serve_closes_silent_connections_and_refuses_over_the_cap(
+    loop: str, project_factory: Callable[..., Project]
+) -> None:
+    """The limits hold in ``gatekeeper serve`` itself, on either event loop (auto: uvloop
+    where installed), and its log stays short however many connections are refused."""
+    project = _project(project_factory, header_read_timeout_s=1, max_connections=3)
+    port = _free_port()
+    command = [sys.executable, "-m", "gatekeeper", "serve", "-c", str(project.config_path)]
+    process = subprocess.Popen(
+        [*command, "--listen", f"127.0.0.1:{port}"],
+        env={**os.environ, **ENV, "GATEKEEPER_EVENT_LOOP": loop},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(150):
+            try:
+                kept = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.1)
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+        time.sleep(0.2)
+        started = time.monotonic()
+        for _ in range(100):  # over the cap: closed at once
+            extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+            with contextlib.suppress(ConnectionResetError):
+                assert extra.recv(65536) == b""
+            extra.close()
+        assert time.monotonic() - started < 5
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+        for sock in silent:  # sent nothing: 408 and closed after the header timeout
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408")
+            sock.close()
+        kept.close()
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    limit_lines = [line for line in stderr.decode().splitlines() if "http.limits" in line]
+    assert 1 <= len(limit_lines) <= 3, limit_lines
+
+
+def test_cli_clients_default_to_https_when_the_config_has_tls(
+    project_factory: Callable[..., Project],
+) -> None:
+    from gatekeeper.cli.client import base_url
+    from gatekeeper.config import load_config
+
+    tls = {"cert_file": "server.crt", "key_file": "server.key"}
+    config = load_config(_project(project_factory, tls=tls).config_path)
+    assert base_url(config, None) == "https://127.0.0.1:0"
+    assert config.tls is not None and config.tls.cert_file.is_absolute()
