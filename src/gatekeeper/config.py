@@ -34,6 +34,9 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_DATABASE = "gatekeeper.db"
 DEFAULT_RULES_DIR = "rules"
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_HEADER_READ_TIMEOUT_S = 10.0
+DEFAULT_BODY_READ_TIMEOUT_S = 30.0
+DEFAULT_MAX_CONNECTIONS = 512
 DEFAULT_CONFIG_NAME = "gatekeeper.yaml"
 CONFIG_SCHEMA = "config.schema.json"
 
@@ -136,16 +139,34 @@ class Escrow:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """A token bucket: ``requests_per_s`` on average, at most ``burst`` requests at once."""
+
+    requests_per_s: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class Tls:
+    """HTTPS on ``listen``: PEM files of the certificate chain and its private key."""
+
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True)
 class Token:
     """An API token as configured: only the SHA-256 (hex) of the token is kept.
 
-    ``projects`` holds the projects it may act on, ``("*",)`` for all.
+    ``projects`` holds the projects it may act on, ``("*",)`` for all. ``rate_limit`` is the
+    token's own or else the config's top-level one (None: unlimited).
     """
 
     subject: str
     sha256: str
     scopes: frozenset[str]
     projects: tuple[str, ...] = ("*",)
+    rate_limit: RateLimit | None = None
 
     def allows_project(self, project: str) -> bool:
         return "*" in self.projects or project in self.projects
@@ -197,6 +218,11 @@ class Config:
     shutdown_grace_s: float = 10.0
     tokens: tuple[Token, ...] = ()
     hooks: Mapping[str, Hook] = field(default_factory=dict)
+    header_read_timeout_s: float = DEFAULT_HEADER_READ_TIMEOUT_S
+    body_read_timeout_s: float = DEFAULT_BODY_READ_TIMEOUT_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    tls: Tls | None = None
+    rate_limit: RateLimit | None = None
 
 
 class ConfigError(Exception):
@@ -448,6 +474,8 @@ def _build(data: Mapping[str, Any], path: Path) -> Config:
     """A ``Config`` from schema-valid ``data`` read from ``path``."""
     folder = path.absolute().parent
     host, port = parse_listen(data.get("listen", DEFAULT_LISTEN))
+    rate_limit = _build_rate_limit(data.get("rate_limit"))
+    tls = data.get("tls")
     return Config(
         listen_host=host,
         listen_port=port,
@@ -460,17 +488,39 @@ def _build(data: Mapping[str, Any], path: Path) -> Config:
         alert_target=data.get("alert_target"),
         idempotency_window_s=float(data.get("idempotency_window_s", 86400.0)),
         shutdown_grace_s=float(data.get("shutdown_grace_s", 10.0)),
-        tokens=tuple(_build_token(t) for t in data.get("tokens", [])),
+        tokens=tuple(_build_token(t, rate_limit) for t in data.get("tokens", [])),
         hooks={name: _build_hook(name, h) for name, h in data.get("hooks", {}).items()},
+        header_read_timeout_s=float(
+            data.get("header_read_timeout_s", DEFAULT_HEADER_READ_TIMEOUT_S)
+        ),
+        body_read_timeout_s=float(data.get("body_read_timeout_s", DEFAULT_BODY_READ_TIMEOUT_S)),
+        max_connections=int(data.get("max_connections", DEFAULT_MAX_CONNECTIONS)),
+        tls=Tls(
+            folder / Path(tls["cert_file"]).expanduser(),
+            folder / Path(tls["key_file"]).expanduser(),
+        )
+        if tls
+        else None,
+        rate_limit=rate_limit,
     )
 
 
-def _build_token(data: Mapping[str, Any]) -> Token:
+def _build_rate_limit(data: Mapping[str, Any] | None) -> RateLimit | None:
+    """A ``RateLimit`` from a schema-valid ``rate_limit`` mapping (burst defaults to twice
+    the rate, at least 1)."""
+    if data is None:
+        return None
+    rate = float(data["requests_per_s"])
+    return RateLimit(rate, int(data.get("burst", max(1, round(2 * rate)))))
+
+
+def _build_token(data: Mapping[str, Any], default_rate_limit: RateLimit | None) -> Token:
     return Token(
         subject=data["subject"],
         sha256=data["sha256"],
         scopes=frozenset(data["scopes"]),
         projects=tuple(data.get("projects", ["*"])),
+        rate_limit=_build_rate_limit(data.get("rate_limit")) or default_rate_limit,
     )
 
 

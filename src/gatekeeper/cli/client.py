@@ -27,12 +27,14 @@ class ClientError(Exception):
 
 
 def base_url(config: Config, given: str | None) -> str:
-    """``given`` or ``http://<listen host>:<listen port>``, without a trailing slash."""
+    """``given`` or ``http(s)://<listen host>:<listen port>`` (https when the config has
+    ``tls``), without a trailing slash."""
     if given:
         return given.rstrip("/")
     host = config.listen_host
     host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{config.listen_port}"
+    scheme = "https" if config.tls is not None else "http"
+    return f"{scheme}://{host}:{config.listen_port}"
 
 
 def call_pages(url: str, key: str) -> dict[str, Any]:

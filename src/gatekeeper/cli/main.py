@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gatekeeper import __version__
-from gatekeeper.config import Config, ConfigError, find_default_config, load_config
+from gatekeeper.config import Config, ConfigError, Tls, find_default_config, load_config
 from gatekeeper.http.auth import SCOPES
 
 if TYPE_CHECKING:
+    import ssl
+
     from gatekeeper.runtime.daemon import Daemon
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -307,6 +309,18 @@ def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] |
     return factory
 
 
+def tls_context(tls: Tls) -> ssl.SSLContext:
+    """A server ``SSLContext`` (TLS 1.2 at least, the stdlib's secure defaults) with the
+    certificate chain and key of ``tls``. Raises ``OSError`` for an unreadable file and
+    ``ssl.SSLError`` for a bad certificate or a key that does not match it."""
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -321,6 +335,12 @@ async def _serve_async(config: Config) -> int:
     from aiohttp import web
 
     from gatekeeper.http.app import create_app
+    from gatekeeper.http.limits import (
+        CONNECTIONS_KEY,
+        KEEPALIVE_TIMEOUT_S,
+        GuardedSite,
+        effective_max_connections,
+    )
     from gatekeeper.runtime.daemon import Daemon, StartupError
     from gatekeeper.store.errors import StoreError
 
@@ -351,8 +371,17 @@ async def _serve_async(config: Config) -> int:
         log.error("cannot start: %s", exc, exc_info=debug)
         return EXIT_FAILED
     # the application starts the daemon at setup and stops it at cleanup (cleanup_ctx)
+    app = create_app(
+        daemon,
+        header_read_timeout_s=config.header_read_timeout_s,
+        body_read_timeout_s=config.body_read_timeout_s,
+        max_connections=config.max_connections,
+    )
     runner = web.AppRunner(
-        create_app(daemon), handle_signals=False, shutdown_timeout=config.shutdown_grace_s
+        app,
+        handle_signals=False,
+        shutdown_timeout=config.shutdown_grace_s,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_S,  # an idle kept-alive connection holds a place
     )
     try:
         await runner.setup()
@@ -362,7 +391,17 @@ async def _serve_async(config: Config) -> int:
     except Exception as exc:  # anything else: still one line, an exit, no hang
         log.error("cannot start: %s: %s", type(exc).__name__, exc, exc_info=debug)
         return EXIT_FAILED
-    site = web.TCPSite(runner, config.listen_host, config.listen_port)
+    try:
+        ssl_context = tls_context(config.tls) if config.tls is not None else None
+    except OSError as exc:  # ssl.SSLError included
+        log.error("cannot start: TLS certificate or key: %s", exc)
+        await runner.cleanup()
+        return EXIT_FAILED
+    connections = runner.app[CONNECTIONS_KEY]
+    connections.max_connections = effective_max_connections(config.max_connections)
+    site = GuardedSite(
+        runner, config.listen_host, config.listen_port, connections, ssl_context=ssl_context
+    )
     try:
         await site.start()
     except OSError as exc:
@@ -370,10 +409,11 @@ async def _serve_async(config: Config) -> int:
         await runner.cleanup()
         return EXIT_FAILED
     log.info(
-        "gatekeeper %s listening on http://%s:%d (database %s, rules %s)",
+        "gatekeeper %s listening on %s://%s:%d (database %s, rules %s)",
         __version__,
+        "https" if ssl_context else "http",
         config.listen_host,
-        config.listen_port,
+        site.port,
         config.database,
         config.rules_dir,
     )

@@ -17,14 +17,28 @@ never a traceback, and a request that is refused changes nothing:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.web_urldispatcher import SystemRoute
 
+from gatekeeper.config import (
+    DEFAULT_BODY_READ_TIMEOUT_S,
+    DEFAULT_HEADER_READ_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    Token,
+)
 from gatekeeper.http.auth import authenticate, bearer_token
 from gatekeeper.http.context import DAEMON_KEY, PRINCIPAL_KEY, daemon_of
 from gatekeeper.http.handlers import metrics_response
+from gatekeeper.http.limits import (
+    BODY_TIMEOUT_KEY,
+    CONNECTIONS_KEY,
+    Connections,
+    RateLimiter,
+    limits_middleware,
+)
 from gatekeeper.http.routes import ROUTES, Handler
 from gatekeeper.http.wire import ApiError, error_response
 from gatekeeper.runtime.daemon import Daemon
@@ -36,6 +50,10 @@ log = logging.getLogger("gatekeeper.http.app")
 
 SCOPES_KEY = web.AppKey("scopes", dict[Handler, str | None])
 """Each handler's required token scope (None: open), from the route table."""
+RATE_LIMITER_KEY = web.AppKey("rate_limiter", RateLimiter)
+"""The token buckets of the API tokens' rate limits."""
+QUERY_KEY = web.AppKey("query", dict[Handler, frozenset[str]])
+"""Each handler's declared query parameters, from the route table (as OpenAPI shows them)."""
 
 REJECTION_REASONS = {400: "malformed", 413: "too_large", 415: "unsupported_media_type"}
 
@@ -45,8 +63,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Check ``Authorization: Bearer <token>`` against the configured token hashes.
 
     With no tokens configured (the daemon then listens on loopback only) every request is
-    let through with no principal. Otherwise: no or an unknown token is 401, a token
-    without the route's scope is 403. Unknown routes fall through to 404/405.
+    let through with no principal. Otherwise: no or an unknown token is 401, a token over
+    its rate limit 429 (with ``Retry-After``), a token without the route's scope 403.
+    Unknown routes fall through to 404/405. Then a query parameter the route does not
+    declare is 400 (checked only when there is a query string).
     """
     route = request.match_info.route
     if isinstance(route, SystemRoute):  # no such route or method: 404/405 as usual
@@ -56,6 +76,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     tokens = daemon_of(request).tokens()
     request[PRINCIPAL_KEY] = None
     if not tokens or scope is None:
+        if request.query_string:
+            _check_query(request, route.handler)
         return await handler(request)
     principal = authenticate(tokens, bearer_token(request.headers.get("Authorization")))
     if principal is None:
@@ -64,10 +86,44 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             "missing or unknown API token (send Authorization: Bearer <token>)",
             headers={"WWW-Authenticate": 'Bearer realm="gatekeeper"'},
         )
+    if principal.rate_limit is not None:
+        _check_rate(request, principal)
     if scope not in principal.scopes:
         raise ApiError(403, f"token of {principal.subject!r} lacks the {scope!r} scope")
     request[PRINCIPAL_KEY] = principal
+    if request.query_string:
+        _check_query(request, route.handler)
     return await handler(request)
+
+
+def _check_rate(request: web.Request, token: Token) -> None:
+    """Raise ``ApiError`` 429 with ``Retry-After`` (whole seconds) when ``token`` is over
+    its rate limit."""
+    limit = token.rate_limit
+    assert limit is not None
+    wait_s = request.app[RATE_LIMITER_KEY].retry_after(token.sha256, limit)
+    if wait_s > 0.0:
+        retry = max(1, math.ceil(wait_s))
+        raise ApiError(
+            429,
+            f"token of {token.subject!r} is over its rate limit ({limit.requests_per_s:g} "
+            f"requests/s, burst {limit.burst}); retry in {retry} s",
+            headers={"Retry-After": str(retry)},
+        )
+
+
+def _check_query(request: web.Request, handler: Handler) -> None:
+    """Raise ``ApiError`` 400 naming each query parameter the route does not declare."""
+    known = request.app[QUERY_KEY].get(handler, frozenset())
+    unknown = sorted({name for name in request.query if name not in known})
+    if unknown:
+        names = ", ".join(repr(name) for name in unknown)
+        takes = ", ".join(sorted(known)) or "none"
+        noun = "parameter" if len(unknown) == 1 else "parameters"
+        raise ApiError(
+            400,
+            f"unknown query {noun} {names} for {request.method} {request.path} (it takes: {takes})",
+        )
 
 
 def _count_rejected_fact(request: web.Request, status: int) -> None:
@@ -113,17 +169,32 @@ async def _daemon_lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-def create_app(daemon: Daemon) -> web.Application:
+def create_app(
+    daemon: Daemon,
+    *,
+    header_read_timeout_s: float = DEFAULT_HEADER_READ_TIMEOUT_S,
+    body_read_timeout_s: float = DEFAULT_BODY_READ_TIMEOUT_S,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+) -> web.Application:
     """The aiohttp application serving ``daemon``: every route of ``routes.ROUTES``, behind
-    the error and auth middlewares. The application starts the daemon when it starts and
-    stops it at cleanup, unless the caller started it (then the caller stops it)."""
+    the limits, error and auth middlewares (serve it with ``limits.GuardedSite`` and the
+    application's ``CONNECTIONS_KEY`` for the header timeout and the connection cap). The
+    application starts the daemon when it starts and stops it at cleanup, unless the caller
+    started it (then the caller stops it). The limits are the config's
+    ``header_read_timeout_s``, ``body_read_timeout_s`` (seconds) and ``max_connections``."""
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[limits_middleware, error_middleware, auth_middleware],
         client_max_size=daemon.max_body_bytes(),
     )
     app[DAEMON_KEY] = daemon
+    app[BODY_TIMEOUT_KEY] = body_read_timeout_s
+    app[CONNECTIONS_KEY] = Connections(
+        max_connections=max_connections, header_read_timeout_s=header_read_timeout_s
+    )
+    app[RATE_LIMITER_KEY] = RateLimiter()
     app.cleanup_ctx.append(_daemon_lifecycle)
     app[SCOPES_KEY] = {route.handler: route.scope for route in ROUTES}
+    app[QUERY_KEY] = {route.handler: route.query_names for route in ROUTES}
     for route in ROUTES:
         if route.method == "GET":
             app.router.add_get(route.path, route.handler)  # and HEAD

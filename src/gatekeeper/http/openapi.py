@@ -56,10 +56,20 @@ ERROR_STATUSES: Mapping[int, tuple[str, str]] = {
     403: ("Forbidden", "The token lacks the scope, or may not act on the project."),
     404: ("NotFound", "No such resource (also the answer to any path the API does not have)."),
     405: ("MethodNotAllowed", "The path exists but not with this method."),
+    408: (
+        "RequestTimeout",
+        "The body did not arrive within the config's `body_read_timeout_s` (default 30 s); "
+        "the connection is closed.",
+    ),
     409: ("Conflict", "The request conflicts with the resource's state."),
     413: ("PayloadTooLarge", "The body is over the config's `max_body_bytes` (default 1 MiB)."),
     415: ("UnsupportedMediaType", "The body's Content-Type is not `application/json`."),
     422: ("UnprocessableContent", "The request is well formed but cannot be processed."),
+    429: (
+        "TooManyRequests",
+        "The token is over its `rate_limit` (requests per second); `Retry-After` says in how "
+        "many seconds to try again.",
+    ),
     500: ("InternalError", "An unexpected error (a bug): logged by the daemon, never shown."),
     503: (
         "ServiceUnavailable",
@@ -296,9 +306,13 @@ def _json(schema: JsonObject, description: str, **extra: Any) -> JsonObject:
     }
 
 
-def _errors(*statuses: int, secured: bool = True) -> JsonObject:
-    """Error responses: ``statuses``, 500, and for a secured operation 401 and 403."""
-    extra = (401, 403) if secured else ()
+def _errors(*statuses: int, secured: bool = True, body: bool = False) -> JsonObject:
+    """Error responses: ``statuses``, 400 (every operation refuses a query parameter it does
+    not declare), 500, for a secured operation 401, 403 and 429 (its token's rate limit),
+    and for one with a request ``body`` 408 (the body read timeout)."""
+    extra: tuple[int, ...] = (400, 401, 403, 429) if secured else (400,)
+    if body:
+        extra += (408,)
     return {
         str(status): {"$ref": f"#/components/responses/{ERROR_STATUSES[status][0]}"}
         for status in sorted({*statuses, *extra, 500})
@@ -335,7 +349,9 @@ def _operation(route: Route) -> JsonObject:
     responses: JsonObject = {"200": ok}
     for status, (model, description) in sorted(route.extra_responses.items()):
         responses[str(status)] = _json(_schema_of(model), description)
-    responses.update(_errors(*route.errors, secured=route.scope is not None))
+    responses.update(
+        _errors(*route.errors, secured=route.scope is not None, body=route.request is not None)
+    )
     operation["responses"] = responses
     return operation
 

@@ -60,6 +60,11 @@ class Route:
     request_media_types: tuple[str, ...] = ("application/json",)
 
     @property
+    def query_names(self) -> frozenset[str]:
+        """The query parameters this operation takes (any other is answered 400)."""
+        return frozenset(p["name"] for p in self.parameters if p.get("in") == "query")
+
+    @property
     def openapi_path(self) -> str:
         """The path as OpenAPI writes it: ``{rule_id:.+}`` becomes ``{rule_id}``."""
         return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", self.path)
