@@ -127,19 +127,27 @@ class Counters:
         if evaluated:
             self.labelled(metrics.evaluations, trigger).inc(evaluated)
 
-    def applied(self, transition: Transition) -> None:
-        """Count the facts, decisions by outcome and queued actions of a committed
-        ``transition``."""
+    def applied(self, transitions: list[Transition]) -> None:
+        """Count the facts, decisions by outcome and queued actions of committed
+        ``transitions``: one ``inc`` per metric and label for the whole group (each ``inc``
+        takes the metric's lock)."""
         metrics = self.metrics
-        if transition.facts:
-            metrics.facts_accepted.inc(len(transition.facts))
+        facts = 0
         outcomes: dict[str, int] = {}
-        for decision in transition.decisions:
-            outcomes[decision.outcome] = outcomes.get(decision.outcome, 0) + 1
-        for outcome, count in outcomes.items():
-            self.labelled(metrics.decisions, outcome).inc(count)
-        for action in transition.actions:
-            self.labelled(metrics.actions, action.target, "queued").inc()
+        actions: dict[str, int] = {}
+        for transition in transitions:
+            facts += len(transition.facts)
+            for decision in transition.decisions:
+                outcome = decision.outcome
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            for action in transition.actions:
+                actions[action.target] = actions.get(action.target, 0) + 1
+        if facts:
+            metrics.facts_accepted.inc(facts)
+        for name, count in outcomes.items():
+            self.labelled(metrics.decisions, name).inc(count)
+        for target, count in actions.items():
+            self.labelled(metrics.actions, target, "queued").inc(count)
 
 
 class Writer:
@@ -216,6 +224,7 @@ class Writer:
 
         async def commit_then_apply() -> list[list[int]]:
             results = await self.store.commit_transitions(transitions)
+            self.counters.applied(transitions)
             try:
                 for transition in transitions:
                     self._apply(transition)
@@ -235,6 +244,7 @@ class Writer:
 
     def apply(self, transition: Transition) -> None:
         """Apply a COMMITTED ``transition`` in memory (see ``commit_and_apply``)."""
+        self.counters.applied([transition])
         self._apply(transition)
 
     def _apply(self, transition: Transition) -> None:
@@ -242,7 +252,6 @@ class Writer:
         engine = self.engine
         if engine is not None:
             self.schedule.reschedule(transition, engine, self.facts)
-        self.counters.applied(transition)
         if transition.actions:  # committed: the dispatcher may send them
             self.dispatcher.hand_over(transition.actions, transition.request_id)
 
