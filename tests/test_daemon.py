@@ -292,3 +292,47 @@ async def test_missing_secret_is_a_startup_error_naming_the_variable(
         assert SECRET not in str(exc)
     else:
         raise AssertionError("expected a StartupError")
+
+
+async def test_rule_states_in_the_database_follow_memory_when_facts_change_no_gate(
+    project_factory: Callable[..., Project], receiver: Receiver, start_daemon: Any
+) -> None:
+    """A fact that leaves a rule's state as it was does not write its row again; the rows
+    still equal the daemon's states after gates open and close, within one group commit
+    too (facts posted together), and after a restart."""
+    project = project_factory(receiver.url)
+    project.write_rule("deploy.yaml", DEPLOY_RULE)
+    gk = await start_daemon(project)
+    posts = [
+        fact("task", "T-17", status=status)
+        for status in ("started", "started", "completed", "completed", "reopened", "started")
+    ]
+    for body in posts[:2]:
+        await gk.post("/v1/facts", body)
+    await asyncio.gather(*(gk.post("/v1/facts", body) for body in posts[2:]))
+    await gk.post("/v1/facts", fact("task", "T-17", status="completed"))
+    await receiver.wait_for(1)
+
+    def stored() -> dict[str, tuple[Any, ...]]:
+        db = sqlite3.connect(project.root / "state" / "gatekeeper.db")
+        try:
+            rows = db.execute(
+                "SELECT rule_id, gate_open, fired_count, last_fired_at, rule_hash FROM rule_state"
+            ).fetchall()
+        finally:
+            db.close()
+        return {r[0]: (bool(r[1]), r[2], r[3], r[4]) for r in rows}
+
+    def in_memory(states: Any) -> dict[str, tuple[Any, ...]]:
+        return {
+            rule_id: (s.gate_open, s.fired_count, s.last_fired_at, s.rule_hash)
+            for rule_id, s in states.items()
+        }
+
+    memory = in_memory(gk.daemon.writer.states)
+    gate_open, fired_count, _, _ = memory["tower-a/deploy-docs"]
+    assert gate_open and fired_count >= 1
+    assert stored() == memory
+    await gk.stop()
+    again = await start_daemon(project)
+    assert in_memory(again.daemon.writer.states) == memory

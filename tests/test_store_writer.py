@@ -6,10 +6,12 @@ the ones the audit log needs (decision ids of the outbox, fact sequence numbers)
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from gatekeeper.engine.facts import FactTable
 from gatekeeper.engine.model import FactInput, RuleState, Transition
 from gatekeeper.rules.loader import load_rule_texts
 from gatekeeper.store.errors import Conflict, StoreUnavailable
-from gatekeeper.store.records import Attempt, AttemptRecord
+from gatekeeper.store.records import Attempt, AttemptRecord, canonical_json
 from gatekeeper.store.sqlite import SqliteStore, _Insert
 
 from .conftest import DESIGN_RULE, Project, fact
@@ -294,3 +296,34 @@ async def test_a_store_that_fails_to_open_leaves_no_writer_thread(
             break
         await asyncio.sleep(0.02)
     assert writers == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"b": [1.5, 1e16, 1e-7, -0.0, 12345678901234567890123], "a": {"y": None, "x": True}},
+        {"é": 'ü\u2028\x7f<>&"\\', "\U0001f600": "\uffff"},
+        {"x": "\ud800"},  # a lone surrogate: valid JSON, not UTF-8
+        {1: "int keys", 2: [Decimal("1.50")]},
+        [Decimal("0.10"), "plain"],
+    ],
+)
+def test_canonical_json_reads_back_as_json_did(value: Any) -> None:
+    """The stored JSON text is compact, sorted and parses to what ``json`` with sorted keys
+    and ``default=str`` gave (only the escaping of non-ASCII characters and the spelling of
+    exponents may differ)."""
+    text = canonical_json(value)
+    before = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    assert json.loads(text) == json.loads(before)
+    assert list(_keys_in_order(json.loads(text))) == list(_keys_in_order(json.loads(before)))
+    assert ", " not in text and '": ' not in text
+
+
+def _keys_in_order(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _keys_in_order(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _keys_in_order(item)

@@ -129,19 +129,27 @@ class Counters:
         if evaluated:
             self.labelled(metrics.evaluations, trigger).inc(evaluated)
 
-    def applied(self, transition: Transition) -> None:
-        """Count the facts, decisions by outcome and queued actions of a committed
-        ``transition``."""
+    def applied(self, transitions: list[Transition]) -> None:
+        """Count the facts, decisions by outcome and queued actions of committed
+        ``transitions``: one ``inc`` per metric and label for the whole group (each ``inc``
+        takes the metric's lock)."""
         metrics = self.metrics
-        if transition.facts:
-            metrics.facts_accepted.inc(len(transition.facts))
+        facts = 0
         outcomes: dict[str, int] = {}
-        for decision in transition.decisions:
-            outcomes[decision.outcome] = outcomes.get(decision.outcome, 0) + 1
-        for outcome, count in outcomes.items():
-            self.labelled(metrics.decisions, outcome).inc(count)
-        for action in transition.actions:
-            self.labelled(metrics.actions, action.target, "queued").inc()
+        actions: dict[str, int] = {}
+        for transition in transitions:
+            facts += len(transition.facts)
+            for decision in transition.decisions:
+                outcome = decision.outcome
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            for action in transition.actions:
+                actions[action.target] = actions.get(action.target, 0) + 1
+        if facts:
+            metrics.facts_accepted.inc(facts)
+        for name, count in outcomes.items():
+            self.labelled(metrics.decisions, name).inc(count)
+        for target, count in actions.items():
+            self.labelled(metrics.actions, target, "queued").inc(count)
 
 
 class Writer:
@@ -227,6 +235,7 @@ class Writer:
                 self.outage.failed(exc)
                 raise
             self.outage.recovered()
+            self.counters.applied(transitions)
             try:
                 for transition in transitions:
                     self._apply(transition)
@@ -246,6 +255,7 @@ class Writer:
 
     def apply(self, transition: Transition) -> None:
         """Apply a COMMITTED ``transition`` in memory (see ``commit_and_apply``)."""
+        self.counters.applied([transition])
         self._apply(transition)
 
     def _apply(self, transition: Transition) -> None:
@@ -253,7 +263,6 @@ class Writer:
         engine = self.engine
         if engine is not None:
             self.schedule.reschedule(transition, engine, self.facts)
-        self.counters.applied(transition)
         if transition.actions:  # committed: the dispatcher may send them
             self.dispatcher.hand_over(transition.actions, transition.request_id)
 
@@ -380,6 +389,14 @@ class Writer:
                 facts, all_states, job.batch, now, book, approvals=self.approvals
             )
             self.counters.planned("fact", t0, len(transition.decisions))
+            # a rule state the engine kept as it was (the very object already committed or
+            # planned in this group) is not written again: the usual fact changes no gate,
+            # and upserting 5 unchanged rows cost about a fifth of the writer's SQLite time
+            transition.rule_states = {
+                rule_id: state
+                for rule_id, state in transition.rule_states.items()
+                if all_states.get(rule_id) is not state
+            }
             transition.request_id = job.request_id
             transition.idempotency = job.idempotency
             for fact in job.batch:
