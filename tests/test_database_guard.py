@@ -166,6 +166,40 @@ async def test_a_second_store_on_an_open_database_is_refused(tmp_path: Path) -> 
     await again.close()
 
 
+async def test_a_second_store_through_a_symbolic_link_is_refused(tmp_path: Path) -> None:
+    """Two names of one database file (the file and a link to it, or a link to its folder)
+    are one database: the second daemon is refused, whichever name it was given."""
+    (tmp_path / "volume").mkdir()
+    real = tmp_path / "volume" / "gk.db"
+    first = await open_store(real)
+    try:
+        (tmp_path / "app").mkdir()
+        (tmp_path / "app" / "gk.db").symlink_to(real)
+        (tmp_path / "folder-link").symlink_to(tmp_path / "volume")
+        for other in (tmp_path / "app" / "gk.db", tmp_path / "folder-link" / "gk.db"):
+            with pytest.raises(DatabaseInUse, match=f"pid {os.getpid()}"):
+                await open_store(other)
+    finally:
+        await first.close()
+
+
+async def test_a_link_to_a_missing_database_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """A volume that is not mounted: the database path is a link whose target is gone. A
+    new, empty database there would fire every once rule again and reset the escrows."""
+    (tmp_path / "volume").mkdir()
+    real = tmp_path / "volume" / "gk.db"
+    store = await open_store(real)
+    await store.close()
+    link = tmp_path / "gk.db"
+    link.symlink_to(real)
+    (tmp_path / "volume").rename(tmp_path / "volume.unmounted")
+    with pytest.raises(NotAGatekeeperDatabase, match="symbolic link.*does not exist"):
+        await open_store(link)
+    assert link.is_symlink()
+    assert not (tmp_path / "volume").exists()
+    assert not (tmp_path / "gk.db.new").exists()
+
+
 async def test_readers_are_not_blocked_by_the_daemons_lock(tmp_path: Path) -> None:
     """The lock excludes a second daemon only: a plain SQLite reader (a backup, sqlite3,
     a report) reads while the daemon serves."""

@@ -161,7 +161,9 @@ def _lock_path(path: Path) -> Path:
 
 class DatabaseLock:
     """The OS lock (``fcntl.flock``, exclusive) on ``<database>.lock`` that makes a daemon
-    the only one serving a SQLite database file. The file holds the holder's pid. The lock
+    the only one serving a SQLite database file; the caller gives the file's real path
+    (links resolved), so every name of one file shares one lock (a hard link or a bind
+    mount is not seen through). The file holds the holder's pid. The lock
     is released when ``release`` is called or the process ends, however it ends (the
     kernel drops it with the file descriptor); the file itself stays (removing it would
     let two processes each lock a different file)."""
@@ -526,6 +528,7 @@ class SqliteStore:
         the file and what to do; the write lock of another process is waited for
         ``STARTUP_BUSY_TIMEOUT_MS`` at most."""
         if not self._memory:
+            self._refuse_dangling_link()
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -538,7 +541,9 @@ class SqliteStore:
                     f"cannot create the folder {self.path.parent} of database {self.path}: "
                     f"{why}; create it or point database: elsewhere"
                 ) from exc
-            self._lock = DatabaseLock(self.path)
+            # one lock per file, whatever name it was reached by (a link to it, or to a
+            # folder on its path): the lock file sits beside the real file
+            self._lock = DatabaseLock(Path(os.path.realpath(self.path)))
         self._writer = WriterThread(f"gatekeeper-writer {self.path.name}")
         try:
             await self._writer.run(self._connect_writer)
@@ -561,6 +566,17 @@ class SqliteStore:
             if isinstance(exc, sqlite3.Error):
                 raise _open_error(self.path, exc) from exc
             raise
+
+    def _refuse_dangling_link(self) -> None:
+        """Refuse a database path that is a symbolic link to nothing (a volume not mounted,
+        a restore not done): a new, empty database there would fire every ``once`` rule
+        again and reset the escrows. Raises ``NotAGatekeeperDatabase``."""
+        if os.path.islink(self.path) and not os.path.exists(self.path):
+            raise NotAGatekeeperDatabase(
+                f"database {self.path} is a symbolic link to {os.readlink(self.path)}, which "
+                "does not exist (a volume not mounted, a restore not done?); make the "
+                "database reachable there, or point database: at the file itself"
+            )
 
     def _release_lock(self) -> None:
         if self._lock is not None:
