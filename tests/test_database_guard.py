@@ -193,7 +193,7 @@ async def test_a_link_to_a_missing_database_is_refused_and_left_alone(tmp_path: 
     link = tmp_path / "gk.db"
     link.symlink_to(real)
     (tmp_path / "volume").rename(tmp_path / "volume.unmounted")
-    with pytest.raises(NotAGatekeeperDatabase, match="symbolic link.*does not exist"):
+    with pytest.raises(NotAGatekeeperDatabase, match=r"symbolic link.*does not exist"):
         await open_store(link)
     assert link.is_symlink()
     assert not (tmp_path / "volume").exists()
