@@ -206,6 +206,12 @@ def test_check_reports_bad_templates_and_a_window_shorter_than_the_tolerance(
     assert set(problems) == {"hooks.jenkins.facts[0].id", "idempotency_window_s"}
     assert "replayed webhook-id" in problems["idempotency_window_s"]
 
+    # a timestamp 300 s ahead is accepted at once and again 600 s later: the key must last
+    for window, refused in ((599, True), (600, False)):
+        path.write_text(CONFIG.format(window=window, template="${data.job}"))
+        paths = {p.path for p in hook_problems(load_config(path))}
+        assert ("idempotency_window_s" in paths) is refused, window
+
 
 def test_an_unknown_kind_is_a_schema_error(tmp_path: Path) -> None:
     path = tmp_path / "gatekeeper.yaml"

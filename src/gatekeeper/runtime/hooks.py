@@ -266,9 +266,10 @@ def render(template: str, payload: Any, *, keep_type: bool = True) -> Any:
 def hook_problems(config: Config) -> list[Problem]:
     """``check_hook`` for every hook of ``config``, as problems of the config file at path
     ``hooks.<source>.facts[i].<field>`` (no line: the config's schema was checked on load).
-    A ``standard`` hook also needs ``idempotency_window_s`` of at least
-    ``STANDARD_TOLERANCE_S``, or a replay still inside the timestamp tolerance would be
-    forgotten. The daemon refuses a config with any at start or reload; ``gatekeeper check``
+    A ``standard`` hook also needs ``idempotency_window_s`` of at least twice
+    ``STANDARD_TOLERANCE_S`` (a timestamp may lie that far ahead of the first delivery
+    and still be accepted that far behind a replay), or a replay still inside the
+    tolerance could be forgotten. The daemon refuses a config with any at start or reload; ``gatekeeper check``
     reports them."""
     file = str(config.path) if config.path else "gatekeeper.yaml"
     problems = [
@@ -277,10 +278,12 @@ def hook_problems(config: Config) -> list[Problem]:
         for message in check_hook(hook)
     ]
     standard = sorted(name for name, hook in config.hooks.items() if hook.kind == "standard")
-    if standard and config.idempotency_window_s < STANDARD_TOLERANCE_S:
+    least = 2 * STANDARD_TOLERANCE_S
+    if standard and config.idempotency_window_s < least:
         message = (
-            f"is below {STANDARD_TOLERANCE_S} s, the timestamp tolerance of standard hooks "
-            f"({', '.join(standard)}): a replayed webhook-id could be applied twice"
+            f"is below {least} s, twice the timestamp tolerance (± {STANDARD_TOLERANCE_S} s) "
+            f"of standard hooks ({', '.join(standard)}): a replayed webhook-id could be "
+            "applied twice"
         )
         problems.append(Problem(file, 0, 0, message, "idempotency_window_s"))
     return problems
