@@ -269,8 +269,8 @@ def hook_problems(config: Config) -> list[Problem]:
     A ``standard`` hook also needs ``idempotency_window_s`` of at least twice
     ``STANDARD_TOLERANCE_S`` (a timestamp may lie that far ahead of the first delivery
     and still be accepted that far behind a replay), or a replay still inside the
-    tolerance could be forgotten. The daemon refuses a config with any at start or reload; ``gatekeeper check``
-    reports them."""
+    tolerance could be forgotten. The daemon refuses a config with any at start or
+    reload; ``gatekeeper check`` reports them."""
     file = str(config.path) if config.path else "gatekeeper.yaml"
     problems = [
         Problem(file, 0, 0, message.split(": ", 1)[1], f"hooks.{name}.{message.split(':', 1)[0]}")
