@@ -113,3 +113,26 @@ async def test_healthz(gk: Running) -> None:
     assert status == 200
     assert body["status"] == "ok"
     assert body["ruleset_ok"] is True
+
+
+@pytest.mark.parametrize("key", ["hook:github:42", "approval:alice:k1"])
+async def test_a_facts_client_may_not_take_the_daemons_own_idempotency_keys(
+    gk: Running, key: str
+) -> None:
+    """A facts:write client that could send ``hook:<source>:<delivery>`` would make that
+    hook delivery a conflict (422) and never applied; ``approval:...`` the same for an
+    approver's retry."""
+    async with gk.session.post(
+        gk.url + "/v1/facts",
+        json=fact("task", "T-1", status="done"),
+        headers={"Idempotency-Key": key},
+    ) as response:
+        assert response.status == 400
+        assert "must not start with" in (await response.json())["error"]["message"]
+    assert fact_log_count(gk) == 0
+    async with gk.session.post(
+        gk.url + "/v1/facts",
+        json=fact("task", "T-1", status="done"),
+        headers={"Idempotency-Key": "deploy-" + key.replace(":", "-")},
+    ) as response:
+        assert response.status == 200

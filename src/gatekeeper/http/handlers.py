@@ -67,6 +67,10 @@ ACTION_STATUSES: tuple[ActionStatus, ...] = ("pending", "delivered", "dead")
 APPROVAL_DECISIONS = ("approve", "reject", "withdraw")
 AdminActName = Literal["pause", "resume", "rearm"]
 SHUTTING_DOWN = "gatekeeper is shutting down; try again shortly"
+RESERVED_KEY_PREFIXES = ("hook:", "approval:")
+"""Idempotency keys the daemon makes itself (``hook:<source>:<delivery id>``,
+``approval:<subject>:<key>``): a facts client may not use them, or it could take a hook
+delivery's or an approver's key (their request would be refused as a conflict)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +84,13 @@ async def post_facts(request: web.Request) -> web.Response:
     for project in sorted({fact.project for fact in batch}):
         check_project(request, project)
     idempotency = idempotency_record(request, body)
+    if idempotency is not None and idempotency.key.startswith(RESERVED_KEY_PREFIXES):
+        raise ApiError(
+            400,
+            "Idempotency-Key must not start with "
+            + " or ".join(repr(p) for p in RESERVED_KEY_PREFIXES)
+            + ": those keys are the daemon's own (hook deliveries, approvals)",
+        )
     request_id = request_id_of(request)
     try:
         result = await daemon_of(request).ingest(batch, request_id, idempotency)

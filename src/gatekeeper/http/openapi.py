@@ -278,7 +278,8 @@ def _parameters() -> JsonObject:
             "required": False,
             "description": "Makes the post idempotent: a repeat with the same key and body "
             "applies nothing and gets the first answer (with `Idempotent-Replayed: true`); "
-            "the same key with another body is refused (422). Printable ASCII without spaces.",
+            "the same key with another body is refused (422). Printable ASCII without spaces; "
+            "keys starting with `hook:` or `approval:` are the daemon's own (400).",
             "schema": {
                 "type": "string",
                 "minLength": 1,
