@@ -95,6 +95,23 @@ def test_a_backward_jump_neither_delays_due_times_nor_ages_anything() -> None:
     assert jumps.keep_since(now, 60) == now - timedelta(seconds=60)
 
 
+def test_what_was_stamped_after_a_backward_jump_before_it_was_seen_is_not_aged_by_it() -> None:
+    """The detector sees a jump at its next look (the dispatcher looks every few seconds):
+    an action stamped by the clock in between is on the new side of the jump, and its age
+    must not include the hour the clock went back."""
+    jumps, clock, mono = detector()
+    let_pass(clock, mono, 10)
+    jumps.now()  # the last look before the jump
+    clock.advance(timedelta(hours=-1))
+    let_pass(clock, mono, 1.9)
+    stamped = clock.now()  # an action created after the jump, not yet seen by the detector
+    let_pass(clock, mono, 0.1)
+    jumps.now()  # the jump is seen now
+    let_pass(clock, mono, 2)
+    now = jumps.now()
+    assert jumps.elapsed_s(stamped, now) <= 2.1  # was 3,602.1
+
+
 def test_small_drift_is_not_a_jump_and_segments_stay_bounded() -> None:
     clock, mono = FixedClock(START), FakeMonotonic()
     jumps = JumpDetector(clock, mono, max_segments=4)

@@ -71,6 +71,7 @@ class JumpDetector:
         self._max_segments = max(2, max_segments)
         self._wall0 = clock.now()
         self._mono0 = monotonic()
+        self._mono_last = self._mono0
         self._offset_s = 0.0
         self._segments: list[tuple[datetime, float]] = [(self._wall0, 0.0)]
         self._min_offset_s = 0.0
@@ -79,14 +80,23 @@ class JumpDetector:
     def now(self) -> datetime:
         """The wall clock's time (aware UTC), noting a jump when there was one."""
         wall = self._clock.now()
-        offset = (wall - self._wall0).total_seconds() - (self._monotonic() - self._mono0)
+        mono = self._monotonic()
+        offset = (wall - self._wall0).total_seconds() - (mono - self._mono0)
         self._offset_s = offset
-        if abs(offset - self._segments[-1][1]) > self._tolerance_s:
-            self._segments.append((wall, offset))
+        previous = self._segments[-1][1]
+        if abs(offset - previous) > self._tolerance_s:
+            start = wall
+            if offset < previous:
+                # backward: the jump happened somewhere since the last look, and what was
+                # stamped meanwhile may be on its new side; counting it there (the smaller
+                # offset) makes its age shorter, never longer
+                start = wall - timedelta(seconds=mono - self._mono_last)
+            self._segments.append((start, offset))
             self._min_offset_s = min(self._min_offset_s, offset)
             self._max_offset_s = max(self._max_offset_s, offset)
             if len(self._segments) > self._max_segments:
                 self._merge_oldest()
+        self._mono_last = mono
         return wall
 
     def elapsed_s(self, since: datetime, now: datetime) -> float:
