@@ -9,6 +9,7 @@ shape the HTTP API shows (times as RFC 3339 with milliseconds and ``Z``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,8 +52,25 @@ StandingApprovals = dict[str, dict[str, str]]
 """rule id -> approver subject -> standing decision (``"approve"`` or ``"reject"``)."""
 
 
-def _time(value: datetime | None) -> str | None:
-    return None if value is None else format_rfc3339(value)
+def record_json(record: Any, *, omit: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A record (a dataclass of this module) as the API shows it: each field but ``omit``
+    under its own name, in field order; times as RFC 3339 text (``format_rfc3339``),
+    mappings as dicts, tuples as lists, other values as they are."""
+    return {
+        field.name: _json_value(getattr(record, field.name))
+        for field in dataclasses.fields(record)
+        if field.name not in omit
+    }
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return format_rfc3339(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,14 +86,7 @@ class StoredFact:
     updated_at: datetime
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "project": self.project,
-            "kind": self.kind,
-            "id": self.id,
-            "data": self.data,
-            "seq": self.seq,
-            "updated_at": format_rfc3339(self.updated_at),
-        }
+        return record_json(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,15 +103,7 @@ class LoggedFact:
     request_id: str | None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "project": self.project,
-            "kind": self.kind,
-            "id": self.id,
-            "data": self.data,
-            "received_at": format_rfc3339(self.received_at),
-            "request_id": self.request_id,
-        }
+        return record_json(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,23 +131,7 @@ class StoredDecision:
     reason: str | None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "decided_at": format_rfc3339(self.decided_at),
-            "rule_id": self.rule_id,
-            "rule_hash": self.rule_hash,
-            "ruleset_version": self.ruleset_version,
-            "git_commit": self.git_commit,
-            "trigger": self.trigger,
-            "fact_seq": self.fact_seq,
-            "outcome": self.outcome,
-            "gate_open": self.gate_open,
-            "evaluation": self.evaluation,
-            "approvals": self.approvals,
-            "firing_id": self.firing_id,
-            "request_id": self.request_id,
-            "reason": self.reason,
-        }
+        return record_json(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,24 +173,7 @@ class OutboxEntry:
         return project if isinstance(project, str) else None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "action_id": self.action_id,
-            "rule_id": self.rule_id,
-            "firing_id": self.firing_id,
-            "kind": self.kind,
-            "target": self.target,
-            "payload": dict(self.payload),
-            "status": self.status,
-            "attempts": self.attempts,
-            "created_at": format_rfc3339(self.created_at),
-            "next_attempt_at": format_rfc3339(self.next_attempt_at),
-            "last_error": self.last_error,
-            "delivered_at": _time(self.delivered_at),
-            "decision_id": self.decision_id,
-            "requeued_at": _time(self.requeued_at),
-            "dead_reason": self.dead_reason,
-            "dead_status": self.dead_status,
-        }
+        return record_json(self, omit=("request_id", "attempts_at_requeue"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,14 +189,7 @@ class Attempt:
     error: str | None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "action_id": self.action_id,
-            "attempt": self.attempt,
-            "started_at": format_rfc3339(self.started_at),
-            "latency_ms": self.latency_ms,
-            "status_code": self.status_code,
-            "error": self.error,
-        }
+        return record_json(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,20 +233,7 @@ class AuditEntry:
         return AuditCursor(self.at, self.kind, self.id)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "id": self.id,
-            "at": format_rfc3339(self.at),
-            "rule_id": self.rule_id,
-            "project": self.project,
-            "what": self.what,
-            "actor": self.actor,
-            "reason": self.reason,
-            "firing_id": self.firing_id,
-            "fact_seq": self.fact_seq,
-            "request_id": self.request_id,
-            "trigger": self.trigger,
-        }
+        return record_json(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,13 +258,7 @@ class StoredRuleset:
     last_activated_at: datetime
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "git_commit": self.git_commit,
-            "first_activated_at": format_rfc3339(self.first_activated_at),
-            "last_activated_at": format_rfc3339(self.last_activated_at),
-            "files": dict(self.files),
-        }
+        return record_json(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,13 +277,7 @@ class RulesetSummary:
         return RulesetCursor(self.last_activated_at, self.version)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "git_commit": self.git_commit,
-            "first_activated_at": format_rfc3339(self.first_activated_at),
-            "last_activated_at": format_rfc3339(self.last_activated_at),
-            "files": list(self.files),
-        }
+        return record_json(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,16 +304,7 @@ class ReleaseRecord:
     recorded_at: datetime
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "release_id": self.release_id,
-            "escrow": self.escrow,
-            "amount": self.amount,
-            "currency": self.currency,
-            "payee": self.payee,
-            "rule_id": self.rule_id,
-            "firing_id": self.firing_id,
-            "recorded_at": format_rfc3339(self.recorded_at),
-        }
+        return record_json(self)
 
 
 @dataclass(frozen=True, slots=True)
