@@ -3,9 +3,10 @@ the audit log, behind one storage contract.
 
 Owns: ``contract`` (the Store Protocols, split by concern), ``records`` (the typed rows
 they return), ``queries`` (query types: plain data), ``errors`` (the ``StoreError``
-family), ``migrations`` (schema migrations as files, per backend), ``sqlite`` (the embedded
-backend: WAL, ``synchronous=FULL``, one writer thread) and ``open_store`` (the backend a
-``database:`` setting names).
+family), ``evidence`` (what a decision saw, stored by reference), ``migrations`` (schema
+migrations as files, per backend), ``sqlite`` (the embedded backend: WAL,
+``synchronous=FULL``) with ``writer_thread`` (its single writer) and ``lockfile`` (one
+daemon per database file), and ``open_store`` (the backend a ``database:`` setting names).
 
 May import: ``gatekeeper.engine`` (the records it stores), ``gatekeeper.rules`` and the
 ground floor. Never the runtime, delivery or HTTP layers.

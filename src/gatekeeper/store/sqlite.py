@@ -18,23 +18,19 @@ errors leave as the ``StoreError`` family (``_store_error``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
-import fcntl
 import functools
 import hashlib
 import itertools
 import json
 import os
 import sqlite3
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from queue import SimpleQueue
 from typing import Any, TypeVar
 
 import aiosqlite
@@ -51,7 +47,6 @@ from gatekeeper.rules.model import Ruleset
 from gatekeeper.store.errors import (
     ADVICE,
     Conflict,
-    DatabaseInUse,
     NotAGatekeeperDatabase,
     SchemaTooNew,
     StoreError,
@@ -64,6 +59,7 @@ from gatekeeper.store.evidence import (
     shown_evaluation,
     stored_evaluation,
 )
+from gatekeeper.store.lockfile import DatabaseLock
 from gatekeeper.store.migrations import Migration, load_migrations
 from gatekeeper.store.queries import AuditQuery, OutboxFilter, Projects
 from gatekeeper.store.records import (
@@ -84,6 +80,7 @@ from gatekeeper.store.records import (
     StoredRuleset,
     canonical_json,
 )
+from gatekeeper.store.writer_thread import WriterThread
 
 MIGRATIONS: tuple[Migration, ...] = load_migrations("sqlite")
 """The schema's migrations, in version order (``PRAGMA user_version`` = the last applied)."""
@@ -155,63 +152,7 @@ BUSY_TIMEOUT_MS = 5000
 with ``StoreUnavailable`` (condition ``locked``)."""
 
 
-def _lock_path(path: Path) -> Path:
-    return path.with_name(path.name + ".lock")
-
-
-class DatabaseLock:
-    """The OS lock (``fcntl.flock``, exclusive) on ``<database>.lock`` that makes a daemon
-    the only one serving a SQLite database file; the caller gives the file's real path
-    (links resolved), so every name of one file shares one lock (a hard link or a bind
-    mount is not seen through). The file holds the holder's pid. The lock
-    is released when ``release`` is called or the process ends, however it ends (the
-    kernel drops it with the file descriptor); the file itself stays (removing it would
-    let two processes each lock a different file)."""
-
-    def __init__(self, path: Path) -> None:
-        """Lock ``path``'s lock file. Raises ``DatabaseInUse`` naming the holder's pid when
-        another process holds it, ``StoreUnavailable`` when the lock file cannot be
-        created."""
-        self.path = _lock_path(path)
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise StoreUnavailable(
-                f"cannot create the lock file {self.path} of database {path}: "
-                f"{exc.strerror}; gatekeeper needs to write in the database's folder",
-                "read_only" if exc.errno in (errno.EACCES, errno.EROFS) else "unavailable",
-            ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _read_pid(fd)
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise StoreUnavailable(
-                    f"cannot lock {self.path} (database {path}): {exc.strerror}"
-                ) from exc
-            who = f"pid {holder}" if holder is not None else "pid unknown"
-            raise DatabaseInUse(
-                f"database {path} is in use by another gatekeeper daemon ({who}, lock file "
-                f"{self.path}): one daemon per SQLite database; stop that daemon or give "
-                "this one another database:",
-                holder,
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd: int | None = fd
-
-    def release(self) -> None:
-        """Unlock (idempotent)."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-
-def _read_pid(fd: int) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
-        return int(os.pread(fd, 32, 0).decode().strip())
-    return None
+T = TypeVar("T")
 
 
 def _in(column: str, values: Iterable[str]) -> tuple[str, list[Any]]:
@@ -297,65 +238,6 @@ def _audit_where(query: AuditQuery) -> tuple[str, list[Any]]:
 
 def _time(text: str | None) -> datetime | None:
     return None if text is None else parse_rfc3339(text)
-
-
-T = TypeVar("T")
-
-
-class WriterThread:
-    """One dedicated thread that owns the writer connection and runs calls on it, in order.
-
-    ``run(fn)`` is one round trip: ``fn`` is queued to the thread, the awaiting task resumes
-    when it has returned (through ``call_soon_threadsafe``). A call, once queued, runs to its
-    end even if the awaiting task is cancelled meanwhile (the caller then sees
-    ``CancelledError``, the call's effect stands). This is aiosqlite's design (its connection
-    thread) reduced to what the store needs: a whole transaction is one call, so it costs one
-    round trip instead of one per statement, and its Python side is lighter than
-    ``loop.run_in_executor`` (about 30 µs of CPU per round trip here against 55 µs).
-    """
-
-    def __init__(self, name: str) -> None:
-        self._calls: SimpleQueue[tuple[asyncio.Future[Any], Callable[[], Any]] | None] = (
-            SimpleQueue()
-        )
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        while (item := self._calls.get()) is not None:
-            future, call = item
-            try:
-                result = call()
-            except BaseException as exc:
-                _resolve(future, _set_exception, exc)
-            else:
-                _resolve(future, _set_result, result)
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the thread and return its result (or raise its exception)."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._calls.put((future, functools.partial(fn, *args)))
-        return await asyncio.shield(future)
-
-    async def stop(self) -> None:
-        """Let the queued calls finish, then end the thread."""
-        self._calls.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-
-
-def _resolve(future: asyncio.Future[Any], setter: Callable[..., None], value: Any) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-        future.get_loop().call_soon_threadsafe(setter, future, value)
-
-
-def _set_result(future: asyncio.Future[Any], result: Any) -> None:
-    if not future.done():
-        future.set_result(result)
-
-
-def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
 
 
 @dataclass(frozen=True)
