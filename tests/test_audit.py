@@ -122,7 +122,7 @@ async def test_export_is_a_snapshot_plan_reads_and_audit_cli(
     import subprocess
     import sys
 
-    from gatekeeper.cli.plan import load_snapshot
+    from gatekeeper.cli.snapshot import load_snapshot
 
     project = project_factory(receiver.url)
     project.write_rule("design.yaml", DESIGN_RULE)

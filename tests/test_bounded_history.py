@@ -81,7 +81,7 @@ async def test_facts_and_the_export_are_paged_and_the_clients_follow_the_pages(
     import subprocess
     import sys
 
-    from gatekeeper.cli.plan import fetch_snapshot, load_snapshot
+    from gatekeeper.cli.snapshot import fetch_snapshot, load_snapshot
 
     project = project_factory()
     project.write_rule("all.yaml", KIND_RULE)

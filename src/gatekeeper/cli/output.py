@@ -14,6 +14,7 @@ the same whichever command found it:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from gatekeeper.problems import Problem
 
@@ -92,3 +93,11 @@ def _located_message(problem: Problem) -> str:
     if problem.path:
         parts.append(problem.path)
     return ": ".join([*parts, problem.message])
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, ``/``-separated."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()

@@ -48,12 +48,11 @@ from typing import Any, Literal, TextIO
 
 import yaml
 
-from gatekeeper.cli.output import plural
+from gatekeeper.cli.output import display_path, plural
 from gatekeeper.cli.plan import (
     clause_deadlines,
     cli_config,
     describe_action,
-    display_path,
     explanation_lines,
 )
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
