@@ -11,11 +11,16 @@ replays the plan (the timing still varies). ``bench/soak_crash.py`` is the long 
 from __future__ import annotations
 
 import os
+import random
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import yaml
 
-from .crashkit import run_crash_test, run_slow_commit_test
+from gatekeeper.expr import compile_condition
+
+from .crashkit import ruleset, run_crash_test, run_slow_commit_test
 
 CYCLES = 16
 DEFAULT_SEED = 20261122
@@ -44,3 +49,37 @@ async def test_kill_during_a_slow_commit_sends_nothing_uncommitted(tmp_path: Pat
     print(report.summary())
     assert report.kills["slow_commit"] >= 1
     assert not report.violations, report.summary()
+
+
+def test_the_harness_model_of_each_rule_agrees_with_the_language() -> None:
+    """The crash check replays the fact log through a Python model of each rule (``holds``);
+    that model must give what the real condition gives on every state the run can reach,
+    missing facts included (``a or b`` with ``a`` missing is false: the language's
+    short-circuit rule), or the check reports firings the daemon rightly did not make."""
+    class Lookup:
+        def __init__(self, facts: dict[tuple[str, str], dict[str, object]]) -> None:
+            self.facts = facts
+
+        def get(self, kind: str, id: str) -> dict[str, object] | None:
+            return self.facts.get((kind, id))
+
+        def of_kind(self, kind: str) -> dict[str, dict[str, object]]:
+            return {i: d for (k, i), d in self.facts.items() if k == kind}
+
+    values: dict[str, list[dict[str, object]]] = {
+        "task": [{"status": s} for s in ("open", "in_progress", "completed")],
+        "milestone": [{"status": s} for s in ("draft", "in_review", "approved")],
+        "quality_gate": [{"passed": True}, {"passed": False}],
+    }
+    rng = random.Random(20261207)
+    now = datetime(2026, 12, 7, tzinfo=UTC)
+    for spec in ruleset():
+        condition = compile_condition(yaml.safe_load(spec.yaml)[0]["when"])
+        for _ in range(300):
+            state = {
+                key: rng.choice(values[key[0]])
+                for key in sorted(spec.reads)
+                if rng.random() < 0.75  # a quarter of the facts do not exist yet
+            }
+            real = condition.evaluate(Lookup(state), now).value
+            assert bool(spec.holds(state)) == bool(real), (spec.id, state)
