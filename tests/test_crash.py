@@ -56,6 +56,7 @@ def test_the_harness_model_of_each_rule_agrees_with_the_language() -> None:
     that model must give what the real condition gives on every state the run can reach,
     missing facts included (``a or b`` with ``a`` missing is false: the language's
     short-circuit rule), or the check reports firings the daemon rightly did not make."""
+
     class Lookup:
         def __init__(self, facts: dict[tuple[str, str], dict[str, object]]) -> None:
             self.facts = facts
