@@ -52,6 +52,7 @@ from gatekeeper.rules.model import (
     ReleaseAction,
     Rule,
     Ruleset,
+    SetFactAction,
 )
 from gatekeeper.rules.templates import render_template, template_values
 
@@ -367,6 +368,7 @@ class Engine:
         fields["approvals"] = approvals if approvals_rule else None
         fields["reason"] = reason
         fields["project"] = entry.project
+        fields["instance"] = ""
         transition.decisions.append(decision)
 
     def _queue_firing(
@@ -504,6 +506,8 @@ def render_actions(
     values = template_values(rule, fired_at)
     queued = []
     for action in rule.actions:
+        if isinstance(action, SetFactAction):
+            continue  # recorded as a fact, not sent
         action_id = new_action_id()
         payload = {"project": rule.project, **_render_payload(action, values)}
         if isinstance(action, ReleaseAction):

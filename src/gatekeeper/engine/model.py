@@ -20,6 +20,10 @@ from gatekeeper.rules.model import (
 FactKey = tuple[str, str, str]
 """(project, kind, id)"""
 
+InstanceKey = tuple[str, str]
+"""(rule id, item id): one instance of a rule. A rule without ``for_each`` has the one
+instance ``(rule id, "")``; a per-item rule one per fact of its kind (the fact's id)."""
+
 Trigger = Literal["fact", "reload", "time", "approval", "admin"]
 Outcome = Literal[
     "fired", "blocked", "paused", "not_met", "already_fired", "still_met", "awaiting_approvals"
@@ -29,13 +33,27 @@ ApprovalStanding = Mapping[str, Mapping[str, str]]
 
 
 @dataclass(frozen=True)
+class CausedBy:
+    """Why a fact was recorded by a rule (``set_fact``) rather than posted: the rule, the
+    instance's item id (``""`` for a rule without ``for_each``), the firing, and how deep
+    in a chain of rule-set facts it is (1 for a fact set by a rule a posted fact fired)."""
+
+    rule_id: str
+    instance: str
+    firing_id: str
+    depth: int
+
+
+@dataclass(frozen=True)
 class FactInput:
-    """A fact as posted: ``data`` replaces the previous data of ``(project, kind, id)``."""
+    """A fact as posted: ``data`` replaces the previous data of ``(project, kind, id)``.
+    ``caused_by`` is set when a rule's ``set_fact`` recorded it."""
 
     project: str
     kind: str
     id: str
     data: Mapping[str, Any]
+    caused_by: CausedBy | None = None
 
     @property
     def key(self) -> FactKey:
@@ -58,6 +76,9 @@ class RuleState:
     paused: bool = False
     rearms: int = 0
     """A ``once`` rule may fire while ``fired_count <= rearms`` (re-arming sets it)."""
+    instance: str = ""
+    """The item id of this instance of a per-item rule (``""`` for a rule without
+    ``for_each``): the state is kept per ``InstanceKey`` (rule_id, instance)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +91,8 @@ class ApprovalInput:
     subject: str
     decision: Literal["approve", "reject", "withdraw"]
     comment: str | None = None
+    instance: str = ""
+    """The item id of the instance approved (per-item rules); ``""`` otherwise."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +122,8 @@ class QueuedAction:
     firing_id: str
     payload: Mapping[str, Any]
     created_at: str
+    instance: str = ""
+    """The item id of the instance that fired (``""`` for a rule without ``for_each``)."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +149,8 @@ class Decision:
     approvals: Mapping[str, Any] | None = None
     reason: str | None = None
     project: str = ""
+    instance: str = ""
+    """The item id of the instance decided (``""`` for a rule without ``for_each``)."""
 
 
 @dataclass(frozen=True)

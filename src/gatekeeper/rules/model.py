@@ -11,7 +11,10 @@ from typing import Any, Literal
 
 from gatekeeper.expr import Condition
 
-FireMode = Literal["once", "each_time"]
+FireMode = Literal["once", "each_time", "each_fact"]
+"""``once``: at most once per rule instance, ever; ``each_time``: on every closed -> open
+edge of the gate; ``each_fact``: for every accepted fact that makes the condition true
+(an event rule: the same status posted twice fires twice)."""
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,13 @@ class Approvals:
 
     required: int
     from_: tuple[str, ...]
+    standing: bool = False
+    """On ``each_time``/``each_fact`` rules an approval is consumed by the firing it allowed,
+    unless ``standing`` (then it authorises every later firing until withdrawn)."""
+    expires_after_s: float | None = None
+    """An approval older than this many seconds no longer counts (None: never lapses)."""
+    notify: str | None = None
+    """A target told once per wait when only the approvals are missing (None: nobody)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,24 @@ class PipelineAction:
     kind: Literal["pipeline"] = "pipeline"
 
 
-Action = ReleaseAction | NotifyAction | PipelineAction
+@dataclass(frozen=True)
+class SetFactAction:
+    """Record a fact in the rule's own project, in the transaction of the decision that
+    fired (with ``caused_by`` in the fact log), evaluated like any posted fact.
+
+    ``fact_id`` is a template; ``data`` maps field names to values, where a string value is
+    a template and any other JSON value is taken as written.
+    """
+
+    fact_kind: str
+    fact_id: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    kind: Literal["set_fact"] = "set_fact"
+
+
+Action = ReleaseAction | NotifyAction | PipelineAction | SetFactAction
+DeliveredAction = ReleaseAction | NotifyAction | PipelineAction
+"""The actions sent to a target (``set_fact`` is recorded, not sent)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +106,9 @@ class Rule:
     file: str
     line: int
     source: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    for_each: str | None = None
+    """A per-item rule: the fact kind whose every fact is an instance of the rule (its id is
+    the instance's item id); None for a rule with one instance (item id ``""``)."""
 
     @property
     def release(self) -> ReleaseAction | None:

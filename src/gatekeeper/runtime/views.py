@@ -16,7 +16,7 @@ from gatekeeper.config import Escrow
 from gatekeeper.engine.evaluate import Engine
 from gatekeeper.engine.model import FactKey
 from gatekeeper.rules.loader import load_rule_texts
-from gatekeeper.rules.model import Rule
+from gatekeeper.rules.model import Rule, SetFactAction
 from gatekeeper.runtime.ingest import Writer
 from gatekeeper.store import Store
 from gatekeeper.store.contract import RulesetReads
@@ -40,7 +40,12 @@ def rule_view(writer: Writer, rule: Rule, *, explain: bool) -> dict[str, Any]:
         "file": rule.file,
         "line": rule.line,
         "content_hash": rule.content_hash,
-        "actions": [{a.kind: {"target": a.target}} for a in rule.actions],
+        "actions": [
+            {a.kind: {"kind": a.fact_kind}}
+            if isinstance(a, SetFactAction)
+            else {a.kind: {"target": a.target}}
+            for a in rule.actions
+        ],
         "fired_count": state.fired_count if state else 0,
         "last_fired_at": state.last_fired_at if state else None,
         "gate_open": state.gate_open if state else None,
