@@ -16,10 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatekeeper.clock import FixedClock, format_rfc3339
-from gatekeeper.engine.deadlines import DeadlineSchedule, mark_due, schedule_rules
+from gatekeeper.engine.deadlines import (
+    DeadlineSchedule,
+    instances_of,
+    mark_due,
+    schedule_rules,
+)
 from gatekeeper.engine.evaluate import Engine
 from gatekeeper.engine.facts import FactTable, ProjectFacts
-from gatekeeper.engine.model import RuleState
+from gatekeeper.engine.model import InstanceKey, RuleState
 from gatekeeper.expr import (
     TIME_RECHECK,
     CompiledCondition,
@@ -472,11 +477,11 @@ def test_schedule_rules_uses_each_rules_project_and_drops_timeless_rules() -> No
     b = make_rule("tower-b/hold", HOLD, project="tower-b")
     timeless = make_rule("tower-a/plain", "quality_gate.qg_design.passed")
     schedule = DeadlineSchedule()
-    schedule.set(timeless.id, START)  # scheduled earlier; no longer time-dependent
+    schedule.set((timeless.id, ""), START)  # scheduled earlier; no longer time-dependent
     earliest = schedule_rules(schedule, [a, b, timeless], facts, START)
-    assert schedule.due_at(a.id) == datetime(2026, 11, 8, 3, 30, tzinfo=UTC)
-    assert schedule.due_at(b.id) == datetime(2026, 11, 10, tzinfo=UTC)
-    assert timeless.id not in schedule
+    assert schedule.due_at((a.id, "")) == datetime(2026, 11, 8, 3, 30, tzinfo=UTC)
+    assert schedule.due_at((b.id, "")) == datetime(2026, 11, 10, tzinfo=UTC)
+    assert (timeless.id, "") not in schedule
     assert earliest == datetime(2026, 11, 8, 3, 30, tzinfo=UTC)
 
 
@@ -485,7 +490,7 @@ def test_seven_day_hold_fires_exactly_at_approval_plus_seven_days() -> None:
     rule = make_rule("tower-a/design-release", HOLD)
     engine = Engine(Ruleset(rules=(rule,), files={}, version="v1"))
     facts = design_facts()
-    states: dict[str, RuleState] = {}
+    states: dict[InstanceKey, RuleState] = {}
     first = engine.plan_rules(facts, states, [rule], clock.now(), "reload")
     assert first.decisions[0].outcome == "not_met"
     states.update(first.rule_states)
@@ -501,7 +506,7 @@ def test_seven_day_hold_fires_exactly_at_approval_plus_seven_days() -> None:
     assert early.decisions[0].outcome == "not_met" and not early.fired
 
     clock.set(due)
-    popped = [engine.rules[i] for i in schedule.pop_due(clock.now())]
+    popped = [engine.rules[i] for i, _ in schedule.pop_due(clock.now())]
     assert [r.id for r in popped] == [rule.id]
     transition = engine.plan_rules(
         facts, states, popped, clock.now(), "time", record_unchanged=False
@@ -517,13 +522,13 @@ def test_deadline_that_passed_while_down_fires_at_start() -> None:
     rule = make_rule("tower-a/design-release", HOLD)
     engine = Engine(Ruleset(rules=(rule,), files={}, version="v1"))
     facts = design_facts()
-    states = {rule.id: RuleState(rule.id, gate_open=False, rule_hash=rule.content_hash)}
+    states = {(rule.id, ""): RuleState(rule.id, gate_open=False, rule_hash=rule.content_hash)}
     clock = FixedClock(datetime(2026, 12, 1, tzinfo=UTC))  # restarted weeks later
     schedule = DeadlineSchedule()
     schedule_rules(schedule, engine.time_dependent, facts, clock.now())
     assert len(schedule) == 0  # the threshold is past: scheduling alone would miss it
-    mark_due(schedule, engine.time_dependent, clock.now())  # what a start does
-    due = [engine.rules[i] for i in schedule.pop_due(clock.now())]
+    mark_due(schedule, instances_of(engine.time_dependent, facts), clock.now())  # what a start does
+    due = [engine.rules[i] for i, _ in schedule.pop_due(clock.now())]
     transition = engine.plan_rules(facts, states, due, clock.now(), "time", record_unchanged=False)
     assert [d.outcome for d in transition.decisions] == ["fired"]
 
@@ -538,9 +543,9 @@ def test_deadline_loop_with_an_injected_clock_follows_a_window() -> None:
     engine = Engine(Ruleset(rules=(rule,), files={}, version="v1"))
     facts = design_facts(approved_at="2026-11-05T12:00:00Z")
     clock = FixedClock(START)
-    states: dict[str, RuleState] = {}
+    states: dict[InstanceKey, RuleState] = {}
     schedule = DeadlineSchedule()
-    mark_due(schedule, engine.time_dependent, clock.now())
+    mark_due(schedule, instances_of(engine.time_dependent, facts), clock.now())
     seen: list[tuple[datetime, str]] = []
     for _ in range(5):
         due_at = schedule.next_due()
@@ -548,7 +553,7 @@ def test_deadline_loop_with_an_injected_clock_follows_a_window() -> None:
             break
         clock.set(due_at)
         now = clock.now()
-        due = [engine.rules[i] for i in schedule.pop_due(now)]
+        due = [engine.rules[i] for i, _ in schedule.pop_due(now)]
         transition = engine.plan_rules(facts, states, due, now, "time")
         states.update(transition.rule_states)
         seen += [(now, d.outcome) for d in transition.decisions]

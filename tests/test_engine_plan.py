@@ -72,7 +72,7 @@ def test_a_batch_decides_each_rule_once_with_the_last_fact_it_reads() -> None:
 def test_entries_decide_as_plan_rules_does() -> None:
     engine = _engine(RULES)
     facts = FactTable({("p", "task", "T-1"): {"status": "done"}})
-    states = {"both": RuleState("both", gate_open=True, fired_count=1, rule_hash="old")}
+    states = {("both", ""): RuleState("both", gate_open=True, fired_count=1, rule_hash="old")}
     fact = FactInput("p", "task", "T-1", {"status": "done"})
     ingest = engine.plan_ingest(facts, states, [fact], NOW)
     view = facts.overlay()
@@ -87,8 +87,8 @@ def test_entries_decide_as_plan_rules_does() -> None:
             theirs.firing_id,
         )
     assert ingest.rule_states == reference.rule_states
-    assert ingest.rule_states["both"].fired_count == 1  # each_time, gate already open
-    assert ingest.rule_states["both"].rule_hash == engine.rules["both"].content_hash
+    assert ingest.rule_states[("both", "")].fired_count == 1  # each_time, gate already open
+    assert ingest.rule_states[("both", "")].rule_hash == engine.rules["both"].content_hash
 
 
 def test_conditions_reading_one_fact_share_its_name() -> None:

@@ -98,7 +98,9 @@ def firing(
         decisions=[
             decision(rule_id, when, project=project, firing=n, fact_index=0 if with_fact else None)
         ],
-        rule_states={rule_id: RuleState(rule_id, True, n, format_rfc3339(when), "h-" + rule_id)},
+        rule_states={
+            (rule_id, ""): RuleState(rule_id, True, n, format_rfc3339(when), "h-" + rule_id)
+        },
         actions=[
             QueuedAction(action_id, kind, target, rule_id, firing_id, payload, format_rfc3339(when))
         ],

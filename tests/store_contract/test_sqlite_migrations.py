@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gatekeeper.engine.model import RuleState, Transition
 from gatekeeper.store import open_store
 from gatekeeper.store.errors import SchemaTooNew
 from gatekeeper.store.migrations import load_migrations
@@ -172,3 +173,61 @@ async def test_rulesets_stored_with_their_texts_move_to_one_text_per_content(
         assert db.execute("SELECT COUNT(*) FROM ruleset_files").fetchone()[0] == 3
         [(files,)] = db.execute("SELECT files FROM rulesets WHERE version = 'v0'")
         assert json.loads(files)["big.yaml"] == content_hash(big)
+
+
+async def test_a_database_of_schema_6_keeps_its_rule_states_as_plain_instances(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "gatekeeper.db"
+    t = "2026-11-01T09:00:00.000Z"
+    with contextlib.closing(_migrated(path, 6)) as db:
+        db.execute(
+            "INSERT INTO rule_state (rule_id, gate_open, fired_count, last_fired_at, rule_hash,"
+            " paused, rearms) VALUES ('tower-a/r', 1, 2, ?, 'h-r', 1, 1),"
+            " ('tower-a/s', NULL, 0, NULL, 'h-s', 0, 0)",
+            (t,),
+        )
+        db.execute(
+            "INSERT INTO fact_log (project, kind, id, data, received_at, request_id)"
+            " VALUES ('tower-a', 'task', 'T-1', '{\"done\":true}', ?, 'req-1')",
+            (t,),
+        )
+        db.execute(
+            "INSERT INTO decisions (decided_at, rule_id, rule_hash, ruleset_version, trigger,"
+            " fact_seq, outcome, gate_open, evaluation, firing_id, request_id, project)"
+            " VALUES (?, 'tower-a/r', 'h-r', 'v1', 'fact', 1, 'fired', 1, '{}', 'tower-a/r#2',"
+            " 'req-1', 'tower-a')",
+            (t,),
+        )
+        db.execute(
+            "INSERT INTO outbox (action_id, decision_id, rule_id, firing_id, kind, target,"
+            " payload, created_at, next_attempt_at)"
+            " VALUES ('act-1', 1, 'tower-a/r', 'tower-a/r#2', 'notify', 'chat',"
+            ' \'{"project":"tower-a"}\', ?, ?)',
+            (t, t),
+        )
+    store = await open_store(path)
+    try:
+        states = await store.load_rule_states()
+        assert states == {
+            ("tower-a/r", ""): RuleState("tower-a/r", True, 2, t, "h-r", True, 1),
+            ("tower-a/s", ""): RuleState("tower-a/s", None, 0, None, "h-s"),
+        }
+        [decision] = await store.list_decisions("tower-a/r")
+        assert (decision.firing_id, decision.instance) == ("tower-a/r#2", "")
+        assert "instance" not in decision.to_json()  # plain rules: shown as before
+        [action] = await store.list_actions()
+        assert (action.action_id, action.instance) == ("act-1", "")
+        assert "instance" not in action.to_json()
+        [logged] = await store.fact_log()
+        assert logged.caused_by is None and "caused_by" not in logged.to_json()
+        # a per-item instance of the same rule id goes in beside the plain one
+        instance = RuleState("tower-a/r", False, 0, None, "h-r", instance="b-1")
+        await store.commit_transition(
+            Transition(rule_states={("tower-a/r", "b-1"): instance}, planned_at=build.at(1))
+        )
+        states = await store.load_rule_states()
+        assert states[("tower-a/r", "b-1")] == instance
+        assert states[("tower-a/r", "")].fired_count == 2
+    finally:
+        await store.close()

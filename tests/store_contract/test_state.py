@@ -3,6 +3,7 @@ loaded at start."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
@@ -82,10 +83,32 @@ async def test_rule_states_are_upserted(store: Store) -> None:
     await store.commit_transition(build.firing("tower-a/r", 1, build.T0))
     paused = RuleState("tower-a/r", False, 1, build.at(0).isoformat(), "h2", True, 1)
     other = RuleState("tower-a/s")
+    first = RuleState("tower-a/i", True, 1, build.at(0).isoformat(), "h3", instance="b-1")
+    second = RuleState("tower-a/i", False, 0, None, "h3", instance="b-2")
     await store.commit_transition(
-        Transition(rule_states={"tower-a/r": paused, "tower-a/s": other}, planned_at=build.at(1))
+        Transition(
+            rule_states={
+                ("tower-a/r", ""): paused,
+                ("tower-a/s", ""): other,
+                ("tower-a/i", "b-1"): first,
+                ("tower-a/i", "b-2"): second,
+            },
+            planned_at=build.at(1),
+        )
     )
-    assert await store.load_rule_states() == {"tower-a/r": paused, "tower-a/s": other}
+    assert await store.load_rule_states() == {
+        ("tower-a/r", ""): paused,
+        ("tower-a/s", ""): other,
+        ("tower-a/i", "b-1"): first,
+        ("tower-a/i", "b-2"): second,
+    }
+    second_fired = replace(second, gate_open=True, fired_count=1, paused=True)
+    await store.commit_transition(
+        Transition(rule_states={("tower-a/i", "b-2"): second_fired}, planned_at=build.at(2))
+    )
+    states = await store.load_rule_states()
+    assert states[("tower-a/i", "b-2")] == second_fired  # one instance's row, upserted
+    assert states[("tower-a/i", "b-1")] == first
 
 
 async def test_standing_approvals_follow_approve_reject_and_withdraw(store: Store) -> None:

@@ -383,7 +383,9 @@ def _location(plan: Plan, rule: Rule) -> str:
 
 def _why_not(plan: Plan, decision: Decision) -> str:
     """Why a decision did not fire, in a few words."""
-    state = plan.snapshot.states.get(decision.rule_id, RuleState(decision.rule_id))
+    state = plan.snapshot.states.get(
+        (decision.rule_id, decision.instance), RuleState(decision.rule_id)
+    )
     if decision.outcome == "already_fired":
         return f"already fired ({plural(state.fired_count, 'time')}; fire: once)"
     if decision.outcome == "still_met":
@@ -542,7 +544,7 @@ def explain_rule(
     """The JSON explanation ``gatekeeper explain`` prints: the rule (``file`` as shown,
     default the rule's own), its explanation and the deadlines of its time sub-conditions
     (with the condition's next change)."""
-    state = snapshot.states.get(rule.id)
+    state = snapshot.states.get((rule.id, ""))
     explanation = engine.explain(rule, snapshot.facts, state, now, snapshot.approvals)
     deadlines = clause_deadlines(rule, explanation, snapshot.facts, now)
     changes_at = next_change_at(rule.condition, ProjectFacts(rule.project, snapshot.facts), now)

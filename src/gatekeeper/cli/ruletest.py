@@ -64,6 +64,7 @@ from gatekeeper.engine.model import (
     ApprovalInput,
     Decision,
     FactInput,
+    InstanceKey,
     QueuedAction,
     RuleState,
     Transition,
@@ -351,7 +352,7 @@ class Simulation:
     def __init__(self, engine: Engine, escrows: Mapping[str, Escrow], now: datetime) -> None:
         self.engine = engine
         self.facts = FactTable()
-        self.states: dict[str, RuleState] = {}
+        self.states: dict[InstanceKey, RuleState] = {}
         self.approvals: dict[str, dict[str, str]] = {}
         self.book = EscrowBook(escrows)
         self.now = now
@@ -388,7 +389,7 @@ class Simulation:
     def explain(self, rule: Rule) -> dict[str, Any]:
         """The rule's explanation now."""
         return self.engine.explain(
-            rule, self.facts, self.states.get(rule.id), self.now, self.approvals
+            rule, self.facts, self.states.get((rule.id, "")), self.now, self.approvals
         )
 
     def _apply(self, transition: Transition) -> Transition:
@@ -496,7 +497,7 @@ def _why_not(last: Mapping[str, Decision], rule_id: str, sim: Simulation) -> str
         return decision.outcome.replace("_", " ")
     rule = sim.engine.rules[rule_id]
     explanation = sim.explain(rule)
-    state = sim.states.get(rule_id, RuleState(rule_id))
+    state = sim.states.get((rule_id, ""), RuleState(rule_id))
     if not explanation["condition"]["value"]:
         return "not met"
     if not explanation["approvals"]["satisfied"]:

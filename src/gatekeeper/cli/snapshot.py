@@ -37,7 +37,7 @@ from jsonschema import Draft202012Validator  # type: ignore[import-untyped, unus
 from gatekeeper.cli.client import call, call_pages
 from gatekeeper.cli.output import display_path
 from gatekeeper.engine.facts import FactTable
-from gatekeeper.engine.model import RuleState
+from gatekeeper.engine.model import InstanceKey, RuleState
 from gatekeeper.jsonwire import json_path
 
 SNAPSHOT_SCHEMA: dict[str, Any] = {
@@ -76,6 +76,10 @@ SNAPSHOT_SCHEMA: dict[str, Any] = {
                 "required": ["rule_id"],
                 "properties": {
                     "rule_id": {"type": "string", "minLength": 1},
+                    "instance": {
+                        "type": "string",
+                        "description": "The item id of an instance of a per-item rule.",
+                    },
                     "fired_count": {"type": "integer", "minimum": 0},
                     "gate_open": {"type": ["boolean", "null"]},
                     "rearms": {"type": "integer", "minimum": 0},
@@ -138,7 +142,7 @@ class Snapshot:
 
     source: str
     facts: FactTable
-    states: dict[str, RuleState]
+    states: dict[InstanceKey, RuleState]
     approvals: dict[str, dict[str, str]]
     deployed: dict[str, str] | None
     deployed_version: str | None
@@ -173,7 +177,7 @@ def snapshot_from_json(data: Any, source: str) -> Snapshot:
     deployed = dict(ruleset["rules"]) if ruleset and "rules" in ruleset else None
     notes: list[str] = []
     states = {
-        item["rule_id"]: RuleState(
+        (item["rule_id"], item.get("instance", "")): RuleState(
             rule_id=item["rule_id"],
             gate_open=item.get("gate_open"),
             fired_count=item.get("fired_count", 0),
@@ -181,6 +185,7 @@ def snapshot_from_json(data: Any, source: str) -> Snapshot:
             rule_hash=(deployed or {}).get(item["rule_id"]),
             paused=item.get("paused", False),
             rearms=item.get("rearms", 0),
+            instance=item.get("instance", ""),
         )
         for item in data.get("rule_states", [])
     }

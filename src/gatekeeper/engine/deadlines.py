@@ -61,12 +61,16 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 
 from gatekeeper.engine.facts import FactTable, ProjectFacts
+from gatekeeper.engine.model import InstanceKey
 from gatekeeper.expr import next_change_at
 from gatekeeper.rules.model import Rule
+
+K = TypeVar("K", bound=Hashable)
 
 _COMPACT_SLACK = 1024
 """Stale heap entries tolerated beyond the number of live ones before a rebuild."""
@@ -77,47 +81,50 @@ def _utc(when: datetime) -> datetime:
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
-class DeadlineSchedule:
-    """When each rule is next due: a min-heap of ``(due_at, rule_id)`` with lazy invalidation.
+class DeadlineSchedule(Generic[K]):
+    """When each rule instance is next due: a min-heap of ``(due_at, key)`` with lazy
+    invalidation. The daemon's keys are ``InstanceKey`` ``(rule id, item id)``: each
+    instance of a per-item rule has its own deadline (``days_since(item.data.opened_at)
+    >= 3`` comes due for each item at its own moment).
 
-    A rule has at most one due time; ``set`` replaces it and ``set(rule_id, None)`` removes
+    A key has at most one due time; ``set`` replaces it and ``set(key, None)`` removes
     it. Not thread-safe: use it from the event loop (under the daemon's write lock).
     """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[datetime, int, str]] = []
-        self._current: dict[str, tuple[datetime, int]] = {}
+        self._heap: list[tuple[datetime, int, K]] = []
+        self._current: dict[K, tuple[datetime, int]] = {}
         self._sequence = itertools.count()
 
-    def set(self, rule_id: str, due_at: datetime | None) -> None:
-        """Make ``rule_id`` due at ``due_at`` (replacing any earlier entry); None removes it."""
+    def set(self, key: K, due_at: datetime | None) -> None:
+        """Make ``key`` due at ``due_at`` (replacing any earlier entry); None removes it."""
         if due_at is None:
-            self._current.pop(rule_id, None)
+            self._current.pop(key, None)
             return
         due_at = _utc(due_at)
-        current = self._current.get(rule_id)
+        current = self._current.get(key)
         if current is not None and current[0] == due_at:
             return
-        entry = (due_at, next(self._sequence), rule_id)
-        self._current[rule_id] = (due_at, entry[1])
+        entry = (due_at, next(self._sequence), key)
+        self._current[key] = (due_at, entry[1])
         heapq.heappush(self._heap, entry)
         if len(self._heap) > 2 * len(self._current) + _COMPACT_SLACK:
             self._compact()
 
-    def due_at(self, rule_id: str) -> datetime | None:
-        """When ``rule_id`` is due, or None when it is not scheduled."""
-        current = self._current.get(rule_id)
+    def due_at(self, key: K) -> datetime | None:
+        """When ``key`` is due, or None when it is not scheduled."""
+        current = self._current.get(key)
         return None if current is None else current[0]
 
-    def pop_due(self, now: datetime) -> list[str]:
-        """Remove and return the rules due at or before ``now``, each once, earliest first."""
+    def pop_due(self, now: datetime) -> list[K]:
+        """Remove and return the keys due at or before ``now``, each once, earliest first."""
         now = _utc(now)
-        due: list[str] = []
+        due: list[K] = []
         while self._heap and self._heap[0][0] <= now:
-            due_at, sequence, rule_id = heapq.heappop(self._heap)
-            if self._current.get(rule_id) == (due_at, sequence):
-                del self._current[rule_id]
-                due.append(rule_id)
+            due_at, sequence, key = heapq.heappop(self._heap)
+            if self._current.get(key) == (due_at, sequence):
+                del self._current[key]
+                due.append(key)
         return due
 
     def next_due(self) -> datetime | None:
@@ -139,47 +146,101 @@ class DeadlineSchedule:
         self._heap.clear()
         self._current.clear()
 
+    def scheduled(self) -> list[K]:
+        """Every key scheduled, in no particular order."""
+        return list(self._current)
+
     def __len__(self) -> int:
         """How many rules are scheduled."""
         return len(self._current)
 
-    def __contains__(self, rule_id: object) -> bool:
-        return rule_id in self._current
+    def __contains__(self, key: object) -> bool:
+        return key in self._current
 
     def _drop_stale_head(self) -> None:
         while self._heap:
-            due_at, sequence, rule_id = self._heap[0]
-            if self._current.get(rule_id) == (due_at, sequence):
+            due_at, sequence, key = self._heap[0]
+            if self._current.get(key) == (due_at, sequence):
                 return
             heapq.heappop(self._heap)
 
     def _compact(self) -> None:
-        self._heap = [(due, seq, rule_id) for rule_id, (due, seq) in self._current.items()]
+        self._heap = [(due, seq, key) for key, (due, seq) in self._current.items()]
         heapq.heapify(self._heap)
 
 
+def instances_of(rules: Iterable[Rule], facts: FactTable) -> list[InstanceKey]:
+    """Every instance of ``rules``: ``(rule id, "")`` for a rule without ``for_each``, one
+    ``(rule id, item id)`` per current fact of a per-item rule's kind (sorted by id)."""
+    keys: list[InstanceKey] = []
+    for rule in rules:
+        if rule.for_each is None:
+            keys.append((rule.id, ""))
+        else:
+            keys += ((rule.id, i) for i in sorted(facts.of_kind(rule.project, rule.for_each)))
+    return keys
+
+
 def schedule_rules(
-    schedule: DeadlineSchedule, rules: Iterable[Rule], facts: FactTable, now: datetime
+    schedule: DeadlineSchedule[InstanceKey],
+    rules: Iterable[Rule],
+    facts: FactTable,
+    now: datetime,
 ) -> datetime | None:
-    """(Re)schedule each of ``rules`` at the next instant its condition may change through
-    time alone, given ``facts`` (``next_change_at`` over ``ProjectFacts(rule.project,
-    facts)``); a rule that time cannot change is removed from the schedule.
+    """(Re)schedule every instance of each of ``rules`` (``schedule_instances``)."""
+    rules = list(rules)
+    by_id = {rule.id: rule for rule in rules}
+    return schedule_instances(schedule, by_id, instances_of(rules, facts), facts, now)
+
+
+def schedule_instances(
+    schedule: DeadlineSchedule[InstanceKey],
+    rules: Mapping[str, Rule],
+    keys: Iterable[InstanceKey],
+    facts: FactTable,
+    now: datetime,
+) -> datetime | None:
+    """(Re)schedule each instance ``keys`` (of ``rules``, by id) at the next instant its
+    condition may change through time alone, given ``facts`` (``next_change_at`` over
+    ``ProjectFacts(rule.project, facts)``, with the instance's item for a per-item rule);
+    an instance that time cannot change, whose rule is not in ``rules`` or whose item is
+    gone is removed from the schedule.
 
     ``now`` must be the instant the rules were last evaluated at (see the module docstring).
     Returns the earliest due time it set, or None, so the caller can tell whether a
     sleeping deadline loop must be woken.
     """
     earliest: datetime | None = None
-    for rule in rules:
-        due = next_change_at(rule.condition, ProjectFacts(rule.project, facts), now)
-        schedule.set(rule.id, due)
+    for key in keys:
+        rule = rules.get(key[0])
+        due = None if rule is None else _next_change(rule, key[1], facts, now)
+        schedule.set(key, due)
         if due is not None and (earliest is None or due < earliest):
             earliest = due
     return earliest
 
 
-def mark_due(schedule: DeadlineSchedule, rules: Iterable[Rule], now: datetime) -> None:
-    """Make each of ``rules`` due at ``now``: the next pass of the deadline loop evaluates
-    them (at start and after a reload, so that deadlines missed meanwhile fire at once)."""
-    for rule in rules:
-        schedule.set(rule.id, now)
+def _next_change(rule: Rule, item: str, facts: FactTable, now: datetime) -> datetime | None:
+    lookup = ProjectFacts(rule.project, facts)
+    if rule.for_each is None:
+        return next_change_at(rule.condition, lookup, now)
+    if facts.get((rule.project, rule.for_each, item)) is None:
+        return None
+    return next_change_at(rule.condition, lookup, now)
+
+
+def mark_due(
+    schedule: DeadlineSchedule[InstanceKey], keys: Iterable[InstanceKey], now: datetime
+) -> None:
+    """Make each instance ``keys`` due at ``now``: the next pass of the deadline loop
+    evaluates them (at start and after a reload, so that deadlines missed meanwhile fire
+    at once). ``instances_of(rules, facts)`` gives the keys of whole rules."""
+    for key in keys:
+        schedule.set(key, now)
+
+
+def drop_rule(schedule: DeadlineSchedule[InstanceKey], rule_id: str) -> None:
+    """Remove every instance of rule ``rule_id`` from ``schedule``."""
+    for key in schedule.scheduled():
+        if key[0] == rule_id:
+            schedule.set(key, None)

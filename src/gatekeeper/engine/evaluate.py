@@ -21,8 +21,8 @@ from __future__ import annotations
 import functools
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -33,9 +33,11 @@ from gatekeeper.engine.model import (
     AdminAct,
     ApprovalInput,
     ApprovalStanding,
+    CausedBy,
     Decision,
     FactInput,
     FactKey,
+    InstanceKey,
     Outcome,
     QueuedAction,
     RuleState,
@@ -43,7 +45,7 @@ from gatekeeper.engine.model import (
     Trigger,
     evaluation_to_json,
 )
-from gatekeeper.expr import FactRef
+from gatekeeper.expr import Evaluation, FactRef
 from gatekeeper.rules.model import (
     Action,
     FireMode,
@@ -54,7 +56,10 @@ from gatekeeper.rules.model import (
     Ruleset,
     SetFactAction,
 )
-from gatekeeper.rules.templates import render_template, template_values
+from gatekeeper.rules.templates import TemplateError, render_template, template_values
+
+DEFAULT_MAX_CHAIN_DEPTH = 16
+"""How deep a chain of rules setting facts may go by default (``max_chain_depth``)."""
 
 
 class _Entry:
@@ -63,7 +68,18 @@ class _Entry:
     that the entries of neighbouring rules (often the rules reading one fact) share cache
     lines instead of being scattered over the heap with the rest of each rule."""
 
-    __slots__ = ("approvals", "condition", "content_hash", "fire", "id", "project", "rule")
+    __slots__ = (
+        "approvals",
+        "condition",
+        "content_hash",
+        "event",
+        "fire",
+        "for_each",
+        "id",
+        "plain",
+        "project",
+        "rule",
+    )
 
     def __init__(self, rule: Rule, project: str) -> None:
         self.rule = rule
@@ -73,6 +89,10 @@ class _Entry:
         self.condition = rule.condition
         self.fire = rule.fire
         self.approvals = rule.approvals
+        self.for_each = rule.for_each
+        self.event = rule.fire == "each_fact"
+        self.plain = rule.for_each is None and not self.event
+        """One instance, decided once per batch (no ``for_each``, not an event rule)."""
 
 
 def _entries(entries: Mapping[str, _Entry], rules: Iterable[Rule]) -> tuple[_Entry, ...]:
@@ -94,6 +114,12 @@ class Engine:
     ``new_action_id`` makes the id of each queued action (``act_...``, unique for good: it
     is the outbox key and a release's id); the runtime passes it, tests may pass a
     deterministic one. The engine makes no other ids and reads no clock.
+
+    ``max_chain_depth`` bounds chains of rules setting facts (``set_fact``): a fact posted
+    has depth 0, a fact set by a firing it caused depth 1, and so on; a firing that would
+    set a fact deeper than the bound is ``blocked`` (nothing of it is recorded or sent) and
+    the alert target is told. ``target_formats`` maps a target name to its message format
+    (``"slack"`` targets get ``&``, ``<``, ``>`` escaped in substituted template values).
     """
 
     def __init__(
@@ -102,10 +128,14 @@ class Engine:
         *,
         alert_target: str | None = None,
         new_action_id: Callable[[], str] = uuid_action_id,
+        max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
+        target_formats: Mapping[str, str] | None = None,
     ) -> None:
         self.ruleset = ruleset
         self.alert_target = alert_target
         self.new_action_id = new_action_id
+        self.max_chain_depth = max_chain_depth
+        self.target_formats: Mapping[str, str] = dict(target_formats or {})
         self.rules: dict[str, Rule] = ruleset.by_id()
         self._by_fact: dict[FactKey, list[Rule]] = defaultdict(list)
         self._by_kind: dict[tuple[str, str], list[Rule]] = defaultdict(list)
@@ -123,6 +153,7 @@ class Engine:
             rule.id: _Entry(rule, projects.setdefault(rule.project, rule.project))
             for rule in ruleset.rules
         }
+        self._entries = entries
         self._entries_by_fact: dict[FactKey, tuple[_Entry, ...]] = {
             key: _entries(entries, [*rules, *self._by_kind.get((key[0], key[1]), [])])
             for key, rules in self._by_fact.items()
@@ -130,6 +161,17 @@ class Engine:
         self._entries_by_kind: dict[tuple[str, str], tuple[_Entry, ...]] = {
             key: _entries(entries, rules) for key, rules in self._by_kind.items()
         }
+        by_item_kind: dict[tuple[str, str], list[Rule]] = defaultdict(list)
+        for rule in self.rules.values():
+            if rule.for_each is not None:
+                by_item_kind[(rule.project, rule.for_each)].append(rule)
+        self._entries_by_item_kind: dict[tuple[str, str], tuple[_Entry, ...]] = {
+            key: _entries(entries, rules) for key, rules in by_item_kind.items()
+        }
+        self._special_kinds = set(by_item_kind)
+        for rule in self.rules.values():
+            if rule.for_each is not None or rule.fire == "each_fact":
+                self._special_kinds.update((rule.project, ref.kind) for ref in rule.condition.reads)
 
     def _index(self, rule: Rule, ref: FactRef) -> None:
         if ref.id is None:
@@ -149,17 +191,46 @@ class Engine:
             found = self._entries_by_kind.get((key[0], key[1]), ())
         return found
 
+    def instances(self, rule: Rule, facts: FactTable) -> list[str]:
+        """The item ids of ``rule``'s instances, sorted: ``[""]`` for a rule without
+        ``for_each``, else the id of every current fact of its kind in its project."""
+        if rule.for_each is None:
+            return [""]
+        return sorted(facts.of_kind(rule.project, rule.for_each))
+
+    def instance_keys(self, rules: Iterable[Rule], facts: FactTable) -> list[InstanceKey]:
+        """The ``InstanceKey`` of every instance of ``rules`` (see ``instances``)."""
+        return [(rule.id, item) for rule in rules for item in self.instances(rule, facts)]
+
+    def _triggered(self, key: FactKey, facts: FactTable) -> Iterator[tuple[_Entry, str]]:
+        """The instances fact ``key`` (just put in ``facts``) re-evaluates: of each rule
+        reading it, its one instance, or every instance of a per-item rule (a per-item
+        event rule is triggered only by its own item); of each per-item rule of its kind,
+        the instance of its id. An instance may be given twice (the caller keeps one)."""
+        for entry in self._entries_reading(key):
+            if entry.for_each is None:
+                yield entry, ""
+            elif not entry.event:
+                for item in sorted(facts.of_kind(entry.project, entry.for_each)):
+                    yield entry, item
+        for entry in self._entries_by_item_kind.get((key[0], key[1]), ()):
+            yield entry, key[2]
+
     def plan_ingest(
         self,
         facts: FactTable,
-        states: Mapping[str, RuleState],
+        states: Mapping[InstanceKey, RuleState],
         batch: list[FactInput],
         now: datetime,
         book: EscrowBook | None = None,
         approvals: ApprovalStanding | None = None,
     ) -> Transition:
-        """Plan applying ``batch`` atomically: every rule reading any of its facts is evaluated
-        once, against the facts with the whole batch applied.
+        """Plan applying ``batch`` atomically: every rule instance reading any of its facts
+        is evaluated once, against the facts with the whole batch applied; an event rule
+        (``fire: each_fact``) is decided once per fact triggering it, against the batch
+        applied up to and including that fact. Facts set by the rules that fired
+        (``set_fact``) are appended to the transition and evaluated the same way, level by
+        level (breadth first), up to ``max_chain_depth``.
 
         ``book`` holds the escrows' limits and committed amounts; releases planned here are
         committed to it (pass a copy to plan without committing). Without a book no escrow
@@ -168,28 +239,87 @@ class Engine:
         book = book if book is not None else EscrowBook({})
         view = facts.overlay()
         transition = Transition(facts=list(batch), planned_at=now)
-        if len(batch) == 1:  # the usual batch: its rules are already listed once each
+        if len(batch) == 1 and self._plain_only(batch[0].key):
+            # the usual batch: its rules are plain, already listed once each
             fact = batch[0]
             view.put(fact.key, fact.data)
             for entry in self._entries_reading(fact.key):
-                self._decide(transition, entry, view, states, now, "fact", 0, book, approvals)
+                self._decide(transition, entry, "", view, states, now, "fact", 0, book, approvals)
+            if len(transition.facts) > 1:
+                self._cascade(transition, view, states, now, book, approvals, 1, 1)
             return transition
-        touched: dict[str, int] = {}
-        picked: dict[str, _Entry] = {}
-        for index, fact in enumerate(batch):
-            view.put(fact.key, fact.data)
-            for entry in self._entries_reading(fact.key):
-                touched[entry.id] = index
-                picked.setdefault(entry.id, entry)
-        for rule_id, index in touched.items():
-            entry = picked[rule_id]
-            self._decide(transition, entry, view, states, now, "fact", index, book, approvals)
+        self._cascade(transition, view, states, now, book, approvals, 0, 0)
         return transition
+
+    def _plain_only(self, key: FactKey) -> bool:
+        """Whether fact ``key`` triggers only rules without ``for_each`` and ``each_fact``
+        (false for every fact of a kind some other rule reads or is per item of)."""
+        return (key[0], key[1]) not in self._special_kinds
+
+    def _cascade(
+        self,
+        transition: Transition,
+        view: FactTable,
+        states: Mapping[InstanceKey, RuleState],
+        now: datetime,
+        book: EscrowBook,
+        approvals: ApprovalStanding | None,
+        start: int,
+        depth: int,
+    ) -> None:
+        """Evaluate the facts of ``transition`` from index ``start`` on, level by level:
+        the facts of one level (depth ``depth``: 0 for posted facts) are applied to
+        ``view`` in order, each event rule instance they trigger decided at its fact, then
+        every other instance they trigger decided once against the whole level; the facts
+        those firings set form the next level."""
+        while start < len(transition.facts):
+            end = len(transition.facts)
+            touched: dict[InstanceKey, tuple[_Entry, int]] = {}
+            for index in range(start, end):
+                fact = transition.facts[index]
+                view.put(fact.key, fact.data)
+                decided: set[InstanceKey] = set()
+                for entry, item in self._triggered(fact.key, view):
+                    key = (entry.id, item)
+                    if entry.event:
+                        if key not in decided:
+                            decided.add(key)
+                            self._decide(
+                                transition,
+                                entry,
+                                item,
+                                view,
+                                states,
+                                now,
+                                "fact",
+                                index,
+                                book,
+                                approvals,
+                                depth,
+                            )
+                    else:  # first seen first, with the last fact of the level it reads
+                        touched[key] = (entry, index)
+            for (_, item), (entry, index) in touched.items():
+                self._decide(
+                    transition,
+                    entry,
+                    item,
+                    view,
+                    states,
+                    now,
+                    "fact",
+                    index,
+                    book,
+                    approvals,
+                    depth,
+                )
+            start = end
+            depth += 1
 
     def plan_rules(
         self,
         facts: FactTable,
-        states: Mapping[str, RuleState],
+        states: Mapping[InstanceKey, RuleState],
         rules: Iterable[Rule],
         now: datetime,
         trigger: Trigger,
@@ -198,17 +328,56 @@ class Engine:
         approvals: ApprovalStanding | None = None,
         record_unchanged: bool = True,
     ) -> Transition:
-        """Plan evaluating ``rules`` without a new fact (a reload, or the clock moving on).
+        """Plan evaluating ``rules`` without a new fact (a reload, or the clock moving on):
+        every instance of each (every fact of a per-item rule's kind), see
+        ``plan_instances``."""
+        rules = list(rules)
+        return self.plan_instances(
+            facts,
+            states,
+            self.instance_keys(rules, facts),
+            now,
+            trigger,
+            book=book,
+            approvals=approvals,
+            record_unchanged=record_unchanged,
+            rules={rule.id: rule for rule in rules},
+        )
+
+    def plan_instances(
+        self,
+        facts: FactTable,
+        states: Mapping[InstanceKey, RuleState],
+        keys: Iterable[InstanceKey],
+        now: datetime,
+        trigger: Trigger,
+        *,
+        book: EscrowBook | None = None,
+        approvals: ApprovalStanding | None = None,
+        record_unchanged: bool = True,
+        rules: Mapping[str, Rule] | None = None,
+    ) -> Transition:
+        """Plan evaluating the rule instances ``keys`` without a new fact (a reload, the
+        clock moving on): an instance whose item no longer exists is skipped. Facts set by
+        the firings are evaluated as in ``plan_ingest``.
 
         With ``record_unchanged`` False, a decision is kept only when the gate changed or the
-        rule fired (clock ticks would otherwise flood the audit log).
-        """
+        rule fired (clock ticks would otherwise flood the audit log). ``rules`` resolves
+        rule ids (default: this engine's rules)."""
         book = book if book is not None else EscrowBook({})
+        rules = rules if rules is not None else self.rules
         transition = Transition(planned_at=now)
-        for rule in rules:
-            before = states.get(rule.id, RuleState(rule.id))
+        for rule_id, item in keys:
+            rule = rules[rule_id]
+            key = (rule_id, item)
+            before = states.get(key) or RuleState(rule_id, instance=item)
             entry = _Entry(rule, rule.project)
-            self._decide(transition, entry, facts, states, now, trigger, None, book, approvals)
+            count = len(transition.decisions)
+            self._decide(
+                transition, entry, item, facts, states, now, trigger, None, book, approvals
+            )
+            if len(transition.decisions) == count:
+                continue  # no such instance (its item is gone)
             decision = transition.decisions[-1]
             unchanged = (
                 decision.firing_id is None
@@ -217,7 +386,9 @@ class Engine:
             )
             if unchanged and not record_unchanged:
                 transition.decisions.pop()
-                transition.rule_states.pop(rule.id, None)
+                transition.rule_states.pop(key, None)
+        if transition.facts:
+            self._cascade(transition, facts.overlay(), states, now, book, approvals, 0, 1)
         return transition
 
     def explain(
@@ -227,13 +398,19 @@ class Engine:
         state: RuleState | None,
         now: datetime,
         approvals: ApprovalStanding | None = None,
+        item: str = "",
     ) -> dict[str, Any]:
         """The rule's current explanation (JSON-ready): gate, sub-conditions, missing facts,
-        approvals counted, whether it is paused and how often it fired."""
-        evaluation = rule.condition.evaluate(ProjectFacts(rule.project, facts), now)
+        approvals counted, whether it is paused and how often it fired. ``item`` names the
+        instance of a per-item rule (``KeyError`` when it has no such instance; ``""`` for
+        a plain rule)."""
+        data = self._item_data(rule, item, facts)
+        if rule.for_each is not None and data is None:
+            raise KeyError(f"rule {rule.id} has no instance {item!r}")
+        evaluation = _evaluate(rule, ProjectFacts(rule.project, facts), now, item, data)
         standing = approvals_status(rule, (approvals or {}).get(rule.id, {}))
-        state = state or RuleState(rule.id)
-        return {
+        state = state or RuleState(rule.id, instance=item)
+        explained: dict[str, Any] = {
             "gate_open": evaluation.value and standing["satisfied"],
             "condition": evaluation_to_json(evaluation),
             "approvals": standing,
@@ -243,17 +420,27 @@ class Engine:
             "last_fired_at": state.last_fired_at,
             "evaluated_at": format_rfc3339(now),
         }
+        if rule.for_each is not None:
+            explained["item"] = {"kind": rule.for_each, "id": item, "data": data}
+        return explained
+
+    @staticmethod
+    def _item_data(rule: Rule, item: str, facts: FactTable) -> Mapping[str, Any] | None:
+        if rule.for_each is None:
+            return None
+        return facts.get((rule.project, rule.for_each, item))
 
     def plan_approval(
         self,
         facts: FactTable,
-        states: Mapping[str, RuleState],
+        states: Mapping[InstanceKey, RuleState],
         approvals: ApprovalStanding,
         approval: ApprovalInput,
         now: datetime,
         book: EscrowBook | None = None,
     ) -> Transition:
-        """Plan recording ``approval`` and re-evaluating its rule with it counted."""
+        """Plan recording ``approval`` and re-evaluating its rule with it counted (the
+        instance it names; every instance of a per-item rule when it names none)."""
         rule = self.rules[approval.rule_id]
         standing = dict(approvals.get(rule.id, {}))
         _stand(standing, approval)
@@ -261,13 +448,23 @@ class Engine:
         transition = Transition(approvals=[approval], planned_at=now)
         book = book if book is not None else EscrowBook({})
         entry = _Entry(rule, rule.project)
-        self._decide(transition, entry, facts, states, now, "approval", 0, book, view)
+        items = [approval.instance] if approval.instance else self.instances(rule, facts)
+        for item in items:
+            self._decide(transition, entry, item, facts, states, now, "approval", 0, book, view)
+        if transition.facts:
+            self._cascade(transition, facts.overlay(), states, now, book, view, 0, 1)
+            # the approval's seq follows the facts' (seqs are facts, then approvals)
+            first = len(transition.facts)
+            transition.decisions = [
+                replace(d, fact_index=first) if d.trigger == "approval" else d
+                for d in transition.decisions
+            ]
         return transition
 
     def plan_admin(
         self,
         facts: FactTable,
-        states: Mapping[str, RuleState],
+        states: Mapping[InstanceKey, RuleState],
         approvals: ApprovalStanding,
         act: AdminAct,
         now: datetime,
@@ -276,50 +473,81 @@ class Engine:
         """Plan an admin act on a rule (pause, resume, rearm) and re-evaluate the rule under
         its new state: a resumed or re-armed rule whose gate is open fires at once.
 
-        Raises ``ValueError`` when the act does not apply (re-arming an each_time rule, or
-        a rule that has not fired; pausing a paused rule; resuming a running one)."""
+        ``act.instance`` names one instance of a per-item rule; without it the act applies
+        to the rule's one instance, or to every instance of a per-item rule it applies to.
+
+        Raises ``KeyError`` when the rule has no instance ``act.instance``, ``ValueError``
+        when the act does not apply (re-arming an each_time rule, or a rule that has not
+        fired; pausing a paused rule; resuming a running one; a per-item rule none of whose
+        instances it applies to)."""
         rule = self.rules[act.rule_id]
-        state = states.get(rule.id, RuleState(rule.id))
-        if act.act == "pause":
-            if state.paused:
-                raise ValueError(f"rule {rule.id} is already paused")
-            state = replace(state, paused=True)
-        elif act.act == "resume":
-            if not state.paused:
-                raise ValueError(f"rule {rule.id} is not paused")
-            state = replace(state, paused=False)
+        if act.instance is not None and act.instance != "":
+            if self._item_data(rule, act.instance, facts) is None:
+                raise KeyError(f"rule {rule.id} has no instance {act.instance!r}")
+            items = [act.instance]
         else:
-            if rule.fire != "once":
-                raise ValueError(f"rule {rule.id} fires each_time; only once rules are re-armed")
-            if state.fired_count <= state.rearms:
-                raise ValueError(f"rule {rule.id} has not fired since it was last armed")
-            # the next open gate fires again; an open gate now counts as a fresh edge
-            state = replace(state, rearms=state.fired_count, gate_open=False)
+            items = self.instances(rule, facts)
+        per_item = rule.for_each is not None
         transition = Transition(admin_acts=[act], planned_at=now)
-        transition.rule_states[rule.id] = state
         book = book if book is not None else EscrowBook({})
         entry = _Entry(rule, rule.project)
-        self._decide(transition, entry, facts, states, now, "admin", None, book, approvals)
+        acted = []
+        refusal: ValueError | None = None
+        for item in items:
+            key = (rule.id, item)
+            try:
+                state = _acted(rule, act, states.get(key) or RuleState(rule.id, instance=item))
+            except ValueError as exc:
+                if not per_item or act.instance:
+                    raise
+                refusal = refusal or exc
+                continue
+            transition.rule_states[key] = state
+            acted.append(item)
+        if not acted:
+            raise refusal or ValueError(f"rule {rule.id} has no instance yet")
+        for item in acted:
+            self._decide(
+                transition, entry, item, facts, states, now, "admin", None, book, approvals
+            )
+        if transition.facts:
+            self._cascade(transition, facts.overlay(), states, now, book, approvals, 0, 1)
         return transition
 
     def _decide(
         self,
         transition: Transition,
         entry: _Entry,
+        item: str,
         facts: FactTable,
-        states: Mapping[str, RuleState],
+        states: Mapping[InstanceKey, RuleState],
         now: datetime,
         trigger: Trigger,
         fact_index: int | None,
         book: EscrowBook,
         standing: ApprovalStanding | None = None,
+        depth: int = 0,
     ) -> None:
-        """Evaluate the rule of ``entry`` (``_Entry(rule, rule.project)`` for a rule picked
-        outside the fact index) and add its decision, new state and any queued actions to
-        ``transition``."""
+        """Evaluate instance ``item`` of the rule of ``entry`` (``_Entry(rule,
+        rule.project)`` for a rule picked outside the fact index) and add its decision, new
+        state, any queued actions and any facts it sets to ``transition``. ``depth`` is the
+        chain depth of the facts that triggered it (0: posted, or no fact). An instance of
+        a per-item rule whose item does not exist is not decided."""
         rule_id = entry.id
-        state = transition.rule_states.get(rule_id) or states.get(rule_id) or RuleState(rule_id)
-        evaluation = entry.condition.evaluate(ProjectFacts(entry.project, facts), now)
+        key = (rule_id, item)
+        state = transition.rule_states.get(key) or states.get(key) or RuleState(rule_id)
+        lookup = ProjectFacts(entry.project, facts)
+        for_each = entry.for_each
+        if for_each is None:
+            data = None
+            evaluation = entry.condition.evaluate(lookup, now)
+        else:
+            data = facts.get((entry.project, for_each, item))
+            if data is None:
+                return
+            evaluation = _evaluate(entry.rule, lookup, now, item, data)
+            if state.instance != item:
+                state = replace(state, instance=item)
         value = evaluation.value
         approvals_rule = entry.approvals
         if approvals_rule is None:  # no sign-off: the gate is the condition
@@ -328,7 +556,7 @@ class Engine:
         else:
             approvals = approvals_status(entry.rule, (standing or {}).get(rule_id, {}))
             gate_open = value and bool(approvals["satisfied"])
-        outcome = _outcome(entry.fire, state, value, gate_open)
+        outcome = _outcome(entry.fire, state, value, gate_open, trigger)
         decided_at = _format_now(now)
         firing_id = None
         reason = None
@@ -339,18 +567,17 @@ class Engine:
             new_state = replace(state, gate_open=gate_open, rule_hash=content_hash)
         if outcome == "fired":
             rule = entry.rule
-            firing_id = f"{rule_id}#{state.fired_count + 1}"
-            new_state = replace(
-                new_state, fired_count=state.fired_count + 1, last_fired_at=decided_at
-            )
-            reason = book.refusal_of_all(r for r in rule.actions if isinstance(r, ReleaseAction))
-            if reason is None:
-                self._queue_firing(transition, rule, firing_id, now, book)
-            else:
+            n = state.fired_count + 1
+            firing_id = f"{rule_id}#{n}" if for_each is None else f"{rule_id}[{item}]#{n}"
+            new_state = replace(new_state, fired_count=n, last_fired_at=decided_at)
+            firing = _Firing(rule, item, data, firing_id, now, depth + 1, evaluation)
+            blocked = self._queue_firing(transition, firing, book)
+            if blocked is not None:
                 outcome = "blocked"
-                self._queue_alert(transition, rule, firing_id, now, reason)
-        transition.rule_states[rule_id] = new_state
-        # Decision(...) without the frozen dataclass's __init__ (fourteen object.__setattr__
+                reason, alert = blocked
+                self._queue_alert(transition, rule, firing_id, now, reason, alert, item)
+        transition.rule_states[key] = new_state
+        # Decision(...) without the frozen dataclass's __init__ (sixteen object.__setattr__
         # calls, about 1 µs): the very same instance, its fields set in the same order.
         decision = _new(Decision)
         fields = decision.__dict__
@@ -368,19 +595,34 @@ class Engine:
         fields["approvals"] = approvals if approvals_rule else None
         fields["reason"] = reason
         fields["project"] = entry.project
-        fields["instance"] = ""
+        fields["instance"] = item
+        fields["item_kind"] = for_each or ""
         transition.decisions.append(decision)
 
     def _queue_firing(
-        self,
-        transition: Transition,
-        rule: Rule,
-        firing_id: str,
-        now: datetime,
-        book: EscrowBook,
-    ) -> None:
-        actions = render_actions(rule, firing_id, now, self.new_action_id)
+        self, transition: Transition, firing: _Firing, book: EscrowBook
+    ) -> tuple[str, str] | None:
+        """Queue what ``firing`` does (actions, ledger entries, facts it sets), or nothing
+        and return why it is blocked and the alert to send: a release refused by the ledger
+        (``release_blocked``), a fact set deeper than ``max_chain_depth`` or a template
+        name without a value (``firing_blocked``)."""
+        rule = firing.rule
+        reason = book.refusal_of_all(r for r in rule.actions if isinstance(r, ReleaseAction))
+        if reason is not None:
+            return reason, "release_blocked"
+        sets = [a for a in rule.actions if isinstance(a, SetFactAction)]
+        if sets and firing.depth > self.max_chain_depth:
+            return (
+                f"set_fact chain deeper than max_chain_depth {self.max_chain_depth}: "
+                f"{sets[0].fact_kind} would be set at depth {firing.depth}",
+                "firing_blocked",
+            )
+        try:
+            actions, new_facts = render_firing(firing, self.new_action_id, self.target_formats)
+        except FiringBlocked as exc:
+            return str(exc), "firing_blocked"
         transition.actions.extend(actions)
+        transition.facts.extend(new_facts)
         for action in actions:
             if action.kind == "release":
                 payload = action.payload
@@ -393,23 +635,43 @@ class Engine:
                         currency=payload["currency"],
                         payee=payload["payee"],
                         rule_id=rule.id,
-                        firing_id=firing_id,
+                        firing_id=firing.firing_id,
                         recorded_at=action.created_at,
                     )
                 )
+        return None
 
     def _queue_alert(
-        self, transition: Transition, rule: Rule, firing_id: str, now: datetime, reason: str
+        self,
+        transition: Transition,
+        rule: Rule,
+        firing_id: str,
+        now: datetime,
+        reason: str,
+        alert: str,
+        item: str = "",
     ) -> None:
-        """Tell the alert target (when configured) that a release was blocked."""
+        """Tell the alert target (when configured) that a firing was blocked: a release
+        (``alert: release_blocked``), or anything else (``alert: firing_blocked``)."""
         if self.alert_target is None:
             return
-        releases = "; ".join(
-            f"{a.amount} {a.currency} from {a.escrow} to {a.payee}"
-            for a in rule.actions
-            if isinstance(a, ReleaseAction)
-        )
-        message = f"gatekeeper blocked the release of {releases} by rule {rule.id}: {reason}"
+        if alert == "release_blocked":
+            releases = "; ".join(
+                f"{a.amount} {a.currency} from {a.escrow} to {a.payee}"
+                for a in rule.actions
+                if isinstance(a, ReleaseAction)
+            )
+            message = f"gatekeeper blocked the release of {releases} by rule {rule.id}: {reason}"
+        else:
+            message = f"gatekeeper blocked firing {firing_id} of rule {rule.id}: {reason}"
+        payload: dict[str, Any] = {
+            "project": rule.project,
+            "message": message,
+            "alert": alert,
+            "reason": reason,
+        }
+        if item:
+            payload["item"] = {"kind": rule.for_each, "id": item}
         transition.actions.append(
             QueuedAction(
                 action_id=self.new_action_id(),
@@ -417,13 +679,9 @@ class Engine:
                 target=self.alert_target,
                 rule_id=rule.id,
                 firing_id=firing_id,
-                payload={
-                    "project": rule.project,
-                    "message": message,
-                    "alert": "release_blocked",
-                    "reason": reason,
-                },
+                payload=payload,
                 created_at=format_rfc3339(now),
+                instance=item,
             )
         )
 
@@ -434,7 +692,9 @@ _format_now = functools.lru_cache(maxsize=4)(format_rfc3339)
 """``format_rfc3339`` of the planning "now", formatted once per plan, not once per rule."""
 
 
-def _outcome(fire: FireMode, state: RuleState, condition: bool, gate_open: bool) -> Outcome:
+def _outcome(
+    fire: FireMode, state: RuleState, condition: bool, gate_open: bool, trigger: Trigger
+) -> Outcome:
     if not condition:
         return "not_met"
     if not gate_open:
@@ -443,13 +703,34 @@ def _outcome(fire: FireMode, state: RuleState, condition: bool, gate_open: bool)
         return "already_fired"
     if fire == "each_time" and state.gate_open:
         return "still_met"
+    if fire == "each_fact" and trigger != "fact":
+        return "still_met"  # an event rule fires only at a fact that triggers it
     return "paused" if state.paused else "fired"
+
+
+def _acted(rule: Rule, act: AdminAct, state: RuleState) -> RuleState:
+    """``state`` after admin act ``act``; ``ValueError`` when the act does not apply."""
+    name = rule.id if not state.instance else f"{rule.id}[{state.instance}]"
+    if act.act == "pause":
+        if state.paused:
+            raise ValueError(f"rule {name} is already paused")
+        return replace(state, paused=True)
+    if act.act == "resume":
+        if not state.paused:
+            raise ValueError(f"rule {name} is not paused")
+        return replace(state, paused=False)
+    if rule.fire != "once":
+        raise ValueError(f"rule {rule.id} fires {rule.fire}; only once rules are re-armed")
+    if state.fired_count <= state.rearms:
+        raise ValueError(f"rule {name} has not fired since it was last armed")
+    # the next open gate fires again; an open gate now counts as a fresh edge
+    return replace(state, rearms=state.fired_count, gate_open=False)
 
 
 def apply_transition(
     transition: Transition,
     facts: FactTable,
-    states: dict[str, RuleState],
+    states: dict[InstanceKey, RuleState],
     approvals: dict[str, dict[str, str]],
     book: EscrowBook,
 ) -> None:
@@ -495,21 +776,72 @@ def approvals_status(rule: Rule, standing: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
-def render_actions(
-    rule: Rule,
-    firing_id: str,
-    fired_at: datetime,
+class FiringBlocked(Exception):
+    """A firing cannot be carried out as written (a template name without a value, a
+    rendered text too long); the message is the decision's ``reason``."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Firing:
+    """One firing being rendered: the rule, the instance's item id and data (None for a
+    plain rule), the firing id, when, the chain depth of the facts it would set, and the
+    evaluation that fired it (the facts it read by id feed templates and bodies)."""
+
+    rule: Rule
+    item: str
+    data: Mapping[str, Any] | None
+    firing_id: str
+    fired_at: datetime
+    depth: int
+    evaluation: Evaluation
+
+
+def _read_by_id(evaluation: Evaluation) -> dict[str, Any]:
+    """The facts an evaluation read by id that exist: ``{"kind.id": data}`` (kinds read
+    whole are not copied)."""
+    return {
+        name: data
+        for name, data in evaluation.seen.items()
+        if "." in name and data is not None and not name.startswith("item.")
+    }
+
+
+def render_firing(
+    firing: _Firing,
     new_action_id: Callable[[], str] = uuid_action_id,
-) -> list[QueuedAction]:
+    target_formats: Mapping[str, str] | None = None,
+) -> tuple[list[QueuedAction], list[FactInput]]:
     """The actions one firing queues, each with a fresh id from ``new_action_id`` that stays
-    stable across retries."""
-    values = template_values(rule, fired_at)
-    queued = []
-    for action in rule.actions:
+    stable across retries, and the facts it sets (``set_fact``, with ``caused_by``). Every
+    action body carries ``project``, ``item`` (per-item rules: ``{kind, id, data}``) and
+    ``facts`` (the facts the decision read by id, when any).
+
+    Raises ``FiringBlocked`` when an action cannot be rendered (its reason names the action
+    and its number, 1-based)."""
+    rule = firing.rule
+    values = template_values(rule, firing.fired_at)
+    created_at = values["fired_at"]
+    extra: dict[str, Any] = {}
+    if rule.for_each is not None:
+        extra["item"] = {"kind": rule.for_each, "id": firing.item, "data": firing.data}
+    read = _read_by_id(firing.evaluation)
+    if read:
+        extra["facts"] = read
+    queued: list[QueuedAction] = []
+    facts: list[FactInput] = []
+    for number, action in enumerate(rule.actions, start=1):
+        where = f"{action.kind} action {number}"
         if isinstance(action, SetFactAction):
-            continue  # recorded as a fact, not sent
+            fact_id = _render(action.fact_id, values, where)
+            data = {
+                k: _render(v, values, where) if isinstance(v, str) else v
+                for k, v in action.data.items()
+            }
+            caused_by = CausedBy(rule.id, firing.item, firing.firing_id, firing.depth)
+            facts.append(FactInput(rule.project, action.fact_kind, fact_id, data, caused_by))
+            continue
         action_id = new_action_id()
-        payload = {"project": rule.project, **_render_payload(action, values)}
+        payload = {"project": rule.project, **_render_payload(action, values, where), **extra}
         if isinstance(action, ReleaseAction):
             payload["release_id"] = action_id
         queued.append(
@@ -518,15 +850,23 @@ def render_actions(
                 kind=action.kind,
                 target=action.target,
                 rule_id=rule.id,
-                firing_id=firing_id,
+                firing_id=firing.firing_id,
                 payload=payload,
-                created_at=values["fired_at"],
+                created_at=created_at,
+                instance=firing.item,
             )
         )
-    return queued
+    return queued, facts
 
 
-def _render_payload(action: Action, values: Mapping[str, str]) -> dict[str, Any]:
+def _render(text: str, values: Mapping[str, str], where: str) -> str:
+    try:
+        return render_template(text, values)
+    except TemplateError as exc:
+        raise FiringBlocked(f"{exc} ({where})") from None
+
+
+def _render_payload(action: Action, values: Mapping[str, str], where: str) -> dict[str, Any]:
     if isinstance(action, ReleaseAction):
         return {
             "escrow": action.escrow,
@@ -535,7 +875,19 @@ def _render_payload(action: Action, values: Mapping[str, str]) -> dict[str, Any]
             "payee": action.payee,
         }
     if isinstance(action, NotifyAction):
-        return {"message": render_template(action.message, values)}
+        return {"message": _render(action.message, values, where)}
     if isinstance(action, PipelineAction):
         return {"ref": action.ref, "inputs": dict(action.inputs)}
     raise TypeError(f"unknown action {action!r}")
+
+
+def _evaluate(
+    rule: Rule,
+    lookup: ProjectFacts,
+    now: datetime,
+    item: str,
+    data: Mapping[str, Any] | None,
+) -> Evaluation:
+    """``rule``'s condition evaluated for instance ``item`` (its item's ``data``; None for
+    a plain rule)."""
+    return rule.condition.evaluate(lookup, now)

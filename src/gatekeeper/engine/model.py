@@ -104,6 +104,9 @@ class AdminAct:
     actor: str
     reason: str
     project: str = ""
+    instance: str | None = None
+    """The item id of the one instance acted on (per-item rules); None acts on the rule:
+    its one instance, or every instance of a per-item rule."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,8 @@ class Decision:
 
     ``fact_index`` points into the transition's ``facts`` (the store turns it into the fact's
     sequence number); ``evaluation`` holds the sub-condition values, missing names and the
-    facts seen; ``firing_id`` (``<rule id>#<n>``) is set when the rule fired.
+    facts seen; ``firing_id`` (``<rule id>#<n>``, ``<rule id>[<item id>]#<n>`` for an
+    instance of a per-item rule) is set when the rule fired.
     """
 
     rule_id: str
@@ -151,6 +155,9 @@ class Decision:
     project: str = ""
     instance: str = ""
     """The item id of the instance decided (``""`` for a rule without ``for_each``)."""
+    item_kind: str = ""
+    """The ``for_each`` kind of a per-item rule (the instance's item is the fact
+    ``(project, item_kind, instance)``; the store keeps it by reference); ``""`` otherwise."""
 
 
 @dataclass(frozen=True)
@@ -165,12 +172,13 @@ class IdempotencyRecord:
 @dataclass
 class Transition:
     """Everything one ingest, reload or clock tick changes, committed atomically:
-    facts to append, decisions to record, rule states to write and actions to queue.
+    facts to append (the posted ones, then those rules set, each with ``caused_by``),
+    decisions to record, rule states to write (by ``InstanceKey``) and actions to queue.
     ``ruleset`` is set when the transition activates a ruleset version."""
 
     facts: list[FactInput] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
-    rule_states: dict[str, RuleState] = field(default_factory=dict)
+    rule_states: dict[InstanceKey, RuleState] = field(default_factory=dict)
     actions: list[QueuedAction] = field(default_factory=list)
     ruleset: Ruleset | None = None
     request_id: str | None = None

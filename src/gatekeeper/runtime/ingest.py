@@ -40,6 +40,7 @@ from gatekeeper.engine.model import (
     ApprovalInput,
     FactInput,
     IdempotencyRecord,
+    InstanceKey,
     RuleState,
     Transition,
 )
@@ -57,6 +58,10 @@ MAX_GROUP_COMMIT = 256
 
 class UnknownRule(LookupError):
     """No rule with that id in the active ruleset."""
+
+
+class UnknownInstance(LookupError):
+    """The rule has no instance with that item id (no fact of its ``for_each`` kind)."""
 
 
 class NotAnApprover(ValueError):
@@ -99,8 +104,9 @@ class Schedule(Protocol):
     def reschedule(self, transition: Transition, engine: Engine, facts: FactTable) -> None:
         """``transition`` was applied: reschedule the time-dependent rules it evaluated."""
 
-    def all_due(self, engine: Engine) -> None:
-        """Memory was rebuilt: every time-dependent rule of ``engine`` is due now."""
+    def all_due(self, engine: Engine, facts: FactTable) -> None:
+        """Memory was rebuilt (``facts``): every time-dependent rule instance of ``engine``
+        is due now."""
 
 
 class Counters:
@@ -180,7 +186,8 @@ class Writer:
         self.schedule = schedule
         self.engine: Engine | None = None
         self.facts = FactTable()
-        self.states: dict[str, RuleState] = {}
+        self.states: dict[InstanceKey, RuleState] = {}
+        """Rule states by instance, ``(rule id, item id)`` (item id ``""``: a plain rule)."""
         self.approvals: dict[str, dict[str, str]] = {}
         self.book = EscrowBook(escrows)
         self.lock = asyncio.Lock()
@@ -216,7 +223,7 @@ class Writer:
         state, every time-dependent rule due at once (as at start), and the dispatcher told
         to look at the outbox (committed actions it was not handed)."""
         await self.load_state()
-        self.schedule.all_due(self.live_engine())
+        self.schedule.all_due(self.live_engine(), self.facts)
         self.dispatcher.wake()
 
     async def commit_and_apply(self, transitions: list[Transition]) -> list[list[int]]:
@@ -370,7 +377,7 @@ class Writer:
         engine = self.live_engine()
         now = self.clock.now()
         facts = self.facts.overlay()
-        states: dict[str, RuleState] = {}
+        states: dict[InstanceKey, RuleState] = {}
         all_states = PlannedStates(states, self.states)
         book = self.book.copy()
         keys: dict[str, _IngestJob] = {}
@@ -393,13 +400,13 @@ class Writer:
             # planned in this group) is not written again: the usual fact changes no gate,
             # and upserting 5 unchanged rows cost about a fifth of the writer's SQLite time
             transition.rule_states = {
-                rule_id: state
-                for rule_id, state in transition.rule_states.items()
-                if all_states.get(rule_id) is not state
+                key: state
+                for key, state in transition.rule_states.items()
+                if all_states.get(key) is not state
             }
             transition.request_id = job.request_id
             transition.idempotency = job.idempotency
-            for fact in job.batch:
+            for fact in transition.facts:  # the batch, then the facts its rules set
                 facts.put(fact.key, fact.data)
             states.update(transition.rule_states)
             planned.append((job, transition))
@@ -493,16 +500,21 @@ class Writer:
         """Carry out an admin act on a rule (pause, resume, rearm), audited with who and why,
         and re-evaluate the rule under its new state. Returns the rule.
 
-        Raises ``UnknownRule``, or ``ValueError`` when the act does not apply."""
+        ``act.instance`` names one instance of a per-item rule (None: every instance).
+        Raises ``UnknownRule``, ``UnknownInstance`` (no such item), or ``ValueError`` when
+        the act does not apply."""
         async with self.lock:
             engine = self.live_engine()
             rule = engine.rules.get(act.rule_id)
             if rule is None:
                 raise UnknownRule(act.rule_id)
             t0 = time.perf_counter()
-            transition = engine.plan_admin(
-                self.facts, self.states, self.approvals, act, self.clock.now(), self.book.copy()
-            )
+            try:
+                transition = engine.plan_admin(
+                    self.facts, self.states, self.approvals, act, self.clock.now(), self.book.copy()
+                )
+            except KeyError as exc:
+                raise UnknownInstance(str(exc.args[0])) from None
             self.counters.planned("admin", t0, len(transition.decisions))
             await self.commit_and_apply([transition])
         log.warning(
@@ -572,7 +584,7 @@ def log_firings(transition: Transition) -> None:
             )
 
 
-class PlannedStates(Mapping[str, RuleState]):
+class PlannedStates(Mapping[InstanceKey, RuleState]):
     """Rule states as a group of transitions sees them while it is planned: the states
     ``planned`` so far in the group over the ``committed`` ones (a read-only view of two
     dicts; ``get``, which the engine calls for each rule it evaluates, is two dict lookups,
@@ -580,22 +592,24 @@ class PlannedStates(Mapping[str, RuleState]):
 
     __slots__ = ("committed", "planned")
 
-    def __init__(self, planned: dict[str, RuleState], committed: dict[str, RuleState]) -> None:
+    def __init__(
+        self, planned: dict[InstanceKey, RuleState], committed: dict[InstanceKey, RuleState]
+    ) -> None:
         self.planned = planned
         self.committed = committed
 
-    def get(self, key: str, default: Any = None) -> Any:
+    def get(self, key: InstanceKey, default: Any = None) -> Any:
         state = self.planned.get(key)
         return self.committed.get(key, default) if state is None else state
 
-    def __getitem__(self, key: str) -> RuleState:
+    def __getitem__(self, key: InstanceKey) -> RuleState:
         state = self.planned.get(key)
         return self.committed[key] if state is None else state
 
     def __contains__(self, key: object) -> bool:
         return key in self.planned or key in self.committed
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[InstanceKey]:
         yield from self.planned
         yield from (key for key in self.committed if key not in self.planned)
 

@@ -174,8 +174,14 @@ class Rulesets:
                 rule
                 for rule in ruleset.rules
                 if rule.id not in previous_rules
-                or (state := states.get(rule.id)) is None
-                or state.rule_hash != rule.content_hash
+                or previous_rules[rule.id].content_hash != rule.content_hash
+                or (
+                    rule.for_each is None
+                    and (
+                        (state := states.get((rule.id, ""))) is None
+                        or state.rule_hash != rule.content_hash
+                    )
+                )
             ]
             t0 = time.perf_counter()
             transition = engine.plan_rules(
@@ -196,7 +202,7 @@ class Rulesets:
             writer.apply(transition)
             previous = writer.engine
             writer.engine = engine
-            self.ticker.activated(engine, previous, changed)
+            self.ticker.activated(engine, previous, changed, writer.facts)
         freeze_long_lived(ruleset)
         now = format_rfc3339(self.clock.now())
         self.status = ReloadStatus(

@@ -15,10 +15,16 @@ import time
 from collections.abc import Sequence
 
 from gatekeeper.clock import Clock
-from gatekeeper.engine.deadlines import DeadlineSchedule, mark_due, schedule_rules
+from gatekeeper.engine.deadlines import (
+    DeadlineSchedule,
+    drop_rule,
+    instances_of,
+    mark_due,
+    schedule_instances,
+)
 from gatekeeper.engine.evaluate import Engine
 from gatekeeper.engine.facts import FactTable
-from gatekeeper.engine.model import Transition
+from gatekeeper.engine.model import InstanceKey, Transition
 from gatekeeper.metrics import Metrics
 from gatekeeper.rules.model import Rule
 from gatekeeper.runtime.ingest import Writer, log_firings
@@ -39,7 +45,7 @@ class Ticker:
         self.clock = clock
         self.metrics = metrics
         self.tick_s = tick_s
-        self.deadlines = DeadlineSchedule()
+        self.deadlines: DeadlineSchedule[InstanceKey] = DeadlineSchedule()
         self._changed = asyncio.Event()
 
     def reschedule(self, transition: Transition, engine: Engine, facts: FactTable) -> None:
@@ -48,25 +54,31 @@ class Ticker:
         earlier."""
         if transition.planned_at is None:
             return
-        rules = [
-            engine.rules[d.rule_id]
-            for d in transition.decisions
-            if d.rule_id in engine.time_dependent_ids
+        time_dependent = engine.time_dependent_ids
+        keys = [
+            (d.rule_id, d.instance) for d in transition.decisions if d.rule_id in time_dependent
         ]
-        if rules:
+        if keys:
             deadlines = self.deadlines
             before = deadlines.next_due()
-            schedule_rules(deadlines, rules, facts, transition.planned_at)
+            schedule_instances(deadlines, engine.rules, keys, facts, transition.planned_at)
             after = deadlines.next_due()
             if after is not None and (before is None or after < before):
                 self._changed.set()
 
-    def all_due(self, engine: Engine) -> None:
-        """Every time-dependent rule of ``engine`` is due now (memory was rebuilt)."""
-        mark_due(self.deadlines, engine.time_dependent, self.clock.now())
+    def all_due(self, engine: Engine, facts: FactTable) -> None:
+        """Every instance of every time-dependent rule of ``engine`` is due now (memory was
+        rebuilt from ``facts``)."""
+        mark_due(self.deadlines, instances_of(engine.time_dependent, facts), self.clock.now())
         self._changed.set()
 
-    def activated(self, engine: Engine, previous: Engine | None, changed: Sequence[Rule]) -> None:
+    def activated(
+        self,
+        engine: Engine,
+        previous: Engine | None,
+        changed: Sequence[Rule],
+        facts: FactTable,
+    ) -> None:
         """Deadlines for a ruleset going live. At start every time-dependent rule is due at
         once: deadlines that passed while the daemon was down fire now. At a reload, so are
         the new and changed ones (they may have missed facts or deadlines while out); a rule
@@ -75,13 +87,14 @@ class Ticker:
         now = self.clock.now()
         if previous is None:
             self.deadlines.clear()
-            mark_due(self.deadlines, engine.time_dependent, now)
+            mark_due(self.deadlines, instances_of(engine.time_dependent, facts), now)
         else:
             for rule in previous.time_dependent:
                 if rule.id not in engine.time_dependent_ids:
-                    self.deadlines.set(rule.id, None)
+                    drop_rule(self.deadlines, rule.id)
             changed_ids = {rule.id for rule in changed}
-            mark_due(self.deadlines, (r for r in engine.time_dependent if r.id in changed_ids), now)
+            due = [r for r in engine.time_dependent if r.id in changed_ids]
+            mark_due(self.deadlines, instances_of(due, facts), now)
         self._changed.set()
 
     async def run(self, writer: Writer) -> None:
@@ -111,12 +124,12 @@ class Ticker:
             engine = writer.live_engine()
             now = self.clock.now()
             earliest = self.deadlines.next_due()
-            due = [engine.rules[i] for i in self.deadlines.pop_due(now) if i in engine.rules]
+            due = [key for key in self.deadlines.pop_due(now) if key[0] in engine.rules]
             if due and earliest is not None:
                 lag_s = max(0.0, (now - earliest).total_seconds())
                 self.metrics.deadline_lag_seconds.observe(lag_s)
             t0 = time.perf_counter()
-            transition = engine.plan_rules(
+            transition = engine.plan_instances(
                 writer.facts,
                 writer.states,
                 due,
@@ -134,6 +147,6 @@ class Ticker:
                 except BaseException:
                     mark_due(self.deadlines, due, now)  # not lost: tried again next pass
                     raise
-            schedule_rules(self.deadlines, due, writer.facts, now)
+            schedule_instances(self.deadlines, engine.rules, due, writer.facts, now)
         log_firings(transition)
         return transition

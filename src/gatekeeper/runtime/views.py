@@ -30,7 +30,7 @@ Visible = Callable[[str | None], bool]
 def rule_view(writer: Writer, rule: Rule, *, explain: bool) -> dict[str, Any]:
     """A rule as ``GET /v1/rules`` shows it: what it is and its firing state; with
     ``explain`` also its source and current explanation (``Engine.explain``)."""
-    state = writer.states.get(rule.id)
+    state = writer.states.get((rule.id, ""))
     view: dict[str, Any] = {
         "id": rule.id,
         "project": rule.project,
@@ -135,13 +135,14 @@ async def export_view(
         "rule_states": [
             {
                 "rule_id": s.rule_id,
+                **({"instance": s.instance} if s.instance else {}),
                 "fired_count": s.fired_count,
                 "gate_open": s.gate_open,
                 "rearms": s.rearms,
                 "paused": s.paused,
                 "last_fired_at": s.last_fired_at,
             }
-            for s in sorted(writer.states.values(), key=lambda s: s.rule_id)
+            for s in sorted(writer.states.values(), key=lambda s: (s.rule_id, s.instance))
             if s.rule_id not in rules or visible(rules[s.rule_id].project)
         ],
         "approvals": {

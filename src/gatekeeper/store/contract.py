@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from gatekeeper.engine.model import FactKey, RuleState, Transition
+from gatekeeper.engine.model import FactKey, InstanceKey, RuleState, Transition
 from gatekeeper.store.queries import AuditQuery, OutboxFilter, Projects
 from gatekeeper.store.records import (
     ActionStatus,
@@ -82,20 +82,21 @@ class StateStore(Protocol):
     async def commit_transition(self, transition: Transition) -> list[int]:
         """Commit everything ``transition`` changes in one transaction: facts (appended to
         the fact log, current facts upserted), approvals, admin acts, the ruleset version it
-        activates, decisions, rule states, queued actions (the outbox), ledger entries and
-        its idempotency key. Returns the sequence numbers of its facts then approvals, in
-        order.
+        activates, decisions, rule states (by ``InstanceKey``), queued actions (the outbox,
+        each with its instance), ledger entries and its idempotency key. A fact with
+        ``caused_by`` (set by a rule) keeps it in the fact log. Returns the sequence numbers
+        of its facts then approvals, in order.
 
         Rows are stamped with the first decision's ``decided_at``, or else with
         ``transition.planned_at``. A decision's evaluation is stored by reference
         (``gatekeeper.store.evidence.stored_evaluation``): the ``seq`` of the current data
         of each fact it read by id (looked up without a statement per fact: a transition's
-        own facts are known), a count and the fact log's last ``seq`` for each kind read
-        whole, clause values over ``MAX_STORED_VALUE_CHARS`` as their size. Raises
-        ``ValueError`` (before writing) when a row needs a
-        time and the transition has neither; ``Conflict`` when a unique key is already
-        stored (a ``firing_id``, ``action_id``, release id or idempotency key: a double
-        firing); nothing is written then.
+        own facts are known), the ``seq`` of a per-item decision's item, a count and the
+        fact log's last ``seq`` for each kind read whole, clause values over
+        ``MAX_STORED_VALUE_CHARS`` as their size. Raises ``ValueError`` (before writing)
+        when a row needs a time and the transition has neither; ``Conflict`` when a unique
+        key is already stored (a ``firing_id``, ``action_id``, release id or idempotency
+        key: a double firing); nothing is written then.
         """
         ...
 
@@ -117,8 +118,9 @@ class StateStore(Protocol):
         """Every current fact: ``{(project, kind, id): data}``."""
         ...
 
-    async def load_rule_states(self) -> dict[str, RuleState]:
-        """Every rule's persisted state by rule id (rules no longer loaded included)."""
+    async def load_rule_states(self) -> dict[InstanceKey, RuleState]:
+        """Every rule instance's persisted state by ``(rule id, item id)`` (item id ``""``
+        for a rule without ``for_each``; rules no longer loaded included)."""
         ...
 
     async def load_approvals(self) -> StandingApprovals:
@@ -228,12 +230,13 @@ class AuditReads(Protocol):
         ...
 
     async def list_decisions(
-        self, rule_id: str | None = None, limit: int = 100
+        self, rule_id: str | None = None, limit: int = 100, *, instance: str | None = None
     ) -> list[StoredDecision]:
         """At most ``limit`` decisions, newest first (id descending), of ``rule_id`` when
-        given. A decision keeps what it saw by reference (``gatekeeper.store.evidence``):
-        its ``evaluation`` is shown with ``seen`` rebuilt from the fact log, so what one
-        decision stores is bounded whatever its rule reads."""
+        given, and of its instance ``instance`` (an item id) when given too. A decision
+        keeps what it saw by reference (``gatekeeper.store.evidence``): its ``evaluation``
+        is shown with ``seen`` rebuilt from the fact log (and a per-item decision's
+        ``item``), so what one decision stores is bounded whatever its rule reads."""
         ...
 
     async def decision_of_firing(self, firing_id: str) -> StoredDecision | None:

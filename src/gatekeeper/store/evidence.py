@@ -36,7 +36,7 @@ MAX_STORED_VALUE_CHARS = 1024
 _SMALL_TYPES = frozenset({bool, int, float, type(None)})
 
 
-Unresolved = list[tuple[dict[str, int | None], str, tuple[str, str, str]]]
+Unresolved = list[tuple[dict[str, Any], str, tuple[str, str, str]]]
 """Facts read by id whose ``seq`` ``stored_evaluation`` did not know: the stored ``facts``
 mapping to complete, the name in it and the fact's key (project, kind, id)."""
 
@@ -47,8 +47,13 @@ def stored_evaluation(
     seqs: Mapping[tuple[str, str, str], int],
     unresolved: Unresolved,
     as_of: Callable[[], int],
+    item: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """The stored form of ``evaluation`` (JSON-ready) of a rule of ``project``.
+
+    ``item`` is ``(kind, id)`` of the instance's item for a decision of a per-item rule:
+    stored as ``reads.item = {kind, id, seq}`` (the ``seq`` of its data, resolved like a
+    fact read by id), never as a copy of its data.
 
     ``seqs`` gives the fact log ``seq`` of the current data of facts by key; a fact
     ``seen`` read by id that it does not hold is stored as None and appended to
@@ -71,6 +76,12 @@ def stored_evaluation(
                 unresolved.append((facts, name, key))
             facts[name] = seq
     reads: dict[str, Any] = {"facts": facts}
+    if item is not None:
+        item_key = (project, item[0], item[1])
+        item_ref: dict[str, Any] = {"kind": item[0], "id": item[1], "seq": seqs.get(item_key)}
+        if item_ref["seq"] is None:
+            unresolved.append((item_ref, "seq", item_key))
+        reads["item"] = item_ref
     if kinds:
         reads["kinds"] = kinds
         reads["as_of"] = as_of()
@@ -117,7 +128,11 @@ def referenced_seqs(stored: Mapping[str, Any]) -> Iterable[int]:
     reads = stored.get("reads")
     if not isinstance(reads, Mapping):
         return ()
-    return (seq for seq in reads.get("facts", {}).values() if isinstance(seq, int))
+    seqs = [seq for seq in reads.get("facts", {}).values() if isinstance(seq, int)]
+    item = reads.get("item")
+    if isinstance(item, Mapping) and isinstance(item.get("seq"), int):
+        seqs.append(item["seq"])
+    return seqs
 
 
 def shown_evaluation(
@@ -135,6 +150,15 @@ def shown_evaluation(
     shown["seen"] = {
         name: None if seq is None else data_of.get(seq) for name, seq in sorted(facts.items())
     }
+    item = reads.get("item")
+    if isinstance(item, Mapping):
+        seq = item.get("seq")
+        shown["item"] = {
+            "kind": item.get("kind"),
+            "id": item.get("id"),
+            "seq": seq,
+            "data": None if seq is None else data_of.get(seq),
+        }
     kinds: Mapping[str, int] = reads.get("kinds", {})
     if kinds:
         as_of = reads.get("as_of")

@@ -84,9 +84,12 @@ class StoredFact:
     data: Mapping[str, Any]
     seq: int
     updated_at: datetime
+    caused_by: Mapping[str, Any] | None = None
+    """Set when a rule recorded the current data (``set_fact``): ``{rule_id, instance,
+    firing_id, depth}``; shown only then."""
 
     def to_json(self) -> dict[str, Any]:
-        return record_json(self)
+        return record_json(self, omit=() if self.caused_by else ("caused_by",))
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +104,12 @@ class LoggedFact:
     data: Mapping[str, Any]
     received_at: datetime
     request_id: str | None
+    caused_by: Mapping[str, Any] | None = None
+    """Set when a rule recorded it (``set_fact``): ``{rule_id, instance, firing_id,
+    depth}``; shown only then."""
 
     def to_json(self) -> dict[str, Any]:
-        return record_json(self)
+        return record_json(self, omit=() if self.caused_by else ("caused_by",))
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +135,11 @@ class StoredDecision:
     firing_id: str | None
     request_id: str | None
     reason: str | None
+    instance: str = ""
+    """The item id of the instance decided (per-item rules; shown only then)."""
 
     def to_json(self) -> dict[str, Any]:
-        return record_json(self)
+        return record_json(self, omit=() if self.instance else ("instance",))
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +173,8 @@ class OutboxEntry:
     request_id: str | None = None
     dead_reason: DeadReason | None = None
     dead_status: int | None = None
+    instance: str = ""
+    """The item id of the instance that fired (per-item rules; shown only then)."""
 
     @property
     def project(self) -> str | None:
@@ -173,7 +183,8 @@ class OutboxEntry:
         return project if isinstance(project, str) else None
 
     def to_json(self) -> dict[str, Any]:
-        return record_json(self, omit=("request_id", "attempts_at_requeue"))
+        omit = ("request_id", "attempts_at_requeue")
+        return record_json(self, omit=omit if self.instance else (*omit, "instance"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,4 +374,5 @@ def outbox_entry_of(action: QueuedAction, request_id: str | None) -> OutboxEntry
         delivered_at=None,
         decision_id=None,
         request_id=request_id,
+        instance=action.instance,
     )

@@ -38,8 +38,10 @@ import aiosqlite
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
 from gatekeeper.engine.model import (
     ApprovalInput,
+    CausedBy,
     Decision,
     FactKey,
+    InstanceKey,
     RuleState,
     Transition,
 )
@@ -236,6 +238,16 @@ def _audit_where(query: AuditQuery) -> tuple[str, list[Any]]:
     return " WHERE " + " AND ".join(clauses), params
 
 
+def caused_by_json(caused_by: CausedBy) -> dict[str, Any]:
+    """``caused_by`` as stored in the fact log and shown by the API."""
+    return {
+        "rule_id": caused_by.rule_id,
+        "instance": caused_by.instance,
+        "firing_id": caused_by.firing_id,
+        "depth": caused_by.depth,
+    }
+
+
 def _time(text: str | None) -> datetime | None:
     return None if text is None else parse_rfc3339(text)
 
@@ -267,8 +279,8 @@ class _Insert:
 
 
 _INSERT_FACT_LOG = (
-    "INSERT INTO fact_log (project, kind, id, data, received_at, request_id)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO fact_log (project, kind, id, data, received_at, request_id, caused_by)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _UPSERT_FACTS = _Insert(
     "INSERT INTO facts (project, kind, id, data, seq, updated_at)",
@@ -279,14 +291,14 @@ _UPSERT_FACTS = _Insert(
 _INSERT_DECISIONS = _Insert(
     "INSERT INTO decisions (decided_at, rule_id, rule_hash, ruleset_version, git_commit,"
     " trigger, fact_seq, outcome, gate_open, evaluation, approvals, firing_id,"
-    " request_id, reason, project)",
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    " request_id, reason, project, instance)",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
 )
 _UPSERT_RULE_STATES = _Insert(
-    "INSERT INTO rule_state (rule_id, gate_open, fired_count, last_fired_at, rule_hash,"
-    " paused, rearms)",
-    "(?, ?, ?, ?, ?, ?, ?)",
-    " ON CONFLICT (rule_id) DO UPDATE SET"
+    "INSERT INTO rule_state (rule_id, instance, gate_open, fired_count, last_fired_at,"
+    " rule_hash, paused, rearms)",
+    "(?, ?, ?, ?, ?, ?, ?, ?)",
+    " ON CONFLICT (rule_id, instance) DO UPDATE SET"
     " gate_open = excluded.gate_open, fired_count = excluded.fired_count,"
     " last_fired_at = excluded.last_fired_at, rule_hash = excluded.rule_hash,"
     " paused = excluded.paused, rearms = excluded.rearms",
@@ -295,8 +307,8 @@ _UPSERT_RULE_STATES = _Insert(
 # (firing_id is UNIQUE in decisions; no such decision leaves it NULL, which NOT NULL refuses)
 _INSERT_OUTBOX = _Insert(
     "INSERT INTO outbox (action_id, decision_id, rule_id, firing_id, kind, target,"
-    " payload, created_at, next_attempt_at)",
-    "(?, (SELECT id FROM decisions WHERE firing_id = ?), ?, ?, ?, ?, ?, ?, ?)",
+    " payload, created_at, next_attempt_at, instance)",
+    "(?, (SELECT id FROM decisions WHERE firing_id = ?), ?, ?, ?, ?, ?, ?, ?, ?)",
 )
 _INSERT_LEDGER = _Insert(
     "INSERT INTO ledger (release_id, escrow, amount, currency, payee, rule_id,"
@@ -655,8 +667,18 @@ class SqliteStore:
         fact_rows = []
         for fact in t.facts:
             data = _dumps(fact.data)
+            caused_by = fact.caused_by
             cursor = db.execute(
-                _INSERT_FACT_LOG, (fact.project, fact.kind, fact.id, data, now, request_id)
+                _INSERT_FACT_LOG,
+                (
+                    fact.project,
+                    fact.kind,
+                    fact.id,
+                    data,
+                    now,
+                    request_id,
+                    None if caused_by is None else _dumps(caused_by_json(caused_by)),
+                ),
             )
             seq = int(cursor.lastrowid or 0)
             seqs.append(seq)
@@ -670,10 +692,10 @@ class SqliteStore:
             written.last = seqs[-1]
         if t.admin_acts:
             db.executemany(
-                "INSERT INTO admin_acts (at, actor, act, subject, reason, project)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO admin_acts (at, actor, act, subject, reason, project, instance)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (now, a.actor, a.act, a.rule_id, a.reason, a.project or None)
+                    (now, a.actor, a.act, a.rule_id, a.reason, a.project or None, a.instance or "")
                     for a in t.admin_acts
                 ],
             )
@@ -686,7 +708,8 @@ class SqliteStore:
                 db,
                 [
                     (
-                        s.rule_id,
+                        rule_id,
+                        instance,
                         s.gate_open,
                         s.fired_count,
                         s.last_fired_at,
@@ -694,7 +717,7 @@ class SqliteStore:
                         s.paused,
                         s.rearms,
                     )
-                    for s in t.rule_states.values()
+                    for (rule_id, instance), s in t.rule_states.items()
                 ],
             )
         if t.actions:
@@ -711,6 +734,7 @@ class SqliteStore:
                         _dumps(a.payload),
                         a.created_at,
                         a.created_at,
+                        a.instance,
                     )
                     for a in t.actions
                 ],
@@ -762,13 +786,13 @@ class SqliteStore:
         rows = await self._rows("SELECT project, kind, id, data FROM facts")
         return {(r[0], r[1], r[2]): json.loads(r[3]) for r in rows}
 
-    async def load_rule_states(self) -> dict[str, RuleState]:
+    async def load_rule_states(self) -> dict[InstanceKey, RuleState]:
         rows = await self._rows(
-            "SELECT rule_id, gate_open, fired_count, last_fired_at, rule_hash, paused, rearms"
-            " FROM rule_state"
+            "SELECT rule_id, gate_open, fired_count, last_fired_at, rule_hash, paused, rearms,"
+            " instance FROM rule_state"
         )
         return {
-            r[0]: RuleState(
+            (r[0], r[7]): RuleState(
                 rule_id=r[0],
                 gate_open=None if r[1] is None else bool(r[1]),
                 fired_count=int(r[2]),
@@ -776,6 +800,7 @@ class SqliteStore:
                 rule_hash=r[4],
                 paused=bool(r[5]),
                 rearms=int(r[6]),
+                instance=r[7],
             )
             for r in rows
         }
@@ -958,20 +983,31 @@ class SqliteStore:
         after: FactKey | None = None,
         limit: int | None = None,
     ) -> list[StoredFact]:
-        where, params = _visible("project", projects)
+        where, params = _visible("facts.project", projects)
         if project is not None:
-            where += " AND project = ?"
+            where += " AND facts.project = ?"
             params.append(project)
         if after is not None:
-            where += " AND (project, kind, id) > (?, ?, ?)"
+            where += " AND (facts.project, facts.kind, facts.id) > (?, ?, ?)"
             params += after
         rows = await self._rows(
-            "SELECT project, kind, id, data, seq, updated_at FROM facts"
-            f" WHERE {where} ORDER BY project, kind, id LIMIT ?",
+            "SELECT facts.project, facts.kind, facts.id, facts.data, facts.seq,"
+            " facts.updated_at, fact_log.caused_by"
+            " FROM facts LEFT JOIN fact_log ON fact_log.seq = facts.seq"
+            f" WHERE {where} ORDER BY facts.project, facts.kind, facts.id LIMIT ?",
             (*params, -1 if limit is None else limit),
         )
         return [
-            StoredFact(r[0], r[1], r[2], json.loads(r[3]), r[4], parse_rfc3339(r[5])) for r in rows
+            StoredFact(
+                r[0],
+                r[1],
+                r[2],
+                json.loads(r[3]),
+                r[4],
+                parse_rfc3339(r[5]),
+                None if r[6] is None else json.loads(r[6]),
+            )
+            for r in rows
         ]
 
     async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[LoggedFact]:
@@ -986,11 +1022,15 @@ class SqliteStore:
         return _logged_fact(row) if row else None
 
     async def list_decisions(
-        self, rule_id: str | None = None, limit: int = 100
+        self, rule_id: str | None = None, limit: int = 100, *, instance: str | None = None
     ) -> list[StoredDecision]:
         if rule_id is None:
             return await self._decisions("", (), limit)
-        return await self._decisions("WHERE rule_id = ?", (rule_id,), limit)
+        if instance is None:
+            return await self._decisions("WHERE rule_id = ?", (rule_id,), limit)
+        return await self._decisions(
+            "WHERE rule_id = ? AND instance = ?", (rule_id, instance), limit
+        )
 
     async def decision_of_firing(self, firing_id: str) -> StoredDecision | None:
         for decision in await self._decisions("WHERE firing_id = ?", (firing_id,), 1):
@@ -1002,8 +1042,8 @@ class SqliteStore:
     ) -> list[StoredDecision]:
         rows = await self._rows(
             "SELECT id, decided_at, rule_id, rule_hash, ruleset_version, git_commit, trigger,"
-            " fact_seq, outcome, gate_open, evaluation, approvals, firing_id, request_id, reason"
-            f" FROM decisions {where} ORDER BY id DESC LIMIT ?",
+            " fact_seq, outcome, gate_open, evaluation, approvals, firing_id, request_id, reason,"
+            f" instance FROM decisions {where} ORDER BY id DESC LIMIT ?",
             (*params, limit),
         )
         stored = [json.loads(r[10]) for r in rows]
@@ -1027,6 +1067,7 @@ class SqliteStore:
                 firing_id=r[12],
                 request_id=r[13],
                 reason=r[14],
+                instance=r[15],
             )
             for r, evaluation in zip(rows, stored, strict=True)
         ]
@@ -1109,7 +1150,7 @@ _OUTBOX_COLUMNS = (
     " outbox.payload, outbox.status, outbox.attempts, outbox.created_at,"
     " outbox.next_attempt_at, outbox.last_error, outbox.delivered_at, outbox.decision_id,"
     " outbox.requeued_at, outbox.attempts_at_requeue, decisions.request_id,"
-    " outbox.dead_reason, outbox.dead_status"
+    " outbox.dead_reason, outbox.dead_status, outbox.instance"
 )
 _OUTBOX_FROM = "outbox LEFT JOIN decisions ON decisions.firing_id = outbox.firing_id"
 """The outbox with each action's decision (firing_id is UNIQUE there), for the request id
@@ -1136,14 +1177,24 @@ def _outbox_entry(r: Any) -> OutboxEntry:
         request_id=r[15],
         dead_reason=r[16],
         dead_status=r[17],
+        instance=r[18],
     )
 
 
-_FACT_LOG_COLUMNS = "seq, project, kind, id, data, received_at, request_id"
+_FACT_LOG_COLUMNS = "seq, project, kind, id, data, received_at, request_id, caused_by"
 
 
 def _logged_fact(r: Any) -> LoggedFact:
-    return LoggedFact(r[0], r[1], r[2], r[3], json.loads(r[4]), parse_rfc3339(r[5]), r[6])
+    return LoggedFact(
+        r[0],
+        r[1],
+        r[2],
+        r[3],
+        json.loads(r[4]),
+        parse_rfc3339(r[5]),
+        r[6],
+        None if r[7] is None else json.loads(r[7]),
+    )
 
 
 _RULESET_COLUMNS = "version, files, git_commit, first_activated_at, last_activated_at"
@@ -1210,7 +1261,14 @@ class _Written:
         triggered it) are looked up in one statement."""
         unresolved: Unresolved = []
         stored = [
-            stored_evaluation(d.evaluation, d.project, self.facts, unresolved, self.as_of)
+            stored_evaluation(
+                d.evaluation,
+                d.project,
+                self.facts,
+                unresolved,
+                self.as_of,
+                (d.item_kind, d.instance) if d.item_kind else None,
+            )
             for d in decisions
         ]
         if unresolved:
@@ -1251,6 +1309,7 @@ def _decision_row(
         request_id,
         d.reason,
         d.project or None,
+        d.instance,
     )
 
 

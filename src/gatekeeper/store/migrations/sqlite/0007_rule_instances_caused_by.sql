@@ -1,0 +1,28 @@
+-- 7: rules over many things. Rule state is kept per instance: (rule_id, instance), where
+-- instance is the item id of a per-item rule and '' for a rule without for_each (SQLite
+-- cannot change a primary key: the table is rebuilt, every row kept as instance ''). Decisions,
+-- outbox entries and admin acts name their instance; a fact recorded by a rule (set_fact)
+-- keeps why in fact_log.caused_by (JSON: rule_id, instance, firing_id, depth; NULL for a
+-- posted fact).
+    CREATE TABLE rule_state_by_instance (
+        rule_id TEXT NOT NULL,
+        instance TEXT NOT NULL DEFAULT '',
+        gate_open INTEGER,
+        fired_count INTEGER NOT NULL DEFAULT 0,
+        last_fired_at TEXT,
+        rule_hash TEXT,
+        paused INTEGER NOT NULL DEFAULT 0,
+        rearms INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (rule_id, instance)
+    );
+    INSERT INTO rule_state_by_instance (rule_id, instance, gate_open, fired_count,
+        last_fired_at, rule_hash, paused, rearms)
+        SELECT rule_id, '', gate_open, fired_count, last_fired_at, rule_hash, paused, rearms
+        FROM rule_state;
+    DROP TABLE rule_state;
+    ALTER TABLE rule_state_by_instance RENAME TO rule_state;
+    ALTER TABLE decisions ADD COLUMN instance TEXT NOT NULL DEFAULT '';
+    CREATE INDEX decisions_instance ON decisions(rule_id, instance, id);
+    ALTER TABLE outbox ADD COLUMN instance TEXT NOT NULL DEFAULT '';
+    ALTER TABLE admin_acts ADD COLUMN instance TEXT NOT NULL DEFAULT '';
+    ALTER TABLE fact_log ADD COLUMN caused_by TEXT;

@@ -1,0 +1,132 @@
+"""Rules over many things in the store: decisions, outbox entries and rule states of rule
+instances ``(rule id, item id)``, a per-item decision's item kept by reference (its fact log
+``seq``), and facts recorded by rules (``caused_by``) in the fact log and current facts."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import replace
+from pathlib import Path
+
+from gatekeeper.clock import format_rfc3339
+from gatekeeper.engine.model import CausedBy, FactInput, QueuedAction, RuleState, Transition
+from gatekeeper.expr import Evaluation
+from gatekeeper.store import Store
+
+from . import build
+from .conftest import Backend
+
+RULE = "dev/build-failed"
+
+
+def _instance_firing(item: str, n: int, seconds: int, data: dict[str, object]) -> Transition:
+    """A build fact ``item`` posted and the firing of the rule's instance on it."""
+    when = build.at(seconds)
+    firing_id = f"{RULE}[{item}]#{n}"
+    decision = replace(
+        build.decision(RULE, when, project="dev", fact_index=0),
+        firing_id=firing_id,
+        instance=item,
+        item_kind="build",
+        evaluation=Evaluation(True, (), seen={}),
+    )
+    action = QueuedAction(
+        f"act-{item}-{n}",
+        "notify",
+        "chat",
+        RULE,
+        firing_id,
+        {"project": "dev", "item": {"kind": "build", "id": item, "data": data}},
+        format_rfc3339(when),
+        instance=item,
+    )
+    return Transition(
+        facts=[FactInput("dev", "build", item, data)],
+        decisions=[decision],
+        rule_states={
+            (RULE, item): RuleState(RULE, True, n, decision.decided_at, "h", instance=item)
+        },
+        actions=[action],
+        planned_at=when,
+    )
+
+
+async def test_instances_keep_their_own_decisions_actions_and_states(store: Store) -> None:
+    await store.commit_transition(_instance_firing("b1", 1, 0, {"status": "failed"}))
+    await store.commit_transition(_instance_firing("b2", 1, 1, {"status": "failed"}))
+    await store.commit_transition(_instance_firing("b1", 2, 2, {"status": "failed", "n": 2}))
+    states = await store.load_rule_states()
+    assert {key: s.fired_count for key, s in states.items()} == {(RULE, "b1"): 2, (RULE, "b2"): 1}
+    b1 = await store.list_decisions(RULE, instance="b1")
+    assert [d.firing_id for d in b1] == [f"{RULE}[b1]#2", f"{RULE}[b1]#1"]
+    assert [d.instance for d in await store.list_decisions(RULE)] == ["b1", "b2", "b1"]
+    assert b1[0].to_json()["instance"] == "b1"
+    # the decision keeps its item by reference and shows the data it had then
+    assert b1[0].evaluation["item"] == {
+        "kind": "build",
+        "id": "b1",
+        "seq": 3,
+        "data": {"status": "failed", "n": 2},
+    }
+    assert b1[1].evaluation["item"]["data"] == {"status": "failed"}
+    actions = {a.action_id: a for a in await store.list_actions()}
+    assert actions["act-b2-1"].instance == "b2"
+    assert actions["act-b2-1"].to_json()["instance"] == "b2"
+
+
+async def test_an_item_not_written_with_the_decision_is_looked_up(store: Store) -> None:
+    await store.commit_transition(build.facts(build.T0, ("dev", "build", "b7", {"s": 1})))
+    decision = replace(
+        build.decision(RULE, build.at(1), project="dev", firing=None, outcome="not_met"),
+        instance="b7",
+        item_kind="build",
+    )
+    await store.commit_transition(Transition(decisions=[decision], planned_at=build.at(1)))
+    [shown] = await store.list_decisions(RULE, instance="b7")
+    assert shown.evaluation["item"] == {"kind": "build", "id": "b7", "seq": 1, "data": {"s": 1}}
+
+
+async def test_the_stored_decision_holds_the_items_seq_not_its_data(backend: Backend) -> None:
+    store = await backend.open()
+    big = {"log": "x" * 5000}
+    await store.commit_transition(_instance_firing("b1", 1, 0, big))
+    if backend.name == "sqlite":
+        path = Path(backend.url.removeprefix("sqlite:///"))
+        with sqlite3.connect(path) as db:
+            (text,) = db.execute("SELECT evaluation FROM decisions").fetchone()
+        stored = json.loads(text)
+        assert stored["reads"]["item"] == {"kind": "build", "id": "b1", "seq": 1}
+        assert len(text) < 500
+
+
+async def test_facts_set_by_rules_keep_caused_by(store: Store) -> None:
+    caused = CausedBy("site/milestone-complete", "m1", "site/milestone-complete[m1]#1", 1)
+    await store.commit_transition(
+        Transition(
+            facts=[
+                FactInput("site", "task", "T-1", {"status": "done"}),
+                FactInput("site", "milestone_status", "m1", {"status": "complete"}, caused),
+            ],
+            planned_at=build.T0,
+        )
+    )
+    posted, set_by_rule = await store.fact_log()
+    assert posted.caused_by is None and "caused_by" not in posted.to_json()
+    expected = {
+        "rule_id": "site/milestone-complete",
+        "instance": "m1",
+        "firing_id": "site/milestone-complete[m1]#1",
+        "depth": 1,
+    }
+    assert set_by_rule.caused_by == expected
+    assert set_by_rule.to_json()["caused_by"] == expected
+    current = {f.kind: f for f in await store.list_facts("site")}
+    assert current["milestone_status"].caused_by == expected
+    assert current["task"].caused_by is None and "caused_by" not in current["task"].to_json()
+    # posted again, the current fact is no longer one a rule set
+    await store.commit_transition(
+        build.facts(build.at(1), ("site", "milestone_status", "m1", {"status": "open"}))
+    )
+    current = {f.kind: f for f in await store.list_facts("site")}
+    assert current["milestone_status"].caused_by is None
