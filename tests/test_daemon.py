@@ -313,24 +313,25 @@ async def test_rule_states_in_the_database_follow_memory_when_facts_change_no_ga
     await gk.post("/v1/facts", fact("task", "T-17", status="completed"))
     await receiver.wait_for(1)
 
-    def stored() -> dict[str, tuple[Any, ...]]:
+    def stored() -> dict[tuple[str, str], tuple[Any, ...]]:
         db = sqlite3.connect(project.root / "state" / "gatekeeper.db")
         try:
             rows = db.execute(
-                "SELECT rule_id, gate_open, fired_count, last_fired_at, rule_hash FROM rule_state"
+                "SELECT rule_id, instance, gate_open, fired_count, last_fired_at, rule_hash"
+                " FROM rule_state"
             ).fetchall()
         finally:
             db.close()
-        return {r[0]: (bool(r[1]), r[2], r[3], r[4]) for r in rows}
+        return {(r[0], r[1]): (bool(r[2]), r[3], r[4], r[5]) for r in rows}
 
-    def in_memory(states: Any) -> dict[str, tuple[Any, ...]]:
+    def in_memory(states: Any) -> dict[tuple[str, str], tuple[Any, ...]]:
         return {
             rule_id: (s.gate_open, s.fired_count, s.last_fired_at, s.rule_hash)
             for rule_id, s in states.items()
         }
 
     memory = in_memory(gk.daemon.writer.states)
-    gate_open, fired_count, _, _ = memory["tower-a/deploy-docs"]
+    gate_open, fired_count, _, _ = memory[("tower-a/deploy-docs", "")]
     assert gate_open and fired_count >= 1
     assert stored() == memory
     await gk.stop()

@@ -77,14 +77,14 @@ async def test_idle_daemon_with_deadlines_far_away_does_no_work(
     clock = CountingClock()
     gk = await start_daemon(project, clock=clock, tick_s=60.0)
     calls = 0
-    real = gk.daemon.writer.engine.plan_rules
+    real = gk.daemon.writer.engine.plan_instances
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         return real(*args, **kwargs)
 
-    gk.daemon.writer.engine.plan_rules = counting
+    gk.daemon.writer.engine.plan_instances = counting
     soon = format_rfc3339(datetime.now(UTC))
     await gk.post(
         "/v1/facts",

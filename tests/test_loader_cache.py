@@ -341,18 +341,18 @@ async def test_a_reload_keeps_the_deadlines_of_unchanged_rules(
     await gk.post("/v1/facts", fact("task", "T-1", started_at="2026-11-05T00:00:00Z"))
     await gk.daemon.tick()
     deadlines = gk.daemon.ticker.deadlines
-    assert deadlines.due_at("t/b") == start + timedelta(days=5)
+    assert deadlines.due_at(("t/b", "")) == start + timedelta(days=5)
 
     clock.advance(timedelta(hours=1))
     project.write_rule("a.yaml", timed_rule("t/a", 4))
     (project.rules_dir / "c.yaml").unlink()
     assert await gk.daemon.reload()
 
-    assert deadlines.due_at("t/a") == clock.now()  # changed: evaluated at once
-    assert deadlines.due_at("t/b") == start + timedelta(days=5)  # unchanged: kept
-    assert deadlines.due_at("t/c") is None  # gone
+    assert deadlines.due_at(("t/a", "")) == clock.now()  # changed: evaluated at once
+    assert deadlines.due_at(("t/b", "")) == start + timedelta(days=5)  # unchanged: kept
+    assert deadlines.due_at(("t/c", "")) is None  # gone
     await gk.daemon.tick()
-    assert deadlines.due_at("t/a") == start + timedelta(days=4)
+    assert deadlines.due_at(("t/a", "")) == start + timedelta(days=4)
 
 
 async def test_a_large_ruleset_going_live_is_frozen_out_of_the_collector(

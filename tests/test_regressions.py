@@ -386,10 +386,10 @@ async def test_cancel_during_commit_is_not_swallowed(
     done, _ = await asyncio.wait({ticks}, timeout=2)
     async with gk.daemon.writer.lock:  # the shielded write goes on to its end
         pass
-    state = gk.daemon.writer.states.get("tower-a/late")
+    state = gk.daemon.writer.states.get(("tower-a/late", ""))
     stored = await gk.daemon.store.load_rule_states()
     assert ticks in done, "the tick task survived cancel(): Daemon.stop would hang"
-    assert state == stored["tower-a/late"]
+    assert state == stored[("tower-a/late", "")]
 
 
 # -- 10. a rule with two releases is checked against the escrow limit for the first only --------

@@ -214,6 +214,24 @@ class HookIgnored(Model):
     ignored: Literal[True]
 
 
+class CausedBy(Model):
+    """Why a fact was recorded by a rule (``set_fact``) rather than posted."""
+
+    rule_id: str
+    instance: Annotated[str, Meta(description="The item id of the instance (or empty).")]
+    firing_id: str
+    depth: Annotated[int, Meta(ge=1, description="How deep in a chain of rule-set facts.")]
+
+
+class ItemRef(Model):
+    """The item of an instance of a per-item rule (``for_each``)."""
+
+    kind: str
+    id: str
+    data: JsonObject | None
+    seq: int | UnsetType | None = UNSET
+
+
 class Fact(Model):
     """The current state of one fact."""
 
@@ -223,6 +241,7 @@ class Fact(Model):
     data: Annotated[JsonObject, Meta(description="The fact's data as last posted.")]
     seq: Annotated[int, Meta(ge=1, description="The sequence number of the last update.")]
     updated_at: Timestamp
+    caused_by: CausedBy | UnsetType = UNSET
 
 
 class FactList(Model):
@@ -344,6 +363,7 @@ class Evaluation(Model):
         ]
         | UnsetType
     ) = UNSET
+    item: ItemRef | UnsetType = UNSET
 
 
 class ApprovalStatus(Model, kw_only=True, rename={"from_": "from"}):
@@ -396,6 +416,9 @@ class Decision(Model):
     ]
     request_id: str | None
     reason: Annotated[str | None, Meta(description="Why a firing was blocked.")]
+    instance: Annotated[
+        str | UnsetType, Meta(description="The item id of the instance (per-item rules).")
+    ] = UNSET
 
 
 RULE_SOURCE_REF = "#/components/schemas/RuleFile.rule"
@@ -464,6 +487,8 @@ class ReleasePayload(Model):
     currency: Currency
     payee: str
     release_id: Annotated[str, Meta(description="The action id, sent as Idempotency-Key.")]
+    item: ItemRef | UnsetType = UNSET
+    facts: dict[str, JsonObject] | UnsetType = UNSET
 
 
 class NotifyPayload(Model):
@@ -471,14 +496,18 @@ class NotifyPayload(Model):
 
     project: str
     message: str
-    alert: Literal["release_blocked"] | UnsetType = UNSET
+    alert: Literal["release_blocked", "firing_blocked"] | UnsetType = UNSET
     reason: str | UnsetType = UNSET
+    item: ItemRef | UnsetType = UNSET
+    facts: dict[str, JsonObject] | UnsetType = UNSET
 
 
 class PipelinePayload(Model):
     project: str
     ref: str
     inputs: dict[str, str]
+    item: ItemRef | UnsetType = UNSET
+    facts: dict[str, JsonObject] | UnsetType = UNSET
 
 
 PAYLOAD_SCHEMA = {
@@ -522,6 +551,9 @@ class Action(Model):
             "when no answer came, and unless status is dead)."
         ),
     ]
+    instance: Annotated[
+        str | UnsetType, Meta(description="The item id of the instance (per-item rules).")
+    ] = UNSET
 
 
 class Attempt(Model):
@@ -535,7 +567,7 @@ class Attempt(Model):
     error: str | None
 
 
-class ActionWithAttempts(Action):
+class ActionWithAttempts(Action, kw_only=True):
     """An action with its number of attempts and every delivery attempt, oldest first."""
 
     delivery_attempts: list[Attempt]
