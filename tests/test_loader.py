@@ -92,7 +92,7 @@ BAD_CASES: list[tuple[str, str, int, int, str, str | None, str]] = [
         7,
         "fire",
         "bad/fire",
-        "must be one of: once, each_time (got the string 'always')",
+        "must be one of: once, each_time, each_fact (got the string 'always')",
     ),
     (
         "unknown_target.yaml",
@@ -205,7 +205,7 @@ BAD_CASES: list[tuple[str, str, int, int, str, str | None, str]] = [
         5,
         "actions[0]",
         "bad/two-kinds",
-        "must hold exactly one of: release, notify, pipeline (found: notify, pipeline)",
+        "must hold exactly one of: release, notify, pipeline, set_fact (found: notify, pipeline)",
     ),
     (
         "too_many_approvals.yaml",
@@ -233,6 +233,36 @@ BAD_CASES: list[tuple[str, str, int, int, str, str | None, str]] = [
         "[1].actions[0].pipeline.inputs.attempt",
         "bad/list-second",
         'must be a string, not the number 2; quote it: "2"',
+    ),
+    (
+        "set_fact_other_project.yaml",
+        "set_fact_other_project.yaml",
+        7,
+        58,
+        "actions[0].set_fact.project",
+        "bad/set-fact-project",
+        "set_fact has no 'project' key: a rule records facts only in its own project "
+        "(the rule's 'project'); to act on another project, post the fact to it from outside",
+    ),
+    (
+        "for_each_malformed.yaml",
+        "for_each_malformed.yaml",
+        4,
+        11,
+        "for_each",
+        "bad/for-each-kind",
+        "'Build-Runs' is not a valid fact kind for for_each (a lowercase letter, then "
+        "lowercase letters, digits and _; e.g. build or test_run)",
+    ),
+    (
+        "bad_duration.yaml",
+        "bad_duration.yaml",
+        5,
+        56,
+        "approvals.expires_after",
+        "bad/duration",
+        "'2w' is not a duration (a whole number of seconds, or a whole number followed by "
+        "m, h or d, e.g. 30m, 12h, 7d)",
     ),
 ]
 

@@ -16,6 +16,10 @@ Hashes (SHA-256, hex):
   whitespace. Writing a default out, reordering keys, changing comments, quoting or block
   style, or moving the rule to another file does not change the hash; any other change to
   what the rule says does (its description included). An absent ``approvals`` stays absent.
+  The keys added with per-item rules (``for_each``, approvals' ``standing``, ``expires_after``,
+  ``notify``) enter the canonical form only when they say something (``standing: false`` is
+  dropped; ``expires_after`` is in seconds), so the rules written before them keep the hashes
+  their databases recorded; set_fact ``data`` defaults to ``{}``.
 - ``Ruleset.version`` is over the canonical JSON of the sorted ``[path, text]`` pairs of
   ``Ruleset.files``, so the same files always give the same version, whether they are read
   from a directory or from stored text.
@@ -57,6 +61,7 @@ from gatekeeper.rules.model import (
     ReleaseAction,
     Rule,
     Ruleset,
+    SetFactAction,
 )
 from gatekeeper.rules.pipelines import pipeline_limit_problems
 from gatekeeper.rules.templates import allowed_names, check_template
@@ -79,8 +84,21 @@ MAX_RULE_FILE_BYTES = 2 * 1024 * 1024
 problem of that file, found from its size before anything is read. The YAML of a file
 without aliases is no bigger than its text, so this also bounds what parsing it takes."""
 
-_ACTION_KINDS = ("release", "notify", "pipeline")
+_ACTION_KINDS = ("release", "notify", "pipeline", "set_fact")
+DURATION_UNITS_S = {"m": 60, "h": 3600, "d": 86400}
+"""Seconds per unit of an ``expires_after`` duration (``30m``, ``12h``, ``7d``)."""
 _GIT_COMMIT = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+_KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def _compile_condition(text: str, item_kind: str | None) -> Condition:
+    """``compile_condition(text, item_kind=item_kind)``, for as long as the expression
+    language may not take ``item_kind`` yet (then a per-item rule compiles as a plain one)."""
+    import inspect
+
+    if "item_kind" in inspect.signature(compile_condition).parameters:
+        return cast(Any, compile_condition)(text, item_kind=item_kind)  # type: ignore[no-any-return]
+    return compile_condition(text)
 
 
 @dataclass(frozen=True)
@@ -205,14 +223,41 @@ def rule_content_hash(rule: Mapping[str, Any]) -> str:
 
 def canonical_rule(rule: Mapping[str, Any]) -> dict[str, Any]:
     """``rule`` with defaults written out (description ``""``, fire ``once``, pipeline inputs
-    ``{}``) and ``when`` stripped of surrounding whitespace (a ``>`` block's final newline)."""
+    ``{}``, set_fact data ``{}``) and ``when`` stripped of surrounding whitespace (a ``>``
+    block's final newline).
+
+    The keys added later (``for_each``, approvals' ``standing``, ``expires_after`` and
+    ``notify``) are the other way round: their defaults are left out (``standing: false``
+    is dropped), so a rule that does not use them has the canonical form, and the hash, it
+    always had. ``expires_after`` is written in seconds (``7d`` and ``604800`` are the same).
+    """
     out = dict(rule)
     if isinstance(out.get("when"), str):
         out["when"] = out["when"].strip()
     out.setdefault("description", "")
     out.setdefault("fire", "once")
     out["actions"] = [_canonical_action(action) for action in rule.get("actions", [])]
+    approvals = out.get("approvals")
+    if isinstance(approvals, dict):
+        approvals = dict(approvals)
+        if approvals.get("standing") is False:
+            del approvals["standing"]
+        seconds = duration_seconds(approvals.get("expires_after"))
+        if seconds is not None:
+            approvals["expires_after"] = seconds
+        out["approvals"] = approvals
     return out
+
+
+def duration_seconds(value: Any) -> int | None:
+    """Seconds of a schema-valid ``expires_after`` (a whole number of seconds, or ``30m``,
+    ``12h``, ``7d``); None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and len(value) > 1 and value[:-1].isdigit():
+        unit = DURATION_UNITS_S.get(value[-1])
+        return int(value[:-1]) * unit if unit is not None else None
+    return None
 
 
 def ruleset_version(files: Mapping[str, str]) -> str:
@@ -579,7 +624,7 @@ def _check_file_contents(name: str, text: str, digest: str) -> CheckedFile:
     shape = _shape_problem(doc)
     if shape is not None:
         return CheckedFile(name, text, digest, (), (*problems, shape))
-    problems += schema_problems(doc, RULES_SCHEMA, _rule_id_of)
+    problems += _clearer_schema_problems(schema_problems(doc, RULES_SCHEMA, _rule_id_of))
     items = list(enumerate(doc.data)) if isinstance(doc.data, list) else [(None, doc.data)]
     candidates = []
     for index, item in items:
@@ -628,11 +673,44 @@ def _check_rule(candidate: _Candidate) -> None:
             _check_message(candidate, ("actions", index, kind), body, has_release)
 
 
+SET_FACT_PROJECT_MESSAGE = (
+    "set_fact has no 'project' key: a rule records facts only in its own project "
+    "(the rule's 'project'); to act on another project, post the fact to it from outside"
+)
+"""The problem of a ``project`` key in a ``set_fact`` action (instead of the schema's
+"unknown key" wording)."""
+
+
+def _clearer_schema_problems(problems: list[Problem]) -> list[Problem]:
+    """``problems`` with the schema's wording replaced where a plainer sentence exists:
+    a ``project`` key in a ``set_fact`` action."""
+    out = []
+    for problem in problems:
+        if problem.path.endswith(".set_fact.project") and problem.message.startswith(
+            "unknown key 'project'"
+        ):
+            problem = Problem(
+                problem.file,
+                problem.line,
+                problem.column,
+                SET_FACT_PROJECT_MESSAGE,
+                problem.path,
+                problem.rule_id,
+            )
+        out.append(problem)
+    return out
+
+
 def _reference_problems(file: CheckedFile, config: Config, docs: _Documents) -> list[Problem]:
     """The targets and escrows the file's rules name that ``config`` does not declare, or
     that cannot take the action (located by parsing the file again, only when there are)."""
     problems = []
     for rule in file.rules:
+        approvals = rule.data.get("approvals")
+        notify = approvals.get("notify") if isinstance(approvals, dict) else None
+        if isinstance(notify, str):
+            for _, message in _reference_findings("notify", {"target": notify}, config):
+                problems.append(docs.problem(file, rule, ("approvals", "notify"), message))
         actions = rule.data.get("actions")
         if not isinstance(actions, list):
             continue
@@ -657,8 +735,10 @@ def _check_when(candidate: _Candidate) -> None:
     text = candidate.data.get("when")
     if not isinstance(text, str) or not text or len(text) > MAX_EXPRESSION_CHARS:
         return  # the schema says what is wrong
+    for_each = candidate.data.get("for_each")
+    item_kind = for_each if isinstance(for_each, str) and _KIND.match(for_each) else None
     try:
-        candidate.condition = compile_condition(text)
+        candidate.condition = _compile_condition(text, item_kind)
     except ExpressionError as error:
         for found in error.problems:
             message = _expression_message(found)
@@ -809,6 +889,7 @@ def _build_rule(candidate: _Candidate) -> Rule:
         file=candidate.doc.file,
         line=candidate.doc.position(candidate.prefix)[0],
         source=data,
+        for_each=data.get("for_each"),
     )
 
 
@@ -819,6 +900,10 @@ def _build_action(action: Mapping[str, Any]) -> Action:
         return ReleaseAction(**{name: body[name] for name in fields})
     if kind == "notify":
         return NotifyAction(target=body["target"], message=body["message"])
+    if kind == "set_fact":
+        return SetFactAction(
+            fact_kind=body["kind"], fact_id=body["id"], data=dict(body.get("data", {}))
+        )
     return PipelineAction(
         target=body["target"], ref=body["ref"], inputs=dict(body.get("inputs", {}))
     )
@@ -827,7 +912,14 @@ def _build_action(action: Mapping[str, Any]) -> Action:
 def _build_approvals(data: Mapping[str, Any] | None) -> Approvals | None:
     if data is None:
         return None
-    return Approvals(required=data["required"], from_=tuple(data["from"]))
+    expires = duration_seconds(data.get("expires_after"))
+    return Approvals(
+        required=data["required"],
+        from_=tuple(data["from"]),
+        standing=bool(data.get("standing", False)),
+        expires_after_s=float(expires) if expires is not None else None,
+        notify=data.get("notify"),
+    )
 
 
 def _canonical_action(action: Any) -> Any:
@@ -835,4 +927,8 @@ def _canonical_action(action: Any) -> Any:
         pipeline = dict(action["pipeline"])
         pipeline.setdefault("inputs", {})
         return {"pipeline": pipeline}
+    if isinstance(action, dict) and isinstance(action.get("set_fact"), dict):
+        set_fact = dict(action["set_fact"])
+        set_fact.setdefault("data", {})
+        return {"set_fact": set_fact}
     return action
