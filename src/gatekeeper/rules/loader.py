@@ -64,7 +64,7 @@ from gatekeeper.rules.model import (
     SetFactAction,
 )
 from gatekeeper.rules.pipelines import pipeline_limit_problems
-from gatekeeper.rules.templates import allowed_names, check_template
+from gatekeeper.rules.templates import TEMPLATE_FIELDS, TemplateScope, check_template
 from gatekeeper.yamlsource import (
     PathParts,
     YamlDocument,
@@ -89,6 +89,7 @@ DURATION_UNITS_S = {"m": 60, "h": 3600, "d": 86400}
 """Seconds per unit of an ``expires_after`` duration (``30m``, ``12h``, ``7d``)."""
 _GIT_COMMIT = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_FACT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def _compile_condition(text: str, item_kind: str | None) -> Condition:
@@ -668,9 +669,51 @@ def _check_rule(candidate: _Candidate) -> None:
     if not isinstance(actions, list):
         return
     has_release = any(isinstance(a, dict) and "release" in a for a in actions)
+    for_each = candidate.data.get("for_each")
+    condition = candidate.condition
+    scope = TemplateScope.of(
+        has_release=has_release,
+        item_kind=for_each if isinstance(for_each, str) and _KIND.fullmatch(for_each) else None,
+        reads=condition.reads if condition is not None else None,
+    )
     for index, kind, body in _well_formed_actions(actions):
-        if kind == "notify":
-            _check_message(candidate, ("actions", index, kind), body, has_release)
+        for path, text in _body_templates(kind, body):
+            where: PathParts = ("actions", index, kind, *path)
+            for found in check_template(text, scope):
+                problem = candidate.problem_inside(where, found.offset, found.message)
+                candidate.problems.append(problem)
+        if kind == "set_fact":
+            _check_set_fact_id(candidate, ("actions", index, kind), body)
+
+
+def _body_templates(kind: str, body: Mapping[str, Any]) -> list[tuple[PathParts, str]]:
+    """(path inside the body, text) of each template of an action body as written (see
+    ``templates.TEMPLATE_FIELDS``); values of the wrong type are left to the schema."""
+    found: list[tuple[PathParts, str]] = []
+    for field_name in TEMPLATE_FIELDS.get(kind, ()):
+        if field_name.endswith(".*"):
+            mapping = body.get(field_name[:-2])
+            if isinstance(mapping, dict):
+                found += [
+                    ((field_name[:-2], str(key)), value)
+                    for key, value in mapping.items()
+                    if isinstance(value, str)
+                ]
+        elif isinstance(body.get(field_name), str):
+            found.append(((field_name,), body[field_name]))
+    return found
+
+
+def _check_set_fact_id(candidate: _Candidate, path: PathParts, body: Mapping[str, Any]) -> None:
+    """A set_fact ``id`` without placeholders must be a valid fact id as written."""
+    fact_id = body.get("id")
+    if not isinstance(fact_id, str) or "$" in fact_id or _FACT_ID.fullmatch(fact_id):
+        return
+    message = (
+        f"{shorten(fact_id)!r} is not a valid fact id (letters, digits and _ . -, starting "
+        "with a letter or digit, at most 128 characters)"
+    )
+    candidate.problems.append(candidate.problem((*path, "id"), message))
 
 
 SET_FACT_PROJECT_MESSAGE = (
@@ -736,7 +779,7 @@ def _check_when(candidate: _Candidate) -> None:
     if not isinstance(text, str) or not text or len(text) > MAX_EXPRESSION_CHARS:
         return  # the schema says what is wrong
     for_each = candidate.data.get("for_each")
-    item_kind = for_each if isinstance(for_each, str) and _KIND.match(for_each) else None
+    item_kind = for_each if isinstance(for_each, str) and _KIND.fullmatch(for_each) else None
     try:
         candidate.condition = _compile_condition(text, item_kind)
     except ExpressionError as error:
@@ -761,17 +804,6 @@ def _check_approvals(candidate: _Candidate) -> None:
         noun = "approver is" if len(approvers) == 1 else "approvers are"
         message = f"requires {required} approvals but only {len(approvers)} {noun} listed in 'from'"
         candidate.problems.append(candidate.problem(("approvals", "required"), message))
-
-
-def _check_message(
-    candidate: _Candidate, path: PathParts, body: Mapping[str, Any], has_release: bool
-) -> None:
-    message = body.get("message")
-    if not isinstance(message, str):
-        return
-    for found in check_template(message, allowed_names(has_release=has_release)):
-        where = (*path, "message")
-        candidate.problems.append(candidate.problem_inside(where, found.offset, found.message))
 
 
 _Findings = list[tuple[PathParts, str]]
