@@ -19,7 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gatekeeper.expr.compiler as expressions
-from gatekeeper.expr import CompiledCondition, Evaluation, ExpressionError, compile_condition
+from gatekeeper.expr import (
+    CompiledCondition,
+    Evaluation,
+    ExpressionError,
+    Item,
+    compile_condition,
+)
 from gatekeeper.expr.compiler import _evaluate_reference
 from tests.test_expressions import ESCAPE_FACTS, ESCAPES, FACTS, DictFacts
 
@@ -33,8 +39,8 @@ DIFFERENTIAL = settings(
 )
 
 
-def compiled(text: str) -> CompiledCondition:
-    condition = compile_condition(text)
+def compiled(text: str, item_kind: str | None = None) -> CompiledCondition:
+    condition = compile_condition(text, item_kind=item_kind)
     assert isinstance(condition, CompiledCondition)
     assert condition._run is not None, f"not compiled: {text!r}"
     return condition
@@ -50,17 +56,19 @@ def both(
     text: str,
     facts: Mapping[str, Mapping[str, Mapping[str, Any]]],
     now: datetime = NOW,
+    item: Item | None = None,
 ) -> Evaluation | None:
     """Evaluate ``text`` with the compiled form and with the reference over fresh fact
     lookups; check that they agree (and read the same facts in the same order); return
-    the evaluation, or None when ``text`` does not compile."""
+    the evaluation, or None when ``text`` does not compile. With an ``item``, the text is
+    compiled for its kind and evaluated for it."""
     try:
-        condition = compiled(text)
+        condition = compiled(text, None if item is None else item.kind)
     except ExpressionError:
         return None
     fast_facts, reference_facts = DictFacts(facts), DictFacts(facts)
-    fast = condition.evaluate(fast_facts, now)
-    reference = _evaluate_reference(condition, reference_facts, now)
+    fast = condition.evaluate(fast_facts, now, item)
+    reference = _evaluate_reference(condition, reference_facts, now, item)
     same(fast, reference)
     assert fast_facts.calls == reference_facts.calls
     return fast
@@ -391,6 +399,68 @@ def test_compiled_equals_reference_on_a_fixed_fact_table(text: str) -> None:
 @given(numeric_text())
 def test_compiled_equals_reference_on_arithmetic_and_logic(text: str) -> None:
     both(text, GATE_FACTS)
+
+
+ITEM_PATHS = [
+    "item",
+    "item.id",
+    "item.kind",
+    "item.data",
+    "item.data.status",
+    "item.data.n",
+    "item.data.at",
+    "item.data.list",
+    "item.data.list[0]",
+    "item.data['a-b']",
+    "item.data.obj.n",
+    "item.data.nope",
+    "item['data']['status']",
+    "task[item.id]",
+    "task[item.id].status",
+]
+
+
+def item_leaves() -> st.SearchStrategy[ast.expr]:
+    paths = st.sampled_from(ITEM_PATHS).map(lambda text: ast.parse(text, mode="eval").body)
+    return st.one_of(constants(), fact_reads(), known_paths(), paths, paths)
+
+
+def item_text() -> st.SearchStrategy[str]:
+    trees = st.recursive(item_leaves(), extend, max_leaves=8)
+    return conditions(trees).map(lambda tree: ast.unparse(ast.fix_missing_locations(tree)))
+
+
+def items() -> st.SearchStrategy[Item | None]:
+    data = st.dictionaries(st.sampled_from(FIELDS), json_values(), max_size=5)
+    return st.one_of(
+        st.none(),
+        st.builds(Item, st.sampled_from(KINDS), st.sampled_from(IDS[:-1]), data),
+    )
+
+
+@DIFFERENTIAL
+@given(item_text(), fact_tables(), items(), st.sampled_from(NOWS))
+def test_compiled_equals_reference_on_item_expressions(
+    text: str, facts: dict[str, dict[str, dict[str, Any]]], item: Item | None, now: datetime
+) -> None:
+    if item is None:  # compiled for an item kind, evaluated without an item
+        try:
+            condition = compiled(text, "task")
+        except ExpressionError:
+            return
+        fast = condition.evaluate(DictFacts(facts), now)
+        same(fast, _evaluate_reference(condition, DictFacts(facts), now))
+        return
+    both(text, facts, now, item)
+
+
+ITEM = Item("task", "T-1", dict(GATE_FACTS["milestone"]["design"]))
+
+
+@DIFFERENTIAL
+@given(item_text())
+def test_compiled_equals_reference_on_item_expressions_over_a_fixed_item(text: str) -> None:
+    both(text, GATE_FACTS, NOW, ITEM)
 
 
 @pytest.mark.parametrize(

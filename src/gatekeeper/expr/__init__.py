@@ -37,6 +37,7 @@ from gatekeeper.expr.language import (
     ExpressionProblem,
     FactLookup,
     FactRef,
+    Item,
 )
 from gatekeeper.expr.timing import TIME_RECHECK
 
@@ -60,6 +61,7 @@ __all__ = [
     "ExpressionProblem",
     "FactLookup",
     "FactRef",
+    "Item",
     "compile_condition",
     "next_change_at",
 ]

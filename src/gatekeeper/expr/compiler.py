@@ -19,6 +19,7 @@ from typing import Any
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
 from gatekeeper.expr.language import (
     _COMPARISONS,
+    _KIND_RE,
     Clause,
     Condition,
     Evaluation,
@@ -26,10 +27,12 @@ from gatekeeper.expr.language import (
     ExpressionProblem,
     FactLookup,
     FactRef,
+    Item,
     _add,
     _Checker,
     _fact_name,
     _FactRead,
+    _item_value,
     _jsonable,
     _KindRead,
     _Lookup,
@@ -45,6 +48,8 @@ from gatekeeper.expr.language import (
     _Source,
     _split,
     _type_name,
+    _VarRead,
+    _with_item,
 )
 from gatekeeper.expr.reference import (
     _combine,
@@ -60,23 +65,40 @@ from gatekeeper.expr.timing import (
 )
 
 
-def compile_condition(text: str) -> Condition:
+def compile_condition(text: str, *, item_kind: str | None = None) -> Condition:
     """Parse and statically check ``text``; raises ``ExpressionError`` listing every problem.
 
-    Returns a ``CompiledCondition`` (``text``, ``reads``, ``uses_time``, ``evaluate``).
-    Each ``ExpressionProblem`` carries a message, the 0-based character offset into
-    ``text`` and the offending fragment. Only ``ExpressionError`` is ever raised.
+    ``item_kind`` is the ``for_each`` kind of a per-item rule: the condition may then use
+    the current item, named ``item`` (``item.id``, ``item.data.status``; see
+    ``gatekeeper.expr.language``), and ``item`` is not a kind. Without it (plain rules),
+    ``item`` is an ordinary kind name.
+
+    Returns a ``CompiledCondition`` (``text``, ``reads``, ``uses_time``, ``uses_item``,
+    ``item_kind``, ``evaluate``). Each ``ExpressionProblem`` carries a message, the 0-based
+    character offset into ``text`` and the offending fragment. Only ``ExpressionError`` is
+    ever raised.
     """
     if not isinstance(text, str):
         problem = ExpressionProblem(f"expression must be a string, not {_type_name(text)}", 0, "")
         raise ExpressionError([problem])
+    if item_kind is not None and not (isinstance(item_kind, str) and _KIND_RE.match(item_kind)):
+        message = f"item kind {item_kind!r} is not a fact kind ([a-z][a-z0-9_]*)"
+        raise ExpressionError([ExpressionProblem(message, 0, "")])
     source = _Source(text)
     tree = _parse(source)
-    checker = _Checker(source)
+    checker = _Checker(source, item_kind)
     checker.check(tree)
     if checker.problems:
         raise ExpressionError(sorted(checker.problems, key=lambda p: p.offset))
-    return CompiledCondition(text, tree, source, frozenset(checker.reads), checker.uses_time)
+    return CompiledCondition(
+        text,
+        tree,
+        source,
+        frozenset(checker.reads),
+        checker.uses_time,
+        item_kind=item_kind,
+        uses_item=checker.uses_item,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -157,6 +179,11 @@ def _get(container: Any, key: Any, prefix: str | None) -> Any:
     if type(value) not in _PLAIN_TYPES:
         raise _Fallback
     return value
+
+
+def _unbound(name: str) -> Any:
+    """A variable with no value (``item`` evaluated without an item): missing."""
+    raise _Missing(name)
 
 
 def _dict_put(target: dict[Any, Any], key: Any, value: Any) -> dict[Any, Any]:
@@ -269,12 +296,17 @@ _RUNTIME: dict[str, Any] = {
     "_abs": abs,
     "_round": _round,
     "_note": _note_failure,
+    "_unbound": _unbound,
 }
 """Everything compiled code can name besides its own constants: no builtins."""
 
-_PARAMETERS = ("_fd", "_kd", "_facts", "_now", "_D")
+_PARAMETERS = ("_fd", "_kd", "_facts", "_now", "_D", "_it")
 """The compiled function's parameters: fact data read (by "kind.id"), kinds read, the
-``FactLookup``, the evaluation's "now" and the condition's values."""
+``FactLookup``, the evaluation's "now", the condition's values and the current item's
+value (``{"kind", "id", "data"}``, or None)."""
+
+_VARIABLES = {"item": "_it"}
+"""Variables of the language -> the compiled function's parameter holding their value."""
 
 
 class _Unsupported(Exception):
@@ -290,6 +322,8 @@ def _lookup_prefix(source: _Source, node: ast.expr) -> str | None:
         return _fact_name(node.kind, node.fact_id)
     if isinstance(node, _KindRead):
         return node.kind
+    if isinstance(node, _VarRead):
+        return node.name
     if isinstance(node, _Lookup) and isinstance(node.key, ast.Constant):
         inner = _lookup_prefix(source, node.value)
         return None if inner is None else inner + _render_key(node.key.value)
@@ -348,6 +382,9 @@ class _CodeGenerator:
             return f"_kind(_kd, _facts, {self.const(node.kind)})"
         if isinstance(node, _FactRead):
             return self._fact_read(node)
+        if isinstance(node, _VarRead):
+            # a variable's value is a non-empty dict, or None when unbound
+            return f"({_VARIABLES[node.name]} or _unbound({self.const(node.name)}))"
         if isinstance(node, _Lookup):
             return self._lookup(node)
         if isinstance(node, ast.BinOp):
@@ -453,7 +490,7 @@ def _plan_source(plan: _Plan) -> str:
 
 
 _Run = Callable[
-    [dict[str, Any], dict[str, Any], FactLookup, datetime, tuple[Any, ...]],
+    [dict[str, Any], dict[str, Any], FactLookup, datetime, tuple[Any, ...], Any],
     "Evaluation | tuple[dict[int, Exception], tuple[Any, ...]]",
 ]
 
@@ -471,7 +508,7 @@ def _compile_clauses(
     condition's values it takes; None when a clause holds something the code generator
     does not know (then the reference evaluates).
 
-    ``run(fact_data, kind_data, facts, now, values)`` returns the ``Evaluation`` when every
+    ``run(fact_data, kind_data, facts, now, values, item)`` returns the ``Evaluation`` when every
     clause gave a value, else ``(failures, clause_values)`` with ``failures`` mapping a
     clause index to what it raised (``_Missing``: that is its outcome; anything else: the
     reference decides) and ``clause_values`` the clause values (None for those that
@@ -556,7 +593,9 @@ class CompiledCondition:
 
     Attributes: ``text`` (the source), ``reads`` (the ``FactRef`` keys it reads; id None
     for a kind-level read), ``uses_time`` (calls ``days_since``/``hours_since``/
-    ``minutes_since``/``now``), ``clause_texts`` (the top-level and/or leaves). Immutable.
+    ``minutes_since``/``now``), ``item_kind`` (the ``for_each`` kind it was compiled for,
+    or None), ``uses_item`` (reads ``item``), ``clause_texts`` (the top-level and/or
+    leaves). Immutable.
     """
 
     __slots__ = (  # what an evaluation reads first, together  # noqa: RUF023
@@ -566,14 +605,18 @@ class CompiledCondition:
         "_plan",
         "_time_sites",
         "clause_texts",
+        "item_kind",
         "reads",
         "text",
+        "uses_item",
         "uses_time",
     )
 
     text: str
     reads: frozenset[FactRef]
     uses_time: bool
+    item_kind: str | None
+    uses_item: bool
     clause_texts: tuple[str, ...]
     _plan: _Plan
     _kept_leaves: tuple[ast.expr, ...] | None
@@ -588,15 +631,21 @@ class CompiledCondition:
         source: _Source,
         reads: frozenset[FactRef],
         uses_time: bool,
+        *,
+        item_kind: str | None = None,
+        uses_item: bool = False,
     ) -> None:
         leaves: list[ast.expr] = []
         plan = _split(tree, leaves)
         clause_texts = tuple(source.snippet(leaf) for leaf in leaves)
-        lowered = tuple(_lower(leaf) for leaf in leaves)
+        bound = _bound_names(item_kind)
+        lowered = tuple(_lower(leaf, bound) for leaf in leaves)
         values = {
             "text": text,
             "reads": reads,
             "uses_time": uses_time,
+            "item_kind": item_kind,
+            "uses_item": uses_item,
             "clause_texts": clause_texts,
             "_plan": plan,
             # The syntax tree is most of a condition's memory (several KB): it is not kept.
@@ -622,7 +671,7 @@ class CompiledCondition:
     def _compile(self) -> _Run | None:
         """Generate and keep the compiled form (the same on every call: only the first one
         generates). Without one, the lowered clauses are kept for the reference."""
-        leaves = _lowered_leaves(self.text)
+        leaves = _lowered_leaves(self.text, self.item_kind)
         compiled = _compile_clauses(_Source(self.text), leaves, self._plan, self.clause_texts)
         if compiled is None:
             object.__setattr__(self, "_kept_leaves", leaves)
@@ -644,7 +693,7 @@ class CompiledCondition:
         compiled form, else parsed again from ``text`` (the same tree: parsing is
         deterministic), the last few cached."""
         kept = self._kept_leaves
-        return kept if kept is not None else _lowered_leaves(self.text)
+        return kept if kept is not None else _lowered_leaves(self.text, self.item_kind)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"CompiledCondition is immutable (cannot set {name!r})")
@@ -658,11 +707,14 @@ class CompiledCondition:
     def __deepcopy__(self, memo: dict[int, Any]) -> CompiledCondition:
         return self  # immutable
 
-    def __reduce__(self) -> tuple[Callable[[str], Condition], tuple[str]]:
-        return (compile_condition, (self.text,))
+    def __reduce__(self) -> tuple[Callable[[str, str | None], Condition], tuple[str, str | None]]:
+        return (_recompile, (self.text, self.item_kind))
 
-    def evaluate(self, facts: FactLookup, now: datetime) -> Evaluation:
-        """Evaluate against ``facts`` at time ``now`` (a naive ``now`` is taken as UTC).
+    def evaluate(self, facts: FactLookup, now: datetime, item: Item | None = None) -> Evaluation:
+        """Evaluate against ``facts`` at time ``now`` (a naive ``now`` is taken as UTC), for
+        the current ``item`` of a per-item rule (the value of ``item``; a condition that
+        uses ``item`` evaluated without one finds it missing: ``missing == ("item",)``).
+        When an item is given, ``seen`` records it as a fact read, under ``"kind.id"``.
 
         Never raises: missing facts/fields and run-time errors give ``value=False`` with
         ``missing`` / ``error`` set (see ``Evaluation``). Every clause is evaluated for the
@@ -676,14 +728,17 @@ class CompiledCondition:
         if isinstance(run, _Pending):
             run = self._compile()
         if run is None:
-            return _evaluate_reference(self, facts, now)
+            return _evaluate_reference(self, facts, now, item)
         if now.tzinfo is None:
             now = now.replace(tzinfo=UTC)
         fact_data: dict[str, dict[str, Any] | None] = {}
         kind_data: dict[str, dict[str, Any]] = {}
+        it = None if item is None else _item_value(item)
         try:
-            result = run(fact_data, kind_data, facts, now, self._values)
+            result = run(fact_data, kind_data, facts, now, self._values, it)
             if isinstance(result, Evaluation):  # every clause gave a value: the common case
+                if it is not None:
+                    _with_item(result.seen, it)  # type: ignore[arg-type]  # a fresh dict
                 return result
             failures, values = result
             evaluator: _Evaluator | None = None
@@ -696,16 +751,22 @@ class CompiledCondition:
                     outcomes.append(_Outcome(missing=failure.name))
                 else:  # the reference says how exactly it fails, reading the same facts
                     if evaluator is None:
-                        evaluator = _Evaluator(self._source, facts, now, fact_data, kind_data)
+                        evaluator = _Evaluator(
+                            self._source, facts, now, fact_data, kind_data, _variables(it)
+                        )
                     outcomes.append(evaluator.outcome(leaf))
-            return _conclude(self, outcomes, _seen(fact_data, kind_data))
+            return _conclude(self, outcomes, _with_item(_seen(fact_data, kind_data), it))
         except Exception as exc:  # defensive: nothing above is expected to raise
             return Evaluation(value=False, clauses=(), error=f"internal error: {exc!r}")
 
-    def next_change_at(self, facts: FactLookup, now: datetime) -> datetime | None:
+    def next_change_at(
+        self, facts: FactLookup, now: datetime, item: Item | None = None
+    ) -> datetime | None:
         """The earliest instant strictly after ``now`` at which the condition's value may
-        change while ``facts`` stay as they are; None when the passing of time cannot
-        change it. A naive ``now`` is taken as UTC; the answer is an aware UTC datetime.
+        change while ``facts`` (and the current ``item``, for a per-item rule) stay as they
+        are; None when the passing of time cannot change it. A naive ``now`` is taken as
+        UTC; the answer is an aware UTC datetime. Timestamps read from the item
+        (``days_since(item.data.opened_at) >= 3``) are solved exactly, per item.
 
         Guarantee: ``evaluate(facts, t)`` gives the same value for every ``t`` in
         ``[now, T)``, where ``T`` is the answer (for every ``t >= now`` when it is None).
@@ -754,22 +815,41 @@ class CompiledCondition:
         if not sites.thresholds and not sites.unsolved and not sites.always_poll:
             return None
         try:
-            return sites.next_change(_Evaluator(self._source, facts, now), now)
+            evaluator = _Evaluator(
+                self._source, facts, now, variables=_variables(_item_value(item))
+            )
+            return sites.next_change(evaluator, now)
         except Exception:  # defensive: nothing in next_change is expected to raise
             return _recheck(now)
 
 
+def _recompile(text: str, item_kind: str | None) -> Condition:
+    """``compile_condition(text, item_kind=item_kind)`` (what a pickled condition calls)."""
+    return compile_condition(text, item_kind=item_kind)
+
+
+def _bound_names(item_kind: str | None) -> frozenset[str]:
+    """The variable names of a condition compiled for ``item_kind``."""
+    return frozenset({"item"}) if item_kind is not None else frozenset()
+
+
+def _variables(item: dict[str, Any] | None) -> dict[str, Any]:
+    """The reference evaluator's variables for the current item's value."""
+    return {} if item is None else {"item": item}
+
+
 @functools.lru_cache(maxsize=64)
-def _lowered_leaves(text: str) -> tuple[ast.expr, ...]:
+def _lowered_leaves(text: str, item_kind: str | None = None) -> tuple[ast.expr, ...]:
     """The lowered top-level clauses of ``text``, an expression ``compile_condition``
-    accepted (so parsing cannot fail here)."""
+    accepted for ``item_kind`` (so parsing cannot fail here)."""
     leaves: list[ast.expr] = []
     _split(_parse(_Source(text)), leaves)
-    return tuple(_lower(leaf) for leaf in leaves)
+    bound = _bound_names(item_kind)
+    return tuple(_lower(leaf, bound) for leaf in leaves)
 
 
 def _evaluate_reference(
-    condition: CompiledCondition, facts: FactLookup, now: datetime
+    condition: CompiledCondition, facts: FactLookup, now: datetime, item: Item | None = None
 ) -> Evaluation:
     """``condition.evaluate(facts, now)`` done by the reference evaluator alone: simpleeval
     (``_Evaluator``) walking the lowered clauses. The compiled form must give the very same
@@ -778,9 +858,10 @@ def _evaluate_reference(
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     try:
-        evaluator = _Evaluator(condition._source, facts, now)
+        it = _item_value(item)
+        evaluator = _Evaluator(condition._source, facts, now, variables=_variables(it))
         outcomes = [evaluator.outcome(leaf) for leaf in condition._leaves]
-        return _conclude(condition, outcomes, evaluator.seen())
+        return _conclude(condition, outcomes, _with_item(evaluator.seen(), it))
     except Exception as exc:  # defensive: nothing above is expected to raise
         return Evaluation(value=False, clauses=(), error=f"internal error: {exc!r}")
 
@@ -815,15 +896,18 @@ def _missing_names(overall: _Outcome, outcomes: list[_Outcome]) -> tuple[str, ..
     return tuple(dict.fromkeys(names))
 
 
-def next_change_at(condition: Condition, facts: FactLookup, now: datetime) -> datetime | None:
-    """When ``condition`` may next change through the passing of time alone.
+def next_change_at(
+    condition: Condition, facts: FactLookup, now: datetime, item: Item | None = None
+) -> datetime | None:
+    """When ``condition`` (for the current ``item`` of a per-item rule) may next change
+    through the passing of time alone.
 
     A ``CompiledCondition`` answers with its ``next_change_at`` (see there); any other
     ``Condition`` that uses time gets ``now + 1 s`` (``TIME_RECHECK``), one that does not
     gets None. A naive ``now`` is taken as UTC.
     """
     if isinstance(condition, CompiledCondition):
-        return condition.next_change_at(facts, now)
+        return condition.next_change_at(facts, now, item)
     if not condition.uses_time:
         return None
     now = now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)

@@ -30,6 +30,17 @@ span several lines and hold ``#`` comments.
 - ``true``, ``false`` and ``null`` (and Python's ``True``, ``False``, ``None``) are
   literals, so they cannot be kind names; the function names below are reserved too.
 
+The current item (per-item rules)
+---------------------------------
+In a rule with ``for_each: KIND`` (a condition compiled with ``item_kind``), the name
+``item`` is the current item, the fact of that kind the rule instance is about, as the
+object ``{"kind": KIND, "id": ID, "data": DATA}``: ``item.id``, ``item.kind``,
+``item.data.status``, ``item.data["x-y"]``, ``"approved_at" in item.data``,
+``days_since(item.data.opened_at) >= 3`` (solved exactly, per item). There, ``item`` is
+not a kind name (a kind called ``item`` cannot be read). A missing field is named from
+``item`` (``item.data.commit``). Outside ``for_each`` rules ``item`` is an ordinary kind
+name. The evaluation's ``seen`` records the item as the fact it is (``"build.b9": data``).
+
 Literals and operators
 ----------------------
 Numbers, strings (at most 1,000 characters), ``true``/``false``/``null``, lists, tuples
@@ -290,14 +301,28 @@ class Evaluation:
     seen: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Item:
+    """The current item of a per-item (``for_each``) rule: the fact (``kind``, ``id``) and
+    its ``data``. In the condition it is the object ``{"kind": kind, "id": id, "data":
+    data}`` named ``item``."""
+
+    kind: str
+    id: str
+    data: Mapping[str, Any]
+
+
 class Condition(Protocol):
     """A compiled, checked ``when`` expression."""
 
     text: str
     reads: frozenset[FactRef]
     uses_time: bool
+    uses_item: bool
 
-    def evaluate(self, facts: FactLookup, now: datetime) -> Evaluation: ...
+    def evaluate(
+        self, facts: FactLookup, now: datetime, item: Item | None = None
+    ) -> Evaluation: ...
 
 
 # --------------------------------------------------------------------------------------
@@ -465,21 +490,29 @@ def _is_kind_name(name: str) -> bool:
     return bool(_KIND_RE.match(name)) and name not in _LITERAL_NAMES and name not in _ARITY
 
 
-def _kind_of(node: ast.expr) -> str | None:
-    """The kind named by ``node`` when it is a bare kind name, else None."""
-    if isinstance(node, ast.Name) and _is_kind_name(node.id):
+def _kind_of(node: ast.expr, bound: frozenset[str] = frozenset()) -> str | None:
+    """The kind named by ``node`` when it is a bare kind name (not one of the ``bound``
+    variable names), else None."""
+    if isinstance(node, ast.Name) and _is_kind_name(node.id) and node.id not in bound:
         return node.id
     return None
+
+
+ITEM_NAME = "item"
+"""The name of the current item in a condition compiled with an item kind."""
 
 
 class _Checker:
     """Walks the tree (iteratively, so depth cannot hurt) collecting problems and reads."""
 
-    def __init__(self, source: _Source) -> None:
+    def __init__(self, source: _Source, item_kind: str | None = None) -> None:
         self.source = source
         self.problems: list[ExpressionProblem] = []
         self.reads: set[FactRef] = set()
         self.uses_time = False
+        self.uses_item = False
+        self.bound: frozenset[str] = frozenset({ITEM_NAME}) if item_kind else frozenset()
+        """The variable names (``item``), which are not kinds."""
         self._count = 0
         self._reported_depth = False
         self._grows = False
@@ -604,6 +637,8 @@ class _Checker:
             self._report(
                 node, f"{name!r} is not a fact kind (kinds are lower-case: [a-z][a-z0-9_]*)"
             )
+        elif name in self.bound:
+            self.uses_item = self.uses_item or name == ITEM_NAME
         else:
             self.reads.add(FactRef(name, None))
 
@@ -614,7 +649,7 @@ class _Checker:
             start = max(start, end - len(node.attr))
             message = f"names starting with '_' are not allowed: {node.attr!r}"
             self.problems.append(self.source.problem(message, start, end))
-        kind = _kind_of(node.value)
+        kind = _kind_of(node.value, self.bound)
         if kind is None:
             return [node.value]
         if not bad:
@@ -625,7 +660,7 @@ class _Checker:
         key = node.slice
         if isinstance(key, ast.Constant) and isinstance(key.value, str) and key.value[:1] == "_":
             self._report(key, f"keys starting with '_' are not allowed: {key.value!r}")
-        kind = _kind_of(node.value)
+        kind = _kind_of(node.value, self.bound)
         if kind is None:
             return [node.value, key]
         if isinstance(key, ast.Constant):
@@ -755,34 +790,62 @@ class _Lookup(ast.expr):
         ast.copy_location(self, origin)
 
 
-def _lower(node: ast.expr) -> ast.expr:
-    """Rewrite names, attributes and subscripts into explicit fact reads and lookups."""
+class _VarRead(ast.expr):
+    """A variable bound to an item ``{"kind", "id", "data"}``: ``item`` (the current item
+    of a per-item rule)."""
+
+    def __init__(self, name: str, origin: ast.expr) -> None:
+        super().__init__()
+        self.name = name
+        ast.copy_location(self, origin)
+
+
+def _lower(node: ast.expr, bound: frozenset[str] = frozenset()) -> ast.expr:
+    """Rewrite names, attributes and subscripts into explicit fact reads, variable reads
+    (the ``bound`` names) and lookups."""
     if isinstance(node, ast.Name):
         if node.id in _LITERAL_NAMES:
             return ast.copy_location(ast.Constant(_LITERAL_NAMES[node.id]), node)
+        if node.id in bound:
+            return _VarRead(node.id, node)
         return _KindRead(node.id, node)
     if isinstance(node, ast.Attribute):
-        kind = _kind_of(node.value)
+        kind = _kind_of(node.value, bound)
         if kind is not None:
             return _FactRead(kind, node.attr, None, node)
         key = ast.copy_location(ast.Constant(node.attr), node)
-        return _Lookup(_lower(node.value), key, node)
+        return _Lookup(_lower(node.value, bound), key, node)
     if isinstance(node, ast.Subscript):
-        kind = _kind_of(node.value)
+        kind = _kind_of(node.value, bound)
         if kind is not None and isinstance(node.slice, ast.Constant):
             return _FactRead(kind, str(node.slice.value), None, node)
         if kind is not None:
-            return _FactRead(kind, None, _lower(node.slice), node)
-        return _Lookup(_lower(node.value), _lower(node.slice), node)
+            return _FactRead(kind, None, _lower(node.slice, bound), node)
+        return _Lookup(_lower(node.value, bound), _lower(node.slice, bound), node)
     if isinstance(node, ast.Call):
-        node.args = [_lower(arg) for arg in node.args]
+        node.args = [_lower(arg, bound) for arg in node.args]
         return node
     for name, value in ast.iter_fields(node):
         if isinstance(value, ast.expr):
-            setattr(node, name, _lower(value))
+            setattr(node, name, _lower(value, bound))
         elif isinstance(value, list):
-            setattr(node, name, [_lower(v) if isinstance(v, ast.expr) else v for v in value])
+            setattr(node, name, [_lower(v, bound) if isinstance(v, ast.expr) else v for v in value])
     return node
+
+
+def _item_value(item: Item | None) -> dict[str, Any] | None:
+    """The value of ``item`` in a condition: ``{"kind", "id", "data"}`` (data copied as a
+    plain dict, as fact data is), None without an item."""
+    if item is None:
+        return None
+    return {"kind": item.kind, "id": item.id, "data": dict(item.data)}
+
+
+def _with_item(seen: dict[str, Any], item: dict[str, Any] | None) -> dict[str, Any]:
+    """``seen`` with the current item recorded as ``"kind.id"`` (unless read already)."""
+    if item is not None:
+        seen.setdefault(f"{item['kind']}.{item['id']}", item["data"])
+    return seen
 
 
 # A plan says how clause outcomes combine: a clause index, or (is_and, sub-plans).

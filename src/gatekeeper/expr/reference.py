@@ -33,6 +33,7 @@ from gatekeeper.expr.language import (
     _round,
     _Source,
     _type_name,
+    _VarRead,
 )
 
 
@@ -106,6 +107,7 @@ class _Evaluator(SimpleEval):  # type: ignore[misc]  # simpleeval ships no type 
         now: datetime,
         fact_data: dict[str, dict[str, Any] | None] | None = None,
         kind_data: dict[str, dict[str, Any]] | None = None,
+        variables: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(operators=_OPERATORS, functions=self._make_functions(), names={})
         self.nodes = {
@@ -122,6 +124,7 @@ class _Evaluator(SimpleEval):  # type: ignore[misc]  # simpleeval ships no type 
             _KindRead: self._eval_kind_read,
             _FactRead: self._eval_fact_read,
             _Lookup: self._eval_lookup,
+            _VarRead: self._eval_var_read,
         }
         self.source = source
         self.facts = facts
@@ -131,6 +134,8 @@ class _Evaluator(SimpleEval):  # type: ignore[misc]  # simpleeval ships no type 
         self.fact_data = {} if fact_data is None else fact_data
         self.kind_data = {} if kind_data is None else kind_data
         self.computed_ids: dict[_FactRead, str] = {}  # ids of task[expr] reads, for names
+        # The variables' values: ``item`` (its {"kind", "id", "data"}) when there is one.
+        self.variables: dict[str, Any] = {} if variables is None else variables
 
     def _make_functions(self) -> dict[str, Callable[..., Any]]:
         return {
@@ -207,6 +212,12 @@ class _Evaluator(SimpleEval):  # type: ignore[misc]  # simpleeval ships no type 
     def _eval_kind_read(self, node: _KindRead) -> dict[str, Any]:
         return self._kind(node.kind)
 
+    def _eval_var_read(self, node: _VarRead) -> Any:
+        value = self.variables.get(node.name)
+        if value is None:
+            raise _Missing(node.name)
+        return value
+
     def _eval_fact_read(self, node: _FactRead) -> dict[str, Any]:
         fact_id = node.fact_id
         if fact_id is None:
@@ -245,6 +256,8 @@ class _Evaluator(SimpleEval):  # type: ignore[misc]  # simpleeval ships no type 
                 return _fact_name(node.kind, fact_id)
         if isinstance(node, _KindRead):
             return node.kind
+        if isinstance(node, _VarRead):
+            return node.name
         if isinstance(node, _Lookup) and isinstance(node.key, ast.Constant):
             return self._path(node.value) + _render_key(node.key.value)
         text = self.source.snippet(node)

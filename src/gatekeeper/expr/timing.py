@@ -18,6 +18,7 @@ from gatekeeper.expr.language import (
     _FactRead,
     _KindRead,
     _Lookup,
+    _VarRead,
 )
 from gatekeeper.expr.reference import (
     _Evaluator,
@@ -204,7 +205,7 @@ def _calls_time_function(node: ast.expr) -> bool:
 
 def _children(node: ast.expr) -> list[ast.expr]:
     """The sub-expressions of a lowered node."""
-    if isinstance(node, _KindRead):
+    if isinstance(node, _KindRead | _VarRead):
         return []
     if isinstance(node, _FactRead):
         return [] if node.key is None else [node.key]
