@@ -92,15 +92,6 @@ _KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _FACT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
-def _compile_condition(text: str, item_kind: str | None) -> Condition:
-    """``compile_condition(text, item_kind=item_kind)``, for as long as the expression
-    language may not take ``item_kind`` yet (then a per-item rule compiles as a plain one)."""
-    import inspect
-
-    if "item_kind" in inspect.signature(compile_condition).parameters:
-        return cast(Any, compile_condition)(text, item_kind=item_kind)  # type: ignore[no-any-return]
-    return compile_condition(text)
-
 
 @dataclass(frozen=True)
 class LoadResult:
@@ -781,7 +772,7 @@ def _check_when(candidate: _Candidate) -> None:
     for_each = candidate.data.get("for_each")
     item_kind = for_each if isinstance(for_each, str) and _KIND.fullmatch(for_each) else None
     try:
-        candidate.condition = _compile_condition(text, item_kind)
+        candidate.condition = compile_condition(text, item_kind=item_kind)
     except ExpressionError as error:
         for found in error.problems:
             message = _expression_message(found)
