@@ -264,6 +264,28 @@ BAD_CASES: list[tuple[str, str, int, int, str, str | None, str]] = [
         "'2w' is not a duration (a whole number of seconds, or a whole number followed by "
         "m, h or d, e.g. 30m, 12h, 7d)",
     ),
+    (
+        "template_not_read.yaml",
+        "template_not_read.yaml",
+        11,
+        83,
+        "actions[0].notify.message",
+        "bad/template-not-read",
+        "template name 'build.b9.commit' is not read by this rule: a template may use the "
+        "facts its 'when' reads by id (here: milestone.m1); the current build is item: "
+        "${item.id}, ${item.data.FIELD}",
+    ),
+    (
+        "item_outside_for_each.yaml",
+        "item_outside_for_each.yaml",
+        6,
+        52,
+        "actions[0].pipeline.ref",
+        "bad/item-outside-for-each",
+        "template name 'item.data.commit' is not read by this rule: a template may use the "
+        "facts its 'when' reads by id (here: build.b1); 'item' is the current item only in "
+        "a for_each rule",
+    ),
 ]
 
 

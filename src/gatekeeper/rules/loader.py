@@ -92,7 +92,6 @@ _KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _FACT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
-
 @dataclass(frozen=True)
 class LoadResult:
     """The outcome of loading rule files.

@@ -563,6 +563,10 @@ def _scope_problem(path: TemplatePath, scope: TemplateScope) -> str | None:
         message += "; 'item' is the current item only in a for_each rule"
     elif path.root == scope.item_kind:
         message += f"; the current {scope.item_kind} is item: ${{item.id}}, ${{item.data.FIELD}}"
+    elif all(kind != path.root for kind, _ in scope.facts):
+        close = difflib.get_close_matches(path.text, scope.known(), n=1)
+        if close:
+            message += f"; did you mean {close[0]!r}?"
     return message
 
 
