@@ -286,6 +286,18 @@ BAD_CASES: list[tuple[str, str, int, int, str, str | None, str]] = [
         "facts its 'when' reads by id (here: build.b1); 'item' is the current item only in "
         "a for_each rule",
     ),
+    (
+        "self_trigger.yaml",
+        "self_trigger.yaml",
+        8,
+        22,
+        "actions[0].set_fact.kind",
+        "bad/self-trigger",
+        "this rule sets a fact of kind 'build', its for_each kind, so it can re-trigger "
+        "itself: each fact it sets can fire it again (fire: each_fact), a loop only "
+        "max_chain_depth would stop; set a kind this rule does not read and let another "
+        "rule read it",
+    ),
 ]
 
 

@@ -176,3 +176,66 @@ def test_max_chain_depth(tmp_path: Path) -> None:
         load_config(path)
     assert "max_chain_depth" in str(caught.value.problems[0])
     assert "must be at least 1 (got 0)" in str(caught.value.problems[0])
+
+
+def self_trigger_problems(
+    fire: str, for_each: str | None, when: str, kind: str, fact_id: str = "s1"
+) -> list[str]:
+    lines = ["id: loop/me", "project: p", f"when: '{when}'", f"fire: {fire}"]
+    if for_each is not None:
+        lines.append(f"for_each: {for_each}")
+    lines.append(f"actions: [{{set_fact: {{kind: {kind}, id: '{fact_id}'}}}}]")
+    result = load_rule_texts({"r.yaml": "\n".join(lines) + "\n"}, None)
+    return [p.message for p in result.problems]
+
+
+@pytest.mark.parametrize(
+    ("fire", "for_each", "when", "kind", "fact_id", "reported"),
+    [
+        # event rules: a per-item one is triggered by its own kind, a plain one by its reads
+        ("each_fact", "build", "item.data.ok", "build", "${item.id}", True),
+        ("each_fact", "build", "item.data.ok and stage.s1.ok", "stage", "s2", False),
+        ("each_fact", None, "stage.s1.ok", "stage", "s2", True),
+        ("each_fact", None, "len(stage) > 2", "stage", "s2", True),
+        ("each_fact", None, "stage.s1.ok", "other", "s2", False),
+        # each_time: any kind it reads
+        ("each_time", None, "stage.s1.ok", "stage", "s1", True),
+        ("each_time", "build", "item.data.ok and stage.s1.ok", "stage", "s2", True),
+        ("each_time", "build", "item.data.ok", "build", "x", True),
+        # once: one firing per instance; only new instances of its own kind chain
+        ("once", None, "stage.s1.ok", "stage", "s2", False),
+        ("once", "build", "item.data.ok", "build", "${item.id}", False),
+        ("once", "build", "item.data.ok", "build", "${item.id}-next", True),
+        ("once", "build", "item.data.ok and stage.s1.ok", "stage", "s2", False),
+    ],
+)
+def test_a_rule_that_can_re_trigger_itself_is_reported(
+    fire: str, for_each: str | None, when: str, kind: str, fact_id: str, reported: bool
+) -> None:
+    found = self_trigger_problems(fire, for_each, when, kind, fact_id)
+    assert bool(found) == reported, found
+    if reported:
+        [message] = found
+        assert message.startswith(f"this rule sets a fact of kind {kind!r}, ")
+        assert "so it can re-trigger itself" in message
+
+
+def test_rules_chained_through_kinds_are_not_reported() -> None:
+    rules = load(
+        """\
+- id: site/milestone-complete
+  project: site
+  for_each: milestone
+  when: milestone.m1.status == "open"
+  actions:
+    - set_fact: {kind: milestone_status, id: "${item.id}", data: {status: complete}}
+- id: site/release
+  project: site
+  for_each: milestone_status
+  when: item.data.status == "complete"
+  fire: each_fact
+  actions:
+    - set_fact: {kind: released, id: "${item.id}"}
+"""
+    )
+    assert set(rules) == {"site/milestone-complete", "site/release"}

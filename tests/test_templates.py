@@ -253,6 +253,7 @@ def test_a_template_too_long_to_ever_render_is_a_problem() -> None:
     assert check_template("x" * (MAX_RENDERED_CHARS - 1) + "$$", SCOPE) == []
     [problem] = check_template("x" * (MAX_RENDERED_CHARS + 1) + "${item.id}", SCOPE)
     assert "16,385 characters" in problem.message
+    assert check_template("x" * (MAX_RENDERED_CHARS + 1), SCOPE) == []
 
 
 @pytest.mark.parametrize(
@@ -322,6 +323,8 @@ def test_a_rendered_text_over_the_limit_blocks() -> None:
     with pytest.raises(TemplateTooLong) as caught:
         render_template(four * 4 + ".", long)
     assert caught.value.length == MAX_RENDERED_CHARS + 1
+    plain = "p" * (4 * MAX_RENDERED_CHARS) + "$$"  # no placeholder: rendered as written
+    assert render_template(plain, long) == plain[:-1]
 
 
 _PIECES = st.sampled_from(

@@ -674,6 +674,74 @@ def _check_rule(candidate: _Candidate) -> None:
                 candidate.problems.append(problem)
         if kind == "set_fact":
             _check_set_fact_id(candidate, ("actions", index, kind), body)
+            _check_self_trigger(candidate, ("actions", index, kind), body)
+
+
+def _check_self_trigger(candidate: _Candidate, path: PathParts, body: Mapping[str, Any]) -> None:
+    """A set_fact whose fact can fire its own rule again: an error (see
+    ``self_trigger_problem``), at the action's ``kind``."""
+    data = candidate.data
+    condition = candidate.condition
+    fact_kind, fact_id = body.get("kind"), body.get("id")
+    if condition is None or not isinstance(fact_kind, str) or not isinstance(fact_id, str):
+        return
+    for_each = data.get("for_each")
+    message = self_trigger_problem(
+        fire=data.get("fire", "once"),
+        for_each=for_each if isinstance(for_each, str) else None,
+        read_kinds=frozenset(ref.kind for ref in condition.reads),
+        fact_kind=fact_kind,
+        fact_id=fact_id,
+    )
+    if message is not None:
+        candidate.problems.append(candidate.problem((*path, "kind"), message))
+
+
+def self_trigger_problem(
+    *, fire: Any, for_each: str | None, read_kinds: frozenset[str], fact_kind: str, fact_id: str
+) -> str | None:
+    """Why a rule that sets a fact of ``fact_kind`` (id template ``fact_id``) can fire again
+    because of that fact, or None when it cannot.
+
+    A rule re-triggers itself when the kind it sets is its ``for_each`` kind or a kind its
+    ``when`` reads. Whether that can make it fire again depends on ``fire``:
+
+    - ``each_fact``: a per-item rule is triggered by facts of its ``for_each`` kind only, a
+      plain one by every fact it reads; each such fact may fire it: always reported.
+    - ``each_time``: every fact the rule reads re-evaluates it, and its own fact may close
+      and reopen its condition: reported.
+    - ``once``: an instance fires at most once, so a plain rule (one instance) is never
+      reported, nor a per-item rule that sets its own item (``id: "${item.id}"``); a per-item
+      rule setting another fact of its ``for_each`` kind makes a new instance, which may fire
+      and set the next one: reported.
+
+    Reported as an error, not a warning: such a chain is only stopped by
+    ``max_chain_depth``, where the firing is blocked and alerted, so it is never what a
+    rule means; a bounded sequence of steps is written as one rule per step, each setting
+    a kind the next one reads.
+    """
+    read = fact_kind in read_kinds
+    own = fact_kind == for_each
+    if fire == "each_fact":
+        hit = own if for_each is not None else read
+    elif fire == "each_time":
+        hit = own or read
+    else:
+        hit = own and fact_id.strip() != "${item.id}"
+    if not hit:
+        return None
+    reads = "its for_each kind" if own else "a kind its 'when' reads"
+    if fire == "once":
+        why = "each fact it sets is a new item of this rule, which may fire and set the next one"
+    elif fire == "each_fact":
+        why = "each fact it sets can fire it again (fire: each_fact)"
+    else:
+        why = "the fact it sets can close and reopen its condition (fire: each_time)"
+    return (
+        f"this rule sets a fact of kind {fact_kind!r}, {reads}, so it can re-trigger itself: "
+        f"{why}, a loop only max_chain_depth would stop; set a kind this rule does not read "
+        "and let another rule read it"
+    )
 
 
 def _body_templates(kind: str, body: Mapping[str, Any]) -> list[tuple[PathParts, str]]:

@@ -29,8 +29,9 @@ Rendering (``render_template``): each value through ``render_value`` (strings as
 numbers and booleans as JSON, ``null``, objects and lists as compact JSON, each cut at
 ``MAX_VALUE_CHARS``), then through the target's ``escape`` (``slack_escape`` for Slack),
 which touches only the inserted values, never the template's own text. A name without a
-value raises ``TemplateMissing`` (never an empty string); a result over
-``MAX_RENDERED_CHARS`` raises ``TemplateTooLong``.
+value raises ``TemplateMissing`` (never an empty string); a template that inserts values and
+renders to over ``MAX_RENDERED_CHARS`` raises ``TemplateTooLong`` (text without placeholders,
+as rules could always write it, is not bounded here).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ ITEM_FIELDS: tuple[str, ...] = ("id", "kind", "data")
 MAX_VALUE_CHARS = 1024
 """Each inserted value is cut to this many characters, the last one ``…``."""
 MAX_RENDERED_CHARS = 16_384
-"""A rendered template longer than this many characters raises ``TemplateTooLong``."""
+"""A template that inserts values renders to at most this many characters (else
+``TemplateTooLong``); a template without placeholders is its own text, whatever its length."""
 ELLIPSIS = "…"
 
 _FRAGMENT_CHARS = 40
@@ -271,8 +273,8 @@ def check_template(
 ) -> list[TemplateProblem]:
     """Every problem with ``text`` as a template of a rule with ``scope`` (or, given a set of
     plain names, allowing exactly those): malformed placeholders and names the rule cannot
-    use, each use at its own offset, in order; a template whose own text is already over
-    ``MAX_RENDERED_CHARS``."""
+    use, each use at its own offset, in order; a template with placeholders whose own text
+    is already over ``MAX_RENDERED_CHARS``."""
     problems = _syntax_problems(text)
     for path, offset in _placeholders(text):
         message = (
@@ -283,7 +285,7 @@ def check_template(
         if message is not None:
             problems.append(TemplateProblem(message, offset, _fragment(text, offset)))
     literal = len(_PathTemplate.pattern.sub(lambda m: "$" if m.group("escaped") else "", text))
-    if literal > MAX_RENDERED_CHARS:
+    if literal > MAX_RENDERED_CHARS and _placeholders(text):
         message = (
             f"the template's own text is {literal:,} characters: a rendered text may be at "
             f"most {MAX_RENDERED_CHARS:,}"
@@ -307,8 +309,8 @@ def render_template(
     (``slack_escape`` for Slack targets); the template's own text is never escaped.
 
     Raises ``TemplateError`` for a malformed placeholder, ``TemplateMissing`` (a
-    ``TemplateError``) naming every name without a value, ``TemplateTooLong`` when the result
-    is over ``MAX_RENDERED_CHARS`` characters.
+    ``TemplateError``) naming every name without a value, ``TemplateTooLong`` when ``text``
+    has a placeholder and the result is over ``MAX_RENDERED_CHARS`` characters.
     """
     problems = _syntax_problems(text)
     if problems:
@@ -340,7 +342,8 @@ def render_template(
         raise TemplateMissing(missing_names[0], missing, missing_names)
     out.append(text[at:])
     rendered = "".join(out)
-    if len(rendered) > MAX_RENDERED_CHARS:
+    inserted = any(m.group("escaped") is None for m in _PathTemplate.pattern.finditer(text))
+    if inserted and len(rendered) > MAX_RENDERED_CHARS:
         raise TemplateTooLong(len(rendered))
     return rendered
 
