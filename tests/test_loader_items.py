@@ -239,3 +239,35 @@ def test_rules_chained_through_kinds_are_not_reported() -> None:
 """
     )
     assert set(rules) == {"site/milestone-complete", "site/release"}
+
+
+def readme_section_rules() -> list[str]:
+    """The YAML blocks of the README's "Rules over many things" section."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Rules over many things\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```yaml\n(.*?)^```", section, re.S | re.M)
+
+
+def _has_collections() -> bool:
+    from gatekeeper.expr import ExpressionError, compile_condition
+
+    try:
+        compile_condition("count(t for t in task)")
+    except ExpressionError:
+        return False
+    return True
+
+
+def test_readme_rules_over_many_things_examples_are_valid() -> None:
+    blocks = readme_section_rules()
+    assert len(blocks) == 5
+    for block in blocks:
+        if "for t in task" in block and not _has_collections():
+            continue  # checked once the expression language has collections
+        result = load_rule_texts({"readme.yaml": block}, None)
+        assert result.ok, [str(p) for p in result.problems]
+    [notify] = load(blocks[-1])["tower-a/design-approved"].actions
+    assert isinstance(notify, NotifyAction)
+    assert notify.message.endswith('T-17 ${task["T-17"].status}')
