@@ -124,3 +124,40 @@ def test_several_paths_and_files(config: Config, tmp_path: Path) -> None:
 def test_format_problems_is_one_line_each() -> None:
     problems = [Problem("a.yaml", 1, 2, "m", "id", "r"), Problem("b.yaml", 0, 0, "gone")]
     assert format_problems(problems) == ["a.yaml:1:2: rule 'r': id: m", "b.yaml: gone"]
+
+
+RULES_OVER_MANY_THINGS_BAD = {
+    "set_fact_other_project.yaml": (
+        "set_fact_other_project.yaml:7:58: rule 'bad/set-fact-project': "
+        "actions[0].set_fact.project: set_fact has no 'project' key: a rule records facts "
+        "only in its own project (the rule's 'project'); to act on another project, post the "
+        "fact to it from outside"
+    ),
+    "for_each_malformed.yaml": (
+        "for_each_malformed.yaml:4:11: rule 'bad/for-each-kind': for_each: 'Build-Runs' is "
+        "not a valid fact kind for for_each (a lowercase letter, then lowercase letters, "
+        "digits and _; e.g. build or test_run)"
+    ),
+    "template_not_read.yaml": (
+        "template_not_read.yaml:11:83: rule 'bad/template-not-read': "
+        "actions[0].notify.message: template name 'build.b9.commit' is not read by this "
+        "rule: a template may use the facts its 'when' reads by id (here: milestone.m1); "
+        "the current build is item: ${item.id}, ${item.data.FIELD}"
+    ),
+    "self_trigger.yaml": (
+        "self_trigger.yaml:8:22: rule 'bad/self-trigger': actions[0].set_fact.kind: this "
+        "rule sets a fact of kind 'build', its for_each kind, so it can re-trigger itself: "
+        "each fact it sets can fire it again (fire: each_fact), a loop only max_chain_depth "
+        "would stop; set a kind this rule does not read and let another rule read it"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RULES_OVER_MANY_THINGS_BAD))
+def test_per_item_rule_mistakes_point_home(
+    name: str, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(DATA / "bad_rules")
+    code, out = check([Path(name)], config)
+    assert code == 1
+    assert out.splitlines() == [RULES_OVER_MANY_THINGS_BAD[name], "FAILED: 1 problem in 1 file"]

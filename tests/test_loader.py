@@ -92,7 +92,7 @@ BAD_CASES: list[tuple[str, str, int, int, str, str | None, str]] = [
         7,
         "fire",
         "bad/fire",
-        "must be one of: once, each_time (got the string 'always')",
+        "must be one of: once, each_time, each_fact (got the string 'always')",
     ),
     (
         "unknown_target.yaml",
@@ -205,7 +205,7 @@ BAD_CASES: list[tuple[str, str, int, int, str, str | None, str]] = [
         5,
         "actions[0]",
         "bad/two-kinds",
-        "must hold exactly one of: release, notify, pipeline (found: notify, pipeline)",
+        "must hold exactly one of: release, notify, pipeline, set_fact (found: notify, pipeline)",
     ),
     (
         "too_many_approvals.yaml",
@@ -233,6 +233,70 @@ BAD_CASES: list[tuple[str, str, int, int, str, str | None, str]] = [
         "[1].actions[0].pipeline.inputs.attempt",
         "bad/list-second",
         'must be a string, not the number 2; quote it: "2"',
+    ),
+    (
+        "set_fact_other_project.yaml",
+        "set_fact_other_project.yaml",
+        7,
+        58,
+        "actions[0].set_fact.project",
+        "bad/set-fact-project",
+        "set_fact has no 'project' key: a rule records facts only in its own project "
+        "(the rule's 'project'); to act on another project, post the fact to it from outside",
+    ),
+    (
+        "for_each_malformed.yaml",
+        "for_each_malformed.yaml",
+        4,
+        11,
+        "for_each",
+        "bad/for-each-kind",
+        "'Build-Runs' is not a valid fact kind for for_each (a lowercase letter, then "
+        "lowercase letters, digits and _; e.g. build or test_run)",
+    ),
+    (
+        "bad_duration.yaml",
+        "bad_duration.yaml",
+        5,
+        56,
+        "approvals.expires_after",
+        "bad/duration",
+        "'2w' is not a duration (a whole number of seconds, or a whole number followed by "
+        "m, h or d, e.g. 30m, 12h, 7d)",
+    ),
+    (
+        "template_not_read.yaml",
+        "template_not_read.yaml",
+        11,
+        83,
+        "actions[0].notify.message",
+        "bad/template-not-read",
+        "template name 'build.b9.commit' is not read by this rule: a template may use the "
+        "facts its 'when' reads by id (here: milestone.m1); the current build is item: "
+        "${item.id}, ${item.data.FIELD}",
+    ),
+    (
+        "item_outside_for_each.yaml",
+        "item_outside_for_each.yaml",
+        6,
+        52,
+        "actions[0].pipeline.ref",
+        "bad/item-outside-for-each",
+        "template name 'item.data.commit' is not read by this rule: a template may use the "
+        "facts its 'when' reads by id (here: build.b1); 'item' is the current item only in "
+        "a for_each rule",
+    ),
+    (
+        "self_trigger.yaml",
+        "self_trigger.yaml",
+        8,
+        22,
+        "actions[0].set_fact.kind",
+        "bad/self-trigger",
+        "this rule sets a fact of kind 'build', its for_each kind, so it can re-trigger "
+        "itself: each fact it sets can fire it again (fire: each_fact), a loop only "
+        "max_chain_depth would stop; set a kind this rule does not read and let another "
+        "rule read it",
     ),
 ]
 

@@ -37,6 +37,8 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_HEADER_READ_TIMEOUT_S = 10.0
 DEFAULT_BODY_READ_TIMEOUT_S = 30.0
 DEFAULT_MAX_CONNECTIONS = 512
+DEFAULT_MAX_CHAIN_DEPTH = 16
+"""Default ``max_chain_depth``: how many ``set_fact`` steps one outside fact may set off."""
 DEFAULT_CONFIG_NAME = "gatekeeper.yaml"
 CONFIG_SCHEMA = "config.schema.json"
 
@@ -223,6 +225,10 @@ class Config:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     tls: Tls | None = None
     rate_limit: RateLimit | None = None
+    max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH
+    """How deep rules may chain through ``set_fact``: a fact posted from outside is depth 0,
+    a fact a rule sets while evaluating a depth-n fact is depth n + 1; a ``set_fact`` that
+    would go deeper is not recorded (the firing is blocked and the alert target told)."""
 
 
 class ConfigError(Exception):
@@ -502,6 +508,7 @@ def _build(data: Mapping[str, Any], path: Path) -> Config:
         if tls
         else None,
         rate_limit=rate_limit,
+        max_chain_depth=int(data.get("max_chain_depth", DEFAULT_MAX_CHAIN_DEPTH)),
     )
 
 

@@ -16,6 +16,10 @@ Hashes (SHA-256, hex):
   whitespace. Writing a default out, reordering keys, changing comments, quoting or block
   style, or moving the rule to another file does not change the hash; any other change to
   what the rule says does (its description included). An absent ``approvals`` stays absent.
+  The keys added with per-item rules (``for_each``, approvals' ``standing``, ``expires_after``,
+  ``notify``) enter the canonical form only when they say something (``standing: false`` is
+  dropped; ``expires_after`` is in seconds), so the rules written before them keep the hashes
+  their databases recorded; set_fact ``data`` defaults to ``{}``.
 - ``Ruleset.version`` is over the canonical JSON of the sorted ``[path, text]`` pairs of
   ``Ruleset.files``, so the same files always give the same version, whether they are read
   from a directory or from stored text.
@@ -57,9 +61,10 @@ from gatekeeper.rules.model import (
     ReleaseAction,
     Rule,
     Ruleset,
+    SetFactAction,
 )
 from gatekeeper.rules.pipelines import pipeline_limit_problems
-from gatekeeper.rules.templates import allowed_names, check_template
+from gatekeeper.rules.templates import TEMPLATE_FIELDS, TemplateScope, check_template
 from gatekeeper.yamlsource import (
     PathParts,
     YamlDocument,
@@ -79,8 +84,12 @@ MAX_RULE_FILE_BYTES = 2 * 1024 * 1024
 problem of that file, found from its size before anything is read. The YAML of a file
 without aliases is no bigger than its text, so this also bounds what parsing it takes."""
 
-_ACTION_KINDS = ("release", "notify", "pipeline")
+_ACTION_KINDS = ("release", "notify", "pipeline", "set_fact")
+DURATION_UNITS_S = {"m": 60, "h": 3600, "d": 86400}
+"""Seconds per unit of an ``expires_after`` duration (``30m``, ``12h``, ``7d``)."""
 _GIT_COMMIT = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+_KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_FACT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -205,14 +214,41 @@ def rule_content_hash(rule: Mapping[str, Any]) -> str:
 
 def canonical_rule(rule: Mapping[str, Any]) -> dict[str, Any]:
     """``rule`` with defaults written out (description ``""``, fire ``once``, pipeline inputs
-    ``{}``) and ``when`` stripped of surrounding whitespace (a ``>`` block's final newline)."""
+    ``{}``, set_fact data ``{}``) and ``when`` stripped of surrounding whitespace (a ``>``
+    block's final newline).
+
+    The keys added later (``for_each``, approvals' ``standing``, ``expires_after`` and
+    ``notify``) are the other way round: their defaults are left out (``standing: false``
+    is dropped), so a rule that does not use them has the canonical form, and the hash, it
+    always had. ``expires_after`` is written in seconds (``7d`` and ``604800`` are the same).
+    """
     out = dict(rule)
     if isinstance(out.get("when"), str):
         out["when"] = out["when"].strip()
     out.setdefault("description", "")
     out.setdefault("fire", "once")
     out["actions"] = [_canonical_action(action) for action in rule.get("actions", [])]
+    approvals = out.get("approvals")
+    if isinstance(approvals, dict):
+        approvals = dict(approvals)
+        if approvals.get("standing") is False:
+            del approvals["standing"]
+        seconds = duration_seconds(approvals.get("expires_after"))
+        if seconds is not None:
+            approvals["expires_after"] = seconds
+        out["approvals"] = approvals
     return out
+
+
+def duration_seconds(value: Any) -> int | None:
+    """Seconds of a schema-valid ``expires_after`` (a whole number of seconds, or ``30m``,
+    ``12h``, ``7d``); None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and len(value) > 1 and value[:-1].isdigit():
+        unit = DURATION_UNITS_S.get(value[-1])
+        return int(value[:-1]) * unit if unit is not None else None
+    return None
 
 
 def ruleset_version(files: Mapping[str, str]) -> str:
@@ -579,7 +615,7 @@ def _check_file_contents(name: str, text: str, digest: str) -> CheckedFile:
     shape = _shape_problem(doc)
     if shape is not None:
         return CheckedFile(name, text, digest, (), (*problems, shape))
-    problems += schema_problems(doc, RULES_SCHEMA, _rule_id_of)
+    problems += _clearer_schema_problems(schema_problems(doc, RULES_SCHEMA, _rule_id_of))
     items = list(enumerate(doc.data)) if isinstance(doc.data, list) else [(None, doc.data)]
     candidates = []
     for index, item in items:
@@ -623,9 +659,147 @@ def _check_rule(candidate: _Candidate) -> None:
     if not isinstance(actions, list):
         return
     has_release = any(isinstance(a, dict) and "release" in a for a in actions)
+    for_each = candidate.data.get("for_each")
+    condition = candidate.condition
+    scope = TemplateScope.of(
+        has_release=has_release,
+        item_kind=for_each if isinstance(for_each, str) and _KIND.fullmatch(for_each) else None,
+        reads=condition.reads if condition is not None else None,
+    )
     for index, kind, body in _well_formed_actions(actions):
-        if kind == "notify":
-            _check_message(candidate, ("actions", index, kind), body, has_release)
+        for path, text in _body_templates(kind, body):
+            where: PathParts = ("actions", index, kind, *path)
+            for found in check_template(text, scope):
+                problem = candidate.problem_inside(where, found.offset, found.message)
+                candidate.problems.append(problem)
+        if kind == "set_fact":
+            _check_set_fact_id(candidate, ("actions", index, kind), body)
+            _check_self_trigger(candidate, ("actions", index, kind), body)
+
+
+def _check_self_trigger(candidate: _Candidate, path: PathParts, body: Mapping[str, Any]) -> None:
+    """A set_fact whose fact can fire its own rule again: an error (see
+    ``self_trigger_problem``), at the action's ``kind``."""
+    data = candidate.data
+    condition = candidate.condition
+    fact_kind, fact_id = body.get("kind"), body.get("id")
+    if condition is None or not isinstance(fact_kind, str) or not isinstance(fact_id, str):
+        return
+    for_each = data.get("for_each")
+    message = self_trigger_problem(
+        fire=data.get("fire", "once"),
+        for_each=for_each if isinstance(for_each, str) else None,
+        read_kinds=frozenset(ref.kind for ref in condition.reads),
+        fact_kind=fact_kind,
+        fact_id=fact_id,
+    )
+    if message is not None:
+        candidate.problems.append(candidate.problem((*path, "kind"), message))
+
+
+def self_trigger_problem(
+    *, fire: Any, for_each: str | None, read_kinds: frozenset[str], fact_kind: str, fact_id: str
+) -> str | None:
+    """Why a rule that sets a fact of ``fact_kind`` (id template ``fact_id``) can fire again
+    because of that fact, or None when it cannot.
+
+    A rule re-triggers itself when the kind it sets is its ``for_each`` kind or a kind its
+    ``when`` reads. Whether that can make it fire again depends on ``fire``:
+
+    - ``each_fact``: a per-item rule is triggered by facts of its ``for_each`` kind only, a
+      plain one by every fact it reads; each such fact may fire it: always reported.
+    - ``each_time``: every fact the rule reads re-evaluates it, and its own fact may close
+      and reopen its condition: reported.
+    - ``once``: an instance fires at most once, so a plain rule (one instance) is never
+      reported, nor a per-item rule that sets its own item (``id: "${item.id}"``); a per-item
+      rule setting another fact of its ``for_each`` kind makes a new instance, which may fire
+      and set the next one: reported.
+
+    Reported as an error, not a warning: such a chain is only stopped by
+    ``max_chain_depth``, where the firing is blocked and alerted, so it is never what a
+    rule means; a bounded sequence of steps is written as one rule per step, each setting
+    a kind the next one reads.
+    """
+    read = fact_kind in read_kinds
+    own = fact_kind == for_each
+    if fire == "each_fact":
+        hit = own if for_each is not None else read
+    elif fire == "each_time":
+        hit = own or read
+    else:
+        hit = own and fact_id.strip() != "${item.id}"
+    if not hit:
+        return None
+    reads = "its for_each kind" if own else "a kind its 'when' reads"
+    if fire == "once":
+        why = "each fact it sets is a new item of this rule, which may fire and set the next one"
+    elif fire == "each_fact":
+        why = "each fact it sets can fire it again (fire: each_fact)"
+    else:
+        why = "the fact it sets can close and reopen its condition (fire: each_time)"
+    return (
+        f"this rule sets a fact of kind {fact_kind!r}, {reads}, so it can re-trigger itself: "
+        f"{why}, a loop only max_chain_depth would stop; set a kind this rule does not read "
+        "and let another rule read it"
+    )
+
+
+def _body_templates(kind: str, body: Mapping[str, Any]) -> list[tuple[PathParts, str]]:
+    """(path inside the body, text) of each template of an action body as written (see
+    ``templates.TEMPLATE_FIELDS``); values of the wrong type are left to the schema."""
+    found: list[tuple[PathParts, str]] = []
+    for field_name in TEMPLATE_FIELDS.get(kind, ()):
+        if field_name.endswith(".*"):
+            mapping = body.get(field_name[:-2])
+            if isinstance(mapping, dict):
+                found += [
+                    ((field_name[:-2], str(key)), value)
+                    for key, value in mapping.items()
+                    if isinstance(value, str)
+                ]
+        elif isinstance(body.get(field_name), str):
+            found.append(((field_name,), body[field_name]))
+    return found
+
+
+def _check_set_fact_id(candidate: _Candidate, path: PathParts, body: Mapping[str, Any]) -> None:
+    """A set_fact ``id`` without placeholders must be a valid fact id as written."""
+    fact_id = body.get("id")
+    if not isinstance(fact_id, str) or "$" in fact_id or _FACT_ID.fullmatch(fact_id):
+        return
+    message = (
+        f"{shorten(fact_id)!r} is not a valid fact id (letters, digits and _ . -, starting "
+        "with a letter or digit, at most 128 characters)"
+    )
+    candidate.problems.append(candidate.problem((*path, "id"), message))
+
+
+SET_FACT_PROJECT_MESSAGE = (
+    "set_fact has no 'project' key: a rule records facts only in its own project "
+    "(the rule's 'project'); to act on another project, post the fact to it from outside"
+)
+"""The problem of a ``project`` key in a ``set_fact`` action (instead of the schema's
+"unknown key" wording)."""
+
+
+def _clearer_schema_problems(problems: list[Problem]) -> list[Problem]:
+    """``problems`` with the schema's wording replaced where a plainer sentence exists:
+    a ``project`` key in a ``set_fact`` action."""
+    out = []
+    for problem in problems:
+        if problem.path.endswith(".set_fact.project") and problem.message.startswith(
+            "unknown key 'project'"
+        ):
+            problem = Problem(
+                problem.file,
+                problem.line,
+                problem.column,
+                SET_FACT_PROJECT_MESSAGE,
+                problem.path,
+                problem.rule_id,
+            )
+        out.append(problem)
+    return out
 
 
 def _reference_problems(file: CheckedFile, config: Config, docs: _Documents) -> list[Problem]:
@@ -633,6 +807,11 @@ def _reference_problems(file: CheckedFile, config: Config, docs: _Documents) -> 
     that cannot take the action (located by parsing the file again, only when there are)."""
     problems = []
     for rule in file.rules:
+        approvals = rule.data.get("approvals")
+        notify = approvals.get("notify") if isinstance(approvals, dict) else None
+        if isinstance(notify, str):
+            for _, message in _reference_findings("notify", {"target": notify}, config):
+                problems.append(docs.problem(file, rule, ("approvals", "notify"), message))
         actions = rule.data.get("actions")
         if not isinstance(actions, list):
             continue
@@ -657,8 +836,10 @@ def _check_when(candidate: _Candidate) -> None:
     text = candidate.data.get("when")
     if not isinstance(text, str) or not text or len(text) > MAX_EXPRESSION_CHARS:
         return  # the schema says what is wrong
+    for_each = candidate.data.get("for_each")
+    item_kind = for_each if isinstance(for_each, str) and _KIND.fullmatch(for_each) else None
     try:
-        candidate.condition = compile_condition(text)
+        candidate.condition = compile_condition(text, item_kind=item_kind)
     except ExpressionError as error:
         for found in error.problems:
             message = _expression_message(found)
@@ -681,17 +862,6 @@ def _check_approvals(candidate: _Candidate) -> None:
         noun = "approver is" if len(approvers) == 1 else "approvers are"
         message = f"requires {required} approvals but only {len(approvers)} {noun} listed in 'from'"
         candidate.problems.append(candidate.problem(("approvals", "required"), message))
-
-
-def _check_message(
-    candidate: _Candidate, path: PathParts, body: Mapping[str, Any], has_release: bool
-) -> None:
-    message = body.get("message")
-    if not isinstance(message, str):
-        return
-    for found in check_template(message, allowed_names(has_release=has_release)):
-        where = (*path, "message")
-        candidate.problems.append(candidate.problem_inside(where, found.offset, found.message))
 
 
 _Findings = list[tuple[PathParts, str]]
@@ -809,6 +979,7 @@ def _build_rule(candidate: _Candidate) -> Rule:
         file=candidate.doc.file,
         line=candidate.doc.position(candidate.prefix)[0],
         source=data,
+        for_each=data.get("for_each"),
     )
 
 
@@ -819,6 +990,10 @@ def _build_action(action: Mapping[str, Any]) -> Action:
         return ReleaseAction(**{name: body[name] for name in fields})
     if kind == "notify":
         return NotifyAction(target=body["target"], message=body["message"])
+    if kind == "set_fact":
+        return SetFactAction(
+            fact_kind=body["kind"], fact_id=body["id"], data=dict(body.get("data", {}))
+        )
     return PipelineAction(
         target=body["target"], ref=body["ref"], inputs=dict(body.get("inputs", {}))
     )
@@ -827,7 +1002,14 @@ def _build_action(action: Mapping[str, Any]) -> Action:
 def _build_approvals(data: Mapping[str, Any] | None) -> Approvals | None:
     if data is None:
         return None
-    return Approvals(required=data["required"], from_=tuple(data["from"]))
+    expires = duration_seconds(data.get("expires_after"))
+    return Approvals(
+        required=data["required"],
+        from_=tuple(data["from"]),
+        standing=bool(data.get("standing", False)),
+        expires_after_s=float(expires) if expires is not None else None,
+        notify=data.get("notify"),
+    )
 
 
 def _canonical_action(action: Any) -> Any:
@@ -835,4 +1017,8 @@ def _canonical_action(action: Any) -> Any:
         pipeline = dict(action["pipeline"])
         pipeline.setdefault("inputs", {})
         return {"pipeline": pipeline}
+    if isinstance(action, dict) and isinstance(action.get("set_fact"), dict):
+        set_fact = dict(action["set_fact"])
+        set_fact.setdefault("data", {})
+        return {"set_fact": set_fact}
     return action
