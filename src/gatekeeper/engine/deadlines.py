@@ -67,7 +67,7 @@ from typing import Generic, TypeVar
 
 from gatekeeper.engine.facts import FactTable, ProjectFacts
 from gatekeeper.engine.model import InstanceKey
-from gatekeeper.expr import next_change_at
+from gatekeeper.expr import Item, next_change_at
 from gatekeeper.rules.model import Rule
 
 K = TypeVar("K", bound=Hashable)
@@ -224,9 +224,10 @@ def _next_change(rule: Rule, item: str, facts: FactTable, now: datetime) -> date
     lookup = ProjectFacts(rule.project, facts)
     if rule.for_each is None:
         return next_change_at(rule.condition, lookup, now)
-    if facts.get((rule.project, rule.for_each, item)) is None:
+    data = facts.get((rule.project, rule.for_each, item))
+    if data is None:
         return None
-    return next_change_at(rule.condition, lookup, now)
+    return next_change_at(rule.condition, lookup, now, item=Item(rule.for_each, item, data))
 
 
 def mark_due(

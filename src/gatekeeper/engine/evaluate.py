@@ -44,8 +44,9 @@ from gatekeeper.engine.model import (
     Transition,
     Trigger,
     evaluation_to_json,
+    split_fact_name,
 )
-from gatekeeper.expr import Evaluation, FactRef
+from gatekeeper.expr import Evaluation, FactRef, Item
 from gatekeeper.rules.model import (
     Action,
     FireMode,
@@ -56,7 +57,13 @@ from gatekeeper.rules.model import (
     Ruleset,
     SetFactAction,
 )
-from gatekeeper.rules.templates import TemplateError, render_template, template_values
+from gatekeeper.rules.templates import (
+    Resolve,
+    TemplateError,
+    render_template,
+    slack_escape,
+    template_resolver,
+)
 
 DEFAULT_MAX_CHAIN_DEPTH = 16
 """How deep a chain of rules setting facts may go by default (``max_chain_depth``)."""
@@ -570,7 +577,7 @@ class Engine:
             n = state.fired_count + 1
             firing_id = f"{rule_id}#{n}" if for_each is None else f"{rule_id}[{item}]#{n}"
             new_state = replace(new_state, fired_count=n, last_fired_at=decided_at)
-            firing = _Firing(rule, item, data, firing_id, now, depth + 1, evaluation)
+            firing = _Firing(rule, item, data, firing_id, now, depth + 1, evaluation, lookup)
             blocked = self._queue_firing(transition, firing, book)
             if blocked is not None:
                 outcome = "blocked"
@@ -794,16 +801,22 @@ class _Firing:
     fired_at: datetime
     depth: int
     evaluation: Evaluation
+    lookup: ProjectFacts
+    """The facts as the decision saw them (templates read the facts the rule reads)."""
 
 
-def _read_by_id(evaluation: Evaluation) -> dict[str, Any]:
-    """The facts an evaluation read by id that exist: ``{"kind.id": data}`` (kinds read
-    whole are not copied)."""
-    return {
-        name: data
-        for name, data in evaluation.seen.items()
-        if "." in name and data is not None and not name.startswith("item.")
-    }
+def _read_by_id(evaluation: Evaluation, item: Item | None) -> dict[str, Any]:
+    """The facts an evaluation read by id that exist, but the instance's own ``item``:
+    ``{"kind.id": data}`` (kinds read whole are not copied)."""
+    read = {}
+    for name, data in evaluation.seen.items():
+        if data is None:
+            continue
+        kind, fact_id = split_fact_name(name)
+        if fact_id is None or (item is not None and (kind, fact_id) == (item.kind, item.id)):
+            continue
+        read[name] = data
+    return read
 
 
 def render_firing(
@@ -814,34 +827,43 @@ def render_firing(
     """The actions one firing queues, each with a fresh id from ``new_action_id`` that stays
     stable across retries, and the facts it sets (``set_fact``, with ``caused_by``). Every
     action body carries ``project``, ``item`` (per-item rules: ``{kind, id, data}``) and
-    ``facts`` (the facts the decision read by id, when any).
+    ``facts`` (the facts the decision read by id, when any: ``{"kind.id": data}``).
 
-    Raises ``FiringBlocked`` when an action cannot be rendered (its reason names the action
-    and its number, 1-based)."""
+    Templates (notify ``message``, pipeline ``ref`` and ``inputs``, set_fact ``id`` and
+    string ``data`` values) are rendered with the rule's names, the item and the facts as
+    the decision saw them; values sent to a target of format ``slack`` (``target_formats``)
+    are Slack-escaped. Raises ``FiringBlocked`` when a template cannot be rendered (a name
+    without a value, a text too long): its reason names the action and its number
+    (1-based), e.g. ``template name item.data.commit has no value (notify action 1)``."""
     rule = firing.rule
-    values = template_values(rule, firing.fired_at)
-    created_at = values["fired_at"]
+    created_at = _format_now(firing.fired_at)
+    item = None
     extra: dict[str, Any] = {}
-    if rule.for_each is not None:
-        extra["item"] = {"kind": rule.for_each, "id": firing.item, "data": firing.data}
-    read = _read_by_id(firing.evaluation)
+    if rule.for_each is not None and firing.data is not None:
+        item = Item(rule.for_each, firing.item, firing.data)
+        extra["item"] = {"kind": rule.for_each, "id": firing.item, "data": dict(firing.data)}
+    read = _read_by_id(firing.evaluation, item)
     if read:
         extra["facts"] = read
+    resolve = template_resolver(rule, firing.fired_at, item=item, fact=firing.lookup.get)
+    formats = target_formats or {}
     queued: list[QueuedAction] = []
     facts: list[FactInput] = []
     for number, action in enumerate(rule.actions, start=1):
         where = f"{action.kind} action {number}"
         if isinstance(action, SetFactAction):
-            fact_id = _render(action.fact_id, values, where)
+            fact_id = _render(action.fact_id, resolve, None, where)
             data = {
-                k: _render(v, values, where) if isinstance(v, str) else v
+                k: _render(v, resolve, None, where) if isinstance(v, str) else v
                 for k, v in action.data.items()
             }
             caused_by = CausedBy(rule.id, firing.item, firing.firing_id, firing.depth)
             facts.append(FactInput(rule.project, action.fact_kind, fact_id, data, caused_by))
             continue
+        escape = slack_escape if formats.get(action.target) == "slack" else None
+        body = _render_payload(action, resolve, escape, where)
         action_id = new_action_id()
-        payload = {"project": rule.project, **_render_payload(action, values, where), **extra}
+        payload = {"project": rule.project, **body, **extra}
         if isinstance(action, ReleaseAction):
             payload["release_id"] = action_id
         queued.append(
@@ -859,14 +881,16 @@ def render_firing(
     return queued, facts
 
 
-def _render(text: str, values: Mapping[str, str], where: str) -> str:
+def _render(text: str, resolve: Resolve, escape: Callable[[str], str] | None, where: str) -> str:
     try:
-        return render_template(text, values)
+        return render_template(text, resolve, escape=escape)
     except TemplateError as exc:
         raise FiringBlocked(f"{exc} ({where})") from None
 
 
-def _render_payload(action: Action, values: Mapping[str, str], where: str) -> dict[str, Any]:
+def _render_payload(
+    action: Action, resolve: Resolve, escape: Callable[[str], str] | None, where: str
+) -> dict[str, Any]:
     if isinstance(action, ReleaseAction):
         return {
             "escrow": action.escrow,
@@ -875,9 +899,12 @@ def _render_payload(action: Action, values: Mapping[str, str], where: str) -> di
             "payee": action.payee,
         }
     if isinstance(action, NotifyAction):
-        return {"message": _render(action.message, values, where)}
+        return {"message": _render(action.message, resolve, escape, where)}
     if isinstance(action, PipelineAction):
-        return {"ref": action.ref, "inputs": dict(action.inputs)}
+        return {
+            "ref": _render(action.ref, resolve, escape, where),
+            "inputs": {k: _render(v, resolve, escape, where) for k, v in action.inputs.items()},
+        }
     raise TypeError(f"unknown action {action!r}")
 
 
@@ -890,4 +917,6 @@ def _evaluate(
 ) -> Evaluation:
     """``rule``'s condition evaluated for instance ``item`` (its item's ``data``; None for
     a plain rule)."""
-    return rule.condition.evaluate(lookup, now)
+    if rule.for_each is None or data is None:
+        return rule.condition.evaluate(lookup, now)
+    return rule.condition.evaluate(lookup, now, item=Item(rule.for_each, item, data))

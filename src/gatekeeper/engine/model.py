@@ -6,6 +6,8 @@ no behaviour beyond small derived properties.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -212,3 +214,26 @@ def evaluation_to_json(evaluation: Evaluation) -> dict[str, Any]:
         "error": evaluation.error,
         "seen": dict(evaluation.seen),
     }
+
+
+_KIND = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def split_fact_name(name: str) -> tuple[str, str | None]:
+    """``(kind, id)`` of a name of ``Evaluation.seen``: ``milestone.design`` ->
+    ``("milestone", "design")``, ``task["T-17"]`` -> ``("task", "T-17")``; a kind read
+    whole (``task``) -> ``("task", None)``, as is a name of no known shape."""
+    match = _KIND.match(name)
+    if match is None:
+        return name, None
+    kind, rest = match.group(), name[match.end() :]
+    if rest.startswith(".") and len(rest) > 1:
+        return kind, rest[1:]
+    if rest.startswith("[") and rest.endswith("]"):
+        try:
+            fact_id = json.loads(rest[1:-1])
+        except ValueError:
+            return name, None
+        if isinstance(fact_id, str):
+            return kind, fact_id
+    return name, None

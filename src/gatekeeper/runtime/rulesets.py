@@ -165,7 +165,11 @@ class Rulesets:
         writer = self.writer
         async with writer.lock:
             engine = Engine(
-                ruleset, alert_target=config.alert_target, new_action_id=self.new_action_id
+                ruleset,
+                alert_target=config.alert_target,
+                new_action_id=self.new_action_id,
+                max_chain_depth=config.max_chain_depth,
+                target_formats={name: t.format for name, t in config.targets.items()},
             )
             book = EscrowBook(config.escrows, writer.book.committed)
             previous_rules = writer.engine.rules if writer.engine else {}

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from gatekeeper.engine.model import split_fact_name
 from gatekeeper.expr import Evaluation
 from gatekeeper.store.records import canonical_json
 
@@ -62,8 +63,8 @@ def stored_evaluation(
     facts: dict[str, int | None] = {}
     kinds: dict[str, int] | None = None
     for name, data in evaluation.seen.items():
-        kind, dot, fact_id = name.partition(".")
-        if not dot:
+        kind, fact_id = split_fact_name(name)
+        if fact_id is None:
             if kinds is None:
                 kinds = {}
             kinds[name] = len(data)

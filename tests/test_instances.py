@@ -1,0 +1,265 @@
+"""Per-item rules (``for_each``) in the engine: one instance per fact of the kind, each with
+its own state, firing ids ``<rule>[<item>]#<n>``, ``once`` per instance, ``each_time`` edges
+per instance, which instances a fact re-evaluates, reloads and admin acts over every
+instance, deadlines per instance, and the item in every action body."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from gatekeeper.engine.deadlines import DeadlineSchedule, instances_of, schedule_rules
+from gatekeeper.engine.evaluate import Engine, apply_transition
+from gatekeeper.engine.facts import FactTable
+from gatekeeper.engine.ledger import EscrowBook
+from gatekeeper.engine.model import AdminAct, FactInput, InstanceKey, RuleState, Transition
+from gatekeeper.rules.loader import load_rule_texts
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def engine_of(text: str, **options: Any) -> Engine:
+    result = load_rule_texts({"rules.yaml": text}, config=None)
+    assert result.ruleset is not None, [str(p) for p in result.problems]
+    counter = iter(range(1, 1_000_000))
+    return Engine(result.ruleset, new_action_id=lambda: f"act-{next(counter)}", **options)
+
+
+class World:
+    """An engine with its facts and states, each planned transition applied at once."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.facts = FactTable()
+        self.states: dict[InstanceKey, RuleState] = {}
+        self.approvals: dict[str, dict[str, str]] = {}
+        self.book = EscrowBook({})
+
+    def post(self, *facts: FactInput, now: datetime = NOW) -> Transition:
+        t = self.engine.plan_ingest(self.facts, self.states, list(facts), now, self.book.copy())
+        return self.apply(t)
+
+    def apply(self, t: Transition) -> Transition:
+        apply_transition(t, self.facts, self.states, self.approvals, self.book)
+        return t
+
+
+def build(build_id: str, status: str, **data: Any) -> FactInput:
+    return FactInput("dev", "build", build_id, {"status": status, **data})
+
+
+FAILED = """
+- id: dev/build-failed
+  project: dev
+  for_each: build
+  when: item.data.status == "failed"
+  fire: once
+  actions:
+    - notify: {target: chat, message: "build ${item.id} failed at ${item.data.commit}"}
+"""
+
+
+def test_each_item_is_an_instance_that_fires_once() -> None:
+    world = World(engine_of(FAILED))
+    first = world.post(build("b1", "failed", commit="abc"))
+    [decision] = first.decisions
+    assert (decision.instance, decision.outcome) == ("b1", "fired")
+    assert decision.firing_id == "dev/build-failed[b1]#1"
+    [action] = first.actions
+    assert action.instance == "b1"
+    assert action.payload["message"] == "build b1 failed at abc"
+    assert action.payload["item"] == {
+        "kind": "build",
+        "id": "b1",
+        "data": {"status": "failed", "commit": "abc"},
+    }
+    second = world.post(build("b2", "failed", commit="def"))
+    assert [(d.instance, d.outcome, d.firing_id) for d in second.decisions] == [
+        ("b2", "fired", "dev/build-failed[b2]#1")
+    ]  # a fact of the for_each kind re-evaluates its own instance only
+    again = world.post(build("b1", "failed", commit="abc"))
+    assert [(d.instance, d.outcome) for d in again.decisions] == [("b1", "already_fired")]
+    assert world.states[("dev/build-failed", "b1")].fired_count == 1
+    assert world.states[("dev/build-failed", "b2")].fired_count == 1
+    assert ("dev/build-failed", "") not in world.states
+
+
+EACH_TIME = """
+- id: dev/red
+  project: dev
+  for_each: build
+  when: item.data.status == "failed"
+  fire: each_time
+  actions:
+    - notify: {target: chat, message: "red ${item.id}"}
+"""
+
+
+def test_each_time_edges_are_per_instance() -> None:
+    world = World(engine_of(EACH_TIME))
+    outcomes = []
+    for fact in [
+        build("b1", "failed"),
+        build("b2", "failed"),
+        build("b1", "failed"),  # still failed: no edge for b1
+        build("b1", "passed"),
+        build("b2", "failed"),
+        build("b1", "failed"),  # a new edge for b1
+    ]:
+        [d] = world.post(fact).decisions
+        outcomes.append((d.instance, d.outcome, d.firing_id))
+    assert outcomes == [
+        ("b1", "fired", "dev/red[b1]#1"),
+        ("b2", "fired", "dev/red[b2]#1"),
+        ("b1", "still_met", None),
+        ("b1", "not_met", None),
+        ("b2", "still_met", None),
+        ("b1", "fired", "dev/red[b1]#2"),
+    ]
+
+
+FREEZE = """
+- id: dev/deploy-when-open
+  project: dev
+  for_each: build
+  when: item.data.status == "passed" and freeze.main.on == false
+  actions:
+    - pipeline: {target: ci, ref: "${item.data.commit}", inputs: {build: "${item.id}"}}
+"""
+
+
+def test_a_fact_read_otherwise_re_evaluates_every_instance() -> None:
+    world = World(engine_of(FREEZE))
+    world.post(FactInput("dev", "freeze", "main", {"on": True}))
+    world.post(build("b2", "passed", commit="c2"), build("b1", "passed", commit="c1"))
+    assert world.states[("dev/deploy-when-open", "b1")].gate_open is False
+    opened = world.post(FactInput("dev", "freeze", "main", {"on": False}))
+    assert [(d.instance, d.outcome) for d in opened.decisions] == [
+        ("b1", "fired"),
+        ("b2", "fired"),
+    ]  # every instance, in item id order
+    by_build = {a.payload["inputs"]["build"]: a.payload for a in opened.actions}
+    assert by_build["b1"]["ref"] == "c1" and by_build["b2"]["ref"] == "c2"
+    assert by_build["b1"]["facts"] == {"freeze.main": {"on": False}}
+    assert "build.b1" not in by_build["b1"]["facts"]  # the item is under item, not facts
+
+
+def test_a_batch_decides_each_instance_once_with_the_whole_batch() -> None:
+    world = World(engine_of(FAILED))
+    t = world.post(build("b1", "running", commit="x"), build("b1", "failed", commit="y"))
+    [decision] = t.decisions
+    assert (decision.instance, decision.fact_index, decision.outcome) == ("b1", 1, "fired")
+    assert t.actions[0].payload["message"] == "build b1 failed at y"
+
+
+def test_a_missing_template_name_blocks_the_firing_and_tells_the_alert_target() -> None:
+    world = World(engine_of(FAILED, alert_target="ops"))
+    t = world.post(build("b9", "failed"))  # no commit
+    [decision] = t.decisions
+    assert decision.outcome == "blocked"
+    assert decision.reason == "template name item.data.commit has no value (notify action 1)"
+    assert decision.firing_id == "dev/build-failed[b9]#1"  # a blocked firing counts
+    [alert] = t.actions
+    assert alert.target == "ops" and alert.instance == "b9"
+    assert alert.payload["alert"] == "firing_blocked"
+    assert alert.payload["reason"] == decision.reason
+    assert "dev/build-failed[b9]#1" in alert.payload["message"]
+
+
+def test_slack_targets_get_substituted_values_escaped() -> None:
+    text = FAILED.replace("build ${item.id} failed", "<b>${item.id}</b> failed")
+    world = World(engine_of(text, target_formats={"chat": "slack"}))
+    t = world.post(build("b1", "failed", commit="a<b>&c"))
+    assert t.actions[0].payload["message"] == "<b>b1</b> failed at a&lt;b&gt;&amp;c"
+
+
+def test_reload_evaluates_every_instance() -> None:
+    engine = engine_of(FAILED)
+    facts = FactTable(
+        {
+            ("dev", "build", "b2"): {"status": "failed", "commit": "2"},
+            ("dev", "build", "b1"): {"status": "passed", "commit": "1"},
+            ("other", "build", "b3"): {"status": "failed", "commit": "3"},
+        }
+    )
+    t = engine.plan_rules(facts, {}, engine.ruleset.rules, NOW, "reload")
+    assert [(d.instance, d.outcome) for d in t.decisions] == [("b1", "not_met"), ("b2", "fired")]
+    assert set(t.rule_states) == {("dev/build-failed", "b1"), ("dev/build-failed", "b2")}
+
+
+def test_admin_acts_take_one_instance_or_every_one() -> None:
+    world = World(engine_of(EACH_TIME))
+    world.post(build("b1", "failed"), build("b2", "passed"))
+    engine = world.engine
+    act = AdminAct("pause", "dev/red", "ops", "noisy", "dev", instance="b2")
+    world.apply(engine.plan_admin(world.facts, world.states, {}, act, NOW))
+    assert world.states[("dev/red", "b2")].paused
+    assert not world.states[("dev/red", "b1")].paused
+    [paused] = world.post(build("b2", "failed")).decisions
+    assert paused.outcome == "paused"
+    with pytest.raises(KeyError):
+        engine.plan_admin(
+            world.facts, world.states, {}, AdminAct("pause", "dev/red", "o", "r", instance="x"), NOW
+        )
+    # without an item: every instance it applies to (b2 is paused already)
+    everyone = AdminAct("pause", "dev/red", "ops", "all of them", "dev")
+    t = world.apply(engine.plan_admin(world.facts, world.states, {}, everyone, NOW))
+    assert [d.instance for d in t.decisions] == ["b1"]
+    assert all(s.paused for s in world.states.values())
+    with pytest.raises(ValueError, match="already paused"):
+        engine.plan_admin(world.facts, world.states, {}, everyone, NOW)
+
+
+HELD = """
+- id: dev/stale
+  project: dev
+  for_each: ticket
+  when: days_since(item.data.opened_at) >= 3
+  actions:
+    - notify: {target: chat, message: "${item.id} open for 3 days"}
+"""
+
+
+def test_deadlines_are_per_instance() -> None:
+    engine = engine_of(HELD)
+    world = World(engine)
+    world.post(
+        FactInput("dev", "ticket", "t1", {"opened_at": "2026-11-22T00:00:00Z"}),
+        FactInput("dev", "ticket", "t2", {"opened_at": "2026-11-23T06:00:00Z"}),
+    )
+    schedule: DeadlineSchedule[InstanceKey] = DeadlineSchedule()
+    schedule_rules(schedule, engine.time_dependent, world.facts, NOW)
+    assert schedule.due_at(("dev/stale", "t1")) == datetime(2026, 11, 25, tzinfo=UTC)
+    assert schedule.due_at(("dev/stale", "t2")) == datetime(2026, 11, 26, 6, tzinfo=UTC)
+    at = datetime(2026, 11, 25, tzinfo=UTC)
+    due = schedule.pop_due(at)
+    assert due == [("dev/stale", "t1")]
+    t = world.apply(
+        engine.plan_instances(world.facts, world.states, due, at, "time", record_unchanged=False)
+    )
+    assert [(d.instance, d.outcome) for d in t.decisions] == [("t1", "fired")]
+    assert instances_of(engine.time_dependent, world.facts) == [
+        ("dev/stale", "t1"),
+        ("dev/stale", "t2"),
+    ]
+    later = at + timedelta(days=2)
+    assert schedule.pop_due(later) == [("dev/stale", "t2")]
+
+
+def test_explain_names_the_instance() -> None:
+    world = World(engine_of(FAILED))
+    world.post(build("b1", "failed", commit="abc"))
+    rule = world.engine.rules["dev/build-failed"]
+    explained = world.engine.explain(
+        rule, world.facts, world.states.get(("dev/build-failed", "b1")), NOW, item="b1"
+    )
+    assert explained["item"] == {
+        "kind": "build",
+        "id": "b1",
+        "data": {"status": "failed", "commit": "abc"},
+    }
+    assert explained["fired_count"] == 1 and explained["gate_open"] is True
+    with pytest.raises(KeyError):
+        world.engine.explain(rule, world.facts, None, NOW, item="nope")
