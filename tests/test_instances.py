@@ -263,3 +263,66 @@ def test_explain_names_the_instance() -> None:
     assert explained["fired_count"] == 1 and explained["gate_open"] is True
     with pytest.raises(KeyError):
         world.engine.explain(rule, world.facts, None, NOW, item="nope")
+
+
+DAEMON_RULE = """
+- id: tower-a/build-failed
+  project: tower-a
+  for_each: build
+  when: item.data.status == "failed"
+  fire: each_time
+  actions:
+    - notify: {target: ci, message: "build ${item.id} failed at ${item.data.commit}"}
+"""
+
+
+async def test_the_daemon_keeps_instances_across_a_restart_and_shows_them(
+    project_factory: Any, start_daemon: Any, receiver: Any
+) -> None:
+    from .conftest import fact
+
+    project = project_factory(receiver.url)
+    project.write_rule("builds.yaml", DAEMON_RULE)
+    gk = await start_daemon(project)
+    await gk.post(
+        "/v1/facts",
+        {
+            "facts": [
+                fact("build", "b1", status="failed", commit="c1"),
+                fact("build", "b2", status="passed", commit="c2"),
+            ]
+        },
+    )
+    [sent] = await receiver.wait_for(1)
+    assert sent.body["message"] == "build b1 failed at c1"
+    assert sent.body["item"] == {
+        "kind": "build",
+        "id": "b1",
+        "data": {"status": "failed", "commit": "c1"},
+    }
+    status, rules = await gk.get("/v1/rules")
+    assert status == 200
+    [listed] = rules["rules"]
+    assert (listed["for_each"], listed["instances"], listed["fired_count"]) == ("build", 2, 1)
+    status, detail = await gk.get("/v1/rules/tower-a/build-failed")
+    assert status == 200 and detail["explanation"]["item"] is None
+    one = await gk.daemon.rule_detail("tower-a/build-failed", 5, "b1")
+    assert one["item"] == "b1" and one["explanation"]["gate_open"] is True
+    assert {d["instance"] for d in one["recent_decisions"]} == {"b1"}
+    page = gk.daemon.rule_instances(gk.daemon.rule("tower-a/build-failed"), limit=1)
+    assert [i["item"] for i in page["instances"]] == ["b1"] and page["next_cursor"] == "b1"
+    await gk.daemon.administer(
+        AdminAct("pause", "tower-a/build-failed", "ops", "flaky", "tower-a", instance="b2")
+    )
+    [action] = await gk.daemon.store.list_actions()
+    assert (action.instance, action.firing_id) == ("b1", "tower-a/build-failed[b1]#1")
+    await gk.stop()
+
+    gk = await start_daemon(project)
+    states = gk.daemon.writer.states
+    assert states[("tower-a/build-failed", "b1")].fired_count == 1
+    assert states[("tower-a/build-failed", "b2")].paused
+    await gk.post("/v1/facts", fact("build", "b2", status="failed", commit="c3"))
+    [paused] = await gk.daemon.store.list_decisions("tower-a/build-failed", 1, instance="b2")
+    assert paused.outcome == "paused"
+    assert len(receiver.received) == 1

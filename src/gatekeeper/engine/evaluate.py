@@ -410,9 +410,10 @@ class Engine:
         """The rule's current explanation (JSON-ready): gate, sub-conditions, missing facts,
         approvals counted, whether it is paused and how often it fired. ``item`` names the
         instance of a per-item rule (``KeyError`` when it has no such instance; ``""`` for
-        a plain rule)."""
+        a plain rule, or a per-item rule explained without an item: its ``item`` names are
+        missing and ``item`` is None)."""
         data = self._item_data(rule, item, facts)
-        if rule.for_each is not None and data is None:
+        if rule.for_each is not None and item and data is None:
             raise KeyError(f"rule {rule.id} has no instance {item!r}")
         evaluation = _evaluate(rule, ProjectFacts(rule.project, facts), now, item, data)
         standing = approvals_status(rule, (approvals or {}).get(rule.id, {}))
@@ -427,8 +428,10 @@ class Engine:
             "last_fired_at": state.last_fired_at,
             "evaluated_at": format_rfc3339(now),
         }
-        if rule.for_each is not None:
-            explained["item"] = {"kind": rule.for_each, "id": item, "data": data}
+        if rule.for_each is not None:  # without an item: its names are missing
+            explained["item"] = (
+                None if data is None else {"kind": rule.for_each, "id": item, "data": data}
+            )
         return explained
 
     @staticmethod

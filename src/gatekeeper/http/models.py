@@ -389,6 +389,7 @@ class Explanation(Model):
     ]
     last_fired_at: Timestamp | None
     evaluated_at: Timestamp
+    item: ItemRef | UnsetType | None = UNSET
 
 
 DecisionOutcome = Literal[
@@ -432,7 +433,7 @@ class RuleSummary(Model):
     project: str
     description: str
     when: str
-    fire: Literal["once", "each_time"]
+    fire: Literal["once", "each_time", "each_fact"]
     file: Annotated[str, Meta(description="Relative to the rules directory.")]
     line: Annotated[int, Meta(ge=1, description="1-based line where the rule starts.")]
     content_hash: Sha256Hex
@@ -440,9 +441,12 @@ class RuleSummary(Model):
     fired_count: Count
     last_fired_at: Timestamp | None
     gate_open: Annotated[bool | None, Meta(description="null: never evaluated.")]
+    for_each: str | UnsetType = UNSET
+    instances: Annotated[int, Meta(ge=0)] | UnsetType = UNSET
+    item: str | UnsetType = UNSET
 
 
-class Rule(RuleSummary):
+class Rule(RuleSummary, kw_only=True):
     """One rule, its state and its current explanation."""
 
     source: Annotated[

@@ -328,14 +328,23 @@ class Daemon:
         engine = self.writer.engine
         return engine.rules.get(rule_id) if engine else None
 
-    def rule_view(self, rule: Rule, *, explain: bool) -> dict[str, Any]:
-        """A rule as ``GET /v1/rules`` shows it; with ``explain`` its current explanation."""
-        return views.rule_view(self.writer, rule, explain=explain)
+    def rule_view(self, rule: Rule, *, explain: bool, item: str | None = None) -> dict[str, Any]:
+        """A rule as ``GET /v1/rules`` shows it; with ``explain`` its current explanation;
+        ``item``: one instance of a per-item rule (``KeyError`` when it has none such)."""
+        return views.rule_view(self.writer, rule, explain=explain, item=item)
 
-    async def rule_detail(self, rule_id: str, decisions: int) -> dict[str, Any]:
-        """A live rule's full view with its ``decisions`` most recent decisions
-        (``KeyError`` for a rule not live)."""
-        return await views.rule_detail(self.writer, rule_id, decisions)
+    async def rule_detail(
+        self, rule_id: str, decisions: int, item: str | None = None
+    ) -> dict[str, Any]:
+        """A live rule's full view with its ``decisions`` most recent decisions, of instance
+        ``item`` when given (``KeyError`` for a rule not live or an unknown instance)."""
+        return await views.rule_detail(self.writer, rule_id, decisions, item)
+
+    def rule_instances(
+        self, rule: Rule, *, after: str | None = None, limit: int = 100
+    ) -> dict[str, Any]:
+        """A page of the rule's instances with their states (``views.instances_view``)."""
+        return views.instances_view(self.writer, rule, after=after, limit=limit)
 
     def ruleset_view(self) -> dict[str, Any] | None:
         """The live ruleset's version, git commit, size and files (None before one)."""

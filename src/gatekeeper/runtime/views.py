@@ -14,7 +14,7 @@ from typing import Any
 
 from gatekeeper.config import Escrow
 from gatekeeper.engine.evaluate import Engine
-from gatekeeper.engine.model import FactKey
+from gatekeeper.engine.model import FactKey, RuleState
 from gatekeeper.rules.loader import load_rule_texts
 from gatekeeper.rules.model import Rule, SetFactAction
 from gatekeeper.runtime.ingest import Writer
@@ -27,10 +27,34 @@ Visible = Callable[[str | None], bool]
 """Whether the asker may see the things of a project (None: things of no project)."""
 
 
-def rule_view(writer: Writer, rule: Rule, *, explain: bool) -> dict[str, Any]:
+def rule_view(
+    writer: Writer, rule: Rule, *, explain: bool, item: str | None = None
+) -> dict[str, Any]:
     """A rule as ``GET /v1/rules`` shows it: what it is and its firing state; with
-    ``explain`` also its source and current explanation (``Engine.explain``)."""
-    state = writer.states.get((rule.id, ""))
+    ``explain`` also its source and current explanation (``Engine.explain``).
+
+    A per-item rule (``for_each``) also shows ``for_each`` and ``instances`` (how many it
+    has); its state is that of instance ``item`` when given (``item`` then names it; a
+    ``KeyError`` when there is no such instance), else the sum of its instances' firings
+    (``gate_open`` null) and an explanation without an item."""
+    state = None
+    fired_count = 0
+    last_fired_at = None
+    if rule.for_each is None:
+        state = writer.states.get((rule.id, ""))
+    elif item:
+        if writer.facts.get((rule.project, rule.for_each, item)) is None:
+            raise KeyError(f"rule {rule.id} has no instance {item!r}")
+        state = writer.states.get((rule.id, item))
+    else:
+        for found in instance_states(writer, rule.id):
+            fired_count += found.fired_count
+            if found.last_fired_at and (
+                last_fired_at is None or found.last_fired_at > last_fired_at
+            ):
+                last_fired_at = found.last_fired_at
+    if state is not None:
+        fired_count, last_fired_at = state.fired_count, state.last_fired_at
     view: dict[str, Any] = {
         "id": rule.id,
         "project": rule.project,
@@ -46,26 +70,74 @@ def rule_view(writer: Writer, rule: Rule, *, explain: bool) -> dict[str, Any]:
             else {a.kind: {"target": a.target}}
             for a in rule.actions
         ],
-        "fired_count": state.fired_count if state else 0,
-        "last_fired_at": state.last_fired_at if state else None,
+        "fired_count": fired_count,
+        "last_fired_at": last_fired_at,
         "gate_open": state.gate_open if state else None,
     }
+    if rule.for_each is not None:
+        view["for_each"] = rule.for_each
+        view["instances"] = len(writer.facts.of_kind(rule.project, rule.for_each))
+        if item:
+            view["item"] = item
     if explain:
         view["source"] = dict(rule.source)
         view["explanation"] = writer.live_engine().explain(
-            rule, writer.facts, state, writer.clock.now(), writer.approvals
+            rule, writer.facts, state, writer.clock.now(), writer.approvals, item=item or ""
         )
     return view
 
 
-async def rule_detail(writer: Writer, rule_id: str, decisions: int) -> dict[str, Any]:
+def instance_states(writer: Writer, rule_id: str) -> list[RuleState]:
+    """The states of every instance of rule ``rule_id`` the writer holds."""
+    return [state for (of, _), state in writer.states.items() if of == rule_id]
+
+
+def instances_view(
+    writer: Writer, rule: Rule, *, after: str | None = None, limit: int = 100
+) -> dict[str, Any]:
+    """A page of the instances of per-item rule ``rule``, by item id: each item id with
+    its state (``gate_open`` null: never evaluated), at most ``limit``, those after item id
+    ``after``; ``next_cursor`` is the last item id of a full page (None on the last page).
+    A rule without ``for_each`` has the one instance ``""``."""
+    if rule.for_each is None:
+        ids = [""]
+    else:
+        ids = sorted(writer.facts.of_kind(rule.project, rule.for_each))
+    if after is not None:
+        ids = [i for i in ids if i > after]
+    page = ids[:limit]
+    rows = []
+    for item in page:
+        state = writer.states.get((rule.id, item)) or RuleState(rule.id, instance=item)
+        rows.append(
+            {
+                "item": item,
+                "gate_open": state.gate_open,
+                "fired_count": state.fired_count,
+                "last_fired_at": state.last_fired_at,
+                "paused": state.paused,
+                "rearms": state.rearms,
+            }
+        )
+    more = len(ids) > limit
+    return {
+        "rule_id": rule.id,
+        "for_each": rule.for_each,
+        "instances": rows,
+        "next_cursor": page[-1] if more and page else None,
+    }
+
+
+async def rule_detail(
+    writer: Writer, rule_id: str, decisions: int, item: str | None = None
+) -> dict[str, Any]:
     """A rule's full view: state, source, explanation, the ruleset version and its
-    ``decisions`` most recent decisions. ``KeyError`` when the live ruleset has no rule
-    ``rule_id``."""
+    ``decisions`` most recent decisions (of instance ``item`` when given). ``KeyError`` when
+    the live ruleset has no rule ``rule_id`` (or the rule no instance ``item``)."""
     engine = writer.live_engine()
-    view = rule_view(writer, engine.rules[rule_id], explain=True)
+    view = rule_view(writer, engine.rules[rule_id], explain=True, item=item)
     view["ruleset_version"] = engine.ruleset.version
-    recent = await writer.store.list_decisions(rule_id, limit=decisions)
+    recent = await writer.store.list_decisions(rule_id, limit=decisions, instance=item or None)
     view["recent_decisions"] = [d.to_json() for d in recent]
     return view
 
