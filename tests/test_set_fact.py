@@ -12,7 +12,7 @@ from typing import Any
 from gatekeeper.engine.model import CausedBy, FactInput
 
 from .conftest import Project, fact
-from .test_instances import World, engine_of
+from .test_instances import NOW, World, engine_of
 
 CHAIN = """
 - id: site/milestone-complete
@@ -136,16 +136,22 @@ async def test_the_daemon_commits_the_chain_and_shows_caused_by(
     )
     gk = await start_daemon(project)
     await gk.post("/v1/facts", fact("milestone", "m1", title="structure"))
-    status, _ = await gk.post(
-        "/v1/facts",
-        {
-            "facts": [
-                fact("task", "T-1", status="done", milestone="m1"),
-                fact("task", "T-2", status="done", milestone="m1"),
-            ]
-        },
-    )
-    assert status in (200, 201)
+    body = {
+        "facts": [
+            fact("task", "T-1", status="done", milestone="m1"),
+            fact("task", "T-2", status="done", milestone="m1"),
+        ]
+    }
+    answers = []
+    for _ in range(2):  # the second time, a repeat answered from the Idempotency-Key
+        async with gk.session.post(
+            gk.url + "/v1/facts", json=body, headers={"Idempotency-Key": "tasks-1"}
+        ) as response:
+            assert response.status in (200, 201)
+            answers.append(await response.json())
+    # the answer counts the posted facts, not the one their rules set
+    assert answers[0]["accepted"] == 2 and answers[0]["seqs"] == [2, 3]
+    assert answers[1]["seqs"] == answers[0]["seqs"]
     [sent] = await receiver.wait_for(1)
     assert sent.body["message"] == "milestone m1 complete"
     assert sent.body["item"] == {
@@ -181,3 +187,36 @@ async def test_the_daemon_commits_the_chain_and_shows_caused_by(
     gk = await start_daemon(project)
     decisions = await gk.daemon.store.list_decisions("tower-a/release")
     assert [d.firing_id for d in decisions if d.firing_id] == ["tower-a/release[m1]#1"]
+
+
+APPROVED = """
+- id: site/sign-off
+  project: site
+  when: milestone.m1.ready == true
+  approvals: {required: 1, from: [alice]}
+  actions:
+    - set_fact: {kind: milestone_status, id: m1, data: {status: complete}}
+
+- id: site/release
+  project: site
+  for_each: milestone_status
+  when: item.data.status == "complete"
+  actions:
+    - notify: {target: chat, message: "milestone ${item.id} complete"}
+"""
+
+
+def test_an_approval_that_fires_a_set_fact_points_at_the_approval() -> None:
+    from gatekeeper.engine.model import ApprovalInput
+
+    world = World(engine_of(APPROVED))
+    world.post(FactInput("site", "milestone", "m1", {"ready": True}))
+    approval = ApprovalInput("site/sign-off", "site", "alice", "approve")
+    t = world.apply(
+        world.engine.plan_approval(world.facts, world.states, world.approvals, approval, NOW)
+    )
+    assert [f.kind for f in t.facts] == ["milestone_status"]
+    assert [(d.rule_id, d.trigger, d.outcome, d.fact_index) for d in t.decisions] == [
+        ("site/sign-off", "approval", "fired", 1),  # seqs: the set fact's, then the approval's
+        ("site/release", "fact", "fired", 0),
+    ]

@@ -356,7 +356,8 @@ class Writer:
                     await self._commit_alone(job)
                 return
             for (job, transition), seqs in zip(planned, results, strict=True):
-                job.result.set_result(IngestResult(seqs, job.request_id, replayed=False))
+                posted = seqs[: len(job.batch)]  # not the facts its rules set
+                job.result.set_result(IngestResult(posted, job.request_id, replayed=False))
                 log_firings(transition)
 
     async def _commit_alone(self, job: _IngestJob) -> None:
@@ -365,7 +366,8 @@ class Writer:
             if planned:
                 _, transition = planned[0]
                 (seqs,) = await self.commit_and_apply([transition])
-                job.result.set_result(IngestResult(seqs, job.request_id, replayed=False))
+                posted = seqs[: len(job.batch)]
+                job.result.set_result(IngestResult(posted, job.request_id, replayed=False))
                 log_firings(transition)
         except Exception as exc:
             log.exception("committing a fact batch failed; nothing of it was applied")
@@ -480,6 +482,7 @@ class Writer:
             transition.request_id = request_id
             transition.idempotency = idempotency
             (seqs,) = await self.commit_and_apply([transition])
+            seqs = seqs[len(transition.facts) :]  # the approval's (after facts rules set)
         log.info(
             "approval: %s %ss rule %s (request %s)",
             approval.subject,

@@ -96,7 +96,8 @@ class StateStore(Protocol):
         ``MAX_STORED_VALUE_CHARS`` as their size. Raises ``ValueError`` (before writing)
         when a row needs a time and the transition has neither; ``Conflict`` when a unique
         key is already stored (a ``firing_id``, ``action_id``, release id or idempotency
-        key: a double firing); nothing is written then.
+        key: a double firing); nothing is written then. The idempotency key keeps the
+        sequence numbers of the posted facts and approvals (not of facts rules set).
         """
         ...
 

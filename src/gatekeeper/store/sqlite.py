@@ -40,6 +40,7 @@ from gatekeeper.engine.model import (
     ApprovalInput,
     CausedBy,
     Decision,
+    FactInput,
     FactKey,
     InstanceKey,
     RuleState,
@@ -760,7 +761,19 @@ class SqliteStore:
             db.execute(
                 "INSERT INTO idempotency_keys (key, request_hash, seqs, request_id, created_at)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (t.idempotency.key, t.idempotency.request_hash, _dumps(seqs), request_id, now),
+                (
+                    t.idempotency.key,
+                    t.idempotency.request_hash,
+                    _dumps(
+                        [
+                            seq
+                            for seq, fact in zip(seqs, [*t.facts, *t.approvals], strict=True)
+                            if not isinstance(fact, FactInput) or fact.caused_by is None
+                        ]
+                    ),
+                    request_id,
+                    now,
+                ),
             )
         return seqs
 
