@@ -326,3 +326,20 @@ async def test_the_daemon_keeps_instances_across_a_restart_and_shows_them(
     [paused] = await gk.daemon.store.list_decisions("tower-a/build-failed", 1, instance="b2")
     assert paused.outcome == "paused"
     assert len(receiver.received) == 1
+
+
+def test_a_reload_records_only_the_instances_it_changes() -> None:
+    world = World(engine_of(FAILED))
+    world.post(build("b1", "failed", commit="1"), build("b2", "passed", commit="2"))
+    engine = world.engine
+    again = engine.plan_rules(world.facts, world.states, engine.ruleset.rules, NOW, "reload")
+    assert again.decisions == [] and again.rule_states == {}  # nothing changed
+    world.facts.put(("dev", "build", "b2"), {"status": "failed", "commit": "2"})  # unseen
+    changed = engine.plan_rules(world.facts, world.states, engine.ruleset.rules, NOW, "reload")
+    assert [(d.instance, d.outcome) for d in changed.decisions] == [("b2", "fired")]
+    other = engine_of(FAILED.replace("failed at", "broke at"))  # another version of the rule
+    t = other.plan_rules(world.facts, world.states, other.ruleset.rules, NOW, "reload")
+    assert [(d.instance, d.outcome) for d in t.decisions] == [
+        ("b1", "already_fired"),
+        ("b2", "fired"),
+    ]

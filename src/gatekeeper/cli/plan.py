@@ -134,7 +134,7 @@ def plan_deploy(
 ) -> Plan:
     """Plan deploying ``ruleset`` on top of ``snapshot`` at ``now``: evaluate, as the daemon does
     on a reload, every rule that is new or whose content hash changed."""
-    engine = Engine(ruleset, alert_target=config.alert_target)
+    engine = Engine.for_config(ruleset, config)
     deployed = snapshot.deployed
     added: list[Rule] = []
     changed: list[Rule] = []
@@ -711,7 +711,7 @@ def run_explain(args: argparse.Namespace, out: TextIO | None = None) -> int:
         if ruleset is None:
             return EXIT_USAGE
     rule = ruleset.by_id()[rule_id]
-    engine = Engine(ruleset, alert_target=config.alert_target)
+    engine = Engine.for_config(ruleset, config)
     file = rule_path(rules_dir, rule) if rules_dir is not None else None
     report = explain_rule(rule, engine, snapshot, now, file)
     if args.format == "json":

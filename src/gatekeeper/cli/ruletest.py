@@ -317,7 +317,7 @@ def run_test_file(
     if suite is None:
         result.problems = problems
         return result
-    engine = Engine(loaded.ruleset, alert_target=config.alert_target)
+    engine = Engine.for_config(loaded.ruleset, config)
     for case in suite.cases:
         if run is not None and not run.search(case.name):
             result.cases.append(CaseResult(case.name, case.line, "skipped"))

@@ -27,6 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from gatekeeper.clock import format_rfc3339
+from gatekeeper.config import Config
 from gatekeeper.engine.facts import FactTable, ProjectFacts
 from gatekeeper.engine.ledger import EscrowBook, LedgerEntry
 from gatekeeper.engine.model import (
@@ -179,6 +180,24 @@ class Engine:
         for rule in self.rules.values():
             if rule.for_each is not None or rule.fire == "each_fact":
                 self._special_kinds.update((rule.project, ref.kind) for ref in rule.condition.reads)
+
+    @classmethod
+    def for_config(
+        cls,
+        ruleset: Ruleset,
+        config: Config,
+        *,
+        new_action_id: Callable[[], str] = uuid_action_id,
+    ) -> Engine:
+        """An engine for ``ruleset`` as ``config`` (``gatekeeper.yaml``) sets it up: its
+        alert target, ``max_chain_depth`` and each target's message format."""
+        return cls(
+            ruleset,
+            alert_target=config.alert_target,
+            new_action_id=new_action_id,
+            max_chain_depth=config.max_chain_depth,
+            target_formats={name: target.format for name, target in config.targets.items()},
+        )
 
     def _index(self, rule: Rule, ref: FactRef) -> None:
         if ref.id is None:
@@ -369,7 +388,10 @@ class Engine:
         the firings are evaluated as in ``plan_ingest``.
 
         With ``record_unchanged`` False, a decision is kept only when the gate changed or the
-        rule fired (clock ticks would otherwise flood the audit log). ``rules`` resolves
+        rule fired (clock ticks would otherwise flood the audit log). The decision of an
+        instance of a per-item rule is kept only then in any case, or when the instance
+        was last evaluated under another version of the rule (or never): a reload of a
+        rule over 100,000 items records what changed, not 100,000 decisions. ``rules`` resolves
         rule ids (default: this engine's rules)."""
         book = book if book is not None else EscrowBook({})
         rules = rules if rules is not None else self.rules
@@ -391,7 +413,7 @@ class Engine:
                 and before.gate_open == decision.gate_open
                 and before.rule_hash == rule.content_hash
             )
-            if unchanged and not record_unchanged:
+            if unchanged and (not record_unchanged or rule.for_each is not None):
                 transition.decisions.pop()
                 transition.rule_states.pop(key, None)
         if transition.facts:

@@ -164,13 +164,7 @@ class Rulesets:
         config = config or self.config
         writer = self.writer
         async with writer.lock:
-            engine = Engine(
-                ruleset,
-                alert_target=config.alert_target,
-                new_action_id=self.new_action_id,
-                max_chain_depth=config.max_chain_depth,
-                target_formats={name: t.format for name, t in config.targets.items()},
-            )
+            engine = Engine.for_config(ruleset, config, new_action_id=self.new_action_id)
             book = EscrowBook(config.escrows, writer.book.committed)
             previous_rules = writer.engine.rules if writer.engine else {}
             states = writer.states
