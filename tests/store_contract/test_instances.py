@@ -10,9 +10,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from gatekeeper.clock import format_rfc3339
-from gatekeeper.engine.model import CausedBy, FactInput, QueuedAction, RuleState, Transition
+from gatekeeper.engine.model import (
+    AdminAct,
+    ApprovalInput,
+    CausedBy,
+    FactInput,
+    QueuedAction,
+    RuleState,
+    Transition,
+)
 from gatekeeper.expr import Evaluation
 from gatekeeper.store import Store
+from gatekeeper.store.queries import AuditQuery
 
 from . import build
 from .conftest import Backend
@@ -130,3 +139,37 @@ async def test_facts_set_by_rules_keep_caused_by(store: Store) -> None:
     )
     current = {f.kind: f for f in await store.list_facts("site")}
     assert current["milestone_status"].caused_by is None
+
+
+async def test_the_audit_log_names_instances(store: Store) -> None:
+    await store.commit_transition(_instance_firing("b1", 1, 0, {"status": "failed"}))
+    await store.commit_transition(build.firing("dev/plain", 1, build.at(1), project="dev"))
+    act = AdminAct("pause", RULE, "ops", "flaky", "dev", instance="b1")
+    await store.commit_transition(Transition(admin_acts=[act], planned_at=build.at(2)))
+    approval = ApprovalInput(RULE, "dev", "alice", "approve", "ok", instance="b1")
+    await store.commit_transition(Transition(approvals=[approval], planned_at=build.at(3)))
+    entries = await store.audit(AuditQuery(project="dev"))
+    assert [(e.kind, e.rule_id, e.instance) for e in entries] == [
+        ("approval", RULE, "b1"),
+        ("admin_act", RULE, "b1"),
+        ("decision", "dev/plain", ""),
+        ("decision", RULE, "b1"),
+    ]
+    assert entries[0].to_json()["instance"] == "b1"
+    assert "instance" not in entries[2].to_json()
+    only = await store.audit(AuditQuery(rule_id=RULE, instance="b1", kinds=("decision",)))
+    assert [e.firing_id for e in only] == [f"{RULE}[b1]#1"]
+    assert await store.audit(AuditQuery(instance="b2")) == []
+
+
+async def test_approvals_of_an_instance_are_kept_apart(store: Store) -> None:
+    plain = ApprovalInput("dev/plain", "dev", "alice", "approve")
+    one = ApprovalInput(RULE, "dev", "alice", "approve", instance="b1")
+    other = ApprovalInput(RULE, "dev", "alice", "reject", instance="b2")
+    await store.commit_transition(Transition(approvals=[plain, one, other], planned_at=build.T0))
+    withdrawn = ApprovalInput(RULE, "dev", "alice", "withdraw", instance="b2")
+    await store.commit_transition(Transition(approvals=[withdrawn], planned_at=build.at(1)))
+    # the standing approvals of rules as a whole are loaded as before
+    assert await store.load_approvals() == {"dev/plain": {"alice": "approve"}}
+    logged = [f.data for f in await store.fact_log() if f.kind == "approval"]
+    assert [d.get("instance") for d in logged] == [None, "b1", "b2", "b2"]

@@ -653,6 +653,9 @@ class AuditEntry(Model):
     fact_seq: int | None
     request_id: str | None
     trigger: str | None
+    instance: Annotated[
+        str | UnsetType, Meta(description="The item id of the instance (per-item rules).")
+    ] = UNSET
 
 
 class AuditPage(Model):

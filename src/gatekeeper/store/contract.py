@@ -125,7 +125,9 @@ class StateStore(Protocol):
         ...
 
     async def load_approvals(self) -> StandingApprovals:
-        """Every standing approval: ``{rule id: {subject: "approve" | "reject"}}``."""
+        """Every standing approval of a rule as a whole (instance ``""``): ``{rule id:
+        {subject: "approve" | "reject"}}``. Approvals of one instance of a per-item rule are
+        stored (``approvals.instance``) but not loaded here."""
         ...
 
     async def escrow_totals(self) -> EscrowTotals:

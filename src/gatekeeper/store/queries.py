@@ -33,9 +33,11 @@ class OutboxFilter:
 class AuditQuery:
     """Filters of the audit log.
 
-    ``project``/``rule_id`` equal to; ``kinds`` of entry; ``outcome`` of decisions (other
-    kinds pass); ``since`` inclusive, ``until`` exclusive (aware datetimes); ``after`` the
-    cursor of the last entry of the previous page (``AuditEntry.cursor``); ``projects`` what
+    ``project``/``rule_id`` equal to; ``instance`` the item id of an instance of a
+    per-item rule (``""``: entries about no instance); ``kinds`` of entry; ``outcome`` of
+    decisions (other kinds pass); ``since`` inclusive, ``until`` exclusive (aware
+    datetimes); ``after`` the cursor of the last entry of the previous page
+    (``AuditEntry.cursor``); ``projects`` what
     the reader may see (see the module: an admin act with no project of its own, such as
     ``retry_action``, is seen through its action's project); ``limit`` entries at most
     (a positive int).
@@ -43,6 +45,7 @@ class AuditQuery:
 
     project: str | None = None
     rule_id: str | None = None
+    instance: str | None = None
     kinds: tuple[AuditKind, ...] = AUDIT_KINDS
     outcome: str | None = None
     since: datetime | None = None

@@ -237,6 +237,9 @@ class AuditEntry:
     fact_seq: int | None
     request_id: str | None
     trigger: str | None
+    instance: str = ""
+    """The item id of the instance of a per-item rule the entry is about (shown only
+    then)."""
 
     @property
     def cursor(self) -> AuditCursor:
@@ -244,7 +247,7 @@ class AuditEntry:
         return AuditCursor(self.at, self.kind, self.id)
 
     def to_json(self) -> dict[str, Any]:
-        return record_json(self)
+        return record_json(self, omit=() if self.instance else ("instance",))
 
 
 @dataclass(frozen=True, slots=True)

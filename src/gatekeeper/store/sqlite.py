@@ -195,15 +195,16 @@ def _outbox_where(only: OutboxFilter | None) -> tuple[str, list[Any]]:
 
 _AUDIT_UNION = (
     "SELECT 'decision' AS kind, id, decided_at AS at, rule_id, project, outcome AS what,"
-    " NULL AS actor, reason, firing_id, fact_seq, request_id, trigger, project AS scope"
-    " FROM decisions"
+    " NULL AS actor, reason, firing_id, fact_seq, request_id, trigger, project AS scope,"
+    " instance FROM decisions"
     " UNION ALL SELECT 'admin_act', id, at, subject, project, act, actor, reason, NULL, NULL,"
     " NULL, NULL, COALESCE(project, CASE WHEN act = 'retry_action' THEN"
     " (SELECT json_extract(outbox.payload, '$.project') FROM outbox"
-    " WHERE outbox.action_id = admin_acts.subject) END) FROM admin_acts"
+    " WHERE outbox.action_id = admin_acts.subject) END), instance FROM admin_acts"
     " UNION ALL SELECT 'approval', seq, received_at, json_extract(data, '$.rule'), project,"
     " json_extract(data, '$.decision'), id, json_extract(data, '$.comment'), NULL, seq,"
-    " request_id, NULL, project FROM fact_log WHERE kind = 'approval'"
+    " request_id, NULL, project, COALESCE(json_extract(data, '$.instance'), '')"
+    " FROM fact_log WHERE kind = 'approval'"
 )
 """Every audit entry in one shape. ``scope`` is the project that decides who may see the
 entry: its own, or for an act on an action stored without one (``retry_action``), the
@@ -214,7 +215,11 @@ def _audit_where(query: AuditQuery) -> tuple[str, list[Any]]:
     """The WHERE clause of ``query`` over ``_AUDIT_UNION``, and its parameters."""
     clause, params = _in("kind", query.kinds)
     clauses = [clause]
-    for column, value in (("project", query.project), ("rule_id", query.rule_id)):
+    for column, value in (
+        ("project", query.project),
+        ("rule_id", query.rule_id),
+        ("instance", query.instance),
+    ):
         if value is not None:
             clauses.append(f"{column} = ?")
             params.append(value)
@@ -821,7 +826,7 @@ class SqliteStore:
     async def load_approvals(self) -> StandingApprovals:
         standing: StandingApprovals = {}
         for rule_id, subject, decision in await self._rows(
-            "SELECT rule_id, subject, decision FROM approvals"
+            "SELECT rule_id, subject, decision FROM approvals WHERE instance = ''"
         ):
             standing.setdefault(rule_id, {})[subject] = decision
         return standing
@@ -1102,7 +1107,7 @@ class SqliteStore:
         where, params = _audit_where(query)
         rows = await self._rows(
             "SELECT kind, id, at, rule_id, project, what, actor, reason, firing_id, fact_seq,"
-            f" request_id, trigger FROM ({_AUDIT_UNION}) AS entries{where}"
+            f" request_id, trigger, instance FROM ({_AUDIT_UNION}) AS entries{where}"
             " ORDER BY at DESC, kind DESC, id DESC LIMIT ?",
             (*params, query.limit),
         )
@@ -1218,11 +1223,13 @@ def _write_approval(
 ) -> int:
     """Append ``approval`` to the fact log (kind ``approval``, id the approver) and set, or
     for ``withdraw`` remove, the approver's standing decision on the rule; return its seq."""
-    data = {
+    data: dict[str, Any] = {
         "rule": approval.rule_id,
         "decision": approval.decision,
         "comment": approval.comment,
     }
+    if approval.instance:
+        data["instance"] = approval.instance
     cursor = db.execute(
         "INSERT INTO fact_log (project, kind, id, data, received_at, request_id)"
         " VALUES (?, 'approval', ?, ?, ?, ?)",
@@ -1231,16 +1238,25 @@ def _write_approval(
     seq = int(cursor.lastrowid or 0)
     if approval.decision == "withdraw":
         db.execute(
-            "DELETE FROM approvals WHERE rule_id = ? AND subject = ?",
-            (approval.rule_id, approval.subject),
+            "DELETE FROM approvals WHERE rule_id = ? AND instance = ? AND subject = ?",
+            (approval.rule_id, approval.instance, approval.subject),
         )
     else:
         db.execute(
-            "INSERT INTO approvals (rule_id, subject, decision, comment, seq, decided_at)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rule_id, subject) DO UPDATE SET"
+            "INSERT INTO approvals (rule_id, instance, subject, decision, comment, seq,"
+            " decided_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (rule_id, instance, subject) DO UPDATE SET"
             " decision = excluded.decision, comment = excluded.comment,"
             " seq = excluded.seq, decided_at = excluded.decided_at",
-            (approval.rule_id, approval.subject, approval.decision, approval.comment, seq, now),
+            (
+                approval.rule_id,
+                approval.instance,
+                approval.subject,
+                approval.decision,
+                approval.comment,
+                seq,
+                now,
+            ),
         )
     return seq
 

@@ -1,9 +1,10 @@
 -- 7: rules over many things. Rule state is kept per instance: (rule_id, instance), where
 -- instance is the item id of a per-item rule and '' for a rule without for_each (SQLite
 -- cannot change a primary key: the table is rebuilt, every row kept as instance ''). Decisions,
--- outbox entries and admin acts name their instance; a fact recorded by a rule (set_fact)
--- keeps why in fact_log.caused_by (JSON: rule_id, instance, firing_id, depth; NULL for a
--- posted fact).
+-- outbox entries, admin acts and standing approvals name their instance (approvals are
+-- rebuilt too: their key becomes (rule_id, instance, subject)); a fact recorded by a rule
+-- (set_fact) keeps why in fact_log.caused_by (JSON: rule_id, instance, firing_id, depth;
+-- NULL for a posted fact).
     CREATE TABLE rule_state_by_instance (
         rule_id TEXT NOT NULL,
         instance TEXT NOT NULL DEFAULT '',
@@ -26,3 +27,18 @@
     ALTER TABLE outbox ADD COLUMN instance TEXT NOT NULL DEFAULT '';
     ALTER TABLE admin_acts ADD COLUMN instance TEXT NOT NULL DEFAULT '';
     ALTER TABLE fact_log ADD COLUMN caused_by TEXT;
+    CREATE TABLE approvals_by_instance (
+        rule_id TEXT NOT NULL,
+        instance TEXT NOT NULL DEFAULT '',
+        subject TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        comment TEXT,
+        seq INTEGER NOT NULL REFERENCES fact_log(seq),
+        decided_at TEXT NOT NULL,
+        PRIMARY KEY (rule_id, instance, subject)
+    );
+    INSERT INTO approvals_by_instance (rule_id, instance, subject, decision, comment, seq,
+        decided_at)
+        SELECT rule_id, '', subject, decision, comment, seq, decided_at FROM approvals;
+    DROP TABLE approvals;
+    ALTER TABLE approvals_by_instance RENAME TO approvals;
