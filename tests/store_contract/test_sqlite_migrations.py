@@ -206,8 +206,14 @@ async def test_a_database_of_schema_6_keeps_its_rule_states_as_plain_instances(
             ' \'{"project":"tower-a"}\', ?, ?)',
             (t, t),
         )
+        db.execute(
+            "INSERT INTO approvals (rule_id, subject, decision, comment, seq, decided_at)"
+            " VALUES ('tower-a/r', 'alice', 'approve', 'ok', 1, ?)",
+            (t,),
+        )
     store = await open_store(path)
     try:
+        assert await store.load_approvals() == {"tower-a/r": {"alice": "approve"}}
         states = await store.load_rule_states()
         assert states == {
             ("tower-a/r", ""): RuleState("tower-a/r", True, 2, t, "h-r", True, 1),
