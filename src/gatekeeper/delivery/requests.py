@@ -16,7 +16,10 @@ Body shapes (``type`` tells them apart):
 - pipeline (generic webhook): ``{"type": "pipeline", "ref", "inputs", ...}``
 
 Every JSON body (but the Slack one) also carries ``action_id``, ``rule_id``, ``project``,
-``firing_id`` and ``fired_at``. Amounts stay decimal strings.
+``firing_id`` and ``fired_at``; the action of a per-item rule carries ``item`` (``{kind, id,
+data}``, the instance's fact), and every action whose rule read facts by id carries them
+as ``facts`` (``{"kind.id": data}``, as the decision saw them), so a receiver needs no
+second call. Amounts stay decimal strings.
 
 Pipeline actions to a CI target get the request that service documents instead (unsigned:
 the service authenticates gatekeeper by its token, read from ``token_env``):
