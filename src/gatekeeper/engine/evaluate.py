@@ -4,13 +4,30 @@ The engine keeps an index from the fact keys each rule reads (found statically f
 ``when`` expression, see ``Condition.reads``) to the rules, so a fact re-evaluates only the
 rules that read it: the cost of a fact does not grow with the size of the ruleset.
 
+A rule is decided per *instance*, ``InstanceKey = (rule id, item id)``: a rule without
+``for_each`` has the one instance ``(id, "")``; a per-item rule (``for_each: KIND``) one per
+fact of KIND in its project, evaluated with that fact as ``item``. A fact of KIND
+re-evaluates its own instance only; a fact the rule reads otherwise (by id, or its whole
+kind) every instance. Firing ids are ``<rule id>#<n>`` and ``<rule id>[<item id>]#<n>``.
+
 A rule's *gate* is its condition together with its approvals (``approvals: {required: N}``).
 Firing follows the rule's ``fire`` mode:
 
 - ``once``: the first time the gate is open, and never again for that rule id (the count of
   firings is persisted, so this holds across restarts and reloads);
 - ``each_time``: on every closed -> open edge of the gate (a rule never seen before counts
-  as closed, so a newly loaded rule whose gate is already open fires at once).
+  as closed, so a newly loaded rule whose gate is already open fires at once);
+- ``each_fact`` (an event rule): at every fact that triggers it while its gate is open,
+  whatever it was before; each fact of a batch decides it on its own, seeing the batch
+  applied up to and including that fact. Nothing but a fact fires it (a reload or tick
+  finds it ``still_met``). A per-item event rule is triggered by its own item only.
+
+``once`` and ``each_time`` hold per instance. A firing's ``set_fact`` actions append facts
+(with ``caused_by``) to the same transition, evaluated like posted facts, level by level
+(breadth first: the facts a level's firings set form the next level), up to
+``max_chain_depth`` levels; a firing that would set a deeper fact is ``blocked``. A
+firing is also ``blocked`` when a release does not fit its escrow or a template name has
+no value; nothing of a blocked firing is sent or recorded but the alert.
 
 The caller (the runtime's ``Writer``, ``gatekeeper.runtime.ingest``) commits the returned
 ``Transition`` in one transaction and only then applies it to its in-memory state.
