@@ -343,3 +343,36 @@ def test_a_reload_records_only_the_instances_it_changes() -> None:
         ("b1", "already_fired"),
         ("b2", "fired"),
     ]
+
+
+GATED = """
+- id: dev/ship
+  project: dev
+  for_each: build
+  when: item.data.status == "passed"
+  approvals: {required: 1, from: [alice]}
+  actions:
+    - pipeline: {target: ci, ref: "${item.data.commit}"}
+"""
+
+
+def test_an_approval_counts_for_the_instance_it_names() -> None:
+    from gatekeeper.engine.model import ApprovalInput
+
+    world = World(engine_of(GATED))
+    t = world.post(build("b1", "passed", commit="c1"), build("b2", "passed", commit="c2"))
+    assert [d.outcome for d in t.decisions] == ["awaiting_approvals", "awaiting_approvals"]
+    approval = ApprovalInput("dev/ship", "dev", "alice", "approve", instance="b2")
+    t = world.apply(
+        world.engine.plan_approval(world.facts, world.states, world.approvals, approval, NOW)
+    )
+    assert [(d.instance, d.outcome, d.firing_id) for d in t.decisions] == [
+        ("b2", "fired", "dev/ship[b2]#1")
+    ]
+    assert t.actions[0].payload["ref"] == "c2"
+    assert world.approvals == {"dev/ship[b2]": {"alice": "approve"}}
+    [still] = world.post(build("b1", "passed", commit="c1")).decisions
+    assert still.outcome == "awaiting_approvals"  # b2's approval is not b1's
+    rule = world.engine.rules["dev/ship"]
+    explained = world.engine.explain(rule, world.facts, None, NOW, world.approvals, item="b2")
+    assert explained["approvals"]["approved_by"] == ["alice"]

@@ -169,7 +169,10 @@ async def test_approvals_of_an_instance_are_kept_apart(store: Store) -> None:
     await store.commit_transition(Transition(approvals=[plain, one, other], planned_at=build.T0))
     withdrawn = ApprovalInput(RULE, "dev", "alice", "withdraw", instance="b2")
     await store.commit_transition(Transition(approvals=[withdrawn], planned_at=build.at(1)))
-    # the standing approvals of rules as a whole are loaded as before
-    assert await store.load_approvals() == {"dev/plain": {"alice": "approve"}}
+    # the standing approvals of rules as a whole are loaded as before, an instance's apart
+    assert await store.load_approvals() == {
+        "dev/plain": {"alice": "approve"},
+        f"{RULE}[b1]": {"alice": "approve"},
+    }
     logged = [f.data for f in await store.fact_log() if f.kind == "approval"]
     assert [d.get("instance") for d in logged] == [None, "b1", "b2", "b2"]

@@ -455,7 +455,7 @@ class Engine:
         if rule.for_each is not None and item and data is None:
             raise KeyError(f"rule {rule.id} has no instance {item!r}")
         evaluation = _evaluate(rule, ProjectFacts(rule.project, facts), now, item, data)
-        standing = approvals_status(rule, (approvals or {}).get(rule.id, {}))
+        standing = approvals_status(rule, (approvals or {}).get(approval_key(rule.id, item), {}))
         state = state or RuleState(rule.id, instance=item)
         explained: dict[str, Any] = {
             "gate_open": evaluation.value and standing["satisfied"],
@@ -488,12 +488,15 @@ class Engine:
         now: datetime,
         book: EscrowBook | None = None,
     ) -> Transition:
-        """Plan recording ``approval`` and re-evaluating its rule with it counted (the
-        instance it names; every instance of a per-item rule when it names none)."""
+        """Plan recording ``approval`` and re-evaluating its rule with it counted: the
+        instance it names (``approval.instance``), or the rule's every instance when it names
+        none (the instances of a per-item rule count only the approvals naming them:
+        ``approval_key``)."""
         rule = self.rules[approval.rule_id]
-        standing = dict(approvals.get(rule.id, {}))
+        key = approval_key(rule.id, approval.instance)
+        standing = dict(approvals.get(key, {}))
         _stand(standing, approval)
-        view = {**approvals, rule.id: standing}
+        view = {**approvals, key: standing}
         transition = Transition(approvals=[approval], planned_at=now)
         book = book if book is not None else EscrowBook({})
         entry = _Entry(rule, rule.project)
@@ -603,7 +606,9 @@ class Engine:
             approvals = None
             gate_open = value
         else:
-            approvals = approvals_status(entry.rule, (standing or {}).get(rule_id, {}))
+            approvals = approvals_status(
+                entry.rule, (standing or {}).get(approval_key(rule_id, item), {})
+            )
             gate_open = value and bool(approvals["satisfied"])
         outcome = _outcome(entry.fire, state, value, gate_open, trigger)
         decided_at = _format_now(now)
@@ -790,9 +795,18 @@ def apply_transition(
         facts.put(fact.key, fact.data)
     states.update(transition.rule_states)
     for approval in transition.approvals:
-        _stand(approvals.setdefault(approval.rule_id, {}), approval)
+        _stand(
+            approvals.setdefault(approval_key(approval.rule_id, approval.instance), {}), approval
+        )
     for entry in transition.ledger:
         book.commit(entry.escrow, entry.amount)
+
+
+def approval_key(rule_id: str, item: str) -> str:
+    """The key of an instance's standing approvals (``ApprovalStanding``): the rule id for
+    a rule as a whole, ``<rule id>[<item id>]`` for one instance of a per-item rule (whose
+    instances count only approvals naming them)."""
+    return f"{rule_id}[{item}]" if item else rule_id
 
 
 def _stand(standing: dict[str, str], approval: ApprovalInput) -> None:

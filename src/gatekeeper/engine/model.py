@@ -31,7 +31,9 @@ Outcome = Literal[
     "fired", "blocked", "paused", "not_met", "already_fired", "still_met", "awaiting_approvals"
 ]
 ApprovalStanding = Mapping[str, Mapping[str, str]]
-"""rule id -> approver subject -> their standing decision, "approve" or "reject"."""
+"""rule id -> approver subject -> their standing decision, "approve" or "reject". The
+approvals of one instance of a per-item rule are under ``<rule id>[<item id>]``
+(``evaluate.approval_key``)."""
 
 
 @dataclass(frozen=True)

@@ -436,7 +436,10 @@ class Writer:
     ) -> IngestResult:
         """Record an approver's decision and re-evaluate its rule, in one transaction.
 
-        Raises ``UnknownRule`` when the rule is not in the active ruleset, ``NotAnApprover``
+        ``approval.instance`` names one instance of a per-item rule (``""``: the rule as a
+        whole). Raises ``UnknownRule`` when the rule is not in the active ruleset,
+        ``UnknownInstance`` when it has no such instance (a rule without ``for_each`` has
+        none but ``""``), ``NotAnApprover``
         (a ``ValueError``) when it takes no approvals or the approver is not in its ``from``
         list (the API answers 403 for that), ``IdempotencyConflict``, and ``ShuttingDown``
         once ``close()`` was called.
@@ -468,6 +471,11 @@ class Writer:
                 raise NotAnApprover(
                     f"{approval.subject!r} is not one of the approvers of rule {rule.id}"
                 )
+            if approval.instance and (
+                rule.for_each is None
+                or self.facts.get((rule.project, rule.for_each, approval.instance)) is None
+            ):
+                raise UnknownInstance(f"rule {rule.id} has no instance {approval.instance!r}")
             approval = replace(approval, project=rule.project)
             t0 = time.perf_counter()
             transition = engine.plan_approval(

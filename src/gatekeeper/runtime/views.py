@@ -220,7 +220,8 @@ async def export_view(
         "approvals": {
             rule_id: dict(standing)
             for rule_id, standing in sorted(writer.approvals.items())
-            if standing and (rule_id not in rules or visible(rules[rule_id].project))
+            if standing
+            and ((of := rule_id.split("[", 1)[0]) not in rules or visible(rules[of].project))
         },
         "ruleset": {
             "version": engine.ruleset.version if engine else None,

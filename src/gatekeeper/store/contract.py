@@ -125,9 +125,8 @@ class StateStore(Protocol):
         ...
 
     async def load_approvals(self) -> StandingApprovals:
-        """Every standing approval of a rule as a whole (instance ``""``): ``{rule id:
-        {subject: "approve" | "reject"}}``. Approvals of one instance of a per-item rule are
-        stored (``approvals.instance``) but not loaded here."""
+        """Every standing approval: ``{rule id: {subject: "approve" | "reject"}}``, the
+        approvals of one instance of a per-item rule under ``<rule id>[<item id>]``."""
         ...
 
     async def escrow_totals(self) -> EscrowTotals:

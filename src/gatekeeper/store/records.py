@@ -49,7 +49,8 @@ EscrowTotals = dict[str, dict[str, Decimal]]
 release are absent): ``{"escrow-a": {"pending": Decimal("10.00"), ...}}``."""
 
 StandingApprovals = dict[str, dict[str, str]]
-"""rule id -> approver subject -> standing decision (``"approve"`` or ``"reject"``)."""
+"""rule id -> approver subject -> standing decision (``"approve"`` or ``"reject"``); an
+instance of a per-item rule is under ``<rule id>[<item id>]``."""
 
 
 def record_json(record: Any, *, omit: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -825,10 +825,11 @@ class SqliteStore:
 
     async def load_approvals(self) -> StandingApprovals:
         standing: StandingApprovals = {}
-        for rule_id, subject, decision in await self._rows(
-            "SELECT rule_id, subject, decision FROM approvals WHERE instance = ''"
+        for rule_id, instance, subject, decision in await self._rows(
+            "SELECT rule_id, instance, subject, decision FROM approvals"
         ):
-            standing.setdefault(rule_id, {})[subject] = decision
+            key = f"{rule_id}[{instance}]" if instance else rule_id
+            standing.setdefault(key, {})[subject] = decision
         return standing
 
     async def escrow_totals(self) -> EscrowTotals:
