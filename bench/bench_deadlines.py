@@ -52,7 +52,7 @@ from gatekeeper.clock import Clock, SystemClock
 from gatekeeper.engine.deadlines import DeadlineSchedule, schedule_rules
 from gatekeeper.engine.evaluate import Engine
 from gatekeeper.engine.facts import FactTable
-from gatekeeper.engine.model import RuleState
+from gatekeeper.engine.model import InstanceKey, RuleState
 from gatekeeper.expr import compile_condition
 from gatekeeper.rules.model import NotifyAction, Rule, Ruleset
 
@@ -170,7 +170,7 @@ class Phase:
 def record(
     phase: Phase,
     engine: Engine,
-    states: dict[str, RuleState],
+    states: dict[InstanceKey, RuleState],
     rules: list[Rule],
     now: datetime,
     clock: Clock,
@@ -192,7 +192,7 @@ def record(
 async def run_ticks(
     engine: Engine,
     facts: FactTable,
-    states: dict[str, RuleState],
+    states: dict[InstanceKey, RuleState],
     clock: Clock,
     due: dict[str, datetime],
     seconds: float,
@@ -212,7 +212,7 @@ async def run_deadlines(
     name: str,
     engine: Engine,
     facts: FactTable,
-    states: dict[str, RuleState],
+    states: dict[InstanceKey, RuleState],
     schedule: DeadlineSchedule,
     clock: Clock,
     due: dict[str, datetime],
@@ -234,7 +234,7 @@ async def run_deadlines(
             await asyncio.sleep(wait)
         phase.wakeups += 1
         now = clock.now()
-        rules = [engine.rules[rule_id] for rule_id in schedule.pop_due(now)]
+        rules = [engine.rules[rule_id] for rule_id, _ in schedule.pop_due(now)]
         if rules:
             record(phase, engine, states, rules, now, clock, due, facts)
             schedule_rules(schedule, rules, facts, now)  # the same now as the plan

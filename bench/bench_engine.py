@@ -50,7 +50,7 @@ from simpleeval import EvalWithCompoundTypes
 from gatekeeper.clock import parse_rfc3339
 from gatekeeper.engine.evaluate import Engine
 from gatekeeper.engine.facts import FactTable, ProjectFacts
-from gatekeeper.engine.model import FactInput, RuleState
+from gatekeeper.engine.model import FactInput, InstanceKey, RuleState
 from gatekeeper.expr import compile_condition
 from gatekeeper.rules.loader import load_rule_texts
 
@@ -98,7 +98,7 @@ class FanoutCase:
 
     name: str
     engine: Engine
-    states: dict[str, RuleState]
+    states: dict[InstanceKey, RuleState]
     inputs: list[FactInput]
 
 
@@ -117,7 +117,7 @@ def build_engine(rule_count: int) -> tuple[Engine, float]:
     return Engine(result.ruleset), elapsed
 
 
-def steady_states(engine: Engine, facts: FactTable) -> dict[str, RuleState]:
+def steady_states(engine: Engine, facts: FactTable) -> dict[InstanceKey, RuleState]:
     """The rule states after the ruleset went live (every rule evaluated once), as in the
     daemon after a reload."""
     transition = engine.plan_rules(facts, {}, engine.ruleset.rules, NOW, "reload")
