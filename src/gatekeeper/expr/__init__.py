@@ -20,10 +20,12 @@ of gatekeeper: the language knows facts only through the ``FactLookup`` protocol
 
 from gatekeeper.expr.compiler import CompiledCondition, compile_condition, next_change_at
 from gatekeeper.expr.language import (
+    COLLECTION_FUNCTIONS,
     FUNCTIONS,
     MAX_DEPTH,
     MAX_EXPONENT,
     MAX_EXPRESSION_CHARS,
+    MAX_FALSE_IDS,
     MAX_INT_BITS,
     MAX_NODES,
     MAX_ROUND_DIGITS,
@@ -31,6 +33,7 @@ from gatekeeper.expr.language import (
     MAX_STRING_LITERAL_CHARS,
     TIME_FUNCTIONS,
     Clause,
+    CollectionSeen,
     Condition,
     Evaluation,
     ExpressionError,
@@ -42,10 +45,12 @@ from gatekeeper.expr.language import (
 from gatekeeper.expr.timing import TIME_RECHECK
 
 __all__ = [
+    "COLLECTION_FUNCTIONS",
     "FUNCTIONS",
     "MAX_DEPTH",
     "MAX_EXPONENT",
     "MAX_EXPRESSION_CHARS",
+    "MAX_FALSE_IDS",
     "MAX_INT_BITS",
     "MAX_NODES",
     "MAX_ROUND_DIGITS",
@@ -54,6 +59,7 @@ __all__ = [
     "TIME_FUNCTIONS",
     "TIME_RECHECK",
     "Clause",
+    "CollectionSeen",
     "CompiledCondition",
     "Condition",
     "Evaluation",
