@@ -12,11 +12,21 @@ import ast
 import functools
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
+from gatekeeper.expr.incremental import (
+    _ABSENT as _NOT_PASSING,
+)
+from gatekeeper.expr.incremental import (
+    _ERROR,
+    Recompute,
+    SiteCache,
+    cacheable,
+    fact_changes,
+)
 from gatekeeper.expr.language import (
     _COMPARISONS,
     _KIND_RE,
@@ -198,9 +208,23 @@ class _Site:
     ``kind``, source ``text``, and the compiled functions of its ``element`` and of its
     filters (``accepts``, None without filters), each called as
     ``f(fact_data, kind_data, facts, now, values, item, collections, loop_value)``.
-    ``key`` is its position in the text (``_Collection.site``)."""
+    ``key`` is its position in the text (``_Collection.site``). ``cache`` keeps its value
+    up to date by deltas (``gatekeeper.expr.incremental``) when its element and filters
+    read nothing but the loop variable, ``item`` and constants (else None);
+    ``uses_item`` says whether they read ``item`` (then the cache keeps a state per item).
+    """
 
-    __slots__ = ("accepts", "element", "function", "key", "kind", "text", "var")
+    __slots__ = (
+        "accepts",
+        "cache",
+        "element",
+        "function",
+        "key",
+        "kind",
+        "text",
+        "uses_item",
+        "var",
+    )
 
     def __init__(
         self,
@@ -216,6 +240,8 @@ class _Site:
         self.text = text
         self.element = element
         self.accepts = accepts
+        can_cache, self.uses_item = cacheable(node)
+        self.cache = SiteCache() if can_cache else None
 
 
 def _collect(
@@ -229,9 +255,49 @@ def _collect(
     collections: _CollectionRun,
 ) -> Any:
     """The value of a collection (as ``_Evaluator._eval_collection`` gives it), recording
-    what it saw in ``collections``."""
-    found = collections.of_kind(facts, site.kind)
+    what it saw in ``collections``: by deltas when the collection is cacheable and
+    ``facts`` offers ``FactChanges``, else by a pass over every fact of the kind."""
     kind, var, element_of, accepts = site.kind, site.var, site.element, site.accepts
+    cache = site.cache
+    changes = None if cache is None else fact_changes(facts)
+    if cache is not None and changes is not None:
+
+        def entry_of(fact_id: str, data: Mapping[str, Any]) -> Any:
+            bound = {"kind": kind, "id": fact_id, "data": dict(data)}
+            if accepts is not None:
+                try:
+                    if not accepts(
+                        fact_data, kind_data, facts, now, values, item, collections, bound
+                    ):
+                        return _NOT_PASSING
+                except _Missing:
+                    return _NOT_PASSING
+                except Exception:
+                    return _ERROR
+            try:
+                return element_of(
+                    fact_data, kind_data, facts, now, values, item, collections, bound
+                )
+            except _Missing as missing:
+                return _MissingElement(_rename_missing(missing.name, var, kind, fact_id))
+            except Exception:
+                return _ERROR
+
+        instance, cached_item = (None, None)
+        if site.uses_item:
+            instance, cached_item = (None if item is None else item["id"]), item
+        try:
+            value, seen = cache.collect(
+                site.function, var, kind, site.text, changes, instance, cached_item, entry_of
+            )
+        except Recompute:
+            pass
+        else:
+            collections.seen[site.key] = seen
+            if isinstance(value, _MissingElement):
+                raise _Missing(value.name)
+            return value
+    found = collections.of_kind(facts, kind)
     elements: list[tuple[str, Any]] = []
     for fact_id in sorted(found):
         bound = {"kind": kind, "id": fact_id, "data": dict(found[fact_id])}

@@ -150,7 +150,7 @@ import operator
 import re
 import tokenize
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from fractions import Fraction
@@ -289,6 +289,28 @@ class FactLookup(Protocol):
 
     def of_kind(self, kind: str) -> Mapping[str, Mapping[str, Any]]:
         """Every fact of ``kind`` as {id: data}."""
+
+
+class FactChanges(FactLookup, Protocol):
+    """What a ``FactLookup`` may offer besides, so that collections follow the facts of a
+    kind by deltas instead of going over all of them at each evaluation (optional: a
+    lookup without it is read in full). The facts are *committed* ones, and *pending* ones
+    put over them (a plan not committed yet, which may be dropped).
+    """
+
+    def committed_version(self, kind: str) -> tuple[int, int]:
+        """``(table, version)``: ``table`` tells committed fact tables apart; ``version``
+        grows with every put of a committed fact of ``kind``."""
+
+    def committed_changes(self, kind: str, since: int) -> Collection[str] | None:
+        """The ids of ``kind`` put as committed facts after version ``since``; None when
+        that is no longer known (then the reader starts over)."""
+
+    def committed_of_kind(self, kind: str) -> Mapping[str, Mapping[str, Any]]:
+        """Every committed fact of ``kind``, ``{id: data}`` (read only)."""
+
+    def pending(self, kind: str) -> Collection[str]:
+        """The ids of ``kind`` whose data here (``get``) is pending, not committed."""
 
 
 @dataclass(frozen=True)
