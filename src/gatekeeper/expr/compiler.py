@@ -211,7 +211,9 @@ class _Site:
     ``key`` is its position in the text (``_Collection.site``). ``cache`` keeps its value
     up to date by deltas (``gatekeeper.expr.incremental``) when its element and filters
     read nothing but the loop variable, ``item`` and constants (else None);
-    ``uses_item`` says whether they read ``item`` (then the cache keeps a state per item).
+    ``uses_item`` says whether they read ``item`` (then the cache keeps a state per item),
+    ``uses_item_data`` whether more of it than ``item.id``/``item.kind`` (then a state is
+    rebuilt when the item's data changes).
     """
 
     __slots__ = (
@@ -223,6 +225,7 @@ class _Site:
         "kind",
         "text",
         "uses_item",
+        "uses_item_data",
         "var",
     )
 
@@ -240,7 +243,7 @@ class _Site:
         self.text = text
         self.element = element
         self.accepts = accepts
-        can_cache, self.uses_item = cacheable(node)
+        can_cache, self.uses_item, self.uses_item_data = cacheable(node)
         self.cache = SiteCache() if can_cache else None
 
 
@@ -285,7 +288,8 @@ def _collect(
 
         instance, cached_item = (None, None)
         if site.uses_item:
-            instance, cached_item = (None if item is None else item["id"]), item
+            instance = None if item is None else item["id"]
+            cached_item = item if site.uses_item_data else None
         try:
             value, seen = cache.collect(
                 site.function, var, kind, site.text, changes, instance, cached_item, entry_of

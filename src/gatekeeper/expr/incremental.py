@@ -40,6 +40,7 @@ from gatekeeper.expr.language import (
     _FactRead,
     _jsonable,
     _KindRead,
+    _Lookup,
     _MissingElement,
     _type_problem,
     _VarRead,
@@ -62,26 +63,36 @@ _ERROR: Any = object()
 """The element or a filter of the fact failed (other than by a missing name)."""
 
 
-def cacheable(node: _Collection) -> tuple[bool, bool]:
-    """``(cacheable, uses_item)`` of a collection: whether its element and filters read no
-    fact and no time (only the loop variable, ``item`` and constants), and whether they
-    read ``item``."""
-    uses_item = False
+def cacheable(node: _Collection) -> tuple[bool, bool, bool]:
+    """``(cacheable, uses_item, uses_item_data)`` of a collection: whether its element and
+    filters read no fact and no time (only the loop variable, ``item`` and constants),
+    whether they read ``item``, and whether they read more of it than ``item.id`` and
+    ``item.kind`` (then a change of the item's data changes the elements)."""
+    uses_item = uses_item_data = False
     stack: list[ast.expr] = [node.element, *node.filters]
     while stack:
         child = stack.pop()
-        stack.extend(_children(child))
         if isinstance(child, _FactRead | _KindRead | _Collection):
-            return False, False
+            return False, False, False
         if (
             isinstance(child, ast.Call)
             and isinstance(child.func, ast.Name)
             and child.func.id in TIME_FUNCTIONS
         ):
-            return False, False
+            return False, False, False
+        if (
+            isinstance(child, _Lookup)
+            and isinstance(child.value, _VarRead)
+            and child.value.name != node.var
+            and isinstance(child.key, ast.Constant)
+            and child.key.value in ("id", "kind")
+        ):
+            uses_item = True  # item.id / item.kind: the same for every state of the item
+            continue
         if isinstance(child, _VarRead) and child.name != node.var:
-            uses_item = True
-    return True, uses_item
+            uses_item = uses_item_data = True
+        stack.extend(_children(child))
+    return True, uses_item, uses_item_data
 
 
 def fact_changes(facts: FactLookup) -> FactChanges | None:
