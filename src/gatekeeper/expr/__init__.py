@@ -11,8 +11,14 @@ Modules, in import order (each imports only the ones before it):
   and the records an evaluation gives (``Evaluation``, ``Clause``, ``FactRef``...).
 - ``reference``: the simpleeval reference evaluator, which defines every result.
 - ``timing``: when time alone changes a condition (threshold sites and their crossings).
+- ``incremental``: collections kept up to date by deltas (per-instance states synced to
+  the committed facts of a kind through ``FactChanges``; ``sortedcontainers`` keeps their
+  sorted ids and elements).
 - ``compiler``: the generated-source fast path, ``CompiledCondition``,
   ``compile_condition`` and ``next_change_at``.
+
+The current item of a per-item rule is an ``Item`` passed to ``evaluate``; what a
+collection saw is a ``CollectionSeen`` in ``Evaluation.collections``.
 
 May import: the ground floor (``gatekeeper.clock``, ``gatekeeper.problems``). Nothing else
 of gatekeeper: the language knows facts only through the ``FactLookup`` protocol.

@@ -6,7 +6,7 @@ the limits, the bounded operators of the sandbox, ``ExpressionProblem``/``Expres
 and the records an evaluation gives), makes fact access explicit and turns the result into
 one Python function (``compiler``: generated source, compiled once, with no builtins: it
 can only call the fact accessors, JSON-only lookups, bounded operators and the functions
-below). ``evaluate(facts, now)`` is one call of that function. simpleeval walking the same
+below). ``evaluate(facts, now, item)`` is one call of that function. simpleeval walking the same
 checked tree is the reference (``reference``): it defines the results, and whenever a
 clause fails for any other reason than a missing fact or field, the clause is run again on
 it to get its exact error (tests/test_expressions_compiled.py checks that both always
@@ -73,6 +73,10 @@ argument: ``FN(ELEMENT for VAR in KIND if FILTER)``, e.g.
   how many had a truthy element, the first 20 ids (sorted) whose element was false or
   missing, and the value (``CollectionSeen``). The condition ``reads`` the whole kind
   (``FactRef(KIND, None)``).
+- Cost: a collection whose element and filters read nothing but ``VAR``, ``item`` and
+  literals follows the facts of its kind by deltas (``gatekeeper.expr.incremental``):
+  posting one fact costs about the same with 10 or 10,000 facts of the kind. One that
+  reads other facts or the time goes over every fact of the kind at each evaluation.
 
 Literals and operators
 ----------------------
