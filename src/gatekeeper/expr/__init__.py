@@ -11,8 +11,14 @@ Modules, in import order (each imports only the ones before it):
   and the records an evaluation gives (``Evaluation``, ``Clause``, ``FactRef``...).
 - ``reference``: the simpleeval reference evaluator, which defines every result.
 - ``timing``: when time alone changes a condition (threshold sites and their crossings).
+- ``incremental``: collections kept up to date by deltas (per-instance states synced to
+  the committed facts of a kind through ``FactChanges``; ``sortedcontainers`` keeps their
+  sorted ids and elements).
 - ``compiler``: the generated-source fast path, ``CompiledCondition``,
   ``compile_condition`` and ``next_change_at``.
+
+The current item of a per-item rule is an ``Item`` passed to ``evaluate``; what a
+collection saw is a ``CollectionSeen`` in ``Evaluation.collections``.
 
 May import: the ground floor (``gatekeeper.clock``, ``gatekeeper.problems``). Nothing else
 of gatekeeper: the language knows facts only through the ``FactLookup`` protocol.
@@ -20,10 +26,12 @@ of gatekeeper: the language knows facts only through the ``FactLookup`` protocol
 
 from gatekeeper.expr.compiler import CompiledCondition, compile_condition, next_change_at
 from gatekeeper.expr.language import (
+    COLLECTION_FUNCTIONS,
     FUNCTIONS,
     MAX_DEPTH,
     MAX_EXPONENT,
     MAX_EXPRESSION_CHARS,
+    MAX_FALSE_IDS,
     MAX_INT_BITS,
     MAX_NODES,
     MAX_ROUND_DIGITS,
@@ -31,10 +39,12 @@ from gatekeeper.expr.language import (
     MAX_STRING_LITERAL_CHARS,
     TIME_FUNCTIONS,
     Clause,
+    CollectionSeen,
     Condition,
     Evaluation,
     ExpressionError,
     ExpressionProblem,
+    FactChanges,
     FactLookup,
     FactRef,
     Item,
@@ -42,10 +52,12 @@ from gatekeeper.expr.language import (
 from gatekeeper.expr.timing import TIME_RECHECK
 
 __all__ = [
+    "COLLECTION_FUNCTIONS",
     "FUNCTIONS",
     "MAX_DEPTH",
     "MAX_EXPONENT",
     "MAX_EXPRESSION_CHARS",
+    "MAX_FALSE_IDS",
     "MAX_INT_BITS",
     "MAX_NODES",
     "MAX_ROUND_DIGITS",
@@ -54,11 +66,13 @@ __all__ = [
     "TIME_FUNCTIONS",
     "TIME_RECHECK",
     "Clause",
+    "CollectionSeen",
     "CompiledCondition",
     "Condition",
     "Evaluation",
     "ExpressionError",
     "ExpressionProblem",
+    "FactChanges",
     "FactLookup",
     "FactRef",
     "Item",

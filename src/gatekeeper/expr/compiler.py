@@ -12,11 +12,21 @@ import ast
 import functools
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
+from gatekeeper.expr.incremental import (
+    _ABSENT as _NOT_PASSING,
+)
+from gatekeeper.expr.incremental import (
+    _ERROR,
+    Recompute,
+    SiteCache,
+    cacheable,
+    fact_changes,
+)
 from gatekeeper.expr.language import (
     _COMPARISONS,
     _KIND_RE,
@@ -30,6 +40,10 @@ from gatekeeper.expr.language import (
     Item,
     _add,
     _Checker,
+    _Collection,
+    _collection_seen,
+    _collection_value,
+    _CollectionRun,
     _fact_name,
     _FactRead,
     _item_value,
@@ -38,11 +52,13 @@ from gatekeeper.expr.language import (
     _Lookup,
     _lower,
     _Missing,
+    _MissingElement,
     _mod,
     _mul,
     _parse,
     _Plan,
     _pow,
+    _rename_missing,
     _render_key,
     _round,
     _Source,
@@ -98,6 +114,7 @@ def compile_condition(text: str, *, item_kind: str | None = None) -> Condition:
         checker.uses_time,
         item_kind=item_kind,
         uses_item=checker.uses_item,
+        uses_collections=checker.uses_collections,
     )
 
 
@@ -184,6 +201,126 @@ def _get(container: Any, key: Any, prefix: str | None) -> Any:
 def _unbound(name: str) -> Any:
     """A variable with no value (``item`` evaluated without an item): missing."""
     raise _Missing(name)
+
+
+class _Site:
+    """One collection of a compiled condition: its ``function``, loop variable ``var``,
+    ``kind``, source ``text``, and the compiled functions of its ``element`` and of its
+    filters (``accepts``, None without filters), each called as
+    ``f(fact_data, kind_data, facts, now, values, item, collections, loop_value)``.
+    ``key`` is its position in the text (``_Collection.site``). ``cache`` keeps its value
+    up to date by deltas (``gatekeeper.expr.incremental``) when its element and filters
+    read nothing but the loop variable, ``item`` and constants (else None);
+    ``uses_item`` says whether they read ``item`` (then the cache keeps a state per item),
+    ``uses_item_data`` whether more of it than ``item.id``/``item.kind`` (then a state is
+    rebuilt when the item's data changes).
+    """
+
+    __slots__ = (
+        "accepts",
+        "cache",
+        "element",
+        "function",
+        "key",
+        "kind",
+        "text",
+        "uses_item",
+        "uses_item_data",
+        "var",
+    )
+
+    def __init__(
+        self,
+        node: _Collection,
+        text: str,
+        element: Callable[..., Any],
+        accepts: Callable[..., Any] | None,
+    ) -> None:
+        self.key = node.site
+        self.function = node.function
+        self.var = node.var
+        self.kind = node.kind
+        self.text = text
+        self.element = element
+        self.accepts = accepts
+        can_cache, self.uses_item, self.uses_item_data = cacheable(node)
+        self.cache = SiteCache() if can_cache else None
+
+
+def _collect(
+    site: _Site,
+    fact_data: dict[str, Any],
+    kind_data: dict[str, Any],
+    facts: FactLookup,
+    now: datetime,
+    values: tuple[Any, ...],
+    item: dict[str, Any] | None,
+    collections: _CollectionRun,
+) -> Any:
+    """The value of a collection (as ``_Evaluator._eval_collection`` gives it), recording
+    what it saw in ``collections``: by deltas when the collection is cacheable and
+    ``facts`` offers ``FactChanges``, else by a pass over every fact of the kind."""
+    kind, var, element_of, accepts = site.kind, site.var, site.element, site.accepts
+    cache = site.cache
+    changes = None if cache is None else fact_changes(facts)
+    if cache is not None and changes is not None:
+
+        def entry_of(fact_id: str, data: Mapping[str, Any]) -> Any:
+            bound = {"kind": kind, "id": fact_id, "data": dict(data)}
+            if accepts is not None:
+                try:
+                    if not accepts(
+                        fact_data, kind_data, facts, now, values, item, collections, bound
+                    ):
+                        return _NOT_PASSING
+                except _Missing:
+                    return _NOT_PASSING
+                except Exception:
+                    return _ERROR
+            try:
+                return element_of(
+                    fact_data, kind_data, facts, now, values, item, collections, bound
+                )
+            except _Missing as missing:
+                return _MissingElement(_rename_missing(missing.name, var, kind, fact_id))
+            except Exception:
+                return _ERROR
+
+        instance, cached_item = (None, None)
+        if site.uses_item:
+            instance = None if item is None else item["id"]
+            cached_item = item if site.uses_item_data else None
+        try:
+            value, seen = cache.collect(
+                site.function, var, kind, site.text, changes, instance, cached_item, entry_of
+            )
+        except Recompute:
+            pass
+        else:
+            collections.seen[site.key] = seen
+            if isinstance(value, _MissingElement):
+                raise _Missing(value.name)
+            return value
+    found = collections.of_kind(facts, kind)
+    elements: list[tuple[str, Any]] = []
+    for fact_id in sorted(found):
+        bound = {"kind": kind, "id": fact_id, "data": dict(found[fact_id])}
+        if accepts is not None:
+            try:
+                if not accepts(fact_data, kind_data, facts, now, values, item, collections, bound):
+                    continue
+            except _Missing:
+                continue
+        try:
+            element = element_of(fact_data, kind_data, facts, now, values, item, collections, bound)
+        except _Missing as missing:
+            element = _MissingElement(_rename_missing(missing.name, var, kind, fact_id))
+        elements.append((fact_id, element))
+    value = _collection_value(site.function, var, kind, elements)
+    collections.seen[site.key] = _collection_seen(site.text, site.function, kind, elements, value)
+    if isinstance(value, _MissingElement):
+        raise _Missing(value.name)
+    return value
 
 
 def _dict_put(target: dict[Any, Any], key: Any, value: Any) -> dict[Any, Any]:
@@ -297,16 +434,17 @@ _RUNTIME: dict[str, Any] = {
     "_round": _round,
     "_note": _note_failure,
     "_unbound": _unbound,
+    "_collect": _collect,
 }
 """Everything compiled code can name besides its own constants: no builtins."""
 
-_PARAMETERS = ("_fd", "_kd", "_facts", "_now", "_D", "_it")
+_PARAMETERS = ("_fd", "_kd", "_facts", "_now", "_D", "_it", "_cs")
 """The compiled function's parameters: fact data read (by "kind.id"), kinds read, the
-``FactLookup``, the evaluation's "now", the condition's values and the current item's
-value (``{"kind", "id", "data"}``, or None)."""
-
-_VARIABLES = {"item": "_it"}
-"""Variables of the language -> the compiled function's parameter holding their value."""
+``FactLookup``, the evaluation's "now", the condition's values, the current item's
+value (``{"kind", "id", "data"}``, or None) and what the collections saw (by site)."""
+_SITE_PARAMETERS = (*_PARAMETERS, "_lv")
+"""The parameters of a collection's element and filter functions: those of the
+condition's function, and the loop variable's value."""
 
 
 class _Unsupported(Exception):
@@ -328,7 +466,7 @@ def _lookup_prefix(source: _Source, node: ast.expr) -> str | None:
         inner = _lookup_prefix(source, node.value)
         return None if inner is None else inner + _render_key(node.key.value)
     text = source.snippet(node)
-    atomic = isinstance(node, _FactRead | _Lookup | ast.Call | ast.List | ast.Dict)
+    atomic = isinstance(node, _FactRead | _Lookup | ast.Call | ast.List | ast.Dict | _Collection)
     return text if atomic else f"({text})"
 
 
@@ -354,6 +492,9 @@ class _CodeGenerator:
         self.first = first
         self.constants: list[Any] = []
         self.numbers: dict[tuple[type, object], int | float] = {}
+        self.variables = {"item": "_it"}
+        """Variables of the language -> the parameter holding their value."""
+        self.sites = 0
 
     def const(self, value: object) -> str:
         """The source naming ``value``: a keyword for None/True/False, else an item of the
@@ -375,7 +516,30 @@ class _CodeGenerator:
         self.constants.append(value)
         return f"_D[{self.first + len(self.constants) - 1}]"
 
+    def value(self, value: object) -> str:
+        """The source naming ``value``, any object, as an item of the condition's values."""
+        self.constants.append(value)
+        return f"_D[{self.first + len(self.constants) - 1}]"
+
+    def _collection(self, node: _Collection) -> str:
+        saved = self.variables
+        self.variables = {**saved, node.var: "_lv"}
+        try:
+            element = _site_function(self.expr(node.element))
+            accepts = None
+            if node.filters:
+                accepts = _site_function(" and ".join(self.expr(f) for f in node.filters))
+        finally:
+            self.variables = saved
+        if element is None or (node.filters and accepts is None):
+            raise _Unsupported("collection")
+        self.sites += 1
+        site = _Site(node, self.source.snippet(node), element, accepts)
+        return f"_collect({self.value(site)}, _fd, _kd, _facts, _now, _D, _it, _cs)"
+
     def expr(self, node: ast.expr) -> str:
+        if isinstance(node, _Collection):
+            return self._collection(node)
         if isinstance(node, ast.Constant):
             return self.const(node.value)
         if isinstance(node, _KindRead):
@@ -384,7 +548,7 @@ class _CodeGenerator:
             return self._fact_read(node)
         if isinstance(node, _VarRead):
             # a variable's value is a non-empty dict, or None when unbound
-            return f"({_VARIABLES[node.name]} or _unbound({self.const(node.name)}))"
+            return f"({self.variables[node.name]} or _unbound({self.const(node.name)}))"
         if isinstance(node, _Lookup):
             return self._lookup(node)
         if isinstance(node, ast.BinOp):
@@ -490,7 +654,7 @@ def _plan_source(plan: _Plan) -> str:
 
 
 _Run = Callable[
-    [dict[str, Any], dict[str, Any], FactLookup, datetime, tuple[Any, ...], Any],
+    [dict[str, Any], dict[str, Any], FactLookup, datetime, tuple[Any, ...], Any, Any],
     "Evaluation | tuple[dict[int, Exception], tuple[Any, ...]]",
 ]
 
@@ -501,6 +665,32 @@ differ only in their constants (ids, keys, numbers, strings) share one."""
 _MAX_SHAPES = 4096
 
 
+def _function(text: str) -> Any:
+    """The function ``text`` (``def _run(...): ...``) defines, compiled with ``_RUNTIME``
+    as its globals; shared by equal texts (``_SHAPES``). None when it does not compile
+    (defensive)."""
+    run = _SHAPES.get(text)
+    if run is None:
+        try:
+            module = compile(text, "<when>", "exec")
+        except (SyntaxError, ValueError, RecursionError, MemoryError):  # defensive
+            return None
+        code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
+        run = types.FunctionType(code, _RUNTIME, "_run")
+        if len(_SHAPES) >= _MAX_SHAPES:
+            _SHAPES.clear()
+        _SHAPES[text] = run
+    return run
+
+
+def _site_function(expression: str) -> Callable[..., Any] | None:
+    """A collection's element or filter as a function of ``_SITE_PARAMETERS``."""
+    function: Callable[..., Any] | None = _function(
+        f"def _run({', '.join(_SITE_PARAMETERS)}):\n    return {expression}\n"
+    )
+    return function
+
+
 def _compile_clauses(
     source: _Source, leaves: tuple[ast.expr, ...], plan: _Plan, clause_texts: tuple[str, ...]
 ) -> tuple[_Run, tuple[Any, ...]] | None:
@@ -508,11 +698,11 @@ def _compile_clauses(
     condition's values it takes; None when a clause holds something the code generator
     does not know (then the reference evaluates).
 
-    ``run(fact_data, kind_data, facts, now, values, item)`` returns the ``Evaluation`` when every
-    clause gave a value, else ``(failures, clause_values)`` with ``failures`` mapping a
-    clause index to what it raised (``_Missing``: that is its outcome; anything else: the
-    reference decides) and ``clause_values`` the clause values (None for those that
-    failed).
+    ``run(fact_data, kind_data, facts, now, values, item, collections)`` returns the
+    ``Evaluation`` when every clause gave a value, else ``(failures, clause_values)`` with
+    ``failures`` mapping a clause index to what it raised (``_Missing``: that is its
+    outcome; anything else: the reference decides) and ``clause_values`` the clause values
+    (None for those that failed).
 
     The source is ``def _run(...): ...``, compiled once per shape (``_SHAPES``) with
     ``_RUNTIME`` as its globals (no builtins): conditions of one shape share the function.
@@ -557,20 +747,13 @@ def _compile_clauses(
         "        _fields['missing'] = ()",
         "        _fields['error'] = None",
         "        _fields['seen'] = {**_kd, **_fd} if _kd else _fd",
+        "        _fields['collections'] = " + ("_cs.collections()" if generator.sites else "()"),
         "        return _result",
     ]
     text = "\n".join(line[4:] for line in lines)
-    run = _SHAPES.get(text)
+    run = _function(text)
     if run is None:
-        try:
-            module = compile(text, "<when>", "exec")
-        except (SyntaxError, ValueError, RecursionError, MemoryError):  # defensive
-            return None
-        code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
-        run = types.FunctionType(code, _RUNTIME, "_run")
-        if len(_SHAPES) >= _MAX_SHAPES:
-            _SHAPES.clear()
-        _SHAPES[text] = run
+        return None
 
     def clause(index: int, value: Any) -> Clause:
         return Clause(clause_texts[index], _jsonable(value))
@@ -594,7 +777,8 @@ class CompiledCondition:
     Attributes: ``text`` (the source), ``reads`` (the ``FactRef`` keys it reads; id None
     for a kind-level read), ``uses_time`` (calls ``days_since``/``hours_since``/
     ``minutes_since``/``now``), ``item_kind`` (the ``for_each`` kind it was compiled for,
-    or None), ``uses_item`` (reads ``item``), ``clause_texts`` (the top-level and/or
+    or None), ``uses_item`` (reads ``item``), ``uses_collections`` (has a collection such
+    as ``all(t.data.done for t in task)``), ``clause_texts`` (the top-level and/or
     leaves). Immutable.
     """
 
@@ -608,6 +792,7 @@ class CompiledCondition:
         "item_kind",
         "reads",
         "text",
+        "uses_collections",
         "uses_item",
         "uses_time",
     )
@@ -617,6 +802,7 @@ class CompiledCondition:
     uses_time: bool
     item_kind: str | None
     uses_item: bool
+    uses_collections: bool
     clause_texts: tuple[str, ...]
     _plan: _Plan
     _kept_leaves: tuple[ast.expr, ...] | None
@@ -634,6 +820,7 @@ class CompiledCondition:
         *,
         item_kind: str | None = None,
         uses_item: bool = False,
+        uses_collections: bool = False,
     ) -> None:
         leaves: list[ast.expr] = []
         plan = _split(tree, leaves)
@@ -646,6 +833,7 @@ class CompiledCondition:
             "uses_time": uses_time,
             "item_kind": item_kind,
             "uses_item": uses_item,
+            "uses_collections": uses_collections,
             "clause_texts": clause_texts,
             "_plan": plan,
             # The syntax tree is most of a condition's memory (several KB): it is not kept.
@@ -734,8 +922,9 @@ class CompiledCondition:
         fact_data: dict[str, dict[str, Any] | None] = {}
         kind_data: dict[str, dict[str, Any]] = {}
         it = None if item is None else _item_value(item)
+        collections = _CollectionRun() if self.uses_collections else None
         try:
-            result = run(fact_data, kind_data, facts, now, self._values, it)
+            result = run(fact_data, kind_data, facts, now, self._values, it, collections)
             if isinstance(result, Evaluation):  # every clause gave a value: the common case
                 if it is not None:
                     _with_item(result.seen, it)  # type: ignore[arg-type]  # a fresh dict
@@ -752,10 +941,17 @@ class CompiledCondition:
                 else:  # the reference says how exactly it fails, reading the same facts
                     if evaluator is None:
                         evaluator = _Evaluator(
-                            self._source, facts, now, fact_data, kind_data, _variables(it)
+                            self._source,
+                            facts,
+                            now,
+                            fact_data,
+                            kind_data,
+                            _variables(it),
+                            collections,
                         )
                     outcomes.append(evaluator.outcome(leaf))
-            return _conclude(self, outcomes, _with_item(_seen(fact_data, kind_data), it))
+            seen = _with_item(_seen(fact_data, kind_data), it)
+            return _conclude(self, outcomes, seen, collections)
         except Exception as exc:  # defensive: nothing above is expected to raise
             return Evaluation(value=False, clauses=(), error=f"internal error: {exc!r}")
 
@@ -861,13 +1057,17 @@ def _evaluate_reference(
         it = _item_value(item)
         evaluator = _Evaluator(condition._source, facts, now, variables=_variables(it))
         outcomes = [evaluator.outcome(leaf) for leaf in condition._leaves]
-        return _conclude(condition, outcomes, _with_item(evaluator.seen(), it))
+        seen = _with_item(evaluator.seen(), it)
+        return _conclude(condition, outcomes, seen, evaluator.collections)
     except Exception as exc:  # defensive: nothing above is expected to raise
         return Evaluation(value=False, clauses=(), error=f"internal error: {exc!r}")
 
 
 def _conclude(
-    condition: CompiledCondition, outcomes: list[_Outcome], seen: dict[str, Any]
+    condition: CompiledCondition,
+    outcomes: list[_Outcome],
+    seen: dict[str, Any],
+    collections: _CollectionRun | None = None,
 ) -> Evaluation:
     """The ``Evaluation`` from the outcomes of a condition's clauses."""
     overall = _combine(condition._plan, outcomes)
@@ -879,6 +1079,7 @@ def _conclude(
         missing=_missing_names(overall, outcomes),
         error=overall.error,
         seen=seen,
+        collections=collections.collections() if collections else (),
     )
 
 

@@ -6,7 +6,7 @@ the limits, the bounded operators of the sandbox, ``ExpressionProblem``/``Expres
 and the records an evaluation gives), makes fact access explicit and turns the result into
 one Python function (``compiler``: generated source, compiled once, with no builtins: it
 can only call the fact accessors, JSON-only lookups, bounded operators and the functions
-below). ``evaluate(facts, now)`` is one call of that function. simpleeval walking the same
+below). ``evaluate(facts, now, item)`` is one call of that function. simpleeval walking the same
 checked tree is the reference (``reference``): it defines the results, and whenever a
 clause fails for any other reason than a missing fact or field, the clause is run again on
 it to get its exact error (tests/test_expressions_compiled.py checks that both always
@@ -41,6 +41,43 @@ not a kind name (a kind called ``item`` cannot be read). A missing field is name
 ``item`` (``item.data.commit``). Outside ``for_each`` rules ``item`` is an ordinary kind
 name. The evaluation's ``seen`` records the item as the fact it is (``"build.b9": data``).
 
+Collections
+-----------
+``any``, ``all``, ``count``, ``sum``, ``min`` and ``max`` take a *collection* as their only
+argument: ``FN(ELEMENT for VAR in KIND if FILTER)``, e.g.
+``all(t.data.status == "done" for t in task if t.data.milestone == item.id)``.
+
+- Exactly one ``for``; ``VAR`` is a plain lower-case name (not a function, a literal or
+  ``item``) and ``KIND`` a bare kind name. Zero or more ``if`` filters. No collection
+  inside another. ``VAR`` is bound to each fact of the kind in turn, in id order, as
+  ``{"kind", "id", "data"}`` (the shape of ``item``): ``t.id``, ``t.data.status``. The
+  element and the filters may read other facts, ``item`` and the time; inside them
+  ``VAR`` hides a kind of the same name.
+- ``count(E for ...)``: how many items have a truthy ``E`` (so ``count(t for t in task if
+  C)`` counts those passing ``C``). ``any``: whether one has. ``all``: whether every one
+  has, and **false over no items**. ``sum``: the sum of the elements (numbers; booleans
+  count as 0/1), exact whatever the order (the true sum rounded once; an integer unless a
+  float is added), 0 over no items. ``min``/``max``: the least/greatest element (numbers,
+  or strings, not both; of equal ones the first by id); over no items they are *missing*,
+  named ``min(... for t in task)``, so the condition is false. ``min(a, b)``/``max(a, b)``
+  with several arguments are the plain functions.
+- Missing data: a missing fact or field in a filter means the item does not pass; in the
+  element of ``any``/``all``/``count`` it counts as false; in the element of ``sum``/
+  ``min``/``max`` it makes the value missing, named from the fact (``task["T-3"].hours``,
+  the first such id). An element of the wrong type for ``sum``/``min``/``max``, or any
+  other run-time error in an element or filter, is an error (the first, by id).
+- ``any``/``all``/``count``/``sum`` are functions only when called with a collection: as
+  names they are still kinds (``count.x.n``).
+- The facts a collection goes over are not copied into the evaluation's ``seen``:
+  ``Evaluation.collections`` tells, for each collection, how many items passed the filter,
+  how many had a truthy element, the first 20 ids (sorted) whose element was false or
+  missing, and the value (``CollectionSeen``). The condition ``reads`` the whole kind
+  (``FactRef(KIND, None)``).
+- Cost: a collection whose element and filters read nothing but ``VAR``, ``item`` and
+  literals follows the facts of its kind by deltas (``gatekeeper.expr.incremental``):
+  posting one fact costs about the same with 10 or 10,000 facts of the kind. One that
+  reads other facts or the time goes over every fact of the kind at each evaluation.
+
 Literals and operators
 ----------------------
 Numbers, strings (at most 1,000 characters), ``true``/``false``/``null``, lists, tuples
@@ -57,6 +94,8 @@ Functions (positional arguments only)
 - ``now()``: the evaluation's "now" as an RFC 3339 UTC string. Compare times with the
   ``*_since`` functions rather than as strings.
 - ``len(x)``, ``min(...)``, ``max(...)``, ``abs(x)``, ``round(x[, ndigits])``: as in Python.
+- ``any``, ``all``, ``count``, ``sum``, and ``min``/``max`` of one collection: see
+  "Collections".
 
 Truth, missing data and errors
 ------------------------------
@@ -76,14 +115,15 @@ Truth, missing data and errors
 Rejected by ``compile_condition`` (every problem is listed, with its position)
 ------------------------------------------------------------------------------
 Syntax errors; unknown functions; calls of anything but a function name (``x.lower()``);
-keyword or ``*`` arguments, or the wrong number of arguments; a function name used
-without calling it; names that are not kinds; attributes or keys starting with ``_``;
-lambdas, comprehensions, f-strings, ``:=``, ``*``/``**`` unpacking, sets, slices
-(``x[1:3]``), ``is``/``is not`` (use ``==``), bitwise operators, bytes and complex
-literals; ``**`` unless the exponent is a number literal between -64 and 64; strings over
-1,000 characters; expressions over 4,096 characters, 400 expression nodes (names,
-literals, operations, calls...) or 32 levels of nesting; a bare top-level ``a, b`` (a
-tuple, always true). A constant expression such as ``true`` is allowed.
+keyword or ``*`` arguments, or the wrong number of arguments; a function name used without
+calling it; names that are not kinds; attributes or keys starting with ``_``; lambdas,
+comprehensions and generator expressions other than a collection, f-strings, ``:=``,
+``*``/``**`` unpacking, sets, slices (``x[1:3]``), ``is``/``is not`` (use ``==``), bitwise
+operators, bytes and complex literals; ``**`` unless the exponent is a number literal
+between -64 and 64; strings over 1,000 characters; expressions over 4,096 characters, 400
+expression nodes (names, literals, operations, calls...) or 32 levels of nesting; a bare
+top-level ``a, b`` (a tuple, always true). A constant expression such as ``true`` is
+allowed.
 
 Bounds at run time
 ------------------
@@ -96,10 +136,11 @@ When time alone changes a condition
 ``CompiledCondition.next_change_at(facts, now)`` tells the daemon when to evaluate a
 condition again if no fact changes. A comparison of ``days_since(ts)``, ``hours_since(ts)``
 or ``minutes_since(ts)`` with a number (``days_since(milestone.design.approved_at) >= 7``,
-``1 <= hours_since(x.y.at) < 48``, ``days_since(a.b.at) >= policy.hold.days``) is solved
-exactly: the rule is evaluated again at the microsecond its value changes. Any other use of
-time (``now()``, ``days_since(ts) * 24 > 5``, ``days_since(a) > days_since(b)``) is
-re-checked every second.
+``1 <= hours_since(x.y.at) < 48``, ``days_since(a.b.at) >= policy.hold.days``,
+``days_since(item.data.opened_at) >= 3``) is solved exactly: the rule is evaluated again at
+the microsecond its value changes. Any other use of time (``now()``,
+``days_since(ts) * 24 > 5``, ``days_since(a) > days_since(b)``, time inside a collection)
+is re-checked every second.
 """
 
 from __future__ import annotations
@@ -113,9 +154,10 @@ import operator
 import re
 import tokenize
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from fractions import Fraction
 from typing import Any, Protocol
 
 MAX_EXPRESSION_CHARS = 4096
@@ -148,6 +190,14 @@ MAX_ROUND_DIGITS = 100
 """Largest absolute ``ndigits`` accepted by ``round``."""
 
 TIME_FUNCTIONS = frozenset({"days_since", "hours_since", "minutes_since", "now"})
+
+COLLECTION_FUNCTIONS = ("any", "all", "count", "sum", "min", "max")
+"""The functions that take a collection: ``FN(ELEMENT for VAR in KIND if FILTER)``."""
+MAX_FALSE_IDS = 20
+"""Most ids ``CollectionSeen.false_ids`` lists."""
+_COLLECTION_ONLY = frozenset({"any", "all", "count", "sum"})
+"""Functions that take nothing but a collection (and, uncalled, stay kind names)."""
+_COLLECTION_FORM = "FN(E for x in KIND if C)"
 
 _LITERAL_NAMES: dict[str, bool | None] = {"true": True, "false": False, "null": None}
 _KIND_RE = re.compile(r"[a-z][a-z0-9_]*\Z")
@@ -200,10 +250,14 @@ _REJECTED_OPERATORS: dict[type[ast.AST], str] = {
 }
 _REJECTED_NODES: dict[type[ast.AST], str] = {
     ast.Lambda: "lambda functions are not allowed",
-    ast.ListComp: "comprehensions are not allowed",
-    ast.SetComp: "comprehensions are not allowed",
-    ast.DictComp: "comprehensions are not allowed",
-    ast.GeneratorExp: "generator expressions are not allowed",
+    ast.ListComp: "comprehensions are not allowed; a collection is any, all, count, sum, min"
+    f" or max of {_COLLECTION_FORM}",
+    ast.SetComp: "comprehensions are not allowed; a collection is any, all, count, sum, min"
+    f" or max of {_COLLECTION_FORM}",
+    ast.DictComp: "comprehensions are not allowed; a collection is any, all, count, sum, min"
+    f" or max of {_COLLECTION_FORM}",
+    ast.GeneratorExp: "generator expressions are not allowed here: a collection is the only"
+    f" argument of any, all, count, sum, min or max: {_COLLECTION_FORM}",
     ast.JoinedStr: "f-strings are not allowed",
     ast.Starred: "unpacking with '*' is not allowed",
     ast.NamedExpr: "assignment expressions (':=') are not allowed",
@@ -239,6 +293,28 @@ class FactLookup(Protocol):
 
     def of_kind(self, kind: str) -> Mapping[str, Mapping[str, Any]]:
         """Every fact of ``kind`` as {id: data}."""
+
+
+class FactChanges(FactLookup, Protocol):
+    """What a ``FactLookup`` may offer besides, so that collections follow the facts of a
+    kind by deltas instead of going over all of them at each evaluation (optional: a
+    lookup without it is read in full). The facts are *committed* ones, and *pending* ones
+    put over them (a plan not committed yet, which may be dropped).
+    """
+
+    def committed_version(self, kind: str) -> tuple[int, int]:
+        """``(table, version)``: ``table`` tells committed fact tables apart; ``version``
+        grows with every put of a committed fact of ``kind``."""
+
+    def committed_changes(self, kind: str, since: int) -> Collection[str] | None:
+        """The ids of ``kind`` put as committed facts after version ``since``; None when
+        that is no longer known (then the reader starts over)."""
+
+    def committed_of_kind(self, kind: str) -> Mapping[str, Mapping[str, Any]]:
+        """Every committed fact of ``kind``, ``{id: data}`` (read only)."""
+
+    def pending(self, kind: str) -> Collection[str]:
+        """The ids of ``kind`` whose data here (``get``) is pending, not committed."""
 
 
 @dataclass(frozen=True)
@@ -277,6 +353,27 @@ class Clause:
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class CollectionSeen:
+    """What one collection (``all(t.data.done for t in task if ...)``) saw, by reference.
+
+    ``text``: the collection's source; ``function``: ``any``/``all``/``count``/``sum``/
+    ``min``/``max``; ``kind``: the kind it goes over; ``items``: how many facts of the kind
+    passed the filter; ``true``: how many of those had a truthy element; ``false_ids``: the
+    first ``MAX_FALSE_IDS`` ids (sorted) of those whose element was false or missing;
+    ``value``: the collection's value (JSON-ready; None when it is missing). Never a copy of
+    the facts.
+    """
+
+    text: str
+    function: str
+    kind: str
+    items: int
+    true: int
+    false_ids: tuple[str, ...]
+    value: Any
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """The outcome of evaluating a condition.
@@ -292,6 +389,9 @@ class Evaluation:
     error (the clauses say where). ``seen`` covers every clause (each clause is evaluated,
     even those the short-circuit evaluation of the whole did not need); a fact that does
     not exist is recorded as None, a kind-level read as ``{"kind": {id: data}}``.
+    The facts a collection goes over are not in ``seen``: ``collections`` holds, for each
+    collection the evaluation completed, in source order, a ``CollectionSeen`` (counts
+    and ids).
     """
 
     value: bool
@@ -299,6 +399,7 @@ class Evaluation:
     missing: tuple[str, ...] = ()
     error: str | None = None
     seen: Mapping[str, Any] = field(default_factory=dict)
+    collections: tuple[CollectionSeen, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,6 +603,26 @@ ITEM_NAME = "item"
 """The name of the current item in a condition compiled with an item kind."""
 
 
+def _is_collection(node: ast.Call) -> bool:
+    """Whether ``node`` is ``FN(<generator expression>)`` with FN a collection function."""
+    return (
+        isinstance(node.func, ast.Name)
+        and node.func.id in COLLECTION_FUNCTIONS
+        and len(node.args) == 1
+        and isinstance(node.args[0], ast.GeneratorExp)
+        and not node.keywords
+    )
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """Where a node is: the variable names bound there (``item``, a loop variable), which
+    are not kinds, and whether it is inside a collection."""
+
+    bound: frozenset[str] = frozenset()
+    in_collection: bool = False
+
+
 class _Checker:
     """Walks the tree (iteratively, so depth cannot hurt) collecting problems and reads."""
 
@@ -511,20 +632,31 @@ class _Checker:
         self.reads: set[FactRef] = set()
         self.uses_time = False
         self.uses_item = False
-        self.bound: frozenset[str] = frozenset({ITEM_NAME}) if item_kind else frozenset()
-        """The variable names (``item``), which are not kinds."""
+        self.uses_collections = False
+        self.item_kind = item_kind
+        self.root = _Scope(frozenset({ITEM_NAME}) if item_kind else frozenset())
+        self.scope = self.root
+        """The scope of the node being checked."""
+        self._child_scope = self.root
+        """The scope of the children of the node being checked."""
         self._count = 0
         self._reported_depth = False
         self._grows = False
         """Whether the expression has a ``+``, ``*`` or ``**``: the only operators whose
         work grows with their operands (else there is nothing to fold)."""
 
+    @property
+    def bound(self) -> frozenset[str]:
+        return self.scope.bound
+
     def check(self, root: ast.expr) -> None:
-        stack: list[tuple[ast.expr, int]] = [(root, 1)]
+        stack: list[tuple[ast.expr, int, _Scope]] = [(root, 1, self.root)]
         while stack:
-            node, depth = stack.pop()
+            node, depth, scope = stack.pop()
             self._measure(root, node, depth)
-            stack.extend((child, depth + 1) for child in self._visit(node))
+            self.scope = self._child_scope = scope
+            children = self._visit(node)
+            stack.extend((child, depth + 1, self._child_scope) for child in children)
         if self._grows and not self.problems:
             self._fold_constants(root)
 
@@ -638,7 +770,7 @@ class _Checker:
                 node, f"{name!r} is not a fact kind (kinds are lower-case: [a-z][a-z0-9_]*)"
             )
         elif name in self.bound:
-            self.uses_item = self.uses_item or name == ITEM_NAME
+            self.uses_item = self.uses_item or (name == ITEM_NAME and self.item_kind is not None)
         else:
             self.reads.add(FactRef(name, None))
 
@@ -677,7 +809,26 @@ class _Checker:
     def _call(self, node: ast.Call) -> list[ast.expr]:
         children: list[ast.expr] = list(node.args)
         func = node.func
-        if isinstance(func, ast.Name) and func.id in _ARITY:
+        if _is_collection(node):
+            return self._collection(node)
+        if isinstance(func, ast.Name) and func.id in _COLLECTION_ONLY:
+            self._report(
+                node,
+                f"{func.id}() takes one collection: {func.id}(E for x in KIND if C)",
+            )
+            children = [arg for arg in node.args if not isinstance(arg, ast.GeneratorExp)]
+        elif (
+            isinstance(func, ast.Name)
+            and func.id not in _ARITY
+            and any(isinstance(arg, ast.GeneratorExp) for arg in node.args)
+        ):
+            self._report(
+                func,
+                f"unknown function {func.id!r}; a collection is any, all, count, sum, min"
+                f" or max of {_COLLECTION_FORM}",
+            )
+            children = [arg for arg in node.args if not isinstance(arg, ast.GeneratorExp)]
+        elif isinstance(func, ast.Name) and func.id in _ARITY:
             self._arity(node, func.id)
             self.uses_time = self.uses_time or func.id in TIME_FUNCTIONS
         elif isinstance(func, ast.Name):
@@ -696,6 +847,56 @@ class _Checker:
             self._report(kw, "keyword arguments are not allowed")
             children.append(kw.value)
         return children
+
+    def _collection(self, node: ast.Call) -> list[ast.expr]:
+        """Check ``FN(ELEMENT for VAR in KIND if FILTER...)``; its element and filters are
+        checked next, with ``VAR`` bound."""
+        assert isinstance(node.func, ast.Name)
+        function = node.func.id
+        generator = node.args[0]
+        assert isinstance(generator, ast.GeneratorExp)
+        if self.scope.in_collection:
+            self._report(node, "collections cannot be nested")
+            return []
+        if len(generator.generators) != 1:
+            self._report(
+                generator,
+                f"a collection has exactly one 'for': {function}(E for x in KIND if C)",
+            )
+            return []
+        loop = generator.generators[0]
+        if loop.is_async:
+            self._report(generator, "'async for' is not allowed")
+            return []
+        target = loop.target
+        if not isinstance(target, ast.Name):
+            self._report(target, "the loop variable must be a plain name, as in 'for t in task'")
+            return []
+        var = target.id
+        if not _is_kind_name(var) or var in COLLECTION_FUNCTIONS:
+            self._report(
+                target,
+                f"{var!r} cannot name a loop variable (a lower-case name that is not a"
+                " function or a literal, as in 'for t in task')",
+            )
+            return []
+        if var in self.bound:
+            self._report(
+                target, f"{var!r} is the current item; give the loop variable another name"
+            )
+            return []
+        kind = _kind_of(loop.iter, self.bound)
+        if kind is None:
+            self._report(
+                loop.iter,
+                f"a collection goes over the facts of a kind: 'for {var} in KIND', with KIND"
+                " a kind name",
+            )
+            return []
+        self.reads.add(FactRef(kind, None))
+        self.uses_collections = True
+        self._child_scope = _Scope(self.bound | {var}, True)
+        return [generator.elt, *loop.ifs]
 
     def _arity(self, node: ast.Call, name: str) -> None:
         low, high = _ARITY[name]
@@ -800,6 +1001,42 @@ class _VarRead(ast.expr):
         ast.copy_location(self, origin)
 
 
+class _Collection(ast.expr):
+    """``function(element for var in kind if filters...)``; ``site`` (its position) tells
+    the collections of a condition apart and orders them."""
+
+    def __init__(
+        self,
+        function: str,
+        var: str,
+        kind: str,
+        element: ast.expr,
+        filters: list[ast.expr],
+        origin: ast.expr,
+    ) -> None:
+        super().__init__()
+        self.function = function
+        self.var = var
+        self.kind = kind
+        self.element = element
+        self.filters = filters
+        self.site = (origin.lineno, origin.col_offset)
+        ast.copy_location(self, origin)
+
+
+def _lower_collection(node: ast.Call, bound: frozenset[str]) -> _Collection:
+    assert isinstance(node.func, ast.Name)
+    generator = node.args[0]
+    assert isinstance(generator, ast.GeneratorExp)
+    loop = generator.generators[0]
+    assert isinstance(loop.target, ast.Name) and isinstance(loop.iter, ast.Name)
+    var = loop.target.id
+    inner = bound | {var}
+    element = _lower(generator.elt, inner)
+    filters = [_lower(condition, inner) for condition in loop.ifs]
+    return _Collection(node.func.id, var, loop.iter.id, element, filters, node)
+
+
 def _lower(node: ast.expr, bound: frozenset[str] = frozenset()) -> ast.expr:
     """Rewrite names, attributes and subscripts into explicit fact reads, variable reads
     (the ``bound`` names) and lookups."""
@@ -823,6 +1060,8 @@ def _lower(node: ast.expr, bound: frozenset[str] = frozenset()) -> ast.expr:
             return _FactRead(kind, None, _lower(node.slice, bound), node)
         return _Lookup(_lower(node.value, bound), _lower(node.slice, bound), node)
     if isinstance(node, ast.Call):
+        if _is_collection(node):
+            return _lower_collection(node, bound)
         node.args = [_lower(arg, bound) for arg in node.args]
         return node
     for name, value in ast.iter_fields(node):
@@ -1026,3 +1265,190 @@ def _round(value: Any, ndigits: Any = None) -> Any:
         limit = MAX_ROUND_DIGITS
         raise _Failure(f"round(): ndigits must be between -{limit} and {limit}")
     return round(value, ndigits)
+
+
+# --------------------------------------------------------------------------------------
+# Collections: what a collection gives from the elements of the items passing its filter
+
+
+class _MissingElement:
+    """The element of an item was missing (``name`` says what); for ``sum``/``min``/
+    ``max`` the collection's value then is missing too (the first such name, by id)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _MissingElement) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+
+class _CollectionRun:
+    """What the collections of one evaluation share (the compiled form and the reference
+    alike): ``seen``, what each collection saw, by site; ``kinds``, the facts of each kind
+    gone over (read once per evaluation, and never recorded in ``Evaluation.seen``)."""
+
+    __slots__ = ("kinds", "seen")
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[int, int], CollectionSeen] = {}
+        self.kinds: dict[str, Mapping[str, Mapping[str, Any]]] = {}
+
+    def of_kind(self, facts: FactLookup, kind: str) -> Mapping[str, Mapping[str, Any]]:
+        found = self.kinds.get(kind)
+        if found is None:
+            found = self.kinds[kind] = facts.of_kind(kind)
+        return found
+
+    def collections(self) -> tuple[CollectionSeen, ...]:
+        """``Evaluation.collections``: what each collection saw, in source order."""
+        return tuple(self.seen[key] for key in sorted(self.seen))
+
+
+def _item_of(kind: str, fact_id: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """A fact as the value of a loop variable or of ``item``: ``{"kind", "id", "data"}``."""
+    return {"kind": kind, "id": fact_id, "data": dict(data)}
+
+
+def _rename_missing(name: str, var: str, kind: str, fact_id: str) -> str:
+    """A missing name found in a collection's element, named from the fact: ``t.data.hours``
+    of (task, T-3) is ``task["T-3"].hours``."""
+    prefix = var + ".data"
+    if name.startswith(prefix) and name[len(prefix) : len(prefix) + 1] in ("", ".", "["):
+        return _fact_name(kind, fact_id) + name[len(prefix) :]
+    return name
+
+
+def _empty_name(function: str, var: str, kind: str) -> str:
+    """How ``min``/``max`` over no items is named as missing: ``min(... for t in task)``."""
+    return f"{function}(... for {var} in {kind})"
+
+
+class _ExactSum:
+    """The exact sum of numbers, in any order, added and taken away one by one.
+
+    Integers (and booleans) add up exactly; finite floats are kept as exact fractions, so
+    the value is the sum correctly rounded once (a float when any float was added, as
+    ``math.fsum`` would give it): the same whatever the order of the additions. Infinities
+    and NaN follow IEEE rules (``inf + -inf`` is NaN).
+    """
+
+    __slots__ = ("floats", "fraction", "integer", "nan", "negative", "positive")
+
+    def __init__(self) -> None:
+        self.integer = 0
+        self.fraction: Fraction | int = 0
+        self.floats = 0
+        self.nan = 0
+        self.positive = 0
+        self.negative = 0
+
+    def add(self, value: float, sign: int = 1) -> None:
+        """Add ``value`` (``sign`` 1), or take it away again (``sign`` -1)."""
+        if type(value) is float:
+            self.floats += sign
+            if value != value:
+                self.nan += sign
+            elif value == math.inf:
+                self.positive += sign
+            elif value == -math.inf:
+                self.negative += sign
+            else:
+                numerator, denominator = value.as_integer_ratio()
+                if denominator == 1:
+                    self.integer += sign * numerator
+                else:
+                    self.fraction += Fraction(sign * numerator, denominator)
+        else:
+            self.integer += sign * int(value)
+
+    @property
+    def value(self) -> int | float:
+        if not self.floats:
+            return self.integer
+        if self.nan or (self.positive and self.negative):
+            return math.nan
+        if self.positive:
+            return math.inf
+        if self.negative:
+            return -math.inf
+        total = self.fraction + self.integer
+        try:
+            return float(total)
+        except OverflowError:
+            return math.inf if total > 0 else -math.inf
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float, bool)
+
+
+def _type_problem(function: str, value: Any) -> str | None:
+    """Why ``value`` cannot be an element of ``function`` (``sum``/``min``/``max``)."""
+    if isinstance(value, _MissingElement):
+        return None
+    if function == "sum":
+        return None if _is_number(value) else f"sum() adds numbers, not {_type_name(value)}"
+    if type(value) is str or (_is_number(value) and value == value):
+        return None
+    what = "NaN" if _is_number(value) else _type_name(value)
+    return f"{function}() compares numbers or strings, not {what}"
+
+
+def _collection_value(function: str, var: str, kind: str, elements: list[tuple[str, Any]]) -> Any:
+    """The value of a collection from ``elements``: ``(id, element)`` of the items that
+    passed its filter, in id order (an element that was missing is a ``_MissingElement``).
+
+    ``any``/``all``/``count``: over truthy elements (a missing one is false; ``all`` of
+    nothing is false). ``sum``/``min``/``max``: an element of the wrong type (``sum`` adds
+    numbers; ``min``/``max`` compare numbers, or strings, but not both and not NaN) fails
+    (the first, by id), else a missing element makes the value missing (the first, by id,
+    as a ``_MissingElement``), else ``sum`` is the exact sum (0 of nothing) and ``min``/
+    ``max`` the least/greatest element (of equal ones, the first by id; of nothing:
+    missing).
+    """
+    if function in ("any", "all", "count"):
+        true = sum(1 for _, value in elements if not isinstance(value, _MissingElement) and value)
+        if function == "count":
+            return true
+        if function == "any":
+            return true > 0
+        return bool(elements) and true == len(elements)
+    for fact_id, value in elements:
+        problem = _type_problem(function, value)
+        if problem is not None:
+            raise _Failure(f"{problem} ({_fact_name(kind, fact_id)})")
+    for _, value in elements:
+        if isinstance(value, _MissingElement):
+            return value
+    if function == "sum":
+        total = _ExactSum()
+        for _, value in elements:
+            total.add(value)
+        return total.value
+    if not elements:
+        return _MissingElement(_empty_name(function, var, kind))
+    values = [value for _, value in elements]
+    if any(type(v) is str for v in values) and not all(type(v) is str for v in values):
+        raise _Failure(f"{function}() cannot compare numbers with strings")
+    return min(values) if function == "min" else max(values)
+
+
+def _collection_seen(
+    text: str, function: str, kind: str, elements: list[tuple[str, Any]], value: Any
+) -> CollectionSeen:
+    """The ``CollectionSeen`` of a collection from its ``elements`` (as for
+    ``_collection_value``) and its value."""
+    false_ids: list[str] = []
+    true = 0
+    for fact_id, element in elements:
+        if not isinstance(element, _MissingElement) and element:
+            true += 1
+        elif len(false_ids) < MAX_FALSE_IDS:
+            false_ids.append(fact_id)
+    shown = None if isinstance(value, _MissingElement) else _jsonable(value)
+    return CollectionSeen(text, function, kind, len(elements), true, tuple(false_ids), shown)

@@ -22,13 +22,20 @@ from gatekeeper.expr.language import (
     _MAX_MESSAGE_FRAGMENT_CHARS,
     _OPERATORS,
     FactLookup,
+    _Collection,
+    _collection_seen,
+    _collection_value,
+    _CollectionRun,
     _fact_name,
     _FactRead,
     _Failure,
+    _item_of,
     _KindRead,
     _Lookup,
     _Missing,
+    _MissingElement,
     _Plan,
+    _rename_missing,
     _render_key,
     _round,
     _Source,
@@ -108,6 +115,7 @@ class _Evaluator(SimpleEval):  # type: ignore[misc]  # simpleeval ships no type 
         fact_data: dict[str, dict[str, Any] | None] | None = None,
         kind_data: dict[str, dict[str, Any]] | None = None,
         variables: dict[str, Any] | None = None,
+        collections: _CollectionRun | None = None,
     ) -> None:
         super().__init__(operators=_OPERATORS, functions=self._make_functions(), names={})
         self.nodes = {
@@ -125,6 +133,7 @@ class _Evaluator(SimpleEval):  # type: ignore[misc]  # simpleeval ships no type 
             _FactRead: self._eval_fact_read,
             _Lookup: self._eval_lookup,
             _VarRead: self._eval_var_read,
+            _Collection: self._eval_collection,
         }
         self.source = source
         self.facts = facts
@@ -136,6 +145,8 @@ class _Evaluator(SimpleEval):  # type: ignore[misc]  # simpleeval ships no type 
         self.computed_ids: dict[_FactRead, str] = {}  # ids of task[expr] reads, for names
         # The variables' values: ``item`` (its {"kind", "id", "data"}) when there is one.
         self.variables: dict[str, Any] = {} if variables is None else variables
+        # What each collection evaluated saw, by its site (shared with the compiled form).
+        self.collections = _CollectionRun() if collections is None else collections
 
     def _make_functions(self) -> dict[str, Callable[..., Any]]:
         return {
@@ -218,6 +229,44 @@ class _Evaluator(SimpleEval):  # type: ignore[misc]  # simpleeval ships no type 
             raise _Missing(node.name)
         return value
 
+    def _eval_collection(self, node: _Collection) -> Any:
+        """Every fact of the kind, in id order, bound to the loop variable: those passing
+        the filters give their element (see ``_collection_value``). The facts gone over are
+        not recorded in ``seen``; ``collections`` gets what the collection saw."""
+        found = self.collections.of_kind(self.facts, node.kind)
+        elements: list[tuple[str, Any]] = []
+        try:
+            for fact_id in sorted(found):
+                self.variables[node.var] = _item_of(node.kind, fact_id, found[fact_id])
+                if not self._passes(node.filters):
+                    continue
+                try:
+                    element = self._eval(node.element)
+                except _Missing as missing:
+                    name = _rename_missing(missing.name, node.var, node.kind, fact_id)
+                    element = _MissingElement(name)
+                elements.append((fact_id, element))
+        finally:
+            self.variables.pop(node.var, None)
+        value = _collection_value(node.function, node.var, node.kind, elements)
+        text = self.source.snippet(node)
+        self.collections.seen[node.site] = _collection_seen(
+            text, node.function, node.kind, elements, value
+        )
+        if isinstance(value, _MissingElement):
+            raise _Missing(value.name)
+        return value
+
+    def _passes(self, filters: list[ast.expr]) -> bool:
+        """Whether the item bound passes every filter (a missing name: it does not)."""
+        for condition in filters:
+            try:
+                if not self._eval(condition):
+                    return False
+            except _Missing:
+                return False
+        return True
+
     def _eval_fact_read(self, node: _FactRead) -> dict[str, Any]:
         fact_id = node.fact_id
         if fact_id is None:
@@ -261,7 +310,9 @@ class _Evaluator(SimpleEval):  # type: ignore[misc]  # simpleeval ships no type 
         if isinstance(node, _Lookup) and isinstance(node.key, ast.Constant):
             return self._path(node.value) + _render_key(node.key.value)
         text = self.source.snippet(node)
-        atomic = isinstance(node, _FactRead | _Lookup | ast.Call | ast.List | ast.Dict)
+        atomic = isinstance(
+            node, _FactRead | _Lookup | ast.Call | ast.List | ast.Dict | _Collection
+        )
         return text if atomic else f"({text})"
 
     # -- facts ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from fractions import Fraction
 from gatekeeper.clock import parse_rfc3339
 from gatekeeper.expr.language import (
     TIME_FUNCTIONS,
+    _Collection,
     _FactRead,
     _KindRead,
     _Lookup,
@@ -207,6 +208,8 @@ def _children(node: ast.expr) -> list[ast.expr]:
     """The sub-expressions of a lowered node."""
     if isinstance(node, _KindRead | _VarRead):
         return []
+    if isinstance(node, _Collection):
+        return [node.element, *node.filters]
     if isinstance(node, _FactRead):
         return [] if node.key is None else [node.key]
     if isinstance(node, _Lookup):
@@ -250,6 +253,9 @@ class _TimeAnalysis:
 
     def visit(self, node: ast.expr) -> None:
         if not self.uses_time(node):
+            return
+        if isinstance(node, _Collection):  # its timestamps are per item: not solved
+            self.always_poll = True
             return
         if isinstance(node, ast.Compare):
             self._compare(node)
