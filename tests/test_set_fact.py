@@ -220,3 +220,41 @@ def test_an_approval_that_fires_a_set_fact_points_at_the_approval() -> None:
         ("site/sign-off", "approval", "fired", 1),  # seqs: the set fact's, then the approval's
         ("site/release", "fact", "fired", 0),
     ]
+
+
+MILESTONES = """
+- id: site/milestone-complete
+  project: site
+  for_each: milestone
+  when: all(t.data.status == "done" for t in task if t.data.milestone == item.id)
+  fire: once
+  actions:
+    - set_fact: {kind: milestone_status, id: "${item.id}", data: {status: complete}}
+
+- id: site/release
+  project: site
+  for_each: milestone_status
+  when: item.data.status == "complete"
+  actions:
+    - notify: {target: chat, message: "milestone ${item.id} complete"}
+"""
+
+
+def test_the_last_task_done_completes_its_milestone_and_fires_the_release() -> None:
+    world = World(engine_of(MILESTONES))
+    world.post(
+        FactInput("site", "milestone", "m1", {}),
+        FactInput("site", "milestone", "m2", {}),
+    )
+    world.post(task("T-1", "done"), task("T-2", "open"), task("T-3", "open", milestone="m2"))
+    assert world.states[("site/milestone-complete", "m1")].fired_count == 0
+    t = world.post(task("T-2", "done"))
+    assert [(d.rule_id, d.instance, d.outcome) for d in t.decisions] == [
+        ("site/milestone-complete", "m1", "fired"),
+        ("site/milestone-complete", "m2", "not_met"),
+        ("site/release", "m1", "fired"),
+    ]
+    [m2] = [d for d in t.decisions if d.instance == "m2"]
+    [collection] = m2.evaluation.collections
+    assert (collection.items, collection.true, collection.false_ids) == (1, 0, ("T-3",))
+    assert [a.payload["message"] for a in t.actions] == ["milestone m1 complete"]

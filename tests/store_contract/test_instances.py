@@ -176,3 +176,42 @@ async def test_approvals_of_an_instance_are_kept_apart(store: Store) -> None:
     }
     logged = [f.data for f in await store.fact_log() if f.kind == "approval"]
     assert [d.get("instance") for d in logged] == [None, "b1", "b2", "b2"]
+
+
+async def test_collections_are_stored_as_counts_and_ids(backend: Backend) -> None:
+    from gatekeeper.expr import CollectionSeen
+
+    store = await backend.open()
+    tasks = [("site", "task", f"T-{i}", {"status": "open", "note": "x" * 200}) for i in range(300)]
+    await store.commit_transition(build.facts(build.T0, *tasks))
+    seen = CollectionSeen(
+        'all(t.data.status == "done" for t in task)',
+        "all",
+        "task",
+        300,
+        0,
+        tuple(sorted(f"T-{i}" for i in range(300)))[:20],
+        False,
+    )
+    decision = replace(
+        build.decision("site/done", build.at(1), project="site", outcome="not_met", firing=None),
+        evaluation=Evaluation(False, (), seen={}, collections=(seen,)),
+    )
+    await store.commit_transition(Transition(decisions=[decision], planned_at=build.at(1)))
+    [shown] = await store.list_decisions("site/done")
+    [collection] = shown.evaluation["collections"]
+    assert collection == {
+        "text": 'all(t.data.status == "done" for t in task)',
+        "function": "all",
+        "kind": "task",
+        "items": 300,
+        "true": 0,
+        "false_ids": list(seen.false_ids),
+        "value": False,
+        "as_of_seq": 300,
+    }
+    if backend.name == "sqlite":
+        path = Path(backend.url.removeprefix("sqlite:///"))
+        with sqlite3.connect(path) as db:
+            (text,) = db.execute("SELECT evaluation FROM decisions").fetchone()
+        assert len(text) < 1000  # 300 facts of 200+ characters each: none copied

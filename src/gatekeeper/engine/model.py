@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from gatekeeper.engine.ledger import LedgerEntry
-from gatekeeper.expr import Evaluation
+from gatekeeper.expr import CollectionSeen, Evaluation
 from gatekeeper.rules.model import (
     Ruleset,
 )
@@ -215,6 +215,24 @@ def evaluation_to_json(evaluation: Evaluation) -> dict[str, Any]:
         "missing": list(evaluation.missing),
         "error": evaluation.error,
         "seen": dict(evaluation.seen),
+        **(
+            {"collections": [collection_to_json(c) for c in evaluation.collections]}
+            if evaluation.collections
+            else {}
+        ),
+    }
+
+
+def collection_to_json(seen: CollectionSeen) -> dict[str, Any]:
+    """What one collection saw, as stored and shown: counts and ids, never the facts."""
+    return {
+        "text": seen.text,
+        "function": seen.function,
+        "kind": seen.kind,
+        "items": seen.items,
+        "true": seen.true,
+        "false_ids": list(seen.false_ids),
+        "value": seen.value,
     }
 
 

@@ -340,6 +340,22 @@ class SeenKind(Model):
     as_of_seq: Annotated[int, Meta(ge=0)]
 
 
+class CollectionSeen(Model):
+    """What one collection saw: counts and ids, never the facts it went over."""
+
+    text: str
+    function: Literal["any", "all", "count", "sum", "min", "max"]
+    kind: str
+    items: Annotated[int, Meta(ge=0, description="Facts of the kind passing the filter.")]
+    true: Annotated[int, Meta(ge=0, description="Of those, how many had a true element.")]
+    false_ids: Annotated[
+        list[str], Meta(description="The first ids (sorted) whose element was false/missing.")
+    ]
+    value: Any
+    value_omitted: Annotated[int, Meta(ge=0)] | UnsetType = UNSET
+    as_of_seq: int | UnsetType | None = UNSET
+
+
 class Evaluation(Model):
     """The value of a `when` condition and of its sub-conditions."""
 
@@ -364,6 +380,7 @@ class Evaluation(Model):
         | UnsetType
     ) = UNSET
     item: ItemRef | UnsetType = UNSET
+    collections: list[CollectionSeen] | UnsetType = UNSET
 
 
 class ApprovalStatus(Model, kw_only=True, rename={"from_": "from"}):

@@ -9,7 +9,11 @@ error, and for the facts it read:
   data it saw (``null`` when the fact did not exist), not a copy of the data;
 - each kind read as a whole (``len(task) >= 3``): its name and how many facts it had, and
   once per decision ``as_of``, the fact log's last ``seq`` when the decision was made (the
-  kind as seen is, per id, the latest fact log entry of that kind up to ``as_of``).
+  kind as seen is, per id, the latest fact log entry of that kind up to ``as_of``);
+- each collection (``all(t.data.done for t in task if ...)``): its counts, the first ids
+  whose element was false or missing, and its value (``collections``, as
+  ``CollectionSeen`` gives them), with ``as_of``: never the facts it went over;
+- for a decision of a per-item rule, its item: kind, id and the ``seq`` of its data.
 
 So the size of a stored decision is bounded by its rule's text, whatever the rule reads: a
 clause value over ``MAX_STORED_VALUE_CHARS`` characters of JSON (a clause that is a whole
@@ -18,7 +22,8 @@ kind, say) is stored as ``null`` with ``value_omitted``, its size.
 Shown (``shown_evaluation``), a stored evaluation becomes the engine's JSON
 (``evaluation_to_json``) again: ``seen`` maps each fact read by id to its data, read back
 from the fact log by ``seq``; a kind read as a whole is not copied into ``seen`` but
-summarised in ``seen_kinds``: ``{"task": {"facts": 500, "as_of_seq": 1234}}``. Decisions
+summarised in ``seen_kinds``: ``{"task": {"facts": 500, "as_of_seq": 1234}}``; each
+collection is shown with ``as_of_seq``; the item as ``{kind, id, seq, data}``. Decisions
 stored before (with ``seen`` holding copies) are shown as they were stored.
 """
 
@@ -27,8 +32,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from gatekeeper.engine.model import split_fact_name
-from gatekeeper.expr import Evaluation
+from gatekeeper.engine.model import collection_to_json, split_fact_name
+from gatekeeper.expr import CollectionSeen, Evaluation
 from gatekeeper.store.records import canonical_json
 
 MAX_STORED_VALUE_CHARS = 1024
@@ -77,6 +82,7 @@ def stored_evaluation(
                 unresolved.append((facts, name, key))
             facts[name] = seq
     reads: dict[str, Any] = {"facts": facts}
+    collections = [_stored_collection(c) for c in evaluation.collections]
     if item is not None:
         item_key = (project, item[0], item[1])
         item_ref: dict[str, Any] = {"kind": item[0], "id": item[1], "seq": seqs.get(item_key)}
@@ -85,6 +91,7 @@ def stored_evaluation(
         reads["item"] = item_ref
     if kinds:
         reads["kinds"] = kinds
+    if kinds or collections:  # what a kind held is told by the fact log up to as_of
         reads["as_of"] = as_of()
     clauses = []
     for c in evaluation.clauses:
@@ -100,13 +107,32 @@ def stored_evaluation(
         if c.error:
             clause["error"] = c.error
         clauses.append(clause)
-    return {
+    stored: dict[str, Any] = {
         "value": evaluation.value,
         "clauses": clauses,
         "missing": list(evaluation.missing),
         "error": evaluation.error,
         "reads": reads,
     }
+    if collections:
+        stored["collections"] = collections
+    return stored
+
+
+def _stored_collection(seen: CollectionSeen) -> dict[str, Any]:
+    """A collection's counts and ids as stored; its value as a clause's (over
+    ``MAX_STORED_VALUE_CHARS`` characters of JSON: ``null`` with ``value_omitted``)."""
+    stored = collection_to_json(seen)
+    value = stored["value"]
+    if value.__class__ in _SMALL_TYPES or (
+        value.__class__ is str and len(value) <= MAX_STORED_VALUE_CHARS
+    ):
+        return stored
+    size = len(canonical_json(value))
+    if size > MAX_STORED_VALUE_CHARS:
+        stored["value"] = None
+        stored["value_omitted"] = size
+    return stored
 
 
 def resolve(unresolved: Unresolved, found: Mapping[tuple[str, str, str], int]) -> None:
@@ -160,6 +186,11 @@ def shown_evaluation(
             "seq": seq,
             "data": None if seq is None else data_of.get(seq),
         }
+    collections = stored.get("collections")
+    if isinstance(collections, list):
+        shown["collections"] = [
+            {**collection, "as_of_seq": reads.get("as_of")} for collection in collections
+        ]
     kinds: Mapping[str, int] = reads.get("kinds", {})
     if kinds:
         as_of = reads.get("as_of")
