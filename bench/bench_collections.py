@@ -42,7 +42,7 @@ from _common import (
 from gatekeeper.engine.evaluate import Engine, apply_transition
 from gatekeeper.engine.facts import FactTable
 from gatekeeper.engine.ledger import EscrowBook
-from gatekeeper.engine.model import FactInput, RuleState
+from gatekeeper.engine.model import FactInput, InstanceKey, RuleState
 from gatekeeper.expr import compile_condition
 from gatekeeper.rules.loader import load_rule_texts
 
@@ -102,7 +102,7 @@ class Case:
     size: int
     engine: Engine
     facts: FactTable
-    states: dict[str, RuleState]
+    states: dict[InstanceKey, RuleState]
     inputs: list[FactInput]
 
 
