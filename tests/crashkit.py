@@ -68,6 +68,8 @@ import aiohttp
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+import gatekeeper
+
 SECRET = "whsec_" + base64.b64encode(b"gatekeeper-crash-kill-9-secret").decode()
 SECRET_ENV = {
     "CRASH_BANK_SECRET": SECRET,
@@ -120,7 +122,11 @@ Facts = Mapping[FactKey, Mapping[str, Any]]
 
 @dataclass(frozen=True)
 class RuleSpec:
-    """One rule: its YAML, the facts it reads, and its condition as a Python function."""
+    """One rule: its YAML, the facts it reads, and its condition as a Python function.
+
+    A per-item rule (``for_each``) has ``holds_item(facts, item_id)`` instead; ``sets`` is
+    the fact ``(kind, id, data)`` a firing records (``set_fact``), which is not an action
+    sent (``actions`` lists those)."""
 
     id: str
     fire: str
@@ -129,6 +135,15 @@ class RuleSpec:
     actions: tuple[str, ...]
     yaml: str
     release: tuple[str, Decimal] | None = None  # (escrow, amount)
+    for_each: str | None = None
+    holds_item: Callable[[Facts, str], bool] | None = None
+    sets: tuple[str, str, dict[str, Any]] | None = None
+
+    def holds_for(self, facts: Facts, item: str) -> bool:
+        """Whether the condition holds for instance ``item`` (``""``: a plain rule)."""
+        if self.holds_item is not None:
+            return self.holds_item(facts, item)
+        return self.holds(facts)
 
 
 ESCROW_LIMITS = {"escrow-a": Decimal("500.00"), "escrow-b": Decimal("750.00")}
@@ -268,13 +283,87 @@ def _review_rule() -> RuleSpec:
     )
 
 
+def _task_event_rule() -> RuleSpec:
+    """An event rule that sets a fact: every accepted T-0 fact saying completed fires it
+    (the same status twice fires twice), and each firing records ``mirror.T-0``."""
+    text = textwrap.dedent(
+        f"""\
+        - id: {PROJECT}/task-event
+          project: {PROJECT}
+          when: task["T-0"].status == "completed"
+          fire: each_fact
+          actions:
+            - notify: {{target: ops, message: "${{rule_id}}: T-0 completed again"}}
+            - set_fact: {{kind: mirror, id: T-0, data: {{status: completed}}}}
+        """
+    )
+    return RuleSpec(
+        id=f"{PROJECT}/task-event",
+        fire="each_fact",
+        reads=frozenset({("task", "T-0")}),
+        holds=lambda f: _status(f, "task", "T-0") == "completed",
+        actions=("notify",),
+        yaml=text,
+        sets=("mirror", "T-0", {"status": "completed"}),
+    )
+
+
+def _mirror_rule() -> RuleSpec:
+    """An event rule on the fact the task-event rule sets: fires once per fact set, in the
+    same transaction (a chain of depth 1)."""
+    text = textwrap.dedent(
+        f"""\
+        - id: {PROJECT}/mirror
+          project: {PROJECT}
+          when: mirror["T-0"].status == "completed"
+          fire: each_fact
+          actions:
+            - pipeline: {{target: ci, ref: main, inputs: {{mirror: T-0}}}}
+        """
+    )
+    return RuleSpec(
+        id=f"{PROJECT}/mirror",
+        fire="each_fact",
+        reads=frozenset({("mirror", "T-0")}),
+        holds=lambda f: _status(f, "mirror", "T-0") == "completed",
+        actions=("pipeline",),
+        yaml=text,
+    )
+
+
+def _task_item_rule() -> RuleSpec:
+    """A per-item rule: each task is an instance, with its own closed -> open edges."""
+    text = textwrap.dedent(
+        f"""\
+        - id: {PROJECT}/task-started
+          project: {PROJECT}
+          for_each: task
+          when: item.data.status == "in_progress"
+          fire: each_time
+          actions:
+            - notify: {{target: ops, message: "${{item.id}} started (${{rule_id}})"}}
+        """
+    )
+    return RuleSpec(
+        id=f"{PROJECT}/task-started",
+        fire="each_time",
+        reads=frozenset(),
+        holds=lambda f: False,
+        actions=("notify",),
+        yaml=text,
+        for_each="task",
+        holds_item=lambda f, item: _status(f, "task", item) == "in_progress",
+    )
+
+
 def ruleset() -> list[RuleSpec]:
-    """The crash ruleset: 10 once-rules with releases, 10 each_time rules."""
+    """The crash ruleset: 10 once-rules with releases, 10 each_time rules, two event rules
+    (one setting the fact the other fires on) and a per-item rule over the tasks."""
     return (
         [_once_rule(j) for j in range(ONCE_RULES)]
         + [_deploy_rule(k) for k in range(TASKS)]
         + [_pair_rule(k) for k in range(TASKS // 2)]
-        + [_review_rule()]
+        + [_review_rule(), _task_event_rule(), _mirror_rule(), _task_item_rule()]
     )
 
 
@@ -483,6 +572,8 @@ class CrashRun:
         each = [r for r in self.rules if r.fire == "each_time"]
         (rules_dir / "once.yaml").write_text("".join(r.yaml for r in once))
         (rules_dir / "each_time.yaml").write_text("".join(r.yaml for r in each))
+        events = [r for r in self.rules if r.fire == "each_fact"]
+        (rules_dir / "events.yaml").write_text("".join(r.yaml for r in events))
         self.config_path.write_text(config_text(self.receiver.url))
 
     def _spawn(self, commit_delay_s: float = 0.0) -> tuple[subprocess.Popen[bytes], str]:
@@ -490,6 +581,10 @@ class CrashRun:
         the COMMIT of every transaction that queued actions waits that long (a slow disk)."""
         port = free_port()
         env = {**os.environ, **SECRET_ENV}
+        # the daemon runs the gatekeeper these tests import (a checkout's src/, not another
+        # installed copy), whatever the working folder
+        here = str(Path(gatekeeper.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         if commit_delay_s:
             shim = self.workdir / "slow_commit_serve.py"
             shim.write_text(SLOW_COMMIT)
@@ -880,6 +975,12 @@ class Report:
     once_found: int = 0
     each_expected: int = 0
     each_found: int = 0
+    event_found: int = 0
+    """Of the firings found: those of event rules (``each_fact``)."""
+    instance_found: int = 0
+    """Of the firings found: those of instances of per-item rules."""
+    facts_set: int = 0
+    """Facts recorded by rules (``set_fact``) in the fact log."""
     actions_queued: int = 0
     actions_delivered: int = 0
     releases_queued: int = 0
@@ -911,7 +1012,9 @@ class Report:
             f"facts acknowledged:       {self.facts_acked}",
             f"facts found (fact_log):   {self.facts_found}",
             f"firings expected/found:   once {self.once_expected}/{self.once_found}, "
-            f"each_time {self.each_expected}/{self.each_found}",
+            f"each_time and each_fact {self.each_expected}/{self.each_found} "
+            f"({self.event_found} of event rules, {self.instance_found} of per-item "
+            f"instances; {self.facts_set} facts set by rules)",
             f"actions queued/delivered: {self.actions_queued}/{self.actions_delivered} "
             f"({self.releases_queued} releases queued, {self.releases_received} received)",
             f"released/limit:           {escrows}",
@@ -939,11 +1042,15 @@ def analyse(
     1. every acknowledged fact is in ``fact_log`` with its sequence number and content;
        a request that was cut off is applied entirely or not at all, and nothing else is there;
     2. each request's facts are contiguous in ``fact_log`` (one transaction each);
-    3. replaying ``fact_log`` transaction by transaction gives the expected firings: a
-       once-rule fires at the first transaction after which its condition holds (so at most
-       once, and exactly once when its trigger was acknowledged); an each_time rule fires on
-       every false -> true edge; every rule reading a transaction's facts has exactly one
-       decision on it; ``facts`` and ``rule_state`` agree with the replay;
+    3. replaying ``fact_log`` transaction by transaction (and within one, level by level:
+       the posted facts, then the facts the rules they fired set) gives the expected
+       firings, per rule instance (a per-item rule has one per task): a once-rule fires at
+       the first transaction after which its condition holds (so at most once, and exactly
+       once when its trigger was acknowledged); an each_time rule fires on every false ->
+       true edge; an event rule (each_fact) at every fact of its that holds, one decision per
+       fact; every other rule instance reading a level's facts has exactly one decision on
+       it; each firing of a set_fact rule recorded exactly its fact, with caused_by, in the
+       same transaction; ``facts`` and ``rule_state`` agree with the replay;
     4. each firing queued exactly its rule's actions in the outbox, and every action belongs
        to a firing; nothing is left pending or dead;
     5. the receiver got every action (a 2xx answer) and nothing else, always with the same
@@ -957,15 +1064,16 @@ def analyse(
     with contextlib.closing(sqlite3.connect(db_path)) as db:
         db.row_factory = sqlite3.Row
         log = _rows(
-            db, "SELECT seq, project, kind, id, data, request_id FROM fact_log ORDER BY seq"
+            db,
+            "SELECT seq, project, kind, id, data, request_id, caused_by FROM fact_log ORDER BY seq",
         )
         facts_table = _rows(db, "SELECT project, kind, id, data, seq FROM facts")
         decisions = _rows(
             db,
-            "SELECT id, rule_id, trigger, fact_seq, outcome, gate_open, firing_id FROM decisions"
-            " ORDER BY id",
+            "SELECT id, rule_id, trigger, fact_seq, outcome, gate_open, firing_id, instance"
+            " FROM decisions ORDER BY id",
         )
-        states = _rows(db, "SELECT rule_id, gate_open, fired_count FROM rule_state")
+        states = _rows(db, "SELECT rule_id, instance, gate_open, fired_count FROM rule_state")
         outbox = _rows(
             db,
             "SELECT action_id, decision_id, rule_id, firing_id, kind, target, payload, status"
@@ -978,7 +1086,8 @@ def analyse(
     # 1. acknowledged facts are durable; cut-off requests are all or nothing
     rows_of_request: dict[str, list[sqlite3.Row]] = defaultdict(list)
     for row in log:
-        rows_of_request[row["request_id"]].append(row)
+        if row["caused_by"] is None:  # posted, not set by a rule
+            rows_of_request[row["request_id"]].append(row)
     known_requests = {p.request_id: p for p in posted}
     for request_id, rows in rows_of_request.items():
         if request_id not in known_requests:
@@ -1031,38 +1140,77 @@ def analyse(
             v.append(f"the facts of request {request_id} are interleaved with others in fact_log")
     group_of_seq = {row["seq"]: index for index, g in enumerate(groups) for row in g}
 
-    # 3. replay
+    # 3. replay, level by level within each transaction: the posted facts, then the facts
+    # the rules they fired set (caused_by depth 1), and so on
     state: dict[FactKey, Mapping[str, Any]] = {}
     last_seq: dict[FactKey, int] = {}
-    gate: dict[str, bool] = {r.id: False for r in rules}
-    fired_once: set[str] = set()
-    expected: dict[str, list[int]] = defaultdict(list)  # rule id -> group indexes
-    expected_decisions: dict[tuple[str, int], int] = {}
+    Instance = tuple[str, str]  # (rule id, item id; "" for a plain rule)
+    gate: dict[Instance, bool] = {}
+    fired_once: set[Instance] = set()
+    expected: dict[Instance, list[int]] = defaultdict(list)  # group index per firing
+    expected_decisions: Counter[tuple[str, str, int]] = Counter()
+    expected_sets: Counter[tuple[int, str, str, str, str]] = Counter()
     readers: dict[FactKey, list[RuleSpec]] = defaultdict(list)
+    per_item: dict[str, list[RuleSpec]] = defaultdict(list)
     for rule in rules:
         for key in rule.reads:
             readers[key].append(rule)
-    for index, group in enumerate(groups):
-        touched: dict[str, RuleSpec] = {}
-        for row in group:
-            key = (row["kind"], row["id"])
-            state[key] = json.loads(row["data"])
-            last_seq[key] = row["seq"]
-            for rule in readers.get(key, []):
-                touched[rule.id] = rule
-        for rule in touched.values():
-            expected_decisions[(rule.id, index)] = 1
-            value = rule.holds(state)
-            if rule.fire == "once":
-                if value and rule.id not in fired_once:
-                    fired_once.add(rule.id)
-                    expected[rule.id].append(index)
-            elif value and not gate[rule.id]:
-                expected[rule.id].append(index)
-            gate[rule.id] = value
+        if rule.for_each is not None:
+            per_item[rule.for_each].append(rule)
 
-    found: dict[str, list[int]] = defaultdict(list)
-    decisions_on: Counter[tuple[str, int]] = Counter()
+    def fire(rule: RuleSpec, item: str, index: int) -> None:
+        expected[(rule.id, item)].append(index)
+        if rule.sets is not None:
+            kind, fact_id, data = rule.sets
+            expected_sets[(index, rule.id, kind, fact_id, json.dumps(data, sort_keys=True))] += 1
+
+    found_sets: Counter[tuple[int, str, str, str, str]] = Counter()
+    set_firings: list[tuple[str, str]] = []  # (firing id, fact log seq) of each set fact
+    for index, group in enumerate(groups):
+        levels: dict[int, list[sqlite3.Row]] = defaultdict(list)
+        for row in group:
+            caused = json.loads(row["caused_by"]) if row["caused_by"] else None
+            levels[caused["depth"] if caused else 0].append(row)
+            if caused:
+                data = json.dumps(json.loads(row["data"]), sort_keys=True)
+                found_sets[(index, caused["rule_id"], row["kind"], row["id"], data)] += 1
+                set_firings.append((caused["firing_id"], row["seq"]))
+        for depth in sorted(levels):
+            touched: dict[Instance, RuleSpec] = {}
+            for row in levels[depth]:
+                key = (row["kind"], row["id"])
+                state[key] = json.loads(row["data"])
+                last_seq[key] = row["seq"]
+                triggered = [(rule, "") for rule in readers.get(key, [])]
+                triggered += [(rule, row["id"]) for rule in per_item.get(row["kind"], [])]
+                for rule, item in triggered:
+                    if rule.fire == "each_fact":  # decided at its fact, fires when it holds
+                        expected_decisions[(rule.id, item, index)] += 1
+                        value = rule.holds_for(state, item)
+                        gate[(rule.id, item)] = value
+                        if value:
+                            fire(rule, item, index)
+                    else:
+                        touched[(rule.id, item)] = rule
+            for (rule_id, item), rule in touched.items():
+                expected_decisions[(rule_id, item, index)] += 1
+                value = rule.holds_for(state, item)
+                if rule.fire == "once":
+                    if value and (rule_id, item) not in fired_once:
+                        fired_once.add((rule_id, item))
+                        fire(rule, item, index)
+                elif value and not gate.get((rule_id, item), False):
+                    fire(rule, item, index)
+                gate[(rule_id, item)] = value
+    report.facts_set = len(set_firings)
+    if found_sets != expected_sets:
+        v.append(
+            f"facts set by rules: expected {sorted((expected_sets - found_sets).elements())[:3]}"
+            f" missing, {sorted((found_sets - expected_sets).elements())[:3]} unexpected"
+        )
+
+    found: dict[Instance, list[int]] = defaultdict(list)
+    decisions_on: Counter[tuple[str, str, int]] = Counter()
     fired_decisions: dict[int, sqlite3.Row] = {}
     for d in decisions:
         group_index = group_of_seq.get(d["fact_seq"]) if d["fact_seq"] is not None else None
@@ -1070,25 +1218,35 @@ def analyse(
             if group_index is None:
                 v.append(f"decision {d['id']} ({d['rule_id']}) points at no fact_log row")
             else:
-                decisions_on[(d["rule_id"], group_index)] += 1
+                decisions_on[(d["rule_id"], d["instance"], group_index)] += 1
         if d["outcome"] == "fired":
             fired_decisions[d["id"]] = d
             if d["trigger"] != "fact" or group_index is None:
                 v.append(f"unexpected {d['trigger']} firing of {d['rule_id']} ({d['firing_id']})")
-                found[d["rule_id"]].append(-1)
+                found[(d["rule_id"], d["instance"])].append(-1)
             else:
-                found[d["rule_id"]].append(group_index)
+                found[(d["rule_id"], d["instance"])].append(group_index)
+    fired_ids = {d["firing_id"] for d in fired_decisions.values()}
+    for firing_id, seq in set_firings:
+        if firing_id not in fired_ids:
+            v.append(f"fact_log seq {seq} was set by {firing_id}, which is no firing")
+    if len({f for f, _ in set_firings}) != len(set_firings):
+        v.append("a firing set its fact more than once")
     for key, count in expected_decisions.items():
         if decisions_on.get(key, 0) != count:
             v.append(
-                f"rule {key[0]} has {decisions_on.get(key, 0)} decisions on the transaction of "
-                f"request {groups[key[1]][0]['request_id']} (expected 1)"
+                f"rule {key[0]}[{key[1]}] has {decisions_on.get(key, 0)} decisions on the "
+                f"transaction of request {groups[key[2]][0]['request_id']} (expected {count})"
             )
     for key in decisions_on.keys() - expected_decisions.keys():
         v.append(f"rule {key[0]} was decided on a transaction that does not touch its facts")
 
-    for rule in rules:
-        want, got = expected.get(rule.id, []), sorted(found.get(rule.id, []))
+    for key in sorted(expected.keys() | found.keys()):
+        rule = rules_by_id.get(key[0])
+        if rule is None:
+            v.append(f"firings of an unknown rule {key[0]}")
+            continue
+        want, got = expected.get(key, []), sorted(found.get(key, []))
         if rule.fire == "once":
             report.once_expected += len(want)
             report.once_found += len(got)
@@ -1097,15 +1255,17 @@ def analyse(
         else:
             report.each_expected += len(want)
             report.each_found += len(got)
+        report.event_found += len(got) if rule.fire == "each_fact" else 0
+        report.instance_found += len(got) if key[1] else 0
         if want != got:
             v.append(
-                f"{rule.id} ({rule.fire}): expected firings on transactions "
+                f"{rule.id}[{key[1]}] ({rule.fire}): expected firings on transactions "
                 f"{_describe(want, groups)}, found {_describe(got, groups)}"
             )
     for p in posted:
         if p.purpose.startswith("trigger-") and p.seqs is not None:
             rule_id = f"{PROJECT}/release-{p.purpose.split('-')[1]}"
-            if len(found.get(rule_id, [])) != 1:
+            if len(found.get((rule_id, ""), [])) != 1:
                 v.append(f"once-rule {rule_id}: acknowledged trigger but no single firing")
 
     current = {(r["kind"], r["id"]): (json.loads(r["data"]), r["seq"]) for r in facts_table}
@@ -1123,14 +1283,26 @@ def analyse(
         rule = rules_by_id.get(s["rule_id"])
         if rule is None:
             continue
-        fired = len(found.get(rule.id, []))
+        item = s["instance"]
+        fired = len(found.get((rule.id, item), []))
         if s["fired_count"] != fired:
-            v.append(f"rule_state {rule.id}: fired_count {s['fired_count']}, {fired} firings")
-        if bool(s["gate_open"]) != rule.holds(state):
-            v.append(f"rule_state {rule.id}: gate_open {s['gate_open']} after the last fact")
-    missing_states = set(rules_by_id) - {s["rule_id"] for s in states}
+            v.append(
+                f"rule_state {rule.id}[{item}]: fired_count {s['fired_count']}, {fired} firings"
+            )
+        if bool(s["gate_open"]) != rule.holds_for(state, item):
+            v.append(
+                f"rule_state {rule.id}[{item}]: gate_open {s['gate_open']} after the last fact"
+            )
+    wanted_states = {(r.id, "") for r in rules if r.for_each is None} | {
+        (r.id, fact_id)
+        for r in rules
+        if r.for_each
+        for (kind, fact_id) in state
+        if kind == r.for_each
+    }
+    missing_states = wanted_states - {(s["rule_id"], s["instance"]) for s in states}
     if missing_states:
-        v.append(f"rules without rule_state: {sorted(missing_states)}")
+        v.append(f"rule instances without rule_state: {sorted(missing_states)[:5]}")
 
     # 4. outbox <-> firings
     actions_of: dict[int, list[sqlite3.Row]] = defaultdict(list)

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gatekeeper.expr import compile_condition
+from gatekeeper.expr import Item, compile_condition
 
-from .crashkit import ruleset, run_crash_test, run_slow_commit_test
+from .crashkit import TASKS, ruleset, run_crash_test, run_slow_commit_test
 
 CYCLES = 16
 DEFAULT_SEED = 20261122
@@ -35,6 +35,7 @@ async def test_kill_9_loses_nothing_and_fires_once(tmp_path: Path) -> None:
     print(report.summary())
     assert sum(report.kills.values()) >= 10
     assert report.facts_acked > 0 and report.once_found > 0 and report.each_found > 0
+    assert report.event_found > 0 and report.instance_found > 0 and report.facts_set > 0
     assert not report.violations, report.summary()
 
 
@@ -71,16 +72,26 @@ def test_the_harness_model_of_each_rule_agrees_with_the_language() -> None:
         "task": [{"status": s} for s in ("open", "in_progress", "completed")],
         "milestone": [{"status": s} for s in ("draft", "in_review", "approved")],
         "quality_gate": [{"passed": True}, {"passed": False}],
+        "mirror": [{"status": "completed"}, {"status": "open"}],
     }
     rng = random.Random(20261207)
     now = datetime(2026, 12, 7, tzinfo=UTC)
     for spec in ruleset():
-        condition = compile_condition(yaml.safe_load(spec.yaml)[0]["when"])
+        condition = compile_condition(yaml.safe_load(spec.yaml)[0]["when"], item_kind=spec.for_each)
         for _ in range(300):
+            reads = set(spec.reads)
+            if spec.for_each is not None:
+                reads |= {(spec.for_each, f"T-{k}") for k in range(TASKS)}
             state = {
                 key: rng.choice(values[key[0]])
-                for key in sorted(spec.reads)
+                for key in sorted(reads)
                 if rng.random() < 0.75  # a quarter of the facts do not exist yet
             }
-            real = condition.evaluate(Lookup(state), now).value
-            assert bool(spec.holds(state)) == bool(real), (spec.id, state)
+            if spec.for_each is None:
+                real = condition.evaluate(Lookup(state), now).value
+                assert bool(spec.holds(state)) == bool(real), (spec.id, state)
+                continue
+            for (kind, item), data in state.items():  # every instance that exists
+                if kind == spec.for_each:
+                    real = condition.evaluate(Lookup(state), now, item=Item(kind, item, data))
+                    assert spec.holds_for(state, item) == bool(real.value), (spec.id, state)
