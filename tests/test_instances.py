@@ -316,6 +316,12 @@ async def test_the_daemon_keeps_instances_across_a_restart_and_shows_them(
     )
     [action] = await gk.daemon.store.list_actions()
     assert (action.instance, action.firing_id) == ("b1", "tower-a/build-failed[b1]#1")
+    status, snapshot = await gk.get("/v1/export")
+    assert status == 200
+    assert {(s["rule_id"], s.get("instance")) for s in snapshot["rule_states"]} == {
+        ("tower-a/build-failed", "b1"),
+        ("tower-a/build-failed", "b2"),
+    }
     await gk.stop()
 
     gk = await start_daemon(project)

@@ -181,6 +181,14 @@ async def test_the_daemon_commits_the_chain_and_shows_caused_by(
         "tower-a/milestone-complete[m1]#1"
     )
     assert "caused_by" not in shown["task"]
+    status, rules = await gk.get("/v1/rules")
+    assert status == 200
+    listed = {r["id"]: r for r in rules["rules"]}
+    assert listed["tower-a/milestone-complete"]["actions"] == [
+        {"set_fact": {"kind": "milestone_status"}}
+    ]
+    status, _ = await gk.get("/v1/rules/tower-a/release")
+    assert status == 200
     assert gk.daemon.writer.facts.get(("tower-a", "milestone_status", "m1")) is not None
     # a restart loads the set fact and fires nothing again
     await gk.stop()
@@ -258,3 +266,40 @@ def test_the_last_task_done_completes_its_milestone_and_fires_the_release() -> N
     [collection] = m2.evaluation.collections
     assert (collection.items, collection.true, collection.false_ids) == (1, 0, ("T-3",))
     assert [a.payload["message"] for a in t.actions] == ["milestone m1 complete"]
+
+
+async def test_the_api_shows_what_a_collection_saw(
+    project_factory: Callable[..., Project], start_daemon: Any, receiver: Any
+) -> None:
+    project = project_factory(receiver.url)
+    project.write_rule(
+        "milestones.yaml",
+        MILESTONES.replace("site/", "tower-a/")
+        .replace("project: site", "project: tower-a")
+        .replace("target: chat", "target: ci"),
+    )
+    gk = await start_daemon(project)
+    await gk.post("/v1/facts", fact("milestone", "m1"))
+    await gk.post(
+        "/v1/facts",
+        {
+            "facts": [
+                fact("task", f"T-{n}", status="done" if n < 7 else "open", milestone="m1")
+                for n in range(9)
+            ]
+        },
+    )
+    status, rule = await gk.get("/v1/rules/tower-a/milestone-complete")
+    assert status == 200
+    latest = rule["recent_decisions"][0]
+    assert latest["instance"] == "m1" and latest["outcome"] == "not_met"
+    [collection] = latest["evaluation"]["collections"]
+    assert (collection["items"], collection["true"], collection["false_ids"]) == (
+        9,
+        7,
+        ["T-7", "T-8"],
+    )
+    assert collection["as_of_seq"] == 10
+    assert latest["evaluation"]["item"]["data"] == {}
+    status, audit = await gk.get("/v1/audit?rule=tower-a/milestone-complete&kind=decision")
+    assert status == 200 and {e.get("instance") for e in audit["entries"]} == {"m1"}

@@ -297,12 +297,18 @@ class ActionTarget(Model):
     target: str
 
 
+class SetFactSummary(Model):
+    kind: Annotated[str, Meta(description="The kind of the fact the action records.")]
+
+
 class RuleActionSummary(Model):
-    """An action of the rule: its kind and target (exactly one of the three keys)."""
+    """An action of the rule: its kind and target, or for set_fact the kind of fact it
+    records (exactly one key)."""
 
     release: ActionTarget | UnsetType = UNSET
     notify: ActionTarget | UnsetType = UNSET
     pipeline: ActionTarget | UnsetType = UNSET
+    set_fact: SetFactSummary | UnsetType = UNSET
 
 
 OneAction = Annotated[
@@ -709,8 +715,11 @@ class RulesetText(Model):
     files: dict[str, str]
 
 
-class RuleStateRow(Model):
+class RuleStateRow(Model, kw_only=True):
     rule_id: str
+    instance: Annotated[
+        str | UnsetType, Meta(description="The item id of an instance of a per-item rule.")
+    ] = UNSET
     fired_count: Count
     gate_open: bool | None
     rearms: Count
