@@ -569,6 +569,7 @@ def log_firings(transition: Transition) -> None:
     for decision in transition.fired:
         extra = {
             "rule_id": decision.rule_id,
+            "instance": decision.instance,
             "firing_id": decision.firing_id,
             "outcome": decision.outcome,
             "trigger": decision.trigger,
