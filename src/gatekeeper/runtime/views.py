@@ -47,7 +47,7 @@ def rule_view(
             raise KeyError(f"rule {rule.id} has no instance {item!r}")
         state = writer.states.get((rule.id, item))
     else:
-        for found in instance_states(writer, rule.id):
+        for found in instance_states(writer, rule):
             fired_count += found.fired_count
             if found.last_fired_at and (
                 last_fired_at is None or found.last_fired_at > last_fired_at
@@ -87,9 +87,16 @@ def rule_view(
     return view
 
 
-def instance_states(writer: Writer, rule_id: str) -> list[RuleState]:
-    """The states of every instance of rule ``rule_id`` the writer holds."""
-    return [state for (of, _), state in writer.states.items() if of == rule_id]
+def instance_states(writer: Writer, rule: Rule) -> list[RuleState]:
+    """The states of the current instances of ``rule`` the writer holds (one lookup per
+    fact of its ``for_each`` kind, not a pass over every rule's states)."""
+    if rule.for_each is None:
+        state = writer.states.get((rule.id, ""))
+        return [] if state is None else [state]
+    states = writer.states
+    items = writer.facts.of_kind(rule.project, rule.for_each)
+    found = (states.get((rule.id, item)) for item in items)
+    return [state for state in found if state is not None]
 
 
 def instances_view(
