@@ -144,6 +144,15 @@ RULES_OVER_MANY_THINGS_BAD = {
         "rule: a template may use the facts its 'when' reads by id (here: milestone.m1); "
         "the current build is item: ${item.id}, ${item.data.FIELD}"
     ),
+    "collection_unsafe.yaml": (
+        "collection_unsafe.yaml:5:54: rule 'bad/collection-unsafe': when: names starting "
+        "with '_' are not allowed: '__class__'"
+    ),
+    "collection_call.yaml": (
+        "collection_call.yaml:5:64: rule 'bad/collection-call': when: unknown function "
+        "'open'; available: days_since, hours_since, minutes_since, now, len, min, max, abs, "
+        "round"
+    ),
     "self_trigger.yaml": (
         "self_trigger.yaml:8:22: rule 'bad/self-trigger': actions[0].set_fact.kind: this "
         "rule sets a fact of kind 'build', its for_each kind, so it can re-trigger itself: "
