@@ -459,22 +459,28 @@ def test_sighup_reloads_the_rules_and_never_kills_the_daemon(
     project = project_factory()
     project.write_rule("deploy.yaml", DEPLOY_RULE)
     port = free_port()
-    process = serve(project, port=port)
+    process = serve(project, "--no-watch", port=port)  # only SIGHUP can bring a new rule in
+
+    def live_rules() -> list[str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/rules", timeout=5) as r:
+            return sorted(rule["id"] for rule in json.loads(r.read())["rules"])
+
     try:
         wait_healthy(port, process)
         for _ in range(3):  # several in a row, none fatal
             process.send_signal(signal.SIGHUP)
             time.sleep(0.2)
         project.write_rule("design.yaml", DESIGN_RULE)
+        time.sleep(2.5)  # a watcher would have reloaded by now (it waits 1.6 s for quiet)
+        assert live_rules() == ["tower-a/deploy-docs"], "the rules changed without SIGHUP"
         process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 30
         rules: list[str] = []
         while time.monotonic() < deadline and len(rules) < 2:
             assert process.poll() is None, "SIGHUP ended the daemon"
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/rules", timeout=5) as r:
-                rules = [rule["id"] for rule in json.loads(r.read())["rules"]]
+            rules = live_rules()
             time.sleep(0.1)
-        assert sorted(rules) == ["tower-a/deploy-docs", "tower-a/design-release"]
+        assert rules == ["tower-a/deploy-docs", "tower-a/design-release"]
         assert wait_healthy(port, process)["status"] == "ok"
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=30)

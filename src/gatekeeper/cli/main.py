@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="HOST:PORT to listen on (overrides the config)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
+        "--no-watch",
+        dest="watch",
+        action="store_false",
+        help="do not watch the rules directory and config: reload only on SIGHUP (for "
+        "deployments that replace the rules as a whole and then signal)",
+    )
+    serve.add_argument(
         "--log-format",
         default="text",
         choices=["text", "json"],
@@ -279,7 +286,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         return EXIT_FAILED
     loop_factory = event_loop_factory(os.environ.get(LOOP_ENV, "auto"))
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_serve_async(config))
+        return runner.run(_serve_async(config, watch=args.watch))
 
 
 LOOP_ENV = "GATEKEEPER_EVENT_LOOP"
@@ -330,7 +337,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-async def _serve_async(config: Config) -> int:
+async def _serve_async(config: Config, *, watch: bool = True) -> int:
     # the HTTP stack is imported only to serve: check, test and plan start faster without it
     from aiohttp import web
 
@@ -366,7 +373,7 @@ async def _serve_async(config: Config) -> int:
     # SIGHUP from the start: a daemon never dies of it, even while starting
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
-        daemon = Daemon(config, os.environ)
+        daemon = Daemon(config, os.environ, watch=watch)
     except StoreError as exc:  # a database: no backend serves
         log.error("cannot start: %s", exc, exc_info=debug)
         return EXIT_FAILED
