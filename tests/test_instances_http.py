@@ -216,3 +216,40 @@ async def test_the_cli_passes_item_to_audit_and_admin_acts(
     assert any("admin_act tower-a/build-failed[b2]  pause by" in line for line in lines)
     assert any("decision  tower-a/build-failed[b2]  fired" in line for line in lines)
     assert not any("[b1]" in line for line in lines)
+
+
+async def test_metrics_carry_the_item_only_as_an_openmetrics_exemplar(
+    project_factory: Any, start_daemon: Any, receiver: Receiver
+) -> None:
+    gk = await started(project_factory, start_daemon, receiver)
+    async with gk.session.get(gk.url + "/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        classic = await response.text()
+    assert 'gatekeeper_decisions_total{outcome="fired"} 2.0' in classic
+    assert '"b1"' not in classic and '"b3"' not in classic  # never a label value
+    accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    async with gk.session.get(gk.url + "/metrics", headers={"Accept": accept}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        text = await response.text()
+    [line] = [
+        x for x in text.splitlines() if x.startswith('gatekeeper_decisions_total{outcome="fired"}')
+    ]
+    sample, _, example = line.partition(" # ")
+    assert sample == 'gatekeeper_decisions_total{outcome="fired"} 2.0'
+    assert example.startswith('{item="b3",rule_id="tower-a/build-failed"} 1.0 '), line
+    assert text.rstrip().endswith("# EOF")
+    assert '"b1"' not in text  # only the latest firing's item, and only as an exemplar
+    refused = {"Accept": "application/openmetrics-text;q=0, text/plain"}
+    async with gk.session.get(gk.url + "/metrics", headers=refused) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+
+
+def test_exemplar_labels_stay_within_the_openmetrics_bound() -> None:
+    from gatekeeper.metrics import MAX_EXEMPLAR_CHARS, exemplar
+
+    assert exemplar(item="b1", rule_id="r") == {"item": "b1", "rule_id": "r"}
+    long_item = "b" * 120
+    assert exemplar(item=long_item, rule_id="tower-a/build-failed") == {"item": long_item}
+    assert exemplar(item="x" * MAX_EXEMPLAR_CHARS) is None

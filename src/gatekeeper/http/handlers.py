@@ -52,6 +52,7 @@ from gatekeeper.http.wire import (
     time_param,
 )
 from gatekeeper.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gatekeeper.metrics import OPENMETRICS_CONTENT_TYPE
 from gatekeeper.rules.model import Rule
 from gatekeeper.runtime.daemon import (
     Daemon,
@@ -510,14 +511,38 @@ async def get_escrows(request: web.Request) -> web.Response:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    """Prometheus metrics (text format 0.0.4); a scraper sends a token with ``read``."""
-    return await metrics_response(daemon_of(request))
+    """Prometheus metrics (text format 0.0.4); a scraper sends a token with ``read``. A
+    scraper whose ``Accept`` asks for ``application/openmetrics-text`` gets OpenMetrics,
+    which carries the item of per-item firings as exemplars."""
+    return await metrics_response(daemon_of(request), wants_openmetrics(request))
 
 
-async def metrics_response(daemon: Daemon) -> web.Response:
-    """The answer to ``GET /metrics``: refresh the scrape-time gauges, then render."""
+def wants_openmetrics(request: web.Request) -> bool:
+    """Whether the request's ``Accept`` names ``application/openmetrics-text`` with a
+    non-zero ``q`` (as Prometheus asks when it scrapes exemplars)."""
+    for part in request.headers.get("Accept", "").split(","):
+        media, _, params = part.partition(";")
+        if media.strip().lower() != "application/openmetrics-text":
+            continue
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, text = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(text)
+                except ValueError:
+                    quality = 0.0
+        return quality > 0
+    return False
+
+
+async def metrics_response(daemon: Daemon, openmetrics: bool = False) -> web.Response:
+    """The answer to ``GET /metrics``: refresh the scrape-time gauges, then render (as
+    OpenMetrics when ``openmetrics``)."""
+    content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else METRICS_CONTENT_TYPE
     return web.Response(
-        body=await daemon.metrics_text(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+        body=await daemon.metrics_text(openmetrics=openmetrics),
+        headers={"Content-Type": content_type},
     )
 
 

@@ -465,8 +465,12 @@ ROUTES: tuple[Route, ...] = (
         "read",
         "metrics",
         "meta",
-        "Prometheus metrics (text exposition format 0.0.4)",
+        "Prometheus metrics (text exposition format 0.0.4, or OpenMetrics on request)",
         None,
+        description="The classic Prometheus text format; a scraper whose Accept names "
+        "`application/openmetrics-text` gets OpenMetrics instead, where "
+        "`gatekeeper_decisions_total` carries the item (and rule) of the latest firing of a "
+        "per-item rule as an exemplar. Items are never labels: their number is unbounded.",
         response_description="The metrics.",
     ),
     Route(

@@ -452,8 +452,9 @@ class Daemon:
         counted as possibly paid) and remaining, as decimal strings."""
         return await views.escrow_report(self.store, self.config.escrows)
 
-    async def metrics_text(self) -> bytes:
-        """The Prometheus text exposition, after refreshing the scrape-time gauges
+    async def metrics_text(self, *, openmetrics: bool = False) -> bytes:
+        """The Prometheus text exposition (or, ``openmetrics``, the OpenMetrics one, with
+        the item of per-item firings as exemplars), after refreshing the scrape-time gauges
         (deadlines pending, outbox counts, escrow amounts)."""
         self.metrics.refresh(
             deadlines_pending=len(self.ticker.deadlines),
@@ -467,4 +468,4 @@ class Daemon:
                 for row in await self.escrow_report()
             ],
         )
-        return self.metrics.render()
+        return self.metrics.render(openmetrics_format=openmetrics)
