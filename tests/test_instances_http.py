@@ -107,6 +107,8 @@ async def test_item_explains_one_instance_and_unknown_items_are_404(
     assert status == 404
     message = missing["error"]["message"]
     assert "tower-a/build-failed" in message and "'b9'" in message
+    status, long = await gk.get(f"{RULE}?item={'x' * 3000}")
+    assert status == 404 and len(long["error"]["message"]) < 400  # the item is cut
     status, plain = await gk.get("/v1/rules/tower-a/plain?item=b1")
     assert status == 400
     assert "tower-a/plain" in plain["error"]["message"]

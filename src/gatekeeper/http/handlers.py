@@ -72,6 +72,8 @@ ACTION_STATUSES: tuple[ActionStatus, ...] = ("pending", "delivered", "dead")
 APPROVAL_DECISIONS = ("approve", "reject", "withdraw")
 AdminActName = Literal["pause", "resume", "rearm"]
 SHUTTING_DOWN = "gatekeeper is shutting down; try again shortly"
+MAX_ITEM_CHARS = 128
+"""The longest item id (a fact id) an error message repeats."""
 RESERVED_KEY_PREFIXES = ("hook:", "approval:")
 """Idempotency keys the daemon makes itself (``hook:<source>:<delivery id>``,
 ``approval:<subject>:<key>``): a facts client may not use them, or it could take a hook
@@ -235,13 +237,15 @@ def instance_param(rule: Rule, item: str | None) -> str | None:
         raise ApiError(
             400,
             f"rule {rule.id!r} has no for_each: item names an instance of a per-item rule, "
-            f"and this rule has none (item {item!r})",
+            f"and this rule has none (item {item[:MAX_ITEM_CHARS]!r})",
         )
     return item
 
 
 def unknown_instance(rule: Rule, item: str) -> ApiError:
-    """The 404 for an item the per-item rule ``rule`` has no instance of."""
+    """The 404 for an item the per-item rule ``rule`` has no instance of (the item cut to
+    ``MAX_ITEM_CHARS`` in the message: a fact id is never longer)."""
+    item = item[:MAX_ITEM_CHARS]
     return ApiError(
         404,
         f"rule {rule.id!r} has no instance {item!r}: there is no {rule.for_each} fact "
