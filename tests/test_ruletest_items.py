@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from .test_ruletest import CONFIG, gatekeeper_test
@@ -107,6 +108,12 @@ def test_a_wrong_item_fails_naming_the_instance_and_what_fired(tmp_path: Path) -
         ("tower-a/ship", "b7"),
     ]
     assert failures[0]["explanation"]["item"]["id"] == "b1"
+    code, out = gatekeeper_test("-c", CONFIG, "--format", "junit", test_file)
+    [failure] = ET.fromstring(out).findall("testsuite/testcase/failure")
+    assert failure.attrib["message"].startswith(
+        "step 1 at 1970-01-01T00:00:00.000Z: tower-a/build-failed[b1]: expected to fire"
+    )
+    assert failure.text is not None and failure.text.count("explanation:") == 3
 
 
 def test_an_item_on_a_rule_without_for_each_is_a_problem(tmp_path: Path) -> None:

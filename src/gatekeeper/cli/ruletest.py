@@ -893,9 +893,9 @@ def report_text(report: TestReport) -> list[str]:
 def case_failure_lines(case: CaseResult) -> list[str]:
     """Every failure of a case as text, each rule's explanation shown once per step."""
     lines: list[str] = []
-    explained: set[tuple[int, str]] = set()
+    explained: set[tuple[int, str, str]] = set()
     for failure in case.failures:
-        key = (failure.step, failure.rule_id)
+        key = (failure.step, failure.rule_id, failure.item)  # each instance's own
         lines += failure.lines(explain=key not in explained)
         explained.add(key)
     return lines
@@ -1021,7 +1021,8 @@ def _case_element(suite: ET.Element, file: str, case: CaseResult) -> None:
         ET.SubElement(element, "skipped", message="not selected by --run")
     elif case.failures:
         first = case.failures[0]
-        message = f"step {first.step} at {first.at}: {first.rule_id}: {first.message}"
+        rule = instance_name(first.rule_id, first.item)
+        message = f"step {first.step} at {first.at}: {rule}: {first.message}"
         if len(case.failures) > 1:
             message += f" (and {plural(len(case.failures) - 1, 'more failure')})"
         failure = ET.SubElement(element, "failure", message=message, type="ExpectationFailed")
