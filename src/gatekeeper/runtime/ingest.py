@@ -150,7 +150,7 @@ class Counters:
             for decision in transition.decisions:
                 outcome = decision.outcome
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
-                if decision.instance and decision.firing_id is not None:
+                if decision.firing_id is not None and decision.instance:
                     items[outcome] = decision
             for action in transition.actions:
                 actions[action.target] = actions.get(action.target, 0) + 1
