@@ -8,7 +8,10 @@ scrape time by ``refresh``, which the HTTP layer calls with plain values before 
 (this module imports no other part of gatekeeper).
 
 Label values are bounded: targets and escrows come from ``gatekeeper.yaml``, outcomes and
-results from fixed sets; never a fact id, a request id or a secret.
+results from fixed sets; never a fact id, a request id or a secret. The item of a firing of
+a per-item rule, whose ids are unbounded, is never a label: it rides as an OpenMetrics
+exemplar on ``gatekeeper_decisions_total`` (outcome fired or blocked), which only the
+OpenMetrics exposition shows (``render(openmetrics=True)``, for a scraper that asks for it).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from decimal import Decimal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 
 EVALUATION_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -24,6 +28,10 @@ EVALUATION_BUCKETS_S = (
 DELIVERY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The classic Prometheus text format, which every scraper reads."""
+OPENMETRICS_CONTENT_TYPE: str = openmetrics.CONTENT_TYPE_LATEST
+"""The OpenMetrics text format (with exemplars), for a scraper whose ``Accept`` asks for it."""
+MAX_EXEMPLAR_CHARS = 128
+"""OpenMetrics' bound on an exemplar's label names and values together, in characters."""
 LAG_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
@@ -184,6 +192,25 @@ class Metrics:
             if remaining is not None:
                 self.escrow_remaining.labels(escrow=escrow).set(float(remaining))
 
-    def render(self) -> bytes:
-        """The registry in the Prometheus text format."""
+    def render(self, *, openmetrics_format: bool = False) -> bytes:
+        """The registry in the Prometheus text format, or (``openmetrics_format``) in the
+        OpenMetrics text format, which also shows the exemplars."""
+        if openmetrics_format:
+            return bytes(openmetrics.generate_latest(self.registry))  # type: ignore[no-untyped-call]
         return generate_latest(self.registry)
+
+
+def exemplar(**labels: str) -> dict[str, str] | None:
+    """Exemplar labels (e.g. ``rule_id`` and ``item``) within OpenMetrics' bound of
+    ``MAX_EXEMPLAR_CHARS`` characters for names and values together: the first labels that
+    fit, in the order given, or None when not even the first one fits (a value is never
+    cut: a cut item id would name another item)."""
+    kept: dict[str, str] = {}
+    used = 0
+    for name, value in labels.items():
+        size = len(name) + len(value)
+        if used + size > MAX_EXEMPLAR_CHARS:
+            break
+        kept[name] = value
+        used += size
+    return kept or None

@@ -97,11 +97,13 @@ def run_actions_command(args: argparse.Namespace, config: Config) -> int:
 
 
 def run_rules_command(args: argparse.Namespace, config: Config) -> int:
-    """``gatekeeper rules pause|resume|rearm RULE --reason ...``; 0 done, 1 refused."""
+    """``gatekeeper rules pause|resume|rearm RULE --reason ... [--item ID]``; 0 done,
+    1 refused."""
     url = base_url(config, args.url)
     path = f"{url}/v1/rules/{urllib.parse.quote(args.rule_id, safe='/')}/{args.rules_command}"
+    body = {"reason": args.reason, **({"item": args.item} if args.item else {})}
     try:
-        view = call(path, "POST", {"reason": args.reason})
+        view = call(path, "POST", body)
     except ClientError as exc:
         print(f"gatekeeper rules {args.rules_command}: {exc}", file=sys.stderr)
         return 1
@@ -109,8 +111,9 @@ def run_rules_command(args: argparse.Namespace, config: Config) -> int:
         print(json.dumps(view, indent=2))
     else:
         state = "paused" if view["explanation"]["paused"] else "active"
+        name = f"{view['id']}[{view['item']}]" if view.get("item") else view["id"]
         print(
-            f"{view['id']}: {args.rules_command} done; {state}, fired {view['fired_count']} "
+            f"{name}: {args.rules_command} done; {state}, fired {view['fired_count']} "
             f"time(s), gate {'open' if view['explanation']['gate_open'] else 'closed'}"
         )
     return 0
@@ -155,6 +158,9 @@ def add_audit_parsers(commands: Any, add_client_options: Any) -> None:
     audit = commands.add_parser("audit", help="the audit log of a running daemon")
     audit.add_argument("--release", metavar="RELEASE_ID", help="the whole story of a release")
     audit.add_argument("--rule", help="only this rule")
+    audit.add_argument(
+        "--item", help="only entries about this instance (item id) of a per-item rule"
+    )
     audit.add_argument("--project", help="only this project")
     audit.add_argument("--kind", help="decision, admin_act, approval (comma-separated)")
     audit.add_argument("--outcome", help="only decisions with this outcome, e.g. fired")
@@ -181,6 +187,7 @@ def run_audit_command(args: argparse.Namespace, config: Config) -> int:
             key: value
             for key, value in (
                 ("rule", args.rule),
+                ("item", args.item),
                 ("project", args.project),
                 ("kind", args.kind),
                 ("outcome", args.outcome),
@@ -200,7 +207,10 @@ def run_audit_command(args: argparse.Namespace, config: Config) -> int:
     for entry in page["entries"]:
         who = f" by {entry['actor']}" if entry["actor"] else ""
         why = f": {entry['reason']}" if entry["reason"] else ""
-        print(f"{entry['at']}  {entry['kind']:<9} {entry['rule_id']}  {entry['what']}{who}{why}")
+        rule = entry["rule_id"]
+        if entry.get("instance"):
+            rule = f"{rule}[{entry['instance']}]"
+        print(f"{entry['at']}  {entry['kind']:<9} {rule}  {entry['what']}{who}{why}")
     more = (
         " (more: narrow the filters or use --json for next_cursor)" if page["next_cursor"] else ""
     )

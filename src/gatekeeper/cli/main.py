@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser_act = rules_commands.add_parser(act, help=text)
         parser_act.add_argument("rule_id", metavar="RULE")
         parser_act.add_argument("--reason", required=True, help="why (kept in the audit log)")
+        parser_act.add_argument(
+            "--item", help="only this instance (item id) of a per-item rule (for_each)"
+        )
         rule_acts.append(parser_act)
     for sub in (listing, retry, *rule_acts):
         _add_client_options(sub)

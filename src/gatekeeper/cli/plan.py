@@ -111,6 +111,14 @@ class Plan:
     decisions: list[Decision]
     firings: list[PlannedFiring]
     releases: list[EscrowTotal]
+    item: str | None = None
+    """``--item``: list only this instance of each per-item rule (the totals, the summary
+    and ``--fail-on`` still count every firing)."""
+
+    def shows(self, decision: Decision) -> bool:
+        """Whether the plan's listing shows ``decision`` (``item`` narrows the instances of
+        per-item rules; a rule without ``for_each`` is always shown)."""
+        return self.item is None or not decision.item_kind or decision.instance == self.item
 
     @property
     def deployment_known(self) -> bool:
@@ -227,6 +235,7 @@ def plan_report(plan: Plan, fail_on: FailOn) -> dict[str, Any]:
         "fires": [
             {
                 **_rule_ref(plan, f.rule),
+                **({"item": f.decision.instance} if f.decision.instance else {}),
                 "fire": f.rule.fire,
                 "outcome": f.decision.outcome,
                 "firing_id": f.decision.firing_id,
@@ -237,11 +246,17 @@ def plan_report(plan: Plan, fail_on: FailOn) -> dict[str, Any]:
                 ],
             }
             for f in plan.firings
+            if plan.shows(f.decision)
         ],
         "not_firing": [
-            {"id": d.rule_id, "outcome": d.outcome, "why": _why_not(plan, d)}
+            {
+                "id": d.rule_id,
+                **({"item": d.instance} if d.instance else {}),
+                "outcome": d.outcome,
+                "why": _why_not(plan, d),
+            }
             for d in plan.decisions
-            if d.firing_id is None
+            if d.firing_id is None and plan.shows(d)
         ],
         "releases": [
             {
@@ -254,6 +269,7 @@ def plan_report(plan: Plan, fail_on: FailOn) -> dict[str, Any]:
             for t in plan.releases
         ],
         "notes": plan.snapshot.notes,
+        "item": plan.item,
         "fail_on": fail_on,
         "failed": plan.trips(fail_on),
     }
@@ -290,22 +306,26 @@ def plan_text(plan: Plan, fail_on: FailOn) -> list[str]:
         lines += [f"  ~ {r.id}  ({_location(plan, r)})" for r in plan.changed]
         lines += [f"  - {rule_id}" for rule_id in plan.removed]
         lines.append("")
-    fired = [f for f in plan.firings if not f.blocked]
-    blocked = [f for f in plan.firings if f.blocked]
+    if plan.item is not None:
+        lines.append(f"Instances of per-item rules: only item {plan.item!r} (--item)")
+    shown = [f for f in plan.firings if plan.shows(f.decision)]
+    fired = [f for f in shown if not f.blocked]
+    blocked = [f for f in shown if f.blocked]
     lines.append(f"Would fire on deploy: {plural(len(fired), 'rule')}")
     for firing in fired:
-        lines.append(f"  {firing.rule.id}  ({firing.rule.fire}, {_location(plan, firing.rule)})")
+        name = decision_name(firing.decision)
+        lines.append(f"  {name}  ({firing.rule.fire}, {_location(plan, firing.rule)})")
         lines += [f"    {describe_action(a)}" for a in firing.actions]
     if blocked:
         lines.append(f"Would be blocked on deploy: {plural(len(blocked), 'rule')}")
         for firing in blocked:
-            lines.append(f"  {firing.rule.id}  ({_location(plan, firing.rule)})")
+            lines.append(f"  {decision_name(firing.decision)}  ({_location(plan, firing.rule)})")
             lines.append(f"    blocked: {firing.decision.reason}")
             lines += [f"    {describe_action(a)}" for a in firing.actions]
-    quiet = [d for d in plan.decisions if d.firing_id is None]
+    quiet = [d for d in plan.decisions if d.firing_id is None and plan.shows(d)]
     if quiet:
         lines.append(f"Evaluated, would not fire: {plural(len(quiet), 'rule')}")
-        lines += [f"  {d.rule_id}: {_why_not(plan, d)}" for d in quiet]
+        lines += [f"  {decision_name(d)}: {_why_not(plan, d)}" for d in quiet]
     if plan.releases:
         lines.append("Releases by escrow:")
         for total in plan.releases:
@@ -317,6 +337,11 @@ def plan_text(plan: Plan, fail_on: FailOn) -> list[str]:
             lines.append(f"  {total.escrow}: {total.amount} {total.currency}{left}")
     lines.append(plan_summary(plan, fail_on))
     return lines
+
+
+def decision_name(decision: Decision) -> str:
+    """The rule a decision is about, ``rule[item]`` for an instance of a per-item rule."""
+    return f"{decision.rule_id}[{decision.instance}]" if decision.instance else decision.rule_id
 
 
 def plan_summary(plan: Plan, fail_on: FailOn) -> str:
@@ -339,10 +364,12 @@ def plan_github(plan: Plan, fail_on: FailOn) -> list[str]:
     summary line."""
     lines = []
     for firing in plan.firings:
+        if not plan.shows(firing.decision):
+            continue
         level = "error" if _firing_trips(firing, fail_on) else "warning"
         verb = "would be blocked on deploy" if firing.blocked else "would fire on deploy"
         what = "; ".join(describe_action(a) for a in firing.actions) or "no actions"
-        message = f"rule {firing.rule.id} {verb}: {what}"
+        message = f"rule {decision_name(firing.decision)} {verb}: {what}"
         if firing.blocked:
             message += f" ({firing.decision.reason})"
         lines.append(_github_line(level, plan, firing.rule, message))
@@ -473,6 +500,9 @@ def explanation_lines(
     condition = explanation["condition"]
     gate = "open" if explanation["gate_open"] else "closed"
     lines = [f"gate {gate} at {explanation['evaluated_at']}: condition {_json(condition['value'])}"]
+    item = explanation.get("item")
+    if isinstance(item, Mapping):
+        lines.append(f"item: {item['kind']} {item['id']} = {_json(item['data'])}")
     for index, clause in enumerate(condition["clauses"]):
         text = f"  [{_clause_mark(clause)}] {_one_line(clause['text'])}"
         if clause.get("missing"):
@@ -539,13 +569,20 @@ def format_duration(delta: timedelta) -> str:
 
 
 def explain_rule(
-    rule: Rule, engine: Engine, snapshot: Snapshot, now: datetime, file: str | None = None
+    rule: Rule,
+    engine: Engine,
+    snapshot: Snapshot,
+    now: datetime,
+    file: str | None = None,
+    item: str = "",
 ) -> dict[str, Any]:
     """The JSON explanation ``gatekeeper explain`` prints: the rule (``file`` as shown,
-    default the rule's own), its explanation and the deadlines of its time sub-conditions
-    (with the condition's next change)."""
-    state = snapshot.states.get((rule.id, ""))
-    explanation = engine.explain(rule, snapshot.facts, state, now, snapshot.approvals)
+    default the rule's own), its explanation (of instance ``item`` of a per-item rule;
+    ``KeyError`` when it has no such instance) and the deadlines of its time
+    sub-conditions (with the condition's next change). A per-item rule also lists its
+    ``instances`` (item ids, at most ``INSTANCES_LISTED``) and how many it has."""
+    state = snapshot.states.get((rule.id, item))
+    explanation = engine.explain(rule, snapshot.facts, state, now, snapshot.approvals, item=item)
     deadlines = clause_deadlines(rule, explanation, snapshot.facts, now)
     changes_at = next_change_at(rule.condition, ProjectFacts(rule.project, snapshot.facts), now)
     return {
@@ -558,7 +595,9 @@ def explain_rule(
             "file": file or rule.file,
             "line": rule.line,
             "content_hash": rule.content_hash,
+            **({"for_each": rule.for_each} if rule.for_each is not None else {}),
         },
+        **(_instances_report(rule, snapshot, item) if rule.for_each is not None else {}),
         "source": snapshot.source,
         "explanation": explanation,
         "deadlines": [
@@ -572,6 +611,18 @@ def explain_rule(
         ],
         "next_change_at": format_rfc3339(changes_at) if changes_at is not None else None,
         "notes": snapshot.notes,
+    }
+
+
+INSTANCES_LISTED = 50
+"""How many item ids ``gatekeeper explain`` lists for a per-item rule."""
+
+
+def _instances_report(rule: Rule, snapshot: Snapshot, item: str) -> dict[str, Any]:
+    items = sorted(snapshot.facts.of_kind(rule.project, rule.for_each or ""))
+    return {
+        "item": item or None,
+        "instances": {"count": len(items), "items": items[:INSTANCES_LISTED]},
     }
 
 
@@ -599,6 +650,12 @@ def add_plan_parser(commands: Any) -> argparse.ArgumentParser:
         help="exit 1 when a release would be sent (release) or anything would fire (any)",
     )
     parser.add_argument("--format", choices=["text", "json", "github"], default="text")
+    parser.add_argument(
+        "--item",
+        metavar="ID",
+        help="list only this instance (item id) of each per-item rule; totals and --fail-on "
+        "still count every firing",
+    )
     return parser
 
 
@@ -620,6 +677,9 @@ def add_explain_parser(commands: Any) -> argparse.ArgumentParser:
         "else rules_dir)",
     )
     parser.add_argument("--format", choices=["text", "json"], default="text")
+    parser.add_argument(
+        "--item", metavar="ID", help="explain this instance (item id) of a per-item rule"
+    )
     return parser
 
 
@@ -664,6 +724,7 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if snapshot is None:
         return EXIT_USAGE
     plan = plan_deploy(result.ruleset, rules_dir, snapshot, config, now)
+    plan.item = args.item or None
     if args.format == "json":
         out.write(json.dumps(plan_report(plan, args.fail_on), indent=2) + "\n")
     else:
@@ -711,9 +772,25 @@ def run_explain(args: argparse.Namespace, out: TextIO | None = None) -> int:
         if ruleset is None:
             return EXIT_USAGE
     rule = ruleset.by_id()[rule_id]
+    item: str = args.item or ""
+    if item and rule.for_each is None:
+        print(
+            f"gatekeeper explain: rule {rule_id!r} has no for_each: --item names an instance "
+            "of a per-item rule, and this rule has none",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     engine = Engine.for_config(ruleset, config)
     file = rule_path(rules_dir, rule) if rules_dir is not None else None
-    report = explain_rule(rule, engine, snapshot, now, file)
+    try:
+        report = explain_rule(rule, engine, snapshot, now, file, item)
+    except KeyError:
+        print(
+            f"gatekeeper explain: rule {rule_id!r} has no instance {item!r}: there is no "
+            f"{rule.for_each} fact {item!r} in project {rule.project!r} in {snapshot.source}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if args.format == "json":
         out.write(json.dumps(report, indent=2) + "\n")
         return EXIT_OK
@@ -726,10 +803,24 @@ def explain_text(
 ) -> list[str]:
     """``gatekeeper explain``'s text output."""
     info = report["rule"]
-    lines = [f"rule {rule.id}  ({info['file']}:{info['line']}, project {rule.project})"]
+    name = f"{rule.id}[{report['item']}]" if report.get("item") else rule.id
+    lines = [f"rule {name}  ({info['file']}:{info['line']}, project {rule.project})"]
     if rule.description:
         lines.append(f"  {rule.description}")
     lines.append(f"when: {_one_line(info['when'])}")
+    instances = report.get("instances")
+    if instances is not None:
+        listed = ", ".join(instances["items"]) or "none"
+        more = (
+            f", ... ({instances['count']} in all)"
+            if instances["count"] > len(instances["items"])
+            else ""
+        )
+        lines.append(
+            f"for each {rule.for_each}: {plural(instances['count'], 'instance')} ({listed}{more})"
+        )
+        if not report.get("item"):
+            lines.append("  (explained without an item: pass --item ID to explain one instance)")
     lines.append(f"against: {snapshot.source}")
     lines += [f"note: {note}" for note in snapshot.notes]
     deadlines = clause_deadlines(rule, report["explanation"], snapshot.facts, now)

@@ -107,11 +107,13 @@ class ExpectedAction:
 
 @dataclass(frozen=True)
 class ExpectedFiring:
-    """A rule that must fire during a step, with actions its firing must include."""
+    """A rule that must fire during a step, with actions its firing must include; ``item``
+    names the instance of a per-item rule that must fire (None: any instance)."""
 
     rule: str
     actions: tuple[ExpectedAction, ...]
     line: int
+    item: str | None = None
 
 
 @dataclass(frozen=True)
@@ -175,11 +177,14 @@ class Failure:
     diff: tuple[str, ...] = ()
     explanation: Mapping[str, Any] | None = None
     explanation_text: tuple[str, ...] = ()
+    item: str = ""
+    """The item id of the instance of a per-item rule the failure is about (or ``""``)."""
 
     def lines(self, *, explain: bool = True) -> list[str]:
         """The failure as text: a heading, the diff, the explanation (unless ``explain`` is
         False, e.g. when an earlier failure of the same rule and step showed it)."""
-        out = [f"step {self.step} at {self.at} (line {self.line}): {self.rule_id}: {self.message}"]
+        rule = instance_name(self.rule_id, self.item)
+        out = [f"step {self.step} at {self.at} (line {self.line}): {rule}: {self.message}"]
         out += [f"  {line}" for line in self.diff]
         if explain and self.explanation_text:
             out.append("  explanation:")
@@ -192,6 +197,7 @@ class Failure:
             "at": self.at,
             "line": self.line,
             "rule": self.rule_id,
+            **({"item": self.item} if self.item else {}),
             "message": self.message,
             "diff": list(self.diff),
             "explanation": self.explanation,
@@ -386,10 +392,20 @@ class Simulation:
         )
         return self._apply(transition)
 
-    def explain(self, rule: Rule) -> dict[str, Any]:
-        """The rule's explanation now."""
-        return self.engine.explain(
-            rule, self.facts, self.states.get((rule.id, "")), self.now, self.approvals
+    def explain(self, rule: Rule, item: str = "") -> dict[str, Any]:
+        """The rule's explanation now (of instance ``item`` of a per-item rule; one it has
+        no instance of is explained without an item)."""
+        if item and self.facts.get((rule.project, rule.for_each or "", item)) is None:
+            item = ""
+        state = self.states.get((rule.id, item))
+        return self.engine.explain(rule, self.facts, state, self.now, self.approvals, item=item)
+
+    def has_instance(self, rule: Rule, item: str) -> bool:
+        """Whether per-item rule ``rule`` has an instance ``item`` now (a fact of its
+        ``for_each`` kind with that id)."""
+        return (
+            rule.for_each is not None
+            and self.facts.get((rule.project, rule.for_each, item)) is not None
         )
 
     def _apply(self, transition: Transition) -> Transition:
@@ -406,6 +422,7 @@ class Firing:
     outcome: str
     reason: str | None
     actions: tuple[QueuedAction, ...]
+    instance: str = ""
 
 
 def run_case(case: Case, engine: Engine, escrows: Mapping[str, Escrow]) -> CaseResult:
@@ -419,7 +436,12 @@ def run_case(case: Case, engine: Engine, escrows: Mapping[str, Escrow]) -> CaseR
         transitions = [sim.advance(step.at)]
         if step.facts:
             transitions.append(sim.ingest(step.facts))
-        transitions += [sim.approve(approval) for approval in step.approvals]
+        for approval in step.approvals:
+            rule = engine.rules[approval.rule_id]
+            if approval.instance and not sim.has_instance(rule, approval.instance):
+                failures.append(_unknown_approval_item(step, sim, rule, approval))
+                continue
+            transitions.append(sim.approve(approval))
         failures += check_step(step, transitions, sim)
     status: CaseStatus = "failed" if failures else "passed"
     return CaseResult(case.name, case.line, status, time.perf_counter() - started, tuple(failures))
@@ -439,6 +461,7 @@ def firings_of(transitions: Iterable[Transition]) -> list[Firing]:
                     decision.outcome,
                     decision.reason,
                     actions,
+                    decision.instance,
                 )
             )
     return found
@@ -449,38 +472,62 @@ def check_step(step: Step, transitions: Sequence[Transition], sim: Simulation) -
     firings: dict[str, list[Firing]] = {}
     for firing in firings_of(transitions):
         firings.setdefault(firing.rule_id, []).append(firing)
-    last: dict[str, Decision] = {d.rule_id: d for t in transitions for d in t.decisions}
+    last: dict[tuple[str, str | None], Decision] = {}
+    for decision in (d for t in transitions for d in t.decisions):
+        last[(decision.rule_id, decision.instance)] = decision
+        last[(decision.rule_id, None)] = decision
     failures: list[Failure] = []
 
-    def fail(rule_id: str, message: str, diff: Sequence[str] = ()) -> None:
-        failures.append(_failure(step, sim, rule_id, message, diff))
+    def fail(rule_id: str, message: str, diff: Sequence[str] = (), item: str = "") -> None:
+        failures.append(_failure(step, sim, rule_id, message, diff, item))
 
     for expected in step.expect.fired:
         got = firings.get(expected.rule, [])
+        item = expected.item
+        others = sorted({f.instance for f in got if item is not None and f.instance != item})
+        if item is not None:
+            got = [f for f in got if f.instance == item]
         fired = [f for f in got if f.outcome == "fired"]
         if not fired and got:
-            fail(expected.rule, f"expected to fire, but it was blocked: {got[0].reason}")
-        elif not fired:
             fail(
                 expected.rule,
-                f"expected to fire, but it did not ({_why_not(last, expected.rule, sim)})",
+                f"expected to fire, but it was blocked: {got[0].reason}",
+                (),
+                item or "",
             )
+        elif not fired:
+            why = _why_not(last, expected.rule, sim, item)
+            message = f"expected to fire, but it did not ({why})"
+            if others:
+                message += f"; it fired for another item: {', '.join(others)}"
+            fail(expected.rule, message, (), item or "")
         else:
+            actions = [a for f in fired for a in f.actions]
             for wanted in expected.actions:
-                diff = _match_action(wanted, fired[0].actions, fired[0])
+                diff = _match_action(wanted, actions, fired[0])
                 if diff is not None:
-                    fail(expected.rule, diff[0], diff[1:])
+                    fail(expected.rule, diff[0], diff[1:], item or fired[0].instance)
     for rule_id in step.expect.not_fired:
         for firing in firings.get(rule_id, []):
             verb = "was blocked" if firing.outcome == "blocked" else "fired"
             diff = [f"+ {describe_action(a)}" for a in firing.actions]
-            fail(rule_id, f"expected not to fire, but it {verb} ({firing.firing_id})", diff)
+            fail(
+                rule_id,
+                f"expected not to fire, but it {verb} ({firing.firing_id})",
+                diff,
+                firing.instance,
+            )
     for rule_id in step.expect.blocked:
         got = firings.get(rule_id, [])
         if not any(f.outcome == "blocked" for f in got):
             if got:
                 diff = [f"+ {describe_action(a)}" for a in got[0].actions]
-                fail(rule_id, "expected to be blocked, but it fired and sent its actions", diff)
+                fail(
+                    rule_id,
+                    "expected to be blocked, but it fired and sent its actions",
+                    diff,
+                    got[0].instance,
+                )
             else:
                 fail(
                     rule_id,
@@ -489,15 +536,28 @@ def check_step(step: Step, transitions: Sequence[Transition], sim: Simulation) -
     return failures
 
 
-def _why_not(last: Mapping[str, Decision], rule_id: str, sim: Simulation) -> str:
-    """Why ``rule_id`` did not fire: its last decision in the step, or (when no decision was
-    kept: nothing it reads changed, or the clock did not change its gate) its state now."""
-    decision = last.get(rule_id)
+def instance_name(rule_id: str, item: str) -> str:
+    """``rule`` or, for an instance of a per-item rule, ``rule[item]``."""
+    return f"{rule_id}[{item}]" if item else rule_id
+
+
+def _why_not(
+    last: Mapping[tuple[str, str | None], Decision],
+    rule_id: str,
+    sim: Simulation,
+    item: str | None = None,
+) -> str:
+    """Why ``rule_id`` (its instance ``item``, when given) did not fire: its last decision
+    in the step, or (when no decision was kept: nothing it reads changed, or the clock did
+    not change its gate) its state now."""
+    decision = last.get((rule_id, item))
     if decision is not None:
         return decision.outcome.replace("_", " ")
     rule = sim.engine.rules[rule_id]
-    explanation = sim.explain(rule)
-    state = sim.states.get((rule_id, ""), RuleState(rule_id))
+    if item is not None and not sim.has_instance(rule, item):
+        return f"it has no instance {item!r}: there is no {rule.for_each} fact {item!r}"
+    explanation = sim.explain(rule, item or "")
+    state = sim.states.get((rule_id, item or ""), RuleState(rule_id))
     if not explanation["condition"]["value"]:
         return "not met"
     if not explanation["approvals"]["satisfied"]:
@@ -507,11 +567,29 @@ def _why_not(last: Mapping[str, Decision], rule_id: str, sim: Simulation) -> str
     return "paused" if state.paused else "its gate was already open"
 
 
+def _unknown_approval_item(
+    step: Step, sim: Simulation, rule: Rule, approval: ApprovalInput
+) -> Failure:
+    """The failure of an approval naming an item the rule has no instance of (the daemon
+    answers 404 and records nothing)."""
+    item = approval.instance
+    message = (
+        f"the approval by {approval.subject} names item {item!r}, but the rule has no "
+        f"instance {item!r} (no {rule.for_each} fact {item!r}): the daemon would refuse it"
+    )
+    return _failure(step, sim, rule.id, message, (), item)
+
+
 def _failure(
-    step: Step, sim: Simulation, rule_id: str, message: str, diff: Sequence[str]
+    step: Step,
+    sim: Simulation,
+    rule_id: str,
+    message: str,
+    diff: Sequence[str],
+    item: str = "",
 ) -> Failure:
     rule = sim.engine.rules[rule_id]
-    explanation = sim.explain(rule)
+    explanation = sim.explain(rule, item)
     deadlines = clause_deadlines(rule, explanation, sim.facts, sim.now)
     return Failure(
         step=step.number,
@@ -522,6 +600,7 @@ def _failure(
         diff=tuple(diff),
         explanation=explanation,
         explanation_text=tuple(explanation_lines(rule, explanation, deadlines)),
+        item=item,
     )
 
 
@@ -583,6 +662,13 @@ def _differences(expected: Mapping[str, Any], got: Mapping[str, Any]) -> list[st
 
 def _compact(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _not_per_item(rule: Rule) -> str:
+    return (
+        f"rule {rule.id!r} has no for_each: item names an instance of a per-item rule, "
+        "and this rule has none"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -736,20 +822,26 @@ class _Builder:
                 f"{by!r} is not one of the approvers of rule {rule.id!r} ({approvers}); "
                 "the daemon would refuse the approval",
             )
+        item = raw.get("item", "")
+        if item and rule is not None and rule.for_each is None:
+            self.problem((*path, "item"), _not_per_item(rule))
         project = rule.project if rule is not None else ""
-        return ApprovalInput(raw["rule"], project, by, raw["decision"], raw.get("comment"))
+        return ApprovalInput(
+            raw["rule"], project, by, raw["decision"], raw.get("comment"), instance=item
+        )
 
     def expect(self, raw: Mapping[str, Any], path: PathParts) -> Expect:
         fired = []
         for i, item in enumerate(raw.get("fired", [])):
-            self.rule(item["rule"], (*path, "fired", i, "rule"))
+            rule = self.rule(item["rule"], (*path, "fired", i, "rule"))
+            if "item" in item and rule is not None and rule.for_each is None:
+                self.problem((*path, "fired", i, "item"), _not_per_item(rule))
             actions = tuple(
                 self.action(action, (*path, "fired", i, "actions", j))
                 for j, action in enumerate(item.get("actions", []))
             )
-            fired.append(
-                ExpectedFiring(item["rule"], actions, self.doc.position((*path, "fired", i))[0])
-            )
+            line = self.doc.position((*path, "fired", i))[0]
+            fired.append(ExpectedFiring(item["rule"], actions, line, item.get("item")))
         for key in ("not_fired", "blocked"):
             for i, rule_id in enumerate(raw.get(key, [])):
                 self.rule(rule_id, (*path, key, i))
@@ -801,9 +893,9 @@ def report_text(report: TestReport) -> list[str]:
 def case_failure_lines(case: CaseResult) -> list[str]:
     """Every failure of a case as text, each rule's explanation shown once per step."""
     lines: list[str] = []
-    explained: set[tuple[int, str]] = set()
+    explained: set[tuple[int, str, str]] = set()
     for failure in case.failures:
-        key = (failure.step, failure.rule_id)
+        key = (failure.step, failure.rule_id, failure.item)  # each instance's own
         lines += failure.lines(explain=key not in explained)
         explained.add(key)
     return lines
@@ -929,7 +1021,8 @@ def _case_element(suite: ET.Element, file: str, case: CaseResult) -> None:
         ET.SubElement(element, "skipped", message="not selected by --run")
     elif case.failures:
         first = case.failures[0]
-        message = f"step {first.step} at {first.at}: {first.rule_id}: {first.message}"
+        rule = instance_name(first.rule_id, first.item)
+        message = f"step {first.step} at {first.at}: {rule}: {first.message}"
         if len(case.failures) > 1:
             message += f" (and {plural(len(case.failures) - 1, 'more failure')})"
         failure = ET.SubElement(element, "failure", message=message, type="ExpectationFailed")

@@ -237,6 +237,23 @@ def _committed(escrows: Iterable[Mapping[str, Any]], source: str) -> dict[str, D
     return committed
 
 
+def _add_instances(
+    export: Mapping[str, Any],
+    rules: Iterable[Mapping[str, Any]],
+    states: dict[str, dict[str, Any]],
+    approvals: dict[str, dict[str, str]],
+) -> None:
+    """Add the instance states and standing approvals of the per-item rules of ``rules``
+    from the first page of ``GET /v1/export`` (``states`` keyed ``<rule>[<item>]``)."""
+    per_item = {rule["id"] for rule in rules if "for_each" in rule}
+    for row in export.get("rule_states", []):
+        if row["rule_id"] in per_item and row.get("instance"):
+            states[f"{row['rule_id']}[{row['instance']}]"] = dict(row)
+    for key, standing in export.get("approvals", {}).items():
+        if key.split("[", 1)[0] in per_item and "[" in key:
+            approvals[key] = dict(standing)
+
+
 def fetch_snapshot(url: str, detail: Callable[[Mapping[str, str]], Iterable[str]]) -> Snapshot:
     """Build a snapshot from the running daemon at ``url`` (``GET /v1/facts``, ``/v1/rules``,
     ``/v1/escrows``, and ``/v1/rules/{id}`` for each rule id ``detail`` picks from the deployed
@@ -250,7 +267,7 @@ def fetch_snapshot(url: str, detail: Callable[[Mapping[str, str]], Iterable[str]
     escrows = call(f"{url}/v1/escrows")
     try:
         hashes = {rule["id"]: rule["content_hash"] for rule in rules["rules"]}
-        states = {
+        states: dict[str, dict[str, Any]] = {
             rule["id"]: {
                 "rule_id": rule["id"],
                 "fired_count": rule["fired_count"],
@@ -258,9 +275,12 @@ def fetch_snapshot(url: str, detail: Callable[[Mapping[str, str]], Iterable[str]
                 "last_fired_at": rule.get("last_fired_at"),
             }
             for rule in rules["rules"]
+            if "for_each" not in rule  # a per-item rule's states are its instances'
         }
         approvals: dict[str, dict[str, str]] = {}
-        for rule_id in detail(hashes):
+        if any("for_each" in rule for rule in rules["rules"]):
+            _add_instances(call(f"{url}/v1/export?limit=1"), rules["rules"], states, approvals)
+        for rule_id in (r for r in detail(hashes) if r in states):
             view = call(f"{url}/v1/rules/{urllib.parse.quote(rule_id, safe='/')}")
             explanation = view["explanation"]
             states[rule_id]["paused"] = bool(explanation.get("paused", False))

@@ -35,10 +35,12 @@ from gatekeeper.http.wire import (
     check_json_content_type,
     decode_cursor,
     decode_facts,
+    decode_key,
     encode_cursor,
     encode_key,
     fact_page_param,
     idempotency_record,
+    item_param,
     limit_param,
     next_fact_cursor,
     next_ruleset_cursor,
@@ -50,6 +52,8 @@ from gatekeeper.http.wire import (
     time_param,
 )
 from gatekeeper.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gatekeeper.metrics import OPENMETRICS_CONTENT_TYPE
+from gatekeeper.rules.model import Rule
 from gatekeeper.runtime.daemon import (
     Daemon,
     IdempotencyConflict,
@@ -59,6 +63,7 @@ from gatekeeper.runtime.daemon import (
 )
 from gatekeeper.runtime.hooks import HookRejected, delivery_id
 from gatekeeper.runtime.hooks import handle as handle_hook
+from gatekeeper.runtime.ingest import UnknownInstance
 from gatekeeper.store.errors import Conflict
 from gatekeeper.store.queries import AuditQuery
 from gatekeeper.store.records import AUDIT_KINDS, ActionStatus, AuditKind
@@ -67,6 +72,8 @@ ACTION_STATUSES: tuple[ActionStatus, ...] = ("pending", "delivered", "dead")
 APPROVAL_DECISIONS = ("approve", "reject", "withdraw")
 AdminActName = Literal["pause", "resume", "rearm"]
 SHUTTING_DOWN = "gatekeeper is shutting down; try again shortly"
+MAX_ITEM_CHARS = 128
+"""The longest item id (a fact id) an error message repeats."""
 RESERVED_KEY_PREFIXES = ("hook:", "approval:")
 """Idempotency keys the daemon makes itself (``hook:<source>:<delivery id>``,
 ``approval:<subject>:<key>``): a facts client may not use them, or it could take a hook
@@ -190,19 +197,91 @@ async def get_rules(request: web.Request) -> web.Response:
 
 
 async def get_rule(request: web.Request) -> web.Response:
-    """``GET /v1/rules/{rule_id}``: source, state, explanation, ``limit`` recent decisions."""
+    """``GET /v1/rules/{rule_id}``: source, state, explanation, ``limit`` recent decisions.
+    ``item`` shows one instance of a per-item rule (its state, explanation, approvals and
+    decisions; 400 on a rule without ``for_each``, 404 for an item it has no instance of);
+    without it a per-item rule lists a page of its instances (``instances_limit`` of them,
+    after ``cursor``)."""
     daemon = daemon_of(request)
     rule_id = request.match_info["rule_id"]
     rule = daemon.rule(rule_id)
     if rule is None:
         raise ApiError(404, f"no rule {rule_id!r} in the active ruleset")
     check_project(request, rule.project)
-    return respond(await rule_detail(daemon, rule.id, limit_param(request, 20)))
+    item = instance_param(rule, item_param(request))
+    paging = "cursor" in request.query or "instances_limit" in request.query
+    if paging and (rule.for_each is None or item is not None):
+        raise ApiError(
+            400,
+            "cursor and instances_limit page the instances of a per-item rule (for_each), "
+            f"without item; rule {rule.id!r} "
+            + ("has no for_each" if rule.for_each is None else "is shown for one item"),
+        )
+    cursor = request.query.get("cursor")
+    after = decode_key(cursor, 1)[0] if cursor is not None else None
+    detail = await rule_detail(
+        daemon,
+        rule.id,
+        limit_param(request, 20),
+        item,
+        instances_after=after,
+        instances_limit=limit_param(request, 100, "instances_limit"),
+    )
+    return respond(detail)
 
 
-async def rule_detail(daemon: Daemon, rule_id: str, decisions: int) -> m.Rule:
-    """A rule's full view: state, source, explanation, its ``decisions`` latest decisions."""
-    return convert(await daemon.rule_detail(rule_id, decisions), m.Rule)
+def instance_param(rule: Rule, item: str | None) -> str | None:
+    """``item`` checked against ``rule``: 400 when it names an instance of a rule without
+    ``for_each`` (such a rule has no instances to name)."""
+    if item is not None and rule.for_each is None:
+        raise ApiError(
+            400,
+            f"rule {rule.id!r} has no for_each: item names an instance of a per-item rule, "
+            f"and this rule has none (item {item[:MAX_ITEM_CHARS]!r})",
+        )
+    return item
+
+
+def unknown_instance(rule: Rule, item: str) -> ApiError:
+    """The 404 for an item the per-item rule ``rule`` has no instance of (the item cut to
+    ``MAX_ITEM_CHARS`` in the message: a fact id is never longer)."""
+    item = item[:MAX_ITEM_CHARS]
+    return ApiError(
+        404,
+        f"rule {rule.id!r} has no instance {item!r}: there is no {rule.for_each} fact "
+        f"{item!r} in project {rule.project!r}",
+    )
+
+
+async def rule_detail(
+    daemon: Daemon,
+    rule_id: str,
+    decisions: int,
+    item: str | None = None,
+    *,
+    instances_after: str | None = None,
+    instances_limit: int = 100,
+) -> m.Rule:
+    """A rule's full view: state, source, explanation, its ``decisions`` latest decisions
+    (of instance ``item``; a per-item rule without it: a page of its instances, its
+    ``next_cursor`` made opaque). 404 when the rule has no instance ``item``."""
+    try:
+        view = await daemon.rule_detail(
+            rule_id,
+            decisions,
+            item,
+            instances_after=instances_after,
+            instances_limit=instances_limit,
+        )
+    except KeyError:
+        rule = daemon.rule(rule_id)
+        if rule is None or item is None:
+            raise ApiError(404, f"no rule {rule_id!r} in the active ruleset") from None
+        raise unknown_instance(rule, item) from None
+    page = view.get("instance_page")
+    if page is not None and page["next_cursor"] is not None:
+        page["next_cursor"] = encode_key([page["next_cursor"]])
+    return convert(view, m.Rule)
 
 
 _APPROVAL_DECODER = msgspec.json.Decoder(m.ApprovalRequest)
@@ -265,31 +344,39 @@ _ADMIN_ACT_DECODER = msgspec.json.Decoder(m.AdminActRequest)
 
 
 async def post_rule_act(request: web.Request) -> web.Response:
-    """``POST /v1/rules/{id}/pause|resume|rearm`` with ``{"reason": ...}`` (required)."""
+    """``POST /v1/rules/{id}/pause|resume|rearm`` with ``{"reason": ..., "item": ...}``
+    (``reason`` required; ``item`` acts on one instance of a per-item rule: 400 on a rule
+    without ``for_each``, 404 for an item it has no instance of)."""
     daemon = daemon_of(request)
     rule_id, act = request.match_info["rule_id"], request.match_info["act"]
     try:
-        reason = (await read_model(request, _ADMIN_ACT_DECODER))[0].reason.strip()
+        body = (await read_model(request, _ADMIN_ACT_DECODER))[0]
     except BodyShapeError:
-        reason = ""
+        body = None
+    reason = body.reason.strip() if body is not None else ""
     if not reason:
         raise ApiError(
             400,
-            f'the body must be {{"reason": "..."}}: every admin act says why '
-            f"(at most {MAX_COMMENT_CHARS} characters)",
+            f'the body must be {{"reason": "..."}} (and optionally "item": "<item id>"): '
+            f"every admin act says why (at most {MAX_COMMENT_CHARS} characters)",
         )
     rule = daemon.rule(rule_id)
     if rule is None:
         raise ApiError(404, f"no rule {rule_id!r} in the active ruleset")
     check_project(request, rule.project)
+    item = instance_param(rule, body.item if body and isinstance(body.item, str) else None)
     try:
-        admin_act = AdminAct(cast(AdminActName, act), rule_id, actor(request), reason, rule.project)
+        admin_act = AdminAct(
+            cast(AdminActName, act), rule_id, actor(request), reason, rule.project, item
+        )
         await daemon.administer(admin_act)
     except UnknownRule:
         raise ApiError(404, f"no rule {rule_id!r} in the active ruleset") from None
+    except UnknownInstance:
+        raise unknown_instance(rule, item or "") from None
     except ValueError as exc:
         raise ApiError(409, str(exc)) from None
-    return respond(await rule_detail(daemon, rule_id, 20))
+    return respond(await rule_detail(daemon, rule_id, 20, item))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,8 +439,9 @@ async def post_action_retry(request: web.Request) -> web.Response:
 
 async def get_audit(request: web.Request) -> web.Response:
     """The audit log, newest first: decisions, admin acts and approvals, filtered by
-    ``project``, ``rule``, ``kind`` (comma-separated), ``outcome``, ``since``/``until``
-    (RFC 3339), paged by ``cursor`` (the ``next_cursor`` of the previous page)."""
+    ``project``, ``rule``, ``item`` (the instance of a per-item rule an entry is about),
+    ``kind`` (comma-separated), ``outcome``, ``since``/``until`` (RFC 3339), paged by
+    ``cursor`` (the ``next_cursor`` of the previous page)."""
     query = request.query
     if "project" in query:
         check_project(request, query["project"])
@@ -363,6 +451,7 @@ async def get_audit(request: web.Request) -> web.Response:
     audit_query = AuditQuery(
         project=query.get("project"),
         rule_id=query.get("rule"),
+        instance=item_param(request),
         kinds=cast(tuple[AuditKind, ...], kinds),
         outcome=query.get("outcome"),
         since=time_param(request, "since"),
@@ -426,14 +515,38 @@ async def get_escrows(request: web.Request) -> web.Response:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    """Prometheus metrics (text format 0.0.4); a scraper sends a token with ``read``."""
-    return await metrics_response(daemon_of(request))
+    """Prometheus metrics (text format 0.0.4); a scraper sends a token with ``read``. A
+    scraper whose ``Accept`` asks for ``application/openmetrics-text`` gets OpenMetrics,
+    which carries the item of per-item firings as exemplars."""
+    return await metrics_response(daemon_of(request), wants_openmetrics(request))
 
 
-async def metrics_response(daemon: Daemon) -> web.Response:
-    """The answer to ``GET /metrics``: refresh the scrape-time gauges, then render."""
+def wants_openmetrics(request: web.Request) -> bool:
+    """Whether the request's ``Accept`` names ``application/openmetrics-text`` with a
+    non-zero ``q`` (as Prometheus asks when it scrapes exemplars)."""
+    for part in request.headers.get("Accept", "").split(","):
+        media, _, params = part.partition(";")
+        if media.strip().lower() != "application/openmetrics-text":
+            continue
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, text = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(text)
+                except ValueError:
+                    quality = 0.0
+        return quality > 0
+    return False
+
+
+async def metrics_response(daemon: Daemon, openmetrics: bool = False) -> web.Response:
+    """The answer to ``GET /metrics``: refresh the scrape-time gauges, then render (as
+    OpenMetrics when ``openmetrics``)."""
+    content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else METRICS_CONTENT_TYPE
     return web.Response(
-        body=await daemon.metrics_text(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+        body=await daemon.metrics_text(openmetrics=openmetrics),
+        headers={"Content-Type": content_type},
     )
 
 

@@ -143,9 +143,22 @@ class ApprovalRequest(Struct, forbid_unknown_fields=True):
 
 
 class AdminActRequest(Struct):
-    """Why (required: every admin act is audited with who and why)."""
+    """Why (required: every admin act is audited with who and why), and optionally which
+    instance of a per-item rule to act on."""
 
     reason: Annotated[str, Meta(min_length=1, max_length=MAX_COMMENT_CHARS)]
+    item: (
+        Annotated[
+            str,
+            Meta(
+                min_length=1,
+                description="The item id of one instance of a per-item rule (for_each) to act "
+                "on; without it the act applies to every instance it applies to. 400 on a "
+                "rule without for_each, 404 for an item the rule has no instance of.",
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class RetryRequest(Struct):
@@ -469,6 +482,39 @@ class RuleSummary(Model):
     item: str | UnsetType = UNSET
 
 
+InstanceStatus = Literal["new", "armed", "open", "fired", "paused"]
+
+
+class InstanceRow(Model):
+    """One instance of a per-item rule (one fact of its for_each kind) and its state."""
+
+    item: Annotated[str, Meta(description="The item id (the fact's id).")]
+    state: Annotated[
+        InstanceStatus,
+        Meta(
+            description="Where the instance stands: new (never evaluated), armed (gate "
+            "closed: fires when its condition holds and its approvals are satisfied), open "
+            "(gate open: an each_time or each_fact instance that fired when it opened), fired "
+            "(a once instance that fired and was not re-armed), paused (an admin paused it)."
+        ),
+    ]
+    gate_open: Annotated[bool | None, Meta(description="null: never evaluated.")]
+    fired_count: Count
+    last_fired_at: Timestamp | None
+    paused: bool
+    rearms: Count
+
+
+class InstancePage(Model):
+    """A page of a per-item rule's instances, in item id order."""
+
+    instances: list[InstanceRow]
+    next_cursor: Annotated[
+        str | None,
+        Meta(description="Pass as `cursor` for the next page of instances; null on the last."),
+    ]
+
+
 class Rule(RuleSummary, kw_only=True):
     """One rule, its state and its current explanation."""
 
@@ -482,8 +528,19 @@ class Rule(RuleSummary, kw_only=True):
     explanation: Explanation
     ruleset_version: Sha256Hex | None
     recent_decisions: Annotated[
-        list[Decision], Meta(description="The rule's latest decisions, newest first.")
+        list[Decision],
+        Meta(description="The rule's (or the instance's) latest decisions, newest first."),
     ]
+    instance_page: (
+        Annotated[
+            InstancePage,
+            Meta(
+                description="A per-item rule shown without `item`: a page of its instances with "
+                "their states (`instances_limit`, `cursor`)."
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class RuleList(Model):

@@ -341,7 +341,10 @@ def _operation(route: Route) -> JsonObject:
     if route.response is None:
         ok: JsonObject = {
             "description": route.response_description,
-            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "content": {
+                "text/plain": {"schema": {"type": "string"}},
+                "application/openmetrics-text": {"schema": {"type": "string"}},
+            },
         }
     else:
         ok = _json(_schema_of(route.response), route.response_description)

@@ -196,7 +196,10 @@ ROUTES: tuple[Route, ...] = (
         request=m.AdminActRequest,
         description="A paused rule is evaluated and explained but does not fire. Re-arming a "
         "once rule that fired lets it fire once more. The rule is re-evaluated at once: a "
-        "resumed or re-armed rule whose gate is open fires.",
+        "resumed or re-armed rule whose gate is open fires. On a per-item rule (`for_each`) "
+        "the act applies to every instance it applies to, or with `item` in the body to that "
+        "one instance (400 on a rule without `for_each`, 404 for an item the rule has no "
+        "instance of); the audit entry names the item.",
         parameters=(
             RULE_ID,
             {
@@ -220,7 +223,39 @@ ROUTES: tuple[Route, ...] = (
         "rules",
         "One rule: source, state, explanation, recent decisions",
         m.Rule,
-        parameters=(RULE_ID, _limit(20)),
+        description="A per-item rule (`for_each`) lists a page of its instances with their "
+        "states in `instance_page` (`instances_limit` of them, then `cursor`); with `item` "
+        "it shows that one instance instead: its state, explanation (with the item and its "
+        "approvals) and decisions. `item` on a rule without `for_each` is 400; an item the "
+        "rule has no instance of is 404.",
+        parameters=(
+            RULE_ID,
+            {
+                **_limit(20),
+                "description": f"How many recent decisions to show, newest first (1 to "
+                f"{MAX_LIST_LIMIT}).",
+            },
+            _query(
+                "item",
+                "The item id of one instance of a per-item rule (the id of a fact of its "
+                "for_each kind): show that instance.",
+                minLength=1,
+            ),
+            _query("cursor", "The instance_page.next_cursor of the previous page of instances."),
+            {
+                "name": "instances_limit",
+                "in": "query",
+                "required": False,
+                "description": f"How many instances of a per-item rule to list, in item id "
+                f"order (1 to {MAX_LIST_LIMIT}).",
+                "schema": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": MAX_LIST_LIMIT,
+                    "default": 100,
+                },
+            },
+        ),
         errors=(400, 404),
         response_description="The rule.",
     ),
@@ -341,6 +376,12 @@ ROUTES: tuple[Route, ...] = (
             _query("project", "Only entries of this project."),
             _query("rule", "Only entries of this rule id."),
             _query(
+                "item",
+                "Only entries about this instance of a per-item rule (its item id): its "
+                "decisions, admin acts and approvals.",
+                minLength=1,
+            ),
+            _query(
                 "kind",
                 "Comma-separated kinds of entry: decision, admin_act, approval.",
                 pattern="^(decision|admin_act|approval)(,(decision|admin_act|approval))*$",
@@ -424,8 +465,12 @@ ROUTES: tuple[Route, ...] = (
         "read",
         "metrics",
         "meta",
-        "Prometheus metrics (text exposition format 0.0.4)",
+        "Prometheus metrics (text exposition format 0.0.4, or OpenMetrics on request)",
         None,
+        description="The classic Prometheus text format; a scraper whose Accept names "
+        "`application/openmetrics-text` gets OpenMetrics instead, where "
+        "`gatekeeper_decisions_total` carries the item (and rule) of the latest firing of a "
+        "per-item rule as an exemplar. Items are never labels: their number is unbounded.",
         response_description="The metrics.",
     ),
     Route(

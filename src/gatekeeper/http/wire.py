@@ -323,14 +323,26 @@ def idempotency_record(request: web.Request, body: Any) -> IdempotencyRecord | N
     return IdempotencyRecord(key, hashlib.sha256(canonical.encode()).hexdigest())
 
 
-def limit_param(request: web.Request, default: int = 100) -> int:
-    """The ``limit`` query parameter, 1 to ``MAX_LIST_LIMIT``; 400 otherwise."""
-    text = request.query.get("limit", str(default))
+def limit_param(request: web.Request, default: int = 100, name: str = "limit") -> int:
+    """The ``limit`` query parameter (or another named ``name``), 1 to ``MAX_LIST_LIMIT``;
+    400 otherwise."""
+    text = request.query.get(name, str(default))
     if not (len(text) <= 6 and text.isascii() and text.isdigit()) or not (
         1 <= int(text) <= MAX_LIST_LIMIT
     ):
-        raise ApiError(400, f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
+        raise ApiError(400, f"{name} must be an integer from 1 to {MAX_LIST_LIMIT}")
     return int(text)
+
+
+def item_param(request: web.Request) -> str | None:
+    """The ``item`` query parameter (the item id of an instance of a per-item rule), or
+    None; 400 for an empty one."""
+    item = request.query.get("item")
+    if item is not None and not item:
+        raise ApiError(
+            400, "item must be an item id (the id of a fact of the rule's for_each kind)"
+        )
+    return item
 
 
 def fact_page_param(request: web.Request) -> tuple[FactKey | None, int]:

@@ -264,11 +264,13 @@ class Daemon:
 
     async def administer(self, act: AdminAct) -> dict[str, Any]:
         """Carry out an admin act on a rule (pause, resume, rearm), audited with who and why,
-        and re-evaluate the rule under its new state. Returns the rule's view.
+        and re-evaluate the rule under its new state. Returns the rule's view (of the
+        instance ``act.instance`` names, when it names one).
 
-        Raises ``UnknownRule``, or ``ValueError`` when the act does not apply."""
+        Raises ``UnknownRule``, ``UnknownInstance`` (a per-item rule with no instance
+        ``act.instance``), or ``ValueError`` when the act does not apply."""
         rule = await self.writer.administer(act)
-        return views.rule_view(self.writer, rule, explain=True)
+        return views.rule_view(self.writer, rule, explain=True, item=act.instance or None)
 
     async def retry_action(
         self, action_id: str, *, actor: str, reason: str | None
@@ -334,11 +336,25 @@ class Daemon:
         return views.rule_view(self.writer, rule, explain=explain, item=item)
 
     async def rule_detail(
-        self, rule_id: str, decisions: int, item: str | None = None
+        self,
+        rule_id: str,
+        decisions: int,
+        item: str | None = None,
+        *,
+        instances_after: str | None = None,
+        instances_limit: int = 100,
     ) -> dict[str, Any]:
         """A live rule's full view with its ``decisions`` most recent decisions, of instance
-        ``item`` when given (``KeyError`` for a rule not live or an unknown instance)."""
-        return await views.rule_detail(self.writer, rule_id, decisions, item)
+        ``item`` when given; a per-item rule without ``item`` with a page of its instances
+        (``views.rule_detail``). ``KeyError`` for a rule not live or an unknown instance."""
+        return await views.rule_detail(
+            self.writer,
+            rule_id,
+            decisions,
+            item,
+            instances_after=instances_after,
+            instances_limit=instances_limit,
+        )
 
     def rule_instances(
         self, rule: Rule, *, after: str | None = None, limit: int = 100
@@ -436,8 +452,9 @@ class Daemon:
         counted as possibly paid) and remaining, as decimal strings."""
         return await views.escrow_report(self.store, self.config.escrows)
 
-    async def metrics_text(self) -> bytes:
-        """The Prometheus text exposition, after refreshing the scrape-time gauges
+    async def metrics_text(self, *, openmetrics: bool = False) -> bytes:
+        """The Prometheus text exposition (or, ``openmetrics``, the OpenMetrics one, with
+        the item of per-item firings as exemplars), after refreshing the scrape-time gauges
         (deadlines pending, outbox counts, escrow amounts)."""
         self.metrics.refresh(
             deadlines_pending=len(self.ticker.deadlines),
@@ -451,4 +468,4 @@ class Daemon:
                 for row in await self.escrow_report()
             ],
         )
-        return self.metrics.render()
+        return self.metrics.render(openmetrics_format=openmetrics)

@@ -38,13 +38,14 @@ from gatekeeper.engine.ledger import EscrowBook
 from gatekeeper.engine.model import (
     AdminAct,
     ApprovalInput,
+    Decision,
     FactInput,
     IdempotencyRecord,
     InstanceKey,
     RuleState,
     Transition,
 )
-from gatekeeper.metrics import Metrics
+from gatekeeper.metrics import Metrics, exemplar
 from gatekeeper.rules.model import Rule
 from gatekeeper.runtime.outage import StoreOutage
 from gatekeeper.store import Store
@@ -143,17 +144,28 @@ class Counters:
         facts = 0
         outcomes: dict[str, int] = {}
         actions: dict[str, int] = {}
+        items: dict[str, Decision] = {}  # per outcome, the last firing of a per-item rule
         for transition in transitions:
             facts += len(transition.facts)
             for decision in transition.decisions:
                 outcome = decision.outcome
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                if decision.firing_id is not None and decision.instance:
+                    items[outcome] = decision
             for action in transition.actions:
                 actions[action.target] = actions.get(action.target, 0) + 1
         if facts:
             metrics.facts_accepted.inc(facts)
         for name, count in outcomes.items():
-            self.labelled(metrics.decisions, name).inc(count)
+            fired = items.get(name)  # the item as an exemplar, never as a label
+            sample = (
+                exemplar(item=fired.instance, rule_id=fired.rule_id) if fired is not None else None
+            )
+            child = self.labelled(metrics.decisions, name)
+            if sample is not None and count > 1:  # the exemplar is one firing: an inc of 1
+                child.inc(count - 1)
+                count = 1
+            child.inc(count, exemplar=sample)
         for target, count in actions.items():
             self.labelled(metrics.actions, target, "queued").inc(count)
 

@@ -105,7 +105,8 @@ def instances_view(
     """A page of the instances of per-item rule ``rule``, by item id: each item id with
     its state (``gate_open`` null: never evaluated), at most ``limit``, those after item id
     ``after``; ``next_cursor`` is the last item id of a full page (None on the last page).
-    A rule without ``for_each`` has the one instance ``""``."""
+    A rule without ``for_each`` has the one instance ``""``. Each row's ``state`` says in a
+    word where the instance stands (``instance_status``)."""
     if rule.for_each is None:
         ids = [""]
     else:
@@ -119,6 +120,7 @@ def instances_view(
         rows.append(
             {
                 "item": item,
+                "state": instance_status(rule, state),
                 "gate_open": state.gate_open,
                 "fired_count": state.fired_count,
                 "last_fired_at": state.last_fired_at,
@@ -135,15 +137,50 @@ def instances_view(
     }
 
 
+INSTANCE_STATUSES = ("new", "armed", "open", "fired", "paused")
+"""The words ``instance_status`` answers."""
+
+
+def instance_status(rule: Rule, state: RuleState) -> str:
+    """Where one instance stands, in a word: ``paused`` (an admin paused it: evaluated, never
+    fired), ``new`` (never evaluated), ``fired`` (a ``once`` instance that fired and was not
+    re-armed: it fires no more), ``open`` (its gate is open: an ``each_time`` or
+    ``each_fact`` instance that fired on the gate's opening), else ``armed`` (its gate is
+    closed: it fires when its condition holds and its approvals are satisfied)."""
+    if state.paused:
+        return "paused"
+    if state.gate_open is None:
+        return "new"
+    if rule.fire == "once" and state.fired_count > state.rearms:
+        return "fired"
+    return "open" if state.gate_open else "armed"
+
+
 async def rule_detail(
-    writer: Writer, rule_id: str, decisions: int, item: str | None = None
+    writer: Writer,
+    rule_id: str,
+    decisions: int,
+    item: str | None = None,
+    *,
+    instances_after: str | None = None,
+    instances_limit: int = 100,
 ) -> dict[str, Any]:
     """A rule's full view: state, source, explanation, the ruleset version and its
-    ``decisions`` most recent decisions (of instance ``item`` when given). ``KeyError`` when
-    the live ruleset has no rule ``rule_id`` (or the rule no instance ``item``)."""
+    ``decisions`` most recent decisions (of instance ``item`` when given). A per-item rule
+    shown without ``item`` also has ``instance_page``: a page of its instances with their
+    states (``instances_view``: at most ``instances_limit`` after item id
+    ``instances_after``; ``next_cursor`` the last item id of a full page). ``KeyError``
+    when the live ruleset has no rule ``rule_id`` (or the rule no instance ``item``)."""
     engine = writer.live_engine()
-    view = rule_view(writer, engine.rules[rule_id], explain=True, item=item)
+    rule = engine.rules[rule_id]
+    view = rule_view(writer, rule, explain=True, item=item)
     view["ruleset_version"] = engine.ruleset.version
+    if rule.for_each is not None and not item:
+        page = instances_view(writer, rule, after=instances_after, limit=instances_limit)
+        view["instance_page"] = {
+            "instances": page["instances"],
+            "next_cursor": page["next_cursor"],
+        }
     recent = await writer.store.list_decisions(rule_id, limit=decisions, instance=item or None)
     view["recent_decisions"] = [d.to_json() for d in recent]
     return view
