@@ -21,7 +21,8 @@ What it does, all on 127.0.0.1 and in a temporary folder (your files are not tou
    and the escrow, stops the daemon with SIGTERM, and exits 0 only if every expectation of
    ``steps.json`` held (1 otherwise; 2 when ``make`` is not installed).
 
-``--steps FILE`` plays another steps file of the same shape.
+``--steps FILE`` plays another steps file of the same shape; ``--wait-s`` is how long a step
+waits for what it expects (10 s).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ TEMPLATE_SHA = "3484a3fb816e0859fd6e1cea078d76385ff50625"
 WORKFLOW_IDS = {"build": 7215530, "e2e": 7215531}
 """GitHub's ids of the shop's workflows, ``.github/workflows/<name>.yml``."""
 WAIT_S = 10.0
+"""How long a step waits for what it expects at the receiver (``--wait-s``)."""
 
 
 def free_port() -> int:
@@ -176,8 +178,9 @@ def contains(got: Any, wanted: Any) -> bool:
 
 
 class Demo:
-    def __init__(self, folder: Path, steps_file: Path) -> None:
+    def __init__(self, folder: Path, steps_file: Path, wait_s: float = WAIT_S) -> None:
         self.folder = folder
+        self.wait_s = wait_s
         self.steps_file = steps_file
         self.steps: dict[str, Any] = json.loads(steps_file.read_text())
         self.names: dict[str, str] = self.steps.get("commits", {})
@@ -285,9 +288,9 @@ class Demo:
         self.failures += [f"after {where!r}: no {m} arrived" for m in self.missing(arrived)]
 
     async def expect(self, counts: dict[str, int], arrived: list[dict[str, Any]]) -> None:
-        """Wait (up to ``WAIT_S``) until the receiver has ``counts`` and everything
+        """Wait (up to ``wait_s``) until the receiver has ``counts`` and everything
         ``arrived`` lists, then a little longer: anything unexpected would show by then."""
-        deadline = time.monotonic() + WAIT_S
+        deadline = time.monotonic() + self.wait_s
         while time.monotonic() < deadline:
             got = kinds(self.receiver)
             if all(got[k] >= n for k, n in counts.items()) and not self.missing(arrived):
@@ -384,6 +387,12 @@ class Demo:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--steps", type=Path, default=HERE / "steps.json", help="the story")
+    parser.add_argument(
+        "--wait-s",
+        type=float,
+        default=WAIT_S,
+        help=f"how long a step waits for what it expects (default {WAIT_S:g})",
+    )
     args = parser.parse_args(argv)
     if shutil.which("make") is None:
         print(
@@ -391,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     with tempfile.TemporaryDirectory(prefix="gatekeeper-delivery-") as folder:
-        return asyncio.run(Demo(Path(folder), args.steps).run())
+        return asyncio.run(Demo(Path(folder), args.steps, args.wait_s).run())
 
 
 if __name__ == "__main__":
