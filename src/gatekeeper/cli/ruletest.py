@@ -164,7 +164,9 @@ class Failure:
     """One unmet expectation: the step, the rule, what was expected and what happened.
 
     ``diff`` holds ``-`` (expected) and ``+`` (got) lines; ``explanation`` is the rule's
-    explanation at the end of the step (``Engine.explain``), ``explanation_text`` its lines.
+    explanation at the end of the step (``Engine.explain``), ``explanation_text`` its lines;
+    for a per-item rule, of the instance ``item`` that fired or was last decided in the step
+    (``""``: none was, or the rule has no ``for_each``).
     """
 
     step: int
@@ -175,6 +177,7 @@ class Failure:
     diff: tuple[str, ...] = ()
     explanation: Mapping[str, Any] | None = None
     explanation_text: tuple[str, ...] = ()
+    item: str = ""
 
     def lines(self, *, explain: bool = True) -> list[str]:
         """The failure as text: a heading, the diff, the explanation (unless ``explain`` is
@@ -182,7 +185,7 @@ class Failure:
         out = [f"step {self.step} at {self.at} (line {self.line}): {self.rule_id}: {self.message}"]
         out += [f"  {line}" for line in self.diff]
         if explain and self.explanation_text:
-            out.append("  explanation:")
+            out.append(f"  explanation (item {self.item}):" if self.item else "  explanation:")
             out += [f"    {line}" for line in self.explanation_text]
         return out
 
@@ -195,6 +198,7 @@ class Failure:
             "message": self.message,
             "diff": list(self.diff),
             "explanation": self.explanation,
+            "item": self.item,
         }
 
 
@@ -386,10 +390,11 @@ class Simulation:
         )
         return self._apply(transition)
 
-    def explain(self, rule: Rule) -> dict[str, Any]:
-        """The rule's explanation now."""
+    def explain(self, rule: Rule, item: str = "") -> dict[str, Any]:
+        """The explanation now of ``rule``'s instance ``item`` (``""``: a rule without
+        ``for_each``, or a per-item rule with no instance in question)."""
         return self.engine.explain(
-            rule, self.facts, self.states.get((rule.id, "")), self.now, self.approvals
+            rule, self.facts, self.states.get((rule.id, item)), self.now, self.approvals, item
         )
 
     def _apply(self, transition: Transition) -> Transition:
@@ -399,13 +404,15 @@ class Simulation:
 
 @dataclass(frozen=True)
 class Firing:
-    """A rule's firing during a step (``outcome`` fired or blocked) and its queued actions."""
+    """A rule's firing during a step (``outcome`` fired or blocked) and its queued actions;
+    ``instance`` is the item id of a per-item rule's instance (``""`` otherwise)."""
 
     rule_id: str
     firing_id: str
     outcome: str
     reason: str | None
     actions: tuple[QueuedAction, ...]
+    instance: str = ""
 
 
 def run_case(case: Case, engine: Engine, escrows: Mapping[str, Escrow]) -> CaseResult:
@@ -439,6 +446,7 @@ def firings_of(transitions: Iterable[Transition]) -> list[Firing]:
                     decision.outcome,
                     decision.reason,
                     actions,
+                    decision.instance,
                 )
             )
     return found
@@ -452,14 +460,20 @@ def check_step(step: Step, transitions: Sequence[Transition], sim: Simulation) -
     last: dict[str, Decision] = {d.rule_id: d for t in transitions for d in t.decisions}
     failures: list[Failure] = []
 
-    def fail(rule_id: str, message: str, diff: Sequence[str] = ()) -> None:
-        failures.append(_failure(step, sim, rule_id, message, diff))
+    def fail(rule_id: str, message: str, diff: Sequence[str] = (), item: str | None = None) -> None:
+        if item is None:  # the instance last decided in the step, if any
+            item = last[rule_id].instance if rule_id in last else ""
+        failures.append(_failure(step, sim, rule_id, message, diff, item))
 
     for expected in step.expect.fired:
         got = firings.get(expected.rule, [])
         fired = [f for f in got if f.outcome == "fired"]
         if not fired and got:
-            fail(expected.rule, f"expected to fire, but it was blocked: {got[0].reason}")
+            fail(
+                expected.rule,
+                f"expected to fire, but it was blocked: {got[0].reason}",
+                item=got[0].instance,
+            )
         elif not fired:
             fail(
                 expected.rule,
@@ -469,18 +483,28 @@ def check_step(step: Step, transitions: Sequence[Transition], sim: Simulation) -
             for wanted in expected.actions:
                 diff = _match_action(wanted, fired[0].actions, fired[0])
                 if diff is not None:
-                    fail(expected.rule, diff[0], diff[1:])
+                    fail(expected.rule, diff[0], diff[1:], item=fired[0].instance)
     for rule_id in step.expect.not_fired:
         for firing in firings.get(rule_id, []):
             verb = "was blocked" if firing.outcome == "blocked" else "fired"
             diff = [f"+ {describe_action(a)}" for a in firing.actions]
-            fail(rule_id, f"expected not to fire, but it {verb} ({firing.firing_id})", diff)
+            fail(
+                rule_id,
+                f"expected not to fire, but it {verb} ({firing.firing_id})",
+                diff,
+                item=firing.instance,
+            )
     for rule_id in step.expect.blocked:
         got = firings.get(rule_id, [])
         if not any(f.outcome == "blocked" for f in got):
             if got:
                 diff = [f"+ {describe_action(a)}" for a in got[0].actions]
-                fail(rule_id, "expected to be blocked, but it fired and sent its actions", diff)
+                fail(
+                    rule_id,
+                    "expected to be blocked, but it fired and sent its actions",
+                    diff,
+                    item=got[0].instance,
+                )
             else:
                 fail(
                     rule_id,
@@ -508,10 +532,11 @@ def _why_not(last: Mapping[str, Decision], rule_id: str, sim: Simulation) -> str
 
 
 def _failure(
-    step: Step, sim: Simulation, rule_id: str, message: str, diff: Sequence[str]
+    step: Step, sim: Simulation, rule_id: str, message: str, diff: Sequence[str], item: str
 ) -> Failure:
+    """A failed expectation about ``rule_id``, explained for its instance ``item``."""
     rule = sim.engine.rules[rule_id]
-    explanation = sim.explain(rule)
+    explanation = sim.explain(rule, item)
     deadlines = clause_deadlines(rule, explanation, sim.facts, sim.now)
     return Failure(
         step=step.number,
@@ -522,6 +547,7 @@ def _failure(
         diff=tuple(diff),
         explanation=explanation,
         explanation_text=tuple(explanation_lines(rule, explanation, deadlines)),
+        item=item,
     )
 
 
@@ -801,9 +827,9 @@ def report_text(report: TestReport) -> list[str]:
 def case_failure_lines(case: CaseResult) -> list[str]:
     """Every failure of a case as text, each rule's explanation shown once per step."""
     lines: list[str] = []
-    explained: set[tuple[int, str]] = set()
+    explained: set[tuple[int, str, str]] = set()
     for failure in case.failures:
-        key = (failure.step, failure.rule_id)
+        key = (failure.step, failure.rule_id, failure.item)
         lines += failure.lines(explain=key not in explained)
         explained.add(key)
     return lines
