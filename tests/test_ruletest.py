@@ -318,3 +318,61 @@ def test_is_subset() -> None:
     assert is_subset({"inputs": {"stage": "docs"}}, got)
     assert not is_subset({"inputs": {"stage": "build"}}, got)
     assert not is_subset({"amount": "1"}, got)
+
+
+PER_ITEM_RULE = """\
+id: dev/test-failed
+project: dev
+for_each: test_run
+when: item.data.result == "failed"
+fire: each_fact
+actions:
+  - notify: {target: finance-chat, message: "${item.data.suite} failed at ${item.data.commit}"}
+"""
+
+PER_ITEM_CASES = """\
+cases:
+  - name: wrong expectations about one instance
+    steps:
+      - at: 2026-11-02T09:00:00Z
+        facts:
+          - {kind: test_run, id: unit-c1, data: {suite: unit, result: failed, commit: c1}}
+        expect:
+          not_fired: [dev/test-failed]
+      - after: 1h
+        facts:
+          - {kind: test_run, id: e2e-c2, data: {suite: e2e, result: passed, commit: c2}}
+        expect:
+          fired: [{rule: dev/test-failed}]
+      - after: 1h
+        facts:
+          - {kind: test_run, id: lint-c3, data: {suite: lint, result: failed, commit: c3}}
+        expect:
+          fired:
+            - rule: dev/test-failed
+              actions: [{notify: {message: "lint failed at c4"}}]
+"""
+
+
+def test_a_per_item_rule_failure_explains_the_instance_concerned(tmp_path: Path) -> None:
+    """The explanation of a failed expectation about a per-item rule is that of the item that
+    fired or was decided (its data read), never the rule without an item ("missing: item")."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "tests.yaml").write_text(PER_ITEM_RULE)
+    (rules / "tests.test.yaml").write_text(PER_ITEM_CASES)
+    code, out = gatekeeper_test("-c", CONFIG, "--rules", rules, rules)
+    assert code == 1, out
+    assert "missing: item" not in out
+    fired, not_fired, wrong_action = out.split("\n        step ")[1:]
+    assert "expected not to fire, but it fired (dev/test-failed[unit-c1]#1)" in fired
+    assert '[true ] item.data.result == "failed"' in fired
+    assert "explanation (item unit-c1):" in fired
+    assert "expected to fire, but it did not (not met)" in not_fired
+    assert "explanation (item e2e-c2):" in not_fired
+    assert '[false] item.data.result == "failed"' in not_fired
+    assert "its notify action differs" in wrong_action
+    assert '[true ] item.data.result == "failed"' in wrong_action
+    code, out = gatekeeper_test("-c", CONFIG, "--rules", rules, "--format", "json", rules)
+    [case] = json.loads(out)["files"][0]["cases"]
+    assert [f["item"] for f in case["failures"]] == ["unit-c1", "e2e-c2", "lint-c3"]

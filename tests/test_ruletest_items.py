@@ -113,7 +113,9 @@ def test_a_wrong_item_fails_naming_the_instance_and_what_fired(tmp_path: Path) -
     assert failure.attrib["message"].startswith(
         "step 1 at 1970-01-01T00:00:00.000Z: tower-a/build-failed[b1]: expected to fire"
     )
-    assert failure.text is not None and failure.text.count("explanation:") == 3
+    # b1 and ship[b1] are explained for their instance; b7 has none to explain
+    assert failure.text is not None and failure.text.count("explanation (item b1):") == 2
+    assert "missing: item" not in failure.text
 
 
 def test_an_item_on_a_rule_without_for_each_is_a_problem(tmp_path: Path) -> None:

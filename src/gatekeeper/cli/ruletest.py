@@ -166,7 +166,9 @@ class Failure:
     """One unmet expectation: the step, the rule, what was expected and what happened.
 
     ``diff`` holds ``-`` (expected) and ``+`` (got) lines; ``explanation`` is the rule's
-    explanation at the end of the step (``Engine.explain``), ``explanation_text`` its lines.
+    explanation at the end of the step (``Engine.explain``), ``explanation_text`` its lines;
+    for a per-item rule, of the instance ``item`` that fired or was last decided in the step
+    (``""``: none was, or the rule has no ``for_each``).
     """
 
     step: int
@@ -187,7 +189,7 @@ class Failure:
         out = [f"step {self.step} at {self.at} (line {self.line}): {rule}: {self.message}"]
         out += [f"  {line}" for line in self.diff]
         if explain and self.explanation_text:
-            out.append("  explanation:")
+            out.append(f"  explanation (item {self.item}):" if self.item else "  explanation:")
             out += [f"    {line}" for line in self.explanation_text]
         return out
 
@@ -201,6 +203,7 @@ class Failure:
             "message": self.message,
             "diff": list(self.diff),
             "explanation": self.explanation,
+            "item": self.item,
         }
 
 
@@ -415,7 +418,8 @@ class Simulation:
 
 @dataclass(frozen=True)
 class Firing:
-    """A rule's firing during a step (``outcome`` fired or blocked) and its queued actions."""
+    """A rule's firing during a step (``outcome`` fired or blocked) and its queued actions;
+    ``instance`` is the item id of a per-item rule's instance (``""`` otherwise)."""
 
     rule_id: str
     firing_id: str
@@ -478,7 +482,10 @@ def check_step(step: Step, transitions: Sequence[Transition], sim: Simulation) -
         last[(decision.rule_id, None)] = decision
     failures: list[Failure] = []
 
-    def fail(rule_id: str, message: str, diff: Sequence[str] = (), item: str = "") -> None:
+    def fail(rule_id: str, message: str, diff: Sequence[str] = (), item: str | None = None) -> None:
+        if item is None:  # the instance last decided in the step, if any
+            decided = last.get((rule_id, None))
+            item = decided.instance if decided is not None else ""
         failures.append(_failure(step, sim, rule_id, message, diff, item))
 
     for expected in step.expect.fired:
@@ -493,14 +500,14 @@ def check_step(step: Step, transitions: Sequence[Transition], sim: Simulation) -
                 expected.rule,
                 f"expected to fire, but it was blocked: {got[0].reason}",
                 (),
-                item or "",
+                got[0].instance,
             )
         elif not fired:
             why = _why_not(last, expected.rule, sim, item)
             message = f"expected to fire, but it did not ({why})"
             if others:
                 message += f"; it fired for another item: {', '.join(others)}"
-            fail(expected.rule, message, (), item or "")
+            fail(expected.rule, message, (), item)
         else:
             actions = [a for f in fired for a in f.actions]
             for wanted in expected.actions:
@@ -588,7 +595,19 @@ def _failure(
     diff: Sequence[str],
     item: str = "",
 ) -> Failure:
+    """A failed expectation about ``rule_id``, explained for its instance ``item`` (not
+    explained when the per-item rule has no such instance: the message says so)."""
     rule = sim.engine.rules[rule_id]
+    if item and not sim.has_instance(rule, item):
+        return Failure(
+            step=step.number,
+            at=format_rfc3339(step.at),
+            line=step.line,
+            rule_id=rule_id,
+            message=message,
+            diff=tuple(diff),
+            item=item,
+        )
     explanation = sim.explain(rule, item)
     deadlines = clause_deadlines(rule, explanation, sim.facts, sim.now)
     return Failure(
