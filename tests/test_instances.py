@@ -14,7 +14,7 @@ from gatekeeper.engine.deadlines import DeadlineSchedule, instances_of, schedule
 from gatekeeper.engine.evaluate import Engine, apply_transition
 from gatekeeper.engine.facts import FactTable
 from gatekeeper.engine.ledger import EscrowBook
-from gatekeeper.engine.model import AdminAct, FactInput, InstanceKey, RuleState, Transition
+from gatekeeper.engine.model import AdminAct, FactInput, InstanceKey, RuleState, Stand, Transition
 from gatekeeper.rules.loader import load_rule_texts
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -34,7 +34,7 @@ class World:
         self.engine = engine
         self.facts = FactTable()
         self.states: dict[InstanceKey, RuleState] = {}
-        self.approvals: dict[str, dict[str, str]] = {}
+        self.approvals: dict[str, dict[str, Stand]] = {}
         self.book = EscrowBook({})
 
     def post(self, *facts: FactInput, now: datetime = NOW) -> Transition:
@@ -376,7 +376,7 @@ def test_an_approval_counts_for_the_instance_it_names() -> None:
         ("b2", "fired", "dev/ship[b2]#1")
     ]
     assert t.actions[0].payload["ref"] == "c2"
-    assert world.approvals == {"dev/ship[b2]": {"alice": "approve"}}
+    assert world.approvals == {"dev/ship[b2]": {"alice": Stand("approve", NOW)}}
     [still] = world.post(build("b1", "passed", commit="c1")).decisions
     assert still.outcome == "awaiting_approvals"  # b2's approval is not b1's
     rule = world.engine.rules["dev/ship"]

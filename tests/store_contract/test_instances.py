@@ -17,6 +17,7 @@ from gatekeeper.engine.model import (
     FactInput,
     QueuedAction,
     RuleState,
+    Stand,
     Transition,
 )
 from gatekeeper.expr import Evaluation
@@ -171,8 +172,8 @@ async def test_approvals_of_an_instance_are_kept_apart(store: Store) -> None:
     await store.commit_transition(Transition(approvals=[withdrawn], planned_at=build.at(1)))
     # the standing approvals of rules as a whole are loaded as before, an instance's apart
     assert await store.load_approvals() == {
-        "dev/plain": {"alice": "approve"},
-        f"{RULE}[b1]": {"alice": "approve"},
+        "dev/plain": {"alice": Stand("approve", build.T0)},
+        f"{RULE}[b1]": {"alice": Stand("approve", build.T0)},
     }
     logged = [f.data for f in await store.fact_log() if f.kind == "approval"]
     assert [d.get("instance") for d in logged] == [None, "b1", "b2", "b2"]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gatekeeper.engine.model import RuleState, Transition
+from gatekeeper.clock import parse_rfc3339
+from gatekeeper.engine.model import RuleState, Stand, Transition
 from gatekeeper.store import open_store
 from gatekeeper.store.errors import SchemaTooNew
 from gatekeeper.store.migrations import load_migrations
@@ -213,7 +214,9 @@ async def test_a_database_of_schema_6_keeps_its_rule_states_as_plain_instances(
         )
     store = await open_store(path)
     try:
-        assert await store.load_approvals() == {"tower-a/r": {"alice": "approve"}}
+        assert await store.load_approvals() == {
+            "tower-a/r": {"alice": Stand("approve", parse_rfc3339(t))}
+        }
         states = await store.load_rule_states()
         assert states == {
             ("tower-a/r", ""): RuleState("tower-a/r", True, 2, t, "h-r", True, 1),

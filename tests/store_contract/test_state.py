@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from gatekeeper.engine.model import RuleState, Transition
+from gatekeeper.engine.model import RuleState, Stand, Transition
 from gatekeeper.store import Store
 from gatekeeper.store.errors import Conflict
 from gatekeeper.store.records import IdempotencyOutcome
@@ -116,7 +116,9 @@ async def test_standing_approvals_follow_approve_reject_and_withdraw(store: Stor
         await store.commit_transition(build.approval("tower-a/r", subject, choice, build.T0))
     await store.commit_transition(build.approval("tower-a/r", "carol", "withdraw", build.at(1)))
     await store.commit_transition(build.approval("tower-a/r", "bob", "approve", build.at(2)))
-    assert await store.load_approvals() == {"tower-a/r": {"alice": "approve", "bob": "approve"}}
+    assert await store.load_approvals() == {
+        "tower-a/r": {"alice": Stand("approve", build.T0), "bob": Stand("approve", build.at(2))}
+    }
     log = await store.fact_log()
     assert [(f.kind, f.id, f.data["decision"]) for f in log][-2:] == [
         ("approval", "carol", "withdraw"),

@@ -67,6 +67,7 @@ from gatekeeper.engine.model import (
     InstanceKey,
     QueuedAction,
     RuleState,
+    Stand,
     Transition,
 )
 from gatekeeper.problems import Problem, format_path
@@ -362,7 +363,7 @@ class Simulation:
         self.engine = engine
         self.facts = FactTable()
         self.states: dict[InstanceKey, RuleState] = {}
-        self.approvals: dict[str, dict[str, str]] = {}
+        self.approvals: dict[str, dict[str, Stand]] = {}
         self.book = EscrowBook(escrows)
         self.now = now
 
@@ -842,7 +843,13 @@ class _Builder:
                 "the daemon would refuse the approval",
             )
         item = raw.get("item", "")
-        if item and rule is not None and rule.for_each is None:
+        if rule is not None and rule.for_each is not None and not item:
+            self.problem(
+                path,
+                f"missing key 'item': rule {rule.id!r} is per item (for_each: "
+                f"{rule.for_each}); an approval names the item it approves",
+            )
+        elif item and rule is not None and rule.for_each is None:
             self.problem((*path, "item"), _not_per_item(rule))
         project = rule.project if rule is not None else ""
         return ApprovalInput(

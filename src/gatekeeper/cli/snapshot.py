@@ -37,7 +37,7 @@ from jsonschema import Draft202012Validator  # type: ignore[import-untyped, unus
 from gatekeeper.cli.client import call, call_pages
 from gatekeeper.cli.output import display_path
 from gatekeeper.engine.facts import FactTable
-from gatekeeper.engine.model import InstanceKey, RuleState
+from gatekeeper.engine.model import InstanceKey, RuleState, Stand
 from gatekeeper.jsonwire import json_path
 
 SNAPSHOT_SCHEMA: dict[str, Any] = {
@@ -143,7 +143,8 @@ class Snapshot:
     source: str
     facts: FactTable
     states: dict[InstanceKey, RuleState]
-    approvals: dict[str, dict[str, str]]
+    approvals: dict[str, dict[str, Stand]]
+    """Standing decisions; a snapshot does not say when they were given, so none lapses."""
     deployed: dict[str, str] | None
     deployed_version: str | None
     committed: dict[str, Decimal]
@@ -208,7 +209,10 @@ def snapshot_from_json(data: Any, source: str) -> Snapshot:
         source=source,
         facts=facts,
         states=states,
-        approvals={rule: dict(standing) for rule, standing in data.get("approvals", {}).items()},
+        approvals={
+            rule: {subject: Stand(decision) for subject, decision in standing.items()}
+            for rule, standing in data.get("approvals", {}).items()
+        },
         deployed=deployed,
         deployed_version=ruleset.get("version") if ruleset else None,
         committed=_committed(data.get("escrows", []), source),

@@ -40,7 +40,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from gatekeeper.clock import format_rfc3339
@@ -52,6 +52,7 @@ from gatekeeper.engine.model import (
     ApprovalInput,
     ApprovalStanding,
     CausedBy,
+    Consumption,
     Decision,
     FactInput,
     FactKey,
@@ -59,6 +60,7 @@ from gatekeeper.engine.model import (
     Outcome,
     QueuedAction,
     RuleState,
+    Stand,
     Transition,
     Trigger,
     evaluation_to_json,
@@ -427,6 +429,8 @@ class Engine:
             decision = transition.decisions[-1]
             unchanged = (
                 decision.firing_id is None
+                and decision.notice_id is None
+                and before.notified == transition.rule_states[key].notified
                 and before.gate_open == decision.gate_open
                 and before.rule_hash == rule.content_hash
             )
@@ -455,7 +459,9 @@ class Engine:
         if rule.for_each is not None and item and data is None:
             raise KeyError(f"rule {rule.id} has no instance {item!r}")
         evaluation = _evaluate(rule, ProjectFacts(rule.project, facts), now, item, data)
-        standing = approvals_status(rule, (approvals or {}).get(approval_key(rule.id, item), {}))
+        standing = approvals_status(
+            rule, (approvals or {}).get(approval_key(rule.id, item), {}), now
+        )
         state = state or RuleState(rule.id, instance=item)
         explained: dict[str, Any] = {
             "gate_open": evaluation.value and standing["satisfied"],
@@ -495,7 +501,7 @@ class Engine:
         rule = self.rules[approval.rule_id]
         key = approval_key(rule.id, approval.instance)
         standing = dict(approvals.get(key, {}))
-        _stand(standing, approval)
+        _stand(standing, approval, now)
         view = {**approvals, key: standing}
         transition = Transition(approvals=[approval], planned_at=now)
         book = book if book is not None else EscrowBook({})
@@ -607,7 +613,7 @@ class Engine:
             gate_open = value
         else:
             approvals = approvals_status(
-                entry.rule, (standing or {}).get(approval_key(rule_id, item), {})
+                entry.rule, _standing_of(transition, standing, rule_id, item), now
             )
             gate_open = value and bool(approvals["satisfied"])
         outcome = _outcome(entry.fire, state, value, gate_open, trigger)
@@ -630,6 +636,17 @@ class Engine:
                 outcome = "blocked"
                 reason, alert = blocked
                 self._queue_alert(transition, rule, firing_id, now, reason, alert, item)
+            elif approvals is not None and _consumes(entry) and approvals["approved_by"]:
+                used = tuple(approvals["approved_by"])
+                transition.consumed.append(Consumption(rule_id, item, used, firing_id))
+                approvals = {**approvals, "consumed": list(used)}
+                # the firing used the approvals up: the gate is closed until new ones come
+                new_state = replace(new_state, gate_open=False)
+        notice_id = None
+        if approvals is not None and entry.approvals is not None and entry.approvals.notify:
+            new_state, notice_id = self._notice(
+                transition, entry, item, data, new_state, outcome, approvals, now
+            )
         transition.rule_states[key] = new_state
         # Decision(...) without the frozen dataclass's __init__ (sixteen object.__setattr__
         # calls, about 1 µs): the very same instance, its fields set in the same order.
@@ -651,7 +668,65 @@ class Engine:
         fields["project"] = entry.project
         fields["instance"] = item
         fields["item_kind"] = for_each or ""
+        fields["notice_id"] = notice_id
         transition.decisions.append(decision)
+
+    def _notice(
+        self,
+        transition: Transition,
+        entry: _Entry,
+        item: str,
+        data: Mapping[str, Any] | None,
+        state: RuleState,
+        outcome: Outcome,
+        approvals: Mapping[str, Any],
+        now: datetime,
+    ) -> tuple[RuleState, str | None]:
+        """Tell the rule's ``approvals.notify`` target, once per wait, that instance ``item``
+        waits only for its approvals (its condition holds, and it could fire): returns the
+        instance's ``state`` with the wait marked told, and the notice id (None when nothing
+        is told). A firing, or the condition going false, ends the wait."""
+        rule = entry.rule
+        assert rule.approvals is not None and rule.approvals.notify is not None
+        waiting = outcome == "awaiting_approvals" and (
+            entry.fire != "once" or state.fired_count <= state.rearms
+        )
+        if not waiting:
+            if state.notified and outcome in ("not_met", "fired", "blocked"):
+                return replace(state, notified=False), None
+            return state, None
+        if state.notified:
+            return state, None
+        n = state.notices + 1
+        name = rule.id if not item else f"{rule.id}[{item}]"
+        notice_id = f"{name}~approvals-{n}"
+        target = rule.approvals.notify
+        escape = slack_escape if self.target_formats.get(target) == "slack" else _same
+        payload: dict[str, Any] = {
+            "project": rule.project,
+            "message": approvals_wait_message(rule, item, approvals, escape),
+            "awaiting_approvals": {
+                "required": approvals["required"],
+                "from": list(approvals.get("from", [])),
+                "approved_by": list(approvals["approved_by"]),
+                "rejected_by": list(approvals["rejected_by"]),
+            },
+        }
+        if item and data is not None:
+            payload["item"] = {"kind": rule.for_each, "id": item, "data": dict(data)}
+        transition.actions.append(
+            QueuedAction(
+                action_id=self.new_action_id(),
+                kind="notify",
+                target=target,
+                rule_id=rule.id,
+                firing_id=notice_id,
+                payload=payload,
+                created_at=_format_now(now),
+                instance=item,
+            )
+        )
+        return replace(state, notified=True, notices=n), notice_id
 
     def _queue_firing(
         self, transition: Transition, firing: _Firing, book: EscrowBook
@@ -746,6 +821,62 @@ _format_now = functools.lru_cache(maxsize=4)(format_rfc3339)
 """``format_rfc3339`` of the planning "now", formatted once per plan, not once per rule."""
 
 
+def _same(text: str) -> str:
+    return text
+
+
+def _consumes(entry: _Entry) -> bool:
+    """Whether a firing of the rule of ``entry`` uses up the approvals that allowed it:
+    ``each_time`` and ``each_fact`` rules, unless ``approvals.standing``."""
+    return entry.fire != "once" and entry.approvals is not None and not entry.approvals.standing
+
+
+_NO_STANDING: Mapping[str, Stand] = {}
+
+
+def _standing_of(
+    transition: Transition, standing: ApprovalStanding | None, rule_id: str, item: str
+) -> Mapping[str, Stand]:
+    """The standing decisions on instance ``item`` of rule ``rule_id`` as ``transition``
+    sees them: ``standing`` without the approvals its firings used up so far."""
+    found = (standing or {}).get(approval_key(rule_id, item), _NO_STANDING)
+    if not transition.consumed:
+        return found
+    used = {
+        subject
+        for c in transition.consumed
+        if c.rule_id == rule_id and c.instance == item
+        for subject in c.subjects
+    }
+    if not used:
+        return found
+    return {s: stand for s, stand in found.items() if s not in used or stand.decision != "approve"}
+
+
+def approvals_wait_message(
+    rule: Rule, item: str, approvals: Mapping[str, Any], escape: Callable[[str], str] = _same
+) -> str:
+    """The text telling a rule's ``approvals.notify`` target that an instance waits only
+    for approvals: the rule, the item (per-item rules), how many approvals are needed from
+    whom, and those given (or rejecting) so far. ``escape`` is applied to the names
+    (Slack targets)."""
+    where = f"rule {escape(rule.id)}"
+    if item:
+        where += f" ({escape(str(rule.for_each))} {escape(item)})"
+    approvers = ", ".join(escape(s) for s in approvals.get("from", []))
+    approved = list(approvals["approved_by"])
+    text = (
+        f"{where} waits for approvals: {approvals['required']} needed from {approvers}; "
+        f"{len(approved)} given"
+    )
+    if approved:
+        text += f" ({', '.join(escape(s) for s in approved)})"
+    rejected = list(approvals["rejected_by"])
+    if rejected:
+        text += f"; rejected by {', '.join(escape(s) for s in rejected)}"
+    return text
+
+
 def _outcome(
     fire: FireMode, state: RuleState, condition: bool, gate_open: bool, trigger: Trigger
 ) -> Outcome:
@@ -785,7 +916,7 @@ def apply_transition(
     transition: Transition,
     facts: FactTable,
     states: dict[InstanceKey, RuleState],
-    approvals: dict[str, dict[str, str]],
+    approvals: dict[str, dict[str, Stand]],
     book: EscrowBook,
 ) -> None:
     """Apply a committed ``transition`` to in-memory state: the current facts, the rule
@@ -796,8 +927,11 @@ def apply_transition(
     states.update(transition.rule_states)
     for approval in transition.approvals:
         _stand(
-            approvals.setdefault(approval_key(approval.rule_id, approval.instance), {}), approval
+            approvals.setdefault(approval_key(approval.rule_id, approval.instance), {}),
+            approval,
+            transition.planned_at,
         )
+    _consume(approvals, transition.consumed)
     for entry in transition.ledger:
         book.commit(entry.escrow, entry.amount)
 
@@ -809,18 +943,63 @@ def approval_key(rule_id: str, item: str) -> str:
     return f"{rule_id}[{item}]" if item else rule_id
 
 
-def _stand(standing: dict[str, str], approval: ApprovalInput) -> None:
-    """Record ``approval`` in one rule's ``standing`` (``{subject: decision}``): a withdrawal
-    removes the subject's decision, any other decision replaces it."""
+def _stand(standing: dict[str, Stand], approval: ApprovalInput, at: datetime | None) -> None:
+    """Record ``approval``, given at ``at``, in one instance's ``standing`` (``{subject:
+    Stand}``): a withdrawal removes the subject's decision, any other decision replaces it."""
     if approval.decision == "withdraw":
         standing.pop(approval.subject, None)
     else:
-        standing[approval.subject] = approval.decision
+        standing[approval.subject] = Stand(approval.decision, at)
 
 
-def approvals_status(rule: Rule, standing: Mapping[str, str]) -> dict[str, Any]:
-    """How the rule's sign-off stands, from each approver's standing decision
-    (``{subject: "approve" | "reject"}``): required, from, approved_by, rejected_by, satisfied.
+def _consume(approvals: dict[str, dict[str, Stand]], consumed: Iterable[Consumption]) -> None:
+    """Remove the approve decisions firings used up (``Transition.consumed``)."""
+    for used in consumed:
+        standing = approvals.get(approval_key(used.rule_id, used.instance))
+        if standing is None:
+            continue
+        for subject in used.subjects:
+            stand = standing.get(subject)
+            if stand is not None and stand.decision == "approve":
+                del standing[subject]
+
+
+def without_consumed(
+    approvals: dict[str, dict[str, Stand]], consumed: Iterable[Consumption]
+) -> dict[str, dict[str, Stand]]:
+    """``approvals`` without what ``consumed`` used up, as a new mapping (``approvals``
+    and its inner mappings are left as they are; only the instances touched are copied):
+    how a group of transitions planned one after the other sees the approvals."""
+    consumed = list(consumed)
+    if not consumed:
+        return approvals
+    copied = dict(approvals)
+    for used in consumed:
+        key = approval_key(used.rule_id, used.instance)
+        if key in copied:
+            copied[key] = dict(copied[key])
+    _consume(copied, consumed)
+    return copied
+
+
+def lapses_at(rule: Rule, stand: Stand) -> datetime | None:
+    """When approval ``stand`` on ``rule`` stops counting: ``expires_after`` after it was
+    given (None: it never lapses: the rule sets no ``expires_after``, the time it was given
+    is not known, or it is a reject, which stands until withdrawn)."""
+    if rule.approvals is None or rule.approvals.expires_after_s is None:
+        return None
+    if stand.at is None or stand.decision != "approve":
+        return None
+    return stand.at + timedelta(seconds=rule.approvals.expires_after_s)
+
+
+def approvals_status(
+    rule: Rule, standing: Mapping[str, Stand], now: datetime | None = None
+) -> dict[str, Any]:
+    """How the rule's sign-off stands at ``now``, from each approver's standing decision
+    (``{subject: Stand}``): required, from, approved_by, rejected_by, satisfied, and
+    ``lapsed`` (only when any: the approvers whose approval is older than the rule's
+    ``expires_after``, which no longer count; none lapse when ``now`` is None).
 
     Only approvers listed in the rule's ``from`` count; distinct approvers are counted; a
     standing reject from any of them blocks the rule until withdrawn.
@@ -828,15 +1007,30 @@ def approvals_status(rule: Rule, standing: Mapping[str, str]) -> dict[str, Any]:
     if rule.approvals is None:
         return {"required": 0, "approved_by": [], "rejected_by": [], "satisfied": True}
     listed = rule.approvals.from_
-    approved = sorted(s for s in listed if standing.get(s) == "approve")
-    rejected = sorted(s for s in listed if standing.get(s) == "reject")
-    return {
+    approved: list[str] = []
+    rejected: list[str] = []
+    lapsed: list[str] = []
+    for subject in sorted(listed):
+        stand = standing.get(subject)
+        if stand is None:
+            continue
+        if stand.decision == "reject":
+            rejected.append(subject)
+            continue
+        until = lapses_at(rule, stand) if now is not None else None
+        (lapsed if until is not None and now is not None and now >= until else approved).append(
+            subject
+        )
+    status: dict[str, Any] = {
         "required": rule.approvals.required,
         "from": list(listed),
         "approved_by": approved,
         "rejected_by": rejected,
         "satisfied": len(approved) >= rule.approvals.required and not rejected,
     }
+    if lapsed:
+        status["lapsed"] = lapsed
+    return status
 
 
 class FiringBlocked(Exception):

@@ -30,10 +30,21 @@ Trigger = Literal["fact", "reload", "time", "approval", "admin"]
 Outcome = Literal[
     "fired", "blocked", "paused", "not_met", "already_fired", "still_met", "awaiting_approvals"
 ]
-ApprovalStanding = Mapping[str, Mapping[str, str]]
-"""rule id -> approver subject -> their standing decision, "approve" or "reject". The
-approvals of one instance of a per-item rule are under ``<rule id>[<item id>]``
-(``evaluate.approval_key``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stand:
+    """An approver's standing decision on one instance of a rule: ``approve`` or
+    ``reject``, and when it was given (by the injected clock; None when not known, as in a
+    snapshot: such a decision never lapses)."""
+
+    decision: Literal["approve", "reject"]
+    at: datetime | None = None
+
+
+ApprovalStanding = Mapping[str, Mapping[str, Stand]]
+"""rule id -> approver subject -> their standing decision (``Stand``). The approvals of one
+instance of a per-item rule are under ``<rule id>[<item id>]`` (``evaluate.approval_key``)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,11 @@ class RuleState:
     instance: str = ""
     """The item id of this instance of a per-item rule (``""`` for a rule without
     ``for_each``): the state is kept per ``InstanceKey`` (rule_id, instance)."""
+    notified: bool = False
+    """The rule's ``approvals.notify`` target was told of the current wait for approvals
+    (cleared when the rule fires or its condition goes false)."""
+    notices: int = 0
+    """How many waits for approvals were told (only grows; numbers the notice ids)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,18 @@ class ApprovalInput:
     comment: str | None = None
     instance: str = ""
     """The item id of the instance approved (per-item rules); ``""`` otherwise."""
+
+
+@dataclass(frozen=True)
+class Consumption:
+    """Approvals used up by a firing (``fire: each_time`` or ``each_fact`` rules without
+    ``approvals.standing``): the approve decisions of ``subjects`` on instance ``instance``
+    of rule ``rule_id`` are removed, in the transaction that records firing ``firing_id``."""
+
+    rule_id: str
+    instance: str
+    subjects: tuple[str, ...]
+    firing_id: str
 
 
 @dataclass(frozen=True)
@@ -162,6 +190,10 @@ class Decision:
     item_kind: str = ""
     """The ``for_each`` kind of a per-item rule (the instance's item is the fact
     ``(project, item_kind, instance)``; the store keeps it by reference); ``""`` otherwise."""
+    notice_id: str | None = None
+    """Set when the decision told the rule's ``approvals.notify`` target that the instance
+    waits for approvals (``<rule id>[<item id>]~approvals-<n>``, the id of that notice's
+    outbox entry's firing): only when ``firing_id`` is None."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +222,9 @@ class Transition:
     idempotency: IdempotencyRecord | None = None
     approvals: list[ApprovalInput] = field(default_factory=list)
     admin_acts: list[AdminAct] = field(default_factory=list)
+    consumed: list[Consumption] = field(default_factory=list)
+    """Approvals the transition's firings used up (removed after ``approvals`` are
+    recorded)."""
     planned_at: datetime | None = None
     """The "now" the transition was planned at (deadlines are rescheduled from it)."""
 

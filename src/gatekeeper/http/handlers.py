@@ -15,6 +15,7 @@ from typing import Literal, cast
 
 import msgspec
 from aiohttp import web
+from msgspec import UNSET
 
 from gatekeeper import __version__
 from gatekeeper.engine.model import AdminAct, ApprovalInput, IdempotencyRecord
@@ -289,12 +290,15 @@ _APPROVAL_MESSAGES = {
     "rule": "must be a rule id (a string)",
     "decision": f"must be one of: {', '.join(APPROVAL_DECISIONS)}",
     "comment": f"must be a string of at most {MAX_COMMENT_CHARS} characters",
+    "item": "must be an item id (a non-empty string)",
 }
 
 
 async def post_approvals(request: web.Request) -> web.Response:
-    """``{"rule": ID, "decision": "approve" | "reject" | "withdraw", "comment": ...}``; the
-    approver is the token's subject, never a body field."""
+    """``{"rule": ID, "decision": "approve" | "reject" | "withdraw", "comment": ...,
+    "item": ITEM}``; the approver is the token's subject, never a body field. ``item`` is
+    required for a per-item rule and refused for any other (400); an item whose fact does
+    not exist is 404. Nothing is recorded on any error."""
     try:
         body, raw = await read_model(request, _APPROVAL_DECODER)
     except BodyShapeError as error:
@@ -310,7 +314,10 @@ async def post_approvals(request: web.Request) -> web.Response:
     if rule is None:
         raise ApiError(404, f"no rule {body.rule!r} in the active ruleset")
     check_project(request, rule.project)
-    approval = ApprovalInput(body.rule, rule.project, token.subject, body.decision, body.comment)
+    _check_item(rule, body.item)
+    approval = ApprovalInput(
+        body.rule, rule.project, token.subject, body.decision, body.comment, body.item or ""
+    )
     request_id = request_id_of(request)
     idempotency = idempotency_record(request, raw)
     if idempotency is not None:  # each approver's keys are their own
@@ -323,9 +330,14 @@ async def post_approvals(request: web.Request) -> web.Response:
         raise ApiError(403, str(exc)) from None
     except UnknownRule as exc:
         raise ApiError(404, f"no rule {exc} in the active ruleset") from None
+    except UnknownInstance:
+        raise unknown_instance(rule, body.item or "") from None
     except ShuttingDown:
         raise ApiError(503, SHUTTING_DOWN) from None
-    view = daemon.rule_view(rule, explain=True)
+    try:
+        view = daemon.rule_view(rule, explain=True, item=body.item)
+    except KeyError:  # the item's fact went away meanwhile
+        view = daemon.rule_view(rule, explain=True)
     headers = {"X-Request-Id": result.request_id or request_id}
     if result.replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -336,8 +348,20 @@ async def post_approvals(request: web.Request) -> web.Response:
         approver=token.subject,
         decision=body.decision,
         approvals=convert(view["explanation"]["approvals"], m.ApprovalStatus),
+        item=body.item if body.item is not None else UNSET,
     )
     return respond(accepted, headers=headers)
+
+
+def _check_item(rule: Rule, item: str | None) -> None:
+    """400 unless the approval names an item exactly when ``rule`` is per item."""
+    if rule.for_each is not None and item is None:
+        raise ApiError(
+            400,
+            f"rule {rule.id!r} is per item (for_each: {rule.for_each}): the approval must "
+            f'name the item it decides on ("item": the id of a {rule.for_each} fact)',
+        )
+    instance_param(rule, item)
 
 
 _ADMIN_ACT_DECODER = msgspec.json.Decoder(m.AdminActRequest)

@@ -140,6 +140,17 @@ class ApprovalRequest(Struct, forbid_unknown_fields=True):
     rule: Annotated[str, Meta(min_length=1, description="The rule id.")]
     decision: ApprovalDecision
     comment: Annotated[str, Meta(max_length=MAX_COMMENT_CHARS)] | None = None
+    item: (
+        Annotated[
+            str,
+            Meta(
+                min_length=1,
+                description="The item id of the instance decided on: required for a "
+                "per-item rule (for_each), refused for any other.",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class AdminActRequest(Struct):
@@ -410,6 +421,14 @@ class ApprovalStatus(Model, kw_only=True, rename={"from_": "from"}):
     approved_by: list[str]
     rejected_by: list[str]
     satisfied: bool
+    lapsed: Annotated[
+        list[str] | UnsetType,
+        Meta(description="Approvers whose approval is older than expires_after: not counted."),
+    ] = UNSET
+    consumed: Annotated[
+        list[str] | UnsetType,
+        Meta(description="Approvals this firing used up (each_time and each_fact rules)."),
+    ] = UNSET
 
 
 class Explanation(Model):
@@ -558,6 +577,9 @@ class ApprovalAccepted(Model):
     approver: str
     decision: ApprovalDecision
     approvals: ApprovalStatus
+    item: Annotated[
+        str | UnsetType, Meta(description="The item id of the instance (per-item rules).")
+    ] = UNSET
 
 
 # ---------------------------------------------------------------------------------------------

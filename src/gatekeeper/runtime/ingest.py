@@ -32,7 +32,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from gatekeeper.clock import Clock
 from gatekeeper.config import Escrow
 from gatekeeper.delivery.dispatcher import Dispatcher
-from gatekeeper.engine.evaluate import Engine, apply_transition
+from gatekeeper.engine.evaluate import Engine, apply_transition, without_consumed
 from gatekeeper.engine.facts import FactTable
 from gatekeeper.engine.ledger import EscrowBook
 from gatekeeper.engine.model import (
@@ -43,6 +43,7 @@ from gatekeeper.engine.model import (
     IdempotencyRecord,
     InstanceKey,
     RuleState,
+    Stand,
     Transition,
 )
 from gatekeeper.metrics import Metrics, exemplar
@@ -200,7 +201,9 @@ class Writer:
         self.facts = FactTable()
         self.states: dict[InstanceKey, RuleState] = {}
         """Rule states by instance, ``(rule id, item id)`` (item id ``""``: a plain rule)."""
-        self.approvals: dict[str, dict[str, str]] = {}
+        self.approvals: dict[str, dict[str, Stand]] = {}
+        """Standing approvals by ``approval_key`` (``<rule id>`` or ``<rule id>[<item id>]``)
+        -> approver subject."""
         self.book = EscrowBook(escrows)
         self.lock = asyncio.Lock()
         """Held by every write from plan to apply: one write at a time."""
@@ -394,6 +397,7 @@ class Writer:
         states: dict[InstanceKey, RuleState] = {}
         all_states = PlannedStates(states, self.states)
         book = self.book.copy()
+        approvals = self.approvals  # copied only when a planned firing uses some up
         keys: dict[str, _IngestJob] = {}
         planned: list[tuple[_IngestJob, Transition]] = []
         for job in jobs:
@@ -407,8 +411,9 @@ class Writer:
                 keys[job.idempotency.key] = job
             t0 = time.perf_counter()
             transition = engine.plan_ingest(
-                facts, all_states, job.batch, now, book, approvals=self.approvals
+                facts, all_states, job.batch, now, book, approvals=approvals
             )
+            approvals = without_consumed(approvals, transition.consumed)
             self.counters.planned("fact", t0, len(transition.decisions))
             # a rule state the engine kept as it was (the very object already committed or
             # planned in this group) is not written again: the usual fact changes no gate,

@@ -262,7 +262,7 @@ async def export_view(
             if s.rule_id not in rules or visible(rules[s.rule_id].project)
         ],
         "approvals": {
-            rule_id: dict(standing)
+            rule_id: {subject: stand.decision for subject, stand in standing.items()}
             for rule_id, standing in sorted(writer.approvals.items())
             if standing
             and ((of := rule_id.split("[", 1)[0]) not in rules or visible(rules[of].project))

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import msgspec
 
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
-from gatekeeper.engine.model import QueuedAction
+from gatekeeper.engine.model import QueuedAction, Stand
 
 ActionStatus = Literal["pending", "delivered", "dead"]
 """An outbox entry's delivery state: ``pending`` (due now or later), ``delivered`` (a 2xx
@@ -48,9 +48,10 @@ EscrowTotals = dict[str, dict[str, Decimal]]
 """Per escrow, the sum of its recorded releases by their delivery status (statuses with no
 release are absent): ``{"escrow-a": {"pending": Decimal("10.00"), ...}}``."""
 
-StandingApprovals = dict[str, dict[str, str]]
-"""rule id -> approver subject -> standing decision (``"approve"`` or ``"reject"``); an
-instance of a per-item rule is under ``<rule id>[<item id>]``."""
+StandingApprovals = dict[str, dict[str, Stand]]
+"""rule id -> approver subject -> standing decision (``Stand``: ``"approve"`` or
+``"reject"`` and when it was given); an instance of a per-item rule is under
+``<rule id>[<item id>]``."""
 
 
 def record_json(record: Any, *, omit: tuple[str, ...] = ()) -> dict[str, Any]:

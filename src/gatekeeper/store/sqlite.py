@@ -44,6 +44,7 @@ from gatekeeper.engine.model import (
     FactKey,
     InstanceKey,
     RuleState,
+    Stand,
     Transition,
 )
 from gatekeeper.rules.model import Ruleset
@@ -270,7 +271,7 @@ class _Insert:
     tail: str = ""
 
     MAX_ROWS = 50
-    """Rows per statement: 50 rows of 15 columns stay under SQLite's historical limit of
+    """Rows per statement: 50 rows of 17 columns stay under SQLite's historical limit of
     999 parameters."""
 
     def run(self, db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -297,24 +298,27 @@ _UPSERT_FACTS = _Insert(
 _INSERT_DECISIONS = _Insert(
     "INSERT INTO decisions (decided_at, rule_id, rule_hash, ruleset_version, git_commit,"
     " trigger, fact_seq, outcome, gate_open, evaluation, approvals, firing_id,"
-    " request_id, reason, project, instance)",
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    " request_id, reason, project, instance, notice_id)",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
 )
 _UPSERT_RULE_STATES = _Insert(
     "INSERT INTO rule_state (rule_id, instance, gate_open, fired_count, last_fired_at,"
-    " rule_hash, paused, rearms)",
-    "(?, ?, ?, ?, ?, ?, ?, ?)",
+    " rule_hash, paused, rearms, notified, notices)",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     " ON CONFLICT (rule_id, instance) DO UPDATE SET"
     " gate_open = excluded.gate_open, fired_count = excluded.fired_count,"
     " last_fired_at = excluded.last_fired_at, rule_hash = excluded.rule_hash,"
-    " paused = excluded.paused, rearms = excluded.rearms",
+    " paused = excluded.paused, rearms = excluded.rearms,"
+    " notified = excluded.notified, notices = excluded.notices",
 )
 # decision_id: the decision of the same firing, written just before in this transaction
-# (firing_id is UNIQUE in decisions; no such decision leaves it NULL, which NOT NULL refuses)
+# (firing_id is UNIQUE in decisions; no such decision leaves it NULL, which NOT NULL refuses);
+# a notice that a rule waits for approvals names its decision's notice_id instead
 _INSERT_OUTBOX = _Insert(
     "INSERT INTO outbox (action_id, decision_id, rule_id, firing_id, kind, target,"
     " payload, created_at, next_attempt_at, instance)",
-    "(?, (SELECT id FROM decisions WHERE firing_id = ?), ?, ?, ?, ?, ?, ?, ?, ?)",
+    "(?, COALESCE((SELECT id FROM decisions WHERE firing_id = ?),"
+    " (SELECT id FROM decisions WHERE notice_id = ?)), ?, ?, ?, ?, ?, ?, ?, ?)",
 )
 _INSERT_LEDGER = _Insert(
     "INSERT INTO ledger (release_id, escrow, amount, currency, payee, rule_id,"
@@ -694,6 +698,12 @@ class SqliteStore:
             _UPSERT_FACTS.run(db, fact_rows)
         for approval in t.approvals:
             seqs.append(_write_approval(db, approval, now, request_id))
+        if t.consumed:
+            db.executemany(
+                "DELETE FROM approvals WHERE rule_id = ? AND instance = ? AND subject = ?"
+                " AND decision = 'approve'",
+                [(c.rule_id, c.instance, s) for c in t.consumed for s in c.subjects],
+            )
         if seqs:
             written.last = seqs[-1]
         if t.admin_acts:
@@ -722,6 +732,8 @@ class SqliteStore:
                         s.rule_hash,
                         s.paused,
                         s.rearms,
+                        s.notified,
+                        s.notices,
                     )
                     for (rule_id, instance), s in t.rule_states.items()
                 ],
@@ -732,6 +744,7 @@ class SqliteStore:
                 [
                     (
                         a.action_id,
+                        a.firing_id,
                         a.firing_id,
                         a.rule_id,
                         a.firing_id,
@@ -807,7 +820,7 @@ class SqliteStore:
     async def load_rule_states(self) -> dict[InstanceKey, RuleState]:
         rows = await self._rows(
             "SELECT rule_id, gate_open, fired_count, last_fired_at, rule_hash, paused, rearms,"
-            " instance FROM rule_state"
+            " instance, notified, notices FROM rule_state"
         )
         return {
             (r[0], r[7]): RuleState(
@@ -819,17 +832,19 @@ class SqliteStore:
                 paused=bool(r[5]),
                 rearms=int(r[6]),
                 instance=r[7],
+                notified=bool(r[8]),
+                notices=int(r[9]),
             )
             for r in rows
         }
 
     async def load_approvals(self) -> StandingApprovals:
         standing: StandingApprovals = {}
-        for rule_id, instance, subject, decision in await self._rows(
-            "SELECT rule_id, instance, subject, decision FROM approvals"
+        for rule_id, instance, subject, decision, decided_at in await self._rows(
+            "SELECT rule_id, instance, subject, decision, decided_at FROM approvals"
         ):
             key = f"{rule_id}[{instance}]" if instance else rule_id
-            standing.setdefault(key, {})[subject] = decision
+            standing.setdefault(key, {})[subject] = Stand(decision, parse_rfc3339(decided_at))
         return standing
 
     async def escrow_totals(self) -> EscrowTotals:
@@ -1340,6 +1355,7 @@ def _decision_row(
         d.reason,
         d.project or None,
         d.instance,
+        d.notice_id,
     )
 
 
