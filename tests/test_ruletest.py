@@ -172,6 +172,17 @@ def test_json_report(broken_rules: Path) -> None:
         ("bad_yaml", "4:1: invalid YAML: did not find expected ',' or ']'"),
         ("bad_time", "5:13: cases[0].steps[0].at: not an RFC 3339 time with a zone"),
         ("bad_duration", "5:16: cases[0].steps[0].after: '1w' is not a duration"),
+        (
+            "approval_without_item",
+            "6:13: cases[0].steps[0].approvals[0]: missing key 'item': rule "
+            "'site-b/section-signoff' is per item (for_each: section); an approval names the "
+            "item it approves",
+        ),
+        (
+            "approval_item_of_plain_rule",
+            "6:77: cases[0].steps[0].approvals[0].item: rule 'site-b/roof-signoff' has no "
+            "for_each: item names an instance of a per-item rule, and this rule has none",
+        ),
     ],
 )
 def test_malformed_test_files_exit_2_with_file_and_line(
@@ -199,7 +210,7 @@ def test_malformed_file_in_json_and_junit(monkeypatch: pytest.MonkeyPatch) -> No
     code, out = gatekeeper_test("-c", "gatekeeper.yaml", "--format", "junit", "bad", "rules")
     root = ET.fromstring(out)
     assert code == 2
-    assert int(root.attrib["errors"]) == 9
+    assert int(root.attrib["errors"]) == 11
     error = root.find("testsuite/testcase/error")
     assert error is not None and error.attrib["message"].startswith("1 problem: bad/")
 
@@ -376,3 +387,47 @@ def test_a_per_item_rule_failure_explains_the_instance_concerned(tmp_path: Path)
     code, out = gatekeeper_test("-c", CONFIG, "--rules", rules, "--format", "json", rules)
     [case] = json.loads(out)["files"][0]["cases"]
     assert [f["item"] for f in case["failures"]] == ["unit-c1", "e2e-c2", "lint-c3"]
+
+
+def test_approvals_of_a_per_item_rule_name_their_item(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(DATA)
+    section = "{project: site-b, kind: section, id: s1, data: {status: %s}}"
+    signoff = "site-b/section-signoff"
+    test_file = tmp_path / "sections.test.yaml"
+    test_file.write_text(
+        f"rules: {DATA / 'rules'}\n"
+        "cases:\n"
+        "  - name: each opening needs its own approval\n"
+        "    steps:\n"
+        f"      - facts: [{section % 'done'}]\n"
+        f"        expect: {{not_fired: [{signoff}]}}\n"
+        f"      - approvals: [{{rule: {signoff}, by: alice, decision: approve, item: s1}}]\n"
+        "        expect:\n"
+        f"          fired: [{{rule: {signoff},\n"
+        "                   actions: [{notify: {message: Section s1 signed off}}]}]\n"
+        f"      - facts: [{section % 'open'}]\n"
+        f"      - facts: [{section % 'done'}]\n"
+        f"        expect: {{not_fired: [{signoff}]}}\n"
+        f"      - approvals: [{{rule: {signoff}, by: bob, decision: approve, item: s1}}]\n"
+        f"        expect: {{fired: [{{rule: {signoff}}}]}}\n"
+    )
+    code, out = gatekeeper_test("-c", "gatekeeper.yaml", test_file)
+    assert code == 0, out
+    assert out.splitlines()[-1] == "SUCCESS: 1 case passed in 1 file"
+
+    # an approval naming an item whose fact does not exist yet fails the step
+    test_file.write_text(
+        f"rules: {DATA / 'rules'}\n"
+        "cases:\n"
+        "  - name: too early\n"
+        "    steps:\n"
+        f"      - approvals: [{{rule: {signoff}, by: alice, decision: approve, item: s1}}]\n"
+    )
+    code, out = gatekeeper_test("-c", "gatekeeper.yaml", test_file)
+    assert code == 1, out
+    assert (
+        "the approval by alice names item 's1', but the rule has no instance 's1' "
+        "(no section fact 's1'): the daemon would refuse it"
+    ) in out
