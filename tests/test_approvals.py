@@ -60,6 +60,16 @@ actions:
   - notify: {target: ci, message: "milestone ${item.id} released"}
 """
 
+WINDOW = """\
+id: tower-a/deploy-window
+project: tower-a
+when: window.prod.open
+fire: each_time
+approvals: {required: 1, from: [alice, bob], standing: true, expires_after: 30m}
+actions:
+  - notify: {target: ci, message: "deploy window open"}
+"""
+
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 
 
@@ -71,6 +81,7 @@ def project(project_factory: Callable[..., Project], receiver: Receiver) -> Proj
         ("nightly.yaml", NIGHTLY),
         ("publish.yaml", PUBLISH),
         ("milestone.yaml", MILESTONE),
+        ("window.yaml", WINDOW),
     ):
         made.write_rule(name, text)
     return made
@@ -360,3 +371,27 @@ async def test_batches_committed_together_share_one_approval(
     await receiver.wait_for(1)
     await settle()
     assert len(receiver.received) == 1
+
+
+async def test_a_lapse_closes_the_gate_when_it_comes_so_a_new_approval_opens_it_again(
+    project: Project, start_daemon: Any, receiver: Receiver
+) -> None:
+    clock = FixedClock(T0)
+    gk = await start_daemon(project, env=ENV, clock=clock)
+    rule = "tower-a/deploy-window"
+    await post(gk, fact("window", "prod", open=True))
+    await approve(gk, "alice", rule)  # standing: not used up by the firing
+    assert await outcomes(gk, rule) == ["fired"]
+    assert gk.daemon.ticker.deadlines.due_at((rule, "")) == T0 + timedelta(minutes=30)
+    clock.advance(timedelta(minutes=30))
+    await gk.daemon.tick()  # the deadline loop looks at it when the approval lapses
+    [closed] = await gk.daemon.store.list_decisions(rule, 1)
+    assert (closed.trigger, closed.outcome, closed.gate_open) == (
+        "time",
+        "awaiting_approvals",
+        False,
+    )
+    assert gk.daemon.ticker.deadlines.due_at((rule, "")) is None
+    await approve(gk, "alice", rule)  # a new opening of the gate: it fires again
+    assert await outcomes(gk, rule, n=2) == ["fired", "awaiting_approvals"]
+    await receiver.wait_for(2)

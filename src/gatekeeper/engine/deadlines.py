@@ -65,8 +65,9 @@ from collections.abc import Hashable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
+from gatekeeper.engine.evaluate import approval_key, lapses_at
 from gatekeeper.engine.facts import FactTable, ProjectFacts
-from gatekeeper.engine.model import InstanceKey
+from gatekeeper.engine.model import ApprovalStanding, InstanceKey
 from gatekeeper.expr import Item, next_change_at
 from gatekeeper.rules.model import Rule
 
@@ -186,11 +187,13 @@ def schedule_rules(
     rules: Iterable[Rule],
     facts: FactTable,
     now: datetime,
+    approvals: ApprovalStanding | None = None,
 ) -> datetime | None:
     """(Re)schedule every instance of each of ``rules`` (``schedule_instances``)."""
     rules = list(rules)
     by_id = {rule.id: rule for rule in rules}
-    return schedule_instances(schedule, by_id, instances_of(rules, facts), facts, now)
+    keys = instances_of(rules, facts)
+    return schedule_instances(schedule, by_id, keys, facts, now, approvals)
 
 
 def schedule_instances(
@@ -199,12 +202,14 @@ def schedule_instances(
     keys: Iterable[InstanceKey],
     facts: FactTable,
     now: datetime,
+    approvals: ApprovalStanding | None = None,
 ) -> datetime | None:
     """(Re)schedule each instance ``keys`` (of ``rules``, by id) at the next instant its
     condition may change through time alone, given ``facts`` (``next_change_at`` over
-    ``ProjectFacts(rule.project, facts)``, with the instance's item for a per-item rule);
-    an instance that time cannot change, whose rule is not in ``rules`` or whose item is
-    gone is removed from the schedule.
+    ``ProjectFacts(rule.project, facts)``, with the instance's item for a per-item rule),
+    or one of its standing ``approvals`` lapses (``approvals.expires_after``), whichever
+    comes first; an instance that time cannot change, whose rule is not in ``rules`` or
+    whose item is gone is removed from the schedule.
 
     ``now`` must be the instant the rules were last evaluated at (see the module docstring).
     Returns the earliest due time it set, or None, so the caller can tell whether a
@@ -214,10 +219,27 @@ def schedule_instances(
     for key in keys:
         rule = rules.get(key[0])
         due = None if rule is None else _next_change(rule, key[1], facts, now)
+        if rule is not None and approvals and rule.approvals is not None:
+            lapse = _next_lapse(rule, key[1], approvals, now)
+            if lapse is not None and (due is None or lapse < due):
+                due = lapse
         schedule.set(key, due)
         if due is not None and (earliest is None or due < earliest):
             earliest = due
     return earliest
+
+
+def _next_lapse(
+    rule: Rule, item: str, approvals: ApprovalStanding, now: datetime
+) -> datetime | None:
+    """When the next standing approval of instance ``item`` of ``rule`` lapses after
+    ``now`` (None: none will)."""
+    standing = approvals.get(approval_key(rule.id, item))
+    if not standing:
+        return None
+    times = (lapses_at(rule, stand) for stand in standing.values())
+    later = [when for when in times if when is not None and when > now]
+    return min(later, default=None)
 
 
 def _next_change(rule: Rule, item: str, facts: FactTable, now: datetime) -> datetime | None:

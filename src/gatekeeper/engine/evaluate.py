@@ -167,8 +167,10 @@ class Engine:
         self._by_fact: dict[FactKey, list[Rule]] = defaultdict(list)
         self._by_kind: dict[tuple[str, str], list[Rule]] = defaultdict(list)
         self.time_dependent: tuple[Rule, ...] = tuple(
-            r for r in ruleset.rules if r.condition.uses_time
+            r for r in ruleset.rules if r.condition.uses_time or _lapsing(r)
         )
+        """The rules time alone can change: their condition reads the clock, or their
+        approvals lapse (``approvals.expires_after``)."""
         self.time_dependent_ids = frozenset(r.id for r in self.time_dependent)
         for rule in ruleset.rules:
             for ref in rule.condition.reads:
@@ -819,6 +821,11 @@ _new = object.__new__
 
 _format_now = functools.lru_cache(maxsize=4)(format_rfc3339)
 """``format_rfc3339`` of the planning "now", formatted once per plan, not once per rule."""
+
+
+def _lapsing(rule: Rule) -> bool:
+    """Whether the approvals of ``rule`` lapse (it sets ``approvals.expires_after``)."""
+    return rule.approvals is not None and rule.approvals.expires_after_s is not None
 
 
 def _same(text: str) -> str:

@@ -38,6 +38,7 @@ from gatekeeper.engine.ledger import EscrowBook
 from gatekeeper.engine.model import (
     AdminAct,
     ApprovalInput,
+    ApprovalStanding,
     Decision,
     FactInput,
     IdempotencyRecord,
@@ -103,8 +104,15 @@ class _IngestJob:
 class Schedule(Protocol):
     """What the writer tells the deadline loop (``ticker.Ticker``)."""
 
-    def reschedule(self, transition: Transition, engine: Engine, facts: FactTable) -> None:
-        """``transition`` was applied: reschedule the time-dependent rules it evaluated."""
+    def reschedule(
+        self,
+        transition: Transition,
+        engine: Engine,
+        facts: FactTable,
+        approvals: ApprovalStanding | None = None,
+    ) -> None:
+        """``transition`` was applied: reschedule the time-dependent rules it evaluated
+        (``approvals``: the standing approvals, whose lapses are deadlines too)."""
 
     def all_due(self, engine: Engine, facts: FactTable) -> None:
         """Memory was rebuilt (``facts``): every time-dependent rule instance of ``engine``
@@ -284,7 +292,7 @@ class Writer:
         apply_transition(transition, self.facts, self.states, self.approvals, self.book)
         engine = self.engine
         if engine is not None:
-            self.schedule.reschedule(transition, engine, self.facts)
+            self.schedule.reschedule(transition, engine, self.facts, self.approvals)
         if transition.actions:  # committed: the dispatcher may send them
             self.dispatcher.hand_over(transition.actions, transition.request_id)
 

@@ -24,7 +24,7 @@ from gatekeeper.engine.deadlines import (
 )
 from gatekeeper.engine.evaluate import Engine
 from gatekeeper.engine.facts import FactTable
-from gatekeeper.engine.model import InstanceKey, Transition
+from gatekeeper.engine.model import ApprovalStanding, InstanceKey, Transition
 from gatekeeper.metrics import Metrics
 from gatekeeper.rules.model import Rule
 from gatekeeper.runtime.ingest import Writer, log_firings
@@ -48,10 +48,16 @@ class Ticker:
         self.deadlines: DeadlineSchedule[InstanceKey] = DeadlineSchedule()
         self._changed = asyncio.Event()
 
-    def reschedule(self, transition: Transition, engine: Engine, facts: FactTable) -> None:
-        """After ``transition`` is applied: reschedule the time-dependent rules it evaluated,
-        from the same "now" it was planned at; wake the loop when the next deadline moved
-        earlier."""
+    def reschedule(
+        self,
+        transition: Transition,
+        engine: Engine,
+        facts: FactTable,
+        approvals: ApprovalStanding | None = None,
+    ) -> None:
+        """After ``transition`` is applied: reschedule the time-dependent rules it evaluated
+        (approvals that lapse included), from the same "now" it was planned at; wake the
+        loop when the next deadline moved earlier."""
         if transition.planned_at is None:
             return
         time_dependent = engine.time_dependent_ids
@@ -61,7 +67,9 @@ class Ticker:
         if keys:
             deadlines = self.deadlines
             before = deadlines.next_due()
-            schedule_instances(deadlines, engine.rules, keys, facts, transition.planned_at)
+            schedule_instances(
+                deadlines, engine.rules, keys, facts, transition.planned_at, approvals
+            )
             after = deadlines.next_due()
             if after is not None and (before is None or after < before):
                 self._changed.set()
@@ -147,6 +155,8 @@ class Ticker:
                 except BaseException:
                     mark_due(self.deadlines, due, now)  # not lost: tried again next pass
                     raise
-            schedule_instances(self.deadlines, engine.rules, due, writer.facts, now)
+            schedule_instances(
+                self.deadlines, engine.rules, due, writer.facts, now, writer.approvals
+            )
         log_firings(transition)
         return transition
