@@ -270,8 +270,12 @@ ROUTES: tuple[Route, ...] = (
         m.ApprovalAccepted,
         request=m.ApprovalRequest,
         description="The approver is the token's subject and must be in the rule's `from` "
-        "list (403 otherwise); a standing reject blocks the rule until withdrawn. The "
-        "approval is appended to the fact log and re-evaluates the rule.",
+        "list (403 otherwise); a standing reject blocks the rule until withdrawn. `item` is "
+        "required for a per-item rule and refused for any other (400); an item whose fact "
+        "does not exist is 404. The approval is appended to the fact log and re-evaluates "
+        "the rule (the instance it names). A firing of an each_time or each_fact rule uses "
+        "up the approvals that allowed it unless `standing`; approvals lapse after "
+        "`expires_after`.",
         parameters=(IDEMPOTENCY, REQUEST_ID),
         errors=(400, 404, 413, 415, 422, 503),
         response_description="The approval is committed.",
