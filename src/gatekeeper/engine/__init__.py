@@ -6,7 +6,8 @@ inputs.
 Owns: ``model`` (the records the engine takes and produces, shared by the rooms above:
 ``FactInput``, ``RuleState``, ``ApprovalInput``, ``AdminAct``, ``QueuedAction``,
 ``Decision``, ``IdempotencyRecord``, ``Transition``; ``InstanceKey`` and ``CausedBy``
-for per-item rules and rules that set facts), ``facts`` (``FactTable`` and
+for per-item rules and rules that set facts; ``Stand`` and ``Consumption`` for standing
+approvals and the approvals firings use up), ``facts`` (``FactTable`` and
 ``ProjectFacts``, the current facts in memory), ``evaluate`` (``Engine``: a ruleset's
 fact-key index and the planning of transitions; ``apply_transition``), ``ledger`` (escrow
 limits), ``deadlines`` (when a time-dependent rule instance must be looked at again).

@@ -125,8 +125,10 @@ class StateStore(Protocol):
         ...
 
     async def load_approvals(self) -> StandingApprovals:
-        """Every standing approval: ``{rule id: {subject: "approve" | "reject"}}``, the
-        approvals of one instance of a per-item rule under ``<rule id>[<item id>]``."""
+        """Every standing approval: ``{rule id: {subject: Stand(decision, at)}}`` (the
+        decision, ``"approve"`` or ``"reject"``, and when it was recorded), the approvals
+        of one instance of a per-item rule under ``<rule id>[<item id>]``. Approvals a
+        firing used up (``Transition.consumed``) are gone."""
         ...
 
     async def escrow_totals(self) -> EscrowTotals:
