@@ -124,6 +124,38 @@ def test_a_set_fact_template_without_a_value_blocks_the_firing() -> None:
     assert [f.kind for f in t.facts] == ["task", "task"]  # nothing set
 
 
+INVOICES = """
+- id: site/invoice
+  project: site
+  for_each: order
+  when: item.data.ok == "yes"
+  actions:
+    - set_fact: {kind: invoice, id: "${item.data.ref}", data: {status: due}}
+"""
+
+
+def test_a_rendered_set_fact_id_must_be_a_fact_id() -> None:
+    world = World(engine_of(INVOICES, alert_target="ops"))
+    odd = ["", "A B]#1", "x" * 5000, "ü\u0000", "inv-1\n"]
+    for n, ref in enumerate(odd):
+        t = world.post(FactInput("site", "order", f"o{n}", {"ok": "yes", "ref": ref}))
+        [decision] = t.decisions
+        assert decision.outcome == "blocked", ref
+        assert decision.reason is not None
+        assert decision.reason.startswith("set_fact id ")
+        assert decision.reason.endswith(
+            "is not a valid fact id (letters, digits and _ . -, starting with a letter or "
+            "digit, at most 128 characters) (set_fact action 1)"
+        )
+        assert [f.kind for f in t.facts] == ["order"]  # nothing set
+        [alert] = t.actions
+        assert alert.target == "ops" and alert.payload["reason"] == decision.reason
+    long = world.post(FactInput("site", "order", "o9", {"ok": "yes", "ref": "y" * 5000}))
+    assert "y" * 63 + "…' is not" in (long.decisions[0].reason or "")  # shown cut
+    t = world.post(FactInput("site", "order", "o10", {"ok": "yes", "ref": "inv-10"}))
+    assert [(f.kind, f.id) for f in t.facts] == [("order", "o10"), ("invoice", "inv-10")]
+
+
 async def test_the_daemon_commits_the_chain_and_shows_caused_by(
     project_factory: Callable[..., Project], start_daemon: Any, receiver: Any
 ) -> None:

@@ -68,6 +68,8 @@ from gatekeeper.engine.model import (
 )
 from gatekeeper.expr import Evaluation, FactRef, Item
 from gatekeeper.rules.model import (
+    FACT_ID,
+    FACT_ID_RULE,
     Action,
     FireMode,
     NotifyAction,
@@ -1090,8 +1092,9 @@ def render_firing(
     string ``data`` values) are rendered with the rule's names, the item and the facts as
     the decision saw them; values sent to a target of format ``slack`` (``target_formats``)
     are Slack-escaped. Raises ``FiringBlocked`` when a template cannot be rendered (a name
-    without a value, a text too long): its reason names the action and its number
-    (1-based), e.g. ``template name item.data.commit has no value (notify action 1)``."""
+    without a value, a text too long, a set_fact id that is not a fact id): its reason
+    names the action and its number (1-based), e.g. ``template name item.data.commit has
+    no value (notify action 1)``."""
     rule = firing.rule
     created_at = _format_now(firing.fired_at)
     item = None
@@ -1110,6 +1113,11 @@ def render_firing(
         where = f"{action.kind} action {number}"
         if isinstance(action, SetFactAction):
             fact_id = _render(action.fact_id, resolve, None, where)
+            if not FACT_ID.fullmatch(fact_id):  # what POST /v1/facts would refuse
+                shown = fact_id if len(fact_id) <= 64 else fact_id[:63] + "…"
+                raise FiringBlocked(
+                    f"set_fact id {shown!r} is not a valid fact id ({FACT_ID_RULE}) ({where})"
+                )
             data = {
                 k: _render(v, resolve, None, where) if isinstance(v, str) else v
                 for k, v in action.data.items()

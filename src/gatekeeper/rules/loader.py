@@ -53,6 +53,8 @@ from gatekeeper.expr import (
 )
 from gatekeeper.problems import Problem, format_path
 from gatekeeper.rules.model import (
+    FACT_ID,
+    FACT_ID_RULE,
     Action,
     Approvals,
     FireMode,
@@ -89,7 +91,6 @@ DURATION_UNITS_S = {"m": 60, "h": 3600, "d": 86400}
 """Seconds per unit of an ``expires_after`` duration (``30m``, ``12h``, ``7d``)."""
 _GIT_COMMIT = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
-_FACT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -765,12 +766,9 @@ def _body_templates(kind: str, body: Mapping[str, Any]) -> list[tuple[PathParts,
 def _check_set_fact_id(candidate: _Candidate, path: PathParts, body: Mapping[str, Any]) -> None:
     """A set_fact ``id`` without placeholders must be a valid fact id as written."""
     fact_id = body.get("id")
-    if not isinstance(fact_id, str) or "$" in fact_id or _FACT_ID.fullmatch(fact_id):
+    if not isinstance(fact_id, str) or "$" in fact_id or FACT_ID.fullmatch(fact_id):
         return
-    message = (
-        f"{shorten(fact_id)!r} is not a valid fact id (letters, digits and _ . -, starting "
-        "with a letter or digit, at most 128 characters)"
-    )
+    message = f"{shorten(fact_id)!r} is not a valid fact id ({FACT_ID_RULE})"
     candidate.problems.append(candidate.problem((*path, "id"), message))
 
 

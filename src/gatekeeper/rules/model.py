@@ -5,11 +5,18 @@ Nothing here parses YAML; see ``loader`` for that.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gatekeeper.expr import Condition
+
+FACT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+"""A fact id, as ``POST /v1/facts`` takes it (``schemas/facts-request.schema.json``): a
+letter or digit, then letters, digits and ``_ . -``; at most 128 characters. A set_fact
+``id`` must be one as written and, when it is a template, once rendered."""
+FACT_ID_RULE = "letters, digits and _ . -, starting with a letter or digit, at most 128 characters"
 
 FireMode = Literal["once", "each_time", "each_fact"]
 """``once``: at most once per rule instance, ever; ``each_time``: on every closed -> open
