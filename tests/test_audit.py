@@ -4,6 +4,8 @@ the stored ruleset versions, and the whole story of a release from its id."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -90,6 +92,12 @@ async def test_audit_log_filters_and_pages(
     assert (await gk.get("/v1/audit?kind=gossip"))[0] == 400
     assert (await gk.get("/v1/audit?since=yesterday"))[0] == 400
     assert (await gk.get("/v1/audit?cursor=not-a-cursor"))[0] == 400
+    for forged in (10**30, -1, True, 1.5):  # a position no row can have: 400, never a 500
+        text = json.dumps(["2026-01-01T00:00:00Z", "decision", forged])
+        cursor = base64.urlsafe_b64encode(text.encode()).decode()
+        status, body = await gk.get(f"/v1/audit?item=b1&cursor={cursor}")
+        assert status == 400, (forged, body)
+        assert body["error"]["message"] == "cursor is not a next_cursor this API gave out"
 
 
 async def test_rulesets_are_stored_content_addressed(

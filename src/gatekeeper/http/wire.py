@@ -427,7 +427,12 @@ def decode_cursor(text: str | None) -> AuditCursor | None:
         return None
     try:
         at, kind, id_ = json.loads(base64.urlsafe_b64decode(text.encode()))
-        if isinstance(at, str) and isinstance(kind, str) and isinstance(id_, int):
+        if (
+            isinstance(at, str)
+            and isinstance(kind, str)
+            and type(id_) is int
+            and 0 <= id_ < 2**63  # a row id the database can hold (SQLite INTEGER)
+        ):
             return AuditCursor(parse_rfc3339(at), kind, id_)
     except (ValueError, TypeError, UnicodeError):
         pass
