@@ -15,7 +15,7 @@ from gatekeeper.config import Token
 from gatekeeper.http.app import create_app
 from gatekeeper.http.auth import authenticate, bearer_token, hash_token
 
-from .conftest import DEPLOY_RULE, DESIGN_RULE, ENV, Project, Running, fact
+from .conftest import DEPLOY_RULE, DESIGN_RULE, ENV, Project, Receiver, Running, fact
 
 TOKENS = {
     "alice": "gk_alice-token-for-tests-0000000000000000000",
@@ -374,3 +374,38 @@ async def test_approval_with_idempotency_key_applies_once(gk: Running) -> None:
         ("alice", "approve"),
         ("bob", "approve"),
     ]
+
+
+SHIP_PER_BUILD = """\
+id: tower-a/ship
+project: tower-a
+for_each: build
+when: item.data.status == "passed"
+actions:
+  - notify: {target: ci, message: "ship ${item.id}"}
+"""
+
+
+async def test_exemplars_name_items_only_to_tokens_of_every_project(
+    project_factory: Callable[..., Project], receiver: Receiver, start_daemon: Any
+) -> None:
+    project = project_factory(receiver.url, tokens=tokens_yaml())
+    project.write_rule("ship.yaml", SHIP_PER_BUILD)
+    gk = await start_daemon(project, env=ENV)
+    status, _ = await call(
+        gk, "POST", "/v1/facts", "ci", fact("build", "build-42", status="passed")
+    )
+    assert status == 200
+    answers = {}
+    for name in ("reader-b", "ops"):
+        headers = {
+            "Authorization": f"Bearer {TOKENS[name]}",
+            "Accept": "application/openmetrics-text",
+        }
+        async with gk.session.get(gk.url + "/metrics", headers=headers) as response:
+            assert response.status == 200
+            answers[name] = (response.headers["Content-Type"], await response.text())
+    content_type, text = answers["reader-b"]  # tower-b only: the classic format, no exemplar
+    assert content_type.startswith("text/plain") and "build-42" not in text
+    content_type, text = answers["ops"]  # every project
+    assert content_type.startswith("application/openmetrics-text") and "build-42" in text

@@ -541,8 +541,11 @@ async def get_escrows(request: web.Request) -> web.Response:
 async def get_metrics(request: web.Request) -> web.Response:
     """Prometheus metrics (text format 0.0.4); a scraper sends a token with ``read``. A
     scraper whose ``Accept`` asks for ``application/openmetrics-text`` gets OpenMetrics,
-    which carries the item of per-item firings as exemplars."""
-    return await metrics_response(daemon_of(request), wants_openmetrics(request))
+    which carries the item and rule of per-item firings as exemplars, when its token may
+    see every project (a token of some projects gets the classic format: an exemplar may
+    name an item of a project it may not see)."""
+    openmetrics = wants_openmetrics(request) and visible_projects(request) is None
+    return await metrics_response(daemon_of(request), openmetrics)
 
 
 def wants_openmetrics(request: web.Request) -> bool:
