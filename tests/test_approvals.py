@@ -272,6 +272,22 @@ async def test_an_approval_lapses_after_expires_after(
     assert sent.body["message"] == "publish the guide"
 
 
+async def test_an_approval_lapses_at_the_same_instant_before_and_after_a_restart(
+    project: Project, start_daemon: Any
+) -> None:
+    clock = FixedClock(T0 + timedelta(microseconds=999))  # the store keeps milliseconds
+    gk = await start_daemon(project, env=ENV, clock=clock)
+    await approve(gk, "alice", "tower-a/publish")
+    clock.advance(timedelta(hours=1, microseconds=-499))  # T0 + 1 h + 0.5 ms
+    for restart in (False, True):
+        if restart:
+            await gk.stop()
+            gk = await start_daemon(project, env=ENV, clock=clock)
+        status, view = await call(gk, "GET", "/v1/rules/tower-a/publish", "alice")
+        assert status == 200
+        assert view["explanation"]["approvals"].get("lapsed") == ["alice"], restart
+
+
 async def test_the_notify_target_is_told_once_per_wait(
     project: Project, start_daemon: Any, receiver: Receiver
 ) -> None:

@@ -954,10 +954,14 @@ def approval_key(rule_id: str, item: str) -> str:
 
 def _stand(standing: dict[str, Stand], approval: ApprovalInput, at: datetime | None) -> None:
     """Record ``approval``, given at ``at``, in one instance's ``standing`` (``{subject:
-    Stand}``): a withdrawal removes the subject's decision, any other decision replaces it."""
+    Stand}``): a withdrawal removes the subject's decision, any other decision replaces it.
+    The time is kept to the millisecond, as the store keeps it (RFC 3339 with milliseconds),
+    so an approval lapses at the same instant before and after a restart."""
     if approval.decision == "withdraw":
         standing.pop(approval.subject, None)
     else:
+        if at is not None:
+            at = at.replace(microsecond=at.microsecond // 1000 * 1000)
         standing[approval.subject] = Stand(approval.decision, at)
 
 
