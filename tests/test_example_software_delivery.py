@@ -1,12 +1,14 @@
 """The software-delivery example (``examples/software-delivery/``): its rules check clean and
 pass their rule tests, every rule is expected to fire in some test, its GitHub deliveries are
-GitHub's published ``workflow_run`` shape and map to the facts the rules read, and its one
-command (``demo.py``: the daemon, the Makefile's ``gatekeeper emit`` steps, signed hook
-deliveries and a verifying receiver) holds every expectation of ``steps.json``, and fails
-when one does not hold."""
+GitHub's published ``workflow_run`` shape and map to the facts the rules read, its approvals
+come from configured approvers with the ``approve`` scope, and its one command (``demo.py``:
+the daemon, the Makefile's ``gatekeeper emit`` steps, signed hook deliveries, approvals over
+HTTP and a verifying receiver) holds every expectation of ``steps.json``, and fails when one
+does not hold."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -24,6 +26,12 @@ from gatekeeper.runtime.hooks import HookRejected, handle
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "software-delivery"
+RELEASE_RULE = "shop/milestone-release"
+WAITING = (
+    "rule shop/milestone-release (milestone_done m1) waits for approvals: 2 needed from "
+    "product-owner, finance-lead, cto; 0 given"
+)
+"""The one notice finance-chat gets while milestone m1's release waits for its approvals."""
 PUBLISHED = Path(__file__).parent / "data" / "hooks" / "published"
 HOOK_SECRET = "example-github-webhook-secret"
 needs_make = pytest.mark.skipif(
@@ -67,6 +75,21 @@ def steps() -> dict[str, Any]:
     return loaded
 
 
+def rules_by_id() -> dict[str, dict[str, Any]]:
+    """Every rule of the example as written, by id."""
+    rules: dict[str, dict[str, Any]] = {}
+    for path in (EXAMPLE / "rules").rglob("*.yaml"):
+        if not path.name.endswith(".test.yaml"):
+            loaded = yaml.safe_load(path.read_text())
+            rules |= {r["id"]: r for r in (loaded if isinstance(loaded, list) else [loaded])}
+    return rules
+
+
+def story_actions(kind: str) -> list[dict[str, Any]]:
+    """Every action of ``kind`` (make, github, approve) that ``steps.json`` plays, in order."""
+    return [action for step in steps()["steps"] for action in step["do"] if kind in action]
+
+
 def key_paths(value: Any, prefix: str = "") -> set[str]:
     """Every key path of a JSON value (list elements under ``[]``)."""
     paths = {prefix} if prefix else set()
@@ -88,7 +111,7 @@ def test_the_example_rules_check_clean() -> None:
 def test_the_example_rule_tests_pass_and_cover_every_rule() -> None:
     result = gatekeeper("test", "-c", str(EXAMPLE / "gatekeeper.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 cases passed in 3 files" in result.stdout
+    assert "SUCCESS: 10 cases passed in 3 files" in result.stdout
     rule_ids: set[str] = set()
     for path in (EXAMPLE / "rules").rglob("*.yaml"):
         if not path.name.endswith(".test.yaml"):
@@ -101,6 +124,51 @@ def test_the_example_rule_tests_pass_and_cover_every_rule() -> None:
                 expected_to_fire |= {f["rule"] for f in step.get("expect", {}).get("fired", [])}
     assert len(rule_ids) == 5
     assert rule_ids == expected_to_fire
+
+
+def test_the_milestone_release_waits_for_two_of_three_approvers_and_tells_finance() -> None:
+    approvals = rules_by_id()[RELEASE_RULE]["approvals"]
+    assert approvals == {
+        "required": 2,
+        "from": ["product-owner", "finance-lead", "cto"],
+        "expires_after": "7d",
+        "notify": "finance-chat",
+    }
+    tests = yaml.safe_load((EXAMPLE / "rules" / "shop" / "milestones.test.yaml").read_text())
+    given = [
+        approval
+        for case in tests["cases"]
+        for step in case["steps"]
+        for approval in step.get("approvals", [])
+    ]
+    assert given and all(a["rule"] == RELEASE_RULE and a.get("item") for a in given)
+    assert {a["decision"] for a in given} == {"approve", "reject", "withdraw"}
+
+
+def test_the_demo_approvers_have_approve_tokens_and_make_posts_with_a_facts_token() -> None:
+    """Every approval the demo posts comes from an approver of the rule holding a token with
+    ``approve`` in project shop; ``make`` posts with a token that may only write facts; the
+    configured hashes are those of the README's published example tokens."""
+    tokens = {t.subject: t for t in load_config(EXAMPLE / "gatekeeper.yaml").tokens}
+    approvers = rules_by_id()[RELEASE_RULE]["approvals"]["from"]
+    played = story_actions("approve")
+    assert [(a["approve"]["by"], a["approve"]["item"], a.get("status", 200)) for a in played] == [
+        ("product-owner", "m1", 200),
+        ("product-owner", "m2", 404),
+        ("finance-lead", "m1", 200),
+    ]
+    for action in played:
+        assert action["approve"]["rule"] == RELEASE_RULE
+        token = tokens[action["approve"]["by"]]
+        assert token.subject in approvers
+        assert "approve" in token.scopes and tuple(token.projects) == ("shop",)
+    assert set(tokens) == {"shop-ci", *approvers}
+    assert tuple(tokens["shop-ci"].scopes) == ("facts:write",)
+    readme = (EXAMPLE / "README.md").read_text()
+    for subject, token in tokens.items():
+        published = f"gk_example-{subject}"
+        assert token.sha256 == hashlib.sha256(published.encode()).hexdigest(), subject
+        assert published in readme, subject
 
 
 def test_the_demo_deliveries_are_githubs_published_shape_and_map_to_the_rules_facts() -> None:
@@ -163,7 +231,7 @@ def test_the_demo_holds_every_expectation() -> None:
     assert result.returncode == 0, out
     c1, c2 = steps()["commits"]["C1"], steps()["commits"]["C2"]
     assert (
-        "the receiver got 7 requests: 1 release, 5 notify, 1 pipeline; 0 with a bad signature"
+        "the receiver got 8 requests: 1 release, 6 notify, 1 pipeline; 0 with a bad signature"
         in out
     )
     assert out.count(f"notify   /chat/dev: Test unit failed at commit {c1} on main") == 2
@@ -171,7 +239,23 @@ def test_the_demo_holds_every_expectation() -> None:
         f"notify   /chat/dev: Test e2e failed at commit {c2} on main (test run gh-30433642)" in out
     )
     assert f"pipeline /ci/deploy: ref {c2} " in out
-    assert "release  /bank/releases: 4000.00 EUR from shop-escrow to acme-dev" in out
+    release = "release  /bank/releases: 4000.00 EUR from shop-escrow to acme-dev"
+    assert out.count(release) == 1
+    assert out.count(f"notify   /chat/finance: {WAITING}") == 1
+    assert out.index(f"notify   /chat/finance: {WAITING}") < out.index(release)
+    assert (
+        "notify   /chat/finance: Milestone m1 (Checkout v2) is complete and approved: released "
+        "4000.00 EUR to acme-dev from shop-escrow" in out
+    )
+    assert (
+        '$ curl -s $GATEKEEPER_URL/v1/approvals -H "Authorization: Bearer $FINANCE_LEAD_TOKEN" '
+        '-H \'Content-Type: application/json\' -d \'{"rule": "shop/milestone-release", '
+        '"item": "m1", "decision": "approve"}\'' in out
+    )
+    assert '"approved_by": ["product-owner"], "satisfied": false' in out
+    assert '"approved_by": ["finance-lead", "product-owner"], "satisfied": true' in out
+    assert "-> HTTP 404 rule 'shop/milestone-release' has no instance 'm2'" in out
+    assert "gk_" not in out  # the tokens are handed over in the environment, never printed
     assert (
         "shop-escrow: limit 12000.00 EUR, released 4000.00, pending 0.00, remaining 8000.00" in out
     )
@@ -197,4 +281,26 @@ def test_the_demo_fails_when_an_expectation_does_not_hold(tmp_path: Path) -> Non
     c1 = story["commits"]["C1"]
     assert "expected 2 notify, got 1" in out
     assert f'no notify "Test lint failed at commit {c1}" arrived' in out
+    assert "SUCCESS" not in out.split("== the receiver got")[-1]
+
+
+@needs_make
+@pytest.mark.timeout(180)
+def test_the_demo_fails_when_a_milestone_is_released_without_approvals(tmp_path: Path) -> None:
+    """The plan and the tasks done, expecting the release at once (as before approvals were
+    needed): the release does not come, only finance-chat's notice that it waits."""
+    story = steps()
+    done = next(s for s in story["steps"] if s["say"].startswith("SHOP-101 and SHOP-102"))
+    done["expect"] = {"release": 1, "notify": 1}
+    done["arrived"].append({"release": {"escrow": "shop-escrow", "payee": "acme-dev"}})
+    story["steps"] = [story["steps"][0], done]
+    story["escrows"] = {}
+    path = tmp_path / "steps.json"
+    path.write_text(json.dumps(story))
+    result = run_demo("--steps", str(path), "--wait-s", "1")
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "expected 1 release, got 0" in out
+    assert 'no release {"escrow": "shop-escrow", "payee": "acme-dev"} arrived' in out
+    assert f"notify   /chat/finance: {WAITING}" in out
     assert "SUCCESS" not in out.split("== the receiver got")[-1]

@@ -1,7 +1,7 @@
 """The software-delivery example end to end: a Makefile and GitHub Actions tell gatekeeper
 about tasks, builds, tests and deployments; per-item rules notify the developers of every
 failed test, start the deploy pipeline at the commit that passed, and release a milestone's
-escrow once all of its tasks are done.
+escrow once all of its tasks are done and two approvers agreed.
 
     python examples/software-delivery/demo.py
 
@@ -11,12 +11,17 @@ What it does, all on 127.0.0.1 and in a temporary folder (your files are not tou
    ``gatekeeper.yaml``;
 2. starts a webhook receiver that verifies every Standard Webhooks signature
    (``examples/construction/receiver.py``) and the daemon (``gatekeeper serve``), with a
-   fresh random signing secret and GitHub webhook secret;
+   fresh random signing secret, GitHub webhook secret and API token for each of the
+   config's ``tokens`` (its copy of ``gatekeeper.yaml`` keeps their SHA-256; each token is
+   handed to its client in the environment: ``GATEKEEPER_TOKEN`` for ``make``,
+   ``FINANCE_LEAD_TOKEN`` and so on for the approvers, never printed);
 3. plays ``steps.json``: ``make`` targets of this folder's ``Makefile`` (each posts facts
-   with ``gatekeeper emit``) and GitHub ``workflow_run`` deliveries to
+   with ``gatekeeper emit``), GitHub ``workflow_run`` deliveries to
    ``POST /v1/hooks/github``, made from GitHub's published example payload
    (``github/workflow_run.json``) and signed with ``X-Hub-Signature-256`` as GitHub signs
-   them; after each step it waits for what must have arrived at the receiver;
+   them, and approvals posted to ``POST /v1/approvals`` with the approver's token (printed
+   as the equivalent ``curl``); after each step it waits for what must have arrived at the
+   receiver;
 4. prints what arrived (per type, the notification texts, the pipeline refs, the releases)
    and the escrow, stops the daemon with SIGTERM, and exits 0 only if every expectation of
    ``steps.json`` held (1 otherwise; 2 when ``make`` is not installed).
@@ -35,6 +40,7 @@ import hmac
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -63,6 +69,10 @@ TEMPLATE_RUN_ID, TEMPLATE_WORKFLOW_ID = 289782451, 2823525
 TEMPLATE_SHA = "3484a3fb816e0859fd6e1cea078d76385ff50625"
 WORKFLOW_IDS = {"build": 7215530, "e2e": 7215531}
 """GitHub's ids of the shop's workflows, ``.github/workflows/<name>.yml``."""
+EMIT_SUBJECT = "shop-ci"
+"""The token subject whose token ``make`` (``gatekeeper emit``) posts facts with."""
+READ_SUBJECT = "finance-lead"
+"""The token subject the demo reads the escrows and the outbox with."""
 WAIT_S = 10.0
 """How long a step waits for what it expects at the receiver (``--wait-s``)."""
 
@@ -73,14 +83,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_config(folder: Path, daemon_port: int, receiver_port: int) -> Path:
-    """This folder's gatekeeper.yaml, moved to free ports and a database in ``folder``."""
+def token_variable(subject: str) -> str:
+    """The environment variable holding ``subject``'s API token: ``GATEKEEPER_TOKEN`` for
+    the Makefile's ``gatekeeper emit``, else e.g. ``FINANCE_LEAD_TOKEN``."""
+    if subject == EMIT_SUBJECT:
+        return "GATEKEEPER_TOKEN"
+    return re.sub(r"[^A-Z0-9]", "_", subject.upper()) + "_TOKEN"
+
+
+def write_config(
+    folder: Path, daemon_port: int, receiver_port: int, tokens: dict[str, str]
+) -> Path:
+    """This folder's gatekeeper.yaml, moved to free ports and a database in ``folder``,
+    each configured token's SHA-256 replaced by that of ``tokens[subject]``."""
     config = yaml.safe_load((HERE / "gatekeeper.yaml").read_text())
     config["listen"] = f"127.0.0.1:{daemon_port}"
     config["database"] = str(folder / "gatekeeper.db")
     config["rules_dir"] = str(HERE / "rules")
     for target in config["targets"].values():
         target["url"] = target["url"].replace("127.0.0.1:8090", f"127.0.0.1:{receiver_port}")
+    for entry in config.get("tokens", []):
+        entry["sha256"] = hashlib.sha256(tokens[entry["subject"]].encode()).hexdigest()
     path = folder / "gatekeeper.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -186,11 +209,16 @@ class Demo:
         self.names: dict[str, str] = self.steps.get("commits", {})
         self.daemon_port = free_port()
         self.receiver_port = free_port()
-        self.config = write_config(folder, self.daemon_port, self.receiver_port)
+        subjects = [
+            entry["subject"]
+            for entry in yaml.safe_load((HERE / "gatekeeper.yaml").read_text()).get("tokens", [])
+        ]
+        self.tokens = {subject: "gk_" + secrets.token_urlsafe(32) for subject in subjects}
+        self.config = write_config(folder, self.daemon_port, self.receiver_port, self.tokens)
         target_secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
         self.hook_secret = os.urandom(20).hex()
         self.env = {**os.environ, TARGET_SECRET: target_secret, HOOK_SECRET: self.hook_secret}
-        self.env.pop("GATEKEEPER_TOKEN", None)
+        self.env.update({token_variable(s): token for s, token in self.tokens.items()})
         self.env["GATEKEEPER_URL"] = f"http://127.0.0.1:{self.daemon_port}"
         self.receiver = Receiver(target_secret)
         self.daemon: subprocess.Popen[bytes] | None = None
@@ -199,6 +227,10 @@ class Demo:
 
     def say(self, text: str) -> None:
         print(f"\n== {text}", flush=True)
+
+    def bearer(self, subject: str) -> dict[str, str]:
+        """The ``Authorization`` header of ``subject``'s token."""
+        return {"Authorization": f"Bearer {self.tokens[subject]}"}
 
     def gatekeeper(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "gatekeeper", *args]
@@ -274,14 +306,49 @@ class Demo:
             if r.status != status:
                 self.failures.append(f"{where}: GitHub delivery answered {r.status}, not {status}")
 
+    async def approve(
+        self, session: aiohttp.ClientSession, spec: dict[str, Any], status: int, where: str
+    ) -> None:
+        """Post one approval to ``POST /v1/approvals`` with the approver's (``spec["by"]``)
+        token, printing the equivalent ``curl`` (the token named by its variable)."""
+        by = spec["by"]
+        body: dict[str, Any] = {k: spec[k] for k in ("rule", "item") if k in spec}
+        body["decision"] = spec.get("decision", "approve")
+        body.update((k, v) for k, v in spec.items() if k != "by")
+        print(
+            f"$ curl -s $GATEKEEPER_URL/v1/approvals -H "
+            f'"Authorization: Bearer ${token_variable(by)}" '
+            f"-H 'Content-Type: application/json' -d '{json.dumps(body)}'",
+            flush=True,
+        )
+        async with session.post(
+            self.url + "/v1/approvals", json=body, headers=self.bearer(by)
+        ) as response:
+            answer = await response.json()
+            if response.status == 200:  # the answer, without its seq and request_id
+                counted = answer["approvals"]
+                shown = {k: answer[k] for k in ("rule", "item", "approver", "decision")}
+                shown["approvals"] = {
+                    k: counted[k] for k in ("required", "approved_by", "satisfied")
+                }
+                summary = json.dumps(shown)
+            else:
+                summary = answer["error"]["message"]
+            print(f"   -> HTTP {response.status} {summary}", flush=True)
+            if response.status != status:
+                self.failures.append(f"{where}: approval answered {response.status}, not {status}")
+
     async def play(self, session: aiohttp.ClientSession, step: dict[str, Any]) -> None:
         where = step["say"]
         self.say(where)
         for action in substitute(step["do"], self.names):
+            status = int(action.get("status", 200))
             if "make" in action:
                 await self.make(action["make"], int(action.get("exit", 0)), where)
+            elif "approve" in action:
+                await self.approve(session, action["approve"], status, where)
             else:
-                await self.github(session, action["github"], int(action.get("status", 200)), where)
+                await self.github(session, action["github"], status, where)
         arrived = substitute(step.get("arrived", []), self.names)
         await self.expect(step.get("expect", {}), arrived)
         self.compare(step.get("expect", {}), where)
@@ -320,7 +387,9 @@ class Demo:
 
     async def show_escrows(self, session: aiohttp.ClientSession) -> None:
         self.say("GET /v1/escrows")
-        async with session.get(self.url + "/v1/escrows") as response:
+        async with session.get(
+            self.url + "/v1/escrows", headers=self.bearer(READ_SUBJECT)
+        ) as response:
             escrows = {e["escrow"]: e for e in (await response.json())["escrows"]}
         for name, escrow in escrows.items():
             print(
@@ -344,7 +413,9 @@ class Demo:
             try:
                 for step in self.steps["steps"]:
                     await self.play(session, step)
-                async with session.get(self.url + "/v1/actions?status=dead") as response:
+                async with session.get(
+                    self.url + "/v1/actions?status=dead", headers=self.bearer(READ_SUBJECT)
+                ) as response:
                     dead = (await response.json())["actions"]
                 if dead:
                     self.failures.append(f"{len(dead)} action(s) were dead-lettered")
