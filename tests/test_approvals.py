@@ -124,7 +124,7 @@ async def settle() -> None:
 
 
 async def test_an_approval_names_its_item_exactly_when_the_rule_is_per_item(
-    project: Project, start_daemon: Any, receiver: Receiver
+    project: Project, start_daemon: Any, receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:
     gk = await start_daemon(project, env=ENV)
     await post(gk, fact("build", "b1", status="passed", commit="c1"))
@@ -157,8 +157,12 @@ async def test_an_approval_names_its_item_exactly_when_the_rule_is_per_item(
     status, audit = await call(gk, "GET", "/v1/audit?kind=approval", "alice")
     assert status == 200 and audit["entries"] == []
 
-    answer = await approve(gk, "alice", "tower-a/ship", "b1")
+    with caplog.at_level("INFO", logger="gatekeeper"):
+        answer = await approve(gk, "alice", "tower-a/ship", "b1")
     assert answer["item"] == "b1"
+    [logged] = [r for r in caplog.records if r.getMessage().startswith("approval: ")]
+    assert logged.getMessage().startswith("approval: alice approves rule tower-a/ship item b1 ")
+    assert logged.item == "b1"  # type: ignore[attr-defined]  # a field of JSON logs
     assert answer["approvals"]["approved_by"] == ["alice"]
     assert answer["approvals"]["satisfied"] is True
     status, audit = await call(gk, "GET", "/v1/audit?kind=approval", "alice")

@@ -517,13 +517,15 @@ class Writer:
             (seqs,) = await self.commit_and_apply([transition])
             seqs = seqs[len(transition.facts) :]  # the approval's (after facts rules set)
         log.info(
-            "approval: %s %ss rule %s (request %s)",
+            "approval: %s %ss rule %s%s (request %s)",
             approval.subject,
             approval.decision,
             approval.rule_id,
+            f" item {approval.instance}" if approval.instance else "",
             request_id or "-",
             extra={
                 "rule_id": approval.rule_id,
+                "item": approval.instance or None,
                 "approver": approval.subject,
                 "decision": approval.decision,
                 "request_id": request_id,
