@@ -59,6 +59,7 @@ from _common import (
     Targets,
     add_strict_options,
     fact_count,
+    fact_id_of_rule,
     fmt,
     machine_header,
     median,
@@ -335,7 +336,7 @@ def trace_startup(config_path: str, top: int = 20) -> None:
 
 def zen_expression(index: int) -> str:
     """The condition of generated rule ``index`` in zen-engine's expression language."""
-    task = f'task["{index // RULES_PER_FACT}"]'.replace('["', '["T-')
+    task = f'task["{fact_id_of_rule(index)}"]'
     return (
         f'{task}.status == "completed" and {task}.priority >= {index % RULES_PER_FACT} '
         f'and d(now).diff(d({task}.updated_at), "day") >= 1'
@@ -387,17 +388,20 @@ def per_rule_child(what: str, config_path: str) -> None:
 
         gc.collect()
         before = rss_mib()[1]
-        context = {
-            "now": "2026-11-22T12:00:00Z",
-            "task": {f"T-{i}": fact_data(i) for i in range(read)},
-        }
+        tasks = {f"T-{i}": fact_data(i) for i in range(read)}
+
+        def context(index: int) -> dict[str, Any]:
+            # zen-engine converts the whole context at each call: give each rule its fact
+            task_id = fact_id_of_rule(index)
+            return {"now": "2026-11-22T12:00:00Z", "task": {task_id: tasks[task_id]}}
+
         if what == "zen-expressions":
             kept: list[Any] = [zen.compile_expression(zen_expression(i)) for i in range(rule_count)]
-            results = [expression.evaluate(context) for expression in kept]
+            results = [expression.evaluate(context(i)) for i, expression in enumerate(kept)]
         else:
             engine = zen.ZenEngine()
             kept = [engine.create_decision(zen_decision(i)) for i in range(rule_count)]
-            results = [decision.evaluate(context)["result"]["open"] for decision in kept]
+            results = [d.evaluate(context(i))["result"]["open"] for i, d in enumerate(kept)]
         assert not any(results), "no generated rule holds"
     else:
         exec(DAEMON_IMPORTS)
