@@ -14,17 +14,33 @@ tracking) are timed too.
 
 Every figure is the median of several runs measured in this process, with CPU time
 (``time.process_time_ns``), the cases interleaved so that drift hits them alike.
+
+Then the *stored size of a decision* (``--skip-stored`` skips it): for each rule, with 10
+and with 10,000 facts of the kind, ``--stored-facts`` posted facts are planned and
+committed one per transaction with the daemon's store (``open_store`` on a SQLite file in
+a temporary directory), and the file is read back: the bytes per decision of the
+``decisions`` table and its indexes (SQLite's ``dbstat``: pages and payload) and of the
+stored evaluation JSON (average and largest). A collection stores counts and at most
+``MAX_FALSE_IDS`` ids, never the facts it went over, so a decision over 10,000 facts must
+not grow with the facts: target, payload bytes per decision with 10,000 facts ÷ with
+1,000 **<= 1.05** (both past the cap on ids); ÷ with 10 facts **<= 1.2** is printed as
+informational (``all`` lists up to 20 ids there, against 5 with 10 facts).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
+import shutil
+import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from _common import (
@@ -42,8 +58,8 @@ from _common import (
 from gatekeeper.engine.evaluate import Engine, apply_transition
 from gatekeeper.engine.facts import FactTable
 from gatekeeper.engine.ledger import EscrowBook
-from gatekeeper.engine.model import FactInput, InstanceKey, RuleState
-from gatekeeper.expr import compile_condition
+from gatekeeper.engine.model import FactInput, InstanceKey, RuleState, Transition
+from gatekeeper.expr import MAX_FALSE_IDS, compile_condition
 from gatekeeper.rules.loader import load_rule_texts
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -61,9 +77,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", type=int, default=10, help="task facts in the baseline")
     parser.add_argument("--large", type=int, default=10_000, help="task facts in the large case")
+    parser.add_argument(
+        "--middle", type=int, default=1000, help="task facts in the stored-size middle case"
+    )
     parser.add_argument("--facts", type=int, default=2000, help="facts posted per run")
     parser.add_argument("--runs", type=int, default=7, help="runs per figure (median)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the posted facts")
+    parser.add_argument(
+        "--stored-facts", type=int, default=300, help="facts committed per stored-size case"
+    )
+    parser.add_argument("--skip-stored", action="store_true", help="skip the stored-size part")
     add_strict_options(parser)
     return parser.parse_args(argv)
 
@@ -155,6 +178,133 @@ def full_pass_us(function: str, size: int, repeats: int = 20) -> float:
     return (time.process_time_ns() - started) / 1000 / repeats
 
 
+DECISION_OBJECTS = (
+    "decisions",
+    "decisions_rule",
+    "decisions_time",
+    "decisions_instance",
+    "sqlite_autoindex_decisions_1",
+)
+"""The ``decisions`` table and its indexes in the SQLite file (for ``dbstat``)."""
+
+
+async def commit_posts(database: Path, case: Case) -> None:
+    """Commit the ruleset's first evaluation, then plan and commit each fact of ``case``
+    as its own transaction, applying it after the commit, as the daemon does."""
+    from gatekeeper.store import open_store
+
+    store = await open_store(database)
+    try:
+        facts, states, engine = case.facts, case.states, case.engine
+        book = EscrowBook({})
+        approvals: dict[str, dict[str, str]] = {}
+        seed = [
+            FactInput(BENCH_PROJECT, "task", i, dict(facts.get((BENCH_PROJECT, "task", i)) or {}))
+            for i in sorted(facts.of_kind(BENCH_PROJECT, "task"))
+        ]
+        for start in range(0, len(seed), 1000):  # the facts the collection goes over
+            await store.commit_transitions(
+                [Transition(facts=seed[start : start + 1000], planned_at=NOW)]
+            )
+        for fact in case.inputs:
+            transition = engine.plan_ingest(facts, states, [fact], NOW, book)
+            await store.commit_transition(transition)
+            apply_transition(transition, facts, states, approvals, book)
+    finally:
+        await store.close()
+
+
+def stored_sizes(database: Path) -> dict[str, float]:
+    """Bytes per decision in ``database``: table + indexes on disk (pages), their payload,
+    and the evaluation JSON (average, largest)."""
+    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        count = db.execute("SELECT count(*) FROM decisions").fetchone()[0]
+        marks = ",".join("?" * len(DECISION_OBJECTS))
+        pages, payload = db.execute(
+            f"SELECT sum(pgsize), sum(payload) FROM dbstat WHERE name IN ({marks})",
+            DECISION_OBJECTS,
+        ).fetchone()
+        average, largest = db.execute(
+            "SELECT avg(length(evaluation)), max(length(evaluation)) FROM decisions"
+        ).fetchone()
+    finally:
+        db.close()
+    return {
+        "decisions": count,
+        "pages": pages / count,
+        "payload": payload / count,
+        "evaluation": average,
+        "evaluation_max": largest,
+    }
+
+
+def run_stored(args: argparse.Namespace, targets: Targets) -> None:
+    sizes = [args.small, args.middle, args.large]
+    print(
+        f"\n-- stored size of a decision: {args.stored_facts:,} facts committed one per "
+        "transaction (SQLite, the daemon's store), then the file read back"
+    )
+    folder = Path(tempfile.mkdtemp(prefix="gatekeeper-bench-collections-"))
+    rows = []
+    figures: dict[tuple[str, int], dict[str, float]] = {}
+    try:
+        rng = random.Random(args.seed)
+        for function in CONDITIONS:
+            for size in sizes:
+                case = make_case(function, size, args.stored_facts, rng)
+                database = folder / f"{function}-{size}.db"
+                asyncio.run(commit_posts(database, case))
+                stored = figures[(function, size)] = stored_sizes(database)
+                base = figures[(function, args.small)]
+                rows.append(
+                    [
+                        case.name,
+                        f"{stored['decisions']:,.0f}",
+                        f"{stored['pages']:,.0f}",
+                        f"{stored['payload']:,.0f}",
+                        f"{stored['evaluation']:,.0f} / {stored['evaluation_max']:,.0f}",
+                        f"{stored['payload'] / base['payload']:.2f}",
+                    ]
+                )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(
+        table(
+            [
+                "rule",
+                "decisions",
+                "bytes/decision on disk (pages)",
+                "payload",
+                "evaluation JSON avg / max",
+                f"payload ÷ {args.small:,} facts",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"   a collection stores counts and at most MAX_FALSE_IDS ({MAX_FALSE_IDS}) ids of "
+        "facts its element is false for, never the facts"
+    )
+    for function in CONDITIONS:
+        large, middle = figures[(function, args.large)], figures[(function, args.middle)]
+        targets.check(
+            f"stored payload bytes/decision {function}() over {args.large:,} ÷ "
+            f"{args.middle:,} facts (bounded)",
+            large["payload"] / middle["payload"],
+            "<=",
+            1.05,
+        )
+        targets.check(
+            f"stored payload bytes/decision {function}() over {args.large:,} ÷ "
+            f"{args.small:,} facts",
+            large["payload"] / figures[(function, args.small)]["payload"],
+            "<=",
+            1.2,
+            later=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     targets = Targets(strict=args.strict, strict_later=args.strict_later)
@@ -212,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             "<=",
             1.2,
         )
+    if not args.skip_stored:
+        run_stored(args, targets)
     return targets.exit_code()
 
 

@@ -26,6 +26,17 @@ Baselines, measured in the same run: a bare process that imports what the daemon
 facts as plain Python dicts in a bare process (``json.loads`` of each row, keyed by
 ``(project, kind, id)``, as ``Store.load_facts`` builds them); and the raw sizes
 (rule files, facts' JSON, database file). Target: the daemon's peak RSS under 250 MB.
+
+3. *Memory per loaded rule* (``--per-rule-only`` runs only this part): a child process
+   imports what the daemon imports, reads its RSS, then does what the daemon's start does
+   with the rules: ``load_rules_dir`` with a ``RuleFileCache`` and the config, an engine
+   (``Engine.for_config``), a ``FactTable`` of the facts the rules read (``rules/5``), every
+   rule evaluated once and its state applied; after ``gc.collect()`` its RSS again: the
+   growth divided by the number of rules. Same run: the same child with the facts only, and,
+   when the ``zen-engine`` wheel is importable (``zen``), zen-engine's cost of the same
+   conditions (``zen.compile_expression`` of each, over the facts as plain dicts, each
+   evaluated once) and of one decision graph per rule (``ZenEngine.create_decision`` of an
+   input -> expression -> output graph). Target: **<= 2.2 KiB** per rule.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from _common import (
     Targets,
     add_strict_options,
     fact_count,
+    fact_id_of_rule,
     fmt,
     machine_header,
     median,
@@ -63,6 +75,7 @@ from bench_ingest import (
 )
 
 TARGET_PEAK_MB = 250.0
+TARGET_KIB_PER_RULE = 2.2
 MIB = 1024 * 1024
 DAEMON_IMPORTS = "import gatekeeper.cli.main, gatekeeper.runtime.daemon, gatekeeper.http.app"
 
@@ -77,10 +90,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--where", action="store_true", help="also a tracemalloc breakdown of the startup"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--per-rule-only", action="store_true", help="only the memory per loaded rule"
+    )
+    parser.add_argument(
+        "--per-rule-runs", type=int, default=3, help="child processes per per-rule figure"
+    )
     add_strict_options(parser)
     # Internal modes.
     parser.add_argument("--dicts-of", metavar="DB", help=argparse.SUPPRESS)
     parser.add_argument("--trace-config", metavar="YAML", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--per-rule-child", nargs=2, metavar=("WHAT", "YAML"), help=argparse.SUPPRESS
+    )
     return parser.parse_args(argv)
 
 
@@ -312,6 +334,152 @@ def trace_startup(config_path: str, top: int = 20) -> None:
     print(table(["allocated in (file)", "MiB", "blocks"], rows))
 
 
+def zen_expression(index: int) -> str:
+    """The condition of generated rule ``index`` in zen-engine's expression language."""
+    task = f'task["{fact_id_of_rule(index)}"]'
+    return (
+        f'{task}.status == "completed" and {task}.priority >= {index % RULES_PER_FACT} '
+        f'and d(now).diff(d({task}.updated_at), "day") >= 1'
+    )
+
+
+def zen_decision(index: int) -> str:
+    """A JDM graph (input -> expression -> output) deciding generated rule ``index``."""
+    node = {"x": 0, "y": 0}
+    graph = {
+        "nodes": [
+            {"id": "in", "type": "inputNode", "name": "facts", "position": node},
+            {
+                "id": "gate",
+                "type": "expressionNode",
+                "name": f"bench/r{index}",
+                "position": node,
+                "content": {
+                    "expressions": [{"id": "e", "key": "open", "value": zen_expression(index)}]
+                },
+            },
+            {"id": "out", "type": "outputNode", "name": "out", "position": node},
+        ],
+        "edges": [
+            {"id": "a", "sourceId": "in", "targetId": "gate", "type": "edge"},
+            {"id": "b", "sourceId": "gate", "targetId": "out", "type": "edge"},
+        ],
+    }
+    return json.dumps(graph)
+
+
+def per_rule_child(what: str, config_path: str) -> None:
+    """Print JSON ``{"before", "after"}`` (RSS MiB) and ``rules``: the RSS of this process
+    after the daemon's imports (or zen's), then after loading what ``what`` names:
+    ``gatekeeper`` (rules, engine, facts, states), ``facts`` (the facts only),
+    ``zen-expressions`` or ``zen-decisions`` (see the module's docstring)."""
+    import gc
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+    config_file = Path(config_path)
+    rule_count = sum(
+        text.count("\n- id: ") + text.startswith("- id: ")
+        for text in (p.read_text() for p in (config_file.parent / "rules").iterdir())
+    )
+    read = fact_count(rule_count)
+    if what.startswith("zen"):
+        import zen
+
+        gc.collect()
+        before = rss_mib()[1]
+        tasks = {f"T-{i}": fact_data(i) for i in range(read)}
+
+        def context(index: int) -> dict[str, Any]:
+            # zen-engine converts the whole context at each call: give each rule its fact
+            task_id = fact_id_of_rule(index)
+            return {"now": "2026-11-22T12:00:00Z", "task": {task_id: tasks[task_id]}}
+
+        if what == "zen-expressions":
+            kept: list[Any] = [zen.compile_expression(zen_expression(i)) for i in range(rule_count)]
+            results = [expression.evaluate(context(i)) for i, expression in enumerate(kept)]
+        else:
+            engine = zen.ZenEngine()
+            kept = [engine.create_decision(zen_decision(i)) for i in range(rule_count)]
+            results = [d.evaluate(context(i))["result"]["open"] for i, d in enumerate(kept)]
+        assert not any(results), "no generated rule holds"
+    else:
+        exec(DAEMON_IMPORTS)
+        from gatekeeper.config import load_config
+        from gatekeeper.engine.evaluate import Engine, apply_transition
+        from gatekeeper.engine.facts import FactTable
+        from gatekeeper.engine.ledger import EscrowBook
+        from gatekeeper.rules.loader import RuleFileCache, load_rules_dir
+
+        config = load_config(config_file)
+        gc.collect()
+        before = rss_mib()[1]
+        facts = FactTable({(BENCH_PROJECT, "task", f"T-{i}"): fact_data(i) for i in range(read)})
+        if what == "gatekeeper":
+            cache = RuleFileCache()
+            result = load_rules_dir(config.rules_dir, config, cache)
+            if result.ruleset is None:
+                raise SystemExit("\n".join(map(str, result.problems)))
+            engine = Engine.for_config(result.ruleset, config)
+            states: dict[Any, Any] = {}
+            book = EscrowBook(config.escrows)
+            plan = engine.plan_rules(facts, states, result.ruleset.rules, now, "reload")
+            assert not plan.fired, "no generated rule holds"
+            apply_transition(plan, facts, states, {}, book)
+            del plan
+    gc.collect()
+    after = rss_mib()[1]
+    print(json.dumps({"before": before, "after": after, "rules": rule_count}))
+
+
+def per_rule(config: Path, runs: int, targets: Targets) -> None:
+    """The memory per loaded rule (see the module's docstring), medians of ``runs``."""
+    kinds = ["facts", "gatekeeper"]
+    try:
+        import zen  # noqa: F401
+
+        kinds += ["zen-expressions", "zen-decisions"]
+        zen_note = ""
+    except ImportError:
+        zen_note = "   zen-engine: not importable here (pip install zen-engine), not measured"
+    samples: dict[str, list[float]] = {kind: [] for kind in kinds}
+    rules = 0
+    for _ in range(runs):
+        for kind in kinds:
+            command = [sys.executable, str(Path(__file__).resolve()), "--per-rule-child", kind]
+            done = subprocess.run(
+                [*command, str(config)], capture_output=True, text=True, timeout=900, check=False
+            )
+            if done.returncode != 0:
+                raise SystemExit(f"per-rule child {kind} failed:\n{done.stdout}\n{done.stderr}")
+            figures = json.loads(done.stdout.strip().splitlines()[-1])
+            rules = figures["rules"]
+            samples[kind].append(figures["after"] - figures["before"])
+    labels = {
+        "facts": f"baseline: the {fact_count(rules):,} facts the rules read, no rules",
+        "gatekeeper": "gatekeeper: rules (cache, engine, states) + their facts",
+        "zen-expressions": "zen-engine: compile_expression per rule + the facts as dicts",
+        "zen-decisions": "zen-engine: create_decision per rule + the facts as dicts",
+    }
+    rows = []
+    for kind in kinds:
+        grown = median(samples[kind])
+        rows.append(
+            [
+                labels[kind],
+                f"{grown:.1f}",
+                spread(samples[kind]),
+                f"{grown * 1024 / rules:.2f}",
+            ]
+        )
+    print(f"\n-- memory per loaded rule: {rules:,} rules, RSS growth over the imports")
+    print(table(["what", "RSS MiB grown", f"min..max of {runs}", "KiB per rule"], rows))
+    if zen_note:
+        print(zen_note)
+    per = median(samples["gatekeeper"]) * 1024 / rules
+    targets.check("KiB per loaded rule (rules + their facts)", per, "<=", TARGET_KIB_PER_RULE)
+
+
 def short(filename: str) -> str:
     """A file name relative to site-packages, the source tree or the standard library."""
     for marker in ("/site-packages/", "/src/"):
@@ -373,6 +541,7 @@ def run(args: argparse.Namespace) -> int:
         db_bytes = sum(
             p.stat().st_size for p in folder.iterdir() if p.name.startswith("gatekeeper.db")
         )
+        per_rule(config, args.per_rule_runs, targets)
         trace = None
         if args.where:
             done = subprocess.run(
@@ -489,6 +658,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.trace_config is not None:
         trace_startup(args.trace_config)
         return 0
+    if args.per_rule_child is not None:
+        per_rule_child(*args.per_rule_child)
+        return 0
+    if args.per_rule_only:
+        targets = Targets(strict=args.strict, strict_later=args.strict_later)
+        print(machine_header("bench_memory: memory per loaded rule"))
+        folder = Path(tempfile.mkdtemp(prefix="gatekeeper-bench-memory-"))
+        try:
+            config, _ = write_gatekeeper_setup(folder, args.rules, time_rules=True)
+            per_rule(config, args.per_rule_runs, targets)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return targets.exit_code()
     return run(args)
 
 

@@ -37,6 +37,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -64,6 +65,7 @@ from gatekeeper.rules.model import (
     Rule,
     Ruleset,
     SetFactAction,
+    pack_data,
 )
 from gatekeeper.rules.pipelines import pipeline_limit_problems
 from gatekeeper.rules.templates import TEMPLATE_FIELDS, TemplateScope, check_template
@@ -391,16 +393,13 @@ class CheckedRule:
     ``when`` is not valid) and, when the file has no problem of its own, the built ``Rule``."""
 
     prefix: PathParts
-    data: dict[str, Any]
+    data: Mapping[str, Any]
+    """The rule's data as written, packed (``model.pack_data``): the rule's ``source``."""
     line: int
     condition: Condition | None
     rule: Rule | None
-
-    @property
-    def rule_id(self) -> str | None:
-        """The rule's id when it is a string, else None."""
-        value = self.data.get("id")
-        return value if isinstance(value, str) else None
+    rule_id: str | None
+    """The rule's id when it is a string, else None."""
 
 
 @dataclass(frozen=True)
@@ -626,17 +625,22 @@ def _check_file_contents(name: str, text: str, digest: str) -> CheckedFile:
             _check_rule(candidate)
             problems += candidate.problems
             candidates.append(candidate)
-    rules = tuple(
-        CheckedRule(
-            candidate.prefix,
-            candidate.data,
-            doc.position(candidate.prefix)[0],
-            candidate.condition,
-            None if problems else _build_rule(candidate),
-        )
-        for candidate in candidates
-    )
+    rules = tuple(_checked_rule(candidate, build=not problems) for candidate in candidates)
     return CheckedFile(name, text, digest, rules, tuple(problems))
+
+
+def _checked_rule(candidate: _Candidate, *, build: bool) -> CheckedRule:
+    """The ``CheckedRule`` of ``candidate``, with its built ``Rule`` when ``build`` (its
+    file has no problem). The data is packed once, for both."""
+    packed = pack_data(candidate.data)
+    return CheckedRule(
+        candidate.prefix,
+        packed,
+        candidate.doc.position(candidate.prefix)[0],
+        candidate.condition,
+        _build_rule(candidate, packed) if build else None,
+        candidate.rule_id,
+    )
 
 
 def _shape_problem(doc: YamlDocument) -> Problem | None:
@@ -961,39 +965,46 @@ def _duplicate_id_problems(files: list[CheckedFile], docs: _Documents) -> list[P
 # Building
 
 
-def _build_rule(candidate: _Candidate) -> Rule:
-    """The typed ``Rule`` of a candidate that passed every check."""
+def _build_rule(candidate: _Candidate, source: Mapping[str, Any]) -> Rule:
+    """The typed ``Rule`` of a candidate that passed every check; ``source`` is its data as
+    kept (packed)."""
     data = candidate.data
     assert candidate.condition is not None  # set by _check_when for every valid rule
     return Rule(
         id=data["id"],
-        project=data["project"],
+        project=sys.intern(data["project"]),
         description=data.get("description", ""),
         condition=candidate.condition,
-        fire=cast(FireMode, data.get("fire", "once")),
+        fire=cast(FireMode, sys.intern(data.get("fire", "once"))),
         actions=tuple(_build_action(action) for action in data["actions"]),
         approvals=_build_approvals(data.get("approvals")),
         content_hash=rule_content_hash(data),
         file=candidate.doc.file,
         line=candidate.doc.position(candidate.prefix)[0],
-        source=data,
-        for_each=data.get("for_each"),
+        source=source,
+        for_each=_shared(data.get("for_each")),
     )
+
+
+def _shared(value: Any) -> Any:
+    """``value``, one object for all equal strings (``sys.intern``): the names and texts
+    many rules repeat (projects, kinds, targets, templates) are kept once, not per rule."""
+    return sys.intern(value) if isinstance(value, str) else value
 
 
 def _build_action(action: Mapping[str, Any]) -> Action:
     kind, body = next(iter(action.items()))
     if kind == "release":
         fields = ("target", "escrow", "amount", "currency", "payee")
-        return ReleaseAction(**{name: body[name] for name in fields})
+        return ReleaseAction(**{name: _shared(body[name]) for name in fields})
     if kind == "notify":
-        return NotifyAction(target=body["target"], message=body["message"])
+        return NotifyAction(target=_shared(body["target"]), message=_shared(body["message"]))
     if kind == "set_fact":
         return SetFactAction(
-            fact_kind=body["kind"], fact_id=body["id"], data=dict(body.get("data", {}))
+            fact_kind=_shared(body["kind"]), fact_id=body["id"], data=dict(body.get("data", {}))
         )
     return PipelineAction(
-        target=body["target"], ref=body["ref"], inputs=dict(body.get("inputs", {}))
+        target=_shared(body["target"]), ref=body["ref"], inputs=dict(body.get("inputs", {}))
     )
 
 

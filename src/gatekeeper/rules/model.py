@@ -5,8 +5,9 @@ Nothing here parses YAML; see ``loader`` for that.
 
 from __future__ import annotations
 
+import marshal
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -86,6 +87,68 @@ class SetFactAction:
     fact_id: str
     data: Mapping[str, Any] = field(default_factory=dict)
     kind: Literal["set_fact"] = "set_fact"
+
+
+class PackedData(Mapping[str, Any]):
+    """A rule's data as written (a mapping from YAML), kept packed: a read-only mapping
+    equal to the data, unpacked again each time it is read.
+
+    The loader keeps every rule's data for as long as the rule is live (``Rule.source``,
+    the checked-file cache), and as nested dicts, lists and strings it is the largest part
+    of a loaded rule (about 1.5 KB); packed it is a few hundred bytes. The last mapping
+    unpacked is remembered, so reading several keys of one rule unpacks it once; reading
+    a value returns a fresh copy (the packed data cannot be changed through it).
+    ``pack_data`` makes one, or gives back the data when it cannot be packed.
+    """
+
+    __slots__ = ("_packed",)
+
+    def __init__(self, packed: bytes) -> None:
+        self._packed = packed
+
+    def unpacked(self) -> dict[str, Any]:
+        """The data as a new plain dict (nested values new too)."""
+        data: dict[str, Any] = marshal.loads(self._packed)
+        return data
+
+    def _data(self) -> dict[str, Any]:
+        last = _last_unpacked
+        if last[0] is self:
+            return last[1]
+        data = self.unpacked()
+        globals()["_last_unpacked"] = (self, data)
+        return data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data())
+
+    def __len__(self) -> int:
+        return len(self._data())
+
+    def __repr__(self) -> str:
+        return f"PackedData({self.unpacked()!r})"
+
+
+_last_unpacked: tuple[object, dict[str, Any]] = (None, {})
+"""The ``PackedData`` last unpacked and its data (read and replaced as one tuple). Its
+values are handed out by ``PackedData.__getitem__``: a caller that changed one would see
+the change on its next read of the same rule, never in the packed data."""
+
+
+def pack_data(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``data`` packed (see ``PackedData``) when it holds only what ``marshal`` keeps exactly
+    (dicts, lists, strings, numbers, booleans, None; a YAML timestamp does not qualify), else
+    ``data`` itself."""
+    if type(data) is not dict:
+        return data
+    try:
+        packed = marshal.dumps(data)
+    except ValueError:
+        return data
+    return PackedData(packed)
 
 
 Action = ReleaseAction | NotifyAction | PipelineAction | SetFactAction

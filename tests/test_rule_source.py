@@ -1,0 +1,104 @@
+"""A loaded rule keeps its data as written (``Rule.source``) packed: equal to the data, read
+only, and kept as it is when it holds what cannot be packed (a YAML timestamp)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+
+import pytest
+
+from gatekeeper.rules.loader import load_rule_texts
+from gatekeeper.rules.model import PackedData, pack_data
+
+RULES = """\
+- id: site/one
+  project: site
+  when: task["T-1"].status == "done"
+  actions:
+    - notify: {target: chat, message: "T-1 done"}
+    - pipeline: {target: ci, ref: main, inputs: {n: "1"}}
+- id: site/two
+  project: site
+  description: 'two, with a list and numbers'
+  for_each: task
+  when: item.data.hours >= 2.5
+  fire: each_time
+  approvals: {required: 1, from: [alice, bob]}
+  actions:
+    - set_fact: {kind: flag, id: "${item.id}", data: {ok: true, n: 3, x: -0.0, none: null}}
+"""
+
+WRITTEN = [
+    {
+        "id": "site/one",
+        "project": "site",
+        "when": 'task["T-1"].status == "done"',
+        "actions": [
+            {"notify": {"target": "chat", "message": "T-1 done"}},
+            {"pipeline": {"target": "ci", "ref": "main", "inputs": {"n": "1"}}},
+        ],
+    },
+    {
+        "id": "site/two",
+        "project": "site",
+        "description": "two, with a list and numbers",
+        "for_each": "task",
+        "when": "item.data.hours >= 2.5",
+        "fire": "each_time",
+        "approvals": {"required": 1, "from": ["alice", "bob"]},
+        "actions": [
+            {
+                "set_fact": {
+                    "kind": "flag",
+                    "id": "${item.id}",
+                    "data": {"ok": True, "n": 3, "x": -0.0, "none": None},
+                }
+            }
+        ],
+    },
+]
+
+
+def test_the_source_of_loaded_rules_is_packed_and_equal_to_what_was_written() -> None:
+    result = load_rule_texts({"site.yaml": RULES}, config=None)
+    assert result.ruleset is not None, [str(p) for p in result.problems]
+    for rule, written in zip(result.ruleset.rules, WRITTEN, strict=True):
+        assert isinstance(rule.source, PackedData)
+        assert rule.source == written
+        assert dict(rule.source) == written
+        assert list(rule.source) == list(written)  # key order as written
+        assert len(rule.source) == len(written)
+        assert rule.source["id"] == rule.id
+        assert rule.source.get("missing") is None
+    two = result.ruleset.rules[1].source
+    data = two["actions"][0]["set_fact"]["data"]
+    assert data == {"ok": True, "n": 3, "x": -0.0, "none": None}
+    assert type(data["ok"]) is bool and type(data["n"]) is int  # not 1, not 3.0
+
+
+def test_reading_one_rule_then_another_gives_each_its_own_data() -> None:
+    result = load_rule_texts({"site.yaml": RULES}, config=None)
+    assert result.ruleset is not None
+    one, two = result.ruleset.rules
+    assert one.source["id"] == "site/one"
+    assert two.source["id"] == "site/two"
+    assert one.source["id"] == "site/one"
+
+
+def test_packed_data_cannot_be_changed_through_a_copy() -> None:
+    packed = pack_data({"id": "a", "actions": [{"notify": {"target": "t"}}]})
+    assert isinstance(packed, PackedData)
+    copy = packed.unpacked()
+    copy["actions"].append("more")
+    copy["id"] = "b"
+    assert packed.unpacked() == {"id": "a", "actions": [{"notify": {"target": "t"}}]}
+    with pytest.raises(TypeError):
+        packed["id"] = "b"  # type: ignore[index]
+
+
+def test_data_with_a_yaml_timestamp_is_kept_as_it_is() -> None:
+    data = {"id": "a", "at": dt.datetime(2026, 11, 1, 9, 0, tzinfo=dt.UTC), "on": dt.date.today()}
+    kept = pack_data(data)
+    assert kept is data
+    assert isinstance(kept, Mapping)
