@@ -349,6 +349,39 @@ def test_a_reload_records_only_the_instances_it_changes() -> None:
         ("b1", "already_fired"),
         ("b2", "fired"),
     ]
+    # as the daemon reloads: b1 decides nothing new (it fired already), its state records
+    # the new version without a decision; b2 fires
+    t = other.plan_rules(
+        world.facts, world.states, other.ruleset.rules, NOW, "reload", record_first=False
+    )
+    assert [(d.instance, d.outcome) for d in t.decisions] == [("b2", "fired")]
+    assert (
+        t.rule_states[("dev/build-failed", "b1")].rule_hash
+        == other.rules["dev/build-failed"].content_hash
+    )
+
+
+def test_a_new_per_item_rule_over_many_items_keeps_states_not_decisions() -> None:
+    """A per-item rule loaded over existing items: an instance whose condition does not hold
+    gets a state (recording the rule version, so the next reload skips it) and no decision:
+    a rule over 100,000 items does not write 100,000 decisions."""
+    world = World(engine_of(FAILED))
+    world.post(*[build(f"b{n}", "passed", commit=str(n)) for n in range(50)])
+    world.post(build("b50", "failed", commit="50"))
+    other = engine_of(FAILED.replace("failed at", "broke at"))
+    states = {k: v for k, v in world.states.items() if k[1] == "b50"}  # b0..b49: never seen
+    t = other.plan_rules(
+        world.facts, states, other.ruleset.rules, NOW, "reload", record_first=False
+    )
+    assert [(d.instance, d.outcome) for d in t.decisions] == []  # b50 fired already
+    assert len(t.rule_states) == 51
+    world.states.clear()
+    world.states.update(states)
+    world.apply(t)
+    again = other.plan_rules(
+        world.facts, world.states, other.ruleset.rules, NOW, "reload", record_first=False
+    )
+    assert again.decisions == [] and again.rule_states == {}
 
 
 GATED = """
@@ -382,3 +415,32 @@ def test_an_approval_counts_for_the_instance_it_names() -> None:
     rule = world.engine.rules["dev/ship"]
     explained = world.engine.explain(rule, world.facts, None, NOW, world.approvals, item="b2")
     assert explained["approvals"]["approved_by"] == ["alice"]
+
+
+async def test_a_daemon_loading_a_per_item_rule_over_many_items_writes_states_not_decisions(
+    project_factory: Any, start_daemon: Any, receiver: Any
+) -> None:
+    from .conftest import DEPLOY_RULE, fact
+
+    project = project_factory(receiver.url)
+    project.write_rule("deploy.yaml", DEPLOY_RULE)
+    gk = await start_daemon(project)
+    builds = [fact("build", f"b{n}", status="passed", commit=f"c{n}") for n in range(40)]
+    builds.append(fact("build", "b40", status="failed", commit="c40"))
+    status, _ = await gk.post("/v1/facts", {"facts": builds})
+    assert status == 200
+    project.write_rule("builds.yaml", DAEMON_RULE)  # a new rule over 41 existing items
+    assert await gk.daemon.reload()
+    [sent] = await receiver.wait_for(1)
+    assert sent.body["item"]["id"] == "b40"
+    decisions = await gk.daemon.store.list_decisions("tower-a/build-failed", 1000)
+    assert [(d.instance, d.outcome) for d in decisions] == [("b40", "fired")]
+    states = gk.daemon.writer.states
+    assert len([k for k in states if k[0] == "tower-a/build-failed"]) == 41
+    await gk.stop()
+
+    gk = await start_daemon(project)  # the states were stored: nothing to decide again
+    assert await gk.daemon.store.list_decisions("tower-a/build-failed", 1000) == decisions
+    await gk.post("/v1/facts", fact("build", "b7", status="failed", commit="c7"))
+    [fired] = await gk.daemon.store.list_decisions("tower-a/build-failed", 1, instance="b7")
+    assert fired.outcome == "fired"

@@ -376,6 +376,7 @@ class Engine:
         book: EscrowBook | None = None,
         approvals: ApprovalStanding | None = None,
         record_unchanged: bool = True,
+        record_first: bool = True,
     ) -> Transition:
         """Plan evaluating ``rules`` without a new fact (a reload, or the clock moving on):
         every instance of each (every fact of a per-item rule's kind), see
@@ -390,6 +391,7 @@ class Engine:
             book=book,
             approvals=approvals,
             record_unchanged=record_unchanged,
+            record_first=record_first,
             rules={rule.id: rule for rule in rules},
         )
 
@@ -404,6 +406,7 @@ class Engine:
         book: EscrowBook | None = None,
         approvals: ApprovalStanding | None = None,
         record_unchanged: bool = True,
+        record_first: bool = True,
         rules: Mapping[str, Rule] | None = None,
     ) -> Transition:
         """Plan evaluating the rule instances ``keys`` without a new fact (a reload, the
@@ -412,10 +415,14 @@ class Engine:
 
         With ``record_unchanged`` False, a decision is kept only when the gate changed or the
         rule fired (clock ticks would otherwise flood the audit log). The decision of an
-        instance of a per-item rule is kept only then in any case, or when the instance
-        was last evaluated under another version of the rule (or never): a reload of a
-        rule over 100,000 items records what changed, not 100,000 decisions. ``rules`` resolves
-        rule ids (default: this engine's rules)."""
+        instance of a per-item rule is kept only then in any case: a reload of a rule over
+        100,000 items records what changed, not 100,000 decisions. With ``record_first``
+        False (the daemon's reloads), the same holds for an instance evaluated for the first
+        time under this version of the rule: when nothing is decided (no firing, no notice,
+        the gate stays closed or open), it keeps its new state (which records the version,
+        so the next reload skips it) without a decision; ``plan`` and rule tests keep those
+        decisions to show every instance. ``rules`` resolves rule ids (default: this
+        engine's rules)."""
         book = book if book is not None else EscrowBook({})
         rules = rules if rules is not None else self.rules
         transition = Transition(planned_at=now)
@@ -431,16 +438,18 @@ class Engine:
             if len(transition.decisions) == count:
                 continue  # no such instance (its item is gone)
             decision = transition.decisions[-1]
-            unchanged = (
+            quiet = (
                 decision.firing_id is None
                 and decision.notice_id is None
                 and before.notified == transition.rule_states[key].notified
-                and before.gate_open == decision.gate_open
-                and before.rule_hash == rule.content_hash
+                and bool(before.gate_open) == decision.gate_open
             )
+            unchanged = quiet and before.rule_hash == rule.content_hash
             if unchanged and (not record_unchanged or rule.for_each is not None):
                 transition.decisions.pop()
                 transition.rule_states.pop(key, None)
+            elif quiet and not record_first and rule.for_each is not None:
+                transition.decisions.pop()  # new version, nothing decided: the state says it
         if transition.facts:
             self._cascade(transition, facts.overlay(), states, now, book, approvals, 0, 1)
         return transition

@@ -190,6 +190,7 @@ class Rulesets:
                 "reload",
                 book=book.copy(),
                 approvals=writer.approvals,
+                record_first=False,  # a rule over 100,000 items: states, not decisions
             )
             writer.counters.planned("reload", t0, len(changed))
             transition.ruleset = ruleset
