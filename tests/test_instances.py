@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from gatekeeper.engine.deadlines import DeadlineSchedule, instances_of, schedule_rules
-from gatekeeper.engine.evaluate import Engine, apply_transition
+from gatekeeper.engine.evaluate import Engine, apply_transition, instance_paused, rule_paused
 from gatekeeper.engine.facts import FactTable
 from gatekeeper.engine.ledger import EscrowBook
 from gatekeeper.engine.model import AdminAct, FactInput, InstanceKey, RuleState, Stand, Transition
@@ -203,13 +203,67 @@ def test_admin_acts_take_one_instance_or_every_one() -> None:
         engine.plan_admin(
             world.facts, world.states, {}, AdminAct("pause", "dev/red", "o", "r", instance="x"), NOW
         )
-    # without an item: every instance it applies to (b2 is paused already)
+    # without an item: the rule as a whole; every instance is held (b2 was paused already,
+    # so only b1 changes), and so are the instances whose item comes later
     everyone = AdminAct("pause", "dev/red", "ops", "all of them", "dev")
     t = world.apply(engine.plan_admin(world.facts, world.states, {}, everyone, NOW))
     assert [d.instance for d in t.decisions] == ["b1"]
-    assert all(s.paused for s in world.states.values())
+    assert [a.instances for a in t.admin_acts] == [1]
+    assert rule_paused(world.states, "dev/red")
+    assert not world.states[("dev/red", "b1")].paused  # held by its rule, not by its item
+    assert all(instance_paused(world.states, "dev/red", item) for item in ("b1", "b2", "b3"))
     with pytest.raises(ValueError, match="already paused"):
         engine.plan_admin(world.facts, world.states, {}, everyone, NOW)
+    later = world.post(build("b3", "failed"))
+    assert [(d.instance, d.outcome, d.firing_id) for d in later.decisions] == [
+        ("b3", "paused", None)
+    ]
+    assert later.actions == []
+    only_b1 = AdminAct("resume", "dev/red", "ops", "b1 only", "dev", instance="b1")
+    with pytest.raises(ValueError, match="paused as a whole"):
+        engine.plan_admin(world.facts, world.states, {}, only_b1, NOW)
+
+    # resuming the rule lifts its pause; b2, paused by its item, stays paused
+    resume = AdminAct("resume", "dev/red", "ops", "incident over", "dev")
+    t = world.apply(engine.plan_admin(world.facts, world.states, {}, resume, NOW))
+    assert [d.instance for d in t.decisions] == ["b1", "b3"]
+    assert [a.instances for a in t.admin_acts] == [2]
+    assert not rule_paused(world.states, "dev/red")
+    assert [instance_paused(world.states, "dev/red", i) for i in ("b1", "b2", "b3")] == [
+        False,
+        True,
+        False,
+    ]
+    world.post(build("b1", "passed"))
+    [red] = world.post(build("b1", "failed")).decisions
+    assert (red.outcome, red.firing_id) == ("fired", "dev/red[b1]#2")
+    # with the rule not paused as a whole, resume resumes the instances paused by item
+    t = world.apply(engine.plan_admin(world.facts, world.states, {}, resume, NOW))
+    assert [d.instance for d in t.decisions] == ["b2"]
+    assert not any(s.paused for s in world.states.values())
+    with pytest.raises(ValueError, match="not paused, nor any of its instances"):
+        engine.plan_admin(world.facts, world.states, {}, resume, NOW)
+
+
+def test_a_per_item_rule_is_paused_before_it_has_any_instance() -> None:
+    world = World(engine_of(FAILED))
+    engine = world.engine
+    pause = AdminAct("pause", "dev/build-failed", "ops", "bank incident", "dev")
+    t = world.apply(engine.plan_admin(world.facts, world.states, {}, pause, NOW))
+    assert t.decisions == [] and [a.instances for a in t.admin_acts] == [0]
+    assert t.rule_states == {("dev/build-failed", ""): RuleState("dev/build-failed", paused=True)}
+    held = world.post(build("b1", "failed", commit="c1"))
+    assert [(d.outcome, d.firing_id) for d in held.decisions] == [("paused", None)]
+    assert held.actions == []
+    resume = AdminAct("resume", "dev/build-failed", "ops", "bank back", "dev")
+    t = world.apply(engine.plan_admin(world.facts, world.states, {}, resume, NOW))
+    [fired] = t.decisions  # a once instance whose gate opened while paused fires now
+    assert (fired.instance, fired.outcome, fired.firing_id) == (
+        "b1",
+        "fired",
+        "dev/build-failed[b1]#1",
+    )
+    assert [a.payload["message"] for a in t.actions] == ["build b1 failed at c1"]
 
 
 HELD = """

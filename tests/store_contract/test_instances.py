@@ -163,6 +163,26 @@ async def test_the_audit_log_names_instances(store: Store) -> None:
     assert await store.audit(AuditQuery(instance="b2")) == []
 
 
+async def test_an_act_on_a_rule_as_a_whole_keeps_how_many_instances_it_changed(
+    store: Store,
+) -> None:
+    whole = RuleState(RULE, paused=True)  # a per-item rule paused as a whole: instance ""
+    act = AdminAct("pause", RULE, "ops", "bank incident", "dev", instances=3)
+    await store.commit_transition(
+        Transition(admin_acts=[act], rule_states={(RULE, ""): whole}, planned_at=build.at(1))
+    )
+    one = AdminAct("resume", RULE, "ops", "b1 is fine", "dev", instance="b1")
+    await store.commit_transition(Transition(admin_acts=[one], planned_at=build.at(2)))
+    entries = await store.audit(AuditQuery(kinds=("admin_act",)))
+    assert [(e.what, e.instance, e.instances) for e in entries] == [
+        ("resume", "b1", None),
+        ("pause", "", 3),
+    ]
+    assert entries[1].to_json()["instances"] == 3
+    assert "instances" not in entries[0].to_json()
+    assert (await store.load_rule_states())[(RULE, "")] == whole
+
+
 async def test_approvals_of_an_instance_are_kept_apart(store: Store) -> None:
     plain = ApprovalInput("dev/plain", "dev", "alice", "approve")
     one = ApprovalInput(RULE, "dev", "alice", "approve", instance="b1")

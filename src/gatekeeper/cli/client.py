@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from gatekeeper.cli.output import plural
 from gatekeeper.config import Config
 
 TIMEOUT_S = 10.0
@@ -112,8 +113,14 @@ def run_rules_command(args: argparse.Namespace, config: Config) -> int:
     else:
         state = "paused" if view["explanation"]["paused"] else "active"
         name = f"{view['id']}[{view['item']}]" if view.get("item") else view["id"]
+        acted = ""
+        if "acted_on" in view:  # a per-item rule as a whole
+            verb = {"pause": "paused", "resume": "resumed"}.get(args.rules_command, "re-armed")
+            acted = f", {plural(view['acted_on'], 'instance')} {verb}"
+            if args.rules_command != "rearm":
+                acted += f" of {view['instances']}"
         print(
-            f"{name}: {args.rules_command} done; {state}, fired {view['fired_count']} "
+            f"{name}: {args.rules_command} done{acted}; {state}, fired {view['fired_count']} "
             f"time(s), gate {'open' if view['explanation']['gate_open'] else 'closed'}"
         )
     return 0
@@ -210,7 +217,10 @@ def run_audit_command(args: argparse.Namespace, config: Config) -> int:
         rule = entry["rule_id"]
         if entry.get("instance"):
             rule = f"{rule}[{entry['instance']}]"
-        print(f"{entry['at']}  {entry['kind']:<9} {rule}  {entry['what']}{who}{why}")
+        what = entry["what"]
+        if entry.get("instances") is not None:  # an act on a per-item rule as a whole
+            what = f"{what} ({plural(entry['instances'], 'instance')})"
+        print(f"{entry['at']}  {entry['kind']:<9} {rule}  {what}{who}{why}")
     more = (
         " (more: narrow the filters or use --json for next_cursor)" if page["next_cursor"] else ""
     )

@@ -582,7 +582,10 @@ def explain_rule(
     sub-conditions (with the condition's next change). A per-item rule also lists its
     ``instances`` (item ids, at most ``INSTANCES_LISTED``) and how many it has."""
     state = snapshot.states.get((rule.id, item))
-    explanation = engine.explain(rule, snapshot.facts, state, now, snapshot.approvals, item=item)
+    whole = snapshot.states.get((rule.id, "")) if rule.for_each is not None else None
+    explanation = engine.explain(
+        rule, snapshot.facts, state, now, snapshot.approvals, item=item, whole=whole
+    )
     deadlines = clause_deadlines(rule, explanation, snapshot.facts, now)
     changes_at = next_change_at(rule.condition, ProjectFacts(rule.project, snapshot.facts), now)
     return {

@@ -248,11 +248,14 @@ def _add_instances(
     approvals: dict[str, dict[str, str]],
 ) -> None:
     """Add the instance states and standing approvals of the per-item rules of ``rules``
-    from the first page of ``GET /v1/export`` (``states`` keyed ``<rule>[<item>]``)."""
+    from the first page of ``GET /v1/export`` (``states`` keyed ``<rule>[<item>]``; the
+    state of such a rule as a whole, which holds its pause, keyed by the rule id)."""
     per_item = {rule["id"] for rule in rules if "for_each" in rule}
     for row in export.get("rule_states", []):
         if row["rule_id"] in per_item and row.get("instance"):
             states[f"{row['rule_id']}[{row['instance']}]"] = dict(row)
+        elif row["rule_id"] in per_item:
+            states[row["rule_id"]] = dict(row)
     for key, standing in export.get("approvals", {}).items():
         if key.split("[", 1)[0] in per_item and "[" in key:
             approvals[key] = dict(standing)

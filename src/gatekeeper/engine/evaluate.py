@@ -462,12 +462,14 @@ class Engine:
         now: datetime,
         approvals: ApprovalStanding | None = None,
         item: str = "",
+        whole: RuleState | None = None,
     ) -> dict[str, Any]:
         """The rule's current explanation (JSON-ready): gate, sub-conditions, missing facts,
         approvals counted, whether it is paused and how often it fired. ``item`` names the
         instance of a per-item rule (``KeyError`` when it has no such instance; ``""`` for
         a plain rule, or a per-item rule explained without an item: its ``item`` names are
-        missing and ``item`` is None)."""
+        missing and ``item`` is None). ``whole`` is the state of a per-item rule as a whole
+        (its instance ``""``): when it is paused, so is every instance explained."""
         data = self._item_data(rule, item, facts)
         if rule.for_each is not None and item and data is None:
             raise KeyError(f"rule {rule.id} has no instance {item!r}")
@@ -480,7 +482,8 @@ class Engine:
             "gate_open": evaluation.value and standing["satisfied"],
             "condition": evaluation_to_json(evaluation),
             "approvals": standing,
-            "paused": state.paused,
+            "paused": state.paused
+            or (rule.for_each is not None and whole is not None and whole.paused),
             "fired_count": state.fired_count,
             "rearms": state.rearms,
             "last_fired_at": state.last_fired_at,
@@ -542,41 +545,73 @@ class Engine:
         book: EscrowBook | None = None,
     ) -> Transition:
         """Plan an admin act on a rule (pause, resume, rearm) and re-evaluate the rule under
-        its new state: a resumed or re-armed rule whose gate is open fires at once.
+        its new state: a resumed or re-armed rule whose gate is open fires at once. The
+        transition's one admin act carries ``instances``, how many instances of a per-item
+        rule acted on without an item it changed.
 
         ``act.instance`` names one instance of a per-item rule; without it the act applies
-        to the rule's one instance, or to every instance of a per-item rule it applies to.
+        to the rule's one instance, or to a per-item rule as a whole:
+
+        - ``pause`` pauses the rule as a whole (kept as the state of its instance ``""``,
+          ``rule_paused``): every instance, those whose item is posted later too, is
+          evaluated and recorded ``paused`` instead of firing; it works with no instance;
+        - ``resume`` lifts that pause; an instance paused by its item stays paused (its own
+          reason stands). When the rule as a whole is not paused, it resumes every instance
+          paused by its item instead;
+        - ``rearm`` re-arms every instance that fired since it was last armed.
 
         Raises ``KeyError`` when the rule has no instance ``act.instance``, ``ValueError``
         when the act does not apply (re-arming an each_time rule, or a rule that has not
-        fired; pausing a paused rule; resuming a running one; a per-item rule none of whose
-        instances it applies to)."""
+        fired; pausing a paused rule; resuming a running one; resuming an instance that is
+        paused only with its rule as a whole; re-arming a per-item rule none of whose
+        instances fired)."""
         rule = self.rules[act.rule_id]
+        per_item = rule.for_each is not None
+        whole_key = (rule.id, "")
+        whole = states.get(whole_key) or RuleState(rule.id)
         if act.instance is not None and act.instance != "":
             if self._item_data(rule, act.instance, facts) is None:
                 raise KeyError(f"rule {rule.id} has no instance {act.instance!r}")
+            key = (rule.id, act.instance)
+            state = states.get(key) or RuleState(rule.id, instance=act.instance)
+            if act.act == "resume" and not state.paused and whole.paused:
+                raise ValueError(
+                    f"rule {rule.id}[{act.instance}] is not paused by its item; the rule is "
+                    "paused as a whole (resume it without an item)"
+                )
             items = [act.instance]
         else:
             items = self.instances(rule, facts)
-        per_item = rule.for_each is not None
         transition = Transition(admin_acts=[act], planned_at=now)
         book = book if book is not None else EscrowBook({})
         entry = _Entry(rule, rule.project)
         acted = []
-        refusal: ValueError | None = None
-        for item in items:
-            key = (rule.id, item)
-            try:
-                state = _acted(rule, act, states.get(key) or RuleState(rule.id, instance=item))
-            except ValueError as exc:
-                if not per_item or act.instance:
-                    raise
-                refusal = refusal or exc
-                continue
-            transition.rule_states[key] = state
-            acted.append(item)
-        if not acted:
-            raise refusal or ValueError(f"rule {rule.id} has no instance yet")
+        if per_item and not act.instance and act.act == "pause":
+            # the rule as a whole: its instances (and those to come) read it
+            transition.rule_states[whole_key] = _acted(rule, act, whole)
+            acted = [item for item in items if not _paused_state(states, (rule.id, item))]
+        elif per_item and not act.instance and act.act == "resume" and whole.paused:
+            transition.rule_states[whole_key] = _acted(rule, act, whole)
+            acted = [item for item in items if not _paused_state(states, (rule.id, item))]
+        else:
+            refusal: ValueError | None = None
+            for item in items:
+                key = (rule.id, item)
+                try:
+                    state = _acted(rule, act, states.get(key) or RuleState(rule.id, instance=item))
+                except ValueError as exc:
+                    if not per_item or act.instance:
+                        raise
+                    refusal = refusal or exc
+                    continue
+                transition.rule_states[key] = state
+                acted.append(item)
+            if not acted:
+                if act.act == "resume" and per_item:
+                    raise ValueError(f"rule {rule.id} is not paused, nor any of its instances")
+                raise refusal or ValueError(f"rule {rule.id} has no instance yet")
+        if per_item and not act.instance:
+            transition.admin_acts = [replace(act, instances=len(acted))]
         for item in acted:
             self._decide(
                 transition, entry, item, facts, states, now, "admin", None, book, approvals
@@ -630,6 +665,10 @@ class Engine:
             )
             gate_open = value and bool(approvals["satisfied"])
         outcome = _outcome(entry.fire, state, value, gate_open, trigger)
+        if outcome == "fired" and for_each is not None:
+            whole = transition.rule_states.get((rule_id, "")) or states.get((rule_id, ""))
+            if whole is not None and whole.paused:  # paused as a whole (rule_paused)
+                outcome = "paused"
         decided_at = _format_now(now)
         firing_id = None
         reason = None
@@ -909,6 +948,25 @@ def _outcome(
     if fire == "each_fact" and trigger != "fact":
         return "still_met"  # an event rule fires only at a fact that triggers it
     return "paused" if state.paused else "fired"
+
+
+def rule_paused(states: Mapping[InstanceKey, RuleState], rule_id: str) -> bool:
+    """Whether rule ``rule_id`` is paused as a whole: for a per-item rule, an admin paused
+    it without naming an item, which holds every instance, present and to come (kept as
+    the state of its instance ``""``, which a per-item rule never evaluates)."""
+    whole = states.get((rule_id, ""))
+    return whole is not None and whole.paused
+
+
+def instance_paused(states: Mapping[InstanceKey, RuleState], rule_id: str, item: str) -> bool:
+    """Whether instance ``item`` of rule ``rule_id`` is paused: by its item, or with its
+    rule as a whole (``rule_paused``)."""
+    return _paused_state(states, (rule_id, item)) or rule_paused(states, rule_id)
+
+
+def _paused_state(states: Mapping[InstanceKey, RuleState], key: InstanceKey) -> bool:
+    state = states.get(key)
+    return state is not None and state.paused
 
 
 def _acted(rule: Rule, act: AdminAct, state: RuleState) -> RuleState:

@@ -138,7 +138,10 @@ class AdminAct:
     project: str = ""
     instance: str | None = None
     """The item id of the one instance acted on (per-item rules); None acts on the rule:
-    its one instance, or every instance of a per-item rule."""
+    its one instance, or a per-item rule as a whole (see ``Engine.plan_admin``)."""
+    instances: int | None = None
+    """How many instances of a per-item rule an act without ``instance`` changed (paused,
+    resumed, re-armed; set by ``Engine.plan_admin``); None otherwise."""
 
 
 @dataclass(frozen=True)

@@ -370,7 +370,9 @@ _ADMIN_ACT_DECODER = msgspec.json.Decoder(m.AdminActRequest)
 async def post_rule_act(request: web.Request) -> web.Response:
     """``POST /v1/rules/{id}/pause|resume|rearm`` with ``{"reason": ..., "item": ...}``
     (``reason`` required; ``item`` acts on one instance of a per-item rule: 400 on a rule
-    without ``for_each``, 404 for an item it has no instance of)."""
+    without ``for_each``, 404 for an item it has no instance of). Answers the rule's view;
+    an act on a per-item rule as a whole adds ``acted_on`` (how many instances it
+    changed)."""
     daemon = daemon_of(request)
     rule_id, act = request.match_info["rule_id"], request.match_info["act"]
     try:
@@ -393,14 +395,17 @@ async def post_rule_act(request: web.Request) -> web.Response:
         admin_act = AdminAct(
             cast(AdminActName, act), rule_id, actor(request), reason, rule.project, item
         )
-        await daemon.administer(admin_act)
+        acted = await daemon.administer(admin_act)
     except UnknownRule:
         raise ApiError(404, f"no rule {rule_id!r} in the active ruleset") from None
     except UnknownInstance:
         raise unknown_instance(rule, item or "") from None
     except ValueError as exc:
         raise ApiError(409, str(exc)) from None
-    return respond(await rule_detail(daemon, rule_id, 20, item))
+    detail = await rule_detail(daemon, rule_id, 20, item)
+    if "acted_on" in acted:  # a per-item rule as a whole: how many instances changed
+        detail = msgspec.structs.replace(detail, acted_on=acted["acted_on"])
+    return respond(detail)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -496,6 +496,14 @@ class RuleSummary(Model):
     fired_count: Count
     last_fired_at: Timestamp | None
     gate_open: Annotated[bool | None, Meta(description="null: never evaluated.")]
+    paused: Annotated[
+        bool,
+        Meta(
+            description="An admin paused the rule (evaluated, never fired). A per-item rule "
+            "without `item`: paused as a whole (every instance, those to come too); with "
+            "`item`: that instance is paused, by its item or with its rule."
+        ),
+    ]
     for_each: str | UnsetType = UNSET
     instances: Annotated[int, Meta(ge=0)] | UnsetType = UNSET
     item: str | UnsetType = UNSET
@@ -514,13 +522,14 @@ class InstanceRow(Model):
             description="Where the instance stands: new (never evaluated), armed (gate "
             "closed: fires when its condition holds and its approvals are satisfied), open "
             "(gate open: an each_time or each_fact instance that fired when it opened), fired "
-            "(a once instance that fired and was not re-armed), paused (an admin paused it)."
+            "(a once instance that fired and was not re-armed), paused (an admin paused it, "
+            "or its rule as a whole)."
         ),
     ]
     gate_open: Annotated[bool | None, Meta(description="null: never evaluated.")]
     fired_count: Count
     last_fired_at: Timestamp | None
-    paused: bool
+    paused: Annotated[bool, Meta(description="Paused by its item, or with its rule as a whole.")]
     rearms: Count
 
 
@@ -556,6 +565,17 @@ class Rule(RuleSummary, kw_only=True):
             Meta(
                 description="A per-item rule shown without `item`: a page of its instances with "
                 "their states (`instances_limit`, `cursor`)."
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+    acted_on: (
+        Annotated[
+            int,
+            Meta(
+                ge=0,
+                description="The answer to an admin act on a per-item rule without `item`: "
+                "how many of its instances the act changed (paused, resumed, re-armed).",
             ),
         ]
         | UnsetType
@@ -758,6 +778,17 @@ class AuditEntry(Model):
     instance: Annotated[
         str | UnsetType, Meta(description="The item id of the instance (per-item rules).")
     ] = UNSET
+    instances: (
+        Annotated[
+            int,
+            Meta(
+                ge=0,
+                description="An admin act on a per-item rule as a whole (no item): how many "
+                "of its instances it paused, resumed or re-armed.",
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class AuditPage(Model):

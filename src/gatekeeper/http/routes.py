@@ -197,9 +197,14 @@ ROUTES: tuple[Route, ...] = (
         description="A paused rule is evaluated and explained but does not fire. Re-arming a "
         "once rule that fired lets it fire once more. The rule is re-evaluated at once: a "
         "resumed or re-armed rule whose gate is open fires. On a per-item rule (`for_each`) "
-        "the act applies to every instance it applies to, or with `item` in the body to that "
-        "one instance (400 on a rule without `for_each`, 404 for an item the rule has no "
-        "instance of); the audit entry names the item.",
+        "without `item`, pause and resume act on the rule as a whole: a paused rule holds "
+        "every instance, those whose item comes later too (it can be paused before it has "
+        "any); resume lifts it, and an instance paused by its item stays paused (when the "
+        "rule is not paused as a whole, resume resumes the instances paused by item); rearm "
+        "re-arms every instance that fired. The answer's `acted_on` and the audit entry's "
+        "`instances` say how many instances the act changed. With `item` in the body the act "
+        "applies to that one instance (400 on a rule without `for_each`, 404 for an item "
+        "the rule has no instance of); the audit entry names the item.",
         parameters=(
             RULE_ID,
             {

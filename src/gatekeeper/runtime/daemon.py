@@ -265,12 +265,16 @@ class Daemon:
     async def administer(self, act: AdminAct) -> dict[str, Any]:
         """Carry out an admin act on a rule (pause, resume, rearm), audited with who and why,
         and re-evaluate the rule under its new state. Returns the rule's view (of the
-        instance ``act.instance`` names, when it names one).
+        instance ``act.instance`` names, when it names one); an act on a per-item rule as a
+        whole adds ``acted_on``, how many of its instances it changed.
 
         Raises ``UnknownRule``, ``UnknownInstance`` (a per-item rule with no instance
         ``act.instance``), or ``ValueError`` when the act does not apply."""
-        rule = await self.writer.administer(act)
-        return views.rule_view(self.writer, rule, explain=True, item=act.instance or None)
+        rule, recorded = await self.writer.administer(act)
+        view = views.rule_view(self.writer, rule, explain=True, item=act.instance or None)
+        if recorded.instances is not None:
+            view["acted_on"] = recorded.instances
+        return view
 
     async def retry_action(
         self, action_id: str, *, actor: str, reason: str | None

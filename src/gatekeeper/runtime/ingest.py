@@ -534,11 +534,13 @@ class Writer:
         log_firings(transition)
         return IngestResult(seqs, request_id, replayed=False)
 
-    async def administer(self, act: AdminAct) -> Rule:
+    async def administer(self, act: AdminAct) -> tuple[Rule, AdminAct]:
         """Carry out an admin act on a rule (pause, resume, rearm), audited with who and why,
-        and re-evaluate the rule under its new state. Returns the rule.
+        and re-evaluate the rule under its new state. Returns the rule and the act as
+        recorded (``instances``: how many instances of a per-item rule it changed).
 
-        ``act.instance`` names one instance of a per-item rule (None: every instance).
+        ``act.instance`` names one instance of a per-item rule (None: the rule as a whole,
+        see ``Engine.plan_admin``).
         Raises ``UnknownRule``, ``UnknownInstance`` (no such item), or ``ValueError`` when
         the act does not apply."""
         async with self.lock:
@@ -555,21 +557,24 @@ class Writer:
                 raise UnknownInstance(str(exc.args[0])) from None
             self.counters.planned("admin", t0, len(transition.decisions))
             await self.commit_and_apply([transition])
+        [act] = transition.admin_acts
         log.warning(
-            "admin: %s %s rule %s: %s",
+            "admin: %s %s rule %s%s: %s",
             act.actor,
             act.act,
             act.rule_id,
+            "" if act.instances is None else f" ({act.instances} instance(s))",
             act.reason,
             extra={
                 "actor": act.actor,
                 "act": act.act,
                 "rule_id": act.rule_id,
                 "reason": act.reason,
+                **({} if act.instances is None else {"instances": act.instances}),
             },
         )
         log_firings(transition)
-        return rule
+        return rule, act
 
 
 def _answer_after(first: _IngestJob, job: _IngestJob) -> None:

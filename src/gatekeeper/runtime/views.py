@@ -9,11 +9,12 @@ take a ``visible(project)`` predicate.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
 from gatekeeper.config import Escrow
-from gatekeeper.engine.evaluate import Engine
+from gatekeeper.engine.evaluate import Engine, rule_paused
 from gatekeeper.engine.model import FactKey, RuleState
 from gatekeeper.rules.loader import load_rule_texts
 from gatekeeper.rules.model import Rule, SetFactAction
@@ -36,10 +37,13 @@ def rule_view(
     A per-item rule (``for_each``) also shows ``for_each`` and ``instances`` (how many it
     has); its state is that of instance ``item`` when given (``item`` then names it; a
     ``KeyError`` when there is no such instance), else the sum of its instances' firings
-    (``gate_open`` null) and an explanation without an item."""
+    (``gate_open`` null) and an explanation without an item. ``paused``: the rule is
+    paused (a per-item rule without ``item``: as a whole; with it: that instance, by its
+    item or with its rule)."""
     state = None
     fired_count = 0
     last_fired_at = None
+    whole = writer.states.get((rule.id, "")) if rule.for_each is not None else None
     if rule.for_each is None:
         state = writer.states.get((rule.id, ""))
     elif item:
@@ -73,6 +77,7 @@ def rule_view(
         "fired_count": fired_count,
         "last_fired_at": last_fired_at,
         "gate_open": state.gate_open if state else None,
+        "paused": (state is not None and state.paused) or (whole is not None and whole.paused),
     }
     if rule.for_each is not None:
         view["for_each"] = rule.for_each
@@ -82,7 +87,13 @@ def rule_view(
     if explain:
         view["source"] = dict(rule.source)
         view["explanation"] = writer.live_engine().explain(
-            rule, writer.facts, state, writer.clock.now(), writer.approvals, item=item or ""
+            rule,
+            writer.facts,
+            state,
+            writer.clock.now(),
+            writer.approvals,
+            item=item or "",
+            whole=whole,
         )
     return view
 
@@ -106,17 +117,21 @@ def instances_view(
     its state (``gate_open`` null: never evaluated), at most ``limit``, those after item id
     ``after``; ``next_cursor`` is the last item id of a full page (None on the last page).
     A rule without ``for_each`` has the one instance ``""``. Each row's ``state`` says in a
-    word where the instance stands (``instance_status``)."""
+    word where the instance stands (``instance_status``); a per-item rule paused as a whole
+    shows every instance ``paused``."""
     if rule.for_each is None:
         ids = [""]
     else:
         ids = sorted(writer.facts.of_kind(rule.project, rule.for_each))
+    held = rule.for_each is not None and rule_paused(writer.states, rule.id)
     if after is not None:
         ids = [i for i in ids if i > after]
     page = ids[:limit]
     rows = []
     for item in page:
         state = writer.states.get((rule.id, item)) or RuleState(rule.id, instance=item)
+        if held and not state.paused:
+            state = replace(state, paused=True)
         rows.append(
             {
                 "item": item,
@@ -142,11 +157,12 @@ INSTANCE_STATUSES = ("new", "armed", "open", "fired", "paused")
 
 
 def instance_status(rule: Rule, state: RuleState) -> str:
-    """Where one instance stands, in a word: ``paused`` (an admin paused it: evaluated, never
-    fired), ``new`` (never evaluated), ``fired`` (a ``once`` instance that fired and was not
-    re-armed: it fires no more), ``open`` (its gate is open: an ``each_time`` or
-    ``each_fact`` instance that fired on the gate's opening), else ``armed`` (its gate is
-    closed: it fires when its condition holds and its approvals are satisfied)."""
+    """Where one instance stands, in a word: ``paused`` (an admin paused it, or its rule as
+    a whole: evaluated, never fired), ``new`` (never evaluated), ``fired`` (a ``once``
+    instance that fired and was not re-armed: it fires no more), ``open`` (its gate is
+    open: an ``each_time`` or ``each_fact`` instance that fired on the gate's opening), else
+    ``armed`` (its gate is closed: it fires when its condition holds and its approvals are
+    satisfied)."""
     if state.paused:
         return "paused"
     if state.gate_open is None:

@@ -242,6 +242,9 @@ class AuditEntry:
     instance: str = ""
     """The item id of the instance of a per-item rule the entry is about (shown only
     then)."""
+    instances: int | None = None
+    """An admin act on a per-item rule as a whole: how many of its instances it changed
+    (shown only then)."""
 
     @property
     def cursor(self) -> AuditCursor:
@@ -249,7 +252,10 @@ class AuditEntry:
         return AuditCursor(self.at, self.kind, self.id)
 
     def to_json(self) -> dict[str, Any]:
-        return record_json(self, omit=() if self.instance else ("instance",))
+        omit = () if self.instance else ("instance",)
+        if self.instances is None:
+            omit = (*omit, "instances")
+        return record_json(self, omit=omit)
 
 
 @dataclass(frozen=True, slots=True)

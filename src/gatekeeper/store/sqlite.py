@@ -197,14 +197,14 @@ def _outbox_where(only: OutboxFilter | None) -> tuple[str, list[Any]]:
 _AUDIT_UNION = (
     "SELECT 'decision' AS kind, id, decided_at AS at, rule_id, project, outcome AS what,"
     " NULL AS actor, reason, firing_id, fact_seq, request_id, trigger, project AS scope,"
-    " instance FROM decisions"
+    " instance, NULL AS instances FROM decisions"
     " UNION ALL SELECT 'admin_act', id, at, subject, project, act, actor, reason, NULL, NULL,"
     " NULL, NULL, COALESCE(project, CASE WHEN act = 'retry_action' THEN"
     " (SELECT json_extract(outbox.payload, '$.project') FROM outbox"
-    " WHERE outbox.action_id = admin_acts.subject) END), instance FROM admin_acts"
+    " WHERE outbox.action_id = admin_acts.subject) END), instance, instances FROM admin_acts"
     " UNION ALL SELECT 'approval', seq, received_at, json_extract(data, '$.rule'), project,"
     " json_extract(data, '$.decision'), id, json_extract(data, '$.comment'), NULL, seq,"
-    " request_id, NULL, project, COALESCE(json_extract(data, '$.instance'), '')"
+    " request_id, NULL, project, COALESCE(json_extract(data, '$.instance'), ''), NULL"
     " FROM fact_log WHERE kind = 'approval'"
 )
 """Every audit entry in one shape. ``scope`` is the project that decides who may see the
@@ -708,10 +708,19 @@ class SqliteStore:
             written.last = seqs[-1]
         if t.admin_acts:
             db.executemany(
-                "INSERT INTO admin_acts (at, actor, act, subject, reason, project, instance)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO admin_acts (at, actor, act, subject, reason, project, instance,"
+                " instances) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (now, a.actor, a.act, a.rule_id, a.reason, a.project or None, a.instance or "")
+                    (
+                        now,
+                        a.actor,
+                        a.act,
+                        a.rule_id,
+                        a.reason,
+                        a.project or None,
+                        a.instance or "",
+                        a.instances,
+                    )
                     for a in t.admin_acts
                 ],
             )
@@ -1123,7 +1132,7 @@ class SqliteStore:
         where, params = _audit_where(query)
         rows = await self._rows(
             "SELECT kind, id, at, rule_id, project, what, actor, reason, firing_id, fact_seq,"
-            f" request_id, trigger, instance FROM ({_AUDIT_UNION}) AS entries{where}"
+            f" request_id, trigger, instance, instances FROM ({_AUDIT_UNION}) AS entries{where}"
             " ORDER BY at DESC, kind DESC, id DESC LIMIT ?",
             (*params, query.limit),
         )
