@@ -411,3 +411,24 @@ def test_the_check_and_the_engine_agree_on_two_rules(fire: str) -> None:
     world = world_of(a, b, c)
     t = world.post(FactInput("p", "x", "one", {"v": 1}))
     assert all(d.reason is None or not d.reason.startswith("loop:") for d in t.decisions)
+
+
+def test_an_instance_decided_against_a_level_takes_the_chain_that_leads_back_to_it() -> None:
+    """At the last level the gate is reopened by its own chain (light) and, later in the
+    level, triggered by another chain (tick): it is still the loop's second firing."""
+    gate = GATE.replace("light.l.lit == true", "light.l.lit == true and len(tick) >= 0")
+    n1 = rule("p/n1", "noise.n.v == 1", "{kind: d1, id: one, data: {v: 1}}", fire="each_time")
+    n2 = rule("p/n2", "len(d1) > 0", "{kind: d2, id: one, data: {v: 1}}")
+    n3 = rule("p/n3", "len(d2) > 0", "{kind: tick, id: one, data: {v: 1}}")
+    world = world_of(gate, OFF, ON, n1, n2, n3)
+    t = world.post(
+        FactInput("p", "light", "l", {"lit": True}), FactInput("p", "noise", "n", {"v": 1})
+    )
+    last_level = [f.key[1] for f in t.facts if f.caused_by and f.caused_by.depth == 3]
+    assert last_level == ["light", "tick"]
+    gate_decisions = [(d.outcome, d.reason) for d in t.decisions if d.rule_id == "p/gate"]
+    assert gate_decisions == [
+        ("fired", None),
+        ("not_met", None),
+        ("blocked", "loop: p/gate already fired in this chain (p/gate -> p/off -> p/on -> p/gate)"),
+    ]

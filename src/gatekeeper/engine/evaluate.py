@@ -424,22 +424,8 @@ class Engine:
         fired_after: dict[str, Chain],
     ) -> None:
         """``_decide`` for a fact of a cascade whose firing chain is ``chain``; a firing it
-        makes is entered in ``fired_after`` with that chain."""
-        if not chain:  # a fact from outside: nothing to guard
-            self._decide(
-                transition,
-                entry,
-                item,
-                facts,
-                states,
-                now,
-                trigger,
-                fact_index,
-                book,
-                standing,
-                depth,
-            )
-            return
+        makes is entered in ``fired_after`` with that chain (a firing by a fact from
+        outside, with no chain, need not be: the default is no chain)."""
         count = len(transition.decisions)
         self._decide(
             transition,
@@ -455,7 +441,7 @@ class Engine:
             depth,
             chain,
         )
-        if len(transition.decisions) > count:
+        if chain and len(transition.decisions) > count:
             firing_id = transition.decisions[-1].firing_id
             if firing_id is not None:
                 fired_after[firing_id] = chain
