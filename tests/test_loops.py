@@ -432,3 +432,18 @@ def test_an_instance_decided_against_a_level_takes_the_chain_that_leads_back_to_
         ("not_met", None),
         ("blocked", "loop: p/gate already fired in this chain (p/gate -> p/off -> p/on -> p/gate)"),
     ]
+
+
+def test_a_long_loop_is_found_once_and_named_short() -> None:
+    count = 2000
+    files = {
+        f"r{n:04d}.yaml": rule(
+            f"p/r{n}", f"k{n}.x.v == 1", f"{{kind: k{(n + 1) % count}, id: x, data: {{v: 1}}}}"
+        )
+        for n in range(count)
+    }
+    [problem] = load_rule_texts(files, None).problems
+    assert problem.file == "r0000.yaml"
+    cycle = problem.message.split("in a loop: ")[1].split(";")[0]
+    shown = [f"p/r{n}" for n in range(11)]
+    assert cycle == " -> ".join([*shown, "... (1,989 more rules)", "p/r0"])

@@ -1036,6 +1036,9 @@ class LoopRule:
         return ids is not None and ("$" in fact_id or fact_id.strip() in ids)
 
 
+MAX_LOOP_RULES_SHOWN = 12
+"""The most rules of one loop its problem names; a longer loop is shortened with ``...``."""
+
 LoopEdge = tuple[int, int, int]
 """A set_fact feeding a rule: (index of the setting rule, index of the action in that rule's
 ``LoopRule.sets``, index of the rule it triggers)."""
@@ -1049,9 +1052,9 @@ def _loop_problems(files: Sequence[CheckedFile], docs: _Documents) -> list[Probl
     """A problem for each loop of rules feeding each other through set_fact (see
     ``loop_cycles``), at the ``kind`` of the set_fact action of its first rule (in file
     order) that feeds the next rule of the cycle."""
+    if not any(_sets_a_fact(rule.data) for file in files for rule in file.rules):
+        return []  # the usual ruleset: nothing to walk
     nodes = [node for file in files for rule in file.rules if (node := LoopRule.of(file, rule))]
-    if not any(node.sets for node in nodes):
-        return []
     problems = []
     for rules, edges in loop_cycles(nodes):
         start = nodes[rules[0]]
@@ -1082,9 +1085,11 @@ def loop_cycles(nodes: Sequence[LoopRule]) -> list[LoopCycle]:
       items come round unchanged and their instances, which fired already, fire no more.
 
     Each ``each_fact`` and ``each_time`` rule on a cycle is on a reported loop (the shortest
-    through it), and so is each new-id set_fact of an all-``once`` loop; a cycle found
-    twice is reported once. The cost is one breadth-first search per such rule or action,
-    over the rules that set facts and those they feed.
+    through it, unless it is on one found already), and so is each new-id set_fact of an
+    all-``once`` loop; a cycle found twice is reported once. The cost: the edges, one
+    pass to find the strongly connected components (a cycle lies inside one), then one
+    breadth-first search inside its component per such rule or set_fact not on a loop
+    found already (a ring of 10,000 rules is one search).
     """
     set_kinds = {(node.project, kind) for node in nodes for _, kind, _ in node.sets}
     by_kind: dict[tuple[str, str], list[int]] = {}
@@ -1101,6 +1106,9 @@ def loop_cycles(nodes: Sequence[LoopRule]) -> list[LoopCycle]:
             for target in by_kind.get((node.project, kind), ()):
                 if target != source and nodes[target].triggered_by(kind, fact_id):
                     edges[source].append((source, position, target))
+    # a cycle stays inside one strongly connected component: keep the edges inside one
+    component = _components(edges)
+    edges = [[e for e in out if component[e[2]] == component[e[0]]] for out in edges]
 
     def item_edge(edge: LoopEdge) -> bool:
         source, target = nodes[edge[0]], nodes[edge[2]]
@@ -1108,18 +1116,77 @@ def loop_cycles(nodes: Sequence[LoopRule]) -> list[LoopCycle]:
         return source.fire == "once" and target.fire == "once" and target.for_each == kind
 
     found: dict[tuple[int, ...], LoopCycle] = {}
+    on_found: set[int] = set()  # the rules on a cycle found: one through each is enough
     for index, node in enumerate(nodes):
-        if node.fire != "once" and edges[index]:
+        if node.fire != "once" and edges[index] and index not in on_found:
             path = _shortest_path(edges, index, index, None)
             if path is not None:
                 _keep(found, path)
+                on_found.update(edge[0] for edge in path)
+    edges_found = {edge for _, cycle in found.values() for edge in cycle}
     for source_edges in edges:
         for edge in source_edges:
-            if item_edge(edge) and _new_id(nodes, edge):
+            if edge not in edges_found and item_edge(edge) and _new_id(nodes, edge):
                 rest = _shortest_path(edges, edge[2], edge[0], item_edge)
                 if rest is not None:
                     _keep(found, [edge, *rest])
+                    edges_found.update(rest)
     return sorted(found.values(), key=lambda cycle: cycle[0][0])
+
+
+def _sets_a_fact(data: Mapping[str, Any]) -> bool:
+    """Whether the rule mapping ``data`` has a ``set_fact`` action."""
+    actions = data.get("actions")
+    return isinstance(actions, list) and any(
+        isinstance(action, dict) and "set_fact" in action for action in actions
+    )
+
+
+def _components(edges: Sequence[Sequence[LoopEdge]]) -> list[int]:
+    """The strongly connected component of each rule (a number per component), by
+    Tarjan's algorithm without recursion (a chain of 10,000 rules is no problem)."""
+    count = len(edges)
+    index = [-1] * count
+    low = [0] * count
+    component = [-1] * count
+    on_stack = [False] * count
+    stack: list[int] = []
+    counter = 0
+    components = 0
+    for root in range(count):
+        if index[root] != -1:
+            continue
+        work = [(root, 0)]
+        while work:
+            node, position = work.pop()
+            if position == 0:
+                index[node] = low[node] = counter
+                counter += 1
+                stack.append(node)
+                on_stack[node] = True
+            out = edges[node]
+            while position < len(out):
+                target = out[position][2]
+                position += 1
+                if index[target] == -1:
+                    work.append((node, position))
+                    work.append((target, 0))
+                    break
+                if on_stack[target]:
+                    low[node] = min(low[node], index[target])
+            else:
+                if low[node] == index[node]:
+                    while True:
+                        member = stack.pop()
+                        on_stack[member] = False
+                        component[member] = components
+                        if member == node:
+                            break
+                    components += 1
+                if work:
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[node])
+    return component
 
 
 def _keep(found: dict[tuple[int, ...], LoopCycle], edges: list[LoopEdge]) -> None:
@@ -1178,7 +1245,11 @@ def loop_message(nodes: Sequence[LoopRule], cycle: LoopCycle) -> str:
         feeds = f"the for_each kind of rule {following.id!r}"
     else:
         feeds = f"which rule {following.id!r} reads"
-    path = " -> ".join([*(nodes[r].id for r in rules), start.id])
+    names = [nodes[r].id for r in rules]
+    if len(names) > MAX_LOOP_RULES_SHOWN:
+        more = len(names) - MAX_LOOP_RULES_SHOWN + 1
+        names = [*names[: MAX_LOOP_RULES_SHOWN - 1], f"... ({more:,} more rules)"]
+    path = " -> ".join([*names, start.id])
     again = [nodes[r] for r in rules if nodes[r].fire != "once"]
     if again and again[0].fire == "each_fact":
         why = f"{again[0].id} fires again at each fact that comes round (fire: each_fact)"
