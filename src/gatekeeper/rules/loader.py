@@ -1077,7 +1077,7 @@ def loop_cycles(nodes: Sequence[LoopRule]) -> list[LoopCycle]:
     - it holds an ``each_fact`` rule (it fires at every fact that comes round) or an
       ``each_time`` rule (a fact that comes round may close and reopen its gate). A
       ``once`` rule on the way does not stop it: the first time, the cycle still goes round
-      once more, and the rule after it fires twice for one outside fact;
+      once more, and that rule fires twice for one outside fact;
     - or all its rules are per-item ``fire: once`` rules, each fed a fact of its
       ``for_each`` kind, and one of its set_facts renders a new id each round (an id
       template other than a literal id or exactly ``${item.id}``): each round makes new
@@ -1086,8 +1086,8 @@ def loop_cycles(nodes: Sequence[LoopRule]) -> list[LoopCycle]:
 
     Each ``each_fact`` and ``each_time`` rule on a cycle is on a reported loop (the shortest
     through it, unless it is on one found already), and so is each new-id set_fact of an
-    all-``once`` loop; a cycle found twice is reported once. The cost: the edges, one
-    pass to find the strongly connected components (a cycle lies inside one), then one
+    all-``once`` loop; a cycle found twice is reported once. The cost: one pass over the
+    rules for the edges, one to find the strongly connected components (a cycle lies inside one), then one
     breadth-first search inside its component per such rule or set_fact not on a loop
     found already (a ring of 10,000 rules is one search).
     """
