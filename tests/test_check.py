@@ -159,6 +159,14 @@ RULES_OVER_MANY_THINGS_BAD = {
         "each fact it sets can fire it again (fire: each_fact), a loop only max_chain_depth "
         "would stop; set a kind this rule does not read and let another rule read it"
     ),
+    "loop_across_rules": (
+        "loop_across_rules/1-pay.yaml:9:22: rule 'bad/pay': actions[1].set_fact.kind: this "
+        "rule sets a fact of kind 'pong', which rule 'bad/bounce' reads, and the rules feed "
+        "each other in a loop: bad/pay -> bad/bounce -> bad/pay; bad/pay fires again at each "
+        "fact that comes round (fire: each_fact), so one fact from outside fires it more "
+        "than once, a loop gatekeeper would only cut when it runs, blocking the firing; "
+        "break the cycle: let one rule of it set a kind no rule of the cycle reads"
+    ),
 }
 
 

@@ -15,7 +15,8 @@ from gatekeeper.engine.evaluate import Engine, apply_transition, instance_paused
 from gatekeeper.engine.facts import FactTable
 from gatekeeper.engine.ledger import EscrowBook
 from gatekeeper.engine.model import AdminAct, FactInput, InstanceKey, RuleState, Stand, Transition
-from gatekeeper.rules.loader import load_rule_texts
+from gatekeeper.rules.loader import load_rule_texts, ruleset_version
+from gatekeeper.rules.model import Ruleset
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -25,6 +26,23 @@ def engine_of(text: str, **options: Any) -> Engine:
     assert result.ruleset is not None, [str(p) for p in result.problems]
     counter = iter(range(1, 1_000_000))
     return Engine(result.ruleset, new_action_id=lambda: f"act-{next(counter)}", **options)
+
+
+def engine_unchecked(*texts: str, **options: Any) -> Engine:
+    """An engine over ``texts``, each loaded on its own (as ``rules-<n>.yaml``), so the
+    checks that span a ruleset (loops across rules) never see them together: rules
+    ``gatekeeper check`` refuses, as a database's last good ruleset might hold them."""
+    rules = []
+    files = {}
+    for n, text in enumerate(texts):
+        name = f"rules-{n}.yaml"
+        result = load_rule_texts({name: text}, config=None)
+        assert result.ruleset is not None, [str(p) for p in result.problems]
+        rules += result.ruleset.rules
+        files[name] = text
+    ruleset = Ruleset(tuple(rules), files, ruleset_version(files))
+    counter = iter(range(1, 1_000_000))
+    return Engine(ruleset, new_action_id=lambda: f"act-{next(counter)}", **options)
 
 
 class World:

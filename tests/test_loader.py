@@ -316,6 +316,17 @@ BAD_CASES: list[tuple[str, str, int, int, str, str | None, str]] = [
         "max_chain_depth would stop; set a kind this rule does not read and let another "
         "rule read it",
     ),
+    (
+        "loop_across_rules",
+        "1-pay.yaml",
+        9,
+        22,
+        "actions[1].set_fact.kind",
+        "bad/pay",
+        "this rule sets a fact of kind 'pong', which rule 'bad/bounce' reads, and the rules "
+        "feed each other in a loop: bad/pay -> bad/bounce -> bad/pay; bad/pay fires again at "
+        "each fact that comes round (fire: each_fact)",
+    ),
 ]
 
 

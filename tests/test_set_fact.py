@@ -12,7 +12,7 @@ from typing import Any
 from gatekeeper.engine.model import CausedBy, FactInput
 
 from .conftest import Project, fact
-from .test_instances import NOW, World, engine_of
+from .test_instances import NOW, World, engine_of, engine_unchecked
 
 CHAIN = """
 - id: site/milestone-complete
@@ -62,7 +62,7 @@ def test_a_fact_set_by_a_rule_is_evaluated_in_the_same_transition() -> None:
     assert world.facts.get(("site", "milestone_status", "m1")) == set_fact.data
 
 
-PING_PONG = """
+PING = """
 - id: p/ping
   project: p
   for_each: ping
@@ -70,19 +70,24 @@ PING_PONG = """
   fire: each_fact
   actions:
     - set_fact: {kind: pong, id: "${item.id}", data: {n: "${item.data.n}"}}
+"""
 
+PONG_NEW_ID = """
 - id: p/pong
   project: p
   for_each: pong
   when: item.data.n != "x"
   fire: each_fact
   actions:
-    - set_fact: {kind: ping, id: "${item.id}", data: {n: 1}}
+    - set_fact: {kind: ping, id: "${item.id}1", data: {n: 1}}
 """
+"""With ``PING``, each round pings a new item (a, a1, a11...): no rule instance fires twice
+in the chain, only the depth bound stops it (``gatekeeper check`` refuses the two rules
+together: a loop; see ``test_loops``)."""
 
 
 def test_a_chain_deeper_than_the_bound_is_blocked_and_alerted() -> None:
-    world = World(engine_of(PING_PONG, max_chain_depth=3, alert_target="ops"))
+    world = World(engine_unchecked(PING, PONG_NEW_ID, max_chain_depth=3, alert_target="ops"))
     t = world.post(FactInput("p", "ping", "a", {"n": 0}))
     assert [(f.kind, f.caused_by.depth if f.caused_by else 0) for f in t.facts] == [
         ("ping", 0),
@@ -107,7 +112,7 @@ def test_a_chain_deeper_than_the_bound_is_blocked_and_alerted() -> None:
 
 
 def test_the_default_bound_is_sixteen() -> None:
-    world = World(engine_of(PING_PONG))
+    world = World(engine_unchecked(PING, PONG_NEW_ID))
     t = world.post(FactInput("p", "ping", "a", {"n": 0}))
     assert len(t.facts) == 17  # the posted fact and 16 set by rules
     assert t.decisions[-1].outcome == "blocked"

@@ -25,9 +25,12 @@ Firing follows the rule's ``fire`` mode:
 ``once`` and ``each_time`` hold per instance. A firing's ``set_fact`` actions append facts
 (with ``caused_by``) to the same transition, evaluated like posted facts, level by level
 (breadth first: the facts a level's firings set form the next level), up to
-``max_chain_depth`` levels; a firing that would set a deeper fact is ``blocked``. A
-firing is also ``blocked`` when a release does not fit its escrow or a template name has
-no value; nothing of a blocked firing is sent or recorded but the alert.
+``max_chain_depth`` levels; a firing that would set a deeper fact is ``blocked``. Within
+one chain (the firings that led, one fact after the other, from one fact or act from
+outside to a decision) a rule instance fires at most once: a second firing is a loop and
+is ``blocked``, whatever the depth. A firing is also ``blocked`` when a release does not
+fit its escrow or a template name has no value; nothing of a blocked firing is sent or
+recorded but the alert.
 
 The caller (the runtime's ``Writer``, ``gatekeeper.runtime.ingest``) commits the returned
 ``Transition`` in one transaction and only then applies it to its in-memory state.
@@ -89,6 +92,25 @@ from gatekeeper.rules.templates import (
 
 DEFAULT_MAX_CHAIN_DEPTH = 16
 """How deep a chain of rules setting facts may go by default (``max_chain_depth``)."""
+
+Chain = tuple[InstanceKey, ...]
+"""The rule instances whose firings, one setting a fact that fired the next, led to a
+decision, first first; ``()`` for a decision made by a fact or act from outside."""
+
+
+def loop_refusal(rule: Rule, item: str, chain: Chain) -> str | None:
+    """Why a firing of instance ``item`` of ``rule`` is a loop, or None: when the instance
+    already fired in its ``chain`` (the same fact from outside led to both firings). E.g.
+    ``loop: p/pay already fired in this chain (p/pay -> p/bounce -> p/pay)``."""
+    key = (rule.id, item)
+    if key not in chain:
+        return None
+
+    def name(instance: InstanceKey) -> str:
+        return instance[0] if not instance[1] else f"{instance[0]}[{instance[1]}]"
+
+    path = " -> ".join(name(k) for k in (*chain[chain.index(key) :], key))
+    return f"loop: {name(key)} already fired in this chain ({path})"
 
 
 class _Entry:
@@ -320,20 +342,34 @@ class Engine:
         the facts of one level (depth ``depth``: 0 for posted facts) are applied to
         ``view`` in order, each event rule instance they trigger decided at its fact, then
         every other instance they trigger decided once against the whole level; the facts
-        those firings set form the next level."""
+        those firings set form the next level.
+
+        Each decision knows its *chain*: the rule instances whose firings set the fact
+        that triggered it, and the fact that triggered those, back to a fact or act from
+        outside (an instance decided against a whole level takes the chain of a fact of the
+        level that leads back to it, if any, else of its last). A firing of an instance
+        already in its chain is a loop and is ``blocked`` (see ``_queue_firing``)."""
+        fired_after: dict[str, Chain] = {}
+        """The chain of each firing decided here with a chain, by firing id."""
         while start < len(transition.facts):
             end = len(transition.facts)
-            touched: dict[InstanceKey, tuple[_Entry, int]] = {}
+            touched: dict[InstanceKey, tuple[_Entry, int, Chain]] = {}
             for index in range(start, end):
                 fact = transition.facts[index]
                 view.put(fact.key, fact.data)
+                cause = fact.caused_by
+                chain: Chain = (
+                    ()
+                    if cause is None
+                    else (*fired_after.get(cause.firing_id, ()), (cause.rule_id, cause.instance))
+                )
                 decided: set[InstanceKey] = set()
                 for entry, item in self._triggered(fact.key, view):
                     key = (entry.id, item)
                     if entry.event:
                         if key not in decided:
                             decided.add(key)
-                            self._decide(
+                            self._decide_in_chain(
                                 transition,
                                 entry,
                                 item,
@@ -345,11 +381,17 @@ class Engine:
                                 book,
                                 approvals,
                                 depth,
+                                chain,
+                                fired_after,
                             )
                     else:  # first seen first, with the last fact of the level it reads
-                        touched[key] = (entry, index)
-            for (_, item), (entry, index) in touched.items():
-                self._decide(
+                        earlier = touched.get(key)
+                        if earlier is not None and key in earlier[2] and key not in chain:
+                            touched[key] = (entry, index, earlier[2])
+                        else:
+                            touched[key] = (entry, index, chain)
+            for (_, item), (entry, index, chain) in touched.items():
+                self._decide_in_chain(
                     transition,
                     entry,
                     item,
@@ -361,9 +403,50 @@ class Engine:
                     book,
                     approvals,
                     depth,
+                    chain,
+                    fired_after,
                 )
             start = end
             depth += 1
+
+    def _decide_in_chain(
+        self,
+        transition: Transition,
+        entry: _Entry,
+        item: str,
+        facts: FactTable,
+        states: Mapping[InstanceKey, RuleState],
+        now: datetime,
+        trigger: Trigger,
+        fact_index: int,
+        book: EscrowBook,
+        standing: ApprovalStanding | None,
+        depth: int,
+        chain: Chain,
+        fired_after: dict[str, Chain],
+    ) -> None:
+        """``_decide`` for a fact of a cascade whose firing chain is ``chain``; a firing it
+        makes is entered in ``fired_after`` with that chain (a firing by a fact from
+        outside, with no chain, need not be: the default is no chain)."""
+        count = len(transition.decisions)
+        self._decide(
+            transition,
+            entry,
+            item,
+            facts,
+            states,
+            now,
+            trigger,
+            fact_index,
+            book,
+            standing,
+            depth,
+            chain,
+        )
+        if chain and len(transition.decisions) > count:
+            firing_id = transition.decisions[-1].firing_id
+            if firing_id is not None:
+                fired_after[firing_id] = chain
 
     def plan_rules(
         self,
@@ -633,12 +716,14 @@ class Engine:
         book: EscrowBook,
         standing: ApprovalStanding | None = None,
         depth: int = 0,
+        chain: Chain = (),
     ) -> None:
         """Evaluate instance ``item`` of the rule of ``entry`` (``_Entry(rule,
         rule.project)`` for a rule picked outside the fact index) and add its decision, new
         state, any queued actions and any facts it sets to ``transition``. ``depth`` is the
-        chain depth of the facts that triggered it (0: posted, or no fact). An instance of
-        a per-item rule whose item does not exist is not decided."""
+        chain depth of the facts that triggered it (0: posted, or no fact); ``chain`` the
+        rule instances whose firings led to it (see ``_cascade``). An instance of a
+        per-item rule whose item does not exist is not decided."""
         rule_id = entry.id
         key = (rule_id, item)
         state = transition.rule_states.get(key) or states.get(key) or RuleState(rule_id)
@@ -682,7 +767,7 @@ class Engine:
             n = state.fired_count + 1
             firing_id = f"{rule_id}#{n}" if for_each is None else f"{rule_id}[{item}]#{n}"
             new_state = replace(new_state, fired_count=n, last_fired_at=decided_at)
-            firing = _Firing(rule, item, data, firing_id, now, depth + 1, evaluation, lookup)
+            firing = _Firing(rule, item, data, firing_id, now, depth + 1, evaluation, lookup, chain)
             blocked = self._queue_firing(transition, firing, book)
             if blocked is not None:
                 outcome = "blocked"
@@ -785,9 +870,13 @@ class Engine:
     ) -> tuple[str, str] | None:
         """Queue what ``firing`` does (actions, ledger entries, facts it sets), or nothing
         and return why it is blocked and the alert to send: a release refused by the ledger
-        (``release_blocked``), a fact set deeper than ``max_chain_depth`` or a template
-        name without a value (``firing_blocked``)."""
+        (``release_blocked``), a loop (an instance already in the firing's chain), a fact
+        set deeper than ``max_chain_depth`` or a template name without a value
+        (``firing_blocked``)."""
         rule = firing.rule
+        loop = loop_refusal(rule, firing.item, firing.chain)
+        if loop is not None:
+            return loop, "firing_blocked"
         reason = book.refusal_of_all(r for r in rule.actions if isinstance(r, ReleaseAction))
         if reason is not None:
             return reason, "release_blocked"
@@ -1133,6 +1222,8 @@ class _Firing:
     evaluation: Evaluation
     lookup: ProjectFacts
     """The facts as the decision saw them (templates read the facts the rule reads)."""
+    chain: Chain = ()
+    """The rule instances whose firings led to this one, first first (see ``_cascade``)."""
 
 
 def _read_by_id(evaluation: Evaluation, item: Item | None) -> dict[str, Any]:
