@@ -77,6 +77,7 @@ from gatekeeper.expr.reference import (
 from gatekeeper.expr.timing import (
     _find_time_sites,
     _recheck,
+    _TimeCode,
     _TimeSites,
 )
 
@@ -375,6 +376,14 @@ def _minutes_since(now: datetime, timestamp: Any) -> float:
     return (now - start).total_seconds() / 60
 
 
+def _missing_or_raise(exc: Exception) -> None:
+    """None (the value of a missing time site) when ``exc`` is ``_Missing``; else raises it
+    again (the reference then decides)."""
+    if type(exc) is _Missing:
+        return None
+    raise exc
+
+
 def _note_failure(
     failures: dict[int, Exception] | None, index: int, exc: Exception
 ) -> dict[int, Exception]:
@@ -433,6 +442,7 @@ _RUNTIME: dict[str, Any] = {
     "_abs": abs,
     "_round": _round,
     "_note": _note_failure,
+    "_lost": _missing_or_raise,
     "_unbound": _unbound,
     "_collect": _collect,
 }
@@ -691,12 +701,62 @@ def _site_function(expression: str) -> Callable[..., Any] | None:
     return function
 
 
+_TIME_CODES: dict[tuple[object, ...], _TimeCode] = {}
+"""The compiled time sites by shape (see ``_TimeCode``)."""
+
+
+def _time_code(generator: _CodeGenerator, sites: _TimeSites) -> _TimeCode | None:
+    """The time sites as code over the condition's values (their constants added to
+    ``generator``); None when one of their expressions cannot be compiled or holds a
+    collection (the reference then evaluates them)."""
+    nodes = [*sites.unsolved]
+    for threshold in sites.thresholds:
+        nodes += [threshold.timestamp, threshold.bound]
+    constants, collections = len(generator.constants), generator.sites
+    try:
+        expressions = [generator.expr(node) for node in nodes]
+    except (_Unsupported, RecursionError, MemoryError):
+        expressions = None
+    if expressions is None or generator.sites != collections:
+        del generator.constants[constants:]
+        generator.sites = collections
+        return None
+    lines = [f"def _run({', '.join(_PARAMETERS)}):"]
+    for index, expression in enumerate(expressions):
+        lines += [
+            "    try:",
+            f"        _t{index} = {expression}",
+            "    except _Error as _e:",
+            f"        _t{index} = _lost(_e)",
+        ]
+    lines.append("    return (" + "".join(f"_t{i}, " for i in range(len(expressions))) + ")")
+    text = "\n".join(lines) + "\n"
+    thresholds = tuple((t.seconds_per_unit, t.op) for t in sites.thresholds)
+    key = (text, sites.always_poll, len(sites.unsolved), thresholds)
+    code = _TIME_CODES.get(key)
+    if code is None:
+        function = _function(text)
+        if function is None:
+            return None
+        if len(_TIME_CODES) >= _MAX_SHAPES:
+            _TIME_CODES.clear()
+        code = _TimeCode(function, sites.always_poll, len(sites.unsolved), thresholds)
+        _TIME_CODES[key] = code
+    return code
+
+
 def _compile_clauses(
-    source: _Source, leaves: tuple[ast.expr, ...], plan: _Plan, clause_texts: tuple[str, ...]
-) -> tuple[_Run, tuple[Any, ...]] | None:
-    """``(run, values)``: one Python function evaluating every clause of a condition and the
-    condition's values it takes; None when a clause holds something the code generator
-    does not know (then the reference evaluates).
+    source: _Source,
+    leaves: tuple[ast.expr, ...],
+    plan: _Plan,
+    clause_texts: tuple[str, ...],
+    sites: _TimeSites | None = None,
+) -> tuple[_Run, tuple[Any, ...], _TimeCode | None] | None:
+    """``(run, values, time code)``: one Python function evaluating every clause of a
+    condition, the condition's values it takes, and the compiled form of the time
+    ``sites`` when given and possible (see ``_TimeCode``; it takes the same values); None
+    when a clause holds something the code generator does not know (then the reference
+    evaluates).
 
     ``run(fact_data, kind_data, facts, now, values, item, collections)`` returns the
     ``Evaluation`` when every clause gave a value, else ``(failures, clause_values)`` with
@@ -754,6 +814,7 @@ def _compile_clauses(
     run = _function(text)
     if run is None:
         return None
+    time_code = None if sites is None else _time_code(generator, sites)
 
     def clause(index: int, value: Any) -> Clause:
         return Clause(clause_texts[index], _jsonable(value))
@@ -761,7 +822,7 @@ def _compile_clauses(
     true_clauses = [Clause(text, True) for text in clause_texts]
     false_clauses = [Clause(text, False) for text in clause_texts]
     condition_values = (*true_clauses, *false_clauses, clause, *generator.constants)
-    return run, condition_values
+    return run, condition_values, time_code
 
 
 class _Pending:
@@ -769,6 +830,9 @@ class _Pending:
 
 
 _PENDING = _Pending()
+_NO_TIME_CODE = _Pending()
+"""A condition's ``_time`` when its time sites have no compiled form (the reference
+evaluator solves them, from the text parsed again)."""
 
 
 class CompiledCondition:
@@ -787,7 +851,7 @@ class CompiledCondition:
         "_values",
         "_kept_leaves",
         "_plan",
-        "_time_sites",
+        "_time",
         "clause_texts",
         "item_kind",
         "reads",
@@ -808,7 +872,7 @@ class CompiledCondition:
     _kept_leaves: tuple[ast.expr, ...] | None
     _compiled: _Run | _Pending | None
     _values: tuple[Any, ...]
-    _time_sites: _TimeSites
+    _time: _TimeCode | _Pending | None
 
     def __init__(
         self,
@@ -843,7 +907,9 @@ class CompiledCondition:
             "_kept_leaves": None,
             "_compiled": _PENDING,
             "_values": (),
-            "_time_sites": _find_time_sites(lowered),
+            # Deadline solving: None without time sites; else their compiled form
+            # (``_TimeCode``, shared by a shape), made with the compiled function.
+            "_time": _PENDING if _has_time_sites(_find_time_sites(lowered)) else None,
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -860,13 +926,19 @@ class CompiledCondition:
         """Generate and keep the compiled form (the same on every call: only the first one
         generates). Without one, the lowered clauses are kept for the reference."""
         leaves = _lowered_leaves(self.text, self.item_kind)
-        compiled = _compile_clauses(_Source(self.text), leaves, self._plan, self.clause_texts)
+        sites = None if self._time is None else _find_time_sites(leaves)
+        compiled = _compile_clauses(
+            _Source(self.text), leaves, self._plan, self.clause_texts, sites
+        )
+        time_code = None
         if compiled is None:
             object.__setattr__(self, "_kept_leaves", leaves)
             run = None
         else:
-            run, values = compiled
+            run, values, time_code = compiled
             object.__setattr__(self, "_values", values)
+        if self._time is not None:
+            object.__setattr__(self, "_time", _NO_TIME_CODE if time_code is None else time_code)
         object.__setattr__(self, "_compiled", run)
         return run
 
@@ -1007,16 +1079,29 @@ class CompiledCondition:
         Never raises: an unexpected error gives ``now + 1 s``.
         """
         now = now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
-        sites = self._time_sites
-        if not sites.thresholds and not sites.unsolved and not sites.always_poll:
+        if self._time is None:
             return None
         try:
-            evaluator = _Evaluator(
-                self._source, facts, now, variables=_variables(_item_value(item))
-            )
-            return sites.next_change(evaluator, now)
+            if isinstance(self._compiled, _Pending):
+                self._compile()
+            code = self._time
+            it = _item_value(item)
+            if isinstance(code, _TimeCode):
+                try:
+                    values = code.function({}, {}, facts, now, self._values, it, None)
+                except Exception:  # the reference says how exactly it fails
+                    pass
+                else:
+                    return code.next_change(values, now)
+            evaluator = _Evaluator(self._source, facts, now, variables=_variables(it))
+            return _find_time_sites(self._leaves).next_change(evaluator, now)
         except Exception:  # defensive: nothing in next_change is expected to raise
             return _recheck(now)
+
+
+def _has_time_sites(sites: _TimeSites) -> bool:
+    """Whether the passing of time can change a condition with these time sites."""
+    return bool(sites.thresholds or sites.unsolved or sites.always_poll)
 
 
 def _recompile(text: str, item_kind: str | None) -> Condition:
