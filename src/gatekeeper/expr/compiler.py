@@ -81,6 +81,22 @@ from gatekeeper.expr.timing import (
     _TimeSites,
 )
 
+_SHARED: dict[Any, Any] = {}
+"""Immutable parts of conditions already compiled (the and/or plans of the clauses, the
+sets of facts read), one object for all equal ones: the conditions of one shape share
+their plan, those reading the same facts their ``reads``."""
+_MAX_SHARED = 4096
+
+
+def _shared(value: Any) -> Any:
+    """``value``, or the equal value kept before (see ``_SHARED``)."""
+    found = _SHARED.get(value)
+    if found is None:
+        if len(_SHARED) >= _MAX_SHARED:
+            _SHARED.clear()
+        _SHARED[value] = found = value
+    return found
+
 
 def compile_condition(text: str, *, item_kind: str | None = None) -> Condition:
     """Parse and statically check ``text``; raises ``ExpressionError`` listing every problem.
@@ -111,7 +127,7 @@ def compile_condition(text: str, *, item_kind: str | None = None) -> Condition:
         text,
         tree,
         source,
-        frozenset(checker.reads),
+        _shared(frozenset(checker.reads)),
         checker.uses_time,
         item_kind=item_kind,
         uses_item=checker.uses_item,
@@ -384,6 +400,11 @@ def _missing_or_raise(exc: Exception) -> None:
     raise exc
 
 
+def _value_clause(text: str, value: Any) -> Clause:
+    """The ``Clause`` of a clause that gave ``value``, neither True nor False."""
+    return Clause(text, _jsonable(value))
+
+
 def _note_failure(
     failures: dict[int, Exception] | None, index: int, exc: Exception
 ) -> dict[int, Exception]:
@@ -442,6 +463,7 @@ _RUNTIME: dict[str, Any] = {
     "_abs": abs,
     "_round": _round,
     "_note": _note_failure,
+    "_clause": _value_clause,
     "_lost": _missing_or_raise,
     "_unbound": _unbound,
     "_collect": _collect,
@@ -767,7 +789,7 @@ def _compile_clauses(
     The source is ``def _run(...): ...``, compiled once per shape (``_SHAPES``) with
     ``_RUNTIME`` as its globals (no builtins): conditions of one shape share the function.
     ``values`` (``_D`` in the source) is one flat tuple: each clause's True ``Clause``,
-    each one's False ``Clause``, the function making any other ``Clause``, then the
+    each one's False ``Clause``, the clause texts (for any other ``Clause``), then the
     constants (see ``_CodeGenerator.const``). An evaluation touches only the items it uses
     and no other object of its condition (no function, defaults or closure cells): with
     thousands of rules, most of a rule's objects are out of the CPU caches when a fact
@@ -790,7 +812,7 @@ def _compile_clauses(
         ]
     clauses = "".join(
         f"_D[{i}] if _v{i} is True else _D[{count + i}] if _v{i} is False"
-        f" else _D[{2 * count}]({i}, _v{i}), "
+        f" else _clause(_D[{2 * count}][{i}], _v{i}), "
         for i in range(count)
     )
     values = "".join(f"_v{i}, " for i in range(count))
@@ -815,13 +837,9 @@ def _compile_clauses(
     if run is None:
         return None
     time_code = None if sites is None else _time_code(generator, sites)
-
-    def clause(index: int, value: Any) -> Clause:
-        return Clause(clause_texts[index], _jsonable(value))
-
     true_clauses = [Clause(text, True) for text in clause_texts]
     false_clauses = [Clause(text, False) for text in clause_texts]
-    condition_values = (*true_clauses, *false_clauses, clause, *generator.constants)
+    condition_values = (*true_clauses, *false_clauses, clause_texts, *generator.constants)
     return run, condition_values, time_code
 
 
@@ -887,7 +905,7 @@ class CompiledCondition:
         uses_collections: bool = False,
     ) -> None:
         leaves: list[ast.expr] = []
-        plan = _split(tree, leaves)
+        plan = _shared(_split(tree, leaves))
         clause_texts = tuple(source.snippet(leaf) for leaf in leaves)
         bound = _bound_names(item_kind)
         lowered = tuple(_lower(leaf, bound) for leaf in leaves)

@@ -386,7 +386,7 @@ _Source = tuple[str, str]
 """A rule file's text and the SHA-256 (hex) of its bytes."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CheckedRule:
     """A rule mapping of a ``CheckedFile``: where it is (``prefix``: its index in a list of
     rules, or ``()``; ``line``: 1-based), its data, its compiled condition (None when the
@@ -992,13 +992,30 @@ def _shared(value: Any) -> Any:
     return sys.intern(value) if isinstance(value, str) else value
 
 
+_ACTIONS: dict[Action, Action] = {}
+"""Release and notify actions already built: equal ones (rules of one template notifying
+one target with one message) are one object, immutable."""
+_MAX_ACTIONS = 4096
+
+
+def _one_action(action: Action) -> Action:
+    """``action``, or the equal action built before (see ``_ACTIONS``)."""
+    found = _ACTIONS.get(action)
+    if found is None:
+        if len(_ACTIONS) >= _MAX_ACTIONS:
+            _ACTIONS.clear()
+        _ACTIONS[action] = found = action
+    return found
+
+
 def _build_action(action: Mapping[str, Any]) -> Action:
     kind, body = next(iter(action.items()))
     if kind == "release":
         fields = ("target", "escrow", "amount", "currency", "payee")
-        return ReleaseAction(**{name: _shared(body[name]) for name in fields})
+        return _one_action(ReleaseAction(**{name: _shared(body[name]) for name in fields}))
     if kind == "notify":
-        return NotifyAction(target=_shared(body["target"]), message=_shared(body["message"]))
+        target, message = _shared(body["target"]), _shared(body["message"])
+        return _one_action(NotifyAction(target=target, message=message))
     if kind == "set_fact":
         return SetFactAction(
             fact_kind=_shared(body["kind"]), fact_id=body["id"], data=dict(body.get("data", {}))
