@@ -523,30 +523,43 @@ class _CodeGenerator:
         self.temporaries = 0
         self.first = first
         self.constants: list[Any] = []
-        self.numbers: dict[tuple[type, object], int | float] = {}
+        self.positions: dict[tuple[str, type, object], int] = {}
+        """Where each constant already among ``constants`` is (by type and value)."""
         self.variables = {"item": "_it"}
         """Variables of the language -> the parameter holding their value."""
         self.sites = 0
 
-    def const(self, value: object) -> str:
+    def const(self, value: object, role: str = "") -> str:
         """The source naming ``value``: a keyword for None/True/False, else an item of the
         condition's values (``_D[first]``, ``_D[first + 1]``...), so that conditions
-        differing only in their constants share their code."""
+        differing only in their constants share their code. A constant with a ``role``
+        (``"kind"``, ``"id"``, ``"name"``, ``"field"``, ``"prefix"``, ``"var"``: what
+        names facts and fields, not a literal of the text) equal to one of the same role
+        already among the values is named by the same item: a condition reading one fact
+        several times keeps its id, name and field names once. Literals are never merged,
+        so that their values never change the code."""
         if value is None or isinstance(value, bool):
             return repr(value)
         if not isinstance(value, str | int | float):
             raise _Unsupported(f"constant of type {type(value).__name__}")
-        if isinstance(value, str):
-            # One shared object per string: the rules reading one fact name its id (and
-            # "kind.id") with the very same object, the key of the evaluation's fact data,
-            # so that lookups find it by identity and touch one string, not several.
-            value = sys.intern(value)
-        else:  # equal numbers of one type are one object too (floats by their text: 0.0
-            # is not -0.0)
-            key = (type(value), repr(value) if isinstance(value, float) else value)
-            value = self.numbers.setdefault(key, value)
-        self.constants.append(value)
-        return f"_D[{self.first + len(self.constants) - 1}]"
+        key = (role, type(value), repr(value) if isinstance(value, float) else value)
+        position = self.positions.get(key) if role else None
+        if position is None:
+            if isinstance(value, str):
+                # One shared object per string: the rules reading one fact name its id
+                # (and "kind.id") with the very same object, the key of the evaluation's
+                # fact data, so that lookups find it by identity and touch one string.
+                value = sys.intern(value)
+            position = len(self.constants)
+            self.constants.append(value)
+            if role:
+                self.positions[key] = position
+        return f"_D[{self.first + position}]"
+
+    def forget_from(self, count: int) -> None:
+        """Drop the constants after the first ``count`` (the code naming them is not kept)."""
+        del self.constants[count:]
+        self.positions = {key: at for key, at in self.positions.items() if at < count}
 
     def value(self, value: object) -> str:
         """The source naming ``value``, any object, as an item of the condition's values."""
@@ -575,12 +588,12 @@ class _CodeGenerator:
         if isinstance(node, ast.Constant):
             return self.const(node.value)
         if isinstance(node, _KindRead):
-            return f"_kind(_kd, _facts, {self.const(node.kind)})"
+            return f"_kind(_kd, _facts, {self.const(node.kind, 'kind')})"
         if isinstance(node, _FactRead):
             return self._fact_read(node)
         if isinstance(node, _VarRead):
             # a variable's value is a non-empty dict, or None when unbound
-            return f"({self.variables[node.name]} or _unbound({self.const(node.name)}))"
+            return f"({self.variables[node.name]} or _unbound({self.const(node.name, 'var')}))"
         if isinstance(node, _Lookup):
             return self._lookup(node)
         if isinstance(node, ast.BinOp):
@@ -617,38 +630,38 @@ class _CodeGenerator:
         key = node.key
         if not (isinstance(key, ast.Constant) and type(key.value) is str):
             value, key_source = self.expr(node.value), self.expr(key)
-            return f"_get({value}, {key_source}, {self.const(prefix)})"
+            return f"_get({value}, {key_source}, {self.const(prefix, 'prefix')})"
         # ``.field`` of a dict holding JSON data, the usual lookup, is done inline; "_get"
         # does the rest (a missing field, another container, data that is not JSON)
         # exactly as for any other key.
         self.temporaries += 1
-        found, field = f"_r{self.temporaries}", self.const(key.value)
+        found, field = f"_r{self.temporaries}", self.const(key.value, "field")
         base = node.value
         if isinstance(base, _FactRead) and base.fact_id is not None:
             # The data of a fact is always a dict: no need to check the container's type.
             data = self.expr(base)
-            name = self.const(f"{base.kind}.{base.fact_id}")
+            name = self.const(f"{base.kind}.{base.fact_id}", "name")
             return (
                 f"({found} if _type({found} := {data}.get({field}, _ABSENT))"
-                f" in _PLAIN else _get(_fd[{name}], {field}, {self.const(prefix)}))"
+                f" in _PLAIN else _get(_fd[{name}], {field}, {self.const(prefix, 'prefix')}))"
             )
         held = f"_c{self.temporaries}"
         container = self.expr(base)
         return (
             f"({found} if _type({held} := {container}) is _dict"
             f" and _type({found} := {held}.get({field}, _ABSENT)) in _PLAIN"
-            f" else _get({held}, {field}, {self.const(prefix)}))"
+            f" else _get({held}, {field}, {self.const(prefix, 'prefix')}))"
         )
 
     def _fact_read(self, node: _FactRead) -> str:
         if node.fact_id is None:
             assert node.key is not None
-            kind = self.const(node.kind)
+            kind = self.const(node.kind, "kind")
             return f"_fact_at(_fd, _kd, _facts, {kind}, {self.expr(node.key)})"
-        name = self.const(f"{node.kind}.{node.fact_id}")
+        name = self.const(f"{node.kind}.{node.fact_id}", "name")
         # A cached non-empty object is the common case; "_fact" handles the rest (the
         # first read, an empty object, a fact that does not exist).
-        kind, fact_id = self.const(node.kind), self.const(node.fact_id)
+        kind, fact_id = self.const(node.kind, "kind"), self.const(node.fact_id, "id")
         return f"(_fd.get({name}) or _fact(_fd, _kd, _facts, {name}, {kind}, {fact_id}))"
 
     def _function_call(self, node: ast.Call) -> str:
@@ -740,7 +753,7 @@ def _time_code(generator: _CodeGenerator, sites: _TimeSites) -> _TimeCode | None
     except (_Unsupported, RecursionError, MemoryError):
         expressions = None
     if expressions is None or generator.sites != collections:
-        del generator.constants[constants:]
+        generator.forget_from(constants)
         generator.sites = collections
         return None
     lines = [f"def _run({', '.join(_PARAMETERS)}):"]

@@ -633,14 +633,30 @@ def _checked_rule(candidate: _Candidate, *, build: bool) -> CheckedRule:
     """The ``CheckedRule`` of ``candidate``, with its built ``Rule`` when ``build`` (its
     file has no problem). The data is packed once, for both."""
     packed = pack_data(candidate.data)
+    line = candidate.doc.position(candidate.prefix)[0]
     return CheckedRule(
-        candidate.prefix,
+        _shared_prefix(candidate.prefix),
         packed,
-        candidate.doc.position(candidate.prefix)[0],
+        line,
         candidate.condition,
-        _build_rule(candidate, packed) if build else None,
+        _build_rule(candidate, packed, line) if build else None,
         candidate.rule_id,
     )
+
+
+_PREFIXES: dict[PathParts, PathParts] = {}
+"""The prefixes of checked rules, ``(index,)`` in a list of rules: one object for equal
+ones (the rules at one index of different files)."""
+
+
+def _shared_prefix(prefix: PathParts) -> PathParts:
+    """``prefix``, or the equal prefix kept before (see ``_PREFIXES``)."""
+    found = _PREFIXES.get(prefix)
+    if found is None:
+        if len(_PREFIXES) >= 4096:
+            _PREFIXES.clear()
+        _PREFIXES[prefix] = found = prefix
+    return found
 
 
 def _shape_problem(doc: YamlDocument) -> Problem | None:
@@ -965,9 +981,9 @@ def _duplicate_id_problems(files: list[CheckedFile], docs: _Documents) -> list[P
 # Building
 
 
-def _build_rule(candidate: _Candidate, source: Mapping[str, Any]) -> Rule:
+def _build_rule(candidate: _Candidate, source: Mapping[str, Any], line: int) -> Rule:
     """The typed ``Rule`` of a candidate that passed every check; ``source`` is its data as
-    kept (packed)."""
+    kept (packed), ``line`` where it starts (1-based)."""
     data = candidate.data
     assert candidate.condition is not None  # set by _check_when for every valid rule
     return Rule(
@@ -980,7 +996,7 @@ def _build_rule(candidate: _Candidate, source: Mapping[str, Any]) -> Rule:
         approvals=_build_approvals(data.get("approvals")),
         content_hash=rule_content_hash(data),
         file=candidate.doc.file,
-        line=candidate.doc.position(candidate.prefix)[0],
+        line=line,
         source=source,
         for_each=_shared(data.get("for_each")),
     )
