@@ -903,7 +903,7 @@ class CompiledCondition:
     _kept_leaves: tuple[ast.expr, ...] | None
     _compiled: _Run | _Pending | None
     _values: tuple[Any, ...]
-    _time: _TimeCode | _Pending | None
+    _time: _TimeCode | _Pending | tuple[int, ...] | None
 
     def __init__(
         self,
@@ -938,9 +938,10 @@ class CompiledCondition:
             "_kept_leaves": None,
             "_compiled": _PENDING,
             "_values": (),
-            # Deadline solving: None without time sites; else their compiled form
-            # (``_TimeCode``, shared by a shape), made with the compiled function.
-            "_time": _PENDING if _has_time_sites(_find_time_sites(lowered)) else None,
+            # Deadline solving: None without time sites; else the indexes of the clauses
+            # that have some, until their compiled form (``_TimeCode``, shared by a shape)
+            # is made with the compiled function.
+            "_time": _timed_clauses(lowered),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -957,7 +958,10 @@ class CompiledCondition:
         """Generate and keep the compiled form (the same on every call: only the first one
         generates). Without one, the lowered clauses are kept for the reference."""
         leaves = _lowered_leaves(self.text, self.item_kind)
-        sites = None if self._time is None else _find_time_sites(leaves)
+        timed = self._time
+        sites = None
+        if isinstance(timed, tuple):  # the clauses without time sites add none
+            sites = _find_time_sites(tuple(leaves[index] for index in timed))
         compiled = _compile_clauses(
             _Source(self.text), leaves, self._plan, self.clause_texts, sites
         )
@@ -1133,6 +1137,15 @@ class CompiledCondition:
 def _has_time_sites(sites: _TimeSites) -> bool:
     """Whether the passing of time can change a condition with these time sites."""
     return bool(sites.thresholds or sites.unsolved or sites.always_poll)
+
+
+def _timed_clauses(leaves: tuple[ast.expr, ...]) -> tuple[int, ...] | None:
+    """The indexes of the lowered clauses that have time sites (one tuple for all equal
+    ones); None when none has."""
+    timed = tuple(
+        index for index, leaf in enumerate(leaves) if _has_time_sites(_find_time_sites((leaf,)))
+    )
+    return _shared(timed) if timed else None
 
 
 def _recompile(text: str, item_kind: str | None) -> Condition:
