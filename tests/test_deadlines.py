@@ -34,7 +34,12 @@ from gatekeeper.expr import (
     compile_condition,
     next_change_at,
 )
+from gatekeeper.expr.compiler import _lowered_leaves, _variables
+from gatekeeper.expr.language import Item, _item_value, _Source
+from gatekeeper.expr.reference import _Evaluator
+from gatekeeper.expr.timing import _find_time_sites
 from gatekeeper.rules.model import NotifyAction, Rule, Ruleset
+from tests.test_expressions import DictFacts
 
 PROJECT = "tower-a"
 START = datetime(2026, 11, 5, 12, 0, tzinfo=UTC)
@@ -309,6 +314,72 @@ def test_public_function_for_any_condition() -> None:
 
     assert next_change_at(Opaque(True), DESIGN, START) == START + timedelta(seconds=1)
     assert next_change_at(Opaque(False), DESIGN, START) is None
+
+
+# --------------------------------------------------------------------------------------
+# The compiled time sites answer what the reference answers
+
+_SOLVED_TEXTS = [
+    "days_since(milestone.design.approved_at) >= 7",
+    "days_since(milestone.design.approved_at) >= milestone.design.hold",
+    'hours_since(task["T-1"].started_at) > 30 or 2 <= minutes_since(task[x.y.id].at) < 90',
+    "days_since(milestone.build.approved_at) >= 7",  # no such fact
+    'days_since(task["T-1"].note) >= 7',  # not a timestamp
+    "days_since(milestone.design.approved_at) >= milestone.design.status",  # not a number
+    "days_since(milestone.design.approved_at) * 24 >= 7",  # unsolved
+    'now() > "2027" or hours_since(task["T-1"].started_at) >= -2.0001',
+    "days_since(milestone.design.odd) >= 1",  # data that is not JSON: the reference decides
+    "days_since(milestone.design.approved_at) >= milestone.design.odd",
+    "days_since(item.data.opened_at) >= 3",
+    "days_since(milestone.design.approved_at) >= count(t.data.at for t in task)",
+    "days_since(max(t.data.at for t in task)) >= 1",  # a collection in the timestamp
+]
+
+
+class _NotJson:
+    """A value no JSON document holds."""
+
+
+@pytest.mark.parametrize("text", _SOLVED_TEXTS)
+def test_compiled_time_sites_answer_as_the_reference(text: str) -> None:
+    facts = DictFacts(
+        {
+            "milestone": {
+                "design": {
+                    "approved_at": APPROVED_AT,
+                    "hold": 7,
+                    "status": "approved",
+                    "odd": _NotJson(),
+                }
+            },
+            "task": {
+                "T-1": {"started_at": "2026-11-05T06:00:00-08:00", "note": "x"},
+                "T-2": {"at": "2026-11-05T14:00:00Z"},
+            },
+            "x": {"y": {"id": "T-2"}},
+        }
+    )
+    item_kind = "case" if "item." in text else None
+    condition = compile_condition(text, item_kind=item_kind)
+    assert isinstance(condition, CompiledCondition)
+    item = None if item_kind is None else Item("case", "c-1", {"opened_at": APPROVED_AT})
+    leaves = _lowered_leaves(text, item_kind)
+    for now in [START, START + timedelta(hours=3), START + timedelta(days=30)]:
+        evaluator = _Evaluator(_Source(text), facts, now, variables=_variables(_item_value(item)))
+        expected = _find_time_sites(leaves).next_change(evaluator, now)
+        assert condition.next_change_at(facts, now, item) == expected
+        assert condition.next_change_at(facts, now, item) == expected  # compiled by now
+    compiled_form = type(condition._time).__name__
+    solved_by_reference = " for t in task" in text
+    assert compiled_form == ("_Pending" if solved_by_reference else "_TimeCode")
+
+
+def test_conditions_of_one_shape_share_their_compiled_time_sites() -> None:
+    first = compiled('days_since(task["T-1"].started_at) >= 7 and task["T-1"].n > 1')
+    second = compiled('days_since(task["T-9"].started_at) >= 3 and task["T-9"].n > 2')
+    first.next_change_at(DESIGN, START)
+    second.next_change_at(DESIGN, START)
+    assert first._time is second._time
 
 
 # --------------------------------------------------------------------------------------

@@ -758,3 +758,22 @@ def test_data_is_never_reached_through_getattr() -> None:
     assert set(touched) <= {"keys", "__class__"}, touched
     missing = condition.evaluate(PoisonedFacts(), NOW)
     assert missing.value is True
+
+
+def test_a_fact_read_several_times_keeps_its_names_once_and_literals_stay_apart() -> None:
+    text = 'task["T-3"].status == "T-3" and task["T-3"].n >= 1 and task["T-3"].m >= 1'
+    condition = compiled(text)
+    assert condition._run is not None
+    values = list(condition._values)  # type: ignore[attr-defined]
+    constants = values[2 * 3 + 1 :]
+    # the fact's name, kind, id and its prefix once each; the literals each time
+    assert constants.count("task.T-3") == 1
+    assert constants.count("task") == 1
+    assert constants.count("T-3") == 2  # the fact's id, and the literal "T-3"
+    assert constants.count(1) == 2
+    evaluation = both(text, {"task": {"T-3": {"status": "T-3", "n": 1, "m": 0}}})
+    assert evaluation is not None and evaluation.value is False
+    assert [c.value for c in evaluation.clauses] == [True, True, False]
+    other = compiled('task["T-3"].status == "x" and task["T-3"].n >= 2 and task["T-3"].m >= 3')
+    assert other._run is not None
+    assert other._run.__code__ is condition._run.__code__

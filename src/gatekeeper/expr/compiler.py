@@ -77,8 +77,25 @@ from gatekeeper.expr.reference import (
 from gatekeeper.expr.timing import (
     _find_time_sites,
     _recheck,
+    _TimeCode,
     _TimeSites,
 )
+
+_SHARED: dict[Any, Any] = {}
+"""Immutable parts of conditions already compiled (the and/or plans of the clauses, the
+sets of facts read), one object for all equal ones: the conditions of one shape share
+their plan, those reading the same facts their ``reads``."""
+_MAX_SHARED = 4096
+
+
+def _shared(value: Any) -> Any:
+    """``value``, or the equal value kept before (see ``_SHARED``)."""
+    found = _SHARED.get(value)
+    if found is None:
+        if len(_SHARED) >= _MAX_SHARED:
+            _SHARED.clear()
+        _SHARED[value] = found = value
+    return found
 
 
 def compile_condition(text: str, *, item_kind: str | None = None) -> Condition:
@@ -110,7 +127,7 @@ def compile_condition(text: str, *, item_kind: str | None = None) -> Condition:
         text,
         tree,
         source,
-        frozenset(checker.reads),
+        _shared(frozenset(checker.reads)),
         checker.uses_time,
         item_kind=item_kind,
         uses_item=checker.uses_item,
@@ -375,6 +392,19 @@ def _minutes_since(now: datetime, timestamp: Any) -> float:
     return (now - start).total_seconds() / 60
 
 
+def _missing_or_raise(exc: Exception) -> None:
+    """None (the value of a missing time site) when ``exc`` is ``_Missing``; else raises it
+    again (the reference then decides)."""
+    if type(exc) is _Missing:
+        return None
+    raise exc
+
+
+def _value_clause(text: str, value: Any) -> Clause:
+    """The ``Clause`` of a clause that gave ``value``, neither True nor False."""
+    return Clause(text, _jsonable(value))
+
+
 def _note_failure(
     failures: dict[int, Exception] | None, index: int, exc: Exception
 ) -> dict[int, Exception]:
@@ -433,6 +463,8 @@ _RUNTIME: dict[str, Any] = {
     "_abs": abs,
     "_round": _round,
     "_note": _note_failure,
+    "_clause": _value_clause,
+    "_lost": _missing_or_raise,
     "_unbound": _unbound,
     "_collect": _collect,
 }
@@ -491,30 +523,43 @@ class _CodeGenerator:
         self.temporaries = 0
         self.first = first
         self.constants: list[Any] = []
-        self.numbers: dict[tuple[type, object], int | float] = {}
+        self.positions: dict[tuple[str, type, object], int] = {}
+        """Where each constant already among ``constants`` is (by type and value)."""
         self.variables = {"item": "_it"}
         """Variables of the language -> the parameter holding their value."""
         self.sites = 0
 
-    def const(self, value: object) -> str:
+    def const(self, value: object, role: str = "") -> str:
         """The source naming ``value``: a keyword for None/True/False, else an item of the
         condition's values (``_D[first]``, ``_D[first + 1]``...), so that conditions
-        differing only in their constants share their code."""
+        differing only in their constants share their code. A constant with a ``role``
+        (``"kind"``, ``"id"``, ``"name"``, ``"field"``, ``"prefix"``, ``"var"``: what
+        names facts and fields, not a literal of the text) equal to one of the same role
+        already among the values is named by the same item: a condition reading one fact
+        several times keeps its id, name and field names once. Literals are never merged,
+        so that their values never change the code."""
         if value is None or isinstance(value, bool):
             return repr(value)
         if not isinstance(value, str | int | float):
             raise _Unsupported(f"constant of type {type(value).__name__}")
-        if isinstance(value, str):
-            # One shared object per string: the rules reading one fact name its id (and
-            # "kind.id") with the very same object, the key of the evaluation's fact data,
-            # so that lookups find it by identity and touch one string, not several.
-            value = sys.intern(value)
-        else:  # equal numbers of one type are one object too (floats by their text: 0.0
-            # is not -0.0)
-            key = (type(value), repr(value) if isinstance(value, float) else value)
-            value = self.numbers.setdefault(key, value)
-        self.constants.append(value)
-        return f"_D[{self.first + len(self.constants) - 1}]"
+        key = (role, type(value), repr(value) if isinstance(value, float) else value)
+        position = self.positions.get(key) if role else None
+        if position is None:
+            if isinstance(value, str):
+                # One shared object per string: the rules reading one fact name its id
+                # (and "kind.id") with the very same object, the key of the evaluation's
+                # fact data, so that lookups find it by identity and touch one string.
+                value = sys.intern(value)
+            position = len(self.constants)
+            self.constants.append(value)
+            if role:
+                self.positions[key] = position
+        return f"_D[{self.first + position}]"
+
+    def forget_from(self, count: int) -> None:
+        """Drop the constants after the first ``count`` (the code naming them is not kept)."""
+        del self.constants[count:]
+        self.positions = {key: at for key, at in self.positions.items() if at < count}
 
     def value(self, value: object) -> str:
         """The source naming ``value``, any object, as an item of the condition's values."""
@@ -543,12 +588,12 @@ class _CodeGenerator:
         if isinstance(node, ast.Constant):
             return self.const(node.value)
         if isinstance(node, _KindRead):
-            return f"_kind(_kd, _facts, {self.const(node.kind)})"
+            return f"_kind(_kd, _facts, {self.const(node.kind, 'kind')})"
         if isinstance(node, _FactRead):
             return self._fact_read(node)
         if isinstance(node, _VarRead):
             # a variable's value is a non-empty dict, or None when unbound
-            return f"({self.variables[node.name]} or _unbound({self.const(node.name)}))"
+            return f"({self.variables[node.name]} or _unbound({self.const(node.name, 'var')}))"
         if isinstance(node, _Lookup):
             return self._lookup(node)
         if isinstance(node, ast.BinOp):
@@ -585,38 +630,38 @@ class _CodeGenerator:
         key = node.key
         if not (isinstance(key, ast.Constant) and type(key.value) is str):
             value, key_source = self.expr(node.value), self.expr(key)
-            return f"_get({value}, {key_source}, {self.const(prefix)})"
+            return f"_get({value}, {key_source}, {self.const(prefix, 'prefix')})"
         # ``.field`` of a dict holding JSON data, the usual lookup, is done inline; "_get"
         # does the rest (a missing field, another container, data that is not JSON)
         # exactly as for any other key.
         self.temporaries += 1
-        found, field = f"_r{self.temporaries}", self.const(key.value)
+        found, field = f"_r{self.temporaries}", self.const(key.value, "field")
         base = node.value
         if isinstance(base, _FactRead) and base.fact_id is not None:
             # The data of a fact is always a dict: no need to check the container's type.
             data = self.expr(base)
-            name = self.const(f"{base.kind}.{base.fact_id}")
+            name = self.const(f"{base.kind}.{base.fact_id}", "name")
             return (
                 f"({found} if _type({found} := {data}.get({field}, _ABSENT))"
-                f" in _PLAIN else _get(_fd[{name}], {field}, {self.const(prefix)}))"
+                f" in _PLAIN else _get(_fd[{name}], {field}, {self.const(prefix, 'prefix')}))"
             )
         held = f"_c{self.temporaries}"
         container = self.expr(base)
         return (
             f"({found} if _type({held} := {container}) is _dict"
             f" and _type({found} := {held}.get({field}, _ABSENT)) in _PLAIN"
-            f" else _get({held}, {field}, {self.const(prefix)}))"
+            f" else _get({held}, {field}, {self.const(prefix, 'prefix')}))"
         )
 
     def _fact_read(self, node: _FactRead) -> str:
         if node.fact_id is None:
             assert node.key is not None
-            kind = self.const(node.kind)
+            kind = self.const(node.kind, "kind")
             return f"_fact_at(_fd, _kd, _facts, {kind}, {self.expr(node.key)})"
-        name = self.const(f"{node.kind}.{node.fact_id}")
+        name = self.const(f"{node.kind}.{node.fact_id}", "name")
         # A cached non-empty object is the common case; "_fact" handles the rest (the
         # first read, an empty object, a fact that does not exist).
-        kind, fact_id = self.const(node.kind), self.const(node.fact_id)
+        kind, fact_id = self.const(node.kind, "kind"), self.const(node.fact_id, "id")
         return f"(_fd.get({name}) or _fact(_fd, _kd, _facts, {name}, {kind}, {fact_id}))"
 
     def _function_call(self, node: ast.Call) -> str:
@@ -691,12 +736,62 @@ def _site_function(expression: str) -> Callable[..., Any] | None:
     return function
 
 
+_TIME_CODES: dict[tuple[object, ...], _TimeCode] = {}
+"""The compiled time sites by shape (see ``_TimeCode``)."""
+
+
+def _time_code(generator: _CodeGenerator, sites: _TimeSites) -> _TimeCode | None:
+    """The time sites as code over the condition's values (their constants added to
+    ``generator``); None when one of their expressions cannot be compiled or holds a
+    collection (the reference then evaluates them)."""
+    nodes = [*sites.unsolved]
+    for threshold in sites.thresholds:
+        nodes += [threshold.timestamp, threshold.bound]
+    constants, collections = len(generator.constants), generator.sites
+    try:
+        expressions = [generator.expr(node) for node in nodes]
+    except (_Unsupported, RecursionError, MemoryError):
+        expressions = None
+    if expressions is None or generator.sites != collections:
+        generator.forget_from(constants)
+        generator.sites = collections
+        return None
+    lines = [f"def _run({', '.join(_PARAMETERS)}):"]
+    for index, expression in enumerate(expressions):
+        lines += [
+            "    try:",
+            f"        _t{index} = {expression}",
+            "    except _Error as _e:",
+            f"        _t{index} = _lost(_e)",
+        ]
+    lines.append("    return (" + "".join(f"_t{i}, " for i in range(len(expressions))) + ")")
+    text = "\n".join(lines) + "\n"
+    thresholds = tuple((t.seconds_per_unit, t.op) for t in sites.thresholds)
+    key = (text, sites.always_poll, len(sites.unsolved), thresholds)
+    code = _TIME_CODES.get(key)
+    if code is None:
+        function = _function(text)
+        if function is None:
+            return None
+        if len(_TIME_CODES) >= _MAX_SHAPES:
+            _TIME_CODES.clear()
+        code = _TimeCode(function, sites.always_poll, len(sites.unsolved), thresholds)
+        _TIME_CODES[key] = code
+    return code
+
+
 def _compile_clauses(
-    source: _Source, leaves: tuple[ast.expr, ...], plan: _Plan, clause_texts: tuple[str, ...]
-) -> tuple[_Run, tuple[Any, ...]] | None:
-    """``(run, values)``: one Python function evaluating every clause of a condition and the
-    condition's values it takes; None when a clause holds something the code generator
-    does not know (then the reference evaluates).
+    source: _Source,
+    leaves: tuple[ast.expr, ...],
+    plan: _Plan,
+    clause_texts: tuple[str, ...],
+    sites: _TimeSites | None = None,
+) -> tuple[_Run, tuple[Any, ...], _TimeCode | None] | None:
+    """``(run, values, time code)``: one Python function evaluating every clause of a
+    condition, the condition's values it takes, and the compiled form of the time
+    ``sites`` when given and possible (see ``_TimeCode``; it takes the same values); None
+    when a clause holds something the code generator does not know (then the reference
+    evaluates).
 
     ``run(fact_data, kind_data, facts, now, values, item, collections)`` returns the
     ``Evaluation`` when every clause gave a value, else ``(failures, clause_values)`` with
@@ -707,7 +802,7 @@ def _compile_clauses(
     The source is ``def _run(...): ...``, compiled once per shape (``_SHAPES``) with
     ``_RUNTIME`` as its globals (no builtins): conditions of one shape share the function.
     ``values`` (``_D`` in the source) is one flat tuple: each clause's True ``Clause``,
-    each one's False ``Clause``, the function making any other ``Clause``, then the
+    each one's False ``Clause``, the clause texts (for any other ``Clause``), then the
     constants (see ``_CodeGenerator.const``). An evaluation touches only the items it uses
     and no other object of its condition (no function, defaults or closure cells): with
     thousands of rules, most of a rule's objects are out of the CPU caches when a fact
@@ -730,7 +825,7 @@ def _compile_clauses(
         ]
     clauses = "".join(
         f"_D[{i}] if _v{i} is True else _D[{count + i}] if _v{i} is False"
-        f" else _D[{2 * count}]({i}, _v{i}), "
+        f" else _clause(_D[{2 * count}][{i}], _v{i}), "
         for i in range(count)
     )
     values = "".join(f"_v{i}, " for i in range(count))
@@ -754,14 +849,11 @@ def _compile_clauses(
     run = _function(text)
     if run is None:
         return None
-
-    def clause(index: int, value: Any) -> Clause:
-        return Clause(clause_texts[index], _jsonable(value))
-
+    time_code = None if sites is None else _time_code(generator, sites)
     true_clauses = [Clause(text, True) for text in clause_texts]
     false_clauses = [Clause(text, False) for text in clause_texts]
-    condition_values = (*true_clauses, *false_clauses, clause, *generator.constants)
-    return run, condition_values
+    condition_values = (*true_clauses, *false_clauses, clause_texts, *generator.constants)
+    return run, condition_values, time_code
 
 
 class _Pending:
@@ -769,6 +861,9 @@ class _Pending:
 
 
 _PENDING = _Pending()
+_NO_TIME_CODE = _Pending()
+"""A condition's ``_time`` when its time sites have no compiled form (the reference
+evaluator solves them, from the text parsed again)."""
 
 
 class CompiledCondition:
@@ -787,7 +882,7 @@ class CompiledCondition:
         "_values",
         "_kept_leaves",
         "_plan",
-        "_time_sites",
+        "_time",
         "clause_texts",
         "item_kind",
         "reads",
@@ -808,7 +903,7 @@ class CompiledCondition:
     _kept_leaves: tuple[ast.expr, ...] | None
     _compiled: _Run | _Pending | None
     _values: tuple[Any, ...]
-    _time_sites: _TimeSites
+    _time: _TimeCode | _Pending | tuple[int, ...] | None
 
     def __init__(
         self,
@@ -823,7 +918,7 @@ class CompiledCondition:
         uses_collections: bool = False,
     ) -> None:
         leaves: list[ast.expr] = []
-        plan = _split(tree, leaves)
+        plan = _shared(_split(tree, leaves))
         clause_texts = tuple(source.snippet(leaf) for leaf in leaves)
         bound = _bound_names(item_kind)
         lowered = tuple(_lower(leaf, bound) for leaf in leaves)
@@ -843,7 +938,10 @@ class CompiledCondition:
             "_kept_leaves": None,
             "_compiled": _PENDING,
             "_values": (),
-            "_time_sites": _find_time_sites(lowered),
+            # Deadline solving: None without time sites; else the indexes of the clauses
+            # that have some, until their compiled form (``_TimeCode``, shared by a shape)
+            # is made with the compiled function.
+            "_time": _timed_clauses(lowered),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -860,13 +958,22 @@ class CompiledCondition:
         """Generate and keep the compiled form (the same on every call: only the first one
         generates). Without one, the lowered clauses are kept for the reference."""
         leaves = _lowered_leaves(self.text, self.item_kind)
-        compiled = _compile_clauses(_Source(self.text), leaves, self._plan, self.clause_texts)
+        timed = self._time
+        sites = None
+        if isinstance(timed, tuple):  # the clauses without time sites add none
+            sites = _find_time_sites(tuple(leaves[index] for index in timed))
+        compiled = _compile_clauses(
+            _Source(self.text), leaves, self._plan, self.clause_texts, sites
+        )
+        time_code = None
         if compiled is None:
             object.__setattr__(self, "_kept_leaves", leaves)
             run = None
         else:
-            run, values = compiled
+            run, values, time_code = compiled
             object.__setattr__(self, "_values", values)
+        if self._time is not None:
+            object.__setattr__(self, "_time", _NO_TIME_CODE if time_code is None else time_code)
         object.__setattr__(self, "_compiled", run)
         return run
 
@@ -1007,16 +1114,38 @@ class CompiledCondition:
         Never raises: an unexpected error gives ``now + 1 s``.
         """
         now = now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
-        sites = self._time_sites
-        if not sites.thresholds and not sites.unsolved and not sites.always_poll:
+        if self._time is None:
             return None
         try:
-            evaluator = _Evaluator(
-                self._source, facts, now, variables=_variables(_item_value(item))
-            )
-            return sites.next_change(evaluator, now)
+            if isinstance(self._compiled, _Pending):
+                self._compile()
+            code = self._time
+            it = _item_value(item)
+            if isinstance(code, _TimeCode):
+                try:
+                    values = code.function({}, {}, facts, now, self._values, it, None)
+                except Exception:  # the reference says how exactly it fails
+                    pass
+                else:
+                    return code.next_change(values, now)
+            evaluator = _Evaluator(self._source, facts, now, variables=_variables(it))
+            return _find_time_sites(self._leaves).next_change(evaluator, now)
         except Exception:  # defensive: nothing in next_change is expected to raise
             return _recheck(now)
+
+
+def _has_time_sites(sites: _TimeSites) -> bool:
+    """Whether the passing of time can change a condition with these time sites."""
+    return bool(sites.thresholds or sites.unsolved or sites.always_poll)
+
+
+def _timed_clauses(leaves: tuple[ast.expr, ...]) -> tuple[int, ...] | None:
+    """The indexes of the lowered clauses that have time sites (one tuple for all equal
+    ones); None when none has."""
+    timed = tuple(
+        index for index, leaf in enumerate(leaves) if _has_time_sites(_find_time_sites((leaf,)))
+    )
+    return _shared(timed) if timed else None
 
 
 def _recompile(text: str, item_kind: str | None) -> Condition:

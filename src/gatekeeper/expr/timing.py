@@ -102,10 +102,15 @@ class _TimeSites:
 def _timestamp(evaluator: _Evaluator, node: ast.expr) -> datetime | None:
     """The UTC instant ``node`` gives as an RFC 3339 timestamp; None when it fails."""
     outcome = evaluator.outcome(node)
-    if outcome.failed or not isinstance(outcome.value, str):
+    return None if outcome.failed else _instant_of(outcome.value)
+
+
+def _instant_of(value: object) -> datetime | None:
+    """The UTC instant of ``value``, an RFC 3339 timestamp; None for anything else."""
+    if not isinstance(value, str):
         return None
     try:
-        return parse_rfc3339(outcome.value)
+        return parse_rfc3339(value)
     except (ValueError, TypeError, OverflowError):
         return None
 
@@ -119,11 +124,50 @@ def _number(evaluator: _Evaluator, node: ast.expr) -> int | float | None:
         if outcome.failed:
             return None
         value = outcome.value
+    return _number_of(value)
+
+
+def _number_of(value: object) -> int | float | None:
+    """``value`` when it is a finite number (bool included); None for anything else."""
     if isinstance(value, int):  # bool included: Python compares it as 0 / 1
         return value
     if isinstance(value, float) and math.isfinite(value):
         return value
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class _TimeCode:
+    """The time sites of a condition as compiled code, shared by the conditions of one
+    shape: ``function`` (called like the condition's compiled function, with its values)
+    returns the value of each site's expressions, None for one that is missing: first
+    the ``unsolved`` timestamps, then each threshold's timestamp and bound. ``thresholds``
+    holds each threshold's ``(seconds per unit, comparison)``. It answers what
+    ``_TimeSites.next_change`` answers, without keeping any syntax tree per condition."""
+
+    function: Callable[..., tuple[object, ...]]
+    always_poll: bool
+    unsolved: int
+    thresholds: tuple[tuple[int, type[ast.cmpop]], ...]
+
+    def next_change(self, values: tuple[object, ...], now: datetime) -> datetime | None:
+        """The earliest candidate after ``now``, from ``values`` (what ``function`` gave)."""
+        soonest: datetime | None = None
+        if self.always_poll or any(
+            _instant_of(value) is not None for value in values[: self.unsolved]
+        ):
+            soonest = _recheck(now)
+        position = self.unsolved
+        for seconds_per_unit, op in self.thresholds:
+            start = _instant_of(values[position])
+            bound = _number_of(values[position + 1])
+            position += 2
+            if start is None or bound is None:
+                continue
+            at = _crossing(seconds_per_unit, start, op, bound, now)
+            if at is not None and (soonest is None or at < soonest):
+                soonest = at
+        return soonest
 
 
 def _crossing(

@@ -386,7 +386,7 @@ _Source = tuple[str, str]
 """A rule file's text and the SHA-256 (hex) of its bytes."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CheckedRule:
     """A rule mapping of a ``CheckedFile``: where it is (``prefix``: its index in a list of
     rules, or ``()``; ``line``: 1-based), its data, its compiled condition (None when the
@@ -634,14 +634,30 @@ def _checked_rule(candidate: _Candidate, *, build: bool) -> CheckedRule:
     """The ``CheckedRule`` of ``candidate``, with its built ``Rule`` when ``build`` (its
     file has no problem). The data is packed once, for both."""
     packed = pack_data(candidate.data)
+    line = candidate.doc.position(candidate.prefix)[0]
     return CheckedRule(
-        candidate.prefix,
+        _shared_prefix(candidate.prefix),
         packed,
-        candidate.doc.position(candidate.prefix)[0],
+        line,
         candidate.condition,
-        _build_rule(candidate, packed) if build else None,
+        _build_rule(candidate, packed, line) if build else None,
         candidate.rule_id,
     )
+
+
+_PREFIXES: dict[PathParts, PathParts] = {}
+"""The prefixes of checked rules, ``(index,)`` in a list of rules: one object for equal
+ones (the rules at one index of different files)."""
+
+
+def _shared_prefix(prefix: PathParts) -> PathParts:
+    """``prefix``, or the equal prefix kept before (see ``_PREFIXES``)."""
+    found = _PREFIXES.get(prefix)
+    if found is None:
+        if len(_PREFIXES) >= 4096:
+            _PREFIXES.clear()
+        _PREFIXES[prefix] = found = prefix
+    return found
 
 
 def _shape_problem(doc: YamlDocument) -> Problem | None:
@@ -1280,9 +1296,9 @@ def loop_message(nodes: Sequence[LoopRule], cycle: LoopCycle) -> str:
 # Building
 
 
-def _build_rule(candidate: _Candidate, source: Mapping[str, Any]) -> Rule:
+def _build_rule(candidate: _Candidate, source: Mapping[str, Any], line: int) -> Rule:
     """The typed ``Rule`` of a candidate that passed every check; ``source`` is its data as
-    kept (packed)."""
+    kept (packed), ``line`` where it starts (1-based)."""
     data = candidate.data
     assert candidate.condition is not None  # set by _check_when for every valid rule
     return Rule(
@@ -1295,7 +1311,7 @@ def _build_rule(candidate: _Candidate, source: Mapping[str, Any]) -> Rule:
         approvals=_build_approvals(data.get("approvals")),
         content_hash=rule_content_hash(data),
         file=candidate.doc.file,
-        line=candidate.doc.position(candidate.prefix)[0],
+        line=line,
         source=source,
         for_each=_shared(data.get("for_each")),
     )
@@ -1307,13 +1323,30 @@ def _shared(value: Any) -> Any:
     return sys.intern(value) if isinstance(value, str) else value
 
 
+_ACTIONS: dict[Action, Action] = {}
+"""Release and notify actions already built: equal ones (rules of one template notifying
+one target with one message) are one object, immutable."""
+_MAX_ACTIONS = 4096
+
+
+def _one_action(action: Action) -> Action:
+    """``action``, or the equal action built before (see ``_ACTIONS``)."""
+    found = _ACTIONS.get(action)
+    if found is None:
+        if len(_ACTIONS) >= _MAX_ACTIONS:
+            _ACTIONS.clear()
+        _ACTIONS[action] = found = action
+    return found
+
+
 def _build_action(action: Mapping[str, Any]) -> Action:
     kind, body = next(iter(action.items()))
     if kind == "release":
         fields = ("target", "escrow", "amount", "currency", "payee")
-        return ReleaseAction(**{name: _shared(body[name]) for name in fields})
+        return _one_action(ReleaseAction(**{name: _shared(body[name]) for name in fields}))
     if kind == "notify":
-        return NotifyAction(target=_shared(body["target"]), message=_shared(body["message"]))
+        target, message = _shared(body["target"]), _shared(body["message"])
+        return _one_action(NotifyAction(target=target, message=message))
     if kind == "set_fact":
         return SetFactAction(
             fact_kind=_shared(body["kind"]), fact_id=body["id"], data=dict(body.get("data", {}))

@@ -25,7 +25,7 @@ edge of the gate; ``each_fact``: for every accepted fact that makes the conditio
 (an event rule: the same status posted twice fires twice)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Approvals:
     """N-of-M sign-off: ``required`` distinct approvers out of ``from_`` (subjects)."""
 
@@ -40,7 +40,7 @@ class Approvals:
     """A target told once per wait when only the approvals are missing (None: nobody)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ReleaseAction:
     """Ask an escrow/payment provider to release funds.
 
@@ -55,7 +55,7 @@ class ReleaseAction:
     kind: Literal["release"] = "release"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NotifyAction:
     """Tell people: ``message`` is a ``${name}`` template (see ``templates``)."""
 
@@ -64,7 +64,7 @@ class NotifyAction:
     kind: Literal["notify"] = "notify"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PipelineAction:
     """Start a CI/CD run on ``ref`` with string ``inputs``."""
 
@@ -74,7 +74,7 @@ class PipelineAction:
     kind: Literal["pipeline"] = "pipeline"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SetFactAction:
     """Record a fact in the rule's own project, in the transaction of the decision that
     fired (with ``caused_by`` in the fact log), evaluated like any posted fact.
@@ -156,7 +156,7 @@ DeliveredAction = ReleaseAction | NotifyAction | PipelineAction
 """The actions sent to a target (``set_fact`` is recorded, not sent)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rule:
     """One rule of a ruleset.
 
