@@ -49,6 +49,7 @@ from _common import (
     Targets,
     add_strict_options,
     fmt,
+    ingest_us_per_fact,
     machine_header,
     median,
     spread,
@@ -145,14 +146,7 @@ def make_case(function: str, size: int, posts: int, rng: random.Random) -> Case:
 
 def post_us_per_fact(case: Case) -> float:
     """CPU microseconds per fact of planning and applying each fact as its own batch."""
-    engine, facts, states = case.engine, case.facts, case.states
-    approvals: dict[str, dict[str, str]] = {}
-    book = EscrowBook({})
-    started = time.process_time_ns()
-    for fact in case.inputs:
-        transition = engine.plan_ingest(facts, states, [fact], NOW, book)
-        apply_transition(transition, facts, states, approvals, book)
-    return (time.process_time_ns() - started) / 1000 / len(case.inputs)
+    return ingest_us_per_fact(case.engine, case.facts, case.states, case.inputs, NOW)
 
 
 class PlainFacts:
