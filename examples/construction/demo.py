@@ -20,8 +20,6 @@ import asyncio
 import base64
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,16 +33,11 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from receiver import Receiver
+from serve import free_port, start_daemon, stop_daemon
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 SECRET_VARIABLES = ("ESCROW_BANK_SECRET", "CHAT_SECRET", "CI_WEBHOOK_SECRET")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_config(folder: Path, daemon_port: int, receiver_port: int) -> Path:
@@ -95,26 +88,14 @@ class Demo:
 
     async def start_daemon(self, session: aiohttp.ClientSession) -> None:
         command = [sys.executable, "-m", "gatekeeper", "serve", "-c", str(self.config)]
-        self.daemon = subprocess.Popen(command, env=self.env)
-        for _ in range(100):
-            try:
-                async with session.get(self.url + "/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if self.daemon.poll() is not None:
-                raise SystemExit(f"the daemon exited with code {self.daemon.returncode}")
-            await asyncio.sleep(0.1)
-        raise SystemExit("the daemon did not answer /healthz within 10 s")
+        self.daemon = await start_daemon(command, self.env, session, self.url)
 
     def stop_daemon(self) -> None:
         if self.daemon is None:
             return
-        self.daemon.send_signal(signal.SIGTERM)
-        code = self.daemon.wait(timeout=30)
-        if code != 0:
-            self.failures.append(f"the daemon exited with code {code} on SIGTERM")
+        failure = stop_daemon(self.daemon)
+        if failure:
+            self.failures.append(failure)
         self.daemon = None
 
     async def post_step(self, session: aiohttp.ClientSession, step: dict[str, Any]) -> None:

@@ -43,8 +43,6 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +57,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "construction"))
 from receiver import Received, Receiver
+from serve import free_port, start_daemon, stop_daemon
 
 HERE = Path(__file__).resolve().parent
 
@@ -75,12 +74,6 @@ READ_SUBJECT = "finance-lead"
 """The token subject the demo reads the escrows and the outbox with."""
 WAIT_S = 10.0
 """How long a step waits for what it expects at the receiver (``--wait-s``)."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def token_variable(subject: str) -> str:
@@ -244,26 +237,14 @@ class Demo:
 
     async def start_daemon(self, session: aiohttp.ClientSession) -> None:
         command = self.gatekeeper("serve", "-c", str(self.config))
-        self.daemon = subprocess.Popen(command, env=self.env)
-        for _ in range(100):
-            try:
-                async with session.get(self.url + "/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if self.daemon.poll() is not None:
-                raise SystemExit(f"the daemon exited with code {self.daemon.returncode}")
-            await asyncio.sleep(0.1)
-        raise SystemExit("the daemon did not answer /healthz within 10 s")
+        self.daemon = await start_daemon(command, self.env, session, self.url)
 
     def stop_daemon(self) -> None:
         if self.daemon is None:
             return
-        self.daemon.send_signal(signal.SIGTERM)
-        code = self.daemon.wait(timeout=30)
-        if code != 0:
-            self.failures.append(f"the daemon exited with code {code} on SIGTERM")
+        failure = stop_daemon(self.daemon)
+        if failure:
+            self.failures.append(failure)
         self.daemon = None
 
     async def make(self, args: str, expected_exit: int, where: str) -> None:
