@@ -599,18 +599,12 @@ def _failure(
     """A failed expectation about ``rule_id``, explained for its instance ``item`` (not
     explained when the per-item rule has no such instance: the message says so)."""
     rule = sim.engine.rules[rule_id]
-    if item and not sim.has_instance(rule, item):
-        return Failure(
-            step=step.number,
-            at=format_rfc3339(step.at),
-            line=step.line,
-            rule_id=rule_id,
-            message=message,
-            diff=tuple(diff),
-            item=item,
-        )
-    explanation = sim.explain(rule, item)
-    deadlines = clause_deadlines(rule, explanation, sim.facts, sim.now)
+    explanation: dict[str, Any] | None = None
+    text: tuple[str, ...] = ()
+    if not item or sim.has_instance(rule, item):
+        explanation = sim.explain(rule, item)
+        deadlines = clause_deadlines(rule, explanation, sim.facts, sim.now)
+        text = tuple(explanation_lines(rule, explanation, deadlines))
     return Failure(
         step=step.number,
         at=format_rfc3339(step.at),
@@ -619,7 +613,7 @@ def _failure(
         message=message,
         diff=tuple(diff),
         explanation=explanation,
-        explanation_text=tuple(explanation_lines(rule, explanation, deadlines)),
+        explanation_text=text,
         item=item,
     )
 
