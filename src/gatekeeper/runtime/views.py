@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from decimal import Decimal
 from typing import Any
 
 from gatekeeper.config import Escrow
@@ -22,7 +21,7 @@ from gatekeeper.runtime.ingest import Writer
 from gatekeeper.store import Store
 from gatekeeper.store.contract import RulesetReads
 from gatekeeper.store.queries import Projects
-from gatekeeper.store.records import StoredDecision
+from gatekeeper.store.records import EscrowFigures, StoredDecision
 
 Visible = Callable[[str | None], bool]
 """Whether the asker may see the things of a project (None: things of no project)."""
@@ -217,24 +216,30 @@ def ruleset_view(engine: Engine | None) -> dict[str, Any] | None:
 
 
 async def escrow_report(store: Store, escrows: Mapping[str, Escrow]) -> list[dict[str, Any]]:
-    """Per escrow, by name: currency, limit, released (delivered), pending, unconfirmed
-    (dead: counted as possibly paid) and remaining, as decimal strings; an escrow with
-    releases but no longer configured has None for currency, limit and remaining."""
+    """Per escrow, by name, as decimal strings: currency, limit, the ledger's figures
+    (``EscrowFigures``: reserved, sent, settled, returned) and remaining = limit -
+    (reserved + sent + settled); and, as before, released (sent + settled), pending
+    (reserved, queued) and unconfirmed (reserved, dead-lettered: counted as possibly paid).
+    An escrow with releases but no longer configured has None for currency, limit and
+    remaining."""
     totals = await store.escrow_totals()
     report = []
     for name in sorted(set(escrows) | set(totals)):
         account = escrows.get(name)
-        by_status = totals.get(name, {})
-        committed = sum(by_status.values(), Decimal(0))
+        figures = totals.get(name, EscrowFigures())
         report.append(
             {
                 "escrow": name,
                 "currency": account.currency if account else None,
                 "limit": str(account.limit) if account else None,
-                "released": str(by_status.get("delivered", Decimal("0.00"))),
-                "pending": str(by_status.get("pending", Decimal("0.00"))),
-                "unconfirmed": str(by_status.get("dead", Decimal("0.00"))),
-                "remaining": str(account.limit - committed) if account else None,
+                "reserved": str(figures.reserved),
+                "sent": str(figures.sent),
+                "settled": str(figures.settled),
+                "returned": str(figures.returned),
+                "remaining": str(account.limit - figures.committed) if account else None,
+                "released": str(figures.sent + figures.settled),
+                "pending": str(figures.reserved - figures.unconfirmed),
+                "unconfirmed": str(figures.unconfirmed),
             }
         )
     return report
