@@ -239,11 +239,6 @@ class Dispatcher:
                 del self._recently_finished[next(iter(self._recently_finished))]
             self._recently_finished[action_id] = None
 
-    def in_flight(self, action_id: str) -> bool:
-        """Whether an attempt of ``action_id`` is in progress here (from its start to its
-        recorded outcome) or its outcome could not be recorded yet (held back)."""
-        return action_id in self._in_flight or action_id in self._held_until
-
     def _reported(self, exc: Exception) -> bool:
         """Hand ``exc`` to ``outage`` if it is the database's condition (it
         logs that once per interval); False: log it here."""

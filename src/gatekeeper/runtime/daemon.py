@@ -50,7 +50,7 @@ from gatekeeper.runtime.outage import RETRY_AFTER_S, StoreOutage
 from gatekeeper.runtime.rulesets import Rulesets, StartupError
 from gatekeeper.runtime.ticker import Ticker
 from gatekeeper.store import SQLITE_PREFIX, Store, store_for
-from gatekeeper.store.errors import ADVICE, Conflict, StoreUnavailable
+from gatekeeper.store.errors import ADVICE, StoreUnavailable
 from gatekeeper.store.queries import AuditQuery, Projects
 from gatekeeper.store.records import (
     ActionStatus,
@@ -318,7 +318,8 @@ class Daemon:
         such action.
 
         Raises ``NotARelease`` for a notify or pipeline action, ``Conflict`` when an
-        attempt of it is in flight (its outcome decides) or it is delivered or cancelled
+        attempt of it is in flight (the store's ``begin_attempt`` mark: from just before its
+        request to its recorded outcome, which decides) or it is delivered or cancelled
         already; nothing changes then."""
         existing = await self.store.get_action(action_id)
         if existing is None:
@@ -327,8 +328,6 @@ class Daemon:
             raise NotARelease(
                 f"action {action_id} is a {existing.kind} action: only a release can be cancelled"
             )
-        if self.dispatcher.in_flight(action_id):
-            raise Conflict(f"release {action_id}: an attempt is in flight; its outcome decides")
         async with self.writer.lock:  # the book changes with the commit, between writes
             cancelled = await self.store.cancel_release(
                 CancelRequest(action_id, self.clock.now(), actor, reason)
