@@ -339,6 +339,8 @@ async def test_a_signed_settlement_settles_a_sent_release(
     assert status == 404
     _, entries = await gk.get("/v1/escrows/tower-a-escrow/entries")
     assert [e["movement"] for e in entries["entries"]] == ["reserve", "send", "settle"]
+    _, story = await gk.get(f"/v1/releases/{release}")
+    assert story["movements"] == entries["entries"]
 
 
 async def test_a_settlement_without_the_targets_signature_is_refused(

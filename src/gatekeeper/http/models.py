@@ -861,6 +861,10 @@ class ReleaseStory(Model):
     """Everything about one release, from its release id."""
 
     release: ReleaseRecord
+    movements: Annotated[
+        list[LedgerMovement],
+        Meta(description="Its ledger movements, oldest first (reserve, send, settle, ...)."),
+    ]
     decision: Decision | None
     triggered_by: Annotated[
         JsonObject | None,

@@ -298,9 +298,9 @@ async def export_view(
 
 async def release_view(store: Store, release_id: str) -> tuple[str, dict[str, Any]] | None:
     """The whole story of one release, with the project it belongs to ("" when its action
-    is gone): the ledger entry, the decision that made it, the fact that triggered it, the
-    exact rule text of the ruleset version in force, the action and every delivery
-    attempt. None when there is no such release."""
+    is gone): the ledger entry and its movements (reserve, send, ...), the decision that
+    made it, the fact that triggered it, the exact rule text of the ruleset version in
+    force, the action and every delivery attempt. None when there is no such release."""
     release = await store.release_record(release_id)
     if release is None:
         return None
@@ -308,10 +308,12 @@ async def release_view(store: Store, release_id: str) -> tuple[str, dict[str, An
     action = await store.get_action(release_id)
     project = action.payload.get("project", "") if action else ""
     attempts = await store.list_attempts(release_id)
+    movements = await store.ledger_movements(release_id=release_id)
     fact = await store.fact_at(decision.fact_seq) if decision and decision.fact_seq else None
     rule_text = await _rule_text(store, decision) if decision else None
     return project, {
         "release": release.to_json(),
+        "movements": [m.to_json() for m in movements],
         "decision": decision.to_json() if decision else None,
         "triggered_by": fact.to_json() if fact else None,
         "rule": rule_text,
