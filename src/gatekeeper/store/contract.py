@@ -243,6 +243,21 @@ class AuditReads(Protocol):
         ``item``), so what one decision stores is bounded whatever its rule reads."""
         ...
 
+    async def decision_log(
+        self, after_id: int = 0, limit: int = 1000, *, evaluations: bool = True
+    ) -> list[StoredDecision]:
+        """At most ``limit`` decisions with ``id > after_id``, oldest first (id ascending:
+        the order they were committed in), as ``list_decisions`` shows them; with
+        ``evaluations`` False their ``evaluation`` is ``{}`` (nothing is rebuilt from the
+        fact log: what a replay of the history reads)."""
+        ...
+
+    async def actions_of_decisions(self, first_id: int, last_id: int) -> list[OutboxEntry]:
+        """Every outbox entry queued by the decisions ``first_id`` to ``last_id``
+        (inclusive; a firing's actions and alert, or an approvals notice), by decision
+        id, then in the order they were queued; dead letters included."""
+        ...
+
     async def decision_of_firing(self, firing_id: str) -> StoredDecision | None:
         """The decision that fired (or blocked) ``firing_id``, or None."""
         ...
