@@ -1,0 +1,384 @@
+"""``gatekeeper backtest``: what a candidate ruleset would have done with a deployment's
+recorded history, and how that differs from what was recorded.
+
+    gatekeeper backtest --rules DIR [-c gatekeeper.yaml] --database PATH
+                        [--since T] [--until T] [--format text|json|github]
+                        [--fail-on release|any|none]
+    gatekeeper backtest --self-check --database PATH [-c gatekeeper.yaml]
+
+The recorded fact log (facts and approvals), the admin acts (pause, resume, rearm), the
+deadline ticks and the starts of the daemon are replayed with their recorded times through
+the candidate's engine, in memory (``gatekeeper.engine.replay``; the database is opened
+read-only, a daemon may be running on it; nothing is written anywhere). The firings are
+then compared with the recorded ones (``gatekeeper.engine.backtest``): firings added,
+firings gone, firings changed (outcome, actions: amounts, payees, escrows, targets,
+rendered messages and inputs), per rule instance, with what each escrow would release
+more or less. The config (``-c``, default ``./gatekeeper.yaml``) gives the escrows, the
+alert target and the targets' formats: they are not part of the recorded history.
+
+``--since``/``--until`` (RFC 3339) bound the window compared: the replay always starts at
+the beginning of the history (the state at ``--since`` is rebuilt by replaying everything
+before it, with the candidate) and stops at ``--until`` (default: the last recorded time);
+only firings decided in ``[since, until)`` are compared.
+
+``--self-check`` replays the history on the recorded ruleset versions (each as it went
+live) and must reproduce every recorded decision: its rule, instance, trigger, outcome,
+gate, firing id, reason, rule hash, ruleset version, triggering fact and approvals, and
+each firing's actions (kind, target, rendered payload) and ledger entries. Left out, being
+random by design or given outside the engine: action and release ids (fresh UUIDs: a
+release id is its action's id), decision row ids and request ids. Prints ``N of N
+decisions reproduced`` or the first differences.
+
+Formats: ``text``; ``json`` (one object, below); ``github`` (``::error`` for each
+difference that fails ``--fail-on``, ``::warning`` for the others, on the rule's file and
+line in the candidate; the workflow commands of ``gatekeeper check``).
+
+The JSON report: ``{"ruleset": {"dir", "version", "rules"}, "database", "window":
+{"since", "until"}, "events", "firings": {"recorded", "replayed"}, "added": [FIRING],
+"gone": [FIRING], "changed": [{"rule", "item", "at", "recorded_firing_id",
+"replayed_firing_id", "changes": [{"field", "old", "new"}]}], "rules": {NAME: {"added",
+"gone", "changed"}}, "escrows": [{"escrow", "currency", "recorded", "replayed",
+"delta"}], "skipped": {"approval": N, "admin act": N}, "fail_on", "fails"}`` where
+FIRING is ``{"rule", "item", "firing_id", "at", "outcome", "reason", "actions": [{"kind",
+"target", "status", "payload"}]}``; amounts are decimal strings. The self-check's:
+``{"ok", "decisions", "reproduced", "differences": [TEXT]}``.
+
+Exit codes: 0 no difference that fails ``--fail-on`` (self-check: every decision
+reproduced), 1 differences that fail it (default ``release``: any change in releases;
+``any``: any difference; ``none``: never), 2 usage or input error (bad rules, config or
+time, a database that is missing, unreadable, or written by a newer gatekeeper).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from gatekeeper.cli.output import display_path, plural, workflow_command
+from gatekeeper.cli.plan import _print_load_problems, cli_config, describe_action, rule_path
+from gatekeeper.clock import format_rfc3339, parse_rfc3339
+from gatekeeper.config import Config
+from gatekeeper.engine.backtest import BacktestDiff, FailOn, FiringRecord, SelfCheck
+from gatekeeper.rules.loader import load_rules_dir
+from gatekeeper.rules.model import Ruleset
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+TITLE = "gatekeeper backtest"
+
+
+def add_backtest_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add ``gatekeeper backtest`` to the subparsers ``commands``."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "backtest",
+        help="replay the recorded history against a ruleset and show the differences",
+        description="Replay a deployment's recorded facts, approvals, admin acts and "
+        "deadlines with their recorded times against a candidate ruleset, in memory, and "
+        "show the firings added, gone and changed, with what each escrow would release "
+        "more or less. --self-check replays the recorded rule versions instead and must "
+        "reproduce every recorded decision.",
+    )
+    parser.add_argument(
+        "-c", "--config", type=Path, help="gatekeeper.yaml (default: ./gatekeeper.yaml)"
+    )
+    parser.add_argument("--rules", type=Path, metavar="DIR", help="the candidate ruleset")
+    parser.add_argument(
+        "--database", metavar="PATH", help="the deployment's database (opened read-only)"
+    )
+    parser.add_argument("--since", metavar="TIME", help="compare from this time (RFC 3339)")
+    parser.add_argument("--until", metavar="TIME", help="compare before this time (RFC 3339)")
+    parser.add_argument("--format", choices=["text", "json", "github"], default="text")
+    parser.add_argument(
+        "--fail-on",
+        choices=["release", "any", "none"],
+        default="release",
+        help="exit 1 on any change in releases (release, the default), any difference "
+        "(any), or never (none)",
+    )
+    parser.add_argument(
+        "--self-check",
+        action="store_true",
+        help="replay the recorded rule versions; every recorded decision must come out",
+    )
+    return parser
+
+
+def run_backtest_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """``gatekeeper backtest``: returns 0, 1 (differences failing ``--fail-on``, or a
+    self-check that did not reproduce everything) or 2 (usage or input error)."""
+    out = out or sys.stdout
+    config = cli_config(args.config, "backtest")
+    if config is None:
+        return EXIT_USAGE
+    if args.database is None:
+        return _usage("give the database to replay: --database PATH")
+    if args.self_check:
+        if args.rules is not None:
+            return _usage("--self-check replays the recorded rules: leave out --rules")
+        return _self_check(args, config, out)
+    if args.rules is None:
+        return _usage("give the candidate ruleset: --rules DIR (or --self-check)")
+    try:
+        since = None if args.since is None else parse_rfc3339(args.since)
+        until = None if args.until is None else parse_rfc3339(args.until)
+    except ValueError as error:
+        return _usage(f"--since/--until: {error}")
+    if since is not None and until is not None and until <= since:
+        return _usage("--until must be after --since")
+    if not args.rules.is_dir():
+        return _usage(f"--rules {args.rules}: no such directory")
+    result = load_rules_dir(args.rules, config)
+    if result.ruleset is None:
+        _print_load_problems(result, "github" if args.format == "github" else "text", sys.stderr)
+        return EXIT_USAGE
+    ruleset = result.ruleset
+    try:
+        history, files = _read(args.database, ledger=False)
+    except _ReadError as error:
+        return _usage(str(error))
+    from gatekeeper.store.history import run_backtest
+
+    outcome = run_backtest(history, files, ruleset, config, since, until)
+    report = Report(
+        ruleset=ruleset,
+        rules_dir=args.rules,
+        database=args.database,
+        since=since,
+        until=until,
+        events=outcome.events,
+        diff=outcome.diff,
+        skipped=outcome.skipped,
+        fail_on=args.fail_on,
+    )
+    if args.format == "json":
+        out.write(json.dumps(report.to_json(), indent=2) + "\n")
+    else:
+        lines = report.github() if args.format == "github" else report.text()
+        out.write("\n".join(lines) + "\n")
+    return EXIT_FAILED if outcome.diff.trips(args.fail_on) else EXIT_OK
+
+
+def _self_check(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    from gatekeeper.store.history import run_self_check
+
+    try:
+        history, files = _read(args.database, ledger=True)
+    except _ReadError as error:
+        return _usage(str(error))
+    try:
+        check = run_self_check(history, files, config)
+    except ValueError as error:
+        return _usage(str(error))
+    if args.format == "json":
+        out.write(json.dumps(check.to_json(), indent=2) + "\n")
+    else:
+        out.write("\n".join(self_check_text(check)) + "\n")
+    return EXIT_OK if check.ok else EXIT_FAILED
+
+
+def self_check_text(check: SelfCheck) -> list[str]:
+    """``N of N decisions reproduced``, after the first differences when there are any."""
+    lines = [f"difference: {text}" for text in check.differences]
+    lines.append(f"{check.reproduced} of {check.total} decisions reproduced")
+    return lines
+
+
+class _ReadError(Exception):
+    """The database cannot be read; the message says what and which file."""
+
+
+def _read(database: str, *, ledger: bool) -> tuple[Any, dict[str, Any]]:
+    """The history and the recorded ruleset files of ``database``, opened read-only."""
+    from gatekeeper.store import open_store
+    from gatekeeper.store.errors import StoreError, UnsupportedDatabase
+    from gatekeeper.store.history import read_history, read_rulesets
+
+    async def read() -> tuple[Any, dict[str, Any]]:
+        store = await open_store(database, read_only=True)
+        try:
+            history = await read_history(store, ledger=ledger)
+            files = await read_rulesets(store, history)
+            return history, files
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(read())
+    except (StoreError, UnsupportedDatabase) as error:
+        raise _ReadError(f"cannot read the database: {error}") from None
+
+
+def _usage(message: str) -> int:
+    print(f"gatekeeper backtest: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+class Report:
+    """A backtest's report in each format."""
+
+    def __init__(
+        self,
+        *,
+        ruleset: Ruleset,
+        rules_dir: Path,
+        database: str,
+        since: datetime | None,
+        until: datetime | None,
+        events: int,
+        diff: BacktestDiff,
+        skipped: dict[str, int],
+        fail_on: FailOn,
+    ) -> None:
+        self.ruleset = ruleset
+        self.rules_dir = rules_dir
+        self.database = database
+        self.since = since
+        self.until = until
+        self.events = events
+        self.diff = diff
+        self.skipped = skipped
+        self.fail_on = fail_on
+        self.rules = ruleset.by_id()
+
+    def to_json(self) -> dict[str, Any]:
+        diff = self.diff
+        return {
+            "ruleset": {
+                "dir": display_path(self.rules_dir),
+                "version": self.ruleset.version,
+                "rules": len(self.ruleset.rules),
+            },
+            "database": self.database,
+            "window": {"since": _time(self.since), "until": _time(self.until)},
+            "events": self.events,
+            "firings": {"recorded": diff.recorded_count, "replayed": diff.replayed_count},
+            "added": [f.to_json() for f in diff.added],
+            "gone": [f.to_json() for f in diff.gone],
+            "changed": [c.to_json() for c in diff.changed],
+            "rules": diff.by_rule(),
+            "escrows": [e.to_json() for e in diff.escrows],
+            "skipped": dict(self.skipped),
+            "fail_on": self.fail_on,
+            "fails": diff.trips(self.fail_on),
+        }
+
+    def text(self) -> list[str]:
+        diff = self.diff
+        lines = [
+            f"backtest of {display_path(self.rules_dir)} (ruleset {self.ruleset.version[:12]}, "
+            f"{plural(len(self.ruleset.rules), 'rule')}) against {self.database}: "
+            f"{plural(self.events, 'event')} replayed"
+        ]
+        if self.since or self.until:
+            lines.append(
+                f"window: from {_time(self.since) or 'the start'} "
+                f"until {_time(self.until) or 'the end'}"
+            )
+        lines.append(
+            f"firings compared: {diff.recorded_count} recorded, {diff.replayed_count} replayed"
+        )
+        if diff.added:
+            lines.append(f"firings added ({len(diff.added)}):")
+            lines += [f"  + {_firing(f)}" for f in diff.added]
+        if diff.gone:
+            lines.append(f"firings gone ({len(diff.gone)}):")
+            lines += [f"  - {_firing(f)}" for f in diff.gone]
+        if diff.changed:
+            lines.append(f"actions changed ({len(diff.changed)}):")
+            for changed in diff.changed:
+                lines.append(f"  ~ {changed.recorded.at} {changed.recorded.firing_id}:")
+                lines += [
+                    f"      {c.field}: {_value(c.old)} -> {_value(c.new)}" for c in changed.changes
+                ]
+        if not diff.empty:
+            lines.append("per rule:")
+            for name, counts in diff.by_rule().items():
+                parts = [f"{n} {what}" for what, n in counts.items() if n]
+                lines.append(f"  {name}: {', '.join(parts)}")
+        if diff.escrows:
+            lines.append("escrows (released in the window: recorded -> replayed):")
+            for e in diff.escrows:
+                lines.append(
+                    f"  {e.escrow}: {e.recorded} -> {e.replayed} {e.currency} ({_signed(e.delta)})"
+                )
+        for what, count in sorted(self.skipped.items()):
+            lines.append(f"skipped: {plural(count, what)} the candidate refuses")
+        lines.append(self.summary())
+        return lines
+
+    def summary(self) -> str:
+        diff = self.diff
+        if diff.empty:
+            text = "SUCCESS: no differences"
+        else:
+            text = (
+                f"{'FAILED' if diff.trips(self.fail_on) else 'DIFFERENCES'}: "
+                f"{len(diff.added)} added, {len(diff.gone)} gone, {len(diff.changed)} changed"
+            )
+        return f"{text} (--fail-on {self.fail_on})"
+
+    def github(self) -> list[str]:
+        diff = self.diff
+        lines = []
+        for f in diff.added:
+            lines.append(self._annotation(f, "would fire", f.releases or self.fail_on == "any"))
+        for f in diff.gone:
+            lines.append(
+                self._annotation(f, "would no longer fire", f.releases or self.fail_on == "any")
+            )
+        for c in diff.changed:
+            what = "; ".join(f"{x.field}: {_value(x.old)} -> {_value(x.new)}" for x in c.changes)
+            trips = self.fail_on == "any" or (self.fail_on == "release" and c.money)
+            lines.append(self._line(trips, c.replayed, f"would change: {what}"))
+        for e in diff.escrows:
+            if e.delta:
+                lines.append(
+                    workflow_command(
+                        "error" if self.fail_on != "none" else "warning",
+                        f"escrow {e.escrow} would release {_signed(e.delta)} {e.currency} "
+                        f"({e.recorded} -> {e.replayed})",
+                        title=TITLE,
+                    )
+                )
+        lines.append(self.summary())
+        return lines
+
+    def _annotation(self, firing: FiringRecord, verb: str, money: bool) -> str:
+        trips = self.fail_on == "any" or (self.fail_on == "release" and money)
+        what = "; ".join(describe_action(a) for a in firing.actions) or "no actions"
+        return self._line(trips, firing, f"{verb} at {firing.at}: {what}")
+
+    def _line(self, trips: bool, firing: FiringRecord, message: str) -> str:
+        level = "error" if trips else "warning"
+        text = f"rule {firing.name} ({firing.firing_id}) {message}"
+        rule = self.rules.get(firing.rule_id)
+        if rule is None:
+            return workflow_command(level, text, title=TITLE)
+        return workflow_command(
+            level, text, file=rule_path(self.rules_dir, rule), line=rule.line, title=TITLE
+        )
+
+
+def _firing(f: FiringRecord) -> str:
+    what = "; ".join(describe_action(a) for a in f.actions) or "no actions"
+    text = f"{f.at} {f.firing_id} {f.outcome}: {what}"
+    return text + (f" ({f.reason})" if f.reason else "")
+
+
+def _value(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _signed(amount: Any) -> str:
+    return f"+{amount}" if amount > 0 else str(amount)
+
+
+def _time(when: datetime | None) -> str | None:
+    return None if when is None else format_rfc3339(when)
+
+
+__all__ = ["add_backtest_parser", "run_backtest_command"]
