@@ -5,10 +5,12 @@ migrated, locked or written; a daemon may hold the database meanwhile)."""
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from gatekeeper.engine.model import FactInput, Transition
 from gatekeeper.store import open_store
 from gatekeeper.store.errors import SchemaTooNew, StoreUnavailable
 
@@ -92,3 +94,34 @@ async def test_read_only_creates_nothing_and_refuses_what_it_cannot_read(
     empty.write_bytes(b"")
     with pytest.raises(StoreUnavailable, match="empty file"):
         await open_store(empty, read_only=True)
+
+
+async def test_the_decision_log_without_quiet_decisions_and_where_decisions_fall(
+    backend: Backend,
+) -> None:
+    store = await backend.open()
+    quiet = build.decision("tower-a/q", build.at(1), outcome="not_met", firing=None, fact_index=0)
+    await store.commit_transition(
+        Transition(
+            facts=[FactInput("tower-a", "task", "a", {})], decisions=[quiet], planned_at=build.at(1)
+        )
+    )  # seq 1, decision 1: quiet
+    await store.commit_transition(build.firing("tower-a/r", 1, build.at(2)))  # seq 2, decision 2
+    tick = replace(quiet, trigger="time", fact_index=None, decided_at="2026-11-01T09:00:03.000Z")
+    await store.commit_transition(Transition(decisions=[tick], planned_at=build.at(3)))
+    await store.commit_transition(
+        Transition(
+            facts=[FactInput("tower-a", "task", "b", {})], decisions=[quiet], planned_at=build.at(4)
+        )
+    )  # seq 3, decision 4: quiet
+    everything = await store.decision_log(evaluations=False)
+    assert [d.trigger for d in everything] == ["fact", "fact", "time", "fact"]
+    marked = await store.decision_log(evaluations=False, quiet=False)
+    assert [(d.firing_id, d.trigger) for d in marked] == [("tower-a/r#1", "fact"), (None, "time")]
+    ids = [d.id for d in everything]
+    assert await store.fact_log_positions([ids[0], ids[2], ids[3], ids[3] + 5]) == {
+        ids[0]: 0,  # nothing before it
+        ids[2]: 2,  # the tick came after the fact at seq 2
+        ids[3]: 2,
+    }
+    assert await store.fact_log_positions([]) == {}

@@ -57,7 +57,7 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from gatekeeper.cli.output import display_path, plural, workflow_command
 from gatekeeper.cli.plan import _print_load_problems, cli_config, describe_action, rule_path
@@ -66,6 +66,9 @@ from gatekeeper.config import Config
 from gatekeeper.engine.backtest import BacktestDiff, FailOn, FiringRecord, SelfCheck
 from gatekeeper.rules.loader import load_rules_dir
 from gatekeeper.rules.model import Ruleset
+
+if TYPE_CHECKING:
+    from gatekeeper.store.history import History
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 TITLE = "gatekeeper backtest"
@@ -137,8 +140,8 @@ def run_backtest_command(args: argparse.Namespace, out: TextIO | None = None) ->
         return EXIT_USAGE
     ruleset = result.ruleset
     try:
-        history, files = _read(args.database, ledger=False)
-    except _ReadError as error:
+        history, files = read_database(args.database, self_check=False)
+    except ReadError as error:
         return _usage(str(error))
     from gatekeeper.store.history import run_backtest
 
@@ -166,8 +169,8 @@ def _self_check(args: argparse.Namespace, config: Config, out: TextIO) -> int:
     from gatekeeper.store.history import run_self_check
 
     try:
-        history, files = _read(args.database, ledger=True)
-    except _ReadError as error:
+        history, files = read_database(args.database, self_check=True)
+    except ReadError as error:
         return _usage(str(error))
     try:
         check = run_self_check(history, files, config)
@@ -187,29 +190,33 @@ def self_check_text(check: SelfCheck) -> list[str]:
     return lines
 
 
-class _ReadError(Exception):
+class ReadError(Exception):
     """The database cannot be read; the message says what and which file."""
 
 
-def _read(database: str, *, ledger: bool) -> tuple[Any, dict[str, Any]]:
-    """The history and the recorded ruleset files of ``database``, opened read-only."""
+def read_database(database: str, *, self_check: bool) -> tuple[History, dict[str, Any]]:
+    """The history and the recorded ruleset files of ``database``, opened read-only:
+    what a backtest replays, or (``self_check``) every decision and ledger entry too.
+    Raises ``ReadError`` saying what and which file."""
     from gatekeeper.store import open_store
     from gatekeeper.store.errors import StoreError, UnsupportedDatabase
     from gatekeeper.store.history import read_history, read_rulesets
 
-    async def read() -> tuple[Any, dict[str, Any]]:
+    read: list[tuple[History, dict[str, Any]]] = []
+
+    async def read_all() -> None:  # returns nothing: asyncio would repr a large result
         store = await open_store(database, read_only=True)
         try:
-            history = await read_history(store, ledger=ledger)
-            files = await read_rulesets(store, history)
-            return history, files
+            history = await read_history(store, every_decision=self_check, ledger=self_check)
+            read.append((history, await read_rulesets(store, history)))
         finally:
             await store.close()
 
     try:
-        return asyncio.run(read())
+        asyncio.run(read_all())
     except (StoreError, UnsupportedDatabase) as error:
-        raise _ReadError(f"cannot read the database: {error}") from None
+        raise ReadError(f"cannot read the database: {error}") from None
+    return read[0]
 
 
 def _usage(message: str) -> int:

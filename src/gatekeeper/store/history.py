@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from gatekeeper.clock import format_rfc3339, parse_rfc3339
+from gatekeeper.clock import format_rfc3339
 from gatekeeper.config import Config
 from gatekeeper.engine.backtest import (
     BacktestDiff,
@@ -103,6 +103,9 @@ class History:
     admin_acts: list[AuditEntry] = field(default_factory=list)
     rulesets: list[RulesetSummary] = field(default_factory=list)
     ledger: dict[str, ReleaseRecord] = field(default_factory=dict)
+    positions: dict[int, int] = field(default_factory=dict)
+    """For each decision made by the clock, an admin act or a reload: the fact log
+    ``seq`` the daemon had committed before it (``fact_log_positions``)."""
 
     @property
     def last_at(self) -> datetime | None:
@@ -115,19 +118,27 @@ class History:
         return max(times, default=None)
 
 
-async def read_history(store: HistoryReads, *, ledger: bool = False) -> History:
-    """Read a whole history from ``store``, page by page (``PAGE`` records a call);
-    ``ledger`` also reads the ledger entry of every recorded release."""
+async def read_history(
+    store: HistoryReads, *, every_decision: bool = False, ledger: bool = False
+) -> History:
+    """Read a history from ``store``, page by page (``PAGE`` records a call): the decisions
+    a replay needs (``every_decision``: all of them, for the self-check); ``ledger`` also
+    reads the ledger entry of every recorded release."""
     history = History()
     after = 0
     while page := await store.fact_log(after, PAGE):
         history.facts += page
         after = page[-1].seq
     after = 0
-    while decisions := await store.decision_log(after, PAGE, evaluations=False):
+    while decisions := await store.decision_log(
+        after, PAGE, evaluations=False, quiet=every_decision
+    ):
         history.decisions += decisions
         history.actions += await store.actions_of_decisions(decisions[0].id, decisions[-1].id)
         after = decisions[-1].id
+    history.positions = await store.fact_log_positions(
+        [d.id for d in history.decisions if d.trigger not in ("fact", "approval")]
+    )
     acts: list[AuditEntry] = []
     query = AuditQuery(kinds=("admin_act",), limit=PAGE)
     while entries := await store.audit(query):
@@ -232,61 +243,54 @@ def events_of(history: History, plain_rules: Callable[[str], frozenset[str] | No
     """The replay events of ``history`` in the daemon's order (see the module docstring).
     ``plain_rules(version)`` gives the ids of the rules without ``for_each`` of a recorded
     version (None when it is unknown), to tell a start from a reload."""
-    decisions = history.decisions
-    ids = [d.id for d in decisions]
-    times: list[datetime] = []
-    for d in decisions:  # monotone, whatever a wall clock did
-        times.append(d.decided_at if not times else max(times[-1], d.decided_at))
-    by_seq: dict[int, int] = {}
-    by_approval: dict[int, int] = {}
-    by_admin: dict[tuple[datetime, str], int] = {}
-    by_tick: dict[datetime, int] = {}
+    ticks: dict[datetime, int] = {}
+    admins: dict[tuple[datetime, str], int] = {}
     reloads: dict[datetime, tuple[int, str, set[str]]] = {}
-    for d in decisions:
-        if d.trigger == "fact" and d.fact_seq is not None:
-            by_seq.setdefault(d.fact_seq, d.id)
-        elif d.trigger == "approval" and d.fact_seq is not None:
-            by_approval.setdefault(d.fact_seq, d.id)
-        elif d.trigger == "admin":
-            by_admin.setdefault((d.decided_at, d.rule_id), d.id)
+    for d in history.decisions:
+        if d.trigger == "admin":
+            admins.setdefault((d.decided_at, d.rule_id), d.id)
         elif d.trigger == "time":
-            by_tick.setdefault(d.decided_at, d.id)
+            ticks.setdefault(d.decided_at, d.id)
         elif d.trigger == "reload":
-            first, version, decided = reloads.setdefault(
-                d.decided_at, (d.id, d.ruleset_version, set())
-            )
-            decided.add(d.rule_id)
+            reloads.setdefault(d.decided_at, (d.id, d.ruleset_version, set()))[2].add(d.rule_id)
+    log = list(_log_events(history.facts))
+    keys = [e.first_seq if isinstance(e, PostedFacts) else e.seq for e in log]  # type: ignore[union-attr]
+    times: list[datetime] = []
+    for e in log:  # monotone, whatever a wall clock did
+        times.append(e.at if not times else max(times[-1], e.at))
 
-    def before_next(at: datetime) -> float:
-        index = bisect.bisect_left(times, at)
-        return ids[index] - 0.5 if index < len(ids) else (ids[-1] if ids else 0) + 0.5
+    def position(first_id: int | None, at: datetime) -> float:
+        """Just after the log events committed before decision ``first_id`` (the last
+        one a decision before it was made on), or else recorded at or before ``at``."""
+        seq = history.positions.get(first_id) if first_id is not None else None
+        if seq is not None:
+            return bisect.bisect_right(keys, seq) - 0.5
+        return bisect.bisect_right(times, at) - 0.5
 
-    placed: list[tuple[float, int, int, Event]] = []
-    for event in _log_events(history.facts):
-        if isinstance(event, PostedFacts):
-            seqs = range(event.first_seq, event.first_seq + len(event.facts))
-            own = [by_seq[s] for s in seqs if s in by_seq]
-            pos = min(own) if own else before_next(event.at)
-            placed.append((pos, 2, event.first_seq, event))
-        elif isinstance(event, ApprovalGiven):
-            found = by_approval.get(event.seq)
-            pos = found if found is not None else before_next(event.at)
-            placed.append((pos, 2, event.seq, event))
+    never = float("inf")
+    placed: list[tuple[float, int, datetime, float, int, Event]] = [
+        (index, 0, event.at, 0, 0, event) for index, event in enumerate(log)
+    ]
     for entry in history.admin_acts:
         make = ADMIN_ACTS.get(entry.what or "")
         if make is None:
             continue
-        found = by_admin.get((entry.at, entry.rule_id or ""))
-        pos = found if found is not None else before_next(entry.at)
-        placed.append((pos, 3, entry.id, make(entry)))
-    for at, first in by_tick.items():
-        placed.append((first, 1, 0, ClockTick(at)))
+        found = admins.get((entry.at, entry.rule_id or ""))
+        event = make(entry)
+        placed.append(
+            (position(found, entry.at), 1, entry.at, never if found is None else found, 2, event)
+        )
+    for at, tick in ticks.items():
+        placed.append((position(tick, at), 1, at, tick, 1, ClockTick(at)))
     for at, restart, version in _activations(history, reloads, plain_rules):
         reload = reloads.get(at)
-        pos = reload[0] if reload is not None else before_next(at)
-        placed.append((pos, 0, 0, Activated(at, version, restart)))
-    placed.sort(key=lambda p: p[:3])
-    return [p[3] for p in placed]
+        reload_id = reload[0] if reload is not None else None
+        event = Activated(at, version, restart)
+        placed.append(
+            (position(reload_id, at), 1, at, never if reload_id is None else reload_id, 0, event)
+        )
+    placed.sort(key=lambda p: p[:5])
+    return [p[5] for p in placed]
 
 
 def _activations(
@@ -455,26 +459,56 @@ class BacktestResult:
     events: int
 
 
-def plain_rules_of(
-    files: Mapping[str, Mapping[str, str]],
-) -> Callable[[str], frozenset[str] | None]:
-    """``plain_rules`` for ``events_of`` from the recorded versions' files: the rules
-    without ``for_each`` of each version (loaded without a config: only the rule kinds are
-    needed), each version loaded once."""
-    cache: dict[str, frozenset[str] | None] = {}
+class RecordedVersions:
+    """The recorded ruleset versions (``files``, by version), each loaded once against
+    ``config`` when first asked for; ``known`` are versions already loaded (a candidate
+    that is one of them is not loaded again)."""
 
-    def plain(version: str) -> frozenset[str] | None:
-        if version not in cache:
-            texts = files.get(version)
-            result = load_rule_texts(texts, None) if texts is not None else None
-            cache[version] = (
-                None
-                if result is None or result.ruleset is None
-                else frozenset(r.id for r in result.ruleset.rules if r.for_each is None)
-            )
-        return cache[version]
+    def __init__(
+        self,
+        files: Mapping[str, Mapping[str, str]],
+        config: Config,
+        known: Iterable[Ruleset] = (),
+    ) -> None:
+        self.files = files
+        self.config = config
+        self.loaded: dict[str, Ruleset | str] = {r.version: r for r in known}
 
-    return plain
+    def ruleset(self, version: str) -> Ruleset:
+        """Version ``version`` as it went live; ``ValueError`` when it is not stored, does
+        not load against the config, or loads as another version."""
+        if version not in self.loaded:
+            self.loaded[version] = self._load(version)
+        found = self.loaded[version]
+        if isinstance(found, str):
+            raise ValueError(found)
+        return found
+
+    def _load(self, version: str) -> Ruleset | str:
+        texts = self.files.get(version)
+        if texts is None:
+            return f"ruleset version {version[:12]} is not stored"
+        result = load_rule_texts(texts, self.config)
+        if result.ruleset is None:
+            problems = "; ".join(str(p) for p in result.problems[:3])
+            return f"ruleset version {version[:12]} does not load against the config: {problems}"
+        if result.ruleset.version != version:
+            return f"ruleset version {version[:12]} loads as {result.ruleset.version[:12]}"
+        return result.ruleset
+
+    def plain_rules(self, version: str) -> frozenset[str] | None:
+        """The ids of the rules without ``for_each`` of ``version`` (``events_of``'s
+        ``plain_rules``), loaded without the config when it does not load against it
+        (only the rules' kinds are needed); None when it cannot be loaded at all."""
+        try:
+            rules = self.ruleset(version).rules
+        except ValueError:
+            texts = self.files.get(version)
+            result = None if texts is None else load_rule_texts(texts, None)
+            if result is None or result.ruleset is None:
+                return None
+            rules = result.ruleset.rules
+        return frozenset(r.id for r in rules if r.for_each is None)
 
 
 def run_backtest(
@@ -490,7 +524,8 @@ def run_backtest(
     ones within ``[since, until)``. The replay starts at the beginning of the history
     (the state before ``since`` is rebuilt by replaying everything before it) and stops at
     ``until`` (default: the last recorded time)."""
-    events = [e for e in events_of(history, plain_rules_of(files)) if until is None or e.at < until]
+    versions = RecordedVersions(files, config, [candidate])
+    events = [e for e in events_of(history, versions.plain_rules) if until is None or e.at < until]
     engine = Engine.for_config(candidate, config, new_action_id=counting_ids())
     replay = Replay.on_candidate(config.escrows, engine)
     replayed: list[FiringRecord] = []
@@ -518,26 +553,16 @@ def run_self_check(
     ``config`` and compare every decision, firing, action and ledger entry with the
     record. ``history`` must be read with ``ledger=True``. Raises ``ValueError`` when a
     recorded version is missing or does not load against ``config``."""
+    versions = RecordedVersions(files, config)
     engines: dict[str, Engine] = {}
 
     def engine_of(version: str) -> Engine:
         if version not in engines:
-            texts = files.get(version)
-            if texts is None:
-                raise ValueError(f"ruleset version {version[:12]} is not stored")
-            result = load_rule_texts(texts, config)
-            if result.ruleset is None:
-                problems = "; ".join(str(p) for p in result.problems[:3])
-                raise ValueError(
-                    f"ruleset version {version[:12]} does not load against the config: {problems}"
-                )
-            ruleset = result.ruleset
-            if ruleset.version != version:
-                raise ValueError(f"ruleset version {version[:12]} loads as {ruleset.version[:12]}")
+            ruleset = versions.ruleset(version)
             engines[version] = Engine.for_config(ruleset, config, new_action_id=counting_ids())
         return engines[version]
 
-    events = events_of(history, plain_rules_of(files))
+    events = events_of(history, versions.plain_rules)
     replay = Replay.on_recorded_versions(config.escrows, engine_of)
     seqs = FactSeqs(history)
     decisions: list[DecisionRecord] = []
@@ -566,8 +591,3 @@ def run_self_check(
     if extra:
         check.differences = (check.differences + extra)[:20]
     return check
-
-
-def parse_time(text: str) -> datetime:
-    """An RFC 3339 time from the command line (``ValueError`` when it is not one)."""
-    return parse_rfc3339(text)

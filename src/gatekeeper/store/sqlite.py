@@ -1158,11 +1158,34 @@ class SqliteStore:
         return None
 
     async def decision_log(
-        self, after_id: int = 0, limit: int = 1000, *, evaluations: bool = True
+        self,
+        after_id: int = 0,
+        limit: int = 1000,
+        *,
+        evaluations: bool = True,
+        quiet: bool = True,
     ) -> list[StoredDecision]:
+        where = "WHERE id > ?"
+        if not quiet:
+            where += (
+                " AND (trigger NOT IN ('fact', 'approval') OR firing_id IS NOT NULL"
+                " OR notice_id IS NOT NULL)"
+            )
         return await self._decisions(
-            "WHERE id > ?", (after_id,), limit, oldest_first=True, evaluations=evaluations
+            where, (after_id,), limit, oldest_first=True, evaluations=evaluations
         )
+
+    async def fact_log_positions(self, decision_ids: Sequence[int]) -> dict[int, int]:
+        if not decision_ids:
+            return {}
+        rows = await self._rows(
+            "SELECT id, COALESCE(before, 0) FROM (SELECT id, MAX(CASE WHEN trigger IN"
+            " ('fact', 'approval') THEN fact_seq END) OVER (ORDER BY id ROWS BETWEEN"
+            " UNBOUNDED PRECEDING AND 1 PRECEDING) AS before FROM decisions WHERE id <= ?)"
+            " WHERE id IN (SELECT value FROM json_each(?))",
+            (max(decision_ids), _dumps(sorted(set(decision_ids)))),
+        )
+        return {int(r[0]): int(r[1]) for r in rows}
 
     async def actions_of_decisions(self, first_id: int, last_id: int) -> list[OutboxEntry]:
         rows = await self._rows(
