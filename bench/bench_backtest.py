@@ -67,18 +67,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def fact_stream(count: int, rules: int) -> list[dict[str, Any]]:
-    """``count`` facts over the ``task`` ids the generated rules read; every 100th is
-    ``completed`` (its rules with ``priority >=`` their threshold fire, each_time), the
-    next one of that id reopens it."""
+    """``count`` facts going round the ``task`` ids the generated rules read; 1 in 100 is
+    ``completed`` (each id once every 100 rounds, at its own round): its rules whose
+    ``priority`` threshold it meets fire (``each_time``), and the id's next fact reopens
+    it."""
     ids = fact_count(rules)
     facts = []
     for n in range(count):
-        status = "completed" if n % 100 == 7 else "open"
+        index, round_ = n % ids, n // ids
+        status = "completed" if (round_ + index) % 100 == 0 else "open"
         facts.append(
             {
                 "project": BENCH_PROJECT,
                 "kind": "task",
-                "id": f"T-{n % ids}",
+                "id": f"T-{index}",
                 "data": {"status": status, "priority": n % 5, "n": n},
             }
         )

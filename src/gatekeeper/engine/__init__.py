@@ -10,7 +10,10 @@ for per-item rules and rules that set facts; ``Stand`` and ``Consumption`` for s
 approvals and the approvals firings use up), ``facts`` (``FactTable`` and
 ``ProjectFacts``, the current facts in memory), ``evaluate`` (``Engine``: a ruleset's
 fact-key index and the planning of transitions; ``apply_transition``), ``ledger`` (escrow
-limits), ``deadlines`` (when a time-dependent rule instance must be looked at again).
+limits), ``deadlines`` (when a time-dependent rule instance must be looked at again),
+``replay`` (a recorded history replayed through an engine, in memory, as the daemon drives
+it), ``backtest`` (the differences between recorded and replayed firings and decisions,
+as pure functions over plain records).
 
 May import: ``gatekeeper.rules``, ``gatekeeper.expr`` and the ground floor.
 """

@@ -6,7 +6,9 @@ they return), ``queries`` (query types: plain data), ``errors`` (the ``StoreErro
 family), ``evidence`` (what a decision saw, stored by reference), ``migrations`` (schema
 migrations as files, per backend), ``sqlite`` (the embedded backend: WAL,
 ``synchronous=FULL``) with ``writer_thread`` (its single writer) and ``lockfile`` (one
-daemon per database file), and ``open_store`` (the backend a ``database:`` setting names).
+daemon per database file), ``history`` (a deployment's recorded history read for a replay,
+and the backtest and self-check run over it), and ``open_store`` (the backend a
+``database:`` setting names, read-only for a backtest).
 
 May import: ``gatekeeper.engine`` (the records it stores), ``gatekeeper.rules`` and the
 ground floor. Never the runtime, delivery or HTTP layers.
