@@ -97,9 +97,10 @@ class Recorder:
     async def act(self, act: str, rule: str) -> None:
         await self.call(f"/v1/rules/{rule}/{act}", "ops", {"reason": f"{act} for the test"})
 
-    async def wait_days(self, days: int, firing_id: str) -> None:
-        """Move the clock on and wait until the deadline loop fired ``firing_id``."""
-        self.clock.advance(timedelta(days=days))
+    async def wait_until(self, at: datetime, firing_id: str) -> None:
+        """Move the clock to ``at`` (a deadline: the daemon's loop wakes at its instant)
+        and wait until the deadline loop fired ``firing_id``."""
+        self.clock.set(at)
         for _ in range(100):
             if await self.gk.daemon.store.decision_of_firing(firing_id) is not None:
                 return
@@ -119,9 +120,9 @@ async def record_history(
     clock = FixedClock(T0)
     gk = await start_daemon(project, clock=clock, env=ENV)
     rec = Recorder(gk, clock)
-    approved = clock.now().isoformat()
+    approved = clock.now()
     await rec.facts(
-        ("milestone", "design", {"status": "approved", "approved_at": approved}),
+        ("milestone", "design", {"status": "approved", "approved_at": approved.isoformat()}),
         ("quality_gate", "qg_design", {"passed": True}),
     )
     await rec.facts(("task", "T-17", {"status": "completed"}))
@@ -132,7 +133,7 @@ async def record_history(
     await rec.facts(("quality_gate", "qg_structure", {"passed": False}))
     await rec.act("resume", "tower-a/structure-qa-failed")
     await rec.facts(("task", "T-17", {"status": "reopened"}))
-    await rec.wait_days(7, "tower-a/design-release#1")
+    await rec.wait_until(approved + timedelta(days=7), "tower-a/design-release#1")
     await rec.act("rearm", "tower-a/design-release")
     await gk.stop()
     clock.advance(timedelta(hours=1))
@@ -147,14 +148,14 @@ async def record_history(
         ("task", "T-17", {"status": "completed"}), ("task", "T-18", {"status": "completed"})
     )
     await rec.approve("bob", "tower-a/task-paid", "T-18")
-    structure = clock.now().isoformat()
+    structure = clock.now()
     await rec.facts(
-        ("milestone", "structure", {"status": "approved", "approved_at": structure}),
+        ("milestone", "structure", {"status": "approved", "approved_at": structure.isoformat()}),
         ("quality_gate", "qg_structure", {"passed": True}),
     )
     await rec.approve("alice", "tower-a/structure-release")
     await rec.approve("carol", "tower-a/structure-release")
-    await rec.wait_days(14, "tower-a/structure-release#1")
+    await rec.wait_until(structure + timedelta(days=14), "tower-a/structure-release#1")
     await rec.facts(("task", "T-19", {"status": "completed"}))
     return gk, project.root / "state" / "gatekeeper.db"
 
@@ -306,6 +307,34 @@ async def test_a_stricter_condition_is_firings_gone_and_a_new_rule_firings_added
     [added] = [line for line in lines if "qa-design-passed" in line]
     assert added.startswith("::warning file=") and "would fire at" in added
     assert lines[-1].startswith("DIFFERENCES:")
+
+
+async def test_a_shorter_hold_fires_at_the_candidates_own_deadline(
+    recorded: tuple[Project, Path], tmp_path: Path
+) -> None:
+    project, database = recorded
+    rules = candidate(
+        project,
+        tmp_path,
+        lambda r: replace_in(
+            r / "tower-a" / "milestones.yaml",
+            "days_since(milestone.design.approved_at) >= 7",
+            "days_since(milestone.design.approved_at) >= 3",
+        ),
+    )
+    code, out = await backtest(
+        project, "--rules", str(rules), "--database", str(database), "--format", "json"
+    )
+    report = json.loads(out)
+    assert code == 1, out  # the release moved: a change in releases
+    [added] = report["added"]
+    [gone] = report["gone"]
+    assert added["firing_id"] == gone["firing_id"] == "tower-a/design-release#1"
+    assert added["at"] == "2026-11-05T09:00:00.000Z"  # approved_at + 3 days, to the instant
+    assert gone["at"] == "2026-11-09T09:00:00.000Z"  # the recorded tick after the 7-day hold
+    assert added["actions"][0]["payload"]["amount"] == "5000.00"
+    assert report["escrows"][0]["delta"] == "0.00"  # released earlier, not more
+    assert report["changed"] == []  # the re-armed firing is the same
 
 
 async def test_the_window_bounds_what_is_compared(

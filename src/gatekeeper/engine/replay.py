@@ -30,7 +30,10 @@ Two ways to replay:
   daemon (``Activated`` with ``restart``) is a start on the candidate, a reload of another
   version changes nothing. Besides the recorded ticks, the candidate's own deadlines are
   evaluated when they fall between two recorded events (the daemon's deadline loop would
-  have woken then): at their exact instant.
+  have woken then): at their exact instant. A deadline less than ``TICK_LAG`` before a
+  recorded tick is left to that tick; none is evaluated between the last event before a
+  start of the daemon and that start (the daemon was down then, for all the record says:
+  what was due fires at the start).
 
 Times: the daemon evaluated at its clock's microsecond; the store kept the millisecond. A
 recorded tick at ``T`` is evaluated at the latest due instant up to the end of that
@@ -68,6 +71,10 @@ from gatekeeper.engine.model import (
 
 _MILLISECOND_END = timedelta(microseconds=999)
 """A recorded time is a millisecond: the daemon's instant was within it."""
+
+TICK_LAG = timedelta(seconds=1)
+"""A candidate's deadline less than this before a recorded tick is taken as evaluated by
+that tick (the daemon's deadline loop is milliseconds late; polled conditions a second)."""
 
 
 @dataclass(frozen=True)
@@ -195,10 +202,11 @@ class Replay:
         replay evaluates its own deadlines between them, up to ``until`` after the last
         one (None: up to the last event)."""
         for event in events:
-            if self.simulates_deadlines and not (
-                isinstance(event, ClockTick) or (isinstance(event, Activated) and event.restart)
-            ):
-                yield from self._deadlines_until(event.at)
+            if self.simulates_deadlines:
+                if isinstance(event, ClockTick):
+                    yield from self._deadlines_until(event.at - TICK_LAG)
+                elif not (isinstance(event, Activated) and event.restart):
+                    yield from self._deadlines_until(event.at)
             yield self._handlers[type(event)](event)
         if until is not None and self.simulates_deadlines:
             yield from self._deadlines_until(until)
