@@ -163,10 +163,11 @@ async def record_history(
 @pytest.fixture
 async def recorded(
     tmp_path: Path, receiver: Receiver, start_daemon: Callable[..., Any]
-) -> tuple[Project, Path]:
+) -> tuple[Project, Path, str]:
+    """The recorded deployment, its database and the URL of its daemon (still running)."""
     project = write_deployment(tmp_path / "deployment", receiver.url)
-    _, database = await record_history(project, start_daemon, reload=False)
-    return project, database
+    gk, database = await record_history(project, start_daemon, reload=False)
+    return project, database, gk.url
 
 
 def candidate(project: Project, tmp_path: Path, edit: Callable[[Path], None] | None = None) -> Path:
@@ -206,9 +207,9 @@ async def backtest(project: Project, *argv: str) -> tuple[int, str]:
 
 
 async def test_the_same_rules_make_no_difference(
-    recorded: tuple[Project, Path], tmp_path: Path
+    recorded: tuple[Project, Path, str], tmp_path: Path
 ) -> None:
-    project, database = recorded
+    project, database, _ = recorded
     rules = candidate(project, tmp_path)
     code, out = await backtest(project, "--rules", str(rules), "--database", str(database))
     assert code == 0, out
@@ -231,9 +232,9 @@ async def test_the_same_rules_make_no_difference(
 
 
 async def test_a_changed_amount_is_an_action_changed_with_the_escrow_total(
-    recorded: tuple[Project, Path], tmp_path: Path
+    recorded: tuple[Project, Path, str], tmp_path: Path
 ) -> None:
-    project, database = recorded
+    project, database, _ = recorded
     rules = candidate(
         project,
         tmp_path,
@@ -268,9 +269,9 @@ async def test_a_changed_amount_is_an_action_changed_with_the_escrow_total(
 
 
 async def test_a_stricter_condition_is_firings_gone_and_a_new_rule_firings_added(
-    recorded: tuple[Project, Path], tmp_path: Path
+    recorded: tuple[Project, Path, str], tmp_path: Path
 ) -> None:
-    project, database = recorded
+    project, database, _ = recorded
 
     def edit(rules: Path) -> None:
         replace_in(
@@ -310,9 +311,9 @@ async def test_a_stricter_condition_is_firings_gone_and_a_new_rule_firings_added
 
 
 async def test_a_shorter_hold_fires_at_the_candidates_own_deadline(
-    recorded: tuple[Project, Path], tmp_path: Path
+    recorded: tuple[Project, Path, str], tmp_path: Path
 ) -> None:
-    project, database = recorded
+    project, database, _ = recorded
     rules = candidate(
         project,
         tmp_path,
@@ -338,9 +339,9 @@ async def test_a_shorter_hold_fires_at_the_candidates_own_deadline(
 
 
 async def test_the_window_bounds_what_is_compared(
-    recorded: tuple[Project, Path], tmp_path: Path
+    recorded: tuple[Project, Path, str], tmp_path: Path
 ) -> None:
-    project, database = recorded
+    project, database, _ = recorded
     rules = candidate(
         project,
         tmp_path,
@@ -361,9 +362,9 @@ async def test_the_window_bounds_what_is_compared(
 
 
 async def test_usage_and_input_errors_exit_2_and_change_nothing(
-    recorded: tuple[Project, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    recorded: tuple[Project, Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    project, database = recorded
+    project, database, _ = recorded
     rules = candidate(project, tmp_path)
     newer = copy_database(database, tmp_path / "newer.db")
     with contextlib.closing(sqlite3.connect(newer)) as db:
@@ -421,3 +422,33 @@ async def test_the_self_check_reproduces_every_recorded_decision(
     assert code == 1, out
     assert "tower-a/design-release#1: release actions[0].ledger" in out
     assert out.strip().endswith(f"{total - 1} of {total} decisions reproduced")
+
+
+async def test_the_history_through_the_daemons_api_is_the_databases(
+    recorded: tuple[Project, Path, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    project, database, url = recorded
+    rules = candidate(
+        project,
+        tmp_path,
+        lambda r: replace_in(r / "tower-a" / "milestones.yaml", '"5000.00"', '"6000.00"'),
+    )
+    monkeypatch.setenv("OPS_TOKEN", TOKENS["ops"])
+    monkeypatch.setenv("ALICE_TOKEN", TOKENS["alice"])
+    base = ["--rules", str(rules), "--format", "json"]
+    code, out = await backtest(project, *base, "--database", str(database))
+    from_database = json.loads(out)
+    code_url, out = await backtest(project, *base, "--url", url, "--token-env", "OPS_TOKEN")
+    from_api = json.loads(out)
+    assert code == code_url == 1
+    from_api.pop("database"), from_database.pop("database")
+    assert from_api == from_database
+    assert len(from_api["changed"]) == 2 and from_api["events"] > 15
+    # the history is the admin's to read; a missing variable is a usage error
+    code, _ = await backtest(project, *base, "--url", url, "--token-env", "ALICE_TOKEN")
+    assert code == 2 and "HTTP 403" in capsys.readouterr().err
+    code, _ = await backtest(project, *base, "--url", url, "--token-env", "NO_SUCH_TOKEN")
+    assert code == 2 and "NO_SUCH_TOKEN" in capsys.readouterr().err

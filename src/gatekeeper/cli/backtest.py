@@ -1,7 +1,8 @@
 """``gatekeeper backtest``: what a candidate ruleset would have done with a deployment's
 recorded history, and how that differs from what was recorded.
 
-    gatekeeper backtest --rules DIR [-c gatekeeper.yaml] --database PATH
+    gatekeeper backtest --rules DIR [-c gatekeeper.yaml]
+                        (--database PATH | --url URL [--token-env VAR])
                         [--since T] [--until T] [--format text|json|github]
                         [--fail-on release|any|none]
     gatekeeper backtest --self-check --database PATH [-c gatekeeper.yaml]
@@ -9,7 +10,10 @@ recorded history, and how that differs from what was recorded.
 The recorded fact log (facts and approvals), the admin acts (pause, resume, rearm), the
 deadline ticks and the starts of the daemon are replayed with their recorded times through
 the candidate's engine, in memory (``gatekeeper.engine.replay``; the database is opened
-read-only, a daemon may be running on it; nothing is written anywhere). The firings are
+read-only, a daemon may be running on it; or read from a running daemon with ``--url``:
+``GET /v1/history/facts``, ``/v1/history/decisions``, ``/v1/audit`` and ``/v1/rulesets``
+with an admin token from ``$GATEKEEPER_TOKEN`` or the variable ``--token-env`` names;
+nothing is written anywhere). The firings are
 then compared with the recorded ones (``gatekeeper.engine.backtest``): firings added,
 firings gone, firings changed (outcome, actions: amounts, payees, escrows, targets,
 rendered messages and inputs), per rule instance, with what each escrow would release
@@ -54,7 +58,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -69,6 +75,17 @@ from gatekeeper.rules.model import Ruleset
 
 if TYPE_CHECKING:
     from gatekeeper.store.history import History
+    from gatekeeper.store.queries import AuditQuery
+    from gatekeeper.store.records import (
+        AuditEntry,
+        LoggedFact,
+        OutboxEntry,
+        ReleaseRecord,
+        RulesetCursor,
+        RulesetSummary,
+        StoredDecision,
+        StoredRuleset,
+    )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 TITLE = "gatekeeper backtest"
@@ -89,8 +106,18 @@ def add_backtest_parser(commands: Any) -> argparse.ArgumentParser:
         "-c", "--config", type=Path, help="gatekeeper.yaml (default: ./gatekeeper.yaml)"
     )
     parser.add_argument("--rules", type=Path, metavar="DIR", help="the candidate ruleset")
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
         "--database", metavar="PATH", help="the deployment's database (opened read-only)"
+    )
+    source.add_argument(
+        "--url", metavar="URL", help="a running daemon's base URL (its history API, admin scope)"
+    )
+    parser.add_argument(
+        "--token-env",
+        metavar="VAR",
+        help="the environment variable holding the admin token for --url "
+        "(default: GATEKEEPER_TOKEN)",
     )
     parser.add_argument("--since", metavar="TIME", help="compare from this time (RFC 3339)")
     parser.add_argument("--until", metavar="TIME", help="compare before this time (RFC 3339)")
@@ -117,11 +144,15 @@ def run_backtest_command(args: argparse.Namespace, out: TextIO | None = None) ->
     config = cli_config(args.config, "backtest")
     if config is None:
         return EXIT_USAGE
-    if args.database is None:
-        return _usage("give the database to replay: --database PATH")
+    if args.database is None and args.url is None:
+        return _usage("give the history to replay: --database PATH or --url URL")
+    if args.token_env is not None and args.url is None:
+        return _usage("--token-env goes with --url")
     if args.self_check:
         if args.rules is not None:
             return _usage("--self-check replays the recorded rules: leave out --rules")
+        if args.database is None:
+            return _usage("--self-check reads the database itself: --database PATH")
         return _self_check(args, config, out)
     if args.rules is None:
         return _usage("give the candidate ruleset: --rules DIR (or --self-check)")
@@ -140,7 +171,10 @@ def run_backtest_command(args: argparse.Namespace, out: TextIO | None = None) ->
         return EXIT_USAGE
     ruleset = result.ruleset
     try:
-        history, files = read_database(args.database, self_check=False)
+        if args.url is not None:
+            history, files = read_daemon(args.url.rstrip("/"), _token(args.token_env))
+        else:
+            history, files = read_database(args.database, self_check=False)
     except ReadError as error:
         return _usage(str(error))
     from gatekeeper.store.history import run_backtest
@@ -149,7 +183,7 @@ def run_backtest_command(args: argparse.Namespace, out: TextIO | None = None) ->
     report = Report(
         ruleset=ruleset,
         rules_dir=args.rules,
-        database=args.database,
+        database=args.database or args.url,
         since=since,
         until=until,
         events=outcome.events,
@@ -217,6 +251,214 @@ def read_database(database: str, *, self_check: bool) -> tuple[History, dict[str
     except (StoreError, UnsupportedDatabase) as error:
         raise ReadError(f"cannot read the database: {error}") from None
     return read[0]
+
+
+def _token(variable: str | None) -> str | None:
+    """The token in environment variable ``variable`` (None: the clients' default,
+    ``GATEKEEPER_TOKEN``); ``ReadError`` when the variable named is not set."""
+    if variable is None:
+        return None
+    token = os.environ.get(variable)
+    if not token:
+        raise ReadError(f"--token-env {variable}: the variable is not set")
+    return token
+
+
+def read_daemon(url: str, token: str | None) -> tuple[History, dict[str, Any]]:
+    """The history a running daemon at ``url`` serves (``GET /v1/history/facts``,
+    ``/v1/history/decisions``, ``/v1/audit``, ``/v1/rulesets``), as ``read_database``
+    reads a database. Raises ``ReadError`` when the daemon cannot be read."""
+    from gatekeeper.cli.client import ClientError
+    from gatekeeper.store.history import read_history, read_rulesets
+
+    read: list[tuple[History, dict[str, Any]]] = []
+
+    async def read_all() -> None:
+        api = ApiHistory(url, token)
+        history = await read_history(api)
+        read.append((history, await read_rulesets(api, history)))
+
+    try:
+        asyncio.run(read_all())
+    except (ClientError, KeyError, TypeError, ValueError) as error:
+        raise ReadError(f"cannot read the history of {url}: {error}") from None
+    return read[0]
+
+
+class ApiHistory:
+    """The Store reads a history is read with (``store.history.HistoryReads``), through a
+    daemon's HTTP API. Each page of decisions brings the actions they queued and their
+    fact log positions, kept for ``actions_of_decisions`` and ``fact_log_positions``;
+    the admin acts and ruleset versions come whole at the first call."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url
+        self.token = token
+        self._actions: list[OutboxEntry] = []
+        self._positions: dict[int, int] = {}
+
+    def _get(self, path: str) -> Any:
+        from gatekeeper.cli.client import call
+
+        return call(self.url + path, token=self.token)
+
+    async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[LoggedFact]:
+        from gatekeeper.store.records import LoggedFact
+
+        page = self._get(f"/v1/history/facts?after={after_seq}&limit={min(limit, 1000)}")
+        return [
+            LoggedFact(
+                f["seq"],
+                f["project"],
+                f["kind"],
+                f["id"],
+                f["data"],
+                parse_rfc3339(f["received_at"]),
+                f["request_id"],
+                f.get("caused_by"),
+            )
+            for f in page["facts"]
+        ]
+
+    async def decision_log(
+        self,
+        after_id: int = 0,
+        limit: int = 1000,
+        *,
+        evaluations: bool = True,
+        quiet: bool = True,
+    ) -> list[StoredDecision]:
+        from gatekeeper.store.records import StoredDecision
+
+        every = "true" if quiet else "false"
+        page = self._get(
+            f"/v1/history/decisions?after={after_id}&limit={min(limit, 1000)}&every={every}"
+        )
+        self._actions = [_outbox_entry(a) for a in page["actions"]]
+        self._positions.update({int(k): int(v) for k, v in page["positions"].items()})
+        return [
+            StoredDecision(
+                id=d["id"],
+                decided_at=parse_rfc3339(d["decided_at"]),
+                rule_id=d["rule_id"],
+                rule_hash=d["rule_hash"],
+                ruleset_version=d["ruleset_version"],
+                git_commit=d["git_commit"],
+                trigger=d["trigger"],
+                fact_seq=d["fact_seq"],
+                outcome=d["outcome"],
+                gate_open=d["gate_open"],
+                evaluation={},
+                approvals=d["approvals"],
+                firing_id=d["firing_id"],
+                request_id=d["request_id"],
+                reason=d["reason"],
+                instance=d.get("instance", ""),
+            )
+            for d in page["decisions"]
+        ]
+
+    async def actions_of_decisions(self, first_id: int, last_id: int) -> list[OutboxEntry]:
+        return [
+            a
+            for a in self._actions
+            if a.decision_id is not None and first_id <= a.decision_id <= last_id
+        ]
+
+    async def fact_log_positions(self, decision_ids: Sequence[int]) -> dict[int, int]:
+        return {i: self._positions[i] for i in decision_ids if i in self._positions}
+
+    async def audit(self, query: AuditQuery) -> list[AuditEntry]:
+        from gatekeeper.cli.client import call_pages
+        from gatekeeper.store.records import AuditEntry
+
+        if query.after is not None:
+            return []  # the first call brought every page
+        kinds = ",".join(query.kinds)
+        answer = call_pages(f"{self.url}/v1/audit?kind={kinds}&limit=1000", "entries", self.token)
+        return [
+            AuditEntry(
+                e["kind"],
+                e["id"],
+                parse_rfc3339(e["at"]),
+                e["rule_id"],
+                e["project"],
+                e["what"],
+                e["actor"],
+                e["reason"],
+                e["firing_id"],
+                e["fact_seq"],
+                e["request_id"],
+                e["trigger"],
+                e.get("instance", ""),
+                e.get("instances"),
+            )
+            for e in answer["entries"]
+        ]
+
+    async def list_rulesets(
+        self, limit: int = 100, *, after: RulesetCursor | None = None
+    ) -> list[RulesetSummary]:
+        from gatekeeper.cli.client import call_pages
+        from gatekeeper.store.records import RulesetSummary
+
+        if after is not None:
+            return []  # the first call brought every page
+        answer = call_pages(f"{self.url}/v1/rulesets?limit=1000", "rulesets", self.token)
+        return [
+            RulesetSummary(
+                r["version"],
+                r["git_commit"],
+                parse_rfc3339(r["first_activated_at"]),
+                parse_rfc3339(r["last_activated_at"]),
+                r["files"],
+            )
+            for r in answer["rulesets"]
+        ]
+
+    async def get_ruleset(self, version: str) -> StoredRuleset | None:
+        from gatekeeper.store.records import StoredRuleset
+
+        r = self._get(f"/v1/rulesets/{version}")
+        return StoredRuleset(
+            r["version"],
+            r["files"],
+            r["git_commit"],
+            parse_rfc3339(r["first_activated_at"]),
+            parse_rfc3339(r["last_activated_at"]),
+        )
+
+    async def release_record(self, release_id: str) -> ReleaseRecord | None:
+        raise ReadError("the self-check reads the database itself")
+
+
+def _outbox_entry(a: Mapping[str, Any]) -> OutboxEntry:
+    """An outbox entry from its API JSON (``GET /v1/actions``'s shape)."""
+    from gatekeeper.store.records import OutboxEntry
+
+    def time(name: str) -> datetime | None:
+        value = a.get(name)
+        return None if value is None else parse_rfc3339(value)
+
+    return OutboxEntry(
+        action_id=a["action_id"],
+        rule_id=a["rule_id"],
+        firing_id=a["firing_id"],
+        kind=a["kind"],
+        target=a["target"],
+        payload=a["payload"],
+        status=a["status"],
+        attempts=a["attempts"],
+        created_at=parse_rfc3339(a["created_at"]),
+        next_attempt_at=parse_rfc3339(a["next_attempt_at"]),
+        last_error=a["last_error"],
+        delivered_at=time("delivered_at"),
+        decision_id=a["decision_id"],
+        requeued_at=time("requeued_at"),
+        dead_reason=a.get("dead_reason"),
+        dead_status=a.get("dead_status"),
+        instance=a.get("instance", ""),
+    )
 
 
 def _usage(message: str) -> int:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -71,23 +71,50 @@ from gatekeeper.engine.replay import (
 )
 from gatekeeper.rules.loader import load_rule_texts
 from gatekeeper.rules.model import Ruleset
-from gatekeeper.store.contract import AuditReads, RulesetReads
 from gatekeeper.store.queries import AuditQuery
 from gatekeeper.store.records import (
     AuditEntry,
     LoggedFact,
     OutboxEntry,
     ReleaseRecord,
+    RulesetCursor,
     RulesetSummary,
     StoredDecision,
+    StoredRuleset,
 )
 
 PAGE = 5000
 """Records read per call."""
 
 
-class HistoryReads(AuditReads, RulesetReads, Protocol):
-    """The read methods a history is read with."""
+class HistoryReads(Protocol):
+    """The read methods a history is read with: the Store contract's (a store opened
+    read-only), or the same through a daemon's HTTP API (``cli.backtest.ApiHistory``)."""
+
+    async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[LoggedFact]: ...
+
+    async def decision_log(
+        self,
+        after_id: int = 0,
+        limit: int = 1000,
+        *,
+        evaluations: bool = True,
+        quiet: bool = True,
+    ) -> list[StoredDecision]: ...
+
+    async def actions_of_decisions(self, first_id: int, last_id: int) -> list[OutboxEntry]: ...
+
+    async def fact_log_positions(self, decision_ids: Sequence[int]) -> dict[int, int]: ...
+
+    async def audit(self, query: AuditQuery) -> list[AuditEntry]: ...
+
+    async def list_rulesets(
+        self, limit: int = 100, *, after: RulesetCursor | None = None
+    ) -> list[RulesetSummary]: ...
+
+    async def get_ruleset(self, version: str) -> StoredRuleset | None: ...
+
+    async def release_record(self, release_id: str) -> ReleaseRecord | None: ...
 
 
 @dataclass

@@ -140,8 +140,10 @@ class StoredDecision:
     instance: str = ""
     """The item id of the instance decided (per-item rules; shown only then)."""
 
-    def to_json(self) -> dict[str, Any]:
-        return record_json(self, omit=() if self.instance else ("instance",))
+    def to_json(self, *, evaluation: bool = True) -> dict[str, Any]:
+        """As the API shows it; without ``evaluation`` for a replay of the history."""
+        omit = () if self.instance else ("instance",)
+        return record_json(self, omit=omit if evaluation else (*omit, "evaluation"))
 
 
 @dataclass(frozen=True, slots=True)
