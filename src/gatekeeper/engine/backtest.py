@@ -20,6 +20,7 @@ field for field (``DecisionRecord``), with the same actions and ledger entries.
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -474,6 +475,12 @@ def decision_record(decision: Decision, fact_seq: int | None) -> DecisionRecord:
     )
 
 
+def shared(text: str) -> str:
+    """``text`` as the one copy every record holding it shares (``sys.intern``): rule ids,
+    hashes and versions repeat in every decision of a long history."""
+    return sys.intern(text)
+
+
 @dataclass
 class SelfCheck:
     """The self-check's verdict: how many recorded decisions the replay reproduced
@@ -499,25 +506,31 @@ class SelfCheck:
 
 def compare_decisions(
     recorded: Sequence[DecisionRecord],
-    replayed: Sequence[DecisionRecord],
+    replayed: Iterable[DecisionRecord],
     recorded_firings: Iterable[FiringRecord],
     replayed_firings: Iterable[FiringRecord],
     *,
     show: int = 20,
 ) -> SelfCheck:
     """Compare the recorded decisions with the replayed ones (as multisets: within one
-    millisecond the order of rule instances due together may differ) and the actions of
+    millisecond the order of rule instances due together may differ; ``replayed`` is
+    consumed first, as it comes, so it may be the replay itself) and then the actions of
     each firing and notice (by firing or notice id). A recorded decision is reproduced
     when an equal one was replayed and its firing's actions are the same. At most ``show``
     differences are listed."""
-    left = Counter(replayed)
+    left = Counter(recorded)
+    extras: list[DecisionRecord] = []
+    for record in replayed:
+        if left[record] > 0:
+            left[record] -= 1
+        else:
+            extras.append(record)
     unmatched_recorded = []
     for record in recorded:
         if left[record] > 0:
             left[record] -= 1
-        else:
             unmatched_recorded.append(record)
-    extra = sorted(r for r, n in left.items() for _ in range(n))
+    extra = sorted(extras)
     replayed_by_id = {f.firing_id: f for f in replayed_firings}
     recorded_by_id = {f.firing_id: f for f in recorded_firings}
     bad_firings: dict[str, list[Change]] = {}

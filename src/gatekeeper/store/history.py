@@ -55,6 +55,7 @@ from gatekeeper.engine.backtest import (
     decision_record,
     diff_firings,
     firings_of,
+    shared,
 )
 from gatekeeper.engine.evaluate import Engine
 from gatekeeper.engine.model import AdminAct, ApprovalInput, CausedBy, FactInput, Transition
@@ -399,16 +400,16 @@ def recorded_decisions(history: History) -> list[DecisionRecord]:
     """Every recorded decision as the self-check compares it."""
     return [
         DecisionRecord(
-            format_rfc3339(d.decided_at),
-            d.rule_id,
-            d.instance,
-            d.trigger,
-            d.outcome,
+            shared(format_rfc3339(d.decided_at)),
+            shared(d.rule_id),
+            shared(d.instance),
+            shared(d.trigger),
+            shared(d.outcome),
             d.gate_open,
             d.firing_id,
             d.reason,
-            d.rule_hash,
-            d.ruleset_version,
+            shared(d.rule_hash),
+            shared(d.ruleset_version),
             d.fact_seq,
             approvals_text(d.approvals),
         )
@@ -578,8 +579,10 @@ def run_self_check(
 ) -> SelfCheck:
     """Replay ``history`` on its recorded ruleset versions (``files``, by version) with
     ``config`` and compare every decision, firing, action and ledger entry with the
-    record. ``history`` must be read with ``ledger=True``. Raises ``ValueError`` when a
-    recorded version is missing or does not load against ``config``."""
+    record. ``history`` must be read with ``every_decision`` and ``ledger``; its decisions
+    and actions are released once turned into records (a long history's take memory).
+    Raises ``ValueError`` when a recorded version is missing or does not load against
+    ``config``."""
     versions = RecordedVersions(files, config)
     engines: dict[str, Engine] = {}
 
@@ -590,30 +593,32 @@ def run_self_check(
         return engines[version]
 
     events = events_of(history, versions.plain_rules)
-    replay = Replay.on_recorded_versions(config.escrows, engine_of)
+    recorded = recorded_decisions(history)
+    recorded_actions = recorded_firings(history, ledger=True)
     seqs = FactSeqs(history)
-    decisions: list[DecisionRecord] = []
+    history.decisions = []  # what was needed of them is in the records: memory back
+    history.actions = []
+    replay = Replay.on_recorded_versions(config.escrows, engine_of)
     firings: list[FiringRecord] = []
     set_facts: list[str] = []
     skipped: list[str] = []
-    for step in replay.run(events):
-        if step.skipped is not None:
-            skipped.append(f"{format_rfc3339(step.event.at)}: {step.skipped}")
-        transition = step.transition
-        if transition is None:
-            continue
-        positions = seqs.of(step, transition)
-        for d in transition.decisions:
-            seq = None if d.fact_index is None else positions[d.fact_index]
-            decisions.append(decision_record(d, seq))
-        firings += firings_of(transition, ledger=True)
-        set_facts += seqs.differences(transition)
-    check = compare_decisions(
-        recorded_decisions(history),
-        decisions,
-        recorded_firings(history, ledger=True),
-        firings,
-    )
+
+    def replayed() -> Iterator[DecisionRecord]:
+        """The replayed decisions, as the replay makes them (compared as they come)."""
+        for step in replay.run(events):
+            if step.skipped is not None:
+                skipped.append(f"{format_rfc3339(step.event.at)}: {step.skipped}")
+            transition = step.transition
+            if transition is None:
+                continue
+            positions = seqs.of(step, transition)
+            for d in transition.decisions:
+                seq = None if d.fact_index is None else positions[d.fact_index]
+                yield decision_record(d, seq)
+            firings.extend(firings_of(transition, ledger=True))
+            set_facts.extend(seqs.differences(transition))
+
+    check = compare_decisions(recorded, replayed(), recorded_actions, firings)
     extra = [f"skipped: {s}" for s in skipped] + set_facts
     if extra:
         check.differences = (check.differences + extra)[:20]
