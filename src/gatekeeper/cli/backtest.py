@@ -167,7 +167,7 @@ def run_backtest_command(args: argparse.Namespace, out: TextIO | None = None) ->
         return _usage(f"--rules {args.rules}: no such directory")
     result = load_rules_dir(args.rules, config)
     if result.ruleset is None:
-        _print_load_problems(result, "github" if args.format == "github" else "text", sys.stderr)
+        _print_load_problems(result, args.format, out)
         return EXIT_USAGE
     ruleset = result.ruleset
     try:
