@@ -290,10 +290,14 @@ async def test_live_daemon_keeps_to_the_document(live: Running) -> None:
     for (label, status), _count in seen.items():
         statuses.setdefault(label, set()).add(status)
     summary = {label: sorted(codes) for label, codes in statuses.items()}
-    # these cannot succeed against this daemon: approvals need API tokens (the approver is
-    # the token's subject) and it has no hook sources; tests/test_auth.py and
-    # tests/test_hooks_http.py cover their 200s
-    cannot_succeed = {"POST /v1/approvals", "POST /v1/hooks/{source}"}
+    # these cannot succeed against this daemon: approvals and sign-offs need API tokens (the
+    # approver is the token's subject) and it has no hook sources; tests/test_auth.py,
+    # tests/test_signoffs.py and tests/test_hooks_http.py cover their 200s
+    cannot_succeed = {
+        "POST /v1/approvals",
+        "POST /v1/hooks/{source}",
+        "POST /v1/money-rules/{content_hash}/signoffs",
+    }
     assert all(200 in codes for label, codes in statuses.items() if label not in cannot_succeed), (
         summary
     )
