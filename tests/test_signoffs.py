@@ -10,9 +10,12 @@ earlier ones stay shadowed; a change of the rule needs new sign-offs; a restart 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +23,7 @@ import pytest
 from gatekeeper.http.auth import hash_token
 
 from .conftest import ENV, Project, Receiver, Running, fact
+from .test_plan import gatekeeper
 
 TOKENS = {
     "ops": "gk_ops-token-for-signoff-tests-000000000000000",
@@ -318,3 +322,71 @@ async def test_the_cli_signs_off_and_exits_2_on_bad_input(
     assert done.returncode == 0, done.stderr
     assert "2 of 2 (dana, ops); it runs live from its next evaluation" in done.stdout
     assert [actor for actor, _, _ in await audited_signoffs(gk)] == ["ops", "dana"]
+
+
+BONUS = """
+id: tower-a/bonus
+project: tower-a
+when: milestone.design.status == "approved"
+actions:
+  - release: {target: escrow-bank, escrow: tower-a-escrow, amount: "99.00",
+              currency: USD, payee: acme}
+"""
+
+
+async def test_plan_and_explain_show_the_money_rules_awaiting_signoff(
+    project: Project,
+    start_daemon: Any,
+    receiver: Receiver,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gk = await start_daemon(project)
+    await post_fact(gk, "approved")
+    first_hash = (await pay_rule(gk))["content_hash"]
+    assert (await signoff(gk, "ops", first_hash, {"comment": "ok"}))[0] == 200
+    await receiver.wait_for(2)  # the notify rule and the alert
+    monkeypatch.setenv("GATEKEEPER_TOKEN", TOKENS["ops"])
+    candidate = tmp_path / "candidate"
+    candidate.mkdir()
+    (candidate / "pay.yaml").write_text(textwrap.dedent(PAY))
+    (candidate / "bonus.yaml").write_text(textwrap.dedent(BONUS))
+    argv = ["-c", project.config_path, "--rules", candidate, "--from", gk.url]
+
+    code, out = await asyncio.to_thread(
+        gatekeeper, "plan", *argv, "--fail-on", "release", "--format", "json"
+    )
+    assert code == 0, out  # the new release would run shadowed: nothing would be sent
+    report = json.loads(out)
+    [bonus] = report["fires"]
+    assert (bonus["id"], bonus["mode"], bonus["outcome"]) == (
+        "tower-a/bonus",
+        "awaiting_signoff",
+        "shadowed",
+    )
+    assert report["releases"] == []
+    awaiting = {rule["id"]: rule for rule in report["awaiting_signoff"]}
+    assert set(awaiting) == {PAY_ID, "tower-a/bonus"}
+    pay = awaiting[PAY_ID]
+    assert (pay["content_hash"], pay["required"], pay["missing"]) == (first_hash, 2, 1)
+    assert [(s["actor"], s["comment"]) for s in pay["signed_by"]] == [("ops", "ok")]
+    [held] = pay["shadowed_releases"]
+    assert (held["count"], held["amount"], held["escrow"]) == (1, "10.00", "tower-a-escrow")
+    assert awaiting["tower-a/bonus"]["missing"] == 2
+    assert awaiting["tower-a/bonus"]["shadowed_releases"] == []
+
+    code, out = await asyncio.to_thread(gatekeeper, "plan", *argv)
+    assert code == 0, out
+    assert "Would fire in shadow on deploy (nothing sent): 1 rule" in out
+    assert "Money rules awaiting sign-off: 2 rules" in out
+    assert f"{PAY_ID}  (content hash {first_hash[:12]}): signed off by ops; 1 more of 2" in out
+    assert "shadowed meanwhile: 1 release, 10.00 USD from tower-a-escrow (not sent)" in out
+    assert "PLAN: nothing would fire on deploy (1 more rule in shadow, sending nothing)" in out
+
+    code, out = await asyncio.to_thread(
+        gatekeeper, "explain", PAY_ID, "-c", project.config_path, "--from", gk.url
+    )
+    assert code == 0, out
+    assert "mode: awaiting_signoff (its firings are stored as shadowed, never sent)" in out
+    assert f"sign-offs of content hash {first_hash[:12]}: 1 of 2 (ops)" in out
+    assert bank(receiver) == []

@@ -946,6 +946,13 @@ class SnapshotRuleset(Model):
     rules: dict[str, Sha256Hex]
 
 
+class SnapshotShadowedRelease(ShadowedRelease, kw_only=True):
+    """What the shadowed firings of one version of a rule would have released."""
+
+    rule_id: str
+    rule_hash: Sha256Hex
+
+
 class Snapshot(Model):
     """What `gatekeeper export` writes and `gatekeeper plan` reads. From `GET /v1/export`, a
     page: its facts are paged as `GET /v1/facts`'s; the first page holds everything else, a
@@ -957,6 +964,14 @@ class Snapshot(Model):
     approvals: dict[str, dict[str, Literal["approve", "reject"]]] | UnsetType = UNSET
     ruleset: SnapshotRuleset | UnsetType = UNSET
     escrows: list[Escrow] | UnsetType = UNSET
+    signoffs: Annotated[
+        dict[str, list[SignedBy]] | UnsetType,
+        Meta(description="Content hash -> the admins who signed it off (money rules)."),
+    ] = UNSET
+    shadowed_releases: Annotated[
+        list[SnapshotShadowedRelease] | UnsetType,
+        Meta(description="What shadowed firings would have released, per rule version."),
+    ] = UNSET
     next_cursor: Annotated[
         str | None, Meta(description="Pass as `cursor` for the next page; null on the last.")
     ] = None

@@ -13,6 +13,7 @@ from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
+from gatekeeper.clock import format_rfc3339
 from gatekeeper.config import Escrow
 from gatekeeper.engine.evaluate import Engine, rule_paused
 from gatekeeper.engine.model import FactKey, RuleState
@@ -279,7 +280,8 @@ async def export_view(
 ) -> dict[str, Any]:
     """A snapshot of the state, in the format ``gatekeeper plan --snapshot`` reads: current
     facts, every rule's firing state, standing approvals, the live ruleset's content
-    hashes and the escrows; facts, states and approvals only of ``visible`` projects (facts
+    hashes, the escrows, the sign-offs of money rules by content hash and what shadowed
+    firings would have released; facts, states and approvals only of ``visible`` projects (facts
     filtered by the store, by ``projects``: the same set).
 
     The facts are paged: at most ``limit`` (None: all) in ``(project, kind, id)`` order,
@@ -316,6 +318,23 @@ async def export_view(
             "rules": {r.id: r.content_hash for r in rules.values()},
         },
         "escrows": await escrow_report(writer.store, escrows),
+        "signoffs": {
+            content_hash: [
+                {
+                    "actor": actor,
+                    "at": None if signoff.at is None else format_rfc3339(signoff.at),
+                    "comment": signoff.comment,
+                }
+                for actor, signoff in sorted(signed.items())
+            ]
+            for content_hash, signed in sorted(writer.signed.items())
+            if signed and any(visible(s.project or None) for s in signed.values())
+        },
+        "shadowed_releases": [
+            {"rule_id": s.rule_id, "rule_hash": s.rule_hash, **s.to_json()}
+            for s in await writer.store.shadowed_releases()
+            if s.rule_id not in rules or visible(rules[s.rule_id].project)
+        ],
     }
 
 
