@@ -255,6 +255,8 @@ def run_audit_command(args: argparse.Namespace, config: Config) -> int:
         what = entry["what"]
         if entry.get("instances") is not None:  # an act on a per-item rule as a whole
             what = f"{what} ({plural(entry['instances'], 'instance')})"
+        if entry.get("rule_hash"):  # a sign-off: of which content hash
+            what = f"{what} {entry['rule_hash'][:12]}"
         print(f"{entry['at']}  {entry['kind']:<9} {rule}  {what}{who}{why}")
     more = (
         " (more: narrow the filters or use --json for next_cursor)" if page["next_cursor"] else ""
