@@ -793,7 +793,7 @@ class Engine:
         decided_at = _format_now(now)
         firing_id = None
         reason = None
-        mode = self._mode(entry)
+        mode = self._mode(entry) if entry.shadow or entry.money else "live"
         content_hash = entry.content_hash
         if state.gate_open is gate_open and state.rule_hash == content_hash:
             new_state = state  # unchanged (the common case): no copy
