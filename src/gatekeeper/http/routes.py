@@ -241,7 +241,13 @@ ROUTES: tuple[Route, ...] = (
         "`mode: shadow`; 409: this admin signed that hash before. Nothing is recorded on "
         "any error. Kept in the audit log as an admin act `signoff` with its `rule_hash`.",
         parameters=(
-            _path_param("content_hash", "A rule's content hash (SHA-256, 64 hex digits)."),
+            {
+                "name": "content_hash",
+                "in": "path",
+                "required": True,
+                "description": "A rule's content hash (SHA-256, 64 lowercase hex digits).",
+                "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            },
         ),
         errors=(400, 404, 409, 413, 415, 422),
         response_description="The sign-off is recorded; the rule as it now stands.",
