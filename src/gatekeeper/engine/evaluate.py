@@ -80,7 +80,7 @@ from gatekeeper.engine.model import (
     evaluation_to_json,
     split_fact_name,
 )
-from gatekeeper.engine.signoffs import SignedOff, SignOffBook
+from gatekeeper.engine.signoffs import SignedOff, SignOffBook, effective_mode
 from gatekeeper.expr import Evaluation, FactRef, Item
 from gatekeeper.rules.model import (
     FACT_ID,
@@ -270,15 +270,7 @@ class Engine:
 
     def mode_of(self, rule: Rule) -> EffectiveMode:
         """The mode ``rule`` runs in now (``signoffs.effective_mode``)."""
-        return self._mode(_Entry(rule, rule.project))
-
-    def _mode(self, entry: _Entry) -> EffectiveMode:
-        if entry.shadow:
-            return "shadow"
-        book = self.signoffs
-        if entry.money and 0 < book.required > len(book.signed.get(entry.content_hash, ())):
-            return "awaiting_signoff"
-        return "live"
+        return effective_mode(rule, self.signoffs)
 
     def _index(self, rule: Rule, ref: FactRef) -> None:
         if ref.id is None:
@@ -793,7 +785,9 @@ class Engine:
         decided_at = _format_now(now)
         firing_id = None
         reason = None
-        mode = self._mode(entry) if entry.shadow or entry.money else "live"
+        mode: EffectiveMode = "live"
+        if entry.shadow or entry.money:  # else live, without a look at the sign-offs
+            mode = effective_mode(entry.rule, self.signoffs)
         content_hash = entry.content_hash
         if state.gate_open is gate_open and state.rule_hash == content_hash:
             new_state = state  # unchanged (the common case): no copy
