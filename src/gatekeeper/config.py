@@ -229,6 +229,10 @@ class Config:
     """How deep rules may chain through ``set_fact``: a fact posted from outside is depth 0,
     a fact a rule sets while evaluating a depth-n fact is depth n + 1; a ``set_fact`` that
     would go deeper is not recorded (the firing is blocked and the alert target told)."""
+    money_rule_approvals: int = 0
+    """The two-person rule: a rule with a ``release`` action runs as if ``mode: shadow``
+    (its effective mode ``awaiting_signoff``) until this many distinct admins signed off its
+    exact content hash. 0 (the default): no sign-off is needed."""
 
 
 class ConfigError(Exception):
@@ -509,6 +513,7 @@ def _build(data: Mapping[str, Any], path: Path) -> Config:
         else None,
         rate_limit=rate_limit,
         max_chain_depth=int(data.get("max_chain_depth", DEFAULT_MAX_CHAIN_DEPTH)),
+        money_rule_approvals=int(data.get("money_rule_approvals", 0)),
     )
 
 

@@ -11,7 +11,10 @@ Snapshot file (JSON)::
                        "rearms"?, "paused"?, "last_fired_at"?}],  # which rules fired
       "approvals": {rule_id: {subject: "approve" | "reject"}},  # standing decisions
       "ruleset": {"version", "rules": {rule_id: content_hash}},   # what is deployed
-      "escrows": [{"escrow", "released", "pending", "unconfirmed", ...}]  # GET /v1/escrows
+      "escrows": [{"escrow", "released", "pending", "unconfirmed", ...}], # GET /v1/escrows
+      "signoffs": {content_hash: [{"actor", "at", "comment"}]},    # money rules signed off
+      "shadowed_releases": [{"rule_id", "rule_hash", "escrow", "currency", "count",
+                             "amount", "first_release_id"}]        # what shadow firings held
     }
 
 Only ``facts`` is required, so a plain ``GET /v1/facts`` body is a snapshot too; what it does
@@ -37,8 +40,10 @@ from jsonschema import Draft202012Validator  # type: ignore[import-untyped, unus
 from gatekeeper.cli.client import call, call_pages
 from gatekeeper.cli.output import display_path
 from gatekeeper.engine.facts import FactTable
-from gatekeeper.engine.model import InstanceKey, RuleState, Stand
+from gatekeeper.engine.model import InstanceKey, RuleState, SignOff, Stand
+from gatekeeper.engine.signoffs import SignedOff
 from gatekeeper.jsonwire import json_path
+from gatekeeper.store.records import ShadowedReleases
 
 SNAPSHOT_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -104,6 +109,39 @@ SNAPSHOT_SCHEMA: dict[str, Any] = {
                 "rules": {"type": "object", "additionalProperties": {"type": "string"}},
             },
         },
+        "signoffs": {
+            "type": "object",
+            "description": "content hash -> the admins who signed off that money rule.",
+            "additionalProperties": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["actor"],
+                    "properties": {
+                        "actor": {"type": "string", "minLength": 1},
+                        "at": {"type": ["string", "null"]},
+                        "comment": {"type": ["string", "null"]},
+                    },
+                },
+            },
+        },
+        "shadowed_releases": {
+            "type": "array",
+            "description": "What shadowed firings would have released, per rule version.",
+            "items": {
+                "type": "object",
+                "required": ["rule_id", "rule_hash", "escrow", "currency", "count", "amount"],
+                "properties": {
+                    "rule_id": {"type": "string"},
+                    "rule_hash": {"type": "string"},
+                    "escrow": {"type": "string"},
+                    "currency": {"type": "string"},
+                    "count": {"type": "integer", "minimum": 1},
+                    "amount": {"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?$"},
+                    "first_release_id": {"type": "string"},
+                },
+            },
+        },
         "escrows": {
             "type": "array",
             "description": "Per escrow, as GET /v1/escrows answers (decimal strings).",
@@ -150,6 +188,10 @@ class Snapshot:
     committed: dict[str, Decimal]
     notes: list[str] = field(default_factory=list)
     fact_count: int = 0
+    signed: SignedOff = field(default_factory=dict)
+    """The sign-offs of money rules, by content hash (``money_rule_approvals``)."""
+    shadowed: list[ShadowedReleases] = field(default_factory=list)
+    """What shadowed firings would have released, per rule version, escrow and currency."""
 
 
 def load_snapshot(path: Path) -> Snapshot:
@@ -218,6 +260,25 @@ def snapshot_from_json(data: Any, source: str) -> Snapshot:
         committed=_committed(data.get("escrows", []), source),
         notes=notes,
         fact_count=len(data["facts"]),
+        signed={
+            content_hash: {
+                s["actor"]: SignOff(content_hash, "", s["actor"], s.get("comment"))
+                for s in signoffs
+            }
+            for content_hash, signoffs in data.get("signoffs", {}).items()
+        },
+        shadowed=[
+            ShadowedReleases(
+                s["rule_id"],
+                s["rule_hash"],
+                s["escrow"],
+                s["currency"],
+                s["count"],
+                Decimal(s["amount"]),
+                s.get("first_release_id", ""),
+            )
+            for s in data.get("shadowed_releases", [])
+        ],
     )
 
 
@@ -304,6 +365,16 @@ def fetch_snapshot(url: str, detail: Callable[[Mapping[str, str]], Iterable[str]
             "approvals": approvals,
             "ruleset": {"version": ruleset.get("version"), "rules": hashes},
             "escrows": escrows["escrows"],
+            "signoffs": {
+                rule["signoff"]["content_hash"]: rule["signoff"]["signed_by"]
+                for rule in rules["rules"]
+                if rule.get("signoff")
+            },
+            "shadowed_releases": [
+                {"rule_id": rule["id"], "rule_hash": rule["content_hash"], **shadowed}
+                for rule in rules["rules"]
+                for shadowed in rule.get("shadowed_releases", [])
+            ],
         }
     except (KeyError, TypeError, ValueError) as error:
         raise SnapshotError(url, [f"unexpected answer from the daemon: {error!r}"]) from None

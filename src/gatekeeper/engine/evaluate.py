@@ -32,6 +32,16 @@ is ``blocked``, whatever the depth. A firing is also ``blocked`` when a release 
 fit its escrow or a template name has no value; nothing of a blocked firing is sent or
 recorded but the alert.
 
+A rule runs in its *effective mode* (``signoffs.effective_mode``): ``live``, ``shadow``
+(``mode: shadow``) or ``awaiting_signoff`` (a money rule whose content hash lacks the
+sign-offs ``money_rule_approvals`` asks for). Out of ``live`` it decides and records as
+usual (state, firing ids, a ``once`` firing used up, approvals consumed), but a firing's
+outcome is ``shadowed`` and everything it queues is a shadowed action: stored, never sent;
+no ledger entry, nothing counted against an escrow, no fact set (a ``set_fact`` is stored
+as a shadowed action of kind ``set_fact``). The first shadowed release of a money rule
+awaiting sign-off tells the alert target, once per content hash
+(``money_rule_awaiting_signoff``).
+
 The caller (the runtime's ``Writer``, ``gatekeeper.runtime.ingest``) commits the returned
 ``Transition`` in one transaction and only then applies it to its in-memory state.
 """
@@ -57,6 +67,7 @@ from gatekeeper.engine.model import (
     CausedBy,
     Consumption,
     Decision,
+    EffectiveMode,
     FactInput,
     FactKey,
     InstanceKey,
@@ -69,6 +80,7 @@ from gatekeeper.engine.model import (
     evaluation_to_json,
     split_fact_name,
 )
+from gatekeeper.engine.signoffs import SignedOff, SignOffBook, effective_mode
 from gatekeeper.expr import Evaluation, FactRef, Item
 from gatekeeper.rules.model import (
     FACT_ID,
@@ -127,9 +139,11 @@ class _Entry:
         "fire",
         "for_each",
         "id",
+        "money",
         "plain",
         "project",
         "rule",
+        "shadow",
     )
 
     def __init__(self, rule: Rule, project: str) -> None:
@@ -144,6 +158,8 @@ class _Entry:
         self.event = rule.fire == "each_fact"
         self.plain = rule.for_each is None and not self.event
         """One instance, decided once per batch (no ``for_each``, not an event rule)."""
+        self.shadow = rule.mode == "shadow"
+        self.money = rule.release is not None
 
 
 def _entries(entries: Mapping[str, _Entry], rules: Iterable[Rule]) -> tuple[_Entry, ...]:
@@ -171,6 +187,8 @@ class Engine:
     set a fact deeper than the bound is ``blocked`` (nothing of it is recorded or sent) and
     the alert target is told. ``target_formats`` maps a target name to its message format
     (``"slack"`` targets get ``&``, ``<``, ``>`` escaped in substituted template values).
+    ``signoffs`` holds ``money_rule_approvals`` and the sign-offs recorded so far (read at
+    each decision: the runtime adds a sign-off to it once committed); None: none required.
     """
 
     def __init__(
@@ -181,8 +199,10 @@ class Engine:
         new_action_id: Callable[[], str] = uuid_action_id,
         max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
         target_formats: Mapping[str, str] | None = None,
+        signoffs: SignOffBook | None = None,
     ) -> None:
         self.ruleset = ruleset
+        self.signoffs = signoffs if signoffs is not None else SignOffBook()
         self.alert_target = alert_target
         self.new_action_id = new_action_id
         self.max_chain_depth = max_chain_depth
@@ -233,16 +253,24 @@ class Engine:
         config: Config,
         *,
         new_action_id: Callable[[], str] = uuid_action_id,
+        signed: SignedOff | None = None,
     ) -> Engine:
         """An engine for ``ruleset`` as ``config`` (``gatekeeper.yaml``) sets it up: its
-        alert target, ``max_chain_depth`` and each target's message format."""
+        alert target, ``max_chain_depth``, each target's message format and
+        ``money_rule_approvals``, with the sign-offs ``signed`` (``SignOffBook.signed``,
+        shared, not copied: the runtime adds to it; None: none yet)."""
         return cls(
             ruleset,
             alert_target=config.alert_target,
             new_action_id=new_action_id,
             max_chain_depth=config.max_chain_depth,
             target_formats={name: target.format for name, target in config.targets.items()},
+            signoffs=SignOffBook(config.money_rule_approvals, signed if signed is not None else {}),
         )
+
+    def mode_of(self, rule: Rule) -> EffectiveMode:
+        """The mode ``rule`` runs in now (``signoffs.effective_mode``)."""
+        return effective_mode(rule, self.signoffs)
 
     def _index(self, rule: Rule, ref: FactRef) -> None:
         if ref.id is None:
@@ -757,6 +785,9 @@ class Engine:
         decided_at = _format_now(now)
         firing_id = None
         reason = None
+        mode: EffectiveMode = "live"
+        if entry.shadow or entry.money:  # else live, without a look at the sign-offs
+            mode = effective_mode(entry.rule, self.signoffs)
         content_hash = entry.content_hash
         if state.gate_open is gate_open and state.rule_hash == content_hash:
             new_state = state  # unchanged (the common case): no copy
@@ -768,17 +799,22 @@ class Engine:
             firing_id = f"{rule_id}#{n}" if for_each is None else f"{rule_id}[{item}]#{n}"
             new_state = replace(new_state, fired_count=n, last_fired_at=decided_at)
             firing = _Firing(rule, item, data, firing_id, now, depth + 1, evaluation, lookup, chain)
-            blocked = self._queue_firing(transition, firing, book)
+            shadowed = mode != "live"
+            blocked = self._queue_firing(transition, firing, book, shadowed)
             if blocked is not None:
                 outcome = "blocked"
                 reason, alert = blocked
-                self._queue_alert(transition, rule, firing_id, now, reason, alert, item)
+                self._queue_alert(transition, rule, firing_id, now, reason, alert, item, shadowed)
             elif approvals is not None and _consumes(entry) and approvals["approved_by"]:
                 used = tuple(approvals["approved_by"])
                 transition.consumed.append(Consumption(rule_id, item, used, firing_id))
                 approvals = {**approvals, "consumed": list(used)}
                 # the firing used the approvals up: the gate is closed until new ones come
                 new_state = replace(new_state, gate_open=False)
+            if shadowed and blocked is None:  # decided as live, nothing of it sent
+                outcome = "shadowed"
+                if mode == "awaiting_signoff":
+                    new_state = self._signoff_alert(transition, states, firing, new_state)
         notice_id = None
         if approvals is not None and entry.approvals is not None and entry.approvals.notify:
             new_state, notice_id = self._notice(
@@ -806,6 +842,7 @@ class Engine:
         fields["instance"] = item
         fields["item_kind"] = for_each or ""
         fields["notice_id"] = notice_id
+        fields["mode"] = mode
         transition.decisions.append(decision)
 
     def _notice(
@@ -829,7 +866,7 @@ class Engine:
             entry.fire != "once" or state.fired_count <= state.rearms
         )
         if not waiting:
-            if state.notified and outcome in ("not_met", "fired", "blocked"):
+            if state.notified and outcome in ("not_met", "fired", "blocked", "shadowed"):
                 return replace(state, notified=False), None
             return state, None
         if state.notified:
@@ -866,13 +903,15 @@ class Engine:
         return replace(state, notified=True, notices=n), notice_id
 
     def _queue_firing(
-        self, transition: Transition, firing: _Firing, book: EscrowBook
+        self, transition: Transition, firing: _Firing, book: EscrowBook, shadowed: bool = False
     ) -> tuple[str, str] | None:
         """Queue what ``firing`` does (actions, ledger entries, facts it sets), or nothing
         and return why it is blocked and the alert to send: a release refused by the ledger
         (``release_blocked``), a loop (an instance already in the firing's chain), a fact
         set deeper than ``max_chain_depth`` or a template name without a value
-        (``firing_blocked``)."""
+        (``firing_blocked``). A ``shadowed`` firing is checked the same way, but queues
+        only shadowed actions (its facts to set among them): no ledger entry, nothing
+        committed to ``book``, no fact."""
         rule = firing.rule
         loop = loop_refusal(rule, firing.item, firing.chain)
         if loop is not None:
@@ -891,6 +930,9 @@ class Engine:
             actions, new_facts = render_firing(firing, self.new_action_id, self.target_formats)
         except FiringBlocked as exc:
             return str(exc), "firing_blocked"
+        if shadowed:
+            transition.actions.extend(self._shadowed(actions, new_facts, firing))
+            return None
         transition.actions.extend(actions)
         transition.facts.extend(new_facts)
         for action in actions:
@@ -911,6 +953,101 @@ class Engine:
                 )
         return None
 
+    def _shadowed(
+        self, actions: list[QueuedAction], facts: list[FactInput], firing: _Firing
+    ) -> list[QueuedAction]:
+        """The shadowed actions of a firing in shadow: its rendered ``actions`` marked
+        shadowed, then each fact it would set as a ``set_fact`` action (payload
+        ``{project, kind, id, data}``, no target), recorded instead of the fact."""
+        shadowed = [replace(action, shadowed=True) for action in actions]
+        created_at = _format_now(firing.fired_at)
+        for fact in facts:
+            payload = {"project": fact.project, "kind": fact.kind, "id": fact.id}
+            shadowed.append(
+                QueuedAction(
+                    action_id=self.new_action_id(),
+                    kind="set_fact",
+                    target="",
+                    rule_id=firing.rule.id,
+                    firing_id=firing.firing_id,
+                    payload={**payload, "data": dict(fact.data)},
+                    created_at=created_at,
+                    instance=firing.item,
+                    shadowed=True,
+                )
+            )
+        return shadowed
+
+    def _signoff_alert(
+        self,
+        transition: Transition,
+        states: Mapping[InstanceKey, RuleState],
+        firing: _Firing,
+        state: RuleState,
+    ) -> RuleState:
+        """Tell the alert target, once per content hash, that money rule ``firing.rule``
+        awaits sign-off, naming the release id of its first shadowed release (this
+        firing's): ``alert: money_rule_awaiting_signoff``. Whether it was told is kept in
+        the state of the rule's instance ``""`` (``RuleState.signoff_alerted``): returns
+        ``state`` (the firing instance's new state) with it marked for a plain rule; a
+        per-item rule's state as a whole is put in ``transition``."""
+        rule = firing.rule
+        if self.alert_target is None:
+            return state
+        whole_key = (rule.id, "")
+        plain = rule.for_each is None
+        whole = (
+            state
+            if plain
+            else transition.rule_states.get(whole_key)
+            or states.get(whole_key)
+            or RuleState(rule.id)
+        )
+        if whole.signoff_alerted == rule.content_hash:
+            return state
+        release_id = next(
+            a.action_id
+            for a in transition.actions
+            if a.firing_id == firing.firing_id and a.kind == "release"
+        )
+        book = self.signoffs
+        signed = book.signed_by(rule.content_hash)
+        missing = book.required - len(signed)
+        message = (
+            f"gatekeeper: money rule {rule.id} (content hash {rule.content_hash[:12]}) awaits "
+            f"sign-off: {book.required} needed, {missing} more; its releases are shadowed, "
+            f"not sent (first shadowed release {release_id})"
+        )
+        payload: dict[str, Any] = {
+            "project": rule.project,
+            "message": message,
+            "alert": "money_rule_awaiting_signoff",
+            "rule_id": rule.id,
+            "content_hash": rule.content_hash,
+            "required": book.required,
+            "signed_by": signed,
+            "release_id": release_id,
+        }
+        if firing.item:
+            payload["item"] = {"kind": rule.for_each, "id": firing.item}
+        transition.actions.append(
+            QueuedAction(
+                action_id=self.new_action_id(),
+                kind="notify",
+                target=self.alert_target,
+                rule_id=rule.id,
+                firing_id=firing.firing_id,
+                payload=payload,
+                created_at=_format_now(firing.fired_at),
+                instance=firing.item,
+            )
+        )
+        whole = replace(whole, signoff_alerted=rule.content_hash)
+        if plain:
+            return whole
+        transition.rule_states[whole_key] = whole
+        return state
+
     def _queue_alert(
         self,
         transition: Transition,
@@ -920,9 +1057,11 @@ class Engine:
         reason: str,
         alert: str,
         item: str = "",
+        shadowed: bool = False,
     ) -> None:
         """Tell the alert target (when configured) that a firing was blocked: a release
-        (``alert: release_blocked``), or anything else (``alert: firing_blocked``)."""
+        (``alert: release_blocked``), or anything else (``alert: firing_blocked``). The
+        alert of a firing in shadow is ``shadowed`` too: nothing live hears of it."""
         if self.alert_target is None:
             return
         if alert == "release_blocked":
@@ -952,6 +1091,7 @@ class Engine:
                 payload=payload,
                 created_at=format_rfc3339(now),
                 instance=item,
+                shadowed=shadowed,
             )
         )
 

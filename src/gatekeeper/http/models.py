@@ -76,8 +76,9 @@ FactId = Annotated[
 ]
 JsonObject = dict[str, Any]
 ApprovalDecision = Literal["approve", "reject", "withdraw"]
-ActionKind = Literal["release", "notify", "pipeline"]
-ActionStatusName = Literal["pending", "delivered", "dead"]
+ActionKind = Literal["release", "notify", "pipeline", "set_fact"]
+ActionStatusName = Literal["pending", "delivered", "dead", "shadowed"]
+ModeName = Literal["live", "shadow", "awaiting_signoff"]
 
 
 class Model(Struct, forbid_unknown_fields=True):
@@ -170,6 +171,19 @@ class AdminActRequest(Struct):
         ]
         | UnsetType
     ) = UNSET
+
+
+class SignOffRequest(Struct, forbid_unknown_fields=True):
+    """An admin's sign-off of a money rule's content hash; the admin is the token's
+    subject (never a body field)."""
+
+    comment: (
+        Annotated[
+            str,
+            Meta(max_length=MAX_COMMENT_CHARS, description="Why (kept in the audit log)."),
+        ]
+        | None
+    ) = None
 
 
 class RetryRequest(Struct):
@@ -448,7 +462,14 @@ class Explanation(Model):
 
 
 DecisionOutcome = Literal[
-    "fired", "blocked", "paused", "not_met", "already_fired", "still_met", "awaiting_approvals"
+    "fired",
+    "blocked",
+    "paused",
+    "not_met",
+    "already_fired",
+    "still_met",
+    "awaiting_approvals",
+    "shadowed",
 ]
 
 
@@ -475,10 +496,45 @@ class Decision(Model):
     instance: Annotated[
         str | UnsetType, Meta(description="The item id of the instance (per-item rules).")
     ] = UNSET
+    mode: Annotated[
+        ModeName | UnsetType,
+        Meta(
+            description="The mode the rule ran in when not live: shadow, or awaiting_signoff "
+            "(a money rule short of sign-offs); its firing's outcome is shadowed."
+        ),
+    ] = UNSET
 
 
 RULE_SOURCE_REF = "#/components/schemas/RuleFile.rule"
 """The schema of a rule as written (``schemas/rules.schema.json``), under components."""
+
+
+class SignedBy(Model):
+    """One admin's sign-off of a money rule's content hash."""
+
+    actor: str
+    at: Timestamp | None
+    comment: str | None
+
+
+class SignOffStatus(Model):
+    """Where a money rule stands under the two-person rule (money_rule_approvals)."""
+
+    content_hash: Annotated[str, documented("^[0-9a-f]{64}$", "The content hash signed off.")]
+    required: Annotated[int, Meta(ge=1, description="money_rule_approvals.")]
+    missing: Annotated[int, Meta(ge=0, description="How many more sign-offs it needs to run live.")]
+    signed_by: list[SignedBy]
+
+
+class ShadowedRelease(Model):
+    """What a rule's shadowed firings (of its current content hash) would have released
+    from one escrow: never sent, never counted against the escrow."""
+
+    escrow: str
+    currency: Currency
+    count: Annotated[int, Meta(ge=1)]
+    amount: DecimalString
+    first_release_id: Annotated[str, Meta(description="The first shadowed release's id.")]
 
 
 class RuleSummary(Model):
@@ -504,6 +560,32 @@ class RuleSummary(Model):
             "`item`: that instance is paused, by its item or with its rule."
         ),
     ]
+    mode: Annotated[
+        ModeName,
+        Meta(
+            description="The mode the rule runs in: live; shadow (`mode: shadow`: decided and "
+            "recorded, its actions stored as shadowed, never sent); awaiting_signoff (a "
+            "money rule whose content hash has fewer sign-offs than money_rule_approvals: "
+            "run as shadow)."
+        ),
+    ]
+    signoff: (
+        Annotated[
+            SignOffStatus,
+            Meta(description="A money rule under money_rule_approvals: its sign-offs."),
+        ]
+        | UnsetType
+    ) = UNSET
+    shadowed_releases: (
+        Annotated[
+            list[ShadowedRelease],
+            Meta(
+                description="A money rule not live, or one whose current version has "
+                "shadowed releases: per escrow and currency, what it would have released."
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
     for_each: str | UnsetType = UNSET
     instances: Annotated[int, Meta(ge=0)] | UnsetType = UNSET
     item: str | UnsetType = UNSET
@@ -618,14 +700,32 @@ class ReleasePayload(Model):
 
 
 class NotifyPayload(Model):
-    """A rendered notification, or an alert that a release was blocked."""
+    """A rendered notification, or an alert: a firing or release blocked, a money rule
+    awaiting sign-off (naming the rule, its content hash, the sign-offs required and
+    given, and its first shadowed release)."""
 
     project: str
     message: str
-    alert: Literal["release_blocked", "firing_blocked"] | UnsetType = UNSET
+    alert: (
+        Literal["release_blocked", "firing_blocked", "money_rule_awaiting_signoff"] | UnsetType
+    ) = UNSET
     reason: str | UnsetType = UNSET
+    rule_id: str | UnsetType = UNSET
+    content_hash: Sha256Hex | UnsetType = UNSET
+    required: Annotated[int, Meta(ge=1)] | UnsetType = UNSET
+    signed_by: list[str] | UnsetType = UNSET
+    release_id: str | UnsetType = UNSET
     item: ItemRef | UnsetType = UNSET
     facts: dict[str, JsonObject] | UnsetType = UNSET
+
+
+class SetFactPayload(Model):
+    """A fact a rule in shadow would have set (a shadowed set_fact: never recorded)."""
+
+    project: str
+    kind: str
+    id: str
+    data: JsonObject
 
 
 class PipelinePayload(Model):
@@ -640,7 +740,7 @@ PAYLOAD_SCHEMA = {
     "description": "What is sent; shaped by `kind`.",
     "anyOf": [
         {"$ref": f"#/components/schemas/{name}"}
-        for name in ("ReleasePayload", "NotifyPayload", "PipelinePayload")
+        for name in ("ReleasePayload", "NotifyPayload", "PipelinePayload", "SetFactPayload")
     ],
 }
 
@@ -789,6 +889,10 @@ class AuditEntry(Model):
         ]
         | UnsetType
     ) = UNSET
+    rule_hash: Annotated[
+        Sha256Hex | UnsetType,
+        Meta(description="A sign-off (what: signoff): the content hash signed off."),
+    ] = UNSET
 
 
 class AuditPage(Model):
@@ -842,6 +946,13 @@ class SnapshotRuleset(Model):
     rules: dict[str, Sha256Hex]
 
 
+class SnapshotShadowedRelease(ShadowedRelease, kw_only=True):
+    """What the shadowed firings of one version of a rule would have released."""
+
+    rule_id: str
+    rule_hash: Sha256Hex
+
+
 class Snapshot(Model):
     """What `gatekeeper export` writes and `gatekeeper plan` reads. From `GET /v1/export`, a
     page: its facts are paged as `GET /v1/facts`'s; the first page holds everything else, a
@@ -853,6 +964,14 @@ class Snapshot(Model):
     approvals: dict[str, dict[str, Literal["approve", "reject"]]] | UnsetType = UNSET
     ruleset: SnapshotRuleset | UnsetType = UNSET
     escrows: list[Escrow] | UnsetType = UNSET
+    signoffs: Annotated[
+        dict[str, list[SignedBy]] | UnsetType,
+        Meta(description="Content hash -> the admins who signed it off (money rules)."),
+    ] = UNSET
+    shadowed_releases: Annotated[
+        list[SnapshotShadowedRelease] | UnsetType,
+        Meta(description="What shadowed firings would have released, per rule version."),
+    ] = UNSET
     next_cursor: Annotated[
         str | None, Meta(description="Pass as `cursor` for the next page; null on the last.")
     ] = None

@@ -17,9 +17,11 @@ Hashes (SHA-256, hex):
   style, or moving the rule to another file does not change the hash; any other change to
   what the rule says does (its description included). An absent ``approvals`` stays absent.
   The keys added with per-item rules (``for_each``, approvals' ``standing``, ``expires_after``,
-  ``notify``) enter the canonical form only when they say something (``standing: false`` is
-  dropped; ``expires_after`` is in seconds), so the rules written before them keep the hashes
-  their databases recorded; set_fact ``data`` defaults to ``{}``.
+  ``notify``, and ``mode``) enter the canonical form only when they say something
+  (``standing: false`` and ``mode: live`` are dropped; ``expires_after`` is in seconds), so
+  the rules written before them keep the hashes their databases recorded; set_fact ``data``
+  defaults to ``{}``. ``mode: shadow`` is part of the hash: going live (removing it) is a
+  change like any other.
 - ``Ruleset.version`` is over the canonical JSON of the sorted ``[path, text]`` pairs of
   ``Ruleset.files``, so the same files always give the same version, whether they are read
   from a directory or from stored text.
@@ -64,6 +66,7 @@ from gatekeeper.rules.model import (
     PipelineAction,
     ReleaseAction,
     Rule,
+    RuleMode,
     Ruleset,
     SetFactAction,
     pack_data,
@@ -222,15 +225,18 @@ def canonical_rule(rule: Mapping[str, Any]) -> dict[str, Any]:
     block's final newline).
 
     The keys added later (``for_each``, approvals' ``standing``, ``expires_after`` and
-    ``notify``) are the other way round: their defaults are left out (``standing: false``
-    is dropped), so a rule that does not use them has the canonical form, and the hash, it
-    always had. ``expires_after`` is written in seconds (``7d`` and ``604800`` are the same).
+    ``notify``, ``mode``) are the other way round: their defaults are left out (``standing:
+    false`` and ``mode: live`` are dropped), so a rule that does not use them has the
+    canonical form, and the hash, it always had. ``expires_after`` is written in seconds
+    (``7d`` and ``604800`` are the same).
     """
     out = dict(rule)
     if isinstance(out.get("when"), str):
         out["when"] = out["when"].strip()
     out.setdefault("description", "")
     out.setdefault("fire", "once")
+    if out.get("mode") == "live":
+        del out["mode"]
     out["actions"] = [_canonical_action(action) for action in rule.get("actions", [])]
     approvals = out.get("approvals")
     if isinstance(approvals, dict):
@@ -1070,6 +1076,7 @@ def _build_rule(candidate: _Candidate, source: Mapping[str, Any], line: int) -> 
         line=line,
         source=source,
         for_each=_shared(data.get("for_each")),
+        mode=cast(RuleMode, data.get("mode", "live")),
     )
 
 

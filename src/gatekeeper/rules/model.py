@@ -24,6 +24,12 @@ FireMode = Literal["once", "each_time", "each_fact"]
 edge of the gate; ``each_fact``: for every accepted fact that makes the condition true
 (an event rule: the same status posted twice fires twice)."""
 
+RuleMode = Literal["live", "shadow"]
+"""``live`` (default): a firing's actions are sent. ``shadow``: the rule is evaluated,
+decides and records as a live rule does (decisions, state, firing ids, a ``once`` firing
+used up), but everything its firings queue is stored as ``shadowed`` and never sent: no
+webhook, no ledger entry, no amount counted against an escrow, no fact set."""
+
 
 @dataclass(frozen=True, slots=True)
 class Approvals:
@@ -179,6 +185,9 @@ class Rule:
     for_each: str | None = None
     """A per-item rule: the fact kind whose every fact is an instance of the rule (its id is
     the instance's item id); None for a rule with one instance (item id ``""``)."""
+    mode: RuleMode = "live"
+    """As written (``RuleMode``); the mode a rule runs in also depends on the two-person
+    rule for money rules (``gatekeeper.engine.signoffs.effective_mode``)."""
 
     @property
     def release(self) -> ReleaseAction | None:

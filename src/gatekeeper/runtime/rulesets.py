@@ -164,7 +164,9 @@ class Rulesets:
         config = config or self.config
         writer = self.writer
         async with writer.lock:
-            engine = Engine.for_config(ruleset, config, new_action_id=self.new_action_id)
+            engine = Engine.for_config(
+                ruleset, config, new_action_id=self.new_action_id, signed=writer.signed
+            )
             book = EscrowBook(config.escrows, writer.book.committed)
             previous_rules = writer.engine.rules if writer.engine else {}
             states = writer.states

@@ -8,31 +8,45 @@ take a ``visible(project)`` predicate.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
+from gatekeeper.clock import format_rfc3339
 from gatekeeper.config import Escrow
 from gatekeeper.engine.evaluate import Engine, rule_paused
 from gatekeeper.engine.model import FactKey, RuleState
+from gatekeeper.engine.signoffs import is_money_rule, signoff_status
 from gatekeeper.rules.loader import load_rule_texts
 from gatekeeper.rules.model import Rule, SetFactAction
 from gatekeeper.runtime.ingest import Writer
 from gatekeeper.store import Store
 from gatekeeper.store.contract import RulesetReads
 from gatekeeper.store.queries import Projects
-from gatekeeper.store.records import StoredDecision
+from gatekeeper.store.records import ShadowedReleases, StoredDecision
 
 Visible = Callable[[str | None], bool]
 """Whether the asker may see the things of a project (None: things of no project)."""
 
 
 def rule_view(
-    writer: Writer, rule: Rule, *, explain: bool, item: str | None = None
+    writer: Writer,
+    rule: Rule,
+    *,
+    explain: bool,
+    item: str | None = None,
+    shadowed: Sequence[ShadowedReleases] | None = None,
 ) -> dict[str, Any]:
     """A rule as ``GET /v1/rules`` shows it: what it is and its firing state; with
     ``explain`` also its source and current explanation (``Engine.explain``).
+
+    ``mode`` is the mode the rule runs in (``live``, ``shadow``, ``awaiting_signoff``); a
+    money rule under the two-person rule shows ``signoff`` (``signoff_status``: hash,
+    required, missing, who signed off). With ``shadowed`` (``Store.shadowed_releases``),
+    a rule not live, or one with shadowed releases of its current content hash, shows
+    ``shadowed_releases``: per escrow and currency, what its shadowed firings would have
+    released (count, sum, first release id).
 
     A per-item rule (``for_each``) also shows ``for_each`` and ``instances`` (how many it
     has); its state is that of instance ``item`` when given (``item`` then names it; a
@@ -79,6 +93,20 @@ def rule_view(
         "gate_open": state.gate_open if state else None,
         "paused": (state is not None and state.paused) or (whole is not None and whole.paused),
     }
+    engine = writer.live_engine()
+    mode = engine.mode_of(rule)
+    view["mode"] = mode
+    signoff = signoff_status(rule, engine.signoffs)
+    if signoff is not None:
+        view["signoff"] = signoff
+    if shadowed is not None:
+        own = [
+            s.to_json()
+            for s in shadowed
+            if (s.rule_id, s.rule_hash) == (rule.id, rule.content_hash)
+        ]
+        if own or (mode != "live" and is_money_rule(rule)):
+            view["shadowed_releases"] = own
     if rule.for_each is not None:
         view["for_each"] = rule.for_each
         view["instances"] = len(writer.facts.of_kind(rule.project, rule.for_each))
@@ -189,7 +217,8 @@ async def rule_detail(
     when the live ruleset has no rule ``rule_id`` (or the rule no instance ``item``)."""
     engine = writer.live_engine()
     rule = engine.rules[rule_id]
-    view = rule_view(writer, rule, explain=True, item=item)
+    shadowed = await writer.store.shadowed_releases()
+    view = rule_view(writer, rule, explain=True, item=item, shadowed=shadowed)
     view["ruleset_version"] = engine.ruleset.version
     if rule.for_each is not None and not item:
         page = instances_view(writer, rule, after=instances_after, limit=instances_limit)
@@ -251,7 +280,8 @@ async def export_view(
 ) -> dict[str, Any]:
     """A snapshot of the state, in the format ``gatekeeper plan --snapshot`` reads: current
     facts, every rule's firing state, standing approvals, the live ruleset's content
-    hashes and the escrows; facts, states and approvals only of ``visible`` projects (facts
+    hashes, the escrows, the sign-offs of money rules by content hash and what shadowed
+    firings would have released; facts, states and approvals only of ``visible`` projects (facts
     filtered by the store, by ``projects``: the same set).
 
     The facts are paged: at most ``limit`` (None: all) in ``(project, kind, id)`` order,
@@ -288,6 +318,23 @@ async def export_view(
             "rules": {r.id: r.content_hash for r in rules.values()},
         },
         "escrows": await escrow_report(writer.store, escrows),
+        "signoffs": {
+            content_hash: [
+                {
+                    "actor": actor,
+                    "at": None if signoff.at is None else format_rfc3339(signoff.at),
+                    "comment": signoff.comment,
+                }
+                for actor, signoff in sorted(signed.items())
+            ]
+            for content_hash, signed in sorted(writer.signed.items())
+            if signed and any(visible(s.project or None) for s in signed.values())
+        },
+        "shadowed_releases": [
+            {"rule_id": s.rule_id, "rule_hash": s.rule_hash, **s.to_json()}
+            for s in await writer.store.shadowed_releases()
+            if s.rule_id not in rules or visible(rules[s.rule_id].project)
+        ],
     }
 
 
