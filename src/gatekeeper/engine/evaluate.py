@@ -57,9 +57,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gatekeeper.clock import format_rfc3339
-from gatekeeper.config import Config
+from gatekeeper.config import Config, Escrow
 from gatekeeper.engine.facts import FactTable, ProjectFacts
-from gatekeeper.engine.ledger import EscrowBook, LedgerEntry
+from gatekeeper.engine.ledger import EscrowBook, LedgerEntry, checked_amount
 from gatekeeper.engine.model import (
     AdminAct,
     ApprovalInput,
@@ -95,9 +95,12 @@ from gatekeeper.rules.model import (
     SetFactAction,
 )
 from gatekeeper.rules.templates import (
+    MISSING,
     Resolve,
     TemplateError,
+    amount_value,
     render_template,
+    render_value,
     slack_escape,
     template_resolver,
 )
@@ -916,7 +919,15 @@ class Engine:
         loop = loop_refusal(rule, firing.item, firing.chain)
         if loop is not None:
             return loop, "firing_blocked"
-        reason = book.refusal_of_all(r for r in rule.actions if isinstance(r, ReleaseAction))
+        try:
+            amounts = release_amounts(firing, book.escrows)
+        except ReleaseBlocked as exc:
+            return str(exc), "release_blocked"
+        reason = book.refusal_of_all(
+            replace(a, amount=amounts.get(n, a.amount))
+            for n, a in enumerate(rule.actions, start=1)
+            if isinstance(a, ReleaseAction)
+        )
         if reason is not None:
             return reason, "release_blocked"
         sets = [a for a in rule.actions if isinstance(a, SetFactAction)]
@@ -927,7 +938,9 @@ class Engine:
                 "firing_blocked",
             )
         try:
-            actions, new_facts = render_firing(firing, self.new_action_id, self.target_formats)
+            actions, new_facts = render_firing(
+                firing, self.new_action_id, self.target_formats, amounts
+            )
         except FiringBlocked as exc:
             return str(exc), "firing_blocked"
         if shadowed:
@@ -1347,6 +1360,12 @@ class FiringBlocked(Exception):
     rendered text too long); the message is the decision's ``reason``."""
 
 
+class ReleaseBlocked(FiringBlocked):
+    """A release of a firing cannot be sent: its amount, read from a fact, has no value or
+    is not a decimal amount within the escrow's precision and the release's
+    ``max_amount`` (see ``release_amounts``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Firing:
     """One firing being rendered: the rule, the instance's item id and data (None for a
@@ -1380,10 +1399,65 @@ def _read_by_id(evaluation: Evaluation, item: Item | None) -> dict[str, Any]:
     return read
 
 
+MAX_SHOWN_AMOUNT_CHARS = 64
+"""A refused amount is shown in a reason cut to this many characters (the last ``…``)."""
+
+
+def release_amounts(firing: _Firing, escrows: Mapping[str, Escrow]) -> dict[int, str]:
+    """The amount of each release of ``firing`` whose ``amount`` is a template
+    (``"${item.data.amount}"``), read from the facts as the decision saw them and checked
+    (``ledger.checked_amount``: a decimal amount above zero, with at most the escrow's
+    decimals, at most the release's ``max_amount``), by the action's number (1-based).
+
+    Raises ``ReleaseBlocked`` whose reason names the field, the rule, the value (cut at
+    ``MAX_SHOWN_AMOUNT_CHARS``) and the action, e.g. ``release amount item.data.amount of
+    rule p/pay is '12000.00': above the release's max_amount 10000.00 (release action 1)``.
+    """
+    rule = firing.rule
+    found: dict[int, str] = {}
+    resolve: Resolve | None = None
+    for number, action in enumerate(rule.actions, start=1):
+        if not isinstance(action, ReleaseAction) or not action.templated:
+            continue
+        if resolve is None:
+            resolve = template_resolver(
+                rule, firing.fired_at, item=_item_of(firing), fact=firing.lookup.get
+            )
+        field = action.amount[2:-1]
+        where = f"release action {number}"
+        value = amount_value(action.amount, resolve)
+        if value is MISSING:
+            raise ReleaseBlocked(f"release amount {field} of rule {rule.id} has no value ({where})")
+        escrow = escrows.get(action.escrow)
+        try:
+            found[number] = checked_amount(
+                value,
+                max_amount=action.max_amount or "0",
+                decimals=escrow.decimals if escrow is not None else Escrow.decimals,
+            )
+        except ValueError as exc:
+            shown = render_value(value)
+            if len(shown) > MAX_SHOWN_AMOUNT_CHARS:
+                shown = shown[: MAX_SHOWN_AMOUNT_CHARS - 1] + "…"
+            shown = repr(shown) if isinstance(value, str) else shown
+            raise ReleaseBlocked(
+                f"release amount {field} of rule {rule.id} is {shown}: {exc} ({where})"
+            ) from None
+    return found
+
+
+def _item_of(firing: _Firing) -> Item | None:
+    """The current item of ``firing`` (None for a rule without ``for_each``)."""
+    if firing.rule.for_each is None or firing.data is None:
+        return None
+    return Item(firing.rule.for_each, firing.item, firing.data)
+
+
 def render_firing(
     firing: _Firing,
     new_action_id: Callable[[], str] = uuid_action_id,
     target_formats: Mapping[str, str] | None = None,
+    amounts: Mapping[int, str] | None = None,
 ) -> tuple[list[QueuedAction], list[FactInput]]:
     """The actions one firing queues, each with a fresh id from ``new_action_id`` that stays
     stable across retries, and the facts it sets (``set_fact``, with ``caused_by``). Every
@@ -1396,18 +1470,25 @@ def render_firing(
     are Slack-escaped. Raises ``FiringBlocked`` when a template cannot be rendered (a name
     without a value, a text too long, a set_fact id that is not a fact id): its reason
     names the action and its number (1-based), e.g. ``template name item.data.commit has
-    no value (notify action 1)``."""
+    no value (notify action 1)``.
+
+    ``amounts`` holds the rendered amount of each release whose amount is a template, by
+    action number (``release_amounts``): it is the amount in the release's body, and the
+    value of ``${amount}`` when it is the rule's own release."""
     rule = firing.rule
     created_at = _format_now(firing.fired_at)
-    item = None
+    amounts = amounts or {}
+    item = _item_of(firing)
     extra: dict[str, Any] = {}
-    if rule.for_each is not None and firing.data is not None:
-        item = Item(rule.for_each, firing.item, firing.data)
-        extra["item"] = {"kind": rule.for_each, "id": firing.item, "data": dict(firing.data)}
+    if item is not None:
+        extra["item"] = {"kind": item.kind, "id": item.id, "data": dict(item.data)}
     read = _read_by_id(firing.evaluation, item)
     if read:
         extra["facts"] = read
-    resolve = template_resolver(rule, firing.fired_at, item=item, fact=firing.lookup.get)
+    own = next((n for n, a in enumerate(rule.actions, 1) if isinstance(a, ReleaseAction)), 0)
+    resolve = template_resolver(
+        rule, firing.fired_at, item=item, fact=firing.lookup.get, amount=amounts.get(own)
+    )
     formats = target_formats or {}
     queued: list[QueuedAction] = []
     facts: list[FactInput] = []
@@ -1433,6 +1514,8 @@ def render_firing(
         payload = {"project": rule.project, **body, **extra}
         if isinstance(action, ReleaseAction):
             payload["release_id"] = action_id
+            if number in amounts:
+                payload["amount"] = amounts[number]
         queued.append(
             QueuedAction(
                 action_id=action_id,
