@@ -487,6 +487,11 @@ def _why_not(plan: Plan, decision: Decision) -> str:
         return f"already fired ({plural(state.fired_count, 'time')}; fire: once)"
     if decision.outcome == "still_met":
         return "its gate was already open (each_time fires on the next closed -> open change)"
+    if decision.outcome == "still_blocked":
+        return (
+            f"blocked: {decision.reason} (it has not fired; a re-arm, a change of its escrow "
+            "or its gate opening again tries its release again)"
+        )
     if decision.outcome == "paused":
         return "paused"
     if decision.outcome == "awaiting_approvals":
@@ -601,6 +606,11 @@ def explanation_lines(
     if explanation.get("last_fired_at"):
         state += f", last at {explanation['last_fired_at']}"
     lines.append(state + (", PAUSED" if explanation["paused"] else ""))
+    if explanation.get("blocked"):
+        lines.append(
+            f"BLOCKED: {explanation['blocked']} (it has not fired; a re-arm, a change of its "
+            "escrow or its gate opening again tries its release again)"
+        )
     return lines
 
 

@@ -50,11 +50,11 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import ChainMap, defaultdict
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from gatekeeper.clock import format_rfc3339
 from gatekeeper.config import Config, Escrow
@@ -491,6 +491,7 @@ class Engine:
         approvals: ApprovalStanding | None = None,
         record_unchanged: bool = True,
         record_first: bool = True,
+        retry: Collection[str] = (),
     ) -> Transition:
         """Plan evaluating ``rules`` without a new fact (a reload, or the clock moving on):
         every instance of each (every fact of a per-item rule's kind), see
@@ -507,6 +508,7 @@ class Engine:
             record_unchanged=record_unchanged,
             record_first=record_first,
             rules={rule.id: rule for rule in rules},
+            retry=retry,
         )
 
     def plan_instances(
@@ -522,6 +524,7 @@ class Engine:
         record_unchanged: bool = True,
         record_first: bool = True,
         rules: Mapping[str, Rule] | None = None,
+        retry: Collection[str] = (),
     ) -> Transition:
         """Plan evaluating the rule instances ``keys`` without a new fact (a reload, the
         clock moving on): an instance whose item no longer exists is skipped. Facts set by
@@ -536,7 +539,13 @@ class Engine:
         the gate stays closed or open), it keeps its new state (which records the version,
         so the next reload skips it) without a decision; ``plan`` and rule tests keep those
         decisions to show every instance. ``rules`` resolves rule ids (default: this
-        engine's rules)."""
+        engine's rules).
+
+        ``retry`` names rules whose blocked instances (``RuleState.blocked``, the gate still
+        open) try their release again (an escrow they release from changed): each is
+        decided as if its gate had just opened. (A new version of a rule tries its blocked
+        instances again anyway: an instance is held ``still_blocked`` only under the version
+        that blocked it.)"""
         book = book if book is not None else EscrowBook({})
         rules = rules if rules is not None else self.rules
         transition = Transition(planned_at=now)
@@ -544,11 +553,14 @@ class Engine:
             rule = rules[rule_id]
             key = (rule_id, item)
             before = states.get(key) or RuleState(rule_id, instance=item)
+            seen = states
+            if before.blocked is not None and before.gate_open and rule_id in retry:
+                before = replace(before, gate_open=False)  # a fresh edge: try again
+                # ChainMap only reads the maps after its first: the states are not copied
+                seen = ChainMap({key: before}, cast(MutableMapping[InstanceKey, RuleState], states))
             entry = _Entry(rule, rule.project)
             count = len(transition.decisions)
-            self._decide(
-                transition, entry, item, facts, states, now, trigger, None, book, approvals
-            )
+            self._decide(transition, entry, item, facts, seen, now, trigger, None, book, approvals)
             if len(transition.decisions) == count:
                 continue  # no such instance (its item is gone)
             decision = transition.decisions[-1]
@@ -579,7 +591,8 @@ class Engine:
         whole: RuleState | None = None,
     ) -> dict[str, Any]:
         """The rule's current explanation (JSON-ready): gate, sub-conditions, missing facts,
-        approvals counted, whether it is paused and how often it fired. ``item`` names the
+        approvals counted, whether it is paused, how often it fired and why its release is
+        blocked (``blocked``: the reason, None when it is not). ``item`` names the
         instance of a per-item rule (``KeyError`` when it has no such instance; ``""`` for
         a plain rule, or a per-item rule explained without an item: its ``item`` names are
         missing and ``item`` is None). ``whole`` is the state of a per-item rule as a whole
@@ -601,6 +614,7 @@ class Engine:
             "fired_count": state.fired_count,
             "rearms": state.rearms,
             "last_fired_at": state.last_fired_at,
+            "blocked": state.blocked,
             "evaluated_at": format_rfc3339(now),
         }
         if rule.for_each is not None:  # without an item: its names are missing
@@ -780,7 +794,7 @@ class Engine:
                 entry.rule, _standing_of(transition, standing, rule_id, item), now
             )
             gate_open = value and bool(approvals["satisfied"])
-        outcome = _outcome(entry.fire, state, value, gate_open, trigger)
+        outcome = _outcome(entry.fire, state, value, gate_open, trigger, entry.content_hash)
         if outcome == "fired" and for_each is not None:
             whole = transition.rule_states.get((rule_id, "")) or states.get((rule_id, ""))
             if whole is not None and whole.paused:  # paused as a whole (rule_paused)
@@ -796,14 +810,25 @@ class Engine:
             new_state = state  # unchanged (the common case): no copy
         else:
             new_state = replace(state, gate_open=gate_open, rule_hash=content_hash)
-        if outcome == "fired":
+        if outcome == "still_blocked":
+            reason = state.blocked
+        elif outcome == "fired":
             rule = entry.rule
-            n = state.fired_count + 1
+            n = state.fired_count + state.blocks + 1
             firing_id = f"{rule_id}#{n}" if for_each is None else f"{rule_id}[{item}]#{n}"
-            new_state = replace(new_state, fired_count=n, last_fired_at=decided_at)
             firing = _Firing(rule, item, data, firing_id, now, depth + 1, evaluation, lookup, chain)
             shadowed = mode != "live"
             blocked = self._queue_firing(transition, firing, book, shadowed)
+            if blocked is not None and blocked[1] == "release_blocked":
+                # the release was refused: nothing happened, the instance has not fired
+                new_state = replace(new_state, blocks=state.blocks + 1, blocked=blocked[0])
+            else:
+                new_state = replace(
+                    new_state,
+                    fired_count=state.fired_count + 1,
+                    last_fired_at=decided_at,
+                    blocked=None,
+                )
             if blocked is not None:
                 outcome = "blocked"
                 reason, alert = blocked
@@ -1073,8 +1098,12 @@ class Engine:
         shadowed: bool = False,
     ) -> None:
         """Tell the alert target (when configured) that a firing was blocked: a release
-        (``alert: release_blocked``), or anything else (``alert: firing_blocked``). The
-        alert of a firing in shadow is ``shadowed`` too: nothing live hears of it."""
+        (``alert: release_blocked``), or anything else (``alert: firing_blocked``). The alert
+        names the blocked firing (``firing_id``, also the decision's in the audit log): a
+        blocked release is never given a release id, which only a release recorded in the
+        ledger gets. A blocked release is alerted once per blocked episode (see
+        ``RuleState.blocked``). The alert of a firing in shadow is ``shadowed`` too: nothing
+        live hears of it."""
         if self.alert_target is None:
             return
         if alert == "release_blocked":
@@ -1083,7 +1112,10 @@ class Engine:
                 for a in rule.actions
                 if isinstance(a, ReleaseAction)
             )
-            message = f"gatekeeper blocked the release of {releases} by rule {rule.id}: {reason}"
+            message = (
+                f"gatekeeper blocked the release of {releases} by rule {rule.id} "
+                f"(firing {firing_id}): {reason}"
+            )
         else:
             message = f"gatekeeper blocked firing {firing_id} of rule {rule.id}: {reason}"
         payload: dict[str, Any] = {
@@ -1091,6 +1123,7 @@ class Engine:
             "message": message,
             "alert": alert,
             "reason": reason,
+            "firing_id": firing_id,
         }
         if item:
             payload["item"] = {"kind": rule.for_each, "id": item}
@@ -1177,7 +1210,12 @@ def approvals_wait_message(
 
 
 def _outcome(
-    fire: FireMode, state: RuleState, condition: bool, gate_open: bool, trigger: Trigger
+    fire: FireMode,
+    state: RuleState,
+    condition: bool,
+    gate_open: bool,
+    trigger: Trigger,
+    content_hash: str,
 ) -> Outcome:
     if not condition:
         return "not_met"
@@ -1185,6 +1223,13 @@ def _outcome(
         return "awaiting_approvals"
     if fire == "once" and state.fired_count > state.rearms:
         return "already_fired"
+    if (
+        state.blocked is not None
+        and state.gate_open
+        and fire != "each_fact"
+        and state.rule_hash == content_hash
+    ):
+        return "still_blocked"  # one attempt (and one alert) per blocked episode
     if fire == "each_time" and state.gate_open:
         return "still_met"
     if fire == "each_fact" and trigger != "fact":
@@ -1224,9 +1269,10 @@ def _acted(rule: Rule, act: AdminAct, state: RuleState) -> RuleState:
         return replace(state, paused=False)
     if rule.fire != "once":
         raise ValueError(f"rule {rule.id} fires {rule.fire}; only once rules are re-armed")
-    if state.fired_count <= state.rearms:
+    if state.fired_count <= state.rearms and state.blocked is None:
         raise ValueError(f"rule {name} has not fired since it was last armed")
-    # the next open gate fires again; an open gate now counts as a fresh edge
+    # the next open gate fires again; an open gate now counts as a fresh edge (a blocked
+    # instance, which has not fired, tries its release again)
     return replace(state, rearms=state.fired_count, gate_open=False)
 
 
