@@ -42,6 +42,13 @@ as a shadowed action of kind ``set_fact``). The first shadowed release of a mone
 awaiting sign-off tells the alert target, once per content hash
 (``money_rule_awaiting_signoff``).
 
+A firing blocked by its release (over the escrow's limit, another currency, a bad amount
+read from a fact) does not count as the instance's firing: its state keeps the reason
+(``RuleState.blocked``) and the firing's number (``blocks``), and while its gate stays open
+later evaluations find it ``still_blocked`` (no new attempt, no new alert). It tries again
+at a new edge of its gate, when re-armed, under a new version of the rule, or when planned
+with ``retry`` (a change of its escrow); an ``each_fact`` rule tries at every fact.
+
 The caller (the runtime's ``Writer``, ``gatekeeper.runtime.ingest``) commits the returned
 ``Transition`` in one transaction and only then applies it to its in-memory state.
 """
@@ -686,7 +693,8 @@ class Engine:
         - ``resume`` lifts that pause; an instance paused by its item stays paused (its own
           reason stands). When the rule as a whole is not paused, it resumes every instance
           paused by its item instead;
-        - ``rearm`` re-arms every instance that fired since it was last armed.
+        - ``rearm`` re-arms every instance that fired since it was last armed, or whose
+          release is blocked (it tries again at once when its gate is open).
 
         Raises ``KeyError`` when the rule has no instance ``act.instance``, ``ValueError``
         when the act does not apply (re-arming an each_time rule, or a rule that has not
