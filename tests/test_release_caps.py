@@ -266,10 +266,17 @@ async def test_a_blocked_once_release_fires_when_re_armed(
         "BLOCKED: release amount invoice.i7.total of rule tower-a/pay-total is '1,200': not a "
         "decimal amount"
     ) in explained.stdout
+    unchanged = await run("plan")
+    assert unchanged.returncode == 0, unchanged.stderr
+    assert (
+        "Blocked in the deployment, unchanged: 1 rule\n  tower-a/pay-total: blocked: release "
+        "amount invoice.i7.total of rule tower-a/pay-total is '1,200'"
+    ) in unchanged.stdout
     # a new version of the rule would try the release again: plan shows it would fire
     project.write_rule("pay.yaml", PAY_TOTAL.replace('"1000.00"', '"900.00"'))
     planned = await run("plan", "--format", "json")
     assert planned.returncode == 0, planned.stderr
+    assert json.loads(planned.stdout)["blocked"] == []
     [firing] = json.loads(planned.stdout)["fires"]
     assert (firing["id"], firing["outcome"], firing["firing_id"]) == (
         "tower-a/pay-total",
