@@ -957,7 +957,7 @@ class Engine:
         except ReleaseBlocked as exc:
             return str(exc), "release_blocked"
         reason = book.refusal_of_all(
-            replace(a, amount=amounts.get(n, a.amount))
+            replace(a, amount=amounts[n]) if n in amounts else a
             for n, a in enumerate(rule.actions, start=1)
             if isinstance(a, ReleaseAction)
         )
