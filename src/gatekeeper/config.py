@@ -133,11 +133,14 @@ class Target:
 
 @dataclass(frozen=True)
 class Escrow:
-    """An escrow account: its currency (ISO 4217 code) and release limit (a Decimal)."""
+    """An escrow account: its currency (ISO 4217 code) and release limit (a Decimal).
+    ``decimals`` is its precision: a release amount has at most this many decimals (two,
+    as every amount ``gatekeeper.yaml`` and rule files write)."""
 
     name: str
     currency: str
     limit: Decimal
+    decimals: int = 2
 
 
 @dataclass(frozen=True)

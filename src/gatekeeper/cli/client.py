@@ -126,9 +126,10 @@ def run_rules_command(args: argparse.Namespace, config: Config) -> int:
             acted = f", {plural(view['acted_on'], 'instance')} {verb}"
             if args.rules_command != "rearm":
                 acted += f" of {view['instances']}"
+        blocked = f"; blocked: {view['blocked']}" if view.get("blocked") else ""
         print(
             f"{name}: {args.rules_command} done{acted}; {state}, fired {view['fired_count']} "
-            f"time(s), gate {'open' if view['explanation']['gate_open'] else 'closed'}"
+            f"time(s), gate {'open' if view['explanation']['gate_open'] else 'closed'}{blocked}"
         )
     return 0
 

@@ -125,6 +125,13 @@ class Plan:
     """The money rules of the ruleset that would await sign-off (``money_rule_approvals``):
     ``signoff_status`` with the rule id and what their shadowed firings of the same content
     hash would have released so far (``shadowed_releases``, from the snapshot)."""
+    waiting: list[RuleState] = field(default_factory=list)
+    """The instances of rules not evaluated (unchanged) whose release is blocked in the
+    deployment (``RuleState.blocked``): they stay blocked on deploy."""
+
+    def shows_state(self, state: RuleState) -> bool:
+        """``shows`` for an instance's state."""
+        return self.item is None or not state.instance or state.instance == self.item
 
     def shows(self, decision: Decision) -> bool:
         """Whether the plan's listing shows ``decision`` (``item`` narrows the instances of
@@ -203,6 +210,22 @@ def plan_deploy(
         firings=firings,
         releases=_release_totals(transition.ledger, book),
         awaiting_signoff=_awaiting_signoff(engine, snapshot),
+        waiting=_waiting(snapshot, engine, evaluated),
+    )
+
+
+def _waiting(snapshot: Snapshot, engine: Engine, evaluated: Iterable[Rule]) -> list[RuleState]:
+    """The blocked instances (``RuleState.blocked``) of the live rules not ``evaluated``, by
+    rule id and item."""
+    skip = {rule.id for rule in evaluated}
+    return sorted(
+        (
+            state
+            for state in snapshot.states.values()
+            if state.blocked is not None and state.rule_id in engine.rules
+            if state.rule_id not in skip
+        ),
+        key=lambda state: (state.rule_id, state.instance),
     )
 
 
@@ -290,6 +313,15 @@ def plan_report(plan: Plan, fail_on: FailOn) -> dict[str, Any]:
             for d in plan.decisions
             if d.firing_id is None and plan.shows(d)
         ],
+        "blocked": [
+            {
+                "id": state.rule_id,
+                **({"item": state.instance} if state.instance else {}),
+                "reason": state.blocked,
+            }
+            for state in plan.waiting
+            if plan.shows_state(state)
+        ],
         "releases": [
             {
                 "escrow": t.escrow,
@@ -371,6 +403,10 @@ def plan_text(plan: Plan, fail_on: FailOn) -> list[str]:
     if quiet:
         lines.append(f"Evaluated, would not fire: {plural(len(quiet), 'rule')}")
         lines += [f"  {decision_name(d)}: {_why_not(plan, d)}" for d in quiet]
+    waiting = [state for state in plan.waiting if plan.shows_state(state)]
+    if waiting:
+        lines.append(f"Blocked in the deployment, unchanged: {plural(len(waiting), 'rule')}")
+        lines += [f"  {_state_name(state)}: blocked: {state.blocked}" for state in waiting]
     if plan.releases:
         lines.append("Releases by escrow:")
         for total in plan.releases:
@@ -399,6 +435,10 @@ def _awaiting_lines(rule: Mapping[str, Any]) -> list[str]:
             f"{held['currency']} from {held['escrow']} (not sent)"
         )
     return lines
+
+
+def _state_name(state: RuleState) -> str:
+    return f"{state.rule_id}[{state.instance}]" if state.instance else state.rule_id
 
 
 def decision_name(decision: Decision) -> str:
@@ -487,6 +527,11 @@ def _why_not(plan: Plan, decision: Decision) -> str:
         return f"already fired ({plural(state.fired_count, 'time')}; fire: once)"
     if decision.outcome == "still_met":
         return "its gate was already open (each_time fires on the next closed -> open change)"
+    if decision.outcome == "still_blocked":
+        return (
+            f"blocked: {decision.reason} (it has not fired; a re-arm, a change of its escrow "
+            "or its gate opening again tries its release again)"
+        )
     if decision.outcome == "paused":
         return "paused"
     if decision.outcome == "awaiting_approvals":
@@ -601,6 +646,11 @@ def explanation_lines(
     if explanation.get("last_fired_at"):
         state += f", last at {explanation['last_fired_at']}"
     lines.append(state + (", PAUSED" if explanation["paused"] else ""))
+    if explanation.get("blocked"):
+        lines.append(
+            f"BLOCKED: {explanation['blocked']} (it has not fired; a re-arm, a change of its "
+            "escrow or its gate opening again tries its release again)"
+        )
     return lines
 
 

@@ -574,6 +574,8 @@ def _why_not(
         return "awaiting approvals"
     if rule.fire == "once" and state.fired_count > state.rearms:
         return "already fired"
+    if state.blocked is not None and not state.paused:
+        return f"still blocked: {state.blocked}"
     return "paused" if state.paused else "its gate was already open"
 
 

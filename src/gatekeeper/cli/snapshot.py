@@ -8,7 +8,8 @@ Snapshot file (JSON)::
     {
       "facts": [{"project", "kind", "id", "data", ...}],         # as GET /v1/facts answers
       "rule_states": [{"rule_id", "fired_count", "gate_open",
-                       "rearms"?, "paused"?, "last_fired_at"?}],  # which rules fired
+                       "rearms"?, "paused"?, "last_fired_at"?,
+                       "blocked"?, "blocks"?}],                 # which rules fired
       "approvals": {rule_id: {subject: "approve" | "reject"}},  # standing decisions
       "ruleset": {"version", "rules": {rule_id: content_hash}},   # what is deployed
       "escrows": [{"escrow", "released", "pending", "unconfirmed", ...}], # GET /v1/escrows
@@ -90,6 +91,12 @@ SNAPSHOT_SCHEMA: dict[str, Any] = {
                     "rearms": {"type": "integer", "minimum": 0},
                     "paused": {"type": "boolean"},
                     "last_fired_at": {"type": ["string", "null"]},
+                    "blocked": {
+                        "type": "string",
+                        "description": "Why its last firing's release was refused (it has "
+                        "not fired; it waits).",
+                    },
+                    "blocks": {"type": "integer", "minimum": 0},
                 },
             },
         },
@@ -229,6 +236,8 @@ def snapshot_from_json(data: Any, source: str) -> Snapshot:
             paused=item.get("paused", False),
             rearms=item.get("rearms", 0),
             instance=item.get("instance", ""),
+            blocked=item.get("blocked"),
+            blocks=item.get("blocks", 0),
         )
         for item in data.get("rule_states", [])
     }
@@ -341,6 +350,8 @@ def fetch_snapshot(url: str, detail: Callable[[Mapping[str, str]], Iterable[str]
                 "fired_count": rule["fired_count"],
                 "gate_open": rule["gate_open"],
                 "last_fired_at": rule.get("last_fired_at"),
+                **({"blocked": rule["blocked"]} if rule.get("blocked") is not None else {}),
+                **({"blocks": rule["blocks"]} if rule.get("blocks") else {}),
             }
             for rule in rules["rules"]
             if "for_each" not in rule  # a per-item rule's states are its instances'

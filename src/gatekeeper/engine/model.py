@@ -36,9 +36,12 @@ Outcome = Literal[
     "still_met",
     "awaiting_approvals",
     "shadowed",
+    "still_blocked",
 ]
 """``shadowed``: the rule fired in shadow (``Decision.mode``): its actions are stored as
-shadowed, never sent."""
+shadowed, never sent. ``still_blocked``: the instance's release was blocked and its gate
+stayed open since: it waits (no new attempt, no new alert) for a re-arm, a change of its
+escrow, a new version of the rule or its gate opening again."""
 EffectiveMode = Literal["live", "shadow", "awaiting_signoff"]
 """The mode a rule runs in: ``live``; ``shadow`` (``mode: shadow`` in its file); or
 ``awaiting_signoff`` (a money rule whose content hash has fewer sign-offs than
@@ -94,6 +97,9 @@ class RuleState:
 
     ``gate_open`` is the last value of the gate (None before the first evaluation);
     ``fired_count`` only ever grows; ``rule_hash`` is the content hash last evaluated.
+    A firing whose release was refused (over the escrow's limit, another currency, a bad
+    amount) does not count in ``fired_count``: it counts in ``blocks`` and leaves its
+    reason in ``blocked`` until the instance fires.
     """
 
     rule_id: str
@@ -116,6 +122,12 @@ class RuleState:
     """The content hash of the rule whose wait for sign-offs the alert target was told
     (``money_rule_awaiting_signoff``, once per content hash): kept in the state of the
     rule's instance ``""`` (a per-item rule's state as a whole)."""
+    blocked: str | None = None
+    """Why the instance's last firing was blocked by its release (the decision's reason),
+    until it fires; None when it is not blocked."""
+    blocks: int = 0
+    """How many firings were blocked by their release (only grows). Firing ids number
+    firings and blocked firings together: the next is ``fired_count + blocks + 1``."""
 
 
 @dataclass(frozen=True)
@@ -273,7 +285,7 @@ class Transition:
 
     @property
     def fired(self) -> list[Decision]:
-        """Decisions that fired a rule (``blocked`` ones included: they count as its firing)."""
+        """Decisions that fired a rule, ``blocked`` ones included (each has a firing id)."""
         return [d for d in self.decisions if d.firing_id is not None]
 
 

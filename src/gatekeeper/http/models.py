@@ -445,6 +445,13 @@ class ApprovalStatus(Model, kw_only=True, rename={"from_": "from"}):
     ] = UNSET
 
 
+BLOCKED_DESCRIPTION = (
+    "Why the release of its last firing was refused (over the escrow's limit, another "
+    "currency, a bad amount): it has not fired, and waits for a re-arm, a change of its "
+    "escrow, a new version of the rule or its gate opening again. null: not blocked."
+)
+
+
 class Explanation(Model):
     """Why the rule's gate is open or closed right now."""
 
@@ -457,9 +464,12 @@ class Explanation(Model):
         int, Meta(ge=0, description="A once rule may fire while fired_count <= rearms.")
     ]
     last_fired_at: Timestamp | None
+    blocked: Annotated[str | None, Meta(description=BLOCKED_DESCRIPTION)]
     evaluated_at: Timestamp
     item: ItemRef | UnsetType | None = UNSET
 
+
+InstanceStatus = Literal["new", "armed", "open", "fired", "paused", "blocked"]
 
 DecisionOutcome = Literal[
     "fired",
@@ -470,6 +480,7 @@ DecisionOutcome = Literal[
     "still_met",
     "awaiting_approvals",
     "shadowed",
+    "still_blocked",
 ]
 
 
@@ -492,7 +503,13 @@ class Decision(Model):
         str | None, Meta(description="`<rule id>#<n>` when the rule fired (or was blocked).")
     ]
     request_id: str | None
-    reason: Annotated[str | None, Meta(description="Why a firing was blocked.")]
+    reason: Annotated[
+        str | None,
+        Meta(
+            description="Why a firing was blocked (outcome blocked), or why the instance "
+            "still waits (still_blocked: its release was blocked and its gate stayed open)."
+        ),
+    ]
     instance: Annotated[
         str | UnsetType, Meta(description="The item id of the instance (per-item rules).")
     ] = UNSET
@@ -589,9 +606,37 @@ class RuleSummary(Model):
     for_each: str | UnsetType = UNSET
     instances: Annotated[int, Meta(ge=0)] | UnsetType = UNSET
     item: str | UnsetType = UNSET
-
-
-InstanceStatus = Literal["new", "armed", "open", "fired", "paused"]
+    state: Annotated[
+        InstanceStatus | UnsetType,
+        Meta(
+            description="Where the rule (or instance `item`) stands, as an instance row's "
+            "`state`; absent for a per-item rule without `item`."
+        ),
+    ] = UNSET
+    blocked: Annotated[str | UnsetType | None, Meta(description=BLOCKED_DESCRIPTION)] = UNSET
+    blocks: (
+        Annotated[
+            int,
+            Meta(
+                ge=0,
+                description="How many firings were blocked by their release (firing ids "
+                "number firings and blocked firings together); absent for a per-item rule "
+                "without `item`.",
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+    blocked_instances: (
+        Annotated[
+            int,
+            Meta(
+                ge=0,
+                description="A per-item rule without `item`: how many of "
+                "its instances are blocked.",
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class InstanceRow(Model):
@@ -604,8 +649,9 @@ class InstanceRow(Model):
             description="Where the instance stands: new (never evaluated), armed (gate "
             "closed: fires when its condition holds and its approvals are satisfied), open "
             "(gate open: an each_time or each_fact instance that fired when it opened), fired "
-            "(a once instance that fired and was not re-armed), paused (an admin paused it, "
-            "or its rule as a whole)."
+            "(a once instance that fired and was not re-armed), blocked (its last firing's "
+            "release was refused: see `blocked`), paused (an admin paused it, or its rule as "
+            "a whole)."
         ),
     ]
     gate_open: Annotated[bool | None, Meta(description="null: never evaluated.")]
@@ -613,6 +659,7 @@ class InstanceRow(Model):
     last_fired_at: Timestamp | None
     paused: Annotated[bool, Meta(description="Paused by its item, or with its rule as a whole.")]
     rearms: Count
+    blocked: Annotated[str | None, Meta(description=BLOCKED_DESCRIPTION)]
 
 
 class InstancePage(Model):
@@ -715,6 +762,13 @@ class NotifyPayload(Model):
     required: Annotated[int, Meta(ge=1)] | UnsetType = UNSET
     signed_by: list[str] | UnsetType = UNSET
     release_id: str | UnsetType = UNSET
+    firing_id: Annotated[
+        str | UnsetType,
+        Meta(
+            description="An alert: the firing blocked (its decision's firing_id). A blocked "
+            "release has no release id: only releases recorded in the ledger get one."
+        ),
+    ] = UNSET
     item: ItemRef | UnsetType = UNSET
     facts: dict[str, JsonObject] | UnsetType = UNSET
 
@@ -939,6 +993,14 @@ class RuleStateRow(Model, kw_only=True):
     rearms: Count
     paused: bool
     last_fired_at: Timestamp | None
+    blocked: Annotated[str | UnsetType, Meta(description=BLOCKED_DESCRIPTION)] = UNSET
+    blocks: (
+        Annotated[
+            int,
+            Meta(ge=0, description="Firings blocked by their release (they number firing ids)."),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class SnapshotRuleset(Model):

@@ -72,7 +72,12 @@ from gatekeeper.rules.model import (
     pack_data,
 )
 from gatekeeper.rules.pipelines import pipeline_limit_problems
-from gatekeeper.rules.templates import TEMPLATE_FIELDS, TemplateScope, check_template
+from gatekeeper.rules.templates import (
+    TEMPLATE_FIELDS,
+    TemplateScope,
+    check_amount_template,
+    check_template,
+)
 from gatekeeper.yamlsource import (
     PathParts,
     YamlDocument,
@@ -704,6 +709,41 @@ def _check_rule(candidate: _Candidate) -> None:
         if kind == "set_fact":
             _check_set_fact_id(candidate, ("actions", index, kind), body)
             _check_self_trigger(candidate, ("actions", index, kind), body)
+        elif kind == "release":
+            _check_release_amount(candidate, ("actions", index, kind), body, scope)
+
+
+MAX_AMOUNT_EXAMPLE = '"10000.00"'
+
+
+def _check_release_amount(
+    candidate: _Candidate, path: PathParts, body: Mapping[str, Any], scope: TemplateScope
+) -> None:
+    """A release ``amount`` that is a template must name a fact field the rule may use and
+    come with a ``max_amount``; a literal amount must not be above its ``max_amount``; a
+    ``max_amount`` must be above zero (its shape is the schema's to check)."""
+    amount, cap = body.get("amount"), body.get("max_amount")
+    if not isinstance(amount, str):
+        return
+    if amount.startswith("$"):
+        for found in check_amount_template(amount, scope):
+            problem = candidate.problem_inside((*path, "amount"), found.offset, found.message)
+            candidate.problems.append(problem)
+        if cap is None:
+            message = (
+                "an amount read from a fact needs max_amount, the most one firing may "
+                f"release (a decimal string such as {MAX_AMOUNT_EXAMPLE})"
+            )
+            candidate.problems.append(candidate.problem((*path, "amount"), message))
+    limit = _decimal(cap)
+    if limit is not None and limit <= 0:
+        message = f"max_amount must be above zero (a decimal string such as {MAX_AMOUNT_EXAMPLE})"
+        candidate.problems.append(candidate.problem((*path, "max_amount"), message))
+        return
+    literal = _decimal(amount)
+    if literal is not None and limit is not None and literal > limit:
+        message = f"amount {amount} is above this release's max_amount {cap}"
+        candidate.problems.append(candidate.problem((*path, "amount"), message))
 
 
 def _check_self_trigger(candidate: _Candidate, path: PathParts, body: Mapping[str, Any]) -> None:
@@ -1106,7 +1146,10 @@ def _build_action(action: Mapping[str, Any]) -> Action:
     kind, body = next(iter(action.items()))
     if kind == "release":
         fields = ("target", "escrow", "amount", "currency", "payee")
-        return _one_action(ReleaseAction(**{name: _shared(body[name]) for name in fields}))
+        release = ReleaseAction(
+            **{name: _shared(body[name]) for name in fields}, max_amount=body.get("max_amount")
+        )
+        return _one_action(release)
     if kind == "notify":
         target, message = _shared(body["target"]), _shared(body["message"])
         return _one_action(NotifyAction(target=target, message=message))

@@ -50,7 +50,10 @@ class Approvals:
 class ReleaseAction:
     """Ask an escrow/payment provider to release funds.
 
-    ``amount`` is a decimal string with at most two decimals (e.g. ``"5000.00"``), never a float.
+    ``amount`` is a decimal string with at most two decimals (e.g. ``"5000.00"``), never a
+    float, or one ``${name}`` placeholder naming a fact field (``"${item.data.amount}"``),
+    rendered when the rule fires; such a release has ``max_amount`` (a decimal string), the
+    most its rendered amount may be. A literal amount may have one too.
     """
 
     target: str
@@ -59,6 +62,12 @@ class ReleaseAction:
     currency: str
     payee: str
     kind: Literal["release"] = "release"
+    max_amount: str | None = None
+
+    @property
+    def templated(self) -> bool:
+        """Whether ``amount`` is a template (rendered from facts when the rule fires)."""
+        return self.amount.startswith("$")
 
 
 @dataclass(frozen=True, slots=True)

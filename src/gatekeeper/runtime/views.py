@@ -53,9 +53,14 @@ def rule_view(
     ``KeyError`` when there is no such instance), else the sum of its instances' firings
     (``gate_open`` null) and an explanation without an item. ``paused``: the rule is
     paused (a per-item rule without ``item``: as a whole; with it: that instance, by its
-    item or with its rule)."""
+    item or with its rule). ``state`` says in a word where the rule (or instance ``item``)
+    stands (``instance_status``; a per-item rule without ``item`` has none) and ``blocked``
+    why its release is blocked (None when it is not), ``blocks`` how many of its firings were
+    blocked by their release; a per-item rule without ``item`` counts its
+    ``blocked_instances`` instead."""
     state = None
     fired_count = 0
+    blocked_instances = 0
     last_fired_at = None
     whole = writer.states.get((rule.id, "")) if rule.for_each is not None else None
     if rule.for_each is None:
@@ -67,6 +72,7 @@ def rule_view(
     else:
         for found in instance_states(writer, rule):
             fired_count += found.fired_count
+            blocked_instances += found.blocked is not None
             if found.last_fired_at and (
                 last_fired_at is None or found.last_fired_at > last_fired_at
             ):
@@ -107,11 +113,20 @@ def rule_view(
         ]
         if own or (mode != "live" and is_money_rule(rule)):
             view["shadowed_releases"] = own
+    if rule.for_each is None or item:
+        shown = state or RuleState(rule.id, instance=item or "")
+        if whole is not None and whole.paused and not shown.paused:
+            shown = replace(shown, paused=True)
+        view["state"] = instance_status(rule, shown)
+        view["blocked"] = shown.blocked
+        view["blocks"] = shown.blocks
     if rule.for_each is not None:
         view["for_each"] = rule.for_each
         view["instances"] = len(writer.facts.of_kind(rule.project, rule.for_each))
         if item:
             view["item"] = item
+        else:
+            view["blocked_instances"] = blocked_instances
     if explain:
         view["source"] = dict(rule.source)
         view["explanation"] = writer.live_engine().explain(
@@ -169,6 +184,7 @@ def instances_view(
                 "last_fired_at": state.last_fired_at,
                 "paused": state.paused,
                 "rearms": state.rearms,
+                "blocked": state.blocked,
             }
         )
     more = len(ids) > limit
@@ -180,23 +196,27 @@ def instances_view(
     }
 
 
-INSTANCE_STATUSES = ("new", "armed", "open", "fired", "paused")
+INSTANCE_STATUSES = ("new", "armed", "open", "fired", "paused", "blocked")
 """The words ``instance_status`` answers."""
 
 
 def instance_status(rule: Rule, state: RuleState) -> str:
     """Where one instance stands, in a word: ``paused`` (an admin paused it, or its rule as
     a whole: evaluated, never fired), ``new`` (never evaluated), ``fired`` (a ``once``
-    instance that fired and was not re-armed: it fires no more), ``open`` (its gate is
-    open: an ``each_time`` or ``each_fact`` instance that fired on the gate's opening), else
-    ``armed`` (its gate is closed: it fires when its condition holds and its approvals are
-    satisfied)."""
+    instance that fired and was not re-armed: it fires no more), ``blocked`` (its last
+    firing's release was refused: it has not fired, and waits for a re-arm, a change of its
+    escrow, a new version of its rule or its gate opening again; ``RuleState.blocked`` says
+    why), ``open`` (its gate is open: an ``each_time`` or ``each_fact`` instance that fired
+    on the gate's opening), else ``armed`` (its gate is closed: it fires when its condition
+    holds and its approvals are satisfied)."""
     if state.paused:
         return "paused"
     if state.gate_open is None:
         return "new"
     if rule.fire == "once" and state.fired_count > state.rearms:
         return "fired"
+    if state.blocked is not None:
+        return "blocked"
     return "open" if state.gate_open else "armed"
 
 
@@ -303,6 +323,8 @@ async def export_view(
                 "rearms": s.rearms,
                 "paused": s.paused,
                 "last_fired_at": s.last_fired_at,
+                **({"blocked": s.blocked} if s.blocked is not None else {}),
+                **({"blocks": s.blocks} if s.blocks else {}),
             }
             for s in sorted(writer.states.values(), key=lambda s: (s.rule_id, s.instance))
             if s.rule_id not in rules or visible(rules[s.rule_id].project)

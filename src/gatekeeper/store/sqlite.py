@@ -307,14 +307,15 @@ _INSERT_DECISIONS = _Insert(
 )
 _UPSERT_RULE_STATES = _Insert(
     "INSERT INTO rule_state (rule_id, instance, gate_open, fired_count, last_fired_at,"
-    " rule_hash, paused, rearms, notified, notices, signoff_alerted)",
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    " rule_hash, paused, rearms, notified, notices, signoff_alerted, blocked, blocks)",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     " ON CONFLICT (rule_id, instance) DO UPDATE SET"
     " gate_open = excluded.gate_open, fired_count = excluded.fired_count,"
     " last_fired_at = excluded.last_fired_at, rule_hash = excluded.rule_hash,"
     " paused = excluded.paused, rearms = excluded.rearms,"
     " notified = excluded.notified, notices = excluded.notices,"
-    " signoff_alerted = excluded.signoff_alerted",
+    " signoff_alerted = excluded.signoff_alerted,"
+    " blocked = excluded.blocked, blocks = excluded.blocks",
 )
 # decision_id: the decision of the same firing, written just before in this transaction
 # (firing_id is UNIQUE in decisions; no such decision leaves it NULL, which NOT NULL refuses);
@@ -759,6 +760,8 @@ class SqliteStore:
                         s.notified,
                         s.notices,
                         s.signoff_alerted,
+                        s.blocked,
+                        s.blocks,
                     )
                     for (rule_id, instance), s in t.rule_states.items()
                 ],
@@ -846,7 +849,7 @@ class SqliteStore:
     async def load_rule_states(self) -> dict[InstanceKey, RuleState]:
         rows = await self._rows(
             "SELECT rule_id, gate_open, fired_count, last_fired_at, rule_hash, paused, rearms,"
-            " instance, notified, notices, signoff_alerted FROM rule_state"
+            " instance, notified, notices, signoff_alerted, blocked, blocks FROM rule_state"
         )
         return {
             (r[0], r[7]): RuleState(
@@ -861,6 +864,8 @@ class SqliteStore:
                 notified=bool(r[8]),
                 notices=int(r[9]),
                 signoff_alerted=r[10],
+                blocked=r[11],
+                blocks=int(r[12]),
             )
             for r in rows
         }
