@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = commands.add_parser("actions", help="the outbox of a running daemon")
     actions_commands = actions.add_subparsers(dest="actions_command", required=True)
     listing = actions_commands.add_parser("list", help="list queued, delivered and dead actions")
-    listing.add_argument("--status", choices=["pending", "delivered", "dead"])
+    listing.add_argument("--status", choices=["pending", "delivered", "dead", "shadowed"])
     listing.add_argument("--limit", type=int, default=100)
     retry = actions_commands.add_parser("retry", help="requeue dead letters")
     retry.add_argument("action_ids", nargs="+", metavar="ACTION_ID")
@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--item", help="only this instance (item id) of a per-item rule (for_each)"
         )
         rule_acts.append(parser_act)
+    signoff = rules_commands.add_parser(
+        "signoff",
+        help="sign off a money rule's content hash (the two-person rule, money_rule_approvals)",
+    )
+    signoff.add_argument("content_hash", metavar="HASH", help="the rule's content_hash")
+    signoff.add_argument("--comment", help="why (kept in the audit log)")
+    rule_acts.append(signoff)
     for sub in (listing, retry, *rule_acts):
         _add_client_options(sub)
 

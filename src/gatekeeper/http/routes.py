@@ -235,6 +235,39 @@ ROUTES: tuple[Route, ...] = (
         response_description="The rule after the act.",
     ),
     Route(
+        "POST",
+        "/v1/money-rules/{content_hash}/signoffs",
+        h.post_signoff,
+        "admin",
+        "signOffMoneyRule",
+        "rules",
+        "Sign off a money rule's content hash (the two-person rule; an audited admin act)",
+        m.RuleSummary,
+        request=m.SignOffRequest,
+        request_required=False,
+        description="With `money_rule_approvals: N` in gatekeeper.yaml, a rule with a release "
+        "action runs as if `mode: shadow` (mode `awaiting_signoff`: its releases are stored "
+        "as shadowed, never sent) until N distinct admins signed off its exact content hash "
+        "(`content_hash` in `GET /v1/rules`). The admin is the token's subject: sign-offs "
+        "need API tokens (403 without). A sign-off counts from the next evaluation on; "
+        "firings decided before stay shadowed. Any change to the rule makes a new hash, "
+        "which needs new sign-offs. 400: not a content hash (64 lowercase hex digits); 404: "
+        "no rule of the active ruleset has it; 422: not a money rule, or a rule in "
+        "`mode: shadow`; 409: this admin signed that hash before. Nothing is recorded on "
+        "any error. Kept in the audit log as an admin act `signoff` with its `rule_hash`.",
+        parameters=(
+            {
+                "name": "content_hash",
+                "in": "path",
+                "required": True,
+                "description": "A rule's content hash (SHA-256, 64 lowercase hex digits).",
+                "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            },
+        ),
+        errors=(400, 404, 409, 413, 415, 422),
+        response_description="The sign-off is recorded; the rule as it now stands.",
+    ),
+    Route(
         "GET",
         "/v1/rules/{rule_id:.+}",
         h.get_rule,
@@ -338,8 +371,9 @@ ROUTES: tuple[Route, ...] = (
                 "name": "status",
                 "in": "query",
                 "required": False,
-                "description": "Only actions with this status.",
-                "schema": {"enum": ["pending", "delivered", "dead"]},
+                "description": "Only actions with this status (shadowed: queued by a "
+                "firing in shadow, never sent).",
+                "schema": {"enum": ["pending", "delivered", "dead", "shadowed"]},
             },
             _limit(100),
         ),

@@ -31,17 +31,21 @@ from gatekeeper.engine.model import (
     FactInput,
     FactKey,
     IdempotencyRecord,
+    SignOff,
     Transition,
 )
 from gatekeeper.metrics import Metrics
 from gatekeeper.rules.model import Rule
 from gatekeeper.runtime import views
 from gatekeeper.runtime.ingest import (
+    AlreadySignedOff,
     Counters,
     IdempotencyConflict,
     IngestResult,
     NotAnApprover,
     ShuttingDown,
+    SignOffRefused,
+    UnknownContentHash,
     UnknownRule,
     Writer,
 )
@@ -59,19 +63,23 @@ from gatekeeper.store.records import (
     OutboxEntry,
     RulesetCursor,
     RulesetSummary,
+    ShadowedReleases,
     StoredDecision,
     StoredFact,
     StoredRuleset,
 )
 
 __all__ = [
+    "AlreadySignedOff",
     "Daemon",
     "Health",
     "IdempotencyConflict",
     "IngestResult",
     "NotAnApprover",
     "ShuttingDown",
+    "SignOffRefused",
     "StartupError",
+    "UnknownContentHash",
     "UnknownRule",
 ]
 
@@ -278,6 +286,19 @@ class Daemon:
             view["acted_on"] = recorded.instances
         return view
 
+    async def sign_off(self, signoff: SignOff) -> dict[str, Any]:
+        """Record an admin's sign-off of a money rule's content hash (``Writer.sign_off``:
+        ``UnknownContentHash``, ``SignOffRefused``, ``AlreadySignedOff``; nothing recorded
+        then). Returns the signed rule's view, with ``signoff`` saying where it stands."""
+        rule, _ = await self.writer.sign_off(signoff)
+        shadowed = await self.store.shadowed_releases()
+        return views.rule_view(self.writer, rule, explain=False, shadowed=shadowed)
+
+    async def shadowed_releases(self) -> list[ShadowedReleases]:
+        """What shadowed firings would have released, per rule, content hash, escrow and
+        currency (``Store.shadowed_releases``)."""
+        return await self.store.shadowed_releases()
+
     async def retry_action(
         self, action_id: str, *, actor: str, reason: str | None
     ) -> OutboxEntry | None:
@@ -336,10 +357,19 @@ class Daemon:
         engine = self.writer.engine
         return engine.rules.get(rule_id) if engine else None
 
-    def rule_view(self, rule: Rule, *, explain: bool, item: str | None = None) -> dict[str, Any]:
+    def rule_view(
+        self,
+        rule: Rule,
+        *,
+        explain: bool,
+        item: str | None = None,
+        shadowed: Sequence[ShadowedReleases] | None = None,
+    ) -> dict[str, Any]:
         """A rule as ``GET /v1/rules`` shows it; with ``explain`` its current explanation;
-        ``item``: one instance of a per-item rule (``KeyError`` when it has none such)."""
-        return views.rule_view(self.writer, rule, explain=explain, item=item)
+        ``item``: one instance of a per-item rule (``KeyError`` when it has none such);
+        ``shadowed`` (``shadowed_releases()``): what its shadowed firings would have
+        released."""
+        return views.rule_view(self.writer, rule, explain=explain, item=item, shadowed=shadowed)
 
     async def rule_detail(
         self,

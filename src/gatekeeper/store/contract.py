@@ -33,6 +33,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from gatekeeper.engine.model import FactKey, InstanceKey, RuleState, Transition
+from gatekeeper.engine.signoffs import SignedOff
 from gatekeeper.store.queries import AuditQuery, OutboxFilter, Projects
 from gatekeeper.store.records import (
     ActionStatus,
@@ -46,6 +47,7 @@ from gatekeeper.store.records import (
     ReleaseRecord,
     RulesetCursor,
     RulesetSummary,
+    ShadowedReleases,
     StandingApprovals,
     StoredDecision,
     StoredFact,
@@ -83,7 +85,8 @@ class StateStore(Protocol):
         """Commit everything ``transition`` changes in one transaction: facts (appended to
         the fact log, current facts upserted), approvals, admin acts, the ruleset version it
         activates, decisions, rule states (by ``InstanceKey``), queued actions (the outbox,
-        each with its instance), ledger entries and its idempotency key. A fact with
+        each with its instance; a ``shadowed`` one with status ``shadowed``), ledger entries,
+        sign-offs (admin acts ``signoff``) and its idempotency key. A fact with
         ``caused_by`` (set by a rule) keeps it in the fact log. Returns the sequence numbers
         of its facts then approvals, in order.
 
@@ -129,6 +132,12 @@ class StateStore(Protocol):
         decision, ``"approve"`` or ``"reject"``, and when it was recorded), the approvals
         of one instance of a per-item rule under ``<rule id>[<item id>]``. Approvals a
         firing used up (``Transition.consumed``) are gone."""
+        ...
+
+    async def load_signoffs(self) -> SignedOff:
+        """Every sign-off of a money rule's content hash (``Transition.signoffs``, kept as
+        admin acts ``signoff``): ``{content hash: {actor: SignOff}}``, each with the time it
+        was recorded."""
         ...
 
     async def escrow_totals(self) -> EscrowTotals:
@@ -283,6 +292,13 @@ class AuditReads(Protocol):
 
     async def release_record(self, release_id: str) -> ReleaseRecord | None:
         """A release's ledger row, or None."""
+        ...
+
+    async def shadowed_releases(self) -> list[ShadowedReleases]:
+        """What the shadowed release actions would have released (never sent, never in the
+        ledger): per rule id, the content hash of the rule that queued them (its decision's
+        ``rule_hash``), escrow and currency, their number and exact sum and the first
+        release id; ordered by those four."""
         ...
 
 

@@ -27,7 +27,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -44,9 +44,11 @@ from gatekeeper.engine.model import (
     FactKey,
     InstanceKey,
     RuleState,
+    SignOff,
     Stand,
     Transition,
 )
+from gatekeeper.engine.signoffs import SignedOff
 from gatekeeper.rules.model import Ruleset
 from gatekeeper.store.errors import (
     ADVICE,
@@ -78,6 +80,7 @@ from gatekeeper.store.records import (
     ReleaseRecord,
     RulesetCursor,
     RulesetSummary,
+    ShadowedReleases,
     StandingApprovals,
     StoredDecision,
     StoredFact,
@@ -197,14 +200,15 @@ def _outbox_where(only: OutboxFilter | None) -> tuple[str, list[Any]]:
 _AUDIT_UNION = (
     "SELECT 'decision' AS kind, id, decided_at AS at, rule_id, project, outcome AS what,"
     " NULL AS actor, reason, firing_id, fact_seq, request_id, trigger, project AS scope,"
-    " instance, NULL AS instances FROM decisions"
+    " instance, NULL AS instances, NULL AS rule_hash FROM decisions"
     " UNION ALL SELECT 'admin_act', id, at, subject, project, act, actor, reason, NULL, NULL,"
     " NULL, NULL, COALESCE(project, CASE WHEN act = 'retry_action' THEN"
     " (SELECT json_extract(outbox.payload, '$.project') FROM outbox"
-    " WHERE outbox.action_id = admin_acts.subject) END), instance, instances FROM admin_acts"
+    " WHERE outbox.action_id = admin_acts.subject) END), instance, instances, rule_hash"
+    " FROM admin_acts"
     " UNION ALL SELECT 'approval', seq, received_at, json_extract(data, '$.rule'), project,"
     " json_extract(data, '$.decision'), id, json_extract(data, '$.comment'), NULL, seq,"
-    " request_id, NULL, project, COALESCE(json_extract(data, '$.instance'), ''), NULL"
+    " request_id, NULL, project, COALESCE(json_extract(data, '$.instance'), ''), NULL, NULL"
     " FROM fact_log WHERE kind = 'approval'"
 )
 """Every audit entry in one shape. ``scope`` is the project that decides who may see the
@@ -298,27 +302,30 @@ _UPSERT_FACTS = _Insert(
 _INSERT_DECISIONS = _Insert(
     "INSERT INTO decisions (decided_at, rule_id, rule_hash, ruleset_version, git_commit,"
     " trigger, fact_seq, outcome, gate_open, evaluation, approvals, firing_id,"
-    " request_id, reason, project, instance, notice_id)",
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    " request_id, reason, project, instance, notice_id, mode)",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
 )
 _UPSERT_RULE_STATES = _Insert(
     "INSERT INTO rule_state (rule_id, instance, gate_open, fired_count, last_fired_at,"
-    " rule_hash, paused, rearms, notified, notices)",
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    " rule_hash, paused, rearms, notified, notices, signoff_alerted, blocked, blocks)",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     " ON CONFLICT (rule_id, instance) DO UPDATE SET"
     " gate_open = excluded.gate_open, fired_count = excluded.fired_count,"
     " last_fired_at = excluded.last_fired_at, rule_hash = excluded.rule_hash,"
     " paused = excluded.paused, rearms = excluded.rearms,"
-    " notified = excluded.notified, notices = excluded.notices",
+    " notified = excluded.notified, notices = excluded.notices,"
+    " signoff_alerted = excluded.signoff_alerted,"
+    " blocked = excluded.blocked, blocks = excluded.blocks",
 )
 # decision_id: the decision of the same firing, written just before in this transaction
 # (firing_id is UNIQUE in decisions; no such decision leaves it NULL, which NOT NULL refuses);
-# a notice that a rule waits for approvals names its decision's notice_id instead
+# a notice that a rule waits for approvals names its decision's notice_id instead; a
+# shadowed action goes in with status 'shadowed' (never due)
 _INSERT_OUTBOX = _Insert(
     "INSERT INTO outbox (action_id, decision_id, rule_id, firing_id, kind, target,"
-    " payload, created_at, next_attempt_at, instance)",
+    " payload, created_at, next_attempt_at, instance, status)",
     "(?, COALESCE((SELECT id FROM decisions WHERE firing_id = ?),"
-    " (SELECT id FROM decisions WHERE notice_id = ?)), ?, ?, ?, ?, ?, ?, ?, ?)",
+    " (SELECT id FROM decisions WHERE notice_id = ?)), ?, ?, ?, ?, ?, ?, ?, ?, ?)",
 )
 _INSERT_LEDGER = _Insert(
     "INSERT INTO ledger (release_id, escrow, amount, currency, payee, rule_id,"
@@ -745,7 +752,7 @@ class SqliteStore:
             now = t.decisions[0].decided_at
         elif t.planned_at is not None:
             now = format_rfc3339(t.planned_at)
-        elif t.facts or t.approvals or t.admin_acts or t.ruleset or t.idempotency:
+        elif t.facts or t.approvals or t.admin_acts or t.signoffs or t.ruleset or t.idempotency:
             raise ValueError("a transition without decisions needs planned_at")
         else:
             now = ""
@@ -801,6 +808,15 @@ class SqliteStore:
                     for a in t.admin_acts
                 ],
             )
+        if t.signoffs:
+            db.executemany(
+                "INSERT INTO admin_acts (at, actor, act, subject, reason, project, rule_hash)"
+                " VALUES (?, ?, 'signoff', ?, ?, ?, ?)",
+                [
+                    (now, o.actor, o.rule_id, o.comment, o.project or None, o.content_hash)
+                    for o in t.signoffs
+                ],
+            )
         if t.ruleset is not None:
             _write_ruleset(db, t.ruleset, now)
         if t.decisions:
@@ -820,6 +836,9 @@ class SqliteStore:
                         s.rearms,
                         s.notified,
                         s.notices,
+                        s.signoff_alerted,
+                        s.blocked,
+                        s.blocks,
                     )
                     for (rule_id, instance), s in t.rule_states.items()
                 ],
@@ -840,6 +859,7 @@ class SqliteStore:
                         a.created_at,
                         a.created_at,
                         a.instance,
+                        "shadowed" if a.shadowed else "pending",
                     )
                     for a in t.actions
                 ],
@@ -906,7 +926,7 @@ class SqliteStore:
     async def load_rule_states(self) -> dict[InstanceKey, RuleState]:
         rows = await self._rows(
             "SELECT rule_id, gate_open, fired_count, last_fired_at, rule_hash, paused, rearms,"
-            " instance, notified, notices FROM rule_state"
+            " instance, notified, notices, signoff_alerted, blocked, blocks FROM rule_state"
         )
         return {
             (r[0], r[7]): RuleState(
@@ -920,9 +940,22 @@ class SqliteStore:
                 instance=r[7],
                 notified=bool(r[8]),
                 notices=int(r[9]),
+                signoff_alerted=r[10],
+                blocked=r[11],
+                blocks=int(r[12]),
             )
             for r in rows
         }
+
+    async def load_signoffs(self) -> SignedOff:
+        signed: SignedOff = {}
+        for rule_hash, actor, rule_id, comment, project, at in await self._rows(
+            "SELECT rule_hash, actor, subject, reason, project, at FROM admin_acts"
+            " WHERE act = 'signoff' ORDER BY id"
+        ):
+            signoff = SignOff(rule_hash, rule_id, actor, comment, project or "", parse_rfc3339(at))
+            signed.setdefault(rule_hash, {})[actor] = signoff
+        return signed
 
     async def load_approvals(self) -> StandingApprovals:
         standing: StandingApprovals = {}
@@ -1209,7 +1242,7 @@ class SqliteStore:
             "SELECT id, decided_at, rule_id, rule_hash, ruleset_version, git_commit, trigger,"
             " fact_seq, outcome, gate_open,"
             f" {'evaluation' if evaluations else 'NULL'}, approvals, firing_id, request_id,"
-            f" reason, instance FROM decisions {where}"
+            f" reason, instance, mode FROM decisions {where}"
             f" ORDER BY id {'ASC' if oldest_first else 'DESC'} LIMIT ?",
             (*params, limit),
         )
@@ -1235,6 +1268,7 @@ class SqliteStore:
                 request_id=r[13],
                 reason=r[14],
                 instance=r[15],
+                mode=r[16] or "live",
             )
             for r, evaluation in zip(rows, stored, strict=True)
         ]
@@ -1256,11 +1290,34 @@ class SqliteStore:
         where, params = _audit_where(query)
         rows = await self._rows(
             "SELECT kind, id, at, rule_id, project, what, actor, reason, firing_id, fact_seq,"
-            f" request_id, trigger, instance, instances FROM ({_AUDIT_UNION}) AS entries{where}"
+            " request_id, trigger, instance, instances, rule_hash"
+            f" FROM ({_AUDIT_UNION}) AS entries{where}"
             " ORDER BY at DESC, kind DESC, id DESC LIMIT ?",
             (*params, query.limit),
         )
         return [AuditEntry(r[0], r[1], parse_rfc3339(r[2]), *r[3:]) for r in rows]
+
+    async def shadowed_releases(self) -> list[ShadowedReleases]:
+        rows = await self._rows(
+            "SELECT outbox.rule_id, decisions.rule_hash, json_extract(outbox.payload, '$.escrow'),"
+            " json_extract(outbox.payload, '$.currency'), json_extract(outbox.payload, '$.amount'),"
+            " outbox.action_id FROM outbox JOIN decisions ON decisions.id = outbox.decision_id"
+            " WHERE outbox.status = 'shadowed' AND outbox.kind = 'release'"
+            " ORDER BY outbox.created_at, outbox.action_id"
+        )
+        totals: dict[tuple[str, str, str, str], ShadowedReleases] = {}
+        for rule_id, rule_hash, escrow, currency, amount, action_id in rows:
+            key = (rule_id, rule_hash, escrow, currency)
+            found = totals.get(key)
+            if found is None:
+                totals[key] = ShadowedReleases(
+                    rule_id, rule_hash, escrow, currency, 1, Decimal(amount), action_id
+                )
+            else:
+                totals[key] = replace(
+                    found, count=found.count + 1, amount=found.amount + Decimal(amount)
+                )
+        return [totals[key] for key in sorted(totals)]
 
     async def release_record(self, release_id: str) -> ReleaseRecord | None:
         row = await self._row(
@@ -1489,6 +1546,7 @@ def _decision_row(
         d.project or None,
         d.instance,
         d.notice_id,
+        None if d.mode == "live" else d.mode,
     )
 
 
