@@ -452,3 +452,53 @@ async def test_the_history_through_the_daemons_api_is_the_databases(
     assert code == 2 and "HTTP 403" in capsys.readouterr().err
     code, _ = await backtest(project, *base, "--url", url, "--token-env", "NO_SUCH_TOKEN")
     assert code == 2 and "NO_SUCH_TOKEN" in capsys.readouterr().err
+
+
+async def test_shadowed_firings_and_signoffs_replay_and_diff_as_shadowed(
+    tmp_path: Path, receiver: Receiver, start_daemon: Callable[..., Any]
+) -> None:
+    """With ``money_rule_approvals: 1`` the design release first fires in shadow (awaiting
+    sign-off); an admin signs its content hash off; re-armed, it fires live. The
+    self-check reproduces all of it; a candidate backtest takes its money rules as signed
+    off, so the shadowed release shows as one that would have been sent."""
+    project = write_deployment(tmp_path / "deployment", receiver.url)
+    config = yaml.safe_load(project.config_path.read_text())
+    config["money_rule_approvals"] = 1
+    project.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    clock = FixedClock(T0)
+    gk = await start_daemon(project, clock=clock, env=ENV)
+    rec = Recorder(gk, clock)
+    await rec.facts(
+        ("milestone", "design", {"status": "approved", "approved_at": T0.isoformat()}),
+        ("quality_gate", "qg_design", {"passed": True}),
+    )
+    await rec.wait_until(T0 + timedelta(days=7), "tower-a/design-release#1")
+    headers = {"Authorization": f"Bearer {TOKENS['ops']}"}
+    async with gk.session.get(gk.url + "/v1/rules/tower-a/design-release", headers=headers) as r:
+        content_hash = (await r.json())["content_hash"]
+    await rec.call(f"/v1/money-rules/{content_hash}/signoffs", "ops", {"comment": "checked"})
+    await rec.act("rearm", "tower-a/design-release")
+    database = project.root / "state" / "gatekeeper.db"
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        modes = [m for (m,) in db.execute("SELECT mode FROM decisions WHERE firing_id IS NOT NULL")]
+        statuses = {s for (s,) in db.execute("SELECT status FROM outbox WHERE kind = 'release'")}
+        total = db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0]
+    assert "awaiting_signoff" in modes and None in modes  # one shadowed firing, one live
+    assert "shadowed" in statuses and statuses - {"shadowed"}  # and a live one, sent or not
+    code, out = await backtest(project, "--self-check", "--database", str(database))
+    assert code == 0, out
+    assert out.strip() == f"{total} of {total} decisions reproduced"
+
+    rules = candidate(project, tmp_path)
+    code, out = await backtest(
+        project, "--rules", str(rules), "--database", str(database), "--format", "json"
+    )
+    report = json.loads(out)
+    assert code == 1, out
+    [changed] = report["changed"]
+    assert changed["recorded_firing_id"] == "tower-a/design-release#1"
+    fields = {c["field"]: (c["old"], c["new"]) for c in changed["changes"]}
+    assert fields["outcome (release)"] == ("shadowed", "fired")
+    assert fields["release actions[0].status"] == ("shadowed", "queued")
+    assert report["escrows"][0]["recorded"] == "5000.00"  # the live firing only
+    assert report["escrows"][0]["replayed"] == "10000.00"

@@ -30,8 +30,15 @@ live) and must reproduce every recorded decision: its rule, instance, trigger, o
 gate, firing id, reason, rule hash, ruleset version, triggering fact and approvals, and
 each firing's actions (kind, target, rendered payload) and ledger entries. Left out, being
 random by design or given outside the engine: action and release ids (fresh UUIDs: a
-release id is its action's id), decision row ids and request ids. Prints ``N of N
-decisions reproduced`` or the first differences.
+release id is its action's id; where a payload names one, as an alert names its release,
+both sides name it by its firing and place), decision row ids and request ids. Prints
+``N of N decisions reproduced`` or the first differences.
+
+Shadow mode and sign-offs: a recorded shadowed action (a rule in ``mode: shadow``, or a
+money rule awaiting sign-off) counts as ``shadowed``, never as released; the self-check
+replays the recorded sign-offs (admin acts ``signoff``); a candidate's money rules are
+taken as signed off (the backtest shows what they would decide, live), while its rules
+in ``mode: shadow`` stay shadowed.
 
 Formats: ``text``; ``json`` (one object, below); ``github`` (``::error`` for each
 difference that fails ``--fail-on``, ``::warning`` for the others, on the rule's file and
@@ -354,6 +361,7 @@ class ApiHistory:
                 request_id=d["request_id"],
                 reason=d["reason"],
                 instance=d.get("instance", ""),
+                mode=d.get("mode", "live"),
             )
             for d in page["decisions"]
         ]
@@ -392,6 +400,7 @@ class ApiHistory:
                 e["trigger"],
                 e.get("instance", ""),
                 e.get("instances"),
+                e.get("rule_hash"),
             )
             for e in answer["entries"]
         ]

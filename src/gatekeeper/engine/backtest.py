@@ -20,6 +20,7 @@ field for field (``DecisionRecord``), with the same actions and ledger entries.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -99,34 +100,66 @@ class FiringRecord:
         }
 
 
+ACTION_ID = re.compile(r"\b(?:act_[0-9a-f]{32}|replay_[0-9]+)\b")
+"""An action id as the daemon makes them (``act_`` and a UUID's 32 hex digits) or a
+replay does (``replay_N``): random by design, named by ``ActionNames`` where a payload
+mentions one (an alert naming the release it is about)."""
+
+
+class ActionNames:
+    """A stable name for each action id of a history, the same whichever side made the
+    id: ``<FIRING_ID action N>`` (its firing or notice id and its place among that
+    firing's actions). ``add`` the actions of a firing in the order queued; ``name``
+    replaces the ids known in a text."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+
+    def add(self, firing_id: str, action_ids: Iterable[str]) -> None:
+        for number, action_id in enumerate(action_ids):
+            self.names[action_id] = f"<{firing_id} action {number}>"
+
+    def name(self, text: str) -> str:
+        return ACTION_ID.sub(lambda m: self.names.get(m.group(), m.group()), text)
+
+
 def action_record(
     kind: str,
     target: str,
     payload: Mapping[str, Any],
     status: str = "queued",
     ledger: tuple[str, str, str, str] | None = None,
+    names: ActionNames | None = None,
 ) -> ActionRecord:
     """An ``ActionRecord`` with the random fields left out of ``payload`` and the payload
-    made plain JSON (tuples as lists), so a stored payload and a rendered one compare."""
-    plain = json.loads(json.dumps(dict(payload), default=str))
+    made plain JSON (tuples as lists), so a stored payload and a rendered one compare; the
+    action ids it mentions are replaced by their ``names``."""
+    text = json.dumps(dict(payload), default=str)
+    if names is not None and names.names:
+        text = names.name(text)
+    plain = json.loads(text)
     for name in RANDOM_PAYLOAD_FIELDS:
         plain.pop(name, None)
     return ActionRecord(kind, target, plain, status, ledger)
 
 
 def replayed_status(action: QueuedAction) -> str:
-    """How a replayed action counts: ``shadowed`` when the engine marks it so (a rule in
-    shadow mode), else ``queued``."""
-    status = getattr(action, "status", None)
-    return "shadowed" if status == "shadowed" else "queued"
+    """How a replayed action counts: ``shadowed`` when the engine shadowed it (a rule in
+    shadow mode or awaiting sign-off), else ``queued``."""
+    return "shadowed" if action.shadowed else "queued"
 
 
-def firings_of(transition: Transition, *, ledger: bool = False) -> list[FiringRecord]:
+def firings_of(
+    transition: Transition, names: ActionNames, *, ledger: bool = False
+) -> list[FiringRecord]:
     """The firings (and approvals notices) of a replayed transition, with their actions in
-    the order queued; ``ledger`` adds each release's ledger entry."""
+    the order queued (their ids added to ``names``, which spans the replay); ``ledger``
+    adds each release's ledger entry."""
     by_firing: dict[str, list[QueuedAction]] = defaultdict(list)
     for action in transition.actions:
         by_firing[action.firing_id].append(action)
+    for firing_id, queued in by_firing.items():
+        names.add(firing_id, (a.action_id for a in queued))
     entries = {e.release_id: e for e in transition.ledger} if ledger else {}
 
     def actions(firing_id: str) -> tuple[ActionRecord, ...]:
@@ -136,7 +169,8 @@ def firings_of(transition: Transition, *, ledger: bool = False) -> list[FiringRe
             book = (
                 None if entry is None else (entry.escrow, entry.amount, entry.currency, entry.payee)
             )
-            found.append(action_record(a.kind, a.target, a.payload, replayed_status(a), book))
+            status = replayed_status(a)
+            found.append(action_record(a.kind, a.target, a.payload, status, book, names))
         return tuple(found)
 
     firings = []
@@ -424,7 +458,7 @@ class DecisionRecord:
     """A decision as the self-check compares it: every field the engine decides, without
     the ids the store and the HTTP layer give (the decision's row id, its request id).
     ``approvals`` is the approvals status as canonical JSON text; ``fact_seq`` the fact log
-    position of the fact that triggered it."""
+    position of the fact that triggered it; ``mode`` the mode its rule ran in."""
 
     at: str
     rule_id: str
@@ -438,6 +472,7 @@ class DecisionRecord:
     ruleset_version: str
     fact_seq: int | None
     approvals: str | None
+    mode: str = "live"
 
     def __str__(self) -> str:
         name = f"{self.rule_id}[{self.instance}]" if self.instance else self.rule_id
@@ -472,6 +507,7 @@ def decision_record(decision: Decision, fact_seq: int | None) -> DecisionRecord:
         decision.ruleset_version,
         fact_seq,
         approvals_text(decision.approvals),
+        decision.mode,
     )
 
 

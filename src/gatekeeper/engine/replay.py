@@ -7,6 +7,8 @@ with milliseconds, as the store keeps times), in the order the daemon committed 
 - ``PostedFacts``: a batch of facts applied atomically (``Engine.plan_ingest``);
 - ``ApprovalGiven``: an approver's decision (``Engine.plan_approval``);
 - ``AdminActed``: pause, resume or rearm (``Engine.plan_admin``);
+- ``SignOffGiven``: an admin's sign-off of a money rule's content hash (the two-person
+  rule: counted in the sign-offs the engines read, nothing evaluated, as the daemon does);
 - ``ClockTick``: the deadline loop evaluated the rule instances that were due
   (``Engine.plan_instances``, trigger ``time``);
 - ``Activated``: a ruleset version went live, at a start (``restart``) or a reload
@@ -65,9 +67,11 @@ from gatekeeper.engine.model import (
     FactInput,
     InstanceKey,
     RuleState,
+    SignOff,
     Stand,
     Transition,
 )
+from gatekeeper.engine.signoffs import SignedOff
 
 _MILLISECOND_END = timedelta(microseconds=999)
 """A recorded time is a millisecond: the daemon's instant was within it."""
@@ -105,6 +109,14 @@ class AdminActed:
 
 
 @dataclass(frozen=True)
+class SignOffGiven:
+    """An admin signed off a money rule's content hash at ``at``."""
+
+    at: datetime
+    signoff: SignOff
+
+
+@dataclass(frozen=True)
 class ClockTick:
     """The deadline loop evaluated what was due at ``at``. ``simulated``: not recorded,
     a deadline of a candidate ruleset between two recorded events."""
@@ -124,7 +136,7 @@ class Activated:
     restart: bool
 
 
-Event = PostedFacts | ApprovalGiven | AdminActed | ClockTick | Activated
+Event = PostedFacts | ApprovalGiven | AdminActed | SignOffGiven | ClockTick | Activated
 
 
 @dataclass(frozen=True)
@@ -160,11 +172,15 @@ class Replay:
         *,
         engine_of: Callable[[str], Engine] | None = None,
         candidate: Engine | None = None,
+        signed: SignedOff | None = None,
     ) -> None:
         if (engine_of is None) == (candidate is None):
             raise ValueError("give engine_of (recorded versions) or candidate, not both")
         self.engine_of = engine_of
         self.candidate = candidate
+        self.signed: SignedOff = signed if signed is not None else {}
+        """The sign-offs recorded so far (the mapping the engines read: build them with
+        ``Engine.for_config(..., signed=...)``)."""
         self.engine: Engine | None = candidate
         self.facts = FactTable()
         self.states: dict[InstanceKey, RuleState] = {}
@@ -175,17 +191,22 @@ class Replay:
             PostedFacts: self._posted,  # type: ignore[dict-item]
             ApprovalGiven: self._approval,  # type: ignore[dict-item]
             AdminActed: self._admin,  # type: ignore[dict-item]
+            SignOffGiven: self._signoff,  # type: ignore[dict-item]
             ClockTick: self._tick,  # type: ignore[dict-item]
             Activated: self._activated,  # type: ignore[dict-item]
         }
 
     @classmethod
     def on_recorded_versions(
-        cls, escrows: Mapping[str, Escrow], engine_of: Callable[[str], Engine]
+        cls,
+        escrows: Mapping[str, Escrow],
+        engine_of: Callable[[str], Engine],
+        signed: SignedOff,
     ) -> Replay:
         """A replay on the recorded versions: ``engine_of(version)`` gives each version's
-        engine (built once per version by the caller)."""
-        return cls(escrows, engine_of=engine_of)
+        engine (built once per version by the caller, reading the sign-offs ``signed``,
+        which the replay adds to as they were recorded)."""
+        return cls(escrows, engine_of=engine_of, signed=signed)
 
     @classmethod
     def on_candidate(cls, escrows: Mapping[str, Escrow], engine: Engine) -> Replay:
@@ -279,6 +300,15 @@ class Replay:
             return Step(event, None, str(exc))
         self._apply(transition, engine)
         return Step(event, transition)
+
+    def _signoff(self, event: SignOffGiven) -> Step:
+        """As ``Writer.sign_off``: the sign-off counts from now on; nothing is evaluated.
+        A candidate replay takes its money rules as signed off (its engine requires none):
+        the recorded sign-offs were of other content hashes."""
+        if self.candidate is None:
+            signoff = event.signoff
+            self.signed.setdefault(signoff.content_hash, {})[signoff.actor] = signoff
+        return Step(event, None)
 
     def _tick(self, event: ClockTick) -> Step:
         """As ``Ticker.tick``: the instances due by the tick's instant, evaluated at the

@@ -38,13 +38,14 @@ import bisect
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol
 
 from gatekeeper.clock import format_rfc3339
 from gatekeeper.config import Config
 from gatekeeper.engine.backtest import (
+    ActionNames,
     BacktestDiff,
     DecisionRecord,
     FiringRecord,
@@ -58,7 +59,14 @@ from gatekeeper.engine.backtest import (
     shared,
 )
 from gatekeeper.engine.evaluate import Engine
-from gatekeeper.engine.model import AdminAct, ApprovalInput, CausedBy, FactInput, Transition
+from gatekeeper.engine.model import (
+    AdminAct,
+    ApprovalInput,
+    CausedBy,
+    FactInput,
+    SignOff,
+    Transition,
+)
 from gatekeeper.engine.replay import (
     Activated,
     AdminActed,
@@ -67,9 +75,11 @@ from gatekeeper.engine.replay import (
     Event,
     PostedFacts,
     Replay,
+    SignOffGiven,
     Step,
     counting_ids,
 )
+from gatekeeper.engine.signoffs import SignedOff
 from gatekeeper.rules.loader import load_rule_texts
 from gatekeeper.rules.model import Ruleset
 from gatekeeper.store.queries import AuditQuery
@@ -213,10 +223,25 @@ def _pause_resume_rearm(entry: AuditEntry) -> Event:
     )
 
 
+def _signoff(entry: AuditEntry) -> Event:
+    return SignOffGiven(
+        entry.at,
+        SignOff(
+            content_hash=entry.rule_hash or "",
+            rule_id=entry.rule_id or "",
+            actor=entry.actor or "",
+            comment=entry.reason,
+            project=entry.project or "",
+            at=entry.at,
+        ),
+    )
+
+
 ADMIN_ACTS: dict[str, Callable[[AuditEntry], Event]] = {
     "pause": _pause_resume_rearm,
     "resume": _pause_resume_rearm,
     "rearm": _pause_resume_rearm,
+    "signoff": _signoff,
 }
 """The admin acts that change what rules decide, by name: the event each one is."""
 
@@ -353,6 +378,9 @@ def recorded_firings(history: History, *, ledger: bool = False) -> list[FiringRe
     by_firing: dict[str, list[OutboxEntry]] = defaultdict(list)
     for action in history.actions:
         by_firing[action.firing_id].append(action)
+    names = ActionNames()
+    for firing_id, queued in by_firing.items():
+        names.add(firing_id, (a.action_id for a in queued))
 
     def actions(firing_id: str) -> tuple[Any, ...]:
         found = []
@@ -364,7 +392,7 @@ def recorded_firings(history: History, *, ledger: bool = False) -> list[FiringRe
                 else (record.escrow, record.amount, record.currency, record.payee)
             )
             status = "shadowed" if str(a.status) == "shadowed" else "queued"
-            found.append(action_record(a.kind, a.target, a.payload, status, book))
+            found.append(action_record(a.kind, a.target, a.payload, status, book, names))
         return tuple(found)
 
     firings = [
@@ -412,6 +440,7 @@ def recorded_decisions(history: History) -> list[DecisionRecord]:
             shared(d.ruleset_version),
             d.fact_seq,
             approvals_text(d.approvals),
+            shared(d.mode),
         )
         for d in history.decisions
     ]
@@ -554,16 +583,19 @@ def run_backtest(
     ``until`` (default: the last recorded time)."""
     versions = RecordedVersions(files, config, [candidate])
     events = [e for e in events_of(history, versions.plain_rules) if until is None or e.at < until]
-    engine = Engine.for_config(candidate, config, new_action_id=counting_ids())
+    # the candidate's money rules are taken as signed off: what they would decide, live
+    signed_off = replace(config, money_rule_approvals=0)
+    engine = Engine.for_config(candidate, signed_off, new_action_id=counting_ids())
     replay = Replay.on_candidate(config.escrows, engine)
     replayed: list[FiringRecord] = []
+    names = ActionNames()
     skipped: dict[str, int] = defaultdict(int)
     end = until if until is not None else history.last_at
     for step in replay.run(events, end):
         if step.skipped is not None:
             skipped[_skip_kind(step)] += 1
         if step.transition is not None:
-            replayed += firings_of(step.transition)
+            replayed += firings_of(step.transition, names)
     currencies = {name: escrow.currency for name, escrow in config.escrows.items()}
     diff = diff_firings(recorded_firings(history), replayed, currencies, since, until)
     return BacktestResult(diff, dict(skipped), len(events))
@@ -585,11 +617,14 @@ def run_self_check(
     ``config``."""
     versions = RecordedVersions(files, config)
     engines: dict[str, Engine] = {}
+    signed: SignedOff = {}
 
     def engine_of(version: str) -> Engine:
         if version not in engines:
             ruleset = versions.ruleset(version)
-            engines[version] = Engine.for_config(ruleset, config, new_action_id=counting_ids())
+            engines[version] = Engine.for_config(
+                ruleset, config, new_action_id=counting_ids(), signed=signed
+            )
         return engines[version]
 
     events = events_of(history, versions.plain_rules)
@@ -598,8 +633,9 @@ def run_self_check(
     seqs = FactSeqs(history)
     history.decisions = []  # what was needed of them is in the records: memory back
     history.actions = []
-    replay = Replay.on_recorded_versions(config.escrows, engine_of)
+    replay = Replay.on_recorded_versions(config.escrows, engine_of, signed)
     firings: list[FiringRecord] = []
+    names = ActionNames()
     set_facts: list[str] = []
     skipped: list[str] = []
 
@@ -615,7 +651,7 @@ def run_self_check(
             for d in transition.decisions:
                 seq = None if d.fact_index is None else positions[d.fact_index]
                 yield decision_record(d, seq)
-            firings.extend(firings_of(transition, ledger=True))
+            firings.extend(firings_of(transition, names, ledger=True))
             set_facts.extend(seqs.differences(transition))
 
     check = compare_decisions(recorded, replayed(), recorded_actions, firings)
