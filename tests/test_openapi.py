@@ -304,7 +304,7 @@ async def test_live_daemon_keeps_to_the_document(live: Running) -> None:
     assert {403} <= statuses["POST /v1/approvals"], summary
     assert {404} <= statuses["POST /v1/hooks/{source}"], summary
     assert {400, 403} <= statuses["POST /v1/money-rules/{content_hash}/signoffs"], summary
-    assert len(statuses) == 20, summary
+    assert len(statuses) == 22, summary
     assert {200, 400, 422} <= statuses["POST /v1/facts"], summary
     assert {200, 404, 409} <= statuses["POST /v1/actions/{action_id}/retry"], summary
     assert elapsed < 60, f"the fuzzing took {elapsed:.0f} s"

@@ -43,12 +43,12 @@ def base_url(config: Config, given: str | None) -> str:
     return f"{scheme}://{host}:{config.listen_port}"
 
 
-def call_pages(url: str, key: str) -> dict[str, Any]:
+def call_pages(url: str, key: str, token: str | None = None) -> dict[str, Any]:
     """A paged listing (``GET url``, then ``url?cursor=<next_cursor>`` until there is none)
     as one answer: the first page with the ``key`` lists of the others appended, without
     ``next_cursor``. Raises ``ClientError`` as ``call``, and for an answer that is not a
     page of ``key``."""
-    answer = call(url)
+    answer = call(url, token=token)
     seen: set[str] = set()
     while True:
         if not isinstance(answer, dict) or not isinstance(answer.get(key), list):
@@ -60,18 +60,19 @@ def call_pages(url: str, key: str) -> dict[str, Any]:
             raise ClientError(f"{url} gave a bad next_cursor")
         seen.add(cursor)
         separator = "&" if "?" in url else "?"
-        page = call(f"{url}{separator}cursor={urllib.parse.quote(cursor, safe='')}")
+        page = call(f"{url}{separator}cursor={urllib.parse.quote(cursor, safe='')}", token=token)
         if not isinstance(page, dict) or not isinstance(page.get(key), list):
             raise ClientError(f"{url} did not answer a list of {key}")
         answer[key].extend(page[key])
         answer["next_cursor"] = page.get("next_cursor")
 
 
-def call(url: str, method: str = "GET", body: Any = None) -> Any:
-    """One JSON request; raises ``ClientError`` with the daemon's error message."""
+def call(url: str, method: str = "GET", body: Any = None, token: str | None = None) -> Any:
+    """One JSON request with ``token`` (default: ``$GATEKEEPER_TOKEN``); raises
+    ``ClientError`` with the daemon's error message."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
-    token = os.environ.get(TOKEN_ENV)
+    token = token or os.environ.get(TOKEN_ENV)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     if data is not None:

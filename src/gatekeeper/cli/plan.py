@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, Protocol, TextIO
 
 from gatekeeper.cli.client import ClientError, base_url, call
 from gatekeeper.cli.output import (
@@ -549,7 +549,21 @@ def _why_not(plan: Plan, decision: Decision) -> str:
     return "condition false" + (f": `{_one_line(false[0])}` is false" if false else "")
 
 
-def describe_action(action: QueuedAction) -> str:
+class RenderedAction(Protocol):
+    """What ``describe_action`` reads of an action: a ``QueuedAction``, or a backtest's
+    ``ActionRecord``."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def target(self) -> str: ...
+
+    @property
+    def payload(self) -> Mapping[str, Any]: ...
+
+
+def describe_action(action: RenderedAction) -> str:
     """One line for a rendered action, e.g. ``release escrow-bank: 5000.00 USD from
     tower-a-escrow to acme-architects``."""
     payload = action.payload

@@ -12,7 +12,9 @@ approvals and the approvals firings use up), ``facts`` (``FactTable`` and
 fact-key index and the planning of transitions; ``apply_transition``), ``ledger`` (escrow
 limits), ``signoffs`` (the two-person rule for money rules: sign-offs by content hash and
 the mode a rule runs in), ``deadlines`` (when a time-dependent rule instance must be looked
-at again).
+at again), ``replay`` (a recorded history replayed through an engine, in memory, as the
+daemon drives it), ``backtest`` (the differences between recorded and replayed firings and
+decisions, as pure functions over plain records).
 
 May import: ``gatekeeper.rules``, ``gatekeeper.expr`` and the ground floor.
 """

@@ -32,8 +32,10 @@ from gatekeeper.http.context import (
 from gatekeeper.http.models import MAX_COMMENT_CHARS, convert
 from gatekeeper.http.wire import (
     MAX_IDEMPOTENCY_KEY_CHARS,
+    MAX_LIST_LIMIT,
     ApiError,
     BodyShapeError,
+    after_param,
     check_json_content_type,
     decode_cursor,
     decode_facts,
@@ -551,6 +553,41 @@ async def get_audit(request: web.Request) -> web.Response:
         "next_cursor": encode_cursor(last.cursor) if last else None,
     }
     return respond(convert(page, m.AuditPage))
+
+
+async def get_history_facts(request: web.Request) -> web.Response:
+    """A page of the fact log (posted facts, facts rules set, approvals), in seq order,
+    after ``after``: what ``gatekeeper backtest --url`` replays."""
+    after = after_param(request)
+    limit = limit_param(request, MAX_LIST_LIMIT)
+    facts = await daemon_of(request).fact_log(after, limit)
+    page = {
+        "facts": [f.to_json() for f in facts],
+        "next_after": facts[-1].seq if len(facts) == limit else None,
+    }
+    return respond(convert(page, m.HistoryFacts))
+
+
+async def get_history_decisions(request: web.Request) -> web.Response:
+    """A page of the decision log after ``after``, oldest first, without evaluations: the
+    decisions a replay needs (``every=true``: all of them), the actions they queued, and
+    where each decision made by the clock, an admin act or a reload falls in the fact
+    log."""
+    after = after_param(request)
+    limit = limit_param(request, MAX_LIST_LIMIT)
+    every = request.query.get("every", "false")
+    if every not in ("true", "false"):
+        raise ApiError(400, "every must be true or false")
+    decisions, actions, positions = await daemon_of(request).decision_page(
+        after, limit, every == "true"
+    )
+    page = {
+        "decisions": [d.to_json(evaluation=False) for d in decisions],
+        "actions": [a.to_json() for a in actions],
+        "positions": {str(k): v for k, v in positions.items()},
+        "next_after": decisions[-1].id if len(decisions) == limit else None,
+    }
+    return respond(convert(page, m.HistoryDecisions))
 
 
 async def get_rulesets(request: web.Request) -> web.Response:

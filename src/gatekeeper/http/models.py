@@ -949,6 +949,64 @@ class AuditEntry(Model):
     ] = UNSET
 
 
+class LoggedFact(Model):
+    """One entry of the append-only fact log: a posted fact, a fact a rule set
+    (``caused_by``) or an approval (kind ``approval``, id the approver)."""
+
+    seq: Seq
+    project: str
+    kind: str
+    id: str
+    data: JsonObject
+    received_at: Timestamp
+    request_id: str | None
+    caused_by: CausedBy | UnsetType = UNSET
+
+
+class HistoryFacts(Model):
+    """A page of the fact log, in seq order."""
+
+    facts: list[LoggedFact]
+    next_after: Annotated[
+        int | None, Meta(description="Pass as `after` for the next page; null on the last.")
+    ]
+
+
+class HistoryDecision(Model):
+    """A decision as a replay of the history reads it (without its evaluation)."""
+
+    id: Seq
+    decided_at: Timestamp
+    rule_id: str
+    rule_hash: str
+    ruleset_version: Sha256Hex
+    git_commit: str | None
+    trigger: Literal["fact", "reload", "time", "approval", "admin"]
+    fact_seq: Seq | None
+    outcome: str
+    gate_open: bool
+    approvals: JsonObject | None
+    firing_id: str | None
+    request_id: str | None
+    reason: str | None
+    instance: Annotated[
+        str | UnsetType, Meta(description="The item id of the instance (per-item rules).")
+    ] = UNSET
+
+
+class HistoryDecisions(Model):
+    """A page of the decision log, oldest first, with the actions its decisions queued
+    and where each decision made by the clock, an admin act or a reload falls in the fact
+    log (``positions``: decision id -> the last fact log seq committed before it)."""
+
+    decisions: list[HistoryDecision]
+    actions: list[Action]
+    positions: dict[str, int]
+    next_after: Annotated[
+        int | None, Meta(description="Pass as `after` for the next page; null on the last.")
+    ]
+
+
 class AuditPage(Model):
     entries: list[AuditEntry]
     next_cursor: Annotated[

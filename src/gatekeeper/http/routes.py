@@ -99,6 +99,21 @@ def _fact_page() -> tuple[JsonObject, ...]:
     )
 
 
+def _page_limit(what: str) -> JsonObject:
+    return {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "description": f"How many {what} a page holds, oldest first (1 to {MAX_LIST_LIMIT}).",
+        "schema": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_LIST_LIMIT,
+            "default": MAX_LIST_LIMIT,
+        },
+    }
+
+
 def _query(name: str, description: str, **schema: Any) -> JsonObject:
     return {
         "name": name,
@@ -450,6 +465,56 @@ ROUTES: tuple[Route, ...] = (
         parameters=FACT_PAGE,
         errors=(400,),
         response_description="The snapshot (a page of it).",
+    ),
+    Route(
+        "GET",
+        "/v1/history/facts",
+        h.get_history_facts,
+        "admin",
+        "historyFacts",
+        "facts",
+        "The fact log, oldest first: what `gatekeeper backtest --url` replays",
+        m.HistoryFacts,
+        description="Every fact log entry (posted facts, facts set by rules with "
+        "`caused_by`, approvals as kind `approval`) with `seq > after`, in seq order. Read "
+        "only; every project (admin scope).",
+        parameters=(
+            _query(
+                "after",
+                "A fact log seq: entries after it (0, the start, by default).",
+                pattern="^[0-9]{1,18}$",
+            ),
+            _page_limit("entries"),
+        ),
+        errors=(400,),
+        response_description="A page of the fact log.",
+    ),
+    Route(
+        "GET",
+        "/v1/history/decisions",
+        h.get_history_decisions,
+        "admin",
+        "historyDecisions",
+        "rules",
+        "The decision log, oldest first: what `gatekeeper backtest --url` replays",
+        m.HistoryDecisions,
+        description="Decisions with `id > after`, in id order (the order they were "
+        "committed in), without their evaluations: those that fired, were blocked or told "
+        "approvers, and those made by the clock, an admin act or a reload (`every=true`: "
+        "all of them); the actions they queued; and for each decision not made on a fact or "
+        "an approval, the last fact log seq committed before it. Read only; every project "
+        "(admin scope).",
+        parameters=(
+            _query(
+                "after",
+                "A decision id: decisions after it (0, the start, by default).",
+                pattern="^[0-9]{1,18}$",
+            ),
+            _query("every", "true: every decision, the quiet ones too.", enum=["true", "false"]),
+            _page_limit("decisions"),
+        ),
+        errors=(400,),
+        response_description="A page of the decision log.",
     ),
     Route(
         "GET",

@@ -59,10 +59,12 @@ from gatekeeper.store.records import (
     ActionStatus,
     Attempt,
     AuditEntry,
+    LoggedFact,
     OutboxEntry,
     RulesetCursor,
     RulesetSummary,
     ShadowedReleases,
+    StoredDecision,
     StoredFact,
     StoredRuleset,
 )
@@ -450,6 +452,26 @@ class Daemon:
     async def audit(self, query: AuditQuery) -> list[AuditEntry]:
         """The audit log entries ``query`` selects, newest first."""
         return await self.store.audit(query)
+
+    async def fact_log(self, after_seq: int, limit: int) -> list[LoggedFact]:
+        """A page of the fact log, in seq order (for a replay of the history)."""
+        return await self.store.fact_log(after_seq, limit)
+
+    async def decision_page(
+        self, after_id: int, limit: int, every: bool
+    ) -> tuple[list[StoredDecision], list[OutboxEntry], dict[int, int]]:
+        """A page of the decision log for a replay (``every``: quiet decisions too),
+        without evaluations, with the actions its decisions queued and where each decision
+        not made on a fact or approval falls in the fact log."""
+        store = self.store
+        decisions = await store.decision_log(after_id, limit, evaluations=False, quiet=every)
+        if not decisions:
+            return [], [], {}
+        actions = await store.actions_of_decisions(decisions[0].id, decisions[-1].id)
+        positions = await store.fact_log_positions(
+            [d.id for d in decisions if d.trigger not in ("fact", "approval")]
+        )
+        return decisions, actions, positions
 
     async def list_rulesets(
         self, limit: int, after: RulesetCursor | None = None

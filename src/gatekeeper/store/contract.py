@@ -252,6 +252,34 @@ class AuditReads(Protocol):
         ``item``), so what one decision stores is bounded whatever its rule reads."""
         ...
 
+    async def decision_log(
+        self,
+        after_id: int = 0,
+        limit: int = 1000,
+        *,
+        evaluations: bool = True,
+        quiet: bool = True,
+    ) -> list[StoredDecision]:
+        """At most ``limit`` decisions with ``id > after_id``, oldest first (id ascending:
+        the order they were committed in), as ``list_decisions`` shows them; with
+        ``evaluations`` False their ``evaluation`` is ``{}`` (nothing is rebuilt from the
+        fact log: what a replay of the history reads). With ``quiet`` False, the decisions
+        made on a fact or an approval that neither fired (nor was blocked) nor told
+        approvers are left out: the bulk of the log, which a replay makes again."""
+        ...
+
+    async def fact_log_positions(self, decision_ids: Sequence[int]) -> dict[int, int]:
+        """For each of ``decision_ids``: the largest fact log ``seq`` that a decision
+        before it (by id) made on a fact or an approval was made on (0 when none): where
+        the decision falls in the fact log. Unknown ids are left out."""
+        ...
+
+    async def actions_of_decisions(self, first_id: int, last_id: int) -> list[OutboxEntry]:
+        """Every outbox entry queued by the decisions ``first_id`` to ``last_id``
+        (inclusive; a firing's actions and alert, or an approvals notice), by decision
+        id, then in the order they were queued; dead letters included."""
+        ...
+
     async def decision_of_firing(self, firing_id: str) -> StoredDecision | None:
         """The decision that fired (or blocked) ``firing_id``, or None."""
         ...

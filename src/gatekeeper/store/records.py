@@ -145,9 +145,12 @@ class StoredDecision:
     """The mode the rule ran in (``shadow``, ``awaiting_signoff``; shown only when not
     ``live``)."""
 
-    def to_json(self) -> dict[str, Any]:
-        omit = () if self.instance else ("instance",)
-        return record_json(self, omit=omit if self.mode != "live" else (*omit, "mode"))
+    def to_json(self, *, evaluation: bool = True) -> dict[str, Any]:
+        """As the API shows it; without ``evaluation`` for a replay of the history."""
+        omit: tuple[str, ...] = () if self.instance else ("instance",)
+        if self.mode == "live":
+            omit = (*omit, "mode")
+        return record_json(self, omit=omit if evaluation else (*omit, "evaluation"))
 
 
 @dataclass(frozen=True, slots=True)

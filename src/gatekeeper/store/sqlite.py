@@ -354,9 +354,11 @@ class SqliteStore:
     raises ``StoreUnavailable`` (table locked) instead of waiting.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
         self.path = Path(path)
         self._memory = str(path) == ":memory:"
+        self._read_only = read_only
+        """Opened for reading only (``open_store(read_only=True)``): no writer, no lock."""
         self._uri = f"file:gatekeeper-{id(self)}?mode=memory&cache=shared"
         self._writer: WriterThread | None = None
         self._db: sqlite3.Connection | None = None
@@ -368,7 +370,7 @@ class SqliteStore:
 
     @property
     def is_open(self) -> bool:
-        return self._reader is not None and self._db is not None
+        return self._reader is not None and (self._db is not None or self._read_only)
 
     @property
     def reader(self) -> aiosqlite.Connection:
@@ -404,6 +406,8 @@ class SqliteStore:
         to the awaiting task: a cancelled caller cannot leave it half done.
         """
         if self._writer is None:
+            if self._read_only and self._reader is not None:
+                raise StoreUnavailable(f"database {self.path} is open read-only", "read_only")
             raise StoreUnavailable("store is not open")
         try:
             return await self._writer.run(self._transact, body)
@@ -437,7 +441,10 @@ class SqliteStore:
         schema is written, so a file at the path is a gatekeeper database or is refused
         (``NotAGatekeeperDatabase``: empty, not SQLite, another application's). Errors name
         the file and what to do; the write lock of another process is waited for
-        ``STARTUP_BUSY_TIMEOUT_MS`` at most."""
+        ``STARTUP_BUSY_TIMEOUT_MS`` at most. Read-only: see ``_open_read_only``."""
+        if self._read_only:
+            await self._open_read_only()
+            return
         if not self._memory:
             self._refuse_dangling_link()
             try:
@@ -477,6 +484,52 @@ class SqliteStore:
             if isinstance(exc, sqlite3.Error):
                 raise _open_error(self.path, exc) from exc
             raise
+
+    async def _open_read_only(self) -> None:
+        """Open only the reader, on a database that must exist with this gatekeeper's
+        schema version (SQLite ``mode=ro``): nothing is created, migrated or locked, so a
+        daemon may be running on the file. Raises ``NotAGatekeeperDatabase``,
+        ``SchemaTooNew``, or ``StoreUnavailable`` (no such file, an older schema)."""
+        path = self.path
+        if self._memory:
+            raise StoreUnavailable("a private in-memory database cannot be opened read-only")
+        if not path.exists():
+            raise StoreUnavailable(f"database {path} does not exist (nothing is created)")
+        self._check_header()
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        try:
+            reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise _open_error(path, exc) from exc
+        try:
+            await reader.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            await reader.execute("PRAGMA query_only=ON")
+            values = []
+            for pragma in ("user_version", "application_id"):
+                async with reader.execute(f"PRAGMA {pragma}") as cursor:
+                    row = await cursor.fetchone()
+                    values.append(int(row[0]) if row else 0)
+            async with reader.execute("SELECT name FROM sqlite_master") as cursor:
+                tables = {row[0] for row in await cursor.fetchall()}
+            version, application = values
+            if version > len(MIGRATIONS):
+                raise SchemaTooNew(
+                    f"database {path} has schema version {version}, newer than this "
+                    f"gatekeeper knows ({len(MIGRATIONS)}); use the gatekeeper that wrote it"
+                )
+            self._refuse_foreign(version, application, tables)
+            if version < len(MIGRATIONS):
+                raise StoreUnavailable(
+                    f"database {path} has schema version {version}, older than this "
+                    f"gatekeeper's ({len(MIGRATIONS)}); it is read only as it is: start "
+                    "gatekeeper serve on it once to upgrade it"
+                )
+        except BaseException as exc:
+            await reader.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _open_error(path, exc) from exc
+            raise
+        self._reader = reader
 
     def _refuse_dangling_link(self) -> None:
         """Refuse a database path that is a symbolic link to nothing (a volume not mounted,
@@ -549,6 +602,25 @@ class SqliteStore:
                 "and write access to it",
                 "read_only" if exc.errno in (errno.EACCES, errno.EROFS) else "unavailable",
             ) from exc
+        self._refuse_header(header)
+
+    def _check_header(self) -> None:
+        """Refuse what is at ``path`` unless it is a SQLite file (it must exist)."""
+        path = self.path
+        try:
+            with path.open("rb") as file:
+                header = file.read(len(SQLITE_HEADER))
+        except IsADirectoryError:
+            raise NotAGatekeeperDatabase(
+                f"database {path} is a folder, not a database file; point at a file"
+            ) from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read database {path}: {exc.strerror}") from exc
+        self._refuse_header(header)
+
+    def _refuse_header(self, header: bytes) -> None:
+        """Refuse an empty file or one that is not SQLite, by its first bytes."""
+        path = self.path
         if not header:
             raise NotAGatekeeperDatabase(
                 f"database {path} is an empty file (0 bytes), not a gatekeeper database "
@@ -570,6 +642,11 @@ class SqliteStore:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
         if version > len(MIGRATIONS):
             return
+        self._refuse_foreign(version, application, tables)
+
+    def _refuse_foreign(self, version: int, application: int, tables: set[str]) -> None:
+        """Raise ``NotAGatekeeperDatabase`` unless a SQLite database of schema ``version``,
+        ``application`` id and ``tables`` is gatekeeper's."""
         if application == 0 and version > 0 and GATEKEEPER_TABLE in tables:
             return
         shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
@@ -1113,16 +1190,63 @@ class SqliteStore:
             return decision
         return None
 
+    async def decision_log(
+        self,
+        after_id: int = 0,
+        limit: int = 1000,
+        *,
+        evaluations: bool = True,
+        quiet: bool = True,
+    ) -> list[StoredDecision]:
+        where = "WHERE id > ?"
+        if not quiet:
+            where += (
+                " AND (trigger NOT IN ('fact', 'approval') OR firing_id IS NOT NULL"
+                " OR notice_id IS NOT NULL)"
+            )
+        return await self._decisions(
+            where, (after_id,), limit, oldest_first=True, evaluations=evaluations
+        )
+
+    async def fact_log_positions(self, decision_ids: Sequence[int]) -> dict[int, int]:
+        if not decision_ids:
+            return {}
+        rows = await self._rows(
+            "SELECT id, COALESCE(before, 0) FROM (SELECT id, MAX(CASE WHEN trigger IN"
+            " ('fact', 'approval') THEN fact_seq END) OVER (ORDER BY id ROWS BETWEEN"
+            " UNBOUNDED PRECEDING AND 1 PRECEDING) AS before FROM decisions WHERE id <= ?)"
+            " WHERE id IN (SELECT value FROM json_each(?))",
+            (max(decision_ids), _dumps(sorted(set(decision_ids)))),
+        )
+        return {int(r[0]): int(r[1]) for r in rows}
+
+    async def actions_of_decisions(self, first_id: int, last_id: int) -> list[OutboxEntry]:
+        rows = await self._rows(
+            f"SELECT {_OUTBOX_COLUMNS} FROM {_OUTBOX_FROM}"
+            " WHERE outbox.decision_id BETWEEN ? AND ?"
+            " ORDER BY outbox.decision_id, outbox.rowid",
+            (first_id, last_id),
+        )
+        return [_outbox_entry(r) for r in rows]
+
     async def _decisions(
-        self, where: str, params: tuple[Any, ...], limit: int
+        self,
+        where: str,
+        params: tuple[Any, ...],
+        limit: int,
+        *,
+        oldest_first: bool = False,
+        evaluations: bool = True,
     ) -> list[StoredDecision]:
         rows = await self._rows(
             "SELECT id, decided_at, rule_id, rule_hash, ruleset_version, git_commit, trigger,"
-            " fact_seq, outcome, gate_open, evaluation, approvals, firing_id, request_id, reason,"
-            f" instance, mode FROM decisions {where} ORDER BY id DESC LIMIT ?",
+            " fact_seq, outcome, gate_open,"
+            f" {'evaluation' if evaluations else 'NULL'}, approvals, firing_id, request_id,"
+            f" reason, instance, mode FROM decisions {where}"
+            f" ORDER BY id {'ASC' if oldest_first else 'DESC'} LIMIT ?",
             (*params, limit),
         )
-        stored = [json.loads(r[10]) for r in rows]
+        stored = [json.loads(r[10]) if evaluations else {} for r in rows]
         data_of = await self._fact_data(
             {seq for evaluation in stored for seq in referenced_seqs(evaluation)}
         )
@@ -1138,7 +1262,7 @@ class SqliteStore:
                 fact_seq=r[7],
                 outcome=r[8],
                 gate_open=bool(r[9]),
-                evaluation=shown_evaluation(evaluation, data_of),
+                evaluation=shown_evaluation(evaluation, data_of) if evaluations else {},
                 approvals=json.loads(r[11]) if r[11] else None,
                 firing_id=r[12],
                 request_id=r[13],
