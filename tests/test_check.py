@@ -178,3 +178,77 @@ def test_per_item_rule_mistakes_point_home(
     code, out = check([Path(name)], config)
     assert code == 1
     assert out.splitlines() == [RULES_OVER_MANY_THINGS_BAD[name], "FAILED: 1 problem in 1 file"]
+
+
+RELEASE_AMOUNT_BAD = {
+    "amount_template_without_cap.yaml": [
+        "amount_template_without_cap.yaml:7:68: rule 'bad/amount-without-cap': "
+        "actions[0].release.amount: an amount read from a fact needs max_amount, the most "
+        'one firing may release (a decimal string such as "10000.00")'
+    ],
+    "max_amount_zero.yaml": [
+        "max_amount_zero.yaml:11:19: rule 'bad/max-amount-zero': actions[0].release.max_amount: "
+        'max_amount must be above zero (a decimal string such as "10000.00")'
+    ],
+    "amount_over_max.yaml": [
+        "amount_over_max.yaml:9:15: rule 'bad/amount-over-max': actions[0].release.amount: "
+        "amount 1500.00 is above this release's max_amount 1000.00"
+    ],
+    "amount_template_not_a_field.yaml": [
+        "amount_template_not_a_field.yaml:7:71: rule 'bad/amount-reserved': "
+        "[0].actions[0].release.amount: a release amount names a fact field, not 'amount': "
+        "e.g. ${item.data.amount} or ${invoice.i7.total}",
+        "amount_template_not_a_field.yaml:13:71: rule 'bad/amount-not-read': "
+        "[1].actions[0].release.amount: template name 'invoice.i7.total' is not read by this "
+        "rule: a template may use the facts its 'when' reads by id (here: milestone.design)",
+    ],
+    "amount_template_with_text.yaml": [
+        "amount_template_with_text.yaml:10:15: rule 'bad/amount-with-text': "
+        "actions[0].release.amount: '${item.data.amount}.00' is not a valid amount (a decimal "
+        'string such as "5000.00": digits, no leading zeros, at most two decimals; or one '
+        'placeholder naming a fact field, such as "${item.data.amount}")'
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASE_AMOUNT_BAD))
+def test_release_amount_mistakes_point_home(
+    name: str, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(DATA / "bad_rules")
+    code, out = check([Path(name)], config)
+    assert code == 1
+    expected = RELEASE_AMOUNT_BAD[name]
+    noun = "problem" if len(expected) == 1 else "problems"
+    assert out.splitlines() == [*expected, f"FAILED: {len(expected)} {noun} in 1 file"]
+
+
+def test_release_amount_from_a_fact_with_a_cap_is_valid(config: Config, tmp_path: Path) -> None:
+    rule = tmp_path / "pay.yaml"
+    rule.write_text(
+        """\
+- id: ok/pay-invoice
+  project: tower-a
+  for_each: invoice
+  when: item.data.status == "approved"
+  actions:
+    - release: {target: escrow-bank, escrow: tower-a-escrow, amount: "${item.data.amount}",
+                max_amount: "10000.00", currency: USD, payee: "acme"}
+    - notify: {target: finance-chat, message: "released ${amount} for ${item.id}"}
+- id: ok/pay-total
+  project: tower-a
+  when: invoice.i7.status == "approved"
+  actions:
+    - release: {target: escrow-bank, escrow: tower-a-escrow, amount: "${invoice.i7.total}",
+                max_amount: "10000.00", currency: USD, payee: "acme"}
+- id: ok/literal-under-cap
+  project: tower-a
+  when: invoice.i8.status == "approved"
+  actions:
+    - release: {target: escrow-bank, escrow: tower-a-escrow, amount: "10000.00",
+                max_amount: "10000.00", currency: USD, payee: "acme"}
+""",
+        encoding="utf-8",
+    )
+    code, out = check([rule], config)
+    assert (code, out.splitlines()[-1]) == (0, "SUCCESS: 3 rules found in 1 file")

@@ -12,6 +12,8 @@ replays the plan (the timing still varies). ``bench/soak_crash.py`` is the long 
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import random
 from datetime import UTC, datetime
@@ -20,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gatekeeper.cli.backtest import run_backtest_command
+from gatekeeper.cli.main import build_parser
 from gatekeeper.expr import Item, compile_condition
 
 from .crashkit import TASKS, ruleset, run_crash_test, run_slow_commit_test
@@ -40,6 +44,19 @@ async def test_kill_9_loses_nothing_and_fires_once(tmp_path: Path) -> None:
     assert report.event_found > 0 and report.instance_found > 0 and report.facts_set > 0
     assert report.cancelled > 0 and report.settled + report.failed > 0  # the back office
     assert not report.violations, report.summary()
+    # every decision of the killed and restarted daemons is explained by its recorded rules
+    out = io.StringIO()
+    args = build_parser().parse_args(
+        ["backtest", "--self-check", "-c", str(tmp_path / "gatekeeper.yaml"),
+         "--database", str(tmp_path / "state" / "gatekeeper.db")]
+    )  # fmt: skip
+    code = await asyncio.to_thread(run_backtest_command, args, out)
+    print(out.getvalue())
+    assert code == 0, out.getvalue()
+    decisions = out.getvalue().split()[0]
+    assert (
+        int(decisions) > 0 and f"{decisions} of {decisions} decisions reproduced" in out.getvalue()
+    )
 
 
 @pytest.mark.timeout(120)

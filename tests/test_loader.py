@@ -327,6 +327,51 @@ BAD_CASES: list[tuple[str, str, int, int, str, str | None, str]] = [
         "feed each other in a loop: bad/pay -> bad/bounce -> bad/pay; bad/pay fires again at "
         "each fact that comes round (fire: each_fact)",
     ),
+    (
+        "amount_template_without_cap.yaml",
+        "amount_template_without_cap.yaml",
+        7,
+        68,
+        "actions[0].release.amount",
+        "bad/amount-without-cap",
+        "an amount read from a fact needs max_amount",
+    ),
+    (
+        "max_amount_zero.yaml",
+        "max_amount_zero.yaml",
+        11,
+        19,
+        "actions[0].release.max_amount",
+        "bad/max-amount-zero",
+        "max_amount must be above zero",
+    ),
+    (
+        "amount_over_max.yaml",
+        "amount_over_max.yaml",
+        9,
+        15,
+        "actions[0].release.amount",
+        "bad/amount-over-max",
+        "amount 1500.00 is above this release's max_amount 1000.00",
+    ),
+    (
+        "amount_template_not_a_field.yaml",
+        "amount_template_not_a_field.yaml",
+        7,
+        71,
+        "[0].actions[0].release.amount",
+        "bad/amount-reserved",
+        "a release amount names a fact field, not 'amount'",
+    ),
+    (
+        "amount_template_with_text.yaml",
+        "amount_template_with_text.yaml",
+        10,
+        15,
+        "actions[0].release.amount",
+        "bad/amount-with-text",
+        "'${item.data.amount}.00' is not a valid amount",
+    ),
 ]
 
 

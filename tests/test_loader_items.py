@@ -9,7 +9,7 @@ import pytest
 
 from gatekeeper.config import DEFAULT_MAX_CHAIN_DEPTH, ConfigError, load_config
 from gatekeeper.rules.loader import duration_seconds, load_rule_texts, load_rules_dir
-from gatekeeper.rules.model import NotifyAction, Rule, SetFactAction
+from gatekeeper.rules.model import NotifyAction, ReleaseAction, Rule, SetFactAction
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).parent.parent
@@ -262,12 +262,15 @@ def _has_collections() -> bool:
 
 def test_readme_rules_over_many_things_examples_are_valid() -> None:
     blocks = readme_section_rules()
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     for block in blocks:
         if "for t in task" in block and not _has_collections():
             continue  # checked once the expression language has collections
         result = load_rule_texts({"readme.yaml": block}, None)
         assert result.ok, [str(p) for p in result.problems]
-    [notify] = load(blocks[-1])["tower-a/design-approved"].actions
+    [notify] = load(blocks[-2])["tower-a/design-approved"].actions
     assert isinstance(notify, NotifyAction)
     assert notify.message.endswith('T-17 ${task["T-17"].status}')
+    release, _ = load(blocks[-1])["tower-a/pay-invoice"].actions
+    assert isinstance(release, ReleaseAction)
+    assert (release.amount, release.max_amount) == ("${item.data.amount}", "10000.00")

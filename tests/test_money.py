@@ -78,7 +78,9 @@ async def test_release_over_the_escrow_limit_is_blocked_and_alerted(
     blocked = rule["recent_decisions"][0]
     assert blocked["outcome"] == "blocked"
     assert "exceeds what is left" in blocked["reason"]
-    assert rule["fired_count"] == 1  # a blocked firing is the rule's firing: once holds
+    # a release refused is not the rule's firing: it waits, blocked, and says why
+    assert (rule["fired_count"], rule["state"]) == (0, "blocked")
+    assert rule["blocked"] == blocked["reason"]
 
     await wait_status(gk, "delivered", 5)
     _, escrows = await gk.get("/v1/escrows")

@@ -300,13 +300,14 @@ async def test_live_daemon_keeps_to_the_document(live: Running) -> None:
     for (label, status), _count in seen.items():
         statuses.setdefault(label, set()).add(status)
     summary = {label: sorted(codes) for label, codes in statuses.items()}
-    # these cannot succeed against this daemon: approvals need API tokens (the approver is
-    # the token's subject), it has no hook sources, and a settlement must be signed by the
-    # bank; tests/test_auth.py, tests/test_hooks_http.py and tests/test_settlement.py cover
-    # their 200s
+    # these cannot succeed against this daemon: approvals and sign-offs need API tokens (the
+    # approver is the token's subject), it has no hook sources, and a settlement must be
+    # signed by the bank; tests/test_auth.py, tests/test_signoffs.py,
+    # tests/test_hooks_http.py and tests/test_ledger_http.py cover their 200s
     cannot_succeed = {
         "POST /v1/approvals",
         "POST /v1/hooks/{source}",
+        "POST /v1/money-rules/{content_hash}/signoffs",
         "POST /v1/settlements/{target}",
     }
     assert all(200 in codes for label, codes in statuses.items() if label not in cannot_succeed), (
@@ -315,7 +316,8 @@ async def test_live_daemon_keeps_to_the_document(live: Running) -> None:
     assert {403} <= statuses["POST /v1/approvals"], summary
     assert {404} <= statuses["POST /v1/hooks/{source}"], summary
     assert {401, 404} <= statuses["POST /v1/settlements/{target}"], summary
-    assert len(statuses) == 22, summary
+    assert {400, 403} <= statuses["POST /v1/money-rules/{content_hash}/signoffs"], summary
+    assert len(statuses) == 25, summary
     assert {200, 400, 422} <= statuses["POST /v1/facts"], summary
     assert {200, 404, 409} <= statuses["POST /v1/actions/{action_id}/retry"], summary
     assert {200, 404, 422} <= statuses["POST /v1/actions/{action_id}/cancel"], summary

@@ -133,11 +133,14 @@ class Target:
 
 @dataclass(frozen=True)
 class Escrow:
-    """An escrow account: its currency (ISO 4217 code) and release limit (a Decimal)."""
+    """An escrow account: its currency (ISO 4217 code) and release limit (a Decimal).
+    ``decimals`` is its precision: a release amount has at most this many decimals (two,
+    as every amount ``gatekeeper.yaml`` and rule files write)."""
 
     name: str
     currency: str
     limit: Decimal
+    decimals: int = 2
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,10 @@ class Config:
     """How deep rules may chain through ``set_fact``: a fact posted from outside is depth 0,
     a fact a rule sets while evaluating a depth-n fact is depth n + 1; a ``set_fact`` that
     would go deeper is not recorded (the firing is blocked and the alert target told)."""
+    money_rule_approvals: int = 0
+    """The two-person rule: a rule with a ``release`` action runs as if ``mode: shadow``
+    (its effective mode ``awaiting_signoff``) until this many distinct admins signed off its
+    exact content hash. 0 (the default): no sign-off is needed."""
 
 
 class ConfigError(Exception):
@@ -509,6 +516,7 @@ def _build(data: Mapping[str, Any], path: Path) -> Config:
         else None,
         rate_limit=rate_limit,
         max_chain_depth=int(data.get("max_chain_depth", DEFAULT_MAX_CHAIN_DEPTH)),
+        money_rule_approvals=int(data.get("money_rule_approvals", 0)),
     )
 
 

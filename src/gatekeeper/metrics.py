@@ -7,11 +7,12 @@ store (outbox depth, dead letters, escrows) and the deadline schedule are refres
 scrape time by ``refresh``, which the HTTP layer calls with plain values before rendering
 (this module imports no other part of gatekeeper).
 
-Label values are bounded: targets and escrows come from ``gatekeeper.yaml``, outcomes and
-results from fixed sets; never a fact id, a request id or a secret. The item of a firing of
-a per-item rule, whose ids are unbounded, is never a label: it rides as an OpenMetrics
-exemplar on ``gatekeeper_decisions_total`` (outcome fired or blocked), which only the
-OpenMetrics exposition shows (``render(openmetrics=True)``, for a scraper that asks for it).
+Label values are bounded: targets and escrows come from ``gatekeeper.yaml``, rule ids from
+the ruleset, outcomes and results from fixed sets; never a fact id, a request id or a
+secret. The item of a firing of a per-item rule, whose ids are unbounded, is never a label:
+it rides as an OpenMetrics exemplar on ``gatekeeper_decisions_total`` (outcome fired or
+blocked), which only the OpenMetrics exposition shows (``render(openmetrics=True)``, for a
+scraper that asks for it).
 """
 
 from __future__ import annotations
@@ -75,6 +76,14 @@ class Metrics:
             "gatekeeper_actions",
             "Actions by target and status: queued (committed to the outbox), delivered, dead.",
             ["target", "status"],
+            registry=r,
+        )
+        self.shadowed_actions = Counter(
+            "gatekeeper_shadowed_actions",
+            "Actions queued by firings in shadow (mode: shadow, or a money rule awaiting "
+            "sign-off), stored with status shadowed and never sent, by rule id and action kind "
+            "(release, notify, pipeline, set_fact).",
+            ["rule_id", "kind"],
             registry=r,
         )
         self.delivery_seconds = Histogram(

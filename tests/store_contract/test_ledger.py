@@ -307,6 +307,9 @@ async def test_a_dead_letter_queues_its_alert_with_its_record(store: Store) -> N
     assert queued is not None and dead is not None
     assert (dead.status, queued.status, queued.decision_id) == ("dead", "pending", dead.decision_id)
     assert queued.payload["alert"] == "dead_letter"
+    # what the decision queued is what it queued then: not the alert filed under it later
+    of_decision = await store.actions_of_decisions(dead.decision_id, dead.decision_id)  # type: ignore[arg-type]
+    assert [a.action_id for a in of_decision] == [PIPELINE]
 
 
 async def test_movements_page_by_id_and_filter(store: Store) -> None:

@@ -1,7 +1,8 @@
 """The ``gatekeeper`` command: one module per command and the client of a running daemon.
 
 Owns: ``main`` (the argument parser and ``serve``), ``check``, ``ruletest``
-(``gatekeeper test``), ``plan`` (``plan`` and ``explain``), ``snapshot`` (the state they
+(``gatekeeper test``), ``plan`` (``plan`` and ``explain``), ``backtest`` (replaying the
+recorded history against a ruleset), ``snapshot`` (the state they
 read: a file or a running daemon), ``emit``, ``client`` (the
 commands that talk to a running daemon: actions, rules, audit, export), ``output`` (what
 ``check``, ``test`` and ``plan`` print: problem lines, GitHub workflow commands, counts, paths).

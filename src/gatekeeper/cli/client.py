@@ -25,7 +25,12 @@ TOKEN_ENV = "GATEKEEPER_TOKEN"
 
 
 class ClientError(Exception):
-    """The daemon could not be reached or refused the request; the message says which."""
+    """The daemon could not be reached or refused the request; the message says which.
+    ``status`` is the HTTP status of a refusal (None when no answer came)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def base_url(config: Config, given: str | None) -> str:
@@ -39,12 +44,12 @@ def base_url(config: Config, given: str | None) -> str:
     return f"{scheme}://{host}:{config.listen_port}"
 
 
-def call_pages(url: str, key: str) -> dict[str, Any]:
+def call_pages(url: str, key: str, token: str | None = None) -> dict[str, Any]:
     """A paged listing (``GET url``, then ``url?cursor=<next_cursor>`` until there is none)
     as one answer: the first page with the ``key`` lists of the others appended, without
     ``next_cursor``. Raises ``ClientError`` as ``call``, and for an answer that is not a
     page of ``key``."""
-    answer = call(url)
+    answer = call(url, token=token)
     seen: set[str] = set()
     while True:
         if not isinstance(answer, dict) or not isinstance(answer.get(key), list):
@@ -56,18 +61,19 @@ def call_pages(url: str, key: str) -> dict[str, Any]:
             raise ClientError(f"{url} gave a bad next_cursor")
         seen.add(cursor)
         separator = "&" if "?" in url else "?"
-        page = call(f"{url}{separator}cursor={urllib.parse.quote(cursor, safe='')}")
+        page = call(f"{url}{separator}cursor={urllib.parse.quote(cursor, safe='')}", token=token)
         if not isinstance(page, dict) or not isinstance(page.get(key), list):
             raise ClientError(f"{url} did not answer a list of {key}")
         answer[key].extend(page[key])
         answer["next_cursor"] = page.get("next_cursor")
 
 
-def call(url: str, method: str = "GET", body: Any = None) -> Any:
-    """One JSON request; raises ``ClientError`` with the daemon's error message."""
+def call(url: str, method: str = "GET", body: Any = None, token: str | None = None) -> Any:
+    """One JSON request with ``token`` (default: ``$GATEKEEPER_TOKEN``); raises
+    ``ClientError`` with the daemon's error message."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
-    token = os.environ.get(TOKEN_ENV)
+    token = token or os.environ.get(TOKEN_ENV)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     if data is not None:
@@ -80,7 +86,7 @@ def call(url: str, method: str = "GET", body: Any = None) -> Any:
             message = json.loads(exc.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = exc.reason
-        raise ClientError(f"HTTP {exc.code}: {message}") from None
+        raise ClientError(f"HTTP {exc.code}: {message}", exc.code) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ClientError(f"cannot reach gatekeeper at {url}: {reason}") from None
@@ -102,8 +108,10 @@ def run_actions_command(args: argparse.Namespace, config: Config) -> int:
 
 def run_rules_command(args: argparse.Namespace, config: Config) -> int:
     """``gatekeeper rules pause|resume|rearm RULE --reason ... [--item ID]``; 0 done,
-    1 refused."""
+    1 refused. ``gatekeeper rules signoff HASH [--comment ...]``: see ``run_signoff``."""
     url = base_url(config, args.url)
+    if args.rules_command == "signoff":
+        return run_signoff(url, args)
     path = f"{url}/v1/rules/{urllib.parse.quote(args.rule_id, safe='/')}/{args.rules_command}"
     body = {"reason": args.reason, **({"item": args.item} if args.item else {})}
     try:
@@ -122,10 +130,39 @@ def run_rules_command(args: argparse.Namespace, config: Config) -> int:
             acted = f", {plural(view['acted_on'], 'instance')} {verb}"
             if args.rules_command != "rearm":
                 acted += f" of {view['instances']}"
+        blocked = f"; blocked: {view['blocked']}" if view.get("blocked") else ""
         print(
             f"{name}: {args.rules_command} done{acted}; {state}, fired {view['fired_count']} "
-            f"time(s), gate {'open' if view['explanation']['gate_open'] else 'closed'}"
+            f"time(s), gate {'open' if view['explanation']['gate_open'] else 'closed'}{blocked}"
         )
+    return 0
+
+
+def run_signoff(url: str, args: argparse.Namespace) -> int:
+    """``gatekeeper rules signoff HASH [--comment TEXT]``: sign off the money rule with that
+    content hash, as the admin whose token is in ``GATEKEEPER_TOKEN``. Exit 0 signed off;
+    2 refused as bad input (a 4xx: not a content hash, no such rule, not a money rule,
+    signed by this admin before; nothing changed); 1 the daemon could not be reached or
+    failed."""
+    path = f"{url}/v1/money-rules/{urllib.parse.quote(args.content_hash, safe='')}/signoffs"
+    body = {"comment": args.comment} if args.comment else {}
+    try:
+        view = call(path, "POST", body)
+    except ClientError as exc:
+        print(f"gatekeeper rules signoff: {exc}", file=sys.stderr)
+        return 2 if exc.status is not None and 400 <= exc.status < 500 else 1
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return 0
+    status = view.get("signoff") or {}
+    signed = ", ".join(s["actor"] for s in status.get("signed_by", []))
+    missing = status.get("missing", 0)
+    now = "it runs live from its next evaluation" if view["mode"] == "live" else view["mode"]
+    more = f"{missing} more needed" if missing else now
+    print(
+        f"{view['id']} ({view['content_hash'][:12]}): signed off; "
+        f"{len(status.get('signed_by', []))} of {status.get('required', 0)} ({signed}); {more}"
+    )
     return 0
 
 
@@ -285,6 +322,8 @@ def run_audit_command(args: argparse.Namespace, config: Config) -> int:
         what = entry["what"]
         if entry.get("instances") is not None:  # an act on a per-item rule as a whole
             what = f"{what} ({plural(entry['instances'], 'instance')})"
+        if entry.get("rule_hash"):  # a sign-off: of which content hash
+            what = f"{what} {entry['rule_hash'][:12]}"
         print(f"{entry['at']}  {entry['kind']:<9} {rule}  {what}{who}{why}")
     more = (
         " (more: narrow the filters or use --json for next_cursor)" if page["next_cursor"] else ""

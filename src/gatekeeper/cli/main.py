@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="files or folders")
     check.add_argument("--format", choices=["text", "json", "github"], default="text")
 
+    from gatekeeper.cli.backtest import add_backtest_parser
     from gatekeeper.cli.emit import add_emit_parser
     from gatekeeper.cli.plan import add_explain_parser, add_plan_parser
     from gatekeeper.cli.ruletest import add_test_parser
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_test_parser(commands)
     add_plan_parser(commands)
     add_explain_parser(commands)
+    add_backtest_parser(commands)
 
     token = commands.add_parser("token", help="API tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
@@ -102,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     actions = commands.add_parser("actions", help="the outbox of a running daemon")
     actions_commands = actions.add_subparsers(dest="actions_command", required=True)
     listing = actions_commands.add_parser("list", help="list queued, delivered and dead actions")
-    listing.add_argument("--status", choices=["pending", "delivered", "dead", "cancelled"])
+    listing.add_argument(
+        "--status", choices=["pending", "delivered", "dead", "shadowed", "cancelled"]
+    )
     listing.add_argument("--limit", type=int, default=100)
     retry = actions_commands.add_parser("retry", help="requeue dead letters")
     retry.add_argument("action_ids", nargs="+", metavar="ACTION_ID")
@@ -137,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--item", help="only this instance (item id) of a per-item rule (for_each)"
         )
         rule_acts.append(parser_act)
+    signoff = rules_commands.add_parser(
+        "signoff",
+        help="sign off a money rule's content hash (the two-person rule, money_rule_approvals)",
+    )
+    signoff.add_argument("content_hash", metavar="HASH", help="the rule's content_hash")
+    signoff.add_argument("--comment", help="why (kept in the audit log)")
+    rule_acts.append(signoff)
     for sub in (listing, retry, cancel, escrows, *rule_acts):
         _add_client_options(sub)
 
@@ -181,11 +192,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         emitted: int = run_emit(args)
         return emitted
-    if args.command in ("test", "plan", "explain"):  # these load their config themselves
+    if args.command in ("test", "plan", "explain", "backtest"):  # they load their config
+        from gatekeeper.cli.backtest import run_backtest_command
         from gatekeeper.cli.plan import run_explain, run_plan
         from gatekeeper.cli.ruletest import run_test
 
-        runner = {"test": run_test, "plan": run_plan, "explain": run_explain}[args.command]
+        runner = {
+            "test": run_test,
+            "plan": run_plan,
+            "explain": run_explain,
+            "backtest": run_backtest_command,
+        }[args.command]
         exit_code: int = runner(args)
         return exit_code
     if args.config is not None and not args.config.is_file():

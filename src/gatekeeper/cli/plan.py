@@ -33,11 +33,11 @@ import re
 import sys
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, Protocol, TextIO
 
 from gatekeeper.cli.client import ClientError, base_url, call
 from gatekeeper.cli.output import (
@@ -54,6 +54,7 @@ from gatekeeper.engine.evaluate import Engine
 from gatekeeper.engine.facts import FactTable, ProjectFacts
 from gatekeeper.engine.ledger import EscrowBook
 from gatekeeper.engine.model import Decision, QueuedAction, RuleState
+from gatekeeper.engine.signoffs import signoff_status
 from gatekeeper.expr import TIME_RECHECK, ExpressionError, compile_condition, next_change_at
 from gatekeeper.rules.loader import LoadResult, load_rule_texts, load_rules_dir
 from gatekeeper.rules.model import Rule, Ruleset
@@ -78,6 +79,12 @@ class PlannedFiring:
     @property
     def blocked(self) -> bool:
         return self.decision.outcome == "blocked"
+
+    @property
+    def shadowed(self) -> bool:
+        """It would fire in shadow (``mode: shadow``, or a money rule awaiting sign-off):
+        nothing of it would be sent."""
+        return self.decision.outcome == "shadowed"
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,17 @@ class Plan:
     item: str | None = None
     """``--item``: list only this instance of each per-item rule (the totals, the summary
     and ``--fail-on`` still count every firing)."""
+    awaiting_signoff: list[dict[str, Any]] = field(default_factory=list)
+    """The money rules of the ruleset that would await sign-off (``money_rule_approvals``):
+    ``signoff_status`` with the rule id and what their shadowed firings of the same content
+    hash would have released so far (``shadowed_releases``, from the snapshot)."""
+    waiting: list[RuleState] = field(default_factory=list)
+    """The instances of rules not evaluated (unchanged) whose release is blocked in the
+    deployment (``RuleState.blocked``): they stay blocked on deploy."""
+
+    def shows_state(self, state: RuleState) -> bool:
+        """``shows`` for an instance's state."""
+        return self.item is None or not state.instance or state.instance == self.item
 
     def shows(self, decision: Decision) -> bool:
         """Whether the plan's listing shows ``decision`` (``item`` narrows the instances of
@@ -127,14 +145,16 @@ class Plan:
 
     @property
     def sends_release(self) -> bool:
-        """True when some firing would send a release (blocked ones send none)."""
-        return any(a.kind == "release" for f in self.firings for a in f.actions)
+        """True when some firing would send a release (blocked and shadowed ones send
+        none)."""
+        return any(a.kind == "release" and not a.shadowed for f in self.firings for a in f.actions)
 
     def trips(self, fail_on: FailOn) -> bool:
-        """Whether ``--fail-on fail_on`` makes the plan fail."""
+        """Whether ``--fail-on fail_on`` makes the plan fail (a firing in shadow, which
+        sends nothing, never does)."""
         if fail_on == "release":
             return self.sends_release
-        return fail_on == "any" and bool(self.firings)
+        return fail_on == "any" and any(not f.shadowed for f in self.firings)
 
 
 def plan_deploy(
@@ -142,7 +162,7 @@ def plan_deploy(
 ) -> Plan:
     """Plan deploying ``ruleset`` on top of ``snapshot`` at ``now``: evaluate, as the daemon does
     on a reload, every rule that is new or whose content hash changed."""
-    engine = Engine.for_config(ruleset, config)
+    engine = Engine.for_config(ruleset, config, signed=snapshot.signed)
     deployed = snapshot.deployed
     added: list[Rule] = []
     changed: list[Rule] = []
@@ -189,7 +209,41 @@ def plan_deploy(
         decisions=transition.decisions,
         firings=firings,
         releases=_release_totals(transition.ledger, book),
+        awaiting_signoff=_awaiting_signoff(engine, snapshot),
+        waiting=_waiting(snapshot, engine, evaluated),
     )
+
+
+def _waiting(snapshot: Snapshot, engine: Engine, evaluated: Iterable[Rule]) -> list[RuleState]:
+    """The blocked instances (``RuleState.blocked``) of the live rules not ``evaluated``, by
+    rule id and item."""
+    skip = {rule.id for rule in evaluated}
+    return sorted(
+        (
+            state
+            for state in snapshot.states.values()
+            if state.blocked is not None and state.rule_id in engine.rules
+            if state.rule_id not in skip
+        ),
+        key=lambda state: (state.rule_id, state.instance),
+    )
+
+
+def _awaiting_signoff(engine: Engine, snapshot: Snapshot) -> list[dict[str, Any]]:
+    """The money rules of ``engine``'s ruleset that await sign-off, each with its sign-off
+    status and what its shadowed firings of that content hash would have released."""
+    awaiting = []
+    for rule in engine.ruleset.rules:
+        status = signoff_status(rule, engine.signoffs)
+        if status is None or not status["missing"] or rule.mode == "shadow":
+            continue
+        shadowed = [
+            s.to_json()
+            for s in snapshot.shadowed
+            if (s.rule_id, s.rule_hash) == (rule.id, rule.content_hash)
+        ]
+        awaiting.append({"id": rule.id, **status, "shadowed_releases": shadowed})
+    return awaiting
 
 
 def _release_totals(ledger: Iterable[Any], book: EscrowBook) -> list[EscrowTotal]:
@@ -237,6 +291,7 @@ def plan_report(plan: Plan, fail_on: FailOn) -> dict[str, Any]:
                 **_rule_ref(plan, f.rule),
                 **({"item": f.decision.instance} if f.decision.instance else {}),
                 "fire": f.rule.fire,
+                "mode": f.decision.mode,
                 "outcome": f.decision.outcome,
                 "firing_id": f.decision.firing_id,
                 "reason": f.decision.reason,
@@ -258,6 +313,15 @@ def plan_report(plan: Plan, fail_on: FailOn) -> dict[str, Any]:
             for d in plan.decisions
             if d.firing_id is None and plan.shows(d)
         ],
+        "blocked": [
+            {
+                "id": state.rule_id,
+                **({"item": state.instance} if state.instance else {}),
+                "reason": state.blocked,
+            }
+            for state in plan.waiting
+            if plan.shows_state(state)
+        ],
         "releases": [
             {
                 "escrow": t.escrow,
@@ -268,6 +332,7 @@ def plan_report(plan: Plan, fail_on: FailOn) -> dict[str, Any]:
             }
             for t in plan.releases
         ],
+        "awaiting_signoff": plan.awaiting_signoff,
         "notes": plan.snapshot.notes,
         "item": plan.item,
         "fail_on": fail_on,
@@ -309,23 +374,39 @@ def plan_text(plan: Plan, fail_on: FailOn) -> list[str]:
     if plan.item is not None:
         lines.append(f"Instances of per-item rules: only item {plan.item!r} (--item)")
     shown = [f for f in plan.firings if plan.shows(f.decision)]
-    fired = [f for f in shown if not f.blocked]
+    fired = [f for f in shown if not f.blocked and not f.shadowed]
     blocked = [f for f in shown if f.blocked]
+    shadowed = [f for f in shown if f.shadowed]
     lines.append(f"Would fire on deploy: {plural(len(fired), 'rule')}")
     for firing in fired:
         name = decision_name(firing.decision)
         lines.append(f"  {name}  ({firing.rule.fire}, {_location(plan, firing.rule)})")
         lines += [f"    {describe_action(a)}" for a in firing.actions]
+    if shadowed:
+        lines.append(
+            f"Would fire in shadow on deploy (nothing sent): {plural(len(shadowed), 'rule')}"
+        )
+        for firing in shadowed:
+            name = decision_name(firing.decision)
+            lines.append(f"  {name}  ({firing.decision.mode}, {_location(plan, firing.rule)})")
+            lines += [f"    {describe_action(a)}" for a in firing.actions]
     if blocked:
         lines.append(f"Would be blocked on deploy: {plural(len(blocked), 'rule')}")
         for firing in blocked:
             lines.append(f"  {decision_name(firing.decision)}  ({_location(plan, firing.rule)})")
             lines.append(f"    blocked: {firing.decision.reason}")
             lines += [f"    {describe_action(a)}" for a in firing.actions]
+    if plan.awaiting_signoff:
+        lines.append(f"Money rules awaiting sign-off: {plural(len(plan.awaiting_signoff), 'rule')}")
+        lines += [f"  {line}" for rule in plan.awaiting_signoff for line in _awaiting_lines(rule)]
     quiet = [d for d in plan.decisions if d.firing_id is None and plan.shows(d)]
     if quiet:
         lines.append(f"Evaluated, would not fire: {plural(len(quiet), 'rule')}")
         lines += [f"  {decision_name(d)}: {_why_not(plan, d)}" for d in quiet]
+    waiting = [state for state in plan.waiting if plan.shows_state(state)]
+    if waiting:
+        lines.append(f"Blocked in the deployment, unchanged: {plural(len(waiting), 'rule')}")
+        lines += [f"  {_state_name(state)}: blocked: {state.blocked}" for state in waiting]
     if plan.releases:
         lines.append("Releases by escrow:")
         for total in plan.releases:
@@ -339,6 +420,27 @@ def plan_text(plan: Plan, fail_on: FailOn) -> list[str]:
     return lines
 
 
+def _awaiting_lines(rule: Mapping[str, Any]) -> list[str]:
+    """A money rule awaiting sign-off in the plan's text: who signed, how many more are
+    needed, and what its shadowed firings would have released so far."""
+    signed = ", ".join(s["actor"] for s in rule["signed_by"]) or "nobody"
+    lines = [
+        f"{rule['id']}  (content hash {rule['content_hash'][:12]}): signed off by {signed}; "
+        f"{rule['missing']} more of {rule['required']} needed "
+        f"(gatekeeper rules signoff {rule['content_hash']})"
+    ]
+    for held in rule["shadowed_releases"]:
+        lines.append(
+            f"  shadowed meanwhile: {plural(held['count'], 'release')}, {held['amount']} "
+            f"{held['currency']} from {held['escrow']} (not sent)"
+        )
+    return lines
+
+
+def _state_name(state: RuleState) -> str:
+    return f"{state.rule_id}[{state.instance}]" if state.instance else state.rule_id
+
+
 def decision_name(decision: Decision) -> str:
     """The rule a decision is about, ``rule[item]`` for an instance of a per-item rule."""
     return f"{decision.rule_id}[{decision.instance}]" if decision.instance else decision.rule_id
@@ -346,12 +448,16 @@ def decision_name(decision: Decision) -> str:
 
 def plan_summary(plan: Plan, fail_on: FailOn) -> str:
     """One line: what would happen, and whether ``--fail-on`` trips."""
-    if not plan.firings:
+    live = [f for f in plan.firings if not f.shadowed]
+    if not live:
         text = "nothing would fire on deploy"
     else:
-        text = f"{plural(len(plan.firings), 'rule')} would fire on deploy"
+        text = f"{plural(len(live), 'rule')} would fire on deploy"
         money = ", ".join(f"{t.amount} {t.currency} from {t.escrow}" for t in plan.releases)
         text += f", releasing {money}" if money else ", releasing nothing"
+    in_shadow = len(plan.firings) - len(live)
+    if in_shadow:
+        text += f" ({plural(in_shadow, 'more rule')} in shadow, sending nothing)"
     verdict = "FAILED" if plan.trips(fail_on) else "PLAN"
     if verdict == "FAILED":
         text += f" (--fail-on {fail_on})"
@@ -368,6 +474,8 @@ def plan_github(plan: Plan, fail_on: FailOn) -> list[str]:
             continue
         level = "error" if _firing_trips(firing, fail_on) else "warning"
         verb = "would be blocked on deploy" if firing.blocked else "would fire on deploy"
+        if firing.shadowed:
+            level, verb = "notice", f"would fire in shadow ({firing.decision.mode}) on deploy"
         what = "; ".join(describe_action(a) for a in firing.actions) or "no actions"
         message = f"rule {decision_name(firing.decision)} {verb}: {what}"
         if firing.blocked:
@@ -385,6 +493,8 @@ def plan_github(plan: Plan, fail_on: FailOn) -> list[str]:
 
 
 def _firing_trips(firing: PlannedFiring, fail_on: FailOn) -> bool:
+    if firing.shadowed:
+        return False
     if fail_on == "any":
         return True
     return fail_on == "release" and any(a.kind == "release" for a in firing.actions)
@@ -417,6 +527,11 @@ def _why_not(plan: Plan, decision: Decision) -> str:
         return f"already fired ({plural(state.fired_count, 'time')}; fire: once)"
     if decision.outcome == "still_met":
         return "its gate was already open (each_time fires on the next closed -> open change)"
+    if decision.outcome == "still_blocked":
+        return (
+            f"blocked: {decision.reason} (it has not fired; a re-arm, a change of its escrow "
+            "or its gate opening again tries its release again)"
+        )
     if decision.outcome == "paused":
         return "paused"
     if decision.outcome == "awaiting_approvals":
@@ -434,7 +549,21 @@ def _why_not(plan: Plan, decision: Decision) -> str:
     return "condition false" + (f": `{_one_line(false[0])}` is false" if false else "")
 
 
-def describe_action(action: QueuedAction) -> str:
+class RenderedAction(Protocol):
+    """What ``describe_action`` reads of an action: a ``QueuedAction``, or a backtest's
+    ``ActionRecord``."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def target(self) -> str: ...
+
+    @property
+    def payload(self) -> Mapping[str, Any]: ...
+
+
+def describe_action(action: RenderedAction) -> str:
     """One line for a rendered action, e.g. ``release escrow-bank: 5000.00 USD from
     tower-a-escrow to acme-architects``."""
     payload = action.payload
@@ -531,6 +660,11 @@ def explanation_lines(
     if explanation.get("last_fired_at"):
         state += f", last at {explanation['last_fired_at']}"
     lines.append(state + (", PAUSED" if explanation["paused"] else ""))
+    if explanation.get("blocked"):
+        lines.append(
+            f"BLOCKED: {explanation['blocked']} (it has not fired; a re-arm, a change of its "
+            "escrow or its gate opening again tries its release again)"
+        )
     return lines
 
 
@@ -598,7 +732,13 @@ def explain_rule(
             "file": file or rule.file,
             "line": rule.line,
             "content_hash": rule.content_hash,
+            "mode": engine.mode_of(rule),
             **({"for_each": rule.for_each} if rule.for_each is not None else {}),
+            **(
+                {"signoff": status}
+                if (status := signoff_status(rule, engine.signoffs)) is not None
+                else {}
+            ),
         },
         **(_instances_report(rule, snapshot, item) if rule.for_each is not None else {}),
         "source": snapshot.source,
@@ -783,7 +923,7 @@ def run_explain(args: argparse.Namespace, out: TextIO | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    engine = Engine.for_config(ruleset, config)
+    engine = Engine.for_config(ruleset, config, signed=snapshot.signed)
     file = rule_path(rules_dir, rule) if rules_dir is not None else None
     try:
         report = explain_rule(rule, engine, snapshot, now, file, item)
@@ -811,6 +951,15 @@ def explain_text(
     if rule.description:
         lines.append(f"  {rule.description}")
     lines.append(f"when: {_one_line(info['when'])}")
+    if info["mode"] != "live":
+        lines.append(f"mode: {info['mode']} (its firings are stored as shadowed, never sent)")
+    signoff = info.get("signoff")
+    if signoff is not None:
+        signed = ", ".join(s["actor"] for s in signoff["signed_by"]) or "nobody"
+        lines.append(
+            f"sign-offs of content hash {signoff['content_hash'][:12]}: "
+            f"{len(signoff['signed_by'])} of {signoff['required']} ({signed})"
+        )
     instances = report.get("instances")
     if instances is not None:
         listed = ", ".join(instances["items"]) or "none"

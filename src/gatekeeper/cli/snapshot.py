@@ -8,10 +8,14 @@ Snapshot file (JSON)::
     {
       "facts": [{"project", "kind", "id", "data", ...}],         # as GET /v1/facts answers
       "rule_states": [{"rule_id", "fired_count", "gate_open",
-                       "rearms"?, "paused"?, "last_fired_at"?}],  # which rules fired
+                       "rearms"?, "paused"?, "last_fired_at"?,
+                       "blocked"?, "blocks"?}],                 # which rules fired
       "approvals": {rule_id: {subject: "approve" | "reject"}},  # standing decisions
       "ruleset": {"version", "rules": {rule_id: content_hash}},   # what is deployed
-      "escrows": [{"escrow", "released", "pending", "unconfirmed", ...}]  # GET /v1/escrows
+      "escrows": [{"escrow", "released", "pending", "unconfirmed", ...}], # GET /v1/escrows
+      "signoffs": {content_hash: [{"actor", "at", "comment"}]},    # money rules signed off
+      "shadowed_releases": [{"rule_id", "rule_hash", "escrow", "currency", "count",
+                             "amount", "first_release_id"}]        # what shadow firings held
     }
 
 Only ``facts`` is required, so a plain ``GET /v1/facts`` body is a snapshot too; what it does
@@ -37,8 +41,10 @@ from jsonschema import Draft202012Validator  # type: ignore[import-untyped, unus
 from gatekeeper.cli.client import call, call_pages
 from gatekeeper.cli.output import display_path
 from gatekeeper.engine.facts import FactTable
-from gatekeeper.engine.model import InstanceKey, RuleState, Stand
+from gatekeeper.engine.model import InstanceKey, RuleState, SignOff, Stand
+from gatekeeper.engine.signoffs import SignedOff
 from gatekeeper.jsonwire import json_path
+from gatekeeper.store.records import ShadowedReleases
 
 SNAPSHOT_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -85,6 +91,12 @@ SNAPSHOT_SCHEMA: dict[str, Any] = {
                     "rearms": {"type": "integer", "minimum": 0},
                     "paused": {"type": "boolean"},
                     "last_fired_at": {"type": ["string", "null"]},
+                    "blocked": {
+                        "type": "string",
+                        "description": "Why its last firing's release was refused (it has "
+                        "not fired; it waits).",
+                    },
+                    "blocks": {"type": "integer", "minimum": 0},
                 },
             },
         },
@@ -102,6 +114,39 @@ SNAPSHOT_SCHEMA: dict[str, Any] = {
             "properties": {
                 "version": {"type": ["string", "null"]},
                 "rules": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+        "signoffs": {
+            "type": "object",
+            "description": "content hash -> the admins who signed off that money rule.",
+            "additionalProperties": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["actor"],
+                    "properties": {
+                        "actor": {"type": "string", "minLength": 1},
+                        "at": {"type": ["string", "null"]},
+                        "comment": {"type": ["string", "null"]},
+                    },
+                },
+            },
+        },
+        "shadowed_releases": {
+            "type": "array",
+            "description": "What shadowed firings would have released, per rule version.",
+            "items": {
+                "type": "object",
+                "required": ["rule_id", "rule_hash", "escrow", "currency", "count", "amount"],
+                "properties": {
+                    "rule_id": {"type": "string"},
+                    "rule_hash": {"type": "string"},
+                    "escrow": {"type": "string"},
+                    "currency": {"type": "string"},
+                    "count": {"type": "integer", "minimum": 1},
+                    "amount": {"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?$"},
+                    "first_release_id": {"type": "string"},
+                },
             },
         },
         "escrows": {
@@ -150,6 +195,10 @@ class Snapshot:
     committed: dict[str, Decimal]
     notes: list[str] = field(default_factory=list)
     fact_count: int = 0
+    signed: SignedOff = field(default_factory=dict)
+    """The sign-offs of money rules, by content hash (``money_rule_approvals``)."""
+    shadowed: list[ShadowedReleases] = field(default_factory=list)
+    """What shadowed firings would have released, per rule version, escrow and currency."""
 
 
 def load_snapshot(path: Path) -> Snapshot:
@@ -187,6 +236,8 @@ def snapshot_from_json(data: Any, source: str) -> Snapshot:
             paused=item.get("paused", False),
             rearms=item.get("rearms", 0),
             instance=item.get("instance", ""),
+            blocked=item.get("blocked"),
+            blocks=item.get("blocks", 0),
         )
         for item in data.get("rule_states", [])
     }
@@ -218,6 +269,25 @@ def snapshot_from_json(data: Any, source: str) -> Snapshot:
         committed=_committed(data.get("escrows", []), source),
         notes=notes,
         fact_count=len(data["facts"]),
+        signed={
+            content_hash: {
+                s["actor"]: SignOff(content_hash, "", s["actor"], s.get("comment"))
+                for s in signoffs
+            }
+            for content_hash, signoffs in data.get("signoffs", {}).items()
+        },
+        shadowed=[
+            ShadowedReleases(
+                s["rule_id"],
+                s["rule_hash"],
+                s["escrow"],
+                s["currency"],
+                s["count"],
+                Decimal(s["amount"]),
+                s.get("first_release_id", ""),
+            )
+            for s in data.get("shadowed_releases", [])
+        ],
     )
 
 
@@ -280,6 +350,8 @@ def fetch_snapshot(url: str, detail: Callable[[Mapping[str, str]], Iterable[str]
                 "fired_count": rule["fired_count"],
                 "gate_open": rule["gate_open"],
                 "last_fired_at": rule.get("last_fired_at"),
+                **({"blocked": rule["blocked"]} if rule.get("blocked") is not None else {}),
+                **({"blocks": rule["blocks"]} if rule.get("blocks") else {}),
             }
             for rule in rules["rules"]
             if "for_each" not in rule  # a per-item rule's states are its instances'
@@ -304,6 +376,16 @@ def fetch_snapshot(url: str, detail: Callable[[Mapping[str, str]], Iterable[str]
             "approvals": approvals,
             "ruleset": {"version": ruleset.get("version"), "rules": hashes},
             "escrows": escrows["escrows"],
+            "signoffs": {
+                rule["signoff"]["content_hash"]: rule["signoff"]["signed_by"]
+                for rule in rules["rules"]
+                if rule.get("signoff")
+            },
+            "shadowed_releases": [
+                {"rule_id": rule["id"], "rule_hash": rule["content_hash"], **shadowed}
+                for rule in rules["rules"]
+                for shadowed in rule.get("shadowed_releases", [])
+            ],
         }
     except (KeyError, TypeError, ValueError) as error:
         raise SnapshotError(url, [f"unexpected answer from the daemon: {error!r}"]) from None

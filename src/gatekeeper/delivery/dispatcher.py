@@ -201,12 +201,14 @@ class Dispatcher:
 
     def hand_over(self, actions: Sequence[QueuedAction], request_id: str | None) -> None:
         """Deliver ``actions``, caused by request ``request_id``, without querying the
-        outbox for them. Call only once their outbox rows are COMMITTED: an action is never
-        sent before its row is durable. Beyond ``MAX_READY`` waiting actions the rest are
-        left to an outbox query."""
+        outbox for them (shadowed ones are skipped: they are never sent). Call only once
+        their outbox rows are COMMITTED: an action is never sent before its row is durable.
+        Beyond ``MAX_READY`` waiting actions the rest are left to an outbox query."""
         if self._stopping:
             return
         for action in actions:
+            if action.shadowed:  # stored to be shown, never sent
+                continue
             action_id = action.action_id
             if (
                 action_id in self._in_flight

@@ -32,6 +32,23 @@ is ``blocked``, whatever the depth. A firing is also ``blocked`` when a release 
 fit its escrow or a template name has no value; nothing of a blocked firing is sent or
 recorded but the alert.
 
+A rule runs in its *effective mode* (``signoffs.effective_mode``): ``live``, ``shadow``
+(``mode: shadow``) or ``awaiting_signoff`` (a money rule whose content hash lacks the
+sign-offs ``money_rule_approvals`` asks for). Out of ``live`` it decides and records as
+usual (state, firing ids, a ``once`` firing used up, approvals consumed), but a firing's
+outcome is ``shadowed`` and everything it queues is a shadowed action: stored, never sent;
+no ledger entry, nothing counted against an escrow, no fact set (a ``set_fact`` is stored
+as a shadowed action of kind ``set_fact``). The first shadowed release of a money rule
+awaiting sign-off tells the alert target, once per content hash
+(``money_rule_awaiting_signoff``).
+
+A firing blocked by its release (over the escrow's limit, another currency, a bad amount
+read from a fact) does not count as the instance's firing: its state keeps the reason
+(``RuleState.blocked``) and the firing's number (``blocks``), and while its gate stays open
+later evaluations find it ``still_blocked`` (no new attempt, no new alert). It tries again
+at a new edge of its gate, when re-armed, under a new version of the rule, or when planned
+with ``retry`` (a change of its escrow); an ``each_fact`` rule tries at every fact.
+
 The caller (the runtime's ``Writer``, ``gatekeeper.runtime.ingest``) commits the returned
 ``Transition`` in one transaction and only then applies it to its in-memory state.
 """
@@ -40,16 +57,16 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import ChainMap, defaultdict
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from gatekeeper.clock import format_rfc3339
-from gatekeeper.config import Config
+from gatekeeper.config import Config, Escrow
 from gatekeeper.engine.facts import FactTable, ProjectFacts
-from gatekeeper.engine.ledger import EscrowBook, LedgerEntry
+from gatekeeper.engine.ledger import EscrowBook, LedgerEntry, checked_amount
 from gatekeeper.engine.model import (
     AdminAct,
     ApprovalInput,
@@ -57,6 +74,7 @@ from gatekeeper.engine.model import (
     CausedBy,
     Consumption,
     Decision,
+    EffectiveMode,
     FactInput,
     FactKey,
     InstanceKey,
@@ -69,6 +87,7 @@ from gatekeeper.engine.model import (
     evaluation_to_json,
     split_fact_name,
 )
+from gatekeeper.engine.signoffs import SignedOff, SignOffBook, effective_mode
 from gatekeeper.expr import Evaluation, FactRef, Item
 from gatekeeper.rules.model import (
     FACT_ID,
@@ -83,9 +102,12 @@ from gatekeeper.rules.model import (
     SetFactAction,
 )
 from gatekeeper.rules.templates import (
+    MISSING,
     Resolve,
     TemplateError,
+    amount_value,
     render_template,
+    render_value,
     slack_escape,
     template_resolver,
 )
@@ -127,9 +149,11 @@ class _Entry:
         "fire",
         "for_each",
         "id",
+        "money",
         "plain",
         "project",
         "rule",
+        "shadow",
     )
 
     def __init__(self, rule: Rule, project: str) -> None:
@@ -144,6 +168,8 @@ class _Entry:
         self.event = rule.fire == "each_fact"
         self.plain = rule.for_each is None and not self.event
         """One instance, decided once per batch (no ``for_each``, not an event rule)."""
+        self.shadow = rule.mode == "shadow"
+        self.money = rule.release is not None
 
 
 def _entries(entries: Mapping[str, _Entry], rules: Iterable[Rule]) -> tuple[_Entry, ...]:
@@ -171,6 +197,8 @@ class Engine:
     set a fact deeper than the bound is ``blocked`` (nothing of it is recorded or sent) and
     the alert target is told. ``target_formats`` maps a target name to its message format
     (``"slack"`` targets get ``&``, ``<``, ``>`` escaped in substituted template values).
+    ``signoffs`` holds ``money_rule_approvals`` and the sign-offs recorded so far (read at
+    each decision: the runtime adds a sign-off to it once committed); None: none required.
     """
 
     def __init__(
@@ -181,8 +209,10 @@ class Engine:
         new_action_id: Callable[[], str] = uuid_action_id,
         max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
         target_formats: Mapping[str, str] | None = None,
+        signoffs: SignOffBook | None = None,
     ) -> None:
         self.ruleset = ruleset
+        self.signoffs = signoffs if signoffs is not None else SignOffBook()
         self.alert_target = alert_target
         self.new_action_id = new_action_id
         self.max_chain_depth = max_chain_depth
@@ -233,16 +263,24 @@ class Engine:
         config: Config,
         *,
         new_action_id: Callable[[], str] = uuid_action_id,
+        signed: SignedOff | None = None,
     ) -> Engine:
         """An engine for ``ruleset`` as ``config`` (``gatekeeper.yaml``) sets it up: its
-        alert target, ``max_chain_depth`` and each target's message format."""
+        alert target, ``max_chain_depth``, each target's message format and
+        ``money_rule_approvals``, with the sign-offs ``signed`` (``SignOffBook.signed``,
+        shared, not copied: the runtime adds to it; None: none yet)."""
         return cls(
             ruleset,
             alert_target=config.alert_target,
             new_action_id=new_action_id,
             max_chain_depth=config.max_chain_depth,
             target_formats={name: target.format for name, target in config.targets.items()},
+            signoffs=SignOffBook(config.money_rule_approvals, signed if signed is not None else {}),
         )
+
+    def mode_of(self, rule: Rule) -> EffectiveMode:
+        """The mode ``rule`` runs in now (``signoffs.effective_mode``)."""
+        return effective_mode(rule, self.signoffs)
 
     def _index(self, rule: Rule, ref: FactRef) -> None:
         if ref.id is None:
@@ -460,6 +498,7 @@ class Engine:
         approvals: ApprovalStanding | None = None,
         record_unchanged: bool = True,
         record_first: bool = True,
+        retry: Collection[str] = (),
     ) -> Transition:
         """Plan evaluating ``rules`` without a new fact (a reload, or the clock moving on):
         every instance of each (every fact of a per-item rule's kind), see
@@ -476,6 +515,7 @@ class Engine:
             record_unchanged=record_unchanged,
             record_first=record_first,
             rules={rule.id: rule for rule in rules},
+            retry=retry,
         )
 
     def plan_instances(
@@ -491,6 +531,7 @@ class Engine:
         record_unchanged: bool = True,
         record_first: bool = True,
         rules: Mapping[str, Rule] | None = None,
+        retry: Collection[str] = (),
     ) -> Transition:
         """Plan evaluating the rule instances ``keys`` without a new fact (a reload, the
         clock moving on): an instance whose item no longer exists is skipped. Facts set by
@@ -505,7 +546,13 @@ class Engine:
         the gate stays closed or open), it keeps its new state (which records the version,
         so the next reload skips it) without a decision; ``plan`` and rule tests keep those
         decisions to show every instance. ``rules`` resolves rule ids (default: this
-        engine's rules)."""
+        engine's rules).
+
+        ``retry`` names rules whose blocked instances (``RuleState.blocked``, the gate still
+        open) try their release again (an escrow they release from changed): each is
+        decided as if its gate had just opened. (A new version of a rule tries its blocked
+        instances again anyway: an instance is held ``still_blocked`` only under the version
+        that blocked it.)"""
         book = book if book is not None else EscrowBook({})
         rules = rules if rules is not None else self.rules
         transition = Transition(planned_at=now)
@@ -513,11 +560,14 @@ class Engine:
             rule = rules[rule_id]
             key = (rule_id, item)
             before = states.get(key) or RuleState(rule_id, instance=item)
+            seen = states
+            if before.blocked is not None and before.gate_open and rule_id in retry:
+                before = replace(before, gate_open=False)  # a fresh edge: try again
+                # ChainMap only reads the maps after its first: the states are not copied
+                seen = ChainMap({key: before}, cast(MutableMapping[InstanceKey, RuleState], states))
             entry = _Entry(rule, rule.project)
             count = len(transition.decisions)
-            self._decide(
-                transition, entry, item, facts, states, now, trigger, None, book, approvals
-            )
+            self._decide(transition, entry, item, facts, seen, now, trigger, None, book, approvals)
             if len(transition.decisions) == count:
                 continue  # no such instance (its item is gone)
             decision = transition.decisions[-1]
@@ -548,7 +598,8 @@ class Engine:
         whole: RuleState | None = None,
     ) -> dict[str, Any]:
         """The rule's current explanation (JSON-ready): gate, sub-conditions, missing facts,
-        approvals counted, whether it is paused and how often it fired. ``item`` names the
+        approvals counted, whether it is paused, how often it fired and why its release is
+        blocked (``blocked``: the reason, None when it is not). ``item`` names the
         instance of a per-item rule (``KeyError`` when it has no such instance; ``""`` for
         a plain rule, or a per-item rule explained without an item: its ``item`` names are
         missing and ``item`` is None). ``whole`` is the state of a per-item rule as a whole
@@ -570,6 +621,7 @@ class Engine:
             "fired_count": state.fired_count,
             "rearms": state.rearms,
             "last_fired_at": state.last_fired_at,
+            "blocked": state.blocked,
             "evaluated_at": format_rfc3339(now),
         }
         if rule.for_each is not None:  # without an item: its names are missing
@@ -641,7 +693,8 @@ class Engine:
         - ``resume`` lifts that pause; an instance paused by its item stays paused (its own
           reason stands). When the rule as a whole is not paused, it resumes every instance
           paused by its item instead;
-        - ``rearm`` re-arms every instance that fired since it was last armed.
+        - ``rearm`` re-arms every instance that fired since it was last armed, or whose
+          release is blocked (it tries again at once when its gate is open).
 
         Raises ``KeyError`` when the rule has no instance ``act.instance``, ``ValueError``
         when the act does not apply (re-arming an each_time rule, or a rule that has not
@@ -749,7 +802,7 @@ class Engine:
                 entry.rule, _standing_of(transition, standing, rule_id, item), now
             )
             gate_open = value and bool(approvals["satisfied"])
-        outcome = _outcome(entry.fire, state, value, gate_open, trigger)
+        outcome = _outcome(entry.fire, state, value, gate_open, trigger, entry.content_hash)
         if outcome == "fired" and for_each is not None:
             whole = transition.rule_states.get((rule_id, "")) or states.get((rule_id, ""))
             if whole is not None and whole.paused:  # paused as a whole (rule_paused)
@@ -757,28 +810,47 @@ class Engine:
         decided_at = _format_now(now)
         firing_id = None
         reason = None
+        mode: EffectiveMode = "live"
+        if entry.shadow or entry.money:  # else live, without a look at the sign-offs
+            mode = effective_mode(entry.rule, self.signoffs)
         content_hash = entry.content_hash
         if state.gate_open is gate_open and state.rule_hash == content_hash:
             new_state = state  # unchanged (the common case): no copy
         else:
             new_state = replace(state, gate_open=gate_open, rule_hash=content_hash)
-        if outcome == "fired":
+        if outcome == "still_blocked":
+            reason = state.blocked
+        elif outcome == "fired":
             rule = entry.rule
-            n = state.fired_count + 1
+            n = state.fired_count + state.blocks + 1
             firing_id = f"{rule_id}#{n}" if for_each is None else f"{rule_id}[{item}]#{n}"
-            new_state = replace(new_state, fired_count=n, last_fired_at=decided_at)
             firing = _Firing(rule, item, data, firing_id, now, depth + 1, evaluation, lookup, chain)
-            blocked = self._queue_firing(transition, firing, book)
+            shadowed = mode != "live"
+            blocked = self._queue_firing(transition, firing, book, shadowed)
+            if blocked is not None and blocked[1] == "release_blocked":
+                # the release was refused: nothing happened, the instance has not fired
+                new_state = replace(new_state, blocks=state.blocks + 1, blocked=blocked[0])
+            else:
+                new_state = replace(
+                    new_state,
+                    fired_count=state.fired_count + 1,
+                    last_fired_at=decided_at,
+                    blocked=None,
+                )
             if blocked is not None:
                 outcome = "blocked"
                 reason, alert = blocked
-                self._queue_alert(transition, rule, firing_id, now, reason, alert, item)
+                self._queue_alert(transition, rule, firing_id, now, reason, alert, item, shadowed)
             elif approvals is not None and _consumes(entry) and approvals["approved_by"]:
                 used = tuple(approvals["approved_by"])
                 transition.consumed.append(Consumption(rule_id, item, used, firing_id))
                 approvals = {**approvals, "consumed": list(used)}
                 # the firing used the approvals up: the gate is closed until new ones come
                 new_state = replace(new_state, gate_open=False)
+            if shadowed and blocked is None:  # decided as live, nothing of it sent
+                outcome = "shadowed"
+                if mode == "awaiting_signoff":
+                    new_state = self._signoff_alert(transition, states, firing, new_state)
         notice_id = None
         if approvals is not None and entry.approvals is not None and entry.approvals.notify:
             new_state, notice_id = self._notice(
@@ -806,6 +878,7 @@ class Engine:
         fields["instance"] = item
         fields["item_kind"] = for_each or ""
         fields["notice_id"] = notice_id
+        fields["mode"] = mode
         transition.decisions.append(decision)
 
     def _notice(
@@ -829,7 +902,7 @@ class Engine:
             entry.fire != "once" or state.fired_count <= state.rearms
         )
         if not waiting:
-            if state.notified and outcome in ("not_met", "fired", "blocked"):
+            if state.notified and outcome in ("not_met", "fired", "blocked", "shadowed"):
                 return replace(state, notified=False), None
             return state, None
         if state.notified:
@@ -866,18 +939,28 @@ class Engine:
         return replace(state, notified=True, notices=n), notice_id
 
     def _queue_firing(
-        self, transition: Transition, firing: _Firing, book: EscrowBook
+        self, transition: Transition, firing: _Firing, book: EscrowBook, shadowed: bool = False
     ) -> tuple[str, str] | None:
         """Queue what ``firing`` does (actions, ledger entries, facts it sets), or nothing
         and return why it is blocked and the alert to send: a release refused by the ledger
         (``release_blocked``), a loop (an instance already in the firing's chain), a fact
         set deeper than ``max_chain_depth`` or a template name without a value
-        (``firing_blocked``)."""
+        (``firing_blocked``). A ``shadowed`` firing is checked the same way, but queues
+        only shadowed actions (its facts to set among them): no ledger entry, nothing
+        committed to ``book``, no fact."""
         rule = firing.rule
         loop = loop_refusal(rule, firing.item, firing.chain)
         if loop is not None:
             return loop, "firing_blocked"
-        reason = book.refusal_of_all(r for r in rule.actions if isinstance(r, ReleaseAction))
+        try:
+            amounts = release_amounts(firing, book.escrows)
+        except ReleaseBlocked as exc:
+            return str(exc), "release_blocked"
+        reason = book.refusal_of_all(
+            replace(a, amount=amounts[n]) if n in amounts else a
+            for n, a in enumerate(rule.actions, start=1)
+            if isinstance(a, ReleaseAction)
+        )
         if reason is not None:
             return reason, "release_blocked"
         sets = [a for a in rule.actions if isinstance(a, SetFactAction)]
@@ -888,9 +971,14 @@ class Engine:
                 "firing_blocked",
             )
         try:
-            actions, new_facts = render_firing(firing, self.new_action_id, self.target_formats)
+            actions, new_facts = render_firing(
+                firing, self.new_action_id, self.target_formats, amounts
+            )
         except FiringBlocked as exc:
             return str(exc), "firing_blocked"
+        if shadowed:
+            transition.actions.extend(self._shadowed(actions, new_facts, firing))
+            return None
         transition.actions.extend(actions)
         transition.facts.extend(new_facts)
         for action in actions:
@@ -911,6 +999,101 @@ class Engine:
                 )
         return None
 
+    def _shadowed(
+        self, actions: list[QueuedAction], facts: list[FactInput], firing: _Firing
+    ) -> list[QueuedAction]:
+        """The shadowed actions of a firing in shadow: its rendered ``actions`` marked
+        shadowed, then each fact it would set as a ``set_fact`` action (payload
+        ``{project, kind, id, data}``, no target), recorded instead of the fact."""
+        shadowed = [replace(action, shadowed=True) for action in actions]
+        created_at = _format_now(firing.fired_at)
+        for fact in facts:
+            payload = {"project": fact.project, "kind": fact.kind, "id": fact.id}
+            shadowed.append(
+                QueuedAction(
+                    action_id=self.new_action_id(),
+                    kind="set_fact",
+                    target="",
+                    rule_id=firing.rule.id,
+                    firing_id=firing.firing_id,
+                    payload={**payload, "data": dict(fact.data)},
+                    created_at=created_at,
+                    instance=firing.item,
+                    shadowed=True,
+                )
+            )
+        return shadowed
+
+    def _signoff_alert(
+        self,
+        transition: Transition,
+        states: Mapping[InstanceKey, RuleState],
+        firing: _Firing,
+        state: RuleState,
+    ) -> RuleState:
+        """Tell the alert target, once per content hash, that money rule ``firing.rule``
+        awaits sign-off, naming the release id of its first shadowed release (this
+        firing's): ``alert: money_rule_awaiting_signoff``. Whether it was told is kept in
+        the state of the rule's instance ``""`` (``RuleState.signoff_alerted``): returns
+        ``state`` (the firing instance's new state) with it marked for a plain rule; a
+        per-item rule's state as a whole is put in ``transition``."""
+        rule = firing.rule
+        if self.alert_target is None:
+            return state
+        whole_key = (rule.id, "")
+        plain = rule.for_each is None
+        whole = (
+            state
+            if plain
+            else transition.rule_states.get(whole_key)
+            or states.get(whole_key)
+            or RuleState(rule.id)
+        )
+        if whole.signoff_alerted == rule.content_hash:
+            return state
+        release_id = next(
+            a.action_id
+            for a in transition.actions
+            if a.firing_id == firing.firing_id and a.kind == "release"
+        )
+        book = self.signoffs
+        signed = book.signed_by(rule.content_hash)
+        missing = book.required - len(signed)
+        message = (
+            f"gatekeeper: money rule {rule.id} (content hash {rule.content_hash[:12]}) awaits "
+            f"sign-off: {book.required} needed, {missing} more; its releases are shadowed, "
+            f"not sent (first shadowed release {release_id})"
+        )
+        payload: dict[str, Any] = {
+            "project": rule.project,
+            "message": message,
+            "alert": "money_rule_awaiting_signoff",
+            "rule_id": rule.id,
+            "content_hash": rule.content_hash,
+            "required": book.required,
+            "signed_by": signed,
+            "release_id": release_id,
+        }
+        if firing.item:
+            payload["item"] = {"kind": rule.for_each, "id": firing.item}
+        transition.actions.append(
+            QueuedAction(
+                action_id=self.new_action_id(),
+                kind="notify",
+                target=self.alert_target,
+                rule_id=rule.id,
+                firing_id=firing.firing_id,
+                payload=payload,
+                created_at=_format_now(firing.fired_at),
+                instance=firing.item,
+            )
+        )
+        whole = replace(whole, signoff_alerted=rule.content_hash)
+        if plain:
+            return whole
+        transition.rule_states[whole_key] = whole
+        return state
+
     def _queue_alert(
         self,
         transition: Transition,
@@ -920,9 +1103,15 @@ class Engine:
         reason: str,
         alert: str,
         item: str = "",
+        shadowed: bool = False,
     ) -> None:
         """Tell the alert target (when configured) that a firing was blocked: a release
-        (``alert: release_blocked``), or anything else (``alert: firing_blocked``)."""
+        (``alert: release_blocked``), or anything else (``alert: firing_blocked``). The alert
+        names the blocked firing (``firing_id``, also the decision's in the audit log): a
+        blocked release is never given a release id, which only a release recorded in the
+        ledger gets. A blocked release is alerted once per blocked episode (see
+        ``RuleState.blocked``). The alert of a firing in shadow is ``shadowed`` too: nothing
+        live hears of it."""
         if self.alert_target is None:
             return
         if alert == "release_blocked":
@@ -931,7 +1120,10 @@ class Engine:
                 for a in rule.actions
                 if isinstance(a, ReleaseAction)
             )
-            message = f"gatekeeper blocked the release of {releases} by rule {rule.id}: {reason}"
+            message = (
+                f"gatekeeper blocked the release of {releases} by rule {rule.id} "
+                f"(firing {firing_id}): {reason}"
+            )
         else:
             message = f"gatekeeper blocked firing {firing_id} of rule {rule.id}: {reason}"
         payload: dict[str, Any] = {
@@ -939,6 +1131,7 @@ class Engine:
             "message": message,
             "alert": alert,
             "reason": reason,
+            "firing_id": firing_id,
         }
         if item:
             payload["item"] = {"kind": rule.for_each, "id": item}
@@ -952,6 +1145,7 @@ class Engine:
                 payload=payload,
                 created_at=format_rfc3339(now),
                 instance=item,
+                shadowed=shadowed,
             )
         )
 
@@ -1024,7 +1218,12 @@ def approvals_wait_message(
 
 
 def _outcome(
-    fire: FireMode, state: RuleState, condition: bool, gate_open: bool, trigger: Trigger
+    fire: FireMode,
+    state: RuleState,
+    condition: bool,
+    gate_open: bool,
+    trigger: Trigger,
+    content_hash: str,
 ) -> Outcome:
     if not condition:
         return "not_met"
@@ -1032,6 +1231,13 @@ def _outcome(
         return "awaiting_approvals"
     if fire == "once" and state.fired_count > state.rearms:
         return "already_fired"
+    if (
+        state.blocked is not None
+        and state.gate_open
+        and fire != "each_fact"
+        and state.rule_hash == content_hash
+    ):
+        return "still_blocked"  # one attempt (and one alert) per blocked episode
     if fire == "each_time" and state.gate_open:
         return "still_met"
     if fire == "each_fact" and trigger != "fact":
@@ -1071,9 +1277,10 @@ def _acted(rule: Rule, act: AdminAct, state: RuleState) -> RuleState:
         return replace(state, paused=False)
     if rule.fire != "once":
         raise ValueError(f"rule {rule.id} fires {rule.fire}; only once rules are re-armed")
-    if state.fired_count <= state.rearms:
+    if state.fired_count <= state.rearms and state.blocked is None:
         raise ValueError(f"rule {name} has not fired since it was last armed")
-    # the next open gate fires again; an open gate now counts as a fresh edge
+    # the next open gate fires again; an open gate now counts as a fresh edge (a blocked
+    # instance, which has not fired, tries its release again)
     return replace(state, rearms=state.fired_count, gate_open=False)
 
 
@@ -1207,6 +1414,12 @@ class FiringBlocked(Exception):
     rendered text too long); the message is the decision's ``reason``."""
 
 
+class ReleaseBlocked(FiringBlocked):
+    """A release of a firing cannot be sent: its amount, read from a fact, has no value or
+    is not a decimal amount within the escrow's precision and the release's
+    ``max_amount`` (see ``release_amounts``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Firing:
     """One firing being rendered: the rule, the instance's item id and data (None for a
@@ -1240,10 +1453,65 @@ def _read_by_id(evaluation: Evaluation, item: Item | None) -> dict[str, Any]:
     return read
 
 
+MAX_SHOWN_AMOUNT_CHARS = 64
+"""A refused amount is shown in a reason cut to this many characters (the last ``…``)."""
+
+
+def release_amounts(firing: _Firing, escrows: Mapping[str, Escrow]) -> dict[int, str]:
+    """The amount of each release of ``firing`` whose ``amount`` is a template
+    (``"${item.data.amount}"``), read from the facts as the decision saw them and checked
+    (``ledger.checked_amount``: a decimal amount above zero, with at most the escrow's
+    decimals, at most the release's ``max_amount``), by the action's number (1-based).
+
+    Raises ``ReleaseBlocked`` whose reason names the field, the rule, the value (cut at
+    ``MAX_SHOWN_AMOUNT_CHARS``) and the action, e.g. ``release amount item.data.amount of
+    rule p/pay is '12000.00': above the release's max_amount 10000.00 (release action 1)``.
+    """
+    rule = firing.rule
+    found: dict[int, str] = {}
+    resolve: Resolve | None = None
+    for number, action in enumerate(rule.actions, start=1):
+        if not isinstance(action, ReleaseAction) or not action.templated:
+            continue
+        if resolve is None:
+            resolve = template_resolver(
+                rule, firing.fired_at, item=_item_of(firing), fact=firing.lookup.get
+            )
+        field = action.amount[2:-1]
+        where = f"release action {number}"
+        value = amount_value(action.amount, resolve)
+        if value is MISSING:
+            raise ReleaseBlocked(f"release amount {field} of rule {rule.id} has no value ({where})")
+        escrow = escrows.get(action.escrow)
+        try:
+            found[number] = checked_amount(
+                value,
+                max_amount=action.max_amount or "0",
+                decimals=escrow.decimals if escrow is not None else Escrow.decimals,
+            )
+        except ValueError as exc:
+            shown = render_value(value)
+            if len(shown) > MAX_SHOWN_AMOUNT_CHARS:
+                shown = shown[: MAX_SHOWN_AMOUNT_CHARS - 1] + "…"
+            shown = repr(shown) if isinstance(value, str) else shown
+            raise ReleaseBlocked(
+                f"release amount {field} of rule {rule.id} is {shown}: {exc} ({where})"
+            ) from None
+    return found
+
+
+def _item_of(firing: _Firing) -> Item | None:
+    """The current item of ``firing`` (None for a rule without ``for_each``)."""
+    if firing.rule.for_each is None or firing.data is None:
+        return None
+    return Item(firing.rule.for_each, firing.item, firing.data)
+
+
 def render_firing(
     firing: _Firing,
     new_action_id: Callable[[], str] = uuid_action_id,
     target_formats: Mapping[str, str] | None = None,
+    amounts: Mapping[int, str] | None = None,
 ) -> tuple[list[QueuedAction], list[FactInput]]:
     """The actions one firing queues, each with a fresh id from ``new_action_id`` that stays
     stable across retries, and the facts it sets (``set_fact``, with ``caused_by``). Every
@@ -1256,18 +1524,25 @@ def render_firing(
     are Slack-escaped. Raises ``FiringBlocked`` when a template cannot be rendered (a name
     without a value, a text too long, a set_fact id that is not a fact id): its reason
     names the action and its number (1-based), e.g. ``template name item.data.commit has
-    no value (notify action 1)``."""
+    no value (notify action 1)``.
+
+    ``amounts`` holds the rendered amount of each release whose amount is a template, by
+    action number (``release_amounts``): it is the amount in the release's body, and the
+    value of ``${amount}`` when it is the rule's own release."""
     rule = firing.rule
     created_at = _format_now(firing.fired_at)
-    item = None
+    amounts = amounts or {}
+    item = _item_of(firing)
     extra: dict[str, Any] = {}
-    if rule.for_each is not None and firing.data is not None:
-        item = Item(rule.for_each, firing.item, firing.data)
-        extra["item"] = {"kind": rule.for_each, "id": firing.item, "data": dict(firing.data)}
+    if item is not None:
+        extra["item"] = {"kind": item.kind, "id": item.id, "data": dict(item.data)}
     read = _read_by_id(firing.evaluation, item)
     if read:
         extra["facts"] = read
-    resolve = template_resolver(rule, firing.fired_at, item=item, fact=firing.lookup.get)
+    own = next((n for n, a in enumerate(rule.actions, 1) if isinstance(a, ReleaseAction)), 0)
+    resolve = template_resolver(
+        rule, firing.fired_at, item=item, fact=firing.lookup.get, amount=amounts.get(own)
+    )
     formats = target_formats or {}
     queued: list[QueuedAction] = []
     facts: list[FactInput] = []
@@ -1293,6 +1568,8 @@ def render_firing(
         payload = {"project": rule.project, **body, **extra}
         if isinstance(action, ReleaseAction):
             payload["release_id"] = action_id
+            if number in amounts:
+                payload["amount"] = amounts[number]
         queued.append(
             QueuedAction(
                 action_id=action_id,

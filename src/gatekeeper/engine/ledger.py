@@ -10,14 +10,19 @@ it was sent, or the bank's settlement callback said it failed. A release that wo
 escrow past its limit, or is in another currency, is not sent: the decision is
 ``blocked``.
 
-Amounts are ``Decimal`` throughout, parsed from decimal strings; never floats.
+Amounts are ``Decimal`` throughout, parsed from decimal strings; never floats. A release
+whose amount is read from a fact when it fires (``amount: "${item.data.amount}"``) is
+checked by ``checked_amount`` first: a decimal amount, positive, within the escrow's
+precision and the release's ``max_amount``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from gatekeeper.config import Escrow
 from gatekeeper.rules.model import ReleaseAction
@@ -98,3 +103,38 @@ class EscrowBook:
         """A ``return`` movement: ``amount`` (a decimal string) no longer counts against
         ``escrow`` (a cancelled or failed release)."""
         self.committed[escrow] = self.committed.get(escrow, Decimal(0)) - Decimal(amount)
+
+
+DECIMAL_AMOUNT = re.compile(r"[0-9]+(\.[0-9]+)?")
+"""A decimal amount as a fact may give it: ASCII digits, optionally a point and decimals
+(no sign, exponent, spaces or thousands separators)."""
+
+
+def checked_amount(value: Any, *, max_amount: str, decimals: int) -> str:
+    """The release amount ``value`` (a fact field's JSON value) as a decimal string, when it
+    may be released: a string of ``DECIMAL_AMOUNT`` or an integer, above zero, with at most
+    ``decimals`` decimals (the escrow's precision) and at most ``max_amount`` (a decimal
+    string). The amount is kept as the fact wrote it (``"120.5"`` stays ``"120.5"``).
+
+    Raises ``ValueError`` saying what is wrong (without the value: the caller shows it),
+    e.g. ``not a decimal amount (digits, a point and at most 2 decimals, e.g. "1500.00")``.
+    A JSON number with a fraction is refused: amounts are decimal strings, never floats."""
+    example = f'(digits, a point and at most {decimals} decimals, e.g. "1500.{"0" * decimals}")'
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        if isinstance(value, float):
+            raise ValueError(f"a JSON number, not a decimal string {example}")
+        raise ValueError(f"not a decimal amount {example}")
+    text = str(value)
+    if text.startswith("-") and DECIMAL_AMOUNT.fullmatch(text[1:]):
+        raise ValueError("not above zero")
+    if not DECIMAL_AMOUNT.fullmatch(text):
+        raise ValueError(f"not a decimal amount {example}")
+    amount = Decimal(text)
+    if amount <= 0:
+        raise ValueError("not above zero")
+    _, _, fraction = text.partition(".")
+    if len(fraction) > decimals:
+        raise ValueError(f"{len(fraction)} decimals, more than the escrow's {decimals}")
+    if amount > Decimal(max_amount):
+        raise ValueError(f"above the release's max_amount {max_amount}")
+    return text

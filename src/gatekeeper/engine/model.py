@@ -28,8 +28,24 @@ instance ``(rule id, "")``; a per-item rule one per fact of its kind (the fact's
 
 Trigger = Literal["fact", "reload", "time", "approval", "admin"]
 Outcome = Literal[
-    "fired", "blocked", "paused", "not_met", "already_fired", "still_met", "awaiting_approvals"
+    "fired",
+    "blocked",
+    "paused",
+    "not_met",
+    "already_fired",
+    "still_met",
+    "awaiting_approvals",
+    "shadowed",
+    "still_blocked",
 ]
+"""``shadowed``: the rule fired in shadow (``Decision.mode``): its actions are stored as
+shadowed, never sent. ``still_blocked``: the instance's release was blocked and its gate
+stayed open since: it waits (no new attempt, no new alert) for a re-arm, a change of its
+escrow, a new version of the rule or its gate opening again."""
+EffectiveMode = Literal["live", "shadow", "awaiting_signoff"]
+"""The mode a rule runs in: ``live``; ``shadow`` (``mode: shadow`` in its file); or
+``awaiting_signoff`` (a money rule whose content hash has fewer sign-offs than
+``money_rule_approvals``: run as if ``mode: shadow``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +97,9 @@ class RuleState:
 
     ``gate_open`` is the last value of the gate (None before the first evaluation);
     ``fired_count`` only ever grows; ``rule_hash`` is the content hash last evaluated.
+    A firing whose release was refused (over the escrow's limit, another currency, a bad
+    amount) does not count in ``fired_count``: it counts in ``blocks`` and leaves its
+    reason in ``blocked`` until the instance fires.
     """
 
     rule_id: str
@@ -99,6 +118,16 @@ class RuleState:
     (cleared when the rule fires or its condition goes false)."""
     notices: int = 0
     """How many waits for approvals were told (only grows; numbers the notice ids)."""
+    signoff_alerted: str | None = None
+    """The content hash of the rule whose wait for sign-offs the alert target was told
+    (``money_rule_awaiting_signoff``, once per content hash): kept in the state of the
+    rule's instance ``""`` (a per-item rule's state as a whole)."""
+    blocked: str | None = None
+    """Why the instance's last firing was blocked by its release (the decision's reason),
+    until it fires; None when it is not blocked."""
+    blocks: int = 0
+    """How many firings were blocked by their release (only grows). Firing ids number
+    firings and blocked firings together: the next is ``fired_count + blocks + 1``."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +174,21 @@ class AdminAct:
 
 
 @dataclass(frozen=True)
+class SignOff:
+    """An admin's sign-off of a money rule's exact content hash (the two-person rule,
+    ``money_rule_approvals``): who (``actor``, the token's subject), which rule and hash,
+    an optional comment, and when (None until recorded: the store stamps the transition's
+    time). Recorded as an admin act ``signoff``, so it is audited and replayable."""
+
+    content_hash: str
+    rule_id: str
+    actor: str
+    comment: str | None = None
+    project: str = ""
+    at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class QueuedAction:
     """An action to deliver, as it goes into the outbox.
 
@@ -162,6 +206,9 @@ class QueuedAction:
     created_at: str
     instance: str = ""
     """The item id of the instance that fired (``""`` for a rule without ``for_each``)."""
+    shadowed: bool = False
+    """Queued by a firing in shadow (``Decision.mode`` not ``live``): stored in the outbox
+    with status ``shadowed``, never delivered, never in the ledger."""
 
 
 @dataclass(frozen=True)
@@ -197,6 +244,9 @@ class Decision:
     """Set when the decision told the rule's ``approvals.notify`` target that the instance
     waits for approvals (``<rule id>[<item id>]~approvals-<n>``, the id of that notice's
     outbox entry's firing): only when ``firing_id`` is None."""
+    mode: EffectiveMode = "live"
+    """The mode the rule ran in (``EffectiveMode``); a firing in ``shadow`` or
+    ``awaiting_signoff`` has outcome ``shadowed`` (or ``blocked``) and sends nothing."""
 
 
 @dataclass(frozen=True)
@@ -228,12 +278,14 @@ class Transition:
     consumed: list[Consumption] = field(default_factory=list)
     """Approvals the transition's firings used up (removed after ``approvals`` are
     recorded)."""
+    signoffs: list[SignOff] = field(default_factory=list)
+    """Sign-offs of money rules' content hashes (recorded as admin acts ``signoff``)."""
     planned_at: datetime | None = None
     """The "now" the transition was planned at (deadlines are rescheduled from it)."""
 
     @property
     def fired(self) -> list[Decision]:
-        """Decisions that fired a rule (``blocked`` ones included: they count as its firing)."""
+        """Decisions that fired a rule, ``blocked`` ones included (each has a firing id)."""
         return [d for d in self.decisions if d.firing_id is not None]
 
 

@@ -11,6 +11,7 @@ those queued are committed (fsynced), with the facts' sequence numbers.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import replace
 from typing import Literal, cast
 
@@ -20,7 +21,7 @@ from msgspec import UNSET
 
 from gatekeeper import __version__
 from gatekeeper.clock import format_rfc3339
-from gatekeeper.engine.model import AdminAct, ApprovalInput, IdempotencyRecord
+from gatekeeper.engine.model import AdminAct, ApprovalInput, IdempotencyRecord, SignOff
 from gatekeeper.http import models as m
 from gatekeeper.http.context import (
     actor,
@@ -36,6 +37,7 @@ from gatekeeper.http.wire import (
     MAX_LIST_LIMIT,
     ApiError,
     BodyShapeError,
+    after_param,
     check_json_content_type,
     decode_cursor,
     decode_facts,
@@ -60,11 +62,14 @@ from gatekeeper.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gatekeeper.metrics import OPENMETRICS_CONTENT_TYPE
 from gatekeeper.rules.model import Rule
 from gatekeeper.runtime.daemon import (
+    AlreadySignedOff,
     Daemon,
     IdempotencyConflict,
     NotAnApprover,
     NotARelease,
     ShuttingDown,
+    SignOffRefused,
+    UnknownContentHash,
     UnknownRule,
 )
 from gatekeeper.runtime.hooks import HookRejected, delivery_id, verify_standard
@@ -192,8 +197,9 @@ async def get_export(request: web.Request) -> web.Response:
 async def get_rules(request: web.Request) -> web.Response:
     """``GET /v1/rules``: the active ruleset, the last reload's outcome, every rule's state."""
     daemon = daemon_of(request)
+    shadowed = await daemon.shadowed_releases()
     rules = [
-        daemon.rule_view(rule, explain=False)
+        daemon.rule_view(rule, explain=False, shadowed=shadowed)
         for rule in daemon.rules()
         if visible(request, rule.project)
     ]
@@ -412,6 +418,56 @@ async def post_rule_act(request: web.Request) -> web.Response:
     return respond(detail)
 
 
+_SIGNOFF_DECODER = msgspec.json.Decoder(m.SignOffRequest)
+CONTENT_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+async def post_signoff(request: web.Request) -> web.Response:
+    """``POST /v1/money-rules/{content_hash}/signoffs`` with ``{"comment": ...}`` (optional):
+    an admin's sign-off of the money rule with that exact content hash (the two-person
+    rule, ``money_rule_approvals``), audited as an admin act ``signoff``. The admin is the
+    token's subject: sign-offs need API tokens (403 without). 400 for a hash that is not 64
+    lowercase hex digits or a bad body, 404 when no rule of the active ruleset has the hash,
+    422 for a rule that is not a money rule (or is in mode: shadow), 409 when this admin
+    signed that hash before. Nothing is recorded on any error. Answers the rule's view."""
+    content_hash = request.match_info["content_hash"]
+    if not CONTENT_HASH.fullmatch(content_hash):
+        raise ApiError(
+            400,
+            "content_hash must be a rule's content hash: 64 lowercase hex digits (see "
+            f"content_hash in GET /v1/rules), not {content_hash[:80]!r}",
+        )
+    comment = None
+    if request.can_read_body:
+        try:
+            body, _ = await read_model(request, _SIGNOFF_DECODER)
+        except BodyShapeError as error:
+            messages = {"comment": f"must be a string of at most {MAX_COMMENT_CHARS} characters"}
+            problems = shape_problems(m.SignOffRequest, error.body, messages)
+            raise ApiError(400, "the request body is not a valid sign-off", problems) from None
+        comment = body.comment.strip() if body.comment else None
+    token = principal(request)
+    if token is None:
+        raise ApiError(
+            403,
+            "sign-offs need API tokens: each sign-off is an admin's, the token's subject "
+            "(see tokens)",
+        )
+    daemon = daemon_of(request)
+    rule = next((r for r in daemon.rules() if r.content_hash == content_hash), None)
+    if rule is not None:
+        check_project(request, rule.project)
+    try:
+        view = await daemon.sign_off(SignOff(content_hash, "", token.subject, comment or None))
+    except UnknownContentHash as exc:
+        raise ApiError(404, str(exc)) from None
+    except SignOffRefused as exc:
+        raise ApiError(422, str(exc)) from None
+    except AlreadySignedOff as exc:
+        raise ApiError(409, str(exc)) from None
+    return respond(convert(view, m.RuleSummary))
+
+
 # ---------------------------------------------------------------------------------------------
 # Actions
 
@@ -605,6 +661,41 @@ async def get_audit(request: web.Request) -> web.Response:
         "next_cursor": encode_cursor(last.cursor) if last else None,
     }
     return respond(convert(page, m.AuditPage))
+
+
+async def get_history_facts(request: web.Request) -> web.Response:
+    """A page of the fact log (posted facts, facts rules set, approvals), in seq order,
+    after ``after``: what ``gatekeeper backtest --url`` replays."""
+    after = after_param(request)
+    limit = limit_param(request, MAX_LIST_LIMIT)
+    facts = await daemon_of(request).fact_log(after, limit)
+    page = {
+        "facts": [f.to_json() for f in facts],
+        "next_after": facts[-1].seq if len(facts) == limit else None,
+    }
+    return respond(convert(page, m.HistoryFacts))
+
+
+async def get_history_decisions(request: web.Request) -> web.Response:
+    """A page of the decision log after ``after``, oldest first, without evaluations: the
+    decisions a replay needs (``every=true``: all of them), the actions they queued, and
+    where each decision made by the clock, an admin act or a reload falls in the fact
+    log."""
+    after = after_param(request)
+    limit = limit_param(request, MAX_LIST_LIMIT)
+    every = request.query.get("every", "false")
+    if every not in ("true", "false"):
+        raise ApiError(400, "every must be true or false")
+    decisions, actions, positions = await daemon_of(request).decision_page(
+        after, limit, every == "true"
+    )
+    page = {
+        "decisions": [d.to_json(evaluation=False) for d in decisions],
+        "actions": [a.to_json() for a in actions],
+        "positions": {str(k): v for k, v in positions.items()},
+        "next_after": decisions[-1].id if len(decisions) == limit else None,
+    }
+    return respond(convert(page, m.HistoryDecisions))
 
 
 async def get_rulesets(request: web.Request) -> web.Response:

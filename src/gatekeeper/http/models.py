@@ -76,8 +76,9 @@ FactId = Annotated[
 ]
 JsonObject = dict[str, Any]
 ApprovalDecision = Literal["approve", "reject", "withdraw"]
-ActionKind = Literal["release", "notify", "pipeline"]
-ActionStatusName = Literal["pending", "delivered", "dead", "cancelled"]
+ActionKind = Literal["release", "notify", "pipeline", "set_fact"]
+ActionStatusName = Literal["pending", "delivered", "dead", "shadowed", "cancelled"]
+ModeName = Literal["live", "shadow", "awaiting_signoff"]
 
 
 class Model(Struct, forbid_unknown_fields=True):
@@ -170,6 +171,19 @@ class AdminActRequest(Struct):
         ]
         | UnsetType
     ) = UNSET
+
+
+class SignOffRequest(Struct, forbid_unknown_fields=True):
+    """An admin's sign-off of a money rule's content hash; the admin is the token's
+    subject (never a body field)."""
+
+    comment: (
+        Annotated[
+            str,
+            Meta(max_length=MAX_COMMENT_CHARS, description="Why (kept in the audit log)."),
+        ]
+        | None
+    ) = None
 
 
 class RetryRequest(Struct):
@@ -431,6 +445,13 @@ class ApprovalStatus(Model, kw_only=True, rename={"from_": "from"}):
     ] = UNSET
 
 
+BLOCKED_DESCRIPTION = (
+    "Why the release of its last firing was refused (over the escrow's limit, another "
+    "currency, a bad amount): it has not fired, and waits for a re-arm, a change of its "
+    "escrow, a new version of the rule or its gate opening again. null: not blocked."
+)
+
+
 class Explanation(Model):
     """Why the rule's gate is open or closed right now."""
 
@@ -443,12 +464,23 @@ class Explanation(Model):
         int, Meta(ge=0, description="A once rule may fire while fired_count <= rearms.")
     ]
     last_fired_at: Timestamp | None
+    blocked: Annotated[str | None, Meta(description=BLOCKED_DESCRIPTION)]
     evaluated_at: Timestamp
     item: ItemRef | UnsetType | None = UNSET
 
 
+InstanceStatus = Literal["new", "armed", "open", "fired", "paused", "blocked"]
+
 DecisionOutcome = Literal[
-    "fired", "blocked", "paused", "not_met", "already_fired", "still_met", "awaiting_approvals"
+    "fired",
+    "blocked",
+    "paused",
+    "not_met",
+    "already_fired",
+    "still_met",
+    "awaiting_approvals",
+    "shadowed",
+    "still_blocked",
 ]
 
 
@@ -471,14 +503,55 @@ class Decision(Model):
         str | None, Meta(description="`<rule id>#<n>` when the rule fired (or was blocked).")
     ]
     request_id: str | None
-    reason: Annotated[str | None, Meta(description="Why a firing was blocked.")]
+    reason: Annotated[
+        str | None,
+        Meta(
+            description="Why a firing was blocked (outcome blocked), or why the instance "
+            "still waits (still_blocked: its release was blocked and its gate stayed open)."
+        ),
+    ]
     instance: Annotated[
         str | UnsetType, Meta(description="The item id of the instance (per-item rules).")
+    ] = UNSET
+    mode: Annotated[
+        ModeName | UnsetType,
+        Meta(
+            description="The mode the rule ran in when not live: shadow, or awaiting_signoff "
+            "(a money rule short of sign-offs); its firing's outcome is shadowed."
+        ),
     ] = UNSET
 
 
 RULE_SOURCE_REF = "#/components/schemas/RuleFile.rule"
 """The schema of a rule as written (``schemas/rules.schema.json``), under components."""
+
+
+class SignedBy(Model):
+    """One admin's sign-off of a money rule's content hash."""
+
+    actor: str
+    at: Timestamp | None
+    comment: str | None
+
+
+class SignOffStatus(Model):
+    """Where a money rule stands under the two-person rule (money_rule_approvals)."""
+
+    content_hash: Annotated[str, documented("^[0-9a-f]{64}$", "The content hash signed off.")]
+    required: Annotated[int, Meta(ge=1, description="money_rule_approvals.")]
+    missing: Annotated[int, Meta(ge=0, description="How many more sign-offs it needs to run live.")]
+    signed_by: list[SignedBy]
+
+
+class ShadowedRelease(Model):
+    """What a rule's shadowed firings (of its current content hash) would have released
+    from one escrow: never sent, never counted against the escrow."""
+
+    escrow: str
+    currency: Currency
+    count: Annotated[int, Meta(ge=1)]
+    amount: DecimalString
+    first_release_id: Annotated[str, Meta(description="The first shadowed release's id.")]
 
 
 class RuleSummary(Model):
@@ -504,12 +577,66 @@ class RuleSummary(Model):
             "`item`: that instance is paused, by its item or with its rule."
         ),
     ]
+    mode: Annotated[
+        ModeName,
+        Meta(
+            description="The mode the rule runs in: live; shadow (`mode: shadow`: decided and "
+            "recorded, its actions stored as shadowed, never sent); awaiting_signoff (a "
+            "money rule whose content hash has fewer sign-offs than money_rule_approvals: "
+            "run as shadow)."
+        ),
+    ]
+    signoff: (
+        Annotated[
+            SignOffStatus,
+            Meta(description="A money rule under money_rule_approvals: its sign-offs."),
+        ]
+        | UnsetType
+    ) = UNSET
+    shadowed_releases: (
+        Annotated[
+            list[ShadowedRelease],
+            Meta(
+                description="A money rule not live, or one whose current version has "
+                "shadowed releases: per escrow and currency, what it would have released."
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
     for_each: str | UnsetType = UNSET
     instances: Annotated[int, Meta(ge=0)] | UnsetType = UNSET
     item: str | UnsetType = UNSET
-
-
-InstanceStatus = Literal["new", "armed", "open", "fired", "paused"]
+    state: Annotated[
+        InstanceStatus | UnsetType,
+        Meta(
+            description="Where the rule (or instance `item`) stands, as an instance row's "
+            "`state`; absent for a per-item rule without `item`."
+        ),
+    ] = UNSET
+    blocked: Annotated[str | UnsetType | None, Meta(description=BLOCKED_DESCRIPTION)] = UNSET
+    blocks: (
+        Annotated[
+            int,
+            Meta(
+                ge=0,
+                description="How many firings were blocked by their release (firing ids "
+                "number firings and blocked firings together); absent for a per-item rule "
+                "without `item`.",
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+    blocked_instances: (
+        Annotated[
+            int,
+            Meta(
+                ge=0,
+                description="A per-item rule without `item`: how many of "
+                "its instances are blocked.",
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class InstanceRow(Model):
@@ -522,8 +649,9 @@ class InstanceRow(Model):
             description="Where the instance stands: new (never evaluated), armed (gate "
             "closed: fires when its condition holds and its approvals are satisfied), open "
             "(gate open: an each_time or each_fact instance that fired when it opened), fired "
-            "(a once instance that fired and was not re-armed), paused (an admin paused it, "
-            "or its rule as a whole)."
+            "(a once instance that fired and was not re-armed), blocked (its last firing's "
+            "release was refused: see `blocked`), paused (an admin paused it, or its rule as "
+            "a whole)."
         ),
     ]
     gate_open: Annotated[bool | None, Meta(description="null: never evaluated.")]
@@ -531,6 +659,7 @@ class InstanceRow(Model):
     last_fired_at: Timestamp | None
     paused: Annotated[bool, Meta(description="Paused by its item, or with its rule as a whole.")]
     rearms: Count
+    blocked: Annotated[str | None, Meta(description=BLOCKED_DESCRIPTION)]
 
 
 class InstancePage(Model):
@@ -618,21 +747,36 @@ class ReleasePayload(Model):
 
 
 class NotifyPayload(Model):
-    """A rendered notification, or an alert (``alert``): a release or firing blocked, a dead
-    letter, a failed settlement."""
+    """A rendered notification, or an alert: a firing or release blocked, a money rule
+    awaiting sign-off (naming the rule, its content hash, the sign-offs required and
+    given, and its first shadowed release), a dead letter, a failed settlement."""
 
     project: str
     message: str
     alert: (
-        Literal["release_blocked", "firing_blocked", "dead_letter", "settlement_failed"] | UnsetType
+        Literal[
+            "release_blocked",
+            "firing_blocked",
+            "money_rule_awaiting_signoff",
+            "dead_letter",
+            "settlement_failed",
+        ]
+        | UnsetType
     ) = UNSET
     reason: str | UnsetType = UNSET
-    action_id: Annotated[
-        str | UnsetType, Meta(description="The action a dead_letter alert is about.")
-    ] = UNSET
+    rule_id: str | UnsetType = UNSET
+    content_hash: Sha256Hex | UnsetType = UNSET
+    required: Annotated[int, Meta(ge=1)] | UnsetType = UNSET
+    signed_by: list[str] | UnsetType = UNSET
     release_id: Annotated[
         str | UnsetType,
-        Meta(description="The release a dead_letter or settlement_failed alert is about."),
+        Meta(
+            description="The release an alert is about (money_rule_awaiting_signoff: its "
+            "first shadowed release; dead_letter of a release; settlement_failed)."
+        ),
+    ] = UNSET
+    action_id: Annotated[
+        str | UnsetType, Meta(description="The action a dead_letter alert is about.")
     ] = UNSET
     error: Annotated[str | UnsetType | None, Meta(description="A dead letter's last error.")] = (
         UNSET
@@ -640,8 +784,24 @@ class NotifyPayload(Model):
     reference: Annotated[
         str | UnsetType, Meta(description="The provider's reference of a failed settlement.")
     ] = UNSET
+    firing_id: Annotated[
+        str | UnsetType,
+        Meta(
+            description="An alert: the firing blocked (its decision's firing_id). A blocked "
+            "release has no release id: only releases recorded in the ledger get one."
+        ),
+    ] = UNSET
     item: ItemRef | UnsetType = UNSET
     facts: dict[str, JsonObject] | UnsetType = UNSET
+
+
+class SetFactPayload(Model):
+    """A fact a rule in shadow would have set (a shadowed set_fact: never recorded)."""
+
+    project: str
+    kind: str
+    id: str
+    data: JsonObject
 
 
 class PipelinePayload(Model):
@@ -656,7 +816,7 @@ PAYLOAD_SCHEMA = {
     "description": "What is sent; shaped by `kind`.",
     "anyOf": [
         {"$ref": f"#/components/schemas/{name}"}
-        for name in ("ReleasePayload", "NotifyPayload", "PipelinePayload")
+        for name in ("ReleasePayload", "NotifyPayload", "PipelinePayload", "SetFactPayload")
     ],
 }
 
@@ -913,6 +1073,68 @@ class AuditEntry(Model):
         ]
         | UnsetType
     ) = UNSET
+    rule_hash: Annotated[
+        Sha256Hex | UnsetType,
+        Meta(description="A sign-off (what: signoff): the content hash signed off."),
+    ] = UNSET
+
+
+class LoggedFact(Model):
+    """One entry of the append-only fact log: a posted fact, a fact a rule set
+    (``caused_by``) or an approval (kind ``approval``, id the approver)."""
+
+    seq: Seq
+    project: str
+    kind: str
+    id: str
+    data: JsonObject
+    received_at: Timestamp
+    request_id: str | None
+    caused_by: CausedBy | UnsetType = UNSET
+
+
+class HistoryFacts(Model):
+    """A page of the fact log, in seq order."""
+
+    facts: list[LoggedFact]
+    next_after: Annotated[
+        int | None, Meta(description="Pass as `after` for the next page; null on the last.")
+    ]
+
+
+class HistoryDecision(Model):
+    """A decision as a replay of the history reads it (without its evaluation)."""
+
+    id: Seq
+    decided_at: Timestamp
+    rule_id: str
+    rule_hash: str
+    ruleset_version: Sha256Hex
+    git_commit: str | None
+    trigger: Literal["fact", "reload", "time", "approval", "admin"]
+    fact_seq: Seq | None
+    outcome: str
+    gate_open: bool
+    approvals: JsonObject | None
+    firing_id: str | None
+    request_id: str | None
+    reason: str | None
+    instance: Annotated[
+        str | UnsetType, Meta(description="The item id of the instance (per-item rules).")
+    ] = UNSET
+
+
+class HistoryDecisions(Model):
+    """A page of the decision log, oldest first, with the actions its decisions queued
+    and where each decision made by the clock, an admin act or a reload falls in the fact
+    log (``positions``: decision id -> the last fact log seq committed before it)."""
+
+    decisions: list[HistoryDecision]
+    actions: list[Action]
+    positions: dict[str, int]
+    next_after: Annotated[
+        int | None, Meta(description="Pass as `after` for the next page; null on the last.")
+    ]
 
 
 class AuditPage(Model):
@@ -959,11 +1181,26 @@ class RuleStateRow(Model, kw_only=True):
     rearms: Count
     paused: bool
     last_fired_at: Timestamp | None
+    blocked: Annotated[str | UnsetType, Meta(description=BLOCKED_DESCRIPTION)] = UNSET
+    blocks: (
+        Annotated[
+            int,
+            Meta(ge=0, description="Firings blocked by their release (they number firing ids)."),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class SnapshotRuleset(Model):
     version: Sha256Hex | None
     rules: dict[str, Sha256Hex]
+
+
+class SnapshotShadowedRelease(ShadowedRelease, kw_only=True):
+    """What the shadowed firings of one version of a rule would have released."""
+
+    rule_id: str
+    rule_hash: Sha256Hex
 
 
 class Snapshot(Model):
@@ -977,6 +1214,14 @@ class Snapshot(Model):
     approvals: dict[str, dict[str, Literal["approve", "reject"]]] | UnsetType = UNSET
     ruleset: SnapshotRuleset | UnsetType = UNSET
     escrows: list[Escrow] | UnsetType = UNSET
+    signoffs: Annotated[
+        dict[str, list[SignedBy]] | UnsetType,
+        Meta(description="Content hash -> the admins who signed it off (money rules)."),
+    ] = UNSET
+    shadowed_releases: Annotated[
+        list[SnapshotShadowedRelease] | UnsetType,
+        Meta(description="What shadowed firings would have released, per rule version."),
+    ] = UNSET
     next_cursor: Annotated[
         str | None, Meta(description="Pass as `cursor` for the next page; null on the last.")
     ] = None

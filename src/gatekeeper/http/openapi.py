@@ -197,6 +197,7 @@ MODELS: tuple[type[Any], ...] = (
     models.ReleasePayload,
     models.NotifyPayload,
     models.PipelinePayload,
+    models.SetFactPayload,
 )
 """Models every document has beyond those the routes name (the error body, the payloads an
 action's ``payload`` may take)."""

@@ -99,6 +99,21 @@ def _fact_page() -> tuple[JsonObject, ...]:
     )
 
 
+def _page_limit(what: str) -> JsonObject:
+    return {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "description": f"How many {what} a page holds, oldest first (1 to {MAX_LIST_LIMIT}).",
+        "schema": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_LIST_LIMIT,
+            "default": MAX_LIST_LIMIT,
+        },
+    }
+
+
 def _query(name: str, description: str, **schema: Any) -> JsonObject:
     return {
         "name": name,
@@ -220,6 +235,39 @@ ROUTES: tuple[Route, ...] = (
         response_description="The rule after the act.",
     ),
     Route(
+        "POST",
+        "/v1/money-rules/{content_hash}/signoffs",
+        h.post_signoff,
+        "admin",
+        "signOffMoneyRule",
+        "rules",
+        "Sign off a money rule's content hash (the two-person rule; an audited admin act)",
+        m.RuleSummary,
+        request=m.SignOffRequest,
+        request_required=False,
+        description="With `money_rule_approvals: N` in gatekeeper.yaml, a rule with a release "
+        "action runs as if `mode: shadow` (mode `awaiting_signoff`: its releases are stored "
+        "as shadowed, never sent) until N distinct admins signed off its exact content hash "
+        "(`content_hash` in `GET /v1/rules`). The admin is the token's subject: sign-offs "
+        "need API tokens (403 without). A sign-off counts from the next evaluation on; "
+        "firings decided before stay shadowed. Any change to the rule makes a new hash, "
+        "which needs new sign-offs. 400: not a content hash (64 lowercase hex digits); 404: "
+        "no rule of the active ruleset has it; 422: not a money rule, or a rule in "
+        "`mode: shadow`; 409: this admin signed that hash before. Nothing is recorded on "
+        "any error. Kept in the audit log as an admin act `signoff` with its `rule_hash`.",
+        parameters=(
+            {
+                "name": "content_hash",
+                "in": "path",
+                "required": True,
+                "description": "A rule's content hash (SHA-256, 64 lowercase hex digits).",
+                "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            },
+        ),
+        errors=(400, 404, 409, 413, 415, 422),
+        response_description="The sign-off is recorded; the rule as it now stands.",
+    ),
+    Route(
         "GET",
         "/v1/rules/{rule_id:.+}",
         h.get_rule,
@@ -323,8 +371,10 @@ ROUTES: tuple[Route, ...] = (
                 "name": "status",
                 "in": "query",
                 "required": False,
-                "description": "Only actions with this status.",
-                "schema": {"enum": ["pending", "delivered", "dead", "cancelled"]},
+                "description": "Only actions with this status (shadowed: queued by a "
+                "firing in shadow, never sent; cancelled: a release cancelled before it was "
+                "sent).",
+                "schema": {"enum": ["pending", "delivered", "dead", "shadowed", "cancelled"]},
             },
             _limit(100),
         ),
@@ -499,6 +549,56 @@ ROUTES: tuple[Route, ...] = (
         parameters=FACT_PAGE,
         errors=(400,),
         response_description="The snapshot (a page of it).",
+    ),
+    Route(
+        "GET",
+        "/v1/history/facts",
+        h.get_history_facts,
+        "admin",
+        "historyFacts",
+        "facts",
+        "The fact log, oldest first: what `gatekeeper backtest --url` replays",
+        m.HistoryFacts,
+        description="Every fact log entry (posted facts, facts set by rules with "
+        "`caused_by`, approvals as kind `approval`) with `seq > after`, in seq order. Read "
+        "only; every project (admin scope).",
+        parameters=(
+            _query(
+                "after",
+                "A fact log seq: entries after it (0, the start, by default).",
+                pattern="^[0-9]{1,18}$",
+            ),
+            _page_limit("entries"),
+        ),
+        errors=(400,),
+        response_description="A page of the fact log.",
+    ),
+    Route(
+        "GET",
+        "/v1/history/decisions",
+        h.get_history_decisions,
+        "admin",
+        "historyDecisions",
+        "rules",
+        "The decision log, oldest first: what `gatekeeper backtest --url` replays",
+        m.HistoryDecisions,
+        description="Decisions with `id > after`, in id order (the order they were "
+        "committed in), without their evaluations: those that fired, were blocked or told "
+        "approvers, and those made by the clock, an admin act or a reload (`every=true`: "
+        "all of them); the actions they queued; and for each decision not made on a fact or "
+        "an approval, the last fact log seq committed before it. Read only; every project "
+        "(admin scope).",
+        parameters=(
+            _query(
+                "after",
+                "A decision id: decisions after it (0, the start, by default).",
+                pattern="^[0-9]{1,18}$",
+            ),
+            _query("every", "true: every decision, the quiet ones too.", enum=["true", "false"]),
+            _page_limit("decisions"),
+        ),
+        errors=(400,),
+        response_description="A page of the decision log.",
     ),
     Route(
         "GET",

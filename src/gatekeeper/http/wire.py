@@ -334,6 +334,15 @@ def limit_param(request: web.Request, default: int = 100, name: str = "limit") -
     return int(text)
 
 
+def after_param(request: web.Request) -> int:
+    """The ``after`` query parameter (a position in a log: a fact log seq or a decision
+    id; 0, the start, by default), a whole number; 400 otherwise."""
+    text = request.query.get("after", "0")
+    if not (len(text) <= 18 and text.isascii() and text.isdigit()):
+        raise ApiError(400, "after must be a whole number (a position in the log)")
+    return int(text)
+
+
 def item_param(request: web.Request) -> str | None:
     """The ``item`` query parameter (the item id of an instance of a per-item rule), or
     None; 400 for an empty one."""

@@ -17,9 +17,11 @@ Hashes (SHA-256, hex):
   style, or moving the rule to another file does not change the hash; any other change to
   what the rule says does (its description included). An absent ``approvals`` stays absent.
   The keys added with per-item rules (``for_each``, approvals' ``standing``, ``expires_after``,
-  ``notify``) enter the canonical form only when they say something (``standing: false`` is
-  dropped; ``expires_after`` is in seconds), so the rules written before them keep the hashes
-  their databases recorded; set_fact ``data`` defaults to ``{}``.
+  ``notify``, and ``mode``) enter the canonical form only when they say something
+  (``standing: false`` and ``mode: live`` are dropped; ``expires_after`` is in seconds), so
+  the rules written before them keep the hashes their databases recorded; set_fact ``data``
+  defaults to ``{}``. ``mode: shadow`` is part of the hash: going live (removing it) is a
+  change like any other.
 - ``Ruleset.version`` is over the canonical JSON of the sorted ``[path, text]`` pairs of
   ``Ruleset.files``, so the same files always give the same version, whether they are read
   from a directory or from stored text.
@@ -64,12 +66,18 @@ from gatekeeper.rules.model import (
     PipelineAction,
     ReleaseAction,
     Rule,
+    RuleMode,
     Ruleset,
     SetFactAction,
     pack_data,
 )
 from gatekeeper.rules.pipelines import pipeline_limit_problems
-from gatekeeper.rules.templates import TEMPLATE_FIELDS, TemplateScope, check_template
+from gatekeeper.rules.templates import (
+    TEMPLATE_FIELDS,
+    TemplateScope,
+    check_amount_template,
+    check_template,
+)
 from gatekeeper.yamlsource import (
     PathParts,
     YamlDocument,
@@ -222,15 +230,18 @@ def canonical_rule(rule: Mapping[str, Any]) -> dict[str, Any]:
     block's final newline).
 
     The keys added later (``for_each``, approvals' ``standing``, ``expires_after`` and
-    ``notify``) are the other way round: their defaults are left out (``standing: false``
-    is dropped), so a rule that does not use them has the canonical form, and the hash, it
-    always had. ``expires_after`` is written in seconds (``7d`` and ``604800`` are the same).
+    ``notify``, ``mode``) are the other way round: their defaults are left out (``standing:
+    false`` and ``mode: live`` are dropped), so a rule that does not use them has the
+    canonical form, and the hash, it always had. ``expires_after`` is written in seconds
+    (``7d`` and ``604800`` are the same).
     """
     out = dict(rule)
     if isinstance(out.get("when"), str):
         out["when"] = out["when"].strip()
     out.setdefault("description", "")
     out.setdefault("fire", "once")
+    if out.get("mode") == "live":
+        del out["mode"]
     out["actions"] = [_canonical_action(action) for action in rule.get("actions", [])]
     approvals = out.get("approvals")
     if isinstance(approvals, dict):
@@ -698,6 +709,41 @@ def _check_rule(candidate: _Candidate) -> None:
         if kind == "set_fact":
             _check_set_fact_id(candidate, ("actions", index, kind), body)
             _check_self_trigger(candidate, ("actions", index, kind), body)
+        elif kind == "release":
+            _check_release_amount(candidate, ("actions", index, kind), body, scope)
+
+
+MAX_AMOUNT_EXAMPLE = '"10000.00"'
+
+
+def _check_release_amount(
+    candidate: _Candidate, path: PathParts, body: Mapping[str, Any], scope: TemplateScope
+) -> None:
+    """A release ``amount`` that is a template must name a fact field the rule may use and
+    come with a ``max_amount``; a literal amount must not be above its ``max_amount``; a
+    ``max_amount`` must be above zero (its shape is the schema's to check)."""
+    amount, cap = body.get("amount"), body.get("max_amount")
+    if not isinstance(amount, str):
+        return
+    if amount.startswith("$"):
+        for found in check_amount_template(amount, scope):
+            problem = candidate.problem_inside((*path, "amount"), found.offset, found.message)
+            candidate.problems.append(problem)
+        if cap is None:
+            message = (
+                "an amount read from a fact needs max_amount, the most one firing may "
+                f"release (a decimal string such as {MAX_AMOUNT_EXAMPLE})"
+            )
+            candidate.problems.append(candidate.problem((*path, "amount"), message))
+    limit = _decimal(cap)
+    if limit is not None and limit <= 0:
+        message = f"max_amount must be above zero (a decimal string such as {MAX_AMOUNT_EXAMPLE})"
+        candidate.problems.append(candidate.problem((*path, "max_amount"), message))
+        return
+    literal = _decimal(amount)
+    if literal is not None and limit is not None and literal > limit:
+        message = f"amount {amount} is above this release's max_amount {cap}"
+        candidate.problems.append(candidate.problem((*path, "amount"), message))
 
 
 def _check_self_trigger(candidate: _Candidate, path: PathParts, body: Mapping[str, Any]) -> None:
@@ -1070,6 +1116,7 @@ def _build_rule(candidate: _Candidate, source: Mapping[str, Any], line: int) -> 
         line=line,
         source=source,
         for_each=_shared(data.get("for_each")),
+        mode=cast(RuleMode, data.get("mode", "live")),
     )
 
 
@@ -1099,7 +1146,10 @@ def _build_action(action: Mapping[str, Any]) -> Action:
     kind, body = next(iter(action.items()))
     if kind == "release":
         fields = ("target", "escrow", "amount", "currency", "payee")
-        return _one_action(ReleaseAction(**{name: _shared(body[name]) for name in fields}))
+        release = ReleaseAction(
+            **{name: _shared(body[name]) for name in fields}, max_amount=body.get("max_amount")
+        )
+        return _one_action(release)
     if kind == "notify":
         target, message = _shared(body["target"]), _shared(body["message"])
         return _one_action(NotifyAction(target=target, message=message))

@@ -24,6 +24,12 @@ FireMode = Literal["once", "each_time", "each_fact"]
 edge of the gate; ``each_fact``: for every accepted fact that makes the condition true
 (an event rule: the same status posted twice fires twice)."""
 
+RuleMode = Literal["live", "shadow"]
+"""``live`` (default): a firing's actions are sent. ``shadow``: the rule is evaluated,
+decides and records as a live rule does (decisions, state, firing ids, a ``once`` firing
+used up), but everything its firings queue is stored as ``shadowed`` and never sent: no
+webhook, no ledger entry, no amount counted against an escrow, no fact set."""
+
 
 @dataclass(frozen=True, slots=True)
 class Approvals:
@@ -44,7 +50,10 @@ class Approvals:
 class ReleaseAction:
     """Ask an escrow/payment provider to release funds.
 
-    ``amount`` is a decimal string with at most two decimals (e.g. ``"5000.00"``), never a float.
+    ``amount`` is a decimal string with at most two decimals (e.g. ``"5000.00"``), never a
+    float, or one ``${name}`` placeholder naming a fact field (``"${item.data.amount}"``),
+    rendered when the rule fires; such a release has ``max_amount`` (a decimal string), the
+    most its rendered amount may be. A literal amount may have one too.
     """
 
     target: str
@@ -53,6 +62,12 @@ class ReleaseAction:
     currency: str
     payee: str
     kind: Literal["release"] = "release"
+    max_amount: str | None = None
+
+    @property
+    def templated(self) -> bool:
+        """Whether ``amount`` is a template (rendered from facts when the rule fires)."""
+        return self.amount.startswith("$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +194,9 @@ class Rule:
     for_each: str | None = None
     """A per-item rule: the fact kind whose every fact is an instance of the rule (its id is
     the instance's item id); None for a rule with one instance (item id ``""``)."""
+    mode: RuleMode = "live"
+    """As written (``RuleMode``); the mode a rule runs in also depends on the two-person
+    rule for money rules (``gatekeeper.engine.signoffs.effective_mode``)."""
 
     @property
     def release(self) -> ReleaseAction | None:

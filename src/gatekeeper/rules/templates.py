@@ -23,7 +23,10 @@ Names (see ``TemplateScope``):
   only as a whole (``len(task)``, a collection) gives no names.
 
 Where: notify ``message``, pipeline ``ref`` and ``inputs`` values, set_fact ``id`` and the
-string values of set_fact ``data`` (``TEMPLATE_FIELDS``, ``action_templates``).
+string values of set_fact ``data`` (``TEMPLATE_FIELDS``, ``action_templates``); and a
+release ``amount`` written as one placeholder naming a fact field (``${item.data.amount}``,
+``${invoice.i7.total}``: no reserved name, ``check_amount_template``), whose raw value
+``amount_value`` gives (the engine checks it is a decimal amount within ``max_amount``).
 
 Rendering (``render_template``): each value through ``render_value`` (strings as they are,
 numbers and booleans as JSON, ``null``, objects and lists as compact JSON, each cut at
@@ -51,6 +54,7 @@ from gatekeeper.rules.model import (
     Action,
     NotifyAction,
     PipelineAction,
+    ReleaseAction,
     Rule,
     SetFactAction,
 )
@@ -369,14 +373,15 @@ def slack_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def template_values(rule: Rule, fired_at: datetime) -> dict[str, str]:
+def template_values(rule: Rule, fired_at: datetime, amount: str | None = None) -> dict[str, str]:
     """The values of the reserved names ``rule``'s templates may use, for a firing at
-    ``fired_at``."""
+    ``fired_at``; ``amount`` is the rendered amount of the rule's release when it is a
+    template (else its amount as written is used)."""
     values = {"rule_id": rule.id, "project": rule.project, "fired_at": format_rfc3339(fired_at)}
     release = rule.release
     if release is not None:
         values.update(
-            amount=release.amount,
+            amount=amount if amount is not None else release.amount,
             currency=release.currency,
             payee=release.payee,
             escrow=release.escrow,
@@ -402,16 +407,22 @@ FactData = Callable[[str, str], Mapping[str, Any] | None]
 
 
 def template_resolver(
-    rule: Rule, fired_at: datetime, *, item: ItemLike | None, fact: FactData
+    rule: Rule,
+    fired_at: datetime,
+    *,
+    item: ItemLike | None,
+    fact: FactData,
+    amount: str | None = None,
 ) -> Resolve:
     """The resolver of ``rule``'s templates for one firing (for ``render_template``).
 
-    Reserved names give ``template_values(rule, fired_at)``; in a ``for_each`` rule,
+    Reserved names give ``template_values(rule, fired_at, amount)`` (``amount``: the rule's
+    release amount as rendered, when it is a template); in a ``for_each`` rule,
     ``item.id``, ``item.kind``, ``item.data...`` read ``item`` (None: every ``item`` name is
     missing); any other ``KIND.ID...`` reads ``fact(KIND, ID)`` and then each step through the
     data (a key of a mapping, an index of a list). Anything absent on the way is ``MISSING``.
     """
-    values = template_values(rule, fired_at)
+    values = template_values(rule, fired_at, amount)
     per_item = rule.for_each is not None
 
     def resolve(path: TemplatePath) -> Any:
@@ -451,13 +462,16 @@ TEMPLATE_FIELDS = {
     "set_fact": ("id", "data.*"),
 }
 """The template fields of each action kind (``inputs.*``: every value of ``inputs``;
-``data.*``: every string value of ``data``)."""
+``data.*``: every string value of ``data``). A release ``amount`` is a template of its own
+kind (one placeholder, see ``check_amount_template``)."""
 
 
 def action_templates(action: Action) -> list[tuple[tuple[str, ...], str]]:
     """(key path inside the action's body, template text) of every template of ``action``:
-    ``(("message",), ...)``, ``(("inputs", "env"), ...)``, ``(("data", "status"), ...)``.
-    A release action has none (its amounts stay literal)."""
+    ``(("message",), ...)``, ``(("inputs", "env"), ...)``, ``(("data", "status"), ...)``;
+    a release's amount when it is a template (``(("amount",), "${item.data.amount}")``)."""
+    if isinstance(action, ReleaseAction):
+        return [(("amount",), action.amount)] if action.templated else []
     if isinstance(action, NotifyAction):
         return [(("message",), action.message)]
     if isinstance(action, PipelineAction):
@@ -469,6 +483,40 @@ def action_templates(action: Action) -> list[tuple[tuple[str, ...], str]]:
             (("data", key), value) for key, value in action.data.items() if isinstance(value, str)
         ]
     return []
+
+
+AMOUNT_TEMPLATE = re.compile(r"\$\{[^{}]+\}")
+"""A release amount written as a template: exactly one braced placeholder, nothing else."""
+
+
+def check_amount_template(text: str, scope: TemplateScope) -> list[TemplateProblem]:
+    """Every problem with ``text`` as the template ``amount`` of a release in a rule with
+    ``scope`` (see ``check_template``): it must name a fact field the rule's templates may
+    use (``${item.data.FIELD}``, ``${KIND.ID.FIELD}``), not a reserved name
+    (``${amount}`` would be the amount itself); its shape (one placeholder, nothing else)
+    is the schema's to check."""
+    problems = check_template(text, scope)
+    for path, offset in _placeholders(text):
+        if path.root in TEMPLATE_NAMES:
+            message = (
+                f"a release amount names a fact field, not {path.root!r}: e.g. "
+                "${item.data.amount} or ${invoice.i7.total}"
+            )
+            problems = [p for p in problems if p.offset != offset]
+            problems.append(TemplateProblem(message, offset, _fragment(text, offset)))
+    return sorted(problems, key=lambda p: p.offset)
+
+
+def amount_value(text: str, resolve: Resolve) -> Any:
+    """The raw value of the one placeholder of a release amount template (any JSON value),
+    or ``MISSING``. Raises ``TemplateError`` when ``text`` is not one placeholder."""
+    placeholders = _placeholders(text)
+    if len(placeholders) != 1 or not AMOUNT_TEMPLATE.fullmatch(text):
+        raise TemplateError([TemplateProblem(f"not an amount template: {text!r}", 0, text)])
+    try:
+        return resolve(placeholders[0][0])
+    except TemplateMissing:
+        return MISSING
 
 
 def _mapping_resolver(values: Mapping[str, Any]) -> Resolve:

@@ -32,17 +32,21 @@ from gatekeeper.engine.model import (
     FactInput,
     FactKey,
     IdempotencyRecord,
+    SignOff,
     Transition,
 )
 from gatekeeper.metrics import Metrics
 from gatekeeper.rules.model import Rule
 from gatekeeper.runtime import views
 from gatekeeper.runtime.ingest import (
+    AlreadySignedOff,
     Counters,
     IdempotencyConflict,
     IngestResult,
     NotAnApprover,
     ShuttingDown,
+    SignOffRefused,
+    UnknownContentHash,
     UnknownRule,
     Writer,
 )
@@ -58,17 +62,21 @@ from gatekeeper.store.records import (
     AuditEntry,
     CancelRequest,
     LedgerMovement,
+    LoggedFact,
     OutboxEntry,
     RulesetCursor,
     RulesetSummary,
     Settlement,
     SettlementCallback,
     SettlementResult,
+    ShadowedReleases,
+    StoredDecision,
     StoredFact,
     StoredRuleset,
 )
 
 __all__ = [
+    "AlreadySignedOff",
     "Daemon",
     "Health",
     "IdempotencyConflict",
@@ -76,7 +84,9 @@ __all__ = [
     "NotARelease",
     "NotAnApprover",
     "ShuttingDown",
+    "SignOffRefused",
     "StartupError",
+    "UnknownContentHash",
     "UnknownRule",
 ]
 
@@ -291,6 +301,19 @@ class Daemon:
             view["acted_on"] = recorded.instances
         return view
 
+    async def sign_off(self, signoff: SignOff) -> dict[str, Any]:
+        """Record an admin's sign-off of a money rule's content hash (``Writer.sign_off``:
+        ``UnknownContentHash``, ``SignOffRefused``, ``AlreadySignedOff``; nothing recorded
+        then). Returns the signed rule's view, with ``signoff`` saying where it stands."""
+        rule, _ = await self.writer.sign_off(signoff)
+        shadowed = await self.store.shadowed_releases()
+        return views.rule_view(self.writer, rule, explain=False, shadowed=shadowed)
+
+    async def shadowed_releases(self) -> list[ShadowedReleases]:
+        """What shadowed firings would have released, per rule, content hash, escrow and
+        currency (``Store.shadowed_releases``)."""
+        return await self.store.shadowed_releases()
+
     async def retry_action(
         self, action_id: str, *, actor: str, reason: str | None
     ) -> OutboxEntry | None:
@@ -480,10 +503,19 @@ class Daemon:
         engine = self.writer.engine
         return engine.rules.get(rule_id) if engine else None
 
-    def rule_view(self, rule: Rule, *, explain: bool, item: str | None = None) -> dict[str, Any]:
+    def rule_view(
+        self,
+        rule: Rule,
+        *,
+        explain: bool,
+        item: str | None = None,
+        shadowed: Sequence[ShadowedReleases] | None = None,
+    ) -> dict[str, Any]:
         """A rule as ``GET /v1/rules`` shows it; with ``explain`` its current explanation;
-        ``item``: one instance of a per-item rule (``KeyError`` when it has none such)."""
-        return views.rule_view(self.writer, rule, explain=explain, item=item)
+        ``item``: one instance of a per-item rule (``KeyError`` when it has none such);
+        ``shadowed`` (``shadowed_releases()``): what its shadowed firings would have
+        released."""
+        return views.rule_view(self.writer, rule, explain=explain, item=item, shadowed=shadowed)
 
     async def rule_detail(
         self,
@@ -566,6 +598,26 @@ class Daemon:
     async def audit(self, query: AuditQuery) -> list[AuditEntry]:
         """The audit log entries ``query`` selects, newest first."""
         return await self.store.audit(query)
+
+    async def fact_log(self, after_seq: int, limit: int) -> list[LoggedFact]:
+        """A page of the fact log, in seq order (for a replay of the history)."""
+        return await self.store.fact_log(after_seq, limit)
+
+    async def decision_page(
+        self, after_id: int, limit: int, every: bool
+    ) -> tuple[list[StoredDecision], list[OutboxEntry], dict[int, int]]:
+        """A page of the decision log for a replay (``every``: quiet decisions too),
+        without evaluations, with the actions its decisions queued and where each decision
+        not made on a fact or approval falls in the fact log."""
+        store = self.store
+        decisions = await store.decision_log(after_id, limit, evaluations=False, quiet=every)
+        if not decisions:
+            return [], [], {}
+        actions = await store.actions_of_decisions(decisions[0].id, decisions[-1].id)
+        positions = await store.fact_log_positions(
+            [d.id for d in decisions if d.trigger not in ("fact", "approval")]
+        )
+        return decisions, actions, positions
 
     async def list_rulesets(
         self, limit: int, after: RulesetCursor | None = None

@@ -43,9 +43,11 @@ from gatekeeper.engine.model import (
     IdempotencyRecord,
     InstanceKey,
     RuleState,
+    SignOff,
     Stand,
     Transition,
 )
+from gatekeeper.engine.signoffs import SignedOff, is_money_rule
 from gatekeeper.metrics import Metrics, exemplar
 from gatekeeper.rules.model import Rule
 from gatekeeper.runtime.outage import StoreOutage
@@ -64,6 +66,19 @@ class UnknownRule(LookupError):
 
 class UnknownInstance(LookupError):
     """The rule has no instance with that item id (no fact of its ``for_each`` kind)."""
+
+
+class UnknownContentHash(LookupError):
+    """No rule of the active ruleset has that content hash."""
+
+
+class SignOffRefused(ValueError):
+    """A sign-off that cannot be taken: the rule is not a money rule (no ``release``), or
+    it is in ``mode: shadow`` (going live changes its hash)."""
+
+
+class AlreadySignedOff(ValueError):
+    """The admin already signed off this content hash (each admin signs a hash once)."""
 
 
 class NotAnApprover(ValueError):
@@ -152,6 +167,7 @@ class Counters:
         facts = 0
         outcomes: dict[str, int] = {}
         actions: dict[str, int] = {}
+        shadowed: dict[tuple[str, str], int] = {}
         items: dict[str, Decision] = {}  # per outcome, the last firing of a per-item rule
         for transition in transitions:
             facts += len(transition.facts)
@@ -161,7 +177,11 @@ class Counters:
                 if decision.firing_id is not None and decision.instance:
                     items[outcome] = decision
             for action in transition.actions:
-                actions[action.target] = actions.get(action.target, 0) + 1
+                if action.shadowed:
+                    key = (action.rule_id, action.kind)
+                    shadowed[key] = shadowed.get(key, 0) + 1
+                else:
+                    actions[action.target] = actions.get(action.target, 0) + 1
         if facts:
             metrics.facts_accepted.inc(facts)
         for name, count in outcomes.items():
@@ -176,6 +196,8 @@ class Counters:
             child.inc(count, exemplar=sample)
         for target, count in actions.items():
             self.labelled(metrics.actions, target, "queued").inc(count)
+        for (rule_id, kind), count in shadowed.items():
+            self.labelled(metrics.shadowed_actions, rule_id, kind).inc(count)
 
 
 class Writer:
@@ -212,6 +234,9 @@ class Writer:
         """Standing approvals by ``approval_key`` (``<rule id>`` or ``<rule id>[<item id>]``)
         -> approver subject."""
         self.book = EscrowBook(escrows)
+        self.signed: SignedOff = {}
+        """The sign-offs of money rules' content hashes (``SignOffBook.signed``; the live
+        engine reads this very mapping, changed in place only after a commit)."""
         self.lock = asyncio.Lock()
         """Held by every write from plan to apply: one write at a time."""
         self._queue: asyncio.Queue[_IngestJob] = asyncio.Queue()
@@ -232,6 +257,9 @@ class Writer:
         self.facts = FactTable(await self.store.load_facts())
         self.states = await self.store.load_rule_states()
         self.approvals = await self.store.load_approvals()
+        signed = await self.store.load_signoffs()
+        self.signed.clear()  # in place: the live engine holds this mapping
+        self.signed.update(signed)
         totals = await self.store.escrow_totals()
         self.book = EscrowBook(
             self.book.escrows, {escrow: figures.committed for escrow, figures in totals.items()}
@@ -286,6 +314,11 @@ class Writer:
 
     def _apply(self, transition: Transition) -> None:
         apply_transition(transition, self.facts, self.states, self.approvals, self.book)
+        for signoff in transition.signoffs:
+            at = signoff.at or transition.planned_at
+            self.signed.setdefault(signoff.content_hash, {})[signoff.actor] = replace(
+                signoff, at=at
+            )
         engine = self.engine
         if engine is not None:
             self.schedule.reschedule(transition, engine, self.facts, self.approvals)
@@ -530,6 +563,64 @@ class Writer:
         log_firings(transition)
         return IngestResult(seqs, request_id, replayed=False)
 
+    async def sign_off(self, signoff: SignOff) -> tuple[Rule, SignOff]:
+        """Record an admin's sign-off of the money rule with content hash
+        ``signoff.content_hash`` (an audited admin act ``signoff``). Nothing is evaluated:
+        the rule runs live from its next evaluation once it has ``money_rule_approvals``
+        sign-offs. Returns the rule and the sign-off as recorded (rule id, project, time).
+
+        Raises ``UnknownContentHash`` (no rule of the active ruleset has that hash),
+        ``SignOffRefused`` (not a money rule, or a rule in ``mode: shadow``) and
+        ``AlreadySignedOff`` (this admin signed that hash before); nothing is recorded
+        then."""
+        async with self.lock:
+            engine = self.live_engine()
+            rule = next(
+                (r for r in engine.ruleset.rules if r.content_hash == signoff.content_hash), None
+            )
+            if rule is None:
+                raise UnknownContentHash(
+                    f"no rule of the active ruleset (version {engine.ruleset.version[:12]}) "
+                    f"has content hash {signoff.content_hash!r}"
+                )
+            if not is_money_rule(rule):
+                raise SignOffRefused(
+                    f"rule {rule.id} (content hash {rule.content_hash}) has no release action: "
+                    "only money rules are signed off"
+                )
+            if rule.mode == "shadow":
+                raise SignOffRefused(
+                    f"rule {rule.id} is in mode: shadow; going live changes its content hash, "
+                    "so sign off the live version once it is loaded"
+                )
+            if signoff.actor in self.signed.get(rule.content_hash, {}):
+                raise AlreadySignedOff(
+                    f"{signoff.actor} already signed off rule {rule.id} at content hash "
+                    f"{rule.content_hash}: a second sign-off must come from another admin"
+                )
+            now = self.clock.now()
+            signoff = replace(signoff, rule_id=rule.id, project=rule.project)
+            transition = Transition(signoffs=[signoff], planned_at=now)
+            await self.commit_and_apply([transition])
+            recorded = self.signed[rule.content_hash][signoff.actor]
+        log.warning(
+            "admin: %s signed off money rule %s at content hash %s (%d of %d)%s",
+            signoff.actor,
+            rule.id,
+            rule.content_hash[:12],
+            len(self.signed[rule.content_hash]),
+            engine.signoffs.required,
+            f": {signoff.comment}" if signoff.comment else "",
+            extra={
+                "actor": signoff.actor,
+                "act": "signoff",
+                "rule_id": rule.id,
+                "content_hash": rule.content_hash,
+                "reason": signoff.comment,
+            },
+        )
+        return rule, recorded
+
     async def administer(self, act: AdminAct) -> tuple[Rule, AdminAct]:
         """Carry out an admin act on a rule (pause, resume, rearm), audited with who and why,
         and re-evaluate the rule under its new state. Returns the rule and the act as
@@ -604,7 +695,17 @@ def log_firings(transition: Transition) -> None:
             "ruleset_version": decision.ruleset_version,
             "request_id": request_id,
         }
-        if decision.outcome == "blocked":
+        if decision.outcome == "shadowed":
+            log.info(
+                "rule fired in shadow (%s): %s (%s, trigger %s, request %s): nothing sent",
+                decision.mode,
+                decision.rule_id,
+                decision.firing_id,
+                decision.trigger,
+                request_id or "-",
+                extra={**extra, "mode": decision.mode},
+            )
+        elif decision.outcome == "blocked":
             log.error(
                 "rule %s blocked (%s, request %s): %s",
                 decision.rule_id,

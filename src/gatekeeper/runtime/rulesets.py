@@ -16,7 +16,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,7 +35,7 @@ from gatekeeper.engine.ledger import EscrowBook
 from gatekeeper.metrics import Metrics
 from gatekeeper.problems import Problem
 from gatekeeper.rules.loader import LoadResult, RuleFileCache, load_rule_texts, load_rules_dir
-from gatekeeper.rules.model import Ruleset
+from gatekeeper.rules.model import ReleaseAction, Rule, Ruleset
 from gatekeeper.runtime.hooks import hook_problems
 from gatekeeper.runtime.ingest import Writer, log_firings
 from gatekeeper.runtime.ticker import Ticker
@@ -156,7 +156,10 @@ class Rulesets:
     ) -> None:
         """Make ``ruleset`` (with ``config`` and its ``secrets``, when given) live: store it
         and evaluate, at once, the rules that are new, changed, or were not in the previous
-        ruleset (a rule removed and put back may have missed facts meanwhile).
+        ruleset (a rule removed and put back may have missed facts meanwhile), and the rules
+        releasing from an escrow whose limit or currency ``config`` changes. The blocked
+        instances of those rules (a release refused, the gate still open) try their release
+        again: they fire if it now fits (``Engine.plan_instances``, ``retry``).
 
         All or nothing: if the commit fails (the store's error is raised), the previous
         ruleset, config and secrets stay.
@@ -164,10 +167,13 @@ class Rulesets:
         config = config or self.config
         writer = self.writer
         async with writer.lock:
-            engine = Engine.for_config(ruleset, config, new_action_id=self.new_action_id)
+            engine = Engine.for_config(
+                ruleset, config, new_action_id=self.new_action_id, signed=writer.signed
+            )
             book = EscrowBook(config.escrows, writer.book.committed)
             previous_rules = writer.engine.rules if writer.engine else {}
             states = writer.states
+            escrows = changed_escrows(self.config, config)
             changed = [
                 rule
                 for rule in ruleset.rules
@@ -180,6 +186,7 @@ class Rulesets:
                         or state.rule_hash != rule.content_hash
                     )
                 )
+                or releases_from(rule, escrows)
             ]
             t0 = time.perf_counter()
             transition = engine.plan_rules(
@@ -191,6 +198,7 @@ class Rulesets:
                 book=book.copy(),
                 approvals=writer.approvals,
                 record_first=False,  # a rule over 100,000 items: states, not decisions
+                retry={rule.id for rule in changed if releases_from(rule, escrows)},
             )
             writer.counters.planned("reload", t0, len(changed))
             transition.ruleset = ruleset
@@ -344,6 +352,18 @@ def check_hooks(config: Config) -> None:
     problems = hook_problems(config)
     if problems:
         raise ConfigError(problems)
+
+
+def changed_escrows(old: Config, new: Config) -> set[str]:
+    """The escrows whose limit or currency differ between ``old`` and ``new`` (added and
+    removed ones included)."""
+    names = set(old.escrows) | set(new.escrows)
+    return {name for name in names if old.escrows.get(name) != new.escrows.get(name)}
+
+
+def releases_from(rule: Rule, escrows: Collection[str]) -> bool:
+    """Whether ``rule`` has a release from one of ``escrows``."""
+    return any(isinstance(a, ReleaseAction) and a.escrow in escrows for a in rule.actions)
 
 
 def _keep_listen_and_database(new: Config, old: Config) -> Config:

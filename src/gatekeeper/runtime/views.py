@@ -8,39 +8,58 @@ take a ``visible(project)`` predicate.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from gatekeeper.clock import format_rfc3339
 from gatekeeper.config import Escrow
 from gatekeeper.engine.evaluate import Engine, rule_paused
 from gatekeeper.engine.model import FactKey, RuleState
+from gatekeeper.engine.signoffs import is_money_rule, signoff_status
 from gatekeeper.rules.loader import load_rule_texts
 from gatekeeper.rules.model import Rule, SetFactAction
 from gatekeeper.runtime.ingest import Writer
 from gatekeeper.store import Store
 from gatekeeper.store.contract import RulesetReads
 from gatekeeper.store.queries import Projects
-from gatekeeper.store.records import EscrowFigures, StoredDecision
+from gatekeeper.store.records import EscrowFigures, ShadowedReleases, StoredDecision
 
 Visible = Callable[[str | None], bool]
 """Whether the asker may see the things of a project (None: things of no project)."""
 
 
 def rule_view(
-    writer: Writer, rule: Rule, *, explain: bool, item: str | None = None
+    writer: Writer,
+    rule: Rule,
+    *,
+    explain: bool,
+    item: str | None = None,
+    shadowed: Sequence[ShadowedReleases] | None = None,
 ) -> dict[str, Any]:
     """A rule as ``GET /v1/rules`` shows it: what it is and its firing state; with
     ``explain`` also its source and current explanation (``Engine.explain``).
+
+    ``mode`` is the mode the rule runs in (``live``, ``shadow``, ``awaiting_signoff``); a
+    money rule under the two-person rule shows ``signoff`` (``signoff_status``: hash,
+    required, missing, who signed off). With ``shadowed`` (``Store.shadowed_releases``),
+    a rule not live, or one with shadowed releases of its current content hash, shows
+    ``shadowed_releases``: per escrow and currency, what its shadowed firings would have
+    released (count, sum, first release id).
 
     A per-item rule (``for_each``) also shows ``for_each`` and ``instances`` (how many it
     has); its state is that of instance ``item`` when given (``item`` then names it; a
     ``KeyError`` when there is no such instance), else the sum of its instances' firings
     (``gate_open`` null) and an explanation without an item. ``paused``: the rule is
     paused (a per-item rule without ``item``: as a whole; with it: that instance, by its
-    item or with its rule)."""
+    item or with its rule). ``state`` says in a word where the rule (or instance ``item``)
+    stands (``instance_status``; a per-item rule without ``item`` has none) and ``blocked``
+    why its release is blocked (None when it is not), ``blocks`` how many of its firings were
+    blocked by their release; a per-item rule without ``item`` counts its
+    ``blocked_instances`` instead."""
     state = None
     fired_count = 0
+    blocked_instances = 0
     last_fired_at = None
     whole = writer.states.get((rule.id, "")) if rule.for_each is not None else None
     if rule.for_each is None:
@@ -52,6 +71,7 @@ def rule_view(
     else:
         for found in instance_states(writer, rule):
             fired_count += found.fired_count
+            blocked_instances += found.blocked is not None
             if found.last_fired_at and (
                 last_fired_at is None or found.last_fired_at > last_fired_at
             ):
@@ -78,11 +98,34 @@ def rule_view(
         "gate_open": state.gate_open if state else None,
         "paused": (state is not None and state.paused) or (whole is not None and whole.paused),
     }
+    engine = writer.live_engine()
+    mode = engine.mode_of(rule)
+    view["mode"] = mode
+    signoff = signoff_status(rule, engine.signoffs)
+    if signoff is not None:
+        view["signoff"] = signoff
+    if shadowed is not None:
+        own = [
+            s.to_json()
+            for s in shadowed
+            if (s.rule_id, s.rule_hash) == (rule.id, rule.content_hash)
+        ]
+        if own or (mode != "live" and is_money_rule(rule)):
+            view["shadowed_releases"] = own
+    if rule.for_each is None or item:
+        shown = state or RuleState(rule.id, instance=item or "")
+        if whole is not None and whole.paused and not shown.paused:
+            shown = replace(shown, paused=True)
+        view["state"] = instance_status(rule, shown)
+        view["blocked"] = shown.blocked
+        view["blocks"] = shown.blocks
     if rule.for_each is not None:
         view["for_each"] = rule.for_each
         view["instances"] = len(writer.facts.of_kind(rule.project, rule.for_each))
         if item:
             view["item"] = item
+        else:
+            view["blocked_instances"] = blocked_instances
     if explain:
         view["source"] = dict(rule.source)
         view["explanation"] = writer.live_engine().explain(
@@ -140,6 +183,7 @@ def instances_view(
                 "last_fired_at": state.last_fired_at,
                 "paused": state.paused,
                 "rearms": state.rearms,
+                "blocked": state.blocked,
             }
         )
     more = len(ids) > limit
@@ -151,23 +195,27 @@ def instances_view(
     }
 
 
-INSTANCE_STATUSES = ("new", "armed", "open", "fired", "paused")
+INSTANCE_STATUSES = ("new", "armed", "open", "fired", "paused", "blocked")
 """The words ``instance_status`` answers."""
 
 
 def instance_status(rule: Rule, state: RuleState) -> str:
     """Where one instance stands, in a word: ``paused`` (an admin paused it, or its rule as
     a whole: evaluated, never fired), ``new`` (never evaluated), ``fired`` (a ``once``
-    instance that fired and was not re-armed: it fires no more), ``open`` (its gate is
-    open: an ``each_time`` or ``each_fact`` instance that fired on the gate's opening), else
-    ``armed`` (its gate is closed: it fires when its condition holds and its approvals are
-    satisfied)."""
+    instance that fired and was not re-armed: it fires no more), ``blocked`` (its last
+    firing's release was refused: it has not fired, and waits for a re-arm, a change of its
+    escrow, a new version of its rule or its gate opening again; ``RuleState.blocked`` says
+    why), ``open`` (its gate is open: an ``each_time`` or ``each_fact`` instance that fired
+    on the gate's opening), else ``armed`` (its gate is closed: it fires when its condition
+    holds and its approvals are satisfied)."""
     if state.paused:
         return "paused"
     if state.gate_open is None:
         return "new"
     if rule.fire == "once" and state.fired_count > state.rearms:
         return "fired"
+    if state.blocked is not None:
+        return "blocked"
     return "open" if state.gate_open else "armed"
 
 
@@ -188,7 +236,8 @@ async def rule_detail(
     when the live ruleset has no rule ``rule_id`` (or the rule no instance ``item``)."""
     engine = writer.live_engine()
     rule = engine.rules[rule_id]
-    view = rule_view(writer, rule, explain=True, item=item)
+    shadowed = await writer.store.shadowed_releases()
+    view = rule_view(writer, rule, explain=True, item=item, shadowed=shadowed)
     view["ruleset_version"] = engine.ruleset.version
     if rule.for_each is not None and not item:
         page = instances_view(writer, rule, after=instances_after, limit=instances_limit)
@@ -256,7 +305,8 @@ async def export_view(
 ) -> dict[str, Any]:
     """A snapshot of the state, in the format ``gatekeeper plan --snapshot`` reads: current
     facts, every rule's firing state, standing approvals, the live ruleset's content
-    hashes and the escrows; facts, states and approvals only of ``visible`` projects (facts
+    hashes, the escrows, the sign-offs of money rules by content hash and what shadowed
+    firings would have released; facts, states and approvals only of ``visible`` projects (facts
     filtered by the store, by ``projects``: the same set).
 
     The facts are paged: at most ``limit`` (None: all) in ``(project, kind, id)`` order,
@@ -278,6 +328,8 @@ async def export_view(
                 "rearms": s.rearms,
                 "paused": s.paused,
                 "last_fired_at": s.last_fired_at,
+                **({"blocked": s.blocked} if s.blocked is not None else {}),
+                **({"blocks": s.blocks} if s.blocks else {}),
             }
             for s in sorted(writer.states.values(), key=lambda s: (s.rule_id, s.instance))
             if s.rule_id not in rules or visible(rules[s.rule_id].project)
@@ -293,6 +345,23 @@ async def export_view(
             "rules": {r.id: r.content_hash for r in rules.values()},
         },
         "escrows": await escrow_report(writer.store, escrows),
+        "signoffs": {
+            content_hash: [
+                {
+                    "actor": actor,
+                    "at": None if signoff.at is None else format_rfc3339(signoff.at),
+                    "comment": signoff.comment,
+                }
+                for actor, signoff in sorted(signed.items())
+            ]
+            for content_hash, signed in sorted(writer.signed.items())
+            if signed and any(visible(s.project or None) for s in signed.values())
+        },
+        "shadowed_releases": [
+            {"rule_id": s.rule_id, "rule_hash": s.rule_hash, **s.to_json()}
+            for s in await writer.store.shadowed_releases()
+            if s.rule_id not in rules or visible(rules[s.rule_id].project)
+        ],
     }
 
 

@@ -6,7 +6,9 @@ they return), ``queries`` (query types: plain data), ``errors`` (the ``StoreErro
 family), ``evidence`` (what a decision saw, stored by reference), ``migrations`` (schema
 migrations as files, per backend), ``sqlite`` (the embedded backend: WAL,
 ``synchronous=FULL``) with ``writer_thread`` (its single writer) and ``lockfile`` (one
-daemon per database file), and ``open_store`` (the backend a ``database:`` setting names).
+daemon per database file), ``history`` (a deployment's recorded history read for a replay,
+and the backtest and self-check run over it), and ``open_store`` (the backend a
+``database:`` setting names, read-only for a backtest).
 
 May import: ``gatekeeper.engine`` (the records it stores), ``gatekeeper.rules`` and the
 ground floor. Never the runtime, delivery or HTTP layers.
@@ -24,8 +26,9 @@ __all__ = ["SQLITE_PREFIX", "Store", "open_store", "store_for"]
 SQLITE_PREFIX = "sqlite:///"
 
 
-def store_for(database: str | Path) -> Store:
-    """The (not yet opened) store a ``database:`` setting names.
+def store_for(database: str | Path, *, read_only: bool = False) -> Store:
+    """The (not yet opened) store a ``database:`` setting names; ``read_only`` opens it
+    for reading only (see ``open_store``).
 
     ``database`` is a plain path (``state/gatekeeper.db``), ``sqlite:///<path>`` (three
     slashes then the path, so ``sqlite:////var/lib/gk.db`` is absolute and
@@ -36,15 +39,15 @@ def store_for(database: str | Path) -> Store:
     from gatekeeper.store.sqlite import SqliteStore
 
     if isinstance(database, Path):
-        return SqliteStore(database)
+        return SqliteStore(database, read_only=read_only)
     scheme, sep, _ = database.partition("://")
     if not sep:
-        return SqliteStore(Path(database))
+        return SqliteStore(Path(database), read_only=read_only)
     if database.startswith(SQLITE_PREFIX):
         path = database[len(SQLITE_PREFIX) :]
         if not path:
             raise UnsupportedDatabase(f"database URL {database!r} names no file")
-        return SqliteStore(path if path == ":memory:" else Path(path))
+        return SqliteStore(path if path == ":memory:" else Path(path), read_only=read_only)
     if scheme == "sqlite":
         raise UnsupportedDatabase(
             f"database URL {database!r}: write sqlite:///<path> (three slashes)"
@@ -55,11 +58,17 @@ def store_for(database: str | Path) -> Store:
     )
 
 
-async def open_store(database: str | Path) -> Store:
+async def open_store(database: str | Path, *, read_only: bool = False) -> Store:
     """The store ``database`` names (see ``store_for``), opened: its schema is up to date.
 
+    With ``read_only`` (``gatekeeper backtest``) nothing is created, migrated, locked or
+    written: the database must exist with this gatekeeper's schema version (a daemon may
+    be running on it), its reads see what was committed, and every write raises
+    ``StoreUnavailable``.
+
     Raises ``UnsupportedDatabase`` for an unknown scheme, ``StoreUnavailable`` when the
-    database cannot be opened, ``SchemaTooNew`` when a newer gatekeeper wrote it."""
-    store = store_for(database)
+    database cannot be opened (read-only: when it does not exist, or its schema is older
+    than this gatekeeper's), ``SchemaTooNew`` when a newer gatekeeper wrote it."""
+    store = store_for(database, read_only=read_only)
     await store.open()
     return store

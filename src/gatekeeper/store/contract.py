@@ -35,6 +35,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from gatekeeper.engine.model import FactKey, InstanceKey, RuleState, Transition
+from gatekeeper.engine.signoffs import SignedOff
 from gatekeeper.store.queries import AuditQuery, OutboxFilter, Projects
 from gatekeeper.store.records import (
     ActionStatus,
@@ -52,6 +53,7 @@ from gatekeeper.store.records import (
     RulesetSummary,
     SettlementCallback,
     SettlementResult,
+    ShadowedReleases,
     StandingApprovals,
     StoredDecision,
     StoredFact,
@@ -89,8 +91,9 @@ class StateStore(Protocol):
         """Commit everything ``transition`` changes in one transaction: facts (appended to
         the fact log, current facts upserted), approvals, admin acts, the ruleset version it
         activates, decisions, rule states (by ``InstanceKey``), queued actions (the outbox,
-        each with its instance), ledger entries (each release's row and its ``reserve``
-        movement) and its idempotency key. A fact with
+        each with its instance; a ``shadowed`` one with status ``shadowed``), ledger entries
+        (each release's row and its ``reserve`` movement), sign-offs (admin acts
+        ``signoff``) and its idempotency key. A fact with
         ``caused_by`` (set by a rule) keeps it in the fact log. Returns the sequence numbers
         of its facts then approvals, in order.
 
@@ -136,6 +139,12 @@ class StateStore(Protocol):
         decision, ``"approve"`` or ``"reject"``, and when it was recorded), the approvals
         of one instance of a per-item rule under ``<rule id>[<item id>]``. Approvals a
         firing used up (``Transition.consumed``) are gone."""
+        ...
+
+    async def load_signoffs(self) -> SignedOff:
+        """Every sign-off of a money rule's content hash (``Transition.signoffs``, kept as
+        admin acts ``signoff``): ``{content hash: {actor: SignOff}}``, each with the time it
+        was recorded."""
         ...
 
     async def escrow_totals(self) -> EscrowTotals:
@@ -309,6 +318,36 @@ class AuditReads(Protocol):
         ``item``), so what one decision stores is bounded whatever its rule reads."""
         ...
 
+    async def decision_log(
+        self,
+        after_id: int = 0,
+        limit: int = 1000,
+        *,
+        evaluations: bool = True,
+        quiet: bool = True,
+    ) -> list[StoredDecision]:
+        """At most ``limit`` decisions with ``id > after_id``, oldest first (id ascending:
+        the order they were committed in), as ``list_decisions`` shows them; with
+        ``evaluations`` False their ``evaluation`` is ``{}`` (nothing is rebuilt from the
+        fact log: what a replay of the history reads). With ``quiet`` False, the decisions
+        made on a fact or an approval that neither fired (nor was blocked) nor told
+        approvers are left out: the bulk of the log, which a replay makes again."""
+        ...
+
+    async def fact_log_positions(self, decision_ids: Sequence[int]) -> dict[int, int]:
+        """For each of ``decision_ids``: the largest fact log ``seq`` that a decision
+        before it (by id) made on a fact or an approval was made on (0 when none): where
+        the decision falls in the fact log. Unknown ids are left out."""
+        ...
+
+    async def actions_of_decisions(self, first_id: int, last_id: int) -> list[OutboxEntry]:
+        """Every outbox entry queued by the decisions ``first_id`` to ``last_id``
+        (inclusive; a firing's actions and alert, or an approvals notice), by decision
+        id, then in the order they were queued; dead letters included. The alerts queued
+        later about an entry (``dead_letter``, ``settlement_failed``: filed under its
+        decision) are not the decision's and are left out."""
+        ...
+
     async def decision_of_firing(self, firing_id: str) -> StoredDecision | None:
         """The decision that fired (or blocked) ``firing_id``, or None."""
         ...
@@ -321,6 +360,13 @@ class AuditReads(Protocol):
 
     async def release_record(self, release_id: str) -> ReleaseRecord | None:
         """A release's ledger row, or None."""
+        ...
+
+    async def shadowed_releases(self) -> list[ShadowedReleases]:
+        """What the shadowed release actions would have released (never sent, never in the
+        ledger): per rule id, the content hash of the rule that queued them (its decision's
+        ``rule_hash``), escrow and currency, their number and exact sum and the first
+        release id; ordered by those four."""
         ...
 
 

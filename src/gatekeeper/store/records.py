@@ -22,13 +22,20 @@ import msgspec
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
 from gatekeeper.engine.model import QueuedAction, Stand
 
-ActionStatus = Literal["pending", "delivered", "dead", "cancelled"]
+ActionStatus = Literal["pending", "delivered", "dead", "shadowed", "cancelled"]
 """An outbox entry's delivery state: ``pending`` (due now or later), ``delivered`` (a 2xx
 answer), ``dead`` (a dead letter: no further attempt unless an admin requeues it),
-``cancelled`` (a release an admin cancelled before it was sent: never due again, its amount
-returned to its escrow)."""
+``shadowed`` (queued by a firing in shadow: never due, never delivered, never in the
+ledger or counted against an escrow), ``cancelled`` (a release an admin cancelled before it
+was sent: never due again, its amount returned to its escrow)."""
 
-ACTION_STATUSES: tuple[ActionStatus, ...] = ("pending", "delivered", "dead", "cancelled")
+ACTION_STATUSES: tuple[ActionStatus, ...] = (
+    "pending",
+    "delivered",
+    "dead",
+    "shadowed",
+    "cancelled",
+)
 
 DeadReason = Literal["attempts_exhausted", "too_old", "refused", "not_retryable"]
 """Why an action died: ``attempts_exhausted`` (``max_attempts`` spent), ``too_old`` (the
@@ -148,9 +155,16 @@ class StoredDecision:
     reason: str | None
     instance: str = ""
     """The item id of the instance decided (per-item rules; shown only then)."""
+    mode: str = "live"
+    """The mode the rule ran in (``shadow``, ``awaiting_signoff``; shown only when not
+    ``live``)."""
 
-    def to_json(self) -> dict[str, Any]:
-        return record_json(self, omit=() if self.instance else ("instance",))
+    def to_json(self, *, evaluation: bool = True) -> dict[str, Any]:
+        """As the API shows it; without ``evaluation`` for a replay of the history."""
+        omit: tuple[str, ...] = () if self.instance else ("instance",)
+        if self.mode == "live":
+            omit = (*omit, "mode")
+        return record_json(self, omit=omit if evaluation else (*omit, "evaluation"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +271,8 @@ class AuditEntry:
     instances: int | None = None
     """An admin act on a per-item rule as a whole: how many of its instances it changed
     (shown only then)."""
+    rule_hash: str | None = None
+    """A sign-off (admin act ``signoff``): the content hash signed off (shown only then)."""
 
     @property
     def cursor(self) -> AuditCursor:
@@ -267,6 +283,8 @@ class AuditEntry:
         omit = () if self.instance else ("instance",)
         if self.instances is None:
             omit = (*omit, "instances")
+        if self.rule_hash is None:
+            omit = (*omit, "rule_hash")
         return record_json(self, omit=omit)
 
 
@@ -438,6 +456,30 @@ class SettlementResult:
     at: datetime
     movements: tuple[LedgerMovement, ...]
     replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowedReleases:
+    """What the shadowed firings of one version of a rule would have released from one
+    escrow: rule id, its content hash then (``rule_hash``), escrow and currency, how many
+    releases, their sum (``Decimal``), and the release id of the first of them."""
+
+    rule_id: str
+    rule_hash: str
+    escrow: str
+    currency: str
+    count: int
+    amount: Decimal
+    first_release_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "escrow": self.escrow,
+            "currency": self.currency,
+            "count": self.count,
+            "amount": str(self.amount),
+            "first_release_id": self.first_release_id,
+        }
 
 
 @dataclass(frozen=True, slots=True)

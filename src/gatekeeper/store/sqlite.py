@@ -27,7 +27,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -45,9 +45,11 @@ from gatekeeper.engine.model import (
     InstanceKey,
     QueuedAction,
     RuleState,
+    SignOff,
     Stand,
     Transition,
 )
+from gatekeeper.engine.signoffs import SignedOff
 from gatekeeper.rules.model import Ruleset
 from gatekeeper.store.errors import (
     ADVICE,
@@ -86,6 +88,7 @@ from gatekeeper.store.records import (
     Settlement,
     SettlementCallback,
     SettlementResult,
+    ShadowedReleases,
     StandingApprovals,
     StoredDecision,
     StoredFact,
@@ -205,14 +208,15 @@ def _outbox_where(only: OutboxFilter | None) -> tuple[str, list[Any]]:
 _AUDIT_UNION = (
     "SELECT 'decision' AS kind, id, decided_at AS at, rule_id, project, outcome AS what,"
     " NULL AS actor, reason, firing_id, fact_seq, request_id, trigger, project AS scope,"
-    " instance, NULL AS instances FROM decisions"
+    " instance, NULL AS instances, NULL AS rule_hash FROM decisions"
     " UNION ALL SELECT 'admin_act', id, at, subject, project, act, actor, reason, NULL, NULL,"
     " NULL, NULL, COALESCE(project, CASE WHEN act = 'retry_action' THEN"
     " (SELECT json_extract(outbox.payload, '$.project') FROM outbox"
-    " WHERE outbox.action_id = admin_acts.subject) END), instance, instances FROM admin_acts"
+    " WHERE outbox.action_id = admin_acts.subject) END), instance, instances, rule_hash"
+    " FROM admin_acts"
     " UNION ALL SELECT 'approval', seq, received_at, json_extract(data, '$.rule'), project,"
     " json_extract(data, '$.decision'), id, json_extract(data, '$.comment'), NULL, seq,"
-    " request_id, NULL, project, COALESCE(json_extract(data, '$.instance'), ''), NULL"
+    " request_id, NULL, project, COALESCE(json_extract(data, '$.instance'), ''), NULL, NULL"
     " FROM fact_log WHERE kind = 'approval'"
 )
 """Every audit entry in one shape. ``scope`` is the project that decides who may see the
@@ -306,27 +310,30 @@ _UPSERT_FACTS = _Insert(
 _INSERT_DECISIONS = _Insert(
     "INSERT INTO decisions (decided_at, rule_id, rule_hash, ruleset_version, git_commit,"
     " trigger, fact_seq, outcome, gate_open, evaluation, approvals, firing_id,"
-    " request_id, reason, project, instance, notice_id)",
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    " request_id, reason, project, instance, notice_id, mode)",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
 )
 _UPSERT_RULE_STATES = _Insert(
     "INSERT INTO rule_state (rule_id, instance, gate_open, fired_count, last_fired_at,"
-    " rule_hash, paused, rearms, notified, notices)",
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    " rule_hash, paused, rearms, notified, notices, signoff_alerted, blocked, blocks)",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     " ON CONFLICT (rule_id, instance) DO UPDATE SET"
     " gate_open = excluded.gate_open, fired_count = excluded.fired_count,"
     " last_fired_at = excluded.last_fired_at, rule_hash = excluded.rule_hash,"
     " paused = excluded.paused, rearms = excluded.rearms,"
-    " notified = excluded.notified, notices = excluded.notices",
+    " notified = excluded.notified, notices = excluded.notices,"
+    " signoff_alerted = excluded.signoff_alerted,"
+    " blocked = excluded.blocked, blocks = excluded.blocks",
 )
 # decision_id: the decision of the same firing, written just before in this transaction
 # (firing_id is UNIQUE in decisions; no such decision leaves it NULL, which NOT NULL refuses);
-# a notice that a rule waits for approvals names its decision's notice_id instead
+# a notice that a rule waits for approvals names its decision's notice_id instead; a
+# shadowed action goes in with status 'shadowed' (never due)
 _INSERT_OUTBOX = _Insert(
     "INSERT INTO outbox (action_id, decision_id, rule_id, firing_id, kind, target,"
-    " payload, created_at, next_attempt_at, instance)",
+    " payload, created_at, next_attempt_at, instance, status)",
     "(?, COALESCE((SELECT id FROM decisions WHERE firing_id = ?),"
-    " (SELECT id FROM decisions WHERE notice_id = ?)), ?, ?, ?, ?, ?, ?, ?, ?)",
+    " (SELECT id FROM decisions WHERE notice_id = ?)), ?, ?, ?, ?, ?, ?, ?, ?, ?)",
 )
 _INSERT_LEDGER = _Insert(
     "INSERT INTO ledger (release_id, escrow, amount, currency, payee, rule_id,"
@@ -345,6 +352,9 @@ _INSERT_SEND = (
     " WHERE ledger.release_id = ? ON CONFLICT (release_id, movement) DO NOTHING"
 )
 """The ``send`` movement of a delivered action when it is a release (none otherwise), once."""
+FOLLOW_UP_ALERTS = ("dead_letter", "settlement_failed")
+"""The alerts queued after a decision about one of its actions (by delivery, by a
+settlement), filed under that decision."""
 _INSERT_FOLLOW_UP = (
     "INSERT INTO outbox (action_id, decision_id, rule_id, firing_id, kind, target, payload,"
     " created_at, next_attempt_at, instance)"
@@ -374,9 +384,11 @@ class SqliteStore:
     raises ``StoreUnavailable`` (table locked) instead of waiting.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
         self.path = Path(path)
         self._memory = str(path) == ":memory:"
+        self._read_only = read_only
+        """Opened for reading only (``open_store(read_only=True)``): no writer, no lock."""
         self._uri = f"file:gatekeeper-{id(self)}?mode=memory&cache=shared"
         self._writer: WriterThread | None = None
         self._db: sqlite3.Connection | None = None
@@ -388,7 +400,7 @@ class SqliteStore:
 
     @property
     def is_open(self) -> bool:
-        return self._reader is not None and self._db is not None
+        return self._reader is not None and (self._db is not None or self._read_only)
 
     @property
     def reader(self) -> aiosqlite.Connection:
@@ -424,6 +436,8 @@ class SqliteStore:
         to the awaiting task: a cancelled caller cannot leave it half done.
         """
         if self._writer is None:
+            if self._read_only and self._reader is not None:
+                raise StoreUnavailable(f"database {self.path} is open read-only", "read_only")
             raise StoreUnavailable("store is not open")
         try:
             return await self._writer.run(self._transact, body)
@@ -457,7 +471,10 @@ class SqliteStore:
         schema is written, so a file at the path is a gatekeeper database or is refused
         (``NotAGatekeeperDatabase``: empty, not SQLite, another application's). Errors name
         the file and what to do; the write lock of another process is waited for
-        ``STARTUP_BUSY_TIMEOUT_MS`` at most."""
+        ``STARTUP_BUSY_TIMEOUT_MS`` at most. Read-only: see ``_open_read_only``."""
+        if self._read_only:
+            await self._open_read_only()
+            return
         if not self._memory:
             self._refuse_dangling_link()
             try:
@@ -497,6 +514,52 @@ class SqliteStore:
             if isinstance(exc, sqlite3.Error):
                 raise _open_error(self.path, exc) from exc
             raise
+
+    async def _open_read_only(self) -> None:
+        """Open only the reader, on a database that must exist with this gatekeeper's
+        schema version (SQLite ``mode=ro``): nothing is created, migrated or locked, so a
+        daemon may be running on the file. Raises ``NotAGatekeeperDatabase``,
+        ``SchemaTooNew``, or ``StoreUnavailable`` (no such file, an older schema)."""
+        path = self.path
+        if self._memory:
+            raise StoreUnavailable("a private in-memory database cannot be opened read-only")
+        if not path.exists():
+            raise StoreUnavailable(f"database {path} does not exist (nothing is created)")
+        self._check_header()
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        try:
+            reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise _open_error(path, exc) from exc
+        try:
+            await reader.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            await reader.execute("PRAGMA query_only=ON")
+            values = []
+            for pragma in ("user_version", "application_id"):
+                async with reader.execute(f"PRAGMA {pragma}") as cursor:
+                    row = await cursor.fetchone()
+                    values.append(int(row[0]) if row else 0)
+            async with reader.execute("SELECT name FROM sqlite_master") as cursor:
+                tables = {row[0] for row in await cursor.fetchall()}
+            version, application = values
+            if version > len(MIGRATIONS):
+                raise SchemaTooNew(
+                    f"database {path} has schema version {version}, newer than this "
+                    f"gatekeeper knows ({len(MIGRATIONS)}); use the gatekeeper that wrote it"
+                )
+            self._refuse_foreign(version, application, tables)
+            if version < len(MIGRATIONS):
+                raise StoreUnavailable(
+                    f"database {path} has schema version {version}, older than this "
+                    f"gatekeeper's ({len(MIGRATIONS)}); it is read only as it is: start "
+                    "gatekeeper serve on it once to upgrade it"
+                )
+        except BaseException as exc:
+            await reader.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _open_error(path, exc) from exc
+            raise
+        self._reader = reader
 
     def _refuse_dangling_link(self) -> None:
         """Refuse a database path that is a symbolic link to nothing (a volume not mounted,
@@ -569,6 +632,25 @@ class SqliteStore:
                 "and write access to it",
                 "read_only" if exc.errno in (errno.EACCES, errno.EROFS) else "unavailable",
             ) from exc
+        self._refuse_header(header)
+
+    def _check_header(self) -> None:
+        """Refuse what is at ``path`` unless it is a SQLite file (it must exist)."""
+        path = self.path
+        try:
+            with path.open("rb") as file:
+                header = file.read(len(SQLITE_HEADER))
+        except IsADirectoryError:
+            raise NotAGatekeeperDatabase(
+                f"database {path} is a folder, not a database file; point at a file"
+            ) from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read database {path}: {exc.strerror}") from exc
+        self._refuse_header(header)
+
+    def _refuse_header(self, header: bytes) -> None:
+        """Refuse an empty file or one that is not SQLite, by its first bytes."""
+        path = self.path
         if not header:
             raise NotAGatekeeperDatabase(
                 f"database {path} is an empty file (0 bytes), not a gatekeeper database "
@@ -590,6 +672,11 @@ class SqliteStore:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
         if version > len(MIGRATIONS):
             return
+        self._refuse_foreign(version, application, tables)
+
+    def _refuse_foreign(self, version: int, application: int, tables: set[str]) -> None:
+        """Raise ``NotAGatekeeperDatabase`` unless a SQLite database of schema ``version``,
+        ``application`` id and ``tables`` is gatekeeper's."""
         if application == 0 and version > 0 and GATEKEEPER_TABLE in tables:
             return
         shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
@@ -695,7 +782,7 @@ class SqliteStore:
             now = t.decisions[0].decided_at
         elif t.planned_at is not None:
             now = format_rfc3339(t.planned_at)
-        elif t.facts or t.approvals or t.admin_acts or t.ruleset or t.idempotency:
+        elif t.facts or t.approvals or t.admin_acts or t.signoffs or t.ruleset or t.idempotency:
             raise ValueError("a transition without decisions needs planned_at")
         else:
             now = ""
@@ -751,6 +838,15 @@ class SqliteStore:
                     for a in t.admin_acts
                 ],
             )
+        if t.signoffs:
+            db.executemany(
+                "INSERT INTO admin_acts (at, actor, act, subject, reason, project, rule_hash)"
+                " VALUES (?, ?, 'signoff', ?, ?, ?, ?)",
+                [
+                    (now, o.actor, o.rule_id, o.comment, o.project or None, o.content_hash)
+                    for o in t.signoffs
+                ],
+            )
         if t.ruleset is not None:
             _write_ruleset(db, t.ruleset, now)
         if t.decisions:
@@ -770,6 +866,9 @@ class SqliteStore:
                         s.rearms,
                         s.notified,
                         s.notices,
+                        s.signoff_alerted,
+                        s.blocked,
+                        s.blocks,
                     )
                     for (rule_id, instance), s in t.rule_states.items()
                 ],
@@ -790,6 +889,7 @@ class SqliteStore:
                         a.created_at,
                         a.created_at,
                         a.instance,
+                        "shadowed" if a.shadowed else "pending",
                     )
                     for a in t.actions
                 ],
@@ -873,7 +973,7 @@ class SqliteStore:
     async def load_rule_states(self) -> dict[InstanceKey, RuleState]:
         rows = await self._rows(
             "SELECT rule_id, gate_open, fired_count, last_fired_at, rule_hash, paused, rearms,"
-            " instance, notified, notices FROM rule_state"
+            " instance, notified, notices, signoff_alerted, blocked, blocks FROM rule_state"
         )
         return {
             (r[0], r[7]): RuleState(
@@ -887,9 +987,22 @@ class SqliteStore:
                 instance=r[7],
                 notified=bool(r[8]),
                 notices=int(r[9]),
+                signoff_alerted=r[10],
+                blocked=r[11],
+                blocks=int(r[12]),
             )
             for r in rows
         }
+
+    async def load_signoffs(self) -> SignedOff:
+        signed: SignedOff = {}
+        for rule_hash, actor, rule_id, comment, project, at in await self._rows(
+            "SELECT rule_hash, actor, subject, reason, project, at FROM admin_acts"
+            " WHERE act = 'signoff' ORDER BY id"
+        ):
+            signoff = SignOff(rule_hash, rule_id, actor, comment, project or "", parse_rfc3339(at))
+            signed.setdefault(rule_hash, {})[actor] = signoff
+        return signed
 
     async def load_approvals(self) -> StandingApprovals:
         standing: StandingApprovals = {}
@@ -1120,13 +1233,15 @@ class SqliteStore:
                 "SELECT escrow, amount, currency FROM ledger WHERE release_id = ?",
                 (release_id,),
             ).fetchone()
-            if kind != "release" or release is None:
+            if kind != "release":
                 raise Conflict(f"action {release_id} is a {kind}, not a release")
             if status not in ("pending", "dead"):
                 raise Conflict(
                     f"release {release_id} is {status}: only a pending or dead release can be "
                     "cancelled"
                 )
+            if release is None:
+                raise Conflict(f"release {release_id} has no ledger entry")
             if started is not None:
                 raise Conflict(
                     f"release {release_id}: an attempt is in flight; its outcome decides"
@@ -1400,16 +1515,65 @@ class SqliteStore:
             return decision
         return None
 
+    async def decision_log(
+        self,
+        after_id: int = 0,
+        limit: int = 1000,
+        *,
+        evaluations: bool = True,
+        quiet: bool = True,
+    ) -> list[StoredDecision]:
+        where = "WHERE id > ?"
+        if not quiet:
+            where += (
+                " AND (trigger NOT IN ('fact', 'approval') OR firing_id IS NOT NULL"
+                " OR notice_id IS NOT NULL)"
+            )
+        return await self._decisions(
+            where, (after_id,), limit, oldest_first=True, evaluations=evaluations
+        )
+
+    async def fact_log_positions(self, decision_ids: Sequence[int]) -> dict[int, int]:
+        if not decision_ids:
+            return {}
+        rows = await self._rows(
+            "SELECT id, COALESCE(before, 0) FROM (SELECT id, MAX(CASE WHEN trigger IN"
+            " ('fact', 'approval') THEN fact_seq END) OVER (ORDER BY id ROWS BETWEEN"
+            " UNBOUNDED PRECEDING AND 1 PRECEDING) AS before FROM decisions WHERE id <= ?)"
+            " WHERE id IN (SELECT value FROM json_each(?))",
+            (max(decision_ids), _dumps(sorted(set(decision_ids)))),
+        )
+        return {int(r[0]): int(r[1]) for r in rows}
+
+    async def actions_of_decisions(self, first_id: int, last_id: int) -> list[OutboxEntry]:
+        rows = await self._rows(
+            f"SELECT {_OUTBOX_COLUMNS} FROM {_OUTBOX_FROM}"
+            " WHERE outbox.decision_id BETWEEN ? AND ?"
+            " AND COALESCE(json_extract(outbox.payload, '$.alert'), '')"
+            f" NOT IN ({', '.join(repr(a) for a in FOLLOW_UP_ALERTS)})"
+            " ORDER BY outbox.decision_id, outbox.rowid",
+            (first_id, last_id),
+        )
+        return [_outbox_entry(r) for r in rows]
+
     async def _decisions(
-        self, where: str, params: tuple[Any, ...], limit: int
+        self,
+        where: str,
+        params: tuple[Any, ...],
+        limit: int,
+        *,
+        oldest_first: bool = False,
+        evaluations: bool = True,
     ) -> list[StoredDecision]:
         rows = await self._rows(
             "SELECT id, decided_at, rule_id, rule_hash, ruleset_version, git_commit, trigger,"
-            " fact_seq, outcome, gate_open, evaluation, approvals, firing_id, request_id, reason,"
-            f" instance FROM decisions {where} ORDER BY id DESC LIMIT ?",
+            " fact_seq, outcome, gate_open,"
+            f" {'evaluation' if evaluations else 'NULL'}, approvals, firing_id, request_id,"
+            f" reason, instance, mode FROM decisions {where}"
+            f" ORDER BY id {'ASC' if oldest_first else 'DESC'} LIMIT ?",
             (*params, limit),
         )
-        stored = [json.loads(r[10]) for r in rows]
+        stored = [json.loads(r[10]) if evaluations else {} for r in rows]
         data_of = await self._fact_data(
             {seq for evaluation in stored for seq in referenced_seqs(evaluation)}
         )
@@ -1425,12 +1589,13 @@ class SqliteStore:
                 fact_seq=r[7],
                 outcome=r[8],
                 gate_open=bool(r[9]),
-                evaluation=shown_evaluation(evaluation, data_of),
+                evaluation=shown_evaluation(evaluation, data_of) if evaluations else {},
                 approvals=json.loads(r[11]) if r[11] else None,
                 firing_id=r[12],
                 request_id=r[13],
                 reason=r[14],
                 instance=r[15],
+                mode=r[16] or "live",
             )
             for r, evaluation in zip(rows, stored, strict=True)
         ]
@@ -1452,11 +1617,34 @@ class SqliteStore:
         where, params = _audit_where(query)
         rows = await self._rows(
             "SELECT kind, id, at, rule_id, project, what, actor, reason, firing_id, fact_seq,"
-            f" request_id, trigger, instance, instances FROM ({_AUDIT_UNION}) AS entries{where}"
+            " request_id, trigger, instance, instances, rule_hash"
+            f" FROM ({_AUDIT_UNION}) AS entries{where}"
             " ORDER BY at DESC, kind DESC, id DESC LIMIT ?",
             (*params, query.limit),
         )
         return [AuditEntry(r[0], r[1], parse_rfc3339(r[2]), *r[3:]) for r in rows]
+
+    async def shadowed_releases(self) -> list[ShadowedReleases]:
+        rows = await self._rows(
+            "SELECT outbox.rule_id, decisions.rule_hash, json_extract(outbox.payload, '$.escrow'),"
+            " json_extract(outbox.payload, '$.currency'), json_extract(outbox.payload, '$.amount'),"
+            " outbox.action_id FROM outbox JOIN decisions ON decisions.id = outbox.decision_id"
+            " WHERE outbox.status = 'shadowed' AND outbox.kind = 'release'"
+            " ORDER BY outbox.created_at, outbox.action_id"
+        )
+        totals: dict[tuple[str, str, str, str], ShadowedReleases] = {}
+        for rule_id, rule_hash, escrow, currency, amount, action_id in rows:
+            key = (rule_id, rule_hash, escrow, currency)
+            found = totals.get(key)
+            if found is None:
+                totals[key] = ShadowedReleases(
+                    rule_id, rule_hash, escrow, currency, 1, Decimal(amount), action_id
+                )
+            else:
+                totals[key] = replace(
+                    found, count=found.count + 1, amount=found.amount + Decimal(amount)
+                )
+        return [totals[key] for key in sorted(totals)]
 
     async def release_record(self, release_id: str) -> ReleaseRecord | None:
         row = await self._row(
@@ -1752,6 +1940,7 @@ def _decision_row(
         d.project or None,
         d.instance,
         d.notice_id,
+        None if d.mode == "live" else d.mode,
     )
 
 

@@ -1,2 +1,0 @@
--- 10: no change to the schema (a placeholder; the migration numbered 10 replaces it).
-    SELECT 1;
