@@ -455,7 +455,10 @@ async def test_the_history_through_the_daemons_api_is_the_databases(
 
 
 async def test_shadowed_firings_and_signoffs_replay_and_diff_as_shadowed(
-    tmp_path: Path, receiver: Receiver, start_daemon: Callable[..., Any]
+    tmp_path: Path,
+    receiver: Receiver,
+    start_daemon: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With ``money_rule_approvals: 1`` the design release first fires in shadow (awaiting
     sign-off); an admin signs its content hash off; re-armed, it fires live. The
@@ -502,3 +505,20 @@ async def test_shadowed_firings_and_signoffs_replay_and_diff_as_shadowed(
     assert fields["release actions[0].status"] == ("shadowed", "queued")
     assert report["escrows"][0]["recorded"] == "5000.00"  # the live firing only
     assert report["escrows"][0]["replayed"] == "10000.00"
+    # the same history read through the daemon's API (its decisions name their mode)
+    monkeypatch.setenv("OPS_TOKEN", TOKENS["ops"])
+    code_url, out = await backtest(
+        project,
+        "--rules",
+        str(rules),
+        "--url",
+        gk.url,
+        "--token-env",
+        "OPS_TOKEN",
+        "--format",
+        "json",
+    )
+    from_api = json.loads(out)
+    assert code_url == 1, out
+    from_api.pop("database"), report.pop("database")
+    assert from_api == report

@@ -1122,6 +1122,10 @@ class HistoryDecision(Model):
     instance: Annotated[
         str | UnsetType, Meta(description="The item id of the instance (per-item rules).")
     ] = UNSET
+    mode: Annotated[
+        ModeName | UnsetType,
+        Meta(description="The mode the rule ran in when not live (shadow, awaiting_signoff)."),
+    ] = UNSET
 
 
 class HistoryDecisions(Model):
