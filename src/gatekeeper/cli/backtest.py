@@ -67,6 +67,7 @@ import asyncio
 import json
 import os
 import sys
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -85,6 +86,7 @@ if TYPE_CHECKING:
     from gatekeeper.store.queries import AuditQuery
     from gatekeeper.store.records import (
         AuditEntry,
+        LedgerMovement,
         LoggedFact,
         OutboxEntry,
         ReleaseRecord,
@@ -303,6 +305,7 @@ class ApiHistory:
         self.token = token
         self._actions: list[OutboxEntry] = []
         self._positions: dict[int, int] = {}
+        self._movements: list[LedgerMovement] | None = None
 
     def _get(self, path: str) -> Any:
         from gatekeeper.cli.client import call
@@ -439,6 +442,52 @@ class ApiHistory:
 
     async def release_record(self, release_id: str) -> ReleaseRecord | None:
         raise ReadError("the self-check reads the database itself")
+
+    async def ledger_movements(
+        self,
+        escrow: str | None = None,
+        *,
+        release_id: str | None = None,
+        after: int = 0,
+        limit: int = 1000,
+        projects: Any = None,
+    ) -> list[LedgerMovement]:
+        """Every escrow's movements (``GET /v1/escrows``, then each one's
+        ``/entries``), read whole at the first call, in movement id order."""
+        from gatekeeper.cli.client import call_pages
+        from gatekeeper.store.records import LedgerMovement
+
+        if self._movements is None:
+            escrows = self._get("/v1/escrows")["escrows"]
+            found: list[LedgerMovement] = []
+            for row in escrows:
+                name = urllib.parse.quote(row["escrow"], safe="")
+                answer = call_pages(
+                    f"{self.url}/v1/escrows/{name}/entries?limit=1000", "entries", self.token
+                )
+                found += [
+                    LedgerMovement(
+                        e["id"],
+                        e["release_id"],
+                        e["escrow"],
+                        e["movement"],
+                        e["amount"],
+                        e["currency"],
+                        parse_rfc3339(e["at"]),
+                        e.get("actor"),
+                        e.get("reference"),
+                        e.get("reason"),
+                    )
+                    for e in answer["entries"]
+                ]
+            self._movements = sorted(found, key=lambda m: m.id)
+        return [
+            m
+            for m in self._movements
+            if m.id > after
+            and (escrow is None or m.escrow == escrow)
+            and (release_id is None or m.release_id == release_id)
+        ][:limit]
 
 
 def _outbox_entry(a: Mapping[str, Any]) -> OutboxEntry:

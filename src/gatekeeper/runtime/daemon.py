@@ -17,6 +17,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -352,13 +353,14 @@ class Daemon:
                 f"action {action_id} is a {existing.kind} action: only a release can be cancelled"
             )
         async with self.writer.lock:  # the book changes with the commit, between writes
+            now = self.clock.now()
             cancelled = await self.store.cancel_release(
-                CancelRequest(action_id, self.clock.now(), actor, reason)
+                CancelRequest(action_id, now, actor, reason)
             )
             if cancelled is None:
                 return None
             entry, movements = cancelled
-            self._give_back(movements)
+            await self._give_back(movements, now)
         self.dispatcher.drop(action_id)
         log.warning(
             "release %s cancelled by %s: %s",
@@ -369,11 +371,24 @@ class Daemon:
         )
         return entry, movements
 
-    def _give_back(self, movements: Sequence[LedgerMovement]) -> None:
-        """Apply committed ``return`` movements to the live escrow book."""
+    async def _give_back(self, movements: Sequence[LedgerMovement], now: datetime) -> None:
+        """Apply committed ``return`` movements to the live escrow book, each followed at
+        once by the re-evaluation of the releases blocked on its escrow
+        (``Writer.returned``). Call with the writer's lock held. A failure to commit that
+        re-evaluation is logged, not raised: the return stands (it is committed), and the
+        blocked releases wait for their next chance (a re-arm, a limit change, a fresh
+        edge of their gate)."""
         for movement in movements:
-            if movement.movement == "return":
-                self.writer.book.give_back(movement.escrow, movement.amount)
+            if movement.movement != "return":
+                continue
+            try:
+                await self.writer.returned(movement.escrow, movement.amount, now)
+            except Exception:
+                log.exception(
+                    "re-evaluating the releases blocked on escrow %s after a return failed",
+                    movement.escrow,
+                    extra={"escrow": movement.escrow, "action_id": movement.release_id},
+                )
 
     def settlement_secret(self, target: str) -> str | None:
         """The Standard Webhooks secret that signs target ``target``'s settlement callbacks
@@ -400,8 +415,8 @@ class Daemon:
         to the escrow at once, the book too, and ``alert_target`` is told once). None when
         ``target`` was sent no such release; raises ``KeyReused`` (the webhook-id came
         with another body) or ``Conflict`` (not sent, or settled the other way)."""
-        now = self.clock.now()
         async with self.writer.lock:
+            now = self.clock.now()  # under the lock: the writes' times follow their order
             release = await self.store.get_action(release_id)
             alert = None
             if release is not None and outcome == "failed":
@@ -431,7 +446,7 @@ class Daemon:
             )
             if result is None:
                 return None
-            self._give_back(result.movements)
+            await self._give_back(result.movements, now)
         if result.movements:
             log.log(
                 logging.INFO if outcome == "settled" else logging.ERROR,

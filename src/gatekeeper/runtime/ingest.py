@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any, Protocol
 
 from prometheus_client.metrics import MetricWrapperBase
@@ -662,6 +663,28 @@ class Writer:
         )
         log_firings(transition)
         return rule, act
+
+    async def returned(self, escrow: str, amount: str, now: datetime) -> Transition | None:
+        """An amount (a decimal string) went back to ``escrow`` at ``now`` (a cancelled
+        release, a failed settlement, COMMITTED by the caller): give it back in the book,
+        then try again, at once, the releases blocked on ``escrow`` (``Engine.plan_return``,
+        trigger ``return``), committed and applied like any decision. Returns that
+        transition, None when nothing was decided. Call with ``lock`` held (the return and
+        its re-evaluation are one write: no other decision comes between them)."""
+        self.book.give_back(escrow, amount)
+        engine = self.engine
+        if engine is None:
+            return None
+        t0 = time.perf_counter()
+        transition = engine.plan_return(
+            self.facts, self.states, escrow, now, self.book, self.approvals
+        )
+        self.counters.planned("return", t0, len(transition.decisions))
+        if not transition.decisions:
+            return None
+        await self.commit_and_apply([transition])
+        log_firings(transition)
+        return transition
 
 
 def _answer_after(first: _IngestJob, job: _IngestJob) -> None:
