@@ -277,6 +277,8 @@ async def test_the_backtest_replays_cancels_and_failed_settlements(
     [changed] = report["changed"]
     assert changed["rule"] == "tower-a/release-4"
     assert changed["changes"][0] == {"field": "outcome (release)", "old": "blocked", "new": "fired"}
+    code, out = await backtest(project, "--rules", str(rules), "--database", str(database))
+    assert code == 1 and "skipped: 1 return of a release the candidate does not make" in out
     # what the escrow released is the same: r1's release was cancelled
     assert [(e["recorded"], e["replayed"]) for e in report["escrows"]] == [("100.00", "100.00")]
     await gk.stop()
