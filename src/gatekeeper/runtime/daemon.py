@@ -17,7 +17,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -337,9 +336,10 @@ class Daemon:
     ) -> tuple[OutboxEntry, list[LedgerMovement]] | None:
         """Cancel release ``action_id`` before it is sent, an audited admin act
         (``Store.cancel_release``): it is never sent afterwards (the dispatcher drops it),
-        and its amount returns to its escrow at once (the book too). Returns the cancelled
-        entry and the ledger movements written (cancel, return); None when there is no
-        such action.
+        and its amount returns to its escrow at once (the book too); the releases blocked
+        on that escrow are tried again in the same transaction (``Writer.plan_return``,
+        decisions with trigger ``return``). Returns the cancelled entry and the ledger
+        movements written (cancel, return); None when there is no such action.
 
         Raises ``NotARelease`` for a notify or pipeline action, ``Conflict`` when an
         attempt of it is in flight (the store's ``begin_attempt`` mark: from just before its
@@ -354,13 +354,19 @@ class Daemon:
             )
         async with self.writer.lock:  # the book changes with the commit, between writes
             now = self.clock.now()
+            record = await self.store.release_record(action_id)
+            then = (
+                None
+                if record is None
+                else self.writer.plan_return(record.escrow, record.amount, now)
+            )
             cancelled = await self.store.cancel_release(
-                CancelRequest(action_id, now, actor, reason)
+                CancelRequest(action_id, now, actor, reason, then)
             )
             if cancelled is None:
                 return None
             entry, movements = cancelled
-            await self._give_back(movements, now)
+            self._give_back(movements, then)
         self.dispatcher.drop(action_id)
         log.warning(
             "release %s cancelled by %s: %s",
@@ -371,24 +377,13 @@ class Daemon:
         )
         return entry, movements
 
-    async def _give_back(self, movements: Sequence[LedgerMovement], now: datetime) -> None:
-        """Apply committed ``return`` movements to the live escrow book, each followed at
-        once by the re-evaluation of the releases blocked on its escrow
-        (``Writer.returned``). Call with the writer's lock held. A failure to commit that
-        re-evaluation is logged, not raised: the return stands (it is committed), and the
-        blocked releases wait for their next chance (a re-arm, a limit change, a fresh
-        edge of their gate)."""
+    def _give_back(self, movements: Sequence[LedgerMovement], then: Transition | None) -> None:
+        """Apply committed ``return`` movements to the live escrow book, with ``then``,
+        what the return decided, committed with it (``Writer.returned``)."""
         for movement in movements:
-            if movement.movement != "return":
-                continue
-            try:
-                await self.writer.returned(movement.escrow, movement.amount, now)
-            except Exception:
-                log.exception(
-                    "re-evaluating the releases blocked on escrow %s after a return failed",
-                    movement.escrow,
-                    extra={"escrow": movement.escrow, "action_id": movement.release_id},
-                )
+            if movement.movement == "return":
+                self.writer.returned(movement.escrow, movement.amount, then)
+                then = None
 
     def settlement_secret(self, target: str) -> str | None:
         """The Standard Webhooks secret that signs target ``target``'s settlement callbacks
@@ -412,14 +407,18 @@ class Daemon:
     ) -> SettlementResult | None:
         """Record target ``target``'s verified settlement callback about release
         ``release_id`` (``Store.settle_release``): settled, or failed (its amount returns
-        to the escrow at once, the book too, and ``alert_target`` is told once). None when
+        to the escrow at once, the book too, the releases blocked on that escrow are tried
+        again in the same transaction, and ``alert_target`` is told once). None when
         ``target`` was sent no such release; raises ``KeyReused`` (the webhook-id came
         with another body) or ``Conflict`` (not sent, or settled the other way)."""
         async with self.writer.lock:
             now = self.clock.now()  # under the lock: the writes' times follow their order
             release = await self.store.get_action(release_id)
-            alert = None
+            alert = then = None
             if release is not None and outcome == "failed":
+                record = await self.store.release_record(release_id)
+                if record is not None:
+                    then = self.writer.plan_return(record.escrow, record.amount, now)
                 alert_target = self.config.alert_target
                 alert_config = self.config.targets.get(alert_target or "")
                 alert = settlement_failed_alert(
@@ -442,11 +441,12 @@ class Daemon:
                     body_sha256,
                     now,
                     alert,
+                    then,
                 )
             )
             if result is None:
                 return None
-            await self._give_back(result.movements, now)
+            self._give_back(result.movements, then)
         if result.movements:
             log.log(
                 logging.INFO if outcome == "settled" else logging.ERROR,

@@ -664,27 +664,29 @@ class Writer:
         log_firings(transition)
         return rule, act
 
-    async def returned(self, escrow: str, amount: str, now: datetime) -> Transition | None:
-        """An amount (a decimal string) went back to ``escrow`` at ``now`` (a cancelled
-        release, a failed settlement, COMMITTED by the caller): give it back in the book,
-        then try again, at once, the releases blocked on ``escrow`` (``Engine.plan_return``,
-        trigger ``return``), committed and applied like any decision. Returns that
-        transition, None when nothing was decided. Call with ``lock`` held (the return and
-        its re-evaluation are one write: no other decision comes between them)."""
-        self.book.give_back(escrow, amount)
+    def plan_return(self, escrow: str, amount: str, now: datetime) -> Transition | None:
+        """What giving ``amount`` (a decimal string) back to ``escrow`` at ``now`` decides
+        (a cancel, a failed settlement, about to be committed): the releases blocked on
+        ``escrow`` tried again at once (``Engine.plan_return``, trigger ``return``), for
+        the caller to commit in the same transaction as the return; None when nothing is
+        decided. Call with ``lock`` held, then ``returned`` once committed."""
         engine = self.engine
         if engine is None:
             return None
         t0 = time.perf_counter()
-        transition = engine.plan_return(
-            self.facts, self.states, escrow, now, self.book, self.approvals
-        )
+        book = self.book.copy()
+        book.give_back(escrow, amount)
+        transition = engine.plan_return(self.facts, self.states, escrow, now, book, self.approvals)
         self.counters.planned("return", t0, len(transition.decisions))
-        if not transition.decisions:
-            return None
-        await self.commit_and_apply([transition])
-        log_firings(transition)
-        return transition
+        return transition if transition.decisions else None
+
+    def returned(self, escrow: str, amount: str, transition: Transition | None) -> None:
+        """A COMMITTED return of ``amount`` to ``escrow`` and what it decided
+        (``plan_return``): the book gives it back, then the transition is applied."""
+        self.book.give_back(escrow, amount)
+        if transition is not None:
+            self.apply(transition)
+            log_firings(transition)
 
 
 def _answer_after(first: _IngestJob, job: _IngestJob) -> None:
