@@ -601,8 +601,9 @@ class Engine:
         """Plan trying again, at once, the blocked releases an amount returned to ``escrow``
         (a cancelled release, a failed settlement; ``book`` already has it back) may now
         let through: the instances of this engine's rules releasing from ``escrow``
-        (``releases_from``) whose state is ``blocked`` with the gate open, in ruleset order
-        then item order, are decided as with ``retry`` (trigger ``return``). Only what
+        (``releases_from``) whose state is ``blocked`` with the gate open, not paused and
+        not of ``each_fact`` rules (nothing but a fact tries those), in ruleset order then
+        item order, are decided as with ``retry`` (trigger ``return``). Only what
         changes is kept: an instance blocked again (its release still does not fit) keeps
         its state, its decision and its one alert of the episode (it is planned again
         without it; a blocked firing commits nothing, so the others decide the same).
@@ -615,6 +616,8 @@ class Engine:
                 if state.blocked is not None
                 and state.gate_open
                 and key[0] in self.rules
+                and self.rules[key[0]].fire != "each_fact"  # only a fact tries those
+                and not instance_paused(states, *key)
                 and releases_from(self.rules[key[0]], (escrow,))
             ),
             key=lambda key: (order[key[0]], key[1]),
