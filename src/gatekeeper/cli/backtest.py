@@ -7,8 +7,9 @@ recorded history, and how that differs from what was recorded.
                         [--fail-on release|any|none]
     gatekeeper backtest --self-check --database PATH [-c gatekeeper.yaml]
 
-The recorded fact log (facts and approvals), the admin acts (pause, resume, rearm), the
-deadline ticks and the starts of the daemon are replayed with their recorded times through
+The recorded fact log (facts and approvals), the admin acts (pause, resume, rearm,
+signoff), the returns of the ledger (cancels, failed settlements), the deadline ticks and
+the starts of the daemon are replayed with their recorded times through
 the candidate's engine, in memory (``gatekeeper.engine.replay``; the database is opened
 read-only, a daemon may be running on it; or read from a running daemon with ``--url``:
 ``GET /v1/history/facts``, ``/v1/history/decisions``, ``/v1/audit`` and ``/v1/rulesets``
@@ -40,6 +41,23 @@ replays the recorded sign-offs (admin acts ``signoff``); a candidate's money rul
 taken as signed off (the backtest shows what they would decide, live), while its rules
 in ``mode: shadow`` stay shadowed.
 
+Returns: each ``return`` movement of the ledger (an admin's ``cancel_action``, or a failed
+settlement: ``fail`` then ``return``) is replayed at its recorded time: the amount goes
+back to the replay's escrow book, then the releases blocked on that escrow are tried again
+(trigger ``return``), as the daemon does. A return names the recorded release by its
+firing, matched as the diff matches firings (rule instance and instant, the how-manieth
+firing of that instance then) and the release's place among the firing's releases. The
+self-check returns the recorded release. A candidate returns its own release at that spot,
+whatever its amount; when it has none there (the firing is gone, blocked or shadowed, or
+has fewer releases) nothing is returned, nothing is re-tried, and the report counts the
+return in ``skipped`` (``"return": N``): the candidate never reserved that money. A
+release whose amount returned has the status ``cancelled`` or ``failed`` (a recorded one:
+returned before ``--until``; a replayed one: when a return applied to it) and, like a
+shadowed one, is never counted as released: not in the escrow totals, and a firing whose
+only release was cancelled, added or gone, does not fail ``--fail-on release``; a status
+that differs between the two sides (cancelled in the record, sent in the replay) is a
+change of a release.
+
 Formats: ``text``; ``json`` (one object, below); ``github`` (``::error`` for each
 difference that fails ``--fail-on``, ``::warning`` for the others, on the rule's file and
 line in the candidate; the workflow commands of ``gatekeeper check``).
@@ -49,7 +67,8 @@ The JSON report: ``{"ruleset": {"dir", "version", "rules"}, "database", "window"
 "gone": [FIRING], "changed": [{"rule", "item", "at", "recorded_firing_id",
 "replayed_firing_id", "changes": [{"field", "old", "new"}]}], "rules": {NAME: {"added",
 "gone", "changed"}}, "escrows": [{"escrow", "currency", "recorded", "replayed",
-"delta"}], "skipped": {"approval": N, "admin act": N}, "fail_on", "fails"}`` where
+"delta"}], "skipped": {"approval": N, "admin act": N, "return": N}, "fail_on", "fails"}``
+where
 FIRING is ``{"rule", "item", "firing_id", "at", "outcome", "reason", "actions": [{"kind",
 "target", "status", "payload"}]}``; amounts are decimal strings. The self-check's:
 ``{"ok", "decisions", "reproduced", "differences": [TEXT]}``.
@@ -67,6 +86,7 @@ import asyncio
 import json
 import os
 import sys
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -85,6 +105,7 @@ if TYPE_CHECKING:
     from gatekeeper.store.queries import AuditQuery
     from gatekeeper.store.records import (
         AuditEntry,
+        LedgerMovement,
         LoggedFact,
         OutboxEntry,
         ReleaseRecord,
@@ -303,6 +324,7 @@ class ApiHistory:
         self.token = token
         self._actions: list[OutboxEntry] = []
         self._positions: dict[int, int] = {}
+        self._movements: list[LedgerMovement] | None = None
 
     def _get(self, path: str) -> Any:
         from gatekeeper.cli.client import call
@@ -440,6 +462,52 @@ class ApiHistory:
     async def release_record(self, release_id: str) -> ReleaseRecord | None:
         raise ReadError("the self-check reads the database itself")
 
+    async def ledger_movements(
+        self,
+        escrow: str | None = None,
+        *,
+        release_id: str | None = None,
+        after: int = 0,
+        limit: int = 1000,
+        projects: Any = None,
+    ) -> list[LedgerMovement]:
+        """Every escrow's movements (``GET /v1/escrows``, then each one's
+        ``/entries``), read whole at the first call, in movement id order."""
+        from gatekeeper.cli.client import call_pages
+        from gatekeeper.store.records import LedgerMovement
+
+        if self._movements is None:
+            escrows = self._get("/v1/escrows")["escrows"]
+            found: list[LedgerMovement] = []
+            for row in escrows:
+                name = urllib.parse.quote(row["escrow"], safe="")
+                answer = call_pages(
+                    f"{self.url}/v1/escrows/{name}/entries?limit=1000", "entries", self.token
+                )
+                found += [
+                    LedgerMovement(
+                        e["id"],
+                        e["release_id"],
+                        e["escrow"],
+                        e["movement"],
+                        e["amount"],
+                        e["currency"],
+                        parse_rfc3339(e["at"]),
+                        e.get("actor"),
+                        e.get("reference"),
+                        e.get("reason"),
+                    )
+                    for e in answer["entries"]
+                ]
+            self._movements = sorted(found, key=lambda m: m.id)
+        return [
+            m
+            for m in self._movements
+            if m.id > after
+            and (escrow is None or m.escrow == escrow)
+            and (release_id is None or m.release_id == release_id)
+        ][:limit]
+
 
 def _outbox_entry(a: Mapping[str, Any]) -> OutboxEntry:
     """An outbox entry from its API JSON (``GET /v1/actions``'s shape)."""
@@ -564,7 +632,12 @@ class Report:
                     f"  {e.escrow}: {e.recorded} -> {e.replayed} {e.currency} ({_signed(e.delta)})"
                 )
         for what, count in sorted(self.skipped.items()):
-            lines.append(f"skipped: {plural(count, what)} the candidate refuses")
+            why = (
+                "of a release the candidate does not make"
+                if what == "return"
+                else "the candidate refuses"
+            )
+            lines.append(f"skipped: {plural(count, what)} {why}")
         lines.append(self.summary())
         return lines
 

@@ -24,7 +24,7 @@ import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
@@ -39,12 +39,19 @@ RANDOM_PAYLOAD_FIELDS = ("release_id",)
 UUID): left out of every comparison."""
 
 
+NOT_RELEASED = ("shadowed", "cancelled", "failed")
+"""The statuses of a release that releases no money: shadowed (never sent), cancelled
+and failed (its amount returned to the escrow)."""
+
+
 @dataclass(frozen=True)
 class ActionRecord:
     """One action of a firing: ``payload`` without ``RANDOM_PAYLOAD_FIELDS``; ``status``
-    ``queued`` (to be sent; a release counts against its escrow) or ``shadowed`` (recorded
-    only, never sent). ``ledger`` is a release's ledger entry ``(escrow, amount, currency,
-    payee)`` when it was read (the self-check), else None."""
+    ``queued`` (to be sent; a release counts against its escrow), ``shadowed`` (recorded
+    only, never sent), or, for a release whose amount went back to its escrow,
+    ``cancelled`` (an admin cancelled it) or ``failed`` (its settlement failed): none of
+    those releases money. ``ledger`` is a release's ledger entry ``(escrow, amount,
+    currency, payee)`` when it was read (the self-check), else None."""
 
     kind: str
     target: str
@@ -54,8 +61,8 @@ class ActionRecord:
 
     @property
     def releases(self) -> bool:
-        """A release that moves money (not shadowed)."""
-        return self.kind == "release" and self.status != "shadowed"
+        """A release that moves money (not shadowed, cancelled or failed)."""
+        return self.kind == "release" and self.status not in NOT_RELEASED
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -200,6 +207,26 @@ def firings_of(
                 )
             )
     return firings
+
+
+def mark_returned(
+    firings: Iterable[FiringRecord], returned: Mapping[tuple[str, int], str]
+) -> list[FiringRecord]:
+    """``firings`` with the status of each release a return applied to (``returned``:
+    firing id and place among its actions -> ``cancelled`` or ``failed``, a replay's
+    ``Replay.returned``) set so: a return comes after its firing was recorded."""
+    if not returned:
+        return list(firings)
+    marked = []
+    for f in firings:
+        actions = tuple(
+            replace(a, status=returned[(f.firing_id, place)])
+            if (f.firing_id, place) in returned
+            else a
+            for place, a in enumerate(f.actions)
+        )
+        marked.append(f if actions == f.actions else replace(f, actions=actions))
+    return marked
 
 
 # -- the diff -----------------------------------------------------------------------------

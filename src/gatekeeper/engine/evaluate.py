@@ -47,7 +47,9 @@ read from a fact) does not count as the instance's firing: its state keeps the r
 (``RuleState.blocked``) and the firing's number (``blocks``), and while its gate stays open
 later evaluations find it ``still_blocked`` (no new attempt, no new alert). It tries again
 at a new edge of its gate, when re-armed, under a new version of the rule, or when planned
-with ``retry`` (a change of its escrow); an ``each_fact`` rule tries at every fact.
+with ``retry`` (a change of its escrow), or when an amount returns to its escrow (a
+cancelled release, a failed settlement: ``plan_return``, trigger ``return``); an
+``each_fact`` rule tries at every fact.
 
 The caller (the runtime's ``Writer``, ``gatekeeper.runtime.ingest``) commits the returned
 ``Transition`` in one transaction and only then applies it to its in-memory state.
@@ -586,6 +588,60 @@ class Engine:
         if transition.facts:
             self._cascade(transition, facts.overlay(), states, now, book, approvals, 0, 1)
         return transition
+
+    def plan_return(
+        self,
+        facts: FactTable,
+        states: Mapping[InstanceKey, RuleState],
+        escrow: str,
+        now: datetime,
+        book: EscrowBook,
+        approvals: ApprovalStanding | None = None,
+    ) -> Transition:
+        """Plan trying again, at once, the blocked releases an amount returned to ``escrow``
+        (a cancelled release, a failed settlement; ``book`` already has it back) may now
+        let through: the instances of this engine's rules releasing from ``escrow``
+        (``releases_from``) whose state is ``blocked`` with the gate open, not paused and
+        not of ``each_fact`` rules (nothing but a fact tries those), in ruleset order then
+        item order, are decided as with ``retry`` (trigger ``return``). Only what
+        changes is kept: an instance blocked again (its release still does not fit) keeps
+        its state, its decision and its one alert of the episode (it is planned again
+        without it; a blocked firing commits nothing, so the others decide the same).
+        An empty transition when nothing was blocked on ``escrow``."""
+        order = {rule.id: index for index, rule in enumerate(self.ruleset.rules)}
+        keys = sorted(
+            (
+                key
+                for key, state in states.items()
+                if state.blocked is not None
+                and state.gate_open
+                and key[0] in self.rules
+                and self.rules[key[0]].fire != "each_fact"  # only a fact tries those
+                and not instance_paused(states, *key)
+                and releases_from(self.rules[key[0]], (escrow,))
+            ),
+            key=lambda key: (order[key[0]], key[1]),
+        )
+        while True:
+            transition = self.plan_instances(
+                facts,
+                states,
+                keys,
+                now,
+                "return",
+                book=book.copy(),
+                approvals=approvals,
+                record_unchanged=False,
+                retry={key[0] for key in keys},
+            )
+            again = {
+                (d.rule_id, d.instance)
+                for d in transition.decisions
+                if d.outcome == "blocked" and (d.rule_id, d.instance) in keys
+            }
+            if not again:
+                return transition
+            keys = [key for key in keys if key not in again]
 
     def explain(
         self,
@@ -1282,6 +1338,11 @@ def _acted(rule: Rule, act: AdminAct, state: RuleState) -> RuleState:
     # the next open gate fires again; an open gate now counts as a fresh edge (a blocked
     # instance, which has not fired, tries its release again)
     return replace(state, rearms=state.fired_count, gate_open=False)
+
+
+def releases_from(rule: Rule, escrows: Collection[str]) -> bool:
+    """Whether ``rule`` has a release from one of ``escrows``."""
+    return any(isinstance(a, ReleaseAction) and a.escrow in escrows for a in rule.actions)
 
 
 def apply_transition(

@@ -26,7 +26,7 @@ InstanceKey = tuple[str, str]
 """(rule id, item id): one instance of a rule. A rule without ``for_each`` has the one
 instance ``(rule id, "")``; a per-item rule one per fact of its kind (the fact's id)."""
 
-Trigger = Literal["fact", "reload", "time", "approval", "admin"]
+Trigger = Literal["fact", "reload", "time", "approval", "admin", "return"]
 Outcome = Literal[
     "fired",
     "blocked",

@@ -12,7 +12,21 @@ with milliseconds, as the store keeps times), in the order the daemon committed 
 - ``ClockTick``: the deadline loop evaluated the rule instances that were due
   (``Engine.plan_instances``, trigger ``time``);
 - ``Activated``: a ruleset version went live, at a start (``restart``) or a reload
-  (``Engine.plan_rules``, trigger ``reload``).
+  (``Engine.plan_rules``, trigger ``reload``);
+- ``Returned``: a release's amount went back to its escrow (an admin cancelled it, or its
+  settlement failed), and the releases blocked on that escrow were tried again
+  (``Engine.plan_return``, trigger ``return``).
+
+A return names a release of the record by where it was decided (``ReleaseSpot``: rule
+instance, instant, which firing of that instance at that instant, which release of that
+firing: the firings are matched as ``engine.backtest.diff_firings`` matches them). The
+replay gives back the amount of the release *it* made there: on the recorded versions the
+recorded one; on a candidate the candidate's, whatever its amount, when the candidate made
+that firing with that release (not shadowed, not blocked). When it made none, nothing is
+given back (the candidate never reserved it) and the step says so (``skipped``); the
+releases blocked on the escrow are not tried again then either. The releases a return
+applied to are in ``returned`` (firing id and place among its actions -> ``cancelled`` or
+``failed``), to count them as such (``engine.backtest.mark_returned``).
 
 ``Replay`` keeps what the daemon's writer keeps (current facts, rule states, standing
 approvals, the escrow book) and what its deadline loop keeps (a ``DeadlineSchedule``), and
@@ -136,7 +150,33 @@ class Activated:
     restart: bool
 
 
-Event = PostedFacts | ApprovalGiven | AdminActed | SignOffGiven | ClockTick | Activated
+@dataclass(frozen=True)
+class ReleaseSpot:
+    """Where a release was decided: rule instance ``rule_id``/``instance``, at ``fired_at``
+    (RFC 3339 with milliseconds, as firings are compared), the ``nth`` firing (from 0) of
+    that instance at that instant, and its ``place``th release (from 0, among the
+    firing's releases)."""
+
+    rule_id: str
+    instance: str
+    fired_at: str
+    nth: int
+    place: int
+
+
+@dataclass(frozen=True)
+class Returned:
+    """The amount of release ``release_id`` (recorded at ``spot``) went back to its
+    escrow at ``at``: ``cause`` ``cancelled`` (an admin act) or ``failed`` (the bank's
+    settlement callback)."""
+
+    at: datetime
+    spot: ReleaseSpot
+    cause: str
+    release_id: str
+
+
+Event = PostedFacts | ApprovalGiven | AdminActed | SignOffGiven | ClockTick | Activated | Returned
 
 
 @dataclass(frozen=True)
@@ -187,6 +227,13 @@ class Replay:
         self.approvals: dict[str, dict[str, Stand]] = {}
         self.book = EscrowBook(escrows)
         self.schedule: DeadlineSchedule[InstanceKey] = DeadlineSchedule()
+        self.releases: dict[ReleaseSpot, tuple[str, str, str, int]] = {}
+        """Each release this replay counted in its book, by spot: escrow, amount, firing
+        id, place among the firing's actions (given back at most once: then removed)."""
+        self.returned: dict[tuple[str, int], str] = {}
+        """The releases a return applied to: (firing id, place among its actions) ->
+        ``cancelled`` or ``failed``."""
+        self._firings_at: dict[tuple[str, str, str], int] = {}
         self._handlers: dict[type, Callable[[Event], Step]] = {
             PostedFacts: self._posted,  # type: ignore[dict-item]
             ApprovalGiven: self._approval,  # type: ignore[dict-item]
@@ -194,6 +241,7 @@ class Replay:
             SignOffGiven: self._signoff,  # type: ignore[dict-item]
             ClockTick: self._tick,  # type: ignore[dict-item]
             Activated: self._activated,  # type: ignore[dict-item]
+            Returned: self._returned,  # type: ignore[dict-item]
         }
 
     @classmethod
@@ -380,6 +428,7 @@ class Replay:
         transition.ruleset = new.ruleset
         # the daemon applies it while the previous engine is still live (none at a start)
         apply_transition(transition, self.facts, self.states, self.approvals, self.book)
+        self._count_releases(transition)
         if previous is not None:
             self._reschedule(transition, previous)
         self.engine = new
@@ -395,11 +444,71 @@ class Replay:
             mark_due(self.schedule, instances_of(due, self.facts), event.at)
         return Step(event, transition)
 
+    def _returned(self, event: Returned) -> Step:
+        """As ``Daemon.cancel_action`` and ``Daemon.settle`` after their commit
+        (``Writer.returned``): the amount back in the book, then the releases blocked on
+        its escrow tried again, committed when something was decided."""
+        found = self.releases.pop(event.spot, None)
+        if found is None:
+            spot = event.spot
+            name = f"{spot.rule_id}[{spot.instance}]" if spot.instance else spot.rule_id
+            return Step(
+                event,
+                None,
+                f"release {event.release_id} ({event.cause}) of {name} at {spot.fired_at}: "
+                "no such release in this replay",
+            )
+        escrow, amount, firing_id, place = found
+        self.book.give_back(escrow, amount)
+        self.returned[(firing_id, place)] = event.cause
+        engine = self.engine
+        if engine is None:
+            return Step(event, None)
+        transition = engine.plan_return(
+            self.facts, self.states, escrow, event.at, self.book, self.approvals
+        )
+        if not transition.decisions:
+            return Step(event, None)
+        self._apply(transition, engine)
+        return Step(event, transition)
+
     # -- applying --------------------------------------------------------------------------
+
+    def _count_releases(self, transition: Transition) -> None:
+        """Note where each release ``transition`` counts in the book was decided
+        (``releases``), numbering the firings of each instance and instant as they come."""
+        spots: dict[str, tuple[str, str, str, int]] = {}
+        for d in transition.decisions:
+            if d.firing_id is None:
+                continue
+            slot = (d.rule_id, d.instance, d.decided_at)
+            nth = self._firings_at.get(slot, 0)
+            self._firings_at[slot] = nth + 1
+            spots[d.firing_id] = (*slot, nth)
+        if not transition.ledger:
+            return
+        booked = {entry.release_id: entry for entry in transition.ledger}
+        places: dict[str, int] = {}
+        releases: dict[str, int] = {}
+        for action in transition.actions:
+            place = places.get(action.firing_id, 0)
+            places[action.firing_id] = place + 1
+            if action.kind != "release":
+                continue
+            number = releases.get(action.firing_id, 0)
+            releases[action.firing_id] = number + 1
+            entry = booked.get(action.action_id)
+            where = spots.get(action.firing_id)
+            if entry is None or where is None:
+                continue
+            rule_id, instance, at, nth = where
+            spot = ReleaseSpot(rule_id, instance, at, nth, number)
+            self.releases[spot] = (entry.escrow, entry.amount, action.firing_id, place)
 
     def _apply(self, transition: Transition, engine: Engine) -> None:
         """As ``Writer._apply`` after a commit: memory, then the deadlines."""
         apply_transition(transition, self.facts, self.states, self.approvals, self.book)
+        self._count_releases(transition)
         self._reschedule(transition, engine)
 
     def _reschedule(self, transition: Transition, engine: Engine) -> None:

@@ -493,7 +493,7 @@ class Decision(Model):
     rule_hash: Sha256Hex
     ruleset_version: Sha256Hex
     git_commit: str | None
-    trigger: Literal["fact", "reload", "time", "approval", "admin"]
+    trigger: Literal["fact", "reload", "time", "approval", "admin", "return"]
     fact_seq: Seq | None
     outcome: DecisionOutcome
     gate_open: bool
@@ -1111,7 +1111,7 @@ class HistoryDecision(Model):
     rule_hash: str
     ruleset_version: Sha256Hex
     git_commit: str | None
-    trigger: Literal["fact", "reload", "time", "approval", "admin"]
+    trigger: Literal["fact", "reload", "time", "approval", "admin", "return"]
     fact_seq: Seq | None
     outcome: str
     gate_open: bool

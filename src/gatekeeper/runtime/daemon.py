@@ -336,9 +336,10 @@ class Daemon:
     ) -> tuple[OutboxEntry, list[LedgerMovement]] | None:
         """Cancel release ``action_id`` before it is sent, an audited admin act
         (``Store.cancel_release``): it is never sent afterwards (the dispatcher drops it),
-        and its amount returns to its escrow at once (the book too). Returns the cancelled
-        entry and the ledger movements written (cancel, return); None when there is no
-        such action.
+        and its amount returns to its escrow at once (the book too); the releases blocked
+        on that escrow are tried again in the same transaction (``Writer.plan_return``,
+        decisions with trigger ``return``). Returns the cancelled entry and the ledger
+        movements written (cancel, return); None when there is no such action.
 
         Raises ``NotARelease`` for a notify or pipeline action, ``Conflict`` when an
         attempt of it is in flight (the store's ``begin_attempt`` mark: from just before its
@@ -352,13 +353,20 @@ class Daemon:
                 f"action {action_id} is a {existing.kind} action: only a release can be cancelled"
             )
         async with self.writer.lock:  # the book changes with the commit, between writes
+            now = self.clock.now()
+            record = await self.store.release_record(action_id)
+            then = (
+                None
+                if record is None
+                else self.writer.plan_return(record.escrow, record.amount, now)
+            )
             cancelled = await self.store.cancel_release(
-                CancelRequest(action_id, self.clock.now(), actor, reason)
+                CancelRequest(action_id, now, actor, reason, then)
             )
             if cancelled is None:
                 return None
             entry, movements = cancelled
-            self._give_back(movements)
+            self._give_back(movements, then)
         self.dispatcher.drop(action_id)
         log.warning(
             "release %s cancelled by %s: %s",
@@ -369,11 +377,13 @@ class Daemon:
         )
         return entry, movements
 
-    def _give_back(self, movements: Sequence[LedgerMovement]) -> None:
-        """Apply committed ``return`` movements to the live escrow book."""
+    def _give_back(self, movements: Sequence[LedgerMovement], then: Transition | None) -> None:
+        """Apply committed ``return`` movements to the live escrow book, with ``then``,
+        what the return decided, committed with it (``Writer.returned``)."""
         for movement in movements:
             if movement.movement == "return":
-                self.writer.book.give_back(movement.escrow, movement.amount)
+                self.writer.returned(movement.escrow, movement.amount, then)
+                then = None
 
     def settlement_secret(self, target: str) -> str | None:
         """The Standard Webhooks secret that signs target ``target``'s settlement callbacks
@@ -397,14 +407,18 @@ class Daemon:
     ) -> SettlementResult | None:
         """Record target ``target``'s verified settlement callback about release
         ``release_id`` (``Store.settle_release``): settled, or failed (its amount returns
-        to the escrow at once, the book too, and ``alert_target`` is told once). None when
+        to the escrow at once, the book too, the releases blocked on that escrow are tried
+        again in the same transaction, and ``alert_target`` is told once). None when
         ``target`` was sent no such release; raises ``KeyReused`` (the webhook-id came
         with another body) or ``Conflict`` (not sent, or settled the other way)."""
-        now = self.clock.now()
         async with self.writer.lock:
+            now = self.clock.now()  # under the lock: the writes' times follow their order
             release = await self.store.get_action(release_id)
-            alert = None
+            alert = then = None
             if release is not None and outcome == "failed":
+                record = await self.store.release_record(release_id)
+                if record is not None:
+                    then = self.writer.plan_return(record.escrow, record.amount, now)
                 alert_target = self.config.alert_target
                 alert_config = self.config.targets.get(alert_target or "")
                 alert = settlement_failed_alert(
@@ -427,11 +441,12 @@ class Daemon:
                     body_sha256,
                     now,
                     alert,
+                    then,
                 )
             )
             if result is None:
                 return None
-            self._give_back(result.movements)
+            self._give_back(result.movements, then)
         if result.movements:
             log.log(
                 logging.INFO if outcome == "settled" else logging.ERROR,

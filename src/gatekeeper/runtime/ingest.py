@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any, Protocol
 
 from prometheus_client.metrics import MetricWrapperBase
@@ -662,6 +663,30 @@ class Writer:
         )
         log_firings(transition)
         return rule, act
+
+    def plan_return(self, escrow: str, amount: str, now: datetime) -> Transition | None:
+        """What giving ``amount`` (a decimal string) back to ``escrow`` at ``now`` decides
+        (a cancel, a failed settlement, about to be committed): the releases blocked on
+        ``escrow`` tried again at once (``Engine.plan_return``, trigger ``return``), for
+        the caller to commit in the same transaction as the return; None when nothing is
+        decided. Call with ``lock`` held, then ``returned`` once committed."""
+        engine = self.engine
+        if engine is None:
+            return None
+        t0 = time.perf_counter()
+        book = self.book.copy()
+        book.give_back(escrow, amount)
+        transition = engine.plan_return(self.facts, self.states, escrow, now, book, self.approvals)
+        self.counters.planned("return", t0, len(transition.decisions))
+        return transition if transition.decisions else None
+
+    def returned(self, escrow: str, amount: str, transition: Transition | None) -> None:
+        """A COMMITTED return of ``amount`` to ``escrow`` and what it decided
+        (``plan_return``): the book gives it back, then the transition is applied."""
+        self.book.give_back(escrow, amount)
+        if transition is not None:
+            self.apply(transition)
+            log_firings(transition)
 
 
 def _answer_after(first: _IngestJob, job: _IngestJob) -> None:

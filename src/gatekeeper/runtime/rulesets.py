@@ -16,7 +16,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,12 +30,12 @@ from gatekeeper.config import (
     resolve_hook_secrets,
     resolve_secrets,
 )
-from gatekeeper.engine.evaluate import Engine
+from gatekeeper.engine.evaluate import Engine, releases_from
 from gatekeeper.engine.ledger import EscrowBook
 from gatekeeper.metrics import Metrics
 from gatekeeper.problems import Problem
 from gatekeeper.rules.loader import LoadResult, RuleFileCache, load_rule_texts, load_rules_dir
-from gatekeeper.rules.model import ReleaseAction, Rule, Ruleset
+from gatekeeper.rules.model import Ruleset
 from gatekeeper.runtime.hooks import hook_problems
 from gatekeeper.runtime.ingest import Writer, log_firings
 from gatekeeper.runtime.ticker import Ticker
@@ -359,11 +359,6 @@ def changed_escrows(old: Config, new: Config) -> set[str]:
     removed ones included)."""
     names = set(old.escrows) | set(new.escrows)
     return {name for name in names if old.escrows.get(name) != new.escrows.get(name)}
-
-
-def releases_from(rule: Rule, escrows: Collection[str]) -> bool:
-    """Whether ``rule`` has a release from one of ``escrows``."""
-    return any(isinstance(a, ReleaseAction) and a.escrow in escrows for a in rule.actions)
 
 
 def _keep_listen_and_database(new: Config, old: Config) -> Config:

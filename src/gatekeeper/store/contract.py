@@ -247,8 +247,9 @@ class LedgerBook(Protocol):
     ) -> tuple[OutboxEntry, list[LedgerMovement]] | None:
         """Cancel release ``cancel.release_id`` (pending, waiting for a retry, or dead),
         atomically: its outbox status becomes ``cancelled`` (never due again), the ledger
-        gets its ``cancel`` and ``return`` movements (actor and reason), and the admin act
-        ``cancel_action`` is audited (subject: the action id). Returns the cancelled
+        gets its ``cancel`` and ``return`` movements (actor and reason), the admin act
+        ``cancel_action`` is audited (subject: the action id), and ``cancel.then`` (what
+        the return decided) is committed as ``commit_transition`` would. Returns the cancelled
         entry and the movements written, None when there is no such action.
 
         Raises ``Conflict`` (nothing written) when the action is not a release, is
@@ -259,7 +260,9 @@ class LedgerBook(Protocol):
     async def settle_release(self, callback: SettlementCallback) -> SettlementResult | None:
         """Record the bank's settlement of a sent release, atomically: ``settle``, or
         ``fail`` then ``return`` (with ``callback.alert`` queued in the outbox), with the
-        provider's reference, and the callback's ``webhook-id``. The same outcome recorded
+        provider's reference, and the callback's ``webhook-id``; with a new ``fail``,
+        ``callback.then`` (what the return decided) is committed as ``commit_transition``
+        would. The same outcome recorded
         before: nothing new (``movements`` empty; the webhook-id is kept). A webhook-id
         applied before with the same body: ``replayed``, nothing written. Returns None
         when ``callback.target`` was sent no release ``callback.release_id``.

@@ -21,12 +21,21 @@ Events (``events_of``; the records are ``gatekeeper.engine.replay``'s):
   last activation (what the rulesets table keeps). A start is told from a reload by what
   it decided: a start evaluates every rule, so every rule without ``for_each`` has a
   decision then (a version with none: taken as a start). A version live again between
-  its first and last activation without deciding anything then is not seen.
+  its first and last activation without deciding anything then is not seen;
+- each ``return`` movement of the ledger (a release cancelled by an admin, act
+  ``cancel_action``; or failed by the bank's settlement callback: ``fail`` then
+  ``return``) is a ``Returned`` naming the release by where it was decided
+  (``ReleaseSpot``), placed at the re-evaluation it made (decisions with trigger
+  ``return`` at its instant), else by its time.
 
 Order: the daemon's commit order, which the decision ids give: each event is placed at its
 first decision, an event that decided nothing just before the first decision made after
 it (it changed nothing a later decision of another event reads, or it would have decided
 something itself). Ties keep the order of each log.
+
+A return that decided nothing is placed by its time only (after the log events recorded
+at or before its millisecond): the daemon takes a cancel's and a settlement's time under
+the writer's lock, so times follow the commit order, to the millisecond.
 
 Request ids are given by clients (``X-Request-Id``): two batches posted with the same id
 in the same millisecond (committed together) are replayed as one batch.
@@ -56,6 +65,7 @@ from gatekeeper.engine.backtest import (
     decision_record,
     diff_firings,
     firings_of,
+    mark_returned,
     shared,
 )
 from gatekeeper.engine.evaluate import Engine
@@ -74,7 +84,9 @@ from gatekeeper.engine.replay import (
     ClockTick,
     Event,
     PostedFacts,
+    ReleaseSpot,
     Replay,
+    Returned,
     SignOffGiven,
     Step,
     counting_ids,
@@ -82,9 +94,10 @@ from gatekeeper.engine.replay import (
 from gatekeeper.engine.signoffs import SignedOff
 from gatekeeper.rules.loader import load_rule_texts
 from gatekeeper.rules.model import Ruleset
-from gatekeeper.store.queries import AuditQuery
+from gatekeeper.store.queries import AuditQuery, Projects
 from gatekeeper.store.records import (
     AuditEntry,
+    LedgerMovement,
     LoggedFact,
     OutboxEntry,
     ReleaseRecord,
@@ -127,6 +140,16 @@ class HistoryReads(Protocol):
 
     async def release_record(self, release_id: str) -> ReleaseRecord | None: ...
 
+    async def ledger_movements(
+        self,
+        escrow: str | None = None,
+        *,
+        release_id: str | None = None,
+        after: int = 0,
+        limit: int = 1000,
+        projects: Projects = None,
+    ) -> list[LedgerMovement]: ...
+
 
 @dataclass
 class History:
@@ -142,8 +165,12 @@ class History:
     rulesets: list[RulesetSummary] = field(default_factory=list)
     ledger: dict[str, ReleaseRecord] = field(default_factory=dict)
     positions: dict[int, int] = field(default_factory=dict)
-    """For each decision made by the clock, an admin act or a reload: the fact log
-    ``seq`` the daemon had committed before it (``fact_log_positions``)."""
+    """For each decision made by the clock, an admin act, a reload or a return: the fact
+    log ``seq`` the daemon had committed before it (``fact_log_positions``)."""
+    returns: list[LedgerMovement] = field(default_factory=list)
+    """The ledger's ``return`` movements, in the order written."""
+    returned_as: dict[str, str] = field(default_factory=dict)
+    """Release id -> ``cancelled`` or ``failed``, for each release returned."""
 
     @property
     def last_at(self) -> datetime | None:
@@ -187,6 +214,14 @@ async def read_history(
     while versions:
         history.rulesets += versions
         versions = await store.list_rulesets(PAGE, after=versions[-1].cursor)
+    after = 0
+    while movements := await store.ledger_movements(after=after, limit=PAGE):
+        for movement in movements:
+            if movement.movement == "return":
+                history.returns.append(movement)
+            elif movement.movement in RETURN_CAUSES:
+                history.returned_as[movement.release_id] = RETURN_CAUSES[movement.movement]
+        after = movements[-1].id
     if ledger:
         for action in history.actions:
             if action.kind == "release":
@@ -204,6 +239,10 @@ async def read_rulesets(store: HistoryReads, history: History) -> dict[str, Mapp
         if stored is not None:
             files[summary.version] = stored.files
     return files
+
+
+RETURN_CAUSES = {"cancel": "cancelled", "fail": "failed"}
+"""The ledger movements a ``return`` follows, and what the release is then."""
 
 
 # -- events --------------------------------------------------------------------------------
@@ -306,6 +345,10 @@ def events_of(history: History, plain_rules: Callable[[str], frozenset[str] | No
             ticks.setdefault(d.decided_at, d.id)
         elif d.trigger == "reload":
             reloads.setdefault(d.decided_at, (d.id, d.ruleset_version, set()))[2].add(d.rule_id)
+    returns_at: dict[datetime, int] = {}
+    for d in history.decisions:
+        if d.trigger == "return":
+            returns_at.setdefault(d.decided_at, d.id)
     log = list(_log_events(history.facts))
     keys = [e.first_seq if isinstance(e, PostedFacts) else e.seq for e in log]  # type: ignore[union-attr]
     times: list[datetime] = []
@@ -342,8 +385,55 @@ def events_of(history: History, plain_rules: Callable[[str], frozenset[str] | No
         placed.append(
             (position(reload_id, at), 1, at, never if reload_id is None else reload_id, 0, event)
         )
+    spots = release_spots(history)
+    for movement in history.returns:
+        spot = spots.get(movement.release_id)
+        if spot is None:
+            continue  # a release not in the decision log read: nothing to replay
+        found = returns_at.get(movement.at)
+        event = Returned(
+            movement.at,
+            spot,
+            history.returned_as.get(movement.release_id, "cancelled"),
+            movement.release_id,
+        )
+        placed.append(
+            (
+                position(found, movement.at),
+                1,
+                movement.at,
+                never if found is None else found,
+                3,
+                event,
+            )
+        )
     placed.sort(key=lambda p: p[:5])
     return [p[5] for p in placed]
+
+
+def release_spots(history: History) -> dict[str, ReleaseSpot]:
+    """Where each recorded release was decided, by release id: its firing's rule
+    instance and millisecond, the firing's number among that instance's firings then, and
+    the release's place among the firing's releases (``ReleaseSpot``)."""
+    spots: dict[str, tuple[str, str, str, int]] = {}
+    counts: dict[tuple[str, str, str], int] = defaultdict(int)
+    for d in history.decisions:
+        if d.firing_id is None:
+            continue
+        slot = (d.rule_id, d.instance, format_rfc3339(d.decided_at))
+        spots[d.firing_id] = (*slot, counts[slot])
+        counts[slot] += 1
+    found: dict[str, ReleaseSpot] = {}
+    numbers: dict[str, int] = defaultdict(int)
+    for action in history.actions:
+        if action.kind != "release":
+            continue
+        number = numbers[action.firing_id]
+        numbers[action.firing_id] += 1
+        where = spots.get(action.firing_id)
+        if where is not None:
+            found[action.action_id] = ReleaseSpot(*where, number)
+    return found
 
 
 def _activations(
@@ -371,10 +461,14 @@ def _activations(
 # -- what was recorded ---------------------------------------------------------------------
 
 
-def recorded_firings(history: History, *, ledger: bool = False) -> list[FiringRecord]:
+def recorded_firings(
+    history: History, *, ledger: bool = False, until: datetime | None = None
+) -> list[FiringRecord]:
     """The recorded firings (fired or blocked decisions) and approvals notices with the
     actions each queued, in the order recorded; ``ledger`` adds each release's ledger
-    entry (read with ``read_history(ledger=True)``)."""
+    entry (read with ``read_history(ledger=True)``). A release whose amount returned
+    before ``until`` (None: ever) has the status ``cancelled`` or ``failed``."""
+    returned = {m.release_id for m in history.returns if until is None or m.at < until}
     by_firing: dict[str, list[OutboxEntry]] = defaultdict(list)
     for action in history.actions:
         by_firing[action.firing_id].append(action)
@@ -392,6 +486,8 @@ def recorded_firings(history: History, *, ledger: bool = False) -> list[FiringRe
                 else (record.escrow, record.amount, record.currency, record.payee)
             )
             status = "shadowed" if str(a.status) == "shadowed" else "queued"
+            if a.action_id in returned:
+                status = history.returned_as.get(a.action_id, "cancelled")
             found.append(action_record(a.kind, a.target, a.payload, status, book, names))
         return tuple(found)
 
@@ -596,14 +692,18 @@ def run_backtest(
             skipped[_skip_kind(step)] += 1
         if step.transition is not None:
             replayed += firings_of(step.transition, names)
+    replayed = mark_returned(replayed, replay.returned)
     currencies = {name: escrow.currency for name, escrow in config.escrows.items()}
-    diff = diff_firings(recorded_firings(history), replayed, currencies, since, until)
+    recorded = recorded_firings(history, until=until)
+    diff = diff_firings(recorded, replayed, currencies, since, until)
     return BacktestResult(diff, dict(skipped), len(events))
 
 
 def _skip_kind(step: Step) -> str:
     what = type(step.event).__name__
-    return {"ApprovalGiven": "approval", "AdminActed": "admin act"}.get(what, what)
+    return {"ApprovalGiven": "approval", "AdminActed": "admin act", "Returned": "return"}.get(
+        what, what
+    )
 
 
 def run_self_check(
@@ -654,7 +754,11 @@ def run_self_check(
             firings.extend(firings_of(transition, names, ledger=True))
             set_facts.extend(seqs.differences(transition))
 
-    check = compare_decisions(recorded, replayed(), recorded_actions, firings)
+    def marked() -> Iterator[FiringRecord]:
+        """The replayed firings once the replay is done (its returns known)."""
+        yield from mark_returned(firings, replay.returned)
+
+    check = compare_decisions(recorded, replayed(), recorded_actions, marked())
     extra = [f"skipped: {s}" for s in skipped] + set_facts
     if extra:
         check.differences = (check.differences + extra)[:20]

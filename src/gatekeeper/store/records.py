@@ -20,7 +20,7 @@ from typing import Any, Literal
 import msgspec
 
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
-from gatekeeper.engine.model import QueuedAction, Stand
+from gatekeeper.engine.model import QueuedAction, Stand, Transition
 
 ActionStatus = Literal["pending", "delivered", "dead", "shadowed", "cancelled"]
 """An outbox entry's delivery state: ``pending`` (due now or later), ``delivered`` (a 2xx
@@ -421,6 +421,9 @@ class CancelRequest:
     at: datetime
     actor: str
     reason: str
+    then: Transition | None = None
+    """What the return decides (``Engine.plan_return``: blocked releases tried again),
+    committed in the same transaction as the cancel (None: nothing)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,6 +444,9 @@ class SettlementCallback:
     body_sha256: str
     at: datetime
     alert: QueuedAction | None = None
+    then: Transition | None = None
+    """What a failure's return decides (``Engine.plan_return``), committed with the
+    ``fail`` and ``return`` movements when they are new (not otherwise)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -772,6 +772,14 @@ class SqliteStore:
 
         return await self._transaction(write)
 
+    def _write_then(self, db: sqlite3.Connection, t: Transition) -> None:
+        """Inside a ledger write's transaction: the transition its return decided."""
+        self._written = _Written(db)
+        try:
+            self._write_transition(db, t)
+        finally:
+            self._written = None
+
     def _write_transition(self, db: sqlite3.Connection, t: Transition) -> list[int]:
         """On the writer thread, inside the open transaction: write everything ``t`` changes
         (fact log, facts, approvals, admin acts, ruleset, decisions, rule states, outbox,
@@ -1279,6 +1287,8 @@ class SqliteStore:
                 " VALUES (?, ?, 'cancel_action', ?, ?, ?)",
                 (now, cancel.actor, release_id, cancel.reason, project),
             )
+            if cancel.then is not None:
+                self._write_then(db, cancel.then)
             return ids
 
         ids = await self._transaction(write)
@@ -1381,6 +1391,8 @@ class SqliteStore:
                     )
                     if alert is not None:
                         db.execute(_INSERT_FOLLOW_UP, (*_outbox_row(alert), release_id))
+                    if callback.then is not None:
+                        self._write_then(db, callback.then)
             db.execute(
                 "INSERT INTO settlement_callbacks (target, webhook_id, body_sha256, release_id,"
                 " received_at) VALUES (?, ?, ?, ?, ?)",
