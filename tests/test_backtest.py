@@ -492,19 +492,37 @@ async def test_shadowed_firings_and_signoffs_replay_and_diff_as_shadowed(
     assert code == 0, out
     assert out.strip() == f"{total} of {total} decisions reproduced"
 
+    # the unchanged rules follow their recorded sign-off: nothing differs
     rules = candidate(project, tmp_path)
     code, out = await backtest(
         project, "--rules", str(rules), "--database", str(database), "--format", "json"
     )
     report = json.loads(out)
+    assert code == 0, out
+    assert report["changed"] == report["added"] == report["gone"] == []
+    # a changed money rule (a new content hash) is presumed signed off: what it would decide,
+    # live, so its shadowed release shows as one that would have been sent
+    rules = candidate(
+        project,
+        tmp_path,
+        lambda r: replace_in(r / "tower-a" / "milestones.yaml", '"5000.00"', '"6000.00"'),
+    )
+    code, out = await backtest(
+        project, "--rules", str(rules), "--database", str(database), "--format", "json"
+    )
+    report = json.loads(out)
     assert code == 1, out
-    [changed] = report["changed"]
-    assert changed["recorded_firing_id"] == "tower-a/design-release#1"
-    fields = {c["field"]: (c["old"], c["new"]) for c in changed["changes"]}
+    [shadowed, live] = sorted(report["changed"], key=lambda c: c["recorded_firing_id"])
+    assert shadowed["recorded_firing_id"] == "tower-a/design-release#1"
+    assert live["recorded_firing_id"] == "tower-a/design-release#2"
+    assert {c["field"]: (c["old"], c["new"]) for c in live["changes"]}[
+        "release actions[0].payload.amount"
+    ] == ("5000.00", "6000.00")
+    fields = {c["field"]: (c["old"], c["new"]) for c in shadowed["changes"]}
     assert fields["outcome (release)"] == ("shadowed", "fired")
     assert fields["release actions[0].status"] == ("shadowed", "queued")
     assert report["escrows"][0]["recorded"] == "5000.00"  # the live firing only
-    assert report["escrows"][0]["replayed"] == "10000.00"
+    assert report["escrows"][0]["replayed"] == "12000.00"
     # the same history read through the daemon's API (its decisions name their mode)
     monkeypatch.setenv("OPS_TOKEN", TOKENS["ops"])
     code_url, out = await backtest(

@@ -37,9 +37,11 @@ both sides name it by its firing and place), decision row ids and request ids. P
 
 Shadow mode and sign-offs: a recorded shadowed action (a rule in ``mode: shadow``, or a
 money rule awaiting sign-off) counts as ``shadowed``, never as released; the self-check
-replays the recorded sign-offs (admin acts ``signoff``); a candidate's money rules are
-taken as signed off (the backtest shows what they would decide, live), while its rules
-in ``mode: shadow`` stay shadowed.
+replays the recorded sign-offs (admin acts ``signoff``), and so does a candidate: its rules
+whose content hash the history knows follow their recorded sign-offs (unchanged rules
+replay as they ran: no difference), while a money rule the history never saw (new or
+changed) is presumed signed off (the backtest shows what it would decide, live); rules in
+``mode: shadow`` stay shadowed.
 
 Returns: each ``return`` movement of the ledger (an admin's ``cancel_action``, or a failed
 settlement: ``fail`` then ``return``) is replayed at its recorded time: the amount goes

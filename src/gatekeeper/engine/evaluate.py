@@ -266,18 +266,24 @@ class Engine:
         *,
         new_action_id: Callable[[], str] = uuid_action_id,
         signed: SignedOff | None = None,
+        presumed_signed: frozenset[str] = frozenset(),
     ) -> Engine:
         """An engine for ``ruleset`` as ``config`` (``gatekeeper.yaml``) sets it up: its
         alert target, ``max_chain_depth``, each target's message format and
         ``money_rule_approvals``, with the sign-offs ``signed`` (``SignOffBook.signed``,
-        shared, not copied: the runtime adds to it; None: none yet)."""
+        shared, not copied: the runtime adds to it; None: none yet) and the content hashes
+        ``presumed_signed`` taken as signed off (``SignOffBook.presumed``: a backtest's)."""
         return cls(
             ruleset,
             alert_target=config.alert_target,
             new_action_id=new_action_id,
             max_chain_depth=config.max_chain_depth,
             target_formats={name: target.format for name, target in config.targets.items()},
-            signoffs=SignOffBook(config.money_rule_approvals, signed if signed is not None else {}),
+            signoffs=SignOffBook(
+                config.money_rule_approvals,
+                signed if signed is not None else {},
+                presumed_signed,
+            ),
         )
 
     def mode_of(self, rule: Rule) -> EffectiveMode:

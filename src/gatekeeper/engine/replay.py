@@ -257,9 +257,12 @@ class Replay:
         return cls(escrows, engine_of=engine_of, signed=signed)
 
     @classmethod
-    def on_candidate(cls, escrows: Mapping[str, Escrow], engine: Engine) -> Replay:
-        """A replay of ``engine``'s ruleset in place of every recorded version."""
-        return cls(escrows, candidate=engine)
+    def on_candidate(
+        cls, escrows: Mapping[str, Escrow], engine: Engine, signed: SignedOff | None = None
+    ) -> Replay:
+        """A replay of ``engine``'s ruleset in place of every recorded version; the recorded
+        sign-offs are added to ``signed`` (the mapping ``engine`` reads) as they come."""
+        return cls(escrows, candidate=engine, signed=signed)
 
     @property
     def simulates_deadlines(self) -> bool:
@@ -350,12 +353,12 @@ class Replay:
         return Step(event, transition)
 
     def _signoff(self, event: SignOffGiven) -> Step:
-        """As ``Writer.sign_off``: the sign-off counts from now on; nothing is evaluated.
-        A candidate replay takes its money rules as signed off (its engine requires none):
-        the recorded sign-offs were of other content hashes."""
-        if self.candidate is None:
-            signoff = event.signoff
-            self.signed.setdefault(signoff.content_hash, {})[signoff.actor] = signoff
+        """As ``Writer.sign_off``: the sign-off counts from now on; nothing is evaluated. A
+        candidate rule unchanged from a recorded one (the same content hash) follows its
+        recorded sign-offs; a rule the history never saw is presumed signed off (see
+        ``store.history.run_backtest``)."""
+        signoff = event.signoff
+        self.signed.setdefault(signoff.content_hash, {})[signoff.actor] = signoff
         return Step(event, None)
 
     def _tick(self, event: ClockTick) -> Step:

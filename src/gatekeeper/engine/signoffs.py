@@ -33,10 +33,13 @@ def is_money_rule(rule: Rule) -> bool:
 @dataclass
 class SignOffBook:
     """``required`` distinct sign-offs a money rule's content hash needs before it runs live
-    (``money_rule_approvals``; 0: none) and the sign-offs recorded, by content hash."""
+    (``money_rule_approvals``; 0: none) and the sign-offs recorded, by content hash.
+    ``presumed`` holds content hashes taken as signed off without any: a backtest's
+    candidate rules that no recorded history knows (what they would decide, live)."""
 
     required: int = 0
     signed: SignedOff = field(default_factory=dict)
+    presumed: frozenset[str] = frozenset()
 
     def signed_by(self, content_hash: str) -> list[str]:
         """The admins who signed off ``content_hash``, sorted."""
@@ -45,7 +48,7 @@ class SignOffBook:
     def missing(self, rule: Rule) -> int:
         """How many more sign-offs ``rule`` needs to run live (0 for a rule that is not a
         money rule, or when none are required)."""
-        if self.required <= 0 or not is_money_rule(rule):
+        if self.required <= 0 or not is_money_rule(rule) or rule.content_hash in self.presumed:
             return 0
         return max(0, self.required - len(self.signed.get(rule.content_hash, {})))
 

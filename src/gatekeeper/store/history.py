@@ -47,7 +47,7 @@ import bisect
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -679,10 +679,20 @@ def run_backtest(
     ``until`` (default: the last recorded time)."""
     versions = RecordedVersions(files, config, [candidate])
     events = [e for e in events_of(history, versions.plain_rules) if until is None or e.at < until]
-    # the candidate's money rules are taken as signed off: what they would decide, live
-    signed_off = replace(config, money_rule_approvals=0)
-    engine = Engine.for_config(candidate, signed_off, new_action_id=counting_ids())
-    replay = Replay.on_candidate(config.escrows, engine)
+    # a candidate rule the history knows (a recorded content hash) follows its recorded
+    # sign-offs, so unchanged rules replay as they ran; a new or changed money rule is
+    # presumed signed off: the backtest shows what it would decide, live
+    known = {d.rule_hash for d in history.decisions}
+    presumed = frozenset(r.content_hash for r in candidate.rules if r.content_hash not in known)
+    signed: SignedOff = {}
+    engine = Engine.for_config(
+        candidate,
+        config,
+        new_action_id=counting_ids(),
+        signed=signed,
+        presumed_signed=presumed,
+    )
+    replay = Replay.on_candidate(config.escrows, engine, signed)
     replayed: list[FiringRecord] = []
     names = ActionNames()
     skipped: dict[str, int] = defaultdict(int)
