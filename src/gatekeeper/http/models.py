@@ -992,6 +992,13 @@ class HistoryDecision(Model):
     instance: Annotated[
         str | UnsetType, Meta(description="The item id of the instance (per-item rules).")
     ] = UNSET
+    mode: Annotated[
+        ModeName | UnsetType,
+        Meta(
+            description="The mode the rule ran in when not live: shadow, or awaiting_signoff "
+            "(a money rule short of sign-offs); its firing's outcome is shadowed."
+        ),
+    ] = UNSET
 
 
 class HistoryDecisions(Model):
