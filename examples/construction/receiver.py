@@ -81,17 +81,13 @@ class Receiver:
         return web.json_response({"ok": True, "duplicate": duplicate})
 
     async def settle(
-        self,
-        session: aiohttp.ClientSession,
-        url: str,
-        body: dict[str, str],
-        webhook_id: str | None = None,
+        self, url: str, body: dict[str, str], webhook_id: str | None = None
     ) -> tuple[int, Any]:
         """Post the bank's settlement callback ``body`` (``{"release_id", "status":
         "settled" | "failed", "reference"[, "reason"]}``) to gatekeeper at ``url``
-        (``<daemon>/v1/settlements/<target>``), signed per Standard Webhooks with this
-        receiver's secret under ``webhook_id`` (a fresh one by default; the same id again
-        is a replay). Returns the HTTP status and the parsed JSON answer."""
+        (``<daemon>/v1/settlements/<target>``, no API token), signed per Standard Webhooks
+        with this receiver's secret under ``webhook_id`` (a fresh one by default; the same id
+        again is a replay). Returns the HTTP status and the parsed JSON answer."""
         raw = json.dumps(body)
         msg_id = webhook_id or f"msg_{uuid.uuid4().hex}"
         now = datetime.now(UTC)
@@ -101,7 +97,10 @@ class Receiver:
             "webhook-signature": Webhook(self.verify_with).sign(msg_id, now, raw),
             "Content-Type": "application/json",
         }
-        async with session.post(url, data=raw, headers=headers) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, data=raw, headers=headers) as response,
+        ):
             return response.status, await response.json()
 
     def app(self) -> web.Application:
