@@ -1,6 +1,7 @@
-"""Crash soak: ``kill -9`` the real daemon many times while facts stream in, then check that
-nothing acknowledged was lost, no once-rule fired twice, every action was delivered with a
-stable id and no escrow went over its limit (the checks of ``tests/crashkit.py``).
+"""Crash soak: ``kill -9`` the real daemon many times while facts stream in and releases are
+cancelled and settled, then check that nothing acknowledged was lost, no once-rule fired
+twice, every action was delivered with a stable id, nothing cancelled was sent, the ledger's
+movements reconcile and no escrow went over its limit (the checks of ``tests/crashkit.py``).
 
 Run: ``python bench/soak_crash.py [--cycles 100] [--seed N] [--workdir DIR]`` (about a second
 per cycle). Prints the counts and every violation; exits 1 on any violation, 0 otherwise.

@@ -36,18 +36,21 @@ class Recorded:
 class Receiver:
     """A real HTTP receiver on 127.0.0.1 that records every request.
 
-    ``responses`` is a queue of statuses to answer with (then 200 forever).
+    ``responses`` is a queue of statuses to answer with (then 200 forever);
+    ``path_responses`` one per path (``/bank``), used first for requests to that path.
     """
 
     url: str = ""
     received: list[Recorded] = field(default_factory=list)
     responses: list[int] = field(default_factory=list)
+    path_responses: dict[str, list[int]] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, request: web.Request) -> web.Response:
         self.received.append(Recorded(request.path, dict(request.headers), await request.text()))
         self.arrived.set()
-        status = self.responses.pop(0) if self.responses else 200
+        queue = self.path_responses.get(request.path) or self.responses
+        status = queue.pop(0) if queue else 200
         return web.json_response({"status": status}, status=status)
 
     async def wait_for(self, count: int, timeout_s: float = 10.0) -> list[Recorded]:

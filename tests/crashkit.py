@@ -26,12 +26,21 @@ acknowledged, and must then be applied exactly once. Each ``fire: once`` rule ha
 batch (its milestone approved and its quality gate passed, together) that is posted until
 acknowledged, spread over the cycles; noise then flips the same facts to and fro.
 
-At the end the daemon is restarted once more, the outbox is drained (``GET /v1/actions?
-status=pending`` until empty) and the daemon is stopped with SIGTERM (exit 0 expected). Then
-``analyse`` reads the SQLite database directly (``fact_log``, ``facts``, ``decisions``,
-``rule_state``, ``outbox``) and the receiver's records and checks every guarantee: see
-``analyse`` for the list. The facts the daemon actually applied (``fact_log`` order, grouped
-into transactions by request id) are the truth the expected firings are computed from.
+Meanwhile a third client, the *bank's back office*, cancels and settles releases over the
+API: the bank holds the releases of ``HOLD_RULES`` (answers 500, and now and then 200) and
+the back office cancels them while they wait (``POST /v1/actions/{id}/cancel``; a 409 while
+an attempt is in flight is expected), and it settles each delivered release once with a
+Standard Webhooks signed callback (``POST /v1/settlements/bank``: settled, or failed now
+and then), sending a callback the kill cut off again with the same ``webhook-id`` and body,
+and replaying an acknowledged one now and then (it must be answered as a replay).
+
+At the end the daemon is restarted once more, the bank stops holding, the outbox is drained
+(``GET /v1/actions?status=pending`` until empty) and the daemon is stopped with SIGTERM
+(exit 0 expected). Then ``analyse`` reads the SQLite database directly (``fact_log``,
+``facts``, ``decisions``, ``rule_state``, ``outbox``, ``ledger_entries``) and the receiver's
+records and checks every guarantee: see ``analyse`` for the list. The facts the daemon
+actually applied (``fact_log`` order, grouped into transactions by request id) are the truth
+the expected firings are computed from.
 
 ``CrashRun.run_slow_commit`` is a deterministic scenario: the daemon runs through the
 ``SLOW_COMMIT`` shim (the COMMIT of a transaction that queued actions is held for a while, as
@@ -60,6 +69,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -151,6 +161,14 @@ ONCE_RULES = 10
 TASKS = 6
 MILESTONES = ONCE_RULES
 QUALITY_GATES = 2
+
+
+HOLD_RULES = frozenset({f"{PROJECT}/release-{j}" for j in (1, 4, 7)})
+"""The once-rules whose releases the bank holds (answers 500, and 200 with probability
+``CrashReceiver.hold_accept_rate``) until the end of the run, so the back office can cancel
+them while they wait."""
+FAIL_RATE = 0.3
+"""How often the back office's settlement of a delivered release says it failed."""
 
 
 def _release_of(j: int) -> tuple[str, str]:
@@ -368,7 +386,8 @@ def ruleset() -> list[RuleSpec]:
 
 
 def config_text(receiver_url: str) -> str:
-    """gatekeeper.yaml: four targets at the receiver, fast retries, two escrows."""
+    """gatekeeper.yaml: four targets at the receiver (alerts to ``ops``), fast retries, two
+    escrows."""
     delivery = (
         "{max_attempts: 500, max_age_s: 86400, backoff_base_s: 0.05, backoff_cap_s: 0.4,"
         " timeout_s: 5}"
@@ -383,6 +402,7 @@ def config_text(receiver_url: str) -> str:
         "listen: 127.0.0.1:8080  # overridden by --listen",
         "database: state/gatekeeper.db",
         "rules_dir: rules",
+        "alert_target: ops",
         "targets:",
     ]
     for name, (env, fmt) in targets.items():
@@ -412,6 +432,8 @@ class Receipt:
     raw: str
     status: int
     verified: bool
+    at: float = 0.0
+    """When it arrived (``time.monotonic()``)."""
 
     @property
     def body(self) -> Any:
@@ -428,6 +450,10 @@ class CrashReceiver:
         self.max_delay_s = max_delay_s
         self.receipts: list[Receipt] = []
         self.fail_paths: set[str] = set()  # always answered 500 while listed
+        self.hold_rules: frozenset[str] = frozenset()
+        """Releases of these rules are answered 500, or 200 with probability
+        ``hold_accept_rate`` (the bank held them; now and then it takes one)."""
+        self.hold_accept_rate = 0.05
         self.arrived = asyncio.Event()
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -441,9 +467,13 @@ class CrashReceiver:
             verified = True
         except WebhookVerificationError:
             verified = False
+        arrived = time.monotonic()
         status = (500 if self.rng.random() < self.fail_rate else 200) if verified else 401
         if request.path in self.fail_paths:
             status = 500
+        held = verified and request.path == "/bank" and bool(self.hold_rules)
+        if held and json.loads(raw).get("rule_id") in self.hold_rules:
+            status = 200 if self.rng.random() < self.hold_accept_rate else 500
         self.receipts.append(
             Receipt(
                 request.path,
@@ -452,6 +482,7 @@ class CrashReceiver:
                 raw,
                 status,
                 verified,
+                arrived,
             )
         )
         self.arrived.set()
@@ -497,6 +528,33 @@ class Posted:
 
     def body(self) -> Any:
         return self.facts[0] if self.single else {"facts": self.facts}
+
+
+@dataclass
+class CancelPost:
+    """One ``POST /v1/actions/{id}/cancel`` of the back office and its answer (``status``
+    None: cut off by a kill); ``answered_at`` is ``time.monotonic()`` at the answer."""
+
+    release_id: str
+    status: int | None = None
+    message: str = ""
+    answered_at: float = 0.0
+
+
+@dataclass
+class SettlementPost:
+    """One settlement callback (``webhook_id`` and ``body`` are kept for sending it again):
+    its last answer (``status`` None: cut off) and how many times it was answered as a
+    replay."""
+
+    release_id: str
+    outcome: str
+    webhook_id: str
+    body: str
+    status: int | None = None
+    answer: Any = None
+    sends: int = 0
+    replays: int = 0
 
 
 @dataclass
@@ -547,6 +605,10 @@ class CrashRun:
         self.log = log
         self.rng = random.Random(seed)
         self.receiver = CrashReceiver(random.Random(seed + 1))
+        self.receiver.hold_rules = HOLD_RULES
+        self.office_rng = random.Random(seed + 2)
+        self.cancels: list[CancelPost] = []
+        self.settlements: dict[str, SettlementPost] = {}  # by release id
         self.rules = ruleset()
         self.posted: list[Posted] = []
         self.problems: list[str] = []  # violations seen while running (before analysis)
@@ -793,6 +855,7 @@ class CrashRun:
             await self._wait_healthy(proc, url)
             ctx = CycleContext(index, mode, url)
             workers = [asyncio.create_task(self._worker(ctx, w)) for w in range(self.workers)]
+            workers.append(asyncio.create_task(self._back_office(ctx)))
             if mode == "timer":
                 await asyncio.sleep(self.rng.uniform(0.03, self.max_window_s))
             else:
@@ -808,8 +871,103 @@ class CrashRun:
                 proc.kill()
                 await self._reap(proc, 10.0)
 
+    # -- the bank's back office: cancels and settlements -----------------------------------
+
+    async def _back_office(self, ctx: CycleContext) -> None:
+        """Until the cycle stops: cancel held releases while they wait, settle each delivered
+        release once, send cut-off callbacks again, replay acknowledged ones now and then."""
+        while not ctx.stop.is_set():
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                await self._office_round(ctx.url, ctx.stop)
+            await asyncio.sleep(self.office_rng.uniform(0.005, 0.03))
+
+    async def _office_round(self, url: str, stop: asyncio.Event | None = None) -> None:
+        assert self._session is not None
+        rng = self.office_rng
+        async with self._session.get(url + "/v1/actions?limit=1000") as response:
+            actions = (await response.json())["actions"]
+        cancelled = {c.release_id for c in self.cancels if c.status == 200}
+        for a in actions:
+            if stop is not None and stop.is_set():
+                return
+            if a["kind"] != "release":
+                continue
+            release_id = a["action_id"]
+            if (
+                a["status"] in ("pending", "dead")
+                and a["rule_id"] in HOLD_RULES
+                and release_id not in cancelled
+                and rng.random() < 0.6
+            ):
+                await self._cancel(url, release_id)
+            elif a["status"] == "delivered" and release_id not in self.settlements:
+                outcome = "failed" if rng.random() < FAIL_RATE else "settled"
+                body = {
+                    "release_id": release_id,
+                    "status": outcome,
+                    "reference": f"ref-{release_id}",
+                }
+                if outcome == "failed":
+                    body["reason"] = "the payee's account is closed"
+                post = SettlementPost(release_id, outcome, f"settle-{release_id}", json.dumps(body))
+                self.settlements[release_id] = post
+                await self._settle(url, post)
+        for post in list(self.settlements.values()):
+            if stop is not None and stop.is_set():
+                return
+            if post.status is None or (post.status == 200 and rng.random() < 0.05):
+                await self._settle(url, post)  # cut off: again; acknowledged: a replay
+
+    async def _cancel(self, url: str, release_id: str) -> None:
+        assert self._session is not None
+        post = CancelPost(release_id)
+        self.cancels.append(post)
+        async with self._session.post(
+            f"{url}/v1/actions/{release_id}/cancel", json={"reason": "the bank held it"}
+        ) as response:
+            answer = await response.json()
+            post.status = response.status
+            post.answered_at = time.monotonic()
+        if post.status != 200:
+            post.message = str(answer.get("error", {}).get("message", answer))
+        if post.status not in (200, 409):
+            self.problems.append(f"cancel of {release_id} answered {post.status}: {post.message}")
+
+    async def _settle(self, url: str, post: SettlementPost) -> None:
+        """Send ``post`` signed as the bank (the same ``webhook-id`` and body every time, a
+        fresh timestamp: a sender's retry)."""
+        assert self._session is not None
+        acknowledged = post.status == 200
+        now = datetime.now(UTC)
+        headers = {
+            "Content-Type": "application/json",
+            "webhook-id": post.webhook_id,
+            "webhook-timestamp": str(int(now.timestamp())),
+            "webhook-signature": Webhook(SECRET).sign(post.webhook_id, now, post.body),
+        }
+        post.sends += 1
+        post.status = None
+        async with self._session.post(
+            f"{url}/v1/settlements/bank", data=post.body, headers=headers
+        ) as response:
+            post.answer = await response.json()
+            post.status = response.status
+        if post.status != 200:
+            self.problems.append(
+                f"settlement {post.webhook_id} ({post.outcome}) answered {post.status}: "
+                f"{post.answer}"
+            )
+            return
+        if post.answer["replayed"]:
+            post.replays += 1
+        elif acknowledged:
+            self.problems.append(f"settlement {post.webhook_id} sent again was not a replay")
+        if post.answer["status"] != post.outcome:
+            self.problems.append(f"settlement {post.webhook_id} recorded as {post.answer}")
+
     async def _finish(self) -> None:
-        """Restart, post every trigger not yet acknowledged, drain the outbox, SIGTERM."""
+        """Restart, post every trigger not yet acknowledged, let the bank take the releases
+        it held, drain the outbox, settle what is left, SIGTERM."""
         assert self._session is not None
         proc, url = self._spawn()
         try:
@@ -825,7 +983,9 @@ class CrashRun:
                     await self._post(url, self._trigger_request(self.cycles, j))
                 if j not in self.trigger_acked:
                     self.problems.append(f"the trigger of once-rule {j} was never acknowledged")
+            self.receiver.hold_rules = frozenset()
             await self._drain(url)
+            await self._office_round(url)  # the last settlements (and cut-off ones again)
             proc.send_signal(signal.SIGTERM)
             self.sigterm_exit = await self._reap(proc, 30.0)
             if self.sigterm_exit != 0:
@@ -946,7 +1106,14 @@ class CrashRun:
         )
 
     def _report(self) -> Report:
-        report = analyse(self.db_path, self.posted, self.receiver.receipts, self.rules)
+        report = analyse(
+            self.db_path,
+            self.posted,
+            self.receiver.receipts,
+            self.rules,
+            self.cancels,
+            list(self.settlements.values()),
+        )
         report.seed = self.seed
         report.kills = Counter(self.kills)
         report.violations[:0] = self.problems
@@ -991,6 +1158,14 @@ class Report:
     retried_requests: int = 0
     replayed: int = 0
     retried_5xx: int = 0
+    cancels_sent: int = 0
+    cancels_refused: int = 0
+    """Cancels answered 409 (an attempt in flight, or delivered meanwhile)."""
+    cancelled: int = 0
+    settled: int = 0
+    failed: int = 0
+    settlement_replays: int = 0
+    movements: int = 0
     elapsed_s: float = 0.0
     log_path: Path | None = None
     violations: list[str] = field(default_factory=list)
@@ -1020,6 +1195,11 @@ class Report:
             f"released/limit:           {escrows}",
             f"requests received:        {self.receipts} ({self.duplicates} duplicates of a "
             f"2xx-answered webhook-id, {self.retried_5xx} answered 5xx and retried)",
+            f"cancels:                  {self.cancels_sent} sent, {self.cancelled} releases "
+            f"cancelled, {self.cancels_refused} refused (409)",
+            f"settlements:              {self.settled} settled, {self.failed} failed "
+            f"({self.settlement_replays} replays answered as such); "
+            f"{self.movements} ledger movements",
             f"violations:               {len(self.violations)}",
         ]
         lines += [f"  VIOLATION: {v}" for v in self.violations[:40]]
@@ -1035,7 +1215,12 @@ def _rows(db: sqlite3.Connection, sql: str) -> list[sqlite3.Row]:
 
 
 def analyse(
-    db_path: Path, posted: Iterable[Posted], receipts: list[Receipt], rules: list[RuleSpec]
+    db_path: Path,
+    posted: Iterable[Posted],
+    receipts: list[Receipt],
+    rules: list[RuleSpec],
+    cancels: Iterable[CancelPost] = (),
+    settlements: Iterable[SettlementPost] = (),
 ) -> Report:
     """Check every guarantee against the database and the receiver's records.
 
@@ -1055,8 +1240,13 @@ def analyse(
        to a firing; nothing is left pending or dead;
     5. the receiver got every action (a 2xx answer) and nothing else, always with the same
        webhook-id and body; releases carry Idempotency-Key == release_id == webhook-id, the
-       distinct releases received equal the releases queued and the once-rules fired, and
-       never add up to more than an escrow's limit.
+       distinct releases received equal the releases queued and not cancelled, and never
+       add up to more than an escrow's limit;
+    6. the ledger (``check_ledger``): each release's movements are those its state allows,
+       so they sum to the escrow figures; replayed in order, no reserve took an escrow past
+       its limit; nothing cancelled was ever accepted by the bank (2xx), nor reached it after
+       its cancel was answered; every acknowledged cancel and settlement is recorded as
+       answered; each failed settlement alerted ``ops`` exactly once, and nothing else did.
     """
     report = Report()
     v = report.violations
@@ -1078,6 +1268,9 @@ def analyse(
             db,
             "SELECT action_id, decision_id, rule_id, firing_id, kind, target, payload, status"
             " FROM outbox",
+        )
+        movements = _rows(
+            db, "SELECT id, release_id, escrow, movement, amount FROM ledger_entries ORDER BY id"
         )
     rules_by_id = {r.id: r for r in rules}
     by_seq = {row["seq"]: row for row in log}
@@ -1304,10 +1497,13 @@ def analyse(
     if missing_states:
         v.append(f"rule instances without rule_state: {sorted(missing_states)[:5]}")
 
-    # 4. outbox <-> firings
+    # 4. outbox <-> firings (alerts about a firing's actions are checked with the ledger)
+    alerts = [a for a in outbox if "alert" in json.loads(a["payload"])]
+    alert_ids = {a["action_id"] for a in alerts}
     actions_of: dict[int, list[sqlite3.Row]] = defaultdict(list)
     for a in outbox:
-        actions_of[a["decision_id"]].append(a)
+        if a["action_id"] not in alert_ids:
+            actions_of[a["decision_id"]].append(a)
         if a["decision_id"] not in fired_decisions:
             v.append(f"outbox action {a['action_id']} belongs to no fired decision")
     for decision_id, d in fired_decisions.items():
@@ -1324,7 +1520,7 @@ def analyse(
     report.actions_queued = len(outbox)
     report.actions_delivered = sum(1 for a in outbox if a["status"] == "delivered")
     for status, count in Counter(a["status"] for a in outbox).items():
-        if status != "delivered":
+        if status not in ("delivered", "cancelled"):
             v.append(f"{count} action(s) left {status}")
     releases = [a for a in outbox if a["kind"] == "release"]
     report.releases_queued = len(releases)
@@ -1369,7 +1565,8 @@ def analyse(
             a["firing_id"],
         ):
             v.append(f"action {action_id} ({a['firing_id']}) arrived with body {body}")
-        ids_per_firing[(a["firing_id"], a["kind"])].add(action_id)
+        if action_id not in alert_ids:
+            ids_per_firing[(a["firing_id"], a["kind"])].add(action_id)
         if a["kind"] == "release":
             rule = rules_by_id.get(a["rule_id"])
             if rule is None or rule.release != (payload["escrow"], Decimal(payload["amount"])):
@@ -1377,7 +1574,8 @@ def analyse(
     for (firing_id, kind), ids in ids_per_firing.items():
         if len(ids) > 1:
             v.append(f"firing {firing_id} sent its {kind} under {len(ids)} different ids")
-    for action_id in by_action:
+    cancelled = {a["action_id"] for a in outbox if a["status"] == "cancelled"}
+    for action_id in by_action.keys() - cancelled:
         if not any(200 <= r.status < 300 for r in receipts_of.get(action_id, [])):
             v.append(
                 f"action {action_id} ({by_action[action_id]['kind']}) never reached the receiver"
@@ -1397,8 +1595,11 @@ def analyse(
         if 200 <= r.status < 300:
             paid[str(body.get("release_id"))] = body
     report.releases_received = len(paid)
-    if len(paid) != len(releases):
-        v.append(f"{len(paid)} distinct releases received and paid, {len(releases)} queued")
+    if len(paid) != len(releases) - len(cancelled):
+        v.append(
+            f"{len(paid)} distinct releases received and paid, {len(releases)} queued, "
+            f"{len(cancelled)} of them cancelled"
+        )
     per_rule: dict[str, set[str]] = defaultdict(set)
     for release_id, body in paid.items():
         per_rule[str(body.get("rule_id"))].add(release_id)
@@ -1413,7 +1614,102 @@ def analyse(
         limit = ESCROW_LIMITS.get(escrow)
         if limit is None or total > limit:
             v.append(f"{total} released from {escrow}, over its limit {limit}")
+    check_ledger(report, outbox, movements, receipts, alerts, list(cancels), list(settlements))
     return report
+
+
+LEDGER_SEQUENCES = {
+    "pending": [("reserve",)],
+    "dead": [("reserve",)],
+    "cancelled": [("reserve", "cancel", "return")],
+    "delivered": [
+        ("reserve", "send"),
+        ("reserve", "send", "settle"),
+        ("reserve", "send", "fail", "return"),
+    ],
+}
+"""The movements a release may have, in order, by its outbox status."""
+
+
+def check_ledger(
+    report: Report,
+    outbox: list[sqlite3.Row],
+    movements: list[sqlite3.Row],
+    receipts: list[Receipt],
+    alerts: list[sqlite3.Row],
+    cancels: list[CancelPost],
+    settlements: list[SettlementPost],
+) -> None:
+    """Step 6 of ``analyse``: the ledger's movements, cancels and settlements."""
+    v = report.violations
+    report.movements = len(movements)
+    releases = {a["action_id"]: a for a in outbox if a["kind"] == "release"}
+    moved: dict[str, list[str]] = defaultdict(list)
+    for m in movements:
+        moved[m["release_id"]].append(m["movement"])
+    for release_id in moved.keys() - releases.keys():
+        v.append(f"ledger movements of {release_id}, which is no release in the outbox")
+    for release_id, a in releases.items():
+        sequence = tuple(moved.get(release_id, []))
+        if sequence not in LEDGER_SEQUENCES.get(a["status"], []):
+            v.append(f"release {release_id} is {a['status']} with movements {list(sequence)}")
+    # replayed in order, no reserve took its escrow past its limit
+    committed: dict[str, Decimal] = defaultdict(Decimal)
+    for m in movements:
+        amount = Decimal(m["amount"])
+        if m["movement"] == "reserve":
+            committed[m["escrow"]] += amount
+            limit = ESCROW_LIMITS.get(m["escrow"])
+            if limit is None or committed[m["escrow"]] > limit:
+                v.append(f"reserve {m['id']} took {m['escrow']} to {committed[m['escrow']]}")
+        elif m["movement"] in ("cancel", "fail"):
+            committed[m["escrow"]] -= amount
+    # nothing cancelled was accepted by the bank, nor reached it after its cancel's answer
+    cancelled = {r for r, a in releases.items() if a["status"] == "cancelled"}
+    report.cancelled = len(cancelled)
+    report.cancels_sent = len(cancels)
+    report.cancels_refused = sum(1 for c in cancels if c.status == 409)
+    answered = {c.release_id: c.answered_at for c in cancels if c.status == 200}
+    for release_id in answered.keys() - cancelled:
+        v.append(f"cancel of {release_id} was answered 200 but it is not cancelled")
+    for r in receipts:
+        if r.webhook_id not in cancelled:
+            continue
+        if 200 <= r.status < 300:
+            v.append(f"cancelled release {r.webhook_id} was accepted by the bank")
+        if r.at > answered.get(str(r.webhook_id), float("inf")):
+            v.append(f"cancelled release {r.webhook_id} reached the bank after its cancel")
+    expected_refusals = ("in flight", "is delivered", "is cancelled")
+    for c in cancels:
+        if c.status == 409 and not any(why in c.message for why in expected_refusals):
+            v.append(f"cancel of {c.release_id} refused: {c.message}")
+    # settlements: each acknowledged one recorded as sent; failures alerted once
+    outcome = {}
+    for m in movements:
+        if m["movement"] in ("settle", "fail"):
+            outcome[m["release_id"]] = "settled" if m["movement"] == "settle" else "failed"
+    report.settled = sum(1 for o in outcome.values() if o == "settled")
+    report.failed = sum(1 for o in outcome.values() if o == "failed")
+    report.settlement_replays = sum(p.replays for p in settlements)
+    for post in settlements:
+        if post.status == 200 and outcome.get(post.release_id) != post.outcome:
+            v.append(
+                f"settlement {post.webhook_id} ({post.outcome}) was acknowledged, the ledger "
+                f"says {outcome.get(post.release_id)}"
+            )
+    for release_id in outcome.keys() - {p.release_id for p in settlements}:
+        v.append(f"release {release_id} settled by no callback sent")
+    alerted: Counter[str] = Counter()
+    for a in alerts:
+        payload = json.loads(a["payload"])
+        if payload.get("alert") != "settlement_failed":
+            v.append(f"unexpected alert {payload.get('alert')}: {payload.get('message')}")
+            continue
+        alerted[str(payload.get("release_id"))] += 1
+    failed = {r for r, o in outcome.items() if o == "failed"}
+    for release_id in failed | set(alerted):
+        if alerted[release_id] != (1 if release_id in failed else 0):
+            v.append(f"release {release_id}: {alerted[release_id]} settlement_failed alerts")
 
 
 def _describe(indexes: list[int], groups: list[list[sqlite3.Row]]) -> str:

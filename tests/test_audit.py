@@ -26,7 +26,7 @@ async def test_release_story_from_its_id(
     project = project_factory(receiver.url)
     project.write_rule("design.yaml", DESIGN_RULE)
     gk = await start_daemon(project)
-    receiver.responses = [503]
+    receiver.path_responses["/bank"] = [503]
     _, posted = await gk.post("/v1/facts", BATCH)
     delivered = await wait_status(gk, "delivered", 2)
     release_id = next(a["action_id"] for a in delivered if a["kind"] == "release")

@@ -1,8 +1,10 @@
 """Durability under ``kill -9``: the real daemon (``python -m gatekeeper serve``) is killed at
 random moments (mid-request, right after a firing, while starting, anywhere) and restarted on
-the same database, at least 10 times, while two clients stream facts and a real receiver
-records every webhook; then the database and the receiver's records are checked against every
-guarantee (see ``crashkit.analyse``).
+the same database, at least 10 times, while two clients stream facts, a back office cancels
+held releases and settles delivered ones, and a real receiver records every webhook; then
+the database and the receiver's records are checked against every guarantee (see
+``crashkit.analyse``): nothing cancelled is sent, the ledger's movements reconcile, no escrow
+goes over its limit.
 
 The plan of the run comes from a seed, printed in the summary: ``GATEKEEPER_CRASH_SEED=N``
 replays the plan (the timing still varies). ``bench/soak_crash.py`` is the long version.
@@ -40,6 +42,7 @@ async def test_kill_9_loses_nothing_and_fires_once(tmp_path: Path) -> None:
     assert sum(report.kills.values()) >= 10
     assert report.facts_acked > 0 and report.once_found > 0 and report.each_found > 0
     assert report.event_found > 0 and report.instance_found > 0 and report.facts_set > 0
+    assert report.cancelled > 0 and report.settled + report.failed > 0  # the back office
     assert not report.violations, report.summary()
     # every decision of the killed and restarted daemons is explained by its recorded rules
     out = io.StringIO()

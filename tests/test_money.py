@@ -89,10 +89,14 @@ async def test_release_over_the_escrow_limit_is_blocked_and_alerted(
             "escrow": "tower-a-escrow",
             "currency": "USD",
             "limit": "20000.00",
+            "reserved": "0.00",
+            "sent": "16000.00",
+            "settled": "0.00",
+            "returned": "0.00",
+            "remaining": "4000.00",
             "released": "16000.00",
             "pending": "0.00",
             "unconfirmed": "0.00",
-            "remaining": "4000.00",
         }
     ]
 

@@ -254,6 +254,14 @@ def fuzz(
                 continue
             for value in ids:
                 try:
+                    if operation.path.endswith("/cancel"):  # a dead release: 200
+                        case = operation.Case(
+                            path_parameters={name: value},
+                            body={"reason": "fuzzing the live daemon"},
+                            media_type="application/json",
+                        )
+                        run(case)
+                        continue
                     if "act" in operation.path_parameters:  # pause, then resume: both 200
                         for act in ("pause", "resume"):
                             case = operation.Case(
@@ -279,6 +287,8 @@ async def test_live_daemon_keeps_to_the_document(live: Running) -> None:
         "action_id": [action["action_id"] for action in actions["actions"]],
         "release_id": [a["action_id"] for a in actions["actions"] if a["kind"] == "release"],
         "version": [r["version"] for r in rulesets["rulesets"]],
+        "escrow": ["tower-a-escrow"],
+        "target": ["escrow-bank"],
     }
     assert {a["status"] for a in actions["actions"]} >= {"dead", "pending"}
     started = time.monotonic()
@@ -291,22 +301,27 @@ async def test_live_daemon_keeps_to_the_document(live: Running) -> None:
         statuses.setdefault(label, set()).add(status)
     summary = {label: sorted(codes) for label, codes in statuses.items()}
     # these cannot succeed against this daemon: approvals and sign-offs need API tokens (the
-    # approver is the token's subject) and it has no hook sources; tests/test_auth.py,
-    # tests/test_signoffs.py and tests/test_hooks_http.py cover their 200s
+    # approver is the token's subject), it has no hook sources, and a settlement must be
+    # signed by the bank; tests/test_auth.py, tests/test_signoffs.py,
+    # tests/test_hooks_http.py and tests/test_ledger_http.py cover their 200s
     cannot_succeed = {
         "POST /v1/approvals",
         "POST /v1/hooks/{source}",
         "POST /v1/money-rules/{content_hash}/signoffs",
+        "POST /v1/settlements/{target}",
     }
     assert all(200 in codes for label, codes in statuses.items() if label not in cannot_succeed), (
         summary
     )
     assert {403} <= statuses["POST /v1/approvals"], summary
     assert {404} <= statuses["POST /v1/hooks/{source}"], summary
+    assert {401, 404} <= statuses["POST /v1/settlements/{target}"], summary
     assert {400, 403} <= statuses["POST /v1/money-rules/{content_hash}/signoffs"], summary
-    assert len(statuses) == 22, summary
+    assert len(statuses) == 25, summary
     assert {200, 400, 422} <= statuses["POST /v1/facts"], summary
     assert {200, 404, 409} <= statuses["POST /v1/actions/{action_id}/retry"], summary
+    assert {200, 404, 422} <= statuses["POST /v1/actions/{action_id}/cancel"], summary
+    assert {200, 404} <= statuses["GET /v1/escrows/{escrow}/entries"], summary
     assert elapsed < 60, f"the fuzzing took {elapsed:.0f} s"
 
 

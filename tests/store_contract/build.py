@@ -29,6 +29,11 @@ def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
+def iso(seconds: float) -> str:
+    """``at(seconds)`` as the engine's records write times (RFC 3339)."""
+    return format_rfc3339(at(seconds))
+
+
 def facts(when: datetime, *items: tuple[str, str, str, dict[str, Any]], **extra: Any) -> Transition:
     """A transition that only appends facts ``(project, kind, id, data)``, planned at
     ``when``."""

@@ -14,7 +14,7 @@ from gatekeeper.engine.model import RuleState, SignOff, Transition
 from gatekeeper.store import Store
 from gatekeeper.store.errors import Conflict
 from gatekeeper.store.queries import AuditQuery
-from gatekeeper.store.records import ShadowedReleases
+from gatekeeper.store.records import EscrowFigures, ShadowedReleases
 
 from . import build
 
@@ -51,7 +51,9 @@ async def test_shadowed_actions_are_kept_never_due_and_never_counted(store: Stor
         (build.action_id("tower-a/pay", 2), "shadowed"),
         (build.action_id("tower-a/pay", 1), "shadowed"),
     ]
-    assert await store.escrow_totals() == {"tower-a-escrow": {"pending": Decimal("7.00")}}
+    assert await store.escrow_totals() == {
+        "tower-a-escrow": EscrowFigures(reserved=Decimal("7.00"))
+    }
     assert await store.release_record(build.action_id("tower-a/pay", 1)) is None
     with pytest.raises(Conflict):  # a retry never sends a shadowed action
         await store.requeue_action(build.action_id("tower-a/pay", 1), build.at(60), "ops", None)

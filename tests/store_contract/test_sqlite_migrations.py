@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -238,5 +239,56 @@ async def test_a_database_of_schema_6_keeps_its_rule_states_as_plain_instances(
         states = await store.load_rule_states()
         assert states[("tower-a/r", "b-1")] == instance
         assert states[("tower-a/r", "")].fired_count == 2
+    finally:
+        await store.close()
+
+
+async def test_a_database_of_schema_10_gets_the_movements_of_its_releases(
+    tmp_path: Path,
+) -> None:
+    """Old releases reconcile: each gets its reserve (at recorded_at), a delivered one its
+    send (at delivered_at); nothing else is made up."""
+    path = tmp_path / "gatekeeper.db"
+    t0, t1, t2 = "2026-11-01T09:00:00.000Z", "2026-11-01T09:00:01.000Z", "2026-11-01T09:05:00.000Z"
+    with contextlib.closing(_migrated(path, 10)) as db:
+        for n, (status, delivered) in enumerate(
+            (("delivered", t2), ("pending", None), ("dead", None)), start=1
+        ):
+            db.execute(
+                "INSERT INTO decisions (decided_at, rule_id, rule_hash, ruleset_version,"
+                " trigger, outcome, gate_open, evaluation, firing_id, project)"
+                " VALUES (?, 'tower-a/pay', 'h', 'v1', 'fact', 'fired', 1, '{}', ?, 'tower-a')",
+                (t0, f"tower-a/pay#{n}"),
+            )
+            db.execute(
+                "INSERT INTO outbox (action_id, decision_id, rule_id, firing_id, kind, target,"
+                " payload, status, created_at, next_attempt_at, delivered_at)"
+                " VALUES (?, ?, 'tower-a/pay', ?, 'release', 'bank', '{\"project\":\"tower-a\"}',"
+                " ?, ?, ?, ?)",
+                (f"act-{n}", n, f"tower-a/pay#{n}", status, t0, t0, delivered),
+            )
+            db.execute(
+                "INSERT INTO ledger (release_id, escrow, amount, currency, payee, rule_id,"
+                " firing_id, recorded_at) VALUES (?, 'esc', ?, 'USD', 'acme', 'tower-a/pay',"
+                " ?, ?)",
+                (f"act-{n}", f"{n}00.00", f"tower-a/pay#{n}", t1 if n == 2 else t0),
+            )
+    store = await open_store(path)
+    try:
+        movements = await store.ledger_movements()
+        assert [(m.release_id, m.movement, m.amount, m.at) for m in movements] == [
+            ("act-1", "reserve", "100.00", parse_rfc3339(t0)),
+            ("act-3", "reserve", "300.00", parse_rfc3339(t0)),
+            ("act-2", "reserve", "200.00", parse_rfc3339(t1)),
+            ("act-1", "send", "100.00", parse_rfc3339(t2)),
+        ]
+        figures = (await store.escrow_totals())["esc"]
+        assert (figures.reserved, figures.sent, figures.unconfirmed, figures.committed) == (
+            Decimal("500.00"),
+            Decimal("100.00"),
+            Decimal("300.00"),
+            Decimal("600.00"),
+        )
+        assert await store.begin_attempt("act-2", build.at(1))  # a pending one goes on
     finally:
         await store.close()

@@ -11,7 +11,7 @@ import pytest
 from gatekeeper.engine.model import RuleState, Stand, Transition
 from gatekeeper.store import Store
 from gatekeeper.store.errors import Conflict
-from gatekeeper.store.records import IdempotencyOutcome
+from gatekeeper.store.records import EscrowFigures, IdempotencyOutcome
 
 from . import build
 from .conftest import Backend
@@ -126,7 +126,7 @@ async def test_standing_approvals_follow_approve_reject_and_withdraw(store: Stor
     ]
 
 
-async def test_escrow_totals_sum_releases_by_status_as_decimals(store: Store) -> None:
+async def test_escrow_totals_sum_the_reserved_releases_as_decimals(store: Store) -> None:
     assert await store.escrow_totals() == {}
     await store.commit_transitions(
         [
@@ -136,8 +136,12 @@ async def test_escrow_totals_sum_releases_by_status_as_decimals(store: Store) ->
         ]
     )
     totals = await store.escrow_totals()
-    assert totals == {"esc": {"pending": Decimal("0.30")}, "other": {"pending": Decimal("1000.00")}}
-    assert str(totals["esc"]["pending"]) == "0.30"  # exact, never a float
+    assert totals == {
+        "esc": EscrowFigures(reserved=Decimal("0.30")),
+        "other": EscrowFigures(reserved=Decimal("1000.00")),
+    }
+    assert str(totals["esc"].reserved) == "0.30"  # exact, never a float
+    assert totals["esc"].committed == Decimal("0.30")
 
 
 async def test_idempotency_keys_are_found_and_purged_by_age(store: Store) -> None:

@@ -1,4 +1,5 @@
-"""Command-line clients of a running daemon's HTTP API (``gatekeeper actions ...``).
+"""Command-line clients of a running daemon's HTTP API (``gatekeeper actions ...``,
+``rules ...``, ``escrows``, ``audit``, ``export``).
 
 They talk HTTP rather than opening the database, so every write still goes through the
 daemon's single writer. The URL defaults to the config's ``listen`` address.
@@ -92,11 +93,13 @@ def call(url: str, method: str = "GET", body: Any = None, token: str | None = No
 
 
 def run_actions_command(args: argparse.Namespace, config: Config) -> int:
-    """``gatekeeper actions list|retry``; returns the exit code (0 ok, 1 failed)."""
+    """``gatekeeper actions list|retry|cancel``; returns the exit code (0 ok, 1 failed)."""
     url = base_url(config, args.url)
     try:
         if args.actions_command == "list":
             return _list(url, args)
+        if args.actions_command == "cancel":
+            return _cancel(url, args)
         return _retry(url, args)
     except ClientError as exc:
         print(f"gatekeeper actions: {exc}", file=sys.stderr)
@@ -195,6 +198,68 @@ def _retry(url: str, args: argparse.Namespace) -> int:
             continue
         print(json.dumps(answer) if args.json else f"{action_id}: requeued")
     return 1 if failed else 0
+
+
+def _cancel(url: str, args: argparse.Namespace) -> int:
+    failed = 0
+    for action_id in args.action_ids:
+        path = f"{url}/v1/actions/{urllib.parse.quote(action_id, safe='')}/cancel"
+        try:
+            answer = call(path, "POST", {"reason": args.reason})
+        except ClientError as exc:
+            print(f"{action_id}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        if args.json:
+            print(json.dumps(answer))
+            continue
+        payload = answer["action"]["payload"]
+        print(
+            f"{action_id}: cancelled; {payload.get('amount')} {payload.get('currency')} "
+            f"back in {payload.get('escrow')}"
+        )
+    return 1 if failed else 0
+
+
+ESCROW_FIGURES = ("limit", "reserved", "sent", "settled", "returned", "remaining")
+
+
+def run_escrows_command(args: argparse.Namespace, config: Config) -> int:
+    """``gatekeeper escrows [ESCROW]``: the escrows' figures, or every ledger movement of
+    one escrow (all pages); 0 done, 1 the daemon refused or could not be reached."""
+    url = base_url(config, args.url)
+    try:
+        if args.escrow is None:
+            answer = call(f"{url}/v1/escrows")
+        else:
+            path = f"{url}/v1/escrows/{urllib.parse.quote(args.escrow, safe='')}/entries"
+            answer = call_pages(path, "entries")
+    except ClientError as exc:
+        print(f"gatekeeper escrows: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    if args.escrow is None:
+        for escrow in answer["escrows"]:
+            figures = ", ".join(
+                f"{name} {escrow[name]}" for name in ESCROW_FIGURES if escrow[name] is not None
+            )
+            print(f"{escrow['escrow']} ({escrow['currency'] or 'not configured'}): {figures}")
+        print(f"{plural(len(answer['escrows']), 'escrow')}")
+        return 0
+    for entry in answer["entries"]:
+        extra = "".join(
+            f"  {name} {entry[name]}"
+            for name in ("actor", "reference", "reason")
+            if entry.get(name)
+        )
+        print(
+            f"{entry['id']:>6}  {entry['at']}  {entry['movement']:<7} {entry['amount']:>12} "
+            f"{entry['currency']}  {entry['release_id']}{extra}"
+        )
+    print(f"{plural(len(answer['entries']), 'movement')}")
+    return 0
 
 
 def add_audit_parsers(commands: Any, add_client_options: Any) -> None:

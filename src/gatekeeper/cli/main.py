@@ -104,11 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
     actions = commands.add_parser("actions", help="the outbox of a running daemon")
     actions_commands = actions.add_subparsers(dest="actions_command", required=True)
     listing = actions_commands.add_parser("list", help="list queued, delivered and dead actions")
-    listing.add_argument("--status", choices=["pending", "delivered", "dead", "shadowed"])
+    listing.add_argument(
+        "--status", choices=["pending", "delivered", "dead", "shadowed", "cancelled"]
+    )
     listing.add_argument("--limit", type=int, default=100)
     retry = actions_commands.add_parser("retry", help="requeue dead letters")
     retry.add_argument("action_ids", nargs="+", metavar="ACTION_ID")
     retry.add_argument("--reason", help="why (kept in the audit log)")
+    cancel = actions_commands.add_parser(
+        "cancel",
+        help="cancel releases before they are sent (pending or dead): never sent, their "
+        "amounts back in their escrows",
+    )
+    cancel.add_argument("action_ids", nargs="+", metavar="ACTION_ID")
+    cancel.add_argument("--reason", required=True, help="why (kept in the audit log)")
+    escrows = commands.add_parser(
+        "escrows",
+        help="a running daemon's escrows, or one escrow's ledger movements",
+        description="Without ESCROW: each escrow's limit, reserved, sent, settled, returned "
+        "and remaining. With ESCROW: every ledger movement of it, oldest first (reserve, "
+        "send, settle, fail, cancel, return), to reconcile line by line.",
+    )
+    escrows.add_argument("escrow", nargs="?", metavar="ESCROW")
     rules = commands.add_parser("rules", help="admin acts on a running daemon's rules")
     rules_commands = rules.add_subparsers(dest="rules_command", required=True)
     rule_acts = []
@@ -131,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     signoff.add_argument("content_hash", metavar="HASH", help="the rule's content_hash")
     signoff.add_argument("--comment", help="why (kept in the audit log)")
     rule_acts.append(signoff)
-    for sub in (listing, retry, *rule_acts):
+    for sub in (listing, retry, cancel, escrows, *rule_acts):
         _add_client_options(sub)
 
     from gatekeeper.cli.client import add_audit_parsers
@@ -204,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gatekeeper.cli.client import run_actions_command
 
         return run_actions_command(args, config)
+    if args.command == "escrows":
+        from gatekeeper.cli.client import run_escrows_command
+
+        return run_escrows_command(args, config)
     if args.command == "rules":
         from gatekeeper.cli.client import run_rules_command
 

@@ -16,6 +16,14 @@ the same ``Idempotency-Key``), so receivers can deduplicate.
 Every attempt is recorded (time, latency, HTTP status or error). Actions are delivered
 concurrently, so one slow or unreachable target does not hold up the others.
 
+A release may be cancelled until it is sent: before each attempt of a release the
+dispatcher marks the attempt started in the store (``begin_attempt``), which refuses once
+the release is cancelled (it is then dropped, never sent) and, from then until the outcome
+is recorded, makes a cancel wait for that outcome. ``drop`` forgets a cancelled action
+held in memory (handed over, scheduled for a retry, held back). A dead letter queues a
+``dead_letter`` alert to the config's ``alert_target`` with its record (``alerts``); a
+delivered release gets the ledger's ``send`` movement from the store with its record.
+
 Time: attempts and due times are stored in wall time (so they survive a restart), but what
 is a duration inside this process follows the monotonic clock (``JumpDetector``): an
 action's age for ``max_age_s`` leaves out a jump of the wall clock, a retry scheduled here
@@ -42,6 +50,7 @@ import aiohttp
 
 from gatekeeper.clock import Clock, JumpDetector
 from gatekeeper.config import DeliveryPolicy, Target
+from gatekeeper.delivery.alerts import dead_letter_alert
 from gatekeeper.delivery.requests import build_request
 from gatekeeper.delivery.retry import (
     backoff_ceiling_s,
@@ -49,6 +58,7 @@ from gatekeeper.delivery.retry import (
     parse_retry_after,
     retry_delay_s,
 )
+from gatekeeper.engine.evaluate import uuid_action_id
 from gatekeeper.engine.model import QueuedAction
 from gatekeeper.metrics import Metrics
 from gatekeeper.store.contract import DeliveryQueue
@@ -119,6 +129,9 @@ class Dispatcher:
     committed are committed together next (one transaction, one fsync). An action stays
     "in flight" (never picked again) until its outcome is committed, and nothing that
     depends on an outcome (the log line, the next attempt) happens before that.
+
+    ``alert_target`` (read through a callable, like ``targets``) is where a dead letter's
+    alert goes (None: nowhere); ``new_action_id`` makes the alerts' ids.
     """
 
     def __init__(
@@ -132,8 +145,12 @@ class Dispatcher:
         idle_poll_s: float = 5.0,
         metrics: Metrics | None = None,
         outage: OutageReport | None = None,
+        alert_target: Callable[[], str | None] = lambda: None,
+        new_action_id: Callable[[], str] = uuid_action_id,
     ) -> None:
         self._store = store
+        self._alert_target = alert_target
+        self._new_action_id = new_action_id
         self._outage = outage
         """Told when the database cannot take the dispatcher's writes (it logs that once
         per interval) and when they succeed again; without it such a failure is logged
@@ -208,6 +225,21 @@ class Dispatcher:
             queue.append(outbox_entry_of(action, request_id))
             self._ready_ids.add(action_id)
         self._wakeup.set()
+
+    def drop(self, action_id: str) -> None:
+        """Forget ``action_id`` (cancelled): not started from the hand-over queue, its
+        retry no longer timed, its hold forgotten, a late hand-over of it ignored. A query
+        that read it before the cancel was committed may still pick it: ``begin_attempt``
+        then refuses it, and it is not sent."""
+        self._ready_ids.discard(action_id)
+        self._retry_due.pop(action_id, None)
+        self._held_until.pop(action_id, None)
+        self._hold_count.pop(action_id, None)
+        if action_id not in self._in_flight:
+            self._recently_finished.pop(action_id, None)
+            if len(self._recently_finished) >= MAX_RECENTLY_FINISHED:
+                del self._recently_finished[next(iter(self._recently_finished))]
+            self._recently_finished[action_id] = None
 
     def _reported(self, exc: Exception) -> bool:
         """Hand ``exc`` to ``outage`` if it is the database's condition (it
@@ -448,6 +480,16 @@ class Dispatcher:
         target = self._targets().get(entry.target)
         attempt_no = entry.attempts + 1
         started = self._time.now()
+        if entry.kind == "release" and not await self._store.begin_attempt(
+            entry.action_id, started
+        ):
+            self._release_slot(entry)  # cancelled since it was read: never sent
+            log.info(
+                "release %s is no longer pending (cancelled): not sent",
+                entry.action_id,
+                extra={"action_id": entry.action_id, "rule_id": entry.rule_id},
+            )
+            return
         t0 = time.perf_counter()
         if target is None:
             outcome = AttemptOutcome(None, f"target {entry.target!r} is not configured", True)
@@ -470,13 +512,43 @@ class Dispatcher:
             outcome.status_code,
             outcome.error,
         )
-        await self._record(AttemptRecord(attempt, status, next_at, dead_reason))
+        alert = None
+        if status == "dead":
+            alert = self._dead_letter_alert(entry, attempt_no, dead_reason, outcome, finished)
+        await self._record(AttemptRecord(attempt, status, next_at, dead_reason, alert))
+        if alert is not None:  # committed with the dead letter
+            self.metrics.actions.labels(target=alert.target, status="queued").inc()
+            self.hand_over([alert], entry.request_id)
         if next_at is not None:  # a retry: the outbox is looked at again when it falls due
             self._note_due(next_at)
             if len(self._retry_due) < MAX_TIMED_RETRIES:
                 delay_s = (next_at - finished).total_seconds()
                 self._retry_due[entry.action_id] = waits_from + delay_s
         self._log(entry, status, outcome, attempt_no)
+
+    def _dead_letter_alert(
+        self,
+        entry: OutboxEntry,
+        attempts: int,
+        reason: DeadReason | None,
+        outcome: AttemptOutcome,
+        at: datetime,
+    ) -> QueuedAction | None:
+        """The ``dead_letter`` alert of ``entry`` (``alerts.dead_letter_alert``), or None."""
+        alert_target = self._alert_target()
+        if alert_target is None:
+            return None
+        target = self._targets().get(alert_target)
+        return dead_letter_alert(
+            entry,
+            attempts=attempts,
+            reason=reason or "dead",
+            error=outcome.error,
+            alert_target=alert_target,
+            slack=target is not None and target.format == "slack",
+            action_id=self._new_action_id(),
+            at=at,
+        )
 
     async def _record(self, record: AttemptRecord) -> None:
         """Commit ``record``; return once it is durable. Raises what the store raised.

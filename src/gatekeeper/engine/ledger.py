@@ -1,11 +1,14 @@
 """The release ledger: what each escrow has committed, and whether a release still fits.
 
 Every release that gatekeeper decides to send is recorded in the ledger in the same
-transaction as the decision, and from then on counts against its escrow's limit, whatever
-its delivery does: while it is pending, once it is delivered, and also when it is a dead
-letter (a bank may have processed a request whose answer was lost, so a dead release is
-treated as possibly paid until someone retries it). A release that would take an escrow
-past its limit, or is in another currency, is not sent: the decision is ``blocked``.
+transaction as the decision (its ``reserve`` movement), and from then on counts against its
+escrow's limit, whatever its delivery does: while it is pending, once it is delivered (sent,
+then settled), and also when it is a dead letter (a bank may have processed a request whose
+answer was lost, so a dead release is treated as possibly paid until someone retries or
+cancels it). Only a ``return`` gives the amount back: an admin cancelled the release before
+it was sent, or the bank's settlement callback said it failed. A release that would take an
+escrow past its limit, or is in another currency, is not sent: the decision is
+``blocked``.
 
 Amounts are ``Decimal`` throughout, parsed from decimal strings; never floats. A release
 whose amount is read from a fact when it fires (``amount: "${item.data.amount}"``) is
@@ -43,7 +46,8 @@ class LedgerEntry:
 class EscrowBook:
     """Escrow limits and the amounts committed so far, for deciding a release.
 
-    ``committed`` maps escrow name to the sum of every release recorded against it.
+    ``committed`` maps escrow name to the sum of every release recorded against it and not
+    returned (reserved + sent + settled).
     ``copy()`` gives a book to plan against without touching this one.
     """
 
@@ -94,6 +98,11 @@ class EscrowBook:
     def commit(self, escrow: str, amount: str) -> None:
         """Count ``amount`` (a decimal string) against ``escrow``."""
         self.committed[escrow] = self.committed.get(escrow, Decimal(0)) + Decimal(amount)
+
+    def give_back(self, escrow: str, amount: str) -> None:
+        """A ``return`` movement: ``amount`` (a decimal string) no longer counts against
+        ``escrow`` (a cancelled or failed release)."""
+        self.committed[escrow] = self.committed.get(escrow, Decimal(0)) - Decimal(amount)
 
 
 DECIMAL_AMOUNT = re.compile(r"[0-9]+(\.[0-9]+)?")

@@ -1,5 +1,6 @@
-"""The request handlers, by resource: facts, rules (with approvals and admin acts), actions,
-audit, rulesets and releases, escrows, export, and the meta routes.
+"""The request handlers, by resource: facts, rules (with approvals and admin acts), actions
+(with cancels), settlements, audit, rulesets and releases, escrows and their ledger, export,
+and the meta routes.
 
 Each takes the aiohttp request and answers a response model encoded by ``wire.respond``
 (or raises ``wire.ApiError``). Scopes, paths and documentation live in ``routes.ROUTES``.
@@ -19,6 +20,7 @@ from aiohttp import web
 from msgspec import UNSET
 
 from gatekeeper import __version__
+from gatekeeper.clock import format_rfc3339
 from gatekeeper.engine.model import AdminAct, ApprovalInput, IdempotencyRecord, SignOff
 from gatekeeper.http import models as m
 from gatekeeper.http.context import (
@@ -40,6 +42,7 @@ from gatekeeper.http.wire import (
     decode_cursor,
     decode_facts,
     decode_key,
+    decode_model,
     encode_cursor,
     encode_key,
     fact_page_param,
@@ -63,19 +66,19 @@ from gatekeeper.runtime.daemon import (
     Daemon,
     IdempotencyConflict,
     NotAnApprover,
+    NotARelease,
     ShuttingDown,
     SignOffRefused,
     UnknownContentHash,
     UnknownRule,
 )
-from gatekeeper.runtime.hooks import HookRejected, delivery_id
+from gatekeeper.runtime.hooks import HookRejected, delivery_id, verify_standard
 from gatekeeper.runtime.hooks import handle as handle_hook
 from gatekeeper.runtime.ingest import UnknownInstance
-from gatekeeper.store.errors import Conflict
+from gatekeeper.store.errors import Conflict, KeyReused
 from gatekeeper.store.queries import AuditQuery
-from gatekeeper.store.records import AUDIT_KINDS, ActionStatus, AuditKind
+from gatekeeper.store.records import ACTION_STATUSES, AUDIT_KINDS, AuditKind
 
-ACTION_STATUSES: tuple[ActionStatus, ...] = ("pending", "delivered", "dead", "shadowed")
 APPROVAL_DECISIONS = ("approve", "reject", "withdraw")
 AdminActName = Literal["pause", "resume", "rearm"]
 SHUTTING_DOWN = "gatekeeper is shutting down; try again shortly"
@@ -519,6 +522,111 @@ async def post_action_retry(request: web.Request) -> web.Response:
     return respond(convert(entry.to_json(), m.Action))
 
 
+_CANCEL_DECODER = msgspec.json.Decoder(m.CancelRequest)
+
+
+async def post_action_cancel(request: web.Request) -> web.Response:
+    """``POST /v1/actions/{action_id}/cancel`` with ``{"reason": ...}``: cancel a release
+    that is pending (waiting for a retry too) or dead, an audited admin act. It is never
+    sent afterwards and its amount returns to its escrow. 409 while an attempt is in flight
+    (its outcome decides) and for a delivered or cancelled release; 422 for an action
+    that is not a release; 404 for no such action. Nothing changes on any error."""
+    daemon = daemon_of(request)
+    action_id = request.match_info["action_id"]
+    try:
+        body = (await read_model(request, _CANCEL_DECODER))[0]
+    except BodyShapeError:
+        body = None
+    reason = body.reason.strip() if body is not None else ""
+    if not reason:
+        raise ApiError(
+            400,
+            f'the body must be {{"reason": "..."}}: every cancel says why (at most '
+            f"{MAX_COMMENT_CHARS} characters)",
+        )
+    existing = await daemon.get_action(action_id)
+    if existing is not None:
+        check_project(request, existing.payload.get("project", ""))
+    try:
+        cancelled = await daemon.cancel_action(action_id, actor=actor(request), reason=reason)
+    except NotARelease as exc:
+        raise ApiError(422, str(exc)) from None
+    except Conflict as exc:
+        raise ApiError(409, str(exc)) from None
+    if cancelled is None:
+        raise ApiError(404, f"no action {action_id!r}")
+    entry, movements = cancelled
+    body_out = {"action": entry.to_json(), "entries": [e.to_json() for e in movements]}
+    return respond(convert(body_out, m.CancelledRelease))
+
+
+# ---------------------------------------------------------------------------------------------
+# Settlements
+
+_SETTLEMENT_DECODER = msgspec.json.Decoder(m.SettlementRequest)
+_SETTLEMENT_MESSAGES = {
+    "release_id": "must be a release id (a non-empty string)",
+    "status": 'must be "settled" or "failed"',
+    "reference": f"must be the provider's reference, 1 to {m.MAX_REFERENCE_CHARS} characters",
+    "reason": f"must be a string of at most {MAX_COMMENT_CHARS} characters",
+}
+
+
+async def post_settlement(request: web.Request) -> web.Response:
+    """``POST /v1/settlements/{target}``: the bank (target ``target``) says a release it
+    was sent is settled or failed. No bearer token: the body is signed per Standard
+    Webhooks with the target's own secret (``secret_env``; 401 otherwise) and its
+    ``webhook-id`` is applied once (the same id with another body: 422). A failure returns
+    the amount to the escrow and alerts ``alert_target`` once. 404: no such target, or no
+    release sent to it; 409: the release was not sent, or was settled the other way. The
+    same outcome again answers 200 with ``applied`` false. Nothing changes on any error."""
+    daemon = daemon_of(request)
+    target = request.match_info["target"]
+    secret = daemon.settlement_secret(target)
+    if secret is None:
+        raise ApiError(404, f"no webhook target {target[:80]!r} is configured")
+    raw = await request.read()
+    try:
+        verify_standard(secret, request.headers, raw, sender=f"target {target!r}")
+    except HookRejected as exc:
+        raise ApiError(exc.status, exc.message) from None
+    check_json_content_type(request)
+    try:
+        body = decode_model(raw, _SETTLEMENT_DECODER)
+    except BodyShapeError as error:
+        problems = shape_problems(m.SettlementRequest, error.body, _SETTLEMENT_MESSAGES)
+        raise ApiError(400, "the request body is not a valid settlement", problems) from None
+    webhook_id = request.headers.get("webhook-id", "").strip()
+    if len(webhook_id) > MAX_IDEMPOTENCY_KEY_CHARS:  # remembered to refuse a replay
+        raise ApiError(400, "webhook-id is too long to be remembered")
+    try:
+        result = await daemon.settle(
+            target,
+            body.release_id,
+            body.status,
+            body.reference,
+            body.reason,
+            webhook_id=webhook_id,
+            body_sha256=hashlib.sha256(raw).hexdigest(),
+        )
+    except KeyReused as exc:
+        raise ApiError(422, str(exc)) from None
+    except Conflict as exc:
+        raise ApiError(409, str(exc)) from None
+    if result is None:
+        raise ApiError(404, f"no release {body.release_id!r} was sent to target {target!r}")
+    accepted = m.SettlementAccepted(
+        release_id=result.release_id,
+        status=result.outcome,
+        reference=result.reference,
+        at=format_rfc3339(result.at),
+        applied=bool(result.movements),
+        replayed=result.replayed,
+        entries=[convert(e.to_json(), m.LedgerMovement) for e in result.movements],
+    )
+    return respond(accepted)
+
+
 # ---------------------------------------------------------------------------------------------
 # Audit, rulesets, releases, escrows
 
@@ -626,9 +734,38 @@ async def get_release(request: web.Request) -> web.Response:
 
 
 async def get_escrows(request: web.Request) -> web.Response:
-    """``GET /v1/escrows``: each escrow's limit, released, pending, unconfirmed, remaining."""
+    """``GET /v1/escrows``: each escrow's limit, reserved, sent, settled, returned,
+    remaining (and released, pending, unconfirmed)."""
     escrows = await daemon_of(request).escrow_report()
     return respond(convert({"escrows": escrows}, m.EscrowList))
+
+
+async def get_escrow_entries(request: web.Request) -> web.Response:
+    """``GET /v1/escrows/{escrow}/entries[?cursor=&limit=]``: every ledger movement of the
+    escrow, oldest first, a page of ``limit`` (default 1000) after ``cursor``; 404 for an
+    escrow neither configured nor ever moved. A token of some projects sees the movements
+    of their releases."""
+    escrow = request.match_info["escrow"]
+    cursor = request.query.get("cursor")
+    after = 0
+    if cursor is not None:
+        (text,) = decode_key(cursor, 1)
+        if not (text.isascii() and text.isdigit() and len(text) <= 18):
+            raise ApiError(400, "cursor is not a next_cursor this API gave out")
+        after = int(text)
+    limit = limit_param(request, MAX_LIST_LIMIT)
+    entries = await daemon_of(request).escrow_entries(
+        escrow, after=after, limit=limit, projects=visible_projects(request)
+    )
+    if entries is None:
+        raise ApiError(404, f"no escrow {escrow[:80]!r}")
+    last = entries[-1] if len(entries) == limit else None
+    page = {
+        "escrow": escrow,
+        "entries": [e.to_json() for e in entries],
+        "next_cursor": encode_key([str(last.id)]) if last else None,
+    }
+    return respond(convert(page, m.LedgerPage))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ FactId = Annotated[
 JsonObject = dict[str, Any]
 ApprovalDecision = Literal["approve", "reject", "withdraw"]
 ActionKind = Literal["release", "notify", "pipeline", "set_fact"]
-ActionStatusName = Literal["pending", "delivered", "dead", "shadowed"]
+ActionStatusName = Literal["pending", "delivered", "dead", "shadowed", "cancelled"]
 ModeName = Literal["live", "shadow", "awaiting_signoff"]
 
 
@@ -749,19 +749,41 @@ class ReleasePayload(Model):
 class NotifyPayload(Model):
     """A rendered notification, or an alert: a firing or release blocked, a money rule
     awaiting sign-off (naming the rule, its content hash, the sign-offs required and
-    given, and its first shadowed release)."""
+    given, and its first shadowed release), a dead letter, a failed settlement."""
 
     project: str
     message: str
     alert: (
-        Literal["release_blocked", "firing_blocked", "money_rule_awaiting_signoff"] | UnsetType
+        Literal[
+            "release_blocked",
+            "firing_blocked",
+            "money_rule_awaiting_signoff",
+            "dead_letter",
+            "settlement_failed",
+        ]
+        | UnsetType
     ) = UNSET
     reason: str | UnsetType = UNSET
     rule_id: str | UnsetType = UNSET
     content_hash: Sha256Hex | UnsetType = UNSET
     required: Annotated[int, Meta(ge=1)] | UnsetType = UNSET
     signed_by: list[str] | UnsetType = UNSET
-    release_id: str | UnsetType = UNSET
+    release_id: Annotated[
+        str | UnsetType,
+        Meta(
+            description="The release an alert is about (money_rule_awaiting_signoff: its "
+            "first shadowed release; dead_letter of a release; settlement_failed)."
+        ),
+    ] = UNSET
+    action_id: Annotated[
+        str | UnsetType, Meta(description="The action a dead_letter alert is about.")
+    ] = UNSET
+    error: Annotated[str | UnsetType | None, Meta(description="A dead letter's last error.")] = (
+        UNSET
+    )
+    reference: Annotated[
+        str | UnsetType, Meta(description="The provider's reference of a failed settlement.")
+    ] = UNSET
     firing_id: Annotated[
         str | UnsetType,
         Meta(
@@ -862,22 +884,126 @@ class ActionList(Model):
 
 
 class Escrow(Model):
-    """One escrow account; currency, limit and remaining are null for an escrow no longer in
-    gatekeeper.yaml."""
+    """One escrow account, its figures summed from the ledger's movements; currency, limit
+    and remaining are null for an escrow no longer in gatekeeper.yaml. remaining = limit -
+    (reserved + sent + settled); released + pending + unconfirmed = reserved + sent +
+    settled."""
 
     escrow: str
     currency: Currency | None
     limit: DecimalString | None
-    released: Annotated[DecimalString, Meta(description="Releases delivered.")]
-    pending: Annotated[DecimalString, Meta(description="Releases queued, not yet delivered.")]
-    unconfirmed: Annotated[
-        DecimalString, Meta(description="Releases dead-lettered: counted as possibly paid.")
+    reserved: Annotated[
+        DecimalString,
+        Meta(description="Releases decided, not yet sent nor cancelled: reserve - send - cancel."),
+    ]
+    sent: Annotated[
+        DecimalString,
+        Meta(description="Releases the bank has (2xx), not yet settled: send - settle - fail."),
+    ]
+    settled: Annotated[
+        DecimalString, Meta(description="Releases the bank's callback settled: settle.")
+    ]
+    returned: Annotated[
+        DecimalString,
+        Meta(description="Amounts back in the escrow (cancelled or failed releases): return."),
     ]
     remaining: DecimalString | None
+    released: Annotated[DecimalString, Meta(description="Releases delivered: sent + settled.")]
+    pending: Annotated[
+        DecimalString, Meta(description="Reserved releases queued, not yet delivered.")
+    ]
+    unconfirmed: Annotated[
+        DecimalString,
+        Meta(description="Reserved releases dead-lettered: counted as possibly paid."),
+    ]
 
 
 class EscrowList(Model):
     escrows: list[Escrow]
+
+
+MovementName = Literal["reserve", "send", "settle", "fail", "cancel", "return"]
+
+
+class LedgerMovement(Model):
+    """One movement of a release's amount. reserve: decided and queued; send: the bank
+    answered 2xx; settle / fail: the bank's signed settlement callback; cancel: an admin
+    act; return: the amount back in the escrow (after cancel or fail)."""
+
+    id: Annotated[Seq, Meta(description="Grows with every movement: the order to reconcile in.")]
+    release_id: str
+    escrow: str
+    movement: MovementName
+    amount: DecimalString
+    currency: Currency
+    at: Timestamp
+    actor: Annotated[
+        str | None,
+        Meta(
+            description="Who moved it: the rule (reserve), the target (send, settle, fail), "
+            "the admin (cancel); a return names the actor of its cancel or fail."
+        ),
+    ]
+    reference: Annotated[
+        str | None, Meta(description="The provider's reference (settle, fail, their return).")
+    ]
+    reason: Annotated[str | None, Meta(description="Why (cancel, fail, return).")]
+
+
+class LedgerPage(Model):
+    escrow: str
+    entries: list[LedgerMovement]
+    next_cursor: Annotated[
+        str | None, Meta(description="Pass as `cursor` for the next page; null on the last.")
+    ]
+
+
+class CancelRequest(Struct):
+    """Why the release is cancelled (required: kept in the audit log and on the ledger)."""
+
+    reason: Annotated[str, Meta(min_length=1, max_length=MAX_COMMENT_CHARS)]
+
+
+class CancelledRelease(Model):
+    """The cancelled release (never sent afterwards) and the ledger movements the cancel
+    wrote (cancel, then return)."""
+
+    action: Action
+    entries: list[LedgerMovement]
+
+
+MAX_REFERENCE_CHARS = 200
+"""The longest provider reference a settlement callback may carry."""
+
+
+class SettlementRequest(Struct, forbid_unknown_fields=True):
+    """A bank's settlement callback (the body it signs, per Standard Webhooks)."""
+
+    release_id: Annotated[str, Meta(min_length=1, max_length=200)]
+    status: Literal["settled", "failed"]
+    reference: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=MAX_REFERENCE_CHARS,
+            description="The provider's reference of the settlement.",
+        ),
+    ]
+    reason: Annotated[str, Meta(max_length=MAX_COMMENT_CHARS)] | None = None
+
+
+class SettlementAccepted(Model):
+    """The release's settlement as recorded: applied now (entries written), the same
+    outcome recorded before (applied false, no entries), or a replayed webhook-id
+    (replayed true, nothing applied)."""
+
+    release_id: str
+    status: Literal["settled", "failed"]
+    reference: str | None
+    at: Timestamp
+    applied: bool
+    replayed: bool
+    entries: list[LedgerMovement]
 
 
 class ReleaseRecord(Model):
@@ -895,6 +1021,10 @@ class ReleaseStory(Model):
     """Everything about one release, from its release id."""
 
     release: ReleaseRecord
+    movements: Annotated[
+        list[LedgerMovement],
+        Meta(description="Its ledger movements, oldest first (reserve, send, settle, ...)."),
+    ]
     decision: Decision | None
     triggered_by: Annotated[
         JsonObject | None,

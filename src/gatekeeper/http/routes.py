@@ -372,8 +372,9 @@ ROUTES: tuple[Route, ...] = (
                 "in": "query",
                 "required": False,
                 "description": "Only actions with this status (shadowed: queued by a "
-                "firing in shadow, never sent).",
-                "schema": {"enum": ["pending", "delivered", "dead", "shadowed"]},
+                "firing in shadow, never sent; cancelled: a release cancelled before it was "
+                "sent).",
+                "schema": {"enum": ["pending", "delivered", "dead", "shadowed", "cancelled"]},
             },
             _limit(100),
         ),
@@ -411,15 +412,98 @@ ROUTES: tuple[Route, ...] = (
         response_description="The requeued action.",
     ),
     Route(
+        "POST",
+        "/v1/actions/{action_id}/cancel",
+        h.post_action_cancel,
+        "admin",
+        "cancelAction",
+        "actions",
+        "Cancel a release before it is sent (an audited admin act)",
+        m.CancelledRelease,
+        request=m.CancelRequest,
+        description="A release that is pending (waiting for a retry too) or dead becomes "
+        "`cancelled`: it is never sent afterwards, and its amount returns to its escrow at "
+        "once (ledger movements `cancel` and `return`). The audit log keeps the act "
+        "(`cancel_action`) with the actor and the reason. 409, changing nothing: an attempt "
+        "of it is in flight (its outcome decides), or it is delivered or cancelled already. "
+        "422: the action is a notify or pipeline action (only releases are cancelled).",
+        parameters=(ACTION_ID,),
+        errors=(400, 404, 409, 413, 415, 422),
+        response_description="The cancelled release and the ledger movements written.",
+    ),
+    Route(
+        "POST",
+        "/v1/settlements/{target}",
+        h.post_settlement,
+        None,
+        "postSettlement",
+        "escrows",
+        "The bank's signed callback: a release it was sent is settled or failed",
+        m.SettlementAccepted,
+        request=m.SettlementRequest,
+        description="No bearer token: the body is signed per Standard Webhooks with the "
+        "target's own secret (`secret_env`): `webhook-id`, `webhook-timestamp` within 5 "
+        "minutes of now, `webhook-signature` (401 otherwise). Only a sent (delivered) "
+        "release can be settled or failed (409 otherwise), by the target it was sent to "
+        "(404 otherwise). `settled` writes the ledger movement `settle`; `failed` writes "
+        "`fail` and `return` (the amount is back in the escrow at once) and tells "
+        "`alert_target` once (alert `settlement_failed`). The same outcome again answers "
+        "200 with `applied: false`; the other outcome is 409. A `webhook-id` is applied "
+        "once: a replay answers the recorded settlement with `replayed: true`, the same id "
+        "with another body is 422. Nothing changes on any error.",
+        parameters=(_path_param("target", "The name of the target (the bank) in the config."),),
+        errors=(400, 401, 404, 409, 413, 415, 422, 503),
+        response_description="The release's settlement as recorded.",
+    ),
+    Route(
         "GET",
         "/v1/escrows",
         h.get_escrows,
         "read",
         "listEscrows",
         "escrows",
-        "Each escrow: limit, released, pending, unconfirmed, remaining",
+        "Each escrow: limit, reserved, sent, settled, returned, remaining",
         m.EscrowList,
+        description="Summed from the ledger's movements: reserved = reserve - send - cancel, "
+        "sent = send - settle - fail, settled = settle, returned = return, remaining = "
+        "limit - (reserved + sent + settled). `released` (sent + settled), `pending` and "
+        "`unconfirmed` (reserved releases queued, and dead-lettered: counted as possibly "
+        "paid) split the same amounts as before.",
         response_description="The escrows.",
+    ),
+    Route(
+        "GET",
+        "/v1/escrows/{escrow}/entries",
+        h.get_escrow_entries,
+        "read",
+        "listEscrowEntries",
+        "escrows",
+        "Every ledger movement of an escrow, oldest first, to reconcile line by line",
+        m.LedgerPage,
+        description="Movements: reserve (a release decided and queued), send (the bank "
+        "answered 2xx), settle / fail (the bank's signed callback), cancel (an admin act), "
+        "return (the amount back in the escrow, after cancel or fail). Summed per movement "
+        "they give the figures of `GET /v1/escrows`. A token of some projects sees the "
+        "movements of their releases only.",
+        parameters=(
+            _path_param("escrow", "The escrow's name in the config."),
+            _query("cursor", "The next_cursor of the previous page."),
+            {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "description": f"How many movements to list, oldest first (1 to "
+                f"{MAX_LIST_LIMIT}); follow next_cursor for the rest.",
+                "schema": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": MAX_LIST_LIMIT,
+                    "default": MAX_LIST_LIMIT,
+                },
+            },
+        ),
+        errors=(400, 404),
+        response_description="A page of movements.",
     ),
     Route(
         "GET",

@@ -23,6 +23,7 @@ from typing import Any
 
 from gatekeeper.clock import Clock, JumpDetector, SystemClock
 from gatekeeper.config import Config, Hook, Token
+from gatekeeper.delivery.alerts import settlement_failed_alert
 from gatekeeper.delivery.dispatcher import Dispatcher
 from gatekeeper.engine.evaluate import uuid_action_id
 from gatekeeper.engine.model import (
@@ -59,10 +60,15 @@ from gatekeeper.store.records import (
     ActionStatus,
     Attempt,
     AuditEntry,
+    CancelRequest,
+    LedgerMovement,
     LoggedFact,
     OutboxEntry,
     RulesetCursor,
     RulesetSummary,
+    Settlement,
+    SettlementCallback,
+    SettlementResult,
     ShadowedReleases,
     StoredDecision,
     StoredFact,
@@ -75,6 +81,7 @@ __all__ = [
     "Health",
     "IdempotencyConflict",
     "IngestResult",
+    "NotARelease",
     "NotAnApprover",
     "ShuttingDown",
     "SignOffRefused",
@@ -86,6 +93,11 @@ __all__ = [
 log = logging.getLogger("gatekeeper.runtime.daemon")
 
 HOUSEKEEPING_INTERVAL_S = 60.0
+
+
+class NotARelease(ValueError):
+    """The action is not a release: only a release can be cancelled (notify and pipeline
+    actions move no money)."""
 
 
 def _database_name(database: Path | str) -> str:
@@ -146,7 +158,10 @@ class Daemon:
             self.clock,
             metrics=self.metrics,
             outage=outage,
+            alert_target=lambda: self.rulesets.config.alert_target,
+            new_action_id=new_action_id,
         )
+        self._new_action_id = new_action_id
         self.ticker = Ticker(self.clock, self.metrics, tick_s)
         self.writer = Writer(
             self.store,
@@ -315,6 +330,137 @@ class Daemon:
             )
             self.dispatcher.wake()
         return entry
+
+    async def cancel_action(
+        self, action_id: str, *, actor: str, reason: str
+    ) -> tuple[OutboxEntry, list[LedgerMovement]] | None:
+        """Cancel release ``action_id`` before it is sent, an audited admin act
+        (``Store.cancel_release``): it is never sent afterwards (the dispatcher drops it),
+        and its amount returns to its escrow at once (the book too). Returns the cancelled
+        entry and the ledger movements written (cancel, return); None when there is no
+        such action.
+
+        Raises ``NotARelease`` for a notify or pipeline action, ``Conflict`` when an
+        attempt of it is in flight (the store's ``begin_attempt`` mark: from just before its
+        request to its recorded outcome, which decides) or it is delivered or cancelled
+        already; nothing changes then."""
+        existing = await self.store.get_action(action_id)
+        if existing is None:
+            return None
+        if existing.kind != "release":
+            raise NotARelease(
+                f"action {action_id} is a {existing.kind} action: only a release can be cancelled"
+            )
+        async with self.writer.lock:  # the book changes with the commit, between writes
+            cancelled = await self.store.cancel_release(
+                CancelRequest(action_id, self.clock.now(), actor, reason)
+            )
+            if cancelled is None:
+                return None
+            entry, movements = cancelled
+            self._give_back(movements)
+        self.dispatcher.drop(action_id)
+        log.warning(
+            "release %s cancelled by %s: %s",
+            action_id,
+            actor,
+            reason,
+            extra={"action_id": action_id, "actor": actor, "reason": reason},
+        )
+        return entry, movements
+
+    def _give_back(self, movements: Sequence[LedgerMovement]) -> None:
+        """Apply committed ``return`` movements to the live escrow book."""
+        for movement in movements:
+            if movement.movement == "return":
+                self.writer.book.give_back(movement.escrow, movement.amount)
+
+    def settlement_secret(self, target: str) -> str | None:
+        """The Standard Webhooks secret that signs target ``target``'s settlement callbacks
+        (its ``secret_env``; "" when it has none), or None when no webhook target
+        ``target`` is configured."""
+        found = self.config.targets.get(target)
+        if found is None or found.kind != "webhook":
+            return None
+        return self.rulesets.secrets.get(target, "")
+
+    async def settle(
+        self,
+        target: str,
+        release_id: str,
+        outcome: Settlement,
+        reference: str,
+        reason: str | None,
+        *,
+        webhook_id: str,
+        body_sha256: str,
+    ) -> SettlementResult | None:
+        """Record target ``target``'s verified settlement callback about release
+        ``release_id`` (``Store.settle_release``): settled, or failed (its amount returns
+        to the escrow at once, the book too, and ``alert_target`` is told once). None when
+        ``target`` was sent no such release; raises ``KeyReused`` (the webhook-id came
+        with another body) or ``Conflict`` (not sent, or settled the other way)."""
+        now = self.clock.now()
+        async with self.writer.lock:
+            release = await self.store.get_action(release_id)
+            alert = None
+            if release is not None and outcome == "failed":
+                alert_target = self.config.alert_target
+                alert_config = self.config.targets.get(alert_target or "")
+                alert = settlement_failed_alert(
+                    release,
+                    reference=reference,
+                    reason=reason,
+                    alert_target=alert_target,
+                    slack=alert_config is not None and alert_config.format == "slack",
+                    action_id=self._new_action_id(),
+                    at=now,
+                )
+            result = await self.store.settle_release(
+                SettlementCallback(
+                    target,
+                    release_id,
+                    outcome,
+                    reference,
+                    reason,
+                    webhook_id,
+                    body_sha256,
+                    now,
+                    alert,
+                )
+            )
+            if result is None:
+                return None
+            self._give_back(result.movements)
+        if result.movements:
+            log.log(
+                logging.INFO if outcome == "settled" else logging.ERROR,
+                "release %s %s by %s (reference %s)%s",
+                release_id,
+                outcome,
+                target,
+                reference,
+                f": {reason}" if reason else "",
+                extra={"action_id": release_id, "target": target, "reference": reference},
+            )
+            if alert is not None and any(m.movement == "fail" for m in result.movements):
+                self.metrics.actions.labels(target=alert.target, status="queued").inc()
+                self.dispatcher.hand_over([alert], None)
+        return result
+
+    async def escrow_entries(
+        self, escrow: str, *, after: int = 0, limit: int = 1000, projects: Projects = None
+    ) -> list[LedgerMovement] | None:
+        """A page of escrow ``escrow``'s ledger movements, oldest first, after movement id
+        ``after``, at most ``limit``, only of releases of ``projects``; None for an escrow
+        neither configured nor ever moved."""
+        if escrow not in self.config.escrows and not await self.store.ledger_movements(
+            escrow, limit=1
+        ):
+            return None
+        return await self.store.ledger_movements(
+            escrow, after=after, limit=limit, projects=projects
+        )
 
     async def reload(self) -> bool:
         """Re-read the config and rules directory, all-or-nothing (``Rulesets.reload``):
@@ -504,8 +650,8 @@ class Daemon:
         )
 
     async def escrow_report(self) -> list[dict[str, Any]]:
-        """Per escrow: currency, limit, released (delivered), pending, unconfirmed (dead:
-        counted as possibly paid) and remaining, as decimal strings."""
+        """Per escrow: currency, limit, reserved, sent, settled, returned, remaining, and
+        released, pending, unconfirmed, as decimal strings (``views.escrow_report``)."""
         return await views.escrow_report(self.store, self.config.escrows)
 
     async def metrics_text(self, *, openmetrics: bool = False) -> bytes:

@@ -325,10 +325,24 @@ def _verify_gitlab(secret: str, headers: Mapping[str, str]) -> None:
 
 
 def _verify_standard(hook: Hook, secret: str, headers: Mapping[str, str], body: bytes) -> None:
+    verify_standard(secret, headers, body, sender=f"hook {hook.name!r}")
+
+
+def verify_standard(secret: str, headers: Mapping[str, str], body: bytes, *, sender: str) -> None:
+    """Raise ``HookRejected`` 401 unless ``body`` carries a Standard Webhooks signature
+    made with ``secret`` (``whsec_<base64>``, or any other text as raw key bytes):
+    ``webhook-id``, ``webhook-timestamp`` (within ``STANDARD_TOLERANCE_S`` of now) and
+    ``webhook-signature`` (``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``, one of
+    several space-separated), checked by the ``standardwebhooks`` library in constant
+    time. ``sender`` names who must have signed (``hook 'jenkins'``, ``target 'bank'``)
+    in the message when its secret is empty or unusable. Used by inbound hooks and by the
+    bank's settlement callbacks."""
+    if not secret:
+        raise HookRejected(401, f"{sender} has no secret configured")
     try:
         webhook = Webhook(secret if secret.startswith("whsec_") else secret.encode("utf-8"))
     except (EmptyWebhookSecretError, Base64Error, ValueError):
-        raise HookRejected(401, f"hook {hook.name!r} has no usable secret configured") from None
+        raise HookRejected(401, f"{sender} has no usable secret configured") from None
     # only the three headers, as text that encodes: a lone surrogate cannot raise inside
     received = {
         name: _bytes(value).decode("utf-8")

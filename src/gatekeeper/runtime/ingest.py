@@ -24,7 +24,6 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from decimal import Decimal
 from typing import Any, Protocol
 
 from prometheus_client.metrics import MetricWrapperBase
@@ -252,21 +251,18 @@ class Writer:
     # -- state ------------------------------------------------------------------------
 
     async def load_state(self) -> None:
-        """Current facts, rule states, approvals and escrow totals, from the database (the
-        escrow limits stay those of the current ``book``)."""
+        """Current facts, rule states, approvals and escrow totals (what is committed: not
+        returned), from the database (the escrow limits stay those of the current
+        ``book``)."""
         self.facts = FactTable(await self.store.load_facts())
         self.states = await self.store.load_rule_states()
         self.approvals = await self.store.load_approvals()
         signed = await self.store.load_signoffs()
         self.signed.clear()  # in place: the live engine holds this mapping
         self.signed.update(signed)
-        committed = await self.store.escrow_totals()
+        totals = await self.store.escrow_totals()
         self.book = EscrowBook(
-            self.book.escrows,
-            {
-                escrow: sum(by_status.values(), Decimal(0))
-                for escrow, by_status in committed.items()
-            },
+            self.book.escrows, {escrow: figures.committed for escrow, figures in totals.items()}
         )
 
     async def _reload_state(self) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from decimal import Decimal
 from typing import Any
 
 from gatekeeper.clock import format_rfc3339
@@ -24,7 +23,7 @@ from gatekeeper.runtime.ingest import Writer
 from gatekeeper.store import Store
 from gatekeeper.store.contract import RulesetReads
 from gatekeeper.store.queries import Projects
-from gatekeeper.store.records import ShadowedReleases, StoredDecision
+from gatekeeper.store.records import EscrowFigures, ShadowedReleases, StoredDecision
 
 Visible = Callable[[str | None], bool]
 """Whether the asker may see the things of a project (None: things of no project)."""
@@ -266,24 +265,30 @@ def ruleset_view(engine: Engine | None) -> dict[str, Any] | None:
 
 
 async def escrow_report(store: Store, escrows: Mapping[str, Escrow]) -> list[dict[str, Any]]:
-    """Per escrow, by name: currency, limit, released (delivered), pending, unconfirmed
-    (dead: counted as possibly paid) and remaining, as decimal strings; an escrow with
-    releases but no longer configured has None for currency, limit and remaining."""
+    """Per escrow, by name, as decimal strings: currency, limit, the ledger's figures
+    (``EscrowFigures``: reserved, sent, settled, returned) and remaining = limit -
+    (reserved + sent + settled); and, as before, released (sent + settled), pending
+    (reserved, queued) and unconfirmed (reserved, dead-lettered: counted as possibly paid).
+    An escrow with releases but no longer configured has None for currency, limit and
+    remaining."""
     totals = await store.escrow_totals()
     report = []
     for name in sorted(set(escrows) | set(totals)):
         account = escrows.get(name)
-        by_status = totals.get(name, {})
-        committed = sum(by_status.values(), Decimal(0))
+        figures = totals.get(name, EscrowFigures())
         report.append(
             {
                 "escrow": name,
                 "currency": account.currency if account else None,
                 "limit": str(account.limit) if account else None,
-                "released": str(by_status.get("delivered", Decimal("0.00"))),
-                "pending": str(by_status.get("pending", Decimal("0.00"))),
-                "unconfirmed": str(by_status.get("dead", Decimal("0.00"))),
-                "remaining": str(account.limit - committed) if account else None,
+                "reserved": str(figures.reserved),
+                "sent": str(figures.sent),
+                "settled": str(figures.settled),
+                "returned": str(figures.returned),
+                "remaining": str(account.limit - figures.committed) if account else None,
+                "released": str(figures.sent + figures.settled),
+                "pending": str(figures.reserved - figures.unconfirmed),
+                "unconfirmed": str(figures.unconfirmed),
             }
         )
     return report
@@ -362,9 +367,9 @@ async def export_view(
 
 async def release_view(store: Store, release_id: str) -> tuple[str, dict[str, Any]] | None:
     """The whole story of one release, with the project it belongs to ("" when its action
-    is gone): the ledger entry, the decision that made it, the fact that triggered it, the
-    exact rule text of the ruleset version in force, the action and every delivery
-    attempt. None when there is no such release."""
+    is gone): the ledger entry and its movements (reserve, send, ...), the decision that
+    made it, the fact that triggered it, the exact rule text of the ruleset version in
+    force, the action and every delivery attempt. None when there is no such release."""
     release = await store.release_record(release_id)
     if release is None:
         return None
@@ -372,10 +377,12 @@ async def release_view(store: Store, release_id: str) -> tuple[str, dict[str, An
     action = await store.get_action(release_id)
     project = action.payload.get("project", "") if action else ""
     attempts = await store.list_attempts(release_id)
+    movements = await store.ledger_movements(release_id=release_id)
     fact = await store.fact_at(decision.fact_seq) if decision and decision.fact_seq else None
     rule_text = await _rule_text(store, decision) if decision else None
     return project, {
         "release": release.to_json(),
+        "movements": [m.to_json() for m in movements],
         "decision": decision.to_json() if decision else None,
         "triggered_by": fact.to_json() if fact else None,
         "rule": rule_text,

@@ -8,6 +8,8 @@ component asks only for what it uses.
 - ``DeliveryQueue``: what the dispatcher uses: due actions, when the next one is due, and
   recording attempts.
 - ``OutboxAdmin``: reading the outbox and requeuing dead letters.
+- ``LedgerBook``: the ledger's movements after the decision: cancels, settlements, and
+  every movement listed for reconciling.
 - ``AuditReads``: the fact log, current facts, decisions, the audit log, the ledger.
 - ``RulesetReads``: stored ruleset versions.
 
@@ -40,13 +42,17 @@ from gatekeeper.store.records import (
     Attempt,
     AttemptRecord,
     AuditEntry,
+    CancelRequest,
     EscrowTotals,
     IdempotencyOutcome,
+    LedgerMovement,
     LoggedFact,
     OutboxEntry,
     ReleaseRecord,
     RulesetCursor,
     RulesetSummary,
+    SettlementCallback,
+    SettlementResult,
     ShadowedReleases,
     StandingApprovals,
     StoredDecision,
@@ -85,8 +91,9 @@ class StateStore(Protocol):
         """Commit everything ``transition`` changes in one transaction: facts (appended to
         the fact log, current facts upserted), approvals, admin acts, the ruleset version it
         activates, decisions, rule states (by ``InstanceKey``), queued actions (the outbox,
-        each with its instance; a ``shadowed`` one with status ``shadowed``), ledger entries,
-        sign-offs (admin acts ``signoff``) and its idempotency key. A fact with
+        each with its instance; a ``shadowed`` one with status ``shadowed``), ledger entries
+        (each release's row and its ``reserve`` movement), sign-offs (admin acts
+        ``signoff``) and its idempotency key. A fact with
         ``caused_by`` (set by a rule) keeps it in the fact log. Returns the sequence numbers
         of its facts then approvals, in order.
 
@@ -141,8 +148,9 @@ class StateStore(Protocol):
         ...
 
     async def escrow_totals(self) -> EscrowTotals:
-        """Per escrow, the ``Decimal`` sum of its releases by delivery status (absent
-        statuses have no release). Summed exactly, never as floats."""
+        """Per escrow with a release, its ``EscrowFigures``: the ledger's movements summed
+        exactly (``Decimal``, never floats). ``committed`` leaves out returned amounts
+        (cancelled or failed releases)."""
         ...
 
     async def last_ruleset(self) -> StoredRuleset | None:
@@ -165,11 +173,22 @@ class DeliveryQueue(Protocol):
         action is pending."""
         ...
 
+    async def begin_attempt(self, action_id: str, at: datetime) -> bool:
+        """Mark an attempt of pending action ``action_id`` started at ``at``, before its
+        request is sent (the dispatcher does it for releases): until the attempt's outcome
+        is recorded the action cannot be cancelled, even across a crash. Returns False,
+        writing nothing, when the action is not pending (cancelled meanwhile: do not send
+        it) or does not exist."""
+        ...
+
     async def record_attempt(self, record: AttemptRecord) -> None:
         """Record one delivery attempt and its action's new state (status, attempts,
         ``last_error``, ``next_attempt_at`` unless None, ``delivered_at`` for a delivery,
-        ``dead_reason`` and ``dead_status`` for a dead letter), atomically. Raises
-        ``Conflict`` when the action does not exist."""
+        ``dead_reason`` and ``dead_status`` for a dead letter), atomically, ending the
+        attempt ``begin_attempt`` marked. A delivered release gets its ``send`` movement
+        (once); a dead letter's ``record.alert`` is queued in the outbox (with the dead
+        action's decision). A cancelled action keeps its status. Raises ``Conflict`` when
+        the action does not exist."""
         ...
 
     async def record_attempts(self, records: Sequence[AttemptRecord]) -> None:
@@ -215,6 +234,53 @@ class OutboxAdmin(Protocol):
         attempts``, ``dead_reason``/``dead_status`` cleared) and record the admin act
         ``retry_action`` by ``actor``, atomically. Returns the updated entry, None when
         there is no such action. Raises ``Conflict`` when the action is not dead."""
+        ...
+
+
+class LedgerBook(Protocol):
+    """The ledger's movements after a release was decided (its ``reserve`` is written by
+    ``commit_transition``, its ``send`` by ``record_attempt``): cancels, settlements, and
+    the movements listed for reconciling an escrow line by line."""
+
+    async def cancel_release(
+        self, cancel: CancelRequest
+    ) -> tuple[OutboxEntry, list[LedgerMovement]] | None:
+        """Cancel release ``cancel.release_id`` (pending, waiting for a retry, or dead),
+        atomically: its outbox status becomes ``cancelled`` (never due again), the ledger
+        gets its ``cancel`` and ``return`` movements (actor and reason), and the admin act
+        ``cancel_action`` is audited (subject: the action id). Returns the cancelled
+        entry and the movements written, None when there is no such action.
+
+        Raises ``Conflict`` (nothing written) when the action is not a release, is
+        delivered or cancelled already, or an attempt of it is in flight
+        (``begin_attempt`` without a recorded outcome: its outcome decides)."""
+        ...
+
+    async def settle_release(self, callback: SettlementCallback) -> SettlementResult | None:
+        """Record the bank's settlement of a sent release, atomically: ``settle``, or
+        ``fail`` then ``return`` (with ``callback.alert`` queued in the outbox), with the
+        provider's reference, and the callback's ``webhook-id``. The same outcome recorded
+        before: nothing new (``movements`` empty; the webhook-id is kept). A webhook-id
+        applied before with the same body: ``replayed``, nothing written. Returns None
+        when ``callback.target`` was sent no release ``callback.release_id``.
+
+        Raises ``KeyReused`` when the webhook-id was applied with another body;
+        ``Conflict`` when the release was not sent (pending, dead, cancelled) or was
+        settled with the other outcome. Nothing is written on any error."""
+        ...
+
+    async def ledger_movements(
+        self,
+        escrow: str | None = None,
+        *,
+        release_id: str | None = None,
+        after: int = 0,
+        limit: int = 1000,
+        projects: Projects = None,
+    ) -> list[LedgerMovement]:
+        """At most ``limit`` movements with ``id > after``, oldest first (``id``), of
+        ``escrow`` and of release ``release_id`` when given, only of releases of
+        ``projects`` (their action's project)."""
         ...
 
 
@@ -277,7 +343,9 @@ class AuditReads(Protocol):
     async def actions_of_decisions(self, first_id: int, last_id: int) -> list[OutboxEntry]:
         """Every outbox entry queued by the decisions ``first_id`` to ``last_id``
         (inclusive; a firing's actions and alert, or an approvals notice), by decision
-        id, then in the order they were queued; dead letters included."""
+        id, then in the order they were queued; dead letters included. The alerts queued
+        later about an entry (``dead_letter``, ``settlement_failed``: filed under its
+        decision) are not the decision's and are left out."""
         ...
 
     async def decision_of_firing(self, firing_id: str) -> StoredDecision | None:
@@ -327,6 +395,7 @@ class Store(
     StateStore,
     DeliveryQueue,
     OutboxAdmin,
+    LedgerBook,
     AuditReads,
     RulesetReads,
     Protocol,

@@ -51,6 +51,11 @@ class Conflict(StoreError):
     requeuing an action that is not dead)."""
 
 
+class KeyReused(Conflict):
+    """A key that makes a request idempotent (a settlement callback's ``webhook-id``) was
+    already used with another request: nothing is applied."""
+
+
 class SchemaTooNew(StoreUnavailable):
     """The database was written by a newer gatekeeper (its schema version is higher than
     any migration this one knows)."""

@@ -22,13 +22,20 @@ import msgspec
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
 from gatekeeper.engine.model import QueuedAction, Stand
 
-ActionStatus = Literal["pending", "delivered", "dead", "shadowed"]
+ActionStatus = Literal["pending", "delivered", "dead", "shadowed", "cancelled"]
 """An outbox entry's delivery state: ``pending`` (due now or later), ``delivered`` (a 2xx
 answer), ``dead`` (a dead letter: no further attempt unless an admin requeues it),
 ``shadowed`` (queued by a firing in shadow: never due, never delivered, never in the
-ledger or counted against an escrow)."""
+ledger or counted against an escrow), ``cancelled`` (a release an admin cancelled before it
+was sent: never due again, its amount returned to its escrow)."""
 
-ACTION_STATUSES: tuple[ActionStatus, ...] = ("pending", "delivered", "dead", "shadowed")
+ACTION_STATUSES: tuple[ActionStatus, ...] = (
+    "pending",
+    "delivered",
+    "dead",
+    "shadowed",
+    "cancelled",
+)
 
 DeadReason = Literal["attempts_exhausted", "too_old", "refused", "not_retryable"]
 """Why an action died: ``attempts_exhausted`` (``max_attempts`` spent), ``too_old`` (the
@@ -46,9 +53,16 @@ DEAD_REASONS: tuple[DeadReason, ...] = (
 AuditKind = Literal["decision", "admin_act", "approval"]
 AUDIT_KINDS: tuple[AuditKind, ...] = ("decision", "admin_act", "approval")
 
-EscrowTotals = dict[str, dict[str, Decimal]]
-"""Per escrow, the sum of its recorded releases by their delivery status (statuses with no
-release are absent): ``{"escrow-a": {"pending": Decimal("10.00"), ...}}``."""
+Movement = Literal["reserve", "send", "settle", "fail", "cancel", "return"]
+"""A movement of a release's amount in the ledger: ``reserve`` (the release was decided and
+queued), ``send`` (the bank answered 2xx), ``settle`` / ``fail`` (the bank's signed
+settlement callback), ``cancel`` (an admin act), ``return`` (the amount went back to the
+escrow: after ``cancel`` or ``fail``)."""
+
+MOVEMENTS: tuple[Movement, ...] = ("reserve", "send", "settle", "fail", "cancel", "return")
+
+Settlement = Literal["settled", "failed"]
+"""What the bank's settlement callback says became of a sent release."""
 
 StandingApprovals = dict[str, dict[str, Stand]]
 """rule id -> approver subject -> standing decision (``Stand``: ``"approve"`` or
@@ -218,12 +232,15 @@ class Attempt:
 class AttemptRecord:
     """A delivery attempt with the action's state after it: ``status``; for a retry,
     ``next_attempt_at`` (None keeps the current one); for a dead letter, ``dead_reason``
-    (its ``dead_status`` is the attempt's ``status_code``)."""
+    (its ``dead_status`` is the attempt's ``status_code``) and the ``alert`` to queue."""
 
     attempt: Attempt
     status: ActionStatus
     next_attempt_at: datetime | None
     dead_reason: DeadReason | None = None
+    alert: QueuedAction | None = None
+    """For a dead letter: the ``dead_letter`` notice to queue with it (to the alert
+    target, in the same transaction), or None."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +357,105 @@ class ReleaseRecord:
 
     def to_json(self) -> dict[str, Any]:
         return record_json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerMovement:
+    """One movement of the ledger (``Movement``), as kept: ``id`` grows with every
+    movement (the order to reconcile in); ``amount`` the release's decimal string in
+    ``currency``; ``actor`` who moved it (the rule for ``reserve``, the target for ``send``,
+    ``settle`` and ``fail``, the admin's subject for ``cancel``; a ``return`` names the
+    actor of what caused it); ``reference`` the provider's reference (``settle``,
+    ``fail``); ``reason`` why (``cancel``, ``fail``, ``return``)."""
+
+    id: int
+    release_id: str
+    escrow: str
+    movement: Movement
+    amount: str
+    currency: str
+    at: datetime
+    actor: str | None
+    reference: str | None
+    reason: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return record_json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class EscrowFigures:
+    """What one escrow's ledger adds up to, as ``Decimal`` sums of its movements:
+
+    - ``reserved``: reserve - send - cancel (decided, not yet sent nor cancelled); of it,
+      ``unconfirmed`` belongs to dead letters (possibly paid: a bank may have processed a
+      request whose answer was lost);
+    - ``sent``: send - settle - fail (the bank has it, no settlement yet);
+    - ``settled``: settle;
+    - ``returned``: return (cancelled or failed amounts, back in the escrow).
+
+    ``committed`` (reserved + sent + settled, everything not returned) is what counts
+    against the escrow's limit."""
+
+    reserved: Decimal = Decimal("0.00")
+    sent: Decimal = Decimal("0.00")
+    settled: Decimal = Decimal("0.00")
+    returned: Decimal = Decimal("0.00")
+    unconfirmed: Decimal = Decimal("0.00")
+
+    @property
+    def committed(self) -> Decimal:
+        return self.reserved + self.sent + self.settled
+
+
+EscrowTotals = dict[str, EscrowFigures]
+"""Per escrow with at least one release, its ``EscrowFigures``."""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """An admin's cancel of release ``release_id`` (its action id) at ``at``: who and
+    why (both kept in the audit log and on the ledger's ``cancel`` movement)."""
+
+    release_id: str
+    at: datetime
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementCallback:
+    """A verified settlement callback of ``target`` (the bank the release was sent to):
+    release ``release_id`` is ``settled`` or ``failed`` (``outcome``), with the provider's
+    ``reference`` and, for a failure, an optional ``reason``. ``webhook_id`` is the Standard
+    Webhooks message id and ``body_sha256`` the SHA-256 (hex) of the signed body: a
+    ``webhook-id`` is applied once. ``alert`` is the ``settlement_failed`` notice to queue
+    when a failure is new (None: no alert target)."""
+
+    target: str
+    release_id: str
+    outcome: Settlement
+    reference: str
+    reason: str | None
+    webhook_id: str
+    body_sha256: str
+    at: datetime
+    alert: QueuedAction | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementResult:
+    """What a settlement callback came to: the release's settlement as now recorded
+    (``outcome``, ``reference``, ``at``), the movements it wrote (empty when the same
+    outcome was recorded before: idempotent), and whether its ``webhook-id`` had been
+    applied already (``replayed``: nothing written)."""
+
+    release_id: str
+    outcome: Settlement
+    reference: str | None
+    at: datetime
+    movements: tuple[LedgerMovement, ...]
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

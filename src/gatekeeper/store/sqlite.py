@@ -43,6 +43,7 @@ from gatekeeper.engine.model import (
     FactInput,
     FactKey,
     InstanceKey,
+    QueuedAction,
     RuleState,
     SignOff,
     Stand,
@@ -53,6 +54,7 @@ from gatekeeper.rules.model import Ruleset
 from gatekeeper.store.errors import (
     ADVICE,
     Conflict,
+    KeyReused,
     NotAGatekeeperDatabase,
     SchemaTooNew,
     StoreError,
@@ -73,13 +75,19 @@ from gatekeeper.store.records import (
     Attempt,
     AttemptRecord,
     AuditEntry,
+    CancelRequest,
+    EscrowFigures,
     EscrowTotals,
     IdempotencyOutcome,
+    LedgerMovement,
     LoggedFact,
     OutboxEntry,
     ReleaseRecord,
     RulesetCursor,
     RulesetSummary,
+    Settlement,
+    SettlementCallback,
+    SettlementResult,
     ShadowedReleases,
     StandingApprovals,
     StoredDecision,
@@ -332,6 +340,28 @@ _INSERT_LEDGER = _Insert(
     " firing_id, recorded_at)",
     "(?, ?, ?, ?, ?, ?, ?, ?)",
 )
+
+_MOVEMENT_COLUMNS = "release_id, escrow, movement, amount, currency, at, actor, reference, reason"
+_INSERT_MOVEMENTS = _Insert(
+    f"INSERT INTO ledger_entries ({_MOVEMENT_COLUMNS})", "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_SEND = (
+    f"INSERT INTO ledger_entries ({_MOVEMENT_COLUMNS})"
+    " SELECT ledger.release_id, ledger.escrow, 'send', ledger.amount, ledger.currency, ?,"
+    " outbox.target, NULL, NULL FROM ledger JOIN outbox ON outbox.action_id = ledger.release_id"
+    " WHERE ledger.release_id = ? ON CONFLICT (release_id, movement) DO NOTHING"
+)
+"""The ``send`` movement of a delivered action when it is a release (none otherwise), once."""
+FOLLOW_UP_ALERTS = ("dead_letter", "settlement_failed")
+"""The alerts queued after a decision about one of its actions (by delivery, by a
+settlement), filed under that decision."""
+_INSERT_FOLLOW_UP = (
+    "INSERT INTO outbox (action_id, decision_id, rule_id, firing_id, kind, target, payload,"
+    " created_at, next_attempt_at, instance)"
+    " SELECT ?, decision_id, ?, ?, ?, ?, ?, ?, ?, ? FROM outbox WHERE action_id = ?"
+)
+"""An alert about an outbox entry (a dead letter, a failed settlement), queued under the
+decision of the entry it is about (the last parameter)."""
 
 
 _INSERT_ATTEMPTS = _Insert(
@@ -881,6 +911,23 @@ class SqliteStore:
                     for e in t.ledger
                 ],
             )
+            _INSERT_MOVEMENTS.run(
+                db,
+                [
+                    (
+                        e.release_id,
+                        e.escrow,
+                        "reserve",
+                        e.amount,
+                        e.currency,
+                        e.recorded_at,
+                        e.rule_id,
+                        None,
+                        None,
+                    )
+                    for e in t.ledger
+                ],
+            )
         if t.idempotency is not None:
             db.execute(
                 "INSERT INTO idempotency_keys (key, request_hash, seqs, request_id, created_at)"
@@ -967,14 +1014,26 @@ class SqliteStore:
         return standing
 
     async def escrow_totals(self) -> EscrowTotals:
-        totals: EscrowTotals = {}
-        for escrow, status, amount in await self._rows(
-            "SELECT ledger.escrow, outbox.status, ledger.amount FROM ledger"
-            " JOIN outbox ON outbox.action_id = ledger.release_id"
+        # grouped by amount: a count of equal amounts multiplies exactly, and there are
+        # far fewer distinct amounts than movements
+        sums: dict[str, dict[str, Decimal]] = {}
+        for escrow, movement, amount, count in await self._rows(
+            "SELECT escrow, movement, amount, COUNT(*) FROM ledger_entries"
+            " GROUP BY escrow, movement, amount"
         ):
-            by_status = totals.setdefault(escrow, {})
-            by_status[status] = by_status.get(status, Decimal(0)) + Decimal(amount)
-        return totals
+            by_movement = sums.setdefault(escrow, {})
+            by_movement[movement] = by_movement.get(movement, _ZERO) + Decimal(amount) * count
+        dead: dict[str, Decimal] = {}
+        for escrow, amount, count in await self._rows(
+            "SELECT ledger.escrow, ledger.amount, COUNT(*) FROM ledger"
+            " JOIN outbox ON outbox.action_id = ledger.release_id"
+            " WHERE outbox.status = 'dead' GROUP BY ledger.escrow, ledger.amount"
+        ):
+            dead[escrow] = dead.get(escrow, _ZERO) + Decimal(amount) * count
+        return {
+            escrow: _figures(by_movement, dead.get(escrow, _ZERO))
+            for escrow, by_movement in sums.items()
+        }
 
     async def last_ruleset(self) -> StoredRuleset | None:
         row = await self._row(
@@ -1020,6 +1079,19 @@ class SqliteStore:
         )
         return _time(row[0]) if row else None
 
+    async def begin_attempt(self, action_id: str, at: datetime) -> bool:
+        started = format_rfc3339(at)
+
+        def begin(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "UPDATE outbox SET attempt_started_at = ? WHERE action_id = ?"
+                " AND status = 'pending'",
+                (started, action_id),
+            )
+            return cursor.rowcount == 1
+
+        return await self._transaction(begin)
+
     async def record_attempt(self, record: AttemptRecord) -> None:
         await self.record_attempts([record])
 
@@ -1045,14 +1117,28 @@ class SqliteStore:
                 )
             )
 
+        sends = [
+            (format_rfc3339(r.attempt.started_at), r.attempt.action_id)
+            for r in records
+            if r.status == "delivered"
+        ]
+        alerts = [
+            (*_outbox_row(r.alert), r.attempt.action_id) for r in records if r.alert is not None
+        ]
+
         def record(db: sqlite3.Connection) -> None:
             _INSERT_ATTEMPTS.run(db, attempts)
             db.executemany(
                 "UPDATE outbox SET status = ?, attempts = ?, last_error = ?,"
                 " next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ?,"
-                " dead_reason = ?, dead_status = ? WHERE action_id = ?",
+                " dead_reason = ?, dead_status = ?, attempt_started_at = NULL"
+                " WHERE action_id = ? AND status != 'cancelled'",
                 updates,
             )
+            if sends:
+                db.executemany(_INSERT_SEND, sends)
+            if alerts:
+                db.executemany(_INSERT_FOLLOW_UP, alerts)
 
         if records:
             await self._transaction(record)
@@ -1125,6 +1211,245 @@ class SqliteStore:
         if not await self._transaction(requeue):
             return None
         return await self.get_action(action_id)
+
+    # -- LedgerBook ---------------------------------------------------------------------
+
+    async def cancel_release(
+        self, cancel: CancelRequest
+    ) -> tuple[OutboxEntry, list[LedgerMovement]] | None:
+        now = format_rfc3339(cancel.at)
+        release_id = cancel.release_id
+
+        def write(db: sqlite3.Connection) -> list[int] | None:
+            row = db.execute(
+                "SELECT kind, status, attempt_started_at, json_extract(payload, '$.project')"
+                " FROM outbox WHERE action_id = ?",
+                (release_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            kind, status, started, project = row
+            release = db.execute(
+                "SELECT escrow, amount, currency FROM ledger WHERE release_id = ?",
+                (release_id,),
+            ).fetchone()
+            if kind != "release":
+                raise Conflict(f"action {release_id} is a {kind}, not a release")
+            if status not in ("pending", "dead"):
+                raise Conflict(
+                    f"release {release_id} is {status}: only a pending or dead release can be "
+                    "cancelled"
+                )
+            if release is None:
+                raise Conflict(f"release {release_id} has no ledger entry")
+            if started is not None:
+                raise Conflict(
+                    f"release {release_id}: an attempt is in flight; its outcome decides"
+                )
+            db.execute("UPDATE outbox SET status = 'cancelled' WHERE action_id = ?", (release_id,))
+            escrow, amount, currency = release
+            ids = [
+                _insert_movement(
+                    db,
+                    release_id,
+                    escrow,
+                    "cancel",
+                    amount,
+                    currency,
+                    now,
+                    cancel.actor,
+                    None,
+                    cancel.reason,
+                ),
+                _insert_movement(
+                    db,
+                    release_id,
+                    escrow,
+                    "return",
+                    amount,
+                    currency,
+                    now,
+                    cancel.actor,
+                    None,
+                    "cancelled",
+                ),
+            ]
+            db.execute(
+                "INSERT INTO admin_acts (at, actor, act, subject, reason, project)"
+                " VALUES (?, ?, 'cancel_action', ?, ?, ?)",
+                (now, cancel.actor, release_id, cancel.reason, project),
+            )
+            return ids
+
+        ids = await self._transaction(write)
+        if ids is None:
+            return None
+        entry = await self.get_action(release_id)
+        assert entry is not None
+        return entry, await self._movements_by_id(ids)
+
+    async def settle_release(self, callback: SettlementCallback) -> SettlementResult | None:
+        now = format_rfc3339(callback.at)
+        release_id = callback.release_id
+        alert = callback.alert
+
+        def write(db: sqlite3.Connection) -> tuple[list[int], bool] | None:
+            row = db.execute(
+                "SELECT ledger.escrow, ledger.amount, ledger.currency, outbox.status"
+                " FROM ledger JOIN outbox ON outbox.action_id = ledger.release_id"
+                " WHERE ledger.release_id = ? AND outbox.target = ?",
+                (release_id, callback.target),
+            ).fetchone()
+            if row is None:
+                return None
+            escrow, amount, currency, status = row
+            seen = db.execute(
+                "SELECT body_sha256 FROM settlement_callbacks WHERE target = ? AND webhook_id = ?",
+                (callback.target, callback.webhook_id),
+            ).fetchone()
+            if seen is not None:
+                if seen[0] != callback.body_sha256:
+                    raise KeyReused(
+                        f"webhook-id {callback.webhook_id!r} was already used with another body"
+                    )
+                return [], True
+            moved = {
+                movement
+                for (movement,) in db.execute(
+                    "SELECT movement FROM ledger_entries WHERE release_id = ?", (release_id,)
+                )
+            }
+            recorded: Settlement | None = (
+                "settled" if "settle" in moved else "failed" if "fail" in moved else None
+            )
+            ids: list[int] = []
+            if recorded is not None and recorded != callback.outcome:
+                raise Conflict(
+                    f"release {release_id} was already {recorded}; it cannot be "
+                    f"{callback.outcome} too"
+                )
+            if recorded is None:
+                if "send" not in moved:
+                    raise Conflict(
+                        f"release {release_id} has not been sent (it is {status}): only a "
+                        "sent release can be settled or failed"
+                    )
+                target = callback.target
+                if callback.outcome == "settled":
+                    ids.append(
+                        _insert_movement(
+                            db,
+                            release_id,
+                            escrow,
+                            "settle",
+                            amount,
+                            currency,
+                            now,
+                            target,
+                            callback.reference,
+                            None,
+                        )
+                    )
+                else:
+                    ids.append(
+                        _insert_movement(
+                            db,
+                            release_id,
+                            escrow,
+                            "fail",
+                            amount,
+                            currency,
+                            now,
+                            target,
+                            callback.reference,
+                            callback.reason,
+                        )
+                    )
+                    ids.append(
+                        _insert_movement(
+                            db,
+                            release_id,
+                            escrow,
+                            "return",
+                            amount,
+                            currency,
+                            now,
+                            target,
+                            callback.reference,
+                            "settlement failed",
+                        )
+                    )
+                    if alert is not None:
+                        db.execute(_INSERT_FOLLOW_UP, (*_outbox_row(alert), release_id))
+            db.execute(
+                "INSERT INTO settlement_callbacks (target, webhook_id, body_sha256, release_id,"
+                " received_at) VALUES (?, ?, ?, ?, ?)",
+                (callback.target, callback.webhook_id, callback.body_sha256, release_id, now),
+            )
+            return ids, False
+
+        written = await self._transaction(write)
+        if written is None:
+            return None
+        ids, replayed = written
+        settled = [
+            m
+            for m in await self.ledger_movements(release_id=release_id)
+            if m.movement in ("settle", "fail")
+        ]
+        if not settled:  # a replayed webhook-id whose release is settled: it always is
+            raise Conflict(f"release {release_id} has no settlement recorded")
+        last = settled[-1]
+        return SettlementResult(
+            release_id=release_id,
+            outcome="settled" if last.movement == "settle" else "failed",
+            reference=last.reference,
+            at=last.at,
+            movements=tuple(await self._movements_by_id(ids)),
+            replayed=replayed,
+        )
+
+    async def ledger_movements(
+        self,
+        escrow: str | None = None,
+        *,
+        release_id: str | None = None,
+        after: int = 0,
+        limit: int = 1000,
+        projects: Projects = None,
+    ) -> list[LedgerMovement]:
+        where = "ledger_entries.id > ?"
+        params: list[Any] = [after]
+        join = ""
+        if escrow is not None:
+            where += " AND ledger_entries.escrow = ?"
+            params.append(escrow)
+        if release_id is not None:
+            where += " AND ledger_entries.release_id = ?"
+            params.append(release_id)
+        if projects is not None:
+            join = " JOIN outbox ON outbox.action_id = ledger_entries.release_id"
+            visible, visible_params = _visible(
+                "json_extract(outbox.payload, '$.project')", projects
+            )
+            where += f" AND {visible}"
+            params += visible_params
+        rows = await self._rows(
+            f"SELECT {_MOVEMENT_SELECT} FROM ledger_entries{join} WHERE {where}"
+            " ORDER BY ledger_entries.id LIMIT ?",
+            (*params, limit),
+        )
+        return [_movement(r) for r in rows]
+
+    async def _movements_by_id(self, ids: Sequence[int]) -> list[LedgerMovement]:
+        if not ids:
+            return []
+        rows = await self._rows(
+            f"SELECT {_MOVEMENT_SELECT} FROM ledger_entries"
+            f" WHERE id IN ({', '.join('?' * len(ids))}) ORDER BY id",
+            list(ids),
+        )
+        return [_movement(r) for r in rows]
 
     # -- AuditReads ---------------------------------------------------------------------
 
@@ -1224,6 +1549,8 @@ class SqliteStore:
         rows = await self._rows(
             f"SELECT {_OUTBOX_COLUMNS} FROM {_OUTBOX_FROM}"
             " WHERE outbox.decision_id BETWEEN ? AND ?"
+            " AND COALESCE(json_extract(outbox.payload, '$.alert'), '')"
+            f" NOT IN ({', '.join(repr(a) for a in FOLLOW_UP_ALERTS)})"
             " ORDER BY outbox.decision_id, outbox.rowid",
             (first_id, last_id),
         )
@@ -1402,6 +1729,73 @@ def _outbox_entry(r: Any) -> OutboxEntry:
         dead_reason=r[16],
         dead_status=r[17],
         instance=r[18],
+    )
+
+
+_ZERO = Decimal("0.00")
+
+
+def _figures(by_movement: dict[str, Decimal], unconfirmed: Decimal) -> EscrowFigures:
+    """An escrow's figures from the sums of its movements (see ``EscrowFigures``)."""
+
+    def total(movement: str) -> Decimal:
+        return by_movement.get(movement, _ZERO)
+
+    return EscrowFigures(
+        reserved=total("reserve") - total("send") - total("cancel"),
+        sent=total("send") - total("settle") - total("fail"),
+        settled=total("settle"),
+        returned=total("return"),
+        unconfirmed=unconfirmed,
+    )
+
+
+_MOVEMENT_SELECT = (
+    "ledger_entries.id, ledger_entries.release_id, ledger_entries.escrow,"
+    " ledger_entries.movement, ledger_entries.amount, ledger_entries.currency,"
+    " ledger_entries.at, ledger_entries.actor, ledger_entries.reference, ledger_entries.reason"
+)
+
+
+def _movement(r: Any) -> LedgerMovement:
+    return LedgerMovement(
+        int(r[0]), r[1], r[2], r[3], r[4], r[5], parse_rfc3339(r[6]), r[7], r[8], r[9]
+    )
+
+
+def _insert_movement(
+    db: sqlite3.Connection,
+    release_id: str,
+    escrow: str,
+    movement: str,
+    amount: str,
+    currency: str,
+    at: str,
+    actor: str | None,
+    reference: str | None,
+    reason: str | None,
+) -> int:
+    """Write one ledger movement (on the writer thread); return its id. A movement a
+    release already has is refused (``IntegrityError``: each at most once)."""
+    cursor = db.execute(
+        f"INSERT INTO ledger_entries ({_MOVEMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (release_id, escrow, movement, amount, currency, at, actor, reference, reason),
+    )
+    return int(cursor.lastrowid or 0)
+
+
+def _outbox_row(action: QueuedAction) -> tuple[Any, ...]:
+    """The columns of ``_INSERT_FOLLOW_UP`` for ``action`` (all but its decision)."""
+    return (
+        action.action_id,
+        action.rule_id,
+        action.firing_id,
+        action.kind,
+        action.target,
+        _dumps(action.payload),
+        action.created_at,
+        action.created_at,
+        action.instance,
     )
 
 

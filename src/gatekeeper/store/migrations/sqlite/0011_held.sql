@@ -1,2 +1,0 @@
--- 11: a number held for another schema change; this file changes nothing and is replaced by it.
-    SELECT 1;
