@@ -3,7 +3,8 @@ one command (``demo.py``: the daemon, the facts of ``facts.json``, a verifying r
 plays the bank) holds every expectation, and its money rails come out as the README tells
 them: a new money rule fires in shadow until two admins sign it off, then its release is
 sent; a backtest shows what a changed rule would have released; the self-check reproduces
-every recorded decision."""
+every recorded decision; a release held by a bank outage is cancelled, its amount back in
+the escrow and never sent; the bank's signed settlement is applied once, its replay not."""
 
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ def test_the_demo_holds_every_expectation_and_shows_the_money_rails() -> None:
             out,
         ), rule
     assert (
-        "tower-a-escrow: limit 50000.00 USD, released 5000.00, pending 0.00, remaining 45000.00"
-        in out
+        "tower-a-escrow: limit 50000.00, reserved 0.00, sent 5000.00, settled 0.00, "
+        "returned 0.00, remaining 45000.00 USD" in out
     )
     # the new money rule: shadowed until two admins sign off its content hash
     assert re.search(
@@ -93,7 +94,7 @@ def test_the_demo_holds_every_expectation_and_shows_the_money_rails() -> None:
     assert shadowed[0] in alert  # the alert names the first shadowed release
     assert "1 of 2 (finance-anna); 1 more needed" in out
     assert "2 of 2 (finance-anna, finance-ben); it runs live from its next evaluation" in out
-    releases = [line for line in received if "POST /bank/releases" in line]
+    releases = [line for line in received if "POST /bank/releases" in line and "503" not in line]
     assert [re.sub(r" \(release_id .*", "", line) for line in releases] == [
         "[receiver] signature OK  POST /bank/releases: release 5000.00 USD from tower-a-escrow "
         "to acme-architects",
@@ -107,4 +108,40 @@ def test_the_demo_holds_every_expectation_and_shows_the_money_rails() -> None:
     assert "FAILED: 0 added, 0 gone, 1 changed (--fail-on release)" in out
     reproduced = re.search(r"(\d+) of (\d+) decisions reproduced", out)
     assert reproduced and reproduced[1] == reproduced[2]
+    # the bank is down: the glazing retention waits for its retry, is cancelled, never sent
+    [refused] = [line for line in received if line.endswith("-> 503, the bank is down")]
+    held = re.search(r"release 2000.00 USD .* \(release_id (act_[0-9a-f]+),", refused)
+    assert held, refused
+    glazing = held[1]
+    assert f"{glazing}: cancelled; 2000.00 USD back in tower-a-escrow" in out
+    assert f"GET /v1/actions/{glazing}: cancelled, attempts [503" in out
+    assert not [line for line in received if glazing in line and "-> 503" not in line]
+    assert (
+        "tower-a-escrow: limit 50000.00, reserved 2000.00, sent 7500.00, settled 0.00, "
+        "returned 0.00, remaining 40500.00 USD" in out
+    )
+    assert (
+        "tower-a-escrow: limit 50000.00, reserved 0.00, sent 7500.00, settled 0.00, "
+        "returned 2000.00, remaining 42500.00 USD" in out
+    )
+    # the bank's signed settlement of the design release; its replay applies nothing
+    assert '-> HTTP 200 {"status": "settled", "applied": true, "replayed": false}' in out
+    assert '-> HTTP 200 {"status": "settled", "applied": false, "replayed": true}' in out
+    assert (
+        "tower-a-escrow: limit 50000.00, reserved 0.00, sent 2500.00, settled 5000.00, "
+        "returned 2000.00, remaining 42500.00 USD" in out
+    )
+    movements = re.findall(r"^ +\d+  \S+  (\w+) +([0-9.]+) USD  (act_[0-9a-f]+)", out, re.M)
+    assert [(m, a) for m, a, _ in movements] == [
+        ("reserve", "5000.00"),
+        ("send", "5000.00"),
+        ("reserve", "2500.00"),
+        ("send", "2500.00"),
+        ("reserve", "2000.00"),
+        ("cancel", "2000.00"),
+        ("return", "2000.00"),
+        ("settle", "5000.00"),
+    ]
+    assert {r for m, _, r in movements if m in ("cancel", "return")} == {glazing}
+    assert "8 movements" in out
     assert elapsed < 60, f"the demo took {elapsed:.1f} s"

@@ -1,6 +1,7 @@
 """The example end to end: a construction project's facts fire signed escrow releases,
 notifications and a CI pipeline; then the money safety rails: a new money rule in shadow
-until two admins sign it off, and a backtest of a changed rule against what happened.
+until two admins sign it off, a backtest of a changed rule against what happened, a release
+cancelled while the bank is down, and a signed settlement from the bank.
 
     python examples/construction/demo.py
 
@@ -11,7 +12,7 @@ What it does, all on 127.0.0.1 and in a temporary folder (your files are not tou
    ``gatekeeper.yaml`` with their SHA-256 and ``money_rule_approvals: 2`` into the folder,
    copies ``rules/`` there and runs ``gatekeeper check`` on it;
 2. starts the example receiver (``receiver.py``, which verifies every Standard Webhooks
-   signature, and plays the bank) and the daemon (``gatekeeper serve``) with a fresh random
+   signature and plays the bank) and the daemon (``gatekeeper serve``) with a fresh random
    signing secret; the two admins sign off the content hash of each money rule of ``rules/``;
 3. posts the facts of ``facts.json`` step by step, showing what each step fires;
 4. restarts the daemon and posts the design approval again, to show that a ``fire: once``
@@ -20,8 +21,13 @@ What it does, all on 127.0.0.1 and in a temporary folder (your files are not tou
    ``rules/``; its first firing is shadowed (nothing reaches the bank, the alert target is
    told it awaits sign-off); two admins sign off its content hash with ``gatekeeper rules
    signoff``; its next firing is sent; ``gatekeeper backtest`` replays the daemon's history
-   against a candidate with a lower ``max_amount`` and shows what would have been
-   released differently, and ``--self-check`` proves the recorded decisions;
+   against a candidate paying retentions net of back-charges and shows what would have
+   been released differently, and ``--self-check`` reproduces every recorded decision;
+   the bank goes down (503) as another retention is released, an admin cancels it while
+   it waits for its retry (``gatekeeper actions cancel``): its amount is back in the
+   escrow and it is never sent; the bank settles the design release with a signed
+   callback (sent twice: the replay changes nothing); the escrow's figures and its ledger
+   movements (``gatekeeper escrows tower-a-escrow``);
 6. stops the daemon with SIGTERM and exits 0 only if every expectation held.
 """
 
@@ -68,6 +74,23 @@ NEW_RULE_ID = "tower-a/retention-release"
 CANDIDATE = ('amount: "${item.data.amount}"', 'amount: "${item.data.net_amount}"')
 """The change the backtest's candidate makes to the new rule: pay the retention net of the
 back-charges the fact records."""
+FIGURES = ("limit", "reserved", "sent", "settled", "returned", "remaining")
+"""An escrow's figures as GET /v1/escrows gives them (decimal strings)."""
+ESCROW = {
+    "today": {"reserved": "0.00", "sent": "5000.00", "remaining": "45000.00"},
+    "held": {"reserved": "2000.00", "sent": "7500.00", "remaining": "40500.00"},
+    "cancelled": {"reserved": "0.00", "returned": "2000.00", "remaining": "42500.00"},
+    "settled": {
+        "reserved": "0.00",
+        "sent": "2500.00",
+        "settled": "5000.00",
+        "returned": "2000.00",
+        "remaining": "42500.00",
+    },
+}
+"""What tower-a-escrow must show: after today's steps (the design release sent), while the
+glazing retention waits for the bank, once it is cancelled, and at the end (the design
+release settled, the MEP retention sent, the glazing retention returned)."""
 
 
 def gatekeeper(*args: str) -> list[str]:
@@ -121,6 +144,19 @@ def kinds(receiver: Receiver) -> Counter[str]:
             body = entry.body if isinstance(entry.body, dict) else {}
             counts[body.get("type", "notify")] += 1
     return counts
+
+
+def paid(receiver: Receiver) -> list[dict[str, Any]]:
+    """The releases the bank accepted (answered 200, verified, once each)."""
+    return [
+        e.body
+        for e in receiver.received
+        if e.verified
+        and not e.duplicate
+        and e.status == 200
+        and isinstance(e.body, dict)
+        and e.body.get("type") == "release"
+    ]
 
 
 class Demo:
@@ -267,16 +303,15 @@ class Demo:
             if view["mode"] != "live":
                 self.failures.append(f"{rule['id']} is {view['mode']} after two sign-offs")
 
-    async def show_escrows(self, session: aiohttp.ClientSession, released: str) -> None:
-        self.say("GET /v1/escrows")
+    async def show_escrows(self, session: aiohttp.ClientSession, moment: str) -> None:
+        """Print each escrow's figures (``GET /v1/escrows``) and compare tower-a-escrow's
+        with what ``ESCROW[moment]`` expects."""
         for escrow in (await self.get(session, "/v1/escrows"))["escrows"]:
-            print(
-                f"   {escrow['escrow']}: limit {escrow['limit']} {escrow['currency']}, "
-                f"released {escrow['released']}, pending {escrow['pending']}, "
-                f"remaining {escrow['remaining']}"
-            )
-            if escrow["released"] != released:
-                self.failures.append(f"expected {released} released, got {escrow['released']}")
+            figures = ", ".join(f"{name} {escrow[name]}" for name in FIGURES)
+            print(f"   GET /v1/escrows: {escrow['escrow']}: {figures} {escrow['currency']}")
+            got = {name: escrow[name] for name in ESCROW[moment]}
+            if escrow["escrow"] == "tower-a-escrow" and got != ESCROW[moment]:
+                self.failures.append(f"escrow ({moment}): expected {ESCROW[moment]}, got {got}")
 
     # -- the money rails --------------------------------------------------------------------
 
@@ -299,6 +334,8 @@ class Demo:
         await self.post_step(session, steps["signed_off"])
         await self.show_shadowed(session)
         await self.backtest(live_since)
+        await self.cancel_held_release(session, steps["cancelled"])
+        await self.settle(session)
 
     async def add_money_rule(self, session: aiohttp.ClientSession) -> dict[str, Any] | None:
         """Write ``retention.yaml`` into the daemon's rules/ and wait (up to 10 s) until the
@@ -372,6 +409,75 @@ class Demo:
         if code != 0:
             self.failures.append(f"the backtest's self-check exited {code}")
 
+    async def cancel_held_release(
+        self, session: aiohttp.ClientSession, step: dict[str, Any]
+    ) -> None:
+        """The bank is down (the receiver answers 503) when a retention is released: the
+        release waits for its next attempt, an admin cancels it (``gatekeeper actions
+        cancel``), its amount returns to the escrow, and it is never sent once the bank
+        is back."""
+        self.receiver.bank_down = True
+        await self.post_step(session, step)
+        release_id = await self.refused_release()
+        if release_id is None:
+            self.failures.append("no release reached the bank while it was down")
+            return
+        await self.show_escrows(session, "held")
+        for _ in range(20):  # 409 while an attempt is in flight: its outcome decides
+            code, _ = await self.cli(
+                *("actions", "cancel", release_id, "--url", self.url),
+                *("--reason", "glazing retention withheld: defect found"),
+                subject=ADMINS[0],
+            )
+            if code == 0:
+                break
+            await asyncio.sleep(0.5)
+        self.receiver.bank_down = False
+        action = await self.get(session, f"/v1/actions/{release_id}")
+        statuses = [a["status_code"] for a in action["delivery_attempts"]]
+        print(f"   GET /v1/actions/{release_id}: {action['status']}, attempts {statuses}")
+        await asyncio.sleep(1.0)  # the bank is back: nothing of the cancelled release comes
+        sent = [r for r in paid(self.receiver) if r["release_id"] == release_id]
+        if action["status"] != "cancelled" or sent:
+            self.failures.append(f"release {release_id} was not cancelled before it was sent")
+        await self.show_escrows(session, "cancelled")
+
+    async def refused_release(self) -> str | None:
+        """The release id of the first release the bank answered 503 (waits up to 10 s)."""
+        for _ in range(100):
+            for entry in self.receiver.received:
+                if entry.status == 503 and isinstance(entry.body, dict):
+                    return str(entry.body["release_id"])
+            await asyncio.sleep(0.1)
+        return None
+
+    async def settle(self, session: aiohttp.ClientSession) -> None:
+        """The bank settles the design release with a signed callback, then sends the same
+        callback again (a replay: answered as recorded, nothing applied); the escrow's
+        figures and its ledger movements."""
+        self.say(
+            "The bank settles the design release: a Standard Webhooks signed callback to "
+            "POST /v1/settlements/escrow-bank (the same webhook-id again is a replay)"
+        )
+        [design] = [r for r in paid(self.receiver) if r["payee"] == "acme-architects"]
+        body = {
+            "release_id": design["release_id"],
+            "status": "settled",
+            "reference": "BANK-2026-118842",
+        }
+        url = self.url + "/v1/settlements/escrow-bank"
+        for attempt in ("", " again"):
+            status, answer = await self.receiver.settle(url, body, "msg_settle_design_1")
+            shown = {k: answer.get(k) for k in ("status", "applied", "replayed")}
+            print(
+                f"   [bank] POST /v1/settlements/escrow-bank{attempt} {json.dumps(body)}\n"
+                f"          -> HTTP {status} {json.dumps(shown)}"
+            )
+            if status != 200 or answer.get("replayed") != bool(attempt):
+                self.failures.append(f"settlement{attempt}: HTTP {status} {answer}")
+        await self.show_escrows(session, "settled")
+        await self.cli("escrows", "tower-a-escrow", "--url", self.url, subject=ADMINS[0])
+
     async def run(self) -> int:
         self.show_tokens()
         self.check_rules()
@@ -390,7 +496,8 @@ class Demo:
                 self.stop_daemon()
                 await self.start_daemon(session)
                 await self.post_step(session, steps["after_restart"])
-                await self.show_escrows(session, "5000.00")
+                self.say("the escrow after today's steps")
+                await self.show_escrows(session, "today")
                 await self.money_rails(session, steps["money_rails"])
                 dead = (await self.get(session, "/v1/actions?status=dead"))["actions"]
                 if dead:
