@@ -144,4 +144,4 @@ def test_the_demo_holds_every_expectation_and_shows_the_money_rails() -> None:
     ]
     assert {r for m, _, r in movements if m in ("cancel", "return")} == {glazing}
     assert "8 movements" in out
-    assert elapsed < 60, f"the demo took {elapsed:.1f} s"
+    assert elapsed < 90, f"the demo took {elapsed:.1f} s"  # about 20 s on an idle machine
