@@ -465,8 +465,7 @@ async def test_shadowed_firings_and_signoffs_replay_and_diff_as_shadowed(
     """With ``money_rule_approvals: 1`` the design release first fires in shadow (awaiting
     sign-off); an admin signs its content hash off; re-armed, it fires live. The
     self-check reproduces all of it; a candidate backtest takes its money rules as signed
-    off, so the shadowed release shows as one that would have been sent, read from the
-    database or through the daemon's history API (which carries each decision's mode)."""
+    off, so the shadowed release shows as one that would have been sent."""
     project = write_deployment(tmp_path / "deployment", receiver.url)
     config = yaml.safe_load(project.config_path.read_text())
     config["money_rule_approvals"] = 1
@@ -508,8 +507,9 @@ async def test_shadowed_firings_and_signoffs_replay_and_diff_as_shadowed(
     assert fields["release actions[0].status"] == ("shadowed", "queued")
     assert report["escrows"][0]["recorded"] == "5000.00"  # the live firing only
     assert report["escrows"][0]["replayed"] == "10000.00"
+    # the same history read through the daemon's API (its decisions name their mode)
     monkeypatch.setenv("OPS_TOKEN", TOKENS["ops"])
-    code, out = await backtest(
+    code_url, out = await backtest(
         project,
         "--rules",
         str(rules),
@@ -521,7 +521,7 @@ async def test_shadowed_firings_and_signoffs_replay_and_diff_as_shadowed(
         "json",
     )
     from_api = json.loads(out)
-    assert code == 1, out
+    assert code_url == 1, out
     from_api.pop("database"), report.pop("database")
     assert from_api == report
 

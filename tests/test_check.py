@@ -208,6 +208,11 @@ RELEASE_AMOUNT_BAD = {
         'string such as "5000.00": digits, no leading zeros, at most two decimals; or one '
         'placeholder naming a fact field, such as "${item.data.amount}")'
     ],
+    "payee_template.yaml": [
+        "payee_template.yaml:8:37: rule 'bad/payee-from-fact': actions[0].release.payee: a "
+        "release's payee is written as it is, never read from a fact (only its amount may be, "
+        "under max_amount): a fact could otherwise send signed-off money elsewhere"
+    ],
 }
 
 

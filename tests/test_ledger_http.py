@@ -469,7 +469,7 @@ async def test_the_cli_cancels_and_lists_escrows(
     assert (code, err) == (0, ""), err
     assert f"{release}: cancelled; 700.00 USD back in tower-a-escrow" in out
     code, out, err = await asyncio.to_thread(run, "actions", "cancel", release, "--reason", "x")
-    assert code == 1 and "HTTP 409" in err
+    assert code == 2 and "HTTP 409" in err  # refused as bad input: nothing changed
     code, out, _ = await asyncio.to_thread(run, "escrows")
     assert code == 0
     assert "tower-a-escrow (USD): limit 20000.00, reserved 0.00, sent 0.00" in out

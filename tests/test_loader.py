@@ -328,6 +328,15 @@ BAD_CASES: list[tuple[str, str, int, int, str, str | None, str]] = [
         "each fact that comes round (fire: each_fact)",
     ),
     (
+        "payee_template.yaml",
+        "payee_template.yaml",
+        8,
+        37,
+        "actions[0].release.payee",
+        "bad/payee-from-fact",
+        "a release's payee is written as it is, never read from a fact",
+    ),
+    (
         "amount_template_without_cap.yaml",
         "amount_template_without_cap.yaml",
         7,

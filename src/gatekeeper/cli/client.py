@@ -92,8 +92,15 @@ def call(url: str, method: str = "GET", body: Any = None, token: str | None = No
         raise ClientError(f"cannot reach gatekeeper at {url}: {reason}") from None
 
 
+def refusal_exit_code(exc: ClientError) -> int:
+    """The exit code of a failed request: 2 when the daemon refused it as bad input (a 4xx:
+    nothing changed), 1 when it could not be reached or failed (no answer, a 5xx)."""
+    return 2 if exc.status is not None and 400 <= exc.status < 500 else 1
+
+
 def run_actions_command(args: argparse.Namespace, config: Config) -> int:
-    """``gatekeeper actions list|retry|cancel``; returns the exit code (0 ok, 1 failed)."""
+    """``gatekeeper actions list|retry|cancel``; returns the exit code (0 ok, 1 failed; a
+    cancel refused as bad input is 2)."""
     url = base_url(config, args.url)
     try:
         if args.actions_command == "list":
@@ -150,7 +157,7 @@ def run_signoff(url: str, args: argparse.Namespace) -> int:
         view = call(path, "POST", body)
     except ClientError as exc:
         print(f"gatekeeper rules signoff: {exc}", file=sys.stderr)
-        return 2 if exc.status is not None and 400 <= exc.status < 500 else 1
+        return refusal_exit_code(exc)
     if args.json:
         print(json.dumps(view, indent=2))
         return 0
@@ -201,14 +208,16 @@ def _retry(url: str, args: argparse.Namespace) -> int:
 
 
 def _cancel(url: str, args: argparse.Namespace) -> int:
-    failed = 0
+    """Cancel each release; exit 0 all cancelled, 2 one was refused (a 4xx: delivered,
+    unknown, not a release, an attempt in flight), 1 the daemon failed or was unreachable."""
+    code = 0
     for action_id in args.action_ids:
         path = f"{url}/v1/actions/{urllib.parse.quote(action_id, safe='')}/cancel"
         try:
             answer = call(path, "POST", {"reason": args.reason})
         except ClientError as exc:
             print(f"{action_id}: {exc}", file=sys.stderr)
-            failed += 1
+            code = max(code, refusal_exit_code(exc))
             continue
         if args.json:
             print(json.dumps(answer))
@@ -218,7 +227,7 @@ def _cancel(url: str, args: argparse.Namespace) -> int:
             f"{action_id}: cancelled; {payload.get('amount')} {payload.get('currency')} "
             f"back in {payload.get('escrow')}"
         )
-    return 1 if failed else 0
+    return code
 
 
 ESCROW_FIGURES = ("limit", "reserved", "sent", "settled", "returned", "remaining")

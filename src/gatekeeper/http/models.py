@@ -1124,10 +1124,7 @@ class HistoryDecision(Model):
     ] = UNSET
     mode: Annotated[
         ModeName | UnsetType,
-        Meta(
-            description="The mode the rule ran in when not live: shadow, or awaiting_signoff "
-            "(a money rule short of sign-offs); its firing's outcome is shadowed."
-        ),
+        Meta(description="The mode the rule ran in when not live (shadow, awaiting_signoff)."),
     ] = UNSET
 
 

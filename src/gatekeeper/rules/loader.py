@@ -714,14 +714,26 @@ def _check_rule(candidate: _Candidate) -> None:
 
 
 MAX_AMOUNT_EXAMPLE = '"10000.00"'
+LITERAL_RELEASE_FIELDS = ("target", "escrow", "currency", "payee")
+"""A release's fields that are never templates: who is paid, from where, in what."""
 
 
 def _check_release_amount(
     candidate: _Candidate, path: PathParts, body: Mapping[str, Any], scope: TemplateScope
 ) -> None:
-    """A release ``amount`` that is a template must name a fact field the rule may use and
+    """A release's target, escrow, currency and payee are literal (``LITERAL_RELEASE_FIELDS``);
+    an ``amount`` that is a template must name a fact field the rule may use and
     come with a ``max_amount``; a literal amount must not be above its ``max_amount``; a
     ``max_amount`` must be above zero (its shape is the schema's to check)."""
+    for name in LITERAL_RELEASE_FIELDS:
+        value = body.get(name)
+        if isinstance(value, str) and "${" in value:
+            message = (
+                f"a release's {name} is written as it is, never read from a fact (only its "
+                "amount may be, under max_amount): a fact could otherwise send signed-off "
+                "money elsewhere"
+            )
+            candidate.problems.append(candidate.problem((*path, name), message))
     amount, cap = body.get("amount"), body.get("max_amount")
     if not isinstance(amount, str):
         return
