@@ -109,11 +109,11 @@ def new_token(subject: str, scopes: list[str], projects: list[str]) -> tuple[str
     args = ["token", "new", "--subject", subject]
     args += [f"--scope={scope}" for scope in scopes]
     args += [f"--project={project}" for project in projects]
-    lines = subprocess.run(gatekeeper(*args), capture_output=True, text=True, check=True)
-    output = lines.stdout.splitlines()
-    token = output[output.index(next(line for line in output if line.startswith("token"))) + 1]
+    done = subprocess.run(gatekeeper(*args), capture_output=True, text=True, check=True)
+    output = done.stdout.splitlines()  # "token (shown once ...):", the token, the entry
+    first = next(i for i, line in enumerate(output) if line.startswith("token"))
     entry = yaml.safe_load(next(line for line in output if line.lstrip().startswith("- {")))
-    return token.strip(), entry[0]
+    return output[first + 1].strip(), entry[0]
 
 
 def write_config(
