@@ -191,8 +191,8 @@ class Demo:
             )
             print(f"   gatekeeper token new --subject {subject} {options}")
         print(
-            "   (each token goes to its holder's client, in $SUBJECT_TOKEN, never printed; "
-            "gatekeeper.yaml keeps its SHA-256)"
+            "   (each token goes to its holder's environment, e.g. $FINANCE_ANNA_TOKEN, and is "
+            "never printed; gatekeeper.yaml keeps its SHA-256)"
         )
 
     def check_rules(self) -> None:
