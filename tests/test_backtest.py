@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import io
 import json
+import os
+import shlex
 import shutil
 import sqlite3
 from collections.abc import Callable
@@ -540,3 +542,59 @@ async def test_shadowed_firings_and_signoffs_replay_and_diff_as_shadowed(
     assert code_url == 1, out
     from_api.pop("database"), report.pop("database")
     assert from_api == report
+
+
+def ci_backtest_command(name: str) -> str:
+    """The ``gatekeeper backtest`` command line of a CI example, as its YAML holds it: the
+    GitHub workflow's step (run on pull requests only, with the backtest token), the line
+    of the GitLab job's script (in merge request pipelines only)."""
+    document = yaml.safe_load((REPO / "examples" / "ci" / name).read_text())
+    if name == "github-actions.yml":
+        job = document["jobs"]["rules"]
+        assert job["env"]["GATEKEEPER_BACKTEST_TOKEN"] == "${{ secrets.GATEKEEPER_BACKTEST_TOKEN }}"
+        [step] = [s for s in job["steps"] if "gatekeeper backtest" in s.get("run", "")]
+        assert "github.event_name == 'pull_request'" in step["if"]
+        assert "env.GATEKEEPER_BACKTEST_TOKEN != ''" in step["if"]
+        return str(step["run"])
+    [script] = [s for s in document["gatekeeper-rules"]["script"] if "gatekeeper backtest" in s]
+    assert '"$CI_PIPELINE_SOURCE" = "merge_request_event"' in script
+    [line] = [x.strip() for x in script.splitlines() if x.strip().startswith("gatekeeper backtest")]
+    return line
+
+
+@pytest.mark.parametrize("name", ["github-actions.yml", "gitlab-ci.yml"])
+async def test_the_ci_examples_backtest_command_runs_against_a_recorded_daemon(
+    name: str,
+    recorded: tuple[Project, Path, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The CI examples' backtest command line, run as the CI job runs it (in a checkout
+    holding gatekeeper.yaml and rules/, the variables set as the secrets would set them)
+    against a daemon with a recorded history: the rules as deployed pass, a changed
+    release amount fails with the job's report."""
+    from gatekeeper.cli.main import main
+
+    project, _, url = recorded
+    checkout = tmp_path / "checkout"
+    shutil.copytree(project.rules_dir, checkout / "rules")
+    shutil.copy(project.config_path, checkout / "gatekeeper.yaml")
+    monkeypatch.chdir(checkout)
+    monkeypatch.setenv("GATEKEEPER_URL", url)
+    monkeypatch.setenv("GATEKEEPER_BACKTEST_TOKEN", TOKENS["ops"])  # admin and read
+    monkeypatch.delenv("GATEKEEPER_TOKEN", raising=False)
+    argv = [os.path.expandvars(arg) for arg in shlex.split(ci_backtest_command(name))]
+    assert argv[:2] == ["gatekeeper", "backtest"] and url in argv
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, argv[1:]) == 0, capsys.readouterr()
+    assert "SUCCESS: no differences (--fail-on release)" in capsys.readouterr().out
+    replace_in(checkout / "rules" / "tower-a" / "milestones.yaml", '"5000.00"', '"6000.00"')
+    assert await asyncio.to_thread(main, argv[1:]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: 0 added, 0 gone, 2 changed (--fail-on release)" in out
+    if name == "github-actions.yml":  # annotations on the rule's file and line
+        assert "::error file=rules/tower-a/milestones.yaml,line=8," in out
+        assert "escrow tower-a-escrow would release +2000.00 USD" in out
+    else:
+        assert 'release actions[0].payload.amount: "5000.00" -> "6000.00"' in out

@@ -55,6 +55,9 @@ async def test_shadowed_actions_are_kept_never_due_and_never_counted(store: Stor
         "tower-a-escrow": EscrowFigures(reserved=Decimal("7.00"))
     }
     assert await store.release_record(build.action_id("tower-a/pay", 1)) is None
+    with pytest.raises(Conflict):  # a retry never sends a shadowed action
+        await store.requeue_action(build.action_id("tower-a/pay", 1), build.at(60), "ops", None)
+    assert {a.rule_id for a in await store.due_actions(build.at(60), 10)} == {"tower-a/live"}
     assert (await store.count_actions())["shadowed"] == 2
     assert await store.shadowed_releases() == [
         ShadowedReleases(
