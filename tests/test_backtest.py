@@ -598,3 +598,44 @@ async def test_the_ci_examples_backtest_command_runs_against_a_recorded_daemon(
         assert "escrow tower-a-escrow would release +2000.00 USD" in out
     else:
         assert 'release actions[0].payload.amount: "5000.00" -> "6000.00"' in out
+
+
+def ci_plan_command(name: str) -> str:
+    """The ``gatekeeper plan`` command line of a CI example, as its YAML holds it."""
+    document = yaml.safe_load((REPO / "examples" / "ci" / name).read_text())
+    if name == "github-actions.yml":
+        [step] = [
+            s for s in document["jobs"]["rules"]["steps"] if "gatekeeper plan" in s.get("run", "")
+        ]
+        return str(step["run"])
+    [script] = [s for s in document["gatekeeper-rules"]["script"] if "gatekeeper plan" in s]
+    [line] = [x.strip() for x in script.splitlines() if x.strip().startswith("gatekeeper plan")]
+    return line
+
+
+@pytest.mark.parametrize("name", ["github-actions.yml", "gitlab-ci.yml"])
+async def test_the_ci_examples_plan_command_runs_against_a_recorded_daemon(
+    name: str,
+    recorded: tuple[Project, Path, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The CI examples' plan command line parses and runs as the job runs it (it once
+    passed the rules folder as a positional argument, which ``plan`` refuses: exit 2)."""
+    from gatekeeper.cli.main import main
+
+    project, _, url = recorded
+    checkout = tmp_path / "checkout"
+    shutil.copytree(project.rules_dir, checkout / "rules")
+    shutil.copy(project.config_path, checkout / "gatekeeper.yaml")
+    monkeypatch.chdir(checkout)
+    monkeypatch.setenv("GATEKEEPER_URL", url)
+    monkeypatch.setenv("GATEKEEPER_TOKEN", TOKENS["ops"])
+    argv = [os.path.expandvars(arg) for arg in shlex.split(ci_plan_command(name))]
+    assert argv[:2] == ["gatekeeper", "plan"] and url in argv
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, argv[1:])
+    captured = capsys.readouterr()
+    assert code == 0, captured
+    assert "unrecognized arguments" not in captured.err
