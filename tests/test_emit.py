@@ -300,7 +300,7 @@ def test_ci_examples_run_check_test_and_plan(name: str) -> None:
         "pip install -e .",
         "gatekeeper check",
         "gatekeeper test rules/",
-        'gatekeeper plan --from "$GATEKEEPER_URL" --fail-on release rules/',
+        'gatekeeper plan --from "$GATEKEEPER_URL" --fail-on release --rules rules/',
     ):
         assert command in text, command
     assert "GATEKEEPER_TOKEN" in text
