@@ -55,6 +55,7 @@ from gatekeeper.expr.language import (
     _MissingElement,
     _mod,
     _mul,
+    _own_data,
     _parse,
     _Plan,
     _pow,
@@ -167,7 +168,7 @@ def _fact_or_missing(
             data = kind_data[kind].get(fact_id)
         else:
             found = facts.get(kind, fact_id)
-            data = None if found is None else dict(found)
+            data = None if found is None else _own_data(facts, found)
         fact_data[name] = data
     if data is None:
         raise _Missing(_fact_name(kind, fact_id))
