@@ -1,15 +1,18 @@
 """A loaded rule keeps its data as written (``Rule.source``) packed: equal to the data, read
-only, and kept as it is when it holds what cannot be packed (a YAML timestamp)."""
+only, and kept as it is when it holds what cannot be packed (a YAML timestamp); a loaded
+ruleset keeps its files' texts packed too."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 from collections.abc import Mapping
 
 import pytest
 
-from gatekeeper.rules.loader import load_rule_texts
-from gatekeeper.rules.model import PackedData, pack_data
+from gatekeeper.rules.loader import load_rule_texts, ruleset_version
+from gatekeeper.rules.model import PackedData, PackedTexts, pack_data
 
 RULES = """\
 - id: site/one
@@ -102,3 +105,22 @@ def test_data_with_a_yaml_timestamp_is_kept_as_it_is() -> None:
     kept = pack_data(data)
     assert kept is data
     assert isinstance(kept, Mapping)
+
+
+def test_the_files_of_a_loaded_ruleset_are_kept_packed_and_read_back_equal() -> None:
+    other = (
+        "- id: site/three\n  project: site\n  when: len(task) > 0\n"
+        "  actions: [{notify: {target: t, message: m}}]\n"
+    )
+    texts = {"site.yaml": RULES, "more/other.yml": other}
+    result = load_rule_texts(texts, config=None)
+    assert result.ruleset is not None, [str(p) for p in result.problems]
+    files = result.ruleset.files
+    assert isinstance(files, PackedTexts)
+    assert files == texts and dict(files) == texts
+    assert sorted(files) == sorted(texts) and len(files) == 2 and "site.yaml" in files
+    assert files["more/other.yml"] == other
+    assert len(files.packed("site.yaml")) < len(RULES.encode())
+    assert result.ruleset.version == ruleset_version(texts)
+    canonical = json.dumps(sorted(texts.items()), separators=(",", ":"), ensure_ascii=False)
+    assert ruleset_version(texts) == hashlib.sha256(canonical.encode()).hexdigest()

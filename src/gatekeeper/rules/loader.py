@@ -61,12 +61,15 @@ from gatekeeper.rules.model import (
     Approvals,
     FireMode,
     NotifyAction,
+    PackedTexts,
     PipelineAction,
     ReleaseAction,
     Rule,
     Ruleset,
     SetFactAction,
     pack_data,
+    pack_text,
+    unpack_text,
 )
 from gatekeeper.rules.pipelines import pipeline_limit_problems
 from gatekeeper.rules.templates import TEMPLATE_FIELDS, TemplateScope, check_template
@@ -256,10 +259,14 @@ def duration_seconds(value: Any) -> int | None:
 
 
 def ruleset_version(files: Mapping[str, str]) -> str:
-    """SHA-256 (hex) of the canonical JSON of the sorted ``[path, text]`` pairs."""
-    pairs = sorted(files.items())
-    canonical = json.dumps(pairs, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    """SHA-256 (hex) of the canonical JSON of the sorted ``[path, text]`` pairs (hashed a
+    pair at a time: the JSON of every file at once is never built)."""
+    digest = hashlib.sha256(b"[")
+    for index, name in enumerate(sorted(files)):
+        pair = json.dumps([name, files[name]], separators=(",", ":"), ensure_ascii=False)
+        digest.update((b"," if index else b"") + pair.encode("utf-8"))
+    digest.update(b"]")
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,13 +415,19 @@ class CheckedFile:
     """One rule file after every check that reads only the file itself: YAML, the schema,
     ``when`` expressions, message templates, approvals. ``problems`` are those checks'
     problems; what spans files or reads the config (duplicate ids, targets and escrows) is
-    checked at each load. ``digest`` is the SHA-256 (hex) of the file's bytes."""
+    checked at each load. ``digest`` is the SHA-256 (hex) of the file's bytes; the text is
+    kept compressed (``packed_text``, see ``model.pack_text``)."""
 
     name: str
-    text: str
+    packed_text: bytes
     digest: str
     rules: tuple[CheckedRule, ...]
     problems: tuple[Problem, ...]
+
+    @property
+    def text(self) -> str:
+        """The file's text."""
+        return unpack_text(self.packed_text)
 
 
 class RuleFileCache:
@@ -548,8 +561,9 @@ def _load_unpaused(
     if problems:
         return LoadResult(None, tuple(sorted_problems(problems)), *counts)
     rules = tuple(checked.rule for file in files for checked in file.rules if checked.rule)
-    texts = {name: source[0] for name, source in sources.items()}
-    ruleset = Ruleset(rules, texts, ruleset_version(texts), git_commit)
+    version = ruleset_version({name: source[0] for name, source in sources.items()})
+    texts = PackedTexts({file.name: file.packed_text for file in files})
+    ruleset = Ruleset(rules, texts, version, git_commit)
     return LoadResult(ruleset, (), *counts)
 
 
@@ -607,16 +621,16 @@ def _check_file(name: str, text: str, digest: str) -> CheckedFile:
         return _check_file_contents(name, text, digest)
     except RecursionError:
         problem = Problem(name, 1, 1, "the file's data is nested too deeply to check")
-        return CheckedFile(name, text, digest, (), (problem,))
+        return CheckedFile(name, pack_text(text), digest, (), (problem,))
 
 
 def _check_file_contents(name: str, text: str, digest: str) -> CheckedFile:
     doc, problems = parse_document(text, name, _rule_id_of)
     if doc is None:
-        return CheckedFile(name, text, digest, (), tuple(problems))
+        return CheckedFile(name, pack_text(text), digest, (), tuple(problems))
     shape = _shape_problem(doc)
     if shape is not None:
-        return CheckedFile(name, text, digest, (), (*problems, shape))
+        return CheckedFile(name, pack_text(text), digest, (), (*problems, shape))
     problems += _clearer_schema_problems(schema_problems(doc, RULES_SCHEMA, _rule_id_of))
     items = list(enumerate(doc.data)) if isinstance(doc.data, list) else [(None, doc.data)]
     candidates = []
@@ -628,7 +642,7 @@ def _check_file_contents(name: str, text: str, digest: str) -> CheckedFile:
             problems += candidate.problems
             candidates.append(candidate)
     rules = tuple(_checked_rule(candidate, build=not problems) for candidate in candidates)
-    return CheckedFile(name, text, digest, rules, tuple(problems))
+    return CheckedFile(name, pack_text(text), digest, rules, tuple(problems))
 
 
 def _checked_rule(candidate: _Candidate, *, build: bool) -> CheckedRule:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import marshal
 import re
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -151,6 +152,51 @@ def pack_data(data: Mapping[str, Any]) -> Mapping[str, Any]:
     return PackedData(packed)
 
 
+def pack_text(text: str) -> bytes:
+    """``text`` compressed (zlib, level 1, of its UTF-8): what ``PackedTexts`` keeps."""
+    return zlib.compress(text.encode("utf-8"), 1)
+
+
+def unpack_text(packed: bytes) -> str:
+    """The text ``pack_text`` packed."""
+    return zlib.decompress(packed).decode("utf-8")
+
+
+class PackedTexts(Mapping[str, str]):
+    """``{file name: text}`` kept compressed (``pack_text``), each text decompressed when
+    it is read: a read-only mapping equal to the texts.
+
+    A ruleset's files are read when it is stored, when a problem found across files is
+    located, and by explanations of stored rulesets; the rest of the time they only take
+    room, as much as every other part of a loaded rule together for rule files of a few
+    lines per rule. Compressed they take a tenth to a twentieth of it.
+    """
+
+    __slots__ = ("_packed",)
+
+    def __init__(self, packed: Mapping[str, bytes]) -> None:
+        self._packed = dict(packed)
+
+    def packed(self, name: str) -> bytes:
+        """The compressed text of file ``name`` (``KeyError`` when there is none)."""
+        return self._packed[name]
+
+    def __getitem__(self, name: str) -> str:
+        return unpack_text(self._packed[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._packed
+
+    def __repr__(self) -> str:
+        return f"PackedTexts({dict(self)!r})"
+
+
 Action = ReleaseAction | NotifyAction | PipelineAction | SetFactAction
 DeliveredAction = ReleaseAction | NotifyAction | PipelineAction
 """The actions sent to a target (``set_fact`` is recorded, not sent)."""
@@ -193,7 +239,8 @@ class Rule:
 class Ruleset:
     """A validated set of rules, content-addressed.
 
-    ``files`` maps each file (relative to the rules directory, ``/``-separated) to its text;
+    ``files`` maps each file (relative to the rules directory, ``/``-separated) to its text
+    (the loader keeps them compressed: ``PackedTexts``);
     ``version`` is the SHA-256 (hex) over those files, so the same text always gives the same
     version. ``git_commit`` is the HEAD commit when the rules directory is a git checkout.
     """
