@@ -124,3 +124,19 @@ def test_the_files_of_a_loaded_ruleset_are_kept_packed_and_read_back_equal() -> 
     assert result.ruleset.version == ruleset_version(texts)
     canonical = json.dumps(sorted(texts.items()), separators=(",", ":"), ensure_ascii=False)
     assert ruleset_version(texts) == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"when": "a.b.c", "project": "p", "id": "x/y"},  # key order as written
+        {"id": 5, "when": None, "x": [1, {"id": "inner"}]},  # not strings: packed as they are
+        {"project": "p"},
+        {},
+    ],
+)
+def test_packed_data_reads_back_equal_whatever_its_id_and_when(data: dict[str, object]) -> None:
+    packed = pack_data(data)
+    assert isinstance(packed, PackedData)
+    assert packed.unpacked() == data and list(packed.unpacked()) == list(data)
+    assert dict(packed) == data and list(packed) == list(data)

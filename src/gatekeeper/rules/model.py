@@ -96,20 +96,31 @@ class PackedData(Mapping[str, Any]):
 
     The loader keeps every rule's data for as long as the rule is live (``Rule.source``,
     the checked-file cache), and as nested dicts, lists and strings it is the largest part
-    of a loaded rule (about 1.5 KB); packed it is a few hundred bytes. The last mapping
-    unpacked is remembered, so reading several keys of one rule unpacks it once; reading
-    a value returns a fresh copy (the packed data cannot be changed through it).
+    of a loaded rule (about 1.5 KB); packed it is a few hundred bytes. The ``id`` and
+    ``when`` strings, which the rule keeps anyway (its id, its condition's text), are not
+    packed a second time: the very strings are kept beside the packed rest. The last
+    mapping unpacked is remembered, so reading several keys of one rule unpacks it once;
+    reading a value returns a fresh copy (the packed data cannot be changed through it).
     ``pack_data`` makes one, or gives back the data when it cannot be packed.
     """
 
-    __slots__ = ("_packed",)
+    __slots__ = ("_id", "_packed", "_when")
 
-    def __init__(self, packed: bytes) -> None:
+    def __init__(self, packed: bytes, id: str | None = None, when: str | None = None) -> None:
         self._packed = packed
+        self._id = id
+        """The value of ``id`` when it is a string, left out of ``_packed`` (else None)."""
+        self._when = when
+        """The value of ``when`` when it is a string, left out of ``_packed`` (else None)."""
 
     def unpacked(self) -> dict[str, Any]:
         """The data as a new plain dict (nested values new too)."""
         data: dict[str, Any] = marshal.loads(self._packed)
+        # their places in the key order are kept by a None in the packed data
+        if self._id is not None:
+            data["id"] = self._id
+        if self._when is not None:
+            data["when"] = self._when
         return data
 
     def _data(self) -> dict[str, Any]:
@@ -145,11 +156,23 @@ def pack_data(data: Mapping[str, Any]) -> Mapping[str, Any]:
     ``data`` itself."""
     if type(data) is not dict:
         return data
+    rule_id, when = data.get("id"), data.get("when")
+    rule_id = rule_id if type(rule_id) is str else None
+    when = when if type(when) is str else None
+    rest = data
+    if rule_id is not None or when is not None:
+        rest = dict(data)
+        if rule_id is not None:
+            rest["id"] = None
+        if when is not None:
+            rest["when"] = None
     try:
-        packed = marshal.dumps(data)
+        # copied out of marshal's buffer, which it grows past the small-object allocator's
+        # sizes: an object of its own size, among the rule's other small objects
+        packed = bytes(memoryview(marshal.dumps(rest)))
     except ValueError:
         return data
-    return PackedData(packed)
+    return PackedData(packed, rule_id, when)
 
 
 def pack_text(text: str) -> bytes:
