@@ -99,6 +99,23 @@ def _shared(value: Any) -> Any:
     return found
 
 
+_CLAUSES: dict[str, tuple[Clause, Clause]] = {}
+"""The true and the false ``Clause`` of each clause text met lately: conditions sharing a
+clause (the rules reading one fact often test it alike) share its two clauses, as they
+share its text (``_shared``)."""
+
+
+def _clause_pair(text: str) -> tuple[Clause, Clause]:
+    """``(Clause(text, True), Clause(text, False))``, the pair kept before when there is
+    one (see ``_CLAUSES``)."""
+    found = _CLAUSES.get(text)
+    if found is None:
+        if len(_CLAUSES) >= _MAX_SHARED:
+            _CLAUSES.clear()
+        _CLAUSES[text] = found = (Clause(text, True), Clause(text, False))
+    return found
+
+
 def compile_condition(text: str, *, item_kind: str | None = None) -> Condition:
     """Parse and statically check ``text``; raises ``ExpressionError`` listing every problem.
 
@@ -851,8 +868,9 @@ def _compile_clauses(
     if run is None:
         return None
     time_code = None if sites is None else _time_code(generator, sites)
-    true_clauses = [Clause(text, True) for text in clause_texts]
-    false_clauses = [Clause(text, False) for text in clause_texts]
+    pairs = [_clause_pair(text) for text in clause_texts]
+    true_clauses = [true for true, _ in pairs]
+    false_clauses = [false for _, false in pairs]
     condition_values = (*true_clauses, *false_clauses, clause_texts, *generator.constants)
     return run, condition_values, time_code
 
@@ -920,7 +938,7 @@ class CompiledCondition:
     ) -> None:
         leaves: list[ast.expr] = []
         plan = _shared(_split(tree, leaves))
-        clause_texts = tuple(source.snippet(leaf) for leaf in leaves)
+        clause_texts = tuple(_shared(source.snippet(leaf)) for leaf in leaves)
         bound = _bound_names(item_kind)
         lowered = tuple(_lower(leaf, bound) for leaf in leaves)
         values = {
