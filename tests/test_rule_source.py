@@ -140,3 +140,25 @@ def test_packed_data_reads_back_equal_whatever_its_id_and_when(data: dict[str, o
     assert isinstance(packed, PackedData)
     assert packed.unpacked() == data and list(packed.unpacked()) == list(data)
     assert dict(packed) == data and list(packed) == list(data)
+
+
+def test_rules_with_equal_actions_share_them() -> None:
+    text = "".join(
+        f"- id: site/r{i}\n  project: site\n  when: task.t{i}.done\n"
+        f"  actions: [{{notify: {{target: chat, message: done}}}}, {action}]\n"
+        for i, action in enumerate(
+            [
+                "{notify: {target: ops, message: m}}",
+                "{notify: {target: ops, message: m}}",
+                "{notify: {target: ops, message: other}}",
+                "{set_fact: {kind: flag, id: f, data: {ok: true}}}",
+                "{set_fact: {kind: flag, id: f, data: {ok: true}}}",
+            ]
+        )
+    )
+    result = load_rule_texts({"site.yaml": text}, config=None)
+    assert result.ruleset is not None, [str(p) for p in result.problems]
+    first, second, third, fourth, fifth = (rule.actions for rule in result.ruleset.rules)
+    assert first == second and first is second  # one tuple
+    assert third != first and third[0] is first[0]  # one object for the equal notify
+    assert fourth == fifth and fourth is not fifth  # set_fact data is a dict: not shared

@@ -42,7 +42,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from gatekeeper.config import Config, Target
 from gatekeeper.expr import (
@@ -1077,7 +1077,7 @@ def _build_rule(candidate: _Candidate, source: Mapping[str, Any], line: int) -> 
         description=data.get("description", ""),
         condition=candidate.condition,
         fire=cast(FireMode, sys.intern(data.get("fire", "once"))),
-        actions=tuple(_build_action(action) for action in data["actions"]),
+        actions=_build_actions(data["actions"]),
         approvals=_build_approvals(data.get("approvals")),
         content_hash=rule_content_hash(data),
         file=candidate.doc.file,
@@ -1093,20 +1093,30 @@ def _shared(value: Any) -> Any:
     return sys.intern(value) if isinstance(value, str) else value
 
 
-_ACTIONS: dict[Action, Action] = {}
-"""Release and notify actions already built: equal ones (rules of one template notifying
-one target with one message) are one object, immutable."""
+_Shareable = TypeVar("_Shareable", ReleaseAction, NotifyAction, tuple[Action, ...])
+_ACTIONS: dict[Any, Any] = {}
+"""Release and notify actions already built, and the tuples of them rules hold: equal ones
+(rules of one template notifying one target with one message) are one object, immutable."""
 _MAX_ACTIONS = 4096
 
 
-def _one_action(action: Action) -> Action:
-    """``action``, or the equal action built before (see ``_ACTIONS``)."""
-    found = _ACTIONS.get(action)
+def _one_action(action: _Shareable) -> _Shareable:
+    """``action`` (or a tuple of release and notify actions), or the equal one built before
+    (see ``_ACTIONS``)."""
+    found: _Shareable | None = _ACTIONS.get(action)
     if found is None:
         if len(_ACTIONS) >= _MAX_ACTIONS:
             _ACTIONS.clear()
         _ACTIONS[action] = found = action
     return found
+
+
+def _build_actions(actions: list[Mapping[str, Any]]) -> tuple[Action, ...]:
+    """A rule's actions; one tuple for equal tuples of release and notify actions."""
+    built = tuple(_build_action(action) for action in actions)
+    if all(isinstance(action, ReleaseAction | NotifyAction) for action in built):
+        return _one_action(built)
+    return built
 
 
 def _build_action(action: Mapping[str, Any]) -> Action:
