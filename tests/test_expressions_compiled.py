@@ -676,10 +676,9 @@ def test_compiled_code_cannot_reach_builtins() -> None:
     assert namespace["__builtins__"] == {}
     assert namespace is not expressions.__dict__
     # Every global name the code loads is in its namespace; the only attributes it takes
-    # are the ``get`` of its fact cache and of the (dict) data of a fact, and the
-    # ``__dict__`` of the Evaluation it builds.
+    # are the ``get`` of its fact cache and of the (dict) data of a fact.
     names = set(run.__code__.co_names)
-    assert names - set(namespace) == {"get", "__dict__"}
+    assert names - set(namespace) == {"get"}
     assert set(run.__code__.co_varnames) >= {"_fd", "_kd", "_facts", "_now"}
     for name in names & set(namespace):
         assert name.startswith("_"), name

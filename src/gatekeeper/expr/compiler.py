@@ -466,6 +466,10 @@ _RUNTIME: dict[str, Any] = {
     "_ABSENT": _ABSENT,
     "_Evaluation": Evaluation,
     "_new": object.__new__,
+    **{
+        f"_set_{name}": Evaluation.__dict__[name].__set__
+        for name in ("value", "clauses", "missing", "error", "seen", "collections")
+    },
     "_add": _add,
     "_mul": _mul,
     "_pow": _pow,
@@ -850,17 +854,16 @@ def _compile_clauses(
     lines += [
         "        if _failed is not None:",
         f"            return _failed, ({values})",
-        # Evaluation(value, clauses, (), None, seen) without the frozen dataclass's
-        # __init__ (five object.__setattr__ calls): the very same instance (its fields set
-        # in the same order), built three times faster.
+        # Evaluation(value, clauses, (), None, seen, collections) without the frozen
+        # dataclass's __init__ (six object.__setattr__ calls): the very same instance, its
+        # slots set through their descriptors, built twice as fast.
         "        _result = _new(_Evaluation)",
-        "        _fields = _result.__dict__",
-        f"        _fields['value'] = True if {_plan_source(plan)} else False",
-        f"        _fields['clauses'] = ({clauses})",
-        "        _fields['missing'] = ()",
-        "        _fields['error'] = None",
-        "        _fields['seen'] = {**_kd, **_fd} if _kd else _fd",
-        "        _fields['collections'] = " + ("_cs.collections()" if generator.sites else "()"),
+        f"        _set_value(_result, True if {_plan_source(plan)} else False)",
+        f"        _set_clauses(_result, ({clauses}))",
+        "        _set_missing(_result, ())",
+        "        _set_error(_result, None)",
+        "        _set_seen(_result, {**_kd, **_fd} if _kd else _fd)",
+        "        _set_collections(_result, " + ("_cs.collections())" if generator.sites else "())"),
         "        return _result",
     ]
     text = "\n".join(line[4:] for line in lines)

@@ -381,7 +381,7 @@ class CollectionSeen:
     value: Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Evaluation:
     """The outcome of evaluating a condition.
 
