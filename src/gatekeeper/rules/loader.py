@@ -398,7 +398,8 @@ _Source = tuple[str, str]
 class CheckedRule:
     """A rule mapping of a ``CheckedFile``: where it is (``prefix``: its index in a list of
     rules, or ``()``; ``line``: 1-based), its data, its compiled condition (None when the
-    ``when`` is not valid) and, when the file has no problem of its own, the built ``Rule``."""
+    ``when`` is not valid) and, when the file has no problem of its own, the built ``Rule``
+    (then the rest is the rule's own: a file keeps only its rules, see ``CheckedFile``)."""
 
     prefix: PathParts
     data: Mapping[str, Any]
@@ -421,13 +422,46 @@ class CheckedFile:
     name: str
     packed_text: bytes
     digest: str
-    rules: tuple[CheckedRule, ...]
+    checked: tuple[CheckedRule, ...]
+    """The file's rule mappings when its rules are not built (it has a problem of its own);
+    else empty."""
     problems: tuple[Problem, ...]
+    built: tuple[Rule, ...] = ()
+    """The file's rules when it has no problem of its own: all a file without problems
+    keeps of its rules (``rules`` makes their ``CheckedRule`` when asked)."""
+    listed: bool = True
+    """Whether the file holds a list of rules (else one rule mapping)."""
 
     @property
     def text(self) -> str:
         """The file's text."""
         return unpack_text(self.packed_text)
+
+    @property
+    def count(self) -> int:
+        """How many rule mappings the file holds."""
+        return len(self.checked) + len(self.built)
+
+    @property
+    def rules(self) -> tuple[CheckedRule, ...]:
+        """The file's rule mappings, in file order."""
+        if not self.built:
+            return self.checked
+        return tuple(self.checked_rule(index) for index in range(len(self.built)))
+
+    def checked_rule(self, index: int) -> CheckedRule:
+        """The ``CheckedRule`` of the file's rule mapping at ``index`` (0-based)."""
+        if not self.built:
+            return self.checked[index]
+        rule = self.built[index]
+        prefix = _shared_prefix((index,)) if self.listed else ()
+        return CheckedRule(prefix, rule.source, rule.line, rule.condition, rule, rule.id)
+
+    def rule_ids(self) -> list[str | None]:
+        """The id of each rule mapping, in file order (None when it is not a string)."""
+        if not self.built:
+            return [rule.rule_id for rule in self.checked]
+        return [rule.id for rule in self.built]
 
 
 class RuleFileCache:
@@ -554,13 +588,13 @@ def _load_unpaused(
             problems += _reference_problems(file, config, docs)
     problems += _duplicate_id_problems(files, docs)
     problems += _loop_problems(files, docs)
-    rule_count = sum(len(file.rules) for file in files)
+    rule_count = sum(file.count for file in files)
     if not rule_count and not problems:
         problems.append(Problem(where, 0, 0, f"no rules found in {where}"))
     counts = (rule_count, len(sources))
     if problems:
         return LoadResult(None, tuple(sorted_problems(problems)), *counts)
-    rules = tuple(checked.rule for file in files for checked in file.rules if checked.rule)
+    rules = tuple(rule for file in files for rule in file.built)
     version = ruleset_version({name: source[0] for name, source in sources.items()})
     texts = PackedTexts({file.name: file.packed_text for file in files})
     ruleset = Ruleset(rules, texts, version, git_commit)
@@ -641,23 +675,31 @@ def _check_file_contents(name: str, text: str, digest: str) -> CheckedFile:
             _check_rule(candidate)
             problems += candidate.problems
             candidates.append(candidate)
-    rules = tuple(_checked_rule(candidate, build=not problems) for candidate in candidates)
-    return CheckedFile(name, pack_text(text), digest, rules, tuple(problems))
+    packed = pack_text(text)
+    listed = isinstance(doc.data, list)
+    if problems:
+        rules = tuple(_checked_rule(candidate) for candidate in candidates)
+        return CheckedFile(name, packed, digest, rules, tuple(problems), listed=listed)
+    built = tuple(_built_rule(candidate) for candidate in candidates)
+    return CheckedFile(name, packed, digest, (), (), built, listed)
 
 
-def _checked_rule(candidate: _Candidate, *, build: bool) -> CheckedRule:
-    """The ``CheckedRule`` of ``candidate``, with its built ``Rule`` when ``build`` (its
-    file has no problem). The data is packed once, for both."""
-    packed = pack_data(candidate.data)
-    line = candidate.doc.position(candidate.prefix)[0]
+def _checked_rule(candidate: _Candidate) -> CheckedRule:
+    """The ``CheckedRule`` of ``candidate`` in a file with problems (nothing is built)."""
     return CheckedRule(
         _shared_prefix(candidate.prefix),
-        packed,
-        line,
+        pack_data(candidate.data),
+        candidate.doc.position(candidate.prefix)[0],
         candidate.condition,
-        _build_rule(candidate, packed, line) if build else None,
+        None,
         candidate.rule_id,
     )
+
+
+def _built_rule(candidate: _Candidate) -> Rule:
+    """The ``Rule`` of ``candidate`` in a file without problems."""
+    line = candidate.doc.position(candidate.prefix)[0]
+    return _build_rule(candidate, pack_data(candidate.data), line)
 
 
 _PREFIXES: dict[PathParts, PathParts] = {}
@@ -975,21 +1017,21 @@ def _unknown_name_message(what: str, name: str, known: list[str], config: Config
 
 def _duplicate_id_problems(files: list[CheckedFile], docs: _Documents) -> list[Problem]:
     """A problem at each repeated rule id, naming where the id was first used."""
-    first: dict[str, tuple[CheckedFile, CheckedRule]] = {}
+    first: dict[str, tuple[CheckedFile, int]] = {}
     problems = []
     for file in files:
-        for rule in file.rules:
-            rule_id = rule.rule_id
+        for index, rule_id in enumerate(file.rule_ids()):
             if rule_id is None:
                 continue
             if rule_id not in first:
-                first[rule_id] = (file, rule)
+                first[rule_id] = (file, index)
                 continue
-            earlier_file, earlier = first[rule_id]
+            earlier_file, earlier_index = first[rule_id]
+            earlier = earlier_file.checked_rule(earlier_index)
             line, column = docs.of(earlier_file).position((*earlier.prefix, "id"))
             where = f"{earlier_file.name}:{line}:{column}"
             message = f"duplicate rule id {rule_id!r}: already used at {where}"
-            problems.append(docs.problem(file, rule, ("id",), message))
+            problems.append(docs.problem(file, file.checked_rule(index), ("id",), message))
     return problems
 
 
@@ -1038,7 +1080,7 @@ def _loop_problems(files: Sequence[CheckedFile], docs: _Documents) -> list[Probl
     """A problem for each loop of rules feeding each other through set_fact (see
     ``loop_cycles``), at the ``kind`` of the set_fact action of its first rule (in file
     order) that feeds the next rule of the cycle."""
-    if not any(_sets_a_fact(rule.data) for file in files for rule in file.rules):
+    if not any(_file_sets_a_fact(file) for file in files):
         return []  # the usual ruleset: nothing to walk
     built = [
         (file, rule, node) for file in files for rule in file.rules if (node := _loop_rule(rule))
@@ -1052,6 +1094,13 @@ def _loop_problems(files: Sequence[CheckedFile], docs: _Documents) -> list[Probl
         message = loop_message(nodes, (rules, edges))
         problems.append(docs.problem(file, checked, path, message))
     return problems
+
+
+def _file_sets_a_fact(file: CheckedFile) -> bool:
+    """Whether a rule mapping of ``file`` has a ``set_fact`` action."""
+    if file.built:
+        return any(isinstance(a, SetFactAction) for rule in file.built for a in rule.actions)
+    return any(_sets_a_fact(rule.data) for rule in file.checked)
 
 
 def _sets_a_fact(data: Mapping[str, Any]) -> bool:
