@@ -162,3 +162,18 @@ def test_rules_with_equal_actions_share_them() -> None:
     assert first == second and first is second  # one tuple
     assert third != first and third[0] is first[0]  # one object for the equal notify
     assert fourth == fifth
+
+
+def test_rules_written_alike_share_their_packed_data() -> None:
+    text = "".join(
+        f"- id: site/r{i}\n  project: site\n  when: task.t{i}.done\n"
+        "  actions: [{notify: {target: chat, message: done}}]\n"
+        for i in range(3)
+    )
+    result = load_rule_texts({"site.yaml": text}, config=None)
+    assert result.ruleset is not None, [str(p) for p in result.problems]
+    sources = [rule.source for rule in result.ruleset.rules]
+    assert all(isinstance(source, PackedData) for source in sources)
+    assert sources[0]._packed is sources[1]._packed is sources[2]._packed  # type: ignore[attr-defined]
+    assert [dict(source)["id"] for source in sources] == ["site/r0", "site/r1", "site/r2"]
+    assert [dict(source)["when"] for source in sources] == [f"task.t{i}.done" for i in range(3)]

@@ -167,12 +167,29 @@ def pack_data(data: Mapping[str, Any]) -> Mapping[str, Any]:
         if when is not None:
             rest["when"] = None
     try:
-        # copied out of marshal's buffer, which it grows past the small-object allocator's
-        # sizes: an object of its own size, among the rule's other small objects
-        packed = bytes(memoryview(marshal.dumps(rest)))
+        packed = marshal.dumps(rest)
     except ValueError:
         return data
-    return PackedData(packed, rule_id, when)
+    return PackedData(_shared_packed(packed), rule_id, when)
+
+
+_PACKED: dict[bytes, bytes] = {}
+"""Packed data kept lately (see ``_shared_packed``), bounded by ``_MAX_PACKED``."""
+_MAX_PACKED = 4096
+
+
+def _shared_packed(packed: bytes) -> bytes:
+    """``packed``, or the equal bytes kept before: the rules written from one template,
+    which differ only in their id and ``when``, pack alike. A new one is copied out of
+    marshal's buffer, which marshal grows past the small-object allocator's sizes, into an
+    object of its own size among the rule's other small objects."""
+    found = _PACKED.get(packed)
+    if found is None:
+        if len(_PACKED) >= _MAX_PACKED:
+            _PACKED.clear()
+        found = bytes(memoryview(packed))
+        _PACKED[found] = found
+    return found
 
 
 def pack_text(text: str) -> bytes:
