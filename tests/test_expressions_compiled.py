@@ -701,6 +701,10 @@ def test_conditions_of_one_shape_share_their_code() -> None:
 
 
 def test_conditions_sharing_a_clause_share_its_text_and_its_clauses() -> None:
+    text = "milestone.design.status == 'approved' and\n  qg.x.n >= 1"
+    fresh = compile_condition(text)  # not evaluated yet: its texts come from the text
+    assert fresh.clause_texts == ("milestone.design.status == 'approved'", "qg.x.n >= 1")
+    assert compiled(text).clause_texts == fresh.clause_texts
     first = compiled("milestone.design.status == 'approved' and qg.x.n >= 1")
     second = compiled("milestone.design.status == 'approved' and qg.x.n >= 2")
     assert first.clause_texts[0] is second.clause_texts[0]
