@@ -37,6 +37,12 @@ facts as plain Python dicts in a bare process (``json.loads`` of each row, keyed
    conditions (``zen.compile_expression`` of each, over the facts as plain dicts, each
    evaluated once) and of one decision graph per rule (``ZenEngine.create_decision`` of an
    input -> expression -> output graph). Target: **<= 2.2 KiB** per rule.
+   ``--per-rule-where`` adds two more such children, which say where the bytes are: the
+   RSS growth after each stage, split into anonymous memory and pages of mapped files (the
+   libraries' code that loading rules runs for the first time); then, under tracemalloc
+   (8 frames, which adds its own memory to the RSS), the bytes Python objects hold per rule
+   after each stage and at the peak of the first plan, and the allocation sites holding
+   the most at the end, each by the innermost gatekeeper line that asked.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +103,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--per-rule-runs", type=int, default=3, help="child processes per per-rule figure"
     )
+    parser.add_argument(
+        "--per-rule-where",
+        action="store_true",
+        help="also where the memory per rule goes (tracemalloc and RSS by stage)",
+    )
     add_strict_options(parser)
     # Internal modes.
     parser.add_argument("--dicts-of", metavar="DB", help=argparse.SUPPRESS)
@@ -108,6 +120,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------
 # /proc
+
+
+def rss_split_mib() -> tuple[float, float]:
+    """(anonymous RSS ``RssAnon``, RSS of mapped files ``RssFile``) of this process, MiB."""
+    values: dict[str, float] = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("RssAnon", "RssFile"):
+            values[name] = int(rest.split()[0]) / 1024  # kB
+    return values["RssAnon"], values["RssFile"]
 
 
 def rss_mib(pid: int | str = "self") -> tuple[float, float]:
@@ -255,7 +277,6 @@ def dicts_of(database: str) -> None:
     (sqlite3 and json only): the RSS growth, and the bytes tracemalloc counts for a second
     copy built the same way."""
     import sqlite3
-    import tracemalloc
 
     db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
     sql = "SELECT project, kind, id, data FROM facts"
@@ -285,7 +306,6 @@ def trace_startup(config_path: str, top: int = 20) -> None:
     """Start the daemon in this process under tracemalloc (8 frames); print where the
     memory still allocated after ``start()`` was allocated: by the innermost gatekeeper
     line on the way (what asked for it) and the allocating line, then by file."""
-    import tracemalloc
     from collections import Counter
 
     from gatekeeper.config import load_config
@@ -372,7 +392,9 @@ def per_rule_child(what: str, config_path: str) -> None:
     """Print JSON ``{"before", "after"}`` (RSS MiB) and ``rules``: the RSS of this process
     after the daemon's imports (or zen's), then after loading what ``what`` names:
     ``gatekeeper`` (rules, engine, facts, states), ``facts`` (the facts only),
-    ``zen-expressions`` or ``zen-decisions`` (see the module's docstring)."""
+    ``zen-expressions`` or ``zen-decisions`` (see the module's docstring);
+    ``gatekeeper-where`` and ``gatekeeper-traced`` (under tracemalloc) are ``gatekeeper``
+    printing the breakdown of ``--per-rule-where`` instead."""
     import gc
     from datetime import UTC, datetime
 
@@ -412,27 +434,110 @@ def per_rule_child(what: str, config_path: str) -> None:
         from gatekeeper.rules.loader import RuleFileCache, load_rules_dir
 
         config = load_config(config_file)
+        where = what != "gatekeeper"
+        traced = what == "gatekeeper-traced"
+        stages: dict[str, tuple[float, float, float]] = {}
+
+        def stage(name: str) -> None:
+            if where:
+                gc.collect()
+                stages[name] = (*rss_split_mib(), tracemalloc.get_traced_memory()[0] / MIB)
+
         gc.collect()
+        if traced:
+            tracemalloc.start(8)
         before = rss_mib()[1]
+        stage("the daemon's imports")
         facts = FactTable({(BENCH_PROJECT, "task", f"T-{i}"): fact_data(i) for i in range(read)})
-        if what == "gatekeeper":
+        stage("+ the facts")
+        if what.startswith("gatekeeper"):
             cache = RuleFileCache()
             result = load_rules_dir(config.rules_dir, config, cache)
             if result.ruleset is None:
                 raise SystemExit("\n".join(map(str, result.problems)))
+            stage("+ rules loaded (load_rules_dir)")
             engine = Engine.for_config(result.ruleset, config)
+            stage("+ engine")
             states: dict[Any, Any] = {}
             book = EscrowBook(config.escrows)
+            if traced:
+                tracemalloc.reset_peak()
             plan = engine.plan_rules(facts, states, result.ruleset.rules, now, "reload")
             assert not plan.fired, "no generated rule holds"
+            plan_peak = tracemalloc.get_traced_memory()[1] / MIB if traced else 0.0
+            stage("+ first plan (every rule evaluated once)")
             apply_transition(plan, facts, states, {}, book)
             del plan
+            stage("+ states applied, plan dropped")
+            if traced:
+                snapshot = tracemalloc.take_snapshot()
+                tracemalloc.stop()
+                print_traced(stages, plan_peak, snapshot, rule_count)
+                return
+            if where:
+                print_stages(stages, rule_count)
+                return
     gc.collect()
     after = rss_mib()[1]
     print(json.dumps({"before": before, "after": after, "rules": rule_count}))
 
 
-def per_rule(config: Path, runs: int, targets: Targets) -> None:
+def print_stages(stages: dict[str, tuple[float, float, float]], rules: int) -> None:
+    """The RSS part of the ``--per-rule-where`` breakdown: growth per rule after each stage."""
+    per_rule = MIB / rules
+    base = next(iter(stages.values()))
+    rows = [
+        [
+            name,
+            f"{(anon + files - base[0] - base[1]) * per_rule:,.0f}",
+            f"{(anon - base[0]) * per_rule:,.0f}",
+            f"{(files - base[1]) * per_rule:,.0f}",
+        ]
+        for name, (anon, files, _) in stages.items()
+    ]
+    print(f"\n-- where the memory per rule goes: {rules:,} rules, RSS growth after each stage")
+    print(table(["stage", "RSS B/rule", "anonymous", "mapped files"], rows))
+
+
+def print_traced(
+    stages: dict[str, tuple[float, float, float]],
+    plan_peak: float,
+    snapshot: tracemalloc.Snapshot,
+    rules: int,
+    top: int = 22,
+) -> None:
+    """The tracemalloc part of the ``--per-rule-where`` breakdown; bytes per rule."""
+    from collections import Counter
+
+    per_rule = MIB / rules
+    base = next(iter(stages.values()))
+    rows = [[name, f"{(held - base[2]) * per_rule:,.0f}"] for name, (*_, held) in stages.items()]
+    print("\n   the same under tracemalloc: bytes Python objects hold per rule after each stage")
+    print(table(["stage", "traced B/rule"], rows))
+    loaded = stages["+ rules loaded (load_rules_dir)"][2]
+    print(
+        f"   traced peak of the first plan: {(plan_peak - loaded) * per_rule:,.0f} B/rule "
+        "over the rules loaded (held, and the plan's decisions while it is alive)"
+    )
+    snapshot = snapshot.filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+    sizes: Counter[tuple[str, str]] = Counter()
+    counts: Counter[tuple[str, str]] = Counter()
+    for stat in snapshot.statistics("traceback"):
+        ours = [f for f in stat.traceback if "/gatekeeper/" in f.filename]
+        site = stat.traceback[-1]  # oldest first: the last frame allocated
+        asker = f"{short(ours[-1].filename)}:{ours[-1].lineno}" if ours else "-"
+        key = (asker, f"{short(site.filename)}:{site.lineno}")
+        sizes[key] += stat.size
+        counts[key] += stat.count
+    print(f"   held at the end, by site ({sum(sizes.values()) / rules:,.0f} B/rule traced):")
+    rows = [
+        [asker, site, f"{size / rules:,.1f}", f"{counts[(asker, site)] / rules:.2f}"]
+        for (asker, site), size in sizes.most_common(top)
+    ]
+    print(table(["gatekeeper line", "allocated at", "B/rule", "blocks/rule"], rows))
+
+
+def per_rule(config: Path, runs: int, targets: Targets, where: bool = False) -> None:
     """The memory per loaded rule (see the module's docstring), medians of ``runs``."""
     kinds = ["facts", "gatekeeper"]
     try:
@@ -478,6 +583,14 @@ def per_rule(config: Path, runs: int, targets: Targets) -> None:
         print(zen_note)
     per = median(samples["gatekeeper"]) * 1024 / rules
     targets.check("KiB per loaded rule (rules + their facts)", per, "<=", TARGET_KIB_PER_RULE)
+    for kind in ("gatekeeper-where", "gatekeeper-traced") if where else ():
+        command = [sys.executable, str(Path(__file__).resolve()), "--per-rule-child", kind]
+        done = subprocess.run(
+            [*command, str(config)], capture_output=True, text=True, timeout=900, check=False
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"per-rule breakdown failed:\n{done.stdout}\n{done.stderr}")
+        print(done.stdout.rstrip())
 
 
 def short(filename: str) -> str:
@@ -541,7 +654,7 @@ def run(args: argparse.Namespace) -> int:
         db_bytes = sum(
             p.stat().st_size for p in folder.iterdir() if p.name.startswith("gatekeeper.db")
         )
-        per_rule(config, args.per_rule_runs, targets)
+        per_rule(config, args.per_rule_runs, targets, args.per_rule_where)
         trace = None
         if args.where:
             done = subprocess.run(
@@ -667,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tempfile.mkdtemp(prefix="gatekeeper-bench-memory-"))
         try:
             config, _ = write_gatekeeper_setup(folder, args.rules, time_rules=True)
-            per_rule(config, args.per_rule_runs, targets)
+            per_rule(config, args.per_rule_runs, targets, args.per_rule_where)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return targets.exit_code()

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import gatekeeper.expr.compiler as expressions
 from gatekeeper.expr import (
+    Clause,
     CompiledCondition,
     Evaluation,
     ExpressionError,
@@ -675,10 +676,9 @@ def test_compiled_code_cannot_reach_builtins() -> None:
     assert namespace["__builtins__"] == {}
     assert namespace is not expressions.__dict__
     # Every global name the code loads is in its namespace; the only attributes it takes
-    # are the ``get`` of its fact cache and of the (dict) data of a fact, and the
-    # ``__dict__`` of the Evaluation it builds.
+    # are the ``get`` of its fact cache and of the (dict) data of a fact.
     names = set(run.__code__.co_names)
-    assert names - set(namespace) == {"get", "__dict__"}
+    assert names - set(namespace) == {"get"}
     assert set(run.__code__.co_varnames) >= {"_fd", "_kd", "_facts", "_now"}
     for name in names & set(namespace):
         assert name.startswith("_"), name
@@ -698,6 +698,24 @@ def test_conditions_of_one_shape_share_their_code() -> None:
     assert evaluation is not None and evaluation.value is True
     evaluation = both("milestone.design.status == 'open' and qg.x.n == 0.5", GATE_FACTS)
     assert evaluation is not None and evaluation.value is False
+
+
+def test_conditions_sharing_a_clause_share_its_text_and_its_clauses() -> None:
+    text = "milestone.design.status == 'approved' and\n  qg.x.n >= 1"
+    fresh = compile_condition(text)  # not evaluated yet: its texts come from the text
+    assert fresh.clause_texts == ("milestone.design.status == 'approved'", "qg.x.n >= 1")
+    assert compiled(text).clause_texts == fresh.clause_texts
+    first = compiled("milestone.design.status == 'approved' and qg.x.n >= 1")
+    second = compiled("milestone.design.status == 'approved' and qg.x.n >= 2")
+    assert first.clause_texts[0] is second.clause_texts[0]
+    assert first.clause_texts[1] != second.clause_texts[1]
+    one = first.evaluate(DictFacts(GATE_FACTS), NOW)
+    other = second.evaluate(DictFacts(GATE_FACTS), NOW)
+    assert one.clauses[0] == Clause("milestone.design.status == 'approved'", True)
+    assert one.clauses[0] is other.clauses[0]  # one object, immutable
+    assert [c.text for c in one.clauses] == list(first.clause_texts)
+    assert [c.text for c in other.clauses] == list(second.clause_texts)
+    assert both("milestone.design.status == 'approved' and qg.x.n >= 2", GATE_FACTS) == other
 
 
 def test_generated_source_holds_only_literals_from_the_text() -> None:

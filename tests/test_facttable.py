@@ -59,3 +59,38 @@ def test_snapshot_lists_the_tables_own_facts() -> None:
     view.put(("p", "task", "T-1"), {"a": 3})
     assert table.snapshot() == {("p", "task", "T-0"): {"a": 1}, ("q", "gate", "g"): {"b": 2}}
     assert view.snapshot() == {("p", "task", "T-1"): {"a": 3}}
+
+
+def test_evaluations_share_the_tables_data_and_an_overlay_keeps_its_own_copy() -> None:
+    from datetime import UTC, datetime
+
+    from gatekeeper.engine.facts import ProjectFacts
+    from gatekeeper.expr import compile_condition
+
+    now = datetime(2026, 11, 22, tzinfo=UTC)
+    table = FactTable({("p", "task", "T-0"): decoded(0)})
+    view = table.overlay()
+    posted = decoded(1)
+    view.put(("p", "task", "T-1"), posted)
+    posted["status"] = "changed after the put"
+    assert view.get(("p", "task", "T-1")) == decoded(1)  # the overlay's own copy
+    condition = compile_condition('task["T-0"].status == "open" and task["T-1"].status == "open"')
+    first = condition.evaluate(ProjectFacts("p", view), now)
+    second = condition.evaluate(ProjectFacts("p", view), now)
+    assert first.value and second.value
+    for name, key in (("task.T-0", ("p", "task", "T-0")), ("task.T-1", ("p", "task", "T-1"))):
+        assert first.seen[name] is second.seen[name] is view.get(key)  # one dict, no copies
+
+    class Plain:  # a lookup that does not promise to leave its data alone
+        def __init__(self, data: dict[str, Any]) -> None:
+            self.data = data
+
+        def get(self, kind: str, id: str) -> dict[str, Any] | None:
+            return self.data if (kind, id) == ("task", "T-0") else None
+
+        def of_kind(self, kind: str) -> dict[str, dict[str, Any]]:
+            return {"T-0": self.data} if kind == "task" else {}
+
+    data = decoded(0)
+    seen = compile_condition('task["T-0"].status == "open"').evaluate(Plain(data), now).seen
+    assert seen["task.T-0"] == data and seen["task.T-0"] is not data  # copied

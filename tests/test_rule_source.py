@@ -1,15 +1,18 @@
 """A loaded rule keeps its data as written (``Rule.source``) packed: equal to the data, read
-only, and kept as it is when it holds what cannot be packed (a YAML timestamp)."""
+only, and kept as it is when it holds what cannot be packed (a YAML timestamp); a loaded
+ruleset keeps its files' texts packed too."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 from collections.abc import Mapping
 
 import pytest
 
-from gatekeeper.rules.loader import load_rule_texts
-from gatekeeper.rules.model import PackedData, pack_data
+from gatekeeper.rules.loader import load_rule_texts, ruleset_version
+from gatekeeper.rules.model import PackedData, PackedTexts, pack_data
 
 RULES = """\
 - id: site/one
@@ -102,3 +105,75 @@ def test_data_with_a_yaml_timestamp_is_kept_as_it_is() -> None:
     kept = pack_data(data)
     assert kept is data
     assert isinstance(kept, Mapping)
+
+
+def test_the_files_of_a_loaded_ruleset_are_kept_packed_and_read_back_equal() -> None:
+    other = (
+        "- id: site/three\n  project: site\n  when: len(task) > 0\n"
+        "  actions: [{notify: {target: t, message: m}}]\n"
+    )
+    texts = {"site.yaml": RULES, "more/other.yml": other}
+    result = load_rule_texts(texts, config=None)
+    assert result.ruleset is not None, [str(p) for p in result.problems]
+    files = result.ruleset.files
+    assert isinstance(files, PackedTexts)
+    assert files == texts and dict(files) == texts
+    assert sorted(files) == sorted(texts) and len(files) == 2 and "site.yaml" in files
+    assert files["more/other.yml"] == other
+    assert len(files.packed("site.yaml")) < len(RULES.encode())
+    assert result.ruleset.version == ruleset_version(texts)
+    canonical = json.dumps(sorted(texts.items()), separators=(",", ":"), ensure_ascii=False)
+    assert ruleset_version(texts) == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"when": "a.b.c", "project": "p", "id": "x/y"},  # key order as written
+        {"id": 5, "when": None, "x": [1, {"id": "inner"}]},  # not strings: packed as they are
+        {"project": "p"},
+        {},
+    ],
+)
+def test_packed_data_reads_back_equal_whatever_its_id_and_when(data: dict[str, object]) -> None:
+    packed = pack_data(data)
+    assert isinstance(packed, PackedData)
+    assert packed.unpacked() == data and list(packed.unpacked()) == list(data)
+    assert dict(packed) == data and list(packed) == list(data)
+
+
+def test_rules_with_equal_actions_share_them() -> None:
+    text = "".join(
+        f"- id: site/r{i}\n  project: site\n  when: task.t{i}.done\n"
+        f"  actions: [{{notify: {{target: chat, message: done}}}}, {action}]\n"
+        for i, action in enumerate(
+            [
+                "{notify: {target: ops, message: m}}",
+                "{notify: {target: ops, message: m}}",
+                "{notify: {target: ops, message: other}}",
+                "{set_fact: {kind: flag, id: f, data: {ok: true}}}",
+                "{set_fact: {kind: flag, id: f, data: {ok: true}}}",
+            ]
+        )
+    )
+    result = load_rule_texts({"site.yaml": text}, config=None)
+    assert result.ruleset is not None, [str(p) for p in result.problems]
+    first, second, third, fourth, fifth = (rule.actions for rule in result.ruleset.rules)
+    assert first == second and first is second  # one tuple
+    assert third != first and third[0] is first[0]  # one object for the equal notify
+    assert fourth == fifth
+
+
+def test_rules_written_alike_share_their_packed_data() -> None:
+    text = "".join(
+        f"- id: site/r{i}\n  project: site\n  when: task.t{i}.done\n"
+        "  actions: [{notify: {target: chat, message: done}}]\n"
+        for i in range(3)
+    )
+    result = load_rule_texts({"site.yaml": text}, config=None)
+    assert result.ruleset is not None, [str(p) for p in result.problems]
+    sources = [rule.source for rule in result.ruleset.rules]
+    assert all(isinstance(source, PackedData) for source in sources)
+    assert sources[0]._packed is sources[1]._packed is sources[2]._packed  # type: ignore[attr-defined]
+    assert [dict(source)["id"] for source in sources] == ["site/r0", "site/r1", "site/r2"]
+    assert [dict(source)["when"] for source in sources] == [f"task.t{i}.done" for i in range(3)]

@@ -19,8 +19,13 @@ _TABLE_TOKENS = itertools.count(1)
 class ProjectFacts:
     """The current facts of one project, seen through pending (uncommitted) changes.
 
-    Implements ``gatekeeper.expr.FactLookup`` and ``gatekeeper.expr.FactChanges``.
+    Implements ``gatekeeper.expr.FactLookup`` and ``gatekeeper.expr.FactChanges``. It
+    shares its data (``shares_data``): a ``FactTable`` holds each fact's data as a plain
+    dict of its own, which it replaces and never changes, so an evaluation keeps that dict
+    in its ``seen`` rather than a copy (the rules reading one fact in a batch hold one dict).
     """
+
+    shares_data = True
 
     def __init__(self, project: str, facts: FactTable) -> None:
         self._project = project
@@ -59,7 +64,9 @@ class FactTable:
     reports its own puts, and those of the overlays it stands on, as ``pending``: they are
     not committed, and are forgotten with the overlay.
 
-    The root table (not an overlay) stores each fact's data in a compact form: a copy in
+    Every fact's data is a plain dict of the table's own, replaced by ``put`` and never
+    changed in place (``ProjectFacts.shares_data`` relies on it): an overlay keeps a
+    shallow copy of the data given, the root table (not an overlay) a compact copy, in
     which equal dict keys, projects, kinds and short strings (up to ``SHARED_MAX_CHARS``
     characters: statuses, codes) are one shared ``str`` object, not one per fact (as
     ``json.loads`` makes them). The copy is equal to the data given; only memory changes
@@ -92,12 +99,15 @@ class FactTable:
         return view
 
     def put(self, key: FactKey, data: Mapping[str, Any]) -> None:
-        """Set the data of fact ``key`` (the root table keeps a compact, equal copy)."""
+        """Set the data of fact ``key`` to a copy of ``data`` (the root table's is compact,
+        an overlay's shallow)."""
         project, kind, id = key
         if self._parent is None:
             project, kind = self._shared(project), self._shared(kind)
             data = self._compact_mapping(data, 0)
             self._log_put((project, kind), id)
+        else:
+            data = dict(data)
         self._by_kind[(project, kind)][id] = data
 
     def _log_put(self, pair: tuple[str, str], id: str) -> None:

@@ -55,6 +55,7 @@ from gatekeeper.expr.language import (
     _MissingElement,
     _mod,
     _mul,
+    _own_data,
     _parse,
     _Plan,
     _pow,
@@ -98,6 +99,23 @@ def _shared(value: Any) -> Any:
     return found
 
 
+_CLAUSES: dict[str, tuple[Clause, Clause]] = {}
+"""The true and the false ``Clause`` of each clause text met lately: conditions sharing a
+clause (the rules reading one fact often test it alike) share its two clauses, as they
+share its text (``_shared``)."""
+
+
+def _clause_pair(text: str) -> tuple[Clause, Clause]:
+    """``(Clause(text, True), Clause(text, False))``, the pair kept before when there is
+    one (see ``_CLAUSES``)."""
+    found = _CLAUSES.get(text)
+    if found is None:
+        if len(_CLAUSES) >= _MAX_SHARED:
+            _CLAUSES.clear()
+        _CLAUSES[text] = found = (Clause(text, True), Clause(text, False))
+    return found
+
+
 def compile_condition(text: str, *, item_kind: str | None = None) -> Condition:
     """Parse and statically check ``text``; raises ``ExpressionError`` listing every problem.
 
@@ -126,7 +144,6 @@ def compile_condition(text: str, *, item_kind: str | None = None) -> Condition:
     return CompiledCondition(
         text,
         tree,
-        source,
         _shared(frozenset(checker.reads)),
         checker.uses_time,
         item_kind=item_kind,
@@ -167,7 +184,7 @@ def _fact_or_missing(
             data = kind_data[kind].get(fact_id)
         else:
             found = facts.get(kind, fact_id)
-            data = None if found is None else dict(found)
+            data = None if found is None else _own_data(facts, found)
         fact_data[name] = data
     if data is None:
         raise _Missing(_fact_name(kind, fact_id))
@@ -400,9 +417,10 @@ def _missing_or_raise(exc: Exception) -> None:
     raise exc
 
 
-def _value_clause(text: str, value: Any) -> Clause:
-    """The ``Clause`` of a clause that gave ``value``, neither True nor False."""
-    return Clause(text, _jsonable(value))
+def _value_clause(true: Clause, value: Any) -> Clause:
+    """The ``Clause`` of a clause that gave ``value``, neither True nor False (``true``: its
+    clause when true)."""
+    return Clause(true.text, _jsonable(value))
 
 
 def _note_failure(
@@ -448,6 +466,10 @@ _RUNTIME: dict[str, Any] = {
     "_ABSENT": _ABSENT,
     "_Evaluation": Evaluation,
     "_new": object.__new__,
+    **{
+        f"_set_{name}": Evaluation.__dict__[name].__set__
+        for name in ("value", "clauses", "missing", "error", "seen", "collections")
+    },
     "_add": _add,
     "_mul": _mul,
     "_pow": _pow,
@@ -801,15 +823,15 @@ def _compile_clauses(
 
     The source is ``def _run(...): ...``, compiled once per shape (``_SHAPES``) with
     ``_RUNTIME`` as its globals (no builtins): conditions of one shape share the function.
-    ``values`` (``_D`` in the source) is one flat tuple: each clause's True ``Clause``,
-    each one's False ``Clause``, the clause texts (for any other ``Clause``), then the
+    ``values`` (``_D`` in the source) is one flat tuple: each clause's True ``Clause``
+    (whose text any other ``Clause`` of it takes), each one's False ``Clause``, then the
     constants (see ``_CodeGenerator.const``). An evaluation touches only the items it uses
     and no other object of its condition (no function, defaults or closure cells): with
     thousands of rules, most of a rule's objects are out of the CPU caches when a fact
     wakes it, and each object touched costs a cache miss.
     """
     count = len(leaves)
-    generator = _CodeGenerator(source, 2 * count + 1)
+    generator = _CodeGenerator(source, 2 * count)
     try:
         expressions = [generator.expr(leaf) for leaf in leaves]
     except (_Unsupported, RecursionError, MemoryError):  # the checker rules both out
@@ -825,24 +847,23 @@ def _compile_clauses(
         ]
     clauses = "".join(
         f"_D[{i}] if _v{i} is True else _D[{count + i}] if _v{i} is False"
-        f" else _clause(_D[{2 * count}][{i}], _v{i}), "
+        f" else _clause(_D[{i}], _v{i}), "
         for i in range(count)
     )
     values = "".join(f"_v{i}, " for i in range(count))
     lines += [
         "        if _failed is not None:",
         f"            return _failed, ({values})",
-        # Evaluation(value, clauses, (), None, seen) without the frozen dataclass's
-        # __init__ (five object.__setattr__ calls): the very same instance (its fields set
-        # in the same order), built three times faster.
+        # Evaluation(value, clauses, (), None, seen, collections) without the frozen
+        # dataclass's __init__ (six object.__setattr__ calls): the very same instance, its
+        # slots set through their descriptors, built twice as fast.
         "        _result = _new(_Evaluation)",
-        "        _fields = _result.__dict__",
-        f"        _fields['value'] = True if {_plan_source(plan)} else False",
-        f"        _fields['clauses'] = ({clauses})",
-        "        _fields['missing'] = ()",
-        "        _fields['error'] = None",
-        "        _fields['seen'] = {**_kd, **_fd} if _kd else _fd",
-        "        _fields['collections'] = " + ("_cs.collections()" if generator.sites else "()"),
+        f"        _set_value(_result, True if {_plan_source(plan)} else False)",
+        f"        _set_clauses(_result, ({clauses}))",
+        "        _set_missing(_result, ())",
+        "        _set_error(_result, None)",
+        "        _set_seen(_result, {**_kd, **_fd} if _kd else _fd)",
+        "        _set_collections(_result, " + ("_cs.collections())" if generator.sites else "())"),
         "        return _result",
     ]
     text = "\n".join(line[4:] for line in lines)
@@ -850,9 +871,10 @@ def _compile_clauses(
     if run is None:
         return None
     time_code = None if sites is None else _time_code(generator, sites)
-    true_clauses = [Clause(text, True) for text in clause_texts]
-    false_clauses = [Clause(text, False) for text in clause_texts]
-    condition_values = (*true_clauses, *false_clauses, clause_texts, *generator.constants)
+    pairs = [_clause_pair(text) for text in clause_texts]
+    true_clauses = [true for true, _ in pairs]
+    false_clauses = [false for _, false in pairs]
+    condition_values = (*true_clauses, *false_clauses, *generator.constants)
     return run, condition_values, time_code
 
 
@@ -880,10 +902,8 @@ class CompiledCondition:
     __slots__ = (  # what an evaluation reads first, together  # noqa: RUF023
         "_compiled",
         "_values",
-        "_kept_leaves",
         "_plan",
         "_time",
-        "clause_texts",
         "item_kind",
         "reads",
         "text",
@@ -898,18 +918,17 @@ class CompiledCondition:
     item_kind: str | None
     uses_item: bool
     uses_collections: bool
-    clause_texts: tuple[str, ...]
     _plan: _Plan
-    _kept_leaves: tuple[ast.expr, ...] | None
     _compiled: _Run | _Pending | None
     _values: tuple[Any, ...]
+    """The compiled function's values (see ``_compile_clauses``); when there is none
+    (``_compiled`` None), the lowered clauses the reference evaluator walks."""
     _time: _TimeCode | _Pending | tuple[int, ...] | None
 
     def __init__(
         self,
         text: str,
         tree: ast.expr,
-        source: _Source,
         reads: frozenset[FactRef],
         uses_time: bool,
         *,
@@ -919,7 +938,6 @@ class CompiledCondition:
     ) -> None:
         leaves: list[ast.expr] = []
         plan = _shared(_split(tree, leaves))
-        clause_texts = tuple(source.snippet(leaf) for leaf in leaves)
         bound = _bound_names(item_kind)
         lowered = tuple(_lower(leaf, bound) for leaf in leaves)
         values = {
@@ -929,13 +947,12 @@ class CompiledCondition:
             "item_kind": item_kind,
             "uses_item": uses_item,
             "uses_collections": uses_collections,
-            "clause_texts": clause_texts,
             "_plan": plan,
             # The syntax tree is most of a condition's memory (several KB): it is not kept.
             # The Python function is generated at the first evaluation (``gatekeeper check``
-            # never evaluates), from the text parsed again; so is the tree the reference
+            # never evaluates), from the text parsed again, and with it the clauses' texts
+            # (in the clauses it hands out); so is the tree the reference
             # evaluator walks, when it is needed (rarely).
-            "_kept_leaves": None,
             "_compiled": _PENDING,
             "_values": (),
             # Deadline solving: None without time sites; else the indexes of the clauses
@@ -962,12 +979,11 @@ class CompiledCondition:
         sites = None
         if isinstance(timed, tuple):  # the clauses without time sites add none
             sites = _find_time_sites(tuple(leaves[index] for index in timed))
-        compiled = _compile_clauses(
-            _Source(self.text), leaves, self._plan, self.clause_texts, sites
-        )
+        texts = _clause_texts(self.text, self.item_kind)
+        compiled = _compile_clauses(_Source(self.text), leaves, self._plan, texts, sites)
         time_code = None
         if compiled is None:
-            object.__setattr__(self, "_kept_leaves", leaves)
+            object.__setattr__(self, "_values", leaves)
             run = None
         else:
             run, values, time_code = compiled
@@ -987,8 +1003,19 @@ class CompiledCondition:
         """The lowered clauses the reference evaluator walks: kept when there is no
         compiled form, else parsed again from ``text`` (the same tree: parsing is
         deterministic), the last few cached."""
-        kept = self._kept_leaves
-        return kept if kept is not None else _lowered_leaves(self.text, self.item_kind)
+        if self._compiled is None:
+            return self._values
+        return _lowered_leaves(self.text, self.item_kind)
+
+    @property
+    def clause_texts(self) -> tuple[str, ...]:
+        """The texts of the top-level and/or leaves, in order: those of the true clauses
+        among the values once compiled, else from the text parsed again."""
+        compiled = self._compiled
+        if compiled is None or isinstance(compiled, _Pending):
+            return _clause_texts(self.text, self.item_kind)
+        count = _clause_count(self._plan)
+        return tuple(clause.text for clause in self._values[:count])
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"CompiledCondition is immutable (cannot set {name!r})")
@@ -1163,14 +1190,35 @@ def _variables(item: dict[str, Any] | None) -> dict[str, Any]:
     return {} if item is None else {"item": item}
 
 
+def _clause_count(plan: _Plan) -> int:
+    """How many clauses ``plan`` combines (its leaves are their indexes)."""
+    if isinstance(plan, int):
+        return 1
+    return sum(_clause_count(part) for part in plan[1])
+
+
 @functools.lru_cache(maxsize=64)
-def _lowered_leaves(text: str, item_kind: str | None = None) -> tuple[ast.expr, ...]:
-    """The lowered top-level clauses of ``text``, an expression ``compile_condition``
-    accepted for ``item_kind`` (so parsing cannot fail here)."""
+def _parsed(text: str, item_kind: str | None) -> tuple[tuple[ast.expr, ...], tuple[str, ...]]:
+    """The lowered top-level and/or leaves of ``text``, an expression ``compile_condition``
+    accepted for ``item_kind`` (so parsing cannot fail here), and their source texts, line
+    breaks collapsed (``_Source.snippet``), each text one object among the conditions
+    sharing it (``_shared``)."""
+    source = _Source(text)
     leaves: list[ast.expr] = []
-    _split(_parse(_Source(text)), leaves)
+    _split(_parse(source), leaves)
+    texts = tuple(_shared(source.snippet(leaf)) for leaf in leaves)
     bound = _bound_names(item_kind)
-    return tuple(_lower(leaf, bound) for leaf in leaves)
+    return tuple(_lower(leaf, bound) for leaf in leaves), texts
+
+
+def _lowered_leaves(text: str, item_kind: str | None = None) -> tuple[ast.expr, ...]:
+    """The lowered top-level clauses of ``text`` (see ``_parsed``)."""
+    return _parsed(text, item_kind)[0]
+
+
+def _clause_texts(text: str, item_kind: str | None = None) -> tuple[str, ...]:
+    """The source texts of the top-level clauses of ``text`` (see ``_parsed``)."""
+    return _parsed(text, item_kind)[1]
 
 
 def _evaluate_reference(

@@ -286,7 +286,14 @@ class FactRef:
 
 
 class FactLookup(Protocol):
-    """Read access to the current facts of one project."""
+    """Read access to the current facts of one project.
+
+    An evaluation keeps what it read in ``Evaluation.seen``: a copy of each fact's data,
+    unless the lookup's class sets ``shares_data = True``, a promise that ``get`` and
+    ``of_kind`` give plain dicts that are never changed afterwards (a fact's data is
+    replaced, never changed in place). Those dicts are then kept as they are: every
+    evaluation reading a fact holds the one dict the lookup holds, not a copy each.
+    """
 
     def get(self, kind: str, id: str) -> Mapping[str, Any] | None:
         """The ``data`` of fact (kind, id), or None when there is no such fact."""
@@ -374,7 +381,7 @@ class CollectionSeen:
     value: Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Evaluation:
     """The outcome of evaluating a condition.
 
@@ -1115,6 +1122,14 @@ def _render_key(key: object) -> str:
     if isinstance(key, int | float) and abs(key) < 1e15:
         return f"[{key!r}]"
     return f"[<{_type_name(key)}>]"
+
+
+def _own_data(facts: FactLookup, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data``, read from ``facts``, as an evaluation keeps it: the very dict when the
+    lookup shares its data (``FactLookup``), else a copy."""
+    if type(data) is dict and getattr(type(facts), "shares_data", False):
+        return data
+    return dict(data)
 
 
 def _fact_name(kind: str, fact_id: str) -> str:

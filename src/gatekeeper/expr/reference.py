@@ -34,6 +34,7 @@ from gatekeeper.expr.language import (
     _Lookup,
     _Missing,
     _MissingElement,
+    _own_data,
     _Plan,
     _rename_missing,
     _render_key,
@@ -61,7 +62,7 @@ def _load_fact(
         data = kind_data[kind].get(fact_id)
     else:
         found = facts.get(kind, fact_id)
-        data = None if found is None else dict(found)
+        data = None if found is None else _own_data(facts, found)
     fact_data[name] = data
     return data
 
@@ -73,7 +74,7 @@ def _load_kind(
     ``kind_data``)."""
     data = kind_data.get(kind)
     if data is None:
-        data = {fact_id: dict(found) for fact_id, found in facts.of_kind(kind).items()}
+        data = {fact_id: _own_data(facts, found) for fact_id, found in facts.of_kind(kind).items()}
         kind_data[kind] = data
     return data
 

@@ -44,7 +44,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from gatekeeper.config import Config, Target
 from gatekeeper.expr import (
@@ -63,6 +63,7 @@ from gatekeeper.rules.model import (
     Approvals,
     FireMode,
     NotifyAction,
+    PackedTexts,
     PipelineAction,
     ReleaseAction,
     Rule,
@@ -70,6 +71,8 @@ from gatekeeper.rules.model import (
     Ruleset,
     SetFactAction,
     pack_data,
+    pack_text,
+    unpack_text,
 )
 from gatekeeper.rules.pipelines import pipeline_limit_problems
 from gatekeeper.rules.templates import (
@@ -267,10 +270,14 @@ def duration_seconds(value: Any) -> int | None:
 
 
 def ruleset_version(files: Mapping[str, str]) -> str:
-    """SHA-256 (hex) of the canonical JSON of the sorted ``[path, text]`` pairs."""
-    pairs = sorted(files.items())
-    canonical = json.dumps(pairs, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    """SHA-256 (hex) of the canonical JSON of the sorted ``[path, text]`` pairs (hashed a
+    pair at a time: the JSON of every file at once is never built)."""
+    digest = hashlib.sha256(b"[")
+    for index, name in enumerate(sorted(files)):
+        pair = json.dumps([name, files[name]], separators=(",", ":"), ensure_ascii=False)
+        digest.update((b"," if index else b"") + pair.encode("utf-8"))
+    digest.update(b"]")
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +409,8 @@ _Source = tuple[str, str]
 class CheckedRule:
     """A rule mapping of a ``CheckedFile``: where it is (``prefix``: its index in a list of
     rules, or ``()``; ``line``: 1-based), its data, its compiled condition (None when the
-    ``when`` is not valid) and, when the file has no problem of its own, the built ``Rule``."""
+    ``when`` is not valid) and, when the file has no problem of its own, the built ``Rule``
+    (then the rest is the rule's own: a file keeps only its rules, see ``CheckedFile``)."""
 
     prefix: PathParts
     data: Mapping[str, Any]
@@ -419,13 +427,52 @@ class CheckedFile:
     """One rule file after every check that reads only the file itself: YAML, the schema,
     ``when`` expressions, message templates, approvals. ``problems`` are those checks'
     problems; what spans files or reads the config (duplicate ids, targets and escrows) is
-    checked at each load. ``digest`` is the SHA-256 (hex) of the file's bytes."""
+    checked at each load. ``digest`` is the SHA-256 (hex) of the file's bytes; the text is
+    kept compressed (``packed_text``, see ``model.pack_text``)."""
 
     name: str
-    text: str
+    packed_text: bytes
     digest: str
-    rules: tuple[CheckedRule, ...]
+    checked: tuple[CheckedRule, ...]
+    """The file's rule mappings when its rules are not built (it has a problem of its own);
+    else empty."""
     problems: tuple[Problem, ...]
+    built: tuple[Rule, ...] = ()
+    """The file's rules when it has no problem of its own: all a file without problems
+    keeps of its rules (``rules`` makes their ``CheckedRule`` when asked)."""
+    listed: bool = True
+    """Whether the file holds a list of rules (else one rule mapping)."""
+
+    @property
+    def text(self) -> str:
+        """The file's text."""
+        return unpack_text(self.packed_text)
+
+    @property
+    def count(self) -> int:
+        """How many rule mappings the file holds."""
+        return len(self.checked) + len(self.built)
+
+    @property
+    def rules(self) -> tuple[CheckedRule, ...]:
+        """The file's rule mappings, in file order."""
+        if not self.built:
+            return self.checked
+        return tuple(self.checked_rule(index) for index in range(len(self.built)))
+
+    def checked_rule(self, index: int) -> CheckedRule:
+        """The ``CheckedRule`` of the file's rule mapping at ``index`` (0-based)."""
+        if not self.built:
+            return self.checked[index]
+        rule = self.built[index]
+        prefix = _shared_prefix((index,)) if self.listed else ()
+        return CheckedRule(prefix, rule.source, rule.line, rule.condition, rule, rule.id)
+
+    def rule_ids(self) -> list[str | None]:
+        """The id of each rule mapping, in file order (None when it is not a string)."""
+        if not self.built:
+            return [rule.rule_id for rule in self.checked]
+        return [rule.id for rule in self.built]
 
 
 class RuleFileCache:
@@ -552,15 +599,16 @@ def _load_unpaused(
             problems += _reference_problems(file, config, docs)
     problems += _duplicate_id_problems(files, docs)
     problems += _loop_problems(files, docs)
-    rule_count = sum(len(file.rules) for file in files)
+    rule_count = sum(file.count for file in files)
     if not rule_count and not problems:
         problems.append(Problem(where, 0, 0, f"no rules found in {where}"))
     counts = (rule_count, len(sources))
     if problems:
         return LoadResult(None, tuple(sorted_problems(problems)), *counts)
-    rules = tuple(checked.rule for file in files for checked in file.rules if checked.rule)
-    texts = {name: source[0] for name, source in sources.items()}
-    ruleset = Ruleset(rules, texts, ruleset_version(texts), git_commit)
+    rules = tuple(rule for file in files for rule in file.built)
+    version = ruleset_version({name: source[0] for name, source in sources.items()})
+    texts = PackedTexts({file.name: file.packed_text for file in files})
+    ruleset = Ruleset(rules, texts, version, git_commit)
     return LoadResult(ruleset, (), *counts)
 
 
@@ -618,16 +666,16 @@ def _check_file(name: str, text: str, digest: str) -> CheckedFile:
         return _check_file_contents(name, text, digest)
     except RecursionError:
         problem = Problem(name, 1, 1, "the file's data is nested too deeply to check")
-        return CheckedFile(name, text, digest, (), (problem,))
+        return CheckedFile(name, pack_text(text), digest, (), (problem,))
 
 
 def _check_file_contents(name: str, text: str, digest: str) -> CheckedFile:
     doc, problems = parse_document(text, name, _rule_id_of)
     if doc is None:
-        return CheckedFile(name, text, digest, (), tuple(problems))
+        return CheckedFile(name, pack_text(text), digest, (), tuple(problems))
     shape = _shape_problem(doc)
     if shape is not None:
-        return CheckedFile(name, text, digest, (), (*problems, shape))
+        return CheckedFile(name, pack_text(text), digest, (), (*problems, shape))
     problems += _clearer_schema_problems(schema_problems(doc, RULES_SCHEMA, _rule_id_of))
     items = list(enumerate(doc.data)) if isinstance(doc.data, list) else [(None, doc.data)]
     candidates = []
@@ -638,23 +686,31 @@ def _check_file_contents(name: str, text: str, digest: str) -> CheckedFile:
             _check_rule(candidate)
             problems += candidate.problems
             candidates.append(candidate)
-    rules = tuple(_checked_rule(candidate, build=not problems) for candidate in candidates)
-    return CheckedFile(name, text, digest, rules, tuple(problems))
+    packed = pack_text(text)
+    listed = isinstance(doc.data, list)
+    if problems:
+        rules = tuple(_checked_rule(candidate) for candidate in candidates)
+        return CheckedFile(name, packed, digest, rules, tuple(problems), listed=listed)
+    built = tuple(_built_rule(candidate) for candidate in candidates)
+    return CheckedFile(name, packed, digest, (), (), built, listed)
 
 
-def _checked_rule(candidate: _Candidate, *, build: bool) -> CheckedRule:
-    """The ``CheckedRule`` of ``candidate``, with its built ``Rule`` when ``build`` (its
-    file has no problem). The data is packed once, for both."""
-    packed = pack_data(candidate.data)
-    line = candidate.doc.position(candidate.prefix)[0]
+def _checked_rule(candidate: _Candidate) -> CheckedRule:
+    """The ``CheckedRule`` of ``candidate`` in a file with problems (nothing is built)."""
     return CheckedRule(
         _shared_prefix(candidate.prefix),
-        packed,
-        line,
+        pack_data(candidate.data),
+        candidate.doc.position(candidate.prefix)[0],
         candidate.condition,
-        _build_rule(candidate, packed, line) if build else None,
+        None,
         candidate.rule_id,
     )
+
+
+def _built_rule(candidate: _Candidate) -> Rule:
+    """The ``Rule`` of ``candidate`` in a file without problems."""
+    line = candidate.doc.position(candidate.prefix)[0]
+    return _build_rule(candidate, pack_data(candidate.data), line)
 
 
 _PREFIXES: dict[PathParts, PathParts] = {}
@@ -1019,21 +1075,21 @@ def _unknown_name_message(what: str, name: str, known: list[str], config: Config
 
 def _duplicate_id_problems(files: list[CheckedFile], docs: _Documents) -> list[Problem]:
     """A problem at each repeated rule id, naming where the id was first used."""
-    first: dict[str, tuple[CheckedFile, CheckedRule]] = {}
+    first: dict[str, tuple[CheckedFile, int]] = {}
     problems = []
     for file in files:
-        for rule in file.rules:
-            rule_id = rule.rule_id
+        for index, rule_id in enumerate(file.rule_ids()):
             if rule_id is None:
                 continue
             if rule_id not in first:
-                first[rule_id] = (file, rule)
+                first[rule_id] = (file, index)
                 continue
-            earlier_file, earlier = first[rule_id]
+            earlier_file, earlier_index = first[rule_id]
+            earlier = earlier_file.checked_rule(earlier_index)
             line, column = docs.of(earlier_file).position((*earlier.prefix, "id"))
             where = f"{earlier_file.name}:{line}:{column}"
             message = f"duplicate rule id {rule_id!r}: already used at {where}"
-            problems.append(docs.problem(file, rule, ("id",), message))
+            problems.append(docs.problem(file, file.checked_rule(index), ("id",), message))
     return problems
 
 
@@ -1082,7 +1138,7 @@ def _loop_problems(files: Sequence[CheckedFile], docs: _Documents) -> list[Probl
     """A problem for each loop of rules feeding each other through set_fact (see
     ``loop_cycles``), at the ``kind`` of the set_fact action of its first rule (in file
     order) that feeds the next rule of the cycle."""
-    if not any(_sets_a_fact(rule.data) for file in files for rule in file.rules):
+    if not any(_file_sets_a_fact(file) for file in files):
         return []  # the usual ruleset: nothing to walk
     built = [
         (file, rule, node) for file in files for rule in file.rules if (node := _loop_rule(rule))
@@ -1096,6 +1152,13 @@ def _loop_problems(files: Sequence[CheckedFile], docs: _Documents) -> list[Probl
         message = loop_message(nodes, (rules, edges))
         problems.append(docs.problem(file, checked, path, message))
     return problems
+
+
+def _file_sets_a_fact(file: CheckedFile) -> bool:
+    """Whether a rule mapping of ``file`` has a ``set_fact`` action."""
+    if file.built:
+        return any(isinstance(a, SetFactAction) for rule in file.built for a in rule.actions)
+    return any(_sets_a_fact(rule.data) for rule in file.checked)
 
 
 def _sets_a_fact(data: Mapping[str, Any]) -> bool:
@@ -1121,7 +1184,7 @@ def _build_rule(candidate: _Candidate, source: Mapping[str, Any], line: int) -> 
         description=data.get("description", ""),
         condition=candidate.condition,
         fire=cast(FireMode, sys.intern(data.get("fire", "once"))),
-        actions=tuple(_build_action(action) for action in data["actions"]),
+        actions=_build_actions(data["actions"]),
         approvals=_build_approvals(data.get("approvals")),
         content_hash=rule_content_hash(data),
         file=candidate.doc.file,
@@ -1138,20 +1201,30 @@ def _shared(value: Any) -> Any:
     return sys.intern(value) if isinstance(value, str) else value
 
 
-_ACTIONS: dict[Action, Action] = {}
-"""Release and notify actions already built: equal ones (rules of one template notifying
-one target with one message) are one object, immutable."""
+_Shareable = TypeVar("_Shareable", ReleaseAction, NotifyAction, tuple[Action, ...])
+_ACTIONS: dict[Any, Any] = {}
+"""Release and notify actions already built, and the tuples of them rules hold: equal ones
+(rules of one template notifying one target with one message) are one object, immutable."""
 _MAX_ACTIONS = 4096
 
 
-def _one_action(action: Action) -> Action:
-    """``action``, or the equal action built before (see ``_ACTIONS``)."""
-    found = _ACTIONS.get(action)
+def _one_action(action: _Shareable) -> _Shareable:
+    """``action`` (or a tuple of release and notify actions), or the equal one built before
+    (see ``_ACTIONS``)."""
+    found: _Shareable | None = _ACTIONS.get(action)
     if found is None:
         if len(_ACTIONS) >= _MAX_ACTIONS:
             _ACTIONS.clear()
         _ACTIONS[action] = found = action
     return found
+
+
+def _build_actions(actions: list[Mapping[str, Any]]) -> tuple[Action, ...]:
+    """A rule's actions; one tuple for equal tuples of release and notify actions."""
+    built = tuple(_build_action(action) for action in actions)
+    if all(isinstance(action, ReleaseAction | NotifyAction) for action in built):
+        return _one_action(built)
+    return built
 
 
 def _build_action(action: Mapping[str, Any]) -> Action:
