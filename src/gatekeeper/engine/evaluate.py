@@ -1178,7 +1178,7 @@ class Engine:
             return
         if alert == "release_blocked":
             releases = "; ".join(
-                f"{a.amount} {a.currency} from {a.escrow} to {a.payee}"
+                f"{_amount_shown(a)} from {a.escrow} to {a.payee}"
                 for a in rule.actions
                 if isinstance(a, ReleaseAction)
             )
@@ -1522,6 +1522,17 @@ def _read_by_id(evaluation: Evaluation, item: Item | None) -> dict[str, Any]:
 
 MAX_SHOWN_AMOUNT_CHARS = 64
 """A refused amount is shown in a reason cut to this many characters (the last ``…``)."""
+
+
+def _amount_shown(release: ReleaseAction) -> str:
+    """A release's amount and currency as an alert names them: ``5000.00 USD`` as written,
+    or for an amount read from a fact, that field and its cap (``the amount in
+    item.data.amount (at most 3000.00 USD)``), never the ``${...}`` template itself (the
+    alert's reason carries the value read)."""
+    if not release.templated:
+        return f"{release.amount} {release.currency}"
+    field = release.amount[2:-1]
+    return f"the amount in {field} (at most {release.max_amount} {release.currency})"
 
 
 def release_amounts(firing: _Firing, escrows: Mapping[str, Escrow]) -> dict[int, str]:
