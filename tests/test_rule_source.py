@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import pytest
 
 from gatekeeper.rules.loader import load_rule_texts, ruleset_version
-from gatekeeper.rules.model import PackedData, PackedTexts, pack_data
+from gatekeeper.rules.model import PACK_TEXT_MIN_CHARS, PackedData, PackedTexts, pack_data
 
 RULES = """\
 - id: site/one
@@ -108,22 +108,28 @@ def test_data_with_a_yaml_timestamp_is_kept_as_it_is() -> None:
 
 
 def test_the_files_of_a_loaded_ruleset_are_kept_packed_and_read_back_equal() -> None:
-    other = (
-        "- id: site/three\n  project: site\n  when: len(task) > 0\n"
+    many = "".join(
+        f"- id: site/r{i}\n  project: site\n  when: task.t{i}.done  # é\n"
         "  actions: [{notify: {target: t, message: m}}]\n"
+        for i in range(100)
     )
-    texts = {"site.yaml": RULES, "more/other.yml": other}
+    assert len(many) >= PACK_TEXT_MIN_CHARS > len(RULES)
+    texts = {"site.yaml": RULES, "more/many.yml": many}
     result = load_rule_texts(texts, config=None)
     assert result.ruleset is not None, [str(p) for p in result.problems]
     files = result.ruleset.files
     assert isinstance(files, PackedTexts)
     assert files == texts and dict(files) == texts
     assert sorted(files) == sorted(texts) and len(files) == 2 and "site.yaml" in files
-    assert files["more/other.yml"] == other
-    assert len(files.packed("site.yaml")) < len(RULES.encode())
+    assert files["more/many.yml"] == many and files["site.yaml"] == RULES
+    packed = files.packed("more/many.yml")
+    assert isinstance(packed, bytes) and len(packed) < len(many) / 4  # compressed
+    assert files.packed("site.yaml") == RULES  # short: kept as it is
     assert result.ruleset.version == ruleset_version(texts)
-    canonical = json.dumps(sorted(texts.items()), separators=(",", ":"), ensure_ascii=False)
-    assert ruleset_version(texts) == hashlib.sha256(canonical.encode()).hexdigest()
+    for files in (texts, {"b": "#" * 700_000, "a": 'é\u2028"' * 300_000, "c": "", "d": "x"}):
+        pairs = sorted(files.items())  # over a MiB: hashed in pieces, the same digest
+        canonical = json.dumps(pairs, separators=(",", ":"), ensure_ascii=False)
+        assert ruleset_version(files) == hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @pytest.mark.parametrize(

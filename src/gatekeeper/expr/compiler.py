@@ -30,6 +30,7 @@ from gatekeeper.expr.incremental import (
 from gatekeeper.expr.language import (
     _COMPARISONS,
     _KIND_RE,
+    _SHARING,
     Clause,
     Condition,
     Evaluation,
@@ -184,7 +185,12 @@ def _fact_or_missing(
             data = kind_data[kind].get(fact_id)
         else:
             found = facts.get(kind, fact_id)
-            data = None if found is None else _own_data(facts, found)
+            if found is None:
+                data = None
+            elif type(found) is dict and _SHARING.get(type(facts)):
+                data = found  # _own_data, inlined
+            else:
+                data = _own_data(facts, found)
         fact_data[name] = data
     if data is None:
         raise _Missing(_fact_name(kind, fact_id))

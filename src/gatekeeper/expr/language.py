@@ -1124,11 +1124,19 @@ def _render_key(key: object) -> str:
     return f"[<{_type_name(key)}>]"
 
 
+_SHARING: dict[type, bool] = {}
+"""Whether each type of ``FactLookup`` met shares its data (``shares_data``)."""
+
+
 def _own_data(facts: FactLookup, data: Mapping[str, Any]) -> dict[str, Any]:
     """``data``, read from ``facts``, as an evaluation keeps it: the very dict when the
     lookup shares its data (``FactLookup``), else a copy."""
-    if type(data) is dict and getattr(type(facts), "shares_data", False):
-        return data
+    if type(data) is dict:
+        shares = _SHARING.get(type(facts))
+        if shares is None:
+            shares = _SHARING[type(facts)] = getattr(type(facts), "shares_data", False) is True
+        if shares:
+            return data
     return dict(data)
 
 

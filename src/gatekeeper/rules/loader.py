@@ -63,6 +63,7 @@ from gatekeeper.rules.model import (
     Approvals,
     FireMode,
     NotifyAction,
+    PackedText,
     PackedTexts,
     PipelineAction,
     ReleaseAction,
@@ -269,13 +270,25 @@ def duration_seconds(value: Any) -> int | None:
     return None
 
 
+_VERSION_CHUNK_CHARS = 1 << 20
+"""``ruleset_version`` hashes the JSON of about this many characters of files at a time."""
+
+
 def ruleset_version(files: Mapping[str, str]) -> str:
     """SHA-256 (hex) of the canonical JSON of the sorted ``[path, text]`` pairs (hashed a
-    pair at a time: the JSON of every file at once is never built)."""
+    piece at a time, each piece the pairs of about ``_VERSION_CHUNK_CHARS`` characters of
+    files: the JSON of every file at once is never built)."""
+    pairs = sorted(files.items())
     digest = hashlib.sha256(b"[")
-    for index, name in enumerate(sorted(files)):
-        pair = json.dumps([name, files[name]], separators=(",", ":"), ensure_ascii=False)
-        digest.update((b"," if index else b"") + pair.encode("utf-8"))
+    start = 0
+    while start < len(pairs):
+        end, size = start + 1, len(pairs[start][1])
+        while end < len(pairs) and size < _VERSION_CHUNK_CHARS:
+            size += len(pairs[end][1])
+            end += 1
+        piece = json.dumps(pairs[start:end], separators=(",", ":"), ensure_ascii=False)[1:-1]
+        digest.update((b"," if start else b"") + piece.encode("utf-8"))
+        start = end
     digest.update(b"]")
     return digest.hexdigest()
 
@@ -428,10 +441,10 @@ class CheckedFile:
     ``when`` expressions, message templates, approvals. ``problems`` are those checks'
     problems; what spans files or reads the config (duplicate ids, targets and escrows) is
     checked at each load. ``digest`` is the SHA-256 (hex) of the file's bytes; the text is
-    kept compressed (``packed_text``, see ``model.pack_text``)."""
+    kept compressed when it is long (``packed_text``, see ``model.pack_text``)."""
 
     name: str
-    packed_text: bytes
+    packed_text: PackedText
     digest: str
     checked: tuple[CheckedRule, ...]
     """The file's rule mappings when its rules are not built (it has a problem of its own);

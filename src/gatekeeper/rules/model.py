@@ -207,13 +207,26 @@ def _shared_packed(packed: bytes) -> bytes:
     return found
 
 
-def pack_text(text: str) -> bytes:
-    """``text`` compressed (zlib, level 1, of its UTF-8): what ``PackedTexts`` keeps."""
+PACK_TEXT_MIN_CHARS = 4096
+"""Shorter texts are kept as they are: compressing one costs about 50 µs whatever its size
+(zlib sets up its state each time), more than a file of a few rules is worth."""
+
+PackedText = str | bytes
+"""A text as ``pack_text`` keeps it: the text itself, or its UTF-8 compressed (bytes)."""
+
+
+def pack_text(text: str) -> PackedText:
+    """``text`` compressed (zlib, level 1, of its UTF-8) when it has at least
+    ``PACK_TEXT_MIN_CHARS`` characters, else ``text`` itself: what ``PackedTexts`` keeps."""
+    if len(text) < PACK_TEXT_MIN_CHARS:
+        return text
     return zlib.compress(text.encode("utf-8"), 1)
 
 
-def unpack_text(packed: bytes) -> str:
+def unpack_text(packed: PackedText) -> str:
     """The text ``pack_text`` packed."""
+    if isinstance(packed, str):
+        return packed
     return zlib.decompress(packed).decode("utf-8")
 
 
@@ -229,11 +242,12 @@ class PackedTexts(Mapping[str, str]):
 
     __slots__ = ("_packed",)
 
-    def __init__(self, packed: Mapping[str, bytes]) -> None:
+    def __init__(self, packed: Mapping[str, PackedText]) -> None:
         self._packed = dict(packed)
 
-    def packed(self, name: str) -> bytes:
-        """The compressed text of file ``name`` (``KeyError`` when there is none)."""
+    def packed(self, name: str) -> PackedText:
+        """The text of file ``name`` as kept (``pack_text``; ``KeyError`` when there is
+        none)."""
         return self._packed[name]
 
     def __getitem__(self, name: str) -> str:
