@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import replace
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import msgspec
 from aiohttp import web
@@ -377,6 +377,25 @@ def _check_item(rule: Rule, item: str | None) -> None:
 _ADMIN_ACT_DECODER = msgspec.json.Decoder(m.AdminActRequest)
 
 
+async def read_reasoned(
+    request: web.Request, decoder: msgspec.json.Decoder[Any], shape: str, what: str
+) -> tuple[Any, str]:
+    """The body of an audited act that must say why, and its stripped ``reason``. Raises
+    ``ApiError`` 400 naming the body's ``shape`` and ``what`` must say why (a missing,
+    malformed or blank reason), before anything is looked up or changed."""
+    try:
+        body = (await read_model(request, decoder))[0]
+    except BodyShapeError:
+        body = None
+    reason = body.reason.strip() if body is not None else ""
+    if not reason:
+        raise ApiError(
+            400,
+            f"the body must be {shape}: {what} says why (at most {MAX_COMMENT_CHARS} characters)",
+        )
+    return body, reason
+
+
 async def post_rule_act(request: web.Request) -> web.Response:
     """``POST /v1/rules/{id}/pause|resume|rearm`` with ``{"reason": ..., "item": ...}``
     (``reason`` required; ``item`` acts on one instance of a per-item rule: 400 on a rule
@@ -385,17 +404,12 @@ async def post_rule_act(request: web.Request) -> web.Response:
     changed)."""
     daemon = daemon_of(request)
     rule_id, act = request.match_info["rule_id"], request.match_info["act"]
-    try:
-        body = (await read_model(request, _ADMIN_ACT_DECODER))[0]
-    except BodyShapeError:
-        body = None
-    reason = body.reason.strip() if body is not None else ""
-    if not reason:
-        raise ApiError(
-            400,
-            f'the body must be {{"reason": "..."}} (and optionally "item": "<item id>"): '
-            f"every admin act says why (at most {MAX_COMMENT_CHARS} characters)",
-        )
+    body, reason = await read_reasoned(
+        request,
+        _ADMIN_ACT_DECODER,
+        '{"reason": "..."} (and optionally "item": "<item id>")',
+        "every admin act",
+    )
     rule = daemon.rule(rule_id)
     if rule is None:
         raise ApiError(404, f"no rule {rule_id!r} in the active ruleset")
@@ -533,17 +547,7 @@ async def post_action_cancel(request: web.Request) -> web.Response:
     that is not a release; 404 for no such action. Nothing changes on any error."""
     daemon = daemon_of(request)
     action_id = request.match_info["action_id"]
-    try:
-        body = (await read_model(request, _CANCEL_DECODER))[0]
-    except BodyShapeError:
-        body = None
-    reason = body.reason.strip() if body is not None else ""
-    if not reason:
-        raise ApiError(
-            400,
-            f'the body must be {{"reason": "..."}}: every cancel says why (at most '
-            f"{MAX_COMMENT_CHARS} characters)",
-        )
+    _, reason = await read_reasoned(request, _CANCEL_DECODER, '{"reason": "..."}', "every cancel")
     existing = await daemon.get_action(action_id)
     if existing is not None:
         check_project(request, existing.payload.get("project", ""))
