@@ -544,6 +544,20 @@ async def test_shadowed_firings_and_signoffs_replay_and_diff_as_shadowed(
     assert from_api == report
 
 
+def ci_checkout(
+    recorded: tuple[Project, Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """A checkout as a CI job sees it (gatekeeper.yaml and rules/ of the recorded
+    deployment, the working directory), with ``GATEKEEPER_URL`` set to its daemon."""
+    project, _, url = recorded
+    checkout = tmp_path / "checkout"
+    shutil.copytree(project.rules_dir, checkout / "rules")
+    shutil.copy(project.config_path, checkout / "gatekeeper.yaml")
+    monkeypatch.chdir(checkout)
+    monkeypatch.setenv("GATEKEEPER_URL", url)
+    return checkout
+
+
 def ci_backtest_command(name: str) -> str:
     """The ``gatekeeper backtest`` command line of a CI example, as its YAML holds it: the
     GitHub workflow's step (run on pull requests only, with the backtest token), the line
@@ -576,12 +590,8 @@ async def test_the_ci_examples_backtest_command_runs_against_a_recorded_daemon(
     release amount fails with the job's report."""
     from gatekeeper.cli.main import main
 
-    project, _, url = recorded
-    checkout = tmp_path / "checkout"
-    shutil.copytree(project.rules_dir, checkout / "rules")
-    shutil.copy(project.config_path, checkout / "gatekeeper.yaml")
-    monkeypatch.chdir(checkout)
-    monkeypatch.setenv("GATEKEEPER_URL", url)
+    url = recorded[2]
+    checkout = ci_checkout(recorded, tmp_path, monkeypatch)
     monkeypatch.setenv("GATEKEEPER_BACKTEST_TOKEN", TOKENS["ops"])  # admin and read
     monkeypatch.delenv("GATEKEEPER_TOKEN", raising=False)
     argv = [os.path.expandvars(arg) for arg in shlex.split(ci_backtest_command(name))]
@@ -625,12 +635,8 @@ async def test_the_ci_examples_plan_command_runs_against_a_recorded_daemon(
     passed the rules folder as a positional argument, which ``plan`` refuses: exit 2)."""
     from gatekeeper.cli.main import main
 
-    project, _, url = recorded
-    checkout = tmp_path / "checkout"
-    shutil.copytree(project.rules_dir, checkout / "rules")
-    shutil.copy(project.config_path, checkout / "gatekeeper.yaml")
-    monkeypatch.chdir(checkout)
-    monkeypatch.setenv("GATEKEEPER_URL", url)
+    url = recorded[2]
+    ci_checkout(recorded, tmp_path, monkeypatch)
     monkeypatch.setenv("GATEKEEPER_TOKEN", TOKENS["ops"])
     argv = [os.path.expandvars(arg) for arg in shlex.split(ci_plan_command(name))]
     assert argv[:2] == ["gatekeeper", "plan"] and url in argv
