@@ -50,6 +50,7 @@ from gatekeeper.engine.signoffs import SignedOff
 from gatekeeper.rules.model import Ruleset
 from gatekeeper.store.errors import (
     Conflict,
+    KeyReused,
     StoreError,
     StoreUnavailable,
 )
@@ -66,6 +67,7 @@ from gatekeeper.store.records import (
     Attempt,
     AttemptRecord,
     AuditEntry,
+    CancelRequest,
     EscrowFigures,
     EscrowTotals,
     IdempotencyOutcome,
@@ -75,6 +77,9 @@ from gatekeeper.store.records import (
     ReleaseRecord,
     RulesetCursor,
     RulesetSummary,
+    Settlement,
+    SettlementCallback,
+    SettlementResult,
     ShadowedReleases,
     StandingApprovals,
     StoredDecision,
@@ -910,6 +915,206 @@ class SqlStore(ABC):
         return await self.get_action(action_id)
 
     # -- LedgerBook ---------------------------------------------------------------------
+
+    async def cancel_release(
+        self, cancel: CancelRequest
+    ) -> tuple[OutboxEntry, list[LedgerMovement]] | None:
+        now = format_rfc3339(cancel.at)
+        release_id = cancel.release_id
+
+        def write(db: Tx) -> list[int] | None:
+            row = db.execute(
+                "SELECT kind, status, attempt_started_at,"
+                f" {self.dialect.field('payload', 'project')}"
+                " FROM outbox WHERE action_id = ?",
+                (release_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            kind, status, started, project = row
+            release = db.execute(
+                "SELECT escrow, amount, currency FROM ledger WHERE release_id = ?",
+                (release_id,),
+            ).fetchone()
+            if kind != "release":
+                raise Conflict(f"action {release_id} is a {kind}, not a release")
+            if status not in ("pending", "dead"):
+                raise Conflict(
+                    f"release {release_id} is {status}: only a pending or dead release can be "
+                    "cancelled"
+                )
+            if release is None:
+                raise Conflict(f"release {release_id} has no ledger entry")
+            if started is not None:
+                raise Conflict(
+                    f"release {release_id}: an attempt is in flight; its outcome decides"
+                )
+            db.execute("UPDATE outbox SET status = 'cancelled' WHERE action_id = ?", (release_id,))
+            escrow, amount, currency = release
+            ids = [
+                _insert_movement(
+                    db,
+                    release_id,
+                    escrow,
+                    "cancel",
+                    amount,
+                    currency,
+                    now,
+                    cancel.actor,
+                    None,
+                    cancel.reason,
+                ),
+                _insert_movement(
+                    db,
+                    release_id,
+                    escrow,
+                    "return",
+                    amount,
+                    currency,
+                    now,
+                    cancel.actor,
+                    None,
+                    "cancelled",
+                ),
+            ]
+            db.execute(
+                "INSERT INTO admin_acts (at, actor, act, subject, reason, project)"
+                " VALUES (?, ?, 'cancel_action', ?, ?, ?)",
+                (now, cancel.actor, release_id, cancel.reason, project),
+            )
+            if cancel.then is not None:
+                self._write_then(db, cancel.then)
+            return ids
+
+        ids = await self._transaction(write)
+        if ids is None:
+            return None
+        entry = await self.get_action(release_id)
+        assert entry is not None
+        return entry, await self._movements_by_id(ids)
+
+    async def settle_release(self, callback: SettlementCallback) -> SettlementResult | None:
+        now = format_rfc3339(callback.at)
+        release_id = callback.release_id
+        alert = callback.alert
+
+        def write(db: Tx) -> tuple[list[int], bool] | None:
+            row = db.execute(
+                "SELECT ledger.escrow, ledger.amount, ledger.currency, outbox.status"
+                " FROM ledger JOIN outbox ON outbox.action_id = ledger.release_id"
+                " WHERE ledger.release_id = ? AND outbox.target = ?",
+                (release_id, callback.target),
+            ).fetchone()
+            if row is None:
+                return None
+            escrow, amount, currency, status = row
+            seen = db.execute(
+                "SELECT body_sha256 FROM settlement_callbacks WHERE target = ? AND webhook_id = ?",
+                (callback.target, callback.webhook_id),
+            ).fetchone()
+            if seen is not None:
+                if seen[0] != callback.body_sha256:
+                    raise KeyReused(
+                        f"webhook-id {callback.webhook_id!r} was already used with another body"
+                    )
+                return [], True
+            moved = {
+                movement
+                for (movement,) in db.execute(
+                    "SELECT movement FROM ledger_entries WHERE release_id = ?", (release_id,)
+                )
+            }
+            recorded: Settlement | None = (
+                "settled" if "settle" in moved else "failed" if "fail" in moved else None
+            )
+            ids: list[int] = []
+            if recorded is not None and recorded != callback.outcome:
+                raise Conflict(
+                    f"release {release_id} was already {recorded}; it cannot be "
+                    f"{callback.outcome} too"
+                )
+            if recorded is None:
+                if "send" not in moved:
+                    raise Conflict(
+                        f"release {release_id} has not been sent (it is {status}): only a "
+                        "sent release can be settled or failed"
+                    )
+                target = callback.target
+                if callback.outcome == "settled":
+                    ids.append(
+                        _insert_movement(
+                            db,
+                            release_id,
+                            escrow,
+                            "settle",
+                            amount,
+                            currency,
+                            now,
+                            target,
+                            callback.reference,
+                            None,
+                        )
+                    )
+                else:
+                    ids.append(
+                        _insert_movement(
+                            db,
+                            release_id,
+                            escrow,
+                            "fail",
+                            amount,
+                            currency,
+                            now,
+                            target,
+                            callback.reference,
+                            callback.reason,
+                        )
+                    )
+                    ids.append(
+                        _insert_movement(
+                            db,
+                            release_id,
+                            escrow,
+                            "return",
+                            amount,
+                            currency,
+                            now,
+                            target,
+                            callback.reference,
+                            "settlement failed",
+                        )
+                    )
+                    if alert is not None:
+                        db.execute(_INSERT_FOLLOW_UP, (*_outbox_row(alert), release_id))
+                    if callback.then is not None:
+                        self._write_then(db, callback.then)
+            db.execute(
+                "INSERT INTO settlement_callbacks (target, webhook_id, body_sha256, release_id,"
+                " received_at) VALUES (?, ?, ?, ?, ?)",
+                (callback.target, callback.webhook_id, callback.body_sha256, release_id, now),
+            )
+            return ids, False
+
+        written = await self._transaction(write)
+        if written is None:
+            return None
+        ids, replayed = written
+        settled = [
+            m
+            for m in await self.ledger_movements(release_id=release_id)
+            if m.movement in ("settle", "fail")
+        ]
+        if not settled:  # a replayed webhook-id whose release is settled: it always is
+            raise Conflict(f"release {release_id} has no settlement recorded")
+        last = settled[-1]
+        return SettlementResult(
+            release_id=release_id,
+            outcome="settled" if last.movement == "settle" else "failed",
+            reference=last.reference,
+            at=last.at,
+            movements=tuple(await self._movements_by_id(ids)),
+            replayed=replayed,
+        )
 
     async def ledger_movements(
         self,
