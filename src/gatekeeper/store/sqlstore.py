@@ -100,7 +100,9 @@ class Dialect:
     ``field``: a text field of the JSON text in ``column`` (NULL when absent);
     ``rows``: the elements of a JSON list parameter as rows of one column ``value`` (JSON
     values), ``texts``/``ints``: a sub-select of its elements as text or integers;
-    ``queued``: the column ordering the outbox in the order its entries were written.
+    ``queued``: the column ordering the outbox in the order its entries were written;
+    ``ordered_join``: an inner join whose left side drives the loop (SQLite's ``CROSS
+    JOIN`` hint; PostgreSQL plans joins itself).
     """
 
     name: str
@@ -109,6 +111,7 @@ class Dialect:
     texts_sql: str
     ints_sql: str
     queued: str
+    ordered_join: str
 
     def field(self, column: str, key: str) -> str:
         """``key`` of the JSON object in ``column``, as text."""
@@ -134,6 +137,7 @@ SQLITE = Dialect(
     texts_sql="SELECT value FROM json_each({param})",
     ints_sql="SELECT value FROM json_each({param})",
     queued="outbox.rowid",
+    ordered_join="CROSS JOIN",
 )
 POSTGRESQL = Dialect(
     name="postgresql",
@@ -142,6 +146,7 @@ POSTGRESQL = Dialect(
     texts_sql="SELECT value FROM jsonb_array_elements_text({param}::jsonb) AS value",
     ints_sql="SELECT value::bigint FROM jsonb_array_elements_text({param}::jsonb) AS value",
     queued="outbox.queued",
+    ordered_join="JOIN",
 )
 
 
@@ -312,9 +317,12 @@ class _Insert:
 
 
 _INSERT_FACT_LOG = (
-    "INSERT INTO fact_log (project, kind, id, data, received_at, request_id, caused_by)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO fact_log (seq, project, kind, id, data, received_at, request_id, caused_by)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+"""A fact log entry with its ``seq``: the next after the last (``_Written.next_seq``), so
+the log has no hole where a transaction rolled back (a sequence generator's numbers would
+be lost) and its order is the commit order."""
 _UPSERT_FACTS = _Insert(
     "INSERT INTO facts (project, kind, id, data, seq, updated_at)",
     "(?, ?, ?, ?, ?, ?)",
@@ -493,10 +501,11 @@ class SqlStore(ABC):
         for fact in t.facts:
             data = _dumps(fact.data)
             caused_by = fact.caused_by
-            seq = insert_id(
-                db,
+            seq = written.next_seq()
+            db.execute(
                 _INSERT_FACT_LOG,
                 (
+                    seq,
                     fact.project,
                     fact.kind,
                     fact.id,
@@ -505,7 +514,6 @@ class SqlStore(ABC):
                     request_id,
                     None if caused_by is None else _dumps(caused_by_json(caused_by)),
                 ),
-                "seq",
             )
             seqs.append(seq)
             fact_rows.append((fact.project, fact.kind, fact.id, data, seq, now))
@@ -513,15 +521,13 @@ class SqlStore(ABC):
         if fact_rows:
             _UPSERT_FACTS.run(db, fact_rows)
         for approval in t.approvals:
-            seqs.append(_write_approval(db, approval, now, request_id))
+            seqs.append(_write_approval(db, written.next_seq(), approval, now, request_id))
         if t.consumed:
             db.executemany(
                 "DELETE FROM approvals WHERE rule_id = ? AND instance = ? AND subject = ?"
                 " AND decision = 'approve'",
                 [(c.rule_id, c.instance, s) for c in t.consumed for s in c.subjects],
             )
-        if seqs:
-            written.last = seqs[-1]
         if t.admin_acts:
             db.executemany(
                 "INSERT INTO admin_acts (at, actor, act, subject, reason, project, instance,"
@@ -1528,9 +1534,12 @@ def _logged_fact(r: Any) -> LoggedFact:
 _RULESET_COLUMNS = "version, files, git_commit, first_activated_at, last_activated_at"
 
 
-def _write_approval(db: Tx, approval: ApprovalInput, now: str, request_id: str | None) -> int:
-    """Append ``approval`` to the fact log (kind ``approval``, id the approver) and set, or
-    for ``withdraw`` remove, the approver's standing decision on the rule; return its seq."""
+def _write_approval(
+    db: Tx, seq: int, approval: ApprovalInput, now: str, request_id: str | None
+) -> int:
+    """Append ``approval`` to the fact log as ``seq`` (kind ``approval``, id the approver)
+    and set, or for ``withdraw`` remove, the approver's standing decision on the rule;
+    return its seq."""
     data: dict[str, Any] = {
         "rule": approval.rule_id,
         "decision": approval.decision,
@@ -1538,12 +1547,10 @@ def _write_approval(db: Tx, approval: ApprovalInput, now: str, request_id: str |
     }
     if approval.instance:
         data["instance"] = approval.instance
-    seq = insert_id(
-        db,
-        "INSERT INTO fact_log (project, kind, id, data, received_at, request_id)"
-        " VALUES (?, 'approval', ?, ?, ?, ?)",
-        (approval.project, approval.subject, _dumps(data), now, request_id),
-        "seq",
+    db.execute(
+        "INSERT INTO fact_log (seq, project, kind, id, data, received_at, request_id)"
+        " VALUES (?, ?, 'approval', ?, ?, ?, ?)",
+        (seq, approval.project, approval.subject, _dumps(data), now, request_id),
     )
     if approval.decision == "withdraw":
         db.execute(
@@ -1576,7 +1583,8 @@ def _seqs_of_facts(d: Dialect) -> str:
     statement."""
     return (
         f"SELECT facts.project, facts.kind, facts.id, facts.seq FROM {d.rows()} AS keys"
-        " CROSS JOIN facts ON facts.project = keys.value ->> 0 AND facts.kind = keys.value ->> 1"
+        f" {d.ordered_join} facts ON facts.project = keys.value ->> 0"
+        " AND facts.kind = keys.value ->> 1"
         " AND facts.id = keys.value ->> 2"
     )
 
@@ -1630,6 +1638,11 @@ class _Written:
         if self.last is None:
             row = self.db.execute("SELECT MAX(seq) FROM fact_log").fetchone()
             self.last = int(row[0] or 0)
+        return self.last
+
+    def next_seq(self) -> int:
+        """The ``seq`` of the next fact log entry (the last one's + 1), taken."""
+        self.last = self.as_of() + 1
         return self.last
 
 
