@@ -426,7 +426,7 @@ def _semantic_problems(doc: YamlDocument, data: Mapping[str, Any]) -> list[Probl
             problems.append(doc.problem(("alert_target",), message))
     database = data.get("database")
     if isinstance(database, str) and (problem := database_url_problem(database)) is not None:
-        problems.append(doc.problem(("database",), f"database: the URL {problem}"))
+        problems.append(doc.problem(("database",), f"the URL {problem}"))
     problems += _secret_like_name_problems(doc, data)
     for name, target in targets.items() if isinstance(targets, dict) else []:
         delivery = target.get("delivery") if isinstance(target, dict) else None

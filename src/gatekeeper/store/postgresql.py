@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import psycopg
@@ -41,12 +41,18 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from gatekeeper.store.errors import (
     Conflict,
     NotAGatekeeperDatabase,
-    SchemaTooNew,
     StoreError,
     StoreUnavailable,
 )
 from gatekeeper.store.migrations import Migration, load_migrations
-from gatekeeper.store.sqlstore import POSTGRESQL, Cursor, SqlStore, T, Tx
+from gatekeeper.store.sqlstore import (
+    POSTGRESQL,
+    Cursor,
+    SqlStore,
+    Tx,
+    newer_schema,
+    older_schema,
+)
 from gatekeeper.store.writer_thread import WriterThread
 
 MIGRATIONS: tuple[Migration, ...] = load_migrations("postgresql", first=12)
@@ -212,21 +218,10 @@ class PostgresStore(SqlStore):
             raise
         return reader
 
-    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        try:
-            reader = await self._reader_connection()
-            cursor = await reader.execute(_pg(sql), params)
-            return list(await cursor.fetchall())
-        except psycopg.Error as exc:
-            raise store_error(exc) from exc
-
-    async def _row(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        try:
-            reader = await self._reader_connection()
-            cursor = await reader.execute(_pg(sql), params)
-            return await cursor.fetchone()
-        except psycopg.Error as exc:
-            raise store_error(exc) from exc
+    async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        reader = await self._reader_connection()
+        cursor = await reader.execute(_pg(sql), params)
+        return list(await cursor.fetchall())
 
     # -- writes -------------------------------------------------------------------------
 
@@ -234,24 +229,25 @@ class PostgresStore(SqlStore):
         assert isinstance(exc, psycopg.Error)
         return store_error(exc)
 
-    def _transact(self, body: Callable[[Tx], T]) -> T:
-        """On the writer thread: ``body`` in a transaction, then ``COMMIT``. On any error
-        the transaction is rolled back (when the connection still stands) and the original
-        exception is raised, never one from the rollback."""
+    def _begin(self) -> Tx:
+        """The writer connection (a transaction begins with its first statement), opened
+        again when found broken (the server restarted)."""
         db = self._db
         if db is None:
             raise StoreUnavailable("store is not open")
-        if db.closed:  # broken: the server restarted
+        if db.closed:
             self._db = db = self._connect_writer()
-        try:
-            result = body(_Transaction(db))
-            db.commit()
-        except BaseException:
-            if not db.closed:
-                with contextlib.suppress(psycopg.Error):
-                    db.rollback()
-            raise
-        return result
+        return _Transaction(db)
+
+    def _commit(self) -> None:
+        assert self._db is not None
+        self._db.commit()
+
+    def _rollback(self) -> None:
+        db = self._db
+        if db is not None and not db.closed:
+            with contextlib.suppress(psycopg.Error):
+                db.rollback()
 
     def _connect_writer(self) -> psycopg.Connection[Any]:
         """On the writer thread: a connection for writes (autocommit off, synchronous
@@ -313,11 +309,7 @@ class PostgresStore(SqlStore):
                     "is created read-only); point at the database a daemon serves"
                 )
             if version < SCHEMA_VERSION:
-                raise StoreUnavailable(
-                    f"PostgreSQL database {self._label} has schema version {version}, older "
-                    f"than this gatekeeper's ({SCHEMA_VERSION}); it is read only as it is: "
-                    "start gatekeeper serve on it once to upgrade it"
-                )
+                raise older_schema(self.name, version, SCHEMA_VERSION)
         except BaseException as exc:
             await reader.close()
             if isinstance(exc, psycopg.Error):
@@ -330,10 +322,7 @@ class PostgresStore(SqlStore):
         for another application's tables (tables without a recorded schema version, or
         without gatekeeper's). An empty schema is fine: gatekeeper's to create."""
         if version > SCHEMA_VERSION:
-            raise SchemaTooNew(
-                f"PostgreSQL database {self._label} has schema version {version}, newer than "
-                f"this gatekeeper knows ({SCHEMA_VERSION}); upgrade gatekeeper"
-            )
+            raise newer_schema(self.name, version, SCHEMA_VERSION, "upgrade gatekeeper")
         if not tables or (version >= MIGRATIONS[0].version and GATEKEEPER_TABLE in tables):
             return
         shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")

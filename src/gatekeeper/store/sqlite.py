@@ -22,7 +22,7 @@ import contextlib
 import errno
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,7 +32,6 @@ from gatekeeper.store.errors import (
     ADVICE,
     Conflict,
     NotAGatekeeperDatabase,
-    SchemaTooNew,
     StoreError,
     StoreUnavailable,
 )
@@ -41,9 +40,10 @@ from gatekeeper.store.migrations import Migration, load_migrations
 from gatekeeper.store.sqlstore import (
     SQLITE,
     SqlStore,
-    T,
     Tx,
     content_hash,
+    newer_schema,
+    older_schema,
 )
 from gatekeeper.store.writer_thread import WriterThread
 
@@ -152,43 +152,31 @@ class SqliteStore(SqlStore):
             raise StoreUnavailable("store is not open")
         return self._reader
 
-    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        """Every row of a read query (on the reader connection)."""
-        try:
-            async with self.reader.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
-        except sqlite3.Error as exc:
-            raise _store_error(exc) from exc
-
-    async def _row(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        """The first row of a read query, or None."""
-        try:
-            async with self.reader.execute(sql, params) as cursor:
-                return await cursor.fetchone()
-        except sqlite3.Error as exc:
-            raise _store_error(exc) from exc
+    async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        async with self.reader.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
 
     def _store_error(self, exc: Exception) -> StoreError:
         assert isinstance(exc, sqlite3.Error)
         return _store_error(exc)
 
-    def _transact(self, body: Callable[[Tx], T]) -> T:
-        """On the writer thread: ``BEGIN IMMEDIATE``, ``body``, ``COMMIT``. On any error the
-        transaction is rolled back (if still open) and the original exception is raised,
-        never one from the rollback."""
+    def _begin(self) -> Tx:
+        """``BEGIN IMMEDIATE``: the write lock is taken at once."""
         db = self._db
         if db is None:
             raise StoreUnavailable("store is not open")
         db.execute("BEGIN IMMEDIATE")
-        try:
-            result = body(db)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                with contextlib.suppress(Exception):
-                    db.execute("ROLLBACK")
-            raise
-        return result
+        return db
+
+    def _commit(self) -> None:
+        assert self._db is not None
+        self._db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        db = self._db
+        if db is not None and db.in_transaction:
+            with contextlib.suppress(Exception):
+                db.execute("ROLLBACK")
 
     async def open(self) -> None:
         """Open the database and bring its schema up to date.
@@ -271,17 +259,12 @@ class SqliteStore(SqlStore):
                 tables = {row[0] for row in await cursor.fetchall()}
             version, application = values
             if version > len(MIGRATIONS):
-                raise SchemaTooNew(
-                    f"database {path} has schema version {version}, newer than this "
-                    f"gatekeeper knows ({len(MIGRATIONS)}); use the gatekeeper that wrote it"
+                raise newer_schema(
+                    str(path), version, len(MIGRATIONS), "use the gatekeeper that wrote it"
                 )
             self._refuse_foreign(version, application, tables)
             if version < len(MIGRATIONS):
-                raise StoreUnavailable(
-                    f"database {path} has schema version {version}, older than this "
-                    f"gatekeeper's ({len(MIGRATIONS)}); it is read only as it is: start "
-                    "gatekeeper serve on it once to upgrade it"
-                )
+                raise older_schema(str(path), version, len(MIGRATIONS))
         except BaseException as exc:
             await reader.close()
             if isinstance(exc, sqlite3.Error):
@@ -470,10 +453,7 @@ class SqliteStore(SqlStore):
         row = self._db.execute("PRAGMA user_version").fetchone()
         current = int(row[0]) if row else 0
         if current > len(MIGRATIONS):
-            raise SchemaTooNew(
-                f"database {self.path} has schema version {current}, newer than this "
-                f"gatekeeper knows ({len(MIGRATIONS)}); upgrade gatekeeper"
-            )
+            raise newer_schema(self.name, current, len(MIGRATIONS), "upgrade gatekeeper")
         for migration in MIGRATIONS[current:]:
 
             def migrate(db: Tx, m: Migration = migration) -> None:

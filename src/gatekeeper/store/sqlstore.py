@@ -2,10 +2,10 @@
 mapping, the write bodies run inside one transaction, and the translation of the query
 types (``_outbox_where``, ``_audit_where``, ``_visible``), written once.
 
-``SqlStore`` implements every method of the contract but opening and closing over four
-primitives a backend gives: ``_rows``/``_row`` (a read, on the event loop, seeing only
-committed data) and ``_transact`` (on the backend's ``WriterThread``: a whole write
-transaction, begin to commit, in one call running a write body on a ``Tx``) with
+``SqlStore`` implements every method of the contract but opening and closing over the
+primitives a backend gives: ``_read`` (a read, on the event loop, seeing only committed
+data), ``_begin``/``_commit``/``_rollback`` (on the backend's ``WriterThread``: a whole
+write transaction is one call, ``_transact``, running a write body on a ``Tx``) and
 ``_store_error`` (a driver error as the ``StoreError`` family). The SQL is written with
 ``?`` placeholders; what differs between the backends' SQL is a ``Dialect``: how a field of
 a JSON text column is read, how a JSON list parameter becomes rows, and what orders the
@@ -51,6 +51,7 @@ from gatekeeper.rules.model import Ruleset
 from gatekeeper.store.errors import (
     Conflict,
     KeyReused,
+    SchemaTooNew,
     StoreError,
     StoreUnavailable,
 )
@@ -130,24 +131,17 @@ class Dialect:
         return self.ints_sql.format(param=param)
 
 
+_EACH = "SELECT value FROM json_each({param})"
 SQLITE = Dialect(
-    name="sqlite",
-    field_sql="json_extract({column}, '$.{key}')",
-    rows_sql="json_each({param})",
-    texts_sql="SELECT value FROM json_each({param})",
-    ints_sql="SELECT value FROM json_each({param})",
-    queued="outbox.rowid",
-    ordered_join="CROSS JOIN",
-)
+    "sqlite", "json_extract({column}, '$.{key}')", "json_each({param})", _EACH, _EACH,
+    "outbox.rowid", "CROSS JOIN",
+)  # fmt: skip
+_TEXTS = "jsonb_array_elements_text({param}::jsonb) AS value"
 POSTGRESQL = Dialect(
-    name="postgresql",
-    field_sql="({column}::jsonb ->> '{key}')",
-    rows_sql="jsonb_array_elements({param}::jsonb)",
-    texts_sql="SELECT value FROM jsonb_array_elements_text({param}::jsonb) AS value",
-    ints_sql="SELECT value::bigint FROM jsonb_array_elements_text({param}::jsonb) AS value",
-    queued="outbox.queued",
-    ordered_join="JOIN",
-)
+    "postgresql", "({column}::jsonb ->> '{key}')", "jsonb_array_elements({param}::jsonb)",
+    f"SELECT value FROM {_TEXTS}", f"SELECT value::bigint FROM {_TEXTS}", "outbox.queued",
+    "JOIN",
+)  # fmt: skip
 
 
 class Cursor(Protocol):
@@ -170,6 +164,25 @@ class Tx(Protocol):
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor: ...
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> object: ...
+
+
+def newer_schema(database: str, version: int, known: int, advice: str) -> SchemaTooNew:
+    """The refusal of database ``database`` of schema ``version``, above the ``known``
+    one: a newer gatekeeper wrote it (``advice``: what to do)."""
+    return SchemaTooNew(
+        f"database {database} has schema version {version}, newer than this gatekeeper "
+        f"knows ({known}); {advice}"
+    )
+
+
+def older_schema(database: str, version: int, known: int) -> StoreUnavailable:
+    """The refusal to read (read-only: never migrated) database ``database`` of schema
+    ``version``, below the ``known`` one."""
+    return StoreUnavailable(
+        f"database {database} has schema version {version}, older than this gatekeeper's "
+        f"({known}); it is read only as it is: start gatekeeper serve on it once to "
+        "upgrade it"
+    )
 
 
 def insert_id(db: Tx, sql: str, params: Sequence[Any], column: str) -> int:
@@ -422,18 +435,47 @@ class SqlStore(ABC):
         password)."""
 
     @abstractmethod
+    async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """Every row of a read query (committed data only), on the event loop. Raises
+        ``StoreUnavailable`` when the store is not open, driver errors as they are."""
+
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        """Every row of a read query (committed data only). Raises the ``StoreError``
-        family."""
+        """Every row of a read query; driver errors leave as the ``StoreError`` family."""
+        try:
+            return await self._read(sql, params)
+        except self.driver_error as exc:
+            raise self._store_error(exc) from exc
 
-    @abstractmethod
     async def _row(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        """The first row of a read query, or None."""
+        """The row of a read query of one row at most, or None."""
+        rows = await self._rows(sql, params)
+        return rows[0] if rows else None
 
     @abstractmethod
+    def _begin(self) -> Tx:
+        """On the writer thread: begin a write transaction on the writer connection and
+        return it. Raises ``StoreUnavailable`` when the store is not open."""
+
+    @abstractmethod
+    def _commit(self) -> None:
+        """On the writer thread: commit the transaction ``_begin`` began."""
+
+    @abstractmethod
+    def _rollback(self) -> None:
+        """On the writer thread: roll the transaction back if it is still open; never
+        raises (the error that caused it is the one to report)."""
+
     def _transact(self, body: Callable[[Tx], T]) -> T:
-        """On the writer thread: begin, ``body``, commit; on any error roll back and raise
-        the original exception."""
+        """On the writer thread: begin, ``body``, commit. On any error the transaction is
+        rolled back and the original exception is raised, never one from the rollback."""
+        db = self._begin()
+        try:
+            result = body(db)
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        return result
 
     @abstractmethod
     def _store_error(self, exc: Exception) -> StoreError:
