@@ -5,18 +5,21 @@ restart."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import psycopg
 from standardwebhooks.webhooks import Webhook
 
 from .conftest import DESIGN_RULE, SECRET, Project, Receiver, fact
+from .test_backtest import backtest, record_history, write_deployment
 from .test_daemon import APPROVED, QA_PASSED, settle
 
 
 def on_postgres(project: Project, url: str) -> Project:
     """``project`` with its database: setting pointing at ``url``."""
     text = project.config_path.read_text()
-    assert "database: state/gatekeeper.db\n" in text
+    assert "database: state/gatekeeper.db\n" in text, text
     project.config_path.write_text(text.replace("state/gatekeeper.db", url))
     return project
 
@@ -56,3 +59,20 @@ async def test_a_fact_fires_a_release_delivered_and_kept_across_a_restart(
     _, escrows = await again.get("/v1/escrows")
     [account] = escrows["escrows"]
     assert (account["reserved"], account["sent"]) == ("0.00", "5000.00")
+
+
+async def test_a_month_recorded_on_postgresql_is_reproduced_by_the_self_check(
+    tmp_path: Path, receiver: Receiver, start_daemon: Any, postgres_url: str
+) -> None:
+    """The backtest's history (``gatekeeper.store.history``) read from PostgreSQL, in a
+    read-only session, while the daemon still runs on it."""
+    project = on_postgres(write_deployment(tmp_path / "deployment", receiver.url), postgres_url)
+    gk, _ = await record_history(project, start_daemon, reload=True)
+    with psycopg.connect(postgres_url) as db:
+        [(total,)] = db.execute("SELECT COUNT(*) FROM decisions").fetchall()
+        triggers = {t for (t,) in db.execute("SELECT DISTINCT trigger FROM decisions")}
+    assert triggers == {"fact", "approval", "admin", "time", "reload"}
+    code, out = await backtest(project, "--self-check", "--database", postgres_url)
+    assert code == 0, out
+    assert out.strip() == f"{total} of {total} decisions reproduced"
+    await gk.stop()
