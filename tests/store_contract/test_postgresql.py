@@ -1,7 +1,8 @@
 """The PostgreSQL backend's schema: one migration file holding the schema of version 12
 (SQLite's 1 to 12), the same tables and columns as SQLite's, applied once under an advisory
 lock however many daemons start together, recorded in ``schema_version``; a newer schema
-and another application's tables are refused; read-only opening creates nothing."""
+and another application's tables are refused; read-only opening creates nothing; a
+connection the server ended is opened again."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from gatekeeper.store.errors import (
 from gatekeeper.store.migrations import load_migrations
 from gatekeeper.store.postgresql import MIGRATIONS, SCHEMA_VERSION
 
+from .. import pg
 from . import build
 
 
@@ -134,3 +136,27 @@ async def test_an_unreachable_server_is_unavailable_naming_host_and_database() -
     with pytest.raises(StoreUnavailable, match=r"gatekeeper on 127\.0\.0\.1:1") as refused:
         await open_store(url)
     assert "PGPASSWORD" in str(refused.value)  # what to do
+
+
+async def test_connections_the_server_ended_are_opened_again(postgres_url: str) -> None:
+    store = await open_store(postgres_url)
+    try:
+        assert await store.commit_transition(build.facts(build.T0, ("p", "task", "a", {}))) == [1]
+        with pg.admin() as db:  # as a server restart or a failover ends them
+            db.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid != pg_backend_pid()",
+                (postgres_url.rsplit("/", 1)[1],),
+            )
+        with pytest.raises(StoreUnavailable) as ended:
+            await store.commit_transition(build.facts(build.at(1), ("p", "task", "b", {})))
+        assert ended.value.condition == "unavailable"
+        with pytest.raises(StoreUnavailable):
+            await store.load_facts()
+        # the next calls connect again; nothing of the failed write was kept
+        assert await store.commit_transition(build.facts(build.at(2), ("p", "task", "c", {}))) == [
+            2
+        ]
+        assert set(await store.load_facts()) == {("p", "task", "a"), ("p", "task", "c")}
+    finally:
+        await store.close()
