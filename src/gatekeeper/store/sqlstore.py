@@ -307,8 +307,9 @@ def _time(text: str | None) -> datetime | None:
 class _Insert:
     """An INSERT of many rows in one statement: ``head VALUES row, row, ... tail``, at most
     ``MAX_ROWS`` rows per statement (one ``sqlite3_step``, where ``executemany`` steps,
-    and gives the GIL away and back, once per row). Rows go in in order, so ids are given
-    in order and a later upsert of the same key wins, as row by row."""
+    and gives the GIL away and back, once per row; one round trip to a PostgreSQL server).
+    Rows go in in order, so ids are given in order. An upsert gets each key once
+    (PostgreSQL refuses to change one row twice in a statement)."""
 
     head: str
     row: str
@@ -329,13 +330,13 @@ class _Insert:
         return f"{self.head} VALUES {', '.join([self.row] * rows)}{self.tail}"
 
 
-_INSERT_FACT_LOG = (
-    "INSERT INTO fact_log (seq, project, kind, id, data, received_at, request_id, caused_by)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_FACT_LOG = _Insert(
+    "INSERT INTO fact_log (seq, project, kind, id, data, received_at, request_id, caused_by)",
+    "(?, ?, ?, ?, ?, ?, ?, ?)",
 )
-"""A fact log entry with its ``seq``: the next after the last (``_Written.next_seq``), so
+"""Fact log entries with their ``seq``: the next after the last (``_Written.next_seq``), so
 the log has no hole where a transaction rolled back (a sequence generator's numbers would
-be lost) and its order is the commit order."""
+be lost), its order is the commit order, and a transition's facts go in together."""
 _UPSERT_FACTS = _Insert(
     "INSERT INTO facts (project, kind, id, data, seq, updated_at)",
     "(?, ?, ?, ?, ?, ?)",
@@ -539,13 +540,13 @@ class SqlStore(ABC):
             now = ""
         seqs: list[int] = []
         request_id = t.request_id
-        fact_rows = []
+        log_rows = []
+        fact_rows: dict[FactKey, tuple[Any, ...]] = {}  # each key once: its last data
         for fact in t.facts:
             data = _dumps(fact.data)
             caused_by = fact.caused_by
             seq = written.next_seq()
-            db.execute(
-                _INSERT_FACT_LOG,
+            log_rows.append(
                 (
                     seq,
                     fact.project,
@@ -555,13 +556,16 @@ class SqlStore(ABC):
                     now,
                     request_id,
                     None if caused_by is None else _dumps(caused_by_json(caused_by)),
-                ),
+                )
             )
             seqs.append(seq)
-            fact_rows.append((fact.project, fact.kind, fact.id, data, seq, now))
-            written.facts[(fact.project, fact.kind, fact.id)] = seq
+            key = (fact.project, fact.kind, fact.id)
+            fact_rows[key] = (*key, data, seq, now)
+            written.facts[key] = seq
         if fact_rows:
-            _UPSERT_FACTS.run(db, fact_rows)
+            _INSERT_FACT_LOG.run(db, log_rows)
+            # PostgreSQL refuses to upsert one row twice in a statement
+            _UPSERT_FACTS.run(db, list(fact_rows.values()))
         for approval in t.approvals:
             seqs.append(_write_approval(db, written.next_seq(), approval, now, request_id))
         if t.consumed:
