@@ -922,13 +922,15 @@ class EscrowList(Model):
     escrows: list[Escrow]
 
 
-MovementName = Literal["reserve", "send", "settle", "fail", "cancel", "return"]
+MovementName = Literal["reserve", "send", "settle", "fail", "cancel", "return", "reclaim"]
 
 
 class LedgerMovement(Model):
     """One movement of a release's amount. reserve: decided and queued; send: the bank
-    answered 2xx; settle / fail: the bank's signed settlement callback; cancel: an admin
-    act; return: the amount back in the escrow (after cancel or fail)."""
+    answered 2xx (or settled a dead letter); settle / fail: the bank's signed settlement
+    callback; cancel: an admin act; return: the amount back in the escrow (after cancel or
+    fail); reclaim: a cancelled release the bank settled anyway, its amount taken back out
+    of the escrow (before its send and settle)."""
 
     id: Annotated[Seq, Meta(description="Grows with every movement: the order to reconcile in.")]
     release_id: str
@@ -940,8 +942,8 @@ class LedgerMovement(Model):
     actor: Annotated[
         str | None,
         Meta(
-            description="Who moved it: the rule (reserve), the target (send, settle, fail), "
-            "the admin (cancel); a return names the actor of its cancel or fail."
+            description="Who moved it: the rule (reserve), the target (send, settle, fail, "
+            "reclaim), the admin (cancel); a return names the actor of its cancel or fail."
         ),
     ]
     reference: Annotated[

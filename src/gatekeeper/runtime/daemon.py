@@ -23,7 +23,7 @@ from typing import Any
 
 from gatekeeper.clock import Clock, JumpDetector, SystemClock
 from gatekeeper.config import Config, Hook, Token
-from gatekeeper.delivery.alerts import settlement_failed_alert
+from gatekeeper.delivery.alerts import settled_after_cancel_alert, settlement_failed_alert
 from gatekeeper.delivery.dispatcher import Dispatcher
 from gatekeeper.engine.evaluate import uuid_action_id
 from gatekeeper.engine.model import (
@@ -379,11 +379,14 @@ class Daemon:
 
     def _give_back(self, movements: Sequence[LedgerMovement], then: Transition | None) -> None:
         """Apply committed ``return`` movements to the live escrow book, with ``then``,
-        what the return decided, committed with it (``Writer.returned``)."""
+        what the return decided, committed with it (``Writer.returned``); a ``reclaim``
+        counts its amount against the escrow again (``Writer.reclaimed``)."""
         for movement in movements:
             if movement.movement == "return":
                 self.writer.returned(movement.escrow, movement.amount, then)
                 then = None
+            elif movement.movement == "reclaim":
+                self.writer.reclaimed(movement.escrow, movement.amount)
 
     def settlement_secret(self, target: str) -> str | None:
         """The Standard Webhooks secret that signs target ``target``'s settlement callbacks
@@ -415,18 +418,29 @@ class Daemon:
             now = self.clock.now()  # under the lock: the writes' times follow their order
             release = await self.store.get_action(release_id)
             alert = then = None
-            if release is not None and outcome == "failed":
+            alert_target = self.config.alert_target
+            alert_config = self.config.targets.get(alert_target or "")
+            slack = alert_config is not None and alert_config.format == "slack"
+            cancelled = release is not None and release.status == "cancelled"
+            if release is not None and outcome == "failed" and not cancelled:
                 record = await self.store.release_record(release_id)
                 if record is not None:
                     then = self.writer.plan_return(record.escrow, record.amount, now)
-                alert_target = self.config.alert_target
-                alert_config = self.config.targets.get(alert_target or "")
                 alert = settlement_failed_alert(
                     release,
                     reference=reference,
                     reason=reason,
                     alert_target=alert_target,
-                    slack=alert_config is not None and alert_config.format == "slack",
+                    slack=slack,
+                    action_id=self._new_action_id(),
+                    at=now,
+                )
+            elif release is not None and cancelled and outcome == "settled":
+                alert = settled_after_cancel_alert(
+                    release,
+                    reference=reference,
+                    alert_target=alert_target,
+                    slack=slack,
                     action_id=self._new_action_id(),
                     at=now,
                 )
@@ -458,7 +472,7 @@ class Daemon:
                 f": {reason}" if reason else "",
                 extra={"action_id": release_id, "target": target, "reference": reference},
             )
-            if alert is not None and any(m.movement == "fail" for m in result.movements):
+            if alert is not None:  # written with the first movements
                 self.metrics.actions.labels(target=alert.target, status="queued").inc()
                 self.dispatcher.hand_over([alert], None)
         return result

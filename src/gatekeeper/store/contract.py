@@ -149,8 +149,10 @@ class StateStore(Protocol):
 
     async def escrow_totals(self) -> EscrowTotals:
         """Per escrow with a release, its ``EscrowFigures``: the ledger's movements summed
-        exactly (``Decimal``, never floats). ``committed`` leaves out returned amounts
-        (cancelled or failed releases)."""
+        exactly (``Decimal``, never floats; a ``fail`` of a release never sent comes off
+        ``reserved``, a ``reclaim`` goes back from ``returned`` to ``reserved``).
+        ``committed`` leaves out returned amounts (cancelled or failed releases) not
+        reclaimed."""
         ...
 
     async def last_ruleset(self) -> StoredRuleset | None:
@@ -239,8 +241,9 @@ class OutboxAdmin(Protocol):
 
 class LedgerBook(Protocol):
     """The ledger's movements after a release was decided (its ``reserve`` is written by
-    ``commit_transition``, its ``send`` by ``record_attempt``): cancels, settlements, and
-    the movements listed for reconciling an escrow line by line."""
+    ``commit_transition``, its ``send`` by ``record_attempt``, or by a settlement of a dead
+    or cancelled release the bank paid): cancels, settlements, and the movements listed
+    for reconciling an escrow line by line."""
 
     async def cancel_release(
         self, cancel: CancelRequest
@@ -258,18 +261,34 @@ class LedgerBook(Protocol):
         ...
 
     async def settle_release(self, callback: SettlementCallback) -> SettlementResult | None:
-        """Record the bank's settlement of a sent release, atomically: ``settle``, or
-        ``fail`` then ``return`` (with ``callback.alert`` queued in the outbox), with the
-        provider's reference, and the callback's ``webhook-id``; with a new ``fail``,
-        ``callback.then`` (what the return decided) is committed as ``commit_transition``
-        would. The same outcome recorded
+        """Record the bank's settlement of a release, atomically, with the provider's
+        reference (movements by ``callback.target``) and the callback's ``webhook-id`` and
+        outcome:
+
+        - sent (delivered): ``settle``, or ``fail`` then ``return``;
+        - dead (the bank got it after all): ``send`` then ``settle``, or ``fail`` then
+          ``return`` (never sent: the fail comes off ``reserved``); the action becomes
+          ``delivered`` (``dead_reason``/``dead_status`` cleared) and the admin act
+          ``dead_letter_settlement`` is audited (actor: the target; reason: the outcome,
+          reference and the dead reason and status it had);
+        - cancelled (an attempt the bank processed before the cancel): ``settled`` writes
+          ``reclaim`` (the returned amount back out of the escrow), ``send`` and
+          ``settle``; ``failed`` writes no movement (the amount was returned) but is
+          recorded with the callback; the status stays ``cancelled`` and the admin act
+          ``settlement_after_cancel`` is audited.
+
+        ``callback.alert`` is queued in the outbox (under the release's decision) when
+        movements are written; with a new ``return``, ``callback.then`` (what the return
+        decided) is committed as ``commit_transition`` would. The same outcome recorded
         before: nothing new (``movements`` empty; the webhook-id is kept). A webhook-id
         applied before with the same body: ``replayed``, nothing written. Returns None
         when ``callback.target`` was sent no release ``callback.release_id``.
 
         Raises ``KeyReused`` when the webhook-id was applied with another body;
-        ``Conflict`` when the release was not sent (pending, dead, cancelled) or was
-        settled with the other outcome. Nothing is written on any error."""
+        ``AttemptInFlight`` (a ``Conflict``) when the release is pending with an attempt
+        in flight (the bank called back before its answer was recorded: retry);
+        ``Conflict`` when it was not sent (pending, shadowed) or was settled with the
+        other outcome. Nothing is written on any error."""
         ...
 
     async def ledger_movements(
