@@ -58,7 +58,9 @@ returned before ``--until``; a replayed one: when a return applied to it) and, l
 shadowed one, is never counted as released: not in the escrow totals, and a firing whose
 only release was cancelled, added or gone, does not fail ``--fail-on release``; a status
 that differs between the two sides (cancelled in the record, sent in the replay) is a
-change of a release.
+change of a release. A ``reclaim`` (a cancelled release the bank settled anyway) takes
+back, at its recorded time, what the return at that spot gave back in the replay, and the
+release counts as released again; with no such return it is skipped (``"return"``).
 
 Formats: ``text``; ``json`` (one object, below); ``github`` (``::error`` for each
 difference that fails ``--fail-on``, ``::warning`` for the others, on the rule's file and
