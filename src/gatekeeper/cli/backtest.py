@@ -12,8 +12,9 @@ signoff), the returns of the ledger (cancels, failed settlements), the deadline 
 the starts of the daemon are replayed with their recorded times through
 the candidate's engine, in memory (``gatekeeper.engine.replay``; the database is opened
 read-only, a daemon may be running on it; or read from a running daemon with ``--url``:
-``GET /v1/history/facts``, ``/v1/history/decisions``, ``/v1/audit`` and ``/v1/rulesets``
-with an admin token from ``$GATEKEEPER_TOKEN`` or the variable ``--token-env`` names;
+``GET /v1/history/facts``, ``/v1/history/decisions`` (scope ``history``, or ``admin``),
+``/v1/audit``, ``/v1/rulesets`` and the escrows' entries (scope ``read``), with a token
+from ``$GATEKEEPER_TOKEN`` or the variable ``--token-env`` names;
 nothing is written anywhere). The firings are
 then compared with the recorded ones (``gatekeeper.engine.backtest``): firings added,
 firings gone, firings changed (outcome, actions: amounts, payees, escrows, targets,
@@ -143,13 +144,15 @@ def add_backtest_parser(commands: Any) -> argparse.ArgumentParser:
         "--database", metavar="PATH", help="the deployment's database (opened read-only)"
     )
     source.add_argument(
-        "--url", metavar="URL", help="a running daemon's base URL (its history API, admin scope)"
+        "--url",
+        metavar="URL",
+        help="a running daemon's base URL (its history API: a token of scopes history, or "
+        "admin, and read)",
     )
     parser.add_argument(
         "--token-env",
         metavar="VAR",
-        help="the environment variable holding the admin token for --url "
-        "(default: GATEKEEPER_TOKEN)",
+        help="the environment variable holding the API token for --url (default: GATEKEEPER_TOKEN)",
     )
     parser.add_argument("--since", metavar="TIME", help="compare from this time (RFC 3339)")
     parser.add_argument("--until", metavar="TIME", help="compare before this time (RFC 3339)")

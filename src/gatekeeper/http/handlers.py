@@ -680,10 +680,10 @@ async def get_audit(request: web.Request) -> web.Response:
 
 async def get_history_facts(request: web.Request) -> web.Response:
     """A page of the fact log (posted facts, facts rules set, approvals), in seq order,
-    after ``after``: what ``gatekeeper backtest --url`` replays."""
+    after ``after``, of the token's projects: what ``gatekeeper backtest --url`` replays."""
     after = after_param(request)
     limit = limit_param(request, MAX_LIST_LIMIT)
-    facts = await daemon_of(request).fact_log(after, limit)
+    facts = await daemon_of(request).fact_log(after, limit, projects=visible_projects(request))
     page = {
         "facts": [f.to_json() for f in facts],
         "next_after": facts[-1].seq if len(facts) == limit else None,
@@ -692,17 +692,17 @@ async def get_history_facts(request: web.Request) -> web.Response:
 
 
 async def get_history_decisions(request: web.Request) -> web.Response:
-    """A page of the decision log after ``after``, oldest first, without evaluations: the
-    decisions a replay needs (``every=true``: all of them), the actions they queued, and
-    where each decision made by the clock, an admin act or a reload falls in the fact
-    log."""
+    """A page of the decision log after ``after``, oldest first, without evaluations, of
+    the token's projects: the decisions a replay needs (``every=true``: all of them), the
+    actions they queued, and where each decision made by the clock, an admin act or a
+    reload falls in the fact log."""
     after = after_param(request)
     limit = limit_param(request, MAX_LIST_LIMIT)
     every = request.query.get("every", "false")
     if every not in ("true", "false"):
         raise ApiError(400, "every must be true or false")
     decisions, actions, positions = await daemon_of(request).decision_page(
-        after, limit, every == "true"
+        after, limit, every == "true", projects=visible_projects(request)
     )
     page = {
         "decisions": [d.to_json(evaluation=False) for d in decisions],

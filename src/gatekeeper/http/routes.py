@@ -559,14 +559,14 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/v1/history/facts",
         h.get_history_facts,
-        "admin",
+        "history",
         "historyFacts",
         "facts",
         "The fact log, oldest first: what `gatekeeper backtest --url` replays",
         m.HistoryFacts,
         description="Every fact log entry (posted facts, facts set by rules with "
         "`caused_by`, approvals as kind `approval`) with `seq > after`, in seq order. Read "
-        "only; every project (admin scope).",
+        "only; scope `history` (or `admin`): the token's projects only.",
         parameters=(
             _query(
                 "after",
@@ -582,7 +582,7 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/v1/history/decisions",
         h.get_history_decisions,
-        "admin",
+        "history",
         "historyDecisions",
         "rules",
         "The decision log, oldest first: what `gatekeeper backtest --url` replays",
@@ -591,8 +591,8 @@ ROUTES: tuple[Route, ...] = (
         "committed in), without their evaluations: those that fired, were blocked or told "
         "approvers, and those made by the clock, an admin act or a reload (`every=true`: "
         "all of them); the actions they queued; and for each decision not made on a fact or "
-        "an approval, the last fact log seq committed before it. Read only; every project "
-        "(admin scope).",
+        "an approval, the last fact log seq committed before it. Read only; scope "
+        "`history` (or `admin`): the decisions of the token's projects and their actions.",
         parameters=(
             _query(
                 "after",

@@ -628,21 +628,29 @@ class Daemon:
         """The audit log entries ``query`` selects, newest first."""
         return await self.store.audit(query)
 
-    async def fact_log(self, after_seq: int, limit: int) -> list[LoggedFact]:
-        """A page of the fact log, in seq order (for a replay of the history)."""
-        return await self.store.fact_log(after_seq, limit)
+    async def fact_log(
+        self, after_seq: int, limit: int, *, projects: Projects = None
+    ) -> list[LoggedFact]:
+        """A page of the fact log, in seq order, only of ``projects`` (for a replay of the
+        history)."""
+        return await self.store.fact_log(after_seq, limit, projects=projects)
 
     async def decision_page(
-        self, after_id: int, limit: int, every: bool
+        self, after_id: int, limit: int, every: bool, *, projects: Projects = None
     ) -> tuple[list[StoredDecision], list[OutboxEntry], dict[int, int]]:
         """A page of the decision log for a replay (``every``: quiet decisions too),
-        without evaluations, with the actions its decisions queued and where each decision
-        not made on a fact or approval falls in the fact log."""
+        without evaluations, only of ``projects``, with the actions its decisions queued
+        and where each decision not made on a fact or approval falls in the fact log."""
         store = self.store
-        decisions = await store.decision_log(after_id, limit, evaluations=False, quiet=every)
+        decisions = await store.decision_log(
+            after_id, limit, evaluations=False, quiet=every, projects=projects
+        )
         if not decisions:
             return [], [], {}
         actions = await store.actions_of_decisions(decisions[0].id, decisions[-1].id)
+        if projects is not None:  # the actions of the page's decisions only
+            ids = {d.id for d in decisions}
+            actions = [a for a in actions if a.decision_id in ids]
         positions = await store.fact_log_positions(
             [d.id for d in decisions if d.trigger not in ("fact", "approval")]
         )

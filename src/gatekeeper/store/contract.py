@@ -322,8 +322,11 @@ class AuditReads(Protocol):
         key of the last fact of the page before), at most ``limit`` (None: all)."""
         ...
 
-    async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[LoggedFact]:
-        """At most ``limit`` fact log entries with ``seq > after_seq``, in ``seq`` order."""
+    async def fact_log(
+        self, after_seq: int = 0, limit: int = 1000, *, projects: Projects = None
+    ) -> list[LoggedFact]:
+        """At most ``limit`` fact log entries with ``seq > after_seq``, in ``seq`` order,
+        only of ``projects``."""
         ...
 
     async def fact_at(self, seq: int) -> LoggedFact | None:
@@ -347,9 +350,11 @@ class AuditReads(Protocol):
         *,
         evaluations: bool = True,
         quiet: bool = True,
+        projects: Projects = None,
     ) -> list[StoredDecision]:
         """At most ``limit`` decisions with ``id > after_id``, oldest first (id ascending:
-        the order they were committed in), as ``list_decisions`` shows them; with
+        the order they were committed in), only of ``projects`` (their rule's project;
+        decisions without one are visible to all), as ``list_decisions`` shows them; with
         ``evaluations`` False their ``evaluation`` is ``{}`` (nothing is rebuilt from the
         fact log: what a replay of the history reads). With ``quiet`` False, the decisions
         made on a fact or an approval that neither fired (nor was blocked) nor told

@@ -1526,10 +1526,14 @@ class SqliteStore:
             for r in rows
         ]
 
-    async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[LoggedFact]:
+    async def fact_log(
+        self, after_seq: int = 0, limit: int = 1000, *, projects: Projects = None
+    ) -> list[LoggedFact]:
+        visible, params = _visible("project", projects)
         rows = await self._rows(
-            f"SELECT {_FACT_LOG_COLUMNS} FROM fact_log WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after_seq, limit),
+            f"SELECT {_FACT_LOG_COLUMNS} FROM fact_log WHERE seq > ? AND {visible}"
+            " ORDER BY seq LIMIT ?",
+            (after_seq, *params, limit),
         )
         return [_logged_fact(r) for r in rows]
 
@@ -1560,15 +1564,17 @@ class SqliteStore:
         *,
         evaluations: bool = True,
         quiet: bool = True,
+        projects: Projects = None,
     ) -> list[StoredDecision]:
-        where = "WHERE id > ?"
+        visible, params = _visible("project", projects)
+        where = f"WHERE id > ? AND {visible}"
         if not quiet:
             where += (
                 " AND (trigger NOT IN ('fact', 'approval') OR firing_id IS NOT NULL"
                 " OR notice_id IS NOT NULL)"
             )
         return await self._decisions(
-            where, (after_id,), limit, oldest_first=True, evaluations=evaluations
+            where, (after_id, *params), limit, oldest_first=True, evaluations=evaluations
         )
 
     async def fact_log_positions(self, decision_ids: Sequence[int]) -> dict[int, int]:
