@@ -410,6 +410,29 @@ async def test_a_failed_settlement_returns_the_amount_and_alerts_once(
     assert len([b for b in bank.bodies("/ci") if b.get("alert")]) == 1
 
 
+async def _released(
+    project_factory: Callable[..., Project],
+    bank: Bank,
+    start_daemon: Any,
+    answer: int | str,
+    status: str,
+    **amounts: str,
+) -> tuple[Running, str]:
+    """A daemon (as ``_deployed``) whose bank first answers ``answer``, and the release of
+    rule r1 once it is ``status``."""
+    bank.script["/bank"] = [answer]
+    gk = await _deployed(project_factory, bank, start_daemon, **amounts)
+    release = await _fire(gk, 1)
+    await _status_of(gk, release, status)
+    return gk, release
+
+
+async def _figures_are(gk: Running, **expected: str) -> None:
+    """Assert the escrow's figures named in ``expected`` are those."""
+    account = await _escrow(gk)
+    assert {name: account[name] for name in expected} == expected
+
+
 async def _admin_acts(gk: Running) -> list[tuple[str, str, str, str]]:
     _, audit = await gk.get("/v1/audit?kind=admin_act")
     return [(a["what"], a["rule_id"], a["actor"], a["reason"]) for a in audit["entries"]]
@@ -424,10 +447,8 @@ async def _alerts(bank: Bank, count: int) -> list[dict[str, Any]]:
 async def test_a_dead_letter_the_bank_paid_is_settled_and_delivered(
     project_factory: Callable[..., Project], bank: Bank, start_daemon: Any
 ) -> None:
-    bank.script["/bank"] = [422]  # refused: a dead letter, though the bank paid it
-    gk = await _deployed(project_factory, bank, start_daemon, r1="300.00")
-    release = await _fire(gk, 1)
-    await _status_of(gk, release, "dead")
+    # refused: a dead letter, though the bank paid it
+    gk, release = await _released(project_factory, bank, start_daemon, 422, "dead", r1="300.00")
     status, body = await _settle(gk, release, "settled", "msg-d1")
     assert status == 200, body
     assert [(e["movement"], e["actor"], e["reference"]) for e in body["entries"]] == [
@@ -436,14 +457,9 @@ async def test_a_dead_letter_the_bank_paid_is_settled_and_delivered(
     ]
     _, action = await gk.get(f"/v1/actions/{release}")
     assert (action["status"], action["dead_reason"]) == ("delivered", None)
-    account = await _escrow(gk)
-    assert (
-        account["reserved"],
-        account["unconfirmed"],
-        account["sent"],
-        account["settled"],
-        account["remaining"],
-    ) == ("0.00", "0.00", "0.00", "300.00", "19700.00")
+    await _figures_are(
+        gk, reserved="0.00", unconfirmed="0.00", sent="0.00", settled="300.00", remaining="19700.00"
+    )
     assert await _admin_acts(gk) == [
         (
             "dead_letter_settlement",
@@ -461,21 +477,18 @@ async def test_a_dead_letter_the_bank_paid_is_settled_and_delivered(
 async def test_a_dead_letter_the_bank_failed_returns_its_amount_and_alerts(
     project_factory: Callable[..., Project], bank: Bank, start_daemon: Any
 ) -> None:
-    bank.script["/bank"] = [422]
-    gk = await _deployed(project_factory, bank, start_daemon, r1="300.00")
-    release = await _fire(gk, 1)
-    await _status_of(gk, release, "dead")
+    gk, release = await _released(project_factory, bank, start_daemon, 422, "dead", r1="300.00")
     status, body = await _settle(gk, release, "failed", "msg-d2")
     assert status == 200, body
     assert [e["movement"] for e in body["entries"]] == ["fail", "return"]  # never sent
-    account = await _escrow(gk)
-    assert (
-        account["reserved"],
-        account["unconfirmed"],
-        account["sent"],
-        account["returned"],
-        account["remaining"],
-    ) == ("0.00", "0.00", "0.00", "300.00", "20000.00")
+    await _figures_are(
+        gk,
+        reserved="0.00",
+        unconfirmed="0.00",
+        sent="0.00",
+        returned="300.00",
+        remaining="20000.00",
+    )
     assert [a[0] for a in await _admin_acts(gk)] == ["dead_letter_settlement"]
     alerts = await _alerts(bank, 3)
     assert [(a["alert"], a["release_id"]) for a in alerts] == [
@@ -490,12 +503,9 @@ async def test_a_cancelled_release_the_bank_settled_is_taken_back_and_alerted(
     # limit 20000.00: r1 (12000) timed out for the daemon, then was cancelled; the bank
     # had paid it. r2 (12000) fitted after the cancel, but not once the bank's settlement
     # takes the amount back.
-    bank.script["/bank"] = ["wait"]
-    gk = await _deployed(project_factory, bank, start_daemon, r1="12000.00", r2="12000.00")
-    first = await _fire(gk, 1)
-    await _status_of(gk, first, "pending")
-    status, _ = await _cancel(gk, first)
-    assert status == 200
+    amounts = {"r1": "12000.00", "r2": "12000.00"}
+    gk, first = await _released(project_factory, bank, start_daemon, "wait", "pending", **amounts)
+    assert (await _cancel(gk, first))[0] == 200
     status, body = await _settle(gk, first, "settled", "msg-c1")
     assert status == 200, body
     assert [(e["movement"], e["amount"], e["reason"]) for e in body["entries"]] == [
@@ -505,14 +515,9 @@ async def test_a_cancelled_release_the_bank_settled_is_taken_back_and_alerted(
     ]
     _, action = await gk.get(f"/v1/actions/{first}")
     assert action["status"] == "cancelled"
-    account = await _escrow(gk)
-    assert (
-        account["reserved"],
-        account["sent"],
-        account["settled"],
-        account["returned"],
-        account["remaining"],
-    ) == ("0.00", "0.00", "12000.00", "0.00", "8000.00")
+    await _figures_are(
+        gk, reserved="0.00", sent="0.00", settled="12000.00", returned="0.00", remaining="8000.00"
+    )
     [alert] = await _alerts(bank, 2)  # r1's notice and the alert
     assert (alert["alert"], alert["release_id"], alert["reference"]) == (
         "settled_after_cancel",
@@ -538,10 +543,8 @@ async def test_a_cancelled_release_the_bank_settled_is_taken_back_and_alerted(
 async def test_a_failure_of_a_cancelled_release_is_recorded_and_moves_nothing(
     project_factory: Callable[..., Project], bank: Bank, start_daemon: Any
 ) -> None:
-    bank.script["/bank"] = ["wait"]
-    gk = await _deployed(project_factory, bank, start_daemon, r1="500.00")
-    release = await _fire(gk, 1)
-    await _status_of(gk, release, "pending")
+    amounts = {"r1": "500.00"}
+    gk, release = await _released(project_factory, bank, start_daemon, "wait", "pending", **amounts)
     assert (await _cancel(gk, release))[0] == 200
     before = await _escrow(gk)
     status, body = await _settle(gk, release, "failed", "msg-x1")

@@ -131,13 +131,7 @@ def settlement_failed_alert(
         f"(reference {escape(reference)}){why}; the amount is back in escrow "
         f"{escape(str(release.payload.get('escrow')))}"
     )
-    payload: dict[str, Any] = {
-        "project": str(release.payload.get("project", "")),
-        "message": message,
-        "alert": "settlement_failed",
-        "release_id": release.action_id,
-        "reference": reference,
-    }
+    payload = _settlement_payload(release, "settlement_failed", message, reference)
     if reason:
         payload["reason"] = reason
     return _alert(release, alert_target, action_id, at, payload)
@@ -164,11 +158,18 @@ def settled_after_cancel_alert(
         f"(reference {escape(reference)}): the money moved; its amount is taken back out of "
         f"escrow {escape(str(release.payload.get('escrow')))}"
     )
-    payload: dict[str, Any] = {
+    payload = _settlement_payload(release, "settled_after_cancel", message, reference)
+    return _alert(release, alert_target, action_id, at, payload)
+
+
+def _settlement_payload(
+    release: OutboxEntry, alert: str, message: str, reference: str
+) -> dict[str, Any]:
+    """The payload of alert ``alert`` about a settlement of ``release`` (by ``reference``)."""
+    return {
         "project": str(release.payload.get("project", "")),
         "message": message,
-        "alert": "settled_after_cancel",
+        "alert": alert,
         "release_id": release.action_id,
         "reference": reference,
     }
-    return _alert(release, alert_target, action_id, at, payload)

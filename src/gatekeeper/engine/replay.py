@@ -479,14 +479,7 @@ class Replay:
         its escrow tried again, committed when something was decided."""
         found = self.releases.pop(event.spot, None)
         if found is None:
-            spot = event.spot
-            name = f"{spot.rule_id}[{spot.instance}]" if spot.instance else spot.rule_id
-            return Step(
-                event,
-                None,
-                f"release {event.release_id} ({event.cause}) of {name} at {spot.fired_at}: "
-                "no such release in this replay",
-            )
+            return _skipped(event, event.cause, "no such release in this replay")
         escrow, amount, firing_id, place = found
         self.book.give_back(escrow, amount)
         self.returned[(firing_id, place)] = event.cause
@@ -508,14 +501,8 @@ class Replay:
         nothing is evaluated."""
         found = self.given_back.pop(event.spot, None)
         if found is None:
-            spot = event.spot
-            name = f"{spot.rule_id}[{spot.instance}]" if spot.instance else spot.rule_id
-            return Step(
-                event,
-                None,
-                f"release {event.release_id} (settled after its cancel) of {name} at "
-                f"{spot.fired_at}: no such release returned in this replay",
-            )
+            why = "no such release returned in this replay"
+            return _skipped(event, "settled after its cancel", why)
         escrow, amount, firing_id, place = found
         self.book.commit(escrow, amount)
         self.returned.pop((firing_id, place), None)
@@ -572,3 +559,12 @@ class Replay:
             schedule_instances(
                 self.schedule, engine.rules, keys, self.facts, transition.planned_at, self.approvals
             )
+
+
+def _skipped(event: Returned | Reclaimed, what: str, why: str) -> Step:
+    """The step of a return or reclaim of a release this replay cannot apply: ``why``."""
+    spot = event.spot
+    name = f"{spot.rule_id}[{spot.instance}]" if spot.instance else spot.rule_id
+    return Step(
+        event, None, f"release {event.release_id} ({what}) of {name} at {spot.fired_at}: {why}"
+    )

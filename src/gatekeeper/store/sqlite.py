@@ -1389,7 +1389,8 @@ class SqliteStore:
                             (now, release_id),
                         )
                         act = "dead_letter_settlement"
-                        why = f"{what}; it was a dead letter: {dead_reason}, HTTP {dead_status}"
+                        last = f", HTTP {dead_status}" if dead_status is not None else ""
+                        why = f"{what}; it was a dead letter: {dead_reason}{last}"
                     else:
                         act, why = "settlement_after_cancel", f"{what} after its cancel"
                     db.execute(
@@ -1420,11 +1421,6 @@ class SqliteStore:
         if written is None:
             return None
         ids, replayed = written
-        row = await self._row(
-            "SELECT outcome, reference, received_at FROM settlement_callbacks"
-            " WHERE release_id = ? AND outcome IS NOT NULL ORDER BY received_at LIMIT 1",
-            (release_id,),
-        )
         settled = [
             m
             for m in await self.ledger_movements(release_id=release_id)
@@ -1434,10 +1430,15 @@ class SqliteStore:
             last = settled[-1]
             outcome: Settlement = "settled" if last.movement == "settle" else "failed"
             reference, at = last.reference, last.at
-        elif row is not None:  # a failure of a cancelled release: recorded, nothing moved
+        else:  # a failure of a cancelled release: recorded, nothing moved
+            row = await self._row(
+                "SELECT outcome, reference, received_at FROM settlement_callbacks"
+                " WHERE release_id = ? AND outcome IS NOT NULL ORDER BY received_at LIMIT 1",
+                (release_id,),
+            )
+            if row is None:  # a replayed webhook-id's release is settled: it always is
+                raise Conflict(f"release {release_id} has no settlement recorded")
             outcome, reference, at = row[0], row[1], parse_rfc3339(row[2])
-        else:  # a replayed webhook-id whose release is settled: it always is
-            raise Conflict(f"release {release_id} has no settlement recorded")
         return SettlementResult(
             release_id=release_id,
             outcome=outcome,
