@@ -409,11 +409,15 @@ class Daemon:
         body_sha256: str,
     ) -> SettlementResult | None:
         """Record target ``target``'s verified settlement callback about release
-        ``release_id`` (``Store.settle_release``): settled, or failed (its amount returns
-        to the escrow at once, the book too, the releases blocked on that escrow are tried
-        again in the same transaction, and ``alert_target`` is told once). None when
+        ``release_id`` (``Store.settle_release``; a sent, dead or cancelled release):
+        settled, or failed (its amount returns to the escrow at once, the book too, the
+        releases blocked on that escrow are tried again in the same transaction, and
+        ``alert_target`` is told once). A cancelled release settled anyway is reclaimed:
+        its amount counts against the escrow again (the book too) and ``alert_target`` is
+        told (``settled_after_cancel``); a failure of it moves nothing. None when
         ``target`` was sent no such release; raises ``KeyReused`` (the webhook-id came
-        with another body) or ``Conflict`` (not sent, or settled the other way)."""
+        with another body), ``AttemptInFlight`` (an attempt is in flight: retry) or
+        ``Conflict`` (not sent, or settled the other way)."""
         async with self.writer.lock:
             now = self.clock.now()  # under the lock: the writes' times follow their order
             release = await self.store.get_action(release_id)

@@ -444,8 +444,9 @@ class SettlementCallback:
     release ``release_id`` is ``settled`` or ``failed`` (``outcome``), with the provider's
     ``reference`` and, for a failure, an optional ``reason``. ``webhook_id`` is the Standard
     Webhooks message id and ``body_sha256`` the SHA-256 (hex) of the signed body: a
-    ``webhook-id`` is applied once. ``alert`` is the ``settlement_failed`` notice to queue
-    when a failure is new (None: no alert target)."""
+    ``webhook-id`` is applied once. ``alert`` is the notice to queue with the movements
+    when they are new: ``settlement_failed`` for a failure, ``settled_after_cancel`` for a
+    cancelled release the bank settled (None: no alert target, or nothing to tell)."""
 
     target: str
     release_id: str
