@@ -211,7 +211,7 @@ async def test_a_cancel_is_refused_unless_the_release_was_not_sent(store: Store)
 async def test_an_attempt_in_flight_holds_off_a_cancel_until_its_outcome(store: Store) -> None:
     await _releases(store)
     assert await store.begin_attempt(R1, build.at(10))
-    with pytest.raises(Conflict, match="in flight"):
+    with pytest.raises(AttemptInFlight, match="in flight"):
         await store.cancel_release(CancelRequest(R1, build.at(11), "ops", "stop"))
     assert (await store.get_action(R1)).status == "pending"  # type: ignore[union-attr]
     retry = replace(_record(R1, 10, "pending", 503), next_attempt_at=build.at(60))

@@ -256,8 +256,9 @@ class LedgerBook(Protocol):
         entry and the movements written, None when there is no such action.
 
         Raises ``Conflict`` (nothing written) when the action is not a release, is
-        delivered or cancelled already, or an attempt of it is in flight
-        (``begin_attempt`` without a recorded outcome: its outcome decides)."""
+        delivered or cancelled already; ``AttemptInFlight`` (a ``Conflict``) when an
+        attempt of it is in flight (``begin_attempt`` without a recorded outcome: its
+        outcome decides)."""
         ...
 
     async def settle_release(self, callback: SettlementCallback) -> SettlementResult | None:

@@ -1255,7 +1255,7 @@ class SqliteStore:
             if release is None:
                 raise Conflict(f"release {release_id} has no ledger entry")
             if started is not None:
-                raise Conflict(
+                raise AttemptInFlight(
                     f"release {release_id}: an attempt is in flight; its outcome decides"
                 )
             db.execute("UPDATE outbox SET status = 'cancelled' WHERE action_id = ?", (release_id,))
