@@ -894,18 +894,27 @@ class Escrow(Model):
     limit: DecimalString | None
     reserved: Annotated[
         DecimalString,
-        Meta(description="Releases decided, not yet sent nor cancelled: reserve - send - cancel."),
+        Meta(
+            description="Releases decided, not yet sent nor cancelled: reserve + reclaim - "
+            "send - cancel - the fail of releases never sent."
+        ),
     ]
     sent: Annotated[
         DecimalString,
-        Meta(description="Releases the bank has (2xx), not yet settled: send - settle - fail."),
+        Meta(
+            description="Releases the bank has (2xx), not yet settled: send - settle - the "
+            "fail of sent releases."
+        ),
     ]
     settled: Annotated[
         DecimalString, Meta(description="Releases the bank's callback settled: settle.")
     ]
     returned: Annotated[
         DecimalString,
-        Meta(description="Amounts back in the escrow (cancelled or failed releases): return."),
+        Meta(
+            description="Amounts back in the escrow (cancelled or failed releases): return - "
+            "reclaim."
+        ),
     ]
     remaining: DecimalString | None
     released: Annotated[DecimalString, Meta(description="Releases delivered: sent + settled.")]

@@ -469,9 +469,11 @@ ROUTES: tuple[Route, ...] = (
         "escrows",
         "Each escrow: limit, reserved, sent, settled, returned, remaining",
         m.EscrowList,
-        description="Summed from the ledger's movements: reserved = reserve - send - cancel, "
-        "sent = send - settle - fail, settled = settle, returned = return, remaining = "
-        "limit - (reserved + sent + settled). `released` (sent + settled), `pending` and "
+        description="Summed from the ledger's movements: reserved = reserve + reclaim - send "
+        "- cancel - the fail of releases never sent (dead letters the bank failed), sent = "
+        "send - settle - the fail of sent releases, settled = settle, returned = return - "
+        "reclaim, remaining = limit - (reserved + sent + settled), below zero when a reclaim "
+        "overdrew the escrow. `released` (sent + settled), `pending` and "
         "`unconfirmed` (reserved releases queued, and dead-lettered: counted as possibly "
         "paid) split the same amounts as before.",
         response_description="The escrows.",
