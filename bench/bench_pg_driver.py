@@ -17,15 +17,18 @@ with 200 only after the body is committed, through one connection owned by one w
   (a) asyncpg on the event loop, (b) psycopg 3's ``AsyncConnection`` on the event loop,
   (c) a psycopg 3 sync connection on a dedicated thread, the whole transaction one call
   through ``gatekeeper.store.writer_thread.WriterThread`` (the SQLite backend's design);
+  (e) as (c) in psycopg's pipeline mode, the three statements sent together and answered
+  in one round trip (asyncpg has no such mode for a transaction of several statements);
 - **one commit per request** — the same writer with groups of one, for (a) and (b): the
   rate of commits (fsyncs) one connection can do.
 
 The load comes from a separate process (``bench_ingest.py``'s aiohttp load generator,
 ``--connections`` concurrent keep-alive clients for ``--seconds``). Runs of the variants are
 interleaved; each figure is the median of ``--runs`` runs. The table gives facts/s, p50 and
-p99 latency, the CPU per fact of the server process (all its threads, from ``/proc``) and of
-its PostgreSQL backend, and the mean facts per commit. Afterwards every acknowledged fact
-must be in the table (the durability check).
+p99 latency, the CPU per fact of the server process (all its threads, from ``/proc``), of
+its PostgreSQL backend and of the load generator (on 2 cores, a busy client caps the rate),
+and the mean facts per commit. Afterwards every acknowledged fact must be in the table (the
+durability check).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import asyncio
 import functools
 import importlib.util
 import json
+import resource
 import secrets
 import shutil
 import sys
@@ -169,6 +173,16 @@ class PsycopgThreadWriter:
         return int(self._conn.info.backend_pid)
 
 
+class PsycopgPipelineWriter(PsycopgThreadWriter):
+    """(e) as (c), in psycopg's pipeline mode: ``BEGIN``, the INSERT and ``COMMIT`` go out
+    together and their results come back in one round trip."""
+
+    def _commit_on_thread(self, bodies: list[str]) -> list[int]:
+        with self._conn.pipeline(), self._conn.transaction():
+            cursor = self._conn.execute(self._sql, (bodies,))
+        return [row[0] for row in cursor.fetchall()]
+
+
 @dataclass(frozen=True)
 class Variant:
     """A server under test: its driver module, writer and largest group per commit."""
@@ -195,6 +209,13 @@ VARIANTS = [
         "(c) psycopg 3 sync on WriterThread, group",
         "psycopg",
         PsycopgThreadWriter.open,
+        None,
+    ),
+    Variant(
+        "psycopg-pipeline",
+        "(e) as (c), pipeline mode",
+        "psycopg",
+        PsycopgPipelineWriter.open,
         None,
     ),
     Variant("asyncpg-each", "(d) asyncpg, 1 commit/request", "asyncpg", AsyncpgWriter.open, 1),
@@ -356,6 +377,7 @@ class Measured:
     run: RunResult
     server_cpu_us: float
     backend_cpu_us: float
+    client_cpu_us: float
     facts_per_commit: float
 
 
@@ -365,13 +387,22 @@ def get_stats(server: Server) -> dict[str, Any]:
         return stats
 
 
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's children that have ended (the load
+    generator's processes; the servers end only after the runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(server: Server, args: argparse.Namespace, seconds: float) -> Measured:
     """One load run against ``server``: facts/s, latency, CPU per fact, facts per commit."""
     before = get_stats(server)
     server_cpu = cpu_seconds(server.process.pid) or 0.0
     backend_cpu = cpu_seconds(before["backend_pid"]) or 0.0
     url = f"http://{HOST}:{server.port}/facts"
+    client_cpu = children_cpu_seconds()
     run = run_aiohttp_load(url, args.connections, seconds, FACT_IDS)
+    client_cpu = children_cpu_seconds() - client_cpu
     after = get_stats(server)
     server_cpu = (cpu_seconds(server.process.pid) or 0.0) - server_cpu
     backend_cpu = (cpu_seconds(before["backend_pid"]) or 0.0) - backend_cpu
@@ -381,6 +412,7 @@ def measure(server: Server, args: argparse.Namespace, seconds: float) -> Measure
         run=run,
         server_cpu_us=server_cpu * 1e6 / done,
         backend_cpu_us=backend_cpu * 1e6 / done,
+        client_cpu_us=client_cpu * 1e6 / done,
         facts_per_commit=(after["facts"] - before["facts"]) / commits,
     )
 
@@ -407,6 +439,7 @@ def row(variant: Variant, runs: list[Measured], baseline_rps: float | None) -> l
         f"{median([m.run.p99_ms for m in runs]):.2f}",
         fmt(median([m.server_cpu_us for m in runs])),
         fmt(median([m.backend_cpu_us for m in runs])),
+        fmt(median([m.client_cpu_us for m in runs])),
         f"{median([m.facts_per_commit for m in runs]):.1f}",
         str(sum(m.run.errors for m in runs)),
     ]
@@ -490,6 +523,7 @@ def run(args: argparse.Namespace) -> int:
                 "p99 ms",
                 "server CPU µs/fact",
                 "PG backend CPU µs/fact",
+                "client CPU µs/fact",
                 "facts/commit",
                 "errors",
             ],
