@@ -213,7 +213,7 @@ VARIANTS = [
     ),
     Variant(
         "psycopg-pipeline",
-        "(e) as (c), pipeline mode",
+        "(e) psycopg 3 sync on WriterThread, pipeline",
         "psycopg",
         PsycopgPipelineWriter.open,
         None,
