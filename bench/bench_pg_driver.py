@@ -465,7 +465,8 @@ def run(args: argparse.Namespace) -> int:
     chosen = [VARIANTS_BY_KEY[key] for key in args.variants]
     variants = available(chosen)
     if not variants:
-        raise SystemExit("no PostgreSQL driver installed: pip install asyncpg 'psycopg[binary]'")
+        install = "pip install asyncpg 'psycopg[binary]'"
+        raise SystemExit(f"no driver of the chosen variants is installed: {install}")
     name, scratch = create_scratch_database(args.dsn)
     version, sync_commit, fsync, sync_method = admin(
         scratch,
