@@ -52,7 +52,7 @@ from typing import Any, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _common import fmt, machine_header, median, spread, table
+from _common import GroupCommitter, fmt, machine_header, median, spread, table
 from bench_ingest import (
     HOST,
     RunResult,
@@ -234,46 +234,6 @@ VARIANTS_BY_KEY = {variant.key: variant for variant in VARIANTS}
 # The server (this file with --serve KEY PORT DSN, in its own process)
 
 
-class GroupCommitter:
-    """Queues fact bodies and commits them in groups through one ``Writer``.
-
-    ``submit(body)`` returns the body's ``seq`` once its transaction has committed. While a
-    commit is in flight, new bodies wait; the next transaction takes all of them (at most
-    ``max_group``). ``commits`` and ``facts`` count what has been committed.
-    """
-
-    def __init__(self, writer: Writer, max_group: int | None) -> None:
-        self._writer = writer
-        self._max_group = max_group
-        self._queue: asyncio.Queue[tuple[str, asyncio.Future[int]]] = asyncio.Queue()
-        self.commits = 0
-        self.facts = 0
-
-    async def submit(self, body: str) -> int:
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((body, done))
-        return await done
-
-    async def run(self) -> None:
-        """Commit queued bodies, group after group, until cancelled."""
-        while True:
-            group = [await self._queue.get()]
-            while not self._queue.empty() and len(group) != self._max_group:
-                group.append(self._queue.get_nowait())
-            try:
-                seqs = await self._writer.commit([body for body, _ in group])
-            except Exception as exc:
-                for _, done in group:
-                    if not done.done():
-                        done.set_exception(exc)
-                continue
-            self.commits += 1
-            self.facts += len(group)
-            for (_, done), seq in zip(group, seqs, strict=True):
-                if not done.done():
-                    done.set_result(seq)
-
-
 def serve(key: str, port: int, dsn: str, loop_name: str) -> None:
     """Serve ``POST /facts`` for variant ``key`` on 127.0.0.1:``port`` until killed, and
     ``GET /stats`` (commits, facts committed, the backend's pid)."""
@@ -297,7 +257,7 @@ def serve(key: str, port: int, dsn: str, loop_name: str) -> None:
     async def writer_ctx(app: web.Application) -> Any:
         writer = await variant.open_writer(dsn)
         app[pid_key] = await writer.backend_pid()
-        app[committer_key] = GroupCommitter(writer, variant.max_group)
+        app[committer_key] = GroupCommitter(writer.commit, variant.max_group)
         task = asyncio.create_task(app[committer_key].run())
         yield
         task.cancel()
