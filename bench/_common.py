@@ -8,6 +8,7 @@ target is printed as PASS/FAIL without failing the run unless ``--strict`` is gi
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as _dt
 import os
 import platform
@@ -15,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,3 +226,48 @@ def ingest_us_per_fact(
         transition = engine.plan_ingest(facts, states, [fact], now, book)
         apply_transition(transition, facts, states, approvals, book)
     return (time.process_time_ns() - started) / 1000 / len(inputs)
+
+
+class GroupCommitter:
+    """Group commit for the benchmarks' bare durable endpoints: queues fact bodies and
+    commits them in groups through ``commit``.
+
+    ``commit(bodies)`` stores the JSON texts in one transaction and returns their ``seq``s
+    once committed. ``submit(body)`` returns the body's ``seq`` after its transaction has
+    committed (or raises what ``commit`` raised). While a commit is in flight, new bodies
+    wait; the next transaction takes all of them (at most ``max_group``; None: no limit).
+    ``commits`` and ``facts`` count what has been committed.
+    """
+
+    def __init__(
+        self, commit: Callable[[list[str]], Awaitable[list[int]]], max_group: int | None = None
+    ) -> None:
+        self._commit = commit
+        self._max_group = max_group
+        self._queue: asyncio.Queue[tuple[str, asyncio.Future[int]]] = asyncio.Queue()
+        self.commits = 0
+        self.facts = 0
+
+    async def submit(self, body: str) -> int:
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((body, done))
+        return await done
+
+    async def run(self) -> None:
+        """Commit queued bodies, group after group, until cancelled."""
+        while True:
+            group = [await self._queue.get()]
+            while not self._queue.empty() and len(group) != self._max_group:
+                group.append(self._queue.get_nowait())
+            try:
+                seqs = await self._commit([body for body, _ in group])
+            except Exception as exc:
+                for _, done in group:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            self.commits += 1
+            self.facts += len(group)
+            for (_, done), seq in zip(group, seqs, strict=True):
+                if not done.done():
+                    done.set_result(seq)

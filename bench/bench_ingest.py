@@ -49,6 +49,7 @@ from _common import (
     BENCH_PROJECT,
     BENCH_TARGET,
     RULES_PER_FACT,
+    GroupCommitter,
     Targets,
     add_strict_options,
     fact_count,
@@ -362,7 +363,6 @@ def serve_bare_durable(port: int, path: str) -> None:
     db.execute("PRAGMA synchronous=FULL")
     db.execute("CREATE TABLE IF NOT EXISTS fact_log (seq INTEGER PRIMARY KEY, body TEXT)")
     thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="writer")
-    queue: asyncio.Queue[tuple[str, asyncio.Future[int]]] = asyncio.Queue()
 
     def commit(bodies: list[str]) -> list[int]:
         db.execute("BEGIN IMMEDIATE")
@@ -375,30 +375,18 @@ def serve_bare_durable(port: int, path: str) -> None:
             raise
         return seqs
 
-    async def write_forever() -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            group = [await queue.get()]
-            while not queue.empty():
-                group.append(queue.get_nowait())
-            try:
-                seqs = await loop.run_in_executor(thread, commit, [body for body, _ in group])
-            except Exception as exc:
-                for _, done in group:
-                    done.set_exception(exc)
-                continue
-            for (_, done), seq in zip(group, seqs, strict=True):
-                done.set_result(seq)
+    async def commit_on_thread(bodies: list[str]) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(thread, commit, bodies)
+
+    committer = GroupCommitter(commit_on_thread)
 
     async def post_facts(request: web.Request) -> web.Response:
         text = await request.text()
         json.loads(text)
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        await queue.put((text, done))
-        return web.json_response({"accepted": 1, "seqs": [await done]})
+        return web.json_response({"accepted": 1, "seqs": [await committer.submit(text)]})
 
     async def start_writer(app: web.Application) -> None:
-        app["writer"] = asyncio.create_task(write_forever())
+        app["writer"] = asyncio.create_task(committer.run())
 
     app = web.Application()
     app.on_startup.append(start_writer)

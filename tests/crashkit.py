@@ -454,6 +454,9 @@ class CrashReceiver:
         """Releases of these rules are answered 500, or 200 with probability
         ``hold_accept_rate`` (the bank held them; now and then it takes one)."""
         self.hold_accept_rate = 0.05
+        self.accepted_keys: set[str] = set()
+        """The bank's Idempotency-Keys it answered 2xx: a retry of one (its answer was lost
+        to a kill) is answered 2xx again, never a fault, as a bank's idempotency replay is."""
         self.arrived = asyncio.Event()
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -474,6 +477,11 @@ class CrashReceiver:
         held = verified and request.path == "/bank" and bool(self.hold_rules)
         if held and json.loads(raw).get("rule_id") in self.hold_rules:
             status = 200 if self.rng.random() < self.hold_accept_rate else 500
+        key = headers.get("Idempotency-Key")
+        if verified and request.path == "/bank" and key in self.accepted_keys:
+            status = 200  # a bank answers a request it took before as it did then
+        elif verified and request.path == "/bank" and key and status == 200:
+            self.accepted_keys.add(key)
         self.receipts.append(
             Receipt(
                 request.path,

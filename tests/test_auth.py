@@ -25,6 +25,9 @@ TOKENS = {
     "ci": "gk_ci-token-for-tests-000000000000000000000000",
     "ops": "gk_ops-token-for-tests-00000000000000000000000",
     "reader-b": "gk_reader-b-token-for-tests-00000000000000000",
+    "historian": "gk_historian-token-for-tests-000000000000000",
+    "historian-b": "gk_historian-b-token-for-tests-0000000000000",
+    "backtester": "gk_backtester-token-for-tests-00000000000000",
 }
 SCOPES = {
     "alice": (["approve", "read"], ["tower-a"]),
@@ -34,6 +37,9 @@ SCOPES = {
     "ci": (["facts:write"], ["tower-a"]),
     "ops": (["admin", "read"], ["*"]),
     "reader-b": (["read", "facts:write"], ["tower-b"]),
+    "historian": (["history"], ["*"]),
+    "historian-b": (["history"], ["tower-b"]),
+    "backtester": (["history", "read"], ["*"]),
 }
 
 APPROVED_RULE = """\
@@ -149,6 +155,43 @@ async def test_scopes_and_projects(gk: Running) -> None:
     assert (await call(gk, "POST", "/v1/actions/x/retry", "alice", {}))[0] == 403  # not admin
     status, _ = await call(gk, "POST", "/v1/actions/act_none/retry", "ops", {})
     assert status == 404
+
+
+async def test_a_history_token_reads_the_history_of_its_projects_and_nothing_else(
+    gk: Running,
+) -> None:
+    done = fact("task", "T-17", status="done")
+    assert (await call(gk, "POST", "/v1/facts", "ci", done))[0] == 200
+    other = {**fact("task", "B-1", status="done"), "project": "tower-b"}
+    assert (await call(gk, "POST", "/v1/facts", "reader-b", other))[0] == 200
+    status, page = await call(gk, "GET", "/v1/history/facts", "historian")
+    assert status == 200, page
+    assert [(f["project"], f["id"]) for f in page["facts"]] == [
+        ("tower-a", "T-17"),
+        ("tower-b", "B-1"),
+    ]
+    status, decisions = await call(gk, "GET", "/v1/history/decisions?every=true", "historian")
+    assert status == 200 and decisions["decisions"], decisions
+    assert (await call(gk, "GET", "/v1/history/decisions", "ops"))[0] == 200  # admin too
+    # a token of tower-b sees tower-b's history only
+    status, page = await call(gk, "GET", "/v1/history/facts", "historian-b")
+    assert status == 200 and [f["id"] for f in page["facts"]] == ["B-1"]
+    status, mine = await call(gk, "GET", "/v1/history/decisions?every=true", "historian-b")
+    assert status == 200 and (mine["decisions"], mine["actions"]) == ([], [])
+    # nothing else: no other read, no write
+    for method, path in (
+        ("GET", "/v1/facts"),
+        ("GET", "/v1/actions"),
+        ("GET", "/v1/audit"),
+        ("GET", "/v1/rules"),
+        ("GET", "/v1/export"),
+    ):
+        status, body = await call(gk, method, path, "historian")
+        assert status == 403 and "lacks the 'read' scope" in body["error"]["message"], path
+    status, _ = await call(gk, "POST", "/v1/facts", "historian", fact("task", "T-18"))
+    assert status == 403
+    status, body = await call(gk, "GET", "/v1/history/facts", "alice")  # read is not history
+    assert status == 403 and "'history'" in body["error"]["message"]
 
 
 async def test_two_of_three_approvals_reject_blocks_withdraw_unblocks(gk: Running) -> None:

@@ -449,7 +449,15 @@ async def test_the_history_through_the_daemons_api_is_the_databases(
     from_api.pop("database"), from_database.pop("database")
     assert from_api == from_database
     assert len(from_api["changed"]) == 2 and from_api["events"] > 15
-    # the history is the admin's to read; a missing variable is a usage error
+    # a token of scopes history and read replays the same; without history (or admin) it
+    # is refused; a missing variable is a usage error
+    monkeypatch.setenv("BACKTEST_TOKEN", TOKENS["backtester"])
+    code_history, out = await backtest(
+        project, *base, "--url", url, "--token-env", "BACKTEST_TOKEN"
+    )
+    from_history = json.loads(out)
+    from_history.pop("database")
+    assert (code_history, from_history) == (1, from_database)
     code, _ = await backtest(project, *base, "--url", url, "--token-env", "ALICE_TOKEN")
     assert code == 2 and "HTTP 403" in capsys.readouterr().err
     code, _ = await backtest(project, *base, "--url", url, "--token-env", "NO_SUCH_TOKEN")

@@ -208,6 +208,12 @@ RELEASE_AMOUNT_BAD = {
         'string such as "5000.00": digits, no leading zeros, at most two decimals; or one '
         'placeholder naming a fact field, such as "${item.data.amount}")'
     ],
+    "max_amount_over_limit.yaml": [
+        "max_amount_over_limit.yaml:12:19: rule 'bad/max-amount-over-limit': "
+        "actions[0].release.max_amount: max_amount 2500.00 is above the limit of escrow "
+        "'tower-b-escrow' (1000.00 EUR): a release that large could never be sent; lower "
+        "max_amount to at most 1000.00"
+    ],
     "payee_template.yaml": [
         "payee_template.yaml:8:37: rule 'bad/payee-from-fact': actions[0].release.payee: a "
         "release's payee is written as it is, never read from a fact (only its amount may be, "

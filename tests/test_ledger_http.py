@@ -9,7 +9,7 @@ import contextlib
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -28,19 +28,24 @@ from .test_money import release_rule
 class Bank:
     """A real receiver on 127.0.0.1 whose answers the test scripts, per path: a queue of
     statuses (``"hang"``: hold the request until ``gate`` is set; ``"wait"``: 503 with
-    ``Retry-After: 30``, so the action waits for its retry), then 200."""
+    ``Retry-After: 30``, so the action waits for its retry), then 200. ``before_reply``,
+    when set, is awaited with each body before it is answered (a bank that calls back
+    fast)."""
 
     url: str = ""
     received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     script: dict[str, list[int | str]] = field(default_factory=dict)
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    before_reply: Callable[[dict[str, Any]], Awaitable[None]] | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
         raw = await request.text()
         body = Webhook(SECRET).verify(raw, dict(request.headers))
         self.received.append((request.path, body))
         self.arrived.set()
+        if self.before_reply is not None and body.get("type") == "release":
+            await self.before_reply(body)
         queue = self.script.get(request.path, [])
         answer = queue.pop(0) if queue else 200
         if answer == "hang":
@@ -298,7 +303,7 @@ async def test_a_signed_settlement_settles_a_sent_release(
     release = await _fire(gk, 1)
     await bank.wait_for("/bank", 1)  # sent, not answered: not yet sent for the ledger
     status, body = await _settle(gk, release, "settled", "msg-early")
-    assert status == 409 and "has not been sent" in body["error"]["message"]
+    assert status == 409 and "in flight" in body["error"]["message"]
     bank.gate.set()
     await _status_of(gk, release, "delivered")
     status, body = await _settle(gk, release, "settled", "msg-1")
@@ -405,6 +410,200 @@ async def test_a_failed_settlement_returns_the_amount_and_alerts_once(
     assert len([b for b in bank.bodies("/ci") if b.get("alert")]) == 1
 
 
+async def _released(
+    project_factory: Callable[..., Project],
+    bank: Bank,
+    start_daemon: Any,
+    answer: int | str,
+    status: str,
+    **amounts: str,
+) -> tuple[Running, str]:
+    """A daemon (as ``_deployed``) whose bank first answers ``answer``, and the release of
+    rule r1 once it is ``status``."""
+    bank.script["/bank"] = [answer]
+    gk = await _deployed(project_factory, bank, start_daemon, **amounts)
+    release = await _fire(gk, 1)
+    await _status_of(gk, release, status)
+    return gk, release
+
+
+async def _figures_are(gk: Running, **expected: str) -> None:
+    """Assert the escrow's figures named in ``expected`` are those."""
+    account = await _escrow(gk)
+    assert {name: account[name] for name in expected} == expected
+
+
+async def _admin_acts(gk: Running) -> list[tuple[str, str, str, str]]:
+    _, audit = await gk.get("/v1/audit?kind=admin_act")
+    return [(a["what"], a["rule_id"], a["actor"], a["reason"]) for a in audit["entries"]]
+
+
+async def _alerts(bank: Bank, count: int) -> list[dict[str, Any]]:
+    """The alerts ``ci`` got, once it got ``count`` requests (the rule's notices too)."""
+    await bank.wait_for("/ci", count)
+    return [b for b in bank.bodies("/ci") if b.get("alert")]
+
+
+async def test_a_dead_letter_the_bank_paid_is_settled_and_delivered(
+    project_factory: Callable[..., Project], bank: Bank, start_daemon: Any
+) -> None:
+    # refused: a dead letter, though the bank paid it
+    gk, release = await _released(project_factory, bank, start_daemon, 422, "dead", r1="300.00")
+    status, body = await _settle(gk, release, "settled", "msg-d1")
+    assert status == 200, body
+    assert [(e["movement"], e["actor"], e["reference"]) for e in body["entries"]] == [
+        ("send", "escrow-bank", "bank-msg-d1"),
+        ("settle", "escrow-bank", "bank-msg-d1"),
+    ]
+    _, action = await gk.get(f"/v1/actions/{release}")
+    assert (action["status"], action["dead_reason"]) == ("delivered", None)
+    await _figures_are(
+        gk, reserved="0.00", unconfirmed="0.00", sent="0.00", settled="300.00", remaining="19700.00"
+    )
+    assert await _admin_acts(gk) == [
+        (
+            "dead_letter_settlement",
+            release,
+            "escrow-bank",
+            "settled (reference bank-msg-d1); it was a dead letter: refused, HTTP 422",
+        )
+    ]
+    status, body = await gk.post(f"/v1/actions/{release}/retry", {})
+    assert status == 409  # paid: never sent again
+    [alert] = await _alerts(bank, 2)  # the dead letter's only
+    assert alert["alert"] == "dead_letter"
+
+
+async def test_a_dead_letter_the_bank_failed_returns_its_amount_and_alerts(
+    project_factory: Callable[..., Project], bank: Bank, start_daemon: Any
+) -> None:
+    gk, release = await _released(project_factory, bank, start_daemon, 422, "dead", r1="300.00")
+    status, body = await _settle(gk, release, "failed", "msg-d2")
+    assert status == 200, body
+    assert [e["movement"] for e in body["entries"]] == ["fail", "return"]  # never sent
+    await _figures_are(
+        gk,
+        reserved="0.00",
+        unconfirmed="0.00",
+        sent="0.00",
+        returned="300.00",
+        remaining="20000.00",
+    )
+    assert [a[0] for a in await _admin_acts(gk)] == ["dead_letter_settlement"]
+    alerts = await _alerts(bank, 3)
+    assert [(a["alert"], a["release_id"]) for a in alerts] == [
+        ("dead_letter", release),
+        ("settlement_failed", release),
+    ]
+
+
+async def test_a_cancelled_release_the_bank_settled_is_taken_back_and_alerted(
+    project_factory: Callable[..., Project], bank: Bank, start_daemon: Any
+) -> None:
+    # limit 20000.00: r1 (12000) timed out for the daemon, then was cancelled; the bank
+    # had paid it. r2 (12000) fitted after the cancel, but not once the bank's settlement
+    # takes the amount back.
+    amounts = {"r1": "12000.00", "r2": "12000.00"}
+    gk, first = await _released(project_factory, bank, start_daemon, "wait", "pending", **amounts)
+    assert (await _cancel(gk, first))[0] == 200
+    status, body = await _settle(gk, first, "settled", "msg-c1")
+    assert status == 200, body
+    assert [(e["movement"], e["amount"], e["reason"]) for e in body["entries"]] == [
+        ("reclaim", "12000.00", "settled after its cancel"),
+        ("send", "12000.00", "settled by the bank"),
+        ("settle", "12000.00", None),
+    ]
+    _, action = await gk.get(f"/v1/actions/{first}")
+    assert action["status"] == "cancelled"
+    await _figures_are(
+        gk, reserved="0.00", sent="0.00", settled="12000.00", returned="0.00", remaining="8000.00"
+    )
+    [alert] = await _alerts(bank, 2)  # r1's notice and the alert
+    assert (alert["alert"], alert["release_id"], alert["reference"]) == (
+        "settled_after_cancel",
+        first,
+        "bank-msg-c1",
+    )
+    assert "was cancelled, but escrow-bank settled it" in alert["message"]
+    assert (await _admin_acts(gk))[0] == (
+        "settlement_after_cancel",
+        first,
+        "escrow-bank",
+        "settled (reference bank-msg-c1) after its cancel",
+    )
+    # the running daemon's book took it back: r2 no longer fits
+    status, _ = await gk.post("/v1/facts", fact("milestone", "m2", status="approved"))
+    assert status == 200
+    _, rule = await gk.get("/v1/rules/tower-a/release-2")
+    assert rule["state"] == "blocked"
+    status, body = await _settle(gk, first, "failed", "msg-c2")
+    assert status == 409 and "already settled" in body["error"]["message"]
+
+
+async def test_a_failure_of_a_cancelled_release_is_recorded_and_moves_nothing(
+    project_factory: Callable[..., Project], bank: Bank, start_daemon: Any
+) -> None:
+    amounts = {"r1": "500.00"}
+    gk, release = await _released(project_factory, bank, start_daemon, "wait", "pending", **amounts)
+    assert (await _cancel(gk, release))[0] == 200
+    before = await _escrow(gk)
+    status, body = await _settle(gk, release, "failed", "msg-x1")
+    assert status == 200, body
+    assert (body["status"], body["reference"], body["applied"], body["entries"]) == (
+        "failed",
+        "bank-msg-x1",
+        False,
+        [],
+    )
+    assert await _escrow(gk) == before
+    assert (await _admin_acts(gk))[0][0] == "settlement_after_cancel"
+    status, body = await _settle(gk, release, "settled", "msg-x2")
+    assert status == 409 and "already failed" in body["error"]["message"]
+    await asyncio.sleep(0.3)
+    assert await _alerts(bank, 1) == []
+
+
+async def test_a_bank_that_calls_back_before_answering_is_told_to_retry(
+    project_factory: Callable[..., Project], bank: Bank, start_daemon: Any
+) -> None:
+    answers: list[tuple[int, str | None]] = []
+    retried: list[asyncio.Task[None]] = []
+    gk: Running | None = None
+
+    async def retry(release_id: str, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        assert gk is not None
+        status, _ = await _settle(gk, release_id, "settled", "msg-fast")
+        answers.append((status, None))
+
+    async def call_back(body: dict[str, Any]) -> None:
+        """Settle the release before answering its request, as a fast bank does; retry
+        after ``Retry-After`` as a Standard Webhooks sender does."""
+        assert gk is not None
+        raw, headers = signed(
+            {"release_id": body["release_id"], "status": "settled", "reference": "bank-fast"},
+            "msg-fast",
+        )
+        async with gk.session.post(
+            f"{gk.url}/v1/settlements/escrow-bank", data=raw, headers=headers
+        ) as response:
+            answers.append((response.status, response.headers.get("Retry-After")))
+            if response.status == 409:
+                delay = float(response.headers["Retry-After"])
+                retried.append(asyncio.create_task(retry(body["release_id"], delay)))
+
+    bank.before_reply = call_back
+    gk = await _deployed(project_factory, bank, start_daemon, r1="1000.00")
+    release = await _fire(gk, 1)
+    await _status_of(gk, release, "delivered")
+    assert answers[0] == (409, "1")
+    await asyncio.wait_for(retried[0], 10)
+    assert answers[1] == (200, None)
+    _, entries = await gk.get("/v1/escrows/tower-a-escrow/entries")
+    assert [e["movement"] for e in entries["entries"]] == ["reserve", "send", "settle"]
+    assert (await _escrow(gk))["settled"] == "1000.00"
+
+
 async def test_the_movements_of_an_escrow_page_and_reconcile(
     project_factory: Callable[..., Project], bank: Bank, start_daemon: Any
 ) -> None:
@@ -440,6 +639,22 @@ async def test_the_movements_of_an_escrow_page_and_reconcile(
     assert Decimal(account["reserved"]) == sums["reserve"] - sums["send"] - sums["cancel"]
     assert Decimal(account["settled"]) == sums["settle"]
     assert Decimal(account["returned"]) == sums["return"]
+    # the bank settles the cancelled release after all: reclaim, send, settle
+    status, body = await _settle(gk, second, "settled", "m-2")
+    assert status == 200, body
+    status, page = await gk.get("/v1/escrows/tower-a-escrow/entries")
+    assert [(e["release_id"], e["movement"]) for e in page["entries"][6:]] == [
+        (second, "reclaim"),
+        (second, "send"),
+        (second, "settle"),
+    ]
+    account = await _escrow(gk)
+    assert (account["reserved"], account["sent"], account["settled"], account["returned"]) == (
+        "0.00",
+        "0.00",
+        "300.00",
+        "0.00",
+    )
     status, _ = await gk.get("/v1/escrows/nowhere/entries")
     assert status == 404
     status, _ = await gk.get("/v1/escrows/tower-a-escrow/entries?cursor=bad")

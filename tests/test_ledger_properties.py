@@ -6,9 +6,10 @@ cancels, signed settlements (settled or failed) and changes of the escrow's limi
 After every step:
 
 - each release's movements are exactly those its state allows (pending or dead: reserve;
-  delivered: reserve, send, then settle or fail and return; cancelled: reserve, cancel,
-  return), so the movements sum to the escrow's figures, and the API's figures and the
-  running daemon's escrow book agree with them;
+  delivered: reserve, send, then settle or fail and return, or a dead letter the bank
+  failed: reserve, fail, return; cancelled: reserve, cancel, return, then reclaim, send and
+  settle when the bank settled it anyway), so the movements sum to the escrow's figures,
+  and the API's figures and the running daemon's escrow book agree with them;
 - replaying the movements in order, no reserve ever took the escrow past the limit in
   force when it was made, and a release is decided exactly when it fits;
 - the bank never accepted (2xx) a cancelled release, nor received one after its cancel
@@ -130,11 +131,15 @@ def _rule(n: int, amount: str) -> str:
 ALLOWED = {
     "pending": [("reserve",)],
     "dead": [("reserve",)],
-    "cancelled": [("reserve", "cancel", "return")],
+    "cancelled": [
+        ("reserve", "cancel", "return"),
+        ("reserve", "cancel", "return", "reclaim", "send", "settle"),
+    ],
     "delivered": [
         ("reserve", "send"),
         ("reserve", "send", "settle"),
         ("reserve", "send", "fail", "return"),
+        ("reserve", "fail", "return"),  # a dead letter the bank failed
     ],
 }
 
@@ -156,6 +161,8 @@ class World:
     """rules whose firing was blocked (over the limit) and has not fired since"""
     cancelled: dict[str, tuple[float, int]] = field(default_factory=dict)
     """release id -> (monotonic time its cancel was answered, its attempts then)"""
+    failed_after_cancel: set[str] = field(default_factory=set)
+    """cancelled releases the bank said failed (recorded, no movement)"""
 
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(self.root / "state" / "gatekeeper.db", isolation_level=None)
@@ -192,7 +199,7 @@ class World:
 def _committed(movements: list[tuple[Any, ...]]) -> Decimal:
     total = Decimal(0)
     for _, _, movement, amount in movements:
-        if movement == "reserve":
+        if movement in ("reserve", "reclaim"):
             total += Decimal(amount)
         elif movement in ("cancel", "fail"):
             total -= Decimal(amount)
@@ -214,14 +221,15 @@ async def _check(world: World) -> None:
     def s(name: str) -> Decimal:
         return sums.get(name, Decimal(0))
 
-    committed = s("reserve") - s("cancel") - s("fail")
+    committed = s("reserve") + s("reclaim") - s("cancel") - s("fail")
     # the API's figures (a send may land between the two reads: reserved + sent is stable)
     [account] = (await world.get("/v1/escrows"))["escrows"]
     assert Decimal(account["reserved"]) + Decimal(account["sent"]) == (
-        s("reserve") - s("cancel") - s("settle") - s("fail")
+        s("reserve") + s("reclaim") - s("cancel") - s("settle") - s("fail")
     )
     assert Decimal(account["settled"]) == s("settle")
-    assert Decimal(account["returned"]) == s("return") == s("cancel") + s("fail")
+    assert Decimal(account["returned"]) == s("return") - s("reclaim")
+    assert s("return") == s("cancel") + s("fail")
     assert Decimal(account["remaining"]) == world.limit - committed
     assert world.daemon.writer.book.committed.get("esc", Decimal(0)) == committed
     # no reserve ever went past the limit in force when it was made
@@ -231,6 +239,8 @@ async def _check(world: World) -> None:
             running += Decimal(amount)
             limit = [lim for first, lim in world.limits if first <= movement_id][-1]
             assert running <= limit, (movement_id, running, limit)
+        elif movement == "reclaim":  # the bank paid a cancelled release: it may overdraw
+            running += Decimal(amount)
         elif movement in ("cancel", "fail"):
             running -= Decimal(amount)
     # the bank never accepted a cancelled release, nor got one after its cancel
@@ -324,21 +334,24 @@ async def _settle(world: World, k: int, outcome: str, counter: list[int]) -> Non
     movements, before = world.snapshot()
     moved = [m for _, r, m, _ in movements if r == release_id]
     recorded = "settled" if "settle" in moved else "failed" if "fail" in moved else None
+    if release_id in world.failed_after_cancel:
+        recorded = "failed"
     async with world.session.post(
         f"{world.url}/v1/settlements/escrow-bank", data=body, headers=headers
     ) as response:
         status, answer = response.status, await response.json()
     state = before[release_id][0]
-    if state == "delivered":
+    if state in ("delivered", "dead", "cancelled"):  # the bank got it, or may have
         if recorded is None or recorded == outcome:
             assert status == 200, answer
-            assert answer["applied"] == (recorded is None)
+            moves = recorded is None and (state != "cancelled" or outcome == "settled")
+            assert answer["applied"] == moves
+            if state == "cancelled" and outcome == "failed":
+                world.failed_after_cancel.add(release_id)
         else:
             assert status == 409, answer
-    elif state == "pending":
-        assert status in (200, 409), answer  # it may be delivered meanwhile
-    else:
-        assert status == 409, answer
+    else:  # pending: it may be delivered or dead meanwhile, or an attempt in flight
+        assert state == "pending" and status in (200, 409), answer
 
 
 async def _limit(world: World, limit: str) -> None:
@@ -457,6 +470,13 @@ EVERY_KIND = [
     ("decide", 6),  # fits now
     ("wait", 0.15),
     ("settle", 6, "settled"),
+    ("answer", "4xx"),
+    ("decide", 7),  # 40.00, refused by the bank: dead (7 releases decided: r0-r5, r7)
+    ("wait", 0.15),
+    ("settle", 9, "settled"),  # r2, cancelled: the bank paid it anyway (reclaim)
+    ("settle", 11, "failed"),  # r4, dead then cancelled: recorded, nothing moves
+    ("settle", 13, "settled"),  # r7, dead: the bank paid it (send, settle)
+    ("settle", 3, "failed"),  # r3, dead: the bank failed it (fail, return; never sent)
 ]
 """One sequence that meets every kind of step and outcome (run first, then the random
 ones)."""

@@ -130,6 +130,15 @@ BAD_CASES: list[tuple[str, str, int, int, str, str | None, str]] = [
         "bad/over-limit",
         "amount 1500.00 is above the limit of escrow 'tower-b-escrow' (1000.00 EUR)",
     ),
+    (
+        "max_amount_over_limit.yaml",
+        "max_amount_over_limit.yaml",
+        12,
+        19,
+        "actions[0].release.max_amount",
+        "bad/max-amount-over-limit",
+        "max_amount 2500.00 is above the limit of escrow 'tower-b-escrow' (1000.00 EUR)",
+    ),
     # literal block scalar: the second content line, at the '='
     ("bad_expression.yaml", "bad_expression.yaml", 6, 37, "when", "bad/expression", "syntax"),
     # folded block scalar: the third content line, at 'opn'

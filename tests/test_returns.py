@@ -2,7 +2,8 @@
 cancelled release or a failed settlement tries the releases blocked on its escrow again at
 once (trigger ``return``), and ``gatekeeper backtest`` replays the returns: the self-check
 reproduces a history where later releases fit only thanks to them, and a candidate's
-diff counts a cancelled or failed release as such."""
+diff counts a cancelled or failed release as such; a cancelled release the bank settled
+anyway (reclaim) counts against the escrow again, live and in the replay."""
 
 from __future__ import annotations
 
@@ -66,18 +67,23 @@ async def _reconciled(gk: Running) -> dict[str, Any]:
     [account] = body["escrows"]
     _, page = await gk.get("/v1/escrows/tower-a-escrow/entries")
     sums: dict[str, Decimal] = {}
+    sent_ids = {e["release_id"] for e in page["entries"] if e["movement"] == "send"}
     for e in page["entries"]:
-        sums[e["movement"]] = sums.get(e["movement"], Decimal(0)) + Decimal(e["amount"])
+        name = e["movement"]
+        if name == "fail" and e["release_id"] not in sent_ids:
+            name = "fail unsent"  # a dead letter the bank failed
+        sums[name] = sums.get(name, Decimal(0)) + Decimal(e["amount"])
 
     def of(name: str) -> Decimal:
         return sums.get(name, Decimal(0))
 
-    reserved = of("reserve") - of("send") - of("cancel")
+    reserved = of("reserve") + of("reclaim") - of("send") - of("cancel") - of("fail unsent")
     sent = of("send") - of("settle") - of("fail")
     assert Decimal(account["reserved"]) == reserved
     assert Decimal(account["sent"]) == sent
     assert Decimal(account["settled"]) == of("settle")
-    assert Decimal(account["returned"]) == of("return") == of("cancel") + of("fail")
+    assert Decimal(account["returned"]) == of("return") - of("reclaim")
+    assert of("return") == of("cancel") + of("fail") + of("fail unsent")
     assert Decimal(account["remaining"]) == Decimal(LIMIT) - (reserved + sent + of("settle"))
     return dict(account)
 
@@ -281,4 +287,73 @@ async def test_the_backtest_replays_cancels_and_failed_settlements(
     assert code == 1 and "skipped: 1 return of a release the candidate does not make" in out
     # what the escrow released is the same: r1's release was cancelled
     assert [(e["recorded"], e["replayed"]) for e in report["escrows"]] == [("100.00", "100.00")]
+    await gk.stop()
+
+
+async def test_a_reclaim_counts_against_the_escrow_again_live_and_in_the_backtest(
+    project_factory: Callable[..., Project], bank: Bank, start_daemon: Any, tmp_path: Path
+) -> None:
+    # limit 100.00: r1 (80) waits for a retry and is cancelled, r2 (50) fires on the
+    # return; the bank then settles r1 anyway (reclaim: 130.00 committed, overdrawn), so
+    # r3 (10) is blocked; the backtest must see the same
+    bank.script["/bank"] = ["wait"]
+    project, gk = await _deployed(
+        project_factory, bank, start_daemon, r1="80.00", r2="50.00", r3="10.00"
+    )
+    await _approve(gk, 1)
+    first = await _release_of(gk, 1)
+    assert first is not None
+    await _status_of(gk, first, "pending")
+    assert (await _cancel(gk, first))[0] == 200
+    await _approve(gk, 2)
+    assert await _release_of(gk, 2) is not None
+    await asyncio.sleep(0.005)
+    status, body = await _settle(gk, first, "settled", "msg-late")
+    assert status == 200 and body["entries"][0]["movement"] == "reclaim", body
+    await _approve(gk, 3)
+    assert await _release_of(gk, 3) is None
+    assert await _decisions(gk, 3) == [("fact", "blocked")]
+    account = await _reconciled(gk)
+    assert (account["settled"], account["returned"], account["remaining"]) == (
+        "80.00",
+        "0.00",
+        "-30.00",
+    )
+    database = project.root / "state" / "gatekeeper.db"
+    code, out = await backtest(project, "--self-check", "--database", str(database))
+    assert code == 0, out
+    # the same rules: no difference, r1 counted as released (the bank paid it)
+    rules = candidate(project, tmp_path)
+    code, out = await backtest(
+        project, "--rules", str(rules), "--database", str(database), "--format", "json"
+    )
+    report = json.loads(out)
+    assert code == 0, report
+    assert (report["added"], report["gone"], report["changed"]) == ([], [], [])
+    assert [(e["recorded"], e["replayed"]) for e in report["escrows"]] == [("130.00", "130.00")]
+    await gk.stop()
+
+
+async def test_a_dead_letter_the_bank_failed_fires_a_blocked_release_and_replays(
+    project_factory: Callable[..., Project], bank: Bank, start_daemon: Any
+) -> None:
+    # limit 100.00: r1 (80) refused by the bank (dead), r2 (50) blocked; the bank then
+    # says r1 failed: its amount returns, never sent, and r2 fires at the return
+    bank.script["/bank"] = [422]
+    project, gk = await _deployed(project_factory, bank, start_daemon, r1="80.00", r2="50.00")
+    await _approve(gk, 1)
+    first = await _release_of(gk, 1)
+    assert first is not None
+    await _status_of(gk, first, "dead")
+    await _approve(gk, 2)
+    assert await _decisions(gk, 2) == [("fact", "blocked")]
+    await asyncio.sleep(0.005)
+    status, body = await _settle(gk, first, "failed", "msg-dead")
+    assert status == 200 and [e["movement"] for e in body["entries"]] == ["fail", "return"]
+    assert await _decisions(gk, 2) == [("fact", "blocked"), ("return", "fired")]
+    account = await _reconciled(gk)
+    assert (account["reserved"], account["returned"]) == ("50.00", "80.00")
+    database = project.root / "state" / "gatekeeper.db"
+    code, out = await backtest(project, "--self-check", "--database", str(database))
+    assert code == 0, out
     await gk.stop()

@@ -1,6 +1,8 @@
 """LedgerBook and the ledger's movements: reserve with the decision, send with the 2xx
-attempt record, cancel and return, settle, fail and return, the figures they sum to, the
-alerts queued with a dead letter and a failed settlement, and paging the movements."""
+attempt record, cancel and return, settle, fail and return, a dead letter or a cancelled
+release the bank settled or failed after all (reclaim), a settlement during an attempt,
+the figures they sum to, the alerts queued with a dead letter and a settlement, and paging
+the movements."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 
 from gatekeeper.engine.model import QueuedAction
 from gatekeeper.store import Store
-from gatekeeper.store.errors import Conflict, KeyReused
+from gatekeeper.store.errors import AttemptInFlight, Conflict, KeyReused
 from gatekeeper.store.queries import AuditQuery
 from gatekeeper.store.records import (
     Attempt,
@@ -209,7 +211,7 @@ async def test_a_cancel_is_refused_unless_the_release_was_not_sent(store: Store)
 async def test_an_attempt_in_flight_holds_off_a_cancel_until_its_outcome(store: Store) -> None:
     await _releases(store)
     assert await store.begin_attempt(R1, build.at(10))
-    with pytest.raises(Conflict, match="in flight"):
+    with pytest.raises(AttemptInFlight, match="in flight"):
         await store.cancel_release(CancelRequest(R1, build.at(11), "ops", "stop"))
     assert (await store.get_action(R1)).status == "pending"  # type: ignore[union-attr]
     retry = replace(_record(R1, 10, "pending", 503), next_attempt_at=build.at(60))
@@ -293,9 +295,9 @@ async def test_a_settlement_names_a_release_sent_to_its_target(store: Store) -> 
     assert await store.settle_release(_settlement(R1, "settled", 20, target="ci")) is None
     assert await store.settle_release(_settlement("act-nope", "settled", 20)) is None
     assert await store.settle_release(_settlement(PIPELINE, "settled", 20)) is None
-    assert await store.cancel_release(CancelRequest(R2, build.at(11), "ops", "stop"))
-    with pytest.raises(Conflict, match="it is cancelled"):  # never sent
+    with pytest.raises(Conflict, match="it is pending"):  # never sent
         await store.settle_release(_settlement(R2, "settled", 21, webhook_id="m-9"))
+    assert await store.settle_release(_settlement(R2, "settled", 21, target="ci")) is None
 
 
 async def test_a_dead_letter_queues_its_alert_with_its_record(store: Store) -> None:
@@ -340,15 +342,144 @@ async def test_the_figures_are_the_movements_summed(store: Store) -> None:
     await store.settle_release(_settlement(R1, "settled", 20))
     await store.settle_release(_settlement(R3, "failed", 21, webhook_id="m-2"))
     await store.cancel_release(CancelRequest(R2, build.at(22), "ops", "stop"))
+    # a cancelled release the bank settled anyway (reclaim), a dead letter it failed
+    await store.settle_release(_settlement(R2, "settled", 23, webhook_id="m-3"))
+    await store.commit_transition(
+        build.firing("tower-a/pay", 4, build.at(24), target="bank", release=("esc", "4.40"))
+    )
+    r4 = build.action_id("tower-a/pay", 4)
+    await store.record_attempt(_record(r4, 25, "dead", 422))
+    await store.settle_release(_settlement(r4, "failed", 26, webhook_id="m-4"))
     sums: dict[str, Decimal] = {}
     for m in await store.ledger_movements("esc"):
         sums[m.movement] = sums.get(m.movement, Decimal(0)) + Decimal(m.amount)
+    unsent_fail = Decimal("4.40")  # r4's: it was never sent
     figures = (await store.escrow_totals())["esc"]
     assert figures == EscrowFigures(
-        reserved=sums["reserve"] - sums["send"] - sums["cancel"],
-        sent=sums["send"] - sums["settle"] - sums["fail"],
+        reserved=sums["reserve"] + sums["reclaim"] - sums["send"] - sums["cancel"] - unsent_fail,
+        sent=sums["send"] - sums["settle"] - (sums["fail"] - unsent_fail),
         settled=sums["settle"],
-        returned=sums["return"],
+        returned=sums["return"] - sums["reclaim"],
     )
     assert figures.reserved + figures.sent + figures.settled + figures.returned == sums["reserve"]
-    assert figures.committed == Decimal("1.10")
+    assert figures.committed == Decimal("3.30")
+
+
+async def test_a_dead_letter_the_bank_settled_is_sent_settled_and_delivered(
+    store: Store,
+) -> None:
+    await _releases(store)
+    await store.record_attempt(_record(R1, 10, "dead", 422))
+    result = await store.settle_release(_settlement(R1, "settled", 20))
+    assert result is not None and result.outcome == "settled"
+    assert _kinds(list(result.movements)) == [(R1, "send", "1.10"), (R1, "settle", "1.10")]
+    assert [(m.actor, m.at) for m in result.movements] == [("bank", build.at(20))] * 2
+    entry = await store.get_action(R1)
+    assert entry is not None
+    assert (entry.status, entry.delivered_at, entry.dead_reason) == (
+        "delivered",
+        build.at(20),
+        None,
+    )
+    [act] = await store.audit(AuditQuery(kinds=("admin_act",)))
+    assert (act.what, act.rule_id, act.actor, act.project) == (
+        "dead_letter_settlement",
+        R1,
+        "bank",
+        "tower-a",
+    )
+    assert act.reason == "settled (reference ref-msg-1); it was a dead letter: refused, HTTP 422"
+    assert (await store.escrow_totals())["esc"] == EscrowFigures(  # nothing unconfirmed
+        reserved=Decimal("5.50"), settled=Decimal("1.10")
+    )
+    with pytest.raises(Conflict, match="not dead"):  # settled: never requeued, never resent
+        await store.requeue_action(R1, build.at(21), "ops", None)
+
+
+async def test_a_dead_letter_the_bank_failed_returns_its_amount_unsent(store: Store) -> None:
+    await _releases(store)
+    await store.record_attempt(_record(R1, 10, "dead", 422))
+    result = await store.settle_release(
+        _settlement(R1, "failed", 20, alert=_alert("alert-1", R1, 20))
+    )
+    assert result is not None and result.outcome == "failed"
+    assert _kinds(list(result.movements)) == [(R1, "fail", "1.10"), (R1, "return", "1.10")]
+    assert (await store.get_action(R1)).status == "delivered"  # type: ignore[union-attr]
+    assert await store.get_action("alert-1") is not None
+    [act] = await store.audit(AuditQuery(kinds=("admin_act",)))
+    assert act.what == "dead_letter_settlement" and act.reason is not None
+    assert act.reason.startswith("failed (reference ref-msg-1)")
+    # never sent: the fail comes off reserved, not sent
+    assert (await store.escrow_totals())["esc"] == EscrowFigures(
+        reserved=Decimal("5.50"), returned=Decimal("1.10")
+    )
+
+
+async def test_a_cancelled_release_the_bank_settled_is_reclaimed_and_alerted(
+    store: Store,
+) -> None:
+    await _releases(store)
+    await store.record_attempt(replace(_record(R2, 10, "pending", 503), next_attempt_at=None))
+    assert await store.cancel_release(CancelRequest(R2, build.at(11), "ops", "stop"))
+    alert = _alert("alert-1", R2, 20)
+    result = await store.settle_release(_settlement(R2, "settled", 20, alert=alert))
+    assert result is not None and (result.outcome, result.reference) == ("settled", "ref-msg-1")
+    assert _kinds(list(result.movements)) == [
+        (R2, "reclaim", "2.20"),
+        (R2, "send", "2.20"),
+        (R2, "settle", "2.20"),
+    ]
+    assert result.movements[0].reason == "settled after its cancel"
+    assert (await store.get_action(R2)).status == "cancelled"  # type: ignore[union-attr]
+    assert await store.get_action("alert-1") is not None
+    acts = await store.audit(AuditQuery(kinds=("admin_act",)))
+    assert [(a.what, a.actor, a.reason) for a in acts] == [
+        ("settlement_after_cancel", "bank", "settled (reference ref-msg-1) after its cancel"),
+        ("cancel_action", "ops", "stop"),
+    ]
+    figures = (await store.escrow_totals())["esc"]
+    assert figures == EscrowFigures(reserved=Decimal("4.40"), settled=Decimal("2.20"))
+    # the alert is the release's follow-up, not its decision's action
+    assert "alert-1" not in [a.action_id for a in await store.actions_of_decisions(1, 99)]
+    with pytest.raises(Conflict, match="already settled"):
+        await store.settle_release(_settlement(R2, "failed", 21, webhook_id="msg-2"))
+
+
+async def test_a_cancelled_release_the_bank_failed_is_recorded_and_moves_nothing(
+    store: Store,
+) -> None:
+    await _releases(store)
+    assert await store.cancel_release(CancelRequest(R2, build.at(11), "ops", "stop"))
+    before = await store.escrow_totals()
+    result = await store.settle_release(
+        _settlement(R2, "failed", 20, alert=_alert("alert-1", R2, 20))
+    )
+    assert result is not None
+    assert (result.outcome, result.reference, result.at, result.movements) == (
+        "failed",
+        "ref-msg-1",
+        build.at(20),
+        (),
+    )
+    assert await store.escrow_totals() == before
+    assert await store.get_action("alert-1") is None  # nothing moved: nothing to alert
+    acts = await store.audit(AuditQuery(kinds=("admin_act",)))
+    assert acts[0].what == "settlement_after_cancel"
+    assert acts[0].reason == "failed (reference ref-msg-1) after its cancel"
+    replayed = await store.settle_release(_settlement(R2, "failed", 21))
+    assert replayed is not None and replayed.replayed and replayed.outcome == "failed"
+    again = await store.settle_release(_settlement(R2, "failed", 22, webhook_id="msg-2"))
+    assert again is not None and again.movements == () and not again.replayed
+    with pytest.raises(Conflict, match="already failed"):
+        await store.settle_release(_settlement(R2, "settled", 23, webhook_id="msg-3"))
+
+
+async def test_a_settlement_during_an_attempt_waits_for_its_outcome(store: Store) -> None:
+    await _releases(store)
+    assert await store.begin_attempt(R1, build.at(10))
+    with pytest.raises(AttemptInFlight, match="in flight"):
+        await store.settle_release(_settlement(R1, "settled", 11))
+    assert await store.ledger_movements(release_id=R1, after=1) == []
+    await store.record_attempt(_record(R1, 10, "delivered", 200))
+    result = await store.settle_release(_settlement(R1, "settled", 12))  # the same message
+    assert result is not None and _kinds(list(result.movements)) == [(R1, "settle", "1.10")]

@@ -18,7 +18,7 @@ from gatekeeper.store import open_store
 from gatekeeper.store.errors import SchemaTooNew
 from gatekeeper.store.migrations import load_migrations
 from gatekeeper.store.queries import AuditQuery
-from gatekeeper.store.records import Attempt, AttemptRecord
+from gatekeeper.store.records import Attempt, AttemptRecord, SettlementCallback
 from gatekeeper.store.sqlite import add_functions, content_hash
 
 from . import build
@@ -290,5 +290,67 @@ async def test_a_database_of_schema_10_gets_the_movements_of_its_releases(
             Decimal("600.00"),
         )
         assert await store.begin_attempt("act-2", build.at(1))  # a pending one goes on
+    finally:
+        await store.close()
+
+
+async def test_a_database_of_schema_12_keeps_its_movements_and_takes_a_reclaim(
+    tmp_path: Path,
+) -> None:
+    """Migration 13 rebuilds ledger_entries for the reclaim movement: every row and id is
+    kept, new movements number on, and a cancelled release of before can be reclaimed."""
+    path = tmp_path / "gatekeeper.db"
+    t0 = "2026-11-01T09:00:00.000Z"
+    with contextlib.closing(_migrated(path, 12)) as db:
+        db.execute(
+            "INSERT INTO decisions (decided_at, rule_id, rule_hash, ruleset_version, trigger,"
+            " outcome, gate_open, evaluation, firing_id, project) VALUES (?, 'tower-a/pay', 'h',"
+            " 'v1', 'fact', 'fired', 1, '{}', 'tower-a/pay#1', 'tower-a')",
+            (t0,),
+        )
+        db.execute(
+            "INSERT INTO outbox (action_id, decision_id, rule_id, firing_id, kind, target,"
+            " payload, status, created_at, next_attempt_at) VALUES ('act-1', 1, 'tower-a/pay',"
+            " 'tower-a/pay#1', 'release', 'bank', '{\"project\":\"tower-a\"}', 'cancelled', ?, ?)",
+            (t0, t0),
+        )
+        db.execute(
+            "INSERT INTO ledger (release_id, escrow, amount, currency, payee, rule_id,"
+            " firing_id, recorded_at) VALUES ('act-1', 'esc', '100.00', 'USD', 'acme',"
+            " 'tower-a/pay', 'tower-a/pay#1', ?)",
+            (t0,),
+        )
+        for movement in ("reserve", "cancel", "return"):
+            db.execute(
+                "INSERT INTO ledger_entries (release_id, escrow, movement, amount, currency, at)"
+                " VALUES ('act-1', 'esc', ?, '100.00', 'USD', ?)",
+                (movement, t0),
+            )
+        db.execute("DELETE FROM ledger_entries WHERE movement = 'cancel'")  # a gap in the ids
+        db.execute(
+            "INSERT INTO ledger_entries (release_id, escrow, movement, amount, currency, at)"
+            " VALUES ('act-1', 'esc', 'cancel', '100.00', 'USD', ?)",
+            (t0,),
+        )
+    store = await open_store(path)
+    try:
+        before = [(m.id, m.movement) for m in await store.ledger_movements()]
+        assert before == [(1, "reserve"), (3, "return"), (4, "cancel")]
+        callback = SettlementCallback(
+            "bank", "act-1", "settled", "ref-1", None, "msg-1", "b1", build.at(10)
+        )
+        result = await store.settle_release(callback)
+        assert result is not None
+        assert [(m.id, m.movement) for m in result.movements] == [
+            (5, "reclaim"),
+            (6, "send"),
+            (7, "settle"),
+        ]
+        figures = (await store.escrow_totals())["esc"]
+        assert (figures.settled, figures.returned, figures.committed) == (
+            Decimal("100.00"),
+            Decimal("0.00"),
+            Decimal("100.00"),
+        )
     finally:
         await store.close()

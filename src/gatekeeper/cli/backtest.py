@@ -12,8 +12,9 @@ signoff), the returns of the ledger (cancels, failed settlements), the deadline 
 the starts of the daemon are replayed with their recorded times through
 the candidate's engine, in memory (``gatekeeper.engine.replay``; the database is opened
 read-only, a daemon may be running on it; or read from a running daemon with ``--url``:
-``GET /v1/history/facts``, ``/v1/history/decisions``, ``/v1/audit`` and ``/v1/rulesets``
-with an admin token from ``$GATEKEEPER_TOKEN`` or the variable ``--token-env`` names;
+``GET /v1/history/facts``, ``/v1/history/decisions`` (scope ``history``, or ``admin``),
+``/v1/audit``, ``/v1/rulesets`` and the escrows' entries (scope ``read``), with a token
+from ``$GATEKEEPER_TOKEN`` or the variable ``--token-env`` names;
 nothing is written anywhere). The firings are
 then compared with the recorded ones (``gatekeeper.engine.backtest``): firings added,
 firings gone, firings changed (outcome, actions: amounts, payees, escrows, targets,
@@ -58,7 +59,9 @@ returned before ``--until``; a replayed one: when a return applied to it) and, l
 shadowed one, is never counted as released: not in the escrow totals, and a firing whose
 only release was cancelled, added or gone, does not fail ``--fail-on release``; a status
 that differs between the two sides (cancelled in the record, sent in the replay) is a
-change of a release.
+change of a release. A ``reclaim`` (a cancelled release the bank settled anyway) takes
+back, at its recorded time, what the return at that spot gave back in the replay, and the
+release counts as released again; with no such return it is skipped (``"return"``).
 
 Formats: ``text``; ``json`` (one object, below); ``github`` (``::error`` for each
 difference that fails ``--fail-on``, ``::warning`` for the others, on the rule's file and
@@ -141,13 +144,15 @@ def add_backtest_parser(commands: Any) -> argparse.ArgumentParser:
         "--database", metavar="PATH", help="the deployment's database (opened read-only)"
     )
     source.add_argument(
-        "--url", metavar="URL", help="a running daemon's base URL (its history API, admin scope)"
+        "--url",
+        metavar="URL",
+        help="a running daemon's base URL (its history API: a token of scopes history, or "
+        "admin, and read)",
     )
     parser.add_argument(
         "--token-env",
         metavar="VAR",
-        help="the environment variable holding the admin token for --url "
-        "(default: GATEKEEPER_TOKEN)",
+        help="the environment variable holding the API token for --url (default: GATEKEEPER_TOKEN)",
     )
     parser.add_argument("--since", metavar="TIME", help="compare from this time (RFC 3339)")
     parser.add_argument("--until", metavar="TIME", help="compare before this time (RFC 3339)")

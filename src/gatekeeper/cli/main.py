@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a running daemon's escrows, or one escrow's ledger movements",
         description="Without ESCROW: each escrow's limit, reserved, sent, settled, returned "
         "and remaining. With ESCROW: every ledger movement of it, oldest first (reserve, "
-        "send, settle, fail, cancel, return), to reconcile line by line.",
+        "send, settle, fail, cancel, return, reclaim), to reconcile line by line.",
     )
     escrows.add_argument("escrow", nargs="?", metavar="ESCROW")
     rules = commands.add_parser("rules", help="admin acts on a running daemon's rules")

@@ -131,13 +131,45 @@ def settlement_failed_alert(
         f"(reference {escape(reference)}){why}; the amount is back in escrow "
         f"{escape(str(release.payload.get('escrow')))}"
     )
-    payload: dict[str, Any] = {
-        "project": str(release.payload.get("project", "")),
-        "message": message,
-        "alert": "settlement_failed",
-        "release_id": release.action_id,
-        "reference": reference,
-    }
+    payload = _settlement_payload(release, "settlement_failed", message, reference)
     if reason:
         payload["reason"] = reason
     return _alert(release, alert_target, action_id, at, payload)
+
+
+def settled_after_cancel_alert(
+    release: OutboxEntry,
+    *,
+    reference: str,
+    alert_target: str | None,
+    slack: bool,
+    action_id: str,
+    at: datetime,
+) -> QueuedAction | None:
+    """The ``settled_after_cancel`` alert about ``release`` (its outbox entry, cancelled):
+    the bank's callback says it settled it anyway (an attempt it processed before the
+    cancel), with ``reference``; its amount was taken back out of its escrow. None when
+    there is no alert target. ``slack`` and ``action_id`` as for ``dead_letter_alert``."""
+    if alert_target is None:
+        return None
+    escape = slack_escape if slack else _same
+    message = (
+        f"{_what(release, escape)} was cancelled, but {escape(release.target)} settled it "
+        f"(reference {escape(reference)}): the money moved; its amount is taken back out of "
+        f"escrow {escape(str(release.payload.get('escrow')))}"
+    )
+    payload = _settlement_payload(release, "settled_after_cancel", message, reference)
+    return _alert(release, alert_target, action_id, at, payload)
+
+
+def _settlement_payload(
+    release: OutboxEntry, alert: str, message: str, reference: str
+) -> dict[str, Any]:
+    """The payload of alert ``alert`` about a settlement of ``release`` (by ``reference``)."""
+    return {
+        "project": str(release.payload.get("project", "")),
+        "message": message,
+        "alert": alert,
+        "release_id": release.action_id,
+        "reference": reference,
+    }

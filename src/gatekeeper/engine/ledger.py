@@ -6,9 +6,10 @@ escrow's limit, whatever its delivery does: while it is pending, once it is deli
 then settled), and also when it is a dead letter (a bank may have processed a request whose
 answer was lost, so a dead release is treated as possibly paid until someone retries or
 cancels it). Only a ``return`` gives the amount back: an admin cancelled the release before
-it was sent, or the bank's settlement callback said it failed. A release that would take an
-escrow past its limit, or is in another currency, is not sent: the decision is
-``blocked``.
+it was sent, or the bank's settlement callback said it failed. A ``reclaim`` takes it back
+out (``commit``): the bank settled a cancelled release anyway, whatever the limit. A
+release that would take an escrow past its limit, or is in another currency, is not sent:
+the decision is ``blocked``.
 
 Amounts are ``Decimal`` throughout, parsed from decimal strings; never floats. A release
 whose amount is read from a fact when it fires (``amount: "${item.data.amount}"``) is

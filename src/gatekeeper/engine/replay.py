@@ -15,7 +15,9 @@ with milliseconds, as the store keeps times), in the order the daemon committed 
   (``Engine.plan_rules``, trigger ``reload``);
 - ``Returned``: a release's amount went back to its escrow (an admin cancelled it, or its
   settlement failed), and the releases blocked on that escrow were tried again
-  (``Engine.plan_return``, trigger ``return``).
+  (``Engine.plan_return``, trigger ``return``);
+- ``Reclaimed``: the bank settled a cancelled release anyway: the amount its return gave
+  back counts against the escrow again (nothing is evaluated, as in the daemon).
 
 A return names a release of the record by where it was decided (``ReleaseSpot``: rule
 instance, instant, which firing of that instance at that instant, which release of that
@@ -26,7 +28,9 @@ that firing with that release (not shadowed, not blocked). When it made none, no
 given back (the candidate never reserved it) and the step says so (``skipped``); the
 releases blocked on the escrow are not tried again then either. The releases a return
 applied to are in ``returned`` (firing id and place among its actions -> ``cancelled`` or
-``failed``), to count them as such (``engine.backtest.mark_returned``).
+``failed``), to count them as such (``engine.backtest.mark_returned``). A reclaim takes
+back what the return of the same spot gave back, and the release counts as released again
+(out of ``returned``); with no such return in this replay it is ``skipped``.
 
 ``Replay`` keeps what the daemon's writer keeps (current facts, rule states, standing
 approvals, the escrow book) and what its deadline loop keeps (a ``DeadlineSchedule``), and
@@ -176,7 +180,26 @@ class Returned:
     release_id: str
 
 
-Event = PostedFacts | ApprovalGiven | AdminActed | SignOffGiven | ClockTick | Activated | Returned
+@dataclass(frozen=True)
+class Reclaimed:
+    """Release ``release_id`` (recorded at ``spot``), cancelled, was settled by the bank
+    anyway at ``at``: the amount its cancel returned counts against its escrow again."""
+
+    at: datetime
+    spot: ReleaseSpot
+    release_id: str
+
+
+Event = (
+    PostedFacts
+    | ApprovalGiven
+    | AdminActed
+    | SignOffGiven
+    | ClockTick
+    | Activated
+    | Returned
+    | Reclaimed
+)
 
 
 @dataclass(frozen=True)
@@ -233,6 +256,8 @@ class Replay:
         self.returned: dict[tuple[str, int], str] = {}
         """The releases a return applied to: (firing id, place among its actions) ->
         ``cancelled`` or ``failed``."""
+        self.given_back: dict[ReleaseSpot, tuple[str, str, str, int]] = {}
+        """The releases a return gave back, by spot (as ``releases``), for a reclaim."""
         self._firings_at: dict[tuple[str, str, str], int] = {}
         self._handlers: dict[type, Callable[[Event], Step]] = {
             PostedFacts: self._posted,  # type: ignore[dict-item]
@@ -242,6 +267,7 @@ class Replay:
             ClockTick: self._tick,  # type: ignore[dict-item]
             Activated: self._activated,  # type: ignore[dict-item]
             Returned: self._returned,  # type: ignore[dict-item]
+            Reclaimed: self._reclaimed,  # type: ignore[dict-item]
         }
 
     @classmethod
@@ -453,17 +479,11 @@ class Replay:
         its escrow tried again, committed when something was decided."""
         found = self.releases.pop(event.spot, None)
         if found is None:
-            spot = event.spot
-            name = f"{spot.rule_id}[{spot.instance}]" if spot.instance else spot.rule_id
-            return Step(
-                event,
-                None,
-                f"release {event.release_id} ({event.cause}) of {name} at {spot.fired_at}: "
-                "no such release in this replay",
-            )
+            return _skipped(event, event.cause, "no such release in this replay")
         escrow, amount, firing_id, place = found
         self.book.give_back(escrow, amount)
         self.returned[(firing_id, place)] = event.cause
+        self.given_back[event.spot] = found
         engine = self.engine
         if engine is None:
             return Step(event, None)
@@ -474,6 +494,19 @@ class Replay:
             return Step(event, None)
         self._apply(transition, engine)
         return Step(event, transition)
+
+    def _reclaimed(self, event: Reclaimed) -> Step:
+        """As ``Daemon.settle`` for a cancelled release the bank settled
+        (``Writer.reclaimed``): what its return gave back counts against the escrow again;
+        nothing is evaluated."""
+        found = self.given_back.pop(event.spot, None)
+        if found is None:
+            why = "no such release returned in this replay"
+            return _skipped(event, "settled after its cancel", why)
+        escrow, amount, firing_id, place = found
+        self.book.commit(escrow, amount)
+        self.returned.pop((firing_id, place), None)
+        return Step(event, None)
 
     # -- applying --------------------------------------------------------------------------
 
@@ -526,3 +559,12 @@ class Replay:
             schedule_instances(
                 self.schedule, engine.rules, keys, self.facts, transition.planned_at, self.approvals
             )
+
+
+def _skipped(event: Returned | Reclaimed, what: str, why: str) -> Step:
+    """The step of a return or reclaim of a release this replay cannot apply: ``why``."""
+    spot = event.spot
+    name = f"{spot.rule_id}[{spot.instance}]" if spot.instance else spot.rule_id
+    return Step(
+        event, None, f"release {event.release_id} ({what}) of {name} at {spot.fired_at}: {why}"
+    )

@@ -29,7 +29,7 @@ from gatekeeper.config import (
     DEFAULT_MAX_CONNECTIONS,
     Token,
 )
-from gatekeeper.http.auth import authenticate, bearer_token
+from gatekeeper.http.auth import authenticate, bearer_token, grants
 from gatekeeper.http.context import DAEMON_KEY, PRINCIPAL_KEY, daemon_of
 from gatekeeper.http.handlers import metrics_response
 from gatekeeper.http.limits import (
@@ -88,7 +88,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         )
     if principal.rate_limit is not None:
         _check_rate(request, principal)
-    if scope not in principal.scopes:
+    if not grants(principal.scopes, scope):
         raise ApiError(403, f"token of {principal.subject!r} lacks the {scope!r} scope")
     request[PRINCIPAL_KEY] = principal
     if request.query_string:

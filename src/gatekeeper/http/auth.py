@@ -2,10 +2,12 @@
 
 A token is a random string (``gk_`` + 43 URL-safe characters, 256 bits) handed out once by
 ``gatekeeper token new``; the config keeps only ``sha256(token)`` in hex, with the token's
-subject (who holds it), scopes (``facts:write``, ``approve``, ``read``, ``admin``) and the
-projects it may act on. A presented token is hashed and compared with every configured hash
-in constant time (``hmac.compare_digest``, no early exit), so timing reveals nothing about
-which hash came close. Tokens never appear in logs, the audit log or error messages.
+subject (who holds it), scopes (``facts:write``, ``approve``, ``read``, ``admin``,
+``history``: the fact log and decision log of its projects, which ``admin`` reads too; see
+``grants``) and the projects it may act on. A presented token is hashed and compared with
+every configured hash in constant time (``hmac.compare_digest``, no early exit), so timing
+reveals nothing about which hash came close. Tokens never appear in logs, the audit log or
+error messages.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from collections.abc import Iterable
 from gatekeeper.config import Token
 
 TOKEN_PREFIX = "gk_"
-SCOPES = ("facts:write", "approve", "read", "admin")
+SCOPES = ("facts:write", "approve", "read", "admin", "history")
+GRANTED_ALSO_BY = {"history": "admin"}
+"""A scope a route needs -> the other scope that grants it too (an admin reads the
+history)."""
+
+
+def grants(scopes: frozenset[str], needed: str) -> bool:
+    """Whether a token of ``scopes`` may use a route that needs scope ``needed``."""
+    return needed in scopes or GRANTED_ALSO_BY.get(needed) in scopes
 
 
 def new_token() -> str:

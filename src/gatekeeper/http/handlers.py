@@ -75,7 +75,7 @@ from gatekeeper.runtime.daemon import (
 from gatekeeper.runtime.hooks import HookRejected, delivery_id, verify_standard
 from gatekeeper.runtime.hooks import handle as handle_hook
 from gatekeeper.runtime.ingest import UnknownInstance
-from gatekeeper.store.errors import Conflict, KeyReused
+from gatekeeper.store.errors import AttemptInFlight, Conflict, KeyReused
 from gatekeeper.store.queries import AuditQuery
 from gatekeeper.store.records import ACTION_STATUSES, AUDIT_KINDS, AuditKind
 
@@ -576,14 +576,23 @@ _SETTLEMENT_MESSAGES = {
 }
 
 
+SETTLEMENT_RETRY_AFTER_S = "1"
+"""``Retry-After`` (seconds) of a settlement callback that came while the release's attempt
+is in flight: its answer is about to be recorded."""
+
+
 async def post_settlement(request: web.Request) -> web.Response:
     """``POST /v1/settlements/{target}``: the bank (target ``target``) says a release it
     was sent is settled or failed. No bearer token: the body is signed per Standard
     Webhooks with the target's own secret (``secret_env``; 401 otherwise) and its
     ``webhook-id`` is applied once (the same id with another body: 422). A failure returns
-    the amount to the escrow and alerts ``alert_target`` once. 404: no such target, or no
-    release sent to it; 409: the release was not sent, or was settled the other way. The
-    same outcome again answers 200 with ``applied`` false. Nothing changes on any error."""
+    the amount to the escrow and alerts ``alert_target`` once. A dead letter may be settled
+    or failed too (the bank got it after all); so may a cancelled release (settled: its
+    amount is taken back out of the escrow and ``alert_target`` told; failed: recorded,
+    nothing moves). 404: no such target, or no release sent to it; 409: the release was
+    not sent, or was settled the other way, or its attempt is in flight (with
+    ``Retry-After``: retry). The same outcome again answers 200 with ``applied`` false.
+    Nothing changes on any error."""
     daemon = daemon_of(request)
     target = request.match_info["target"]
     secret = daemon.settlement_secret(target)
@@ -615,6 +624,8 @@ async def post_settlement(request: web.Request) -> web.Response:
         )
     except KeyReused as exc:
         raise ApiError(422, str(exc)) from None
+    except AttemptInFlight as exc:  # the bank called back before its answer was recorded
+        raise ApiError(409, str(exc), headers={"Retry-After": SETTLEMENT_RETRY_AFTER_S}) from None
     except Conflict as exc:
         raise ApiError(409, str(exc)) from None
     if result is None:
@@ -669,10 +680,10 @@ async def get_audit(request: web.Request) -> web.Response:
 
 async def get_history_facts(request: web.Request) -> web.Response:
     """A page of the fact log (posted facts, facts rules set, approvals), in seq order,
-    after ``after``: what ``gatekeeper backtest --url`` replays."""
+    after ``after``, of the token's projects: what ``gatekeeper backtest --url`` replays."""
     after = after_param(request)
     limit = limit_param(request, MAX_LIST_LIMIT)
-    facts = await daemon_of(request).fact_log(after, limit)
+    facts = await daemon_of(request).fact_log(after, limit, projects=visible_projects(request))
     page = {
         "facts": [f.to_json() for f in facts],
         "next_after": facts[-1].seq if len(facts) == limit else None,
@@ -681,17 +692,17 @@ async def get_history_facts(request: web.Request) -> web.Response:
 
 
 async def get_history_decisions(request: web.Request) -> web.Response:
-    """A page of the decision log after ``after``, oldest first, without evaluations: the
-    decisions a replay needs (``every=true``: all of them), the actions they queued, and
-    where each decision made by the clock, an admin act or a reload falls in the fact
-    log."""
+    """A page of the decision log after ``after``, oldest first, without evaluations, of
+    the token's projects: the decisions a replay needs (``every=true``: all of them), the
+    actions they queued, and where each decision made by the clock, an admin act or a
+    reload falls in the fact log."""
     after = after_param(request)
     limit = limit_param(request, MAX_LIST_LIMIT)
     every = request.query.get("every", "false")
     if every not in ("true", "false"):
         raise ApiError(400, "every must be true or false")
     decisions, actions, positions = await daemon_of(request).decision_page(
-        after, limit, every == "true"
+        after, limit, every == "true", projects=visible_projects(request)
     )
     page = {
         "decisions": [d.to_json(evaluation=False) for d in decisions],

@@ -894,18 +894,27 @@ class Escrow(Model):
     limit: DecimalString | None
     reserved: Annotated[
         DecimalString,
-        Meta(description="Releases decided, not yet sent nor cancelled: reserve - send - cancel."),
+        Meta(
+            description="Releases decided, not yet sent nor cancelled: reserve + reclaim - "
+            "send - cancel - the fail of releases never sent."
+        ),
     ]
     sent: Annotated[
         DecimalString,
-        Meta(description="Releases the bank has (2xx), not yet settled: send - settle - fail."),
+        Meta(
+            description="Releases the bank has (2xx), not yet settled: send - settle - the "
+            "fail of sent releases."
+        ),
     ]
     settled: Annotated[
         DecimalString, Meta(description="Releases the bank's callback settled: settle.")
     ]
     returned: Annotated[
         DecimalString,
-        Meta(description="Amounts back in the escrow (cancelled or failed releases): return."),
+        Meta(
+            description="Amounts back in the escrow (cancelled or failed releases): return - "
+            "reclaim."
+        ),
     ]
     remaining: DecimalString | None
     released: Annotated[DecimalString, Meta(description="Releases delivered: sent + settled.")]
@@ -922,13 +931,15 @@ class EscrowList(Model):
     escrows: list[Escrow]
 
 
-MovementName = Literal["reserve", "send", "settle", "fail", "cancel", "return"]
+MovementName = Literal["reserve", "send", "settle", "fail", "cancel", "return", "reclaim"]
 
 
 class LedgerMovement(Model):
     """One movement of a release's amount. reserve: decided and queued; send: the bank
-    answered 2xx; settle / fail: the bank's signed settlement callback; cancel: an admin
-    act; return: the amount back in the escrow (after cancel or fail)."""
+    answered 2xx (or settled a dead letter); settle / fail: the bank's signed settlement
+    callback; cancel: an admin act; return: the amount back in the escrow (after cancel or
+    fail); reclaim: a cancelled release the bank settled anyway, its amount taken back out
+    of the escrow (before its send and settle)."""
 
     id: Annotated[Seq, Meta(description="Grows with every movement: the order to reconcile in.")]
     release_id: str
@@ -940,8 +951,8 @@ class LedgerMovement(Model):
     actor: Annotated[
         str | None,
         Meta(
-            description="Who moved it: the rule (reserve), the target (send, settle, fail), "
-            "the admin (cancel); a return names the actor of its cancel or fail."
+            description="Who moved it: the rule (reserve), the target (send, settle, fail, "
+            "reclaim), the admin (cancel); a return names the actor of its cancel or fail."
         ),
     ]
     reference: Annotated[

@@ -148,7 +148,11 @@ def _document() -> JsonObject:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "An API token from `gatekeeper token new`; the config holds "
-                    "its SHA-256. With no tokens configured (loopback only) none is needed.",
+                    "its SHA-256. With no tokens configured (loopback only) none is needed. "
+                    "Scopes: `facts:write` (post facts), `approve` (post approvals), `read` "
+                    "(every other GET), `admin` (the admin acts, and the history), `history` "
+                    "(only `GET /v1/history/facts` and `/v1/history/decisions`, of the "
+                    "token's projects).",
                 }
             },
             "schemas": schemas,

@@ -443,11 +443,16 @@ ROUTES: tuple[Route, ...] = (
         request=m.SettlementRequest,
         description="No bearer token: the body is signed per Standard Webhooks with the "
         "target's own secret (`secret_env`): `webhook-id`, `webhook-timestamp` within 5 "
-        "minutes of now, `webhook-signature` (401 otherwise). Only a sent (delivered) "
-        "release can be settled or failed (409 otherwise), by the target it was sent to "
-        "(404 otherwise). `settled` writes the ledger movement `settle`; `failed` writes "
-        "`fail` and `return` (the amount is back in the escrow at once) and tells "
-        "`alert_target` once (alert `settlement_failed`). The same outcome again answers "
+        "minutes of now, `webhook-signature` (401 otherwise). A sent (delivered), dead or "
+        "cancelled release can be settled or failed (409 before it was sent), by the target "
+        "it was sent to (404 otherwise); while an attempt of it is in flight (the bank "
+        "called back before its answer was recorded) the answer is 409 with `Retry-After`: "
+        "retry. `settled` writes the ledger movement `settle` (a dead letter: `send` and "
+        "`settle`, and it becomes delivered; a cancelled release: `reclaim`, `send` and "
+        "`settle`, it stays cancelled and `alert_target` is told, alert "
+        "`settled_after_cancel`); `failed` writes `fail` and `return` (the amount is back in "
+        "the escrow at once) and tells `alert_target` once (alert `settlement_failed`); for "
+        "a cancelled release it is recorded and moves nothing. The same outcome again answers "
         "200 with `applied: false`; the other outcome is 409. A `webhook-id` is applied "
         "once: a replay answers the recorded settlement with `replayed: true`, the same id "
         "with another body is 422. Nothing changes on any error.",
@@ -464,9 +469,11 @@ ROUTES: tuple[Route, ...] = (
         "escrows",
         "Each escrow: limit, reserved, sent, settled, returned, remaining",
         m.EscrowList,
-        description="Summed from the ledger's movements: reserved = reserve - send - cancel, "
-        "sent = send - settle - fail, settled = settle, returned = return, remaining = "
-        "limit - (reserved + sent + settled). `released` (sent + settled), `pending` and "
+        description="Summed from the ledger's movements: reserved = reserve + reclaim - send "
+        "- cancel - the fail of releases never sent (dead letters the bank failed), sent = "
+        "send - settle - the fail of sent releases, settled = settle, returned = return - "
+        "reclaim, remaining = limit - (reserved + sent + settled), below zero when a reclaim "
+        "overdrew the escrow. `released` (sent + settled), `pending` and "
         "`unconfirmed` (reserved releases queued, and dead-lettered: counted as possibly "
         "paid) split the same amounts as before.",
         response_description="The escrows.",
@@ -554,14 +561,14 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/v1/history/facts",
         h.get_history_facts,
-        "admin",
+        "history",
         "historyFacts",
         "facts",
         "The fact log, oldest first: what `gatekeeper backtest --url` replays",
         m.HistoryFacts,
         description="Every fact log entry (posted facts, facts set by rules with "
         "`caused_by`, approvals as kind `approval`) with `seq > after`, in seq order. Read "
-        "only; every project (admin scope).",
+        "only; scope `history` (or `admin`): the token's projects only.",
         parameters=(
             _query(
                 "after",
@@ -577,7 +584,7 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/v1/history/decisions",
         h.get_history_decisions,
-        "admin",
+        "history",
         "historyDecisions",
         "rules",
         "The decision log, oldest first: what `gatekeeper backtest --url` replays",
@@ -586,8 +593,8 @@ ROUTES: tuple[Route, ...] = (
         "committed in), without their evaluations: those that fired, were blocked or told "
         "approvers, and those made by the clock, an admin act or a reload (`every=true`: "
         "all of them); the actions they queued; and for each decision not made on a fact or "
-        "an approval, the last fact log seq committed before it. Read only; every project "
-        "(admin scope).",
+        "an approval, the last fact log seq committed before it. Read only; scope "
+        "`history` (or `admin`): the decisions of the token's projects and their actions.",
         parameters=(
             _query(
                 "after",

@@ -5,7 +5,8 @@ file, line, column, key path and rule id: YAML syntax, the rule schema
 (``schemas/rules.schema.json``), every ``when`` expression (``gatekeeper.expr.compile_condition``),
 notify message templates, approvals that cannot be met, duplicate rule ids across files, and,
 when a ``Config`` is given, the targets and escrows that actions name (an escrow's currency
-must match; a single release above the escrow's limit could never be sent). A ruleset is
+must match; a single release, or a ``max_amount``, above the escrow's limit could never be
+sent). A ruleset is
 built only when there is no problem at all, so a reload is all-or-nothing.
 
 Hashes (SHA-256, hex):
@@ -1062,6 +1063,14 @@ def _escrow_findings(body: Mapping[str, Any], config: Config) -> _Findings:
             f"({escrow.limit} {escrow.currency}): this release could never be sent"
         )
         found.append((("amount",), message))
+    cap = _decimal(body.get("max_amount"))
+    if cap is not None and cap > escrow.limit:
+        message = (
+            f"max_amount {body['max_amount']} is above the limit of escrow {name!r} "
+            f"({escrow.limit} {escrow.currency}): a release that large could never be sent; "
+            f"lower max_amount to at most {escrow.limit}"
+        )
+        found.append((("max_amount",), message))
     return found
 
 

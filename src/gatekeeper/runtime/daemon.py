@@ -22,7 +22,7 @@ from typing import Any
 
 from gatekeeper.clock import Clock, JumpDetector, SystemClock
 from gatekeeper.config import Config, Hook, Token
-from gatekeeper.delivery.alerts import settlement_failed_alert
+from gatekeeper.delivery.alerts import settled_after_cancel_alert, settlement_failed_alert
 from gatekeeper.delivery.dispatcher import Dispatcher
 from gatekeeper.engine.evaluate import uuid_action_id
 from gatekeeper.engine.model import (
@@ -368,11 +368,14 @@ class Daemon:
 
     def _give_back(self, movements: Sequence[LedgerMovement], then: Transition | None) -> None:
         """Apply committed ``return`` movements to the live escrow book, with ``then``,
-        what the return decided, committed with it (``Writer.returned``)."""
+        what the return decided, committed with it (``Writer.returned``); a ``reclaim``
+        counts its amount against the escrow again (``Writer.reclaimed``)."""
         for movement in movements:
             if movement.movement == "return":
                 self.writer.returned(movement.escrow, movement.amount, then)
                 then = None
+            elif movement.movement == "reclaim":
+                self.writer.reclaimed(movement.escrow, movement.amount)
 
     def settlement_secret(self, target: str) -> str | None:
         """The Standard Webhooks secret that signs target ``target``'s settlement callbacks
@@ -395,27 +398,42 @@ class Daemon:
         body_sha256: str,
     ) -> SettlementResult | None:
         """Record target ``target``'s verified settlement callback about release
-        ``release_id`` (``Store.settle_release``): settled, or failed (its amount returns
-        to the escrow at once, the book too, the releases blocked on that escrow are tried
-        again in the same transaction, and ``alert_target`` is told once). None when
+        ``release_id`` (``Store.settle_release``; a sent, dead or cancelled release):
+        settled, or failed (its amount returns to the escrow at once, the book too, the
+        releases blocked on that escrow are tried again in the same transaction, and
+        ``alert_target`` is told once). A cancelled release settled anyway is reclaimed:
+        its amount counts against the escrow again (the book too) and ``alert_target`` is
+        told (``settled_after_cancel``); a failure of it moves nothing. None when
         ``target`` was sent no such release; raises ``KeyReused`` (the webhook-id came
-        with another body) or ``Conflict`` (not sent, or settled the other way)."""
+        with another body), ``AttemptInFlight`` (an attempt is in flight: retry) or
+        ``Conflict`` (not sent, or settled the other way)."""
         async with self.writer.lock:
             now = self.clock.now()  # under the lock: the writes' times follow their order
             release = await self.store.get_action(release_id)
             alert = then = None
-            if release is not None and outcome == "failed":
+            alert_target = self.config.alert_target
+            alert_config = self.config.targets.get(alert_target or "")
+            slack = alert_config is not None and alert_config.format == "slack"
+            cancelled = release is not None and release.status == "cancelled"
+            if release is not None and outcome == "failed" and not cancelled:
                 record = await self.store.release_record(release_id)
                 if record is not None:
                     then = self.writer.plan_return(record.escrow, record.amount, now)
-                alert_target = self.config.alert_target
-                alert_config = self.config.targets.get(alert_target or "")
                 alert = settlement_failed_alert(
                     release,
                     reference=reference,
                     reason=reason,
                     alert_target=alert_target,
-                    slack=alert_config is not None and alert_config.format == "slack",
+                    slack=slack,
+                    action_id=self._new_action_id(),
+                    at=now,
+                )
+            elif release is not None and cancelled and outcome == "settled":
+                alert = settled_after_cancel_alert(
+                    release,
+                    reference=reference,
+                    alert_target=alert_target,
+                    slack=slack,
                     action_id=self._new_action_id(),
                     at=now,
                 )
@@ -447,7 +465,7 @@ class Daemon:
                 f": {reason}" if reason else "",
                 extra={"action_id": release_id, "target": target, "reference": reference},
             )
-            if alert is not None and any(m.movement == "fail" for m in result.movements):
+            if alert is not None:  # written with the first movements
                 self.metrics.actions.labels(target=alert.target, status="queued").inc()
                 self.dispatcher.hand_over([alert], None)
         return result
@@ -603,21 +621,29 @@ class Daemon:
         """The audit log entries ``query`` selects, newest first."""
         return await self.store.audit(query)
 
-    async def fact_log(self, after_seq: int, limit: int) -> list[LoggedFact]:
-        """A page of the fact log, in seq order (for a replay of the history)."""
-        return await self.store.fact_log(after_seq, limit)
+    async def fact_log(
+        self, after_seq: int, limit: int, *, projects: Projects = None
+    ) -> list[LoggedFact]:
+        """A page of the fact log, in seq order, only of ``projects`` (for a replay of the
+        history)."""
+        return await self.store.fact_log(after_seq, limit, projects=projects)
 
     async def decision_page(
-        self, after_id: int, limit: int, every: bool
+        self, after_id: int, limit: int, every: bool, *, projects: Projects = None
     ) -> tuple[list[StoredDecision], list[OutboxEntry], dict[int, int]]:
         """A page of the decision log for a replay (``every``: quiet decisions too),
-        without evaluations, with the actions its decisions queued and where each decision
-        not made on a fact or approval falls in the fact log."""
+        without evaluations, only of ``projects``, with the actions its decisions queued
+        and where each decision not made on a fact or approval falls in the fact log."""
         store = self.store
-        decisions = await store.decision_log(after_id, limit, evaluations=False, quiet=every)
+        decisions = await store.decision_log(
+            after_id, limit, evaluations=False, quiet=every, projects=projects
+        )
         if not decisions:
             return [], [], {}
         actions = await store.actions_of_decisions(decisions[0].id, decisions[-1].id)
+        if projects is not None:  # the actions of the page's decisions only
+            ids = {d.id for d in decisions}
+            actions = [a for a in actions if a.decision_id in ids]
         positions = await store.fact_log_positions(
             [d.id for d in decisions if d.trigger not in ("fact", "approval")]
         )

@@ -688,6 +688,12 @@ class Writer:
             self.apply(transition)
             log_firings(transition)
 
+    def reclaimed(self, escrow: str, amount: str) -> None:
+        """A COMMITTED ``reclaim`` of ``amount`` from ``escrow`` (a cancelled release the
+        bank settled anyway): it counts against the escrow again, even past its limit
+        (the money moved). Call with ``lock`` held."""
+        self.book.commit(escrow, amount)
+
 
 def _answer_after(first: _IngestJob, job: _IngestJob) -> None:
     """Answer ``job``, which repeats the ``Idempotency-Key`` of ``first`` in the same group,

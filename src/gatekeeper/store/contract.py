@@ -149,8 +149,10 @@ class StateStore(Protocol):
 
     async def escrow_totals(self) -> EscrowTotals:
         """Per escrow with a release, its ``EscrowFigures``: the ledger's movements summed
-        exactly (``Decimal``, never floats). ``committed`` leaves out returned amounts
-        (cancelled or failed releases)."""
+        exactly (``Decimal``, never floats; a ``fail`` of a release never sent comes off
+        ``reserved``, a ``reclaim`` goes back from ``returned`` to ``reserved``).
+        ``committed`` leaves out returned amounts (cancelled or failed releases) not
+        reclaimed."""
         ...
 
     async def last_ruleset(self) -> StoredRuleset | None:
@@ -239,8 +241,9 @@ class OutboxAdmin(Protocol):
 
 class LedgerBook(Protocol):
     """The ledger's movements after a release was decided (its ``reserve`` is written by
-    ``commit_transition``, its ``send`` by ``record_attempt``): cancels, settlements, and
-    the movements listed for reconciling an escrow line by line."""
+    ``commit_transition``, its ``send`` by ``record_attempt``, or by a settlement of a dead
+    or cancelled release the bank paid): cancels, settlements, and the movements listed
+    for reconciling an escrow line by line."""
 
     async def cancel_release(
         self, cancel: CancelRequest
@@ -253,23 +256,40 @@ class LedgerBook(Protocol):
         entry and the movements written, None when there is no such action.
 
         Raises ``Conflict`` (nothing written) when the action is not a release, is
-        delivered or cancelled already, or an attempt of it is in flight
-        (``begin_attempt`` without a recorded outcome: its outcome decides)."""
+        delivered or cancelled already; ``AttemptInFlight`` (a ``Conflict``) when an
+        attempt of it is in flight (``begin_attempt`` without a recorded outcome: its
+        outcome decides)."""
         ...
 
     async def settle_release(self, callback: SettlementCallback) -> SettlementResult | None:
-        """Record the bank's settlement of a sent release, atomically: ``settle``, or
-        ``fail`` then ``return`` (with ``callback.alert`` queued in the outbox), with the
-        provider's reference, and the callback's ``webhook-id``; with a new ``fail``,
-        ``callback.then`` (what the return decided) is committed as ``commit_transition``
-        would. The same outcome recorded
+        """Record the bank's settlement of a release, atomically, with the provider's
+        reference (movements by ``callback.target``) and the callback's ``webhook-id`` and
+        outcome:
+
+        - sent (delivered): ``settle``, or ``fail`` then ``return``;
+        - dead (the bank got it after all): ``send`` then ``settle``, or ``fail`` then
+          ``return`` (never sent: the fail comes off ``reserved``); the action becomes
+          ``delivered`` (``dead_reason``/``dead_status`` cleared) and the admin act
+          ``dead_letter_settlement`` is audited (actor: the target; reason: the outcome,
+          reference and the dead reason and status it had);
+        - cancelled (an attempt the bank processed before the cancel): ``settled`` writes
+          ``reclaim`` (the returned amount back out of the escrow), ``send`` and
+          ``settle``; ``failed`` writes no movement (the amount was returned) but is
+          recorded with the callback; the status stays ``cancelled`` and the admin act
+          ``settlement_after_cancel`` is audited.
+
+        ``callback.alert`` is queued in the outbox (under the release's decision) when
+        movements are written; with a new ``return``, ``callback.then`` (what the return
+        decided) is committed as ``commit_transition`` would. The same outcome recorded
         before: nothing new (``movements`` empty; the webhook-id is kept). A webhook-id
         applied before with the same body: ``replayed``, nothing written. Returns None
         when ``callback.target`` was sent no release ``callback.release_id``.
 
         Raises ``KeyReused`` when the webhook-id was applied with another body;
-        ``Conflict`` when the release was not sent (pending, dead, cancelled) or was
-        settled with the other outcome. Nothing is written on any error."""
+        ``AttemptInFlight`` (a ``Conflict``) when the release is pending with an attempt
+        in flight (the bank called back before its answer was recorded: retry);
+        ``Conflict`` when it was not sent (pending, shadowed) or was settled with the
+        other outcome. Nothing is written on any error."""
         ...
 
     async def ledger_movements(
@@ -303,8 +323,11 @@ class AuditReads(Protocol):
         key of the last fact of the page before), at most ``limit`` (None: all)."""
         ...
 
-    async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[LoggedFact]:
-        """At most ``limit`` fact log entries with ``seq > after_seq``, in ``seq`` order."""
+    async def fact_log(
+        self, after_seq: int = 0, limit: int = 1000, *, projects: Projects = None
+    ) -> list[LoggedFact]:
+        """At most ``limit`` fact log entries with ``seq > after_seq``, in ``seq`` order,
+        only of ``projects``."""
         ...
 
     async def fact_at(self, seq: int) -> LoggedFact | None:
@@ -328,9 +351,11 @@ class AuditReads(Protocol):
         *,
         evaluations: bool = True,
         quiet: bool = True,
+        projects: Projects = None,
     ) -> list[StoredDecision]:
         """At most ``limit`` decisions with ``id > after_id``, oldest first (id ascending:
-        the order they were committed in), as ``list_decisions`` shows them; with
+        the order they were committed in), only of ``projects`` (their rule's project;
+        decisions without one are visible to all), as ``list_decisions`` shows them; with
         ``evaluations`` False their ``evaluation`` is ``{}`` (nothing is rebuilt from the
         fact log: what a replay of the history reads). With ``quiet`` False, the decisions
         made on a fact or an approval that neither fired (nor was blocked) nor told

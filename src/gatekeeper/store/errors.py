@@ -51,6 +51,11 @@ class Conflict(StoreError):
     requeuing an action that is not dead)."""
 
 
+class AttemptInFlight(Conflict):
+    """An attempt of the release is in flight (begun, its outcome not yet recorded): the
+    operation must wait for that outcome, which decides (retry it shortly)."""
+
+
 class KeyReused(Conflict):
     """A key that makes a request idempotent (a settlement callback's ``webhook-id``) was
     already used with another request: nothing is applied."""

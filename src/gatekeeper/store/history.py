@@ -26,7 +26,9 @@ Events (``events_of``; the records are ``gatekeeper.engine.replay``'s):
   ``cancel_action``; or failed by the bank's settlement callback: ``fail`` then
   ``return``) is a ``Returned`` naming the release by where it was decided
   (``ReleaseSpot``), placed at the re-evaluation it made (decisions with trigger
-  ``return`` at its instant), else by its time.
+  ``return`` at its instant), else by its time;
+- each ``reclaim`` movement (the bank settled a cancelled release anyway) is a
+  ``Reclaimed`` naming the release by its spot, placed by its time (it decides nothing).
 
 Order: the daemon's commit order, which the decision ids give: each event is placed at its
 first decision, an event that decided nothing just before the first decision made after
@@ -84,6 +86,7 @@ from gatekeeper.engine.replay import (
     ClockTick,
     Event,
     PostedFacts,
+    Reclaimed,
     ReleaseSpot,
     Replay,
     Returned,
@@ -169,6 +172,9 @@ class History:
     log ``seq`` the daemon had committed before it (``fact_log_positions``)."""
     returns: list[LedgerMovement] = field(default_factory=list)
     """The ledger's ``return`` movements, in the order written."""
+    reclaims: list[LedgerMovement] = field(default_factory=list)
+    """The ledger's ``reclaim`` movements (a cancelled release the bank settled anyway),
+    in the order written."""
     returned_as: dict[str, str] = field(default_factory=dict)
     """Release id -> ``cancelled`` or ``failed``, for each release returned."""
 
@@ -219,6 +225,8 @@ async def read_history(
         for movement in movements:
             if movement.movement == "return":
                 history.returns.append(movement)
+            elif movement.movement == "reclaim":
+                history.reclaims.append(movement)
             elif movement.movement in RETURN_CAUSES:
                 history.returned_as[movement.release_id] = RETURN_CAUSES[movement.movement]
         after = movements[-1].id
@@ -407,6 +415,11 @@ def events_of(history: History, plain_rules: Callable[[str], frozenset[str] | No
                 event,
             )
         )
+    for movement in history.reclaims:
+        spot = spots.get(movement.release_id)
+        if spot is not None:
+            event = Reclaimed(movement.at, spot, movement.release_id)
+            placed.append((position(None, movement.at), 1, movement.at, never, 4, event))
     placed.sort(key=lambda p: p[:5])
     return [p[5] for p in placed]
 
@@ -467,8 +480,13 @@ def recorded_firings(
     """The recorded firings (fired or blocked decisions) and approvals notices with the
     actions each queued, in the order recorded; ``ledger`` adds each release's ledger
     entry (read with ``read_history(ledger=True)``). A release whose amount returned
-    before ``until`` (None: ever) has the status ``cancelled`` or ``failed``."""
-    returned = {m.release_id for m in history.returns if until is None or m.at < until}
+    before ``until`` (None: ever) has the status ``cancelled`` or ``failed``, unless it was
+    reclaimed before ``until`` too (the bank settled it: released)."""
+
+    def before(movements: list[LedgerMovement]) -> set[str]:
+        return {m.release_id for m in movements if until is None or m.at < until}
+
+    returned = before(history.returns) - before(history.reclaims)
     by_firing: dict[str, list[OutboxEntry]] = defaultdict(list)
     for action in history.actions:
         by_firing[action.firing_id].append(action)
@@ -711,9 +729,12 @@ def run_backtest(
 
 def _skip_kind(step: Step) -> str:
     what = type(step.event).__name__
-    return {"ApprovalGiven": "approval", "AdminActed": "admin act", "Returned": "return"}.get(
-        what, what
-    )
+    return {
+        "ApprovalGiven": "approval",
+        "AdminActed": "admin act",
+        "Returned": "return",
+        "Reclaimed": "return",
+    }.get(what, what)
 
 
 def run_self_check(

@@ -12,8 +12,8 @@ synchronous connection (autocommit off, ``synchronous_commit`` set ``on`` for th
 a write acknowledged is committed and flushed to the server's WAL when the coroutine
 returns). Reads run on the event loop through an asynchronous connection in a read-only
 session (autocommit: each read sees what was committed), the API LISTEN/NOTIFY will use.
-(asyncpg has no synchronous API: the write bodies would have to be written twice; a
-benchmark of the two drivers is kept apart from this module.)
+(asyncpg has no synchronous API: the write bodies would have to be written twice;
+``bench/bench_pg_driver.py`` compares the two drivers.)
 
 ``database: postgresql://user@host:port/dbname`` (or ``postgres://``) names the database;
 its password never sits in the URL (``gatekeeper.config.database_url_problem`` refuses

@@ -53,13 +53,23 @@ DEAD_REASONS: tuple[DeadReason, ...] = (
 AuditKind = Literal["decision", "admin_act", "approval"]
 AUDIT_KINDS: tuple[AuditKind, ...] = ("decision", "admin_act", "approval")
 
-Movement = Literal["reserve", "send", "settle", "fail", "cancel", "return"]
+Movement = Literal["reserve", "send", "settle", "fail", "cancel", "return", "reclaim"]
 """A movement of a release's amount in the ledger: ``reserve`` (the release was decided and
-queued), ``send`` (the bank answered 2xx), ``settle`` / ``fail`` (the bank's signed
-settlement callback), ``cancel`` (an admin act), ``return`` (the amount went back to the
-escrow: after ``cancel`` or ``fail``)."""
+queued), ``send`` (the bank answered 2xx, or settled a dead letter), ``settle`` / ``fail`` (the
+bank's signed settlement callback), ``cancel`` (an admin act), ``return`` (the amount went
+back to the escrow: after ``cancel`` or ``fail``), ``reclaim`` (a cancelled release the bank
+settled anyway: the returned amount goes back out of the escrow, before its ``send`` and
+``settle``)."""
 
-MOVEMENTS: tuple[Movement, ...] = ("reserve", "send", "settle", "fail", "cancel", "return")
+MOVEMENTS: tuple[Movement, ...] = (
+    "reserve",
+    "send",
+    "settle",
+    "fail",
+    "cancel",
+    "return",
+    "reclaim",
+)
 
 Settlement = Literal["settled", "failed"]
 """What the bank's settlement callback says became of a sent release."""
@@ -387,12 +397,14 @@ class LedgerMovement:
 class EscrowFigures:
     """What one escrow's ledger adds up to, as ``Decimal`` sums of its movements:
 
-    - ``reserved``: reserve - send - cancel (decided, not yet sent nor cancelled); of it,
-      ``unconfirmed`` belongs to dead letters (possibly paid: a bank may have processed a
-      request whose answer was lost);
-    - ``sent``: send - settle - fail (the bank has it, no settlement yet);
+    - ``reserved``: reserve + reclaim - send - cancel - the ``fail`` of releases never
+      sent (decided, not yet sent nor cancelled); of it, ``unconfirmed`` belongs to dead
+      letters (possibly paid: a bank may have processed a request whose answer was lost);
+    - ``sent``: send - settle - the ``fail`` of sent releases (the bank has it, no
+      settlement yet);
     - ``settled``: settle;
-    - ``returned``: return (cancelled or failed amounts, back in the escrow).
+    - ``returned``: return - reclaim (cancelled or failed amounts, back in the escrow; a
+      ``reclaim`` takes a cancelled amount back out when the bank settled it anyway).
 
     ``committed`` (reserved + sent + settled, everything not returned) is what counts
     against the escrow's limit."""
@@ -432,8 +444,9 @@ class SettlementCallback:
     release ``release_id`` is ``settled`` or ``failed`` (``outcome``), with the provider's
     ``reference`` and, for a failure, an optional ``reason``. ``webhook_id`` is the Standard
     Webhooks message id and ``body_sha256`` the SHA-256 (hex) of the signed body: a
-    ``webhook-id`` is applied once. ``alert`` is the ``settlement_failed`` notice to queue
-    when a failure is new (None: no alert target)."""
+    ``webhook-id`` is applied once. ``alert`` is the notice to queue with the movements
+    when they are new: ``settlement_failed`` for a failure, ``settled_after_cancel`` for a
+    cancelled release the bank settled (None: no alert target, or nothing to tell)."""
 
     target: str
     release_id: str

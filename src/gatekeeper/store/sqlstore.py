@@ -49,6 +49,7 @@ from gatekeeper.engine.model import (
 from gatekeeper.engine.signoffs import SignedOff
 from gatekeeper.rules.model import Ruleset
 from gatekeeper.store.errors import (
+    AttemptInFlight,
     Conflict,
     KeyReused,
     SchemaTooNew,
@@ -388,7 +389,7 @@ _INSERT_SEND = (
     " WHERE ledger.release_id = ? ON CONFLICT (release_id, movement) DO NOTHING"
 )
 """The ``send`` movement of a delivered action when it is a release (none otherwise), once."""
-FOLLOW_UP_ALERTS = ("dead_letter", "settlement_failed")
+FOLLOW_UP_ALERTS = ("dead_letter", "settlement_failed", "settled_after_cancel")
 """The alerts queued after a decision about one of its actions (by delivery, by a
 settlement), filed under that decision."""
 _INSERT_FOLLOW_UP = (
@@ -771,9 +772,12 @@ class SqlStore(ABC):
         # grouped by amount: a count of equal amounts multiplies exactly, and there are
         # far fewer distinct amounts than movements
         sums: dict[str, dict[str, Decimal]] = {}
+        # a fail of a release never sent (a dead letter the bank failed) comes off reserved
         for escrow, movement, amount, count in await self._rows(
-            "SELECT escrow, movement, amount, COUNT(*) FROM ledger_entries"
-            " GROUP BY escrow, movement, amount"
+            "SELECT escrow, CASE WHEN movement = 'fail' AND NOT EXISTS (SELECT 1 FROM"
+            " ledger_entries AS sent WHERE sent.release_id = ledger_entries.release_id"
+            " AND sent.movement = 'send') THEN 'fail_unsent' ELSE movement END AS moved,"
+            " amount, COUNT(*) FROM ledger_entries GROUP BY escrow, moved, amount"
         ):
             by_movement = sums.setdefault(escrow, {})
             by_movement[movement] = by_movement.get(movement, _ZERO) + Decimal(amount) * count
@@ -998,7 +1002,7 @@ class SqlStore(ABC):
             if release is None:
                 raise Conflict(f"release {release_id} has no ledger entry")
             if started is not None:
-                raise Conflict(
+                raise AttemptInFlight(
                     f"release {release_id}: an attempt is in flight; its outcome decides"
                 )
             db.execute("UPDATE outbox SET status = 'cancelled' WHERE action_id = ?", (release_id,))
@@ -1048,18 +1052,19 @@ class SqlStore(ABC):
     async def settle_release(self, callback: SettlementCallback) -> SettlementResult | None:
         now = format_rfc3339(callback.at)
         release_id = callback.release_id
-        alert = callback.alert
 
         def write(db: Tx) -> tuple[list[int], bool] | None:
             row = db.execute(
-                "SELECT ledger.escrow, ledger.amount, ledger.currency, outbox.status"
+                "SELECT ledger.escrow, ledger.amount, ledger.currency, outbox.status,"
+                " outbox.attempt_started_at, outbox.dead_reason, outbox.dead_status,"
+                f" {self.dialect.field('outbox.payload', 'project')}"
                 " FROM ledger JOIN outbox ON outbox.action_id = ledger.release_id"
                 " WHERE ledger.release_id = ? AND outbox.target = ?",
                 (release_id, callback.target),
             ).fetchone()
             if row is None:
                 return None
-            escrow, amount, currency, status = row
+            escrow, amount, currency, status, started, dead_reason, dead_status, project = row
             seen = db.execute(
                 "SELECT body_sha256 FROM settlement_callbacks WHERE target = ? AND webhook_id = ?",
                 (callback.target, callback.webhook_id),
@@ -1076,9 +1081,7 @@ class SqlStore(ABC):
                     "SELECT movement FROM ledger_entries WHERE release_id = ?", (release_id,)
                 )
             }
-            recorded: Settlement | None = (
-                "settled" if "settle" in moved else "failed" if "fail" in moved else None
-            )
+            recorded = _recorded_settlement(db, release_id, moved)
             ids: list[int] = []
             if recorded is not None and recorded != callback.outcome:
                 raise Conflict(
@@ -1086,64 +1089,78 @@ class SqlStore(ABC):
                     f"{callback.outcome} too"
                 )
             if recorded is None:
-                if "send" not in moved:
+                if status == "pending" and started is not None:
+                    raise AttemptInFlight(
+                        f"release {release_id}: an attempt is in flight (sent, its answer not "
+                        "yet recorded); retry the callback shortly"
+                    )
+                if "send" not in moved and status not in ("dead", "cancelled"):
                     raise Conflict(
                         f"release {release_id} has not been sent (it is {status}): only a "
-                        "sent release can be settled or failed"
+                        "sent, dead or cancelled release can be settled or failed"
                     )
-                target = callback.target
-                if callback.outcome == "settled":
+
+                def move(movement: str, reason: str | None = None) -> None:
                     ids.append(
                         _insert_movement(
                             db,
                             release_id,
                             escrow,
-                            "settle",
+                            movement,
                             amount,
                             currency,
                             now,
-                            target,
+                            callback.target,
                             callback.reference,
-                            None,
+                            reason,
                         )
                     )
-                else:
-                    ids.append(
-                        _insert_movement(
-                            db,
-                            release_id,
-                            escrow,
-                            "fail",
-                            amount,
-                            currency,
-                            now,
-                            target,
-                            callback.reference,
-                            callback.reason,
+
+                settled = callback.outcome == "settled"
+                if status == "cancelled" and settled:  # the bank paid it after all
+                    move("reclaim", "settled after its cancel")
+                if settled and "send" not in moved:
+                    move("send", "settled by the bank")
+                returned = not settled and status != "cancelled"  # a cancel returned it
+                if settled:
+                    move("settle")
+                elif returned:
+                    move("fail", callback.reason)
+                    move("return", "settlement failed")
+                if status in ("dead", "cancelled"):
+                    what = f"{callback.outcome} (reference {callback.reference})"
+                    if status == "dead":
+                        db.execute(
+                            "UPDATE outbox SET status = 'delivered', delivered_at = ?,"
+                            " dead_reason = NULL, dead_status = NULL WHERE action_id = ?",
+                            (now, release_id),
                         )
+                        act = "dead_letter_settlement"
+                        last = f", HTTP {dead_status}" if dead_status is not None else ""
+                        why = f"{what}; it was a dead letter: {dead_reason}{last}"
+                    else:
+                        act, why = "settlement_after_cancel", f"{what} after its cancel"
+                    db.execute(
+                        "INSERT INTO admin_acts (at, actor, act, subject, reason, project)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (now, callback.target, act, release_id, why, project),
                     )
-                    ids.append(
-                        _insert_movement(
-                            db,
-                            release_id,
-                            escrow,
-                            "return",
-                            amount,
-                            currency,
-                            now,
-                            target,
-                            callback.reference,
-                            "settlement failed",
-                        )
-                    )
-                    if alert is not None:
-                        db.execute(_INSERT_FOLLOW_UP, (*_outbox_row(alert), release_id))
-                    if callback.then is not None:
-                        self._write_then(db, callback.then)
+                if callback.alert is not None and ids:
+                    db.execute(_INSERT_FOLLOW_UP, (*_outbox_row(callback.alert), release_id))
+                if callback.then is not None and returned:
+                    self._write_then(db, callback.then)
             db.execute(
                 "INSERT INTO settlement_callbacks (target, webhook_id, body_sha256, release_id,"
-                " received_at) VALUES (?, ?, ?, ?, ?)",
-                (callback.target, callback.webhook_id, callback.body_sha256, release_id, now),
+                " received_at, outcome, reference) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    callback.target,
+                    callback.webhook_id,
+                    callback.body_sha256,
+                    release_id,
+                    now,
+                    callback.outcome,
+                    callback.reference,
+                ),
             )
             return ids, False
 
@@ -1156,14 +1173,24 @@ class SqlStore(ABC):
             for m in await self.ledger_movements(release_id=release_id)
             if m.movement in ("settle", "fail")
         ]
-        if not settled:  # a replayed webhook-id whose release is settled: it always is
-            raise Conflict(f"release {release_id} has no settlement recorded")
-        last = settled[-1]
+        if settled:
+            last = settled[-1]
+            outcome: Settlement = "settled" if last.movement == "settle" else "failed"
+            reference, at = last.reference, last.at
+        else:  # a failure of a cancelled release: recorded, nothing moved
+            row = await self._row(
+                "SELECT outcome, reference, received_at FROM settlement_callbacks"
+                " WHERE release_id = ? AND outcome IS NOT NULL ORDER BY received_at LIMIT 1",
+                (release_id,),
+            )
+            if row is None:  # a replayed webhook-id's release is settled: it always is
+                raise Conflict(f"release {release_id} has no settlement recorded")
+            outcome, reference, at = row[0], row[1], parse_rfc3339(row[2])
         return SettlementResult(
             release_id=release_id,
-            outcome="settled" if last.movement == "settle" else "failed",
-            reference=last.reference,
-            at=last.at,
+            outcome=outcome,
+            reference=reference,
+            at=at,
             movements=tuple(await self._movements_by_id(ids)),
             replayed=replayed,
         )
@@ -1248,10 +1275,14 @@ class SqlStore(ABC):
             for r in rows
         ]
 
-    async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[LoggedFact]:
+    async def fact_log(
+        self, after_seq: int = 0, limit: int = 1000, *, projects: Projects = None
+    ) -> list[LoggedFact]:
+        visible, params = _visible("project", projects)
         rows = await self._rows(
-            f"SELECT {_FACT_LOG_COLUMNS} FROM fact_log WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after_seq, limit),
+            f"SELECT {_FACT_LOG_COLUMNS} FROM fact_log WHERE seq > ? AND {visible}"
+            " ORDER BY seq LIMIT ?",
+            (after_seq, *params, limit),
         )
         return [_logged_fact(r) for r in rows]
 
@@ -1282,15 +1313,17 @@ class SqlStore(ABC):
         *,
         evaluations: bool = True,
         quiet: bool = True,
+        projects: Projects = None,
     ) -> list[StoredDecision]:
-        where = "WHERE id > ?"
+        visible, params = _visible("project", projects)
+        where = f"WHERE id > ? AND {visible}"
         if not quiet:
             where += (
                 " AND (trigger NOT IN ('fact', 'approval') OR firing_id IS NOT NULL"
                 " OR notice_id IS NOT NULL)"
             )
         return await self._decisions(
-            where, (after_id,), limit, oldest_first=True, evaluations=evaluations
+            where, (after_id, *params), limit, oldest_first=True, evaluations=evaluations
         )
 
     async def fact_log_positions(self, decision_ids: Sequence[int]) -> dict[int, int]:
@@ -1497,16 +1530,21 @@ _ZERO = Decimal("0.00")
 
 
 def _figures(by_movement: dict[str, Decimal], unconfirmed: Decimal) -> EscrowFigures:
-    """An escrow's figures from the sums of its movements (see ``EscrowFigures``)."""
+    """An escrow's figures from the sums of its movements (see ``EscrowFigures``; the
+    ``fail`` of a release never sent is summed as ``fail_unsent``)."""
 
     def total(movement: str) -> Decimal:
         return by_movement.get(movement, _ZERO)
 
     return EscrowFigures(
-        reserved=total("reserve") - total("send") - total("cancel"),
+        reserved=total("reserve")
+        + total("reclaim")
+        - total("send")
+        - total("cancel")
+        - total("fail_unsent"),
         sent=total("send") - total("settle") - total("fail"),
         settled=total("settle"),
-        returned=total("return"),
+        returned=total("return") - total("reclaim"),
         unconfirmed=unconfirmed,
     )
 
@@ -1544,6 +1582,21 @@ def _insert_movement(
         (release_id, escrow, movement, amount, currency, at, actor, reference, reason),
         "id",
     )
+
+
+def _recorded_settlement(db: Tx, release_id: str, moved: set[str]) -> Settlement | None:
+    """The settlement recorded for ``release_id`` whose movements are ``moved`` (on the
+    writer thread): ``settled`` or ``failed`` by its movements, or a failure reported for a
+    cancelled release (no movement: the callback's outcome); None when none is."""
+    if "settle" in moved:
+        return "settled"
+    if "fail" in moved:
+        return "failed"
+    row = db.execute(
+        "SELECT 1 FROM settlement_callbacks WHERE release_id = ? AND outcome = 'failed'",
+        (release_id,),
+    ).fetchone()
+    return None if row is None else "failed"
 
 
 def _outbox_row(action: QueuedAction) -> tuple[Any, ...]:
