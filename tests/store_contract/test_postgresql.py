@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from gatekeeper.store import open_store
 from gatekeeper.store.errors import (
@@ -146,7 +147,7 @@ async def test_connections_the_server_ended_are_opened_again(postgres_url: str) 
             db.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                 " WHERE datname = %s AND pid != pg_backend_pid()",
-                (postgres_url.rsplit("/", 1)[1],),
+                (conninfo_to_dict(postgres_url)["dbname"],),
             )
         with pytest.raises(StoreUnavailable) as ended:
             await store.commit_transition(build.facts(build.at(1), ("p", "task", "b", {})))
