@@ -559,6 +559,16 @@ class Daemon:
         """A page of the rule's instances with their states (``views.instances_view``)."""
         return views.instances_view(self.writer, rule, after=after, limit=limit)
 
+    def gate_timing(self, rule: Rule, item: str = "") -> dict[str, Any]:
+        """When time alone next changes the rule's condition (instance ``item``) and when
+        its standing approvals lapse (``views.gate_timing``)."""
+        return views.gate_timing(self.writer, rule, item)
+
+    def change_stamp(self) -> int:
+        """A number that grows whenever something a status page shows may have changed
+        (a committed transition, a delivery attempt, a ruleset going live)."""
+        return self.metrics.changes
+
     def ruleset_view(self) -> dict[str, Any] | None:
         """The live ruleset's version, git commit, size and files (None before one)."""
         return views.ruleset_view(self.writer.engine)

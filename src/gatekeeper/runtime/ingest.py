@@ -165,6 +165,7 @@ class Counters:
         ``transitions``: one ``inc`` per metric and label for the whole group (each ``inc``
         takes the metric's lock)."""
         metrics = self.metrics
+        metrics.changed()
         facts = 0
         outcomes: dict[str, int] = {}
         actions: dict[str, int] = {}
