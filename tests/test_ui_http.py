@@ -11,21 +11,14 @@ import aiohttp
 import pytest
 
 from tests.conftest import DEPLOY_RULE
-from tests.uikit import GATE_FACTS, RELEASE_RULE, TOKENS, Browserless, bearer, token_entries
+from tests.uikit import TOKENS, Browserless, bearer, start_site
 
 
 @pytest.fixture
 async def site(
     project_factory: Callable[..., Any], start_daemon: Callable[..., Any], receiver: Any
 ) -> AsyncIterator[Any]:
-    project = project_factory(receiver.url, tokens=token_entries())
-    project.write_rule("tower.yaml", RELEASE_RULE)
-    running = await start_daemon(project, ui=True)
-    async with running.session.post(
-        running.url + "/v1/facts", json=GATE_FACTS, headers=bearer("writer")
-    ) as response:
-        assert response.status == 200, await response.text()
-    yield running
+    yield await start_site(project_factory, start_daemon, receiver)
 
 
 async def client(site: Any) -> AsyncIterator[Browserless]:

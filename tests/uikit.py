@@ -76,6 +76,34 @@ GATE_FACTS = {
     ]
 }  # fmt: skip
 
+
+async def start_site(project_factory: Any, start_daemon: Any, receiver: Any) -> Any:
+    """A daemon serving the status page, with ``TOKENS``, ``RELEASE_RULE`` and the facts
+    that open the release gate's conditions (its approvals still missing)."""
+    project = project_factory(receiver.url, tokens=token_entries())
+    project.write_rule("tower.yaml", RELEASE_RULE)
+    running = await start_daemon(project, ui=True)
+    await post_facts(running, GATE_FACTS)
+    return running
+
+
+async def post_facts(running: Any, body: dict[str, Any]) -> None:
+    """Post facts to ``running`` as the writer (asserting they are accepted)."""
+    async with running.session.post(
+        running.url + "/v1/facts", json=body, headers=bearer("writer")
+    ) as response:
+        assert response.status == 200, await response.text()
+
+
+async def approve(running: Any, subject: str, rule: str, decision: str = "approve") -> None:
+    """``subject`` approves ``rule`` through the API."""
+    body = {"rule": rule, "decision": decision}
+    async with running.session.post(
+        running.url + "/v1/approvals", json=body, headers=bearer(subject)
+    ) as response:
+        assert response.status == 200, await response.text()
+
+
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 

@@ -212,15 +212,14 @@ def countdown(when: str | None, now: datetime) -> dict[str, Any] | None:
 
 
 def duration_text(seconds: int) -> str:
-    """``3d 4h``, ``2h 5m``, ``4m 10s`` or ``9s``: the two largest units."""
+    """``3d 4h 0m 12s``, ``5m 10s`` or ``9s``: from the largest unit down to seconds (as
+    the page's script counts down)."""
     units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
     parts: list[str] = []
     for name, size in units:
-        if seconds >= size or (name == "s" and not parts):
+        if parts or seconds >= size or name == "s":
             parts.append(f"{seconds // size}{name}")
             seconds %= size
-        if len(parts) == 2:
-            break
     return " ".join(parts)
 
 

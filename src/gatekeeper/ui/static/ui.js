@@ -12,7 +12,7 @@
   function span(s) {
     var units = [["d", 86400], ["h", 3600], ["m", 60], ["s", 1]], out = [];
     units.forEach(function (u) {
-      if (out.length < 2 && (s >= u[1] || (u[0] === "s" && !out.length))) {
+      if (out.length || s >= u[1] || u[0] === "s") {
         out.push(Math.floor(s / u[1]) + u[0]); s %= u[1];
       }
     });
