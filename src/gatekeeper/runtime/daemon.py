@@ -564,6 +564,11 @@ class Daemon:
         its standing approvals lapse (``views.gate_timing``)."""
         return views.gate_timing(self.writer, rule, item)
 
+    async def recent_decisions(self, project: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The ``limit`` latest decisions of ``project``, newest first, from memory
+        (``views.recent_decisions``)."""
+        return await views.recent_decisions(self.writer, project, limit)
+
     def change_stamp(self) -> int:
         """A number that grows whenever something a status page shows may have changed
         (a committed transition, a delivery attempt, a ruleset going live)."""

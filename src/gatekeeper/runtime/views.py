@@ -22,9 +22,10 @@ from gatekeeper.expr import Item, next_change_at
 from gatekeeper.rules.loader import load_rule_texts
 from gatekeeper.rules.model import Rule, SetFactAction
 from gatekeeper.runtime.ingest import Writer
+from gatekeeper.runtime.recent import KEPT
 from gatekeeper.store import Store
 from gatekeeper.store.contract import RulesetReads
-from gatekeeper.store.queries import Projects
+from gatekeeper.store.queries import AuditQuery, Projects
 from gatekeeper.store.records import EscrowFigures, ShadowedReleases, StoredDecision
 
 Visible = Callable[[str | None], bool]
@@ -168,6 +169,33 @@ def gate_timing(writer: Writer, rule: Rule, item: str = "") -> dict[str, Any]:
         "changes_at": None if changes_at is None else format_rfc3339(changes_at),
         "lapses": lapses,
     }
+
+
+async def recent_decisions(writer: Writer, project: str, limit: int) -> list[dict[str, Any]]:
+    """The ``limit`` latest decisions of ``project``, newest first (``RecentDecisions``:
+    ``at``, ``rule_id``, ``instance``, ``what``, ``trigger``, ``reason``); the first call
+    for a project after a start seeds them from the audit log."""
+    recent = writer.recent
+    if project not in recent.seeded:
+        query = AuditQuery(
+            project=project, kinds=("decision",), projects=frozenset({project}), limit=KEPT
+        )
+        entries = await writer.store.audit(query)
+        recent.seed(
+            project,
+            [
+                {
+                    "at": format_rfc3339(e.at),
+                    "rule_id": e.rule_id,
+                    "instance": e.instance,
+                    "what": e.what,
+                    "trigger": e.trigger,
+                    "reason": e.reason,
+                }
+                for e in reversed(entries)
+            ],
+        )
+    return recent.latest(project, limit)
 
 
 def instance_states(writer: Writer, rule: Rule) -> list[RuleState]:

@@ -15,6 +15,7 @@ import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
@@ -31,6 +32,7 @@ from gatekeeper.http.handlers import act_on_rule, record_approval, retry_dead_le
 from gatekeeper.http.models import MAX_COMMENT_CHARS, ApprovalRequest
 from gatekeeper.http.wire import ApiError, request_id_of
 from gatekeeper.ui import pages
+from gatekeeper.ui.cache import PageCache
 from gatekeeper.ui.pages import Viewer
 from gatekeeper.ui.sessions import (
     LOGIN_COOKIE,
@@ -49,6 +51,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SESSIONS_KEY = web.AppKey("ui_sessions", SessionTable)
 """The status page's sign-in sessions (in memory)."""
 TEMPLATES_KEY = web.AppKey("ui_templates", jinja2.Environment)
+CACHE_KEY = web.AppKey("ui_pages", PageCache)
+"""Rendered pages kept a moment (``cache``)."""
 STATIC = {"ui.css": "text/css", "ui.js": "text/javascript"}
 """The page's own static files (package data) and their content types."""
 HTML_HEADERS = {
@@ -109,16 +113,55 @@ def render(
     session: Session | None = None,
 ) -> web.Response:
     """Template ``name`` with ``context``, the viewer, and the session's one-shot notice."""
+    return html_response(render_text(request, name, context, viewer, session), status)
+
+
+def render_text(
+    request: web.Request,
+    name: str,
+    context: dict[str, Any],
+    viewer: Viewer | None,
+    session: Session | None,
+) -> str:
+    """The HTML of template ``name`` (see ``render``); the session's notice is used up."""
     notice = None
     if session is not None and session.notice is not None:
         notice = {"text": session.notice, "ok": session.notice_ok}
         session.notice = None
     template = request.app[TEMPLATES_KEY].get_template(name)
-    shown = {"live": "", **context}  # live: the project whose page refreshes itself
-    body = template.render(viewer=viewer, notice=notice, signed_in=session is not None, **shown)
+    shown = {"live": "", "stamp": "", **context}  # live: the project whose page follows
+    return template.render(viewer=viewer, notice=notice, signed_in=session is not None, **shown)
+
+
+def html_response(text: str, status: int = 200) -> web.Response:
     return web.Response(
-        text=body, status=status, content_type="text/html", charset="utf-8", headers=HTML_HEADERS
+        text=text, status=status, content_type="text/html", charset="utf-8", headers=HTML_HEADERS
     )
+
+
+async def serve_page(
+    request: web.Request,
+    name: str,
+    viewer: Viewer,
+    session: Session | None,
+    build: Callable[[], Awaitable[dict[str, Any]]],
+) -> web.Response:
+    """Page ``name`` with the context ``build`` makes, from the page cache when it may be
+    served (``cache``): rendered once per viewer's token and ``FRESH_S`` while the state
+    changes, with each session's CSRF token put in as it is served. A page with a notice
+    to show is rendered afresh (and not kept)."""
+    cache = request.app[CACHE_KEY]
+    stamp = daemon_of(request).change_stamp()
+    key = (request.path_qs, viewer.token.sha256 if viewer.token else "")
+    keep = session is None or session.notice is None
+    text = cache.get(key, stamp) if keep else None
+    if text is None:
+        context = {**await build(), "stamp": stamp}
+        general = replace(viewer, csrf=cache.placeholder)
+        text = render_text(request, name, context, general, session)
+        if keep:
+            cache.put(key, stamp, text)
+    return html_response(text.replace(cache.placeholder, viewer.csrf))
 
 
 def error_page(
@@ -166,12 +209,11 @@ async def get_index(request: web.Request) -> web.StreamResponse:
         return to_login(request)
     viewer, session = found
     daemon = daemon_of(request)
-    context = {
-        "projects": pages.projects_of(daemon, viewer),
-        "ruleset": daemon.ruleset_view(),
-        "live": "",
-    }
-    return render(request, "index.html", context, viewer=viewer, session=session)
+
+    async def build() -> dict[str, Any]:
+        return {"projects": pages.projects_of(daemon, viewer), "ruleset": daemon.ruleset_view()}
+
+    return await serve_page(request, "index.html", viewer, session, build)
 
 
 async def get_project(request: web.Request) -> web.StreamResponse:
@@ -184,9 +226,20 @@ async def get_project(request: web.Request) -> web.StreamResponse:
     daemon = daemon_of(request)
     if not viewer.sees(project) or not any(r.project == project for r in daemon.rules()):
         return error_page(request, 404, f"There is no project {project[:80]!r}.", viewer, session)
-    context = await pages.project_page(daemon, viewer, project)
-    context["live"] = project
-    return render(request, "project.html", context, viewer=viewer, session=session)
+    query = request.query
+
+    async def build() -> dict[str, Any]:
+        context = await pages.project_page(
+            daemon,
+            viewer,
+            project,
+            state=query.get("state") or None,
+            search=query.get("q") or None,
+            after=query.get("after") or None,
+        )
+        return {**context, **filters_of(request), "live": project}
+
+    return await serve_page(request, "project.html", viewer, session, build)
 
 
 async def get_rule(request: web.Request) -> web.StreamResponse:
@@ -203,10 +256,15 @@ async def get_rule(request: web.Request) -> web.StreamResponse:
         message = f"There is no rule {rule_id[:120]!r} in project {project[:80]!r}."
         return error_page(request, 404, message, viewer, session)
     query = request.query
-    item = query.get("item") or None
-    if item is not None and rule.for_each is None:
-        item = None
+    item = (query.get("item") or None) if rule.for_each is not None else None
     try:
+        if item is not None:
+            daemon.rule_view(rule, explain=False, item=item)  # KeyError: no such instance
+    except KeyError:
+        message = f"Rule {rule.id!r} has no instance {(item or '')[:120]!r}."
+        return error_page(request, 404, message, viewer, session)
+
+    async def build() -> dict[str, Any]:
         context = await pages.rule_page(
             daemon,
             viewer,
@@ -216,17 +274,16 @@ async def get_rule(request: web.Request) -> web.StreamResponse:
             search=query.get("q") or None,
             after=query.get("after") or None,
         )
-    except KeyError:
-        message = f"Rule {rule.id!r} has no instance {(item or '')[:120]!r}."
-        return error_page(request, 404, message, viewer, session)
-    context.update(
-        project=project,
-        rule=rule,
-        live=project,
-        filters={"state": query.get("state", ""), "q": query.get("q", "")},
-        states=pages.GATE_STATES,
-    )
-    return render(request, "rule.html", context, viewer=viewer, session=session)
+        return {**context, **filters_of(request), "project": project, "rule": rule, "live": project}
+
+    return await serve_page(request, "rule.html", viewer, session, build)
+
+
+def filters_of(request: web.Request) -> dict[str, Any]:
+    """The filters a page's form shows as chosen (``state``, ``q``), and the states."""
+    query = request.query
+    filters = {"state": query.get("state", ""), "q": query.get("q", "")}
+    return {"filters": filters, "states": pages.GATE_STATES}
 
 
 async def get_live(request: web.Request) -> web.StreamResponse:
@@ -421,7 +478,7 @@ ROUTES: tuple[tuple[str, str, Handler, frozenset[str]], ...] = (
     ("POST", "/ui/logout", post_logout, frozenset()),
     ("GET", "/ui/live", get_live, frozenset({"project"})),
     ("GET", "/ui/static/{name}", get_static, frozenset()),
-    ("GET", "/ui/projects/{project}", get_project, frozenset()),
+    ("GET", "/ui/projects/{project}", get_project, frozenset({"state", "q", "after"})),
     (
         "GET",
         "/ui/projects/{project}/rules/{rule_id:.+}",
@@ -442,6 +499,7 @@ def mount(app: web.Application) -> None:
     session), its sessions and templates."""
     app[SESSIONS_KEY] = SessionTable()
     app[TEMPLATES_KEY] = templates()
+    app[CACHE_KEY] = PageCache()
     for method, path, handler, query in ROUTES:
         if method == "GET":
             app.router.add_get(path, handler)

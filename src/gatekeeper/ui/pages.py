@@ -24,6 +24,8 @@ DEAD_LETTERS = 50
 """How many dead letters a project page lists at most."""
 INSTANCES_PAGE = 50
 """How many instances of a per-item rule a rule page lists at a time."""
+GATES_PAGE = 50
+"""How many gates a project page shows at a time (its summary counts them all)."""
 GATE_STATES = (
     "armed",
     "open",
@@ -32,6 +34,7 @@ GATE_STATES = (
     "paused",
     "blocked",
     "new",
+    "per item",
 )
 """The words ``gate_state`` answers (with ``mode`` shown beside: shadow, awaiting
 sign-off)."""
@@ -87,7 +90,7 @@ def projects_of(daemon: Daemon, viewer: Viewer) -> list[dict[str, Any]]:
         if not viewer.sees(rule.project):
             continue
         rules[rule.project] = rules.get(rule.project, 0) + 1
-        state = gate_state(daemon.rule_view(rule, explain=False))
+        state = summary_state(daemon, rule)
         per = counts.setdefault(rule.project, {})
         per[state] = per.get(state, 0) + 1
     return [
@@ -112,6 +115,18 @@ def gate_state(view: dict[str, Any]) -> str:
         if explanation["condition"]["value"] and not approvals["satisfied"]:
             return "waiting for approvals"
     return str(state)
+
+
+def summary_state(daemon: Daemon, rule: Rule) -> str:
+    """``gate_state`` of ``rule`` at the least cost: a per-item rule is ``per item`` (its
+    instances are not counted), and only a rule with approvals whose gate is closed is
+    explained (to tell ``waiting for approvals`` from ``armed``)."""
+    if rule.for_each is not None:
+        return "per item"
+    view = daemon.rule_view(rule, explain=False)
+    if rule.approvals is not None and view.get("state") in ("armed", "new"):
+        view = daemon.rule_view(rule, explain=True)
+    return gate_state(view)
 
 
 def mode_label(mode: str) -> str | None:
@@ -251,21 +266,44 @@ def bar(escrow: dict[str, Any]) -> list[tuple[str, float]]:
     return parts
 
 
-async def project_page(daemon: Daemon, viewer: Viewer, project: str) -> dict[str, Any]:
-    """The project page: its gates, the escrows its rules release from, recent decisions,
+async def project_page(
+    daemon: Daemon,
+    viewer: Viewer,
+    project: str,
+    *,
+    state: str | None = None,
+    search: str | None = None,
+    after: str | None = None,
+) -> dict[str, Any]:
+    """The project page: how many gates stand in each state; a page of its gates
+    (``GATES_PAGE``, in ruleset order after rule id ``after``) whose state is ``state``
+    and whose id contains ``search``; the escrows its rules release from; recent decisions,
     recent deliveries and dead letters with their reason."""
     rules = [rule for rule in daemon.rules() if rule.project == project]
-    gates = [gate(daemon, rule, viewer) for rule in rules]
-    names = {name for g in gates for name in g["escrows"]}
+    states = [(rule, summary_state(daemon, rule)) for rule in rules]
+    counts: dict[str, int] = {}
+    for _, found in states:
+        counts[found] = counts.get(found, 0) + 1
+    chosen = [
+        rule
+        for rule, found in states
+        if (not state or found == state) and (not search or search in rule.id)
+    ]
+    ids = [rule.id for rule in chosen]
+    start = ids.index(after) + 1 if after in ids else 0
+    shown = chosen[start : start + GATES_PAGE]
+    more = start + GATES_PAGE < len(chosen)
+    names = {a.escrow for rule in rules for a in rule.actions if isinstance(a, ReleaseAction)}
     only = frozenset({project})
-    decisions = await daemon.audit(
-        AuditQuery(project=project, kinds=("decision",), projects=only, limit=RECENT)
-    )
     return {
         "project": project,
-        "gates": gates,
+        "counts": sorted(counts.items(), key=lambda pair: GATE_STATES.index(pair[0])),
+        "total": len(rules),
+        "matching": len(chosen),
+        "gates": [gate(daemon, rule, viewer) for rule in shown],
+        "next_after": shown[-1].id if more and shown else None,
         "escrows": escrows(await daemon.escrow_report(), names),
-        "decisions": [entry.to_json() for entry in decisions],
+        "decisions": await daemon.recent_decisions(project, RECENT),
         "deliveries": [a.to_json() for a in await daemon.list_actions(None, RECENT, projects=only)],
         "dead": [
             a.to_json() for a in await daemon.list_actions("dead", DEAD_LETTERS, projects=only)

@@ -1,6 +1,8 @@
 // The status page's only script: local times, countdowns, and live updates (the page
-// reads fine without it). Polls /ui/live once a second; when its stamp changes, fetches
+// reads fine without it). Polls /ui/live twice a second; when its stamp changes, fetches
 // the page again and swaps in its #live part, unless a form in it is being filled in.
+// The part says which stamp it shows (data-stamp): a page served a moment late (the server
+// keeps rendered pages for a second) is fetched again at the next poll.
 (function () {
   "use strict";
   function localTimes(root) {
@@ -29,7 +31,7 @@
     if (active && live.contains(active) && active.matches("input, select, textarea")) { return true; }
     return Array.prototype.some.call(live.querySelectorAll("input[type=text]"), function (i) { return i.value; });
   }
-  var live = document.getElementById("live"), stamp = null, fetching = false;
+  var live = document.getElementById("live"), fetching = false;
   localTimes(document); countdowns();
   setInterval(countdowns, 1000);
   if (!live || !live.dataset.live || !window.fetch) { return; }
@@ -40,19 +42,19 @@
       if (r.status === 401) { location.reload(); throw new Error("signed out"); }
       return r.json();
     }).then(function (body) {
-      if (stamp === null) { stamp = body.stamp; return; }
-      if (body.stamp === stamp || busy(live)) { return; }
+      if (String(body.stamp) === live.dataset.stamp || busy(live)) { return; }
       return fetch(location.href, {credentials: "same-origin", cache: "no-store"}).then(function (r) {
         return r.text();
       }).then(function (html) {
         var fresh = new DOMParser().parseFromString(html, "text/html").getElementById("live");
         if (fresh && !busy(live)) {
           live.replaceChildren.apply(live, Array.prototype.slice.call(fresh.childNodes));
-          localTimes(live); countdowns(); stamp = body.stamp;
+          live.dataset.stamp = fresh.dataset.stamp;
+          localTimes(live); countdowns();
         }
       });
     }).catch(function () {}).then(function () { fetching = false; });
   }
   poll();
-  setInterval(poll, 1000);
+  setInterval(poll, 500);
 })();
