@@ -163,8 +163,9 @@ def gate(daemon: Daemon, rule: Rule, viewer: Viewer, item: str | None = None) ->
 
 
 def clauses(condition: dict[str, Any]) -> list[dict[str, Any]]:
-    """The sub-conditions of an evaluation: text, value (True, False or None when it could
-    not be evaluated), the facts it saw with their values, the names it missed."""
+    """The sub-conditions of an evaluation: text, value (True, False, or None when it could
+    not be evaluated: an error; a missing fact makes it False), the facts it saw with their
+    values, the names it missed."""
     seen: dict[str, Any] = condition.get("seen", {})
     shown = []
     for clause in condition["clauses"]:
@@ -172,7 +173,7 @@ def clauses(condition: dict[str, Any]) -> list[dict[str, Any]]:
         shown.append(
             {
                 "text": text,
-                "value": clause["value"] if "error" not in clause else None,
+                "value": None if clause.get("error") else bool(clause["value"]),
                 "seen": [(name, value) for name, value in seen.items() if _mentions(text, name)],
                 "missing": clause.get("missing", []),
                 "error": clause.get("error"),
