@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import DEPLOY_RULE
-from tests.uikit import TOKENS, Browserless, bearer, start_site
+from tests.uikit import TOKENS, Browserless, api_get, approve, post_facts, start_site
 
 
 @pytest.fixture
@@ -127,10 +127,7 @@ async def test_an_approval_from_the_page_is_recorded_as_the_api_records_it(
     _, text = await alice.page("/ui/projects/tower-a")
     assert "You approved tower-a/design-release." in text
     assert "Approvals 1 of 2" in text
-    async with site.session.get(
-        site.url + "/v1/audit?kind=approval", headers=bearer("root")
-    ) as answer:
-        entries = (await answer.json())["entries"]
+    entries = (await api_get(site, "/v1/audit?kind=approval"))["entries"]
     assert [(e["actor"], e["what"], e["reason"]) for e in entries] == [
         ("alice", "approve", "drawings checked")
     ]
@@ -144,10 +141,8 @@ async def test_a_post_without_the_csrf_token_is_refused(site: Any, alice: Browse
     assert (await alice.post("/ui/approve", form)).status == 403
     _, rule = await site.get("/v1/rules/tower-a/design-release")
     assert rule["error"]["status"] == 401  # sanity: the API wants a token
-    async with site.session.get(
-        site.url + "/v1/rules/tower-a/design-release", headers=bearer("root")
-    ) as answer:
-        assert (await answer.json())["explanation"]["approvals"]["approved_by"] == []
+    rule = await api_get(site, "/v1/rules/tower-a/design-release")
+    assert rule["explanation"]["approvals"]["approved_by"] == []
 
 
 async def test_a_reader_sees_no_buttons_and_a_forged_post_is_refused(site: Any, anon: Browserless):
@@ -164,10 +159,7 @@ async def test_a_reader_sees_no_buttons_and_a_forged_post_is_refused(site: Any, 
     ):
         response = await anon.post(path, {**form, "csrf": csrf})
         assert response.status == 403, path
-    async with site.session.get(
-        site.url + "/v1/rules/tower-a/design-release", headers=bearer("root")
-    ) as answer:
-        body = await answer.json()
+    body = await api_get(site, "/v1/rules/tower-a/design-release")
     assert body["paused"] is False
     assert body["explanation"]["approvals"]["approved_by"] == []
 
@@ -210,10 +202,8 @@ async def test_an_admin_pauses_and_resumes_from_the_page(site: Any, anon: Browse
     assert 'value="resume"' in text
     assert (await anon.post("/ui/act", {**form, "reason": " "})).status == 400
     assert (await anon.post("/ui/act", {**form, "act": "resume"})).status == 303
-    async with site.session.get(
-        site.url + "/v1/audit?kind=admin_act", headers=bearer("root")
-    ) as answer:
-        acts = [(e["what"], e["actor"]) for e in (await answer.json())["entries"]]
+    entries = (await api_get(site, "/v1/audit?kind=admin_act"))["entries"]
+    acts = [(e["what"], e["actor"]) for e in entries]
     assert acts == [("resume", "root"), ("pause", "root")]
 
 
@@ -249,20 +239,15 @@ async def test_an_expired_session_goes_back_to_the_login_form_without_acting(
     response = await alice.post("/ui/approve", form)
     assert response.status == 303
     assert response.headers["Location"] == "/ui/login?next=/ui/projects/tower-a"
-    async with site.session.get(
-        site.url + "/v1/rules/tower-a/design-release", headers=bearer("root")
-    ) as answer:
-        assert (await answer.json())["explanation"]["approvals"]["approved_by"] == []
+    rule = await api_get(site, "/v1/rules/tower-a/design-release")
+    assert rule["explanation"]["approvals"]["approved_by"] == []
 
 
 async def test_a_fact_value_with_markup_is_shown_as_text(site: Any, alice: Browserless):
     evil = "<script>alert(1)</script>"
     facts = {"facts": [{"project": "tower-a", "kind": "milestone", "id": "design",
                         "data": {"status": evil}}]}  # fmt: skip
-    async with site.session.post(
-        site.url + "/v1/facts", json=facts, headers=bearer("writer")
-    ) as response:
-        assert response.status == 200
+    await post_facts(site, facts)
     _, text = await alice.page("/ui/projects/tower-a")
     assert evil not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
@@ -285,10 +270,7 @@ async def test_live_needs_a_session(anon: Browserless):
 async def test_per_item_instances_are_paged_and_filtered(site: Any, alice: Browserless):
     facts = {"facts": [{"project": "tower-a", "kind": "punch", "id": f"p{i:03}",
                         "data": {"closed": i % 2 == 0}} for i in range(120)]}  # fmt: skip
-    async with site.session.post(
-        site.url + "/v1/facts", json=facts, headers=bearer("writer")
-    ) as response:
-        assert response.status == 200
+    await post_facts(site, facts)
     base = "/ui/projects/tower-a/rules/tower-a/punch-items"
     _, text = await alice.page(base)
     assert "item=p000" in text and "item=p049" in text and "item=p050" not in text
@@ -308,3 +290,83 @@ async def test_the_status_page_is_not_served_without_mounting(
     async with running.session.get(running.url + "/ui/", allow_redirects=False) as response:
         assert response.status == 404
         assert response.content_type == "application/json"
+
+
+async def test_a_dead_letter_shows_its_reason_and_an_admin_retries_it(
+    site: Any, receiver: Any, anon: Browserless
+):
+    receiver.path_responses["/bank"] = [500, 500, 500]  # max_attempts 3: then dead
+    await approve(site, "alice", "tower-a/design-release")
+    await approve(site, "bob", "tower-a/design-release")
+    for _ in range(100):
+        dead = (await api_get(site, "/v1/actions?status=dead"))["actions"]
+        if dead:
+            break
+        await asyncio.sleep(0.1)
+    [letter] = dead
+    await anon.sign_in("root")
+    _, text = await anon.page("/ui/projects/tower-a")
+    dead_part = text.split("<h2>Dead letters</h2>", 1)[1]
+    assert letter["action_id"] in dead_part and "HTTP 500" in dead_part
+    assert 'action="/ui/retry"' in dead_part
+    csrf = await anon.csrf("/ui/projects/tower-a")
+    form = {"csrf": csrf, "action_id": letter["action_id"], "reason": "bank is back",
+            "back": "/ui/projects/tower-a"}  # fmt: skip
+    response = await anon.post("/ui/retry", form)
+    assert response.status == 303
+    _, text = await anon.page("/ui/projects/tower-a")
+    assert f"You requeued {letter['action_id']}." in text
+    await receiver.wait_for(4)  # the fourth attempt is answered 200
+    entries = (await api_get(site, "/v1/audit?kind=admin_act"))["entries"]
+    assert [(e["what"], e["actor"], e["reason"]) for e in entries] == [
+        ("retry_action", "root", "bank is back")
+    ]
+
+
+async def test_an_approver_of_another_rule_list_sees_no_approve_buttons(anon: Browserless):
+    await anon.sign_in("root")  # admin: may pause, but is not among the approvers
+    _, text = await anon.page("/ui/projects/tower-a")
+    assert 'value="approve"' not in text and 'value="pause"' in text
+
+
+async def test_a_shadow_rule_says_so(
+    project_factory: Callable[..., Any], start_daemon: Callable[..., Any]
+):
+    project = project_factory()
+    project.write_rule("r.yaml", DEPLOY_RULE + "mode: shadow\n")
+    running = await start_daemon(project, ui=True)
+    async with running.session.get(running.url + "/ui/projects/tower-a") as response:
+        text = await response.text()
+    assert response.status == 200
+    assert '<span class="state s-mode">shadow</span>' in text
+
+
+async def test_without_tokens_the_page_is_read_only(
+    project_factory: Callable[..., Any], start_daemon: Callable[..., Any]
+):
+    project = project_factory()
+    project.write_rule("r.yaml", DEPLOY_RULE)
+    running = await start_daemon(project, ui=True)
+    async with running.session.get(running.url + "/ui/projects/tower-a") as response:
+        text = await response.text()
+    assert response.status == 200
+    assert "tower-a/deploy-docs" in text and 'method="post"' not in text
+    form = {"rule": "tower-a/deploy-docs", "act": "pause", "reason": "x", "csrf": ""}
+    async with running.session.post(running.url + "/ui/act", data=form) as response:
+        assert response.status == 403
+    _, rule = await running.get("/v1/rules/tower-a/deploy-docs")
+    assert rule["paused"] is False
+
+
+async def test_wrong_tokens_from_one_address_wait_in_turn(anon: Browserless):
+    csrf = await anon.csrf("/ui/login")
+    started = asyncio.get_running_loop().time()
+
+    async def guess(n: int) -> int:
+        form = {"csrf": csrf, "token": f"gk_guess{n}", "next": "/ui/"}
+        async with anon.session.post(anon.url + "/ui/login", data=form) as response:
+            return response.status
+
+    statuses = await asyncio.gather(*(guess(n) for n in range(3)))
+    assert statuses == [401, 401, 401]
+    assert asyncio.get_running_loop().time() - started >= 3.0  # one a second, not at once

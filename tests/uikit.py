@@ -104,6 +104,13 @@ async def approve(running: Any, subject: str, rule: str, decision: str = "approv
         assert response.status == 200, await response.text()
 
 
+async def api_get(running: Any, path: str, subject: str = "root") -> Any:
+    """``GET path`` from the API as ``subject`` (asserting 200): its JSON."""
+    async with running.session.get(running.url + path, headers=bearer(subject)) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 

@@ -50,6 +50,14 @@ class Session:
 
 
 @dataclass
+class _Failing:
+    """The failed sign-ins of one client address waiting their turn."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: int = 0
+
+
+@dataclass
 class SessionTable:
     """The sessions of one application, in memory, by session id. ``clock`` gives
     monotonic seconds (``time.monotonic``)."""
@@ -57,7 +65,7 @@ class SessionTable:
     ttl_s: float = SESSION_TTL_S
     clock: Callable[[], float] = time.monotonic
     sessions: dict[str, Session] = field(default_factory=dict)
-    _failing: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _failing: dict[str, _Failing] = field(default_factory=dict)
 
     def open(self, token_sha256: str) -> tuple[str, Session]:
         """A new session for the token with hash ``token_sha256``: its id and itself."""
@@ -96,11 +104,15 @@ class SessionTable:
     async def failed_login(self, client: str) -> None:
         """Wait ``FAILED_LOGIN_DELAY_S`` before a wrong token is answered, after the
         earlier failures of the same ``client`` address (without blocking the loop)."""
-        lock = self._failing.setdefault(client, asyncio.Lock())
-        async with lock:
-            await asyncio.sleep(FAILED_LOGIN_DELAY_S)
-        if not lock.locked():
-            self._failing.pop(client, None)
+        failing = self._failing.setdefault(client, _Failing())
+        failing.waiting += 1
+        try:
+            async with failing.lock:
+                await asyncio.sleep(FAILED_LOGIN_DELAY_S)
+        finally:
+            failing.waiting -= 1
+            if not failing.waiting:
+                del self._failing[client]
 
     def _drop_expired(self) -> None:
         now = self.clock()
