@@ -318,6 +318,10 @@ async def post_approvals(request: web.Request) -> web.Response:
         problems = shape_problems(m.ApprovalRequest, error.body, _APPROVAL_MESSAGES)
         raise ApiError(400, "the request body is not a valid approval", problems) from None
     token = principal(request)
+    if token is None:
+        raise ApiError(
+            403, "approvals need API tokens: the approver is the token's subject (see tokens)"
+        )
     daemon = daemon_of(request)
     request_id = request_id_of(request)
     rule, result = await record_approval(
@@ -334,7 +338,7 @@ async def post_approvals(request: web.Request) -> web.Response:
         seq=result.seqs[0],
         request_id=result.request_id or request_id,
         rule=rule.id,
-        approver=result_subject(token),
+        approver=token.subject,
         decision=body.decision,
         approvals=convert(view["explanation"]["approvals"], m.ApprovalStatus),
         item=body.item if body.item is not None else UNSET,
@@ -342,16 +346,9 @@ async def post_approvals(request: web.Request) -> web.Response:
     return respond(accepted, headers=headers)
 
 
-def result_subject(token: Token | None) -> str:
-    """The approver of a recorded approval: the token's subject (``record_approval``
-    refuses an approval without a token)."""
-    assert token is not None
-    return token.subject
-
-
 async def record_approval(
     daemon: Daemon,
-    token: Token | None,
+    token: Token,
     body: m.ApprovalRequest,
     request_id: str,
     idempotency: Callable[[], IdempotencyRecord | None] = lambda: None,
@@ -360,13 +357,9 @@ async def record_approval(
     rule or one instance of a per-item rule): the one path of ``POST /v1/approvals`` and
     the status page. ``idempotency`` gives the request's Idempotency-Key record (read
     after the rule is checked). Returns the rule and the committed result. Raises
-    ``ApiError``: 403 without a token, for a project the token may not act on or a subject
-    not among the rule's approvers; 404 no such rule or instance; 400 an item missing or
-    refused; 422 a key reused with another approval; 503 shutting down."""
-    if token is None:
-        raise ApiError(
-            403, "approvals need API tokens: the approver is the token's subject (see tokens)"
-        )
+    ``ApiError``: 403 for a project the token may not act on or a subject not among the
+    rule's approvers; 404 no such rule or instance; 400 an item missing or refused; 422 a
+    key reused with another approval; 503 shutting down."""
     rule = daemon.rule(body.rule)
     if rule is None:
         raise ApiError(404, f"no rule {body.rule!r} in the active ruleset")
