@@ -47,6 +47,7 @@ from _common import (
 from bench_ingest import (
     HOST,
     Server,
+    cpu_seconds,
     daemon_env,
     percentile,
     run_aiohttp_load,
@@ -191,26 +192,42 @@ def run(args: argparse.Namespace) -> int:
             facts = fact_count(PLAIN_RULES)
             run_aiohttp_load(url, args.connections, 2.0, facts)  # warm up
             alone, polled, fetched = [], [], []
+            cpu_alone, cpu_polled = [], []
+
+            def load(rates: list[float], cpu: list[float]) -> None:
+                before = cpu_seconds(server.process.pid) or 0.0
+                result = run_aiohttp_load(url, args.connections, args.seconds, facts)
+                used = (cpu_seconds(server.process.pid) or 0.0) - before
+                rates.append(result.rps)
+                cpu.append(used / max(1, result.requests) * 1e6)
+
             for _ in range(args.runs):
-                alone.append(run_aiohttp_load(url, args.connections, args.seconds, facts).rps)
+                load(alone, cpu_alone)
                 command = [sys.executable, str(Path(__file__).resolve()), "--poll", base]
                 command += ["--pollers", str(args.pollers), "--seconds", str(args.seconds + 1)]
                 pollers = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
                 time.sleep(0.5)
-                polled.append(run_aiohttp_load(url, args.connections, args.seconds, facts).rps)
+                load(polled, cpu_polled)
                 out, _ = pollers.communicate(timeout=120)
                 fetched.append(json.loads(out.strip().splitlines()[-1]))
-            print("\n-- ingest, facts/s (one fact per request)")
+            print("\n-- ingest (one fact per request): facts/s, and the daemon's CPU per fact")
             rows = [
-                ["alone (baseline)", fmt(median(alone)), spread(alone)],
-                [f"with {args.pollers} pollers", fmt(median(polled)), spread(polled)],
+                ["alone (baseline)", fmt(median(alone)), spread(alone), fmt(median(cpu_alone))],
+                [
+                    f"with {args.pollers} pollers",
+                    fmt(median(polled)),
+                    spread(polled),
+                    fmt(median(cpu_polled)),
+                ],
             ]
-            print(table(["run", "median", "min..max"], rows))
+            print(table(["run", "facts/s", "min..max", "CPU µs/fact"], rows))
             pages = median([f["pages"] for f in fetched])
             stamps = median([f["stamps"] for f in fetched])
             print(f"   pollers fetched per run (median): {stamps:g} stamps, {pages:g} pages")
             slower = (1 - median(polled) / median(alone)) * 100
             targets.check("ingest slower with pollers, %", slower, "<=", 5)
+            dearer = (median(cpu_polled) / median(cpu_alone) - 1) * 100
+            print(f"   the daemon's CPU per fact with the pollers: {dearer:+.1f} %")
         finally:
             server.stop()
             if args.keep:

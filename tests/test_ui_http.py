@@ -104,6 +104,8 @@ async def test_the_project_page_shows_the_gate_waiting_for_approvals(alice: Brow
     assert status == 200
     assert "tower-a/design-release" in text
     assert "waiting for approvals" in text
+    assert ">1 armed</a>" in text and ">1 waiting for approvals</a>" in text  # the counts
+    assert ">1 per item</a>" in text
     assert "Approvals 0 of 2" in text
     assert 'value="approve"' in text  # alice is an approver
     assert 'name="act"' not in text  # not an admin
@@ -200,6 +202,7 @@ async def test_an_admin_pauses_and_resumes_from_the_page(site: Any, anon: Browse
     _, text = await anon.page("/ui/projects/tower-a")
     assert "You paused tower-a/design-release." in text
     assert 'value="resume"' in text
+    assert ">1 paused</a>" in text and ">1 armed</a>" in text
     assert (await anon.post("/ui/act", {**form, "reason": " "})).status == 400
     assert (await anon.post("/ui/act", {**form, "act": "resume"})).status == 303
     entries = (await api_get(site, "/v1/audit?kind=admin_act"))["entries"]

@@ -559,6 +559,11 @@ class Daemon:
         """A page of the rule's instances with their states (``views.instances_view``)."""
         return views.instances_view(self.writer, rule, after=after, limit=limit)
 
+    def rule_status(self, rule: Rule) -> str | None:
+        """Where a rule without ``for_each`` stands, in a word (``views.rule_status``; None
+        for a per-item rule)."""
+        return views.rule_status(self.writer, rule)
+
     def gate_timing(self, rule: Rule, item: str = "") -> dict[str, Any]:
         """When time alone next changes the rule's condition (instance ``item``) and when
         its standing approvals lapse (``views.gate_timing``)."""

@@ -198,6 +198,15 @@ async def recent_decisions(writer: Writer, project: str, limit: int) -> list[dic
     return recent.latest(project, limit)
 
 
+def rule_status(writer: Writer, rule: Rule) -> str | None:
+    """``instance_status`` of a rule without ``for_each`` (None for a per-item rule), read
+    straight from the writer's states: what ``rule_view`` says as ``state``, without the
+    rest of the view."""
+    if rule.for_each is not None:
+        return None
+    return instance_status(rule, writer.states.get((rule.id, "")) or RuleState(rule.id))
+
+
 def instance_states(writer: Writer, rule: Rule) -> list[RuleState]:
     """The states of the current instances of ``rule`` the writer holds (one lookup per
     fact of its ``for_each`` kind, not a pass over every rule's states)."""

@@ -121,12 +121,12 @@ def summary_state(daemon: Daemon, rule: Rule) -> str:
     """``gate_state`` of ``rule`` at the least cost: a per-item rule is ``per item`` (its
     instances are not counted), and only a rule with approvals whose gate is closed is
     explained (to tell ``waiting for approvals`` from ``armed``)."""
-    if rule.for_each is not None:
+    status = daemon.rule_status(rule)
+    if status is None:
         return "per item"
-    view = daemon.rule_view(rule, explain=False)
-    if rule.approvals is not None and view.get("state") in ("armed", "new"):
-        view = daemon.rule_view(rule, explain=True)
-    return gate_state(view)
+    if rule.approvals is not None and status in ("armed", "new"):
+        return gate_state(daemon.rule_view(rule, explain=True))
+    return status
 
 
 def mode_label(mode: str) -> str | None:
