@@ -148,20 +148,36 @@ async def serve_page(
 ) -> web.Response:
     """Page ``name`` with the context ``build`` makes, from the page cache when it may be
     served (``cache``): rendered once per viewer's token and ``FRESH_S`` while the state
-    changes, with each session's CSRF token put in as it is served. A page with a notice
-    to show is rendered afresh (and not kept)."""
+    changes (requests arriving while it renders wait for that render), with each session's
+    CSRF token put in as it is served. A page with a notice to show is rendered afresh
+    (and not kept)."""
     cache = request.app[CACHE_KEY]
     stamp = daemon_of(request).change_stamp()
     key = (request.path_qs, viewer.token.sha256 if viewer.token else "")
-    keep = session is None or session.notice is None
-    text = cache.get(key, stamp) if keep else None
-    if text is None:
-        context = {**await build(), "stamp": stamp}
-        general = replace(viewer, csrf=cache.placeholder)
-        text = render_text(request, name, context, general, session)
-        if keep:
-            cache.put(key, stamp, text)
-    return html_response(text.replace(cache.placeholder, viewer.csrf))
+    body = None
+    if session is None or session.notice is None:
+        body = await cache.get_or_render(
+            key, stamp, lambda: render_page(request, name, viewer, session, build, stamp)
+        )
+    else:
+        body = await render_page(request, name, viewer, session, build, stamp)
+    body = body.replace(cache.placeholder.encode(), viewer.csrf.encode())
+    return web.Response(body=body, content_type="text/html", charset="utf-8", headers=HTML_HEADERS)
+
+
+async def render_page(
+    request: web.Request,
+    name: str,
+    viewer: Viewer,
+    session: Session | None,
+    build: Callable[[], Awaitable[dict[str, Any]]],
+    stamp: int,
+) -> bytes:
+    """Page ``name`` rendered for ``viewer`` at change stamp ``stamp``, as UTF-8, with the
+    cache's placeholder where the CSRF token goes."""
+    context = {**await build(), "stamp": stamp}
+    general = replace(viewer, csrf=request.app[CACHE_KEY].placeholder)
+    return render_text(request, name, context, general, session).encode()
 
 
 def error_page(

@@ -2,7 +2,7 @@
 // reads fine without it). Polls /ui/live twice a second; when its stamp changes, fetches
 // the page again and swaps in its #live part, unless a form in it is being filled in.
 // The part says which stamp it shows (data-stamp): a page served a moment late (the server
-// keeps rendered pages for a second) is fetched again at the next poll.
+// keeps rendered pages half a second) is fetched again, at most once a second.
 (function () {
   "use strict";
   function localTimes(root) {
@@ -31,7 +31,7 @@
     if (active && live.contains(active) && active.matches("input, select, textarea")) { return true; }
     return Array.prototype.some.call(live.querySelectorAll("input[type=text]"), function (i) { return i.value; });
   }
-  var live = document.getElementById("live"), fetching = false;
+  var live = document.getElementById("live"), fetching = false, fetchedAt = 0;
   localTimes(document); countdowns();
   setInterval(countdowns, 1000);
   if (!live || !live.dataset.live || !window.fetch) { return; }
@@ -43,6 +43,8 @@
       return r.json();
     }).then(function (body) {
       if (String(body.stamp) === live.dataset.stamp || busy(live)) { return; }
+      if (Date.now() - fetchedAt < 1000) { return; }  // the page at most once a second
+      fetchedAt = Date.now();
       return fetch(location.href, {credentials: "same-origin", cache: "no-store"}).then(function (r) {
         return r.text();
       }).then(function (html) {
