@@ -19,7 +19,11 @@ none firing) and 10 per-item rules over the same 10,000 ``punch`` items (100,000
   process doing what the page's script does: ``GET /ui/live`` twice a second and, when its
   stamp is not the one the page shows, ``GET /ui/projects/bench`` again (at most once a
   second) (target: at most 5 % fewer facts/s).
-  The runs alternate; each figure is the median of ``--runs`` runs.
+  The runs alternate; each figure is the median of ``--runs`` runs. On a busy machine the
+  facts/s of two runs differ by more than 5 % whatever runs beside them, so it also
+  measures what the pollers cost the daemon directly: its CPU per second while 10 facts a
+  second trickle in (the page changes all the time), with and without the pollers, set
+  against the CPU per second of ingest alone.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from bench_ingest import (
     Server,
     cpu_seconds,
     daemon_env,
+    fact_body,
     percentile,
     run_aiohttp_load,
     start_process,
@@ -161,6 +166,33 @@ async def poll(base: str, pollers: int, seconds: float) -> dict[str, int]:
     return counts
 
 
+def trickle_cpu(server: Server, base: str, seconds: float, pollers: int) -> float:
+    """The daemon's CPU seconds per second while 10 facts a second are posted (so the page
+    keeps changing) and ``pollers`` pollers follow the page."""
+    process = None
+    if pollers:
+        command = [sys.executable, str(Path(__file__).resolve()), "--poll", base]
+        command += ["--pollers", str(pollers), "--seconds", str(seconds + 1)]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        time.sleep(0.5)
+    before = cpu_seconds(server.process.pid) or 0.0
+    started = time.monotonic()
+    n = 0
+    while time.monotonic() - started < seconds:
+        n += 1
+        body = json.dumps(fact_body(n, fact_count(PLAIN_RULES))).encode()
+        request = urllib.request.Request(
+            base + "/v1/facts", body, {"Content-Type": "application/json"}
+        )
+        urllib.request.urlopen(request, timeout=60).read()
+        time.sleep(max(0.0, started + n * 0.1 - time.monotonic()))
+    used = (cpu_seconds(server.process.pid) or 0.0) - before
+    elapsed = time.monotonic() - started
+    if process is not None:
+        process.wait(timeout=120)
+    return used / elapsed
+
+
 def run(args: argparse.Namespace) -> int:
     print(machine_header("bench_ui: the status page under load"))
     print(
@@ -231,6 +263,19 @@ def run(args: argparse.Namespace) -> int:
             targets.check("ingest slower with pollers, %", slower, "<=", 5)
             dearer = (median(cpu_polled) / median(cpu_alone) - 1) * 100
             print(f"   the daemon's CPU per fact with the pollers: {dearer:+.1f} %")
+            quiet, busy = [], []
+            for _ in range(args.runs):
+                quiet.append(trickle_cpu(server, base, args.seconds, 0))
+                busy.append(trickle_cpu(server, base, args.seconds, args.pollers))
+            cost_ms = (median(busy) - median(quiet)) * 1000
+            ingest_ms = median(alone) * median(cpu_alone) / 1000
+            print(
+                f"\n-- what the pollers cost the daemon, facts trickling in (10 a second: the "
+                f"page changes all the time)\n   daemon CPU {fmt(median(quiet) * 1000)} ms/s "
+                f"without pollers, {fmt(median(busy) * 1000)} ms/s with {args.pollers}: "
+                f"{fmt(cost_ms)} ms/s, {cost_ms / ingest_ms * 100:.1f} % of the CPU of "
+                f"ingest alone ({fmt(ingest_ms)} ms/s)"
+            )
         finally:
             server.stop()
             if args.keep:
