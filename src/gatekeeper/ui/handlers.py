@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from importlib import resources
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import quote
 
 import jinja2
@@ -28,7 +28,13 @@ from gatekeeper.config import Token
 from gatekeeper.http.app import QUERY_KEY, SCOPES_KEY
 from gatekeeper.http.auth import authenticate
 from gatekeeper.http.context import daemon_of
-from gatekeeper.http.handlers import act_on_rule, record_approval, retry_dead_letter
+from gatekeeper.http.handlers import (
+    APPROVAL_DECISIONS,
+    AdminActName,
+    act_on_rule,
+    record_approval,
+    retry_dead_letter,
+)
 from gatekeeper.http.models import MAX_COMMENT_CHARS, ApprovalRequest
 from gatekeeper.http.wire import ApiError, request_id_of
 from gatekeeper.ui import pages
@@ -64,8 +70,7 @@ HTML_HEADERS = {
 }
 MAX_FIELD_CHARS = 256
 """The longest rule id, item id, action id or act name a form may send."""
-ACTS = ("pause", "resume", "rearm")
-DECISIONS = ("approve", "reject", "withdraw")
+ACTS: tuple[str, ...] = get_args(AdminActName)
 
 
 def templates() -> jinja2.Environment:
@@ -218,12 +223,27 @@ async def get_root(request: web.Request) -> web.StreamResponse:
     raise web.HTTPFound("/ui/")
 
 
-async def get_index(request: web.Request) -> web.StreamResponse:
+def reading(
+    handler: Callable[[web.Request, Viewer, Session | None], Awaitable[web.StreamResponse]],
+) -> Handler:
+    """A page handler: it gets the viewer and their session (``viewer_of``); a request
+    without a live session is sent to the login form, coming back after."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        found = viewer_of(request)
+        if found is None:
+            return to_login(request)
+        return await handler(request, *found)
+
+    handle.__doc__ = handler.__doc__
+    return handle
+
+
+@reading
+async def get_index(
+    request: web.Request, viewer: Viewer, session: Session | None
+) -> web.StreamResponse:
     """``/ui/``: the projects the viewer may see, with their gates' states."""
-    found = viewer_of(request)
-    if found is None:
-        return to_login(request)
-    viewer, session = found
     daemon = daemon_of(request)
 
     async def build() -> dict[str, Any]:
@@ -232,12 +252,11 @@ async def get_index(request: web.Request) -> web.StreamResponse:
     return await serve_page(request, "index.html", viewer, session, build)
 
 
-async def get_project(request: web.Request) -> web.StreamResponse:
+@reading
+async def get_project(
+    request: web.Request, viewer: Viewer, session: Session | None
+) -> web.StreamResponse:
     """``/ui/projects/{project}``: the project's gates, escrows, decisions, deliveries."""
-    found = viewer_of(request)
-    if found is None:
-        return to_login(request)
-    viewer, session = found
     project = request.match_info["project"]
     daemon = daemon_of(request)
     if not viewer.sees(project) or not any(r.project == project for r in daemon.rules()):
@@ -258,13 +277,12 @@ async def get_project(request: web.Request) -> web.StreamResponse:
     return await serve_page(request, "project.html", viewer, session, build)
 
 
-async def get_rule(request: web.Request) -> web.StreamResponse:
+@reading
+async def get_rule(
+    request: web.Request, viewer: Viewer, session: Session | None
+) -> web.StreamResponse:
     """``/ui/projects/{project}/rules/{rule_id}[?item=&state=&q=&after=]``: one gate (one
     instance of a per-item rule), its history, a page of its instances."""
-    found = viewer_of(request)
-    if found is None:
-        return to_login(request)
-    viewer, session = found
     daemon = daemon_of(request)
     project, rule_id = request.match_info["project"], request.match_info["rule_id"]
     rule = daemon.rule(rule_id)
@@ -443,8 +461,8 @@ async def _approve(request: web.Request, form: MultiDictProxy[Any], token: Token
     """Approve, reject or withdraw on a rule (an instance), with a comment."""
     _require(token, "approve")
     decision = _field(form, "decision")
-    if decision not in DECISIONS:
-        raise ApiError(400, f"decision must be one of: {', '.join(DECISIONS)}")
+    if decision not in APPROVAL_DECISIONS:
+        raise ApiError(400, f"decision must be one of: {', '.join(APPROVAL_DECISIONS)}")
     comment = _field(form, "comment", MAX_COMMENT_CHARS).strip() or None
     body = ApprovalRequest(
         rule=_field(form, "rule"),
