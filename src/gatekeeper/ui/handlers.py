@@ -261,17 +261,9 @@ async def get_project(
     daemon = daemon_of(request)
     if not viewer.sees(project) or not any(r.project == project for r in daemon.rules()):
         return error_page(request, 404, f"There is no project {project[:80]!r}.", viewer, session)
-    query = request.query
 
     async def build() -> dict[str, Any]:
-        context = await pages.project_page(
-            daemon,
-            viewer,
-            project,
-            state=query.get("state") or None,
-            search=query.get("q") or None,
-            after=query.get("after") or None,
-        )
+        context = await pages.project_page(daemon, viewer, project, chosen(request))
         return {**context, **filters_of(request), "live": project}
 
     return await serve_page(request, "project.html", viewer, session, build)
@@ -289,8 +281,7 @@ async def get_rule(
     if rule is None or rule.project != project or not viewer.sees(project):
         message = f"There is no rule {rule_id[:120]!r} in project {project[:80]!r}."
         return error_page(request, 404, message, viewer, session)
-    query = request.query
-    item = (query.get("item") or None) if rule.for_each is not None else None
+    item = (request.query.get("item") or None) if rule.for_each is not None else None
     try:
         if item is not None:
             daemon.rule_view(rule, explain=False, item=item)  # KeyError: no such instance
@@ -299,18 +290,19 @@ async def get_rule(
         return error_page(request, 404, message, viewer, session)
 
     async def build() -> dict[str, Any]:
-        context = await pages.rule_page(
-            daemon,
-            viewer,
-            rule,
-            item,
-            state=query.get("state") or None,
-            search=query.get("q") or None,
-            after=query.get("after") or None,
-        )
+        context = await pages.rule_page(daemon, viewer, rule, item, chosen(request))
         return {**context, **filters_of(request), "project": project, "rule": rule, "live": project}
 
     return await serve_page(request, "rule.html", viewer, session, build)
+
+
+def chosen(request: web.Request) -> pages.Filters:
+    """The filters and the page of a list the request's query chooses (``state``, ``q``,
+    ``after``; empty ones are none)."""
+    query = request.query
+    return pages.Filters(
+        query.get("state") or None, query.get("q") or None, query.get("after") or None
+    )
 
 
 def filters_of(request: web.Request) -> dict[str, Any]:

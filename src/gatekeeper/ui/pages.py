@@ -41,6 +41,20 @@ sign-off)."""
 
 
 @dataclass(frozen=True)
+class Filters:
+    """What a list shows: items whose state is ``state`` and whose id contains
+    ``search``, the page after id ``after`` (None: no filter, the first page)."""
+
+    state: str | None = None
+    search: str | None = None
+    after: str | None = None
+
+    def keeps(self, state: str, key: str) -> bool:
+        """Whether an item in ``state`` with id ``key`` passes the filters."""
+        return (not self.state or state == self.state) and (not self.search or self.search in key)
+
+
+@dataclass(frozen=True)
 class Viewer:
     """Who looks at a page: their token (None when the daemon has no tokens: the page is
     read-only then) and the CSRF token their forms carry."""
@@ -268,30 +282,20 @@ def bar(escrow: dict[str, Any]) -> list[tuple[str, float]]:
 
 
 async def project_page(
-    daemon: Daemon,
-    viewer: Viewer,
-    project: str,
-    *,
-    state: str | None = None,
-    search: str | None = None,
-    after: str | None = None,
+    daemon: Daemon, viewer: Viewer, project: str, filters: Filters = Filters()
 ) -> dict[str, Any]:
-    """The project page: how many gates stand in each state; a page of its gates
-    (``GATES_PAGE``, in ruleset order after rule id ``after``) whose state is ``state``
-    and whose id contains ``search``; the escrows its rules release from; recent decisions,
+    """The project page: how many gates stand in each state; a page of its gates that pass
+    ``filters`` (``GATES_PAGE``, in ruleset order after rule id ``filters.after``); the
+    escrows its rules release from; recent decisions,
     recent deliveries and dead letters with their reason."""
     rules = [rule for rule in daemon.rules() if rule.project == project]
     states = [(rule, summary_state(daemon, rule)) for rule in rules]
     counts: dict[str, int] = {}
     for _, found in states:
         counts[found] = counts.get(found, 0) + 1
-    chosen = [
-        rule
-        for rule, found in states
-        if (not state or found == state) and (not search or search in rule.id)
-    ]
+    chosen = [rule for rule, found in states if filters.keeps(found, rule.id)]
     ids = [rule.id for rule in chosen]
-    start = ids.index(after) + 1 if after in ids else 0
+    start = ids.index(filters.after) + 1 if filters.after in ids else 0
     shown = chosen[start : start + GATES_PAGE]
     more = start + GATES_PAGE < len(chosen)
     names = {a.escrow for rule in rules for a in rule.actions if isinstance(a, ReleaseAction)}
@@ -314,18 +318,11 @@ async def project_page(
 
 
 async def rule_page(
-    daemon: Daemon,
-    viewer: Viewer,
-    rule: Rule,
-    item: str | None,
-    *,
-    state: str | None = None,
-    search: str | None = None,
-    after: str | None = None,
+    daemon: Daemon, viewer: Viewer, rule: Rule, item: str | None, filters: Filters = Filters()
 ) -> dict[str, Any]:
     """A rule's page (of instance ``item``): its gate, its recent decisions, and for a
-    per-item rule shown without an item a page of its instances (``INSTANCES_PAGE`` after
-    item id ``after``) whose state is ``state`` and whose item id contains ``search``.
+    per-item rule shown without an item a page of its instances that pass ``filters``
+    (``INSTANCES_PAGE`` after item id ``filters.after``).
     ``KeyError`` for an item the rule has no instance of."""
     shown = gate(daemon, rule, viewer, item)
     decisions = await daemon.audit(
@@ -339,22 +336,21 @@ async def rule_page(
     )
     page: dict[str, Any] = {"gate": shown, "history": [e.to_json() for e in decisions]}
     if rule.for_each is not None and item is None:
-        page["instances"], page["next_after"] = instances(daemon, rule, state, search, after)
+        page["instances"], page["next_after"] = instances(daemon, rule, filters)
     return page
 
 
 def instances(
-    daemon: Daemon, rule: Rule, state: str | None, search: str | None, after: str | None
+    daemon: Daemon, rule: Rule, filters: Filters
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """A page of the instances of per-item rule ``rule`` (by item id, after ``after``),
-    filtered by ``state`` and by ``search`` (a part of the item id); and the item id to
-    continue after (None on the last page)."""
+    """A page of the instances of per-item rule ``rule`` that pass ``filters`` (by item id,
+    after ``filters.after``), and the item id to continue after (None on the last page)."""
     found: list[dict[str, Any]] = []
-    cursor = after
+    cursor = filters.after
     while True:
         chunk = daemon.rule_instances(rule, after=cursor, limit=1000)
         for row in chunk["instances"]:
-            if (state and row["state"] != state) or (search and search not in row["item"]):
+            if not filters.keeps(row["state"], row["item"]):
                 continue
             found.append(row)
             if len(found) == INSTANCES_PAGE:
