@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import DEPLOY_RULE
-from tests.uikit import TOKENS, Browserless, api_get, approve, post_facts, start_site
+from tests.uikit import CSRF, TOKENS, Browserless, api_get, approve, post_facts, start_site
 
 
 @pytest.fixture
@@ -373,3 +373,44 @@ async def test_wrong_tokens_from_one_address_wait_in_turn(anon: Browserless):
     statuses = await asyncio.gather(*(guess(n) for n in range(3)))
     assert statuses == [401, 401, 401]
     assert asyncio.get_running_loop().time() - started >= 3.0  # one a second, not at once
+
+
+async def test_under_tls_gatekeeper_serve_sets_secure_cookies(
+    project_factory: Callable[..., Any], tmp_path: Any
+):
+    import ssl
+
+    from tests.test_abuse_http import _free_port, _project, _self_signed, _serve
+    from tests.uikit import token_entries
+
+    cert, key = _self_signed(tmp_path)
+    tls = {"cert_file": cert.name, "key_file": key.name}
+    project = _project(project_factory, tokens=token_entries(), tls=tls)
+    port = _free_port()
+    process = _serve(project, port)
+    trusted = ssl.create_default_context(cafile=str(cert))
+    base = f"https://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+            for _ in range(150):
+                try:
+                    async with session.get(base + "/ui/login", ssl=trusted) as response:
+                        login = response.headers.getall("Set-Cookie")
+                        csrf = CSRF.search(await response.text())
+                        break
+                except aiohttp.ClientConnectionError:
+                    assert process.poll() is None
+                    await asyncio.sleep(0.1)
+            assert csrf is not None
+            assert all("Secure" in c for c in login)
+            form = {"csrf": csrf.group(1), "token": TOKENS["reader"][0], "next": "/ui/"}
+            async with session.post(
+                base + "/ui/login", data=form, ssl=trusted, allow_redirects=False
+            ) as response:
+                assert response.status == 303
+                cookies = response.headers.getall("Set-Cookie")
+            signed_in = next(c for c in cookies if c.startswith("gk_session="))
+            assert "Secure" in signed_in and "HttpOnly" in signed_in
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
