@@ -106,6 +106,8 @@ async def test_the_project_page_shows_the_gate_waiting_for_approvals(alice: Brow
     assert "waiting for approvals" in text
     assert ">1 armed</a>" in text and ">1 waiting for approvals</a>" in text  # the counts
     assert ">1 per item</a>" in text
+    recent = text.split("<h2>Recent decisions</h2>", 1)[1].split("</table>", 1)[0]
+    assert recent.count("decision: awaiting_approvals") == 1  # once, seeded or kept
     assert "Approvals 0 of 2" in text
     assert 'value="approve"' in text  # alice is an approver
     assert 'name="act"' not in text  # not an admin

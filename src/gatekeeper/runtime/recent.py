@@ -46,15 +46,24 @@ class RecentDecisions:
                 }
             )
 
-    def seed(self, project: str, older: list[dict[str, Any]]) -> None:
-        """Put ``older`` decisions (oldest first, from the store) before those kept."""
-        kept = self._by_project.get(project, deque(maxlen=KEPT))
-        merged: deque[dict[str, Any]] = deque(older, maxlen=KEPT)
-        merged.extend(kept)
-        self._by_project[project] = merged
+    def seed(self, project: str, stored: list[dict[str, Any]]) -> None:
+        """Merge the project's latest ``stored`` decisions (oldest first, from the store:
+        those kept since the start are among them, being committed before they were kept)
+        with those kept, each once, in time order."""
+        seen = {_identity(entry) for entry in stored}
+        kept = self._by_project.get(project, ())
+        merged = stored + [entry for entry in kept if _identity(entry) not in seen]
+        merged.sort(key=lambda entry: str(entry["at"]))  # stable: same instant, same order
+        self._by_project[project] = deque(merged, maxlen=KEPT)
         self.seeded.add(project)
 
     def latest(self, project: str, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` latest decisions of ``project``, newest first."""
         kept = self._by_project.get(project, ())
         return list(reversed(list(kept)[-limit:]))
+
+
+def _identity(entry: dict[str, Any]) -> tuple[Any, ...]:
+    """What tells two kept decisions apart (a decision kept and read back from the store
+    compare equal)."""
+    return (entry["at"], entry["rule_id"], entry["instance"], entry["what"], entry["trigger"])
