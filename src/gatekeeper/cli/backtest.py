@@ -18,8 +18,9 @@ from ``$GATEKEEPER_TOKEN`` or the variable ``--token-env`` names;
 nothing is written anywhere). The firings are
 then compared with the recorded ones (``gatekeeper.engine.backtest``): firings added,
 firings gone, firings changed (outcome, actions: amounts, payees, escrows, targets,
-rendered messages and inputs), per rule instance, with what each escrow would release
-more or less. The config (``-c``, default ``./gatekeeper.yaml``) gives the escrows, the
+rendered messages and inputs), firings whose release is now blocked (and why) or no longer
+blocked, per rule instance, with what each escrow would release more or less (a blocked
+release releases nothing). The config (``-c``, default ``./gatekeeper.yaml``) gives the escrows, the
 alert target and the targets' formats: they are not part of the recorded history.
 
 ``--since``/``--until`` (RFC 3339) bound the window compared: the replay always starts at
@@ -70,8 +71,11 @@ line in the candidate; the workflow commands of ``gatekeeper check``).
 The JSON report: ``{"ruleset": {"dir", "version", "rules"}, "database", "window":
 {"since", "until"}, "events", "firings": {"recorded", "replayed"}, "added": [FIRING],
 "gone": [FIRING], "changed": [{"rule", "item", "at", "recorded_firing_id",
-"replayed_firing_id", "changes": [{"field", "old", "new"}]}], "rules": {NAME: {"added",
-"gone", "changed"}}, "escrows": [{"escrow", "currency", "recorded", "replayed",
+"replayed_firing_id", "changes": [{"field", "old", "new"}]}], "blocks": [{"rule", "item",
+"at", "recorded_firing_id", "replayed_firing_id", "change": "now_blocked" |
+"no_longer_blocked", "reason" (why the blocked side was blocked), "actions" (the fired
+side's)}], "rules": {NAME: {"added", "gone", "changed", "now_blocked",
+"no_longer_blocked"}}, "escrows": [{"escrow", "currency", "recorded", "replayed",
 "delta"}], "skipped": {"approval": N, "admin act": N, "return": N}, "fail_on", "fails"}``
 where
 FIRING is ``{"rule", "item", "firing_id", "at", "outcome", "reason", "actions": [{"kind",
@@ -101,7 +105,13 @@ from gatekeeper.cli.output import display_path, plural, workflow_command
 from gatekeeper.cli.plan import _print_load_problems, cli_config, describe_action, rule_path
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
 from gatekeeper.config import Config
-from gatekeeper.engine.backtest import BacktestDiff, FailOn, FiringRecord, SelfCheck
+from gatekeeper.engine.backtest import (
+    BacktestDiff,
+    BlockChange,
+    FailOn,
+    FiringRecord,
+    SelfCheck,
+)
 from gatekeeper.rules.loader import load_rules_dir
 from gatekeeper.rules.model import Ruleset
 
@@ -592,6 +602,7 @@ class Report:
             "added": [f.to_json() for f in diff.added],
             "gone": [f.to_json() for f in diff.gone],
             "changed": [c.to_json() for c in diff.changed],
+            "blocks": [b.to_json() for b in diff.blocks],
             "rules": diff.by_rule(),
             "escrows": [e.to_json() for e in diff.escrows],
             "skipped": dict(self.skipped),
@@ -627,6 +638,13 @@ class Report:
                 lines += [
                     f"      {c.field}: {_value(c.old)} -> {_value(c.new)}" for c in changed.changes
                 ]
+        for title, blocks in (
+            ("now blocked", diff.now_blocked),
+            ("no longer blocked", diff.no_longer_blocked),
+        ):
+            if blocks:
+                lines.append(f"firings {title} ({len(blocks)}):")
+                lines += [f"  ~ {_block(b)}" for b in blocks]
         if not diff.empty:
             lines.append("per rule:")
             for name, counts in diff.by_rule().items():
@@ -653,10 +671,7 @@ class Report:
         if diff.empty:
             text = "SUCCESS: no differences"
         else:
-            text = (
-                f"{'FAILED' if diff.trips(self.fail_on) else 'DIFFERENCES'}: "
-                f"{len(diff.added)} added, {len(diff.gone)} gone, {len(diff.changed)} changed"
-            )
+            text = f"{'FAILED' if diff.trips(self.fail_on) else 'DIFFERENCES'}: {diff.counts()}"
         return f"{text} (--fail-on {self.fail_on})"
 
     def github(self) -> list[str]:
@@ -672,6 +687,9 @@ class Report:
             what = "; ".join(f"{x.field}: {_value(x.old)} -> {_value(x.new)}" for x in c.changes)
             trips = self.fail_on == "any" or (self.fail_on == "release" and c.money)
             lines.append(self._line(trips, c.replayed, f"would change: {what}"))
+        for b in diff.blocks:
+            trips = self.fail_on == "any" or (self.fail_on == "release" and b.money)
+            lines.append(self._line(trips, b.replayed, f"at {b.recorded.at}: {_block_what(b)}"))
         for e in diff.escrows:
             if e.delta:
                 lines.append(
@@ -705,6 +723,17 @@ def _firing(f: FiringRecord) -> str:
     what = "; ".join(describe_action(a) for a in f.actions) or "no actions"
     text = f"{f.at} {f.firing_id} {f.outcome}: {what}"
     return text + (f" ({f.reason})" if f.reason else "")
+
+
+def _block(b: BlockChange) -> str:
+    """A ``BlockChange`` on one line: when, the firing id, what changed and the actions of
+    the side that fired."""
+    return f"{b.recorded.at} {b.replayed.firing_id}: {_block_what(b)}"
+
+
+def _block_what(b: BlockChange) -> str:
+    what = "; ".join(describe_action(a) for a in b.fired.actions) or "no actions"
+    return f"{b.what} (" + ("was: " if b.now_blocked else "would now: ") + f"{what})"
 
 
 def _value(value: Any) -> str:
