@@ -96,10 +96,10 @@ import json
 import os
 import sys
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from gatekeeper.cli.output import display_path, plural, workflow_command
 from gatekeeper.cli.plan import _print_load_problems, cli_config, describe_action, rule_path
@@ -334,7 +334,12 @@ class ApiHistory:
     """The Store reads a history is read with (``store.history.HistoryReads``), through a
     daemon's HTTP API. Each page of decisions brings the actions they queued and their
     fact log positions, kept for ``actions_of_decisions`` and ``fact_log_positions``;
-    the admin acts and ruleset versions come whole at the first call."""
+    the admin acts and ruleset versions come whole at the first call.
+
+    Each answer is decoded with the wire model the daemon encodes it with
+    (``gatekeeper.http.models``: closed objects, so an answer that does not fit raises
+    ``msgspec.ValidationError``, a ``ValueError``), then turned back into the store record
+    the daemon encoded (``wire_record``): each shape is written once."""
 
     def __init__(self, url: str, token: str | None) -> None:
         self.url = url
@@ -343,28 +348,24 @@ class ApiHistory:
         self._positions: dict[int, int] = {}
         self._movements: list[LedgerMovement] | None = None
 
-    def _get(self, path: str) -> Any:
+    def _get(self, path: str, model: type[W]) -> W:
         from gatekeeper.cli.client import call
 
-        return call(self.url + path, token=self.token)
+        return wire(call(self.url + path, token=self.token), model)
+
+    def _pages(self, path: str, key: str, model: type[W]) -> list[W]:
+        """Every page of the listing at ``path`` (``call_pages``), its ``key`` rows as
+        ``model``."""
+        from gatekeeper.cli.client import call_pages
+
+        return wire(call_pages(self.url + path, key, self.token)[key], list[model])  # type: ignore[valid-type]
 
     async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[LoggedFact]:
+        from gatekeeper.http.models import HistoryFacts
         from gatekeeper.store.records import LoggedFact
 
-        page = self._get(f"/v1/history/facts?after={after_seq}&limit={min(limit, 1000)}")
-        return [
-            LoggedFact(
-                f["seq"],
-                f["project"],
-                f["kind"],
-                f["id"],
-                f["data"],
-                parse_rfc3339(f["received_at"]),
-                f["request_id"],
-                f.get("caused_by"),
-            )
-            for f in page["facts"]
-        ]
+        path = f"/v1/history/facts?after={after_seq}&limit={min(limit, 1000)}"
+        return [wire_record(f, LoggedFact) for f in self._get(path, HistoryFacts).facts]
 
     async def decision_log(
         self,
@@ -374,36 +375,17 @@ class ApiHistory:
         evaluations: bool = True,
         quiet: bool = True,
     ) -> list[StoredDecision]:
-        from gatekeeper.store.records import StoredDecision
+        from gatekeeper.http.models import HistoryDecisions
+        from gatekeeper.store.records import OutboxEntry, StoredDecision
 
         every = "true" if quiet else "false"
         page = self._get(
-            f"/v1/history/decisions?after={after_id}&limit={min(limit, 1000)}&every={every}"
+            f"/v1/history/decisions?after={after_id}&limit={min(limit, 1000)}&every={every}",
+            HistoryDecisions,
         )
-        self._actions = [_outbox_entry(a) for a in page["actions"]]
-        self._positions.update({int(k): int(v) for k, v in page["positions"].items()})
-        return [
-            StoredDecision(
-                id=d["id"],
-                decided_at=parse_rfc3339(d["decided_at"]),
-                rule_id=d["rule_id"],
-                rule_hash=d["rule_hash"],
-                ruleset_version=d["ruleset_version"],
-                git_commit=d["git_commit"],
-                trigger=d["trigger"],
-                fact_seq=d["fact_seq"],
-                outcome=d["outcome"],
-                gate_open=d["gate_open"],
-                evaluation={},
-                approvals=d["approvals"],
-                firing_id=d["firing_id"],
-                request_id=d["request_id"],
-                reason=d["reason"],
-                instance=d.get("instance", ""),
-                mode=d.get("mode", "live"),
-            )
-            for d in page["decisions"]
-        ]
+        self._actions = [wire_record(a, OutboxEntry) for a in page.actions]
+        self._positions.update({int(k): v for k, v in page.positions.items()})
+        return [wire_record(d, StoredDecision, evaluation={}) for d in page.decisions]
 
     async def actions_of_decisions(self, first_id: int, last_id: int) -> list[OutboxEntry]:
         return [
@@ -416,65 +398,30 @@ class ApiHistory:
         return {i: self._positions[i] for i in decision_ids if i in self._positions}
 
     async def audit(self, query: AuditQuery) -> list[AuditEntry]:
-        from gatekeeper.cli.client import call_pages
+        from gatekeeper.http import models
         from gatekeeper.store.records import AuditEntry
 
         if query.after is not None:
             return []  # the first call brought every page
-        kinds = ",".join(query.kinds)
-        answer = call_pages(f"{self.url}/v1/audit?kind={kinds}&limit=1000", "entries", self.token)
-        return [
-            AuditEntry(
-                e["kind"],
-                e["id"],
-                parse_rfc3339(e["at"]),
-                e["rule_id"],
-                e["project"],
-                e["what"],
-                e["actor"],
-                e["reason"],
-                e["firing_id"],
-                e["fact_seq"],
-                e["request_id"],
-                e["trigger"],
-                e.get("instance", ""),
-                e.get("instances"),
-                e.get("rule_hash"),
-            )
-            for e in answer["entries"]
-        ]
+        path = f"/v1/audit?kind={','.join(query.kinds)}&limit=1000"
+        return [wire_record(e, AuditEntry) for e in self._pages(path, "entries", models.AuditEntry)]
 
     async def list_rulesets(
         self, limit: int = 100, *, after: RulesetCursor | None = None
     ) -> list[RulesetSummary]:
-        from gatekeeper.cli.client import call_pages
+        from gatekeeper.http.models import RulesetVersion
         from gatekeeper.store.records import RulesetSummary
 
         if after is not None:
             return []  # the first call brought every page
-        answer = call_pages(f"{self.url}/v1/rulesets?limit=1000", "rulesets", self.token)
-        return [
-            RulesetSummary(
-                r["version"],
-                r["git_commit"],
-                parse_rfc3339(r["first_activated_at"]),
-                parse_rfc3339(r["last_activated_at"]),
-                r["files"],
-            )
-            for r in answer["rulesets"]
-        ]
+        found = self._pages("/v1/rulesets?limit=1000", "rulesets", RulesetVersion)
+        return [wire_record(r, RulesetSummary) for r in found]
 
     async def get_ruleset(self, version: str) -> StoredRuleset | None:
+        from gatekeeper.http.models import RulesetText
         from gatekeeper.store.records import StoredRuleset
 
-        r = self._get(f"/v1/rulesets/{version}")
-        return StoredRuleset(
-            r["version"],
-            r["files"],
-            r["git_commit"],
-            parse_rfc3339(r["first_activated_at"]),
-            parse_rfc3339(r["last_activated_at"]),
-        )
+        return wire_record(self._get(f"/v1/rulesets/{version}", RulesetText), StoredRuleset)
 
     async def release_record(self, release_id: str) -> ReleaseRecord | None:
         raise ReadError("the self-check reads the database itself")
@@ -490,32 +437,16 @@ class ApiHistory:
     ) -> list[LedgerMovement]:
         """Every escrow's movements (``GET /v1/escrows``, then each one's
         ``/entries``), read whole at the first call, in movement id order."""
-        from gatekeeper.cli.client import call_pages
+        from gatekeeper.http import models
         from gatekeeper.store.records import LedgerMovement
 
         if self._movements is None:
-            escrows = self._get("/v1/escrows")["escrows"]
             found: list[LedgerMovement] = []
-            for row in escrows:
-                name = urllib.parse.quote(row["escrow"], safe="")
-                answer = call_pages(
-                    f"{self.url}/v1/escrows/{name}/entries?limit=1000", "entries", self.token
-                )
-                found += [
-                    LedgerMovement(
-                        e["id"],
-                        e["release_id"],
-                        e["escrow"],
-                        e["movement"],
-                        e["amount"],
-                        e["currency"],
-                        parse_rfc3339(e["at"]),
-                        e.get("actor"),
-                        e.get("reference"),
-                        e.get("reason"),
-                    )
-                    for e in answer["entries"]
-                ]
+            for row in self._get("/v1/escrows", models.EscrowList).escrows:
+                name = urllib.parse.quote(row.escrow, safe="")
+                path = f"/v1/escrows/{name}/entries?limit=1000"
+                entries = self._pages(path, "entries", models.LedgerMovement)
+                found += [wire_record(e, LedgerMovement) for e in entries]
             self._movements = sorted(found, key=lambda m: m.id)
         return [
             m
@@ -526,33 +457,29 @@ class ApiHistory:
         ][:limit]
 
 
-def _outbox_entry(a: Mapping[str, Any]) -> OutboxEntry:
-    """An outbox entry from its API JSON (``GET /v1/actions``'s shape)."""
-    from gatekeeper.store.records import OutboxEntry
+W = TypeVar("W")
+R = TypeVar("R")
 
-    def time(name: str) -> datetime | None:
-        value = a.get(name)
-        return None if value is None else parse_rfc3339(value)
 
-    return OutboxEntry(
-        action_id=a["action_id"],
-        rule_id=a["rule_id"],
-        firing_id=a["firing_id"],
-        kind=a["kind"],
-        target=a["target"],
-        payload=a["payload"],
-        status=a["status"],
-        attempts=a["attempts"],
-        created_at=parse_rfc3339(a["created_at"]),
-        next_attempt_at=parse_rfc3339(a["next_attempt_at"]),
-        last_error=a["last_error"],
-        delivered_at=time("delivered_at"),
-        decision_id=a["decision_id"],
-        requeued_at=time("requeued_at"),
-        dead_reason=a.get("dead_reason"),
-        dead_status=a.get("dead_status"),
-        instance=a.get("instance", ""),
-    )
+def wire(value: Any, model: type[W]) -> W:
+    """``value`` (an answer's parsed JSON) as the wire model ``model`` (a
+    ``gatekeeper.http.models`` Struct, or a list of them). Raises
+    ``msgspec.ValidationError`` (a ``ValueError``) naming the first place that does not
+    fit: a missing or unknown key, a wrong type."""
+    import msgspec
+
+    return msgspec.convert(value, model)
+
+
+def wire_record(row: Any, record: type[R], **extra: Any) -> R:
+    """The store record ``record`` (a dataclass of ``gatekeeper.store.records``) that the
+    daemon encoded as the wire model ``row`` (``http.models.convert``): the way back, field
+    by field (times parsed from RFC 3339); a field the wire leaves out (unset) takes the
+    record's default, ``extra`` gives those it never carries (a decision's evaluation).
+    Raises ``msgspec.ValidationError`` when a field does not fit the record."""
+    import msgspec
+
+    return msgspec.convert({**msgspec.to_builtins(row), **extra}, record)
 
 
 def _usage(message: str) -> int:
