@@ -63,6 +63,8 @@ from gatekeeper.store.records import (
     SettlementCallback,
 )
 
+from .test_ledger_properties import ALLOWED
+
 settings.register_profile(
     "ledger-machine",
     max_examples=int(os.environ.get("HYPOTHESIS_LEDGER_EXAMPLES", "120")),
@@ -98,20 +100,6 @@ RULES = {
 AMOUNTS = ("0.01", "10.00", "40.00", "75.50", "120.00", "200.00", "12.345")
 """Release amounts an invoice gives (the last has more decimals than the escrow: blocked)."""
 LIMITS = ("150.00", "250.00", "400.00", "1000.00")
-ALLOWED = {
-    "pending": [("reserve",)],
-    "dead": [("reserve",)],
-    "cancelled": [
-        ("reserve", "cancel", "return"),
-        ("reserve", "cancel", "return", "reclaim", "send", "settle"),
-    ],
-    "delivered": [
-        ("reserve", "send"),
-        ("reserve", "send", "settle"),  # or a dead letter the bank settled
-        ("reserve", "send", "fail", "return"),
-        ("reserve", "fail", "return"),  # a dead letter the bank failed
-    ],
-}
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 
 
@@ -211,9 +199,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def commit(self, transition: Transition) -> None:
         """Commit ``transition`` and apply it, as the daemon's writer does."""
         self.run(self.store.commit_transition(transition))
-        apply_transition(transition, self.facts, self.states, self.approvals, self.book)
-        for entry in transition.ledger:
-            self.releases[entry.release_id] = Release(entry.release_id, entry.escrow, entry.amount)
+        self.commit_applied(transition)
 
     def plan_return(self, release: Release, now: datetime) -> Transition | None:
         """What giving ``release``'s amount back decides (``Writer.plan_return``)."""
@@ -236,7 +222,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 self.book.commit(movement.escrow, movement.amount)
 
     def commit_applied(self, transition: Transition) -> None:
-        """Apply a transition the store committed with a return (``then``)."""
+        """Apply a committed transition (one the store committed with a return too:
+        ``then``), noting the releases it decided."""
         apply_transition(transition, self.facts, self.states, self.approvals, self.book)
         for entry in transition.ledger:
             self.releases[entry.release_id] = Release(entry.release_id, entry.escrow, entry.amount)

@@ -632,8 +632,7 @@ class Report:
 
     def _annotation(self, firing: FiringRecord, verb: str, money: bool) -> str:
         trips = self.fail_on == "any" or (self.fail_on == "release" and money)
-        what = "; ".join(describe_action(a) for a in firing.actions) or "no actions"
-        return self._line(trips, firing, f"{verb} at {firing.at}: {what}")
+        return self._line(trips, firing, f"{verb} at {firing.at}: {_actions(firing)}")
 
     def _line(self, trips: bool, firing: FiringRecord, message: str) -> str:
         level = "error" if trips else "warning"
@@ -647,8 +646,7 @@ class Report:
 
 
 def _firing(f: FiringRecord) -> str:
-    what = "; ".join(describe_action(a) for a in f.actions) or "no actions"
-    text = f"{f.at} {f.firing_id} {f.outcome}: {what}"
+    text = f"{f.at} {f.firing_id} {f.outcome}: {_actions(f)}"
     return text + (f" ({f.reason})" if f.reason else "")
 
 
@@ -659,8 +657,14 @@ def _block(b: BlockChange) -> str:
 
 
 def _block_what(b: BlockChange) -> str:
-    what = "; ".join(describe_action(a) for a in b.fired.actions) or "no actions"
-    return f"{b.what} (" + ("was: " if b.now_blocked else "would now: ") + f"{what})"
+    """What changed and what the side that fired did: ``release now blocked: <why> (was:
+    <actions>)`` or ``release no longer blocked (would now: <actions>)``."""
+    return f"{b.what} ({'was' if b.now_blocked else 'would now'}: {_actions(b.fired)})"
+
+
+def _actions(f: FiringRecord) -> str:
+    """A firing's actions on one line (``describe_action``), or ``no actions``."""
+    return "; ".join(describe_action(a) for a in f.actions) or "no actions"
 
 
 def _value(value: Any) -> str:

@@ -255,6 +255,18 @@ class Change:
         return {"field": self.field, "old": self.old, "new": self.new}
 
 
+def matched_json(recorded: FiringRecord, replayed: FiringRecord) -> dict[str, Any]:
+    """A firing both sides have, as the report names it: ``rule``, ``item``, ``at`` and
+    each side's firing id."""
+    return {
+        "rule": recorded.rule_id,
+        "item": recorded.instance or None,
+        "at": recorded.at,
+        "recorded_firing_id": recorded.firing_id,
+        "replayed_firing_id": replayed.firing_id,
+    }
+
+
 @dataclass(frozen=True)
 class ChangedFiring:
     """A firing both sides have (same rule instance, same instant) that differs."""
@@ -269,11 +281,7 @@ class ChangedFiring:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "rule": self.recorded.rule_id,
-            "item": self.recorded.instance or None,
-            "at": self.recorded.at,
-            "recorded_firing_id": self.recorded.firing_id,
-            "replayed_firing_id": self.replayed.firing_id,
+            **matched_json(self.recorded, self.replayed),
             "changes": [c.to_json() for c in self.changes],
         }
 
@@ -318,11 +326,7 @@ class BlockChange:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "rule": self.recorded.rule_id,
-            "item": self.recorded.instance or None,
-            "at": self.recorded.at,
-            "recorded_firing_id": self.recorded.firing_id,
-            "replayed_firing_id": self.replayed.firing_id,
+            **matched_json(self.recorded, self.replayed),
             "change": "now_blocked" if self.now_blocked else "no_longer_blocked",
             "reason": self.reason,
             "actions": [a.to_json() for a in self.fired.actions],
