@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 from gatekeeper.clock import format_rfc3339
 from gatekeeper.config import Escrow
 from gatekeeper.engine.evaluate import Engine, approval_key, lapses_at, rule_paused
 from gatekeeper.engine.facts import ProjectFacts
+from gatekeeper.engine.ledger import format_amount
 from gatekeeper.engine.model import FactKey, RuleState
 from gatekeeper.engine.signoffs import is_money_rule, signoff_status
 from gatekeeper.expr import Item, next_change_at
@@ -332,7 +334,8 @@ def ruleset_view(engine: Engine | None) -> dict[str, Any] | None:
 
 
 async def escrow_report(store: Store, escrows: Mapping[str, Escrow]) -> list[dict[str, Any]]:
-    """Per escrow, by name, as decimal strings: currency, limit, the ledger's figures
+    """Per escrow, by name, as decimal strings with the escrow's precision (``decimals``,
+    also given; ``format_amount``): currency, limit, the ledger's figures
     (``EscrowFigures``: reserved, sent, settled, returned) and remaining = limit -
     (reserved + sent + settled); and, as before, released (sent + settled), pending
     (reserved, queued) and unconfirmed (reserved, dead-lettered: counted as possibly paid).
@@ -343,19 +346,25 @@ async def escrow_report(store: Store, escrows: Mapping[str, Escrow]) -> list[dic
     for name in sorted(set(escrows) | set(totals)):
         account = escrows.get(name)
         figures = totals.get(name, EscrowFigures())
+        decimals = account.decimals if account else Escrow.decimals
+
+        def shown(amount: Decimal, decimals: int = decimals) -> str:
+            return format_amount(amount, decimals)
+
         report.append(
             {
                 "escrow": name,
                 "currency": account.currency if account else None,
-                "limit": str(account.limit) if account else None,
-                "reserved": str(figures.reserved),
-                "sent": str(figures.sent),
-                "settled": str(figures.settled),
-                "returned": str(figures.returned),
-                "remaining": str(account.limit - figures.committed) if account else None,
-                "released": str(figures.sent + figures.settled),
-                "pending": str(figures.reserved - figures.unconfirmed),
-                "unconfirmed": str(figures.unconfirmed),
+                "limit": shown(account.limit) if account else None,
+                "decimals": decimals if account else None,
+                "reserved": shown(figures.reserved),
+                "sent": shown(figures.sent),
+                "settled": shown(figures.settled),
+                "returned": shown(figures.returned),
+                "remaining": shown(account.limit - figures.committed) if account else None,
+                "released": shown(figures.sent + figures.settled),
+                "pending": shown(figures.reserved - figures.unconfirmed),
+                "unconfirmed": shown(figures.unconfirmed),
             }
         )
     return report
