@@ -62,10 +62,19 @@ async def _decisions(gk: Running, n: int) -> list[tuple[str, str]]:
 
 
 async def _reconciled(gk: Running) -> dict[str, Any]:
-    """The escrow's figures, checked against the sum of its movements."""
-    _, body = await gk.get("/v1/escrows")
+    """The escrow's figures, checked against the sum of its movements. The two are read
+    apart (a delivery may add a ``send`` meanwhile): the figures are taken between two
+    equal readings of the movements, so both are of one ledger state."""
+    for _ in range(50):
+        _, before = await gk.get("/v1/escrows/tower-a-escrow/entries")
+        _, body = await gk.get("/v1/escrows")
+        _, page = await gk.get("/v1/escrows/tower-a-escrow/entries")
+        if page == before:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the ledger kept moving: no two equal readings of its entries")
     [account] = body["escrows"]
-    _, page = await gk.get("/v1/escrows/tower-a-escrow/entries")
     sums: dict[str, Decimal] = {}
     sent_ids = {e["release_id"] for e in page["entries"] if e["movement"] == "send"}
     for e in page["entries"]:
