@@ -233,13 +233,19 @@ async def start_daemon() -> AsyncIterator[Callable[..., Any]]:
         watch: bool = False,
         env: dict[str, str] | None = None,
         tick_s: float = 0.2,
+        ui: bool = False,
     ) -> Running:
         config = load_config(project.config_path)
         daemon = Daemon(
             config, ENV if env is None else env, clock=clock, watch=watch, tick_s=tick_s
         )
         await daemon.start()
-        runner = web.AppRunner(create_app(daemon))
+        app = create_app(daemon)
+        if ui:  # the status page, as `gatekeeper serve` mounts it
+            from gatekeeper.ui import mount
+
+            mount(app)
+        runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

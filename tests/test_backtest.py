@@ -262,7 +262,15 @@ async def test_a_changed_amount_is_an_action_changed_with_the_escrow_total(
     # the rendered message follows the amount
     assert any(c["field"] == "actions[1].payload.message" for c in first["changes"])
     assert report["escrows"][0]["delta"] == "+2000.00"
-    assert report["rules"] == {"tower-a/design-release": {"added": 0, "gone": 0, "changed": 2}}
+    assert report["rules"] == {
+        "tower-a/design-release": {
+            "added": 0,
+            "gone": 0,
+            "changed": 2,
+            "now_blocked": 0,
+            "no_longer_blocked": 0,
+        }
+    }
     # --fail-on none reports and exits 0
     code, _ = await backtest(
         project, "--rules", str(rules), "--database", str(database), "--fail-on", "none"

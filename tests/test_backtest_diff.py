@@ -4,6 +4,7 @@ only, never sent: never money), escrow totals, and the self-check's comparison."
 
 from __future__ import annotations
 
+from dataclasses import replace
 from decimal import Decimal
 
 from gatekeeper.clock import parse_rfc3339
@@ -61,10 +62,11 @@ def test_firings_match_by_rule_instance_and_instant() -> None:
         Decimal("-3.00"),
     )
     assert escrow.to_json()["delta"] == "-3.00"
+    blocks = {"now_blocked": 0, "no_longer_blocked": 0}
     assert diff.by_rule() == {
-        "p/gone": {"added": 0, "gone": 1, "changed": 0},
-        "p/new": {"added": 1, "gone": 0, "changed": 0},
-        "p/pay": {"added": 0, "gone": 0, "changed": 1},
+        "p/gone": {"added": 0, "gone": 1, "changed": 0, **blocks},
+        "p/new": {"added": 1, "gone": 0, "changed": 0, **blocks},
+        "p/pay": {"added": 0, "gone": 0, "changed": 1, **blocks},
     }
 
 
@@ -105,8 +107,8 @@ def test_blocked_firings_release_nothing() -> None:
     blocked = firing("p/pay", AT, outcome="blocked")
     fired = firing("p/pay", AT, release("10.00"))
     diff = diff_firings([blocked], [fired], {"e": "USD"})
-    fields = [c.field for c in diff.changed[0].changes]
-    assert fields[0] == "outcome (release)" and diff.trips("release")
+    [block] = diff.blocks
+    assert block.what == "release no longer blocked" and diff.trips("release")
     assert diff.escrows[0].recorded == 0 and diff.escrows[0].replayed == Decimal("10.00")
 
 
@@ -127,3 +129,37 @@ def test_the_self_check_counts_what_it_reproduced_and_shows_what_it_did_not() ->
     assert 'p/b#1: release actions[0].payload.amount: recorded "1.00", replayed "2.00"' in (
         bad.differences
     )
+
+
+def alert(reason: str) -> ActionRecord:
+    payload = {"project": "p", "alert": "release_blocked", "reason": reason}
+    return action_record("notify", "chat", payload)
+
+
+def test_fired_to_blocked_is_one_block_change_releasing_nothing() -> None:
+    recorded = [
+        firing("p/pay", AT, release("10.00"), action_record("notify", "ci", {"m": "paid"})),
+        firing("p/bill", LATER, alert("over"), outcome="blocked"),
+    ]
+    blocked = replace(firing("p/pay", AT, alert("too much"), outcome="blocked"), reason="too much")
+    replayed = [blocked, firing("p/bill", LATER, release("4.00"))]
+    diff = diff_firings(recorded, replayed, {"e": "USD"})
+    assert diff.added == diff.gone == diff.changed == []
+    now, no_longer = diff.blocks
+    assert (now.now_blocked, now.what) == (True, "release now blocked: too much")
+    assert now.fired is recorded[0] and now.money
+    assert (no_longer.now_blocked, no_longer.what) == (False, "release no longer blocked")
+    assert no_longer.fired is replayed[1]
+    assert diff.counts() == "0 added, 0 gone, 0 changed, 1 now blocked, 1 no longer blocked"
+    assert diff.trips("release") and not diff.empty
+    [escrow] = diff.escrows
+    assert (escrow.recorded, escrow.replayed) == (Decimal("10.00"), Decimal("4.00"))
+
+
+def test_a_firing_without_a_release_now_blocked_is_no_money() -> None:
+    recorded = [firing("p/set", AT, action_record("set_fact", "", {"kind": "k"}))]
+    replayed = [replace(firing("p/set", AT, outcome="blocked"), reason="a loop")]
+    diff = diff_firings(recorded, replayed, {})
+    [block] = diff.blocks
+    assert block.what == "firing now blocked: a loop" and not block.money
+    assert not diff.trips("release") and diff.trips("any")

@@ -205,7 +205,7 @@ RELEASE_AMOUNT_BAD = {
     "amount_template_with_text.yaml": [
         "amount_template_with_text.yaml:10:15: rule 'bad/amount-with-text': "
         "actions[0].release.amount: '${item.data.amount}.00' is not a valid amount (a decimal "
-        'string such as "5000.00": digits, no leading zeros, at most two decimals; or one '
+        'string such as "5000.00": digits, no leading zeros, at most eight decimals; or one '
         'placeholder naming a fact field, such as "${item.data.amount}")'
     ],
     "max_amount_over_limit.yaml": [

@@ -68,6 +68,9 @@ def test_the_demo_holds_every_expectation_and_shows_the_money_rails() -> None:
 def assert_money_rails(out: str, err: str) -> None:
     """What the demo's output (``out``, its log ``err``) must show."""
     assert "SUCCESS: every expectation of examples/construction/facts.json held" in out
+    assert re.search(
+        r"^== the status page: http://127\.0\.0\.1:\d+/ui/projects/tower-a$", out, re.M
+    )
     assert not [line for line in out.splitlines() if line.startswith("FAILED")]
     # tokens (gk_ and 43 URL-safe characters) go to their holders, never printed
     assert not re.search(r"gk_[A-Za-z0-9_-]{43}", out + err)

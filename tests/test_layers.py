@@ -1,7 +1,7 @@
 """The architecture, enforced: every module of ``src/gatekeeper`` lives in one room, and
 imports point one way, down the house:
 
-    cli > http > runtime > delivery > store > engine > rules > expr > ground
+    cli > ui > http > runtime > delivery > store > engine > rules > expr > ground
 
 A room may import itself and any room below it, never one above. Every import counts,
 wherever it is written: at module level, inside a function (a lazily imported room is still
@@ -22,7 +22,7 @@ import gatekeeper
 
 PACKAGE = Path(gatekeeper.__file__).resolve().parent
 
-ROOMS = ("cli", "http", "runtime", "delivery", "store", "engine", "rules", "expr", "ground")
+ROOMS = ("cli", "ui", "http", "runtime", "delivery", "store", "engine", "rules", "expr", "ground")
 """Highest first: a room may import its own modules and those of any room after it."""
 
 GROUND = frozenset({"clock", "problems", "config", "yamlsource", "schemas", "jsonwire", "metrics"})

@@ -89,6 +89,7 @@ async def test_release_over_the_escrow_limit_is_blocked_and_alerted(
             "escrow": "tower-a-escrow",
             "currency": "USD",
             "limit": "20000.00",
+            "decimals": 2,
             "reserved": "0.00",
             "sent": "16000.00",
             "settled": "0.00",

@@ -230,6 +230,17 @@ class Demo:
         command = gatekeeper("serve", "-c", str(self.config))
         self.daemon = await start_daemon(command, self.env, session, self.url)
 
+    async def show_status_page(self, session: aiohttp.ClientSession) -> None:
+        """Say where the status page is (the daemon serves it) and check it answers."""
+        self.say(f"the status page: {self.url}/ui/projects/tower-a")
+        print(
+            "   (sign in there with a token, e.g. $SITE_OFFICE_TOKEN to read; it follows the "
+            "steps below live while the demo runs)"
+        )
+        async with session.get(self.url + "/ui/login") as response:
+            if response.status != 200:
+                self.failures.append(f"GET /ui/login: HTTP {response.status}")
+
     def stop_daemon(self) -> None:
         if self.daemon is None:
             return
@@ -489,6 +500,7 @@ class Demo:
             self.say("starting the daemon: gatekeeper serve -c gatekeeper.yaml")
             await self.start_daemon(session)
             try:
+                await self.show_status_page(session)
                 await self.sign_off_bundled(session)
                 for step in steps["steps"]:
                     await self.post_step(session, step)

@@ -135,8 +135,10 @@ class Target:
 @dataclass(frozen=True)
 class Escrow:
     """An escrow account: its currency (ISO 4217 code) and release limit (a Decimal).
-    ``decimals`` is its precision: a release amount has at most this many decimals (two,
-    as every amount ``gatekeeper.yaml`` and rule files write)."""
+    ``decimals`` is its precision, ``gatekeeper.yaml``'s ``decimals`` (0 for JPY, 2 by
+    default, at most ``MAX_ESCROW_DECIMALS``): a release amount from it, its ``limit`` and
+    the ``max_amount`` of a release from it have at most this many decimals, and its
+    figures are shown with this many."""
 
     name: str
     currency: str
@@ -428,6 +430,7 @@ def _semantic_problems(doc: YamlDocument, data: Mapping[str, Any]) -> list[Probl
     if isinstance(database, str) and (problem := database_url_problem(database)) is not None:
         problems.append(doc.problem(("database",), f"the URL {problem}"))
     problems += _secret_like_name_problems(doc, data)
+    problems += _escrow_problems(doc, data)
     for name, target in targets.items() if isinstance(targets, dict) else []:
         delivery = target.get("delivery") if isinstance(target, dict) else None
         if isinstance(delivery, dict) and not _backoff_ok(delivery):
@@ -613,8 +616,37 @@ def _build_target(name: str, data: Mapping[str, Any]) -> Target:
     )
 
 
+MAX_ESCROW_DECIMALS = 8
+"""The most decimals an escrow's precision may have (the schema's bound too)."""
+
+
 def _build_escrow(name: str, data: Mapping[str, Any]) -> Escrow:
-    return Escrow(name=name, currency=data["currency"], limit=Decimal(data["limit"]))
+    return Escrow(
+        name=name,
+        currency=data["currency"],
+        limit=Decimal(data["limit"]),
+        decimals=data.get("decimals", Escrow.decimals),
+    )
+
+
+def _escrow_problems(doc: YamlDocument, data: Mapping[str, Any]) -> list[Problem]:
+    """A problem for each escrow whose ``limit`` has more decimals than its ``decimals``
+    (the schema checks each one's shape, and reports a ``decimals`` out of bounds)."""
+    problems = []
+    escrows = data.get("escrows")
+    for name, escrow in escrows.items() if isinstance(escrows, dict) else []:
+        if not isinstance(escrow, dict) or not isinstance(escrow.get("limit"), str):
+            continue
+        decimals = escrow.get("decimals", Escrow.decimals)
+        places = len(escrow["limit"].partition(".")[2])
+        valid = isinstance(decimals, int) and 0 <= decimals <= MAX_ESCROW_DECIMALS
+        if valid and decimals < places <= MAX_ESCROW_DECIMALS:  # more: the schema says
+            message = (
+                f"limit {escrow['limit']} has {places} decimals, more than the escrow's "
+                f"decimals ({decimals})"
+            )
+            problems.append(doc.problem(("escrows", name, "limit"), message))
+    return problems
 
 
 def _missing_secret_problem(

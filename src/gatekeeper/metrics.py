@@ -40,6 +40,10 @@ class Metrics:
     """Every gatekeeper metric, registered in ``self.registry``."""
 
     def __init__(self) -> None:
+        self.changes = 0
+        """A plain count of what a status page may want to show anew: bumped by every
+        committed transition (``changed``), delivery attempt and ruleset that went live.
+        Not exported; pages poll it to know whether to render again."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.facts_accepted = Counter(
@@ -164,10 +168,15 @@ class Metrics:
 
     def ruleset_loaded(self, version: str, timestamp_s: float) -> None:
         """A ruleset load or reload succeeded (``version`` is now, or still, active)."""
+        self.changes += 1
         self.ruleset_reloads.labels(result="success").inc()
         self.ruleset_last_success.set(timestamp_s)
         self.ruleset_info.clear()
         self.ruleset_info.labels(version=version).set(1)
+
+    def changed(self) -> None:
+        """Something a status page shows changed (see ``changes``)."""
+        self.changes += 1
 
     def ruleset_refused(self) -> None:
         self.ruleset_reloads.labels(result="failure").inc()
@@ -175,6 +184,7 @@ class Metrics:
     def attempt(self, target: str, status_code: int | None, latency_s: float) -> None:
         """One delivery attempt to ``target``: its HTTP status (None: no answer)."""
         result = "error" if status_code is None else f"{status_code // 100}xx"
+        self.changes += 1
         self.delivery_attempts.labels(target=target, result=result).inc()
         self.delivery_seconds.labels(target=target).observe(latency_s)
 

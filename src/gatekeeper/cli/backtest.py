@@ -18,8 +18,9 @@ from ``$GATEKEEPER_TOKEN`` or the variable ``--token-env`` names;
 nothing is written anywhere). The firings are
 then compared with the recorded ones (``gatekeeper.engine.backtest``): firings added,
 firings gone, firings changed (outcome, actions: amounts, payees, escrows, targets,
-rendered messages and inputs), per rule instance, with what each escrow would release
-more or less. The config (``-c``, default ``./gatekeeper.yaml``) gives the escrows, the
+rendered messages and inputs), firings whose release is now blocked (and why) or no longer
+blocked, per rule instance, with what each escrow would release more or less (a blocked
+release releases nothing). The config (``-c``, default ``./gatekeeper.yaml``) gives the escrows, the
 alert target and the targets' formats: they are not part of the recorded history.
 
 ``--since``/``--until`` (RFC 3339) bound the window compared: the replay always starts at
@@ -70,8 +71,11 @@ line in the candidate; the workflow commands of ``gatekeeper check``).
 The JSON report: ``{"ruleset": {"dir", "version", "rules"}, "database", "window":
 {"since", "until"}, "events", "firings": {"recorded", "replayed"}, "added": [FIRING],
 "gone": [FIRING], "changed": [{"rule", "item", "at", "recorded_firing_id",
-"replayed_firing_id", "changes": [{"field", "old", "new"}]}], "rules": {NAME: {"added",
-"gone", "changed"}}, "escrows": [{"escrow", "currency", "recorded", "replayed",
+"replayed_firing_id", "changes": [{"field", "old", "new"}]}], "blocks": [{"rule", "item",
+"at", "recorded_firing_id", "replayed_firing_id", "change": "now_blocked" |
+"no_longer_blocked", "reason" (why the blocked side was blocked), "actions" (the fired
+side's)}], "rules": {NAME: {"added", "gone", "changed", "now_blocked",
+"no_longer_blocked"}}, "escrows": [{"escrow", "currency", "recorded", "replayed",
 "delta"}], "skipped": {"approval": N, "admin act": N, "return": N}, "fail_on", "fails"}``
 where
 FIRING is ``{"rule", "item", "firing_id", "at", "outcome", "reason", "actions": [{"kind",
@@ -92,16 +96,22 @@ import json
 import os
 import sys
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from gatekeeper.cli.output import display_path, plural, workflow_command
 from gatekeeper.cli.plan import _print_load_problems, cli_config, describe_action, rule_path
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
 from gatekeeper.config import Config
-from gatekeeper.engine.backtest import BacktestDiff, FailOn, FiringRecord, SelfCheck
+from gatekeeper.engine.backtest import (
+    BacktestDiff,
+    BlockChange,
+    FailOn,
+    FiringRecord,
+    SelfCheck,
+)
 from gatekeeper.rules.loader import load_rules_dir
 from gatekeeper.rules.model import Ruleset
 
@@ -324,7 +334,12 @@ class ApiHistory:
     """The Store reads a history is read with (``store.history.HistoryReads``), through a
     daemon's HTTP API. Each page of decisions brings the actions they queued and their
     fact log positions, kept for ``actions_of_decisions`` and ``fact_log_positions``;
-    the admin acts and ruleset versions come whole at the first call."""
+    the admin acts and ruleset versions come whole at the first call.
+
+    Each answer is decoded with the wire model the daemon encodes it with
+    (``gatekeeper.http.models``: closed objects, so an answer that does not fit raises
+    ``msgspec.ValidationError``, a ``ValueError``), then turned back into the store record
+    the daemon encoded (``wire_record``): each shape is written once."""
 
     def __init__(self, url: str, token: str | None) -> None:
         self.url = url
@@ -333,28 +348,24 @@ class ApiHistory:
         self._positions: dict[int, int] = {}
         self._movements: list[LedgerMovement] | None = None
 
-    def _get(self, path: str) -> Any:
+    def _get(self, path: str, model: type[W]) -> W:
         from gatekeeper.cli.client import call
 
-        return call(self.url + path, token=self.token)
+        return wire(call(self.url + path, token=self.token), model)
+
+    def _pages(self, path: str, key: str, model: type[W]) -> list[W]:
+        """Every page of the listing at ``path`` (``call_pages``), its ``key`` rows as
+        ``model``."""
+        from gatekeeper.cli.client import call_pages
+
+        return wire(call_pages(self.url + path, key, self.token)[key], list[model])  # type: ignore[valid-type]
 
     async def fact_log(self, after_seq: int = 0, limit: int = 1000) -> list[LoggedFact]:
+        from gatekeeper.http.models import HistoryFacts
         from gatekeeper.store.records import LoggedFact
 
-        page = self._get(f"/v1/history/facts?after={after_seq}&limit={min(limit, 1000)}")
-        return [
-            LoggedFact(
-                f["seq"],
-                f["project"],
-                f["kind"],
-                f["id"],
-                f["data"],
-                parse_rfc3339(f["received_at"]),
-                f["request_id"],
-                f.get("caused_by"),
-            )
-            for f in page["facts"]
-        ]
+        path = f"/v1/history/facts?after={after_seq}&limit={min(limit, 1000)}"
+        return [wire_record(f, LoggedFact) for f in self._get(path, HistoryFacts).facts]
 
     async def decision_log(
         self,
@@ -364,36 +375,17 @@ class ApiHistory:
         evaluations: bool = True,
         quiet: bool = True,
     ) -> list[StoredDecision]:
-        from gatekeeper.store.records import StoredDecision
+        from gatekeeper.http.models import HistoryDecisions
+        from gatekeeper.store.records import OutboxEntry, StoredDecision
 
         every = "true" if quiet else "false"
         page = self._get(
-            f"/v1/history/decisions?after={after_id}&limit={min(limit, 1000)}&every={every}"
+            f"/v1/history/decisions?after={after_id}&limit={min(limit, 1000)}&every={every}",
+            HistoryDecisions,
         )
-        self._actions = [_outbox_entry(a) for a in page["actions"]]
-        self._positions.update({int(k): int(v) for k, v in page["positions"].items()})
-        return [
-            StoredDecision(
-                id=d["id"],
-                decided_at=parse_rfc3339(d["decided_at"]),
-                rule_id=d["rule_id"],
-                rule_hash=d["rule_hash"],
-                ruleset_version=d["ruleset_version"],
-                git_commit=d["git_commit"],
-                trigger=d["trigger"],
-                fact_seq=d["fact_seq"],
-                outcome=d["outcome"],
-                gate_open=d["gate_open"],
-                evaluation={},
-                approvals=d["approvals"],
-                firing_id=d["firing_id"],
-                request_id=d["request_id"],
-                reason=d["reason"],
-                instance=d.get("instance", ""),
-                mode=d.get("mode", "live"),
-            )
-            for d in page["decisions"]
-        ]
+        self._actions = [wire_record(a, OutboxEntry) for a in page.actions]
+        self._positions.update({int(k): v for k, v in page.positions.items()})
+        return [wire_record(d, StoredDecision, evaluation={}) for d in page.decisions]
 
     async def actions_of_decisions(self, first_id: int, last_id: int) -> list[OutboxEntry]:
         return [
@@ -406,65 +398,30 @@ class ApiHistory:
         return {i: self._positions[i] for i in decision_ids if i in self._positions}
 
     async def audit(self, query: AuditQuery) -> list[AuditEntry]:
-        from gatekeeper.cli.client import call_pages
+        from gatekeeper.http import models
         from gatekeeper.store.records import AuditEntry
 
         if query.after is not None:
             return []  # the first call brought every page
-        kinds = ",".join(query.kinds)
-        answer = call_pages(f"{self.url}/v1/audit?kind={kinds}&limit=1000", "entries", self.token)
-        return [
-            AuditEntry(
-                e["kind"],
-                e["id"],
-                parse_rfc3339(e["at"]),
-                e["rule_id"],
-                e["project"],
-                e["what"],
-                e["actor"],
-                e["reason"],
-                e["firing_id"],
-                e["fact_seq"],
-                e["request_id"],
-                e["trigger"],
-                e.get("instance", ""),
-                e.get("instances"),
-                e.get("rule_hash"),
-            )
-            for e in answer["entries"]
-        ]
+        path = f"/v1/audit?kind={','.join(query.kinds)}&limit=1000"
+        return [wire_record(e, AuditEntry) for e in self._pages(path, "entries", models.AuditEntry)]
 
     async def list_rulesets(
         self, limit: int = 100, *, after: RulesetCursor | None = None
     ) -> list[RulesetSummary]:
-        from gatekeeper.cli.client import call_pages
+        from gatekeeper.http.models import RulesetVersion
         from gatekeeper.store.records import RulesetSummary
 
         if after is not None:
             return []  # the first call brought every page
-        answer = call_pages(f"{self.url}/v1/rulesets?limit=1000", "rulesets", self.token)
-        return [
-            RulesetSummary(
-                r["version"],
-                r["git_commit"],
-                parse_rfc3339(r["first_activated_at"]),
-                parse_rfc3339(r["last_activated_at"]),
-                r["files"],
-            )
-            for r in answer["rulesets"]
-        ]
+        found = self._pages("/v1/rulesets?limit=1000", "rulesets", RulesetVersion)
+        return [wire_record(r, RulesetSummary) for r in found]
 
     async def get_ruleset(self, version: str) -> StoredRuleset | None:
+        from gatekeeper.http.models import RulesetText
         from gatekeeper.store.records import StoredRuleset
 
-        r = self._get(f"/v1/rulesets/{version}")
-        return StoredRuleset(
-            r["version"],
-            r["files"],
-            r["git_commit"],
-            parse_rfc3339(r["first_activated_at"]),
-            parse_rfc3339(r["last_activated_at"]),
-        )
+        return wire_record(self._get(f"/v1/rulesets/{version}", RulesetText), StoredRuleset)
 
     async def release_record(self, release_id: str) -> ReleaseRecord | None:
         raise ReadError("the self-check reads the database itself")
@@ -480,32 +437,16 @@ class ApiHistory:
     ) -> list[LedgerMovement]:
         """Every escrow's movements (``GET /v1/escrows``, then each one's
         ``/entries``), read whole at the first call, in movement id order."""
-        from gatekeeper.cli.client import call_pages
+        from gatekeeper.http import models
         from gatekeeper.store.records import LedgerMovement
 
         if self._movements is None:
-            escrows = self._get("/v1/escrows")["escrows"]
             found: list[LedgerMovement] = []
-            for row in escrows:
-                name = urllib.parse.quote(row["escrow"], safe="")
-                answer = call_pages(
-                    f"{self.url}/v1/escrows/{name}/entries?limit=1000", "entries", self.token
-                )
-                found += [
-                    LedgerMovement(
-                        e["id"],
-                        e["release_id"],
-                        e["escrow"],
-                        e["movement"],
-                        e["amount"],
-                        e["currency"],
-                        parse_rfc3339(e["at"]),
-                        e.get("actor"),
-                        e.get("reference"),
-                        e.get("reason"),
-                    )
-                    for e in answer["entries"]
-                ]
+            for row in self._get("/v1/escrows", models.EscrowList).escrows:
+                name = urllib.parse.quote(row.escrow, safe="")
+                path = f"/v1/escrows/{name}/entries?limit=1000"
+                entries = self._pages(path, "entries", models.LedgerMovement)
+                found += [wire_record(e, LedgerMovement) for e in entries]
             self._movements = sorted(found, key=lambda m: m.id)
         return [
             m
@@ -516,33 +457,29 @@ class ApiHistory:
         ][:limit]
 
 
-def _outbox_entry(a: Mapping[str, Any]) -> OutboxEntry:
-    """An outbox entry from its API JSON (``GET /v1/actions``'s shape)."""
-    from gatekeeper.store.records import OutboxEntry
+W = TypeVar("W")
+R = TypeVar("R")
 
-    def time(name: str) -> datetime | None:
-        value = a.get(name)
-        return None if value is None else parse_rfc3339(value)
 
-    return OutboxEntry(
-        action_id=a["action_id"],
-        rule_id=a["rule_id"],
-        firing_id=a["firing_id"],
-        kind=a["kind"],
-        target=a["target"],
-        payload=a["payload"],
-        status=a["status"],
-        attempts=a["attempts"],
-        created_at=parse_rfc3339(a["created_at"]),
-        next_attempt_at=parse_rfc3339(a["next_attempt_at"]),
-        last_error=a["last_error"],
-        delivered_at=time("delivered_at"),
-        decision_id=a["decision_id"],
-        requeued_at=time("requeued_at"),
-        dead_reason=a.get("dead_reason"),
-        dead_status=a.get("dead_status"),
-        instance=a.get("instance", ""),
-    )
+def wire(value: Any, model: type[W]) -> W:
+    """``value`` (an answer's parsed JSON) as the wire model ``model`` (a
+    ``gatekeeper.http.models`` Struct, or a list of them). Raises
+    ``msgspec.ValidationError`` (a ``ValueError``) naming the first place that does not
+    fit: a missing or unknown key, a wrong type."""
+    import msgspec
+
+    return msgspec.convert(value, model)
+
+
+def wire_record(row: Any, record: type[R], **extra: Any) -> R:
+    """The store record ``record`` (a dataclass of ``gatekeeper.store.records``) that the
+    daemon encoded as the wire model ``row`` (``http.models.convert``): the way back, field
+    by field (times parsed from RFC 3339); a field the wire leaves out (unset) takes the
+    record's default, ``extra`` gives those it never carries (a decision's evaluation).
+    Raises ``msgspec.ValidationError`` when a field does not fit the record."""
+    import msgspec
+
+    return msgspec.convert({**msgspec.to_builtins(row), **extra}, record)
 
 
 def _usage(message: str) -> int:
@@ -592,6 +529,7 @@ class Report:
             "added": [f.to_json() for f in diff.added],
             "gone": [f.to_json() for f in diff.gone],
             "changed": [c.to_json() for c in diff.changed],
+            "blocks": [b.to_json() for b in diff.blocks],
             "rules": diff.by_rule(),
             "escrows": [e.to_json() for e in diff.escrows],
             "skipped": dict(self.skipped),
@@ -627,6 +565,13 @@ class Report:
                 lines += [
                     f"      {c.field}: {_value(c.old)} -> {_value(c.new)}" for c in changed.changes
                 ]
+        for title, blocks in (
+            ("now blocked", diff.now_blocked),
+            ("no longer blocked", diff.no_longer_blocked),
+        ):
+            if blocks:
+                lines.append(f"firings {title} ({len(blocks)}):")
+                lines += [f"  ~ {_block(b)}" for b in blocks]
         if not diff.empty:
             lines.append("per rule:")
             for name, counts in diff.by_rule().items():
@@ -653,10 +598,7 @@ class Report:
         if diff.empty:
             text = "SUCCESS: no differences"
         else:
-            text = (
-                f"{'FAILED' if diff.trips(self.fail_on) else 'DIFFERENCES'}: "
-                f"{len(diff.added)} added, {len(diff.gone)} gone, {len(diff.changed)} changed"
-            )
+            text = f"{'FAILED' if diff.trips(self.fail_on) else 'DIFFERENCES'}: {diff.counts()}"
         return f"{text} (--fail-on {self.fail_on})"
 
     def github(self) -> list[str]:
@@ -672,6 +614,9 @@ class Report:
             what = "; ".join(f"{x.field}: {_value(x.old)} -> {_value(x.new)}" for x in c.changes)
             trips = self.fail_on == "any" or (self.fail_on == "release" and c.money)
             lines.append(self._line(trips, c.replayed, f"would change: {what}"))
+        for b in diff.blocks:
+            trips = self.fail_on == "any" or (self.fail_on == "release" and b.money)
+            lines.append(self._line(trips, b.replayed, f"at {b.recorded.at}: {_block_what(b)}"))
         for e in diff.escrows:
             if e.delta:
                 lines.append(
@@ -687,8 +632,7 @@ class Report:
 
     def _annotation(self, firing: FiringRecord, verb: str, money: bool) -> str:
         trips = self.fail_on == "any" or (self.fail_on == "release" and money)
-        what = "; ".join(describe_action(a) for a in firing.actions) or "no actions"
-        return self._line(trips, firing, f"{verb} at {firing.at}: {what}")
+        return self._line(trips, firing, f"{verb} at {firing.at}: {_actions(firing)}")
 
     def _line(self, trips: bool, firing: FiringRecord, message: str) -> str:
         level = "error" if trips else "warning"
@@ -702,9 +646,25 @@ class Report:
 
 
 def _firing(f: FiringRecord) -> str:
-    what = "; ".join(describe_action(a) for a in f.actions) or "no actions"
-    text = f"{f.at} {f.firing_id} {f.outcome}: {what}"
+    text = f"{f.at} {f.firing_id} {f.outcome}: {_actions(f)}"
     return text + (f" ({f.reason})" if f.reason else "")
+
+
+def _block(b: BlockChange) -> str:
+    """A ``BlockChange`` on one line: when, the firing id, what changed and the actions of
+    the side that fired."""
+    return f"{b.recorded.at} {b.replayed.firing_id}: {_block_what(b)}"
+
+
+def _block_what(b: BlockChange) -> str:
+    """What changed and what the side that fired did: ``release now blocked: <why> (was:
+    <actions>)`` or ``release no longer blocked (would now: <actions>)``."""
+    return f"{b.what} ({'was' if b.now_blocked else 'would now'}: {_actions(b.fired)})"
+
+
+def _actions(f: FiringRecord) -> str:
+    """A firing's actions on one line (``describe_action``), or ``no actions``."""
+    return "; ".join(describe_action(a) for a in f.actions) or "no actions"
 
 
 def _value(value: Any) -> str:

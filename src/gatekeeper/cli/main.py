@@ -389,6 +389,7 @@ async def _serve_async(config: Config, *, watch: bool = True) -> int:
     )
     from gatekeeper.runtime.daemon import Daemon, StartupError
     from gatekeeper.store.errors import StoreError
+    from gatekeeper.ui import mount as mount_status_page
 
     debug = log.isEnabledFor(logging.DEBUG)  # a traceback only with --log-level debug
     loop = asyncio.get_running_loop()
@@ -423,6 +424,7 @@ async def _serve_async(config: Config, *, watch: bool = True) -> int:
         body_read_timeout_s=config.body_read_timeout_s,
         max_connections=config.max_connections,
     )
+    mount_status_page(app)
     runner = web.AppRunner(
         app,
         handle_signals=False,

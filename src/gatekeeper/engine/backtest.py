@@ -10,11 +10,14 @@ transitions (``firings_of``).
 
 ``diff_firings`` matches the firings of each rule instance by the instant they happened
 (the recorded millisecond) and reports, per rule instance: firings added (only the replay
-has them), firings gone (only the record has them) and firings changed (the outcome, a
+has them), firings gone (only the record has them), firings changed (the outcome, a
 reason, or an action: amount, payee, escrow, currency, target, rendered message, ref or
-inputs), with what each escrow would release more or less. ``compare_decisions`` is the
-self-check: every recorded decision must come out of the replay of the recorded versions,
-field for field (``DecisionRecord``), with the same actions and ledger entries.
+inputs) and firings whose release became blocked or is no longer blocked (``BlockChange``:
+one change, whatever else differs, since a blocked firing queues only its alert), with what
+each escrow would release more or less (a blocked firing releases nothing).
+``compare_decisions`` is the self-check: every recorded decision must come out of the
+replay of the recorded versions, field for field (``DecisionRecord``), with the same
+actions and ledger entries.
 """
 
 from __future__ import annotations
@@ -252,6 +255,18 @@ class Change:
         return {"field": self.field, "old": self.old, "new": self.new}
 
 
+def matched_json(recorded: FiringRecord, replayed: FiringRecord) -> dict[str, Any]:
+    """A firing both sides have, as the report names it: ``rule``, ``item``, ``at`` and
+    each side's firing id."""
+    return {
+        "rule": recorded.rule_id,
+        "item": recorded.instance or None,
+        "at": recorded.at,
+        "recorded_firing_id": recorded.firing_id,
+        "replayed_firing_id": replayed.firing_id,
+    }
+
+
 @dataclass(frozen=True)
 class ChangedFiring:
     """A firing both sides have (same rule instance, same instant) that differs."""
@@ -266,13 +281,60 @@ class ChangedFiring:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "rule": self.recorded.rule_id,
-            "item": self.recorded.instance or None,
-            "at": self.recorded.at,
-            "recorded_firing_id": self.recorded.firing_id,
-            "replayed_firing_id": self.replayed.firing_id,
+            **matched_json(self.recorded, self.replayed),
             "changes": [c.to_json() for c in self.changes],
         }
+
+
+@dataclass(frozen=True)
+class BlockChange:
+    """A firing both sides have (same rule instance, same instant) that one side fired and
+    the other blocked: ``now_blocked`` when the replay blocked what the record fired (the
+    candidate would refuse it: ``reason``), else it is no longer blocked (the candidate
+    would carry out what the record refused)."""
+
+    recorded: FiringRecord
+    replayed: FiringRecord
+
+    @property
+    def now_blocked(self) -> bool:
+        return self.replayed.outcome == "blocked"
+
+    @property
+    def fired(self) -> FiringRecord:
+        """The side that fired."""
+        return self.recorded if self.now_blocked else self.replayed
+
+    @property
+    def reason(self) -> str | None:
+        """Why the blocked side was blocked."""
+        return (self.replayed if self.now_blocked else self.recorded).reason
+
+    @property
+    def money(self) -> bool:
+        """Whether the firing has a release (what was or would be blocked)."""
+        return self.fired.releases
+
+    @property
+    def what(self) -> str:
+        """``release now blocked: <why>`` or ``release no longer blocked`` (``firing ...``
+        for a firing without a release: a loop, a chain too deep)."""
+        noun = "release" if self.money else "firing"
+        if self.now_blocked:
+            return f"{noun} now blocked: {self.reason}"
+        return f"{noun} no longer blocked"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **matched_json(self.recorded, self.replayed),
+            "change": "now_blocked" if self.now_blocked else "no_longer_blocked",
+            "reason": self.reason,
+            "actions": [a.to_json() for a in self.fired.actions],
+        }
+
+
+BLOCK_CHANGES = {("fired", "blocked"), ("blocked", "fired")}
+"""The (recorded, replayed) outcomes of a matched firing that make a ``BlockChange``."""
 
 
 @dataclass(frozen=True)
@@ -306,13 +368,34 @@ class BacktestDiff:
     added: list[FiringRecord] = field(default_factory=list)
     gone: list[FiringRecord] = field(default_factory=list)
     changed: list[ChangedFiring] = field(default_factory=list)
+    blocks: list[BlockChange] = field(default_factory=list)
     escrows: list[EscrowDelta] = field(default_factory=list)
     recorded_count: int = 0
     replayed_count: int = 0
 
     @property
     def empty(self) -> bool:
-        return not (self.added or self.gone or self.changed)
+        return not (self.added or self.gone or self.changed or self.blocks)
+
+    @property
+    def now_blocked(self) -> list[BlockChange]:
+        return [b for b in self.blocks if b.now_blocked]
+
+    @property
+    def no_longer_blocked(self) -> list[BlockChange]:
+        return [b for b in self.blocks if not b.now_blocked]
+
+    def counts(self) -> str:
+        """``N added, N gone, N changed``, then ``N now blocked`` and ``N no longer
+        blocked`` when there are any."""
+        text = f"{len(self.added)} added, {len(self.gone)} gone, {len(self.changed)} changed"
+        for what, found in (
+            ("now blocked", self.now_blocked),
+            ("no longer blocked", self.no_longer_blocked),
+        ):
+            if found:
+                text += f", {len(found)} {what}"
+        return text
 
     def trips(self, fail_on: FailOn) -> bool:
         """Whether the differences fail ``--fail-on``: ``release`` any change in releases
@@ -324,15 +407,16 @@ class BacktestDiff:
             return (
                 any(f.releases for f in (*self.added, *self.gone))
                 or any(c.money for c in self.changed)
+                or any(b.money for b in self.blocks)
                 or any(e.delta for e in self.escrows)
             )
         return False
 
     def by_rule(self) -> dict[str, dict[str, int]]:
         """Per rule id (``RULE[ITEM]`` for instances): how many firings added, gone,
-        changed."""
+        changed, now blocked and no longer blocked."""
         counts: dict[str, dict[str, int]] = defaultdict(
-            lambda: {"added": 0, "gone": 0, "changed": 0}
+            lambda: {"added": 0, "gone": 0, "changed": 0, "now_blocked": 0, "no_longer_blocked": 0}
         )
         for f in self.added:
             counts[f.name]["added"] += 1
@@ -340,6 +424,8 @@ class BacktestDiff:
             counts[f.name]["gone"] += 1
         for c in self.changed:
             counts[c.recorded.name]["changed"] += 1
+        for b in self.blocks:
+            counts[b.recorded.name]["now_blocked" if b.now_blocked else "no_longer_blocked"] += 1
         return dict(sorted(counts.items()))
 
 
@@ -358,8 +444,9 @@ def diff_firings(
 ) -> BacktestDiff:
     """The differences between the ``recorded`` and the ``replayed`` firings decided in
     ``[since, until)``. Per rule instance, firings decided at the same instant are the same
-    firing (changed when they differ); the others are added (replayed only) or gone
-    (recorded only), so a firing that moved in time is one gone and one added.
+    firing (changed when they differ; a ``BlockChange`` when one side fired and the other
+    blocked); the others are added (replayed only) or gone (recorded only), so a firing
+    that moved in time is one gone and one added.
     ``escrow_currencies`` names the currency of each configured escrow."""
     old = [f for f in recorded if in_window(f.at, since, until)]
     new = [f for f in replayed if in_window(f.at, since, until)]
@@ -373,6 +460,9 @@ def diff_firings(
             result.added.append(f)
             continue
         before = matches.pop(0)
+        if (before.outcome, f.outcome) in BLOCK_CHANGES:
+            result.blocks.append(BlockChange(before, f))
+            continue
         changes = firing_changes(before, f)
         if changes:
             result.changed.append(ChangedFiring(before, f, changes))

@@ -14,7 +14,9 @@ the decision is ``blocked``.
 Amounts are ``Decimal`` throughout, parsed from decimal strings; never floats. A release
 whose amount is read from a fact when it fires (``amount: "${item.data.amount}"``) is
 checked by ``checked_amount`` first: a decimal amount, positive, within the escrow's
-precision and the release's ``max_amount``.
+precision and the release's ``max_amount``. An escrow's precision (``Escrow.decimals``, 0 for
+JPY, 2 by default, up to 8) bounds the decimals of every amount released from it, and its
+figures are shown with that many (``format_amount``).
 """
 
 from __future__ import annotations
@@ -76,12 +78,20 @@ class EscrowBook:
                 f"{account.currency}"
             )
         amount = Decimal(release.amount)
+        places = decimal_places(amount)
+        if places > account.decimals:
+            return (
+                f"release of {release.amount} {release.currency} has {places} decimals, more "
+                f"than escrow {release.escrow!r}'s {account.decimals}"
+            )
         left = self.remaining(release.escrow)
         assert left is not None
         if amount > left:
+            shown = format_amount(left, account.decimals)
+            limit = format_amount(account.limit, account.decimals)
             return (
                 f"release of {amount} {release.currency} exceeds what is left of escrow "
-                f"{release.escrow!r}: {left} of {account.limit} {account.currency}"
+                f"{release.escrow!r}: {shown} of {limit} {account.currency}"
             )
         return None
 
@@ -106,6 +116,22 @@ class EscrowBook:
         self.committed[escrow] = self.committed.get(escrow, Decimal(0)) - Decimal(amount)
 
 
+def decimal_places(amount: Decimal) -> int:
+    """How many decimals ``amount`` is written with (``Decimal("12.50")``: 2, ``"500"``:
+    0); trailing zeros count, as the text had them."""
+    exponent = amount.as_tuple().exponent
+    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
+
+
+def format_amount(amount: Decimal, decimals: int) -> str:
+    """``amount`` as a decimal string with an escrow's precision, ``decimals`` places
+    (``Decimal("500")``, 2: ``"500.00"``; ``Decimal("1500.00")``, 0: ``"1500"``); exact: an
+    amount with more significant decimals (recorded before the precision was lowered)
+    keeps them (``Decimal("10.50")``, 0: ``"10.5"``), never rounded."""
+    places = max(decimals, decimal_places(amount.normalize()))
+    return f"{amount:.{places}f}"
+
+
 DECIMAL_AMOUNT = re.compile(r"[0-9]+(\.[0-9]+)?")
 """A decimal amount as a fact may give it: ASCII digits, optionally a point and decimals
 (no sign, exponent, spaces or thousands separators)."""
@@ -120,7 +146,12 @@ def checked_amount(value: Any, *, max_amount: str, decimals: int) -> str:
     Raises ``ValueError`` saying what is wrong (without the value: the caller shows it),
     e.g. ``not a decimal amount (digits, a point and at most 2 decimals, e.g. "1500.00")``.
     A JSON number with a fraction is refused: amounts are decimal strings, never floats."""
-    example = f'(digits, a point and at most {decimals} decimals, e.g. "1500.{"0" * decimals}")'
+    shown = format_amount(Decimal(1500), decimals)
+    example = (
+        f'(digits, a point and at most {decimals} decimals, e.g. "{shown}")'
+        if decimals
+        else f'(digits only, no decimals, e.g. "{shown}")'
+    )
     if isinstance(value, bool) or not isinstance(value, str | int):
         if isinstance(value, float):
             raise ValueError(f"a JSON number, not a decimal string {example}")

@@ -34,7 +34,12 @@ def actor(request: web.Request) -> str:
 
 def check_project(request: web.Request, project: str) -> None:
     """Raise ``ApiError`` 403 unless the request's token may act on ``project``."""
-    token = principal(request)
+    check_token_project(principal(request), project)
+
+
+def check_token_project(token: Token | None, project: str) -> None:
+    """Raise ``ApiError`` 403 unless ``token`` (None: no tokens configured) may act on
+    ``project``."""
     if token is not None and not token.allows_project(project):
         raise ApiError(403, f"token of {token.subject!r} may not act on project {project!r}")
 

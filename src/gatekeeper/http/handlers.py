@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Literal, cast
 
@@ -21,11 +22,13 @@ from msgspec import UNSET
 
 from gatekeeper import __version__
 from gatekeeper.clock import format_rfc3339
+from gatekeeper.config import Token
 from gatekeeper.engine.model import AdminAct, ApprovalInput, IdempotencyRecord, SignOff
 from gatekeeper.http import models as m
 from gatekeeper.http.context import (
     actor,
     check_project,
+    check_token_project,
     daemon_of,
     principal,
     visible,
@@ -74,10 +77,10 @@ from gatekeeper.runtime.daemon import (
 )
 from gatekeeper.runtime.hooks import HookRejected, delivery_id, verify_standard
 from gatekeeper.runtime.hooks import handle as handle_hook
-from gatekeeper.runtime.ingest import UnknownInstance
+from gatekeeper.runtime.ingest import IngestResult, UnknownInstance
 from gatekeeper.store.errors import AttemptInFlight, Conflict, KeyReused
 from gatekeeper.store.queries import AuditQuery
-from gatekeeper.store.records import ACTION_STATUSES, AUDIT_KINDS, AuditKind
+from gatekeeper.store.records import ACTION_STATUSES, AUDIT_KINDS, AuditKind, OutboxEntry
 
 APPROVAL_DECISIONS = ("approve", "reject", "withdraw")
 AdminActName = Literal["pause", "resume", "rearm"]
@@ -320,30 +323,10 @@ async def post_approvals(request: web.Request) -> web.Response:
             403, "approvals need API tokens: the approver is the token's subject (see tokens)"
         )
     daemon = daemon_of(request)
-    rule = daemon.rule(body.rule)
-    if rule is None:
-        raise ApiError(404, f"no rule {body.rule!r} in the active ruleset")
-    check_project(request, rule.project)
-    _check_item(rule, body.item)
-    approval = ApprovalInput(
-        body.rule, rule.project, token.subject, body.decision, body.comment, body.item or ""
-    )
     request_id = request_id_of(request)
-    idempotency = idempotency_record(request, raw)
-    if idempotency is not None:  # each approver's keys are their own
-        idempotency = replace(idempotency, key=f"approval:{token.subject}:{idempotency.key}")
-    try:
-        result = await daemon.approve(approval, request_id, idempotency)
-    except IdempotencyConflict:
-        raise ApiError(422, "Idempotency-Key was already used with a different approval") from None
-    except NotAnApprover as exc:
-        raise ApiError(403, str(exc)) from None
-    except UnknownRule as exc:
-        raise ApiError(404, f"no rule {exc} in the active ruleset") from None
-    except UnknownInstance:
-        raise unknown_instance(rule, body.item or "") from None
-    except ShuttingDown:
-        raise ApiError(503, SHUTTING_DOWN) from None
+    rule, result = await record_approval(
+        daemon, token, body, request_id, lambda: idempotency_record(request, raw)
+    )
     try:
         view = daemon.rule_view(rule, explain=True, item=body.item)
     except KeyError:  # the item's fact went away meanwhile
@@ -361,6 +344,46 @@ async def post_approvals(request: web.Request) -> web.Response:
         item=body.item if body.item is not None else UNSET,
     )
     return respond(accepted, headers=headers)
+
+
+async def record_approval(
+    daemon: Daemon,
+    token: Token,
+    body: m.ApprovalRequest,
+    request_id: str,
+    idempotency: Callable[[], IdempotencyRecord | None] = lambda: None,
+) -> tuple[Rule, IngestResult]:
+    """Record ``token``'s subject's approval ``body`` (approve, reject or withdraw, on a
+    rule or one instance of a per-item rule): the one path of ``POST /v1/approvals`` and
+    the status page. ``idempotency`` gives the request's Idempotency-Key record (read
+    after the rule is checked). Returns the rule and the committed result. Raises
+    ``ApiError``: 403 for a project the token may not act on or a subject not among the
+    rule's approvers; 404 no such rule or instance; 400 an item missing or refused; 422 a
+    key reused with another approval; 503 shutting down."""
+    rule = daemon.rule(body.rule)
+    if rule is None:
+        raise ApiError(404, f"no rule {body.rule!r} in the active ruleset")
+    check_token_project(token, rule.project)
+    _check_item(rule, body.item)
+    approval = ApprovalInput(
+        body.rule, rule.project, token.subject, body.decision, body.comment, body.item or ""
+    )
+    record = idempotency()
+    if record is not None:  # each approver's keys are their own
+        record = replace(record, key=f"approval:{token.subject}:{record.key}")
+    try:
+        result = await daemon.approve(approval, request_id, record)
+    except IdempotencyConflict:
+        raise ApiError(422, "Idempotency-Key was already used with a different approval") from None
+    except NotAnApprover as exc:
+        raise ApiError(403, str(exc)) from None
+    except UnknownRule as exc:
+        raise ApiError(404, f"no rule {exc} in the active ruleset") from None
+    except UnknownInstance:
+        raise unknown_instance(rule, body.item or "") from None
+    except ShuttingDown:
+        raise ApiError(503, SHUTTING_DOWN) from None
+    return rule, result
 
 
 def _check_item(rule: Rule, item: str | None) -> None:
@@ -410,26 +433,43 @@ async def post_rule_act(request: web.Request) -> web.Response:
         '{"reason": "..."} (and optionally "item": "<item id>")',
         "every admin act",
     )
+    item = body.item if body and isinstance(body.item, str) else None
+    acted = await act_on_rule(daemon, principal(request), act, rule_id, reason, item)
+    detail = await rule_detail(daemon, rule_id, 20, item)
+    if "acted_on" in acted:  # a per-item rule as a whole: how many instances changed
+        detail = msgspec.structs.replace(detail, acted_on=acted["acted_on"])
+    return respond(detail)
+
+
+async def act_on_rule(
+    daemon: Daemon,
+    token: Token | None,
+    act: str,
+    rule_id: str,
+    reason: str,
+    item: str | None = None,
+) -> dict[str, Any]:
+    """Carry out admin act ``act`` (pause, resume, rearm) on rule ``rule_id`` (instance
+    ``item`` of a per-item rule), audited as ``token``'s subject's (``local`` without
+    tokens) with ``reason``: the one path of ``POST /v1/rules/{id}/{act}`` and the status
+    page. Returns ``Daemon.administer``'s view. Raises ``ApiError``: 403 for a project the
+    token may not act on; 404 no such rule or instance; 400 an item on a rule without
+    ``for_each``; 409 an act that does not apply."""
     rule = daemon.rule(rule_id)
     if rule is None:
         raise ApiError(404, f"no rule {rule_id!r} in the active ruleset")
-    check_project(request, rule.project)
-    item = instance_param(rule, body.item if body and isinstance(body.item, str) else None)
+    check_token_project(token, rule.project)
+    item = instance_param(rule, item)
+    subject = token.subject if token else "local"
     try:
-        admin_act = AdminAct(
-            cast(AdminActName, act), rule_id, actor(request), reason, rule.project, item
-        )
-        acted = await daemon.administer(admin_act)
+        admin_act = AdminAct(cast(AdminActName, act), rule_id, subject, reason, rule.project, item)
+        return await daemon.administer(admin_act)
     except UnknownRule:
         raise ApiError(404, f"no rule {rule_id!r} in the active ruleset") from None
     except UnknownInstance:
         raise unknown_instance(rule, item or "") from None
     except ValueError as exc:
         raise ApiError(409, str(exc)) from None
-    detail = await rule_detail(daemon, rule_id, 20, item)
-    if "acted_on" in acted:  # a per-item rule as a whole: how many instances changed
-        detail = msgspec.structs.replace(detail, acted_on=acted["acted_on"])
-    return respond(detail)
 
 
 _SIGNOFF_DECODER = msgspec.json.Decoder(m.SignOffRequest)
@@ -524,16 +564,28 @@ async def post_action_retry(request: web.Request) -> web.Response:
         except BodyShapeError:
             raise ApiError(400, 'the body must be {"reason": "..."} or empty') from None
         reason = retry.reason if isinstance(retry.reason, str) else None
+    entry = await retry_dead_letter(daemon, principal(request), action_id, reason)
+    return respond(convert(entry.to_json(), m.Action))
+
+
+async def retry_dead_letter(
+    daemon: Daemon, token: Token | None, action_id: str, reason: str | None
+) -> OutboxEntry:
+    """Requeue dead letter ``action_id``, an admin act audited as ``token``'s subject's
+    (``local`` without tokens): the one path of ``POST /v1/actions/{id}/retry`` and the
+    status page. Raises ``ApiError``: 403 for an action of a project the token may not act
+    on; 404 no such action; 409 an action that is not dead."""
     existing = await daemon.get_action(action_id)
     if existing is not None:
-        check_project(request, existing.payload.get("project", ""))
+        check_token_project(token, existing.payload.get("project", ""))
+    subject = token.subject if token else "local"
     try:
-        entry = await daemon.retry_action(action_id, actor=actor(request), reason=reason)
+        entry = await daemon.retry_action(action_id, actor=subject, reason=reason)
     except Conflict as exc:
         raise ApiError(409, str(exc)) from None
     if entry is None:
         raise ApiError(404, f"no action {action_id!r}")
-    return respond(convert(entry.to_json(), m.Action))
+    return entry
 
 
 _CANCEL_DECODER = msgspec.json.Decoder(m.CancelRequest)

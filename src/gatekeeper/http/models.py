@@ -884,14 +884,26 @@ class ActionList(Model):
 
 
 class Escrow(Model):
-    """One escrow account, its figures summed from the ledger's movements; currency, limit
-    and remaining are null for an escrow no longer in gatekeeper.yaml. remaining = limit -
+    """One escrow account, its figures summed from the ledger's movements; currency, limit,
+    decimals and remaining are null for an escrow no longer in gatekeeper.yaml. remaining = limit -
     (reserved + sent + settled); released + pending + unconfirmed = reserved + sent +
     settled."""
 
     escrow: str
     currency: Currency | None
     limit: DecimalString | None
+    decimals: (
+        Annotated[
+            int,
+            Meta(
+                ge=0,
+                description="The escrow's precision (gatekeeper.yaml's decimals): every figure "
+                "is written with this many decimals (more only for an amount recorded before "
+                "the precision was lowered).",
+            ),
+        ]
+        | None
+    )
     reserved: Annotated[
         DecimalString,
         Meta(

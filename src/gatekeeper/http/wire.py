@@ -57,6 +57,7 @@ class ApiError(web.HTTPException):
         headers: dict[str, str] | None = None,
     ):
         self.status_code = status
+        self.message = message
         super().__init__(
             text=error_body(status, message, problems).decode(),
             content_type="application/json",

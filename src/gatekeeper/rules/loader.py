@@ -6,7 +6,7 @@ file, line, column, key path and rule id: YAML syntax, the rule schema
 notify message templates, approvals that cannot be met, duplicate rule ids across files, and,
 when a ``Config`` is given, the targets and escrows that actions name (an escrow's currency
 must match; a single release, or a ``max_amount``, above the escrow's limit could never be
-sent). A ruleset is
+sent; neither may have more decimals than the escrow's precision). A ruleset is
 built only when there is no problem at all, so a reload is all-or-nothing.
 
 Hashes (SHA-256, hex):
@@ -1056,6 +1056,16 @@ def _escrow_findings(body: Mapping[str, Any], config: Config) -> _Findings:
             f"currency {currency} does not match escrow {name!r}, which holds {escrow.currency}"
         )
         found.append((("currency",), message))
+    for key in ("amount", "max_amount"):
+        written = body.get(key)
+        literal = isinstance(written, str) and _decimal(written) is not None
+        places = len(cast(str, written).partition(".")[2]) if literal else 0
+        if places > escrow.decimals:
+            message = (
+                f"{key} {written} has {places} decimals, more than escrow {name!r} allows "
+                f"(decimals: {escrow.decimals}, {escrow.currency})"
+            )
+            found.append(((key,), message))
     amount = _decimal(body.get("amount"))
     if amount is not None and amount > escrow.limit:
         message = (

@@ -51,10 +51,11 @@ class Approvals:
 class ReleaseAction:
     """Ask an escrow/payment provider to release funds.
 
-    ``amount`` is a decimal string with at most two decimals (e.g. ``"5000.00"``), never a
-    float, or one ``${name}`` placeholder naming a fact field (``"${item.data.amount}"``),
-    rendered when the rule fires; such a release has ``max_amount`` (a decimal string), the
-    most its rendered amount may be. A literal amount may have one too.
+    ``amount`` is a decimal string with at most its escrow's decimals (``Escrow.decimals``,
+    e.g. ``"5000.00"``), never a float, or one ``${name}`` placeholder naming a fact field
+    (``"${item.data.amount}"``), rendered when the rule fires; such a release has
+    ``max_amount`` (a decimal string), the most its rendered amount may be. A literal
+    amount may have one too.
     """
 
     target: str

@@ -566,6 +566,26 @@ class Daemon:
         """A page of the rule's instances with their states (``views.instances_view``)."""
         return views.instances_view(self.writer, rule, after=after, limit=limit)
 
+    def rule_status(self, rule: Rule) -> str | None:
+        """Where a rule without ``for_each`` stands, in a word (``views.rule_status``; None
+        for a per-item rule)."""
+        return views.rule_status(self.writer, rule)
+
+    def gate_timing(self, rule: Rule, item: str = "") -> dict[str, Any]:
+        """When time alone next changes the rule's condition (instance ``item``) and when
+        its standing approvals lapse (``views.gate_timing``)."""
+        return views.gate_timing(self.writer, rule, item)
+
+    async def recent_decisions(self, project: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The ``limit`` latest decisions of ``project``, newest first, from memory
+        (``views.recent_decisions``)."""
+        return await views.recent_decisions(self.writer, project, limit)
+
+    def change_stamp(self) -> int:
+        """A number that grows whenever something a status page shows may have changed
+        (a committed transition, a delivery attempt, a ruleset going live)."""
+        return self.metrics.changes
+
     def ruleset_view(self) -> dict[str, Any] | None:
         """The live ruleset's version, git commit, size and files (None before one)."""
         return views.ruleset_view(self.writer.engine)

@@ -52,6 +52,7 @@ from gatekeeper.engine.signoffs import SignedOff, is_money_rule
 from gatekeeper.metrics import Metrics, exemplar
 from gatekeeper.rules.model import Rule
 from gatekeeper.runtime.outage import StoreOutage
+from gatekeeper.runtime.recent import RecentDecisions
 from gatekeeper.store import Store
 from gatekeeper.store.errors import StoreUnavailable
 
@@ -165,6 +166,7 @@ class Counters:
         ``transitions``: one ``inc`` per metric and label for the whole group (each ``inc``
         takes the metric's lock)."""
         metrics = self.metrics
+        metrics.changed()
         facts = 0
         outcomes: dict[str, int] = {}
         actions: dict[str, int] = {}
@@ -238,6 +240,8 @@ class Writer:
         self.signed: SignedOff = {}
         """The sign-offs of money rules' content hashes (``SignOffBook.signed``; the live
         engine reads this very mapping, changed in place only after a commit)."""
+        self.recent = RecentDecisions()
+        """The latest decisions of each project (for the status page)."""
         self.lock = asyncio.Lock()
         """Held by every write from plan to apply: one write at a time."""
         self._queue: asyncio.Queue[_IngestJob] = asyncio.Queue()
@@ -315,6 +319,7 @@ class Writer:
 
     def _apply(self, transition: Transition) -> None:
         apply_transition(transition, self.facts, self.states, self.approvals, self.book)
+        self.recent.add(transition.decisions)
         for signoff in transition.signoffs:
             at = signoff.at or transition.planned_at
             self.signed.setdefault(signoff.content_hash, {})[signoff.actor] = replace(

@@ -10,19 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 from gatekeeper.clock import format_rfc3339
 from gatekeeper.config import Escrow
-from gatekeeper.engine.evaluate import Engine, rule_paused
+from gatekeeper.engine.evaluate import Engine, approval_key, lapses_at, rule_paused
+from gatekeeper.engine.facts import ProjectFacts
+from gatekeeper.engine.ledger import format_amount
 from gatekeeper.engine.model import FactKey, RuleState
 from gatekeeper.engine.signoffs import is_money_rule, signoff_status
+from gatekeeper.expr import Item, next_change_at
 from gatekeeper.rules.loader import load_rule_texts
 from gatekeeper.rules.model import Rule, SetFactAction
 from gatekeeper.runtime.ingest import Writer
+from gatekeeper.runtime.recent import KEPT
 from gatekeeper.store import Store
 from gatekeeper.store.contract import RulesetReads
-from gatekeeper.store.queries import Projects
+from gatekeeper.store.queries import AuditQuery, Projects
 from gatekeeper.store.records import EscrowFigures, ShadowedReleases, StoredDecision
 
 Visible = Callable[[str | None], bool]
@@ -138,6 +143,70 @@ def rule_view(
             whole=whole,
         )
     return view
+
+
+def gate_timing(writer: Writer, rule: Rule, item: str = "") -> dict[str, Any]:
+    """When time alone changes instance ``item`` of ``rule`` (``""``: a rule without
+    ``for_each``), as RFC 3339 text: ``changes_at``, the next instant its condition may
+    change with its facts as they are (``next_change_at``; None when time cannot change
+    it, or its item is gone), and ``lapses``, each standing approval's lapse
+    (``expires_after``), by approver (only those that lapse)."""
+    now = writer.clock.now()
+    changes_at = None
+    lookup = ProjectFacts(rule.project, writer.facts)
+    if rule.for_each is None:
+        changes_at = next_change_at(rule.condition, lookup, now)
+    elif item:
+        data = writer.facts.get((rule.project, rule.for_each, item))
+        if data is not None:
+            found = Item(rule.for_each, item, data)
+            changes_at = next_change_at(rule.condition, lookup, now, item=found)
+    standing = writer.approvals.get(approval_key(rule.id, item), {})
+    lapses = {
+        subject: format_rfc3339(at)
+        for subject, stand in sorted(standing.items())
+        if (at := lapses_at(rule, stand)) is not None
+    }
+    return {
+        "changes_at": None if changes_at is None else format_rfc3339(changes_at),
+        "lapses": lapses,
+    }
+
+
+async def recent_decisions(writer: Writer, project: str, limit: int) -> list[dict[str, Any]]:
+    """The ``limit`` latest decisions of ``project``, newest first (``RecentDecisions``:
+    ``at``, ``rule_id``, ``instance``, ``what``, ``trigger``, ``reason``); the first call
+    for a project after a start seeds them from the audit log."""
+    recent = writer.recent
+    if project not in recent.seeded:
+        query = AuditQuery(
+            project=project, kinds=("decision",), projects=frozenset({project}), limit=KEPT
+        )
+        entries = await writer.store.audit(query)
+        recent.seed(
+            project,
+            [
+                {
+                    "at": format_rfc3339(e.at),
+                    "rule_id": e.rule_id,
+                    "instance": e.instance,
+                    "what": e.what,
+                    "trigger": e.trigger,
+                    "reason": e.reason,
+                }
+                for e in reversed(entries)
+            ],
+        )
+    return recent.latest(project, limit)
+
+
+def rule_status(writer: Writer, rule: Rule) -> str | None:
+    """``instance_status`` of a rule without ``for_each`` (None for a per-item rule), read
+    straight from the writer's states: what ``rule_view`` says as ``state``, without the
+    rest of the view."""
+    if rule.for_each is not None:
+        return None
+    return instance_status(rule, writer.states.get((rule.id, "")) or RuleState(rule.id))
 
 
 def instance_states(writer: Writer, rule: Rule) -> list[RuleState]:
@@ -265,7 +334,8 @@ def ruleset_view(engine: Engine | None) -> dict[str, Any] | None:
 
 
 async def escrow_report(store: Store, escrows: Mapping[str, Escrow]) -> list[dict[str, Any]]:
-    """Per escrow, by name, as decimal strings: currency, limit, the ledger's figures
+    """Per escrow, by name, as decimal strings with the escrow's precision (``decimals``,
+    also given; ``format_amount``): currency, limit, the ledger's figures
     (``EscrowFigures``: reserved, sent, settled, returned) and remaining = limit -
     (reserved + sent + settled); and, as before, released (sent + settled), pending
     (reserved, queued) and unconfirmed (reserved, dead-lettered: counted as possibly paid).
@@ -276,19 +346,25 @@ async def escrow_report(store: Store, escrows: Mapping[str, Escrow]) -> list[dic
     for name in sorted(set(escrows) | set(totals)):
         account = escrows.get(name)
         figures = totals.get(name, EscrowFigures())
+        decimals = account.decimals if account else Escrow.decimals
+
+        def shown(amount: Decimal, decimals: int = decimals) -> str:
+            return format_amount(amount, decimals)
+
         report.append(
             {
                 "escrow": name,
                 "currency": account.currency if account else None,
-                "limit": str(account.limit) if account else None,
-                "reserved": str(figures.reserved),
-                "sent": str(figures.sent),
-                "settled": str(figures.settled),
-                "returned": str(figures.returned),
-                "remaining": str(account.limit - figures.committed) if account else None,
-                "released": str(figures.sent + figures.settled),
-                "pending": str(figures.reserved - figures.unconfirmed),
-                "unconfirmed": str(figures.unconfirmed),
+                "limit": shown(account.limit) if account else None,
+                "decimals": decimals if account else None,
+                "reserved": shown(figures.reserved),
+                "sent": shown(figures.sent),
+                "settled": shown(figures.settled),
+                "returned": shown(figures.returned),
+                "remaining": shown(account.limit - figures.committed) if account else None,
+                "released": shown(figures.sent + figures.settled),
+                "pending": shown(figures.reserved - figures.unconfirmed),
+                "unconfirmed": shown(figures.unconfirmed),
             }
         )
     return report
