@@ -90,6 +90,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument(
+        "--database",
+        metavar="URL",
+        default="gatekeeper.db",
+        help="the daemon's database: a postgresql://user@host:port/dbname URL of an empty "
+        "database (the password from PGPASSWORD), or a SQLite file in the temporary folder "
+        "(default: gatekeeper.db); not with --also",
+    )
+    parser.add_argument(
         "--also",
         action="append",
         default=[],
@@ -230,11 +238,13 @@ def write_gatekeeper_setup(
     time_rules: bool,
     target_url: str | None = None,
     delivery: str = "{max_attempts: 1, timeout_s: 1}",
+    database: str = "gatekeeper.db",
 ) -> tuple[Path, int]:
     """Rules and ``gatekeeper.yaml`` in ``folder``; returns the config path and the port.
 
     The bench target posts to ``target_url`` (default: a closed 127.0.0.1 port) with the
-    ``delivery`` settings given as a YAML flow mapping."""
+    ``delivery`` settings given as a YAML flow mapping; ``database`` is the setting as
+    written (a file relative to ``folder``, or a URL)."""
     rules_dir = folder / "rules"
     rules_dir.mkdir()
     for name, text in ruleset_files(rules, time_clause=time_rules).items():
@@ -247,7 +257,7 @@ def write_gatekeeper_setup(
         textwrap.dedent(
             f"""\
             listen: {HOST}:{port}
-            database: gatekeeper.db
+            database: {database}
             rules_dir: rules
             targets:
               {BENCH_TARGET}:
@@ -272,7 +282,9 @@ def start_gatekeeper(
     folder: Path, args: argparse.Namespace, name: str = "gatekeeper", spec: str = ""
 ) -> Server:
     """``gatekeeper serve`` in ``folder``; ``spec`` as ``--also`` takes it (src:DIR, loop:X)."""
-    config, port = write_gatekeeper_setup(folder, args.rules, args.time_rules)
+    config, port = write_gatekeeper_setup(
+        folder, args.rules, args.time_rules, database=args.database
+    )
     env = daemon_env()
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition(":")
@@ -578,14 +590,22 @@ def check_one_post(server: Server) -> dict[str, Any]:
         raise SystemExit(message) from None
 
 
-def database_counts(path: Path) -> tuple[int, int]:
-    """(fact_log rows, decisions rows) in the daemon's database, read after it stopped."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+def database_counts(folder: Path, database: str) -> tuple[int, int]:
+    """(fact_log rows, decisions rows) in the daemon's database (``database`` as
+    ``--database`` gives it, a file relative to ``folder``), read after it stopped."""
+    counts = (
+        "SELECT count(*) FROM fact_log",
+        "SELECT count(*) FROM decisions WHERE trigger = 'fact'",
+    )
+    if "://" in database:
+        import psycopg
+
+        with psycopg.connect(database) as pg:
+            facts, decisions = (pg.execute(sql).fetchall()[0][0] for sql in counts)
+        return int(facts), int(decisions)
+    db = sqlite3.connect(f"file:{folder / database}?mode=ro", uri=True)
     try:
-        facts = db.execute("SELECT count(*) FROM fact_log").fetchone()[0]
-        decisions = db.execute("SELECT count(*) FROM decisions WHERE trigger = 'fact'").fetchone()[
-            0
-        ]
+        facts, decisions = (db.execute(sql).fetchone()[0] for sql in counts)
     finally:
         db.close()
     return int(facts), int(decisions)
@@ -593,6 +613,8 @@ def database_counts(path: Path) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     targets = Targets(strict=args.strict, strict_later=args.strict_later)
+    if args.also and args.database != "gatekeeper.db":
+        raise SystemExit("--database: one daemon per database; not with --also")
     generator = args.load_generator
     if generator == "auto":
         generator = "wrk" if shutil.which("wrk") else "aiohttp"
@@ -651,7 +673,7 @@ def run(args: argparse.Namespace) -> int:
             server.stop()
         gatekeeper_runs = [warmups[gatekeeper.name], *results["gatekeeper"]]
         acknowledged = 1 + sum(r.requests - r.errors for r in gatekeeper_runs)
-        facts_logged, decisions = database_counts(folder / "gatekeeper.db")
+        facts_logged, decisions = database_counts(folder, args.database)
     finally:
         for server in servers:
             server.stop()

@@ -17,6 +17,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from .pg import postgres_url  # noqa: F401 -- the fixture, for every test
+
 SECRET = "whsec_" + base64.b64encode(b"gatekeeper-test-secret-32-bytes!").decode()
 ENV = {"BANK_SECRET": SECRET, "CHAT_SECRET": SECRET, "CI_SECRET": SECRET}
 

@@ -221,3 +221,25 @@ def test_find_default_config(tmp_path: Path) -> None:
     assert find_default_config(tmp_path) is None
     path = write_config(tmp_path, "")
     assert find_default_config(tmp_path) == path
+
+
+def test_a_postgresql_url_is_kept_as_written(tmp_path: Path) -> None:
+    for url in ("postgresql://gk@db.example:5432/gatekeeper", "postgres://gk@db/gk"):
+        assert load_config(write_config(tmp_path, f"database: {url}\n")).database == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://gk:s3cret@db.example:5432/gatekeeper",
+        "postgres://gk:s3cret@db.example/gatekeeper",
+        "postgresql://gk@db.example/gatekeeper?sslmode=require&password=s3cret",
+    ],
+)
+def test_a_database_url_with_a_password_is_refused_without_repeating_it(
+    tmp_path: Path, url: str
+) -> None:
+    [(line, _, path, message)] = problems_of(write_config(tmp_path, f"database: {url}\n"))
+    assert (line, path) == (1, "database")
+    assert "holds a password" in message and "PGPASSWORD" in message
+    assert "s3cret" not in message

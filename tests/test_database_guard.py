@@ -416,7 +416,7 @@ def test_check_and_plan_do_not_open_the_database(
     project = project_factory()
     project.write_rule("deploy.yaml", DEPLOY_RULE)
     text = project.config_path.read_text().replace(
-        "database: state/gatekeeper.db", "database: postgresql://gk:s3cret@db.example/gk"
+        "database: state/gatekeeper.db", "database: postgresql://gk@db.example/gk"
     )
     project.config_path.write_text(text)
     check = subprocess.run(
@@ -436,13 +436,25 @@ def test_serve_refuses_unsupported_database_url_without_creating_a_file(
     project = project_factory()
     project.write_rule("deploy.yaml", DEPLOY_RULE)
     text = project.config_path.read_text().replace(
-        "database: state/gatekeeper.db", "database: postgresql://gk:s3cret@db.example/gk"
+        "database: state/gatekeeper.db", "database: mysql://gk:s3cret@db.example/gk"
     )
     project.config_path.write_text(text)
     code, err, seconds = serve_to_the_end(project)
-    _assert_one_clear_line(code, err, seconds, "'postgresql' is not supported")
+    _assert_one_clear_line(code, err, seconds, "'mysql' is not supported")
     assert "s3cret" not in err
-    assert not any(p.name.startswith("postgresql") for p in project.root.rglob("*"))
+    assert not any(p.name.startswith("mysql") for p in project.root.rglob("*"))
+
+
+def test_serve_on_an_unreachable_postgresql_says_which_database_in_one_line(
+    project_factory: Callable[..., Project],
+) -> None:
+    project = project_factory()
+    project.write_rule("deploy.yaml", DEPLOY_RULE)
+    url = "postgresql://gk@127.0.0.1:1/gkdb?connect_timeout=2"
+    text = project.config_path.read_text().replace("state/gatekeeper.db", url)
+    project.config_path.write_text(text)
+    code, err, seconds = serve_to_the_end(project)
+    _assert_one_clear_line(code, err, seconds, "gkdb on 127.0.0.1:1", "PGPASSWORD")
 
 
 def test_store_unavailable_names_its_condition() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -207,22 +208,24 @@ def test_serve_refuses_a_database_url_of_another_scheme_naming_it(
 ) -> None:
     project = project_factory()
     project.write_rule("deploy.yaml", DEPLOY_RULE)
-    text = project.config_path.read_text().replace(
-        "database: state/gatekeeper.db", "database: postgresql://gk:s3cret@db.example/gk"
-    )
-    project.config_path.write_text(text)
-    result = subprocess.run(
-        [sys.executable, "-m", "gatekeeper", "serve", "-c", str(project.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **ENV},
-        check=False,
-    )
-    assert result.returncode == 1
-    assert "'postgresql' is not supported" in result.stderr
-    assert "s3cret" not in result.stderr
-    assert "Traceback" not in result.stderr
+    for url, code, says in (
+        ("mysql://gk:s3cret@db.example/gk", 1, "'mysql' is not supported"),
+        ("postgresql://gk:s3cret@db.example/gk", 1, "database: the URL holds a password"),
+    ):
+        text = project.config_path.read_text()
+        project.config_path.write_text(re.sub(r"database: .*", f"database: {url}", text))
+        result = subprocess.run(
+            [sys.executable, "-m", "gatekeeper", "serve", "-c", str(project.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **ENV},
+            check=False,
+        )
+        assert result.returncode == code, result.stderr
+        assert says in result.stderr
+        assert "s3cret" not in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_a_sqlite_url_in_the_config_is_resolved_like_a_path(tmp_path: Path) -> None:

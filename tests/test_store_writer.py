@@ -23,7 +23,8 @@ from gatekeeper.engine.model import FactInput, RuleState, Transition
 from gatekeeper.rules.loader import load_rule_texts
 from gatekeeper.store.errors import Conflict, StoreUnavailable
 from gatekeeper.store.records import Attempt, AttemptRecord, canonical_json
-from gatekeeper.store.sqlite import SqliteStore, _Insert
+from gatekeeper.store.sqlite import SqliteStore
+from gatekeeper.store.sqlstore import _Insert
 
 from .conftest import DESIGN_RULE, Project, fact
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, cast
+from urllib.parse import parse_qs, urlsplit
 
 from gatekeeper.problems import Problem
 from gatekeeper.yamlsource import (
@@ -402,7 +403,8 @@ def _read_text(path: Path) -> str:
 
 
 def _semantic_problems(doc: YamlDocument, data: Mapping[str, Any]) -> list[Problem]:
-    """What the schema cannot say: ``listen`` is host:port, backoff base <= cap."""
+    """What the schema cannot say: ``listen`` is host:port, backoff base <= cap, no
+    password in a database URL."""
     problems = []
     listen = data.get("listen")
     if isinstance(listen, str) and listen:
@@ -424,6 +426,9 @@ def _semantic_problems(doc: YamlDocument, data: Mapping[str, Any]) -> list[Probl
                 "alerts are notify actions and need a webhook target"
             )
             problems.append(doc.problem(("alert_target",), message))
+    database = data.get("database")
+    if isinstance(database, str) and (problem := database_url_problem(database)) is not None:
+        problems.append(doc.problem(("database",), f"the URL {problem}"))
     problems += _secret_like_name_problems(doc, data)
     problems += _escrow_problems(doc, data)
     for name, target in targets.items() if isinstance(targets, dict) else []:
@@ -433,6 +438,32 @@ def _semantic_problems(doc: YamlDocument, data: Mapping[str, Any]) -> list[Probl
             message = "backoff_base_s must not be greater than backoff_cap_s"
             problems.append(doc.problem(path, message))
     return problems
+
+
+POSTGRESQL_SCHEMES = ("postgresql", "postgres")
+"""The URL schemes of a PostgreSQL ``database:``."""
+
+
+def database_url_problem(database: str) -> str | None:
+    """What is wrong with a PostgreSQL ``database:`` URL (``postgresql://user@host:port/
+    dbname``), as a clause ("holds a password: ..."), or None (also for anything that is
+    not such a URL). A password in it (after the user, or as a ``password`` parameter) is
+    refused: it would sit in the config file; libpq reads it from the environment
+    (``PGPASSWORD``) or ``~/.pgpass``. The clause never repeats the URL."""
+    scheme, sep, _ = database.partition("://")
+    if not sep or scheme not in POSTGRESQL_SCHEMES:
+        return None
+    try:
+        parts = urlsplit(database)
+        has_password = parts.password is not None
+    except ValueError:
+        return "is not a valid URL; write postgresql://user@host:port/dbname"
+    if has_password or "password" in parse_qs(parts.query):
+        return (
+            "holds a password; write postgresql://user@host:port/dbname and give the "
+            "password in the environment (PGPASSWORD) or in ~/.pgpass, never in this file"
+        )
+    return None
 
 
 def looks_like_secret(name: str) -> bool:

@@ -1,13 +1,15 @@
 """The contract test suite of ``gatekeeper.store``: every backend must pass it.
 
-``backend`` is parametrized over the backends (only SQLite today; a PostgreSQL backend adds
-its name and how to reach a scratch database). Stores are opened through ``open_store``,
-on real database files, as the daemon opens them.
+``backend`` is parametrized over the backends: SQLite (a file in the test's folder) and
+PostgreSQL (a scratch database per test, ``tests/pg.py``: skipped when no server can be
+reached, unless ``GATEKEEPER_REQUIRE_POSTGRES=1``). Stores are opened through
+``open_store``, on real databases, as the daemon opens them.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,9 @@ import pytest
 
 from gatekeeper.store import Store, open_store
 
-BACKENDS = ["sqlite"]
+from .. import pg
+
+BACKENDS = ["sqlite", "postgresql"]
 
 
 @dataclass
@@ -34,18 +38,21 @@ class Backend:
         return store
 
 
-def _url(name: str, tmp_path: Path) -> str:
+def _url(name: str, tmp_path: Path, cleanup: ExitStack) -> str:
     if name == "sqlite":
         return f"sqlite:///{tmp_path / 'state' / 'gatekeeper.db'}"
+    if name == "postgresql":
+        return cleanup.enter_context(pg.scratch_database())
     raise AssertionError(f"no database for backend {name!r}")
 
 
 @pytest.fixture(params=BACKENDS)
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     opened: list[Store] = []
-    yield Backend(request.param, _url(request.param, tmp_path), opened)
-    for store in opened:
-        await store.close()
+    with ExitStack() as cleanup:
+        yield Backend(request.param, _url(request.param, tmp_path, cleanup), opened)
+        for store in opened:
+            await store.close()
 
 
 @pytest.fixture

@@ -47,10 +47,27 @@ async def test_what_is_committed_survives_closing_and_reopening(backend: Backend
 
 
 async def test_a_database_url_of_another_scheme_is_refused_naming_it() -> None:
-    with pytest.raises(UnsupportedDatabase, match="'postgresql'") as refused:
-        await open_store("postgresql://gk:s3cret@db.example/gatekeeper")
+    with pytest.raises(UnsupportedDatabase, match="'mysql'") as refused:
+        await open_store("mysql://gk:s3cret@db.example/gatekeeper")
     assert "s3cret" not in str(refused.value)  # the URL's password is never repeated
     assert isinstance(refused.value, StoreError)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://gk:s3cret@db.example/gatekeeper",
+        "postgres://gk:s3cret@db.example:5433/gatekeeper",
+        "postgresql://gk@db.example/gatekeeper?password=s3cret",
+    ],
+)
+async def test_a_postgresql_url_with_a_password_is_refused_without_repeating_it(
+    url: str,
+) -> None:
+    with pytest.raises(UnsupportedDatabase, match="holds a password") as refused:
+        await open_store(url)
+    assert "s3cret" not in str(refused.value)
+    assert "PGPASSWORD" in str(refused.value)
     with pytest.raises(UnsupportedDatabase, match="three slashes"):
         store_for("sqlite://relative.db")
     with pytest.raises(UnsupportedDatabase, match="names no file"):

@@ -17,6 +17,21 @@ from . import build
 from .conftest import Backend
 
 
+async def test_a_fact_twice_in_one_transition_keeps_both_in_the_log_and_the_last(
+    store: Store,
+) -> None:
+    twice = build.facts(
+        build.T0,
+        ("tower-a", "task", "a", {"v": 1}),
+        ("tower-a", "task", "b", {}),
+        ("tower-a", "task", "a", {"v": 2}),
+    )
+    assert await store.commit_transition(twice) == [1, 2, 3]
+    current = {(f.id, f.seq): f.data for f in await store.list_facts()}
+    assert current == {("a", 3): {"v": 2}, ("b", 2): {}}
+    assert [f.data for f in await store.fact_log()] == [{"v": 1}, {}, {"v": 2}]
+
+
 async def test_commit_returns_the_sequence_numbers_of_facts_then_approvals(store: Store) -> None:
     first = build.facts(build.T0, ("tower-a", "task", "a", {"v": 1}))
     first.approvals = build.approval("tower-a/r", "alice", "approve", build.T0).approvals

@@ -18,7 +18,6 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 from gatekeeper.clock import Clock, JumpDetector, SystemClock
@@ -53,7 +52,7 @@ from gatekeeper.runtime.ingest import (
 from gatekeeper.runtime.outage import RETRY_AFTER_S, StoreOutage
 from gatekeeper.runtime.rulesets import Rulesets, StartupError
 from gatekeeper.runtime.ticker import Ticker
-from gatekeeper.store import SQLITE_PREFIX, Store, store_for
+from gatekeeper.store import Store, database_name, store_for
 from gatekeeper.store.errors import ADVICE, StoreUnavailable
 from gatekeeper.store.queries import AuditQuery, Projects
 from gatekeeper.store.records import (
@@ -98,16 +97,6 @@ HOUSEKEEPING_INTERVAL_S = 60.0
 class NotARelease(ValueError):
     """The action is not a release: only a release can be cancelled (notify and pipeline
     actions move no money)."""
-
-
-def _database_name(database: Path | str) -> str:
-    """A ``database:`` setting fit for a log line: a path as is, a URL by its scheme only
-    (a URL may hold a password)."""
-    if isinstance(database, Path) or "://" not in database:
-        return str(database)
-    if database.startswith(SQLITE_PREFIX):
-        return database[len(SQLITE_PREFIX) :]
-    return database.partition("://")[0] + "://..."
 
 
 @dataclass(frozen=True)
@@ -199,7 +188,7 @@ class Daemon:
         except StoreUnavailable as exc:
             await self.store.close()
             raise StoreUnavailable(
-                f"cannot load the state from database {_database_name(self._database)}: "
+                f"cannot load the state from database {database_name(self._database)}: "
                 f"{exc}; {ADVICE[exc.condition]}",
                 exc.condition,
             ) from exc

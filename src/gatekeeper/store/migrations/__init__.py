@@ -1,7 +1,12 @@
-"""Schema migrations as files, one folder per backend (``sqlite/``): ``NNNN_name.sql``,
-applied in the order of their number, each once, each in its own transaction together with
-the record of its version. A migration, once released, is never edited: a change is a new
-file. Statements are separated by ``;``; comments are whole lines starting with ``--``."""
+"""Schema migrations as files, one folder per backend (``sqlite/``, ``postgresql/``):
+``NNNN_name.sql``, applied in the order of their number, each once, each in its own
+transaction together with the record of its version. A migration, once released, is never
+edited: a change is a new file. Statements are separated by ``;``; comments are whole lines
+starting with ``--``.
+
+A schema version means the same tables on every backend: a backend added later starts
+at the version of the schema it was added with (``postgresql/`` at 12, the whole schema in
+one file), and from there every change is one migration per backend, numbered alike."""
 
 from __future__ import annotations
 
@@ -21,11 +26,11 @@ class Migration:
     statements: tuple[str, ...]
 
 
-def load_migrations(backend: str) -> tuple[Migration, ...]:
+def load_migrations(backend: str, first: int = 1) -> tuple[Migration, ...]:
     """The migrations of ``backend`` (a folder of this package), in version order.
 
-    Raises ``RuntimeError`` when the versions are not exactly 1, 2, ..., n (a gap or a
-    duplicate means a broken installation)."""
+    Raises ``RuntimeError`` when the versions are not exactly ``first``, ``first`` + 1,
+    ..., n (a gap or a duplicate means a broken installation)."""
     folder = resources.files(__package__).joinpath(backend)
     found: list[Migration] = []
     for entry in folder.iterdir():
@@ -37,8 +42,8 @@ def load_migrations(backend: str) -> tuple[Migration, ...]:
         statements = tuple(s for s in "\n".join(lines).split(";") if s.strip())
         found.append(Migration(int(match.group(1)), match.group(2), statements))
     found.sort(key=lambda m: m.version)
-    if [m.version for m in found] != list(range(1, len(found) + 1)):
+    if [m.version for m in found] != list(range(first, first + len(found))):
         raise RuntimeError(
-            f"{backend} migrations are not numbered 1..n: {[m.version for m in found]}"
+            f"{backend} migrations are not numbered {first}..n: {[m.version for m in found]}"
         )
     return tuple(found)
