@@ -23,6 +23,7 @@ import pytest
 from gatekeeper.cli.copydb import run_copy_db_command
 from gatekeeper.cli.main import build_parser, main
 from gatekeeper.clock import FixedClock
+from gatekeeper.store import open_store
 from gatekeeper.store.lockfile import DatabaseLock
 from gatekeeper.store.sqlite import MIGRATIONS
 
@@ -217,3 +218,28 @@ async def test_a_postgresql_url_with_a_password_is_refused_without_repeating_it(
     assert code == 2
     err = capsys.readouterr().err
     assert "s3cret" not in err and err.startswith("gatekeeper copy-db: ")
+
+
+async def test_a_copy_that_does_not_verify_exits_1_and_keeps_nothing(
+    recorded: tuple[Project, Path], postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A destination that changes what it is given (a trigger rewriting a release's amount
+    as it is written) fails the verification: nothing of the copy is kept."""
+    _, database = recorded
+    store = await open_store(postgres_url)
+    await store.close()
+    with psycopg.connect(postgres_url) as db:
+        db.execute(
+            "CREATE FUNCTION skim() RETURNS trigger AS $$ BEGIN NEW.amount := '0.01';"
+            " RETURN NEW; END $$ LANGUAGE plpgsql"
+        )
+        db.execute(
+            "CREATE TRIGGER skim BEFORE INSERT ON ledger FOR EACH ROW EXECUTE FUNCTION skim()"
+        )
+    code, out = await copy_db("--from", str(database), "--to", postgres_url)
+    assert (code, out) == (1, "")
+    err = capsys.readouterr().err
+    assert "did not verify; nothing was kept" in err
+    assert "  ledger: " in err and "rows read" in err
+    for table in ("fact_log", "decisions", "outbox", "ledger"):
+        assert pg_count(postgres_url, table) == 0, table
