@@ -204,9 +204,11 @@ async def test_a_served_source_and_other_schema_versions_are_refused(
         assert says in err, err
         assert not target.exists()
     assert "open it once with this gatekeeper to migrate it" in err
-    assert (
-        await in_thread(["copy-db", "--from", str(tmp_path / "none.db"), "--to", str(target)]) == 2
-    )
+    same = ["copy-db", "--from", str(database), "--to", f"sqlite:///{database}"]
+    assert await in_thread(same) == 2
+    assert "SOURCE and DEST are the same database" in capsys.readouterr().err
+    missing = ["copy-db", "--from", str(tmp_path / "none.db"), "--to", str(target)]
+    assert await in_thread(missing) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -198,9 +198,9 @@ class Side(ABC):
                 digest.add(row)
         return digest
 
-    def count(self, table: str) -> int:
-        """The rows in ``table``."""
-        return sum(len(batch) for batch in self.read(table, ["1"]))
+    @abstractmethod
+    def has_rows(self, table: str) -> bool:
+        """Whether ``table`` holds a row."""
 
 
 def _quoted(name: str) -> str:
@@ -262,16 +262,17 @@ class SqliteSide(Side):
             for table in self.tables()
         }
 
+    def has_rows(self, table: str) -> bool:
+        return bool(
+            self._db.execute(f"SELECT EXISTS (SELECT 1 FROM {_quoted(table)})").fetchone()[0]
+        )
+
     def _names(self, table: str, columns: Sequence[str]) -> str:
         stand_in = ROWID_COLUMNS.get(table)
         return ", ".join("rowid" if c == stand_in else _quoted(c) for c in columns)
 
     def read(self, table: str, columns: Sequence[str]) -> Iterator[list[tuple[Any, ...]]]:
-        selected = ", ".join(
-            "rowid" if c == ROWID_COLUMNS.get(table) else (c if c == "1" else _quoted(c))
-            for c in columns
-        )
-        cursor = self._db.execute(f"SELECT {selected} FROM {_quoted(table)}")
+        cursor = self._db.execute(f"SELECT {self._names(table, columns)} FROM {_quoted(table)}")
         while batch := cursor.fetchmany(BATCH_ROWS):
             yield batch
 
@@ -358,9 +359,13 @@ class PostgresSide(Side):
             found.setdefault(table, set()).add(referred)
         return found
 
+    def has_rows(self, table: str) -> bool:
+        [(found,)] = self._rows(f"SELECT EXISTS (SELECT 1 FROM {_quoted(table)})")
+        return bool(found)
+
     def read(self, table: str, columns: Sequence[str]) -> Iterator[list[tuple[Any, ...]]]:
         self._reads += 1
-        selected = ", ".join(c if c == "1" else _quoted(c) for c in columns)
+        selected = ", ".join(_quoted(c) for c in columns)
         with self._db.cursor(name=f"copy_{self._reads}") as cursor:
             cursor.execute(f"SELECT {selected} FROM {_quoted(table)}")
             while batch := cursor.fetchmany(BATCH_ROWS):
@@ -445,6 +450,8 @@ def copy_database(source: str, destination: str) -> CopyReport:
             store_for(database)
         except StoreError as exc:
             raise CopyRefused(str(exc)) from exc
+    if _same_file(source, destination):
+        raise CopyRefused(f"SOURCE and DEST are the same database ({database_name(source)})")
     reader = connect(source, read_only=True)
     try:
         version = reader.version()
@@ -467,6 +474,16 @@ def copy_database(source: str, destination: str) -> CopyReport:
             writer.close()
     finally:
         reader.close()
+
+
+def _same_file(source: str, destination: str) -> bool:
+    """Whether both name one SQLite file (whatever the names: links resolved)."""
+    from gatekeeper.store import store_for
+    from gatekeeper.store.sqlite import SqliteStore
+
+    stores = store_for(source), store_for(destination)
+    paths = [os.path.realpath(s.path) for s in stores if isinstance(s, SqliteStore)]
+    return len(paths) == 2 and paths[0] == paths[1]
 
 
 def _driver_error() -> type[Exception]:
@@ -514,7 +531,7 @@ def _copy(reader: Side, writer: Side, report: CopyReport) -> None:
     order = list(graphlib.TopologicalSorter(writer.references()).static_order())
     order = [table for table in order if table in columns]
     writer.begin_writing(order)
-    filled = sorted(table for table in order if writer.count(table))
+    filled = sorted(table for table in order if writer.has_rows(table))
     if filled:
         raise CopyRefused(
             f"database {writer.name} is not empty (rows in {', '.join(filled)}); copy into "
