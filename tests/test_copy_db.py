@@ -27,6 +27,7 @@ from gatekeeper.store import open_store
 from gatekeeper.store.lockfile import DatabaseLock
 from gatekeeper.store.sqlite import MIGRATIONS
 
+from . import pg
 from .conftest import ENV, Project, Receiver
 from .test_backtest import T0, Recorder, backtest, record_history, write_deployment
 from .test_daemon_postgresql import on_postgres
@@ -245,3 +246,24 @@ async def test_a_copy_that_does_not_verify_exits_1_and_keeps_nothing(
     assert "  ledger: " in err and "rows read" in err
     for table in ("fact_log", "decisions", "outbox", "ledger"):
         assert pg_count(postgres_url, table) == 0, table
+
+
+async def test_copies_within_one_backend_keep_every_row(
+    recorded: tuple[Project, Path], tmp_path: Path, postgres_url: str
+) -> None:
+    """SQLite to SQLite (the outbox's rowid kept), then PostgreSQL to PostgreSQL (another
+    schema) and back to SQLite: the same rows."""
+    _, database = recorded
+    copy = tmp_path / "copy" / "gatekeeper.db"
+    code, out = await copy_db("--from", str(database), "--to", str(copy))
+    assert code == 0, out
+    assert sqlite_rows(copy) == sqlite_rows(database)
+    code, out = await copy_db("--from", str(copy), "--to", postgres_url)
+    assert code == 0, out
+    back = tmp_path / "back.db"
+    with pg.scratch_database() as other:
+        code, out = await copy_db("--from", postgres_url, "--to", other)
+        assert code == 0, out
+        code, out = await copy_db("--from", other, "--to", str(back))
+        assert code == 0, out
+    assert sqlite_rows(back) == sqlite_rows(database)
