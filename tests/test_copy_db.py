@@ -211,6 +211,12 @@ async def test_a_served_source_and_other_schema_versions_are_refused(
     missing = ["copy-db", "--from", str(tmp_path / "none.db"), "--to", str(target)]
     assert await in_thread(missing) == 2
     assert "does not exist" in capsys.readouterr().err
+    garbage = tmp_path / "notes.db"
+    garbage.write_text("not a database, " * 512)
+    assert await in_thread(["copy-db", "--from", str(garbage), "--to", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read database {garbage}: file is not a database" in err, err
+    assert "Traceback" not in err and not target.exists()
 
 
 async def test_a_postgresql_url_with_a_password_is_refused_without_repeating_it(

@@ -317,8 +317,9 @@ class PostgresSide(Side):
         try:
             self._db = psycopg.connect(url, autocommit=False, connect_timeout=10)
         except psycopg.Error as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CopyRefused(f"cannot connect to database {self.name}: {first}") from exc
+            raise CopyRefused(
+                f"cannot connect to database {self.name}: {_first_line(exc)}"
+            ) from exc
         if read_only:
             self._db.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             self._db.read_only = True
@@ -438,10 +439,10 @@ def copy_database(source: str, destination: str) -> CopyReport:
     created or migrated, then must be empty. Synchronous (runs its own event loop to open
     the destination).
 
-    Returns the ``CopyReport`` of a verified, committed copy. Raises ``CopyRefused``
-    (nothing written; also a ``SchemaTooNew`` source), ``SchemaTooNew`` (a destination a
-    newer gatekeeper wrote), another ``StoreError`` (a destination that cannot be opened),
-    ``CopyFailed`` (part way: rolled back), ``CopyMismatch`` (rolled back)."""
+    Returns the ``CopyReport`` of a verified, committed copy. Raises, with nothing
+    written: ``CopyRefused``, ``SchemaTooNew`` (a source or destination a newer gatekeeper
+    wrote), another ``StoreError`` (a destination that cannot be opened); rolled back:
+    ``CopyFailed`` (a driver error part way), ``CopyMismatch``."""
     from gatekeeper.store import database_name, store_for
     from gatekeeper.store.sqlite import MIGRATIONS
 
@@ -454,7 +455,10 @@ def copy_database(source: str, destination: str) -> CopyReport:
         raise CopyRefused(f"SOURCE and DEST are the same database ({database_name(source)})")
     reader = connect(source, read_only=True)
     try:
-        version = reader.version()
+        try:
+            version = reader.version()
+        except (sqlite3.Error, _driver_error()) as exc:
+            raise CopyRefused(f"cannot read database {reader.name}: {_first_line(exc)}") from exc
         _check_version(reader.name, version, MIGRATIONS[-1].version)
         asyncio.run(_migrate(destination))
         writer = connect(destination, read_only=False)
@@ -465,10 +469,9 @@ def copy_database(source: str, destination: str) -> CopyReport:
             report.seconds = time.perf_counter() - started
             return report
         except (sqlite3.Error, _driver_error()) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CopyFailed(
                 f"copying {reader.name} to {database_name(destination)} failed, nothing "
-                f"was kept: {first}"
+                f"was kept: {_first_line(exc)}"
             ) from exc
         finally:
             writer.close()
@@ -486,6 +489,11 @@ def _same_file(source: str, destination: str) -> bool:
     return len(paths) == 2 and paths[0] == paths[1]
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _driver_error() -> type[Exception]:
     import psycopg
 
@@ -493,17 +501,14 @@ def _driver_error() -> type[Exception]:
 
 
 def _check_version(name: str, version: int, known: int) -> None:
-    """Refuse a source of another schema version than ``known``."""
+    """Refuse a source of another schema version than ``known`` (``CopyRefused``; a newer
+    one: ``SchemaTooNew``)."""
     if version == 0:
         raise CopyRefused(f"database {name} holds no gatekeeper schema: nothing to copy")
     if version > known:
-        raise CopyRefused(
-            str(
-                SchemaTooNew(
-                    f"database {name} has schema version {version}, newer than this "
-                    f"gatekeeper knows ({known}); copy it with the gatekeeper that wrote it"
-                )
-            )
+        raise SchemaTooNew(
+            f"database {name} has schema version {version}, newer than this gatekeeper "
+            f"knows ({known}); copy it with the gatekeeper that wrote it"
         )
     if version < known:
         raise CopyRefused(
