@@ -416,3 +416,14 @@ async def test_under_tls_gatekeeper_serve_sets_secure_cookies(
     finally:
         process.terminate()
         process.communicate(timeout=30)
+
+
+async def test_a_login_with_neither_the_csrf_cookie_nor_the_field_is_refused(site: Any):
+    # a cross-site form carries no SameSite=Strict cookie and an empty field: "" == ""
+    async with aiohttp.ClientSession() as stranger:
+        form = {"csrf": "", "token": TOKENS["reader"][0], "next": "/ui/"}
+        async with stranger.post(
+            site.url + "/ui/login", data=form, allow_redirects=False
+        ) as response:
+            assert response.status == 403
+            assert "gk_session" not in response.cookies

@@ -366,7 +366,7 @@ async def post_login(request: web.Request) -> web.StreamResponse:
     """``POST /ui/login`` with ``token`` and ``csrf``: sign in. A wrong token is said on the
     form after ``FAILED_LOGIN_DELAY_S``; a token without ``read`` cannot sign in."""
     form = await request.post()
-    if not same_secret(_field(form, "csrf"), request.cookies.get(LOGIN_COOKIE, "")):
+    if not same_secret(_field(form, "csrf"), request.cookies.get(LOGIN_COOKIE)):
         return login_form(request, "The form had expired; sign in again.", 403)
     daemon = daemon_of(request)
     tokens = daemon.tokens()

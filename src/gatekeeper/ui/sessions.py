@@ -120,9 +120,12 @@ class SessionTable:
             del self.sessions[session_id]
 
 
-def same_secret(given: str | None, expected: str) -> bool:
-    """Whether ``given`` equals ``expected``, in constant time (False for None)."""
-    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+def same_secret(given: str | None, expected: str | None) -> bool:
+    """Whether ``given`` equals ``expected``, in constant time (False for None, and when
+    ``expected`` is empty: a missing cookie matches no field, not even an empty one)."""
+    if given is None or not expected:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 def set_cookie(
