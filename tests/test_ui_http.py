@@ -427,3 +427,30 @@ async def test_a_login_with_neither_the_csrf_cookie_nor_the_field_is_refused(sit
         ) as response:
             assert response.status == 403
             assert "gk_session" not in response.cookies
+
+
+async def test_wrong_tokens_from_one_address_beyond_a_few_waiting_are_refused_at_once(
+    site: Any, anon: Browserless
+):
+    from gatekeeper.ui.handlers import SESSIONS_KEY
+    from gatekeeper.ui.sessions import MAX_FAILED_WAITING
+
+    csrf = await anon.csrf("/ui/login")
+    cookie = {"Cookie": f"gk_login={csrf}"}  # each answer sets a fresh one: keep the first
+
+    async def sign_in(token: str) -> int:
+        form = {"csrf": csrf, "token": token, "next": "/ui/"}
+        async with site.session.post(  # its jar keeps no cookie of an IP address
+            site.url + "/ui/login", data=form, headers=cookie, allow_redirects=False
+        ) as response:
+            return response.status
+
+    waiting = [asyncio.create_task(sign_in(f"gk_guess{n}")) for n in range(MAX_FAILED_WAITING)]
+    sessions = site.runner.app[SESSIONS_KEY]
+    while sessions.failures_waiting("127.0.0.1") < MAX_FAILED_WAITING:
+        await asyncio.sleep(0.01)  # the first guesses are waiting their turn
+    more = await asyncio.gather(*(sign_in(f"gk_more{n}") for n in range(3)))
+    right = await sign_in(TOKENS["reader"][0])  # not even checked while the queue is full
+    assert more == [429, 429, 429] and right == 429
+    assert await asyncio.gather(*waiting) == [401] * MAX_FAILED_WAITING
+    assert await sign_in(TOKENS["reader"][0]) == 303

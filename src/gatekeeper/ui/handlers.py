@@ -43,6 +43,7 @@ from gatekeeper.ui.pages import Viewer
 from gatekeeper.ui.sessions import (
     LOGIN_COOKIE,
     LOGIN_TTL_S,
+    MAX_FAILED_WAITING,
     SESSION_COOKIE,
     Session,
     SessionTable,
@@ -364,7 +365,9 @@ def login_form(request: web.Request, error: str | None, status: int = 200) -> we
 
 async def post_login(request: web.Request) -> web.StreamResponse:
     """``POST /ui/login`` with ``token`` and ``csrf``: sign in. A wrong token is said on the
-    form after ``FAILED_LOGIN_DELAY_S``; a token without ``read`` cannot sign in."""
+    form after ``FAILED_LOGIN_DELAY_S``; while ``MAX_FAILED_WAITING`` failures of the same
+    address wait, a sign-in from it is 429 at once (its token unchecked); a token without
+    ``read`` cannot sign in."""
     form = await request.post()
     if not same_secret(_field(form, "csrf"), request.cookies.get(LOGIN_COOKIE)):
         return login_form(request, "The form had expired; sign in again.", 403)
@@ -372,10 +375,15 @@ async def post_login(request: web.Request) -> web.StreamResponse:
     tokens = daemon.tokens()
     if not tokens:
         raise web.HTTPSeeOther("/ui/")
+    sessions, client = request.app[SESSIONS_KEY], request.remote or ""
+    if sessions.failures_waiting(client) >= MAX_FAILED_WAITING:
+        message = "Too many wrong tokens from your address; wait a minute and sign in again."
+        response = login_form(request, message, 429)
+        response.headers["Retry-After"] = "60"
+        return response
     token = authenticate(tokens, _field(form, "token").strip() or None)
-    sessions = request.app[SESSIONS_KEY]
     if token is None:
-        await sessions.failed_login(request.remote or "")
+        await sessions.failed_login(client)
         log.warning("status page: a sign-in with an unknown token was refused")
         return login_form(request, "That token is not valid.", 401)
     if "read" not in token.scopes:

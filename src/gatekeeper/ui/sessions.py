@@ -33,6 +33,10 @@ FAILED_LOGIN_DELAY_S = 1.0
 """How long a wrong token waits before the form says so, in seconds; failures from one
 client address wait in turn (one a second), so guessing is slow however many requests run
 in parallel."""
+MAX_FAILED_WAITING = 3
+"""Failed sign-ins of one client address that may wait their turn at once; a sign-in from
+an address with this many waiting is refused at once, its token unchecked (a queue that
+grew without bound would hold a connection per guess, and the daemon has a few hundred)."""
 MAX_SESSIONS = 10_000
 """Sessions kept at most; the oldest are dropped first."""
 
@@ -100,6 +104,11 @@ class SessionTable:
         now = self.clock()
         for session in self.sessions.values():
             session.expires_at = now
+
+    def failures_waiting(self, client: str) -> int:
+        """How many failed sign-ins of ``client`` address wait their turn now."""
+        failing = self._failing.get(client)
+        return failing.waiting if failing else 0
 
     async def failed_login(self, client: str) -> None:
         """Wait ``FAILED_LOGIN_DELAY_S`` before a wrong token is answered, after the
