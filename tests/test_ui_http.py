@@ -454,3 +454,32 @@ async def test_wrong_tokens_from_one_address_beyond_a_few_waiting_are_refused_at
     assert more == [429, 429, 429] and right == 429
     assert await asyncio.gather(*waiting) == [401] * MAX_FAILED_WAITING
     assert await sign_in(TOKENS["reader"][0]) == 303
+
+
+async def test_one_token_signing_in_over_and_over_does_not_sign_others_out(
+    site: Any, alice: Browserless
+):
+    from gatekeeper.ui.handlers import SESSIONS_KEY
+    from gatekeeper.ui.sessions import MAX_SESSIONS_PER_TOKEN
+
+    sessions = site.runner.app[SESSIONS_KEY]
+    sessions.max_sessions = MAX_SESSIONS_PER_TOKEN * 2  # a smaller table, filled sooner
+    csrf = await alice.csrf("/ui/login")
+    cookie = {"Cookie": f"gk_login={csrf}"}
+    form = {"csrf": csrf, "token": TOKENS["reader"][0], "next": "/ui/"}
+    ids = []
+    for _ in range(sessions.max_sessions):
+        async with site.session.post(  # its jar keeps no cookie of an IP address
+            site.url + "/ui/login", data=form, headers=cookie, allow_redirects=False
+        ) as response:
+            assert response.status == 303
+            ids.append(response.cookies["gk_session"].value)
+    _, text = await alice.page("/ui/projects/tower-a")
+    assert "tower-a/design-release" in text  # alice is still signed in
+    for session_id, live in ((ids[0], False), (ids[-1], True)):
+        async with site.session.get(
+            site.url + "/ui/",
+            headers={"Cookie": f"gk_session={session_id}"},
+            allow_redirects=False,
+        ) as response:
+            assert (response.status == 200) is live
