@@ -483,3 +483,34 @@ async def test_one_token_signing_in_over_and_over_does_not_sign_others_out(
             allow_redirects=False,
         ) as response:
             assert (response.status == 200) is live
+
+
+async def test_a_token_changed_by_a_reload_loses_its_rights_on_the_page_at_once(
+    site: Any, receiver: Any, anon: Browserless, tmp_path: Any
+):
+    from tests.conftest import config_text
+    from tests.uikit import token_entries
+
+    await anon.sign_in("root")
+    _, text = await anon.page("/ui/projects/tower-a")
+    assert 'value="pause"' in text
+    csrf = await anon.csrf("/ui/projects/tower-a")
+    entries = token_entries()
+    for entry in entries:
+        if entry["subject"] == "root":
+            entry["scopes"] = ["read"]  # the same token, no longer admin
+    (tmp_path / "gatekeeper.yaml").write_text(config_text(receiver.url, tokens=entries))
+    assert await site.daemon.reload() is True
+    _, text = await anon.page("/ui/projects/tower-a")
+    assert 'value="pause"' not in text and 'name="act"' not in text
+    form = {"csrf": csrf, "rule": "tower-a/design-release", "act": "pause", "reason": "x"}
+    assert (await anon.post("/ui/act", form)).status == 403
+    entries = [e for e in entries if e["subject"] != "root"]  # and then revoked
+    (tmp_path / "gatekeeper.yaml").write_text(config_text(receiver.url, tokens=entries))
+    assert await site.daemon.reload() is True
+    _, text = await anon.page("/ui/projects/tower-a")
+    assert "Sign in" in text and "tower-a/design-release" not in text
+    response = await anon.post("/ui/act", form)
+    assert response.status == 303 and response.headers["Location"].startswith("/ui/login")
+    body = await api_get(site, "/v1/rules/tower-a/design-release", "alice")
+    assert body["paused"] is False

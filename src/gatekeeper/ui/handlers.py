@@ -153,13 +153,13 @@ async def serve_page(
     build: Callable[[], Awaitable[dict[str, Any]]],
 ) -> web.Response:
     """Page ``name`` with the context ``build`` makes, from the page cache when it may be
-    served (``cache``): rendered once per viewer's token and ``FRESH_S`` while the state
-    changes (requests arriving while it renders wait for that render), with each session's
-    CSRF token put in as it is served. A page with a notice to show is rendered afresh
-    (and not kept)."""
+    served (``cache``): rendered once per token's rights (``Viewer.rights``) and
+    ``FRESH_S`` while the state changes (requests arriving while it renders wait for that
+    render), with each session's CSRF token put in as it is served. A page with a notice
+    to show is rendered afresh (and not kept)."""
     cache = request.app[CACHE_KEY]
     stamp = daemon_of(request).change_stamp()
-    key = (request.path_qs, viewer.token.sha256 if viewer.token else "")
+    key = (request.path_qs, viewer.rights)
     body = None
     if session is None or session.notice is None:
         body = await cache.get_or_render(
