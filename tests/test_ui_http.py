@@ -514,3 +514,22 @@ async def test_a_token_changed_by_a_reload_loses_its_rights_on_the_page_at_once(
     assert response.status == 303 and response.headers["Location"].startswith("/ui/login")
     body = await api_get(site, "/v1/rules/tower-a/design-release", "alice")
     assert body["paused"] is False
+
+
+async def test_every_page_forbids_framing_sniffing_caching_and_inline_scripts(
+    alice: Browserless, anon: Browserless
+):
+    for client_, path in (
+        (alice, "/ui/"),
+        (alice, "/ui/projects/tower-a/rules/tower-a/design-release"),
+        (alice, "/ui/projects/nope"),
+        (anon, "/ui/login"),
+    ):
+        async with client_.session.get(client_.url + path) as response:
+            headers = response.headers
+            assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
+            assert "script-src 'self';" in headers["Content-Security-Policy"], path
+            assert headers["X-Frame-Options"] == "DENY", path  # browsers without CSP 2
+            assert headers["X-Content-Type-Options"] == "nosniff", path
+            assert headers["Cache-Control"] == "no-store", path
+            assert headers["Referrer-Policy"] == "same-origin", path
