@@ -533,3 +533,26 @@ async def test_every_page_forbids_framing_sniffing_caching_and_inline_scripts(
             assert headers["X-Content-Type-Options"] == "nosniff", path
             assert headers["Cache-Control"] == "no-store", path
             assert headers["Referrer-Policy"] == "same-origin", path
+
+
+async def test_signing_out_ends_the_session_even_while_its_token_is_revoked(
+    site: Any, receiver: Any, anon: Browserless, tmp_path: Any
+):
+    from tests.conftest import config_text
+    from tests.uikit import token_entries
+
+    await anon.sign_in("root")
+    csrf = await anon.csrf("/ui/projects/tower-a")
+    cookie = next(c.value for c in anon.session.cookie_jar if c.key == "gk_session")
+    config = tmp_path / "gatekeeper.yaml"
+    kept = config.read_text()
+    others = [e for e in token_entries() if e["subject"] != "root"]
+    config.write_text(config_text(receiver.url, tokens=others))
+    assert await site.daemon.reload() is True
+    assert (await anon.post("/ui/logout", {"csrf": csrf})).status == 303
+    config.write_text(kept)  # the token comes back
+    assert await site.daemon.reload() is True
+    async with site.session.get(
+        site.url + "/ui/", headers={"Cookie": f"gk_session={cookie}"}, allow_redirects=False
+    ) as response:
+        assert response.status == 303  # signed out stays signed out
