@@ -556,3 +556,14 @@ async def test_signing_out_ends_the_session_even_while_its_token_is_revoked(
         site.url + "/ui/", headers={"Cookie": f"gk_session={cookie}"}, allow_redirects=False
     ) as response:
         assert response.status == 303  # signed out stays signed out
+
+
+async def test_signing_in_again_ends_the_session_the_browser_had(site: Any, alice: Browserless):
+    before = next(c.value for c in alice.session.cookie_jar if c.key == "gk_session")
+    assert (await alice.sign_in("bob")).status == 303
+    after = next(c.value for c in alice.session.cookie_jar if c.key == "gk_session")
+    assert after != before  # a new id at each sign-in
+    async with site.session.get(
+        site.url + "/ui/", headers={"Cookie": f"gk_session={before}"}, allow_redirects=False
+    ) as response:
+        assert response.status == 303

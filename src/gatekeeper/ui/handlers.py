@@ -389,6 +389,7 @@ async def post_login(request: web.Request) -> web.StreamResponse:
         return login_form(request, "That token is not valid.", 401)
     if "read" not in token.scopes:
         return login_form(request, f"The token of {token.subject!r} lacks the 'read' scope.", 403)
+    sessions.close(request.cookies.get(SESSION_COOKIE))  # the browser's earlier session
     session_id, _ = sessions.open(token.sha256)
     log.info("status page: %s signed in", token.subject)
     response = web.HTTPSeeOther(safe_back(_field(form, "next")))
