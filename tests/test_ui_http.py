@@ -567,3 +567,29 @@ async def test_signing_in_again_ends_the_session_the_browser_had(site: Any, alic
         site.url + "/ui/", headers={"Cookie": f"gk_session={before}"}, allow_redirects=False
     ) as response:
         assert response.status == 303
+
+
+async def test_acts_from_the_page_count_against_the_token_s_rate_limit(
+    project_factory: Callable[..., Any], start_daemon: Callable[..., Any], receiver: Any
+):
+    from tests.uikit import GATE_FACTS, RELEASE_RULE, token_entries
+
+    entries = token_entries()
+    for entry in entries:
+        if entry["subject"] == "alice":
+            entry["rate_limit"] = {"requests_per_s": 0.01, "burst": 2}
+    project = project_factory(receiver.url, tokens=entries)
+    project.write_rule("tower.yaml", RELEASE_RULE)
+    running = await start_daemon(project, ui=True)
+    await post_facts(running, GATE_FACTS)
+    async for page in client(running):
+        await page.sign_in("alice")
+        csrf = await page.csrf("/ui/projects/tower-a")
+        form = {"csrf": csrf, "rule": "tower-a/design-release", "back": "/ui/"}
+        statuses = [
+            (await page.post("/ui/approve", {**form, "decision": decision})).status
+            for decision in ("approve", "withdraw", "approve")
+        ]
+        assert statuses == [303, 303, 429]  # as the API would answer the third
+    rule = await api_get(running, "/v1/rules/tower-a/design-release")
+    assert rule["explanation"]["approvals"]["approved_by"] == []

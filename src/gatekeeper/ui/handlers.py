@@ -25,7 +25,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from gatekeeper.config import Token
-from gatekeeper.http.app import QUERY_KEY, SCOPES_KEY
+from gatekeeper.http.app import QUERY_KEY, SCOPES_KEY, check_rate
 from gatekeeper.http.auth import authenticate
 from gatekeeper.http.context import daemon_of
 from gatekeeper.http.handlers import (
@@ -419,9 +419,10 @@ async def post_logout(request: web.Request) -> web.StreamResponse:
 
 def acting(handler: Callable[[web.Request, MultiDictProxy[Any], Token], Awaitable[str]]) -> Handler:
     """A form handler: the session must be live (else back to the login form, nothing
-    done) and the form must carry its CSRF token (403 otherwise); then ``handler`` acts as
-    the session's token and answers the notice to show, and the viewer is sent back to
-    the page the form was on. An ``ApiError`` becomes the error page with its status."""
+    done) and the form must carry its CSRF token (403 otherwise); a token over its rate
+    limit is 429, as in the API; then ``handler`` acts as the session's token and answers
+    the notice to show, and the viewer is sent back to the page the form was on. An
+    ``ApiError`` becomes the error page with its status."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         form = await request.post()
@@ -436,6 +437,8 @@ def acting(handler: Callable[[web.Request, MultiDictProxy[Any], Token], Awaitabl
         if not same_secret(_field(form, "csrf"), session.csrf):
             return error_page(request, 403, "The form's CSRF token is missing or wrong.", viewer)
         try:
+            if token.rate_limit is not None:  # acts count as the API's requests do
+                check_rate(request, token)
             session.notice = await handler(request, form, token)
             session.notice_ok = True
         except ApiError as exc:
