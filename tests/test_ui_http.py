@@ -4,6 +4,7 @@ projects, 404 pages, escaping, and acting through the API's own code paths."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -593,3 +594,23 @@ async def test_acts_from_the_page_count_against_the_token_s_rate_limit(
         assert statuses == [303, 303, 429]  # as the API would answer the third
     rule = await api_get(running, "/v1/rules/tower-a/design-release")
     assert rule["explanation"]["approvals"]["approved_by"] == []
+
+
+async def test_no_token_session_id_or_csrf_token_is_logged(
+    site: Any, anon: Browserless, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.DEBUG)
+    csrf = await anon.csrf("/ui/login")
+    form = {"csrf": csrf, "token": "gk_wrong-guess-0123456789", "next": "/ui/?x=1"}
+    assert (await anon.post("/ui/login", form)).status == 401
+    assert (await anon.sign_in("root")).status == 303
+    session_id = next(c.value for c in anon.session.cookie_jar if c.key == "gk_session")
+    csrf = await anon.csrf("/ui/projects/tower-a")
+    form = {"csrf": csrf, "rule": "tower-a/design-release", "act": "pause",
+            "reason": "bank audit", "back": "/ui/projects/tower-a"}  # fmt: skip
+    assert (await anon.post("/ui/act", form)).status == 303
+    assert (await anon.post("/ui/logout", {"csrf": csrf})).status == 303
+    logged = caplog.text
+    assert "POST /ui/act" in logged  # the access log is captured
+    for secret in ("gk_wrong-guess", TOKENS["root"][0], session_id, csrf):
+        assert secret not in logged
