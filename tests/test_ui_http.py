@@ -614,3 +614,60 @@ async def test_no_token_session_id_or_csrf_token_is_logged(
     assert "POST /ui/act" in logged  # the access log is captured
     for secret in ("gk_wrong-guess", TOKENS["root"][0], session_id, csrf):
         assert secret not in logged
+
+
+async def test_bad_queries_and_form_fields_are_the_error_page_not_json(
+    site: Any, alice: Browserless
+):
+    for path in ("/ui/projects/tower-a?page=-1", "/ui/projects/tower-a?limit=99999999999"):
+        async with alice.session.get(alice.url + path) as response:
+            text = await response.text()
+            assert response.status == 400, path
+            assert response.content_type == "text/html", path
+            assert "unknown query parameter" in text and "Traceback" not in text, path
+            assert response.headers["X-Frame-Options"] == "DENY"
+    csrf = await alice.csrf("/ui/projects/tower-a")
+    form = {"csrf": csrf, "rule": "tower-a/design-release", "decision": "approve",
+            "back": "/ui/" + "x" * 300}  # fmt: skip
+    response = await alice.post("/ui/approve", form)
+    assert response.status == 400 and response.content_type == "text/html"
+    assert "back is longer than 256 characters" in await response.text()
+    rule = await api_get(site, "/v1/rules/tower-a/design-release")
+    assert rule["explanation"]["approvals"]["approved_by"] == []  # refused, not done
+
+
+async def test_a_trickled_login_body_is_the_408_page_and_the_connection_closed(
+    project_factory: Callable[..., Any],
+):
+    from aiohttp import web
+
+    from gatekeeper.config import load_config
+    from gatekeeper.http.app import create_app
+    from gatekeeper.http.limits import CONNECTIONS_KEY, GuardedSite
+    from gatekeeper.runtime.daemon import Daemon
+    from gatekeeper.ui import mount
+    from tests.conftest import ENV
+    from tests.test_abuse_http import _project, _read_all
+    from tests.uikit import token_entries
+
+    project = _project(project_factory, tokens=token_entries(), body_read_timeout_s=1)
+    config = load_config(project.config_path)
+    app = create_app(Daemon(config, ENV), body_read_timeout_s=config.body_read_timeout_s)
+    mount(app)
+    runner = web.AppRunner(app, shutdown_timeout=1)
+    await runner.setup()
+    try:
+        site = GuardedSite(runner, "127.0.0.1", 0, runner.app[CONNECTIONS_KEY])
+        await site.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", site.port)
+        writer.write(
+            b"POST /ui/login HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 40\r\n\r\ntoken="
+        )
+        await writer.drain()
+        answer = await _read_all(reader, within_s=5)  # until the daemon closes it
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"text/html" in answer and b"body" in answer
+        writer.close()
+    finally:
+        await runner.cleanup()

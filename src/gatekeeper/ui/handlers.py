@@ -220,6 +220,23 @@ def safe_back(path: str | None) -> str:
 # Pages
 
 
+@web.middleware
+async def html_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Under ``/ui/``, an ``ApiError`` (a query parameter a page does not take, a form field
+    too long, a body too slow) is answered with the error page, not the API's JSON. It is
+    put outside even ``limits_middleware`` (it keeps that one's closing of a connection)."""
+    if not request.path.startswith("/ui/"):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        response = error_page(request, exc.status, exc.message)
+        response.headers.update({k: v for k, v in exc.headers.items() if k == "Retry-After"})
+        if exc.keep_alive is False:  # a body that timed out: its connection is closed
+            response.force_close()
+        return response
+
+
 async def get_root(request: web.Request) -> web.StreamResponse:
     """``/`` redirects to the status page."""
     raise web.HTTPFound("/ui/")
@@ -426,11 +443,12 @@ def acting(handler: Callable[[web.Request, MultiDictProxy[Any], Token], Awaitabl
 
     async def handle(request: web.Request) -> web.StreamResponse:
         form = await request.post()
+        back = _field(form, "back")  # checked before acting: an act is answered by a redirect
         found = viewer_of(request)
         if found is None or found[1] is None or found[0].token is None:
             if not daemon_of(request).tokens():
                 return error_page(request, 403, "Acting from this page needs API tokens.")
-            return to_login(request, _field(form, "back"))
+            return to_login(request, back)
         viewer, session = found
         token = viewer.token
         assert token is not None and session is not None
@@ -443,7 +461,7 @@ def acting(handler: Callable[[web.Request, MultiDictProxy[Any], Token], Awaitabl
             session.notice_ok = True
         except ApiError as exc:
             return error_page(request, exc.status, exc.message, viewer, session)
-        raise web.HTTPSeeOther(safe_back(_field(form, "back")))
+        raise web.HTTPSeeOther(safe_back(back))
 
     handle.__doc__ = handler.__doc__
     return handle
@@ -537,10 +555,11 @@ ROUTES: tuple[tuple[str, str, Handler, frozenset[str]], ...] = (
 def mount(app: web.Application) -> None:
     """Serve the status page from ``app`` (made by ``gatekeeper.http.app.create_app``):
     its routes, open to the API's bearer-token middleware (each page checks its own
-    session), its sessions and templates."""
+    session), its sessions and templates, and ``html_errors``."""
     app[SESSIONS_KEY] = SessionTable()
     app[TEMPLATES_KEY] = templates()
     app[CACHE_KEY] = PageCache()
+    app.middlewares.insert(0, html_errors)  # outermost: it sees the API's middlewares' errors
     for method, path, handler, query in ROUTES:
         if method == "GET":
             app.router.add_get(path, handler)
