@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -671,3 +672,26 @@ async def test_a_trickled_login_body_is_the_408_page_and_the_connection_closed(
         writer.close()
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "elsewhere",
+    ["https://evil.example/", "//evil.example/ui/", "/\\evil.example", "/ui/\\/evil.example",
+     "javascript:alert(1)", "/v1/export", "/ui/\r\nSet-Cookie: x=1", ""],
+)  # fmt: skip
+async def test_sign_in_and_forms_never_redirect_off_the_status_page(
+    anon: Browserless, elsewhere: str
+):
+    csrf = await anon.csrf("/ui/login?next=" + quote(elsewhere))
+    form = {"csrf": csrf, "token": TOKENS["root"][0], "next": elsewhere}
+    response = await anon.post("/ui/login", form)
+    assert response.status == 303
+    assert response.headers["Location"] == "/ui/"
+    assert "x=1" not in "".join(response.headers.getall("Set-Cookie"))
+    csrf = await anon.csrf("/ui/projects/tower-a")
+    form = {"csrf": csrf, "rule": "tower-a/design-release", "act": "pause", "reason": "r",
+            "back": elsewhere}  # fmt: skip
+    for act in ("pause", "resume"):
+        response = await anon.post("/ui/act", {**form, "act": act})
+        assert response.status == 303
+        assert response.headers["Location"] == "/ui/"

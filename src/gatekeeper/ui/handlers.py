@@ -209,9 +209,9 @@ def to_login(request: web.Request, back: str | None = None) -> web.Response:
 
 
 def safe_back(path: str | None) -> str:
-    """``path`` when it is a path of the status page (``/ui/...``), else ``/ui/``: a form
-    never redirects elsewhere."""
-    if path and path.startswith("/ui/") and not path.startswith("//") and "\\" not in path:
+    """``path`` when it is a path of the status page (``/ui/...``, printable, no
+    backslash), else ``/ui/``: a form never redirects elsewhere."""
+    if path and path.startswith("/ui/") and "\\" not in path and path.isprintable():
         return path
     return "/ui/"
 
