@@ -13,7 +13,17 @@ import aiohttp
 import pytest
 
 from tests.conftest import DEPLOY_RULE
-from tests.uikit import CSRF, TOKENS, Browserless, api_get, approve, post_facts, start_site
+from tests.uikit import (
+    CSRF,
+    GATE_FACTS,
+    RELEASE_RULE,
+    TOKENS,
+    Browserless,
+    api_get,
+    approve,
+    post_facts,
+    start_site,
+)
 
 
 @pytest.fixture
@@ -574,7 +584,7 @@ async def test_signing_in_again_ends_the_session_the_browser_had(site: Any, alic
 async def test_acts_from_the_page_count_against_the_token_s_rate_limit(
     project_factory: Callable[..., Any], start_daemon: Callable[..., Any], receiver: Any
 ):
-    from tests.uikit import GATE_FACTS, RELEASE_RULE, token_entries
+    from tests.uikit import token_entries
 
     entries = token_entries()
     for entry in entries:
@@ -695,3 +705,29 @@ async def test_sign_in_and_forms_never_redirect_off_the_status_page(
         response = await anon.post("/ui/act", {**form, "act": act})
         assert response.status == 303
         assert response.headers["Location"] == "/ui/"
+
+
+async def test_without_tokens_no_form_acts_whatever_it_carries(
+    project_factory: Callable[..., Any], start_daemon: Callable[..., Any], receiver: Any
+):
+    project = project_factory(receiver.url)
+    project.write_rule("tower.yaml", RELEASE_RULE)
+    running = await start_daemon(project, ui=True)
+    await post_facts(running, GATE_FACTS)  # no tokens: the API takes it as is
+    rule = "tower-a/design-release"
+    for path, form in (
+        ("/ui/approve", {"rule": rule, "decision": "approve"}),
+        ("/ui/act", {"rule": rule, "act": "pause", "reason": "x"}),
+        ("/ui/retry", {"action_id": "act_1", "reason": "x"}),
+    ):
+        for csrf in ("", "anything"):
+            async with running.session.post(
+                running.url + path, data={**form, "csrf": csrf}, allow_redirects=False
+            ) as response:
+                assert response.status == 403, path
+    async with running.session.post(
+        running.url + "/ui/login", data={"token": "gk_x", "csrf": ""}, allow_redirects=False
+    ) as response:
+        assert response.status == 403 and "gk_session" not in response.cookies
+    _, body = await running.get("/v1/rules/tower-a/design-release")
+    assert body["paused"] is False and body["explanation"]["approvals"]["approved_by"] == []
