@@ -87,6 +87,8 @@ async def test_a_recorded_month_copied_to_postgresql_verifies_replays_and_goes_o
     receiver: Receiver,
     start_daemon: Callable[..., Any],
     postgres_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     project, database = recorded
     before = sqlite_rows(database)
@@ -139,6 +141,11 @@ async def test_a_recorded_month_copied_to_postgresql_verifies_replays_and_goes_o
     )
     await asyncio.sleep(0.3)
     assert not [r for r in receiver.received[delivered:] if r.path.startswith("/bank")]
+    # a database a daemon serves is not copied from (nor to), on PostgreSQL as on SQLite
+    code, out = await copy_db("--from", postgres_url, "--to", str(tmp_path / "served.db"))
+    assert (code, out) == (2, "")
+    assert "is served by a gatekeeper daemon" in capsys.readouterr().err
+    assert not (tmp_path / "served.db").exists()
     await gk.stop()
 
 

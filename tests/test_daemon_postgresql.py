@@ -4,16 +4,22 @@ restart."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from standardwebhooks.webhooks import Webhook
 
 from .conftest import DESIGN_RULE, SECRET, Project, Receiver, fact
 from .test_backtest import backtest, record_history, write_deployment
 from .test_daemon import APPROVED, QA_PASSED, settle
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def on_postgres(project: Project, url: str) -> Project:
@@ -76,3 +82,76 @@ async def test_a_month_recorded_on_postgresql_is_reproduced_by_the_self_check(
     assert code == 0, out
     assert out.strip() == f"{total} of {total} decisions reproduced"
     await gk.stop()
+
+
+async def test_a_second_daemon_on_the_database_is_refused_naming_the_first(
+    project_factory: Callable[..., Project],
+    receiver: Receiver,
+    start_daemon: Any,
+    postgres_url: str,
+) -> None:
+    """One daemon decides on a database at a time: a second one started on it is refused
+    (its decisions would not see the first one's), the first goes on serving, and once it
+    stops a daemon starts there again."""
+    from gatekeeper.store.errors import DatabaseInUse
+
+    project = on_postgres(project_factory(receiver.url), postgres_url)
+    project.write_rule("design.yaml", DESIGN_RULE)
+    first = await start_daemon(project)
+    with pytest.raises(DatabaseInUse) as refused:
+        await start_daemon(project)
+    message = str(refused.value)
+    assert "served by another gatekeeper daemon (gatekeeper " in message, message
+    assert f":{os.getpid()} from " in message, message  # the holder's host:pid
+    status, body = await first.post("/v1/facts", {"facts": [APPROVED, QA_PASSED]})
+    assert (status, body["accepted"]) == (200, 2), body
+    await first.stop()
+    again = await start_daemon(project)
+    _, rule = await again.get("/v1/rules/tower-a/design-release")
+    assert rule["fired_count"] == 1
+
+
+async def test_the_lock_is_per_schema_and_taken_again_after_a_broken_connection(
+    postgres_url: str,
+) -> None:
+    """Two schemas of one database do not exclude each other. A writer whose session the
+    server ended (its lock went with it) takes the lock again before its next write; when
+    another daemon took it meanwhile, the write is refused (DatabaseInUse) and writes
+    nothing, however often it is tried."""
+    from gatekeeper.store import open_store
+    from gatekeeper.store.errors import DatabaseInUse, StoreUnavailable
+
+    from .pg import scratch_database
+
+    first = await open_store(postgres_url)
+    second = await open_store(postgres_url)
+    try:
+        await first.hold_daemon_lock()
+        with pytest.raises(DatabaseInUse):
+            await second.hold_daemon_lock()
+        with scratch_database() as elsewhere:
+            other = await open_store(elsewhere)
+            try:
+                await other.hold_daemon_lock()  # another schema: its own lock
+            finally:
+                await other.close()
+
+        assert await first.purge_idempotency_keys(NOW) == 0  # writes while it holds
+        with psycopg.connect(postgres_url, autocommit=True) as db:
+            [(pid,)] = db.execute(
+                "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                " AND datname = current_database() AND backend_type = 'client backend'"
+                " AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory')"
+            ).fetchall()
+            db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        await asyncio.sleep(0.2)
+        await second.hold_daemon_lock()  # the first's session ended: free
+        with pytest.raises(StoreUnavailable):  # the write that meets the broken session
+            await first.purge_idempotency_keys(NOW)
+        for _ in range(2):
+            with pytest.raises(DatabaseInUse):
+                await first.purge_idempotency_keys(NOW)
+        assert await second.purge_idempotency_keys(NOW) == 0
+    finally:
+        await first.close()
+        await second.close()

@@ -4,14 +4,26 @@ projects, 404 pages, escaping, and acting through the API's own code paths."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
 
 from tests.conftest import DEPLOY_RULE
-from tests.uikit import CSRF, TOKENS, Browserless, api_get, approve, post_facts, start_site
+from tests.uikit import (
+    CSRF,
+    GATE_FACTS,
+    RELEASE_RULE,
+    TOKENS,
+    Browserless,
+    api_get,
+    approve,
+    post_facts,
+    start_site,
+)
 
 
 @pytest.fixture
@@ -416,3 +428,306 @@ async def test_under_tls_gatekeeper_serve_sets_secure_cookies(
     finally:
         process.terminate()
         process.communicate(timeout=30)
+
+
+async def test_a_login_with_neither_the_csrf_cookie_nor_the_field_is_refused(site: Any):
+    # a cross-site form carries no SameSite=Strict cookie and an empty field: "" == ""
+    async with aiohttp.ClientSession() as stranger:
+        form = {"csrf": "", "token": TOKENS["reader"][0], "next": "/ui/"}
+        async with stranger.post(
+            site.url + "/ui/login", data=form, allow_redirects=False
+        ) as response:
+            assert response.status == 403
+            assert "gk_session" not in response.cookies
+
+
+async def test_wrong_tokens_from_one_address_beyond_a_few_waiting_are_refused_at_once(
+    site: Any, anon: Browserless
+):
+    from gatekeeper.ui.handlers import SESSIONS_KEY
+    from gatekeeper.ui.sessions import MAX_FAILED_WAITING
+
+    csrf = await anon.csrf("/ui/login")
+    cookie = {"Cookie": f"gk_login={csrf}"}  # each answer sets a fresh one: keep the first
+
+    async def sign_in(token: str) -> int:
+        form = {"csrf": csrf, "token": token, "next": "/ui/"}
+        async with site.session.post(  # its jar keeps no cookie of an IP address
+            site.url + "/ui/login", data=form, headers=cookie, allow_redirects=False
+        ) as response:
+            return response.status
+
+    waiting = [asyncio.create_task(sign_in(f"gk_guess{n}")) for n in range(MAX_FAILED_WAITING)]
+    sessions = site.runner.app[SESSIONS_KEY]
+    while sessions.failures_waiting("127.0.0.1") < MAX_FAILED_WAITING:
+        await asyncio.sleep(0.01)  # the first guesses are waiting their turn
+    more = await asyncio.gather(*(sign_in(f"gk_more{n}") for n in range(3)))
+    right = await sign_in(TOKENS["reader"][0])  # not even checked while the queue is full
+    assert more == [429, 429, 429] and right == 429
+    assert await asyncio.gather(*waiting) == [401] * MAX_FAILED_WAITING
+    assert await sign_in(TOKENS["reader"][0]) == 303
+
+
+async def test_one_token_signing_in_over_and_over_does_not_sign_others_out(
+    site: Any, alice: Browserless
+):
+    from gatekeeper.ui.handlers import SESSIONS_KEY
+    from gatekeeper.ui.sessions import MAX_SESSIONS_PER_TOKEN
+
+    sessions = site.runner.app[SESSIONS_KEY]
+    sessions.max_sessions = MAX_SESSIONS_PER_TOKEN * 2  # a smaller table, filled sooner
+    csrf = await alice.csrf("/ui/login")
+    cookie = {"Cookie": f"gk_login={csrf}"}
+    form = {"csrf": csrf, "token": TOKENS["reader"][0], "next": "/ui/"}
+    ids = []
+    for _ in range(sessions.max_sessions):
+        async with site.session.post(  # its jar keeps no cookie of an IP address
+            site.url + "/ui/login", data=form, headers=cookie, allow_redirects=False
+        ) as response:
+            assert response.status == 303
+            ids.append(response.cookies["gk_session"].value)
+    _, text = await alice.page("/ui/projects/tower-a")
+    assert "tower-a/design-release" in text  # alice is still signed in
+    for session_id, live in ((ids[0], False), (ids[-1], True)):
+        async with site.session.get(
+            site.url + "/ui/",
+            headers={"Cookie": f"gk_session={session_id}"},
+            allow_redirects=False,
+        ) as response:
+            assert (response.status == 200) is live
+
+
+async def test_a_token_changed_by_a_reload_loses_its_rights_on_the_page_at_once(
+    site: Any, receiver: Any, anon: Browserless, tmp_path: Any
+):
+    from tests.conftest import config_text
+    from tests.uikit import token_entries
+
+    await anon.sign_in("root")
+    _, text = await anon.page("/ui/projects/tower-a")
+    assert 'value="pause"' in text
+    csrf = await anon.csrf("/ui/projects/tower-a")
+    entries = token_entries()
+    for entry in entries:
+        if entry["subject"] == "root":
+            entry["scopes"] = ["read"]  # the same token, no longer admin
+    (tmp_path / "gatekeeper.yaml").write_text(config_text(receiver.url, tokens=entries))
+    assert await site.daemon.reload() is True
+    _, text = await anon.page("/ui/projects/tower-a")
+    assert 'value="pause"' not in text and 'name="act"' not in text
+    form = {"csrf": csrf, "rule": "tower-a/design-release", "act": "pause", "reason": "x"}
+    assert (await anon.post("/ui/act", form)).status == 403
+    entries = [e for e in entries if e["subject"] != "root"]  # and then revoked
+    (tmp_path / "gatekeeper.yaml").write_text(config_text(receiver.url, tokens=entries))
+    assert await site.daemon.reload() is True
+    _, text = await anon.page("/ui/projects/tower-a")
+    assert "Sign in" in text and "tower-a/design-release" not in text
+    response = await anon.post("/ui/act", form)
+    assert response.status == 303 and response.headers["Location"].startswith("/ui/login")
+    body = await api_get(site, "/v1/rules/tower-a/design-release", "alice")
+    assert body["paused"] is False
+
+
+async def test_every_page_forbids_framing_sniffing_caching_and_inline_scripts(
+    alice: Browserless, anon: Browserless
+):
+    for client_, path in (
+        (alice, "/ui/"),
+        (alice, "/ui/projects/tower-a/rules/tower-a/design-release"),
+        (alice, "/ui/projects/nope"),
+        (anon, "/ui/login"),
+    ):
+        async with client_.session.get(client_.url + path) as response:
+            headers = response.headers
+            assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
+            assert "script-src 'self';" in headers["Content-Security-Policy"], path
+            assert headers["X-Frame-Options"] == "DENY", path  # browsers without CSP 2
+            assert headers["X-Content-Type-Options"] == "nosniff", path
+            assert headers["Cache-Control"] == "no-store", path
+            assert headers["Referrer-Policy"] == "same-origin", path
+
+
+async def test_signing_out_ends_the_session_even_while_its_token_is_revoked(
+    site: Any, receiver: Any, anon: Browserless, tmp_path: Any
+):
+    from tests.conftest import config_text
+    from tests.uikit import token_entries
+
+    await anon.sign_in("root")
+    csrf = await anon.csrf("/ui/projects/tower-a")
+    cookie = next(c.value for c in anon.session.cookie_jar if c.key == "gk_session")
+    config = tmp_path / "gatekeeper.yaml"
+    kept = config.read_text()
+    others = [e for e in token_entries() if e["subject"] != "root"]
+    config.write_text(config_text(receiver.url, tokens=others))
+    assert await site.daemon.reload() is True
+    assert (await anon.post("/ui/logout", {"csrf": csrf})).status == 303
+    config.write_text(kept)  # the token comes back
+    assert await site.daemon.reload() is True
+    async with site.session.get(
+        site.url + "/ui/", headers={"Cookie": f"gk_session={cookie}"}, allow_redirects=False
+    ) as response:
+        assert response.status == 303  # signed out stays signed out
+
+
+async def test_signing_in_again_ends_the_session_the_browser_had(site: Any, alice: Browserless):
+    before = next(c.value for c in alice.session.cookie_jar if c.key == "gk_session")
+    assert (await alice.sign_in("bob")).status == 303
+    after = next(c.value for c in alice.session.cookie_jar if c.key == "gk_session")
+    assert after != before  # a new id at each sign-in
+    async with site.session.get(
+        site.url + "/ui/", headers={"Cookie": f"gk_session={before}"}, allow_redirects=False
+    ) as response:
+        assert response.status == 303
+
+
+async def test_acts_from_the_page_count_against_the_token_s_rate_limit(
+    project_factory: Callable[..., Any], start_daemon: Callable[..., Any], receiver: Any
+):
+    from tests.uikit import token_entries
+
+    entries = token_entries()
+    for entry in entries:
+        if entry["subject"] == "alice":
+            entry["rate_limit"] = {"requests_per_s": 0.01, "burst": 2}
+    project = project_factory(receiver.url, tokens=entries)
+    project.write_rule("tower.yaml", RELEASE_RULE)
+    running = await start_daemon(project, ui=True)
+    await post_facts(running, GATE_FACTS)
+    async for page in client(running):
+        await page.sign_in("alice")
+        csrf = await page.csrf("/ui/projects/tower-a")
+        form = {"csrf": csrf, "rule": "tower-a/design-release", "back": "/ui/"}
+        statuses = [
+            (await page.post("/ui/approve", {**form, "decision": decision})).status
+            for decision in ("approve", "withdraw", "approve")
+        ]
+        assert statuses == [303, 303, 429]  # as the API would answer the third
+    rule = await api_get(running, "/v1/rules/tower-a/design-release")
+    assert rule["explanation"]["approvals"]["approved_by"] == []
+
+
+async def test_no_token_session_id_or_csrf_token_is_logged(
+    site: Any, anon: Browserless, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.DEBUG)
+    csrf = await anon.csrf("/ui/login")
+    form = {"csrf": csrf, "token": "gk_wrong-guess-0123456789", "next": "/ui/?x=1"}
+    assert (await anon.post("/ui/login", form)).status == 401
+    assert (await anon.sign_in("root")).status == 303
+    session_id = next(c.value for c in anon.session.cookie_jar if c.key == "gk_session")
+    csrf = await anon.csrf("/ui/projects/tower-a")
+    form = {"csrf": csrf, "rule": "tower-a/design-release", "act": "pause",
+            "reason": "bank audit", "back": "/ui/projects/tower-a"}  # fmt: skip
+    assert (await anon.post("/ui/act", form)).status == 303
+    assert (await anon.post("/ui/logout", {"csrf": csrf})).status == 303
+    logged = caplog.text
+    assert "POST /ui/act" in logged  # the access log is captured
+    for secret in ("gk_wrong-guess", TOKENS["root"][0], session_id, csrf):
+        assert secret not in logged
+
+
+async def test_bad_queries_and_form_fields_are_the_error_page_not_json(
+    site: Any, alice: Browserless
+):
+    for path in ("/ui/projects/tower-a?page=-1", "/ui/projects/tower-a?limit=99999999999"):
+        async with alice.session.get(alice.url + path) as response:
+            text = await response.text()
+            assert response.status == 400, path
+            assert response.content_type == "text/html", path
+            assert "unknown query parameter" in text and "Traceback" not in text, path
+            assert response.headers["X-Frame-Options"] == "DENY"
+    csrf = await alice.csrf("/ui/projects/tower-a")
+    form = {"csrf": csrf, "rule": "tower-a/design-release", "decision": "approve",
+            "back": "/ui/" + "x" * 300}  # fmt: skip
+    response = await alice.post("/ui/approve", form)
+    assert response.status == 400 and response.content_type == "text/html"
+    assert "back is longer than 256 characters" in await response.text()
+    rule = await api_get(site, "/v1/rules/tower-a/design-release")
+    assert rule["explanation"]["approvals"]["approved_by"] == []  # refused, not done
+
+
+async def test_a_trickled_login_body_is_the_408_page_and_the_connection_closed(
+    project_factory: Callable[..., Any],
+):
+    from aiohttp import web
+
+    from gatekeeper.config import load_config
+    from gatekeeper.http.app import create_app
+    from gatekeeper.http.limits import CONNECTIONS_KEY, GuardedSite
+    from gatekeeper.runtime.daemon import Daemon
+    from gatekeeper.ui import mount
+    from tests.conftest import ENV
+    from tests.test_abuse_http import _project, _read_all
+    from tests.uikit import token_entries
+
+    project = _project(project_factory, tokens=token_entries(), body_read_timeout_s=1)
+    config = load_config(project.config_path)
+    app = create_app(Daemon(config, ENV), body_read_timeout_s=config.body_read_timeout_s)
+    mount(app)
+    runner = web.AppRunner(app, shutdown_timeout=1)
+    await runner.setup()
+    try:
+        site = GuardedSite(runner, "127.0.0.1", 0, runner.app[CONNECTIONS_KEY])
+        await site.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", site.port)
+        writer.write(
+            b"POST /ui/login HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 40\r\n\r\ntoken="
+        )
+        await writer.drain()
+        answer = await _read_all(reader, within_s=5)  # until the daemon closes it
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"text/html" in answer and b"body" in answer
+        writer.close()
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "elsewhere",
+    ["https://evil.example/", "//evil.example/ui/", "/\\evil.example", "/ui/\\/evil.example",
+     "javascript:alert(1)", "/v1/export", "/ui/\r\nSet-Cookie: x=1", ""],
+)  # fmt: skip
+async def test_sign_in_and_forms_never_redirect_off_the_status_page(
+    anon: Browserless, elsewhere: str
+):
+    csrf = await anon.csrf("/ui/login?next=" + quote(elsewhere))
+    form = {"csrf": csrf, "token": TOKENS["root"][0], "next": elsewhere}
+    response = await anon.post("/ui/login", form)
+    assert response.status == 303
+    assert response.headers["Location"] == "/ui/"
+    assert "x=1" not in "".join(response.headers.getall("Set-Cookie"))
+    csrf = await anon.csrf("/ui/projects/tower-a")
+    form = {"csrf": csrf, "rule": "tower-a/design-release", "act": "pause", "reason": "r",
+            "back": elsewhere}  # fmt: skip
+    for act in ("pause", "resume"):
+        response = await anon.post("/ui/act", {**form, "act": act})
+        assert response.status == 303
+        assert response.headers["Location"] == "/ui/"
+
+
+async def test_without_tokens_no_form_acts_whatever_it_carries(
+    project_factory: Callable[..., Any], start_daemon: Callable[..., Any], receiver: Any
+):
+    project = project_factory(receiver.url)
+    project.write_rule("tower.yaml", RELEASE_RULE)
+    running = await start_daemon(project, ui=True)
+    await post_facts(running, GATE_FACTS)  # no tokens: the API takes it as is
+    rule = "tower-a/design-release"
+    for path, form in (
+        ("/ui/approve", {"rule": rule, "decision": "approve"}),
+        ("/ui/act", {"rule": rule, "act": "pause", "reason": "x"}),
+        ("/ui/retry", {"action_id": "act_1", "reason": "x"}),
+    ):
+        for csrf in ("", "anything"):
+            async with running.session.post(
+                running.url + path, data={**form, "csrf": csrf}, allow_redirects=False
+            ) as response:
+                assert response.status == 403, path
+    async with running.session.post(
+        running.url + "/ui/login", data={"token": "gk_x", "csrf": ""}, allow_redirects=False
+    ) as response:
+        assert response.status == 403 and "gk_session" not in response.cookies
+    _, body = await running.get("/v1/rules/tower-a/design-release")
+    assert body["paused"] is False and body["explanation"]["approvals"]["approved_by"] == []

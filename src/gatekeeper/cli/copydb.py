@@ -6,9 +6,8 @@ back, or to another database of the same backend), its whole history kept.
 SOURCE and DEST are ``database:`` settings (a path, ``sqlite:///...``,
 ``postgresql://user@host:port/dbname``; the password from ``PGPASSWORD`` or
 ``~/.pgpass``). What is copied, how it is verified and what is refused:
-``gatekeeper.store.copy``. Stop the daemon serving a SQLite source first (a served one is
-refused); a PostgreSQL source is read in one snapshot, but what a daemon writes after it
-is not copied: stop it too before moving.
+``gatekeeper.store.copy``. Stop the daemon serving SOURCE first: a database a daemon
+serves is refused (on either backend, by the daemon's own lock).
 
 Text output: one line per table (its rows), the total, the time and rows per second, then
 ``verified``. JSON: ``{"source", "destination", "schema_version", "tables": [{"table",

@@ -87,7 +87,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             headers={"WWW-Authenticate": 'Bearer realm="gatekeeper"'},
         )
     if principal.rate_limit is not None:
-        _check_rate(request, principal)
+        check_rate(request, principal)
     if not grants(principal.scopes, scope):
         raise ApiError(403, f"token of {principal.subject!r} lacks the {scope!r} scope")
     request[PRINCIPAL_KEY] = principal
@@ -96,7 +96,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-def _check_rate(request: web.Request, token: Token) -> None:
+def check_rate(request: web.Request, token: Token) -> None:
     """Raise ``ApiError`` 429 with ``Retry-After`` (whole seconds) when ``token`` is over
     its rate limit."""
     limit = token.rate_limit

@@ -183,6 +183,11 @@ class Daemon:
         self.rulesets.resolve_secrets()
         await self.store.open()
         try:
+            await self.store.hold_daemon_lock()
+        except BaseException:
+            await self.store.close()
+            raise
+        try:
             await self.writer.load_state()
             await self.rulesets.load_initial()
         except StoreUnavailable as exc:

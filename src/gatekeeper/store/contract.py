@@ -82,6 +82,17 @@ class StoreLifecycle(Protocol):
         """Finish the writes already queued, then release every connection. Idempotent."""
         ...
 
+    async def hold_daemon_lock(self) -> None:
+        """Take the database's one-daemon lock for as long as the store is open (the daemon
+        calls it at start): one gatekeeper daemon decides on a database at a time. SQLite:
+        the lock file ``open`` took already (nothing more). PostgreSQL: a session advisory
+        lock on the writer connection, per schema, taken again when that connection is
+        opened again (it went with the old session).
+
+        Raises ``DatabaseInUse`` naming the holder (its ``application_name``, address and
+        since when) when another daemon holds it."""
+        ...
+
 
 class StateStore(Protocol):
     """The write path of ingest, reloads, ticks and admin acts, and the state loaded at

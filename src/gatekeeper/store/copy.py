@@ -15,11 +15,13 @@ text on both); flags are SQLite integers 0/1 and PostgreSQL booleans.
 
 Preconditions, checked before anything is written (``CopyRefused`` otherwise):
 
-- the source is read without a write: a SQLite file through a read-only connection while
-  this process holds its lock file (``gatekeeper.store.lockfile``: a daemon serving it is
-  refused, and none can start during the copy); PostgreSQL in one ``REPEATABLE READ READ
-  ONLY`` transaction (one consistent snapshot, a daemon may keep running; what it writes
-  after the snapshot is not copied);
+- no daemon serves the source or the destination, and none can start on either during
+  the copy: this process holds their one-daemon locks (SQLite: the lock file,
+  ``gatekeeper.store.lockfile``; PostgreSQL: the schema's session advisory lock,
+  ``gatekeeper.store.postgresql.DAEMON_LOCK_KEY``);
+- the source is read without a write: a SQLite file through a read-only connection in one
+  read transaction; PostgreSQL in one ``REPEATABLE READ READ ONLY`` transaction (one
+  consistent snapshot);
 - the source has this gatekeeper's schema version (older: open it once with this
   gatekeeper to migrate it; newer: ``SchemaTooNew``);
 - the destination is created or migrated by opening it as the daemon does, and must then
@@ -323,8 +325,26 @@ class PostgresSide(Side):
         if read_only:
             self._db.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             self._db.read_only = True
+        try:
+            self._lock()
+        except BaseException:
+            self._db.close()
+            raise
         self._read_only = read_only
         self._reads = 0
+
+    def _lock(self) -> None:
+        """Take the schema's one-daemon lock (``gatekeeper.store.postgresql``) for this
+        session: the first statement, so a source's snapshot is taken once no daemon
+        serves it. Raises ``CopyRefused`` when a daemon (or another copy) holds it."""
+        from gatekeeper.store.postgresql import DAEMON_LOCK_KEY
+
+        [(locked,)] = self._rows(f"SELECT pg_try_advisory_lock(({DAEMON_LOCK_KEY}))")
+        if not locked:
+            raise CopyRefused(
+                f"database {self.name} is served by a gatekeeper daemon (or being copied): "
+                "stop it before copying (a copy is taken of a database no daemon changes)"
+            )
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self._db.execute(sql, params).fetchall()

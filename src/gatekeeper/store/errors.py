@@ -27,8 +27,9 @@ class StoreUnavailable(StoreError):
 
 
 class DatabaseInUse(StoreUnavailable):
-    """Another gatekeeper daemon serves this database file (it holds the file's lock):
-    one daemon per SQLite database. ``holder_pid`` is that daemon's process id when known."""
+    """Another gatekeeper daemon serves this database (it holds the SQLite file's lock, or
+    the PostgreSQL schema's advisory lock): one daemon per database. ``holder_pid`` is that
+    daemon's process id when known (SQLite)."""
 
     def __init__(self, message: str, holder_pid: int | None) -> None:
         super().__init__(message, "locked")

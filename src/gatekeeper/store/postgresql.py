@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import socket
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -40,6 +42,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from gatekeeper.store.errors import (
     Conflict,
+    DatabaseInUse,
     NotAGatekeeperDatabase,
     StoreError,
     StoreUnavailable,
@@ -64,6 +67,11 @@ SCHEMA_VERSION = MIGRATIONS[-1].version
 MIGRATION_LOCK = 0x6761_7465_6B65_6570
 """The key of the transaction-level advisory lock migrations run under (``gatekeep``)."""
 
+DAEMON_LOCK_KEY = "SELECT hashtextextended('gatekeeper daemon ' || current_schema(), 0)"
+"""The key of the session advisory lock one daemon holds on a schema (``hold_daemon_lock``):
+per schema, so gatekeepers in different schemas of one database do not exclude each
+other."""
+
 GATEKEEPER_TABLE = "fact_log"
 """A table every gatekeeper schema has: a schema with a version but without it is not
 gatekeeper's."""
@@ -74,6 +82,9 @@ CONNECT_TIMEOUT_S = 10
 LOCK_TIMEOUT_MS = 5000
 """How long a write waits for another session's lock before it fails with
 ``StoreUnavailable`` (condition ``locked``), as SQLite's busy timeout."""
+
+APPLICATION_NAME = f"gatekeeper {socket.gethostname()}:{os.getpid()}"[:63]
+"""How this process's sessions appear in ``pg_stat_activity`` (and in ``DatabaseInUse``)."""
 
 ADVICE = (
     "check that PostgreSQL runs and is reachable there, that the database exists and that "
@@ -180,6 +191,8 @@ class PostgresStore(SqlStore):
         self._db: psycopg.Connection[Any] | None = None
         """The writer connection; only ever used on the writer thread."""
         self._reader: psycopg.AsyncConnection[Any] | None = None
+        self._daemon_lock = False
+        """Whether ``hold_daemon_lock`` was asked for: the writer's session holds it."""
 
     @property
     def is_open(self) -> bool:
@@ -191,7 +204,7 @@ class PostgresStore(SqlStore):
 
     def _conninfo(self) -> str:
         info = conninfo_to_dict(self.url)
-        extra: dict[str, Any] = {"application_name": "gatekeeper"}
+        extra: dict[str, Any] = {"application_name": APPLICATION_NAME}
         if "connect_timeout" not in info:
             extra["connect_timeout"] = CONNECT_TIMEOUT_S
         return make_conninfo(self.url, **extra)
@@ -243,7 +256,14 @@ class PostgresStore(SqlStore):
         if db is None:
             raise StoreUnavailable("store is not open")
         if db.closed:
-            self._db = db = self._connect_writer()
+            db = self._connect_writer()
+            if self._daemon_lock:  # the lock went with the old session: no write without it
+                try:
+                    self._lock_daemon(db)
+                except BaseException:
+                    db.close()  # the next call connects and tries again
+                    raise
+            self._db = db
         return _Transaction(db)
 
     def _commit(self) -> None:
@@ -270,6 +290,47 @@ class PostgresStore(SqlStore):
         return db
 
     # -- lifecycle ----------------------------------------------------------------------
+
+    async def hold_daemon_lock(self) -> None:
+        """Take the schema's one-daemon lock on the writer's session (see the contract).
+        Raises ``DatabaseInUse`` naming the holder, ``StoreUnavailable`` when not open or
+        read-only."""
+        if self._writer is None:
+            raise StoreUnavailable("store is not open (or open read-only)")
+        try:
+            await self._writer.run(self._lock_writer)
+        except psycopg.Error as exc:
+            raise self._open_error(exc) from exc
+
+    def _lock_writer(self) -> None:
+        db = self._db
+        if db is None:
+            raise StoreUnavailable("store is not open")
+        self._lock_daemon(db)
+        self._daemon_lock = True
+
+    def _lock_daemon(self, db: psycopg.Connection[Any]) -> None:
+        """On the writer thread: ``pg_try_advisory_lock`` on the schema's key, outside any
+        transaction (a session lock: held until the session ends, however it ends). Raises
+        ``DatabaseInUse`` naming the session that holds it."""
+        row = db.execute(f"SELECT pg_try_advisory_lock(({DAEMON_LOCK_KEY}))").fetchone()
+        if row and row[0]:
+            db.commit()
+            return
+        holder = db.execute(_LOCK_HOLDER, ()).fetchone()
+        db.rollback()
+        who = (
+            f"{holder[0] or 'a session'} from {holder[1] or 'a local socket'}, connected "
+            f"since {holder[2]:%Y-%m-%dT%H:%M:%SZ}"
+            if holder
+            else "a session that has just ended"
+        )
+        raise DatabaseInUse(
+            f"PostgreSQL database {self._label} (schema in use) is served by another "
+            f"gatekeeper daemon ({who}); one daemon decides on a database at a time: stop "
+            "that one, or point database: at another database or schema",
+            None,
+        )
 
     async def open(self) -> None:
         """Connect and bring the schema up to date (``migrate``); read-only: connect a
@@ -384,6 +445,16 @@ class PostgresStore(SqlStore):
         if db is not None:
             db.close()
 
+
+_LOCK_HOLDER = (
+    "SELECT a.application_name, host(a.client_addr), a.backend_start AT TIME ZONE 'UTC'"
+    " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    f" AND ((l.classid::bigint << 32) | l.objid::bigint) = ({DAEMON_LOCK_KEY})"
+    " LIMIT 1"
+)
+"""Who holds the one-daemon lock: its ``application_name``, address and start (UTC)."""
 
 _SCHEMA_TABLES = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
 """The tables of the session's current schema."""

@@ -427,6 +427,10 @@ class SqliteStore(SqlStore):
         finally:
             os.close(folder)
 
+    async def hold_daemon_lock(self) -> None:
+        """Nothing more: ``open`` locked the file (``DatabaseLock``), or the database is
+        in memory or read-only (no daemon decides on it)."""
+
     async def close(self) -> None:
         """Close both connections (after the writes already queued, if any), then release
         the database's lock."""

@@ -27,7 +27,8 @@ MAX_PAGES = 256
 """Rendered pages kept at most; the least recently served are dropped first."""
 
 PageKey = tuple[str, str]
-"""A page's path and query, and the SHA-256 of the viewer's token ("" without tokens)."""
+"""A page's path and query, and the viewer's rights (``Viewer.rights``: the token's hash,
+subject, scopes and projects; "" without tokens)."""
 
 
 @dataclass(frozen=True)

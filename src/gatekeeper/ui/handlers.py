@@ -25,7 +25,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from gatekeeper.config import Token
-from gatekeeper.http.app import QUERY_KEY, SCOPES_KEY
+from gatekeeper.http.app import QUERY_KEY, SCOPES_KEY, check_rate
 from gatekeeper.http.auth import authenticate
 from gatekeeper.http.context import daemon_of
 from gatekeeper.http.handlers import (
@@ -43,6 +43,7 @@ from gatekeeper.ui.pages import Viewer
 from gatekeeper.ui.sessions import (
     LOGIN_COOKIE,
     LOGIN_TTL_S,
+    MAX_FAILED_WAITING,
     SESSION_COOKIE,
     Session,
     SessionTable,
@@ -64,6 +65,7 @@ STATIC = {"ui.css": "text/css", "ui.js": "text/javascript"}
 HTML_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
     "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
@@ -152,13 +154,13 @@ async def serve_page(
     build: Callable[[], Awaitable[dict[str, Any]]],
 ) -> web.Response:
     """Page ``name`` with the context ``build`` makes, from the page cache when it may be
-    served (``cache``): rendered once per viewer's token and ``FRESH_S`` while the state
-    changes (requests arriving while it renders wait for that render), with each session's
-    CSRF token put in as it is served. A page with a notice to show is rendered afresh
-    (and not kept)."""
+    served (``cache``): rendered once per token's rights (``Viewer.rights``) and
+    ``FRESH_S`` while the state changes (requests arriving while it renders wait for that
+    render), with each session's CSRF token put in as it is served. A page with a notice
+    to show is rendered afresh (and not kept)."""
     cache = request.app[CACHE_KEY]
     stamp = daemon_of(request).change_stamp()
-    key = (request.path_qs, viewer.token.sha256 if viewer.token else "")
+    key = (request.path_qs, viewer.rights)
     body = None
     if session is None or session.notice is None:
         body = await cache.get_or_render(
@@ -207,15 +209,32 @@ def to_login(request: web.Request, back: str | None = None) -> web.Response:
 
 
 def safe_back(path: str | None) -> str:
-    """``path`` when it is a path of the status page (``/ui/...``), else ``/ui/``: a form
-    never redirects elsewhere."""
-    if path and path.startswith("/ui/") and not path.startswith("//") and "\\" not in path:
+    """``path`` when it is a path of the status page (``/ui/...``, printable, no
+    backslash), else ``/ui/``: a form never redirects elsewhere."""
+    if path and path.startswith("/ui/") and "\\" not in path and path.isprintable():
         return path
     return "/ui/"
 
 
 # ---------------------------------------------------------------------------------------------
 # Pages
+
+
+@web.middleware
+async def html_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Under ``/ui/``, an ``ApiError`` (a query parameter a page does not take, a form field
+    too long, a body too slow) is answered with the error page, not the API's JSON. It is
+    put outside even ``limits_middleware`` (it keeps that one's closing of a connection)."""
+    if not request.path.startswith("/ui/"):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        response = error_page(request, exc.status, exc.message)
+        response.headers.update({k: v for k, v in exc.headers.items() if k == "Retry-After"})
+        if exc.keep_alive is False:  # a body that timed out: its connection is closed
+            response.force_close()
+        return response
 
 
 async def get_root(request: web.Request) -> web.StreamResponse:
@@ -364,22 +383,30 @@ def login_form(request: web.Request, error: str | None, status: int = 200) -> we
 
 async def post_login(request: web.Request) -> web.StreamResponse:
     """``POST /ui/login`` with ``token`` and ``csrf``: sign in. A wrong token is said on the
-    form after ``FAILED_LOGIN_DELAY_S``; a token without ``read`` cannot sign in."""
+    form after ``FAILED_LOGIN_DELAY_S``; while ``MAX_FAILED_WAITING`` failures of the same
+    address wait, a sign-in from it is 429 at once (its token unchecked); a token without
+    ``read`` cannot sign in."""
     form = await request.post()
-    if not same_secret(_field(form, "csrf"), request.cookies.get(LOGIN_COOKIE, "")):
+    if not same_secret(_field(form, "csrf"), request.cookies.get(LOGIN_COOKIE)):
         return login_form(request, "The form had expired; sign in again.", 403)
     daemon = daemon_of(request)
     tokens = daemon.tokens()
     if not tokens:
         raise web.HTTPSeeOther("/ui/")
+    sessions, client = request.app[SESSIONS_KEY], request.remote or ""
+    if sessions.failures_waiting(client) >= MAX_FAILED_WAITING:
+        message = "Too many wrong tokens from your address; wait a minute and sign in again."
+        response = login_form(request, message, 429)
+        response.headers["Retry-After"] = "60"
+        return response
     token = authenticate(tokens, _field(form, "token").strip() or None)
-    sessions = request.app[SESSIONS_KEY]
     if token is None:
-        await sessions.failed_login(request.remote or "")
+        await sessions.failed_login(client)
         log.warning("status page: a sign-in with an unknown token was refused")
         return login_form(request, "That token is not valid.", 401)
     if "read" not in token.scopes:
         return login_form(request, f"The token of {token.subject!r} lacks the 'read' scope.", 403)
+    sessions.close(request.cookies.get(SESSION_COOKIE))  # the browser's earlier session
     session_id, _ = sessions.open(token.sha256)
     log.info("status page: %s signed in", token.subject)
     response = web.HTTPSeeOther(safe_back(_field(form, "next")))
@@ -389,14 +416,16 @@ async def post_login(request: web.Request) -> web.StreamResponse:
 
 
 async def post_logout(request: web.Request) -> web.StreamResponse:
-    """``POST /ui/logout`` with ``csrf``: end the session and forget its cookie."""
+    """``POST /ui/logout`` with ``csrf``: end the session and forget its cookie. The session
+    ends even while its token is not configured (it would come back with the token)."""
     form = await request.post()
-    found = viewer_of(request)
+    sessions, session_id = request.app[SESSIONS_KEY], request.cookies.get(SESSION_COOKIE)
+    session = sessions.get(session_id)
     response = web.HTTPSeeOther("/ui/login")
-    if found is not None and found[1] is not None:
-        if not same_secret(_field(form, "csrf"), found[1].csrf):
+    if session is not None:
+        if not same_secret(_field(form, "csrf"), session.csrf):
             return error_page(request, 403, "The form's CSRF token is missing or wrong.")
-        request.app[SESSIONS_KEY].close(request.cookies.get(SESSION_COOKIE))
+        sessions.close(session_id)
     clear_cookie(response, request, SESSION_COOKIE)
     raise response
 
@@ -407,28 +436,32 @@ async def post_logout(request: web.Request) -> web.StreamResponse:
 
 def acting(handler: Callable[[web.Request, MultiDictProxy[Any], Token], Awaitable[str]]) -> Handler:
     """A form handler: the session must be live (else back to the login form, nothing
-    done) and the form must carry its CSRF token (403 otherwise); then ``handler`` acts as
-    the session's token and answers the notice to show, and the viewer is sent back to
-    the page the form was on. An ``ApiError`` becomes the error page with its status."""
+    done) and the form must carry its CSRF token (403 otherwise); a token over its rate
+    limit is 429, as in the API; then ``handler`` acts as the session's token and answers
+    the notice to show, and the viewer is sent back to the page the form was on. An
+    ``ApiError`` becomes the error page with its status."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         form = await request.post()
+        back = _field(form, "back")  # checked before acting: an act is answered by a redirect
         found = viewer_of(request)
         if found is None or found[1] is None or found[0].token is None:
             if not daemon_of(request).tokens():
                 return error_page(request, 403, "Acting from this page needs API tokens.")
-            return to_login(request, _field(form, "back"))
+            return to_login(request, back)
         viewer, session = found
         token = viewer.token
         assert token is not None and session is not None
         if not same_secret(_field(form, "csrf"), session.csrf):
             return error_page(request, 403, "The form's CSRF token is missing or wrong.", viewer)
         try:
+            if token.rate_limit is not None:  # acts count as the API's requests do
+                check_rate(request, token)
             session.notice = await handler(request, form, token)
             session.notice_ok = True
         except ApiError as exc:
             return error_page(request, exc.status, exc.message, viewer, session)
-        raise web.HTTPSeeOther(safe_back(_field(form, "back")))
+        raise web.HTTPSeeOther(safe_back(back))
 
     handle.__doc__ = handler.__doc__
     return handle
@@ -522,10 +555,11 @@ ROUTES: tuple[tuple[str, str, Handler, frozenset[str]], ...] = (
 def mount(app: web.Application) -> None:
     """Serve the status page from ``app`` (made by ``gatekeeper.http.app.create_app``):
     its routes, open to the API's bearer-token middleware (each page checks its own
-    session), its sessions and templates."""
+    session), its sessions and templates, and ``html_errors``."""
     app[SESSIONS_KEY] = SessionTable()
     app[TEMPLATES_KEY] = templates()
     app[CACHE_KEY] = PageCache()
+    app.middlewares.insert(0, html_errors)  # outermost: it sees the API's middlewares' errors
     for method, path, handler, query in ROUTES:
         if method == "GET":
             app.router.add_get(path, handler)

@@ -66,6 +66,16 @@ class Viewer:
     def subject(self) -> str | None:
         return self.token.subject if self.token else None
 
+    @property
+    def rights(self) -> str:
+        """What a page shown to this viewer depends on, as one string: the token's hash,
+        subject, scopes and projects ("" without tokens). A reload that changes any of
+        them changes it, so no page rendered for the old rights is served."""
+        token = self.token
+        if token is None:
+            return ""
+        return repr((token.sha256, token.subject, sorted(token.scopes), token.projects))
+
     def sees(self, project: str) -> bool:
         """Whether this viewer may see ``project`` (as ``GET /v1/rules/{id}`` allows)."""
         return self.token is None or self.token.allows_project(project)

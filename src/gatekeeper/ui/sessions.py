@@ -33,6 +33,13 @@ FAILED_LOGIN_DELAY_S = 1.0
 """How long a wrong token waits before the form says so, in seconds; failures from one
 client address wait in turn (one a second), so guessing is slow however many requests run
 in parallel."""
+MAX_FAILED_WAITING = 3
+"""Failed sign-ins of one client address that may wait their turn at once; a sign-in from
+an address with this many waiting is refused at once, its token unchecked (a queue that
+grew without bound would hold a connection per guess, and the daemon has a few hundred)."""
+MAX_SESSIONS_PER_TOKEN = 64
+"""Sessions of one token kept at most; its oldest is dropped first (so one token signing in
+over and over cannot push everyone else's sessions out of the table)."""
 MAX_SESSIONS = 10_000
 """Sessions kept at most; the oldest are dropped first."""
 
@@ -59,18 +66,24 @@ class _Failing:
 
 @dataclass
 class SessionTable:
-    """The sessions of one application, in memory, by session id. ``clock`` gives
-    monotonic seconds (``time.monotonic``)."""
+    """The sessions of one application, in memory, by session id, ``max_sessions`` at
+    most. ``clock`` gives monotonic seconds (``time.monotonic``)."""
 
     ttl_s: float = SESSION_TTL_S
+    max_sessions: int = MAX_SESSIONS
     clock: Callable[[], float] = time.monotonic
     sessions: dict[str, Session] = field(default_factory=dict)
     _failing: dict[str, _Failing] = field(default_factory=dict)
 
     def open(self, token_sha256: str) -> tuple[str, Session]:
-        """A new session for the token with hash ``token_sha256``: its id and itself."""
+        """A new session for the token with hash ``token_sha256``: its id and itself. The
+        token's oldest session is dropped when it has ``MAX_SESSIONS_PER_TOKEN``, the
+        table's oldest when it holds ``max_sessions``."""
         self._drop_expired()
-        while len(self.sessions) >= MAX_SESSIONS:
+        mine = [k for k, s in self.sessions.items() if s.token_sha256 == token_sha256]
+        for session_id in mine[: max(0, len(mine) - MAX_SESSIONS_PER_TOKEN + 1)]:
+            del self.sessions[session_id]
+        while len(self.sessions) >= self.max_sessions:
             self.sessions.pop(next(iter(self.sessions)))
         session_id = secrets.token_urlsafe(32)
         session = Session(token_sha256, secrets.token_urlsafe(32), self.clock() + self.ttl_s)
@@ -101,6 +114,11 @@ class SessionTable:
         for session in self.sessions.values():
             session.expires_at = now
 
+    def failures_waiting(self, client: str) -> int:
+        """How many failed sign-ins of ``client`` address wait their turn now."""
+        failing = self._failing.get(client)
+        return failing.waiting if failing else 0
+
     async def failed_login(self, client: str) -> None:
         """Wait ``FAILED_LOGIN_DELAY_S`` before a wrong token is answered, after the
         earlier failures of the same ``client`` address (without blocking the loop)."""
@@ -120,9 +138,12 @@ class SessionTable:
             del self.sessions[session_id]
 
 
-def same_secret(given: str | None, expected: str) -> bool:
-    """Whether ``given`` equals ``expected``, in constant time (False for None)."""
-    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+def same_secret(given: str | None, expected: str | None) -> bool:
+    """Whether ``given`` equals ``expected``, in constant time (False for None, and when
+    ``expected`` is empty: a missing cookie matches no field, not even an empty one)."""
+    if given is None or not expected:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 def set_cookie(
