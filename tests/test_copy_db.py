@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import sqlite3
 from collections.abc import Callable
 from datetime import timedelta
@@ -202,7 +203,9 @@ async def test_a_served_source_and_other_schema_versions_are_refused(
         assert await in_thread(["copy-db", "--from", str(database), "--to", str(target)]) == 2
     finally:
         lock.release()
-    assert "in use by another gatekeeper daemon" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"in use by another gatekeeper daemon (pid {os.getpid()}" in err, err
+    assert "stop it before copying" in err
     assert not target.exists()
     for version, says in ((len(MIGRATIONS) + 1, "newer than this gatekeeper"), (5, "older")):
         with contextlib.closing(sqlite3.connect(database)) as db:

@@ -216,6 +216,7 @@ class SqliteSide(Side):
     def __init__(self, path: Path, *, read_only: bool) -> None:
         """Lock ``path`` and connect. Raises ``CopyRefused`` (no such file, a daemon
         serving it, cannot be opened)."""
+        from gatekeeper.store.errors import DatabaseInUse
         from gatekeeper.store.lockfile import DatabaseLock
 
         self.name = str(path)
@@ -223,12 +224,15 @@ class SqliteSide(Side):
             raise CopyRefused(f"database {path} does not exist")
         try:
             self._lock = DatabaseLock(Path(os.path.realpath(path)))
-        except StoreError as exc:
+        except DatabaseInUse as exc:
+            who = f"pid {exc.holder_pid}" if exc.holder_pid is not None else "pid unknown"
             raise CopyRefused(
-                f"{exc} (the source of a copy must not be served while it is copied)"
-                if read_only
-                else str(exc)
+                f"database {path} is in use by another gatekeeper daemon ({who}, lock file "
+                f"{path}.lock): stop it before copying (a copy is taken of a database no "
+                "daemon changes)"
             ) from exc
+        except StoreError as exc:
+            raise CopyRefused(str(exc)) from exc
         try:
             uri = path.resolve().as_uri() + ("?mode=ro" if read_only else "")
             self._db = sqlite3.connect(uri, uri=True, isolation_level=None)
