@@ -503,3 +503,53 @@ def test_sighup_reloads_the_rules_and_never_kills_the_daemon(
     assert process.returncode == 0, err
     assert err.count("reloading the config and rules on SIGHUP") == 4, err
     assert "Traceback" not in err
+
+
+# -- a database a newer gatekeeper wrote -------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_the_daemon_refuses_a_database_of_a_newer_schema_and_leaves_it_alone(
+    backend: str, project_factory: Callable[..., Project], request: pytest.FixtureRequest
+) -> None:
+    """``gatekeeper serve`` on a database whose schema version is above this gatekeeper's
+    exits 1 with one line naming the versions (``SchemaTooNew``), writing nothing."""
+    project = project_factory()
+    project.write_rule("deploy.yaml", DEPLOY_RULE)
+    if backend == "postgresql":
+        from .test_daemon_postgresql import on_postgres
+
+        url = request.getfixturevalue("postgres_url")  # skips without a server, as it says
+        on_postgres(project, url)
+    else:
+        url = str(database_of(project))
+    store = await open_store(url)  # created at this gatekeeper's version
+    await store.close()
+    version = later_version(backend, url)
+    code, err, _ = serve_to_the_end(project)
+    assert code == 1, err
+    [line] = error_lines(err)
+    assert f"has schema version {version}, newer than this gatekeeper knows" in line, line
+    assert "Traceback" not in err
+    assert later_version(backend, url, bump=False) == version  # nothing migrated or written
+
+
+def later_version(backend: str, url: str, *, bump: bool = True) -> int:
+    """Mark the database at ``url`` as written by a newer gatekeeper (one schema version
+    later), or with ``bump=False`` read its version; returns the version."""
+    if backend == "sqlite":
+        with contextlib.closing(sqlite3.connect(url)) as db:
+            if bump:
+                version = int(db.execute("PRAGMA user_version").fetchone()[0])
+                db.execute(f"PRAGMA user_version={version + 1}")
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
+    import psycopg
+
+    with psycopg.connect(url) as db:
+        if bump:
+            db.execute(
+                "INSERT INTO schema_version (version, name)"
+                " SELECT MAX(version) + 1, 'later' FROM schema_version"
+            )
+        [(version,)] = db.execute("SELECT MAX(version) FROM schema_version").fetchall()
+        return int(version)

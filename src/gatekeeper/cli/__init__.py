@@ -2,7 +2,8 @@
 
 Owns: ``main`` (the argument parser and ``serve``), ``check``, ``ruletest``
 (``gatekeeper test``), ``plan`` (``plan`` and ``explain``), ``backtest`` (replaying the
-recorded history against a ruleset), ``snapshot`` (the state they
+recorded history against a ruleset), ``copydb`` (``copy-db``: a deployment's database
+copied to another, ``gatekeeper.store.copy``), ``snapshot`` (the state they
 read: a file or a running daemon), ``emit``, ``client`` (the
 commands that talk to a running daemon: actions, rules, audit, export), ``output`` (what
 ``check``, ``test`` and ``plan`` print: problem lines, GitHub workflow commands, counts, paths).

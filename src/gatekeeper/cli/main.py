@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--format", choices=["text", "json", "github"], default="text")
 
     from gatekeeper.cli.backtest import add_backtest_parser
+    from gatekeeper.cli.copydb import add_copy_db_parser
     from gatekeeper.cli.emit import add_emit_parser
     from gatekeeper.cli.plan import add_explain_parser, add_plan_parser
     from gatekeeper.cli.ruletest import add_test_parser
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(commands)
     add_explain_parser(commands)
     add_backtest_parser(commands)
+    add_copy_db_parser(commands)
 
     token = commands.add_parser("token", help="API tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
@@ -192,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         emitted: int = run_emit(args)
         return emitted
+    if args.command == "copy-db":  # two databases named on the command line, no config
+        from gatekeeper.cli.copydb import run_copy_db_command
+
+        copied: int = run_copy_db_command(args)
+        return copied
     if args.command in ("test", "plan", "explain", "backtest"):  # they load their config
         from gatekeeper.cli.backtest import run_backtest_command
         from gatekeeper.cli.plan import run_explain, run_plan

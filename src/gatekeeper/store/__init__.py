@@ -9,7 +9,8 @@ the row mapping, the write bodies, a ``Dialect`` for what differs), ``sqlite`` (
 embedded backend: WAL, ``synchronous=FULL``) with ``lockfile`` (one daemon per database
 file), ``postgresql`` (the server backend, psycopg 3), ``writer_thread`` (their single
 writer), ``history`` (a deployment's recorded history read for a replay,
-and the backtest and self-check run over it), and ``open_store`` (the backend a
+and the backtest and self-check run over it), ``copy`` (a whole database copied to
+another, either backend, verified: ``gatekeeper copy-db``), and ``open_store`` (the backend a
 ``database:`` setting names, read-only for a backtest).
 
 May import: ``gatekeeper.engine`` (the records it stores), ``gatekeeper.rules`` and the
