@@ -30,7 +30,7 @@ Rules every method follows:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -80,6 +80,12 @@ class StoreLifecycle(Protocol):
 
     async def close(self) -> None:
         """Finish the writes already queued, then release every connection. Idempotent."""
+        ...
+
+    @property
+    def shared(self) -> bool:
+        """Whether several daemons may write the database at once (PostgreSQL); False
+        when one daemon holds it (SQLite: the file is locked to its daemon)."""
         ...
 
 
@@ -415,6 +421,20 @@ class RulesetReads(Protocol):
         """One version with the text of its files, or None. Each file's text is stored
         once per content (SHA-256 of its text), whatever the number of versions holding
         it. Raises ``StoreError`` when a text the version names is not stored."""
+        ...
+
+    async def active_ruleset_version(self) -> str | None:
+        """The version of the active ruleset (the one last activated, by any daemon), or
+        None in a new database; without reading its files (``last_ruleset`` reads them)."""
+        ...
+
+    def ruleset_changes(self) -> AsyncGenerator[str, None]:
+        """The versions activated from now on, by any session of the database, each as its
+        activation commits (PostgreSQL: ``LISTEN gatekeeper_ruleset``, on a connection of
+        its own, closed when the iteration ends). One activation may be announced after a
+        later one's; a notification is lost while the connection is down: a listener
+        checks ``active_ruleset_version`` too. Ends at once on a backend that is not
+        ``shared``. Raises ``StoreUnavailable`` when the connection fails."""
         ...
 
 

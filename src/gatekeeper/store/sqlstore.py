@@ -26,7 +26,7 @@ import hashlib
 import itertools
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
@@ -104,7 +104,10 @@ class Dialect:
     values), ``texts``/``ints``: a sub-select of its elements as text or integers;
     ``queued``: the column ordering the outbox in the order its entries were written;
     ``ordered_join``: an inner join whose left side drives the loop (SQLite's ``CROSS
-    JOIN`` hint; PostgreSQL plans joins itself).
+    JOIN`` hint; PostgreSQL plans joins itself); ``notify_ruleset``: the statement run in
+    the transaction activating a ruleset, its version the parameter (PostgreSQL: a
+    ``NOTIFY`` on ``RULESET_CHANNEL``, sent only if the transaction commits; empty on
+    SQLite, whose file one daemon writes).
     """
 
     name: str
@@ -114,6 +117,7 @@ class Dialect:
     ints_sql: str
     queued: str
     ordered_join: str
+    notify_ruleset: str = ""
 
     def field(self, column: str, key: str) -> str:
         """``key`` of the JSON object in ``column``, as text."""
@@ -132,6 +136,9 @@ class Dialect:
         return self.ints_sql.format(param=param)
 
 
+RULESET_CHANNEL = "gatekeeper_ruleset"
+"""The notification channel a ruleset's activation is announced on (payload: its version)."""
+
 _EACH = "SELECT value FROM json_each({param})"
 SQLITE = Dialect(
     "sqlite", "json_extract({column}, '$.{key}')", "json_each({param})", _EACH, _EACH,
@@ -141,7 +148,7 @@ _TEXTS = "jsonb_array_elements_text({param}::jsonb) AS value"
 POSTGRESQL = Dialect(
     "postgresql", "({column}::jsonb ->> '{key}')", "jsonb_array_elements({param}::jsonb)",
     f"SELECT value FROM {_TEXTS}", f"SELECT value::bigint FROM {_TEXTS}", "outbox.queued",
-    "JOIN",
+    "JOIN", f"SELECT pg_notify('{RULESET_CHANNEL}', ?)",
 )  # fmt: skip
 
 
@@ -415,6 +422,8 @@ class SqlStore(ABC):
     the fact log through the write transaction in progress (on the writer thread)."""
 
     dialect: ClassVar[Dialect]
+    shared: ClassVar[bool] = False
+    """Whether several daemons may write the database at once."""
     driver_error: ClassVar[type[Exception]]
     """The root of the driver's exceptions (``_store_error`` translates them)."""
 
@@ -799,6 +808,14 @@ class SqlStore(ABC):
             " WHERE version = (SELECT value FROM meta WHERE key = 'active_ruleset')"
         )
         return await self._stored_ruleset(row) if row else None
+
+    async def active_ruleset_version(self) -> str | None:
+        row = await self._row("SELECT value FROM meta WHERE key = 'active_ruleset'")
+        return None if row is None else str(row[0])
+
+    async def ruleset_changes(self) -> AsyncGenerator[str, None]:
+        return
+        yield  # pragma: no cover - a generator that ends at once
 
     async def _stored_ruleset(self, r: Any) -> StoredRuleset:
         """The ruleset version of row ``r`` (``_RULESET_COLUMNS``) with its files' text."""
@@ -1804,3 +1821,5 @@ def _write_ruleset(db: Tx, dialect: Dialect, ruleset: Ruleset, now: str) -> None
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (ruleset.version,),
     )
+    if dialect.notify_ruleset:
+        db.execute(dialect.notify_ruleset, (ruleset.version,))
