@@ -4,6 +4,7 @@ other daemons of a shared database (PostgreSQL: LISTEN/NOTIFY, sent only on comm
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 
 import pytest
@@ -48,6 +49,8 @@ async def _first_announced(
         if done:
             return waiting.result()
     waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
     raise AssertionError(f"no activation announced after {tries} activations of {version}")
 
 
