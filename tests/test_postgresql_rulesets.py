@@ -81,3 +81,31 @@ async def test_a_ruleset_one_daemon_activates_is_adopted_by_the_other(
     again = await start_daemon(b)
     assert await active_version(again) == (new, ADOPTED)
     assert (await active_version(gk_a))[0] == new  # and A was not switched back
+
+
+async def test_a_batch_planned_with_a_replaced_ruleset_is_planned_again_with_the_active_one(
+    tmp_path: Path, receiver: Receiver, start_daemon: Any, postgres_url: str
+) -> None:
+    """B misses the announcement (its follower stopped, its periodic check 60 s off): its
+    commit, planned with the old version, is refused by the database, and B adopts the
+    active version and decides the batch with it."""
+    a = deployment(tmp_path / "a", receiver.url, postgres_url)
+    b = deployment(tmp_path / "b", receiver.url, postgres_url)
+    gk_a = await start_daemon(a, watch=True)
+    gk_b = await start_daemon(b)
+    [follower] = [t for t in gk_b.daemon._tasks if t.get_name() == "ruleset-follower"]
+    follower.cancel()
+    first, _ = await active_version(gk_b)
+
+    a.write_rule("design.yaml", DESIGN_RULE.replace('"5000.00"', '"6000.00"'))
+    new, _ = await until_version(gk_a, lambda v: v != first, within_s=5)
+    assert new != first
+    await asyncio.sleep(0.3)
+    assert (await active_version(gk_b))[0] == first  # B has not switched by itself
+
+    status, body = await gk_b.post("/v1/facts", {"facts": [APPROVED, QA_PASSED]})
+    assert (status, body["accepted"]) == (200, 2), body
+    assert await active_version(gk_b) == (new, ADOPTED)
+    received = await receiver.wait_for(2)
+    release = next(r for r in received if r.path == "/bank")
+    assert Webhook(SECRET).verify(release.raw, release.headers)["amount"] == "6000.00"

@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator
 import pytest
 
 from gatekeeper.store import Store
-from gatekeeper.store.errors import Conflict
+from gatekeeper.store.errors import Conflict, RulesetChanged
 
 from . import build
 from .conftest import Backend
@@ -76,3 +76,18 @@ async def test_another_daemons_activation_is_announced_once_committed(backend: B
         assert await listening.active_ruleset_version() == "v2"
     finally:
         await changes.aclose()
+
+
+async def test_a_commit_planned_with_another_ruleset_than_the_active_one_is_refused(
+    store: Store,
+) -> None:
+    await store.commit_transition(build.ruleset("v1", build.T0))
+    fact = build.facts(build.at(1), ("tower-a", "task", "a", {"v": 1}))
+    assert await store.commit_transitions([fact], planned_with="v1") == [[1]]
+    await store.commit_transition(build.ruleset("v2", build.at(2), {"x.yaml": "- id: x\n"}))
+    late = build.facts(build.at(3), ("tower-a", "task", "b", {}))
+    with pytest.raises(RulesetChanged) as refused:
+        await store.commit_transitions([late], planned_with="v1")
+    assert (refused.value.planned_with, refused.value.active) == ("v1", "v2")
+    assert [f.id for f in await store.list_facts()] == ["a"]  # nothing of it written
+    assert await store.commit_transitions([late], planned_with="v2") == [[2]]

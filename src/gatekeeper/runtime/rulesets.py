@@ -26,8 +26,8 @@ daemons share (PostgreSQL, ``Store.shared``) each daemon decides with that versi
   writing anything: the activating daemon has evaluated and recorded it; the adopting one
   reloads the committed state (facts, rule states, approvals, escrow totals) so it sees what
   that evaluation decided, and its clock ticks treat the new and changed rules as due. A
-  version its config refuses stays unadopted (logged once, in ``status``): that daemon keeps
-  deciding with its previous ruleset until its config is fixed.
+  version its config refuses stays unadopted (logged once, in ``status``): that daemon's
+  decisions are refused (below) until its config is fixed.
 - A directory that has not changed does not activate again: a reload of the config alone
   (``gatekeeper.yaml`` changed) reloads the active ruleset's files with the new config. So a
   daemon that adopted another's version goes on with it, whatever its own directory holds,
@@ -41,16 +41,23 @@ daemons share (PostgreSQL, ``Store.shared``) each daemon decides with that versi
 Every switch is logged with the version and its source (``rules directory``, ``database
 (activated by another daemon)``); ``GET /v1/rules`` shows the version and the source.
 
-The window left: a daemon adopts a new version within the notification's delay (a few
-milliseconds; ``ruleset_check_s`` when notifications are down). Until then its commits are
-decided by the version it had: the decision transactions do not yet check the active
-version. On SQLite (one daemon per file) nothing is announced or followed.
+No decision with a replaced ruleset: on a shared database every commit of the writer names
+the version that planned it (``commit_transitions(planned_with=...)``); its transaction
+reads the active version ``FOR SHARE`` first (an activation committing meanwhile waits for
+it, and it for an activation in progress) and is refused (``RulesetChanged``, nothing
+written) when another is active. The writer then adopts the active version at once
+(``follow_active``) and plans a fact batch again with it; a refused approval, admin act or
+clock tick fails (the caller or the next tick tries again). Left as it is: an activation
+(``activate``, the directory or the config changed) is not checked, it wins, even over an
+activation committed by another daemon while it was being planned.
+On SQLite (one daemon per file) nothing is announced or followed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import time
@@ -146,6 +153,7 @@ class Rulesets:
         """The version the rules directory yielded at its last valid load."""
         self._unadoptable: str | None = None
         """The active version last found invalid against this daemon's config (logged once)."""
+        writer.adopt_active = functools.partial(self.follow_active, locked=True)
 
     def resolve_secrets(self) -> None:
         """Read the config's target and hook secrets from ``environ`` and check the hook
@@ -268,12 +276,13 @@ class Rulesets:
         self._went_live(ruleset, trigger_source, previous, changed)
         log_firings(transition)
 
-    async def follow_active(self) -> bool:
+    async def follow_active(self, *, locked: bool = False) -> bool:
         """Adopt the database's active ruleset when this daemon decides with another (see
         the module): load its stored files against the live config and swap engines,
-        writing nothing. Returns whether it was adopted; False when it is this daemon's
-        already, or invalid against the config (logged once per version, kept in
-        ``status``). Raises what the store raises."""
+        writing nothing (``locked``: the caller holds the writer's lock). Returns whether
+        it was adopted; False when it is this daemon's already, or invalid against the
+        config (logged once per version, kept in ``status``). Raises what the store
+        raises (the previous ruleset stays then)."""
         store = self.writer.store
         version = await store.active_ruleset_version()
         engine = self.writer.engine
@@ -291,30 +300,34 @@ class Rulesets:
             self._unadoptable = version
             log.error(
                 "ruleset %s, active in the database, is invalid against this daemon's config; "
-                "still deciding with %s until the config is fixed",
+                "it cannot decide until the config is fixed",
                 version[:12],
-                "nothing" if engine is None else engine.ruleset.version[:12],
             )
             self._report_refused(result)
             return False
-        await self.adopt(result.ruleset, "database (activated by another daemon)")
+        if locked:
+            await self._adopt(result.ruleset)
+        else:
+            async with self.writer.lock:
+                await self._adopt(result.ruleset)
         return True
 
-    async def adopt(self, ruleset: Ruleset, trigger_source: str) -> None:
-        """Make ``ruleset``, activated and evaluated by another daemon, live here: reload the
-        committed state (what its activation decided), swap engines; nothing is written.
-        Raises what the store raises (the previous ruleset stays then)."""
+    async def _adopt(self, ruleset: Ruleset) -> None:
+        """With the writer's lock held: make ``ruleset``, activated and evaluated by another
+        daemon, live here: reload the committed state (what its activation decided), swap
+        engines; nothing is written."""
         writer = self.writer
-        async with writer.lock:
-            engine = Engine.for_config(
-                ruleset, self.config, new_action_id=self.new_action_id, signed=writer.signed
-            )
-            previous = writer.engine
-            changed = changed_rules(ruleset, previous, writer.states, set())
-            await writer.load_state()
-            writer.engine = engine
-            self.ticker.activated(engine, previous, changed, writer.facts)
-        self._went_live(ruleset, trigger_source, previous, changed)
+        previous = writer.engine
+        if previous is not None and previous.ruleset.version == ruleset.version:
+            return  # adopted meanwhile
+        engine = Engine.for_config(
+            ruleset, self.config, new_action_id=self.new_action_id, signed=writer.signed
+        )
+        changed = changed_rules(ruleset, previous, writer.states, set())
+        await writer.load_state()
+        writer.engine = engine
+        self.ticker.activated(engine, previous, changed, writer.facts)
+        self._went_live(ruleset, "database (activated by another daemon)", previous, changed)
 
     def _went_live(
         self, ruleset: Ruleset, trigger_source: str, previous: Engine | None, changed: list[Rule]

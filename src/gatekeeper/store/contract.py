@@ -117,10 +117,17 @@ class StateStore(Protocol):
         """
         ...
 
-    async def commit_transitions(self, transitions: Sequence[Transition]) -> list[list[int]]:
+    async def commit_transitions(
+        self, transitions: Sequence[Transition], *, planned_with: str | None = None
+    ) -> list[list[int]]:
         """Commit several transitions in ONE transaction (group commit: one durable write
         for all), in order; return each one's sequence numbers as ``commit_transition``.
-        All or nothing; raises as ``commit_transition``."""
+        All or nothing; raises as ``commit_transition``.
+
+        ``planned_with``: the ruleset version that planned them. The transaction then first
+        reads the active version (PostgreSQL: ``FOR SHARE``, so an activation committing
+        meanwhile waits for this transaction, and this one for an activation in progress)
+        and raises ``RulesetChanged``, writing nothing, when another version is active."""
         ...
 
     async def find_idempotency_key(self, key: str) -> IdempotencyOutcome | None:

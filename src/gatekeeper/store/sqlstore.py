@@ -52,6 +52,7 @@ from gatekeeper.store.errors import (
     AttemptInFlight,
     Conflict,
     KeyReused,
+    RulesetChanged,
     SchemaTooNew,
     StoreError,
     StoreUnavailable,
@@ -107,7 +108,8 @@ class Dialect:
     JOIN`` hint; PostgreSQL plans joins itself); ``notify_ruleset``: the statement run in
     the transaction activating a ruleset, its version the parameter (PostgreSQL: a
     ``NOTIFY`` on ``RULESET_CHANNEL``, sent only if the transaction commits; empty on
-    SQLite, whose file one daemon writes).
+    SQLite, whose file one daemon writes); ``lock_shared``: the clause a SELECT ends with to
+    hold its rows against updates until the transaction ends (SQLite: none, one writer).
     """
 
     name: str
@@ -118,6 +120,7 @@ class Dialect:
     queued: str
     ordered_join: str
     notify_ruleset: str = ""
+    lock_shared: str = ""
 
     def field(self, column: str, key: str) -> str:
         """``key`` of the JSON object in ``column``, as text."""
@@ -148,7 +151,7 @@ _TEXTS = "jsonb_array_elements_text({param}::jsonb) AS value"
 POSTGRESQL = Dialect(
     "postgresql", "({column}::jsonb ->> '{key}')", "jsonb_array_elements({param}::jsonb)",
     f"SELECT value FROM {_TEXTS}", f"SELECT value::bigint FROM {_TEXTS}", "outbox.queued",
-    "JOIN", f"SELECT pg_notify('{RULESET_CHANNEL}', ?)",
+    "JOIN", f"SELECT pg_notify('{RULESET_CHANNEL}', ?)", " FOR SHARE",
 )  # fmt: skip
 
 
@@ -514,10 +517,14 @@ class SqlStore(ABC):
     async def commit_transition(self, transition: Transition) -> list[int]:
         return (await self.commit_transitions([transition]))[0]
 
-    async def commit_transitions(self, transitions: Sequence[Transition]) -> list[list[int]]:
+    async def commit_transitions(
+        self, transitions: Sequence[Transition], *, planned_with: str | None = None
+    ) -> list[list[int]]:
         transitions = list(transitions)
 
         def write(db: Tx) -> list[list[int]]:
+            if planned_with is not None:
+                _check_active_ruleset(db, self.dialect, planned_with)
             self._written = _Written(db, self.dialect)
             try:
                 return [self._write_transition(db, t) for t in transitions]
@@ -1786,6 +1793,16 @@ def _decision_row(
         d.notice_id,
         None if d.mode == "live" else d.mode,
     )
+
+
+def _check_active_ruleset(db: Tx, dialect: Dialect, planned_with: str) -> None:
+    """Raise ``RulesetChanged`` when the active ruleset is not ``planned_with``; the row
+    read stays locked against an activation until the transaction ends."""
+    row = db.execute(
+        f"SELECT value FROM meta WHERE key = 'active_ruleset'{dialect.lock_shared}"
+    ).fetchone()
+    if row is not None and row[0] != planned_with:
+        raise RulesetChanged(planned_with, str(row[0]))
 
 
 def _write_ruleset(db: Tx, dialect: Dialect, ruleset: Ruleset, now: str) -> None:
