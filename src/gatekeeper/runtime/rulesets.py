@@ -389,6 +389,7 @@ class Rulesets:
         if result.ruleset is None:
             self._report_refused(result)
             return False
+        self._unadoptable = None  # the config may have changed: adopting may work now
         ruleset = result.ruleset
         folder_changed = ruleset.version != self._folder_version
         self._folder_version = ruleset.version
@@ -493,8 +494,8 @@ class Rulesets:
                 await listener
 
     async def _listen(self, wake: asyncio.Event) -> None:
-        """Set ``wake`` at each activation announced; listen again after a failure
-        (``ruleset_check_s`` later: the periodic check covers the gap)."""
+        """Set ``wake`` at each activation announced, and when listening stops (a check
+        then covers what was missed); listen again ``ruleset_check_s`` later."""
         while True:
             try:
                 changes = self.writer.store.ruleset_changes()
@@ -502,13 +503,16 @@ class Rulesets:
                     async for version in changes:
                         log.debug("ruleset %s activated", version[:12])
                         wake.set()
-                return
-            except StoreError as exc:
-                log.warning(
-                    "listening for ruleset activations failed (%s); checking every %s s",
-                    exc,
-                    self.config.ruleset_check_s,
-                )
+                reason = "the connection ended"
+            except Exception as exc:  # never stop listening: the connection is made again
+                reason = str(exc) if isinstance(exc, StoreError) else type(exc).__name__
+            log.warning(
+                "listening for ruleset activations stopped (%s); listening again in %s s, "
+                "checking the active version meanwhile",
+                reason,
+                self.config.ruleset_check_s,
+            )
+            wake.set()  # an activation may have been missed: check now
             await asyncio.sleep(self.config.ruleset_check_s)
 
 
