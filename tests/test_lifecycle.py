@@ -77,10 +77,10 @@ async def test_stop_answers_batches_still_queued_after_the_grace_period(
     original = store.commit_transitions
     in_commit, release = asyncio.Event(), asyncio.Event()
 
-    async def slow_commit(transitions: Any) -> list[list[int]]:
+    async def slow_commit(transitions: Any, **options: Any) -> list[list[int]]:
         in_commit.set()
         await release.wait()
-        return await original(transitions)
+        return await original(transitions, **options)
 
     monkeypatch.setattr(store, "commit_transitions", slow_commit)
     first = asyncio.create_task(daemon.ingest([COMPLETED]))

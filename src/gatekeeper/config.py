@@ -224,6 +224,9 @@ class Config:
     alert_target: str | None = None
     idempotency_window_s: float = 86400.0
     shutdown_grace_s: float = 10.0
+    ruleset_check_s: float = 5.0
+    """How often, in seconds, a daemon on a shared database (PostgreSQL) checks the active
+    ruleset version besides its notifications (``gatekeeper.runtime.rulesets``)."""
     tokens: tuple[Token, ...] = ()
     hooks: Mapping[str, Hook] = field(default_factory=dict)
     header_read_timeout_s: float = DEFAULT_HEADER_READ_TIMEOUT_S
@@ -535,6 +538,7 @@ def _build(data: Mapping[str, Any], path: Path) -> Config:
         alert_target=data.get("alert_target"),
         idempotency_window_s=float(data.get("idempotency_window_s", 86400.0)),
         shutdown_grace_s=float(data.get("shutdown_grace_s", 10.0)),
+        ruleset_check_s=float(data.get("ruleset_check_s", 5.0)),
         tokens=tuple(_build_token(t, rate_limit) for t in data.get("tokens", [])),
         hooks={name: _build_hook(name, h) for name, h in data.get("hooks", {}).items()},
         header_read_timeout_s=float(

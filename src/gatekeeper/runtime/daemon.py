@@ -207,6 +207,8 @@ class Daemon:
         self._spawn(self._housekeep_forever(), "housekeeping")
         if self.watch:
             self._spawn(self.rulesets.watch(), "watcher")
+        if self.store.shared:  # other daemons may activate rulesets: follow the active one
+            self._spawn(self.rulesets.follow(), "ruleset-follower")
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         self._tasks.append(asyncio.create_task(work, name=name))

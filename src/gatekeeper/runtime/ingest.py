@@ -13,7 +13,11 @@ Approvals and admin acts are written under the same lock, one transaction each.
 
 The writer knows nothing of deadlines or rulesets: after each applied transition it tells
 its ``Schedule`` (the deadline loop), and a ruleset manager swaps ``engine`` and ``book``
-under ``lock``.
+under ``lock``. On a database several daemons share, every commit names the ruleset that
+planned it; when another daemon has activated another one meanwhile, the store refuses it
+(``RulesetChanged``), the writer has the manager adopt the active ruleset
+(``adopt_active``), and a fact batch group is planned again with it (other writes fail:
+their caller may try again).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
@@ -54,7 +58,7 @@ from gatekeeper.rules.model import Rule
 from gatekeeper.runtime.outage import StoreOutage
 from gatekeeper.runtime.recent import RecentDecisions
 from gatekeeper.store import Store
-from gatekeeper.store.errors import StoreUnavailable
+from gatekeeper.store.errors import RulesetChanged, StoreUnavailable
 
 log = logging.getLogger("gatekeeper.runtime.ingest")
 
@@ -246,6 +250,9 @@ class Writer:
         """Held by every write from plan to apply: one write at a time."""
         self._queue: asyncio.Queue[_IngestJob] = asyncio.Queue()
         self._closing = False
+        self.adopt_active: Callable[[], Awaitable[object]] | None = None
+        """Set by the ruleset manager: make the database's active ruleset live (called with
+        ``lock`` held) after a commit was refused as planned with another one."""
 
     def live_engine(self) -> Engine:
         """The live engine; ``RuntimeError`` before a ruleset went live."""
@@ -287,11 +294,21 @@ class Writer:
         caller cancelled meanwhile (at shutdown) does not leave a committed transition
         unapplied, so memory never disagrees with the database."""
 
+        engine = self.engine
+        planned_with = engine.ruleset.version if engine and self.store.shared else None
+
         async def commit_then_apply() -> list[list[int]]:
             try:
-                results = await self.store.commit_transitions(transitions)
+                results = await self.store.commit_transitions(
+                    transitions, planned_with=planned_with
+                )
             except StoreUnavailable as exc:
                 self.outage.failed(exc)
+                raise
+            except RulesetChanged as exc:
+                log.warning("%s: adopting the active ruleset", exc)
+                if self.adopt_active is not None:
+                    await self.adopt_active()
                 raise
             self.outage.recovered()
             self.counters.applied(transitions)
@@ -402,7 +419,13 @@ class Writer:
             if not planned:
                 return
             try:
-                results = await self.commit_and_apply([t for _, t in planned])
+                try:
+                    results = await self.commit_and_apply([t for _, t in planned])
+                except RulesetChanged:  # the active ruleset is live now: plan with it
+                    planned = await self._plan_group([job for job, _ in planned])
+                    if not planned:
+                        return
+                    results = await self.commit_and_apply([t for _, t in planned])
             except Exception as exc:
                 if len(planned) == 1 or isinstance(exc, StoreUnavailable):
                     raise  # one by one would meet the same database

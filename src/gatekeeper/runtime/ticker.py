@@ -28,7 +28,7 @@ from gatekeeper.engine.model import ApprovalStanding, InstanceKey, Transition
 from gatekeeper.metrics import Metrics
 from gatekeeper.rules.model import Rule
 from gatekeeper.runtime.ingest import Writer, log_firings
-from gatekeeper.store.errors import StoreUnavailable
+from gatekeeper.store.errors import RulesetChanged, StoreUnavailable
 
 log = logging.getLogger("gatekeeper.runtime.ticker")
 
@@ -116,7 +116,8 @@ class Ticker:
             try:
                 await self.tick(writer)
             except Exception as exc:
-                if not isinstance(exc, StoreUnavailable):  # that one: the writer's outage log
+                # those: the writer's outage log, or its adopting the active ruleset
+                if not isinstance(exc, StoreUnavailable | RulesetChanged):
                     log.exception("evaluating due time-dependent rules failed; retrying shortly")
                 await asyncio.sleep(min(self.tick_s, 1.0))
 

@@ -30,7 +30,7 @@ Rules every method follows:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -93,6 +93,13 @@ class StoreLifecycle(Protocol):
         since when) when another daemon holds it."""
         ...
 
+    @property
+    def shared(self) -> bool:
+        """Whether other daemons may activate rulesets on this database, so a daemon follows
+        the active version (PostgreSQL: a daemon taking over, and the ground for several
+        deciding side by side); False when the database is one daemon's file (SQLite)."""
+        ...
+
 
 class StateStore(Protocol):
     """The write path of ingest, reloads, ticks and admin acts, and the state loaded at
@@ -122,10 +129,17 @@ class StateStore(Protocol):
         """
         ...
 
-    async def commit_transitions(self, transitions: Sequence[Transition]) -> list[list[int]]:
+    async def commit_transitions(
+        self, transitions: Sequence[Transition], *, planned_with: str | None = None
+    ) -> list[list[int]]:
         """Commit several transitions in ONE transaction (group commit: one durable write
         for all), in order; return each one's sequence numbers as ``commit_transition``.
-        All or nothing; raises as ``commit_transition``."""
+        All or nothing; raises as ``commit_transition``.
+
+        ``planned_with``: the ruleset version that planned them. The transaction then first
+        reads the active version (PostgreSQL: ``FOR SHARE``, so an activation committing
+        meanwhile waits for this transaction, and this one for an activation in progress)
+        and raises ``RulesetChanged``, writing nothing, when another version is active."""
         ...
 
     async def find_idempotency_key(self, key: str) -> IdempotencyOutcome | None:
@@ -426,6 +440,20 @@ class RulesetReads(Protocol):
         """One version with the text of its files, or None. Each file's text is stored
         once per content (SHA-256 of its text), whatever the number of versions holding
         it. Raises ``StoreError`` when a text the version names is not stored."""
+        ...
+
+    async def active_ruleset_version(self) -> str | None:
+        """The version of the active ruleset (the one last activated, by any daemon), or
+        None in a new database; without reading its files (``last_ruleset`` reads them)."""
+        ...
+
+    def ruleset_changes(self) -> AsyncGenerator[str, None]:
+        """The versions activated from now on, by any session of the database, each as its
+        activation commits (PostgreSQL: ``LISTEN gatekeeper_ruleset``, on a connection of
+        its own, closed when the iteration ends). One activation may be announced after a
+        later one's; a notification is lost while the connection is down: a listener
+        checks ``active_ruleset_version`` too. Ends at once on a backend that is not
+        ``shared``. Raises ``StoreUnavailable`` when the connection fails."""
         ...
 
 

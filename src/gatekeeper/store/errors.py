@@ -52,6 +52,19 @@ class Conflict(StoreError):
     requeuing an action that is not dead)."""
 
 
+class RulesetChanged(Conflict):
+    """The transitions were planned with ruleset version ``planned_with`` but ``active`` is
+    the active one now (another daemon activated it): nothing was written; adopt the active
+    ruleset and plan again."""
+
+    def __init__(self, planned_with: str, active: str) -> None:
+        super().__init__(
+            f"planned with ruleset {planned_with[:12]}, but ruleset {active[:12]} is active"
+        )
+        self.planned_with = planned_with
+        self.active = active
+
+
 class AttemptInFlight(Conflict):
     """An attempt of the release is in flight (begun, its outcome not yet recorded): the
     operation must wait for that outcome, which decides (retry it shortly)."""

@@ -11,7 +11,9 @@ COMMIT, is ONE call on the store's ``WriterThread`` running the same write bodie
 synchronous connection (autocommit off, ``synchronous_commit`` set ``on`` for the session:
 a write acknowledged is committed and flushed to the server's WAL when the coroutine
 returns). Reads run on the event loop through an asynchronous connection in a read-only
-session (autocommit: each read sees what was committed), the API LISTEN/NOTIFY will use.
+session (autocommit: each read sees what was committed). The activation of a ruleset is
+announced with ``NOTIFY gatekeeper_ruleset`` in its transaction (sent on commit);
+``ruleset_changes`` listens on a connection of its own.
 (asyncpg has no synchronous API: the write bodies would have to be written twice;
 ``bench/bench_pg_driver.py`` compares the two drivers.)
 
@@ -33,7 +35,7 @@ import contextlib
 import functools
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from typing import Any, ClassVar
 
 import psycopg
@@ -50,6 +52,7 @@ from gatekeeper.store.errors import (
 from gatekeeper.store.migrations import Migration, load_migrations
 from gatekeeper.store.sqlstore import (
     POSTGRESQL,
+    RULESET_CHANNEL,
     Cursor,
     SqlStore,
     Tx,
@@ -182,6 +185,7 @@ class PostgresStore(SqlStore):
     """
 
     dialect = POSTGRESQL
+    shared = True
     driver_error: ClassVar[type[Exception]] = psycopg.Error
 
     def __init__(self, url: str, *, read_only: bool = False) -> None:
@@ -242,6 +246,22 @@ class PostgresStore(SqlStore):
         reader = await self._reader_connection()
         cursor = await reader.execute(_pg(sql), params)
         return list(await cursor.fetchall())
+
+    async def ruleset_changes(self) -> AsyncGenerator[str, None]:
+        if not self.is_open:
+            raise StoreUnavailable("store is not open")
+        try:
+            listener = await psycopg.AsyncConnection.connect(self._conninfo(), autocommit=True)
+        except psycopg.Error as exc:
+            raise self._store_error(exc) from exc
+        try:
+            await listener.execute(f"LISTEN {RULESET_CHANNEL}")
+            async for notification in listener.notifies():
+                yield notification.payload
+        except psycopg.Error as exc:
+            raise self._store_error(exc) from exc
+        finally:
+            await listener.close()
 
     # -- writes -------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import hashlib
 import itertools
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
@@ -52,6 +52,7 @@ from gatekeeper.store.errors import (
     AttemptInFlight,
     Conflict,
     KeyReused,
+    RulesetChanged,
     SchemaTooNew,
     StoreError,
     StoreUnavailable,
@@ -104,7 +105,11 @@ class Dialect:
     values), ``texts``/``ints``: a sub-select of its elements as text or integers;
     ``queued``: the column ordering the outbox in the order its entries were written;
     ``ordered_join``: an inner join whose left side drives the loop (SQLite's ``CROSS
-    JOIN`` hint; PostgreSQL plans joins itself).
+    JOIN`` hint; PostgreSQL plans joins itself); ``notify_ruleset``: the statement run in
+    the transaction activating a ruleset, its version the parameter (PostgreSQL: a
+    ``NOTIFY`` on ``RULESET_CHANNEL``, sent only if the transaction commits; empty on
+    SQLite, whose file one daemon writes); ``lock_shared``: the clause a SELECT ends with to
+    hold its rows against updates until the transaction ends (SQLite: none, one writer).
     """
 
     name: str
@@ -114,6 +119,8 @@ class Dialect:
     ints_sql: str
     queued: str
     ordered_join: str
+    notify_ruleset: str = ""
+    lock_shared: str = ""
 
     def field(self, column: str, key: str) -> str:
         """``key`` of the JSON object in ``column``, as text."""
@@ -132,6 +139,9 @@ class Dialect:
         return self.ints_sql.format(param=param)
 
 
+RULESET_CHANNEL = "gatekeeper_ruleset"
+"""The notification channel a ruleset's activation is announced on (payload: its version)."""
+
 _EACH = "SELECT value FROM json_each({param})"
 SQLITE = Dialect(
     "sqlite", "json_extract({column}, '$.{key}')", "json_each({param})", _EACH, _EACH,
@@ -141,7 +151,7 @@ _TEXTS = "jsonb_array_elements_text({param}::jsonb) AS value"
 POSTGRESQL = Dialect(
     "postgresql", "({column}::jsonb ->> '{key}')", "jsonb_array_elements({param}::jsonb)",
     f"SELECT value FROM {_TEXTS}", f"SELECT value::bigint FROM {_TEXTS}", "outbox.queued",
-    "JOIN",
+    "JOIN", f"SELECT pg_notify('{RULESET_CHANNEL}', ?)", " FOR SHARE",
 )  # fmt: skip
 
 
@@ -415,6 +425,8 @@ class SqlStore(ABC):
     the fact log through the write transaction in progress (on the writer thread)."""
 
     dialect: ClassVar[Dialect]
+    shared: ClassVar[bool] = False
+    """Whether several daemons may write the database at once."""
     driver_error: ClassVar[type[Exception]]
     """The root of the driver's exceptions (``_store_error`` translates them)."""
 
@@ -505,10 +517,14 @@ class SqlStore(ABC):
     async def commit_transition(self, transition: Transition) -> list[int]:
         return (await self.commit_transitions([transition]))[0]
 
-    async def commit_transitions(self, transitions: Sequence[Transition]) -> list[list[int]]:
+    async def commit_transitions(
+        self, transitions: Sequence[Transition], *, planned_with: str | None = None
+    ) -> list[list[int]]:
         transitions = list(transitions)
 
         def write(db: Tx) -> list[list[int]]:
+            if planned_with is not None:
+                _check_active_ruleset(db, self.dialect, planned_with)
             self._written = _Written(db, self.dialect)
             try:
                 return [self._write_transition(db, t) for t in transitions]
@@ -799,6 +815,14 @@ class SqlStore(ABC):
             " WHERE version = (SELECT value FROM meta WHERE key = 'active_ruleset')"
         )
         return await self._stored_ruleset(row) if row else None
+
+    async def active_ruleset_version(self) -> str | None:
+        row = await self._row("SELECT value FROM meta WHERE key = 'active_ruleset'")
+        return None if row is None else str(row[0])
+
+    async def ruleset_changes(self) -> AsyncGenerator[str, None]:
+        return
+        yield  # pragma: no cover - a generator that ends at once
 
     async def _stored_ruleset(self, r: Any) -> StoredRuleset:
         """The ruleset version of row ``r`` (``_RULESET_COLUMNS``) with its files' text."""
@@ -1771,6 +1795,16 @@ def _decision_row(
     )
 
 
+def _check_active_ruleset(db: Tx, dialect: Dialect, planned_with: str) -> None:
+    """Raise ``RulesetChanged`` when the active ruleset is not ``planned_with``; the row
+    read stays locked against an activation until the transaction ends."""
+    row = db.execute(
+        f"SELECT value FROM meta WHERE key = 'active_ruleset'{dialect.lock_shared}"
+    ).fetchone()
+    if row is not None and row[0] != planned_with:
+        raise RulesetChanged(planned_with, str(row[0]))
+
+
 def _write_ruleset(db: Tx, dialect: Dialect, ruleset: Ruleset, now: str) -> None:
     """Record the activation of ``ruleset``: a version seen before gets its new
     ``last_activated_at`` and git commit; a new one its row, file name -> content hash, and
@@ -1804,3 +1838,5 @@ def _write_ruleset(db: Tx, dialect: Dialect, ruleset: Ruleset, now: str) -> None
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (ruleset.version,),
     )
+    if dialect.notify_ruleset:
+        db.execute(dialect.notify_ruleset, (ruleset.version,))
