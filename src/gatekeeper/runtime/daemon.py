@@ -149,7 +149,10 @@ class Daemon:
             outage=outage,
             alert_target=lambda: self.rulesets.config.alert_target,
             new_action_id=new_action_id,
+            daemon_id=config.daemon_id,
+            lease_s=lambda: self.rulesets.config.delivery_lease_s,
         )
+        self.metrics.daemon_info.labels(daemon_id=self.dispatcher.daemon_id).set(1)
         self._new_action_id = new_action_id
         self.ticker = Ticker(self.clock, self.metrics, tick_s)
         self.writer = Writer(
