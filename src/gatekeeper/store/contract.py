@@ -83,6 +83,12 @@ class StoreLifecycle(Protocol):
         """Finish the writes already queued, then release every connection. Idempotent."""
         ...
 
+    async def ping(self) -> None:
+        """One cheap round trip to the database (``SELECT 1``, no table read): returns
+        when it answers. Raises ``StoreUnavailable`` (never naming a password) when the
+        store is not open or the database does not answer."""
+        ...
+
 
 class StateStore(Protocol):
     """The write path of ingest, reloads, ticks and admin acts, and the state loaded at

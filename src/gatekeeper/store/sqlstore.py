@@ -515,6 +515,9 @@ class SqlStore(ABC):
         except self.driver_error as exc:
             raise self._store_error(exc) from exc
 
+    async def ping(self) -> None:
+        await self._rows("SELECT 1")
+
     # -- StateStore ---------------------------------------------------------------------
 
     async def commit_transition(self, transition: Transition) -> list[int]:
