@@ -114,3 +114,19 @@ async def test_daemons_claiming_at_once_get_disjoint_actions(backend: Backend) -
     await asyncio.gather(*(claim_all(n) for n in range(len(stores))))
     every = [i for claimed in got for i in claimed]
     assert sorted(every) == sorted(ids)  # each once: no action at two daemons
+
+
+async def test_reopening_a_sqlite_file_releases_the_claims_of_its_last_daemon(
+    backend: Backend,
+) -> None:
+    store = await backend.open()
+    (first,) = await _queue(store, 1)
+    await store.claim_due(build.T0, 10, daemon_id=A, lease_s=LEASE_S)
+    await store.close()
+    again = await backend.open()
+    claimed = await again.claim_due(build.at(1), 10, daemon_id=B, lease_s=LEASE_S)
+    if backend.name == "sqlite":  # one daemon per file: A is gone
+        assert [(e.action_id, e.lease_taken_from) for e in claimed] == [(first, None)]
+    else:  # A may still run elsewhere: its lease holds
+        assert claimed == []
+        assert await again.next_attempt_at() == build.at(LEASE_S)

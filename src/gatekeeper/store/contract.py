@@ -195,7 +195,10 @@ class DeliveryQueue(Protocol):
         claimed by ``daemon_id`` is claimed again (lease renewed). Stores claiming at
         once (daemons sharing a database) get disjoint actions: PostgreSQL takes the rows
         ``FOR UPDATE SKIP LOCKED``, SQLite has one writer. ``record_attempt`` clears the
-        claim."""
+        claim. A SQLite file has one daemon at a time (its lock file): opening it releases
+        the claims an earlier daemon left. On PostgreSQL a daemon restarted under the same
+        configured ``daemon_id`` claims its own at once; under a new one it waits for the
+        leases like any other daemon."""
         ...
 
     async def next_attempt_at(self, *, only: OutboxFilter | None = None) -> datetime | None:

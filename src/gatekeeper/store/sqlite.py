@@ -310,6 +310,7 @@ class SqliteStore(SqlStore):
             db.execute("ROLLBACK")
             self._db = db
             self._migrate()
+            self._transact(_release_claims)
             db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         except BaseException:
             self._db = None
@@ -462,3 +463,12 @@ class SqliteStore(SqlStore):
                 db.execute(f"PRAGMA user_version={m.version}")
 
             self._transact(migrate)
+
+
+def _release_claims(db: Tx) -> None:
+    """Release the delivery claims (``claim_due``) an earlier daemon left in the file: a
+    SQLite database has one daemon at a time (the lock file), so whoever claimed them is
+    gone, and its actions are due at once rather than when its leases run out."""
+    db.execute(
+        "UPDATE outbox SET claimed_by = NULL, lease_until = NULL WHERE claimed_by IS NOT NULL"
+    )
