@@ -137,8 +137,9 @@ class Dispatcher:
 
     ``targets`` and ``secrets`` are read through callables so a config reload is picked up.
     Call ``hand_over(actions)`` after committing new actions (they are started from memory,
-    with no outbox query), ``wake()`` after any other change to the outbox (a requeued dead
-    letter): the outbox is then queried for due actions. The outbox is also queried at
+    with no outbox query: one claim by id for those that start together), ``wake()`` after
+    any other change to the outbox (a requeued dead letter): the outbox is then queried for
+    due actions. The outbox is also queried at
     start, when a retry falls due, when a hold ends, when a target's slot frees after a
     query left due actions behind, and every ``idle_poll_s`` seconds.
 
