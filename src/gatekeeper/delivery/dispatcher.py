@@ -16,7 +16,8 @@ the same ``Idempotency-Key``), so receivers can deduplicate.
 Several daemons may share one database: every action is CLAIMED before it is started
 (``DeliveryQueue.claim_due``), by this daemon's ``daemon_id`` with a lease of
 ``lease_s`` seconds (longer than any target's request timeout, see ``config``), whether an
-outbox query found it or it was handed over in memory; another daemon does not pick it
+outbox query found it or it was handed over in memory (on a database only this daemon
+can have, a SQLite file, a hand-over is sent unclaimed); another daemon does not pick it
 while the lease runs, and takes it over once it ran out (its daemon died mid-delivery).
 Recording the attempt clears the claim; a release's ``begin_attempt`` is refused when
 another daemon took it over meanwhile (this one stalled past its lease).
@@ -137,11 +138,11 @@ class Dispatcher:
 
     ``targets`` and ``secrets`` are read through callables so a config reload is picked up.
     Call ``hand_over(actions)`` after committing new actions (they are started from memory,
-    with no outbox query: one claim by id for those that start together), ``wake()`` after
-    any other change to the outbox (a requeued dead letter): the outbox is then queried for
-    due actions. The outbox is also queried at
-    start, when a retry falls due, when a hold ends, when a target's slot frees after a
-    query left due actions behind, and every ``idle_poll_s`` seconds.
+    with no outbox query; on a shared database one claim for those starting together),
+    ``wake()`` after any other change to the outbox (a requeued dead letter): the outbox is
+    then queried for due actions. The outbox is also queried at start, when a retry falls
+    due, when a hold ends, when a target's slot frees after a query left due actions
+    behind, and every ``idle_poll_s`` seconds.
 
     Outcomes are recorded in groups: the outcomes that arrive while one group is being
     committed are committed together next (one transaction, one fsync). An action stays
@@ -403,9 +404,11 @@ class Dispatcher:
         return entries
 
     async def _start_ready(self) -> None:
-        """Claim the handed-over actions whose targets have a free slot, oldest first, in
-        one claim, and start those claimed. One not claimed (cancelled, taken by another
-        daemon, not due on this clock yet) is left to an outbox query."""
+        """Start the handed-over actions whose targets have a free slot, oldest first; on
+        a shared database (``DeliveryQueue.shared``) only those claimed, all in one claim.
+        One not claimed (cancelled, taken by another daemon, not due on this clock yet)
+        is left to an outbox query. A SQLite file has this daemon alone: no claim (no
+        write, no fsync, between a commit and its delivery)."""
         if not self._ready_ids:
             return
         picked: list[OutboxEntry] = []
@@ -423,13 +426,15 @@ class Dispatcher:
                 del self._ready[target]
         if not picked:
             return
-        only = OutboxFilter(ids=[entry.action_id for entry in picked])
-        claimed = {e.action_id for e in await self._claim(self._due_now(), len(picked), only)}
-        if len(claimed) < len(picked):
-            self._query_needed = True
+        if self._store.shared:
+            only = OutboxFilter(ids=[entry.action_id for entry in picked])
+            claimed = await self._claim(self._due_now(), len(picked), only)
+            ids = {entry.action_id for entry in claimed}
+            if len(ids) < len(picked):
+                self._query_needed = True
+            picked = [entry for entry in picked if entry.action_id in ids]
         for entry in picked:
-            if entry.action_id in claimed:
-                self._start(entry)
+            self._start(entry)
 
     def _start(self, entry: OutboxEntry) -> None:
         skip = self._finished_during_query

@@ -170,6 +170,13 @@ class StateStore(Protocol):
 class DeliveryQueue(Protocol):
     """What the dispatcher needs: the due actions and recording what became of them."""
 
+    @property
+    def shared(self) -> bool:
+        """Whether other daemons may deliver from this outbox too (PostgreSQL). False when
+        this store's daemon is the only one its database can have (a SQLite file, locked):
+        an action can then be sent without a claim, e.g. right after its commit."""
+        ...
+
     async def due_actions(
         self, now: datetime, limit: int, *, only: OutboxFilter | None = None
     ) -> list[OutboxEntry]:

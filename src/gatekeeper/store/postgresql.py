@@ -186,6 +186,11 @@ class PostgresStore(SqlStore):
         return self._reader is not None and (self._db is not None or self._read_only)
 
     @property
+    def shared(self) -> bool:
+        """Daemons may share the database."""
+        return True
+
+    @property
     def name(self) -> str:
         return self._label
 

@@ -140,6 +140,11 @@ class SqliteStore(SqlStore):
         return self._reader is not None and (self._db is not None or self._read_only)
 
     @property
+    def shared(self) -> bool:
+        """One daemon per file (the lock file)."""
+        return False
+
+    @property
     def name(self) -> str:
         return str(self.path)
 

@@ -447,6 +447,11 @@ class SqlStore(ABC):
 
     @property
     @abstractmethod
+    def shared(self) -> bool:
+        """Whether other daemons may deliver from this database's outbox too."""
+
+    @property
+    @abstractmethod
     def name(self) -> str:
         """The database for messages: a file path, or a host and database name (never a
         password)."""
