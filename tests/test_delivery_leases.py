@@ -11,6 +11,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from gatekeeper.store import open_store
 
 from .conftest import DEPLOY_RULE, Project, Receiver, fact
@@ -55,14 +57,19 @@ async def _claims(gk: Any) -> tuple[float, float]:
     return claims, taken
 
 
+@pytest.fixture
+def project(
+    project_factory: Callable[..., Project], receiver: Receiver, postgres_url: str
+) -> Project:
+    """A deployment on the scratch PostgreSQL database whose rule queues pipelines."""
+    deployment = on_postgres(project_factory(receiver.url), postgres_url)
+    deployment.write_rule("deploy.yaml", DEPLOY_RULE)
+    return deployment
+
+
 async def test_two_daemons_on_one_database_deliver_each_action_once(
-    project_factory: Callable[..., Project],
-    receiver: Receiver,
-    start_daemon: Any,
-    postgres_url: str,
+    project: Project, receiver: Receiver, start_daemon: Any
 ) -> None:
-    project = on_postgres(project_factory(receiver.url), postgres_url)
-    project.write_rule("deploy.yaml", DEPLOY_RULE)
     queuer = await _queue_undelivered(project, start_daemon)
     # two daemons start together on the database: both dispatchers look at the outbox
     first, second = await asyncio.gather(start_daemon(project), start_daemon(project))
@@ -75,13 +82,8 @@ async def test_two_daemons_on_one_database_deliver_each_action_once(
 
 
 async def test_what_a_dead_daemon_claimed_is_delivered_by_another_after_its_lease(
-    project_factory: Callable[..., Project],
-    receiver: Receiver,
-    start_daemon: Any,
-    postgres_url: str,
+    project: Project, receiver: Receiver, start_daemon: Any, postgres_url: str
 ) -> None:
-    project = on_postgres(project_factory(receiver.url), postgres_url)
-    project.write_rule("deploy.yaml", DEPLOY_RULE)
     queuer = await _queue_undelivered(project, start_daemon)
     # a daemon claims every action with a 2 s lease, then dies without sending any
     dead = await open_store(postgres_url)
