@@ -243,3 +243,36 @@ def test_a_database_url_with_a_password_is_refused_without_repeating_it(
     assert (line, path) == (1, "database")
     assert "holds a password" in message and "PGPASSWORD" in message
     assert "s3cret" not in message
+
+
+def test_daemon_id_and_delivery_lease_are_read_and_default(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "daemon_id: gk-eu-1\ndelivery_lease_s: 45\n")
+    config = load_config(path)
+    assert (config.daemon_id, config.delivery_lease_s) == ("gk-eu-1", 45.0)
+    (tmp_path / "plain").mkdir()
+    defaults = load_config(write_config(tmp_path / "plain", "listen: 127.0.0.1:8080\n"))
+    assert (defaults.daemon_id, defaults.delivery_lease_s) == (None, 30.0)
+
+
+def test_a_target_timeout_must_fit_in_the_delivery_lease(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        """\
+        delivery_lease_s: 20
+        targets:
+          slow:
+            url: https://slow.example/hook
+            secret_env: SLOW_SECRET
+            delivery: {timeout_s: 16}
+          fast:
+            url: https://fast.example/hook
+            secret_env: FAST_SECRET
+            delivery: {timeout_s: 15}
+        """,
+    )
+    [(line, _, key, message)] = problems_of(path)
+    assert (line, key) == (6, "targets.slow.delivery.timeout_s")
+    assert "timeout_s 16 does not leave 5 s of delivery_lease_s (20 s)" in message
+    bad_id = write_config(tmp_path, "daemon_id: 'two words'\n")
+    [(_, _, key, message)] = problems_of(bad_id)
+    assert key == "daemon_id" and "not a valid daemon id" in message

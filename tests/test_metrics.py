@@ -93,6 +93,11 @@ async def test_metrics_after_a_release_is_delivered(
     assert (value(samples, "gatekeeper_evaluations_total", trigger="fact") or 0) >= 1
     assert (value(samples, "gatekeeper_evaluation_seconds_count", trigger="fact") or 0) >= 1
     assert value(samples, "gatekeeper_deadlines_pending") == 0
+    # handed over in memory on a SQLite file (this daemon's alone): sent without a claim
+    assert value(samples, "gatekeeper_delivery_claims_total") == 0
+    assert value(samples, "gatekeeper_delivery_lease_expired_total") == 0
+    daemon_id = gk.daemon.dispatcher.daemon_id
+    assert value(samples, "gatekeeper_daemon_info", daemon_id=daemon_id) == 1
 
     # the request id is carried into the decision and the delivery log lines
     fired = [r for r in caplog.records if r.getMessage().startswith("rule fired")]
@@ -185,3 +190,34 @@ def test_serve_logs_json_lines_without_secrets(project_factory: Callable[..., Pr
     assert fired and fired[0]["request_id"] == "req-json-1"
     assert fired[0]["rule_id"] == "tower-a/deploy-docs"
     assert any(m.startswith("shutting down on SIGTERM") for m in messages)
+
+
+async def test_healthz_names_the_daemon_and_says_whether_its_database_answers(
+    project_factory: Callable[..., Project], start_daemon: Callable[..., Any]
+) -> None:
+    project = project_factory(daemon_id="gk-test-1")
+    project.write_rule("design.yaml", DESIGN_RULE)
+    gk = await start_daemon(project)
+    status, body = await gk.get("/healthz")
+    assert status == 200
+    assert (body["status"], body["daemon_id"], body["database"]) == ("ok", "gk-test-1", "ok")
+    _, samples = await scrape(gk.daemon)
+    assert value(samples, "gatekeeper_daemon_info", daemon_id="gk-test-1") == 1
+    await gk.daemon.store.close()  # the database is gone from under the daemon
+    status, body = await gk.get("/healthz")
+    assert status == 503
+    assert (body["status"], body["database"], body["daemon_id"]) == (
+        "degraded",
+        "unreachable",
+        "gk-test-1",
+    )
+    await gk.daemon.store.open()  # back, for the daemon's own stop
+    assert (await gk.get("/healthz"))[0] == 200
+
+
+def test_a_daemon_without_a_configured_id_makes_one() -> None:
+    from gatekeeper.delivery.dispatcher import new_daemon_id
+
+    host, pid, suffix = new_daemon_id().rsplit(":", 2)
+    assert host and pid == str(os.getpid()) and len(suffix) == 6
+    assert new_daemon_id() != new_daemon_id()

@@ -40,6 +40,12 @@ DEFAULT_BODY_READ_TIMEOUT_S = 30.0
 DEFAULT_MAX_CONNECTIONS = 512
 DEFAULT_MAX_CHAIN_DEPTH = 16
 """Default ``max_chain_depth``: how many ``set_fact`` steps one outside fact may set off."""
+DEFAULT_DELIVERY_LEASE_S = 30.0
+"""Default ``delivery_lease_s``: an action a dead daemon claimed is delivered elsewhere
+within this many seconds."""
+LEASE_MARGIN_S = 5.0
+"""``delivery_lease_s`` exceeds every target's ``timeout_s`` by at least this much: a
+claimed attempt is sent and answered (or timed out) well before its lease runs out."""
 DEFAULT_CONFIG_NAME = "gatekeeper.yaml"
 CONFIG_SCHEMA = "config.schema.json"
 
@@ -238,6 +244,11 @@ class Config:
     """How deep rules may chain through ``set_fact``: a fact posted from outside is depth 0,
     a fact a rule sets while evaluating a depth-n fact is depth n + 1; a ``set_fact`` that
     would go deeper is not recorded (the firing is blocked and the alert target told)."""
+    daemon_id: str | None = None
+    """This daemon's name among those sharing its database (None: made at start, see
+    ``gatekeeper.runtime.identity``)."""
+    delivery_lease_s: float = DEFAULT_DELIVERY_LEASE_S
+    """How long a claim of an action to deliver it keeps other daemons off it (seconds)."""
     money_rule_approvals: int = 0
     """The two-person rule: a rule with a ``release`` action runs as if ``mode: shadow``
     (its effective mode ``awaiting_signoff``) until this many distinct admins signed off its
@@ -434,13 +445,28 @@ def _semantic_problems(doc: YamlDocument, data: Mapping[str, Any]) -> list[Probl
         problems.append(doc.problem(("database",), f"the URL {problem}"))
     problems += _secret_like_name_problems(doc, data)
     problems += _escrow_problems(doc, data)
+    lease_s = data.get("delivery_lease_s", DEFAULT_DELIVERY_LEASE_S)
     for name, target in targets.items() if isinstance(targets, dict) else []:
         delivery = target.get("delivery") if isinstance(target, dict) else None
         if isinstance(delivery, dict) and not _backoff_ok(delivery):
             path = ("targets", name, "delivery", "backoff_base_s")
             message = "backoff_base_s must not be greater than backoff_cap_s"
             problems.append(doc.problem(path, message))
+        if isinstance(delivery, dict) and (problem := _lease_problem(lease_s, delivery)):
+            problems.append(doc.problem(("targets", name, "delivery", "timeout_s"), problem))
     return problems
+
+
+def _lease_problem(lease_s: object, delivery: Mapping[str, Any]) -> str | None:
+    """Why a target's ``timeout_s`` does not fit in ``delivery_lease_s``, or None."""
+    timeout_s = delivery.get("timeout_s", DeliveryPolicy.timeout_s)
+    if not _numbers(lease_s, timeout_s) or timeout_s + LEASE_MARGIN_S <= lease_s:
+        return None
+    return (
+        f"timeout_s {timeout_s} does not leave {LEASE_MARGIN_S:g} s of delivery_lease_s "
+        f"({lease_s} s): another daemon could take the action over mid-attempt; raise "
+        "delivery_lease_s or lower timeout_s"
+    )
 
 
 POSTGRESQL_SCHEMES = ("postgresql", "postgres")
@@ -505,8 +531,12 @@ def _secret_like_name_problems(doc: YamlDocument, data: Mapping[str, Any]) -> li
 def _backoff_ok(delivery: Mapping[str, Any]) -> bool:
     base = delivery.get("backoff_base_s", DeliveryPolicy.backoff_base_s)
     cap = delivery.get("backoff_cap_s", DeliveryPolicy.backoff_cap_s)
-    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (base, cap))
-    return not numbers or base <= cap
+    return not _numbers(base, cap) or base <= cap
+
+
+def _numbers(*values: object) -> bool:
+    """Whether every value is a number (the schema reports the others)."""
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
 
 
 def _database(folder: Path, text: str) -> Path | str:
@@ -555,6 +585,8 @@ def _build(data: Mapping[str, Any], path: Path) -> Config:
         rate_limit=rate_limit,
         max_chain_depth=int(data.get("max_chain_depth", DEFAULT_MAX_CHAIN_DEPTH)),
         money_rule_approvals=int(data.get("money_rule_approvals", 0)),
+        daemon_id=data.get("daemon_id"),
+        delivery_lease_s=float(data.get("delivery_lease_s", DEFAULT_DELIVERY_LEASE_S)),
     )
 
 

@@ -103,6 +103,24 @@ class Metrics:
             ["target", "result"],
             registry=r,
         )
+        self.delivery_claims = Counter(
+            "gatekeeper_delivery_claims",
+            "Actions this daemon claimed to deliver (with a lease, from the shared outbox).",
+            registry=r,
+        )
+        self.delivery_leases_expired = Counter(
+            "gatekeeper_delivery_lease_expired",
+            "Claims that took an action over from another daemon whose lease on it ran out "
+            "(it died or stalled mid-delivery).",
+            registry=r,
+        )
+        self.daemon_info = Gauge(
+            "gatekeeper_daemon_info",
+            "This daemon: 1, labelled with its daemon_id (unique among the daemons sharing "
+            "its database).",
+            ["daemon_id"],
+            registry=r,
+        )
         self.outbox_pending = Gauge(
             "gatekeeper_outbox_pending",
             "Actions in the outbox not yet delivered (pending, retries included).",

@@ -13,6 +13,15 @@ Delivery is at-least-once: a crash between the receiver's answer and the commit 
 answer means the action is sent again, with the same ``webhook-id`` (and, for a release,
 the same ``Idempotency-Key``), so receivers can deduplicate.
 
+Several daemons may share one database: every action is CLAIMED before it is started
+(``DeliveryQueue.claim_due``), by this daemon's ``daemon_id`` with a lease of
+``lease_s`` seconds (longer than any target's request timeout, see ``config``), whether an
+outbox query found it or it was handed over in memory (on a database only this daemon
+can have, a SQLite file, a hand-over is sent unclaimed); another daemon does not pick it
+while the lease runs, and takes it over once it ran out (its daemon died mid-delivery).
+Recording the attempt clears the claim; a release's ``begin_attempt`` is refused when
+another daemon took it over meanwhile (this one stalled past its lease).
+
 Every attempt is recorded (time, latency, HTTP status or error). Actions are delivered
 concurrently, so one slow or unreachable target does not hold up the others.
 
@@ -39,7 +48,10 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import random
+import secrets
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -49,7 +61,7 @@ from typing import Protocol
 import aiohttp
 
 from gatekeeper.clock import Clock, JumpDetector
-from gatekeeper.config import DeliveryPolicy, Target
+from gatekeeper.config import DEFAULT_DELIVERY_LEASE_S, DeliveryPolicy, Target
 from gatekeeper.delivery.alerts import dead_letter_alert
 from gatekeeper.delivery.requests import build_request
 from gatekeeper.delivery.retry import (
@@ -90,6 +102,12 @@ MAX_TIMED_RETRIES = 1024
 clock (the rest follow their stored due time only)."""
 
 
+def new_daemon_id() -> str:
+    """A daemon id for a daemon whose config names none: ``<hostname>:<pid>:<6 random hex
+    digits>`` (unique among the daemons sharing a database, and anew at each start)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
 @dataclass(frozen=True)
 class AttemptOutcome:
     """What one attempt came to: ``status_code`` (None when no answer), ``error`` text,
@@ -120,10 +138,11 @@ class Dispatcher:
 
     ``targets`` and ``secrets`` are read through callables so a config reload is picked up.
     Call ``hand_over(actions)`` after committing new actions (they are started from memory,
-    with no outbox query), ``wake()`` after any other change to the outbox (a requeued dead
-    letter): the outbox is then queried for due actions. The outbox is also queried at
-    start, when a retry falls due, when a hold ends, when a target's slot frees after a
-    query left due actions behind, and every ``idle_poll_s`` seconds.
+    with no outbox query; on a shared database one claim for those starting together),
+    ``wake()`` after any other change to the outbox (a requeued dead letter): the outbox is
+    then queried for due actions. The outbox is also queried at start, when a retry falls
+    due, when a hold ends, when a target's slot frees after a query left due actions
+    behind, and every ``idle_poll_s`` seconds.
 
     Outcomes are recorded in groups: the outcomes that arrive while one group is being
     committed are committed together next (one transaction, one fsync). An action stays
@@ -131,7 +150,8 @@ class Dispatcher:
     depends on an outcome (the log line, the next attempt) happens before that.
 
     ``alert_target`` (read through a callable, like ``targets``) is where a dead letter's
-    alert goes (None: nowhere); ``new_action_id`` makes the alerts' ids.
+    alert goes (None: nowhere); ``new_action_id`` makes the alerts' ids. ``daemon_id`` names
+    this daemon in its claims, ``lease_s`` (a callable: seconds) how long they last.
     """
 
     def __init__(
@@ -147,8 +167,12 @@ class Dispatcher:
         outage: OutageReport | None = None,
         alert_target: Callable[[], str | None] = lambda: None,
         new_action_id: Callable[[], str] = uuid_action_id,
+        daemon_id: str | None = None,
+        lease_s: Callable[[], float] = lambda: DEFAULT_DELIVERY_LEASE_S,
     ) -> None:
         self._store = store
+        self.daemon_id = daemon_id or new_daemon_id()
+        self._lease_s = lease_s
         self._alert_target = alert_target
         self._new_action_id = new_action_id
         self._outage = outage
@@ -265,7 +289,7 @@ class Dispatcher:
                 try:
                     if self._query_due():
                         await self._dispatch_due()
-                    self._start_ready()
+                    await self._start_ready()
                     await self._sleep_until_due()
                 except Exception as exc:  # e.g. the database is locked: never let delivery die
                     self._query_needed = True
@@ -338,7 +362,7 @@ class Dispatcher:
                     complete = False
                     continue
                 only = replace(bucket, exclude_ids=self._excluded_ids())
-                entries = await self._store.due_actions(now, free, only=only)
+                entries = await self._claim(now, free, only)
                 if len(entries) >= free:
                     complete = False
                 for entry in entries:
@@ -360,20 +384,57 @@ class Dispatcher:
         if self._query_at is None or when < self._query_at:
             self._query_at = when
 
-    def _start_ready(self) -> None:
-        """Start the handed-over actions whose targets have a free slot, oldest first."""
+    async def _claim(self, now: datetime, limit: int, only: OutboxFilter) -> list[OutboxEntry]:
+        """Claim at most ``limit`` due actions narrowed by ``only`` for this daemon
+        (``DeliveryQueue.claim_due``), counting the claims and the leases taken over."""
+        entries = await self._store.claim_due(
+            now, limit, daemon_id=self.daemon_id, lease_s=self._lease_s(), only=only
+        )
+        self.metrics.delivery_claims.inc(len(entries))
+        for entry in entries:
+            if entry.lease_taken_from is not None:
+                self.metrics.delivery_leases_expired.inc()
+                log.warning(
+                    "took over %s %s: the lease of daemon %s on it ran out",
+                    entry.kind,
+                    entry.action_id,
+                    entry.lease_taken_from,
+                    extra={"action_id": entry.action_id, "daemon_id": entry.lease_taken_from},
+                )
+        return entries
+
+    async def _start_ready(self) -> None:
+        """Start the handed-over actions whose targets have a free slot, oldest first; on
+        a shared database (``DeliveryQueue.shared``) only those claimed, all in one claim.
+        One not claimed (cancelled, taken by another daemon, not due on this clock yet)
+        is left to an outbox query. A SQLite file has this daemon alone: no claim (no
+        write, no fsync, between a commit and its delivery)."""
         if not self._ready_ids:
             return
+        picked: list[OutboxEntry] = []
+        per_target: collections.Counter[str] = collections.Counter()
         for target, queue in list(self._ready.items()):
-            while queue and len(self._holding) < MAX_CONCURRENT_DELIVERIES:
-                if self._per_target[target] >= MAX_DELIVERIES_PER_TARGET:
+            while queue and len(self._holding) + len(picked) < MAX_CONCURRENT_DELIVERIES:
+                if self._per_target[target] + per_target[target] >= MAX_DELIVERIES_PER_TARGET:
                     break
                 entry = queue.popleft()
                 if entry.action_id in self._ready_ids:  # else a query started it
                     self._ready_ids.discard(entry.action_id)
-                    self._start(entry)
+                    picked.append(entry)
+                    per_target[target] += 1
             if not queue:
                 del self._ready[target]
+        if not picked:
+            return
+        if self._store.shared:
+            only = OutboxFilter(ids=[entry.action_id for entry in picked])
+            claimed = await self._claim(self._due_now(), len(picked), only)
+            ids = {entry.action_id for entry in claimed}
+            if len(ids) < len(picked):
+                self._query_needed = True
+            picked = [entry for entry in picked if entry.action_id in ids]
+        for entry in picked:
+            self._start(entry)
 
     def _start(self, entry: OutboxEntry) -> None:
         skip = self._finished_during_query
@@ -481,11 +542,12 @@ class Dispatcher:
         attempt_no = entry.attempts + 1
         started = self._time.now()
         if entry.kind == "release" and not await self._store.begin_attempt(
-            entry.action_id, started
+            entry.action_id, started, daemon_id=self.daemon_id
         ):
             self._release_slot(entry)  # cancelled since it was read: never sent
             log.info(
-                "release %s is no longer pending (cancelled): not sent",
+                "release %s is no longer pending (cancelled) or another daemon took it over:"
+                " not sent",
                 entry.action_id,
                 extra={"action_id": entry.action_id, "rule_id": entry.rule_id},
             )

@@ -879,16 +879,21 @@ async def metrics_response(daemon: Daemon, openmetrics: bool = False) -> web.Res
 
 
 async def get_healthz(request: web.Request) -> web.Response:
-    """Liveness: gatekeeper's version, the active ruleset, whether the last reload succeeded."""
-    health = daemon_of(request).health()
-    answer = m.Health(  # 200 while the process serves: "degraded" says the rest
-        status="ok" if health.store is None else "degraded",
+    """Liveness: gatekeeper's version, the active ruleset, whether the last reload
+    succeeded, this daemon's id and whether its database answers (503 when it does not)."""
+    daemon = daemon_of(request)
+    health = daemon.health()
+    reachable = await daemon.database_reachable()
+    answer = m.Health(  # 200 while the process serves and reaches its database
+        status="ok" if health.store is None and reachable else "degraded",
         version=__version__,
         ruleset=health.ruleset,
         ruleset_ok=health.ruleset_ok,
         store=None if health.store is None else convert(health.store, m.StoreCondition),
+        daemon_id=health.daemon_id,
+        database="ok" if reachable else "unreachable",
     )
-    return respond(answer)
+    return respond(answer, status=200 if reachable else 503)
 
 
 async def get_openapi(request: web.Request) -> web.Response:

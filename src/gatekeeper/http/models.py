@@ -1265,7 +1265,7 @@ class StoreCondition(Model):
 class Health(Model):
     status: Annotated[
         Literal["ok", "degraded"],
-        Meta(description="`degraded` while the database cannot take writes."),
+        Meta(description="`degraded` while the database cannot take writes or answer."),
     ]
     version: Annotated[str, Meta(description="gatekeeper's version.")]
     ruleset: Sha256Hex | None
@@ -1273,6 +1273,20 @@ class Health(Model):
     store: Annotated[
         StoreCondition | None,
         Meta(description="Why the database cannot take writes (null: it can)."),
+    ]
+    daemon_id: Annotated[
+        str,
+        Meta(
+            description="This daemon's name among the daemons sharing its database "
+            "(config `daemon_id`, or `<hostname>:<pid>:<hex>` made at start)."
+        ),
+    ]
+    database: Annotated[
+        Literal["ok", "unreachable"],
+        Meta(
+            description="Whether the database answered a trivial query within 2 s; "
+            "`unreachable` comes with HTTP 503 (status `degraded`)."
+        ),
     ]
 
 

@@ -653,9 +653,9 @@ ROUTES: tuple[Route, ...] = (
         None,
         "health",
         "meta",
-        "Liveness, ruleset version, whether the last reload succeeded",
+        "Liveness, ruleset version, whether the last reload succeeded, daemon id, database",
         m.Health,
-        response_description="Alive.",
+        response_description="Alive (503, with the same body, when the database does not answer).",
     ),
     Route(
         "GET",

@@ -53,7 +53,7 @@ from gatekeeper.runtime.outage import RETRY_AFTER_S, StoreOutage
 from gatekeeper.runtime.rulesets import Rulesets, StartupError
 from gatekeeper.runtime.ticker import Ticker
 from gatekeeper.store import Store, database_name, store_for
-from gatekeeper.store.errors import ADVICE, StoreUnavailable
+from gatekeeper.store.errors import ADVICE, StoreError, StoreUnavailable
 from gatekeeper.store.queries import AuditQuery, Projects
 from gatekeeper.store.records import (
     ActionStatus,
@@ -89,6 +89,9 @@ __all__ = [
     "UnknownRule",
 ]
 
+PING_TIMEOUT_S = 2.0
+"""How long ``/healthz`` waits for the database to answer before calling it unreachable."""
+
 log = logging.getLogger("gatekeeper.runtime.daemon")
 
 HOUSEKEEPING_INTERVAL_S = 60.0
@@ -108,6 +111,8 @@ class Health:
     ruleset: str | None
     ruleset_ok: bool
     store: dict[str, Any] | None = None
+    daemon_id: str = ""
+    """This daemon's name among those sharing its database (``Dispatcher.daemon_id``)."""
 
 
 class Daemon:
@@ -149,7 +154,10 @@ class Daemon:
             outage=outage,
             alert_target=lambda: self.rulesets.config.alert_target,
             new_action_id=new_action_id,
+            daemon_id=config.daemon_id,
+            lease_s=lambda: self.rulesets.config.delivery_lease_s,
         )
+        self.metrics.daemon_info.labels(daemon_id=self.dispatcher.daemon_id).set(1)
         self._new_action_id = new_action_id
         self.ticker = Ticker(self.clock, self.metrics, tick_s)
         self.writer = Writer(
@@ -608,7 +616,18 @@ class Daemon:
             engine.ruleset.version if engine else None,
             self.rulesets.status.ok,
             self.writer.outage.current(),
+            self.dispatcher.daemon_id,
         )
+
+    async def database_reachable(self, timeout_s: float = PING_TIMEOUT_S) -> bool:
+        """Whether the database answers a ``Store.ping`` within ``timeout_s`` seconds. The
+        ping is shielded: one that times out finishes in the background rather than
+        being cancelled halfway through a round trip on the shared read connection."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.store.ping()), timeout_s)
+        except (StoreError, TimeoutError):
+            return False
+        return True
 
     def store_unavailable(self, exc: StoreUnavailable) -> int:
         """A request met a database that cannot serve it (``exc``): report it (logged once

@@ -5,8 +5,9 @@ component asks only for what it uses.
 - ``StateStore``: the ingest/write path (commit transitions atomically, idempotency keys)
   and the state the daemon loads at start (facts, rule states, approvals, escrow totals,
   the last active ruleset).
-- ``DeliveryQueue``: what the dispatcher uses: due actions, when the next one is due, and
-  recording attempts.
+- ``DeliveryQueue``: what the dispatcher uses: due actions (claimed with a lease, so
+  daemons sharing a database deliver each action at one daemon at a time), when the next
+  one is due, and recording attempts.
 - ``OutboxAdmin``: reading the outbox and requeuing dead letters.
 - ``LedgerBook``: the ledger's movements after the decision: cancels, settlements, and
   every movement listed for reconciling.
@@ -93,11 +94,10 @@ class StoreLifecycle(Protocol):
         since when) when another daemon holds it."""
         ...
 
-    @property
-    def shared(self) -> bool:
-        """Whether other daemons may activate rulesets on this database, so a daemon follows
-        the active version (PostgreSQL: a daemon taking over, and the ground for several
-        deciding side by side); False when the database is one daemon's file (SQLite)."""
+    async def ping(self) -> None:
+        """One cheap round trip to the database (``SELECT 1``, no table read): returns
+        when it answers. Raises ``StoreUnavailable`` (never naming a password) when the
+        store is not open or the database does not answer."""
         ...
 
 
@@ -188,6 +188,14 @@ class StateStore(Protocol):
 class DeliveryQueue(Protocol):
     """What the dispatcher needs: the due actions and recording what became of them."""
 
+    @property
+    def shared(self) -> bool:
+        """Whether other daemons may serve this database, in turn or (later) side by side
+        (PostgreSQL): a daemon then follows the active ruleset others activate, and claims
+        an action before it sends it. False when the database is one daemon's file
+        (SQLite, locked): an action can be sent without a claim, right after its commit."""
+        ...
+
     async def due_actions(
         self, now: datetime, limit: int, *, only: OutboxFilter | None = None
     ) -> list[OutboxEntry]:
@@ -195,27 +203,58 @@ class DeliveryQueue(Protocol):
         the earliest due first (ties by ``action_id``), narrowed by ``only``."""
         ...
 
-    async def next_attempt_at(self, *, only: OutboxFilter | None = None) -> datetime | None:
-        """When the earliest pending action (narrowed by ``only``) falls due; None when no
-        action is pending."""
+    async def claim_due(
+        self,
+        now: datetime,
+        limit: int,
+        *,
+        daemon_id: str,
+        lease_s: float,
+        only: OutboxFilter | None = None,
+    ) -> list[OutboxEntry]:
+        """``due_actions``, claimed: at most ``limit`` pending actions due at ``now``
+        (earliest first, ties by ``action_id``, narrowed by ``only``) that no other daemon
+        holds a live lease on, each marked claimed by ``daemon_id`` until ``now +
+        lease_s`` (seconds) in the same transaction. An action whose lease another daemon
+        holds until after ``now`` is not returned; one whose lease ran out is taken over
+        (its entry's ``lease_taken_from`` names the daemon that held it); one already
+        claimed by ``daemon_id`` is claimed again (lease renewed). Stores claiming at
+        once (daemons sharing a database) get disjoint actions: PostgreSQL takes the rows
+        ``FOR UPDATE SKIP LOCKED``, SQLite has one writer. ``record_attempt`` clears the
+        claim. A SQLite file has one daemon at a time (its lock file): opening it releases
+        the claims an earlier daemon left. On PostgreSQL a daemon restarted under the same
+        configured ``daemon_id`` claims its own at once; under a new one it waits for the
+        leases like any other daemon."""
         ...
 
-    async def begin_attempt(self, action_id: str, at: datetime) -> bool:
+    async def next_attempt_at(self, *, only: OutboxFilter | None = None) -> datetime | None:
+        """When the earliest pending action (narrowed by ``only``) falls due; None when no
+        action is pending. An action under a lease falls due when the lease runs out, if
+        that is later than its ``next_attempt_at`` (whoever holds it: the holder records
+        its attempt, which clears the lease, or dies, and the action is due again)."""
+        ...
+
+    async def begin_attempt(
+        self, action_id: str, at: datetime, *, daemon_id: str | None = None
+    ) -> bool:
         """Mark an attempt of pending action ``action_id`` started at ``at``, before its
         request is sent (the dispatcher does it for releases): until the attempt's outcome
         is recorded the action cannot be cancelled, even across a crash. Returns False,
         writing nothing, when the action is not pending (cancelled meanwhile: do not send
-        it) or does not exist."""
+        it) or does not exist, and, given ``daemon_id``, when another daemon holds a lease
+        on it that runs past ``at`` (it took the action over after this daemon's lease ran
+        out: it sends it, this daemon must not)."""
         ...
 
     async def record_attempt(self, record: AttemptRecord) -> None:
         """Record one delivery attempt and its action's new state (status, attempts,
         ``last_error``, ``next_attempt_at`` unless None, ``delivered_at`` for a delivery,
         ``dead_reason`` and ``dead_status`` for a dead letter), atomically, ending the
-        attempt ``begin_attempt`` marked. A delivered release gets its ``send`` movement
-        (once); a dead letter's ``record.alert`` is queued in the outbox (with the dead
-        action's decision). A cancelled action keeps its status. Raises ``Conflict`` when
-        the action does not exist."""
+        attempt ``begin_attempt`` marked and clearing the action's claim (``claim_due``).
+        A delivered release gets its ``send`` movement (once); a dead letter's
+        ``record.alert`` is queued in the outbox (with the dead action's decision). A
+        cancelled action keeps its status. Raises ``Conflict`` when the action does not
+        exist."""
         ...
 
     async def record_attempts(self, records: Sequence[AttemptRecord]) -> None:

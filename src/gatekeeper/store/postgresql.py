@@ -58,6 +58,7 @@ from gatekeeper.store.sqlstore import (
     Tx,
     newer_schema,
     older_schema,
+    release_claims,
 )
 from gatekeeper.store.writer_thread import WriterThread
 
@@ -328,6 +329,8 @@ class PostgresStore(SqlStore):
             raise StoreUnavailable("store is not open")
         self._lock_daemon(db)
         self._daemon_lock = True
+        release_claims(_Transaction(db))  # the daemons that claimed them are gone
+        db.commit()
 
     def _lock_daemon(self, db: psycopg.Connection[Any]) -> None:
         """On the writer thread: ``pg_try_advisory_lock`` on the schema's key, outside any

@@ -22,11 +22,13 @@ Projects = frozenset[str] | None
 class OutboxFilter:
     """Narrows outbox queries of the dispatcher: ``target`` only that target;
     ``not_targets`` none of these; ``exclude_ids`` never these actions (e.g. the ones being
-    delivered right now). The default selects every entry."""
+    delivered right now); ``ids`` only these actions when not None (e.g. the ones handed
+    over in memory, to claim). The default selects every entry."""
 
     target: str | None = None
     not_targets: Sequence[str] = ()
     exclude_ids: Sequence[str] = ()
+    ids: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,9 @@ class OutboxEntry:
     dead_status: int | None = None
     instance: str = ""
     """The item id of the instance that fired (per-item rules; shown only then)."""
+    lease_taken_from: str | None = None
+    """Set by ``DeliveryQueue.claim_due`` only: the other daemon whose expired lease on
+    the action this claim took over (it died or stalled mid-delivery). Never shown."""
 
     @property
     def project(self) -> str | None:
@@ -218,7 +221,7 @@ class OutboxEntry:
         return project if isinstance(project, str) else None
 
     def to_json(self) -> dict[str, Any]:
-        omit = ("request_id", "attempts_at_requeue")
+        omit = ("request_id", "attempts_at_requeue", "lease_taken_from")
         return record_json(self, omit=omit if self.instance else (*omit, "instance"))
 
 

@@ -44,6 +44,7 @@ from gatekeeper.store.sqlstore import (
     content_hash,
     newer_schema,
     older_schema,
+    release_claims,
 )
 from gatekeeper.store.writer_thread import WriterThread
 
@@ -310,6 +311,7 @@ class SqliteStore(SqlStore):
             db.execute("ROLLBACK")
             self._db = db
             self._migrate()
+            self._transact(release_claims)
             db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         except BaseException:
             self._db = None

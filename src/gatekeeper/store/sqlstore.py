@@ -28,7 +28,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -109,7 +109,10 @@ class Dialect:
     the transaction activating a ruleset, its version the parameter (PostgreSQL: a
     ``NOTIFY`` on ``RULESET_CHANNEL``, sent only if the transaction commits; empty on
     SQLite, whose file one daemon writes); ``lock_shared``: the clause a SELECT ends with to
-    hold its rows against updates until the transaction ends (SQLite: none, one writer).
+    hold its rows against updates until the transaction ends (SQLite: none, one writer);
+    ``claim_lock``: what ends the select of
+    the outbox rows a delivery claim takes, so that writers claiming together take
+    disjoint rows (PostgreSQL's ``FOR UPDATE ... SKIP LOCKED``; SQLite has one writer).
     """
 
     name: str
@@ -121,6 +124,7 @@ class Dialect:
     ordered_join: str
     notify_ruleset: str = ""
     lock_shared: str = ""
+    claim_lock: str = ""
 
     def field(self, column: str, key: str) -> str:
         """``key`` of the JSON object in ``column``, as text."""
@@ -152,6 +156,7 @@ POSTGRESQL = Dialect(
     "postgresql", "({column}::jsonb ->> '{key}')", "jsonb_array_elements({param}::jsonb)",
     f"SELECT value FROM {_TEXTS}", f"SELECT value::bigint FROM {_TEXTS}", "outbox.queued",
     "JOIN", f"SELECT pg_notify('{RULESET_CHANNEL}', ?)", " FOR SHARE",
+    " FOR UPDATE OF outbox SKIP LOCKED",
 )  # fmt: skip
 
 
@@ -243,7 +248,19 @@ def _outbox_where(only: OutboxFilter | None) -> tuple[str, list[Any]]:
     if only.exclude_ids:
         where += f" AND outbox.action_id NOT IN ({', '.join('?' * len(only.exclude_ids))})"
         params += only.exclude_ids
+    if only.ids is not None:
+        clause, listed = _in("outbox.action_id", only.ids)
+        where += f" AND {clause}"
+        params += listed
     return where, params
+
+
+_DUE_AT = (
+    "CASE WHEN outbox.lease_until > outbox.next_attempt_at THEN outbox.lease_until"
+    " ELSE outbox.next_attempt_at END"
+)
+"""When a pending action falls due for any daemon: its ``next_attempt_at``, or the end of
+the lease a daemon claimed it with when that is later (NULL lease: never later)."""
 
 
 @functools.cache
@@ -426,7 +443,7 @@ class SqlStore(ABC):
 
     dialect: ClassVar[Dialect]
     shared: ClassVar[bool] = False
-    """Whether several daemons may write the database at once."""
+    """Whether other daemons may serve this database (``StoreLifecycle.shared``)."""
     driver_error: ClassVar[type[Exception]]
     """The root of the driver's exceptions (``_store_error`` translates them)."""
 
@@ -511,6 +528,9 @@ class SqlStore(ABC):
             return await self._writer.run(self._transact, body)
         except self.driver_error as exc:
             raise self._store_error(exc) from exc
+
+    async def ping(self) -> None:
+        await self._rows("SELECT 1")
 
     # -- StateStore ---------------------------------------------------------------------
 
@@ -854,22 +874,59 @@ class SqlStore(ABC):
         )
         return [_outbox_entry(r) for r in rows]
 
+    async def claim_due(
+        self,
+        now: datetime,
+        limit: int,
+        *,
+        daemon_id: str,
+        lease_s: float,
+        only: OutboxFilter | None = None,
+    ) -> list[OutboxEntry]:
+        at = format_rfc3339(now)
+        until = format_rfc3339(now + timedelta(seconds=lease_s))
+        where, params = _outbox_where(only)
+        select = (
+            f"SELECT {_OUTBOX_COLUMNS}, outbox.claimed_by, outbox.lease_until"
+            f" FROM {_OUTBOX_FROM}"
+            " WHERE outbox.status = 'pending' AND outbox.next_attempt_at <= ?"
+            " AND (outbox.lease_until IS NULL OR outbox.lease_until <= ?"
+            f" OR outbox.claimed_by = ?){where}"
+            f" ORDER BY outbox.next_attempt_at, outbox.action_id LIMIT ?{self.dialect.claim_lock}"
+        )
+
+        def claim(db: Tx) -> list[OutboxEntry]:
+            rows = db.execute(select, (at, at, daemon_id, *params, limit)).fetchall()
+            if not rows:
+                return []
+            ids, id_params = _in("action_id", [r[0] for r in rows])
+            db.execute(
+                f"UPDATE outbox SET claimed_by = ?, lease_until = ? WHERE {ids}",
+                (daemon_id, until, *id_params),
+            )
+            return [_claimed_entry(r, daemon_id) for r in rows]
+
+        return await self._transaction(claim)
+
     async def next_attempt_at(self, *, only: OutboxFilter | None = None) -> datetime | None:
         where, params = _outbox_where(only)
         row = await self._row(
-            f"SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending'{where}", params
+            f"SELECT MIN({_DUE_AT}) FROM outbox WHERE status = 'pending'{where}", params
         )
         return _time(row[0]) if row else None
 
-    async def begin_attempt(self, action_id: str, at: datetime) -> bool:
+    async def begin_attempt(
+        self, action_id: str, at: datetime, *, daemon_id: str | None = None
+    ) -> bool:
         started = format_rfc3339(at)
+        sql = "UPDATE outbox SET attempt_started_at = ? WHERE action_id = ? AND status = 'pending'"
+        params: tuple[Any, ...] = (started, action_id)
+        if daemon_id is not None:
+            sql += " AND (claimed_by IS NULL OR claimed_by = ? OR lease_until <= ?)"
+            params += (daemon_id, started)
 
         def begin(db: Tx) -> bool:
-            cursor = db.execute(
-                "UPDATE outbox SET attempt_started_at = ? WHERE action_id = ?"
-                " AND status = 'pending'",
-                (started, action_id),
-            )
+            cursor = db.execute(sql, params)
             return cursor.rowcount == 1
 
         return await self._transaction(begin)
@@ -913,7 +970,8 @@ class SqlStore(ABC):
             db.executemany(
                 "UPDATE outbox SET status = ?, attempts = ?, last_error = ?,"
                 " next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ?,"
-                " dead_reason = ?, dead_status = ?, attempt_started_at = NULL"
+                " dead_reason = ?, dead_status = ?, attempt_started_at = NULL,"
+                " claimed_by = NULL, lease_until = NULL"
                 " WHERE action_id = ? AND status != 'cancelled'",
                 updates,
             )
@@ -1550,6 +1608,17 @@ def _outbox_entry(r: Any) -> OutboxEntry:
     )
 
 
+def _claimed_entry(r: Any, daemon_id: str) -> OutboxEntry:
+    """The entry of a row ``claim_due`` read (``_OUTBOX_COLUMNS``, then ``claimed_by`` and
+    ``lease_until``) and claimed for ``daemon_id``: ``lease_taken_from`` names the other
+    daemon whose lease it was under (expired, or it would not have been read)."""
+    entry = _outbox_entry(r)
+    previous = r[-2]
+    if previous is None or previous == daemon_id:
+        return entry
+    return replace(entry, lease_taken_from=previous)
+
+
 _ZERO = Decimal("0.00")
 
 
@@ -1840,3 +1909,13 @@ def _write_ruleset(db: Tx, dialect: Dialect, ruleset: Ruleset, now: str) -> None
     )
     if dialect.notify_ruleset:
         db.execute(dialect.notify_ruleset, (ruleset.version,))
+
+
+def release_claims(db: Tx) -> None:
+    """Release the delivery claims (``claim_due``) an earlier daemon left: run by a daemon
+    that holds the database's one-daemon lock (SQLite's lock file when it opens the file,
+    PostgreSQL's advisory lock when ``hold_daemon_lock`` takes it), so whoever claimed them
+    is gone, and its actions are due at once rather than when their leases run out."""
+    db.execute(
+        "UPDATE outbox SET claimed_by = NULL, lease_until = NULL WHERE claimed_by IS NOT NULL"
+    )
