@@ -253,6 +253,10 @@ class Writer:
         self.adopt_active: Callable[[], Awaitable[object]] | None = None
         """Set by the ruleset manager: make the database's active ruleset live (called with
         ``lock`` held) after a commit was refused as planned with another one."""
+        self._unknown_outcome = False
+        """A commit on a shared database (PostgreSQL) failed without an answer: the server
+        may have committed it (the answer to COMMIT lost), so memory may lack what the
+        database holds. The next commit first rebuilds memory from the database."""
 
     def live_engine(self) -> Engine:
         """The live engine; ``RuntimeError`` before a ruleset went live."""
@@ -298,12 +302,22 @@ class Writer:
         planned_with = engine.ruleset.version if engine and self.store.shared else None
 
         async def commit_then_apply() -> list[list[int]]:
+            if self._unknown_outcome:
+                await self._reload_state()  # raises while the database cannot be read
+                self._unknown_outcome = False
+                raise StoreUnavailable(
+                    "the daemon's state was reloaded from the database after a commit whose "
+                    "answer was lost; this request was planned before it: send it again",
+                    "unavailable",
+                )
             try:
                 results = await self.store.commit_transitions(
                     transitions, planned_with=planned_with
                 )
             except StoreUnavailable as exc:
                 self.outage.failed(exc)
+                if self.store.shared:  # a server may have committed what it could not answer
+                    self._unknown_outcome = True
                 raise
             except RulesetChanged as exc:
                 log.warning("%s: adopting the active ruleset", exc)

@@ -198,6 +198,8 @@ class PostgresStore(SqlStore):
         self._reader: psycopg.AsyncConnection[Any] | None = None
         self._daemon_lock = False
         """Whether ``hold_daemon_lock`` was asked for: the writer's session holds it."""
+        self._epoch = 0
+        """The daemon epoch this store's lock was taken at (``_next_epoch``)."""
 
     @property
     def is_open(self) -> bool:
@@ -281,6 +283,7 @@ class PostgresStore(SqlStore):
             if self._daemon_lock:  # the lock went with the old session: no write without it
                 try:
                     self._lock_daemon(db)
+                    self._check_epoch(db)
                 except BaseException:
                     db.close()  # the next call connects and tries again
                     raise
@@ -329,8 +332,26 @@ class PostgresStore(SqlStore):
             raise StoreUnavailable("store is not open")
         self._lock_daemon(db)
         self._daemon_lock = True
+        self._epoch = _next_epoch(db)
         release_claims(_Transaction(db))  # the daemons that claimed them are gone
         db.commit()
+
+    def _check_epoch(self, db: psycopg.Connection[Any]) -> None:
+        """On the writer thread, the lock just taken again after a broken session: refuse
+        every write (``DatabaseInUse``) when another daemon held the lock meanwhile (the
+        epoch moved): it may have decided what this daemon's memory does not know, so this
+        daemon must start again (loading the state) rather than write on stale memory."""
+        row = db.execute(_EPOCH_READ, ()).fetchone()
+        db.rollback()
+        epoch = int(row[0]) if row else 0
+        if epoch != self._epoch:
+            raise DatabaseInUse(
+                f"PostgreSQL database {self._label} was served by another gatekeeper daemon "
+                f"while this one's connection was broken (daemon epoch {self._epoch} -> "
+                f"{epoch}); this daemon's state is stale and it writes nothing more: restart "
+                "it",
+                None,
+            )
 
     def _lock_daemon(self, db: psycopg.Connection[Any]) -> None:
         """On the writer thread: ``pg_try_advisory_lock`` on the schema's key, outside any
@@ -427,31 +448,62 @@ class PostgresStore(SqlStore):
         """On the writer thread: apply the migrations the database has not had, each in
         its own transaction together with its row in ``schema_version``, each holding the
         advisory lock ``MIGRATION_LOCK`` (a daemon starting meanwhile waits, then finds the
-        schema up to date)."""
-        while True:
-            db.execute("SELECT pg_advisory_xact_lock($1)", (MIGRATION_LOCK,))
-            tables = {row[0] for row in db.execute(_SCHEMA_TABLES)}
-            version = 0
-            if "schema_version" in tables:
-                row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
-                version = int(row[0] or 0) if row else 0
-            self._refuse(version, tables)
-            pending = [m for m in MIGRATIONS if m.version > version]
-            if not pending:
-                db.commit()
-                return
-            migration = pending[0]
-            if "schema_version" not in tables:
+        schema up to date).
+
+        The schema never changes under a daemon serving it: with migrations to apply, the
+        one-daemon lock is taken first (waiting ``LOCK_TIMEOUT_MS`` at most, enough for
+        another gatekeeper migrating), and released once they are applied. A daemon
+        holding it: ``DatabaseInUse``, nothing changed."""
+        version, tables = self._schema_version(db)
+        db.commit()
+        self._refuse(version, tables)
+        if not [m for m in MIGRATIONS if m.version > version]:
+            return
+        try:
+            db.execute(f"SELECT pg_advisory_lock(({DAEMON_LOCK_KEY}))")
+        except pgerrors.LockNotAvailable:
+            db.rollback()
+            self._lock_daemon(db)  # raises DatabaseInUse naming the daemon holding it
+            raise
+        db.commit()
+        try:
+            while True:
+                db.execute("SELECT pg_advisory_xact_lock($1)", (MIGRATION_LOCK,))
+                version, tables = self._schema_version(db)
+                self._refuse(version, tables)
+                pending = [m for m in MIGRATIONS if m.version > version]
+                if not pending:
+                    db.commit()
+                    return
+                migration = pending[0]
+                if "schema_version" not in tables:
+                    db.execute(
+                        "CREATE TABLE schema_version"
+                        " (version INTEGER PRIMARY KEY, name TEXT NOT NULL)"
+                    )
+                for statement in migration.statements:
+                    db.execute(statement)
                 db.execute(
-                    "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL)"
+                    "INSERT INTO schema_version (version, name) VALUES ($1, $2)",
+                    (migration.version, migration.name),
                 )
-            for statement in migration.statements:
-                db.execute(statement)
-            db.execute(
-                "INSERT INTO schema_version (version, name) VALUES ($1, $2)",
-                (migration.version, migration.name),
-            )
-            db.commit()
+                db.commit()
+        finally:
+            if db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                db.rollback()
+            if not db.closed:
+                db.execute(f"SELECT pg_advisory_unlock(({DAEMON_LOCK_KEY}))")
+                db.commit()
+
+    @staticmethod
+    def _schema_version(db: psycopg.Connection[Any]) -> tuple[int, set[str]]:
+        """The schema version recorded in the current schema (0: none) and its tables."""
+        tables = {row[0] for row in db.execute(_SCHEMA_TABLES)}
+        version = 0
+        if "schema_version" in tables:
+            row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            version = int(row[0] or 0) if row else 0
+        return version, tables
 
     async def close(self) -> None:
         """Close both connections (after the writes already queued, if any)."""
@@ -467,6 +519,23 @@ class PostgresStore(SqlStore):
         db, self._db = self._db, None
         if db is not None:
             db.close()
+
+
+_EPOCH_READ = "SELECT value FROM meta WHERE key = 'daemon_epoch'"
+
+
+def _next_epoch(db: psycopg.Connection[Any]) -> int:
+    """Count one more daemon taking the one-daemon lock (``meta`` row ``daemon_epoch``) and
+    return the new count: a daemon whose session broke compares it when it takes the lock
+    again (``_check_epoch``), so it never writes after another daemon served the
+    database. Called with the lock held, in the writer's transaction."""
+    row = db.execute(
+        "INSERT INTO meta (key, value) VALUES ('daemon_epoch', '1') ON CONFLICT (key)"
+        " DO UPDATE SET value = (meta.value::bigint + 1)::text RETURNING value",
+        (),
+    ).fetchone()
+    assert row is not None  # RETURNING gives the row written
+    return int(row[0])
 
 
 _LOCK_HOLDER = (

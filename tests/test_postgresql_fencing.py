@@ -1,0 +1,175 @@
+"""Fencing on PostgreSQL: a daemon that lost and took back the one-daemon lock writes
+nothing when another daemon served the database meanwhile; a gatekeeper starting beside a
+serving daemon migrates nothing; a COMMIT whose answer was lost (in doubt at the store:
+the writer rebuilds its memory from the database before its next commit)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from gatekeeper.store import open_store
+from gatekeeper.store.errors import DatabaseInUse, StoreError, StoreUnavailable
+from gatekeeper.store.postgresql import DAEMON_LOCK_KEY, MIGRATIONS
+
+from .pg import postgres_url  # noqa: F401  (fixture)
+from .store_contract import build
+
+
+def _terminate(url: str, application_like: str = "gatekeeper%") -> None:
+    """End every gatekeeper session on ``url``'s database (as a server restart would)."""
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"
+            " AND application_name LIKE %s AND pid != pg_backend_pid()",
+            (conninfo_to_dict(url)["dbname"], application_like),
+        )
+
+
+async def test_a_daemon_that_lost_the_lock_does_not_write_on_what_another_decided(
+    postgres_url: str,  # noqa: F811
+) -> None:
+    """Daemon A's writer session ends (network, server restart); standby B takes the lock,
+    commits, and stops; A's next write connects again, takes the free lock again and
+    commits on its memory of before B (escrow book, rule states, facts): expected refused
+    (or A told to reload), as A never saw what B decided."""
+    a = await open_store(postgres_url)
+    await a.hold_daemon_lock()
+    await a.commit_transition(build.facts(build.at(0), ("p", "task", "a", {})))
+    _terminate(postgres_url)  # A's sessions end; A's process lives on
+    b = await open_store(postgres_url)
+    try:
+        await b.hold_daemon_lock()  # the lock is free: B takes over
+        await b.commit_transition(build.facts(build.at(1), ("p", "task", "b", {})))
+    finally:
+        await b.close()
+    try:
+        with pytest.raises(StoreUnavailable):  # the write that met the ended session
+            await a.commit_transition(build.facts(build.at(2), ("p", "task", "x", {})))
+        for _ in range(2):  # A must not go on as if nothing happened, however often
+            with pytest.raises(DatabaseInUse, match="state is stale"):
+                await a.commit_transition(build.facts(build.at(3), ("p", "task", "c", {})))
+    finally:
+        await a.close()
+
+
+async def test_a_gatekeeper_refused_the_lock_migrated_nothing(
+    postgres_url: str,  # noqa: F811
+) -> None:
+    """A daemon of the previous schema version serves the database (holds the lock); a
+    newer gatekeeper started beside it (a standby, copy-db's destination) is refused the
+    lock, but ``open`` migrated the schema first, under the running daemon."""
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL)")
+        for migration in MIGRATIONS[:-1]:
+            for statement in migration.statements:
+                db.execute(statement)
+            db.execute(
+                "INSERT INTO schema_version VALUES (%s, %s)", (migration.version, migration.name)
+            )
+    serving = psycopg.connect(postgres_url, autocommit=True)  # the older daemon's session
+    try:
+        assert serving.execute(f"SELECT pg_try_advisory_lock(({DAEMON_LOCK_KEY}))").fetchone()[0]
+        with pytest.raises(DatabaseInUse):  # refused before migrating
+            await open_store(postgres_url)
+        version = serving.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+        assert version == MIGRATIONS[-2].version  # nothing migrated under the serving daemon
+    finally:
+        serving.close()
+
+
+class _CommitSwallower:
+    """A TCP proxy to PostgreSQL that, once armed, forwards a COMMIT and then ends both
+    connections without passing the server's answer on (a connection lost after the
+    server committed)."""
+
+    COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"  # the simple-protocol Query message
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.armed = False
+        self.swallowed = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(self.host, self.port)
+        cut = asyncio.Event()
+        swallow = asyncio.Event()
+
+        async def up() -> None:
+            while data := await client_r.read(65536):
+                if self.armed and self.COMMIT in data:
+                    self.armed = False
+                    swallow.set()  # nothing the server answers from now on is passed on
+                    server_w.write(data)
+                    await server_w.drain()
+                    self.swallowed += 1
+                    await asyncio.sleep(0.5)  # the server commits meanwhile
+                    cut.set()
+                    return
+                server_w.write(data)
+                await server_w.drain()
+
+        async def down() -> None:
+            while data := await server_r.read(65536):
+                if swallow.is_set():
+                    continue
+                client_w.write(data)
+                await client_w.drain()
+
+        tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
+        await asyncio.wait([*tasks, asyncio.create_task(cut.wait())], return_when="FIRST_COMPLETED")
+        for task in tasks:
+            task.cancel()
+        for w in (client_w, server_w):
+            w.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a COMMIT whose answer was lost is in doubt at the store (resolving it with "
+    "txid_status is not built); the writer rebuilds its memory from the database before "
+    "its next commit instead",
+)
+async def test_a_commit_whose_answer_was_lost_is_not_reported_as_not_written(
+    postgres_url: str,  # noqa: F811
+) -> None:
+    """The COMMIT reached the server and committed; its answer was lost. The store says
+    ``StoreUnavailable`` ("nothing applied"), and ``commit_and_apply`` then leaves memory
+    without a batch the database holds (no reload): the next plan runs on stale state."""
+    info = conninfo_to_dict(postgres_url)
+    proxy = _CommitSwallower(info.get("host", "127.0.0.1"), int(info.get("port", 5432)))
+    port = await proxy.start()
+    host_port = f"{info.get('host', '127.0.0.1')}:{info.get('port', '5432')}"
+    url = postgres_url.replace(host_port, f"127.0.0.1:{port}", 1) + "&sslmode=disable"
+    assert url.startswith("postgresql://") and str(port) in url
+    store = await open_store(url)
+    try:
+        await store.hold_daemon_lock()
+        proxy.armed = True
+        failed = None
+        try:
+            await store.commit_transition(build.facts(build.at(1), ("p", "task", "a", {})))
+        except StoreUnavailable as exc:
+            failed = exc
+        assert proxy.swallowed == 1, repr(failed)
+        with psycopg.connect(postgres_url) as db:
+            kept = db.execute("SELECT COUNT(*) FROM fact_log").fetchone()[0]
+        # either the write is reported done, or it was not kept: never "failed" but kept
+        assert failed is None or kept == 0, f"reported {failed!r} but {kept} fact(s) kept"
+    finally:
+        with contextlib.suppress(StoreError):
+            await store.close()
+        await proxy.close()
