@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -16,8 +18,11 @@ from gatekeeper.store import open_store
 from gatekeeper.store.errors import DatabaseInUse, StoreError, StoreUnavailable
 from gatekeeper.store.postgresql import DAEMON_LOCK_KEY, MIGRATIONS
 
+from .conftest import DESIGN_RULE, Project, Receiver, fact
 from .pg import postgres_url  # noqa: F401  (fixture)
 from .store_contract import build
+from .test_daemon import APPROVED, QA_PASSED, settle
+from .test_daemon_postgresql import on_postgres
 
 
 def _terminate(url: str, application_like: str = "gatekeeper%") -> None:
@@ -92,6 +97,8 @@ class _CommitSwallower:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.armed = False
+        self.match = b""
+        """Swallow only a COMMIT whose transaction sent this (e.g. ``b"fact_log"``)."""
         self.swallowed = 0
         self.server: asyncio.Server | None = None
 
@@ -105,8 +112,10 @@ class _CommitSwallower:
         swallow = asyncio.Event()
 
         async def up() -> None:
+            sent = b""  # what the transaction in progress sent (up to its COMMIT)
             while data := await client_r.read(65536):
-                if self.armed and self.COMMIT in data:
+                sent = sent[-65536:] + data
+                if self.armed and self.COMMIT in data and self.match in sent:
                     self.armed = False
                     swallow.set()  # nothing the server answers from now on is passed on
                     server_w.write(data)
@@ -115,6 +124,8 @@ class _CommitSwallower:
                     await asyncio.sleep(0.5)  # the server commits meanwhile
                     cut.set()
                     return
+                if self.COMMIT in data:
+                    sent = b""
                 server_w.write(data)
                 await server_w.drain()
 
@@ -172,4 +183,40 @@ async def test_a_commit_whose_answer_was_lost_is_not_reported_as_not_written(
     finally:
         with contextlib.suppress(StoreError):
             await store.close()
+        await proxy.close()
+
+
+async def test_after_a_lost_commit_answer_the_daemon_decides_on_what_the_database_holds(
+    project_factory: Callable[..., Project],
+    receiver: Receiver,
+    start_daemon: Any,
+    postgres_url: str,  # noqa: F811
+) -> None:
+    """The COMMIT of the batch that fires a once-rule reaches the server, its answer is
+    lost: the client is answered 503; the daemon's next commit first rebuilds memory from
+    the database (answered 503: planned before), and from then on it knows the rule fired:
+    posting the same facts again fires nothing more, and one release reaches the bank."""
+    info = conninfo_to_dict(postgres_url)
+    proxy = _CommitSwallower(info.get("host", "127.0.0.1"), int(info.get("port", 5432)))
+    port = await proxy.start()
+    host_port = f"{info.get('host', '127.0.0.1')}:{info.get('port', '5432')}"
+    url = postgres_url.replace(host_port, f"127.0.0.1:{port}", 1) + "&sslmode=disable"
+    project = on_postgres(project_factory(receiver.url), url)
+    project.write_rule("design.yaml", DESIGN_RULE)
+    gk = await start_daemon(project)
+    try:
+        proxy.match, proxy.armed = b"fact_log", True  # the facts' transaction, no other
+        status, _ = await gk.post("/v1/facts", {"facts": [APPROVED, QA_PASSED]})
+        assert status == 503 and proxy.swallowed == 1
+        status, body = await gk.post("/v1/facts", fact("task", "t1", status="open"))
+        assert status == 503, body  # planned on memory from before: memory rebuilt, refused
+        status, body = await gk.post("/v1/facts", {"facts": [APPROVED, QA_PASSED]})
+        assert status == 200, body
+        _, rule = await gk.get("/v1/rules/tower-a/design-release")
+        assert rule["fired_count"] == 1, rule  # the lost commit's firing, known now
+        await receiver.wait_for(2)
+        await settle()
+        assert len([r for r in receiver.received if r.path == "/bank"]) == 1
+    finally:
+        await gk.stop()
         await proxy.close()
