@@ -220,3 +220,19 @@ async def test_after_a_lost_commit_answer_the_daemon_decides_on_what_the_databas
     finally:
         await gk.stop()
         await proxy.close()
+
+
+async def test_the_writer_session_is_kept_alive_both_ways(postgres_url: str) -> None:  # noqa: F811
+    """A daemon gone silent (a partition) loses its session, and the one-daemon lock with
+    it, within about 30 s on the server's side; the daemon finds a silent server as fast."""
+    store = await open_store(postgres_url)
+    try:
+        shown = await store._transaction(  # type: ignore[attr-defined]
+            lambda tx: [
+                tx.execute(f"SHOW {name}").fetchone()[0]
+                for name in ("tcp_keepalives_idle", "tcp_keepalives_count", "tcp_user_timeout")
+            ]
+        )
+        assert shown == ["10s", "3", "30s"] or shown == ["10", "3", "30000"], shown
+    finally:
+        await store.close()

@@ -339,11 +339,15 @@ class PostgresSide(Side):
 
     def _lock(self) -> None:
         """Take the schema's one-daemon lock (``gatekeeper.store.postgresql``) for this
-        session: the first statement, so a source's snapshot is taken once no daemon
-        serves it. Raises ``CopyRefused`` when a daemon (or another copy) holds it."""
+        session, in a transaction of its own, so a source's snapshot is taken after it,
+        once no daemon serves it. Raises ``CopyRefused`` when a daemon (or another copy)
+        holds it."""
         from gatekeeper.store.postgresql import DAEMON_LOCK_KEY
 
         [(locked,)] = self._rows(f"SELECT pg_try_advisory_lock(({DAEMON_LOCK_KEY}))")
+        # end the transaction the lock was taken in (a session lock stays): a source's
+        # snapshot is taken by its next statement, once the lock is held
+        self._db.commit()
         if not locked:
             raise CopyRefused(
                 f"database {self.name} is served by a gatekeeper daemon (or being copied): "

@@ -90,6 +90,26 @@ LOCK_TIMEOUT_MS = 5000
 APPLICATION_NAME = f"gatekeeper {socket.gethostname()}:{os.getpid()}"[:63]
 """How this process's sessions appear in ``pg_stat_activity`` (and in ``DatabaseInUse``)."""
 
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+"""libpq's TCP keepalive settings (seconds; ``tcp_user_timeout`` in ms) unless the URL
+sets them: a connection to a server gone silent (a partition) fails within about 30 s
+instead of the system's two hours."""
+
+SERVER_KEEPALIVES = (
+    "SET tcp_keepalives_idle = 10",
+    "SET tcp_keepalives_interval = 5",
+    "SET tcp_keepalives_count = 3",
+    "SET tcp_user_timeout = 30000",
+)
+"""The same on the server's side of the writer's session: a daemon gone silent loses its
+session, and with it the one-daemon lock, within about 30 s."""
+
 ADVICE = (
     "check that PostgreSQL runs and is reachable there, that the database exists and that "
     "its user may connect (the password comes from PGPASSWORD or ~/.pgpass), then start again"
@@ -214,6 +234,9 @@ class PostgresStore(SqlStore):
         extra: dict[str, Any] = {"application_name": APPLICATION_NAME}
         if "connect_timeout" not in info:
             extra["connect_timeout"] = CONNECT_TIMEOUT_S
+        for key, value in KEEPALIVES.items():  # a dead server found within ~30 s
+            if key not in info:
+                extra[key] = value
         return make_conninfo(self.url, **extra)
 
     def _open_error(self, exc: psycopg.Error) -> StoreUnavailable:
@@ -306,6 +329,10 @@ class PostgresStore(SqlStore):
         db = psycopg.connect(self._conninfo(), autocommit=False, cursor_factory=psycopg.RawCursor)
         try:
             db.execute("SET synchronous_commit = on")
+            # the server ends this session (and the one-daemon lock it holds) within ~30 s
+            # of losing this daemon, so a standby can take over (ignored on a Unix socket)
+            for setting in SERVER_KEEPALIVES:
+                db.execute(setting)
             db.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
             db.commit()
         except BaseException:
