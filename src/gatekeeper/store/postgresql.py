@@ -488,11 +488,10 @@ class PostgresStore(SqlStore):
             return
         try:
             db.execute(f"SELECT pg_advisory_lock(({DAEMON_LOCK_KEY}))")
+            db.commit()
         except pgerrors.LockNotAvailable:
             db.rollback()
-            self._lock_daemon(db)  # raises DatabaseInUse naming the daemon holding it
-            raise
-        db.commit()
+            self._lock_daemon(db)  # held if freed meanwhile, else DatabaseInUse naming who
         try:
             while True:
                 db.execute("SELECT pg_advisory_xact_lock($1)", (MIGRATION_LOCK,))
