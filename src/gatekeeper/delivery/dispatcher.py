@@ -386,7 +386,11 @@ class Dispatcher:
 
     async def _claim(self, now: datetime, limit: int, only: OutboxFilter) -> list[OutboxEntry]:
         """Claim at most ``limit`` due actions narrowed by ``only`` for this daemon
-        (``DeliveryQueue.claim_due``), counting the claims and the leases taken over."""
+        (``DeliveryQueue.claim_due``), counting the claims and the leases taken over. On
+        a database only this daemon serves (not ``shared``: a SQLite file) nothing needs a
+        claim: the due actions are read (``due_actions``, the reader), not written for."""
+        if not self._store.shared:
+            return await self._store.due_actions(now, limit, only=only)
         entries = await self._store.claim_due(
             now, limit, daemon_id=self.daemon_id, lease_s=self._lease_s(), only=only
         )
