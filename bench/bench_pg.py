@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -1108,6 +1109,124 @@ def report_trials(title: str, trials: list[Trial], args: argparse.Namespace) -> 
 # Profile: where one daemon's CPU goes, PostgreSQL against SQLite
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each thread of process ``pid`` (``/proc``)."""
+    out = {}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, IndexError):
+                text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                fields = text.rsplit(")", 1)[1].split()
+                out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+@dataclass(frozen=True)
+class ThreadSplit:
+    """A daemon's CPU per fact in one run, µs: its main thread (the event loop: HTTP,
+    planning, applying), its busiest other thread (the store's writer thread: rows,
+    driver, SQLite's own work), its other threads."""
+
+    main: float
+    writer: float
+    others: float
+
+
+def split_threads(
+    pid: int, before: dict[int, float], after: dict[int, float], facts: int
+) -> ThreadSplit:
+    used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    main = used.pop(pid, 0.0)
+    writer = max(used.values(), default=0.0)
+    others = sum(used.values()) - writer
+    return ThreadSplit(*(x * 1e6 / max(1, facts) for x in (main, writer, others)))
+
+
+def run_profile(args: argparse.Namespace, scratch: str, folder: Path) -> None:
+    """``--profile``: one daemon on PostgreSQL and one on a SQLite file, the same rules
+    and load, runs interleaved; each one's CPU per fact split by thread, with the
+    PostgreSQL backends beside."""
+    env = daemon_env()
+    background = background_pids(postmaster_pid(scratch))
+    sub = folder / "profile"
+    sub.mkdir()
+    rules_dir = sub / "rules"
+    rules_dir.mkdir()
+    for name, text in ingest_rules(args.rules).items():
+        (rules_dir / name).write_text(text, encoding="utf-8")
+    _, url = new_schema(scratch, "profile")
+    closed = f"http://{HOST}:{free_port()}/nobody-listens"
+    systems: list[tuple[System, Daemon]] = []
+    try:
+        for label, database in (("PostgreSQL", url), ("SQLite", str(sub / "gatekeeper.db"))):
+            [daemon] = start_daemons(
+                sub,
+                1,
+                database=database,
+                rules_dir=rules_dir,
+                target_url=closed,
+                delivery="{max_attempts: 1, timeout_s: 1}",
+                env=env,
+                prefix=f"{label.lower()}-d",
+            )
+            pids = [daemon.pid]
+            backends: Callable[[], list[int]] = list
+            if label == "PostgreSQL":
+                backends = functools.partial(gatekeeper_backends, scratch, pids)
+            system = System(f"gatekeeper on {label}", [daemon.server], [daemon.url], backends)
+            systems.append((system, daemon))
+        splits: dict[str, list[ThreadSplit]] = {s.label: [] for s, _ in systems}
+        for system, _ in systems:
+            measure(system, args, args.warmup, background)
+        for _ in range(args.runs):
+            for system, daemon in systems:
+                before = thread_cpu(daemon.pid)
+                measured = measure(system, args, args.seconds, background)
+                facts = measured.load.requests - measured.load.errors
+                splits[system.label].append(
+                    split_threads(daemon.pid, before, thread_cpu(daemon.pid), facts)
+                )
+                system.runs.append(measured)
+    finally:
+        for _, daemon in systems:
+            daemon.server.stop()
+    rows = []
+    for system, _ in systems:
+        runs, parts = system.runs, splits[system.label]
+        rows.append(
+            [
+                system.label,
+                fmt(median([m.rps for m in runs])),
+                fmt(median([p.main for p in parts])),
+                fmt(median([p.writer for p in parts])),
+                fmt(median([p.others for p in parts])),
+                fmt(median([m.backend_cpu_us for m in runs])),
+                fmt(median([m.total_cpu_us for m in runs])),
+                f"{median([m.busy_cores for m in runs]):.2f}",
+            ]
+        )
+    print()
+    print(
+        table(
+            [
+                "profile (1 daemon)",
+                "facts/s",
+                "main thread µs/fact",
+                "writer thread µs/fact",
+                "other threads µs/fact",
+                "PG backends µs/fact",
+                "total µs/fact",
+                "busy cores",
+            ],
+            rows,
+        )
+    )
+    print(
+        "   main thread: the event loop (HTTP, validation, planning, applying); writer thread:"
+        " the store's (rows, driver or SQLite); total includes PG's background processes"
+    )
+
+
 def run_failover_part(part: str, args: argparse.Namespace, scratch: str, folder: Path) -> None:
     """``--standby`` or ``--failover``: the trials and their p50 and max."""
     if part == "standby":
@@ -1151,6 +1270,8 @@ def run(args: argparse.Namespace) -> int:
                 "warm-up); figures are medians"
             )
             run_ingest(args, scratch, folder, targets)
+        if args.profile:
+            run_profile(args, scratch, folder)
         for part, wanted in (("standby", args.standby), ("failover", args.failover)):
             if not wanted:
                 continue
@@ -1200,6 +1321,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the bare endpoints' event loop (default: uvloop when installed, as gatekeeper)",
     )
     parser.add_argument("--skip-ingest", action="store_true", help="no ingest measurement")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="1 daemon on PostgreSQL beside 1 on SQLite: CPU per fact by thread",
+    )
     parser.add_argument("--failover", action="store_true", help="time failover to survivors")
     parser.add_argument("--failover-daemons", type=int, default=2, help="daemons in --failover")
     parser.add_argument("--standby", action="store_true", help="time a standby's takeover")
