@@ -885,6 +885,18 @@ async def post_fact(url: str, body: dict[str, Any]) -> None:
             raise SystemExit(f"POST {url} answered {answer.status}: {await answer.text()}")
 
 
+async def try_post(url: str, body: dict[str, Any]) -> str:
+    """Post one fact; ``"200"``, or what went wrong (another status and its body, or the
+    client's error), never raising."""
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession() as session, session.post(url, json=body) as answer:
+            return "200" if answer.status == 200 else f"{answer.status}: {await answer.text()}"
+    except (aiohttp.ClientError, OSError) as error:
+        return f"{type(error).__name__}: {error}"
+
+
 async def claim_of(url: str, action_id: str) -> tuple[str | None, str | None]:
     """(``claimed_by``, ``lease_until``) of an outbox row."""
     import psycopg
@@ -899,11 +911,22 @@ async def claim_of(url: str, action_id: str) -> tuple[str | None, str | None]:
 
 @dataclass
 class Trial:
+    """One kill -9: seconds from the signal to deliveries of the project (None: none came
+    within the lease + 60 s)."""
+
     project: str
-    seconds: float | None
-    """Kill → next delivery of the project; None when none came in time."""
-    same_action: bool
     killed: str
+    held_s: float | None
+    """... to the held action's delivery by another daemon (its claim taken over)."""
+    new_s: float | None = None
+    """... to the delivery of a new fact's action, the fact posted to a survivor right after
+    the kill (None also when no daemon survived: ``--standby``)."""
+
+    @property
+    def next_s(self) -> float | None:
+        """... to the project's next delivery, whichever came first."""
+        times = [t for t in (self.held_s, self.new_s) if t is not None]
+        return min(times) if times else None
 
 
 def kill9(daemon: Daemon) -> float:
@@ -928,8 +951,9 @@ async def one_trial(
     timeout_s: float,
 ) -> tuple[Trial, Daemon]:
     """Post a firing fact for one project to ``post_to``, hold its delivery at the
-    receiver, SIGKILL the daemon whose claim the outbox row names, wait for the next
-    delivery of the project. Returns the trial and the daemon killed."""
+    receiver, SIGKILL the daemon whose claim the outbox row names; then post another
+    firing fact of the project to a survivor, if any, and wait for the held action's
+    delivery and the new one's. Returns the trial and the daemon killed."""
     project = project_of(number % PROJECTS)
     receiver.hold(project)
     fact = {"project": project, "kind": "task", "id": "F", "data": {"status": "go", "n": number}}
@@ -947,13 +971,34 @@ async def one_trial(
         )
     victim = daemons[claimed_by]
     killed_at = await asyncio.to_thread(kill9, victim)
-    nxt = await receiver.wait_for(lambda d: d.project == project and d.at > killed_at, timeout_s)
+    survivors = [d for d in daemons.values() if d is not victim]
+    posting = None
+    if survivors:  # the fact may wait (the project serialised elsewhere): in the background
+        again = {**fact, "data": {"status": "go", "n": number, "after_kill": True}}
+        posting = asyncio.create_task(try_post(survivors[0].url, again))
+    deadline = killed_at + timeout_s
+    taken_over = await receiver.wait_for(
+        lambda d: d.action_id == held.action_id and d.at > killed_at,
+        deadline - time.monotonic(),
+    )
+    new = None
+    if posting is not None:
+        new = await receiver.wait_for(
+            lambda d: d.project == project and d.action_id != held.action_id and d.at > killed_at,
+            max(0.0, deadline - time.monotonic()),
+        )
+        if not posting.done():
+            posting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            answer = await posting
+            if answer != "200":
+                print(f"   trial {number + 1}: the survivor answered the new fact {answer}")
     receiver.release()
     trial = Trial(
         project,
-        None if nxt is None else nxt.at - killed_at,
-        nxt is not None and nxt.action_id == held.action_id,
         claimed_by,
+        None if taken_over is None else taken_over.at - killed_at,
+        None if new is None else new.at - killed_at,
     )
     return trial, victim
 
@@ -991,7 +1036,10 @@ async def failover(args: argparse.Namespace, scratch: str, folder: Path) -> list
                 number, receiver, url, daemons, alive[number % len(alive)], args.lease + 60
             )
             trials.append(trial)
-            print(f"   trial {number + 1}: killed {trial.killed}: {show_seconds(trial.seconds)}")
+            print(
+                f"   trial {number + 1}: killed {trial.killed}: held action "
+                f"{show_seconds(trial.held_s)}, new fact's {show_seconds(trial.new_s)}"
+            )
             del daemons[victim.daemon_id]
             again_id = f"{victim.daemon_id.split('-r')[0]}-r{number + 1}"
             config, port = write_config(
@@ -1083,7 +1131,7 @@ async def standby(args: argparse.Namespace, scratch: str, folder: Path) -> list[
             trials.append(trial)
             active = await standby_task
             print(
-                f"   trial {number + 1}: killed {trial.killed}: {show_seconds(trial.seconds)} "
+                f"   trial {number + 1}: killed {trial.killed}: {show_seconds(trial.held_s)} "
                 f"(the standby had been refused {refusals - before} times)"
             )
         return trials
@@ -1101,19 +1149,21 @@ def show_seconds(value: float | None) -> str:
 
 
 def report_trials(title: str, trials: list[Trial], args: argparse.Namespace) -> None:
-    times = sorted(t.seconds for t in trials if t.seconds is not None)
-    missing = sum(1 for t in trials if t.seconds is None)
-    same = sum(1 for t in trials if t.same_action)
     print(f"\n   {title}: {len(trials)} trials, delivery_lease_s {args.lease:g}")
-    if times:
+    for label, values in (
+        ("next delivery of the project", [t.next_s for t in trials]),
+        ("the held action delivered by another daemon", [t.held_s for t in trials]),
+        ("a new fact's action, posted to a survivor", [t.new_s for t in trials]),
+    ):
+        times = sorted(v for v in values if v is not None)
+        if not times:
+            continue
+        missing = len(values) - len(times)
         print(
-            f"   kill -9 → next delivery of the project: p50 {median(times):.2f} s, "
-            f"max {max(times):.2f} s, min {min(times):.2f} s"
+            f"   kill -9 → {label}: p50 {median(times):.2f} s, max {max(times):.2f} s, "
+            f"min {min(times):.2f} s ({len(times)} trials"
+            + (f"; {missing} saw none within the lease + 60 s)" if missing else ")")
         )
-    print(
-        f"   {same} of {len(trials)} were the held action itself delivered again; "
-        f"{missing} trial(s) saw no delivery within the lease + 60 s"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1360,6 +1410,8 @@ def main(argv: list[str] | None = None) -> int:
         result = asyncio.run(aiohttp_load(args.load.split(","), args.connections, args.seconds))
         print(json.dumps(result.__dict__))
         return 0
+    if args.failover_daemons < 2:
+        raise SystemExit("--failover-daemons: at least 2 (one killed, the others survive)")
     if args.lease < 6:
         raise SystemExit("--lease: at least 6 s (a target's timeout_s of 1 s plus 5 s)")
     return run(args)
