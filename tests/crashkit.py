@@ -1196,6 +1196,8 @@ class Report:
     log_path: Path | None = None
     notes: list[tuple[str, str]] = field(default_factory=list)
     """More lines of the summary (label, figures), before the violations."""
+    figures: dict[str, float] = field(default_factory=dict)
+    """More figures by name (a mode's own: ``crashkit_pg.check_failover``)."""
     violations: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
