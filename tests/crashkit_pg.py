@@ -41,8 +41,10 @@ delivered under one stable id, a release's Idempotency-Key its id, no escrow ove
 the ledger reconciled...), and ``check_failover`` the failover's own:
 
 - every action the killed daemon had claimed (an attempt in flight) and that was not
-  delivered or cancelled before, reached the receiver again within ``LEASE_S`` +
-  ``RESUME_SLACK_S`` of the kill (measured: ``resumed``);
+  delivered or cancelled before reached the receiver again within ``LEASE_S`` +
+  ``RESUME_SLACK_S`` of the kill; when no other daemon served then (one daemon at a time),
+  of when one began to serve (it released the claims as it took the database over); and
+  from a later kill of a serving daemon when one came first (``_deadline``);
 - no daemon exited without being killed or stopped, other than refused at start;
 - the last daemons stopped with SIGTERM exit 0.
 
@@ -106,7 +108,7 @@ RECEIVER_DELAY_S = 0.15
 kill to catch some."""
 RESTART_S = (0.1, 0.4)
 """Back-off before a killed daemon's slot starts one again, seconds (uniform)."""
-REFUSED_RESTART_S = (0.4, 1.0)
+REFUSED_RESTART_S = (0.2, 0.6)
 """Back-off after a daemon was refused at start (another daemon holds the database)."""
 SERVING_TIMEOUT_S = 40.0
 """How long the run waits for some daemon to serve before it gives up (``CrashFailure``)."""
@@ -232,7 +234,7 @@ class PgCrashRun(CrashRun):
         while not self._closing:
             proc, slot.url = self._spawn(log_file=slot.log_file)
             slot.proc, slot.starts = proc, slot.starts + 1
-            slot.healthy, slot.daemon_id = False, None
+            slot.healthy, slot.daemon_id, slot.killing = False, None, False
             next_look = 0.0
             while proc.poll() is None:
                 if not slot.killing and not self._closing and time.monotonic() >= next_look:
@@ -377,7 +379,7 @@ class PgCrashRun(CrashRun):
         while not stop.is_set():
             slot = await self._pick(timeout_s=5.0)
             if slot is not None:
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError, KeyError):
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, KeyError, ValueError):
                     await self._office_round(slot.url, stop)
             await asyncio.sleep(self.office_rng.uniform(0.005, 0.03))
 
@@ -391,16 +393,24 @@ class PgCrashRun(CrashRun):
         return modes
 
     async def _claims(self) -> list[tuple[str, str]]:
-        """(action id, claimed_by) of every pending action claimed for delivery."""
-        if self._outbox_db is None:
-            self._outbox_db = await psycopg.AsyncConnection.connect(
-                self.database_url, autocommit=True
+        """(action id, claimed_by) of every pending action claimed for delivery (none when
+        the database does not answer: the next look connects again)."""
+        try:
+            if self._outbox_db is None:
+                self._outbox_db = await psycopg.AsyncConnection.connect(
+                    self.database_url, autocommit=True
+                )
+            cursor = await self._outbox_db.execute(
+                "SELECT action_id, claimed_by FROM outbox"
+                " WHERE status = 'pending' AND claimed_by IS NOT NULL"
             )
-        cursor = await self._outbox_db.execute(
-            "SELECT action_id, claimed_by FROM outbox"
-            " WHERE status = 'pending' AND claimed_by IS NOT NULL"
-        )
-        return [(str(a), str(c)) for a, c in await cursor.fetchall()]
+            return [(str(a), str(c)) for a, c in await cursor.fetchall()]
+        except psycopg.Error as exc:
+            self.log(f"the outbox's claims could not be read: {exc}")
+            if self._outbox_db is not None:
+                await self._outbox_db.close()
+            self._outbox_db = None
+            return []
 
     async def _victim(self, mode: str) -> Slot | None:
         """The daemon a ``serving``, ``delivering``, ``startup`` or ``timer`` cycle kills."""
@@ -462,10 +472,7 @@ class PgCrashRun(CrashRun):
         await self._reap(proc, 10.0)
         self.kills[mode] += 1
         kill = Kill(index, mode, slot.name, proc.pid, at, serving, others)
-        with contextlib.suppress(psycopg.Error):
-            kill.claimed = [
-                a for a, c in await self._claims() if _claimed_by(c, proc.pid, daemon_id)
-            ]
+        kill.claimed = [a for a, c in await self._claims() if _claimed_by(c, proc.pid, daemon_id)]
         self.kill_log.append(kill)
         slot.log_file.write(f"===== {time.strftime('%H:%M:%S')} SIGKILL ({mode})\n")
         slot.log_file.flush()
@@ -576,18 +583,19 @@ def check_failover(
     resumed_served: list[float] = []  # from when another daemon served
     done_before = cancelled = 0
     for kill in run.kill_log:
-        takeover = _takeover(run, kill)
         for action_id in kill.claimed:
             got = arrivals.get(action_id, [])
             after = [r.at for r in got if r.at > kill.at]
             if after:
-                resumed.append(min(after) - kill.at)
-                resumed_served.append(min(after) - takeover)
-                if min(after) > max(kill.at + run.lease_s, takeover) + RESUME_SLACK_S:
+                again = min(after)
+                last, deadline = _deadline(run, kill, again)
+                resumed.append(again - kill.at)
+                resumed_served.append(again - _takeover(run, last))
+                if again > deadline:
                     v.append(
                         f"action {action_id}, claimed by daemon {kill.slot} (pid {kill.pid}) "
-                        f"killed in cycle {kill.cycle}, was sent again {min(after) - kill.at:.2f}"
-                        f" s after the kill, {min(after) - takeover:.2f} s after another "
+                        f"killed in cycle {kill.cycle}, was sent again {again - kill.at:.2f} s "
+                        f"after the kill, {again - _takeover(run, last):.2f} s after another "
                         f"daemon served (lease {run.lease_s:g} s)"
                     )
             elif status.get(action_id) == "cancelled":
@@ -651,6 +659,20 @@ def check_failover(
             f"{done_before} answered just before the kill",
         ),
     ]
+
+
+def _deadline(run: PgCrashRun, kill: Kill, again: float) -> tuple[Kill, float]:
+    """By when an action the daemon of ``kill`` had claimed, sent again at ``again``, had to
+    be sent: ``lease_s`` (plus ``RESUME_SLACK_S``) after the kill, or after another daemon
+    served if none did then; and counted from a later kill of a serving daemon when one
+    came before that (the daemon taking it over may be the one killed). Returns the kill
+    the deadline counts from, and the deadline."""
+    while True:
+        deadline = max(kill.at + run.lease_s, _takeover(run, kill)) + RESUME_SLACK_S
+        later = [k for k in run.kill_log if k.serving and kill.at < k.at < min(deadline, again)]
+        if not later:
+            return kill, deadline
+        kill = later[0]
 
 
 def _takeover(run: PgCrashRun, kill: Kill) -> float:
