@@ -611,10 +611,10 @@ def check_failover(
                     f"(it is {status.get(action_id)})"
                 )
     serving_kills = [k for k in run.kill_log if k.serving]
-    gaps: list[tuple[float, Kill]] = []
-    for kill in serving_kills:
+    gaps: list[tuple[float, Kill]] = []  # kill -> next acknowledged request
+    for kill, following in zip(serving_kills, [*serving_kills[1:], None], strict=True):
         later = [t for t in run.acked_at if t > kill.at]
-        if later:
+        if later and (following is None or min(later) < following.at):
             gaps.append((min(later) - kill.at, kill))
     worst = max(gaps, key=lambda g: g[0], default=None)
     takeovers = [_takeover(run, k) - k.at for k in serving_kills if not k.others_serving]
@@ -648,7 +648,8 @@ def check_failover(
             f"{len(serving_kills)} kills of a serving daemon ({len(takeovers)} of the only "
             f"one: another served after {_spread(takeovers)}); next acknowledged request "
             f"after {_spread([g for g, _ in gaps])}"
-            + (f" (cycle {worst[1].cycle}, {worst[1].mode})" if worst else ""),
+            + (f" (cycle {worst[1].cycle}, {worst[1].mode})" if worst else "")
+            + f" ({len(serving_kills) - len(gaps)} kills followed by another before one)",
         ),
         (
             "in-flight resumed",
