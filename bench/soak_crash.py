@@ -8,7 +8,7 @@ per cycle). Prints the counts and every violation; exits 1 on any violation, 0 o
 The seed (random unless given) is printed: it replays the plan of a run, not its timing.
 
 ``--postgres``: three daemons on one PostgreSQL database, any of them killed
-(``tests/crashkit_pg.py``; default 200 cycles, about 1.5 s each), on the empty database or
+(``tests/crashkit_pg.py``; default 200 cycles, about 2 s each), on the empty database or
 schema ``--database URL`` names, else on a fresh schema of the test server
 (``GATEKEEPER_TEST_POSTGRES``, default ``postgresql://postgres@127.0.0.1:5432/postgres``;
 dropped at the end). Exits 2 when there is no server.
