@@ -8,7 +8,8 @@ PostgreSQL schema and sets a short ``delivery_lease_s`` (``LEASE_S``; the config
 ``DAEMONS`` daemon subprocesses (slots a, b, c, each with its log ``daemon-<slot>.log``)
 running on that one schema: a slot whose daemon exits, killed by the harness or refused at
 start because another daemon holds the database (``DatabaseInUse``: the one-daemon lock),
-starts one again after a short back-off. So while one daemon decides on a database at a
+starts one again after a short back-off (and, while some daemon serves, once no other slot
+is starting: starts take turns, as they cost CPU). So while one daemon decides on a database at a
 time, one daemon serves and the other two are standbys trying to start, and a kill of the
 serving one is a failover to a standby; once several daemons serve one database, all three
 serve and a kill leaves two serving. The harness is the same in both regimes and reports the
@@ -230,8 +231,15 @@ class PgCrashRun(CrashRun):
     async def _keep(self, slot: Slot) -> None:
         """Keep a daemon running in ``slot`` until the run closes: start one, watch its
         ``/healthz``, and when it exits account for how, then start another after a
-        back-off."""
+        back-off. While some daemon serves, one slot starts at a time (a start costs a
+        second or more of CPU; with the one-daemon lock the standbys take turns)."""
         while not self._closing:
+            while self._serving() and any(
+                s is not slot and s.running() and not s.healthy for s in self.slots
+            ):
+                await asyncio.sleep(0.02)
+            if self._closing:
+                return
             proc, slot.url = self._spawn(log_file=slot.log_file)
             slot.proc, slot.starts = proc, slot.starts + 1
             slot.healthy, slot.daemon_id, slot.killing = False, None, False
