@@ -37,8 +37,10 @@ and replaying an acknowledged one now and then (it must be answered as a replay)
 At the end the daemon is restarted once more, the bank stops holding, the outbox is drained
 (``GET /v1/actions?status=pending`` until empty) and the daemon is stopped with SIGTERM
 (exit 0 expected). Then ``analyse`` reads the SQLite database directly (``fact_log``,
-``facts``, ``decisions``, ``rule_state``, ``outbox``, ``ledger_entries``) and the receiver's
-records and checks every guarantee: see ``analyse`` for the list. The facts the daemon
+``facts``, ``decisions``, ``rule_state``, ``outbox``, ``ledger_entries``: ``read_sqlite``)
+and ``check`` checks every guarantee against them and the receiver's records: see ``check``
+for the list. (``tests/crashkit_pg.py`` runs three daemons on PostgreSQL with the same
+checks.) The facts the daemon
 actually applied (``fact_log`` order, grouped into transactions by request id) are the truth
 the expected firings are computed from.
 
@@ -591,6 +593,10 @@ class CrashRun:
     bounds each client's pause between requests (keep both modest on small machines).
     """
 
+    outage_statuses: frozenset[int] = frozenset()
+    """HTTP statuses answered while a daemon cannot serve, taken as a request cut off (sent
+    again if keyed) rather than a violation: none for one daemon on SQLite."""
+
     def __init__(
         self,
         workdir: Path,
@@ -646,9 +652,13 @@ class CrashRun:
         (rules_dir / "events.yaml").write_text("".join(r.yaml for r in events))
         self.config_path.write_text(config_text(self.receiver.url))
 
-    def _spawn(self, commit_delay_s: float = 0.0) -> tuple[subprocess.Popen[bytes], str]:
-        """Start the daemon on a fresh port. With ``commit_delay_s``, through ``SLOW_COMMIT``:
-        the COMMIT of every transaction that queued actions waits that long (a slow disk)."""
+    def _spawn(
+        self, commit_delay_s: float = 0.0, log_file: Any = None
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """Start the daemon on a fresh port, its output to ``log_file`` (default: the run's
+        log). With ``commit_delay_s``, through ``SLOW_COMMIT``: the COMMIT of every
+        transaction that queued actions waits that long (a slow disk)."""
+        log_file = log_file or self._log_file
         port = free_port()
         env = {**os.environ, **SECRET_ENV}
         # the daemon runs the gatekeeper these tests import (a checkout's src/, not another
@@ -671,14 +681,14 @@ class CrashRun:
             "--listen",
             f"127.0.0.1:{port}",
         ]
-        self._log_file.write(f"\n===== {time.strftime('%H:%M:%S')} start on port {port}\n")
-        self._log_file.flush()
+        log_file.write(f"\n===== {time.strftime('%H:%M:%S')} start on port {port}\n")
+        log_file.flush()
         proc = subprocess.Popen(
             command,
             cwd=self.workdir,
             env=env,
             stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
+            stdout=log_file,
             stderr=subprocess.STDOUT,
         )
         return proc, f"http://127.0.0.1:{port}"
@@ -797,6 +807,7 @@ class CrashRun:
         except (aiohttp.ClientError, TimeoutError) as exc:
             posted.status = None
             posted.error = type(exc).__name__
+        if posted.status is None or posted.status in self.outage_statuses:
             if posted.idempotency_key is not None and posted not in self.retry_queue:
                 self.retry_queue.append(posted)
             return False
@@ -938,7 +949,7 @@ class CrashRun:
             post.answered_at = time.monotonic()
         if post.status != 200:
             post.message = str(answer.get("error", {}).get("message", answer))
-        if post.status not in (200, 409):
+        if post.status not in (200, 409, *self.outage_statuses):
             self.problems.append(f"cancel of {release_id} answered {post.status}: {post.message}")
 
     async def _settle(self, url: str, post: SettlementPost) -> None:
@@ -960,6 +971,9 @@ class CrashRun:
         ) as response:
             post.answer = await response.json()
             post.status = response.status
+        if post.status in self.outage_statuses:
+            post.status = None  # cut off: sent again
+            return
         if post.status != 200:
             self.problems.append(
                 f"settlement {post.webhook_id} ({post.outcome}) answered {post.status}: "
@@ -1113,9 +1127,13 @@ class CrashRun:
             for r in self.receiver.receipts
         )
 
+    def _tables(self) -> Tables:
+        """The database's tables, read after the last daemon stopped."""
+        return read_sqlite(self.db_path)
+
     def _report(self) -> Report:
-        report = analyse(
-            self.db_path,
+        report = check(
+            self._tables(),
             self.posted,
             self.receiver.receipts,
             self.rules,
@@ -1176,6 +1194,10 @@ class Report:
     movements: int = 0
     elapsed_s: float = 0.0
     log_path: Path | None = None
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    """More lines of the summary (label, figures), before the violations."""
+    figures: dict[str, float] = field(default_factory=dict)
+    """More figures by name (a mode's own: ``crashkit_pg.check_failover``)."""
     violations: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -1208,6 +1230,9 @@ class Report:
             f"settlements:              {self.settled} settled, {self.failed} failed "
             f"({self.settlement_replays} replays answered as such); "
             f"{self.movements} ledger movements",
+        ]
+        lines += [f"{label + ':':<26}{figures}" for label, figures in self.notes]
+        lines += [
             f"violations:               {len(self.violations)}",
         ]
         lines += [f"  VIOLATION: {v}" for v in self.violations[:40]]
@@ -1218,8 +1243,41 @@ class Report:
         return "\n".join(lines)
 
 
-def _rows(db: sqlite3.Connection, sql: str) -> list[sqlite3.Row]:
-    return list(db.execute(sql))
+Row = dict[str, Any]
+"""A database row by column name (either backend)."""
+
+TABLE_QUERIES = {
+    "log": "SELECT seq, project, kind, id, data, request_id, caused_by FROM fact_log ORDER BY seq",
+    "facts": "SELECT project, kind, id, data, seq FROM facts",
+    "decisions": "SELECT id, rule_id, trigger, fact_seq, outcome, gate_open, firing_id, instance"
+    " FROM decisions ORDER BY id",
+    "states": "SELECT rule_id, instance, gate_open, fired_count FROM rule_state",
+    "outbox": "SELECT action_id, decision_id, rule_id, firing_id, kind, target, payload, status"
+    " FROM outbox",
+    "movements": "SELECT id, release_id, escrow, movement, amount FROM ledger_entries ORDER BY id",
+}
+"""What ``analyse`` reads, the same SQL on SQLite and PostgreSQL."""
+
+
+@dataclass
+class Tables:
+    """The rows ``check`` reads, by ``TABLE_QUERIES`` name (``fact_log`` in ``seq`` order,
+    ``decisions`` and ``ledger_entries`` by id)."""
+
+    log: list[Row]
+    facts: list[Row]
+    decisions: list[Row]
+    states: list[Row]
+    outbox: list[Row]
+    movements: list[Row]
+
+
+def read_sqlite(db_path: Path) -> Tables:
+    """The tables of the SQLite database at ``db_path`` (read after the daemons stopped)."""
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        db.row_factory = sqlite3.Row
+        rows = {name: [dict(r) for r in db.execute(sql)] for name, sql in TABLE_QUERIES.items()}
+    return Tables(**rows)
 
 
 def analyse(
@@ -1230,7 +1288,19 @@ def analyse(
     cancels: Iterable[CancelPost] = (),
     settlements: Iterable[SettlementPost] = (),
 ) -> Report:
-    """Check every guarantee against the database and the receiver's records.
+    """``check`` the SQLite database at ``db_path``."""
+    return check(read_sqlite(db_path), posted, receipts, rules, cancels, settlements)
+
+
+def check(
+    tables: Tables,
+    posted: Iterable[Posted],
+    receipts: list[Receipt],
+    rules: list[RuleSpec],
+    cancels: Iterable[CancelPost] = (),
+    settlements: Iterable[SettlementPost] = (),
+) -> Report:
+    """Check every guarantee against the database's tables and the receiver's records.
 
     1. every acknowledged fact is in ``fact_log`` with its sequence number and content;
        a request that was cut off is applied entirely or not at all, and nothing else is there;
@@ -1259,33 +1329,14 @@ def analyse(
     report = Report()
     v = report.violations
     posted = list(posted)
-    with contextlib.closing(sqlite3.connect(db_path)) as db:
-        db.row_factory = sqlite3.Row
-        log = _rows(
-            db,
-            "SELECT seq, project, kind, id, data, request_id, caused_by FROM fact_log ORDER BY seq",
-        )
-        facts_table = _rows(db, "SELECT project, kind, id, data, seq FROM facts")
-        decisions = _rows(
-            db,
-            "SELECT id, rule_id, trigger, fact_seq, outcome, gate_open, firing_id, instance"
-            " FROM decisions ORDER BY id",
-        )
-        states = _rows(db, "SELECT rule_id, instance, gate_open, fired_count FROM rule_state")
-        outbox = _rows(
-            db,
-            "SELECT action_id, decision_id, rule_id, firing_id, kind, target, payload, status"
-            " FROM outbox",
-        )
-        movements = _rows(
-            db, "SELECT id, release_id, escrow, movement, amount FROM ledger_entries ORDER BY id"
-        )
+    log, facts_table, decisions = tables.log, tables.facts, tables.decisions
+    states, outbox, movements = tables.states, tables.outbox, tables.movements
     rules_by_id = {r.id: r for r in rules}
     by_seq = {row["seq"]: row for row in log}
     report.facts_found = len(log)
 
     # 1. acknowledged facts are durable; cut-off requests are all or nothing
-    rows_of_request: dict[str, list[sqlite3.Row]] = defaultdict(list)
+    rows_of_request: dict[str, list[Row]] = defaultdict(list)
     for row in log:
         if row["caused_by"] is None:  # posted, not set by a rule
             rows_of_request[row["request_id"]].append(row)
@@ -1294,7 +1345,7 @@ def analyse(
         if request_id not in known_requests:
             v.append(f"fact_log holds {len(rows)} fact(s) of unknown request {request_id!r}")
 
-    def same(row: sqlite3.Row, fact: Mapping[str, Any]) -> bool:
+    def same(row: Row, fact: Mapping[str, Any]) -> bool:
         return (row["project"], row["kind"], row["id"], json.loads(row["data"])) == (
             fact["project"],
             fact["kind"],
@@ -1329,7 +1380,7 @@ def analyse(
             )
 
     # 2. transactions: runs of one request id, each request id in one run
-    groups: list[list[sqlite3.Row]] = []
+    groups: list[list[Row]] = []
     for row in log:
         if groups and groups[-1][0]["request_id"] == row["request_id"]:
             groups[-1].append(row)
@@ -1368,7 +1419,7 @@ def analyse(
     found_sets: Counter[tuple[int, str, str, str, str]] = Counter()
     set_firings: list[tuple[str, str]] = []  # (firing id, fact log seq) of each set fact
     for index, group in enumerate(groups):
-        levels: dict[int, list[sqlite3.Row]] = defaultdict(list)
+        levels: dict[int, list[Row]] = defaultdict(list)
         for row in group:
             caused = json.loads(row["caused_by"]) if row["caused_by"] else None
             levels[caused["depth"] if caused else 0].append(row)
@@ -1412,7 +1463,7 @@ def analyse(
 
     found: dict[Instance, list[int]] = defaultdict(list)
     decisions_on: Counter[tuple[str, str, int]] = Counter()
-    fired_decisions: dict[int, sqlite3.Row] = {}
+    fired_decisions: dict[int, Row] = {}
     for d in decisions:
         group_index = group_of_seq.get(d["fact_seq"]) if d["fact_seq"] is not None else None
         if d["trigger"] == "fact":
@@ -1508,7 +1559,7 @@ def analyse(
     # 4. outbox <-> firings (alerts about a firing's actions are checked with the ledger)
     alerts = [a for a in outbox if "alert" in json.loads(a["payload"])]
     alert_ids = {a["action_id"] for a in alerts}
-    actions_of: dict[int, list[sqlite3.Row]] = defaultdict(list)
+    actions_of: dict[int, list[Row]] = defaultdict(list)
     for a in outbox:
         if a["action_id"] not in alert_ids:
             actions_of[a["decision_id"]].append(a)
@@ -1641,10 +1692,10 @@ LEDGER_SEQUENCES = {
 
 def check_ledger(
     report: Report,
-    outbox: list[sqlite3.Row],
-    movements: list[sqlite3.Row],
+    outbox: list[Row],
+    movements: list[Row],
     receipts: list[Receipt],
-    alerts: list[sqlite3.Row],
+    alerts: list[Row],
     cancels: list[CancelPost],
     settlements: list[SettlementPost],
 ) -> None:
@@ -1720,7 +1771,7 @@ def check_ledger(
             v.append(f"release {release_id}: {alerted[release_id]} settlement_failed alerts")
 
 
-def _describe(indexes: list[int], groups: list[list[sqlite3.Row]]) -> str:
+def _describe(indexes: list[int], groups: list[list[Row]]) -> str:
     def one(i: int) -> str:
         if i < 0:
             return "(not a fact)"
