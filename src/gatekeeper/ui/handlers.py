@@ -382,31 +382,39 @@ async def get_live(request: web.Request) -> web.StreamResponse:
     page or a query it does not take; 401 without a live session."""
     found = viewer_of(request)
     if found is None:
-        return web.json_response({"error": "signed out"}, status=401)
+        return live_json({"error": "signed out"}, status=401)
     viewer = found[0]
     daemon = daemon_of(request)
     path = request.query.get("page")
     if path is None:
-        stamp = daemon.change_stamp()
-        return web.json_response({"stamp": stamp}, headers={"Cache-Control": "no-store"})
+        return live_json({"stamp": daemon.change_stamp()})
     url = URL(path) if path.startswith("/ui/") else None
     match = next(
         ((m, page_of, q) for p, page_of, q in LIVE_PAGES if url and (m := p.fullmatch(url.path))),
         None,
     )
     if url is None or match is None or not set(url.query) <= match[2]:
-        return web.json_response({"error": "page is not a live page of /ui/"}, status=400)
+        return live_json({"error": "page is not a live page of /ui/"}, status=400)
     try:
         page = match[1](daemon, viewer, match[0].groupdict(), url.query)
     except NoPage:
-        return web.json_response({"reload": True}, headers={"Cache-Control": "no-store"})
+        return live_json({"reload": True})
     rendered = await cached_page(request, url.path_qs, page, viewer)
     answer = {"stamp": rendered.stamp, **rendered.changes_since(request.query.get("tag", ""))}
-    text = json.dumps(answer, ensure_ascii=False).replace(
-        request.app[CACHE_KEY].placeholder, viewer.csrf
-    )
+    return live_json(answer, secret=(request.app[CACHE_KEY].placeholder, viewer.csrf))
+
+
+def live_json(
+    answer: dict[str, Any], status: int = 200, secret: tuple[str, str] | None = None
+) -> web.Response:
+    """``/ui/live``'s answer, never stored by the browser; ``secret``: the cache's CSRF
+    placeholder and the session's token that replaces it in the HTML sent."""
+    text = json.dumps(answer, ensure_ascii=False)
+    if secret is not None:
+        text = text.replace(*secret)
     return web.Response(
         text=text,
+        status=status,
         content_type="application/json",
         headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
     )
