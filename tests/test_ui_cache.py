@@ -1,11 +1,13 @@
-"""The status page's cache of rendered pages: when a kept page may be served, and one
-render shared by the requests that arrive while it runs."""
+"""The status page's cache of rendered pages: when a kept page may be served, one render
+shared by the requests that arrive while it runs, and what changed in a page since an
+earlier render of it (its parts, or its whole live part)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
-from gatekeeper.ui.cache import FRESH_S, MAX_AGE_S, PageCache, Rendered
+from gatekeeper.ui.cache import FRESH_S, HISTORY, MAX_AGE_S, TAG_SLOT, PageCache, Rendered
 
 KEY = ("/ui/projects/tower-a", "sha")
 
@@ -65,3 +67,45 @@ async def test_a_failed_render_lets_the_waiting_requests_render_themselves() -> 
     results = await asyncio.gather(first, second, return_exceptions=True)
     assert isinstance(results[0], RuntimeError)
     assert isinstance(results[1], Rendered) and results[1].html == b"second try"
+
+
+def page(*parts: str, frame: str = "<h1>p</h1>") -> str:
+    """A page whose live part is ``frame`` then ``parts``."""
+    inside = "".join(f"<!--part--><div data-part>{p}</div><!--/part-->" for p in parts)
+    return f'<div id="live" data-tag="{TAG_SLOT}"><!--live-->{frame}{inside}<!--/live--></div>'
+
+
+def test_a_poll_gets_the_parts_that_changed_since_the_render_it_shows() -> None:
+    cache = PageCache()
+    first = cache.put(KEY, 1, page("a", "b", "c"))
+    assert f'data-tag="{first.live.tag}"'.encode() in first.html
+    second = cache.put(KEY, 2, page("a", "B", "c"))
+    assert second.changes_since(second.live.tag) == {"tag": second.live.tag}
+    changed = second.changes_since(first.live.tag)
+    assert changed == {"tag": second.live.tag, "parts": [[1, "<div data-part>B</div>"]]}
+    third = cache.put(KEY, 3, page("A", "B", "c"))
+    assert third.changes_since(first.live.tag)["parts"] == [
+        [0, "<div data-part>A</div>"],
+        [1, "<div data-part>B</div>"],
+    ]
+    expected = {"stamp": 3, **third.changes_since(first.live.tag)}
+    assert json.loads(third.answer(first.live.tag)) == expected
+    assert third.answer(first.live.tag) is third.answer(first.live.tag)  # made once
+
+
+def test_a_new_frame_or_a_forgotten_render_gets_the_whole_live_part() -> None:
+    cache = PageCache()
+    first = cache.put(KEY, 1, page("a", "b"))
+    other_frame = cache.put(KEY, 2, page("a", "b", frame="<h1>renamed</h1>"))
+    assert other_frame.changes_since(first.live.tag) == {
+        "tag": other_frame.live.tag,
+        "live": other_frame.live.html,
+    }
+    fewer = cache.put(KEY, 3, page("a"))
+    assert "live" in fewer.changes_since(other_frame.live.tag)
+    for n in range(HISTORY):
+        cache.put(KEY, 4 + n, page(f"x{n}"))
+    latest = cache.put(KEY, 100, page("y"))
+    assert "live" in latest.changes_since(fewer.live.tag)  # more than HISTORY renders ago
+    newest = cache.put(KEY, 101, page("z"))
+    assert newest.changes_since(latest.live.tag)["parts"] == [[0, "<div data-part>z</div>"]]

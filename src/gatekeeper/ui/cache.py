@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import secrets
 import time
 from collections import OrderedDict
@@ -97,11 +98,23 @@ class Rendered:
     html: bytes
     live: Live
     earlier: tuple[tuple[str, Digests], ...] = ()
+    answered: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    """``answer`` by tag, made once for all the pages showing the same render."""
 
     @classmethod
     def of(cls, stamp: int, made_at: float, page: str) -> Rendered:
         live = Live.of(page)
         return cls(stamp, made_at, page.replace(TAG_SLOT, live.tag, 1).encode(), live)
+
+    def answer(self, tag: str) -> str:
+        """``changes_since(tag)`` with this render's ``stamp``, as JSON text (the CSRF
+        placeholder still in), made once per tag (of the last ``HISTORY`` + 2 asked)."""
+        found = self.answered.get(tag)
+        if found is None:
+            found = json.dumps({"stamp": self.stamp, **self.changes_since(tag)}, ensure_ascii=False)
+            if len(self.answered) < HISTORY + 2:
+                self.answered[tag] = found
+        return found
 
     def changes_since(self, tag: str) -> dict[str, Any]:
         """What ``/ui/live`` answers a page showing the render tagged ``tag``: ``tag`` (this

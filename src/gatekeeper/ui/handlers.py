@@ -11,10 +11,12 @@ Acts go through the API's own functions (``record_approval``, ``act_on_rule``,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -75,6 +77,8 @@ HTML_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+SLICE_S = 0.002
+"""How long rendering a page holds the event loop at most before letting it run, seconds."""
 MAX_FIELD_CHARS = 256
 """The longest rule id, item id, action id or act name a form may send."""
 ACTS: tuple[str, ...] = get_args(AdminActName)
@@ -136,14 +140,35 @@ def render_text(
     session: Session | None,
 ) -> str:
     """The HTML of template ``name`` (see ``render``); the session's notice is used up."""
+    template = request.app[TEMPLATES_KEY].get_template(name)
+    return template.render(**page_context(context, viewer, session))
+
+
+def page_context(
+    context: dict[str, Any], viewer: Viewer | None, session: Session | None
+) -> dict[str, Any]:
+    """What a template is rendered with: ``context``, the viewer, whether they are signed
+    in, and the session's one-shot notice (used up)."""
     notice = None
     if session is not None and session.notice is not None:
         notice = {"text": session.notice, "ok": session.notice_ok}
         session.notice = None
-    template = request.app[TEMPLATES_KEY].get_template(name)
     shown = {"live": "", "stamp": "", "tag": "", **context}  # live: the project whose page follows
     signed_in = viewer is not None and viewer.token is not None  # a session's viewer
-    return template.render(viewer=viewer, notice=notice, signed_in=signed_in, **shown)
+    return {**shown, "viewer": viewer, "notice": notice, "signed_in": signed_in}
+
+
+async def render_in_slices(template: jinja2.Template, context: dict[str, Any]) -> str:
+    """``template`` rendered with ``context``, letting the event loop run other requests
+    (posted facts) at least every ``SLICE_S`` of rendering, as a large page takes ~10 ms."""
+    chunks: list[str] = []
+    until = time.perf_counter() + SLICE_S
+    for chunk in template.generate(**context):
+        chunks.append(chunk)
+        if time.perf_counter() >= until:
+            await asyncio.sleep(0)
+            until = time.perf_counter() + SLICE_S
+    return "".join(chunks)
 
 
 def html_response(text: str, status: int = 200) -> web.Response:
@@ -198,7 +223,8 @@ async def render_page(
     placeholder where the CSRF token goes and ``TAG_SLOT`` where the live part's tag goes."""
     context = {**await page.build(), "stamp": stamp, "tag": TAG_SLOT}
     general = replace(viewer, csrf=request.app[CACHE_KEY].placeholder)
-    return render_text(request, page.template, context, general, session)
+    template = request.app[TEMPLATES_KEY].get_template(page.template)
+    return await render_in_slices(template, page_context(context, general, session))
 
 
 def error_page(
@@ -400,18 +426,13 @@ async def get_live(request: web.Request) -> web.StreamResponse:
     except NoPage:
         return live_json({"reload": True})
     rendered = await cached_page(request, url.path_qs, page, viewer)
-    answer = {"stamp": rendered.stamp, **rendered.changes_since(request.query.get("tag", ""))}
-    return live_json(answer, secret=(request.app[CACHE_KEY].placeholder, viewer.csrf))
+    text = rendered.answer(request.query.get("tag", ""))
+    return live_json(text.replace(request.app[CACHE_KEY].placeholder, viewer.csrf))
 
 
-def live_json(
-    answer: dict[str, Any], status: int = 200, secret: tuple[str, str] | None = None
-) -> web.Response:
-    """``/ui/live``'s answer, never stored by the browser; ``secret``: the cache's CSRF
-    placeholder and the session's token that replaces it in the HTML sent."""
-    text = json.dumps(answer, ensure_ascii=False)
-    if secret is not None:
-        text = text.replace(*secret)
+def live_json(answer: dict[str, Any] | str, status: int = 200) -> web.Response:
+    """``/ui/live``'s answer (or its JSON text), never stored by the browser."""
+    text = answer if isinstance(answer, str) else json.dumps(answer)
     return web.Response(
         text=text,
         status=status,
