@@ -166,8 +166,9 @@ def live_url(base: str, tag: str) -> str:
 
 async def poll(base: str, pollers: int, seconds: float, protocol: str) -> dict[str, float]:
     """``pollers`` clients following the page as its script does (``protocol``: ``parts``
-    or ``page``, see the module), for ``seconds``: how many polls, changes taken in, whole
-    pages fetched and bytes received, and this process's CPU seconds."""
+    or ``page``, see the module), for ``seconds``, their polls spread evenly over the half
+    second between two (as browsers opened at different moments): how many polls, changes
+    taken in, whole pages fetched and bytes received, and this process's CPU seconds."""
     import aiohttp
 
     counts = {"polls": 0, "changes": 0, "pages": 0, "bytes": 0}
@@ -187,7 +188,8 @@ async def poll(base: str, pollers: int, seconds: float, protocol: str) -> dict[s
             counts["bytes"] += len(body)
             return body
 
-        async def poller() -> None:
+        async def poller(n: int) -> None:
+            await asyncio.sleep(0.5 * n / pollers)  # browsers opened at different moments
             page = (await fetch(PAGE)).decode()
             counts["pages"] += 1
             tag, stamp = attribute(page, "data-tag"), attribute(page, "data-stamp")
@@ -209,7 +211,7 @@ async def poll(base: str, pollers: int, seconds: float, protocol: str) -> dict[s
                     counts["pages"] += 1
                     counts["changes"] += 1
 
-        await asyncio.gather(*(poller() for _ in range(pollers)))
+        await asyncio.gather(*(poller(n) for n in range(pollers)))
     return {**counts, "cpu_s": time.process_time() - cpu_before}
 
 
