@@ -193,3 +193,12 @@ async def test_live_with_a_page_needs_a_session(site: Any) -> None:
         query = urlencode({"page": PAGE, "tag": ""})
         async with session.get(f"{site.url}/ui/live?{query}") as response:
             assert response.status == 401
+
+
+@pytest.mark.parametrize(
+    "page", ["/ui/projects/tower-a?state=%ZZ&[", "/ui/projects/[::1", "/ui/projects/%00"]
+)
+async def test_an_odd_page_is_answered_not_crashed_on(reader: Browserless, page: str) -> None:
+    status, answer = await live(reader, "", page)
+    assert status in (200, 400), answer
+    assert answer.get("reload") or "error" in answer or "live" in answer

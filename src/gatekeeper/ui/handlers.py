@@ -414,20 +414,34 @@ async def get_live(request: web.Request) -> web.StreamResponse:
     path = request.query.get("page")
     if path is None:
         return live_json({"stamp": daemon.change_stamp()})
-    url = URL(path) if path.startswith("/ui/") else None
-    match = next(
-        ((m, page_of, q) for p, page_of, q in LIVE_PAGES if url and (m := p.fullmatch(url.path))),
-        None,
-    )
-    if url is None or match is None or not set(url.query) <= match[2]:
+    found_page = live_page(path)
+    if found_page is None:
         return live_json({"error": "page is not a live page of /ui/"}, status=400)
+    url, page_of, match = found_page
     try:
-        page = match[1](daemon, viewer, match[0].groupdict(), url.query)
+        page = page_of(daemon, viewer, match, url.query)
     except NoPage:
         return live_json({"reload": True})
     rendered = await cached_page(request, url.path_qs, page, viewer)
     text = rendered.answer(request.query.get("tag", ""))
     return live_json(text.replace(request.app[CACHE_KEY].placeholder, viewer.csrf))
+
+
+def live_page(path: str) -> tuple[URL, PageOf, dict[str, str]] | None:
+    """The live page (``LIVE_PAGES``) at ``path`` (a path and query under ``/ui/``): its
+    URL, how to find it, and its route's parts; None when ``path`` is not one, or has a
+    query parameter that page does not take."""
+    try:
+        url = URL(path)
+    except ValueError:
+        return None
+    if not path.startswith("/ui/") or url.is_absolute():
+        return None
+    for pattern, page_of, takes in LIVE_PAGES:
+        match = pattern.fullmatch(url.path)
+        if match is not None and set(url.query) <= takes:
+            return url, page_of, match.groupdict()
+    return None
 
 
 def live_json(answer: dict[str, Any] | str, status: int = 200) -> web.Response:
