@@ -16,14 +16,18 @@ none firing) and 10 per-item rules over the same 10,000 ``punch`` items (100,000
   states of all 1,000.
 - **ingest** — ``POST /v1/facts`` of one fact each, from the aiohttp load generator of
   ``bench_ingest.py`` in a separate process, alone (baseline) and with 5 pollers in another
-  process doing what the page's script does: ``GET /ui/live`` twice a second and, when its
-  stamp is not the one the page shows, ``GET /ui/projects/bench`` again (at most once a
-  second) (target: at most 5 % fewer facts/s).
-  The runs alternate; each figure is the median of ``--runs`` runs. On a busy machine the
-  facts/s of two runs differ by more than 5 % whatever runs beside them, so it also
-  measures what the pollers cost the daemon directly: its CPU per second while 10 facts a
-  second trickle in (the page changes all the time), with and without the pollers, set
-  against the CPU per second of ingest alone.
+  process doing what the page's script does (``--protocol parts``): ``GET /ui/live?page=
+  &tag=`` twice a second, taking in the parts of the page that changed (target: at most 5 %
+  fewer facts/s). ``--protocol page`` polls as the script did before: ``GET /ui/live`` for
+  the stamp twice a second and, when it moved, ``GET`` the whole page again (at most once
+  a second); it runs against any tree (``PYTHONPATH`` chooses the daemon's).
+  The runs come in pairs, one alone and one with pollers, alternating which goes first;
+  the verdict is the median of the pairs' ratios, since on a shared machine the facts/s of
+  two runs minutes apart differ by more than 5 % whatever runs beside them. It also
+  measures what the pollers cost directly: the daemon's CPU per fact in each run; the
+  daemon's CPU per second while 10 facts a second trickle in (the page changes all the
+  time), with and without pollers (paired too), set against the CPU per second of ingest
+  alone; and the pollers' own process CPU.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -46,7 +52,6 @@ from _common import (
     fmt,
     machine_header,
     median,
-    spread,
     table,
 )
 from bench_ingest import (
@@ -60,6 +65,8 @@ from bench_ingest import (
     start_process,
     write_gatekeeper_setup,
 )
+
+from gatekeeper.ui.cache import FRESH_S
 
 PLAIN_RULES = 990
 ITEM_RULES = 10
@@ -76,6 +83,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pollers", type=int, default=5, help="live pollers")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     add_strict_options(parser)
+    parser.add_argument(
+        "--protocol",
+        choices=("parts", "page"),
+        default="parts",
+        help="how the pollers follow the page: /ui/live's changed parts (the page's script), "
+        "or the whole page again when the stamp moved (the script before)",
+    )
     parser.add_argument("--poll", metavar="BASE_URL", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -124,57 +138,103 @@ def start(folder: Path) -> Server:
     return server
 
 
-def timed_gets(url: str, count: int, *, fresh: bool = False) -> list[float]:
-    """Seconds each of ``count`` sequential GETs of ``url`` took (each must answer 200).
-    ``fresh``: each asks for the first page with a query of its own (``after=`` an id no
-    rule has), so that the page cache cannot answer: every one is rendered."""
+def timed_gets(server: Server, urls: list[str]) -> tuple[list[float], float]:
+    """Seconds each of sequential GETs of ``urls`` took (each must answer 200), sorted, and
+    the daemon's CPU seconds per GET."""
     took = []
-    for n in range(count):
+    before = cpu_seconds(server.process.pid) or 0.0
+    for url in urls:
         started = time.perf_counter()
-        with urllib.request.urlopen(url + (f"?after=x{n}" if fresh else ""), timeout=60) as answer:
+        with urllib.request.urlopen(url, timeout=60) as answer:
             answer.read()
             assert answer.status == 200, answer.status
         took.append(time.perf_counter() - started)
-    return sorted(took)
+    used = (cpu_seconds(server.process.pid) or 0.0) - before
+    return sorted(took), used / len(urls)
 
 
-async def poll(base: str, pollers: int, seconds: float) -> dict[str, int]:
-    """``pollers`` clients doing what the page's script does, for ``seconds``: how many
-    stamps and pages they fetched."""
+def fresh(url: str, count: int) -> list[str]:
+    """``count`` URLs of the first page of ``url``, each with a query of its own (``after=``
+    an id no rule has), so that the page cache cannot answer: every one is rendered."""
+    return [f"{url}?after=x{n}" for n in range(count)]
+
+
+def live_url(base: str, tag: str) -> str:
+    """``/ui/live`` for the page ``PAGE`` showing the live part tagged ``tag``."""
+    return f"{base}/ui/live?{urllib.parse.urlencode({'page': PAGE, 'tag': tag})}"
+
+
+async def poll(base: str, pollers: int, seconds: float, protocol: str) -> dict[str, float]:
+    """``pollers`` clients following the page as its script does (``protocol``: ``parts``
+    or ``page``, see the module), for ``seconds``, their polls spread evenly over the half
+    second between two (as browsers opened at different moments): how many polls, changes
+    taken in, whole pages fetched and bytes received, and this process's CPU seconds."""
     import aiohttp
 
-    counts = {"stamps": 0, "pages": 0}
+    counts = {"polls": 0, "changes": 0, "pages": 0, "bytes": 0}
     deadline = time.monotonic() + seconds
+    cpu_before = time.process_time()  # after the imports: only what polling costs
+
+    def attribute(page: str, name: str) -> str:
+        found = page.split(f'{name}="', 1)
+        return found[1].split('"', 1)[0] if len(found) == 2 else ""
+
     async with aiohttp.ClientSession() as session:
 
-        async def poller() -> None:
-            shown = None  # the stamp of the page shown (its #live data-stamp)
-            fetched_at = 0.0
+        async def fetch(path: str) -> bytes:
+            async with session.get(base + path) as answer:
+                body = await answer.read()
+                assert answer.status == 200, (answer.status, body[:200])
+            counts["bytes"] += len(body)
+            return body
+
+        async def poller(n: int) -> None:
+            await asyncio.sleep(0.5 * n / pollers)  # browsers opened at different moments
+            page = (await fetch(PAGE)).decode()
+            counts["pages"] += 1
+            tag, stamp = attribute(page, "data-tag"), attribute(page, "data-stamp")
+            fetched_at = time.monotonic()
             while time.monotonic() < deadline:
-                async with session.get(base + "/ui/live") as answer:
-                    now = (await answer.json())["stamp"]
-                counts["stamps"] += 1
-                if shown is None or (now != shown and time.monotonic() - fetched_at >= 1.0):
-                    fetched_at = time.monotonic()
-                    async with session.get(base + PAGE) as answer:
-                        page = await answer.text()
-                    shown = int(page.split('data-stamp="', 1)[1].split('"', 1)[0])
-                    counts["pages"] += 1
                 await asyncio.sleep(0.5)
+                counts["polls"] += 1
+                if protocol == "parts":
+                    live = f"/ui/live?{urllib.parse.urlencode({'page': PAGE, 'tag': tag})}"
+                    answer = json.loads(await fetch(live))
+                    if answer["tag"] != tag:
+                        counts["changes"] += 1
+                        tag = answer["tag"]
+                    continue
+                now = str(json.loads(await fetch("/ui/live"))["stamp"])
+                if now != stamp and time.monotonic() - fetched_at >= 1.0:
+                    fetched_at = time.monotonic()
+                    stamp = attribute((await fetch(PAGE)).decode(), "data-stamp")
+                    counts["pages"] += 1
+                    counts["changes"] += 1
 
-        await asyncio.gather(*(poller() for _ in range(pollers)))
-    return counts
+        await asyncio.gather(*(poller(n) for n in range(pollers)))
+    return {**counts, "cpu_s": time.process_time() - cpu_before}
 
 
-def trickle_cpu(server: Server, base: str, seconds: float, pollers: int) -> float:
+def start_pollers(args: argparse.Namespace, base: str, seconds: float) -> subprocess.Popen[str]:
+    """The pollers' process (``poll``), given half a second to open the page."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--poll", base]
+    command += ["--pollers", str(args.pollers), "--seconds", str(seconds)]
+    command += ["--protocol", args.protocol]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    return process
+
+
+def pollers_done(process: subprocess.Popen[str]) -> dict[str, float]:
+    out, _ = process.communicate(timeout=120)
+    if process.returncode != 0:
+        raise SystemExit(f"pollers failed ({process.returncode}):\n{out}")
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def trickle_cpu(server: Server, base: str, seconds: float) -> float:
     """The daemon's CPU seconds per second while 10 facts a second are posted (so the page
-    keeps changing) and ``pollers`` pollers follow the page."""
-    process = None
-    if pollers:
-        command = [sys.executable, str(Path(__file__).resolve()), "--poll", base]
-        command += ["--pollers", str(pollers), "--seconds", str(seconds + 1)]
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        time.sleep(0.5)
+    keeps changing)."""
     before = cpu_seconds(server.process.pid) or 0.0
     started = time.monotonic()
     n = 0
@@ -187,10 +247,11 @@ def trickle_cpu(server: Server, base: str, seconds: float, pollers: int) -> floa
         urllib.request.urlopen(request, timeout=60).read()
         time.sleep(max(0.0, started + n * 0.1 - time.monotonic()))
     used = (cpu_seconds(server.process.pid) or 0.0) - before
-    elapsed = time.monotonic() - started
-    if process is not None:
-        process.wait(timeout=120)
-    return used / elapsed
+    return used / (time.monotonic() - started)
+
+
+def load_average() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -198,7 +259,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"   {PLAIN_RULES + ITEM_RULES:,} rules in one project ({ITEM_RULES} per item over "
         f"{ITEMS:,} items), {args.requests} page requests, ingest {args.runs} x "
-        f"{args.seconds:g} s at {args.connections} connections, {args.pollers} pollers"
+        f"{args.seconds:g} s at {args.connections} connections, {args.pollers} pollers "
+        f"({args.protocol})"
     )
     targets = Targets(args.strict, args.strict_later)
     with tempfile.TemporaryDirectory(prefix="gk-bench-ui-") as tmp:
@@ -206,75 +268,122 @@ def run(args: argparse.Namespace) -> int:
         server = start(folder)
         base = f"http://{HOST}:{server.port}"
         try:
-            timed_gets(base + PAGE, 3, fresh=True)  # warm up
-            page = timed_gets(base + PAGE, args.requests, fresh=True)
-            cached = timed_gets(base + PAGE, args.requests)
-            health = timed_gets(base + "/healthz", args.requests)
-            size = len(urllib.request.urlopen(base + PAGE, timeout=60).read())
-            print(f"\n-- page ({size / 1024:,.0f} KiB of HTML)")
-            rows = [
-                [name, fmt(percentile(took, 0.5) * 1000), fmt(percentile(took, 0.99) * 1000)]
-                for name, took in (
-                    ("GET /healthz (baseline)", health),
-                    (f"GET {PAGE}, rendered", page),
-                    (f"GET {PAGE}, from the page cache", cached),
-                )
+            timed_gets(server, fresh(base + PAGE, 3))  # warm up
+            n = args.requests
+            page = timed_gets(server, fresh(base + PAGE, n))
+            cached = timed_gets(server, [base + PAGE] * n)
+            health = timed_gets(server, [base + "/healthz"] * n * 5)
+            shown = urllib.request.urlopen(base + PAGE, timeout=60).read().decode()
+            measured = [
+                ("GET /healthz (baseline)", health),
+                (f"GET {PAGE}, rendered", page),
+                (f"GET {PAGE}, from the page cache", cached),
             ]
-            print(table(["request", "p50 ms", "p99 ms"], rows))
+            polls_s = args.pollers * 2
+            if args.protocol == "parts":
+                tag = shown.split('data-tag="', 1)[1].split('"', 1)[0]
+                unchanged = timed_gets(server, [live_url(base, tag)] * n * 5)
+                whole = timed_gets(server, [live_url(base, "")] * n * 5)
+                measured += [
+                    ("GET /ui/live?page=&tag=, unchanged", unchanged),
+                    ("GET /ui/live?page=&tag=, the whole live part", whole),
+                ]
+                model = page[1] / FRESH_S + polls_s * whole[1]
+                how = f"{polls_s} polls a second, each answered with the whole live part"
+            else:
+                stamp = timed_gets(server, [base + "/ui/live"] * n * 5)
+                measured.append(("GET /ui/live (the stamp)", stamp))
+                model = page[1] / FRESH_S + polls_s * stamp[1] + args.pollers * cached[1]
+                how = f"{polls_s} polls a second and {args.pollers} pages from the page cache"
+            print(f"\n-- page ({len(shown) / 1024:,.0f} KiB of HTML); the daemon's CPU per request")
+            rows = [
+                [
+                    name,
+                    fmt(percentile(took, 0.5) * 1000),
+                    fmt(percentile(took, 0.99) * 1000),
+                    fmt(cpu * 1000),
+                ]
+                for name, (took, cpu) in measured
+            ]
+            print(table(["request", "p50 ms", "p99 ms", "CPU ms"], rows))
+            print(
+                f"   {args.pollers} pollers while the page changes all the time cost the daemon at "
+                f"most one render per {FRESH_S:g} s and {how}: {fmt(model * 1000)} ms of CPU "
+                "per second"
+            )
+            page = page[0]
             targets.check("page p50 ms", percentile(page, 0.5) * 1000, "<=", 200)
 
             url = base + "/v1/facts"
             facts = fact_count(PLAIN_RULES)
             run_aiohttp_load(url, args.connections, 2.0, facts)  # warm up
-            alone, polled, fetched = [], [], []
-            cpu_alone, cpu_polled = [], []
-
-            def load(rates: list[float], cpu: list[float]) -> None:
-                before = cpu_seconds(server.process.pid) or 0.0
-                result = run_aiohttp_load(url, args.connections, args.seconds, facts)
-                used = (cpu_seconds(server.process.pid) or 0.0) - before
-                rates.append(result.rps)
-                cpu.append(used / max(1, result.requests) * 1e6)
-
-            for _ in range(args.runs):
-                load(alone, cpu_alone)
-                command = [sys.executable, str(Path(__file__).resolve()), "--poll", base]
-                command += ["--pollers", str(args.pollers), "--seconds", str(args.seconds + 1)]
-                pollers = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-                time.sleep(0.5)
-                load(polled, cpu_polled)
-                out, _ = pollers.communicate(timeout=120)
-                fetched.append(json.loads(out.strip().splitlines()[-1]))
-            print("\n-- ingest (one fact per request): facts/s, and the daemon's CPU per fact")
+            print(f"\n-- ingest (one fact per request), pairs of runs; {load_average()}")
+            pairs, fetched = [], []
+            for n in range(args.runs):
+                pair: dict[bool, tuple[float, float]] = {}
+                for polled in (False, True) if n % 2 == 0 else (True, False):
+                    process = start_pollers(args, base, args.seconds + 1) if polled else None
+                    before = cpu_seconds(server.process.pid) or 0.0
+                    result = run_aiohttp_load(url, args.connections, args.seconds, facts)
+                    used = (cpu_seconds(server.process.pid) or 0.0) - before
+                    pair[polled] = (result.rps, used / max(1, result.requests) * 1e6)
+                    if process is not None:
+                        fetched.append(pollers_done(process))
+                pairs.append(pair)
             rows = [
-                ["alone (baseline)", fmt(median(alone)), spread(alone), fmt(median(cpu_alone))],
                 [
-                    f"with {args.pollers} pollers",
-                    fmt(median(polled)),
-                    spread(polled),
-                    fmt(median(cpu_polled)),
-                ],
+                    f"pair {n + 1} ({'alone first' if n % 2 == 0 else 'pollers first'})",
+                    fmt(p[False][0]),
+                    fmt(p[True][0]),
+                    f"{(1 - p[True][0] / p[False][0]) * 100:+.1f}",
+                    fmt(p[False][1]),
+                    fmt(p[True][1]),
+                ]
+                for n, p in enumerate(pairs)
             ]
-            print(table(["run", "facts/s", "min..max", "CPU µs/fact"], rows))
-            pages = median([f["pages"] for f in fetched])
-            stamps = median([f["stamps"] for f in fetched])
-            print(f"   pollers fetched per run (median): {stamps:g} stamps, {pages:g} pages")
-            slower = (1 - median(polled) / median(alone)) * 100
-            targets.check("ingest slower with pollers, %", slower, "<=", 5)
-            dearer = (median(cpu_polled) / median(cpu_alone) - 1) * 100
-            print(f"   the daemon's CPU per fact with the pollers: {dearer:+.1f} %")
-            quiet, busy = [], []
-            for _ in range(args.runs):
-                quiet.append(trickle_cpu(server, base, args.seconds, 0))
-                busy.append(trickle_cpu(server, base, args.seconds, args.pollers))
-            cost_ms = (median(busy) - median(quiet)) * 1000
+            slower = median([(1 - p[True][0] / p[False][0]) * 100 for p in pairs])
+            dearer = median([(p[True][1] / p[False][1] - 1) * 100 for p in pairs])
+            alone = [p[False][0] for p in pairs]
+            cpu_alone = [p[False][1] for p in pairs]
+            rows.append(
+                [
+                    "median",
+                    fmt(median(alone)),
+                    fmt(median([p[True][0] for p in pairs])),
+                    f"{slower:+.1f}",
+                    fmt(median(cpu_alone)),
+                    fmt(median([p[True][1] for p in pairs])),
+                ]
+            )
+            headers = ["run", "alone f/s", f"{args.pollers} pollers f/s", "slower %"]
+            print(table([*headers, "CPU µs/fact alone", "with"], rows))
+            per_run = {k: median([f[k] for f in fetched]) for k in fetched[0]}
+            print(
+                f"   pollers ({args.protocol}) per {args.seconds + 1:g} s run (median): "
+                f"{per_run['polls']:g} polls, {per_run['changes']:g} changes taken in, "
+                f"{per_run['pages']:g} whole pages, {per_run['bytes'] / 1024:,.0f} KiB, "
+                f"{per_run['cpu_s'] * 1000:,.0f} ms of their own CPU"
+            )
+            targets.check("ingest slower with pollers, median of pairs, %", slower, "<=", 5)
+            print(
+                f"   the daemon's CPU per fact with the pollers (median of pairs): {dearer:+.1f} %"
+            )
+            quiet, busy, own = [], [], []
+            for n in range(args.runs):
+                for polled in (False, True) if n % 2 == 0 else (True, False):
+                    process = start_pollers(args, base, args.seconds + 1) if polled else None
+                    (busy if polled else quiet).append(trickle_cpu(server, base, args.seconds))
+                    if process is not None:
+                        own.append(pollers_done(process)["cpu_s"] / (args.seconds + 1))
+            cost_ms = median([(b - q) * 1000 for q, b in zip(quiet, busy, strict=True)])
             ingest_ms = median(alone) * median(cpu_alone) / 1000
             print(
-                f"\n-- what the pollers cost the daemon, facts trickling in (10 a second: the "
-                f"page changes all the time)\n   daemon CPU {fmt(median(quiet) * 1000)} ms/s "
-                f"without pollers, {fmt(median(busy) * 1000)} ms/s with {args.pollers}: "
-                f"{fmt(cost_ms)} ms/s, {cost_ms / ingest_ms * 100:.1f} % of the CPU of "
-                f"ingest alone ({fmt(ingest_ms)} ms/s)"
+                f"\n-- what the pollers cost, facts trickling in (10 a second: the page changes "
+                f"all the time)\n   daemon CPU {fmt(median(quiet) * 1000)} ms/s without "
+                f"pollers, {fmt(median(busy) * 1000)} ms/s with {args.pollers}: "
+                f"{fmt(cost_ms)} ms/s (median of pairs), {cost_ms / ingest_ms * 100:.1f} % of "
+                f"the CPU of ingest alone ({fmt(ingest_ms)} ms/s); the pollers' own process "
+                f"{fmt(median(own) * 1000)} ms/s\n   {load_average()}"
             )
         finally:
             server.stop()
@@ -286,7 +395,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.poll is not None:
-        print(json.dumps(asyncio.run(poll(args.poll, args.pollers, args.seconds))))
+        counts = asyncio.run(poll(args.poll, args.pollers, args.seconds, args.protocol))
+        print(json.dumps(counts))
         return 0
     return run(args)
 

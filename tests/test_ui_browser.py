@@ -241,3 +241,18 @@ async def test_phone_width_local_times_and_no_javascript(
     await still.goto("/ui/projects/tower-a/rules/tower-a/design-release")
     await expect(still.locator("pre.when")).to_contain_text("quality_gate.qg1.passed")
     await shoot(still, "rule-no-javascript.png", tmp_path)
+
+
+async def test_a_form_being_filled_in_is_not_swapped_out(browser: Browser, site: Any) -> None:
+    _, bob = await signed_in(browser, site, "bob")
+    comment = gate(bob).get_by_label("Comment")
+    await comment.fill("half a sentence")
+    await approve(site, "alice", GATE)
+    await bob.wait_for_timeout(LIVE_MS)
+    await expect(gate(bob)).to_contain_text("Approvals 0 of 2")  # held while he types
+    await expect(comment).to_have_value("half a sentence")
+    await comment.fill("")
+    await bob.locator("h1").click()  # he leaves the form empty: the page catches up
+    await expect(gate(bob)).to_contain_text("Approvals 1 of 2", timeout=LIVE_MS)
+    tag = await bob.locator("#live").get_attribute("data-tag")
+    assert tag and len(tag) == 16

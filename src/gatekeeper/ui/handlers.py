@@ -11,11 +11,14 @@ Acts go through the API's own functions (``record_approval``, ``act_on_rule``,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import secrets
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, get_args
 from urllib.parse import quote
@@ -23,6 +26,7 @@ from urllib.parse import quote
 import jinja2
 from aiohttp import web
 from multidict import MultiDictProxy
+from yarl import URL
 
 from gatekeeper.config import Token
 from gatekeeper.http.app import QUERY_KEY, SCOPES_KEY, check_rate
@@ -37,8 +41,9 @@ from gatekeeper.http.handlers import (
 )
 from gatekeeper.http.models import MAX_COMMENT_CHARS, ApprovalRequest
 from gatekeeper.http.wire import ApiError, request_id_of
+from gatekeeper.runtime.daemon import Daemon
 from gatekeeper.ui import pages
-from gatekeeper.ui.cache import PageCache
+from gatekeeper.ui.cache import TAG_SLOT, PageCache, Rendered
 from gatekeeper.ui.pages import Viewer
 from gatekeeper.ui.sessions import (
     LOGIN_COOKIE,
@@ -55,6 +60,8 @@ from gatekeeper.ui.sessions import (
 log = logging.getLogger("gatekeeper.ui")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Query = Mapping[str, str]
+"""A page's query parameters (``request.query``, ``URL.query``)."""
 SESSIONS_KEY = web.AppKey("ui_sessions", SessionTable)
 """The status page's sign-in sessions (in memory)."""
 TEMPLATES_KEY = web.AppKey("ui_templates", jinja2.Environment)
@@ -70,6 +77,8 @@ HTML_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+SLICE_S = 0.002
+"""How long rendering a page holds the event loop at most before letting it run, seconds."""
 MAX_FIELD_CHARS = 256
 """The longest rule id, item id, action id or act name a form may send."""
 ACTS: tuple[str, ...] = get_args(AdminActName)
@@ -131,13 +140,35 @@ def render_text(
     session: Session | None,
 ) -> str:
     """The HTML of template ``name`` (see ``render``); the session's notice is used up."""
+    template = request.app[TEMPLATES_KEY].get_template(name)
+    return template.render(**page_context(context, viewer, session))
+
+
+def page_context(
+    context: dict[str, Any], viewer: Viewer | None, session: Session | None
+) -> dict[str, Any]:
+    """What a template is rendered with: ``context``, the viewer, whether they are signed
+    in, and the session's one-shot notice (used up)."""
     notice = None
     if session is not None and session.notice is not None:
         notice = {"text": session.notice, "ok": session.notice_ok}
         session.notice = None
-    template = request.app[TEMPLATES_KEY].get_template(name)
-    shown = {"live": "", "stamp": "", **context}  # live: the project whose page follows
-    return template.render(viewer=viewer, notice=notice, signed_in=session is not None, **shown)
+    shown = {"live": "", "stamp": "", "tag": "", **context}  # live: the project whose page follows
+    signed_in = viewer is not None and viewer.token is not None  # a session's viewer
+    return {**shown, "viewer": viewer, "notice": notice, "signed_in": signed_in}
+
+
+async def render_in_slices(template: jinja2.Template, context: dict[str, Any]) -> str:
+    """``template`` rendered with ``context``, letting the event loop run other requests
+    (posted facts) at least every ``SLICE_S`` of rendering, as a large page takes ~10 ms."""
+    chunks: list[str] = []
+    until = time.perf_counter() + SLICE_S
+    for chunk in template.generate(**context):
+        chunks.append(chunk)
+        if len(chunks) % 64 == 0 and time.perf_counter() >= until:  # the clock now and then
+            await asyncio.sleep(0)
+            until = time.perf_counter() + SLICE_S
+    return "".join(chunks)
 
 
 def html_response(text: str, status: int = 200) -> web.Response:
@@ -146,45 +177,54 @@ def html_response(text: str, status: int = 200) -> web.Response:
     )
 
 
+@dataclass(frozen=True)
+class Page:
+    """A page to serve: its template, and how to build its context (awaited when it is
+    rendered, not when it is served from the page cache)."""
+
+    template: str
+    build: Callable[[], Awaitable[dict[str, Any]]]
+
+
+class NoPage(Exception):
+    """The page asked for does not exist (or the viewer may not see it): its 404 message."""
+
+
 async def serve_page(
-    request: web.Request,
-    name: str,
-    viewer: Viewer,
-    session: Session | None,
-    build: Callable[[], Awaitable[dict[str, Any]]],
+    request: web.Request, page: Page, viewer: Viewer, session: Session | None
 ) -> web.Response:
-    """Page ``name`` with the context ``build`` makes, from the page cache when it may be
-    served (``cache``): rendered once per token's rights (``Viewer.rights``) and
-    ``FRESH_S`` while the state changes (requests arriving while it renders wait for that
-    render), with each session's CSRF token put in as it is served. A page with a notice
-    to show is rendered afresh (and not kept)."""
+    """``page`` from the page cache when it may be served (``cache``): rendered once per
+    token's rights (``Viewer.rights``) and ``FRESH_S`` while the state changes (requests
+    arriving while it renders wait for that render), with each session's CSRF token put
+    in as it is served. A page with a notice to show is rendered afresh (and not kept)."""
     cache = request.app[CACHE_KEY]
-    stamp = daemon_of(request).change_stamp()
-    key = (request.path_qs, viewer.rights)
-    body = None
     if session is None or session.notice is None:
-        body = await cache.get_or_render(
-            key, stamp, lambda: render_page(request, name, viewer, session, build, stamp)
-        )
+        body = (await cached_page(request, request.rel_url.path_qs, page, viewer)).html
     else:
-        body = await render_page(request, name, viewer, session, build, stamp)
+        stamp = daemon_of(request).change_stamp()
+        text = await render_page(request, page, viewer, session, stamp)
+        body = Rendered.of(stamp, 0.0, text).html
     body = body.replace(cache.placeholder.encode(), viewer.csrf.encode())
     return web.Response(body=body, content_type="text/html", charset="utf-8", headers=HTML_HEADERS)
 
 
+async def cached_page(request: web.Request, path_qs: str, page: Page, viewer: Viewer) -> Rendered:
+    """Page ``page`` at ``path_qs`` for ``viewer``'s rights, as kept or rendered now."""
+    stamp = daemon_of(request).change_stamp()
+    return await request.app[CACHE_KEY].get_or_render(
+        (path_qs, viewer.rights), stamp, lambda: render_page(request, page, viewer, None, stamp)
+    )
+
+
 async def render_page(
-    request: web.Request,
-    name: str,
-    viewer: Viewer,
-    session: Session | None,
-    build: Callable[[], Awaitable[dict[str, Any]]],
-    stamp: int,
-) -> bytes:
-    """Page ``name`` rendered for ``viewer`` at change stamp ``stamp``, as UTF-8, with the
-    cache's placeholder where the CSRF token goes."""
-    context = {**await build(), "stamp": stamp}
+    request: web.Request, page: Page, viewer: Viewer, session: Session | None, stamp: int
+) -> str:
+    """``page`` rendered for ``viewer`` at change stamp ``stamp``, with the cache's
+    placeholder where the CSRF token goes and ``TAG_SLOT`` where the live part's tag goes."""
+    context = {**await page.build(), "stamp": stamp, "tag": TAG_SLOT}
     general = replace(viewer, csrf=request.app[CACHE_KEY].placeholder)
-    return render_text(request, name, context, general, session).encode()
+    template = request.app[TEMPLATES_KEY].get_template(page.template)
+    return await render_in_slices(template, page_context(context, general, session))
 
 
 def error_page(
@@ -258,86 +298,161 @@ def reading(
     return handle
 
 
-@reading
-async def get_index(
-    request: web.Request, viewer: Viewer, session: Session | None
-) -> web.StreamResponse:
+def index_page(daemon: Daemon, viewer: Viewer, match: Mapping[str, str], query: Query) -> Page:
     """``/ui/``: the projects the viewer may see, with their gates' states."""
-    daemon = daemon_of(request)
 
     async def build() -> dict[str, Any]:
         return {"projects": pages.projects_of(daemon, viewer), "ruleset": daemon.ruleset_view()}
 
-    return await serve_page(request, "index.html", viewer, session, build)
+    return Page("index.html", build)
 
 
-@reading
-async def get_project(
-    request: web.Request, viewer: Viewer, session: Session | None
-) -> web.StreamResponse:
-    """``/ui/projects/{project}``: the project's gates, escrows, decisions, deliveries."""
-    project = request.match_info["project"]
-    daemon = daemon_of(request)
+def project_page(daemon: Daemon, viewer: Viewer, match: Mapping[str, str], query: Query) -> Page:
+    """``/ui/projects/{project}[?state=&q=&after=]``: the project's gates, escrows,
+    decisions, deliveries. ``NoPage`` for a project the viewer may not see or without
+    rules."""
+    project = match["project"]
     if not viewer.sees(project) or not any(r.project == project for r in daemon.rules()):
-        return error_page(request, 404, f"There is no project {project[:80]!r}.", viewer, session)
+        raise NoPage(f"There is no project {project[:80]!r}.")
 
     async def build() -> dict[str, Any]:
-        context = await pages.project_page(daemon, viewer, project, chosen(request))
-        return {**context, **filters_of(request), "live": project}
+        context = await pages.project_page(daemon, viewer, project, chosen(query))
+        return {**context, **filters_of(query), "live": project}
 
-    return await serve_page(request, "project.html", viewer, session, build)
+    return Page("project.html", build)
 
 
-@reading
-async def get_rule(
-    request: web.Request, viewer: Viewer, session: Session | None
-) -> web.StreamResponse:
+def rule_page(daemon: Daemon, viewer: Viewer, match: Mapping[str, str], query: Query) -> Page:
     """``/ui/projects/{project}/rules/{rule_id}[?item=&state=&q=&after=]``: one gate (one
-    instance of a per-item rule), its history, a page of its instances."""
-    daemon = daemon_of(request)
-    project, rule_id = request.match_info["project"], request.match_info["rule_id"]
+    instance of a per-item rule), its history, a page of its instances. ``NoPage`` for a
+    rule or instance not there, or in a project the viewer may not see."""
+    project, rule_id = match["project"], match["rule_id"]
     rule = daemon.rule(rule_id)
     if rule is None or rule.project != project or not viewer.sees(project):
-        message = f"There is no rule {rule_id[:120]!r} in project {project[:80]!r}."
-        return error_page(request, 404, message, viewer, session)
-    item = (request.query.get("item") or None) if rule.for_each is not None else None
+        raise NoPage(f"There is no rule {rule_id[:120]!r} in project {project[:80]!r}.")
+    item = (query.get("item") or None) if rule.for_each is not None else None
     try:
         if item is not None:
             daemon.rule_view(rule, explain=False, item=item)  # KeyError: no such instance
     except KeyError:
-        message = f"Rule {rule.id!r} has no instance {(item or '')[:120]!r}."
-        return error_page(request, 404, message, viewer, session)
+        raise NoPage(f"Rule {rule.id!r} has no instance {(item or '')[:120]!r}.") from None
 
     async def build() -> dict[str, Any]:
-        context = await pages.rule_page(daemon, viewer, rule, item, chosen(request))
-        return {**context, **filters_of(request), "project": project, "rule": rule, "live": project}
+        context = await pages.rule_page(daemon, viewer, rule, item, chosen(query))
+        return {**context, **filters_of(query), "project": project, "rule": rule, "live": project}
 
-    return await serve_page(request, "rule.html", viewer, session, build)
+    return Page("rule.html", build)
 
 
-def chosen(request: web.Request) -> pages.Filters:
-    """The filters and the page of a list the request's query chooses (``state``, ``q``,
-    ``after``; empty ones are none)."""
-    query = request.query
+PageOf = Callable[[Daemon, Viewer, Mapping[str, str], Query], Page]
+
+
+def serving(page_of: PageOf) -> Handler:
+    """A page handler serving the page ``page_of`` finds from the request's path and query
+    (``serve_page``); ``NoPage`` is the 404 page."""
+
+    @reading
+    async def handle(
+        request: web.Request, viewer: Viewer, session: Session | None
+    ) -> web.StreamResponse:
+        try:
+            page = page_of(daemon_of(request), viewer, request.match_info, request.query)
+        except NoPage as exc:
+            return error_page(request, 404, str(exc), viewer, session)
+        return await serve_page(request, page, viewer, session)
+
+    handle.__doc__ = page_of.__doc__
+    return handle
+
+
+get_index = serving(index_page)
+get_project = serving(project_page)
+get_rule = serving(rule_page)
+LIVE_PAGES: tuple[tuple[re.Pattern[str], PageOf, frozenset[str]], ...] = (
+    (
+        re.compile(r"/ui/projects/(?P<project>[^/]+)"),
+        project_page,
+        frozenset({"state", "q", "after"}),
+    ),
+    (
+        re.compile(r"/ui/projects/(?P<project>[^/]+)/rules/(?P<rule_id>.+)"),
+        rule_page,
+        frozenset({"item", "state", "q", "after"}),
+    ),
+)
+"""The pages that follow live changes (as their routes match them), and their queries."""
+
+
+def chosen(query: Query) -> pages.Filters:
+    """The filters and the page of a list the query chooses (``state``, ``q``, ``after``;
+    empty ones are none)."""
     return pages.Filters(
         query.get("state") or None, query.get("q") or None, query.get("after") or None
     )
 
 
-def filters_of(request: web.Request) -> dict[str, Any]:
+def filters_of(query: Query) -> dict[str, Any]:
     """The filters a page's form shows as chosen (``state``, ``q``), and the states."""
-    query = request.query
     filters = {"state": query.get("state", ""), "q": query.get("q", "")}
     return {"filters": filters, "states": pages.GATE_STATES}
 
 
 async def get_live(request: web.Request) -> web.StreamResponse:
-    """``/ui/live``: ``{"stamp": N}``, a number that grows whenever something the page
-    shows may have changed; the script reloads the live part when it does."""
-    if viewer_of(request) is None:
-        return web.json_response({"error": "signed out"}, status=401)
-    stamp = daemon_of(request).change_stamp()
-    return web.json_response({"stamp": stamp}, headers={"Cache-Control": "no-store"})
+    """``/ui/live``: ``{"stamp": N}``, a number that grows whenever something a page shows
+    may have changed. With ``page`` (a live page's path and query, as the browser shows
+    it) and ``tag`` (the ``data-tag`` of the live part it shows): also what changed in that
+    page since (``Rendered.changes_since``: ``tag``, and ``parts`` or ``live``), from the
+    page cache, so that any number of viewers of equal rights following a page cost one
+    render per change (at most one per ``FRESH_S``); ``{"reload": true}`` when the page is
+    no longer there for the viewer (a reload shows why). 400 for a path that is not a live
+    page or a query it does not take; 401 without a live session."""
+    found = viewer_of(request)
+    if found is None:
+        return live_json({"error": "signed out"}, status=401)
+    viewer = found[0]
+    daemon = daemon_of(request)
+    path = request.query.get("page")
+    if path is None:
+        return live_json({"stamp": daemon.change_stamp()})
+    found_page = live_page(path)
+    if found_page is None:
+        return live_json({"error": "page is not a live page of /ui/"}, status=400)
+    url, page_of, match = found_page
+    try:
+        page = page_of(daemon, viewer, match, url.query)
+    except NoPage:
+        return live_json({"reload": True})
+    rendered = await cached_page(request, url.path_qs, page, viewer)
+    text = rendered.answer(request.query.get("tag", ""))
+    return live_json(text.replace(request.app[CACHE_KEY].placeholder, viewer.csrf))
+
+
+def live_page(path: str) -> tuple[URL, PageOf, dict[str, str]] | None:
+    """The live page (``LIVE_PAGES``) at ``path`` (a path and query under ``/ui/``): its
+    URL, how to find it, and its route's parts; None when ``path`` is not one, or has a
+    query parameter that page does not take."""
+    try:
+        url = URL(path)
+    except ValueError:
+        return None
+    if not path.startswith("/ui/") or url.is_absolute():
+        return None
+    for pattern, page_of, takes in LIVE_PAGES:
+        match = pattern.fullmatch(url.path)
+        if match is not None and set(url.query) <= takes:
+            return url, page_of, match.groupdict()
+    return None
+
+
+def live_json(answer: dict[str, Any] | str, status: int = 200) -> web.Response:
+    """``/ui/live``'s answer (or its JSON text), never stored by the browser."""
+    text = answer if isinstance(answer, str) else json.dumps(answer)
+    return web.Response(
+        text=text,
+        status=status,
+        content_type="application/json",
+        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 async def get_static(request: web.Request) -> web.StreamResponse:
@@ -535,7 +650,7 @@ ROUTES: tuple[tuple[str, str, Handler, frozenset[str]], ...] = (
     ("GET", "/ui/login", get_login, frozenset({"next"})),
     ("POST", "/ui/login", post_login, frozenset({"next"})),
     ("POST", "/ui/logout", post_logout, frozenset()),
-    ("GET", "/ui/live", get_live, frozenset({"project"})),
+    ("GET", "/ui/live", get_live, frozenset({"project", "page", "tag"})),
     ("GET", "/ui/static/{name}", get_static, frozenset()),
     ("GET", "/ui/projects/{project}", get_project, frozenset({"state", "q", "after"})),
     (

@@ -1,8 +1,7 @@
 // The status page's only script: local times, countdowns, and live updates (the page
-// reads fine without it). Polls /ui/live twice a second; when its stamp changes, fetches
-// the page again and swaps in its #live part, unless a form in it is being filled in.
-// The part says which stamp it shows (data-stamp): a page served a moment late (the server
-// keeps rendered pages half a second) is fetched again, at most once a second.
+// reads fine without it). Twice a second it asks /ui/live what changed in the page since
+// the live part it shows (data-tag) and swaps in the parts that changed (a gate, a table),
+// or the whole live part, unless a form in it is being filled in.
 (function () {
   "use strict";
   function localTimes(root) {
@@ -31,32 +30,43 @@
     if (active && live.contains(active) && active.matches("input, select, textarea")) { return true; }
     return Array.prototype.some.call(live.querySelectorAll("input[type=text]"), function (i) { return i.value; });
   }
-  var live = document.getElementById("live"), fetching = false, fetchedAt = 0;
+  function fragment(html) {
+    var t = document.createElement("template");
+    t.innerHTML = html;
+    return t.content;
+  }
+  function apply(body) {
+    if (body.live !== undefined) {
+      live.replaceChildren(fragment(body.live));
+    } else {
+      var parts = live.querySelectorAll("[data-part]");
+      for (var i = 0; i < body.parts.length; i++) {
+        if (!parts[body.parts[i][0]]) { return false; }
+      }
+      body.parts.forEach(function (p) { parts[p[0]].replaceWith(fragment(p[1])); });
+    }
+    live.dataset.tag = body.tag;
+    localTimes(live); countdowns();
+    return true;
+  }
+  var live = document.getElementById("live"), fetching = false;
   localTimes(document); countdowns();
   setInterval(countdowns, 1000);
   if (!live || !live.dataset.live || !window.fetch) { return; }
   function poll() {
-    if (fetching) { return; }
+    if (fetching || busy(live)) { return; }
     fetching = true;
-    fetch("/ui/live", {credentials: "same-origin", cache: "no-store"}).then(function (r) {
+    var url = "/ui/live?page=" + encodeURIComponent(location.pathname + location.search) +
+      "&tag=" + encodeURIComponent(live.dataset.tag);
+    fetch(url, {credentials: "same-origin", cache: "no-store"}).then(function (r) {
       if (r.status === 401) { location.reload(); throw new Error("signed out"); }
+      if (!r.ok) { throw new Error("live: " + r.status); }
       return r.json();
     }).then(function (body) {
-      if (String(body.stamp) === live.dataset.stamp || busy(live)) { return; }
-      if (Date.now() - fetchedAt < 1000) { return; }  // the page at most once a second
-      fetchedAt = Date.now();
-      return fetch(location.href, {credentials: "same-origin", cache: "no-store"}).then(function (r) {
-        return r.text();
-      }).then(function (html) {
-        var fresh = new DOMParser().parseFromString(html, "text/html").getElementById("live");
-        if (fresh && !busy(live)) {
-          live.replaceChildren.apply(live, Array.prototype.slice.call(fresh.childNodes));
-          live.dataset.stamp = fresh.dataset.stamp;
-          localTimes(live); countdowns();
-        }
-      });
+      if (body.reload) { location.reload(); return; }
+      if (body.tag === live.dataset.tag || busy(live)) { return; }
+      if (!apply(body)) { live.dataset.tag = ""; }  // out of step: the whole part next time
     }).catch(function () {}).then(function () { fetching = false; });
   }
-  poll();
   setInterval(poll, 500);
 })();
