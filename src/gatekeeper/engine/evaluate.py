@@ -61,6 +61,7 @@ import functools
 import uuid
 from collections import ChainMap, defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -90,7 +91,7 @@ from gatekeeper.engine.model import (
     split_fact_name,
 )
 from gatekeeper.engine.signoffs import SignedOff, SignOffBook, effective_mode
-from gatekeeper.expr import Evaluation, FactRef, Item
+from gatekeeper.expr import Evaluation, Item
 from gatekeeper.rules.model import (
     FACT_ID,
     FACT_ID_RULE,
@@ -141,26 +142,29 @@ class _Entry:
     """What deciding one rule reads, in one small object: the rule and the fields of it
     that every decision uses. An engine builds them one after the other, in rule order, so
     that the entries of neighbouring rules (often the rules reading one fact) share cache
-    lines instead of being scattered over the heap with the rest of each rule."""
+    lines instead of being scattered over the heap with the rest of each rule. ``key`` is
+    the ``InstanceKey`` of the rule's one instance (``(id, "")``), the one tuple the rule
+    states of the engine's plans are kept under."""
 
     __slots__ = (
         "approvals",
+        "checks_mode",
         "condition",
         "content_hash",
         "event",
         "fire",
         "for_each",
         "id",
-        "money",
-        "plain",
+        "key",
         "project",
         "rule",
-        "shadow",
+        "time_dependent",
     )
 
     def __init__(self, rule: Rule, project: str) -> None:
         self.rule = rule
         self.id = rule.id
+        self.key = (rule.id, "")
         self.project = project
         self.content_hash = rule.content_hash
         self.condition = rule.condition
@@ -168,10 +172,31 @@ class _Entry:
         self.approvals = rule.approvals
         self.for_each = rule.for_each
         self.event = rule.fire == "each_fact"
-        self.plain = rule.for_each is None and not self.event
-        """One instance, decided once per batch (no ``for_each``, not an event rule)."""
-        self.shadow = rule.mode == "shadow"
-        self.money = rule.release is not None
+        self.checks_mode = rule.mode == "shadow" or rule.release is not None
+        """Whether its mode may be other than live (``mode: shadow``, or a money rule)."""
+        self.time_dependent = rule.condition.uses_time or _lapsing(rule)
+        """Whether time alone can change it (see ``Engine.time_dependent``)."""
+
+
+class _TimeDependentIds(AbstractSet[str]):
+    """The ids of an engine's time-dependent rules (``Engine.time_dependent_ids``), read
+    from its entries: a set of its own would take about 50 bytes per rule."""
+
+    __slots__ = ("_count", "_entries")
+
+    def __init__(self, entries: Mapping[str, _Entry]) -> None:
+        self._entries = entries
+        self._count = sum(1 for entry in entries.values() if entry.time_dependent)
+
+    def __contains__(self, rule_id: object) -> bool:
+        entry = self._entries.get(rule_id) if isinstance(rule_id, str) else None
+        return entry is not None and entry.time_dependent
+
+    def __iter__(self) -> Iterator[str]:
+        return (rule_id for rule_id, entry in self._entries.items() if entry.time_dependent)
+
+    def __len__(self) -> int:
+        return self._count
 
 
 def _entries(entries: Mapping[str, _Entry], rules: Iterable[Rule]) -> tuple[_Entry, ...]:
@@ -220,17 +245,12 @@ class Engine:
         self.max_chain_depth = max_chain_depth
         self.target_formats: Mapping[str, str] = dict(target_formats or {})
         self.rules: dict[str, Rule] = ruleset.by_id()
-        self._by_fact: dict[FactKey, list[Rule]] = defaultdict(list)
-        self._by_kind: dict[tuple[str, str], list[Rule]] = defaultdict(list)
         self.time_dependent: tuple[Rule, ...] = tuple(
             r for r in ruleset.rules if r.condition.uses_time or _lapsing(r)
         )
         """The rules time alone can change: their condition reads the clock, or their
         approvals lapse (``approvals.expires_after``)."""
-        self.time_dependent_ids = frozenset(r.id for r in self.time_dependent)
-        for rule in ruleset.rules:
-            for ref in rule.condition.reads:
-                self._index(rule, ref)
+        by_fact, by_kind = self._rule_index
         # One entry per rule, allocated in rule order; one tuple of entries per fact key
         # (the rules reading it by id, then those reading its whole kind, each once).
         projects: dict[str, str] = {}
@@ -239,13 +259,16 @@ class Engine:
             for rule in ruleset.rules
         }
         self._entries = entries
+        self.time_dependent_ids: AbstractSet[str] = _TimeDependentIds(entries)
+        """The ids of ``time_dependent`` (a view of the entries, not a set of its own)."""
         self._entries_by_fact: dict[FactKey, tuple[_Entry, ...]] = {
-            key: _entries(entries, [*rules, *self._by_kind.get((key[0], key[1]), [])])
-            for key, rules in self._by_fact.items()
+            key: _entries(entries, [*rules, *by_kind.get((key[0], key[1]), [])])
+            for key, rules in by_fact.items()
         }
         self._entries_by_kind: dict[tuple[str, str], tuple[_Entry, ...]] = {
-            key: _entries(entries, rules) for key, rules in self._by_kind.items()
+            key: _entries(entries, rules) for key, rules in by_kind.items()
         }
+        del self._rule_index  # made again when asked (``rules_reading``)
         by_item_kind: dict[tuple[str, str], list[Rule]] = defaultdict(list)
         for rule in self.rules.values():
             if rule.for_each is not None:
@@ -290,15 +313,27 @@ class Engine:
         """The mode ``rule`` runs in now (``signoffs.effective_mode``)."""
         return effective_mode(rule, self.signoffs)
 
-    def _index(self, rule: Rule, ref: FactRef) -> None:
-        if ref.id is None:
-            self._by_kind[(rule.project, ref.kind)].append(rule)
-        else:
-            self._by_fact[(rule.project, ref.kind, ref.id)].append(rule)
+    @functools.cached_property
+    def _rule_index(
+        self,
+    ) -> tuple[dict[FactKey, list[Rule]], dict[tuple[str, str], list[Rule]]]:
+        """``(by fact key, by (project, kind))``: the rules reading each fact by id, and
+        each kind whole, in ruleset order (a rule once per read). Built for the entries,
+        then dropped: only ``rules_reading`` asks for it again."""
+        by_fact: dict[FactKey, list[Rule]] = defaultdict(list)
+        by_kind: dict[tuple[str, str], list[Rule]] = defaultdict(list)
+        for rule in self.ruleset.rules:
+            for ref in rule.condition.reads:
+                if ref.id is None:
+                    by_kind[(rule.project, ref.kind)].append(rule)
+                else:
+                    by_fact[(rule.project, ref.kind, ref.id)].append(rule)
+        return by_fact, by_kind
 
     def rules_reading(self, key: FactKey) -> list[Rule]:
         """The rules whose condition reads fact ``key`` (by id or by its whole kind)."""
-        return self._by_fact.get(key, []) + self._by_kind.get((key[0], key[1]), [])
+        by_fact, by_kind = self._rule_index
+        return by_fact.get(key, []) + by_kind.get((key[0], key[1]), [])
 
     def _entries_reading(self, key: FactKey) -> tuple[_Entry, ...]:
         """The entries of the rules reading fact ``key``, each rule once, in the order of
@@ -573,7 +608,9 @@ class Engine:
                 before = replace(before, gate_open=False)  # a fresh edge: try again
                 # ChainMap only reads the maps after its first: the states are not copied
                 seen = ChainMap({key: before}, cast(MutableMapping[InstanceKey, RuleState], states))
-            entry = _Entry(rule, rule.project)
+            entry = self._entries.get(rule_id)
+            if entry is None or entry.rule is not rule:  # not this engine's rule
+                entry = _Entry(rule, rule.project)
             count = len(transition.decisions)
             self._decide(transition, entry, item, facts, seen, now, trigger, None, book, approvals)
             if len(transition.decisions) == count:
@@ -840,7 +877,7 @@ class Engine:
         rule instances whose firings led to it (see ``_cascade``). An instance of a
         per-item rule whose item does not exist is not decided."""
         rule_id = entry.id
-        key = (rule_id, item)
+        key = (rule_id, item) if item else entry.key
         state = transition.rule_states.get(key) or states.get(key) or RuleState(rule_id)
         lookup = ProjectFacts(entry.project, facts)
         for_each = entry.for_each
@@ -873,7 +910,7 @@ class Engine:
         firing_id = None
         reason = None
         mode: EffectiveMode = "live"
-        if entry.shadow or entry.money:  # else live, without a look at the sign-offs
+        if entry.checks_mode:  # else live, without a look at the sign-offs
             mode = effective_mode(entry.rule, self.signoffs)
         content_hash = entry.content_hash
         if state.gate_open is gate_open and state.rule_hash == content_hash:
@@ -919,28 +956,27 @@ class Engine:
                 transition, entry, item, data, new_state, outcome, approvals, now
             )
         transition.rule_states[key] = new_state
-        # Decision(...) without the frozen dataclass's __init__ (sixteen object.__setattr__
-        # calls, about 1 µs): the very same instance, its fields set in the same order.
+        # Decision(...) without the frozen dataclass's __init__ (eighteen object.__setattr__
+        # calls, about 1 µs): the very same instance, its slots set through their descriptors.
         decision = _new(Decision)
-        fields = decision.__dict__
-        fields["rule_id"] = rule_id
-        fields["rule_hash"] = content_hash
-        fields["ruleset_version"] = self.ruleset.version
-        fields["git_commit"] = self.ruleset.git_commit
-        fields["trigger"] = trigger
-        fields["outcome"] = outcome
-        fields["gate_open"] = gate_open
-        fields["evaluation"] = evaluation
-        fields["decided_at"] = decided_at
-        fields["fact_index"] = fact_index
-        fields["firing_id"] = firing_id
-        fields["approvals"] = approvals if approvals_rule else None
-        fields["reason"] = reason
-        fields["project"] = entry.project
-        fields["instance"] = item
-        fields["item_kind"] = for_each or ""
-        fields["notice_id"] = notice_id
-        fields["mode"] = mode
+        _set_rule_id(decision, rule_id)
+        _set_rule_hash(decision, content_hash)
+        _set_ruleset_version(decision, self.ruleset.version)
+        _set_git_commit(decision, self.ruleset.git_commit)
+        _set_trigger(decision, trigger)
+        _set_outcome(decision, outcome)
+        _set_gate_open(decision, gate_open)
+        _set_evaluation(decision, evaluation)
+        _set_decided_at(decision, decided_at)
+        _set_fact_index(decision, fact_index)
+        _set_firing_id(decision, firing_id)
+        _set_approvals(decision, approvals if approvals_rule else None)
+        _set_reason(decision, reason)
+        _set_project(decision, entry.project)
+        _set_instance(decision, item)
+        _set_item_kind(decision, for_each or "")
+        _set_notice_id(decision, notice_id)
+        _set_mode(decision, mode)
         transition.decisions.append(decision)
 
     def _notice(
@@ -1213,6 +1249,33 @@ class Engine:
 
 
 _new = object.__new__
+
+
+def _slot_setter(name: str) -> Callable[[Decision, Any], None]:
+    """The setter of slot ``name`` of ``Decision`` (whose frozen ``__setattr__`` refuses):
+    ``_decide`` builds each decision with them, as fast as its ``__dict__`` was filled."""
+    setter: Callable[[Decision, Any], None] = Decision.__dict__[name].__set__
+    return setter
+
+
+_set_rule_id = _slot_setter("rule_id")
+_set_rule_hash = _slot_setter("rule_hash")
+_set_ruleset_version = _slot_setter("ruleset_version")
+_set_git_commit = _slot_setter("git_commit")
+_set_trigger = _slot_setter("trigger")
+_set_outcome = _slot_setter("outcome")
+_set_gate_open = _slot_setter("gate_open")
+_set_evaluation = _slot_setter("evaluation")
+_set_decided_at = _slot_setter("decided_at")
+_set_fact_index = _slot_setter("fact_index")
+_set_firing_id = _slot_setter("firing_id")
+_set_approvals = _slot_setter("approvals")
+_set_reason = _slot_setter("reason")
+_set_project = _slot_setter("project")
+_set_instance = _slot_setter("instance")
+_set_item_kind = _slot_setter("item_kind")
+_set_notice_id = _slot_setter("notice_id")
+_set_mode = _slot_setter("mode")
 
 _format_now = functools.lru_cache(maxsize=4)(format_rfc3339)
 """``format_rfc3339`` of the planning "now", formatted once per plan, not once per rule."""

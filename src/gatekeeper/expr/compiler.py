@@ -980,12 +980,11 @@ class CompiledCondition:
     def _compile(self) -> _Run | None:
         """Generate and keep the compiled form (the same on every call: only the first one
         generates). Without one, the lowered clauses are kept for the reference."""
-        leaves = _lowered_leaves(self.text, self.item_kind)
+        leaves, texts = _parse_leaves(self.text, self.item_kind)
         timed = self._time
         sites = None
         if isinstance(timed, tuple):  # the clauses without time sites add none
             sites = _find_time_sites(tuple(leaves[index] for index in timed))
-        texts = _clause_texts(self.text, self.item_kind)
         compiled = _compile_clauses(_Source(self.text), leaves, self._plan, texts, sites)
         time_code = None
         if compiled is None:
@@ -1203,18 +1202,22 @@ def _clause_count(plan: _Plan) -> int:
     return sum(_clause_count(part) for part in plan[1])
 
 
-@functools.lru_cache(maxsize=64)
-def _parsed(text: str, item_kind: str | None) -> tuple[tuple[ast.expr, ...], tuple[str, ...]]:
+def _parse_leaves(text: str, item_kind: str | None) -> tuple[tuple[ast.expr, ...], tuple[str, ...]]:
     """The lowered top-level and/or leaves of ``text``, an expression ``compile_condition``
     accepted for ``item_kind`` (so parsing cannot fail here), and their source texts, line
     breaks collapsed (``_Source.snippet``), each text one object among the conditions
-    sharing it (``_shared``)."""
+    sharing it (``_shared``). ``_parsed`` keeps the last few; the compiled form, made once
+    per condition, parses without keeping the tree (the first evaluation of 10,000 rules
+    would otherwise keep 64 trees, about 1 MB, beside the plan)."""
     source = _Source(text)
     leaves: list[ast.expr] = []
     _split(_parse(source), leaves)
     texts = tuple(_shared(source.snippet(leaf)) for leaf in leaves)
     bound = _bound_names(item_kind)
     return tuple(_lower(leaf, bound) for leaf in leaves), texts
+
+
+_parsed = functools.lru_cache(maxsize=64)(_parse_leaves)
 
 
 def _lowered_leaves(text: str, item_kind: str | None = None) -> tuple[ast.expr, ...]:
