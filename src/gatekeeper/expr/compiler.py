@@ -100,23 +100,6 @@ def _shared(value: Any) -> Any:
     return found
 
 
-_CLAUSES: dict[str, tuple[Clause, Clause]] = {}
-"""The true and the false ``Clause`` of each clause text met lately: conditions sharing a
-clause (the rules reading one fact often test it alike) share its two clauses, as they
-share its text (``_shared``)."""
-
-
-def _clause_pair(text: str) -> tuple[Clause, Clause]:
-    """``(Clause(text, True), Clause(text, False))``, the pair kept before when there is
-    one (see ``_CLAUSES``)."""
-    found = _CLAUSES.get(text)
-    if found is None:
-        if len(_CLAUSES) >= _MAX_SHARED:
-            _CLAUSES.clear()
-        _CLAUSES[text] = found = (Clause(text, True), Clause(text, False))
-    return found
-
-
 def compile_condition(text: str, *, item_kind: str | None = None) -> Condition:
     """Parse and statically check ``text``; raises ``ExpressionError`` listing every problem.
 
@@ -423,10 +406,9 @@ def _missing_or_raise(exc: Exception) -> None:
     raise exc
 
 
-def _value_clause(true: Clause, value: Any) -> Clause:
-    """The ``Clause`` of a clause that gave ``value``, neither True nor False (``true``: its
-    clause when true)."""
-    return Clause(true.text, _jsonable(value))
+def _value_clause(text: str, value: Any) -> Clause:
+    """The ``Clause`` of the clause ``text`` that gave ``value``."""
+    return Clause(text, _jsonable(value))
 
 
 def _note_failure(
@@ -473,8 +455,8 @@ _RUNTIME: dict[str, Any] = {
     "_Evaluation": Evaluation,
     "_new": object.__new__,
     **{
-        f"_set_{name}": Evaluation.__dict__[name].__set__
-        for name in ("value", "clauses", "missing", "error", "seen", "collections")
+        f"_set{name if name[0] == '_' else '_' + name}": Evaluation.__dict__[name].__set__
+        for name in Evaluation.__slots__
     },
     "_add": _add,
     "_mul": _mul,
@@ -829,15 +811,17 @@ def _compile_clauses(
 
     The source is ``def _run(...): ...``, compiled once per shape (``_SHAPES``) with
     ``_RUNTIME`` as its globals (no builtins): conditions of one shape share the function.
-    ``values`` (``_D`` in the source) is one flat tuple: each clause's True ``Clause``
-    (whose text any other ``Clause`` of it takes), each one's False ``Clause``, then the
-    constants (see ``_CodeGenerator.const``). An evaluation touches only the items it uses
+    ``values`` (``_D`` in the source) is one flat tuple: each clause's text, then the
+    constants (see ``_CodeGenerator.const``). When every clause is True or False (the
+    common case), the ``Evaluation`` keeps their values and ``values`` itself for the
+    texts (``Evaluation.clauses`` makes the ``Clause`` objects when read): no clause
+    object per condition nor per evaluation. An evaluation touches only the items it uses
     and no other object of its condition (no function, defaults or closure cells): with
     thousands of rules, most of a rule's objects are out of the CPU caches when a fact
     wakes it, and each object touched costs a cache miss.
     """
     count = len(leaves)
-    generator = _CodeGenerator(source, 2 * count)
+    generator = _CodeGenerator(source, count)
     try:
         expressions = [generator.expr(leaf) for leaf in leaves]
     except (_Unsupported, RecursionError, MemoryError):  # the checker rules both out
@@ -851,11 +835,8 @@ def _compile_clauses(
             f"            _v{index} = None",
             f"            _failed = _note(_failed, {index}, _e)",
         ]
-    clauses = "".join(
-        f"_D[{i}] if _v{i} is True else _D[{count + i}] if _v{i} is False"
-        f" else _clause(_D[{i}], _v{i}), "
-        for i in range(count)
-    )
+    boolean = " and ".join(f"(_v{i} is True or _v{i} is False)" for i in range(count))
+    clauses = "".join(f"_clause(_D[{i}], _v{i}), " for i in range(count))
     values = "".join(f"_v{i}, " for i in range(count))
     lines += [
         "        if _failed is not None:",
@@ -865,7 +846,12 @@ def _compile_clauses(
         # slots set through their descriptors, built twice as fast.
         "        _result = _new(_Evaluation)",
         f"        _set_value(_result, True if {_plan_source(plan)} else False)",
-        f"        _set_clauses(_result, ({clauses}))",
+        f"        if {boolean}:",
+        f"            _set_clauses(_result, ({values}))",
+        "            _set_texts(_result, _D)",
+        "        else:",
+        f"            _set_clauses(_result, ({clauses}))",
+        "            _set_texts(_result, None)",
         "        _set_missing(_result, ())",
         "        _set_error(_result, None)",
         "        _set_seen(_result, {**_kd, **_fd} if _kd else _fd)",
@@ -877,10 +863,7 @@ def _compile_clauses(
     if run is None:
         return None
     time_code = None if sites is None else _time_code(generator, sites)
-    pairs = [_clause_pair(text) for text in clause_texts]
-    true_clauses = [true for true, _ in pairs]
-    false_clauses = [false for _, false in pairs]
-    condition_values = (*true_clauses, *false_clauses, *generator.constants)
+    condition_values = (*clause_texts, *generator.constants)
     return run, condition_values, time_code
 
 
@@ -1019,8 +1002,7 @@ class CompiledCondition:
         compiled = self._compiled
         if compiled is None or isinstance(compiled, _Pending):
             return _clause_texts(self.text, self.item_kind)
-        count = _clause_count(self._plan)
-        return tuple(clause.text for clause in self._values[:count])
+        return self._values[: _clause_count(self._plan)]
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"CompiledCondition is immutable (cannot set {name!r})")

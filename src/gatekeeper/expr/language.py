@@ -155,7 +155,7 @@ import re
 import tokenize
 import warnings
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass
 from datetime import datetime
 from fractions import Fraction
 from typing import Any, Protocol
@@ -381,7 +381,11 @@ class CollectionSeen:
     value: Any
 
 
-@dataclass(frozen=True, slots=True)
+_NO_SEEN: Mapping[str, Any] = {}
+"""``Evaluation``'s default ``seen`` (never handed out: each evaluation gets a dict of its
+own)."""
+
+
 class Evaluation:
     """The outcome of evaluating a condition.
 
@@ -399,14 +403,102 @@ class Evaluation:
     The facts a collection goes over are not in ``seen``: ``collections`` holds, for each
     collection the evaluation completed, in source order, a ``CollectionSeen`` (counts
     and ids).
+
+    Immutable, compared and shown as a frozen dataclass of the six fields (``value``,
+    ``clauses``, ``missing``, ``error``, ``seen``, ``collections``) would be. The compiled
+    form keeps a common evaluation's clauses as their values beside its condition's
+    clause texts (no ``Clause`` objects per condition, nor per evaluation): ``clauses``
+    makes them when first read.
     """
 
+    __slots__ = ("_clauses", "_texts", "collections", "error", "missing", "seen", "value")
+    __match_args__ = ("value", "clauses", "missing", "error", "seen", "collections")
+
     value: bool
-    clauses: tuple[Clause, ...]
-    missing: tuple[str, ...] = ()
-    error: str | None = None
-    seen: Mapping[str, Any] = field(default_factory=dict)
-    collections: tuple[CollectionSeen, ...] = ()
+    missing: tuple[str, ...]
+    error: str | None
+    seen: Mapping[str, Any]
+    collections: tuple[CollectionSeen, ...]
+    _clauses: tuple[Any, ...]
+    """The ``Clause`` objects, or (``_texts`` not None) the clauses' values, True or False."""
+    _texts: tuple[Any, ...] | None
+    """None, or a tuple whose first items are the clauses' texts (a compiled condition's
+    values), their values being ``_clauses``; no missing name, no error."""
+
+    def __init__(
+        self,
+        value: bool,
+        clauses: tuple[Clause, ...],
+        missing: tuple[str, ...] = (),
+        error: str | None = None,
+        seen: Mapping[str, Any] = _NO_SEEN,
+        collections: tuple[CollectionSeen, ...] = (),
+    ) -> None:
+        _set_evaluation(self, value, clauses, missing, error, seen, collections)
+
+    @property
+    def clauses(self) -> tuple[Clause, ...]:
+        """The clauses (top-level and/or leaves), in source order, with their values."""
+        texts = self._texts
+        if texts is None:
+            return self._clauses
+        clauses = tuple(Clause(texts[i], value) for i, value in enumerate(self._clauses))
+        _EVALUATION_SLOTS["_clauses"](self, clauses)  # made once
+        _EVALUATION_SLOTS["_texts"](self, None)
+        return clauses
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.value, self.clauses, self.missing, self.error, self.seen, self.collections)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Evaluation)
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return (
+            f"Evaluation(value={self.value!r}, clauses={self.clauses!r}, "
+            f"missing={self.missing!r}, error={self.error!r}, seen={self.seen!r}, "
+            f"collections={self.collections!r})"
+        )
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[type[Evaluation], tuple[Any, ...]]:
+        return (Evaluation, self._fields())
+
+
+_EVALUATION_SLOTS: dict[str, Callable[[Evaluation, Any], None]] = {
+    name: Evaluation.__dict__[name].__set__ for name in Evaluation.__slots__
+}
+"""The setter of each slot of ``Evaluation`` (whose ``__setattr__`` refuses)."""
+
+
+def _set_evaluation(
+    evaluation: Evaluation,
+    value: bool,
+    clauses: tuple[Clause, ...],
+    missing: tuple[str, ...],
+    error: str | None,
+    seen: Mapping[str, Any],
+    collections: tuple[CollectionSeen, ...],
+) -> None:
+    slots = _EVALUATION_SLOTS
+    slots["value"](evaluation, value)
+    slots["_clauses"](evaluation, clauses)
+    slots["_texts"](evaluation, None)
+    slots["missing"](evaluation, missing)
+    slots["error"](evaluation, error)
+    slots["seen"](evaluation, {} if seen is _NO_SEEN else seen)
+    slots["collections"](evaluation, collections)
 
 
 @dataclass(frozen=True, slots=True)
