@@ -351,8 +351,17 @@ class Engine:
         return sorted(facts.of_kind(rule.project, rule.for_each))
 
     def instance_keys(self, rules: Iterable[Rule], facts: FactTable) -> list[InstanceKey]:
-        """The ``InstanceKey`` of every instance of ``rules`` (see ``instances``)."""
-        return [(rule.id, item) for rule in rules for item in self.instances(rule, facts)]
+        """The ``InstanceKey`` of every instance of ``rules`` (see ``instances``); the one
+        instance of a rule of this engine is its entry's key, not a new tuple."""
+        keys: list[InstanceKey] = []
+        entries = self._entries
+        for rule in rules:
+            entry = entries.get(rule.id) if rule.for_each is None else None
+            if entry is not None and entry.rule is rule:
+                keys.append(entry.key)
+            else:
+                keys.extend((rule.id, item) for item in self.instances(rule, facts))
+        return keys
 
     def _triggered(self, key: FactKey, facts: FactTable) -> Iterator[tuple[_Entry, str]]:
         """The instances fact ``key`` (just put in ``facts``) re-evaluates: of each rule

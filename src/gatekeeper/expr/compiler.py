@@ -847,7 +847,7 @@ def _compile_clauses(
         "        _result = _new(_Evaluation)",
         f"        _set_value(_result, True if {_plan_source(plan)} else False)",
         f"        if {boolean}:",
-        f"            _set_clauses(_result, ({values}))",
+        f"            _set_clauses(_result, {_boolean_values(count)})",
         "            _set_texts(_result, _D)",
         "        else:",
         f"            _set_clauses(_result, ({clauses}))",
@@ -865,6 +865,33 @@ def _compile_clauses(
     time_code = None if sites is None else _time_code(generator, sites)
     condition_values = (*clause_texts, *generator.constants)
     return run, condition_values, time_code
+
+
+_MAX_TABLED_CLAUSES = 6
+"""Conditions of up to this many clauses take their clauses' values, when all are True or
+False, from ``_BOOLEANS`` instead of building a tuple per evaluation."""
+
+
+def _boolean_table(depth: int, prefix: tuple[bool, ...] = ()) -> Any:
+    """Nested pairs indexed by booleans: ``table[a][b]`` is ``(a, b)`` for depth 2."""
+    if depth == 0:
+        return prefix
+    return tuple(_boolean_table(depth - 1, (*prefix, value)) for value in (False, True))
+
+
+_BOOLEANS = tuple(_boolean_table(depth) for depth in range(_MAX_TABLED_CLAUSES + 1))
+"""``_BOOLEANS[n][v0][v1]...`` is the tuple ``(v0, v1, ...)`` of ``n`` booleans: one
+shared tuple for every evaluation whose clauses gave those values (an evaluation kept in
+a plan holds no tuple of its own)."""
+_RUNTIME["_BOOLEANS"] = _BOOLEANS
+
+
+def _boolean_values(count: int) -> str:
+    """The source of the tuple of the ``count`` clause values ``_v0``... (each True or
+    False): read from ``_BOOLEANS`` when it has them, else built."""
+    if count > _MAX_TABLED_CLAUSES:
+        return "(" + "".join(f"_v{i}, " for i in range(count)) + ")"
+    return f"_BOOLEANS[{count}]" + "".join(f"[_v{i}]" for i in range(count))
 
 
 class _Pending:
