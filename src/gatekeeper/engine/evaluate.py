@@ -608,6 +608,7 @@ class Engine:
         book = book if book is not None else EscrowBook({})
         rules = rules if rules is not None else self.rules
         transition = Transition(planned_at=now)
+        shared_seen: dict[str, Mapping[str, Any]] = {}
         for rule_id, item in keys:
             rule = rules[rule_id]
             key = (rule_id, item)
@@ -621,7 +622,19 @@ class Engine:
             if entry is None or entry.rule is not rule:  # not this engine's rule
                 entry = _Entry(rule, rule.project)
             count = len(transition.decisions)
-            self._decide(transition, entry, item, facts, seen, now, trigger, None, book, approvals)
+            self._decide(
+                transition,
+                entry,
+                item,
+                facts,
+                seen,
+                now,
+                trigger,
+                None,
+                book,
+                approvals,
+                shared_seen=shared_seen,
+            )
             if len(transition.decisions) == count:
                 continue  # no such instance (its item is gone)
             decision = transition.decisions[-1]
@@ -878,10 +891,14 @@ class Engine:
         standing: ApprovalStanding | None = None,
         depth: int = 0,
         chain: Chain = (),
+        shared_seen: dict[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """Evaluate instance ``item`` of the rule of ``entry`` (``_Entry(rule,
         rule.project)`` for a rule picked outside the fact index) and add its decision, new
-        state, any queued actions and any facts it sets to ``transition``. ``depth`` is the
+        state, any queued actions and any facts it sets to ``transition``. With
+        ``shared_seen`` (a plan of many rules), an evaluation that read one fact keeps the
+        ``seen`` an earlier one of the plan made of the same data (``_share_seen``).
+        ``depth`` is the
         chain depth of the facts that triggered it (0: posted, or no fact); ``chain`` the
         rule instances whose firings led to it (see ``_cascade``). An instance of a
         per-item rule whose item does not exist is not decided."""
@@ -893,6 +910,8 @@ class Engine:
         if for_each is None:
             data = None
             evaluation = entry.condition.evaluate(lookup, now)
+            if shared_seen is not None:
+                evaluation = _share_seen(evaluation, shared_seen)
         else:
             data = facts.get((entry.project, for_each, item))
             if data is None:
@@ -1258,6 +1277,22 @@ class Engine:
 
 
 _new = object.__new__
+
+
+def _share_seen(evaluation: Evaluation, shared: dict[str, Mapping[str, Any]]) -> Evaluation:
+    """``evaluation``, or the same evaluation with the equal ``seen`` kept in ``shared``
+    when it read one fact and an earlier evaluation of the plan read the very same data
+    (the rules reading one fact, evaluated at a reload: one dict, not one each). A
+    ``seen`` is never changed once its evaluation is made, so sharing it is safe."""
+    seen = evaluation.seen
+    if len(seen) != 1:
+        return evaluation
+    name = next(iter(seen))
+    kept = shared.get(name)
+    if kept is not None and kept is not seen and kept[name] is seen[name]:
+        return evaluation.with_seen(kept)
+    shared[name] = seen
+    return evaluation
 
 
 def _slot_setter(name: str) -> Callable[[Decision, Any], None]:

@@ -447,6 +447,15 @@ class Evaluation:
         _EVALUATION_SLOTS["_texts"](self, None)
         return clauses
 
+    def with_seen(self, seen: Mapping[str, Any]) -> Evaluation:
+        """This evaluation with ``seen`` in place of its own (an equal mapping kept by
+        another evaluation: evaluations that read the same facts may share one)."""
+        other: Evaluation = object.__new__(Evaluation)
+        for name in Evaluation.__slots__:
+            _EVALUATION_SLOTS[name](other, getattr(self, name))
+        _EVALUATION_SLOTS["seen"](other, seen)
+        return other
+
     def _fields(self) -> tuple[Any, ...]:
         return (self.value, self.clauses, self.missing, self.error, self.seen, self.collections)
 
