@@ -556,6 +556,7 @@ class Engine:
         every instance of each (every fact of a per-item rule's kind), see
         ``plan_instances``."""
         rules = list(rules)
+        mine = self.rules
         return self.plan_instances(
             facts,
             states,
@@ -566,7 +567,10 @@ class Engine:
             approvals=approvals,
             record_unchanged=record_unchanged,
             record_first=record_first,
-            rules={rule.id: rule for rule in rules},
+            # this engine's rules resolve themselves: no dict of them per plan
+            rules=None
+            if all(mine.get(rule.id) is rule for rule in rules)
+            else {rule.id: rule for rule in rules},
             retry=retry,
         )
 

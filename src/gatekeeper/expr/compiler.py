@@ -920,20 +920,17 @@ class CompiledCondition:
         "_values",
         "_plan",
         "_time",
-        "item_kind",
+        "_kind",
         "reads",
         "text",
         "uses_collections",
-        "uses_item",
-        "uses_time",
     )
 
     text: str
     reads: frozenset[FactRef]
-    uses_time: bool
-    item_kind: str | None
-    uses_item: bool
     uses_collections: bool
+    _kind: tuple[str | None, bool, bool]
+    """``(item_kind, uses_item, uses_time)``, one tuple for all equal ones."""
     _plan: _Plan
     _compiled: _Run | _Pending | None
     _values: tuple[Any, ...]
@@ -959,9 +956,7 @@ class CompiledCondition:
         values = {
             "text": text,
             "reads": reads,
-            "uses_time": uses_time,
-            "item_kind": item_kind,
-            "uses_item": uses_item,
+            "_kind": _shared((item_kind, uses_item, uses_time)),
             "uses_collections": uses_collections,
             "_plan": plan,
             # The syntax tree is most of a condition's memory (several KB): it is not kept.
@@ -978,6 +973,22 @@ class CompiledCondition:
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
+
+    @property
+    def item_kind(self) -> str | None:
+        """The ``for_each`` kind the condition was compiled for, or None."""
+        return self._kind[0]
+
+    @property
+    def uses_item(self) -> bool:
+        """Whether the condition reads ``item``."""
+        return self._kind[1]
+
+    @property
+    def uses_time(self) -> bool:
+        """Whether the condition calls ``days_since``/``hours_since``/``minutes_since``/
+        ``now``."""
+        return self._kind[2]
 
     @property
     def _run(self) -> _Run | None:

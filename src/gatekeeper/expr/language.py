@@ -526,8 +526,14 @@ class Condition(Protocol):
 
     text: str
     reads: frozenset[FactRef]
-    uses_time: bool
-    uses_item: bool
+
+    @property
+    def uses_time(self) -> bool:
+        """Whether it calls ``days_since``/``hours_since``/``minutes_since``/``now``."""
+
+    @property
+    def uses_item(self) -> bool:
+        """Whether it reads ``item`` (the current item of a per-item rule)."""
 
     def evaluate(
         self, facts: FactLookup, now: datetime, item: Item | None = None

@@ -805,6 +805,21 @@ def _built_rule(candidate: _Candidate) -> Rule:
     return _build_rule(candidate, pack_data(candidate.data), line)
 
 
+_LINES: dict[int, int] = {}
+"""Rules' line numbers met lately: one ``int`` object for the rules at one line of
+different files (Python keeps one only up to 256)."""
+
+
+def _shared_line(line: int) -> int:
+    """``line``, or the equal ``int`` kept before (see ``_LINES``)."""
+    found = _LINES.get(line)
+    if found is None:
+        if len(_LINES) >= 8192:
+            _LINES.clear()
+        _LINES[line] = found = line
+    return found
+
+
 _PREFIXES: dict[PathParts, PathParts] = {}
 """The prefixes of checked rules, ``(index,)`` in a list of rules: one object for equal
 ones (the rules at one index of different files)."""
@@ -1298,7 +1313,7 @@ def _build_rule(candidate: _Candidate, source: Mapping[str, Any], line: int) -> 
         approvals=_build_approvals(data.get("approvals")),
         content_hash=rule_content_hash(data),
         file=candidate.doc.file,
-        line=line,
+        line=_shared_line(line),
         source=source,
         for_each=_shared(data.get("for_each")),
         mode=cast(RuleMode, data.get("mode", "live")),
