@@ -72,6 +72,7 @@ from gatekeeper.rules.model import (
     RuleMode,
     Ruleset,
     SetFactAction,
+    kept_source,
     pack_data,
     pack_text,
     unpack_text,
@@ -1303,6 +1304,7 @@ def _build_rule(candidate: _Candidate, source: Mapping[str, Any], line: int) -> 
     kept (packed), ``line`` where it starts (1-based)."""
     data = candidate.data
     assert candidate.condition is not None  # set by _check_when for every valid rule
+    kept = kept_source(source, data["id"], candidate.condition.text)
     return Rule(
         id=data["id"],
         project=sys.intern(data["project"]),
@@ -1314,7 +1316,7 @@ def _build_rule(candidate: _Candidate, source: Mapping[str, Any], line: int) -> 
         content_hash=rule_content_hash(data),
         file=candidate.doc.file,
         line=_shared_line(line),
-        source=source,
+        kept_source=kept,
         for_each=_shared(data.get("for_each")),
         mode=cast(RuleMode, data.get("mode", "live")),
     )
