@@ -702,19 +702,28 @@ def test_conditions_of_one_shape_share_their_code() -> None:
     assert evaluation is not None and evaluation.value is False
 
 
-def test_conditions_sharing_a_clause_share_its_text() -> None:
+def test_clause_texts_are_read_from_the_condition_text() -> None:
     text = "milestone.design.status == 'approved' and\n  qg.x.n >= 1"
     fresh = compile_condition(text)  # not evaluated yet: its texts come from the text
     assert fresh.clause_texts == ("milestone.design.status == 'approved'", "qg.x.n >= 1")
     assert compiled(text).clause_texts == fresh.clause_texts
     first = compiled("milestone.design.status == 'approved' and qg.x.n >= 1")
     second = compiled("milestone.design.status == 'approved' and qg.x.n >= 2")
-    assert first.clause_texts[0] is second.clause_texts[0]
+    assert first.clause_texts[0] == second.clause_texts[0]
+    values = first._values  # type: ignore[attr-defined]
+    assert values[:5] == (first.text, 0, 37, 42, 53)  # offsets, no string of its own
+    assert compiled(text)._values[1:5] == (0, 37, 44, 55)  # type: ignore[attr-defined]
+    split = compiled("qg.x.n >= 1 and milestone.design.status ==\n  'approved'")
+    values = split._values  # type: ignore[attr-defined]
+    assert values[1:5] == (0, 11, "milestone.design.status == 'approved'", None)
+    assert split.clause_texts == ("qg.x.n >= 1", "milestone.design.status == 'approved'")
+    assert [c.text for c in split.evaluate(DictFacts(GATE_FACTS), NOW).clauses] == list(
+        split.clause_texts
+    )
     assert first.clause_texts[1] != second.clause_texts[1]
     one = first.evaluate(DictFacts(GATE_FACTS), NOW)
     other = second.evaluate(DictFacts(GATE_FACTS), NOW)
     assert one.clauses[0] == Clause("milestone.design.status == 'approved'", True)
-    assert one.clauses[0].text is other.clauses[0].text  # one text object
     assert one.clauses is one.clauses  # made once, when first read
     assert [c.text for c in one.clauses] == list(first.clause_texts)
     assert [c.text for c in other.clauses] == list(second.clause_texts)
@@ -786,7 +795,7 @@ def test_a_fact_read_several_times_keeps_its_names_once_and_literals_stay_apart(
     condition = compiled(text)
     assert condition._run is not None
     values = list(condition._values)  # type: ignore[attr-defined]
-    constants = values[3 + 1 :]  # after the three clause texts and the first constant
+    constants = values[1 + 2 * 3 + 1 :]  # after the text, the clauses and a constant
     # the fact's name, kind, id and its prefix once each; the literals each time
     assert constants.count("task.T-3") == 1
     assert constants.count("task") == 1

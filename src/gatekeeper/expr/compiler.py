@@ -41,6 +41,7 @@ from gatekeeper.expr.language import (
     Item,
     _add,
     _Checker,
+    _clause_text,
     _Collection,
     _collection_seen,
     _collection_value,
@@ -406,9 +407,10 @@ def _missing_or_raise(exc: Exception) -> None:
     raise exc
 
 
-def _value_clause(text: str, value: Any) -> Clause:
-    """The ``Clause`` of the clause ``text`` that gave ``value``."""
-    return Clause(text, _jsonable(value))
+def _value_clause(values: tuple[Any, ...], index: int, value: Any) -> Clause:
+    """The ``Clause`` of clause ``index`` of the condition whose values are ``values``
+    (``_clause_text``), that gave ``value``."""
+    return Clause(_clause_text(values, index), _jsonable(value))
 
 
 def _note_failure(
@@ -795,6 +797,7 @@ def _compile_clauses(
     leaves: tuple[ast.expr, ...],
     plan: _Plan,
     clause_texts: tuple[str, ...],
+    spans: tuple[tuple[int, int], ...],
     sites: _TimeSites | None = None,
 ) -> tuple[_Run, tuple[Any, ...], _TimeCode | None] | None:
     """``(run, values, time code)``: one Python function evaluating every clause of a
@@ -811,7 +814,9 @@ def _compile_clauses(
 
     The source is ``def _run(...): ...``, compiled once per shape (``_SHAPES``) with
     ``_RUNTIME`` as its globals (no builtins): conditions of one shape share the function.
-    ``values`` (``_D`` in the source) is one flat tuple: each clause's text, then the
+    ``values`` (``_D`` in the source) is one flat tuple: the condition's text, two items
+    per clause giving its text (``language._clause_text``: its offsets in the text when
+    ``spans`` gives it as written, as it mostly is: no string of its own), then the
     constants (see ``_CodeGenerator.const``). When every clause is True or False (the
     common case), the ``Evaluation`` keeps their values and ``values`` itself for the
     texts (``Evaluation.clauses`` makes the ``Clause`` objects when read): no clause
@@ -821,7 +826,7 @@ def _compile_clauses(
     wakes it, and each object touched costs a cache miss.
     """
     count = len(leaves)
-    generator = _CodeGenerator(source, count)
+    generator = _CodeGenerator(source, 1 + 2 * count)
     try:
         expressions = [generator.expr(leaf) for leaf in leaves]
     except (_Unsupported, RecursionError, MemoryError):  # the checker rules both out
@@ -836,7 +841,7 @@ def _compile_clauses(
             f"            _failed = _note(_failed, {index}, _e)",
         ]
     boolean = " and ".join(f"(_v{i} is True or _v{i} is False)" for i in range(count))
-    clauses = "".join(f"_clause(_D[{i}], _v{i}), " for i in range(count))
+    clauses = "".join(f"_clause(_D, {i}, _v{i}), " for i in range(count))
     values = "".join(f"_v{i}, " for i in range(count))
     lines += [
         "        if _failed is not None:",
@@ -863,7 +868,11 @@ def _compile_clauses(
     if run is None:
         return None
     time_code = None if sites is None else _time_code(generator, sites)
-    condition_values = (*clause_texts, *generator.constants)
+    text = source.text
+    refs: list[Any] = []
+    for clause, (start, end) in zip(clause_texts, spans, strict=True):
+        refs += (start, end) if text[start:end] == clause else (clause, None)
+    condition_values = (text, *refs, *generator.constants)
     return run, condition_values, time_code
 
 
@@ -1001,12 +1010,13 @@ class CompiledCondition:
     def _compile(self) -> _Run | None:
         """Generate and keep the compiled form (the same on every call: only the first one
         generates). Without one, the lowered clauses are kept for the reference."""
-        leaves, texts = _parse_leaves(self.text, self.item_kind)
+        leaves, texts, spans = _parse_leaves(self.text, self.item_kind)
         timed = self._time
         sites = None
         if isinstance(timed, tuple):  # the clauses without time sites add none
             sites = _find_time_sites(tuple(leaves[index] for index in timed))
-        compiled = _compile_clauses(_Source(self.text), leaves, self._plan, texts, sites)
+        source = _Source(self.text)
+        compiled = _compile_clauses(source, leaves, self._plan, texts, spans, sites)
         time_code = None
         if compiled is None:
             object.__setattr__(self, "_values", leaves)
@@ -1040,7 +1050,8 @@ class CompiledCondition:
         compiled = self._compiled
         if compiled is None or isinstance(compiled, _Pending):
             return _clause_texts(self.text, self.item_kind)
-        return self._values[: _clause_count(self._plan)]
+        values = self._values
+        return tuple(_clause_text(values, i) for i in range(_clause_count(self._plan)))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"CompiledCondition is immutable (cannot set {name!r})")
@@ -1222,19 +1233,23 @@ def _clause_count(plan: _Plan) -> int:
     return sum(_clause_count(part) for part in plan[1])
 
 
-def _parse_leaves(text: str, item_kind: str | None) -> tuple[tuple[ast.expr, ...], tuple[str, ...]]:
+def _parse_leaves(
+    text: str, item_kind: str | None
+) -> tuple[tuple[ast.expr, ...], tuple[str, ...], tuple[tuple[int, int], ...]]:
     """The lowered top-level and/or leaves of ``text``, an expression ``compile_condition``
     accepted for ``item_kind`` (so parsing cannot fail here), and their source texts, line
     breaks collapsed (``_Source.snippet``), each text one object among the conditions
-    sharing it (``_shared``). ``_parsed`` keeps the last few; the compiled form, made once
+    sharing it (``_shared``), and their (start, end) offsets in ``text``. ``_parsed``
+    keeps the last few; the compiled form, made once
     per condition, parses without keeping the tree (the first evaluation of 10,000 rules
     would otherwise keep 64 trees, about 1 MB, beside the plan)."""
     source = _Source(text)
     leaves: list[ast.expr] = []
     _split(_parse(source), leaves)
     texts = tuple(_shared(source.snippet(leaf)) for leaf in leaves)
+    spans = tuple(source.span(leaf) for leaf in leaves)
     bound = _bound_names(item_kind)
-    return tuple(_lower(leaf, bound) for leaf in leaves), texts
+    return tuple(_lower(leaf, bound) for leaf in leaves), texts, spans
 
 
 _parsed = functools.lru_cache(maxsize=64)(_parse_leaves)

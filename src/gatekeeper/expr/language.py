@@ -422,8 +422,8 @@ class Evaluation:
     _clauses: tuple[Any, ...]
     """The ``Clause`` objects, or (``_texts`` not None) the clauses' values, True or False."""
     _texts: tuple[Any, ...] | None
-    """None, or a tuple whose first items are the clauses' texts (a compiled condition's
-    values), their values being ``_clauses``; no missing name, no error."""
+    """None, or a compiled condition's values, which give the clauses' texts
+    (``_clause_text``), their values being ``_clauses``; no missing name, no error."""
 
     def __init__(
         self,
@@ -442,7 +442,9 @@ class Evaluation:
         texts = self._texts
         if texts is None:
             return self._clauses
-        clauses = tuple(Clause(texts[i], value) for i, value in enumerate(self._clauses))
+        clauses = tuple(
+            Clause(_clause_text(texts, i), value) for i, value in enumerate(self._clauses)
+        )
         _EVALUATION_SLOTS["_clauses"](self, clauses)  # made once
         _EVALUATION_SLOTS["_texts"](self, None)
         return clauses
@@ -483,6 +485,19 @@ class Evaluation:
 
     def __reduce__(self) -> tuple[type[Evaluation], tuple[Any, ...]]:
         return (Evaluation, self._fields())
+
+
+def _clause_text(values: tuple[Any, ...], index: int) -> str:
+    """The text of clause ``index`` of a compiled condition whose values are ``values``:
+    ``values[0]`` is the condition's text, then two items per clause, ``(start, end)``,
+    the clause's offsets in that text, or ``(text, None)`` when the clause's text is not
+    a plain slice of it (line breaks collapsed, see ``_Source.snippet``)."""
+    first = values[1 + 2 * index]
+    if type(first) is str:
+        return first
+    end: int = values[2 + 2 * index]
+    text: str = values[0][first:end]
+    return text
 
 
 _EVALUATION_SLOTS: dict[str, Callable[[Evaluation, Any], None]] = {
