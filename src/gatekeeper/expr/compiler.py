@@ -871,7 +871,7 @@ def _compile_clauses(
     text = source.text
     refs: list[Any] = []
     for clause, (start, end) in zip(clause_texts, spans, strict=True):
-        refs += (start, end) if text[start:end] == clause else (clause, None)
+        refs += (start, end) if text[start:end] == clause else (_shared(clause), None)
     condition_values = (text, *refs, *generator.constants)
     return run, condition_values, time_code
 
@@ -1238,15 +1238,14 @@ def _parse_leaves(
 ) -> tuple[tuple[ast.expr, ...], tuple[str, ...], tuple[tuple[int, int], ...]]:
     """The lowered top-level and/or leaves of ``text``, an expression ``compile_condition``
     accepted for ``item_kind`` (so parsing cannot fail here), and their source texts, line
-    breaks collapsed (``_Source.snippet``), each text one object among the conditions
-    sharing it (``_shared``), and their (start, end) offsets in ``text``. ``_parsed``
+    breaks collapsed (``_Source.snippet``), and their (start, end) offsets in ``text``. ``_parsed``
     keeps the last few; the compiled form, made once
     per condition, parses without keeping the tree (the first evaluation of 10,000 rules
     would otherwise keep 64 trees, about 1 MB, beside the plan)."""
     source = _Source(text)
     leaves: list[ast.expr] = []
     _split(_parse(source), leaves)
-    texts = tuple(_shared(source.snippet(leaf)) for leaf in leaves)
+    texts = tuple(source.snippet(leaf) for leaf in leaves)
     spans = tuple(source.span(leaf) for leaf in leaves)
     bound = _bound_names(item_kind)
     return tuple(_lower(leaf, bound) for leaf in leaves), texts, spans
