@@ -108,8 +108,28 @@ def test_decisions_are_the_dataclass_instances_their_fields_make() -> None:
     names = [f.name for f in dataclasses.fields(Decision)]
     for decision in plan.decisions:
         assert type(decision) is Decision
-        assert list(vars(decision)) == names
+        assert not hasattr(decision, "__dict__")  # slots: no attribute dict per decision
+        assert [name for name in names if hasattr(decision, name)] == names  # every one set
         rebuilt = Decision(**{name: getattr(decision, name) for name in names})
         assert rebuilt == decision and repr(rebuilt) == repr(decision)
         with pytest.raises(dataclasses.FrozenInstanceError):
             decision.outcome = "fired"  # type: ignore[misc]
+
+
+def test_a_plan_of_rules_reading_one_fact_shares_their_seen() -> None:
+    rules = {f"r{i}": f'task["T-1"].n >= {i} and task["T-1"].status == "done"' for i in range(4)}
+    rules["other"] = 'task["T-2"].n >= 1'
+    engine = _engine(rules)
+    facts = FactTable({("p", "task", "T-1"): {"n": 2, "status": "done"}})
+    plan = engine.plan_rules(facts, {}, engine.ruleset.rules, NOW, "reload")
+    seen = [d.evaluation.seen for d in plan.decisions]
+    assert all(s is seen[0] for s in seen[:4])  # one dict for the rules reading T-1
+    assert seen[4] is not seen[0] and seen[4] == {"task.T-2": None}
+    alone = [
+        engine.rules[d.rule_id].condition.evaluate(ProjectFacts("p", facts), NOW)
+        for d in plan.decisions
+    ]
+    assert [d.evaluation for d in plan.decisions] == alone  # equal to their own
+    assert [d.gate_open for d in plan.decisions] == [True, True, True, False, False]
+    ingest = engine.plan_ingest(facts, {}, [FactInput("p", "task", "T-1", {"n": 0})], NOW)
+    assert ingest.decisions[0].evaluation.seen is not ingest.decisions[1].evaluation.seen

@@ -9,7 +9,9 @@ missing names, error text, facts seen) and read the facts alike.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
+import pickle
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -700,19 +702,29 @@ def test_conditions_of_one_shape_share_their_code() -> None:
     assert evaluation is not None and evaluation.value is False
 
 
-def test_conditions_sharing_a_clause_share_its_text_and_its_clauses() -> None:
+def test_clause_texts_are_read_from_the_condition_text() -> None:
     text = "milestone.design.status == 'approved' and\n  qg.x.n >= 1"
     fresh = compile_condition(text)  # not evaluated yet: its texts come from the text
     assert fresh.clause_texts == ("milestone.design.status == 'approved'", "qg.x.n >= 1")
     assert compiled(text).clause_texts == fresh.clause_texts
     first = compiled("milestone.design.status == 'approved' and qg.x.n >= 1")
     second = compiled("milestone.design.status == 'approved' and qg.x.n >= 2")
-    assert first.clause_texts[0] is second.clause_texts[0]
+    assert first.clause_texts[0] == second.clause_texts[0]
+    values = first._values  # type: ignore[attr-defined]
+    assert values[:5] == (first.text, 0, 37, 42, 53)  # offsets, no string of its own
+    assert compiled(text)._values[1:5] == (0, 37, 44, 55)  # type: ignore[attr-defined]
+    split = compiled("qg.x.n >= 1 and milestone.design.status ==\n  'approved'")
+    values = split._values  # type: ignore[attr-defined]
+    assert values[1:5] == (0, 11, "milestone.design.status == 'approved'", None)
+    assert split.clause_texts == ("qg.x.n >= 1", "milestone.design.status == 'approved'")
+    assert [c.text for c in split.evaluate(DictFacts(GATE_FACTS), NOW).clauses] == list(
+        split.clause_texts
+    )
     assert first.clause_texts[1] != second.clause_texts[1]
     one = first.evaluate(DictFacts(GATE_FACTS), NOW)
     other = second.evaluate(DictFacts(GATE_FACTS), NOW)
     assert one.clauses[0] == Clause("milestone.design.status == 'approved'", True)
-    assert one.clauses[0] is other.clauses[0]  # one object, immutable
+    assert one.clauses is one.clauses  # made once, when first read
     assert [c.text for c in one.clauses] == list(first.clause_texts)
     assert [c.text for c in other.clauses] == list(second.clause_texts)
     assert both("milestone.design.status == 'approved' and qg.x.n >= 2", GATE_FACTS) == other
@@ -783,7 +795,7 @@ def test_a_fact_read_several_times_keeps_its_names_once_and_literals_stay_apart(
     condition = compiled(text)
     assert condition._run is not None
     values = list(condition._values)  # type: ignore[attr-defined]
-    constants = values[2 * 3 + 1 :]
+    constants = values[1 + 2 * 3 + 1 :]  # after the text, the clauses and a constant
     # the fact's name, kind, id and its prefix once each; the literals each time
     assert constants.count("task.T-3") == 1
     assert constants.count("task") == 1
@@ -795,3 +807,26 @@ def test_a_fact_read_several_times_keeps_its_names_once_and_literals_stay_apart(
     other = compiled('task["T-3"].status == "x" and task["T-3"].n >= 2 and task["T-3"].m >= 3')
     assert other._run is not None
     assert other._run.__code__ is condition._run.__code__
+
+
+def test_a_compiled_condition_keeps_no_clause_objects() -> None:
+    condition = compiled("milestone.design.status == 'approved' and qg.x.n >= 1")
+    condition.evaluate(DictFacts(GATE_FACTS), NOW)
+    assert not any(isinstance(value, Clause) for value in condition._values)
+    evaluation = condition.evaluate(DictFacts(GATE_FACTS), NOW)
+    assert evaluation._texts is condition._values  # the clause values, beside the texts
+    values = evaluation._clauses
+    assert values == (True, False)  # qg.x.n is 0.5
+    built = Evaluation(
+        evaluation.value,
+        tuple(Clause(t, v) for t, v in zip(condition.clause_texts, values, strict=True)),
+        seen=dict(evaluation.seen),
+    )
+    assert evaluation == built and built == evaluation
+    assert repr(evaluation) == repr(built)
+    assert evaluation.clauses == built.clauses
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        evaluation.value = True  # type: ignore[misc]
+    with pytest.raises(TypeError):  # its seen is a dict, as a frozen dataclass's would be
+        hash(evaluation)
+    assert pickle.loads(pickle.dumps(evaluation)) == evaluation

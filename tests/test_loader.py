@@ -14,6 +14,7 @@ import yaml
 
 from gatekeeper import yamlsource
 from gatekeeper.config import Config, load_config
+from gatekeeper.rules import loader
 from gatekeeper.rules.loader import (
     LoadResult,
     canonical_rule,
@@ -717,3 +718,92 @@ def walk_schema(node: Any, where: str = "#") -> list[tuple[str, dict[str, Any]]]
         for index, value in enumerate(node):
             found += walk_schema(value, f"{where}/{index}")
     return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Long lists of rules, checked a part at a time
+
+
+def _long_rule_file(count: int, *, comment: str = "") -> str:
+    lines = ["# generated rules", ""]
+    for i in range(count):
+        lines += [
+            f"- id: long/r{i}",
+            "  project: p",
+            f'  when: \'task["T-{i // 5}"].status == "done" and task["T-{i // 5}"].n >= {i % 5}\'',
+            "  fire: each_time",
+            "  actions:",
+            '    - notify: {target: chat, message: "rule ${rule_id} fired"}',
+            comment,
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _rules_of(result: LoadResult) -> list[tuple[Any, ...]]:
+    assert result.ruleset is not None, result.problems
+    return [
+        (r.id, r.line, r.content_hash, r.condition.text, dict(r.source), r.actions)
+        for r in result.ruleset.rules
+    ]
+
+
+def test_a_long_list_of_rules_is_checked_in_parts_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = _long_rule_file(300, comment="  # a comment line")
+    chunks = loader._chunks(text)
+    assert chunks is not None and len(chunks) == 5  # 300 rules, 64 at a time
+    assert "".join(chunk for _, chunk in chunks) == text
+    assert [lines for lines, _ in chunks] == [0, 450, 898, 1346, 1794]
+    parsed = load_rule_texts({"long.yaml": text}, None)
+    monkeypatch.setattr(loader, "CHUNK_MIN_CHARS", 10**9)  # the whole file at once
+    assert loader._chunks(text) is None
+    whole = load_rule_texts({"long.yaml": text}, None)
+    assert _rules_of(parsed) == _rules_of(whole)
+    assert parsed.ruleset is not None and whole.ruleset is not None
+    assert parsed.ruleset.version == whole.ruleset.version
+    assert [r.line for r in parsed.ruleset.rules][64:66] == [451, 458]  # as the whole file says
+
+
+@pytest.mark.parametrize(
+    ("change", "chunked"),
+    [
+        ("", True),
+        ("- id: base\n  project: &p p\n", False),  # an anchor: an alias may reach across
+        ("%YAML 1.1\n---\n", False),  # a directive
+        ("\r", False),  # a line break \n does not count
+        ("id: one\n", False),  # not a list at column 0
+    ],
+)
+def test_only_a_plain_list_at_column_0_is_cut(change: str, chunked: bool) -> None:
+    text = _long_rule_file(200)
+    text = text.replace("\n  fire", "\r  fire", 1) if change == "\r" else change + text
+    assert (loader._chunks(text) is not None) is chunked
+
+
+def test_a_problem_in_a_later_part_is_reported_as_in_the_whole_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text = _long_rule_file(200).replace("long/r150", "long/r149", 1)  # a duplicate id
+    bad_expression = text.replace("n >= 2'", "n >= '", 1)  # in the first part
+    not_yaml = text.replace("- id: long/r100\n", '- id: long/r100\n  x: "unclosed\n', 1)
+    found = [load_rule_texts({"long.yaml": t}, None) for t in (text, bad_expression, not_yaml)]
+    monkeypatch.setattr(loader, "CHUNK_MIN_CHARS", 10**9)  # the whole file at once
+    whole = [load_rule_texts({"long.yaml": t}, None) for t in (text, bad_expression, not_yaml)]
+    assert found == whole
+    assert all(result.ruleset is None and result.problems for result in found)
+    assert any("duplicate rule id" in p.message for p in found[0].problems)
+    assert any(p.rule_id == "long/r2" for p in found[1].problems)
+
+
+def test_a_quoted_scalar_across_a_cut_makes_the_file_checked_whole() -> None:
+    text = _long_rule_file(250)
+    lines = text.split("\n")
+    at = lines.index("- id: long/r64")
+    lines.insert(at, '  description: "a description')  # the last key of long/r63
+    lines.insert(at + 1, '- still the description"')  # the 65th line starting with "- "
+    text = "\n".join(lines)
+    assert loader._chunks(text) is not None  # cut at the line that is inside the string
+    result = load_rule_texts({"long.yaml": text}, None)
+    assert result.ruleset is not None, result.problems
+    rule = next(r for r in result.ruleset.rules if r.id == "long/r63")
+    assert rule.description == "a description - still the description"
+    assert len(result.ruleset.rules) == 250

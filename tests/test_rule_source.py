@@ -183,3 +183,25 @@ def test_rules_written_alike_share_their_packed_data() -> None:
     assert sources[0]._packed is sources[1]._packed is sources[2]._packed  # type: ignore[attr-defined]
     assert [dict(source)["id"] for source in sources] == ["site/r0", "site/r1", "site/r2"]
     assert [dict(source)["when"] for source in sources] == [f"task.t{i}.done" for i in range(3)]
+
+
+def test_rules_of_one_template_keep_their_data_as_one_packed_bytes_object() -> None:
+    text = "".join(
+        f"- id: t/r{i}\n  project: p\n  when: 'task.t{i}.done'\n"
+        '  actions:\n    - notify: {target: chat, message: "hi"}\n'
+        for i in range(3)
+    )
+    result = load_rule_texts({"t.yaml": text}, None)
+    assert result.ruleset is not None, result.problems
+    rules = result.ruleset.rules
+    assert all(isinstance(rule.kept_source, bytes) for rule in rules)
+    assert rules[0].kept_source is rules[2].kept_source  # one object for the template
+    assert [dict(rule.source) for rule in rules] == [
+        {
+            "id": f"t/r{i}",
+            "project": "p",
+            "when": f"task.t{i}.done",
+            "actions": [{"notify": {"target": "chat", "message": "hi"}}],
+        }
+        for i in range(3)
+    ]

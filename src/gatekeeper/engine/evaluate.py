@@ -61,6 +61,7 @@ import functools
 import uuid
 from collections import ChainMap, defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -90,7 +91,7 @@ from gatekeeper.engine.model import (
     split_fact_name,
 )
 from gatekeeper.engine.signoffs import SignedOff, SignOffBook, effective_mode
-from gatekeeper.expr import Evaluation, FactRef, Item
+from gatekeeper.expr import Evaluation, Item
 from gatekeeper.rules.model import (
     FACT_ID,
     FACT_ID_RULE,
@@ -141,26 +142,29 @@ class _Entry:
     """What deciding one rule reads, in one small object: the rule and the fields of it
     that every decision uses. An engine builds them one after the other, in rule order, so
     that the entries of neighbouring rules (often the rules reading one fact) share cache
-    lines instead of being scattered over the heap with the rest of each rule."""
+    lines instead of being scattered over the heap with the rest of each rule. ``key`` is
+    the ``InstanceKey`` of the rule's one instance (``(id, "")``), the one tuple the rule
+    states of the engine's plans are kept under."""
 
     __slots__ = (
         "approvals",
+        "checks_mode",
         "condition",
         "content_hash",
         "event",
         "fire",
         "for_each",
         "id",
-        "money",
-        "plain",
+        "key",
         "project",
         "rule",
-        "shadow",
+        "time_dependent",
     )
 
     def __init__(self, rule: Rule, project: str) -> None:
         self.rule = rule
         self.id = rule.id
+        self.key = (rule.id, "")
         self.project = project
         self.content_hash = rule.content_hash
         self.condition = rule.condition
@@ -168,10 +172,31 @@ class _Entry:
         self.approvals = rule.approvals
         self.for_each = rule.for_each
         self.event = rule.fire == "each_fact"
-        self.plain = rule.for_each is None and not self.event
-        """One instance, decided once per batch (no ``for_each``, not an event rule)."""
-        self.shadow = rule.mode == "shadow"
-        self.money = rule.release is not None
+        self.checks_mode = rule.mode == "shadow" or rule.release is not None
+        """Whether its mode may be other than live (``mode: shadow``, or a money rule)."""
+        self.time_dependent = rule.condition.uses_time or _lapsing(rule)
+        """Whether time alone can change it (see ``Engine.time_dependent``)."""
+
+
+class _TimeDependentIds(AbstractSet[str]):
+    """The ids of an engine's time-dependent rules (``Engine.time_dependent_ids``), read
+    from its entries: a set of its own would take about 50 bytes per rule."""
+
+    __slots__ = ("_count", "_entries")
+
+    def __init__(self, entries: Mapping[str, _Entry]) -> None:
+        self._entries = entries
+        self._count = sum(1 for entry in entries.values() if entry.time_dependent)
+
+    def __contains__(self, rule_id: object) -> bool:
+        entry = self._entries.get(rule_id) if isinstance(rule_id, str) else None
+        return entry is not None and entry.time_dependent
+
+    def __iter__(self) -> Iterator[str]:
+        return (rule_id for rule_id, entry in self._entries.items() if entry.time_dependent)
+
+    def __len__(self) -> int:
+        return self._count
 
 
 def _entries(entries: Mapping[str, _Entry], rules: Iterable[Rule]) -> tuple[_Entry, ...]:
@@ -220,17 +245,12 @@ class Engine:
         self.max_chain_depth = max_chain_depth
         self.target_formats: Mapping[str, str] = dict(target_formats or {})
         self.rules: dict[str, Rule] = ruleset.by_id()
-        self._by_fact: dict[FactKey, list[Rule]] = defaultdict(list)
-        self._by_kind: dict[tuple[str, str], list[Rule]] = defaultdict(list)
         self.time_dependent: tuple[Rule, ...] = tuple(
             r for r in ruleset.rules if r.condition.uses_time or _lapsing(r)
         )
         """The rules time alone can change: their condition reads the clock, or their
         approvals lapse (``approvals.expires_after``)."""
-        self.time_dependent_ids = frozenset(r.id for r in self.time_dependent)
-        for rule in ruleset.rules:
-            for ref in rule.condition.reads:
-                self._index(rule, ref)
+        by_fact, by_kind = self._rule_index
         # One entry per rule, allocated in rule order; one tuple of entries per fact key
         # (the rules reading it by id, then those reading its whole kind, each once).
         projects: dict[str, str] = {}
@@ -239,13 +259,16 @@ class Engine:
             for rule in ruleset.rules
         }
         self._entries = entries
+        self.time_dependent_ids: AbstractSet[str] = _TimeDependentIds(entries)
+        """The ids of ``time_dependent`` (a view of the entries, not a set of its own)."""
         self._entries_by_fact: dict[FactKey, tuple[_Entry, ...]] = {
-            key: _entries(entries, [*rules, *self._by_kind.get((key[0], key[1]), [])])
-            for key, rules in self._by_fact.items()
+            key: _entries(entries, [*rules, *by_kind.get((key[0], key[1]), [])])
+            for key, rules in by_fact.items()
         }
         self._entries_by_kind: dict[tuple[str, str], tuple[_Entry, ...]] = {
-            key: _entries(entries, rules) for key, rules in self._by_kind.items()
+            key: _entries(entries, rules) for key, rules in by_kind.items()
         }
+        del self._rule_index  # made again when asked (``rules_reading``)
         by_item_kind: dict[tuple[str, str], list[Rule]] = defaultdict(list)
         for rule in self.rules.values():
             if rule.for_each is not None:
@@ -290,15 +313,27 @@ class Engine:
         """The mode ``rule`` runs in now (``signoffs.effective_mode``)."""
         return effective_mode(rule, self.signoffs)
 
-    def _index(self, rule: Rule, ref: FactRef) -> None:
-        if ref.id is None:
-            self._by_kind[(rule.project, ref.kind)].append(rule)
-        else:
-            self._by_fact[(rule.project, ref.kind, ref.id)].append(rule)
+    @functools.cached_property
+    def _rule_index(
+        self,
+    ) -> tuple[dict[FactKey, list[Rule]], dict[tuple[str, str], list[Rule]]]:
+        """``(by fact key, by (project, kind))``: the rules reading each fact by id, and
+        each kind whole, in ruleset order (a rule once per read). Built for the entries,
+        then dropped: only ``rules_reading`` asks for it again."""
+        by_fact: dict[FactKey, list[Rule]] = defaultdict(list)
+        by_kind: dict[tuple[str, str], list[Rule]] = defaultdict(list)
+        for rule in self.ruleset.rules:
+            for ref in rule.condition.reads:
+                if ref.id is None:
+                    by_kind[(rule.project, ref.kind)].append(rule)
+                else:
+                    by_fact[(rule.project, ref.kind, ref.id)].append(rule)
+        return by_fact, by_kind
 
     def rules_reading(self, key: FactKey) -> list[Rule]:
         """The rules whose condition reads fact ``key`` (by id or by its whole kind)."""
-        return self._by_fact.get(key, []) + self._by_kind.get((key[0], key[1]), [])
+        by_fact, by_kind = self._rule_index
+        return by_fact.get(key, []) + by_kind.get((key[0], key[1]), [])
 
     def _entries_reading(self, key: FactKey) -> tuple[_Entry, ...]:
         """The entries of the rules reading fact ``key``, each rule once, in the order of
@@ -316,8 +351,17 @@ class Engine:
         return sorted(facts.of_kind(rule.project, rule.for_each))
 
     def instance_keys(self, rules: Iterable[Rule], facts: FactTable) -> list[InstanceKey]:
-        """The ``InstanceKey`` of every instance of ``rules`` (see ``instances``)."""
-        return [(rule.id, item) for rule in rules for item in self.instances(rule, facts)]
+        """The ``InstanceKey`` of every instance of ``rules`` (see ``instances``); the one
+        instance of a rule of this engine is its entry's key, not a new tuple."""
+        keys: list[InstanceKey] = []
+        entries = self._entries
+        for rule in rules:
+            entry = entries.get(rule.id) if rule.for_each is None else None
+            if entry is not None and entry.rule is rule:
+                keys.append(entry.key)
+            else:
+                keys.extend((rule.id, item) for item in self.instances(rule, facts))
+        return keys
 
     def _triggered(self, key: FactKey, facts: FactTable) -> Iterator[tuple[_Entry, str]]:
         """The instances fact ``key`` (just put in ``facts``) re-evaluates: of each rule
@@ -512,6 +556,7 @@ class Engine:
         every instance of each (every fact of a per-item rule's kind), see
         ``plan_instances``."""
         rules = list(rules)
+        mine = self.rules
         return self.plan_instances(
             facts,
             states,
@@ -522,7 +567,10 @@ class Engine:
             approvals=approvals,
             record_unchanged=record_unchanged,
             record_first=record_first,
-            rules={rule.id: rule for rule in rules},
+            # this engine's rules resolve themselves: no dict of them per plan
+            rules=None
+            if all(mine.get(rule.id) is rule for rule in rules)
+            else {rule.id: rule for rule in rules},
             retry=retry,
         )
 
@@ -564,6 +612,7 @@ class Engine:
         book = book if book is not None else EscrowBook({})
         rules = rules if rules is not None else self.rules
         transition = Transition(planned_at=now)
+        shared_seen: dict[str, Mapping[str, Any]] = {}
         for rule_id, item in keys:
             rule = rules[rule_id]
             key = (rule_id, item)
@@ -573,9 +622,23 @@ class Engine:
                 before = replace(before, gate_open=False)  # a fresh edge: try again
                 # ChainMap only reads the maps after its first: the states are not copied
                 seen = ChainMap({key: before}, cast(MutableMapping[InstanceKey, RuleState], states))
-            entry = _Entry(rule, rule.project)
+            entry = self._entries.get(rule_id)
+            if entry is None or entry.rule is not rule:  # not this engine's rule
+                entry = _Entry(rule, rule.project)
             count = len(transition.decisions)
-            self._decide(transition, entry, item, facts, seen, now, trigger, None, book, approvals)
+            self._decide(
+                transition,
+                entry,
+                item,
+                facts,
+                seen,
+                now,
+                trigger,
+                None,
+                book,
+                approvals,
+                shared_seen=shared_seen,
+            )
             if len(transition.decisions) == count:
                 continue  # no such instance (its item is gone)
             decision = transition.decisions[-1]
@@ -832,21 +895,27 @@ class Engine:
         standing: ApprovalStanding | None = None,
         depth: int = 0,
         chain: Chain = (),
+        shared_seen: dict[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """Evaluate instance ``item`` of the rule of ``entry`` (``_Entry(rule,
         rule.project)`` for a rule picked outside the fact index) and add its decision, new
-        state, any queued actions and any facts it sets to ``transition``. ``depth`` is the
+        state, any queued actions and any facts it sets to ``transition``. With
+        ``shared_seen`` (a plan of many rules), an evaluation that read one fact keeps the
+        ``seen`` an earlier one of the plan made of the same data (``_share_seen``).
+        ``depth`` is the
         chain depth of the facts that triggered it (0: posted, or no fact); ``chain`` the
         rule instances whose firings led to it (see ``_cascade``). An instance of a
         per-item rule whose item does not exist is not decided."""
         rule_id = entry.id
-        key = (rule_id, item)
+        key = (rule_id, item) if item else entry.key
         state = transition.rule_states.get(key) or states.get(key) or RuleState(rule_id)
         lookup = ProjectFacts(entry.project, facts)
         for_each = entry.for_each
         if for_each is None:
             data = None
             evaluation = entry.condition.evaluate(lookup, now)
+            if shared_seen is not None:
+                evaluation = _share_seen(evaluation, shared_seen)
         else:
             data = facts.get((entry.project, for_each, item))
             if data is None:
@@ -873,7 +942,7 @@ class Engine:
         firing_id = None
         reason = None
         mode: EffectiveMode = "live"
-        if entry.shadow or entry.money:  # else live, without a look at the sign-offs
+        if entry.checks_mode:  # else live, without a look at the sign-offs
             mode = effective_mode(entry.rule, self.signoffs)
         content_hash = entry.content_hash
         if state.gate_open is gate_open and state.rule_hash == content_hash:
@@ -919,28 +988,27 @@ class Engine:
                 transition, entry, item, data, new_state, outcome, approvals, now
             )
         transition.rule_states[key] = new_state
-        # Decision(...) without the frozen dataclass's __init__ (sixteen object.__setattr__
-        # calls, about 1 µs): the very same instance, its fields set in the same order.
+        # Decision(...) without the frozen dataclass's __init__ (eighteen object.__setattr__
+        # calls, about 1 µs): the very same instance, its slots set through their descriptors.
         decision = _new(Decision)
-        fields = decision.__dict__
-        fields["rule_id"] = rule_id
-        fields["rule_hash"] = content_hash
-        fields["ruleset_version"] = self.ruleset.version
-        fields["git_commit"] = self.ruleset.git_commit
-        fields["trigger"] = trigger
-        fields["outcome"] = outcome
-        fields["gate_open"] = gate_open
-        fields["evaluation"] = evaluation
-        fields["decided_at"] = decided_at
-        fields["fact_index"] = fact_index
-        fields["firing_id"] = firing_id
-        fields["approvals"] = approvals if approvals_rule else None
-        fields["reason"] = reason
-        fields["project"] = entry.project
-        fields["instance"] = item
-        fields["item_kind"] = for_each or ""
-        fields["notice_id"] = notice_id
-        fields["mode"] = mode
+        _set_rule_id(decision, rule_id)
+        _set_rule_hash(decision, content_hash)
+        _set_ruleset_version(decision, self.ruleset.version)
+        _set_git_commit(decision, self.ruleset.git_commit)
+        _set_trigger(decision, trigger)
+        _set_outcome(decision, outcome)
+        _set_gate_open(decision, gate_open)
+        _set_evaluation(decision, evaluation)
+        _set_decided_at(decision, decided_at)
+        _set_fact_index(decision, fact_index)
+        _set_firing_id(decision, firing_id)
+        _set_approvals(decision, approvals if approvals_rule else None)
+        _set_reason(decision, reason)
+        _set_project(decision, entry.project)
+        _set_instance(decision, item)
+        _set_item_kind(decision, for_each or "")
+        _set_notice_id(decision, notice_id)
+        _set_mode(decision, mode)
         transition.decisions.append(decision)
 
     def _notice(
@@ -1213,6 +1281,49 @@ class Engine:
 
 
 _new = object.__new__
+
+
+def _share_seen(evaluation: Evaluation, shared: dict[str, Mapping[str, Any]]) -> Evaluation:
+    """``evaluation``, or the same evaluation with the equal ``seen`` kept in ``shared``
+    when it read one fact and an earlier evaluation of the plan read the very same data
+    (the rules reading one fact, evaluated at a reload: one dict, not one each). A
+    ``seen`` is never changed once its evaluation is made, so sharing it is safe."""
+    seen = evaluation.seen
+    if len(seen) != 1:
+        return evaluation
+    name = next(iter(seen))
+    kept = shared.get(name)
+    if kept is not None and kept is not seen and kept[name] is seen[name]:
+        return evaluation.with_seen(kept)
+    shared[name] = seen
+    return evaluation
+
+
+def _slot_setter(name: str) -> Callable[[Decision, Any], None]:
+    """The setter of slot ``name`` of ``Decision`` (whose frozen ``__setattr__`` refuses):
+    ``_decide`` builds each decision with them, as fast as its ``__dict__`` was filled."""
+    setter: Callable[[Decision, Any], None] = Decision.__dict__[name].__set__
+    return setter
+
+
+_set_rule_id = _slot_setter("rule_id")
+_set_rule_hash = _slot_setter("rule_hash")
+_set_ruleset_version = _slot_setter("ruleset_version")
+_set_git_commit = _slot_setter("git_commit")
+_set_trigger = _slot_setter("trigger")
+_set_outcome = _slot_setter("outcome")
+_set_gate_open = _slot_setter("gate_open")
+_set_evaluation = _slot_setter("evaluation")
+_set_decided_at = _slot_setter("decided_at")
+_set_fact_index = _slot_setter("fact_index")
+_set_firing_id = _slot_setter("firing_id")
+_set_approvals = _slot_setter("approvals")
+_set_reason = _slot_setter("reason")
+_set_project = _slot_setter("project")
+_set_instance = _slot_setter("instance")
+_set_item_kind = _slot_setter("item_kind")
+_set_notice_id = _slot_setter("notice_id")
+_set_mode = _slot_setter("mode")
 
 _format_now = functools.lru_cache(maxsize=4)(format_rfc3339)
 """``format_rfc3339`` of the planning "now", formatted once per plan, not once per rule."""

@@ -211,7 +211,7 @@ class QueuedAction:
     with status ``shadowed``, never delivered, never in the ledger."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     """The engine's verdict on one rule at one moment, with everything needed to explain it.
 

@@ -41,6 +41,7 @@ from gatekeeper.expr.language import (
     Item,
     _add,
     _Checker,
+    _clause_text,
     _Collection,
     _collection_seen,
     _collection_value,
@@ -97,23 +98,6 @@ def _shared(value: Any) -> Any:
         if len(_SHARED) >= _MAX_SHARED:
             _SHARED.clear()
         _SHARED[value] = found = value
-    return found
-
-
-_CLAUSES: dict[str, tuple[Clause, Clause]] = {}
-"""The true and the false ``Clause`` of each clause text met lately: conditions sharing a
-clause (the rules reading one fact often test it alike) share its two clauses, as they
-share its text (``_shared``)."""
-
-
-def _clause_pair(text: str) -> tuple[Clause, Clause]:
-    """``(Clause(text, True), Clause(text, False))``, the pair kept before when there is
-    one (see ``_CLAUSES``)."""
-    found = _CLAUSES.get(text)
-    if found is None:
-        if len(_CLAUSES) >= _MAX_SHARED:
-            _CLAUSES.clear()
-        _CLAUSES[text] = found = (Clause(text, True), Clause(text, False))
     return found
 
 
@@ -423,10 +407,10 @@ def _missing_or_raise(exc: Exception) -> None:
     raise exc
 
 
-def _value_clause(true: Clause, value: Any) -> Clause:
-    """The ``Clause`` of a clause that gave ``value``, neither True nor False (``true``: its
-    clause when true)."""
-    return Clause(true.text, _jsonable(value))
+def _value_clause(values: tuple[Any, ...], index: int, value: Any) -> Clause:
+    """The ``Clause`` of clause ``index`` of the condition whose values are ``values``
+    (``_clause_text``), that gave ``value``."""
+    return Clause(_clause_text(values, index), _jsonable(value))
 
 
 def _note_failure(
@@ -473,8 +457,8 @@ _RUNTIME: dict[str, Any] = {
     "_Evaluation": Evaluation,
     "_new": object.__new__,
     **{
-        f"_set_{name}": Evaluation.__dict__[name].__set__
-        for name in ("value", "clauses", "missing", "error", "seen", "collections")
+        f"_set{name if name[0] == '_' else '_' + name}": Evaluation.__dict__[name].__set__
+        for name in Evaluation.__slots__
     },
     "_add": _add,
     "_mul": _mul,
@@ -813,6 +797,7 @@ def _compile_clauses(
     leaves: tuple[ast.expr, ...],
     plan: _Plan,
     clause_texts: tuple[str, ...],
+    spans: tuple[tuple[int, int], ...],
     sites: _TimeSites | None = None,
 ) -> tuple[_Run, tuple[Any, ...], _TimeCode | None] | None:
     """``(run, values, time code)``: one Python function evaluating every clause of a
@@ -829,15 +814,19 @@ def _compile_clauses(
 
     The source is ``def _run(...): ...``, compiled once per shape (``_SHAPES``) with
     ``_RUNTIME`` as its globals (no builtins): conditions of one shape share the function.
-    ``values`` (``_D`` in the source) is one flat tuple: each clause's True ``Clause``
-    (whose text any other ``Clause`` of it takes), each one's False ``Clause``, then the
-    constants (see ``_CodeGenerator.const``). An evaluation touches only the items it uses
+    ``values`` (``_D`` in the source) is one flat tuple: the condition's text, two items
+    per clause giving its text (``language._clause_text``: its offsets in the text when
+    ``spans`` gives it as written, as it mostly is: no string of its own), then the
+    constants (see ``_CodeGenerator.const``). When every clause is True or False (the
+    common case), the ``Evaluation`` keeps their values and ``values`` itself for the
+    texts (``Evaluation.clauses`` makes the ``Clause`` objects when read): no clause
+    object per condition nor per evaluation. An evaluation touches only the items it uses
     and no other object of its condition (no function, defaults or closure cells): with
     thousands of rules, most of a rule's objects are out of the CPU caches when a fact
     wakes it, and each object touched costs a cache miss.
     """
     count = len(leaves)
-    generator = _CodeGenerator(source, 2 * count)
+    generator = _CodeGenerator(source, 1 + 2 * count)
     try:
         expressions = [generator.expr(leaf) for leaf in leaves]
     except (_Unsupported, RecursionError, MemoryError):  # the checker rules both out
@@ -851,11 +840,8 @@ def _compile_clauses(
             f"            _v{index} = None",
             f"            _failed = _note(_failed, {index}, _e)",
         ]
-    clauses = "".join(
-        f"_D[{i}] if _v{i} is True else _D[{count + i}] if _v{i} is False"
-        f" else _clause(_D[{i}], _v{i}), "
-        for i in range(count)
-    )
+    boolean = " and ".join(f"(_v{i} is True or _v{i} is False)" for i in range(count))
+    clauses = "".join(f"_clause(_D, {i}, _v{i}), " for i in range(count))
     values = "".join(f"_v{i}, " for i in range(count))
     lines += [
         "        if _failed is not None:",
@@ -865,7 +851,12 @@ def _compile_clauses(
         # slots set through their descriptors, built twice as fast.
         "        _result = _new(_Evaluation)",
         f"        _set_value(_result, True if {_plan_source(plan)} else False)",
-        f"        _set_clauses(_result, ({clauses}))",
+        f"        if {boolean}:",
+        f"            _set_clauses(_result, {_boolean_values(count)})",
+        "            _set_texts(_result, _D)",
+        "        else:",
+        f"            _set_clauses(_result, ({clauses}))",
+        "            _set_texts(_result, None)",
         "        _set_missing(_result, ())",
         "        _set_error(_result, None)",
         "        _set_seen(_result, {**_kd, **_fd} if _kd else _fd)",
@@ -877,11 +868,39 @@ def _compile_clauses(
     if run is None:
         return None
     time_code = None if sites is None else _time_code(generator, sites)
-    pairs = [_clause_pair(text) for text in clause_texts]
-    true_clauses = [true for true, _ in pairs]
-    false_clauses = [false for _, false in pairs]
-    condition_values = (*true_clauses, *false_clauses, *generator.constants)
+    text = source.text
+    refs: list[Any] = []
+    for clause, (start, end) in zip(clause_texts, spans, strict=True):
+        refs += (start, end) if text[start:end] == clause else (_shared(clause), None)
+    condition_values = (text, *refs, *generator.constants)
     return run, condition_values, time_code
+
+
+_MAX_TABLED_CLAUSES = 6
+"""Conditions of up to this many clauses take their clauses' values, when all are True or
+False, from ``_BOOLEANS`` instead of building a tuple per evaluation."""
+
+
+def _boolean_table(depth: int, prefix: tuple[bool, ...] = ()) -> Any:
+    """Nested pairs indexed by booleans: ``table[a][b]`` is ``(a, b)`` for depth 2."""
+    if depth == 0:
+        return prefix
+    return tuple(_boolean_table(depth - 1, (*prefix, value)) for value in (False, True))
+
+
+_BOOLEANS = tuple(_boolean_table(depth) for depth in range(_MAX_TABLED_CLAUSES + 1))
+"""``_BOOLEANS[n][v0][v1]...`` is the tuple ``(v0, v1, ...)`` of ``n`` booleans: one
+shared tuple for every evaluation whose clauses gave those values (an evaluation kept in
+a plan holds no tuple of its own)."""
+_RUNTIME["_BOOLEANS"] = _BOOLEANS
+
+
+def _boolean_values(count: int) -> str:
+    """The source of the tuple of the ``count`` clause values ``_v0``... (each True or
+    False): read from ``_BOOLEANS`` when it has them, else built."""
+    if count > _MAX_TABLED_CLAUSES:
+        return "(" + "".join(f"_v{i}, " for i in range(count)) + ")"
+    return f"_BOOLEANS[{count}]" + "".join(f"[_v{i}]" for i in range(count))
 
 
 class _Pending:
@@ -910,20 +929,17 @@ class CompiledCondition:
         "_values",
         "_plan",
         "_time",
-        "item_kind",
+        "_kind",
         "reads",
         "text",
         "uses_collections",
-        "uses_item",
-        "uses_time",
     )
 
     text: str
     reads: frozenset[FactRef]
-    uses_time: bool
-    item_kind: str | None
-    uses_item: bool
     uses_collections: bool
+    _kind: tuple[str | None, bool, bool]
+    """``(item_kind, uses_item, uses_time)``, one tuple for all equal ones."""
     _plan: _Plan
     _compiled: _Run | _Pending | None
     _values: tuple[Any, ...]
@@ -949,9 +965,7 @@ class CompiledCondition:
         values = {
             "text": text,
             "reads": reads,
-            "uses_time": uses_time,
-            "item_kind": item_kind,
-            "uses_item": uses_item,
+            "_kind": _shared((item_kind, uses_item, uses_time)),
             "uses_collections": uses_collections,
             "_plan": plan,
             # The syntax tree is most of a condition's memory (several KB): it is not kept.
@@ -970,6 +984,22 @@ class CompiledCondition:
             object.__setattr__(self, name, value)
 
     @property
+    def item_kind(self) -> str | None:
+        """The ``for_each`` kind the condition was compiled for, or None."""
+        return self._kind[0]
+
+    @property
+    def uses_item(self) -> bool:
+        """Whether the condition reads ``item``."""
+        return self._kind[1]
+
+    @property
+    def uses_time(self) -> bool:
+        """Whether the condition calls ``days_since``/``hours_since``/``minutes_since``/
+        ``now``."""
+        return self._kind[2]
+
+    @property
     def _run(self) -> _Run | None:
         """The compiled function (generated on first use; shared by the conditions of one
         shape, called with ``_values``); None when the reference evaluator does all the
@@ -980,13 +1010,13 @@ class CompiledCondition:
     def _compile(self) -> _Run | None:
         """Generate and keep the compiled form (the same on every call: only the first one
         generates). Without one, the lowered clauses are kept for the reference."""
-        leaves = _lowered_leaves(self.text, self.item_kind)
+        leaves, texts, spans = _parse_leaves(self.text, self.item_kind)
         timed = self._time
         sites = None
         if isinstance(timed, tuple):  # the clauses without time sites add none
             sites = _find_time_sites(tuple(leaves[index] for index in timed))
-        texts = _clause_texts(self.text, self.item_kind)
-        compiled = _compile_clauses(_Source(self.text), leaves, self._plan, texts, sites)
+        source = _Source(self.text)
+        compiled = _compile_clauses(source, leaves, self._plan, texts, spans, sites)
         time_code = None
         if compiled is None:
             object.__setattr__(self, "_values", leaves)
@@ -1020,8 +1050,8 @@ class CompiledCondition:
         compiled = self._compiled
         if compiled is None or isinstance(compiled, _Pending):
             return _clause_texts(self.text, self.item_kind)
-        count = _clause_count(self._plan)
-        return tuple(clause.text for clause in self._values[:count])
+        values = self._values
+        return tuple(_clause_text(values, i) for i in range(_clause_count(self._plan)))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"CompiledCondition is immutable (cannot set {name!r})")
@@ -1203,18 +1233,25 @@ def _clause_count(plan: _Plan) -> int:
     return sum(_clause_count(part) for part in plan[1])
 
 
-@functools.lru_cache(maxsize=64)
-def _parsed(text: str, item_kind: str | None) -> tuple[tuple[ast.expr, ...], tuple[str, ...]]:
+def _parse_leaves(
+    text: str, item_kind: str | None
+) -> tuple[tuple[ast.expr, ...], tuple[str, ...], tuple[tuple[int, int], ...]]:
     """The lowered top-level and/or leaves of ``text``, an expression ``compile_condition``
     accepted for ``item_kind`` (so parsing cannot fail here), and their source texts, line
-    breaks collapsed (``_Source.snippet``), each text one object among the conditions
-    sharing it (``_shared``)."""
+    breaks collapsed (``_Source.snippet``), and their (start, end) offsets in ``text``. ``_parsed``
+    keeps the last few; the compiled form, made once
+    per condition, parses without keeping the tree (the first evaluation of 10,000 rules
+    would otherwise keep 64 trees, about 1 MB, beside the plan)."""
     source = _Source(text)
     leaves: list[ast.expr] = []
     _split(_parse(source), leaves)
-    texts = tuple(_shared(source.snippet(leaf)) for leaf in leaves)
+    texts = tuple(source.snippet(leaf) for leaf in leaves)
+    spans = tuple(source.span(leaf) for leaf in leaves)
     bound = _bound_names(item_kind)
-    return tuple(_lower(leaf, bound) for leaf in leaves), texts
+    return tuple(_lower(leaf, bound) for leaf in leaves), texts, spans
+
+
+_parsed = functools.lru_cache(maxsize=64)(_parse_leaves)
 
 
 def _lowered_leaves(text: str, item_kind: str | None = None) -> tuple[ast.expr, ...]:

@@ -155,7 +155,7 @@ import re
 import tokenize
 import warnings
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass
 from datetime import datetime
 from fractions import Fraction
 from typing import Any, Protocol
@@ -381,7 +381,11 @@ class CollectionSeen:
     value: Any
 
 
-@dataclass(frozen=True, slots=True)
+_NO_SEEN: Mapping[str, Any] = {}
+"""``Evaluation``'s default ``seen`` (never handed out: each evaluation gets a dict of its
+own)."""
+
+
 class Evaluation:
     """The outcome of evaluating a condition.
 
@@ -399,14 +403,126 @@ class Evaluation:
     The facts a collection goes over are not in ``seen``: ``collections`` holds, for each
     collection the evaluation completed, in source order, a ``CollectionSeen`` (counts
     and ids).
+
+    Immutable, compared and shown as a frozen dataclass of the six fields (``value``,
+    ``clauses``, ``missing``, ``error``, ``seen``, ``collections``) would be. The compiled
+    form keeps a common evaluation's clauses as their values beside its condition's
+    clause texts (no ``Clause`` objects per condition, nor per evaluation): ``clauses``
+    makes them when first read.
     """
 
+    __slots__ = ("_clauses", "_texts", "collections", "error", "missing", "seen", "value")
+    __match_args__ = ("value", "clauses", "missing", "error", "seen", "collections")
+
     value: bool
-    clauses: tuple[Clause, ...]
-    missing: tuple[str, ...] = ()
-    error: str | None = None
-    seen: Mapping[str, Any] = field(default_factory=dict)
-    collections: tuple[CollectionSeen, ...] = ()
+    missing: tuple[str, ...]
+    error: str | None
+    seen: Mapping[str, Any]
+    collections: tuple[CollectionSeen, ...]
+    _clauses: tuple[Any, ...]
+    """The ``Clause`` objects, or (``_texts`` not None) the clauses' values, True or False."""
+    _texts: tuple[Any, ...] | None
+    """None, or a compiled condition's values, which give the clauses' texts
+    (``_clause_text``), their values being ``_clauses``; no missing name, no error."""
+
+    def __init__(
+        self,
+        value: bool,
+        clauses: tuple[Clause, ...],
+        missing: tuple[str, ...] = (),
+        error: str | None = None,
+        seen: Mapping[str, Any] = _NO_SEEN,
+        collections: tuple[CollectionSeen, ...] = (),
+    ) -> None:
+        _set_evaluation(self, value, clauses, missing, error, seen, collections)
+
+    @property
+    def clauses(self) -> tuple[Clause, ...]:
+        """The clauses (top-level and/or leaves), in source order, with their values."""
+        texts = self._texts
+        if texts is None:
+            return self._clauses
+        clauses = tuple(
+            Clause(_clause_text(texts, i), value) for i, value in enumerate(self._clauses)
+        )
+        _EVALUATION_SLOTS["_clauses"](self, clauses)  # made once
+        _EVALUATION_SLOTS["_texts"](self, None)
+        return clauses
+
+    def with_seen(self, seen: Mapping[str, Any]) -> Evaluation:
+        """This evaluation with ``seen`` in place of its own (an equal mapping kept by
+        another evaluation: evaluations that read the same facts may share one)."""
+        other: Evaluation = object.__new__(Evaluation)
+        for name in Evaluation.__slots__:
+            _EVALUATION_SLOTS[name](other, getattr(self, name))
+        _EVALUATION_SLOTS["seen"](other, seen)
+        return other
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.value, self.clauses, self.missing, self.error, self.seen, self.collections)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Evaluation)
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return (
+            f"Evaluation(value={self.value!r}, clauses={self.clauses!r}, "
+            f"missing={self.missing!r}, error={self.error!r}, seen={self.seen!r}, "
+            f"collections={self.collections!r})"
+        )
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[type[Evaluation], tuple[Any, ...]]:
+        return (Evaluation, self._fields())
+
+
+def _clause_text(values: tuple[Any, ...], index: int) -> str:
+    """The text of clause ``index`` of a compiled condition whose values are ``values``:
+    ``values[0]`` is the condition's text, then two items per clause, ``(start, end)``,
+    the clause's offsets in that text, or ``(text, None)`` when the clause's text is not
+    a plain slice of it (line breaks collapsed, see ``_Source.snippet``)."""
+    first = values[1 + 2 * index]
+    if type(first) is str:
+        return first
+    end: int = values[2 + 2 * index]
+    text: str = values[0][first:end]
+    return text
+
+
+_EVALUATION_SLOTS: dict[str, Callable[[Evaluation, Any], None]] = {
+    name: Evaluation.__dict__[name].__set__ for name in Evaluation.__slots__
+}
+"""The setter of each slot of ``Evaluation`` (whose ``__setattr__`` refuses)."""
+
+
+def _set_evaluation(
+    evaluation: Evaluation,
+    value: bool,
+    clauses: tuple[Clause, ...],
+    missing: tuple[str, ...],
+    error: str | None,
+    seen: Mapping[str, Any],
+    collections: tuple[CollectionSeen, ...],
+) -> None:
+    slots = _EVALUATION_SLOTS
+    slots["value"](evaluation, value)
+    slots["_clauses"](evaluation, clauses)
+    slots["_texts"](evaluation, None)
+    slots["missing"](evaluation, missing)
+    slots["error"](evaluation, error)
+    slots["seen"](evaluation, {} if seen is _NO_SEEN else seen)
+    slots["collections"](evaluation, collections)
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,8 +541,14 @@ class Condition(Protocol):
 
     text: str
     reads: frozenset[FactRef]
-    uses_time: bool
-    uses_item: bool
+
+    @property
+    def uses_time(self) -> bool:
+        """Whether it calls ``days_since``/``hours_since``/``minutes_since``/``now``."""
+
+    @property
+    def uses_item(self) -> bool:
+        """Whether it reads ``item`` (the current item of a per-item rule)."""
 
     def evaluate(
         self, facts: FactLookup, now: datetime, item: Item | None = None

@@ -72,6 +72,7 @@ from gatekeeper.rules.model import (
     RuleMode,
     Ruleset,
     SetFactAction,
+    kept_source,
     pack_data,
     pack_text,
     unpack_text,
@@ -683,7 +684,85 @@ def _check_file(name: str, text: str, digest: str) -> CheckedFile:
         return CheckedFile(name, pack_text(text), digest, (), (problem,))
 
 
+CHUNK_RULES = 64
+"""A long list of rules (``CHUNK_MIN_CHARS`` characters or more) is parsed and checked
+this many rules at a time (``_chunks``): the YAML node tree of a part, not of the whole
+file, lives at once (about 8 KB per rule of a few lines: 8 MB for a file of 1,000 rules,
+which would stay in the process's memory, reused but never returned)."""
+CHUNK_MIN_CHARS = 32 * 1024
+
+_ITEM_START = re.compile(r"^-(?=[ \t\r\n]|$)", re.MULTILINE)
+"""A line starting an item of a list at column 0 (``- id: ...``, or ``-`` alone)."""
+_DOCUMENT_LINE = re.compile(r"^(?:%|---|\.\.\.)", re.MULTILINE)
+"""A directive, or a document start or end marker."""
+_FIRST_LINE = re.compile(r"(?:[ \t]*(?:#[^\n]*)?\n)*-(?=[ \t\r\n]|$)")
+"""Blank and comment lines, then an item of a list at column 0."""
+_OTHER_BREAKS = ("\x85", "\u2028", "\u2029")
+"""Line breaks YAML 1.1 knows besides ``\n`` and ``\r\n``."""
+
+
+def _chunks(text: str) -> list[tuple[int, str]] | None:
+    """``[(lines before it, text)]``: a long rule file that is a plain list of rules at
+    column 0, cut before every ``CHUNK_RULES``-th item, each part a list of rules of its
+    own; None for a short file, one of fewer items, or one whose parts might not mean what
+    they mean in the whole: anchors (``&``: an alias could reach across parts, and the
+    limit on what aliases expand is per document), directives, several documents, line
+    breaks other than ``\n`` and ``\r\n``. A part cut inside a quoted or flow scalar
+    does not parse, and the caller then checks the file whole."""
+    if len(text) < CHUNK_MIN_CHARS or "&" in text or not _FIRST_LINE.match(text):
+        return None
+    if text.count("\r") != text.count("\r\n") or any(c in text for c in _OTHER_BREAKS):
+        return None
+    if _DOCUMENT_LINE.search(text):
+        return None
+    starts = [match.start() for match in _ITEM_START.finditer(text)][::CHUNK_RULES]
+    if len(starts) < 2:
+        return None
+    starts[0] = 0  # the comments before the first rule go with it
+    ends = [*starts[1:], len(text)]
+    chunks = []
+    lines = 0
+    for start, end in zip(starts, ends, strict=True):
+        chunks.append((lines, text[start:end]))
+        lines += text.count("\n", start, end)
+    return chunks
+
+
+def _check_chunked(name: str, text: str, digest: str) -> CheckedFile | None:
+    """The checked file of a long list of rules (see ``_chunks``), parsed and checked a
+    part at a time, when every part is a list of rules without any problem; else None
+    (the caller checks the file whole: its problems are found, worded and located as
+    always)."""
+    chunks = _chunks(text)
+    if chunks is None:
+        return None
+    built: list[Rule] = []
+    for lines, chunk in chunks:
+        doc, problems = parse_document(chunk, name, _rule_id_of)
+        if doc is None or problems or not isinstance(doc.data, list):
+            return None
+        if schema_problems(doc, RULES_SCHEMA, _rule_id_of):
+            return None
+        candidates = []
+        for index, item in enumerate(doc.data):
+            if not isinstance(item, dict):
+                return None
+            candidate = _Candidate(doc, (index,), item)
+            _check_rule(candidate)
+            if candidate.problems:
+                return None
+            candidates.append(candidate)
+        for candidate in candidates:
+            line = lines + doc.position(candidate.prefix)[0]
+            built.append(_build_rule(candidate, pack_data(candidate.data), line))
+        del doc, candidates  # this part's node tree goes before the next is made
+    return CheckedFile(name, pack_text(text), digest, (), (), tuple(built), True)
+
+
 def _check_file_contents(name: str, text: str, digest: str) -> CheckedFile:
+    chunked = _check_chunked(name, text, digest)
+    if chunked is not None:
+        return chunked
     doc, problems = parse_document(text, name, _rule_id_of)
     if doc is None:
         return CheckedFile(name, pack_text(text), digest, (), tuple(problems))
@@ -725,6 +804,21 @@ def _built_rule(candidate: _Candidate) -> Rule:
     """The ``Rule`` of ``candidate`` in a file without problems."""
     line = candidate.doc.position(candidate.prefix)[0]
     return _build_rule(candidate, pack_data(candidate.data), line)
+
+
+_LINES: dict[int, int] = {}
+"""Rules' line numbers met lately: one ``int`` object for the rules at one line of
+different files (Python keeps one only up to 256)."""
+
+
+def _shared_line(line: int) -> int:
+    """``line``, or the equal ``int`` kept before (see ``_LINES``)."""
+    found = _LINES.get(line)
+    if found is None:
+        if len(_LINES) >= 8192:
+            _LINES.clear()
+        _LINES[line] = found = line
+    return found
 
 
 _PREFIXES: dict[PathParts, PathParts] = {}
@@ -1210,6 +1304,7 @@ def _build_rule(candidate: _Candidate, source: Mapping[str, Any], line: int) -> 
     kept (packed), ``line`` where it starts (1-based)."""
     data = candidate.data
     assert candidate.condition is not None  # set by _check_when for every valid rule
+    kept = kept_source(source, data["id"], candidate.condition.text)
     return Rule(
         id=data["id"],
         project=sys.intern(data["project"]),
@@ -1220,8 +1315,8 @@ def _build_rule(candidate: _Candidate, source: Mapping[str, Any], line: int) -> 
         approvals=_build_approvals(data.get("approvals")),
         content_hash=rule_content_hash(data),
         file=candidate.doc.file,
-        line=line,
-        source=source,
+        line=_shared_line(line),
+        kept_source=kept,
         for_each=_shared(data.get("for_each")),
         mode=cast(RuleMode, data.get("mode", "live")),
     )

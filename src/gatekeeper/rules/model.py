@@ -160,6 +160,15 @@ class PackedData(Mapping[str, Any]):
         return f"PackedData({self.unpacked()!r})"
 
 
+def kept_source(data: Mapping[str, Any], rule_id: str, when: str) -> Mapping[str, Any] | bytes:
+    """What a ``Rule`` of id ``rule_id`` and condition text ``when`` keeps of its data
+    (``Rule.kept_source``): the packed bytes of ``data`` when it is a ``PackedData`` of
+    that id and text, else ``data``."""
+    if isinstance(data, PackedData) and data._id is rule_id and data._when is when:
+        return data._packed
+    return data
+
+
 _last_unpacked: tuple[object, dict[str, Any]] = (None, {})
 """The ``PackedData`` last unpacked and its data (read and replaced as one tuple). Its
 values are handed out by ``PackedData.__getitem__``: a caller that changed one would see
@@ -291,13 +300,27 @@ class Rule:
     content_hash: str
     file: str
     line: int
-    source: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    kept_source: Mapping[str, Any] | bytes = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
+    """The rule's data as written (``source``) as the loader keeps it: a mapping, or the
+    packed bytes of a ``PackedData`` whose ``id`` and ``when`` are the rule's id and its
+    condition's text (rules written from one template share those bytes: no object of
+    its own per rule)."""
     for_each: str | None = None
     """A per-item rule: the fact kind whose every fact is an instance of the rule (its id is
     the instance's item id); None for a rule with one instance (item id ``""``)."""
     mode: RuleMode = "live"
     """As written (``RuleMode``); the mode a rule runs in also depends on the two-person
     rule for money rules (``gatekeeper.engine.signoffs.effective_mode``)."""
+
+    @property
+    def source(self) -> Mapping[str, Any]:
+        """The rule's data as written: a read-only mapping (see ``PackedData``)."""
+        kept = self.kept_source
+        if isinstance(kept, bytes):
+            return PackedData(kept, self.id, self.condition.text)
+        return kept
 
     @property
     def release(self) -> ReleaseAction | None:
