@@ -86,9 +86,11 @@ log = logging.getLogger("gatekeeper.runtime.ingest")
 MAX_GROUP_COMMIT = 256
 """At most this many fact batches share one transaction."""
 
-RELOAD_AFTER_FACTS = 100_000
+RELOAD_AFTER_FACTS = 10_000
 """A catch-up that would read more fact log entries than this loads the whole state
-instead (a daemon that was cut off for long: the current facts are fewer than the log)."""
+instead (a daemon that was cut off for long). Measured on PostgreSQL 15 with 20,000 facts
+of a per-item rule: catching up on all of them took about 0.7 s, loading them 0.45 s;
+catching up on one commit about 1 ms."""
 
 REPLANS = 10
 """How many times a write refused because memory was behind (or planned with a replaced
@@ -360,7 +362,17 @@ class Writer:
             metrics.catch_up_seconds.observe(time.perf_counter() - started)
             return True
         changes = await self.store.state_changes(fence.cursor)
-        self._apply_changes(changes)
+        try:
+            self._apply_changes(changes)
+        except Exception:  # the database is the truth: memory is rebuilt from it
+            log.critical(
+                "applying what other daemons committed in memory failed; reloading the "
+                "daemon's state from the database",
+                exc_info=True,
+            )
+            await self._reload_state()
+            self.counters.labelled(metrics.catch_ups, "reload").inc()
+            return True
         fence.cursor = changes.cursor
         self.counters.labelled(metrics.catch_ups, "incremental").inc()
         metrics.catch_up_seconds.observe(time.perf_counter() - started)
