@@ -224,6 +224,40 @@ async def test_releases_on_one_escrow_decided_by_two_daemons_never_exceed_its_li
     assert account["released"] == "14000.00" and account["remaining"] == "6000.00", account
 
 
+async def test_a_cancel_on_one_daemon_fires_the_release_another_daemon_blocked(
+    tmp_path: Path, receiver: Receiver, start_daemon: Any, postgres_url: str
+) -> None:
+    """A decides a release (the bank refuses it until it is dead) and blocks a second one
+    that does not fit; an admin cancels the first on B, whose memory has seen neither (no
+    deadline loop or follower pass meanwhile): the cancel's return is refused as behind, B
+    catches up and plans it again, and the blocked release fires in the cancel's own
+    write."""
+    rules = {f"pay{n}.yaml": _release_rule(n, "15000.00") for n in range(2)}
+    gk_a, gk_b = await two_daemons(tmp_path, receiver, start_daemon, postgres_url, rules, tick_s=60)
+    receiver.path_responses["/bank"] = [503, 503, 503]  # max_attempts 3: a dead letter
+    assert (await gk_a.post("/v1/facts", fact("invoice", "i0", status="due")))[0] == 200
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        _, dead = await gk_a.get("/v1/actions?status=dead")
+        if dead["actions"]:
+            break
+        await asyncio.sleep(0.05)
+    [first] = [a["action_id"] for a in dead["actions"]]
+    assert (await gk_a.post("/v1/facts", fact("invoice", "i1", status="due")))[0] == 200
+    assert [o for o, _ in fired(postgres_url, "tower-a/pay-1")] == ["blocked"]
+    status, body = await gk_b.post(f"/v1/actions/{first}/cancel", {"reason": "wrong payee"})
+    assert status == 200, body
+    assert [o for o, _ in fired(postgres_url, "tower-a/pay-1")] == ["blocked", "fired"]
+    _, samples = await scrape(gk_b.daemon)
+    assert value(samples, "gatekeeper_commits_behind_total") >= 1
+    await receiver.wait_for(4)
+    await settle()
+    assert releases_by_id(receiver)[first] == 3 and len(releases_by_id(receiver)) == 2
+    _, escrows = await gk_a.get("/v1/escrows")
+    [account] = escrows["escrows"]
+    assert (account["released"], account["remaining"]) == ("15000.00", "5000.00"), account
+
+
 async def test_approvals_and_admin_acts_on_one_daemon_count_in_the_others_decisions(
     tmp_path: Path, receiver: Receiver, start_daemon: Any, postgres_url: str
 ) -> None:

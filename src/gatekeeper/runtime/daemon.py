@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,7 +55,7 @@ from gatekeeper.runtime.outage import RETRY_AFTER_S, StoreOutage
 from gatekeeper.runtime.rulesets import Rulesets, StartupError
 from gatekeeper.runtime.ticker import Ticker
 from gatekeeper.store import Store, database_name, store_for
-from gatekeeper.store.errors import ADVICE, StateBehind, StoreError, StoreUnavailable
+from gatekeeper.store.errors import ADVICE, StoreError, StoreUnavailable
 from gatekeeper.store.queries import AuditQuery, Projects
 from gatekeeper.store.records import (
     ActionStatus,
@@ -71,6 +71,7 @@ from gatekeeper.store.records import (
     SettlementCallback,
     SettlementResult,
     ShadowedReleases,
+    StateFence,
     StoredDecision,
     StoredFact,
     StoredRuleset,
@@ -361,19 +362,18 @@ class Daemon:
         writer = self.writer
         async with writer.lock:  # the book changes with the commit, between writes
             record = await self.store.release_record(action_id)
-            for attempt in itertools.count():
+
+            async def cancel(
+                fence: StateFence | None,
+            ) -> tuple[tuple[OutboxEntry, list[LedgerMovement]] | None, Transition | None]:
                 now = self.clock.now()
                 then = None
-                if record is not None:
+                if record is not None:  # planned on the latest state: checked
                     then = writer.plan_return(record.escrow, record.amount, now)
-                try:  # checked on a shared database: the return planned on the latest state
-                    cancelled = await self.store.cancel_release(
-                        CancelRequest(action_id, now, actor, reason, then), fence=writer.fence
-                    )
-                    break
-                except StateBehind as exc:
-                    await writer.behind(exc)
-                    writer.replan(exc, attempt)
+                request = CancelRequest(action_id, now, actor, reason, then)
+                return await self.store.cancel_release(request, fence=fence), then
+
+            cancelled, then = await writer.checked(cancel)
             if cancelled is None:
                 return None
             entry, movements = cancelled
@@ -431,15 +431,18 @@ class Daemon:
         ``Conflict`` (not sent, or settled the other way)."""
         writer = self.writer
         async with writer.lock:
-            for attempt in itertools.count():
-                try:  # checked on a shared database: a return planned on the latest state
-                    result, then, alert = await self._settle(
-                        target, release_id, outcome, reference, reason, webhook_id, body_sha256
-                    )
-                    break
-                except StateBehind as exc:
-                    await writer.behind(exc)
-                    writer.replan(exc, attempt)
+            result, then, alert = await writer.checked(
+                functools.partial(
+                    self._settle,
+                    target,
+                    release_id,
+                    outcome,
+                    reference,
+                    reason,
+                    webhook_id,
+                    body_sha256,
+                )
+            )
             if result is None:
                 return None
             self._give_back(result.movements, then)
@@ -468,11 +471,12 @@ class Daemon:
         reason: str | None,
         webhook_id: str,
         body_sha256: str,
+        fence: StateFence | None,
     ) -> tuple[SettlementResult | None, Transition | None, QueuedAction | None]:
         """With the writer's lock held: plan what the settlement decides (a failure's
         return: ``Writer.plan_return``; the alert) and record it (``Store.settle_release``,
-        checked against the writer's fence). Returns the result, the transition the return
-        decided and the alert queued. Raises as ``settle`` does, and ``StateBehind``."""
+        checked against ``fence``). Returns the result, the transition the return decided
+        and the alert queued. Raises as ``settle`` does, and ``StateBehind``."""
         now = self.clock.now()  # under the lock: the writes' times follow their order
         release = await self.store.get_action(release_id)
         alert = then = None
@@ -515,7 +519,7 @@ class Daemon:
                 alert,
                 then,
             ),
-            fence=self.writer.fence,
+            fence=fence,
         )
         return result, then, alert
 

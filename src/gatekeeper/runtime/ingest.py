@@ -49,7 +49,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -82,6 +82,8 @@ from gatekeeper.store.errors import RulesetChanged, StateBehind, StoreUnavailabl
 from gatekeeper.store.records import CaughtUpDecision, StateChanges, StateFence
 
 log = logging.getLogger("gatekeeper.runtime.ingest")
+
+T = TypeVar("T")
 
 MAX_GROUP_COMMIT = 256
 """At most this many fact batches share one transaction."""
@@ -767,6 +769,20 @@ class Writer:
         )
         self.counters.planned("approval", t0, len(transition.decisions))
         return transition
+
+    async def checked(self, write: Callable[[StateFence | None], Awaitable[T]]) -> T:
+        """Run a deciding write that commits through the store itself (a ruleset's
+        activation, a cancel, a settlement): ``write(fence)`` plans with memory as it is and
+        commits checked against ``fence`` (None: unchecked, SQLite); refused as behind,
+        memory catches up and ``write`` runs again (``replan``). Call with ``lock`` held;
+        raises what ``write`` raises but ``StateBehind``."""
+        for attempt in itertools.count():
+            try:
+                return await write(self.fence)
+            except StateBehind as exc:
+                await self.behind(exc)
+                self.replan(exc, attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def decide(self, plan: Callable[[], Transition]) -> tuple[Transition, list[int]]:
         """Commit what ``plan()`` plans with memory as it is, and apply it; planned again

@@ -63,7 +63,6 @@ import asyncio
 import contextlib
 import functools
 import gc
-import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -82,7 +81,7 @@ from gatekeeper.config import (
 )
 from gatekeeper.engine.evaluate import Engine, releases_from
 from gatekeeper.engine.ledger import EscrowBook
-from gatekeeper.engine.model import RuleState
+from gatekeeper.engine.model import RuleState, Transition
 from gatekeeper.metrics import Metrics
 from gatekeeper.problems import Problem
 from gatekeeper.rules.loader import LoadResult, RuleFileCache, load_rule_texts, load_rules_dir
@@ -90,7 +89,8 @@ from gatekeeper.rules.model import Rule, Ruleset
 from gatekeeper.runtime.hooks import hook_problems
 from gatekeeper.runtime.ingest import Writer, log_firings
 from gatekeeper.runtime.ticker import Ticker
-from gatekeeper.store.errors import StateBehind, StoreError
+from gatekeeper.store.errors import StoreError
+from gatekeeper.store.records import StateFence
 
 log = logging.getLogger("gatekeeper.runtime.rulesets")
 
@@ -254,7 +254,10 @@ class Rulesets:
                 ruleset, config, new_action_id=self.new_action_id, signed=writer.signed
             )
             escrows = changed_escrows(self.config, config)
-            for attempt in itertools.count():
+
+            async def plan_and_commit(
+                fence: StateFence | None,
+            ) -> tuple[Transition, EscrowBook, list[Rule]]:
                 book = EscrowBook(config.escrows, writer.book.committed)
                 changed = changed_rules(ruleset, writer.engine, writer.states, escrows)
                 t0 = time.perf_counter()
@@ -271,15 +274,13 @@ class Rulesets:
                 )
                 writer.counters.planned("reload", t0, len(changed))
                 transition.ruleset = ruleset
-                try:
-                    if writer.fence is None:  # one daemon per database: nothing to check
-                        await writer.store.commit_transition(transition)
-                    else:  # checked: planned on the latest committed state
-                        await writer.store.commit_transitions([transition], fence=writer.fence)
-                    break
-                except StateBehind as exc:
-                    await writer.behind(exc)
-                    writer.replan(exc, attempt)
+                if fence is None:  # one daemon per database: nothing to check
+                    await writer.store.commit_transition(transition)
+                else:  # planned on the latest committed state: checked
+                    await writer.store.commit_transitions([transition], fence=fence)
+                return transition, book, changed
+
+            transition, book, changed = await writer.checked(plan_and_commit)
             self.config = config
             self.secrets = secrets if secrets is not None else self.secrets
             writer.book = book
