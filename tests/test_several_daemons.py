@@ -185,11 +185,11 @@ async def test_a_deadline_fires_once_with_two_daemons_ticking(
     gk_a, gk_b = await two_daemons(
         tmp_path, receiver, start_daemon, postgres_url, {"hold.yaml": HOLD_RULE}
     )
-    approved_at = datetime.now(UTC) - timedelta(seconds=58)
+    approved_at = datetime.now(UTC) - timedelta(seconds=56)  # due in 4 s
     milestone = fact("milestone", "hold", status="approved", approved_at=approved_at.isoformat())
     assert (await gk_a.post("/v1/facts", milestone))[0] == 200
     key = ("tower-a/hold-release", "")
-    deadline = time.monotonic() + 1.5  # B's deadline loop catches up on A's decision
+    deadline = time.monotonic() + 3  # B's deadline loop catches up on A's decision
     while gk_b.daemon.ticker.deadlines.due_at(key) is None and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert gk_b.daemon.ticker.deadlines.due_at(key) is not None  # both loops wait for it
