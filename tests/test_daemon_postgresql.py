@@ -84,74 +84,121 @@ async def test_a_month_recorded_on_postgresql_is_reproduced_by_the_self_check(
     await gk.stop()
 
 
-async def test_a_second_daemon_on_the_database_is_refused_naming_the_first(
+async def test_daemons_serve_one_database_side_by_side_and_an_older_one_is_refused(
     project_factory: Callable[..., Project],
     receiver: Receiver,
     start_daemon: Any,
     postgres_url: str,
 ) -> None:
-    """One daemon decides on a database at a time: a second one started on it is refused
-    (its decisions would not see the first one's), the first goes on serving, and once it
-    stops a daemon starts there again."""
+    """Two daemons start on one database and both serve it (what one decided, the other
+    knows at its next decision). A gatekeeper of before, which decides alone (it holds the
+    daemon lock exclusive), is never started beside them, and a daemon is refused beside
+    it, naming it."""
     from gatekeeper.store.errors import DatabaseInUse
+    from gatekeeper.store.postgresql import DAEMON_LOCK_KEY
 
     project = on_postgres(project_factory(receiver.url), postgres_url)
     project.write_rule("design.yaml", DESIGN_RULE)
     first = await start_daemon(project)
-    with pytest.raises(DatabaseInUse) as refused:
-        await start_daemon(project)
-    message = str(refused.value)
-    assert "served by another gatekeeper daemon (gatekeeper " in message, message
-    assert f":{os.getpid()} from " in message, message  # the holder's host:pid
-    status, body = await first.post("/v1/facts", {"facts": [APPROVED, QA_PASSED]})
+    second = await start_daemon(project)
+    status, body = await second.post("/v1/facts", {"facts": [APPROVED, QA_PASSED]})
     assert (status, body["accepted"]) == (200, 2), body
+    status, body = await first.post("/v1/facts", {"facts": [APPROVED, QA_PASSED]})
+    assert status == 200, body
+    _, rule = await first.get("/v1/rules/tower-a/design-release")
+    assert rule["fired_count"] == 1  # the second's firing, known to the first
+    with psycopg.connect(postgres_url, autocommit=True) as older:
+        locked = older.execute(f"SELECT pg_try_advisory_lock(({DAEMON_LOCK_KEY}))")
+        assert locked.fetchone()[0] is False  # not beside serving daemons
     await first.stop()
+    await second.stop()
+
+    older = psycopg.connect(
+        postgres_url, autocommit=True, application_name=f"gatekeeper older:{os.getpid()}"
+    )
+    try:
+        alone = f"SELECT pg_try_advisory_lock(({DAEMON_LOCK_KEY}))"
+        for _ in range(50):  # the stopped daemons' sessions end on the server's side
+            if older.execute(alone).fetchone()[0]:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the daemon lock was not freed once both daemons stopped")
+        with pytest.raises(DatabaseInUse) as refused:
+            await start_daemon(project)
+        message = str(refused.value)
+        assert f"(schema in use: gatekeeper older:{os.getpid()} from " in message, message
+        assert "decides alone" in message, message
+    finally:
+        older.close()
     again = await start_daemon(project)
     _, rule = await again.get("/v1/rules/tower-a/design-release")
     assert rule["fired_count"] == 1
 
 
-async def test_the_lock_is_per_schema_and_taken_again_after_a_broken_connection(
+async def test_the_lock_is_shared_per_schema_and_taken_again_after_a_broken_connection(
     postgres_url: str,
 ) -> None:
-    """Two schemas of one database do not exclude each other. A writer whose session the
-    server ended (its lock went with it) takes the lock again before its next write; when
-    another daemon took it meanwhile, the write is refused (DatabaseInUse) and writes
-    nothing, however often it is tried."""
+    """Serving stores share the schema's daemon lock; a session wanting it alone (a
+    migration, a copy) is refused while they hold it; another schema has its own. A writer
+    whose session the server ended (its share went with it) takes its share again before
+    its next write, unless a session holds the lock alone meanwhile: then the write is
+    refused (DatabaseInUse), writing nothing."""
     from gatekeeper.store import open_store
     from gatekeeper.store.errors import DatabaseInUse, StoreUnavailable
+    from gatekeeper.store.postgresql import DAEMON_LOCK_KEY
 
     from .pg import scratch_database
 
+    here = (
+        "locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+
+    def holders(db: psycopg.Connection[Any]) -> int:
+        [(count,)] = db.execute(
+            f"SELECT COUNT(*) FROM pg_locks WHERE {here} AND mode = 'ShareLock'"
+        ).fetchall()
+        return int(count)
+
     first = await open_store(postgres_url)
     second = await open_store(postgres_url)
+    admin = psycopg.connect(postgres_url, autocommit=True)
     try:
         await first.hold_daemon_lock()
-        with pytest.raises(DatabaseInUse):
-            await second.hold_daemon_lock()
-        with scratch_database() as elsewhere:
-            other = await open_store(elsewhere)
-            try:
-                await other.hold_daemon_lock()  # another schema: its own lock
-            finally:
-                await other.close()
+        await second.hold_daemon_lock()  # side by side
+        assert holders(admin) == 2
+        alone = f"SELECT pg_try_advisory_lock(({DAEMON_LOCK_KEY}))"
+        assert admin.execute(alone).fetchone()[0] is False
+        with scratch_database() as elsewhere, psycopg.connect(elsewhere) as other:
+            assert other.execute(alone).fetchone()[0] is True  # another schema: its own
 
         assert await first.purge_idempotency_keys(NOW) == 0  # writes while it holds
-        with psycopg.connect(postgres_url, autocommit=True) as db:
-            [(pid,)] = db.execute(
-                "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
-                " AND datname = current_database() AND backend_type = 'client backend'"
-                " AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory')"
-            ).fetchall()
-            db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        [(pid,)] = admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+            " AND datname = current_database() AND backend_type = 'client backend'"
+            " AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory')"
+            " ORDER BY backend_start LIMIT 1"
+        ).fetchall()
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))  # the first's writer
         await asyncio.sleep(0.2)
-        await second.hold_daemon_lock()  # the first's session ended: free
         with pytest.raises(StoreUnavailable):  # the write that meets the broken session
             await first.purge_idempotency_keys(NOW)
-        for _ in range(2):
-            with pytest.raises(DatabaseInUse):
-                await first.purge_idempotency_keys(NOW)
-        assert await second.purge_idempotency_keys(NOW) == 0
+        assert await first.purge_idempotency_keys(NOW) == 0  # its share taken again
+        assert holders(admin) == 2
+
+        await second.close()
+        [(pid,)] = admin.execute(f"SELECT pid FROM pg_locks WHERE {here}").fetchall()
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        await asyncio.sleep(0.2)
+        assert admin.execute(alone).fetchone()[0] is True  # a migration holds it alone
+        with pytest.raises(StoreUnavailable):
+            await first.purge_idempotency_keys(NOW)
+        with pytest.raises(DatabaseInUse):  # after waiting for it LOCK_TIMEOUT_MS
+            await first.purge_idempotency_keys(NOW)
+        admin.execute(f"SELECT pg_advisory_unlock(({DAEMON_LOCK_KEY}))")
+        assert await first.purge_idempotency_keys(NOW) == 0
     finally:
+        admin.close()
         await first.close()
         await second.close()

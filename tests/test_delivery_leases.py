@@ -1,10 +1,9 @@
 """A daemon on a PostgreSQL database claims what it sends, with a lease
-(``DeliveryQueue.claim_due``): a daemon taking over from one that died releases the claims
-it left (it holds the one-daemon lock: their holder is gone) and delivers each action once.
-Side by side (two daemons delivering from one outbox, a dead daemon's claims taken over
-when their leases run out) is what the one-daemon lock keeps off until decisions are
-serialised per project: those tests are expected to meet the lock. Real daemons on a real
-server (``tests/pg.py``), a real receiver counting what it got by ``webhook-id``."""
+(``DeliveryQueue.claim_due``): a daemon starting where no other serves releases the claims
+left (no other daemon shares the daemon lock: their holder is gone) and delivers each
+action once; two daemons side by side deliver each action of one outbox once; what a dead
+daemon claimed beside a living one is taken over when its leases run out. Real daemons on a
+real server (``tests/pg.py``), a real receiver counting what it got by ``webhook-id``."""
 
 from __future__ import annotations
 
@@ -17,20 +16,12 @@ from typing import Any
 import pytest
 
 from gatekeeper.store import open_store
-from gatekeeper.store.errors import DatabaseInUse
 
 from .conftest import DEPLOY_RULE, Project, Receiver, fact
 from .test_daemon_postgresql import on_postgres
 from .test_metrics import scrape, value
 
 ACTIONS = 24
-
-SIDE_BY_SIDE = pytest.mark.xfail(
-    strict=True,
-    raises=DatabaseInUse,
-    reason="one daemon decides on a database at a time until decisions are serialised "
-    "per project: the second daemon is refused",
-)
 
 
 async def _queue_undelivered(project: Project, start_daemon: Any) -> Any:
@@ -90,14 +81,13 @@ async def test_a_daemon_taking_over_delivers_what_the_dead_one_claimed_at_once_a
     assert len(claimed) == ACTIONS
     await dead.close()
 
-    survivor = await start_daemon(project)  # takes the lock: the claims' holder is gone
+    survivor = await start_daemon(project)  # alone on the database: the claims' holder is gone
     by_id = await _delivered(receiver, ACTIONS)  # long before the 600 s leases end
     assert len(by_id) == ACTIONS and set(by_id.values()) == {1}, by_id
     await _all_delivered_once(survivor)
     assert await _claims(survivor) == (ACTIONS, 0)  # claimed afresh, none taken over
 
 
-@SIDE_BY_SIDE
 async def test_two_daemons_on_one_database_deliver_each_action_once(
     project: Project, receiver: Receiver, start_daemon: Any
 ) -> None:
@@ -112,7 +102,6 @@ async def test_two_daemons_on_one_database_deliver_each_action_once(
     assert claims_1 + claims_2 == ACTIONS and taken_1 == taken_2 == 0
 
 
-@SIDE_BY_SIDE
 async def test_what_a_dead_daemon_claimed_is_delivered_by_another_after_its_lease(
     project: Project, receiver: Receiver, start_daemon: Any, postgres_url: str
 ) -> None:

@@ -1,8 +1,7 @@
 """The daemons of one PostgreSQL database decide with one active ruleset: a daemon taking
-over on a stale rules directory adopts the version active in the database. Side by side (a
-ruleset one daemon's directory activates adopted by the other on a notification, a batch
-planned with a replaced ruleset planned again) is what the one-daemon lock keeps off until
-decisions are serialised per project: those tests are expected to meet the lock."""
+over on a stale rules directory adopts the version active in the database; side by side, a
+ruleset one daemon's directory activates is adopted by the other on a notification, and a
+batch planned with a replaced ruleset is planned again with the active one."""
 
 from __future__ import annotations
 
@@ -12,23 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from standardwebhooks.webhooks import Webhook
-
-from gatekeeper.store.errors import DatabaseInUse
 
 from .conftest import DESIGN_RULE, SECRET, Project, Receiver, Running, config_text
 from .test_daemon import APPROVED, QA_PASSED
 from .test_daemon_postgresql import on_postgres
 
 ADOPTED = "database (activated by another daemon)"
-
-SIDE_BY_SIDE = pytest.mark.xfail(
-    strict=True,
-    raises=DatabaseInUse,
-    reason="one daemon decides on a database at a time until decisions are serialised "
-    "per project: the second daemon is refused",
-)
 
 
 def deployment(root: Path, receiver_url: str, database: str) -> Project:
@@ -79,7 +68,6 @@ async def test_a_daemon_taking_over_on_a_stale_directory_adopts_the_active_rules
     assert Webhook(SECRET).verify(release.raw, release.headers)["amount"] == "6000.00"
 
 
-@SIDE_BY_SIDE
 async def test_a_ruleset_one_daemon_activates_is_adopted_by_the_other(
     tmp_path: Path, receiver: Receiver, start_daemon: Any, postgres_url: str
 ) -> None:
@@ -117,7 +105,6 @@ async def test_a_ruleset_one_daemon_activates_is_adopted_by_the_other(
     assert (await active_version(gk_a))[0] == new  # and A was not switched back
 
 
-@SIDE_BY_SIDE
 async def test_a_batch_planned_with_a_replaced_ruleset_is_planned_again_with_the_active_one(
     tmp_path: Path, receiver: Receiver, start_daemon: Any, postgres_url: str
 ) -> None:

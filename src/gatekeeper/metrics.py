@@ -114,6 +114,28 @@ class Metrics:
             "(it died or stalled mid-delivery).",
             registry=r,
         )
+        self.commits_behind = Counter(
+            "gatekeeper_commits_behind",
+            "Deciding writes the shared database refused because this daemon's memory was "
+            "behind it (another daemon decided meanwhile): each one caught up and planned "
+            "again.",
+            registry=r,
+        )
+        self.catch_ups = Counter(
+            "gatekeeper_catch_ups",
+            "Times this daemon brought its memory up to the shared database's latest "
+            "committed state, by how: incremental (what was committed since), or reload "
+            "(the whole state read again: a database found older than memory).",
+            ["how"],
+            registry=r,
+        )
+        self.catch_up_seconds = Histogram(
+            "gatekeeper_catch_up_seconds",
+            "How long bringing memory up to the shared database took (reading what changed "
+            "and applying it), when something had changed.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
         self.daemon_info = Gauge(
             "gatekeeper_daemon_info",
             "This daemon: 1, labelled with its daemon_id (unique among the daemons sharing "

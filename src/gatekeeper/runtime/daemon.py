@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from gatekeeper.engine.model import (
     FactInput,
     FactKey,
     IdempotencyRecord,
+    QueuedAction,
     SignOff,
     Transition,
 )
@@ -69,6 +71,7 @@ from gatekeeper.store.records import (
     SettlementCallback,
     SettlementResult,
     ShadowedReleases,
+    StateFence,
     StoredDecision,
     StoredFact,
     StoredRuleset,
@@ -356,17 +359,21 @@ class Daemon:
             raise NotARelease(
                 f"action {action_id} is a {existing.kind} action: only a release can be cancelled"
             )
-        async with self.writer.lock:  # the book changes with the commit, between writes
-            now = self.clock.now()
+        writer = self.writer
+        async with writer.lock:  # the book changes with the commit, between writes
             record = await self.store.release_record(action_id)
-            then = (
-                None
-                if record is None
-                else self.writer.plan_return(record.escrow, record.amount, now)
-            )
-            cancelled = await self.store.cancel_release(
-                CancelRequest(action_id, now, actor, reason, then)
-            )
+
+            async def cancel(
+                fence: StateFence | None,
+            ) -> tuple[tuple[OutboxEntry, list[LedgerMovement]] | None, Transition | None]:
+                now = self.clock.now()
+                then = None
+                if record is not None:  # planned on the latest state: checked
+                    then = writer.plan_return(record.escrow, record.amount, now)
+                request = CancelRequest(action_id, now, actor, reason, then)
+                return await self.store.cancel_release(request, fence=fence), then
+
+            cancelled, then = await writer.checked(cancel)
             if cancelled is None:
                 return None
             entry, movements = cancelled
@@ -422,38 +429,11 @@ class Daemon:
         ``target`` was sent no such release; raises ``KeyReused`` (the webhook-id came
         with another body), ``AttemptInFlight`` (an attempt is in flight: retry) or
         ``Conflict`` (not sent, or settled the other way)."""
-        async with self.writer.lock:
-            now = self.clock.now()  # under the lock: the writes' times follow their order
-            release = await self.store.get_action(release_id)
-            alert = then = None
-            alert_target = self.config.alert_target
-            alert_config = self.config.targets.get(alert_target or "")
-            slack = alert_config is not None and alert_config.format == "slack"
-            cancelled = release is not None and release.status == "cancelled"
-            if release is not None and outcome == "failed" and not cancelled:
-                record = await self.store.release_record(release_id)
-                if record is not None:
-                    then = self.writer.plan_return(record.escrow, record.amount, now)
-                alert = settlement_failed_alert(
-                    release,
-                    reference=reference,
-                    reason=reason,
-                    alert_target=alert_target,
-                    slack=slack,
-                    action_id=self._new_action_id(),
-                    at=now,
-                )
-            elif release is not None and cancelled and outcome == "settled":
-                alert = settled_after_cancel_alert(
-                    release,
-                    reference=reference,
-                    alert_target=alert_target,
-                    slack=slack,
-                    action_id=self._new_action_id(),
-                    at=now,
-                )
-            result = await self.store.settle_release(
-                SettlementCallback(
+        writer = self.writer
+        async with writer.lock:
+            result, then, alert = await writer.checked(
+                functools.partial(
+                    self._settle,
                     target,
                     release_id,
                     outcome,
@@ -461,9 +441,6 @@ class Daemon:
                     reason,
                     webhook_id,
                     body_sha256,
-                    now,
-                    alert,
-                    then,
                 )
             )
             if result is None:
@@ -484,6 +461,67 @@ class Daemon:
                 self.metrics.actions.labels(target=alert.target, status="queued").inc()
                 self.dispatcher.hand_over([alert], None)
         return result
+
+    async def _settle(
+        self,
+        target: str,
+        release_id: str,
+        outcome: Settlement,
+        reference: str,
+        reason: str | None,
+        webhook_id: str,
+        body_sha256: str,
+        fence: StateFence | None,
+    ) -> tuple[SettlementResult | None, Transition | None, QueuedAction | None]:
+        """With the writer's lock held: plan what the settlement decides (a failure's
+        return: ``Writer.plan_return``; the alert) and record it (``Store.settle_release``,
+        checked against ``fence``). Returns the result, the transition the return decided
+        and the alert queued. Raises as ``settle`` does, and ``StateBehind``."""
+        now = self.clock.now()  # under the lock: the writes' times follow their order
+        release = await self.store.get_action(release_id)
+        alert = then = None
+        alert_target = self.config.alert_target
+        alert_config = self.config.targets.get(alert_target or "")
+        slack = alert_config is not None and alert_config.format == "slack"
+        cancelled = release is not None and release.status == "cancelled"
+        if release is not None and outcome == "failed" and not cancelled:
+            record = await self.store.release_record(release_id)
+            if record is not None:
+                then = self.writer.plan_return(record.escrow, record.amount, now)
+            alert = settlement_failed_alert(
+                release,
+                reference=reference,
+                reason=reason,
+                alert_target=alert_target,
+                slack=slack,
+                action_id=self._new_action_id(),
+                at=now,
+            )
+        elif release is not None and cancelled and outcome == "settled":
+            alert = settled_after_cancel_alert(
+                release,
+                reference=reference,
+                alert_target=alert_target,
+                slack=slack,
+                action_id=self._new_action_id(),
+                at=now,
+            )
+        result = await self.store.settle_release(
+            SettlementCallback(
+                target,
+                release_id,
+                outcome,
+                reference,
+                reason,
+                webhook_id,
+                body_sha256,
+                now,
+                alert,
+                then,
+            ),
+            fence=fence,
+        )
+        return result, then, alert
 
     async def escrow_entries(
         self, escrow: str, *, after: int = 0, limit: int = 1000, projects: Projects = None

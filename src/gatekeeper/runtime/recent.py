@@ -4,7 +4,8 @@ Reading "the last 20 decisions of a project" from the audit log is a sort of the
 (decisions of every rule, admin acts and approvals in one union): fine for the API's
 paged audit, too slow for a page that many people keep open while facts pour in. So the
 writer hands every decision it applies to ``RecentDecisions``, which keeps the last
-``KEPT`` of each project (an append to a bounded deque per decision). After a start a
+``KEPT`` of each project (an append to a bounded deque per decision), and so does its
+catch-up with the decisions other daemons sharing the database committed. After a start a
 project's list is seeded once from the store (``seeded``), older entries first.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from gatekeeper.engine.model import Decision
+from gatekeeper.store.records import CaughtUpDecision
 
 KEPT = 50
 """Decisions kept per project."""
@@ -29,8 +31,9 @@ class RecentDecisions:
         self.seeded: set[str] = set()
         """Projects whose list was seeded from the store since the start."""
 
-    def add(self, decisions: Iterable[Decision]) -> None:
-        """Keep ``decisions`` (applied, in the order they were decided)."""
+    def add(self, decisions: Iterable[Decision | CaughtUpDecision]) -> None:
+        """Keep ``decisions``, in the order they were decided: applied by this daemon, or
+        committed by another one sharing the database (a catch-up read them)."""
         for decision in decisions:
             kept = self._by_project.get(decision.project)
             if kept is None:

@@ -38,6 +38,10 @@ daemons share (PostgreSQL, ``Store.shared``) each daemon decides with that versi
   before (a deployment) is activated. An invalid directory: the active version, as on
   SQLite. To go back to an earlier version, change a running daemon's directory to it.
 
+An activation is a deciding write like any other: planned on the latest committed state
+(checked against the database's state version, caught up and planned again when another
+daemon decided meanwhile, see ``gatekeeper.runtime.ingest``).
+
 Every switch is logged with the version and its source (``rules directory``, ``database
 (activated by another daemon)``); ``GET /v1/rules`` shows the version and the source.
 
@@ -77,7 +81,7 @@ from gatekeeper.config import (
 )
 from gatekeeper.engine.evaluate import Engine, releases_from
 from gatekeeper.engine.ledger import EscrowBook
-from gatekeeper.engine.model import RuleState
+from gatekeeper.engine.model import RuleState, Transition
 from gatekeeper.metrics import Metrics
 from gatekeeper.problems import Problem
 from gatekeeper.rules.loader import LoadResult, RuleFileCache, load_rule_texts, load_rules_dir
@@ -86,6 +90,7 @@ from gatekeeper.runtime.hooks import hook_problems
 from gatekeeper.runtime.ingest import Writer, log_firings
 from gatekeeper.runtime.ticker import Ticker
 from gatekeeper.store.errors import StoreError
+from gatekeeper.store.records import StateFence
 
 log = logging.getLogger("gatekeeper.runtime.rulesets")
 
@@ -248,24 +253,34 @@ class Rulesets:
             engine = Engine.for_config(
                 ruleset, config, new_action_id=self.new_action_id, signed=writer.signed
             )
-            book = EscrowBook(config.escrows, writer.book.committed)
             escrows = changed_escrows(self.config, config)
-            changed = changed_rules(ruleset, writer.engine, writer.states, escrows)
-            t0 = time.perf_counter()
-            transition = engine.plan_rules(
-                writer.facts,
-                writer.states,
-                changed,
-                self.clock.now(),
-                "reload",
-                book=book.copy(),
-                approvals=writer.approvals,
-                record_first=False,  # a rule over 100,000 items: states, not decisions
-                retry={rule.id for rule in changed if releases_from(rule, escrows)},
-            )
-            writer.counters.planned("reload", t0, len(changed))
-            transition.ruleset = ruleset
-            await writer.store.commit_transition(transition)
+
+            async def plan_and_commit(
+                fence: StateFence | None,
+            ) -> tuple[Transition, EscrowBook, list[Rule]]:
+                book = EscrowBook(config.escrows, writer.book.committed)
+                changed = changed_rules(ruleset, writer.engine, writer.states, escrows)
+                t0 = time.perf_counter()
+                transition = engine.plan_rules(
+                    writer.facts,
+                    writer.states,
+                    changed,
+                    self.clock.now(),
+                    "reload",
+                    book=book.copy(),
+                    approvals=writer.approvals,
+                    record_first=False,  # a rule over 100,000 items: states, not decisions
+                    retry={rule.id for rule in changed if releases_from(rule, escrows)},
+                )
+                writer.counters.planned("reload", t0, len(changed))
+                transition.ruleset = ruleset
+                if fence is None:  # one daemon per database: nothing to check
+                    await writer.store.commit_transition(transition)
+                else:  # planned on the latest committed state: checked
+                    await writer.store.commit_transitions([transition], fence=fence)
+                return transition, book, changed
+
+            transition, book, changed = await writer.checked(plan_and_commit)
             self.config = config
             self.secrets = secrets if secrets is not None else self.secrets
             writer.book = book
@@ -473,7 +488,9 @@ class Rulesets:
     async def follow(self) -> None:
         """The follower task on a shared database: adopt the active ruleset
         (``follow_active``) at each announced activation and every ``ruleset_check_s``
-        seconds, until ``stop_watching()``. Returns at once on a database not shared."""
+        seconds, and bring memory up to what the other daemons committed
+        (``Writer.catch_up``: the views of a daemon that is not deciding follow within that
+        time), until ``stop_watching()``. Returns at once on a database not shared."""
         if not self.writer.store.shared:
             return
         wake = asyncio.Event()
@@ -486,8 +503,10 @@ class Rulesets:
                 try:
                     async with self._reload_lock:
                         await self.follow_active()
+                    async with self.writer.lock:  # an idle daemon's memory follows too
+                        await self.writer.catch_up()
                 except Exception:
-                    log.exception("adopting the active ruleset failed; trying again")
+                    log.exception("following the database failed; trying again")
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):

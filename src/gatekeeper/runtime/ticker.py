@@ -4,17 +4,25 @@ Each time-dependent rule is scheduled (``engine.deadlines``) at the instant its 
 can next change with the facts as they are; ``Ticker.run`` sleeps until the earliest one (or
 until a new fact moves one earlier), then evaluates the rules that are due, through the
 writer like any other write. An idle daemon does no work and a deadline fires on time.
+
+On a database several daemons share, every daemon's loop schedules every deadline, and
+each pass first catches up with what the others committed (``Writer.catch_up``: their
+decisions reschedule the instances they evaluated), so a deadline fires once across the
+daemons (the first to commit fires it; another one planning the same firing is refused as
+behind, catches up and finds it fired), and fires even when the daemon that saw its facts
+has died.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Sequence
 
-from gatekeeper.clock import Clock
+from gatekeeper.clock import Clock, parse_rfc3339
 from gatekeeper.engine.deadlines import (
     DeadlineSchedule,
     drop_rule,
@@ -28,7 +36,8 @@ from gatekeeper.engine.model import ApprovalStanding, InstanceKey, Transition
 from gatekeeper.metrics import Metrics
 from gatekeeper.rules.model import Rule
 from gatekeeper.runtime.ingest import Writer, log_firings
-from gatekeeper.store.errors import RulesetChanged, StoreUnavailable
+from gatekeeper.store.errors import RulesetChanged, StateBehind, StoreUnavailable
+from gatekeeper.store.records import CaughtUpDecision
 
 log = logging.getLogger("gatekeeper.runtime.ticker")
 
@@ -73,6 +82,34 @@ class Ticker:
             after = deadlines.next_due()
             if after is not None and (before is None or after < before):
                 self._changed.set()
+
+    def caught_up(
+        self,
+        decisions: list[CaughtUpDecision],
+        engine: Engine,
+        facts: FactTable,
+        approvals: ApprovalStanding | None = None,
+    ) -> None:
+        """After a catch-up applied ``decisions`` another daemon committed: reschedule the
+        time-dependent instances they evaluated, each from the instant it was decided at
+        (as ``reschedule`` does from a transition's); wake the loop when the next deadline
+        moved earlier."""
+        time_dependent = engine.time_dependent_ids
+        by_time: dict[str, list[InstanceKey]] = {}
+        for d in decisions:
+            if d.rule_id in time_dependent:
+                by_time.setdefault(d.decided_at, []).append((d.rule_id, d.instance))
+        if not by_time:
+            return
+        deadlines = self.deadlines
+        before = deadlines.next_due()
+        for decided_at, keys in by_time.items():
+            schedule_instances(
+                deadlines, engine.rules, keys, facts, parse_rfc3339(decided_at), approvals
+            )
+        after = deadlines.next_due()
+        if after is not None and (before is None or after < before):
+            self._changed.set()
 
     def all_due(self, engine: Engine, facts: FactTable) -> None:
         """Every instance of every time-dependent rule of ``engine`` is due now (memory was
@@ -130,6 +167,7 @@ class Ticker:
 
     async def _tick(self, writer: Writer) -> Transition:
         async with writer.lock:
+            await writer.catch_up()  # a shared database: what the others decided first
             engine = writer.live_engine()
             now = self.clock.now()
             earliest = self.deadlines.next_due()
@@ -137,22 +175,33 @@ class Ticker:
             if due and earliest is not None:
                 lag_s = max(0.0, (now - earliest).total_seconds())
                 self.metrics.deadline_lag_seconds.observe(lag_s)
-            t0 = time.perf_counter()
-            transition = engine.plan_instances(
-                writer.facts,
-                writer.states,
-                due,
-                now,
-                "time",
-                book=writer.book.copy(),
-                approvals=writer.approvals,
-                record_unchanged=False,
-            )
-            if due:
-                writer.counters.planned("time", t0, len(due))
-            if transition.decisions:
+            for attempt in itertools.count():
+                engine = writer.live_engine()  # another one, once an activation was adopted
+                due = [key for key in due if key[0] in engine.rules]
+                t0 = time.perf_counter()
+                transition = engine.plan_instances(
+                    writer.facts,
+                    writer.states,
+                    due,
+                    now,
+                    "time",
+                    book=writer.book.copy(),
+                    approvals=writer.approvals,
+                    record_unchanged=False,
+                )
+                if due:
+                    writer.counters.planned("time", t0, len(due))
+                if not transition.decisions:
+                    break
                 try:
                     await writer.commit_and_apply([transition])
+                    break
+                except (StateBehind, RulesetChanged) as exc:  # memory is up to date now
+                    try:
+                        writer.replan(exc, attempt)
+                    except BaseException:
+                        mark_due(self.deadlines, due, now)  # not lost: tried again next pass
+                        raise
                 except BaseException:
                     mark_due(self.deadlines, due, now)  # not lost: tried again next pass
                     raise

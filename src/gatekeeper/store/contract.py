@@ -56,6 +56,9 @@ from gatekeeper.store.records import (
     SettlementResult,
     ShadowedReleases,
     StandingApprovals,
+    StateChanges,
+    StateCursor,
+    StateFence,
     StoredDecision,
     StoredFact,
     StoredRuleset,
@@ -84,14 +87,19 @@ class StoreLifecycle(Protocol):
         ...
 
     async def hold_daemon_lock(self) -> None:
-        """Take the database's one-daemon lock for as long as the store is open (the daemon
-        calls it at start): one gatekeeper daemon decides on a database at a time. SQLite:
-        the lock file ``open`` took already (nothing more). PostgreSQL: a session advisory
-        lock on the writer connection, per schema, taken again when that connection is
-        opened again (it went with the old session).
+        """Take the database's daemon lock for as long as the store is open (the daemon
+        calls it at start). SQLite: the lock file ``open`` took already, one daemon per
+        file (nothing more). PostgreSQL (``shared``): a session advisory lock on the
+        writer connection, per schema, SHARED: daemons serve side by side (their deciding
+        writes are serialised by the state version, ``StateFence``), while a migration or
+        a copy, which take it exclusive, wait for them all to stop; taken again when that
+        connection is opened again (it went with the old session). A daemon finding no
+        other sharing it releases the delivery claims left in the outbox (their daemons are
+        gone).
 
         Raises ``DatabaseInUse`` naming the holder (its ``application_name``, address and
-        since when) when another daemon holds it."""
+        since when) when a session holds it exclusive (a migration, a copy, or a
+        gatekeeper of before, which decides alone)."""
         ...
 
     async def ping(self) -> None:
@@ -130,16 +138,45 @@ class StateStore(Protocol):
         ...
 
     async def commit_transitions(
-        self, transitions: Sequence[Transition], *, planned_with: str | None = None
+        self,
+        transitions: Sequence[Transition],
+        *,
+        planned_with: str | None = None,
+        fence: StateFence | None = None,
     ) -> list[list[int]]:
         """Commit several transitions in ONE transaction (group commit: one durable write
         for all), in order; return each one's sequence numbers as ``commit_transition``.
         All or nothing; raises as ``commit_transition``.
 
-        ``planned_with``: the ruleset version that planned them. The transaction then first
+        ``fence``: the writer's position on a database other daemons share (see
+        ``StateFence``). The transaction first takes the ``state_version`` row (checked
+        writes of every daemon commit one at a time) and raises ``StateBehind``, writing
+        nothing, unless the database is at ``fence.cursor.version``; the rule states it
+        writes keep the new version; once committed, ``fence.cursor`` is the position
+        reached (``state_cursor``). None: unchecked (one daemon per database: SQLite),
+        nothing more is read or written.
+
+        ``planned_with``: the ruleset version that planned them. The transaction then
         reads the active version (PostgreSQL: ``FOR SHARE``, so an activation committing
         meanwhile waits for this transaction, and this one for an activation in progress)
         and raises ``RulesetChanged``, writing nothing, when another version is active."""
+        ...
+
+    async def state_cursor(self) -> StateCursor:
+        """The database's position now (``StateCursor``: its state version and the last
+        fact log ``seq``, decision, sign-off and escrow-changing ledger movement). Read
+        before loading the state, it is where the memory loaded stands (at least)."""
+        ...
+
+    async def state_changes(self, since: StateCursor) -> StateChanges:
+        """What checked deciding writes committed after ``since`` (``StateChanges``), read
+        in one snapshot (PostgreSQL: ``REPEATABLE READ``), with the position reached: the
+        facts appended to the fact log, the rule states written since ``since.version``,
+        the whole standing approvals of every instance that may have changed, the sign-offs
+        recorded, the committed amount of each escrow whose figures changed, and the
+        decisions. Every part is current truth, so applying it over memory at least as new
+        as ``since`` leaves that memory equal to the database's at the position reached.
+        Nothing changed: every part empty, the cursor ``since``'s (as read)."""
         ...
 
     async def find_idempotency_key(self, key: str) -> IdempotencyOutcome | None:
@@ -190,9 +227,10 @@ class DeliveryQueue(Protocol):
 
     @property
     def shared(self) -> bool:
-        """Whether other daemons may serve this database, in turn or (later) side by side
-        (PostgreSQL): a daemon then follows the active ruleset others activate, and claims
-        an action before it sends it. False when the database is one daemon's file
+        """Whether other daemons may serve this database side by side (PostgreSQL): a
+        daemon then checks each deciding write against the database's state version
+        (``StateFence``), follows the active ruleset others activate, and claims an action
+        before it sends it. False when the database is one daemon's file
         (SQLite, locked): an action can be sent without a claim, right after its commit."""
         ...
 
@@ -222,9 +260,10 @@ class DeliveryQueue(Protocol):
         once (daemons sharing a database) get disjoint actions: PostgreSQL takes the rows
         ``FOR UPDATE SKIP LOCKED``, SQLite has one writer. ``record_attempt`` clears the
         claim. A SQLite file has one daemon at a time (its lock file): opening it releases
-        the claims an earlier daemon left. On PostgreSQL a daemon restarted under the same
-        configured ``daemon_id`` claims its own at once; under a new one it waits for the
-        leases like any other daemon."""
+        the claims an earlier daemon left. On PostgreSQL a daemon starting where no other
+        serves releases them too (``hold_daemon_lock``); beside other daemons, one
+        restarted under the same configured ``daemon_id`` claims its own at once, under a
+        new one it waits for the leases like any other daemon."""
         ...
 
     async def next_attempt_at(self, *, only: OutboxFilter | None = None) -> datetime | None:
@@ -310,7 +349,7 @@ class LedgerBook(Protocol):
     for reconciling an escrow line by line."""
 
     async def cancel_release(
-        self, cancel: CancelRequest
+        self, cancel: CancelRequest, *, fence: StateFence | None = None
     ) -> tuple[OutboxEntry, list[LedgerMovement]] | None:
         """Cancel release ``cancel.release_id`` (pending, waiting for a retry, or dead),
         atomically: its outbox status becomes ``cancelled`` (never due again), the ledger
@@ -322,10 +361,13 @@ class LedgerBook(Protocol):
         Raises ``Conflict`` (nothing written) when the action is not a release, is
         delivered or cancelled already; ``AttemptInFlight`` (a ``Conflict``) when an
         attempt of it is in flight (``begin_attempt`` without a recorded outcome: its
-        outcome decides)."""
+        outcome decides). ``fence``: checked as ``commit_transitions`` checks it (a return
+        changes what the escrow has left: ``StateBehind``, nothing written)."""
         ...
 
-    async def settle_release(self, callback: SettlementCallback) -> SettlementResult | None:
+    async def settle_release(
+        self, callback: SettlementCallback, *, fence: StateFence | None = None
+    ) -> SettlementResult | None:
         """Record the bank's settlement of a release, atomically, with the provider's
         reference (movements by ``callback.target``) and the callback's ``webhook-id`` and
         outcome:
@@ -353,7 +395,8 @@ class LedgerBook(Protocol):
         ``AttemptInFlight`` (a ``Conflict``) when the release is pending with an attempt
         in flight (the bank called back before its answer was recorded: retry);
         ``Conflict`` when it was not sent (pending, shadowed) or was settled with the
-        other outcome. Nothing is written on any error."""
+        other outcome. Nothing is written on any error. ``fence``: checked as
+        ``commit_transitions`` checks it (``StateBehind``)."""
         ...
 
     async def ledger_movements(

@@ -16,9 +16,9 @@ text on both); flags are SQLite integers 0/1 and PostgreSQL booleans.
 Preconditions, checked before anything is written (``CopyRefused`` otherwise):
 
 - no daemon serves the source or the destination, and none can start on either during
-  the copy: this process holds their one-daemon locks (SQLite: the lock file,
+  the copy: this process holds their daemon locks (SQLite: the lock file,
   ``gatekeeper.store.lockfile``; PostgreSQL: the schema's session advisory lock,
-  ``gatekeeper.store.postgresql.DAEMON_LOCK_KEY``);
+  ``gatekeeper.store.postgresql.DAEMON_LOCK_KEY``, exclusive: serving daemons share it);
 - the source is read without a write: a SQLite file through a read-only connection in one
   read transaction; PostgreSQL in one ``REPEATABLE READ READ ONLY`` transaction (one
   consistent snapshot);
@@ -338,7 +338,7 @@ class PostgresSide(Side):
         self._reads = 0
 
     def _lock(self) -> None:
-        """Take the schema's one-daemon lock (``gatekeeper.store.postgresql``) for this
+        """Take the schema's daemon lock exclusive (``gatekeeper.store.postgresql``) for this
         session, in a transaction of its own, so a source's snapshot is taken after it,
         once no daemon serves it. Raises ``CopyRefused`` when a daemon (or another copy)
         holds it."""

@@ -27,9 +27,12 @@ class StoreUnavailable(StoreError):
 
 
 class DatabaseInUse(StoreUnavailable):
-    """Another gatekeeper daemon serves this database (it holds the SQLite file's lock, or
-    the PostgreSQL schema's advisory lock): one daemon per database. ``holder_pid`` is that
-    daemon's process id when known (SQLite)."""
+    """The database is in use in a way that excludes this process: another gatekeeper
+    daemon serves the SQLite file (it holds its lock: one daemon per file), or a PostgreSQL
+    schema's advisory lock is held in a mode this process cannot share (daemons serving
+    while a migration needs it alone; a migration or copy in progress; a gatekeeper of
+    before, deciding alone). ``holder_pid`` is the holder's process id when known
+    (SQLite)."""
 
     def __init__(self, message: str, holder_pid: int | None) -> None:
         super().__init__(message, "locked")
@@ -63,6 +66,20 @@ class RulesetChanged(Conflict):
         )
         self.planned_with = planned_with
         self.active = active
+
+
+class StateBehind(StoreError):
+    """A deciding write was planned on memory at state version ``expected`` but the
+    database is at ``current`` (another daemon sharing it decided meanwhile, or a commit
+    whose answer was lost did commit): nothing was written. The writer catches up
+    (``StateStore.state_changes``) and plans again (see ``StateFence``)."""
+
+    def __init__(self, expected: int, current: int) -> None:
+        super().__init__(
+            f"planned on state version {expected}, but the database is at version {current}"
+        )
+        self.expected = expected
+        self.current = current
 
 
 class AttemptInFlight(Conflict):

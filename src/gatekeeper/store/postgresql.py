@@ -27,6 +27,16 @@ schema of SQLite's migrations 1 to 12), each recorded in ``schema_version``, run
 transaction holding ``pg_advisory_xact_lock(MIGRATION_LOCK)``, so daemons starting
 together migrate once. Tables are those of the session's current schema (the first of its
 ``search_path``).
+
+Several daemons serve one schema side by side. Each holds the schema's daemon lock in
+SHARED mode on its writer's session (``hold_daemon_lock``); a migration, ``copy-db`` and
+a gatekeeper of before (one daemon per database, which takes it EXCLUSIVE) need it alone,
+so the schema never changes, nor is copied, under a serving daemon, and an older
+gatekeeper never decides beside newer ones. What serialises the daemons' decisions is the
+state version every deciding write checks and moves in its transaction
+(``sqlstore.SqlStore._fenced``, ``StateFence``): a daemon whose memory is behind, because
+another decided meanwhile or its own session broke while others served, is refused
+(``StateBehind``) and catches up before it decides.
 """
 
 from __future__ import annotations
@@ -72,9 +82,9 @@ MIGRATION_LOCK = 0x6761_7465_6B65_6570
 """The key of the transaction-level advisory lock migrations run under (``gatekeep``)."""
 
 DAEMON_LOCK_KEY = "SELECT hashtextextended('gatekeeper daemon ' || current_schema(), 0)"
-"""The key of the session advisory lock one daemon holds on a schema (``hold_daemon_lock``):
-per schema, so gatekeepers in different schemas of one database do not exclude each
-other."""
+"""The key of the session advisory lock on a schema: every serving daemon holds it shared
+(``hold_daemon_lock``), a migration or a copy exclusive. Per schema, so gatekeepers in
+different schemas of one database do not exclude each other."""
 
 GATEKEEPER_TABLE = "fact_log"
 """A table every gatekeeper schema has: a schema with a version but without it is not
@@ -108,7 +118,7 @@ SERVER_KEEPALIVES = (
     "SET tcp_user_timeout = 30000",
 )
 """The same on the server's side of the writer's session: a daemon gone silent loses its
-session, and with it the one-daemon lock, within about 30 s."""
+session, and with it its share of the daemon lock, within about 30 s."""
 
 ADVICE = (
     "check that PostgreSQL runs and is reachable there, that the database exists and that "
@@ -217,9 +227,8 @@ class PostgresStore(SqlStore):
         """The writer connection; only ever used on the writer thread."""
         self._reader: psycopg.AsyncConnection[Any] | None = None
         self._daemon_lock = False
-        """Whether ``hold_daemon_lock`` was asked for: the writer's session holds it."""
-        self._epoch = 0
-        """The daemon epoch this store's lock was taken at (``_next_epoch``)."""
+        """Whether ``hold_daemon_lock`` was asked for: the writer's session holds its
+        share of the daemon lock (taken again on a new session)."""
 
     @property
     def is_open(self) -> bool:
@@ -303,10 +312,9 @@ class PostgresStore(SqlStore):
             raise StoreUnavailable("store is not open")
         if db.closed:
             db = self._connect_writer()
-            if self._daemon_lock:  # the lock went with the old session: no write without it
+            if self._daemon_lock:  # the share went with the old session: no write without it
                 try:
-                    self._lock_daemon(db)
-                    self._check_epoch(db)
+                    self._share_daemon_lock(db)
                 except BaseException:
                     db.close()  # the next call connects and tries again
                     raise
@@ -329,8 +337,8 @@ class PostgresStore(SqlStore):
         db = psycopg.connect(self._conninfo(), autocommit=False, cursor_factory=psycopg.RawCursor)
         try:
             db.execute("SET synchronous_commit = on")
-            # the server ends this session (and the one-daemon lock it holds) within ~30 s
-            # of losing this daemon, so a standby can take over (ignored on a Unix socket)
+            # the server ends this session (and the daemon lock it shares) within ~30 s of
+            # losing this daemon, so a migration is not held off (ignored on a Unix socket)
             for setting in SERVER_KEEPALIVES:
                 db.execute(setting)
             db.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
@@ -343,9 +351,13 @@ class PostgresStore(SqlStore):
     # -- lifecycle ----------------------------------------------------------------------
 
     async def hold_daemon_lock(self) -> None:
-        """Take the schema's one-daemon lock on the writer's session (see the contract).
-        Raises ``DatabaseInUse`` naming the holder, ``StoreUnavailable`` when not open or
-        read-only."""
+        """Share the schema's daemon lock on the writer's session (see the module and the
+        contract): daemons serve side by side; a migration or copy in progress, or a
+        gatekeeper of before (one daemon per database, holding it alone), refuses it with
+        ``DatabaseInUse`` naming the holder. When no other session shares it, no other
+        daemon serves: the delivery claims left in the outbox are of daemons gone, and are
+        released (their actions due at once rather than when their leases run out).
+        Raises ``StoreUnavailable`` when not open or read-only."""
         if self._writer is None:
             raise StoreUnavailable("store is not open (or open read-only)")
         try:
@@ -357,37 +369,35 @@ class PostgresStore(SqlStore):
         db = self._db
         if db is None:
             raise StoreUnavailable("store is not open")
-        self._lock_daemon(db)
+        self._share_daemon_lock(db)
         self._daemon_lock = True
-        self._epoch = _next_epoch(db)
-        release_claims(_Transaction(db))  # the daemons that claimed them are gone
+        [(others,)] = db.execute(_OTHER_HOLDERS, ()).fetchall()
+        if not others:  # alone: whoever claimed what is claimed is gone
+            release_claims(_Transaction(db))
         db.commit()
 
-    def _check_epoch(self, db: psycopg.Connection[Any]) -> None:
-        """On the writer thread, the lock just taken again after a broken session: refuse
-        every write (``DatabaseInUse``) when another daemon held the lock meanwhile (the
-        epoch moved): it may have decided what this daemon's memory does not know, so this
-        daemon must start again (loading the state) rather than write on stale memory."""
-        row = db.execute(_EPOCH_READ, ()).fetchone()
-        db.rollback()
-        epoch = int(row[0]) if row else 0
-        if epoch != self._epoch:
-            raise DatabaseInUse(
-                f"PostgreSQL database {self._label} was served by another gatekeeper daemon "
-                f"while this one's connection was broken (daemon epoch {self._epoch} -> "
-                f"{epoch}); this daemon's state is stale and it writes nothing more: restart "
-                "it",
-                None,
-            )
-
-    def _lock_daemon(self, db: psycopg.Connection[Any]) -> None:
-        """On the writer thread: ``pg_try_advisory_lock`` on the schema's key, outside any
-        transaction (a session lock: held until the session ends, however it ends). Raises
-        ``DatabaseInUse`` naming the session that holds it."""
-        row = db.execute(f"SELECT pg_try_advisory_lock(({DAEMON_LOCK_KEY}))").fetchone()
-        if row and row[0]:
+    def _share_daemon_lock(self, db: psycopg.Connection[Any]) -> None:
+        """On the writer thread: ``pg_advisory_lock_shared`` on the schema's key, outside
+        any transaction (a session lock: held until the session ends, however it ends),
+        waiting ``LOCK_TIMEOUT_MS`` at most for a session holding it exclusive (another
+        gatekeeper starting looks for migrations to apply under it, for a moment). Raises
+        ``DatabaseInUse`` naming the session holding it exclusive past that."""
+        try:
+            db.execute(f"SELECT pg_advisory_lock_shared(({DAEMON_LOCK_KEY}))")
             db.commit()
             return
+        except pgerrors.LockNotAvailable:
+            db.rollback()
+        raise self._in_use(
+            db,
+            "is being migrated or copied, or is served by a gatekeeper that decides alone on "
+            "a database (an older version); wait for the migration or copy to end, or stop "
+            "that daemon",
+        )
+
+    def _in_use(self, db: psycopg.Connection[Any], what: str) -> DatabaseInUse:
+        """``DatabaseInUse``: the schema ``what`` (a clause), naming the session holding
+        the daemon lock exclusive (or, failing that, any session holding it)."""
         holder = db.execute(_LOCK_HOLDER, ()).fetchone()
         db.rollback()
         who = (
@@ -396,11 +406,23 @@ class PostgresStore(SqlStore):
             if holder
             else "a session that has just ended"
         )
-        raise DatabaseInUse(
-            f"PostgreSQL database {self._label} (schema in use) is served by another "
-            f"gatekeeper daemon ({who}); one daemon decides on a database at a time: stop "
-            "that one, or point database: at another database or schema",
-            None,
+        return DatabaseInUse(
+            f"PostgreSQL database {self._label} (schema in use: {who}) {what}", None
+        )
+
+    def _lock_alone(self, db: psycopg.Connection[Any]) -> None:
+        """On the writer thread: ``pg_try_advisory_lock`` (exclusive) on the schema's key,
+        outside any transaction, to migrate. Raises ``DatabaseInUse`` naming a session
+        that holds it (a serving daemon, a copy)."""
+        row = db.execute(f"SELECT pg_try_advisory_lock(({DAEMON_LOCK_KEY}))").fetchone()
+        if row and row[0]:
+            db.commit()
+            return
+        raise self._in_use(
+            db,
+            "is served by gatekeeper daemons (or being copied), and its schema must be "
+            "migrated: stop every daemon serving it, then start this gatekeeper (the schema "
+            "never changes under a serving daemon)",
         )
 
     async def open(self) -> None:
@@ -478,9 +500,9 @@ class PostgresStore(SqlStore):
         schema up to date).
 
         The schema never changes under a daemon serving it: with migrations to apply, the
-        one-daemon lock is taken first (waiting ``LOCK_TIMEOUT_MS`` at most, enough for
-        another gatekeeper migrating), and released once they are applied. A daemon
-        holding it: ``DatabaseInUse``, nothing changed."""
+        daemon lock is taken exclusive first (waiting ``LOCK_TIMEOUT_MS`` at most, enough
+        for another gatekeeper migrating), and released once they are applied. Daemons
+        sharing it (serving): ``DatabaseInUse``, nothing changed."""
         version, tables = self._schema_version(db)
         db.commit()
         self._refuse(version, tables)
@@ -491,7 +513,7 @@ class PostgresStore(SqlStore):
             db.commit()
         except pgerrors.LockNotAvailable:
             db.rollback()
-            self._lock_daemon(db)  # held if freed meanwhile, else DatabaseInUse naming who
+            self._lock_alone(db)  # held if freed meanwhile, else DatabaseInUse naming who
         try:
             while True:
                 db.execute("SELECT pg_advisory_xact_lock($1)", (MIGRATION_LOCK,))
@@ -547,32 +569,26 @@ class PostgresStore(SqlStore):
             db.close()
 
 
-_EPOCH_READ = "SELECT value FROM meta WHERE key = 'daemon_epoch'"
-
-
-def _next_epoch(db: psycopg.Connection[Any]) -> int:
-    """Count one more daemon taking the one-daemon lock (``meta`` row ``daemon_epoch``) and
-    return the new count: a daemon whose session broke compares it when it takes the lock
-    again (``_check_epoch``), so it never writes after another daemon served the
-    database. Called with the lock held, in the writer's transaction."""
-    row = db.execute(
-        "INSERT INTO meta (key, value) VALUES ('daemon_epoch', '1') ON CONFLICT (key)"
-        " DO UPDATE SET value = (meta.value::bigint + 1)::text RETURNING value",
-        (),
-    ).fetchone()
-    assert row is not None  # RETURNING gives the row written
-    return int(row[0])
-
-
 _LOCK_HOLDER = (
     "SELECT a.application_name, host(a.client_addr), a.backend_start AT TIME ZONE 'UTC'"
     " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
     " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
     " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
     f" AND ((l.classid::bigint << 32) | l.objid::bigint) = ({DAEMON_LOCK_KEY})"
-    " LIMIT 1"
+    " AND l.pid <> pg_backend_pid()"
+    " ORDER BY l.mode = 'ExclusiveLock' DESC LIMIT 1"
 )
-"""Who holds the one-daemon lock: its ``application_name``, address and start (UTC)."""
+"""Who holds the daemon lock (the exclusive holder first): its ``application_name``,
+address and start (UTC)."""
+
+_OTHER_HOLDERS = (
+    "SELECT COUNT(*) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
+    " AND l.objsubid = 1"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    f" AND ((l.classid::bigint << 32) | l.objid::bigint) = ({DAEMON_LOCK_KEY})"
+    " AND l.pid <> pg_backend_pid()"
+)
+"""How many other sessions hold the daemon lock (other daemons serving the schema)."""
 
 _SCHEMA_TABLES = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
 """The tables of the session's current schema."""

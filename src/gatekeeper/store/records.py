@@ -20,7 +20,15 @@ from typing import Any, Literal
 import msgspec
 
 from gatekeeper.clock import format_rfc3339, parse_rfc3339
-from gatekeeper.engine.model import QueuedAction, Stand, Transition
+from gatekeeper.engine.model import (
+    FactKey,
+    InstanceKey,
+    QueuedAction,
+    RuleState,
+    SignOff,
+    Stand,
+    Transition,
+)
 
 ActionStatus = Literal["pending", "delivered", "dead", "shadowed", "cancelled"]
 """An outbox entry's delivery state: ``pending`` (due now or later), ``delivered`` (a 2xx
@@ -562,3 +570,100 @@ def outbox_entry_of(action: QueuedAction, request_id: str | None) -> OutboxEntry
         request_id=request_id,
         instance=action.instance,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class StateCursor:
+    """Where a daemon's memory stands in a database's history of deciding writes.
+
+    ``version`` is the database's state version (``meta`` row ``state_version``: how many
+    deciding writes were committed, checked writes only); the rest say up to where the
+    memory holds the rows those writes appended, for a catch-up to read only what follows:
+    the fact log's last ``seq``, the last decision's id, the last sign-off's admin act id and
+    the last ledger movement id of those that change what an escrow has left (``reserve``,
+    ``return``, ``reclaim``). Each is only ever appended by deciding writes, which commit
+    one at a time (the version row is their lock), so ids grow in commit order."""
+
+    version: int = 0
+    fact_seq: int = 0
+    decision_id: int = 0
+    signoff_id: int = 0
+    ledger_id: int = 0
+
+    def behind(self, other: StateCursor) -> bool:
+        """Whether any position of this cursor is past ``other``'s (a database restored
+        from an older backup than the memory it is compared with)."""
+        return (
+            self.version > other.version
+            or self.fact_seq > other.fact_seq
+            or self.decision_id > other.decision_id
+            or self.signoff_id > other.signoff_id
+            or self.ledger_id > other.ledger_id
+        )
+
+
+@dataclass(slots=True)
+class StateFence:
+    """A writer's position (``cursor``), handed to each of its deciding writes on a database
+    other daemons share: the write's transaction first takes the ``state_version`` row (a
+    row lock: deciding writes of every daemon commit one at a time) and is refused with
+    ``StateBehind``, writing nothing, unless the database is at ``cursor.version``; once it
+    commits, ``cursor`` moves to the position it wrote (the version one up). A write whose
+    COMMIT failed leaves the fence where it was: if the server committed it after all, the
+    next write is refused as behind and the catch-up brings it into memory."""
+
+    cursor: StateCursor
+
+
+@dataclass(frozen=True, slots=True)
+class CaughtUpDecision:
+    """A decision another writer committed, as a catch-up reads it: what the status page
+    lists (``decided_at`` as stored, RFC 3339 text) and the instance a deadline loop
+    reschedules."""
+
+    project: str
+    decided_at: str
+    rule_id: str
+    instance: str
+    outcome: str
+    trigger: str
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StateChanges:
+    """What deciding writes committed after a ``StateCursor`` (``StateStore.state_changes``),
+    read in one snapshot, up to ``cursor`` (the position they reach).
+
+    ``facts``: the fact log's entries in ``seq`` order (approvals left out), ``(key,
+    data)``; applying them in order leaves each fact's current data. ``rule_states``: the
+    states written since (their current rows). ``approvals``: the standing approvals of
+    every instance that may have changed (an approval or a withdrawal logged, or a firing
+    that used some up: its rule state changed), by ``approval_key``, each whole (an empty
+    mapping: none stands any more). ``signoffs``: the sign-offs recorded since.
+    ``escrows``: the committed amount (reserved + sent + settled) of each escrow whose
+    figures changed. ``decisions``: in the order committed (a ruleset activated meanwhile
+    is not among the parts: the commit planned with another is refused, ``RulesetChanged``,
+    and the writer adopts it). Each part is the database's current truth for what it
+    covers, so applying it twice (or over memory newer than the cursor it was read from)
+    changes nothing more."""
+
+    cursor: StateCursor
+    facts: list[tuple[FactKey, dict[str, Any]]]
+    rule_states: dict[InstanceKey, RuleState]
+    approvals: StandingApprovals
+    signoffs: list[SignOff]
+    escrows: dict[str, Decimal]
+    decisions: list[CaughtUpDecision]
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing was committed after the cursor read from."""
+        return not (
+            self.facts
+            or self.rule_states
+            or self.approvals
+            or self.signoffs
+            or self.escrows
+            or self.decisions
+        )

@@ -54,6 +54,7 @@ from gatekeeper.store.errors import (
     KeyReused,
     RulesetChanged,
     SchemaTooNew,
+    StateBehind,
     StoreError,
     StoreUnavailable,
 )
@@ -71,6 +72,7 @@ from gatekeeper.store.records import (
     AttemptRecord,
     AuditEntry,
     CancelRequest,
+    CaughtUpDecision,
     EscrowFigures,
     EscrowTotals,
     IdempotencyOutcome,
@@ -85,6 +87,9 @@ from gatekeeper.store.records import (
     SettlementResult,
     ShadowedReleases,
     StandingApprovals,
+    StateChanges,
+    StateCursor,
+    StateFence,
     StoredDecision,
     StoredFact,
     StoredRuleset,
@@ -112,7 +117,10 @@ class Dialect:
     hold its rows against updates until the transaction ends (SQLite: none, one writer);
     ``claim_lock``: what ends the select of
     the outbox rows a delivery claim takes, so that writers claiming together take
-    disjoint rows (PostgreSQL's ``FOR UPDATE ... SKIP LOCKED``; SQLite has one writer).
+    disjoint rows (PostgreSQL's ``FOR UPDATE ... SKIP LOCKED``; SQLite has one writer);
+    ``snapshot``: the first statement of a transaction whose reads must all see one
+    snapshot (a catch-up, ``state_changes``: PostgreSQL's ``REPEATABLE READ``; SQLite's
+    ``BEGIN IMMEDIATE`` transaction sees no other writer anyway).
     """
 
     name: str
@@ -125,6 +133,7 @@ class Dialect:
     notify_ruleset: str = ""
     lock_shared: str = ""
     claim_lock: str = ""
+    snapshot: str = ""
 
     def field(self, column: str, key: str) -> str:
         """``key`` of the JSON object in ``column``, as text."""
@@ -157,6 +166,7 @@ POSTGRESQL = Dialect(
     f"SELECT value FROM {_TEXTS}", f"SELECT value::bigint FROM {_TEXTS}", "outbox.queued",
     "JOIN", f"SELECT pg_notify('{RULESET_CHANNEL}', ?)", " FOR SHARE",
     " FOR UPDATE OF outbox SKIP LOCKED",
+    "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
 )  # fmt: skip
 
 
@@ -377,18 +387,31 @@ _INSERT_DECISIONS = _Insert(
     " request_id, reason, project, instance, notice_id, mode)",
     "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
 )
-_UPSERT_RULE_STATES = _Insert(
-    "INSERT INTO rule_state (rule_id, instance, gate_open, fired_count, last_fired_at,"
-    " rule_hash, paused, rearms, notified, notices, signoff_alerted, blocked, blocks)",
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+_RULE_STATE_UPSERT = (
     " ON CONFLICT (rule_id, instance) DO UPDATE SET"
     " gate_open = excluded.gate_open, fired_count = excluded.fired_count,"
     " last_fired_at = excluded.last_fired_at, rule_hash = excluded.rule_hash,"
     " paused = excluded.paused, rearms = excluded.rearms,"
     " notified = excluded.notified, notices = excluded.notices,"
     " signoff_alerted = excluded.signoff_alerted,"
-    " blocked = excluded.blocked, blocks = excluded.blocks",
+    " blocked = excluded.blocked, blocks = excluded.blocks"
 )
+_UPSERT_RULE_STATES = _Insert(
+    "INSERT INTO rule_state (rule_id, instance, gate_open, fired_count, last_fired_at,"
+    " rule_hash, paused, rearms, notified, notices, signoff_alerted, blocked, blocks)",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    _RULE_STATE_UPSERT,
+)
+_UPSERT_RULE_STATES_AT = _Insert(
+    "INSERT INTO rule_state (rule_id, instance, gate_open, fired_count, last_fired_at,"
+    " rule_hash, paused, rearms, notified, notices, signoff_alerted, blocked, blocks,"
+    " version)",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    _RULE_STATE_UPSERT + ", version = excluded.version",
+)
+"""Rule states written by a checked deciding write (``StateFence``), with its state
+version: what a catch-up reads (``state_changes``). Unchecked writes (a SQLite file's one
+daemon) use ``_UPSERT_RULE_STATES`` and leave the version as it was."""
 # decision_id: the decision of the same firing, written just before in this transaction
 # (firing_id is UNIQUE in decisions; no such decision leaves it NULL, which NOT NULL refuses);
 # a notice that a rule waits for approvals names its decision's notice_id instead; a
@@ -453,6 +476,9 @@ class SqlStore(ABC):
         self._writer: WriterThread | None = None
         self._written: _Written | None = None
         """The fact log as written so far by the transaction in progress (writer thread)."""
+        self._state_version: int | None = None
+        """The state version the checked write in progress commits (``_fenced``; writer
+        thread): its rule states are stamped with it. None: an unchecked write."""
 
     @property
     @abstractmethod
@@ -538,7 +564,11 @@ class SqlStore(ABC):
         return (await self.commit_transitions([transition]))[0]
 
     async def commit_transitions(
-        self, transitions: Sequence[Transition], *, planned_with: str | None = None
+        self,
+        transitions: Sequence[Transition],
+        *,
+        planned_with: str | None = None,
+        fence: StateFence | None = None,
     ) -> list[list[int]]:
         transitions = list(transitions)
 
@@ -551,7 +581,118 @@ class SqlStore(ABC):
             finally:
                 self._written = None
 
-        return await self._transaction(write)
+        return await self._fenced(fence, write)
+
+    async def _fenced(self, fence: StateFence | None, body: Callable[[Tx], T]) -> T:
+        """``_transaction(body)``, checked against ``fence`` when given (a deciding write on
+        a database several daemons share, see ``StateFence``): the transaction first takes
+        the ``state_version`` row (``_take_version``: every checked write of every daemon
+        waits for the one in progress) and raises ``StateBehind``, writing nothing, unless
+        the database is at ``fence.cursor.version``; it then runs ``body`` with the new
+        version (stamped on the rule states written) and reads the position it reached.
+        ``fence.cursor`` moves there once the COMMIT succeeded, not otherwise.
+
+        The version is global, one for the database, not one per project: every deciding
+        write of every project commits in turn. Per project would let projects decide in
+        parallel, but the escrows are shared across projects (a release of one project's
+        rule counts against an escrow another project's rules release from too), so a
+        project lock would need every escrow row a firing may touch locked as well, in one
+        order, and a catch-up per project: a throughput refinement, not needed for what one
+        database of gatekeeper decides per second."""
+        if fence is None:
+            return await self._transaction(body)
+        expected = fence.cursor.version
+
+        def checked(db: Tx) -> tuple[T, StateCursor]:
+            self._state_version = _take_version(db, expected)
+            try:
+                result = body(db)
+            finally:
+                self._state_version = None
+            return result, _read_cursor(db)
+
+        result, cursor = await self._transaction(checked)
+        fence.cursor = cursor
+        return result
+
+    async def state_cursor(self) -> StateCursor:
+        return _cursor_of(await self._row(_CURSOR))
+
+    async def state_changes(self, since: StateCursor) -> StateChanges:
+        snapshot = self.dialect.snapshot
+        texts = self.dialect.texts()
+        approvals_of = _approvals_of(self.dialect)
+
+        def read(db: Tx) -> StateChanges:
+            if snapshot:
+                db.execute(snapshot)
+            cursor = _read_cursor(db)
+            facts: list[tuple[FactKey, dict[str, Any]]] = []
+            keys: set[InstanceKey] = set()
+            if cursor.fact_seq > since.fact_seq:
+                for project, kind, fact_id, data in db.execute(
+                    "SELECT project, kind, id, data FROM fact_log WHERE seq > ? AND seq <= ?"
+                    " ORDER BY seq",
+                    (since.fact_seq, cursor.fact_seq),
+                ):
+                    loaded = json.loads(data)
+                    if kind == "approval":  # an approver's decision, logged with the facts
+                        keys.add((loaded["rule"], loaded.get("instance", "")))
+                    else:
+                        facts.append(((project, kind, fact_id), loaded))
+            states: dict[InstanceKey, RuleState] = {}
+            if cursor.version > since.version:
+                for r in db.execute(  # bounded: a range the planner takes by the index
+                    f"SELECT {_RULE_STATE_COLUMNS} FROM rule_state"
+                    " WHERE version > ? AND version <= ?",
+                    (since.version, cursor.version),
+                ):
+                    state = _rule_state(r)
+                    states[(state.rule_id, state.instance)] = state
+            keys.update(states)
+            standing: StandingApprovals = {}
+            if keys:
+                for rule_id, instance in keys:
+                    standing[f"{rule_id}[{instance}]" if instance else rule_id] = {}
+                for rule_id, instance, subject, decision, decided_at in db.execute(
+                    approvals_of, (_dumps(sorted(keys)),)
+                ):
+                    key = f"{rule_id}[{instance}]" if instance else rule_id
+                    standing[key][subject] = Stand(decision, parse_rfc3339(decided_at))
+            signoffs = [
+                _signoff(r)
+                for r in db.execute(
+                    f"SELECT {_SIGNOFF_COLUMNS} FROM admin_acts WHERE act = 'signoff'"
+                    " AND id > ? AND id <= ? ORDER BY id",
+                    (since.signoff_id, cursor.signoff_id),
+                )
+            ]
+            escrows: dict[str, Decimal] = {}
+            if cursor.ledger_id > since.ledger_id:
+                changed = sorted(
+                    escrow
+                    for (escrow,) in db.execute(
+                        "SELECT DISTINCT escrow FROM ledger_entries WHERE id > ? AND id <= ?"
+                        f" AND movement IN {_COMMITTED_MOVEMENTS}",
+                        (since.ledger_id, cursor.ledger_id),
+                    )
+                )
+                sums = db.execute(
+                    _escrow_sums(f" WHERE escrow IN ({texts})"), (_dumps(changed),)
+                ).fetchall()
+                totals = _escrow_figures(sums, [])
+                escrows = {e: totals[e].committed if e in totals else _ZERO for e in changed}
+            decisions = [
+                CaughtUpDecision(r[0] or "", *r[1:])
+                for r in db.execute(
+                    "SELECT project, decided_at, rule_id, instance, outcome, trigger, reason"
+                    " FROM decisions WHERE id > ? AND id <= ? ORDER BY id",
+                    (since.decision_id, cursor.decision_id),
+                )
+            ]
+            return StateChanges(cursor, facts, states, standing, signoffs, escrows, decisions)
+
+        return await self._transaction(read)
 
     def _write_then(self, db: Tx, t: Transition) -> None:
         """Inside a ledger write's transaction: the transition its return decided."""
@@ -643,27 +784,29 @@ class SqlStore(ABC):
         if t.decisions:
             _INSERT_DECISIONS.run(db, written.decision_rows(t.decisions, seqs, request_id))
         if t.rule_states:
-            _UPSERT_RULE_STATES.run(
-                db,
-                [
-                    (
-                        rule_id,
-                        instance,
-                        s.gate_open,
-                        s.fired_count,
-                        s.last_fired_at,
-                        s.rule_hash,
-                        s.paused,
-                        s.rearms,
-                        s.notified,
-                        s.notices,
-                        s.signoff_alerted,
-                        s.blocked,
-                        s.blocks,
-                    )
-                    for (rule_id, instance), s in t.rule_states.items()
-                ],
-            )
+            rows = [
+                (
+                    rule_id,
+                    instance,
+                    s.gate_open,
+                    s.fired_count,
+                    s.last_fired_at,
+                    s.rule_hash,
+                    s.paused,
+                    s.rearms,
+                    s.notified,
+                    s.notices,
+                    s.signoff_alerted,
+                    s.blocked,
+                    s.blocks,
+                )
+                for (rule_id, instance), s in t.rule_states.items()
+            ]
+            version = self._state_version
+            if version is None:
+                _UPSERT_RULE_STATES.run(db, rows)
+            else:  # a checked write: what other daemons catch up on
+                _UPSERT_RULE_STATES_AT.run(db, [(*row, version) for row in rows])
         if t.actions:
             _INSERT_OUTBOX.run(
                 db,
@@ -762,37 +905,16 @@ class SqlStore(ABC):
         return {(r[0], r[1], r[2]): json.loads(r[3]) for r in rows}
 
     async def load_rule_states(self) -> dict[InstanceKey, RuleState]:
-        rows = await self._rows(
-            "SELECT rule_id, gate_open, fired_count, last_fired_at, rule_hash, paused, rearms,"
-            " instance, notified, notices, signoff_alerted, blocked, blocks FROM rule_state"
-        )
-        return {
-            (r[0], r[7]): RuleState(
-                rule_id=r[0],
-                gate_open=None if r[1] is None else bool(r[1]),
-                fired_count=int(r[2]),
-                last_fired_at=r[3],
-                rule_hash=r[4],
-                paused=bool(r[5]),
-                rearms=int(r[6]),
-                instance=r[7],
-                notified=bool(r[8]),
-                notices=int(r[9]),
-                signoff_alerted=r[10],
-                blocked=r[11],
-                blocks=int(r[12]),
-            )
-            for r in rows
-        }
+        rows = await self._rows(f"SELECT {_RULE_STATE_COLUMNS} FROM rule_state")
+        return {(r[0], r[7]): _rule_state(r) for r in rows}
 
     async def load_signoffs(self) -> SignedOff:
         signed: SignedOff = {}
-        for rule_hash, actor, rule_id, comment, project, at in await self._rows(
-            "SELECT rule_hash, actor, subject, reason, project, at FROM admin_acts"
-            " WHERE act = 'signoff' ORDER BY id"
+        for r in await self._rows(
+            f"SELECT {_SIGNOFF_COLUMNS} FROM admin_acts WHERE act = 'signoff' ORDER BY id"
         ):
-            signoff = SignOff(rule_hash, rule_id, actor, comment, project or "", parse_rfc3339(at))
-            signed.setdefault(rule_hash, {})[actor] = signoff
+            signoff = _signoff(r)
+            signed.setdefault(signoff.content_hash, {})[signoff.actor] = signoff
         return signed
 
     async def load_approvals(self) -> StandingApprovals:
@@ -805,29 +927,13 @@ class SqlStore(ABC):
         return standing
 
     async def escrow_totals(self) -> EscrowTotals:
-        # grouped by amount: a count of equal amounts multiplies exactly, and there are
-        # far fewer distinct amounts than movements
-        sums: dict[str, dict[str, Decimal]] = {}
-        # a fail of a release never sent (a dead letter the bank failed) comes off reserved
-        for escrow, movement, amount, count in await self._rows(
-            "SELECT escrow, CASE WHEN movement = 'fail' AND NOT EXISTS (SELECT 1 FROM"
-            " ledger_entries AS sent WHERE sent.release_id = ledger_entries.release_id"
-            " AND sent.movement = 'send') THEN 'fail_unsent' ELSE movement END AS moved,"
-            " amount, COUNT(*) FROM ledger_entries GROUP BY escrow, moved, amount"
-        ):
-            by_movement = sums.setdefault(escrow, {})
-            by_movement[movement] = by_movement.get(movement, _ZERO) + Decimal(amount) * count
-        dead: dict[str, Decimal] = {}
-        for escrow, amount, count in await self._rows(
+        sums = await self._rows(_escrow_sums(""))
+        dead = await self._rows(
             "SELECT ledger.escrow, ledger.amount, COUNT(*) FROM ledger"
             " JOIN outbox ON outbox.action_id = ledger.release_id"
             " WHERE outbox.status = 'dead' GROUP BY ledger.escrow, ledger.amount"
-        ):
-            dead[escrow] = dead.get(escrow, _ZERO) + Decimal(amount) * count
-        return {
-            escrow: _figures(by_movement, dead.get(escrow, _ZERO))
-            for escrow, by_movement in sums.items()
-        }
+        )
+        return _escrow_figures(sums, dead)
 
     async def last_ruleset(self) -> StoredRuleset | None:
         row = await self._row(
@@ -1055,7 +1161,7 @@ class SqlStore(ABC):
     # -- LedgerBook ---------------------------------------------------------------------
 
     async def cancel_release(
-        self, cancel: CancelRequest
+        self, cancel: CancelRequest, *, fence: StateFence | None = None
     ) -> tuple[OutboxEntry, list[LedgerMovement]] | None:
         now = format_rfc3339(cancel.at)
         release_id = cancel.release_id
@@ -1124,14 +1230,16 @@ class SqlStore(ABC):
                 self._write_then(db, cancel.then)
             return ids
 
-        ids = await self._transaction(write)
+        ids = await self._fenced(fence, write)
         if ids is None:
             return None
         entry = await self.get_action(release_id)
         assert entry is not None
         return entry, await self._movements_by_id(ids)
 
-    async def settle_release(self, callback: SettlementCallback) -> SettlementResult | None:
+    async def settle_release(
+        self, callback: SettlementCallback, *, fence: StateFence | None = None
+    ) -> SettlementResult | None:
         now = format_rfc3339(callback.at)
         release_id = callback.release_id
 
@@ -1246,7 +1354,7 @@ class SqlStore(ABC):
             )
             return ids, False
 
-        written = await self._transaction(write)
+        written = await self._fenced(fence, write)
         if written is None:
             return None
         ids, replayed = written
@@ -1642,6 +1750,127 @@ def _figures(by_movement: dict[str, Decimal], unconfirmed: Decimal) -> EscrowFig
     )
 
 
+def _escrow_sums(where: str) -> str:
+    """The sums of the ledger's movements per escrow, movement and amount (``where``: a
+    clause narrowing the escrows, or ""); grouped by amount, as a count of equal amounts
+    multiplies exactly and there are far fewer distinct amounts than movements. A ``fail``
+    of a release never sent (a dead letter the bank failed) is ``fail_unsent``."""
+    return (
+        "SELECT escrow, CASE WHEN movement = 'fail' AND NOT EXISTS (SELECT 1 FROM"
+        " ledger_entries AS sent WHERE sent.release_id = ledger_entries.release_id"
+        " AND sent.movement = 'send') THEN 'fail_unsent' ELSE movement END AS moved,"
+        f" amount, COUNT(*) FROM ledger_entries{where} GROUP BY escrow, moved, amount"
+    )
+
+
+def _escrow_figures(sums: Iterable[Any], dead: Iterable[Any]) -> EscrowTotals:
+    """The figures of each escrow from the rows of ``_escrow_sums`` and of the dead
+    letters' amounts (escrow, amount, count)."""
+    by_escrow: dict[str, dict[str, Decimal]] = {}
+    for escrow, movement, amount, count in sums:
+        by_movement = by_escrow.setdefault(escrow, {})
+        by_movement[movement] = by_movement.get(movement, _ZERO) + Decimal(amount) * count
+    unconfirmed: dict[str, Decimal] = {}
+    for escrow, amount, count in dead:
+        unconfirmed[escrow] = unconfirmed.get(escrow, _ZERO) + Decimal(amount) * count
+    return {
+        escrow: _figures(by_movement, unconfirmed.get(escrow, _ZERO))
+        for escrow, by_movement in by_escrow.items()
+    }
+
+
+_COMMITTED_MOVEMENTS = "('reserve', 'return', 'reclaim')"
+"""The movements that change what counts against an escrow (``EscrowFigures.committed``:
+reserve + reclaim - return), all written by deciding writes (a ``send`` or ``settle`` moves
+an amount within it)."""
+
+_CURSOR = (
+    "SELECT (SELECT value FROM meta WHERE key = 'state_version'),"
+    " (SELECT MAX(seq) FROM fact_log), (SELECT MAX(id) FROM decisions),"
+    " (SELECT MAX(id) FROM admin_acts WHERE act = 'signoff'),"
+    f" (SELECT MAX(id) FROM ledger_entries WHERE movement IN {_COMMITTED_MOVEMENTS})"
+)
+"""The database's ``StateCursor``, in one statement (PostgreSQL: each an index lookup)."""
+
+
+def _cursor_of(row: Any) -> StateCursor:
+    return StateCursor(*(int(value or 0) for value in row))
+
+
+def _read_cursor(db: Tx) -> StateCursor:
+    """The database's ``StateCursor`` as the open transaction sees it."""
+    return _cursor_of(db.execute(_CURSOR).fetchone())
+
+
+def _take_version(db: Tx, expected: int) -> int:
+    """Inside a checked deciding write, first: move ``meta`` row ``state_version`` from
+    ``expected`` to the next version and return it, holding the row (locked until the
+    transaction ends: a checked write of another daemon waits, then finds the version
+    moved). Raises ``StateBehind`` when the database is at another version (a missing row
+    is version 0: a new database, or one no checked write has decided on yet)."""
+    new = str(expected + 1)
+    if expected == 0:  # the row may not exist yet: two first writes meet on its key
+        row = db.execute(
+            "INSERT INTO meta (key, value) VALUES ('state_version', ?) ON CONFLICT (key)"
+            " DO UPDATE SET value = excluded.value WHERE meta.value = '0' RETURNING value",
+            (new,),
+        ).fetchone()
+    else:
+        row = db.execute(
+            "UPDATE meta SET value = ? WHERE key = 'state_version' AND value = ? RETURNING value",
+            (new, str(expected)),
+        ).fetchone()
+    if row is None:
+        found = db.execute("SELECT value FROM meta WHERE key = 'state_version'").fetchone()
+        raise StateBehind(expected, int(found[0]) if found else 0)
+    return expected + 1
+
+
+_RULE_STATE_COLUMNS = (
+    "rule_id, gate_open, fired_count, last_fired_at, rule_hash, paused, rearms,"
+    " instance, notified, notices, signoff_alerted, blocked, blocks"
+)
+
+
+def _rule_state(r: Any) -> RuleState:
+    """The ``RuleState`` of a row of ``_RULE_STATE_COLUMNS``."""
+    return RuleState(
+        rule_id=r[0],
+        gate_open=None if r[1] is None else bool(r[1]),
+        fired_count=int(r[2]),
+        last_fired_at=r[3],
+        rule_hash=r[4],
+        paused=bool(r[5]),
+        rearms=int(r[6]),
+        instance=r[7],
+        notified=bool(r[8]),
+        notices=int(r[9]),
+        signoff_alerted=r[10],
+        blocked=r[11],
+        blocks=int(r[12]),
+    )
+
+
+_SIGNOFF_COLUMNS = "rule_hash, actor, subject, reason, project, at"
+
+
+def _signoff(r: Any) -> SignOff:
+    """The ``SignOff`` of an admin act ``signoff`` row of ``_SIGNOFF_COLUMNS``."""
+    rule_hash, actor, rule_id, comment, project, at = r
+    return SignOff(rule_hash, rule_id, actor, comment, project or "", parse_rfc3339(at))
+
+
+@functools.cache
+def _approvals_of(d: Dialect) -> str:
+    """The standing approvals of the instances ``[rule id, item id]`` of a JSON list."""
+    return (
+        "SELECT approvals.rule_id, approvals.instance, approvals.subject,"
+        f" approvals.decision, approvals.decided_at FROM {d.rows()} AS keys"
+        f" {d.ordered_join} approvals ON approvals.rule_id = keys.value ->> 0"
+        " AND approvals.instance = keys.value ->> 1"
+    )
+
+
 _MOVEMENT_SELECT = (
     "ledger_entries.id, ledger_entries.release_id, ledger_entries.escrow,"
     " ledger_entries.movement, ledger_entries.amount, ledger_entries.currency,"
@@ -1912,10 +2141,11 @@ def _write_ruleset(db: Tx, dialect: Dialect, ruleset: Ruleset, now: str) -> None
 
 
 def release_claims(db: Tx) -> None:
-    """Release the delivery claims (``claim_due``) an earlier daemon left: run by a daemon
-    that holds the database's one-daemon lock (SQLite's lock file when it opens the file,
-    PostgreSQL's advisory lock when ``hold_daemon_lock`` takes it), so whoever claimed them
-    is gone, and its actions are due at once rather than when their leases run out."""
+    """Release the delivery claims (``claim_due``) earlier daemons left: run by a daemon
+    that serves the database alone (SQLite's lock file when it opens the file; on
+    PostgreSQL, ``hold_daemon_lock`` finding no other session sharing the daemon lock), so
+    whoever claimed them is gone, and its actions are due at once rather than when their
+    leases run out."""
     db.execute(
         "UPDATE outbox SET claimed_by = NULL, lease_until = NULL WHERE claimed_by IS NOT NULL"
     )
