@@ -92,6 +92,36 @@ async def test_writes_checked_at_once_at_one_version_commit_one(backend: Backend
     assert (await store.state_cursor()).version == 1
 
 
+async def test_a_daemon_holding_the_turn_commits_first_and_the_others_wait(
+    backend: Backend,
+) -> None:
+    """A writer refused as behind takes the decision turn, catches up and commits: another
+    daemon's checked write begun meanwhile waits for the turn to end instead of moving the
+    version under it (so a daemon under contention is not refused again and again); on
+    SQLite, one daemon per file, the turn is nothing."""
+    store = await backend.open()
+    if backend.name != "postgresql":
+        await store.take_turn()
+        await store.end_turn()
+        return
+    other = await backend.open()
+    mine, theirs = await _fence(store), await _fence(other)
+    await store.take_turn()
+    await store.take_turn()  # held already: the writer asks once per write, this is harmless
+    waiting = asyncio.create_task(
+        other.commit_transitions([build.facts(build.T0, ("p", "k", "b", {}))], fence=theirs)
+    )
+    await asyncio.sleep(0.5)
+    assert not waiting.done()  # the other daemon waits for the turn
+    await store.commit_transitions([build.facts(build.T0, ("p", "k", "a", {}))], fence=mine)
+    assert mine.cursor.version == 1  # the holder's write passed (the turn is its own)
+    assert not waiting.done()
+    await store.end_turn()
+    with pytest.raises(StateBehind):  # it waited, then found the version moved
+        await asyncio.wait_for(waiting, 10)
+    await store.end_turn()  # none held: nothing happens
+
+
 async def test_the_changes_since_a_cursor_are_the_current_truth(store: Store) -> None:
     writer = await _fence(store)
     await store.commit_transitions(

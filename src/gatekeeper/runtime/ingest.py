@@ -184,6 +184,36 @@ class Schedule(Protocol):
         time-dependent instances they evaluated, as of when each was decided."""
 
 
+class WriteLock:
+    """The writer's lock (``asyncio.Lock``: one write of this daemon at a time, from plan to
+    apply), which also ends the database's decision turn (``Store.take_turn``) when a write
+    that took it lets go: a write refused as behind takes the turn before it catches up and
+    plans again, and holds it no longer than this lock."""
+
+    def __init__(self, store: Store) -> None:
+        self._lock = asyncio.Lock()
+        self._store = store
+        self._turn = False
+
+    async def take_turn(self) -> None:
+        """Take the database's decision turn until this lock is released (held already:
+        nothing). Call with the lock held. Raises what ``Store.take_turn`` raises."""
+        if not self._turn:
+            await self._store.take_turn()
+            self._turn = True
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            if self._turn:
+                self._turn = False
+                await self._store.end_turn()
+        finally:
+            self._lock.release()
+
+
 class Counters:
     """The evaluation and outcome metrics of committed work (in memory, no I/O), with each
     labelled child looked up once (``labels`` costs more than the ``inc``/``observe`` done
@@ -291,8 +321,9 @@ class Writer:
         engine reads this very mapping, changed in place only after a commit)."""
         self.recent = RecentDecisions()
         """The latest decisions of each project (for the status page)."""
-        self.lock = asyncio.Lock()
-        """Held by every write from plan to apply: one write at a time."""
+        self.lock = WriteLock(store)
+        """Held by every write from plan to apply: one write at a time (and, on a shared
+        database, the decision turn a refused write took ends with it)."""
         self._queue: asyncio.Queue[_IngestJob] = asyncio.Queue()
         self._closing = False
         self.adopt_active: Callable[[], Awaitable[object]] | None = None
@@ -464,8 +495,11 @@ class Writer:
     async def behind(self, exc: StateBehind) -> None:
         """A deciding write was refused as planned on memory behind the database
         (``exc``): count it and catch up (the caller then plans again)."""
-        log.debug("%s: catching up", exc)
+        log.debug("%s: taking the decision turn and catching up", exc)
         self.counters.metrics.commits_behind.inc()
+        # the others' checked writes wait from here until this write is done (``lock``
+        # ends the turn), so the plan made on memory caught up below is not refused again
+        await self.lock.take_turn()
         await self.catch_up()
 
     def replan(self, exc: StateBehind | RulesetChanged, attempt: int) -> None:

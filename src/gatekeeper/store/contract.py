@@ -162,6 +162,22 @@ class StateStore(Protocol):
         and raises ``RulesetChanged``, writing nothing, when another version is active."""
         ...
 
+    async def take_turn(self) -> None:
+        """Take the database's decision turn for this daemon (a database other daemons
+        share): until ``end_turn``, every checked write of the other daemons waits before
+        it begins, so this daemon's next checked write, planned on memory caught up after
+        this call, cannot be refused as behind. Taken by a writer refused as behind, so a
+        daemon under contention is not refused again and again. Waits for a turn held by
+        another daemon (PostgreSQL: ``lock_timeout`` at most, then ``StoreUnavailable``,
+        condition ``locked``). A turn ends with the session, however it ends. A database
+        one daemon serves (SQLite): nothing to do."""
+        ...
+
+    async def end_turn(self) -> None:
+        """End the turn ``take_turn`` took (nothing when none is held). Never raises for a
+        connection that broke meanwhile: the turn ended with its session."""
+        ...
+
     async def state_cursor(self) -> StateCursor:
         """The database's position now (``StateCursor``: its state version and the last
         fact log ``seq``, decision, sign-off and escrow-changing ledger movement). Read

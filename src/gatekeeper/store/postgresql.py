@@ -41,8 +41,10 @@ another decided meanwhile or its own session broke while others served, is refus
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
+import logging
 import os
 import socket
 from collections.abc import AsyncGenerator, Iterable, Sequence
@@ -72,6 +74,8 @@ from gatekeeper.store.sqlstore import (
 )
 from gatekeeper.store.writer_thread import WriterThread
 
+log = logging.getLogger("gatekeeper.store.postgresql")
+
 MIGRATIONS: tuple[Migration, ...] = load_migrations("postgresql", first=12)
 """The schema's migrations, in version order (``schema_version`` holds the applied ones)."""
 
@@ -85,6 +89,13 @@ DAEMON_LOCK_KEY = "SELECT hashtextextended('gatekeeper daemon ' || current_schem
 """The key of the session advisory lock on a schema: every serving daemon holds it shared
 (``hold_daemon_lock``), a migration or a copy exclusive. Per schema, so gatekeepers in
 different schemas of one database do not exclude each other."""
+
+TURN_LOCK_KEY = "SELECT hashtextextended('gatekeeper turn ' || current_schema(), 0)"
+"""The key of the advisory lock that is the decision turn (``take_turn``): every checked
+write takes it for its transaction (``pg_advisory_xact_lock``) before the ``state_version``
+row; a daemon refused as behind holds it for its session until its next checked write is
+done, and the others' checked writes wait meanwhile. Advisory locks are re-entrant within a
+session, so the holder's own checked write passes."""
 
 GATEKEEPER_TABLE = "fact_log"
 """A table every gatekeeper schema has: a schema with a version but without it is not
@@ -229,6 +240,8 @@ class PostgresStore(SqlStore):
         self._daemon_lock = False
         """Whether ``hold_daemon_lock`` was asked for: the writer's session holds its
         share of the daemon lock (taken again on a new session)."""
+        self._turn = False
+        """Whether the writer's session holds the decision turn (``take_turn``)."""
 
     @property
     def is_open(self) -> bool:
@@ -347,6 +360,47 @@ class PostgresStore(SqlStore):
             db.close()
             raise
         return db
+
+    # -- the decision turn --------------------------------------------------------------
+
+    def _await_turn(self, db: Tx) -> None:
+        db.execute(f"SELECT pg_advisory_xact_lock(({TURN_LOCK_KEY}))")
+
+    async def take_turn(self) -> None:
+        if self._writer is None:
+            raise StoreUnavailable("store is not open (or open read-only)")
+        if not self._turn:  # a session lock taken twice must be released twice
+            await self._writer.run(self._take_turn)
+
+    def _take_turn(self) -> None:
+        """On the writer thread: ``pg_advisory_lock`` on the turn's key, outside any
+        transaction (a session lock: it stays after the COMMIT of the statement's own
+        transaction), waiting ``LOCK_TIMEOUT_MS`` at most."""
+        db = self._begin()  # reconnects a broken session first
+        try:
+            db.execute(f"SELECT pg_advisory_lock(({TURN_LOCK_KEY}))")
+            self._commit()
+        except psycopg.Error as exc:
+            self._rollback()
+            raise store_error(exc) from exc
+        self._turn = True
+
+    async def end_turn(self) -> None:
+        if self._writer is None or not self._turn:
+            return
+        await asyncio.shield(self._writer.run(self._end_turn))
+
+    def _end_turn(self) -> None:
+        self._turn = False
+        db = self._db
+        if db is None or db.closed:
+            return  # the turn ended with its session
+        try:
+            db.execute(f"SELECT pg_advisory_unlock(({TURN_LOCK_KEY}))")
+            db.commit()
+        except psycopg.Error:
+            self._rollback()  # a broken session: the turn ended with it
+            log.warning("ending the decision turn failed; it ends with the session")
 
     # -- lifecycle ----------------------------------------------------------------------
 

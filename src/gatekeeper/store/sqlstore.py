@@ -604,6 +604,7 @@ class SqlStore(ABC):
         expected = fence.cursor.version
 
         def checked(db: Tx) -> tuple[T, StateCursor]:
+            self._await_turn(db)
             self._state_version = _take_version(db, expected)
             try:
                 result = body(db)
@@ -614,6 +615,17 @@ class SqlStore(ABC):
         result, cursor = await self._transaction(checked)
         fence.cursor = cursor
         return result
+
+    def _await_turn(self, db: Tx) -> None:
+        """Inside a checked write, first: wait while another daemon holds the decision
+        turn (``take_turn``). A database one daemon serves has none."""
+        return None
+
+    async def take_turn(self) -> None:
+        return None
+
+    async def end_turn(self) -> None:
+        return None
 
     async def state_cursor(self) -> StateCursor:
         return _cursor_of(await self._row(_CURSOR))
