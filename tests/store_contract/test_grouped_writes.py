@@ -110,6 +110,29 @@ async def test_a_group_writes_the_rows_its_transitions_write_one_at_a_time(
     assert len(rows["idempotency_keys"]) == 2
 
 
+async def test_facts_and_decisions_name_fact_log_entries_of_their_transaction(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """What the foreign keys to ``fact_log`` guaranteed, kept by the writer (PostgreSQL has
+    none since its migration 16): a current fact's ``seq`` and a decision's ``fact_seq``
+    are entries of the log, the ones written with them."""
+    await _same_rows(backend, tmp_path, _ingest_mix(), groups=2)
+    store = await backend.open()
+    log = {f.seq: f for f in await store.fact_log()}
+    for fact in await store.list_facts():
+        logged = log[fact.seq]
+        assert (logged.project, logged.kind, logged.id, logged.data) == (
+            fact.project,
+            fact.kind,
+            fact.id,
+            fact.data,
+        )
+    decisions = await store.list_decisions()
+    assert sorted(d.fact_seq or 0 for d in decisions) == [2, 3, 7, 10]
+    for d in decisions:
+        assert d.fact_seq is not None and log[d.fact_seq].id == f"{d.rule_id}-{d.firing_id[-1]}"
+
+
 async def test_groups_after_groups_write_the_same_rows(backend: Backend, tmp_path: Path) -> None:
     await _same_rows(backend, tmp_path, _ingest_mix(), groups=3)
 
