@@ -362,12 +362,16 @@ class _Insert:
     row: str
     tail: str = ""
 
+    MAX_ROWS: ClassVar[int] = 5_000
+    """Rows per statement at most, whatever the parameter limit (a bound on the text of a
+    statement; a group commit's tables have far fewer rows)."""
+
     def run(
         self, db: Tx, rows: Sequence[tuple[Any, ...]], max_params: int = SQLITE_MAX_PARAMS
     ) -> None:
         """Insert ``rows`` (tuples in the order of ``row``'s parameters), in statements of
-        at most ``max_params`` parameters."""
-        per = max(1, max_params // self.row.count("?"))
+        at most ``max_params`` parameters and ``MAX_ROWS`` rows."""
+        per = max(1, min(self.MAX_ROWS, max_params // self.row.count("?")))
         for start in range(0, len(rows), per):
             chunk = rows[start : start + per]
             db.execute(_values_sql(self, len(chunk)), list(itertools.chain.from_iterable(chunk)))
