@@ -295,7 +295,8 @@ class SqliteStore(SqlStore):
         migrate."""
         if not self._memory:
             self._check_file()
-        # statements of 1 to _Insert.MAX_ROWS rows per table: keep them all prepared
+        # a group's INSERTs, one per table, have as many rows as the group: keep the
+        # sizes in use prepared
         if self._memory:
             db = sqlite3.connect(self._uri, uri=True, isolation_level=None, cached_statements=512)
         else:

@@ -100,6 +100,12 @@ from gatekeeper.store.writer_thread import WriterThread
 _dumps = canonical_json
 
 
+SQLITE_MAX_PARAMS = 32_766
+"""Parameters a SQLite statement may have (``SQLITE_MAX_VARIABLE_NUMBER`` since 3.32)."""
+POSTGRESQL_MAX_PARAMS = 65_535
+"""Parameters a PostgreSQL statement may have (the protocol counts them in 16 bits)."""
+
+
 @dataclass(frozen=True)
 class Dialect:
     """What the SQL of one backend writes differently (every template has ``{column}``,
@@ -120,7 +126,8 @@ class Dialect:
     disjoint rows (PostgreSQL's ``FOR UPDATE ... SKIP LOCKED``; SQLite has one writer);
     ``snapshot``: the first statement of a transaction whose reads must all see one
     snapshot (a catch-up, ``state_changes``: PostgreSQL's ``REPEATABLE READ``; SQLite's
-    ``BEGIN IMMEDIATE`` transaction sees no other writer anyway).
+    ``BEGIN IMMEDIATE`` transaction sees no other writer anyway); ``max_params``: the
+    most parameters one statement may have.
     """
 
     name: str
@@ -134,6 +141,7 @@ class Dialect:
     lock_shared: str = ""
     claim_lock: str = ""
     snapshot: str = ""
+    max_params: int = SQLITE_MAX_PARAMS
 
     def field(self, column: str, key: str) -> str:
         """``key`` of the JSON object in ``column``, as text."""
@@ -166,7 +174,7 @@ POSTGRESQL = Dialect(
     f"SELECT value FROM {_TEXTS}", f"SELECT value::bigint FROM {_TEXTS}", "outbox.queued",
     "JOIN", f"SELECT pg_notify('{RULESET_CHANNEL}', ?)", " FOR SHARE",
     " FOR UPDATE OF outbox SKIP LOCKED",
-    "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+    "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", POSTGRESQL_MAX_PARAMS,
 )  # fmt: skip
 
 
@@ -343,29 +351,37 @@ def _time(text: str | None) -> datetime | None:
 
 @dataclass(frozen=True)
 class _Insert:
-    """An INSERT of many rows in one statement: ``head VALUES row, row, ... tail``, at most
-    ``MAX_ROWS`` rows per statement (one ``sqlite3_step``, where ``executemany`` steps,
-    and gives the GIL away and back, once per row; one round trip to a PostgreSQL server).
-    Rows go in in order, so ids are given in order. An upsert gets each key once
-    (PostgreSQL refuses to change one row twice in a statement)."""
+    """An INSERT of many rows in one statement: ``head VALUES row, row, ... tail``, as many
+    rows per statement as the backend's parameter limit lets in (one ``sqlite3_step``,
+    where ``executemany`` steps, and gives the GIL away and back, once per row; one round
+    trip to a PostgreSQL server). Rows go in in order, so ids are given in order. An
+    upsert gets each key once (PostgreSQL refuses to change one row twice in a
+    statement)."""
 
     head: str
     row: str
     tail: str = ""
 
-    MAX_ROWS = 50
-    """Rows per statement: 50 rows of 17 columns stay under SQLite's historical limit of
-    999 parameters."""
+    MAX_ROWS: ClassVar[int] = 5_000
+    """Rows per statement at most, whatever the parameter limit (a bound on the text of a
+    statement; a group commit's tables have far fewer rows)."""
 
-    def run(self, db: Tx, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Insert ``rows`` (tuples in the order of ``row``'s parameters)."""
-        for start in range(0, len(rows), self.MAX_ROWS):
-            chunk = rows[start : start + self.MAX_ROWS]
-            db.execute(self._sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+    def run(
+        self, db: Tx, rows: Sequence[tuple[Any, ...]], max_params: int = SQLITE_MAX_PARAMS
+    ) -> None:
+        """Insert ``rows`` (tuples in the order of ``row``'s parameters), in statements of
+        at most ``max_params`` parameters and ``MAX_ROWS`` rows."""
+        per = max(1, min(self.MAX_ROWS, max_params // self.row.count("?")))
+        for start in range(0, len(rows), per):
+            chunk = rows[start : start + per]
+            db.execute(_values_sql(self, len(chunk)), list(itertools.chain.from_iterable(chunk)))
 
-    @functools.cache  # noqa: B019 -- a handful of module-level constants, never freed anyway
-    def _sql(self, rows: int) -> str:
-        return f"{self.head} VALUES {', '.join([self.row] * rows)}{self.tail}"
+
+@functools.lru_cache(maxsize=1024)
+def _values_sql(insert: _Insert, rows: int) -> str:
+    """The text of ``insert`` with ``rows`` rows (the sizes in use, not every size a
+    group may reach, stay cached)."""
+    return f"{insert.head} VALUES {', '.join([insert.row] * rows)}{insert.tail}"
 
 
 _INSERT_FACT_LOG = _Insert(
@@ -451,6 +467,10 @@ _INSERT_FOLLOW_UP = (
 decision of the entry it is about (the last parameter)."""
 
 
+_INSERT_IDEMPOTENCY = _Insert(
+    "INSERT INTO idempotency_keys (key, request_hash, seqs, request_id, created_at)",
+    "(?, ?, ?, ?, ?)",
+)
 _INSERT_ATTEMPTS = _Insert(
     "INSERT INTO delivery_attempts (action_id, attempt, started_at, latency_ms,"
     " status_code, error)",
@@ -475,7 +495,8 @@ class SqlStore(ABC):
         """Opened for reading only (``open_store(read_only=True)``): no writer."""
         self._writer: WriterThread | None = None
         self._written: _Written | None = None
-        """The fact log as written so far by the transaction in progress (writer thread)."""
+        """The fact log as written so far by the transaction in progress, and the rows it
+        has still to insert (writer thread)."""
         self._state_version: int | None = None
         """The state version the checked write in progress commits (``_fenced``; writer
         thread): its rule states are stamped with it. None: an unchecked write."""
@@ -575,11 +596,7 @@ class SqlStore(ABC):
         def write(db: Tx) -> list[list[int]]:
             if planned_with is not None:
                 _check_active_ruleset(db, self.dialect, planned_with)
-            self._written = _Written(db, self.dialect)
-            try:
-                return [self._write_transition(db, t) for t in transitions]
-            finally:
-                self._written = None
+            return self._write_transitions(db, transitions)
 
         return await self._fenced(fence, write)
 
@@ -708,18 +725,29 @@ class SqlStore(ABC):
 
     def _write_then(self, db: Tx, t: Transition) -> None:
         """Inside a ledger write's transaction: the transition its return decided."""
-        self._written = _Written(db, self.dialect)
+        self._write_transitions(db, [t])
+
+    def _write_transitions(self, db: Tx, transitions: Sequence[Transition]) -> list[list[int]]:
+        """On the writer thread, inside the open transaction: write everything
+        ``transitions`` change, in their order; return each one's sequence numbers
+        (``_write_transition``). Their rows of the tables every ingest writes go in
+        together at the end (``_Written.flush``), one statement per table: the same rows
+        with the same sequence numbers and ids as written one transition after another."""
+        self._written = written = _Written(db, self.dialect)
         try:
-            self._write_transition(db, t)
+            seqs = [self._write_transition(db, t) for t in transitions]
+            written.flush(self._state_version)
         finally:
             self._written = None
+        return seqs
 
     def _write_transition(self, db: Tx, t: Transition) -> list[int]:
-        """On the writer thread, inside the open transaction: write everything ``t`` changes
-        (fact log, facts, approvals, admin acts, ruleset, decisions, rule states, outbox,
-        ledger, idempotency key); return the facts' (and approvals') sequence numbers.
-        ``self._written`` follows the fact log through the transaction's transitions."""
-        written = self._written or _Written(db, self.dialect)
+        """Inside ``_write_transitions``: write everything ``t`` changes (fact log, facts,
+        approvals, admin acts, ruleset, decisions, rule states, outbox, ledger, idempotency
+        key), its rows of the tables ``self._written`` gathers left there for its
+        ``flush``; return the facts' (and approvals') sequence numbers."""
+        written = self._written
+        assert written is not None, "a transition is written by _write_transitions"
         if t.decisions:
             now = t.decisions[0].decided_at
         elif t.planned_at is not None:
@@ -730,8 +758,8 @@ class SqlStore(ABC):
             now = ""
         seqs: list[int] = []
         request_id = t.request_id
-        log_rows = []
-        fact_rows: dict[FactKey, tuple[Any, ...]] = {}  # each key once: its last data
+        log_rows = written.log_rows
+        fact_rows = written.fact_rows
         for fact in t.facts:
             data = _dumps(fact.data)
             caused_by = fact.caused_by
@@ -752,10 +780,6 @@ class SqlStore(ABC):
             key = (fact.project, fact.kind, fact.id)
             fact_rows[key] = (*key, data, seq, now)
             written.facts[key] = seq
-        if fact_rows:
-            _INSERT_FACT_LOG.run(db, log_rows)
-            # PostgreSQL refuses to upsert one row twice in a statement
-            _UPSERT_FACTS.run(db, list(fact_rows.values()))
         for approval in t.approvals:
             seqs.append(_write_approval(db, written.next_seq(), approval, now, request_id))
         if t.consumed:
@@ -794,90 +818,68 @@ class SqlStore(ABC):
         if t.ruleset is not None:
             _write_ruleset(db, self.dialect, t.ruleset, now)
         if t.decisions:
-            _INSERT_DECISIONS.run(db, written.decision_rows(t.decisions, seqs, request_id))
-        if t.rule_states:
-            rows = [
+            written.decisions.extend(written.decision_rows(t.decisions, seqs, request_id))
+        for (rule_id, instance), s in t.rule_states.items():
+            written.rule_states[(rule_id, instance)] = (
+                rule_id,
+                instance,
+                s.gate_open,
+                s.fired_count,
+                s.last_fired_at,
+                s.rule_hash,
+                s.paused,
+                s.rearms,
+                s.notified,
+                s.notices,
+                s.signoff_alerted,
+                s.blocked,
+                s.blocks,
+            )
+        written.outbox.extend(
+            (
+                a.action_id,
+                a.firing_id,
+                a.firing_id,
+                a.rule_id,
+                a.firing_id,
+                a.kind,
+                a.target,
+                _dumps(a.payload),
+                a.created_at,
+                a.created_at,
+                a.instance,
+                "shadowed" if a.shadowed else "pending",
+            )
+            for a in t.actions
+        )
+        for e in t.ledger:
+            written.ledger.append(
                 (
-                    rule_id,
-                    instance,
-                    s.gate_open,
-                    s.fired_count,
-                    s.last_fired_at,
-                    s.rule_hash,
-                    s.paused,
-                    s.rearms,
-                    s.notified,
-                    s.notices,
-                    s.signoff_alerted,
-                    s.blocked,
-                    s.blocks,
+                    e.release_id,
+                    e.escrow,
+                    e.amount,
+                    e.currency,
+                    e.payee,
+                    e.rule_id,
+                    e.firing_id,
+                    e.recorded_at,
                 )
-                for (rule_id, instance), s in t.rule_states.items()
-            ]
-            version = self._state_version
-            if version is None:
-                _UPSERT_RULE_STATES.run(db, rows)
-            else:  # a checked write: what other daemons catch up on
-                _UPSERT_RULE_STATES_AT.run(db, [(*row, version) for row in rows])
-        if t.actions:
-            _INSERT_OUTBOX.run(
-                db,
-                [
-                    (
-                        a.action_id,
-                        a.firing_id,
-                        a.firing_id,
-                        a.rule_id,
-                        a.firing_id,
-                        a.kind,
-                        a.target,
-                        _dumps(a.payload),
-                        a.created_at,
-                        a.created_at,
-                        a.instance,
-                        "shadowed" if a.shadowed else "pending",
-                    )
-                    for a in t.actions
-                ],
             )
-        if t.ledger:
-            _INSERT_LEDGER.run(
-                db,
-                [
-                    (
-                        e.release_id,
-                        e.escrow,
-                        e.amount,
-                        e.currency,
-                        e.payee,
-                        e.rule_id,
-                        e.firing_id,
-                        e.recorded_at,
-                    )
-                    for e in t.ledger
-                ],
-            )
-            _INSERT_MOVEMENTS.run(
-                db,
-                [
-                    (
-                        e.release_id,
-                        e.escrow,
-                        "reserve",
-                        e.amount,
-                        e.currency,
-                        e.recorded_at,
-                        e.rule_id,
-                        None,
-                        None,
-                    )
-                    for e in t.ledger
-                ],
+            written.movements.append(
+                (
+                    e.release_id,
+                    e.escrow,
+                    "reserve",
+                    e.amount,
+                    e.currency,
+                    e.recorded_at,
+                    e.rule_id,
+                    None,
+                    None,
+                )
             )
         if t.idempotency is not None:
-            db.execute(
-                "INSERT INTO idempotency_keys (key, request_hash, seqs, request_id, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
+            written.idempotency.append(
                 (
                     t.idempotency.key,
                     t.idempotency.request_hash,
@@ -890,7 +892,7 @@ class SqlStore(ABC):
                     ),
                     request_id,
                     now,
-                ),
+                )
             )
         return seqs
 
@@ -2025,15 +2027,75 @@ def _seqs_of_facts(d: Dialect) -> str:
 class _Written:
     """Inside one write transaction (on the writer thread): the fact log ``seq`` of the
     current data of each fact key written or looked up so far, and the last ``seq``
-    written; what a decision's references are made of (``gatekeeper.store.evidence``)."""
+    written; what a decision's references are made of (``gatekeeper.store.evidence``).
 
-    __slots__ = ("db", "dialect", "facts", "last")
+    It also gathers the rows of the tables every ingest writes (fact log, facts,
+    decisions, rule states, outbox, ledger and its reserve movements, idempotency keys),
+    in the order the transaction's transitions make them, for ``flush`` to insert in one
+    statement per table: a row a transition writes later never reads one of them back (a
+    decision finds the facts written before it in ``facts``, an outbox row its decision
+    at the flush, after the decisions)."""
+
+    __slots__ = (
+        "db",
+        "decisions",
+        "dialect",
+        "fact_rows",
+        "facts",
+        "idempotency",
+        "last",
+        "ledger",
+        "log_rows",
+        "movements",
+        "outbox",
+        "rule_states",
+    )
 
     def __init__(self, db: Tx, dialect: Dialect) -> None:
         self.db = db
         self.dialect = dialect
         self.facts: dict[FactKey, int] = {}
         self.last: int | None = None
+        self.log_rows: list[tuple[Any, ...]] = []
+        self.fact_rows: dict[FactKey, tuple[Any, ...]] = {}
+        """Each key once, its last data (PostgreSQL refuses to upsert a row twice in a
+        statement), where it was first written."""
+        self.decisions: list[tuple[Any, ...]] = []
+        self.rule_states: dict[InstanceKey, tuple[Any, ...]] = {}
+        """Each key once, its last state (as ``fact_rows``)."""
+        self.outbox: list[tuple[Any, ...]] = []
+        self.ledger: list[tuple[Any, ...]] = []
+        self.movements: list[tuple[Any, ...]] = []
+        self.idempotency: list[tuple[Any, ...]] = []
+
+    def flush(self, version: int | None) -> None:
+        """Insert the rows gathered, table by table in the order their references need
+        (a fact log row before the facts and decisions naming it, a decision before its
+        outbox rows, an outbox row before its ledger row), and forget them. ``version``:
+        the state version of a checked write (``StateFence``), stamped on the rule states;
+        None leaves theirs as it was."""
+        db = self.db
+        limit = self.dialect.max_params
+        if self.log_rows:
+            _INSERT_FACT_LOG.run(db, self.log_rows, limit)
+            _UPSERT_FACTS.run(db, list(self.fact_rows.values()), limit)
+        if self.decisions:
+            _INSERT_DECISIONS.run(db, self.decisions, limit)
+        if self.rule_states:
+            if version is None:
+                _UPSERT_RULE_STATES.run(db, list(self.rule_states.values()), limit)
+            else:  # a checked write: what other daemons catch up on
+                rows = [(*row, version) for row in self.rule_states.values()]
+                _UPSERT_RULE_STATES_AT.run(db, rows, limit)
+        if self.outbox:
+            _INSERT_OUTBOX.run(db, self.outbox, limit)
+        if self.ledger:
+            _INSERT_LEDGER.run(db, self.ledger, limit)
+            _INSERT_MOVEMENTS.run(db, self.movements, limit)
+        if self.idempotency:
+            _INSERT_IDEMPOTENCY.run(db, self.idempotency, limit)
+        self.log_rows, self.fact_rows, self.decisions, self.rule_states = [], {}, [], {}
+        self.outbox, self.ledger, self.movements, self.idempotency = [], [], [], []
 
     def decision_rows(
         self, decisions: Sequence[Decision], seqs: Sequence[int], request_id: str | None
