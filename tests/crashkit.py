@@ -105,22 +105,22 @@ import sys
 import time
 
 from gatekeeper.cli.main import main
-from gatekeeper.store.sqlite import SqliteStore
+from gatekeeper.store import sqlstore
 
 DELAY_S = float(os.environ["CRASHKIT_COMMIT_DELAY_S"])
-_write_transition = SqliteStore._write_transition
+_flush = sqlstore._Written.flush
 
 
-def write_transition(self, db, transition):
-    seqs = _write_transition(self, db, transition)
-    if transition.actions:
+def flush(self, version):
+    queued = bool(self.outbox)  # the group's rows, then the pause before its COMMIT
+    _flush(self, version)
+    if queued:
         print(f"crashkit: holding a COMMIT that queued actions for {DELAY_S} s",
               file=sys.stderr, flush=True)
         time.sleep(DELAY_S)
-    return seqs
 
 
-SqliteStore._write_transition = write_transition
+sqlstore._Written.flush = flush
 sys.exit(main(sys.argv[1:]))
 '''
 
