@@ -41,6 +41,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -467,8 +468,12 @@ def run_aiohttp_load(url: str, connections: int, seconds: float, facts: int) -> 
     return RunResult(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-async def aiohttp_load(url: str, connections: int, seconds: float, facts: int) -> RunResult:
-    """The fallback load generator: ``connections`` workers posting facts for ``seconds``."""
+async def post_facts(
+    urls: Sequence[str], connections: int, seconds: float, body_of: Callable[[int], str]
+) -> tuple[list[float], int, float]:
+    """``connections`` workers posting ``body_of(n)`` for ``seconds``, request ``n`` to
+    ``urls[n % len(urls)]`` (round-robin over the servers). Returns the latencies in
+    seconds, sorted, the count of requests not answered 200, and the seconds elapsed."""
     import aiohttp
 
     latencies: list[float] = []
@@ -483,7 +488,8 @@ async def aiohttp_load(url: str, connections: int, seconds: float, facts: int) -
             nonlocal counter, errors
             while time.perf_counter() < deadline:
                 counter += 1
-                body = json.dumps(fact_body(counter, facts))
+                url = urls[counter % len(urls)]
+                body = body_of(counter)
                 sent = time.perf_counter()
                 try:
                     async with session.post(
@@ -499,6 +505,14 @@ async def aiohttp_load(url: str, connections: int, seconds: float, facts: int) -
         await asyncio.gather(*(worker() for _ in range(connections)))
         elapsed = time.perf_counter() - started
     latencies.sort()
+    return latencies, errors, elapsed
+
+
+async def aiohttp_load(url: str, connections: int, seconds: float, facts: int) -> RunResult:
+    """The fallback load generator: ``connections`` workers posting facts for ``seconds``."""
+    latencies, errors, elapsed = await post_facts(
+        [url], connections, seconds, lambda n: json.dumps(fact_body(n, facts))
+    )
     return RunResult(
         rps=len(latencies) / elapsed,
         p50_ms=percentile(latencies, 0.50) * 1000,

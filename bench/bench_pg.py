@@ -97,6 +97,7 @@ from bench_ingest import (
     daemon_env,
     free_port,
     percentile,
+    post_facts,
     start_process,
 )
 from bench_pg_driver import (
@@ -506,38 +507,10 @@ def run_aiohttp(urls: Sequence[str], connections: int, seconds: float) -> Load:
 
 async def aiohttp_load(urls: Sequence[str], connections: int, seconds: float) -> Load:
     """``connections`` workers posting ``fact_body(n)`` for ``seconds``, request ``n`` to
-    ``urls[n % len(urls)]`` (round-robin over the servers)."""
-    import aiohttp
-
-    latencies: list[float] = []
-    errors = 0
-    counter = 0
-    connector = aiohttp.TCPConnector(limit=connections)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        started = time.perf_counter()
-        deadline = started + seconds
-
-        async def worker() -> None:
-            nonlocal counter, errors
-            while time.perf_counter() < deadline:
-                counter += 1
-                url = urls[counter % len(urls)]
-                body = json.dumps(fact_body(counter))
-                sent = time.perf_counter()
-                try:
-                    async with session.post(
-                        url, data=body, headers={"Content-Type": "application/json"}
-                    ) as response:
-                        await response.read()
-                        ok = response.status == 200
-                except aiohttp.ClientError:
-                    ok = False
-                latencies.append(time.perf_counter() - sent)
-                errors += 0 if ok else 1
-
-        await asyncio.gather(*(worker() for _ in range(connections)))
-        elapsed = time.perf_counter() - started
-    latencies.sort()
+    ``urls[n % len(urls)]`` (round-robin over the servers: ``bench_ingest.post_facts``)."""
+    latencies, errors, elapsed = await post_facts(
+        urls, connections, seconds, lambda n: json.dumps(fact_body(n))
+    )
     return Load(
         requests=len(latencies),
         errors=errors,
